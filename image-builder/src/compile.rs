@@ -1,0 +1,82 @@
+//! Compiling the bare-metal parts (kernel, later services and guests) for
+//! `x86_64-unknown-none` with cargo.
+
+use crate::paths;
+use crate::progress::Step;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// defmt levels compiled in (`DEFMT_LOG`): error, warn, info, debug, trace.
+    pub log_level: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+/// The cargo that runs this tool (so the pinned toolchain is used).
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds bare-metal packages in release mode and returns the path of each
+/// package's binary (named like the package).
+pub fn bare_metal(packages: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>> {
+    let levels = ["error", "warn", "info", "debug", "trace"];
+    if !levels.contains(&opts.log_level.as_str()) {
+        bail!(
+            "log level {:?} is not one of {}",
+            opts.log_level,
+            levels.join(", ")
+        );
+    }
+    let step = Step::start(format!(
+        "compiling {} for x86_64-unknown-none",
+        packages.join(", ")
+    ));
+    let mut cmd = cargo();
+    cmd.current_dir(paths::repo())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--target-dir",
+        ])
+        .arg(paths::target_dir())
+        .env("DEFMT_LOG", &opts.log_level);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let out = cmd.output().context("running cargo")?;
+    if !out.status.success() {
+        step.failed();
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("cargo build failed for {}", packages.join(", "));
+    }
+    step.done("");
+    packages
+        .iter()
+        .map(|p| {
+            let path = paths::bare_metal_bins().join(p);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                bail!("cargo built {p} but {} is missing", path.display())
+            }
+        })
+        .collect()
+}
+
+/// Builds the kernel and returns its ELF.
+pub fn kernel(opts: &BuildOptions) -> Result<PathBuf> {
+    Ok(bare_metal(&["kernel"], opts)?.remove(0))
+}

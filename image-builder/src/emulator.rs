@@ -1,0 +1,396 @@
+//! Booting an image: QEMU (BIOS or UEFI), Bochs, or QEMU with KVM, with the
+//! log serial port captured to a file that is decoded while the machine runs.
+//!
+//! The run ends when the kernel's halt record arrives (then the emulator is
+//! given a moment to exit by itself), when the emulator exits, or at the
+//! timeout. Only the emulator process this module started is ever killed,
+//! by its PID.
+
+use crate::logs::{Decoder, Demux, ElfSet, Event, LogLine};
+use crate::paths;
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where to boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    /// Bochs 2.7: emulates VMX with EPT, VMFUNC, #VE and PML.
+    Bochs,
+    /// QEMU with SeaBIOS (TCG: no VMX).
+    Qemu,
+    /// QEMU with OVMF (UEFI).
+    QemuUefi,
+    /// QEMU with KVM, where the host's KVM offers nested VMX.
+    Kvm,
+}
+
+impl Machine {
+    /// The default: KVM where it can run guests of guests, else Bochs.
+    pub fn default_for_host() -> Self {
+        if kvm_nested_vmx() {
+            Machine::Kvm
+        } else {
+            Machine::Bochs
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Bochs => "bochs",
+            Machine::Qemu => "qemu",
+            Machine::QemuUefi => "qemu-uefi",
+            Machine::Kvm => "kvm",
+        }
+    }
+}
+
+/// Whether /dev/kvm is usable and KVM offers VMX to its guests.
+pub fn kvm_nested_vmx() -> bool {
+    let nested = std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested")
+        .map(|s| matches!(s.trim(), "Y" | "y" | "1"))
+        .unwrap_or(false);
+    nested
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub machine: Machine,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// Bochs CPU model (`cpu: model=`).
+    pub bochs_cpu: String,
+    /// QEMU: add an Intel IOMMU (VT-d) and the `edu` DMA test device.
+    pub iommu: bool,
+    /// QEMU: extra ACPI tables (`-acpitable file=`).
+    pub acpi_tables: Vec<PathBuf>,
+    /// Print each decoded line as it arrives.
+    pub live: bool,
+    /// Where the raw serial capture goes.
+    pub capture: PathBuf,
+}
+
+impl RunConfig {
+    pub fn new(machine: Machine, capture: PathBuf) -> Self {
+        Self {
+            machine,
+            timeout: Duration::from_secs(120),
+            memory_mib: 256,
+            bochs_cpu: "corei7_skylake_x".to_owned(),
+            iommu: false,
+            acpi_tables: Vec::new(),
+            live: false,
+            capture,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The kernel sent its halt record with this status.
+    Halted(u8),
+    /// Nothing ended the run in time; the emulator was killed.
+    TimedOut,
+    /// The emulator exited without a halt record.
+    EmulatorExited { code: Option<i32> },
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub machine: Machine,
+    pub end: RunEnd,
+    pub lines: Vec<LogLine>,
+    pub capture: PathBuf,
+    pub wall: Duration,
+    /// Wall time from the emulator's start to the kernel's first record.
+    pub first_kernel_record: Option<Duration>,
+    /// Where the emulator's own log went (Bochs), for post-mortems.
+    pub emulator_log: Option<PathBuf>,
+}
+
+impl RunOutcome {
+    /// The process exit status `cargo hv run` ends with: the kernel's halt
+    /// status; 124 after a timeout; otherwise what QEMU's exit port says, or 125.
+    pub fn exit_code(&self) -> i32 {
+        match self.end {
+            RunEnd::Halted(s) => i32::from(s),
+            RunEnd::TimedOut => 124,
+            // QEMU's isa-debug-exit: status V exits with (V << 1) | 1.
+            RunEnd::EmulatorExited { code: Some(c) }
+                if self.machine != Machine::Bochs && c % 2 == 1 =>
+            {
+                (c - 1) / 2
+            }
+            RunEnd::EmulatorExited { .. } => 125,
+        }
+    }
+
+    /// A sentence saying how the run ended.
+    pub fn summary(&self) -> String {
+        let how = match &self.end {
+            RunEnd::Halted(s) => {
+                let what = ipc_schema::halt::HaltStatus::from_code(*s)
+                    .map_or("unknown status", |h| h.describe());
+                format!("halted with status {s} ({what})")
+            }
+            RunEnd::TimedOut => "timed out; the emulator was stopped".to_owned(),
+            RunEnd::EmulatorExited { code } => {
+                format!("the emulator exited ({code:?}) without a halt record from the kernel")
+            }
+        };
+        let mut s = format!(
+            "run on {} {how} after {:.2} s; serial capture {}",
+            self.machine.name(),
+            self.wall.as_secs_f64(),
+            self.capture.display()
+        );
+        if let (Some(log), false) = (&self.emulator_log, matches!(self.end, RunEnd::Halted(_))) {
+            s.push_str(&format!("; emulator log {}", log.display()));
+        }
+        s
+    }
+
+    /// Whether some line from `source` contains `text`.
+    pub fn has(&self, source: &str, text: &str) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.source == source && l.text.contains(text))
+    }
+}
+
+/// Boots `iso` and decodes its log with `elfs`.
+pub fn run(iso: &Path, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
+    let rundir = cfg.capture.with_extension("run");
+    std::fs::create_dir_all(&rundir).with_context(|| format!("creating {}", rundir.display()))?;
+    std::fs::write(&cfg.capture, b"")
+        .with_context(|| format!("creating {}", cfg.capture.display()))?;
+    let (mut cmd, emulator_log) = command(iso, cfg, &rundir)?;
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let result = watch(&mut child, elfs, cfg, started);
+    // End only what we started, by its PID, whatever happened above.
+    let _ = child.kill();
+    let status = child.wait().ok();
+    let (lines, end, first) = result?;
+    let end = match end {
+        Some(e) => e,
+        None => {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            if !stderr.trim().is_empty() && cfg.live {
+                eprintln!("{}: {}", cfg.machine.name(), stderr.trim());
+            }
+            RunEnd::EmulatorExited {
+                code: status.and_then(|s| s.code()),
+            }
+        }
+    };
+    Ok(RunOutcome {
+        machine: cfg.machine,
+        end,
+        lines,
+        capture: cfg.capture.clone(),
+        wall: started.elapsed(),
+        first_kernel_record: first,
+        emulator_log,
+    })
+}
+
+type Watched = (Vec<LogLine>, Option<RunEnd>, Option<Duration>);
+
+/// Follows the capture file until the run ends.
+fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) -> Result<Watched> {
+    let mut file = std::fs::File::open(&cfg.capture)?;
+    let mut demux = Demux::new();
+    let mut decoder = Decoder::new(elfs.clone());
+    let mut lines = Vec::new();
+    let mut first = None;
+    let mut halted_at: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = std::io::stdout();
+    loop {
+        let n = file.read(&mut buf)?;
+        let exited = child.try_wait()?.is_some();
+        let mut events = Vec::new();
+        demux.push(&buf[..n], &mut events);
+        if exited || halted_at.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+            // Read what is left, then finish.
+            let mut rest = Vec::new();
+            file.read_to_end(&mut rest)?;
+            demux.push(&rest, &mut events);
+            demux.finish(&mut events);
+        }
+        for e in &events {
+            if first.is_none() && matches!(e, Event::Record(_)) {
+                first = Some(started.elapsed());
+            }
+            for l in decoder.lines(e) {
+                if cfg.live {
+                    let _ = writeln!(out, "{l}");
+                }
+                lines.push(l);
+            }
+        }
+        if decoder.halt.is_some() && halted_at.is_none() {
+            halted_at = Some(Instant::now());
+        }
+        let halted = decoder.halt.map(RunEnd::Halted);
+        if exited || halted_at.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+            return Ok((lines, halted, first));
+        }
+        if halted.is_none() && started.elapsed() > cfg.timeout {
+            let mut events = Vec::new();
+            demux.finish(&mut events);
+            lines.extend(events.iter().flat_map(|e| decoder.lines(e)));
+            return Ok((lines, Some(RunEnd::TimedOut), first));
+        }
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn command(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<PathBuf>)> {
+    match cfg.machine {
+        Machine::Bochs => bochs(iso, cfg, rundir),
+        Machine::Qemu | Machine::QemuUefi | Machine::Kvm => Ok((qemu(iso, cfg, rundir)?, None)),
+    }
+}
+
+fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-machine", "q35", "-m"])
+        .arg(format!("{}M", cfg.memory_mib))
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-serial")
+        .arg(format!("file:{}", cfg.capture.display()))
+        .arg("-cdrom")
+        .arg(iso);
+    match cfg.machine {
+        Machine::Kvm => {
+            if !kvm_nested_vmx() {
+                bail!(
+                    "--on kvm needs /dev/kvm with nested VMX (kvm_intel nested=Y); this host has none"
+                );
+            }
+            c.args(["-accel", "kvm", "-cpu", "host"]);
+        }
+        _ => {
+            c.args(["-accel", "tcg", "-cpu", "max"]);
+        }
+    }
+    if cfg.machine == Machine::QemuUefi {
+        let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+        let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+        if !code.is_file() || !vars.is_file() {
+            bail!(
+                "UEFI firmware missing: {} or {} (package ovmf)",
+                code.display(),
+                vars.display()
+            );
+        }
+        let my_vars = rundir.join("OVMF_VARS_4M.fd");
+        std::fs::copy(vars, &my_vars)?;
+        c.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                code.display()
+            ))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", my_vars.display()));
+    }
+    if cfg.iommu {
+        c.args(["-device", "intel-iommu,intremap=on", "-device", "edu"]);
+    }
+    for t in &cfg.acpi_tables {
+        if !t.is_file() {
+            bail!("ACPI table {} does not exist", t.display());
+        }
+        c.arg("-acpitable").arg(format!("file={}", t.display()));
+    }
+    Ok(c)
+}
+
+fn bochs(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<PathBuf>)> {
+    if cfg.iommu || !cfg.acpi_tables.is_empty() {
+        bail!("Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d");
+    }
+    let bios = Path::new("/usr/share/bochs/BIOS-bochs-latest");
+    let vga = Path::new("/usr/share/bochs/VGABIOS-lgpl-latest");
+    for f in [bios, vga] {
+        if !f.exists() {
+            bail!(
+                "Bochs firmware {} is missing (packages bochsbios, vgabios)",
+                f.display()
+            );
+        }
+    }
+    let log = rundir.join("bochs.log");
+    let rc = rundir.join("bochsrc");
+    let config = format!(
+        "megs: {megs}\n\
+         cpu: model={model}, count=1, ips=100000000, reset_on_triple_fault=0\n\
+         romimage: file={bios}\n\
+         vgaromimage: file={vga}\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         com1: enabled=1, mode=file, dev={capture}\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         sound: driver=dummy\n\
+         speaker: enabled=0\n\
+         mouse: enabled=0\n\
+         clock: sync=none, time0=local\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         log: {log}\n",
+        megs = cfg.memory_mib,
+        model = cfg.bochs_cpu,
+        bios = bios.display(),
+        vga = vga.display(),
+        iso = iso
+            .canonicalize()
+            .with_context(|| format!("image {} does not exist", iso.display()))?
+            .display(),
+        capture = cfg.capture.display(),
+        log = log.display(),
+    );
+    std::fs::write(&rc, config)?;
+    let cmds = rundir.join("bochs-commands");
+    std::fs::write(&cmds, "c\n")?;
+    let mut c = Command::new("bochs");
+    c.arg("-q")
+        .arg("-f")
+        .arg(&rc)
+        .arg("-rc")
+        .arg(&cmds)
+        .current_dir(rundir);
+    Ok((c, Some(log)))
+}
+
+/// A fresh capture path under the work directory.
+pub fn capture_path(label: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    paths::work_dir()
+        .join("runs")
+        .join(format!("{label}-{}-{n}.serial", std::process::id()))
+}

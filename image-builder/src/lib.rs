@@ -1,0 +1,18 @@
+//! `cargo hv`: the Parallax developer tool, as a library that the CLI and the
+//! boot tests share.
+//!
+//! - [`image`]: manifest to bootable ISO ([`manifest`], [`compile`], [`iso`]).
+//! - [`emulator`]: boot an image on QEMU, Bochs or KVM and decode its log.
+//! - [`logs`]: the log wire: demultiplexing and defmt decoding.
+//! - [`deps`]: the Debian packages it all needs.
+
+pub mod compile;
+pub mod deps;
+pub mod elf;
+pub mod emulator;
+pub mod image;
+pub mod iso;
+pub mod logs;
+pub mod manifest;
+pub mod paths;
+pub mod progress;

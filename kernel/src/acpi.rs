@@ -1,0 +1,200 @@
+//! The firmware's ACPI tables, read once at boot: which tables there are, the
+//! CPUs and IOAPICs (MADT, decoded by the `acpi` crate), and the IOMMU units
+//! and reserved memory regions (every DMAR, merged by `platform`).
+
+use crate::bootinfo::RsdpSource;
+use crate::mem::DirectMap;
+use core::pin::Pin;
+use platform::acpi::dmar::{Dmar, DmarError};
+use platform::acpi::{AcpiError, RootTable, Rsdp, Table};
+
+/// What the kernel learned from ACPI.
+pub struct AcpiInfo {
+    pub cpus: u32,
+    pub ioapics: u32,
+    /// `None` where the firmware has no DMAR: no IOMMU.
+    pub dmar: Option<Dmar>,
+}
+
+/// Why ACPI could not be read at all.
+#[derive(Debug, defmt::Format)]
+pub enum AcpiProblem {
+    NoRsdp,
+    Table(AcpiError),
+    Dmar(DmarError),
+}
+
+/// Walks the tables from the RSDP the boot loader copied, logging each.
+pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiProblem> {
+    let (source, bytes) = rsdp.ok_or(AcpiProblem::NoRsdp)?;
+    let rsdp = Rsdp::parse(bytes).map_err(AcpiProblem::Table)?;
+    let root = RootTable::read(&DirectMap, &rsdp).map_err(AcpiProblem::Table)?;
+    defmt::info!(
+        "ACPI: RSDP revision {=u8} from the {=str} tag, root table {=str} at {=u64:#x}",
+        rsdp.revision,
+        if source == RsdpSource::New {
+            "ACPI 2.0"
+        } else {
+            "ACPI 1.0"
+        },
+        signature_str(&root.table),
+        root.table.address
+    );
+
+    let mut info = AcpiInfo {
+        cpus: 0,
+        ioapics: 0,
+        dmar: None,
+    };
+    let mut dmars: heapless::Vec<Table<'static>, 4> = heapless::Vec::new();
+    for table in root.tables(&DirectMap) {
+        let table = match table {
+            Ok(t) => t,
+            Err(e) => {
+                defmt::warn!("ACPI: skipping a table: {}", e);
+                continue;
+            }
+        };
+        defmt::info!(
+            "ACPI: table {=str} at {=u64:#x}, {=usize} bytes",
+            signature_str(&table),
+            table.address,
+            table.bytes.len()
+        );
+        match &table.signature() {
+            b"APIC" => madt(&table, &mut info),
+            b"DMAR" => {
+                if dmars.push(table).is_err() {
+                    defmt::warn!(
+                        "ACPI: more than {=usize} DMAR tables; ignoring this one",
+                        dmars.capacity()
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    if !dmars.is_empty() {
+        info.dmar = Some(Dmar::parse(dmars.iter().copied()).map_err(AcpiProblem::Dmar)?);
+    }
+    Ok(info)
+}
+
+/// A table's signature as text ("????" if it is not ASCII).
+fn signature_str<'t>(table: &'t Table<'_>) -> &'t str {
+    core::str::from_utf8(&table.bytes[..4]).unwrap_or("????")
+}
+
+/// Counts CPUs and IOAPICs from the MADT.
+fn madt(table: &Table<'static>, info: &mut AcpiInfo) {
+    use acpi::madt::{Madt, MadtEntry};
+    if table.bytes.len() < core::mem::size_of::<Madt>() {
+        defmt::warn!(
+            "ACPI: MADT of {=usize} bytes is too short",
+            table.bytes.len()
+        );
+        return;
+    }
+    // Safety: `table.bytes` is the whole validated table (its length field
+    // equals the slice length and lies in the direct map), `Madt` is packed
+    // (alignment 1) and no longer than the slice, and `entries` reads only
+    // within the length field. The memory is never moved or written.
+    let madt = unsafe { Pin::new_unchecked(&*table.bytes.as_ptr().cast::<Madt>()) };
+    for entry in madt.entries() {
+        match entry {
+            MadtEntry::LocalApic(e) => {
+                let enabled = { e.flags } & 1 != 0;
+                let online_capable = { e.flags } & 2 != 0;
+                if enabled || online_capable {
+                    info.cpus += 1;
+                    defmt::info!("ACPI: CPU with APIC id {=u8}", e.apic_id);
+                }
+            }
+            MadtEntry::LocalX2Apic(e) => {
+                if { e.flags } & 3 != 0 {
+                    info.cpus += 1;
+                    defmt::info!("ACPI: CPU with x2APIC id {=u32}", { e.x2apic_id });
+                }
+            }
+            MadtEntry::IoApic(e) => {
+                info.ioapics += 1;
+                defmt::info!(
+                    "ACPI: IOAPIC id {=u8} at {=u32:#x}, interrupts from {=u32}",
+                    e.io_apic_id,
+                    { e.io_apic_address },
+                    { e.global_system_interrupt_base }
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Logs the DMA remapping description (RMRR-1).
+pub fn log_dmar(dmar: &Dmar) {
+    defmt::info!(
+        "DMAR: {=u8} table(s), {=u8}-bit DMA addresses, interrupt remapping {=bool}, x2APIC opt-out {=bool}",
+        dmar.tables,
+        dmar.address_width,
+        dmar.interrupt_remapping,
+        dmar.x2apic_opt_out
+    );
+    if dmar.width_conflict {
+        defmt::warn!("DMAR: tables disagree on the address width; using the smallest");
+    }
+    for d in &dmar.drhds {
+        defmt::info!(
+            "DMAR: DRHD at {=u64:#x} ({=u32} pages), segment {=u16}, {=str}, {=usize} device scope(s)",
+            d.register_base,
+            d.register_pages,
+            d.segment,
+            if d.include_pci_all {
+                "all PCI devices"
+            } else {
+                "listed devices"
+            },
+            d.scopes.len()
+        );
+        for s in &d.scopes {
+            log_scope(s);
+        }
+    }
+    for r in &dmar.rmrrs {
+        defmt::info!(
+            "DMAR: RMRR {=u64:#x}..={=u64:#x} ({=u64} KiB), segment {=u16}, {=usize} device scope(s)",
+            r.base,
+            r.limit,
+            r.len() / 1024,
+            r.segment,
+            r.scopes.len()
+        );
+        for s in &r.scopes {
+            log_scope(s);
+        }
+    }
+    if dmar.other_structures > 0 {
+        defmt::info!(
+            "DMAR: {=u16} other structure(s) (ATSR, RHSA, ANDD, SATC) not used",
+            dmar.other_structures
+        );
+    }
+}
+
+fn log_scope(s: &platform::acpi::dmar::DeviceScope) {
+    match s.direct_bdf() {
+        Some((bus, dev, func)) => defmt::info!(
+            "DMAR:   scope {} {=u8:02x}:{=u8:02x}.{=u8}",
+            s.kind,
+            bus,
+            dev,
+            func
+        ),
+        None => defmt::info!(
+            "DMAR:   scope {} id {=u8}, bus {=u8:02x}, path {}",
+            s.kind,
+            s.enumeration_id,
+            s.start_bus,
+            s.path.as_slice()
+        ),
+    }
+}

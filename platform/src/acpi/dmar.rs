@@ -1,0 +1,375 @@
+//! The DMA Remapping table (Intel VT-d specification, chapter 8): the IOMMU
+//! units (DRHD) and the reserved memory regions (RMRR) that firmware keeps
+//! using for DMA, each with the devices it covers (RMRR-1).
+//!
+//! Several DMAR tables are merged into one [`Dmar`]: firmware may split them,
+//! and tests inject an RMRR-only DMAR beside QEMU's own. Structures this
+//! parser does not use (ATSR, RHSA, ANDD, SATC and newer types) are counted,
+//! never silently dropped.
+
+use super::{le_u16, le_u64, Table};
+use heapless::Vec;
+
+/// The most DRHD units one system may describe.
+pub const MAX_DRHD: usize = 8;
+/// The most RMRRs one system may describe.
+pub const MAX_RMRR: usize = 16;
+/// The most device scopes one DRHD or RMRR may list.
+pub const MAX_SCOPES: usize = 8;
+/// The deepest PCI path (bridges crossed plus the device) a scope may give.
+pub const MAX_PATH: usize = 4;
+
+/// Offset of the first remapping structure in a DMAR table.
+const STRUCTURES_AT: usize = 48;
+
+/// The merged DMA remapping description of the platform.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Dmar {
+    /// DMA address width in bits (the table's HAW field plus one). Where
+    /// merged tables disagree, the smallest.
+    pub address_width: u8,
+    /// The platform supports interrupt remapping.
+    pub interrupt_remapping: bool,
+    /// The firmware asks the OS not to enable x2APIC mode.
+    pub x2apic_opt_out: bool,
+    /// The firmware asks for DMA protection to stay on at handover.
+    pub dma_ctrl_platform_opt_in: bool,
+    /// How many DMAR tables were merged.
+    pub tables: u8,
+    /// Merged tables disagreed on the address width.
+    pub width_conflict: bool,
+    pub drhds: Vec<Drhd, MAX_DRHD>,
+    pub rmrrs: Vec<Rmrr, MAX_RMRR>,
+    /// Remapping structures of other types (ATSR, RHSA, ANDD, SATC, ...).
+    pub other_structures: u16,
+}
+
+/// A DMA-remapping hardware unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Drhd {
+    /// The unit covers every PCI device of its segment not claimed by another
+    /// unit (INCLUDE_PCI_ALL).
+    pub include_pci_all: bool,
+    pub segment: u16,
+    /// Physical address of the unit's register block.
+    pub register_base: u64,
+    /// Size of the register block in 4 KiB pages (2^Size field).
+    pub register_pages: u32,
+    pub scopes: Vec<DeviceScope, MAX_SCOPES>,
+}
+
+/// A reserved memory region: firmware-owned memory that the listed devices
+/// may DMA to at any time, so it must stay identity-mapped for them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Rmrr {
+    pub segment: u16,
+    /// First byte of the region.
+    pub base: u64,
+    /// Last byte of the region (inclusive, as in the table).
+    pub limit: u64,
+    pub scopes: Vec<DeviceScope, MAX_SCOPES>,
+}
+
+impl Rmrr {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.limit - self.base + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// What a device scope names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ScopeKind {
+    PciEndpoint,
+    PciSubHierarchy,
+    IoApic,
+    HpetMsi,
+    AcpiNamespace,
+    Unknown(u8),
+}
+
+impl ScopeKind {
+    fn from_byte(b: u8) -> Self {
+        match b {
+            1 => Self::PciEndpoint,
+            2 => Self::PciSubHierarchy,
+            3 => Self::IoApic,
+            4 => Self::HpetMsi,
+            5 => Self::AcpiNamespace,
+            other => Self::Unknown(other),
+        }
+    }
+}
+
+/// One device (or hierarchy) a DRHD or RMRR applies to: a path of
+/// (device, function) hops starting on `start_bus`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DeviceScope {
+    pub kind: ScopeKind,
+    /// IOAPIC id, HPET number or ACPI device number, by kind.
+    pub enumeration_id: u8,
+    pub start_bus: u8,
+    pub path: Vec<PciHop, MAX_PATH>,
+}
+
+impl DeviceScope {
+    /// The bus/device/function of a device directly on the start bus; deeper
+    /// paths need the bridges' bus numbers, read from PCI configuration space.
+    pub fn direct_bdf(&self) -> Option<(u8, u8, u8)> {
+        match self.path.as_slice() {
+            [hop] => Some((self.start_bus, hop.device, hop.function)),
+            _ => None,
+        }
+    }
+}
+
+/// One step of a device-scope path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct PciHop {
+    pub device: u8,
+    pub function: u8,
+}
+
+/// What was wrong with a DMAR table. Offsets count from the table's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DmarError {
+    /// The table ends before the first remapping structure.
+    TooShort { table: u64, length: usize },
+    /// The table is not a DMAR.
+    NotDmar { table: u64 },
+    /// A remapping structure's length is too small for its type or runs past
+    /// the end of the table.
+    BadStructure { table: u64, offset: usize, kind: u16, length: u16 },
+    /// A device scope's length is malformed or runs past its structure.
+    BadScope { table: u64, offset: usize, length: u8 },
+    /// More structures of a kind than Parallax keeps (named).
+    TooMany { what: &'static str, limit: usize },
+}
+
+impl Dmar {
+    /// Parses and merges every DMAR table given. Fails on the first malformed
+    /// table, naming it and the offset of the bad structure.
+    pub fn parse<'a>(tables: impl IntoIterator<Item = Table<'a>>) -> Result<Self, DmarError> {
+        let mut dmar = Dmar::default();
+        for table in tables {
+            dmar.merge(&table)?;
+        }
+        Ok(dmar)
+    }
+
+    fn merge(&mut self, table: &Table<'_>) -> Result<(), DmarError> {
+        let at = table.address;
+        let b = table.bytes;
+        if table.signature() != *b"DMAR" {
+            return Err(DmarError::NotDmar { table: at });
+        }
+        if b.len() < STRUCTURES_AT {
+            return Err(DmarError::TooShort { table: at, length: b.len() });
+        }
+        let width = b[36].saturating_add(1);
+        if self.tables == 0 {
+            self.address_width = width;
+        } else if width != self.address_width {
+            self.width_conflict = true;
+            self.address_width = self.address_width.min(width);
+        }
+        self.interrupt_remapping |= b[37] & 1 != 0;
+        self.x2apic_opt_out |= b[37] & 2 != 0;
+        self.dma_ctrl_platform_opt_in |= b[37] & 4 != 0;
+        self.tables = self.tables.saturating_add(1);
+
+        let mut offset = STRUCTURES_AT;
+        while offset < b.len() {
+            if b.len() - offset < 4 {
+                return Err(DmarError::BadStructure { table: at, offset, kind: 0, length: 0 });
+            }
+            let kind = le_u16(b, offset);
+            let length = le_u16(b, offset + 2);
+            let minimum = match kind {
+                0 => 16,
+                1 => 24,
+                _ => 4,
+            };
+            let end = offset + usize::from(length);
+            if usize::from(length) < minimum || end > b.len() {
+                return Err(DmarError::BadStructure { table: at, offset, kind, length });
+            }
+            let s = &b[offset..end];
+            match kind {
+                0 => {
+                    let drhd = Drhd {
+                        include_pci_all: s[4] & 1 != 0,
+                        register_pages: 1u32 << (s[5] & 0xf),
+                        segment: le_u16(s, 6),
+                        register_base: le_u64(s, 8),
+                        scopes: parse_scopes(at, offset, s, 16)?,
+                    };
+                    self.drhds
+                        .push(drhd)
+                        .map_err(|_| DmarError::TooMany { what: "DRHD units", limit: MAX_DRHD })?;
+                }
+                1 => {
+                    let rmrr = Rmrr {
+                        segment: le_u16(s, 6),
+                        base: le_u64(s, 8),
+                        limit: le_u64(s, 16),
+                        scopes: parse_scopes(at, offset, s, 24)?,
+                    };
+                    if rmrr.limit < rmrr.base {
+                        return Err(DmarError::BadStructure { table: at, offset, kind, length });
+                    }
+                    self.rmrrs
+                        .push(rmrr)
+                        .map_err(|_| DmarError::TooMany { what: "RMRRs", limit: MAX_RMRR })?;
+                }
+                _ => self.other_structures = self.other_structures.saturating_add(1),
+            }
+            offset = end;
+        }
+        Ok(())
+    }
+}
+
+fn parse_scopes(
+    table: u64,
+    structure_at: usize,
+    s: &[u8],
+    first: usize,
+) -> Result<Vec<DeviceScope, MAX_SCOPES>, DmarError> {
+    let mut scopes = Vec::new();
+    let mut o = first;
+    while o < s.len() {
+        let bad = |length| DmarError::BadScope { table, offset: structure_at + o, length };
+        if s.len() - o < 6 {
+            return Err(bad(0));
+        }
+        let length = s[o + 1];
+        let end = o + usize::from(length);
+        if length < 6 || (length - 6) % 2 != 0 || end > s.len() {
+            return Err(bad(length));
+        }
+        let mut path = Vec::new();
+        for hop in s[o + 6..end].chunks_exact(2) {
+            path.push(PciHop { device: hop[0], function: hop[1] })
+                .map_err(|_| DmarError::TooMany { what: "PCI hops in a device scope", limit: MAX_PATH })?;
+        }
+        scopes
+            .push(DeviceScope {
+                kind: ScopeKind::from_byte(s[o]),
+                enumeration_id: s[o + 4],
+                start_bus: s[o + 5],
+                path,
+            })
+            .map_err(|_| DmarError::TooMany { what: "device scopes in one structure", limit: MAX_SCOPES })?;
+        o = end;
+    }
+    Ok(scopes)
+}
+
+/// Builds DMAR table bytes: for tests, and for the RMRR table that boot tests
+/// inject into QEMU with `-acpitable`.
+#[cfg(any(test, feature = "std"))]
+pub mod build {
+    extern crate std;
+    use super::{DeviceScope, ScopeKind};
+    use std::vec;
+    use std::vec::Vec;
+
+    /// A DMAR table under construction.
+    #[derive(Clone, Debug, Default)]
+    pub struct DmarBuilder {
+        address_width: u8,
+        flags: u8,
+        structures: Vec<u8>,
+    }
+
+    impl DmarBuilder {
+        /// `address_width` in bits (39 on QEMU's intel-iommu); `flags` as the
+        /// table's flags byte.
+        pub fn new(address_width: u8, flags: u8) -> Self {
+            Self { address_width, flags, structures: Vec::new() }
+        }
+
+        pub fn drhd(mut self, include_pci_all: bool, segment: u16, base: u64, scopes: &[DeviceScope]) -> Self {
+            let body = encode_scopes(scopes);
+            self.structure(0, &[u8::from(include_pci_all), 0], segment, &base.to_le_bytes(), &body);
+            self
+        }
+
+        pub fn rmrr(mut self, segment: u16, base: u64, limit: u64, scopes: &[DeviceScope]) -> Self {
+            let mut fixed = base.to_le_bytes().to_vec();
+            fixed.extend_from_slice(&limit.to_le_bytes());
+            let body = encode_scopes(scopes);
+            self.structure(1, &[0, 0], segment, &fixed, &body);
+            self
+        }
+
+        /// A structure of a type the parser does not interpret (e.g. 3, RHSA).
+        pub fn other(mut self, kind: u16, body: &[u8]) -> Self {
+            self.structures.extend_from_slice(&kind.to_le_bytes());
+            self.structures.extend_from_slice(&((4 + body.len()) as u16).to_le_bytes());
+            self.structures.extend_from_slice(body);
+            self
+        }
+
+        fn structure(&mut self, kind: u16, flags: &[u8; 2], segment: u16, fixed: &[u8], scopes: &[u8]) {
+            let len = 8 + fixed.len() + scopes.len();
+            self.structures.extend_from_slice(&kind.to_le_bytes());
+            self.structures.extend_from_slice(&(len as u16).to_le_bytes());
+            self.structures.extend_from_slice(flags);
+            self.structures.extend_from_slice(&segment.to_le_bytes());
+            self.structures.extend_from_slice(fixed);
+            self.structures.extend_from_slice(scopes);
+        }
+
+        /// The whole table, header and checksum included.
+        pub fn build(&self) -> Vec<u8> {
+            let mut body = vec![self.address_width - 1, self.flags];
+            body.extend_from_slice(&[0; 10]);
+            body.extend_from_slice(&self.structures);
+            crate::acpi::build::table(b"DMAR", 1, &body)
+        }
+    }
+
+    /// A PCI endpoint scope for `bus:device.function` on its start bus.
+    pub fn endpoint(bus: u8, device: u8, function: u8) -> DeviceScope {
+        let mut path = heapless::Vec::new();
+        path.push(super::PciHop { device, function }).unwrap();
+        DeviceScope { kind: ScopeKind::PciEndpoint, enumeration_id: 0, start_bus: bus, path }
+    }
+
+    fn kind_byte(kind: ScopeKind) -> u8 {
+        match kind {
+            ScopeKind::PciEndpoint => 1,
+            ScopeKind::PciSubHierarchy => 2,
+            ScopeKind::IoApic => 3,
+            ScopeKind::HpetMsi => 4,
+            ScopeKind::AcpiNamespace => 5,
+            ScopeKind::Unknown(b) => b,
+        }
+    }
+
+    fn encode_scopes(scopes: &[DeviceScope]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in scopes {
+            out.push(kind_byte(s.kind));
+            out.push((6 + 2 * s.path.len()) as u8);
+            out.extend_from_slice(&[0, 0, s.enumeration_id, s.start_bus]);
+            for hop in &s.path {
+                out.extend_from_slice(&[hop.device, hop.function]);
+            }
+        }
+        out
+    }
+}

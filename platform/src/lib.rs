@@ -1,0 +1,22 @@
+//! Hardware knowledge shared by the kernel and the services.
+//!
+//! Everything here either touches hardware through one small, documented
+//! primitive (port I/O, MSRs, CPUID) or is a pure function of bytes and
+//! numbers that the host's unit tests exercise: the ACPI and DMAR parsers, the
+//! decoding of CPU and VMX capabilities, the arithmetic of physical memory
+//! regions. Decoders never trust their input: a short, truncated or
+//! inconsistent table is an error value naming what was wrong, never a panic
+//! and never a read outside the bytes given.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod acpi;
+pub mod cpu;
+pub mod memory;
+pub mod port;
+pub mod power;
+pub mod serial;
+pub mod vmx;
+
+/// Size of the smallest page and of a physical frame.
+pub const PAGE_SIZE: u64 = 4096;
