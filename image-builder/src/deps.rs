@@ -42,6 +42,16 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// What to tell a user who cannot install packages: which are missing and
+/// the exact command.
+fn not_root_message(missing: &[&str]) -> String {
+    format!(
+        "missing Debian packages: {}\ninstall them with:\n    sudo apt-get update && sudo apt-get install -y {}",
+        missing.join(", "),
+        missing.join(" ")
+    )
+}
+
 /// Makes sure every package is installed.
 pub fn ensure() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
@@ -52,12 +62,8 @@ pub fn ensure() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let line = format!("apt-get install -y {}", missing.join(" "));
     if !is_root() {
-        bail!(
-            "missing Debian packages: {}\ninstall them with:\n    sudo apt-get update && sudo {line}",
-            missing.join(", ")
-        );
+        bail!("{}", not_root_message(&missing));
     }
     eprintln!("installing missing Debian packages: {}", missing.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
@@ -82,4 +88,41 @@ pub fn ensure() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_gives_the_exact_apt_get_line() {
+        let m = not_root_message(&["bochs", "xorriso"]);
+        assert!(
+            m.starts_with("missing Debian packages: bochs, xorriso\n"),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("sudo apt-get update && sudo apt-get install -y bochs xorriso"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn every_package_the_emulators_and_grub_need_is_listed() {
+        let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+        for p in [
+            "qemu-system-x86",
+            "ovmf",
+            "bochs",
+            "bochsbios",
+            "vgabios",
+            "grub-pc-bin",
+            "grub-efi-amd64-bin",
+            "grub-common",
+            "xorriso",
+            "mtools",
+        ] {
+            assert!(names.contains(&p), "{p}");
+        }
+    }
 }

@@ -116,6 +116,8 @@ pub struct RunOutcome {
     pub first_kernel_record: Option<Duration>,
     /// Where the emulator's own log went (Bochs), for post-mortems.
     pub emulator_log: Option<PathBuf>,
+    /// The emulator's own standard output and error.
+    pub emulator_output: PathBuf,
 }
 
 impl RunOutcome {
@@ -154,8 +156,15 @@ impl RunOutcome {
             self.wall.as_secs_f64(),
             self.capture.display()
         );
-        if let (Some(log), false) = (&self.emulator_log, matches!(self.end, RunEnd::Halted(_))) {
+        if !matches!(self.end, RunEnd::Halted(_)) {
+            let log = self.emulator_log.as_ref().unwrap_or(&self.emulator_output);
             s.push_str(&format!("; emulator log {}", log.display()));
+        }
+        if let Some(t) = self.first_kernel_record {
+            s.push_str(&format!(
+                "; first kernel record after {:.2} s",
+                t.as_secs_f64()
+            ));
         }
         s
     }
@@ -176,12 +185,11 @@ pub fn run(iso: &Path, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
         .with_context(|| format!("creating {}", cfg.capture.display()))?;
     let (mut cmd, emulator_log) = command(iso, cfg, &rundir)?;
     let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let stderr_path = rundir.join("emulator-output.txt");
+    let mut child = match &emulator_log {
+        Some(log) => start_bochs(&mut cmd, log, &stderr_path)?,
+        None => spawn(&mut cmd, &stderr_path)?,
+    };
     let result = watch(&mut child, elfs, cfg, started);
     // End only what we started, by its PID, whatever happened above.
     let _ = child.kill();
@@ -210,7 +218,62 @@ pub fn run(iso: &Path, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
         wall: started.elapsed(),
         first_kernel_record: first,
         emulator_log,
+        emulator_output: stderr_path,
     })
+}
+
+/// Starts the emulator with its output going to `stderr` (a file, so that a
+/// chatty emulator can never block on a full pipe).
+fn spawn(cmd: &mut Command, stderr: &Path) -> Result<Child> {
+    let err =
+        std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
+    let out = err.try_clone()?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))
+}
+
+/// Starts Bochs, one instance at a time until its display server has a port.
+///
+/// Bochs 2.7's RFB display (the only one Debian builds without a desktop)
+/// listens on the first free port from 5900. Two instances starting together
+/// can both bind 5900; the loser's `listen` fails, it then retries every
+/// port with the same, already bound socket, and panics. So starts are
+/// serialised across processes with a file lock, held until the log says
+/// the port is bound, and an instance that still lost is started again.
+fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path) -> Result<Child> {
+    let lock_path = paths::work_dir().join("bochs-start.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_file(log);
+        let mut child = spawn(cmd, stderr)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("listening for connections on port") {
+                return Ok(child);
+            }
+            if text.contains("RFB could not bind any port") || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            if Instant::now() > deadline {
+                // Going on without knowing: the run's own timeout still applies.
+                return Ok(child);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    bail!(
+        "Bochs could not start its display server (ports 5900-5949); see {}",
+        log.display()
+    )
 }
 
 type Watched = (Vec<LogLine>, Option<RunEnd>, Option<Duration>);

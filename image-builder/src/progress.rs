@@ -43,9 +43,8 @@ impl Step {
             self.started.elapsed().as_secs_f64(),
             suffix(result)
         );
-        match self.bar {
-            Some(bar) => bar.finish_and_clear(),
-            None => {}
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
         }
         eprintln!("{line}");
     }

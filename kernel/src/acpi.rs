@@ -64,6 +64,7 @@ pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiP
         match &table.signature() {
             b"APIC" => madt(&table, &mut info),
             b"DMAR" => {
+                defmt::debug!("ACPI: DMAR bytes {=[u8]:#04x}", table.bytes);
                 if dmars.push(table).is_err() {
                     defmt::warn!(
                         "ACPI: more than {=usize} DMAR tables; ignoring this one",
@@ -102,19 +103,14 @@ fn madt(table: &Table<'static>, info: &mut AcpiInfo) {
     let madt = unsafe { Pin::new_unchecked(&*table.bytes.as_ptr().cast::<Madt>()) };
     for entry in madt.entries() {
         match entry {
-            MadtEntry::LocalApic(e) => {
-                let enabled = { e.flags } & 1 != 0;
-                let online_capable = { e.flags } & 2 != 0;
-                if enabled || online_capable {
-                    info.cpus += 1;
-                    defmt::info!("ACPI: CPU with APIC id {=u8}", e.apic_id);
-                }
+            // Bit 0: enabled; bit 1: online capable (can be brought up later).
+            MadtEntry::LocalApic(e) if { e.flags } & 3 != 0 => {
+                info.cpus += 1;
+                defmt::info!("ACPI: CPU with APIC id {=u8}", e.apic_id);
             }
-            MadtEntry::LocalX2Apic(e) => {
-                if { e.flags } & 3 != 0 {
-                    info.cpus += 1;
-                    defmt::info!("ACPI: CPU with x2APIC id {=u32}", { e.x2apic_id });
-                }
+            MadtEntry::LocalX2Apic(e) if { e.flags } & 3 != 0 => {
+                info.cpus += 1;
+                defmt::info!("ACPI: CPU with x2APIC id {=u32}", { e.x2apic_id });
             }
             MadtEntry::IoApic(e) => {
                 info.ioapics += 1;

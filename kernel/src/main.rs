@@ -129,6 +129,27 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
     }
 
     let cpu = CpuInfo::read();
+    for leaf in [
+        0,
+        1,
+        0x8000_0000,
+        0x8000_0001,
+        0x8000_0002,
+        0x8000_0003,
+        0x8000_0004,
+        0x8000_0007,
+        0x8000_0008,
+    ] {
+        let r = platform::cpu::cpuid(leaf, 0);
+        defmt::debug!(
+            "CPUID {=u32:#x}: {=u32:#x} {=u32:#x} {=u32:#x} {=u32:#x}",
+            leaf,
+            r.eax,
+            r.ebx,
+            r.ecx,
+            r.edx
+        );
+    }
     defmt::info!(
         "CPU: {=str} {=str}, family {=u32:#x} model {=u32:#x} stepping {=u32}, {=u8}-bit physical addresses, x2APIC {=bool}, 1 GiB pages {=bool}, under a hypervisor {=bool}",
         cpu.vendor_str(),

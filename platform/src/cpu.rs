@@ -14,7 +14,12 @@ pub struct CpuidResult {
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
     // CPUID is unprivileged, has no side effects, and every x86-64 CPU has it.
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+    CpuidResult {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// Reads a model-specific register.
@@ -94,7 +99,11 @@ impl CpuInfo {
         vendor[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
         vendor[8..12].copy_from_slice(&leaf0.ecx.to_le_bytes());
 
-        let leaf1 = if max_basic >= 1 { cpuid(1, 0) } else { CpuidResult::default() };
+        let leaf1 = if max_basic >= 1 {
+            cpuid(1, 0)
+        } else {
+            CpuidResult::default()
+        };
         let base_family = (leaf1.eax >> 8) & 0xf;
         let base_model = (leaf1.eax >> 4) & 0xf;
         let family = if base_family == 0xf {
@@ -110,7 +119,11 @@ impl CpuInfo {
 
         let max_ext = cpuid(0x8000_0000, 0).eax;
         let ext = |leaf: u32| {
-            if max_ext >= leaf { cpuid(leaf, 0) } else { CpuidResult::default() }
+            if max_ext >= leaf {
+                cpuid(leaf, 0)
+            } else {
+                CpuidResult::default()
+            }
         };
         let ext1 = ext(0x8000_0001);
         let mut brand = [0u8; 48];
@@ -169,40 +182,70 @@ fn text(bytes: &[u8]) -> &str {
 mod tests {
     use super::*;
 
-    /// CPUID leaves as Bochs 2.7 reports them for `corei7_skylake_x`
-    /// (the leaves this decoder reads).
+    /// CPUID leaves as Bochs 2.7 reports them for `corei7_skylake_x` (the
+    /// leaves this decoder reads), captured with `--log debug`.
     fn skylake(leaf: u32, _sub: u32) -> CpuidResult {
         let r = |eax, ebx, ecx, edx| CpuidResult { eax, ebx, ecx, edx };
         match leaf {
-            0 => r(0x16, 0x756e_6547, 0x6c65_746e, 0x4965_6e69), // GenuineIntel
-            1 => r(0x0005_0654, 0x0001_0800, 0x7ffe_fbbf, 0xbfeb_fbff),
-            0x8000_0000 => r(0x8000_0008, 0, 0, 0),
-            0x8000_0001 => r(0, 0, 0x121, 0x2c10_0800),
-            0x8000_0002 => r(0x6e49_2020, 0x2952_6574, 0x6f43_2820, 0x2952_4d54),
-            0x8000_0003 => r(0x2d37_6920, 0x3033_3737, 0x0058_3020, 0),
-            0x8000_0004 => r(0, 0, 0, 0),
+            0 => r(0x16, 0x756e6547, 0x6c65746e, 0x49656e69),
+            1 => r(0x50654, 0x10800, 0x77faf3bf, 0xbfebfbff),
+            0x8000_0000 => r(0x80000008, 0, 0, 0),
+            0x8000_0001 => r(0, 0, 0x121, 0x2c100800),
+            0x8000_0002 => r(0x65746e49, 0x2952286c, 0x726f4320, 0x4d542865),
+            0x8000_0003 => r(0x37692029, 0x3038372d, 0x43205830, 0x40205550),
+            0x8000_0004 => r(0x352e3320, 0x7a484730, 0, 0),
             0x8000_0007 => r(0, 0, 0, 0x100),
-            0x8000_0008 => r(0x3027, 0, 0, 0),
+            0x8000_0008 => r(0x3028, 0, 0, 0),
             _ => r(0, 0, 0, 0),
         }
+    }
+
+    /// QEMU 7.2 TCG with `-cpu max`: an AMD-flavoured CPU without VMX.
+    fn qemu_tcg_max(leaf: u32, _sub: u32) -> CpuidResult {
+        let r = |eax, ebx, ecx, edx| CpuidResult { eax, ebx, ecx, edx };
+        match leaf {
+            0 => r(0xd, 0x68747541, 0x444d4163, 0x69746e65),
+            1 => r(0x60fb1, 0x800, 0xf6d8320b, 0xfcbfbfd),
+            0x8000_0000 => r(0x8000000a, 0x68747541, 0x444d4163, 0x69746e65),
+            0x8000_0001 => r(0x60fb1, 0, 0x75, 0xedd3fbfd),
+            0x8000_0002 => r(0x554d4551, 0x47435420, 0x55504320, 0x72657620),
+            0x8000_0003 => r(0x6e6f6973, 0x352e3220, 0x2b, 0),
+            0x8000_0008 => r(0x3928, 0, 0, 0),
+            _ => r(0, 0, 0, 0),
+        }
+    }
+
+    #[test]
+    fn decodes_qemu_tcg_without_vmx() {
+        let info = CpuInfo::decode(qemu_tcg_max);
+        assert_eq!(info.vendor_str(), "AuthenticAMD");
+        assert_eq!(info.brand_str(), "QEMU TCG CPU version 2.5+");
+        assert!(!info.vmx && !info.x2apic && info.hypervisor && info.page_1g);
+        assert_eq!(info.phys_addr_bits, 40);
     }
 
     #[test]
     fn decodes_an_intel_skylake() {
         let info = CpuInfo::decode(skylake);
         assert_eq!(info.vendor_str(), "GenuineIntel");
-        assert_eq!(info.brand_str(), "Intel(R) Core(TM) i7-7730X");
+        assert_eq!(info.brand_str(), "Intel(R) Core(TM) i7-7800X CPU @ 3.50GHz");
         assert_eq!((info.family, info.model, info.stepping), (6, 0x55, 4));
-        assert!(info.vmx && info.x2apic && info.tsc_deadline && info.hypervisor);
+        assert!(info.vmx && info.x2apic && info.tsc_deadline && !info.hypervisor);
         assert!(info.page_1g && info.nx && info.invariant_tsc);
-        assert_eq!(info.phys_addr_bits, 39);
+        assert_eq!(info.phys_addr_bits, 40);
     }
 
     #[test]
     fn missing_leaves_read_as_absent_features() {
         let info = CpuInfo::decode(|leaf, _| match leaf {
-            0 => CpuidResult { eax: 1, ..Default::default() },
-            1 => CpuidResult { eax: 0x0f41, ..Default::default() },
+            0 => CpuidResult {
+                eax: 1,
+                ..Default::default()
+            },
+            1 => CpuidResult {
+                eax: 0x0f41,
+                ..Default::default()
+            },
             _ => CpuidResult::default(),
         });
         assert!(!info.vmx && !info.page_1g && !info.x2apic);

@@ -21,7 +21,10 @@ pub struct Region {
 impl Region {
     /// The range `[start, start + len)`, clamped at the top of the address space.
     pub const fn new(start: u64, len: u64) -> Self {
-        Self { start, end: start.saturating_add(len) }
+        Self {
+            start,
+            end: start.saturating_add(len),
+        }
     }
 
     pub const fn len(&self) -> u64 {
@@ -92,7 +95,14 @@ pub fn usable_regions<const N: usize>(
                 Some(h) => h.start,
                 None => a.end,
             };
-            insert_merged(&mut out, Region { start: cursor, end: piece_end }).map_err(|_| full)?;
+            insert_merged(
+                &mut out,
+                Region {
+                    start: cursor,
+                    end: piece_end,
+                },
+            )
+            .map_err(|_| full)?;
             cursor = piece_end;
         }
     }
@@ -115,7 +125,10 @@ fn insert_merged<const N: usize>(list: &mut heapless::Vec<Region, N>, r: Region)
             i += 1;
         }
     }
-    let at = list.iter().position(|x| x.start > merged.start).unwrap_or(list.len());
+    let at = list
+        .iter()
+        .position(|x| x.start > merged.start)
+        .unwrap_or(list.len());
     list.insert(at, merged).map_err(|_| ())
 }
 
@@ -168,7 +181,12 @@ impl<'a> FrameBitmap<'a> {
                 }
             }
         }
-        Self { words, usable, free, hint: 0 }
+        Self {
+            words,
+            usable,
+            free,
+            hint: 0,
+        }
     }
 
     /// Takes the lowest free frame and returns its physical address.
@@ -189,7 +207,7 @@ impl<'a> FrameBitmap<'a> {
 
     /// Gives a frame back.
     pub fn free(&mut self, addr: u64) -> Result<(), FreeError> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(FreeError::Unaligned { addr });
         }
         let frame = addr / PAGE_SIZE;
@@ -229,33 +247,57 @@ mod tests {
         // The shape of QEMU's map with SeaBIOS: low RAM, then RAM from 1 MiB.
         let available = [Region::new(0, 0x9fc00), Region::new(MIB, 127 * MIB)];
         let reserved = [
-            Region::new(0, MIB),                // BIOS data, real-mode IVT, EBDA
-            Region::new(2 * MIB, 0x3_1234),     // the kernel image
-            Region::new(0x101000, 0x800),       // a module, not frame aligned
-            Region::new(0x100030, 0x400),       // the boot information
+            Region::new(0, MIB),            // BIOS data, real-mode IVT, EBDA
+            Region::new(2 * MIB, 0x3_1234), // the kernel image
+            Region::new(0x101000, 0x800),   // a module, not frame aligned
+            Region::new(0x100030, 0x400),   // the boot information
         ];
         let usable: heapless::Vec<Region, 8> = usable_regions(&available, &reserved).unwrap();
         assert_eq!(
             usable.as_slice(),
             &[
-                Region { start: 0x102000, end: 2 * MIB },
-                Region { start: 2 * MIB + 0x32000, end: 128 * MIB },
+                Region {
+                    start: 0x102000,
+                    end: 2 * MIB
+                },
+                Region {
+                    start: 2 * MIB + 0x32000,
+                    end: 128 * MIB
+                },
             ]
         );
     }
 
     #[test]
     fn unaligned_available_ram_is_rounded_inwards() {
-        let usable: heapless::Vec<Region, 4> =
-            usable_regions(&[Region { start: 0x1001, end: 0x4fff }], &[]).unwrap();
-        assert_eq!(usable.as_slice(), &[Region { start: 0x2000, end: 0x4000 }]);
+        let usable: heapless::Vec<Region, 4> = usable_regions(
+            &[Region {
+                start: 0x1001,
+                end: 0x4fff,
+            }],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            usable.as_slice(),
+            &[Region {
+                start: 0x2000,
+                end: 0x4000
+            }]
+        );
     }
 
     #[test]
     fn overlapping_available_ranges_merge() {
         let available = [Region::new(0x10000, 0x10000), Region::new(0x18000, 0x10000)];
         let usable: heapless::Vec<Region, 4> = usable_regions(&available, &[]).unwrap();
-        assert_eq!(usable.as_slice(), &[Region { start: 0x10000, end: 0x28000 }]);
+        assert_eq!(
+            usable.as_slice(),
+            &[Region {
+                start: 0x10000,
+                end: 0x28000
+            }]
+        );
     }
 
     #[test]
@@ -283,7 +325,10 @@ mod tests {
         assert_eq!(fa.alloc(), Some(0x10000));
         assert_eq!(fa.alloc(), None);
         assert_eq!(fa.free(0x4000), Ok(()));
-        assert_eq!(fa.free(0x4000), Err(FreeError::AlreadyFree { addr: 0x4000 }));
+        assert_eq!(
+            fa.free(0x4000),
+            Err(FreeError::AlreadyFree { addr: 0x4000 })
+        );
         assert_eq!(fa.free(0x5000), Err(FreeError::NotRam { addr: 0x5000 }));
         assert_eq!(fa.free(0x4001), Err(FreeError::Unaligned { addr: 0x4001 }));
         assert_eq!(fa.alloc(), Some(0x4000));

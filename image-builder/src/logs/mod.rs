@@ -93,6 +93,9 @@ impl From<Record<'_>> for OwnedRecord {
 pub struct Demux {
     chunk: Vec<u8>,
     text: Vec<u8>,
+    /// Since the last zero, more bytes came than any record has: until the
+    /// next zero, everything is text.
+    in_text: bool,
 }
 
 impl Demux {
@@ -104,13 +107,25 @@ impl Demux {
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Event>) {
         for &b in bytes {
             if b != 0 {
+                if self.in_text {
+                    self.text.push(b);
+                    if b == b'\n' {
+                        self.flush_lines(out, false);
+                    }
+                    continue;
+                }
                 self.chunk.push(b);
                 // Longer than any record: it is text; release whole lines.
                 if self.chunk.len() > MAX_ENCODED {
                     let chunk = std::mem::take(&mut self.chunk);
                     self.text.extend_from_slice(&chunk);
+                    self.in_text = true;
                     self.flush_lines(out, false);
                 }
+                continue;
+            }
+            if std::mem::take(&mut self.in_text) {
+                self.flush_lines(out, true);
                 continue;
             }
             let mut chunk = std::mem::take(&mut self.chunk);

@@ -7,7 +7,7 @@
 //! parser does not use (ATSR, RHSA, ANDD, SATC and newer types) are counted,
 //! never silently dropped.
 
-use super::{le_u16, le_u64, Table};
+use super::{Table, le_u16, le_u64};
 use heapless::Vec;
 
 /// The most DRHD units one system may describe.
@@ -150,9 +150,18 @@ pub enum DmarError {
     NotDmar { table: u64 },
     /// A remapping structure's length is too small for its type or runs past
     /// the end of the table.
-    BadStructure { table: u64, offset: usize, kind: u16, length: u16 },
+    BadStructure {
+        table: u64,
+        offset: usize,
+        kind: u16,
+        length: u16,
+    },
     /// A device scope's length is malformed or runs past its structure.
-    BadScope { table: u64, offset: usize, length: u8 },
+    BadScope {
+        table: u64,
+        offset: usize,
+        length: u8,
+    },
     /// More structures of a kind than Parallax keeps (named).
     TooMany { what: &'static str, limit: usize },
 }
@@ -175,7 +184,10 @@ impl Dmar {
             return Err(DmarError::NotDmar { table: at });
         }
         if b.len() < STRUCTURES_AT {
-            return Err(DmarError::TooShort { table: at, length: b.len() });
+            return Err(DmarError::TooShort {
+                table: at,
+                length: b.len(),
+            });
         }
         let width = b[36].saturating_add(1);
         if self.tables == 0 {
@@ -192,7 +204,12 @@ impl Dmar {
         let mut offset = STRUCTURES_AT;
         while offset < b.len() {
             if b.len() - offset < 4 {
-                return Err(DmarError::BadStructure { table: at, offset, kind: 0, length: 0 });
+                return Err(DmarError::BadStructure {
+                    table: at,
+                    offset,
+                    kind: 0,
+                    length: 0,
+                });
             }
             let kind = le_u16(b, offset);
             let length = le_u16(b, offset + 2);
@@ -203,7 +220,12 @@ impl Dmar {
             };
             let end = offset + usize::from(length);
             if usize::from(length) < minimum || end > b.len() {
-                return Err(DmarError::BadStructure { table: at, offset, kind, length });
+                return Err(DmarError::BadStructure {
+                    table: at,
+                    offset,
+                    kind,
+                    length,
+                });
             }
             let s = &b[offset..end];
             match kind {
@@ -215,9 +237,10 @@ impl Dmar {
                         register_base: le_u64(s, 8),
                         scopes: parse_scopes(at, offset, s, 16)?,
                     };
-                    self.drhds
-                        .push(drhd)
-                        .map_err(|_| DmarError::TooMany { what: "DRHD units", limit: MAX_DRHD })?;
+                    self.drhds.push(drhd).map_err(|_| DmarError::TooMany {
+                        what: "DRHD units",
+                        limit: MAX_DRHD,
+                    })?;
                 }
                 1 => {
                     let rmrr = Rmrr {
@@ -227,11 +250,17 @@ impl Dmar {
                         scopes: parse_scopes(at, offset, s, 24)?,
                     };
                     if rmrr.limit < rmrr.base {
-                        return Err(DmarError::BadStructure { table: at, offset, kind, length });
+                        return Err(DmarError::BadStructure {
+                            table: at,
+                            offset,
+                            kind,
+                            length,
+                        });
                     }
-                    self.rmrrs
-                        .push(rmrr)
-                        .map_err(|_| DmarError::TooMany { what: "RMRRs", limit: MAX_RMRR })?;
+                    self.rmrrs.push(rmrr).map_err(|_| DmarError::TooMany {
+                        what: "RMRRs",
+                        limit: MAX_RMRR,
+                    })?;
                 }
                 _ => self.other_structures = self.other_structures.saturating_add(1),
             }
@@ -250,19 +279,29 @@ fn parse_scopes(
     let mut scopes = Vec::new();
     let mut o = first;
     while o < s.len() {
-        let bad = |length| DmarError::BadScope { table, offset: structure_at + o, length };
+        let bad = |length| DmarError::BadScope {
+            table,
+            offset: structure_at + o,
+            length,
+        };
         if s.len() - o < 6 {
             return Err(bad(0));
         }
         let length = s[o + 1];
         let end = o + usize::from(length);
-        if length < 6 || (length - 6) % 2 != 0 || end > s.len() {
+        if length < 6 || !(length - 6).is_multiple_of(2) || end > s.len() {
             return Err(bad(length));
         }
         let mut path = Vec::new();
         for hop in s[o + 6..end].chunks_exact(2) {
-            path.push(PciHop { device: hop[0], function: hop[1] })
-                .map_err(|_| DmarError::TooMany { what: "PCI hops in a device scope", limit: MAX_PATH })?;
+            path.push(PciHop {
+                device: hop[0],
+                function: hop[1],
+            })
+            .map_err(|_| DmarError::TooMany {
+                what: "PCI hops in a device scope",
+                limit: MAX_PATH,
+            })?;
         }
         scopes
             .push(DeviceScope {
@@ -271,7 +310,10 @@ fn parse_scopes(
                 start_bus: s[o + 5],
                 path,
             })
-            .map_err(|_| DmarError::TooMany { what: "device scopes in one structure", limit: MAX_SCOPES })?;
+            .map_err(|_| DmarError::TooMany {
+                what: "device scopes in one structure",
+                limit: MAX_SCOPES,
+            })?;
         o = end;
     }
     Ok(scopes)
@@ -298,12 +340,28 @@ pub mod build {
         /// `address_width` in bits (39 on QEMU's intel-iommu); `flags` as the
         /// table's flags byte.
         pub fn new(address_width: u8, flags: u8) -> Self {
-            Self { address_width, flags, structures: Vec::new() }
+            Self {
+                address_width,
+                flags,
+                structures: Vec::new(),
+            }
         }
 
-        pub fn drhd(mut self, include_pci_all: bool, segment: u16, base: u64, scopes: &[DeviceScope]) -> Self {
+        pub fn drhd(
+            mut self,
+            include_pci_all: bool,
+            segment: u16,
+            base: u64,
+            scopes: &[DeviceScope],
+        ) -> Self {
             let body = encode_scopes(scopes);
-            self.structure(0, &[u8::from(include_pci_all), 0], segment, &base.to_le_bytes(), &body);
+            self.structure(
+                0,
+                &[u8::from(include_pci_all), 0],
+                segment,
+                &base.to_le_bytes(),
+                &body,
+            );
             self
         }
 
@@ -318,15 +376,24 @@ pub mod build {
         /// A structure of a type the parser does not interpret (e.g. 3, RHSA).
         pub fn other(mut self, kind: u16, body: &[u8]) -> Self {
             self.structures.extend_from_slice(&kind.to_le_bytes());
-            self.structures.extend_from_slice(&((4 + body.len()) as u16).to_le_bytes());
+            self.structures
+                .extend_from_slice(&((4 + body.len()) as u16).to_le_bytes());
             self.structures.extend_from_slice(body);
             self
         }
 
-        fn structure(&mut self, kind: u16, flags: &[u8; 2], segment: u16, fixed: &[u8], scopes: &[u8]) {
+        fn structure(
+            &mut self,
+            kind: u16,
+            flags: &[u8; 2],
+            segment: u16,
+            fixed: &[u8],
+            scopes: &[u8],
+        ) {
             let len = 8 + fixed.len() + scopes.len();
             self.structures.extend_from_slice(&kind.to_le_bytes());
-            self.structures.extend_from_slice(&(len as u16).to_le_bytes());
+            self.structures
+                .extend_from_slice(&(len as u16).to_le_bytes());
             self.structures.extend_from_slice(flags);
             self.structures.extend_from_slice(&segment.to_le_bytes());
             self.structures.extend_from_slice(fixed);
@@ -346,7 +413,12 @@ pub mod build {
     pub fn endpoint(bus: u8, device: u8, function: u8) -> DeviceScope {
         let mut path = heapless::Vec::new();
         path.push(super::PciHop { device, function }).unwrap();
-        DeviceScope { kind: ScopeKind::PciEndpoint, enumeration_id: 0, start_bus: bus, path }
+        DeviceScope {
+            kind: ScopeKind::PciEndpoint,
+            enumeration_id: 0,
+            start_bus: bus,
+            path,
+        }
     }
 
     fn kind_byte(kind: ScopeKind) -> u8 {

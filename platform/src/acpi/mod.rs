@@ -35,9 +35,17 @@ pub enum AcpiError {
     /// A table's header or body lies outside readable memory.
     Unreadable { address: u64 },
     /// The table at `address` does not carry the signature it should.
-    WrongSignature { address: u64, expected: [u8; 4], found: [u8; 4] },
+    WrongSignature {
+        address: u64,
+        expected: [u8; 4],
+        found: [u8; 4],
+    },
     /// A table's length field is shorter than its header.
-    BadLength { address: u64, signature: [u8; 4], length: u32 },
+    BadLength {
+        address: u64,
+        signature: [u8; 4],
+        length: u32,
+    },
     /// A table's bytes do not sum to zero.
     BadChecksum { address: u64, signature: [u8; 4] },
 }
@@ -85,7 +93,12 @@ impl Rsdp {
         } else {
             None
         };
-        Ok(Self { revision, oem_id, rsdt, xsdt })
+        Ok(Self {
+            revision,
+            oem_id,
+            rsdt,
+            xsdt,
+        })
     }
 }
 
@@ -119,18 +132,30 @@ pub fn read_table<M: PhysMemory>(
     address: u64,
     expected: Option<[u8; 4]>,
 ) -> Result<Table<'_>, AcpiError> {
-    let header = mem.read(address, SDT_HEADER_LEN).ok_or(AcpiError::Unreadable { address })?;
+    let header = mem
+        .read(address, SDT_HEADER_LEN)
+        .ok_or(AcpiError::Unreadable { address })?;
     let signature = signature_of(header);
-    if let Some(expected) = expected {
-        if signature != expected {
-            return Err(AcpiError::WrongSignature { address, expected, found: signature });
-        }
+    if let Some(expected) = expected
+        && signature != expected
+    {
+        return Err(AcpiError::WrongSignature {
+            address,
+            expected,
+            found: signature,
+        });
     }
     let length = le_u32(header, 4);
     if (length as usize) < SDT_HEADER_LEN {
-        return Err(AcpiError::BadLength { address, signature, length });
+        return Err(AcpiError::BadLength {
+            address,
+            signature,
+            length,
+        });
     }
-    let bytes = mem.read(address, length as usize).ok_or(AcpiError::Unreadable { address })?;
+    let bytes = mem
+        .read(address, length as usize)
+        .ok_or(AcpiError::Unreadable { address })?;
     if checksum(bytes) != 0 {
         return Err(AcpiError::BadChecksum { address, signature });
     }
@@ -148,7 +173,10 @@ pub struct RootTable<'m> {
 impl<'m> RootTable<'m> {
     pub fn read<M: PhysMemory>(mem: &'m M, rsdp: &Rsdp) -> Result<Self, AcpiError> {
         match rsdp.xsdt {
-            Some(xsdt) => Ok(Self { table: read_table(mem, xsdt, Some(*b"XSDT"))?, entry_width: 8 }),
+            Some(xsdt) => Ok(Self {
+                table: read_table(mem, xsdt, Some(*b"XSDT"))?,
+                entry_width: 8,
+            }),
             None => Ok(Self {
                 table: read_table(mem, u64::from(rsdp.rsdt), Some(*b"RSDT"))?,
                 entry_width: 4,
@@ -160,7 +188,11 @@ impl<'m> RootTable<'m> {
     pub fn addresses(&self) -> impl Iterator<Item = u64> + 'm {
         let width = self.entry_width;
         self.table.body().chunks_exact(width).map(move |e| {
-            if width == 8 { le_u64(e, 0) } else { u64::from(le_u32(e, 0)) }
+            if width == 8 {
+                le_u64(e, 0)
+            } else {
+                u64::from(le_u32(e, 0))
+            }
         })
     }
 

@@ -106,8 +106,8 @@ impl RawVmxMsrs {
     /// The processor must support VMX (CPUID.1:ECX[5]); otherwise the reads
     /// raise #GP.
     pub unsafe fn read() -> Self {
-        // Safety (all reads below): VMX is supported (caller), so the basic
-        // MSRs exist; each optional MSR is read only where an earlier MSR
+        // Safety: for all reads below: VMX is supported (caller), so the
+        // basic MSRs exist; each optional MSR is read only where an earlier MSR
         // says it exists (SDM vol. 3, A.1, A.3.3, A.10, A.11).
         unsafe {
             let basic = rdmsr(IA32_VMX_BASIC);
@@ -175,7 +175,10 @@ pub struct Controls {
 
 impl Controls {
     fn from_msr(msr: u64) -> Self {
-        Self { must_be_1: msr as u32, may_be_1: allowed1(msr) }
+        Self {
+            must_be_1: msr as u32,
+            may_be_1: allowed1(msr),
+        }
     }
 
     /// Whether every bit of `bits` may be set.

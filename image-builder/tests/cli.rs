@@ -1,0 +1,120 @@
+//! The `cargo hv` command line: bad input is reported by name, and `log`
+//! decodes a capture taken by an earlier run.
+
+use image_builder::compile::{self, BuildOptions};
+use image_builder::emulator::{self, Machine, RunConfig};
+use image_builder::iso::{Content, Module};
+use image_builder::manifest::SystemManifest;
+use image_builder::{image, paths};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn hv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cargo-hv"))
+        .args(args)
+        .output()
+        .expect("cargo-hv runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_capture_is_named() {
+    let o = hv(&["log", "/nonexistent/capture.serial"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot read the capture /nonexistent/capture.serial"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_missing_manifest_is_named() {
+    let o = hv(&["build", "--manifest", "/nonexistent/system.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot read the manifest /nonexistent/system.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_malformed_manifest_is_named_with_the_field() {
+    let dir = paths::work_dir().join("cli-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[[domain]]\nname = \"d\"\nguest = \"g\"\nmemory_mib = 99999\n",
+    )
+    .unwrap();
+    let o = hv(&["build", "--manifest", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("bad.toml is not a valid manifest"), "{e}");
+    assert!(
+        e.contains("domain 1 (`d`): memory_mib = 99999 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unknown_log_level_is_refused() {
+    let o = hv(&["build", "--log", "loud"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("log level \"loud\" is not one of error, warn, info, debug, trace"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn log_decodes_a_capture_taken_earlier() {
+    image_builder::deps::ensure().unwrap();
+    let kernel = compile::kernel(&BuildOptions::default()).unwrap();
+    let manifest = SystemManifest::parse("name = \"cli-test\"", Path::new("inline"))
+        .unwrap()
+        .compile()
+        .unwrap();
+    let out = paths::work_dir().join("cli-tests").join("log.iso");
+    let img = image::assemble(
+        &kernel,
+        "",
+        vec![Module {
+            name: "manifest".into(),
+            content: Content::Bytes(manifest),
+        }],
+        &out,
+    )
+    .unwrap();
+    let outcome = emulator::run(
+        &img.iso,
+        &img.elfs,
+        &RunConfig::new(Machine::Qemu, emulator::capture_path("cli")),
+    )
+    .unwrap();
+    assert_eq!(outcome.exit_code(), 0, "{}", outcome.summary());
+
+    let o = hv(&["log", outcome.capture.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the exit status is the captured halt status"
+    );
+    let printed: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let live: Vec<String> = outcome.lines.iter().map(|l| l.to_string()).collect();
+    assert_eq!(printed, live);
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("kernel") && l.contains("manifest: system cli-test"))
+    );
+}

@@ -1,0 +1,367 @@
+use super::build::{rsdp, table};
+use super::dmar::build::{DmarBuilder, endpoint};
+use super::dmar::*;
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::vec::Vec;
+
+/// Physical memory made of separate byte ranges.
+#[derive(Default)]
+struct FakeMemory(BTreeMap<u64, Vec<u8>>);
+
+impl FakeMemory {
+    fn put(&mut self, addr: u64, bytes: Vec<u8>) -> &mut Self {
+        self.0.insert(addr, bytes);
+        self
+    }
+}
+
+impl PhysMemory for FakeMemory {
+    fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let (start, bytes) = self.0.range(..=addr).next_back()?;
+        let off = (addr - start) as usize;
+        bytes.get(off..off.checked_add(len)?)
+    }
+}
+
+const QEMU_DMAR: &[u8] = include_bytes!("../../testdata/qemu-7.2-q35-intel-iommu.dmar");
+
+fn xsdt(entries: &[u64]) -> Vec<u8> {
+    let body: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+    table(b"XSDT", 1, &body)
+}
+
+#[test]
+fn rsdp_revisions_and_damage() {
+    let v0 = rsdp(0x1000, None);
+    assert_eq!(
+        Rsdp::parse(&v0).unwrap(),
+        Rsdp {
+            revision: 0,
+            oem_id: *b"PLXHV ",
+            rsdt: 0x1000,
+            xsdt: None
+        }
+    );
+    let v2 = rsdp(0x1000, Some(0x2000));
+    assert_eq!(Rsdp::parse(&v2).unwrap().xsdt, Some(0x2000));
+
+    let mut bad = v0.clone();
+    bad[0] = b'X';
+    assert_eq!(Rsdp::parse(&bad), Err(AcpiError::RsdpSignature));
+    let mut bad = v0.clone();
+    bad[12] ^= 1;
+    assert_eq!(Rsdp::parse(&bad), Err(AcpiError::RsdpChecksum));
+    let mut bad = v2.clone();
+    bad[30] ^= 1; // inside the extended part only
+    assert_eq!(Rsdp::parse(&bad), Err(AcpiError::RsdpChecksum));
+    assert_eq!(
+        Rsdp::parse(&v2[..30]),
+        Err(AcpiError::RsdpTooShort { len: 30 })
+    );
+    assert_eq!(
+        Rsdp::parse(&v0[..19]),
+        Err(AcpiError::RsdpTooShort { len: 19 })
+    );
+}
+
+#[test]
+fn walks_an_xsdt_and_skips_a_damaged_table() {
+    let mut bad = table(b"SSDT", 1, &[1, 2, 3]);
+    bad[20] ^= 0xff;
+    let mut mem = FakeMemory::default();
+    mem.put(0x2000, xsdt(&[0x3000, 0x4000, 0x5000, 0x9999_0000]))
+        .put(0x3000, table(b"APIC", 4, &[0; 8]))
+        .put(0x4000, bad)
+        .put(0x5000, QEMU_DMAR.to_vec());
+    let rsdp = Rsdp::parse(&rsdp(0, Some(0x2000))).unwrap();
+    let root = RootTable::read(&mem, &rsdp).unwrap();
+    let found: Vec<_> = root
+        .tables(&mem)
+        .map(|t| t.map(|t| (t.address, t.signature())))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            Ok((0x3000, *b"APIC")),
+            Err(AcpiError::BadChecksum {
+                address: 0x4000,
+                signature: *b"SSDT"
+            }),
+            Ok((0x5000, *b"DMAR")),
+            Err(AcpiError::Unreadable {
+                address: 0x9999_0000
+            }),
+        ]
+    );
+}
+
+#[test]
+fn walks_an_rsdt_with_32_bit_entries() {
+    let body: Vec<u8> = [0x3000u32].iter().flat_map(|e| e.to_le_bytes()).collect();
+    let mut mem = FakeMemory::default();
+    mem.put(0x1000, table(b"RSDT", 1, &body))
+        .put(0x3000, table(b"HPET", 1, &[0; 20]));
+    let root = RootTable::read(&mem, &Rsdp::parse(&rsdp(0x1000, None)).unwrap()).unwrap();
+    assert_eq!(root.addresses().collect::<Vec<_>>(), [0x3000]);
+}
+
+#[test]
+fn table_header_checks() {
+    let mut mem = FakeMemory::default();
+    let mut short = table(b"FACP", 1, &[]);
+    short[4] = 20; // length below the header's own size
+    mem.put(0x1000, short)
+        .put(0x2000, table(b"FACP", 1, &[0; 4]));
+    assert_eq!(
+        read_table(&mem, 0x1000, None).unwrap_err(),
+        AcpiError::BadLength {
+            address: 0x1000,
+            signature: *b"FACP",
+            length: 20
+        }
+    );
+    assert_eq!(
+        read_table(&mem, 0x2000, Some(*b"XSDT")).unwrap_err(),
+        AcpiError::WrongSignature {
+            address: 0x2000,
+            expected: *b"XSDT",
+            found: *b"FACP"
+        }
+    );
+    let mut long = table(b"FACP", 1, &[0; 4]);
+    long[4] = 200; // claims more bytes than exist
+    mem.put(0x3000, long);
+    assert_eq!(
+        read_table(&mem, 0x3000, None).unwrap_err(),
+        AcpiError::Unreadable { address: 0x3000 }
+    );
+}
+
+fn dmar_of(bytes: &[u8]) -> Result<Dmar, DmarError> {
+    Dmar::parse([Table {
+        address: 0x1000,
+        bytes,
+    }])
+}
+
+#[test]
+fn qemu_intel_iommu_dmar() {
+    let d = dmar_of(QEMU_DMAR).unwrap();
+    assert_eq!(d.address_width, 39);
+    assert!(d.interrupt_remapping && !d.x2apic_opt_out);
+    assert_eq!(d.drhds.len(), 1);
+    assert!(d.rmrrs.is_empty());
+    let drhd = &d.drhds[0];
+    assert_eq!(
+        (drhd.register_base, drhd.segment, drhd.include_pci_all),
+        (0xfed9_0000, 0, false)
+    );
+    assert_eq!(drhd.scopes.len(), 8);
+    assert_eq!(drhd.scopes[0].kind, ScopeKind::IoApic);
+    let endpoints: Vec<_> = drhd.scopes[1..]
+        .iter()
+        .map(|s| s.direct_bdf().unwrap())
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            (0, 0, 0),
+            (0, 1, 0),
+            (0, 2, 0),
+            (0, 3, 0),
+            (0, 0x1f, 0),
+            (0, 0x1f, 2),
+            (0, 0x1f, 3)
+        ]
+    );
+}
+
+/// The table the boot tests inject with `-acpitable`: one RMRR for the `edu`
+/// device at 00:03.0.
+fn rmrr_only() -> Vec<u8> {
+    DmarBuilder::new(39, 0)
+        .rmrr(0, 0x7d0_0000, 0x7d0_ffff, &[endpoint(0, 3, 0)])
+        .build()
+}
+
+#[test]
+fn crafted_rmrr_table_merges_with_qemu_s() {
+    let rmrr = rmrr_only();
+    let d = Dmar::parse([
+        Table {
+            address: 0x1000,
+            bytes: QEMU_DMAR,
+        },
+        Table {
+            address: 0x2000,
+            bytes: &rmrr,
+        },
+    ])
+    .unwrap();
+    assert_eq!(
+        (d.tables, d.address_width, d.width_conflict),
+        (2, 39, false)
+    );
+    assert!(d.interrupt_remapping, "flags are merged");
+    assert_eq!(d.drhds.len(), 1);
+    assert_eq!(d.rmrrs.len(), 1);
+    let r = &d.rmrrs[0];
+    assert_eq!(
+        (r.base, r.limit, r.len()),
+        (0x7d0_0000, 0x7d0_ffff, 0x1_0000)
+    );
+    assert_eq!(r.scopes[0].direct_bdf(), Some((0, 3, 0)));
+}
+
+#[test]
+fn builder_roundtrips_every_field() {
+    let deep = DeviceScope {
+        kind: ScopeKind::PciSubHierarchy,
+        enumeration_id: 0,
+        start_bus: 2,
+        path: heapless::Vec::from_slice(&[
+            PciHop {
+                device: 1,
+                function: 0,
+            },
+            PciHop {
+                device: 0,
+                function: 1,
+            },
+        ])
+        .unwrap(),
+    };
+    let bytes = DmarBuilder::new(48, 0b101)
+        .drhd(true, 1, 0xfed9_1000, &[])
+        .rmrr(1, 0x1000, 0x1fff, &[deep.clone(), endpoint(0, 2, 0)])
+        .other(3, &[0; 16])
+        .build();
+    let d = dmar_of(&bytes).unwrap();
+    assert_eq!(d.address_width, 48);
+    assert!(d.interrupt_remapping && !d.x2apic_opt_out && d.dma_ctrl_platform_opt_in);
+    assert!(d.drhds[0].include_pci_all);
+    assert_eq!(d.drhds[0].segment, 1);
+    assert_eq!(d.rmrrs[0].scopes[0], deep);
+    assert_eq!(
+        deep.direct_bdf(),
+        None,
+        "a path through a bridge has no direct BDF"
+    );
+    assert_eq!(d.other_structures, 1);
+}
+
+#[test]
+fn differing_widths_keep_the_smallest() {
+    let a = DmarBuilder::new(48, 0).build();
+    let b = DmarBuilder::new(39, 0).build();
+    let d = Dmar::parse([
+        Table {
+            address: 1,
+            bytes: &a,
+        },
+        Table {
+            address: 2,
+            bytes: &b,
+        },
+    ])
+    .unwrap();
+    assert_eq!((d.address_width, d.width_conflict), (39, true));
+}
+
+/// Sets a little-endian u16 in a table and fixes its checksum.
+fn patch_u16(t: &mut [u8], at: usize, v: u16) {
+    t[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    t[9] = 0;
+    t[9] = 0u8.wrapping_sub(checksum(t));
+}
+
+#[test]
+fn malformed_structures_are_named_not_looped_on() {
+    let good = rmrr_only();
+    let mut zero_len = good.clone();
+    patch_u16(&mut zero_len, 48 + 2, 0);
+    assert_eq!(
+        dmar_of(&zero_len),
+        Err(DmarError::BadStructure {
+            table: 0x1000,
+            offset: 48,
+            kind: 1,
+            length: 0
+        })
+    );
+    let mut overrun = good.clone();
+    patch_u16(&mut overrun, 48 + 2, 200);
+    assert!(matches!(
+        dmar_of(&overrun),
+        Err(DmarError::BadStructure { length: 200, .. })
+    ));
+
+    let mut bad_scope = good.clone();
+    bad_scope[48 + 24 + 1] = 7; // odd scope length
+    assert!(matches!(
+        dmar_of(&bad_scope),
+        Err(DmarError::BadScope { length: 7, .. })
+    ));
+
+    let backwards = DmarBuilder::new(39, 0).rmrr(0, 0x2000, 0x1fff, &[]).build();
+    assert!(matches!(
+        dmar_of(&backwards),
+        Err(DmarError::BadStructure { kind: 1, .. })
+    ));
+
+    assert_eq!(
+        dmar_of(&good[..40]),
+        Err(DmarError::TooShort {
+            table: 0x1000,
+            length: 40
+        })
+    );
+    assert_eq!(
+        dmar_of(&table(b"APIC", 1, &[0; 20])),
+        Err(DmarError::NotDmar { table: 0x1000 })
+    );
+}
+
+#[test]
+fn more_units_than_kept_is_an_error_not_a_silent_cut() {
+    let mut b = DmarBuilder::new(39, 0);
+    for i in 0..=MAX_DRHD as u64 {
+        b = b.drhd(false, 0, 0xfed9_0000 + i * 0x1000, &[]);
+    }
+    assert_eq!(
+        dmar_of(&b.build()),
+        Err(DmarError::TooMany {
+            what: "DRHD units",
+            limit: MAX_DRHD
+        })
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_structure_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let mut t = table(b"DMAR", 1, &[&[38u8, 1], &[0u8; 10][..], &body].concat());
+        let _ = dmar_of(&t);
+        t.truncate(t.len() / 2);
+        let _ = dmar_of(&t);
+    }
+
+    #[test]
+    fn mutated_qemu_table_never_panics(flips in proptest::collection::vec((0usize..128, any::<u8>()), 1..6)) {
+        let mut t = QEMU_DMAR.to_vec();
+        for (at, v) in flips {
+            t[at] = v;
+        }
+        let _ = dmar_of(&t);
+        let mut mem = FakeMemory::default();
+        mem.put(0x1000, t);
+        let _ = read_table(&mem, 0x1000, None);
+    }
+
+    #[test]
+    fn arbitrary_rsdp_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let _ = Rsdp::parse(&bytes);
+    }
+}

@@ -1,0 +1,125 @@
+//! Bad boot input: each case ends in a clear, decoded message and a clean
+//! stop with a status that says what kind of problem it was; never a hang or
+//! a triple fault.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use ipc_schema::manifest::MANIFEST_KEY;
+use parallax_tests::{boot, empty_manifest, image, manifest, module};
+
+const ONE_DOMAIN: &str = r#"
+name = "test"
+[[domain]]
+name = "demo"
+guest = "hello"
+memory_mib = 16
+"#;
+
+#[test]
+fn a_missing_guest_module_is_named() {
+    let img = image(
+        "missing-guest",
+        "",
+        vec![module("manifest", manifest(ONE_DOMAIN))],
+    );
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("manifest: domain demo: guest hello, 16 MiB, 1 vCPU(s)")
+        .expect("boot module `hello` is missing: the manifest names it as a guest image")
+        .expect_status(HaltStatus::BadBootInput);
+}
+
+#[test]
+fn a_missing_manifest_is_named() {
+    let img = image("no-manifest", "", vec![module("motd", b"x".to_vec())]);
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("boot module `manifest` is missing")
+        .expect_status(HaltStatus::BadBootInput);
+}
+
+#[test]
+fn a_corrupt_manifest_is_refused_with_the_reason() {
+    let garbage = image(
+        "manifest-garbage",
+        "",
+        vec![module("manifest", b"\x7fELF not a manifest".to_vec())],
+    );
+    boot(&garbage, Machine::Qemu, |_| {})
+        .expect("boot module `manifest` is not a usable manifest: NotAManifest")
+        .expect_status(HaltStatus::BadBootInput);
+
+    let mut other_schema = manifest(ONE_DOMAIN);
+    other_schema[4] ^= 0xff;
+    let img = image("manifest-key", "", vec![module("manifest", other_schema)]);
+    let expected: String = MANIFEST_KEY
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let run = boot(&img, Machine::Qemu, |_| {});
+    run.expect("not a usable manifest: WrongKey")
+        .expect_status(HaltStatus::BadBootInput);
+    assert!(
+        run.0
+            .lines
+            .iter()
+            .any(|l| l.text.contains("this kernel expects")
+                && l.text.replace(", ", "").contains(&expected)),
+        "the error names the expected key {expected}"
+    );
+
+    let mut truncated = manifest(ONE_DOMAIN);
+    truncated.truncate(truncated.len() - 3);
+    let img = image(
+        "manifest-truncated",
+        "",
+        vec![module("manifest", truncated)],
+    );
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("not a usable manifest: Corrupt")
+        .expect_status(HaltStatus::BadBootInput);
+}
+
+#[test]
+fn domains_on_a_cpu_without_vmx_stop_cleanly() {
+    let img = image(
+        "no-vmx",
+        "",
+        vec![
+            module("manifest", manifest(ONE_DOMAIN)),
+            module("hello", b"placeholder guest".to_vec()),
+        ],
+    );
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("VMX: not available (CPUID.1:ECX.VMX[bit 5] = 0)")
+        .expect("the manifest asks for 1 domain(s) but this CPU cannot run guests (no usable VMX)")
+        .expect_status(HaltStatus::Unsupported);
+}
+
+#[test]
+fn a_kernel_exception_is_reported_then_the_run_stops() {
+    let img = image(
+        "selftest-ud",
+        "selftest=invalid-opcode",
+        vec![empty_manifest()],
+    );
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("CPU exception in the kernel: invalid opcode (#UD), vector 6, rip 0xffffffff8")
+        .expect("registers: rax")
+        .expect_status(HaltStatus::KernelFault);
+
+    let img = image("selftest-pf", "selftest=page-fault", vec![empty_manifest()]);
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("CPU exception in the kernel: page fault (#PF), vector 14")
+        .expect("cr2 0x7fffdead0000")
+        .expect("page fault: read access, page not present, supervisor mode")
+        .expect_status(HaltStatus::KernelFault);
+}
+
+#[test]
+fn a_kernel_panic_is_reported_then_the_run_stops() {
+    let img = image("selftest-panic", "selftest=panic", vec![empty_manifest()]);
+    boot(&img, Machine::Bochs, |_| {})
+        .expect("kernel panic: panicked at kernel/src/main.rs")
+        .expect("selftest: a deliberate panic")
+        .expect_status(HaltStatus::KernelFault);
+}

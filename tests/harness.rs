@@ -1,0 +1,136 @@
+//! The boot-test harness: build images (the kernel once per test process),
+//! boot them on an emulator, and assert on the decoded log lines. Every
+//! failed assertion prints the whole decoded log of the run.
+
+use image_builder::compile::{self, BuildOptions};
+use image_builder::emulator::{self, Machine, RunConfig, RunEnd, RunOutcome};
+use image_builder::image::{self, Image};
+use image_builder::iso::{Content, Module};
+use image_builder::manifest::SystemManifest;
+use image_builder::paths;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The kernel ELF, built once per test process.
+pub fn kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| {
+        image_builder::deps::ensure().expect("the emulators and GRUB must be installed");
+        compile::kernel(&BuildOptions::default()).expect("the kernel builds")
+    })
+}
+
+/// A compiled manifest from TOML text.
+pub fn manifest(toml: &str) -> Vec<u8> {
+    SystemManifest::parse(toml, Path::new("test manifest"))
+        .expect("test manifests are valid")
+        .compile()
+        .expect("test manifests compile")
+}
+
+/// The manifest module of a system without domains.
+pub fn empty_manifest() -> Module {
+    module("manifest", manifest("name = \"test\""))
+}
+
+pub fn module(name: &str, bytes: Vec<u8>) -> Module {
+    Module {
+        name: name.to_owned(),
+        content: Content::Bytes(bytes),
+    }
+}
+
+/// Assembles an ISO named `name` from the test kernel, `cmdline` and
+/// `modules`, once per test process: tests running in parallel that ask for
+/// the same name share one image (the first caller's contents).
+pub fn image(name: &str, cmdline: &str, modules: Vec<Module>) -> Image {
+    static IMAGES: Mutex<BTreeMap<String, Arc<OnceLock<Image>>>> = Mutex::new(BTreeMap::new());
+    let slot = IMAGES
+        .lock()
+        .unwrap()
+        .entry(name.to_owned())
+        .or_default()
+        .clone();
+    slot.get_or_init(|| {
+        let out = paths::work_dir().join("tests").join(format!("{name}.iso"));
+        image::assemble(kernel(), cmdline, modules, &out).expect("the test image assembles")
+    })
+    .clone()
+}
+
+/// Boots `img` on `machine`, letting `configure` adjust the run.
+pub fn boot(img: &Image, machine: Machine, configure: impl FnOnce(&mut RunConfig)) -> Run {
+    let stem = img
+        .iso
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("test");
+    let mut cfg = RunConfig::new(machine, emulator::capture_path(stem));
+    cfg.timeout = std::time::Duration::from_secs(90);
+    configure(&mut cfg);
+    Run(emulator::run(&img.iso, &img.elfs, &cfg).expect("the emulator runs"))
+}
+
+/// A finished run with assertions that show the log when they fail.
+pub struct Run(pub RunOutcome);
+
+impl Run {
+    fn log(&self) -> String {
+        let mut s = format!("{}\n", self.0.summary());
+        for l in &self.0.lines {
+            s.push_str(&format!("{l}\n"));
+        }
+        let log_file = self
+            .0
+            .emulator_log
+            .as_ref()
+            .unwrap_or(&self.0.emulator_output);
+        if let Ok(log) = std::fs::read_to_string(log_file) {
+            s.push_str("--- emulator log (last 30 lines) ---\n");
+            let lines: Vec<&str> = log.lines().collect();
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Asserts that the kernel logged a line containing `text`.
+    pub fn expect(&self, text: &str) -> &Self {
+        self.expect_from("kernel", text)
+    }
+
+    /// Asserts that `source` logged a line containing `text`.
+    pub fn expect_from(&self, source: &str, text: &str) -> &Self {
+        assert!(
+            self.0.has(source, text),
+            "no {source} line contains {text:?}\n--- log ---\n{}",
+            self.log()
+        );
+        self
+    }
+
+    /// Asserts that no kernel line contains `text`.
+    pub fn expect_no(&self, text: &str) -> &Self {
+        assert!(
+            !self.0.has("kernel", text),
+            "a kernel line contains {text:?}\n--- log ---\n{}",
+            self.log()
+        );
+        self
+    }
+
+    /// Asserts that the kernel halted with `status` (and the emulator agreed).
+    pub fn expect_status(&self, status: ipc_schema::halt::HaltStatus) -> &Self {
+        assert_eq!(
+            self.0.end,
+            RunEnd::Halted(status.code()),
+            "unexpected end\n--- log ---\n{}",
+            self.log()
+        );
+        assert_eq!(self.0.exit_code(), i32::from(status.code()));
+        self
+    }
+}
