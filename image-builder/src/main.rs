@@ -189,9 +189,12 @@ fn lint() -> Result<()> {
     let run = |what: &str, args: &[&str]| -> Result<()> {
         eprintln!("lint: {what}");
         let mut cmd = image_builder::compile::cargo();
-        cmd.current_dir(paths::repo()).args(args);
-        if args.contains(&"x86_64-unknown-none") {
-            cmd.arg("--target-dir").arg(paths::target_dir());
+        cmd.current_dir(paths::repo());
+        for a in args {
+            if *a == "--" && args.contains(&"x86_64-unknown-none") {
+                cmd.arg("--target-dir").arg(paths::target_dir());
+            }
+            cmd.arg(a);
         }
         let status = cmd
             .status()
