@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod halt;
+pub mod hypercall;
 pub mod manifest;
 pub mod wire;
 

@@ -1,0 +1,183 @@
+//! The hypercall ABI: how a guest asks Parallax for something.
+//!
+//! A guest executes `VMCALL` with the call number in RAX. Fast calls take
+//! their arguments in registers; every other operation is a [`Request`]
+//! written, postcard-encoded, into a page of the guest's own memory and
+//! named by [`HC_CALL`]. The answer comes back the same way.
+//!
+//! | call | RAX | arguments | returns |
+//! |---|---|---|---|
+//! | [`HC_NULL`] | 0 | — | RAX = 0 |
+//! | [`HC_EXIT_COUNT`] | 1 | — | RAX = 0, RBX = VM exits of this vCPU so far |
+//! | [`HC_VIEW_SWITCH`] | 2 | RBX = view | RAX = status |
+//! | [`HC_CALL`] | 16 | RBX = GPA of the request, RCX = its length | RAX = status, RBX = reply length; the [`Reply`] overwrites the request |
+//!
+//! The registers are the 64-bit ones; a 32-bit guest uses their low halves
+//! (EAX, EBX, ECX). Statuses are [`Status`] codes. A request page must lie
+//! inside the guest's RAM and within one 4 KiB page; requests longer than
+//! [`MAX_REQUEST`] are refused.
+
+use heapless::Vec;
+use postcard_schema::{Schema, key::Key};
+use serde::{Deserialize, Serialize};
+
+pub const HC_NULL: u64 = 0;
+pub const HC_EXIT_COUNT: u64 = 1;
+pub const HC_VIEW_SWITCH: u64 = 2;
+pub const HC_CALL: u64 = 16;
+
+/// The longest encoded request or reply (one page minus headroom).
+pub const MAX_REQUEST: usize = 2048;
+/// The most gfns one [`Reply::Dirty`] carries.
+pub const MAX_DIRTY: usize = 200;
+/// The most views a domain has: view 0 plus 511 alternates (the EPTP list
+/// holds 512 entries).
+pub const MAX_VIEWS: u16 = 512;
+
+/// The status a hypercall returns in RAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum Status {
+    Ok = 0,
+    /// No such call number.
+    UnknownCall = 1,
+    /// The request page is outside the guest's RAM or crosses a page.
+    BadAddress = 2,
+    /// The request does not decode, or is too long.
+    Malformed = 3,
+    /// The request was understood and refused: the [`Reply::Error`] says why.
+    Refused = 4,
+    /// The reply does not fit the guest's buffer.
+    ReplyTooLong = 5,
+}
+
+impl Status {
+    pub fn from_raw(v: u64) -> Option<Self> {
+        Some(match v {
+            0 => Self::Ok,
+            1 => Self::UnknownCall,
+            2 => Self::BadAddress,
+            3 => Self::Malformed,
+            4 => Self::Refused,
+            5 => Self::ReplyTooLong,
+            _ => return None,
+        })
+    }
+}
+
+/// Access rights of a guest page in a view (EPT read, write, execute).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+    pub execute: bool,
+}
+
+impl Access {
+    pub const NONE: Access = Access { read: false, write: false, execute: false };
+    pub const R: Access = Access { read: true, write: false, execute: false };
+    pub const RW: Access = Access { read: true, write: true, execute: false };
+    pub const RX: Access = Access { read: true, write: false, execute: true };
+    pub const RWX: Access = Access { read: true, write: true, execute: true };
+}
+
+/// An operation a guest asks for through [`HC_CALL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub enum Request {
+    /// What this CPU and hypervisor offer.
+    Capabilities,
+    /// Creates an alternate view that starts as the host p2m (filled lazily
+    /// on first access). Replies [`Reply::View`].
+    ViewCreate,
+    /// Destroys an alternate view; refused while a vCPU uses it.
+    ViewDestroy { view: u16 },
+    /// Whether VMFUNC may switch to `view` (its slot in the EPTP list).
+    ViewSetVisible { view: u16, visible: bool },
+    /// In `view`, makes `gfn` map the frame behind `to` in the host p2m;
+    /// `to: None` restores the host mapping.
+    ChangeGfn { view: u16, gfn: u64, to: Option<u64> },
+    /// Sets the access of `gfn` in `view`.
+    SetAccess { view: u16, gfn: u64, access: Access },
+    /// Sets the suppress-#VE bit of `gfn` in `view`.
+    SetSuppressVe { view: u16, gfn: u64, suppress: bool },
+    /// Enables #VE for this vCPU with its information area at `info_gfn`.
+    VeEnable { info_gfn: u64 },
+    VeDisable,
+    /// Starts dirty-page logging for the whole domain (clears the log).
+    DirtyLogStart,
+    /// Returns and clears up to [`MAX_DIRTY`] logged gfns, lowest first.
+    DirtyLogRead,
+    DirtyLogStop,
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub enum Reply {
+    Done,
+    Capabilities { vmfunc: bool, ve: bool, pml: bool, max_views: u16 },
+    View(u16),
+    /// Dirty gfns, lowest first; `more` when others remain logged.
+    Dirty { gfns: Vec<u64, MAX_DIRTY>, more: bool },
+    Error(HcError),
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HcError {
+    NoSuchView { view: u16 },
+    /// View 0 is the host p2m; this operation is for alternate views.
+    HostView,
+    /// The gfn is not guest RAM.
+    BadGfn { gfn: u64 },
+    /// The view is the active view of a vCPU.
+    ViewInUse { view: u16 },
+    /// Every view slot is taken.
+    TooManyViews,
+    /// The CPU lacks the feature (named).
+    Unsupported { feature: Feature },
+    /// The hypervisor ran out of memory for page tables.
+    OutOfMemory,
+    /// Dirty logging is not running.
+    NotLogging,
+}
+
+/// Hardware features a request may need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Feature {
+    Vmfunc,
+    VirtualizationException,
+    PageModificationLogging,
+}
+
+/// The key of this hypercall interface.
+pub const HYPERCALL_KEY: Key = Key::for_path::<(Request, Reply)>("parallax/hypercall");
+
+/// The signature CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
+pub const CPUID_SIGNATURE: [u8; 12] = *b"ParallaxHV\0\0";
+/// The highest hypervisor CPUID leaf (EAX of leaf 0x40000000).
+pub const CPUID_MAX_LEAF: u32 = 0x4000_0001;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_roundtrip_within_bounds() {
+        let mut buf = [0u8; MAX_REQUEST];
+        for r in [
+            Request::ChangeGfn { view: 3, gfn: 0x1234, to: Some(0x4321) },
+            Request::SetAccess { view: 1, gfn: u64::MAX, access: Access::RX },
+            Request::VeEnable { info_gfn: 7 },
+        ] {
+            let n = postcard::to_slice(&r, &mut buf).unwrap().len();
+            assert_eq!(postcard::from_bytes::<Request>(&buf[..n]).unwrap(), r);
+        }
+        let full = Reply::Dirty { gfns: Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap(), more: true };
+        let n = postcard::to_slice(&full, &mut buf).expect("the largest reply fits MAX_REQUEST").len();
+        assert_eq!(postcard::from_bytes::<Reply>(&buf[..n]).unwrap(), full);
+    }
+}
