@@ -80,3 +80,14 @@ pub fn bare_metal(packages: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>
 pub fn kernel(opts: &BuildOptions) -> Result<PathBuf> {
     Ok(bare_metal(&["kernel"], opts)?.remove(0))
 }
+
+/// Builds test guests (crates `tests/guests/<name>`, packages `guest-<name>`)
+/// and returns their ELF files, in the order given.
+pub fn guests(names: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let packages: Vec<String> = names.iter().map(|n| format!("guest-{n}")).collect();
+    let refs: Vec<&str> = packages.iter().map(String::as_str).collect();
+    bare_metal(&refs, opts)
+}

@@ -39,17 +39,22 @@ impl Default for ImageOptions {
 /// Reads the manifest, compiles everything it needs, and assembles the ISO.
 pub fn build(opts: &ImageOptions) -> Result<Image> {
     let manifest = SystemManifest::load(&opts.manifest)?;
-    if let Some(guest) = manifest.guests().first() {
-        bail!(
-            "{}: domain guest `{guest}`: this build has no guest images yet (tests/guests/ is empty)",
-            opts.manifest.display()
-        );
+    let guests = manifest.guests();
+    for g in &guests {
+        let crate_file = paths::guest_dir(g).join("Cargo.toml");
+        if !crate_file.is_file() {
+            bail!(
+                "{}: guest `{g}` names no guest crate ({} does not exist)",
+                opts.manifest.display(),
+                crate_file.display()
+            );
+        }
     }
     let kernel = compile::kernel(&opts.build)?;
-    let modules = vec![Module {
-        name: "manifest".to_owned(),
-        content: Content::Bytes(manifest.compile()?),
-    }];
+    let mut modules = vec![Module { name: "manifest".to_owned(), content: Content::Bytes(manifest.compile()?) }];
+    for (g, path) in guests.iter().zip(compile::guests(&guests, &opts.build)?) {
+        modules.push(Module { name: (*g).to_owned(), content: Content::File(path) });
+    }
     assemble(&kernel, &opts.cmdline, modules, &opts.out)
 }
 

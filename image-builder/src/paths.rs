@@ -31,3 +31,8 @@ pub fn default_manifest() -> PathBuf {
 pub fn work_dir() -> PathBuf {
     target_dir().join("work")
 }
+
+/// Where the crate of test guest `name` lives.
+pub fn guest_dir(name: &str) -> PathBuf {
+    repo().join("tests").join("guests").join(name)
+}

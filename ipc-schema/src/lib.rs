@@ -12,6 +12,7 @@
 pub mod halt;
 pub mod hypercall;
 pub mod manifest;
+pub mod vmexit;
 pub mod wire;
 
 pub use postcard_schema::{Schema, key::Key};

@@ -26,6 +26,8 @@ mod halt;
 mod log;
 mod mem;
 mod time;
+mod vm;
+mod vmm;
 mod vmx;
 
 use bootinfo::BootInfo;
@@ -178,19 +180,24 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
         }
     }
 
-    if !manifest.domains.is_empty() && vmx.is_err() {
-        defmt::error!(
-            "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
-            manifest.domains.len()
-        );
-        halt::stop(HaltStatus::Unsupported);
-    }
     defmt::info!(
         "boot complete: system {=str}, {=usize} domain(s)",
         manifest.name,
         manifest.domains.len()
     );
-    halt::stop(HaltStatus::Success)
+    if manifest.domains.is_empty() {
+        halt::stop(HaltStatus::Success);
+    }
+    match vmx {
+        Ok(caps) => halt::stop(vm::run(&manifest, &boot, caps)),
+        Err(_) => {
+            defmt::error!(
+                "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
+                manifest.domains.len()
+            );
+            halt::stop(HaltStatus::Unsupported)
+        }
+    }
 }
 
 /// Reads the compiled manifest and checks that every module it names is in

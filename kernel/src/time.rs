@@ -59,3 +59,11 @@ pub fn micros() -> u64 {
     let ticks = rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed));
     (u128::from(ticks) * 1_000_000 / u128::from(hz)) as u64
 }
+
+/// The TSC frequency, once calibrated.
+pub fn tsc_hz() -> Option<u64> {
+    match TSC_HZ.load(Ordering::Relaxed) {
+        0 => None,
+        hz => Some(hz),
+    }
+}

@@ -12,7 +12,10 @@
 
 pub mod acpi;
 pub mod cpu;
+pub mod devices;
+pub mod ept;
 pub mod memory;
+pub mod multiboot;
 pub mod port;
 pub mod power;
 pub mod serial;

@@ -205,6 +205,32 @@ impl<'a> FrameBitmap<'a> {
         None
     }
 
+    /// Takes `count` contiguous free frames starting at a multiple of
+    /// `align` frames (a power of two), lowest first, and returns the physical
+    /// address of the first. Scans the bitmap: meant for setup, not hot paths.
+    pub fn alloc_contiguous(&mut self, count: u64, align: u64) -> Option<u64> {
+        if count == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        let frames = self.words.len() as u64 * 64;
+        let is_free = |words: &[u64], f: u64| words[(f / 64) as usize] & (1 << (f % 64)) != 0;
+        let mut start = 0;
+        while start + count <= frames {
+            match (start..start + count).find(|&f| !is_free(self.words, f)) {
+                None => {
+                    for f in start..start + count {
+                        self.words[(f / 64) as usize] &= !(1 << (f % 64));
+                    }
+                    self.free -= count;
+                    return Some(start * PAGE_SIZE);
+                }
+                // Restart after the used frame, at the next aligned start.
+                Some(used) => start = (used + 1).div_ceil(align) * align,
+            }
+        }
+        None
+    }
+
     /// Gives a frame back.
     pub fn free(&mut self, addr: u64) -> Result<(), FreeError> {
         if !addr.is_multiple_of(PAGE_SIZE) {
@@ -332,6 +358,21 @@ mod tests {
         assert_eq!(fa.free(0x5000), Err(FreeError::NotRam { addr: 0x5000 }));
         assert_eq!(fa.free(0x4001), Err(FreeError::Unaligned { addr: 0x4001 }));
         assert_eq!(fa.alloc(), Some(0x4000));
+    }
+
+    #[test]
+    fn contiguous_runs_are_aligned_and_skip_used_frames() {
+        let usable = [Region::new(0x1000, 0x40_0000)];
+        let mut words = [0u64; 32];
+        let mut fa = FrameBitmap::new(&mut words, &usable);
+        // 2 MiB aligned, 2 MiB long: the first aligned start with 512 free frames.
+        assert_eq!(fa.alloc_contiguous(512, 512), Some(0x20_0000));
+        assert_eq!(fa.alloc_contiguous(512, 512), None, "0x0 is not usable and 0x400000 is past the end");
+        assert_eq!(fa.alloc_contiguous(4, 1), Some(0x1000));
+        assert_eq!(fa.alloc(), Some(0x5000));
+        assert_eq!(fa.free_frames(), 0x400 - 512 - 4 - 1);
+        assert_eq!(fa.alloc_contiguous(0, 1), None);
+        assert_eq!(fa.alloc_contiguous(1, 3), None, "alignment must be a power of two");
     }
 
     #[derive(Clone, Debug)]

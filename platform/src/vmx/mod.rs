@@ -7,6 +7,8 @@
 
 use crate::cpu::rdmsr;
 
+pub mod fields;
+
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
 pub const IA32_VMX_BASIC: u32 = 0x480;
 pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;

@@ -1,5 +1,4 @@
-//! VMX: what the processor offers. Entering VMX operation comes with the
-//! guests that need it.
+//! VMX: what the processor offers, decoded and logged once at boot.
 
 use platform::cpu::CpuInfo;
 use platform::vmx::{RawVmxMsrs, VmxCaps, VmxUnavailable};

@@ -1,0 +1,129 @@
+//! VM exits as messages: what the kernel tells an exit handler, and what the
+//! handler answers.
+//!
+//! The kernel decodes each exit it does not own into an [`Exit`] and hands it,
+//! with the vCPU's general registers, to the domain's exit handler; the
+//! handler answers with a [`Response`] that says how to resume. Nothing in
+//! these types refers to kernel memory: they travel unchanged as IPC messages
+//! when the handler runs in a service.
+
+use serde::{Deserialize, Serialize};
+
+/// The general registers of a vCPU (RSP, RIP and RFLAGS live in the VMCS and
+/// travel in [`Exit`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[repr(C)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+/// Kinds of memory access.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AccessBits {
+    pub read: bool,
+    pub write: bool,
+    pub execute: bool,
+}
+
+/// Why the vCPU stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ExitKind {
+    Cpuid { leaf: u32, subleaf: u32 },
+    /// VMCALL: the arguments are in the registers.
+    Hypercall,
+    /// IN or OUT (string forms are refused by the kernel before they get here).
+    Io { port: u16, size: u8, write: bool, value: u32 },
+    Hlt,
+    Rdmsr { msr: u32 },
+    Wrmsr { msr: u32, value: u64 },
+    /// An access the active view does not allow (or a gfn it does not map).
+    EptViolation {
+        gpa: u64,
+        /// The guest-linear address, where the CPU reports one.
+        gla: Option<u64>,
+        access: AccessBits,
+        /// What the EPT entry allowed.
+        allowed: AccessBits,
+        qualification: u64,
+    },
+    EptMisconfig { gpa: u64 },
+    TripleFault,
+    /// VMFUNC with a leaf or EPTP index the CPU refused.
+    Vmfunc { leaf: u32, index: u32 },
+    Xsetbv { index: u32, value: u64 },
+    /// Anything else: the basic exit reason and qualification.
+    Other { reason: u16, qualification: u64 },
+}
+
+/// One exit of one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Exit {
+    pub domain: u16,
+    pub vcpu: u16,
+    pub kind: ExitKind,
+    pub rip: u64,
+    pub instruction_len: u8,
+    /// The vCPU's active view when it exited.
+    pub view: u16,
+}
+
+/// An event to deliver to the guest on entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Inject {
+    /// A hardware exception, with an error code for the vectors that have one.
+    Exception { vector: u8, error_code: Option<u32> },
+}
+
+/// What happens to the vCPU after the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Then {
+    /// Enter the guest again.
+    Resume,
+    /// Wait for an event (HLT).
+    Block,
+    /// The domain ends with this status (the guest asked to, e.g. port 0xf4).
+    Exit { status: u32 },
+    /// The domain is stopped because of what this exit showed.
+    Crash,
+}
+
+/// The handler's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Response {
+    /// Move RIP past the exiting instruction.
+    pub advance: bool,
+    pub inject: Option<Inject>,
+    pub then: Then,
+}
+
+impl Response {
+    /// Skip the instruction and go on.
+    pub const DONE: Response = Response { advance: true, inject: None, then: Then::Resume };
+    /// Retry the instruction (after fixing its cause).
+    pub const RETRY: Response = Response { advance: false, inject: None, then: Then::Resume };
+    pub const CRASH: Response = Response { advance: false, inject: None, then: Then::Crash };
+
+    pub fn inject(vector: u8, error_code: Option<u32>) -> Response {
+        Response { advance: false, inject: Some(Inject::Exception { vector, error_code }), then: Then::Resume }
+    }
+}

@@ -1,0 +1,550 @@
+//! A virtual CPU: its VMCS, its general registers, entering it and decoding
+//! why it came back.
+//!
+//! The VMCS is set up once ([`Vcpu::new`]) for a guest started the way a
+//! multiboot loader starts one: 32-bit protected mode, paging off, flat
+//! segments, EAX = 0x2BADB002, EBX = the information block. Unrestricted
+//! guest lets it run without paging; EPT translates its physical addresses.
+//! CR0.NE and CR4.VMXE, which VMX operation requires, are owned by the host
+//! (guest/host masks) and read as the guest last wrote them.
+
+use crate::vmx::{self, VmxError, run, vmread, vmwrite};
+use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, GuestRegs, Inject, Response};
+use platform::multiboot::{BOOT_MAGIC, INFO_GPA};
+use platform::vmx::fields::*;
+use platform::vmx::{VmxCaps, entry, exit, pin, proc1, proc2};
+
+/// What a vCPU is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum VcpuState {
+    Runnable,
+    /// Waiting for an event (HLT).
+    Blocked,
+    Stopped,
+}
+
+/// The controls every Parallax vCPU runs with.
+const PIN: u32 = pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING;
+const PROC1: u32 =
+    proc1::HLT_EXITING | UNCONDITIONAL_IO_EXITING | proc1::USE_MSR_BITMAPS | proc1::SECONDARY_CONTROLS;
+const PROC2: u32 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
+const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
+    | exit::ACK_INTERRUPT_ON_EXIT
+    | exit::SAVE_IA32_PAT
+    | exit::LOAD_IA32_PAT
+    | exit::SAVE_IA32_EFER
+    | exit::LOAD_IA32_EFER;
+const ENTRY: u32 = entry::LOAD_IA32_PAT | entry::LOAD_IA32_EFER;
+const UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
+
+/// CR0.NE and CR4.VMXE stay set under the guest's feet.
+const CR0_HOST_OWNED: u64 = 1 << 5;
+const CR4_HOST_OWNED: u64 = 1 << 13;
+
+/// How a vCPU is set up.
+pub struct VcpuSetup {
+    pub id: u16,
+    /// VPID, nonzero.
+    pub vpid: u16,
+    pub entry: u32,
+    pub eptp: u64,
+    /// Physical address of the domain's EPTP list (for VMFUNC), if used.
+    pub eptp_list: Option<u64>,
+    pub msr_bitmap: u64,
+    /// TSC ticks per preemption-timer slice, if the timer is used.
+    pub slice: Option<u32>,
+}
+
+/// Why a vCPU could not be set up or entered.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub enum VcpuError {
+    OutOfMemory,
+    Vmx(VmxError),
+    /// The CPU cannot set a control Parallax needs (the bits).
+    Control { field: &'static str, bits: u32 },
+}
+
+impl From<VmxError> for VcpuError {
+    fn from(e: VmxError) -> Self {
+        VcpuError::Vmx(e)
+    }
+}
+
+/// One virtual CPU.
+pub struct Vcpu {
+    pub id: u16,
+    vmcs: u64,
+    pub regs: GuestRegs,
+    launched: bool,
+    /// VM exits taken so far.
+    pub exits: u64,
+    pub state: VcpuState,
+    proc2: u32,
+    /// The view last set by the kernel (VMFUNC may have changed it since:
+    /// [`Vcpu::active_view`] asks the VMCS).
+    view: u16,
+    vmfunc: bool,
+    /// The PML buffer, while logging.
+    pub pml_buffer: Option<u64>,
+}
+
+/// The raw facts of one exit, read from the VMCS.
+#[derive(Clone, Copy, Debug)]
+pub struct RawExit {
+    pub reason: u16,
+    pub entry_failure: bool,
+    pub qualification: u64,
+}
+
+impl Vcpu {
+    /// Creates the vCPU and its VMCS (left current on this CPU).
+    pub fn new(setup: &VcpuSetup, caps: &VmxCaps) -> Result<Self, VcpuError> {
+        let vmcs = super::memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
+        // Safety: the frame is ours and zeroed; the revision is the CPU's.
+        unsafe { crate::mem::phys_to_virt(vmcs).cast::<u32>().write_volatile(caps.revision) };
+        let mut proc2 = PROC2;
+        if setup.eptp_list.is_some() {
+            proc2 |= proc2::ENABLE_VM_FUNCTIONS;
+        }
+        let v = Vcpu {
+            id: setup.id,
+            vmcs,
+            regs: GuestRegs { rax: u64::from(BOOT_MAGIC), rbx: INFO_GPA, ..GuestRegs::default() },
+            launched: false,
+            exits: 0,
+            state: VcpuState::Runnable,
+            proc2,
+            view: 0,
+            vmfunc: setup.eptp_list.is_some(),
+            pml_buffer: None,
+        };
+        // Safety: VMX operation is on (vm::init); the VMCS is this frame.
+        unsafe {
+            vmx::vmclear(vmcs)?;
+            vmx::vmptrld(vmcs)?;
+            v.write_controls(setup, caps)?;
+            write_host_state()?;
+            write_guest_state(setup)?;
+        }
+        Ok(v)
+    }
+
+    /// # Safety
+    /// This vCPU's VMCS is current.
+    unsafe fn write_controls(&self, setup: &VcpuSetup, caps: &VmxCaps) -> Result<(), VcpuError> {
+        let control = |field: &'static str, c: &platform::vmx::Controls, want: u32| {
+            c.value_for(want).map_err(|bits| VcpuError::Control { field, bits })
+        };
+        let mut pin_bits = PIN;
+        if setup.slice.is_some() {
+            pin_bits |= pin::PREEMPTION_TIMER;
+        }
+        // Safety: the caller's contract; every value comes from the CPU's
+        // capability MSRs or from frames this vCPU owns.
+        unsafe {
+            vmwrite(PIN_BASED_CONTROLS, u64::from(control("pin-based", &caps.pin, pin_bits)?))?;
+            vmwrite(PRIMARY_CONTROLS, u64::from(control("primary", &caps.proc1, PROC1)?))?;
+            vmwrite(SECONDARY_CONTROLS, u64::from(control("secondary", &caps.proc2, self.proc2)?))?;
+            vmwrite(EXIT_CONTROLS, u64::from(control("exit", &caps.exit, EXIT)?))?;
+            vmwrite(ENTRY_CONTROLS, u64::from(control("entry", &caps.entry, ENTRY)?))?;
+            vmwrite(EXCEPTION_BITMAP, 0)?;
+            vmwrite(CR3_TARGET_COUNT, 0)?;
+            vmwrite(EXIT_MSR_STORE_COUNT, 0)?;
+            vmwrite(EXIT_MSR_LOAD_COUNT, 0)?;
+            vmwrite(ENTRY_MSR_LOAD_COUNT, 0)?;
+            vmwrite(ENTRY_INTERRUPTION_INFO, 0)?;
+            vmwrite(MSR_BITMAP, setup.msr_bitmap)?;
+            vmwrite(VPID, u64::from(setup.vpid))?;
+            vmwrite(EPT_POINTER, setup.eptp)?;
+            if let Some(list) = setup.eptp_list {
+                vmwrite(VM_FUNCTION_CONTROLS, 1)?; // leaf 0: EPTP switching
+                vmwrite(EPTP_LIST_ADDRESS, list)?;
+                vmwrite(EPTP_INDEX, 0)?;
+            }
+            vmwrite(CR0_GUEST_HOST_MASK, CR0_HOST_OWNED)?;
+            vmwrite(CR4_GUEST_HOST_MASK, CR4_HOST_OWNED)?;
+            vmwrite(CR0_READ_SHADOW, 0x11)?;
+            vmwrite(CR4_READ_SHADOW, 0)?;
+            vmwrite(VMCS_LINK_POINTER, u64::MAX)?;
+            if let Some(ticks) = setup.slice {
+                vmwrite(PREEMPTION_TIMER_VALUE, u64::from(ticks))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this vCPU's VMCS current on this CPU.
+    pub fn load(&self) -> Result<(), VmxError> {
+        // Safety: VMX operation is on; the VMCS belongs to this vCPU and is
+        // only ever current on this CPU.
+        unsafe { vmx::vmptrld(self.vmcs) }
+    }
+
+    /// Runs the guest until its next exit.
+    pub fn enter(&mut self) -> Result<RawExit, VmxError> {
+        // Safety: `load` made the VMCS current; `new` initialised it with
+        // this CPU's host state and the exit landing.
+        unsafe { run::enter(&mut self.regs, self.launched)? };
+        self.launched = true;
+        self.exits += 1;
+        // Safety: the VMCS is current.
+        let reason = unsafe { vmread(EXIT_REASON) };
+        // Safety: the VMCS is current.
+        let qualification = unsafe { vmread(EXIT_QUALIFICATION) };
+        Ok(RawExit { reason: reason as u16, entry_failure: reason & (1 << 31) != 0, qualification })
+    }
+
+    /// Moves RIP past the instruction that exited.
+    #[inline]
+    pub fn skip_instruction(&mut self) {
+        // Safety: the VMCS is current; RIP plus the exit instruction length
+        // is where the guest's next instruction starts.
+        unsafe {
+            let rip = vmread(GUEST_RIP) + vmread(EXIT_INSTRUCTION_LENGTH);
+            let _ = vmwrite(GUEST_RIP, rip);
+            // Stepping over an instruction ends STI/MOV-SS blocking.
+            let intr = vmread(GUEST_INTERRUPTIBILITY);
+            if intr & 3 != 0 {
+                let _ = vmwrite(GUEST_INTERRUPTIBILITY, intr & !3);
+            }
+        }
+    }
+
+    /// A MOV to CR0 or CR4 that touched a host-owned bit (CR0.NE, CR4.VMXE):
+    /// the guest's value becomes what it reads back, the real register keeps
+    /// the bit VMX needs. Setting CR4.VMXE (nested VMX) gets #GP. Returns
+    /// false for anything else (handed to the exit handler).
+    pub fn control_register_write(&mut self, q: u64) -> bool {
+        let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, (q >> 8) & 0xf);
+        if kind != 0 {
+            return false;
+        }
+        let r = &self.regs;
+        let value = match reg {
+            0 => r.rax,
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => self.read(GUEST_RSP),
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
+        };
+        // Safety (the writes below): the VMCS is current; the values keep
+        // the bits VMX requires and are otherwise the guest's own.
+        match cr {
+            0 => unsafe {
+                let old = self.read(GUEST_CR0);
+                let _ = vmwrite(CR0_READ_SHADOW, value);
+                let _ = vmwrite(GUEST_CR0, value | CR0_HOST_OWNED);
+                // Paging turned on or off by this (emulated) write: long mode
+                // follows EFER.LME, as the CPU would do it.
+                let paging = value & (1 << 31) != 0;
+                if paging != (old & (1 << 31) != 0) {
+                    let efer = self.read(GUEST_IA32_EFER);
+                    if efer & (1 << 8) != 0 {
+                        let lma = if paging { efer | (1 << 10) } else { efer & !(1 << 10) };
+                        let _ = vmwrite(GUEST_IA32_EFER, lma);
+                        let entry = self.read(ENTRY_CONTROLS);
+                        let ia32e = u64::from(entry::IA32E_MODE_GUEST);
+                        let _ = vmwrite(ENTRY_CONTROLS, if paging { entry | ia32e } else { entry & !ia32e });
+                    }
+                }
+                self.skip_instruction();
+                true
+            },
+            4 if value & CR4_HOST_OWNED != 0 => {
+                self.inject_exception(13, Some(0));
+                true
+            }
+            4 => unsafe {
+                let _ = vmwrite(CR4_READ_SHADOW, value);
+                let _ = vmwrite(GUEST_CR4, value | CR4_HOST_OWNED);
+                self.skip_instruction();
+                true
+            },
+            _ => false,
+        }
+    }
+
+    /// Decodes an exit into the message an exit handler receives.
+    pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
+        use platform::vmx::fields::reason as r;
+        // Safety (all reads): the VMCS is current.
+        let read = |f| unsafe { vmread(f) };
+        let q = raw.qualification;
+        let kind = if raw.entry_failure {
+            ExitKind::Other { reason: raw.reason, qualification: q }
+        } else {
+            match raw.reason {
+                r::CPUID => ExitKind::Cpuid { leaf: self.regs.rax as u32, subleaf: self.regs.rcx as u32 },
+                r::VMCALL => ExitKind::Hypercall,
+                r::IO_INSTRUCTION => {
+                    let io = platform::vmx::fields::IoQualification::decode(q);
+                    if io.string || io.rep {
+                        ExitKind::Other { reason: raw.reason, qualification: q }
+                    } else {
+                        let mask = if io.size == 4 { u32::MAX } else { (1u32 << (8 * io.size)) - 1 };
+                        ExitKind::Io { port: io.port, size: io.size, write: io.write, value: self.regs.rax as u32 & mask }
+                    }
+                }
+                r::HLT => ExitKind::Hlt,
+                r::RDMSR => ExitKind::Rdmsr { msr: self.regs.rcx as u32 },
+                r::WRMSR => ExitKind::Wrmsr {
+                    msr: self.regs.rcx as u32,
+                    value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                },
+                r::EPT_VIOLATION => {
+                    let v = platform::vmx::fields::EptViolation::decode(q);
+                    ExitKind::EptViolation {
+                        gpa: read(GUEST_PHYSICAL_ADDRESS),
+                        gla: v.linear_valid.then(|| read(GUEST_LINEAR_ADDRESS)),
+                        access: AccessBits { read: v.read, write: v.write, execute: v.fetch },
+                        allowed: AccessBits {
+                            read: v.allowed_read,
+                            write: v.allowed_write,
+                            execute: v.allowed_execute,
+                        },
+                        qualification: q,
+                    }
+                }
+                r::EPT_MISCONFIG => ExitKind::EptMisconfig { gpa: read(GUEST_PHYSICAL_ADDRESS) },
+                r::TRIPLE_FAULT => ExitKind::TripleFault,
+                r::VMFUNC => ExitKind::Vmfunc { leaf: self.regs.rax as u32, index: self.regs.rcx as u32 },
+                r::XSETBV => ExitKind::Xsetbv {
+                    index: self.regs.rcx as u32,
+                    value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                },
+                other => ExitKind::Other { reason: other, qualification: q },
+            }
+        };
+        Exit {
+            domain,
+            vcpu: self.id,
+            kind,
+            rip: read(GUEST_RIP),
+            instruction_len: read(EXIT_INSTRUCTION_LENGTH) as u8,
+            view: self.active_view(),
+        }
+    }
+
+    /// Carries out a handler's response (RIP, injection). The caller acts on
+    /// `response.then`.
+    pub fn apply(&mut self, response: &Response) {
+        if response.advance {
+            self.skip_instruction();
+        }
+        match response.inject {
+            Some(Inject::Exception { vector, error_code }) => self.inject_exception(vector, error_code),
+            None => self.reinject_interrupted_event(),
+        }
+    }
+
+    /// Queues a hardware exception for the next entry.
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        let info = platform::vmx::fields::inject::exception(vector, error_code.is_some());
+        // Safety: the VMCS is current; the event is a valid exception.
+        unsafe {
+            let _ = vmwrite(ENTRY_INTERRUPTION_INFO, u64::from(info));
+            if let Some(code) = error_code {
+                let _ = vmwrite(ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
+            }
+        }
+    }
+
+    /// An exit that interrupted the delivery of an event (an EPT violation
+    /// on the guest's IDT or stack, say) must not lose the event: it is
+    /// delivered again on the next entry.
+    pub fn reinject_interrupted_event(&mut self) {
+        // Safety: the VMCS is current; the IDT-vectoring fields describe the
+        // event the CPU was delivering, which is valid to deliver again.
+        unsafe {
+            let info = vmread(IDT_VECTORING_INFO);
+            if info & (1 << 31) != 0 {
+                let _ = vmwrite(ENTRY_INTERRUPTION_INFO, info & !(1 << 12));
+                if info & (1 << 11) != 0 {
+                    let _ = vmwrite(ENTRY_EXCEPTION_ERROR_CODE, vmread(IDT_VECTORING_ERROR_CODE));
+                }
+                let _ = vmwrite(ENTRY_INSTRUCTION_LENGTH, vmread(EXIT_INSTRUCTION_LENGTH));
+            }
+        }
+    }
+
+    /// The view the vCPU runs on now (VMFUNC may have switched it).
+    pub fn active_view(&self) -> u16 {
+        if self.vmfunc {
+            // Safety: the VMCS is current.
+            unsafe { vmread(EPTP_INDEX) as u16 }
+        } else {
+            self.view
+        }
+    }
+
+    /// Points the vCPU at another view.
+    pub fn set_view(&mut self, view: u16, eptp: u64) {
+        // Safety: the VMCS is current; `eptp` is the EPT pointer of a live
+        // view of this vCPU's domain.
+        unsafe {
+            let _ = vmwrite(EPT_POINTER, eptp);
+            if self.vmfunc {
+                let _ = vmwrite(EPTP_INDEX, u64::from(view));
+            }
+        }
+        self.view = view;
+    }
+
+    /// Turns a secondary control on or off (#VE, PML), returning whether the
+    /// CPU allows it.
+    pub fn set_secondary(&mut self, caps: &VmxCaps, bits: u32, on: bool) -> bool {
+        let want = if on { self.proc2 | bits } else { self.proc2 & !bits };
+        match caps.proc2.value_for(want) {
+            Ok(v) => {
+                // Safety: the VMCS is current; the value is allowed by the CPU.
+                unsafe {
+                    let _ = vmwrite(SECONDARY_CONTROLS, u64::from(v));
+                }
+                self.proc2 = want;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Writes a VMCS field of this vCPU (for the mechanisms in `vm`).
+    ///
+    /// # Safety
+    /// The VMCS is current and the value cannot harm the host (the caller
+    /// checked it: a frame the domain owns, a guest-state value).
+    pub unsafe fn write(&mut self, field: u32, value: u64) {
+        // Safety: the caller's contract.
+        unsafe {
+            let _ = vmwrite(field, value);
+        }
+    }
+
+    /// Reads a VMCS field of this vCPU.
+    pub fn read(&self, field: u32) -> u64 {
+        // Safety: the VMCS is current (every caller runs between `load` and
+        // the next `load` of another vCPU).
+        unsafe { vmread(field) }
+    }
+
+    /// Gives the VMCS frame back (the vCPU must be current or cleared).
+    pub fn destroy(self) {
+        // Safety: VMX operation; the VMCS is ours.
+        let _ = unsafe { vmx::vmclear(self.vmcs) };
+        super::memory::free_frame(self.vmcs);
+        if let Some(b) = self.pml_buffer {
+            super::memory::free_frame(b);
+        }
+    }
+}
+
+/// Host state: this CPU's kernel segments, tables and control registers,
+/// loaded by every VM exit.
+///
+/// # Safety
+/// A VMCS is current; called on the CPU that will run it.
+unsafe fn write_host_state() -> Result<(), VmxError> {
+    use x86_64::instructions::tables::{sgdt, sidt};
+    use x86_64::registers::control::{Cr0, Cr3, Cr4};
+    let gdt = sgdt();
+    let idt = sidt();
+    // The TSS base, from its descriptor (selector 0x28, 16 bytes).
+    // Safety: the GDT is the one `percpu::init_cpu` loaded, with the TSS at 0x28.
+    let tss_base = unsafe {
+        let d = gdt.base.as_u64() as *const u64;
+        let low = d.add(5).read();
+        let high = d.add(6).read();
+        ((low >> 16) & 0xff_ffff) | (((low >> 56) & 0xff) << 24) | ((high & 0xffff_ffff) << 32)
+    };
+    // Safety: the caller's contract; every value is this CPU's current state.
+    unsafe {
+        vmwrite(HOST_CR0, Cr0::read_raw())?;
+        vmwrite(HOST_CR3, Cr3::read_raw().0.start_address().as_u64())?;
+        vmwrite(HOST_CR4, Cr4::read_raw())?;
+        vmwrite(HOST_CS_SELECTOR, 0x08)?;
+        vmwrite(HOST_SS_SELECTOR, 0x10)?;
+        vmwrite(HOST_DS_SELECTOR, 0x10)?;
+        vmwrite(HOST_ES_SELECTOR, 0x10)?;
+        vmwrite(HOST_FS_SELECTOR, 0)?;
+        vmwrite(HOST_GS_SELECTOR, 0)?;
+        vmwrite(HOST_TR_SELECTOR, 0x28)?;
+        vmwrite(HOST_FS_BASE, platform::cpu::rdmsr(0xc000_0100))?;
+        vmwrite(HOST_GS_BASE, platform::cpu::rdmsr(0xc000_0101))?;
+        vmwrite(HOST_TR_BASE, tss_base)?;
+        vmwrite(HOST_GDTR_BASE, gdt.base.as_u64())?;
+        vmwrite(HOST_IDTR_BASE, idt.base.as_u64())?;
+        vmwrite(HOST_SYSENTER_CS, 0)?;
+        vmwrite(HOST_SYSENTER_ESP, 0)?;
+        vmwrite(HOST_SYSENTER_EIP, 0)?;
+        vmwrite(HOST_IA32_EFER, platform::cpu::rdmsr(0xc000_0080))?;
+        vmwrite(HOST_IA32_PAT, platform::cpu::rdmsr(0x277))?;
+        vmwrite(HOST_RIP, run::exit_landing())?;
+    }
+    Ok(())
+}
+
+/// Guest state at the multiboot entry point.
+///
+/// # Safety
+/// A VMCS is current.
+unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
+    const CODE32: u64 = 0xc09b; // present, DPL 0, execute/read, accessed, 32-bit, 4 KiB granularity
+    const DATA32: u64 = 0xc093; // present, DPL 0, read/write, accessed, 32-bit, 4 KiB granularity
+    // Safety: the caller's contract; these are architecturally valid values
+    // for a 32-bit protected-mode guest without paging.
+    unsafe {
+        vmwrite(GUEST_CR0, 0x31)?; // PE, ET, NE
+        vmwrite(GUEST_CR3, 0)?;
+        vmwrite(GUEST_CR4, CR4_HOST_OWNED)?;
+        vmwrite(GUEST_DR7, 0x400)?;
+        vmwrite(GUEST_RSP, 0)?;
+        vmwrite(GUEST_RIP, u64::from(setup.entry))?;
+        vmwrite(GUEST_RFLAGS, 0x2)?;
+        for (sel, base, limit, access, value, rights) in [
+            (GUEST_CS_SELECTOR, GUEST_CS_BASE, GUEST_CS_LIMIT, GUEST_CS_ACCESS, 0x08, CODE32),
+            (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_ACCESS, 0x10, DATA32),
+            (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_ACCESS, 0x10, DATA32),
+            (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_ACCESS, 0x10, DATA32),
+            (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_ACCESS, 0x10, DATA32),
+            (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_ACCESS, 0x10, DATA32),
+        ] {
+            vmwrite(sel, value)?;
+            vmwrite(base, 0)?;
+            vmwrite(limit, 0xffff_ffff)?;
+            vmwrite(access, rights)?;
+            let _ = access;
+        }
+        vmwrite(GUEST_LDTR_SELECTOR, 0)?;
+        vmwrite(GUEST_LDTR_BASE, 0)?;
+        vmwrite(GUEST_LDTR_LIMIT, 0)?;
+        vmwrite(GUEST_LDTR_ACCESS, 1 << 16)?; // unusable
+        vmwrite(GUEST_TR_SELECTOR, 0)?;
+        vmwrite(GUEST_TR_BASE, 0)?;
+        vmwrite(GUEST_TR_LIMIT, 0xff)?;
+        vmwrite(GUEST_TR_ACCESS, 0x8b)?; // present, 32-bit busy TSS
+        vmwrite(GUEST_GDTR_BASE, 0)?;
+        vmwrite(GUEST_GDTR_LIMIT, 0xffff)?;
+        vmwrite(GUEST_IDTR_BASE, 0)?;
+        vmwrite(GUEST_IDTR_LIMIT, 0xffff)?;
+        vmwrite(GUEST_IA32_DEBUGCTL, 0)?;
+        vmwrite(GUEST_IA32_PAT, 0x0007_0406_0007_0406)?;
+        vmwrite(GUEST_IA32_EFER, 0)?;
+        vmwrite(GUEST_SYSENTER_CS, 0)?;
+        vmwrite(GUEST_SYSENTER_ESP, 0)?;
+        vmwrite(GUEST_SYSENTER_EIP, 0)?;
+        vmwrite(GUEST_INTERRUPTIBILITY, 0)?;
+        vmwrite(GUEST_ACTIVITY_STATE, 0)?;
+        vmwrite(GUEST_PENDING_DEBUG, 0)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Views: the EPT table sets of a domain. View 0 is the host p2m (the
+//! domain's RAM as the kernel allocated it); alternate views are further
+//! table sets a vCPU can run on instead. The kernel keeps them, their EPT
+//! pointers, and the EPTP list that VMFUNC switches through; what goes into
+//! an alternate view is decided by whoever handles the domain's exits.
+
+use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
+use crate::mem::phys_to_virt;
+use crate::vmx::{InveptType, invept};
+use ipc_schema::hypercall::{HcError, MAX_VIEWS};
+use platform::ept::Ept;
+
+/// One view.
+pub struct View {
+    pub ept: Ept,
+    /// Reachable by VMFUNC (its EPTP is in the EPTP list).
+    pub visible: bool,
+}
+
+/// All views of a domain.
+pub struct Views {
+    slots: [Option<View>; MAX_VIEWS as usize],
+    /// The EPTP list page (512 entries), where the CPU has VMFUNC.
+    eptp_list: Option<u64>,
+    /// EPT accessed/dirty flags are on in every EPT pointer.
+    accessed_dirty: bool,
+    invept: InveptType,
+}
+
+impl Views {
+    /// View 0, empty, and (with VMFUNC) an EPTP list where only view 0 is
+    /// reachable.
+    pub fn new(vmfunc: bool, accessed_dirty: bool, invept: InveptType) -> Option<Self> {
+        let host = Ept::new(&mut KernelTables).ok()?;
+        let eptp_list = if vmfunc { Some(alloc_zeroed_frame()?) } else { None };
+        let mut views = Views {
+            slots: [const { None }; MAX_VIEWS as usize],
+            eptp_list,
+            accessed_dirty,
+            invept,
+        };
+        views.slots[0] = Some(View { ept: host, visible: true });
+        views.write_list_entry(0);
+        Some(views)
+    }
+
+    /// The host p2m.
+    pub fn host(&self) -> &Ept {
+        &self.slots[0].as_ref().expect("view 0 lives as long as the domain").ept
+    }
+
+    pub fn host_mut(&mut self) -> &mut Ept {
+        &mut self.slots[0].as_mut().expect("view 0 lives as long as the domain").ept
+    }
+
+    pub fn get(&self, view: u16) -> Result<&View, HcError> {
+        self.slots.get(usize::from(view)).and_then(Option::as_ref).ok_or(HcError::NoSuchView { view })
+    }
+
+    pub fn get_mut(&mut self, view: u16) -> Result<&mut View, HcError> {
+        self.slots.get_mut(usize::from(view)).and_then(Option::as_mut).ok_or(HcError::NoSuchView { view })
+    }
+
+    /// Both the host p2m and another view, for copying from one to the other.
+    pub fn host_and(&mut self, view: u16) -> Result<(&Ept, &mut Ept), HcError> {
+        if view == 0 {
+            return Err(HcError::HostView);
+        }
+        let (first, rest) = self.slots.split_at_mut(1);
+        let host = &first[0].as_ref().expect("view 0 lives as long as the domain").ept;
+        let other = rest
+            .get_mut(usize::from(view) - 1)
+            .and_then(Option::as_mut)
+            .ok_or(HcError::NoSuchView { view })?;
+        Ok((host, &mut other.ept))
+    }
+
+    /// A new, empty alternate view in the lowest free slot (not visible).
+    pub fn create(&mut self) -> Result<u16, HcError> {
+        let slot = (1..self.slots.len()).find(|&i| self.slots[i].is_none()).ok_or(HcError::TooManyViews)?;
+        let ept = Ept::new(&mut KernelTables).map_err(|_| HcError::OutOfMemory)?;
+        self.slots[slot] = Some(View { ept, visible: false });
+        Ok(slot as u16)
+    }
+
+    /// Frees an alternate view's tables. The caller checked that no vCPU
+    /// runs on it.
+    pub fn destroy(&mut self, view: u16) -> Result<(), HcError> {
+        if view == 0 {
+            return Err(HcError::HostView);
+        }
+        let v = self.slots.get_mut(usize::from(view)).and_then(Option::take).ok_or(HcError::NoSuchView { view })?;
+        let eptp = v.ept.eptp(self.accessed_dirty);
+        v.ept.destroy(&mut KernelTables);
+        self.write_list_entry(view);
+        self.flush_eptp(eptp);
+        Ok(())
+    }
+
+    /// Makes a view reachable by VMFUNC, or not.
+    pub fn set_visible(&mut self, view: u16, visible: bool) -> Result<(), HcError> {
+        self.get_mut(view)?.visible = visible;
+        self.write_list_entry(view);
+        Ok(())
+    }
+
+    /// The EPT pointer of a view.
+    pub fn eptp(&self, view: u16) -> Result<u64, HcError> {
+        Ok(self.get(view)?.ept.eptp(self.accessed_dirty))
+    }
+
+    pub fn eptp_list(&self) -> Option<u64> {
+        self.eptp_list
+    }
+
+    /// Every view, for changes that concern them all (dirty logging).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u16, &mut View)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)))
+    }
+
+    fn write_list_entry(&mut self, view: u16) {
+        let Some(list) = self.eptp_list else { return };
+        let value = match self.slots.get(usize::from(view)).and_then(Option::as_ref) {
+            Some(v) if v.visible => v.ept.eptp(self.accessed_dirty),
+            _ => 0,
+        };
+        // Safety: the list page is a frame this domain owns, 512 u64 entries,
+        // in the direct map; `view` < 512.
+        unsafe { phys_to_virt(list).cast::<u64>().add(usize::from(view)).write_volatile(value) };
+    }
+
+    /// Drops cached translations of a view after its tables changed.
+    pub fn flush(&self, view: u16) {
+        if let Ok(eptp) = self.eptp(view) {
+            self.flush_eptp(eptp);
+        }
+    }
+
+    /// Drops cached translations of every view.
+    pub fn flush_all(&self) {
+        for v in self.slots.iter().flatten() {
+            self.flush_eptp(v.ept.eptp(self.accessed_dirty));
+        }
+    }
+
+    fn flush_eptp(&self, eptp: u64) {
+        // Safety: VMX operation is on; the type was checked at boot.
+        let _ = unsafe { invept(self.invept, eptp) };
+    }
+
+    /// Frees every view and the list.
+    pub fn destroy_all(&mut self) {
+        for slot in self.slots.iter_mut() {
+            if let Some(v) = slot.take() {
+                v.ept.destroy(&mut KernelTables);
+            }
+        }
+        if let Some(list) = self.eptp_list.take() {
+            free_frame(list);
+        }
+        // Safety: VMX operation is on.
+        let _ = unsafe { invept(InveptType::AllContexts, 0) };
+    }
+}

@@ -1,0 +1,128 @@
+//! VM entry and exit.
+//!
+//! [`enter`] saves the callee-saved host registers and the pointer to the
+//! vCPU's [`GuestRegs`] on the kernel stack, records that stack position as
+//! the VMCS host RSP, loads the guest's general registers and executes
+//! VMLAUNCH or VMRESUME. At the next VM exit the CPU jumps to `vmx_exit`
+//! (the VMCS host RIP) with that stack: it stores every guest register back
+//! into `GuestRegs` and returns from `enter` as if from a call. Everything
+//! else (RSP, RIP, RFLAGS, segment and control state) is in the VMCS.
+//!
+//! This is the whole hot path of a VM exit, so it stays minimal: 15 stores,
+//! 15 loads, six callee-saved pushes and pops, one VMWRITE.
+
+use super::{VmxError, vmread};
+use ipc_schema::vmexit::GuestRegs;
+use platform::vmx::fields::{HOST_RSP, VM_INSTRUCTION_ERROR};
+
+core::arch::global_asm!(
+    ".section .text",
+    ".global vmx_exit",
+    "vmx_exit:",
+    "push rdi",
+    "mov rdi, [rsp + 8]",
+    "mov [rdi + 0], rax",
+    "mov [rdi + 8], rbx",
+    "mov [rdi + 16], rcx",
+    "mov [rdi + 24], rdx",
+    "mov [rdi + 32], rsi",
+    "mov [rdi + 48], rbp",
+    "mov [rdi + 56], r8",
+    "mov [rdi + 64], r9",
+    "mov [rdi + 72], r10",
+    "mov [rdi + 80], r11",
+    "mov [rdi + 88], r12",
+    "mov [rdi + 96], r13",
+    "mov [rdi + 104], r14",
+    "mov [rdi + 112], r15",
+    "pop rax",
+    "mov [rdi + 40], rax",
+    "add rsp, 8",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "xor eax, eax",
+    "ret",
+);
+
+unsafe extern "C" {
+    /// The VMCS host RIP: where every VM exit lands.
+    fn vmx_exit();
+}
+
+/// The address to put in the VMCS host-RIP field.
+pub fn exit_landing() -> u64 {
+    vmx_exit as unsafe extern "C" fn() as u64
+}
+
+#[unsafe(naked)]
+unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
+    core::arch::naked_asm!(
+        "push rbp",
+        "push rbx",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi",
+        "mov rax, {host_rsp}",
+        "vmwrite rax, rsp",
+        "test rsi, rsi",
+        "mov rax, [rdi + 0]",
+        "mov rbx, [rdi + 8]",
+        "mov rcx, [rdi + 16]",
+        "mov rdx, [rdi + 24]",
+        "mov rsi, [rdi + 32]",
+        "mov rbp, [rdi + 48]",
+        "mov r8, [rdi + 56]",
+        "mov r9, [rdi + 64]",
+        "mov r10, [rdi + 72]",
+        "mov r11, [rdi + 80]",
+        "mov r12, [rdi + 88]",
+        "mov r13, [rdi + 96]",
+        "mov r14, [rdi + 104]",
+        "mov r15, [rdi + 112]",
+        "mov rdi, [rdi + 40]",
+        "jnz 2f",
+        "vmlaunch",
+        "jmp 3f",
+        "2:",
+        "vmresume",
+        // Only reached when the entry failed: CF (invalid) or ZF (valid).
+        "3:",
+        "setc cl",
+        "setz dl",
+        "add rsp, 8",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "movzx eax, cl",
+        "movzx edx, dl",
+        "lea eax, [rax + 2 * rdx]",
+        "ret",
+        host_rsp = const HOST_RSP,
+    )
+}
+
+/// Runs the guest whose VMCS is current until its next VM exit; `regs` holds
+/// its general registers before and after.
+///
+/// # Safety
+/// The current VMCS must be fully initialised with `exit_landing()` as its
+/// host RIP and this CPU's kernel state as its host state; `launched` must say
+/// whether this VMCS has been launched since its last VMCLEAR.
+pub unsafe fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), VmxError> {
+    // Safety: the caller's contract; `regs` outlives the call.
+    match unsafe { vmx_enter(regs, u64::from(launched)) } {
+        0 => Ok(()),
+        1 => Err(VmxError::FailInvalid),
+        // Safety: VMfailValid: the VMCS is current and holds the error.
+        _ => Err(VmxError::FailValid(unsafe { vmread(VM_INSTRUCTION_ERROR) } as u32)),
+    }
+}

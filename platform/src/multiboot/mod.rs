@@ -1,0 +1,287 @@
+//! Starting a guest the way a multiboot (version 1) loader does: find the
+//! guest image's header, work out which bytes go where, and build the
+//! information block the guest finds through EBX.
+//!
+//! Pure functions of the image bytes: the kernel executes the plan (copies
+//! into guest RAM), the host tests check it. A guest image is untrusted input;
+//! every offset and length is checked against the file and the guest's RAM.
+
+use heapless::Vec;
+
+/// The header magic.
+pub const HEADER_MAGIC: u32 = 0x1bad_b002;
+/// What a multiboot loader leaves in EAX.
+pub const BOOT_MAGIC: u32 = 0x2bad_b002;
+/// The header must lie in the first 8 KiB, 4-byte aligned.
+const SEARCH: usize = 8192;
+
+const FLAG_ALIGN_MODULES: u32 = 1 << 0;
+const FLAG_MEMORY_INFO: u32 = 1 << 1;
+const FLAG_VIDEO_MODE: u32 = 1 << 2;
+const FLAG_ADDRESSES: u32 = 1 << 16;
+
+/// The most loadable segments an image may have.
+pub const MAX_SEGMENTS: usize = 8;
+
+/// Why an image cannot be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ImageError {
+    /// No multiboot header in the first 8 KiB.
+    NoHeader,
+    /// The header's checksum is wrong.
+    BadChecksum,
+    /// The header asks for something this loader does not provide (a video
+    /// mode, or an unknown required feature); the flag bits.
+    UnsupportedFlags(u32),
+    /// The header's address fields are inconsistent with each other or the file.
+    BadAddresses,
+    /// Not an ELF file, and the header has no address fields.
+    NotElf,
+    /// The ELF headers are malformed or point outside the file.
+    BadElf,
+    /// More loadable segments than [`MAX_SEGMENTS`].
+    TooManySegments,
+    /// A segment lies (partly) outside the guest's RAM or over the area the
+    /// loader keeps for the information block.
+    OutsideRam { start: u64, end: u64 },
+    /// Nothing to load.
+    Empty,
+}
+
+/// One piece of the image to place in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Segment {
+    /// Where the bytes are in the image file.
+    pub file_offset: usize,
+    pub file_len: usize,
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Bytes of guest memory the segment covers; the part beyond `file_len`
+    /// is zeroed.
+    pub mem_len: u64,
+}
+
+/// Everything needed to load and enter a guest image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct LoadPlan {
+    pub segments: Vec<Segment, MAX_SEGMENTS>,
+    /// The 32-bit entry point.
+    pub entry: u32,
+    /// The header's flags.
+    pub flags: u32,
+}
+
+/// Where guest RAM is and which part the loader keeps for itself.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestLayout {
+    /// Bytes of RAM, from guest-physical 0.
+    pub ram_bytes: u64,
+    /// A range that the image must not overlap (the information block).
+    pub reserved: (u64, u64),
+    /// The legacy hole (VGA, ROMs) that is not RAM: 0xa0000..0x100000.
+    pub hole: (u64, u64),
+}
+
+impl GuestLayout {
+    pub fn new(ram_bytes: u64) -> Self {
+        Self { ram_bytes, reserved: (INFO_GPA, INFO_GPA + INFO_SIZE as u64), hole: (0xa_0000, 0x10_0000) }
+    }
+}
+
+/// Guest-physical address of the information block Parallax builds.
+pub const INFO_GPA: u64 = 0x1000;
+/// Bytes kept for the information block and what it points to.
+pub const INFO_SIZE: usize = 4096;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// Finds the header and computes the load plan for a guest with `layout`.
+pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> {
+    let at = (0..image.len().min(SEARCH).saturating_sub(11))
+        .step_by(4)
+        .find(|&i| u32_at(image, i) == Some(HEADER_MAGIC))
+        .ok_or(ImageError::NoHeader)?;
+    let flags = u32_at(image, at + 4).ok_or(ImageError::NoHeader)?;
+    let checksum = u32_at(image, at + 8).ok_or(ImageError::NoHeader)?;
+    if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {
+        return Err(ImageError::BadChecksum);
+    }
+    let unsupported = flags & 0xffff & !(FLAG_ALIGN_MODULES | FLAG_MEMORY_INFO);
+    if unsupported != 0 || flags & FLAG_VIDEO_MODE != 0 {
+        return Err(ImageError::UnsupportedFlags(flags));
+    }
+    let plan = if flags & FLAG_ADDRESSES != 0 {
+        plan_from_header(image, at, flags)?
+    } else {
+        plan_from_elf(image, flags)?
+    };
+    if plan.segments.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    for s in &plan.segments {
+        let end = s.gpa.checked_add(s.mem_len).ok_or(ImageError::BadAddresses)?;
+        let overlaps = |(a, b): (u64, u64)| s.gpa < b && a < end;
+        if end > layout.ram_bytes || overlaps(layout.reserved) || overlaps(layout.hole) {
+            return Err(ImageError::OutsideRam { start: s.gpa, end });
+        }
+    }
+    Ok(plan)
+}
+
+/// The a.out kludge: the header's own address fields say what to load.
+fn plan_from_header(image: &[u8], at: usize, flags: u32) -> Result<LoadPlan, ImageError> {
+    let field = |n: usize| u32_at(image, at + 12 + 4 * n).ok_or(ImageError::BadAddresses);
+    let (header_addr, load_addr, load_end, bss_end, entry) =
+        (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+    if load_addr > header_addr {
+        return Err(ImageError::BadAddresses);
+    }
+    let file_offset = at.checked_sub((header_addr - load_addr) as usize).ok_or(ImageError::BadAddresses)?;
+    let file_len = if load_end == 0 {
+        image.len() - file_offset
+    } else {
+        load_end.checked_sub(load_addr).ok_or(ImageError::BadAddresses)? as usize
+    };
+    if file_offset.checked_add(file_len).is_none_or(|e| e > image.len()) {
+        return Err(ImageError::BadAddresses);
+    }
+    let mem_end = if bss_end == 0 { u64::from(load_addr) + file_len as u64 } else { u64::from(bss_end) };
+    if mem_end < u64::from(load_addr) + file_len as u64 {
+        return Err(ImageError::BadAddresses);
+    }
+    let mut segments = Vec::new();
+    let _ = segments.push(Segment {
+        file_offset,
+        file_len,
+        gpa: u64::from(load_addr),
+        mem_len: mem_end - u64::from(load_addr),
+    });
+    Ok(LoadPlan { segments, entry, flags })
+}
+
+/// An ELF image: its PT_LOAD segments go to their physical addresses.
+fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
+    if image.get(0..4) != Some(b"\x7fELF") {
+        return Err(ImageError::NotElf);
+    }
+    let bad = ImageError::BadElf;
+    let class64 = match image.get(4) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => return Err(bad),
+    };
+    if image.get(5) != Some(&1) {
+        return Err(bad); // little endian only
+    }
+    let (entry, phoff, phentsize, phnum) = if class64 {
+        (
+            u64_at(image, 24).ok_or(bad)?,
+            u64_at(image, 32).ok_or(bad)? as usize,
+            u16_at(image, 54).ok_or(bad)? as usize,
+            u16_at(image, 56).ok_or(bad)? as usize,
+        )
+    } else {
+        (
+            u64::from(u32_at(image, 24).ok_or(bad)?),
+            u32_at(image, 28).ok_or(bad)? as usize,
+            u16_at(image, 42).ok_or(bad)? as usize,
+            u16_at(image, 44).ok_or(bad)? as usize,
+        )
+    };
+    let entry = u32::try_from(entry).map_err(|_| bad)?;
+    let mut segments = Vec::new();
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i.checked_mul(phentsize).ok_or(bad)?).ok_or(bad)?;
+        if u32_at(image, ph).ok_or(bad)? != 1 {
+            continue; // not PT_LOAD
+        }
+        let (offset, paddr, filesz, memsz) = if class64 {
+            (
+                u64_at(image, ph + 8).ok_or(bad)?,
+                u64_at(image, ph + 24).ok_or(bad)?,
+                u64_at(image, ph + 32).ok_or(bad)?,
+                u64_at(image, ph + 40).ok_or(bad)?,
+            )
+        } else {
+            (
+                u64::from(u32_at(image, ph + 4).ok_or(bad)?),
+                u64::from(u32_at(image, ph + 12).ok_or(bad)?),
+                u64::from(u32_at(image, ph + 16).ok_or(bad)?),
+                u64::from(u32_at(image, ph + 20).ok_or(bad)?),
+            )
+        };
+        if filesz > memsz || offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
+            return Err(bad);
+        }
+        if memsz == 0 {
+            continue;
+        }
+        segments
+            .push(Segment { file_offset: offset as usize, file_len: filesz as usize, gpa: paddr, mem_len: memsz })
+            .map_err(|_| ImageError::TooManySegments)?;
+    }
+    Ok(LoadPlan { segments, entry, flags })
+}
+
+/// Why an information block could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct InfoTooLarge;
+
+/// Builds the multiboot information block for a guest with `ram_bytes` of
+/// RAM from 0, to be placed at [`INFO_GPA`]: memory sizes, a memory map
+/// (0-639 KiB and 1 MiB-end available), the command line and the loader's
+/// name. Returns the bytes used in `out`.
+pub fn build_info(ram_bytes: u64, cmdline: &str, loader: &str, out: &mut [u8]) -> Result<usize, InfoTooLarge> {
+    const STRUCT_LEN: usize = 88;
+    let map: [(u64, u64, u32); 3] = [
+        (0, 0x9_fc00, 1),
+        (0x9_fc00, 0x400, 2),
+        (0x10_0000, ram_bytes.saturating_sub(0x10_0000), 1),
+    ];
+    let mmap_at = STRUCT_LEN;
+    let mmap_len = map.len() * 24;
+    let cmdline_at = mmap_at + mmap_len;
+    let loader_at = cmdline_at + cmdline.len() + 1;
+    let end = loader_at + loader.len() + 1;
+    if end > out.len().min(INFO_SIZE) {
+        return Err(InfoTooLarge);
+    }
+    out[..end].fill(0);
+    let base = INFO_GPA as u32;
+    let put = |out: &mut [u8], at: usize, v: u32| out[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    // flags: memory sizes (0), command line (2), memory map (6), loader name (9)
+    put(out, 0, (1 << 0) | (1 << 2) | (1 << 6) | (1 << 9));
+    put(out, 4, 639);
+    put(out, 8, (ram_bytes.saturating_sub(0x10_0000) / 1024) as u32);
+    put(out, 16, base + cmdline_at as u32);
+    put(out, 44, mmap_len as u32);
+    put(out, 48, base + mmap_at as u32);
+    put(out, 64, base + loader_at as u32);
+    for (i, (start, len, kind)) in map.iter().enumerate() {
+        let at = mmap_at + i * 24;
+        put(out, at, 20);
+        out[at + 4..at + 12].copy_from_slice(&start.to_le_bytes());
+        out[at + 12..at + 20].copy_from_slice(&len.to_le_bytes());
+        put(out, at + 20, *kind);
+    }
+    out[cmdline_at..cmdline_at + cmdline.len()].copy_from_slice(cmdline.as_bytes());
+    out[loader_at..loader_at + loader.len()].copy_from_slice(loader.as_bytes());
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests;

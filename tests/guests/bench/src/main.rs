@@ -1,0 +1,272 @@
+//! Micro-benchmarks, printed as `BENCH <key>=<value>` lines.
+//!
+//! Each operation is timed as `rdtsc; op; rdtsc` and the raw difference
+//! kept (no overhead subtracted: `rdtsc_frame_ticks` is that overhead, and
+//! the reference measurements this project compares against are taken the
+//! same way). Unless said otherwise: 10 warm-up runs, then 1000 samples,
+//! and the value printed is the median.
+//!
+//! | key | operation |
+//! |---|---|
+//! | `rdtsc_frame_ticks` | nothing (two back-to-back RDTSC) |
+//! | `vmcall_kernel_ticks` | the `HC_NULL` hypercall |
+//! | `vmfunc_switch_ticks` | one VMFUNC view switch, alternately 0 -> v and v -> 0 |
+//! | `vmfunc_switch_exits` | VM exits over 1000 VMFUNC switches (`exit_count` difference minus the `exit_count` call's own exit) |
+//! | `ept_violation_kernel_ticks` | in a fresh view (filled lazily from the host p2m), a read of a page never touched in that view: one EPT violation resolved by the hypervisor; 10 warm-up pages, then 200 |
+//! | `view_switch_hypercall_ticks` | one `HC_VIEW_SWITCH`, alternately to v and back to 0 |
+//!
+//! A key whose feature is missing (no VMFUNC; no alternate views) is
+//! printed as `BENCH <key>=null`. Exit status 0; 1 when a hypercall that
+//! should work fails. On plain QEMU the guest prints `rdtsc_frame_ticks`
+//! and then the first hypercall raises #UD (status 0xEE).
+#![no_std]
+#![no_main]
+
+use guest_runtime::abi::{Request, Status};
+use guest_runtime::hypercall::{self, call_done};
+use guest_runtime::{
+    MultibootInfo, Pages, exit_count, null, println, rdtsc, view_switch, vmfunc_switch,
+};
+
+guest_runtime::entry!(main);
+
+const WARMUP: usize = 10;
+const SAMPLES: usize = 1000;
+const EPT_SAMPLES: usize = 200;
+/// Pages first touched in the fresh view: warm-up ones, then measured ones.
+static EPT_PAGES: Pages<{ WARMUP + EPT_SAMPLES }> = Pages::new();
+
+fn median(samples: &mut [u64]) -> u64 {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+/// Times `op(i)` for i in 0..WARMUP (discarded), then WARMUP..WARMUP+SAMPLES;
+/// returns the median.
+#[inline(always)]
+fn measure(mut op: impl FnMut(usize)) -> u64 {
+    let mut samples = [0u64; SAMPLES];
+    for i in 0..WARMUP {
+        let t0 = rdtsc();
+        op(i);
+        let t1 = rdtsc();
+        core::hint::black_box(t1.wrapping_sub(t0));
+    }
+    for (i, s) in samples.iter_mut().enumerate() {
+        let t0 = rdtsc();
+        op(WARMUP + i);
+        let t1 = rdtsc();
+        *s = t1.wrapping_sub(t0);
+    }
+    median(&mut samples)
+}
+
+fn bench(key: &str, value: Option<u64>) {
+    match value {
+        Some(v) => println!("BENCH {key}={v}"),
+        None => println!("BENCH {key}=null"),
+    }
+}
+
+/// The view to alternate with view 0 in sample `i`.
+fn target(i: usize, view: u16) -> u16 {
+    if i.is_multiple_of(2) { view } else { 0 }
+}
+
+/// Switches to `view` by VMFUNC or by hypercall; false if the hypercall
+/// refused.
+fn switch(view: u16, by_vmfunc: bool) -> bool {
+    if by_vmfunc {
+        vmfunc_switch(u32::from(view));
+        true
+    } else {
+        view_switch(view) == Status::Ok
+    }
+}
+
+/// `count` VMFUNC switches, alternately to `view` and back to 0.
+#[inline(never)]
+fn vmfunc_switches(view: u16, count: usize) {
+    for i in 0..count {
+        vmfunc_switch(u32::from(target(i, view)));
+    }
+}
+
+/// The first touches of fresh pages in a fresh view: (median ticks, VM exits
+/// counted over the measured touches).
+fn ept_violations(view: u16, by_vmfunc: bool) -> Option<(u64, u64)> {
+    let mut samples = [0u64; EPT_SAMPLES];
+    if !switch(view, by_vmfunc) {
+        println!("FAIL: switching to view {view}");
+        return None;
+    }
+    // Warm-up: fills the view's entries for this code, the stack and
+    // `samples` (each first touch outside the timed window).
+    for page in 0..WARMUP {
+        let t0 = rdtsc();
+        core::hint::black_box(EPT_PAGES.read_u64(page, 0));
+        let t1 = rdtsc();
+        core::hint::black_box(t1.wrapping_sub(t0));
+    }
+    let _ = exit_count();
+    let before = exit_count();
+    for (i, s) in samples.iter_mut().enumerate() {
+        let t0 = rdtsc();
+        core::hint::black_box(EPT_PAGES.read_u64(WARMUP + i, 0));
+        let t1 = rdtsc();
+        *s = t1.wrapping_sub(t0);
+    }
+    let after = exit_count();
+    if !switch(0, by_vmfunc) {
+        println!("FAIL: switching back to view 0");
+        return None;
+    }
+    Some((
+        median(&mut samples),
+        after.wrapping_sub(before).wrapping_sub(1),
+    ))
+}
+
+fn main(_info: &MultibootInfo) -> u32 {
+    let mut failed = false;
+    bench("rdtsc_frame_ticks", Some(measure(|_| {})));
+    bench(
+        "vmcall_kernel_ticks",
+        Some(measure(|_| {
+            null();
+        })),
+    );
+
+    let caps = match hypercall::capabilities() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("FAIL: Capabilities: {e}");
+            failed = true;
+            None
+        }
+    };
+    let vmfunc = caps.is_some_and(|c| c.vmfunc);
+    if let Some(c) = caps {
+        println!(
+            "capabilities: vmfunc {}, ve {}, pml {}, max views {}",
+            c.vmfunc, c.ve, c.pml, c.max_views
+        );
+    }
+
+    // The view switched to and from.
+    let view = match caps.map(|_| hypercall::view_create()) {
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => {
+            println!("no alternate view: ViewCreate: {e}");
+            None
+        }
+        None => None,
+    };
+
+    // VMFUNC.
+    let mut vmfunc_view = None;
+    if let (true, Some(v)) = (vmfunc, view) {
+        match call_done(&Request::ViewSetVisible {
+            view: v,
+            visible: true,
+        }) {
+            Ok(()) => vmfunc_view = Some(v),
+            Err(e) => {
+                println!("FAIL: ViewSetVisible {v}: {e}");
+                failed = true;
+            }
+        }
+    }
+    match vmfunc_view {
+        Some(v) => {
+            bench(
+                "vmfunc_switch_ticks",
+                Some(measure(|i| vmfunc_switch(u32::from(target(i, v))))),
+            );
+            // A first run fills view v's entries for this loop's code.
+            vmfunc_switches(v, 2);
+            let _ = exit_count();
+            let before = exit_count();
+            vmfunc_switches(v, SAMPLES);
+            let after = exit_count();
+            bench(
+                "vmfunc_switch_exits",
+                Some(after.wrapping_sub(before).wrapping_sub(1)),
+            );
+        }
+        None => {
+            bench("vmfunc_switch_ticks", None);
+            bench("vmfunc_switch_exits", None);
+        }
+    }
+
+    // EPT violations in a fresh view.
+    let fresh = match view.map(|_| hypercall::view_create()) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
+            println!("FAIL: a second ViewCreate: {e}");
+            failed = true;
+            None
+        }
+        None => None,
+    };
+    let mut fresh_by_vmfunc = false;
+    if let (true, Some(w)) = (vmfunc, fresh) {
+        match call_done(&Request::ViewSetVisible {
+            view: w,
+            visible: true,
+        }) {
+            Ok(()) => fresh_by_vmfunc = true,
+            Err(e) => println!("ViewSetVisible {w}: {e}; switching by hypercall"),
+        }
+    }
+    match fresh.map(|w| ept_violations(w, fresh_by_vmfunc)) {
+        Some(Some((ticks, exits))) => {
+            bench("ept_violation_kernel_ticks", Some(ticks));
+            println!("ept violations: {EPT_SAMPLES} first touches, {exits} VM exits");
+            if exits < EPT_SAMPLES as u64 {
+                println!(
+                    "warning: fewer exits than first touches: the view was not filled page by page"
+                );
+            }
+        }
+        Some(None) => {
+            failed = true;
+            bench("ept_violation_kernel_ticks", None);
+        }
+        None => bench("ept_violation_kernel_ticks", None),
+    }
+
+    // The view-switch hypercall.
+    match view {
+        Some(v) if view_switch(v) == Status::Ok && view_switch(0) == Status::Ok => {
+            let mut refused = 0u32;
+            let ticks = measure(|i| {
+                if view_switch(target(i, v)) != Status::Ok {
+                    refused += 1;
+                }
+            });
+            if refused == 0 {
+                bench("view_switch_hypercall_ticks", Some(ticks));
+            } else {
+                println!("FAIL: view_switch refused {refused} times");
+                failed = true;
+                bench("view_switch_hypercall_ticks", None);
+            }
+        }
+        Some(v) => {
+            println!("FAIL: view_switch to {v} and back refused");
+            failed = true;
+            bench("view_switch_hypercall_ticks", None);
+        }
+        None => bench("view_switch_hypercall_ticks", None),
+    }
+
+    for w in [fresh, view].into_iter().flatten() {
+        if let Err(e) = call_done(&Request::ViewDestroy { view: w }) {
+            println!("FAIL: ViewDestroy {w}: {e}");
+            failed = true;
+        }
+    }
+    u32::from(failed)
+}
