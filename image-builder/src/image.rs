@@ -51,9 +51,15 @@ pub fn build(opts: &ImageOptions) -> Result<Image> {
         }
     }
     let kernel = compile::kernel(&opts.build)?;
-    let mut modules = vec![Module { name: "manifest".to_owned(), content: Content::Bytes(manifest.compile()?) }];
+    let mut modules = vec![Module {
+        name: "manifest".to_owned(),
+        content: Content::Bytes(manifest.compile()?),
+    }];
     for (g, path) in guests.iter().zip(compile::guests(&guests, &opts.build)?) {
-        modules.push(Module { name: (*g).to_owned(), content: Content::File(path) });
+        modules.push(Module {
+            name: (*g).to_owned(),
+            content: Content::File(path),
+        });
     }
     assemble(&kernel, &opts.cmdline, modules, &opts.out)
 }

@@ -4,8 +4,10 @@
 //! - [`image`]: manifest to bootable ISO ([`manifest`], [`compile`], [`iso`]).
 //! - [`emulator`]: boot an image on QEMU, Bochs or KVM and decode its log.
 //! - [`logs`]: the log wire: demultiplexing and defmt decoding.
+//! - [`bench`]: benchmark figures measured by a guest on Bochs.
 //! - [`deps`]: the Debian packages it all needs.
 
+pub mod bench;
 pub mod compile;
 pub mod deps;
 pub mod elf;

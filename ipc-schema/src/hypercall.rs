@@ -76,11 +76,31 @@ pub struct Access {
 }
 
 impl Access {
-    pub const NONE: Access = Access { read: false, write: false, execute: false };
-    pub const R: Access = Access { read: true, write: false, execute: false };
-    pub const RW: Access = Access { read: true, write: true, execute: false };
-    pub const RX: Access = Access { read: true, write: false, execute: true };
-    pub const RWX: Access = Access { read: true, write: true, execute: true };
+    pub const NONE: Access = Access {
+        read: false,
+        write: false,
+        execute: false,
+    };
+    pub const R: Access = Access {
+        read: true,
+        write: false,
+        execute: false,
+    };
+    pub const RW: Access = Access {
+        read: true,
+        write: true,
+        execute: false,
+    };
+    pub const RX: Access = Access {
+        read: true,
+        write: false,
+        execute: true,
+    };
+    pub const RWX: Access = Access {
+        read: true,
+        write: true,
+        execute: true,
+    };
 }
 
 /// An operation a guest asks for through [`HC_CALL`].
@@ -92,18 +112,37 @@ pub enum Request {
     /// on first access). Replies [`Reply::View`].
     ViewCreate,
     /// Destroys an alternate view; refused while a vCPU uses it.
-    ViewDestroy { view: u16 },
+    ViewDestroy {
+        view: u16,
+    },
     /// Whether VMFUNC may switch to `view` (its slot in the EPTP list).
-    ViewSetVisible { view: u16, visible: bool },
+    ViewSetVisible {
+        view: u16,
+        visible: bool,
+    },
     /// In `view`, makes `gfn` map the frame behind `to` in the host p2m;
     /// `to: None` restores the host mapping.
-    ChangeGfn { view: u16, gfn: u64, to: Option<u64> },
+    ChangeGfn {
+        view: u16,
+        gfn: u64,
+        to: Option<u64>,
+    },
     /// Sets the access of `gfn` in `view`.
-    SetAccess { view: u16, gfn: u64, access: Access },
+    SetAccess {
+        view: u16,
+        gfn: u64,
+        access: Access,
+    },
     /// Sets the suppress-#VE bit of `gfn` in `view`.
-    SetSuppressVe { view: u16, gfn: u64, suppress: bool },
+    SetSuppressVe {
+        view: u16,
+        gfn: u64,
+        suppress: bool,
+    },
     /// Enables #VE for this vCPU with its information area at `info_gfn`.
-    VeEnable { info_gfn: u64 },
+    VeEnable {
+        info_gfn: u64,
+    },
     VeDisable,
     /// Starts dirty-page logging for the whole domain (clears the log).
     DirtyLogStart,
@@ -116,10 +155,18 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
 pub enum Reply {
     Done,
-    Capabilities { vmfunc: bool, ve: bool, pml: bool, max_views: u16 },
+    Capabilities {
+        vmfunc: bool,
+        ve: bool,
+        pml: bool,
+        max_views: u16,
+    },
     View(u16),
     /// Dirty gfns, lowest first; `more` when others remain logged.
-    Dirty { gfns: Vec<u64, MAX_DIRTY>, more: bool },
+    Dirty {
+        gfns: Vec<u64, MAX_DIRTY>,
+        more: bool,
+    },
     Error(HcError),
 }
 
@@ -127,17 +174,25 @@ pub enum Reply {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum HcError {
-    NoSuchView { view: u16 },
+    NoSuchView {
+        view: u16,
+    },
     /// View 0 is the host p2m; this operation is for alternate views.
     HostView,
     /// The gfn is not guest RAM.
-    BadGfn { gfn: u64 },
+    BadGfn {
+        gfn: u64,
+    },
     /// The view is the active view of a vCPU.
-    ViewInUse { view: u16 },
+    ViewInUse {
+        view: u16,
+    },
     /// Every view slot is taken.
     TooManyViews,
     /// The CPU lacks the feature (named).
-    Unsupported { feature: Feature },
+    Unsupported {
+        feature: Feature,
+    },
     /// The hypervisor ran out of memory for page tables.
     OutOfMemory,
     /// Dirty logging is not running.
@@ -169,15 +224,28 @@ mod tests {
     fn requests_and_replies_roundtrip_within_bounds() {
         let mut buf = [0u8; MAX_REQUEST];
         for r in [
-            Request::ChangeGfn { view: 3, gfn: 0x1234, to: Some(0x4321) },
-            Request::SetAccess { view: 1, gfn: u64::MAX, access: Access::RX },
+            Request::ChangeGfn {
+                view: 3,
+                gfn: 0x1234,
+                to: Some(0x4321),
+            },
+            Request::SetAccess {
+                view: 1,
+                gfn: u64::MAX,
+                access: Access::RX,
+            },
             Request::VeEnable { info_gfn: 7 },
         ] {
             let n = postcard::to_slice(&r, &mut buf).unwrap().len();
             assert_eq!(postcard::from_bytes::<Request>(&buf[..n]).unwrap(), r);
         }
-        let full = Reply::Dirty { gfns: Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap(), more: true };
-        let n = postcard::to_slice(&full, &mut buf).expect("the largest reply fits MAX_REQUEST").len();
+        let full = Reply::Dirty {
+            gfns: Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap(),
+            more: true,
+        };
+        let n = postcard::to_slice(&full, &mut buf)
+            .expect("the largest reply fits MAX_REQUEST")
+            .len();
         assert_eq!(postcard::from_bytes::<Reply>(&buf[..n]).unwrap(), full);
     }
 }

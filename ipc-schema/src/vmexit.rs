@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// The general registers of a vCPU (RSP, RIP and RFLAGS live in the VMCS and
 /// travel in [`Exit`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema,
+)]
 #[repr(C)]
 pub struct GuestRegs {
     pub rax: u64,
@@ -32,7 +34,9 @@ pub struct GuestRegs {
 }
 
 /// Kinds of memory access.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct AccessBits {
     pub read: bool,
@@ -44,14 +48,27 @@ pub struct AccessBits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum ExitKind {
-    Cpuid { leaf: u32, subleaf: u32 },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
     /// VMCALL: the arguments are in the registers.
     Hypercall,
     /// IN or OUT (string forms are refused by the kernel before they get here).
-    Io { port: u16, size: u8, write: bool, value: u32 },
+    Io {
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    },
     Hlt,
-    Rdmsr { msr: u32 },
-    Wrmsr { msr: u32, value: u64 },
+    Rdmsr {
+        msr: u32,
+    },
+    Wrmsr {
+        msr: u32,
+        value: u64,
+    },
     /// An access the active view does not allow (or a gfn it does not map).
     EptViolation {
         gpa: u64,
@@ -62,13 +79,24 @@ pub enum ExitKind {
         allowed: AccessBits,
         qualification: u64,
     },
-    EptMisconfig { gpa: u64 },
+    EptMisconfig {
+        gpa: u64,
+    },
     TripleFault,
     /// VMFUNC with a leaf or EPTP index the CPU refused.
-    Vmfunc { leaf: u32, index: u32 },
-    Xsetbv { index: u32, value: u64 },
+    Vmfunc {
+        leaf: u32,
+        index: u32,
+    },
+    Xsetbv {
+        index: u32,
+        value: u64,
+    },
     /// Anything else: the basic exit reason and qualification.
-    Other { reason: u16, qualification: u64 },
+    Other {
+        reason: u16,
+        qualification: u64,
+    },
 }
 
 /// One exit of one vCPU.
@@ -118,12 +146,28 @@ pub struct Response {
 
 impl Response {
     /// Skip the instruction and go on.
-    pub const DONE: Response = Response { advance: true, inject: None, then: Then::Resume };
+    pub const DONE: Response = Response {
+        advance: true,
+        inject: None,
+        then: Then::Resume,
+    };
     /// Retry the instruction (after fixing its cause).
-    pub const RETRY: Response = Response { advance: false, inject: None, then: Then::Resume };
-    pub const CRASH: Response = Response { advance: false, inject: None, then: Then::Crash };
+    pub const RETRY: Response = Response {
+        advance: false,
+        inject: None,
+        then: Then::Resume,
+    };
+    pub const CRASH: Response = Response {
+        advance: false,
+        inject: None,
+        then: Then::Crash,
+    };
 
     pub fn inject(vector: u8, error_code: Option<u32>) -> Response {
-        Response { advance: false, inject: Some(Inject::Exception { vector, error_code }), then: Then::Resume }
+        Response {
+            advance: false,
+            inject: Some(Inject::Exception { vector, error_code }),
+            then: Then::Resume,
+        }
     }
 }

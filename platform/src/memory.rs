@@ -367,12 +367,20 @@ mod tests {
         let mut fa = FrameBitmap::new(&mut words, &usable);
         // 2 MiB aligned, 2 MiB long: the first aligned start with 512 free frames.
         assert_eq!(fa.alloc_contiguous(512, 512), Some(0x20_0000));
-        assert_eq!(fa.alloc_contiguous(512, 512), None, "0x0 is not usable and 0x400000 is past the end");
+        assert_eq!(
+            fa.alloc_contiguous(512, 512),
+            None,
+            "0x0 is not usable and 0x400000 is past the end"
+        );
         assert_eq!(fa.alloc_contiguous(4, 1), Some(0x1000));
         assert_eq!(fa.alloc(), Some(0x5000));
         assert_eq!(fa.free_frames(), 0x400 - 512 - 4 - 1);
         assert_eq!(fa.alloc_contiguous(0, 1), None);
-        assert_eq!(fa.alloc_contiguous(1, 3), None, "alignment must be a power of two");
+        assert_eq!(
+            fa.alloc_contiguous(1, 3),
+            None,
+            "alignment must be a power of two"
+        );
     }
 
     #[derive(Clone, Debug)]

@@ -36,23 +36,42 @@ impl DirtyLog {
                 Some(f) if frames.push(f).is_ok() => {}
                 Some(f) => {
                     free_frame(f);
-                    Self { frames, gfns, logging: false, count: 0 }.destroy();
+                    Self {
+                        frames,
+                        gfns,
+                        logging: false,
+                        count: 0,
+                    }
+                    .destroy();
                     return None;
                 }
                 None => {
-                    Self { frames, gfns, logging: false, count: 0 }.destroy();
+                    Self {
+                        frames,
+                        gfns,
+                        logging: false,
+                        count: 0,
+                    }
+                    .destroy();
                     return None;
                 }
             }
         }
-        Some(Self { frames, gfns, logging: false, count: 0 })
+        Some(Self {
+            frames,
+            gfns,
+            logging: false,
+            count: 0,
+        })
     }
 
     fn word(&self, gfn: u64) -> *mut u64 {
         let frame = self.frames[(gfn / BITS_PER_FRAME) as usize];
         let word = (gfn % BITS_PER_FRAME) / 64;
         // The frame is ours, 512 words, in the direct map.
-        phys_to_virt(frame).cast::<u64>().wrapping_add(word as usize)
+        phys_to_virt(frame)
+            .cast::<u64>()
+            .wrapping_add(word as usize)
     }
 
     /// Marks a frame dirty (gfns outside the domain's RAM are ignored: Bochs
@@ -123,10 +142,16 @@ pub const PML_START: u64 = 511;
 /// Moves the GPAs in `vcpu`'s PML buffer into `log` and resets the buffer.
 /// The vCPU's VMCS must be current.
 pub fn drain_pml(vcpu: &mut Vcpu, log: &mut DirtyLog) -> u32 {
-    let Some(buffer) = vcpu.pml_buffer else { return 0 };
+    let Some(buffer) = vcpu.pml_buffer else {
+        return 0;
+    };
     let index = vcpu.read(GUEST_PML_INDEX) as u16;
     // The CPU decrements the index after each entry; past 0 it wraps to 0xffff.
-    let first = if index > 511 { 0 } else { usize::from(index) + 1 };
+    let first = if index > 511 {
+        0
+    } else {
+        usize::from(index) + 1
+    };
     let entries = phys_to_virt(buffer).cast::<u64>();
     for i in first..512 {
         // Safety: the buffer frame is this vCPU's, 512 entries, in the direct map.

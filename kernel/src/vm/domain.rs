@@ -34,7 +34,9 @@ pub enum BuildError {
     Ept(EptError),
     Vcpu(VcpuError),
     /// More vCPUs than this kernel runs per domain.
-    TooManyVcpus { asked: u8 },
+    TooManyVcpus {
+        asked: u8,
+    },
     /// The command line does not fit the information block.
     CmdlineTooLong,
 }
@@ -80,18 +82,25 @@ impl Domain {
         let ram_bytes = u64::from(spec.memory_mib) << 20;
         let layout = GuestLayout::new(ram_bytes);
         let plan = multiboot::plan(image, &layout).map_err(BuildError::Image)?;
-        let views = Views::new(features.vmfunc, features.ept_ad, features.invept).ok_or(BuildError::OutOfMemory)?;
-        let mut partial = Partial { views: Some(views), dirty: None, msr_bitmap: None };
+        let views = Views::new(features.vmfunc, features.ept_ad, features.invept)
+            .ok_or(BuildError::OutOfMemory)?;
+        let mut partial = Partial {
+            views: Some(views),
+            dirty: None,
+            msr_bitmap: None,
+        };
         partial.dirty = Some(DirtyLog::new(ram_bytes).ok_or(BuildError::OutOfMemory)?);
         partial.msr_bitmap = Some(msr_bitmap().ok_or(BuildError::OutOfMemory)?);
         let views = partial.views.as_mut().expect("set above");
         populate(views, &layout)?;
         for s in &plan.segments {
             let bytes = &image[s.file_offset..s.file_offset + s.file_len];
-            write_guest_checked(views, s.gpa, bytes).ok_or(BuildError::Image(ImageError::OutsideRam {
-                start: s.gpa,
-                end: s.gpa + s.mem_len,
-            }))?;
+            write_guest_checked(views, s.gpa, bytes).ok_or(BuildError::Image(
+                ImageError::OutsideRam {
+                    start: s.gpa,
+                    end: s.gpa + s.mem_len,
+                },
+            ))?;
         }
         let mut info = [0u8; INFO_SIZE];
         let n = multiboot::build_info(ram_bytes, spec.cmdline, "Parallax", &mut info)
@@ -129,7 +138,8 @@ impl Domain {
 
     /// Whether `gfn` is guest RAM (mapped in the host p2m).
     pub fn is_ram(&self, gfn: u64) -> bool {
-        gfn.checked_mul(PAGE_SIZE).is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
+        gfn.checked_mul(PAGE_SIZE)
+            .is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
     }
 
     /// Copies guest memory at `gpa` into `out`; `None` if any byte is not RAM.
@@ -142,7 +152,9 @@ impl Domain {
             // Safety: `hpa` is a frame of this domain's RAM (the host p2m maps
             // only frames the kernel gave it), in the direct map; n stays in
             // the page.
-            unsafe { core::ptr::copy_nonoverlapping(phys_to_virt(hpa), out[done..].as_mut_ptr(), n) };
+            unsafe {
+                core::ptr::copy_nonoverlapping(phys_to_virt(hpa), out[done..].as_mut_ptr(), n)
+            };
             done += n;
         }
         Some(())
@@ -187,11 +199,13 @@ impl Drop for Partial {
 
 /// Gives back every RAM frame the host p2m maps.
 fn free_ram(views: &Views) {
-    views.host().for_each_leaf(&KernelTables, 0, platform::ept::GPA_LIMIT, |m| {
-        for f in 0..m.size.bytes() / PAGE_SIZE {
-            free_frame(m.hpa + f * PAGE_SIZE);
-        }
-    });
+    views
+        .host()
+        .for_each_leaf(&KernelTables, 0, platform::ept::GPA_LIMIT, |m| {
+            for f in 0..m.size.bytes() / PAGE_SIZE {
+                free_frame(m.hpa + f * PAGE_SIZE);
+            }
+        });
 }
 
 /// Maps the domain's RAM in the host p2m: 4 KiB pages below 2 MiB (leaving
@@ -204,8 +218,15 @@ fn populate(views: &mut Views, layout: &GuestLayout) -> Result<(), BuildError> {
         let left = layout.ram_bytes - gpa;
         if gpa % MIB2 == 0 && gpa >= MIB2 && left >= MIB2 {
             if let Some(hpa) = alloc_zeroed_contiguous(512, 512) {
-                ept.map(&mut KernelTables, gpa, hpa, PageSize::Size2M, Perms::ALL, MemoryType::WRITE_BACK)
-                    .inspect_err(|_| free_range(hpa, MIB2))?;
+                ept.map(
+                    &mut KernelTables,
+                    gpa,
+                    hpa,
+                    PageSize::Size2M,
+                    Perms::ALL,
+                    MemoryType::WRITE_BACK,
+                )
+                .inspect_err(|_| free_range(hpa, MIB2))?;
                 gpa += MIB2;
                 continue;
             }
@@ -215,8 +236,15 @@ fn populate(views: &mut Views, layout: &GuestLayout) -> Result<(), BuildError> {
             continue;
         }
         let hpa = alloc_zeroed_frame().ok_or(BuildError::OutOfMemory)?;
-        ept.map(&mut KernelTables, gpa, hpa, PageSize::Size4K, Perms::ALL, MemoryType::WRITE_BACK)
-            .inspect_err(|_| free_frame(hpa))?;
+        ept.map(
+            &mut KernelTables,
+            gpa,
+            hpa,
+            PageSize::Size4K,
+            Perms::ALL,
+            MemoryType::WRITE_BACK,
+        )
+        .inspect_err(|_| free_frame(hpa))?;
         gpa += PAGE_SIZE;
     }
     Ok(())
@@ -252,12 +280,24 @@ fn msr_bitmap() -> Option<u64> {
     bits.fill(0xff);
     // Read-low 0..1024, read-high 1024..2048, write-low 2048..3072, write-high 3072..4096.
     let mut pass = |msr: u32| {
-        let (base, index) = if msr >= 0xc000_0000 { (1024, msr - 0xc000_0000) } else { (0, msr) };
+        let (base, index) = if msr >= 0xc000_0000 {
+            (1024, msr - 0xc000_0000)
+        } else {
+            (0, msr)
+        };
         let (byte, bit) = (base + (index / 8) as usize, index % 8);
         bits[byte] &= !(1 << bit);
         bits[byte + 2048] &= !(1 << bit);
     };
-    for msr in [0x174, 0x175, 0x176, 0x277, 0xc000_0080, 0xc000_0100, 0xc000_0101] {
+    for msr in [
+        0x174,
+        0x175,
+        0x176,
+        0x277,
+        0xc000_0080,
+        0xc000_0100,
+        0xc000_0101,
+    ] {
         pass(msr);
     }
     Some(page)
@@ -265,5 +305,9 @@ fn msr_bitmap() -> Option<u64> {
 
 /// Checks a gfn named by a request: RAM, or an error naming it.
 pub fn check_gfn(d: &Domain, gfn: u64) -> Result<u64, HcError> {
-    if d.is_ram(gfn) { Ok(gfn * PAGE_SIZE) } else { Err(HcError::BadGfn { gfn }) }
+    if d.is_ram(gfn) {
+        Ok(gfn * PAGE_SIZE)
+    } else {
+        Err(HcError::BadGfn { gfn })
+    }
 }

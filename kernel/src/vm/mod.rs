@@ -55,7 +55,8 @@ static CAPS: spin::Once<(VmxCaps, Features)> = spin::Once::new();
 
 /// The CPU's VMX capabilities and the features in use (set by [`run`]).
 pub fn caps() -> &'static (VmxCaps, Features) {
-    CAPS.get().expect("vm::run sets the capabilities before any domain runs")
+    CAPS.get()
+        .expect("vm::run sets the capabilities before any domain runs")
 }
 
 /// Builds every domain of the manifest and runs them until all have ended.
@@ -70,7 +71,11 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
         ve: f.ept_violation_ve,
         pml: f.pml,
         ept_ad: f.ept_ad,
-        invept: if f.invept_single { InveptType::SingleContext } else { InveptType::AllContexts },
+        invept: if f.invept_single {
+            InveptType::SingleContext
+        } else {
+            InveptType::AllContexts
+        },
         slice,
     };
     let (caps, features) = CAPS.call_once(|| (caps, features));
@@ -100,10 +105,12 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
         match Domain::build(id, spec, image.bytes(), caps, features) {
             Ok(d) => {
                 let (mut large, mut small) = (0u32, 0u32);
-                d.views.host().for_each_leaf(&memory::KernelTables, 0, d.ram_bytes, |m| match m.size {
-                    PageSize::Size4K => small += 1,
-                    _ => large += 1,
-                });
+                d.views
+                    .host()
+                    .for_each_leaf(&memory::KernelTables, 0, d.ram_bytes, |m| match m.size {
+                        PageSize::Size4K => small += 1,
+                        _ => large += 1,
+                    });
                 defmt::info!(
                     "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u64:#x}",
                     id,
@@ -117,7 +124,12 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
                 let _ = domains.push(d);
             }
             Err(e) => {
-                defmt::error!("domain {=u16} ({=str}) could not be built: {}", id, spec.name, e);
+                defmt::error!(
+                    "domain {=u16} ({=str}) could not be built: {}",
+                    id,
+                    spec.name,
+                    e
+                );
                 failed_builds += 1;
             }
         }
@@ -127,13 +139,22 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
     let mut next = 0;
     loop {
         let n = domains.len();
-        let Some(i) = (0..n).map(|k| (next + k) % n.max(1)).find(|&i| runnable(&domains[i])) else { break };
+        let Some(i) = (0..n)
+            .map(|k| (next + k) % n.max(1))
+            .find(|&i| runnable(&domains[i]))
+        else {
+            break;
+        };
         let others = (0..n).any(|j| j != i && runnable(&domains[j]));
         run_slice(&mut domains[i], others);
         next = i + 1;
     }
 
-    let mut status = if failed_builds > 0 { HaltStatus::GuestFailed } else { HaltStatus::Success };
+    let mut status = if failed_builds > 0 {
+        HaltStatus::GuestFailed
+    } else {
+        HaltStatus::Success
+    };
     for d in domains {
         match d.state {
             DomainState::Exited(0) => {}
@@ -167,28 +188,31 @@ fn run_slice(d: &mut Domain, others_waiting: bool) {
         return;
     }
     loop {
-        let raw = match d.vcpu.enter() {
-            Ok(r) => r,
-            Err(e) => {
-                defmt::error!("domain {=u16} ({=str}): VM entry failed: {}", d.id, d.name, e);
-                crash(d, None);
-                return;
-            }
-        };
+        let raw = d.vcpu.enter();
+        if raw.vmx_failed() {
+            defmt::error!(
+                "domain {=u16} ({=str}): VM entry failed: {}",
+                d.id,
+                d.name,
+                d.vcpu.vmx_error
+            );
+            crash(d, None);
+            return;
+        }
         match fast_path(d, &raw, others_waiting) {
             Fast::Handled => continue,
             Fast::Yield => return,
             Fast::No => {}
         }
         let exit = d.vcpu.decode(d.id, &raw);
-        if raw.entry_failure {
+        if raw.entry_failure() {
             defmt::error!(
                 "domain {=u16} ({=str}): VM entry failed: {=str} (exit reason {=u16}, qualification {=u64:#x})",
                 d.id,
                 d.name,
-                reason::name(raw.reason),
-                raw.reason,
-                raw.qualification
+                reason::name(raw.reason()),
+                raw.reason(),
+                d.vcpu.qualification()
             );
             crash(d, Some(&exit));
             return;
@@ -216,7 +240,12 @@ fn run_slice(d: &mut Domain, others_waiting: bool) {
                 if status == 0 {
                     defmt::info!("domain {=u16} ({=str}) exited with status 0", d.id, d.name);
                 } else {
-                    defmt::warn!("domain {=u16} ({=str}) exited with status {=u32}", d.id, d.name, status);
+                    defmt::warn!(
+                        "domain {=u16} ({=str}) exited with status {=u32}",
+                        d.id,
+                        d.name,
+                        status
+                    );
                 }
                 return;
             }
@@ -231,11 +260,9 @@ fn run_slice(d: &mut Domain, others_waiting: bool) {
 /// The exits the kernel handles itself.
 #[inline(always)]
 fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
-    if raw.entry_failure {
-        return Fast::No;
-    }
-    match raw.reason {
-        reason::VMCALL => match d.vcpu.regs.rax {
+    // VMCALL first: the null hypercall is the path benchmarks measure.
+    if raw.reason() == reason::VMCALL && !raw.entry_failure() {
+        return match d.vcpu.regs.rax {
             HC_NULL => {
                 d.vcpu.regs.rax = 0;
                 d.vcpu.skip_instruction();
@@ -260,7 +287,12 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
                 Fast::Handled
             }
             _ => Fast::No,
-        },
+        };
+    }
+    if raw.entry_failure() {
+        return Fast::No;
+    }
+    match raw.reason() {
         reason::PREEMPTION_TIMER => {
             if others_waiting {
                 Fast::Yield
@@ -274,12 +306,16 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
         }
         reason::PML_FULL => {
             let n = dirty::drain_pml(&mut d.vcpu, &mut d.dirty);
-            defmt::debug!("domain {=u16}: PML buffer full, {=u32} entries drained", d.id, n);
+            defmt::debug!(
+                "domain {=u16}: PML buffer full, {=u32} entries drained",
+                d.id,
+                n
+            );
             d.vcpu.reinject_interrupted_event();
             Fast::Handled
         }
         reason::CR_ACCESS => {
-            if d.vcpu.control_register_write(raw.qualification) {
+            if d.vcpu.control_register_write(d.vcpu.qualification()) {
                 Fast::Handled
             } else {
                 Fast::No
@@ -292,7 +328,10 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
 /// Sends the domain's pending console bytes as one record.
 pub fn flush_console(d: &mut Domain) {
     if !d.console.is_empty() {
-        crate::log::emit(&Record::Console { domain: d.id, bytes: &d.console });
+        crate::log::emit(&Record::Console {
+            domain: d.id,
+            bytes: &d.console,
+        });
         d.console.clear();
     }
 }

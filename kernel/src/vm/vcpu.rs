@@ -8,7 +8,7 @@
 //! CR0.NE and CR4.VMXE, which VMX operation requires, are owned by the host
 //! (guest/host masks) and read as the guest last wrote them.
 
-use crate::vmx::{self, VmxError, run, vmread, vmwrite};
+use crate::vmx::{self, VmxError, run, vmread, vmwrite, vmwrite_unchecked};
 use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, GuestRegs, Inject, Response};
 use platform::multiboot::{BOOT_MAGIC, INFO_GPA};
 use platform::vmx::fields::*;
@@ -25,8 +25,10 @@ pub enum VcpuState {
 
 /// The controls every Parallax vCPU runs with.
 const PIN: u32 = pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING;
-const PROC1: u32 =
-    proc1::HLT_EXITING | UNCONDITIONAL_IO_EXITING | proc1::USE_MSR_BITMAPS | proc1::SECONDARY_CONTROLS;
+const PROC1: u32 = proc1::HLT_EXITING
+    | UNCONDITIONAL_IO_EXITING
+    | proc1::USE_MSR_BITMAPS
+    | proc1::SECONDARY_CONTROLS;
 const PROC2: u32 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
 const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
     | exit::ACK_INTERRUPT_ON_EXIT
@@ -61,7 +63,10 @@ pub enum VcpuError {
     OutOfMemory,
     Vmx(VmxError),
     /// The CPU cannot set a control Parallax needs (the bits).
-    Control { field: &'static str, bits: u32 },
+    Control {
+        field: &'static str,
+        bits: u32,
+    },
 }
 
 impl From<VmxError> for VcpuError {
@@ -86,14 +91,36 @@ pub struct Vcpu {
     vmfunc: bool,
     /// The PML buffer, while logging.
     pub pml_buffer: Option<u64>,
+    /// Why the last VMLAUNCH/VMRESUME failed.
+    pub vmx_error: Option<VmxError>,
 }
 
-/// The raw facts of one exit, read from the VMCS.
+/// How one entry ended: the VMCS exit-reason field (basic reason in bits
+/// 15:0, VM-entry failure in bit 31), or [`RawExit::VMX_FAILED`] when the
+/// VMLAUNCH/VMRESUME instruction itself failed (the error is in
+/// [`Vcpu::vmx_error`]). One `u32`, so that the exit fast path stays a few
+/// instructions; the rest is read from the VMCS on demand.
 #[derive(Clone, Copy, Debug)]
-pub struct RawExit {
-    pub reason: u16,
-    pub entry_failure: bool,
-    pub qualification: u64,
+pub struct RawExit(u32);
+
+impl RawExit {
+    pub const VMX_FAILED: RawExit = RawExit(u32::MAX);
+
+    #[inline(always)]
+    pub fn reason(self) -> u16 {
+        self.0 as u16
+    }
+
+    /// The entry itself failed on guest state checks (reason 33, 34, 41).
+    #[inline(always)]
+    pub fn entry_failure(self) -> bool {
+        self.0 & (1 << 31) != 0 && self.0 != u32::MAX
+    }
+
+    #[inline(always)]
+    pub fn vmx_failed(self) -> bool {
+        self.0 == u32::MAX
+    }
 }
 
 impl Vcpu {
@@ -101,7 +128,11 @@ impl Vcpu {
     pub fn new(setup: &VcpuSetup, caps: &VmxCaps) -> Result<Self, VcpuError> {
         let vmcs = super::memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
         // Safety: the frame is ours and zeroed; the revision is the CPU's.
-        unsafe { crate::mem::phys_to_virt(vmcs).cast::<u32>().write_volatile(caps.revision) };
+        unsafe {
+            crate::mem::phys_to_virt(vmcs)
+                .cast::<u32>()
+                .write_volatile(caps.revision)
+        };
         let mut proc2 = PROC2;
         if setup.eptp_list.is_some() {
             proc2 |= proc2::ENABLE_VM_FUNCTIONS;
@@ -109,7 +140,11 @@ impl Vcpu {
         let v = Vcpu {
             id: setup.id,
             vmcs,
-            regs: GuestRegs { rax: u64::from(BOOT_MAGIC), rbx: INFO_GPA, ..GuestRegs::default() },
+            regs: GuestRegs {
+                rax: u64::from(BOOT_MAGIC),
+                rbx: INFO_GPA,
+                ..GuestRegs::default()
+            },
             launched: false,
             exits: 0,
             state: VcpuState::Runnable,
@@ -117,6 +152,7 @@ impl Vcpu {
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
             pml_buffer: None,
+            vmx_error: None,
         };
         // Safety: VMX operation is on (vm::init); the VMCS is this frame.
         unsafe {
@@ -133,7 +169,8 @@ impl Vcpu {
     /// This vCPU's VMCS is current.
     unsafe fn write_controls(&self, setup: &VcpuSetup, caps: &VmxCaps) -> Result<(), VcpuError> {
         let control = |field: &'static str, c: &platform::vmx::Controls, want: u32| {
-            c.value_for(want).map_err(|bits| VcpuError::Control { field, bits })
+            c.value_for(want)
+                .map_err(|bits| VcpuError::Control { field, bits })
         };
         let mut pin_bits = PIN;
         if setup.slice.is_some() {
@@ -142,11 +179,23 @@ impl Vcpu {
         // Safety: the caller's contract; every value comes from the CPU's
         // capability MSRs or from frames this vCPU owns.
         unsafe {
-            vmwrite(PIN_BASED_CONTROLS, u64::from(control("pin-based", &caps.pin, pin_bits)?))?;
-            vmwrite(PRIMARY_CONTROLS, u64::from(control("primary", &caps.proc1, PROC1)?))?;
-            vmwrite(SECONDARY_CONTROLS, u64::from(control("secondary", &caps.proc2, self.proc2)?))?;
+            vmwrite(
+                PIN_BASED_CONTROLS,
+                u64::from(control("pin-based", &caps.pin, pin_bits)?),
+            )?;
+            vmwrite(
+                PRIMARY_CONTROLS,
+                u64::from(control("primary", &caps.proc1, PROC1)?),
+            )?;
+            vmwrite(
+                SECONDARY_CONTROLS,
+                u64::from(control("secondary", &caps.proc2, self.proc2)?),
+            )?;
             vmwrite(EXIT_CONTROLS, u64::from(control("exit", &caps.exit, EXIT)?))?;
-            vmwrite(ENTRY_CONTROLS, u64::from(control("entry", &caps.entry, ENTRY)?))?;
+            vmwrite(
+                ENTRY_CONTROLS,
+                u64::from(control("entry", &caps.entry, ENTRY)?),
+            )?;
             vmwrite(EXCEPTION_BITMAP, 0)?;
             vmwrite(CR3_TARGET_COUNT, 0)?;
             vmwrite(EXIT_MSR_STORE_COUNT, 0)?;
@@ -181,17 +230,23 @@ impl Vcpu {
     }
 
     /// Runs the guest until its next exit.
-    pub fn enter(&mut self) -> Result<RawExit, VmxError> {
+    #[inline(always)]
+    pub fn enter(&mut self) -> RawExit {
         // Safety: `load` made the VMCS current; `new` initialised it with
         // this CPU's host state and the exit landing.
-        unsafe { run::enter(&mut self.regs, self.launched)? };
+        if let Err(e) = unsafe { run::enter(&mut self.regs, self.launched) } {
+            self.vmx_error = Some(e);
+            return RawExit::VMX_FAILED;
+        }
         self.launched = true;
         self.exits += 1;
         // Safety: the VMCS is current.
-        let reason = unsafe { vmread(EXIT_REASON) };
-        // Safety: the VMCS is current.
-        let qualification = unsafe { vmread(EXIT_QUALIFICATION) };
-        Ok(RawExit { reason: reason as u16, entry_failure: reason & (1 << 31) != 0, qualification })
+        RawExit(unsafe { vmread(EXIT_REASON) } as u32)
+    }
+
+    /// The exit qualification of the last exit.
+    pub fn qualification(&self) -> u64 {
+        self.read(EXIT_QUALIFICATION)
     }
 
     /// Moves RIP past the instruction that exited.
@@ -201,11 +256,11 @@ impl Vcpu {
         // is where the guest's next instruction starts.
         unsafe {
             let rip = vmread(GUEST_RIP) + vmread(EXIT_INSTRUCTION_LENGTH);
-            let _ = vmwrite(GUEST_RIP, rip);
+            vmwrite_unchecked(GUEST_RIP, rip);
             // Stepping over an instruction ends STI/MOV-SS blocking.
             let intr = vmread(GUEST_INTERRUPTIBILITY);
             if intr & 3 != 0 {
-                let _ = vmwrite(GUEST_INTERRUPTIBILITY, intr & !3);
+                vmwrite_unchecked(GUEST_INTERRUPTIBILITY, intr & !3);
             }
         }
     }
@@ -251,11 +306,22 @@ impl Vcpu {
                 if paging != (old & (1 << 31) != 0) {
                     let efer = self.read(GUEST_IA32_EFER);
                     if efer & (1 << 8) != 0 {
-                        let lma = if paging { efer | (1 << 10) } else { efer & !(1 << 10) };
+                        let lma = if paging {
+                            efer | (1 << 10)
+                        } else {
+                            efer & !(1 << 10)
+                        };
                         let _ = vmwrite(GUEST_IA32_EFER, lma);
                         let entry = self.read(ENTRY_CONTROLS);
                         let ia32e = u64::from(entry::IA32E_MODE_GUEST);
-                        let _ = vmwrite(ENTRY_CONTROLS, if paging { entry | ia32e } else { entry & !ia32e });
+                        let _ = vmwrite(
+                            ENTRY_CONTROLS,
+                            if paging {
+                                entry | ia32e
+                            } else {
+                                entry & !ia32e
+                            },
+                        );
                     }
                 }
                 self.skip_instruction();
@@ -280,24 +346,44 @@ impl Vcpu {
         use platform::vmx::fields::reason as r;
         // Safety (all reads): the VMCS is current.
         let read = |f| unsafe { vmread(f) };
-        let q = raw.qualification;
-        let kind = if raw.entry_failure {
-            ExitKind::Other { reason: raw.reason, qualification: q }
+        let q = self.qualification();
+        let kind = if raw.entry_failure() {
+            ExitKind::Other {
+                reason: raw.reason(),
+                qualification: q,
+            }
         } else {
-            match raw.reason {
-                r::CPUID => ExitKind::Cpuid { leaf: self.regs.rax as u32, subleaf: self.regs.rcx as u32 },
+            match raw.reason() {
+                r::CPUID => ExitKind::Cpuid {
+                    leaf: self.regs.rax as u32,
+                    subleaf: self.regs.rcx as u32,
+                },
                 r::VMCALL => ExitKind::Hypercall,
                 r::IO_INSTRUCTION => {
                     let io = platform::vmx::fields::IoQualification::decode(q);
                     if io.string || io.rep {
-                        ExitKind::Other { reason: raw.reason, qualification: q }
+                        ExitKind::Other {
+                            reason: raw.reason(),
+                            qualification: q,
+                        }
                     } else {
-                        let mask = if io.size == 4 { u32::MAX } else { (1u32 << (8 * io.size)) - 1 };
-                        ExitKind::Io { port: io.port, size: io.size, write: io.write, value: self.regs.rax as u32 & mask }
+                        let mask = if io.size == 4 {
+                            u32::MAX
+                        } else {
+                            (1u32 << (8 * io.size)) - 1
+                        };
+                        ExitKind::Io {
+                            port: io.port,
+                            size: io.size,
+                            write: io.write,
+                            value: self.regs.rax as u32 & mask,
+                        }
                     }
                 }
                 r::HLT => ExitKind::Hlt,
-                r::RDMSR => ExitKind::Rdmsr { msr: self.regs.rcx as u32 },
+                r::RDMSR => ExitKind::Rdmsr {
+                    msr: self.regs.rcx as u32,
+                },
                 r::WRMSR => ExitKind::Wrmsr {
                     msr: self.regs.rcx as u32,
                     value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
@@ -307,7 +393,11 @@ impl Vcpu {
                     ExitKind::EptViolation {
                         gpa: read(GUEST_PHYSICAL_ADDRESS),
                         gla: v.linear_valid.then(|| read(GUEST_LINEAR_ADDRESS)),
-                        access: AccessBits { read: v.read, write: v.write, execute: v.fetch },
+                        access: AccessBits {
+                            read: v.read,
+                            write: v.write,
+                            execute: v.fetch,
+                        },
                         allowed: AccessBits {
                             read: v.allowed_read,
                             write: v.allowed_write,
@@ -316,14 +406,22 @@ impl Vcpu {
                         qualification: q,
                     }
                 }
-                r::EPT_MISCONFIG => ExitKind::EptMisconfig { gpa: read(GUEST_PHYSICAL_ADDRESS) },
+                r::EPT_MISCONFIG => ExitKind::EptMisconfig {
+                    gpa: read(GUEST_PHYSICAL_ADDRESS),
+                },
                 r::TRIPLE_FAULT => ExitKind::TripleFault,
-                r::VMFUNC => ExitKind::Vmfunc { leaf: self.regs.rax as u32, index: self.regs.rcx as u32 },
+                r::VMFUNC => ExitKind::Vmfunc {
+                    leaf: self.regs.rax as u32,
+                    index: self.regs.rcx as u32,
+                },
                 r::XSETBV => ExitKind::Xsetbv {
                     index: self.regs.rcx as u32,
                     value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
                 },
-                other => ExitKind::Other { reason: other, qualification: q },
+                other => ExitKind::Other {
+                    reason: other,
+                    qualification: q,
+                },
             }
         };
         Exit {
@@ -343,7 +441,9 @@ impl Vcpu {
             self.skip_instruction();
         }
         match response.inject {
-            Some(Inject::Exception { vector, error_code }) => self.inject_exception(vector, error_code),
+            Some(Inject::Exception { vector, error_code }) => {
+                self.inject_exception(vector, error_code)
+            }
             None => self.reinject_interrupted_event(),
         }
     }
@@ -404,7 +504,11 @@ impl Vcpu {
     /// Turns a secondary control on or off (#VE, PML), returning whether the
     /// CPU allows it.
     pub fn set_secondary(&mut self, caps: &VmxCaps, bits: u32, on: bool) -> bool {
-        let want = if on { self.proc2 | bits } else { self.proc2 & !bits };
+        let want = if on {
+            self.proc2 | bits
+        } else {
+            self.proc2 & !bits
+        };
         match caps.proc2.value_for(want) {
             Ok(v) => {
                 // Safety: the VMCS is current; the value is allowed by the CPU.
@@ -511,12 +615,54 @@ unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
         vmwrite(GUEST_RIP, u64::from(setup.entry))?;
         vmwrite(GUEST_RFLAGS, 0x2)?;
         for (sel, base, limit, access, value, rights) in [
-            (GUEST_CS_SELECTOR, GUEST_CS_BASE, GUEST_CS_LIMIT, GUEST_CS_ACCESS, 0x08, CODE32),
-            (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_ACCESS, 0x10, DATA32),
-            (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_ACCESS, 0x10, DATA32),
-            (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_ACCESS, 0x10, DATA32),
-            (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_ACCESS, 0x10, DATA32),
-            (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_ACCESS, 0x10, DATA32),
+            (
+                GUEST_CS_SELECTOR,
+                GUEST_CS_BASE,
+                GUEST_CS_LIMIT,
+                GUEST_CS_ACCESS,
+                0x08,
+                CODE32,
+            ),
+            (
+                GUEST_SS_SELECTOR,
+                GUEST_SS_BASE,
+                GUEST_SS_LIMIT,
+                GUEST_SS_ACCESS,
+                0x10,
+                DATA32,
+            ),
+            (
+                GUEST_DS_SELECTOR,
+                GUEST_DS_BASE,
+                GUEST_DS_LIMIT,
+                GUEST_DS_ACCESS,
+                0x10,
+                DATA32,
+            ),
+            (
+                GUEST_ES_SELECTOR,
+                GUEST_ES_BASE,
+                GUEST_ES_LIMIT,
+                GUEST_ES_ACCESS,
+                0x10,
+                DATA32,
+            ),
+            (
+                GUEST_FS_SELECTOR,
+                GUEST_FS_BASE,
+                GUEST_FS_LIMIT,
+                GUEST_FS_ACCESS,
+                0x10,
+                DATA32,
+            ),
+            (
+                GUEST_GS_SELECTOR,
+                GUEST_GS_BASE,
+                GUEST_GS_LIMIT,
+                GUEST_GS_ACCESS,
+                0x10,
+                DATA32,
+            ),
         ] {
             vmwrite(sel, value)?;
             vmwrite(base, 0)?;

@@ -32,33 +32,52 @@ impl Views {
     /// reachable.
     pub fn new(vmfunc: bool, accessed_dirty: bool, invept: InveptType) -> Option<Self> {
         let host = Ept::new(&mut KernelTables).ok()?;
-        let eptp_list = if vmfunc { Some(alloc_zeroed_frame()?) } else { None };
+        let eptp_list = if vmfunc {
+            Some(alloc_zeroed_frame()?)
+        } else {
+            None
+        };
         let mut views = Views {
             slots: [const { None }; MAX_VIEWS as usize],
             eptp_list,
             accessed_dirty,
             invept,
         };
-        views.slots[0] = Some(View { ept: host, visible: true });
+        views.slots[0] = Some(View {
+            ept: host,
+            visible: true,
+        });
         views.write_list_entry(0);
         Some(views)
     }
 
     /// The host p2m.
     pub fn host(&self) -> &Ept {
-        &self.slots[0].as_ref().expect("view 0 lives as long as the domain").ept
+        &self.slots[0]
+            .as_ref()
+            .expect("view 0 lives as long as the domain")
+            .ept
     }
 
     pub fn host_mut(&mut self) -> &mut Ept {
-        &mut self.slots[0].as_mut().expect("view 0 lives as long as the domain").ept
+        &mut self.slots[0]
+            .as_mut()
+            .expect("view 0 lives as long as the domain")
+            .ept
     }
 
     pub fn get(&self, view: u16) -> Result<&View, HcError> {
-        self.slots.get(usize::from(view)).and_then(Option::as_ref).ok_or(HcError::NoSuchView { view })
+        self.slots
+            .get(usize::from(view))
+            .and_then(Option::as_ref)
+            .ok_or(HcError::NoSuchView { view })
     }
 
     pub fn get_mut(&mut self, view: u16) -> Result<&mut View, HcError> {
-        self.slots.get_mut(usize::from(view)).and_then(Option::as_mut).ok_or(HcError::NoSuchView { view })
+        self.slots
+            .get_mut(usize::from(view))
+            .and_then(Option::as_mut)
+            .ok_or(HcError::NoSuchView { view })
     }
 
     /// Both the host p2m and another view, for copying from one to the other.
@@ -67,7 +86,10 @@ impl Views {
             return Err(HcError::HostView);
         }
         let (first, rest) = self.slots.split_at_mut(1);
-        let host = &first[0].as_ref().expect("view 0 lives as long as the domain").ept;
+        let host = &first[0]
+            .as_ref()
+            .expect("view 0 lives as long as the domain")
+            .ept;
         let other = rest
             .get_mut(usize::from(view) - 1)
             .and_then(Option::as_mut)
@@ -77,9 +99,14 @@ impl Views {
 
     /// A new, empty alternate view in the lowest free slot (not visible).
     pub fn create(&mut self) -> Result<u16, HcError> {
-        let slot = (1..self.slots.len()).find(|&i| self.slots[i].is_none()).ok_or(HcError::TooManyViews)?;
+        let slot = (1..self.slots.len())
+            .find(|&i| self.slots[i].is_none())
+            .ok_or(HcError::TooManyViews)?;
         let ept = Ept::new(&mut KernelTables).map_err(|_| HcError::OutOfMemory)?;
-        self.slots[slot] = Some(View { ept, visible: false });
+        self.slots[slot] = Some(View {
+            ept,
+            visible: false,
+        });
         Ok(slot as u16)
     }
 
@@ -89,7 +116,11 @@ impl Views {
         if view == 0 {
             return Err(HcError::HostView);
         }
-        let v = self.slots.get_mut(usize::from(view)).and_then(Option::take).ok_or(HcError::NoSuchView { view })?;
+        let v = self
+            .slots
+            .get_mut(usize::from(view))
+            .and_then(Option::take)
+            .ok_or(HcError::NoSuchView { view })?;
         let eptp = v.ept.eptp(self.accessed_dirty);
         v.ept.destroy(&mut KernelTables);
         self.write_list_entry(view);
@@ -115,7 +146,10 @@ impl Views {
 
     /// Every view, for changes that concern them all (dirty logging).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (u16, &mut View)> {
-        self.slots.iter_mut().enumerate().filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)))
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)))
     }
 
     fn write_list_entry(&mut self, view: u16) {
@@ -126,7 +160,12 @@ impl Views {
         };
         // Safety: the list page is a frame this domain owns, 512 u64 entries,
         // in the direct map; `view` < 512.
-        unsafe { phys_to_virt(list).cast::<u64>().add(usize::from(view)).write_volatile(value) };
+        unsafe {
+            phys_to_virt(list)
+                .cast::<u64>()
+                .add(usize::from(view))
+                .write_volatile(value)
+        };
     }
 
     /// Drops cached translations of a view after its tables changed.

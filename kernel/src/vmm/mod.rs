@@ -40,8 +40,17 @@ pub fn handle(d: &mut Domain, exit: &Exit) -> Response {
             Response::DONE
         }
         ExitKind::Hypercall => hypercall::handle(d),
-        ExitKind::Io { port, size, write, value } => io(d, port, size, write, value),
-        ExitKind::Hlt => Response { advance: true, inject: None, then: Then::Block },
+        ExitKind::Io {
+            port,
+            size,
+            write,
+            value,
+        } => io(d, port, size, write, value),
+        ExitKind::Hlt => Response {
+            advance: true,
+            inject: None,
+            then: Then::Block,
+        },
         ExitKind::Rdmsr { msr } => match read_msr(msr) {
             Some(v) => {
                 d.vcpu.regs.rax = v & 0xffff_ffff;
@@ -58,13 +67,22 @@ pub fn handle(d: &mut Domain, exit: &Exit) -> Response {
             if (0x200..=0x2ff).contains(&msr) || msr == 0x1a0 {
                 Response::DONE
             } else {
-                defmt::debug!("domain {=u16}: WRMSR {=u32:#x} <- {=u64:#x} refused with #GP", d.id, msr, value);
+                defmt::debug!(
+                    "domain {=u16}: WRMSR {=u32:#x} <- {=u64:#x} refused with #GP",
+                    d.id,
+                    msr,
+                    value
+                );
                 Response::inject(13, Some(0))
             }
         }
-        ExitKind::EptViolation { gpa, gla, access, allowed, qualification } => {
-            ept_violation(d, exit.view, gpa, gla, access, allowed, qualification)
-        }
+        ExitKind::EptViolation {
+            gpa,
+            gla,
+            access,
+            allowed,
+            qualification,
+        } => ept_violation(d, exit.view, gpa, gla, access, allowed, qualification),
         ExitKind::EptMisconfig { gpa } => {
             defmt::error!(
                 "domain {=u16} ({=str}): EPT misconfiguration at GPA {=u64:#x} in view {=u16}",
@@ -76,7 +94,11 @@ pub fn handle(d: &mut Domain, exit: &Exit) -> Response {
             Response::CRASH
         }
         ExitKind::TripleFault => {
-            defmt::error!("domain {=u16} ({=str}): triple fault (the guest could not handle an exception)", d.id, d.name);
+            defmt::error!(
+                "domain {=u16} ({=str}): triple fault (the guest could not handle an exception)",
+                d.id,
+                d.name
+            );
             Response::CRASH
         }
         ExitKind::Vmfunc { leaf, index } => {
@@ -101,7 +123,10 @@ pub fn handle(d: &mut Domain, exit: &Exit) -> Response {
             );
             Response::CRASH
         }
-        ExitKind::Other { reason: r, qualification: q } => {
+        ExitKind::Other {
+            reason: r,
+            qualification: q,
+        } => {
             defmt::error!(
                 "domain {=u16} ({=str}): unhandled exit: {=str} (reason {=u16}, qualification {=u64:#x}) at rip {=u64:#x}",
                 d.id,
@@ -125,13 +150,16 @@ fn cpuid(d: &mut Domain, leaf: u32, subleaf: u32) {
             r.ecx |= 1 << 31; // running under a hypervisor
         }
         0x4000_0000 => {
-            let sig = |i: usize| u32::from_le_bytes(CPUID_SIGNATURE[i..i + 4].try_into().unwrap_or([0; 4]));
+            let sig = |i: usize| {
+                u32::from_le_bytes(CPUID_SIGNATURE[i..i + 4].try_into().unwrap_or([0; 4]))
+            };
             (r.eax, r.ebx, r.ecx, r.edx) = (CPUID_MAX_LEAF, sig(0), sig(4), sig(8));
         }
         0x4000_0001 => {
             let f = &caps().1;
             let key = HYPERCALL_KEY.to_bytes();
-            r.eax = 1 | (u32::from(f.vmfunc) << 1) | (u32::from(f.ve) << 2) | (u32::from(f.pml) << 3);
+            r.eax =
+                1 | (u32::from(f.vmfunc) << 1) | (u32::from(f.ve) << 2) | (u32::from(f.pml) << 3);
             r.ebx = u32::from_le_bytes([key[0], key[1], key[2], key[3]]);
             r.ecx = u32::from_le_bytes([key[4], key[5], key[6], key[7]]);
             r.edx = 0;
@@ -140,7 +168,8 @@ fn cpuid(d: &mut Domain, leaf: u32, subleaf: u32) {
         _ => {}
     }
     let regs = &mut d.vcpu.regs;
-    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax.into(), r.ebx.into(), r.ecx.into(), r.edx.into());
+    (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
+        (r.eax.into(), r.ebx.into(), r.ecx.into(), r.edx.into());
 }
 
 /// Port I/O: the console UART, the exit port; other ports read as absent
@@ -154,7 +183,11 @@ fn io(d: &mut Domain, port: u16, size: u8, write: bool, value: u32) -> Response 
         }
         COM1..=0x3ff => set_in(d, size, u32::from(d.policy.uart.read(port - COM1))),
         EXIT_PORT if write => {
-            return Response { advance: true, inject: None, then: Then::Exit { status: value } };
+            return Response {
+                advance: true,
+                inject: None,
+                then: Then::Exit { status: value },
+            };
         }
         _ if write => {}
         _ => set_in(d, size, u32::MAX),
@@ -171,7 +204,11 @@ fn set_in(d: &mut Domain, size: u8, value: u32) {
     };
     let rax = &mut d.vcpu.regs.rax;
     // A 32-bit IN zero-extends into RAX; 8- and 16-bit ones keep the rest.
-    *rax = if size == 4 { u64::from(value) } else { (*rax & !mask) | (u64::from(value) & mask) };
+    *rax = if size == 4 {
+        u64::from(value)
+    } else {
+        (*rax & !mask) | (u64::from(value) & mask)
+    };
 }
 
 fn console_byte(d: &mut Domain, byte: u8) {
@@ -194,10 +231,10 @@ fn console_byte(d: &mut Domain, byte: u8) {
 fn read_msr(msr: u32) -> Option<u64> {
     Some(match msr {
         0x10 => platform::cpu::rdtsc(),
-        0x1b => 0xfee0_0900,  // APIC base: enabled, bootstrap processor
-        0xfe => 0,            // MTRRcap: no MTRRs to program
-        0x1a0 => 1,           // MISC_ENABLE: fast strings
-        0x2ff => 0x806,       // MTRR default type: enabled, write-back
+        0x1b => 0xfee0_0900, // APIC base: enabled, bootstrap processor
+        0xfe => 0,           // MTRRcap: no MTRRs to program
+        0x1a0 => 1,          // MISC_ENABLE: fast strings
+        0x2ff => 0x806,      // MTRR default type: enabled, write-back
         _ => return None,
     })
 }
@@ -239,15 +276,36 @@ fn ept_violation(
         && v.query(&KernelTables, gpa).is_none()
     {
         let page = gpa & !(PAGE_SIZE - 1);
-        let sve = v.raw_entry(&KernelTables, page).map_or(true, |e| e.value & platform::ept::bits::SUPPRESS_VE != 0);
+        let sve = v
+            .raw_entry(&KernelTables, page)
+            .map_or(true, |e| e.value & platform::ept::bits::SUPPRESS_VE != 0);
         let hpa = host.hpa_of(page).unwrap_or(host.hpa);
         let filled = v
-            .map(&mut KernelTables, page, hpa, PageSize::Size4K, host.perms, host.memory_type)
-            .and_then(|()| if sve { Ok(()) } else { v.set_suppress_ve(&mut KernelTables, page, false) });
+            .map(
+                &mut KernelTables,
+                page,
+                hpa,
+                PageSize::Size4K,
+                host.perms,
+                host.memory_type,
+            )
+            .and_then(|()| {
+                if sve {
+                    Ok(())
+                } else {
+                    v.set_suppress_ve(&mut KernelTables, page, false)
+                }
+            });
         return match filled {
             Ok(()) => Response::RETRY,
             Err(e) => {
-                defmt::error!("domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed: {}", d.id, gpa, view, e);
+                defmt::error!(
+                    "domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed: {}",
+                    d.id,
+                    gpa,
+                    view,
+                    e
+                );
                 Response::CRASH
             }
         };

@@ -29,7 +29,9 @@ fn check(cf: u8, zf: u8) -> Result<(), VmxError> {
         Err(VmxError::FailInvalid)
     } else if zf != 0 {
         // Safety: VMfailValid means there is a current VMCS to read from.
-        Err(VmxError::FailValid(unsafe { vmread(VM_INSTRUCTION_ERROR) } as u32))
+        Err(VmxError::FailValid(
+            unsafe { vmread(VM_INSTRUCTION_ERROR) } as u32
+        ))
     } else {
         Ok(())
     }
@@ -127,6 +129,20 @@ pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmxError> {
             out(reg_byte) cf, out(reg_byte) zf, options(nostack, nomem));
     }
     check(cf, zf)
+}
+
+/// Writes a field of the current VMCS without checking for failure: for the
+/// exit fast path, where the field is known to be writable.
+///
+/// # Safety
+/// As [`vmwrite`], and `field` must be a valid, writable encoding (then the
+/// write cannot fail).
+#[inline(always)]
+pub unsafe fn vmwrite_unchecked(field: u32, value: u64) {
+    // Safety: the caller's contract.
+    unsafe {
+        asm!("vmwrite {}, {}", in(reg) u64::from(field), in(reg) value, options(nostack, nomem));
+    }
 }
 
 /// INVEPT types.

@@ -117,12 +117,21 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
 /// The current VMCS must be fully initialised with `exit_landing()` as its
 /// host RIP and this CPU's kernel state as its host state; `launched` must say
 /// whether this VMCS has been launched since its last VMCLEAR.
+#[inline(always)]
 pub unsafe fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), VmxError> {
     // Safety: the caller's contract; `regs` outlives the call.
     match unsafe { vmx_enter(regs, u64::from(launched)) } {
         0 => Ok(()),
-        1 => Err(VmxError::FailInvalid),
+        code => Err(entry_error(code)),
+    }
+}
+
+#[cold]
+fn entry_error(code: u64) -> VmxError {
+    if code == 1 {
+        VmxError::FailInvalid
+    } else {
         // Safety: VMfailValid: the VMCS is current and holds the error.
-        _ => Err(VmxError::FailValid(unsafe { vmread(VM_INSTRUCTION_ERROR) } as u32)),
+        VmxError::FailValid(unsafe { vmread(VM_INSTRUCTION_ERROR) } as u32)
     }
 }

@@ -97,9 +97,9 @@ pub trait TableMemory {
 pub enum PageSize {
     /// A PT entry.
     Size4K,
-    /// A PD entry with the page-size bit ([`crate::vmx::VmxCaps::ept_2m_pages`]).
+    /// A PD entry with the page-size bit ([`crate::vmx::VmxFeatures::ept_2m_pages`]).
     Size2M,
-    /// A PDPT entry with the page-size bit ([`crate::vmx::VmxCaps::ept_1g_pages`]).
+    /// A PDPT entry with the page-size bit ([`crate::vmx::VmxFeatures::ept_1g_pages`]).
     Size1G,
 }
 
@@ -133,7 +133,7 @@ impl PageSize {
 
 /// Access rights of a leaf. Write without read is an EPT misconfiguration
 /// and refused; execute-only is accepted here, and is for the caller to
-/// offer only where [`crate::vmx::VmxCaps::ept_execute_only`] says so.
+/// offer only where [`crate::vmx::VmxFeatures::ept_execute_only`] says so.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Perms {
@@ -324,7 +324,7 @@ impl Ept {
 
     /// The EPT pointer for the VMCS or the VMFUNC list: write-back walks,
     /// 4 levels, accessed/dirty flags where asked (and where
-    /// [`crate::vmx::VmxCaps::ept_ad`] allows).
+    /// [`crate::vmx::VmxFeatures::ept_ad`] allows).
     pub const fn eptp(&self, accessed_dirty: bool) -> u64 {
         const WRITE_BACK: u64 = 6;
         const WALK_LENGTH_4: u64 = (4 - 1) << 3;

@@ -87,7 +87,11 @@ pub struct GuestLayout {
 
 impl GuestLayout {
     pub fn new(ram_bytes: u64) -> Self {
-        Self { ram_bytes, reserved: (INFO_GPA, INFO_GPA + INFO_SIZE as u64), hole: (0xa_0000, 0x10_0000) }
+        Self {
+            ram_bytes,
+            reserved: (INFO_GPA, INFO_GPA + INFO_SIZE as u64),
+            hole: (0xa_0000, 0x10_0000),
+        }
     }
 }
 
@@ -97,15 +101,21 @@ pub const INFO_GPA: u64 = 0x1000;
 pub const INFO_SIZE: usize = 4096;
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Finds the header and computes the load plan for a guest with `layout`.
@@ -132,7 +142,10 @@ pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> 
         return Err(ImageError::Empty);
     }
     for s in &plan.segments {
-        let end = s.gpa.checked_add(s.mem_len).ok_or(ImageError::BadAddresses)?;
+        let end = s
+            .gpa
+            .checked_add(s.mem_len)
+            .ok_or(ImageError::BadAddresses)?;
         let overlaps = |(a, b): (u64, u64)| s.gpa < b && a < end;
         if end > layout.ram_bytes || overlaps(layout.reserved) || overlaps(layout.hole) {
             return Err(ImageError::OutsideRam { start: s.gpa, end });
@@ -149,16 +162,27 @@ fn plan_from_header(image: &[u8], at: usize, flags: u32) -> Result<LoadPlan, Ima
     if load_addr > header_addr {
         return Err(ImageError::BadAddresses);
     }
-    let file_offset = at.checked_sub((header_addr - load_addr) as usize).ok_or(ImageError::BadAddresses)?;
+    let file_offset = at
+        .checked_sub((header_addr - load_addr) as usize)
+        .ok_or(ImageError::BadAddresses)?;
     let file_len = if load_end == 0 {
         image.len() - file_offset
     } else {
-        load_end.checked_sub(load_addr).ok_or(ImageError::BadAddresses)? as usize
+        load_end
+            .checked_sub(load_addr)
+            .ok_or(ImageError::BadAddresses)? as usize
     };
-    if file_offset.checked_add(file_len).is_none_or(|e| e > image.len()) {
+    if file_offset
+        .checked_add(file_len)
+        .is_none_or(|e| e > image.len())
+    {
         return Err(ImageError::BadAddresses);
     }
-    let mem_end = if bss_end == 0 { u64::from(load_addr) + file_len as u64 } else { u64::from(bss_end) };
+    let mem_end = if bss_end == 0 {
+        u64::from(load_addr) + file_len as u64
+    } else {
+        u64::from(bss_end)
+    };
     if mem_end < u64::from(load_addr) + file_len as u64 {
         return Err(ImageError::BadAddresses);
     }
@@ -169,7 +193,11 @@ fn plan_from_header(image: &[u8], at: usize, flags: u32) -> Result<LoadPlan, Ima
         gpa: u64::from(load_addr),
         mem_len: mem_end - u64::from(load_addr),
     });
-    Ok(LoadPlan { segments, entry, flags })
+    Ok(LoadPlan {
+        segments,
+        entry,
+        flags,
+    })
 }
 
 /// An ELF image: its PT_LOAD segments go to their physical addresses.
@@ -204,7 +232,9 @@ fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
     let entry = u32::try_from(entry).map_err(|_| bad)?;
     let mut segments = Vec::new();
     for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize).ok_or(bad)?).ok_or(bad)?;
+        let ph = phoff
+            .checked_add(i.checked_mul(phentsize).ok_or(bad)?)
+            .ok_or(bad)?;
         if u32_at(image, ph).ok_or(bad)? != 1 {
             continue; // not PT_LOAD
         }
@@ -223,17 +253,30 @@ fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
                 u64::from(u32_at(image, ph + 20).ok_or(bad)?),
             )
         };
-        if filesz > memsz || offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
+        if filesz > memsz
+            || offset
+                .checked_add(filesz)
+                .is_none_or(|e| e > image.len() as u64)
+        {
             return Err(bad);
         }
         if memsz == 0 {
             continue;
         }
         segments
-            .push(Segment { file_offset: offset as usize, file_len: filesz as usize, gpa: paddr, mem_len: memsz })
+            .push(Segment {
+                file_offset: offset as usize,
+                file_len: filesz as usize,
+                gpa: paddr,
+                mem_len: memsz,
+            })
             .map_err(|_| ImageError::TooManySegments)?;
     }
-    Ok(LoadPlan { segments, entry, flags })
+    Ok(LoadPlan {
+        segments,
+        entry,
+        flags,
+    })
 }
 
 /// Why an information block could not be built.
@@ -245,7 +288,12 @@ pub struct InfoTooLarge;
 /// RAM from 0, to be placed at [`INFO_GPA`]: memory sizes, a memory map
 /// (0-639 KiB and 1 MiB-end available), the command line and the loader's
 /// name. Returns the bytes used in `out`.
-pub fn build_info(ram_bytes: u64, cmdline: &str, loader: &str, out: &mut [u8]) -> Result<usize, InfoTooLarge> {
+pub fn build_info(
+    ram_bytes: u64,
+    cmdline: &str,
+    loader: &str,
+    out: &mut [u8],
+) -> Result<usize, InfoTooLarge> {
     const STRUCT_LEN: usize = 88;
     let map: [(u64, u64, u32); 3] = [
         (0, 0x9_fc00, 1),

@@ -13,11 +13,11 @@ fn kludge_image(flags_extra: u32) -> StdVec<u8> {
         HEADER_MAGIC,
         flags,
         0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags)),
-        0x10_0040,   // header_addr
-        0x10_0000,   // load_addr
-        0x10_1800,   // load_end_addr
-        0x10_4000,   // bss_end_addr
-        0x10_0100,   // entry_addr
+        0x10_0040, // header_addr
+        0x10_0000, // load_addr
+        0x10_1800, // load_end_addr
+        0x10_4000, // bss_end_addr
+        0x10_0100, // entry_addr
     ];
     for (i, f) in fields.iter().enumerate() {
         img[0x40 + 4 * i..0x44 + 4 * i].copy_from_slice(&f.to_le_bytes());
@@ -35,7 +35,12 @@ fn the_aout_kludge_header_gives_the_plan() {
     assert_eq!(p.entry, 0x10_0100);
     assert_eq!(
         p.segments.as_slice(),
-        &[Segment { file_offset: 0, file_len: 0x1800, gpa: 0x10_0000, mem_len: 0x4000 }]
+        &[Segment {
+            file_offset: 0,
+            file_len: 0x1800,
+            gpa: 0x10_0000,
+            mem_len: 0x4000
+        }]
     );
 }
 
@@ -46,7 +51,11 @@ fn elf(class64: bool, paddr: u64, filesz: u64, memsz: u64) -> StdVec<u8> {
     img[4] = if class64 { 2 } else { 1 };
     img[5] = 1;
     let flags = FLAG_MEMORY_INFO;
-    let hdr = [HEADER_MAGIC, flags, 0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags))];
+    let hdr = [
+        HEADER_MAGIC,
+        flags,
+        0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags)),
+    ];
     for (i, f) in hdr.iter().enumerate() {
         img[0x1000 + 4 * i..0x1004 + 4 * i].copy_from_slice(&f.to_le_bytes());
     }
@@ -83,7 +92,12 @@ fn elf32_and_elf64_segments_go_to_their_physical_addresses() {
         assert_eq!(p.entry, 0x10_0010);
         assert_eq!(
             p.segments.as_slice(),
-            &[Segment { file_offset: 0x1000, file_len: 0x800, gpa: 0x20_0000, mem_len: 0x3000 }],
+            &[Segment {
+                file_offset: 0x1000,
+                file_len: 0x800,
+                gpa: 0x20_0000,
+                mem_len: 0x3000
+            }],
             "class64 {class64}"
         );
     }
@@ -92,11 +106,23 @@ fn elf32_and_elf64_segments_go_to_their_physical_addresses() {
 #[test]
 fn images_that_do_not_fit_are_refused_with_the_range() {
     let big = elf(true, 15 * MIB, 0x800, 2 * MIB);
-    assert_eq!(plan(&big, &layout()), Err(ImageError::OutsideRam { start: 15 * MIB, end: 17 * MIB }));
+    assert_eq!(
+        plan(&big, &layout()),
+        Err(ImageError::OutsideRam {
+            start: 15 * MIB,
+            end: 17 * MIB
+        })
+    );
     let low = elf(true, 0x1000, 0x800, 0x1000);
-    assert!(matches!(plan(&low, &layout()), Err(ImageError::OutsideRam { .. })), "over the info block");
+    assert!(
+        matches!(plan(&low, &layout()), Err(ImageError::OutsideRam { .. })),
+        "over the info block"
+    );
     let vga = elf(true, 0xb_8000, 0x800, 0x1000);
-    assert!(matches!(plan(&vga, &layout()), Err(ImageError::OutsideRam { .. })), "in the legacy hole");
+    assert!(
+        matches!(plan(&vga, &layout()), Err(ImageError::OutsideRam { .. })),
+        "in the legacy hole"
+    );
 }
 
 #[test]
@@ -105,7 +131,10 @@ fn malformed_images_are_named() {
     let mut bad_sum = kludge_image(0);
     bad_sum[0x48] ^= 1;
     assert_eq!(plan(&bad_sum, &layout()), Err(ImageError::BadChecksum));
-    assert!(matches!(plan(&kludge_image(FLAG_VIDEO_MODE), &layout()), Err(ImageError::UnsupportedFlags(_))));
+    assert!(matches!(
+        plan(&kludge_image(FLAG_VIDEO_MODE), &layout()),
+        Err(ImageError::UnsupportedFlags(_))
+    ));
     let mut past_end = kludge_image(0);
     past_end[0x40 + 20..0x40 + 24].copy_from_slice(&0x10_9000u32.to_le_bytes()); // load_end beyond the file
     assert_eq!(plan(&past_end, &layout()), Err(ImageError::BadAddresses));
@@ -141,8 +170,14 @@ fn the_information_block_describes_ram_and_points_at_its_strings() {
             )
         })
         .collect();
-    assert_eq!(entries, [(0, 0x9fc00, 1), (0x9fc00, 0x400, 2), (MIB, 15 * MIB, 1)]);
-    assert_eq!(build_info(16 * MIB, &"x".repeat(5000), "P", &mut out), Err(InfoTooLarge));
+    assert_eq!(
+        entries,
+        [(0, 0x9fc00, 1), (0x9fc00, 0x400, 2), (MIB, 15 * MIB, 1)]
+    );
+    assert_eq!(
+        build_info(16 * MIB, &"x".repeat(5000), "P", &mut out),
+        Err(InfoTooLarge)
+    );
 }
 
 proptest! {

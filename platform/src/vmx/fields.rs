@@ -282,7 +282,16 @@ mod tests {
     fn io_qualifications() {
         // `out dx, al` to 0x3f8
         let q = IoQualification::decode(0x03f8_0000);
-        assert_eq!(q, IoQualification { size: 1, write: true, string: false, rep: false, port: 0x3f8 });
+        assert_eq!(
+            q,
+            IoQualification {
+                size: 1,
+                write: true,
+                string: false,
+                rep: false,
+                port: 0x3f8
+            }
+        );
         // `in eax, dx` from 0xf4, and `rep outsb`
         assert_eq!(IoQualification::decode(0x00f4_000b).size, 4);
         assert!(!IoQualification::decode(0x00f4_000b).write);
@@ -294,7 +303,14 @@ mod tests {
     fn ept_violation_qualifications() {
         // A write to a not-present page with a valid linear address.
         let v = EptViolation::decode(0x182);
-        assert!(v.write && !v.read && !v.fetch && v.not_present() && v.linear_valid && v.final_translation);
+        assert!(
+            v.write
+                && !v.read
+                && !v.fetch
+                && v.not_present()
+                && v.linear_valid
+                && v.final_translation
+        );
         // A write to a read-only page.
         let v = EptViolation::decode(0x18a);
         assert!(v.write && v.allowed_read && !v.allowed_write && !v.not_present());

@@ -47,6 +47,30 @@
 //! exits with `(status << 1) | 1`; under Parallax the domain ends with
 //! `status`.
 //!
+//! # The guests
+//!
+//! Built with `cargo build --release --target x86_64-unknown-none -p
+//! guest-NAME`; each crate's docs say what it checks.
+//!
+//! | guest | needs Parallax | checks |
+//! |---|---|---|
+//! | `guest-hello` | no | boots, prints its command line and RAM, exits 0 |
+//! | `guest-cpuid` | no | VMX hidden (else status 1); shows the hypervisor leaves |
+//! | `guest-unmapped` | no | reads GPA 1 GiB: Parallax must end the domain there (on QEMU: status 3) |
+//! | `guest-vmfunc` | yes | remapped gfn in an alternate view, exit-free VMFUNC, #UD for an invisible view |
+//! | `guest-ve` | yes | a write to a read-only page in a view delivered as #VE |
+//! | `guest-pml` | yes | every page written after `DirtyLogStart` is reported |
+//! | `guest-bench` | yes | `BENCH key=value` lines: hypercall, VMFUNC, EPT-violation and view-switch costs |
+//!
+//! On plain QEMU a guest that needs Parallax stops at its first hypercall
+//! (VMCALL raises #UD): `guest: exception invalid opcode (#UD) ...`, status
+//! 0xEE. `guest-vmfunc` with the command line `selftest=ud` checks its #UD
+//! path without a hypervisor.
+//!
+//! Run one on QEMU:
+//! `qemu-system-x86_64 -kernel GUEST -append "ARGS" -m 64M -display none
+//! -serial stdio -device isa-debug-exit,iobase=0xf4,iosize=4 -no-reboot`.
+//!
 //! # Machine state
 //!
 //! One CPU, interrupts disabled throughout, 64-bit mode, the first 4 GiB

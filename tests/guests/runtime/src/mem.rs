@@ -42,7 +42,7 @@ macro_rules! page_buffer_methods {
     () => {
         /// The guest(-physical) address of the buffer.
         pub fn addr(&self) -> u64 {
-            self.0.get() as *const u8 as u64
+            self.base() as u64
         }
 
         /// The address of page `page`.
@@ -59,7 +59,7 @@ macro_rules! page_buffer_methods {
         fn ptr(&self, page: usize, offset: usize, size: usize) -> *mut u8 {
             let at = checked(Self::PAGES, page, offset, size);
             // `at` is inside the buffer (checked above).
-            self.0.get().cast::<u8>().wrapping_add(at)
+            self.base().wrapping_add(at)
         }
 
         /// Reads the u64 at byte `offset` (8-aligned) of page `page`.
@@ -130,6 +130,10 @@ impl<const N: usize> Pages<N> {
         Pages(UnsafeCell::new([[0; PAGE_SIZE]; N]))
     }
 
+    fn base(&self) -> *mut u8 {
+        self.0.get().cast()
+    }
+
     page_buffer_methods!();
 }
 
@@ -139,10 +143,20 @@ impl<const N: usize> Default for Pages<N> {
     }
 }
 
-/// One 2 MiB-aligned, 2 MiB area (512 pages), for a `static`: a region a
+/// Pages a [`LargePage`] reserves: enough to hold a 2 MiB-aligned 2 MiB
+/// window wherever the linker puts it.
+const LARGE_RESERVED: usize = 2 * (LARGE_PAGE_SIZE / PAGE_SIZE) - 1;
+
+/// A 2 MiB-aligned, 2 MiB area (512 pages), for a `static`: a region a
 /// hypervisor may map with one large page.
-#[repr(C, align(0x200000))]
-pub struct LargePage(UnsafeCell<[[u8; PAGE_SIZE]; LARGE_PAGE_SIZE / PAGE_SIZE]>);
+///
+/// The static itself is only 4 KiB-aligned (a 2 MiB-aligned section would
+/// make the linker align the image's file offset to 2 MiB too, pushing the
+/// multiboot header out of the file's first 8 KiB); it reserves 4 MiB - 4 KiB
+/// and the area is the 2 MiB-aligned window inside it. Page `i` and
+/// [`LargePage::addr`] refer to that window.
+#[repr(C, align(4096))]
+pub struct LargePage(UnsafeCell<[[u8; PAGE_SIZE]; LARGE_RESERVED]>);
 
 // Safety: as for `Pages`.
 unsafe impl Sync for LargePage {}
@@ -151,9 +165,15 @@ impl LargePage {
     pub const PAGES: usize = LARGE_PAGE_SIZE / PAGE_SIZE;
 
     pub const fn new() -> Self {
-        LargePage(UnsafeCell::new(
-            [[0; PAGE_SIZE]; LARGE_PAGE_SIZE / PAGE_SIZE],
-        ))
+        LargePage(UnsafeCell::new([[0; PAGE_SIZE]; LARGE_RESERVED]))
+    }
+
+    /// The start of the 2 MiB-aligned window.
+    fn base(&self) -> *mut u8 {
+        let start = self.0.get().cast::<u8>();
+        let pad = (start as usize).next_multiple_of(LARGE_PAGE_SIZE) - start as usize;
+        // At most 511 pages of padding: the window ends inside the buffer.
+        start.wrapping_add(pad)
     }
 
     page_buffer_methods!();

@@ -1,0 +1,167 @@
+//! `cargo hv bench`: boots the benchmark guest on Bochs and reports what it
+//! measured.
+//!
+//! On Bochs the guest's RDTSC counts emulated instructions (facts/emulators
+//! in the design notes), so every figure is an instruction count of the path,
+//! hypervisor included, and does not move with the load of the machine. The
+//! guest prints `BENCH <key>=<value>` lines on its console; this module
+//! collects them into one JSON object with the CPU model.
+
+use crate::compile::BuildOptions;
+use crate::emulator::{self, Machine, RunConfig, RunEnd};
+use crate::image::{self, ImageOptions};
+use crate::{logs, paths};
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The manifest of the benchmark image.
+const MANIFEST: &str = r#"
+name = "bench"
+[[domain]]
+name = "bench"
+guest = "bench"
+memory_mib = 32
+"#;
+
+/// Targets the figures are held to: (key, comparison, bound).
+pub const TARGETS: &[(&str, &str, u64)] = &[
+    ("vmcall_kernel_ticks", "<=", 110),
+    ("vmfunc_switch_exits", "==", 0),
+];
+
+/// A benchmark value: a count, or null where the CPU lacks the feature.
+pub type Figures = BTreeMap<String, Option<u64>>;
+
+/// Builds the benchmark image, boots it on Bochs with `cpu_model`, and
+/// returns the figures.
+pub fn run(cpu_model: &str, build: &BuildOptions, timeout: Duration) -> Result<Figures> {
+    let manifest_path = paths::work_dir().join("bench.toml");
+    std::fs::create_dir_all(paths::work_dir())?;
+    std::fs::write(&manifest_path, MANIFEST)?;
+    let img = image::build(&ImageOptions {
+        manifest: manifest_path,
+        build: build.clone(),
+        out: paths::target_dir().join("bench.iso"),
+        ..ImageOptions::default()
+    })?;
+    let mut cfg = RunConfig::new(Machine::Bochs, emulator::capture_path("bench"));
+    cfg.bochs_cpu = cpu_model.to_owned();
+    cfg.timeout = timeout;
+    let outcome = emulator::run(&img.iso, &img.elfs, &cfg)?;
+    if outcome.end != RunEnd::Halted(0) {
+        for l in &outcome.lines {
+            eprintln!("{l}");
+        }
+        bail!("the benchmark run did not end well: {}", outcome.summary());
+    }
+    figures(&outcome.lines)
+}
+
+/// Collects `BENCH key=value` lines from guest consoles.
+pub fn figures(lines: &[logs::LogLine]) -> Result<Figures> {
+    let mut out = Figures::new();
+    for l in lines.iter().filter(|l| l.source.starts_with("dom")) {
+        let Some(rest) = l.text.strip_prefix("BENCH ") else {
+            continue;
+        };
+        let (key, value) = rest
+            .split_once('=')
+            .with_context(|| format!("malformed benchmark line {:?}", l.text))?;
+        let value = match value.trim() {
+            "null" => None,
+            v => Some(
+                v.parse::<u64>()
+                    .with_context(|| format!("benchmark {key}: {v:?} is not a count"))?,
+            ),
+        };
+        out.insert(key.trim().to_owned(), value);
+    }
+    if out.is_empty() {
+        bail!("the benchmark guest printed no BENCH lines");
+    }
+    Ok(out)
+}
+
+/// The figures and the model as one JSON object.
+pub fn to_json(model: &str, figures: &Figures) -> String {
+    let mut s = format!("{{\"model\": \"{model}\"");
+    for (k, v) in figures {
+        match v {
+            Some(n) => s.push_str(&format!(", \"{k}\": {n}")),
+            None => s.push_str(&format!(", \"{k}\": null")),
+        }
+    }
+    s.push('}');
+    s
+}
+
+/// Whether each target holds, as readable lines.
+pub fn check_targets(figures: &Figures) -> Vec<(String, bool)> {
+    TARGETS
+        .iter()
+        .map(|(key, op, bound)| {
+            let ok = match (figures.get(*key).copied().flatten(), *op) {
+                (Some(v), "<=") => v <= *bound,
+                (Some(v), "==") => v == *bound,
+                _ => false,
+            };
+            (format!("{key} {op} {bound}"), ok)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(source: &str, text: &str) -> logs::LogLine {
+        logs::LogLine {
+            time: None,
+            source: source.into(),
+            level: String::new(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn collects_figures_from_guest_lines_only() {
+        let lines = [
+            line("kernel", "BENCH vmcall_kernel_ticks=1"),
+            line("dom1", "BENCH vmcall_kernel_ticks=104"),
+            line("dom1", "BENCH vmfunc_switch_ticks=null"),
+            line("dom1", "other output"),
+        ];
+        let f = figures(&lines).unwrap();
+        assert_eq!(f["vmcall_kernel_ticks"], Some(104));
+        assert_eq!(f["vmfunc_switch_ticks"], None);
+        assert_eq!(
+            to_json("m", &f),
+            r#"{"model": "m", "vmcall_kernel_ticks": 104, "vmfunc_switch_ticks": null}"#
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let e = figures(&[line("dom1", "BENCH x=lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("benchmark x: \"lots\" is not a count"), "{e}");
+        assert!(figures(&[line("dom1", "nothing")]).is_err());
+    }
+
+    #[test]
+    fn targets_are_checked() {
+        let mut f = Figures::new();
+        f.insert("vmcall_kernel_ticks".into(), Some(120));
+        f.insert("vmfunc_switch_exits".into(), Some(0));
+        let checks = check_targets(&f);
+        assert_eq!(
+            checks,
+            [
+                ("vmcall_kernel_ticks <= 110".to_owned(), false),
+                ("vmfunc_switch_exits == 0".to_owned(), true)
+            ]
+        );
+    }
+}
