@@ -123,3 +123,40 @@ fn a_kernel_panic_is_reported_then_the_run_stops() {
         .expect("selftest: a deliberate panic")
         .expect_status(HaltStatus::KernelFault);
 }
+
+#[test]
+fn a_guest_image_that_is_not_multiboot_fails_only_its_domain() {
+    let img = image(
+        "not-multiboot",
+        "",
+        vec![
+            module(
+                "manifest",
+                manifest(
+                    "name = \"x\"\n[[domain]]\nname = \"bad\"\nguest = \"junk\"\nmemory_mib = 16\n\
+                     [[domain]]\nname = \"good\"\nguest = \"hello\"\nmemory_mib = 16\n",
+                ),
+            ),
+            module("junk", b"this is not a multiboot kernel".repeat(100)),
+            image_builder::iso::Module {
+                name: "hello".into(),
+                content: image_builder::iso::Content::File(parallax_tests::guest("hello")),
+            },
+        ],
+    );
+    boot(&img, Machine::Bochs, |_| {})
+        .expect("domain 1 (bad) could not be built: Image(NoHeader)")
+        .expect("domain 2 (good) exited with status 0")
+        .expect_status(HaltStatus::GuestFailed);
+}
+
+#[test]
+fn more_vcpus_than_supported_is_refused_by_name() {
+    let img = parallax_tests::system(
+        "two-vcpus",
+        "name = \"x\"\n[[domain]]\nname = \"smp\"\nguest = \"hello\"\nmemory_mib = 16\nvcpus = 2\n",
+    );
+    boot(&img, Machine::Bochs, |_| {})
+        .expect("domain 1 (smp) could not be built: TooManyVcpus { asked: 2 }")
+        .expect_status(HaltStatus::GuestFailed);
+}

@@ -21,6 +21,58 @@ pub fn kernel() -> &'static Path {
     })
 }
 
+/// Every test guest (crates in `tests/guests/`), built once per test process.
+pub const GUESTS: &[&str] = &["hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench"];
+
+/// The ELF of test guest `name`.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        kernel();
+        let paths =
+            compile::guests(GUESTS, &BuildOptions::default()).expect("the test guests build");
+        GUESTS
+            .iter()
+            .map(|g| {
+                (
+                    g.to_string(),
+                    paths[GUESTS.iter().position(|x| x == g).unwrap()].clone(),
+                )
+            })
+            .collect()
+    });
+    built
+        .get(name)
+        .unwrap_or_else(|| panic!("no test guest {name}"))
+        .clone()
+}
+
+/// An image of the system `toml` describes, with each guest its domains name.
+pub fn system(name: &str, toml: &str) -> Image {
+    let m = SystemManifest::parse(toml, Path::new(name)).expect("test manifests are valid");
+    let mut modules = vec![module(
+        "manifest",
+        m.compile().expect("test manifests compile"),
+    )];
+    for g in m.guests() {
+        modules.push(Module {
+            name: g.to_owned(),
+            content: Content::File(guest(g)),
+        });
+    }
+    image(name, "", modules)
+}
+
+/// A system of one domain running `guest`.
+pub fn one_guest(guest: &str) -> Image {
+    system(
+        &format!("guest-{guest}"),
+        &format!(
+            "name = \"{guest}-test\"\n[[domain]]\nname = \"{guest}\"\nguest = \"{guest}\"\nmemory_mib = 32\ncmdline = \"test run\"\n"
+        ),
+    )
+}
+
 /// A compiled manifest from TOML text.
 pub fn manifest(toml: &str) -> Vec<u8> {
     SystemManifest::parse(toml, Path::new("test manifest"))
@@ -120,6 +172,22 @@ impl Run {
             self.log()
         );
         self
+    }
+
+    /// The text of every console line of domain `id`.
+    pub fn console(&self, id: u16) -> Vec<String> {
+        let source = format!("dom{id}");
+        self.0
+            .lines
+            .iter()
+            .filter(|l| l.source == source)
+            .map(|l| l.text.clone())
+            .collect()
+    }
+
+    /// Asserts that domain `id` printed a line containing `text`.
+    pub fn expect_console(&self, id: u16, text: &str) -> &Self {
+        self.expect_from(&format!("dom{id}"), text)
     }
 
     /// Asserts that the kernel halted with `status` (and the emulator agreed).

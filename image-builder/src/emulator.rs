@@ -179,11 +179,49 @@ impl RunOutcome {
 
 /// Boots `iso` and decodes its log with `elfs`.
 pub fn run(iso: &Path, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
+    run_boot(&Boot::Iso(iso), elfs, cfg)
+}
+
+/// Boots a multiboot (v1) kernel directly with QEMU's loader (`-kernel`), no
+/// hypervisor: a test guest's output without Parallax, to compare with it.
+pub fn run_multiboot_on_qemu(elf: &Path, cmdline: &str, cfg: &RunConfig) -> Result<RunOutcome> {
+    run_boot(&Boot::Multiboot { elf, cmdline }, &ElfSet::default(), cfg)
+}
+
+/// What to boot.
+enum Boot<'a> {
+    Iso(&'a Path),
+    Multiboot { elf: &'a Path, cmdline: &'a str },
+}
+
+fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
     let rundir = cfg.capture.with_extension("run");
     std::fs::create_dir_all(&rundir).with_context(|| format!("creating {}", rundir.display()))?;
     std::fs::write(&cfg.capture, b"")
         .with_context(|| format!("creating {}", cfg.capture.display()))?;
-    let (mut cmd, emulator_log) = command(iso, cfg, &rundir)?;
+    let (mut cmd, emulator_log) = match boot {
+        Boot::Iso(iso) => command(iso, cfg, &rundir)?,
+        Boot::Multiboot { elf, cmdline } => {
+            if cfg.machine != Machine::Qemu {
+                bail!("a multiboot kernel boots directly only on QEMU (--on qemu)");
+            }
+            if !elf.is_file() {
+                bail!("{} does not exist", elf.display());
+            }
+            // QEMU starts the guest's command line with the path it was
+            // given: give it the bare file name, as a boot loader would.
+            let (Some(dir), Some(file)) = (elf.parent(), elf.file_name()) else {
+                bail!("{} is not a file path", elf.display());
+            };
+            let mut c = qemu_base(cfg);
+            c.current_dir(dir)
+                .args(["-accel", "tcg", "-cpu", "max", "-kernel"])
+                .arg(file)
+                .arg("-append")
+                .arg(cmdline);
+            (c, None)
+        }
+    };
     let started = Instant::now();
     let stderr_path = rundir.join("emulator-output.txt");
     let mut child = match &emulator_log {
@@ -337,7 +375,8 @@ fn command(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Optio
     }
 }
 
-fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
+/// QEMU with the machine, memory, serial capture and exit port every run uses.
+fn qemu_base(cfg: &RunConfig) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-machine", "q35", "-m"])
         .arg(format!("{}M", cfg.memory_mib))
@@ -345,8 +384,13 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .arg("-serial")
         .arg(format!("file:{}", cfg.capture.display()))
-        .arg("-cdrom")
-        .arg(iso);
+        .args(["-accel", "tcg", "-cpu", "max"]);
+    c
+}
+
+fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
+    let mut c = qemu_base(cfg);
+    c.arg("-cdrom").arg(iso);
     match cfg.machine {
         Machine::Kvm => {
             if !kvm_nested_vmx() {

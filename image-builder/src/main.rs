@@ -248,18 +248,23 @@ fn lint() -> Result<()> {
         "clippy (host crates)",
         &["clippy", "--all-targets", "--", "-D", "warnings"],
     )?;
-    run(
-        "clippy (bare-metal crates)",
-        &[
-            "clippy",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-            "-p",
-            "kernel",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )
+    // The kernel and every test guest (crates under tests/guests/).
+    let mut bare: Vec<String> = vec!["-p".into(), "kernel".into()];
+    let guests = paths::repo().join("tests").join("guests");
+    if let Ok(dirs) = std::fs::read_dir(&guests) {
+        let mut names: Vec<String> = dirs
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("Cargo.toml").is_file())
+            .map(|e| format!("guest-{}", e.file_name().to_string_lossy()))
+            .collect();
+        names.sort();
+        for n in names {
+            bare.push("-p".into());
+            bare.push(n);
+        }
+    }
+    let mut args = vec!["clippy", "--release", "--target", "x86_64-unknown-none"];
+    args.extend(bare.iter().map(String::as_str));
+    args.extend(["--", "-D", "warnings"]);
+    run("clippy (bare-metal crates)", &args)
 }

@@ -13,9 +13,19 @@
 //! | [`HC_CALL`] | 16 | RBX = GPA of the request, RCX = its length | RAX = status, RBX = reply length; the [`Reply`] overwrites the request |
 //!
 //! The registers are the 64-bit ones; a 32-bit guest uses their low halves
-//! (EAX, EBX, ECX). Statuses are [`Status`] codes. A request page must lie
-//! inside the guest's RAM and within one 4 KiB page; requests longer than
-//! [`MAX_REQUEST`] are refused.
+//! (EAX, EBX, ECX). Every register other than RAX and RBX is preserved.
+//! Statuses are [`Status`] codes: a request that decoded but was refused
+//! answers [`Status::Refused`] with a [`Reply::Error`] naming why. A request
+//! page must lie inside the guest's RAM and within one 4 KiB page; requests
+//! longer than [`MAX_REQUEST`] are refused.
+//!
+//! [`HC_EXIT_COUNT`] counts the exits the vCPU caused itself (instructions,
+//! faults); exits for the hypervisor's own reasons (the preemption timer,
+//! host interrupts) are not counted, so a guest can check that an operation
+//! caused no exit. [`HC_VIEW_SWITCH`] switches to any existing view;
+//! visibility ([`Request::ViewSetVisible`]) governs VMFUNC only. Reading the
+//! dirty log re-arms the pages read, so writes after a read are logged again
+//! (including the guest's own writes while it reads).
 
 use heapless::Vec;
 use postcard_schema::{Schema, key::Key};
@@ -151,7 +161,9 @@ pub enum Request {
     DirtyLogStop,
 }
 
-/// The answer to a [`Request`].
+/// The answer to a [`Request`]. Sized for the largest answer (a full dirty
+/// list): messages are fixed-size values in a `no_std` world.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
 pub enum Reply {
     Done,

@@ -102,8 +102,16 @@ impl Domain {
                 },
             ))?;
         }
+        // Like GRUB and QEMU, the command line starts with the image's name.
+        let mut cmdline: heapless::String<256> = heapless::String::new();
+        let fits = cmdline.push_str(spec.guest).is_ok()
+            && (spec.cmdline.is_empty()
+                || (cmdline.push(' ').is_ok() && cmdline.push_str(spec.cmdline).is_ok()));
+        if !fits {
+            return Err(BuildError::CmdlineTooLong);
+        }
         let mut info = [0u8; INFO_SIZE];
-        let n = multiboot::build_info(ram_bytes, spec.cmdline, "Parallax", &mut info)
+        let n = multiboot::build_info(ram_bytes, &cmdline, "Parallax", &mut info)
             .map_err(|_| BuildError::CmdlineTooLong)?;
         write_guest_checked(views, INFO_GPA, &info[..n]).ok_or(BuildError::OutOfMemory)?;
 
@@ -216,20 +224,22 @@ fn populate(views: &mut Views, layout: &GuestLayout) -> Result<(), BuildError> {
     let mut gpa = 0;
     while gpa < layout.ram_bytes {
         let left = layout.ram_bytes - gpa;
-        if gpa % MIB2 == 0 && gpa >= MIB2 && left >= MIB2 {
-            if let Some(hpa) = alloc_zeroed_contiguous(512, 512) {
-                ept.map(
-                    &mut KernelTables,
-                    gpa,
-                    hpa,
-                    PageSize::Size2M,
-                    Perms::ALL,
-                    MemoryType::WRITE_BACK,
-                )
-                .inspect_err(|_| free_range(hpa, MIB2))?;
-                gpa += MIB2;
-                continue;
-            }
+        if gpa % MIB2 == 0
+            && gpa >= MIB2
+            && left >= MIB2
+            && let Some(hpa) = alloc_zeroed_contiguous(512, 512)
+        {
+            ept.map(
+                &mut KernelTables,
+                gpa,
+                hpa,
+                PageSize::Size2M,
+                Perms::ALL,
+                MemoryType::WRITE_BACK,
+            )
+            .inspect_err(|_| free_range(hpa, MIB2))?;
+            gpa += MIB2;
+            continue;
         }
         if gpa >= layout.hole.0 && gpa < layout.hole.1 {
             gpa = layout.hole.1;

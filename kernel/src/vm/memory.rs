@@ -21,10 +21,10 @@ pub fn alloc_zeroed_contiguous(count: u64, align: u64) -> Option<u64> {
 
 /// Gives a frame back; a refusal is a kernel bug and is logged.
 pub fn free_frame(pa: u64) {
-    if let Some(fa) = FRAMES.lock().as_mut() {
-        if let Err(e) = fa.free(pa) {
-            defmt::error!("frame {=u64:#x} freed wrongly: {}", pa, e);
-        }
+    if let Some(fa) = FRAMES.lock().as_mut()
+        && let Err(e) = fa.free(pa)
+    {
+        defmt::error!("frame {=u64:#x} freed wrongly: {}", pa, e);
     }
 }
 

@@ -294,6 +294,7 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
     }
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
+            d.vcpu.exits -= 1; // not the guest's doing
             if others_waiting {
                 Fast::Yield
             } else {
@@ -301,6 +302,7 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
             }
         }
         reason::EXTERNAL_INTERRUPT => {
+            d.vcpu.exits -= 1; // not the guest's doing
             crate::apic::end_of_interrupt();
             Fast::Handled
         }

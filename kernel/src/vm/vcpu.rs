@@ -81,7 +81,9 @@ pub struct Vcpu {
     vmcs: u64,
     pub regs: GuestRegs,
     launched: bool,
-    /// VM exits taken so far.
+    /// VM exits the guest caused (instructions, faults); exits for the
+    /// hypervisor's own reasons (preemption timer, host interrupts) are not
+    /// counted.
     pub exits: u64,
     pub state: VcpuState,
     proc2: u32,
@@ -293,9 +295,9 @@ impl Vcpu {
             14 => r.r14,
             _ => r.r15,
         };
-        // Safety (the writes below): the VMCS is current; the values keep
-        // the bits VMX requires and are otherwise the guest's own.
         match cr {
+            // Safety: the VMCS is current; the values keep the bits VMX
+            // requires and are otherwise the guest's own.
             0 => unsafe {
                 let old = self.read(GUEST_CR0);
                 let _ = vmwrite(CR0_READ_SHADOW, value);
@@ -331,6 +333,7 @@ impl Vcpu {
                 self.inject_exception(13, Some(0));
                 true
             }
+            // Safety: as for CR0.
             4 => unsafe {
                 let _ = vmwrite(CR4_READ_SHADOW, value);
                 let _ = vmwrite(GUEST_CR4, value | CR4_HOST_OWNED);
@@ -344,8 +347,7 @@ impl Vcpu {
     /// Decodes an exit into the message an exit handler receives.
     pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
         use platform::vmx::fields::reason as r;
-        // Safety (all reads): the VMCS is current.
-        let read = |f| unsafe { vmread(f) };
+        let read = |f| self.read(f);
         let q = self.qualification();
         let kind = if raw.entry_failure() {
             ExitKind::Other {

@@ -55,7 +55,7 @@ unsafe extern "C" {
 
 /// The address to put in the VMCS host-RIP field.
 pub fn exit_landing() -> u64 {
-    vmx_exit as unsafe extern "C" fn() as u64
+    vmx_exit as unsafe extern "C" fn() as usize as u64
 }
 
 #[unsafe(naked)]

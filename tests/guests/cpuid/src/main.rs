@@ -20,15 +20,15 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 /// Registers as text, NULs trimmed (invalid UTF-8 shown as U+FFFD).
-fn text(regs: &[u32]) -> heapless_text::Text {
-    let mut t = heapless_text::Text::default();
+fn text(regs: &[u32]) -> reg_text::Text {
+    let mut t = reg_text::Text::default();
     for r in regs {
         t.push_bytes(&r.to_le_bytes());
     }
     t
 }
 
-mod heapless_text {
+mod reg_text {
     /// Up to 16 bytes of register text.
     #[derive(Default)]
     pub struct Text {

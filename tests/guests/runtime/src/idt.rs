@@ -287,5 +287,29 @@ extern "C" fn trap(frame: &mut TrapFrame) {
         frame.rbp,
         frame.rsp,
     );
+    if frame.vector == u64::from(VECTOR_UD) && instruction_at(frame.rip) == Some(VMCALL_BYTES) {
+        crate::println!("guest:   (the #UD is at a VMCALL: no hypervisor answers hypercalls here)");
+    }
     crate::exit(STATUS_EXCEPTION)
+}
+
+/// The VMCALL instruction's bytes.
+const VMCALL_BYTES: [u8; 3] = [0x0f, 0x01, 0xc1];
+
+/// The first three bytes at `rip`, if it lies in this image.
+fn instruction_at(rip: u64) -> Option<[u8; 3]> {
+    unsafe extern "C" {
+        static __guest_load_start: u8;
+        static __guest_load_end: u8;
+    }
+    let (start, end) = (
+        &raw const __guest_load_start as u64,
+        &raw const __guest_load_end as u64,
+    );
+    if rip < start || rip.checked_add(3)? > end {
+        return None;
+    }
+    // Safety: `rip..rip + 3` lies inside the loaded image, which is
+    // identity-mapped and readable.
+    Some(unsafe { (rip as *const [u8; 3]).read_unaligned() })
 }

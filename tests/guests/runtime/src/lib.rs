@@ -6,7 +6,7 @@
 //!
 //! - the multiboot header (with the "a.out kludge", so QEMU loads the 64-bit
 //!   ELF) and the 32-bit entry that checks the magic, identity-maps the first
-//!   4 GiB with 2 MiB pages and enters long mode ([`boot`](crate::boot));
+//!   4 GiB with 2 MiB pages and enters long mode (module `boot`);
 //! - an IDT for the 32 exception vectors: #UD and #VE go to handlers a guest
 //!   registers ([`idt`]); everything else is reported and ends the guest;
 //! - COM1 output ([`print!`], [`println!`]) and [`exit`] through port 0xf4;

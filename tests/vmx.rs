@@ -1,0 +1,180 @@
+//! Guests under Parallax on Bochs's VMX (corei7_skylake_x unless said
+//! otherwise): each test guest runs in a domain, and the decoded log shows
+//! what it saw and how its domain ended.
+
+use image_builder::emulator::{self, Machine, RunConfig, RunEnd};
+use ipc_schema::halt::HaltStatus;
+use parallax_tests::{boot, guest, one_guest, system};
+
+fn bochs(img: &image_builder::image::Image) -> parallax_tests::Run {
+    boot(img, Machine::Bochs, |_| {})
+}
+
+fn bochs_model(img: &image_builder::image::Image, model: &str) -> parallax_tests::Run {
+    let model = model.to_owned();
+    boot(img, Machine::Bochs, move |c| c.bochs_cpu = model)
+}
+
+/// The guest's own output when it boots on plain QEMU, without Parallax.
+/// QEMU starts the command line with the image's file name, so the image is
+/// booted from a file named like its module under Parallax.
+fn plain_qemu(name: &str) -> (Vec<String>, i32) {
+    let dir = image_builder::paths::work_dir().join("plain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = dir.join(name);
+    std::fs::copy(guest(name), &elf).unwrap();
+    let mut cfg = RunConfig::new(
+        Machine::Qemu,
+        emulator::capture_path(&format!("plain-{name}")),
+    );
+    cfg.memory_mib = 32;
+    let out = emulator::run_multiboot_on_qemu(&elf, "test run", &cfg).expect("QEMU runs");
+    assert!(
+        matches!(out.end, RunEnd::EmulatorExited { .. }),
+        "{}",
+        out.summary()
+    );
+    (
+        out.lines
+            .iter()
+            .filter(|l| l.source == "boot")
+            .map(|l| l.text.clone())
+            .collect(),
+        out.exit_code(),
+    )
+}
+
+#[test]
+fn hello_prints_the_same_under_parallax_and_on_plain_qemu() {
+    let run = bochs(&one_guest("hello"));
+    run.expect("domain 1 (hello): guest hello, 32 MiB in")
+        .expect_console(1, "Hello from a Parallax test guest")
+        .expect_console(1, "cmdline: \"hello test run\"")
+        .expect("domain 1 (hello) exited with status 0")
+        .expect_status(HaltStatus::Success);
+    let (plain, status) = plain_qemu("hello");
+    assert_eq!(status, 0);
+    // The same lines, but for the memory size: QEMU's BIOS keeps the top
+    // 128 KiB of RAM and Parallax does not.
+    let without_memory = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("memory:"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        without_memory(&run.console(1)),
+        without_memory(&plain),
+        "with and without the hypervisor"
+    );
+    assert!(
+        plain.iter().any(|l| l.starts_with("memory:"))
+            && run.console(1).iter().any(|l| l.starts_with("memory:"))
+    );
+}
+
+#[test]
+fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
+    let run = bochs(&one_guest("cpuid"));
+    run.expect_console(1, "vendor: \"GenuineIntel\"")
+        .expect_console(1, "vmx: no")
+        .expect_console(1, "hypervisor bit: yes")
+        .expect_console(1, "hypervisor signature: \"ParallaxHV\"")
+        .expect_console(1, "hypervisor max leaf: 0x40000001")
+        .expect_status(HaltStatus::Success);
+    // Plain QEMU (TCG) has no VMX to hide and another signature; the lines
+    // that do not name the hypervisor or the vendor are the same.
+    let (plain, status) = plain_qemu("cpuid");
+    assert_eq!(status, 0);
+    let neutral = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("hypervisor") && !l.starts_with("vendor"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(neutral(&run.console(1)), neutral(&plain));
+}
+
+#[test]
+fn touching_memory_outside_ram_crashes_the_domain_with_a_report() {
+    bochs(&one_guest("unmapped"))
+        .expect_console(1, "touching 0x40000000")
+        .expect("domain 1 (unmapped): read of guest-physical 0x40000000 (linear 0x40000000), which is not RAM")
+        .expect("domain 1 (unmapped) crashed at rip 0x")
+        .expect_no("still running")
+        .expect_status(HaltStatus::GuestFailed);
+}
+
+#[test]
+fn one_domain_crashes_and_the_other_finishes() {
+    let img = system(
+        "two-domains",
+        r#"
+        name = "two"
+        [[domain]]
+        name = "crasher"
+        guest = "unmapped"
+        memory_mib = 16
+        [[domain]]
+        name = "survivor"
+        guest = "hello"
+        memory_mib = 16
+        "#,
+    );
+    let run = bochs(&img);
+    run.expect("domain 1 (crasher) crashed")
+        .expect_console(2, "Hello from a Parallax test guest")
+        .expect("domain 2 (survivor) exited with status 0")
+        .expect_status(HaltStatus::GuestFailed);
+}
+
+#[test]
+fn vmfunc_switches_views_without_exits_and_refuses_a_hidden_index() {
+    bochs(&one_guest("vmfunc"))
+        .expect_console(1, "capabilities: vmfunc true")
+        .expect_console(1, "vmfunc switches: 200, exits: 0")
+        .expect("VMFUNC leaf 0 index 400 refused (no such visible view): #UD")
+        .expect_console(1, "invalid view index refused with #UD")
+        .expect_console(1, "vmfunc: all checks passed")
+        .expect_status(HaltStatus::Success);
+}
+
+#[test]
+fn a_violation_with_suppress_ve_clear_becomes_a_ve_in_the_guest() {
+    bochs(&one_guest("ve"))
+        .expect_console(1, "#VE delivered: gpa 0x")
+        .expect_console(1, "exit reason 48")
+        .expect_console(1, "ve: all checks passed")
+        .expect_status(HaltStatus::Success);
+}
+
+#[test]
+fn pml_reports_every_dirtied_page() {
+    bochs(&one_guest("pml"))
+        .expect_console(1, "all written pages present")
+        .expect_status(HaltStatus::Success);
+}
+
+#[test]
+fn broadwell_without_pml_reports_it_absent_and_nothing_breaks() {
+    bochs_model(&one_guest("pml"), "broadwell_ult")
+        .expect("PML false")
+        .expect_console(1, "PML absent on this CPU")
+        .expect_status(HaltStatus::Success);
+    bochs_model(&one_guest("vmfunc"), "broadwell_ult")
+        .expect_console(1, "vmfunc: all checks passed")
+        .expect_status(HaltStatus::Success);
+}
+
+#[test]
+fn ivy_bridge_without_vmfunc_or_ve_falls_back_cleanly() {
+    bochs_model(&one_guest("vmfunc"), "corei7_ivy_bridge_3770k")
+        .expect("VMFUNC EPTP switching false")
+        .expect_console(1, "no VMFUNC: switched by hypercall")
+        .expect_status(HaltStatus::Success);
+    bochs_model(&one_guest("ve"), "corei7_ivy_bridge_3770k")
+        .expect_console(1, "no #VE on this CPU")
+        .expect_status(HaltStatus::Success);
+}
