@@ -151,6 +151,21 @@ fn a_violation_with_suppress_ve_clear_becomes_a_ve_in_the_guest() {
 }
 
 #[test]
+fn a_violation_with_suppress_ve_set_exits_to_the_hypervisor_instead() {
+    let img = system(
+        "ve-suppressed",
+        "name = \"x\"\n[[domain]]\nname = \"ve\"\nguest = \"ve\"\nmemory_mib = 32\ncmdline = \"suppressed\"\n",
+    );
+    bochs(&img)
+        .expect_console(1, "with suppress-#VE set: the hypervisor must see it")
+        .expect("domain 1 (ve): write of 0x")
+        .expect("in view 1 not allowed (page allows true/false/false read/write/execute")
+        .expect("no listener, so the domain is stopped")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::GuestFailed);
+}
+
+#[test]
 fn pml_reports_every_dirtied_page() {
     bochs(&one_guest("pml"))
         .expect_console(1, "all written pages present")

@@ -12,12 +12,16 @@ pub const COM1: u16 = 0x3f8;
 /// I/O base of the second serial port.
 pub const COM2: u16 = 0x2f8;
 
-const DATA: u16 = 0;
-const INT_ENABLE: u16 = 1;
-const FIFO_CTRL: u16 = 2;
-const LINE_CTRL: u16 = 3;
-const MODEM_CTRL: u16 = 4;
-const LINE_STATUS: u16 = 5;
+/// Register offsets from a 16550's I/O base (shared with the guest-facing
+/// model in `devices::uart16550`).
+pub(crate) const DATA: u16 = 0;
+pub(crate) const INT_ENABLE: u16 = 1;
+pub(crate) const FIFO_CTRL: u16 = 2;
+pub(crate) const LINE_CTRL: u16 = 3;
+pub(crate) const MODEM_CTRL: u16 = 4;
+pub(crate) const LINE_STATUS: u16 = 5;
+pub(crate) const MODEM_STATUS: u16 = 6;
+pub(crate) const SCRATCH: u16 = 7;
 
 const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod vcpu;
 pub mod views;
 
+use crate::arch::percpu::MAX_CPUS;
 use crate::bootinfo::BootInfo;
 use crate::vmx::{self, InveptType};
 use domain::{Domain, DomainState};
@@ -81,17 +82,16 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
     let (caps, features) = CAPS.call_once(|| (caps, features));
     defmt::info!("vm: {}", features);
 
-    let Some(region) = memory::alloc_zeroed_frame() else {
-        defmt::error!("vm: no memory for the VMXON region");
-        return HaltStatus::Unsupported;
-    };
-    // Safety: `caps` was read from this CPU; the region is a frame the kernel
-    // keeps for as long as it runs; this CPU is not in VMX operation yet.
-    if let Err(e) = unsafe { vmx::enable(caps, region, crate::mem::phys_to_virt(region)) } {
-        defmt::error!("vm: VMXON failed: {}", e);
-        return HaltStatus::Unsupported;
+    match enable_this_cpu(0, caps) {
+        Ok(region) => defmt::info!(
+            "vm: VMX operation on CPU 0 (VMXON region {=u64:#x})",
+            region
+        ),
+        Err(e) => {
+            defmt::error!("vm: cannot enter VMX operation on CPU 0: {}", e);
+            return HaltStatus::Unsupported;
+        }
     }
-    defmt::info!("vm: VMX operation on (VMXON region {=u64:#x})", region);
 
     let mut domains: heapless::Vec<Domain, MAX_DOMAINS> = heapless::Vec::new();
     let mut failed_builds = 0;
@@ -163,6 +163,30 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
         d.destroy();
     }
     status
+}
+
+/// Each CPU's VMXON region, once it is in VMX operation.
+static VMXON: [spin::Once<u64>; MAX_CPUS] = [const { spin::Once::new() }; MAX_CPUS];
+
+/// Why a CPU could not enter VMX operation.
+#[derive(Debug, defmt::Format)]
+pub enum EnableError {
+    OutOfMemory,
+    Vmx(vmx::VmxError),
+}
+
+/// Puts CPU `cpu` (the one running this) in VMX operation, once.
+pub fn enable_this_cpu(cpu: usize, caps: &VmxCaps) -> Result<u64, EnableError> {
+    if let Some(&region) = VMXON[cpu].get() {
+        return Ok(region);
+    }
+    let region = memory::alloc_zeroed_frame().ok_or(EnableError::OutOfMemory)?;
+    // Safety: `caps` was read from this CPU; the region is a frame kept for
+    // as long as the kernel runs; VMXON[cpu] is unset, so the CPU is not in
+    // VMX operation yet.
+    unsafe { vmx::enable(caps, region, crate::mem::phys_to_virt(region)) }
+        .map_err(EnableError::Vmx)?;
+    Ok(*VMXON[cpu].call_once(|| region))
 }
 
 fn runnable(d: &Domain) -> bool {

@@ -3,15 +3,10 @@
 //! guest never waits; received data never arrives (the console is output
 //! only).
 
-/// Register offsets from the I/O base.
-const DATA: u16 = 0;
-const IER: u16 = 1;
-const IIR_FCR: u16 = 2;
-const LCR: u16 = 3;
-const MCR: u16 = 4;
-const LSR: u16 = 5;
-const MSR: u16 = 6;
-const SCR: u16 = 7;
+use crate::serial::{
+    DATA, FIFO_CTRL as IIR_FCR, INT_ENABLE as IER, LINE_CTRL as LCR, LINE_STATUS as LSR,
+    MODEM_CTRL as MCR, MODEM_STATUS as MSR, SCRATCH as SCR,
+};
 
 /// LSR: transmitter holding register and shift register empty.
 const LSR_IDLE: u8 = 0x60;
