@@ -193,3 +193,22 @@ fn ivy_bridge_without_vmfunc_or_ve_falls_back_cleanly() {
         .expect_console(1, "no #VE on this CPU")
         .expect_status(HaltStatus::Success);
 }
+
+#[test]
+fn the_benchmark_guest_reports_every_figure() {
+    let run = bochs(&one_guest("bench"));
+    run.expect_status(HaltStatus::Success);
+    let figures = image_builder::bench::figures(&run.0.lines).expect("BENCH lines");
+    for key in [
+        "rdtsc_frame_ticks",
+        "vmcall_kernel_ticks",
+        "vmfunc_switch_ticks",
+        "vmfunc_switch_exits",
+        "view_switch_hypercall_ticks",
+        "ept_violation_kernel_ticks",
+    ] {
+        assert!(figures.get(key).is_some_and(|v| v.is_some()), "{key} missing: {figures:?}");
+    }
+    // Functional, not a timing: VMFUNC switches cause no exits at all.
+    assert_eq!(figures["vmfunc_switch_exits"], Some(0));
+}
