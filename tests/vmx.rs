@@ -207,7 +207,10 @@ fn the_benchmark_guest_reports_every_figure() {
         "view_switch_hypercall_ticks",
         "ept_violation_kernel_ticks",
     ] {
-        assert!(figures.get(key).is_some_and(|v| v.is_some()), "{key} missing: {figures:?}");
+        assert!(
+            figures.get(key).is_some_and(|v| v.is_some()),
+            "{key} missing: {figures:?}"
+        );
     }
     // Functional, not a timing: VMFUNC switches cause no exits at all.
     assert_eq!(figures["vmfunc_switch_exits"], Some(0));
