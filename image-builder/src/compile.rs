@@ -81,6 +81,16 @@ pub fn kernel(opts: &BuildOptions) -> Result<PathBuf> {
     Ok(bare_metal(&["kernel"], opts)?.remove(0))
 }
 
+/// Builds init and the service crates `services/<crate>` (packages
+/// `service-<crate>`) and returns their ELF files: init's first, then one
+/// per crate given, in order.
+pub fn services(crates: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>> {
+    let mut packages = vec!["service-init".to_owned()];
+    packages.extend(crates.iter().map(|c| format!("service-{c}")));
+    let refs: Vec<&str> = packages.iter().map(String::as_str).collect();
+    bare_metal(&refs, opts)
+}
+
 /// Builds test guests (crates `tests/guests/<name>`, packages `guest-<name>`)
 /// and returns their ELF files, in the order given.
 pub fn guests(names: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>> {

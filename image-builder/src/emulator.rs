@@ -1,15 +1,27 @@
 //! Booting an image: QEMU (BIOS or UEFI), Bochs, or QEMU with KVM, with the
 //! log serial port captured to a file that is decoded while the machine runs.
 //!
+//! The second serial port (COM2, the control channel) of an image boot is
+//! connected to the runner: before starting the emulator the runner listens
+//! on a TCP port of 127.0.0.1 that it picks, and the emulator connects to it
+//! as it starts (QEMU: `-chardev socket,host=127.0.0.1,port=P,server=off`
+//! after the COM1 `-serial`; Bochs: `com2: mode=socket-client`). So the
+//! runner owns the endpoint: nothing waits for a client, and no console
+//! output is lost before one comes. The runner offers the stream on a unix
+//! socket ([`RunConfig::control_socket_path`]) through
+//! [`control::proxy`](crate::control::proxy).
+//!
 //! The run ends when the kernel's halt record arrives (then the emulator is
 //! given a moment to exit by itself), when the emulator exits, or at the
 //! timeout. Only the emulator process this module started is ever killed,
 //! by its PID.
 
+use crate::control::proxy::{Proxy, ProxySocket, ProxyStats};
 use crate::logs::{Decoder, Demux, ElfSet, Event, LogLine};
 use crate::paths;
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -76,6 +88,10 @@ pub struct RunConfig {
     pub live: bool,
     /// Where the raw serial capture goes.
     pub capture: PathBuf,
+    /// Where an image boot offers its control channel (COM2) to clients;
+    /// `None`: `ctl.sock` in the run's directory. See
+    /// [`RunConfig::control_socket_path`].
+    pub control_socket: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -89,7 +105,33 @@ impl RunConfig {
             acpi_tables: Vec::new(),
             live: false,
             capture,
+            control_socket: None,
         }
+    }
+
+    /// The run's scratch directory (emulator configuration and logs).
+    pub fn run_dir(&self) -> PathBuf {
+        self.capture.with_extension("run")
+    }
+
+    /// The unix socket on which an image boot offers its control channel,
+    /// from the emulator's start to its end: [`RunConfig::control_socket`],
+    /// else `ctl.sock` in the run's directory, else (where that path is too
+    /// long for a unix socket) one named after the run in the temporary
+    /// directory.
+    pub fn control_socket_path(&self) -> PathBuf {
+        if let Some(p) = &self.control_socket {
+            return p.clone();
+        }
+        let in_run_dir = self.run_dir().join("ctl.sock");
+        if in_run_dir.as_os_str().len() < crate::control::proxy::SUN_PATH {
+            return in_run_dir;
+        }
+        let run = self
+            .capture
+            .file_stem()
+            .map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned());
+        std::env::temp_dir().join(format!("parallax-{run}.sock"))
     }
 }
 
@@ -118,6 +160,11 @@ pub struct RunOutcome {
     pub emulator_log: Option<PathBuf>,
     /// The emulator's own standard output and error.
     pub emulator_output: PathBuf,
+    /// The control socket the run offered (`None`: a boot without COM2).
+    pub control_socket: Option<PathBuf>,
+    /// What crossed the control channel; `None` if the emulator never
+    /// connected its COM2 (or the boot had none).
+    pub control: Option<ProxyStats>,
 }
 
 impl RunOutcome {
@@ -195,12 +242,18 @@ enum Boot<'a> {
 }
 
 fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
-    let rundir = cfg.capture.with_extension("run");
+    let rundir = cfg.run_dir();
     std::fs::create_dir_all(&rundir).with_context(|| format!("creating {}", rundir.display()))?;
     std::fs::write(&cfg.capture, b"")
         .with_context(|| format!("creating {}", cfg.capture.display()))?;
+    // COM2 for image boots (a multiboot guest on plain QEMU has no console
+    // service to talk to).
+    let com2 = match boot {
+        Boot::Iso(_) => Some(Com2::prepare(&cfg.control_socket_path())?),
+        Boot::Multiboot { .. } => None,
+    };
     let (mut cmd, emulator_log) = match boot {
-        Boot::Iso(iso) => command(iso, cfg, &rundir)?,
+        Boot::Iso(iso) => command(iso, cfg, &rundir, com2.as_ref().map(Com2::port))?,
         Boot::Multiboot { elf, cmdline } => {
             if cfg.machine != Machine::Qemu {
                 bail!("a multiboot kernel boots directly only on QEMU (--on qemu)");
@@ -228,10 +281,27 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
         Some(log) => start_bochs(&mut cmd, log, &stderr_path)?,
         None => spawn(&mut cmd, &stderr_path)?,
     };
+    let proxy = match com2 {
+        Some(c) => match c.serve(&mut child, cfg) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let result = watch(&mut child, elfs, cfg, started);
     // End only what we started, by its PID, whatever happened above.
     let _ = child.kill();
     let status = child.wait().ok();
+    // Only now: Bochs dies of SIGPIPE if its COM2 peer closes first.
+    let control_socket = proxy.as_ref().map(|(p, _)| p.path().to_owned());
+    let control = proxy.and_then(|(p, connected)| {
+        let stats = p.stop();
+        connected.then_some(stats)
+    });
     let (lines, end, first) = result?;
     let end = match end {
         Some(e) => e,
@@ -257,7 +327,81 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
         first_kernel_record: first,
         emulator_log,
         emulator_output: stderr_path,
+        control_socket,
+        control,
     })
+}
+
+/// How long the emulator has to connect its COM2 after it starts.
+const COM2_CONNECT: Duration = Duration::from_secs(10);
+
+/// The runner's side of COM2 before the emulator starts: the proxy's socket
+/// and the TCP listener the emulator connects to.
+struct Com2 {
+    socket: ProxySocket,
+    listener: TcpListener,
+    port: u16,
+}
+
+impl Com2 {
+    fn prepare(socket_path: &Path) -> Result<Self> {
+        let socket = ProxySocket::bind(socket_path)?;
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .context("listening on 127.0.0.1 for the emulator's COM2")?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            socket,
+            listener,
+            port,
+        })
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Takes the emulator's connection (waiting while it starts) and starts
+    /// the proxy. Without a connection the run goes on (COM1 is what it is
+    /// about), and clients of the socket are told there is no console.
+    /// Returns the proxy and whether the emulator connected.
+    fn serve(self, child: &mut Child, cfg: &RunConfig) -> Result<(Proxy, bool)> {
+        let stream = accept_emulator(&self.listener, child)?;
+        if stream.is_none() && cfg.live {
+            eprintln!(
+                "warning: {} did not connect its second serial port (COM2) within {} s: no control channel this run",
+                cfg.machine.name(),
+                COM2_CONNECT.as_secs()
+            );
+        }
+        let connected = stream.is_some();
+        let proxy = self
+            .socket
+            .serve(stream)
+            .context("starting the control proxy")?;
+        Ok((proxy, connected))
+    }
+}
+
+/// The first connection to `listener`, unless the emulator exits or
+/// [`COM2_CONNECT`] passes first.
+fn accept_emulator(listener: &TcpListener, child: &mut Child) -> Result<Option<TcpStream>> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + COM2_CONNECT;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("accepting the emulator's COM2 connection"),
+        }
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Starts the emulator with its output going to `stderr` (a file, so that a
@@ -368,10 +512,17 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
     }
 }
 
-fn command(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<PathBuf>)> {
+fn command(
+    iso: &Path,
+    cfg: &RunConfig,
+    rundir: &Path,
+    com2: Option<u16>,
+) -> Result<(Command, Option<PathBuf>)> {
     match cfg.machine {
-        Machine::Bochs => bochs(iso, cfg, rundir),
-        Machine::Qemu | Machine::QemuUefi | Machine::Kvm => Ok((qemu(iso, cfg, rundir)?, None)),
+        Machine::Bochs => bochs(iso, cfg, rundir, com2),
+        Machine::Qemu | Machine::QemuUefi | Machine::Kvm => {
+            Ok((qemu(iso, cfg, rundir, com2)?, None))
+        }
     }
 }
 
@@ -388,8 +539,17 @@ fn qemu_base(cfg: &RunConfig) -> Command {
     c
 }
 
-fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
+fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result<Command> {
     let mut c = qemu_base(cfg);
+    if let Some(port) = com2 {
+        // The second -serial is COM2 (0x2f8): QEMU connects to the runner
+        // as it starts, and fails to start if it cannot.
+        c.arg("-chardev")
+            .arg(format!(
+                "socket,id=com2,host=127.0.0.1,port={port},server=off,nodelay=on"
+            ))
+            .args(["-serial", "chardev:com2"]);
+    }
     c.arg("-cdrom").arg(iso);
     match cfg.machine {
         Machine::Kvm => {
@@ -436,7 +596,12 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<Command> {
     Ok(c)
 }
 
-fn bochs(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<PathBuf>)> {
+fn bochs(
+    iso: &Path,
+    cfg: &RunConfig,
+    rundir: &Path,
+    com2: Option<u16>,
+) -> Result<(Command, Option<PathBuf>)> {
     if cfg.iommu || !cfg.acpi_tables.is_empty() {
         bail!("Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d");
     }
@@ -452,6 +617,13 @@ fn bochs(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<
     }
     let log = rundir.join("bochs.log");
     let rc = rundir.join("bochsrc");
+    // Bochs 2.7's `socket-client` connects once, as the device starts, and
+    // never blocks: if nobody listens it logs an error and leaves the port
+    // unconnected. (`socket-server` would block in accept() until a client
+    // came.) The runner listens before Bochs starts.
+    let com2 = com2.map_or_else(String::new, |port| {
+        format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n")
+    });
     let config = format!(
         "megs: {megs}\n\
          cpu: model={model}, count=1, ips=100000000, reset_on_triple_fault=0\n\
@@ -460,6 +632,7 @@ fn bochs(iso: &Path, cfg: &RunConfig, rundir: &Path) -> Result<(Command, Option<
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev={capture}\n\
+         {com2}\
          display_library: rfb, options=\"timeout=0\"\n\
          sound: driver=dummy\n\
          speaker: enabled=0\n\

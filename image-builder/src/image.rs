@@ -23,6 +23,11 @@ pub struct ImageOptions {
     pub build: BuildOptions,
     pub cmdline: String,
     pub out: PathBuf,
+    /// Services whose ELF is taken from a file instead of being built:
+    /// (service name, absolute path of a checked x86-64 ELF), from
+    /// `--service NAME=PATH`. Each name once; each must be a service of
+    /// the manifest.
+    pub service_overrides: Vec<(String, PathBuf)>,
 }
 
 impl Default for ImageOptions {
@@ -32,8 +37,51 @@ impl Default for ImageOptions {
             build: BuildOptions::default(),
             cmdline: String::new(),
             out: paths::target_dir().join("parallax.iso"),
+            service_overrides: Vec::new(),
         }
     }
+}
+
+/// Parses a `--service NAME=PATH` value: a service name (1 to 32 lower-case
+/// letters, digits and `-`, starting with a letter) and an existing x86-64
+/// ELF file. The path comes back absolute. Errors name the file.
+pub fn parse_service_override(arg: &str) -> Result<(String, PathBuf)> {
+    let Some((name, path)) = arg.split_once('=') else {
+        bail!("expected NAME=PATH (a service name, `=`, its ELF file), got {arg:?}");
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= ipc_schema::supervisor::NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !name_ok {
+        bail!(
+            "the service name {name:?} must be 1 to {} lower-case letters, digits or '-', starting with a letter",
+            ipc_schema::supervisor::NAME
+        );
+    }
+    if path.is_empty() {
+        bail!("no ELF file given for service {name} (expected {name}=PATH)");
+    }
+    let path = PathBuf::from(path);
+    crate::elf::check_file(&path)?;
+    let path = std::path::absolute(&path).unwrap_or(path);
+    Ok((name.to_owned(), path))
+}
+
+/// Checks that no service is overridden twice.
+pub fn check_service_overrides(overrides: &[(String, PathBuf)]) -> Result<()> {
+    for (i, (name, path)) in overrides.iter().enumerate() {
+        if let Some((_, first)) = overrides[..i].iter().find(|(n, _)| n == name) {
+            bail!(
+                "--service {name} is given twice ({} and {})",
+                first.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Reads the manifest, compiles everything it needs, and assembles the ISO.
@@ -50,18 +98,77 @@ pub fn build(opts: &ImageOptions) -> Result<Image> {
             );
         }
     }
+    check_service_overrides(&opts.service_overrides)?;
+    for (name, _) in &opts.service_overrides {
+        if !manifest.services.iter().any(|s| &s.name == name) {
+            let names: Vec<&str> = manifest.services.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "--service {name}: {} has no service named `{name}` (it has {})",
+                opts.manifest.display(),
+                names.join(", ")
+            );
+        }
+    }
+    // Services built from their crates (the others come from files).
+    let mut crates: Vec<&str> = Vec::new();
+    for s in &manifest.services {
+        if opts.service_overrides.iter().any(|(n, _)| *n == s.name) {
+            continue;
+        }
+        let crate_file = paths::service_dir(s.crate_name()).join("Cargo.toml");
+        if !crate_file.is_file() {
+            bail!(
+                "{}: service `{}` names no service crate ({} does not exist)",
+                opts.manifest.display(),
+                s.name,
+                crate_file.display()
+            );
+        }
+        if !crates.contains(&s.crate_name()) {
+            crates.push(s.crate_name());
+        }
+    }
     let kernel = compile::kernel(&opts.build)?;
-    let mut modules = vec![Module {
-        name: "manifest".to_owned(),
-        content: Content::Bytes(manifest.compile()?),
-    }];
+    let built = compile::services(&crates, &opts.build)?;
+    let mut elfs = ElfSet::default()
+        .with("kernel", &kernel)
+        .with("init", &built[0]);
+    let mut modules = vec![
+        Module {
+            name: "manifest".to_owned(),
+            content: Content::Bytes(manifest.compile()?),
+        },
+        Module {
+            name: "init".to_owned(),
+            content: Content::File(built[0].clone()),
+        },
+    ];
+    for s in &manifest.services {
+        let path = match opts.service_overrides.iter().find(|(n, _)| *n == s.name) {
+            Some((_, p)) => p.clone(),
+            None => {
+                let i = crates
+                    .iter()
+                    .position(|c| *c == s.crate_name())
+                    .unwrap_or(0);
+                built[i + 1].clone()
+            }
+        };
+        elfs = elfs.with(&s.name, &path);
+        modules.push(Module {
+            name: s.name.clone(),
+            content: Content::File(path),
+        });
+    }
     for (g, path) in guests.iter().zip(compile::guests(&guests, &opts.build)?) {
         modules.push(Module {
             name: (*g).to_owned(),
             content: Content::File(path),
         });
     }
-    assemble(&kernel, &opts.cmdline, modules, &opts.out)
+    let mut image = assemble(&kernel, &opts.cmdline, modules, &opts.out)?;
+    image.elfs = elfs;
+    Ok(image)
 }
 
 /// Assembles an ISO from a built kernel and arbitrary modules (tests use this
@@ -81,14 +188,27 @@ pub fn assemble(kernel: &Path, cmdline: &str, modules: Vec<Module>, out: &Path) 
     })
 }
 
-/// The ELF files of the current build, for decoding a capture taken elsewhere.
+/// The ELF files of the current build, for decoding a capture taken elsewhere:
+/// the kernel, init, every service crate built, and the ELFs swapped in.
 pub fn current_elfs() -> Result<ElfSet> {
-    let kernel = paths::bare_metal_bins().join("kernel");
+    let bins = paths::bare_metal_bins();
+    let kernel = bins.join("kernel");
     if !kernel.is_file() {
         bail!(
             "{} does not exist: build first (cargo hv build)",
             kernel.display()
         );
     }
-    Ok(ElfSet::default().with("kernel", &kernel))
+    let mut elfs = ElfSet::default().with("kernel", &kernel);
+    if let Ok(dir) = std::fs::read_dir(&bins) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(service) = name.strip_prefix("service-")
+                && !service.contains('.')
+            {
+                elfs = elfs.with(service, &entry.path());
+            }
+        }
+    }
+    Ok(elfs)
 }

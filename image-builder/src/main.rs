@@ -3,12 +3,15 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use image_builder::compile::BuildOptions;
+use image_builder::control::{self, Client, DomainOp};
 use image_builder::emulator::{self, Machine, RunConfig};
 use image_builder::image::{self, ImageOptions};
-use image_builder::{bench, deps, logs, paths};
-use std::path::PathBuf;
+use image_builder::{bench, deps, elf, logs, paths};
+use std::io::{IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +50,27 @@ enum Cmd {
         /// Guest-physical memory of the machine, in MiB.
         #[arg(long, default_value_t = 256)]
         memory: u32,
+        /// Offer the control channel (COM2) on this unix socket (default:
+        /// target/hv/work/ctl.sock, or one in the run's directory while
+        /// another run serves that).
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+    },
+    /// Talk to a running image's console (while `cargo hv run` runs).
+    Ctl {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: CtlCmd,
+    },
+    /// Replace a running service by a new ELF (while `cargo hv run` runs).
+    Swap {
+        /// The service to replace.
+        name: String,
+        /// Its new ELF file.
+        path: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
     },
     /// Decode a raw serial capture taken elsewhere with this build's ELF files.
     Log {
@@ -78,6 +102,54 @@ enum Cmd {
     },
 }
 
+/// Where the console is and how long to wait for it.
+#[derive(Args)]
+struct ConnArgs {
+    /// The control socket of the run (default: target/hv/work/ctl.sock;
+    /// `cargo hv run` prints its socket when it starts).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// Seconds to wait for each answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, global = true)]
+    timeout: f64,
+}
+
+impl ConnArgs {
+    fn connect(&self) -> Result<Client<UnixStream>> {
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 3600.0) {
+            bail!(
+                "--timeout {} is not a number of seconds above 0 and at most 3600",
+                self.timeout
+            );
+        }
+        let path = self.socket.clone().unwrap_or_else(default_control_socket);
+        Ok(Client::connect(&path)?.with_timeout(Duration::from_secs_f64(self.timeout)))
+    }
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// List the services: name, generation, restarts, state, schema key.
+    Services,
+    /// List the guest domains.
+    Domains,
+    /// Pause guest domain ID.
+    Pause { id: u16 },
+    /// Let paused guest domain ID run again.
+    Unpause { id: u16 },
+    /// Destroy guest domain ID.
+    Destroy { id: u16 },
+    /// Make SERVICE fault, to test its supervision.
+    Fault { service: String },
+    /// Print the console's events as they come, until interrupted.
+    Events,
+}
+
+/// The control socket `cargo hv run` offers by default.
+fn default_control_socket() -> PathBuf {
+    paths::work_dir().join("ctl.sock")
+}
+
 #[derive(Args)]
 struct BuildArgs {
     /// The system manifest.
@@ -89,18 +161,29 @@ struct BuildArgs {
     /// Extra kernel command-line options (key=value ...).
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// Take service NAME's ELF from PATH instead of building it
+    /// (repeatable).
+    #[arg(long = "service", value_name = "NAME=PATH", value_parser = service_override)]
+    services: Vec<(String, PathBuf)>,
+}
+
+/// `--service NAME=PATH`, checked as it is parsed.
+fn service_override(arg: &str) -> Result<(String, PathBuf), String> {
+    image::parse_service_override(arg).map_err(|e| format!("{e:#}"))
 }
 
 impl BuildArgs {
-    fn options(&self) -> ImageOptions {
-        ImageOptions {
+    fn options(&self) -> Result<ImageOptions> {
+        image::check_service_overrides(&self.services)?;
+        Ok(ImageOptions {
             manifest: self.manifest.clone(),
             build: BuildOptions {
                 log_level: self.log.clone(),
             },
             cmdline: self.cmdline.clone(),
+            service_overrides: self.services.clone(),
             ..ImageOptions::default()
-        }
+        })
     }
 }
 
@@ -124,8 +207,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build(b) => {
+            let opts = b.options()?;
             deps::ensure()?;
-            let img = image::build(&b.options())?;
+            let img = image::build(&opts)?;
             println!("image: {}", img.iso.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -137,9 +221,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             iommu,
             acpi_tables,
             memory,
+            control_socket,
         } => {
+            let opts = build.options()?;
             deps::ensure()?;
-            let img = image::build(&build.options())?;
+            let img = image::build(&opts)?;
             let machine = on.unwrap_or_else(Machine::default_for_host);
             let mut cfg = RunConfig::new(machine, emulator::capture_path("run"));
             cfg.timeout = Duration::from_secs(timeout);
@@ -148,11 +234,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cfg.acpi_tables = acpi_tables;
             cfg.memory_mib = memory;
             cfg.live = true;
+            cfg.control_socket = match control_socket {
+                Some(p) => Some(p),
+                None => {
+                    let shared = default_control_socket();
+                    if control::proxy::socket_in_use(&shared) {
+                        eprintln!(
+                            "note: another run serves {}; this run's control socket is in its run directory",
+                            shared.display()
+                        );
+                        None
+                    } else {
+                        Some(shared)
+                    }
+                }
+            };
             eprintln!("booting {} on {}", img.iso.display(), machine.name());
+            let socket = cfg.control_socket_path();
+            let flag = if socket == default_control_socket() {
+                String::new()
+            } else {
+                format!(" --socket {}", socket.display())
+            };
+            eprintln!(
+                "control channel (COM2): {} (cargo hv ctl{flag} services)",
+                socket.display()
+            );
             let outcome = emulator::run(&img.iso, &img.elfs, &cfg)?;
             eprintln!("{}", outcome.summary());
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
         }
+        Cmd::Ctl { conn, command } => ctl(&conn, command),
+        Cmd::Swap { name, path, conn } => swap(&name, &path, &conn),
         Cmd::Log { file } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("cannot read the capture {}", file.display()))?;
@@ -220,6 +333,109 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `cargo hv ctl`.
+fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
+    let mut console = conn.connect()?;
+    match command {
+        CtlCmd::Services => {
+            let services = console.services()?;
+            print!("{}", control::services_table(&services));
+            if services.is_empty() {
+                eprintln!("(the console lists no services)");
+            }
+        }
+        CtlCmd::Domains => {
+            let domains = console.domains()?;
+            print!("{}", control::domains_table(&domains));
+            if domains.is_empty() {
+                eprintln!("(the console lists no domains)");
+            }
+        }
+        CtlCmd::Pause { id } => {
+            console.domain_control(id, DomainOp::Pause)?;
+            println!("domain {id} paused");
+        }
+        CtlCmd::Unpause { id } => {
+            console.domain_control(id, DomainOp::Unpause)?;
+            println!("domain {id} unpaused");
+        }
+        CtlCmd::Destroy { id } => {
+            console.domain_control(id, DomainOp::Destroy)?;
+            println!("domain {id} destroyed");
+        }
+        CtlCmd::Fault { service } => {
+            console.inject_fault(&service)?;
+            println!("fault injected into {service}");
+        }
+        CtlCmd::Events => {
+            let version = console.hello()?;
+            eprintln!(
+                "connected to the console (protocol version {version}); printing events until interrupted"
+            );
+            let start = Instant::now();
+            let mut dropped = 0;
+            let mut out = std::io::stdout();
+            loop {
+                let event = console.next_event(Duration::from_secs(1))?;
+                let at = start.elapsed().as_secs_f64();
+                if let Some(e) = event {
+                    writeln!(out, "{at:9.3} s  {}", control::describe_event(&e))?;
+                }
+                let now = console.stats().dropped.frames();
+                if now > dropped {
+                    writeln!(
+                        out,
+                        "{at:9.3} s  (this tool dropped {} frame(s) from the console that did not decode)",
+                        now - dropped
+                    )?;
+                    dropped = now;
+                }
+                out.flush()?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo hv swap NAME PATH`: everything is checked before anything is sent.
+fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
+    control::service_name(name)?;
+    let elf = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "the ELF to swap into {name}, {}, does not exist",
+                path.display()
+            )
+        }
+        Err(e) => bail!("cannot read the ELF to swap in, {}: {e}", path.display()),
+    };
+    if let Some(why) = elf::header_problem(&elf) {
+        bail!("{} is {why}; nothing was sent", path.display());
+    }
+    control::check_swap_size(name, elf.len())?;
+    // The running `cargo hv run` decodes the new instance's log with it.
+    if let Err(e) = logs::store_elf(&elf) {
+        eprintln!("note: {e:#}: the new instance's log lines will not decode");
+    }
+    let mut console = conn.connect()?;
+    let tty = std::io::stderr().is_terminal();
+    let generation = console.swap_with_progress(name, &elf, |sent, total| {
+        if tty {
+            eprint!("\rsending {}: {sent} of {total} bytes", path.display());
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "swapped {name}: {} ({} bytes), now generation {generation}",
+        path.display(),
+        elf.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `cargo fmt --check`, then clippy with warnings as errors on the host crates

@@ -1,16 +1,32 @@
 //! The system manifest: `system.toml`, read, checked and compiled into the
-//! `manifest` boot module (`ipc_schema::manifest`).
+//! `manifest` boot module (`ipc_schema::manifest`), which init reads.
 //!
 //! Every mistake is reported with the file and the field, before anything is
-//! built: an unknown key, a duplicate name, a size out of range.
+//! built: an unknown key, a duplicate name, a size out of range, a right an
+//! object does not have, an endpoint nobody receives on. A manifest without
+//! `[[service]]` tables gets the standard services (`standard-services.toml`).
 
 use anyhow::{Context, Result, bail, ensure};
-use ipc_schema::manifest::{self as compiled, MAX_DOMAINS, MAX_NAME, MAX_VCPUS};
+use ipc_schema::manifest::{
+    self as compiled, MAX_DOMAINS, MAX_MODULE_NAME, MAX_NAME, MAX_SERVICE_HANDLES, MAX_SERVICES,
+    MAX_SHARED, MAX_VCPUS,
+};
+use ipc_schema::syscall::rights;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// The most RAM one domain gets, in MiB.
 pub const MAX_DOMAIN_MIB: u32 = 4096;
+/// The largest shared-frames object, in 4 KiB pages (16 MiB).
+pub const MAX_SHARED_PAGES: u32 = 4096;
+/// The standard services, for manifests that list none.
+pub const STANDARD_SERVICES: &str = include_str!("standard-services.toml");
+/// The endpoint init receives on (the supervisor interface).
+pub const SUPERVISOR_ENDPOINT: &str = "supervisor";
+/// Boot modules with a fixed meaning: no service or guest may use the names.
+const RESERVED_MODULES: [&str; 2] = ["init", "manifest"];
+/// The kernel's log UART (COM1): never granted.
+const LOG_PORTS: std::ops::Range<u32> = 0x3f8..0x400;
 
 /// The manifest as written.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -18,11 +34,58 @@ pub const MAX_DOMAIN_MIB: u32 = 4096;
 pub struct SystemManifest {
     /// The system's name, shown at boot.
     pub name: String,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub shared: Vec<SharedSpec>,
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainSpec>,
     /// Where it was read from (not part of the file).
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// One `[[service]]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Its name (logs, `cargo hv ctl`, `--service NAME=PATH`) and boot module.
+    pub name: String,
+    /// The crate it is built from: `services/<crate>` (default: the name).
+    #[serde(default, rename = "crate")]
+    pub krate: Option<String>,
+    /// `restart` (default) or `hold`.
+    #[serde(default = "restart")]
+    pub on_fault: String,
+    #[serde(default = "three")]
+    pub max_restarts: u32,
+    #[serde(default = "ten_seconds")]
+    pub restart_window_ms: u32,
+    #[serde(default)]
+    pub handles: Vec<HandleToml>,
+}
+
+/// One handle: its name, exactly one object, its rights.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HandleToml {
+    pub name: String,
+    pub endpoint: Option<String>,
+    pub notification: Option<String>,
+    pub shared: Option<String>,
+    pub domains: Option<bool>,
+    /// `[base, count]`.
+    pub io_ports: Option<[u32; 2]>,
+    pub irq: Option<u8>,
+    pub rights: Vec<String>,
+}
+
+/// One `[[shared]]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedSpec {
+    pub name: String,
+    pub pages: u32,
 }
 
 /// One `[[domain]]` table.
@@ -37,10 +100,153 @@ pub struct DomainSpec {
     pub vcpus: u8,
     #[serde(default)]
     pub cmdline: String,
+    /// The endpoint its exits go to.
+    #[serde(default = "exits")]
+    pub exits: String,
+    /// The endpoint its EPT violations go to.
+    #[serde(default = "violations")]
+    pub violations: String,
 }
 
 fn one() -> u8 {
     1
+}
+fn three() -> u32 {
+    3
+}
+fn ten_seconds() -> u32 {
+    10_000
+}
+fn restart() -> String {
+    "restart".to_owned()
+}
+fn exits() -> String {
+    "exits".to_owned()
+}
+fn violations() -> String {
+    "violations".to_owned()
+}
+
+/// What a checked handle grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Object<'a> {
+    Endpoint(&'a str),
+    Notification(&'a str),
+    Shared(&'a str),
+    Domains,
+    IoPorts { base: u16, count: u16 },
+    Irq(u8),
+}
+
+impl<'a> Object<'a> {
+    /// The rights that mean something for this kind of object.
+    fn rights(&self) -> &'static [&'static str] {
+        match self {
+            Object::Endpoint(_) => &["call", "receive"],
+            Object::Notification(_) => &["signal", "wait"],
+            Object::Shared(_) => &["read", "write"],
+            Object::Domains => &["read", "write", "build", "views", "vcpus"],
+            Object::IoPorts { .. } | Object::Irq(_) => &["device"],
+        }
+    }
+
+    fn compiled(&self) -> compiled::Object<'a> {
+        match *self {
+            Object::Endpoint(n) => compiled::Object::Endpoint(n),
+            Object::Notification(n) => compiled::Object::Notification(n),
+            Object::Shared(n) => compiled::Object::Shared(n),
+            Object::Domains => compiled::Object::Domains,
+            Object::IoPorts { base, count } => compiled::Object::IoPorts { base, count },
+            Object::Irq(l) => compiled::Object::Irq(l),
+        }
+    }
+}
+
+impl HandleToml {
+    fn object(&self) -> Result<Object<'_>> {
+        let mut found = Vec::new();
+        if let Some(e) = &self.endpoint {
+            found.push(Object::Endpoint(e));
+        }
+        if let Some(n) = &self.notification {
+            found.push(Object::Notification(n));
+        }
+        if let Some(s) = &self.shared {
+            found.push(Object::Shared(s));
+        }
+        match self.domains {
+            Some(true) => found.push(Object::Domains),
+            Some(false) => bail!("`domains = false` grants nothing: leave the handle out"),
+            None => {}
+        }
+        if let Some([base, count]) = self.io_ports {
+            ensure!(
+                count >= 1 && base + count <= 0x1_0000,
+                "io_ports = [{base:#x}, {count}] is not a range of ports (0 to 0xffff, at least one)"
+            );
+            ensure!(
+                base + count <= LOG_PORTS.start || base >= LOG_PORTS.end,
+                "io_ports = [{base:#x}, {count}] includes COM1 (0x3f8-0x3ff), which carries the kernel's log"
+            );
+            found.push(Object::IoPorts {
+                base: base as u16,
+                count: count as u16,
+            });
+        }
+        if let Some(line) = self.irq {
+            ensure!(
+                line < 16,
+                "irq = {line}: only ISA lines 0 to 15 can be granted"
+            );
+            found.push(Object::Irq(line));
+        }
+        ensure!(
+            found.len() == 1,
+            "a handle names exactly one object (endpoint, notification, shared, domains, io_ports or irq); this one names {}",
+            found.len()
+        );
+        Ok(found.remove(0))
+    }
+
+    fn rights_bits(&self, object: &Object<'_>) -> Result<u32> {
+        ensure!(!self.rights.is_empty(), "rights = [] grants nothing");
+        let mut bits = 0;
+        for r in &self.rights {
+            let bit = rights::by_name(r).with_context(|| {
+                let all: Vec<&str> = rights::NAMES.iter().map(|(n, _)| *n).collect();
+                format!("unknown right {r:?} (rights are {})", all.join(", "))
+            })?;
+            ensure!(
+                object.rights().contains(&r.as_str()),
+                "right {r:?} means nothing for this object (it takes {})",
+                object.rights().join(", ")
+            );
+            bits |= bit;
+        }
+        Ok(bits)
+    }
+}
+
+impl ServiceSpec {
+    /// The crate directory name under `services/`.
+    pub fn crate_name(&self) -> &str {
+        self.krate.as_deref().unwrap_or(&self.name)
+    }
+
+    fn disposition(&self) -> Result<compiled::Disposition> {
+        match self.on_fault.as_str() {
+            "restart" => Ok(compiled::Disposition::Restart),
+            "hold" => Ok(compiled::Disposition::Hold),
+            other => bail!("on_fault = {other:?}: it is \"restart\" or \"hold\""),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Standard {
+    service: Vec<ServiceSpec>,
+    shared: Vec<SharedSpec>,
 }
 
 impl SystemManifest {
@@ -56,38 +262,187 @@ impl SystemManifest {
         let mut m: SystemManifest = toml::from_str(text)
             .with_context(|| format!("{} is not a valid manifest", path.display()))?;
         m.path = path.to_owned();
+        if m.services.is_empty() {
+            let standard: Standard =
+                toml::from_str(STANDARD_SERVICES).context("the standard services do not parse")?;
+            m.services = standard.service;
+            for s in standard.shared {
+                if !m.shared.iter().any(|t| t.name == s.name) {
+                    m.shared.push(s);
+                }
+            }
+        }
         m.check()
             .with_context(|| format!("{} is not a valid manifest", path.display()))?;
         Ok(m)
     }
 
     fn check(&self) -> Result<()> {
-        check_name("the system name", &self.name)?;
+        check_name("the system name", &self.name, MAX_NAME)?;
+        ensure!(
+            self.services.len() <= MAX_SERVICES,
+            "{} services, but a system runs at most {MAX_SERVICES} (besides init)",
+            self.services.len()
+        );
+        ensure!(
+            self.shared.len() <= MAX_SHARED,
+            "{} shared objects, but a system has at most {MAX_SHARED}",
+            self.shared.len()
+        );
         ensure!(
             self.domains.len() <= MAX_DOMAINS,
             "{} domains, but a system runs at most {MAX_DOMAINS}",
             self.domains.len()
         );
+        for (i, s) in self.shared.iter().enumerate() {
+            let what = format!("shared object `{}`", s.name);
+            check_name(&format!("the name of {what}"), &s.name, MAX_NAME)?;
+            ensure!(
+                !self.shared[..i].iter().any(|t| t.name == s.name),
+                "{what}: another shared object has the same name"
+            );
+            ensure!(
+                (1..=MAX_SHARED_PAGES).contains(&s.pages),
+                "{what}: pages = {} is out of range (1 to {MAX_SHARED_PAGES})",
+                s.pages
+            );
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            self.check_service(i, s)
+                .with_context(|| format!("service {} (`{}`)", i + 1, s.name))?;
+        }
         for (i, d) in self.domains.iter().enumerate() {
-            let what = format!("domain {} (`{}`)", i + 1, d.name);
-            check_name(&format!("the name of {what}"), &d.name)?;
-            check_name(&format!("the guest of {what}"), &d.guest)?;
-            if self.domains[..i].iter().any(|e| e.name == d.name) {
-                bail!("{what}: another domain has the same name");
+            self.check_domain(i, d)
+                .with_context(|| format!("domain {} (`{}`)", i + 1, d.name))?;
+        }
+        self.check_endpoints()
+    }
+
+    fn check_service(&self, i: usize, s: &ServiceSpec) -> Result<()> {
+        check_name("the name", &s.name, MAX_MODULE_NAME)?;
+        check_name("the crate", s.crate_name(), MAX_NAME)?;
+        ensure!(
+            !RESERVED_MODULES.contains(&s.name.as_str()),
+            "the name `{}` is reserved for the boot module of the same name",
+            s.name
+        );
+        ensure!(
+            !self.services[..i].iter().any(|t| t.name == s.name),
+            "another service has the same name"
+        );
+        ensure!(
+            !self.domains.iter().any(|d| d.guest == s.name),
+            "a domain's guest image has the same name: boot modules are named after services and guests, so rename one"
+        );
+        s.disposition()?;
+        ensure!(
+            s.handles.len() <= MAX_SERVICE_HANDLES,
+            "{} handles, but a service starts with at most {MAX_SERVICE_HANDLES}",
+            s.handles.len()
+        );
+        for (j, h) in s.handles.iter().enumerate() {
+            let what = format!("handle `{}`", h.name);
+            check_name(&format!("the name of {what}"), &h.name, MAX_NAME)?;
+            ensure!(
+                h.name != "lifecycle" && !h.name.starts_with("module"),
+                "{what}: the name is reserved (init gives every service its `lifecycle` handle)"
+            );
+            ensure!(
+                !s.handles[..j].iter().any(|o| o.name == h.name),
+                "{what}: another handle of this service has the same name"
+            );
+            let object = h.object().with_context(|| what.clone())?;
+            h.rights_bits(&object).with_context(|| what.clone())?;
+            if let Object::Shared(n) = object {
+                ensure!(
+                    self.shared.iter().any(|t| t.name == n),
+                    "{what}: no [[shared]] object is named `{n}`"
+                );
+            }
+            if object == Object::Endpoint(SUPERVISOR_ENDPOINT) {
+                ensure!(
+                    !h.rights.iter().any(|r| r == "receive"),
+                    "{what}: init receives on the `{SUPERVISOR_ENDPOINT}` endpoint; services may only call it"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn check_domain(&self, i: usize, d: &DomainSpec) -> Result<()> {
+        check_name("the name", &d.name, MAX_NAME)?;
+        check_name("the guest", &d.guest, MAX_MODULE_NAME)?;
+        ensure!(
+            !RESERVED_MODULES.contains(&d.guest.as_str()),
+            "the guest name `{}` is reserved for the boot module of the same name",
+            d.guest
+        );
+        ensure!(
+            !self.domains[..i].iter().any(|e| e.name == d.name),
+            "another domain has the same name"
+        );
+        ensure!(
+            (1..=MAX_DOMAIN_MIB).contains(&d.memory_mib),
+            "memory_mib = {} is out of range (1 to {MAX_DOMAIN_MIB})",
+            d.memory_mib
+        );
+        ensure!(
+            (1..=MAX_VCPUS).contains(&d.vcpus),
+            "vcpus = {} is out of range (1 to {MAX_VCPUS})",
+            d.vcpus
+        );
+        ensure!(
+            d.cmdline.len() <= 200,
+            "the cmdline is longer than 200 bytes"
+        );
+        for (field, ep) in [("exits", &d.exits), ("violations", &d.violations)] {
+            ensure!(
+                !self.receivers(ep).is_empty(),
+                "{field} = {ep:?}: no service receives on endpoint `{ep}`"
+            );
+        }
+        Ok(())
+    }
+
+    /// The services that receive on endpoint `name`, once per handle.
+    fn receivers(&self, name: &str) -> Vec<&str> {
+        self.services
+            .iter()
+            .flat_map(|s| {
+                s.handles
+                    .iter()
+                    .filter(move |h| {
+                        h.endpoint.as_deref() == Some(name)
+                            && h.rights.iter().any(|r| r == "receive")
+                    })
+                    .map(move |_| s.name.as_str())
+            })
+            .collect()
+    }
+
+    /// Every endpoint has exactly one receiver (init for `supervisor`).
+    fn check_endpoints(&self) -> Result<()> {
+        let mut names: Vec<&str> = self
+            .services
+            .iter()
+            .flat_map(|s| s.handles.iter().filter_map(|h| h.endpoint.as_deref()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        for n in names {
+            let r = self.receivers(n);
+            if n == SUPERVISOR_ENDPOINT {
+                continue;
             }
             ensure!(
-                (1..=MAX_DOMAIN_MIB).contains(&d.memory_mib),
-                "{what}: memory_mib = {} is out of range (1 to {MAX_DOMAIN_MIB})",
-                d.memory_mib
+                !r.is_empty(),
+                "nobody receives on endpoint `{n}`: calls to it would wait forever (give one service `rights = [\"receive\"]` on it)"
             );
             ensure!(
-                (1..=MAX_VCPUS).contains(&d.vcpus),
-                "{what}: vcpus = {} is out of range (1 to {MAX_VCPUS})",
-                d.vcpus
-            );
-            ensure!(
-                d.cmdline.len() <= 200,
-                "{what}: the cmdline is longer than 200 bytes"
+                r.len() == 1,
+                "endpoint `{n}` has {} receivers ({}): an endpoint has exactly one",
+                r.len(),
+                r.join(", ")
             );
         }
         Ok(())
@@ -95,6 +450,42 @@ impl SystemManifest {
 
     /// The compiled `manifest` boot module.
     pub fn compile(&self) -> Result<Vec<u8>> {
+        let full = |what: &str| anyhow::anyhow!("too many {what}");
+        let mut services = heapless::Vec::new();
+        for s in &self.services {
+            let mut handles = heapless::Vec::new();
+            for h in &s.handles {
+                let object = h.object()?;
+                let rights = h.rights_bits(&object)?;
+                let object = object.compiled();
+                handles
+                    .push(compiled::HandleSpec {
+                        name: &h.name,
+                        object,
+                        rights,
+                    })
+                    .map_err(|_| full("handles"))?;
+            }
+            services
+                .push(compiled::Service {
+                    name: &s.name,
+                    module: &s.name,
+                    disposition: s.disposition()?,
+                    max_restarts: s.max_restarts,
+                    restart_window_ms: s.restart_window_ms,
+                    handles,
+                })
+                .map_err(|_| full("services"))?;
+        }
+        let mut shared = heapless::Vec::new();
+        for s in &self.shared {
+            shared
+                .push(compiled::Shared {
+                    name: &s.name,
+                    pages: s.pages,
+                })
+                .map_err(|_| full("shared objects"))?;
+        }
         let mut domains = heapless::Vec::new();
         for d in &self.domains {
             domains
@@ -104,11 +495,15 @@ impl SystemManifest {
                     memory_mib: d.memory_mib,
                     vcpus: d.vcpus,
                     cmdline: &d.cmdline,
+                    exits: &d.exits,
+                    violations: &d.violations,
                 })
-                .map_err(|_| anyhow::anyhow!("too many domains"))?;
+                .map_err(|_| full("domains"))?;
         }
         let m = compiled::Manifest {
             name: &self.name,
+            services,
+            shared,
             domains,
         };
         let mut buf = vec![0u8; 64 * 1024];
@@ -129,117 +524,22 @@ impl SystemManifest {
     }
 }
 
-/// Names of systems, domains, guests and modules: 1 to 32 characters, lower
-/// case letters, digits and `-`, starting with a letter (they appear on GRUB
-/// command lines and in logs).
-fn check_name(what: &str, name: &str) -> Result<()> {
+/// Names of systems, services, domains, guests, handles and objects: 1 to
+/// `max` characters, lower-case letters, digits and `-`, starting with a
+/// letter (they appear on GRUB command lines and in logs).
+fn check_name(what: &str, name: &str, max: usize) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
+        && name.len() <= max
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     ensure!(
         ok,
-        "{what} is {name:?}: names are 1 to {MAX_NAME} lower-case letters, digits and '-', starting with a letter"
+        "{what} is {name:?}: names are 1 to {max} lower-case letters, digits and '-', starting with a letter"
     );
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ipc_schema::manifest::Manifest;
-
-    fn parse(text: &str) -> Result<SystemManifest> {
-        SystemManifest::parse(text, Path::new("test.toml"))
-    }
-
-    fn error(text: &str) -> String {
-        format!("{:#}", parse(text).unwrap_err())
-    }
-
-    #[test]
-    fn compiles_what_the_kernel_reads() {
-        let m = parse(
-            r#"
-            name = "demo"
-            [[domain]]
-            name = "one"
-            guest = "hello"
-            memory_mib = 16
-            [[domain]]
-            name = "two"
-            guest = "hello"
-            memory_mib = 32
-            vcpus = 2
-            cmdline = "verbose"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(m.guests(), ["hello"]);
-        let bytes = m.compile().unwrap();
-        let k = Manifest::decode(&bytes).unwrap();
-        assert_eq!(k.name, "demo");
-        assert_eq!(k.domains.len(), 2);
-        assert_eq!(
-            (
-                k.domains[1].memory_mib,
-                k.domains[1].vcpus,
-                k.domains[1].cmdline
-            ),
-            (32, 2, "verbose")
-        );
-        assert_eq!(k.domains[0].vcpus, 1, "vcpus defaults to 1");
-    }
-
-    #[test]
-    fn a_system_may_have_no_domains() {
-        assert!(parse("name = \"empty\"").unwrap().domains.is_empty());
-    }
-
-    #[test]
-    fn errors_name_the_file_and_the_field() {
-        let e = error("name = \"x\"\n[[domain]]\nname = \"a\"\nguest = \"g\"\nmemory_mib = 0\n");
-        assert!(
-            e.contains("test.toml") && e.contains("domain 1 (`a`): memory_mib = 0"),
-            "{e}"
-        );
-
-        let e = error(
-            "name = \"x\"\n[[domain]]\nname = \"a\"\nguest = \"g\"\nmemory_mib = 1\nvcpus = 99\n",
-        );
-        assert!(e.contains("vcpus = 99 is out of range"), "{e}");
-
-        let e = error("name = \"x\"\ncolour = \"blue\"\n");
-        assert!(e.contains("unknown field `colour`"), "{e}");
-
-        let e = error("name = \"x\"\n[[domain]]\nname = \"a\"\nmemory_mib = 1\n");
-        assert!(e.contains("missing field `guest`"), "{e}");
-
-        let e = error("name = \"Bad Name\"");
-        assert!(e.contains("the system name is \"Bad Name\""), "{e}");
-
-        let two = "[[domain]]\nname = \"a\"\nguest = \"g\"\nmemory_mib = 1\n";
-        let e = error(&format!("name = \"x\"\n{two}{two}"));
-        assert!(
-            e.contains("domain 2 (`a`): another domain has the same name"),
-            "{e}"
-        );
-
-        let e = error("name = \"x\"\n[[domain]\n");
-        assert!(e.contains("test.toml is not a valid manifest"), "{e}");
-    }
-
-    #[test]
-    fn a_missing_file_is_named() {
-        let e = format!(
-            "{:#}",
-            SystemManifest::load(Path::new("/nonexistent/system.toml")).unwrap_err()
-        );
-        assert!(
-            e.contains("cannot read the manifest /nonexistent/system.toml"),
-            "{e}"
-        );
-    }
-}
+mod tests;

@@ -36,3 +36,14 @@ pub fn work_dir() -> PathBuf {
 pub fn guest_dir(name: &str) -> PathBuf {
     repo().join("tests").join("guests").join(name)
 }
+
+/// Where the crate of service crate `name` lives.
+pub fn service_dir(name: &str) -> PathBuf {
+    repo().join("services").join(name)
+}
+
+/// ELF files the log decoder searches by build id besides the current
+/// build's: every ELF `cargo hv swap` sent into a running system.
+pub fn elf_store() -> PathBuf {
+    work_dir().join("elfs")
+}

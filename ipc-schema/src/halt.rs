@@ -20,6 +20,9 @@ pub enum HaltStatus {
     Unsupported = 3,
     /// A guest domain crashed or exited with a failure status.
     GuestFailed = 4,
+    /// Nothing can run any more: every service waits and no interrupt can
+    /// wake one (a deadlock between services, or a supervisor that died).
+    Stuck = 5,
 }
 
 impl HaltStatus {
@@ -34,6 +37,7 @@ impl HaltStatus {
             2 => Self::KernelFault,
             3 => Self::Unsupported,
             4 => Self::GuestFailed,
+            5 => Self::Stuck,
             _ => return None,
         })
     }
@@ -46,6 +50,7 @@ impl HaltStatus {
             Self::KernelFault => "kernel fault",
             Self::Unsupported => "unsupported machine",
             Self::GuestFailed => "guest failed",
+            Self::Stuck => "stuck",
         }
     }
 }

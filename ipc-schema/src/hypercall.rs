@@ -10,6 +10,8 @@
 //! | [`HC_NULL`] | 0 | — | RAX = 0 |
 //! | [`HC_EXIT_COUNT`] | 1 | — | RAX = 0, RBX = VM exits of this vCPU so far |
 //! | [`HC_VIEW_SWITCH`] | 2 | RBX = view | RAX = status |
+//! | [`HC_SERVICE_NULL`] | 3 | — | RAX = 0 (answered by the vmm service: an exit, an IPC and a reply) |
+//! | [`HC_IPC_PING`] | 4 | — | RAX = 0, RBX = TSC ticks of one IPC round trip between two services, measured by the vmm |
 //! | [`HC_CALL`] | 16 | RBX = GPA of the request, RCX = its length | RAX = status, RBX = reply length; the [`Reply`] overwrites the request |
 //!
 //! The registers are the 64-bit ones; a 32-bit guest uses their low halves
@@ -27,25 +29,29 @@
 //! dirty log re-arms the pages read, so writes after a read are logged again
 //! (including the guest's own writes while it reads).
 
-use heapless::Vec;
+use crate::ipc::BoundedVec;
+use postcard::experimental::max_size::MaxSize;
 use postcard_schema::{Schema, key::Key};
 use serde::{Deserialize, Serialize};
 
 pub const HC_NULL: u64 = 0;
 pub const HC_EXIT_COUNT: u64 = 1;
 pub const HC_VIEW_SWITCH: u64 = 2;
+pub const HC_SERVICE_NULL: u64 = 3;
+pub const HC_IPC_PING: u64 = 4;
 pub const HC_CALL: u64 = 16;
 
 /// The longest encoded request or reply (one page minus headroom).
 pub const MAX_REQUEST: usize = 2048;
-/// The most gfns one [`Reply::Dirty`] carries.
-pub const MAX_DIRTY: usize = 200;
+/// The most gfns one [`Reply::Dirty`] carries (so that a reply fits one
+/// IPC message).
+pub const MAX_DIRTY: usize = 24;
 /// The most views a domain has: view 0 plus 511 alternates (the EPTP list
 /// holds 512 entries).
 pub const MAX_VIEWS: u16 = 512;
 
 /// The status a hypercall returns in RAX.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[repr(u64)]
 pub enum Status {
@@ -77,7 +83,7 @@ impl Status {
 }
 
 /// Access rights of a guest page in a view (EPT read, write, execute).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Access {
     pub read: bool,
@@ -114,7 +120,7 @@ impl Access {
 }
 
 /// An operation a guest asks for through [`HC_CALL`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 pub enum Request {
     /// What this CPU and hypervisor offer.
     Capabilities,
@@ -161,10 +167,8 @@ pub enum Request {
     DirtyLogStop,
 }
 
-/// The answer to a [`Request`]. Sized for the largest answer (a full dirty
-/// list): messages are fixed-size values in a `no_std` world.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 pub enum Reply {
     Done,
     Capabilities {
@@ -176,14 +180,14 @@ pub enum Reply {
     View(u16),
     /// Dirty gfns, lowest first; `more` when others remain logged.
     Dirty {
-        gfns: Vec<u64, MAX_DIRTY>,
+        gfns: BoundedVec<u64, MAX_DIRTY>,
         more: bool,
     },
     Error(HcError),
 }
 
 /// Why a request was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum HcError {
     NoSuchView {
@@ -209,10 +213,15 @@ pub enum HcError {
     OutOfMemory,
     /// Dirty logging is not running.
     NotLogging,
+    /// Write or execute access without read, which EPT cannot express.
+    BadAccess,
+    /// The service that answers this request is not running (it faulted
+    /// and is being restarted, or is held); try again later.
+    ServiceUnavailable,
 }
 
 /// Hardware features a request may need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Feature {
     Vmfunc,
@@ -252,7 +261,7 @@ mod tests {
             assert_eq!(postcard::from_bytes::<Request>(&buf[..n]).unwrap(), r);
         }
         let full = Reply::Dirty {
-            gfns: Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap(),
+            gfns: BoundedVec(heapless::Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap()),
             more: true,
         };
         let n = postcard::to_slice(&full, &mut buf)
@@ -261,3 +270,5 @@ mod tests {
         assert_eq!(postcard::from_bytes::<Reply>(&buf[..n]).unwrap(), full);
     }
 }
+
+crate::assert_fits!(Request, Reply);

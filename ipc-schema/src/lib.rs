@@ -9,9 +9,16 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod altp2m;
+pub mod control;
+pub mod frame;
 pub mod halt;
 pub mod hypercall;
+pub mod ipc;
+pub mod lifecycle;
 pub mod manifest;
+pub mod supervisor;
+pub mod syscall;
 pub mod vmexit;
 pub mod wire;
 

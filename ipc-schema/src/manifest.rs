@@ -19,17 +19,88 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"PLXM";
 /// The most domains one system runs.
 pub const MAX_DOMAINS: usize = 16;
-/// The longest name of a domain, a service or a boot module.
+/// The most services one system runs (besides init).
+pub const MAX_SERVICES: usize = 16;
+/// The most handles the manifest gives one service.
+pub const MAX_SERVICE_HANDLES: usize = 16;
+/// The most shared-frame objects.
+pub const MAX_SHARED: usize = 8;
+/// The longest name of a domain or a handle.
 pub const MAX_NAME: usize = 32;
+/// The longest name of a boot module (a service or a guest image): it must
+/// fit in a handle name after `module:`.
+pub const MAX_MODULE_NAME: usize = 24;
 /// The most vCPUs one domain has.
 pub const MAX_VCPUS: u8 = 8;
 
-/// The whole system.
+/// The whole system. Init (the supervisor) reads it; the kernel does not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
 pub struct Manifest<'a> {
     /// The system's name, shown at boot.
     pub name: &'a str,
+    pub services: Vec<Service<'a>, MAX_SERVICES>,
+    pub shared: Vec<Shared<'a>, MAX_SHARED>,
     pub domains: Vec<Domain<'a>, MAX_DOMAINS>,
+}
+
+/// One service: its ELF (a boot module), what to do when it faults, and the
+/// handles it starts with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub struct Service<'a> {
+    pub name: &'a str,
+    /// The boot module holding its ELF.
+    pub module: &'a str,
+    pub disposition: Disposition,
+    /// At most this many restarts within `restart_window_ms`; one more and the
+    /// service is held instead.
+    pub max_restarts: u32,
+    pub restart_window_ms: u32,
+    pub handles: Vec<HandleSpec<'a>, MAX_SERVICE_HANDLES>,
+}
+
+/// What the supervisor does with a service that faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Disposition {
+    /// Start it again (a new generation), within the rate limit.
+    Restart,
+    /// Leave it stopped, for inspection.
+    Hold,
+}
+
+/// One handle a service starts with: the name it finds it under, the object,
+/// the rights (`syscall::rights` bits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub struct HandleSpec<'a> {
+    pub name: &'a str,
+    pub object: Object<'a>,
+    pub rights: u32,
+}
+
+/// Objects the manifest can give.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub enum Object<'a> {
+    /// An endpoint, by name (created once, whoever names it).
+    Endpoint(&'a str),
+    Notification(&'a str),
+    /// Shared frames, by name (see [`Shared`]).
+    Shared(&'a str),
+    /// Every guest domain.
+    Domains,
+    /// I/O ports `base .. base + count`.
+    IoPorts {
+        base: u16,
+        count: u16,
+    },
+    /// A legacy (ISA) interrupt line.
+    Irq(u8),
+}
+
+/// Frames shared between the services that name them (bulk data).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub struct Shared<'a> {
+    pub name: &'a str,
+    pub pages: u32,
 }
 
 /// One guest domain.
@@ -41,8 +112,13 @@ pub struct Domain<'a> {
     /// Guest RAM in MiB.
     pub memory_mib: u32,
     pub vcpus: u8,
-    /// The command line the guest finds in its multiboot information.
+    /// The command line the guest finds in its multiboot information (after
+    /// the image's name).
     pub cmdline: &'a str,
+    /// The endpoint that receives its vCPUs' exits.
+    pub exits: &'a str,
+    /// The endpoint that receives its EPT violations.
+    pub violations: &'a str,
 }
 
 /// The key of this manifest format.
@@ -94,13 +170,18 @@ impl<'a> Manifest<'a> {
         Ok(&out[..12 + n])
     }
 
-    /// The names of every boot module this manifest needs, each once.
+    /// The names of every boot module this manifest needs, each once:
+    /// service images, then guest images.
     pub fn modules(&self) -> impl Iterator<Item = &'a str> + '_ {
-        self.domains
+        let all = self
+            .services
             .iter()
+            .map(|s| s.module)
+            .chain(self.domains.iter().map(|d| d.guest));
+        all.clone()
             .enumerate()
-            .filter(|(i, d)| !self.domains[..*i].iter().any(|e| e.guest == d.guest))
-            .map(|(_, d)| d.guest)
+            .filter(move |(i, m)| !all.clone().take(*i).any(|n| n == *m))
+            .map(|(_, m)| m)
     }
 }
 
@@ -119,24 +200,64 @@ mod tests {
                     memory_mib: 16,
                     vcpus: 1,
                     cmdline: "quiet",
+                    exits: "vmexits",
+                    violations: "violations",
                 })
                 .unwrap();
         }
+        let mut handles = Vec::new();
+        handles
+            .push(HandleSpec {
+                name: "exits",
+                object: Object::Endpoint("vmexits"),
+                rights: 2,
+            })
+            .unwrap();
+        handles
+            .push(HandleSpec {
+                name: "com2",
+                object: Object::IoPorts {
+                    base: 0x2f8,
+                    count: 8,
+                },
+                rights: 1024,
+            })
+            .unwrap();
+        let mut services = Vec::new();
+        services
+            .push(Service {
+                name: "vmm",
+                module: "vmm",
+                disposition: Disposition::Restart,
+                max_restarts: 3,
+                restart_window_ms: 1000,
+                handles,
+            })
+            .unwrap();
+        let mut shared = Vec::new();
+        shared
+            .push(Shared {
+                name: "swap",
+                pages: 256,
+            })
+            .unwrap();
         Manifest {
             name: "test",
+            services,
+            shared,
             domains,
         }
     }
 
     #[test]
     fn roundtrips_and_lists_each_module_once() {
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 1024];
         let bytes = sample().encode(&mut buf).unwrap().to_vec();
         let m = Manifest::decode(&bytes).unwrap();
         assert_eq!(m, sample());
         assert_eq!(
             m.modules().collect::<std::vec::Vec<_>>(),
-            ["hello", "cpuid"]
+            ["vmm", "hello", "cpuid"]
         );
     }
 
@@ -152,7 +273,7 @@ mod tests {
 
     #[test]
     fn refuses_another_schema_naming_both_keys() {
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 1024];
         let mut bytes = sample().encode(&mut buf).unwrap().to_vec();
         bytes[4] ^= 0xff;
         let mut found = MANIFEST_KEY.to_bytes();
@@ -168,7 +289,7 @@ mod tests {
 
     #[test]
     fn refuses_truncation_and_trailing_bytes() {
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 1024];
         let bytes = sample().encode(&mut buf).unwrap().to_vec();
         for cut in 12..bytes.len() {
             assert_eq!(
@@ -185,7 +306,7 @@ mod tests {
     proptest! {
         #[test]
         fn corrupted_bodies_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut buf = [0u8; 512];
+            let mut buf = [0u8; 1024];
             let mut bytes = sample().encode(&mut buf).unwrap().to_vec();
             for (at, v) in flips {
                 let i = 12 + at % (bytes.len() - 12);

@@ -7,12 +7,23 @@
 //! these types refers to kernel memory: they travel unchanged as IPC messages
 //! when the handler runs in a service.
 
+use crate::ipc::InterfaceId;
+use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
 /// The general registers of a vCPU (RSP, RIP and RFLAGS live in the VMCS and
 /// travel in [`Exit`]).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    MaxSize,
+    postcard_schema::Schema,
 )]
 #[repr(C)]
 pub struct GuestRegs {
@@ -35,7 +46,16 @@ pub struct GuestRegs {
 
 /// Kinds of memory access.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    MaxSize,
+    postcard_schema::Schema,
 )]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct AccessBits {
@@ -45,7 +65,9 @@ pub struct AccessBits {
 }
 
 /// Why the vCPU stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum ExitKind {
     Cpuid {
@@ -100,7 +122,9 @@ pub enum ExitKind {
 }
 
 /// One exit of one vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Exit {
     pub domain: u16,
@@ -113,7 +137,9 @@ pub struct Exit {
 }
 
 /// An event to deliver to the guest on entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Inject {
     /// A hardware exception, with an error code for the vectors that have one.
@@ -121,7 +147,9 @@ pub enum Inject {
 }
 
 /// What happens to the vCPU after the handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Then {
     /// Enter the guest again.
@@ -135,7 +163,9 @@ pub enum Then {
 }
 
 /// The handler's answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, postcard_schema::Schema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Response {
     /// Move RIP past the exiting instruction.
@@ -171,3 +201,29 @@ impl Response {
         }
     }
 }
+
+/// What the kernel sends a vCPU's exit handler: the exit and the vCPU's
+/// general registers.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct ExitMessage {
+    pub exit: Exit,
+    pub regs: GuestRegs,
+}
+
+/// The handler's answer: how to resume, and the registers when it changed
+/// them.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct ExitReply {
+    pub response: Response,
+    pub regs: Option<GuestRegs>,
+}
+
+/// The exit interface: the kernel calls, the vmm (exits) and altp2m (EPT
+/// violations) serve.
+pub const VMEXIT: InterfaceId = InterfaceId::new::<(ExitMessage, ExitReply)>("parallax/vmexit");
+
+crate::assert_fits!(ExitMessage, ExitReply);

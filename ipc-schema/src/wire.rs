@@ -37,9 +37,9 @@ pub const MAX_PAYLOAD: usize = 240;
 /// The longest postcard encoding of a record, checksum included.
 pub const MAX_RECORD: usize = MAX_FRAME + 32;
 
-/// The longest record on the wire: COBS adds one byte per 254, plus the
-/// terminator.
-pub const MAX_ENCODED: usize = MAX_RECORD + MAX_RECORD / 254 + 2;
+/// The buffer a record is encoded in: room for the plain encoding and its
+/// COBS form side by side (see `frame::encode`).
+pub const MAX_ENCODED: usize = 2 * MAX_RECORD + 8;
 
 /// One record on the log wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
@@ -73,18 +73,7 @@ pub enum Record<'a> {
 pub const WIRE_KEY: Key = Key::for_path::<Record<'static>>("parallax/log-wire");
 
 /// Why a record could not be written or read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum WireError {
-    /// The record does not fit the buffer (payload longer than the limits).
-    TooLong,
-    /// The bytes between two zeros are not valid COBS.
-    Cobs,
-    /// The checksum does not match: a garbled record, or text.
-    Checksum,
-    /// The bytes are not a postcard `Record` (or have bytes left over).
-    Postcard,
-}
+pub use crate::frame::FrameError as WireError;
 
 /// Encodes `record` for the wire into `out`, terminator included, and returns
 /// the bytes to send.
@@ -92,49 +81,13 @@ pub fn encode<'o>(
     record: &Record<'_>,
     out: &'o mut [u8; MAX_ENCODED],
 ) -> Result<&'o [u8], WireError> {
-    let mut plain = [0u8; MAX_RECORD];
-    let used = postcard::to_slice(record, &mut plain[..MAX_RECORD - 2])
-        .map_err(|_| WireError::TooLong)?
-        .len();
-    let crc = crc16(&plain[..used]);
-    plain[used..used + 2].copy_from_slice(&crc.to_le_bytes());
-    let n = cobs::try_encode(&plain[..used + 2], &mut out[..MAX_ENCODED - 1])
-        .map_err(|_| WireError::TooLong)?;
-    out[n] = 0;
-    Ok(&out[..=n])
+    crate::frame::encode(record, &mut out[..])
 }
 
 /// Decodes the bytes between two zero bytes (terminator excluded). The COBS
 /// decoding happens in place, so the record borrows from `chunk`.
 pub fn decode(chunk: &mut [u8]) -> Result<Record<'_>, WireError> {
-    let n = cobs::decode_in_place(chunk).map_err(|_| WireError::Cobs)?;
-    if n < 3 {
-        return Err(WireError::Checksum);
-    }
-    let (body, crc) = chunk[..n].split_at(n - 2);
-    if crc16(body).to_le_bytes() != [crc[0], crc[1]] {
-        return Err(WireError::Checksum);
-    }
-    match postcard::take_from_bytes::<Record<'_>>(body) {
-        Ok((record, [])) => Ok(record),
-        _ => Err(WireError::Postcard),
-    }
-}
-
-/// CRC-16/CCITT-FALSE (polynomial 0x1021, initial value 0xffff).
-pub fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc = 0xffffu16;
-    for &b in bytes {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    crate::frame::decode(chunk)
 }
 
 #[cfg(test)]

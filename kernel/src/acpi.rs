@@ -12,6 +12,10 @@ use platform::acpi::{AcpiError, RootTable, Rsdp, Table};
 pub struct AcpiInfo {
     pub cpus: u32,
     pub ioapics: u32,
+    /// The first IOAPIC's registers and first GSI.
+    pub ioapic: Option<(u64, u32)>,
+    /// ISA line -> (GSI, MPS flags), where the MADT overrides the identity.
+    pub overrides: [Option<(u32, u16)>; 16],
     /// `None` where the firmware has no DMAR: no IOMMU.
     pub dmar: Option<Dmar>,
 }
@@ -44,6 +48,8 @@ pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiP
     let mut info = AcpiInfo {
         cpus: 0,
         ioapics: 0,
+        ioapic: None,
+        overrides: [None; 16],
         dmar: None,
     };
     let mut dmars: heapless::Vec<Table<'static>, 4> = heapless::Vec::new();
@@ -114,11 +120,25 @@ fn madt(table: &Table<'static>, info: &mut AcpiInfo) {
             }
             MadtEntry::IoApic(e) => {
                 info.ioapics += 1;
+                if info.ioapic.is_none() {
+                    let (address, gsi) = (e.io_apic_address, e.global_system_interrupt_base);
+                    info.ioapic = Some((u64::from(address), gsi));
+                }
                 defmt::info!(
                     "ACPI: IOAPIC id {=u8} at {=u32:#x}, interrupts from {=u32}",
                     e.io_apic_id,
                     { e.io_apic_address },
                     { e.global_system_interrupt_base }
+                );
+            }
+            MadtEntry::InterruptSourceOverride(e) if e.irq < 16 => {
+                info.overrides[usize::from(e.irq)] =
+                    Some(({ e.global_system_interrupt }, { e.flags }));
+                defmt::info!(
+                    "ACPI: ISA line {=u8} is GSI {=u32} (flags {=u16:#x})",
+                    e.irq,
+                    { e.global_system_interrupt },
+                    { e.flags }
                 );
             }
             _ => {}

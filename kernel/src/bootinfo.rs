@@ -21,17 +21,6 @@ pub struct Module {
     pub region: Region,
 }
 
-impl Module {
-    /// The module's bytes.
-    pub fn bytes(&self) -> &'static [u8] {
-        // Safety: GRUB loaded the module there; the frame allocator keeps its
-        // frames reserved, so nothing else writes them.
-        unsafe {
-            core::slice::from_raw_parts(phys_to_virt(self.region.start), self.region.len() as usize)
-        }
-    }
-}
-
 /// Which multiboot2 tag the RSDP came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
 pub enum RsdpSource {

@@ -25,14 +25,13 @@ mod bootinfo;
 mod halt;
 mod log;
 mod mem;
+mod sys;
 mod time;
 mod vm;
-mod vmm;
 mod vmx;
 
 use bootinfo::BootInfo;
 use ipc_schema::halt::HaltStatus;
-use ipc_schema::manifest::Manifest;
 use platform::cpu::CpuInfo;
 
 /// The kernel's GNU build id (`--build-id`), announced with its log so the
@@ -113,8 +112,6 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
         );
     }
 
-    let manifest = read_manifest(&boot);
-
     let acpi = match acpi::read(boot.rsdp) {
         Ok(a) => Some(a),
         Err(e) => {
@@ -164,94 +161,104 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
         cpu.page_1g,
         cpu.hypervisor
     );
-    match apic::init(cpu.x2apic) {
-        Ok(mode) => defmt::info!("local APIC: {}", mode),
-        Err(e) => defmt::warn!("local APIC unusable: {=str}", e),
-    }
-    let vmx = vmx::probe(&cpu);
-    if let Err(why) = &vmx {
-        match why {
-            platform::vmx::VmxUnavailable::NoVmx => {
-                defmt::warn!(
-                    "VMX: not available (CPUID.1:ECX.VMX[bit 5] = 0): guests cannot run on this CPU"
-                )
+    arch::protect_kernel(&cpu);
+    let apic_id = match apic::init(cpu.x2apic) {
+        Ok(mode) => {
+            defmt::info!("local APIC: {}", mode);
+            match mode {
+                apic::ApicMode::X2Apic { id } | apic::ApicMode::XApic { id } => id,
             }
-            other => defmt::warn!("VMX: unusable: {}", other),
         }
+        Err(e) => {
+            defmt::warn!("local APIC unusable: {=str}", e);
+            0
+        }
+    };
+    if let Some((ioapic, gsi_base)) = acpi.as_ref().and_then(|a| a.ioapic) {
+        sys::irq::init(sys::irq::Routing {
+            ioapic,
+            gsi_base,
+            overrides: acpi.as_ref().map_or([None; 16], |a| a.overrides),
+            apic_id,
+        });
+    }
+    match vmx::probe(&cpu) {
+        Ok(caps) => {
+            if let Err(e) = vm::init(caps) {
+                defmt::error!("VMX: cannot enter VMX operation: {}", e);
+            }
+        }
+        Err(platform::vmx::VmxUnavailable::NoVmx) => {
+            defmt::warn!(
+                "VMX: not available (CPUID.1:ECX.VMX[bit 5] = 0): guests cannot run on this CPU"
+            )
+        }
+        Err(other) => defmt::warn!("VMX: unusable: {}", other),
     }
 
-    defmt::info!(
-        "boot complete: system {=str}, {=usize} domain(s)",
-        manifest.name,
-        manifest.domains.len()
-    );
-    if manifest.domains.is_empty() {
-        halt::stop(HaltStatus::Success);
-    }
-    match vmx {
-        Ok(caps) => halt::stop(vm::run(&manifest, &boot, caps)),
-        Err(_) => {
-            defmt::error!(
-                "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
-                manifest.domains.len()
-            );
-            halt::stop(HaltStatus::Unsupported)
-        }
-    }
+    sys::space::init();
+    start_init(&boot)
 }
 
-/// Reads the compiled manifest and checks that every module it names is in
-/// the image. Any problem stops the run: nothing sensible can start without
-/// a trustworthy manifest.
-fn read_manifest(boot: &BootInfo) -> Manifest<'static> {
-    let Some(module) = boot.module("manifest") else {
+/// Starts the supervisor (the boot module `init`) with every root object,
+/// then runs the system.
+fn start_init(boot: &BootInfo) -> ! {
+    use ipc_schema::syscall::{HandleName, MAX_HANDLES, handle_name, rights};
+    use sys::caps::{Cap, FramesKind, FramesObject, Object};
+    let k = sys::kernel();
+    if boot.module("init").is_none() {
         defmt::error!(
-            "boot module `manifest` is missing: the image has no system manifest (the image builder adds it)"
+            "boot module `init` is missing: the image has no supervisor (the image builder adds it)"
         );
         halt::stop(HaltStatus::BadBootInput)
-    };
-    let manifest = match Manifest::decode(module.bytes()) {
-        Ok(m) => m,
-        Err(e) => {
-            defmt::error!("boot module `manifest` is not a usable manifest: {}", e);
-            if let ipc_schema::manifest::ManifestError::WrongKey { found, expected } = e {
-                defmt::error!(
-                    "manifest schema key {=[u8]:02x}, this kernel expects {=[u8]:02x}: rebuild the image",
-                    found,
-                    expected
-                );
-            }
-            halt::stop(HaltStatus::BadBootInput)
+    }
+    let mut handles: [Option<Cap>; MAX_HANDLES] = [None; MAX_HANDLES];
+    let mut names: heapless::Vec<(u32, HandleName), MAX_HANDLES> = heapless::Vec::new();
+    let mut give = |name: &str, object: Object, r: u32| {
+        let slot = names.len();
+        if slot < MAX_HANDLES {
+            handles[slot] = Some(Cap {
+                object,
+                rights: r,
+                badge: 0,
+            });
+            let _ = names.push((slot as u32, handle_name(name)));
         }
     };
-    defmt::info!(
-        "manifest: system {=str}, {=usize} domain(s)",
-        manifest.name,
-        manifest.domains.len()
+    give("system", Object::System, rights::ALL);
+    give("memory", Object::MemoryPool, rights::CREATE);
+    give("domains", Object::Domains, rights::ALL);
+    give(
+        "ioports",
+        Object::IoPorts {
+            base: 0,
+            count: u16::MAX,
+        },
+        rights::DEVICE,
     );
-    for d in &manifest.domains {
-        defmt::info!(
-            "manifest: domain {=str}: guest {=str}, {=u32} MiB, {=u8} vCPU(s)",
-            d.name,
-            d.guest,
-            d.memory_mib,
-            d.vcpus
-        );
-    }
-    let mut missing = false;
-    for name in manifest.modules() {
-        if boot.module(name).is_none() {
-            defmt::error!(
-                "boot module `{=str}` is missing: the manifest names it as a guest image",
-                name
-            );
-            missing = true;
+    give("irqs", Object::Irq(sys::caps::ALL_LINES), rights::DEVICE);
+    let mut init_elf = 0;
+    for (i, m) in boot.modules.iter().enumerate() {
+        k.frames[i] = Some(FramesObject {
+            base: m.region.start,
+            count: m.region.len().div_ceil(platform::PAGE_SIZE),
+            len: m.region.len(),
+            kind: FramesKind::Module,
+            given_to_domain: false,
+        });
+        if m.name == "init" {
+            init_elf = i as u16;
         }
+        let mut name: heapless::String<32> = heapless::String::new();
+        let _ = name.push_str("module:");
+        let _ = name.push_str(&m.name[..m.name.len().min(24)]);
+        give(&name, Object::Frames(i as u16), rights::READ);
     }
-    if missing {
-        halt::stop(HaltStatus::BadBootInput);
+    if let Err(e) = k.spawn(handle_name("init"), init_elf, handles, &names, false) {
+        defmt::error!("boot module `init` cannot be started: {}", e);
+        halt::stop(HaltStatus::BadBootInput)
     }
-    manifest
+    sys::sched::run()
 }
 
 /// Kernel self-tests of the fault paths, chosen on the command line

@@ -67,3 +67,8 @@ pub fn tsc_hz() -> Option<u64> {
         hz => Some(hz),
     }
 }
+
+/// The TSC at boot (services compute their timestamps from it).
+pub fn tsc_at_boot() -> u64 {
+    TSC_AT_BOOT.load(Ordering::Relaxed)
+}

@@ -13,6 +13,7 @@
 pub mod acpi;
 pub mod cpu;
 pub mod devices;
+pub mod elf;
 pub mod ept;
 pub mod memory;
 pub mod multiboot;

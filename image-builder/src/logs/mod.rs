@@ -257,6 +257,34 @@ impl ElfSet {
         self.files.insert(name.to_owned(), path.to_owned());
         self
     }
+
+    /// The file with build id `id`: one of the set, or one in the ELF store
+    /// (`paths::elf_store`, named `<build id in hex>.elf`).
+    pub fn find_build(&self, id: &[u8]) -> Option<PathBuf> {
+        let stored = crate::paths::elf_store().join(format!("{}.elf", hex(id)));
+        if stored.is_file() {
+            return Some(stored);
+        }
+        self.files
+            .values()
+            .find(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|b| crate::elf::build_id(&b).ok())
+                    .is_some_and(|b| b == id)
+            })
+            .cloned()
+    }
+}
+
+/// Keeps a copy of `elf` in the ELF store so that logs of a running system
+/// it is swapped into decode (see [`ElfSet::find_build`]).
+pub fn store_elf(elf: &[u8]) -> Result<()> {
+    let id = crate::elf::build_id(elf).context("the ELF has no build id")?;
+    let dir = crate::paths::elf_store();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.elf", hex(&id)));
+    std::fs::write(&path, elf).with_context(|| format!("writing {}", path.display()))
 }
 
 struct Source {
@@ -437,11 +465,19 @@ impl Decoder {
         name: &str,
         build_id: &[u8],
     ) -> Result<(defmt_decoder::Table, Option<String>)> {
-        let path = self
-            .elfs
-            .files
-            .get(name)
-            .with_context(|| format!("no ELF file for source `{name}` in this build"))?;
+        // The ELF with the announced build id, wherever it is: a service
+        // swapped in since the image was built is in the ELF store.
+        let by_id = (!build_id.is_empty())
+            .then(|| self.elfs.find_build(build_id))
+            .flatten();
+        let path = match &by_id {
+            Some(p) => p,
+            None => self
+                .elfs
+                .files
+                .get(name)
+                .with_context(|| format!("no ELF file for source `{name}` in this build"))?,
+        };
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let table = defmt_decoder::Table::parse(&bytes)
             .with_context(|| format!("reading the defmt table of {}", path.display()))?

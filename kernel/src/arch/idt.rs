@@ -13,7 +13,7 @@ use ipc_schema::halt::HaltStatus;
 
 /// Registers saved on entry, lowest address first.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct TrapFrame {
     pub r15: u64,
     pub r14: u64,
@@ -39,6 +39,9 @@ pub struct TrapFrame {
     pub rsp: u64,
     pub ss: u64,
 }
+
+/// The system-call vector (`int 0x80`), the one gate ring 3 may use.
+pub const SYSCALL_VECTOR: u8 = 0x80;
 
 /// The spurious-interrupt vector programmed into the local APIC.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
@@ -136,13 +139,14 @@ impl Gate {
         reserved: 0,
     };
 
-    /// A present, DPL-0 interrupt gate (interrupts off on entry).
-    fn interrupt(handler: u64, ist: Option<u16>) -> Gate {
+    /// A present interrupt gate (interrupts off on entry), callable from
+    /// ring 3 only when `user` (the system-call vector).
+    fn interrupt(handler: u64, ist: Option<u16>, user: bool) -> Gate {
         Gate {
             offset_low: handler as u16,
             selector: 0x08,
             ist: ist.map_or(0, |slot| slot as u8 + 1),
-            attributes: 0x8e,
+            attributes: if user { 0xee } else { 0x8e },
             offset_mid: (handler >> 16) as u16,
             offset_high: (handler >> 32) as u32,
             reserved: 0,
@@ -175,7 +179,11 @@ pub fn load() {
                 18 => Some(IST_MACHINE_CHECK),
                 _ => None,
             };
-            *gate = Gate::interrupt(base + 16 * vector as u64, ist);
+            *gate = Gate::interrupt(
+                base + 16 * vector as u64,
+                ist,
+                vector == usize::from(SYSCALL_VECTOR),
+            );
         }
     });
     let pointer = x86_64::structures::DescriptorTablePointer {
@@ -187,7 +195,7 @@ pub fn load() {
 }
 
 /// Names of the architectural exceptions.
-fn exception_name(vector: u64) -> &'static str {
+pub fn exception_name(vector: u64) -> &'static str {
     match vector {
         0 => "divide error (#DE)",
         1 => "debug (#DB)",
@@ -218,8 +226,18 @@ fn exception_name(vector: u64) -> &'static str {
 
 /// Called by `trap_common` for every vector.
 extern "C" fn trap(frame: &mut TrapFrame) {
+    if frame.cs & 3 == 3 {
+        // From a service: a system call, its fault, or an interrupt.
+        crate::sys::sched::user_trap(frame);
+        return;
+    }
     match frame.vector {
         0..=31 => kernel_exception(frame),
+        v if (u64::from(crate::sys::irq::IRQ_BASE)..u64::from(crate::sys::irq::IRQ_BASE) + 16)
+            .contains(&v) =>
+        {
+            crate::sys::irq::handle(crate::sys::kernel(), v as u8);
+        }
         v if v == u64::from(SPURIOUS_VECTOR) => {}
         v if v == u64::from(APIC_ERROR_VECTOR) => {
             defmt::warn!("local APIC error interrupt");

@@ -30,3 +30,33 @@ pub fn halt_forever() -> ! {
 pub fn cr2() -> u64 {
     x86_64::registers::control::Cr2::read_raw()
 }
+
+/// Turns on the protections user space needs: no-execute pages (EFER.NXE),
+/// and, where the CPU has them, SMEP and SMAP (the kernel neither executes
+/// nor, by accident, touches user pages: it reaches user memory through the
+/// direct map only).
+pub fn protect_kernel(cpu: &platform::cpu::CpuInfo) {
+    use x86_64::registers::control::{Cr4, Cr4Flags};
+    if cpu.nx {
+        // Safety: EFER exists on every x86-64 CPU; NXE only makes bit 63 of
+        // page-table entries meaningful, and no kernel mapping sets it.
+        unsafe { platform::cpu::wrmsr(0xc000_0080, platform::cpu::rdmsr(0xc000_0080) | (1 << 11)) };
+    }
+    let leaf7 = platform::cpu::cpuid(7, 0);
+    let mut cr4 = Cr4::read();
+    if leaf7.ebx & (1 << 7) != 0 {
+        cr4 |= Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION;
+    }
+    if leaf7.ebx & (1 << 20) != 0 {
+        cr4 |= Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION;
+    }
+    // Safety: SMEP/SMAP only forbid what the kernel never does (run or
+    // touch user pages through user addresses); the CPU has them (CPUID).
+    unsafe { Cr4::write(cr4) };
+    defmt::info!(
+        "protection: NX {=bool}, SMEP {=bool}, SMAP {=bool}",
+        cpu.nx,
+        leaf7.ebx & (1 << 7) != 0,
+        leaf7.ebx & (1 << 20) != 0
+    );
+}

@@ -84,6 +84,8 @@ pub fn init_cpu(cpu: usize) {
         for (slot, stack) in IST_STACKS[cpu].iter().enumerate() {
             tss.interrupt_stack_table[slot] = stack.top();
         }
+        // Traps from ring 3 land on the top of the kernel stack.
+        tss.privilege_stack_table[0] = BSP_STACK.top();
         tss
     });
     let (gdt, sel) = CPUS[cpu].gdt.call_once(|| {

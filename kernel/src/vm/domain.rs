@@ -1,153 +1,138 @@
-//! A domain: a guest's RAM (the host p2m), its views, its vCPU and its state,
-//! built from a manifest entry and a multiboot guest image.
+//! A domain: guest RAM (the host p2m), views, a vCPU, and its state. Init
+//! builds domains through system calls: create, map RAM from frames it
+//! holds, write the guest image, create the vCPU, start.
 
 use super::dirty::DirtyLog;
-use super::memory::{KernelTables, alloc_zeroed_contiguous, alloc_zeroed_frame, free_frame};
-use super::vcpu::{Vcpu, VcpuError, VcpuSetup};
+use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
+use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
-use super::{Features, MAX_CONSOLE};
+use super::{Features, caps};
 use crate::mem::phys_to_virt;
-use ipc_schema::hypercall::HcError;
-use ipc_schema::manifest;
+use ipc_schema::syscall::{DomainState, HandleName, MAX_MESSAGE};
+use ipc_schema::vmexit::Exit;
 use platform::PAGE_SIZE;
 use platform::ept::{EptError, MemoryType, PageSize, Perms};
-use platform::multiboot::{self, GuestLayout, INFO_GPA, INFO_SIZE, ImageError};
-use platform::vmx::VmxCaps;
 
 const MIB2: u64 = 2 << 20;
 
-/// How a domain's life ended, or that it goes on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
-pub enum DomainState {
-    Running,
-    /// The guest asked to end, with this status.
-    Exited(u32),
-    /// Stopped by the hypervisor (reported when it happened).
-    Crashed,
-}
-
-/// Why a domain could not be built.
-#[derive(Clone, Copy, Debug, defmt::Format)]
-pub enum BuildError {
-    Image(ImageError),
-    OutOfMemory,
-    Ept(EptError),
-    Vcpu(VcpuError),
-    /// More vCPUs than this kernel runs per domain.
-    TooManyVcpus {
-        asked: u8,
-    },
-    /// The command line does not fit the information block.
-    CmdlineTooLong,
-}
-
-impl From<EptError> for BuildError {
-    fn from(e: EptError) -> Self {
-        match e {
-            EptError::OutOfMemory => BuildError::OutOfMemory,
-            other => BuildError::Ept(other),
-        }
-    }
-}
-
 /// One guest domain.
 pub struct Domain {
+    /// 1-based, as guests and logs see it.
     pub id: u16,
-    pub name: &'static str,
+    pub name: HandleName,
+    /// The end of the highest RAM mapped.
     pub ram_bytes: u64,
+    /// RAM as mapped: (first gfn, first frame's address, frames), to find
+    /// the gfn behind a frame.
+    pub ram: heapless::Vec<(u64, u64, u64), 64>,
     pub views: Views,
-    pub vcpu: Vcpu,
+    pub vcpu: Option<Vcpu>,
     pub state: DomainState,
-    /// Console bytes not yet sent (a line at a time).
-    pub console: heapless::Vec<u8, MAX_CONSOLE>,
-    pub dirty: DirtyLog,
-    /// What the exit handler keeps per domain.
-    pub policy: crate::vmm::DomainPolicy,
+    pub exit_status: u32,
+    pub dirty: Option<DirtyLog>,
     msr_bitmap: u64,
+    /// Where the vCPU's exits and EPT violations go (endpoint ids).
+    pub exit_endpoint: u16,
+    pub violation_endpoint: u16,
+    /// The exit message in flight, while the vCPU waits for its handler.
+    pub outbox: [u8; MAX_MESSAGE],
+    pub outbox_len: usize,
+    pub exit_seq: u32,
+    pub exit_server: Option<u16>,
+    pub awaiting_reply: bool,
+    pub pending: Option<Exit>,
+    /// The exit the fast path passed on, before it is decoded.
+    pub pending_raw: Option<super::vcpu::RawExit>,
+}
+
+/// Why a domain operation was refused.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub enum DomainError {
+    OutOfMemory,
+    Ept(EptError),
+    /// Not in the state the operation needs (building, running...).
+    WrongState,
+}
+
+impl From<EptError> for DomainError {
+    fn from(e: EptError) -> Self {
+        match e {
+            EptError::OutOfMemory => DomainError::OutOfMemory,
+            other => DomainError::Ept(other),
+        }
+    }
 }
 
 impl Domain {
-    /// Builds domain `id` from its manifest entry and guest image: RAM, host
-    /// p2m, the image loaded, the information block, the vCPU at the entry.
-    pub fn build(
-        id: u16,
-        spec: &manifest::Domain<'static>,
-        image: &[u8],
-        caps: &VmxCaps,
-        features: &Features,
-    ) -> Result<Domain, BuildError> {
-        if spec.vcpus != 1 {
-            return Err(BuildError::TooManyVcpus { asked: spec.vcpus });
-        }
-        let ram_bytes = u64::from(spec.memory_mib) << 20;
-        let layout = GuestLayout::new(ram_bytes);
-        let plan = multiboot::plan(image, &layout).map_err(BuildError::Image)?;
-        let views = Views::new(features.vmfunc, features.ept_ad, features.invept)
-            .ok_or(BuildError::OutOfMemory)?;
-        let mut partial = Partial {
-            views: Some(views),
-            dirty: None,
-            msr_bitmap: None,
+    /// An empty domain: no RAM, no vCPU.
+    pub fn create(id: u16, name: HandleName) -> Result<Domain, DomainError> {
+        let f: &Features = &caps().1;
+        let views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
+        let Some(msr_bitmap) = msr_bitmap() else {
+            let mut views = views;
+            views.destroy_all();
+            return Err(DomainError::OutOfMemory);
         };
-        partial.dirty = Some(DirtyLog::new(ram_bytes).ok_or(BuildError::OutOfMemory)?);
-        partial.msr_bitmap = Some(msr_bitmap().ok_or(BuildError::OutOfMemory)?);
-        let views = partial.views.as_mut().expect("set above");
-        populate(views, &layout)?;
-        for s in &plan.segments {
-            let bytes = &image[s.file_offset..s.file_offset + s.file_len];
-            write_guest_checked(views, s.gpa, bytes).ok_or(BuildError::Image(
-                ImageError::OutsideRam {
-                    start: s.gpa,
-                    end: s.gpa + s.mem_len,
-                },
-            ))?;
-        }
-        // Like GRUB and QEMU, the command line starts with the image's name.
-        let mut cmdline: heapless::String<256> = heapless::String::new();
-        let fits = cmdline.push_str(spec.guest).is_ok()
-            && (spec.cmdline.is_empty()
-                || (cmdline.push(' ').is_ok() && cmdline.push_str(spec.cmdline).is_ok()));
-        if !fits {
-            return Err(BuildError::CmdlineTooLong);
-        }
-        let mut info = [0u8; INFO_SIZE];
-        let n = multiboot::build_info(ram_bytes, &cmdline, "Parallax", &mut info)
-            .map_err(|_| BuildError::CmdlineTooLong)?;
-        write_guest_checked(views, INFO_GPA, &info[..n]).ok_or(BuildError::OutOfMemory)?;
-
-        let msr_bitmap = partial.msr_bitmap.expect("set above");
-        let setup = VcpuSetup {
-            id: 0,
-            vpid: id + 1,
-            entry: plan.entry,
-            eptp: views.host().eptp(features.ept_ad),
-            eptp_list: views.eptp_list(),
-            msr_bitmap,
-            slice: features.slice,
-        };
-        let vcpu = Vcpu::new(&setup, caps).map_err(BuildError::Vcpu)?;
-        // Built: the domain owns everything from here on.
-        let views = partial.views.take().expect("set above");
-        let dirty = partial.dirty.take().expect("set above");
-        partial.msr_bitmap = None;
         Ok(Domain {
             id,
-            name: spec.name,
-            ram_bytes,
+            name,
+            ram_bytes: 0,
+            ram: heapless::Vec::new(),
             views,
-            vcpu,
-            state: DomainState::Running,
-            console: heapless::Vec::new(),
-            dirty,
-            policy: crate::vmm::DomainPolicy::default(),
+            vcpu: None,
+            state: DomainState::Building,
+            exit_status: 0,
+            dirty: None,
             msr_bitmap,
+            exit_endpoint: 0,
+            violation_endpoint: 0,
+            outbox: [0; MAX_MESSAGE],
+            outbox_len: 0,
+            exit_seq: 0,
+            exit_server: None,
+            awaiting_reply: false,
+            pending: None,
+            pending_raw: None,
         })
     }
 
-    /// Whether `gfn` is guest RAM (mapped in the host p2m).
-    pub fn is_ram(&self, gfn: u64) -> bool {
-        gfn.checked_mul(PAGE_SIZE)
-            .is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
+    /// Maps `count` frames from `base` as guest RAM at `gfn`: 2 MiB pages where
+    /// both sides are 2 MiB aligned, 4 KiB pages elsewhere.
+    pub fn map_ram(&mut self, gfn: u64, base: u64, count: u64) -> Result<(), DomainError> {
+        if self.state != DomainState::Building || self.ram.is_full() {
+            return Err(DomainError::WrongState);
+        }
+        let ept = self.views.host_mut();
+        let (mut gpa, mut hpa, end) = (gfn * PAGE_SIZE, base, (gfn + count) * PAGE_SIZE);
+        while gpa < end {
+            let large = gpa % MIB2 == 0 && hpa % MIB2 == 0 && end - gpa >= MIB2;
+            let size = if large {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
+            ept.map(
+                &mut KernelTables,
+                gpa,
+                hpa,
+                size,
+                Perms::ALL,
+                MemoryType::WRITE_BACK,
+            )?;
+            gpa += size.bytes();
+            hpa += size.bytes();
+        }
+        self.ram_bytes = self.ram_bytes.max(end);
+        let _ = self.ram.push((gfn, base, count));
+        Ok(())
+    }
+
+    /// The gfn whose host-p2m mapping is the frame at `hpa`.
+    pub fn gfn_of_frame(&self, hpa: u64) -> Option<u64> {
+        self.ram
+            .iter()
+            .find(|(_, base, count)| hpa >= *base && hpa < base + count * PAGE_SIZE)
+            .map(|(gfn, base, _)| gfn + (hpa - base) / PAGE_SIZE)
     }
 
     /// Copies guest memory at `gpa` into `out`; `None` if any byte is not RAM.
@@ -158,8 +143,7 @@ impl Domain {
             let hpa = self.views.host().translate(&KernelTables, at)?;
             let n = (out.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
             // Safety: `hpa` is a frame of this domain's RAM (the host p2m maps
-            // only frames the kernel gave it), in the direct map; n stays in
-            // the page.
+            // only frames given to it), in the direct map; n stays in the page.
             unsafe {
                 core::ptr::copy_nonoverlapping(phys_to_virt(hpa), out[done..].as_mut_ptr(), n)
             };
@@ -168,116 +152,80 @@ impl Domain {
         Some(())
     }
 
-    /// Copies `bytes` into guest memory at `gpa`; `None` if any byte is not RAM.
+    /// Copies `bytes` into guest memory at `gpa`; `None` (and nothing
+    /// written) if any byte is not RAM.
     pub fn write_guest(&self, gpa: u64, bytes: &[u8]) -> Option<()> {
-        write_guest_checked(&self.views, gpa, bytes)
-    }
-
-    /// Gives every frame and table of the domain back.
-    pub fn destroy(mut self) {
-        free_ram(&self.views);
-        self.views.destroy_all();
-        self.dirty.destroy();
-        free_frame(self.msr_bitmap);
-        self.vcpu.destroy();
-    }
-}
-
-/// What a build has allocated so far; given back if the build fails.
-struct Partial {
-    views: Option<Views>,
-    dirty: Option<DirtyLog>,
-    msr_bitmap: Option<u64>,
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if let Some(mut v) = self.views.take() {
-            free_ram(&v);
-            v.destroy_all();
+        let end = gpa.checked_add(bytes.len() as u64)?;
+        let mut page = gpa & !(PAGE_SIZE - 1);
+        while page < end {
+            self.views.host().translate(&KernelTables, page)?;
+            page += PAGE_SIZE;
         }
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = gpa + done as u64;
+            let hpa = self.views.host().translate(&KernelTables, at)?;
+            let n = (bytes.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
+            // Safety: as in `read_guest`.
+            unsafe { core::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), phys_to_virt(hpa), n) };
+            done += n;
+        }
+        Some(())
+    }
+
+    /// Whether `gfn` is guest RAM (mapped in the host p2m).
+    pub fn is_ram(&self, gfn: u64) -> bool {
+        gfn.checked_mul(PAGE_SIZE)
+            .is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
+    }
+
+    /// Creates the vCPU at a 32-bit entry point; its exits go to `exit_ep`,
+    /// its EPT violations to `violation_ep`.
+    pub fn create_vcpu(
+        &mut self,
+        entry: u32,
+        rax: u64,
+        rbx: u64,
+        exit_ep: u16,
+        violation_ep: u16,
+    ) -> Result<(), DomainError> {
+        if self.vcpu.is_some() || self.state != DomainState::Building {
+            return Err(DomainError::WrongState);
+        }
+        let (vmx_caps, f) = caps();
+        let setup = VcpuSetup {
+            id: 0,
+            vpid: self.id,
+            entry,
+            eptp: self.views.host().eptp(f.ept_ad),
+            eptp_list: self.views.eptp_list(),
+            msr_bitmap: self.msr_bitmap,
+            slice: f.slice,
+        };
+        let mut vcpu = Vcpu::new(&setup, vmx_caps).map_err(|e| {
+            defmt::error!("domain {=u16}: vCPU setup failed: {}", self.id, e);
+            DomainError::OutOfMemory
+        })?;
+        vcpu.regs.rax = rax;
+        vcpu.regs.rbx = rbx;
+        self.vcpu = Some(vcpu);
+        self.exit_endpoint = exit_ep;
+        self.violation_endpoint = violation_ep;
+        Ok(())
+    }
+
+    /// Gives back what the domain's tables, vCPU and logs hold (not its RAM:
+    /// those frames belong to the frames objects the builder holds).
+    pub fn destroy(mut self) {
+        self.views.destroy_all();
         if let Some(d) = self.dirty.take() {
             d.destroy();
         }
-        if let Some(m) = self.msr_bitmap.take() {
-            free_frame(m);
+        free_frame(self.msr_bitmap);
+        if let Some(v) = self.vcpu.take() {
+            v.destroy();
         }
     }
-}
-
-/// Gives back every RAM frame the host p2m maps.
-fn free_ram(views: &Views) {
-    views
-        .host()
-        .for_each_leaf(&KernelTables, 0, platform::ept::GPA_LIMIT, |m| {
-            for f in 0..m.size.bytes() / PAGE_SIZE {
-                free_frame(m.hpa + f * PAGE_SIZE);
-            }
-        });
-}
-
-/// Maps the domain's RAM in the host p2m: 4 KiB pages below 2 MiB (leaving
-/// the legacy hole 0xa0000-0xfffff unmapped), 2 MiB pages from there where a
-/// 2 MiB-aligned block of frames is free, 4 KiB pages elsewhere.
-fn populate(views: &mut Views, layout: &GuestLayout) -> Result<(), BuildError> {
-    let ept = views.host_mut();
-    let mut gpa = 0;
-    while gpa < layout.ram_bytes {
-        let left = layout.ram_bytes - gpa;
-        if gpa % MIB2 == 0
-            && gpa >= MIB2
-            && left >= MIB2
-            && let Some(hpa) = alloc_zeroed_contiguous(512, 512)
-        {
-            ept.map(
-                &mut KernelTables,
-                gpa,
-                hpa,
-                PageSize::Size2M,
-                Perms::ALL,
-                MemoryType::WRITE_BACK,
-            )
-            .inspect_err(|_| free_range(hpa, MIB2))?;
-            gpa += MIB2;
-            continue;
-        }
-        if gpa >= layout.hole.0 && gpa < layout.hole.1 {
-            gpa = layout.hole.1;
-            continue;
-        }
-        let hpa = alloc_zeroed_frame().ok_or(BuildError::OutOfMemory)?;
-        ept.map(
-            &mut KernelTables,
-            gpa,
-            hpa,
-            PageSize::Size4K,
-            Perms::ALL,
-            MemoryType::WRITE_BACK,
-        )
-        .inspect_err(|_| free_frame(hpa))?;
-        gpa += PAGE_SIZE;
-    }
-    Ok(())
-}
-
-fn free_range(hpa: u64, len: u64) {
-    for f in 0..len / PAGE_SIZE {
-        free_frame(hpa + f * PAGE_SIZE);
-    }
-}
-
-fn write_guest_checked(views: &Views, gpa: u64, bytes: &[u8]) -> Option<()> {
-    let mut done = 0;
-    while done < bytes.len() {
-        let at = gpa.checked_add(done as u64)?;
-        let hpa = views.host().translate(&KernelTables, at)?;
-        let n = (bytes.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
-        // Safety: `hpa` is a frame of this domain's RAM, in the direct map;
-        // n stays in the page.
-        unsafe { core::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), phys_to_virt(hpa), n) };
-        done += n;
-    }
-    Some(())
 }
 
 /// An MSR bitmap that intercepts every MSR except those VMX switches itself
@@ -311,13 +259,4 @@ fn msr_bitmap() -> Option<u64> {
         pass(msr);
     }
     Some(page)
-}
-
-/// Checks a gfn named by a request: RAM, or an error naming it.
-pub fn check_gfn(d: &Domain, gfn: u64) -> Result<u64, HcError> {
-    if d.is_ram(gfn) {
-        Ok(gfn * PAGE_SIZE)
-    } else {
-        Err(HcError::BadGfn { gfn })
-    }
 }

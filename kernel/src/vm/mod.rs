@@ -1,35 +1,32 @@
-//! Guests: domains built from the manifest, run round-robin on this CPU.
+//! Guests under VMX: the mechanisms. Domains (`domain`), their views
+//! (`views`), vCPUs (`vcpu`), dirty logs (`dirty`), memory for all of them
+//! (`memory`), and exits sent to handlers as IPC calls (`exits`).
 //!
 //! The kernel owns a few exits outright, handled on the fast path below
-//! without building a message: the null, exit-count and view-switch
-//! hypercalls (benchmarks and EPT-pointer switching are kernel business),
+//! without a message: the null, exit-count and view-switch hypercalls,
 //! external interrupts, the preemption timer, a full PML buffer, and the
 //! CR0/CR4 bits VMX requires. Every other exit is decoded into an
-//! `ipc_schema::vmexit::Exit` and answered by the domain's exit handler
-//! (`crate::vmm`), whose `Response` the kernel carries out.
+//! `ipc_schema::vmexit::Exit` and sent as a call to the vCPU's exit endpoint
+//! (EPT violations to its violation endpoint); the vCPU waits for the reply.
 
 pub mod dirty;
 pub mod domain;
+pub mod exits;
 pub mod memory;
+mod ops;
 pub mod vcpu;
 pub mod views;
 
 use crate::arch::percpu::MAX_CPUS;
-use crate::bootinfo::BootInfo;
+use crate::sys::{Kernel, Runnable};
 use crate::vmx::{self, InveptType};
-use domain::{Domain, DomainState};
-use ipc_schema::halt::HaltStatus;
+use domain::Domain;
 use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL, HC_VIEW_SWITCH, Status};
-use ipc_schema::manifest::{MAX_DOMAINS, Manifest};
-use ipc_schema::vmexit::{Exit, Then};
-use ipc_schema::wire::Record;
-use platform::ept::PageSize;
+use ipc_schema::syscall::DomainState;
+pub use ops::{dirty_read, ept_op, vcpu_control};
 use platform::vmx::VmxCaps;
-use platform::vmx::fields::{self, reason};
+use platform::vmx::fields::{EXIT_INTERRUPTION_INFO, reason};
 use vcpu::{RawExit, VcpuState};
-
-/// Console bytes buffered per domain before a line is sent.
-pub const MAX_CONSOLE: usize = 120;
 
 /// What the CPU offers, as the domains use it.
 #[derive(Clone, Copy, Debug, defmt::Format)]
@@ -54,14 +51,18 @@ impl defmt::Format for InveptType {
 
 static CAPS: spin::Once<(VmxCaps, Features)> = spin::Once::new();
 
-/// The CPU's VMX capabilities and the features in use (set by [`run`]).
+/// The CPU's VMX capabilities and the features in use, once VMX is on.
 pub fn caps() -> &'static (VmxCaps, Features) {
-    CAPS.get()
-        .expect("vm::run sets the capabilities before any domain runs")
+    CAPS.get().expect("vm::init ran before any domain exists")
 }
 
-/// Builds every domain of the manifest and runs them until all have ended.
-pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> HaltStatus {
+/// Whether guests can run (VMX is on).
+pub fn available() -> bool {
+    CAPS.get().is_some()
+}
+
+/// Turns VMX on for this CPU and records what guests will use.
+pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
     let f = &caps.features;
     let slice = f.preemption_timer.then(|| {
         let ticks = crate::time::tsc_hz().unwrap_or(100_000_000) / 100; // 10 ms
@@ -79,90 +80,14 @@ pub fn run(manifest: &Manifest<'static>, boot: &BootInfo, caps: VmxCaps) -> Halt
         },
         slice,
     };
-    let (caps, features) = CAPS.call_once(|| (caps, features));
-    defmt::info!("vm: {}", features);
-
-    match enable_this_cpu(0, caps) {
-        Ok(region) => defmt::info!(
-            "vm: VMX operation on CPU 0 (VMXON region {=u64:#x})",
-            region
-        ),
-        Err(e) => {
-            defmt::error!("vm: cannot enter VMX operation on CPU 0: {}", e);
-            return HaltStatus::Unsupported;
-        }
-    }
-
-    let mut domains: heapless::Vec<Domain, MAX_DOMAINS> = heapless::Vec::new();
-    let mut failed_builds = 0;
-    for (i, spec) in manifest.domains.iter().enumerate() {
-        let id = i as u16 + 1;
-        let Some(image) = boot.module(spec.guest) else {
-            // read_manifest checked every module; this cannot happen.
-            failed_builds += 1;
-            continue;
-        };
-        match Domain::build(id, spec, image.bytes(), caps, features) {
-            Ok(d) => {
-                let (mut large, mut small) = (0u32, 0u32);
-                d.views
-                    .host()
-                    .for_each_leaf(&memory::KernelTables, 0, d.ram_bytes, |m| match m.size {
-                        PageSize::Size4K => small += 1,
-                        _ => large += 1,
-                    });
-                defmt::info!(
-                    "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u64:#x}",
-                    id,
-                    spec.name,
-                    spec.guest,
-                    spec.memory_mib,
-                    large,
-                    small,
-                    d.vcpu.read(fields::GUEST_RIP)
-                );
-                let _ = domains.push(d);
-            }
-            Err(e) => {
-                defmt::error!(
-                    "domain {=u16} ({=str}) could not be built: {}",
-                    id,
-                    spec.name,
-                    e
-                );
-                failed_builds += 1;
-            }
-        }
-    }
-
-    // Round robin until nothing can run.
-    let mut next = 0;
-    loop {
-        let n = domains.len();
-        let Some(i) = (0..n)
-            .map(|k| (next + k) % n.max(1))
-            .find(|&i| runnable(&domains[i]))
-        else {
-            break;
-        };
-        let others = (0..n).any(|j| j != i && runnable(&domains[j]));
-        run_slice(&mut domains[i], others);
-        next = i + 1;
-    }
-
-    let mut status = if failed_builds > 0 {
-        HaltStatus::GuestFailed
-    } else {
-        HaltStatus::Success
-    };
-    for d in domains {
-        match d.state {
-            DomainState::Exited(0) => {}
-            _ => status = HaltStatus::GuestFailed,
-        }
-        d.destroy();
-    }
-    status
+    let region = enable_this_cpu(0, &caps)?;
+    let (_, features) = CAPS.call_once(|| (caps, features));
+    defmt::info!(
+        "vm: VMX operation on CPU 0 (VMXON region {=u64:#x}); {}",
+        region,
+        features
+    );
+    Ok(())
 }
 
 /// Each CPU's VMXON region, once it is in VMX operation.
@@ -189,93 +114,86 @@ pub fn enable_this_cpu(cpu: usize, caps: &VmxCaps) -> Result<u64, EnableError> {
     Ok(*VMXON[cpu].call_once(|| region))
 }
 
-fn runnable(d: &Domain) -> bool {
-    d.state == DomainState::Running && d.vcpu.state == VcpuState::Runnable
-}
-
 /// What the fast path did with an exit.
 enum Fast {
     /// Handled; enter the guest again.
     Handled,
-    /// Handled; let another domain run.
+    /// Handled; let others run (the vCPU stays runnable).
     Yield,
-    /// Not the kernel's: ask the handler.
+    /// A host interrupt arrived (its vector): the kernel must handle it.
+    Interrupt(u8),
+    /// Not the kernel's: send it to the handler.
     No,
 }
 
-/// Runs a domain's vCPU until it blocks, ends, or (when others are waiting)
-/// its time slice runs out.
-fn run_slice(d: &mut Domain, others_waiting: bool) {
-    if let Err(e) = d.vcpu.load() {
-        crash(d, None);
-        defmt::error!("domain {=u16}: cannot load its VMCS: {}", d.id, e);
-        return;
-    }
+/// Why a run of the guest stopped.
+enum Stop {
+    Yield,
+    Interrupt(u8),
+    /// An exit for the handler (kept in `Domain::pending_raw`).
+    Handler,
+}
+
+/// Runs domain slot `slot`'s vCPU until it needs its handler, ends, or
+/// should let others run.
+pub fn run_vcpu(k: &mut Kernel, slot: u16) {
+    let others_waiting = !k.ready.is_empty();
     loop {
-        let raw = d.vcpu.enter();
-        if raw.vmx_failed() {
-            defmt::error!(
-                "domain {=u16} ({=str}): VM entry failed: {}",
-                d.id,
-                d.name,
-                d.vcpu.vmx_error
-            );
-            crash(d, None);
+        let Some(d) = k.domains[usize::from(slot)].as_mut() else {
+            return;
+        };
+        if d.state != DomainState::Running || d.awaiting_reply {
             return;
         }
-        match fast_path(d, &raw, others_waiting) {
-            Fast::Handled => continue,
-            Fast::Yield => return,
-            Fast::No => {}
-        }
-        let exit = d.vcpu.decode(d.id, &raw);
-        if raw.entry_failure() {
-            defmt::error!(
-                "domain {=u16} ({=str}): VM entry failed: {=str} (exit reason {=u16}, qualification {=u64:#x})",
-                d.id,
-                d.name,
-                reason::name(raw.reason()),
-                raw.reason(),
-                d.vcpu.qualification()
-            );
-            crash(d, Some(&exit));
+        let Some(v) = d.vcpu.as_mut() else { return };
+        if v.state != VcpuState::Runnable {
             return;
         }
-        let response = crate::vmm::handle(d, &exit);
-        d.vcpu.apply(&response);
-        match response.then {
-            Then::Resume => {}
-            Then::Block => {
-                d.vcpu.state = VcpuState::Blocked;
-                flush_console(d);
-                defmt::error!(
-                    "domain {=u16} ({=str}) halted with nothing to wake it (HLT at {=u64:#x}); stopped",
-                    d.id,
-                    d.name,
-                    exit.rip
-                );
-                d.state = DomainState::Crashed;
+        if let Err(e) = v.load() {
+            defmt::error!("domain {=u16}: cannot load its VMCS: {}", d.id, e);
+            exits::crash(k, slot, None);
+            return;
+        }
+        match run_until_handler(d, others_waiting) {
+            Stop::Yield => {
+                k.make_ready(Runnable::Vcpu(slot));
                 return;
             }
-            Then::Exit { status } => {
-                flush_console(d);
-                d.state = DomainState::Exited(status);
-                d.vcpu.state = VcpuState::Stopped;
-                if status == 0 {
-                    defmt::info!("domain {=u16} ({=str}) exited with status 0", d.id, d.name);
-                } else {
-                    defmt::warn!(
-                        "domain {=u16} ({=str}) exited with status {=u32}",
-                        d.id,
-                        d.name,
-                        status
-                    );
+            Stop::Interrupt(vector) => {
+                crate::sys::irq::handle(k, vector);
+                if k.ready.is_empty() {
+                    continue;
                 }
+                k.make_ready(Runnable::Vcpu(slot));
                 return;
             }
-            Then::Crash => {
-                crash(d, Some(&exit));
+            Stop::Handler => {
+                exits::to_handler(k, slot);
                 return;
+            }
+        }
+    }
+}
+
+/// Enters the guest repeatedly, handling the kernel's own exits, until one
+/// needs the kernel's attention or someone else.
+fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
+    loop {
+        let Some(v) = d.vcpu.as_mut() else {
+            return Stop::Handler;
+        };
+        let raw = v.enter();
+        if raw.vmx_failed() {
+            d.pending_raw = Some(raw);
+            return Stop::Handler;
+        }
+        match fast_path(d, raw, others_waiting) {
+            Fast::Handled => continue,
+            Fast::Yield => return Stop::Yield,
+            Fast::Interrupt(vector) => return Stop::Interrupt(vector),
+            Fast::No => {
+                d.pending_raw = Some(raw);
+                return Stop::Handler;
             }
         }
     }
@@ -283,31 +201,34 @@ fn run_slice(d: &mut Domain, others_waiting: bool) {
 
 /// The exits the kernel handles itself.
 #[inline(always)]
-fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
+fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     // VMCALL first: the null hypercall is the path benchmarks measure.
     if raw.reason() == reason::VMCALL && !raw.entry_failure() {
-        return match d.vcpu.regs.rax {
+        let Some(v) = d.vcpu.as_mut() else {
+            return Fast::No;
+        };
+        return match v.regs.rax {
             HC_NULL => {
-                d.vcpu.regs.rax = 0;
-                d.vcpu.skip_instruction();
+                v.regs.rax = 0;
+                v.skip_instruction();
                 Fast::Handled
             }
             HC_EXIT_COUNT => {
-                d.vcpu.regs.rax = 0;
-                d.vcpu.regs.rbx = d.vcpu.exits;
-                d.vcpu.skip_instruction();
+                v.regs.rax = 0;
+                v.regs.rbx = v.exits;
+                v.skip_instruction();
                 Fast::Handled
             }
             HC_VIEW_SWITCH => {
-                let view = d.vcpu.regs.rbx as u16;
-                d.vcpu.regs.rax = match d.views.eptp(view) {
-                    Ok(eptp) if d.vcpu.regs.rbx <= u64::from(u16::MAX) => {
-                        d.vcpu.set_view(view, eptp);
+                let view = v.regs.rbx;
+                v.regs.rax = match d.views.eptp(view as u16) {
+                    Ok(eptp) if view <= u64::from(u16::MAX) => {
+                        v.set_view(view as u16, eptp);
                         Status::Ok as u64
                     }
                     _ => Status::Refused as u64,
                 };
-                d.vcpu.skip_instruction();
+                v.skip_instruction();
                 Fast::Handled
             }
             _ => Fast::No,
@@ -316,9 +237,12 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
     if raw.entry_failure() {
         return Fast::No;
     }
+    let Some(v) = d.vcpu.as_mut() else {
+        return Fast::No;
+    };
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
-            d.vcpu.exits -= 1; // not the guest's doing
+            v.exits -= 1; // not the guest's doing
             if others_waiting {
                 Fast::Yield
             } else {
@@ -326,22 +250,24 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
             }
         }
         reason::EXTERNAL_INTERRUPT => {
-            d.vcpu.exits -= 1; // not the guest's doing
-            crate::apic::end_of_interrupt();
-            Fast::Handled
+            v.exits -= 1; // not the guest's doing
+            let info = v.read(EXIT_INTERRUPTION_INFO);
+            Fast::Interrupt(info as u8)
         }
         reason::PML_FULL => {
-            let n = dirty::drain_pml(&mut d.vcpu, &mut d.dirty);
-            defmt::debug!(
-                "domain {=u16}: PML buffer full, {=u32} entries drained",
-                d.id,
-                n
-            );
-            d.vcpu.reinject_interrupted_event();
+            if let Some(log) = d.dirty.as_mut() {
+                let n = dirty::drain_pml(v, log);
+                defmt::debug!(
+                    "domain {=u16}: PML buffer full, {=u32} entries drained",
+                    d.id,
+                    n
+                );
+            }
+            v.reinject_interrupted_event();
             Fast::Handled
         }
         reason::CR_ACCESS => {
-            if d.vcpu.control_register_write(d.vcpu.qualification()) {
+            if v.control_register_write(v.qualification()) {
                 Fast::Handled
             } else {
                 Fast::No
@@ -349,48 +275,4 @@ fn fast_path(d: &mut Domain, raw: &RawExit, others_waiting: bool) -> Fast {
         }
         _ => Fast::No,
     }
-}
-
-/// Sends the domain's pending console bytes as one record.
-pub fn flush_console(d: &mut Domain) {
-    if !d.console.is_empty() {
-        crate::log::emit(&Record::Console {
-            domain: d.id,
-            bytes: &d.console,
-        });
-        d.console.clear();
-    }
-}
-
-/// Stops a domain and reports its state.
-pub fn crash(d: &mut Domain, exit: Option<&Exit>) {
-    flush_console(d);
-    d.state = DomainState::Crashed;
-    d.vcpu.state = VcpuState::Stopped;
-    let r = &d.vcpu.regs;
-    let v = &d.vcpu;
-    defmt::error!(
-        "domain {=u16} ({=str}) crashed at rip {=u64:#x} in view {=u16}: rsp {=u64:#x} rflags {=u64:#x} cr0 {=u64:#x} cr3 {=u64:#x} cr4 {=u64:#x} efer {=u64:#x}",
-        d.id,
-        d.name,
-        v.read(fields::GUEST_RIP),
-        exit.map_or(0, |e| e.view),
-        v.read(fields::GUEST_RSP),
-        v.read(fields::GUEST_RFLAGS),
-        v.read(fields::GUEST_CR0),
-        v.read(fields::GUEST_CR3),
-        v.read(fields::GUEST_CR4),
-        v.read(fields::GUEST_IA32_EFER)
-    );
-    defmt::error!(
-        "domain {=u16} registers: rax {=u64:#x} rbx {=u64:#x} rcx {=u64:#x} rdx {=u64:#x} rsi {=u64:#x} rdi {=u64:#x} rbp {=u64:#x}",
-        d.id,
-        r.rax,
-        r.rbx,
-        r.rcx,
-        r.rdx,
-        r.rsi,
-        r.rdi,
-        r.rbp
-    );
 }

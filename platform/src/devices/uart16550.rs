@@ -24,6 +24,23 @@ pub struct Uart16550 {
 }
 
 impl Uart16550 {
+    /// The registers, for saving the device (a service swap).
+    pub fn save(&self) -> [u8; 6] {
+        let d = self.divisor.to_le_bytes();
+        [self.ier, self.lcr, self.mcr, self.scr, d[0], d[1]]
+    }
+
+    /// A device with the registers [`Self::save`] returned.
+    pub fn restore(r: [u8; 6]) -> Self {
+        Self {
+            ier: r[0],
+            lcr: r[1],
+            mcr: r[2],
+            scr: r[3],
+            divisor: u16::from_le_bytes([r[4], r[5]]),
+        }
+    }
+
     /// The guest wrote `value` at `offset` (0-7); returns the transmitted
     /// byte, if it was one.
     pub fn write(&mut self, offset: u16, value: u8) -> Option<u8> {
@@ -79,6 +96,18 @@ mod tests {
         assert_eq!(u.read(LSR) & 0x20, 0x20, "ready to transmit");
         assert_eq!(u.write(DATA, b'h'), Some(b'h'));
         assert_eq!(u.read(MCR), 0x0b);
+    }
+
+    #[test]
+    fn saved_registers_restore_the_same_device() {
+        let mut u = Uart16550::default();
+        u.write(LCR, 0x80);
+        u.write(DATA, 0x0c);
+        u.write(IER, 0x01);
+        u.write(LCR, 0x1b);
+        u.write(MCR, 0x0b);
+        u.write(SCR, 0x77);
+        assert_eq!(Uart16550::restore(u.save()), u);
     }
 
     #[test]

@@ -266,7 +266,7 @@ pub fn dirty_log_read() -> Result<
     HelperError,
 > {
     match call(&Request::DirtyLogRead)? {
-        Reply::Dirty { gfns, more } => Ok((gfns, more)),
+        Reply::Dirty { gfns, more } => Ok((gfns.0, more)),
         Reply::Error(e) => Err(HelperError::Hc(e)),
         other => Err(HelperError::Unexpected(reply_kind(&other))),
     }

@@ -1,0 +1,485 @@
+//! The control proxy: while a machine runs, the runner holds the host side of
+//! its COM2 and offers it on a unix socket, so that other processes
+//! (`cargo hv ctl`, `cargo hv swap`, a test, any [`Client`](super::Client))
+//! can talk to the console.
+//!
+//! - **One client at a time.** The first connection is attached; while it
+//!   stays, further connections are told so in one line of text and closed.
+//!   When the client leaves, the next connection is attached.
+//! - **Bytes are forwarded, not decoded**, but the proxy knows where frames
+//!   end (zero bytes): a newly attached client receives console output from
+//!   the next frame boundary on, never the tail of a frame it did not see;
+//!   and a client that leaves in the middle of a frame has that frame
+//!   terminated (one zero byte), so the console drops it instead of gluing it
+//!   to the next client's first frame.
+//! - **COM2 is always drained.** Console output that arrives while no client
+//!   is attached is discarded (counted in [`ProxyStats`]): the emulator must
+//!   never block on a full socket (Bochs writes COM2 with blocking `send`).
+//!   A client that does not read for [`CLIENT_WRITE_TIMEOUT`] is detached
+//!   for the same reason.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long the proxy waits on a client that does not read before it
+/// detaches it.
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many times (10 ms apart) a new connection waits for the attached
+/// client to leave before it is turned away.
+const BUSY_GRACE_POLLS: u32 = 20;
+
+/// The longest path a unix socket can have on Linux (`sun_path`, NUL
+/// included).
+pub const SUN_PATH: usize = 108;
+
+/// The console side of the proxy: the host end of COM2.
+pub trait ConsoleStream: Read + Write + Send + Sized + 'static {
+    /// A second handle on the same stream.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Ends both directions, waking any thread blocked on it.
+    fn shutdown(&self);
+}
+
+impl ConsoleStream for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl ConsoleStream for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+/// Whether something answers on the control socket at `path` (a live run).
+pub fn socket_in_use(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// The proxy's socket, bound but not yet serving (bind it before starting
+/// the emulator, so that a bad path fails the run before it boots).
+#[derive(Debug)]
+pub struct ProxySocket {
+    /// `None` once serving (the [`Proxy`] owns it then).
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl Drop for ProxySocket {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl ProxySocket {
+    /// Binds `path`: replaces a stale socket left by an ended run, refuses one
+    /// a live run still serves.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        let len = path.as_os_str().len();
+        anyhow::ensure!(
+            len < SUN_PATH,
+            "the control socket path {} is {len} bytes long; unix sockets take at most {} (choose a shorter path)",
+            path.display(),
+            SUN_PATH - 1
+        );
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+        if path.exists() {
+            anyhow::ensure!(
+                !socket_in_use(path),
+                "{} is the control socket of another run that is still going; stop it or choose another socket",
+                path.display()
+            );
+            std::fs::remove_file(path).map_err(|e| {
+                anyhow::anyhow!("removing the stale control socket {}: {e}", path.display())
+            })?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the control socket {}: {e}", path.display())
+        })?;
+        // Only this user may drive the machine.
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        Ok(Self {
+            listener: Some(listener),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts serving: forwards between `console` and one client at a time.
+    /// With no console (the emulator never connected its COM2), clients are
+    /// told so and closed.
+    pub fn serve<C: ConsoleStream>(mut self, console: Option<C>) -> io::Result<Proxy> {
+        let Some(listener) = self.listener.take() else {
+            return Err(io::Error::other("the control socket is already served"));
+        };
+        listener.set_nonblocking(true)?;
+        let shared = Arc::new(Shared::default());
+        let mut threads = Vec::new();
+        let mut closer: Option<C> = None;
+        let mut writer: Option<C> = None;
+        if let Some(c) = console {
+            writer = Some(c.try_clone()?);
+            closer = Some(c.try_clone()?);
+            shared.lock().console = ConsoleLink::Connected;
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("ctl-console".into())
+                    .spawn(move || console_to_client(c, &s))?,
+            );
+        }
+        let console_writer: Arc<Mutex<Option<Box<dyn Write + Send>>>> = Arc::new(Mutex::new(
+            writer.map(|w| Box::new(w) as Box<dyn Write + Send>),
+        ));
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ctl-accept".into())
+                .spawn(move || accept_clients(&listener, &s, &console_writer))?,
+        );
+        Ok(Proxy {
+            path: std::mem::take(&mut self.path),
+            shared,
+            threads,
+            closer: closer.map(|c| Box::new(move || c.shutdown()) as Box<dyn Fn() + Send>),
+        })
+    }
+}
+
+/// What the proxy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Bytes from clients to the console.
+    pub to_console: u64,
+    /// Bytes from the console to clients.
+    pub to_clients: u64,
+    /// Console bytes that arrived with no client attached (or before the
+    /// next frame boundary after one attached), discarded.
+    pub discarded: u64,
+    /// Clients attached.
+    pub clients: u64,
+    /// Connections turned away because a client was attached.
+    pub turned_away: u64,
+}
+
+/// A running proxy; stops (and removes its socket) when stopped or dropped.
+pub struct Proxy {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    closer: Option<Box<dyn Fn() + Send>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("path", &self.path)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// The socket clients connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> ProxyStats {
+        self.shared.stats()
+    }
+
+    /// Stops serving: closes the console stream and the client, removes the
+    /// socket. Call it after the emulator has exited: Bochs dies of SIGPIPE
+    /// if it writes COM2 after its peer closed.
+    pub fn stop(mut self) -> ProxyStats {
+        self.halt();
+        self.shared.stats()
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(close) = self.closer.take() {
+            close();
+        }
+        if let Some(c) = self.shared.lock().client.take() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.halt();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    state: Mutex<State>,
+    to_console: AtomicU64,
+    to_clients: AtomicU64,
+    discarded: AtomicU64,
+    clients: AtomicU64,
+    turned_away: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A thread that panicked holding the lock left consistent data (every
+        // update is a plain store): carry on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stats(&self) -> ProxyStats {
+        ProxyStats {
+            to_console: self.to_console.load(Ordering::Relaxed),
+            to_clients: self.to_clients.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+            clients: self.clients.load(Ordering::Relaxed),
+            turned_away: self.turned_away.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Default, PartialEq, Eq, Clone, Copy)]
+enum ConsoleLink {
+    /// The emulator never connected.
+    #[default]
+    Absent,
+    Connected,
+    /// The emulator closed it (the machine stopped).
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    client: Option<Attached>,
+    next_id: u64,
+    console: ConsoleLink,
+    /// The last console byte seen was a frame terminator (or none came yet).
+    console_at_boundary: bool,
+}
+
+struct Attached {
+    id: u64,
+    /// For writing console output to the client.
+    stream: UnixStream,
+    /// Console output reaches this client only from a frame boundary on.
+    aligned: bool,
+}
+
+/// Console to client: forwards from the next frame boundary on; discards
+/// when nobody is attached; never blocks long on a client.
+fn console_to_client<C: ConsoleStream>(mut console: C, shared: &Shared) {
+    let mut buf = [0u8; 4096];
+    shared.lock().console_at_boundary = true;
+    loop {
+        let n = match console.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let bytes = &buf[..n];
+        let mut st = shared.lock();
+        let mut forwarded = 0usize;
+        if let Some(client) = &mut st.client {
+            let mut from = 0;
+            if !client.aligned {
+                match bytes.iter().position(|&b| b == 0) {
+                    Some(z) => {
+                        client.aligned = true;
+                        from = z + 1;
+                    }
+                    None => from = bytes.len(),
+                }
+            }
+            let out = &bytes[from..];
+            if !out.is_empty() {
+                if client.stream.write_all(out).is_ok() {
+                    forwarded = out.len();
+                } else {
+                    // Gone, or not reading: detach it.
+                    let _ = client.stream.shutdown(std::net::Shutdown::Both);
+                    st.client = None;
+                }
+            }
+        }
+        st.console_at_boundary = bytes.last() == Some(&0);
+        drop(st);
+        shared
+            .to_clients
+            .fetch_add(forwarded as u64, Ordering::Relaxed);
+        shared
+            .discarded
+            .fetch_add((n - forwarded) as u64, Ordering::Relaxed);
+    }
+    let mut st = shared.lock();
+    st.console = ConsoleLink::Closed;
+    if let Some(c) = st.client.take() {
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+type ConsoleWriter = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
+
+fn accept_clients(listener: &UnixListener, shared: &Arc<Shared>, writer: &ConsoleWriter) {
+    let mut readers: Vec<JoinHandle<()>> = Vec::new();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                readers.retain(|t| !t.is_finished());
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if let Some(t) = attach(stream, shared, writer) {
+            readers.push(t);
+        }
+    }
+    // A client attached while the proxy was stopping: end it too, so that
+    // its reader returns.
+    if let Some(c) = shared.lock().client.take() {
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+    for t in readers {
+        let _ = t.join();
+    }
+}
+
+/// Attaches a new connection, or tells it why not and closes it.
+fn attach(
+    stream: UnixStream,
+    shared: &Arc<Shared>,
+    writer: &ConsoleWriter,
+) -> Option<JoinHandle<()>> {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
+    // A client that has just closed may not be detached yet: give it a
+    // moment, so that commands run one after the other are all served.
+    for _ in 0..BUSY_GRACE_POLLS {
+        if shared.lock().client.is_none() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut st = shared.lock();
+    let refusal = match (st.console, &st.client) {
+        (ConsoleLink::Absent, _) => Some(
+            "parallax control proxy: the emulator did not connect its second serial port (COM2); no console to talk to\n",
+        ),
+        (ConsoleLink::Closed, _) => {
+            Some("parallax control proxy: the machine has stopped (its COM2 is closed)\n")
+        }
+        (ConsoleLink::Connected, Some(_)) => Some(
+            "parallax control proxy: another client is attached; one client at a time, try again when it leaves\n",
+        ),
+        (ConsoleLink::Connected, None) => None,
+    };
+    if let Some(why) = refusal {
+        drop(st);
+        shared.turned_away.fetch_add(1, Ordering::Relaxed);
+        let mut s = stream;
+        let _ = s.write_all(why.as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        return None;
+    }
+    let (Ok(write_half), Ok(read_half)) = (stream.try_clone(), stream.try_clone()) else {
+        return None;
+    };
+    st.next_id += 1;
+    let id = st.next_id;
+    let aligned = st.console_at_boundary;
+    st.client = Some(Attached {
+        id,
+        stream: write_half,
+        aligned,
+    });
+    drop(st);
+    shared.clients.fetch_add(1, Ordering::Relaxed);
+    let s = shared.clone();
+    let w = writer.clone();
+    std::thread::Builder::new()
+        .name("ctl-client".into())
+        .spawn(move || client_to_console(read_half, id, &s, &w))
+        .ok()
+}
+
+/// Client to console, until the client leaves; then ends its last frame and
+/// detaches it.
+fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &ConsoleWriter) {
+    let mut buf = [0u8; 4096];
+    let mut at_boundary = true;
+    let _ = client.set_read_timeout(None);
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(console) = w.as_mut() else { break };
+        if console
+            .write_all(&buf[..n])
+            .and_then(|()| console.flush())
+            .is_err()
+        {
+            break;
+        }
+        at_boundary = buf[n - 1] == 0;
+        shared.to_console.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    if !at_boundary {
+        // End the frame it left unfinished: the console drops it.
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(console) = w.as_mut() {
+            let _ = console.write_all(&[0]).and_then(|()| console.flush());
+        }
+    }
+    let mut st = shared.lock();
+    if st.client.as_ref().is_some_and(|c| c.id == id)
+        && let Some(c) = st.client.take()
+    {
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -1,0 +1,265 @@
+use super::*;
+use ipc_schema::manifest::{Disposition, Manifest};
+use proptest::prelude::*;
+
+fn parse(text: &str) -> Result<SystemManifest> {
+    SystemManifest::parse(text, Path::new("test.toml"))
+}
+
+fn error(text: &str) -> String {
+    format!("{:#}", parse(text).unwrap_err())
+}
+
+const DOMAIN: &str = "[[domain]]\nname = \"a\"\nguest = \"g\"\nmemory_mib = 1\n";
+
+/// One service receiving on `exits` and `violations`, plus `extra` handles.
+fn service(extra: &str) -> String {
+    format!(
+        "name = \"x\"\n[[service]]\nname = \"s\"\nhandles = [\n{{ name = \"e\", endpoint = \"exits\", rights = [\"receive\"] }},\n{{ name = \"v\", endpoint = \"violations\", rights = [\"receive\"] }},\n{extra}]\n"
+    )
+}
+
+#[test]
+fn compiles_what_init_reads() {
+    let m = parse(
+        r#"
+        name = "demo"
+        [[domain]]
+        name = "one"
+        guest = "hello"
+        memory_mib = 16
+        [[domain]]
+        name = "two"
+        guest = "hello"
+        memory_mib = 32
+        vcpus = 2
+        cmdline = "verbose"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(m.guests(), ["hello"]);
+    let bytes = m.compile().unwrap();
+    let k = Manifest::decode(&bytes).unwrap();
+    assert_eq!(k.name, "demo");
+    assert_eq!(k.domains.len(), 2);
+    assert_eq!(
+        (
+            k.domains[1].memory_mib,
+            k.domains[1].vcpus,
+            k.domains[1].cmdline
+        ),
+        (32, 2, "verbose")
+    );
+    assert_eq!(k.domains[0].vcpus, 1, "vcpus defaults to 1");
+    assert_eq!(
+        (k.domains[0].exits, k.domains[0].violations),
+        ("exits", "violations")
+    );
+}
+
+#[test]
+fn without_services_the_standard_ones_are_used() {
+    let m = parse("name = \"x\"").unwrap();
+    let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["altp2m", "vmm", "console"]);
+    assert_eq!(
+        m.shared,
+        [SharedSpec {
+            name: "swap".into(),
+            pages: 256
+        }]
+    );
+    let bytes = m.compile().unwrap();
+    let k = Manifest::decode(&bytes).unwrap();
+    let vmm = &k.services[1];
+    assert_eq!(
+        (vmm.name, vmm.module, vmm.disposition),
+        ("vmm", "vmm", Disposition::Restart)
+    );
+    assert_eq!((vmm.max_restarts, vmm.restart_window_ms), (3, 10_000));
+    let domains = vmm.handles.iter().find(|h| h.name == "domains").unwrap();
+    assert_eq!(domains.object, ipc_schema::manifest::Object::Domains);
+    assert_eq!(domains.rights, rights::READ | rights::WRITE | rights::VCPUS);
+    let console = &k.services[2];
+    assert!(console.handles.iter().any(|h| h.object
+        == ipc_schema::manifest::Object::IoPorts {
+            base: 0x2f8,
+            count: 8
+        }));
+}
+
+#[test]
+fn a_manifest_with_its_own_services_is_compiled_as_written() {
+    let text =
+        service("{ name = \"note\", notification = \"n\", rights = [\"wait\", \"signal\"] },")
+            + "on_fault = \"hold\"\nmax_restarts = 1\n"
+            + DOMAIN;
+    let m = parse(&text).unwrap();
+    let bytes = m.compile().unwrap();
+    let k = Manifest::decode(&bytes).unwrap();
+    assert_eq!(k.services.len(), 1);
+    assert_eq!(k.services[0].disposition, Disposition::Hold);
+    assert_eq!(
+        k.services[0].handles[2].object,
+        ipc_schema::manifest::Object::Notification("n")
+    );
+    assert_eq!(
+        k.services[0].handles[2].rights,
+        rights::WAIT | rights::SIGNAL
+    );
+    assert!(
+        k.shared.is_empty(),
+        "the standard shared objects come only with the standard services"
+    );
+}
+
+#[test]
+fn errors_name_the_file_and_the_field() {
+    let e = error(&format!(
+        "name = \"x\"\n{}",
+        DOMAIN.replace("memory_mib = 1", "memory_mib = 0")
+    ));
+    assert!(
+        e.contains("test.toml") && e.contains("domain 1 (`a`): memory_mib = 0"),
+        "{e}"
+    );
+    let e = error(&format!("name = \"x\"\n{DOMAIN}vcpus = 99\n"));
+    assert!(e.contains("vcpus = 99 is out of range"), "{e}");
+    let e = error("name = \"x\"\ncolour = \"blue\"\n");
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = error("name = \"x\"\n[[domain]]\nname = \"a\"\nmemory_mib = 1\n");
+    assert!(e.contains("missing field `guest`"), "{e}");
+    let e = error("name = \"Bad Name\"");
+    assert!(e.contains("the system name is \"Bad Name\""), "{e}");
+    let e = error(&format!("name = \"x\"\n{DOMAIN}{DOMAIN}"));
+    assert!(
+        e.contains("domain 2 (`a`): another domain has the same name"),
+        "{e}"
+    );
+    let e = error("name = \"x\"\n[[domain]\n");
+    assert!(e.contains("test.toml is not a valid manifest"), "{e}");
+}
+
+#[test]
+fn handle_mistakes_are_named() {
+    let cases = [
+        (
+            "{ name = \"h\", endpoint = \"a\", irq = 3, rights = [\"call\"] },",
+            "handle `h`: a handle names exactly one object",
+        ),
+        ("{ name = \"h\", rights = [\"call\"] },", "this one names 0"),
+        (
+            "{ name = \"h\", endpoint = \"exits\", rights = [\"fly\"] },",
+            "unknown right \"fly\" (rights are call, receive",
+        ),
+        (
+            "{ name = \"h\", endpoint = \"exits\", rights = [\"device\"] },",
+            "right \"device\" means nothing for this object (it takes call, receive)",
+        ),
+        (
+            "{ name = \"h\", endpoint = \"exits\", rights = [] },",
+            "rights = [] grants nothing",
+        ),
+        (
+            "{ name = \"h\", io_ports = [0x3f8, 1], rights = [\"device\"] },",
+            "includes COM1",
+        ),
+        (
+            "{ name = \"h\", io_ports = [0xffff, 2], rights = [\"device\"] },",
+            "is not a range of ports",
+        ),
+        (
+            "{ name = \"h\", irq = 16, rights = [\"device\"] },",
+            "irq = 16: only ISA lines 0 to 15",
+        ),
+        (
+            "{ name = \"h\", shared = \"nothing\", rights = [\"read\"] },",
+            "no [[shared]] object is named `nothing`",
+        ),
+        (
+            "{ name = \"lifecycle\", domains = true, rights = [\"read\"] },",
+            "the name is reserved",
+        ),
+        (
+            "{ name = \"e\", domains = true, rights = [\"read\"] },",
+            "another handle of this service has the same name",
+        ),
+        (
+            "{ name = \"h\", endpoint = \"supervisor\", rights = [\"receive\"] },",
+            "init receives on the `supervisor` endpoint",
+        ),
+        (
+            "{ name = \"h\", endpoint = \"lonely\", rights = [\"call\"] },",
+            "nobody receives on endpoint `lonely`",
+        ),
+        (
+            "{ name = \"h\", endpoint = \"exits\", rights = [\"receive\"] },",
+            "endpoint `exits` has 2 receivers (s, s)",
+        ),
+    ];
+    for (handle, want) in cases {
+        let e = error(&(service(handle) + DOMAIN));
+        assert!(e.contains(want), "{handle}\n  gave: {e}\n  want: {want}");
+    }
+}
+
+#[test]
+fn service_and_domain_mistakes_are_named() {
+    let e = error(&(service("") + "on_fault = \"panic\"\n"));
+    assert!(e.contains("service 1 (`s`): on_fault = \"panic\""), "{e}");
+    let e = error(&service("").replace("name = \"s\"", "name = \"init\""));
+    assert!(e.contains("the name `init` is reserved"), "{e}");
+    let e = error(&(service("") + &DOMAIN.replace("guest = \"g\"", "guest = \"s\"")));
+    assert!(
+        e.contains("a domain's guest image has the same name"),
+        "{e}"
+    );
+    let e =
+        error(&service("").replace("name = \"s\"", "name = \"a-very-long-service-name-indeed\""));
+    assert!(e.contains("names are 1 to 24"), "{e}");
+    let e = error(&(service("") + DOMAIN + "exits = \"nowhere\"\n"));
+    assert!(
+        e.contains(
+            "domain 1 (`a`): exits = \"nowhere\": no service receives on endpoint `nowhere`"
+        ),
+        "{e}"
+    );
+    let e = error(&(service("") + "[[shared]]\nname = \"big\"\npages = 99999\n"));
+    assert!(
+        e.contains("shared object `big`: pages = 99999 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = format!(
+        "{:#}",
+        SystemManifest::load(Path::new("/nonexistent/system.toml")).unwrap_err()
+    );
+    assert!(
+        e.contains("cannot read the manifest /nonexistent/system.toml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_default_system_manifest_is_valid() {
+    let m = SystemManifest::load(&crate::paths::default_manifest()).unwrap();
+    assert!(!m.domains.is_empty());
+    m.compile().unwrap();
+}
+
+proptest! {
+    /// Arbitrary edits of a valid manifest are either accepted and compile,
+    /// or refused with an error: never a panic.
+    #[test]
+    fn mangled_manifests_never_panic(cut in 0usize..400, insert in "[a-z0-9=\\[\\]{}\",\\n ]{0,12}") {
+        let base = service("{ name = \"d\", domains = true, rights = [\"read\"] },") + DOMAIN;
+        let cut = cut.min(base.len());
+        let text = format!("{}{}{}", &base[..cut], insert, &base[cut..]);
+        if let Ok(m) = parse(&text) {
+            m.compile().unwrap();
+        }
+    }
+}

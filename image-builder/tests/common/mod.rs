@@ -1,0 +1,239 @@
+//! A mock console for the control-channel tests: a thread that speaks the
+//! console's side of the protocol over a byte stream.
+// Each test file uses a different part of this module.
+#![allow(dead_code)]
+
+use image_builder::control::frames::{self, FrameReader};
+use image_builder::control::{
+    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, DomainInfo, DomainOp,
+    FromHost, Refusal, ServiceInfo, ToHost,
+};
+use ipc_schema::supervisor::{name, name_str};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+/// One frame on the wire.
+pub fn frame(v: &ToHost) -> Vec<u8> {
+    frames::encode(v).expect("a ToHost value fits a frame")
+}
+
+pub fn reply(seq: u32, reply: ControlReply) -> Vec<u8> {
+    frame(&ToHost::Reply { seq, reply })
+}
+
+pub fn event(bytes: u32) -> Vec<u8> {
+    frame(&ToHost::Event(ControlEvent::Garbage { bytes }))
+}
+
+/// What the mock console received and what it makes of it.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub requests: Vec<FromHost>,
+    /// Frames from the host that did not decode.
+    pub dropped: u64,
+}
+
+/// Serves `stream` until the host closes it: each request goes to
+/// `handler`, whose byte blobs are written back in order. Returns what came.
+pub fn serve(
+    mut stream: UnixStream,
+    mut handler: impl FnMut(&FromHost) -> Vec<Vec<u8>> + Send + 'static,
+) -> JoinHandle<Received> {
+    std::thread::spawn(move || {
+        let mut reader = FrameReader::<FromHost>::new();
+        let mut got = Received::default();
+        let mut buf = [0u8; 4096];
+        let mut frames = Vec::new();
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            reader.push(&buf[..n], &mut frames);
+            for req in frames.drain(..) {
+                for out in handler(&req) {
+                    if stream.write_all(&out).is_err() {
+                        break;
+                    }
+                }
+                got.requests.push(req);
+            }
+            got.dropped = reader.dropped().frames();
+        }
+        got
+    })
+}
+
+/// A console with a few services and domains that answers like the real
+/// one should.
+#[derive(Clone, Debug)]
+pub struct Console {
+    pub version: u32,
+    pub key: [u8; 8],
+    pub services: Vec<ServiceInfo>,
+    pub domains: Vec<DomainInfo>,
+    pub said_hello: bool,
+    pub swap: Option<(String, u32, Vec<u8>)>,
+    /// Every swap that was committed: (service, ELF).
+    pub swapped: Vec<(String, Vec<u8>)>,
+}
+
+pub fn service(n: &str, generation: u32, restarts: u32, state: u8, key: u8) -> ServiceInfo {
+    ServiceInfo {
+        name: name(n),
+        generation,
+        restarts,
+        state,
+        key: [key; 8],
+    }
+}
+
+pub fn domain(id: u16, n: &str, state: u8) -> DomainInfo {
+    DomainInfo {
+        id,
+        name: name(n),
+        state,
+        exit_status: 0,
+        memory_mib: 16,
+    }
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Self {
+            version: 1,
+            key: CONTROL.key.to_bytes(),
+            services: vec![
+                service("init", 1, 0, 0, 0x11),
+                service("console", 1, 0, 0, 0x22),
+                service("vmm", 3, 2, 1, 0xab),
+            ],
+            domains: vec![domain(1, "hello", 1), domain(2, "cpuid", 2)],
+            said_hello: false,
+            swap: None,
+            swapped: Vec::new(),
+        }
+    }
+}
+
+impl Console {
+    /// The answer to `req`.
+    pub fn answer(&mut self, req: &FromHost) -> ControlReply {
+        use ControlReply as R;
+        if !self.said_hello && !matches!(req.request, ControlRequest::Hello { .. }) {
+            return R::Error(ControlError::NotHello);
+        }
+        match &req.request {
+            ControlRequest::Hello { key } => {
+                if *key != self.key {
+                    return R::Error(ControlError::WrongKey {
+                        console: self.key,
+                        host: *key,
+                    });
+                }
+                self.said_hello = true;
+                R::Welcome {
+                    version: self.version,
+                }
+            }
+            ControlRequest::Service { index } => {
+                R::Service(self.services.get(usize::from(*index)).copied())
+            }
+            ControlRequest::Domain { index } => {
+                R::Domain(self.domains.get(usize::from(*index)).copied())
+            }
+            ControlRequest::DomainControl { id, op } => {
+                match self.domains.iter_mut().find(|d| d.id == *id) {
+                    Some(d) => {
+                        d.state = match op {
+                            DomainOp::Start | DomainOp::Unpause => 1,
+                            DomainOp::Pause => 2,
+                            DomainOp::Destroy => 5,
+                        };
+                        R::Done
+                    }
+                    None => R::Refused(Refusal::NoSuchDomain),
+                }
+            }
+            ControlRequest::InjectFault { name } => {
+                match self
+                    .services
+                    .iter_mut()
+                    .find(|s| name_str(&s.name) == name_str(name))
+                {
+                    Some(s) => {
+                        s.state = 1;
+                        R::Done
+                    }
+                    None => R::Refused(Refusal::NoSuchService),
+                }
+            }
+            ControlRequest::SwapBegin { name, len } => {
+                self.swap = Some((name_str(name).to_owned(), *len, Vec::new()));
+                R::Done
+            }
+            ControlRequest::SwapChunk { offset, bytes } => match &mut self.swap {
+                Some((_, _, got)) if *offset as usize == got.len() => {
+                    got.extend_from_slice(&bytes.0);
+                    R::Done
+                }
+                Some((_, _, got)) => R::Error(ControlError::SwapOutOfOrder {
+                    expected: got.len() as u32,
+                }),
+                None => R::Error(ControlError::SwapOutOfOrder { expected: 0 }),
+            },
+            ControlRequest::SwapCommit => match self.swap.take() {
+                Some((n, len, got)) if got.len() == len as usize => {
+                    let Some(s) = self.services.iter_mut().find(|s| name_str(&s.name) == n) else {
+                        return R::Refused(Refusal::NoSuchService);
+                    };
+                    s.generation += 1;
+                    let generation = s.generation;
+                    self.swapped.push((n, got));
+                    R::Swapped { generation }
+                }
+                Some((_, _, got)) => R::Error(ControlError::SwapOutOfOrder {
+                    expected: got.len() as u32,
+                }),
+                None => R::Error(ControlError::SwapOutOfOrder { expected: 0 }),
+            },
+        }
+    }
+
+    /// Serves `stream` with this console's answers.
+    pub fn serve(mut self, stream: UnixStream) -> JoinHandle<Received> {
+        serve(stream, move |req| vec![reply(req.seq, self.answer(req))])
+    }
+}
+
+/// A fresh directory for one test's files (short: unix socket paths are
+/// limited to 107 bytes).
+pub fn scratch(label: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hv-{label}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+/// The smallest file that passes as an x86-64 ELF header, padded to `len`.
+pub fn fake_elf(len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len.max(64)];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little endian
+    b[6] = 1;
+    b[18] = 62; // x86-64
+    for (i, x) in b.iter_mut().enumerate().skip(64) {
+        *x = (i * 7 + i / 251) as u8;
+    }
+    b.truncate(len.max(64));
+    b
+}

@@ -1,0 +1,310 @@
+//! `cargo hv ctl`, `cargo hv swap` and `cargo hv build --service`: bad input
+//! is named before anything is sent or built, and the commands work against
+//! a mock console behind the real proxy. No emulator, no hypervisor.
+
+mod common;
+
+use common::{Console, Received, event, fake_elf, reply, scratch, serve};
+use image_builder::control::proxy::{Proxy, ProxySocket};
+use image_builder::control::{ControlRequest, MAX_SWAP};
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::JoinHandle;
+
+fn hv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cargo-hv"))
+        .args(args)
+        .output()
+        .expect("cargo-hv runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A mock console behind a proxy socket, as `cargo hv run` offers it.
+struct Served {
+    dir: PathBuf,
+    socket: PathBuf,
+    proxy: Option<Proxy>,
+    mock: Option<JoinHandle<Received>>,
+}
+
+impl Served {
+    fn start(label: &str, console: Console) -> Self {
+        let (proxy_end, console_end) = UnixStream::pair().unwrap();
+        Self::with_mock(label, proxy_end, console.serve(console_end))
+    }
+
+    fn with_mock(label: &str, proxy_end: UnixStream, mock: JoinHandle<Received>) -> Self {
+        let dir = scratch(label);
+        let socket = dir.join("ctl.sock");
+        let proxy = ProxySocket::bind(&socket)
+            .unwrap()
+            .serve(Some(proxy_end))
+            .unwrap();
+        Self {
+            dir,
+            socket,
+            proxy: Some(proxy),
+            mock: Some(mock),
+        }
+    }
+
+    fn socket(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// Stops the proxy and returns what the console received.
+    fn finish(mut self) -> Received {
+        // Stopping the proxy closes the console's stream: the mock ends.
+        self.proxy.take().unwrap().stop();
+        self.mock.take().unwrap().join().unwrap()
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn ctl_services_prints_a_table() {
+    let s = Served::start("cli-services", Console::default());
+    let o = hv(&["ctl", "--socket", s.socket(), "services"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for h in ["NAME", "GENERATION", "RESTARTS", "STATE", "SCHEMA KEY"] {
+        assert!(lines[0].contains(h), "{out}");
+    }
+    let vmm: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!(
+        vmm,
+        ["vmm", "3", "2", "faulted", "abababababababab"],
+        "{out}"
+    );
+}
+
+#[test]
+fn ctl_domains_and_domain_control() {
+    let s = Served::start("cli-domains", Console::default());
+    let o = hv(&["ctl", "domains", "--socket", s.socket()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("hello") && stdout(&o).contains("running"));
+    for (cmd, word) in [
+        ("pause", "paused"),
+        ("unpause", "unpaused"),
+        ("destroy", "destroyed"),
+    ] {
+        let o = hv(&["ctl", "--socket", s.socket(), cmd, "2"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), format!("domain 2 {word}"));
+    }
+    let o = hv(&["ctl", "--socket", s.socket(), "pause", "7"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("(DomainControl 7 Pause): no such domain"),
+        "{}",
+        stderr(&o)
+    );
+    let o = hv(&["ctl", "--socket", s.socket(), "fault", "console"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = s.finish();
+    let ops: Vec<&ControlRequest> = got
+        .requests
+        .iter()
+        .map(|r| &r.request)
+        .filter(|r| matches!(r, ControlRequest::DomainControl { .. }))
+        .collect();
+    assert_eq!(ops.len(), 4);
+}
+
+#[test]
+fn ctl_events_prints_events_as_they_come() {
+    let (proxy_end, console_end) = UnixStream::pair().unwrap();
+    let mut con = Console::default();
+    let mock = serve(console_end, move |req| {
+        vec![reply(req.seq, con.answer(req)), event(12), event(34)]
+    });
+    let s = Served::with_mock("cli-events", proxy_end, mock);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-hv"))
+        .args(["ctl", "--socket", s.socket(), "events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let second = lines.next().unwrap().unwrap();
+    // Interrupted, as a user would: only the process this test started.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        first.ends_with("the console dropped 12 bytes that did not decode as frames"),
+        "{first}"
+    );
+    assert!(second.contains("dropped 34 bytes"), "{second}");
+}
+
+#[test]
+fn ctl_without_a_run_says_so() {
+    let dir = scratch("cli-norun");
+    let sock = dir.join("ctl.sock");
+    let o = hv(&["ctl", "--socket", sock.to_str().unwrap(), "services"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(&format!(
+            "no control socket at {}: is `cargo hv run` running?",
+            sock.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn swap_sends_the_file_and_prints_the_generation() {
+    let s = Served::start("cli-swap", Console::default());
+    let elf = fake_elf(1500);
+    let path = write(&s.dir, "vmm.elf", &elf);
+    let o = hv(&["swap", "vmm", &path, "--socket", s.socket()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("swapped vmm: {path} (1500 bytes), now generation 4")
+    );
+    let got = s.finish();
+    let sent: Vec<u8> = got
+        .requests
+        .iter()
+        .filter_map(|r| match &r.request {
+            ControlRequest::SwapChunk { bytes, .. } => Some(bytes.0.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(sent, elf);
+}
+
+/// Runs `cargo hv swap` expecting a refusal before anything is sent.
+fn swap_refused(label: &str, name: &str, file: Option<&[u8]>) -> String {
+    let s = Served::start(label, Console::default());
+    let path = match file {
+        Some(bytes) => write(&s.dir, "new.elf", bytes),
+        None => s.dir.join("missing.elf").to_str().unwrap().to_owned(),
+    };
+    let o = hv(&["swap", name, &path, "--socket", s.socket()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    let got = s.finish();
+    assert!(got.requests.is_empty(), "nothing was sent: {got:?}");
+    stderr(&o).replace(&path, "PATH")
+}
+
+#[test]
+fn swap_names_a_missing_file() {
+    let e = swap_refused("cli-swap-missing", "vmm", None);
+    assert!(
+        e.contains("error: the ELF to swap into vmm, PATH, does not exist"),
+        "{e}"
+    );
+}
+
+#[test]
+fn swap_refuses_a_file_that_is_not_an_elf() {
+    let e = swap_refused("cli-swap-text", "vmm", Some(b"#!/bin/sh\necho hi\n"));
+    assert!(
+        e.contains(
+            "error: PATH is not an ELF file (it starts with 23 21 2f 62 instead of 7f 45 4c 46); nothing was sent"
+        ),
+        "{e}"
+    );
+    let e = swap_refused("cli-swap-empty", "vmm", Some(b""));
+    assert!(e.contains("PATH is empty, not an ELF file"), "{e}");
+    let mut arm = fake_elf(100);
+    arm[18] = 183;
+    let e = swap_refused("cli-swap-arm", "vmm", Some(&arm));
+    assert!(e.contains("an ELF file for machine 183, not x86-64"), "{e}");
+}
+
+#[test]
+fn swap_refuses_an_oversize_elf_and_a_bad_name() {
+    let e = swap_refused(
+        "cli-swap-big",
+        "vmm",
+        Some(&fake_elf(MAX_SWAP as usize + 1)),
+    );
+    assert!(e.contains("a swap carries at most 1048576 bytes"), "{e}");
+    let long = "s".repeat(40);
+    let e = swap_refused("cli-swap-name", &long, Some(&fake_elf(100)));
+    assert!(e.contains("the control protocol carries at most 32"), "{e}");
+}
+
+#[test]
+fn build_service_overrides_are_checked_as_they_are_parsed() {
+    let dir = scratch("cli-override");
+    let missing = dir.join("vmm.elf");
+    let o = hv(&["build", "--service", &format!("vmm={}", missing.display())]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("--service <NAME=PATH>"), "{e}");
+    assert!(
+        e.contains(&format!("{} does not exist", missing.display())),
+        "{e}"
+    );
+
+    let text = write(&dir, "notes.txt", b"hello");
+    let o = hv(&["build", "--service", &format!("vmm={text}")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(&format!("{text} is not an ELF file")),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = hv(&["build", "--service", "vmm"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected NAME=PATH"), "{}", stderr(&o));
+
+    let elf = write(&dir, "a.elf", &fake_elf(64));
+    let o = hv(&["build", "--service", &format!("Bad_Name={elf}")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("the service name \"Bad_Name\" must be"),
+        "{}",
+        stderr(&o)
+    );
+
+    let other = write(&dir, "b.elf", &fake_elf(64));
+    let o = hv(&[
+        "build",
+        "--service",
+        &format!("vmm={elf}"),
+        "--service",
+        &format!("vmm={other}"),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(&format!("--service vmm is given twice ({elf} and {other})")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_service_override_is_recorded() {
+    let dir = scratch("cli-override-ok");
+    let elf = write(&dir, "vmm.elf", &fake_elf(64));
+    let (name, path) = image_builder::image::parse_service_override(&format!("vmm={elf}")).unwrap();
+    assert_eq!(name, "vmm");
+    assert_eq!(path, dir.join("vmm.elf"));
+    assert!(path.is_absolute());
+}

@@ -1,0 +1,151 @@
+//! The control channel: the host (`cargo hv ctl`, or any program linking the
+//! client library) talking to a running Parallax through the console
+//! service, on the second serial port.
+//!
+//! Frames use the log wire's encoding (COBS of postcard plus CRC-16, ended by
+//! a zero byte; see `wire`), so garbage or a cut-off frame costs only itself.
+//! The host sends [`FromHost`] frames, each with a sequence number; the
+//! console answers each with a [`ToHost::Reply`] carrying the same number,
+//! and may send [`ToHost::Event`]s at any time. The first request must be
+//! `Hello` with the host's key of this protocol.
+
+use crate::ipc::{BoundedVec, InterfaceId};
+use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo};
+use crate::syscall::DomainOp;
+use postcard::experimental::max_size::MaxSize;
+use serde::{Deserialize, Serialize};
+
+/// Bytes of ELF per swap chunk.
+pub const SWAP_CHUNK: usize = 512;
+/// The largest ELF a swap may carry (the swap buffer's size).
+pub const MAX_SWAP: u32 = 1 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
+pub struct FromHost {
+    pub seq: u32,
+    pub request: ControlRequest,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
+pub enum ControlRequest {
+    /// The first request: the host's key of this protocol.
+    Hello {
+        key: [u8; 8],
+    },
+    Service {
+        index: u16,
+    },
+    Domain {
+        index: u16,
+    },
+    DomainControl {
+        id: u16,
+        op: DomainOp,
+    },
+    /// Start sending a new ELF for service `name`.
+    SwapBegin {
+        name: Name,
+        len: u32,
+    },
+    SwapChunk {
+        offset: u32,
+        bytes: BoundedVec<u8, SWAP_CHUNK>,
+    },
+    /// All bytes sent: carry out the swap.
+    SwapCommit,
+    InjectFault {
+        name: Name,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
+pub enum ToHost {
+    Reply { seq: u32, reply: ControlReply },
+    Event(ControlEvent),
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub enum ControlReply {
+    Welcome { version: u32 },
+    Service(Option<ServiceInfo>),
+    Domain(Option<DomainInfo>),
+    Done,
+    Swapped { generation: u32 },
+    Refused(Refusal),
+    Error(ControlError),
+}
+
+/// What was wrong with a request, at the protocol level.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ControlError {
+    /// The frame did not decode (its sequence number is unknown: 0).
+    Malformed,
+    /// A frame longer than the console accepts.
+    TooLong,
+    /// The first request was not `Hello`.
+    NotHello,
+    /// `Hello` with another key of this protocol (both named).
+    WrongKey { console: [u8; 8], host: [u8; 8] },
+    /// A swap chunk out of order, or a commit before every byte came.
+    SwapOutOfOrder { expected: u32 },
+    /// A swap larger than the swap buffer.
+    SwapTooLarge { max: u32 },
+    /// The supervisor did not answer.
+    SupervisorUnavailable,
+}
+
+/// Something that happened, told to the host unasked.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub enum ControlEvent {
+    /// Frames that did not decode were dropped.
+    Garbage { bytes: u32 },
+}
+
+/// The control protocol's key (checked by `Hello`).
+pub const CONTROL: InterfaceId = InterfaceId::new::<(FromHost, ToHost)>("parallax/control");
+
+/// The longest encoded frame on the control channel, terminator included.
+pub const MAX_FRAME: usize = <FromHost as MaxSize>::POSTCARD_MAX_SIZE + 2 + 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_full_swap_chunk_fits_a_frame() {
+        let chunk = FromHost {
+            seq: u32::MAX,
+            request: ControlRequest::SwapChunk {
+                offset: u32::MAX,
+                bytes: BoundedVec(heapless::Vec::from_slice(&[0xff; SWAP_CHUNK]).unwrap()),
+            },
+        };
+        let mut buf = [0u8; MAX_FRAME * 2];
+        let wire = frame::encode(&chunk, &mut buf).unwrap();
+        assert!(
+            wire.len() <= MAX_FRAME + MAX_FRAME / 254 + 1,
+            "{} bytes",
+            wire.len()
+        );
+        let mut chunk_bytes = wire[..wire.len() - 1].to_vec();
+        assert_eq!(frame::decode::<FromHost>(&mut chunk_bytes).unwrap(), chunk);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics_the_decoders(mut bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let mut other = bytes.clone();
+            let _ = frame::decode::<FromHost>(&mut bytes);
+            let _ = frame::decode::<ToHost>(&mut other);
+        }
+    }
+}

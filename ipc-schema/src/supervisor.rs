@@ -1,0 +1,126 @@
+//! The supervisor interface: what the console service (on behalf of the
+//! host) asks init.
+
+use crate::ipc::InterfaceId;
+use crate::syscall::DomainOp;
+use postcard::experimental::max_size::MaxSize;
+use serde::{Deserialize, Serialize};
+
+/// Longest service or domain name in these messages.
+pub const NAME: usize = 32;
+
+/// A name, NUL-padded.
+pub type Name = [u8; NAME];
+
+/// Turns a `&str` into a [`Name`] (cut at 32 bytes).
+pub fn name(s: &str) -> Name {
+    let mut n = [0u8; NAME];
+    let b = s.as_bytes();
+    let len = b.len().min(NAME);
+    n[..len].copy_from_slice(&b[..len]);
+    n
+}
+
+/// The text of a [`Name`].
+pub fn name_str(n: &Name) -> &str {
+    let end = n.iter().position(|&c| c == 0).unwrap_or(NAME);
+    core::str::from_utf8(&n[..end]).unwrap_or("?")
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub enum SupervisorRequest {
+    /// The `index`-th service (0-based); `None` past the last.
+    Service {
+        index: u16,
+    },
+    /// The `index`-th domain.
+    Domain {
+        index: u16,
+    },
+    DomainControl {
+        id: u16,
+        op: DomainOp,
+    },
+    /// Replace the running service `name` by the ELF (of `len` bytes) in the
+    /// swap buffer shared with the caller.
+    Swap {
+        name: Name,
+        len: u32,
+    },
+    /// Make service `name` fault (tests).
+    InjectFault {
+        name: Name,
+    },
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub enum SupervisorReply {
+    Service(Option<ServiceInfo>),
+    Domain(Option<DomainInfo>),
+    Done,
+    /// The swapped-in service's new generation.
+    Swapped {
+        generation: u32,
+    },
+    Refused(Refusal),
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct ServiceInfo {
+    pub name: Name,
+    pub generation: u32,
+    pub restarts: u32,
+    /// Running, faulted (held), ended.
+    pub state: u8,
+    /// The key of the first interface it serves (0 if none).
+    pub key: [u8; 8],
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct DomainInfo {
+    pub id: u16,
+    pub name: Name,
+    /// A `syscall::DomainState` code.
+    pub state: u8,
+    pub exit_status: u32,
+    pub memory_mib: u32,
+}
+
+/// Why the supervisor refused.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Refusal {
+    NoSuchService,
+    NoSuchDomain,
+    /// The swap file is not an ELF Parallax can load.
+    NotElf,
+    /// The new ELF does not declare an interface the service serves (its key
+    /// as the running service declares it).
+    MissingInterface {
+        key: [u8; 8],
+    },
+    /// The new instance did not start or refused the state.
+    SwapFailed,
+    /// The kernel refused the operation.
+    Kernel {
+        error: u64,
+    },
+    /// The service named is the one asking: it cannot answer its own
+    /// lifecycle requests while it waits for this answer.
+    IsCaller,
+}
+
+pub const SUPERVISOR: InterfaceId =
+    InterfaceId::new::<(SupervisorRequest, SupervisorReply)>("parallax/supervisor");
+
+crate::assert_fits!(SupervisorRequest, SupervisorReply);

@@ -1,0 +1,554 @@
+//! The system-call ABI between ring-3 services and the kernel.
+//!
+//! A service executes `int 0x80` with the call number in RAX and arguments in
+//! RDI, RSI, RDX, R10, R8, R9. The kernel answers in RAX with a [`SysError`]
+//! code (0 for success) and values in RDI, RSI, RDX. Every other register is
+//! preserved.
+//!
+//! A service names kernel objects through handles: small indexes into its
+//! own handle table, each holding one object and the [`Rights`] it may use on
+//! it. The tables are filled from the system manifest when a service starts;
+//! a call with a handle the service does not hold, or without the right it
+//! needs, fails with [`SysError::NoSuchHandle`] or [`SysError::MissingRight`]
+//! and is logged by the kernel.
+
+use postcard::experimental::max_size::MaxSize;
+use serde::{Deserialize, Serialize};
+
+/// Longest IPC message, in bytes (Hubris uses 256 too).
+pub const MAX_MESSAGE: usize = 256;
+/// Slots in a service's handle table.
+pub const MAX_HANDLES: usize = 64;
+/// Handles a service may hold for other services to call it through, etc.
+pub type Handle = u32;
+
+/// System-call numbers (RAX).
+pub mod nr {
+    /// LOG(frame_ptr, len): one defmt frame into the log wire, tagged with
+    /// the caller's source number.
+    pub const LOG: u64 = 0;
+    /// CALL(endpoint, msg_ptr, msg_len, reply_ptr, reply_cap) -> RDI = reply length.
+    pub const CALL: u64 = 1;
+    /// RECV(mask, buf_ptr, buf_cap): waits for a message on any endpoint, or
+    /// bits on any notification, among the handle slots set in `mask`.
+    /// A message: RDI = length, RSI = reply token, RDX = badge, R10 = slot.
+    /// Notification bits: RDI = 0, RSI = 0, R10 = slot, R8 = the bits.
+    pub const RECV: u64 = 2;
+    /// REPLY(token, msg_ptr, msg_len).
+    pub const REPLY: u64 = 3;
+    /// REPLY_RECV(token, msg_ptr, msg_len, mask, buf_ptr, buf_cap) -> as RECV.
+    /// A token of 0 replies to nobody (the first receive of a server loop).
+    pub const REPLY_RECV: u64 = 4;
+    /// NOTIFY(notification, bits).
+    pub const NOTIFY: u64 = 5;
+    /// WAIT(notification) -> RDI = the bits that were set (now clear).
+    pub const WAIT: u64 = 6;
+    /// YIELD(): let others run.
+    pub const YIELD: u64 = 7;
+    /// EXIT(code): the service ends; its supervisor is told.
+    pub const EXIT: u64 = 8;
+    /// HANDLE_INFO(handle) -> RDI = kind ([`super::ObjectKind`] code), RSI = rights bits.
+    pub const HANDLE_INFO: u64 = 9;
+    /// TIME() -> RDI = microseconds since boot, RSI = TSC frequency in Hz.
+    pub const TIME: u64 = 10;
+
+    /// FRAMES_MAP(frames, first_frame, count, va, writable): map frames the
+    /// caller holds into its own address space.
+    pub const FRAMES_MAP: u64 = 16;
+    /// FRAMES_UNMAP(va, count).
+    pub const FRAMES_UNMAP: u64 = 17;
+    /// FRAMES_ALLOC(memory pool, count, align_frames) -> RDI = a new frames handle.
+    pub const FRAMES_ALLOC: u64 = 18;
+    /// FRAMES_INFO(frames) -> RDI = frame count, RSI = byte length (modules).
+    pub const FRAMES_INFO: u64 = 19;
+
+    /// ENDPOINT_CREATE() -> RDI = handle (all rights). Needs a factory.
+    pub const ENDPOINT_CREATE: u64 = 24;
+    /// NOTIFICATION_CREATE() -> RDI = handle.
+    pub const NOTIFICATION_CREATE: u64 = 25;
+    /// PROCESS_SPAWN(elf frames, spec_ptr, spec_len) -> RDI = process handle.
+    /// The spec is a postcard [`super::SpawnSpec`].
+    pub const PROCESS_SPAWN: u64 = 26;
+    /// PROCESS_RESTART(process, elf frames or u32::MAX for the same ELF) -> RDI = generation.
+    pub const PROCESS_RESTART: u64 = 27;
+    /// PROCESS_KILL(process).
+    pub const PROCESS_KILL: u64 = 28;
+    /// PROCESS_STATUS(process) -> RDI = [`super::ProcessState`] code, RSI = generation, RDX = faults so far.
+    pub const PROCESS_STATUS: u64 = 29;
+    /// FAULT_WATCH(process, notification, bit): a fault of the process sets `bit`.
+    pub const FAULT_WATCH: u64 = 30;
+    /// HALT(status): ends the run (needs the system handle).
+    pub const HALT: u64 = 31;
+
+    /// DOMAIN_CREATE(domains, name_ptr, name_len) -> RDI = domain id.
+    pub const DOMAIN_CREATE: u64 = 32;
+    /// DOMAIN_MAP_RAM(domains, domain, gfn, frames, count): the frames become
+    /// guest RAM at `gfn` in the host p2m (2 MiB pages where aligned).
+    pub const DOMAIN_MAP_RAM: u64 = 33;
+    /// DOMAIN_WRITE(domains, domain, gpa, buf_ptr, len): write guest RAM.
+    pub const DOMAIN_WRITE: u64 = 34;
+    /// DOMAIN_READ(domains, domain, gpa, buf_ptr, len): read guest RAM.
+    pub const DOMAIN_READ: u64 = 35;
+    /// VCPU_CREATE(domains, domain, spec_ptr, spec_len) -> RDI = vCPU index.
+    /// The spec is a postcard [`super::VcpuSpec`].
+    pub const VCPU_CREATE: u64 = 36;
+    /// DOMAIN_CONTROL(domains, domain, op): see [`super::DomainOp`].
+    pub const DOMAIN_CONTROL: u64 = 37;
+    /// DOMAIN_INFO(domains, domain) -> RDI = [`super::DomainState`] code,
+    /// RSI = exit status, RDX = RAM bytes.
+    pub const DOMAIN_INFO: u64 = 38;
+    /// CONSOLE(domains, domain, buf_ptr, len): bytes the guest wrote to its
+    /// console, into the log wire.
+    pub const CONSOLE: u64 = 39;
+
+    /// VIEW_CREATE(domains, domain) -> RDI = view index (empty view).
+    pub const VIEW_CREATE: u64 = 40;
+    /// VIEW_DESTROY(domains, domain, view).
+    pub const VIEW_DESTROY: u64 = 41;
+    /// VIEW_SET_VISIBLE(domains, domain, view, visible).
+    pub const VIEW_SET_VISIBLE: u64 = 42;
+    /// EPT_OPS(domains, domain, ops_ptr, ops_len, results_ptr, results_cap):
+    /// a postcard `BoundedVec<EptOp, MAX_EPT_OPS>`; the postcard
+    /// `BoundedVec<EptResult, MAX_EPT_OPS>`, one per op, is written to
+    /// `results_ptr` -> RDI = its length.
+    pub const EPT_OPS: u64 = 43;
+    /// VCPU_SET_VIEW(domains, domain, vcpu, view).
+    pub const VCPU_SET_VIEW: u64 = 44;
+    /// VCPU_CONTROL(domains, domain, vcpu, op, arg): see [`super::VcpuOp`].
+    pub const VCPU_CONTROL: u64 = 45;
+    /// DIRTY_READ(domains, domain, buf_ptr, cap_gfns) -> RDI = gfns written (u64 each), RSI = 1 if more.
+    pub const DIRTY_READ: u64 = 46;
+    /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets `bit`.
+    pub const DOMAIN_WATCH: u64 = 47;
+
+    /// IO_IN(ioports, port, size) -> RDI = value.
+    pub const IO_IN: u64 = 48;
+    /// IO_OUT(ioports, port, size, value).
+    pub const IO_OUT: u64 = 49;
+    /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`.
+    pub const IRQ_BIND: u64 = 50;
+    /// HANDLE_DERIVE(handle, a, b) -> RDI = a new handle to part of the
+    /// object: I/O ports `a .. a + b`, or IRQ line `a` of the all-lines handle.
+    pub const HANDLE_DERIVE: u64 = 51;
+    /// VM_FEATURES() -> RDI = [`super::vm_features`] bits (0 without VMX).
+    pub const VM_FEATURES: u64 = 52;
+}
+
+/// The status in RAX.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum SysError {
+    Ok = 0,
+    /// No such system call.
+    UnknownCall = 1,
+    /// The handle slot is empty or out of range.
+    NoSuchHandle = 2,
+    /// The handle is to another kind of object.
+    WrongKind = 3,
+    /// The handle lacks a right the call needs.
+    MissingRight = 4,
+    /// A pointer or length names memory the caller cannot access.
+    BadAddress = 5,
+    /// A message longer than [`MAX_MESSAGE`].
+    MessageTooLong = 6,
+    /// The reply did not fit the caller's buffer.
+    ReplyTooLong = 7,
+    /// The peer died or was restarted; RDI holds its new generation. The
+    /// call was not (or not completely) served.
+    Dead = 8,
+    /// An argument is out of range or malformed (named in the kernel log).
+    BadArgument = 9,
+    /// Out of memory, handle slots or object slots.
+    NoResources = 10,
+    /// The token names no caller waiting for a reply.
+    BadToken = 11,
+    /// The object is busy (a view in use, a domain running).
+    Busy = 12,
+    /// The CPU lacks the feature.
+    Unsupported = 13,
+}
+
+impl SysError {
+    pub fn from_raw(v: u64) -> Option<Self> {
+        Some(match v {
+            0 => Self::Ok,
+            1 => Self::UnknownCall,
+            2 => Self::NoSuchHandle,
+            3 => Self::WrongKind,
+            4 => Self::MissingRight,
+            5 => Self::BadAddress,
+            6 => Self::MessageTooLong,
+            7 => Self::ReplyTooLong,
+            8 => Self::Dead,
+            9 => Self::BadArgument,
+            10 => Self::NoResources,
+            11 => Self::BadToken,
+            12 => Self::Busy,
+            13 => Self::Unsupported,
+            _ => return None,
+        })
+    }
+}
+
+/// Kinds of kernel objects a handle can hold.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum ObjectKind {
+    Endpoint = 1,
+    Notification = 2,
+    /// Every guest domain (operations name a domain by id).
+    Domains = 3,
+    /// A range of physical frames (RAM or a boot module).
+    Frames = 4,
+    /// The pool new frames come from.
+    MemoryPool = 5,
+    /// A range of I/O ports.
+    IoPorts = 6,
+    /// A range of MMIO pages.
+    Mmio = 7,
+    /// An interrupt line.
+    Irq = 8,
+    /// A service (for its supervisor).
+    Process = 9,
+    /// Creating endpoints, notifications and processes; halting the system.
+    System = 10,
+}
+
+/// What a handle allows. Calls name the right they need.
+pub mod rights {
+    /// Endpoint: call the service that receives on it.
+    pub const CALL: u32 = 1 << 0;
+    /// Endpoint: receive calls on it and reply.
+    pub const RECEIVE: u32 = 1 << 1;
+    /// Notification: set bits. Process: restart, kill, watch faults.
+    pub const SIGNAL: u32 = 1 << 2;
+    /// Notification: wait for bits.
+    pub const WAIT: u32 = 1 << 3;
+    /// Frames: map readable. Domains: read guest memory and state.
+    pub const READ: u32 = 1 << 4;
+    /// Frames: map writable. Domains: write guest memory.
+    pub const WRITE: u32 = 1 << 5;
+    /// Domains: create domains and vCPUs, map RAM, start, pause, destroy.
+    pub const BUILD: u32 = 1 << 6;
+    /// Domains: create, destroy and change views; switch vCPU views.
+    pub const VIEWS: u32 = 1 << 7;
+    /// Domains: vCPU controls (#VE, dirty logging), console output.
+    pub const VCPUS: u32 = 1 << 8;
+    /// Memory pool: allocate frames. System: create objects, spawn, halt.
+    pub const CREATE: u32 = 1 << 9;
+    /// I/O ports, MMIO, IRQ: use the device.
+    pub const DEVICE: u32 = 1 << 10;
+    pub const ALL: u32 = (1 << 11) - 1;
+
+    /// Names, for manifests and logs.
+    pub const NAMES: [(&str, u32); 11] = [
+        ("call", CALL),
+        ("receive", RECEIVE),
+        ("signal", SIGNAL),
+        ("wait", WAIT),
+        ("read", READ),
+        ("write", WRITE),
+        ("build", BUILD),
+        ("views", VIEWS),
+        ("vcpus", VCPUS),
+        ("create", CREATE),
+        ("device", DEVICE),
+    ];
+
+    /// The bit of a right's name.
+    pub fn by_name(name: &str) -> Option<u32> {
+        NAMES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+    }
+}
+
+/// One handle a new process gets: a handle of the spawner's, with at most its
+/// rights (`rights` masks them), a badge the receiver of its calls sees, put
+/// in slot `slot` of the new table.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct Grant {
+    pub slot: u32,
+    pub from: Handle,
+    pub rights: u32,
+    pub badge: u64,
+    /// The name the new process finds the handle under (NUL-padded).
+    pub name: HandleName,
+}
+
+/// What PROCESS_SPAWN starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
+pub struct SpawnSpec {
+    /// The service's name (NUL-padded).
+    pub name: HandleName,
+    pub grants: crate::ipc::BoundedVec<Grant, MAX_HANDLES>,
+    /// Started to take over from a running instance (a swap).
+    pub successor: bool,
+}
+
+/// A process's life.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum ProcessState {
+    Running = 0,
+    /// Stopped by a fault; waiting for its supervisor.
+    Faulted = 1,
+    /// Ended by EXIT or PROCESS_KILL.
+    Ended = 2,
+}
+
+/// How a vCPU starts and where its exits go.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct VcpuSpec {
+    /// 32-bit protected-mode entry point (a multiboot entry).
+    pub entry: u32,
+    pub rax: u64,
+    pub rbx: u64,
+    /// Endpoint (a handle of the caller, with CALL) that receives the vCPU's
+    /// exits.
+    pub exit_endpoint: Handle,
+    /// Endpoint that receives its EPT violations.
+    pub violation_endpoint: Handle,
+}
+
+/// DOMAIN_CONTROL operations.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum DomainOp {
+    Start = 0,
+    Pause = 1,
+    Unpause = 2,
+    Destroy = 3,
+}
+
+/// A domain's life, as DOMAIN_INFO reports it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum DomainState {
+    Building = 0,
+    Running = 1,
+    Paused = 2,
+    Exited = 3,
+    Crashed = 4,
+    Destroyed = 5,
+}
+
+/// VCPU_CONTROL operations.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u64)]
+pub enum VcpuOp {
+    /// #VE with the information area at guest frame `arg`.
+    VeEnable = 0,
+    VeDisable = 1,
+    /// Page-modification logging on (4 KiB split, A/D cleared) or off.
+    PmlStart = 2,
+    PmlStop = 3,
+}
+
+/// Access rights in a view.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Perms {
+    pub read: bool,
+    pub write: bool,
+    pub execute: bool,
+}
+
+/// One change to (or question about) a view. Addresses are guest frame
+/// numbers; frames are named by the gfn that maps them in the host p2m, so a
+/// service never learns or chooses a host-physical address.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum EptOp {
+    /// In `view`, map `gfn` to the frame behind `from_gfn` in the host p2m
+    /// (`from_gfn == gfn`: the host's own mapping), with `perms`.
+    Map {
+        view: u16,
+        gfn: u64,
+        from_gfn: u64,
+        perms: Perms,
+    },
+    Unmap {
+        view: u16,
+        gfn: u64,
+    },
+    Protect {
+        view: u16,
+        gfn: u64,
+        perms: Perms,
+    },
+    SetSuppressVe {
+        view: u16,
+        gfn: u64,
+        suppress: bool,
+    },
+    /// Split the large page holding `gfn` (down to 4 KiB).
+    Split {
+        view: u16,
+        gfn: u64,
+    },
+    /// What maps `gfn` in `view` (the raw entry's facts).
+    Query {
+        view: u16,
+        gfn: u64,
+    },
+}
+
+/// The result of one [`EptOp`].
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum EptResult {
+    Done,
+    /// `Query`: the page that maps the gfn (`None` when unmapped), and the
+    /// entry's suppress-#VE bit (meaningful for an empty entry too).
+    Entry {
+        mapped: Option<EptEntry>,
+        suppress_ve: bool,
+    },
+    Error(EptOpError),
+}
+
+/// A mapped page, as `Query` reports it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct EptEntry {
+    /// The gfn of the host p2m that maps the same frame.
+    pub frame_gfn: u64,
+    /// 0: 4 KiB, 1: 2 MiB, 2: 1 GiB.
+    pub size: u8,
+    pub perms: Perms,
+}
+
+/// Why an [`EptOp`] was refused.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum EptOpError {
+    NoSuchView,
+    /// The gfn (or `from_gfn`) is not guest RAM.
+    NotRam,
+    /// View 0 is the host p2m: `Map` and `Unmap` there belong to the domain's builder.
+    HostView,
+    AlreadyMapped,
+    NotMapped,
+    OutOfMemory,
+    WriteWithoutRead,
+}
+
+/// The batch EPT_OPS takes: at most this many operations.
+pub const MAX_EPT_OPS: usize = 32;
+
+/// What VM_FEATURES reports.
+pub mod vm_features {
+    pub const VMX: u64 = 1 << 0;
+    pub const VMFUNC: u64 = 1 << 1;
+    pub const VE: u64 = 1 << 2;
+    pub const PML: u64 = 1 << 3;
+}
+
+/// Where things are in a service's address space.
+pub mod layout {
+    /// Services are linked at this address (their ELF is loaded as linked).
+    pub const IMAGE_BASE: u64 = 0x40_0000;
+    /// The read-only startup information page (a [`super::StartupInfo`]).
+    pub const STARTUP_INFO: u64 = 0x1000_0000;
+    /// The top of the stack (it grows down; the page below its bottom is never mapped).
+    pub const STACK_TOP: u64 = 0x8000_0000;
+    pub const STACK_SIZE: u64 = 128 * 1024;
+    /// FRAMES_MAP maps only inside this window.
+    pub const MAP_BASE: u64 = 0x10_0000_0000;
+    pub const MAP_END: u64 = 0x20_0000_0000;
+    /// The end of user space (the kernel owns everything above).
+    pub const USER_END: u64 = 0x0000_8000_0000_0000;
+}
+
+/// Longest handle name in the startup information.
+pub const HANDLE_NAME: usize = 32;
+
+/// A handle name, NUL-padded.
+pub type HandleName = [u8; HANDLE_NAME];
+
+/// What a service finds at [`layout::STARTUP_INFO`] (its address is also in
+/// RDI at entry): who it is and which handle slot holds what.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct StartupInfo {
+    /// [`STARTUP_MAGIC`].
+    pub magic: u64,
+    /// The service's log source number.
+    pub source: u32,
+    /// How many times this service has been (re)started before, counting swaps.
+    pub generation: u32,
+    /// The TSC at kernel boot and its frequency (timestamps).
+    pub tsc_at_boot: u64,
+    pub tsc_hz: u64,
+    pub name: HandleName,
+    pub handle_count: u32,
+    /// [`STARTUP_SUCCESSOR`] when started to take over from a running
+    /// instance (a swap): serve only the lifecycle interface until `Resume`.
+    pub flags: u32,
+    /// The named handles: `handles[i]` names slot `slots[i]`.
+    pub slots: [u32; super::syscall::MAX_HANDLES],
+    pub handles: [HandleName; super::syscall::MAX_HANDLES],
+}
+
+pub const STARTUP_MAGIC: u64 = u64::from_le_bytes(*b"PLXSTART");
+/// [`StartupInfo::flags`]: this instance succeeds a running one.
+pub const STARTUP_SUCCESSOR: u32 = 1;
+
+impl Grant {
+    /// A grant of `from` (masked to `rights`) into `slot`, found as `name`.
+    pub fn named(slot: u32, from: Handle, rights: u32, badge: u64, name: &str) -> Self {
+        Self {
+            slot,
+            from,
+            rights,
+            badge,
+            name: handle_name(name),
+        }
+    }
+}
+
+/// A [`HandleName`] from text (cut at [`HANDLE_NAME`] bytes).
+pub fn handle_name(name: &str) -> HandleName {
+    let mut n = [0u8; HANDLE_NAME];
+    let b = name.as_bytes();
+    let len = b.len().min(HANDLE_NAME);
+    n[..len].copy_from_slice(&b[..len]);
+    n
+}
+
+/// The text of a [`HandleName`].
+pub fn handle_name_str(n: &HandleName) -> &str {
+    let end = n.iter().position(|&c| c == 0).unwrap_or(HANDLE_NAME);
+    core::str::from_utf8(&n[..end]).unwrap_or("?")
+}

@@ -1,0 +1,378 @@
+//! IPC: endpoints and notifications.
+//!
+//! A call copies the caller's message (at most 256 bytes) into the kernel
+//! and blocks the caller; when a receiver waits on the endpoint (or as soon
+//! as one does) the message is copied into the receiver's buffer together
+//! with a reply token and the badge of the caller's handle. The receiver
+//! answers with REPLY and the token; the reply goes straight into the
+//! caller's reply buffer. Callers are processes, or vCPUs whose exits the
+//! kernel sends as calls on their behalf.
+//!
+//! A receiver that dies leaves its callers with `Dead` and the endpoint at a
+//! new generation; vCPUs are not told: their exit goes back in the queue for
+//! whoever serves the endpoint next. Handles remember the generation they
+//! last saw, so the first call through an old handle after a restart also
+//! fails with `Dead`, once, and the client knows to bind again.
+
+use super::process::{State, Wait};
+use super::{Kernel, Runnable};
+use ipc_schema::syscall::{MAX_MESSAGE, SysError};
+
+/// Who waits in an endpoint's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum Sender {
+    Process(u16),
+    /// The vCPU of domain slot `n` (an exit).
+    Vcpu(u16),
+}
+
+/// An endpoint.
+#[derive(Debug, Default)]
+pub struct Endpoint {
+    /// Bumped whenever the service that received on it stops.
+    pub generation: u32,
+    /// The process that received on it last.
+    pub server: Option<u16>,
+    /// A process waiting in RECV on it.
+    pub waiting: Option<u16>,
+    /// Callers whose messages wait for a receiver.
+    pub queue: heapless::Deque<Sender, 16>,
+}
+
+/// A notification: bits set by NOTIFY (or an interrupt), taken by WAIT.
+#[derive(Debug, Default)]
+pub struct Notification {
+    pub bits: u64,
+    pub waiter: Option<u16>,
+}
+
+/// A token names a caller and its call: kind (bit 63), id, sequence.
+pub fn token(sender: Sender, seq: u32) -> u64 {
+    match sender {
+        Sender::Process(p) => (u64::from(p) << 32) | u64::from(seq),
+        Sender::Vcpu(d) => (1 << 63) | (u64::from(d) << 32) | u64::from(seq),
+    }
+}
+
+fn untoken(t: u64) -> (Sender, u32) {
+    let id = ((t >> 32) & 0xffff) as u16;
+    let sender = if t >> 63 != 0 {
+        Sender::Vcpu(id)
+    } else {
+        Sender::Process(id)
+    };
+    (sender, t as u32)
+}
+
+impl Kernel {
+    /// Queues `sender`'s message on endpoint `ep` and delivers it at once if
+    /// a receiver waits.
+    pub fn send(&mut self, ep: u16, sender: Sender) -> Result<(), SysError> {
+        let e = self.endpoints[usize::from(ep)]
+            .as_mut()
+            .ok_or(SysError::NoSuchHandle)?;
+        e.queue
+            .push_back(sender)
+            .map_err(|_| SysError::NoResources)?;
+        self.deliver(ep);
+        Ok(())
+    }
+
+    /// Delivers the first queued message of `ep` to its waiting receiver, if
+    /// both exist. Returns whether it did.
+    pub fn deliver(&mut self, ep: u16) -> bool {
+        let Some(e) = self.endpoints[usize::from(ep)].as_mut() else {
+            return false;
+        };
+        let (Some(receiver), Some(&sender)) = (e.waiting, e.queue.front()) else {
+            return false;
+        };
+        let Some(State::Blocked(Wait::Recv { mask, buf, cap })) = self.processes
+            [usize::from(receiver)]
+        .as_ref()
+        .map(|p| p.state) else {
+            e.waiting = None;
+            return false;
+        };
+        // The message and who sent it.
+        let mut msg = [0u8; MAX_MESSAGE];
+        let (len, badge, seq) = match sender {
+            Sender::Process(pid) => {
+                let Some(p) = self.processes[usize::from(pid)].as_mut() else {
+                    return false;
+                };
+                let Some(State::Blocked(Wait::Call { .. })) = Some(p.state) else {
+                    return false;
+                };
+                msg[..p.outbox_len].copy_from_slice(&p.outbox[..p.outbox_len]);
+                let badge = match p.state {
+                    State::Blocked(Wait::Call { ep: call_ep, .. }) if call_ep == ep => {
+                        call_badge(p, ep)
+                    }
+                    _ => 0,
+                };
+                (p.outbox_len, badge, p.seq)
+            }
+            Sender::Vcpu(slot) => {
+                let Some(d) = self.domains[usize::from(slot)].as_ref() else {
+                    return false;
+                };
+                msg[..d.outbox_len].copy_from_slice(&d.outbox[..d.outbox_len]);
+                (d.outbox_len, 0, d.exit_seq)
+            }
+        };
+        if len as u64 > cap {
+            // The receiver's buffer is too small: it gets the error, the
+            // caller stays queued.
+            let p = self.processes[usize::from(receiver)]
+                .as_mut()
+                .expect("checked above");
+            p.frame.rax = SysError::MessageTooLong as u64;
+            p.frame.rdi = len as u64;
+            p.state = State::Ready;
+            self.clear_waiting(receiver);
+            self.make_ready(Runnable::Process(receiver));
+            return false;
+        }
+        let slot = handle_slot_of(self, receiver, mask, ep);
+        let p = self.processes[usize::from(receiver)]
+            .as_mut()
+            .expect("checked above");
+        let written = p.space.as_ref().map(|s| s.write(buf, &msg[..len]));
+        if !matches!(written, Some(Ok(()))) {
+            p.frame.rax = SysError::BadAddress as u64;
+            p.state = State::Ready;
+            self.clear_waiting(receiver);
+            self.make_ready(Runnable::Process(receiver));
+            return false;
+        }
+        p.frame.rax = SysError::Ok as u64;
+        p.frame.rdi = len as u64;
+        p.frame.rsi = token(sender, seq);
+        p.frame.rdx = badge;
+        p.frame.r10 = u64::from(slot);
+        p.frame.r8 = 0;
+        p.state = State::Ready;
+        self.clear_waiting(receiver);
+        if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
+            e.queue.pop_front();
+            e.server = Some(receiver);
+        }
+        match sender {
+            Sender::Process(pid) => {
+                if let Some(State::Blocked(Wait::Call { server, .. })) = self.processes
+                    [usize::from(pid)]
+                .as_mut()
+                .map(|p| &mut p.state)
+                {
+                    *server = Some(receiver);
+                }
+            }
+            Sender::Vcpu(slot) => {
+                if let Some(d) = self.domains[usize::from(slot)].as_mut() {
+                    d.exit_server = Some(receiver);
+                }
+            }
+        }
+        // Run the receiver next: the caller waits for it.
+        self.make_ready_next(Runnable::Process(receiver));
+        true
+    }
+
+    /// Removes `pid` as the waiting receiver of every endpoint and notification.
+    pub fn clear_waiting(&mut self, pid: u16) {
+        for e in self.endpoints.iter_mut().flatten() {
+            if e.waiting == Some(pid) {
+                e.waiting = None;
+            }
+        }
+        for n in self.notifications.iter_mut().flatten() {
+            if n.waiter == Some(pid) {
+                n.waiter = None;
+            }
+        }
+    }
+
+    /// Answers the call named by `token` with `reply`, from server `pid`.
+    pub fn reply(&mut self, pid: u16, token: u64, reply: &[u8]) -> Result<(), SysError> {
+        let (sender, seq) = untoken(token);
+        match sender {
+            Sender::Process(caller) => {
+                let c = self
+                    .processes
+                    .get_mut(usize::from(caller))
+                    .and_then(Option::as_mut)
+                    .ok_or(SysError::BadToken)?;
+                let State::Blocked(Wait::Call {
+                    reply_buf,
+                    reply_cap,
+                    seq: s,
+                    server,
+                    ..
+                }) = c.state
+                else {
+                    return Err(SysError::BadToken);
+                };
+                if s != seq || server != Some(pid) {
+                    return Err(SysError::BadToken);
+                }
+                if reply.len() as u64 > reply_cap {
+                    c.frame.rax = SysError::ReplyTooLong as u64;
+                    c.frame.rdi = reply.len() as u64;
+                } else {
+                    let ok = c
+                        .space
+                        .as_ref()
+                        .is_some_and(|s| s.write(reply_buf, reply).is_ok());
+                    c.frame.rax = if ok {
+                        SysError::Ok
+                    } else {
+                        SysError::BadAddress
+                    } as u64;
+                    c.frame.rdi = reply.len() as u64;
+                }
+                c.state = State::Ready;
+                self.make_ready_next(Runnable::Process(caller));
+                Ok(())
+            }
+            Sender::Vcpu(slot) => {
+                let d = self
+                    .domains
+                    .get_mut(usize::from(slot))
+                    .and_then(Option::as_mut)
+                    .ok_or(SysError::BadToken)?;
+                if d.exit_seq != seq || d.exit_server != Some(pid) || !d.awaiting_reply {
+                    return Err(SysError::BadToken);
+                }
+                crate::vm::exits::apply_reply(self, slot, reply);
+                Ok(())
+            }
+        }
+    }
+
+    /// Callers waiting on `pid` get `Dead`; vCPUs waiting on it are queued
+    /// again for the endpoint's next receiver.
+    pub fn fail_calls_to(&mut self, pid: u16) {
+        for i in 0..self.processes.len() {
+            let Some(c) = self.processes[i].as_mut() else {
+                continue;
+            };
+            if let State::Blocked(Wait::Call {
+                ep,
+                server: Some(s),
+                ..
+            }) = c.state
+                && s == pid
+            {
+                let generation = self.endpoints[usize::from(ep)]
+                    .as_ref()
+                    .map_or(0, |e| e.generation);
+                let c = self.processes[i].as_mut().expect("checked above");
+                c.frame.rax = SysError::Dead as u64;
+                c.frame.rdi = u64::from(generation);
+                c.state = State::Ready;
+                self.make_ready(Runnable::Process(i as u16));
+            }
+        }
+        for slot in 0..self.domains.len() {
+            let requeue = match self.domains[slot].as_mut() {
+                Some(d) if d.awaiting_reply && d.exit_server == Some(pid) => {
+                    d.exit_server = None;
+                    Some(d.exit_endpoint)
+                }
+                _ => None,
+            };
+            if let Some(ep) = requeue {
+                let _ = self.send(ep, Sender::Vcpu(slot as u16));
+            }
+        }
+    }
+
+    /// Sets bits on a notification, waking its waiter.
+    pub fn notify(&mut self, n: u16, bits: u64) {
+        let Some(note) = self
+            .notifications
+            .get_mut(usize::from(n))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        note.bits |= bits;
+        if let Some(waiter) = note.waiter {
+            self.wake_for_bits(waiter);
+        }
+    }
+
+    /// A process waiting (WAIT or RECV) on a notification with bits gets them.
+    pub fn wake_for_bits(&mut self, pid: u16) {
+        let Some(p) = self.processes[usize::from(pid)].as_ref() else {
+            return;
+        };
+        let (note, slot) = match p.state {
+            State::Blocked(Wait::Notification(n)) => (n, u32::MAX),
+            State::Blocked(Wait::Recv { mask, .. }) => {
+                match (0..64u32)
+                    .filter(|b| mask & (1 << b) != 0)
+                    .find_map(|slot| match p.handles[slot as usize] {
+                        Some(super::caps::Cap {
+                            object: super::caps::Object::Notification(n),
+                            ..
+                        }) if self.notifications[usize::from(n)]
+                            .as_ref()
+                            .is_some_and(|x| x.bits != 0) =>
+                        {
+                            Some((n, slot))
+                        }
+                        _ => None,
+                    }) {
+                    Some(found) => found,
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+        let Some(nt) = self.notifications[usize::from(note)].as_mut() else {
+            return;
+        };
+        let bits = core::mem::take(&mut nt.bits);
+        if bits == 0 {
+            return;
+        }
+        let p = self.processes[usize::from(pid)]
+            .as_mut()
+            .expect("checked above");
+        p.frame.rax = SysError::Ok as u64;
+        p.frame.rdi = 0;
+        p.frame.rsi = 0;
+        p.frame.r10 = u64::from(slot);
+        p.frame.r8 = bits;
+        if slot == u32::MAX {
+            p.frame.rdi = bits;
+        }
+        p.state = State::Ready;
+        self.clear_waiting(pid);
+        self.make_ready(Runnable::Process(pid));
+    }
+}
+
+/// The badge of the handle `p` called `ep` through.
+fn call_badge(p: &super::process::Process, ep: u16) -> u64 {
+    p.handles
+        .iter()
+        .flatten()
+        .find(|c| matches!(c.object, super::caps::Object::Endpoint { id, .. } if id == ep))
+        .map_or(0, |c| c.badge)
+}
+
+/// The slot of `receiver`'s handle (within `mask`) for endpoint `ep`.
+fn handle_slot_of(k: &Kernel, receiver: u16, mask: u64, ep: u16) -> u32 {
+    let Some(p) = k.processes[usize::from(receiver)].as_ref() else {
+        return u32::MAX;
+    };
+    (0..64u32)
+        .filter(|b| mask & (1 << b) != 0)
+        .find(|&slot| {
+            matches!(p.handles[slot as usize], Some(super::caps::Cap { object: super::caps::Object::Endpoint { id, .. }, .. }) if id == ep)
+        })
+        .unwrap_or(u32::MAX)
+}

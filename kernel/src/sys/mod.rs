@@ -1,0 +1,118 @@
+//! The microkernel: services in ring 3, the capabilities they hold, IPC
+//! between them, and the scheduler that runs services and vCPUs.
+//!
+//! All of this state lives in one [`Kernel`] value. The kernel runs on one
+//! CPU with interrupts off whenever it touches that state (traps enter with
+//! interrupts off, and the kernel never enables them except in the idle
+//! loop, where it holds no reference), so [`kernel`] hands out the one
+//! mutable reference at a time.
+//!
+//! - `space`: user address spaces.
+//! - `process`: services: loading, faults, restarts.
+//! - `ipc`: endpoints (call, receive, reply) and notifications.
+//! - `syscall`: the system calls.
+//! - `sched`: what runs next, and getting there (ring 3 or VMX).
+//! - `irq`: device interrupts as notifications.
+
+pub mod caps;
+pub mod ipc;
+pub mod irq;
+pub mod process;
+pub mod sched;
+pub mod space;
+pub mod syscall;
+
+use crate::vm::domain::Domain;
+use caps::FramesObject;
+use core::cell::UnsafeCell;
+use ipc::{Endpoint, Notification};
+use ipc_schema::manifest::MAX_DOMAINS;
+use process::Process;
+
+/// The most services (init included).
+pub const MAX_PROCESSES: usize = 24;
+pub const MAX_ENDPOINTS: usize = 48;
+pub const MAX_NOTIFICATIONS: usize = 32;
+pub const MAX_FRAMES_OBJECTS: usize = 256;
+
+/// Something the scheduler can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum Runnable {
+    Process(u16),
+    /// The (only) vCPU of domain slot `n`.
+    Vcpu(u16),
+}
+
+/// Every kernel object.
+pub struct Kernel {
+    pub processes: [Option<Process>; MAX_PROCESSES],
+    pub endpoints: [Option<Endpoint>; MAX_ENDPOINTS],
+    pub notifications: [Option<Notification>; MAX_NOTIFICATIONS],
+    pub frames: [Option<FramesObject>; MAX_FRAMES_OBJECTS],
+    pub domains: [Option<Domain>; MAX_DOMAINS],
+    pub ready: heapless::Deque<Runnable, 64>,
+    /// The process whose registers are in the trap frame being handled.
+    pub current: Option<u16>,
+    /// Next log source number for a service.
+    pub next_source: u8,
+    /// Told when a domain ends (notification, bit).
+    pub domain_watch: Option<(u16, u64)>,
+    /// Set by HALT: the run ends with this status.
+    pub halt: Option<u8>,
+}
+
+struct KernelCell(UnsafeCell<Kernel>);
+
+// Safety: see the module documentation: one CPU, interrupts off, one
+// reference at a time.
+unsafe impl Sync for KernelCell {}
+
+static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
+    processes: [const { None }; MAX_PROCESSES],
+    endpoints: [const { None }; MAX_ENDPOINTS],
+    notifications: [const { None }; MAX_NOTIFICATIONS],
+    frames: [const { None }; MAX_FRAMES_OBJECTS],
+    domains: [const { None }; MAX_DOMAINS],
+    ready: heapless::Deque::new(),
+    current: None,
+    next_source: 1,
+    domain_watch: None,
+    halt: None,
+}));
+
+/// The kernel's state.
+///
+/// Callers must not keep the reference across anything that could call
+/// `kernel()` again re-entrantly; every path in `sys` takes it once at its
+/// top and passes it down.
+#[allow(clippy::mut_from_ref)]
+pub fn kernel() -> &'static mut Kernel {
+    // Safety: see the module documentation.
+    unsafe { &mut *KERNEL.0.get() }
+}
+
+impl Kernel {
+    /// Queues a runnable (once).
+    pub fn make_ready(&mut self, r: Runnable) {
+        if !self.ready.iter().any(|&q| q == r) && self.ready.push_back(r).is_err() {
+            defmt::error!("scheduler queue full; dropping {}", r);
+        }
+    }
+
+    /// Queues a runnable to run next (IPC wake-ups: a call runs its server,
+    /// a reply its caller).
+    pub fn make_ready_next(&mut self, r: Runnable) {
+        self.ready.retain(|q| *q != r);
+        if self.ready.push_front(r).is_err() {
+            defmt::error!("scheduler queue full; dropping {}", r);
+        }
+    }
+
+    /// The name of a process, for logs.
+    pub fn process_name(&self, pid: u16) -> &str {
+        self.processes
+            .get(usize::from(pid))
+            .and_then(Option::as_ref)
+            .map_or("?", |p| p.name())
+    }
+}

@@ -1,0 +1,237 @@
+//! User address spaces: one 4-level page-table tree per service.
+//!
+//! The upper half (PML4 entries 256-511: the direct map and the kernel image)
+//! is shared with the kernel's own tables and is supervisor-only; the lower
+//! half is the service's, built page by page. The kernel never touches user
+//! memory through user addresses: it translates them through the service's
+//! tables (checking present, user and writable bits) and copies through the
+//! direct map, so a service can only ever hand the kernel its own pages.
+
+use crate::mem::phys_to_virt;
+use crate::vm::memory::{alloc_zeroed_frame, free_frame};
+use ipc_schema::syscall::layout::USER_END;
+use platform::PAGE_SIZE;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const HUGE: u64 = 1 << 7;
+/// Software bit: the frame belongs to this space (freed with it).
+const OWNED: u64 = 1 << 9;
+const NO_EXECUTE: u64 = 1 << 63;
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+
+/// The kernel's PML4, whose upper half every space shares.
+static KERNEL_PML4: spin::Once<u64> = spin::Once::new();
+
+/// Records the kernel's PML4 (the boot tables, current at boot).
+pub fn init() {
+    KERNEL_PML4.call_once(|| {
+        x86_64::registers::control::Cr3::read_raw()
+            .0
+            .start_address()
+            .as_u64()
+    });
+}
+
+/// The kernel's own PML4 (no user mappings).
+pub fn kernel_pml4() -> u64 {
+    *KERNEL_PML4.get().expect("space::init ran at boot")
+}
+
+fn table(pa: u64) -> &'static mut [u64; 512] {
+    // Safety: every table address handled here is a frame this module
+    // allocated (or the kernel PML4), 4 KiB aligned, in the direct map; the
+    // kernel runs on one CPU with interrupts off while it edits them.
+    unsafe { &mut *phys_to_virt(pa).cast::<[u64; 512]>() }
+}
+
+/// How a page may be used.
+#[derive(Clone, Copy, Debug)]
+pub struct PageFlags {
+    pub writable: bool,
+    pub executable: bool,
+    /// The frame belongs to the space and is freed with it.
+    pub owned: bool,
+}
+
+/// Why a mapping failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum SpaceError {
+    /// Not a canonical lower-half, page-aligned address.
+    BadAddress,
+    AlreadyMapped,
+    NotMapped,
+    OutOfMemory,
+}
+
+/// One service's address space.
+#[derive(Debug)]
+pub struct AddressSpace {
+    pml4: u64,
+}
+
+impl AddressSpace {
+    /// An empty lower half and the kernel's upper half.
+    pub fn new() -> Option<Self> {
+        let pml4 = alloc_zeroed_frame()?;
+        let kernel = table(kernel_pml4());
+        table(pml4)[256..].copy_from_slice(&kernel[256..]);
+        Some(Self { pml4 })
+    }
+
+    /// The value for CR3.
+    pub fn cr3(&self) -> u64 {
+        self.pml4
+    }
+
+    /// Maps the 4 KiB page at `va` to the frame at `pa`.
+    pub fn map(&mut self, va: u64, pa: u64, flags: PageFlags) -> Result<(), SpaceError> {
+        if va % PAGE_SIZE != 0 || va >= USER_END || pa % PAGE_SIZE != 0 {
+            return Err(SpaceError::BadAddress);
+        }
+        let mut t = self.pml4;
+        for level in (1..4).rev() {
+            let e = &mut table(t)[index(va, level + 1)];
+            if *e & PRESENT == 0 {
+                let next = alloc_zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+                *e = next | PRESENT | WRITABLE | USER;
+            }
+            t = *e & ADDRESS;
+        }
+        let leaf = &mut table(t)[index(va, 1)];
+        if *leaf & PRESENT != 0 {
+            return Err(SpaceError::AlreadyMapped);
+        }
+        *leaf = pa
+            | PRESENT
+            | USER
+            | if flags.writable { WRITABLE } else { 0 }
+            | if flags.executable { 0 } else { NO_EXECUTE }
+            | if flags.owned { OWNED } else { 0 };
+        Ok(())
+    }
+
+    /// Removes the page at `va`, returning its frame (the caller frees owned
+    /// frames; the TLB is flushed by the next CR3 load or here for the
+    /// current space).
+    pub fn unmap(&mut self, va: u64) -> Result<u64, SpaceError> {
+        let leaf = self.leaf(va).ok_or(SpaceError::NotMapped)?;
+        let pa = *leaf & ADDRESS;
+        if *leaf & OWNED != 0 {
+            free_frame(pa);
+        }
+        *leaf = 0;
+        if x86_64::registers::control::Cr3::read_raw()
+            .0
+            .start_address()
+            .as_u64()
+            == self.pml4
+        {
+            x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(va));
+        }
+        Ok(pa)
+    }
+
+    fn leaf(&self, va: u64) -> Option<&'static mut u64> {
+        if va >= USER_END {
+            return None;
+        }
+        let mut t = self.pml4;
+        for level in (1..4).rev() {
+            let e = table(t)[index(va, level + 1)];
+            if e & PRESENT == 0 || e & HUGE != 0 {
+                return None;
+            }
+            t = e & ADDRESS;
+        }
+        let leaf = &mut table(t)[index(va, 1)];
+        if *leaf & PRESENT == 0 {
+            None
+        } else {
+            Some(leaf)
+        }
+    }
+
+    /// The physical address of the byte at `va`, if the service may access
+    /// it (present, user, and writable when `write`).
+    pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
+        let e = *self.leaf(va & !(PAGE_SIZE - 1))?;
+        if e & USER == 0 || (write && e & WRITABLE == 0) {
+            return None;
+        }
+        Some((e & ADDRESS) + va % PAGE_SIZE)
+    }
+
+    /// Copies `out.len()` bytes from the service's `va`.
+    pub fn read(&self, va: u64, out: &mut [u8]) -> Result<(), SpaceError> {
+        let mut done = 0;
+        while done < out.len() {
+            let at = va.checked_add(done as u64).ok_or(SpaceError::BadAddress)?;
+            let pa = self.translate(at, false).ok_or(SpaceError::NotMapped)?;
+            let n = (out.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
+            // Safety: `pa` is a frame mapped into this space, in the direct
+            // map; n stays within its page.
+            unsafe {
+                core::ptr::copy_nonoverlapping(phys_to_virt(pa), out[done..].as_mut_ptr(), n)
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` to the service's `va` (which must be writable).
+    pub fn write(&self, va: u64, bytes: &[u8]) -> Result<(), SpaceError> {
+        // Check every page first, so that a failure writes nothing.
+        let mut at = va & !(PAGE_SIZE - 1);
+        let end = va
+            .checked_add(bytes.len() as u64)
+            .ok_or(SpaceError::BadAddress)?;
+        while at < end {
+            self.translate(at, true).ok_or(SpaceError::NotMapped)?;
+            at += PAGE_SIZE;
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = va + done as u64;
+            let pa = self.translate(at, true).ok_or(SpaceError::NotMapped)?;
+            let n = (bytes.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
+            // Safety: as in `read`, and the page is writable by the service.
+            unsafe { core::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), phys_to_virt(pa), n) };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Frees the lower half's tables and every owned frame.
+    pub fn destroy(self) {
+        fn walk(t: u64, level: u32) {
+            for &e in table(t).iter() {
+                if e & PRESENT == 0 {
+                    continue;
+                }
+                if level == 1 {
+                    if e & OWNED != 0 {
+                        free_frame(e & ADDRESS);
+                    }
+                } else {
+                    walk(e & ADDRESS, level - 1);
+                    free_frame(e & ADDRESS);
+                }
+            }
+        }
+        let root = table(self.pml4);
+        for i in 0..256 {
+            let e = root[i];
+            if e & PRESENT != 0 {
+                walk(e & ADDRESS, 3);
+                free_frame(e & ADDRESS);
+            }
+        }
+        free_frame(self.pml4);
+    }
+}
+
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * (level - 1))) & 0x1ff) as usize
+}

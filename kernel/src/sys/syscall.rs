@@ -1,0 +1,1258 @@
+//! The system calls (ABI: `ipc_schema::syscall`).
+//!
+//! Every call checks its handles first ([`Kernel::cap`]); a refusal is
+//! logged with the service's name, the call and the handle, and returned as
+//! a `SysError`. Nothing a service passes (pointers, lengths, encoded
+//! argument blocks) is trusted: user memory is reached only through the
+//! service's own page tables.
+
+use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, right_name};
+use super::ipc::{Endpoint, Notification, Sender};
+use super::process::{State, Wait};
+use super::{Kernel, Runnable};
+use crate::arch::idt::TrapFrame;
+use crate::vm::domain::Domain;
+use ipc_schema::ipc::BoundedVec;
+use ipc_schema::syscall::layout::{MAP_BASE, MAP_END};
+use ipc_schema::syscall::{
+    DomainOp, DomainState, EptOp, EptOpError, EptResult, Grant, HandleName, MAX_EPT_OPS,
+    MAX_HANDLES, MAX_MESSAGE, ObjectKind, SpawnSpec, SysError, VcpuOp, VcpuSpec, nr, rights,
+};
+use ipc_schema::wire::{MAX_FRAME, Record};
+use platform::PAGE_SIZE;
+use platform::ept::PageSize;
+
+/// What happens to the caller after its call.
+pub enum Outcome {
+    /// It goes on with the results in its registers.
+    Continue,
+    /// It waits (or gave way): run someone else.
+    Reschedule,
+}
+
+type Result<T> = core::result::Result<T, SysError>;
+
+/// Results in RDI, RSI, RDX.
+enum Done {
+    Values([u64; 3]),
+    Blocked,
+    /// Returned, but let others run first (YIELD, EXIT, HALT).
+    GiveWay,
+}
+
+use Done::Values;
+
+/// Handles the system call in `f` from process `pid`.
+pub fn dispatch(k: &mut Kernel, pid: u16, f: &mut TrapFrame) -> Outcome {
+    let a = [f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9];
+    let number = f.rax;
+    let result = call(k, pid, number, a);
+    let Some(p) = k.processes[usize::from(pid)].as_mut() else {
+        return Outcome::Reschedule;
+    };
+    match result {
+        Ok(Values(v)) => {
+            p.frame.rax = SysError::Ok as u64;
+            (p.frame.rdi, p.frame.rsi, p.frame.rdx) = (v[0], v[1], v[2]);
+            Outcome::Continue
+        }
+        Ok(Done::Blocked) => Outcome::Reschedule,
+        Ok(Done::GiveWay) => {
+            p.frame.rax = SysError::Ok as u64;
+            Outcome::Reschedule
+        }
+        Err(e) => {
+            p.frame.rax = e as u64;
+            Outcome::Continue
+        }
+    }
+}
+
+/// Logs a refused handle check and turns it into the error.
+fn refuse(k: &Kernel, pid: u16, call: &str, e: CapError) -> SysError {
+    match e.error {
+        SysError::MissingRight => defmt::warn!(
+            "service {=str}: {=str} refused: handle {=u32} lacks the right `{=str}`",
+            k.process_name(pid),
+            call,
+            e.handle,
+            right_name(e.needed)
+        ),
+        SysError::WrongKind => defmt::warn!(
+            "service {=str}: {=str} refused: handle {=u32} is another kind of object",
+            k.process_name(pid),
+            call,
+            e.handle
+        ),
+        _ => defmt::warn!(
+            "service {=str}: {=str} refused: no handle {=u32}",
+            k.process_name(pid),
+            call,
+            e.handle
+        ),
+    }
+    e.error
+}
+
+macro_rules! cap {
+    ($k:expr, $pid:expr, $call:expr, $h:expr, $kind:expr, $right:expr) => {
+        $k.cap($pid, $h, $kind, $right)
+            .map_err(|e| refuse($k, $pid, $call, e))?
+    };
+}
+
+fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
+    match number {
+        nr::LOG => log(k, pid, a[0], a[1]),
+        nr::CALL => ipc_call(k, pid, a),
+        nr::RECV => recv(k, pid, a[0], a[1], a[2]),
+        nr::REPLY => {
+            reply(k, pid, a[0], a[1], a[2])?;
+            Ok(Values([0; 3]))
+        }
+        nr::REPLY_RECV => {
+            if a[0] != 0 {
+                // A reply that cannot be delivered (the caller died) must not
+                // keep the server from receiving.
+                let _ = reply(k, pid, a[0], a[1], a[2]);
+            }
+            recv(k, pid, a[3], a[4], a[5])
+        }
+        nr::NOTIFY => {
+            let c = cap!(
+                k,
+                pid,
+                "NOTIFY",
+                a[0],
+                ObjectKind::Notification,
+                rights::SIGNAL
+            );
+            let Object::Notification(n) = c.object else {
+                return Err(SysError::WrongKind);
+            };
+            k.notify(n, a[1]);
+            Ok(Values([0; 3]))
+        }
+        nr::WAIT => wait(k, pid, a[0]),
+        nr::YIELD => {
+            k.make_ready(Runnable::Process(pid));
+            Ok(Done::GiveWay)
+        }
+        nr::EXIT => {
+            defmt::info!(
+                "service {=str} exited with code {=u64}",
+                k.process_name(pid),
+                a[0]
+            );
+            let watcher = k.processes[usize::from(pid)]
+                .as_ref()
+                .and_then(|p| p.watcher);
+            k.end(pid);
+            if let Some((n, bit)) = watcher {
+                k.notify(n, bit);
+            }
+            Ok(Done::Blocked)
+        }
+        nr::HANDLE_INFO => {
+            let p = k.processes[usize::from(pid)]
+                .as_ref()
+                .ok_or(SysError::NoSuchHandle)?;
+            let c = p
+                .handles
+                .get(a[0] as usize)
+                .copied()
+                .flatten()
+                .ok_or(SysError::NoSuchHandle)?;
+            Ok(Values([
+                c.object.kind() as u64,
+                u64::from(c.rights),
+                c.badge,
+            ]))
+        }
+        nr::TIME => Ok(Values([
+            crate::time::micros(),
+            crate::time::tsc_hz().unwrap_or(0),
+            0,
+        ])),
+        nr::FRAMES_MAP => frames_map(k, pid, a),
+        nr::FRAMES_UNMAP => frames_unmap(k, pid, a[0], a[1]),
+        nr::FRAMES_ALLOC => frames_alloc(k, pid, a[0], a[1], a[2]),
+        nr::FRAMES_INFO => {
+            let c = cap!(k, pid, "FRAMES_INFO", a[0], ObjectKind::Frames, 0);
+            let Object::Frames(id) = c.object else {
+                return Err(SysError::WrongKind);
+            };
+            let f = k.frames[usize::from(id)]
+                .as_ref()
+                .ok_or(SysError::NoSuchHandle)?;
+            Ok(Values([f.count, f.len, 0]))
+        }
+        nr::ENDPOINT_CREATE | nr::NOTIFICATION_CREATE => {
+            cap!(
+                k,
+                pid,
+                "object creation",
+                a[0],
+                ObjectKind::System,
+                rights::CREATE
+            );
+            let object = if number == nr::ENDPOINT_CREATE {
+                let slot = k
+                    .endpoints
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(SysError::NoResources)?;
+                k.endpoints[slot] = Some(Endpoint::default());
+                Object::Endpoint {
+                    id: slot as u16,
+                    generation: 0,
+                }
+            } else {
+                let slot = k
+                    .notifications
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(SysError::NoResources)?;
+                k.notifications[slot] = Some(Notification::default());
+                Object::Notification(slot as u16)
+            };
+            let h = k.install(
+                pid,
+                Cap {
+                    object,
+                    rights: rights::ALL,
+                    badge: 0,
+                },
+            )?;
+            Ok(Values([u64::from(h), 0, 0]))
+        }
+        nr::PROCESS_SPAWN => spawn(k, pid, a[0], a[1], a[2]),
+        nr::PROCESS_RESTART => {
+            let c = cap!(
+                k,
+                pid,
+                "PROCESS_RESTART",
+                a[0],
+                ObjectKind::Process,
+                rights::SIGNAL
+            );
+            let Object::Process(target) = c.object else {
+                return Err(SysError::WrongKind);
+            };
+            let elf = if a[1] == u64::from(u32::MAX) {
+                None
+            } else {
+                let e = cap!(
+                    k,
+                    pid,
+                    "PROCESS_RESTART",
+                    a[1],
+                    ObjectKind::Frames,
+                    rights::READ
+                );
+                let Object::Frames(id) = e.object else {
+                    return Err(SysError::WrongKind);
+                };
+                Some(id)
+            };
+            match k.restart(target, elf) {
+                Ok(generation) => Ok(Values([u64::from(generation), 0, 0])),
+                Err(e) => {
+                    defmt::warn!(
+                        "service {=str}: PROCESS_RESTART failed: {}",
+                        k.process_name(pid),
+                        e
+                    );
+                    Err(SysError::BadArgument)
+                }
+            }
+        }
+        nr::PROCESS_KILL => {
+            let c = cap!(
+                k,
+                pid,
+                "PROCESS_KILL",
+                a[0],
+                ObjectKind::Process,
+                rights::SIGNAL
+            );
+            let Object::Process(target) = c.object else {
+                return Err(SysError::WrongKind);
+            };
+            k.end(target);
+            Ok(Values([0; 3]))
+        }
+        nr::PROCESS_STATUS => {
+            let c = cap!(k, pid, "PROCESS_STATUS", a[0], ObjectKind::Process, 0);
+            let Object::Process(target) = c.object else {
+                return Err(SysError::WrongKind);
+            };
+            let p = k.processes[usize::from(target)]
+                .as_ref()
+                .ok_or(SysError::NoSuchHandle)?;
+            let state = match p.state {
+                State::Faulted => 1,
+                State::Ended => 2,
+                _ => 0,
+            };
+            Ok(Values([
+                state,
+                u64::from(p.generation),
+                u64::from(p.faults),
+            ]))
+        }
+        nr::FAULT_WATCH => {
+            let c = cap!(
+                k,
+                pid,
+                "FAULT_WATCH",
+                a[0],
+                ObjectKind::Process,
+                rights::SIGNAL
+            );
+            let n = cap!(
+                k,
+                pid,
+                "FAULT_WATCH",
+                a[1],
+                ObjectKind::Notification,
+                rights::SIGNAL
+            );
+            let (Object::Process(target), Object::Notification(note)) = (c.object, n.object) else {
+                return Err(SysError::WrongKind);
+            };
+            let p = k.processes[usize::from(target)]
+                .as_mut()
+                .ok_or(SysError::NoSuchHandle)?;
+            p.watcher = Some((note, a[2]));
+            Ok(Values([0; 3]))
+        }
+        nr::HALT => {
+            cap!(k, pid, "HALT", a[0], ObjectKind::System, rights::CREATE);
+            k.halt = Some(a[1] as u8);
+            Ok(Done::GiveWay)
+        }
+        nr::DOMAIN_CREATE => domain_create(k, pid, a),
+        nr::DOMAIN_MAP_RAM => domain_map_ram(k, pid, a),
+        nr::DOMAIN_WRITE | nr::DOMAIN_READ => domain_memory(k, pid, number == nr::DOMAIN_WRITE, a),
+        nr::VCPU_CREATE => vcpu_create(k, pid, a),
+        nr::DOMAIN_CONTROL => domain_control(k, pid, a),
+        nr::DOMAIN_INFO => {
+            cap!(
+                k,
+                pid,
+                "DOMAIN_INFO",
+                a[0],
+                ObjectKind::Domains,
+                rights::READ
+            );
+            let d = domain(k, a[1])?;
+            Ok(Values([
+                d.state as u64,
+                u64::from(d.exit_status),
+                d.ram_bytes,
+            ]))
+        }
+        nr::DOMAIN_WATCH => {
+            cap!(
+                k,
+                pid,
+                "DOMAIN_WATCH",
+                a[0],
+                ObjectKind::Domains,
+                rights::BUILD
+            );
+            let n = cap!(
+                k,
+                pid,
+                "DOMAIN_WATCH",
+                a[1],
+                ObjectKind::Notification,
+                rights::SIGNAL
+            );
+            let Object::Notification(note) = n.object else {
+                return Err(SysError::WrongKind);
+            };
+            k.domain_watch = Some((note, a[2]));
+            Ok(Values([0; 3]))
+        }
+        nr::CONSOLE => {
+            cap!(k, pid, "CONSOLE", a[0], ObjectKind::Domains, rights::VCPUS);
+            let id = domain(k, a[1])?.id;
+            let len = (a[3] as usize).min(MAX_FRAME);
+            let mut buf = [0u8; MAX_FRAME];
+            read_user(k, pid, a[2], &mut buf[..len])?;
+            crate::log::emit(&Record::Console {
+                domain: id,
+                bytes: &buf[..len],
+            });
+            Ok(Values([0; 3]))
+        }
+        nr::VIEW_CREATE => {
+            cap!(
+                k,
+                pid,
+                "VIEW_CREATE",
+                a[0],
+                ObjectKind::Domains,
+                rights::VIEWS
+            );
+            let view = domain_mut(k, a[1])?
+                .views
+                .create()
+                .map_err(|_| SysError::NoResources)?;
+            Ok(Values([u64::from(view), 0, 0]))
+        }
+        nr::VIEW_DESTROY => {
+            cap!(
+                k,
+                pid,
+                "VIEW_DESTROY",
+                a[0],
+                ObjectKind::Domains,
+                rights::VIEWS
+            );
+            let d = domain_mut(k, a[1])?;
+            let view = view_arg(a[2])?;
+            if d.vcpu
+                .as_ref()
+                .is_some_and(|v| v.load().is_ok() && v.active_view() == view)
+            {
+                return Err(SysError::Busy);
+            }
+            d.views.destroy(view).map_err(|_| SysError::BadArgument)?;
+            Ok(Values([0; 3]))
+        }
+        nr::VIEW_SET_VISIBLE => {
+            cap!(
+                k,
+                pid,
+                "VIEW_SET_VISIBLE",
+                a[0],
+                ObjectKind::Domains,
+                rights::VIEWS
+            );
+            domain_mut(k, a[1])?
+                .views
+                .set_visible(view_arg(a[2])?, a[3] != 0)
+                .map_err(|_| SysError::BadArgument)?;
+            Ok(Values([0; 3]))
+        }
+        nr::EPT_OPS => ept_ops(k, pid, a),
+        nr::VCPU_SET_VIEW => {
+            cap!(
+                k,
+                pid,
+                "VCPU_SET_VIEW",
+                a[0],
+                ObjectKind::Domains,
+                rights::VIEWS
+            );
+            let d = domain_mut(k, a[1])?;
+            let view = view_arg(a[3])?;
+            let eptp = d.views.eptp(view).map_err(|_| SysError::BadArgument)?;
+            let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
+            v.load().map_err(|_| SysError::Busy)?;
+            v.set_view(view, eptp);
+            Ok(Values([0; 3]))
+        }
+        nr::VCPU_CONTROL => vcpu_control(k, pid, a),
+        nr::DIRTY_READ => dirty_read(k, pid, a),
+        nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
+        nr::IRQ_BIND => {
+            let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
+            let n = cap!(
+                k,
+                pid,
+                "IRQ_BIND",
+                a[1],
+                ObjectKind::Notification,
+                rights::SIGNAL
+            );
+            let (Object::Irq(irq), Object::Notification(note)) = (c.object, n.object) else {
+                return Err(SysError::WrongKind);
+            };
+            super::irq::bind(irq, note, a[2]).map_err(|_| SysError::Unsupported)?;
+            Ok(Values([0; 3]))
+        }
+        nr::VM_FEATURES => {
+            use ipc_schema::syscall::vm_features as vf;
+            let bits = if crate::vm::available() {
+                let f = crate::vm::caps().1;
+                vf::VMX
+                    | if f.vmfunc { vf::VMFUNC } else { 0 }
+                    | if f.ve { vf::VE } else { 0 }
+                    | if f.pml { vf::PML } else { 0 }
+            } else {
+                0
+            };
+            Ok(Values([bits, 0, 0]))
+        }
+        nr::HANDLE_DERIVE => {
+            let p = k.processes[usize::from(pid)]
+                .as_ref()
+                .ok_or(SysError::NoSuchHandle)?;
+            let c = p
+                .handles
+                .get(a[0] as usize)
+                .copied()
+                .flatten()
+                .ok_or(SysError::NoSuchHandle)?;
+            let object = match c.object {
+                Object::IoPorts { base, count } => {
+                    let end = a[1].checked_add(a[2]).ok_or(SysError::BadArgument)?;
+                    if a[1] < u64::from(base)
+                        || end > u64::from(base) + u64::from(count)
+                        || a[2] == 0
+                    {
+                        return Err(SysError::BadArgument);
+                    }
+                    Object::IoPorts {
+                        base: a[1] as u16,
+                        count: a[2] as u16,
+                    }
+                }
+                Object::Irq(super::caps::ALL_LINES) if a[1] < 16 => Object::Irq(a[1] as u8),
+                _ => return Err(SysError::BadArgument),
+            };
+            let h = k.install(
+                pid,
+                Cap {
+                    object,
+                    rights: c.rights,
+                    badge: c.badge,
+                },
+            )?;
+            Ok(Values([u64::from(h), 0, 0]))
+        }
+        _ => {
+            defmt::warn!(
+                "service {=str}: unknown system call {=u64}",
+                k.process_name(pid),
+                number
+            );
+            Err(SysError::UnknownCall)
+        }
+    }
+}
+
+fn read_user(k: &Kernel, pid: u16, va: u64, out: &mut [u8]) -> Result<()> {
+    let p = k.processes[usize::from(pid)]
+        .as_ref()
+        .ok_or(SysError::BadAddress)?;
+    p.space
+        .as_ref()
+        .ok_or(SysError::BadAddress)?
+        .read(va, out)
+        .map_err(|_| SysError::BadAddress)
+}
+
+fn write_user(k: &Kernel, pid: u16, va: u64, bytes: &[u8]) -> Result<()> {
+    let p = k.processes[usize::from(pid)]
+        .as_ref()
+        .ok_or(SysError::BadAddress)?;
+    p.space
+        .as_ref()
+        .ok_or(SysError::BadAddress)?
+        .write(va, bytes)
+        .map_err(|_| SysError::BadAddress)
+}
+
+fn log(k: &mut Kernel, pid: u16, va: u64, len: u64) -> Result<Done> {
+    let truncated = len as usize > MAX_FRAME;
+    let len = (len as usize).min(MAX_FRAME);
+    let mut frame = [0u8; MAX_FRAME];
+    read_user(k, pid, va, &mut frame[..len])?;
+    let source = k.processes[usize::from(pid)]
+        .as_ref()
+        .map_or(0, |p| p.source);
+    crate::log::emit(&Record::Defmt {
+        source,
+        frame: &frame[..len],
+        truncated,
+    });
+    Ok(Values([0; 3]))
+}
+
+fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    let c = cap!(k, pid, "CALL", a[0], ObjectKind::Endpoint, rights::CALL);
+    let Object::Endpoint { id, generation } = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    let len = a[2] as usize;
+    if len > MAX_MESSAGE {
+        defmt::warn!(
+            "service {=str}: CALL refused: a {=usize}-byte message (the most is {=usize})",
+            k.process_name(pid),
+            len,
+            MAX_MESSAGE
+        );
+        return Err(SysError::MessageTooLong);
+    }
+    let current = k.endpoints[usize::from(id)]
+        .as_ref()
+        .ok_or(SysError::NoSuchHandle)?
+        .generation;
+    if current != generation {
+        // The server restarted since this handle last called: say so once.
+        if let Some(Cap {
+            object: Object::Endpoint { generation: g, .. },
+            ..
+        }) = k.cap_mut(pid, a[0])
+        {
+            *g = current;
+        }
+        if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+            p.frame.rdi = u64::from(current);
+        }
+        return Err(SysError::Dead);
+    }
+    let mut msg = [0u8; MAX_MESSAGE];
+    read_user(k, pid, a[1], &mut msg[..len])?;
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .ok_or(SysError::NoSuchHandle)?;
+    p.outbox[..len].copy_from_slice(&msg[..len]);
+    p.outbox_len = len;
+    p.seq = p.seq.wrapping_add(1);
+    p.state = State::Blocked(Wait::Call {
+        ep: id,
+        reply_buf: a[3],
+        reply_cap: a[4],
+        seq: p.seq,
+        server: None,
+    });
+    if let Err(e) = k.send(id, Sender::Process(pid)) {
+        if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+            p.state = State::Ready;
+        }
+        return Err(e);
+    }
+    Ok(Done::Blocked)
+}
+
+fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> {
+    let len = len as usize;
+    if len > MAX_MESSAGE {
+        return Err(SysError::MessageTooLong);
+    }
+    let mut msg = [0u8; MAX_MESSAGE];
+    read_user(k, pid, va, &mut msg[..len])?;
+    k.reply(pid, token, &msg[..len])
+}
+
+fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
+    let p = k.processes[usize::from(pid)]
+        .as_ref()
+        .ok_or(SysError::NoSuchHandle)?;
+    // Every handle in the mask must be one to receive or wait on.
+    let mut endpoints: heapless::Vec<u16, 64> = heapless::Vec::new();
+    let mut notes: heapless::Vec<u16, 64> = heapless::Vec::new();
+    for slot in (0..64u64).filter(|b| mask & (1 << b) != 0) {
+        match p.handles.get(slot as usize).copied().flatten() {
+            Some(Cap {
+                object: Object::Endpoint { id, .. },
+                rights: r,
+                ..
+            }) if r & rights::RECEIVE != 0 => {
+                let _ = endpoints.push(id);
+            }
+            Some(Cap {
+                object: Object::Notification(n),
+                rights: r,
+                ..
+            }) if r & rights::WAIT != 0 => {
+                let _ = notes.push(n);
+            }
+            _ => {
+                defmt::warn!(
+                    "service {=str}: RECV refused: handle {=u64} is not one to receive on",
+                    p.name(),
+                    slot
+                );
+                return Err(SysError::MissingRight);
+            }
+        }
+    }
+    if endpoints.is_empty() && notes.is_empty() {
+        return Err(SysError::BadArgument);
+    }
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .ok_or(SysError::NoSuchHandle)?;
+    p.state = State::Blocked(Wait::Recv { mask, buf, cap });
+    for &e in &endpoints {
+        if let Some(ep) = k.endpoints[usize::from(e)].as_mut() {
+            ep.waiting = Some(pid);
+        }
+    }
+    for &n in &notes {
+        if let Some(note) = k.notifications[usize::from(n)].as_mut() {
+            note.waiter = Some(pid);
+        }
+    }
+    // Something already waiting: take it now.
+    k.wake_for_bits(pid);
+    for &e in &endpoints {
+        if !matches!(
+            k.processes[usize::from(pid)].as_ref().map(|p| p.state),
+            Some(State::Blocked(_))
+        ) {
+            break;
+        }
+        k.deliver(e);
+    }
+    Ok(Done::Blocked)
+}
+
+fn wait(k: &mut Kernel, pid: u16, h: u64) -> Result<Done> {
+    let c = cap!(k, pid, "WAIT", h, ObjectKind::Notification, rights::WAIT);
+    let Object::Notification(n) = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    let note = k.notifications[usize::from(n)]
+        .as_mut()
+        .ok_or(SysError::NoSuchHandle)?;
+    if note.bits != 0 {
+        let bits = core::mem::take(&mut note.bits);
+        return Ok(Values([bits, 0, 0]));
+    }
+    note.waiter = Some(pid);
+    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+        p.state = State::Blocked(Wait::Notification(n));
+    }
+    Ok(Done::Blocked)
+}
+
+fn frames_of(k: &Kernel, pid: u16, call: &str, h: u64, needed: u32) -> Result<(u16, FramesObject)> {
+    let c = cap!(k, pid, call, h, ObjectKind::Frames, needed);
+    let Object::Frames(id) = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    Ok((
+        id,
+        *k.frames[usize::from(id)]
+            .as_ref()
+            .ok_or(SysError::NoSuchHandle)?,
+    ))
+}
+
+fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    let writable = a[4] != 0;
+    let needed = if writable {
+        rights::READ | rights::WRITE
+    } else {
+        rights::READ
+    };
+    let (_, f) = frames_of(k, pid, "FRAMES_MAP", a[0], needed)?;
+    let (first, count, va) = (a[1], a[2], a[3]);
+    let end = va
+        .checked_add(count.checked_mul(PAGE_SIZE).ok_or(SysError::BadArgument)?)
+        .ok_or(SysError::BadArgument)?;
+    if f.given_to_domain
+        || (writable && f.kind == FramesKind::Module)
+        || first.checked_add(count).is_none_or(|e| e > f.count)
+        || va % PAGE_SIZE != 0
+        || va < MAP_BASE
+        || end > MAP_END
+    {
+        return Err(SysError::BadArgument);
+    }
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .ok_or(SysError::NoSuchHandle)?;
+    let space = p.space.as_mut().ok_or(SysError::BadAddress)?;
+    for i in 0..count {
+        let flags = super::space::PageFlags {
+            writable,
+            executable: false,
+            owned: false,
+        };
+        if space
+            .map(va + i * PAGE_SIZE, f.base + (first + i) * PAGE_SIZE, flags)
+            .is_err()
+        {
+            for j in 0..i {
+                let _ = space.unmap(va + j * PAGE_SIZE);
+            }
+            return Err(SysError::BadArgument);
+        }
+    }
+    Ok(Values([0; 3]))
+}
+
+fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
+    let end = va
+        .checked_add(count.saturating_mul(PAGE_SIZE))
+        .ok_or(SysError::BadArgument)?;
+    if va < MAP_BASE || end > MAP_END || va % PAGE_SIZE != 0 {
+        return Err(SysError::BadArgument);
+    }
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .ok_or(SysError::NoSuchHandle)?;
+    let space = p.space.as_mut().ok_or(SysError::BadAddress)?;
+    for i in 0..count {
+        let _ = space.unmap(va + i * PAGE_SIZE);
+    }
+    Ok(Values([0; 3]))
+}
+
+fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "FRAMES_ALLOC",
+        pool,
+        ObjectKind::MemoryPool,
+        rights::CREATE
+    );
+    if count == 0 || count > 1 << 20 || !align.is_power_of_two() {
+        return Err(SysError::BadArgument);
+    }
+    let slot = k
+        .frames
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)?;
+    let base =
+        crate::vm::memory::alloc_zeroed_contiguous(count, align).ok_or(SysError::NoResources)?;
+    k.frames[slot] = Some(FramesObject {
+        base,
+        count,
+        len: count * PAGE_SIZE,
+        kind: FramesKind::Ram,
+        given_to_domain: false,
+    });
+    let h = k.install(
+        pid,
+        Cap {
+            object: Object::Frames(slot as u16),
+            rights: rights::READ | rights::WRITE,
+            badge: 0,
+        },
+    )?;
+    Ok(Values([u64::from(h), 0, 0]))
+}
+
+fn spawn(k: &mut Kernel, pid: u16, elf_h: u64, va: u64, len: u64) -> Result<Done> {
+    let elf = cap!(
+        k,
+        pid,
+        "PROCESS_SPAWN",
+        elf_h,
+        ObjectKind::Frames,
+        rights::READ
+    );
+    let Object::Frames(elf_id) = elf.object else {
+        return Err(SysError::WrongKind);
+    };
+    let mut buf = [0u8; 4096];
+    let len = (len as usize).min(buf.len());
+    read_user(k, pid, va, &mut buf[..len])?;
+    let spec: SpawnSpec = postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
+    // Each grant copies one of the spawner's handles, with at most its rights.
+    let mut handles: Handles = [None; MAX_HANDLES];
+    let mut names: heapless::Vec<(u32, HandleName), MAX_HANDLES> = heapless::Vec::new();
+    let spawner = k.processes[usize::from(pid)]
+        .as_ref()
+        .ok_or(SysError::NoSuchHandle)?;
+    for g in spec.grants.0.iter() {
+        let Grant {
+            slot,
+            from,
+            rights: r,
+            badge,
+            name,
+        } = *g;
+        let from_cap = spawner
+            .handles
+            .get(from as usize)
+            .copied()
+            .flatten()
+            .ok_or(SysError::NoSuchHandle)?;
+        let target = handles
+            .get_mut(slot as usize)
+            .ok_or(SysError::BadArgument)?;
+        *target = Some(Cap {
+            object: from_cap.object,
+            rights: from_cap.rights & r,
+            badge,
+        });
+        let _ = names.push((slot, name));
+    }
+    let child = k
+        .spawn(spec.name, elf_id, handles, &names, spec.successor)
+        .map_err(|e| {
+            defmt::error!(
+                "service {=str}: PROCESS_SPAWN failed: {}",
+                k.process_name(pid),
+                e
+            );
+            SysError::BadArgument
+        })?;
+    let h = k.install(pid, super::process::process_cap(child, rights::SIGNAL))?;
+    Ok(Values([u64::from(h), 0, 0]))
+}
+
+fn domain(k: &Kernel, id: u64) -> Result<&Domain> {
+    let slot = usize::try_from(id.wrapping_sub(1)).map_err(|_| SysError::BadArgument)?;
+    k.domains
+        .get(slot)
+        .and_then(Option::as_ref)
+        .ok_or(SysError::BadArgument)
+}
+
+fn domain_mut(k: &mut Kernel, id: u64) -> Result<&mut Domain> {
+    let slot = usize::try_from(id.wrapping_sub(1)).map_err(|_| SysError::BadArgument)?;
+    k.domains
+        .get_mut(slot)
+        .and_then(Option::as_mut)
+        .ok_or(SysError::BadArgument)
+}
+
+fn view_arg(v: u64) -> Result<u16> {
+    u16::try_from(v).map_err(|_| SysError::BadArgument)
+}
+
+fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "DOMAIN_CREATE",
+        a[0],
+        ObjectKind::Domains,
+        rights::BUILD
+    );
+    if !crate::vm::available() {
+        return Err(SysError::Unsupported);
+    }
+    let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
+    let len = (a[2] as usize).min(name.len());
+    read_user(k, pid, a[1], &mut name[..len])?;
+    let slot = k
+        .domains
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)?;
+    let d = Domain::create(slot as u16 + 1, name).map_err(|_| SysError::NoResources)?;
+    defmt::info!(
+        "domain {=u16} ({=str}) created by {=str}",
+        slot as u16 + 1,
+        ipc_schema::syscall::handle_name_str(&d.name),
+        k.process_name(pid)
+    );
+    k.domains[slot] = Some(d);
+    Ok(Values([slot as u64 + 1, 0, 0]))
+}
+
+fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "DOMAIN_MAP_RAM",
+        a[0],
+        ObjectKind::Domains,
+        rights::BUILD
+    );
+    let (fid, f) = frames_of(k, pid, "DOMAIN_MAP_RAM", a[3], rights::WRITE)?;
+    let (gfn, count) = (a[2], a[4]);
+    if f.kind != FramesKind::Ram || f.given_to_domain || count == 0 || count > f.count {
+        return Err(SysError::BadArgument);
+    }
+    domain_mut(k, a[1])?
+        .map_ram(gfn, f.base, count)
+        .map_err(|e| {
+            defmt::warn!("DOMAIN_MAP_RAM: {}", e);
+            SysError::BadArgument
+        })?;
+    if let Some(f) = k.frames[usize::from(fid)].as_mut() {
+        f.given_to_domain = true;
+    }
+    Ok(Values([0; 3]))
+}
+
+fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<Done> {
+    let right = if write { rights::WRITE } else { rights::READ };
+    cap!(
+        k,
+        pid,
+        if write { "DOMAIN_WRITE" } else { "DOMAIN_READ" },
+        a[0],
+        ObjectKind::Domains,
+        right
+    );
+    let (gpa, va, len) = (a[2], a[3], a[4]);
+    let mut buf = [0u8; 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        if write {
+            read_user(k, pid, va + done, &mut buf[..n])?;
+            domain(k, a[1])?
+                .write_guest(gpa + done, &buf[..n])
+                .ok_or(SysError::BadAddress)?;
+        } else {
+            domain(k, a[1])?
+                .read_guest(gpa + done, &mut buf[..n])
+                .ok_or(SysError::BadAddress)?;
+            write_user(k, pid, va + done, &buf[..n])?;
+        }
+        done += n as u64;
+    }
+    Ok(Values([0; 3]))
+}
+
+fn endpoint_of(k: &Kernel, pid: u16, h: u32) -> Result<u16> {
+    let c = cap!(
+        k,
+        pid,
+        "VCPU_CREATE",
+        u64::from(h),
+        ObjectKind::Endpoint,
+        rights::CALL
+    );
+    let Object::Endpoint { id, .. } = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    Ok(id)
+}
+
+fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "VCPU_CREATE",
+        a[0],
+        ObjectKind::Domains,
+        rights::BUILD
+    );
+    let mut buf = [0u8; 128];
+    let len = (a[3] as usize).min(buf.len());
+    read_user(k, pid, a[2], &mut buf[..len])?;
+    let spec: VcpuSpec = postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
+    let exit_ep = endpoint_of(k, pid, spec.exit_endpoint)?;
+    let violation_ep = endpoint_of(k, pid, spec.violation_endpoint)?;
+    domain_mut(k, a[1])?
+        .create_vcpu(spec.entry, spec.rax, spec.rbx, exit_ep, violation_ep)
+        .map_err(|_| SysError::BadArgument)?;
+    Ok(Values([0; 3]))
+}
+
+fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "DOMAIN_CONTROL",
+        a[0],
+        ObjectKind::Domains,
+        rights::BUILD
+    );
+    let slot = (a[1].wrapping_sub(1)) as u16;
+    let op = match a[2] {
+        0 => DomainOp::Start,
+        1 => DomainOp::Pause,
+        2 => DomainOp::Unpause,
+        3 => DomainOp::Destroy,
+        _ => return Err(SysError::BadArgument),
+    };
+    let d = domain_mut(k, a[1])?;
+    match (op, d.state) {
+        (DomainOp::Start, DomainState::Building) if d.vcpu.is_some() => {
+            d.state = DomainState::Running;
+            k.make_ready(Runnable::Vcpu(slot));
+        }
+        (DomainOp::Pause, DomainState::Running) => {
+            d.state = DomainState::Paused;
+            k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+        }
+        (DomainOp::Unpause, DomainState::Paused) => {
+            d.state = DomainState::Running;
+            if !d.awaiting_reply {
+                k.make_ready(Runnable::Vcpu(slot));
+            }
+        }
+        (DomainOp::Destroy, _) => {
+            let running = matches!(d.state, DomainState::Running | DomainState::Paused);
+            if running {
+                crate::vm::exits::end(k, slot, DomainState::Destroyed, 0);
+            }
+            k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+            for e in k.endpoints.iter_mut().flatten() {
+                e.queue.retain(|s| *s != Sender::Vcpu(slot));
+            }
+            if let Some(d) = k.domains[usize::from(slot)].take() {
+                d.destroy();
+            }
+        }
+        _ => return Err(SysError::Busy),
+    }
+    Ok(Values([0; 3]))
+}
+
+fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(k, pid, "EPT_OPS", a[0], ObjectKind::Domains, rights::VIEWS);
+    let mut buf = [0u8; 1024];
+    let len = (a[3] as usize).min(buf.len());
+    read_user(k, pid, a[2], &mut buf[..len])?;
+    let ops: BoundedVec<EptOp, MAX_EPT_OPS> =
+        postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
+    let d = domain_mut(k, a[1])?;
+    let mut results: BoundedVec<EptResult, MAX_EPT_OPS> = BoundedVec::new();
+    let mut touched = [false; 64];
+    for op in ops.0.iter() {
+        let r = crate::vm::ept_op(d, op);
+        let view = match *op {
+            EptOp::Map { view, .. }
+            | EptOp::Unmap { view, .. }
+            | EptOp::Protect { view, .. }
+            | EptOp::SetSuppressVe { view, .. }
+            | EptOp::Split { view, .. }
+            | EptOp::Query { view, .. } => view,
+        };
+        if !matches!(op, EptOp::Query { .. }) && usize::from(view) < touched.len() {
+            touched[usize::from(view)] = true;
+        }
+        let _ = results.0.push(r);
+    }
+    for (view, t) in touched.iter().enumerate() {
+        if *t {
+            d.views.flush(view as u16);
+        }
+    }
+    let mut out = [0u8; 1024];
+    let n = postcard::to_slice(&results, &mut out)
+        .map_err(|_| SysError::NoResources)?
+        .len();
+    if n as u64 > a[5] {
+        return Err(SysError::ReplyTooLong);
+    }
+    write_user(k, pid, a[4], &out[..n])?;
+    Ok(Values([n as u64, 0, 0]))
+}
+
+fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "VCPU_CONTROL",
+        a[0],
+        ObjectKind::Domains,
+        rights::VCPUS
+    );
+    let op = match a[3] {
+        0 => VcpuOp::VeEnable,
+        1 => VcpuOp::VeDisable,
+        2 => VcpuOp::PmlStart,
+        3 => VcpuOp::PmlStop,
+        _ => return Err(SysError::BadArgument),
+    };
+    crate::vm::vcpu_control(domain_mut(k, a[1])?, op, a[4])?;
+    Ok(Values([0; 3]))
+}
+
+fn dirty_read(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "DIRTY_READ",
+        a[0],
+        ObjectKind::Domains,
+        rights::VCPUS
+    );
+    let max = (a[3] as usize).min(64);
+    let mut gfns = [0u64; 64];
+    let (n, more) = crate::vm::dirty_read(domain_mut(k, a[1])?, &mut gfns[..max])?;
+    let mut bytes = [0u8; 64 * 8];
+    for (i, g) in gfns[..n].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&g.to_le_bytes());
+    }
+    write_user(k, pid, a[2], &bytes[..n * 8])?;
+    Ok(Values([n as u64, u64::from(more), 0]))
+}
+
+fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
+    let c = cap!(
+        k,
+        pid,
+        if out { "IO_OUT" } else { "IO_IN" },
+        a[0],
+        ObjectKind::IoPorts,
+        rights::DEVICE
+    );
+    let Object::IoPorts { base, count } = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    let (port, size) = (a[1], a[2]);
+    if !matches!(size, 1 | 2 | 4)
+        || port < u64::from(base)
+        || port + size > u64::from(base) + u64::from(count)
+    {
+        return Err(SysError::BadArgument);
+    }
+    let port = port as u16;
+    if kernel_port(port, size as u16) {
+        defmt::warn!(
+            "service {=str}: I/O port {=u16:#x} belongs to the kernel",
+            k.process_name(pid),
+            port
+        );
+        return Err(SysError::MissingRight);
+    }
+    // Safety: the caller holds a handle with the device right on these
+    // ports, and none of them is one the kernel drives.
+    unsafe {
+        if out {
+            match size {
+                1 => platform::port::outb(port, a[3] as u8),
+                2 => x86_64::instructions::port::Port::<u16>::new(port).write(a[3] as u16),
+                _ => platform::port::outl(port, a[3] as u32),
+            }
+            Ok(Values([0; 3]))
+        } else {
+            let v = match size {
+                1 => u64::from(platform::port::inb(port)),
+                2 => u64::from(x86_64::instructions::port::Port::<u16>::new(port).read()),
+                _ => u64::from(x86_64::instructions::port::Port::<u32>::new(port).read()),
+            };
+            Ok(Values([v, 0, 0]))
+        }
+    }
+}
+
+/// Ports the kernel drives itself (its log line, the PIT and PICs, the
+/// emulators' exit ports): no handle reaches them.
+fn kernel_port(port: u16, size: u16) -> bool {
+    const KERNEL: [(u16, u16); 7] = [
+        (0x20, 2),
+        (0xa0, 2),
+        (0x40, 4),
+        (0x61, 1),
+        (0xf4, 4),
+        (0x3f8, 8),
+        (0x8900, 1),
+    ];
+    let end = port.saturating_add(size);
+    KERNEL.iter().any(|&(b, n)| port < b + n && b < end)
+}
+
+/// The error for an EPT operation that failed.
+pub fn ept_error(e: platform::ept::EptError) -> EptOpError {
+    use platform::ept::EptError as E;
+    match e {
+        E::OutOfMemory => EptOpError::OutOfMemory,
+        E::AlreadyMapped { .. } => EptOpError::AlreadyMapped,
+        E::NotMapped { .. } | E::NotLarge { .. } => EptOpError::NotMapped,
+        E::WriteWithoutRead { .. } => EptOpError::WriteWithoutRead,
+        _ => EptOpError::NotRam,
+    }
+}
+
+/// The page size code of `EptEntry::size`.
+pub fn size_code(s: PageSize) -> u8 {
+    match s {
+        PageSize::Size4K => 0,
+        PageSize::Size2M => 1,
+        PageSize::Size1G => 2,
+    }
+}

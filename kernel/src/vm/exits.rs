@@ -1,0 +1,166 @@
+//! Exits as IPC: a vCPU's exit becomes a call on its exit (or violation)
+//! endpoint, made by the kernel on the vCPU's behalf; the reply says how to
+//! resume. The kernel only carries messages and applies answers here: what
+//! an exit means is the handler's business.
+
+use super::vcpu::VcpuState;
+use crate::sys::ipc::Sender;
+use crate::sys::{Kernel, Runnable};
+use ipc_schema::syscall::DomainState;
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, Then};
+use platform::vmx::fields::{self, reason};
+
+/// Sends domain slot `slot`'s pending exit to its handler; the vCPU waits.
+pub fn to_handler(k: &mut Kernel, slot: u16) {
+    let Some(d) = k.domains[usize::from(slot)].as_mut() else {
+        return;
+    };
+    let (Some(raw), Some(v)) = (d.pending_raw.take(), d.vcpu.as_ref()) else {
+        return;
+    };
+    if raw.vmx_failed() {
+        defmt::error!("domain {=u16}: VM entry failed: {}", d.id, v.vmx_error);
+        crash(k, slot, None);
+        return;
+    }
+    let exit = v.decode(d.id, &raw);
+    if raw.entry_failure() {
+        defmt::error!(
+            "domain {=u16}: VM entry failed: {=str} (exit reason {=u16}, qualification {=u64:#x})",
+            d.id,
+            reason::name(raw.reason()),
+            raw.reason(),
+            v.qualification()
+        );
+        crash(k, slot, Some(&exit));
+        return;
+    }
+    let message = ExitMessage { exit, regs: v.regs };
+    let len = match postcard::to_slice(&message, &mut d.outbox) {
+        Ok(b) => b.len(),
+        Err(_) => {
+            defmt::error!("domain {=u16}: exit message does not encode", d.id);
+            crash(k, slot, Some(&exit));
+            return;
+        }
+    };
+    d.outbox_len = len;
+    d.pending = Some(exit);
+    d.awaiting_reply = true;
+    d.exit_seq = d.exit_seq.wrapping_add(1);
+    let ep = match exit.kind {
+        ExitKind::EptViolation { .. } => d.violation_endpoint,
+        _ => d.exit_endpoint,
+    };
+    if let Err(e) = k.send(ep, Sender::Vcpu(slot)) {
+        defmt::error!(
+            "domain {=u16}: its exit handler cannot be reached ({}); domain stopped",
+            exit.domain,
+            e
+        );
+        crash(k, slot, Some(&exit));
+    }
+}
+
+/// Applies the handler's reply to domain slot `slot`'s vCPU.
+pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
+    let Some(d) = k.domains[usize::from(slot)].as_mut() else {
+        return;
+    };
+    d.awaiting_reply = false;
+    d.exit_server = None;
+    let pending = d.pending.take();
+    let reply: ExitReply = match postcard::from_bytes(bytes) {
+        Ok(r) => r,
+        Err(_) => {
+            defmt::error!(
+                "domain {=u16}: its exit handler's reply does not decode ({=usize} bytes); domain stopped",
+                d.id,
+                bytes.len()
+            );
+            crash(k, slot, pending.as_ref());
+            return;
+        }
+    };
+    let Some(v) = d.vcpu.as_mut() else { return };
+    if v.load().is_err() {
+        crash(k, slot, pending.as_ref());
+        return;
+    }
+    if let Some(regs) = reply.regs {
+        v.regs = regs;
+    }
+    v.apply(&reply.response);
+    match reply.response.then {
+        Then::Resume => k.make_ready_next(Runnable::Vcpu(slot)),
+        Then::Block => {
+            // Nothing can wake a vCPU yet (no virtual interrupts).
+            v.state = VcpuState::Blocked;
+            let id = d.id;
+            defmt::error!(
+                "domain {=u16} halted with nothing to wake it (HLT at {=u64:#x}); stopped",
+                id,
+                pending.map_or(0, |e| e.rip)
+            );
+            end(k, slot, DomainState::Crashed, 0);
+        }
+        Then::Exit { status } => {
+            if status == 0 {
+                defmt::info!("domain {=u16} exited with status 0", d.id);
+            } else {
+                defmt::warn!("domain {=u16} exited with status {=u32}", d.id, status);
+            }
+            end(k, slot, DomainState::Exited, status);
+        }
+        Then::Crash => crash(k, slot, pending.as_ref()),
+    }
+}
+
+/// Ends a domain's run and tells whoever watches domains.
+pub fn end(k: &mut Kernel, slot: u16, state: DomainState, status: u32) {
+    if let Some(d) = k.domains[usize::from(slot)].as_mut() {
+        d.state = state;
+        d.exit_status = status;
+        if let Some(v) = d.vcpu.as_mut() {
+            v.state = VcpuState::Stopped;
+        }
+    }
+    k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+    if let Some((n, bit)) = k.domain_watch {
+        k.notify(n, bit);
+    }
+}
+
+/// Stops a domain and reports its vCPU's state.
+pub fn crash(k: &mut Kernel, slot: u16, exit: Option<&Exit>) {
+    if let Some(d) = k.domains[usize::from(slot)].as_mut()
+        && let Some(v) = d.vcpu.as_mut()
+        && v.load().is_ok()
+    {
+        let r = &v.regs;
+        defmt::error!(
+            "domain {=u16} crashed at rip {=u64:#x} in view {=u16}: rsp {=u64:#x} rflags {=u64:#x} cr0 {=u64:#x} cr3 {=u64:#x} cr4 {=u64:#x} efer {=u64:#x}",
+            d.id,
+            v.read(fields::GUEST_RIP),
+            exit.map_or(0, |e| e.view),
+            v.read(fields::GUEST_RSP),
+            v.read(fields::GUEST_RFLAGS),
+            v.read(fields::GUEST_CR0),
+            v.read(fields::GUEST_CR3),
+            v.read(fields::GUEST_CR4),
+            v.read(fields::GUEST_IA32_EFER)
+        );
+        defmt::error!(
+            "domain {=u16} registers: rax {=u64:#x} rbx {=u64:#x} rcx {=u64:#x} rdx {=u64:#x} rsi {=u64:#x} rdi {=u64:#x} rbp {=u64:#x}",
+            d.id,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp
+        );
+    }
+    end(k, slot, DomainState::Crashed, 0);
+}

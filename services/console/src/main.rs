@@ -1,0 +1,177 @@
+//! console: the control channel on the second serial port (COM2).
+//!
+//! It owns the UART's eight I/O ports and its interrupt line (both granted
+//! by the manifest), reads frames from the host when the line fires, asks
+//! the supervisor on the host's behalf, and writes the answers back. New
+//! ELFs for swaps arrive in chunks into the `swap` frames it shares with the
+//! supervisor.
+
+#![no_std]
+#![no_main]
+
+use ipc_schema::control::ToHost;
+use ipc_schema::ipc::InterfaceId;
+use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
+use ipc_schema::syscall::Handle;
+use ipc_schema::syscall::layout::MAP_BASE;
+use service_console::session::{Session, Supervisor};
+use service_runtime::ipc::{self, Client, Message, Service};
+use service_runtime::{require, sys};
+
+service_runtime::entry!(main);
+
+const COM2: u16 = 0x2f8;
+const DATA: u16 = 0;
+const INT_ENABLE: u16 = 1;
+const FIFO_CTRL: u16 = 2;
+const LINE_CTRL: u16 = 3;
+const MODEM_CTRL: u16 = 4;
+const LINE_STATUS: u16 = 5;
+/// Where the swap buffer is mapped.
+const SWAP_VA: u64 = MAP_BASE;
+
+struct Uart {
+    ports: Handle,
+}
+
+impl Uart {
+    fn out(&self, reg: u16, v: u8) {
+        let _ = sys::io_out(self.ports, COM2 + reg, 1, u32::from(v));
+    }
+
+    fn inb(&self, reg: u16) -> u8 {
+        sys::io_in(self.ports, COM2 + reg, 1).unwrap_or(0) as u8
+    }
+
+    /// 115200 8N1, FIFOs on, an interrupt when data arrives.
+    fn init(&self) {
+        self.out(INT_ENABLE, 0);
+        self.out(LINE_CTRL, 0x80);
+        self.out(DATA, 1);
+        self.out(INT_ENABLE, 0);
+        self.out(LINE_CTRL, 0x03);
+        self.out(FIFO_CTRL, 0xc7);
+        // DTR, RTS, OUT2 (which gates the interrupt on PCs).
+        self.out(MODEM_CTRL, 0x0b);
+        self.out(INT_ENABLE, 0x01);
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        for &b in bytes {
+            let mut spins = 0u32;
+            while self.inb(LINE_STATUS) & 0x20 == 0 && spins < 100_000 {
+                spins += 1;
+            }
+            self.out(DATA, b);
+        }
+    }
+}
+
+struct Ask(Client);
+
+impl Supervisor for Ask {
+    fn ask(&mut self, request: &SupervisorRequest) -> Option<SupervisorReply> {
+        match self.0.call::<_, SupervisorReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the supervisor did not answer: {}", e);
+                None
+            }
+        }
+    }
+}
+
+struct Console {
+    uart: Uart,
+    irq: Handle,
+    session: Session,
+    supervisor: Ask,
+    swap: &'static mut [u8],
+}
+
+impl Console {
+    fn drain(&mut self) {
+        let mut budget = 4096;
+        while self.uart.inb(LINE_STATUS) & 1 != 0 && budget > 0 {
+            budget -= 1;
+            let b = self.uart.inb(DATA);
+            let uart = &self.uart;
+            self.session
+                .byte(b, &mut self.supervisor, self.swap, &mut |m: &ToHost| {
+                    let mut buf = [0u8; 2 * ipc_schema::control::MAX_FRAME];
+                    match ipc_schema::frame::encode(m, &mut buf) {
+                        Ok(frame) => uart.send(frame),
+                        Err(_) => defmt::error!("console: an answer does not fit a frame"),
+                    }
+                });
+        }
+    }
+}
+
+impl Service for Console {
+    /// Whether the host had said hello.
+    type State = bool;
+
+    fn interface(&self, _: Handle) -> Option<InterfaceId> {
+        None
+    }
+
+    fn handle(&mut self, _: Message<'_>, reply: &mut [u8]) -> usize {
+        ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply)
+    }
+
+    fn notified(&mut self, slot: Handle, _bits: u64) {
+        if slot == self.irq {
+            self.drain();
+        }
+    }
+
+    fn snapshot(&self) -> bool {
+        self.session.said_hello()
+    }
+
+    fn restore(&mut self, hello: bool) {
+        self.session.set_hello(hello);
+    }
+}
+
+fn main() -> ! {
+    let uart = Uart {
+        ports: require("com2"),
+    };
+    let irq = require("events");
+    let line = require("line");
+    let swap_frames = require("swap");
+    let swap: &'static mut [u8] = match sys::frames_info(swap_frames) {
+        Ok((count, _)) if sys::frames_map(swap_frames, 0, count, SWAP_VA, true).is_ok() => {
+            // Safety: the kernel just mapped `count` writable pages at
+            // SWAP_VA for this service alone; they stay mapped for its life.
+            unsafe { core::slice::from_raw_parts_mut(SWAP_VA as *mut u8, (count * 4096) as usize) }
+        }
+        _ => {
+            defmt::error!("console: the swap buffer cannot be mapped; swaps will be refused");
+            &mut []
+        }
+    };
+    if let Err(e) = sys::irq_bind(line, irq, 1) {
+        defmt::error!("console: cannot bind the COM2 interrupt: {}", e);
+    }
+    uart.init();
+    // A lone zero ends whatever the firmware left on the line, so that the
+    // host reads our first frame cleanly.
+    uart.send(&[0]);
+    defmt::info!(
+        "console: control channel on COM2 ({=usize} KiB swap buffer)",
+        swap.len() / 1024
+    );
+    let mut console = Console {
+        uart,
+        irq,
+        session: Session::new(),
+        supervisor: Ask(Client::new(require("supervisor"), SUPERVISOR)),
+        swap,
+    };
+    // Bytes that came before the interrupt was bound.
+    console.drain();
+    ipc::serve(&mut console, 1 << irq)
+}

@@ -1,0 +1,201 @@
+//! One control session: bytes from the host in, frames to the host out,
+//! requests answered through the supervisor (protocol:
+//! `ipc_schema::control`). Apart from the UART and the IPC, so that host
+//! tests can drive it byte by byte.
+
+use ipc_schema::control::{
+    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_FRAME,
+    MAX_SWAP, ToHost,
+};
+use ipc_schema::frame::{self, FrameError};
+use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
+
+/// The protocol version the console answers `Hello` with.
+pub const VERSION: u32 = 1;
+/// The longest frame the console takes (its COBS form, without the zero).
+pub const RX: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
+
+/// The supervisor, as the console asks it.
+pub trait Supervisor {
+    /// `None` when it cannot be reached.
+    fn ask(&mut self, request: &SupervisorRequest) -> Option<SupervisorReply>;
+}
+
+/// A swap being received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Incoming {
+    name: Name,
+    len: u32,
+    received: u32,
+}
+
+pub struct Session {
+    rx: heapless::Vec<u8, RX>,
+    /// The frame being received outgrew `rx`: skip to the next zero.
+    overflow: bool,
+    hello: bool,
+    swap: Option<Incoming>,
+    /// Frames that failed their checksum or COBS, and their bytes.
+    pub garbage: (u32, u32),
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Session {
+    pub const fn new() -> Self {
+        Self {
+            rx: heapless::Vec::new(),
+            overflow: false,
+            hello: false,
+            swap: None,
+            garbage: (0, 0),
+        }
+    }
+
+    /// Whether the host has said hello (kept across a console swap).
+    pub fn said_hello(&self) -> bool {
+        self.hello
+    }
+
+    pub fn set_hello(&mut self, hello: bool) {
+        self.hello = hello;
+    }
+
+    /// One byte from the host. `swap_buffer` is the memory shared with the
+    /// supervisor for new ELFs; `send` gets each message for the host.
+    pub fn byte(
+        &mut self,
+        b: u8,
+        sup: &mut impl Supervisor,
+        swap_buffer: &mut [u8],
+        send: &mut impl FnMut(&ToHost),
+    ) {
+        if b != 0 {
+            if self.rx.push(b).is_err() {
+                self.overflow = true;
+            }
+            return;
+        }
+        if core::mem::take(&mut self.overflow) {
+            self.rx.clear();
+            defmt::warn!(
+                "console: a frame longer than {=usize} bytes was dropped",
+                RX
+            );
+            send(&ToHost::Reply {
+                seq: 0,
+                reply: ControlReply::Error(ControlError::TooLong),
+            });
+            return;
+        }
+        if self.rx.is_empty() {
+            return;
+        }
+        let len = self.rx.len() as u32;
+        let mut chunk = core::mem::take(&mut self.rx);
+        match frame::decode::<FromHost>(&mut chunk[..]) {
+            Ok(m) => {
+                let reply = self.answer(&m.request, sup, swap_buffer);
+                send(&ToHost::Reply { seq: m.seq, reply });
+            }
+            Err(FrameError::Postcard) => {
+                defmt::warn!(
+                    "console: a frame of {=u32} bytes is not a control request",
+                    len
+                );
+                send(&ToHost::Reply {
+                    seq: 0,
+                    reply: ControlReply::Error(ControlError::Malformed),
+                });
+            }
+            Err(_) => {
+                self.garbage.0 += 1;
+                self.garbage.1 += len;
+                send(&ToHost::Event(ControlEvent::Garbage { bytes: len }));
+            }
+        }
+    }
+
+    fn answer(
+        &mut self,
+        r: &ControlRequest,
+        sup: &mut impl Supervisor,
+        swap_buffer: &mut [u8],
+    ) -> ControlReply {
+        use ControlReply as R;
+        if !self.hello && !matches!(r, ControlRequest::Hello { .. }) {
+            return R::Error(ControlError::NotHello);
+        }
+        let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
+            Some(SupervisorReply::Service(s)) => R::Service(s),
+            Some(SupervisorReply::Domain(d)) => R::Domain(d),
+            Some(SupervisorReply::Done) => R::Done,
+            Some(SupervisorReply::Swapped { generation }) => R::Swapped { generation },
+            Some(SupervisorReply::Refused(why)) => R::Refused(why),
+            None => R::Error(ControlError::SupervisorUnavailable),
+        };
+        match *r {
+            ControlRequest::Hello { key } => {
+                let console = CONTROL.key.to_bytes();
+                if key != console {
+                    return R::Error(ControlError::WrongKey { console, host: key });
+                }
+                self.hello = true;
+                R::Welcome { version: VERSION }
+            }
+            ControlRequest::Service { index } => ask(SupervisorRequest::Service { index }),
+            ControlRequest::Domain { index } => ask(SupervisorRequest::Domain { index }),
+            ControlRequest::DomainControl { id, op } => {
+                ask(SupervisorRequest::DomainControl { id, op })
+            }
+            ControlRequest::InjectFault { name } => ask(SupervisorRequest::InjectFault { name }),
+            ControlRequest::SwapBegin { name, len } => {
+                let max = MAX_SWAP.min(swap_buffer.len() as u32);
+                if len > max {
+                    self.swap = None;
+                    return R::Error(ControlError::SwapTooLarge { max });
+                }
+                self.swap = Some(Incoming {
+                    name,
+                    len,
+                    received: 0,
+                });
+                R::Done
+            }
+            ControlRequest::SwapChunk { offset, ref bytes } => {
+                let Some(s) = self.swap.as_mut() else {
+                    return R::Error(ControlError::SwapOutOfOrder { expected: 0 });
+                };
+                if offset != s.received {
+                    return R::Error(ControlError::SwapOutOfOrder {
+                        expected: s.received,
+                    });
+                }
+                let end = offset as usize + bytes.0.len();
+                if end > s.len as usize {
+                    return R::Error(ControlError::SwapTooLarge { max: s.len });
+                }
+                swap_buffer[offset as usize..end].copy_from_slice(&bytes.0);
+                s.received = end as u32;
+                R::Done
+            }
+            ControlRequest::SwapCommit => match self.swap {
+                Some(s) if s.received == s.len => {
+                    self.swap = None;
+                    ask(SupervisorRequest::Swap {
+                        name: s.name,
+                        len: s.len,
+                    })
+                }
+                Some(s) => R::Error(ControlError::SwapOutOfOrder {
+                    expected: s.received,
+                }),
+                None => R::Error(ControlError::SwapOutOfOrder { expected: 0 }),
+            },
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Host tests of a control session, byte by byte.
+
+extern crate std;
+
+use crate::session::{RX, Session, Supervisor, VERSION};
+use ipc_schema::control::{
+    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, SWAP_CHUNK, ToHost,
+};
+use ipc_schema::ipc::BoundedVec;
+use ipc_schema::supervisor::{Refusal, SupervisorReply, SupervisorRequest, name};
+use std::vec::Vec;
+
+service_runtime::host_logger!();
+
+#[derive(Default)]
+struct Fake {
+    asked: Vec<SupervisorRequest>,
+    down: bool,
+}
+
+impl Supervisor for Fake {
+    fn ask(&mut self, r: &SupervisorRequest) -> Option<SupervisorReply> {
+        self.asked.push(*r);
+        if self.down {
+            return None;
+        }
+        Some(match r {
+            SupervisorRequest::Swap { .. } => SupervisorReply::Swapped { generation: 2 },
+            SupervisorRequest::InjectFault { .. } => {
+                SupervisorReply::Refused(Refusal::NoSuchService)
+            }
+            _ => SupervisorReply::Done,
+        })
+    }
+}
+
+struct Rig {
+    s: Session,
+    sup: Fake,
+    buf: Vec<u8>,
+    out: Vec<ToHost>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        Self {
+            s: Session::new(),
+            sup: Fake::default(),
+            buf: std::vec![0; 8192],
+            out: Vec::new(),
+        }
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        let out = &mut self.out;
+        for &b in bytes {
+            self.s
+                .byte(b, &mut self.sup, &mut self.buf, &mut |m: &ToHost| {
+                    out.push(m.clone())
+                });
+        }
+    }
+
+    fn send(&mut self, seq: u32, request: ControlRequest) -> ControlReply {
+        let mut buf = [0u8; 2048];
+        let f = ipc_schema::frame::encode(&FromHost { seq, request }, &mut buf)
+            .unwrap()
+            .to_vec();
+        self.bytes(&f);
+        match self.out.pop() {
+            Some(ToHost::Reply { seq: s, reply }) if s == seq => reply,
+            other => panic!("no reply to #{seq}: {other:?}"),
+        }
+    }
+
+    fn hello(&mut self) {
+        assert_eq!(
+            self.send(
+                1,
+                ControlRequest::Hello {
+                    key: CONTROL.key.to_bytes()
+                }
+            ),
+            ControlReply::Welcome { version: VERSION }
+        );
+    }
+}
+
+#[test]
+fn requests_before_hello_are_refused_and_a_wrong_key_is_named() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.send(5, ControlRequest::Service { index: 0 }),
+        ControlReply::Error(ControlError::NotHello)
+    );
+    let host = [9; 8];
+    assert_eq!(
+        r.send(6, ControlRequest::Hello { key: host }),
+        ControlReply::Error(ControlError::WrongKey {
+            console: CONTROL.key.to_bytes(),
+            host
+        })
+    );
+    r.hello();
+    assert_eq!(
+        r.send(7, ControlRequest::Service { index: 0 }),
+        ControlReply::Done
+    );
+    assert!(
+        r.sup.asked.len() == 1,
+        "only the request after hello reached the supervisor"
+    );
+}
+
+#[test]
+fn garbage_malformed_and_oversized_frames_are_reported_and_the_session_goes_on() {
+    let mut r = Rig::new();
+    r.hello();
+    r.bytes(b"line noise\x00");
+    assert_eq!(
+        r.out.pop(),
+        Some(ToHost::Event(ControlEvent::Garbage { bytes: 10 }))
+    );
+    // A well-formed frame of the wrong type.
+    let mut buf = [0u8; 64];
+    let f = ipc_schema::frame::encode(&(1u8, 2u8, 3u8, 4u8, 5u8, 6u8, 7u8, 200u8), &mut buf)
+        .unwrap()
+        .to_vec();
+    r.bytes(&f);
+    assert_eq!(
+        r.out.pop(),
+        Some(ToHost::Reply {
+            seq: 0,
+            reply: ControlReply::Error(ControlError::Malformed)
+        })
+    );
+    r.bytes(&std::vec![0x55; RX + 100]);
+    r.bytes(&[0]);
+    assert_eq!(
+        r.out.pop(),
+        Some(ToHost::Reply {
+            seq: 0,
+            reply: ControlReply::Error(ControlError::TooLong)
+        })
+    );
+    assert_eq!(
+        r.send(9, ControlRequest::Domain { index: 1 }),
+        ControlReply::Done
+    );
+    assert_eq!(r.s.garbage, (1, 10));
+}
+
+fn chunk(offset: u32, bytes: &[u8]) -> ControlRequest {
+    ControlRequest::SwapChunk {
+        offset,
+        bytes: BoundedVec(heapless::Vec::from_slice(bytes).unwrap()),
+    }
+}
+
+#[test]
+fn a_swap_arrives_in_order_into_the_buffer_and_is_committed_once() {
+    let mut r = Rig::new();
+    r.hello();
+    let elf: Vec<u8> = (0..1300u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(
+        r.send(
+            2,
+            ControlRequest::SwapBegin {
+                name: name("vmm"),
+                len: elf.len() as u32
+            }
+        ),
+        ControlReply::Done
+    );
+    for (i, c) in elf.chunks(SWAP_CHUNK).enumerate() {
+        assert_eq!(
+            r.send(3 + i as u32, chunk((i * SWAP_CHUNK) as u32, c)),
+            ControlReply::Done
+        );
+    }
+    assert_eq!(
+        r.send(10, ControlRequest::SwapCommit),
+        ControlReply::Swapped { generation: 2 }
+    );
+    assert_eq!(&r.buf[..elf.len()], &elf[..]);
+    assert_eq!(
+        r.sup.asked,
+        [SupervisorRequest::Swap {
+            name: name("vmm"),
+            len: 1300
+        }]
+    );
+    assert_eq!(
+        r.send(11, ControlRequest::SwapCommit),
+        ControlReply::Error(ControlError::SwapOutOfOrder { expected: 0 })
+    );
+}
+
+#[test]
+fn swaps_out_of_order_too_large_or_incomplete_are_refused() {
+    let mut r = Rig::new();
+    r.hello();
+    assert_eq!(
+        r.send(
+            2,
+            ControlRequest::SwapBegin {
+                name: name("vmm"),
+                len: 9000
+            }
+        ),
+        ControlReply::Error(ControlError::SwapTooLarge { max: 8192 })
+    );
+    assert_eq!(
+        r.send(3, chunk(0, b"x")),
+        ControlReply::Error(ControlError::SwapOutOfOrder { expected: 0 })
+    );
+    assert_eq!(
+        r.send(
+            4,
+            ControlRequest::SwapBegin {
+                name: name("vmm"),
+                len: 10
+            }
+        ),
+        ControlReply::Done
+    );
+    assert_eq!(
+        r.send(5, chunk(4, b"abcd")),
+        ControlReply::Error(ControlError::SwapOutOfOrder { expected: 0 })
+    );
+    assert_eq!(r.send(6, chunk(0, b"abcdefgh")), ControlReply::Done);
+    assert_eq!(
+        r.send(7, chunk(8, b"abcd")),
+        ControlReply::Error(ControlError::SwapTooLarge { max: 10 })
+    );
+    assert_eq!(
+        r.send(8, ControlRequest::SwapCommit),
+        ControlReply::Error(ControlError::SwapOutOfOrder { expected: 8 })
+    );
+    assert!(r.sup.asked.is_empty());
+}
+
+#[test]
+fn refusals_and_an_unreachable_supervisor_reach_the_host() {
+    let mut r = Rig::new();
+    r.hello();
+    assert_eq!(
+        r.send(
+            2,
+            ControlRequest::InjectFault {
+                name: name("nobody")
+            }
+        ),
+        ControlReply::Refused(Refusal::NoSuchService)
+    );
+    r.sup.down = true;
+    assert_eq!(
+        r.send(3, ControlRequest::Service { index: 0 }),
+        ControlReply::Error(ControlError::SupervisorUnavailable)
+    );
+}

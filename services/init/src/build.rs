@@ -1,0 +1,143 @@
+//! Building a domain the way a multiboot loader would start a kernel, with
+//! the kernel's domain calls: RAM from fresh frames (2 MiB pages wherever a
+//! 2 MiB block can be had), the image's segments and the information block
+//! written into it, one vCPU at the entry point.
+
+use crate::module_handle;
+use ipc_schema::manifest;
+use ipc_schema::syscall::layout::MAP_BASE;
+use ipc_schema::syscall::{DomainOp, Handle, SysError, VcpuSpec};
+use platform::multiboot::{self, BOOT_MAGIC, GuestLayout, INFO_GPA, INFO_SIZE, ImageError};
+use service_runtime::sys;
+
+/// Where init maps a guest image while it loads it.
+const IMAGE_VA: u64 = MAP_BASE + (1 << 30);
+const MIB: u64 = 1 << 20;
+const PAGES_2M: u64 = 512;
+
+/// Why a domain could not be built.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub enum BuildError {
+    TooManyVcpus { asked: u8 },
+    NoImage,
+    Image(ImageError),
+    Kernel(SysError),
+    CmdlineTooLong,
+}
+
+impl From<SysError> for BuildError {
+    fn from(e: SysError) -> Self {
+        BuildError::Kernel(e)
+    }
+}
+
+/// What a built domain is.
+pub struct Built {
+    pub id: u16,
+    pub large_pages: u32,
+    pub small_pages: u32,
+    pub entry: u32,
+}
+
+pub fn domain(
+    domains: Handle,
+    memory: Handle,
+    spec: &manifest::Domain<'_>,
+    exits: Handle,
+    violations: Handle,
+) -> Result<Built, BuildError> {
+    if spec.vcpus != 1 {
+        return Err(BuildError::TooManyVcpus { asked: spec.vcpus });
+    }
+    let ram = u64::from(spec.memory_mib) * MIB;
+    let layout = GuestLayout::new(ram);
+    let image_handle = module_handle(spec.guest).ok_or(BuildError::NoImage)?;
+    let (count, len) = sys::frames_info(image_handle)?;
+    sys::frames_map(image_handle, 0, count, IMAGE_VA, false)?;
+    // Safety: the kernel mapped the module's `len` bytes read-only at
+    // IMAGE_VA; unmapped below, after the last use.
+    let image = unsafe { core::slice::from_raw_parts(IMAGE_VA as *const u8, len as usize) };
+    let result = build(domains, memory, spec, image, &layout, exits, violations);
+    let _ = sys::frames_unmap(IMAGE_VA, count);
+    result
+}
+
+fn build(
+    domains: Handle,
+    memory: Handle,
+    spec: &manifest::Domain<'_>,
+    image: &[u8],
+    layout: &GuestLayout,
+    exits: Handle,
+    violations: Handle,
+) -> Result<Built, BuildError> {
+    let plan = multiboot::plan(image, layout).map_err(BuildError::Image)?;
+    let id = sys::domain_create(domains, spec.name)?;
+    let (mut large, mut small) = (0u32, 0u32);
+    let mut map = |gfn: u64, pages: u64, align: u64| -> Result<(), BuildError> {
+        let frames = sys::frames_alloc(memory, pages, align)
+            .or_else(|_| sys::frames_alloc(memory, pages, 1))?;
+        sys::domain_map_ram(domains, id, gfn, frames, pages)?;
+        if pages == PAGES_2M && align == PAGES_2M {
+            large += 1;
+        } else {
+            small += pages as u32;
+        }
+        Ok(())
+    };
+    // Below 1 MiB: RAM up to the legacy hole (0xa0000-0xfffff stays unmapped).
+    map(0, layout.hole.0 / 4096, 1)?;
+    let mut gpa = layout.hole.1;
+    while gpa < layout.ram_bytes {
+        let chunk = if gpa % (2 * MIB) == 0 {
+            (2 * MIB).min(layout.ram_bytes - gpa)
+        } else {
+            (2 * MIB - gpa % (2 * MIB)).min(layout.ram_bytes - gpa)
+        };
+        let pages = chunk / 4096;
+        map(
+            gpa / 4096,
+            pages,
+            if pages == PAGES_2M { PAGES_2M } else { 1 },
+        )?;
+        gpa += chunk;
+    }
+    for s in &plan.segments {
+        sys::domain_write(
+            domains,
+            id,
+            s.gpa,
+            &image[s.file_offset..s.file_offset + s.file_len],
+        )?;
+    }
+    // Like GRUB and QEMU, the command line starts with the image's name.
+    let mut cmdline: heapless::String<256> = heapless::String::new();
+    let fits = cmdline.push_str(spec.guest).is_ok()
+        && (spec.cmdline.is_empty()
+            || (cmdline.push(' ').is_ok() && cmdline.push_str(spec.cmdline).is_ok()));
+    if !fits {
+        return Err(BuildError::CmdlineTooLong);
+    }
+    let mut info = [0u8; INFO_SIZE];
+    let n = multiboot::build_info(layout.ram_bytes, &cmdline, "Parallax", &mut info)
+        .map_err(|_| BuildError::CmdlineTooLong)?;
+    sys::domain_write(domains, id, INFO_GPA, &info[..n])?;
+    let vcpu = VcpuSpec {
+        entry: plan.entry,
+        rax: u64::from(BOOT_MAGIC),
+        rbx: INFO_GPA,
+        exit_endpoint: exits,
+        violation_endpoint: violations,
+    };
+    let mut buf = [0u8; 64];
+    let spec_bytes = postcard::to_slice(&vcpu, &mut buf)
+        .map_err(|_| BuildError::Kernel(SysError::BadArgument))?;
+    sys::vcpu_create(domains, id, spec_bytes)?;
+    sys::domain_control(domains, id, DomainOp::Start)?;
+    Ok(Built {
+        id,
+        large_pages: large,
+        small_pages: small,
+        entry: plan.entry,
+    })
+}

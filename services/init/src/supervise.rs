@@ -1,0 +1,509 @@
+//! Starting services with their handles, watching them, and answering the
+//! supervisor interface.
+
+use crate::build;
+use ipc_schema::halt::HaltStatus;
+use ipc_schema::ipc::{BoundedVec, InterfaceDecl, InterfaceId, IpcError};
+use ipc_schema::lifecycle::{LIFECYCLE, LifecycleReply, LifecycleRequest};
+use ipc_schema::manifest::{Disposition, Manifest, Object, Service as ServiceSpec};
+use ipc_schema::supervisor::{
+    DomainInfo, Refusal, SUPERVISOR, ServiceInfo, SupervisorReply, SupervisorRequest,
+    name as fixed_name, name_str,
+};
+use ipc_schema::syscall::{Grant, Handle, MAX_HANDLES, SpawnSpec, SysError, handle_name, rights};
+use service_runtime::ipc::{self, Client, Message, Service};
+use service_runtime::{require, sys};
+
+/// The handles a service starts with: the manifest's and its lifecycle endpoint.
+pub type Grants = heapless::Vec<Grant, { ipc_schema::manifest::MAX_SERVICE_HANDLES + 1 }>;
+
+/// A service init started.
+pub struct Running {
+    pub spec: usize,
+    pub process: Handle,
+    /// Init's CALL handle on the service's lifecycle endpoint.
+    pub lifecycle: Client,
+    /// The frames holding its current ELF.
+    pub elf: Handle,
+    /// The handles it was given (a successor gets the same).
+    pub grants: Grants,
+    pub lifecycle_slot: u32,
+    /// Starts, restarts and swaps so far.
+    pub generation: u32,
+    pub restarts: u32,
+    /// When its recent restarts happened (microseconds), for the rate limit.
+    pub recent: heapless::Deque<u64, 16>,
+    pub held: bool,
+    /// The first interface it declares (for reports).
+    pub key: [u8; 8],
+}
+
+/// A domain init built.
+pub struct DomainEntry {
+    pub id: u16,
+    pub spec: usize,
+}
+
+pub struct Supervisor {
+    pub system: Handle,
+    pub memory: Handle,
+    pub domains: Handle,
+    pub manifest: Manifest<'static>,
+    /// Objects created for the manifest, by kind and name.
+    pub objects: heapless::Vec<(u8, &'static str, Handle), 48>,
+    pub services: heapless::Vec<Running, 16>,
+    pub built: heapless::Vec<DomainEntry, 16>,
+    pub failed_builds: u32,
+    pub faults: Handle,
+    pub domain_events: Handle,
+    pub supervisor_ep: Option<Handle>,
+}
+
+const KIND_ENDPOINT: u8 = 0;
+const KIND_NOTIFICATION: u8 = 1;
+const KIND_SHARED: u8 = 2;
+
+/// The interfaces an ELF declares (section `.parallax.interfaces`).
+pub fn declarations(elf: &[u8]) -> heapless::Vec<InterfaceDecl, 8> {
+    let mut out = heapless::Vec::new();
+    if let Ok(e) = platform::elf::Elf::parse(elf)
+        && let Ok(Some(section)) = e.section(".parallax.interfaces")
+    {
+        for chunk in section.chunks_exact(ipc_schema::ipc::INTERFACE_DECL_LEN) {
+            if let Some(d) = InterfaceDecl::parse(chunk) {
+                let _ = out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of a frames object, mapped read-only at `va` (left mapped).
+pub fn map_frames(h: Handle, va: u64) -> Result<&'static [u8], SysError> {
+    let (count, len) = sys::frames_info(h)?;
+    let _ = sys::frames_unmap(va, count);
+    sys::frames_map(h, 0, count, va, false)?;
+    // Safety: the kernel just mapped `len` bytes at `va` read-only.
+    Ok(unsafe { core::slice::from_raw_parts(va as *const u8, len as usize) })
+}
+
+impl Supervisor {
+    pub fn new(system: Handle, manifest: Manifest<'static>) -> Self {
+        Self {
+            system,
+            memory: require("memory"),
+            domains: require("domains"),
+            manifest,
+            objects: heapless::Vec::new(),
+            services: heapless::Vec::new(),
+            built: heapless::Vec::new(),
+            failed_builds: 0,
+            faults: 0,
+            domain_events: 0,
+            supervisor_ep: None,
+        }
+    }
+
+    /// The object of `kind` named `name`, created on first use.
+    fn object(&mut self, kind: u8, name: &'static str) -> Result<Handle, SysError> {
+        if let Some(&(_, _, h)) = self
+            .objects
+            .iter()
+            .find(|(k, n, _)| *k == kind && *n == name)
+        {
+            return Ok(h);
+        }
+        let h = match kind {
+            KIND_ENDPOINT => sys::endpoint_create(self.system)?,
+            KIND_NOTIFICATION => sys::notification_create(self.system)?,
+            _ => {
+                let pages = self
+                    .manifest
+                    .shared
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(1, |s| s.pages);
+                sys::frames_alloc(self.memory, u64::from(pages), 1)?
+            }
+        };
+        self.objects
+            .push((kind, name, h))
+            .map_err(|_| SysError::NoResources)?;
+        Ok(h)
+    }
+
+    /// The handle of endpoint `name`, if the manifest created one.
+    pub fn endpoint(&self, name: &str) -> Option<Handle> {
+        self.objects
+            .iter()
+            .find(|(k, n, _)| *k == KIND_ENDPOINT && *n == name)
+            .map(|&(_, _, h)| h)
+    }
+
+    /// The shared frames named `name`.
+    pub fn shared(&self, name: &str) -> Option<Handle> {
+        self.objects
+            .iter()
+            .find(|(k, n, _)| *k == KIND_SHARED && *n == name)
+            .map(|&(_, _, h)| h)
+    }
+
+    /// The grants the manifest gives service `spec`, plus a fresh lifecycle
+    /// endpoint (returned with its slot).
+    pub fn grants(&mut self, index: usize) -> Result<(Grants, Handle, u32), SysError> {
+        let count = self.manifest.services[index].handles.len();
+        let badge = index as u64 + 1;
+        let mut grants = Grants::new();
+        for slot in 0..count {
+            let h = self.manifest.services[index].handles[slot].clone();
+            let from = match h.object {
+                Object::Endpoint(n) => self.object(KIND_ENDPOINT, n)?,
+                Object::Notification(n) => self.object(KIND_NOTIFICATION, n)?,
+                Object::Shared(n) => self.object(KIND_SHARED, n)?,
+                Object::Domains => self.domains,
+                Object::IoPorts { base, count } => {
+                    sys::derive(require("ioports"), u64::from(base), u64::from(count))?
+                }
+                Object::Irq(line) => sys::derive(require("irqs"), u64::from(line), 0)?,
+            };
+            let _ = grants.push(Grant::named(slot as u32, from, h.rights, badge, h.name));
+        }
+        let lifecycle = sys::endpoint_create(self.system)?;
+        let slot = count as u32;
+        let _ = grants.push(Grant::named(
+            slot,
+            lifecycle,
+            rights::RECEIVE,
+            0,
+            "lifecycle",
+        ));
+        Ok((grants, lifecycle, slot))
+    }
+
+    /// Starts every service of the manifest.
+    pub fn start_services(&mut self) -> Result<(), HaltStatus> {
+        let fail = |what: &str, e: SysError| {
+            defmt::error!("init: {=str}: {}", what, e);
+            HaltStatus::BadBootInput
+        };
+        self.faults =
+            sys::notification_create(self.system).map_err(|e| fail("fault notification", e))?;
+        self.domain_events =
+            sys::notification_create(self.system).map_err(|e| fail("domain notification", e))?;
+        for index in 0..self.manifest.services.len() {
+            let spec: &ServiceSpec<'static> = &self.manifest.services[index];
+            let (name, module) = (spec.name, spec.module);
+            let (grants, lifecycle, lifecycle_slot) =
+                self.grants(index).map_err(|e| fail(name, e))?;
+            let elf = crate::module_handle(module).ok_or(HaltStatus::BadBootInput)?;
+            let process = spawn(name, elf, &grants, false).map_err(|e| fail(name, e))?;
+            sys::fault_watch(process, self.faults, 1 << index).map_err(|e| fail(name, e))?;
+            let key = map_frames(elf, SCRATCH_VA)
+                .ok()
+                .and_then(|b| declarations(b).first().map(|d| d.key))
+                .unwrap_or([0; 8]);
+            defmt::info!(
+                "init: started service {=str} ({=usize} handles)",
+                name,
+                grants.len()
+            );
+            let _ = self.services.push(Running {
+                spec: index,
+                process,
+                lifecycle: Client::new(lifecycle, LIFECYCLE),
+                elf,
+                grants,
+                lifecycle_slot,
+                generation: 0,
+                restarts: 0,
+                recent: heapless::Deque::new(),
+                held: false,
+                key,
+            });
+        }
+        self.supervisor_ep = self.endpoint("supervisor");
+        Ok(())
+    }
+
+    /// Builds and starts every domain of the manifest.
+    pub fn build_domains(&mut self) -> Result<(), HaltStatus> {
+        if self.manifest.domains.is_empty() {
+            return Ok(());
+        }
+        if sys::vm_features() & ipc_schema::syscall::vm_features::VMX == 0 {
+            defmt::error!(
+                "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
+                self.manifest.domains.len()
+            );
+            return Err(HaltStatus::Unsupported);
+        }
+        if let Err(e) = sys::domain_watch(self.domains, self.domain_events, 1) {
+            defmt::error!("init: cannot watch domains: {}", e);
+            return Err(HaltStatus::BadBootInput);
+        }
+        for index in 0..self.manifest.domains.len() {
+            let spec = self.manifest.domains[index].clone();
+            let (Some(exits), Some(violations)) =
+                (self.endpoint(spec.exits), self.endpoint(spec.violations))
+            else {
+                defmt::error!(
+                    "domain {=str}: no service receives on its exit endpoint `{=str}` or violation endpoint `{=str}`",
+                    spec.name,
+                    spec.exits,
+                    spec.violations
+                );
+                self.failed_builds += 1;
+                continue;
+            };
+            match build::domain(self.domains, self.memory, &spec, exits, violations) {
+                Ok(b) => {
+                    defmt::info!(
+                        "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u32:#x}",
+                        b.id,
+                        spec.name,
+                        spec.guest,
+                        spec.memory_mib,
+                        b.large_pages,
+                        b.small_pages,
+                        b.entry
+                    );
+                    let _ = self.built.push(DomainEntry {
+                        id: b.id,
+                        spec: index,
+                    });
+                }
+                Err(e) => {
+                    defmt::error!(
+                        "domain {=usize} ({=str}) could not be built: {}",
+                        index + 1,
+                        spec.name,
+                        e
+                    );
+                    self.failed_builds += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run(&mut self) -> ! {
+        let mut mask = (1u64 << self.faults) | (1u64 << self.domain_events);
+        if let Some(ep) = self.supervisor_ep {
+            mask |= 1 << ep;
+        }
+        // A system without domains (or whose domains all failed) has nothing to run.
+        self.check_domains();
+        ipc::serve(self, mask)
+    }
+
+    /// Restarts or holds services that faulted.
+    fn check_faults(&mut self) {
+        let now = sys::time().0;
+        for s in self.services.iter_mut() {
+            let Ok((state, _, faults)) = sys::process_status(s.process) else {
+                continue;
+            };
+            if state != 1 || s.held {
+                continue;
+            }
+            let spec = &self.manifest.services[s.spec];
+            let window = u64::from(spec.restart_window_ms) * 1000;
+            while s
+                .recent
+                .front()
+                .is_some_and(|&t| now.saturating_sub(t) > window)
+            {
+                s.recent.pop_front();
+            }
+            if spec.disposition == Disposition::Hold {
+                defmt::warn!(
+                    "init: service {=str} faulted; holding it (disposition hold)",
+                    spec.name
+                );
+                s.held = true;
+            } else if s.recent.len() as u32 >= spec.max_restarts {
+                defmt::error!(
+                    "init: service {=str} faulted {=u32} times within {=u32} ms; holding it",
+                    spec.name,
+                    s.recent.len() as u32 + 1,
+                    spec.restart_window_ms
+                );
+                s.held = true;
+            } else {
+                match sys::restart(s.process, None) {
+                    Ok(_) => {
+                        s.generation += 1;
+                        s.restarts += 1;
+                        if s.recent.is_full() {
+                            s.recent.pop_front();
+                        }
+                        let _ = s.recent.push_back(now);
+                        defmt::warn!(
+                            "init: restarted service {=str} after fault {=u32} (generation {=u32})",
+                            spec.name,
+                            faults,
+                            s.generation
+                        );
+                    }
+                    Err(e) => {
+                        defmt::error!("init: cannot restart service {=str}: {}", spec.name, e);
+                        s.held = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Halts the system once every domain has ended.
+    fn check_domains(&mut self) {
+        let mut all_ok = self.failed_builds == 0;
+        for d in &self.built {
+            match sys::domain_info(self.domains, d.id) {
+                // Building, running, paused: not over yet.
+                Ok((0..=2, _, _)) => return,
+                Ok((3, 0, _)) => {}
+                _ => all_ok = false,
+            }
+        }
+        let status = if all_ok {
+            HaltStatus::Success
+        } else {
+            HaltStatus::GuestFailed
+        };
+        defmt::info!("init: every domain has ended; halting");
+        sys::halt(self.system, status.code())
+    }
+
+    fn service_info(&self, index: u16) -> Option<ServiceInfo> {
+        let s = self.services.get(usize::from(index))?;
+        let state = match sys::process_status(s.process) {
+            Ok((0, _, _)) => 0,
+            Ok((1, _, _)) => 1,
+            _ => 2,
+        };
+        Some(ServiceInfo {
+            name: fixed_name(self.manifest.services[s.spec].name),
+            generation: s.generation,
+            restarts: s.restarts,
+            state,
+            key: s.key,
+        })
+    }
+
+    fn domain_info(&self, index: u16) -> Option<DomainInfo> {
+        let d = self.built.get(usize::from(index))?;
+        let spec = &self.manifest.domains[d.spec];
+        let (state, status, _) = sys::domain_info(self.domains, d.id).unwrap_or((5, 0, 0));
+        Some(DomainInfo {
+            id: d.id,
+            name: fixed_name(spec.name),
+            state: state as u8,
+            exit_status: status,
+            memory_mib: spec.memory_mib,
+        })
+    }
+
+    fn service_index(&self, name: &str) -> Option<usize> {
+        self.services
+            .iter()
+            .position(|s| self.manifest.services[s.spec].name == name)
+    }
+
+    /// Answers `r` from the service with badge `caller` (its index + 1).
+    fn request(&mut self, caller: u64, r: SupervisorRequest) -> SupervisorReply {
+        match r {
+            SupervisorRequest::Service { index } => {
+                SupervisorReply::Service(self.service_info(index))
+            }
+            SupervisorRequest::Domain { index } => SupervisorReply::Domain(self.domain_info(index)),
+            SupervisorRequest::DomainControl { id, op } => {
+                if !self.built.iter().any(|d| d.id == id) {
+                    return SupervisorReply::Refused(Refusal::NoSuchDomain);
+                }
+                match sys::domain_control(self.domains, id, op) {
+                    Ok(()) => {
+                        defmt::info!("init: domain {=u16}: {} on request", id, op);
+                        SupervisorReply::Done
+                    }
+                    Err(e) => SupervisorReply::Refused(Refusal::Kernel { error: e as u64 }),
+                }
+            }
+            SupervisorRequest::Swap { name, len } => {
+                let Some(i) = self.service_index(name_str(&name)) else {
+                    return SupervisorReply::Refused(Refusal::NoSuchService);
+                };
+                if self.services[i].spec as u64 + 1 == caller {
+                    return SupervisorReply::Refused(Refusal::IsCaller);
+                }
+                match crate::swap::swap(self, i, len) {
+                    Ok(generation) => SupervisorReply::Swapped { generation },
+                    Err(r) => SupervisorReply::Refused(r),
+                }
+            }
+            SupervisorRequest::InjectFault { name } => {
+                let Some(i) = self.service_index(name_str(&name)) else {
+                    return SupervisorReply::Refused(Refusal::NoSuchService);
+                };
+                if self.services[i].spec as u64 + 1 == caller {
+                    return SupervisorReply::Refused(Refusal::IsCaller);
+                }
+                defmt::warn!(
+                    "init: injecting a fault into service {=str}",
+                    name_str(&name)
+                );
+                // The service faults while answering: the call fails (Dead).
+                let _ = self.services[i]
+                    .lifecycle
+                    .call::<_, LifecycleReply>(&LifecycleRequest::Fault);
+                SupervisorReply::Done
+            }
+        }
+    }
+}
+
+/// Scratch mapping for ELF inspection.
+pub const SCRATCH_VA: u64 = ipc_schema::syscall::layout::MAP_BASE + (2 << 30);
+
+/// Spawns `name` from `elf` with `grants`.
+pub fn spawn(
+    name: &str,
+    elf: Handle,
+    grants: &Grants,
+    successor: bool,
+) -> Result<Handle, SysError> {
+    let mut all = BoundedVec::<Grant, MAX_HANDLES>::new();
+    let _ = all.0.extend_from_slice(grants);
+    let spec = SpawnSpec {
+        name: handle_name(name),
+        grants: all,
+        successor,
+    };
+    let mut buf = [0u8; 4096];
+    let bytes = postcard::to_slice(&spec, &mut buf).map_err(|_| SysError::BadArgument)?;
+    sys::spawn(elf, bytes)
+}
+
+impl Service for Supervisor {
+    type State = ();
+
+    fn interface(&self, slot: Handle) -> Option<InterfaceId> {
+        (Some(slot) == self.supervisor_ep).then_some(SUPERVISOR)
+    }
+
+    fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+        let result =
+            ipc::decode::<SupervisorRequest>(msg.bytes).map(|r| self.request(msg.badge, r));
+        ipc::encode_reply::<SupervisorReply>(&result.map_err(|e: IpcError| e), reply)
+    }
+
+    fn notified(&mut self, slot: Handle, _bits: u64) {
+        if slot == self.faults {
+            self.check_faults();
+        } else if slot == self.domain_events {
+            self.check_domains();
+        }
+    }
+
+    fn snapshot(&self) {}
+    fn restore(&mut self, _: ()) {}
+}

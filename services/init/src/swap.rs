@@ -1,0 +1,162 @@
+//! Swapping a running service for a new ELF while everything else runs.
+//!
+//! The console service has written the new ELF into the shared `swap`
+//! frames. Init checks it (an ELF Parallax can load, declaring every
+//! interface the running service declares), copies it into fresh frames,
+//! starts it as a successor with the same handles and a new lifecycle
+//! endpoint, moves the old instance's state across (snapshot, restore), ends
+//! the old instance, and lets the new one serve. Callers of the service see
+//! its endpoints change generation once and bind again.
+
+use crate::supervise::{SCRATCH_VA, Supervisor, declarations, map_frames, spawn};
+use ipc_schema::ipc::{BoundedVec, IpcError};
+use ipc_schema::lifecycle::{CHUNK, LIFECYCLE, LifecycleReply, LifecycleRequest};
+use ipc_schema::supervisor::Refusal;
+use ipc_schema::syscall::SysError;
+use ipc_schema::syscall::layout::MAP_BASE;
+use service_runtime::ipc::Client;
+use service_runtime::sys;
+
+/// Where init maps the swap buffer and the copy of the new ELF.
+const SWAP_VA: u64 = MAP_BASE + (3 << 30);
+const COPY_VA: u64 = MAP_BASE + (4 << 30);
+
+pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal> {
+    let name = sup.manifest.services[sup.services[index].spec].name;
+    let kernel = |e: SysError| Refusal::Kernel { error: e as u64 };
+    let buffer = sup.shared("swap").ok_or(Refusal::SwapFailed)?;
+    let shared = map_frames(buffer, SWAP_VA).map_err(kernel)?;
+    let elf = shared.get(..len as usize).ok_or(Refusal::NotElf)?;
+    if platform::elf::Elf::parse(elf).is_err() {
+        defmt::warn!(
+            "init: swap of {=str} refused: the file is not an x86-64 ELF executable",
+            name
+        );
+        return Err(Refusal::NotElf);
+    }
+    let new_decls = declarations(elf);
+    let old_elf = map_frames(sup.services[index].elf, SCRATCH_VA).map_err(kernel)?;
+    for old in declarations(old_elf) {
+        if !new_decls
+            .iter()
+            .any(|n| n.name == old.name && n.key == old.key)
+        {
+            let other = new_decls
+                .iter()
+                .find(|n| n.name == old.name)
+                .map_or([0; 8], |n| n.key);
+            defmt::warn!(
+                "init: swap of {=str} refused: the new ELF does not serve {=str} with key {=[u8; 8]:02x} (it declares {=[u8; 8]:02x})",
+                name,
+                old.name(),
+                old.key,
+                other
+            );
+            return Err(Refusal::MissingInterface { key: old.key });
+        }
+    }
+    // The new ELF gets frames of its own: the swap buffer will be reused.
+    let pages = u64::from(len).div_ceil(4096);
+    let frames = sys::frames_alloc(sup.memory, pages, 1).map_err(kernel)?;
+    sys::frames_map(frames, 0, pages, COPY_VA, true).map_err(kernel)?;
+    // Safety: the kernel just mapped `pages` writable pages at COPY_VA.
+    unsafe { core::ptr::copy_nonoverlapping(elf.as_ptr(), COPY_VA as *mut u8, elf.len()) };
+    let _ = sys::frames_unmap(COPY_VA, pages);
+
+    // The successor: the same handles, its own lifecycle endpoint.
+    let lifecycle = sys::endpoint_create(sup.system).map_err(kernel)?;
+    let s = &sup.services[index];
+    let mut grants = s.grants.clone();
+    for g in grants.iter_mut() {
+        if g.slot == s.lifecycle_slot {
+            g.from = lifecycle;
+        }
+    }
+    let process = spawn(name, frames, &grants, true).map_err(kernel)?;
+    let bit = 1u64 << sup.services[index].spec;
+    let _ = sys::fault_watch(process, sup.faults, bit);
+    let mut new = Client::new(lifecycle, LIFECYCLE);
+
+    // Move the state: the old instance stops serving and hands it over.
+    let mut state = [0u8; 4096];
+    let mut total = 0usize;
+    let mut offset = 0u32;
+    loop {
+        match sup.services[index]
+            .lifecycle
+            .call::<_, LifecycleReply>(&LifecycleRequest::Snapshot { offset })
+        {
+            Ok(LifecycleReply::Chunk {
+                total: t,
+                bytes,
+                more,
+            }) => {
+                let at = offset as usize;
+                let n = bytes.0.len();
+                if at + n > state.len() {
+                    break;
+                }
+                state[at..at + n].copy_from_slice(&bytes.0);
+                total = t as usize;
+                offset += n as u32;
+                if !more {
+                    break;
+                }
+            }
+            other => {
+                defmt::error!(
+                    "init: swap of {=str}: the running instance gave no snapshot ({})",
+                    name,
+                    other.err()
+                );
+                let _ = sys::kill(process);
+                return Err(Refusal::SwapFailed);
+            }
+        }
+    }
+    let restored = (0..total.max(1)).step_by(CHUNK).try_for_each(|at| {
+        let end = (at + CHUNK).min(total);
+        let mut bytes = BoundedVec::new();
+        let _ = bytes.0.extend_from_slice(&state[at..end]);
+        match new.call::<_, LifecycleReply>(&LifecycleRequest::Restore {
+            offset: at as u32,
+            total: total as u32,
+            bytes,
+        }) {
+            Ok(LifecycleReply::Done) => Ok(()),
+            _ => Err(()),
+        }
+    });
+    let resumed = restored.is_ok()
+        && matches!(
+            new.call::<_, LifecycleReply>(&LifecycleRequest::Resume),
+            Ok(LifecycleReply::Done)
+        );
+    if !resumed {
+        defmt::error!(
+            "init: swap of {=str}: the new instance refused the state; keeping the old one",
+            name
+        );
+        let _ = sys::kill(process);
+        let _ = sup.services[index]
+            .lifecycle
+            .call::<_, LifecycleReply>(&LifecycleRequest::Resume);
+        return Err(Refusal::SwapFailed);
+    }
+    // The old instance ends; the new one serves its endpoints from now on.
+    let old = &mut sup.services[index];
+    let _ = sys::kill(old.process);
+    old.process = process;
+    old.lifecycle = new;
+    old.elf = frames;
+    old.generation += 1;
+    old.key = new_decls.first().map_or([0; 8], |d| d.key);
+    defmt::info!(
+        "init: swapped service {=str}: {=usize} bytes of state moved to the new instance (generation {=u32})",
+        name,
+        total,
+        old.generation
+    );
+    let _: Option<IpcError> = None;
+    Ok(old.generation)
+}

@@ -1,0 +1,397 @@
+//! Typed IPC: calling other services and serving requests.
+//!
+//! Messages are postcard values of `ipc_schema` types, at most 256 bytes.
+//! A [`Client`] binds before its first call (the server answers with its key
+//! for the interface; a mismatch is an error naming both keys) and binds
+//! again after the server restarts. [`serve`] runs a service's receive loop:
+//! it answers binds, the supervisor's lifecycle requests (snapshot and
+//! restore for swaps, fault injection), and hands everything else to the
+//! service.
+
+use crate::sys::{Ret, call};
+use ipc_schema::ipc::{BindReply, BoundedVec, InterfaceId, IpcError, bind_key, bind_message};
+use ipc_schema::lifecycle::{CHUNK, LIFECYCLE, LifecycleReply, LifecycleRequest};
+use ipc_schema::syscall::{Handle, MAX_MESSAGE, SysError, nr};
+use serde::{Deserialize, Serialize};
+
+/// Why a call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum CallError {
+    /// The kernel refused the call (no handle, missing right, dead peer...).
+    Sys(SysError),
+    /// The server answered with an IPC-level error.
+    Ipc(IpcError),
+    /// The server speaks another version of the interface.
+    WrongKey { server: [u8; 8], client: [u8; 8] },
+    /// The request did not encode (too large).
+    Encode,
+    /// The reply did not decode.
+    BadReply,
+}
+
+/// A message received.
+#[derive(Clone, Copy, Debug)]
+pub struct Message<'a> {
+    /// The handle slot it came through.
+    pub slot: Handle,
+    /// The badge of the caller's handle (0: the kernel).
+    pub badge: u64,
+    pub token: u64,
+    pub bytes: &'a [u8],
+}
+
+/// What a receive returned.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    Message(Message<'a>),
+    Notified { slot: Handle, bits: u64 },
+}
+
+fn event(r: Ret, buf: &[u8]) -> Result<Event<'_>, SysError> {
+    let r = r.ok()?;
+    if r.rsi == 0 {
+        return Ok(Event::Notified {
+            slot: r.r10 as Handle,
+            bits: r.r8,
+        });
+    }
+    let len = (r.rdi as usize).min(buf.len());
+    Ok(Event::Message(Message {
+        slot: r.r10 as Handle,
+        badge: r.rdx,
+        token: r.rsi,
+        bytes: &buf[..len],
+    }))
+}
+
+/// Waits for a message or notification on the handles in `mask`.
+pub fn recv(mask: u64, buf: &mut [u8]) -> Result<Event<'_>, SysError> {
+    let r = call(nr::RECV, &[mask, buf.as_mut_ptr() as u64, buf.len() as u64]);
+    event(r, buf)
+}
+
+/// Replies to `token` (0: nobody) and waits for the next message.
+pub fn reply_recv<'b>(
+    token: u64,
+    reply: &[u8],
+    mask: u64,
+    buf: &'b mut [u8],
+) -> Result<Event<'b>, SysError> {
+    let r = crate::sys::call6(
+        nr::REPLY_RECV,
+        [
+            token,
+            reply.as_ptr() as u64,
+            reply.len() as u64,
+            mask,
+            buf.as_mut_ptr() as u64,
+            buf.len() as u64,
+        ],
+    );
+    event(r, buf)
+}
+
+/// Replies to `token`.
+pub fn reply(token: u64, bytes: &[u8]) -> Result<(), SysError> {
+    call(
+        nr::REPLY,
+        &[token, bytes.as_ptr() as u64, bytes.len() as u64],
+    )
+    .ok()
+    .map(|_| ())
+}
+
+/// Calls through `h` with raw bytes; the reply lands in `reply`.
+pub fn call_raw(h: Handle, msg: &[u8], reply: &mut [u8]) -> Result<usize, SysError> {
+    let r = call(
+        nr::CALL,
+        &[
+            u64::from(h),
+            msg.as_ptr() as u64,
+            msg.len() as u64,
+            reply.as_mut_ptr() as u64,
+            reply.len() as u64,
+        ],
+    );
+    r.ok().map(|r| r.rdi as usize)
+}
+
+/// Decodes a request.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, IpcError> {
+    match postcard::take_from_bytes(bytes) {
+        Ok((v, [])) => Ok(v),
+        _ => Err(IpcError::Malformed),
+    }
+}
+
+/// Encodes `Result<T, IpcError>` (a reply) into `out`, returning its length.
+pub fn encode_reply<T: Serialize>(reply: &Result<T, IpcError>, out: &mut [u8]) -> usize {
+    match postcard::to_slice(reply, out) {
+        Ok(b) => b.len(),
+        // A reply too long for a message is the service's bug: say so.
+        Err(_) => postcard::to_slice(&Result::<(), IpcError>::Err(IpcError::BadReply), out)
+            .map_or(0, |b| b.len()),
+    }
+}
+
+/// A client of one interface through one handle.
+pub struct Client {
+    handle: Handle,
+    id: InterfaceId,
+    bound: bool,
+}
+
+impl Client {
+    pub fn new(handle: Handle, id: InterfaceId) -> Self {
+        Self {
+            handle,
+            id,
+            bound: false,
+        }
+    }
+
+    /// Checks that the server speaks this interface's version.
+    pub fn bind(&mut self) -> Result<(), CallError> {
+        let mut buf = [0u8; 32];
+        let n =
+            call_raw(self.handle, &bind_message(&self.id.key), &mut buf).map_err(CallError::Sys)?;
+        match postcard::from_bytes::<BindReply>(&buf[..n]) {
+            Ok(BindReply::Bound) => {
+                self.bound = true;
+                Ok(())
+            }
+            Ok(BindReply::WrongKey { server, client }) => {
+                defmt::error!(
+                    "{=str}: server of {=str} speaks schema {=[u8; 8]:02x}, this client {=[u8; 8]:02x}",
+                    crate::name(),
+                    self.id.name,
+                    server,
+                    client
+                );
+                Err(CallError::WrongKey { server, client })
+            }
+            Err(_) => Err(CallError::BadReply),
+        }
+    }
+
+    /// Calls with `request`; binds first if needed, and again (once) after
+    /// the server restarted.
+    pub fn call<Q: Serialize, R: for<'de> Deserialize<'de>>(
+        &mut self,
+        request: &Q,
+    ) -> Result<R, CallError> {
+        let mut msg = [0u8; MAX_MESSAGE];
+        let len = postcard::to_slice(request, &mut msg)
+            .map_err(|_| CallError::Encode)?
+            .len();
+        let mut reply = [0u8; MAX_MESSAGE];
+        for attempt in 0..2 {
+            if !self.bound {
+                self.bind()?;
+            }
+            match call_raw(self.handle, &msg[..len], &mut reply) {
+                Ok(n) => {
+                    return match postcard::from_bytes::<Result<R, IpcError>>(&reply[..n]) {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(CallError::Ipc(e)),
+                        Err(_) => Err(CallError::BadReply),
+                    };
+                }
+                Err(SysError::Dead) if attempt == 0 => {
+                    defmt::info!(
+                        "{=str}: the server of {=str} restarted; binding again",
+                        crate::name(),
+                        self.id.name
+                    );
+                    self.bound = false;
+                }
+                Err(e) => return Err(CallError::Sys(e)),
+            }
+        }
+        Err(CallError::Sys(SysError::Dead))
+    }
+}
+
+/// A service's side of IPC.
+pub trait Service {
+    /// What a successor gets on a swap (postcard-encoded, at most 4 KiB).
+    type State: Serialize + for<'de> Deserialize<'de>;
+
+    /// The interface served through handle `slot` (checked on bind).
+    fn interface(&self, slot: Handle) -> Option<InterfaceId>;
+
+    /// Answers a request (not a bind, not lifecycle): writes the reply into
+    /// `reply` and returns its length.
+    fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize;
+
+    /// Bits arrived on a notification in the mask.
+    fn notified(&mut self, _slot: Handle, _bits: u64) {}
+
+    fn snapshot(&self) -> Self::State;
+    fn restore(&mut self, state: Self::State);
+
+    /// The service's version (reported to the supervisor).
+    fn version(&self) -> u32 {
+        1
+    }
+}
+
+const SNAPSHOT: usize = 4096;
+
+struct Swap {
+    buf: [u8; SNAPSHOT],
+    len: usize,
+    /// Stopped serving for a snapshot (the old side of a swap), or not yet
+    /// resumed (the new side).
+    quiet: bool,
+}
+
+/// Serves the handles in `mask` (and the lifecycle handle) forever.
+pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
+    let lifecycle = crate::handle("lifecycle");
+    let life_bit = lifecycle.map_or(0, |h| 1u64 << h);
+    let mut swap = Swap {
+        buf: [0; SNAPSHOT],
+        len: 0,
+        quiet: crate::successor(),
+    };
+    if swap.quiet {
+        defmt::info!(
+            "{=str}: successor instance; waiting for the state of its predecessor",
+            crate::name()
+        );
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut out = [0u8; MAX_MESSAGE];
+    let mut pending: (u64, usize) = (0, 0);
+    loop {
+        let current_mask = if swap.quiet {
+            life_bit
+        } else {
+            mask | life_bit
+        };
+        let (token, len) = pending;
+        let ev = match reply_recv(token, &out[..len], current_mask, &mut buf) {
+            Ok(ev) => ev,
+            Err(e) => {
+                defmt::error!("{=str}: receive failed: {}", crate::name(), e);
+                pending = (0, 0);
+                crate::sys::yield_now();
+                continue;
+            }
+        };
+        pending = (0, 0);
+        match ev {
+            Event::Notified { slot, bits } => svc.notified(slot, bits),
+            Event::Message(m) => {
+                let n = if Some(m.slot) == lifecycle {
+                    lifecycle_request(svc, &mut swap, m, &mut out)
+                } else if let Some(key) = bind_key(m.bytes) {
+                    bind_reply(svc.interface(m.slot), key, &mut out)
+                } else {
+                    svc.handle(m, &mut out)
+                };
+                pending = (m.token, n);
+            }
+        }
+    }
+}
+
+fn bind_reply(id: Option<InterfaceId>, client: [u8; 8], out: &mut [u8]) -> usize {
+    let server = id.map_or([0; 8], |i| i.key.to_bytes());
+    let reply = if server == client {
+        BindReply::Bound
+    } else {
+        BindReply::WrongKey { server, client }
+    };
+    postcard::to_slice(&reply, out).map_or(0, |b| b.len())
+}
+
+fn lifecycle_request<S: Service>(
+    svc: &mut S,
+    swap: &mut Swap,
+    m: Message<'_>,
+    out: &mut [u8],
+) -> usize {
+    if let Some(key) = bind_key(m.bytes) {
+        return bind_reply(Some(LIFECYCLE), key, out);
+    }
+    let reply = match decode::<LifecycleRequest>(m.bytes) {
+        Err(e) => Err(e),
+        Ok(LifecycleRequest::Identify) => Ok(LifecycleReply::Identity {
+            version: svc.version(),
+        }),
+        Ok(LifecycleRequest::Snapshot { offset }) => {
+            if offset == 0 {
+                swap.quiet = true;
+                swap.len =
+                    postcard::to_slice(&svc.snapshot(), &mut swap.buf).map_or(0, |b| b.len());
+                defmt::info!(
+                    "{=str}: snapshot of {=usize} bytes for a successor",
+                    crate::name(),
+                    swap.len
+                );
+            }
+            let start = (offset as usize).min(swap.len);
+            let end = (start + CHUNK).min(swap.len);
+            let mut bytes = BoundedVec::new();
+            let _ = bytes.0.extend_from_slice(&swap.buf[start..end]);
+            Ok(LifecycleReply::Chunk {
+                total: swap.len as u32,
+                bytes,
+                more: end < swap.len,
+            })
+        }
+        Ok(LifecycleRequest::Restore {
+            offset,
+            total,
+            bytes,
+        }) => {
+            let (o, t) = (offset as usize, total as usize);
+            if t > SNAPSHOT || o + bytes.0.len() > t {
+                Ok(LifecycleReply::RestoreFailed)
+            } else {
+                swap.buf[o..o + bytes.0.len()].copy_from_slice(&bytes.0);
+                swap.len = t;
+                Ok(LifecycleReply::Done)
+            }
+        }
+        Ok(LifecycleRequest::Resume) => {
+            if swap.quiet && swap.len > 0 {
+                match postcard::from_bytes::<S::State>(&swap.buf[..swap.len]) {
+                    Ok(state) => {
+                        svc.restore(state);
+                        defmt::info!(
+                            "{=str}: state restored ({=usize} bytes); serving",
+                            crate::name(),
+                            swap.len
+                        );
+                    }
+                    Err(_) => {
+                        defmt::error!(
+                            "{=str}: the predecessor's state does not decode",
+                            crate::name()
+                        );
+                        return encode_reply(
+                            &Ok::<_, IpcError>(LifecycleReply::RestoreFailed),
+                            out,
+                        );
+                    }
+                }
+            }
+            swap.quiet = false;
+            Ok(LifecycleReply::Done)
+        }
+        Ok(LifecycleRequest::Fault) => {
+            defmt::warn!(
+                "{=str}: fault injected on request: touching an unmapped address",
+                crate::name()
+            );
+            // Safety: not safe at all, on purpose: the read faults and the
+            // kernel stops this service (fault-injection tests).
+            let v = unsafe { core::ptr::read_volatile(0x0000_0000_dead_0000 as *const u64) };
+            Ok(LifecycleReply::Identity { version: v as u32 })
+        }
+    };
+    encode_reply(&reply, out)
+}

@@ -1,0 +1,421 @@
+//! The system calls, one small function each (ABI: `ipc_schema::syscall`).
+
+use core::arch::asm;
+use ipc_schema::syscall::{Handle, SysError, nr};
+
+/// What a call returned: the status and the value registers.
+#[derive(Clone, Copy, Debug)]
+pub struct Ret {
+    pub status: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub r10: u64,
+    pub r8: u64,
+}
+
+impl Ret {
+    /// `Ok(self)` when the status is 0, else the error.
+    pub fn ok(self) -> Result<Ret, SysError> {
+        if self.status == 0 {
+            Ok(self)
+        } else {
+            Err(SysError::from_raw(self.status).unwrap_or(SysError::UnknownCall))
+        }
+    }
+}
+
+/// `int 0x80` with six arguments.
+#[inline(always)]
+pub fn call6(n: u64, a: [u64; 6]) -> Ret {
+    let (status, rdi, rsi, rdx, r10, r8): (u64, u64, u64, u64, u64, u64);
+    // Safety: the kernel's system-call gate preserves every register but
+    // RAX, RDI, RSI, RDX, R10, R8 (declared clobbered here) and touches no
+    // memory of ours except buffers we pass by address, which we own.
+    unsafe {
+        asm!(
+            "int 0x80",
+            inlateout("rax") n => status,
+            inlateout("rdi") a[0] => rdi,
+            inlateout("rsi") a[1] => rsi,
+            inlateout("rdx") a[2] => rdx,
+            inlateout("r10") a[3] => r10,
+            inlateout("r8") a[4] => r8,
+            in("r9") a[5],
+            options(nostack),
+        );
+    }
+    Ret {
+        status,
+        rdi,
+        rsi,
+        rdx,
+        r10,
+        r8,
+    }
+}
+
+#[inline(always)]
+pub fn call(n: u64, a: &[u64]) -> Ret {
+    let mut args = [0u64; 6];
+    args[..a.len()].copy_from_slice(a);
+    call6(n, args)
+}
+
+pub fn log(frame: &[u8]) {
+    call(nr::LOG, &[frame.as_ptr() as u64, frame.len() as u64]);
+}
+
+pub fn exit(code: u64) -> ! {
+    call(nr::EXIT, &[code]);
+    // The kernel never returns from EXIT; if it did, fault.
+    loop {
+        // Safety: an undefined instruction on purpose: the service ends.
+        unsafe { asm!("ud2") };
+    }
+}
+
+pub fn yield_now() {
+    call(nr::YIELD, &[]);
+}
+
+/// Microseconds since boot and the TSC frequency.
+pub fn time() -> (u64, u64) {
+    let r = call(nr::TIME, &[]);
+    (r.rdi, r.rsi)
+}
+
+pub fn notify(h: Handle, bits: u64) -> Result<(), SysError> {
+    call(nr::NOTIFY, &[u64::from(h), bits]).ok().map(|_| ())
+}
+
+pub fn wait(h: Handle) -> Result<u64, SysError> {
+    call(nr::WAIT, &[u64::from(h)]).ok().map(|r| r.rdi)
+}
+
+pub fn io_in(h: Handle, port: u16, size: u8) -> Result<u32, SysError> {
+    call(nr::IO_IN, &[u64::from(h), u64::from(port), u64::from(size)])
+        .ok()
+        .map(|r| r.rdi as u32)
+}
+
+pub fn io_out(h: Handle, port: u16, size: u8, value: u32) -> Result<(), SysError> {
+    call(
+        nr::IO_OUT,
+        &[
+            u64::from(h),
+            u64::from(port),
+            u64::from(size),
+            u64::from(value),
+        ],
+    )
+    .ok()
+    .map(|_| ())
+}
+
+/// Creates a handle to part of `h` (I/O ports `a..a+b`, or IRQ line `a`).
+pub fn derive(h: Handle, a: u64, b: u64) -> Result<Handle, SysError> {
+    call(nr::HANDLE_DERIVE, &[u64::from(h), a, b])
+        .ok()
+        .map(|r| r.rdi as Handle)
+}
+
+/// Shorthand: a call whose only result is its status.
+fn status(n: u64, a: &[u64]) -> Result<(), SysError> {
+    call(n, a).ok().map(|_| ())
+}
+
+/// (frame count, meaningful bytes) of a frames object.
+pub fn frames_info(h: Handle) -> Result<(u64, u64), SysError> {
+    call(nr::FRAMES_INFO, &[u64::from(h)])
+        .ok()
+        .map(|r| (r.rdi, r.rsi))
+}
+
+/// Maps `count` frames of `h` from `first` at `va` (in the map window).
+pub fn frames_map(
+    h: Handle,
+    first: u64,
+    count: u64,
+    va: u64,
+    writable: bool,
+) -> Result<(), SysError> {
+    status(
+        nr::FRAMES_MAP,
+        &[u64::from(h), first, count, va, u64::from(writable)],
+    )
+}
+
+pub fn frames_unmap(va: u64, count: u64) -> Result<(), SysError> {
+    status(nr::FRAMES_UNMAP, &[va, count])
+}
+
+/// `count` fresh zeroed frames aligned to `align` frames, from the pool.
+pub fn frames_alloc(pool: Handle, count: u64, align: u64) -> Result<Handle, SysError> {
+    call(nr::FRAMES_ALLOC, &[u64::from(pool), count, align])
+        .ok()
+        .map(|r| r.rdi as Handle)
+}
+
+pub fn endpoint_create(system: Handle) -> Result<Handle, SysError> {
+    call(nr::ENDPOINT_CREATE, &[u64::from(system)])
+        .ok()
+        .map(|r| r.rdi as Handle)
+}
+
+pub fn notification_create(system: Handle) -> Result<Handle, SysError> {
+    call(nr::NOTIFICATION_CREATE, &[u64::from(system)])
+        .ok()
+        .map(|r| r.rdi as Handle)
+}
+
+/// Starts a process from the ELF in `elf` (spec: a postcard `SpawnSpec`).
+pub fn spawn(elf: Handle, spec: &[u8]) -> Result<Handle, SysError> {
+    call(
+        nr::PROCESS_SPAWN,
+        &[u64::from(elf), spec.as_ptr() as u64, spec.len() as u64],
+    )
+    .ok()
+    .map(|r| r.rdi as Handle)
+}
+
+/// Restarts a process (same ELF unless `elf` is given); its new generation.
+pub fn restart(process: Handle, elf: Option<Handle>) -> Result<u32, SysError> {
+    let e = elf.map_or(u64::from(u32::MAX), u64::from);
+    call(nr::PROCESS_RESTART, &[u64::from(process), e])
+        .ok()
+        .map(|r| r.rdi as u32)
+}
+
+pub fn kill(process: Handle) -> Result<(), SysError> {
+    status(nr::PROCESS_KILL, &[u64::from(process)])
+}
+
+/// (state: 0 running, 1 faulted, 2 ended; generation; faults).
+pub fn process_status(process: Handle) -> Result<(u64, u32, u32), SysError> {
+    call(nr::PROCESS_STATUS, &[u64::from(process)])
+        .ok()
+        .map(|r| (r.rdi, r.rsi as u32, r.rdx as u32))
+}
+
+pub fn fault_watch(process: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
+    status(nr::FAULT_WATCH, &[u64::from(process), u64::from(note), bit])
+}
+
+/// Ends the run with `status` (a `halt::HaltStatus` code).
+pub fn halt(system: Handle, status: u8) -> ! {
+    call(nr::HALT, &[u64::from(system), u64::from(status)]);
+    exit(0)
+}
+
+pub fn domain_create(domains: Handle, name: &str) -> Result<u16, SysError> {
+    call(
+        nr::DOMAIN_CREATE,
+        &[u64::from(domains), name.as_ptr() as u64, name.len() as u64],
+    )
+    .ok()
+    .map(|r| r.rdi as u16)
+}
+
+pub fn domain_map_ram(
+    domains: Handle,
+    id: u16,
+    gfn: u64,
+    frames: Handle,
+    count: u64,
+) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_MAP_RAM,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gfn,
+            u64::from(frames),
+            count,
+        ],
+    )
+}
+
+pub fn domain_write(domains: Handle, id: u16, gpa: u64, bytes: &[u8]) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_WRITE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gpa,
+            bytes.as_ptr() as u64,
+            bytes.len() as u64,
+        ],
+    )
+}
+
+pub fn domain_read(domains: Handle, id: u16, gpa: u64, out: &mut [u8]) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_READ,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gpa,
+            out.as_mut_ptr() as u64,
+            out.len() as u64,
+        ],
+    )
+}
+
+pub fn vcpu_create(domains: Handle, id: u16, spec: &[u8]) -> Result<(), SysError> {
+    status(
+        nr::VCPU_CREATE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            spec.as_ptr() as u64,
+            spec.len() as u64,
+        ],
+    )
+}
+
+pub fn domain_control(
+    domains: Handle,
+    id: u16,
+    op: ipc_schema::syscall::DomainOp,
+) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_CONTROL,
+        &[u64::from(domains), u64::from(id), op as u64],
+    )
+}
+
+/// (state code, exit status, RAM bytes).
+pub fn domain_info(domains: Handle, id: u16) -> Result<(u64, u32, u64), SysError> {
+    call(nr::DOMAIN_INFO, &[u64::from(domains), u64::from(id)])
+        .ok()
+        .map(|r| (r.rdi, r.rsi as u32, r.rdx))
+}
+
+pub fn domain_watch(domains: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_WATCH,
+        &[u64::from(domains), u64::from(note), bit],
+    )
+}
+
+/// Console output of a guest into the log.
+pub fn console(domains: Handle, id: u16, bytes: &[u8]) -> Result<(), SysError> {
+    status(
+        nr::CONSOLE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            bytes.as_ptr() as u64,
+            bytes.len() as u64,
+        ],
+    )
+}
+
+pub fn view_create(domains: Handle, id: u16) -> Result<u16, SysError> {
+    call(nr::VIEW_CREATE, &[u64::from(domains), u64::from(id)])
+        .ok()
+        .map(|r| r.rdi as u16)
+}
+
+pub fn view_destroy(domains: Handle, id: u16, view: u16) -> Result<(), SysError> {
+    status(
+        nr::VIEW_DESTROY,
+        &[u64::from(domains), u64::from(id), u64::from(view)],
+    )
+}
+
+pub fn view_set_visible(
+    domains: Handle,
+    id: u16,
+    view: u16,
+    visible: bool,
+) -> Result<(), SysError> {
+    status(
+        nr::VIEW_SET_VISIBLE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            u64::from(view),
+            u64::from(visible),
+        ],
+    )
+}
+
+/// Applies EPT operations (postcard `BoundedVec<EptOp, _>`); the results
+/// (postcard) land in `results`; returns their length.
+pub fn ept_ops(
+    domains: Handle,
+    id: u16,
+    ops: &[u8],
+    results: &mut [u8],
+) -> Result<usize, SysError> {
+    call6(
+        nr::EPT_OPS,
+        [
+            u64::from(domains),
+            u64::from(id),
+            ops.as_ptr() as u64,
+            ops.len() as u64,
+            results.as_mut_ptr() as u64,
+            results.len() as u64,
+        ],
+    )
+    .ok()
+    .map(|r| r.rdi as usize)
+}
+
+pub fn vcpu_set_view(domains: Handle, id: u16, vcpu: u16, view: u16) -> Result<(), SysError> {
+    status(
+        nr::VCPU_SET_VIEW,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            u64::from(vcpu),
+            u64::from(view),
+        ],
+    )
+}
+
+pub fn vcpu_control(
+    domains: Handle,
+    id: u16,
+    vcpu: u16,
+    op: ipc_schema::syscall::VcpuOp,
+    arg: u64,
+) -> Result<(), SysError> {
+    status(
+        nr::VCPU_CONTROL,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            u64::from(vcpu),
+            op as u64,
+            arg,
+        ],
+    )
+}
+
+/// Dirty gfns into `out`; (how many, more remain).
+pub fn dirty_read(domains: Handle, id: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
+    call(
+        nr::DIRTY_READ,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            out.as_mut_ptr() as u64,
+            out.len() as u64,
+        ],
+    )
+    .ok()
+    .map(|r| (r.rdi as usize, r.rsi != 0))
+}
+
+pub fn irq_bind(irq: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
+    status(nr::IRQ_BIND, &[u64::from(irq), u64::from(note), bit])
+}
+
+/// `ipc_schema::syscall::vm_features` bits.
+pub fn vm_features() -> u64 {
+    call(nr::VM_FEATURES, &[]).rdi
+}

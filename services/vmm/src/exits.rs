@@ -1,0 +1,421 @@
+//! What each exit means for the guest: the vmm's policy, apart from the
+//! system calls that carry it out (the [`Env`]), so that host tests can run
+//! it against a fake environment.
+//!
+//! It emulates what a multiboot test guest needs: CPUID with VMX hidden and
+//! Parallax's leaves added, a 16550 console at 0x3f8 (lines go to the log),
+//! the exit port 0xf4, a few MSRs, and HLT. It answers the service
+//! hypercalls itself and forwards request hypercalls to the altp2m service.
+//! An exit it cannot make sense of stops the domain, saying why.
+
+use ipc_schema::altp2m::{AltReply, AltRequest};
+use ipc_schema::hypercall::{
+    CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_NULL, HYPERCALL_KEY, HcError,
+    MAX_REQUEST, Reply, Request, Status,
+};
+use ipc_schema::syscall::vm_features;
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, GuestRegs, Response, Then};
+use platform::cpu::CpuidResult;
+use platform::devices::uart16550::Uart16550;
+use serde::{Deserialize, Serialize};
+
+/// The guest's COM1.
+pub const COM1: u16 = 0x3f8;
+/// QEMU's isa-debug-exit port: a write ends the domain with that status.
+pub const EXIT_PORT: u16 = 0xf4;
+/// A console line longer than this is logged in pieces.
+pub const LINE: usize = 120;
+/// Domains the vmm keeps device state for.
+pub const DOMAINS: usize = 16;
+const PAGE: u64 = 4096;
+
+/// What the vmm needs from the system.
+pub trait Env {
+    /// `ipc_schema::syscall::vm_features` bits.
+    fn features(&self) -> u64;
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;
+    fn tsc(&self) -> u64;
+    /// A line the guest wrote to its console.
+    fn console(&mut self, domain: u16, line: &[u8]);
+    fn read_guest(&mut self, domain: u16, gpa: u64, out: &mut [u8]) -> bool;
+    fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool;
+    /// Calls the altp2m service; `None` when it cannot be reached.
+    fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
+}
+
+/// One domain's emulated devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Devices {
+    id: u16,
+    uart: Uart16550,
+    line: heapless::Vec<u8, LINE>,
+}
+
+/// The vmm's state: what a successor must get in a swap.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// (domain, UART registers, the console line written so far).
+    pub domains: heapless::Vec<(u16, [u8; 6], heapless::Vec<u8, LINE>), DOMAINS>,
+}
+
+#[derive(Default)]
+pub struct Vmm {
+    domains: heapless::Vec<Devices, DOMAINS>,
+}
+
+impl Vmm {
+    pub fn snapshot(&self) -> State {
+        let mut s = State::default();
+        for d in &self.domains {
+            let _ = s.domains.push((d.id, d.uart.save(), d.line.clone()));
+        }
+        s
+    }
+
+    pub fn restore(state: State) -> Self {
+        let mut v = Self::default();
+        for (id, uart, line) in state.domains {
+            let _ = v.domains.push(Devices {
+                id,
+                uart: Uart16550::restore(uart),
+                line,
+            });
+        }
+        v
+    }
+
+    /// The text the guest of `domain` wrote since its last newline.
+    pub fn pending_line(&self, domain: u16) -> &[u8] {
+        self.domains
+            .iter()
+            .find(|d| d.id == domain)
+            .map_or(&[], |d| &d.line[..])
+    }
+
+    fn devices(&mut self, domain: u16) -> &mut Devices {
+        if let Some(i) = self.domains.iter().position(|d| d.id == domain) {
+            return &mut self.domains[i];
+        }
+        if self.domains.is_full() {
+            // The oldest domain's devices go: domains rarely outnumber slots,
+            // and a fresh UART is what a new domain expects anyway.
+            self.domains.remove(0);
+        }
+        let _ = self.domains.push(Devices {
+            id: domain,
+            ..Devices::default()
+        });
+        let last = self.domains.len() - 1;
+        &mut self.domains[last]
+    }
+
+    /// Answers one exit.
+    pub fn exit(&mut self, env: &mut impl Env, m: &ExitMessage) -> ExitReply {
+        let mut regs = m.regs;
+        let response = self.respond(env, &m.exit, &mut regs);
+        ExitReply {
+            response,
+            regs: (regs != m.regs).then_some(regs),
+        }
+    }
+
+    fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) -> Response {
+        let id = exit.domain;
+        match exit.kind {
+            ExitKind::Cpuid { leaf, subleaf } => {
+                let r = cpuid(env, leaf, subleaf);
+                (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
+                    (r.eax.into(), r.ebx.into(), r.ecx.into(), r.edx.into());
+                Response::DONE
+            }
+            ExitKind::Hypercall => {
+                hypercall(env, exit, regs);
+                Response::DONE
+            }
+            ExitKind::Io {
+                port,
+                size,
+                write,
+                value,
+            } => self.io(env, id, regs, port, size, write, value),
+            ExitKind::Hlt => Response {
+                advance: true,
+                inject: None,
+                then: Then::Block,
+            },
+            ExitKind::Rdmsr { msr } => match read_msr(env, msr) {
+                Some(v) => {
+                    regs.rax = v & 0xffff_ffff;
+                    regs.rdx = v >> 32;
+                    Response::DONE
+                }
+                None => {
+                    defmt::debug!("domain {=u16}: RDMSR {=u32:#x} refused with #GP", id, msr);
+                    Response::inject(13, Some(0))
+                }
+            },
+            // MTRRs and MISC_ENABLE: accepted and ignored (EPT memory types rule).
+            ExitKind::Wrmsr { msr, .. } if (0x200..=0x2ff).contains(&msr) || msr == 0x1a0 => {
+                Response::DONE
+            }
+            ExitKind::Wrmsr { msr, value } => {
+                defmt::debug!(
+                    "domain {=u16}: WRMSR {=u32:#x} <- {=u64:#x} refused with #GP",
+                    id,
+                    msr,
+                    value
+                );
+                Response::inject(13, Some(0))
+            }
+            ExitKind::Vmfunc { leaf, index } => {
+                // ALT-5: a VMFUNC the CPU refused (an index whose EPTP list
+                // entry is empty: an invisible or missing view) is #UD for
+                // the guest, as on a CPU without the function.
+                defmt::info!(
+                    "domain {=u16}: VMFUNC leaf {=u32} index {=u32} refused (no such visible view): #UD",
+                    id,
+                    leaf,
+                    index
+                );
+                Response::inject(6, None)
+            }
+            ExitKind::EptViolation { gpa, .. } => {
+                defmt::error!(
+                    "domain {=u16}: EPT violation at {=u64:#x} sent to the exit handler, which does not own views; domain stopped",
+                    id,
+                    gpa
+                );
+                Response::CRASH
+            }
+            ExitKind::EptMisconfig { gpa } => {
+                defmt::error!(
+                    "domain {=u16}: EPT misconfiguration at GPA {=u64:#x} in view {=u16}",
+                    id,
+                    gpa,
+                    exit.view
+                );
+                Response::CRASH
+            }
+            ExitKind::TripleFault => {
+                defmt::error!(
+                    "domain {=u16}: triple fault (the guest could not handle an exception)",
+                    id
+                );
+                Response::CRASH
+            }
+            ExitKind::Xsetbv { index, value } => {
+                defmt::error!(
+                    "domain {=u16}: XSETBV {=u32} <- {=u64:#x} is not supported",
+                    id,
+                    index,
+                    value
+                );
+                Response::CRASH
+            }
+            ExitKind::Other {
+                reason,
+                qualification,
+            } => {
+                defmt::error!(
+                    "domain {=u16}: unhandled exit: {=str} (reason {=u16}, qualification {=u64:#x}) at rip {=u64:#x}",
+                    id,
+                    platform::vmx::fields::reason::name(reason),
+                    reason,
+                    qualification,
+                    exit.rip
+                );
+                Response::CRASH
+            }
+        }
+    }
+
+    /// Port I/O: the console UART, the exit port; other ports read as
+    /// absent hardware (all ones) and ignore writes.
+    #[allow(clippy::too_many_arguments)]
+    fn io(
+        &mut self,
+        env: &mut impl Env,
+        id: u16,
+        regs: &mut GuestRegs,
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    ) -> Response {
+        match port {
+            COM1..=0x3ff if write => {
+                let d = self.devices(id);
+                if let Some(byte) = d.uart.write(port - COM1, value as u8) {
+                    console_byte(env, d, byte);
+                }
+            }
+            COM1..=0x3ff => {
+                let v = self.devices(id).uart.read(port - COM1);
+                set_in(regs, size, u32::from(v));
+            }
+            EXIT_PORT if write => {
+                // Whatever the guest left unterminated still reaches the log.
+                let d = self.devices(id);
+                if !d.line.is_empty() {
+                    env.console(id, &d.line);
+                    d.line.clear();
+                }
+                return Response {
+                    advance: true,
+                    inject: None,
+                    then: Then::Exit { status: value },
+                };
+            }
+            _ if write => {}
+            _ => set_in(regs, size, u32::MAX),
+        }
+        Response::DONE
+    }
+}
+
+fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
+    match byte {
+        b'\r' => {}
+        b'\n' => {
+            env.console(d.id, &d.line);
+            d.line.clear();
+        }
+        b => {
+            if d.line.push(b).is_err() {
+                env.console(d.id, &d.line);
+                d.line.clear();
+                let _ = d.line.push(b);
+            }
+        }
+    }
+}
+
+/// The value an IN instruction loads (into AL, AX or EAX).
+fn set_in(regs: &mut GuestRegs, size: u8, value: u32) {
+    let mask: u64 = match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    };
+    // A 32-bit IN zero-extends into RAX; 8- and 16-bit ones keep the rest.
+    regs.rax = if size == 4 {
+        u64::from(value)
+    } else {
+        (regs.rax & !mask) | (u64::from(value) & mask)
+    };
+}
+
+/// CPUID as the host answers it, with VMX hidden and Parallax's leaves added.
+pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
+    let mut r = env.cpuid(leaf, subleaf);
+    match leaf {
+        1 => {
+            r.ecx &= !(1 << 5); // no VMX for guests
+            r.ecx |= 1 << 31; // running under a hypervisor
+        }
+        0x4000_0000 => {
+            let sig = |i: usize| {
+                u32::from_le_bytes([
+                    CPUID_SIGNATURE[i],
+                    CPUID_SIGNATURE[i + 1],
+                    CPUID_SIGNATURE[i + 2],
+                    CPUID_SIGNATURE[i + 3],
+                ])
+            };
+            (r.eax, r.ebx, r.ecx, r.edx) = (CPUID_MAX_LEAF, sig(0), sig(4), sig(8));
+        }
+        0x4000_0001 => {
+            let f = env.features();
+            let has = |bit: u64| u32::from(f & bit != 0);
+            let key = HYPERCALL_KEY.to_bytes();
+            r.eax = 1
+                | (has(vm_features::VMFUNC) << 1)
+                | (has(vm_features::VE) << 2)
+                | (has(vm_features::PML) << 3);
+            r.ebx = u32::from_le_bytes([key[0], key[1], key[2], key[3]]);
+            r.ecx = u32::from_le_bytes([key[4], key[5], key[6], key[7]]);
+            r.edx = 0;
+        }
+        0x4000_0002..=0x4000_ffff => (r.eax, r.ebx, r.ecx, r.edx) = (0, 0, 0, 0),
+        _ => {}
+    }
+    r
+}
+
+/// The MSRs a guest may read that VMX does not switch by itself.
+fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
+    Some(match msr {
+        0x10 => env.tsc(),
+        0x1b => 0xfee0_0900, // APIC base: enabled, bootstrap processor
+        0xfe => 0,           // MTRRcap: no MTRRs to program
+        0x1a0 => 1,          // MISC_ENABLE: fast strings
+        0x2ff => 0x806,      // MTRR default type: enabled, write-back
+        _ => return None,
+    })
+}
+
+/// A VMCALL the kernel's fast path did not take (ABI: `ipc_schema::hypercall`).
+fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) {
+    let status = match regs.rax {
+        HC_SERVICE_NULL => Status::Ok,
+        HC_IPC_PING => {
+            let start = env.tsc();
+            match env.altp2m(&AltRequest::Ping) {
+                Some(AltReply::Pong) => {
+                    regs.rbx = env.tsc().wrapping_sub(start);
+                    Status::Ok
+                }
+                _ => Status::Refused,
+            }
+        }
+        HC_CALL => call(env, exit, regs),
+        _ => Status::UnknownCall,
+    };
+    regs.rax = status as u64;
+}
+
+/// The request hypercall: a postcard [`Request`] in guest memory, answered
+/// with a [`Reply`] in the same place. Requests are untrusted: the address
+/// must be guest RAM within one page and the bytes must decode exactly.
+fn call(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) -> Status {
+    let (gpa, len) = (regs.rbx, regs.rcx);
+    if len > MAX_REQUEST as u64 {
+        return Status::Malformed;
+    }
+    let len = len as usize;
+    if (gpa % PAGE) as usize + len > PAGE as usize {
+        return Status::BadAddress;
+    }
+    let mut buf = [0u8; MAX_REQUEST];
+    if !env.read_guest(exit.domain, gpa, &mut buf[..len]) {
+        return Status::BadAddress;
+    }
+    let request = match postcard::take_from_bytes::<Request>(&buf[..len]) {
+        Ok((r, [])) => r,
+        _ => return Status::Malformed,
+    };
+    let reply = match env.altp2m(&AltRequest::Guest {
+        domain: exit.domain,
+        vcpu: exit.vcpu,
+        request,
+    }) {
+        Some(AltReply::Guest(r)) => r,
+        _ => Reply::Error(HcError::ServiceUnavailable),
+    };
+    if let Reply::Error(e) = reply {
+        defmt::debug!("domain {=u16}: hypercall refused: {}", exit.domain, e);
+    }
+    let room = (PAGE - gpa % PAGE) as usize;
+    let Ok(bytes) = postcard::to_slice(&reply, &mut buf[..room.min(MAX_REQUEST)]) else {
+        return Status::ReplyTooLong;
+    };
+    if !env.write_guest(exit.domain, gpa, bytes) {
+        return Status::BadAddress;
+    }
+    regs.rbx = bytes.len() as u64;
+    if matches!(reply, Reply::Error(_)) {
+        Status::Refused
+    } else {
+        Status::Ok
+    }
+}

@@ -1,0 +1,9 @@
+//! The vmm service's logic: what an exit means (see [`exits`]). The binary
+//! (`main.rs`) connects it to the kernel and the altp2m service.
+
+#![no_std]
+
+pub mod exits;
+
+#[cfg(test)]
+mod tests;

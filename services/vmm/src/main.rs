@@ -1,0 +1,128 @@
+//! vmm: the exit handler of every domain.
+//!
+//! The kernel sends each exit it does not handle itself (everything but the
+//! fast hypercalls and VMFUNC) as a call on the `exits` endpoint; the vmm
+//! answers how the vCPU resumes. It holds a `domains` handle with the rights
+//! to read and write guest memory (request hypercalls) and to write guest
+//! consoles into the log, and an `altp2m` handle to forward view requests.
+//! Its state (each domain's UART and unfinished console line) moves to a
+//! successor on a swap.
+
+#![no_std]
+#![no_main]
+
+use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
+use ipc_schema::syscall::Handle;
+use ipc_schema::vmexit::{ExitMessage, VMEXIT};
+use platform::cpu::CpuidResult;
+use service_runtime::ipc::{self, Client, Message, Service};
+use service_runtime::{require, sys};
+use service_vmm::exits::{Env, State, Vmm};
+
+service_runtime::entry!(main);
+service_runtime::interfaces!(VMEXIT);
+
+struct System {
+    domains: Handle,
+    altp2m: Client,
+    features: u64,
+}
+
+impl Env for System {
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+        platform::cpu::cpuid(leaf, subleaf)
+    }
+
+    fn tsc(&self) -> u64 {
+        // Safety: RDTSC is allowed in ring 3 (CR4.TSD is clear).
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+
+    fn console(&mut self, domain: u16, line: &[u8]) {
+        // The log wire carries console bytes; the host cuts lines at '\n'.
+        let mut buf = [0u8; service_vmm::exits::LINE + 1];
+        let n = line.len().min(service_vmm::exits::LINE);
+        buf[..n].copy_from_slice(&line[..n]);
+        buf[n] = b'\n';
+        if let Err(e) = sys::console(self.domains, domain, &buf[..=n]) {
+            defmt::warn!("vmm: console line of domain {=u16} lost: {}", domain, e);
+        }
+    }
+
+    fn read_guest(&mut self, domain: u16, gpa: u64, out: &mut [u8]) -> bool {
+        sys::domain_read(self.domains, domain, gpa, out).is_ok()
+    }
+
+    fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool {
+        sys::domain_write(self.domains, domain, gpa, bytes).is_ok()
+    }
+
+    fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
+        match self.altp2m.call::<_, AltReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("vmm: the altp2m service did not answer: {}", e);
+                None
+            }
+        }
+    }
+}
+
+struct Server {
+    exits: Handle,
+    vmm: Vmm,
+    system: System,
+}
+
+impl Service for Server {
+    type State = State;
+
+    fn interface(&self, slot: Handle) -> Option<ipc_schema::ipc::InterfaceId> {
+        (slot == self.exits).then_some(VMEXIT)
+    }
+
+    fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+        // Exits come from the kernel (badge 0) and nobody else.
+        let Ok(m) = ipc::decode::<ExitMessage>(msg.bytes) else {
+            defmt::warn!(
+                "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
+                msg.bytes.len(),
+                msg.badge
+            );
+            return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
+        };
+        let answer = self.vmm.exit(&mut self.system, &m);
+        postcard::to_slice(&answer, reply).map_or(0, |b| b.len())
+    }
+
+    fn snapshot(&self) -> State {
+        self.vmm.snapshot()
+    }
+
+    fn restore(&mut self, state: State) {
+        self.vmm = Vmm::restore(state);
+    }
+}
+
+fn main() -> ! {
+    let exits = require("exits");
+    let system = System {
+        domains: require("domains"),
+        altp2m: Client::new(require("altp2m"), ALTP2M),
+        features: sys::vm_features(),
+    };
+    defmt::info!(
+        "vmm: serving exits (generation {=u32})",
+        service_runtime::generation()
+    );
+    let mut server = Server {
+        exits,
+        vmm: Vmm::default(),
+        system,
+    };
+    ipc::serve(&mut server, 1 << exits)
+}

@@ -1,0 +1,403 @@
+//! Host tests of the exit policy against a fake system.
+
+extern crate std;
+
+use crate::exits::{COM1, EXIT_PORT, Env, Vmm};
+use ipc_schema::altp2m::{AltReply, AltRequest};
+use ipc_schema::hypercall::{
+    HC_CALL, HC_IPC_PING, HC_SERVICE_NULL, HcError, MAX_REQUEST, Reply, Request, Status,
+};
+use ipc_schema::syscall::vm_features;
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, GuestRegs, Inject, Then};
+use platform::cpu::CpuidResult;
+use std::vec::Vec;
+
+service_runtime::host_logger!();
+
+#[derive(Default)]
+struct Fake {
+    lines: Vec<(u16, Vec<u8>)>,
+    memory: Vec<u8>,
+    asked: Vec<AltRequest>,
+    altp2m_down: bool,
+    tsc: u64,
+}
+
+impl Env for Fake {
+    fn features(&self) -> u64 {
+        vm_features::VMX | vm_features::VMFUNC | vm_features::PML
+    }
+    fn cpuid(&self, _: u32, _: u32) -> CpuidResult {
+        CpuidResult {
+            eax: 1,
+            ebx: 2,
+            ecx: 1 << 5,
+            edx: 4,
+        }
+    }
+    fn tsc(&self) -> u64 {
+        self.tsc
+    }
+    fn console(&mut self, domain: u16, line: &[u8]) {
+        self.lines.push((domain, line.to_vec()));
+    }
+    fn read_guest(&mut self, _: u16, gpa: u64, out: &mut [u8]) -> bool {
+        let at = gpa as usize;
+        match self.memory.get(at..at + out.len()) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+    fn write_guest(&mut self, _: u16, gpa: u64, bytes: &[u8]) -> bool {
+        let at = gpa as usize;
+        match self.memory.get_mut(at..at + bytes.len()) {
+            Some(b) => {
+                b.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+    fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
+        self.asked.push(request.clone());
+        self.tsc += 500;
+        if self.altp2m_down {
+            return None;
+        }
+        Some(match request {
+            AltRequest::Ping => AltReply::Pong,
+            AltRequest::Guest {
+                request: Request::ViewCreate,
+                ..
+            } => AltReply::Guest(Reply::View(1)),
+            AltRequest::Guest { .. } => {
+                AltReply::Guest(Reply::Error(HcError::NoSuchView { view: 9 }))
+            }
+        })
+    }
+}
+
+fn exit(kind: ExitKind, regs: GuestRegs) -> ExitMessage {
+    ExitMessage {
+        exit: Exit {
+            domain: 3,
+            vcpu: 0,
+            kind,
+            rip: 0x1000,
+            instruction_len: 1,
+            view: 0,
+        },
+        regs,
+    }
+}
+
+fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
+    let r = vmm.exit(
+        env,
+        &exit(
+            ExitKind::Io {
+                port,
+                size: 1,
+                write: true,
+                value: value.into(),
+            },
+            GuestRegs::default(),
+        ),
+    );
+    assert_eq!(r.response.then, Then::Resume);
+}
+
+#[test]
+fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    for b in b"hello\r\nwor" {
+        out(&mut vmm, &mut env, COM1, *b);
+    }
+    assert_eq!(env.lines, [(3, b"hello".to_vec())]);
+    // A successor gets the unfinished line and the UART registers.
+    let mut next = Vmm::restore(vmm.snapshot());
+    assert_eq!(next.pending_line(3), b"wor");
+    out(&mut next, &mut env, COM1, b'\n');
+    assert_eq!(env.lines[1], (3, b"wor".to_vec()));
+}
+
+#[test]
+fn a_long_line_is_logged_in_pieces_and_nothing_is_lost() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let text: Vec<u8> = (0..300).map(|i| b'a' + (i % 26) as u8).collect();
+    for &b in &text {
+        out(&mut vmm, &mut env, COM1, b);
+    }
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Io {
+                port: EXIT_PORT,
+                size: 1,
+                write: true,
+                value: 0,
+            },
+            GuestRegs::default(),
+        ),
+    );
+    assert_eq!(r.response.then, Then::Exit { status: 0 });
+    let joined: Vec<u8> = env.lines.iter().flat_map(|(_, l)| l.clone()).collect();
+    assert_eq!(joined, text);
+}
+
+#[test]
+fn the_exit_port_ends_the_domain_with_the_value_written() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Io {
+                port: EXIT_PORT,
+                size: 1,
+                write: true,
+                value: 7,
+            },
+            GuestRegs::default(),
+        ),
+    );
+    assert_eq!(r.response.then, Then::Exit { status: 7 });
+}
+
+#[test]
+fn reads_of_absent_ports_return_all_ones_in_the_access_width() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let regs = GuestRegs {
+        rax: 0x1122_3344_5566_7788,
+        ..GuestRegs::default()
+    };
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Io {
+                port: 0x80,
+                size: 1,
+                write: false,
+                value: 0,
+            },
+            regs,
+        ),
+    );
+    assert_eq!(r.regs.unwrap().rax, 0x1122_3344_5566_77ff);
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Io {
+                port: 0x80,
+                size: 4,
+                write: false,
+                value: 0,
+            },
+            regs,
+        ),
+    );
+    assert_eq!(r.regs.unwrap().rax, 0xffff_ffff);
+}
+
+#[test]
+fn cpuid_hides_vmx_and_names_parallax() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Cpuid {
+                leaf: 1,
+                subleaf: 0,
+            },
+            GuestRegs::default(),
+        ),
+    );
+    let regs = r.regs.unwrap();
+    assert_eq!(regs.rcx & (1 << 5), 0, "VMX hidden");
+    assert_ne!(regs.rcx & (1 << 31), 0, "hypervisor bit");
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Cpuid {
+                leaf: 0x4000_0000,
+                subleaf: 0,
+            },
+            GuestRegs::default(),
+        ),
+    );
+    let regs = r.regs.unwrap();
+    let mut sig = Vec::new();
+    for v in [regs.rbx, regs.rcx, regs.rdx] {
+        sig.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    assert_eq!(&sig[..10], b"ParallaxHV");
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Cpuid {
+                leaf: 0x4000_0001,
+                subleaf: 0,
+            },
+            GuestRegs::default(),
+        ),
+    );
+    assert_eq!(r.regs.unwrap().rax, 0b1011, "present, VMFUNC, no #VE, PML");
+}
+
+#[test]
+fn unknown_msrs_get_gp_and_hlt_blocks() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::Rdmsr { msr: 0xc000_0080 }, GuestRegs::default()),
+    );
+    assert_eq!(
+        r.response.inject,
+        Some(Inject::Exception {
+            vector: 13,
+            error_code: Some(0)
+        })
+    );
+    assert_eq!(r.regs, None, "a refused RDMSR changes no register");
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, GuestRegs::default()));
+    assert_eq!(r.response.then, Then::Block);
+    let r = vmm.exit(&mut env, &exit(ExitKind::TripleFault, GuestRegs::default()));
+    assert_eq!(r.response.then, Then::Crash);
+}
+
+fn hypercall(vmm: &mut Vmm, env: &mut Fake, regs: GuestRegs) -> GuestRegs {
+    let r = vmm.exit(env, &exit(ExitKind::Hypercall, regs));
+    assert!(r.response.advance);
+    r.regs.unwrap_or(regs)
+}
+
+#[test]
+fn service_hypercalls_answer_and_preserve_other_registers() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let regs = GuestRegs {
+        rax: HC_SERVICE_NULL,
+        rcx: 5,
+        r15: 9,
+        ..GuestRegs::default()
+    };
+    let after = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(after, GuestRegs { rax: 0, ..regs });
+    let after = hypercall(
+        &mut vmm,
+        &mut env,
+        GuestRegs {
+            rax: HC_IPC_PING,
+            ..GuestRegs::default()
+        },
+    );
+    assert_eq!(
+        (after.rax, after.rbx),
+        (0, 500),
+        "the ping's round trip, in TSC ticks"
+    );
+    let after = hypercall(
+        &mut vmm,
+        &mut env,
+        GuestRegs {
+            rax: 99,
+            ..GuestRegs::default()
+        },
+    );
+    assert_eq!(after.rax, Status::UnknownCall as u64);
+}
+
+fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> GuestRegs {
+    env.memory = std::vec![0; 3 * 4096];
+    let n = postcard::to_slice(r, &mut env.memory[gpa..]).unwrap().len();
+    GuestRegs {
+        rax: HC_CALL,
+        rbx: gpa as u64,
+        rcx: n as u64,
+        ..GuestRegs::default()
+    }
+}
+
+#[test]
+fn request_hypercalls_go_to_altp2m_and_the_reply_lands_in_guest_memory() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let regs = request_at(&mut env, 0x1100, &Request::ViewCreate);
+    let after = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(after.rax, Status::Ok as u64);
+    let reply: Reply =
+        postcard::from_bytes(&env.memory[0x1100..0x1100 + after.rbx as usize]).unwrap();
+    assert_eq!(reply, Reply::View(1));
+    assert_eq!(
+        env.asked,
+        [AltRequest::Guest {
+            domain: 3,
+            vcpu: 0,
+            request: Request::ViewCreate
+        }]
+    );
+
+    let regs = request_at(&mut env, 0x1100, &Request::ViewDestroy { view: 9 });
+    let after = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(after.rax, Status::Refused as u64);
+}
+
+#[test]
+fn bad_request_hypercalls_are_refused_without_asking_altp2m() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // Crossing a page.
+    let mut regs = request_at(&mut env, 0x1ffe, &Request::DirtyLogRead);
+    regs.rcx = 8;
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, regs).rax,
+        Status::BadAddress as u64
+    );
+    // Too long.
+    regs.rcx = MAX_REQUEST as u64 + 1;
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, regs).rax,
+        Status::Malformed as u64
+    );
+    // Outside guest memory.
+    let regs = GuestRegs {
+        rax: HC_CALL,
+        rbx: 0x10_0000,
+        rcx: 4,
+        ..GuestRegs::default()
+    };
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, regs).rax,
+        Status::BadAddress as u64
+    );
+    // Garbage, and a valid request with trailing bytes.
+    let mut regs = request_at(&mut env, 0x100, &Request::ViewCreate);
+    env.memory[0x100] = 0xff;
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, regs).rax,
+        Status::Malformed as u64
+    );
+    env.memory[0x100] = 1;
+    regs.rcx += 1;
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, regs).rax,
+        Status::Malformed as u64
+    );
+    assert!(env.asked.is_empty());
+}
+
+#[test]
+fn a_request_while_altp2m_is_down_is_refused_with_a_reason() {
+    let (mut vmm, mut env) = (
+        Vmm::default(),
+        Fake {
+            altp2m_down: true,
+            ..Fake::default()
+        },
+    );
+    let regs = request_at(&mut env, 0x200, &Request::Capabilities);
+    let after = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(after.rax, Status::Refused as u64);
+    let reply: Reply =
+        postcard::from_bytes(&env.memory[0x200..0x200 + after.rbx as usize]).unwrap();
+    assert_eq!(reply, Reply::Error(HcError::ServiceUnavailable));
+}
