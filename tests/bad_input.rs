@@ -3,9 +3,16 @@
 //! a triple fault.
 
 use image_builder::emulator::Machine;
+use image_builder::iso::Module;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::manifest::MANIFEST_KEY;
-use parallax_tests::{boot, empty_manifest, image, manifest, module};
+use parallax_tests::{boot, empty_system, image, manifest, module, standard_services};
+
+/// `modules` plus init and the standard services.
+fn with_services(mut modules: Vec<Module>) -> Vec<Module> {
+    modules.extend(standard_services());
+    modules
+}
 
 const ONE_DOMAIN: &str = r#"
 name = "test"
@@ -20,19 +27,26 @@ fn a_missing_guest_module_is_named() {
     let img = image(
         "missing-guest",
         "",
-        vec![module("manifest", manifest(ONE_DOMAIN))],
+        with_services(vec![module("manifest", manifest(ONE_DOMAIN))]),
     );
     boot(&img, Machine::Qemu, |_| {})
-        .expect("manifest: domain demo: guest hello, 16 MiB, 1 vCPU(s)")
-        .expect("boot module `hello` is missing: the manifest names it as a guest image")
+        .expect_from("init", "manifest: system test, 3 service(s), 1 domain(s)")
+        .expect_from(
+            "init",
+            "boot module `hello` is missing: the manifest names it as a guest image",
+        )
         .expect_status(HaltStatus::BadBootInput);
 }
 
 #[test]
 fn a_missing_manifest_is_named() {
-    let img = image("no-manifest", "", vec![module("motd", b"x".to_vec())]);
+    let img = image(
+        "no-manifest",
+        "",
+        with_services(vec![module("motd", b"x".to_vec())]),
+    );
     boot(&img, Machine::Qemu, |_| {})
-        .expect("boot module `manifest` is missing")
+        .expect_from("init", "boot module `manifest` is missing")
         .expect_status(HaltStatus::BadBootInput);
 }
 
@@ -41,28 +55,35 @@ fn a_corrupt_manifest_is_refused_with_the_reason() {
     let garbage = image(
         "manifest-garbage",
         "",
-        vec![module("manifest", b"\x7fELF not a manifest".to_vec())],
+        with_services(vec![module("manifest", b"\x7fELF not a manifest".to_vec())]),
     );
     boot(&garbage, Machine::Qemu, |_| {})
-        .expect("boot module `manifest` is not a usable manifest: NotAManifest")
+        .expect_from(
+            "init",
+            "boot module `manifest` is not a usable manifest: NotAManifest",
+        )
         .expect_status(HaltStatus::BadBootInput);
 
     let mut other_schema = manifest(ONE_DOMAIN);
     other_schema[4] ^= 0xff;
-    let img = image("manifest-key", "", vec![module("manifest", other_schema)]);
+    let img = image(
+        "manifest-key",
+        "",
+        with_services(vec![module("manifest", other_schema)]),
+    );
     let expected: String = MANIFEST_KEY
         .to_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let run = boot(&img, Machine::Qemu, |_| {});
-    run.expect("not a usable manifest: WrongKey")
+    run.expect_from("init", "not a usable manifest: WrongKey")
         .expect_status(HaltStatus::BadBootInput);
     assert!(
         run.0
             .lines
             .iter()
-            .any(|l| l.text.contains("this kernel expects")
+            .any(|l| l.text.contains("this init expects")
                 && l.text.replace(", ", "").contains(&expected)),
         "the error names the expected key {expected}"
     );
@@ -72,10 +93,10 @@ fn a_corrupt_manifest_is_refused_with_the_reason() {
     let img = image(
         "manifest-truncated",
         "",
-        vec![module("manifest", truncated)],
+        with_services(vec![module("manifest", truncated)]),
     );
     boot(&img, Machine::Qemu, |_| {})
-        .expect("not a usable manifest: Corrupt")
+        .expect_from("init", "not a usable manifest: Corrupt")
         .expect_status(HaltStatus::BadBootInput);
 }
 
@@ -84,30 +105,29 @@ fn domains_on_a_cpu_without_vmx_stop_cleanly() {
     let img = image(
         "no-vmx",
         "",
-        vec![
+        with_services(vec![
             module("manifest", manifest(ONE_DOMAIN)),
             module("hello", b"placeholder guest".to_vec()),
-        ],
+        ]),
     );
     boot(&img, Machine::Qemu, |_| {})
         .expect("VMX: not available (CPUID.1:ECX.VMX[bit 5] = 0)")
-        .expect("the manifest asks for 1 domain(s) but this CPU cannot run guests (no usable VMX)")
+        .expect_from(
+            "init",
+            "the manifest asks for 1 domain(s) but this CPU cannot run guests (no usable VMX)",
+        )
         .expect_status(HaltStatus::Unsupported);
 }
 
 #[test]
 fn a_kernel_exception_is_reported_then_the_run_stops() {
-    let img = image(
-        "selftest-ud",
-        "selftest=invalid-opcode",
-        vec![empty_manifest()],
-    );
+    let img = image("selftest-ud", "selftest=invalid-opcode", empty_system());
     boot(&img, Machine::Qemu, |_| {})
         .expect("CPU exception in the kernel: invalid opcode (#UD), vector 6, rip 0xffffffff8")
         .expect("registers: rax")
         .expect_status(HaltStatus::KernelFault);
 
-    let img = image("selftest-pf", "selftest=page-fault", vec![empty_manifest()]);
+    let img = image("selftest-pf", "selftest=page-fault", empty_system());
     boot(&img, Machine::Qemu, |_| {})
         .expect("CPU exception in the kernel: page fault (#PF), vector 14")
         .expect("cr2 0x7fffdead0000")
@@ -117,7 +137,7 @@ fn a_kernel_exception_is_reported_then_the_run_stops() {
 
 #[test]
 fn a_kernel_panic_is_reported_then_the_run_stops() {
-    let img = image("selftest-panic", "selftest=panic", vec![empty_manifest()]);
+    let img = image("selftest-panic", "selftest=panic", empty_system());
     boot(&img, Machine::Bochs, |_| {})
         .expect("kernel panic: panicked at kernel/src/main.rs")
         .expect("selftest: a deliberate panic")
@@ -129,7 +149,7 @@ fn a_guest_image_that_is_not_multiboot_fails_only_its_domain() {
     let img = image(
         "not-multiboot",
         "",
-        vec![
+        with_services(vec![
             module(
                 "manifest",
                 manifest(
@@ -142,10 +162,10 @@ fn a_guest_image_that_is_not_multiboot_fails_only_its_domain() {
                 name: "hello".into(),
                 content: image_builder::iso::Content::File(parallax_tests::guest("hello")),
             },
-        ],
+        ]),
     );
     boot(&img, Machine::Bochs, |_| {})
-        .expect("domain 1 (bad) could not be built: Image(NoHeader)")
+        .expect_from("init", "domain 1 (bad) could not be built: Image(NoHeader)")
         .expect("domain 2 (good) exited with status 0")
         .expect_status(HaltStatus::GuestFailed);
 }
@@ -157,6 +177,34 @@ fn more_vcpus_than_supported_is_refused_by_name() {
         "name = \"x\"\n[[domain]]\nname = \"smp\"\nguest = \"hello\"\nmemory_mib = 16\nvcpus = 2\n",
     );
     boot(&img, Machine::Bochs, |_| {})
-        .expect("domain 1 (smp) could not be built: TooManyVcpus { asked: 2 }")
+        .expect_from(
+            "init",
+            "domain 1 (smp) could not be built: TooManyVcpus { asked: 2 }",
+        )
         .expect_status(HaltStatus::GuestFailed);
+}
+
+#[test]
+fn a_missing_init_is_named_by_the_kernel() {
+    let img = image(
+        "no-init",
+        "",
+        vec![module("manifest", manifest(ONE_DOMAIN))],
+    );
+    boot(&img, Machine::Qemu, |_| {})
+        .expect("boot module `init` is missing: the image has no supervisor")
+        .expect_status(HaltStatus::BadBootInput);
+}
+
+#[test]
+fn a_missing_service_module_is_named_by_init() {
+    let mut modules = vec![module("manifest", manifest(ONE_DOMAIN))];
+    modules.extend(standard_services().into_iter().filter(|m| m.name != "vmm"));
+    let img = image("no-vmm", "", modules);
+    boot(&img, Machine::Qemu, |_| {})
+        .expect_from(
+            "init",
+            "boot module `vmm` is missing: the manifest names it as a service",
+        )
+        .expect_status(HaltStatus::BadBootInput);
 }

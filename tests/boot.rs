@@ -3,17 +3,17 @@
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot, empty_manifest, image, module};
+use parallax_tests::{boot, empty_system, image, module};
 use platform::acpi::dmar::build::{DmarBuilder, endpoint};
 
 fn basic_image() -> image_builder::image::Image {
     image(
         "basic",
         "",
-        vec![
-            empty_manifest(),
-            module("motd", b"hello from a boot module\n".to_vec()),
-        ],
+        empty_system()
+            .into_iter()
+            .chain([module("motd", b"hello from a boot module\n".to_vec())])
+            .collect(),
     )
 }
 

@@ -47,13 +47,66 @@ pub fn guest(name: &str) -> PathBuf {
         .clone()
 }
 
-/// An image of the system `toml` describes, with each guest its domains name.
+/// Every service crate under `services/` (the runtime aside), built once per
+/// test process: crate name (`init` for the supervisor) -> ELF.
+pub fn service_elfs() -> &'static BTreeMap<String, PathBuf> {
+    static BUILT: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        kernel();
+        let dir = paths::repo().join("services");
+        let mut crates: Vec<String> = std::fs::read_dir(&dir)
+            .expect("services/ exists")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("Cargo.toml").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|c| c != "runtime" && c != "init")
+            .collect();
+        crates.sort();
+        let refs: Vec<&str> = crates.iter().map(String::as_str).collect();
+        let paths = compile::services(&refs, &BuildOptions::default()).expect("the services build");
+        std::iter::once("init".to_owned())
+            .chain(crates)
+            .zip(paths)
+            .collect()
+    })
+}
+
+/// The ELF of service crate `name`.
+pub fn service_elf(name: &str) -> PathBuf {
+    service_elfs()
+        .get(name)
+        .unwrap_or_else(|| panic!("no service crate {name}"))
+        .clone()
+}
+
+/// The init module and one module per service of `m` (built from its crate).
+pub fn services_for(m: &SystemManifest) -> Vec<Module> {
+    let mut out = vec![Module {
+        name: "init".to_owned(),
+        content: Content::File(service_elf("init")),
+    }];
+    for s in &m.services {
+        out.push(Module {
+            name: s.name.clone(),
+            content: Content::File(service_elf(s.crate_name())),
+        });
+    }
+    out
+}
+
+/// Init and the standard services, as modules.
+pub fn standard_services() -> Vec<Module> {
+    services_for(&SystemManifest::parse("name = \"standard\"", Path::new("standard")).unwrap())
+}
+
+/// An image of the system `toml` describes: its services and guests.
 pub fn system(name: &str, toml: &str) -> Image {
     let m = SystemManifest::parse(toml, Path::new(name)).expect("test manifests are valid");
     let mut modules = vec![module(
         "manifest",
         m.compile().expect("test manifests compile"),
     )];
+    modules.extend(services_for(&m));
     for g in m.guests() {
         modules.push(Module {
             name: g.to_owned(),
@@ -86,6 +139,14 @@ pub fn empty_manifest() -> Module {
     module("manifest", manifest("name = \"test\""))
 }
 
+/// The modules of a system without domains: its manifest, init, the
+/// standard services.
+pub fn empty_system() -> Vec<Module> {
+    let mut m = vec![empty_manifest()];
+    m.extend(standard_services());
+    m
+}
+
 pub fn module(name: &str, bytes: Vec<u8>) -> Module {
     Module {
         name: name.to_owned(),
@@ -106,7 +167,13 @@ pub fn image(name: &str, cmdline: &str, modules: Vec<Module>) -> Image {
         .clone();
     slot.get_or_init(|| {
         let out = paths::work_dir().join("tests").join(format!("{name}.iso"));
-        image::assemble(kernel(), cmdline, modules, &out).expect("the test image assembles")
+        let mut img =
+            image::assemble(kernel(), cmdline, modules, &out).expect("the test image assembles");
+        // Logs decode with whatever service ELF has the announced build id.
+        for (name, path) in service_elfs() {
+            img.elfs = img.elfs.clone().with(name, path);
+        }
+        img
     })
     .clone()
 }

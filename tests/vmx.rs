@@ -47,7 +47,7 @@ fn plain_qemu(name: &str) -> (Vec<String>, i32) {
 #[test]
 fn hello_prints_the_same_under_parallax_and_on_plain_qemu() {
     let run = bochs(&one_guest("hello"));
-    run.expect("domain 1 (hello): guest hello, 32 MiB in")
+    run.expect_from("init", "domain 1 (hello): guest hello, 32 MiB in")
         .expect_console(1, "Hello from a Parallax test guest")
         .expect_console(1, "cmdline: \"hello test run\"")
         .expect("domain 1 (hello) exited with status 0")
@@ -101,7 +101,10 @@ fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
 fn touching_memory_outside_ram_crashes_the_domain_with_a_report() {
     bochs(&one_guest("unmapped"))
         .expect_console(1, "touching 0x40000000")
-        .expect("domain 1 (unmapped): read of guest-physical 0x40000000 (linear 0x40000000), which is not RAM")
+        .expect_from(
+            "altp2m",
+            "domain 1: read of guest-physical 0x40000000 (linear 0x40000000), which is not RAM",
+        )
         .expect("domain 1 (unmapped) crashed at rip 0x")
         .expect_no("still running")
         .expect_status(HaltStatus::GuestFailed);
@@ -135,7 +138,10 @@ fn vmfunc_switches_views_without_exits_and_refuses_a_hidden_index() {
     bochs(&one_guest("vmfunc"))
         .expect_console(1, "capabilities: vmfunc true")
         .expect_console(1, "vmfunc switches: 200, exits: 0")
-        .expect("VMFUNC leaf 0 index 400 refused (no such visible view): #UD")
+        .expect_from(
+            "vmm",
+            "VMFUNC leaf 0 index 400 refused (no such visible view): #UD",
+        )
         .expect_console(1, "invalid view index refused with #UD")
         .expect_console(1, "vmfunc: all checks passed")
         .expect_status(HaltStatus::Success);
@@ -158,9 +164,12 @@ fn a_violation_with_suppress_ve_set_exits_to_the_hypervisor_instead() {
     );
     bochs(&img)
         .expect_console(1, "with suppress-#VE set: the hypervisor must see it")
-        .expect("domain 1 (ve): write of 0x")
-        .expect("in view 1 not allowed (page allows true/false/false read/write/execute")
-        .expect("no listener, so the domain is stopped")
+        .expect_from("altp2m", "domain 1: write of 0x")
+        .expect_from(
+            "altp2m",
+            "in view 1 not allowed (page allows true/false/false read/write/execute",
+        )
+        .expect_from("altp2m", "no listener, so the domain is stopped")
         .expect_no("FAIL")
         .expect_status(HaltStatus::GuestFailed);
 }

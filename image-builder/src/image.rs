@@ -87,6 +87,16 @@ pub fn check_service_overrides(overrides: &[(String, PathBuf)]) -> Result<()> {
 /// Reads the manifest, compiles everything it needs, and assembles the ISO.
 pub fn build(opts: &ImageOptions) -> Result<Image> {
     let manifest = SystemManifest::load(&opts.manifest)?;
+    build_manifest(&manifest, opts)
+}
+
+/// Compiles everything `manifest` needs and assembles the ISO (the
+/// manifest's own path names it in errors; `opts.manifest` is not read).
+pub fn build_manifest(manifest: &SystemManifest, opts: &ImageOptions) -> Result<Image> {
+    let opts = &ImageOptions {
+        manifest: manifest.path.clone(),
+        ..opts.clone()
+    };
     let guests = manifest.guests();
     for g in &guests {
         let crate_file = paths::guest_dir(g).join("Cargo.toml");

@@ -289,12 +289,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !no_lint {
                 lint()?;
             }
-            let status = image_builder::compile::cargo()
+            let mut status = image_builder::compile::cargo()
                 .current_dir(paths::repo())
                 .arg("test")
                 .args(&cargo_args)
                 .status()
                 .context("running cargo test")?;
+            // The services' logic (host tests of their libraries), unless the
+            // caller picked tests of their own.
+            if status.success() && cargo_args.is_empty() {
+                let mut cmd = image_builder::compile::cargo();
+                cmd.current_dir(paths::repo()).args(["test", "--lib"]);
+                for p in service_libs() {
+                    cmd.args(["-p", &p]);
+                }
+                status = cmd.status().context("running cargo test")?;
+            }
             Ok(if status.success() {
                 ExitCode::SUCCESS
             } else {
@@ -438,6 +448,30 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The crates (directory names) directly under `dir`.
+fn crate_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("Cargo.toml").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The service packages with a library (their logic, tested on the host).
+fn service_libs() -> Vec<String> {
+    let services = paths::repo().join("services");
+    crate_dirs(&services)
+        .into_iter()
+        .filter(|d| services.join(d).join("src").join("lib.rs").is_file())
+        .map(|d| format!("service-{d}"))
+        .collect()
+}
+
 /// `cargo fmt --check`, then clippy with warnings as errors on the host crates
 /// and on the bare-metal ones.
 fn lint() -> Result<()> {
@@ -464,8 +498,20 @@ fn lint() -> Result<()> {
         "clippy (host crates)",
         &["clippy", "--all-targets", "--", "-D", "warnings"],
     )?;
-    // The kernel and every test guest (crates under tests/guests/).
+    // The services' logic is host-tested too (their binaries are not).
+    let mut libs: Vec<&str> = vec!["clippy", "--lib", "--tests"];
+    let service_libs = service_libs();
+    for p in &service_libs {
+        libs.extend(["-p", p]);
+    }
+    libs.extend(["--", "-D", "warnings"]);
+    run("clippy (service logic on the host)", &libs)?;
+    // The kernel, every service and every test guest.
     let mut bare: Vec<String> = vec!["-p".into(), "kernel".into()];
+    for dir in crate_dirs(&paths::repo().join("services")) {
+        bare.push("-p".into());
+        bare.push(format!("service-{dir}"));
+    }
     let guests = paths::repo().join("tests").join("guests");
     if let Ok(dirs) = std::fs::read_dir(&guests) {
         let mut names: Vec<String> = dirs

@@ -1,9 +1,8 @@
 //! The `cargo hv` command line: bad input is reported by name, and `log`
 //! decodes a capture taken by an earlier run.
 
-use image_builder::compile::{self, BuildOptions};
 use image_builder::emulator::{self, Machine, RunConfig};
-use image_builder::iso::{Content, Module};
+use image_builder::image::ImageOptions;
 use image_builder::manifest::SystemManifest;
 use image_builder::{image, paths};
 use std::path::Path;
@@ -76,22 +75,12 @@ fn an_unknown_log_level_is_refused() {
 #[test]
 fn log_decodes_a_capture_taken_earlier() {
     image_builder::deps::ensure().unwrap();
-    let kernel = compile::kernel(&BuildOptions::default()).unwrap();
-    let manifest = SystemManifest::parse("name = \"cli-test\"", Path::new("inline"))
-        .unwrap()
-        .compile()
-        .unwrap();
-    let out = paths::work_dir().join("cli-tests").join("log.iso");
-    let img = image::assemble(
-        &kernel,
-        "",
-        vec![Module {
-            name: "manifest".into(),
-            content: Content::Bytes(manifest),
-        }],
-        &out,
-    )
-    .unwrap();
+    let manifest = SystemManifest::parse("name = \"cli-test\"", Path::new("inline")).unwrap();
+    let opts = ImageOptions {
+        out: paths::work_dir().join("cli-tests").join("log.iso"),
+        ..ImageOptions::default()
+    };
+    let img = image::build_manifest(&manifest, &opts).unwrap();
     let outcome = emulator::run(
         &img.iso,
         &img.elfs,
@@ -115,6 +104,6 @@ fn log_decodes_a_capture_taken_earlier() {
     assert!(
         printed
             .iter()
-            .any(|l| l.contains("kernel") && l.contains("manifest: system cli-test"))
+            .any(|l| l.contains("init") && l.contains("manifest: system cli-test"))
     );
 }

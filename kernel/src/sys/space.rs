@@ -87,7 +87,7 @@ impl AddressSpace {
 
     /// Maps the 4 KiB page at `va` to the frame at `pa`.
     pub fn map(&mut self, va: u64, pa: u64, flags: PageFlags) -> Result<(), SpaceError> {
-        if va % PAGE_SIZE != 0 || va >= USER_END || pa % PAGE_SIZE != 0 {
+        if !va.is_multiple_of(PAGE_SIZE) || va >= USER_END || !pa.is_multiple_of(PAGE_SIZE) {
             return Err(SpaceError::BadAddress);
         }
         let mut t = self.pml4;
@@ -221,8 +221,8 @@ impl AddressSpace {
             }
         }
         let root = table(self.pml4);
-        for i in 0..256 {
-            let e = root[i];
+        // The lower half only: the upper half is the kernel's, shared.
+        for &e in &root[..256] {
             if e & PRESENT != 0 {
                 walk(e & ADDRESS, 3);
                 free_frame(e & ADDRESS);

@@ -785,7 +785,7 @@ fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
     let end = va
         .checked_add(count.saturating_mul(PAGE_SIZE))
         .ok_or(SysError::BadArgument)?;
-    if va < MAP_BASE || end > MAP_END || va % PAGE_SIZE != 0 {
+    if va < MAP_BASE || end > MAP_END || !va.is_multiple_of(PAGE_SIZE) {
         return Err(SysError::BadArgument);
     }
     let p = k.processes[usize::from(pid)]

@@ -6,7 +6,7 @@
 use super::vcpu::VcpuState;
 use crate::sys::ipc::Sender;
 use crate::sys::{Kernel, Runnable};
-use ipc_schema::syscall::DomainState;
+use ipc_schema::syscall::{DomainState, handle_name_str};
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, Then};
 use platform::vmx::fields::{self, reason};
 
@@ -105,10 +105,16 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
             end(k, slot, DomainState::Crashed, 0);
         }
         Then::Exit { status } => {
+            let name = handle_name_str(&d.name);
             if status == 0 {
-                defmt::info!("domain {=u16} exited with status 0", d.id);
+                defmt::info!("domain {=u16} ({=str}) exited with status 0", d.id, name);
             } else {
-                defmt::warn!("domain {=u16} exited with status {=u32}", d.id, status);
+                defmt::warn!(
+                    "domain {=u16} ({=str}) exited with status {=u32}",
+                    d.id,
+                    name,
+                    status
+                );
             }
             end(k, slot, DomainState::Exited, status);
         }
@@ -139,8 +145,9 @@ pub fn crash(k: &mut Kernel, slot: u16, exit: Option<&Exit>) {
     {
         let r = &v.regs;
         defmt::error!(
-            "domain {=u16} crashed at rip {=u64:#x} in view {=u16}: rsp {=u64:#x} rflags {=u64:#x} cr0 {=u64:#x} cr3 {=u64:#x} cr4 {=u64:#x} efer {=u64:#x}",
+            "domain {=u16} ({=str}) crashed at rip {=u64:#x} in view {=u16}: rsp {=u64:#x} rflags {=u64:#x} cr0 {=u64:#x} cr3 {=u64:#x} cr4 {=u64:#x} efer {=u64:#x}",
             d.id,
+            handle_name_str(&d.name),
             v.read(fields::GUEST_RIP),
             exit.map_or(0, |e| e.view),
             v.read(fields::GUEST_RSP),

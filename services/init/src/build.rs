@@ -89,7 +89,7 @@ fn build(
     map(0, layout.hole.0 / 4096, 1)?;
     let mut gpa = layout.hole.1;
     while gpa < layout.ram_bytes {
-        let chunk = if gpa % (2 * MIB) == 0 {
+        let chunk = if gpa.is_multiple_of(2 * MIB) {
             (2 * MIB).min(layout.ram_bytes - gpa)
         } else {
             (2 * MIB - gpa % (2 * MIB)).min(layout.ram_bytes - gpa)

@@ -71,7 +71,7 @@ fn main() -> ! {
     if missing {
         sys::halt(system, HaltStatus::BadBootInput.code());
     }
-    let sup = HOME.put(supervise::Supervisor::new(system, manifest));
+    let sup = keep(supervise::Supervisor::new(system, manifest));
     if let Err(status) = sup.start_services() {
         sys::halt(system, status.code());
     }
@@ -89,12 +89,10 @@ unsafe impl Sync for Home {}
 
 static HOME: Home = Home(UnsafeCell::new(MaybeUninit::uninit()));
 
-impl Home {
-    /// Stores the supervisor; called once, from `main`.
-    fn put(&'static self, s: supervise::Supervisor) -> &'static mut supervise::Supervisor {
-        // Safety: `main` calls this once, so no other reference exists.
-        unsafe { (*self.0.get()).write(s) }
-    }
+/// Stores the supervisor in [`HOME`]; called once, from `main`.
+fn keep(s: supervise::Supervisor) -> &'static mut supervise::Supervisor {
+    // Safety: `main` calls this once, so no other reference to HOME exists.
+    unsafe { (*HOME.0.get()).write(s) }
 }
 
 /// The handle of boot module `name`.

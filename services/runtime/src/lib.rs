@@ -22,7 +22,9 @@ pub use defmt;
 pub use ipc_schema;
 
 use core::sync::atomic::{AtomicPtr, Ordering};
-use ipc_schema::syscall::{Handle, STARTUP_MAGIC, STARTUP_SUCCESSOR, StartupInfo, handle_name_str};
+#[cfg(target_os = "none")]
+use ipc_schema::syscall::STARTUP_MAGIC;
+use ipc_schema::syscall::{Handle, STARTUP_SUCCESSOR, StartupInfo, handle_name_str};
 
 static STARTUP: AtomicPtr<StartupInfo> = AtomicPtr::new(core::ptr::null_mut());
 
