@@ -165,8 +165,8 @@ fn a_guest_image_that_is_not_multiboot_fails_only_its_domain() {
         ]),
     );
     boot(&img, Machine::Bochs, |_| {})
-        .expect_from("init", "domain 1 (bad) could not be built: Image(NoHeader)")
-        .expect("domain 2 (good) exited with status 0")
+        .expect_from("init", "domain `bad` could not be built: Image(NoHeader)")
+        .expect("domain 1 (good) exited with status 0")
         .expect_status(HaltStatus::GuestFailed);
 }
 
@@ -179,7 +179,7 @@ fn more_vcpus_than_supported_is_refused_by_name() {
     boot(&img, Machine::Bochs, |_| {})
         .expect_from(
             "init",
-            "domain 1 (smp) could not be built: TooManyVcpus { asked: 2 }",
+            "domain `smp` could not be built: TooManyVcpus { asked: 2 }",
         )
         .expect_status(HaltStatus::GuestFailed);
 }

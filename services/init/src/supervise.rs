@@ -273,12 +273,7 @@ impl Supervisor {
                     });
                 }
                 Err(e) => {
-                    defmt::error!(
-                        "domain {=usize} ({=str}) could not be built: {}",
-                        index + 1,
-                        spec.name,
-                        e
-                    );
+                    defmt::error!("domain `{=str}` could not be built: {}", spec.name, e);
                     self.failed_builds += 1;
                 }
             }
