@@ -22,7 +22,9 @@ pub fn kernel() -> &'static Path {
 }
 
 /// Every test guest (crates in `tests/guests/`), built once per test process.
-pub const GUESTS: &[&str] = &["hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench"];
+pub const GUESTS: &[&str] = &[
+    "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker",
+];
 
 /// The ELF of test guest `name`.
 pub fn guest(name: &str) -> PathBuf {
@@ -268,4 +270,105 @@ impl Run {
         assert_eq!(self.0.exit_code(), i32::from(status.code()));
         self
     }
+}
+
+/// A system running in the background: its log lines as they come, and its
+/// control channel.
+pub struct Live {
+    lines: std::sync::mpsc::Receiver<image_builder::logs::LogLine>,
+    /// Every line seen so far.
+    pub seen: Vec<image_builder::logs::LogLine>,
+    socket: PathBuf,
+}
+
+impl Live {
+    /// Waits (at most `secs` seconds) for a line from `source` containing
+    /// `text`, and returns it.
+    pub fn wait_for(
+        &mut self,
+        source: &str,
+        text: &str,
+        secs: u64,
+    ) -> image_builder::logs::LogLine {
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| l.source == source && l.text.contains(text))
+        {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.source == source && l.text.contains(text) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    let log: Vec<String> = self.seen.iter().map(|l| l.to_string()).collect();
+                    panic!(
+                        "no {source} line containing {text:?} within {secs} s\n--- log so far ---\n{}",
+                        log.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// A control client of the running system.
+    pub fn control(&self) -> image_builder::control::Client<std::os::unix::net::UnixStream> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match image_builder::control::Client::connect(&self.socket) {
+                Ok(c) => return c.with_timeout(std::time::Duration::from_secs(60)),
+                Err(e) if std::time::Instant::now() > deadline => panic!("cannot attach: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+/// Boots `img` on `machine` in the background and runs `script` against it
+/// while it runs; returns the whole run once it ends.
+pub fn boot_live(
+    img: &Image,
+    machine: Machine,
+    configure: impl FnOnce(&mut RunConfig),
+    script: impl FnOnce(&mut Live),
+) -> Run {
+    let stem = img
+        .iso
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("test")
+        .to_owned();
+    let mut cfg = RunConfig::new(machine, emulator::capture_path(&stem));
+    cfg.timeout = std::time::Duration::from_secs(300);
+    configure(&mut cfg);
+    let (tx, rx) = std::sync::mpsc::channel();
+    cfg.tap = Some(tx);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    cfg.stop = Some(stop.clone());
+    let socket = cfg.control_socket_path();
+    let (iso, elfs) = (img.iso.clone(), img.elfs.clone());
+    let runner = std::thread::spawn(move || emulator::run(&iso, &elfs, &cfg));
+    let mut live = Live {
+        lines: rx,
+        seen: Vec::new(),
+        socket,
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| script(&mut live)));
+    if let Err(panic) = result {
+        // Stop the emulator before failing, so that it does not outlive the test.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = runner.join();
+        std::panic::resume_unwind(panic);
+    }
+    Run(runner
+        .join()
+        .expect("the run thread does not panic")
+        .expect("the emulator runs"))
 }

@@ -214,7 +214,9 @@ fn the_benchmark_guest_reports_every_figure() {
         "vmfunc_switch_ticks",
         "vmfunc_switch_exits",
         "view_switch_hypercall_ticks",
-        "ept_violation_kernel_ticks",
+        "lazy_fill_ticks",
+        "vmcall_service_ticks",
+        "ipc_roundtrip_ticks",
     ] {
         assert!(
             figures.get(key).is_some_and(|v| v.is_some()),

@@ -101,3 +101,39 @@ pub fn guests(names: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>> {
     let refs: Vec<&str> = packages.iter().map(String::as_str).collect();
     bare_metal(&refs, opts)
 }
+
+/// Builds service crate `services/<krate>` with cargo `features` (a variant,
+/// e.g. a new release to swap in) into a target directory of its own, so
+/// that the regular build stays as it is. Returns its ELF.
+pub fn service_variant(krate: &str, features: &str, opts: &BuildOptions) -> Result<PathBuf> {
+    let package = format!("service-{krate}");
+    let dir = paths::target_dir()
+        .join("variants")
+        .join(features.replace([',', ' '], "-"));
+    let step = Step::start(format!("compiling {package} with features {features}"));
+    let out = cargo()
+        .current_dir(paths::repo())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "-p",
+            &package,
+        ])
+        .args(["--features", features, "--target-dir"])
+        .arg(&dir)
+        .env("DEFMT_LOG", &opts.log_level)
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        step.failed();
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("cargo build failed for {package} with features {features}");
+    }
+    step.done("");
+    Ok(dir
+        .join("x86_64-unknown-none")
+        .join("release")
+        .join(package))
+}

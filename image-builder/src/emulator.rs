@@ -86,6 +86,12 @@ pub struct RunConfig {
     pub acpi_tables: Vec<PathBuf>,
     /// Print each decoded line as it arrives.
     pub live: bool,
+    /// Also send each decoded line here as it arrives (tests that act on a
+    /// running system watch for lines this way).
+    pub tap: Option<std::sync::mpsc::Sender<LogLine>>,
+    /// Set to end the run early (the emulator is stopped; the run ends as
+    /// timed out).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Where the raw serial capture goes.
     pub capture: PathBuf,
     /// Where an image boot offers its control channel (COM2) to clients;
@@ -104,6 +110,8 @@ impl RunConfig {
             iommu: false,
             acpi_tables: Vec::new(),
             live: false,
+            tap: None,
+            stop: None,
             capture,
             control_socket: None,
         }
@@ -490,6 +498,9 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
                 if cfg.live {
                     let _ = writeln!(out, "{l}");
                 }
+                if let Some(tap) = &cfg.tap {
+                    let _ = tap.send(l.clone());
+                }
                 lines.push(l);
             }
         }
@@ -500,7 +511,11 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
         if exited || halted_at.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
             return Ok((lines, halted, first));
         }
-        if halted.is_none() && started.elapsed() > cfg.timeout {
+        let stopped = cfg
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+        if halted.is_none() && (started.elapsed() > cfg.timeout || stopped) {
             let mut events = Vec::new();
             demux.finish(&mut events);
             lines.extend(events.iter().flat_map(|e| decoder.lines(e)));

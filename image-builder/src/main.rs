@@ -425,11 +425,16 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
     if let Some(why) = elf::header_problem(&elf) {
         bail!("{} is {why}; nothing was sent", path.display());
     }
-    control::check_swap_size(name, elf.len())?;
-    // The running `cargo hv run` decodes the new instance's log with it.
+    // The running `cargo hv run` decodes the new instance's log with the full
+    // file; the system gets only what loading it needs.
     if let Err(e) = logs::store_elf(&elf) {
         eprintln!("note: {e:#}: the new instance's log lines will not decode");
     }
+    let full = elf.len();
+    let elf = elf::strip_service(&elf)
+        .with_context(|| format!("{} cannot be prepared for a swap", path.display()))?;
+    control::check_swap_size(name, elf.len())?;
+    eprintln!("sending {} bytes (the loadable parts of {full})", elf.len());
     let mut console = conn.connect()?;
     let tty = std::io::stderr().is_terminal();
     let generation = console.swap_with_progress(name, &elf, |sent, total| {
@@ -441,9 +446,8 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
         eprintln!();
     }
     println!(
-        "swapped {name}: {} ({} bytes), now generation {generation}",
-        path.display(),
-        elf.len()
+        "swapped {name}: {} ({full} bytes), now generation {generation}",
+        path.display()
     );
     Ok(ExitCode::SUCCESS)
 }

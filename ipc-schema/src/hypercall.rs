@@ -12,6 +12,7 @@
 //! | [`HC_VIEW_SWITCH`] | 2 | RBX = view | RAX = status |
 //! | [`HC_SERVICE_NULL`] | 3 | — | RAX = 0 (answered by the vmm service: an exit, an IPC and a reply) |
 //! | [`HC_IPC_PING`] | 4 | — | RAX = 0, RBX = TSC ticks of one IPC round trip between two services, measured by the vmm |
+//! | [`HC_SERVICE_INFO`] | 5 | — | RAX = 0, RBX = the vmm's version (bits 63-32) and the service calls (3 and 5) it answered for this domain so far, this one included (bits 31-0; counted across swaps, reset by a restart) |
 //! | [`HC_CALL`] | 16 | RBX = GPA of the request, RCX = its length | RAX = status, RBX = reply length; the [`Reply`] overwrites the request |
 //!
 //! The registers are the 64-bit ones; a 32-bit guest uses their low halves
@@ -39,6 +40,7 @@ pub const HC_EXIT_COUNT: u64 = 1;
 pub const HC_VIEW_SWITCH: u64 = 2;
 pub const HC_SERVICE_NULL: u64 = 3;
 pub const HC_IPC_PING: u64 = 4;
+pub const HC_SERVICE_INFO: u64 = 5;
 pub const HC_CALL: u64 = 16;
 
 /// The longest encoded request or reply (one page minus headroom).

@@ -43,6 +43,11 @@ pub enum SupervisorRequest {
         id: u16,
         op: DomainOp,
     },
+    /// Whether service `name` could be swapped (it exists and is not the
+    /// caller): asked before any byte of the new ELF is sent.
+    SwapCheck {
+        name: Name,
+    },
     /// Replace the running service `name` by the ELF (of `len` bytes) in the
     /// swap buffer shared with the caller.
     Swap {

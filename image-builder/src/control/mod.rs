@@ -866,7 +866,10 @@ pub fn describe_refusal(r: &Refusal) -> String {
             key_hex(key)
         ),
         Refusal::SwapFailed => "the new instance did not start or refused the state".into(),
-        Refusal::Kernel { error } => format!("the kernel refused (error {error})"),
+        Refusal::Kernel { error } => match ipc_schema::syscall::SysError::from_raw(*error) {
+            Some(e) => format!("the kernel refused: {e:?}"),
+            None => format!("the kernel refused (error {error})"),
+        },
         Refusal::IsCaller => "the service named is the one asking the supervisor (the console): it cannot answer its own lifecycle requests while it waits".into(),
     }
 }

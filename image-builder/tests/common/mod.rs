@@ -223,17 +223,33 @@ pub fn scratch(label: &str) -> PathBuf {
     dir
 }
 
-/// The smallest file that passes as an x86-64 ELF header, padded to `len`.
+/// An x86-64 ELF of `len` bytes (at least 256): a header and one loadable
+/// segment holding the rest of the file.
 pub fn fake_elf(len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len.max(64)];
+    let len = len.max(256);
+    let mut b = vec![0u8; len];
     b[..4].copy_from_slice(b"\x7fELF");
     b[4] = 2; // 64-bit
     b[5] = 1; // little endian
     b[6] = 1;
+    b[16] = 2; // executable
     b[18] = 62; // x86-64
-    for (i, x) in b.iter_mut().enumerate().skip(64) {
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers at 64
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    b[58..60].copy_from_slice(&64u16.to_le_bytes());
+    let (offset, size) = (120u64, len as u64 - 120);
+    b[64..68].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    b[68..72].copy_from_slice(&5u32.to_le_bytes()); // read, execute
+    b[72..80].copy_from_slice(&offset.to_le_bytes());
+    b[80..88].copy_from_slice(&(0x40_0000 + offset).to_le_bytes());
+    b[88..96].copy_from_slice(&(0x40_0000 + offset).to_le_bytes());
+    b[96..104].copy_from_slice(&size.to_le_bytes());
+    b[104..112].copy_from_slice(&size.to_le_bytes());
+    b[112..120].copy_from_slice(&16u64.to_le_bytes());
+    for (i, x) in b.iter_mut().enumerate().skip(120) {
         *x = (i * 7 + i / 251) as u8;
     }
-    b.truncate(len.max(64));
     b
 }

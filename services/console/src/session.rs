@@ -159,12 +159,19 @@ impl Session {
                     self.swap = None;
                     return R::Error(ControlError::SwapTooLarge { max });
                 }
-                self.swap = Some(Incoming {
-                    name,
-                    len,
-                    received: 0,
-                });
-                R::Done
+                self.swap = None;
+                // Refused before any byte is sent: no such service, or this one.
+                match ask(SupervisorRequest::SwapCheck { name }) {
+                    R::Done => {
+                        self.swap = Some(Incoming {
+                            name,
+                            len,
+                            received: 0,
+                        });
+                        R::Done
+                    }
+                    other => other,
+                }
             }
             ControlRequest::SwapChunk { offset, ref bytes } => {
                 let Some(s) = self.swap.as_mut() else {

@@ -7,7 +7,7 @@ use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, SWAP_CHUNK, ToHost,
 };
 use ipc_schema::ipc::BoundedVec;
-use ipc_schema::supervisor::{Refusal, SupervisorReply, SupervisorRequest, name};
+use ipc_schema::supervisor::{Refusal, SupervisorReply, SupervisorRequest, name, name_str};
 use std::vec::Vec;
 
 service_runtime::host_logger!();
@@ -25,6 +25,9 @@ impl Supervisor for Fake {
             return None;
         }
         Some(match r {
+            SupervisorRequest::SwapCheck { name } if name_str(name) == "nobody" => {
+                SupervisorReply::Refused(Refusal::NoSuchService)
+            }
             SupervisorRequest::Swap { .. } => SupervisorReply::Swapped { generation: 2 },
             SupervisorRequest::InjectFault { .. } => {
                 SupervisorReply::Refused(Refusal::NoSuchService)
@@ -185,10 +188,13 @@ fn a_swap_arrives_in_order_into_the_buffer_and_is_committed_once() {
     assert_eq!(&r.buf[..elf.len()], &elf[..]);
     assert_eq!(
         r.sup.asked,
-        [SupervisorRequest::Swap {
-            name: name("vmm"),
-            len: 1300
-        }]
+        [
+            SupervisorRequest::SwapCheck { name: name("vmm") },
+            SupervisorRequest::Swap {
+                name: name("vmm"),
+                len: 1300
+            }
+        ]
     );
     assert_eq!(
         r.send(11, ControlRequest::SwapCommit),
@@ -237,7 +243,28 @@ fn swaps_out_of_order_too_large_or_incomplete_are_refused() {
         r.send(8, ControlRequest::SwapCommit),
         ControlReply::Error(ControlError::SwapOutOfOrder { expected: 8 })
     );
-    assert!(r.sup.asked.is_empty());
+    assert!(
+        r.sup
+            .asked
+            .iter()
+            .all(|q| matches!(q, SupervisorRequest::SwapCheck { .. })),
+        "no swap was asked for"
+    );
+    // A service that does not exist is refused before any byte is sent.
+    assert_eq!(
+        r.send(
+            9,
+            ControlRequest::SwapBegin {
+                name: name("nobody"),
+                len: 10
+            }
+        ),
+        ControlReply::Refused(Refusal::NoSuchService)
+    );
+    assert_eq!(
+        r.send(10, chunk(0, b"x")),
+        ControlReply::Error(ControlError::SwapOutOfOrder { expected: 0 })
+    );
 }
 
 #[test]

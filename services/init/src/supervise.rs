@@ -356,7 +356,8 @@ impl Supervisor {
             match sys::domain_info(self.domains, d.id) {
                 // Building, running, paused: not over yet.
                 Ok((0..=2, _, _)) => return,
-                Ok((3, 0, _)) => {}
+                // Exited with status 0, or destroyed on request.
+                Ok((3, 0, _)) | Ok((5, _, _)) => {}
                 _ => all_ok = false,
             }
         }
@@ -423,6 +424,13 @@ impl Supervisor {
                     Err(e) => SupervisorReply::Refused(Refusal::Kernel { error: e as u64 }),
                 }
             }
+            SupervisorRequest::SwapCheck { name } => match self.service_index(name_str(&name)) {
+                None => SupervisorReply::Refused(Refusal::NoSuchService),
+                Some(i) if self.services[i].spec as u64 + 1 == caller => {
+                    SupervisorReply::Refused(Refusal::IsCaller)
+                }
+                Some(_) => SupervisorReply::Done,
+            },
             SupervisorRequest::Swap { name, len } => {
                 let Some(i) = self.service_index(name_str(&name)) else {
                     return SupervisorReply::Refused(Refusal::NoSuchService);

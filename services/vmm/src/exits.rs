@@ -10,8 +10,8 @@
 
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
-    CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_NULL, HYPERCALL_KEY, HcError,
-    MAX_REQUEST, Reply, Request, Status,
+    CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
+    HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, GuestRegs, Response, Then};
@@ -19,11 +19,16 @@ use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
 use serde::{Deserialize, Serialize};
 
+/// This vmm's version, as `HC_SERVICE_INFO` and the lifecycle interface
+/// report it: 1, or 2 when built with the `next` feature (a stand-in for a
+/// new release in the live-swap tests).
+pub const VERSION: u32 = if cfg!(feature = "next") { 2 } else { 1 };
+
 /// The guest's COM1.
 pub const COM1: u16 = 0x3f8;
 /// QEMU's isa-debug-exit port: a write ends the domain with that status.
 pub const EXIT_PORT: u16 = 0xf4;
-/// A console line longer than this is logged in pieces.
+/// Console bytes held back at most (then sent on).
 pub const LINE: usize = 120;
 /// Domains the vmm keeps device state for.
 pub const DOMAINS: usize = 16;
@@ -49,13 +54,28 @@ struct Devices {
     id: u16,
     uart: Uart16550,
     line: heapless::Vec<u8, LINE>,
+    /// Service calls answered (`HC_SERVICE_NULL`, `HC_SERVICE_INFO`).
+    service_calls: u32,
+    /// The last byte sent to the log was not a newline.
+    open_line: bool,
 }
 
 /// The vmm's state: what a successor must get in a swap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    /// (domain, UART registers, the console line written so far).
-    pub domains: heapless::Vec<(u16, [u8; 6], heapless::Vec<u8, LINE>), DOMAINS>,
+    pub domains: heapless::Vec<Saved, DOMAINS>,
+}
+
+/// One domain's devices, saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    pub id: u16,
+    /// The UART's registers.
+    pub uart: [u8; 6],
+    /// The console line written so far.
+    pub line: heapless::Vec<u8, LINE>,
+    pub service_calls: u32,
+    pub open_line: bool,
 }
 
 #[derive(Default)]
@@ -67,24 +87,32 @@ impl Vmm {
     pub fn snapshot(&self) -> State {
         let mut s = State::default();
         for d in &self.domains {
-            let _ = s.domains.push((d.id, d.uart.save(), d.line.clone()));
+            let _ = s.domains.push(Saved {
+                id: d.id,
+                uart: d.uart.save(),
+                line: d.line.clone(),
+                service_calls: d.service_calls,
+                open_line: d.open_line,
+            });
         }
         s
     }
 
     pub fn restore(state: State) -> Self {
         let mut v = Self::default();
-        for (id, uart, line) in state.domains {
+        for d in state.domains {
             let _ = v.domains.push(Devices {
-                id,
-                uart: Uart16550::restore(uart),
-                line,
+                id: d.id,
+                uart: Uart16550::restore(d.uart),
+                line: d.line,
+                service_calls: d.service_calls,
+                open_line: d.open_line,
             });
         }
         v
     }
 
-    /// The text the guest of `domain` wrote since its last newline.
+    /// The console bytes of `domain` not yet sent to the log.
     pub fn pending_line(&self, domain: u16) -> &[u8] {
         self.domains
             .iter()
@@ -121,6 +149,20 @@ impl Vmm {
 
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) -> Response {
         let id = exit.domain;
+        // Console bytes are held back only while the guest keeps writing
+        // them: any other exit sends them on, so that a fault of this
+        // service loses at most an unfinished burst.
+        if !matches!(
+            exit.kind,
+            ExitKind::Io {
+                port: COM1..=0x3ff,
+                ..
+            }
+        ) && let Some(d) = self.domains.iter_mut().find(|d| d.id == id)
+            && !d.line.is_empty()
+        {
+            flush(env, d);
+        }
         match exit.kind {
             ExitKind::Cpuid { leaf, subleaf } => {
                 let r = cpuid(env, leaf, subleaf);
@@ -129,7 +171,16 @@ impl Vmm {
                 Response::DONE
             }
             ExitKind::Hypercall => {
-                hypercall(env, exit, regs);
+                if regs.rax == HC_SERVICE_NULL || regs.rax == HC_SERVICE_INFO {
+                    let d = self.devices(id);
+                    d.service_calls = d.service_calls.wrapping_add(1);
+                    if regs.rax == HC_SERVICE_INFO {
+                        regs.rbx = (u64::from(VERSION) << 32) | u64::from(d.service_calls);
+                    }
+                    regs.rax = Status::Ok as u64;
+                } else {
+                    hypercall(env, exit, regs);
+                }
                 Response::DONE
             }
             ExitKind::Io {
@@ -256,9 +307,10 @@ impl Vmm {
             EXIT_PORT if write => {
                 // Whatever the guest left unterminated still reaches the log.
                 let d = self.devices(id);
-                if !d.line.is_empty() {
-                    env.console(id, &d.line);
-                    d.line.clear();
+                flush(env, d);
+                if d.open_line {
+                    env.console(id, b"\n");
+                    d.open_line = false;
                 }
                 return Response {
                     advance: true,
@@ -274,19 +326,21 @@ impl Vmm {
 }
 
 fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
-    match byte {
-        b'\r' => {}
-        b'\n' => {
-            env.console(d.id, &d.line);
-            d.line.clear();
-        }
-        b => {
-            if d.line.push(b).is_err() {
-                env.console(d.id, &d.line);
-                d.line.clear();
-                let _ = d.line.push(b);
-            }
-        }
+    if byte == b'\r' {
+        return;
+    }
+    let _ = d.line.push(byte);
+    if byte == b'\n' || d.line.is_full() {
+        flush(env, d);
+    }
+}
+
+/// Sends the console bytes held back so far (the host cuts lines at '\n').
+fn flush(env: &mut impl Env, d: &mut Devices) {
+    if let Some(&last) = d.line.last() {
+        env.console(d.id, &d.line);
+        d.open_line = last != b'\n';
+        d.line.clear();
     }
 }
 
@@ -357,7 +411,6 @@ fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
 /// A VMCALL the kernel's fast path did not take (ABI: `ipc_schema::hypercall`).
 fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) {
     let status = match regs.rax {
-        HC_SERVICE_NULL => Status::Ok,
         HC_IPC_PING => {
             let start = env.tsc();
             match env.altp2m(&AltRequest::Ping) {

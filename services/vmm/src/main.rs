@@ -42,14 +42,14 @@ impl Env for System {
         unsafe { core::arch::x86_64::_rdtsc() }
     }
 
-    fn console(&mut self, domain: u16, line: &[u8]) {
-        // The log wire carries console bytes; the host cuts lines at '\n'.
-        let mut buf = [0u8; service_vmm::exits::LINE + 1];
-        let n = line.len().min(service_vmm::exits::LINE);
-        buf[..n].copy_from_slice(&line[..n]);
-        buf[n] = b'\n';
-        if let Err(e) = sys::console(self.domains, domain, &buf[..=n]) {
-            defmt::warn!("vmm: console line of domain {=u16} lost: {}", domain, e);
+    fn console(&mut self, domain: u16, bytes: &[u8]) {
+        if let Err(e) = sys::console(self.domains, domain, bytes) {
+            defmt::warn!(
+                "vmm: {=usize} console bytes of domain {=u16} lost: {}",
+                bytes.len(),
+                domain,
+                e
+            );
         }
     }
 
@@ -106,6 +106,10 @@ impl Service for Server {
     fn restore(&mut self, state: State) {
         self.vmm = Vmm::restore(state);
     }
+
+    fn version(&self) -> u32 {
+        service_vmm::exits::VERSION
+    }
 }
 
 fn main() -> ! {
@@ -116,7 +120,8 @@ fn main() -> ! {
         features: sys::vm_features(),
     };
     defmt::info!(
-        "vmm: serving exits (generation {=u32})",
+        "vmm: version {=u32} serving exits (generation {=u32})",
+        service_vmm::exits::VERSION,
         service_runtime::generation()
     );
     let mut server = Server {

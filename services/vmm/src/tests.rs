@@ -5,7 +5,8 @@ extern crate std;
 use crate::exits::{COM1, EXIT_PORT, Env, Vmm};
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
-    HC_CALL, HC_IPC_PING, HC_SERVICE_NULL, HcError, MAX_REQUEST, Reply, Request, Status,
+    HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL, HcError, MAX_REQUEST, Reply, Request,
+    Status,
 };
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, GuestRegs, Inject, Then};
@@ -113,15 +114,29 @@ fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
 #[test]
 fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let info = |vmm: &mut Vmm, env: &mut Fake| {
+        let regs = GuestRegs {
+            rax: HC_SERVICE_INFO,
+            ..GuestRegs::default()
+        };
+        vmm.exit(env, &exit(ExitKind::Hypercall, regs))
+            .regs
+            .unwrap()
+            .rbx
+    };
+    assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 1);
+    assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 2);
     for b in b"hello\r\nwor" {
         out(&mut vmm, &mut env, COM1, *b);
     }
-    assert_eq!(env.lines, [(3, b"hello".to_vec())]);
-    // A successor gets the unfinished line and the UART registers.
+    assert_eq!(env.lines, [(3, b"hello\n".to_vec())]);
+    // A successor gets the unfinished line, the UART registers and the count
+    // of service calls.
     let mut next = Vmm::restore(vmm.snapshot());
     assert_eq!(next.pending_line(3), b"wor");
     out(&mut next, &mut env, COM1, b'\n');
-    assert_eq!(env.lines[1], (3, b"wor".to_vec()));
+    assert_eq!(env.lines[1], (3, b"wor\n".to_vec()));
+    assert_eq!(info(&mut next, &mut env), (1 << 32) | 3);
 }
 
 #[test]
@@ -145,7 +160,12 @@ fn a_long_line_is_logged_in_pieces_and_nothing_is_lost() {
     );
     assert_eq!(r.response.then, Then::Exit { status: 0 });
     let joined: Vec<u8> = env.lines.iter().flat_map(|(_, l)| l.clone()).collect();
-    assert_eq!(joined, text);
+    assert_eq!(
+        joined,
+        [&text[..], b"\n"].concat(),
+        "the unfinished line is ended at exit"
+    );
+    assert!(env.lines.iter().all(|(_, l)| l.len() <= crate::exits::LINE));
 }
 
 #[test]
@@ -400,4 +420,29 @@ fn a_request_while_altp2m_is_down_is_refused_with_a_reason() {
     let reply: Reply =
         postcard::from_bytes(&env.memory[0x200..0x200 + after.rbx as usize]).unwrap();
     assert_eq!(reply, Reply::Error(HcError::ServiceUnavailable));
+}
+
+#[test]
+fn held_back_console_bytes_go_out_at_the_next_other_exit() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    for b in b"tick 4: " {
+        out(&mut vmm, &mut env, COM1, *b);
+    }
+    assert!(env.lines.is_empty(), "a burst of writes is held back");
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Hypercall,
+            GuestRegs {
+                rax: HC_SERVICE_NULL,
+                ..GuestRegs::default()
+            },
+        ),
+    );
+    assert_eq!(
+        env.lines,
+        [(3, b"tick 4: ".to_vec())],
+        "and sent at the first other exit"
+    );
+    assert!(vmm.pending_line(3).is_empty());
 }

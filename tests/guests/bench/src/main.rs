@@ -12,8 +12,10 @@
 //! | `vmcall_kernel_ticks` | the `HC_NULL` hypercall |
 //! | `vmfunc_switch_ticks` | one VMFUNC view switch, alternately 0 -> v and v -> 0 |
 //! | `vmfunc_switch_exits` | VM exits over 1000 VMFUNC switches (`exit_count` difference minus the `exit_count` call's own exit) |
-//! | `ept_violation_kernel_ticks` | in a fresh view (filled lazily from the host p2m), a read of a page never touched in that view: one EPT violation resolved by the hypervisor; 10 warm-up pages, then 200 |
+//! | `lazy_fill_ticks` | in a fresh view (filled lazily from the host p2m), a read of a page never touched in that view: one EPT violation sent to the altp2m service, which fills the entry from the host p2m (ALT-6); 10 warm-up pages, then 200 |
 //! | `view_switch_hypercall_ticks` | one `HC_VIEW_SWITCH`, alternately to v and back to 0 |
+//! | `vmcall_service_ticks` | the `HC_SERVICE_NULL` hypercall: exit, IPC to the vmm service in ring 3, its reply, entry |
+//! | `ipc_roundtrip_ticks` | one call and reply between two services (vmm to altp2m), timed by the vmm with RDTSC; `HC_IPC_PING` returns it (median of 1000, no warm-up) |
 //!
 //! A key whose feature is missing (no VMFUNC; no alternate views) is
 //! printed as `BENCH <key>=null`. Exit status 0; 1 when a hypercall that
@@ -25,7 +27,8 @@
 use guest_runtime::abi::{Request, Status};
 use guest_runtime::hypercall::{self, call_done};
 use guest_runtime::{
-    MultibootInfo, Pages, exit_count, null, println, rdtsc, view_switch, vmfunc_switch,
+    MultibootInfo, Pages, exit_count, ipc_ping, null, println, rdtsc, service_null, view_switch,
+    vmfunc_switch,
 };
 
 guest_runtime::entry!(main);
@@ -137,6 +140,27 @@ fn main(_info: &MultibootInfo) -> u32 {
         })),
     );
 
+    bench(
+        "vmcall_service_ticks",
+        Some(measure(|_| {
+            service_null();
+        })),
+    );
+    let mut pings = [0u64; SAMPLES];
+    let mut pinged = true;
+    for (i, p) in pings.iter_mut().enumerate() {
+        match ipc_ping() {
+            Some(t) => *p = t,
+            None => {
+                println!("FAIL: the IPC ping hypercall was refused (sample {i})");
+                failed = true;
+                pinged = false;
+                break;
+            }
+        }
+    }
+    bench("ipc_roundtrip_ticks", pinged.then(|| median(&mut pings)));
+
     let caps = match hypercall::capabilities() {
         Ok(c) => Some(c),
         Err(e) => {
@@ -222,7 +246,7 @@ fn main(_info: &MultibootInfo) -> u32 {
     }
     match fresh.map(|w| ept_violations(w, fresh_by_vmfunc)) {
         Some(Some((ticks, exits))) => {
-            bench("ept_violation_kernel_ticks", Some(ticks));
+            bench("lazy_fill_ticks", Some(ticks));
             println!("ept violations: {EPT_SAMPLES} first touches, {exits} VM exits");
             if exits < EPT_SAMPLES as u64 {
                 println!(
@@ -232,9 +256,9 @@ fn main(_info: &MultibootInfo) -> u32 {
         }
         Some(None) => {
             failed = true;
-            bench("ept_violation_kernel_ticks", None);
+            bench("lazy_fill_ticks", None);
         }
-        None => bench("ept_violation_kernel_ticks", None),
+        None => bench("lazy_fill_ticks", None),
     }
 
     // The view-switch hypercall.

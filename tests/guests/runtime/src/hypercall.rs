@@ -14,7 +14,8 @@ use core::arch::asm;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 use ipc_schema::hypercall::{
-    HC_CALL, HC_EXIT_COUNT, HC_NULL, HC_VIEW_SWITCH, HcError, MAX_REQUEST, Reply, Request, Status,
+    HC_CALL, HC_EXIT_COUNT, HC_IPC_PING, HC_NULL, HC_SERVICE_INFO, HC_SERVICE_NULL, HC_VIEW_SWITCH,
+    HcError, MAX_REQUEST, Reply, Request, Status,
 };
 
 /// Executes VMCALL with RAX = `nr`, RBX = `rbx`, RCX = `rcx`; returns
@@ -51,6 +52,30 @@ fn status(raw: u64) -> Status {
 #[inline(always)]
 pub fn null() -> u64 {
     vmcall(HC_NULL, 0, 0).0
+}
+
+/// HC_SERVICE_NULL: a round trip through the vmm service (exit, IPC,
+/// reply, entry). Returns RAX (0).
+#[inline(always)]
+pub fn service_null() -> u64 {
+    vmcall(HC_SERVICE_NULL, 0, 0).0
+}
+
+/// HC_SERVICE_INFO: (the vmm's version, the service calls it answered for
+/// this domain, this one included). Panics if the hypervisor refuses.
+pub fn service_info() -> (u32, u32) {
+    let (rax, rbx) = vmcall(HC_SERVICE_INFO, 0, 0);
+    match status(rax) {
+        Status::Ok => ((rbx >> 32) as u32, rbx as u32),
+        other => panic!("service_info hypercall failed: {other:?}"),
+    }
+}
+
+/// HC_IPC_PING: TSC ticks of one IPC round trip between two services, as
+/// the vmm measured it; `None` if it could not.
+pub fn ipc_ping() -> Option<u64> {
+    let (rax, rbx) = vmcall(HC_IPC_PING, 0, 0);
+    (status(rax) == Status::Ok).then_some(rbx)
 }
 
 /// HC_EXIT_COUNT: the VM exits of this vCPU so far. Panics if the

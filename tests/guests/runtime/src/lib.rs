@@ -89,7 +89,9 @@ pub mod vmx;
 
 pub use boot::{STACK_SIZE, STATUS_BAD_BOOT};
 pub use cpu::{Cpuid, cpuid, exit, hlt, rdtsc};
-pub use hypercall::{CallError, call, exit_count, null, view_switch};
+pub use hypercall::{
+    CallError, call, exit_count, ipc_ping, null, service_info, service_null, view_switch,
+};
 pub use idt::{STATUS_EXCEPTION, TrapFrame};
 pub use mem::{LargePage, PAGE_SIZE, Pages, gfn_of};
 pub use multiboot::{MemoryRange, MultibootInfo};

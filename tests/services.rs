@@ -1,0 +1,158 @@
+//! Services at run time, on Bochs (VMX): restarts after a fault, live swaps,
+//! and the control channel, driven by the harness as `cargo hv ctl` would.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use ipc_schema::supervisor::Refusal;
+use ipc_schema::syscall::DomainOp;
+use parallax_tests::{boot_live, system};
+
+/// A system of one domain running the ticker guest with `cmdline`.
+fn ticker(name: &str, cmdline: &str) -> image_builder::image::Image {
+    system(
+        name,
+        &format!(
+            "name = \"{name}\"\n[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"{cmdline}\"\n"
+        ),
+    )
+}
+
+/// The (vmm version, service call count) a `tick` line reports.
+fn tick(line: &str) -> Option<(u32, u64)> {
+    let rest = line.split_once(": vmm version ")?.1;
+    let (version, calls) = rest.split_once(", ")?;
+    Some((
+        version.parse().ok()?,
+        calls.strip_suffix(" service calls")?.parse().ok()?,
+    ))
+}
+
+/// The (version, count) of every tick line of domain 1.
+fn ticks(run: &parallax_tests::Run) -> Vec<(u32, u64)> {
+    run.console(1).iter().filter_map(|l| tick(l)).collect()
+}
+
+#[test]
+fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
+    let img = ticker("fault-vmm", "ticks=150 calls=100");
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            live.wait_for("dom1", "tick 3:", 120);
+            let mut ctl = live.control();
+            ctl.inject_fault("vmm").expect("the fault is injected");
+            live.wait_for("init", "restarted service vmm", 60);
+            let vmm = ctl
+                .services()
+                .unwrap()
+                .into_iter()
+                .find(|s| ipc_schema::supervisor::name_str(&s.name) == "vmm")
+                .expect("vmm is listed");
+            assert_eq!((vmm.generation, vmm.restarts, vmm.state), (1, 1, 0));
+        },
+    );
+    run.expect_from("vmm", "fault injected on request")
+        .expect("service vmm (generation 0) faulted: page fault (#PF) (vector 14)")
+        .expect("cr2 0xdead0000")
+        .expect_from("init", "restarted service vmm after fault 1 (generation 1)")
+        .expect_from("vmm", "vmm: version 1 serving exits (generation 1)")
+        .expect_console(1, "ticker: done")
+        .expect_status(HaltStatus::Success);
+    // The restarted vmm starts from nothing: its count of service calls
+    // starts again (a swap, below, keeps it).
+    let counts: Vec<u64> = ticks(&run).iter().map(|t| t.1).collect();
+    // Console bytes are held back only during a burst of writes: a fault
+    // can cost at most the one line being written.
+    assert!(counts.len() >= 149, "every tick ran: {counts:?}");
+    assert!(
+        counts.windows(2).any(|w| w[1] < w[0]),
+        "the count restarted: {counts:?}"
+    );
+}
+
+/// The refusal of a failed control request.
+fn refusal(e: image_builder::control::ClientError) -> Refusal {
+    match e {
+        image_builder::control::ClientError::Refused { refusal, .. } => refusal,
+        other => panic!("not a refusal: {other}"),
+    }
+}
+
+#[test]
+fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
+    let next = image_builder::compile::service_variant(
+        "vmm",
+        "next",
+        &image_builder::compile::BuildOptions::default(),
+    )
+    .expect("the next vmm builds");
+    let full = std::fs::read(&next).unwrap();
+    image_builder::logs::store_elf(&full).unwrap();
+    let elf = image_builder::elf::strip_service(&full).unwrap();
+    let img = ticker("swap-vmm", "ticks=0 calls=100");
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            live.wait_for("dom1", "tick 2:", 120);
+            let mut ctl = live.control();
+            // Refused swaps change nothing.
+            let e = ctl.swap("vmm", &[0x55; 3000]).unwrap_err();
+            assert_eq!(refusal(e), Refusal::NotElf);
+            let console = std::fs::read(parallax_tests::service_elf("console")).unwrap();
+            let console = image_builder::elf::strip_service(&console).unwrap();
+            let e = ctl.swap("vmm", &console).unwrap_err();
+            assert_eq!(
+                refusal(e),
+                Refusal::MissingInterface {
+                    key: ipc_schema::vmexit::VMEXIT.key.to_bytes()
+                }
+            );
+            let e = ctl.swap("nobody", &elf).unwrap_err();
+            assert_eq!(refusal(e), Refusal::NoSuchService);
+            let e = ctl.swap("console", &console).unwrap_err();
+            assert_eq!(refusal(e), Refusal::IsCaller);
+            let before = tick(&live.wait_for("dom1", "vmm version 1", 60).text).unwrap();
+
+            let generation = ctl.swap("vmm", &elf).expect("the swap goes through");
+            assert_eq!(generation, 1);
+            let after = tick(&live.wait_for("dom1", "vmm version 2", 120).text).unwrap();
+            assert!(
+                after.1 > before.1,
+                "the count went on from the old instance's: {before:?} then {after:?}"
+            );
+            let vmm = ctl
+                .services()
+                .unwrap()
+                .into_iter()
+                .find(|s| ipc_schema::supervisor::name_str(&s.name) == "vmm")
+                .unwrap();
+            assert_eq!((vmm.generation, vmm.restarts, vmm.state), (1, 0, 0));
+            ctl.domain_control(1, DomainOp::Destroy).unwrap();
+        },
+    );
+    run.expect_from(
+        "init",
+        "swap of vmm refused: the file is not an x86-64 ELF executable",
+    )
+    .expect_from(
+        "init",
+        "swap of vmm refused: the new ELF does not serve parallax/vmexit",
+    )
+    .expect_from("vmm", "snapshot of")
+    .expect_from("vmm", "vmm: version 2 serving exits (generation 0)")
+    .expect_from("vmm", "state restored")
+    .expect_from("init", "swapped service vmm")
+    .expect_from("init", "domain 1: Destroy on request")
+    .expect_no("faulted")
+    .expect_status(HaltStatus::Success);
+    // Every tick: version 1 up to the swap, version 2 after, and the count
+    // of service calls never goes back.
+    let t = ticks(&run);
+    let first_v2 = t.iter().position(|x| x.0 == 2).expect("version 2 answered");
+    assert!(t[..first_v2].iter().all(|x| x.0 == 1) && t[first_v2..].iter().all(|x| x.0 == 2));
+    assert!(t.windows(2).all(|w| w[1].1 > w[0].1), "{t:?}");
+}
