@@ -51,6 +51,9 @@ pub struct Kernel {
     pub frames: [Option<FramesObject>; MAX_FRAMES_OBJECTS],
     pub domains: [Option<Domain>; MAX_DOMAINS],
     pub ready: heapless::Deque<Runnable, 64>,
+    /// IPC wake-ups put at the front of `ready` since the queue last got a
+    /// turn (see [`Kernel::make_ready_next`]).
+    pub front_streak: u32,
     /// The process whose registers are in the trap frame being handled.
     pub current: Option<u16>,
     /// Next log source number for a service.
@@ -74,6 +77,7 @@ static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
     frames: [const { None }; MAX_FRAMES_OBJECTS],
     domains: [const { None }; MAX_DOMAINS],
     ready: heapless::Deque::new(),
+    front_streak: 0,
     current: None,
     next_source: 1,
     domain_watch: None,
@@ -91,6 +95,9 @@ pub fn kernel() -> &'static mut Kernel {
     unsafe { &mut *KERNEL.0.get() }
 }
 
+/// IPC wake-ups in a row that may jump the queue.
+pub const FRONT_STREAK: u32 = 32;
+
 impl Kernel {
     /// Queues a runnable (once).
     pub fn make_ready(&mut self, r: Runnable) {
@@ -100,10 +107,20 @@ impl Kernel {
     }
 
     /// Queues a runnable to run next (IPC wake-ups: a call runs its server,
-    /// a reply its caller).
+    /// a reply its caller). A chain of calls and replies (a guest making
+    /// hypercalls its handler answers) would keep everything else waiting,
+    /// so after [`FRONT_STREAK`] such wake-ups in a row the next one goes to
+    /// the back of the queue and the others get their turn.
     pub fn make_ready_next(&mut self, r: Runnable) {
         self.ready.retain(|q| *q != r);
-        if self.ready.push_front(r).is_err() {
+        self.front_streak += 1;
+        let queued = if self.front_streak > FRONT_STREAK && !self.ready.is_empty() {
+            self.front_streak = 0;
+            self.ready.push_back(r)
+        } else {
+            self.ready.push_front(r)
+        };
+        if queued.is_err() {
             defmt::error!("scheduler queue full; dropping {}", r);
         }
     }

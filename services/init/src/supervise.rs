@@ -356,8 +356,9 @@ impl Supervisor {
             match sys::domain_info(self.domains, d.id) {
                 // Building, running, paused: not over yet.
                 Ok((0..=2, _, _)) => return,
-                // Exited with status 0, or destroyed on request.
-                Ok((3, 0, _)) | Ok((5, _, _)) => {}
+                // Exited with status 0, or destroyed on request (the
+                // kernel forgets a destroyed domain).
+                Ok((3, 0, _)) | Ok((5, _, _)) | Err(SysError::BadArgument) => {}
                 _ => all_ok = false,
             }
         }
