@@ -14,6 +14,7 @@
 //! last saw, so the first call through an old handle after a restart also
 //! fails with `Dead`, once, and the client knows to bind again.
 
+use super::caps::{Cap, Object};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
 use ipc_schema::syscall::{MAX_MESSAGE, SysError};
@@ -44,6 +45,17 @@ pub struct Endpoint {
 pub struct Notification {
     pub bits: u64,
     pub waiter: Option<u16>,
+}
+
+/// The set bits of `mask`, lowest first (handle slots of a receive mask).
+pub fn bits(mut mask: u64) -> impl Iterator<Item = u32> {
+    core::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let b = mask.trailing_zeros();
+            mask &= mask - 1;
+            b
+        })
+    })
 }
 
 /// A token names a caller and its call: kind (bit 63), id, sequence.
@@ -94,33 +106,44 @@ impl Kernel {
             e.waiting = None;
             return false;
         };
-        // The message and who sent it.
-        let mut msg = [0u8; MAX_MESSAGE];
+        // The message and who sent it (copied without zeroing first: only
+        // the `len` bytes written are read).
+        let mut msg = core::mem::MaybeUninit::<[u8; MAX_MESSAGE]>::uninit();
+        let msg_ptr = msg.as_mut_ptr().cast::<u8>();
         let (len, badge, seq) = match sender {
             Sender::Process(pid) => {
-                let Some(p) = self.processes[usize::from(pid)].as_mut() else {
+                let Some(p) = self.processes[usize::from(pid)].as_ref() else {
                     return false;
                 };
-                let Some(State::Blocked(Wait::Call { .. })) = Some(p.state) else {
+                let State::Blocked(Wait::Call {
+                    ep: call_ep,
+                    handle,
+                    ..
+                }) = p.state
+                else {
                     return false;
                 };
-                msg[..p.outbox_len].copy_from_slice(&p.outbox[..p.outbox_len]);
-                let badge = match p.state {
-                    State::Blocked(Wait::Call { ep: call_ep, .. }) if call_ep == ep => {
-                        call_badge(p, ep)
-                    }
+                let len = p.outbox_len.min(MAX_MESSAGE);
+                // Safety: `msg` has room for MAX_MESSAGE bytes.
+                unsafe { core::ptr::copy_nonoverlapping(p.outbox.as_ptr(), msg_ptr, len) };
+                let badge = match p.handles.get(handle as usize).copied().flatten() {
+                    Some(c) if call_ep == ep => c.badge,
                     _ => 0,
                 };
-                (p.outbox_len, badge, p.seq)
+                (len, badge, p.seq)
             }
             Sender::Vcpu(slot) => {
                 let Some(d) = self.domains[usize::from(slot)].as_ref() else {
                     return false;
                 };
-                msg[..d.outbox_len].copy_from_slice(&d.outbox[..d.outbox_len]);
-                (d.outbox_len, 0, d.exit_seq)
+                let len = d.outbox_len.min(MAX_MESSAGE);
+                // Safety: as above.
+                unsafe { core::ptr::copy_nonoverlapping(d.outbox.as_ptr(), msg_ptr, len) };
+                (len, 0, d.exit_seq)
             }
         };
+        // Safety: the first `len` bytes were just written.
+        let msg = unsafe { core::slice::from_raw_parts(msg_ptr, len) };
         if len as u64 > cap {
             // The receiver's buffer is too small: it gets the error, the
             // caller stays queued.
@@ -129,8 +152,10 @@ impl Kernel {
                 .expect("checked above");
             p.frame.rax = SysError::MessageTooLong as u64;
             p.frame.rdi = len as u64;
-            p.state = State::Ready;
             self.clear_waiting(receiver);
+            if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
+                p.state = State::Ready;
+            }
             self.make_ready(Runnable::Process(receiver));
             return false;
         }
@@ -138,11 +163,13 @@ impl Kernel {
         let p = self.processes[usize::from(receiver)]
             .as_mut()
             .expect("checked above");
-        let written = p.space.as_ref().map(|s| s.write(buf, &msg[..len]));
+        let written = p.space.as_ref().map(|s| s.write(buf, msg));
         if !matches!(written, Some(Ok(()))) {
             p.frame.rax = SysError::BadAddress as u64;
-            p.state = State::Ready;
             self.clear_waiting(receiver);
+            if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
+                p.state = State::Ready;
+            }
             self.make_ready(Runnable::Process(receiver));
             return false;
         }
@@ -152,8 +179,10 @@ impl Kernel {
         p.frame.rdx = badge;
         p.frame.r10 = u64::from(slot);
         p.frame.r8 = 0;
-        p.state = State::Ready;
         self.clear_waiting(receiver);
+        if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
+            p.state = State::Ready;
+        }
         if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
             e.queue.pop_front();
             e.server = Some(receiver);
@@ -179,16 +208,41 @@ impl Kernel {
         true
     }
 
-    /// Removes `pid` as the waiting receiver of every endpoint and notification.
+    /// Removes `pid` as the waiting receiver of the endpoints and
+    /// notifications it waits on (called while it is still blocked).
     pub fn clear_waiting(&mut self, pid: u16) {
-        for e in self.endpoints.iter_mut().flatten() {
-            if e.waiting == Some(pid) {
-                e.waiting = None;
+        let Some(p) = self.processes[usize::from(pid)].as_ref() else {
+            return;
+        };
+        let mask = match p.state {
+            State::Blocked(Wait::Recv { mask, .. }) => mask,
+            State::Blocked(Wait::Notification(n)) => {
+                if let Some(note) = self.notifications[usize::from(n)].as_mut()
+                    && note.waiter == Some(pid)
+                {
+                    note.waiter = None;
+                }
+                return;
             }
-        }
-        for n in self.notifications.iter_mut().flatten() {
-            if n.waiter == Some(pid) {
-                n.waiter = None;
+            _ => return,
+        };
+        for slot in bits(mask) {
+            match p.handles[slot as usize].map(|c| c.object) {
+                Some(Object::Endpoint { id, .. }) => {
+                    if let Some(e) = self.endpoints[usize::from(id)].as_mut()
+                        && e.waiting == Some(pid)
+                    {
+                        e.waiting = None;
+                    }
+                }
+                Some(Object::Notification(n)) => {
+                    if let Some(note) = self.notifications[usize::from(n)].as_mut()
+                        && note.waiter == Some(pid)
+                    {
+                        note.waiter = None;
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -311,20 +365,19 @@ impl Kernel {
         let (note, slot) = match p.state {
             State::Blocked(Wait::Notification(n)) => (n, u32::MAX),
             State::Blocked(Wait::Recv { mask, .. }) => {
-                match (0..64u32)
-                    .filter(|b| mask & (1 << b) != 0)
-                    .find_map(|slot| match p.handles[slot as usize] {
-                        Some(super::caps::Cap {
-                            object: super::caps::Object::Notification(n),
-                            ..
-                        }) if self.notifications[usize::from(n)]
-                            .as_ref()
-                            .is_some_and(|x| x.bits != 0) =>
-                        {
-                            Some((n, slot))
-                        }
-                        _ => None,
-                    }) {
+                let found = bits(mask).find_map(|slot| match p.handles[slot as usize] {
+                    Some(Cap {
+                        object: Object::Notification(n),
+                        ..
+                    }) if self.notifications[usize::from(n)]
+                        .as_ref()
+                        .is_some_and(|x| x.bits != 0) =>
+                    {
+                        Some((n, slot))
+                    }
+                    _ => None,
+                });
+                match found {
                     Some(found) => found,
                     None => return,
                 }
@@ -349,19 +402,12 @@ impl Kernel {
         if slot == u32::MAX {
             p.frame.rdi = bits;
         }
-        p.state = State::Ready;
         self.clear_waiting(pid);
+        if let Some(p) = self.processes[usize::from(pid)].as_mut() {
+            p.state = State::Ready;
+        }
         self.make_ready(Runnable::Process(pid));
     }
-}
-
-/// The badge of the handle `p` called `ep` through.
-fn call_badge(p: &super::process::Process, ep: u16) -> u64 {
-    p.handles
-        .iter()
-        .flatten()
-        .find(|c| matches!(c.object, super::caps::Object::Endpoint { id, .. } if id == ep))
-        .map_or(0, |c| c.badge)
 }
 
 /// The slot of `receiver`'s handle (within `mask`) for endpoint `ep`.
@@ -369,10 +415,9 @@ fn handle_slot_of(k: &Kernel, receiver: u16, mask: u64, ep: u16) -> u32 {
     let Some(p) = k.processes[usize::from(receiver)].as_ref() else {
         return u32::MAX;
     };
-    (0..64u32)
-        .filter(|b| mask & (1 << b) != 0)
+    bits(mask)
         .find(|&slot| {
-            matches!(p.handles[slot as usize], Some(super::caps::Cap { object: super::caps::Object::Endpoint { id, .. }, .. }) if id == ep)
+            matches!(p.handles[slot as usize], Some(Cap { object: Object::Endpoint { id, .. }, .. }) if id == ep)
         })
         .unwrap_or(u32::MAX)
 }

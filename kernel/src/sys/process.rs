@@ -35,6 +35,8 @@ pub enum Wait {
     /// The reply to its call on endpoint `ep`.
     Call {
         ep: u16,
+        /// The caller's handle slot it called through (for the badge).
+        handle: u32,
         reply_buf: u64,
         reply_cap: u64,
         seq: u32,

@@ -7,7 +7,7 @@
 //! service's own page tables.
 
 use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, right_name};
-use super::ipc::{Endpoint, Notification, Sender};
+use super::ipc::{Endpoint, Notification, Sender, bits};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
 use crate::arch::idt::TrapFrame;
@@ -607,16 +607,21 @@ fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         }
         return Err(SysError::Dead);
     }
-    let mut msg = [0u8; MAX_MESSAGE];
-    read_user(k, pid, a[1], &mut msg[..len])?;
     let p = k.processes[usize::from(pid)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
-    p.outbox[..len].copy_from_slice(&msg[..len]);
+    // Straight from the caller's memory into its outbox.
+    let super::process::Process { space, outbox, .. } = p;
+    space
+        .as_ref()
+        .ok_or(SysError::BadAddress)?
+        .read(a[1], &mut outbox[..len])
+        .map_err(|_| SysError::BadAddress)?;
     p.outbox_len = len;
     p.seq = p.seq.wrapping_add(1);
     p.state = State::Blocked(Wait::Call {
         ep: id,
+        handle: a[0] as u32,
         reply_buf: a[3],
         reply_cap: a[4],
         seq: p.seq,
@@ -636,9 +641,12 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
     if len > MAX_MESSAGE {
         return Err(SysError::MessageTooLong);
     }
-    let mut msg = [0u8; MAX_MESSAGE];
-    read_user(k, pid, va, &mut msg[..len])?;
-    k.reply(pid, token, &msg[..len])
+    let mut msg = core::mem::MaybeUninit::<[u8; MAX_MESSAGE]>::uninit();
+    // Safety: a byte buffer needs no initialisation to be written, and only
+    // the `len` bytes `read_user` filled are read back.
+    let msg = unsafe { core::slice::from_raw_parts_mut(msg.as_mut_ptr().cast::<u8>(), len) };
+    read_user(k, pid, va, msg)?;
+    k.reply(pid, token, msg)
 }
 
 fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
@@ -646,27 +654,22 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
         .as_ref()
         .ok_or(SysError::NoSuchHandle)?;
     // Every handle in the mask must be one to receive or wait on.
-    let mut endpoints: heapless::Vec<u16, 64> = heapless::Vec::new();
-    let mut notes: heapless::Vec<u16, 64> = heapless::Vec::new();
-    for slot in (0..64u64).filter(|b| mask & (1 << b) != 0) {
-        match p.handles.get(slot as usize).copied().flatten() {
+    let mut any = false;
+    for slot in bits(mask) {
+        match p.handles[slot as usize] {
             Some(Cap {
-                object: Object::Endpoint { id, .. },
+                object: Object::Endpoint { .. },
                 rights: r,
                 ..
-            }) if r & rights::RECEIVE != 0 => {
-                let _ = endpoints.push(id);
-            }
+            }) if r & rights::RECEIVE != 0 => any = true,
             Some(Cap {
-                object: Object::Notification(n),
+                object: Object::Notification(_),
                 rights: r,
                 ..
-            }) if r & rights::WAIT != 0 => {
-                let _ = notes.push(n);
-            }
+            }) if r & rights::WAIT != 0 => any = true,
             _ => {
                 defmt::warn!(
-                    "service {=str}: RECV refused: handle {=u64} is not one to receive on",
+                    "service {=str}: RECV refused: handle {=u32} is not one to receive on",
                     p.name(),
                     slot
                 );
@@ -674,33 +677,46 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
             }
         }
     }
-    if endpoints.is_empty() && notes.is_empty() {
+    if !any {
         return Err(SysError::BadArgument);
     }
     let p = k.processes[usize::from(pid)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
     p.state = State::Blocked(Wait::Recv { mask, buf, cap });
-    for &e in &endpoints {
-        if let Some(ep) = k.endpoints[usize::from(e)].as_mut() {
-            ep.waiting = Some(pid);
-        }
-    }
-    for &n in &notes {
-        if let Some(note) = k.notifications[usize::from(n)].as_mut() {
-            note.waiter = Some(pid);
+    let object = |k: &Kernel, slot: u32| {
+        k.processes[usize::from(pid)]
+            .as_ref()
+            .and_then(|p| p.handles[slot as usize])
+            .map(|c| c.object)
+    };
+    for slot in bits(mask) {
+        match object(k, slot) {
+            Some(Object::Endpoint { id, .. }) => {
+                if let Some(ep) = k.endpoints[usize::from(id)].as_mut() {
+                    ep.waiting = Some(pid);
+                }
+            }
+            Some(Object::Notification(n)) => {
+                if let Some(note) = k.notifications[usize::from(n)].as_mut() {
+                    note.waiter = Some(pid);
+                }
+            }
+            _ => {}
         }
     }
     // Something already waiting: take it now.
     k.wake_for_bits(pid);
-    for &e in &endpoints {
+    for slot in bits(mask) {
         if !matches!(
             k.processes[usize::from(pid)].as_ref().map(|p| p.state),
             Some(State::Blocked(_))
         ) {
             break;
         }
-        k.deliver(e);
+        if let Some(Object::Endpoint { id, .. }) = object(k, slot) {
+            k.deliver(id);
+        }
     }
     Ok(Done::Blocked)
 }
