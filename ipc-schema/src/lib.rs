@@ -14,6 +14,7 @@
 
 pub mod altp2m;
 pub mod control;
+pub mod exitcodec;
 pub mod frame;
 pub mod halt;
 pub mod hypercall;

@@ -11,12 +11,9 @@ use crate::ipc::InterfaceId;
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
-/// The general registers of a vCPU (RSP, RIP and RFLAGS live in the VMCS and
-/// travel in [`Exit`]).
-///
-/// On the wire the registers are one byte string of 120 bytes (each register
-/// little-endian, in field order), not 15 varints: an exit message carries
-/// them twice per exit, and copying beats varint coding on that hot path.
+/// The general registers of a vCPU, as the kernel saves them on an exit
+/// (RSP, RIP and RFLAGS live in the VMCS). Not a message: exits carry
+/// [`ExitRegs`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GuestRegs {
@@ -37,89 +34,44 @@ pub struct GuestRegs {
     pub r15: u64,
 }
 
-/// Bytes of [`GuestRegs`] on the wire.
-pub const GUEST_REGS_BYTES: usize = 15 * 8;
+/// The registers an exit passes values in and a handler may set: RAX,
+/// RBX, RCX, RDX (CPUID, RDMSR/WRMSR, IN/OUT and the hypercall ABI use no
+/// others). The vCPU's other registers are preserved across every exit.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    MaxSize,
+    postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ExitRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+}
 
-impl GuestRegs {
-    fn array(&self) -> [u64; 15] {
-        [
-            self.rax, self.rbx, self.rcx, self.rdx, self.rsi, self.rdi, self.rbp, self.r8, self.r9,
-            self.r10, self.r11, self.r12, self.r13, self.r14, self.r15,
-        ]
-    }
-
-    /// The wire form.
-    pub fn to_bytes(&self) -> [u8; GUEST_REGS_BYTES] {
-        let mut out = [0u8; GUEST_REGS_BYTES];
-        for (chunk, r) in out.chunks_exact_mut(8).zip(self.array()) {
-            chunk.copy_from_slice(&r.to_le_bytes());
+impl ExitRegs {
+    /// The four of `g`.
+    pub fn of(g: &GuestRegs) -> Self {
+        Self {
+            rax: g.rax,
+            rbx: g.rbx,
+            rcx: g.rcx,
+            rdx: g.rdx,
         }
-        out
     }
 
-    /// Reads the wire form (`None` unless exactly [`GUEST_REGS_BYTES`] bytes).
-    pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() != GUEST_REGS_BYTES {
-            return None;
-        }
-        let r = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(w)
-        };
-        Some(Self {
-            rax: r(0),
-            rbx: r(1),
-            rcx: r(2),
-            rdx: r(3),
-            rsi: r(4),
-            rdi: r(5),
-            rbp: r(6),
-            r8: r(7),
-            r9: r(8),
-            r10: r(9),
-            r11: r(10),
-            r12: r(11),
-            r13: r(12),
-            r14: r(13),
-            r15: r(14),
-        })
+    /// Writes the four into `g`.
+    pub fn apply(&self, g: &mut GuestRegs) {
+        (g.rax, g.rbx, g.rcx, g.rdx) = (self.rax, self.rbx, self.rcx, self.rdx);
     }
-}
-
-impl Serialize for GuestRegs {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.to_bytes())
-    }
-}
-
-impl<'de> Deserialize<'de> for GuestRegs {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Bytes;
-        impl serde::de::Visitor<'_> for Bytes {
-            type Value = GuestRegs;
-            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                write!(f, "{GUEST_REGS_BYTES} bytes of registers")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<GuestRegs, E> {
-                GuestRegs::from_bytes(v).ok_or_else(|| E::invalid_length(v.len(), &self))
-            }
-        }
-        d.deserialize_bytes(Bytes)
-    }
-}
-
-impl MaxSize for GuestRegs {
-    /// A one-byte length, then the bytes.
-    const POSTCARD_MAX_SIZE: usize = 1 + GUEST_REGS_BYTES;
-}
-
-impl postcard_schema::Schema for GuestRegs {
-    const SCHEMA: &'static postcard_schema::schema::NamedType =
-        &postcard_schema::schema::NamedType {
-            name: "GuestRegs",
-            ty: &postcard_schema::schema::DataModelType::ByteArray,
-        };
 }
 
 /// Kinds of memory access.
@@ -155,6 +107,9 @@ pub enum ExitKind {
     /// VMCALL: the arguments are in the registers.
     Hypercall,
     /// IN or OUT (string forms are refused by the kernel before they get here).
+    /// `value` is what an OUT writes (RAX cut to `size` bytes); an IN's
+    /// handler sets RAX (keeping the bits above `size` for 1- and 2-byte
+    /// reads, as the CPU would).
     Io {
         port: u16,
         size: u8,
@@ -287,17 +242,19 @@ impl Response {
 )]
 pub struct ExitMessage {
     pub exit: Exit,
-    pub regs: GuestRegs,
+    pub regs: ExitRegs,
 }
 
-/// The handler's answer: how to resume, and the registers when it changed
-/// them.
+/// The handler's answer: how to resume, the registers when it changed
+/// them, and the view to resume in when it changes it.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
 )]
 pub struct ExitReply {
     pub response: Response,
-    pub regs: Option<GuestRegs>,
+    pub regs: Option<ExitRegs>,
+    /// Resume in this view (an existing view of the domain).
+    pub view: Option<u16>,
 }
 
 /// The exit interface: the kernel calls, the vmm (exits) and altp2m (EPT
@@ -313,11 +270,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn exit_messages_roundtrip_within_their_bound(r in proptest::array::uniform15(any::<u64>()), rip in any::<u64>()) {
-            let regs = GuestRegs {
-                rax: r[0], rbx: r[1], rcx: r[2], rdx: r[3], rsi: r[4], rdi: r[5], rbp: r[6], r8: r[7],
-                r9: r[8], r10: r[9], r11: r[10], r12: r[11], r13: r[12], r14: r[13], r15: r[14],
-            };
+        fn exit_messages_roundtrip_within_their_bound(
+            r in proptest::array::uniform4(any::<u64>()),
+            rip in any::<u64>(),
+            view in any::<Option<u16>>(),
+        ) {
+            let regs = ExitRegs { rax: r[0], rbx: r[1], rcx: r[2], rdx: r[3] };
             let m = ExitMessage {
                 exit: Exit { domain: 1, vcpu: 0, kind: ExitKind::Hypercall, rip, instruction_len: 3, view: 2 },
                 regs,
@@ -325,17 +283,10 @@ mod tests {
             let mut buf = [0u8; <ExitMessage as MaxSize>::POSTCARD_MAX_SIZE];
             let n = postcard::to_slice(&m, &mut buf).unwrap().len();
             prop_assert_eq!(postcard::from_bytes::<ExitMessage>(&buf[..n]).unwrap(), m);
-        }
-
-        #[test]
-        fn registers_of_the_wrong_length_do_not_decode(len in 0usize..200) {
-            prop_assume!(len != GUEST_REGS_BYTES);
-            let mut buf = [0u8; 210];
-            buf[0] = len as u8;
-            if len >= 128 {
-                return Ok(());
-            }
-            prop_assert!(postcard::from_bytes::<GuestRegs>(&buf[..1 + len]).is_err());
+            let reply = ExitReply { response: Response::DONE, regs: Some(regs), view };
+            let mut buf = [0u8; <ExitReply as MaxSize>::POSTCARD_MAX_SIZE];
+            let n = postcard::to_slice(&reply, &mut buf).unwrap().len();
+            prop_assert_eq!(postcard::from_bytes::<ExitReply>(&buf[..n]).unwrap(), reply);
         }
     }
 }

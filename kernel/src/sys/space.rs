@@ -69,7 +69,14 @@ pub enum SpaceError {
 #[derive(Debug)]
 pub struct AddressSpace {
     pml4: u64,
+    /// The last page translated for a copy and its leaf entry: IPC buffers
+    /// are the same few pages call after call. Cleared when a mapping of
+    /// this space changes.
+    last: core::cell::Cell<(u64, u64)>,
 }
+
+/// No page: `last` is empty.
+const NO_PAGE: u64 = u64::MAX;
 
 impl AddressSpace {
     /// An empty lower half and the kernel's upper half.
@@ -77,7 +84,10 @@ impl AddressSpace {
         let pml4 = alloc_zeroed_frame()?;
         let kernel = table(kernel_pml4());
         table(pml4)[256..].copy_from_slice(&kernel[256..]);
-        Some(Self { pml4 })
+        Some(Self {
+            pml4,
+            last: core::cell::Cell::new((NO_PAGE, 0)),
+        })
     }
 
     /// The value for CR3.
@@ -87,6 +97,7 @@ impl AddressSpace {
 
     /// Maps the 4 KiB page at `va` to the frame at `pa`.
     pub fn map(&mut self, va: u64, pa: u64, flags: PageFlags) -> Result<(), SpaceError> {
+        self.last.set((NO_PAGE, 0));
         if !va.is_multiple_of(PAGE_SIZE) || va >= USER_END || !pa.is_multiple_of(PAGE_SIZE) {
             return Err(SpaceError::BadAddress);
         }
@@ -116,6 +127,7 @@ impl AddressSpace {
     /// frames; the TLB is flushed by the next CR3 load or here for the
     /// current space).
     pub fn unmap(&mut self, va: u64) -> Result<u64, SpaceError> {
+        self.last.set((NO_PAGE, 0));
         let leaf = self.leaf(va).ok_or(SpaceError::NotMapped)?;
         let pa = *leaf & ADDRESS;
         if *leaf & OWNED != 0 {
@@ -156,7 +168,15 @@ impl AddressSpace {
     /// The physical address of the byte at `va`, if the service may access
     /// it (present, user, and writable when `write`).
     pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
-        let e = *self.leaf(va & !(PAGE_SIZE - 1))?;
+        let page = va & !(PAGE_SIZE - 1);
+        let e = match self.last.get() {
+            (p, e) if p == page => e,
+            _ => {
+                let e = *self.leaf(page)?;
+                self.last.set((page, e));
+                e
+            }
+        };
         if e & USER == 0 || (write && e & WRITABLE == 0) {
             return None;
         }
@@ -182,11 +202,20 @@ impl AddressSpace {
 
     /// Copies `bytes` to the service's `va` (which must be writable).
     pub fn write(&self, va: u64, bytes: &[u8]) -> Result<(), SpaceError> {
-        // Check every page first, so that a failure writes nothing.
-        let mut at = va & !(PAGE_SIZE - 1);
         let end = va
             .checked_add(bytes.len() as u64)
             .ok_or(SpaceError::BadAddress)?;
+        // Within one page (IPC messages, nearly always): one translation.
+        if (va % PAGE_SIZE) + bytes.len() as u64 <= PAGE_SIZE {
+            let pa = self.translate(va, true).ok_or(SpaceError::NotMapped)?;
+            // Safety: as in `read`, and the page is writable by the service.
+            unsafe {
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), phys_to_virt(pa), bytes.len())
+            };
+            return Ok(());
+        }
+        // Check every page first, so that a failure writes nothing.
+        let mut at = va & !(PAGE_SIZE - 1);
         while at < end {
             self.translate(at, true).ok_or(SpaceError::NotMapped)?;
             at += PAGE_SIZE;

@@ -7,7 +7,7 @@ use super::vcpu::VcpuState;
 use crate::sys::ipc::Sender;
 use crate::sys::{Kernel, Runnable};
 use ipc_schema::syscall::{DomainState, handle_name_str};
-use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Then};
 use platform::vmx::fields::{self, reason};
 
 /// Sends domain slot `slot`'s pending exit to its handler; the vCPU waits.
@@ -35,14 +35,14 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
         crash(k, slot, Some(&exit));
         return;
     }
-    let message = ExitMessage { exit, regs: v.regs };
-    let len = match postcard::to_slice(&message, &mut d.outbox) {
-        Ok(b) => b.len(),
-        Err(_) => {
-            defmt::error!("domain {=u16}: exit message does not encode", d.id);
-            crash(k, slot, Some(&exit));
-            return;
-        }
+    let message = ExitMessage {
+        exit,
+        regs: ExitRegs::of(&v.regs),
+    };
+    let Some(len) = ipc_schema::exitcodec::encode_message(&message, &mut d.outbox) else {
+        defmt::error!("domain {=u16}: exit message does not encode", d.id);
+        crash(k, slot, Some(&exit));
+        return;
     };
     d.outbox_len = len;
     d.pending = Some(exit);
@@ -70,13 +70,23 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     d.awaiting_reply = false;
     d.exit_server = None;
     let pending = d.pending.take();
-    let reply: ExitReply = match postcard::from_bytes(bytes) {
-        Ok(r) => r,
-        Err(_) => {
+    let Some(reply) = ipc_schema::exitcodec::decode_reply(bytes) else {
+        defmt::error!(
+            "domain {=u16}: its exit handler's reply does not decode ({=usize} bytes); domain stopped",
+            d.id,
+            bytes.len()
+        );
+        crash(k, slot, pending.as_ref());
+        return;
+    };
+    let eptp = match reply.view.map(|view| (view, d.views.eptp(view))) {
+        None => None,
+        Some((view, Ok(eptp))) => Some((view, eptp)),
+        Some((view, Err(_))) => {
             defmt::error!(
-                "domain {=u16}: its exit handler's reply does not decode ({=usize} bytes); domain stopped",
+                "domain {=u16}: its exit handler asked to resume in view {=u16}, which does not exist; domain stopped",
                 d.id,
-                bytes.len()
+                view
             );
             crash(k, slot, pending.as_ref());
             return;
@@ -88,7 +98,10 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
         return;
     }
     if let Some(regs) = reply.regs {
-        v.regs = regs;
+        regs.apply(&mut v.regs);
+    }
+    if let Some((view, eptp)) = eptp {
+        v.set_view(view, eptp);
     }
     v.apply(&reply.response);
     match reply.response.then {

@@ -12,7 +12,7 @@
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::ipc::{InterfaceId, IpcError};
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
-use ipc_schema::vmexit::{ExitMessage, VMEXIT};
+use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::policy::{self, Kernel};
 use service_runtime::ipc::{self, Message, Service};
 use service_runtime::{require, sys};
@@ -96,7 +96,7 @@ impl Service for Server {
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.violations {
-            let Ok(m) = ipc::decode::<ExitMessage>(msg.bytes) else {
+            let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
                 defmt::warn!(
                     "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
                     msg.badge
@@ -104,7 +104,7 @@ impl Service for Server {
                 return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
             };
             let answer = policy::violation(&mut self.system, &m);
-            return postcard::to_slice(&answer, reply).map_or(0, |b| b.len());
+            return ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0);
         }
         let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| match r {
             AltRequest::Ping => AltReply::Pong,

@@ -273,6 +273,7 @@ pub fn violation(k: &mut impl Kernel, m: &ExitMessage) -> ExitReply {
     let reply = |response| ExitReply {
         response,
         regs: None,
+        view: None,
     };
     let (id, view) = (m.exit.domain, m.exit.view);
     let ExitKind::EptViolation {

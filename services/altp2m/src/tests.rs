@@ -7,7 +7,7 @@ use ipc_schema::hypercall::{Access, Feature, HcError, Reply, Request};
 use ipc_schema::syscall::{
     EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features,
 };
-use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, ExitMessage, GuestRegs, Response};
+use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, ExitMessage, ExitRegs, Response};
 use std::collections::{BTreeMap, BTreeSet};
 use std::vec::Vec;
 
@@ -224,7 +224,7 @@ fn fault(view: u16, gfn: u64, write: bool) -> ExitMessage {
             instruction_len: 3,
             view,
         },
-        regs: GuestRegs::default(),
+        regs: ExitRegs::default(),
     }
 }
 

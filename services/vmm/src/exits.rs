@@ -14,7 +14,7 @@ use ipc_schema::hypercall::{
     HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::syscall::vm_features;
-use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitReply, GuestRegs, Response, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
 use serde::{Deserialize, Serialize};
@@ -144,10 +144,11 @@ impl Vmm {
         ExitReply {
             response,
             regs: (regs != m.regs).then_some(regs),
+            view: None,
         }
     }
 
-    fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) -> Response {
+    fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         // Console bytes are held back only while the guest keeps writing
         // them: any other exit sends them on, so that a fault of this
@@ -287,7 +288,7 @@ impl Vmm {
         &mut self,
         env: &mut impl Env,
         id: u16,
-        regs: &mut GuestRegs,
+        regs: &mut ExitRegs,
         port: u16,
         size: u8,
         write: bool,
@@ -345,7 +346,7 @@ fn flush(env: &mut impl Env, d: &mut Devices) {
 }
 
 /// The value an IN instruction loads (into AL, AX or EAX).
-fn set_in(regs: &mut GuestRegs, size: u8, value: u32) {
+fn set_in(regs: &mut ExitRegs, size: u8, value: u32) {
     let mask: u64 = match size {
         1 => 0xff,
         2 => 0xffff,
@@ -409,7 +410,7 @@ fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
 }
 
 /// A VMCALL the kernel's fast path did not take (ABI: `ipc_schema::hypercall`).
-fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) {
+fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
     let status = match regs.rax {
         HC_IPC_PING => {
             let start = env.tsc();
@@ -430,7 +431,7 @@ fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) {
 /// The request hypercall: a postcard [`Request`] in guest memory, answered
 /// with a [`Reply`] in the same place. Requests are untrusted: the address
 /// must be guest RAM within one page and the bytes must decode exactly.
-fn call(env: &mut impl Env, exit: &Exit, regs: &mut GuestRegs) -> Status {
+fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     let (gpa, len) = (regs.rbx, regs.rcx);
     if len > MAX_REQUEST as u64 {
         return Status::Malformed;

@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::syscall::Handle;
-use ipc_schema::vmexit::{ExitMessage, VMEXIT};
+use ipc_schema::vmexit::VMEXIT;
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
@@ -87,7 +87,7 @@ impl Service for Server {
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         // Exits come from the kernel (badge 0) and nobody else.
-        let Ok(m) = ipc::decode::<ExitMessage>(msg.bytes) else {
+        let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
             defmt::warn!(
                 "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
                 msg.bytes.len(),
@@ -96,7 +96,7 @@ impl Service for Server {
             return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
         };
         let answer = self.vmm.exit(&mut self.system, &m);
-        postcard::to_slice(&answer, reply).map_or(0, |b| b.len())
+        ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
     }
 
     fn snapshot(&self) -> State {

@@ -9,7 +9,7 @@ use ipc_schema::hypercall::{
     Status,
 };
 use ipc_schema::syscall::vm_features;
-use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, GuestRegs, Inject, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Inject, Then};
 use platform::cpu::CpuidResult;
 use std::vec::Vec;
 
@@ -81,7 +81,7 @@ impl Env for Fake {
     }
 }
 
-fn exit(kind: ExitKind, regs: GuestRegs) -> ExitMessage {
+fn exit(kind: ExitKind, regs: ExitRegs) -> ExitMessage {
     ExitMessage {
         exit: Exit {
             domain: 3,
@@ -105,7 +105,7 @@ fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
                 write: true,
                 value: value.into(),
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     assert_eq!(r.response.then, Then::Resume);
@@ -115,9 +115,9 @@ fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
 fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     let info = |vmm: &mut Vmm, env: &mut Fake| {
-        let regs = GuestRegs {
+        let regs = ExitRegs {
             rax: HC_SERVICE_INFO,
-            ..GuestRegs::default()
+            ..ExitRegs::default()
         };
         vmm.exit(env, &exit(ExitKind::Hypercall, regs))
             .regs
@@ -155,7 +155,7 @@ fn a_long_line_is_logged_in_pieces_and_nothing_is_lost() {
                 write: true,
                 value: 0,
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     assert_eq!(r.response.then, Then::Exit { status: 0 });
@@ -180,7 +180,7 @@ fn the_exit_port_ends_the_domain_with_the_value_written() {
                 write: true,
                 value: 7,
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     assert_eq!(r.response.then, Then::Exit { status: 7 });
@@ -189,9 +189,9 @@ fn the_exit_port_ends_the_domain_with_the_value_written() {
 #[test]
 fn reads_of_absent_ports_return_all_ones_in_the_access_width() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let regs = GuestRegs {
+    let regs = ExitRegs {
         rax: 0x1122_3344_5566_7788,
-        ..GuestRegs::default()
+        ..ExitRegs::default()
     };
     let r = vmm.exit(
         &mut env,
@@ -231,7 +231,7 @@ fn cpuid_hides_vmx_and_names_parallax() {
                 leaf: 1,
                 subleaf: 0,
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     let regs = r.regs.unwrap();
@@ -244,7 +244,7 @@ fn cpuid_hides_vmx_and_names_parallax() {
                 leaf: 0x4000_0000,
                 subleaf: 0,
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     let regs = r.regs.unwrap();
@@ -260,7 +260,7 @@ fn cpuid_hides_vmx_and_names_parallax() {
                 leaf: 0x4000_0001,
                 subleaf: 0,
             },
-            GuestRegs::default(),
+            ExitRegs::default(),
         ),
     );
     assert_eq!(r.regs.unwrap().rax, 0b1011, "present, VMFUNC, no #VE, PML");
@@ -271,7 +271,7 @@ fn unknown_msrs_get_gp_and_hlt_blocks() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     let r = vmm.exit(
         &mut env,
-        &exit(ExitKind::Rdmsr { msr: 0xc000_0080 }, GuestRegs::default()),
+        &exit(ExitKind::Rdmsr { msr: 0xc000_0080 }, ExitRegs::default()),
     );
     assert_eq!(
         r.response.inject,
@@ -281,13 +281,13 @@ fn unknown_msrs_get_gp_and_hlt_blocks() {
         })
     );
     assert_eq!(r.regs, None, "a refused RDMSR changes no register");
-    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, GuestRegs::default()));
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
     assert_eq!(r.response.then, Then::Block);
-    let r = vmm.exit(&mut env, &exit(ExitKind::TripleFault, GuestRegs::default()));
+    let r = vmm.exit(&mut env, &exit(ExitKind::TripleFault, ExitRegs::default()));
     assert_eq!(r.response.then, Then::Crash);
 }
 
-fn hypercall(vmm: &mut Vmm, env: &mut Fake, regs: GuestRegs) -> GuestRegs {
+fn hypercall(vmm: &mut Vmm, env: &mut Fake, regs: ExitRegs) -> ExitRegs {
     let r = vmm.exit(env, &exit(ExitKind::Hypercall, regs));
     assert!(r.response.advance);
     r.regs.unwrap_or(regs)
@@ -296,20 +296,20 @@ fn hypercall(vmm: &mut Vmm, env: &mut Fake, regs: GuestRegs) -> GuestRegs {
 #[test]
 fn service_hypercalls_answer_and_preserve_other_registers() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let regs = GuestRegs {
+    let regs = ExitRegs {
         rax: HC_SERVICE_NULL,
         rcx: 5,
-        r15: 9,
-        ..GuestRegs::default()
+        rdx: 9,
+        ..ExitRegs::default()
     };
     let after = hypercall(&mut vmm, &mut env, regs);
-    assert_eq!(after, GuestRegs { rax: 0, ..regs });
+    assert_eq!(after, ExitRegs { rax: 0, ..regs });
     let after = hypercall(
         &mut vmm,
         &mut env,
-        GuestRegs {
+        ExitRegs {
             rax: HC_IPC_PING,
-            ..GuestRegs::default()
+            ..ExitRegs::default()
         },
     );
     assert_eq!(
@@ -320,22 +320,22 @@ fn service_hypercalls_answer_and_preserve_other_registers() {
     let after = hypercall(
         &mut vmm,
         &mut env,
-        GuestRegs {
+        ExitRegs {
             rax: 99,
-            ..GuestRegs::default()
+            ..ExitRegs::default()
         },
     );
     assert_eq!(after.rax, Status::UnknownCall as u64);
 }
 
-fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> GuestRegs {
+fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> ExitRegs {
     env.memory = std::vec![0; 3 * 4096];
     let n = postcard::to_slice(r, &mut env.memory[gpa..]).unwrap().len();
-    GuestRegs {
+    ExitRegs {
         rax: HC_CALL,
         rbx: gpa as u64,
         rcx: n as u64,
-        ..GuestRegs::default()
+        ..ExitRegs::default()
     }
 }
 
@@ -379,11 +379,11 @@ fn bad_request_hypercalls_are_refused_without_asking_altp2m() {
         Status::Malformed as u64
     );
     // Outside guest memory.
-    let regs = GuestRegs {
+    let regs = ExitRegs {
         rax: HC_CALL,
         rbx: 0x10_0000,
         rcx: 4,
-        ..GuestRegs::default()
+        ..ExitRegs::default()
     };
     assert_eq!(
         hypercall(&mut vmm, &mut env, regs).rax,
@@ -433,9 +433,9 @@ fn held_back_console_bytes_go_out_at_the_next_other_exit() {
         &mut env,
         &exit(
             ExitKind::Hypercall,
-            GuestRegs {
+            ExitRegs {
                 rax: HC_SERVICE_NULL,
-                ..GuestRegs::default()
+                ..ExitRegs::default()
             },
         ),
     );
