@@ -156,3 +156,50 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     assert!(t[..first_v2].iter().all(|x| x.0 == 1) && t[first_v2..].iter().all(|x| x.0 == 2));
     assert!(t.windows(2).all(|w| w[1].1 > w[0].1), "{t:?}");
 }
+
+/// The probe task, with the standard services, and no domain.
+const PROBE: &str = r#"
+name = "probe"
+standard_services = true
+
+[[service]]
+name = "probe"
+task = true
+handles = [
+    { name = "altp2m", endpoint = "altp2m", rights = ["call"] },
+    { name = "exits", endpoint = "exits", rights = ["call"] },
+    { name = "domains-ro", domains = true, rights = ["read"] },
+]
+"#;
+
+#[test]
+fn bad_input_from_a_service_is_refused_and_nothing_else_is_disturbed() {
+    let run = parallax_tests::boot(&system("probe", PROBE), Machine::Qemu, |_| {});
+    for check in [
+        "call through an empty handle slot: ok (refused with NoSuchHandle)",
+        "call through a domains handle: ok (refused with WrongKind)",
+        "view create without the views right: ok (refused with MissingRight)",
+        "a message over the 256-byte limit: ok (refused with MessageTooLong)",
+        "a reply longer than the caller's buffer: ok (refused with ReplyTooLong)",
+        "a message at an unmapped address: ok (refused with BadAddress)",
+        "receive on a handle without the receive right: ok (refused with MissingRight)",
+        "bind with another schema key: ok (refused, naming both keys)",
+        "a request that does not decode: ok (answered Malformed)",
+        "fuzzing altp2m: ok",
+        "fuzzing the vmm: ok",
+        "altp2m still answers: ok",
+        "probe: all checks passed",
+    ] {
+        run.expect_from("probe", check);
+    }
+    // The kernel and the services named what was wrong.
+    run.expect("service probe: CALL refused: no handle 60")
+        .expect("service probe: CALL refused: handle 2 is another kind of object")
+        .expect("service probe: VIEW_CREATE refused: handle 2 lacks the right `views`")
+        .expect("service probe: CALL refused: a 300-byte message (the most is 256)")
+        .expect("service probe: RECV refused: handle 0 is not one to receive on")
+        .expect_from("probe", "2000 random messages to altp2m")
+        .expect_from("init", "task probe ended (code 0)")
+        .expect_no("faulted")
+        .expect_status(HaltStatus::Success);
+}

@@ -34,6 +34,10 @@ const LOG_PORTS: std::ops::Range<u32> = 0x3f8..0x400;
 pub struct SystemManifest {
     /// The system's name, shown at boot.
     pub name: String,
+    /// Include the standard services (vmm, altp2m, console) besides the
+    /// `[[service]]` tables; the default when there are none.
+    #[serde(default)]
+    pub standard_services: Option<bool>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
@@ -61,6 +65,10 @@ pub struct ServiceSpec {
     pub max_restarts: u32,
     #[serde(default = "ten_seconds")]
     pub restart_window_ms: u32,
+    /// A task: runs to completion and is not restarted (see the compiled
+    /// manifest).
+    #[serde(default)]
+    pub task: bool,
     #[serde(default)]
     pub handles: Vec<HandleToml>,
 }
@@ -262,10 +270,12 @@ impl SystemManifest {
         let mut m: SystemManifest = toml::from_str(text)
             .with_context(|| format!("{} is not a valid manifest", path.display()))?;
         m.path = path.to_owned();
-        if m.services.is_empty() {
+        if m.standard_services.unwrap_or(m.services.is_empty()) {
             let standard: Standard =
                 toml::from_str(STANDARD_SERVICES).context("the standard services do not parse")?;
+            let own = std::mem::take(&mut m.services);
             m.services = standard.service;
+            m.services.extend(own);
             for s in standard.shared {
                 if !m.shared.iter().any(|t| t.name == s.name) {
                     m.shared.push(s);
@@ -473,6 +483,7 @@ impl SystemManifest {
                     disposition: s.disposition()?,
                     max_restarts: s.max_restarts,
                     restart_window_ms: s.restart_window_ms,
+                    task: s.task,
                     handles,
                 })
                 .map_err(|_| full("services"))?;

@@ -23,6 +23,9 @@ pub enum HaltStatus {
     /// Nothing can run any more: every service waits and no interrupt can
     /// wake one (a deadlock between services, or a supervisor that died).
     Stuck = 5,
+    /// A task service (one that runs to completion) ended with a nonzero
+    /// code, or faulted.
+    TaskFailed = 6,
 }
 
 impl HaltStatus {
@@ -38,6 +41,7 @@ impl HaltStatus {
             3 => Self::Unsupported,
             4 => Self::GuestFailed,
             5 => Self::Stuck,
+            6 => Self::TaskFailed,
             _ => return None,
         })
     }
@@ -51,6 +55,7 @@ impl HaltStatus {
             Self::Unsupported => "unsupported machine",
             Self::GuestFailed => "guest failed",
             Self::Stuck => "stuck",
+            Self::TaskFailed => "task failed",
         }
     }
 }

@@ -55,6 +55,10 @@ pub struct Service<'a> {
     /// service is held instead.
     pub max_restarts: u32,
     pub restart_window_ms: u32,
+    /// A task runs to completion (EXIT with a code, 0 for success) and is
+    /// not restarted; the system halts once every domain and every task
+    /// has ended.
+    pub task: bool,
     pub handles: Vec<HandleSpec<'a>, MAX_SERVICE_HANDLES>,
 }
 
@@ -231,6 +235,7 @@ mod tests {
                 disposition: Disposition::Restart,
                 max_restarts: 3,
                 restart_window_ms: 1000,
+                task: false,
                 handles,
             })
             .unwrap();

@@ -73,7 +73,8 @@ pub mod nr {
     pub const PROCESS_RESTART: u64 = 27;
     /// PROCESS_KILL(process).
     pub const PROCESS_KILL: u64 = 28;
-    /// PROCESS_STATUS(process) -> RDI = [`super::ProcessState`] code, RSI = generation, RDX = faults so far.
+    /// PROCESS_STATUS(process) -> RDI = [`super::ProcessState`] code, RSI = generation, RDX = faults so far
+    /// (once it ended by EXIT: its exit code).
     pub const PROCESS_STATUS: u64 = 29;
     /// FAULT_WATCH(process, notification, bit): a fault of the process sets `bit`.
     pub const FAULT_WATCH: u64 = 30;

@@ -263,3 +263,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_standard_services_can_be_combined_with_others() {
+    let text = "name = \"x\"\nstandard_services = true\n[[service]]\nname = \"probe\"\ntask = true\nhandles = [{ name = \"a\", endpoint = \"altp2m\", rights = [\"call\"] }]\n";
+    let m = parse(text).unwrap();
+    let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["altp2m", "vmm", "console", "probe"]);
+    let bytes = m.compile().unwrap();
+    assert!(Manifest::decode(&bytes).unwrap().services[3].task);
+    // And left out: a system of no services at all.
+    let m = parse("name = \"x\"\nstandard_services = false\n").unwrap();
+    assert!(m.services.is_empty() && m.shared.is_empty());
+}

@@ -77,6 +77,8 @@ pub struct Process {
     /// Who is told when it faults: (notification, bit).
     pub watcher: Option<(u16, u64)>,
     pub faults: u32,
+    /// The code it passed to EXIT.
+    pub exit_code: u64,
     /// The message of a call in progress.
     pub outbox: [u8; MAX_MESSAGE],
     pub outbox_len: usize,
@@ -159,6 +161,7 @@ impl Kernel {
             elf,
             watcher: None,
             faults: 0,
+            exit_code: 0,
             outbox: [0; MAX_MESSAGE],
             outbox_len: 0,
             seq: 0,

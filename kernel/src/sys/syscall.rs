@@ -144,9 +144,10 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 k.process_name(pid),
                 a[0]
             );
-            let watcher = k.processes[usize::from(pid)]
-                .as_ref()
-                .and_then(|p| p.watcher);
+            let watcher = k.processes[usize::from(pid)].as_mut().and_then(|p| {
+                p.exit_code = a[0];
+                p.watcher
+            });
             k.end(pid);
             if let Some((n, bit)) = watcher {
                 k.notify(n, bit);
@@ -295,11 +296,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 State::Ended => 2,
                 _ => 0,
             };
-            Ok(Values([
-                state,
-                u64::from(p.generation),
-                u64::from(p.faults),
-            ]))
+            // Once it ended by itself: its exit code instead of the faults.
+            let third = if state == 2 {
+                p.exit_code
+            } else {
+                u64::from(p.faults)
+            };
+            Ok(Values([state, u64::from(p.generation), third]))
         }
         nr::FAULT_WATCH => {
             let c = cap!(

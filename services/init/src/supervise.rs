@@ -34,6 +34,8 @@ pub struct Running {
     /// When its recent restarts happened (microseconds), for the rate limit.
     pub recent: heapless::Deque<u64, 16>,
     pub held: bool,
+    /// A task that ended: its exit code (`u32::MAX`: it faulted).
+    pub done: Option<u32>,
     /// The first interface it declares (for reports).
     pub key: [u8; 8],
 }
@@ -218,6 +220,7 @@ impl Supervisor {
                 restarts: 0,
                 recent: heapless::Deque::new(),
                 held: false,
+                done: None,
                 key,
             });
         }
@@ -298,10 +301,38 @@ impl Supervisor {
             let Ok((state, _, faults)) = sys::process_status(s.process) else {
                 continue;
             };
-            if state != 1 || s.held {
+            let spec = &self.manifest.services[s.spec];
+            if s.held || s.done.is_some() || state == 0 {
                 continue;
             }
-            let spec = &self.manifest.services[s.spec];
+            if state == 2 {
+                // Ended by itself (EXIT); `faults` is its exit code.
+                if spec.task {
+                    if faults == 0 {
+                        defmt::info!("init: task {=str} ended (code 0)", spec.name);
+                    } else {
+                        defmt::error!(
+                            "init: task {=str} ended with code {=u32}",
+                            spec.name,
+                            faults
+                        );
+                    }
+                    s.done = Some(faults);
+                } else {
+                    defmt::warn!(
+                        "init: service {=str} ended by itself (code {=u32}); it serves nobody now",
+                        spec.name,
+                        faults
+                    );
+                    s.held = true;
+                }
+                continue;
+            }
+            if spec.task {
+                defmt::error!("init: task {=str} faulted; it is not restarted", spec.name);
+                s.done = Some(u32::MAX);
+                continue;
+            }
             let window = u64::from(spec.restart_window_ms) * 1000;
             while s
                 .recent
@@ -352,6 +383,14 @@ impl Supervisor {
     /// Halts the system once every domain has ended.
     fn check_domains(&mut self) {
         let mut all_ok = self.failed_builds == 0;
+        let mut tasks_ok = true;
+        for s in &self.services {
+            match s.done {
+                None if self.manifest.services[s.spec].task => return,
+                Some(code) if code != 0 => tasks_ok = false,
+                _ => {}
+            }
+        }
         for d in &self.built {
             match sys::domain_info(self.domains, d.id) {
                 // Building, running, paused: not over yet.
@@ -362,12 +401,14 @@ impl Supervisor {
                 _ => all_ok = false,
             }
         }
-        let status = if all_ok {
-            HaltStatus::Success
-        } else {
+        let status = if !all_ok {
             HaltStatus::GuestFailed
+        } else if !tasks_ok {
+            HaltStatus::TaskFailed
+        } else {
+            HaltStatus::Success
         };
-        defmt::info!("init: every domain has ended; halting");
+        defmt::info!("init: every domain and task has ended; halting");
         sys::halt(self.system, status.code())
     }
 
@@ -503,6 +544,8 @@ impl Service for Supervisor {
     fn notified(&mut self, slot: Handle, _bits: u64) {
         if slot == self.faults {
             self.check_faults();
+            // A task that ended may have been the last thing running.
+            self.check_domains();
         } else if slot == self.domain_events {
             self.check_domains();
         }

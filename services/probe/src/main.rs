@@ -1,0 +1,231 @@
+//! probe: a task that feeds the kernel and the other services bad input and
+//! checks that each piece is refused cleanly, with the refusal it should
+//! get, and that the services it hit still answer afterwards.
+//!
+//! Handles (see `tests/services.rs` for the manifest): `altp2m` and `exits`
+//! (call), `domains-ro` (domains, read only). Slot 60 is empty on purpose.
+//! Each check logs `probe: <check>: ok (...)` or `probe: FAIL <check>: ...`;
+//! the task exits with the number of failed checks.
+
+#![no_std]
+#![no_main]
+
+use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
+use ipc_schema::ipc::{InterfaceId, IpcError};
+use ipc_schema::syscall::{Handle, MAX_MESSAGE, SysError};
+use ipc_schema::vmexit::ExitReply;
+use service_runtime::ipc::{CallError, Client, call_raw, recv};
+use service_runtime::{require, sys};
+
+service_runtime::entry!(main);
+
+/// Random messages sent to each fuzzed endpoint.
+const FUZZ: u32 = 2000;
+
+struct Probe {
+    failed: u64,
+}
+
+impl Probe {
+    fn check(&mut self, name: &str, ok: bool, detail: &str) {
+        if ok {
+            defmt::info!("probe: {=str}: ok ({=str})", name, detail);
+        } else {
+            defmt::error!("probe: FAIL {=str}: {=str}", name, detail);
+            self.failed += 1;
+        }
+    }
+
+    fn expect_sys(&mut self, name: &str, got: Result<usize, SysError>, want: SysError) {
+        match got {
+            Err(e) if e == want => defmt::info!("probe: {=str}: ok (refused with {})", name, e),
+            other => {
+                defmt::error!("probe: FAIL {=str}: expected {}, got {}", name, want, other);
+                self.failed += 1;
+            }
+        }
+    }
+}
+
+/// xorshift64: reproducible random bytes without a crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Sends `FUZZ` random messages to `h`; `valid(reply)` says whether a reply
+/// is an acceptable answer. Returns (answered, refused as malformed, bad).
+fn fuzz(h: Handle, seed: u64, valid: impl Fn(&[u8]) -> Option<bool>) -> (u32, u32, u32) {
+    let mut rng = Rng(seed);
+    let (mut answered, mut malformed, mut bad) = (0, 0, 0);
+    let mut msg = [0u8; MAX_MESSAGE];
+    let mut reply = [0u8; MAX_MESSAGE];
+    for i in 0..FUZZ {
+        // Mostly short messages (where valid encodings live), some long.
+        let len = if i % 8 == 0 {
+            (rng.next() % MAX_MESSAGE as u64) as usize
+        } else {
+            (rng.next() % 24) as usize
+        };
+        for b in &mut msg[..len] {
+            *b = rng.next() as u8;
+        }
+        match call_raw(h, &msg[..len], &mut reply) {
+            Ok(n) => match valid(&reply[..n]) {
+                Some(true) => answered += 1,
+                Some(false) => malformed += 1,
+                None => bad += 1,
+            },
+            Err(_) => bad += 1,
+        }
+    }
+    (answered, malformed, bad)
+}
+
+/// Whether `reply` is `Result<T, IpcError>`: Some(true) an answer,
+/// Some(false) a refusal as malformed, None anything else.
+fn answer_or_malformed<T: for<'de> serde::Deserialize<'de>>(reply: &[u8]) -> Option<bool> {
+    match postcard::from_bytes::<Result<T, IpcError>>(reply) {
+        Ok(Ok(_)) => Some(true),
+        Ok(Err(IpcError::Malformed)) => Some(false),
+        _ => None,
+    }
+}
+
+fn main() -> ! {
+    let mut p = Probe { failed: 0 };
+    let altp2m = require("altp2m");
+    let exits = require("exits");
+    let domains_ro = require("domains-ro");
+    let mut reply = [0u8; MAX_MESSAGE];
+
+    // The kernel's checks.
+    p.expect_sys(
+        "call through an empty handle slot",
+        call_raw(60, b"hello", &mut reply),
+        SysError::NoSuchHandle,
+    );
+    p.expect_sys(
+        "call through a domains handle",
+        call_raw(domains_ro, b"hello", &mut reply),
+        SysError::WrongKind,
+    );
+    p.expect_sys(
+        "view create without the views right",
+        sys::view_create(domains_ro, 1).map(usize::from),
+        SysError::MissingRight,
+    );
+    let big = [0u8; MAX_MESSAGE + 44];
+    p.expect_sys(
+        "a message over the 256-byte limit",
+        call_raw(altp2m, &big, &mut reply),
+        SysError::MessageTooLong,
+    );
+    let mut ping = [0u8; 8];
+    let n = postcard::to_slice(&AltRequest::Ping, &mut ping).map_or(0, |b| b.len());
+    let mut tiny = [0u8; 1];
+    p.expect_sys(
+        "a reply longer than the caller's buffer",
+        call_raw(altp2m, &ping[..n], &mut tiny),
+        SysError::ReplyTooLong,
+    );
+    let bad_msg = sys::call(
+        ipc_schema::syscall::nr::CALL,
+        &[u64::from(altp2m), 0x1000, 8, reply.as_mut_ptr() as u64, 64],
+    );
+    p.expect_sys(
+        "a message at an unmapped address",
+        bad_msg.ok().map(|r| r.rdi as usize),
+        SysError::BadAddress,
+    );
+    let mut buf = [0u8; 64];
+    p.expect_sys(
+        "receive on a handle without the receive right",
+        recv(1 << altp2m, &mut buf).map(|_| 0),
+        SysError::MissingRight,
+    );
+
+    // The services' checks: binding with another version of an interface.
+    let other = InterfaceId::new::<(u32, u64)>("parallax/altp2m");
+    match Client::new(altp2m, other).call::<_, AltReply>(&AltRequest::Ping) {
+        Err(CallError::WrongKey { server, client }) => p.check(
+            "bind with another schema key",
+            server == ALTP2M.key.to_bytes() && client == other.key.to_bytes(),
+            "refused, naming both keys",
+        ),
+        other => {
+            defmt::error!("probe: FAIL bind with another schema key: {}", other.err());
+            p.failed += 1;
+        }
+    }
+    match call_raw(altp2m, &[0xff, 0xff, 0xff, 0xff, 0x0f], &mut reply) {
+        Ok(n) => p.check(
+            "a request that does not decode",
+            matches!(
+                postcard::from_bytes::<Result<AltReply, IpcError>>(&reply[..n]),
+                Ok(Err(IpcError::Malformed))
+            ),
+            "answered Malformed",
+        ),
+        Err(e) => {
+            defmt::error!(
+                "probe: FAIL a request that does not decode: the call failed: {}",
+                e
+            );
+            p.failed += 1;
+        }
+    }
+
+    // Random messages: every one answered, none crashes a service.
+    let (ok, malformed, bad) = fuzz(altp2m, 0x5eed_0001, answer_or_malformed::<AltReply>);
+    defmt::info!(
+        "probe: {=u32} random messages to altp2m: {=u32} answered, {=u32} refused as malformed, {=u32} otherwise",
+        FUZZ,
+        ok,
+        malformed,
+        bad
+    );
+    p.check(
+        "fuzzing altp2m",
+        bad == 0,
+        "every random message got an answer",
+    );
+    let (ok, malformed, bad) = fuzz(exits, 0x5eed_0002, |r| {
+        if ipc_schema::exitcodec::decode_reply(r).is_some() {
+            Some(true)
+        } else {
+            answer_or_malformed::<ExitReply>(r).filter(|a| !a)
+        }
+    });
+    defmt::info!(
+        "probe: {=u32} random messages to the vmm's exit endpoint: {=u32} answered, {=u32} refused as malformed, {=u32} otherwise",
+        FUZZ,
+        ok,
+        malformed,
+        bad
+    );
+    p.check(
+        "fuzzing the vmm",
+        bad == 0,
+        "every random message got an answer",
+    );
+    let alive = Client::new(altp2m, ALTP2M).call::<_, AltReply>(&AltRequest::Ping);
+    p.check(
+        "altp2m still answers",
+        alive == Ok(AltReply::Pong),
+        "Ping answered Pong",
+    );
+
+    if p.failed == 0 {
+        defmt::info!("probe: all checks passed");
+    } else {
+        defmt::error!("probe: {=u64} check(s) failed", p.failed);
+    }
+    sys::exit(p.failed)
+}
