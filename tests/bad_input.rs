@@ -166,7 +166,7 @@ fn a_guest_image_that_is_not_multiboot_fails_only_its_domain() {
     );
     boot(&img, Machine::Bochs, |_| {})
         .expect_from("init", "domain `bad` could not be built: Image(NoHeader)")
-        .expect("domain 1 (good) exited with status 0")
+        .expect("domain 2 (good) exited with status 0")
         .expect_status(HaltStatus::GuestFailed);
 }
 

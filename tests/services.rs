@@ -203,3 +203,29 @@ fn bad_input_from_a_service_is_refused_and_nothing_else_is_disturbed() {
         .expect_no("faulted")
         .expect_status(HaltStatus::Success);
 }
+
+#[test]
+fn handles_to_one_domain_or_view_reach_nothing_else() {
+    let manifest = PROBE.replace(
+        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n]",
+        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n    { name = \"domain-a\", domain = \"a\", rights = [\"read\", \"views\"] },\n]",
+    ) + "[[domain]]\nname = \"a\"\nguest = \"hello\"\nmemory_mib = 16\n[[domain]]\nname = \"b\"\nguest = \"hello\"\nmemory_mib = 16\n";
+    assert!(manifest.contains("domain-a"));
+    let run = parallax_tests::boot(&system("probe-domains", &manifest), Machine::Bochs, |_| {});
+    for check in [
+        "domain handle on its domain: ok",
+        "domain handle on another domain: ok (refused with OutOfScope)",
+        "a domain handle cannot make domain handles: ok (refused with BadArgument)",
+        "view handle on its view: ok",
+        "view handle on the host p2m: ok (refused with OutOfScope)",
+        "view handle creating a view: ok (refused with OutOfScope)",
+        "a view handle without the views right: ok (refused with MissingRight)",
+        "probe: all checks passed",
+    ] {
+        run.expect_from("probe", check);
+    }
+    run.expect("service probe: DOMAIN_INFO refused: handle 3 is for another domain, view or vCPU")
+        .expect("domain 1 (a) exited with status 0")
+        .expect("domain 2 (b) exited with status 0")
+        .expect_status(HaltStatus::Success);
+}

@@ -146,7 +146,7 @@ pub fn strip_service(elf: &[u8]) -> Result<Vec<u8>> {
                 .data(e, elf)
                 .ok()
                 .context("a section lies outside the file")?;
-            while out.len() % 8 != 0 {
+            while !out.len().is_multiple_of(8) {
                 out.push(0);
             }
             kept.push((
@@ -166,7 +166,7 @@ pub fn strip_service(elf: &[u8]) -> Result<Vec<u8>> {
     names.extend_from_slice(b".shstrtab\0");
     let names_at = out.len() as u64;
     out.extend_from_slice(&names);
-    while out.len() % 8 != 0 {
+    while !out.len().is_multiple_of(8) {
         out.push(0);
     }
     let shoff = out.len();

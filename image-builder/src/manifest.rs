@@ -82,6 +82,8 @@ pub struct HandleToml {
     pub notification: Option<String>,
     pub shared: Option<String>,
     pub domains: Option<bool>,
+    /// One domain of the manifest, by name.
+    pub domain: Option<String>,
     /// `[base, count]`.
     pub io_ports: Option<[u32; 2]>,
     pub irq: Option<u8>,
@@ -142,6 +144,7 @@ enum Object<'a> {
     Notification(&'a str),
     Shared(&'a str),
     Domains,
+    Domain(&'a str),
     IoPorts { base: u16, count: u16 },
     Irq(u8),
 }
@@ -153,7 +156,7 @@ impl<'a> Object<'a> {
             Object::Endpoint(_) => &["call", "receive"],
             Object::Notification(_) => &["signal", "wait"],
             Object::Shared(_) => &["read", "write"],
-            Object::Domains => &["read", "write", "build", "views", "vcpus"],
+            Object::Domains | Object::Domain(_) => &["read", "write", "build", "views", "vcpus"],
             Object::IoPorts { .. } | Object::Irq(_) => &["device"],
         }
     }
@@ -164,6 +167,7 @@ impl<'a> Object<'a> {
             Object::Notification(n) => compiled::Object::Notification(n),
             Object::Shared(n) => compiled::Object::Shared(n),
             Object::Domains => compiled::Object::Domains,
+            Object::Domain(n) => compiled::Object::Domain(n),
             Object::IoPorts { base, count } => compiled::Object::IoPorts { base, count },
             Object::Irq(l) => compiled::Object::Irq(l),
         }
@@ -186,6 +190,9 @@ impl HandleToml {
             Some(true) => found.push(Object::Domains),
             Some(false) => bail!("`domains = false` grants nothing: leave the handle out"),
             None => {}
+        }
+        if let Some(d) = &self.domain {
+            found.push(Object::Domain(d));
         }
         if let Some([base, count]) = self.io_ports {
             ensure!(
@@ -210,7 +217,7 @@ impl HandleToml {
         }
         ensure!(
             found.len() == 1,
-            "a handle names exactly one object (endpoint, notification, shared, domains, io_ports or irq); this one names {}",
+            "a handle names exactly one object (endpoint, notification, shared, domains, domain, io_ports or irq); this one names {}",
             found.len()
         );
         Ok(found.remove(0))
@@ -367,6 +374,12 @@ impl SystemManifest {
                 ensure!(
                     self.shared.iter().any(|t| t.name == n),
                     "{what}: no [[shared]] object is named `{n}`"
+                );
+            }
+            if let Object::Domain(n) = object {
+                ensure!(
+                    self.domains.iter().any(|d| d.name == n),
+                    "{what}: no [[domain]] is named `{n}`"
                 );
             }
             if object == Object::Endpoint(SUPERVISOR_ENDPOINT) {

@@ -91,6 +91,8 @@ pub enum Object<'a> {
     Shared(&'a str),
     /// Every guest domain.
     Domains,
+    /// One domain of the manifest, by name.
+    Domain(&'a str),
     /// I/O ports `base .. base + count`.
     IoPorts {
         base: u16,

@@ -128,8 +128,12 @@ pub mod nr {
     pub const IO_OUT: u64 = 49;
     /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`.
     pub const IRQ_BIND: u64 = 50;
-    /// HANDLE_DERIVE(handle, a, b) -> RDI = a new handle to part of the
-    /// object: I/O ports `a .. a + b`, or IRQ line `a` of the all-lines handle.
+    /// HANDLE_DERIVE(handle, a, b, rights) -> RDI = a new handle to part of
+    /// the object, with the parent's rights masked by `rights` (0: all of
+    /// them): I/O ports `a .. a + b`; IRQ line `a` of the all-lines handle;
+    /// from `Domains`, `a` = [`ObjectKind::Domain`] and `b` a domain id;
+    /// from a domain, `a` = [`ObjectKind::View`] or [`ObjectKind::Vcpu`] and
+    /// `b` its index.
     pub const HANDLE_DERIVE: u64 = 51;
     /// VM_FEATURES() -> RDI = [`super::vm_features`] bits (0 without VMX).
     pub const VM_FEATURES: u64 = 52;
@@ -170,6 +174,9 @@ pub enum SysError {
     Busy = 12,
     /// The CPU lacks the feature.
     Unsupported = 13,
+    /// The handle is for another domain, view or vCPU than the call names
+    /// (or for a narrower object than the call needs).
+    OutOfScope = 14,
 }
 
 impl SysError {
@@ -189,6 +196,7 @@ impl SysError {
             11 => Self::BadToken,
             12 => Self::Busy,
             13 => Self::Unsupported,
+            14 => Self::OutOfScope,
             _ => return None,
         })
     }
@@ -219,6 +227,12 @@ pub enum ObjectKind {
     Process = 9,
     /// Creating endpoints, notifications and processes; halting the system.
     System = 10,
+    /// One domain (derived from `Domains`): every operation on it.
+    Domain = 11,
+    /// One view of one domain (derived from a domain): changing that view.
+    View = 12,
+    /// One vCPU of one domain (derived from a domain): its controls.
+    Vcpu = 13,
 }
 
 /// What a handle allows. Calls name the right they need.
@@ -417,6 +431,20 @@ pub enum EptOp {
         view: u16,
         gfn: u64,
     },
+}
+
+impl EptOp {
+    /// The view the operation reads or changes.
+    pub fn view(&self) -> u16 {
+        match *self {
+            EptOp::Map { view, .. }
+            | EptOp::Unmap { view, .. }
+            | EptOp::Protect { view, .. }
+            | EptOp::SetSuppressVe { view, .. }
+            | EptOp::Split { view, .. }
+            | EptOp::Query { view, .. } => view,
+        }
+    }
 }
 
 /// The result of one [`EptOp`].

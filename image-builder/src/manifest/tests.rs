@@ -193,6 +193,10 @@ fn handle_mistakes_are_named() {
             "nobody receives on endpoint `lonely`",
         ),
         (
+            "{ name = \"h\", domain = \"zz\", rights = [\"read\"] },",
+            "no [[domain]] is named `zz`",
+        ),
+        (
             "{ name = \"h\", endpoint = \"exits\", rights = [\"receive\"] },",
             "endpoint `exits` has 2 receivers (s, s)",
         ),

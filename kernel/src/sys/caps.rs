@@ -17,6 +17,18 @@ pub enum Object {
     },
     Notification(u16),
     Domains,
+    /// One domain (by id).
+    Domain(u16),
+    /// One view of one domain.
+    View {
+        domain: u16,
+        view: u16,
+    },
+    /// One vCPU of one domain.
+    Vcpu {
+        domain: u16,
+        vcpu: u16,
+    },
     Frames(u16),
     MemoryPool,
     IoPorts {
@@ -34,6 +46,9 @@ impl Object {
             Object::Endpoint { .. } => ObjectKind::Endpoint,
             Object::Notification(_) => ObjectKind::Notification,
             Object::Domains => ObjectKind::Domains,
+            Object::Domain(_) => ObjectKind::Domain,
+            Object::View { .. } => ObjectKind::View,
+            Object::Vcpu { .. } => ObjectKind::Vcpu,
             Object::Frames(_) => ObjectKind::Frames,
             Object::MemoryPool => ObjectKind::MemoryPool,
             Object::IoPorts { .. } => ObjectKind::IoPorts,
@@ -126,6 +141,67 @@ impl Kernel {
         Ok(cap)
     }
 
+    /// The capability in `pid`'s slot `handle` for an operation on domain
+    /// `domain` (and, for view and vCPU operations, view `view` or vCPU
+    /// `vcpu`), checked for `needed` rights: the all-domains handle allows
+    /// any, a domain handle its domain, a view or vCPU handle only
+    /// operations on that view or vCPU.
+    pub fn domain_cap(
+        &self,
+        pid: u16,
+        handle: u64,
+        domain: u64,
+        scope: Scope,
+        needed: u32,
+    ) -> Result<Cap, CapError> {
+        let h = u32::try_from(handle).unwrap_or(u32::MAX);
+        let cap = self
+            .processes
+            .get(usize::from(pid))
+            .and_then(Option::as_ref)
+            .and_then(|p| {
+                p.handles
+                    .get(usize::try_from(handle).ok()?)
+                    .copied()
+                    .flatten()
+            })
+            .ok_or(CapError {
+                error: SysError::NoSuchHandle,
+                handle: h,
+                needed: 0,
+            })?;
+        let out_of_scope = CapError {
+            error: SysError::OutOfScope,
+            handle: h,
+            needed: 0,
+        };
+        let same = |d: u16| u64::from(d) == domain;
+        match (cap.object, scope) {
+            (Object::Domains, _) => {}
+            (Object::Domain(d), _) if same(d) => {}
+            (Object::View { domain: d, view }, Scope::View(v)) if same(d) && v == view => {}
+            (Object::Vcpu { domain: d, vcpu }, Scope::Vcpu(v)) if same(d) && v == vcpu => {}
+            (Object::Domain(_) | Object::View { .. } | Object::Vcpu { .. }, _) => {
+                return Err(out_of_scope);
+            }
+            _ => {
+                return Err(CapError {
+                    error: SysError::WrongKind,
+                    handle: h,
+                    needed: 0,
+                });
+            }
+        }
+        if cap.rights & needed != needed {
+            return Err(CapError {
+                error: SysError::MissingRight,
+                handle: h,
+                needed: needed & !cap.rights,
+            });
+        }
+        Ok(cap)
+    }
+
     /// The caller's handle slot, for updating (generation of an endpoint).
     pub fn cap_mut(&mut self, pid: u16, handle: u64) -> Option<&mut Cap> {
         self.processes[usize::from(pid)]
@@ -148,6 +224,17 @@ impl Kernel {
         p.handles[slot] = Some(cap);
         Ok(slot as Handle)
     }
+}
+
+/// What part of a domain an operation touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The domain as a whole.
+    Domain,
+    /// One view.
+    View(u16),
+    /// One vCPU.
+    Vcpu(u16),
 }
 
 /// Names of rights, for logs: the first missing one.

@@ -6,7 +6,7 @@
 //! argument blocks) is trusted: user memory is reached only through the
 //! service's own page tables.
 
-use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, right_name};
+use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, right_name};
 use super::ipc::{Endpoint, Notification, Sender, bits};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
@@ -78,6 +78,12 @@ fn refuse(k: &Kernel, pid: u16, call: &str, e: CapError) -> SysError {
             e.handle,
             right_name(e.needed)
         ),
+        SysError::OutOfScope => defmt::warn!(
+            "service {=str}: {=str} refused: handle {=u32} is for another domain, view or vCPU",
+            k.process_name(pid),
+            call,
+            e.handle
+        ),
         SysError::WrongKind => defmt::warn!(
             "service {=str}: {=str} refused: handle {=u32} is another kind of object",
             k.process_name(pid),
@@ -97,6 +103,14 @@ fn refuse(k: &Kernel, pid: u16, call: &str, e: CapError) -> SysError {
 macro_rules! cap {
     ($k:expr, $pid:expr, $call:expr, $h:expr, $kind:expr, $right:expr) => {
         $k.cap($pid, $h, $kind, $right)
+            .map_err(|e| refuse($k, $pid, $call, e))?
+    };
+}
+
+/// [`Kernel::domain_cap`], refusing (and logging) like `cap!`.
+macro_rules! dcap {
+    ($k:expr, $pid:expr, $call:expr, $h:expr, $domain:expr, $scope:expr, $right:expr) => {
+        $k.domain_cap($pid, $h, $domain, $scope, $right)
             .map_err(|e| refuse($k, $pid, $call, e))?
     };
 }
@@ -341,12 +355,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::VCPU_CREATE => vcpu_create(k, pid, a),
         nr::DOMAIN_CONTROL => domain_control(k, pid, a),
         nr::DOMAIN_INFO => {
-            cap!(
+            dcap!(
                 k,
                 pid,
                 "DOMAIN_INFO",
                 a[0],
-                ObjectKind::Domains,
+                a[1],
+                Scope::Domain,
                 rights::READ
             );
             let d = domain(k, a[1])?;
@@ -380,7 +395,7 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([0; 3]))
         }
         nr::CONSOLE => {
-            cap!(k, pid, "CONSOLE", a[0], ObjectKind::Domains, rights::VCPUS);
+            dcap!(k, pid, "CONSOLE", a[0], a[1], Scope::Domain, rights::VCPUS);
             let id = domain(k, a[1])?.id;
             let len = (a[3] as usize).min(MAX_FRAME);
             let mut buf = [0u8; MAX_FRAME];
@@ -392,12 +407,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([0; 3]))
         }
         nr::VIEW_CREATE => {
-            cap!(
+            dcap!(
                 k,
                 pid,
                 "VIEW_CREATE",
                 a[0],
-                ObjectKind::Domains,
+                a[1],
+                Scope::Domain,
                 rights::VIEWS
             );
             let view = domain_mut(k, a[1])?
@@ -407,12 +423,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([u64::from(view), 0, 0]))
         }
         nr::VIEW_DESTROY => {
-            cap!(
+            dcap!(
                 k,
                 pid,
                 "VIEW_DESTROY",
                 a[0],
-                ObjectKind::Domains,
+                a[1],
+                Scope::View(view_arg(a[2])?),
                 rights::VIEWS
             );
             let d = domain_mut(k, a[1])?;
@@ -427,12 +444,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([0; 3]))
         }
         nr::VIEW_SET_VISIBLE => {
-            cap!(
+            dcap!(
                 k,
                 pid,
                 "VIEW_SET_VISIBLE",
                 a[0],
-                ObjectKind::Domains,
+                a[1],
+                Scope::View(view_arg(a[2])?),
                 rights::VIEWS
             );
             domain_mut(k, a[1])?
@@ -443,12 +461,13 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         nr::EPT_OPS => ept_ops(k, pid, a),
         nr::VCPU_SET_VIEW => {
-            cap!(
+            dcap!(
                 k,
                 pid,
                 "VCPU_SET_VIEW",
                 a[0],
-                ObjectKind::Domains,
+                a[1],
+                Scope::Vcpu(view_arg(a[2])?),
                 rights::VIEWS
             );
             let d = domain_mut(k, a[1])?;
@@ -516,13 +535,37 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                     }
                 }
                 Object::Irq(super::caps::ALL_LINES) if a[1] < 16 => Object::Irq(a[1] as u8),
+                Object::Domains if a[1] == ObjectKind::Domain as u64 => {
+                    // The domain must exist: a handle names something real.
+                    Object::Domain(domain(k, a[2])?.id)
+                }
+                Object::Domain(d) if a[1] == ObjectKind::View as u64 => Object::View {
+                    domain: d,
+                    view: view_arg(a[2])
+                        .ok()
+                        .filter(|v| *v < 512)
+                        .ok_or(SysError::BadArgument)?,
+                },
+                Object::Domain(d) if a[1] == ObjectKind::Vcpu as u64 => Object::Vcpu {
+                    domain: d,
+                    vcpu: view_arg(a[2])
+                        .ok()
+                        .filter(|v| *v < 8)
+                        .ok_or(SysError::BadArgument)?,
+                },
                 _ => return Err(SysError::BadArgument),
+            };
+            // A derived handle never has more rights than its parent.
+            let rights = if a[3] == 0 {
+                c.rights
+            } else {
+                c.rights & a[3] as u32
             };
             let h = k.install(
                 pid,
                 Cap {
                     object,
-                    rights: c.rights,
+                    rights,
                     badge: c.badge,
                 },
             )?;
@@ -966,12 +1009,13 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 }
 
 fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(
+    dcap!(
         k,
         pid,
         "DOMAIN_MAP_RAM",
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Domain,
         rights::BUILD
     );
     let (fid, f) = frames_of(k, pid, "DOMAIN_MAP_RAM", a[3], rights::WRITE)?;
@@ -993,12 +1037,13 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 
 fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<Done> {
     let right = if write { rights::WRITE } else { rights::READ };
-    cap!(
+    dcap!(
         k,
         pid,
         if write { "DOMAIN_WRITE" } else { "DOMAIN_READ" },
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Domain,
         right
     );
     let (gpa, va, len) = (a[2], a[3], a[4]);
@@ -1038,12 +1083,13 @@ fn endpoint_of(k: &Kernel, pid: u16, h: u32) -> Result<u16> {
 }
 
 fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(
+    dcap!(
         k,
         pid,
         "VCPU_CREATE",
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Domain,
         rights::BUILD
     );
     let mut buf = [0u8; 128];
@@ -1059,12 +1105,13 @@ fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 }
 
 fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(
+    dcap!(
         k,
         pid,
         "DOMAIN_CONTROL",
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Domain,
         rights::BUILD
     );
     let slot = (a[1].wrapping_sub(1)) as u16;
@@ -1110,33 +1157,41 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 }
 
 fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(k, pid, "EPT_OPS", a[0], ObjectKind::Domains, rights::VIEWS);
     let mut buf = [0u8; 1024];
     let len = (a[3] as usize).min(buf.len());
     read_user(k, pid, a[2], &mut buf[..len])?;
     let ops: BoundedVec<EptOp, MAX_EPT_OPS> =
         postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
+    // Every view the batch touches must be one the handle reaches.
+    if ops.0.is_empty() {
+        dcap!(k, pid, "EPT_OPS", a[0], a[1], Scope::Domain, rights::VIEWS);
+    }
+    for op in ops.0.iter() {
+        dcap!(
+            k,
+            pid,
+            "EPT_OPS",
+            a[0],
+            a[1],
+            Scope::View(op.view()),
+            rights::VIEWS
+        );
+    }
     let d = domain_mut(k, a[1])?;
     let mut results: BoundedVec<EptResult, MAX_EPT_OPS> = BoundedVec::new();
-    let mut touched = [false; 64];
+    // Views changed (a bit each): flushed once, after the batch.
+    let mut touched = [0u64; 8];
     for op in ops.0.iter() {
         let r = crate::vm::ept_op(d, op);
-        let view = match *op {
-            EptOp::Map { view, .. }
-            | EptOp::Unmap { view, .. }
-            | EptOp::Protect { view, .. }
-            | EptOp::SetSuppressVe { view, .. }
-            | EptOp::Split { view, .. }
-            | EptOp::Query { view, .. } => view,
-        };
-        if !matches!(op, EptOp::Query { .. }) && usize::from(view) < touched.len() {
-            touched[usize::from(view)] = true;
+        let view = usize::from(op.view());
+        if !matches!(op, EptOp::Query { .. }) && view < 512 {
+            touched[view / 64] |= 1 << (view % 64);
         }
         let _ = results.0.push(r);
     }
-    for (view, t) in touched.iter().enumerate() {
-        if *t {
-            d.views.flush(view as u16);
+    for (word, &bits) in touched.iter().enumerate() {
+        for b in super::ipc::bits(bits) {
+            d.views.flush((word * 64) as u16 + b as u16);
         }
     }
     let mut out = [0u8; 1024];
@@ -1151,12 +1206,13 @@ fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 }
 
 fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(
+    dcap!(
         k,
         pid,
         "VCPU_CONTROL",
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Vcpu(view_arg(a[2])?),
         rights::VCPUS
     );
     let op = match a[3] {
@@ -1171,12 +1227,13 @@ fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 }
 
 fn dirty_read(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    cap!(
+    dcap!(
         k,
         pid,
         "DIRTY_READ",
         a[0],
-        ObjectKind::Domains,
+        a[1],
+        Scope::Domain,
         rights::VCPUS
     );
     let max = (a[3] as usize).min(64);

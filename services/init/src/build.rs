@@ -43,6 +43,7 @@ pub fn domain(
     domains: Handle,
     memory: Handle,
     spec: &manifest::Domain<'_>,
+    id: u16,
     exits: Handle,
     violations: Handle,
 ) -> Result<Built, BuildError> {
@@ -57,22 +58,23 @@ pub fn domain(
     // Safety: the kernel mapped the module's `len` bytes read-only at
     // IMAGE_VA; unmapped below, after the last use.
     let image = unsafe { core::slice::from_raw_parts(IMAGE_VA as *const u8, len as usize) };
-    let result = build(domains, memory, spec, image, &layout, exits, violations);
+    let result = build(domains, memory, spec, id, image, &layout, exits, violations);
     let _ = sys::frames_unmap(IMAGE_VA, count);
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     domains: Handle,
     memory: Handle,
     spec: &manifest::Domain<'_>,
+    id: u16,
     image: &[u8],
     layout: &GuestLayout,
     exits: Handle,
     violations: Handle,
 ) -> Result<Built, BuildError> {
     let plan = multiboot::plan(image, layout).map_err(BuildError::Image)?;
-    let id = sys::domain_create(domains, spec.name)?;
     let (mut large, mut small) = (0u32, 0u32);
     let mut map = |gfn: u64, pages: u64, align: u64| -> Result<(), BuildError> {
         let frames = sys::frames_alloc(memory, pages, align)

@@ -72,6 +72,9 @@ fn main() -> ! {
         sys::halt(system, HaltStatus::BadBootInput.code());
     }
     let sup = keep(supervise::Supervisor::new(system, manifest));
+    if let Err(status) = sup.create_domains() {
+        sys::halt(system, status.code());
+    }
     if let Err(status) = sup.start_services() {
         sys::halt(system, status.code());
     }

@@ -10,7 +10,9 @@ use ipc_schema::supervisor::{
     DomainInfo, Refusal, SUPERVISOR, ServiceInfo, SupervisorReply, SupervisorRequest,
     name as fixed_name, name_str,
 };
-use ipc_schema::syscall::{Grant, Handle, MAX_HANDLES, SpawnSpec, SysError, handle_name, rights};
+use ipc_schema::syscall::{
+    DomainOp, Grant, Handle, MAX_HANDLES, ObjectKind, SpawnSpec, SysError, handle_name, rights,
+};
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
 
@@ -55,6 +57,8 @@ pub struct Supervisor {
     pub objects: heapless::Vec<(u8, &'static str, Handle), 48>,
     pub services: heapless::Vec<Running, 16>,
     pub built: heapless::Vec<DomainEntry, 16>,
+    /// Domains created: (manifest index, id).
+    pub created: heapless::Vec<(usize, u16), 16>,
     pub failed_builds: u32,
     pub faults: Handle,
     pub domain_events: Handle,
@@ -99,6 +103,7 @@ impl Supervisor {
             objects: heapless::Vec::new(),
             services: heapless::Vec::new(),
             built: heapless::Vec::new(),
+            created: heapless::Vec::new(),
             failed_builds: 0,
             faults: 0,
             domain_events: 0,
@@ -167,6 +172,10 @@ impl Supervisor {
                     sys::derive(require("ioports"), u64::from(base), u64::from(count))?
                 }
                 Object::Irq(line) => sys::derive(require("irqs"), u64::from(line), 0)?,
+                Object::Domain(name) => {
+                    let id = self.domain_id(name).ok_or(SysError::BadArgument)?;
+                    sys::derive(self.domains, ObjectKind::Domain as u64, u64::from(id))?
+                }
             };
             let _ = grants.push(Grant::named(slot as u32, from, h.rights, badge, h.name));
         }
@@ -188,10 +197,6 @@ impl Supervisor {
             defmt::error!("init: {=str}: {}", what, e);
             HaltStatus::BadBootInput
         };
-        self.faults =
-            sys::notification_create(self.system).map_err(|e| fail("fault notification", e))?;
-        self.domain_events =
-            sys::notification_create(self.system).map_err(|e| fail("domain notification", e))?;
         for index in 0..self.manifest.services.len() {
             let spec: &ServiceSpec<'static> = &self.manifest.services[index];
             let (name, module) = (spec.name, spec.module);
@@ -229,7 +234,17 @@ impl Supervisor {
     }
 
     /// Builds and starts every domain of the manifest.
-    pub fn build_domains(&mut self) -> Result<(), HaltStatus> {
+    /// Creates every domain of the manifest (empty: built after the
+    /// services start, which may hold handles to them).
+    pub fn create_domains(&mut self) -> Result<(), HaltStatus> {
+        let fail = |what: &str, e: SysError| {
+            defmt::error!("init: {=str}: {}", what, e);
+            HaltStatus::BadBootInput
+        };
+        self.faults =
+            sys::notification_create(self.system).map_err(|e| fail("fault notification", e))?;
+        self.domain_events =
+            sys::notification_create(self.system).map_err(|e| fail("domain notification", e))?;
         if self.manifest.domains.is_empty() {
             return Ok(());
         }
@@ -245,6 +260,32 @@ impl Supervisor {
             return Err(HaltStatus::BadBootInput);
         }
         for index in 0..self.manifest.domains.len() {
+            let name = self.manifest.domains[index].name;
+            match sys::domain_create(self.domains, name) {
+                Ok(id) => {
+                    let _ = self.created.push((index, id));
+                }
+                Err(e) => {
+                    defmt::error!("domain `{=str}` could not be created: {}", name, e);
+                    self.failed_builds += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of the domain named `name`, once created.
+    fn domain_id(&self, name: &str) -> Option<u16> {
+        self.created
+            .iter()
+            .find(|(i, _)| self.manifest.domains[*i].name == name)
+            .map(|&(_, id)| id)
+    }
+
+    /// Builds and starts every domain created.
+    pub fn build_domains(&mut self) -> Result<(), HaltStatus> {
+        for c in 0..self.created.len() {
+            let (index, id) = self.created[c];
             let spec = self.manifest.domains[index].clone();
             let (Some(exits), Some(violations)) =
                 (self.endpoint(spec.exits), self.endpoint(spec.violations))
@@ -255,10 +296,11 @@ impl Supervisor {
                     spec.exits,
                     spec.violations
                 );
+                let _ = sys::domain_control(self.domains, id, DomainOp::Destroy);
                 self.failed_builds += 1;
                 continue;
             };
-            match build::domain(self.domains, self.memory, &spec, exits, violations) {
+            match build::domain(self.domains, self.memory, &spec, id, exits, violations) {
                 Ok(b) => {
                     defmt::info!(
                         "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u32:#x}",
@@ -277,6 +319,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     defmt::error!("domain `{=str}` could not be built: {}", spec.name, e);
+                    let _ = sys::domain_control(self.domains, id, DomainOp::Destroy);
                     self.failed_builds += 1;
                 }
             }

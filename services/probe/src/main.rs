@@ -98,6 +98,81 @@ fn answer_or_malformed<T: for<'de> serde::Deserialize<'de>>(reply: &[u8]) -> Opt
     }
 }
 
+/// Checks of a handle to domain 1 (`domain-a`, with read and views).
+fn domain_scope(p: &mut Probe, dom: Handle) {
+    use ipc_schema::syscall::{EptOp, EptResult, MAX_EPT_OPS, ObjectKind, rights};
+    p.check(
+        "domain handle on its domain",
+        sys::domain_info(dom, 1).is_ok(),
+        "DOMAIN_INFO of domain 1 answered",
+    );
+    p.expect_sys(
+        "domain handle on another domain",
+        sys::domain_info(dom, 2).map(|_| 0),
+        SysError::OutOfScope,
+    );
+    p.expect_sys(
+        "a domain handle cannot make domain handles",
+        sys::derive(dom, ObjectKind::Domain as u64, 2).map(|h| h as usize),
+        SysError::BadArgument,
+    );
+    let view = match sys::view_create(dom, 1) {
+        Ok(v) => v,
+        Err(e) => {
+            defmt::error!("probe: FAIL a view in domain 1: {}", e);
+            p.failed += 1;
+            return;
+        }
+    };
+    let Ok(vh) = sys::derive(dom, ObjectKind::View as u64, u64::from(view)) else {
+        defmt::error!("probe: FAIL deriving a view handle");
+        p.failed += 1;
+        return;
+    };
+    let ept = |h: Handle, view: u16| -> Result<usize, SysError> {
+        let mut ops: ipc_schema::ipc::BoundedVec<EptOp, MAX_EPT_OPS> =
+            ipc_schema::ipc::BoundedVec::new();
+        let _ = ops.0.push(EptOp::Query { view, gfn: 1 });
+        let mut bytes = [0u8; 32];
+        let n = postcard::to_slice(&ops, &mut bytes).map_or(0, |b| b.len());
+        let mut out = [0u8; 64];
+        let r = sys::ept_ops(h, 1, &bytes[..n], &mut out)?;
+        match postcard::from_bytes::<ipc_schema::ipc::BoundedVec<EptResult, MAX_EPT_OPS>>(&out[..r])
+        {
+            Ok(v) if v.0.len() == 1 => Ok(r),
+            _ => Err(SysError::BadArgument),
+        }
+    };
+    p.check(
+        "view handle on its view",
+        ept(vh, view).is_ok(),
+        "an EPT query of its view answered",
+    );
+    p.expect_sys(
+        "view handle on the host p2m",
+        ept(vh, 0),
+        SysError::OutOfScope,
+    );
+    p.expect_sys(
+        "view handle creating a view",
+        sys::view_create(vh, 1).map(usize::from),
+        SysError::OutOfScope,
+    );
+    let read_only = sys::derive_with(dom, ObjectKind::View as u64, u64::from(view), rights::READ);
+    match read_only {
+        Ok(h) => p.expect_sys(
+            "a view handle without the views right",
+            ept(h, view),
+            SysError::MissingRight,
+        ),
+        Err(e) => {
+            defmt::error!("probe: FAIL deriving a read-only view handle: {}", e);
+            p.failed += 1;
+        }
+    }
+    let _ = sys::view_destroy(dom, 1, view);
+}
+
 fn main() -> ! {
     let mut p = Probe { failed: 0 };
     let altp2m = require("altp2m");
@@ -180,6 +255,12 @@ fn main() -> ! {
             );
             p.failed += 1;
         }
+    }
+
+    // A handle to one domain reaches that domain only; one to a view, that
+    // view only; and a derived handle has no more rights than asked for.
+    if let Some(dom) = service_runtime::handle("domain-a") {
+        domain_scope(&mut p, dom);
     }
 
     // Random messages: every one answered, none crashes a service.

@@ -115,7 +115,12 @@ pub fn io_out(h: Handle, port: u16, size: u8, value: u32) -> Result<(), SysError
 
 /// Creates a handle to part of `h` (I/O ports `a..a+b`, or IRQ line `a`).
 pub fn derive(h: Handle, a: u64, b: u64) -> Result<Handle, SysError> {
-    call(nr::HANDLE_DERIVE, &[u64::from(h), a, b])
+    derive_with(h, a, b, 0)
+}
+
+/// HANDLE_DERIVE keeping only the rights in `rights` (0: all).
+pub fn derive_with(h: Handle, a: u64, b: u64, rights: u32) -> Result<Handle, SysError> {
+    call(nr::HANDLE_DERIVE, &[u64::from(h), a, b, u64::from(rights)])
         .ok()
         .map(|r| r.rdi as Handle)
 }
