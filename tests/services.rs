@@ -1,9 +1,10 @@
 //! Services at run time, on Bochs (VMX): restarts after a fault, live swaps,
 //! and the control channel, driven by the harness as `cargo hv ctl` would.
 
+use image_builder::control::ControlEvent;
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use ipc_schema::supervisor::Refusal;
+use ipc_schema::supervisor::{Refusal, SupervisorEvent, name};
 use ipc_schema::syscall::DomainOp;
 use parallax_tests::{boot_live, system};
 
@@ -44,6 +45,28 @@ fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
             let mut ctl = live.control();
             ctl.inject_fault("vmm").expect("the fault is injected");
             live.wait_for("init", "restarted service vmm", 60);
+            // The host hears of it as events.
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                match ctl.next_event(std::time::Duration::from_secs(30)).unwrap() {
+                    Some(ControlEvent::Supervisor { event, .. }) => seen.push(event),
+                    Some(_) => {}
+                    None => panic!("no events: {seen:?}"),
+                }
+            }
+            assert_eq!(
+                seen,
+                [
+                    SupervisorEvent::ServiceFaulted {
+                        name: name("vmm"),
+                        generation: 0
+                    },
+                    SupervisorEvent::ServiceRestarted {
+                        name: name("vmm"),
+                        generation: 1
+                    },
+                ]
+            );
             let vmm = ctl
                 .services()
                 .unwrap()
@@ -99,6 +122,31 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
         |live| {
             live.wait_for("dom1", "tick 2:", 120);
             let mut ctl = live.control();
+            // Garbage and an oversize frame on the control channel cost only
+            // themselves.
+            ctl.hello().unwrap();
+            {
+                use std::io::Write;
+                let mut raw = ctl.get_ref();
+                raw.write_all(b"line noise\x00").unwrap();
+                let mut big = vec![0x41u8; 3000];
+                big.push(0);
+                raw.write_all(&big).unwrap();
+            }
+            let garbage =
+                std::iter::from_fn(|| ctl.next_event(std::time::Duration::from_secs(60)).unwrap())
+                    .find(|e| matches!(e, ControlEvent::Garbage { .. }));
+            assert_eq!(garbage, Some(ControlEvent::Garbage { bytes: 10 }));
+            assert_eq!(
+                ctl.services().unwrap().len(),
+                3,
+                "the console still answers"
+            );
+            assert!(
+                ctl.stats().console_errors >= 1,
+                "the oversize frame was refused: {:?}",
+                ctl.stats()
+            );
             // Refused swaps change nothing.
             let e = ctl.swap("vmm", &[0x55; 3000]).unwrap_err();
             assert_eq!(refusal(e), Refusal::NotElf);
@@ -119,6 +167,19 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
 
             let generation = ctl.swap("vmm", &elf).expect("the swap goes through");
             assert_eq!(generation, 1);
+            let swapped =
+                std::iter::from_fn(|| ctl.next_event(std::time::Duration::from_secs(30)).unwrap())
+                    .find_map(|e| match e {
+                        ControlEvent::Supervisor { event, .. } => Some(event),
+                        _ => None,
+                    });
+            assert_eq!(
+                swapped,
+                Some(SupervisorEvent::ServiceSwapped {
+                    name: name("vmm"),
+                    generation: 1
+                })
+            );
             let after = tick(&live.wait_for("dom1", "vmm version 2", 120).text).unwrap();
             assert!(
                 after.1 > before.1,

@@ -143,6 +143,9 @@ enum CtlCmd {
     Fault { service: String },
     /// Print the console's events as they come, until interrupted.
     Events,
+    /// Print the run's decoded log (from its start), following it until the
+    /// system halts.
+    Logs,
 }
 
 /// The control socket `cargo hv run` offers by default.
@@ -260,7 +263,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "control channel (COM2): {} (cargo hv ctl{flag} services)",
                 socket.display()
             );
-            let outcome = emulator::run(&img.iso, &img.elfs, &cfg)?;
+            // `cargo hv ctl logs` finds the capture through the socket.
+            let pointer = socket.with_extension("capture");
+            let _ = std::fs::write(&pointer, cfg.capture.as_os_str().as_encoded_bytes());
+            let outcome = emulator::run(&img.iso, &img.elfs, &cfg);
+            let _ = std::fs::remove_file(&pointer);
+            let outcome = outcome?;
             eprintln!("{}", outcome.summary());
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
         }
@@ -347,6 +355,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `cargo hv ctl`.
 fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
+    if let CtlCmd::Logs = command {
+        let socket = conn.socket.clone().unwrap_or_else(default_control_socket);
+        return follow_log(&socket);
+    }
     let mut console = conn.connect()?;
     match command {
         CtlCmd::Services => {
@@ -379,6 +391,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
             console.inject_fault(&service)?;
             println!("fault injected into {service}");
         }
+        CtlCmd::Logs => unreachable!("handled before connecting"),
         CtlCmd::Events => {
             let version = console.hello()?;
             eprintln!(
@@ -407,6 +420,51 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo hv ctl logs`: the log of the run that serves `socket`, decoded,
+/// from its start, followed until the system halts or the run ends.
+fn follow_log(socket: &Path) -> Result<ExitCode> {
+    let pointer = socket.with_extension("capture");
+    let capture = match std::fs::read(&pointer) {
+        Ok(p) => PathBuf::from(String::from_utf8_lossy(&p).into_owned()),
+        Err(_) => bail!(
+            "no run serves {} (cargo hv run writes {} while it runs)",
+            socket.display(),
+            pointer.display()
+        ),
+    };
+    let mut file = std::fs::File::open(&capture)
+        .with_context(|| format!("cannot open the run's capture {}", capture.display()))?;
+    let mut demux = logs::Demux::new();
+    let mut decoder = logs::Decoder::new(image::current_elfs()?);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = std::io::stdout();
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        let ended = n == 0 && !pointer.exists();
+        let mut events = Vec::new();
+        demux.push(&buf[..n], &mut events);
+        if ended {
+            demux.finish(&mut events);
+        }
+        for e in &events {
+            for l in decoder.lines(e) {
+                writeln!(out, "{l}")?;
+            }
+        }
+        out.flush()?;
+        if let Some(status) = decoder.halt {
+            return Ok(ExitCode::from(status));
+        }
+        if ended {
+            eprintln!("the run ended without a halt record");
+            return Ok(ExitCode::FAILURE);
+        }
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// `cargo hv swap NAME PATH`: everything is checked before anything is sent.

@@ -10,7 +10,7 @@
 //! `Hello` with the host's key of this protocol.
 
 use crate::ipc::{BoundedVec, InterfaceId};
-use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo};
+use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
 use crate::syscall::DomainOp;
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,11 @@ pub enum ControlError {
 pub enum ControlEvent {
     /// Frames that did not decode were dropped.
     Garbage { bytes: u32 },
+    /// Something happened to a service or a domain (the supervisor's
+    /// sequence number, then the event).
+    Supervisor { seq: u32, event: SupervisorEvent },
+    /// Events were lost before the console could pass them on.
+    Missed { count: u32 },
 }
 
 /// The control protocol's key (checked by `Hello`).

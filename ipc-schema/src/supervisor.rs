@@ -1,7 +1,7 @@
 //! The supervisor interface: what the console service (on behalf of the
 //! host) asks init.
 
-use crate::ipc::InterfaceId;
+use crate::ipc::{BoundedVec, InterfaceId};
 use crate::syscall::DomainOp;
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
@@ -54,15 +54,18 @@ pub enum SupervisorRequest {
         name: Name,
         len: u32,
     },
+    /// The events recorded after sequence number `after` (the oldest
+    /// first, at most [`EVENTS_PER_REPLY`]).
+    Events {
+        after: u32,
+    },
     /// Make service `name` fault (tests).
     InjectFault {
         name: Name,
     },
 }
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum SupervisorReply {
     Service(Option<ServiceInfo>),
     Domain(Option<DomainInfo>),
@@ -70,6 +73,13 @@ pub enum SupervisorReply {
     /// The swapped-in service's new generation.
     Swapped {
         generation: u32,
+    },
+    /// Events with their sequence numbers; `next` is the number the next
+    /// event will get (events older than the supervisor keeps are gone:
+    /// the gap in the numbers says how many).
+    Events {
+        events: BoundedVec<(u32, SupervisorEvent), EVENTS_PER_REPLY>,
+        next: u32,
     },
     Refused(Refusal),
 }
@@ -97,6 +107,42 @@ pub struct DomainInfo {
     pub state: u8,
     pub exit_status: u32,
     pub memory_mib: u32,
+}
+
+/// Events per [`SupervisorReply::Events`].
+pub const EVENTS_PER_REPLY: usize = 4;
+
+/// Something that happened to a service or a domain.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub enum SupervisorEvent {
+    ServiceFaulted {
+        name: Name,
+        generation: u32,
+    },
+    ServiceRestarted {
+        name: Name,
+        generation: u32,
+    },
+    /// Faulted and held (its disposition, or too many restarts).
+    ServiceHeld {
+        name: Name,
+    },
+    ServiceSwapped {
+        name: Name,
+        generation: u32,
+    },
+    TaskEnded {
+        name: Name,
+        code: u32,
+    },
+    /// A domain ended: its `syscall::DomainState` code and exit status.
+    DomainEnded {
+        id: u16,
+        state: u8,
+        status: u32,
+    },
 }
 
 /// Why the supervisor refused.

@@ -880,6 +880,41 @@ pub fn describe_event(e: &ControlEvent) -> String {
         ControlEvent::Garbage { bytes } => {
             format!("the console dropped {bytes} bytes that did not decode as frames")
         }
+        ControlEvent::Missed { count } => {
+            format!("{count} event(s) were lost before the console could pass them on")
+        }
+        ControlEvent::Supervisor { seq, event } => {
+            use ipc_schema::supervisor::{SupervisorEvent as E, name_str};
+            let what = match event {
+                E::ServiceFaulted { name, generation } => {
+                    format!(
+                        "service {} (generation {generation}) faulted",
+                        name_str(name)
+                    )
+                }
+                E::ServiceRestarted { name, generation } => {
+                    format!(
+                        "service {} restarted (generation {generation})",
+                        name_str(name)
+                    )
+                }
+                E::ServiceHeld { name } => format!("service {} is held", name_str(name)),
+                E::ServiceSwapped { name, generation } => {
+                    format!(
+                        "service {} swapped (generation {generation})",
+                        name_str(name)
+                    )
+                }
+                E::TaskEnded { name, code } => {
+                    format!("task {} ended with code {code}", name_str(name))
+                }
+                E::DomainEnded { id, state, status } => format!(
+                    "domain {id} ended: {} (status {status})",
+                    domain_state(*state)
+                ),
+            };
+            format!("#{seq} {what}")
+        }
     }
 }
 

@@ -81,9 +81,20 @@ impl Supervisor for Ask {
     }
 }
 
+/// Sends one message to the host.
+fn send_frame(uart: &Uart, m: &ToHost) {
+    let mut buf = [0u8; 2 * ipc_schema::control::MAX_FRAME];
+    match ipc_schema::frame::encode(m, &mut buf) {
+        Ok(frame) => uart.send(frame),
+        Err(_) => defmt::error!("console: a message for the host does not fit a frame"),
+    }
+}
+
 struct Console {
     uart: Uart,
     irq: Handle,
+    /// Signalled by the supervisor when it records an event.
+    supervisor_events: Option<Handle>,
     session: Session,
     supervisor: Ask,
     swap: &'static mut [u8],
@@ -123,6 +134,10 @@ impl Service for Console {
     fn notified(&mut self, slot: Handle, _bits: u64) {
         if slot == self.irq {
             self.drain();
+        } else if Some(slot) == self.supervisor_events {
+            let uart = &self.uart;
+            self.session
+                .events(&mut self.supervisor, &mut |m: &ToHost| send_frame(uart, m));
         }
     }
 
@@ -164,14 +179,17 @@ fn main() -> ! {
         "console: control channel on COM2 ({=usize} KiB swap buffer)",
         swap.len() / 1024
     );
+    let supervisor_events = service_runtime::handle("supervisor-events");
     let mut console = Console {
         uart,
         irq,
+        supervisor_events,
         session: Session::new(),
         supervisor: Ask(Client::new(require("supervisor"), SUPERVISOR)),
         swap,
     };
     // Bytes that came before the interrupt was bound.
     console.drain();
-    ipc::serve(&mut console, 1 << irq)
+    let mask = (1 << irq) | supervisor_events.map_or(0, |h| 1 << h);
+    ipc::serve(&mut console, mask)
 }

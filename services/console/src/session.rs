@@ -37,6 +37,8 @@ pub struct Session {
     swap: Option<Incoming>,
     /// Frames that failed their checksum or COBS, and their bytes.
     pub garbage: (u32, u32),
+    /// The supervisor's number of the last event passed on.
+    last_event: u32,
 }
 
 impl Default for Session {
@@ -53,6 +55,7 @@ impl Session {
             hello: false,
             swap: None,
             garbage: (0, 0),
+            last_event: u32::MAX,
         }
     }
 
@@ -63,6 +66,31 @@ impl Session {
 
     pub fn set_hello(&mut self, hello: bool) {
         self.hello = hello;
+    }
+
+    /// Passes the supervisor's new events on to the host (called when the
+    /// supervisor signals that something happened).
+    pub fn events(&mut self, sup: &mut impl Supervisor, send: &mut impl FnMut(&ToHost)) {
+        loop {
+            let Some(SupervisorReply::Events { events, next }) =
+                sup.ask(&SupervisorRequest::Events {
+                    after: self.last_event,
+                })
+            else {
+                return;
+            };
+            for (seq, event) in events.0.iter().copied() {
+                let missed = seq.wrapping_sub(self.last_event.wrapping_add(1));
+                if missed != 0 && self.last_event != u32::MAX {
+                    send(&ToHost::Event(ControlEvent::Missed { count: missed }));
+                }
+                send(&ToHost::Event(ControlEvent::Supervisor { seq, event }));
+                self.last_event = seq;
+            }
+            if events.0.is_empty() || self.last_event.wrapping_add(1) == next {
+                return;
+            }
+        }
     }
 
     /// One byte from the host. `swap_buffer` is the memory shared with the
@@ -136,6 +164,8 @@ impl Session {
             Some(SupervisorReply::Done) => R::Done,
             Some(SupervisorReply::Swapped { generation }) => R::Swapped { generation },
             Some(SupervisorReply::Refused(why)) => R::Refused(why),
+            // Not an answer to any of the requests below.
+            Some(SupervisorReply::Events { .. }) => R::Error(ControlError::SupervisorUnavailable),
             None => R::Error(ControlError::SupervisorUnavailable),
         };
         match *r {

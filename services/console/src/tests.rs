@@ -7,7 +7,9 @@ use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, SWAP_CHUNK, ToHost,
 };
 use ipc_schema::ipc::BoundedVec;
-use ipc_schema::supervisor::{Refusal, SupervisorReply, SupervisorRequest, name, name_str};
+use ipc_schema::supervisor::{
+    Refusal, SupervisorEvent, SupervisorReply, SupervisorRequest, name, name_str,
+};
 use std::vec::Vec;
 
 service_runtime::host_logger!();
@@ -285,4 +287,50 @@ fn refusals_and_an_unreachable_supervisor_reach_the_host() {
         r.send(3, ControlRequest::Service { index: 0 }),
         ControlReply::Error(ControlError::SupervisorUnavailable)
     );
+}
+
+/// A supervisor holding events 5, 6 and 9 (7 and 8 were dropped).
+struct WithEvents;
+
+impl Supervisor for WithEvents {
+    fn ask(&mut self, r: &SupervisorRequest) -> Option<SupervisorReply> {
+        let SupervisorRequest::Events { after } = *r else {
+            return None;
+        };
+        let all = [5u32, 6, 9];
+        let mut events = BoundedVec::new();
+        for seq in all
+            .iter()
+            .filter(|&&s| after == u32::MAX || s > after)
+            .take(2)
+        {
+            let _ = events.0.push((
+                *seq,
+                SupervisorEvent::TaskEnded {
+                    name: name("t"),
+                    code: *seq,
+                },
+            ));
+        }
+        Some(SupervisorReply::Events { events, next: 10 })
+    }
+}
+
+#[test]
+fn supervisor_events_reach_the_host_in_order_and_gaps_are_reported() {
+    let mut s = Session::new();
+    let mut out = Vec::new();
+    s.events(&mut WithEvents, &mut |m: &ToHost| out.push(m.clone()));
+    let seqs: Vec<std::string::String> = out
+        .iter()
+        .map(|m| match m {
+            ToHost::Event(ControlEvent::Supervisor { seq, .. }) => std::format!("{seq}"),
+            ToHost::Event(ControlEvent::Missed { count }) => std::format!("missed {count}"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, ["5", "6", "missed 2", "9"]);
+    out.clear();
+    s.events(&mut WithEvents, &mut |m: &ToHost| out.push(m.clone()));
+    assert!(out.is_empty(), "nothing new: {out:?}");
 }

@@ -7,8 +7,8 @@ use ipc_schema::ipc::{BoundedVec, InterfaceDecl, InterfaceId, IpcError};
 use ipc_schema::lifecycle::{LIFECYCLE, LifecycleReply, LifecycleRequest};
 use ipc_schema::manifest::{Disposition, Manifest, Object, Service as ServiceSpec};
 use ipc_schema::supervisor::{
-    DomainInfo, Refusal, SUPERVISOR, ServiceInfo, SupervisorReply, SupervisorRequest,
-    name as fixed_name, name_str,
+    DomainInfo, Refusal, SUPERVISOR, ServiceInfo, SupervisorEvent, SupervisorReply,
+    SupervisorRequest, name as fixed_name, name_str,
 };
 use ipc_schema::syscall::{
     DomainOp, Grant, Handle, MAX_HANDLES, ObjectKind, SpawnSpec, SysError, handle_name, rights,
@@ -46,6 +46,8 @@ pub struct Running {
 pub struct DomainEntry {
     pub id: u16,
     pub spec: usize,
+    /// Its end was recorded as an event.
+    pub ended: bool,
 }
 
 pub struct Supervisor {
@@ -63,6 +65,9 @@ pub struct Supervisor {
     pub faults: Handle,
     pub domain_events: Handle,
     pub supervisor_ep: Option<Handle>,
+    /// Recent events, numbered (the console passes them to the host).
+    pub events: heapless::Deque<(u32, SupervisorEvent), 32>,
+    pub next_event: u32,
 }
 
 const KIND_ENDPOINT: u8 = 0;
@@ -108,6 +113,8 @@ impl Supervisor {
             faults: 0,
             domain_events: 0,
             supervisor_ep: None,
+            events: heapless::Deque::new(),
+            next_event: 0,
         }
     }
 
@@ -137,6 +144,31 @@ impl Supervisor {
             .push((kind, name, h))
             .map_err(|_| SysError::NoResources)?;
         Ok(h)
+    }
+
+    /// Records an event and tells whoever waits on the notification named
+    /// `supervisor-events` (the console, in the standard manifest).
+    pub fn record(&mut self, event: SupervisorEvent) {
+        if self.events.is_full() {
+            self.events.pop_front();
+        }
+        let _ = self.events.push_back((self.next_event, event));
+        self.next_event = self.next_event.wrapping_add(1);
+        if let Some(&(_, _, h)) = self
+            .objects
+            .iter()
+            .find(|(k, n, _)| *k == KIND_NOTIFICATION && *n == "supervisor-events")
+        {
+            let _ = sys::notify(h, 1);
+        }
+    }
+
+    /// Records a swap (for `swap`).
+    pub fn record_swap(&mut self, name: &str, generation: u32) {
+        self.record(SupervisorEvent::ServiceSwapped {
+            name: fixed_name(name),
+            generation,
+        });
     }
 
     /// The handle of endpoint `name`, if the manifest created one.
@@ -315,6 +347,7 @@ impl Supervisor {
                     let _ = self.built.push(DomainEntry {
                         id: b.id,
                         spec: index,
+                        ended: false,
                     });
                 }
                 Err(e) => {
@@ -340,6 +373,7 @@ impl Supervisor {
     /// Restarts or holds services that faulted.
     fn check_faults(&mut self) {
         let now = sys::time().0;
+        let mut happened: heapless::Vec<SupervisorEvent, 16> = heapless::Vec::new();
         for s in self.services.iter_mut() {
             let Ok((state, _, faults)) = sys::process_status(s.process) else {
                 continue;
@@ -348,6 +382,7 @@ impl Supervisor {
             if s.held || s.done.is_some() || state == 0 {
                 continue;
             }
+            let name = fixed_name(spec.name);
             if state == 2 {
                 // Ended by itself (EXIT); `faults` is its exit code.
                 if spec.task {
@@ -361,6 +396,7 @@ impl Supervisor {
                         );
                     }
                     s.done = Some(faults);
+                    let _ = happened.push(SupervisorEvent::TaskEnded { name, code: faults });
                 } else {
                     defmt::warn!(
                         "init: service {=str} ended by itself (code {=u32}); it serves nobody now",
@@ -368,12 +404,21 @@ impl Supervisor {
                         faults
                     );
                     s.held = true;
+                    let _ = happened.push(SupervisorEvent::ServiceHeld { name });
                 }
                 continue;
             }
+            let _ = happened.push(SupervisorEvent::ServiceFaulted {
+                name,
+                generation: s.generation,
+            });
             if spec.task {
                 defmt::error!("init: task {=str} faulted; it is not restarted", spec.name);
                 s.done = Some(u32::MAX);
+                let _ = happened.push(SupervisorEvent::TaskEnded {
+                    name,
+                    code: u32::MAX,
+                });
                 continue;
             }
             let window = u64::from(spec.restart_window_ms) * 1000;
@@ -390,6 +435,7 @@ impl Supervisor {
                     spec.name
                 );
                 s.held = true;
+                let _ = happened.push(SupervisorEvent::ServiceHeld { name });
             } else if s.recent.len() as u32 >= spec.max_restarts {
                 defmt::error!(
                     "init: service {=str} faulted {=u32} times within {=u32} ms; holding it",
@@ -398,6 +444,7 @@ impl Supervisor {
                     spec.restart_window_ms
                 );
                 s.held = true;
+                let _ = happened.push(SupervisorEvent::ServiceHeld { name });
             } else {
                 match sys::restart(s.process, None) {
                     Ok(_) => {
@@ -413,24 +460,43 @@ impl Supervisor {
                             faults,
                             s.generation
                         );
+                        let _ = happened.push(SupervisorEvent::ServiceRestarted {
+                            name,
+                            generation: s.generation,
+                        });
                     }
                     Err(e) => {
                         defmt::error!("init: cannot restart service {=str}: {}", spec.name, e);
                         s.held = true;
+                        let _ = happened.push(SupervisorEvent::ServiceHeld { name });
                     }
                 }
             }
+        }
+        for e in happened {
+            self.record(e);
         }
     }
 
     /// Halts the system once every domain has ended.
     fn check_domains(&mut self) {
         let mut all_ok = self.failed_builds == 0;
-        let mut tasks_ok = true;
+        let tasks_ok = self.services.iter().all(|s| s.done.is_none_or(|c| c == 0));
+        for i in 0..self.built.len() {
+            let id = self.built[i].id;
+            let info = sys::domain_info(self.domains, id);
+            if !matches!(info, Ok((0..=2, _, _))) && !self.built[i].ended {
+                self.built[i].ended = true;
+                let (state, status) = match info {
+                    Ok((state, status, _)) => (state as u8, status),
+                    Err(_) => (5, 0),
+                };
+                self.record(SupervisorEvent::DomainEnded { id, state, status });
+            }
+        }
         for s in &self.services {
             match s.done {
                 None if self.manifest.services[s.spec].task => return,
-                Some(code) if code != 0 => tasks_ok = false,
                 _ => {}
             }
         }
@@ -526,6 +592,21 @@ impl Supervisor {
                 match crate::swap::swap(self, i, len) {
                     Ok(generation) => SupervisorReply::Swapped { generation },
                     Err(r) => SupervisorReply::Refused(r),
+                }
+            }
+            SupervisorRequest::Events { after } => {
+                let mut events = BoundedVec::new();
+                for &(seq, e) in self.events.iter() {
+                    // Numbers wrap: "after" means within half the range ahead.
+                    if seq.wrapping_sub(after).wrapping_sub(1) < u32::MAX / 2
+                        && events.0.push((seq, e)).is_err()
+                    {
+                        break;
+                    }
+                }
+                SupervisorReply::Events {
+                    events,
+                    next: self.next_event,
                 }
             }
             SupervisorRequest::InjectFault { name } => {

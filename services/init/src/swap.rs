@@ -9,7 +9,7 @@
 //! its endpoints change generation once and bind again.
 
 use crate::supervise::{SCRATCH_VA, Supervisor, declarations, map_frames, spawn};
-use ipc_schema::ipc::{BoundedVec, IpcError};
+use ipc_schema::ipc::BoundedVec;
 use ipc_schema::lifecycle::{CHUNK, LIFECYCLE, LifecycleReply, LifecycleRequest};
 use ipc_schema::supervisor::Refusal;
 use ipc_schema::syscall::SysError;
@@ -157,6 +157,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
         total,
         old.generation
     );
-    let _: Option<IpcError> = None;
-    Ok(old.generation)
+    let generation = old.generation;
+    sup.record_swap(name, generation);
+    Ok(generation)
 }
