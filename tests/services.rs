@@ -290,3 +290,30 @@ fn handles_to_one_domain_or_view_reach_nothing_else() {
         .expect("domain 2 (b) exited with status 0")
         .expect_status(HaltStatus::Success);
 }
+
+#[test]
+fn a_service_replaced_at_build_time_runs_in_its_place() {
+    let opts = image_builder::compile::BuildOptions::default();
+    let next =
+        image_builder::compile::service_variant("vmm", "next", &opts).expect("the next vmm builds");
+    let manifest = image_builder::manifest::SystemManifest::parse(
+        "name = \"override\"\n[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=3 calls=10\"\n",
+        std::path::Path::new("override.toml"),
+    )
+    .unwrap();
+    let img = image_builder::image::build_manifest(
+        &manifest,
+        &image_builder::image::ImageOptions {
+            out: image_builder::paths::work_dir()
+                .join("tests")
+                .join("override.iso"),
+            service_overrides: vec![("vmm".to_owned(), next.clone())],
+            ..Default::default()
+        },
+    )
+    .expect("the image builds");
+    let run = parallax_tests::boot(&img, Machine::Bochs, |_| {});
+    run.expect_from("vmm", "vmm: version 2 serving exits (generation 0)")
+        .expect_console(1, "tick 3: vmm version 2, 33 service calls")
+        .expect_status(HaltStatus::Success);
+}

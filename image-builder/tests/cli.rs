@@ -107,3 +107,36 @@ fn log_decodes_a_capture_taken_earlier() {
             .any(|l| l.contains("init") && l.contains("manifest: system cli-test"))
     );
 }
+
+#[test]
+fn a_manifest_naming_a_service_that_does_not_exist_is_refused_before_building() {
+    let dir = paths::work_dir().join("cli-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ghost = dir.join("ghost.toml");
+    std::fs::write(
+        &ghost,
+        "name = \"x\"\nstandard_services = true\n[[service]]\nname = \"ghost\"\nhandles = [{ name = \"a\", endpoint = \"altp2m\", rights = [\"call\"] }]\n",
+    )
+    .unwrap();
+    let o = hv(&["build", "--manifest", ghost.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("ghost.toml: service `ghost` names no service crate")
+            && e.contains("services/ghost/Cargo.toml does not exist"),
+        "{e}"
+    );
+    assert!(!e.contains("compiling"), "nothing was built: {e}");
+
+    // And a --service override for a service the manifest does not have.
+    let elf = dir.join("some.elf");
+    std::fs::write(&elf, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0").unwrap();
+    let o = hv(&["build", "--service", &format!("nobody={}", elf.display())]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--service nobody:")
+            && stderr(&o).contains("has no service named `nobody`"),
+        "{}",
+        stderr(&o)
+    );
+}
