@@ -144,7 +144,13 @@ impl ProxySocket {
         if let Some(c) = console {
             writer = Some(c.try_clone()?);
             closer = Some(c.try_clone()?);
-            shared.lock().console = ConsoleLink::Connected;
+            {
+                // Nothing came from the console yet: a client attached
+                // before its first byte arrives is at a frame boundary.
+                let mut st = shared.lock();
+                st.console = ConsoleLink::Connected;
+                st.console_at_boundary = true;
+            }
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -305,7 +311,6 @@ struct Attached {
 /// when nobody is attached; never blocks long on a client.
 fn console_to_client<C: ConsoleStream>(mut console: C, shared: &Shared) {
     let mut buf = [0u8; 4096];
-    shared.lock().console_at_boundary = true;
     loop {
         let n = match console.read(&mut buf) {
             Ok(0) => break,
