@@ -59,9 +59,10 @@ pub fn service_elfs() -> &'static BTreeMap<String, PathBuf> {
         let mut crates: Vec<String> = std::fs::read_dir(&dir)
             .expect("services/ exists")
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("Cargo.toml").is_file())
+            // Services are the crates with a binary (not the runtime or the heap).
+            .filter(|e| e.path().join("src/main.rs").is_file())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|c| c != "runtime" && c != "init")
+            .filter(|c| c != "init")
             .collect();
         crates.sort();
         let refs: Vec<&str> = crates.iter().map(String::as_str).collect();

@@ -146,6 +146,100 @@ enum CtlCmd {
     /// Print the run's decoded log (from its start), following it until the
     /// system halts.
     Logs,
+    /// Alternate views as an external agent: views, access, modes, and
+    /// violation events (docs/altp2m.md).
+    #[command(subcommand)]
+    Altp2m(AltCmd),
+}
+
+/// A gfn or count: decimal or 0x-prefixed hex.
+fn number(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x-prefixed hex)"))
+}
+
+#[derive(Subcommand)]
+enum AltCmd {
+    /// Set DOMAIN's altp2m mode: disabled, mixed, external or limited.
+    Mode {
+        domain: u16,
+        #[arg(value_parser = control::altp2m::parse_mode)]
+        mode: control::altp2m::Mode,
+    },
+    /// What happens to a violation while no listener is attached: crash
+    /// (the default) or pause.
+    OnViolation { domain: u16, policy: String },
+    /// Create an alternate view (it starts as the host p2m); prints its index.
+    ViewCreate {
+        domain: u16,
+        /// Access of its pages (as the host p2m allows, never more).
+        #[arg(long, value_parser = control::altp2m::parse_access)]
+        access: Option<control::altp2m::Access>,
+    },
+    /// Destroy alternate view VIEW.
+    ViewDestroy { domain: u16, view: u16 },
+    /// Let VMFUNC reach VIEW (on) or not (off).
+    Visible {
+        domain: u16,
+        view: u16,
+        state: String,
+    },
+    /// Make VIEW the view of every vCPU of DOMAIN.
+    Switch { domain: u16, view: u16 },
+    /// Set the access (r, w, x letters, or none) of COUNT gfns from GFN in VIEW.
+    SetAccess {
+        domain: u16,
+        view: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(value_parser = control::altp2m::parse_access)]
+        access: control::altp2m::Access,
+        #[arg(long, default_value = "1", value_parser = number)]
+        count: u64,
+    },
+    /// In VIEW, map GFN to the frame behind TO (no TO: the host's own again).
+    ChangeGfn {
+        domain: u16,
+        view: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(value_parser = number)]
+        to: Option<u64>,
+    },
+    /// Set (on) or clear (off) the suppress-#VE bit of GFN in VIEW.
+    Sve {
+        domain: u16,
+        view: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        state: String,
+    },
+    /// What VIEW maps at GFN: the effective entry, or with --raw what its
+    /// table holds now.
+    Get {
+        domain: u16,
+        view: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Listen to DOMAIN's violations: print each and answer it with ACTION
+    /// (retry, allow-once, skip:LENGTH, view:N, access:ACCESS, crash).
+    Watch {
+        domain: u16,
+        #[arg(long, default_value = "allow-once", value_parser = control::altp2m::parse_action)]
+        answer: control::altp2m::Action,
+        /// Stop after this many events (default: until interrupted).
+        #[arg(long)]
+        count: Option<u32>,
+        /// Give up after this many seconds without an event.
+        #[arg(long)]
+        wait: Option<f64>,
+    },
 }
 
 /// The control socket `cargo hv run` offers by default.
@@ -392,6 +486,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
             println!("fault injected into {service}");
         }
         CtlCmd::Logs => unreachable!("handled before connecting"),
+        CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
         CtlCmd::Events => {
             let version = console.hello()?;
             eprintln!(
@@ -417,6 +512,176 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
                 }
                 out.flush()?;
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn on_off(s: &str) -> Result<bool> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => bail!("{s:?}: say on or off"),
+    }
+}
+
+/// `cargo hv ctl altp2m ...`.
+fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
+    use control::altp2m::{AltRequest, NoListener, Reply, Request};
+    let letters =
+        |a: control::altp2m::Access| control::altp2m::access_letters(a.read, a.write, a.execute);
+    match cmd {
+        AltCmd::Mode { domain, mode } => {
+            c.altp2m_done(AltRequest::SetMode { domain, mode })?;
+            println!("domain {domain}: altp2m mode {mode:?}");
+        }
+        AltCmd::OnViolation { domain, policy } => {
+            let policy = match policy.as_str() {
+                "crash" => NoListener::Crash,
+                "pause" => NoListener::Pause,
+                _ => bail!("{policy:?}: say crash or pause"),
+            };
+            c.altp2m_done(AltRequest::SetNoListener { domain, policy })?;
+            println!("domain {domain}: with no listener, a violation will {policy:?}");
+        }
+        AltCmd::ViewCreate { domain, access } => {
+            match c.view_request(
+                domain,
+                Request::ViewCreate {
+                    default_access: access,
+                },
+            )? {
+                Reply::View(v) => println!("{v}"),
+                other => bail!("unexpected answer {other:?}"),
+            }
+        }
+        AltCmd::ViewDestroy { domain, view } => {
+            c.view_request(domain, Request::ViewDestroy { view })?;
+            println!("domain {domain}: view {view} destroyed");
+        }
+        AltCmd::Visible {
+            domain,
+            view,
+            state,
+        } => {
+            let visible = on_off(&state)?;
+            c.view_request(domain, Request::ViewSetVisible { view, visible })?;
+            println!("domain {domain}: view {view} visible to VMFUNC: {state}");
+        }
+        AltCmd::Switch { domain, view } => {
+            c.view_request(domain, Request::ViewSwitchAll { view })?;
+            println!("domain {domain}: every vCPU in view {view}");
+        }
+        AltCmd::SetAccess {
+            domain,
+            view,
+            gfn,
+            access,
+            count,
+        } => {
+            let request = if count == 1 {
+                Request::SetAccess { view, gfn, access }
+            } else {
+                Request::SetAccessRange {
+                    view,
+                    gfn,
+                    count,
+                    access,
+                }
+            };
+            c.view_request(domain, request)?;
+            println!(
+                "domain {domain}: view {view}: {count} page(s) from gfn {gfn:#x} now {}",
+                letters(access)
+            );
+        }
+        AltCmd::ChangeGfn {
+            domain,
+            view,
+            gfn,
+            to,
+        } => {
+            c.view_request(domain, Request::ChangeGfn { view, gfn, to })?;
+            match to {
+                Some(t) => println!(
+                    "domain {domain}: view {view}: gfn {gfn:#x} maps the frame of gfn {t:#x}"
+                ),
+                None => {
+                    println!("domain {domain}: view {view}: gfn {gfn:#x} maps its own frame again")
+                }
+            }
+        }
+        AltCmd::Sve {
+            domain,
+            view,
+            gfn,
+            state,
+        } => {
+            let suppress = on_off(&state)?;
+            c.view_request(
+                domain,
+                Request::SetSuppressVe {
+                    view,
+                    gfn,
+                    suppress,
+                },
+            )?;
+            println!("domain {domain}: view {view}: gfn {gfn:#x} suppress-#VE {state}");
+        }
+        AltCmd::Get {
+            domain,
+            view,
+            gfn,
+            raw,
+        } => match c.view_request(domain, Request::GetEntry { view, gfn, raw })? {
+            Reply::Entry(e) => match e.frame_gfn {
+                Some(f) => println!(
+                    "view {view} gfn {gfn:#x}: frame of gfn {f:#x}, access {}, suppress-#VE {}",
+                    letters(e.access),
+                    if e.suppress_ve { "on" } else { "off" }
+                ),
+                None => println!(
+                    "view {view} gfn {gfn:#x}: not populated (suppress-#VE {})",
+                    if e.suppress_ve { "on" } else { "off" }
+                ),
+            },
+            other => bail!("unexpected answer {other:?}"),
+        },
+        AltCmd::Watch {
+            domain,
+            answer,
+            count,
+            wait,
+        } => {
+            c.altp2m_done(AltRequest::Listen { domain, on: true })?;
+            eprintln!("listening to domain {domain}'s violations; answering each with {answer:?}");
+            let mut seen = 0u32;
+            let mut out = std::io::stdout();
+            let patience = wait.map_or(
+                Duration::from_secs(3600 * 24 * 365),
+                Duration::from_secs_f64,
+            );
+            while count.is_none_or(|n| seen < n) {
+                let Some(e) = c.next_violation(patience)? else {
+                    let _ = c.altp2m_done(AltRequest::Listen { domain, on: false });
+                    bail!(
+                        "no violation came within {} s ({seen} seen)",
+                        patience.as_secs_f64()
+                    );
+                };
+                if e.domain != domain {
+                    continue;
+                }
+                writeln!(out, "{}", control::altp2m::describe_event(&e))?;
+                c.altp2m_done(AltRequest::Answer {
+                    event: e.id,
+                    action: answer,
+                })?;
+                writeln!(out, "answered #{}: {answer:?}", e.id)?;
+                out.flush()?;
+                seen += 1;
+            }
+            c.altp2m_done(AltRequest::Listen { domain, on: false })?;
         }
     }
     Ok(ExitCode::SUCCESS)

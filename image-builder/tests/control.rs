@@ -687,3 +687,82 @@ fn connecting_where_no_run_serves_says_so() {
         .to_string();
     assert!(e.contains("nobody serves any more"), "{e}");
 }
+
+#[test]
+fn altp2m_requests_go_through_and_violations_arrive_as_events() {
+    use image_builder::control::altp2m::{self, AltRequest, Reply, Request, VmEvent};
+    use ipc_schema::vmexit::AccessBits;
+    let (host, console) = pair();
+    let violation = VmEvent {
+        id: 4,
+        domain: 1,
+        vcpu: 0,
+        view: 1,
+        gpa: 0x12_3018,
+        gla: Some(0x8012_3018),
+        access: AccessBits {
+            read: false,
+            write: true,
+            execute: false,
+        },
+        allowed: AccessBits {
+            read: true,
+            write: false,
+            execute: true,
+        },
+        rip: 0x10_0040,
+        internal: false,
+    };
+    let mut con = Console::default();
+    // The console sends the violation right after answering Listen.
+    let _mock = serve(console, move |req| {
+        let mut out = vec![reply(req.seq, con.answer(req))];
+        if matches!(
+            req.request,
+            ControlRequest::Altp2m(AltRequest::Listen { on: true, .. })
+        ) {
+            out.push(common::frame(&image_builder::control::ToHost::Event(
+                ControlEvent::Violation(violation),
+            )));
+        }
+        out
+    });
+    let mut c = Client::new(host);
+    assert_eq!(
+        c.view_request(
+            1,
+            Request::ViewCreate {
+                default_access: None
+            }
+        )
+        .unwrap(),
+        Reply::View(1)
+    );
+    let e = c
+        .view_request(1, Request::GetAccess { view: 9, gfn: 3 })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("view 9 does not exist"), "{e}");
+    c.altp2m_done(AltRequest::Listen {
+        domain: 1,
+        on: true,
+    })
+    .unwrap();
+    let got = c.next_violation(Duration::from_secs(5)).unwrap();
+    assert_eq!(got, Some(violation));
+    let line = altp2m::describe_event(&violation);
+    assert!(
+        line.contains("write at gpa 0x123018")
+            && line.contains("gla 0x80123018")
+            && line.contains("allows r-x"),
+        "{line}"
+    );
+    let e = c
+        .altp2m_done(AltRequest::Listen {
+            domain: 7,
+            on: true,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("there is no domain 7"), "{e}");
+}

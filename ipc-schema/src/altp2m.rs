@@ -1,29 +1,135 @@
-//! The altp2m interface: what the vmm (and later others) ask the altp2m
-//! service, which owns every domain's views.
+//! The altp2m interface: how the vmm (for the in-guest agent), other
+//! services and the console (for the external agent on the host) ask the
+//! altp2m service, which owns every domain's views.
+//!
+//! Authority is by endpoint: in-guest requests come only through the
+//! `altp2m-guest` endpoint (which only the vmm may call), everything else
+//! through `altp2m`; each is checked against the domain's [`Mode`].
 
-use crate::hypercall::{Reply, Request};
-use crate::ipc::InterfaceId;
+use crate::hypercall::{Access, Mode, Reply, Request};
+use crate::ipc::{BoundedVec, InterfaceId};
+use crate::vmexit::AccessBits;
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
+
+/// What the altp2m service does with a violation nobody listens to.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum NoListener {
+    /// Stop the domain, saying why.
+    Crash,
+    /// Keep the vCPU waiting, saying why, until a listener answers.
+    Pause,
+}
 
 /// A request about a domain's views.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum AltRequest {
-    /// A guest's hypercall request, on behalf of `domain`'s vCPU `vcpu`.
+    /// An in-guest agent's request, on behalf of `domain`'s vCPU `vcpu`
+    /// (only on the `altp2m-guest` endpoint).
     Guest {
         domain: u16,
         vcpu: u16,
         request: Request,
     },
+    /// An external agent's request (the host, another service).
+    External { domain: u16, request: Request },
+    /// Sets the domain's mode (external agents and the supervisor).
+    SetMode { domain: u16, mode: Mode },
+    /// Sets what happens to a violation when no listener is attached.
+    SetNoListener { domain: u16, policy: NoListener },
+    /// Attaches (or detaches) the caller as the domain's violation listener:
+    /// violations become [`VmEvent`]s to fetch with `Events` and answer with
+    /// `Answer`, the vCPU waiting meanwhile.
+    Listen { domain: u16, on: bool },
+    /// The events after number `after` (the oldest first).
+    Events { after: u32 },
+    /// The listener's answer to event `event`.
+    Answer { event: u32, action: Action },
     /// Does nothing: for measuring an IPC round trip.
     Ping,
 }
 
-/// The answer: the hypercall reply, or `Pong`.
+/// What the vCPU of a violation does once the listener answered.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Action {
+    /// Retry the access (after the listener changed something).
+    Retry,
+    /// Let this one access through, then restrict the page again (the vCPU
+    /// runs one instruction with the page open).
+    AllowOnce,
+    /// Give the page this access in the view, then retry.
+    SetAccess(Access),
+    /// Retry in another view.
+    SwitchView(u16),
+    /// Skip the instruction that made the access, `length` bytes long (the
+    /// listener decodes it: an EPT violation does not report a length).
+    Skip { length: u8 },
+    /// Stop the domain.
+    Crash,
+}
+
+/// A violation reported to the listener (ALT-4).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct VmEvent {
+    pub id: u32,
+    pub domain: u16,
+    pub vcpu: u16,
+    pub view: u16,
+    pub gpa: u64,
+    /// The guest-linear address, where the CPU reported one.
+    pub gla: Option<u64>,
+    /// The access that was refused.
+    pub access: AccessBits,
+    /// What the entry allowed.
+    pub allowed: AccessBits,
+    pub rip: u64,
+    /// The restriction was placed by the in-guest agent (not an external one).
+    pub internal: bool,
+}
+
+/// Events per [`AltReply::Events`].
+pub const EVENTS_PER_REPLY: usize = 3;
+
+/// The answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum AltReply {
-    Guest(Reply),
+    /// The answer to a `Guest` or `External` request.
+    Reply(Reply),
+    Done,
+    Events {
+        events: BoundedVec<VmEvent, EVENTS_PER_REPLY>,
+        next: u32,
+    },
+    /// The request was refused: why (an altp2m error, or the mode).
+    Refused(AltError),
     Pong,
+}
+
+/// Why a request other than a view operation was refused.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum AltError {
+    /// No domain has that id.
+    NoSuchDomain,
+    /// No event waits for an answer under that number.
+    NoSuchEvent,
+    /// Another listener is attached to the domain.
+    ListenerBusy,
+    /// An in-guest request on the external endpoint, or the reverse.
+    WrongEndpoint,
+    /// The answer names a view that does not exist.
+    NoSuchView,
 }
 
 pub const ALTP2M: InterfaceId = InterfaceId::new::<(AltRequest, AltReply)>("parallax/altp2m");

@@ -9,6 +9,7 @@
 //! and may send [`ToHost::Event`]s at any time. The first request must be
 //! `Hello` with the host's key of this protocol.
 
+use crate::altp2m::{AltReply, AltRequest, VmEvent};
 use crate::ipc::{BoundedVec, InterfaceId};
 use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
 use crate::syscall::DomainOp;
@@ -56,6 +57,9 @@ pub enum ControlRequest {
     InjectFault {
         name: Name,
     },
+    /// A request to the altp2m service, as an external agent (views,
+    /// access, modes, listening to violations and answering them).
+    Altp2m(AltRequest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -64,17 +68,21 @@ pub enum ToHost {
     Event(ControlEvent),
 }
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum ControlReply {
-    Welcome { version: u32 },
+    Welcome {
+        version: u32,
+    },
     Service(Option<ServiceInfo>),
     Domain(Option<DomainInfo>),
     Done,
-    Swapped { generation: u32 },
+    Swapped {
+        generation: u32,
+    },
     Refused(Refusal),
     Error(ControlError),
+    /// The altp2m service's answer to [`ControlRequest::Altp2m`].
+    Altp2m(AltReply),
 }
 
 /// What was wrong with a request, at the protocol level.
@@ -97,6 +105,8 @@ pub enum ControlError {
     SwapTooLarge { max: u32 },
     /// The supervisor did not answer.
     SupervisorUnavailable,
+    /// The altp2m service did not answer (or this image has none).
+    Altp2mUnavailable,
 }
 
 /// Something that happened, told to the host unasked.
@@ -111,6 +121,9 @@ pub enum ControlEvent {
     Supervisor { seq: u32, event: SupervisorEvent },
     /// Events were lost before the console could pass them on.
     Missed { count: u32 },
+    /// An EPT violation waiting for this host's answer (it listens to the
+    /// domain: `AltRequest::Listen`); answer with `AltRequest::Answer`.
+    Violation(VmEvent),
 }
 
 /// The control protocol's key (checked by `Hello`).

@@ -195,6 +195,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
             o.varint(reason.into())?;
             o.varint(qualification)
         }
+        ExitKind::MonitorTrap => o.byte(12),
     }
 }
 
@@ -238,6 +239,7 @@ fn take_kind(i: &mut In<'_>) -> Option<ExitKind> {
             reason: i.u16()?,
             qualification: i.u64()?,
         },
+        12 => ExitKind::MonitorTrap,
         _ => return None,
     })
 }
@@ -331,6 +333,14 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
             o.varint(v.into())?;
         }
     }
+    o.bool(r.step)?;
+    match r.rip {
+        None => o.byte(0)?,
+        Some(rip) => {
+            o.byte(1)?;
+            o.varint(rip)?;
+        }
+    }
     Some(o.at)
 }
 
@@ -362,6 +372,8 @@ pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
         None
     };
     let view = if i.some()? { Some(i.u16()?) } else { None };
+    let step = i.bool()?;
+    let rip = if i.some()? { Some(i.u64()?) } else { None };
     i.end()?;
     Some(ExitReply {
         response: Response {
@@ -371,6 +383,8 @@ pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
         },
         regs,
         view,
+        step,
+        rip,
     })
 }
 
@@ -438,6 +452,7 @@ mod tests {
                 reason,
                 qualification
             }),
+            Just(ExitKind::MonitorTrap),
         ]
     }
 
@@ -492,8 +507,10 @@ mod tests {
             then,
             proptest::option::of(regs()),
             any::<Option<u16>>(),
+            any::<bool>(),
+            any::<Option<u64>>(),
         )
-            .prop_map(|(advance, inject, then, regs, view)| ExitReply {
+            .prop_map(|(advance, inject, then, regs, view, step, rip)| ExitReply {
                 response: Response {
                     advance,
                     inject,
@@ -501,6 +518,8 @@ mod tests {
                 },
                 regs,
                 view,
+                step,
+                rip,
             })
     }
 

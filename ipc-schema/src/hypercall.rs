@@ -121,14 +121,42 @@ impl Access {
     };
 }
 
-/// An operation a guest asks for through [`HC_CALL`].
+/// The most gfns in one list operation (so that a request, wrapped for the
+/// altp2m service, fits one IPC message).
+pub const MAX_LIST: usize = 16;
+
+/// The altp2m mode of a domain (ALT-3): who may use its views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Mode {
+    /// No alternate views: every view operation is refused, VMFUNC reaches
+    /// nothing and the vCPU runs in view 0.
+    Disabled,
+    /// The in-guest agent and external agents both.
+    Mixed,
+    /// External agents only; the guest may still switch with VMFUNC to the
+    /// views they make visible.
+    External,
+    /// The guest may only switch views with VMFUNC (to visible views); it
+    /// changes nothing, not even by hypercall.
+    Limited,
+}
+
+/// An operation on a domain's views, from the in-guest agent through
+/// [`HC_CALL`] or from an external agent through the altp2m service.
+/// View 0 is the host p2m.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 pub enum Request {
     /// What this CPU and hypervisor offer.
     Capabilities,
+    /// The domain's altp2m mode: [`Reply::Mode`].
+    GetMode,
     /// Creates an alternate view that starts as the host p2m (filled lazily
-    /// on first access). Replies [`Reply::View`].
-    ViewCreate,
+    /// on first access), its pages given `default_access` (as the host p2m
+    /// allows, never more) or the host p2m's own. Replies [`Reply::View`].
+    ViewCreate {
+        default_access: Option<Access>,
+    },
     /// Destroys an alternate view; refused while a vCPU uses it.
     ViewDestroy {
         view: u16,
@@ -138,6 +166,16 @@ pub enum Request {
         view: u16,
         visible: bool,
     },
+    /// Makes `view` the calling vCPU's view (an external agent: vCPU 0's).
+    ViewSwitch {
+        view: u16,
+    },
+    /// Makes `view` the view of every vCPU of the domain.
+    ViewSwitchAll {
+        view: u16,
+    },
+    /// The calling vCPU's view: [`Reply::View`].
+    ViewCurrent,
     /// In `view`, makes `gfn` map the frame behind `to` in the host p2m;
     /// `to: None` restores the host mapping.
     ChangeGfn {
@@ -151,11 +189,50 @@ pub enum Request {
         gfn: u64,
         access: Access,
     },
+    /// Sets the access of `count` gfns from `gfn` in `view`, touching large
+    /// pages whole where the range covers them.
+    SetAccessRange {
+        view: u16,
+        gfn: u64,
+        count: u64,
+        access: Access,
+    },
+    /// Sets the access of each gfn of `gfns` in `view`.
+    SetAccessList {
+        view: u16,
+        gfns: BoundedVec<u64, MAX_LIST>,
+        access: Access,
+    },
+    /// The access of `gfn` in `view` as the guest gets it: [`Reply::Access`].
+    GetAccess {
+        view: u16,
+        gfn: u64,
+    },
+    /// What `view` holds for `gfn`: the effective entry (the host p2m's with
+    /// the view's own settings applied) or, with `raw`, the entry the view's
+    /// table holds now ([`Reply::Entry`]).
+    GetEntry {
+        view: u16,
+        gfn: u64,
+        raw: bool,
+    },
     /// Sets the suppress-#VE bit of `gfn` in `view`.
     SetSuppressVe {
         view: u16,
         gfn: u64,
         suppress: bool,
+    },
+    /// Sets the suppress-#VE bit of each gfn of `gfns` in `view`.
+    SetSuppressVeList {
+        view: u16,
+        gfns: BoundedVec<u64, MAX_LIST>,
+        suppress: bool,
+    },
+    /// The suppress-#VE bit of `gfn` in `view` as the CPU will see it:
+    /// [`Reply::SuppressVe`].
+    GetSuppressVe {
+        view: u16,
+        gfn: u64,
     },
     /// Enables #VE for this vCPU with its information area at `info_gfn`.
     VeEnable {
@@ -169,6 +246,17 @@ pub enum Request {
     DirtyLogStop,
 }
 
+/// What a view holds for one gfn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Entry {
+    /// The gfn whose host frame it maps; `None`: nothing (a raw entry the
+    /// view has not populated yet).
+    pub frame_gfn: Option<u64>,
+    pub access: Access,
+    pub suppress_ve: bool,
+}
+
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
 pub enum Reply {
@@ -179,7 +267,11 @@ pub enum Reply {
         pml: bool,
         max_views: u16,
     },
+    Mode(Mode),
     View(u16),
+    Access(Access),
+    Entry(Entry),
+    SuppressVe(bool),
     /// Dirty gfns, lowest first; `more` when others remain logged.
     Dirty {
         gfns: BoundedVec<u64, MAX_DIRTY>,
@@ -220,6 +312,12 @@ pub enum HcError {
     /// The service that answers this request is not running (it faulted
     /// and is being restarted, or is held); try again later.
     ServiceUnavailable,
+    /// The domain's altp2m mode does not allow this caller this request.
+    ModeForbids {
+        mode: Mode,
+    },
+    /// A range or list reaches past the guest's RAM or is empty.
+    BadRange,
 }
 
 /// Hardware features a request may need.

@@ -137,6 +137,9 @@ pub mod nr {
     pub const HANDLE_DERIVE: u64 = 51;
     /// VM_FEATURES() -> RDI = [`super::vm_features`] bits (0 without VMX).
     pub const VM_FEATURES: u64 = 52;
+    /// VCPU_INFO(domains, domain, vcpu) -> RDI = its active view, RSI = its
+    /// VM exits so far.
+    pub const VCPU_INFO: u64 = 53;
 }
 
 /// The status in RAX.
@@ -416,6 +419,15 @@ pub enum EptOp {
         gfn: u64,
         perms: Perms,
     },
+    /// Sets `perms` on every page `view` maps among the `count` gfns from
+    /// `gfn` (unmapped ones stay unmapped), a large page whole where the
+    /// range covers it.
+    ProtectRange {
+        view: u16,
+        gfn: u64,
+        count: u64,
+        perms: Perms,
+    },
     SetSuppressVe {
         view: u16,
         gfn: u64,
@@ -440,6 +452,7 @@ impl EptOp {
             EptOp::Map { view, .. }
             | EptOp::Unmap { view, .. }
             | EptOp::Protect { view, .. }
+            | EptOp::ProtectRange { view, .. }
             | EptOp::SetSuppressVe { view, .. }
             | EptOp::Split { view, .. }
             | EptOp::Query { view, .. } => view,

@@ -152,6 +152,9 @@ pub enum ExitKind {
         reason: u16,
         qualification: u64,
     },
+    /// The vCPU ran the one instruction its handler asked to step (a reply
+    /// with `step`); sent to the endpoint that asked.
+    MonitorTrap,
 }
 
 /// One exit of one vCPU.
@@ -255,6 +258,10 @@ pub struct ExitReply {
     pub regs: Option<ExitRegs>,
     /// Resume in this view (an existing view of the domain).
     pub view: Option<u16>,
+    /// Stop again after one instruction ([`ExitKind::MonitorTrap`]).
+    pub step: bool,
+    /// Resume at this RIP (applied after `response.advance`).
+    pub rip: Option<u64>,
 }
 
 /// The exit interface: the kernel calls, the vmm (exits) and altp2m (EPT
@@ -283,7 +290,7 @@ mod tests {
             let mut buf = [0u8; <ExitMessage as MaxSize>::POSTCARD_MAX_SIZE];
             let n = postcard::to_slice(&m, &mut buf).unwrap().len();
             prop_assert_eq!(postcard::from_bytes::<ExitMessage>(&buf[..n]).unwrap(), m);
-            let reply = ExitReply { response: Response::DONE, regs: Some(regs), view };
+            let reply = ExitReply { response: Response::DONE, regs: Some(regs), view, step: true, rip: Some(rip) };
             let mut buf = [0u8; <ExitReply as MaxSize>::POSTCARD_MAX_SIZE];
             let n = postcard::to_slice(&reply, &mut buf).unwrap().len();
             prop_assert_eq!(postcard::from_bytes::<ExitReply>(&buf[..n]).unwrap(), reply);

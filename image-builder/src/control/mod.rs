@@ -63,6 +63,7 @@
 //! the next request, and the proxy of `cargo hv run` serves one connection at
 //! a time (it turns others away with a message saying so).
 
+pub mod altp2m;
 pub mod frames;
 pub mod proxy;
 
@@ -194,7 +195,7 @@ pub enum ClientError {
     /// An answer that does not answer the request.
     Unexpected {
         request: RequestLabel,
-        reply: ControlReply,
+        reply: Box<ControlReply>,
     },
     /// Refused here, before anything was sent.
     Invalid(String),
@@ -757,7 +758,10 @@ fn unwanted(request: RequestLabel, reply: ControlReply) -> ClientError {
     match reply {
         ControlReply::Refused(refusal) => ClientError::Refused { request, refusal },
         ControlReply::Error(error) => ClientError::Console { request, error },
-        reply => ClientError::Unexpected { request, reply },
+        reply => ClientError::Unexpected {
+            request,
+            reply: Box::new(reply),
+        },
     }
 }
 
@@ -814,6 +818,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         }
         ControlRequest::SwapCommit => "SwapCommit".into(),
         ControlRequest::InjectFault { name } => format!("InjectFault {}", name_str(name)),
+        ControlRequest::Altp2m(q) => format!("Altp2m {}", altp2m::describe_request(q)),
     }
 }
 
@@ -831,6 +836,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Swapped { generation } => format!("Swapped (generation {generation})"),
         ControlReply::Refused(r) => format!("Refused ({})", describe_refusal(r)),
         ControlReply::Error(e) => format!("Error ({})", describe_error(e)),
+        ControlReply::Altp2m(r) => format!("Altp2m ({})", altp2m::describe_reply(r)),
     }
 }
 
@@ -852,6 +858,9 @@ pub fn describe_error(e: &ControlError) -> String {
             format!("the swap is larger than the console's swap buffer ({max} bytes)")
         }
         ControlError::SupervisorUnavailable => "the supervisor did not answer".into(),
+        ControlError::Altp2mUnavailable => {
+            "the altp2m service did not answer (or this image has none)".into()
+        }
     }
 }
 
@@ -883,6 +892,7 @@ pub fn describe_event(e: &ControlEvent) -> String {
         ControlEvent::Missed { count } => {
             format!("{count} event(s) were lost before the console could pass them on")
         }
+        ControlEvent::Violation(v) => altp2m::describe_event(v),
         ControlEvent::Supervisor { seq, event } => {
             use ipc_schema::supervisor::{SupervisorEvent as E, name_str};
             let what = match event {

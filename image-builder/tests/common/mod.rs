@@ -199,6 +199,23 @@ impl Console {
                 }),
                 None => R::Error(ControlError::SwapOutOfOrder { expected: 0 }),
             },
+            ControlRequest::Altp2m(q) => {
+                use image_builder::control::altp2m::{
+                    AltError, AltReply, AltRequest, HcError, Reply, Request,
+                };
+                R::Altp2m(match q {
+                    AltRequest::External {
+                        request: Request::ViewCreate { .. },
+                        ..
+                    } => AltReply::Reply(Reply::View(1)),
+                    AltRequest::External { .. } => {
+                        AltReply::Reply(Reply::Error(HcError::NoSuchView { view: 9 }))
+                    }
+                    AltRequest::Listen { domain: 1, .. } => AltReply::Done,
+                    AltRequest::Listen { .. } => AltReply::Refused(AltError::NoSuchDomain),
+                    _ => AltReply::Refused(AltError::NoSuchEvent),
+                })
+            }
         }
     }
 

@@ -479,6 +479,25 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([0; 3]))
         }
         nr::VCPU_CONTROL => vcpu_control(k, pid, a),
+        nr::VCPU_INFO => {
+            dcap!(
+                k,
+                pid,
+                "VCPU_INFO",
+                a[0],
+                a[1],
+                Scope::Vcpu(view_arg(a[2])?),
+                rights::READ
+            );
+            let d = domain_mut(k, a[1])?;
+            let v = d
+                .vcpu
+                .as_mut()
+                .filter(|_| a[2] == 0)
+                .ok_or(SysError::BadArgument)?;
+            v.load().map_err(|_| SysError::Busy)?;
+            Ok(Values([u64::from(v.active_view()), v.exits, 0]))
+        }
         nr::DIRTY_READ => dirty_read(k, pid, a),
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IRQ_BIND => {

@@ -39,6 +39,11 @@ pub struct Domain {
     pub outbox_len: usize,
     pub exit_seq: u32,
     pub exit_server: Option<u16>,
+    /// The endpoint the pending exit went to.
+    pub last_endpoint: u16,
+    /// The endpoint whose handler asked for a single step (it gets the
+    /// monitor-trap exit).
+    pub step_endpoint: Option<u16>,
     pub awaiting_reply: bool,
     pub pending: Option<Exit>,
     /// The exit the fast path passed on, before it is decoded.
@@ -90,6 +95,8 @@ impl Domain {
             outbox_len: 0,
             exit_seq: 0,
             exit_server: None,
+            last_endpoint: 0,
+            step_endpoint: None,
             awaiting_reply: false,
             pending: None,
             pending_raw: None,

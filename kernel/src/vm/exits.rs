@@ -50,8 +50,17 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     d.exit_seq = d.exit_seq.wrapping_add(1);
     let ep = match exit.kind {
         ExitKind::EptViolation { .. } => d.violation_endpoint,
+        ExitKind::MonitorTrap => {
+            // The step is done: the flag goes, and the exit goes to whoever
+            // asked for the step.
+            if let Some(v) = d.vcpu.as_mut() {
+                v.set_monitor_trap(&super::caps().0, false);
+            }
+            d.step_endpoint.take().unwrap_or(d.exit_endpoint)
+        }
         _ => d.exit_endpoint,
     };
+    d.last_endpoint = ep;
     if let Err(e) = k.send(ep, Sender::Vcpu(slot)) {
         defmt::error!(
             "domain {=u16}: its exit handler cannot be reached ({}); domain stopped",
@@ -103,7 +112,22 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     if let Some((view, eptp)) = eptp {
         v.set_view(view, eptp);
     }
+    if reply.step {
+        if !v.set_monitor_trap(&super::caps().0, true) {
+            defmt::error!(
+                "domain {=u16}: its handler asked for a single step, which this CPU cannot do; domain stopped",
+                d.id
+            );
+            crash(k, slot, pending.as_ref());
+            return;
+        }
+        d.step_endpoint = Some(d.last_endpoint);
+    }
     v.apply(&reply.response);
+    if let Some(rip) = reply.rip {
+        // Safety: the VMCS is current; any RIP is the guest's own business.
+        unsafe { v.write(fields::GUEST_RIP, rip) };
+    }
     match reply.response.then {
         Then::Resume => k.make_ready_next(Runnable::Vcpu(slot)),
         Then::Block => {

@@ -21,7 +21,7 @@ use crate::arch::percpu::MAX_CPUS;
 use crate::sys::{Kernel, Runnable};
 use crate::vmx::{self, InveptType};
 use domain::Domain;
-use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL, HC_VIEW_SWITCH, Status};
+use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL};
 use ipc_schema::syscall::DomainState;
 pub use ops::{dirty_read, ept_op, vcpu_control};
 use platform::vmx::VmxCaps;
@@ -216,18 +216,6 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
             HC_EXIT_COUNT => {
                 v.regs.rax = 0;
                 v.regs.rbx = v.exits;
-                v.skip_instruction();
-                Fast::Handled
-            }
-            HC_VIEW_SWITCH => {
-                let view = v.regs.rbx;
-                v.regs.rax = match d.views.eptp(view as u16) {
-                    Ok(eptp) if view <= u64::from(u16::MAX) => {
-                        v.set_view(view as u16, eptp);
-                        Status::Ok as u64
-                    }
-                    _ => Status::Refused as u64,
-                };
                 v.skip_instruction();
                 Fast::Handled
             }

@@ -109,6 +109,31 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
                 .map_err(ept_error)?;
             Ok(EptResult::Done)
         }
+        EptOp::ProtectRange {
+            view,
+            gfn,
+            count,
+            perms,
+        } => {
+            // Holes in the range (the legacy VGA window) stay unmapped.
+            let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
+            if count == 0 || end.checked_mul(PAGE_SIZE).is_none_or(|e| e > d.ram_bytes) {
+                return Err(EptOpError::NotRam);
+            }
+            let ept = &mut d
+                .views
+                .get_mut(view)
+                .map_err(|_| EptOpError::NoSuchView)?
+                .ept;
+            ept.protect_range(
+                &mut KernelTables,
+                gfn * PAGE_SIZE,
+                end * PAGE_SIZE,
+                ept_perms(perms),
+            )
+            .map_err(ept_error)?;
+            Ok(EptResult::Done)
+        }
         EptOp::SetSuppressVe {
             view,
             gfn,

@@ -87,6 +87,8 @@ pub struct Vcpu {
     pub exits: u64,
     pub state: VcpuState,
     proc2: u32,
+    /// The primary controls in force (the monitor trap flag comes and goes).
+    proc1: u32,
     /// The view last set by the kernel (VMFUNC may have changed it since:
     /// [`Vcpu::active_view`] asks the VMCS).
     view: u16,
@@ -151,6 +153,7 @@ impl Vcpu {
             exits: 0,
             state: VcpuState::Runnable,
             proc2,
+            proc1: PROC1,
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
             pml_buffer: None,
@@ -383,6 +386,7 @@ impl Vcpu {
                     }
                 }
                 r::HLT => ExitKind::Hlt,
+                r::MONITOR_TRAP_FLAG => ExitKind::MonitorTrap,
                 r::RDMSR => ExitKind::Rdmsr {
                     msr: self.regs.rcx as u32,
                 },
@@ -518,6 +522,28 @@ impl Vcpu {
                     let _ = vmwrite(SECONDARY_CONTROLS, u64::from(v));
                 }
                 self.proc2 = want;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sets or clears the monitor trap flag: with it, the vCPU exits after
+    /// one instruction (one guest step for a handler that asked for it).
+    /// False if the CPU cannot.
+    pub fn set_monitor_trap(&mut self, caps: &VmxCaps, on: bool) -> bool {
+        let want = if on {
+            self.proc1 | proc1::MONITOR_TRAP_FLAG
+        } else {
+            self.proc1 & !proc1::MONITOR_TRAP_FLAG
+        };
+        match caps.proc1.value_for(want) {
+            Ok(v) => {
+                // Safety: the VMCS is current; the value is allowed by the CPU.
+                unsafe {
+                    let _ = vmwrite(PRIMARY_CONTROLS, u64::from(v));
+                }
+                self.proc1 = want;
                 true
             }
             Err(_) => false,

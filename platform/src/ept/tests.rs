@@ -1174,3 +1174,121 @@ proptest! {
         prop_assert_eq!(mem.live, 0);
     }
 }
+
+#[test]
+fn protect_range_rewrites_whole_large_pages_and_splits_only_the_ends() {
+    let (mut mem, mut ept) = setup();
+    let m2 = PageSize::Size2M.bytes();
+    for i in 0..4 {
+        ept.map(
+            &mut mem,
+            i * m2,
+            0x4000_0000 + i * m2,
+            PageSize::Size2M,
+            Perms::ALL,
+            MemoryType::WRITE_BACK,
+        )
+        .unwrap();
+    }
+    // [1 MiB, 5 MiB): half of page 0, all of page 1, half of page 2.
+    ept.protect_range(&mut mem, m2 / 2, m2 * 5 / 2, Perms::READ)
+        .unwrap();
+    let q = |ept: &Ept, mem: &FakeMemory, gpa: u64| ept.query(mem, gpa).unwrap();
+    assert_eq!(q(&ept, &mem, 0).perms, Perms::ALL, "before the range");
+    assert_eq!(
+        q(&ept, &mem, 0).size,
+        PageSize::Size4K,
+        "split: it straddles the start"
+    );
+    assert_eq!(q(&ept, &mem, m2 / 2).perms, Perms::READ);
+    assert_eq!(
+        q(&ept, &mem, m2 + 8192).size,
+        PageSize::Size2M,
+        "inside: kept whole"
+    );
+    assert_eq!(q(&ept, &mem, m2 + 8192).perms, Perms::READ);
+    assert_eq!(q(&ept, &mem, m2 * 5 / 2 - 4096).perms, Perms::READ);
+    assert_eq!(
+        q(&ept, &mem, m2 * 5 / 2).perms,
+        Perms::ALL,
+        "after the range"
+    );
+    assert_eq!(q(&ept, &mem, 3 * m2).size, PageSize::Size2M, "untouched");
+    for gpa in (0..4 * m2).step_by(4096) {
+        assert_eq!(
+            ept.translate(&mem, gpa),
+            Some(0x4000_0000 + gpa),
+            "frames stay at {gpa:#x}"
+        );
+    }
+    assert!(
+        ept.protect_range(&mut mem, 0, 4096, Perms::new(false, true, false))
+            .is_err(),
+        "write without read"
+    );
+}
+
+#[test]
+fn protect_range_leaves_holes_unmapped() {
+    let (mut mem, mut ept) = setup();
+    ept.map(
+        &mut mem,
+        0x3000,
+        0x9000,
+        PageSize::Size4K,
+        Perms::ALL,
+        MemoryType::WRITE_BACK,
+    )
+    .unwrap();
+    ept.protect_range(&mut mem, 0, 0x10000, Perms::READ_EXECUTE)
+        .unwrap();
+    assert_eq!(ept.query(&mem, 0x3000).unwrap().perms, Perms::READ_EXECUTE);
+    assert_eq!(ept.query(&mem, 0x4000), None);
+}
+
+#[test]
+fn a_gib_of_2m_pages_takes_512_writes_not_a_quarter_million() {
+    let (range, per_page) = crate::ept::host::range_writes(1 << 30).unwrap();
+    assert_eq!(range, 512);
+    assert!(per_page > 262_144, "{per_page}");
+}
+
+proptest! {
+    /// The range operation ends where page-by-page protection ends.
+    #[test]
+    fn protect_range_equals_protecting_each_mapped_page(
+        pages in proptest::collection::vec((0u64..8, any::<bool>()), 1..6),
+        start in 0u64..(16 << 20),
+        len in 0u64..(16 << 20),
+        write in any::<bool>(),
+    ) {
+        let perms = Perms::new(true, write, false);
+        let (mut a, mut ea) = setup();
+        let (mut b, mut eb) = setup();
+        let m2 = PageSize::Size2M.bytes();
+        for &(i, large) in &pages {
+            let gpa = i * m2;
+            for (mem, ept) in [(&mut a, &mut ea), (&mut b, &mut eb)] {
+                if large {
+                    let _ = ept.map(mem, gpa, 0x4000_0000 + gpa, PageSize::Size2M, Perms::ALL, MemoryType::WRITE_BACK);
+                } else {
+                    let _ = ept.map(mem, gpa + 4096, 0x4000_0000 + gpa, PageSize::Size4K, Perms::ALL, MemoryType::WRITE_BACK);
+                }
+            }
+        }
+        let (start, end) = (start & !0xfff, ((start + len) & !0xfff).min(16 << 20));
+        ea.protect_range(&mut a, start, end, perms).unwrap();
+        let mut gpa = start;
+        while gpa < end {
+            if eb.query(&b, gpa).is_some() {
+                eb.split_to_4k(&mut b, gpa, gpa + 4096).unwrap();
+                eb.protect(&mut b, gpa, perms).unwrap();
+            }
+            gpa += 4096;
+        }
+        for gpa in (0..16u64 << 20).step_by(4096) {
+            let (x, y) = (ea.query(&a, gpa), eb.query(&b, gpa));
+            prop_assert_eq!(x.map(|m| (m.perms, m.hpa_of(gpa))), y.map(|m| (m.perms, m.hpa_of(gpa))), "at {:#x}", gpa);
+        }
+    }
+}

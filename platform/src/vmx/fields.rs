@@ -155,6 +155,7 @@ pub mod reason {
     pub const ENTRY_FAIL_GUEST_STATE: u16 = 33;
     pub const ENTRY_FAIL_MSR_LOADING: u16 = 34;
     pub const MWAIT: u16 = 36;
+    pub const MONITOR_TRAP_FLAG: u16 = 37;
     pub const MONITOR: u16 = 39;
     pub const PAUSE: u16 = 40;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
@@ -187,6 +188,7 @@ pub mod reason {
             ENTRY_FAIL_GUEST_STATE => "VM entry failure: invalid guest state",
             ENTRY_FAIL_MSR_LOADING => "VM entry failure: MSR loading",
             MWAIT => "MWAIT",
+            MONITOR_TRAP_FLAG => "monitor trap flag",
             MONITOR => "MONITOR",
             PAUSE => "PAUSE",
             ENTRY_FAIL_MACHINE_CHECK => "VM entry failure: machine check",

@@ -40,6 +40,7 @@ pub mod pin {
 pub mod proc1 {
     pub const HLT_EXITING: u32 = 1 << 7;
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
+    pub const MONITOR_TRAP_FLAG: u32 = 1 << 27;
     pub const USE_MSR_BITMAPS: u32 = 1 << 28;
     pub const SECONDARY_CONTROLS: u32 = 1 << 31;
 }

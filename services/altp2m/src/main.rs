@@ -1,24 +1,34 @@
 //! altp2m: owner of every domain's alternate views.
 //!
-//! It serves two endpoints: `violations`, where the kernel sends each
-//! domain's EPT violations (filled lazily or reported), and `altp2m`, where
-//! the vmm forwards guests' view requests and other services ask directly.
+//! Endpoints it serves:
+//! - `violations`: the kernel sends each domain's EPT violations here
+//!   (filled lazily, or reported as VM events, ALT-4, ALT-6);
+//! - `altp2m-guest`: in-guest agents' requests, forwarded by the vmm
+//!   (`AltRequest::Guest` only);
+//! - `altp2m`: external agents (the console for the host, other
+//!   services): view operations, modes, listeners and their answers.
+//!
 //! It holds a `domains` handle with the views and vCPU-control rights, and
-//! nothing that reads or writes guest memory.
+//! nothing that reads or writes guest memory. With an `altp2m-events`
+//! notification it signals bit 0 there whenever a new event waits.
 
 #![no_std]
 #![no_main]
 
-use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
-use ipc_schema::ipc::{InterfaceId, IpcError};
+extern crate alloc;
+
+use ipc_schema::altp2m::{ALTP2M, AltError, AltReply, AltRequest, EVENTS_PER_REPLY};
+use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
-use service_altp2m::policy::{self, Kernel};
-use service_runtime::ipc::{self, Message, Service};
-use service_runtime::{require, sys};
+use service_altp2m::events::{Events, Outcome};
+use service_altp2m::policy::{Agent, Altp2m, Kernel};
+use service_runtime::ipc::{self, DEFER, Message, Service};
+use service_runtime::{handle, require, sys};
 
 service_runtime::entry!(main);
 service_runtime::interfaces!(ALTP2M, VMEXIT);
+service_heap::heap!(1 << 20);
 
 struct System {
     domains: Handle,
@@ -43,8 +53,7 @@ impl Kernel for System {
     }
 
     fn ept(&mut self, domain: u16, ops: &[EptOp], out: &mut [EptResult]) -> Result<(), SysError> {
-        let mut list: ipc_schema::ipc::BoundedVec<EptOp, MAX_EPT_OPS> =
-            ipc_schema::ipc::BoundedVec::new();
+        let mut list: BoundedVec<EptOp, MAX_EPT_OPS> = BoundedVec::new();
         list.0
             .extend_from_slice(ops)
             .map_err(|_| SysError::BadArgument)?;
@@ -52,12 +61,20 @@ impl Kernel for System {
         let bytes = postcard::to_slice(&list, &mut encoded).map_err(|_| SysError::BadArgument)?;
         let mut results = [0u8; 1024];
         let n = sys::ept_ops(self.domains, domain, bytes, &mut results)?;
-        let got: ipc_schema::ipc::BoundedVec<EptResult, MAX_EPT_OPS> =
+        let got: BoundedVec<EptResult, MAX_EPT_OPS> =
             postcard::from_bytes(&results[..n]).map_err(|_| SysError::BadArgument)?;
         for (o, r) in out.iter_mut().zip(got.0.iter()) {
             *o = *r;
         }
         Ok(())
+    }
+
+    fn vcpu_set_view(&mut self, domain: u16, vcpu: u16, view: u16) -> Result<(), SysError> {
+        sys::vcpu_set_view(self.domains, domain, vcpu, view)
+    }
+
+    fn vcpu_view(&mut self, domain: u16, vcpu: u16) -> Result<u16, SysError> {
+        sys::vcpu_info(self.domains, domain, vcpu).map(|(view, _)| view)
     }
 
     fn vcpu_control(
@@ -77,8 +94,121 @@ impl Kernel for System {
 
 struct Server {
     violations: Handle,
-    requests: Handle,
+    external: Handle,
+    guest: Option<Handle>,
+    events_note: Option<Handle>,
     system: System,
+    alt: Altp2m,
+    events: Events,
+}
+
+impl Server {
+    fn domain_exists(&self, domain: u16) -> bool {
+        sys::vcpu_info(self.system.domains, domain, 0).is_ok()
+    }
+
+    fn signal_event(&self) {
+        if let Some(n) = self.events_note {
+            let _ = sys::notify(n, 1);
+        }
+    }
+
+    /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
+    fn request(&mut self, request: AltRequest, badge: u64, guest_endpoint: bool) -> AltReply {
+        let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
+        match request {
+            AltRequest::Ping => AltReply::Pong,
+            AltRequest::Guest { .. } if !guest_endpoint => {
+                AltReply::Refused(AltError::WrongEndpoint)
+            }
+            _ if guest_endpoint && !matches!(request, AltRequest::Guest { .. }) => {
+                AltReply::Refused(AltError::WrongEndpoint)
+            }
+            AltRequest::Guest {
+                domain,
+                vcpu,
+                request,
+            } => AltReply::Reply(self.alt.request(
+                &mut self.system,
+                domain,
+                Agent::Guest { vcpu },
+                &request,
+            )),
+            AltRequest::External { domain, .. }
+            | AltRequest::SetMode { domain, .. }
+            | AltRequest::SetNoListener { domain, .. }
+            | AltRequest::Listen { domain, .. }
+                if unknown(self, domain) =>
+            {
+                AltReply::Refused(AltError::NoSuchDomain)
+            }
+            AltRequest::External { domain, request } => AltReply::Reply(self.alt.request(
+                &mut self.system,
+                domain,
+                Agent::External,
+                &request,
+            )),
+            AltRequest::SetMode { domain, mode } => {
+                match self.alt.set_mode(&mut self.system, domain, mode) {
+                    Ok(()) => {
+                        defmt::info!("altp2m: domain {=u16} is now in mode {}", domain, mode);
+                        AltReply::Done
+                    }
+                    Err(e) => AltReply::Reply(ipc_schema::hypercall::Reply::Error(e)),
+                }
+            }
+            AltRequest::SetNoListener { domain, policy } => {
+                self.events.policy.insert(domain, policy);
+                AltReply::Done
+            }
+            AltRequest::Listen { domain, on } => match self.events.listen(domain, badge, on) {
+                Ok(()) => {
+                    defmt::info!(
+                        "altp2m: domain {=u16}: listener {=str} (badge {=u64:#x})",
+                        domain,
+                        if on { "attached" } else { "detached" },
+                        badge
+                    );
+                    if on && self.events.waiting.iter().any(|w| w.event.domain == domain) {
+                        self.signal_event();
+                    }
+                    AltReply::Done
+                }
+                Err(e) => AltReply::Refused(e),
+            },
+            AltRequest::Events { after } => {
+                let mut events = BoundedVec::new();
+                let mut next = after;
+                for e in self.events.after(after, EVENTS_PER_REPLY) {
+                    let _ = events.0.push(e);
+                    next = e.id;
+                }
+                AltReply::Events { events, next }
+            }
+            AltRequest::Answer { event, action } => {
+                match self
+                    .events
+                    .answer(&mut self.alt, &mut self.system, badge, event, action)
+                {
+                    Ok((token, exit_reply)) => {
+                        let mut out = [0u8; 64];
+                        let n =
+                            ipc_schema::exitcodec::encode_reply(&exit_reply, &mut out).unwrap_or(0);
+                        if let Err(e) = ipc::reply(token, &out[..n]) {
+                            defmt::warn!(
+                                "altp2m: event {=u32}: the vCPU could not be resumed: {}",
+                                event,
+                                e
+                            );
+                        }
+                        defmt::info!("altp2m: event {=u32} answered: {}", event, action);
+                        AltReply::Done
+                    }
+                    Err(e) => AltReply::Refused(e),
+                }
+            }
+        }
+    }
 }
 
 impl Service for Server {
@@ -87,7 +217,7 @@ impl Service for Server {
     fn interface(&self, slot: Handle) -> Option<InterfaceId> {
         if slot == self.violations {
             Some(VMEXIT)
-        } else if slot == self.requests {
+        } else if slot == self.external || Some(slot) == self.guest {
             Some(ALTP2M)
         } else {
             None
@@ -103,17 +233,24 @@ impl Service for Server {
                 );
                 return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
             };
-            let answer = policy::violation(&mut self.system, &m);
-            return ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0);
+            return match self
+                .events
+                .exit(&mut self.alt, &mut self.system, &m, msg.token)
+            {
+                Outcome::Reply(answer) => {
+                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
+                }
+                Outcome::Defer { new_event } => {
+                    if new_event {
+                        self.signal_event();
+                    }
+                    DEFER
+                }
+            };
         }
-        let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| match r {
-            AltRequest::Ping => AltReply::Pong,
-            AltRequest::Guest {
-                domain,
-                vcpu,
-                request,
-            } => AltReply::Guest(policy::request(&mut self.system, domain, vcpu, &request)),
-        });
+        let guest_endpoint = Some(msg.slot) == self.guest;
+        let answer = ipc::decode::<AltRequest>(msg.bytes)
+            .map(|r| self.request(r, msg.badge, guest_endpoint));
         ipc::encode_reply(&answer, reply)
     }
 
@@ -123,7 +260,8 @@ impl Service for Server {
 
 fn main() -> ! {
     let violations = require("violations");
-    let requests = require("altp2m");
+    let external = require("altp2m");
+    let guest = handle("altp2m-guest");
     let system = System {
         domains: require("domains"),
         features: sys::vm_features(),
@@ -134,8 +272,13 @@ fn main() -> ! {
     );
     let mut server = Server {
         violations,
-        requests,
+        external,
+        guest,
+        events_note: handle("altp2m-events"),
         system,
+        alt: Altp2m::default(),
+        events: Events::default(),
     };
-    ipc::serve(&mut server, (1 << violations) | (1 << requests))
+    let mask = (1 << violations) | (1 << external) | guest.map_or(0, |g| 1 << g);
+    ipc::serve(&mut server, mask)
 }

@@ -1,15 +1,34 @@
 //! What the altp2m service decides, apart from the system calls that carry
 //! it out (the [`Kernel`] trait), so that host tests can check it against a
-//! model of the kernel's views.
+//! reference model.
 //!
 //! The kernel keeps each domain's views as EPT tables and applies
-//! operations named by guest frame numbers; this service decides which
-//! operations a request or a violation needs (ALT-2, ALT-4, ALT-6, ALT-7).
+//! operations named by guest frame numbers. This service keeps what each
+//! view should be, as the host p2m (view 0) with the view's own settings
+//! applied, and writes entries into the tables only when they are needed:
+//!
+//! - A view starts empty and is filled lazily from the host p2m, one page
+//!   on its first access (ALT-6); a view created late sees the current host
+//!   p2m (ALT-10).
+//! - A view's settings (access, change_gfn, suppress-#VE) are kept here;
+//!   setting one on a page the view has not filled records it, and the page
+//!   gets it when filled (ALT-7). A page whose suppress-#VE bit is cleared
+//!   is filled at once, so that a #VE is never raised for a page that is
+//!   merely not there yet.
+//! - A change to the host p2m reaches every view that holds a copy of the
+//!   page, with the view's settings applied again (ALT-9); a view never
+//!   gets more access to a frame than the host p2m gives.
+//! - Access is kept as ranges: a range operation is one record here and,
+//!   in the kernel, work in proportion to the entries it touches.
 
-use ipc_schema::hypercall::{Access, Feature, HcError, MAX_DIRTY, MAX_VIEWS, Reply, Request};
+use crate::intervals::Intervals;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use ipc_schema::hypercall::{
+    Access, Entry, Feature, HcError, MAX_DIRTY, MAX_VIEWS, Mode, Reply, Request,
+};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features};
-use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response};
 
 /// The kernel calls the service makes.
 pub trait Kernel {
@@ -20,6 +39,9 @@ pub trait Kernel {
     fn view_set_visible(&mut self, domain: u16, view: u16, visible: bool) -> Result<(), SysError>;
     /// Applies `ops` in order; one result each into `out`.
     fn ept(&mut self, domain: u16, ops: &[EptOp], out: &mut [EptResult]) -> Result<(), SysError>;
+    fn vcpu_set_view(&mut self, domain: u16, vcpu: u16, view: u16) -> Result<(), SysError>;
+    /// The active view of a vCPU.
+    fn vcpu_view(&mut self, domain: u16, vcpu: u16) -> Result<u16, SysError>;
     fn vcpu_control(
         &mut self,
         domain: u16,
@@ -31,12 +53,144 @@ pub trait Kernel {
     fn dirty_read(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError>;
 }
 
+/// Who asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agent {
+    /// The in-guest agent (through the vmm), on a vCPU.
+    Guest { vcpu: u16 },
+    /// An external agent (the host, another service).
+    External,
+}
+
+/// An access setting and whether an external agent placed it (ALT-4: its
+/// violations are never reported inside the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub access: Access,
+    pub external: bool,
+}
+
+/// What one view should be, on top of the host p2m.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// Access of pages with no setting of their own (`None`: the host's).
+    pub default: Option<Access>,
+    pub access: Intervals<Setting>,
+    /// change_gfn: gfn -> the gfn whose host frame it maps.
+    pub remap: BTreeMap<u64, u64>,
+    /// suppress-#VE settings (the default is set).
+    pub sve: BTreeMap<u64, bool>,
+}
+
+/// One domain's views.
+#[derive(Clone, Debug)]
+pub struct Domain {
+    pub mode: Mode,
+    /// Settings of view 0 (the host p2m) and of each alternate view.
+    pub views: BTreeMap<u16, View>,
+    /// For each frame gfn, the (view, gfn) pairs that remap to it.
+    pub remapped_to: BTreeMap<u64, BTreeSet<(u16, u64)>>,
+}
+
+impl Default for Domain {
+    fn default() -> Self {
+        let mut views = BTreeMap::new();
+        views.insert(0, View::default());
+        Self {
+            mode: Mode::Mixed,
+            views,
+            remapped_to: BTreeMap::new(),
+        }
+    }
+}
+
+const ALL: Access = Access::RWX;
+
+fn meet(a: Access, b: Access) -> Access {
+    Access {
+        read: a.read && b.read,
+        write: a.write && b.write,
+        execute: a.execute && b.execute,
+    }
+}
+
 fn perms(a: Access) -> Perms {
     Perms {
         read: a.read,
         write: a.write,
         execute: a.execute,
     }
+}
+
+fn access(p: Perms) -> Access {
+    Access {
+        read: p.read,
+        write: p.write,
+        execute: p.execute,
+    }
+}
+
+impl Domain {
+    /// The host p2m's access to frame gfn `frame`.
+    pub fn host_access(&self, frame: u64) -> Access {
+        self.views[&0].access.get(frame).map_or(ALL, |s| s.access)
+    }
+
+    /// The effective entry of `gfn` in `view` (which exists): the host p2m
+    /// with the view's settings applied (ALT-8).
+    pub fn effective(&self, view: u16, gfn: u64) -> Entry {
+        let v = &self.views[&view];
+        // An external restriction is never reported inside the guest.
+        let suppress_ve = self.external(view, gfn) || v.sve.get(&gfn).copied().unwrap_or(true);
+        if view == 0 {
+            return Entry {
+                frame_gfn: Some(gfn),
+                access: self.host_access(gfn),
+                suppress_ve,
+            };
+        }
+        let frame = v.remap.get(&gfn).copied().unwrap_or(gfn);
+        let own = v
+            .access
+            .get(gfn)
+            .map(|s| s.access)
+            .or(v.default)
+            .unwrap_or(ALL);
+        Entry {
+            frame_gfn: Some(frame),
+            access: meet(own, self.host_access(frame)),
+            suppress_ve,
+        }
+    }
+
+    /// Whether the restriction on `gfn` in `view` was placed externally.
+    pub fn external(&self, view: u16, gfn: u64) -> bool {
+        let v = &self.views[&view];
+        let frame = v.remap.get(&gfn).copied().unwrap_or(gfn);
+        v.access.get(gfn).is_some_and(|s| s.external)
+            || self.views[&0].access.get(frame).is_some_and(|s| s.external)
+    }
+
+    /// Every (view, gfn) of an alternate view whose entry depends on the host
+    /// p2m's entry for `frame`.
+    fn dependents(&self, frame: u64) -> Vec<(u16, u64)> {
+        let mut out: Vec<(u16, u64)> = self
+            .views
+            .iter()
+            .filter(|&(&v, view)| v != 0 && !view.remap.contains_key(&frame))
+            .map(|(&v, _)| (v, frame))
+            .collect();
+        if let Some(set) = self.remapped_to.get(&frame) {
+            out.extend(set.iter().copied());
+        }
+        out
+    }
+}
+
+/// The state of every domain this service has seen.
+#[derive(Default)]
+pub struct Altp2m {
+    pub domains: BTreeMap<u16, Domain>,
 }
 
 fn op_error(e: EptOpError, view: u16, gfn: u64) -> HcError {
@@ -51,52 +205,108 @@ fn op_error(e: EptOpError, view: u16, gfn: u64) -> HcError {
     }
 }
 
-/// The kernel refused a view call: which view error that is.
-fn view_error(e: SysError, view: u16) -> HcError {
-    match e {
-        SysError::Busy => HcError::ViewInUse { view },
-        SysError::NoResources => HcError::OutOfMemory,
-        _ => HcError::NoSuchView { view },
-    }
-}
-
-/// One EPT operation.
-fn one(
+/// Runs EPT operations in batches; the first refusal is the error.
+fn run(
     k: &mut impl Kernel,
     domain: u16,
-    op: EptOp,
+    ops: &[EptOp],
     view: u16,
     gfn: u64,
-) -> Result<EptResult, HcError> {
+) -> Result<(), HcError> {
+    for chunk in ops.chunks(ipc_schema::syscall::MAX_EPT_OPS) {
+        let mut out = [EptResult::Done; ipc_schema::syscall::MAX_EPT_OPS];
+        k.ept(domain, chunk, &mut out[..chunk.len()])
+            .map_err(|_| HcError::NoSuchView { view })?;
+        for r in &out[..chunk.len()] {
+            if let EptResult::Error(e) = r {
+                return Err(op_error(*e, view, gfn));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `view` holds for `gfn` now: (mapped frame gfn and access, suppress-#VE).
+pub fn raw(
+    k: &mut impl Kernel,
+    domain: u16,
+    view: u16,
+    gfn: u64,
+) -> Result<(Option<(u64, Access)>, bool), HcError> {
     let mut out = [EptResult::Done];
-    k.ept(domain, &[op], &mut out)
+    k.ept(domain, &[EptOp::Query { view, gfn }], &mut out)
         .map_err(|_| HcError::NoSuchView { view })?;
     match out[0] {
-        EptResult::Error(e) => Err(op_error(e, view, gfn)),
-        r => Ok(r),
-    }
-}
-
-/// What maps `gfn` in `view`: (the page's permissions if mapped, the
-/// entry's suppress-#VE bit).
-fn query(
-    k: &mut impl Kernel,
-    domain: u16,
-    view: u16,
-    gfn: u64,
-) -> Result<(Option<Perms>, bool), HcError> {
-    match one(k, domain, EptOp::Query { view, gfn }, view, gfn)? {
         EptResult::Entry {
             mapped,
             suppress_ve,
-        } => Ok((mapped.map(|m| m.perms), suppress_ve)),
+        } => Ok((mapped.map(|m| (m.frame_gfn, access(m.perms))), suppress_ve)),
+        EptResult::Error(e) => Err(op_error(e, view, gfn)),
+        EptResult::Done => Err(HcError::BadGfn { gfn }),
+    }
+}
+
+/// Whether `gfn` is guest RAM (the host p2m maps it).
+fn is_ram(k: &mut impl Kernel, domain: u16, gfn: u64) -> Result<(), HcError> {
+    match raw(k, domain, 0, gfn)? {
+        (Some(_), _) => Ok(()),
         _ => Err(HcError::BadGfn { gfn }),
     }
 }
 
-/// The host p2m's permissions for RAM gfn `gfn`.
-fn host(k: &mut impl Kernel, domain: u16, gfn: u64) -> Result<Perms, HcError> {
-    query(k, domain, 0, gfn)?.0.ok_or(HcError::BadGfn { gfn })
+/// The operations that make `view`'s entry for `gfn` its effective one.
+pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> [EptOp; 2] {
+    let e = d.effective(view, gfn);
+    [
+        if view == 0 {
+            EptOp::Protect {
+                view,
+                gfn,
+                perms: perms(e.access),
+            }
+        } else {
+            EptOp::Map {
+                view,
+                gfn,
+                from_gfn: e.frame_gfn.unwrap_or(gfn),
+                perms: perms(e.access),
+            }
+        },
+        EptOp::SetSuppressVe {
+            view,
+            gfn,
+            suppress: e.suppress_ve,
+        },
+    ]
+}
+
+/// Writes the effective entry of `gfn` into `view`.
+fn fill(k: &mut impl Kernel, domain: u16, d: &Domain, view: u16, gfn: u64) -> Result<(), HcError> {
+    run(k, domain, &fill_ops(d, view, gfn), view, gfn)
+}
+
+/// Refreshes `(view, gfn)` if the view holds a copy (or must: a cleared
+/// suppress-#VE bit).
+fn refresh(
+    k: &mut impl Kernel,
+    domain: u16,
+    d: &Domain,
+    view: u16,
+    gfn: u64,
+) -> Result<(), HcError> {
+    let populated = raw(k, domain, view, gfn)?.0.is_some();
+    if populated || !d.effective(view, gfn).suppress_ve {
+        fill(k, domain, d, view, gfn)?;
+    }
+    Ok(())
+}
+
+/// Refreshes every copy of the host p2m's entry for `frame` (ALT-9).
+fn propagate(k: &mut impl Kernel, domain: u16, d: &Domain, frame: u64) -> Result<(), HcError> {
+    for (view, gfn) in d.dependents(frame) {
+        refresh(k, domain, d, view, gfn)?;
+    }
+    Ok(())
 }
 
 fn need(k: &impl Kernel, bit: u64, feature: Feature) -> Result<(), HcError> {
@@ -107,264 +317,492 @@ fn need(k: &impl Kernel, bit: u64, feature: Feature) -> Result<(), HcError> {
     }
 }
 
-/// Carries out a guest's (or another service's) request for `domain`.
-pub fn request(k: &mut impl Kernel, domain: u16, vcpu: u16, r: &Request) -> Reply {
-    match run(k, domain, vcpu, r) {
-        Ok(reply) => reply,
-        Err(e) => Reply::Error(e),
+/// Whether the mode lets `agent` make `request` (ALT-3).
+pub fn allowed(mode: Mode, agent: Agent, request: &Request) -> bool {
+    use Request as R;
+    let reads = matches!(
+        request,
+        R::Capabilities
+            | R::GetMode
+            | R::ViewCurrent
+            | R::GetAccess { .. }
+            | R::GetEntry { .. }
+            | R::GetSuppressVe { .. }
+    );
+    match (mode, agent) {
+        (_, _) if matches!(request, R::Capabilities | R::GetMode) => true,
+        (Mode::Disabled, _) => false,
+        (Mode::Mixed, _) => true,
+        (Mode::External | Mode::Limited, Agent::External) => true,
+        (Mode::External, Agent::Guest { .. }) => false,
+        (Mode::Limited, Agent::Guest { .. }) => reads,
     }
 }
 
-fn run(k: &mut impl Kernel, domain: u16, vcpu: u16, r: &Request) -> Result<Reply, HcError> {
-    match *r {
-        Request::Capabilities => {
-            let f = k.features();
-            Ok(Reply::Capabilities {
-                vmfunc: f & vm_features::VMFUNC != 0,
-                ve: f & vm_features::VE != 0,
-                pml: f & vm_features::PML != 0,
-                max_views: MAX_VIEWS,
-            })
-        }
-        Request::ViewCreate => k.view_create(domain).map(Reply::View).map_err(|e| match e {
-            SysError::NoResources => HcError::TooManyViews,
-            _ => HcError::OutOfMemory,
-        }),
-        Request::ViewDestroy { view } => {
-            if view == 0 {
-                return Err(HcError::HostView);
+impl Altp2m {
+    /// The domain's state, created at first use.
+    pub fn domain(&mut self, id: u16) -> &mut Domain {
+        self.domains.entry(id).or_default()
+    }
+
+    /// Sets a domain's mode. Disabled hides every alternate view and puts
+    /// vCPU 0 back in view 0.
+    pub fn set_mode(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        mode: Mode,
+    ) -> Result<(), HcError> {
+        let d = self.domain(domain);
+        d.mode = mode;
+        if mode == Mode::Disabled {
+            let views: Vec<u16> = d.views.keys().copied().filter(|&v| v != 0).collect();
+            for v in views {
+                let _ = k.view_set_visible(domain, v, false);
             }
-            k.view_destroy(domain, view)
-                .map_err(|e| view_error(e, view))?;
-            Ok(Reply::Done)
+            let _ = k.vcpu_set_view(domain, 0, 0);
         }
-        Request::ViewSetVisible { view, visible } => {
-            k.view_set_visible(domain, view, visible)
-                .map_err(|e| view_error(e, view))?;
-            Ok(Reply::Done)
+        Ok(())
+    }
+
+    /// Carries out `request` for `domain` from `agent`.
+    pub fn request(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        agent: Agent,
+        request: &Request,
+    ) -> Reply {
+        match self.run(k, domain, agent, request) {
+            Ok(reply) => reply,
+            Err(e) => Reply::Error(e),
         }
-        Request::ChangeGfn { view, gfn, to } => {
-            if view == 0 {
-                return Err(HcError::HostView);
+    }
+
+    fn run(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        agent: Agent,
+        r: &Request,
+    ) -> Result<Reply, HcError> {
+        let mode = self.domain(domain).mode;
+        if !allowed(mode, agent, r) {
+            return Err(HcError::ModeForbids { mode });
+        }
+        let external = agent == Agent::External;
+        let vcpu = match agent {
+            Agent::Guest { vcpu } => vcpu,
+            Agent::External => 0,
+        };
+        let view_exists = |d: &Domain, view: u16| {
+            if d.views.contains_key(&view) {
+                Ok(())
+            } else {
+                Err(HcError::NoSuchView { view })
             }
-            host(k, domain, gfn)?;
-            match to {
-                Some(from) => {
-                    let p = host(k, domain, from)?;
-                    one(
-                        k,
-                        domain,
-                        EptOp::Map {
-                            view,
-                            gfn,
-                            from_gfn: from,
-                            perms: p,
+        };
+        let alternate = |d: &Domain, view: u16| {
+            if view == 0 {
+                Err(HcError::HostView)
+            } else {
+                view_exists(d, view)
+            }
+        };
+        let check_access = |a: Access| {
+            if a.write && !a.read {
+                Err(HcError::BadAccess)
+            } else {
+                Ok(())
+            }
+        };
+        match *r {
+            Request::Capabilities => {
+                let f = k.features();
+                Ok(Reply::Capabilities {
+                    vmfunc: f & vm_features::VMFUNC != 0,
+                    ve: f & vm_features::VE != 0,
+                    pml: f & vm_features::PML != 0,
+                    max_views: MAX_VIEWS,
+                })
+            }
+            Request::GetMode => Ok(Reply::Mode(mode)),
+            Request::ViewCreate { default_access } => {
+                if let Some(a) = default_access {
+                    check_access(a)?;
+                }
+                let view = k.view_create(domain).map_err(|e| match e {
+                    SysError::NoResources => HcError::TooManyViews,
+                    _ => HcError::OutOfMemory,
+                })?;
+                self.domain(domain).views.insert(
+                    view,
+                    View {
+                        default: default_access,
+                        ..View::default()
+                    },
+                );
+                Ok(Reply::View(view))
+            }
+            Request::ViewDestroy { view } => {
+                let d = self.domain(domain);
+                alternate(d, view)?;
+                k.view_destroy(domain, view).map_err(|e| match e {
+                    SysError::Busy => HcError::ViewInUse { view },
+                    _ => HcError::NoSuchView { view },
+                })?;
+                let d = self.domain(domain);
+                d.views.remove(&view);
+                for set in d.remapped_to.values_mut() {
+                    set.retain(|&(v, _)| v != view);
+                }
+                d.remapped_to.retain(|_, set| !set.is_empty());
+                Ok(Reply::Done)
+            }
+            Request::ViewSetVisible { view, visible } => {
+                view_exists(self.domain(domain), view)?;
+                k.view_set_visible(domain, view, visible)
+                    .map_err(|_| HcError::NoSuchView { view })?;
+                Ok(Reply::Done)
+            }
+            Request::ViewSwitch { view } | Request::ViewSwitchAll { view } => {
+                view_exists(self.domain(domain), view)?;
+                k.vcpu_set_view(domain, vcpu, view)
+                    .map_err(|_| HcError::NoSuchView { view })?;
+                Ok(Reply::Done)
+            }
+            Request::ViewCurrent => {
+                let view = k
+                    .vcpu_view(domain, vcpu)
+                    .map_err(|_| HcError::NoSuchView { view: 0 })?;
+                Ok(Reply::View(view))
+            }
+            Request::ChangeGfn { view, gfn, to } => {
+                alternate(self.domain(domain), view)?;
+                is_ram(k, domain, gfn)?;
+                if let Some(t) = to {
+                    is_ram(k, domain, t)?;
+                }
+                let d = self.domain(domain);
+                let v = d.views.get_mut(&view).expect("checked above");
+                let old = match to {
+                    Some(t) => v.remap.insert(gfn, t),
+                    None => v.remap.remove(&gfn),
+                };
+                if let Some(o) = old
+                    && let Some(set) = d.remapped_to.get_mut(&o)
+                {
+                    set.remove(&(view, gfn));
+                }
+                if let Some(t) = to {
+                    d.remapped_to.entry(t).or_default().insert((view, gfn));
+                }
+                let d = &self.domains[&domain];
+                refresh(k, domain, d, view, gfn)?;
+                Ok(Reply::Done)
+            }
+            Request::SetAccess { view, gfn, access } => {
+                self.set_access(k, domain, view, gfn, 1, access, external)?;
+                Ok(Reply::Done)
+            }
+            Request::SetAccessRange {
+                view,
+                gfn,
+                count,
+                access,
+            } => {
+                self.set_access(k, domain, view, gfn, count, access, external)
+                    .map_err(|e| match e {
+                        HcError::BadGfn { .. } => HcError::BadRange,
+                        other => other,
+                    })?;
+                Ok(Reply::Done)
+            }
+            Request::SetAccessList {
+                view,
+                ref gfns,
+                access,
+            } => {
+                for &g in gfns.0.iter() {
+                    self.set_access(k, domain, view, g, 1, access, external)?;
+                }
+                Ok(Reply::Done)
+            }
+            Request::GetAccess { view, gfn } => {
+                view_exists(self.domain(domain), view)?;
+                is_ram(k, domain, gfn)?;
+                Ok(Reply::Access(
+                    self.domains[&domain].effective(view, gfn).access,
+                ))
+            }
+            Request::GetEntry {
+                view,
+                gfn,
+                raw: true,
+            } => {
+                view_exists(self.domain(domain), view)?;
+                let (mapped, suppress_ve) = raw(k, domain, view, gfn)?;
+                Ok(Reply::Entry(Entry {
+                    frame_gfn: mapped.map(|m| m.0),
+                    access: mapped.map_or(Access::NONE, |m| m.1),
+                    suppress_ve,
+                }))
+            }
+            Request::GetEntry {
+                view,
+                gfn,
+                raw: false,
+            } => {
+                view_exists(self.domain(domain), view)?;
+                is_ram(k, domain, gfn)?;
+                Ok(Reply::Entry(self.domains[&domain].effective(view, gfn)))
+            }
+            Request::SetSuppressVe {
+                view,
+                gfn,
+                suppress,
+            } => {
+                self.set_sve(k, domain, view, gfn, suppress)?;
+                Ok(Reply::Done)
+            }
+            Request::SetSuppressVeList {
+                view,
+                ref gfns,
+                suppress,
+            } => {
+                for &g in gfns.0.iter() {
+                    self.set_sve(k, domain, view, g, suppress)?;
+                }
+                Ok(Reply::Done)
+            }
+            Request::GetSuppressVe { view, gfn } => {
+                view_exists(self.domain(domain), view)?;
+                is_ram(k, domain, gfn)?;
+                Ok(Reply::SuppressVe(
+                    self.domains[&domain].effective(view, gfn).suppress_ve,
+                ))
+            }
+            Request::VeEnable { info_gfn } => {
+                need(k, vm_features::VE, Feature::VirtualizationException)?;
+                is_ram(k, domain, info_gfn)?;
+                k.vcpu_control(domain, vcpu, VcpuOp::VeEnable, info_gfn)
+                    .map_err(|e| match e {
+                        SysError::Unsupported => HcError::Unsupported {
+                            feature: Feature::VirtualizationException,
                         },
-                        view,
-                        gfn,
-                    )?;
-                }
-                // The view's entry goes; the next access fills it from the host p2m.
-                None => {
-                    one(k, domain, EptOp::Unmap { view, gfn }, view, gfn)?;
-                }
+                        _ => HcError::BadGfn { gfn: info_gfn },
+                    })?;
+                Ok(Reply::Done)
             }
-            Ok(Reply::Done)
-        }
-        Request::SetAccess { view, gfn, access } => {
-            if access.write && !access.read {
-                return Err(HcError::BadAccess);
+            Request::VeDisable => {
+                let _ = k.vcpu_control(domain, vcpu, VcpuOp::VeDisable, 0);
+                Ok(Reply::Done)
             }
-            host(k, domain, gfn)?;
-            // ALT-7: an entry the view has not populated is taken from the host p2m.
-            let op = match query(k, domain, view, gfn)?.0 {
-                Some(_) => EptOp::Protect {
-                    view,
-                    gfn,
-                    perms: perms(access),
-                },
-                None => EptOp::Map {
-                    view,
-                    gfn,
-                    from_gfn: gfn,
-                    perms: perms(access),
-                },
-            };
-            one(k, domain, op, view, gfn)?;
-            Ok(Reply::Done)
+            Request::DirtyLogStart => {
+                need(k, vm_features::PML, Feature::PageModificationLogging)?;
+                k.vcpu_control(domain, vcpu, VcpuOp::PmlStart, 0)
+                    .map_err(|e| match e {
+                        SysError::Unsupported => HcError::Unsupported {
+                            feature: Feature::PageModificationLogging,
+                        },
+                        _ => HcError::OutOfMemory,
+                    })?;
+                Ok(Reply::Done)
+            }
+            Request::DirtyLogRead => {
+                let mut gfns = [0u64; MAX_DIRTY];
+                let (n, more) = k
+                    .dirty_read(domain, &mut gfns)
+                    .map_err(|_| HcError::NotLogging)?;
+                let mut v = BoundedVec::new();
+                let _ = v.0.extend_from_slice(&gfns[..n.min(MAX_DIRTY)]);
+                Ok(Reply::Dirty { gfns: v, more })
+            }
+            Request::DirtyLogStop => {
+                let _ = k.vcpu_control(domain, vcpu, VcpuOp::PmlStop, 0);
+                Ok(Reply::Done)
+            }
         }
-        Request::SetSuppressVe {
-            view,
+    }
+
+    /// Sets the access of `count` gfns from `gfn` in `view`.
+    #[allow(clippy::too_many_arguments)]
+    fn set_access(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+        count: u64,
+        access: Access,
+        external: bool,
+    ) -> Result<(), HcError> {
+        if access.write && !access.read {
+            return Err(HcError::BadAccess);
+        }
+        if !self.domain(domain).views.contains_key(&view) {
+            return Err(HcError::NoSuchView { view });
+        }
+        let end = gfn
+            .checked_add(count)
+            .filter(|_| count > 0)
+            .ok_or(HcError::BadRange)?;
+        is_ram(k, domain, gfn).map_err(|_| {
+            if count == 1 {
+                HcError::BadGfn { gfn }
+            } else {
+                HcError::BadRange
+            }
+        })?;
+        if count > 1 {
+            is_ram(k, domain, end - 1).map_err(|_| HcError::BadRange)?;
+        }
+        let d = self.domain(domain);
+        d.views.get_mut(&view).expect("checked above").access.set(
             gfn,
-            suppress,
-        } => {
-            host(k, domain, gfn)?;
-            // ALT-7 (seed 004): only the bit changes, populated or not.
-            one(
+            end,
+            Some(Setting { access, external }),
+        );
+        let d = &self.domains[&domain];
+        if count == 1 {
+            refresh(k, domain, d, view, gfn)?;
+            if view == 0 {
+                propagate(k, domain, d, gfn)?;
+            }
+            return Ok(());
+        }
+        // A range: the entries the view holds change in place (large pages
+        // whole), then the pages whose effective access differs from the
+        // range's are written one by one.
+        if view == 0 {
+            run(
                 k,
                 domain,
-                EptOp::SetSuppressVe {
+                &[EptOp::ProtectRange {
                     view,
                     gfn,
-                    suppress,
-                },
+                    count,
+                    perms: perms(access),
+                }],
                 view,
                 gfn,
             )?;
-            Ok(Reply::Done)
+            for (&w, v) in d.views.iter().filter(|&(&w, _)| w != 0) {
+                // Where the view has no setting of its own, its copies get
+                // the new host access met with the view's default.
+                let own = v.default.unwrap_or(ALL);
+                let mut at = gfn;
+                for (s, e, setting) in v.access.overlapping(gfn, end) {
+                    protect_gap(k, domain, w, at, s, meet(own, access))?;
+                    protect_gap(k, domain, w, s, e, meet(setting.access, access))?;
+                    at = e;
+                }
+                protect_gap(k, domain, w, at, end, meet(own, access))?;
+                for (&g, _) in v.remap.range(gfn..end) {
+                    refresh(k, domain, d, w, g)?;
+                }
+                for (&g, _) in v.sve.range(gfn..end) {
+                    refresh(k, domain, d, w, g)?;
+                }
+            }
+            for set in d.remapped_to.range(gfn..end).map(|(_, set)| set) {
+                for &(w, g) in set {
+                    refresh(k, domain, d, w, g)?;
+                }
+            }
+            // Whether the setting is external decides the suppress-#VE bit
+            // of the pages whose bit was cleared.
+            for (&g, _) in d.views[&0].sve.range(gfn..end).filter(|&(_, &s)| !s) {
+                refresh(k, domain, d, 0, g)?;
+            }
+        } else {
+            let v = &d.views[&view];
+            let mut at = gfn;
+            for (s, e, host) in d.views[&0].access.overlapping(gfn, end) {
+                protect_gap(k, domain, view, at, s, access)?;
+                protect_gap(k, domain, view, s, e, meet(access, host.access))?;
+                at = e;
+            }
+            protect_gap(k, domain, view, at, end, access)?;
+            for (&g, _) in v.remap.range(gfn..end) {
+                refresh(k, domain, d, view, g)?;
+            }
+            for (&g, &s) in v.sve.range(gfn..end) {
+                if !s || external {
+                    refresh(k, domain, d, view, g)?;
+                }
+            }
         }
-        Request::VeEnable { info_gfn } => {
-            need(k, vm_features::VE, Feature::VirtualizationException)?;
-            host(k, domain, info_gfn)?;
-            k.vcpu_control(domain, vcpu, VcpuOp::VeEnable, info_gfn)
-                .map_err(|e| match e {
-                    SysError::Unsupported => HcError::Unsupported {
-                        feature: Feature::VirtualizationException,
-                    },
-                    _ => HcError::BadGfn { gfn: info_gfn },
-                })?;
-            Ok(Reply::Done)
+        Ok(())
+    }
+
+    fn set_sve(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+        suppress: bool,
+    ) -> Result<(), HcError> {
+        if !self.domain(domain).views.contains_key(&view) {
+            return Err(HcError::NoSuchView { view });
         }
-        Request::VeDisable => {
-            let _ = k.vcpu_control(domain, vcpu, VcpuOp::VeDisable, 0);
-            Ok(Reply::Done)
-        }
-        Request::DirtyLogStart => {
-            need(k, vm_features::PML, Feature::PageModificationLogging)?;
-            k.vcpu_control(domain, vcpu, VcpuOp::PmlStart, 0)
-                .map_err(|e| match e {
-                    SysError::Unsupported => HcError::Unsupported {
-                        feature: Feature::PageModificationLogging,
-                    },
-                    _ => HcError::OutOfMemory,
-                })?;
-            Ok(Reply::Done)
-        }
-        Request::DirtyLogRead => {
-            let mut gfns = [0u64; MAX_DIRTY];
-            let (n, more) = k
-                .dirty_read(domain, &mut gfns)
-                .map_err(|_| HcError::NotLogging)?;
-            let mut v = BoundedVec::new();
-            let _ = v.0.extend_from_slice(&gfns[..n.min(MAX_DIRTY)]);
-            Ok(Reply::Dirty { gfns: v, more })
-        }
-        Request::DirtyLogStop => {
-            let _ = k.vcpu_control(domain, vcpu, VcpuOp::PmlStop, 0);
-            Ok(Reply::Done)
+        is_ram(k, domain, gfn)?;
+        self.domain(domain)
+            .views
+            .get_mut(&view)
+            .expect("checked above")
+            .sve
+            .insert(gfn, suppress);
+        let d = &self.domains[&domain];
+        if suppress {
+            // Only the bit changes, populated or not (seed 004).
+            run(
+                k,
+                domain,
+                &[EptOp::SetSuppressVe {
+                    view,
+                    gfn,
+                    suppress: true,
+                }],
+                view,
+                gfn,
+            )
+        } else {
+            refresh(k, domain, d, view, gfn)
         }
     }
 }
 
-fn what(access: AccessBits) -> &'static str {
-    if access.write {
-        "write"
-    } else if access.execute {
-        "instruction fetch"
-    } else {
-        "read"
+/// Sets `perms` on the entries `view` holds in `[start, end)`.
+fn protect_gap(
+    k: &mut impl Kernel,
+    domain: u16,
+    view: u16,
+    start: u64,
+    end: u64,
+    a: Access,
+) -> Result<(), HcError> {
+    if start >= end {
+        return Ok(());
     }
-}
-
-/// Answers an EPT violation: fills a view lazily (ALT-6), or stops the
-/// domain for an access its views do not allow, saying why (ALT-4 with no
-/// listener).
-pub fn violation(k: &mut impl Kernel, m: &ExitMessage) -> ExitReply {
-    let reply = |response| ExitReply {
-        response,
-        regs: None,
-        view: None,
-    };
-    let (id, view) = (m.exit.domain, m.exit.view);
-    let ExitKind::EptViolation {
-        gpa,
-        gla,
-        access,
-        allowed,
-        qualification,
-    } = m.exit.kind
-    else {
-        defmt::error!(
-            "altp2m: domain {=u16}: an exit that is not an EPT violation came to the violation handler: {}",
-            id,
-            m.exit.kind
-        );
-        return reply(Response::CRASH);
-    };
-    let gfn = gpa / 4096;
-    let mut out = [EptResult::Done, EptResult::Done];
-    let ops = [EptOp::Query { view: 0, gfn }, EptOp::Query { view, gfn }];
-    let n = if view == 0 { 1 } else { 2 };
-    if let Err(e) = k.ept(id, &ops[..n], &mut out[..n]) {
-        defmt::error!(
-            "altp2m: domain {=u16}: cannot look up {=u64:#x}: {}",
-            id,
-            gpa,
-            e
-        );
-        return reply(Response::CRASH);
-    }
-    let EptResult::Entry {
-        mapped: Some(host), ..
-    } = out[0]
-    else {
-        defmt::error!(
-            "domain {=u16}: {=str} of guest-physical {=u64:#x} (linear {=u64:#x}), which is not RAM (qualification {=u64:#x})",
-            id,
-            what(access),
-            gpa,
-            gla.unwrap_or(gpa),
-            qualification
-        );
-        return reply(Response::CRASH);
-    };
-    // ALT-6: an alternate view with no entry for a RAM gfn takes the host
-    // p2m's, invisibly to the guest, keeping the empty slot's suppress-#VE bit.
-    if let EptResult::Entry {
-        mapped: None,
-        suppress_ve,
-    } = out[1]
-        && view != 0
-    {
-        let fill = [
-            EptOp::Map {
-                view,
-                gfn,
-                from_gfn: host.frame_gfn,
-                perms: host.perms,
-            },
-            EptOp::SetSuppressVe {
-                view,
-                gfn,
-                suppress: suppress_ve,
-            },
-        ];
-        let mut res = [EptResult::Done, EptResult::Done];
-        let filled =
-            k.ept(id, &fill, &mut res).is_ok() && res.iter().all(|r| *r == EptResult::Done);
-        if filled {
-            return reply(Response::RETRY);
-        }
-        defmt::error!(
-            "altp2m: domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed: {}",
-            id,
-            gpa,
+    // Unmapped gfns inside are skipped by the kernel; a range that ends in a
+    // hole is cut at the last RAM page.
+    let mut out = [EptResult::Done];
+    k.ept(
+        domain,
+        &[EptOp::ProtectRange {
             view,
-            res[0]
-        );
-        return reply(Response::CRASH);
+            gfn: start,
+            count: end - start,
+            perms: perms(a),
+        }],
+        &mut out,
+    )
+    .map_err(|_| HcError::NoSuchView { view })?;
+    match out[0] {
+        EptResult::Error(EptOpError::NotRam) => Err(HcError::BadRange),
+        EptResult::Error(e) => Err(op_error(e, view, start)),
+        _ => Ok(()),
     }
-    defmt::error!(
-        "domain {=u16}: {=str} of {=u64:#x} (linear {=u64:#x}) in view {=u16} not allowed (page allows {=bool}/{=bool}/{=bool} read/write/execute; qualification {=u64:#x}); no listener, so the domain is stopped",
-        id,
-        what(access),
-        gpa,
-        gla.unwrap_or(gpa),
-        view,
-        allowed.read,
-        allowed.write,
-        allowed.execute,
-        qualification
-    );
-    reply(Response::CRASH)
 }

@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::control::ToHost;
 use ipc_schema::ipc::InterfaceId;
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
@@ -67,14 +68,28 @@ impl Uart {
     }
 }
 
-struct Ask(Client);
+/// The supervisor, and the altp2m service where the manifest grants it.
+struct Ask {
+    supervisor: Client,
+    altp2m: Option<Client>,
+}
 
 impl Supervisor for Ask {
     fn ask(&mut self, request: &SupervisorRequest) -> Option<SupervisorReply> {
-        match self.0.call::<_, SupervisorReply>(request) {
+        match self.supervisor.call::<_, SupervisorReply>(request) {
             Ok(r) => Some(r),
             Err(e) => {
                 defmt::warn!("console: the supervisor did not answer: {}", e);
+                None
+            }
+        }
+    }
+
+    fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
+        match self.altp2m.as_mut()?.call::<_, AltReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the altp2m service did not answer: {}", e);
                 None
             }
         }
@@ -95,6 +110,8 @@ struct Console {
     irq: Handle,
     /// Signalled by the supervisor when it records an event.
     supervisor_events: Option<Handle>,
+    /// Signalled by the altp2m service when a violation event waits.
+    altp2m_events: Option<Handle>,
     session: Session,
     supervisor: Ask,
     swap: &'static mut [u8],
@@ -138,6 +155,10 @@ impl Service for Console {
             let uart = &self.uart;
             self.session
                 .events(&mut self.supervisor, &mut |m: &ToHost| send_frame(uart, m));
+        } else if Some(slot) == self.altp2m_events {
+            let uart = &self.uart;
+            self.session
+                .violations(&mut self.supervisor, &mut |m: &ToHost| send_frame(uart, m));
         }
     }
 
@@ -180,16 +201,22 @@ fn main() -> ! {
         swap.len() / 1024
     );
     let supervisor_events = service_runtime::handle("supervisor-events");
+    let altp2m_events = service_runtime::handle("altp2m-events");
     let mut console = Console {
         uart,
         irq,
         supervisor_events,
+        altp2m_events,
         session: Session::new(),
-        supervisor: Ask(Client::new(require("supervisor"), SUPERVISOR)),
+        supervisor: Ask {
+            supervisor: Client::new(require("supervisor"), SUPERVISOR),
+            altp2m: service_runtime::handle("altp2m").map(|h| Client::new(h, ALTP2M)),
+        },
         swap,
     };
     // Bytes that came before the interrupt was bound.
     console.drain();
-    let mask = (1 << irq) | supervisor_events.map_or(0, |h| 1 << h);
+    let mask =
+        (1 << irq) | supervisor_events.map_or(0, |h| 1 << h) | altp2m_events.map_or(0, |h| 1 << h);
     ipc::serve(&mut console, mask)
 }

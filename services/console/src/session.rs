@@ -3,6 +3,7 @@
 //! `ipc_schema::control`). Apart from the UART and the IPC, so that host
 //! tests can drive it byte by byte.
 
+use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_FRAME,
     MAX_SWAP, ToHost,
@@ -15,10 +16,15 @@ pub const VERSION: u32 = 1;
 /// The longest frame the console takes (its COBS form, without the zero).
 pub const RX: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
 
-/// The supervisor, as the console asks it.
+/// The services the console asks on the host's behalf: the supervisor,
+/// and the altp2m service for the external agent.
 pub trait Supervisor {
     /// `None` when it cannot be reached.
     fn ask(&mut self, request: &SupervisorRequest) -> Option<SupervisorReply>;
+    /// `None` when it cannot be reached (or the image has none).
+    fn altp2m(&mut self, _request: &AltRequest) -> Option<AltReply> {
+        None
+    }
 }
 
 /// A swap being received.
@@ -39,6 +45,8 @@ pub struct Session {
     pub garbage: (u32, u32),
     /// The supervisor's number of the last event passed on.
     last_event: u32,
+    /// The altp2m service's number of the last violation passed on.
+    last_violation: u32,
 }
 
 impl Default for Session {
@@ -56,6 +64,7 @@ impl Session {
             swap: None,
             garbage: (0, 0),
             last_event: u32::MAX,
+            last_violation: u32::MAX,
         }
     }
 
@@ -89,6 +98,25 @@ impl Session {
             }
             if events.0.is_empty() || self.last_event.wrapping_add(1) == next {
                 return;
+            }
+        }
+    }
+
+    /// Passes new violation events on to the host (called when the altp2m
+    /// service signals one).
+    pub fn violations(&mut self, sup: &mut impl Supervisor, send: &mut impl FnMut(&ToHost)) {
+        loop {
+            let Some(AltReply::Events { events, .. }) = sup.altp2m(&AltRequest::Events {
+                after: self.last_violation,
+            }) else {
+                return;
+            };
+            if events.0.is_empty() {
+                return;
+            }
+            for e in events.0.iter().copied() {
+                send(&ToHost::Event(ControlEvent::Violation(e)));
+                self.last_violation = e.id;
             }
         }
     }
@@ -158,6 +186,12 @@ impl Session {
         if !self.hello && !matches!(r, ControlRequest::Hello { .. }) {
             return R::Error(ControlError::NotHello);
         }
+        if let ControlRequest::Altp2m(q) = r {
+            return match sup.altp2m(q) {
+                Some(reply) => R::Altp2m(reply),
+                None => R::Error(ControlError::Altp2mUnavailable),
+            };
+        }
         let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
             Some(SupervisorReply::Service(s)) => R::Service(s),
             Some(SupervisorReply::Domain(d)) => R::Domain(d),
@@ -183,6 +217,7 @@ impl Session {
                 ask(SupervisorRequest::DomainControl { id, op })
             }
             ControlRequest::InjectFault { name } => ask(SupervisorRequest::InjectFault { name }),
+            ControlRequest::Altp2m(_) => unreachable!("answered above"),
             ControlRequest::SwapBegin { name, len } => {
                 let max = MAX_SWAP.min(swap_buffer.len() as u32);
                 if len > max {

@@ -3,13 +3,16 @@
 extern crate std;
 
 use crate::session::{RX, Session, Supervisor, VERSION};
+use ipc_schema::altp2m::{AltReply, AltRequest, EVENTS_PER_REPLY, VmEvent};
 use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, SWAP_CHUNK, ToHost,
 };
+use ipc_schema::hypercall::{Reply, Request};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::supervisor::{
     Refusal, SupervisorEvent, SupervisorReply, SupervisorRequest, name, name_str,
 };
+use ipc_schema::vmexit::AccessBits;
 use std::vec::Vec;
 
 service_runtime::host_logger!();
@@ -18,6 +21,10 @@ service_runtime::host_logger!();
 struct Fake {
     asked: Vec<SupervisorRequest>,
     down: bool,
+    /// What the altp2m service was asked; `None`: the image has none.
+    altp2m: Option<Vec<AltRequest>>,
+    /// Violation events the altp2m service holds.
+    violations: Vec<VmEvent>,
 }
 
 impl Supervisor for Fake {
@@ -35,6 +42,26 @@ impl Supervisor for Fake {
                 SupervisorReply::Refused(Refusal::NoSuchService)
             }
             _ => SupervisorReply::Done,
+        })
+    }
+
+    fn altp2m(&mut self, r: &AltRequest) -> Option<AltReply> {
+        self.altp2m.as_mut()?.push(r.clone());
+        Some(match *r {
+            AltRequest::Events { after } => {
+                let mut events = BoundedVec::new();
+                for e in self
+                    .violations
+                    .iter()
+                    .filter(|e| after == u32::MAX || e.id > after)
+                    .take(EVENTS_PER_REPLY)
+                {
+                    events.0.push(*e).unwrap();
+                }
+                AltReply::Events { events, next: 0 }
+            }
+            AltRequest::External { .. } => AltReply::Reply(Reply::View(1)),
+            _ => AltReply::Done,
         })
     }
 }
@@ -333,4 +360,66 @@ fn supervisor_events_reach_the_host_in_order_and_gaps_are_reported() {
     out.clear();
     s.events(&mut WithEvents, &mut |m: &ToHost| out.push(m.clone()));
     assert!(out.is_empty(), "nothing new: {out:?}");
+}
+
+#[test]
+fn altp2m_requests_are_forwarded_and_violations_reach_the_host() {
+    let mut r = Rig::new();
+    r.hello();
+    // No altp2m service in the image: said so.
+    let q = AltRequest::External {
+        domain: 1,
+        request: Request::ViewCreate {
+            default_access: None,
+        },
+    };
+    assert_eq!(
+        r.send(2, ControlRequest::Altp2m(q.clone())),
+        ControlReply::Error(ControlError::Altp2mUnavailable)
+    );
+    r.sup.altp2m = Some(Vec::new());
+    assert_eq!(
+        r.send(3, ControlRequest::Altp2m(q.clone())),
+        ControlReply::Altp2m(AltReply::Reply(Reply::View(1)))
+    );
+    assert_eq!(r.sup.altp2m.as_deref(), Some(&[q][..]));
+    // Five waiting events come out in order, in pages of EVENTS_PER_REPLY.
+    let event = |id: u32| VmEvent {
+        id,
+        domain: 1,
+        vcpu: 0,
+        view: 1,
+        gpa: 0x5000 + u64::from(id),
+        gla: Some(0x5000),
+        access: AccessBits {
+            read: false,
+            write: true,
+            execute: false,
+        },
+        allowed: AccessBits {
+            read: true,
+            write: false,
+            execute: true,
+        },
+        rip: 0x1000,
+        internal: false,
+    };
+    r.sup.violations = (0..5).map(event).collect();
+    let out = &mut r.out;
+    r.s.violations(&mut r.sup, &mut |m: &ToHost| out.push(m.clone()));
+    let ids: Vec<u32> = r
+        .out
+        .iter()
+        .filter_map(|m| match m {
+            ToHost::Event(ControlEvent::Violation(e)) => Some(e.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, [0, 1, 2, 3, 4]);
+    // Told again: nothing new is sent twice.
+    r.out.clear();
+    r.sup.violations.push(event(5));
+    let out = &mut r.out;
+    r.s.violations(&mut r.sup, &mut |m: &ToHost| out.push(m.clone()));
+    assert_eq!(r.out, [ToHost::Event(ControlEvent::Violation(event(5)))]);
 }

@@ -221,7 +221,8 @@ pub trait Service {
     fn interface(&self, slot: Handle) -> Option<InterfaceId>;
 
     /// Answers a request (not a bind, not lifecycle): writes the reply into
-    /// `reply` and returns its length.
+    /// `reply` and returns its length, or [`DEFER`] to answer later with
+    /// [`reply`] and the message's token (the caller waits meanwhile).
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize;
 
     /// Bits arrived on a notification in the mask.
@@ -237,6 +238,9 @@ pub trait Service {
 }
 
 const SNAPSHOT: usize = 4096;
+
+/// What [`Service::handle`] returns to answer later.
+pub const DEFER: usize = usize::MAX;
 
 struct Swap {
     buf: [u8; SNAPSHOT],
@@ -291,7 +295,7 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
                 } else {
                     svc.handle(m, &mut out)
                 };
-                pending = (m.token, n);
+                pending = if n == DEFER { (0, 0) } else { (m.token, n) };
             }
         }
     }

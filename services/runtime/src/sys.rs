@@ -420,6 +420,16 @@ pub fn irq_bind(irq: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
     status(nr::IRQ_BIND, &[u64::from(irq), u64::from(note), bit])
 }
 
+/// (active view, VM exits so far) of a vCPU.
+pub fn vcpu_info(domains: Handle, id: u16, vcpu: u16) -> Result<(u16, u64), SysError> {
+    call(
+        nr::VCPU_INFO,
+        &[u64::from(domains), u64::from(id), u64::from(vcpu)],
+    )
+    .ok()
+    .map(|r| (r.rdi as u16, r.rsi))
+}
+
 /// `ipc_schema::syscall::vm_features` bits.
 pub fn vm_features() -> u64 {
     call(nr::VM_FEATURES, &[]).rdi

@@ -11,7 +11,7 @@
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
-    HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
+    HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
@@ -145,6 +145,8 @@ impl Vmm {
             response,
             regs: (regs != m.regs).then_some(regs),
             view: None,
+            step: false,
+            rip: None,
         }
     }
 
@@ -239,6 +241,9 @@ impl Vmm {
                 );
                 Response::CRASH
             }
+            // A single step asked for by someone else (the altp2m service
+            // receives its own): nothing to do but go on.
+            ExitKind::MonitorTrap => Response::RETRY,
             ExitKind::EptMisconfig { gpa } => {
                 defmt::error!(
                     "domain {=u16}: EPT misconfiguration at GPA {=u64:#x} in view {=u16}",
@@ -423,6 +428,25 @@ fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
             }
         }
         HC_CALL => call(env, exit, regs),
+        HC_VIEW_SWITCH => {
+            // The short form of `Request::ViewSwitch`: the view in RBX.
+            let Ok(view) = u16::try_from(regs.rbx) else {
+                regs.rax = Status::Refused as u64;
+                return;
+            };
+            match env.altp2m(&AltRequest::Guest {
+                domain: exit.domain,
+                vcpu: exit.vcpu,
+                request: Request::ViewSwitch { view },
+            }) {
+                Some(AltReply::Reply(Reply::Done)) => Status::Ok,
+                Some(AltReply::Reply(Reply::Error(e))) => {
+                    defmt::debug!("domain {=u16}: view switch refused: {}", exit.domain, e);
+                    Status::Refused
+                }
+                _ => Status::Refused,
+            }
+        }
         _ => Status::UnknownCall,
     };
     regs.rax = status as u64;
@@ -453,7 +477,7 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
         vcpu: exit.vcpu,
         request,
     }) {
-        Some(AltReply::Guest(r)) => r,
+        Some(AltReply::Reply(r)) => r,
         _ => Reply::Error(HcError::ServiceUnavailable),
     };
     if let Reply::Error(e) = reply {

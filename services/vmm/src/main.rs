@@ -116,7 +116,7 @@ fn main() -> ! {
     let exits = require("exits");
     let system = System {
         domains: require("domains"),
-        altp2m: Client::new(require("altp2m"), ALTP2M),
+        altp2m: Client::new(require("altp2m-guest"), ALTP2M),
         features: sys::vm_features(),
     };
     defmt::info!(

@@ -5,8 +5,8 @@ extern crate std;
 use crate::exits::{COM1, EXIT_PORT, Env, Vmm};
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
-    HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL, HcError, MAX_REQUEST, Reply, Request,
-    Status,
+    HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL, HC_VIEW_SWITCH, HcError, MAX_REQUEST,
+    Reply, Request, Status,
 };
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Inject, Then};
@@ -71,12 +71,21 @@ impl Env for Fake {
         Some(match request {
             AltRequest::Ping => AltReply::Pong,
             AltRequest::Guest {
-                request: Request::ViewCreate,
+                request:
+                    Request::ViewCreate {
+                        default_access: None,
+                    },
                 ..
-            } => AltReply::Guest(Reply::View(1)),
+            } => AltReply::Reply(Reply::View(1)),
+            AltRequest::Guest {
+                request: Request::ViewSwitch { view: 1 },
+                ..
+            } => AltReply::Reply(Reply::Done),
             AltRequest::Guest { .. } => {
-                AltReply::Guest(Reply::Error(HcError::NoSuchView { view: 9 }))
+                AltReply::Reply(Reply::Error(HcError::NoSuchView { view: 9 }))
             }
+            // The vmm forwards in-guest requests only.
+            _ => AltReply::Refused(ipc_schema::altp2m::AltError::WrongEndpoint),
         })
     }
 }
@@ -328,6 +337,41 @@ fn service_hypercalls_answer_and_preserve_other_registers() {
     assert_eq!(after.rax, Status::UnknownCall as u64);
 }
 
+#[test]
+fn the_view_switch_hypercall_is_an_in_guest_request_to_altp2m() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let switch = |view: u64| ExitRegs {
+        rax: HC_VIEW_SWITCH,
+        rbx: view,
+        ..ExitRegs::default()
+    };
+    let after = hypercall(&mut vmm, &mut env, switch(1));
+    assert_eq!(after.rax, Status::Ok as u64);
+    assert_eq!(
+        env.asked,
+        [AltRequest::Guest {
+            domain: 3,
+            vcpu: 0,
+            request: Request::ViewSwitch { view: 1 }
+        }]
+    );
+    // Refused by altp2m, and a view number no view can have.
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, switch(9)).rax,
+        Status::Refused as u64
+    );
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, switch(1 << 40)).rax,
+        Status::Refused as u64
+    );
+    assert_eq!(env.asked.len(), 2, "an impossible view is not forwarded");
+    env.altp2m_down = true;
+    assert_eq!(
+        hypercall(&mut vmm, &mut env, switch(1)).rax,
+        Status::Refused as u64
+    );
+}
+
 fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> ExitRegs {
     env.memory = std::vec![0; 3 * 4096];
     let n = postcard::to_slice(r, &mut env.memory[gpa..]).unwrap().len();
@@ -342,7 +386,13 @@ fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> ExitRegs {
 #[test]
 fn request_hypercalls_go_to_altp2m_and_the_reply_lands_in_guest_memory() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let regs = request_at(&mut env, 0x1100, &Request::ViewCreate);
+    let regs = request_at(
+        &mut env,
+        0x1100,
+        &Request::ViewCreate {
+            default_access: None,
+        },
+    );
     let after = hypercall(&mut vmm, &mut env, regs);
     assert_eq!(after.rax, Status::Ok as u64);
     let reply: Reply =
@@ -353,7 +403,9 @@ fn request_hypercalls_go_to_altp2m_and_the_reply_lands_in_guest_memory() {
         [AltRequest::Guest {
             domain: 3,
             vcpu: 0,
-            request: Request::ViewCreate
+            request: Request::ViewCreate {
+                default_access: None
+            }
         }]
     );
 
@@ -390,7 +442,13 @@ fn bad_request_hypercalls_are_refused_without_asking_altp2m() {
         Status::BadAddress as u64
     );
     // Garbage, and a valid request with trailing bytes.
-    let mut regs = request_at(&mut env, 0x100, &Request::ViewCreate);
+    let mut regs = request_at(
+        &mut env,
+        0x100,
+        &Request::ViewCreate {
+            default_access: None,
+        },
+    );
     env.memory[0x100] = 0xff;
     assert_eq!(
         hypercall(&mut vmm, &mut env, regs).rax,

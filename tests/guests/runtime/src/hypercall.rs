@@ -239,7 +239,11 @@ pub fn reply_kind(reply: &Reply) -> &'static str {
     match reply {
         Reply::Done => "Done",
         Reply::Capabilities { .. } => "Capabilities",
+        Reply::Mode(_) => "Mode",
         Reply::View(_) => "View",
+        Reply::Access(_) => "Access",
+        Reply::Entry(_) => "Entry",
+        Reply::SuppressVe(_) => "SuppressVe",
         Reply::Dirty { .. } => "Dirty",
         Reply::Error(_) => "Error",
     }
@@ -273,10 +277,41 @@ pub fn capabilities() -> Result<Capabilities, HelperError> {
     }
 }
 
-/// `Request::ViewCreate`: the new view's index.
+/// `Request::ViewCreate` (pages as the host p2m gives them): the new
+/// view's index.
 pub fn view_create() -> Result<u16, HelperError> {
-    match call(&Request::ViewCreate)? {
+    view_create_with(None)
+}
+
+/// `Request::ViewCreate` with a default access for its pages.
+pub fn view_create_with(
+    default_access: Option<ipc_schema::hypercall::Access>,
+) -> Result<u16, HelperError> {
+    view_of(&Request::ViewCreate { default_access })
+}
+
+/// `Request::ViewCurrent`: the calling vCPU's view.
+pub fn view_current() -> Result<u16, HelperError> {
+    view_of(&Request::ViewCurrent)
+}
+
+fn view_of(request: &Request) -> Result<u16, HelperError> {
+    match call(request)? {
         Reply::View(v) => Ok(v),
+        Reply::Error(e) => Err(HelperError::Hc(e)),
+        other => Err(HelperError::Unexpected(reply_kind(&other))),
+    }
+}
+
+/// `Request::GetEntry`: the effective entry, or with `raw` what the view's
+/// table holds.
+pub fn get_entry(
+    view: u16,
+    gfn: u64,
+    raw: bool,
+) -> Result<ipc_schema::hypercall::Entry, HelperError> {
+    match call(&Request::GetEntry { view, gfn, raw })? {
+        Reply::Entry(e) => Ok(e),
         Reply::Error(e) => Err(HelperError::Hc(e)),
         other => Err(HelperError::Unexpected(reply_kind(&other))),
     }

@@ -1,0 +1,248 @@
+//! The external agent's side of altp2m (ALT-2, ALT-4): view operations,
+//! modes, listening to violations and answering them, through the console.
+//! `cargo hv ctl altp2m ...` is built on these; other programs can link
+//! them the same way.
+
+use super::{Client, ClientError, ControlReply, ControlRequest, Transport, unwanted};
+pub use ipc_schema::altp2m::{Action, AltError, AltReply, AltRequest, NoListener, VmEvent};
+pub use ipc_schema::hypercall::{Access, Entry, HcError, Mode, Reply, Request};
+use std::time::Duration;
+
+impl<S: Transport> Client<S> {
+    /// Sends `request` to the altp2m service and returns its answer as it is.
+    pub fn altp2m(&mut self, request: AltRequest) -> Result<AltReply, ClientError> {
+        self.ensure_hello()?;
+        match self.call_labelled(ControlRequest::Altp2m(request))? {
+            (_, ControlReply::Altp2m(r)) => Ok(r),
+            (label, other) => Err(unwanted(label, other)),
+        }
+    }
+
+    /// A view operation on `domain` as an external agent; a refusal is an
+    /// error naming its reason.
+    pub fn view_request(&mut self, domain: u16, request: Request) -> Result<Reply, ClientError> {
+        let what = format!("{request:?}");
+        match self.altp2m(AltRequest::External { domain, request })? {
+            AltReply::Reply(Reply::Error(e)) => Err(ClientError::Invalid(format!(
+                "altp2m refused {what} for domain {domain}: {}",
+                describe_hc_error(&e)
+            ))),
+            AltReply::Reply(r) => Ok(r),
+            other => Err(alt_refusal(&what, domain, other)),
+        }
+    }
+
+    /// A request answered `Done` (modes, listening, answers).
+    pub fn altp2m_done(&mut self, request: AltRequest) -> Result<(), ClientError> {
+        let what = format!("{request:?}");
+        let domain = match request {
+            AltRequest::SetMode { domain, .. }
+            | AltRequest::SetNoListener { domain, .. }
+            | AltRequest::Listen { domain, .. }
+            | AltRequest::External { domain, .. }
+            | AltRequest::Guest { domain, .. } => domain,
+            _ => u16::MAX,
+        };
+        match self.altp2m(request)? {
+            AltReply::Done => Ok(()),
+            other => Err(alt_refusal(&what, domain, other)),
+        }
+    }
+
+    /// The next violation event, waiting at most `timeout` (events that came
+    /// meanwhile for other purposes are queued as usual).
+    pub fn next_violation(&mut self, timeout: Duration) -> Result<Option<VmEvent>, ClientError> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.next_event(left)? {
+                Some(super::ControlEvent::Violation(e)) => return Ok(Some(e)),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+fn alt_refusal(what: &str, domain: u16, reply: AltReply) -> ClientError {
+    match reply {
+        AltReply::Refused(e) => ClientError::Invalid(format!(
+            "altp2m refused {what}: {}",
+            describe_alt_error(&e, domain)
+        )),
+        other => ClientError::Invalid(format!(
+            "altp2m answered {what} with {}",
+            describe_reply(&other)
+        )),
+    }
+}
+
+/// An access as `rwx` letters (`-` for each right missing).
+pub fn access_letters(read: bool, write: bool, execute: bool) -> String {
+    [(read, 'r'), (write, 'w'), (execute, 'x')]
+        .iter()
+        .map(|&(on, c)| if on { c } else { '-' })
+        .collect()
+}
+
+/// `rwx`, `r-x`, `r`, `rx`, `none`: an access.
+pub fn parse_access(s: &str) -> Result<Access, String> {
+    if s == "none" || s == "---" {
+        return Ok(Access::NONE);
+    }
+    let mut a = Access::NONE;
+    for c in s.chars() {
+        match c {
+            'r' => a.read = true,
+            'w' => a.write = true,
+            'x' => a.execute = true,
+            '-' => {}
+            _ => {
+                return Err(format!("access {s:?}: use the letters r, w, x (or `none`)"));
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// `disabled`, `mixed`, `external`, `limited`.
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    Ok(match s {
+        "disabled" => Mode::Disabled,
+        "mixed" => Mode::Mixed,
+        "external" => Mode::External,
+        "limited" => Mode::Limited,
+        _ => {
+            return Err(format!(
+                "mode {s:?}: one of disabled, mixed, external, limited"
+            ));
+        }
+    })
+}
+
+/// `retry`, `allow-once`, `skip:LEN`, `view:N`, `access:rwx`, `crash`.
+pub fn parse_action(s: &str) -> Result<Action, String> {
+    let bad = || {
+        format!("answer {s:?}: one of retry, allow-once, skip:LENGTH, view:N, access:ACCESS, crash")
+    };
+    Ok(match s.split_once(':') {
+        None if s == "retry" => Action::Retry,
+        None if s == "allow-once" => Action::AllowOnce,
+        None if s == "crash" => Action::Crash,
+        Some(("skip", n)) => Action::Skip {
+            length: n.parse().map_err(|_| bad())?,
+        },
+        Some(("view", n)) => Action::SwitchView(n.parse().map_err(|_| bad())?),
+        Some(("access", a)) => Action::SetAccess(parse_access(a)?),
+        _ => return Err(bad()),
+    })
+}
+
+/// A request in a few words.
+pub fn describe_request(r: &AltRequest) -> String {
+    match r {
+        AltRequest::Guest {
+            domain,
+            vcpu,
+            request,
+        } => format!("{request:?} (domain {domain} vCPU {vcpu})"),
+        AltRequest::External { domain, request } => format!("{request:?} (domain {domain})"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An answer in a few words.
+pub fn describe_reply(r: &AltReply) -> String {
+    match r {
+        AltReply::Reply(Reply::Error(e)) => format!("refused: {}", describe_hc_error(e)),
+        AltReply::Reply(r) => format!("{r:?}"),
+        AltReply::Done => "Done".into(),
+        AltReply::Events { events, next } => {
+            format!("{} event(s), next {next}", events.0.len())
+        }
+        AltReply::Refused(e) => format!("refused: {}", describe_alt_error(e, u16::MAX)),
+        AltReply::Pong => "Pong".into(),
+    }
+}
+
+/// Why a view operation was refused.
+pub fn describe_hc_error(e: &HcError) -> String {
+    match e {
+        HcError::NoSuchView { view } => format!("view {view} does not exist"),
+        HcError::HostView => "view 0 is the host p2m; the operation is for alternate views".into(),
+        HcError::BadGfn { gfn } => format!("gfn {gfn:#x} is not guest RAM"),
+        HcError::ViewInUse { view } => format!("view {view} is the active view of a vCPU"),
+        HcError::TooManyViews => "every view slot (511 alternate views) is taken".into(),
+        HcError::Unsupported { feature } => format!("the CPU lacks {feature:?}"),
+        HcError::OutOfMemory => "the hypervisor ran out of memory for page tables".into(),
+        HcError::NotLogging => "dirty logging is not running".into(),
+        HcError::BadAccess => "write or execute without read cannot be expressed by EPT".into(),
+        HcError::ServiceUnavailable => "the altp2m service is not running".into(),
+        HcError::ModeForbids { mode } => {
+            format!("the domain's altp2m mode ({mode:?}) does not allow it")
+        }
+        HcError::BadRange => "the range is empty or reaches past guest RAM".into(),
+    }
+}
+
+/// Why a request other than a view operation was refused.
+pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
+    match e {
+        AltError::NoSuchDomain => format!("there is no domain {domain}"),
+        AltError::NoSuchEvent => "no event waits for an answer under that number".into(),
+        AltError::ListenerBusy => "another listener is attached to the domain".into(),
+        AltError::WrongEndpoint => "the request came through the wrong endpoint".into(),
+        AltError::NoSuchView => "the answer names a view that does not exist".into(),
+    }
+}
+
+/// A violation as a line of text.
+pub fn describe_event(e: &VmEvent) -> String {
+    let a = e.access;
+    let what = if a.write {
+        "write"
+    } else if a.execute {
+        "execute"
+    } else {
+        "read"
+    };
+    let gla = e.gla.map_or("-".into(), |g| format!("{g:#x}"));
+    format!(
+        "violation #{}: domain {} vCPU {} view {}: {what} at gpa {:#x} (gla {gla}, rip {:#x}); the page allows {}; placed by {}",
+        e.id,
+        e.domain,
+        e.vcpu,
+        e.view,
+        e.gpa,
+        e.rip,
+        access_letters(e.allowed.read, e.allowed.write, e.allowed.execute),
+        if e.internal {
+            "the in-guest agent"
+        } else {
+            "an external agent"
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_modes_and_answers_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_access("r-x").unwrap(), Access::RX);
+        assert_eq!(parse_access("rw").unwrap(), Access::RW);
+        assert_eq!(parse_access("none").unwrap(), Access::NONE);
+        assert!(parse_access("rq").unwrap_err().contains("\"rq\""));
+        assert_eq!(parse_mode("limited").unwrap(), Mode::Limited);
+        assert!(parse_mode("open").unwrap_err().contains("one of"));
+        assert_eq!(parse_action("skip:3").unwrap(), Action::Skip { length: 3 });
+        assert_eq!(parse_action("view:2").unwrap(), Action::SwitchView(2));
+        assert_eq!(
+            parse_action("access:rw").unwrap(),
+            Action::SetAccess(Access::RW)
+        );
+        assert_eq!(parse_action("allow-once").unwrap(), Action::AllowOnce);
+        assert!(parse_action("skip:many").is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! EPT violations: filled lazily, or reported (ALT-4, ALT-6).
+//!
+//! A violation reaches this service when the CPU did not deliver it to the
+//! guest as a #VE (#VE off, the entry's suppress-#VE bit set, the
+//! information area busy). An entry the view has not filled yet is filled
+//! from the host p2m and the access retried, invisibly to the guest. Any
+//! other violation is a restriction doing its job: it becomes a [`VmEvent`]
+//! for the domain's listener, the vCPU waiting until the listener answers;
+//! with no listener the domain is stopped or kept waiting, per its policy,
+//! and the reason is logged.
+
+use crate::policy::{Altp2m, Kernel, fill_ops, raw};
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
+use ipc_schema::hypercall::Access;
+use ipc_schema::syscall::{EptOp, EptResult, Perms};
+use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response};
+
+/// Answered events kept for late readers.
+const KEPT: usize = 32;
+
+/// What to do with the exit now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answer the kernel at once.
+    Reply(ExitReply),
+    /// Keep the vCPU waiting (its exit is answered later); `new_event`: a
+    /// listener should be told.
+    Defer { new_event: bool },
+}
+
+/// An exit waiting for the listener's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    pub event: VmEvent,
+    /// The kernel's reply token for the exit.
+    pub token: u64,
+}
+
+#[derive(Default)]
+pub struct Events {
+    /// Each domain's listener (the badge of its handle).
+    pub listeners: BTreeMap<u16, u64>,
+    pub policy: BTreeMap<u16, NoListener>,
+    pub waiting: Vec<Waiting>,
+    /// Recent events, answered or not, for `Events { after }`.
+    pub log: VecDeque<VmEvent>,
+    pub next: u32,
+    /// vCPUs running one instruction with a page opened by `AllowOnce`:
+    /// (domain, vCPU) -> (view, gfn).
+    pub stepping: BTreeMap<(u16, u16), (u16, u64)>,
+}
+
+fn reply(response: Response) -> Outcome {
+    Outcome::Reply(ExitReply {
+        response,
+        regs: None,
+        view: None,
+        step: false,
+        rip: None,
+    })
+}
+
+fn what(access: AccessBits) -> &'static str {
+    if access.write {
+        "write"
+    } else if access.execute {
+        "instruction fetch"
+    } else {
+        "read"
+    }
+}
+
+fn allows(a: Access, access: AccessBits) -> bool {
+    (!access.read || a.read) && (!access.write || a.write) && (!access.execute || a.execute)
+}
+
+impl Events {
+    /// Answers an exit sent to the violation endpoint.
+    pub fn exit(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        m: &ExitMessage,
+        token: u64,
+    ) -> Outcome {
+        let id = m.exit.domain;
+        match m.exit.kind {
+            ExitKind::MonitorTrap => {
+                // The step of an `AllowOnce` is done: close the page again.
+                if let Some((view, gfn)) = self.stepping.remove(&(id, m.exit.vcpu)) {
+                    let d = alt.domain(id);
+                    let e = d.effective(view, gfn);
+                    let ops = [EptOp::Protect {
+                        view,
+                        gfn,
+                        perms: perms(e.access),
+                    }];
+                    let mut out = [EptResult::Done];
+                    let _ = k.ept(id, &ops, &mut out);
+                }
+                reply(Response::RETRY)
+            }
+            ExitKind::EptViolation {
+                gpa,
+                gla,
+                access,
+                qualification,
+                ..
+            } => self.violation(alt, k, m, token, gpa, gla, access, qualification),
+            other => {
+                defmt::error!(
+                    "altp2m: domain {=u16}: an exit that is not an EPT violation came to the violation handler: {}",
+                    id,
+                    other
+                );
+                reply(Response::CRASH)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn violation(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        m: &ExitMessage,
+        token: u64,
+        gpa: u64,
+        gla: Option<u64>,
+        access: AccessBits,
+        qualification: u64,
+    ) -> Outcome {
+        let (id, view) = (m.exit.domain, m.exit.view);
+        let gfn = gpa / 4096;
+        let host = raw(k, id, 0, gfn).ok().and_then(|r| r.0);
+        if host.is_none() {
+            defmt::error!(
+                "domain {=u16}: {=str} of guest-physical {=u64:#x} (linear {=u64:#x}), which is not RAM (qualification {=u64:#x})",
+                id,
+                what(access),
+                gpa,
+                gla.unwrap_or(gpa),
+                qualification
+            );
+            return reply(Response::CRASH);
+        }
+        let d = alt.domain(id);
+        // A view made before this service started (it restarted) is taken
+        // as a fresh one.
+        d.views.entry(view).or_default();
+        let populated = raw(k, id, view, gfn).ok().and_then(|r| r.0).is_some();
+        let d = &alt.domains[&id];
+        let effective = d.effective(view, gfn);
+        if !populated {
+            // ALT-6: fill from the host p2m (with the view's settings).
+            let ops = fill_ops(d, view, gfn);
+            let mut out = [EptResult::Done; 2];
+            if k.ept(id, &ops, &mut out).is_err()
+                || out.iter().any(|r| matches!(r, EptResult::Error(_)))
+            {
+                defmt::error!(
+                    "altp2m: domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed",
+                    id,
+                    gpa,
+                    view
+                );
+                return reply(Response::CRASH);
+            }
+        }
+        if allows(effective.access, access) {
+            // Filled just now, or a fault the entry no longer deserves.
+            return reply(Response::RETRY);
+        }
+        // A restriction: the listener hears of it, or the policy decides.
+        // What the entry allows now (it may have just been filled).
+        let allowed = AccessBits {
+            read: effective.access.read,
+            write: effective.access.write,
+            execute: effective.access.execute,
+        };
+        let event = VmEvent {
+            id: self.next,
+            domain: id,
+            vcpu: m.exit.vcpu,
+            view,
+            gpa,
+            gla,
+            access,
+            allowed,
+            rip: m.exit.rip,
+            internal: !d.external(view, gfn),
+        };
+        if self.listeners.contains_key(&id) {
+            self.record(event, token);
+            return Outcome::Defer { new_event: true };
+        }
+        match self.policy.get(&id).copied().unwrap_or(NoListener::Crash) {
+            NoListener::Crash => {
+                defmt::error!(
+                    "domain {=u16}: {=str} of {=u64:#x} (linear {=u64:#x}) in view {=u16} not allowed (page allows {=bool}/{=bool}/{=bool} read/write/execute; qualification {=u64:#x}); no listener, so the domain is stopped",
+                    id,
+                    what(access),
+                    gpa,
+                    gla.unwrap_or(gpa),
+                    view,
+                    allowed.read,
+                    allowed.write,
+                    allowed.execute,
+                    qualification
+                );
+                reply(Response::CRASH)
+            }
+            NoListener::Pause => {
+                defmt::warn!(
+                    "domain {=u16}: {=str} of {=u64:#x} in view {=u16} not allowed; no listener, so vCPU {=u16} waits for one (event {=u32})",
+                    id,
+                    what(access),
+                    gpa,
+                    view,
+                    m.exit.vcpu,
+                    event.id
+                );
+                self.record(event, token);
+                Outcome::Defer { new_event: true }
+            }
+        }
+    }
+
+    fn record(&mut self, event: VmEvent, token: u64) {
+        self.next = self.next.wrapping_add(1);
+        self.waiting.push(Waiting { event, token });
+        self.log.push_back(event);
+        // Forget old answered events; waiting ones stay readable.
+        while self.log.len() > KEPT + self.waiting.len() {
+            let Some(pos) = self
+                .log
+                .iter()
+                .position(|e| !self.waiting.iter().any(|w| w.event.id == e.id))
+            else {
+                break;
+            };
+            self.log.remove(pos);
+        }
+    }
+
+    /// The events after number `after`, oldest first, at most `max`.
+    pub fn after(&self, after: u32, max: usize) -> Vec<VmEvent> {
+        self.log
+            .iter()
+            .filter(|e| {
+                after == u32::MAX || e.id.wrapping_sub(after).wrapping_sub(1) < u32::MAX / 2
+            })
+            .take(max)
+            .copied()
+            .collect()
+    }
+
+    /// Attaches or detaches `badge` as the domain's listener. Detaching
+    /// leaves waiting events to the next listener (or the policy).
+    pub fn listen(&mut self, domain: u16, badge: u64, on: bool) -> Result<(), AltError> {
+        match (self.listeners.get(&domain).copied(), on) {
+            (Some(b), true) if b != badge => Err(AltError::ListenerBusy),
+            (_, true) => {
+                self.listeners.insert(domain, badge);
+                Ok(())
+            }
+            (Some(b), false) if b == badge => {
+                self.listeners.remove(&domain);
+                Ok(())
+            }
+            (_, false) => Ok(()),
+        }
+    }
+
+    /// The listener's answer: the exit to answer (its token and reply).
+    pub fn answer(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        badge: u64,
+        event: u32,
+        action: Action,
+    ) -> Result<(u64, ExitReply), AltError> {
+        let i = self
+            .waiting
+            .iter()
+            .position(|w| w.event.id == event)
+            .ok_or(AltError::NoSuchEvent)?;
+        let w = self.waiting[i];
+        let e = w.event;
+        if self.listeners.get(&e.domain).is_some_and(|&b| b != badge) {
+            return Err(AltError::ListenerBusy);
+        }
+        let gfn = e.gpa / 4096;
+        let mut out = ExitReply {
+            response: Response::RETRY,
+            regs: None,
+            view: None,
+            step: false,
+            rip: None,
+        };
+        match action {
+            Action::Retry => {}
+            Action::Crash => out.response = Response::CRASH,
+            Action::Skip { length } => {
+                // The length comes from the listener: EPT violations do not
+                // report one.
+                out.rip = Some(e.rip.wrapping_add(u64::from(length)));
+            }
+            Action::SwitchView(v) => {
+                if !alt.domain(e.domain).views.contains_key(&v) {
+                    return Err(AltError::NoSuchView);
+                }
+                out.view = Some(v);
+            }
+            Action::SetAccess(a) => {
+                let r = alt.request(
+                    k,
+                    e.domain,
+                    crate::policy::Agent::External,
+                    &ipc_schema::hypercall::Request::SetAccess {
+                        view: e.view,
+                        gfn,
+                        access: a,
+                    },
+                );
+                if let ipc_schema::hypercall::Reply::Error(err) = r {
+                    defmt::warn!(
+                        "altp2m: answer to event {=u32}: the access change was refused: {}",
+                        event,
+                        err
+                    );
+                }
+            }
+            Action::AllowOnce => {
+                let ops = [EptOp::Protect {
+                    view: e.view,
+                    gfn,
+                    perms: Perms {
+                        read: true,
+                        write: true,
+                        execute: true,
+                    },
+                }];
+                let mut r = [EptResult::Done];
+                let _ = k.ept(e.domain, &ops, &mut r);
+                self.stepping.insert((e.domain, e.vcpu), (e.view, gfn));
+                out.step = true;
+            }
+        }
+        self.waiting.remove(i);
+        Ok((w.token, out))
+    }
+}
+
+fn perms(a: Access) -> Perms {
+    Perms {
+        read: a.read,
+        write: a.write,
+        execute: a.execute,
+    }
+}

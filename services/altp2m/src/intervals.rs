@@ -1,0 +1,146 @@
+//! A map from ranges of gfns to values: how a view's access settings are
+//! kept, so that setting the access of a gigabyte is one entry, not a
+//! quarter of a million.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+/// Disjoint half-open ranges `[start, end)`, each with a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intervals<V> {
+    /// start -> (end, value)
+    map: BTreeMap<u64, (u64, V)>,
+}
+
+impl<V> Default for Intervals<V> {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Copy + PartialEq> Intervals<V> {
+    pub fn new() -> Self {
+        Self {
+            map: BTreeMap::new(),
+        }
+    }
+
+    /// The value at `at`.
+    pub fn get(&self, at: u64) -> Option<V> {
+        let (_, &(end, v)) = self.map.range(..=at).next_back()?;
+        (at < end).then_some(v)
+    }
+
+    /// Sets `[start, end)` to `value` (`None`: removes it), splitting the
+    /// ranges it cuts and merging equal neighbours.
+    pub fn set(&mut self, start: u64, end: u64, value: Option<V>) {
+        if start >= end {
+            return;
+        }
+        // Cut the range that straddles `start`, and the one that straddles `end`.
+        if let Some((&s, &(e, v))) = self.map.range(..start).next_back()
+            && e > start
+        {
+            self.map.insert(s, (start, v));
+            self.map.insert(start, (e, v));
+        }
+        if let Some((&s, &(e, v))) = self.map.range(..end).next_back()
+            && e > end
+        {
+            self.map.insert(s, (end, v));
+            self.map.insert(end, (e, v));
+        }
+        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            self.map.remove(&s);
+        }
+        if let Some(v) = value {
+            self.map.insert(start, (end, v));
+            self.merge_at(start);
+            self.merge_at(end);
+        }
+    }
+
+    /// Joins the range that ends at `at` with the one that starts there, if
+    /// their values are equal.
+    fn merge_at(&mut self, at: u64) {
+        let Some(&(next_end, next_v)) = self.map.get(&at) else {
+            return;
+        };
+        if let Some((&s, &(e, v))) = self.map.range(..at).next_back()
+            && e == at
+            && v == next_v
+        {
+            self.map.remove(&at);
+            self.map.insert(s, (next_end, v));
+        }
+    }
+
+    /// The ranges (clipped to `[start, end)`) that overlap it, in order.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64, V)> {
+        let mut out = Vec::new();
+        if let Some((_, &(e, v))) = self.map.range(..start).next_back()
+            && e > start
+        {
+            out.push((start, e.min(end), v));
+        }
+        for (&s, &(e, v)) in self.map.range(start..end) {
+            out.push((s, e.min(end), v));
+        }
+        out
+    }
+
+    /// How many ranges are kept.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Against a plain array: any sequence of sets reads back the same.
+        #[test]
+        fn intervals_match_an_array(ops in proptest::collection::vec((0u64..64, 0u64..64, proptest::option::of(0u8..3)), 0..40)) {
+            let mut iv = Intervals::new();
+            let mut model = [None; 64];
+            for (a, b, v) in ops {
+                let (s, e) = (a.min(b), a.max(b));
+                iv.set(s, e, v);
+                for slot in &mut model[s as usize..e as usize] {
+                    *slot = v;
+                }
+            }
+            for (i, m) in model.iter().enumerate() {
+                prop_assert_eq!(iv.get(i as u64), *m, "at {}", i);
+            }
+            // Ranges are disjoint, ordered, and no two equal neighbours touch.
+            let all = iv.overlapping(0, 64);
+            for w in all.windows(2) {
+                prop_assert!(w[0].1 <= w[1].0);
+                prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2), "unmerged {:?}", w);
+            }
+            let covered: u64 = all.iter().map(|(s, e, _)| e - s).sum();
+            prop_assert_eq!(covered, model.iter().filter(|m| m.is_some()).count() as u64);
+        }
+    }
+
+    #[test]
+    fn a_gigabyte_is_one_range() {
+        let mut iv = Intervals::new();
+        iv.set(0, 1 << 18, Some(1u8));
+        iv.set(100, 101, Some(2));
+        assert_eq!(iv.len(), 3);
+        iv.set(100, 101, Some(1));
+        assert_eq!(iv.len(), 1, "merged back");
+    }
+}
