@@ -23,7 +23,7 @@ pub fn kernel() -> &'static Path {
 
 /// Every test guest (crates in `tests/guests/`), built once per test process.
 pub const GUESTS: &[&str] = &[
-    "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker",
+    "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker", "agent",
 ];
 
 /// The ELF of test guest `name`.
@@ -317,6 +317,11 @@ impl Live {
                 }
             }
         }
+    }
+
+    /// The control socket of the running system.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// A control client of the running system.

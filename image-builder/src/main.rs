@@ -227,18 +227,25 @@ enum AltCmd {
         #[arg(long)]
         raw: bool,
     },
-    /// Listen to DOMAIN's violations: print each and answer it with ACTION
-    /// (retry, allow-once, skip:LENGTH, view:N, access:ACCESS, crash).
+    /// Watch GFN of DOMAIN through a view made for it: the page gets ACCESS
+    /// there (default r-x: writes are seen), the domain is put in the view,
+    /// and each violation is printed and answered (retry, allow-once,
+    /// skip:LENGTH, view:N, access:ACCESS, crash). Undone at the end.
     Watch {
         domain: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(long, default_value = "r-x", value_parser = control::altp2m::parse_access)]
+        access: control::altp2m::Access,
         #[arg(long, default_value = "allow-once", value_parser = control::altp2m::parse_action)]
         answer: control::altp2m::Action,
-        /// Stop after this many events (default: until interrupted).
+        /// Stop after this many events (default: until no event comes for
+        /// --wait seconds).
         #[arg(long)]
         count: Option<u32>,
-        /// Give up after this many seconds without an event.
-        #[arg(long)]
-        wait: Option<f64>,
+        /// Seconds to wait for the next event.
+        #[arg(long, default_value_t = 60.0)]
+        wait: f64,
     },
 }
 
@@ -649,39 +656,30 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
         },
         AltCmd::Watch {
             domain,
+            gfn,
+            access,
             answer,
             count,
             wait,
         } => {
-            c.altp2m_done(AltRequest::Listen { domain, on: true })?;
-            eprintln!("listening to domain {domain}'s violations; answering each with {answer:?}");
-            let mut seen = 0u32;
+            let w = control::altp2m::PageWatch {
+                domain,
+                gfn,
+                access,
+                answer,
+                count,
+                patience: Duration::from_secs_f64(wait.clamp(0.001, 1e6)),
+            };
             let mut out = std::io::stdout();
-            let patience = wait.map_or(
-                Duration::from_secs(3600 * 24 * 365),
-                Duration::from_secs_f64,
+            eprintln!(
+                "watching gfn {gfn:#x} of domain {domain} ({} there); answering each violation with {answer:?}",
+                letters(access)
             );
-            while count.is_none_or(|n| seen < n) {
-                let Some(e) = c.next_violation(patience)? else {
-                    let _ = c.altp2m_done(AltRequest::Listen { domain, on: false });
-                    bail!(
-                        "no violation came within {} s ({seen} seen)",
-                        patience.as_secs_f64()
-                    );
-                };
-                if e.domain != domain {
-                    continue;
-                }
-                writeln!(out, "{}", control::altp2m::describe_event(&e))?;
-                c.altp2m_done(AltRequest::Answer {
-                    event: e.id,
-                    action: answer,
-                })?;
-                writeln!(out, "answered #{}: {answer:?}", e.id)?;
-                out.flush()?;
-                seen += 1;
-            }
-            c.altp2m_done(AltRequest::Listen { domain, on: false })?;
+            let n = c.watch_page(&w, |e, view| {
+                let _ = writeln!(out, "view {view}: {}", control::altp2m::describe_event(e));
+                let _ = out.flush();
+            })?;
+            eprintln!("{n} violation(s) seen and answered; the view is gone");
         }
     }
     Ok(ExitCode::SUCCESS)

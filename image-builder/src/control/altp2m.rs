@@ -246,3 +246,90 @@ mod tests {
         assert!(parse_action("skip:many").is_err());
     }
 }
+
+/// What [`Client::watch_page`] does: watch writes (or what `access` forbids)
+/// to one page of a domain through a view made for it.
+#[derive(Clone, Copy, Debug)]
+pub struct PageWatch {
+    pub domain: u16,
+    pub gfn: u64,
+    /// The page's access in the watching view (default `r-x`: writes are
+    /// seen).
+    pub access: Access,
+    /// How each event is answered.
+    pub answer: Action,
+    /// Stop after this many events (`None`: until the domain stops or
+    /// `patience` passes without one).
+    pub count: Option<u32>,
+    pub patience: Duration,
+}
+
+impl<S: Transport> Client<S> {
+    /// Watches a page as an external agent (ALT-2, ALT-4): creates a view,
+    /// gives the page `access` there, listens to the domain's violations,
+    /// puts the domain in the view, and answers each event with `answer`,
+    /// calling `seen` with each (and the view) first. Then puts the domain
+    /// back in view 0 and destroys the view. Returns how many events came.
+    pub fn watch_page(
+        &mut self,
+        w: &PageWatch,
+        mut seen: impl FnMut(&VmEvent, u16),
+    ) -> Result<u32, ClientError> {
+        let d = w.domain;
+        let view = match self.view_request(
+            d,
+            Request::ViewCreate {
+                default_access: None,
+            },
+        )? {
+            Reply::View(v) => v,
+            other => {
+                return Err(ClientError::Invalid(format!(
+                    "altp2m answered ViewCreate with {other:?}"
+                )));
+            }
+        };
+        self.view_request(
+            d,
+            Request::SetAccess {
+                view,
+                gfn: w.gfn,
+                access: w.access,
+            },
+        )?;
+        self.altp2m_done(AltRequest::Listen {
+            domain: d,
+            on: true,
+        })?;
+        self.view_request(d, Request::ViewSwitchAll { view })?;
+        let mut count = 0;
+        let result = loop {
+            if w.count.is_some_and(|n| count >= n) {
+                break Ok(count);
+            }
+            match self.next_violation(w.patience) {
+                Ok(Some(e)) if e.domain == d => {
+                    seen(&e, view);
+                    if let Err(err) = self.altp2m_done(AltRequest::Answer {
+                        event: e.id,
+                        action: w.answer,
+                    }) {
+                        break Err(err);
+                    }
+                    count += 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(count),
+                Err(e) => break Err(e),
+            }
+        };
+        // Undo what was set up, as far as the domain still exists.
+        let _ = self.view_request(d, Request::ViewSwitchAll { view: 0 });
+        let _ = self.altp2m_done(AltRequest::Listen {
+            domain: d,
+            on: false,
+        });
+        let _ = self.view_request(d, Request::ViewDestroy { view });
+        result
+    }
+}

@@ -89,6 +89,9 @@ pub struct Vcpu {
     proc2: u32,
     /// The primary controls in force (the monitor trap flag comes and goes).
     proc1: u32,
+    /// A single step by the trap flag (on a CPU without the monitor trap
+    /// flag) is under way: the guest's own TF, to put back.
+    tf_step: Option<bool>,
     /// The view last set by the kernel (VMFUNC may have changed it since:
     /// [`Vcpu::active_view`] asks the VMCS).
     view: u16,
@@ -154,6 +157,7 @@ impl Vcpu {
             state: VcpuState::Runnable,
             proc2,
             proc1: PROC1,
+            tf_step: None,
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
             pml_buffer: None,
@@ -347,6 +351,36 @@ impl Vcpu {
         }
     }
 
+    /// The single step of a CPU without the monitor trap flag: the guest's
+    /// RFLAGS.TF set for one instruction, its #DB trapped (exception bitmap
+    /// bit 1) and reported as a monitor-trap exit. The guest's own TF is put
+    /// back after. (An instruction that reads RFLAGS during the step, such
+    /// as PUSHF, sees TF set.)
+    fn set_trap_flag_step(&mut self, on: bool) -> bool {
+        const TF: u64 = 1 << 8;
+        let rflags = self.read(GUEST_RFLAGS);
+        let bitmap = self.read(EXCEPTION_BITMAP);
+        if on {
+            if self.tf_step.is_none() {
+                self.tf_step = Some(rflags & TF != 0);
+            }
+            // Safety: the VMCS is current; TF and the #DB bit are the
+            // guest's flag and an exit control, both free to set.
+            unsafe {
+                let _ = vmwrite(GUEST_RFLAGS, rflags | TF);
+                let _ = vmwrite(EXCEPTION_BITMAP, bitmap | 1 << 1);
+            }
+        } else if let Some(had_tf) = self.tf_step.take() {
+            let flags = if had_tf { rflags | TF } else { rflags & !TF };
+            // Safety: as above, putting back what the guest had.
+            unsafe {
+                let _ = vmwrite(GUEST_RFLAGS, flags);
+                let _ = vmwrite(EXCEPTION_BITMAP, bitmap & !(1 << 1));
+            }
+        }
+        true
+    }
+
     /// Decodes an exit into the message an exit handler receives.
     pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
         use platform::vmx::fields::reason as r;
@@ -387,6 +421,13 @@ impl Vcpu {
                 }
                 r::HLT => ExitKind::Hlt,
                 r::MONITOR_TRAP_FLAG => ExitKind::MonitorTrap,
+                // The #DB of a trap-flag step (exception bitmap bit 1 is set
+                // only for one).
+                r::EXCEPTION_OR_NMI
+                    if self.tf_step.is_some() && read(EXIT_INTERRUPTION_INFO) & 0x7ff == 0x301 =>
+                {
+                    ExitKind::MonitorTrap
+                }
                 r::RDMSR => ExitKind::Rdmsr {
                     msr: self.regs.rcx as u32,
                 },
@@ -532,6 +573,9 @@ impl Vcpu {
     /// one instruction (one guest step for a handler that asked for it).
     /// False if the CPU cannot.
     pub fn set_monitor_trap(&mut self, caps: &VmxCaps, on: bool) -> bool {
+        if caps.proc1.may_be_1 & proc1::MONITOR_TRAP_FLAG == 0 {
+            return self.set_trap_flag_step(on);
+        }
         let want = if on {
             self.proc1 | proc1::MONITOR_TRAP_FLAG
         } else {

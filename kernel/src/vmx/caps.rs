@@ -39,5 +39,9 @@ pub fn probe(cpu: &CpuInfo) -> Result<VmxCaps, VmxUnavailable> {
         f.mode_based_execute,
         f.sub_page_write
     );
+    defmt::info!(
+        "VMX: monitor trap flag {=bool}",
+        caps.proc1.may_be_1 & platform::vmx::proc1::MONITOR_TRAP_FLAG != 0
+    );
     Ok(caps)
 }

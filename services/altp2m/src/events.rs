@@ -264,6 +264,18 @@ impl Events {
             (Some(b), true) if b != badge => Err(AltError::ListenerBusy),
             (_, true) => {
                 self.listeners.insert(domain, badge);
+                // Events that waited for a listener are told anew, under new
+                // numbers, so that one that attaches late hears of them.
+                for i in 0..self.waiting.len() {
+                    if self.waiting[i].event.domain == domain {
+                        let mut e = self.waiting[i].event;
+                        self.log.retain(|l| l.id != e.id);
+                        e.id = self.next;
+                        self.next = self.next.wrapping_add(1);
+                        self.waiting[i].event = e;
+                        self.log.push_back(e);
+                    }
+                }
                 Ok(())
             }
             (Some(b), false) if b == badge => {

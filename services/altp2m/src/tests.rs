@@ -762,9 +762,14 @@ fn with_no_listener_the_policy_pauses_or_stops_and_not_ram_stops() {
     assert_eq!(r.touch(v, 8, W), crash(), "the default: stop the domain");
     r.ev.policy.insert(D, NoListener::Pause);
     assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
-    // A listener that attaches later finds it waiting.
+    // A listener that attaches later is told of it anew, under a new number.
+    let first = r.ev.waiting[0].event.id;
     r.ev.listen(D, 5, true).unwrap();
     assert_eq!(r.ev.waiting.len(), 1);
+    let renumbered = r.ev.waiting[0].event.id;
+    assert_ne!(renumbered, first);
+    assert_eq!(r.ev.after(first, 8).last().map(|e| e.id), Some(renumbered));
+    assert!(r.ev.after(u32::MAX, 8).iter().all(|e| e.id != first));
     assert_eq!(r.touch(v, HOLE.start, Access::R), crash());
     assert_eq!(r.touch(v, RAM + 3, Access::R), crash());
 }

@@ -1,0 +1,177 @@
+//! The altp2m service on Bochs (issue 5): the in-guest agent, an external
+//! agent on the host through `cargo hv ctl altp2m`, and the fallbacks on a
+//! CPU without VMFUNC and #VE.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use parallax_tests::{boot, boot_live, system};
+use std::process::Command;
+
+fn agent(name: &str, cmdline: &str) -> image_builder::image::Image {
+    system(
+        name,
+        &format!(
+            "name = \"{name}\"\n[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"{cmdline}\"\n"
+        ),
+    )
+}
+
+/// ALT-2, ALT-6..ALT-10, seed 004 and the refusals of issue point 9, from
+/// inside the guest; `model` is a Bochs CPU model.
+fn in_guest_agent(model: &str) -> parallax_tests::Run {
+    let model = model.to_owned();
+    let run = boot(
+        &agent(&format!("agent-{}", model.replace('_', "-")), "checks"),
+        Machine::Bochs,
+        move |c| c.bochs_cpu = model,
+    );
+    for line in [
+        "ok: seed 004: SetSuppressVe on gfn",
+        "ok: seed 004: the raw entry stays empty with suppress-#VE set",
+        "ok: the effective entry is the host's",
+        "ok: its raw entry is not populated yet",
+        "gives B's marker",
+        "ok: after the reset A reads 0xaaaa00000000000a",
+        "ok: SetAccess { view: 77, gfn:",
+        "refused with NoSuchView { view: 600 }",
+        "refused with BadGfn",
+        "refused with BadAccess",
+        "refused with BadRange",
+        "refused with HostView",
+        "refused with ViewInUse",
+        "ok: the last page of RAM is r-x in view",
+        "agent: all checks passed",
+    ] {
+        run.expect_console(1, line);
+    }
+    run.expect_no("FAIL").expect_status(HaltStatus::Success);
+    run
+}
+
+#[test]
+fn an_in_guest_agent_uses_views_with_vmfunc() {
+    in_guest_agent("corei7_skylake_x").expect_console(1, "(VMFUNC) gives B's marker");
+}
+
+#[test]
+fn without_vmfunc_the_in_guest_agent_switches_by_hypercall() {
+    in_guest_agent("corei7_ivy_bridge_3770k")
+        .expect_console(1, "agent: vmfunc false, ve false")
+        .expect_console(1, "(hypercall) gives B's marker");
+}
+
+/// `cargo hv ctl --socket SOCKET --timeout 120 altp2m ARGS...`: stdout.
+fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(image_builder::paths::repo())
+        .args(["hv", "ctl", "--timeout", "120", "--socket"])
+        .arg(socket)
+        .arg("altp2m")
+        .args(args)
+        .output()
+        .expect("cargo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cargo hv ctl altp2m {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
+    let img = agent("agent-watch", "watch=3");
+    let mut watched = String::new();
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live.wait_for("dom1", "waiting to be put in a view", 120);
+            let gfn = line
+                .text
+                .split("(gfn ")
+                .nth(1)
+                .and_then(|s| s.split(')').next())
+                .expect("the guest names its page")
+                .to_owned();
+            let socket = live.socket().to_owned();
+            // Refusals first: no such domain, a bad answer.
+            let out = Command::new(env!("CARGO"))
+                .current_dir(image_builder::paths::repo())
+                .args(["hv", "ctl", "--timeout", "120", "--socket"])
+                .arg(&socket)
+                .args(["altp2m", "view-create", "9"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("there is no domain 9"),
+                "{err}"
+            );
+            watched = ctl_altp2m(
+                &socket,
+                &[
+                    "watch",
+                    "1",
+                    &gfn,
+                    "--answer",
+                    "allow-once",
+                    "--count",
+                    "3",
+                    "--wait",
+                    "240",
+                ],
+            );
+            live.wait_for("dom1", "agent: write 3 done", 120);
+            ctl_altp2m(&socket, &["mode", "1", "limited"]);
+            live.wait_for("dom1", "agent: done", 120);
+        },
+    );
+    let events: Vec<&str> = watched
+        .lines()
+        .filter(|l| l.contains("violation #"))
+        .collect();
+    assert_eq!(events.len(), 3, "{watched}");
+    let page = run
+        .console(1)
+        .iter()
+        .find_map(|l| {
+            l.split("watched page at gpa ")
+                .nth(1)?
+                .split(' ')
+                .next()
+                .map(str::to_owned)
+        })
+        .expect("the page's address");
+    let page = u64::from_str_radix(page.trim_start_matches("0x"), 16).unwrap();
+    for e in &events {
+        // ALT-4: the event names the GPA in the page, its GLA, the access.
+        let gpa = e
+            .split("at gpa ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let gpa = u64::from_str_radix(gpa.trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(gpa & !0xfff, page, "{e}");
+        assert!(e.contains(": write at gpa"), "{e}");
+        assert!(e.contains("(gla 0x"), "{e}");
+        assert!(e.contains("the page allows r-x"), "{e}");
+        assert!(e.contains("placed by an external agent"), "{e}");
+    }
+    run.expect_console(1, "agent: write 1 done")
+        .expect_console(1, "agent: write 3 done")
+        .expect_console(
+            1,
+            "agent: limited mode: SetAccess refused (ModeForbids), as it must be",
+        )
+        .expect_console(1, "agent: limited mode: ViewCurrent still answers")
+        .expect_from("altp2m", "domain 1: listener attached")
+        .expect_from("altp2m", "event 2 answered: AllowOnce")
+        .expect_from("altp2m", "domain 1 is now in mode Limited")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}

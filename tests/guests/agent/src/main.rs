@@ -1,0 +1,370 @@
+//! An altp2m agent (issue 5, ALT-2..ALT-10).
+//!
+//! Command line `checks` (the default): the in-guest agent.
+//! 1. `Capabilities`; two views v and w.
+//! 2. Seed 004: in w, `SetSuppressVe { suppress: true }` on a gfn w never
+//!    populated succeeds, and the raw entry stays empty while the effective
+//!    one is the host's.
+//! 3. Raw and effective queries (ALT-8); an access set on an unpopulated
+//!    entry shows in the effective entry, and the raw one once touched.
+//! 4. `ChangeGfn` A -> B in v; A read through v (VMFUNC, or the hypercall
+//!    without it) gives B's marker; reset gives A's again.
+//! 5. Refusals (ALT issue point 9): a view that does not exist, a gfn
+//!    outside the domain, a view index over 511, write-without-read, an
+//!    empty range, destroying the view the vCPU runs on. Each is refused
+//!    with its reason and the guest goes on.
+//! 6. A range over all of RAM made read-execute in v, checked, then undone.
+//! Prints `agent: all checks passed` and exits 0, or `FAIL: ...` lines and 1.
+//!
+//! Command line `watch=N`: the page an external agent watches. Prints the
+//! page's address, waits until the host puts the vCPU in a view other than
+//! 0, writes the page N times (each write that the view forbids waits for
+//! the host's answer), then waits until the host sets the domain's mode to
+//! limited and checks that a change is refused while a query is not.
+#![no_std]
+#![no_main]
+
+use guest_runtime::abi::{Access, HcError, Mode, Reply, Request, Status};
+use guest_runtime::hypercall::{self, HelperError, call, call_done, get_entry};
+use guest_runtime::{MultibootInfo, Pages, println, view_switch, vmfunc_switch};
+
+guest_runtime::entry!(main);
+
+static A: Pages<1> = Pages::new();
+static B: Pages<1> = Pages::new();
+static W: Pages<1> = Pages::new();
+static NEVER: Pages<1> = Pages::new();
+const MARK_A: u64 = 0xaaaa_0000_0000_000a;
+const MARK_B: u64 = 0xbbbb_0000_0000_000b;
+
+/// The value of `key=` on the command line.
+fn arg(cmdline: &str, key: &str) -> Option<u64> {
+    cmdline
+        .split(' ')
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+struct Checks(u32);
+
+impl Checks {
+    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
+        if ok {
+            println!("ok: {what}");
+        } else {
+            println!("FAIL: {what}");
+            self.0 += 1;
+        }
+    }
+
+    /// `request` is refused with `want`.
+    fn refused(&mut self, request: &Request, want: HcError) {
+        let got = call(request);
+        let ok = matches!(&got, Err(hypercall::CallError::Refused(Some(e))) if *e == want);
+        self.check(
+            ok,
+            format_args!("{request:?} refused with {want:?} (got {got:?})"),
+        );
+    }
+}
+
+fn fatal(what: &str, e: impl core::fmt::Display) -> u32 {
+    println!("FAIL: {what}: {e}");
+    1
+}
+
+/// Switches to `view` with VMFUNC where the CPU has it, else by hypercall.
+fn switch(vmfunc: bool, view: u16) -> bool {
+    if vmfunc {
+        vmfunc_switch(u32::from(view));
+        true
+    } else {
+        view_switch(view) == Status::Ok
+    }
+}
+
+fn main(info: &MultibootInfo) -> u32 {
+    let cmdline = info.cmdline().unwrap_or("");
+    if let Some(n) = arg(cmdline, "watch") {
+        return watch(n);
+    }
+    checks(info)
+}
+
+fn checks(info: &MultibootInfo) -> u32 {
+    let caps = match hypercall::capabilities() {
+        Ok(c) => c,
+        Err(e) => return fatal("Capabilities", e),
+    };
+    println!(
+        "agent: vmfunc {}, ve {}, max views {}",
+        caps.vmfunc, caps.ve, caps.max_views
+    );
+    let mut c = Checks(0);
+    let (Ok(v), Ok(w)) = (hypercall::view_create(), hypercall::view_create()) else {
+        return fatal("ViewCreate", "refused");
+    };
+    println!("agent: views {v} and {w}");
+
+    // Seed 004: SVE on a gfn the view never populated.
+    let never = NEVER.gfn(0);
+    let r = call_done(&Request::SetSuppressVe {
+        view: w,
+        gfn: never,
+        suppress: true,
+    });
+    c.check(
+        r.is_ok(),
+        format_args!(
+            "seed 004: SetSuppressVe on gfn {never:#x} never populated in view {w}: {r:?}"
+        ),
+    );
+    let raw = get_entry(w, never, true);
+    c.check(
+        matches!(raw, Ok(e) if e.frame_gfn.is_none() && e.suppress_ve),
+        format_args!("seed 004: the raw entry stays empty with suppress-#VE set: {raw:?}"),
+    );
+    let eff = get_entry(w, never, false);
+    c.check(
+        matches!(eff, Ok(e) if e.frame_gfn == Some(never) && e.access == Access::RWX),
+        format_args!("the effective entry is the host's: {eff:?}"),
+    );
+
+    // ALT-7, ALT-8: access on an unpopulated entry.
+    let wg = W.gfn(0);
+    let r = call_done(&Request::SetAccess {
+        view: v,
+        gfn: wg,
+        access: Access::RX,
+    });
+    c.check(
+        r.is_ok(),
+        format_args!("SetAccess r-x on gfn {wg:#x} in view {v}: {r:?}"),
+    );
+    let eff = get_entry(v, wg, false);
+    c.check(
+        matches!(eff, Ok(e) if e.access == Access::RX),
+        format_args!("effective access of gfn {wg:#x} in view {v} is r-x: {eff:?}"),
+    );
+    let raw = get_entry(v, wg, true);
+    c.check(
+        matches!(raw, Ok(e) if e.frame_gfn.is_none()),
+        format_args!("its raw entry is not populated yet: {raw:?}"),
+    );
+
+    // change_gfn: A shows B's frame in v.
+    A.write_u64(0, 0, MARK_A);
+    B.write_u64(0, 0, MARK_B);
+    let (a, b) = (A.gfn(0), B.gfn(0));
+    let r = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn: a,
+        to: Some(b),
+    });
+    c.check(
+        r.is_ok(),
+        format_args!("ChangeGfn {a:#x} -> {b:#x} in view {v}: {r:?}"),
+    );
+    if caps.vmfunc {
+        let r = call_done(&Request::ViewSetVisible {
+            view: v,
+            visible: true,
+        });
+        c.check(r.is_ok(), format_args!("ViewSetVisible {v}: {r:?}"));
+    }
+    let through_v = if switch(caps.vmfunc, v) {
+        let x = A.read_u64(0, 0);
+        // Reading W in v populates it with r-x.
+        let _ = W.read_u64(0, 0);
+        switch(caps.vmfunc, 0);
+        x
+    } else {
+        0
+    };
+    c.check(
+        through_v == MARK_B,
+        format_args!(
+            "A read through view {v} ({}) gives B's marker: {through_v:#x}",
+            if caps.vmfunc { "VMFUNC" } else { "hypercall" }
+        ),
+    );
+    let raw = get_entry(v, wg, true);
+    c.check(
+        matches!(raw, Ok(e) if e.frame_gfn == Some(wg) && e.access == Access::RX),
+        format_args!("W's raw entry in view {v} once read: {raw:?}"),
+    );
+    let r = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn: a,
+        to: None,
+    });
+    c.check(r.is_ok(), format_args!("ChangeGfn reset: {r:?}"));
+    let again = if switch(caps.vmfunc, v) {
+        let x = A.read_u64(0, 0);
+        switch(caps.vmfunc, 0);
+        x
+    } else {
+        0
+    };
+    c.check(
+        again == MARK_A,
+        format_args!("after the reset A reads {again:#x} through view {v}"),
+    );
+
+    // Bad input: each refused with its reason.
+    let ram_pages = info
+        .memory_map()
+        .iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
+        / 4096;
+    c.refused(
+        &Request::SetAccess {
+            view: 77,
+            gfn: a,
+            access: Access::R,
+        },
+        HcError::NoSuchView { view: 77 },
+    );
+    c.refused(
+        &Request::ViewSwitch { view: 600 },
+        HcError::NoSuchView { view: 600 },
+    );
+    c.refused(
+        &Request::SetAccess {
+            view: v,
+            gfn: ram_pages + 0x10_0000,
+            access: Access::R,
+        },
+        HcError::BadGfn {
+            gfn: ram_pages + 0x10_0000,
+        },
+    );
+    c.refused(
+        &Request::SetAccess {
+            view: v,
+            gfn: a,
+            access: Access {
+                read: false,
+                write: true,
+                execute: false,
+            },
+        },
+        HcError::BadAccess,
+    );
+    c.refused(
+        &Request::SetAccessRange {
+            view: v,
+            gfn: a,
+            count: 0,
+            access: Access::R,
+        },
+        HcError::BadRange,
+    );
+    c.refused(&Request::ViewDestroy { view: 0 }, HcError::HostView);
+    let on_w = view_switch(w);
+    c.check(
+        on_w == Status::Ok,
+        format_args!("view_switch({w}): {on_w:?}"),
+    );
+    c.refused(
+        &Request::ViewDestroy { view: w },
+        HcError::ViewInUse { view: w },
+    );
+    let cur = hypercall::view_current();
+    c.check(cur == Ok(w), format_args!("ViewCurrent is {w}: {cur:?}"));
+    view_switch(0);
+
+    // A range over the whole of RAM, then undone.
+    let r = call_done(&Request::SetAccessRange {
+        view: v,
+        gfn: 0x100,
+        count: ram_pages - 0x100,
+        access: Access::RX,
+    });
+    c.check(
+        r.is_ok(),
+        format_args!("SetAccessRange r-x over {} pages: {r:?}", ram_pages - 0x100),
+    );
+    let eff = get_entry(v, ram_pages - 1, false);
+    c.check(
+        matches!(eff, Ok(e) if e.access == Access::RX),
+        format_args!("the last page of RAM is r-x in view {v}: {eff:?}"),
+    );
+    let r = call_done(&Request::SetAccessRange {
+        view: v,
+        gfn: 0x100,
+        count: ram_pages - 0x100,
+        access: Access::RWX,
+    });
+    c.check(r.is_ok(), format_args!("the range back to rwx: {r:?}"));
+
+    for view in [v, w] {
+        let r = call_done(&Request::ViewDestroy { view });
+        c.check(r.is_ok(), format_args!("ViewDestroy {view}: {r:?}"));
+    }
+    if c.0 == 0 {
+        println!("agent: all checks passed");
+        0
+    } else {
+        println!("agent: {} checks failed", c.0);
+        1
+    }
+}
+
+/// Spins a little (between polls of the host's doing).
+fn pause() {
+    for _ in 0..20_000 {
+        core::hint::spin_loop();
+    }
+}
+
+fn watch(n: u64) -> u32 {
+    println!(
+        "agent: watched page at gpa {:#x} (gfn {:#x}); waiting to be put in a view",
+        W.addr(),
+        W.gfn(0)
+    );
+    let view = loop {
+        match hypercall::view_current() {
+            Ok(0) => pause(),
+            Ok(v) => break v,
+            Err(e) => return fatal("ViewCurrent", e),
+        }
+    };
+    println!("agent: now in view {view}; writing the page {n} times");
+    for i in 1..=n {
+        W.write_u64(0, 8 * (i as usize % 16), i);
+        println!("agent: write {i} done");
+    }
+    println!("agent: waiting for limited mode");
+    let mut polls = 0u64;
+    loop {
+        match call(&Request::GetMode) {
+            Ok(Reply::Mode(Mode::Limited)) => break,
+            Ok(_) if polls < 10_000_000 => {
+                polls += 1;
+                pause();
+            }
+            other => return fatal("GetMode", format_args!("{other:?}")),
+        }
+    }
+    let change = call_done(&Request::SetAccess {
+        view: 0,
+        gfn: W.gfn(0),
+        access: Access::R,
+    });
+    match change {
+        Err(HelperError::Call(hypercall::CallError::Refused(Some(HcError::ModeForbids {
+            mode: Mode::Limited,
+        })))) => println!("agent: limited mode: SetAccess refused (ModeForbids), as it must be"),
+        other => return fatal("SetAccess in limited mode", format_args!("{other:?}")),
+    }
+    match hypercall::view_current() {
+        Ok(v) => println!("agent: limited mode: ViewCurrent still answers ({v})"),
+        Err(e) => return fatal("ViewCurrent in limited mode", e),
+    }
+    println!("agent: done");
+    0
+}
