@@ -14,6 +14,7 @@
 //!    empty range, destroying the view the vCPU runs on. Each is refused
 //!    with its reason and the guest goes on.
 //! 6. A range over all of RAM made read-execute in v, checked, then undone.
+//!
 //! Prints `agent: all checks passed` and exits 0, or `FAIL: ...` lines and 1.
 //!
 //! Command line `watch=N`: the page an external agent watches. Prints the
