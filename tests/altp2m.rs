@@ -81,7 +81,7 @@ fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
 
 #[test]
 fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
-    let img = agent("agent-watch", "watch=3");
+    let img = agent("agent-watch", "watch=3 limited");
     let mut watched = String::new();
     let run = boot_live(
         &img,
@@ -91,9 +91,9 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
             let line = live.wait_for("dom1", "waiting to be put in a view", 120);
             let gfn = line
                 .text
-                .split("(gfn ")
+                .split("watch me: gfn ")
                 .nth(1)
-                .and_then(|s| s.split(')').next())
+                .and_then(|s| s.split(' ').next())
                 .expect("the guest names its page")
                 .to_owned();
             let socket = live.socket().to_owned();
@@ -138,9 +138,9 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         .console(1)
         .iter()
         .find_map(|l| {
-            l.split("watched page at gpa ")
+            l.split("(gpa ")
                 .nth(1)?
-                .split(' ')
+                .split(')')
                 .next()
                 .map(str::to_owned)
         })

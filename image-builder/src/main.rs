@@ -55,6 +55,10 @@ enum Cmd {
         /// another run serves that).
         #[arg(long, value_name = "PATH")]
         control_socket: Option<PathBuf>,
+        /// Do not watch the pages guests ask the host to watch (a console
+        /// line `watch me: gfn 0xN`; docs/altp2m.md).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Talk to a running image's console (while `cargo hv run` runs).
     Ctl {
@@ -326,6 +330,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             acpi_tables,
             memory,
             control_socket,
+            no_watch,
         } => {
             let opts = build.options()?;
             deps::ensure()?;
@@ -367,6 +372,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // `cargo hv ctl logs` finds the capture through the socket.
             let pointer = socket.with_extension("capture");
             let _ = std::fs::write(&pointer, cfg.capture.as_os_str().as_encoded_bytes());
+            if !no_watch {
+                let (tx, rx) = std::sync::mpsc::channel();
+                cfg.tap = Some(tx);
+                let socket = socket.clone();
+                std::thread::spawn(move || watch_announced_pages(&rx, &socket));
+            }
             let outcome = emulator::run(&img.iso, &img.elfs, &cfg);
             let _ = std::fs::remove_file(&pointer);
             let outcome = outcome?;
@@ -683,6 +694,68 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The default run's demonstration of altp2m: a guest that prints `watch
+/// me: gfn 0xN` has that page watched by the host, as an external agent
+/// through the control channel (a view where the page is read-execute; each
+/// write reported, then allowed once).
+fn watch_announced_pages(lines: &std::sync::mpsc::Receiver<logs::LogLine>, socket: &Path) {
+    while let Ok(l) = lines.recv() {
+        let Some(domain) = l
+            .source
+            .strip_prefix("dom")
+            .and_then(|d| d.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        let Some(gfn) = l
+            .text
+            .split("watch me: gfn 0x")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_hexdigit()).next())
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        else {
+            continue;
+        };
+        let mut c = match Client::connect(socket) {
+            Ok(c) => c.with_timeout(Duration::from_secs(60)),
+            Err(e) => {
+                eprintln!("host: cannot watch gfn {gfn:#x} of domain {domain}: {e}");
+                continue;
+            }
+        };
+        let w = control::altp2m::PageWatch {
+            domain,
+            gfn,
+            access: control::altp2m::Access::RX,
+            answer: control::altp2m::Action::AllowOnce,
+            count: None,
+            patience: Duration::from_secs(5),
+        };
+        let mut first = true;
+        let result = c.watch_page(&w, |e, view| {
+            if first {
+                println!(
+                    "host     >>> watching gfn {gfn:#x} of domain {domain} through view {view}, where it is read-execute"
+                );
+                first = false;
+            }
+            println!(
+                "host     >>> domain {} wrote gpa {:#x} (linear {}, rip {:#x}) in view {view}: allowed once",
+                e.domain,
+                e.gpa,
+                e.gla.map_or("?".into(), |g| format!("{g:#x}")),
+                e.rip
+            );
+        });
+        match result {
+            Ok(n) => println!("host     >>> {n} write(s) to gfn {gfn:#x} seen; view removed"),
+            // The machine stopped (every domain ended) while we watched.
+            Err(control::ClientError::Closed { .. }) => {}
+            Err(e) => eprintln!("host: watching gfn {gfn:#x} of domain {domain} ended: {e}"),
+        }
+    }
 }
 
 /// `cargo hv ctl logs`: the log of the run that serves `socket`, decoded,

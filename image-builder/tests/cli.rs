@@ -140,3 +140,33 @@ fn a_manifest_naming_a_service_that_does_not_exist_is_refused_before_building() 
         stderr(&o)
     );
 }
+
+/// Issue 5 point 7: the default `cargo hv run` shows the host watching a
+/// guest's page through a view: each write reported, then let through.
+#[test]
+fn the_default_run_shows_the_host_watching_writes_to_a_guest_page() {
+    let dir = std::env::temp_dir().join(format!("hv-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("ctl.sock");
+    let o = hv(&[
+        "run",
+        "--on",
+        "bochs",
+        "--timeout",
+        "300",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
+    let writes: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("host     >>> domain 2 wrote gpa 0x"))
+        .collect();
+    assert_eq!(writes.len(), 4, "{out}");
+    assert!(writes.iter().all(|l| l.ends_with("allowed once")), "{out}");
+    assert!(
+        out.contains("host     >>> watching gfn 0x") && out.contains("agent: write 4 done"),
+        "{out}"
+    );
+}

@@ -17,11 +17,13 @@
 //!
 //! Prints `agent: all checks passed` and exits 0, or `FAIL: ...` lines and 1.
 //!
-//! Command line `watch=N`: the page an external agent watches. Prints the
-//! page's address, waits until the host puts the vCPU in a view other than
-//! 0, writes the page N times (each write that the view forbids waits for
-//! the host's answer), then waits until the host sets the domain's mode to
-//! limited and checks that a change is refused while a query is not.
+//! Command line `watch=N`: the page an external agent watches. Prints
+//! `watch me: gfn 0x...` (which `cargo hv run` takes as a request to watch
+//! it), waits until the host puts the vCPU in a view other than 0, and
+//! writes the page N times (each write that the view forbids waits for the
+//! host's answer). With `limited` too, it then waits until the host sets the
+//! domain's mode to limited and checks that a change is refused while a
+//! query is not.
 #![no_std]
 #![no_main]
 
@@ -86,7 +88,8 @@ fn switch(vmfunc: bool, view: u16) -> bool {
 fn main(info: &MultibootInfo) -> u32 {
     let cmdline = info.cmdline().unwrap_or("");
     if let Some(n) = arg(cmdline, "watch") {
-        return watch(n);
+        let limited = cmdline.split(' ').any(|w| w == "limited");
+        return watch(n, limited);
     }
     checks(info)
 }
@@ -321,11 +324,11 @@ fn pause() {
     }
 }
 
-fn watch(n: u64) -> u32 {
+fn watch(n: u64, limited: bool) -> u32 {
     println!(
-        "agent: watched page at gpa {:#x} (gfn {:#x}); waiting to be put in a view",
-        W.addr(),
-        W.gfn(0)
+        "agent: watch me: gfn {:#x} (gpa {:#x}); waiting to be put in a view",
+        W.gfn(0),
+        W.addr()
     );
     let view = loop {
         match hypercall::view_current() {
@@ -338,6 +341,10 @@ fn watch(n: u64) -> u32 {
     for i in 1..=n {
         W.write_u64(0, 8 * (i as usize % 16), i);
         println!("agent: write {i} done");
+    }
+    if !limited {
+        println!("agent: done");
+        return 0;
     }
     println!("agent: waiting for limited mode");
     let mut polls = 0u64;
