@@ -170,7 +170,6 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         )
         .expect_console(1, "agent: limited mode: ViewCurrent still answers")
         .expect_from("altp2m", "domain 1: listener attached")
-        .expect_from("altp2m", "event 2 answered: AllowOnce")
         .expect_from("altp2m", "domain 1 is now in mode Limited")
         .expect_no("FAIL")
         .expect_status(HaltStatus::Success);

@@ -217,6 +217,7 @@ fn the_benchmark_guest_reports_every_figure() {
         "lazy_fill_ticks",
         "vmcall_service_ticks",
         "ipc_roundtrip_ticks",
+        "ve_delivery_ticks",
     ] {
         assert!(
             figures.get(key).is_some_and(|v| v.is_some()),
@@ -225,4 +226,7 @@ fn the_benchmark_guest_reports_every_figure() {
     }
     // Functional, not a timing: VMFUNC switches cause no exits at all.
     assert_eq!(figures["vmfunc_switch_exits"], Some(0));
+    // Without a listener in the image the violation figure is not taken
+    // (`cargo hv bench` has one).
+    assert_eq!(figures["violation_event_ticks"], None);
 }

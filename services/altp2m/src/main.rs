@@ -201,7 +201,7 @@ impl Server {
                                 e
                             );
                         }
-                        defmt::info!("altp2m: event {=u32} answered: {}", event, action);
+                        defmt::debug!("altp2m: event {=u32} answered: {}", event, action);
                         AltReply::Done
                     }
                     Err(e) => AltReply::Refused(e),

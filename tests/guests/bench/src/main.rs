@@ -15,6 +15,8 @@
 //! | `lazy_fill_ticks` | in a fresh view (filled lazily from the host p2m), a read of a page never touched in that view: one EPT violation sent to the altp2m service, which fills the entry from the host p2m (ALT-6); 10 warm-up pages, then 200 |
 //! | `view_switch_hypercall_ticks` | one `HC_VIEW_SWITCH`, alternately to v and back to 0 |
 //! | `vmcall_service_ticks` | the `HC_SERVICE_NULL` hypercall: exit, IPC to the vmm service in ring 3, its reply, entry |
+//! | `ve_delivery_ticks` | a write to a page that is read-only in a view, with its suppress-#VE bit clear, until the guest's #VE handler runs (no VM exit; 10 warm-up, 100 samples) |
+//! | `violation_event_ticks` | with command line `listener` (a listener service inside the hypervisor): a write to a read-only page of a view, the event to the listener, its answer (back to view 0) and the write done on resume (10 warm-up, 100 samples) |
 //! | `ipc_roundtrip_ticks` | one call and reply between two services (vmm to altp2m), timed by the vmm with RDTSC; `HC_IPC_PING` returns it (median of 1000, no warm-up) |
 //!
 //! A key whose feature is missing (no VMFUNC; no alternate views) is
@@ -24,7 +26,8 @@
 #![no_std]
 #![no_main]
 
-use guest_runtime::abi::{Request, Status};
+use core::sync::atomic::{AtomicU64, Ordering};
+use guest_runtime::abi::{Access, Request, Status};
 use guest_runtime::hypercall::{self, call_done};
 use guest_runtime::{
     MultibootInfo, Pages, exit_count, ipc_ping, null, println, rdtsc, service_null, view_switch,
@@ -38,6 +41,74 @@ const SAMPLES: usize = 1000;
 const EPT_SAMPLES: usize = 200;
 /// Pages first touched in the fresh view: warm-up ones, then measured ones.
 static EPT_PAGES: Pages<{ WARMUP + EPT_SAMPLES }> = Pages::new();
+/// The page written for `ve_delivery_ticks` and `violation_event_ticks`.
+static RESTRICTED: Pages<1> = Pages::new();
+const FAULT_SAMPLES: usize = 100;
+/// When the #VE handler ran.
+static VE_AT: AtomicU64 = AtomicU64::new(0);
+static VE_BY_VMFUNC: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+fn on_ve(_frame: &mut guest_runtime::TrapFrame) {
+    VE_AT.store(rdtsc(), Ordering::SeqCst);
+    if VE_BY_VMFUNC.load(Ordering::SeqCst) {
+        vmfunc_switch(0);
+    } else {
+        view_switch(0);
+    }
+    guest_runtime::ve_clear_busy();
+}
+
+/// A view where RESTRICTED is read-only (its #VE unsuppressed when `ve`),
+/// visible to VMFUNC when `vmfunc`.
+fn restricted_view(ve: bool, vmfunc: bool) -> Option<u16> {
+    let v = hypercall::view_create().ok()?;
+    let gfn = RESTRICTED.gfn(0);
+    let mut setup = heapless::Vec::<Request, 3>::new();
+    let _ = setup.push(Request::SetAccess {
+        view: v,
+        gfn,
+        access: Access::RX,
+    });
+    if ve {
+        let _ = setup.push(Request::SetSuppressVe {
+            view: v,
+            gfn,
+            suppress: false,
+        });
+    }
+    if vmfunc {
+        let _ = setup.push(Request::ViewSetVisible {
+            view: v,
+            visible: true,
+        });
+    }
+    for r in &setup {
+        if let Err(e) = call_done(r) {
+            println!("FAIL: {r:?}: {e}");
+            return None;
+        }
+    }
+    Some(v)
+}
+
+/// Median ticks of `FAULT_SAMPLES` writes to RESTRICTED from view `v`, each
+/// ending in view 0; `end` reads the tick the fault's handling reached.
+fn restricted_writes(v: u16, vmfunc: bool, end: impl Fn(u64) -> u64) -> Option<u64> {
+    let mut samples = [0u64; FAULT_SAMPLES];
+    for i in 0..WARMUP + FAULT_SAMPLES {
+        if !switch(v, vmfunc) {
+            println!("FAIL: switching to view {v}");
+            return None;
+        }
+        let t0 = rdtsc();
+        RESTRICTED.write_u64(0, 0, i as u64);
+        let t1 = rdtsc();
+        if i >= WARMUP {
+            samples[i - WARMUP] = end(t1).wrapping_sub(t0);
+        }
+    }
+    Some(median(&mut samples))
+}
 
 fn median(samples: &mut [u64]) -> u64 {
     samples.sort_unstable();
@@ -130,8 +201,13 @@ fn ept_violations(view: u16, by_vmfunc: bool) -> Option<(u64, u64)> {
     ))
 }
 
-fn main(_info: &MultibootInfo) -> u32 {
+fn main(info: &MultibootInfo) -> u32 {
     let mut failed = false;
+    let listener = info
+        .cmdline()
+        .unwrap_or("")
+        .split_whitespace()
+        .any(|w| w == "listener");
     bench("rdtsc_frame_ticks", Some(measure(|_| {})));
     bench(
         "vmcall_kernel_ticks",
@@ -285,6 +361,38 @@ fn main(_info: &MultibootInfo) -> u32 {
         }
         None => bench("view_switch_hypercall_ticks", None),
     }
+
+    // #VE delivery: fault to the guest's handler, without a VM exit.
+    let ve = caps.is_some_and(|c| c.ve)
+        && call_done(&Request::VeEnable {
+            info_gfn: guest_runtime::ve_info_gfn(),
+        })
+        .is_ok();
+    let mut ve_ticks = None;
+    if ve && let Some(v) = restricted_view(true, vmfunc) {
+        VE_BY_VMFUNC.store(vmfunc, Ordering::SeqCst);
+        guest_runtime::idt::set_ve_handler(Some(on_ve));
+        ve_ticks = restricted_writes(v, vmfunc, |_| VE_AT.load(Ordering::SeqCst));
+        guest_runtime::idt::set_ve_handler(None);
+        let _ = call_done(&Request::VeDisable);
+        let _ = call_done(&Request::ViewDestroy { view: v });
+        failed |= ve_ticks.is_none();
+    }
+    bench("ve_delivery_ticks", ve_ticks);
+
+    // A violation event answered by the listener inside the hypervisor.
+    let mut event_ticks = None;
+    if listener && caps.is_some() {
+        match restricted_view(false, vmfunc) {
+            Some(v) => {
+                event_ticks = restricted_writes(v, vmfunc, |t1| t1);
+                let _ = call_done(&Request::ViewDestroy { view: v });
+                failed |= event_ticks.is_none();
+            }
+            None => failed = true,
+        }
+    }
+    bench("violation_event_ticks", event_ticks);
 
     for w in [fresh, view].into_iter().flatten() {
         if let Err(e) = call_done(&Request::ViewDestroy { view: w }) {
