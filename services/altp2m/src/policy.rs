@@ -461,6 +461,9 @@ impl Altp2m {
             }
             Request::ViewSetVisible { view, visible } => {
                 view_exists(self.domain(domain), view)?;
+                if visible {
+                    need(k, vm_features::VMFUNC, Feature::Vmfunc)?;
+                }
                 k.view_set_visible(domain, view, visible)
                     .map_err(|_| HcError::NoSuchView { view })?;
                 Ok(Reply::Done)

@@ -667,6 +667,16 @@ fn without_ve_or_pml_the_requests_say_which_feature_is_missing() {
             feature: Feature::PageModificationLogging
         })
     );
+    let v = r.view();
+    assert_eq!(
+        r.guest(Request::ViewSetVisible {
+            view: v,
+            visible: true
+        }),
+        Reply::Error(HcError::Unsupported {
+            feature: Feature::Vmfunc
+        })
+    );
 }
 
 #[test]
