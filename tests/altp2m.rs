@@ -110,6 +110,20 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
                 !out.status.success() && err.contains("there is no domain 9"),
                 "{err}"
             );
+            let out = Command::new(env!("CARGO"))
+                .current_dir(image_builder::paths::repo())
+                .args(["hv", "ctl", "--timeout", "120", "--socket"])
+                .arg(&socket)
+                .args(["altp2m", "answer", "999", "retry"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("no event waits for an answer"),
+                "{err}"
+            );
+            ctl_altp2m(&socket, &["listen", "1", "on"]);
+            ctl_altp2m(&socket, &["listen", "1", "off"]);
             watched = ctl_altp2m(
                 &socket,
                 &[

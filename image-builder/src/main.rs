@@ -231,6 +231,16 @@ enum AltCmd {
         #[arg(long)]
         raw: bool,
     },
+    /// Attach (on) or detach (off) the console as DOMAIN's violation
+    /// listener; a `watch` that was interrupted leaves it attached.
+    Listen { domain: u16, state: String },
+    /// Answer waiting event EVENT with ACTION (retry, allow-once,
+    /// skip:LENGTH, view:N, access:ACCESS, crash).
+    Answer {
+        event: u32,
+        #[arg(value_parser = control::altp2m::parse_action)]
+        action: control::altp2m::Action,
+    },
     /// Watch GFN of DOMAIN through a view made for it: the page gets ACCESS
     /// there (default r-x: writes are seen), the domain is put in the view,
     /// and each violation is printed and answered (retry, allow-once,
@@ -665,6 +675,18 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
             },
             other => bail!("unexpected answer {other:?}"),
         },
+        AltCmd::Listen { domain, state } => {
+            let on = on_off(&state)?;
+            c.altp2m_done(AltRequest::Listen { domain, on })?;
+            println!(
+                "domain {domain}: the console is {}its violation listener",
+                if on { "" } else { "no longer " }
+            );
+        }
+        AltCmd::Answer { event, action } => {
+            c.altp2m_done(AltRequest::Answer { event, action })?;
+            println!("event {event} answered: {action:?}");
+        }
         AltCmd::Watch {
             domain,
             gfn,
