@@ -753,7 +753,7 @@ fn watch_announced_pages(lines: &std::sync::mpsc::Receiver<logs::LogLine>, socke
             access: control::altp2m::Access::RX,
             answer: control::altp2m::Action::AllowOnce,
             count: None,
-            patience: Duration::from_secs(5),
+            patience: Duration::from_secs(30),
         };
         let mut first = true;
         let result = c.watch_page(&w, |e, view| {
