@@ -12,16 +12,29 @@ use crate::vmexit::{
 };
 
 /// Writes bytes into a slice, failing (without panicking) when it is full.
+/// It keeps the part not yet written (`rest`), so that each write is one
+/// length check.
 struct Out<'a> {
-    buf: &'a mut [u8],
-    at: usize,
+    rest: &'a mut [u8],
+    len: usize,
 }
 
-impl Out<'_> {
+impl<'a> Out<'a> {
+    fn new(buf: &'a mut [u8]) -> Self {
+        let len = buf.len();
+        Out { rest: buf, len }
+    }
+
+    /// Bytes written so far.
+    fn written(&self) -> usize {
+        self.len - self.rest.len()
+    }
+
     #[inline(always)]
     fn byte(&mut self, b: u8) -> Option<()> {
-        *self.buf.get_mut(self.at)? = b;
-        self.at += 1;
+        let (first, rest) = core::mem::take(&mut self.rest).split_first_mut()?;
+        *first = b;
+        self.rest = rest;
         Some(())
     }
 
@@ -39,6 +52,15 @@ impl Out<'_> {
         self.byte(u8::from(b))
     }
 
+    /// A fixed-width register: 8 bytes, little-endian.
+    #[inline(always)]
+    fn word(&mut self, v: u64) -> Option<()> {
+        let (first, rest) = core::mem::take(&mut self.rest).split_first_chunk_mut::<8>()?;
+        *first = v.to_le_bytes();
+        self.rest = rest;
+        Some(())
+    }
+
     fn access(&mut self, a: AccessBits) -> Option<()> {
         self.bool(a.read)?;
         self.bool(a.write)?;
@@ -46,24 +68,36 @@ impl Out<'_> {
     }
 }
 
-/// Reads bytes from a slice the way postcard's deserializer does.
+/// Reads bytes from a slice the way postcard's deserializer does, keeping
+/// the part not yet read.
 struct In<'a> {
-    buf: &'a [u8],
-    at: usize,
+    rest: &'a [u8],
 }
 
 impl In<'_> {
     #[inline(always)]
     fn byte(&mut self) -> Option<u8> {
-        let b = *self.buf.get(self.at)?;
-        self.at += 1;
+        let (&b, rest) = self.rest.split_first()?;
+        self.rest = rest;
         Some(b)
     }
 
-    /// A varint of a `bits`-bit integer: at most ceil(bits / 7) bytes, the
-    /// last one holding no more than the bits that are left.
+    /// A varint of a `bits`-bit integer (16, 32 or 64): at most
+    /// ceil(bits / 7) bytes, the last one holding no more than the bits
+    /// that are left. Values below 128 (one byte: tags, small numbers)
+    /// take the short way.
     #[inline(always)]
     fn varint(&mut self, bits: u32) -> Option<u64> {
+        let (&b, rest) = self.rest.split_first()?;
+        if b < 0x80 {
+            self.rest = rest;
+            return Some(u64::from(b));
+        }
+        self.long_varint(bits)
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self, bits: u32) -> Option<u64> {
         let max = bits.div_ceil(7);
         let last_max = (1u64 << (bits % 7)) - 1;
         let mut out = 0u64;
@@ -82,6 +116,14 @@ impl In<'_> {
             }
         }
         None
+    }
+
+    /// A fixed-width register: 8 bytes, little-endian.
+    #[inline(always)]
+    fn word(&mut self) -> Option<u64> {
+        let (w, rest) = self.rest.split_first_chunk::<8>()?;
+        self.rest = rest;
+        Some(u64::from_le_bytes(*w))
     }
 
     fn u16(&mut self) -> Option<u16> {
@@ -118,7 +160,7 @@ impl In<'_> {
     }
 
     fn end(&self) -> Option<()> {
-        (self.at == self.buf.len()).then_some(())
+        self.rest.is_empty().then_some(())
     }
 }
 
@@ -245,43 +287,48 @@ fn take_kind(i: &mut In<'_>) -> Option<ExitKind> {
 }
 
 fn put_regs(o: &mut Out<'_>, r: &ExitRegs) -> Option<()> {
-    o.varint(r.rax)?;
-    o.varint(r.rbx)?;
-    o.varint(r.rcx)?;
-    o.varint(r.rdx)
+    o.word(r.rax)?;
+    o.word(r.rbx)?;
+    o.word(r.rcx)?;
+    o.word(r.rdx)
 }
 
 fn take_regs(i: &mut In<'_>) -> Option<ExitRegs> {
     Some(ExitRegs {
-        rax: i.u64()?,
-        rbx: i.u64()?,
-        rcx: i.u64()?,
-        rdx: i.u64()?,
+        rax: i.word()?,
+        rbx: i.word()?,
+        rcx: i.word()?,
+        rdx: i.word()?,
     })
 }
 
 /// Encodes `m` into `out`; returns the length, or `None` if it does not fit.
 pub fn encode_message(m: &ExitMessage, out: &mut [u8]) -> Option<usize> {
-    let mut o = Out { buf: out, at: 0 };
-    let e = &m.exit;
+    encode_exit(&m.exit, &m.regs, out)
+}
+
+/// Encodes the [`ExitMessage`] of `e` and `regs` (without building one).
+#[inline]
+pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
+    let mut o = Out::new(out);
     o.varint(e.domain.into())?;
     o.varint(e.vcpu.into())?;
     put_kind(&mut o, &e.kind)?;
-    o.varint(e.rip)?;
+    o.word(e.rip)?;
     o.byte(e.instruction_len)?;
     o.varint(e.view.into())?;
-    put_regs(&mut o, &m.regs)?;
-    Some(o.at)
+    put_regs(&mut o, regs)?;
+    Some(o.written())
 }
 
 /// Decodes an exit message (all of `bytes`: trailing bytes are an error).
 pub fn decode_message(bytes: &[u8]) -> Option<ExitMessage> {
-    let mut i = In { buf: bytes, at: 0 };
+    let mut i = In { rest: bytes };
     let exit = Exit {
         domain: i.u16()?,
         vcpu: i.u16()?,
         kind: take_kind(&mut i)?,
-        rip: i.u64()?,
+        rip: i.word()?,
         instruction_len: i.byte()?,
         view: i.u16()?,
     };
@@ -292,7 +339,7 @@ pub fn decode_message(bytes: &[u8]) -> Option<ExitMessage> {
 
 /// Encodes `r` into `out`; returns the length, or `None` if it does not fit.
 pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
-    let mut o = Out { buf: out, at: 0 };
+    let mut o = Out::new(out);
     let p = &r.response;
     o.bool(p.advance)?;
     match p.inject {
@@ -341,12 +388,12 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
             o.varint(rip)?;
         }
     }
-    Some(o.at)
+    Some(o.written())
 }
 
 /// Decodes an exit reply (all of `bytes`: trailing bytes are an error).
 pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
-    let mut i = In { buf: bytes, at: 0 };
+    let mut i = In { rest: bytes };
     let advance = i.bool()?;
     let inject = if i.some()? {
         match i.u32()? {

@@ -9,6 +9,7 @@
 
 use crate::ipc::InterfaceId;
 use postcard::experimental::max_size::MaxSize;
+use postcard_schema::schema::{DataModelType, NamedType, NamedValue};
 use serde::{Deserialize, Serialize};
 
 /// The general registers of a vCPU, as the kernel saves them on an exit
@@ -37,24 +38,56 @@ pub struct GuestRegs {
 /// The registers an exit passes values in and a handler may set: RAX,
 /// RBX, RCX, RDX (CPUID, RDMSR/WRMSR, IN/OUT and the hypercall ABI use no
 /// others). The vCPU's other registers are preserved across every exit.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    MaxSize,
-    postcard_schema::Schema,
-)]
+///
+/// Register values are full-width quantities (pointers, MSR halves, guest
+/// garbage in the registers an exit does not use), so each travels as 8
+/// little-endian bytes (postcard's `fixint::le`), not as a varint: 32
+/// bytes in all, written and read without a loop on the exit path. The
+/// schema says so (see the `Schema` impl below).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ExitRegs {
+    #[serde(with = "postcard::fixint::le")]
     pub rax: u64,
+    #[serde(with = "postcard::fixint::le")]
     pub rbx: u64,
+    #[serde(with = "postcard::fixint::le")]
     pub rcx: u64,
+    #[serde(with = "postcard::fixint::le")]
     pub rdx: u64,
+}
+
+/// One fixed-width register on the wire, as the schema describes it.
+type Word = [u8; 8];
+
+impl MaxSize for ExitRegs {
+    const POSTCARD_MAX_SIZE: usize = 4 * 8;
+}
+
+// Written out because postcard-schema's derive does not see
+// `serde(with)`: the fields are described as what travels, 8 bytes each.
+impl postcard_schema::Schema for ExitRegs {
+    const SCHEMA: &'static NamedType = &NamedType {
+        name: "ExitRegs",
+        ty: &DataModelType::Struct(&[
+            &NamedValue {
+                name: "rax",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "rbx",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "rcx",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "rdx",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+        ]),
+    };
 }
 
 impl ExitRegs {
@@ -157,19 +190,52 @@ pub enum ExitKind {
     MonitorTrap,
 }
 
-/// One exit of one vCPU.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+/// One exit of one vCPU. RIP travels as 8 little-endian bytes, like the
+/// registers ([`ExitRegs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Exit {
     pub domain: u16,
     pub vcpu: u16,
     pub kind: ExitKind,
+    #[serde(with = "postcard::fixint::le")]
     pub rip: u64,
     pub instruction_len: u8,
     /// The vCPU's active view when it exited.
     pub view: u16,
+}
+
+// Written out for the same reason as `ExitRegs`'s: RIP is 8 bytes.
+impl postcard_schema::Schema for Exit {
+    const SCHEMA: &'static NamedType = &NamedType {
+        name: "Exit",
+        ty: &DataModelType::Struct(&[
+            &NamedValue {
+                name: "domain",
+                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "vcpu",
+                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "kind",
+                ty: <ExitKind as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "rip",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "instruction_len",
+                ty: <u8 as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "view",
+                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+            },
+        ]),
+    };
 }
 
 /// An event to deliver to the guest on entry.
