@@ -3,7 +3,9 @@
 //! All 256 vectors enter through one stub each (16 bytes apart, generated
 //! below) that pushes a dummy error code where the CPU pushes none, then the
 //! vector number, and jumps to `trap_common`, which saves every general
-//! register into a [`TrapFrame`] and calls [`trap`]. A CPU exception in the
+//! register into a [`TrapFrame`] and calls [`trap`] (a trap in ring 0) or
+//! `sched::user_trap` (a trap from a service, whose frame the CPU wrote in
+//! place in the service's own record). A CPU exception in the
 //! kernel is reported (vector, RIP, error code, CR2, registers) and the run
 //! stops cleanly; the kernel has no business continuing after one.
 
@@ -11,8 +13,9 @@ use super::percpu::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
 use core::cell::UnsafeCell;
 use ipc_schema::halt::HaltStatus;
 
-/// Registers saved on entry, lowest address first.
-#[repr(C)]
+/// Registers saved on entry, lowest address first. 16-byte aligned, so
+/// that a service's frame can be the stack the CPU saves its trap on.
+#[repr(C, align(16))]
 #[derive(Clone, Copy, Debug)]
 pub struct TrapFrame {
     pub r15: u64,
@@ -39,6 +42,9 @@ pub struct TrapFrame {
     pub rsp: u64,
     pub ss: u64,
 }
+
+// 22 saved words and no padding: the CPU's and the stubs' pushes fill it.
+const _: () = assert!(core::mem::size_of::<TrapFrame>() == 22 * 8);
 
 /// The system-call vector (`int 0x80`), the one gate ring 3 may use.
 pub const SYSCALL_VECTOR: u8 = 0x80;
@@ -73,6 +79,10 @@ unsafe extern "C" {
     static trap_stubs: [u8; 256 * 16];
 }
 
+/// Offset of the saved CS in a [`TrapFrame`] (its low two bits are the
+/// privilege level the trap came from).
+const FRAME_CS: usize = core::mem::offset_of!(TrapFrame, cs);
+
 #[unsafe(naked)]
 unsafe extern "C" fn trap_common() {
     core::arch::naked_asm!(
@@ -93,6 +103,8 @@ unsafe extern "C" fn trap_common() {
         "push r15",
         "mov rdi, rsp",
         "cld",
+        "test byte ptr [rsp + {cs}], 3",
+        "jnz 2f",
         "call {trap}",
         "pop r15",
         "pop r14",
@@ -111,8 +123,28 @@ unsafe extern "C" fn trap_common() {
         "pop rax",
         "add rsp, 16",
         "iretq",
+        // From ring 3: the frame was written where RSP0 pointed, the end of
+        // the service's own frame (see `percpu::set_trap_frame_end`). The
+        // kernel stack is free whenever ring 3 runs, so the kernel starts
+        // again at its top; the service is entered again by
+        // `sched::resume`, never by returning here.
+        "2:",
+        "lea rsp, [rip + {stack}]",
+        "add rsp, {stack_size}",
+        "call {user}",
+        "ud2",
+        cs = const FRAME_CS,
         trap = sym trap,
+        user = sym user_trap,
+        stack = sym super::percpu::BSP_STACK,
+        stack_size = const super::percpu::KERNEL_STACK_SIZE,
     )
+}
+
+/// A trap from ring 3 (a system call, a fault of the service, or an
+/// interrupt while it ran).
+extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
+    crate::sys::sched::user_trap(frame)
 }
 
 /// One 16-byte IDT gate.
@@ -224,13 +256,8 @@ pub fn exception_name(vector: u64) -> &'static str {
     }
 }
 
-/// Called by `trap_common` for every vector.
+/// Called by `trap_common` for every vector taken in ring 0.
 extern "C" fn trap(frame: &mut TrapFrame) {
-    if frame.cs & 3 == 3 {
-        // From a service: a system call, its fault, or an interrupt.
-        crate::sys::sched::user_trap(frame);
-        return;
-    }
     match frame.vector {
         0..=31 => kernel_exception(frame),
         v if (u64::from(crate::sys::irq::IRQ_BASE)..u64::from(crate::sys::irq::IRQ_BASE) + 16)

@@ -4,6 +4,12 @@
 //! stacks), indexed by a small CPU number. Only the bootstrap processor runs
 //! today; the tables are sized for [`MAX_CPUS`] so that bringing up the
 //! others adds no new structure.
+//!
+//! The TSS's ring-0 stack pointer (RSP0) is where the CPU saves a service's
+//! registers when it traps: the scheduler points it at the end of the
+//! service's own saved-register frame before entering ring 3
+//! ([`set_trap_frame_end`]), so a trap writes the frame in place and nothing
+//! is copied on the way in or out.
 
 use core::cell::UnsafeCell;
 use spin::Once;
@@ -64,30 +70,51 @@ pub struct Selectors {
     pub tss: SegmentSelector,
 }
 
+/// A TSS the CPU reads and the kernel updates (RSP0) after loading it.
+#[repr(transparent)]
+struct Tss(UnsafeCell<TaskStateSegment>);
+
+// Safety: each CPU's TSS is written only by that CPU, in ring 0 with
+// interrupts off (`init_cpu`, `set_trap_frame_end`); the CPU itself reads it
+// only on a privilege change, which cannot happen in the middle of a write.
+unsafe impl Sync for Tss {}
+
 struct PerCpu {
-    tss: Once<TaskStateSegment>,
+    tss: Tss,
     gdt: Once<(GlobalDescriptorTable, Selectors)>,
 }
 
 static CPUS: [PerCpu; MAX_CPUS] = [const {
     PerCpu {
-        tss: Once::new(),
+        tss: Tss(UnsafeCell::new(TaskStateSegment::new())),
         gdt: Once::new(),
     }
 }; MAX_CPUS];
 
+/// Makes the next trap from ring 3 on this CPU (the bootstrap processor)
+/// save its registers ending at `end`: the end of the running service's
+/// frame, 16-byte aligned (the CPU aligns RSP0 down before it pushes).
+#[inline(always)]
+pub fn set_trap_frame_end(end: u64) {
+    // Safety: see `impl Sync for Tss`; a plain store of one field.
+    unsafe {
+        (*CPUS[0].tss.0.get()).privilege_stack_table[0] = VirtAddr::new_truncate(end);
+    }
+}
+
 /// Loads CPU `cpu`'s GDT, segment registers, TSS and the shared IDT. Called
 /// once on each CPU, on that CPU.
 pub fn init_cpu(cpu: usize) {
-    let tss = CPUS[cpu].tss.call_once(|| {
-        let mut tss = TaskStateSegment::new();
+    let tss = CPUS[cpu].tss.0.get();
+    // Safety: see `impl Sync for Tss`: this CPU, before it loads the TSS.
+    unsafe {
         for (slot, stack) in IST_STACKS[cpu].iter().enumerate() {
-            tss.interrupt_stack_table[slot] = stack.top();
+            (*tss).interrupt_stack_table[slot] = stack.top();
         }
-        // Traps from ring 3 land on the top of the kernel stack.
-        tss.privilege_stack_table[0] = BSP_STACK.top();
-        tss
-    });
+        // Until a service runs, traps from ring 3 would land on the top of
+        // the kernel stack.
+        (*tss).privilege_stack_table[0] = BSP_STACK.top();
+    }
     let (gdt, sel) = CPUS[cpu].gdt.call_once(|| {
         // The order kernel code, kernel data, user data, user code is the one
         // SYSCALL/SYSRET expect (STAR).
@@ -96,7 +123,9 @@ pub fn init_cpu(cpu: usize) {
         let kernel_data = gdt.append(Descriptor::kernel_data_segment());
         gdt.append(Descriptor::user_data_segment());
         gdt.append(Descriptor::user_code_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
+        // Safety: the TSS is a static that lives forever; its contents are
+        // changed only as `Tss` says.
+        let tss = gdt.append(unsafe { Descriptor::tss_segment_unchecked(tss) });
         (
             gdt,
             Selectors {

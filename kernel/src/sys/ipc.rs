@@ -13,6 +13,13 @@
 //! whoever serves the endpoint next. Handles remember the generation they
 //! last saw, so the first call through an old handle after a restart also
 //! fails with `Dead`, once, and the client knows to bind again.
+//!
+//! An endpoint's `waiting` and a notification's `waiter` name the process
+//! that last began to wait on it, and are hints: a process that receives on
+//! several handles is not taken off the others when one of them delivers.
+//! Whoever uses a hint checks that the process still waits, on a mask that
+//! holds the object ([`Process::receiving_on`](super::process::Process::receiving_on),
+//! [`Kernel::wake_for_bits`]), and drops it otherwise.
 
 use super::caps::{Cap, Object};
 use super::process::{State, Wait};
@@ -66,7 +73,7 @@ pub fn token(sender: Sender, seq: u32) -> u64 {
     }
 }
 
-fn untoken(t: u64) -> (Sender, u32) {
+pub fn untoken(t: u64) -> (Sender, u32) {
     let id = ((t >> 32) & 0xffff) as u16;
     let sender = if t >> 63 != 0 {
         Sender::Vcpu(id)
@@ -99,18 +106,18 @@ impl Kernel {
         let (Some(receiver), Some(&sender)) = (e.waiting, e.queue.front()) else {
             return false;
         };
-        let Some(State::Blocked(Wait::Recv { mask, buf, cap })) = self.processes
-            [usize::from(receiver)]
-        .as_ref()
-        .map(|p| p.state) else {
+        // `waiting` is only a hint (see the module documentation): the
+        // receiver must still wait in RECV on a mask that holds this endpoint.
+        let Some((buf, cap, slot)) = self.processes[usize::from(receiver)]
+            .as_ref()
+            .and_then(|p| p.receiving_on(ep))
+        else {
             e.waiting = None;
             return false;
         };
-        // The message and who sent it (copied without zeroing first: only
-        // the `len` bytes written are read).
-        let mut msg = core::mem::MaybeUninit::<[u8; MAX_MESSAGE]>::uninit();
-        let msg_ptr = msg.as_mut_ptr().cast::<u8>();
-        let (len, badge, seq) = match sender {
+        // The message, straight from the sender's outbox into the
+        // receiver's buffer.
+        let (msg, badge, seq): (&[u8], u64, u32) = match sender {
             Sender::Process(pid) => {
                 let Some(p) = self.processes[usize::from(pid)].as_ref() else {
                     return false;
@@ -123,69 +130,50 @@ impl Kernel {
                 else {
                     return false;
                 };
-                let len = p.outbox_len.min(MAX_MESSAGE);
-                // Safety: `msg` has room for MAX_MESSAGE bytes.
-                unsafe { core::ptr::copy_nonoverlapping(p.outbox.as_ptr(), msg_ptr, len) };
                 let badge = match p.handles.get(handle as usize).copied().flatten() {
                     Some(c) if call_ep == ep => c.badge,
                     _ => 0,
                 };
-                (len, badge, p.seq)
+                (&p.outbox[..p.outbox_len.min(MAX_MESSAGE)], badge, p.seq)
             }
             Sender::Vcpu(slot) => {
                 let Some(d) = self.domains[usize::from(slot)].as_ref() else {
                     return false;
                 };
-                let len = d.outbox_len.min(MAX_MESSAGE);
-                // Safety: as above.
-                unsafe { core::ptr::copy_nonoverlapping(d.outbox.as_ptr(), msg_ptr, len) };
-                (len, 0, d.exit_seq)
+                (&d.outbox[..d.outbox_len.min(MAX_MESSAGE)], 0, d.exit_seq)
             }
         };
-        // Safety: the first `len` bytes were just written.
-        let msg = unsafe { core::slice::from_raw_parts(msg_ptr, len) };
-        if len as u64 > cap {
+        let len = msg.len() as u64;
+        let r = self.processes[usize::from(receiver)]
+            .as_ref()
+            .expect("checked above");
+        let status = if len > cap {
             // The receiver's buffer is too small: it gets the error, the
             // caller stays queued.
-            let p = self.processes[usize::from(receiver)]
-                .as_mut()
-                .expect("checked above");
-            p.frame.rax = SysError::MessageTooLong as u64;
-            p.frame.rdi = len as u64;
-            self.clear_waiting(receiver);
-            if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
-                p.state = State::Ready;
-            }
-            self.make_ready(Runnable::Process(receiver));
-            return false;
-        }
-        let slot = handle_slot_of(self, receiver, mask, ep);
-        let p = self.processes[usize::from(receiver)]
+            SysError::MessageTooLong
+        } else if r.space.as_ref().map(|s| s.write(buf, msg)) != Some(Ok(())) {
+            SysError::BadAddress
+        } else {
+            SysError::Ok
+        };
+        let r = self.processes[usize::from(receiver)]
             .as_mut()
             .expect("checked above");
-        let written = p.space.as_ref().map(|s| s.write(buf, msg));
-        if !matches!(written, Some(Ok(()))) {
-            p.frame.rax = SysError::BadAddress as u64;
-            self.clear_waiting(receiver);
-            if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
-                p.state = State::Ready;
-            }
+        r.state = State::Ready;
+        r.frame.rax = status as u64;
+        r.frame.rdi = len;
+        if status != SysError::Ok {
             self.make_ready(Runnable::Process(receiver));
             return false;
         }
-        p.frame.rax = SysError::Ok as u64;
-        p.frame.rdi = len as u64;
-        p.frame.rsi = token(sender, seq);
-        p.frame.rdx = badge;
-        p.frame.r10 = u64::from(slot);
-        p.frame.r8 = 0;
-        self.clear_waiting(receiver);
-        if let Some(p) = self.processes[usize::from(receiver)].as_mut() {
-            p.state = State::Ready;
-        }
+        r.frame.rsi = token(sender, seq);
+        r.frame.rdx = badge;
+        r.frame.r10 = u64::from(slot);
+        r.frame.r8 = 0;
         if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
             e.queue.pop_front();
             e.server = Some(receiver);
+            e.waiting = None;
         }
         match sender {
             Sender::Process(pid) => {
@@ -206,45 +194,6 @@ impl Kernel {
         // Run the receiver next: the caller waits for it.
         self.make_ready_next(Runnable::Process(receiver));
         true
-    }
-
-    /// Removes `pid` as the waiting receiver of the endpoints and
-    /// notifications it waits on (called while it is still blocked).
-    pub fn clear_waiting(&mut self, pid: u16) {
-        let Some(p) = self.processes[usize::from(pid)].as_ref() else {
-            return;
-        };
-        let mask = match p.state {
-            State::Blocked(Wait::Recv { mask, .. }) => mask,
-            State::Blocked(Wait::Notification(n)) => {
-                if let Some(note) = self.notifications[usize::from(n)].as_mut()
-                    && note.waiter == Some(pid)
-                {
-                    note.waiter = None;
-                }
-                return;
-            }
-            _ => return,
-        };
-        for slot in bits(mask) {
-            match p.handles[slot as usize].map(|c| c.object) {
-                Some(Object::Endpoint { id, .. }) => {
-                    if let Some(e) = self.endpoints[usize::from(id)].as_mut()
-                        && e.waiting == Some(pid)
-                    {
-                        e.waiting = None;
-                    }
-                }
-                Some(Object::Notification(n)) => {
-                    if let Some(note) = self.notifications[usize::from(n)].as_mut()
-                        && note.waiter == Some(pid)
-                    {
-                        note.waiter = None;
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 
     /// Answers the call named by `token` with `reply`, from server `pid`.
@@ -402,22 +351,29 @@ impl Kernel {
         if slot == u32::MAX {
             p.frame.rdi = bits;
         }
-        self.clear_waiting(pid);
-        if let Some(p) = self.processes[usize::from(pid)].as_mut() {
-            p.state = State::Ready;
-        }
+        p.state = State::Ready;
         self.make_ready(Runnable::Process(pid));
     }
 }
 
-/// The slot of `receiver`'s handle (within `mask`) for endpoint `ep`.
-fn handle_slot_of(k: &Kernel, receiver: u16, mask: u64, ep: u16) -> u32 {
-    let Some(p) = k.processes[usize::from(receiver)].as_ref() else {
-        return u32::MAX;
-    };
-    bits(mask)
-        .find(|&slot| {
-            matches!(p.handles[slot as usize], Some(Cap { object: Object::Endpoint { id, .. }, .. }) if id == ep)
-        })
-        .unwrap_or(u32::MAX)
+impl super::process::Process {
+    /// Where a message on endpoint `ep` goes, if this process waits in RECV
+    /// with a handle to `ep` in its mask: (buffer, capacity, handle slot).
+    #[inline]
+    pub fn receiving_on(&self, ep: u16) -> Option<(u64, u64, u32)> {
+        let State::Blocked(Wait::Recv { mask, buf, cap }) = self.state else {
+            return None;
+        };
+        bits(mask)
+            .find(|&slot| {
+                matches!(
+                    self.handles[slot as usize],
+                    Some(Cap {
+                        object: Object::Endpoint { id, .. },
+                        ..
+                    }) if id == ep
+                )
+            })
+            .map(|slot| (buf, cap, slot))
+    }
 }

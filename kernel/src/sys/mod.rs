@@ -51,8 +51,10 @@ pub struct Kernel {
     pub frames: [Option<FramesObject>; MAX_FRAMES_OBJECTS],
     pub domains: [Option<Domain>; MAX_DOMAINS],
     pub ready: heapless::Deque<Runnable, 64>,
-    /// IPC wake-ups put at the front of `ready` since the queue last got a
-    /// turn (see [`Kernel::make_ready_next`]).
+    /// What runs next, before the queue: the last IPC wake-up (see
+    /// [`Kernel::make_ready_next`]).
+    pub next: Option<Runnable>,
+    /// IPC wake-ups run ahead of the queue since it last got a turn.
     pub front_streak: u32,
     /// The process whose registers are in the trap frame being handled.
     pub current: Option<u16>,
@@ -77,6 +79,7 @@ static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
     frames: [const { None }; MAX_FRAMES_OBJECTS],
     domains: [const { None }; MAX_DOMAINS],
     ready: heapless::Deque::new(),
+    next: None,
     front_streak: 0,
     current: None,
     next_source: 1,
@@ -106,22 +109,38 @@ impl Kernel {
         }
     }
 
-    /// Queues a runnable to run next (IPC wake-ups: a call runs its server,
-    /// a reply its caller). A chain of calls and replies (a guest making
-    /// hypercalls its handler answers) would keep everything else waiting,
-    /// so after [`FRONT_STREAK`] such wake-ups in a row the next one goes to
-    /// the back of the queue and the others get their turn.
+    /// Runs `r` next, ahead of the queue (IPC wake-ups: a call runs its
+    /// server, a reply its caller): a hand-off, with no queue operation. A
+    /// wake-up already waiting to run next goes to the front of the queue
+    /// (the later one runs first, as a stack of calls unwinds). A chain of
+    /// calls and replies (a guest making hypercalls its handler answers)
+    /// would keep everything else waiting, so after [`FRONT_STREAK`] such
+    /// wake-ups in a row, while others wait, the next one goes to the back
+    /// of the queue and the others get their turn.
+    #[inline]
     pub fn make_ready_next(&mut self, r: Runnable) {
-        self.ready.retain(|q| *q != r);
-        self.front_streak += 1;
-        let queued = if self.front_streak > FRONT_STREAK && !self.ready.is_empty() {
+        self.front_streak = self.front_streak.saturating_add(1);
+        let earlier = if self.front_streak > FRONT_STREAK && !self.ready.is_empty() {
             self.front_streak = 0;
-            self.ready.push_back(r)
+            self.make_ready(r);
+            self.next.take()
         } else {
-            self.ready.push_front(r)
+            self.next.replace(r).filter(|&e| e != r)
         };
-        if queued.is_err() {
-            defmt::error!("scheduler queue full; dropping {}", r);
+        if let Some(e) = earlier {
+            self.ready.retain(|q| *q != e);
+            if self.ready.push_front(e).is_err() {
+                defmt::error!("scheduler queue full; dropping {}", e);
+            }
+        }
+    }
+
+    /// Takes `r` out of the queue and the hand-off (it stopped being
+    /// runnable: ended, paused, faulted).
+    pub fn unready(&mut self, r: Runnable) {
+        self.ready.retain(|q| *q != r);
+        if self.next == Some(r) {
+            self.next = None;
         }
     }
 

@@ -222,12 +222,13 @@ impl Kernel {
 
     /// Stops a process because it faulted, reporting why; its supervisor is
     /// told.
-    pub fn fault(&mut self, pid: u16, frame: &TrapFrame) {
+    /// (Its registers at the fault are in its frame.)
+    pub fn fault(&mut self, pid: u16) {
         let cr2 = crate::arch::cr2();
         let Some(p) = self.processes[usize::from(pid)].as_mut() else {
             return;
         };
-        p.frame = *frame;
+        let frame = p.frame;
         p.faults += 1;
         p.state = State::Faulted;
         defmt::error!(
@@ -290,7 +291,7 @@ impl Kernel {
     /// it leaves every queue and wait list; endpoints it served move to a new
     /// generation.
     fn settle(&mut self, pid: u16) {
-        self.ready.retain(|r| *r != Runnable::Process(pid));
+        self.unready(Runnable::Process(pid));
         for ep in self.endpoints.iter_mut().flatten() {
             ep.queue.retain(|s| *s != super::ipc::Sender::Process(pid));
             if ep.waiting == Some(pid) {

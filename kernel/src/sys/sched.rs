@@ -1,22 +1,22 @@
 //! What runs next, and getting there.
 //!
-//! The kernel has one stack per CPU and no threads of its own: a trap from
-//! ring 3 saves the service's registers in its `Process`, the kernel does
-//! what the trap asks, and then either returns to the same service
-//! (`iretq` with the same frame) or enters [`run`], which picks the next
-//! runnable: a service (loaded into ring 3 with [`resume`], leaving the
-//! kernel stack behind) or a vCPU (entered with VMX; its exits come back
-//! here). IPC wake-ups go to the front of the queue, so a call runs its
-//! server next and a reply runs its caller next.
+//! The kernel has one stack per CPU and no threads of its own. A service's
+//! registers live in its `Process::frame`: before the kernel enters a
+//! service it points the TSS's RSP0 at the end of that frame, so a trap
+//! from ring 3 saves the registers there, in place; the kernel then starts
+//! again at the top of its stack, does what the trap asks, and either
+//! enters the same service again ([`resume`], straight from its frame) or
+//! goes to [`run`], which picks the next runnable: a service, or a vCPU
+//! (entered with VMX; its exits come back here).
+//!
+//! An IPC wake-up (a call runs its server, a reply its caller, an exit its
+//! handler, an answer its vCPU) is a hand-off: it is run next, before the
+//! queue (`Kernel::next`, see [`Kernel::make_ready_next`]).
 
 use super::process::{State, USER_CS, USER_SS};
 use super::{Kernel, Runnable, kernel};
 use crate::arch::idt::TrapFrame;
-use crate::arch::percpu::BSP_STACK;
 use ipc_schema::halt::HaltStatus;
-
-/// Size of a trap frame on the stack.
-const FRAME_BYTES: u64 = core::mem::size_of::<TrapFrame>() as u64;
 
 /// Runs services and vCPUs until the system halts.
 pub fn run() -> ! {
@@ -26,7 +26,11 @@ pub fn run() -> ! {
         if let Some(code) = k.halt.take() {
             crate::halt::stop(HaltStatus::from_code(code).unwrap_or(HaltStatus::KernelFault));
         }
-        match k.ready.pop_front() {
+        let next = match k.next.take() {
+            Some(r) => Some(r),
+            None => k.ready.pop_front(),
+        };
+        match next {
             Some(Runnable::Process(pid)) => {
                 if k.processes[usize::from(pid)]
                     .as_ref()
@@ -68,28 +72,34 @@ fn resume(k: &mut Kernel, pid: u16) -> ! {
     p.frame.ss = USER_SS;
     p.frame.rflags = (p.frame.rflags & 0xcd5) | 0x202;
     let frame: *const TrapFrame = &p.frame;
+    // Its next trap saves its registers into this same frame.
+    crate::arch::percpu::set_trap_frame_end(frame as u64 + FRAME_BYTES);
     // Safety: `cr3` is the process's own table tree, whose upper half is the
-    // kernel's; the frame is a complete ring-3 frame; the kernel stack's top
-    // (RSP0) is free: nothing on it is needed once we leave for ring 3.
+    // kernel's (loaded only when it is not the current one: the same tree
+    // needs no TLB flush); the frame is a complete ring-3 frame, in the
+    // kernel's static state, which nothing changes before the `iretq`.
     unsafe {
-        x86_64::registers::control::Cr3::write_raw(
-            x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new(cr3)),
-            0,
-        );
-        user_return(frame, BSP_STACK.top().as_u64())
+        use x86_64::registers::control::Cr3;
+        if Cr3::read_raw().0.start_address().as_u64() != cr3 {
+            Cr3::write_raw(
+                x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new(
+                    cr3,
+                )),
+                0,
+            );
+        }
+        user_return(frame)
     }
 }
 
-/// Copies `frame` to the top of the kernel stack and returns through it.
+/// Size of a trap frame.
+const FRAME_BYTES: u64 = core::mem::size_of::<TrapFrame>() as u64;
+
+/// Returns to ring 3 through `frame`, used as the stack for its own pops.
 #[unsafe(naked)]
-unsafe extern "C" fn user_return(frame: *const TrapFrame, stack_top: u64) -> ! {
+unsafe extern "C" fn user_return(frame: *const TrapFrame) -> ! {
     core::arch::naked_asm!(
-        "mov rsp, rsi",
-        "sub rsp, {bytes}",
-        "mov rsi, rdi",
-        "mov rdi, rsp",
-        "mov ecx, {words}",
-        "rep movsq",
+        "mov rsp, rdi",
         "pop r15",
         "pop r14",
         "pop r13",
@@ -107,13 +117,13 @@ unsafe extern "C" fn user_return(frame: *const TrapFrame, stack_top: u64) -> ! {
         "pop rax",
         "add rsp, 16",
         "iretq",
-        bytes = const FRAME_BYTES,
-        words = const FRAME_BYTES / 8,
     )
 }
 
-/// A trap from ring 3: a system call, a fault, or an interrupt.
-pub fn user_trap(frame: &mut TrapFrame) {
+/// A trap from ring 3: a system call, a fault, or an interrupt. `frame` is
+/// where the CPU saved the registers: the running service's own frame, or an
+/// interrupt stack (NMI, double fault, machine check), copied in here.
+pub fn user_trap(frame: *mut TrapFrame) -> ! {
     let k = kernel();
     let Some(pid) = k.current else {
         defmt::error!("a trap from ring 3 with no current service");
@@ -122,24 +132,24 @@ pub fn user_trap(frame: &mut TrapFrame) {
     let Some(p) = k.processes[usize::from(pid)].as_mut() else {
         run()
     };
-    p.frame = *frame;
-    match frame.vector {
-        0x80 => match super::syscall::dispatch(k, pid, frame) {
+    if !core::ptr::eq(frame, &p.frame) {
+        // Safety: the CPU and `trap_common` wrote a whole frame there.
+        p.frame = unsafe { *frame };
+    }
+    match p.frame.vector {
+        0x80 => match super::syscall::dispatch(k, pid) {
             super::syscall::Outcome::Continue
                 if k.processes[usize::from(pid)]
                     .as_ref()
                     .is_some_and(|p| matches!(p.state, State::Ready)) =>
             {
                 // Straight back into the caller.
-                *frame = k.processes[usize::from(pid)]
-                    .as_ref()
-                    .expect("checked above")
-                    .frame;
+                resume(k, pid)
             }
             _ => run(),
         },
         0..=31 => {
-            k.fault(pid, frame);
+            k.fault(pid);
             run()
         }
         vector => {

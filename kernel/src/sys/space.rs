@@ -183,6 +183,18 @@ impl AddressSpace {
         Some((e & ADDRESS) + va % PAGE_SIZE)
     }
 
+    /// The direct-map address of the `len` bytes at the service's `va`, if
+    /// they lie within one page the service may read: the kernel can then
+    /// read them where they are, without a copy.
+    #[inline]
+    pub fn in_one_page(&self, va: u64, len: usize) -> Option<*const u8> {
+        if (va % PAGE_SIZE) + len as u64 > PAGE_SIZE {
+            return None;
+        }
+        let pa = self.translate(va, false)?;
+        Some(phys_to_virt(pa).cast_const())
+    }
+
     /// Copies `out.len()` bytes from the service's `va`.
     pub fn read(&self, va: u64, out: &mut [u8]) -> Result<(), SpaceError> {
         let mut done = 0;

@@ -10,7 +10,6 @@ use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, Scop
 use super::ipc::{Endpoint, Notification, Sender, bits};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
-use crate::arch::idt::TrapFrame;
 use crate::vm::domain::Domain;
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::layout::{MAP_BASE, MAP_END};
@@ -42,8 +41,12 @@ enum Done {
 
 use Done::Values;
 
-/// Handles the system call in `f` from process `pid`.
-pub fn dispatch(k: &mut Kernel, pid: u16, f: &mut TrapFrame) -> Outcome {
+/// Handles the system call in process `pid`'s saved registers.
+pub fn dispatch(k: &mut Kernel, pid: u16) -> Outcome {
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return Outcome::Reschedule;
+    };
+    let f = &p.frame;
     let a = [f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9];
     let number = f.rax;
     let result = call(k, pid, number, a);
@@ -706,6 +709,21 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
     if len > MAX_MESSAGE {
         return Err(SysError::MessageTooLong);
     }
+    // The answer to an exit (every exit a service handles ends here) is read
+    // where it lies, when it lies in one page.
+    if let Sender::Vcpu(_) = super::ipc::untoken(token).0
+        && let Some(at) = k.processes[usize::from(pid)]
+            .as_ref()
+            .and_then(|p| p.space.as_ref())
+            .and_then(|s| s.in_one_page(va, len))
+    {
+        // Safety: `at` is the direct-map address of `len` bytes the
+        // service may read; answering a vCPU writes only kernel state and
+        // the VMCS, never a service's memory, and unmaps nothing, so the
+        // bytes stay put while they are read.
+        let msg = unsafe { core::slice::from_raw_parts(at, len) };
+        return k.reply(pid, token, msg);
+    }
     let mut msg = core::mem::MaybeUninit::<[u8; MAX_MESSAGE]>::uninit();
     // Safety: a byte buffer needs no initialisation to be written, and only
     // the `len` bytes `read_user` filled are read back.
@@ -715,23 +733,45 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
 }
 
 fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
-    let p = k.processes[usize::from(pid)]
-        .as_ref()
+    if mask == 0 {
+        return Err(SysError::BadArgument);
+    }
+    let Kernel {
+        processes,
+        endpoints,
+        notifications,
+        ..
+    } = &mut *k;
+    let p = processes[usize::from(pid)]
+        .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
-    // Every handle in the mask must be one to receive or wait on.
-    let mut any = false;
+    // One pass: every handle in the mask must be one to receive or wait on;
+    // each object learns that `pid` waits (a hint, harmless if the call is
+    // refused: the process does not wait), and whether something is there
+    // already is noted.
+    let (mut queued, mut signalled) = (false, false);
     for slot in bits(mask) {
-        match p.handles[slot as usize] {
+        match p.handles.get(slot as usize).copied().flatten() {
             Some(Cap {
-                object: Object::Endpoint { .. },
+                object: Object::Endpoint { id, .. },
                 rights: r,
                 ..
-            }) if r & rights::RECEIVE != 0 => any = true,
+            }) if r & rights::RECEIVE != 0 => {
+                if let Some(ep) = endpoints[usize::from(id)].as_mut() {
+                    ep.waiting = Some(pid);
+                    queued |= !ep.queue.is_empty();
+                }
+            }
             Some(Cap {
-                object: Object::Notification(_),
+                object: Object::Notification(n),
                 rights: r,
                 ..
-            }) if r & rights::WAIT != 0 => any = true,
+            }) if r & rights::WAIT != 0 => {
+                if let Some(note) = notifications[usize::from(n)].as_mut() {
+                    note.waiter = Some(pid);
+                    signalled |= note.bits != 0;
+                }
+            }
             _ => {
                 defmt::warn!(
                     "service {=str}: RECV refused: handle {=u32} is not one to receive on",
@@ -742,45 +782,26 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
             }
         }
     }
-    if !any {
-        return Err(SysError::BadArgument);
-    }
-    let p = k.processes[usize::from(pid)]
-        .as_mut()
-        .ok_or(SysError::NoSuchHandle)?;
     p.state = State::Blocked(Wait::Recv { mask, buf, cap });
-    let object = |k: &Kernel, slot: u32| {
-        k.processes[usize::from(pid)]
-            .as_ref()
-            .and_then(|p| p.handles[slot as usize])
-            .map(|c| c.object)
-    };
-    for slot in bits(mask) {
-        match object(k, slot) {
-            Some(Object::Endpoint { id, .. }) => {
-                if let Some(ep) = k.endpoints[usize::from(id)].as_mut() {
-                    ep.waiting = Some(pid);
-                }
-            }
-            Some(Object::Notification(n)) => {
-                if let Some(note) = k.notifications[usize::from(n)].as_mut() {
-                    note.waiter = Some(pid);
-                }
-            }
-            _ => {}
-        }
+    // Something already there: take it now (notifications first).
+    if signalled {
+        k.wake_for_bits(pid);
     }
-    // Something already waiting: take it now.
-    k.wake_for_bits(pid);
-    for slot in bits(mask) {
-        if !matches!(
-            k.processes[usize::from(pid)].as_ref().map(|p| p.state),
-            Some(State::Blocked(_))
-        ) {
-            break;
-        }
-        if let Some(Object::Endpoint { id, .. }) = object(k, slot) {
-            k.deliver(id);
+    if queued {
+        for slot in bits(mask) {
+            if !matches!(
+                k.processes[usize::from(pid)].as_ref().map(|p| p.state),
+                Some(State::Blocked(_))
+            ) {
+                break;
+            }
+            if let Some(Object::Endpoint { id, .. }) = k.processes[usize::from(pid)]
+                .as_ref()
+                .and_then(|p| p.handles[slot as usize])
+                .map(|c| c.object)
+            {
+                k.deliver(id);
+            }
         }
     }
     Ok(Done::Blocked)
@@ -1149,7 +1170,7 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         }
         (DomainOp::Pause, DomainState::Running) => {
             d.state = DomainState::Paused;
-            k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+            k.unready(Runnable::Vcpu(slot));
         }
         (DomainOp::Unpause, DomainState::Paused) => {
             d.state = DomainState::Running;
@@ -1162,7 +1183,7 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             if running {
                 crate::vm::exits::end(k, slot, DomainState::Destroyed, 0);
             }
-            k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+            k.unready(Runnable::Vcpu(slot));
             for e in k.endpoints.iter_mut().flatten() {
                 e.queue.retain(|s| *s != Sender::Vcpu(slot));
             }

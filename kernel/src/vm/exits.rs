@@ -7,7 +7,7 @@ use super::vcpu::VcpuState;
 use crate::sys::ipc::Sender;
 use crate::sys::{Kernel, Runnable};
 use ipc_schema::syscall::{DomainState, handle_name_str};
-use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, ExitRegs, Then};
 use platform::vmx::fields::{self, reason};
 
 /// Sends domain slot `slot`'s pending exit to its handler; the vCPU waits.
@@ -18,34 +18,18 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     let (Some(raw), Some(v)) = (d.pending_raw.take(), d.vcpu.as_ref()) else {
         return;
     };
-    if raw.vmx_failed() {
-        defmt::error!("domain {=u16}: VM entry failed: {}", d.id, v.vmx_error);
-        crash(k, slot, None);
-        return;
+    if raw.vmx_failed() || raw.entry_failure() {
+        return entry_failed(k, slot, raw);
     }
-    let exit = v.decode(d.id, &raw);
-    if raw.entry_failure() {
-        defmt::error!(
-            "domain {=u16}: VM entry failed: {=str} (exit reason {=u16}, qualification {=u64:#x})",
-            d.id,
-            reason::name(raw.reason()),
-            raw.reason(),
-            v.qualification()
-        );
-        crash(k, slot, Some(&exit));
-        return;
-    }
-    let message = ExitMessage {
-        exit,
-        regs: ExitRegs::of(&v.regs),
-    };
-    let Some(len) = ipc_schema::exitcodec::encode_message(&message, &mut d.outbox) else {
+    let exit = d.pending.insert(v.decode(d.id, &raw));
+    let Some(len) = ipc_schema::exitcodec::encode_exit(exit, &ExitRegs::of(&v.regs), &mut d.outbox)
+    else {
         defmt::error!("domain {=u16}: exit message does not encode", d.id);
+        let exit = *exit;
         crash(k, slot, Some(&exit));
         return;
     };
     d.outbox_len = len;
-    d.pending = Some(exit);
     d.awaiting_reply = true;
     d.exit_seq = d.exit_seq.wrapping_add(1);
     let ep = match exit.kind {
@@ -62,13 +46,40 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     };
     d.last_endpoint = ep;
     if let Err(e) = k.send(ep, Sender::Vcpu(slot)) {
+        let exit = k.domains[usize::from(slot)]
+            .as_ref()
+            .and_then(|d| d.pending);
         defmt::error!(
             "domain {=u16}: its exit handler cannot be reached ({}); domain stopped",
-            exit.domain,
+            slot + 1,
             e
         );
-        crash(k, slot, Some(&exit));
+        crash(k, slot, exit.as_ref());
     }
+}
+
+/// VMLAUNCH/VMRESUME failed, or the entry failed its checks: the domain
+/// stops, saying why.
+#[cold]
+fn entry_failed(k: &mut Kernel, slot: u16, raw: super::vcpu::RawExit) {
+    let Some(d) = k.domains[usize::from(slot)].as_mut() else {
+        return;
+    };
+    let Some(v) = d.vcpu.as_ref() else { return };
+    if raw.vmx_failed() {
+        defmt::error!("domain {=u16}: VM entry failed: {}", d.id, v.vmx_error);
+        crash(k, slot, None);
+        return;
+    }
+    let exit = v.decode(d.id, &raw);
+    defmt::error!(
+        "domain {=u16}: VM entry failed: {=str} (exit reason {=u16}, qualification {=u64:#x})",
+        d.id,
+        reason::name(raw.reason()),
+        raw.reason(),
+        v.qualification()
+    );
+    crash(k, slot, Some(&exit));
 }
 
 /// Applies the handler's reply to domain slot `slot`'s vCPU.
@@ -78,14 +89,13 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     };
     d.awaiting_reply = false;
     d.exit_server = None;
-    let pending = d.pending.take();
     let Some(reply) = ipc_schema::exitcodec::decode_reply(bytes) else {
         defmt::error!(
             "domain {=u16}: its exit handler's reply does not decode ({=usize} bytes); domain stopped",
             d.id,
             bytes.len()
         );
-        crash(k, slot, pending.as_ref());
+        crash_pending(k, slot);
         return;
     };
     let eptp = match reply.view.map(|view| (view, d.views.eptp(view))) {
@@ -97,13 +107,13 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
                 d.id,
                 view
             );
-            crash(k, slot, pending.as_ref());
+            crash_pending(k, slot);
             return;
         }
     };
     let Some(v) = d.vcpu.as_mut() else { return };
     if v.load().is_err() {
-        crash(k, slot, pending.as_ref());
+        crash_pending(k, slot);
         return;
     }
     if let Some(regs) = reply.regs {
@@ -118,7 +128,7 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
                 "domain {=u16}: its handler asked for a single step, which this CPU cannot do; domain stopped",
                 d.id
             );
-            crash(k, slot, pending.as_ref());
+            crash_pending(k, slot);
             return;
         }
         d.step_endpoint = Some(d.last_endpoint);
@@ -137,7 +147,7 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
             defmt::error!(
                 "domain {=u16} halted with nothing to wake it (HLT at {=u64:#x}); stopped",
                 id,
-                pending.map_or(0, |e| e.rip)
+                d.pending.map_or(0, |e| e.rip)
             );
             end(k, slot, DomainState::Crashed, 0);
         }
@@ -155,8 +165,17 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
             }
             end(k, slot, DomainState::Exited, status);
         }
-        Then::Crash => crash(k, slot, pending.as_ref()),
+        Then::Crash => crash_pending(k, slot),
     }
+}
+
+/// Stops a domain, reporting the exit its handler was answering.
+#[cold]
+fn crash_pending(k: &mut Kernel, slot: u16) {
+    let exit = k.domains[usize::from(slot)]
+        .as_ref()
+        .and_then(|d| d.pending);
+    crash(k, slot, exit.as_ref());
 }
 
 /// Ends a domain's run and tells whoever watches domains.
@@ -168,7 +187,7 @@ pub fn end(k: &mut Kernel, slot: u16, state: DomainState, status: u32) {
             v.state = VcpuState::Stopped;
         }
     }
-    k.ready.retain(|r| *r != Runnable::Vcpu(slot));
+    k.unready(Runnable::Vcpu(slot));
     if let Some((n, bit)) = k.domain_watch {
         k.notify(n, bit);
     }

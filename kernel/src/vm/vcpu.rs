@@ -385,11 +385,12 @@ impl Vcpu {
     pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
         use platform::vmx::fields::reason as r;
         let read = |f| self.read(f);
-        let q = self.qualification();
+        // Read only for the exits that report one.
+        let q = || self.qualification();
         let kind = if raw.entry_failure() {
             ExitKind::Other {
                 reason: raw.reason(),
-                qualification: q,
+                qualification: q(),
             }
         } else {
             match raw.reason() {
@@ -399,11 +400,11 @@ impl Vcpu {
                 },
                 r::VMCALL => ExitKind::Hypercall,
                 r::IO_INSTRUCTION => {
-                    let io = platform::vmx::fields::IoQualification::decode(q);
+                    let io = platform::vmx::fields::IoQualification::decode(q());
                     if io.string || io.rep {
                         ExitKind::Other {
                             reason: raw.reason(),
-                            qualification: q,
+                            qualification: q(),
                         }
                     } else {
                         let mask = if io.size == 4 {
@@ -436,7 +437,8 @@ impl Vcpu {
                     value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
                 },
                 r::EPT_VIOLATION => {
-                    let v = platform::vmx::fields::EptViolation::decode(q);
+                    let qualification = q();
+                    let v = platform::vmx::fields::EptViolation::decode(qualification);
                     ExitKind::EptViolation {
                         gpa: read(GUEST_PHYSICAL_ADDRESS),
                         gla: v.linear_valid.then(|| read(GUEST_LINEAR_ADDRESS)),
@@ -450,7 +452,7 @@ impl Vcpu {
                             write: v.allowed_write,
                             execute: v.allowed_execute,
                         },
-                        qualification: q,
+                        qualification,
                     }
                 }
                 r::EPT_MISCONFIG => ExitKind::EptMisconfig {
@@ -467,7 +469,7 @@ impl Vcpu {
                 },
                 other => ExitKind::Other {
                     reason: other,
-                    qualification: q,
+                    qualification: q(),
                 },
             }
         };
