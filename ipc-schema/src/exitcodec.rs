@@ -10,6 +10,11 @@
 use crate::vmexit::{
     AccessBits, Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Inject, Response, Then,
 };
+use postcard::experimental::max_size::MaxSize;
+
+/// The longest exit message: a buffer this long takes any (the kernel
+/// encodes an exit straight into its handler's buffer when it has room).
+pub const EXIT_MESSAGE_MAX: usize = <ExitMessage as MaxSize>::POSTCARD_MAX_SIZE;
 
 /// Writes bytes into a slice, failing (without panicking) when it is full.
 /// It keeps the part not yet written (`rest`), so that each write is one
@@ -61,6 +66,7 @@ impl<'a> Out<'a> {
         Some(())
     }
 
+    #[inline(always)]
     fn access(&mut self, a: AccessBits) -> Option<()> {
         self.bool(a.read)?;
         self.bool(a.write)?;
@@ -93,29 +99,11 @@ impl In<'_> {
             self.rest = rest;
             return Some(u64::from(b));
         }
-        self.long_varint(bits)
-    }
-
-    #[inline(never)]
-    fn long_varint(&mut self, bits: u32) -> Option<u64> {
-        let max = bits.div_ceil(7);
-        let last_max = (1u64 << (bits % 7)) - 1;
-        let mut out = 0u64;
-        for i in 0..max {
-            let b = self.byte()?;
-            out |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                if i == max - 1 && u64::from(b) > last_max {
-                    return None;
-                }
-                return Some(if bits == 64 {
-                    out
-                } else {
-                    out & ((1 << bits) - 1)
-                });
-            }
-        }
-        None
+        // Out of line, taking and giving back the slice by value, so that
+        // the common path keeps `rest` in registers.
+        let (v, rest) = long_varint(self.rest, bits)?;
+        self.rest = rest;
+        Some(v)
     }
 
     /// A fixed-width register: 8 bytes, little-endian.
@@ -126,18 +114,22 @@ impl In<'_> {
         Some(u64::from_le_bytes(*w))
     }
 
+    #[inline(always)]
     fn u16(&mut self) -> Option<u16> {
         self.varint(16).map(|v| v as u16)
     }
 
+    #[inline(always)]
     fn u32(&mut self) -> Option<u32> {
         self.varint(32).map(|v| v as u32)
     }
 
+    #[inline(always)]
     fn u64(&mut self) -> Option<u64> {
         self.varint(64)
     }
 
+    #[inline(always)]
     fn bool(&mut self) -> Option<bool> {
         match self.byte()? {
             0 => Some(false),
@@ -147,10 +139,12 @@ impl In<'_> {
     }
 
     /// An option's tag.
+    #[inline(always)]
     fn some(&mut self) -> Option<bool> {
         self.bool()
     }
 
+    #[inline(always)]
     fn access(&mut self) -> Option<AccessBits> {
         Some(AccessBits {
             read: self.bool()?,
@@ -159,11 +153,39 @@ impl In<'_> {
         })
     }
 
+    #[inline(always)]
     fn end(&self) -> Option<()> {
         self.rest.is_empty().then_some(())
     }
 }
 
+/// A varint of more than one byte (see [`In::varint`]): the value and what
+/// follows it.
+#[inline(never)]
+fn long_varint(mut rest: &[u8], bits: u32) -> Option<(u64, &[u8])> {
+    let max = bits.div_ceil(7);
+    let last_max = (1u64 << (bits % 7)) - 1;
+    let mut out = 0u64;
+    for i in 0..max {
+        let (&b, tail) = rest.split_first()?;
+        rest = tail;
+        out |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if i == max - 1 && u64::from(b) > last_max {
+                return None;
+            }
+            let v = if bits == 64 {
+                out
+            } else {
+                out & ((1 << bits) - 1)
+            };
+            return Some((v, rest));
+        }
+    }
+    None
+}
+
+#[inline(always)]
 fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
     match *k {
         ExitKind::Cpuid { leaf, subleaf } => {
@@ -241,6 +263,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
     }
 }
 
+#[inline(always)]
 fn take_kind(i: &mut In<'_>) -> Option<ExitKind> {
     Some(match i.u32()? {
         0 => ExitKind::Cpuid {
@@ -286,6 +309,7 @@ fn take_kind(i: &mut In<'_>) -> Option<ExitKind> {
     })
 }
 
+#[inline(always)]
 fn put_regs(o: &mut Out<'_>, r: &ExitRegs) -> Option<()> {
     o.word(r.rax)?;
     o.word(r.rbx)?;
@@ -293,6 +317,7 @@ fn put_regs(o: &mut Out<'_>, r: &ExitRegs) -> Option<()> {
     o.word(r.rdx)
 }
 
+#[inline(always)]
 fn take_regs(i: &mut In<'_>) -> Option<ExitRegs> {
     Some(ExitRegs {
         rax: i.word()?,
@@ -323,22 +348,78 @@ pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
 
 /// Decodes an exit message (all of `bytes`: trailing bytes are an error).
 pub fn decode_message(bytes: &[u8]) -> Option<ExitMessage> {
-    let mut i = In { rest: bytes };
-    let exit = Exit {
-        domain: i.u16()?,
-        vcpu: i.u16()?,
-        kind: take_kind(&mut i)?,
-        rip: i.word()?,
-        instruction_len: i.byte()?,
-        view: i.u16()?,
+    let mut m = ExitMessage {
+        exit: Exit {
+            domain: 0,
+            vcpu: 0,
+            kind: ExitKind::Hlt,
+            rip: 0,
+            instruction_len: 0,
+            view: 0,
+        },
+        regs: ExitRegs::default(),
     };
-    let regs = take_regs(&mut i)?;
-    i.end()?;
-    Some(ExitMessage { exit, regs })
+    decode_message_into(bytes, &mut m)?;
+    Some(m)
+}
+
+/// [`decode_message`] into `m`, field by field (a receive loop keeps one
+/// message and decodes every exit into it, with no copy of the result).
+/// On `None`, `m` holds part of the bad message.
+#[inline]
+pub fn decode_message_into(bytes: &[u8], m: &mut ExitMessage) -> Option<()> {
+    let mut i = In { rest: bytes };
+    let e = &mut m.exit;
+    e.domain = i.u16()?;
+    e.vcpu = i.u16()?;
+    e.kind = take_kind(&mut i)?;
+    e.rip = i.word()?;
+    e.instruction_len = i.byte()?;
+    e.view = i.u16()?;
+    m.regs = take_regs(&mut i)?;
+    i.end()
+}
+
+/// The length of a plain answer's encoding without and with registers.
+const PLAIN: usize = 7;
+const PLAIN_REGS: usize = PLAIN + 32;
+
+/// Whether `r` is a plain answer: resume (moving past the instruction or
+/// not), perhaps with new registers, and nothing else: no event, no view,
+/// no step, no RIP. Nearly every exit gets one (CPUID, port I/O, MSRs,
+/// hypercalls, a lazily filled page), so it has a short way both ways
+/// ([`plain_reply`]).
+#[inline]
+pub fn is_plain(r: &ExitReply) -> bool {
+    r.response.inject.is_none()
+        && r.response.then == Then::Resume
+        && r.view.is_none()
+        && !r.step
+        && r.rip.is_none()
+}
+
+/// A plain answer (see [`is_plain`]) read from its bytes, without building
+/// an [`ExitReply`]: `(advance, registers)`, or `None` when `bytes` are
+/// anything else (which [`decode_reply`] then reads, or refuses).
+#[inline]
+pub fn plain_reply(bytes: &[u8]) -> Option<(bool, Option<ExitRegs>)> {
+    // advance, inject: None, then: Resume, regs (None, or Some and 32
+    // bytes), view: None, step: false, rip: None.
+    match *bytes {
+        [a @ (0 | 1), 0, 0, 0, 0, 0, 0] => Some((a == 1, None)),
+        [a @ (0 | 1), 0, 0, 1, ref regs @ .., 0, 0, 0] if bytes.len() == PLAIN_REGS => {
+            let mut i = In { rest: regs };
+            Some((a == 1, Some(take_regs(&mut i)?)))
+        }
+        _ => None,
+    }
 }
 
 /// Encodes `r` into `out`; returns the length, or `None` if it does not fit.
 pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
+    if is_plain(r) {
+        return encode_plain(r.response.advance, r.regs.as_ref(), out);
+    }
     let mut o = Out::new(out);
     let p = &r.response;
     o.bool(p.advance)?;
@@ -391,8 +472,39 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     Some(o.written())
 }
 
+/// The encoding of a plain answer, written straight out.
+#[inline]
+fn encode_plain(advance: bool, regs: Option<&ExitRegs>, out: &mut [u8]) -> Option<usize> {
+    let Some(r) = regs else {
+        let out = out.get_mut(..PLAIN)?;
+        out.copy_from_slice(&[u8::from(advance), 0, 0, 0, 0, 0, 0]);
+        return Some(PLAIN);
+    };
+    let out: &mut [u8; PLAIN_REGS] = out.get_mut(..PLAIN_REGS)?.try_into().ok()?;
+    out[..4].copy_from_slice(&[u8::from(advance), 0, 0, 1]);
+    out[4..12].copy_from_slice(&r.rax.to_le_bytes());
+    out[12..20].copy_from_slice(&r.rbx.to_le_bytes());
+    out[20..28].copy_from_slice(&r.rcx.to_le_bytes());
+    out[28..36].copy_from_slice(&r.rdx.to_le_bytes());
+    out[36..].copy_from_slice(&[0, 0, 0]);
+    Some(PLAIN_REGS)
+}
+
 /// Decodes an exit reply (all of `bytes`: trailing bytes are an error).
 pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
+    if let Some((advance, regs)) = plain_reply(bytes) {
+        return Some(ExitReply {
+            response: Response {
+                advance,
+                inject: None,
+                then: Then::Resume,
+            },
+            regs,
+            view: None,
+            step: false,
+            rip: None,
+        });
+    }
     let mut i = In { rest: bytes };
     let advance = i.bool()?;
     let inject = if i.some()? {
@@ -620,6 +732,24 @@ mod tests {
             let i = at.index(n);
             if cut { bytes.truncate(i) } else { bytes[i] = byte }
             prop_assert_eq!(decode_reply(&bytes), whole::<ExitReply>(&bytes));
+        }
+
+        /// The short way agrees with the long one: every plain answer is
+        /// recognised, nothing else is.
+        #[test]
+        fn plain_answers_take_the_short_way_and_only_they(r in reply(), bytes in proptest::collection::vec(any::<u8>(), 0..48)) {
+            let mut a = [0u8; 128];
+            let n = encode_reply(&r, &mut a).unwrap();
+            let plain = plain_reply(&a[..n]);
+            prop_assert_eq!(plain.is_some(), is_plain(&r));
+            if let Some((advance, regs)) = plain {
+                prop_assert_eq!((advance, regs), (r.response.advance, r.regs));
+            }
+            if let Some((advance, regs)) = plain_reply(&bytes) {
+                let whole = whole::<ExitReply>(&bytes).unwrap();
+                prop_assert!(is_plain(&whole));
+                prop_assert_eq!((advance, regs), (whole.response.advance, whole.regs));
+            }
         }
 
         #[test]

@@ -23,8 +23,11 @@
 
 use super::caps::{Cap, Object};
 use super::process::{State, Wait};
+use super::space::AddressSpace;
 use super::{Kernel, Runnable};
+use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit};
 use ipc_schema::syscall::{MAX_MESSAGE, SysError};
+use ipc_schema::vmexit::{Exit, ExitRegs};
 
 /// Who waits in an endpoint's queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
@@ -84,40 +87,69 @@ pub fn untoken(t: u64) -> (Sender, u32) {
 }
 
 impl Kernel {
-    /// Queues `sender`'s message on endpoint `ep` and delivers it at once if
-    /// a receiver waits.
+    /// Sends `sender`'s message on endpoint `ep`: straight to its receiver
+    /// when one waits and nobody is queued before it, else into the queue.
     pub fn send(&mut self, ep: u16, sender: Sender) -> Result<(), SysError> {
+        let e = self.endpoints[usize::from(ep)]
+            .as_mut()
+            .ok_or(SysError::NoSuchHandle)?;
+        if e.queue.is_empty()
+            && let Some(receiver) = e.waiting
+            && self.transfer(ep, receiver, sender)
+        {
+            return Ok(());
+        }
         let e = self.endpoints[usize::from(ep)]
             .as_mut()
             .ok_or(SysError::NoSuchHandle)?;
         e.queue
             .push_back(sender)
             .map_err(|_| SysError::NoResources)?;
-        self.deliver(ep);
         Ok(())
     }
 
     /// Delivers the first queued message of `ep` to its waiting receiver, if
     /// both exist. Returns whether it did.
     pub fn deliver(&mut self, ep: u16) -> bool {
-        let Some(e) = self.endpoints[usize::from(ep)].as_mut() else {
+        let Some(e) = self.endpoints[usize::from(ep)].as_ref() else {
             return false;
         };
         let (Some(receiver), Some(&sender)) = (e.waiting, e.queue.front()) else {
             return false;
         };
+        if !self.transfer(ep, receiver, sender) {
+            return false;
+        }
+        if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
+            e.queue.pop_front();
+        }
+        true
+    }
+
+    /// Moves `sender`'s message on `ep` to `receiver`, the endpoint's
+    /// waiting receiver. False if it did not (the receiver does not wait
+    /// any more, or got an error instead: the sender stays where it is).
+    fn transfer(&mut self, ep: u16, receiver: u16, sender: Sender) -> bool {
         // `waiting` is only a hint (see the module documentation): the
         // receiver must still wait in RECV on a mask that holds this endpoint.
         let Some((buf, cap, slot)) = self.processes[usize::from(receiver)]
             .as_ref()
             .and_then(|p| p.receiving_on(ep))
         else {
-            e.waiting = None;
+            if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
+                e.waiting = None;
+            }
             return false;
         };
-        // The message, straight from the sender's outbox into the
-        // receiver's buffer.
-        let (msg, badge, seq): (&[u8], u64, u32) = match sender {
+        let r = self.processes[usize::from(receiver)]
+            .as_ref()
+            .expect("checked above");
+        let Some(space) = r.space.as_ref() else {
+            return false;
+        };
+        // The message: a caller's straight from its outbox into the
+        // receiver's buffer; an exit encoded there from the vCPU's state.
+        let (status, len, badge, seq) = match sender {
             Sender::Process(pid) => {
                 let Some(p) = self.processes[usize::from(pid)].as_ref() else {
                     return false;
@@ -134,28 +166,21 @@ impl Kernel {
                     Some(c) if call_ep == ep => c.badge,
                     _ => 0,
                 };
-                (&p.outbox[..p.outbox_len.min(MAX_MESSAGE)], badge, p.seq)
+                let msg = &p.outbox[..p.outbox_len.min(MAX_MESSAGE)];
+                (copy_out(space, buf, cap, msg), msg.len(), badge, p.seq)
             }
             Sender::Vcpu(slot) => {
                 let Some(d) = self.domains[usize::from(slot)].as_ref() else {
                     return false;
                 };
-                (&d.outbox[..d.outbox_len.min(MAX_MESSAGE)], 0, d.exit_seq)
+                let (Some(exit), Some(v)) = (d.pending.as_ref(), d.vcpu.as_ref()) else {
+                    return false;
+                };
+                let (status, len) = write_exit(space, buf, cap, exit, &ExitRegs::of(&v.regs));
+                (status, len, 0, d.exit_seq)
             }
         };
-        let len = msg.len() as u64;
-        let r = self.processes[usize::from(receiver)]
-            .as_ref()
-            .expect("checked above");
-        let status = if len > cap {
-            // The receiver's buffer is too small: it gets the error, the
-            // caller stays queued.
-            SysError::MessageTooLong
-        } else if r.space.as_ref().map(|s| s.write(buf, msg)) != Some(Ok(())) {
-            SysError::BadAddress
-        } else {
-            SysError::Ok
-        };
+        let len = len as u64;
         let r = self.processes[usize::from(receiver)]
             .as_mut()
             .expect("checked above");
@@ -171,7 +196,6 @@ impl Kernel {
         r.frame.r10 = u64::from(slot);
         r.frame.r8 = 0;
         if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
-            e.queue.pop_front();
             e.server = Some(receiver);
             e.waiting = None;
         }
@@ -353,6 +377,48 @@ impl Kernel {
         }
         p.state = State::Ready;
         self.make_ready(Runnable::Process(pid));
+    }
+}
+
+/// Copies a message into a receiver's buffer (`buf`, `cap` bytes): the
+/// status the receiver gets.
+fn copy_out(space: &AddressSpace, buf: u64, cap: u64, msg: &[u8]) -> SysError {
+    if msg.len() as u64 > cap {
+        // The receiver's buffer is too small: it gets the error, the
+        // caller stays queued.
+        SysError::MessageTooLong
+    } else if space.write(buf, msg).is_err() {
+        SysError::BadAddress
+    } else {
+        SysError::Ok
+    }
+}
+
+/// Encodes an exit message into a receiver's buffer: in place when the
+/// buffer has room for any exit and lies in one page (a handler's receive
+/// buffer, always), else through a copy. The status and the length.
+fn write_exit(
+    space: &AddressSpace,
+    buf: u64,
+    cap: u64,
+    exit: &Exit,
+    regs: &ExitRegs,
+) -> (SysError, usize) {
+    if cap >= EXIT_MESSAGE_MAX as u64
+        && let Some(at) = space.in_one_page(buf, EXIT_MESSAGE_MAX, true)
+    {
+        // Safety: `at` is the direct-map address of EXIT_MESSAGE_MAX bytes
+        // of the receiver's own writable memory, which nothing else in the
+        // kernel refers to while this runs.
+        let dst = unsafe { core::slice::from_raw_parts_mut(at, EXIT_MESSAGE_MAX) };
+        if let Some(n) = encode_exit(exit, regs, dst) {
+            return (SysError::Ok, n);
+        }
+    }
+    let mut msg = [0u8; EXIT_MESSAGE_MAX];
+    match encode_exit(exit, regs, &mut msg) {
+        Some(n) => (copy_out(space, buf, cap, &msg[..n]), n),
+        None => (SysError::BadArgument, 0),
     }
 }
 

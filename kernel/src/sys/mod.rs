@@ -11,10 +11,12 @@
 //! - `process`: services: loading, faults, restarts.
 //! - `ipc`: endpoints (call, receive, reply) and notifications.
 //! - `syscall`: the system calls.
+//! - `fastpath`: the two transitions of a handled exit, in one run.
 //! - `sched`: what runs next, and getting there (ring 3 or VMX).
 //! - `irq`: device interrupts as notifications.
 
 pub mod caps;
+pub mod fastpath;
 pub mod ipc;
 pub mod irq;
 pub mod process;
@@ -114,17 +116,35 @@ impl Kernel {
     /// wake-up already waiting to run next goes to the front of the queue
     /// (the later one runs first, as a stack of calls unwinds). A chain of
     /// calls and replies (a guest making hypercalls its handler answers)
-    /// would keep everything else waiting, so after [`FRONT_STREAK`] such
-    /// wake-ups in a row, while others wait, the next one goes to the back
-    /// of the queue and the others get their turn.
+    /// would keep everything else waiting, so after [`FRONT_STREAK`]
+    /// hand-offs in a row while others wait in the queue, the next wake-up
+    /// goes to the back of the queue and the others get their turn.
     #[inline]
     pub fn make_ready_next(&mut self, r: Runnable) {
-        self.front_streak = self.front_streak.saturating_add(1);
-        let earlier = if self.front_streak > FRONT_STREAK && !self.ready.is_empty() {
+        if self.next.is_none() && self.front_streak < FRONT_STREAK {
+            // The common case: nothing else handed off. The streak counts
+            // only while others wait.
+            self.front_streak = if self.ready.is_empty() {
+                0
+            } else {
+                self.front_streak + 1
+            };
+            self.next = Some(r);
+            return;
+        }
+        self.hand_off_slow(r);
+    }
+
+    #[inline(never)]
+    fn hand_off_slow(&mut self, r: Runnable) {
+        let earlier = if self.front_streak >= FRONT_STREAK && !self.ready.is_empty() {
             self.front_streak = 0;
             self.make_ready(r);
             self.next.take()
         } else {
+            if self.ready.is_empty() {
+                self.front_streak = 0;
+            }
             self.next.replace(r).filter(|&e| e != r)
         };
         if let Some(e) = earlier {

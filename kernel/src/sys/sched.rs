@@ -57,7 +57,7 @@ fn idle() {
 }
 
 /// Enters process `pid` in ring 3 with its saved registers.
-fn resume(k: &mut Kernel, pid: u16) -> ! {
+pub fn resume(k: &mut Kernel, pid: u16) -> ! {
     k.current = Some(pid);
     let p = k.processes[usize::from(pid)]
         .as_mut()
@@ -137,17 +137,20 @@ pub fn user_trap(frame: *mut TrapFrame) -> ! {
         p.frame = unsafe { *frame };
     }
     match p.frame.vector {
-        0x80 => match super::syscall::dispatch(k, pid) {
-            super::syscall::Outcome::Continue
-                if k.processes[usize::from(pid)]
-                    .as_ref()
-                    .is_some_and(|p| matches!(p.state, State::Ready)) =>
-            {
-                // Straight back into the caller.
-                resume(k, pid)
+        0x80 => {
+            super::fastpath::reply_recv(k, pid);
+            match super::syscall::dispatch(k, pid) {
+                super::syscall::Outcome::Continue
+                    if k.processes[usize::from(pid)]
+                        .as_ref()
+                        .is_some_and(|p| matches!(p.state, State::Ready)) =>
+                {
+                    // Straight back into the caller.
+                    resume(k, pid)
+                }
+                _ => run(),
             }
-            _ => run(),
-        },
+        }
         0..=31 => {
             k.fault(pid);
             run()

@@ -184,15 +184,15 @@ impl AddressSpace {
     }
 
     /// The direct-map address of the `len` bytes at the service's `va`, if
-    /// they lie within one page the service may read: the kernel can then
-    /// read them where they are, without a copy.
+    /// they lie within one page the service may read (and write, with
+    /// `write`): the kernel can then use them where they are, without a copy.
     #[inline]
-    pub fn in_one_page(&self, va: u64, len: usize) -> Option<*const u8> {
+    pub fn in_one_page(&self, va: u64, len: usize, write: bool) -> Option<*mut u8> {
         if (va % PAGE_SIZE) + len as u64 > PAGE_SIZE {
             return None;
         }
-        let pa = self.translate(va, false)?;
-        Some(phys_to_virt(pa).cast_const())
+        let pa = self.translate(va, write)?;
+        Some(phys_to_virt(pa))
     }
 
     /// Copies `out.len()` bytes from the service's `va`.

@@ -118,9 +118,11 @@ macro_rules! dcap {
     };
 }
 
+/// The IPC calls, the ones on every message's path; the rest are in
+/// [`other`], kept apart so that its buffers do not make this path's stack
+/// frame large (a frame over a page is probed page by page on entry).
 fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
     match number {
-        nr::LOG => log(k, pid, a[0], a[1]),
         nr::CALL => ipc_call(k, pid, a),
         nr::RECV => recv(k, pid, a[0], a[1], a[2]),
         nr::REPLY => {
@@ -135,6 +137,14 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             }
             recv(k, pid, a[3], a[4], a[5])
         }
+        _ => other(k, pid, number, a),
+    }
+}
+
+#[inline(never)]
+fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
+    match number {
+        nr::LOG => log(k, pid, a[0], a[1]),
         nr::NOTIFY => {
             let c = cap!(
                 k,
@@ -397,18 +407,7 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             k.domain_watch = Some((note, a[2]));
             Ok(Values([0; 3]))
         }
-        nr::CONSOLE => {
-            dcap!(k, pid, "CONSOLE", a[0], a[1], Scope::Domain, rights::VCPUS);
-            let id = domain(k, a[1])?.id;
-            let len = (a[3] as usize).min(MAX_FRAME);
-            let mut buf = [0u8; MAX_FRAME];
-            read_user(k, pid, a[2], &mut buf[..len])?;
-            crate::log::emit(&Record::Console {
-                domain: id,
-                bytes: &buf[..len],
-            });
-            Ok(Values([0; 3]))
-        }
+        nr::CONSOLE => console(k, pid, a),
         nr::VIEW_CREATE => {
             dcap!(
                 k,
@@ -604,6 +603,21 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
     }
 }
 
+/// A guest console line, into the log.
+#[inline(never)]
+fn console(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    dcap!(k, pid, "CONSOLE", a[0], a[1], Scope::Domain, rights::VCPUS);
+    let id = domain(k, a[1])?.id;
+    let len = (a[3] as usize).min(MAX_FRAME);
+    let mut buf = [0u8; MAX_FRAME];
+    read_user(k, pid, a[2], &mut buf[..len])?;
+    crate::log::emit(&Record::Console {
+        domain: id,
+        bytes: &buf[..len],
+    });
+    Ok(Values([0; 3]))
+}
+
 fn read_user(k: &Kernel, pid: u16, va: u64, out: &mut [u8]) -> Result<()> {
     let p = k.processes[usize::from(pid)]
         .as_ref()
@@ -626,6 +640,7 @@ fn write_user(k: &Kernel, pid: u16, va: u64, bytes: &[u8]) -> Result<()> {
         .map_err(|_| SysError::BadAddress)
 }
 
+#[inline(never)]
 fn log(k: &mut Kernel, pid: u16, va: u64, len: u64) -> Result<Done> {
     let truncated = len as usize > MAX_FRAME;
     let len = (len as usize).min(MAX_FRAME);
@@ -715,7 +730,7 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
         && let Some(at) = k.processes[usize::from(pid)]
             .as_ref()
             .and_then(|p| p.space.as_ref())
-            .and_then(|s| s.in_one_page(va, len))
+            .and_then(|s| s.in_one_page(va, len, false))
     {
         // Safety: `at` is the direct-map address of `len` bytes the
         // service may read; answering a vCPU writes only kernel state and
@@ -839,6 +854,7 @@ fn frames_of(k: &Kernel, pid: u16, call: &str, h: u64, needed: u32) -> Result<(u
     ))
 }
 
+#[inline(never)]
 fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let writable = a[4] != 0;
     let needed = if writable {
@@ -900,6 +916,7 @@ fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+#[inline(never)]
 fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> Result<Done> {
     cap!(
         k,
@@ -937,6 +954,7 @@ fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> 
     Ok(Values([u64::from(h), 0, 0]))
 }
 
+#[inline(never)]
 fn spawn(k: &mut Kernel, pid: u16, elf_h: u64, va: u64, len: u64) -> Result<Done> {
     let elf = cap!(
         k,
@@ -1017,6 +1035,7 @@ fn view_arg(v: u64) -> Result<u16> {
     u16::try_from(v).map_err(|_| SysError::BadArgument)
 }
 
+#[inline(never)]
 fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     cap!(
         k,
@@ -1048,6 +1067,7 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([slot as u64 + 1, 0, 0]))
 }
 
+#[inline(never)]
 fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1075,6 +1095,7 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+#[inline(never)]
 fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<Done> {
     let right = if write { rights::WRITE } else { rights::READ };
     dcap!(
@@ -1122,6 +1143,7 @@ fn endpoint_of(k: &Kernel, pid: u16, h: u32) -> Result<u16> {
     Ok(id)
 }
 
+#[inline(never)]
 fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1144,6 +1166,7 @@ fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+#[inline(never)]
 fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1196,6 +1219,7 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+#[inline(never)]
 fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let mut buf = [0u8; 1024];
     let len = (a[3] as usize).min(buf.len());
@@ -1245,6 +1269,7 @@ fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([n as u64, 0, 0]))
 }
 
+#[inline(never)]
 fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1266,6 +1291,7 @@ fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+#[inline(never)]
 fn dirty_read(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1287,6 +1313,7 @@ fn dirty_read(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([n as u64, u64::from(more), 0]))
 }
 
+#[inline(never)]
 fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
     let c = cap!(
         k,

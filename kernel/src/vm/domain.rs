@@ -8,7 +8,7 @@ use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
 use super::{Features, caps};
 use crate::mem::phys_to_virt;
-use ipc_schema::syscall::{DomainState, HandleName, MAX_MESSAGE};
+use ipc_schema::syscall::{DomainState, HandleName};
 use ipc_schema::vmexit::Exit;
 use platform::PAGE_SIZE;
 use platform::ept::{EptError, MemoryType, PageSize, Perms};
@@ -34,9 +34,6 @@ pub struct Domain {
     /// Where the vCPU's exits and EPT violations go (endpoint ids).
     pub exit_endpoint: u16,
     pub violation_endpoint: u16,
-    /// The exit message in flight, while the vCPU waits for its handler.
-    pub outbox: [u8; MAX_MESSAGE],
-    pub outbox_len: usize,
     pub exit_seq: u32,
     pub exit_server: Option<u16>,
     /// The endpoint the pending exit went to.
@@ -91,8 +88,6 @@ impl Domain {
             msr_bitmap,
             exit_endpoint: 0,
             violation_endpoint: 0,
-            outbox: [0; MAX_MESSAGE],
-            outbox_len: 0,
             exit_seq: 0,
             exit_server: None,
             last_endpoint: 0,

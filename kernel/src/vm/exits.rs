@@ -7,7 +7,7 @@ use super::vcpu::VcpuState;
 use crate::sys::ipc::Sender;
 use crate::sys::{Kernel, Runnable};
 use ipc_schema::syscall::{DomainState, handle_name_str};
-use ipc_schema::vmexit::{Exit, ExitKind, ExitRegs, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, Then};
 use platform::vmx::fields::{self, reason};
 
 /// Sends domain slot `slot`'s pending exit to its handler; the vCPU waits.
@@ -21,15 +21,15 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     if raw.vmx_failed() || raw.entry_failure() {
         return entry_failed(k, slot, raw);
     }
-    let exit = d.pending.insert(v.decode(d.id, &raw));
-    let Some(len) = ipc_schema::exitcodec::encode_exit(exit, &ExitRegs::of(&v.regs), &mut d.outbox)
-    else {
-        defmt::error!("domain {=u16}: exit message does not encode", d.id);
-        let exit = *exit;
-        crash(k, slot, Some(&exit));
-        return;
+    // The message is encoded from this (and the vCPU's registers) when it
+    // is delivered.
+    let exit = match &mut d.pending {
+        Some(e) => {
+            v.decode_into(d.id, &raw, e);
+            e
+        }
+        none => none.insert(v.decode(d.id, &raw)),
     };
-    d.outbox_len = len;
     d.awaiting_reply = true;
     d.exit_seq = d.exit_seq.wrapping_add(1);
     let ep = match exit.kind {

@@ -168,6 +168,7 @@ pub fn run_vcpu(k: &mut Kernel, slot: u16) {
                 return;
             }
             Stop::Handler => {
+                crate::sys::fastpath::exit(k, slot);
                 exits::to_handler(k, slot);
                 return;
             }

@@ -383,11 +383,35 @@ impl Vcpu {
 
     /// Decodes an exit into the message an exit handler receives.
     pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
+        Exit {
+            domain,
+            vcpu: self.id,
+            kind: self.decode_kind(raw),
+            rip: self.read(GUEST_RIP),
+            instruction_len: self.read(EXIT_INSTRUCTION_LENGTH) as u8,
+            view: self.active_view(),
+        }
+    }
+
+    /// [`Vcpu::decode`] into `out`, field by field (the exit path keeps the
+    /// pending exit in its domain and decodes each exit there).
+    #[inline]
+    pub fn decode_into(&self, domain: u16, raw: &RawExit, out: &mut Exit) {
+        out.domain = domain;
+        out.vcpu = self.id;
+        out.kind = self.decode_kind(raw);
+        out.rip = self.read(GUEST_RIP);
+        out.instruction_len = self.read(EXIT_INSTRUCTION_LENGTH) as u8;
+        out.view = self.active_view();
+    }
+
+    #[inline]
+    fn decode_kind(&self, raw: &RawExit) -> ExitKind {
         use platform::vmx::fields::reason as r;
         let read = |f| self.read(f);
         // Read only for the exits that report one.
         let q = || self.qualification();
-        let kind = if raw.entry_failure() {
+        if raw.entry_failure() {
             ExitKind::Other {
                 reason: raw.reason(),
                 qualification: q(),
@@ -472,14 +496,6 @@ impl Vcpu {
                     qualification: q(),
                 },
             }
-        };
-        Exit {
-            domain,
-            vcpu: self.id,
-            kind,
-            rip: read(GUEST_RIP),
-            instruction_len: read(EXIT_INSTRUCTION_LENGTH) as u8,
-            view: self.active_view(),
         }
     }
 

@@ -75,6 +75,13 @@ pub unsafe fn enable(caps: &VmxCaps, region: u64, region_ptr: *mut u8) -> Result
 /// # Safety
 /// VMX operation; `vmcs` is the physical address of a VMCS region the caller owns.
 pub unsafe fn vmclear(vmcs: u64) -> Result<(), VmxError> {
+    // A cleared VMCS is not current any more.
+    let _ = CURRENT_VMCS.compare_exchange(
+        vmcs,
+        0,
+        core::sync::atomic::Ordering::Relaxed,
+        core::sync::atomic::Ordering::Relaxed,
+    );
     let (cf, zf): (u8, u8);
     // Safety: the caller's contract.
     unsafe {
@@ -84,19 +91,31 @@ pub unsafe fn vmclear(vmcs: u64) -> Result<(), VmxError> {
     check(cf, zf)
 }
 
+/// The VMCS current on this CPU (the bootstrap processor), 0 for none: a
+/// load of the VMCS that is already current is skipped (every exit a
+/// service answers would load it twice).
+static CURRENT_VMCS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Makes `vmcs` the current VMCS of this CPU.
 ///
 /// # Safety
 /// VMX operation; `vmcs` is a cleared or launched VMCS region the caller owns
 /// and that is not current on another CPU.
+#[inline]
 pub unsafe fn vmptrld(vmcs: u64) -> Result<(), VmxError> {
+    use core::sync::atomic::Ordering::Relaxed;
+    if CURRENT_VMCS.load(Relaxed) == vmcs {
+        return Ok(());
+    }
     let (cf, zf): (u8, u8);
     // Safety: the caller's contract.
     unsafe {
         asm!("vmptrld [{}]", "setc {}", "setz {}", in(reg) &vmcs, out(reg_byte) cf, out(reg_byte) zf,
             options(nostack));
     }
-    check(cf, zf)
+    let r = check(cf, zf);
+    CURRENT_VMCS.store(if r.is_ok() { vmcs } else { 0 }, Relaxed);
+    r
 }
 
 /// Reads a field of the current VMCS.

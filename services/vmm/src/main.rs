@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::syscall::Handle;
-use ipc_schema::vmexit::VMEXIT;
+use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
@@ -74,6 +74,8 @@ impl Env for System {
 
 struct Server {
     exits: Handle,
+    /// The exit being handled (decoded in place).
+    exit: ExitMessage,
     vmm: Vmm,
     system: System,
 }
@@ -87,7 +89,8 @@ impl Service for Server {
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         // Exits come from the kernel (badge 0) and nobody else.
-        let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
+        let m = &mut self.exit;
+        if ipc_schema::exitcodec::decode_message_into(msg.bytes, m).is_none() {
             defmt::warn!(
                 "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
                 msg.bytes.len(),
@@ -95,7 +98,7 @@ impl Service for Server {
             );
             return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
         };
-        let answer = self.vmm.exit(&mut self.system, &m);
+        let answer = self.vmm.exit(&mut self.system, m);
         ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
     }
 
@@ -126,6 +129,17 @@ fn main() -> ! {
     );
     let mut server = Server {
         exits,
+        exit: ExitMessage {
+            exit: Exit {
+                domain: 0,
+                vcpu: 0,
+                kind: ExitKind::Hlt,
+                rip: 0,
+                instruction_len: 0,
+                view: 0,
+            },
+            regs: ExitRegs::default(),
+        },
         vmm: Vmm::default(),
         system,
     };

@@ -1,0 +1,240 @@
+//! The fast paths: the two transitions of every exit a service handles,
+//! taken in one straight run when the usual conditions hold (as seL4 does
+//! for call and reply-receive).
+//!
+//! - [`exit`]: a vCPU's exit goes to its handler, which waits in RECV with
+//!   nothing queued before it. The exit is encoded straight into the
+//!   handler's receive buffer and the handler runs at once.
+//! - [`reply_recv`]: the handler answers the exit with a plain answer
+//!   (resume, perhaps with new registers: `exitcodec::plain_reply`) and
+//!   waits again, with nothing there yet. The answer is applied and the
+//!   vCPU entered at once.
+//!
+//! Each checks every condition first and changes nothing unless all hold;
+//! otherwise it returns and the caller takes the general path
+//! (`exits::to_handler`, `syscall::dispatch`), which has the same effect in
+//! more steps and handles every other case (a queue, an error, a view
+//! switch, a single step, the end of a domain...). The scheduling is the
+//! general path's too: what runs is what `Kernel::make_ready_next` would
+//! hand off to, and the hand-off streak is counted the same way.
+
+use super::caps::{Cap, Object};
+use super::ipc::{Sender, bits, token, untoken};
+use super::process::{State, Wait};
+use super::{FRONT_STREAK, Kernel};
+use crate::vm::vcpu::VcpuState;
+use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_reply};
+use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
+use ipc_schema::vmexit::{ExitRegs, Response, Then};
+use platform::vmx::fields::reason;
+
+/// Counts a hand-off the way `Kernel::make_ready_next` does; false when the
+/// general path must queue instead (others have waited long enough).
+#[inline(always)]
+fn hand_off(k: &mut Kernel) -> bool {
+    if k.next.is_some() || k.front_streak >= FRONT_STREAK {
+        return false;
+    }
+    k.front_streak = if k.ready.is_empty() {
+        0
+    } else {
+        k.front_streak + 1
+    };
+    true
+}
+
+/// Domain slot `slot`'s vCPU has just exited (`Domain::pending_raw`) for
+/// its handler: if the handler waits, hands the exit over and runs the
+/// handler (no return). Returns, having changed nothing, otherwise.
+#[inline(always)]
+pub fn exit(k: &mut Kernel, slot: u16) {
+    let Some(d) = k.domains[usize::from(slot)].as_ref() else {
+        return;
+    };
+    let Some(raw) = d.pending_raw else { return };
+    if raw.vmx_failed() || raw.entry_failure() || d.vcpu.is_none() {
+        return;
+    }
+    // Single steps come back to whoever asked (the general path knows).
+    let ep = match raw.reason() {
+        reason::EPT_VIOLATION => d.violation_endpoint,
+        reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI => return,
+        _ => d.exit_endpoint,
+    };
+    let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {
+        return;
+    };
+    let Some(pid) = e.waiting else { return };
+    if !e.queue.is_empty() {
+        return;
+    }
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    let Some((buf, cap, handle)) = p.receiving_on(ep) else {
+        return;
+    };
+    if cap < EXIT_MESSAGE_MAX as u64 {
+        return;
+    }
+    let Some(at) = p
+        .space
+        .as_ref()
+        .and_then(|s| s.in_one_page(buf, EXIT_MESSAGE_MAX, true))
+    else {
+        return;
+    };
+    if !hand_off(k) {
+        return;
+    }
+    // Everything holds: from here on, the exit is delivered.
+    let d = k.domains[usize::from(slot)]
+        .as_mut()
+        .expect("checked above");
+    d.pending_raw = None;
+    let v = d.vcpu.as_ref().expect("checked above");
+    let exit = match &mut d.pending {
+        Some(e) => {
+            v.decode_into(d.id, &raw, e);
+            e
+        }
+        none => none.insert(v.decode(d.id, &raw)),
+    };
+    // Safety: `at` is the direct-map address of EXIT_MESSAGE_MAX bytes of
+    // the handler's own writable memory, which nothing else in the kernel
+    // refers to while this runs.
+    let dst = unsafe { core::slice::from_raw_parts_mut(at, EXIT_MESSAGE_MAX) };
+    let len = encode_exit(exit, &ExitRegs::of(&v.regs), dst).unwrap_or(0);
+    d.awaiting_reply = true;
+    d.exit_seq = d.exit_seq.wrapping_add(1);
+    d.last_endpoint = ep;
+    d.exit_server = Some(pid);
+    let seq = d.exit_seq;
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .expect("checked above");
+    p.frame.rax = SysError::Ok as u64;
+    p.frame.rdi = len as u64;
+    p.frame.rsi = token(Sender::Vcpu(slot), seq);
+    p.frame.rdx = 0;
+    p.frame.r10 = u64::from(handle);
+    p.frame.r8 = 0;
+    p.state = State::Ready;
+    if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
+        e.server = Some(pid);
+        e.waiting = None;
+    }
+    super::sched::resume(k, pid)
+}
+
+/// Process `pid` made a REPLY_RECV system call (its registers in its
+/// frame): if it answers a vCPU's exit plainly and nothing waits for it,
+/// applies the answer, makes it wait, and runs the vCPU (no return).
+/// Returns, having changed nothing, otherwise.
+#[inline(always)]
+pub fn reply_recv(k: &mut Kernel, pid: u16) {
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    let f = &p.frame;
+    if f.rax != nr::REPLY_RECV {
+        return;
+    }
+    let (token, va, len, mask, buf, cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9);
+    let (Sender::Vcpu(slot), seq) = untoken(token) else {
+        return;
+    };
+    let Some(d) = k.domains.get(usize::from(slot)).and_then(Option::as_ref) else {
+        return;
+    };
+    if !d.awaiting_reply
+        || d.exit_seq != seq
+        || d.exit_server != Some(pid)
+        || d.state != DomainState::Running
+        || len > MAX_MESSAGE as u64
+    {
+        return;
+    }
+    let Some(at) = p
+        .space
+        .as_ref()
+        .and_then(|s| s.in_one_page(va, len as usize, false))
+    else {
+        return;
+    };
+    // Safety: `at` is the direct-map address of `len` bytes the service
+    // may read, and nothing here writes to them.
+    let bytes = unsafe { core::slice::from_raw_parts(at, len as usize) };
+    let Some((advance, regs)) = plain_reply(bytes) else {
+        return;
+    };
+    match d.vcpu.as_ref() {
+        Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
+        _ => return,
+    }
+    // The receive half: every handle one to receive on, nothing there yet.
+    if mask == 0 {
+        return;
+    }
+    for slot in bits(mask) {
+        match p.handles.get(slot as usize).copied().flatten() {
+            Some(Cap {
+                object: Object::Endpoint { id, .. },
+                rights: r,
+                ..
+            }) if r & rights::RECEIVE != 0
+                && k.endpoints[usize::from(id)]
+                    .as_ref()
+                    .is_some_and(|e| e.queue.is_empty()) => {}
+            Some(Cap {
+                object: Object::Notification(n),
+                rights: r,
+                ..
+            }) if r & rights::WAIT != 0
+                && k.notifications[usize::from(n)]
+                    .as_ref()
+                    .is_some_and(|n| n.bits == 0) => {}
+            _ => return,
+        }
+    }
+    if !hand_off(k) {
+        return;
+    }
+    // Everything holds: the answer is applied, the service waits.
+    let d = k.domains[usize::from(slot)]
+        .as_mut()
+        .expect("checked above");
+    d.awaiting_reply = false;
+    d.exit_server = None;
+    let v = d.vcpu.as_mut().expect("checked above");
+    if let Some(r) = regs {
+        r.apply(&mut v.regs);
+    }
+    v.apply(&Response {
+        advance,
+        inject: None,
+        then: Then::Resume,
+    });
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .expect("checked above");
+    p.state = State::Blocked(Wait::Recv { mask, buf, cap });
+    for s in bits(mask) {
+        match p.handles[s as usize].map(|c| c.object) {
+            Some(Object::Endpoint { id, .. }) => {
+                if let Some(e) = k.endpoints[usize::from(id)].as_mut() {
+                    e.waiting = Some(pid);
+                }
+            }
+            Some(Object::Notification(n)) => {
+                if let Some(note) = k.notifications[usize::from(n)].as_mut() {
+                    note.waiter = Some(pid);
+                }
+            }
+            _ => {}
+        }
+    }
+    k.current = None;
+    crate::vm::run_vcpu(k, slot);
+    super::sched::run()
+}
