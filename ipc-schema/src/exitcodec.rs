@@ -8,7 +8,8 @@
 //! matters and postcard anywhere else; the two interoperate.
 
 use crate::vmexit::{
-    AccessBits, Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Inject, Response, Then,
+    AccessBits, EXIT_FIXED, Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Inject, Response,
+    Then,
 };
 use postcard::experimental::max_size::MaxSize;
 
@@ -263,50 +264,68 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
     }
 }
 
+/// Reads an exit kind into `out`, each variant written where it goes (no
+/// value of the whole enum assembled and copied: that costs more than the
+/// decoding on the exit path).
 #[inline(always)]
-fn take_kind(i: &mut In<'_>) -> Option<ExitKind> {
-    Some(match i.u32()? {
-        0 => ExitKind::Cpuid {
-            leaf: i.u32()?,
-            subleaf: i.u32()?,
-        },
-        1 => ExitKind::Hypercall,
-        2 => ExitKind::Io {
-            port: i.u16()?,
-            size: i.byte()?,
-            write: i.bool()?,
-            value: i.u32()?,
-        },
-        3 => ExitKind::Hlt,
-        4 => ExitKind::Rdmsr { msr: i.u32()? },
-        5 => ExitKind::Wrmsr {
-            msr: i.u32()?,
-            value: i.u64()?,
-        },
-        6 => ExitKind::EptViolation {
-            gpa: i.u64()?,
-            gla: if i.some()? { Some(i.u64()?) } else { None },
-            access: i.access()?,
-            allowed: i.access()?,
-            qualification: i.u64()?,
-        },
-        7 => ExitKind::EptMisconfig { gpa: i.u64()? },
-        8 => ExitKind::TripleFault,
-        9 => ExitKind::Vmfunc {
-            leaf: i.u32()?,
-            index: i.u32()?,
-        },
-        10 => ExitKind::Xsetbv {
-            index: i.u32()?,
-            value: i.u64()?,
-        },
-        11 => ExitKind::Other {
-            reason: i.u16()?,
-            qualification: i.u64()?,
-        },
-        12 => ExitKind::MonitorTrap,
+fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
+    match i.u32()? {
+        0 => {
+            *out = ExitKind::Cpuid {
+                leaf: i.u32()?,
+                subleaf: i.u32()?,
+            }
+        }
+        1 => *out = ExitKind::Hypercall,
+        2 => {
+            *out = ExitKind::Io {
+                port: i.u16()?,
+                size: i.byte()?,
+                write: i.bool()?,
+                value: i.u32()?,
+            }
+        }
+        3 => *out = ExitKind::Hlt,
+        4 => *out = ExitKind::Rdmsr { msr: i.u32()? },
+        5 => {
+            *out = ExitKind::Wrmsr {
+                msr: i.u32()?,
+                value: i.u64()?,
+            }
+        }
+        6 => {
+            *out = ExitKind::EptViolation {
+                gpa: i.u64()?,
+                gla: if i.some()? { Some(i.u64()?) } else { None },
+                access: i.access()?,
+                allowed: i.access()?,
+                qualification: i.u64()?,
+            }
+        }
+        7 => *out = ExitKind::EptMisconfig { gpa: i.u64()? },
+        8 => *out = ExitKind::TripleFault,
+        9 => {
+            *out = ExitKind::Vmfunc {
+                leaf: i.u32()?,
+                index: i.u32()?,
+            }
+        }
+        10 => {
+            *out = ExitKind::Xsetbv {
+                index: i.u32()?,
+                value: i.u64()?,
+            }
+        }
+        11 => {
+            *out = ExitKind::Other {
+                reason: i.u16()?,
+                qualification: i.u64()?,
+            }
+        }
+        12 => *out = ExitKind::MonitorTrap,
         _ => return None,
-    })
+    }
+    Some(())
 }
 
 #[inline(always)]
@@ -335,15 +354,19 @@ pub fn encode_message(m: &ExitMessage, out: &mut [u8]) -> Option<usize> {
 /// Encodes the [`ExitMessage`] of `e` and `regs` (without building one).
 #[inline]
 pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
-    let mut o = Out::new(out);
-    o.varint(e.domain.into())?;
-    o.varint(e.vcpu.into())?;
+    let (fixed, rest) = out.split_first_chunk_mut::<EXIT_FIXED>()?;
+    fixed[0..8].copy_from_slice(&regs.rax.to_le_bytes());
+    fixed[8..16].copy_from_slice(&regs.rbx.to_le_bytes());
+    fixed[16..24].copy_from_slice(&regs.rcx.to_le_bytes());
+    fixed[24..32].copy_from_slice(&regs.rdx.to_le_bytes());
+    fixed[32..34].copy_from_slice(&e.domain.to_le_bytes());
+    fixed[34..36].copy_from_slice(&e.vcpu.to_le_bytes());
+    fixed[36..38].copy_from_slice(&e.view.to_le_bytes());
+    fixed[38] = e.instruction_len;
+    fixed[39..47].copy_from_slice(&e.rip.to_le_bytes());
+    let mut o = Out::new(rest);
     put_kind(&mut o, &e.kind)?;
-    o.word(e.rip)?;
-    o.byte(e.instruction_len)?;
-    o.varint(e.view.into())?;
-    put_regs(&mut o, regs)?;
-    Some(o.written())
+    Some(EXIT_FIXED + o.written())
 }
 
 /// Decodes an exit message (all of `bytes`: trailing bytes are an error).
@@ -368,15 +391,23 @@ pub fn decode_message(bytes: &[u8]) -> Option<ExitMessage> {
 /// On `None`, `m` holds part of the bad message.
 #[inline]
 pub fn decode_message_into(bytes: &[u8], m: &mut ExitMessage) -> Option<()> {
-    let mut i = In { rest: bytes };
+    let (fixed, rest) = bytes.split_first_chunk::<EXIT_FIXED>()?;
+    let word = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u16::from_le_bytes([fixed[at], fixed[at + 1]]);
+    m.regs = ExitRegs {
+        rax: word(0),
+        rbx: word(8),
+        rcx: word(16),
+        rdx: word(24),
+    };
     let e = &mut m.exit;
-    e.domain = i.u16()?;
-    e.vcpu = i.u16()?;
-    e.kind = take_kind(&mut i)?;
-    e.rip = i.word()?;
-    e.instruction_len = i.byte()?;
-    e.view = i.u16()?;
-    m.regs = take_regs(&mut i)?;
+    e.domain = half(32);
+    e.vcpu = half(34);
+    e.view = half(36);
+    e.instruction_len = fixed[38];
+    e.rip = word(39);
+    let mut i = In { rest };
+    take_kind_into(&mut i, &mut e.kind)?;
     i.end()
 }
 

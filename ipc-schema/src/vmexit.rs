@@ -132,6 +132,7 @@ pub struct AccessBits {
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
 )]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(C, u8)]
 pub enum ExitKind {
     Cpuid {
         leaf: u32,
@@ -190,49 +191,61 @@ pub enum ExitKind {
     MonitorTrap,
 }
 
-/// One exit of one vCPU. RIP travels as 8 little-endian bytes, like the
-/// registers ([`ExitRegs`]).
+/// One exit of one vCPU.
+///
+/// The fixed-size fields come first and travel at fixed width (postcard's
+/// `fixint::le`): with the registers before them ([`ExitMessage`]), the
+/// first [`EXIT_FIXED`] bytes of every exit message are at fixed offsets,
+/// written and read with one length check; the kind follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Exit {
+    #[serde(with = "postcard::fixint::le")]
     pub domain: u16,
+    #[serde(with = "postcard::fixint::le")]
     pub vcpu: u16,
-    pub kind: ExitKind,
+    /// The vCPU's active view when it exited.
+    #[serde(with = "postcard::fixint::le")]
+    pub view: u16,
+    pub instruction_len: u8,
     #[serde(with = "postcard::fixint::le")]
     pub rip: u64,
-    pub instruction_len: u8,
-    /// The vCPU's active view when it exited.
-    pub view: u16,
+    pub kind: ExitKind,
 }
 
-// Written out for the same reason as `ExitRegs`'s: RIP is 8 bytes.
+/// The bytes of an exit message before the kind: the registers, domain,
+/// vCPU, view, instruction length and RIP.
+pub const EXIT_FIXED: usize = 32 + 2 + 2 + 2 + 1 + 8;
+
+// Written out for the same reason as `ExitRegs`'s: the fixed-width fields
+// are described as what travels.
 impl postcard_schema::Schema for Exit {
     const SCHEMA: &'static NamedType = &NamedType {
         name: "Exit",
         ty: &DataModelType::Struct(&[
             &NamedValue {
                 name: "domain",
-                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
             },
             &NamedValue {
                 name: "vcpu",
-                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
             },
             &NamedValue {
-                name: "kind",
-                ty: <ExitKind as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "rip",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
+                name: "view",
+                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
             },
             &NamedValue {
                 name: "instruction_len",
                 ty: <u8 as postcard_schema::Schema>::SCHEMA,
             },
             &NamedValue {
-                name: "view",
-                ty: <u16 as postcard_schema::Schema>::SCHEMA,
+                name: "rip",
+                ty: <Word as postcard_schema::Schema>::SCHEMA,
+            },
+            &NamedValue {
+                name: "kind",
+                ty: <ExitKind as postcard_schema::Schema>::SCHEMA,
             },
         ]),
     };
@@ -304,14 +317,14 @@ impl Response {
     }
 }
 
-/// What the kernel sends a vCPU's exit handler: the exit and the vCPU's
-/// general registers.
+/// What the kernel sends a vCPU's exit handler: the vCPU's general
+/// registers and the exit (in this order: see [`Exit`]).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
 )]
 pub struct ExitMessage {
-    pub exit: Exit,
     pub regs: ExitRegs,
+    pub exit: Exit,
 }
 
 /// The handler's answer: how to resume, the registers when it changed

@@ -81,6 +81,8 @@ pub struct Saved {
 #[derive(Default)]
 pub struct Vmm {
     domains: heapless::Vec<Devices, DOMAINS>,
+    /// The index in `domains` of the domain served last.
+    last: usize,
 }
 
 impl Vmm {
@@ -120,8 +122,14 @@ impl Vmm {
             .map_or(&[], |d| &d.line[..])
     }
 
+    /// The devices of `domain`, made on its first exit.
     fn devices(&mut self, domain: u16) -> &mut Devices {
+        // Exits come domain after domain: the last one asked for first.
+        if self.domains.get(self.last).is_some_and(|d| d.id == domain) {
+            return &mut self.domains[self.last];
+        }
         if let Some(i) = self.domains.iter().position(|d| d.id == domain) {
+            self.last = i;
             return &mut self.domains[i];
         }
         if self.domains.is_full() {
@@ -133,8 +141,8 @@ impl Vmm {
             id: domain,
             ..Devices::default()
         });
-        let last = self.domains.len() - 1;
-        &mut self.domains[last]
+        self.last = self.domains.len() - 1;
+        &mut self.domains[self.last]
     }
 
     /// Answers one exit.
@@ -155,14 +163,15 @@ impl Vmm {
         // Console bytes are held back only while the guest keeps writing
         // them: any other exit sends them on, so that a fault of this
         // service loses at most an unfinished burst.
-        if !matches!(
-            exit.kind,
-            ExitKind::Io {
-                port: COM1..=0x3ff,
-                ..
-            }
-        ) && let Some(d) = self.domains.iter_mut().find(|d| d.id == id)
-            && !d.line.is_empty()
+        let d = self.devices(id);
+        if !d.line.is_empty()
+            && !matches!(
+                exit.kind,
+                ExitKind::Io {
+                    port: COM1..=0x3ff,
+                    ..
+                }
+            )
         {
             flush(env, d);
         }
@@ -175,7 +184,6 @@ impl Vmm {
             }
             ExitKind::Hypercall => {
                 if regs.rax == HC_SERVICE_NULL || regs.rax == HC_SERVICE_INFO {
-                    let d = self.devices(id);
                     d.service_calls = d.service_calls.wrapping_add(1);
                     if regs.rax == HC_SERVICE_INFO {
                         regs.rbx = (u64::from(VERSION) << 32) | u64::from(d.service_calls);
@@ -191,7 +199,7 @@ impl Vmm {
                 size,
                 write,
                 value,
-            } => self.io(env, id, regs, port, size, write, value),
+            } => io(env, d, regs, port, size, write, value),
             ExitKind::Hlt => Response {
                 advance: true,
                 inject: None,
@@ -285,50 +293,6 @@ impl Vmm {
             }
         }
     }
-
-    /// Port I/O: the console UART, the exit port; other ports read as
-    /// absent hardware (all ones) and ignore writes.
-    #[allow(clippy::too_many_arguments)]
-    fn io(
-        &mut self,
-        env: &mut impl Env,
-        id: u16,
-        regs: &mut ExitRegs,
-        port: u16,
-        size: u8,
-        write: bool,
-        value: u32,
-    ) -> Response {
-        match port {
-            COM1..=0x3ff if write => {
-                let d = self.devices(id);
-                if let Some(byte) = d.uart.write(port - COM1, value as u8) {
-                    console_byte(env, d, byte);
-                }
-            }
-            COM1..=0x3ff => {
-                let v = self.devices(id).uart.read(port - COM1);
-                set_in(regs, size, u32::from(v));
-            }
-            EXIT_PORT if write => {
-                // Whatever the guest left unterminated still reaches the log.
-                let d = self.devices(id);
-                flush(env, d);
-                if d.open_line {
-                    env.console(id, b"\n");
-                    d.open_line = false;
-                }
-                return Response {
-                    advance: true,
-                    inject: None,
-                    then: Then::Exit { status: value },
-                };
-            }
-            _ if write => {}
-            _ => set_in(regs, size, u32::MAX),
-        }
-        Response::DONE
-    }
 }
 
 fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
@@ -339,6 +303,46 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
     if byte == b'\n' || d.line.is_full() {
         flush(env, d);
     }
+}
+
+/// Port I/O: the console UART, the exit port; other ports read as absent
+/// hardware (all ones) and ignore writes.
+fn io(
+    env: &mut impl Env,
+    d: &mut Devices,
+    regs: &mut ExitRegs,
+    port: u16,
+    size: u8,
+    write: bool,
+    value: u32,
+) -> Response {
+    match port {
+        COM1..=0x3ff if write => {
+            if let Some(byte) = d.uart.write(port - COM1, value as u8) {
+                console_byte(env, d, byte);
+            }
+        }
+        COM1..=0x3ff => {
+            let v = d.uart.read(port - COM1);
+            set_in(regs, size, u32::from(v));
+        }
+        EXIT_PORT if write => {
+            // Whatever the guest left unterminated still reaches the log.
+            flush(env, d);
+            if d.open_line {
+                env.console(d.id, b"\n");
+                d.open_line = false;
+            }
+            return Response {
+                advance: true,
+                inject: None,
+                then: Then::Exit { status: value },
+            };
+        }
+        _ if write => {}
+        _ => set_in(regs, size, u32::MAX),
+    }
+    Response::DONE
 }
 
 /// Sends the console bytes held back so far (the host cuts lines at '\n').
