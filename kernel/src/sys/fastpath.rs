@@ -64,16 +64,27 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {
         return;
     };
-    let Some(pid) = e.waiting else { return };
+    let (Some(pid), handle) = (e.waiting, e.waiting_slot) else {
+        return;
+    };
     if !e.queue.is_empty() {
         return;
     }
     let Some(p) = k.processes[usize::from(pid)].as_ref() else {
         return;
     };
-    let Some((buf, cap, handle)) = p.receiving_on(ep) else {
+    // The hint holds: the handler waits in RECV, through the handle the
+    // hint names, on this endpoint.
+    let State::Blocked(Wait::Recv { mask, buf, cap }) = p.state else {
         return;
     };
+    match p.handles.get(handle as usize).copied().flatten() {
+        Some(Cap {
+            object: Object::Endpoint { id, .. },
+            ..
+        }) if id == ep && handle < 64 && mask & (1 << handle) != 0 => {}
+        _ => return,
+    }
     if cap < EXIT_MESSAGE_MAX as u64 {
         return;
     }
@@ -172,28 +183,40 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
         _ => return,
     }
-    // The receive half: every handle one to receive on, nothing there yet.
+    // The receive half, in one pass: every handle one to receive on,
+    // nothing there yet. Each object learns that `pid` waits on it: a hint,
+    // harmless if the shortcut is not taken (see `ipc`).
     if mask == 0 {
         return;
     }
-    for slot in bits(mask) {
-        match p.handles.get(slot as usize).copied().flatten() {
+    let Kernel {
+        processes,
+        endpoints,
+        notifications,
+        ..
+    } = &mut *k;
+    let p = processes[usize::from(pid)].as_ref().expect("checked above");
+    for h in bits(mask) {
+        match p.handles.get(h as usize).copied().flatten() {
             Some(Cap {
                 object: Object::Endpoint { id, .. },
                 rights: r,
                 ..
-            }) if r & rights::RECEIVE != 0
-                && k.endpoints[usize::from(id)]
-                    .as_ref()
-                    .is_some_and(|e| e.queue.is_empty()) => {}
+            }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
+                Some(e) if e.queue.is_empty() => {
+                    e.waiting = Some(pid);
+                    e.waiting_slot = h;
+                }
+                _ => return,
+            },
             Some(Cap {
                 object: Object::Notification(n),
                 rights: r,
                 ..
-            }) if r & rights::WAIT != 0
-                && k.notifications[usize::from(n)]
-                    .as_ref()
-                    .is_some_and(|n| n.bits == 0) => {}
+            }) if r & rights::WAIT != 0 => match notifications[usize::from(n)].as_mut() {
+                Some(n) if n.bits == 0 => n.waiter = Some(pid),
+                _ => return,
+            },
             _ => return,
         }
     }
@@ -215,24 +238,8 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         inject: None,
         then: Then::Resume,
     });
-    let p = k.processes[usize::from(pid)]
-        .as_mut()
-        .expect("checked above");
-    p.state = State::Blocked(Wait::Recv { mask, buf, cap });
-    for s in bits(mask) {
-        match p.handles[s as usize].map(|c| c.object) {
-            Some(Object::Endpoint { id, .. }) => {
-                if let Some(e) = k.endpoints[usize::from(id)].as_mut() {
-                    e.waiting = Some(pid);
-                }
-            }
-            Some(Object::Notification(n)) => {
-                if let Some(note) = k.notifications[usize::from(n)].as_mut() {
-                    note.waiter = Some(pid);
-                }
-            }
-            _ => {}
-        }
+    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+        p.state = State::Blocked(Wait::Recv { mask, buf, cap });
     }
     k.current = None;
     crate::vm::run_vcpu(k, slot);

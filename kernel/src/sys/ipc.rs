@@ -44,8 +44,11 @@ pub struct Endpoint {
     pub generation: u32,
     /// The process that received on it last.
     pub server: Option<u16>,
-    /// A process waiting in RECV on it.
+    /// A process waiting in RECV on it (a hint: see the module
+    /// documentation)...
     pub waiting: Option<u16>,
+    /// ...through its handle in this slot.
+    pub waiting_slot: u32,
     /// Callers whose messages wait for a receiver.
     pub queue: heapless::Deque<Sender, 16>,
 }

@@ -774,6 +774,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
             }) if r & rights::RECEIVE != 0 => {
                 if let Some(ep) = endpoints[usize::from(id)].as_mut() {
                     ep.waiting = Some(pid);
+                    ep.waiting_slot = slot;
                     queued |= !ep.queue.is_empty();
                 }
             }

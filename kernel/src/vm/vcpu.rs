@@ -383,14 +383,16 @@ impl Vcpu {
 
     /// Decodes an exit into the message an exit handler receives.
     pub fn decode(&self, domain: u16, raw: &RawExit) -> Exit {
-        Exit {
+        let mut e = Exit {
             domain,
             vcpu: self.id,
-            kind: self.decode_kind(raw),
-            rip: self.read(GUEST_RIP),
-            instruction_len: self.read(EXIT_INSTRUCTION_LENGTH) as u8,
-            view: self.active_view(),
-        }
+            view: 0,
+            instruction_len: 0,
+            rip: 0,
+            kind: ExitKind::Hlt,
+        };
+        self.decode_into(domain, raw, &mut e);
+        e
     }
 
     /// [`Vcpu::decode`] into `out`, field by field (the exit path keeps the
@@ -399,34 +401,38 @@ impl Vcpu {
     pub fn decode_into(&self, domain: u16, raw: &RawExit, out: &mut Exit) {
         out.domain = domain;
         out.vcpu = self.id;
-        out.kind = self.decode_kind(raw);
+        self.decode_kind_into(raw, &mut out.kind);
         out.rip = self.read(GUEST_RIP);
         out.instruction_len = self.read(EXIT_INSTRUCTION_LENGTH) as u8;
         out.view = self.active_view();
     }
 
+    /// The kind of an exit, written into `out` variant by variant (no value
+    /// of the whole enum assembled and copied).
     #[inline]
-    fn decode_kind(&self, raw: &RawExit) -> ExitKind {
+    fn decode_kind_into(&self, raw: &RawExit, out: &mut ExitKind) {
         use platform::vmx::fields::reason as r;
         let read = |f| self.read(f);
         // Read only for the exits that report one.
         let q = || self.qualification();
         if raw.entry_failure() {
-            ExitKind::Other {
+            *out = ExitKind::Other {
                 reason: raw.reason(),
                 qualification: q(),
             }
         } else {
             match raw.reason() {
-                r::CPUID => ExitKind::Cpuid {
-                    leaf: self.regs.rax as u32,
-                    subleaf: self.regs.rcx as u32,
-                },
-                r::VMCALL => ExitKind::Hypercall,
+                r::CPUID => {
+                    *out = ExitKind::Cpuid {
+                        leaf: self.regs.rax as u32,
+                        subleaf: self.regs.rcx as u32,
+                    }
+                }
+                r::VMCALL => *out = ExitKind::Hypercall,
                 r::IO_INSTRUCTION => {
                     let io = platform::vmx::fields::IoQualification::decode(q());
                     if io.string || io.rep {
-                        ExitKind::Other {
+                        *out = ExitKind::Other {
                             reason: raw.reason(),
                             qualification: q(),
                         }
@@ -436,7 +442,7 @@ impl Vcpu {
                         } else {
                             (1u32 << (8 * io.size)) - 1
                         };
-                        ExitKind::Io {
+                        *out = ExitKind::Io {
                             port: io.port,
                             size: io.size,
                             write: io.write,
@@ -444,26 +450,30 @@ impl Vcpu {
                         }
                     }
                 }
-                r::HLT => ExitKind::Hlt,
-                r::MONITOR_TRAP_FLAG => ExitKind::MonitorTrap,
+                r::HLT => *out = ExitKind::Hlt,
+                r::MONITOR_TRAP_FLAG => *out = ExitKind::MonitorTrap,
                 // The #DB of a trap-flag step (exception bitmap bit 1 is set
                 // only for one).
                 r::EXCEPTION_OR_NMI
                     if self.tf_step.is_some() && read(EXIT_INTERRUPTION_INFO) & 0x7ff == 0x301 =>
                 {
-                    ExitKind::MonitorTrap
+                    *out = ExitKind::MonitorTrap
                 }
-                r::RDMSR => ExitKind::Rdmsr {
-                    msr: self.regs.rcx as u32,
-                },
-                r::WRMSR => ExitKind::Wrmsr {
-                    msr: self.regs.rcx as u32,
-                    value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
-                },
+                r::RDMSR => {
+                    *out = ExitKind::Rdmsr {
+                        msr: self.regs.rcx as u32,
+                    }
+                }
+                r::WRMSR => {
+                    *out = ExitKind::Wrmsr {
+                        msr: self.regs.rcx as u32,
+                        value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                    }
+                }
                 r::EPT_VIOLATION => {
                     let qualification = q();
                     let v = platform::vmx::fields::EptViolation::decode(qualification);
-                    ExitKind::EptViolation {
+                    *out = ExitKind::EptViolation {
                         gpa: read(GUEST_PHYSICAL_ADDRESS),
                         gla: v.linear_valid.then(|| read(GUEST_LINEAR_ADDRESS)),
                         access: AccessBits {
@@ -479,22 +489,30 @@ impl Vcpu {
                         qualification,
                     }
                 }
-                r::EPT_MISCONFIG => ExitKind::EptMisconfig {
-                    gpa: read(GUEST_PHYSICAL_ADDRESS),
-                },
-                r::TRIPLE_FAULT => ExitKind::TripleFault,
-                r::VMFUNC => ExitKind::Vmfunc {
-                    leaf: self.regs.rax as u32,
-                    index: self.regs.rcx as u32,
-                },
-                r::XSETBV => ExitKind::Xsetbv {
-                    index: self.regs.rcx as u32,
-                    value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
-                },
-                other => ExitKind::Other {
-                    reason: other,
-                    qualification: q(),
-                },
+                r::EPT_MISCONFIG => {
+                    *out = ExitKind::EptMisconfig {
+                        gpa: read(GUEST_PHYSICAL_ADDRESS),
+                    }
+                }
+                r::TRIPLE_FAULT => *out = ExitKind::TripleFault,
+                r::VMFUNC => {
+                    *out = ExitKind::Vmfunc {
+                        leaf: self.regs.rax as u32,
+                        index: self.regs.rcx as u32,
+                    }
+                }
+                r::XSETBV => {
+                    *out = ExitKind::Xsetbv {
+                        index: self.regs.rcx as u32,
+                        value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                    }
+                }
+                other => {
+                    *out = ExitKind::Other {
+                        reason: other,
+                        qualification: q(),
+                    }
+                }
             }
         }
     }
