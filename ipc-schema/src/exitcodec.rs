@@ -432,7 +432,7 @@ pub fn is_plain(r: &ExitReply) -> bool {
 /// A plain answer (see [`is_plain`]) read from its bytes, without building
 /// an [`ExitReply`]: `(advance, registers)`, or `None` when `bytes` are
 /// anything else (which [`decode_reply`] then reads, or refuses).
-#[inline]
+#[inline(always)]
 pub fn plain_reply(bytes: &[u8]) -> Option<(bool, Option<ExitRegs>)> {
     // advance, inject: None, then: Resume, regs (None, or Some and 32
     // bytes), view: None, step: false, rip: None.

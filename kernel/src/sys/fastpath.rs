@@ -242,6 +242,9 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         p.state = State::Blocked(Wait::Recv { mask, buf, cap });
     }
     k.current = None;
-    crate::vm::run_vcpu(k, slot);
+    let others_waiting = !k.ready.is_empty();
+    if crate::vm::run_loaded(k, slot, others_waiting) {
+        crate::vm::run_vcpu(k, slot);
+    }
     super::sched::run()
 }

@@ -75,30 +75,25 @@ pub fn resume(k: &mut Kernel, pid: u16) -> ! {
     // Its next trap saves its registers into this same frame.
     crate::arch::percpu::set_trap_frame_end(frame as u64 + FRAME_BYTES);
     // Safety: `cr3` is the process's own table tree, whose upper half is the
-    // kernel's (loaded only when it is not the current one: the same tree
-    // needs no TLB flush); the frame is a complete ring-3 frame, in the
-    // kernel's static state, which nothing changes before the `iretq`.
-    unsafe {
-        use x86_64::registers::control::Cr3;
-        if Cr3::read_raw().0.start_address().as_u64() != cr3 {
-            Cr3::write_raw(
-                x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new(
-                    cr3,
-                )),
-                0,
-            );
-        }
-        user_return(frame)
-    }
+    // kernel's; the frame is a complete ring-3 frame, in the kernel's static
+    // state, which nothing changes before the `iretq`.
+    unsafe { user_return(frame, cr3) }
 }
 
 /// Size of a trap frame.
 const FRAME_BYTES: u64 = core::mem::size_of::<TrapFrame>() as u64;
 
-/// Returns to ring 3 through `frame`, used as the stack for its own pops.
+/// Returns to ring 3 in the address space `cr3` (loaded only when it is
+/// not the current one: the same tree needs no TLB flush) through `frame`,
+/// used as the stack for its own pops.
 #[unsafe(naked)]
-unsafe extern "C" fn user_return(frame: *const TrapFrame) -> ! {
+unsafe extern "C" fn user_return(frame: *const TrapFrame, cr3: u64) -> ! {
     core::arch::naked_asm!(
+        "mov rax, cr3",
+        "cmp rax, rsi",
+        "je 2f",
+        "mov cr3, rsi",
+        "2:",
         "mov rsp, rdi",
         "pop r15",
         "pop r14",

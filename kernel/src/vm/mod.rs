@@ -154,24 +154,38 @@ pub fn run_vcpu(k: &mut Kernel, slot: u16) {
             exits::crash(k, slot, None);
             return;
         }
-        match run_until_handler(d, others_waiting) {
-            Stop::Yield => {
-                k.make_ready(Runnable::Vcpu(slot));
-                return;
+        if !run_loaded(k, slot, others_waiting) {
+            return;
+        }
+    }
+}
+
+/// Runs domain slot `slot`'s vCPU, which may run (the domain runs, nothing
+/// is pending, its VMCS is current: the checks of [`run_vcpu`] were made),
+/// until it needs its handler or someone else. True if it may run again at
+/// once (an interrupt was handled and nobody else is ready).
+#[inline]
+pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
+    let Some(d) = k.domains[usize::from(slot)].as_mut() else {
+        return false;
+    };
+    match run_until_handler(d, others_waiting) {
+        Stop::Yield => {
+            k.make_ready(Runnable::Vcpu(slot));
+            false
+        }
+        Stop::Interrupt(vector) => {
+            crate::sys::irq::handle(k, vector);
+            if k.ready.is_empty() {
+                return true;
             }
-            Stop::Interrupt(vector) => {
-                crate::sys::irq::handle(k, vector);
-                if k.ready.is_empty() {
-                    continue;
-                }
-                k.make_ready(Runnable::Vcpu(slot));
-                return;
-            }
-            Stop::Handler => {
-                crate::sys::fastpath::exit(k, slot);
-                exits::to_handler(k, slot);
-                return;
-            }
+            k.make_ready(Runnable::Vcpu(slot));
+            false
+        }
+        Stop::Handler => {
+            crate::sys::fastpath::exit(k, slot);
+            exits::to_handler(k, slot);
+            false
         }
     }
 }
