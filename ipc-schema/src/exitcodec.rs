@@ -446,6 +446,30 @@ pub fn plain_reply(bytes: &[u8]) -> Option<(bool, Option<ExitRegs>)> {
     }
 }
 
+/// Encodes the [`ExitReply`] of a handler that only answers (`response`,
+/// and `regs` if it changed them; no view, step or RIP), without building
+/// one: what an exit handler such as the vmm sends for nearly every exit.
+#[inline]
+pub fn encode_answer(
+    response: &Response,
+    regs: Option<&ExitRegs>,
+    out: &mut [u8],
+) -> Option<usize> {
+    if response.inject.is_none() && response.then == Then::Resume {
+        return encode_plain(response.advance, regs, out);
+    }
+    encode_reply(
+        &ExitReply {
+            response: *response,
+            regs: regs.copied(),
+            view: None,
+            step: false,
+            rip: None,
+        },
+        out,
+    )
+}
+
 /// Encodes `r` into `out`; returns the length, or `None` if it does not fit.
 pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     if is_plain(r) {
@@ -781,6 +805,16 @@ mod tests {
                 prop_assert!(is_plain(&whole));
                 prop_assert_eq!((advance, regs), (whole.response.advance, whole.regs));
             }
+        }
+
+        #[test]
+        fn answers_encode_as_their_replies(r in reply()) {
+            let mut a = [0u8; 128];
+            let mut b = [0u8; 128];
+            let plain = ExitReply { view: None, step: false, rip: None, ..r };
+            let n = encode_answer(&plain.response, plain.regs.as_ref(), &mut a).unwrap();
+            let m = encode_reply(&plain, &mut b).unwrap();
+            prop_assert_eq!(&a[..n], &b[..m]);
         }
 
         #[test]

@@ -47,6 +47,7 @@ pub enum Event<'a> {
     Notified { slot: Handle, bits: u64 },
 }
 
+#[inline(always)]
 fn event(r: Ret, buf: &[u8]) -> Result<Event<'_>, SysError> {
     let r = r.ok()?;
     if r.rsi == 0 {
@@ -71,6 +72,7 @@ pub fn recv(mask: u64, buf: &mut [u8]) -> Result<Event<'_>, SysError> {
 }
 
 /// Replies to `token` (0: nobody) and waits for the next message.
+#[inline(always)]
 pub fn reply_recv<'b>(
     token: u64,
     reply: &[u8],

@@ -158,6 +158,16 @@ impl Vmm {
         }
     }
 
+    /// [`Vmm::exit`], the answer encoded into `out` without building the
+    /// reply (`exitcodec::encode_answer`): the receive loop's way.
+    #[inline]
+    pub fn exit_encoded(&mut self, env: &mut impl Env, m: &ExitMessage, out: &mut [u8]) -> usize {
+        let mut regs = m.regs;
+        let response = self.respond(env, &m.exit, &mut regs);
+        let changed = (regs != m.regs).then_some(&regs);
+        ipc_schema::exitcodec::encode_answer(&response, changed, out).unwrap_or(0)
+    }
+
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         // Console bytes are held back only while the guest keeps writing

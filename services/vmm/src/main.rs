@@ -98,8 +98,7 @@ impl Service for Server {
             );
             return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
         };
-        let answer = self.vmm.exit(&mut self.system, m);
-        ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
+        self.vmm.exit_encoded(&mut self.system, m, reply)
     }
 
     fn snapshot(&self) -> State {
