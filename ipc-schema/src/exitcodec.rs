@@ -352,7 +352,7 @@ pub fn encode_message(m: &ExitMessage, out: &mut [u8]) -> Option<usize> {
 }
 
 /// Encodes the [`ExitMessage`] of `e` and `regs` (without building one).
-#[inline]
+#[inline(always)]
 pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
     let (fixed, rest) = out.split_first_chunk_mut::<EXIT_FIXED>()?;
     fixed[0..8].copy_from_slice(&regs.rax.to_le_bytes());

@@ -167,7 +167,7 @@ impl AddressSpace {
 
     /// The physical address of the byte at `va`, if the service may access
     /// it (present, user, and writable when `write`).
-    #[inline]
+    #[inline(always)]
     pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
         let page = va & !(PAGE_SIZE - 1);
         let e = match self.last.get() {

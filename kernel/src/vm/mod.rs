@@ -164,7 +164,7 @@ pub fn run_vcpu(k: &mut Kernel, slot: u16) {
 /// is pending, its VMCS is current: the checks of [`run_vcpu`] were made),
 /// until it needs its handler or someone else. True if it may run again at
 /// once (an interrupt was handled and nobody else is ready).
-#[inline]
+#[inline(always)]
 pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
     let Some(d) = k.domains[usize::from(slot)].as_mut() else {
         return false;

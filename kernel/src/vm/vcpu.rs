@@ -409,7 +409,7 @@ impl Vcpu {
 
     /// The kind of an exit, written into `out` variant by variant (no value
     /// of the whole enum assembled and copied).
-    #[inline]
+    #[inline(always)]
     fn decode_kind_into(&self, raw: &RawExit, out: &mut ExitKind) {
         use platform::vmx::fields::reason as r;
         let read = |f| self.read(f);
@@ -519,6 +519,7 @@ impl Vcpu {
 
     /// Carries out a handler's response (RIP, injection). The caller acts on
     /// `response.then`.
+    #[inline]
     pub fn apply(&mut self, response: &Response) {
         if response.advance {
             self.skip_instruction();
