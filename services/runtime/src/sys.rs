@@ -16,6 +16,7 @@ pub struct Ret {
 
 impl Ret {
     /// `Ok(self)` when the status is 0, else the error.
+    #[inline(always)]
     pub fn ok(self) -> Result<Ret, SysError> {
         if self.status == 0 {
             Ok(self)

@@ -123,11 +123,17 @@ impl Vmm {
     }
 
     /// The devices of `domain`, made on its first exit.
+    #[inline(always)]
     fn devices(&mut self, domain: u16) -> &mut Devices {
         // Exits come domain after domain: the last one asked for first.
         if self.domains.get(self.last).is_some_and(|d| d.id == domain) {
             return &mut self.domains[self.last];
         }
+        self.find_devices(domain)
+    }
+
+    #[inline(never)]
+    fn find_devices(&mut self, domain: u16) -> &mut Devices {
         if let Some(i) = self.domains.iter().position(|d| d.id == domain) {
             self.last = i;
             return &mut self.domains[i];
