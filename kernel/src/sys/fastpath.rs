@@ -75,26 +75,17 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     };
     // The hint holds: the handler waits in RECV, through the handle the
     // hint names, on this endpoint.
-    let State::Blocked(Wait::Recv { mask, buf, cap }) = p.state else {
+    let State::Blocked(Wait::Recv { mask, exit_buf, .. }) = p.state else {
         return;
     };
     match p.handles.get(handle as usize).copied().flatten() {
         Some(Cap {
             object: Object::Endpoint { id, .. },
             ..
-        }) if id == ep && handle < 64 && mask & (1 << handle) != 0 => {}
+        }) if id == ep && handle < 64 && mask & (1 << handle) != 0 && exit_buf != 0 => {}
         _ => return,
     }
-    if cap < EXIT_MESSAGE_MAX as u64 {
-        return;
-    }
-    let Some(at) = p
-        .space
-        .as_ref()
-        .and_then(|s| s.in_one_page(buf, EXIT_MESSAGE_MAX, true))
-    else {
-        return;
-    };
+    let at = exit_buf as *mut u8;
     if !hand_off(k) {
         return;
     }
@@ -166,12 +157,18 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
     {
         return;
     }
-    let Some(at) = p
-        .space
-        .as_ref()
-        .and_then(|s| s.in_one_page(va, len as usize, false))
-    else {
+    let Some(space) = p.space.as_ref() else {
         return;
+    };
+    // The answer, and the buffer the next exit will go to (see
+    // `Wait::Recv::exit_buf`): usually in one page, translated once.
+    let Some((at, next)) = space.answer_and_buffer(va, len as usize, buf, EXIT_MESSAGE_MAX) else {
+        return;
+    };
+    let exit_buf = if cap >= EXIT_MESSAGE_MAX as u64 {
+        next
+    } else {
+        0
     };
     // Safety: `at` is the direct-map address of `len` bytes the service
     // may read, and nothing here writes to them.
@@ -239,7 +236,12 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         then: Then::Resume,
     });
     if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-        p.state = State::Blocked(Wait::Recv { mask, buf, cap });
+        p.state = State::Blocked(Wait::Recv {
+            mask,
+            buf,
+            cap,
+            exit_buf,
+        });
     }
     k.current = None;
     let others_waiting = !k.ready.is_empty();

@@ -135,7 +135,7 @@ impl Kernel {
     fn transfer(&mut self, ep: u16, receiver: u16, sender: Sender) -> bool {
         // `waiting` is only a hint (see the module documentation): the
         // receiver must still wait in RECV on a mask that holds this endpoint.
-        let Some((buf, cap, slot)) = self.processes[usize::from(receiver)]
+        let Some((buf, cap, slot, exit_buf)) = self.processes[usize::from(receiver)]
             .as_ref()
             .and_then(|p| p.receiving_on(ep))
         else {
@@ -179,7 +179,8 @@ impl Kernel {
                 let (Some(exit), Some(v)) = (d.pending.as_ref(), d.vcpu.as_ref()) else {
                     return false;
                 };
-                let (status, len) = write_exit(space, buf, cap, exit, &ExitRegs::of(&v.regs));
+                let (status, len) =
+                    write_exit(space, (buf, cap, exit_buf), exit, &ExitRegs::of(&v.regs));
                 (status, len, 0, d.exit_seq)
             }
         };
@@ -398,22 +399,20 @@ fn copy_out(space: &AddressSpace, buf: u64, cap: u64, msg: &[u8]) -> SysError {
 }
 
 /// Encodes an exit message into a receiver's buffer: in place when the
-/// buffer has room for any exit and lies in one page (a handler's receive
-/// buffer, always), else through a copy. The status and the length.
+/// buffer takes any exit (its direct-map address `exit_buf`, nonzero: a
+/// handler's receive buffer, always), else through a copy. The status and
+/// the length.
 fn write_exit(
     space: &AddressSpace,
-    buf: u64,
-    cap: u64,
+    (buf, cap, exit_buf): (u64, u64, u64),
     exit: &Exit,
     regs: &ExitRegs,
 ) -> (SysError, usize) {
-    if cap >= EXIT_MESSAGE_MAX as u64
-        && let Some(at) = space.in_one_page(buf, EXIT_MESSAGE_MAX, true)
-    {
-        // Safety: `at` is the direct-map address of EXIT_MESSAGE_MAX bytes
-        // of the receiver's own writable memory, which nothing else in the
-        // kernel refers to while this runs.
-        let dst = unsafe { core::slice::from_raw_parts_mut(at, EXIT_MESSAGE_MAX) };
+    if exit_buf != 0 {
+        // Safety: `exit_buf` is the direct-map address of EXIT_MESSAGE_MAX
+        // bytes of the receiver's own writable memory (`Wait::Recv`), which
+        // nothing else in the kernel refers to while this runs.
+        let dst = unsafe { core::slice::from_raw_parts_mut(exit_buf as *mut u8, EXIT_MESSAGE_MAX) };
         if let Some(n) = encode_exit(exit, regs, dst) {
             return (SysError::Ok, n);
         }
@@ -427,10 +426,17 @@ fn write_exit(
 
 impl super::process::Process {
     /// Where a message on endpoint `ep` goes, if this process waits in RECV
-    /// with a handle to `ep` in its mask: (buffer, capacity, handle slot).
+    /// with a handle to `ep` in its mask: (buffer, capacity, handle slot,
+    /// direct address for exits: see `Wait::Recv`).
     #[inline]
-    pub fn receiving_on(&self, ep: u16) -> Option<(u64, u64, u32)> {
-        let State::Blocked(Wait::Recv { mask, buf, cap }) = self.state else {
+    pub fn receiving_on(&self, ep: u16) -> Option<(u64, u64, u32, u64)> {
+        let State::Blocked(Wait::Recv {
+            mask,
+            buf,
+            cap,
+            exit_buf,
+        }) = self.state
+        else {
             return None;
         };
         bits(mask)
@@ -443,6 +449,6 @@ impl super::process::Process {
                     }) if id == ep
                 )
             })
-            .map(|slot| (buf, cap, slot))
+            .map(|slot| (buf, cap, slot, exit_buf))
     }
 }

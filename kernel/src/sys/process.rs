@@ -31,7 +31,15 @@ pub const USER_SS: u64 = 0x18 | 3;
 pub enum Wait {
     /// A message on any endpoint, or bits on any notification, among the
     /// handle slots in `mask`.
-    Recv { mask: u64, buf: u64, cap: u64 },
+    Recv {
+        mask: u64,
+        buf: u64,
+        cap: u64,
+        /// The direct-map address of `buf` when it takes any exit message
+        /// in place (see [`Process::exit_buffer`]), else 0: worked out
+        /// once, when the wait begins (the exit fast path uses it).
+        exit_buf: u64,
+    },
     /// The reply to its call on endpoint `ep`.
     Call {
         ep: u16,
@@ -95,6 +103,22 @@ impl Process {
 
     pub fn runnable(&self) -> bool {
         matches!(self.state, State::Ready)
+    }
+
+    /// The direct-map address of a receive buffer (`buf`, `cap` bytes) that
+    /// has room for any exit message within one page the process may
+    /// write, else 0. It stays valid while the process waits: only the
+    /// process itself changes its mappings.
+    #[inline(always)]
+    pub fn exit_buffer(&self, buf: u64, cap: u64) -> u64 {
+        use ipc_schema::exitcodec::EXIT_MESSAGE_MAX;
+        if cap < EXIT_MESSAGE_MAX as u64 {
+            return 0;
+        }
+        self.space
+            .as_ref()
+            .and_then(|s| s.in_one_page(buf, EXIT_MESSAGE_MAX, true))
+            .map_or(0, |at| at as u64)
     }
 }
 

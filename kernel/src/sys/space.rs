@@ -165,23 +165,67 @@ impl AddressSpace {
         }
     }
 
-    /// The physical address of the byte at `va`, if the service may access
-    /// it (present, user, and writable when `write`).
+    /// The leaf entry of the page at `page` (through the one-page cache).
     #[inline(always)]
-    pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
-        let page = va & !(PAGE_SIZE - 1);
-        let e = match self.last.get() {
-            (p, e) if p == page => e,
+    fn page_entry(&self, page: u64) -> Option<u64> {
+        match self.last.get() {
+            (p, e) if p == page => Some(e),
             _ => {
                 let e = *self.leaf(page)?;
                 self.last.set((page, e));
-                e
+                Some(e)
             }
-        };
+        }
+    }
+
+    /// The physical address of `va` in the page of leaf entry `e`, if the
+    /// service may access it (user, and writable when `write`).
+    #[inline(always)]
+    fn permitted(e: u64, va: u64, write: bool) -> Option<u64> {
         if e & USER == 0 || (write && e & WRITABLE == 0) {
             return None;
         }
         Some((e & ADDRESS) + va % PAGE_SIZE)
+    }
+
+    /// The physical address of the byte at `va`, if the service may access
+    /// it (present, user, and writable when `write`).
+    #[inline(always)]
+    pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
+        let e = self.page_entry(va & !(PAGE_SIZE - 1))?;
+        Self::permitted(e, va, write)
+    }
+
+    /// For a receive loop's answer and next receive buffer together: the
+    /// direct-map address of the `len` bytes at `va` (read), if they lie in
+    /// one page, and of the `buf_len` bytes at `buf` (written) if they do
+    /// too, else 0. Their page is translated once when they share it (the
+    /// service runtime keeps both buffers in one page).
+    #[inline(always)]
+    pub fn answer_and_buffer(
+        &self,
+        va: u64,
+        len: usize,
+        buf: u64,
+        buf_len: usize,
+    ) -> Option<(*const u8, u64)> {
+        let offset = va % PAGE_SIZE;
+        if offset + len as u64 > PAGE_SIZE {
+            return None;
+        }
+        let page = va - offset;
+        let e = self.page_entry(page)?;
+        if e & USER == 0 {
+            return None;
+        }
+        let answer = phys_to_virt((e & ADDRESS) + offset).cast_const();
+        let buf_offset = buf.wrapping_sub(page);
+        let next = if buf_offset + buf_len as u64 <= PAGE_SIZE && e & WRITABLE != 0 {
+            phys_to_virt(e & ADDRESS) as u64 + buf_offset
+        } else {
+            self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64)
+        };
+        Some((answer, next))
     }
 
     /// The direct-map address of the `len` bytes at the service's `va`, if

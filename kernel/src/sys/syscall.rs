@@ -798,7 +798,13 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
             }
         }
     }
-    p.state = State::Blocked(Wait::Recv { mask, buf, cap });
+    let exit_buf = p.exit_buffer(buf, cap);
+    p.state = State::Blocked(Wait::Recv {
+        mask,
+        buf,
+        cap,
+        exit_buf,
+    });
     // Something already there: take it now (notifications first).
     if signalled {
         k.wake_for_bits(pid);

@@ -252,6 +252,17 @@ struct Swap {
     quiet: bool,
 }
 
+/// The receive loop's message and reply buffers, together within one page
+/// (512 bytes, 512-aligned): the kernel translates the page once for both,
+/// and reads answers and writes messages there in place.
+#[repr(C, align(512))]
+struct Buffers {
+    msg: [u8; MAX_MESSAGE],
+    out: [u8; MAX_MESSAGE],
+}
+
+const _: () = assert!(core::mem::size_of::<Buffers>() <= 512);
+
 /// Serves the handles in `mask` (and the lifecycle handle) forever.
 pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
     let lifecycle = crate::handle("lifecycle");
@@ -267,8 +278,11 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
             crate::name()
         );
     }
-    let mut buf = [0u8; MAX_MESSAGE];
-    let mut out = [0u8; MAX_MESSAGE];
+    let mut io = Buffers {
+        msg: [0; MAX_MESSAGE],
+        out: [0; MAX_MESSAGE],
+    };
+    let Buffers { msg: buf, out } = &mut io;
     let mut pending: (u64, usize) = (0, 0);
     loop {
         let current_mask = if swap.quiet {
@@ -277,7 +291,7 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
             mask | life_bit
         };
         let (token, len) = pending;
-        let ev = match reply_recv(token, &out[..len], current_mask, &mut buf) {
+        let ev = match reply_recv(token, &out[..len], current_mask, buf) {
             Ok(ev) => ev,
             Err(e) => {
                 defmt::error!("{=str}: receive failed: {}", crate::name(), e);
@@ -291,11 +305,11 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
             Event::Notified { slot, bits } => svc.notified(slot, bits),
             Event::Message(m) => {
                 let n = if Some(m.slot) == lifecycle {
-                    lifecycle_request(svc, &mut swap, m, &mut out)
+                    lifecycle_request(svc, &mut swap, m, out)
                 } else if let Some(key) = bind_key(m.bytes) {
-                    bind_reply(svc.interface(m.slot), key, &mut out)
+                    bind_reply(svc.interface(m.slot), key, out)
                 } else {
-                    svc.handle(m, &mut out)
+                    svc.handle(m, out)
                 };
                 pending = if n == DEFER { (0, 0) } else { (m.token, n) };
             }
