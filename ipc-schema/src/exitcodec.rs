@@ -434,16 +434,31 @@ pub fn is_plain(r: &ExitReply) -> bool {
 /// anything else (which [`decode_reply`] then reads, or refuses).
 #[inline(always)]
 pub fn plain_reply(bytes: &[u8]) -> Option<(bool, Option<ExitRegs>)> {
+    let (advance, with_regs) = plain_shape(bytes)?;
+    Some((advance, if with_regs { plain_regs(bytes) } else { None }))
+}
+
+/// The shape of a plain answer: `(advance, whether it carries
+/// registers)`, or `None` when `bytes` are not a plain answer.
+#[inline(always)]
+pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
     // advance, inject: None, then: Resume, regs (None, or Some and 32
     // bytes), view: None, step: false, rip: None.
     match *bytes {
-        [a @ (0 | 1), 0, 0, 0, 0, 0, 0] => Some((a == 1, None)),
-        [a @ (0 | 1), 0, 0, 1, ref regs @ .., 0, 0, 0] if bytes.len() == PLAIN_REGS => {
-            let mut i = In { rest: regs };
-            Some((a == 1, Some(take_regs(&mut i)?)))
-        }
+        [a @ (0 | 1), 0, 0, 0, 0, 0, 0] => Some((a == 1, false)),
+        [a @ (0 | 1), 0, 0, 1, .., 0, 0, 0] if bytes.len() == PLAIN_REGS => Some((a == 1, true)),
         _ => None,
     }
+}
+
+/// The registers of a plain answer that carries them ([`plain_shape`]
+/// said so).
+#[inline(always)]
+pub fn plain_regs(bytes: &[u8]) -> Option<ExitRegs> {
+    let mut i = In {
+        rest: bytes.get(4..PLAIN_REGS - 3)?,
+    };
+    take_regs(&mut i)
 }
 
 /// Encodes the [`ExitReply`] of a handler that only answers (`response`,

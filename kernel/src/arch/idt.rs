@@ -135,16 +135,10 @@ unsafe extern "C" fn trap_common() {
         "ud2",
         cs = const FRAME_CS,
         trap = sym trap,
-        user = sym user_trap,
+        user = sym crate::sys::sched::user_trap,
         stack = sym super::percpu::BSP_STACK,
         stack_size = const super::percpu::KERNEL_STACK_SIZE,
     )
-}
-
-/// A trap from ring 3 (a system call, a fault of the service, or an
-/// interrupt while it ran).
-extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
-    crate::sys::sched::user_trap(frame)
 }
 
 /// One 16-byte IDT gate.

@@ -21,27 +21,12 @@
 use super::caps::{Cap, Object};
 use super::ipc::{Sender, bits, token, untoken};
 use super::process::{State, Wait};
-use super::{FRONT_STREAK, Kernel};
+use super::Kernel;
 use crate::vm::vcpu::VcpuState;
-use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_reply};
+use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape};
 use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
 use ipc_schema::vmexit::{ExitRegs, Response, Then};
 use platform::vmx::fields::reason;
-
-/// Counts a hand-off the way `Kernel::make_ready_next` does; false when the
-/// general path must queue instead (others have waited long enough).
-#[inline(always)]
-fn hand_off(k: &mut Kernel) -> bool {
-    if k.next.is_some() || k.front_streak >= FRONT_STREAK {
-        return false;
-    }
-    k.front_streak = if k.ready.is_empty() {
-        0
-    } else {
-        k.front_streak + 1
-    };
-    true
-}
 
 /// Domain slot `slot`'s vCPU has just exited (`Domain::pending_raw`) for
 /// its handler: if the handler waits, hands the exit over and runs the
@@ -86,7 +71,7 @@ pub fn exit(k: &mut Kernel, slot: u16) {
         _ => return,
     }
     let at = exit_buf as *mut u8;
-    if !hand_off(k) {
+    if !k.count_hand_off() {
         return;
     }
     // Everything holds: from here on, the exit is delivered.
@@ -173,7 +158,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
     // Safety: `at` is the direct-map address of `len` bytes the service
     // may read, and nothing here writes to them.
     let bytes = unsafe { core::slice::from_raw_parts(at, len as usize) };
-    let Some((advance, regs)) = plain_reply(bytes) else {
+    let Some((advance, with_regs)) = plain_shape(bytes) else {
         return;
     };
     match d.vcpu.as_ref() {
@@ -217,7 +202,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
             _ => return,
         }
     }
-    if !hand_off(k) {
+    if !k.count_hand_off() {
         return;
     }
     // Everything holds: the answer is applied, the service waits.
@@ -227,7 +212,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
     d.awaiting_reply = false;
     d.exit_server = None;
     let v = d.vcpu.as_mut().expect("checked above");
-    if let Some(r) = regs {
+    if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
     }
     v.apply(&Response {

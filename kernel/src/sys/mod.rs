@@ -121,18 +121,29 @@ impl Kernel {
     /// goes to the back of the queue and the others get their turn.
     #[inline]
     pub fn make_ready_next(&mut self, r: Runnable) {
-        if self.next.is_none() && self.front_streak < FRONT_STREAK {
-            // The common case: nothing else handed off. The streak counts
-            // only while others wait.
-            self.front_streak = if self.ready.is_empty() {
-                0
-            } else {
-                self.front_streak + 1
-            };
+        if self.count_hand_off() {
             self.next = Some(r);
-            return;
+        } else {
+            self.hand_off_slow(r);
         }
-        self.hand_off_slow(r);
+    }
+
+    /// Counts a hand-off if one can be made now: nothing else is handed off
+    /// and, while others wait in the queue, the streak is not used up.
+    /// False when the wake-up must take the longer way (`hand_off_slow`).
+    /// The fast paths ask the same question.
+    #[inline(always)]
+    pub fn count_hand_off(&mut self) -> bool {
+        if self.ready.is_empty() {
+            // Nobody else waits: no streak to count.
+            self.front_streak = 0;
+            return self.next.is_none();
+        }
+        if self.next.is_some() || self.front_streak >= FRONT_STREAK {
+            return false;
+        }
+        self.front_streak += 1;
+        true
     }
 
     #[inline(never)]

@@ -118,7 +118,7 @@ unsafe extern "C" fn user_return(frame: *const TrapFrame, cr3: u64) -> ! {
 /// A trap from ring 3: a system call, a fault, or an interrupt. `frame` is
 /// where the CPU saved the registers: the running service's own frame, or an
 /// interrupt stack (NMI, double fault, machine check), copied in here.
-pub fn user_trap(frame: *mut TrapFrame) -> ! {
+pub extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
     let k = kernel();
     let Some(pid) = k.current else {
         defmt::error!("a trap from ring 3 with no current service");
