@@ -18,10 +18,10 @@
 //! general path's too: what runs is what `Kernel::make_ready_next` would
 //! hand off to, and the hand-off streak is counted the same way.
 
+use super::Kernel;
 use super::caps::{Cap, Object};
 use super::ipc::{Sender, bits, token, untoken};
 use super::process::{State, Wait};
-use super::Kernel;
 use crate::vm::vcpu::VcpuState;
 use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape};
 use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};

@@ -192,6 +192,7 @@ pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
 
 /// Enters the guest repeatedly, handling the kernel's own exits, until one
 /// needs the kernel's attention or someone else.
+#[inline(always)]
 fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
     loop {
         let Some(v) = d.vcpu.as_mut() else {
