@@ -104,6 +104,11 @@ pub fn standard_services() -> Vec<Module> {
 
 /// An image of the system `toml` describes: its services and guests.
 pub fn system(name: &str, toml: &str) -> Image {
+    system_with_options(name, toml, "")
+}
+
+/// [`system`], the kernel started with `options` on its command line.
+pub fn system_with_options(name: &str, toml: &str, options: &str) -> Image {
     let m = SystemManifest::parse(toml, Path::new(name)).expect("test manifests are valid");
     let mut modules = vec![module(
         "manifest",
@@ -116,16 +121,29 @@ pub fn system(name: &str, toml: &str) -> Image {
             content: Content::File(guest(g)),
         });
     }
-    image(name, "", modules)
+    image(name, options, modules)
 }
 
 /// A system of one domain running `guest`.
 pub fn one_guest(guest: &str) -> Image {
-    system(
-        &format!("guest-{guest}"),
+    one_guest_with_options(guest, "")
+}
+
+/// [`one_guest`], the kernel started with `options` on its command line.
+pub fn one_guest_with_options(guest: &str, options: &str) -> Image {
+    let tag: String = options
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    system_with_options(
+        &format!(
+            "guest-{guest}{}{tag}",
+            if tag.is_empty() { "" } else { "-" }
+        ),
         &format!(
             "name = \"{guest}-test\"\n[[domain]]\nname = \"{guest}\"\nguest = \"{guest}\"\nmemory_mib = 32\ncmdline = \"test run\"\n"
         ),
+        options,
     )
 }
 

@@ -4,7 +4,7 @@
 
 use image_builder::emulator::{self, Machine, RunConfig, RunEnd};
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot, guest, one_guest, system};
+use parallax_tests::{boot, guest, one_guest, one_guest_with_options, system};
 
 fn bochs(img: &image_builder::image::Image) -> parallax_tests::Run {
     boot(img, Machine::Bochs, |_| {})
@@ -229,4 +229,38 @@ fn the_benchmark_guest_reports_every_figure() {
     // Without a listener in the image the violation figure is not taken
     // (`cargo hv bench` has one).
     assert_eq!(figures["violation_event_ticks"], None);
+}
+
+/// The exit fast paths (`kernel/src/sys/fastpath.rs`) are shortcuts of the
+/// general path: with the kernel option `fastpath=off` every exit and every
+/// answer takes the general one, and the guests see exactly the same.
+#[test]
+fn the_general_exit_path_gives_what_the_fast_paths_give() {
+    for name in ["cpuid", "hello"] {
+        let fast = bochs(&one_guest(name));
+        let general = bochs(&one_guest_with_options(name, "fastpath=off"));
+        general
+            .expect("IPC: fast paths off (fastpath=off)")
+            .expect_status(HaltStatus::Success);
+        fast.expect_no("fast paths off")
+            .expect_status(HaltStatus::Success);
+        assert_eq!(fast.console(1), general.console(1), "{name}");
+    }
+    // Every kind of exit a service answers (hypercalls to the vmm and, through
+    // it, the altp2m service; lazily filled views; #VE set-up), general path.
+    let run = bochs(&one_guest_with_options("bench", "fastpath=off"));
+    run.expect_status(HaltStatus::Success);
+    let figures = image_builder::bench::figures(&run.0.lines).expect("BENCH lines");
+    for key in [
+        "vmcall_service_ticks",
+        "ipc_roundtrip_ticks",
+        "view_switch_hypercall_ticks",
+        "lazy_fill_ticks",
+        "ve_delivery_ticks",
+    ] {
+        assert!(
+            figures.get(key).is_some_and(|v| v.is_some()),
+            "{key} missing: {figures:?}"
+        );
+    }
 }

@@ -92,7 +92,14 @@ pub type Figures = BTreeMap<String, Option<u64>>;
 
 /// Builds the benchmark image, boots it on Bochs with `cpu_model`, and
 /// returns the figures.
-pub fn run(cpu_model: &str, build: &BuildOptions, timeout: Duration) -> Result<Figures> {
+/// `cmdline`: kernel options for the run (`fastpath=off` measures the
+/// general exit path).
+pub fn run(
+    cpu_model: &str,
+    build: &BuildOptions,
+    cmdline: &str,
+    timeout: Duration,
+) -> Result<Figures> {
     let manifest_path = paths::work_dir().join("bench.toml");
     std::fs::create_dir_all(paths::work_dir())?;
     std::fs::write(&manifest_path, MANIFEST)?;
@@ -100,6 +107,7 @@ pub fn run(cpu_model: &str, build: &BuildOptions, timeout: Duration) -> Result<F
         manifest: manifest_path,
         build: build.clone(),
         out: paths::target_dir().join("bench.iso"),
+        cmdline: cmdline.to_owned(),
         ..ImageOptions::default()
     })?;
     let mut cfg = RunConfig::new(Machine::Bochs, emulator::capture_path("bench"));

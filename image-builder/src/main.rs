@@ -100,6 +100,10 @@ enum Cmd {
         /// Bochs CPU model.
         #[arg(long, default_value = "corei7_skylake_x")]
         bochs_cpu: String,
+        /// Kernel command-line options for the run (key=value ...; e.g.
+        /// `fastpath=off` measures the general exit path).
+        #[arg(long, default_value = "")]
+        cmdline: String,
         /// Stop the emulator after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
@@ -448,12 +452,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench {
             json,
             bochs_cpu,
+            cmdline,
             timeout,
         } => {
             deps::ensure()?;
             let figures = bench::run(
                 &bochs_cpu,
                 &BuildOptions::default(),
+                &cmdline,
                 Duration::from_secs(timeout),
             )?;
             if json {

@@ -197,6 +197,7 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
     }
 
     sys::space::init();
+    sys::fastpath::configure(boot.option("fastpath"));
     start_init(&boot)
 }
 

@@ -17,22 +17,47 @@
 //! switch, a single step, the end of a domain...). The scheduling is the
 //! general path's too: what runs is what `Kernel::make_ready_next` would
 //! hand off to, and the hand-off streak is counted the same way.
+//!
+//! The kernel option `fastpath=off` turns both off, so that the boot tests
+//! can show that the general path gives the same results.
 
 use super::Kernel;
 use super::caps::{Cap, Object};
 use super::ipc::{Sender, bits, token, untoken};
 use super::process::{State, Wait};
 use crate::vm::vcpu::VcpuState;
+use core::sync::atomic::{AtomicBool, Ordering};
 use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape};
 use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
 use ipc_schema::vmexit::{ExitRegs, Response, Then};
 use platform::vmx::fields::reason;
+
+/// Whether the fast paths are taken (kernel option `fastpath`).
+static ON: AtomicBool = AtomicBool::new(true);
+
+/// Reads the kernel option `fastpath` (`on`, the default, or `off`).
+pub fn configure(option: Option<&str>) {
+    match option {
+        None | Some("on") => {}
+        Some("off") => {
+            ON.store(false, Ordering::Relaxed);
+            defmt::info!("IPC: fast paths off (fastpath=off): every exit takes the general path");
+        }
+        Some(other) => defmt::warn!(
+            "kernel option fastpath={=str} not understood (on or off); fast paths stay on",
+            other
+        ),
+    }
+}
 
 /// Domain slot `slot`'s vCPU has just exited (`Domain::pending_raw`) for
 /// its handler: if the handler waits, hands the exit over and runs the
 /// handler (no return). Returns, having changed nothing, otherwise.
 #[inline(always)]
 pub fn exit(k: &mut Kernel, slot: u16) {
+    if !ON.load(Ordering::Relaxed) {
+        return;
+    }
     let Some(d) = k.domains[usize::from(slot)].as_ref() else {
         return;
     };
@@ -124,7 +149,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         return;
     };
     let f = &p.frame;
-    if f.rax != nr::REPLY_RECV {
+    if f.rax != nr::REPLY_RECV || !ON.load(Ordering::Relaxed) {
         return;
     }
     let (token, va, len, mask, buf, cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9);

@@ -291,6 +291,24 @@ impl AddressSpace {
 
     /// Frees the lower half's tables and every owned frame.
     pub fn destroy(self) {
+        // The kernel may still run on this tree (a service that ended
+        // itself): it moves to its own before the frames go back.
+        let current = x86_64::registers::control::Cr3::read_raw()
+            .0
+            .start_address()
+            .as_u64();
+        if current == self.pml4 {
+            // Safety: the kernel's PML4 maps the whole kernel (the upper half
+            // every space shares) and stays for as long as the kernel runs.
+            unsafe {
+                x86_64::registers::control::Cr3::write_raw(
+                    x86_64::structures::paging::PhysFrame::containing_address(
+                        x86_64::PhysAddr::new(kernel_pml4()),
+                    ),
+                    0,
+                )
+            };
+        }
         fn walk(t: u64, level: u32) {
             for &e in table(t).iter() {
                 if e & PRESENT == 0 {
