@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The manifest of the benchmark image: the standard services but the
+/// The manifest of the benchmark image (`{cmdline}`: the guest's command
+/// line): the standard services but the
 /// console (the serial line is not measured), and a violation listener
 /// inside the hypervisor for `violation_event_ticks`.
 const MANIFEST: &str = r#"
@@ -50,7 +51,7 @@ handles = [
 name = "bench"
 guest = "bench"
 memory_mib = 32
-cmdline = "listener"
+cmdline = "{cmdline}"
 "#;
 
 /// The range benchmark's span: 1 GiB.
@@ -92,27 +93,44 @@ pub type Figures = BTreeMap<String, Option<u64>>;
 
 /// Builds the benchmark image, boots it on Bochs with `cpu_model`, and
 /// returns the figures.
-/// `cmdline`: kernel options for the run (`fastpath=off` measures the
-/// general exit path).
-pub fn run(
-    cpu_model: &str,
-    build: &BuildOptions,
-    cmdline: &str,
-    timeout: Duration,
-) -> Result<Figures> {
+/// How a benchmark run is made.
+#[derive(Clone, Debug)]
+pub struct BenchRun {
+    /// Bochs CPU model.
+    pub cpu_model: String,
+    pub build: BuildOptions,
+    /// Kernel options (`fastpath=off` measures the general exit path).
+    pub cmdline: String,
+    /// Extra words on the guest's command line (`profile=KEY`).
+    pub guest_options: String,
+    pub timeout: Duration,
+}
+
+/// Builds the benchmark image and boots it on Bochs (`trace`: see
+/// [`RunConfig::trace`]); the run must end well. The outcome, and the
+/// image's ELF files (kernel, init, services) by name.
+pub fn boot(
+    run: &BenchRun,
+    trace: Option<std::path::PathBuf>,
+) -> Result<(emulator::RunOutcome, crate::logs::ElfSet)> {
     let manifest_path = paths::work_dir().join("bench.toml");
     std::fs::create_dir_all(paths::work_dir())?;
-    std::fs::write(&manifest_path, MANIFEST)?;
+    let guest_cmdline = format!("listener {}", run.guest_options);
+    std::fs::write(
+        &manifest_path,
+        MANIFEST.replace("{cmdline}", guest_cmdline.trim()),
+    )?;
     let img = image::build(&ImageOptions {
         manifest: manifest_path,
-        build: build.clone(),
-        out: paths::target_dir().join("bench.iso"),
-        cmdline: cmdline.to_owned(),
+        build: run.build.clone(),
+        out: run.build.target_dir().join("bench.iso"),
+        cmdline: run.cmdline.clone(),
         ..ImageOptions::default()
     })?;
     let mut cfg = RunConfig::new(Machine::Bochs, emulator::capture_path("bench"));
-    cfg.bochs_cpu = cpu_model.to_owned();
-    cfg.timeout = timeout;
+    cfg.bochs_cpu = run.cpu_model.clone();
+    cfg.timeout = run.timeout;
+    cfg.trace = trace;
     let outcome = emulator::run(&img.iso, &img.elfs, &cfg)?;
     if outcome.end != RunEnd::Halted(0) {
         for l in &outcome.lines {
@@ -120,6 +138,12 @@ pub fn run(
         }
         bail!("the benchmark run did not end well: {}", outcome.summary());
     }
+    Ok((outcome, img.elfs))
+}
+
+/// Boots the benchmark guest and collects its figures, with the host's.
+pub fn run(run: &BenchRun) -> Result<Figures> {
+    let (outcome, _) = boot(run, None)?;
     let mut f = figures(&outcome.lines)?;
     add_host_figures(&mut f)?;
     Ok(f)

@@ -12,13 +12,36 @@ use std::process::Command;
 pub struct BuildOptions {
     /// defmt levels compiled in (`DEFMT_LOG`): error, warn, info, debug, trace.
     pub log_level: String,
+    /// Keep line tables in the ELF files (`cargo hv profile` attributes
+    /// instructions to source lines). The code is the same; the build goes
+    /// to a target directory of its own so that the regular one stays.
+    pub line_tables: bool,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             log_level: "info".to_owned(),
+            line_tables: false,
         }
+    }
+}
+
+impl BuildOptions {
+    /// The cargo target directory of this kind of build.
+    pub fn target_dir(&self) -> PathBuf {
+        if self.line_tables {
+            paths::target_dir().join("lines")
+        } else {
+            paths::target_dir()
+        }
+    }
+
+    /// Where its bare-metal release binaries land.
+    pub fn bins(&self) -> PathBuf {
+        self.target_dir()
+            .join("x86_64-unknown-none")
+            .join("release")
     }
 }
 
@@ -51,8 +74,11 @@ pub fn bare_metal(packages: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>
             "x86_64-unknown-none",
             "--target-dir",
         ])
-        .arg(paths::target_dir())
+        .arg(opts.target_dir())
         .env("DEFMT_LOG", &opts.log_level);
+    if opts.line_tables {
+        cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only");
+    }
     for p in packages {
         cmd.args(["-p", p]);
     }
@@ -66,7 +92,7 @@ pub fn bare_metal(packages: &[&str], opts: &BuildOptions) -> Result<Vec<PathBuf>
     packages
         .iter()
         .map(|p| {
-            let path = paths::bare_metal_bins().join(p);
+            let path = opts.bins().join(p);
             if path.is_file() {
                 Ok(path)
             } else {

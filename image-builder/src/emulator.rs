@@ -98,6 +98,9 @@ pub struct RunConfig {
     /// `None`: `ctl.sock` in the run's directory. See
     /// [`RunConfig::control_socket_path`].
     pub control_socket: Option<PathBuf>,
+    /// Bochs: write a trace of every instruction run between the first two
+    /// magic breakpoints (`xchg bx, bx`) to this file (`cargo hv profile`).
+    pub trace: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -114,6 +117,7 @@ impl RunConfig {
             stop: None,
             capture,
             control_socket: None,
+            trace: None,
         }
     }
 
@@ -639,6 +643,15 @@ fn bochs(
     let com2 = com2.map_or_else(String::new, |port| {
         format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n")
     });
+    // The debugger stops at each magic breakpoint and reads its next
+    // command: trace from the first to the second, then run to the end.
+    let (trace, commands) = match &cfg.trace {
+        Some(t) => (
+            format!("magic_break: enabled=1\ndebugger_log: {}\n", t.display()),
+            "c\ntrace on\nc\ntrace off\nc\n",
+        ),
+        None => (String::new(), "c\n"),
+    };
     let config = format!(
         "megs: {megs}\n\
          cpu: model={model}, count=1, ips=100000000, reset_on_triple_fault=0\n\
@@ -655,7 +668,8 @@ fn bochs(
          clock: sync=none, time0=local\n\
          panic: action=fatal\n\
          error: action=report\n\
-         log: {log}\n",
+         log: {log}\n\
+         {trace}",
         megs = cfg.memory_mib,
         model = cfg.bochs_cpu,
         bios = bios.display(),
@@ -669,7 +683,7 @@ fn bochs(
     );
     std::fs::write(&rc, config)?;
     let cmds = rundir.join("bochs-commands");
-    std::fs::write(&cmds, "c\n")?;
+    std::fs::write(&cmds, commands)?;
     let mut c = Command::new("bochs");
     c.arg("-q")
         .arg("-f")

@@ -7,6 +7,7 @@
 //! - [`control`]: the control channel's client library (talk to a running
 //!   image's console over COM2) and the proxy `cargo hv run` serves it with.
 //! - [`bench`]: benchmark figures measured by a guest on Bochs.
+//! - [`profile`]: where one benchmark operation's instructions go.
 //! - [`deps`]: the Debian packages it all needs.
 
 pub mod bench;
@@ -20,4 +21,5 @@ pub mod iso;
 pub mod logs;
 pub mod manifest;
 pub mod paths;
+pub mod profile;
 pub mod progress;

@@ -108,6 +108,28 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Trace one benchmark operation on Bochs and show where its
+    /// instructions go (ELF file, function, source line).
+    Profile {
+        /// The benchmark (a key `cargo hv bench` prints, e.g.
+        /// vmcall_service_ticks).
+        key: String,
+        /// Bochs CPU model.
+        #[arg(long, default_value = "corei7_skylake_x")]
+        bochs_cpu: String,
+        /// Kernel command-line options for the run (key=value ...).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Rows per table.
+        #[arg(long, default_value_t = 40)]
+        top: usize,
+        /// Also list every instruction with its place.
+        #[arg(long)]
+        listing: bool,
+        /// Stop the emulator after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 /// Where the console is and how long to wait for it.
@@ -301,6 +323,7 @@ impl BuildArgs {
             manifest: self.manifest.clone(),
             build: BuildOptions {
                 log_level: self.log.clone(),
+                ..BuildOptions::default()
             },
             cmdline: self.cmdline.clone(),
             service_overrides: self.services.clone(),
@@ -449,6 +472,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lint()?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Profile {
+            key,
+            bochs_cpu,
+            cmdline,
+            top,
+            listing,
+            timeout,
+        } => {
+            deps::ensure()?;
+            let profile = image_builder::profile::run(
+                &bench::BenchRun {
+                    cpu_model: bochs_cpu,
+                    build: BuildOptions {
+                        line_tables: true,
+                        ..BuildOptions::default()
+                    },
+                    cmdline,
+                    guest_options: String::new(),
+                    timeout: Duration::from_secs(timeout),
+                },
+                &key,
+            )?;
+            print!("{}", profile.report(top, listing));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench {
             json,
             bochs_cpu,
@@ -456,12 +504,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         } => {
             deps::ensure()?;
-            let figures = bench::run(
-                &bochs_cpu,
-                &BuildOptions::default(),
-                &cmdline,
-                Duration::from_secs(timeout),
-            )?;
+            let figures = bench::run(&bench::BenchRun {
+                cpu_model: bochs_cpu.clone(),
+                build: BuildOptions::default(),
+                cmdline,
+                guest_options: String::new(),
+                timeout: Duration::from_secs(timeout),
+            })?;
             if json {
                 println!("{}", bench::to_json(&bochs_cpu, &figures));
             } else {

@@ -19,6 +19,11 @@
 //! | `violation_event_ticks` | with command line `listener` (a listener service inside the hypervisor): a write to a read-only page of a view, the event to the listener, its answer (back to view 0) and the write done on resume (10 warm-up, 100 samples) |
 //! | `ipc_roundtrip_ticks` | one call and reply between two services (vmm to altp2m), timed by the vmm with RDTSC; `HC_IPC_PING` returns it (median of 1000, no warm-up) |
 //!
+//! With `profile=KEY` on the command line, the operation of benchmark KEY
+//! also runs once, after its warm-up, between two Bochs magic breakpoints
+//! (`xchg bx, bx`, which does nothing anywhere else): `cargo hv profile KEY`
+//! traces the instructions between them.
+//!
 //! A key whose feature is missing (no VMFUNC; no alternate views) is
 //! printed as `BENCH <key>=null`. Exit status 0; 1 when a hypercall that
 //! should work fails. On plain QEMU the guest prints `rdtsc_frame_ticks`
@@ -39,8 +44,9 @@ guest_runtime::entry!(main);
 const WARMUP: usize = 10;
 const SAMPLES: usize = 1000;
 const EPT_SAMPLES: usize = 200;
-/// Pages first touched in the fresh view: warm-up ones, then measured ones.
-static EPT_PAGES: Pages<{ WARMUP + EPT_SAMPLES }> = Pages::new();
+/// Pages first touched in the fresh view: warm-up ones, then measured ones,
+/// then one for a profile.
+static EPT_PAGES: Pages<{ WARMUP + EPT_SAMPLES + 1 }> = Pages::new();
 /// The page written for `ve_delivery_ticks` and `violation_event_ticks`.
 static RESTRICTED: Pages<1> = Pages::new();
 const FAULT_SAMPLES: usize = 100;
@@ -93,12 +99,26 @@ fn restricted_view(ve: bool, vmfunc: bool) -> Option<u16> {
 
 /// Median ticks of `FAULT_SAMPLES` writes to RESTRICTED from view `v`, each
 /// ending in view 0; `end` reads the tick the fault's handling reached.
-fn restricted_writes(v: u16, vmfunc: bool, end: impl Fn(u64) -> u64) -> Option<u64> {
+/// Benchmark `key`.
+fn restricted_writes(
+    b: &Bench<'_>,
+    key: &str,
+    v: u16,
+    vmfunc: bool,
+    end: impl Fn(u64) -> u64,
+) -> Option<u64> {
     let mut samples = [0u64; FAULT_SAMPLES];
     for i in 0..WARMUP + FAULT_SAMPLES {
         if !switch(v, vmfunc) {
             println!("FAIL: switching to view {v}");
             return None;
+        }
+        if i == WARMUP {
+            b.point(key, || RESTRICTED.write_u64(0, 0, i as u64));
+            if !switch(v, vmfunc) {
+                println!("FAIL: switching to view {v}");
+                return None;
+            }
         }
         let t0 = rdtsc();
         RESTRICTED.write_u64(0, 0, i as u64);
@@ -115,10 +135,38 @@ fn median(samples: &mut [u64]) -> u64 {
     samples[samples.len() / 2]
 }
 
+/// The run's profile request (`profile=KEY`).
+struct Bench<'a> {
+    profile: Option<&'a str>,
+}
+
+impl Bench<'_> {
+    /// Runs `op` once between two magic breakpoints if `key` is the one to
+    /// profile.
+    fn point(&self, key: &str, op: impl FnOnce()) {
+        if self.profile == Some(key) {
+            println!("profile: {key}");
+            // Safety: `xchg bx, bx` swaps a register with itself: nothing
+            // changes (Bochs stops its debugger there when asked to).
+            unsafe { core::arch::asm!("xchg bx, bx", options(nomem, nostack)) };
+            op();
+            // Safety: as above.
+            unsafe { core::arch::asm!("xchg bx, bx", options(nomem, nostack)) };
+        }
+    }
+
+    /// Times `op(i)` for i in 0..WARMUP (discarded), then
+    /// WARMUP..WARMUP+SAMPLES; returns the median. Benchmark `key`.
+    #[inline(always)]
+    fn measure(&self, key: &str, op: impl FnMut(usize)) -> u64 {
+        measure(op, |op| self.point(key, || op(WARMUP)))
+    }
+}
+
 /// Times `op(i)` for i in 0..WARMUP (discarded), then WARMUP..WARMUP+SAMPLES;
-/// returns the median.
+/// returns the median. `between` runs after the warm-up.
 #[inline(always)]
-fn measure(mut op: impl FnMut(usize)) -> u64 {
+fn measure<F: FnMut(usize)>(mut op: F, between: impl FnOnce(&mut F)) -> u64 {
     let mut samples = [0u64; SAMPLES];
     for i in 0..WARMUP {
         let t0 = rdtsc();
@@ -126,6 +174,7 @@ fn measure(mut op: impl FnMut(usize)) -> u64 {
         let t1 = rdtsc();
         core::hint::black_box(t1.wrapping_sub(t0));
     }
+    between(&mut op);
     for (i, s) in samples.iter_mut().enumerate() {
         let t0 = rdtsc();
         op(WARMUP + i);
@@ -168,7 +217,7 @@ fn vmfunc_switches(view: u16, count: usize) {
 
 /// The first touches of fresh pages in a fresh view: (median ticks, VM exits
 /// counted over the measured touches).
-fn ept_violations(view: u16, by_vmfunc: bool) -> Option<(u64, u64)> {
+fn ept_violations(b: &Bench<'_>, view: u16, by_vmfunc: bool) -> Option<(u64, u64)> {
     let mut samples = [0u64; EPT_SAMPLES];
     if !switch(view, by_vmfunc) {
         println!("FAIL: switching to view {view}");
@@ -182,6 +231,9 @@ fn ept_violations(view: u16, by_vmfunc: bool) -> Option<(u64, u64)> {
         let t1 = rdtsc();
         core::hint::black_box(t1.wrapping_sub(t0));
     }
+    b.point("lazy_fill_ticks", || {
+        core::hint::black_box(EPT_PAGES.read_u64(WARMUP + EPT_SAMPLES, 0));
+    });
     let _ = exit_count();
     let before = exit_count();
     for (i, s) in samples.iter_mut().enumerate() {
@@ -208,20 +260,35 @@ fn main(info: &MultibootInfo) -> u32 {
         .unwrap_or("")
         .split_whitespace()
         .any(|w| w == "listener");
-    bench("rdtsc_frame_ticks", Some(measure(|_| {})));
+    let b = Bench {
+        profile: info
+            .cmdline()
+            .unwrap_or("")
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("profile=")),
+    };
+    bench(
+        "rdtsc_frame_ticks",
+        Some(b.measure("rdtsc_frame_ticks", |_| {})),
+    );
     bench(
         "vmcall_kernel_ticks",
-        Some(measure(|_| {
+        Some(b.measure("vmcall_kernel_ticks", |_| {
             null();
         })),
     );
 
     bench(
         "vmcall_service_ticks",
-        Some(measure(|_| {
+        Some(b.measure("vmcall_service_ticks", |_| {
             service_null();
         })),
     );
+    // A first ping binds the vmm's client to the altp2m service.
+    let _ = ipc_ping();
+    b.point("ipc_roundtrip_ticks", || {
+        let _ = ipc_ping();
+    });
     let mut pings = [0u64; SAMPLES];
     let mut pinged = true;
     for (i, p) in pings.iter_mut().enumerate() {
@@ -281,7 +348,9 @@ fn main(info: &MultibootInfo) -> u32 {
         Some(v) => {
             bench(
                 "vmfunc_switch_ticks",
-                Some(measure(|i| vmfunc_switch(u32::from(target(i, v))))),
+                Some(b.measure("vmfunc_switch_ticks", |i| {
+                    vmfunc_switch(u32::from(target(i, v)))
+                })),
             );
             // A first run fills view v's entries for this loop's code.
             vmfunc_switches(v, 2);
@@ -320,7 +389,7 @@ fn main(info: &MultibootInfo) -> u32 {
             Err(e) => println!("ViewSetVisible {w}: {e}; switching by hypercall"),
         }
     }
-    match fresh.map(|w| ept_violations(w, fresh_by_vmfunc)) {
+    match fresh.map(|w| ept_violations(&b, w, fresh_by_vmfunc)) {
         Some(Some((ticks, exits))) => {
             bench("lazy_fill_ticks", Some(ticks));
             println!("ept violations: {EPT_SAMPLES} first touches, {exits} VM exits");
@@ -341,7 +410,7 @@ fn main(info: &MultibootInfo) -> u32 {
     match view {
         Some(v) if view_switch(v) == Status::Ok && view_switch(0) == Status::Ok => {
             let mut refused = 0u32;
-            let ticks = measure(|i| {
+            let ticks = b.measure("view_switch_hypercall_ticks", |i| {
                 if view_switch(target(i, v)) != Status::Ok {
                     refused += 1;
                 }
@@ -372,7 +441,9 @@ fn main(info: &MultibootInfo) -> u32 {
     if ve && let Some(v) = restricted_view(true, vmfunc) {
         VE_BY_VMFUNC.store(vmfunc, Ordering::SeqCst);
         guest_runtime::idt::set_ve_handler(Some(on_ve));
-        ve_ticks = restricted_writes(v, vmfunc, |_| VE_AT.load(Ordering::SeqCst));
+        ve_ticks = restricted_writes(&b, "ve_delivery_ticks", v, vmfunc, |_| {
+            VE_AT.load(Ordering::SeqCst)
+        });
         guest_runtime::idt::set_ve_handler(None);
         let _ = call_done(&Request::VeDisable);
         let _ = call_done(&Request::ViewDestroy { view: v });
@@ -385,7 +456,7 @@ fn main(info: &MultibootInfo) -> u32 {
     if listener && caps.is_some() {
         match restricted_view(false, vmfunc) {
             Some(v) => {
-                event_ticks = restricted_writes(v, vmfunc, |t1| t1);
+                event_ticks = restricted_writes(&b, "violation_event_ticks", v, vmfunc, |t1| t1);
                 let _ = call_done(&Request::ViewDestroy { view: v });
                 failed |= event_ticks.is_none();
             }
