@@ -264,3 +264,41 @@ fn the_general_exit_path_gives_what_the_fast_paths_give() {
         );
     }
 }
+
+/// `cargo hv profile`: a null hypercall the kernel answers is traced from the
+/// guest into the kernel and back, and its instructions are attributed to
+/// the kernel's entry and exit code and its own-exit check.
+#[test]
+fn a_profile_follows_a_hypercall_through_the_kernel() {
+    use image_builder::compile::BuildOptions;
+    let profile = image_builder::profile::run(
+        &image_builder::bench::BenchRun {
+            cpu_model: "corei7_skylake_x".to_owned(),
+            build: BuildOptions {
+                line_tables: true,
+                ..BuildOptions::default()
+            },
+            cmdline: String::new(),
+            guest_options: String::new(),
+            timeout: std::time::Duration::from_secs(300),
+        },
+        "vmcall_kernel_ticks",
+    )
+    .expect("the profile run works");
+    let segments = profile.segments();
+    let order: Vec<&str> = segments.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(&order[..3], ["guest", "kernel", "guest"], "{segments:?}");
+    let functions: Vec<String> = profile
+        .by(|p| p.inner.clone())
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    for f in ["vmx_exit", "kernel::vmx::run::vmx_enter", "fast_path"] {
+        assert!(functions.iter().any(|g| g == f), "{f} not in {functions:?}");
+    }
+    let report = profile.report(10, false);
+    assert!(
+        report.contains("profile of vmcall_kernel_ticks"),
+        "{report}"
+    );
+}
