@@ -371,17 +371,7 @@ pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
 
 /// Decodes an exit message (all of `bytes`: trailing bytes are an error).
 pub fn decode_message(bytes: &[u8]) -> Option<ExitMessage> {
-    let mut m = ExitMessage {
-        exit: Exit {
-            domain: 0,
-            vcpu: 0,
-            kind: ExitKind::Hlt,
-            rip: 0,
-            instruction_len: 0,
-            view: 0,
-        },
-        regs: ExitRegs::default(),
-    };
+    let mut m = ExitMessage::default();
     decode_message_into(bytes, &mut m)?;
     Some(m)
 }

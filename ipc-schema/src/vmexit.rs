@@ -60,35 +60,35 @@ pub struct ExitRegs {
 /// One fixed-width register on the wire, as the schema describes it.
 type Word = [u8; 8];
 
+/// A `postcard_schema::Schema` for struct `$t` whose fields travel as the
+/// types given (for fields postcard encodes at fixed width through
+/// `serde(with)`, which the derive cannot see).
+macro_rules! fields_schema {
+    ($t:ty, $name:literal, { $($field:literal: $ty:ty),* $(,)? }) => {
+        impl postcard_schema::Schema for $t {
+            const SCHEMA: &'static NamedType = &NamedType {
+                name: $name,
+                ty: &DataModelType::Struct(&[$(&NamedValue {
+                    name: $field,
+                    ty: <$ty as postcard_schema::Schema>::SCHEMA,
+                }),*]),
+            };
+        }
+    };
+}
+
 impl MaxSize for ExitRegs {
     const POSTCARD_MAX_SIZE: usize = 4 * 8;
 }
 
 // Written out because postcard-schema's derive does not see
 // `serde(with)`: the fields are described as what travels, 8 bytes each.
-impl postcard_schema::Schema for ExitRegs {
-    const SCHEMA: &'static NamedType = &NamedType {
-        name: "ExitRegs",
-        ty: &DataModelType::Struct(&[
-            &NamedValue {
-                name: "rax",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "rbx",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "rcx",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "rdx",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
-            },
-        ]),
-    };
-}
+fields_schema!(ExitRegs, "ExitRegs", {
+    "rax": Word,
+    "rbx": Word,
+    "rcx": Word,
+    "rdx": Word,
+});
 
 impl ExitRegs {
     /// The four of `g`.
@@ -219,37 +219,14 @@ pub const EXIT_FIXED: usize = 32 + 2 + 2 + 2 + 1 + 8;
 
 // Written out for the same reason as `ExitRegs`'s: the fixed-width fields
 // are described as what travels.
-impl postcard_schema::Schema for Exit {
-    const SCHEMA: &'static NamedType = &NamedType {
-        name: "Exit",
-        ty: &DataModelType::Struct(&[
-            &NamedValue {
-                name: "domain",
-                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "vcpu",
-                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "view",
-                ty: <[u8; 2] as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "instruction_len",
-                ty: <u8 as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "rip",
-                ty: <Word as postcard_schema::Schema>::SCHEMA,
-            },
-            &NamedValue {
-                name: "kind",
-                ty: <ExitKind as postcard_schema::Schema>::SCHEMA,
-            },
-        ]),
-    };
-}
+fields_schema!(Exit, "Exit", {
+    "domain": [u8; 2],
+    "vcpu": [u8; 2],
+    "view": [u8; 2],
+    "instruction_len": u8,
+    "rip": Word,
+    "kind": ExitKind,
+});
 
 /// An event to deliver to the guest on entry.
 #[derive(
@@ -318,13 +295,30 @@ impl Response {
 }
 
 /// What the kernel sends a vCPU's exit handler: the vCPU's general
-/// registers and the exit (in this order: see [`Exit`]).
+/// registers and the exit (in this order: see [`Exit`]). Its `Default` is a
+/// placeholder to decode into.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
 )]
 pub struct ExitMessage {
     pub regs: ExitRegs,
     pub exit: Exit,
+}
+
+impl Default for ExitMessage {
+    fn default() -> Self {
+        ExitMessage {
+            regs: ExitRegs::default(),
+            exit: Exit {
+                domain: 0,
+                vcpu: 0,
+                view: 0,
+                instruction_len: 0,
+                rip: 0,
+                kind: ExitKind::Hlt,
+            },
+        }
+    }
 }
 
 /// The handler's answer: how to resume, the registers when it changed

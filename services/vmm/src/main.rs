@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::syscall::Handle;
-use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, VMEXIT};
+use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
@@ -128,17 +128,7 @@ fn main() -> ! {
     );
     let mut server = Server {
         exits,
-        exit: ExitMessage {
-            exit: Exit {
-                domain: 0,
-                vcpu: 0,
-                kind: ExitKind::Hlt,
-                rip: 0,
-                instruction_len: 0,
-                view: 0,
-            },
-            regs: ExitRegs::default(),
-        },
+        exit: ExitMessage::default(),
         vmm: Vmm::default(),
         system,
     };
