@@ -618,6 +618,16 @@ fn console(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+/// The direct-map address of `len` bytes at `pid`'s `va`, if they lie in one
+/// page it may read (and write, with `write`).
+fn user_bytes_in_place(k: &Kernel, pid: u16, va: u64, len: usize, write: bool) -> Option<*mut u8> {
+    k.processes[usize::from(pid)]
+        .as_ref()?
+        .space
+        .as_ref()?
+        .in_one_page(va, len, write)
+}
+
 fn read_user(k: &Kernel, pid: u16, va: u64, out: &mut [u8]) -> Result<()> {
     let p = k.processes[usize::from(pid)]
         .as_ref()
@@ -727,10 +737,7 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
     // The answer to an exit (every exit a service handles ends here) is read
     // where it lies, when it lies in one page.
     if let Sender::Vcpu(_) = super::ipc::untoken(token).0
-        && let Some(at) = k.processes[usize::from(pid)]
-            .as_ref()
-            .and_then(|p| p.space.as_ref())
-            .and_then(|s| s.in_one_page(va, len, false))
+        && let Some(at) = user_bytes_in_place(k, pid, va, len, false)
     {
         // Safety: `at` is the direct-map address of `len` bytes the
         // service may read; answering a vCPU writes only kernel state and
@@ -1228,11 +1235,24 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
 
 #[inline(never)]
 fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
-    let mut buf = [0u8; 1024];
-    let len = (a[3] as usize).min(buf.len());
-    read_user(k, pid, a[2], &mut buf[..len])?;
+    const BATCH: usize = 1024;
+    let len = (a[3] as usize).min(BATCH);
+    // The batch is decoded where it lies when it lies in one page (nearly
+    // always), else from a copy.
+    let copy: [u8; BATCH];
+    let bytes: &[u8] = match user_bytes_in_place(k, pid, a[2], len, false) {
+        // Safety: `at` is the direct-map address of `len` bytes the service
+        // may read; they are only read, and only while the batch decodes.
+        Some(at) => unsafe { core::slice::from_raw_parts(at, len) },
+        None => {
+            let mut c = [0u8; BATCH];
+            read_user(k, pid, a[2], &mut c[..len])?;
+            copy = c;
+            &copy[..len]
+        }
+    };
     let ops: BoundedVec<EptOp, MAX_EPT_OPS> =
-        postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
+        postcard::from_bytes(bytes).map_err(|_| SysError::BadArgument)?;
     // Every view the batch touches must be one the handle reaches.
     if ops.0.is_empty() {
         dcap!(k, pid, "EPT_OPS", a[0], a[1], Scope::Domain, rights::VIEWS);
@@ -1265,7 +1285,19 @@ fn ept_ops(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             d.views.flush((word * 64) as u16 + b as u16);
         }
     }
-    let mut out = [0u8; 1024];
+    // The results go straight into the caller's buffer when it lies in one
+    // page, else through a copy.
+    let cap = (a[5] as usize).min(BATCH);
+    if let Some(at) = user_bytes_in_place(k, pid, a[4], cap, true) {
+        // Safety: `at` is the direct-map address of `cap` bytes the service
+        // may write, which nothing else in the kernel refers to now.
+        let out = unsafe { core::slice::from_raw_parts_mut(at, cap) };
+        let n = postcard::to_slice(&results, out)
+            .map_err(|_| SysError::ReplyTooLong)?
+            .len();
+        return Ok(Values([n as u64, 0, 0]));
+    }
+    let mut out = [0u8; BATCH];
     let n = postcard::to_slice(&results, &mut out)
         .map_err(|_| SysError::NoResources)?
         .len();

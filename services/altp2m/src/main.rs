@@ -33,6 +33,16 @@ service_heap::heap!(1 << 20);
 struct System {
     domains: Handle,
     features: u64,
+    /// The encoded batch and its results for EPT_OPS, kept (not zeroed
+    /// call after call) and together in one page, where the kernel reads
+    /// and writes them in place.
+    ept: alloc::boxed::Box<EptBuffers>,
+}
+
+#[repr(C, align(2048))]
+struct EptBuffers {
+    encoded: [u8; 1024],
+    results: [u8; 1024],
 }
 
 impl Kernel for System {
@@ -57,10 +67,9 @@ impl Kernel for System {
         list.0
             .extend_from_slice(ops)
             .map_err(|_| SysError::BadArgument)?;
-        let mut encoded = [0u8; 1024];
-        let bytes = postcard::to_slice(&list, &mut encoded).map_err(|_| SysError::BadArgument)?;
-        let mut results = [0u8; 1024];
-        let n = sys::ept_ops(self.domains, domain, bytes, &mut results)?;
+        let EptBuffers { encoded, results } = &mut *self.ept;
+        let bytes = postcard::to_slice(&list, encoded).map_err(|_| SysError::BadArgument)?;
+        let n = sys::ept_ops(self.domains, domain, bytes, results)?;
         let got: BoundedVec<EptResult, MAX_EPT_OPS> =
             postcard::from_bytes(&results[..n]).map_err(|_| SysError::BadArgument)?;
         for (o, r) in out.iter_mut().zip(got.0.iter()) {
@@ -265,6 +274,10 @@ fn main() -> ! {
     let system = System {
         domains: require("domains"),
         features: sys::vm_features(),
+        ept: alloc::boxed::Box::new(EptBuffers {
+            encoded: [0; 1024],
+            results: [0; 1024],
+        }),
     };
     defmt::info!(
         "altp2m: serving views (generation {=u32})",

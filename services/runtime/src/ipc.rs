@@ -141,6 +141,9 @@ pub struct Client {
     handle: Handle,
     id: InterfaceId,
     bound: bool,
+    /// The request and its reply, kept (not zeroed call after call) and in
+    /// one page.
+    io: Buffers,
 }
 
 impl Client {
@@ -149,6 +152,10 @@ impl Client {
             handle,
             id,
             bound: false,
+            io: Buffers {
+                msg: [0; MAX_MESSAGE],
+                out: [0; MAX_MESSAGE],
+            },
         }
     }
 
@@ -182,16 +189,15 @@ impl Client {
         &mut self,
         request: &Q,
     ) -> Result<R, CallError> {
-        let mut msg = [0u8; MAX_MESSAGE];
-        let len = postcard::to_slice(request, &mut msg)
+        let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
-        let mut reply = [0u8; MAX_MESSAGE];
         for attempt in 0..2 {
             if !self.bound {
                 self.bind()?;
             }
-            match call_raw(self.handle, &msg[..len], &mut reply) {
+            let Buffers { msg, out: reply } = &mut self.io;
+            match call_raw(self.handle, &msg[..len], reply) {
                 Ok(n) => {
                     return match postcard::from_bytes::<Result<R, IpcError>>(&reply[..n]) {
                         Ok(Ok(r)) => Ok(r),
@@ -252,9 +258,10 @@ struct Swap {
     quiet: bool,
 }
 
-/// The receive loop's message and reply buffers, together within one page
-/// (512 bytes, 512-aligned): the kernel translates the page once for both,
-/// and reads answers and writes messages there in place.
+/// A message and its answer, together within one page (512 bytes,
+/// 512-aligned): the receive loop's (the kernel translates the page once for
+/// both, and reads answers and writes messages there in place) and each
+/// client's.
 #[repr(C, align(512))]
 struct Buffers {
     msg: [u8; MAX_MESSAGE],
