@@ -69,10 +69,11 @@ pub enum SpaceError {
 #[derive(Debug)]
 pub struct AddressSpace {
     pml4: u64,
-    /// The last page translated for a copy and its leaf entry: IPC buffers
-    /// are the same few pages call after call. Cleared when a mapping of
-    /// this space changes.
-    last: core::cell::Cell<(u64, u64)>,
+    /// The last two pages translated and their leaf entries, the latest
+    /// first: IPC buffers are the same few pages call after call (a
+    /// server's receive loop, a client's). Cleared when a mapping of this
+    /// space changes.
+    last: core::cell::Cell<[(u64, u64); 2]>,
 }
 
 /// No page: `last` is empty.
@@ -86,7 +87,7 @@ impl AddressSpace {
         table(pml4)[256..].copy_from_slice(&kernel[256..]);
         Some(Self {
             pml4,
-            last: core::cell::Cell::new((NO_PAGE, 0)),
+            last: core::cell::Cell::new([(NO_PAGE, 0); 2]),
         })
     }
 
@@ -97,7 +98,7 @@ impl AddressSpace {
 
     /// Maps the 4 KiB page at `va` to the frame at `pa`.
     pub fn map(&mut self, va: u64, pa: u64, flags: PageFlags) -> Result<(), SpaceError> {
-        self.last.set((NO_PAGE, 0));
+        self.last.set([(NO_PAGE, 0); 2]);
         if !va.is_multiple_of(PAGE_SIZE) || va >= USER_END || !pa.is_multiple_of(PAGE_SIZE) {
             return Err(SpaceError::BadAddress);
         }
@@ -127,7 +128,7 @@ impl AddressSpace {
     /// frames; the TLB is flushed by the next CR3 load or here for the
     /// current space).
     pub fn unmap(&mut self, va: u64) -> Result<u64, SpaceError> {
-        self.last.set((NO_PAGE, 0));
+        self.last.set([(NO_PAGE, 0); 2]);
         let leaf = self.leaf(va).ok_or(SpaceError::NotMapped)?;
         let pa = *leaf & ADDRESS;
         if *leaf & OWNED != 0 {
@@ -169,10 +170,14 @@ impl AddressSpace {
     #[inline(always)]
     fn page_entry(&self, page: u64) -> Option<u64> {
         match self.last.get() {
-            (p, e) if p == page => Some(e),
-            _ => {
+            [(p, e), _] if p == page => Some(e),
+            [latest, (p, e)] if p == page => {
+                self.last.set([(p, e), latest]);
+                Some(e)
+            }
+            [latest, _] => {
                 let e = *self.leaf(page)?;
-                self.last.set((page, e));
+                self.last.set([(page, e), latest]);
                 Some(e)
             }
         }
