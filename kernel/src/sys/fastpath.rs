@@ -8,7 +8,12 @@
 //! - [`reply_recv`]: the handler answers the exit with a plain answer
 //!   (resume, perhaps with new registers: `exitcodec::plain_reply`) and
 //!   waits again, with nothing there yet. The answer is applied and the
-//!   vCPU entered at once.
+//!   vCPU entered at once. The same for a server answering a process's
+//!   call: the answer is copied into the caller's buffer and the caller
+//!   runs at once.
+//! - [`call`]: a process calls an endpoint whose receiver waits, with
+//!   nobody queued before it. The message is copied straight from the
+//!   caller's buffer into the receiver's and the receiver runs at once.
 //!
 //! Each checks every condition first and changes nothing unless all hold;
 //! otherwise it returns and the caller takes the general path
@@ -139,70 +144,42 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     super::sched::resume(k, pid)
 }
 
-/// Process `pid` made a REPLY_RECV system call (its registers in its
-/// frame): if it answers a vCPU's exit plainly and nothing waits for it,
-/// applies the answer, makes it wait, and runs the vCPU (no return).
-/// Returns, having changed nothing, otherwise.
+/// Process `pid` made a system call (its registers in its frame): CALL and
+/// REPLY_RECV have fast paths ([`call`], [`reply_recv`]). Returns, having
+/// changed nothing, when the call takes the general path.
 #[inline(always)]
-pub fn reply_recv(k: &mut Kernel, pid: u16) {
+pub fn syscall(k: &mut Kernel, pid: u16) {
     let Some(p) = k.processes[usize::from(pid)].as_ref() else {
         return;
     };
-    let f = &p.frame;
-    if f.rax != nr::REPLY_RECV || !ON.load(Ordering::Relaxed) {
-        return;
+    let number = p.frame.rax;
+    if number == nr::REPLY_RECV {
+        if ON.load(Ordering::Relaxed) {
+            reply_recv(k, pid)
+        }
+    } else if number == nr::CALL && ON.load(Ordering::Relaxed) {
+        call(k, pid)
     }
-    let (token, va, len, mask, buf, cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8, f.r9);
-    let (Sender::Vcpu(slot), seq) = untoken(token) else {
-        return;
-    };
-    let Some(d) = k.domains.get(usize::from(slot)).and_then(Option::as_ref) else {
-        return;
-    };
-    if !d.awaiting_reply
-        || d.exit_seq != seq
-        || d.exit_server != Some(pid)
-        || d.state != DomainState::Running
-        || len > MAX_MESSAGE as u64
-    {
-        return;
-    }
-    let Some(space) = p.space.as_ref() else {
-        return;
-    };
-    // The answer, and the buffer the next exit will go to (see
-    // `Wait::Recv::exit_buf`): usually in one page, translated once.
-    let Some((at, next)) = space.answer_and_buffer(va, len as usize, buf, EXIT_MESSAGE_MAX) else {
-        return;
-    };
-    let exit_buf = if cap >= EXIT_MESSAGE_MAX as u64 {
-        next
-    } else {
-        0
-    };
-    // Safety: `at` is the direct-map address of `len` bytes the service
-    // may read, and nothing here writes to them.
-    let bytes = unsafe { core::slice::from_raw_parts(at, len as usize) };
-    let Some((advance, with_regs)) = plain_shape(bytes) else {
-        return;
-    };
-    match d.vcpu.as_ref() {
-        Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
-        _ => return,
-    }
-    // The receive half, in one pass: every handle one to receive on,
-    // nothing there yet. Each object learns that `pid` waits on it: a hint,
-    // harmless if the shortcut is not taken (see `ipc`).
-    if mask == 0 {
-        return;
-    }
+}
+
+/// The receive half of a REPLY_RECV on `mask`, in one pass: true if every
+/// handle is one to receive on and nothing is there yet. Each object learns
+/// that `pid` waits on it: a hint, harmless if the shortcut is not taken
+/// (see `ipc`).
+#[inline(always)]
+fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
     let Kernel {
         processes,
         endpoints,
         notifications,
         ..
     } = &mut *k;
-    let p = processes[usize::from(pid)].as_ref().expect("checked above");
+    let Some(p) = processes[usize::from(pid)].as_ref() else {
+        return false;
+    };
+    if mask == 0 {
+        return false;
+    }
     for h in bits(mask) {
         match p.handles.get(h as usize).copied().flatten() {
             Some(Cap {
@@ -214,7 +191,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
                     e.waiting = Some(pid);
                     e.waiting_slot = h;
                 }
-                _ => return,
+                _ => return false,
             },
             Some(Cap {
                 object: Object::Notification(n),
@@ -222,12 +199,97 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
                 ..
             }) if r & rights::WAIT != 0 => match notifications[usize::from(n)].as_mut() {
                 Some(n) if n.bits == 0 => n.waiter = Some(pid),
-                _ => return,
+                _ => return false,
             },
-            _ => return,
+            _ => return false,
         }
     }
-    if !k.count_hand_off() {
+    true
+}
+
+/// REPLY_RECV: if it answers a vCPU's exit plainly, or a waiting caller's
+/// call, and nothing waits for the server, delivers the answer, makes the
+/// server wait, and runs whoever was answered (no return). Returns, having
+/// changed nothing, otherwise.
+#[inline(always)]
+fn reply_recv(k: &mut Kernel, pid: u16) {
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    match untoken(p.frame.rdi) {
+        (Sender::Vcpu(slot), seq) => answer_vcpu(k, pid, slot, seq),
+        // Token 0 answers nobody (a receive loop's first wait).
+        (Sender::Process(caller), seq) if p.frame.rdi != 0 => answer_caller(k, pid, caller, seq),
+        _ => {}
+    }
+}
+
+/// The answer of a REPLY_RECV by `p` where it lies, and the wait that
+/// follows: `(answer, Wait::Recv)`, if the answer lies in one page. The
+/// buffer the next message goes to is translated with it (usually the same
+/// page; see `Wait::Recv::exit_buf`).
+#[inline(always)]
+fn answer_and_wait(p: &super::process::Process) -> Option<(&'static [u8], Wait)> {
+    let f = &p.frame;
+    let (va, len, mask, buf, cap) = (f.rsi, f.rdx, f.r10, f.r8, f.r9);
+    if len > MAX_MESSAGE as u64 {
+        return None;
+    }
+    let (at, next) =
+        p.space
+            .as_ref()?
+            .answer_and_buffer(va, len as usize, buf, EXIT_MESSAGE_MAX)?;
+    let exit_buf = if cap >= EXIT_MESSAGE_MAX as u64 {
+        next
+    } else {
+        0
+    };
+    // Safety: `at` is the direct-map address of `len` bytes the service
+    // may read; they are only read (an answer to a process is copied with
+    // `copy`, which allows the two to overlap in a shared frame), and only
+    // before the service runs again.
+    let bytes = unsafe { core::slice::from_raw_parts(at, len as usize) };
+    Some((
+        bytes,
+        Wait::Recv {
+            mask,
+            buf,
+            cap,
+            exit_buf,
+        },
+    ))
+}
+
+/// [`reply_recv`] answering the exit of domain slot `slot`'s vCPU.
+#[inline(always)]
+fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    let Some(d) = k.domains.get(usize::from(slot)).and_then(Option::as_ref) else {
+        return;
+    };
+    if !d.awaiting_reply
+        || d.exit_seq != seq
+        || d.exit_server != Some(pid)
+        || d.state != DomainState::Running
+    {
+        return;
+    }
+    let Some((bytes, wait)) = answer_and_wait(p) else {
+        return;
+    };
+    let Some((advance, with_regs)) = plain_shape(bytes) else {
+        return;
+    };
+    match d.vcpu.as_ref() {
+        Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
+        _ => return,
+    }
+    let Wait::Recv { mask, .. } = wait else {
+        return;
+    };
+    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
         return;
     }
     // Everything holds: the answer is applied, the service waits.
@@ -246,12 +308,7 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         then: Then::Resume,
     });
     if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-        p.state = State::Blocked(Wait::Recv {
-            mask,
-            buf,
-            cap,
-            exit_buf,
-        });
+        p.state = State::Blocked(wait);
     }
     k.current = None;
     let others_waiting = !k.ready.is_empty();
@@ -259,4 +316,168 @@ pub fn reply_recv(k: &mut Kernel, pid: u16) {
         crate::vm::run_vcpu(k, slot);
     }
     super::sched::run()
+}
+
+/// [`reply_recv`] answering the call of process `caller`. (Kept out of
+/// line, like [`call`], so that the vCPU paths keep their registers.)
+#[inline(never)]
+fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) {
+    let Some((bytes, wait)) = k.processes[usize::from(pid)]
+        .as_ref()
+        .and_then(answer_and_wait)
+    else {
+        return;
+    };
+    let Wait::Recv { mask, .. } = wait else {
+        return;
+    };
+    let Some(c) = k
+        .processes
+        .get(usize::from(caller))
+        .and_then(Option::as_ref)
+    else {
+        return;
+    };
+    let State::Blocked(Wait::Call {
+        reply_buf,
+        reply_cap,
+        seq: s,
+        server,
+        ..
+    }) = c.state
+    else {
+        return;
+    };
+    if s != seq || server != Some(pid) || bytes.len() as u64 > reply_cap {
+        return;
+    }
+    let Some(to) = c
+        .space
+        .as_ref()
+        .and_then(|s| s.in_one_page(reply_buf, bytes.len(), true))
+    else {
+        return;
+    };
+    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
+        return;
+    }
+    // Everything holds: the answer goes to the caller, the server waits.
+    // Safety: `to` is the direct-map address of `bytes.len()` bytes the
+    // caller may write; `copy` allows them to overlap the answer (a frame
+    // both map).
+    unsafe { core::ptr::copy(bytes.as_ptr(), to, bytes.len()) };
+    let len = bytes.len() as u64;
+    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+        p.state = State::Blocked(wait);
+    }
+    let c = k.processes[usize::from(caller)]
+        .as_mut()
+        .expect("checked above");
+    c.frame.rax = SysError::Ok as u64;
+    c.frame.rdi = len;
+    c.state = State::Ready;
+    super::sched::resume(k, caller)
+}
+
+/// CALL: if the endpoint's receiver waits with nothing queued before this
+/// call, copies the message into its buffer, makes the caller wait for the
+/// answer, and runs the receiver (no return). Returns, having changed
+/// nothing, otherwise (a refusal, a dead server, a queue, an error for the
+/// receiver: the general path).
+#[inline(never)]
+fn call(k: &mut Kernel, pid: u16) {
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    let f = &p.frame;
+    let (handle, va, len, reply_buf, reply_cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8);
+    let Some(Cap {
+        object: Object::Endpoint { id: ep, generation },
+        rights: r,
+        badge,
+    }) = p
+        .handles
+        .get(usize::try_from(handle).unwrap_or(usize::MAX))
+        .copied()
+        .flatten()
+    else {
+        return;
+    };
+    if r & rights::CALL == 0 || len > MAX_MESSAGE as u64 {
+        return;
+    }
+    let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {
+        return;
+    };
+    let (Some(receiver), slot) = (e.waiting, e.waiting_slot) else {
+        return;
+    };
+    if e.generation != generation || !e.queue.is_empty() || receiver == pid {
+        return;
+    }
+    let Some(from) = p
+        .space
+        .as_ref()
+        .and_then(|s| s.in_one_page(va, len as usize, false))
+    else {
+        return;
+    };
+    let Some(q) = k.processes[usize::from(receiver)].as_ref() else {
+        return;
+    };
+    // The hint holds: the receiver waits in RECV, through the handle the
+    // hint names, on this endpoint, with room for the message.
+    let State::Blocked(Wait::Recv { mask, buf, cap, .. }) = q.state else {
+        return;
+    };
+    match q.handles.get(slot as usize).copied().flatten() {
+        Some(Cap {
+            object: Object::Endpoint { id, .. },
+            ..
+        }) if id == ep && slot < 64 && mask & (1 << slot) != 0 && len <= cap => {}
+        _ => return,
+    }
+    let Some(to) = q
+        .space
+        .as_ref()
+        .and_then(|s| s.in_one_page(buf, len as usize, true))
+    else {
+        return;
+    };
+    if !k.count_hand_off() {
+        return;
+    }
+    // Everything holds: the message goes to the receiver, the caller waits.
+    // Safety: `from` and `to` are the direct-map addresses of `len` bytes
+    // the caller may read and the receiver may write; `copy` allows them to
+    // overlap (a frame both map).
+    unsafe { core::ptr::copy(from.cast_const(), to, len as usize) };
+    let p = k.processes[usize::from(pid)]
+        .as_mut()
+        .expect("checked above");
+    p.seq = p.seq.wrapping_add(1);
+    let seq = p.seq;
+    p.state = State::Blocked(Wait::Call {
+        ep,
+        handle: handle as u32,
+        reply_buf,
+        reply_cap,
+        seq,
+        server: Some(receiver),
+    });
+    let q = k.processes[usize::from(receiver)]
+        .as_mut()
+        .expect("checked above");
+    q.frame.rax = SysError::Ok as u64;
+    q.frame.rdi = len;
+    q.frame.rsi = token(Sender::Process(pid), seq);
+    q.frame.rdx = badge;
+    q.frame.r10 = u64::from(slot);
+    q.frame.r8 = 0;
+    q.state = State::Ready;
+    if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
+        e.server = Some(receiver);
+        e.waiting = None;
+    }
+    super::sched::resume(k, receiver)
 }

@@ -133,7 +133,7 @@ pub extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
     }
     match p.frame.vector {
         0x80 => {
-            super::fastpath::reply_recv(k, pid);
+            super::fastpath::syscall(k, pid);
             match super::syscall::dispatch(k, pid) {
                 super::syscall::Outcome::Continue
                     if k.processes[usize::from(pid)]
