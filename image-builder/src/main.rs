@@ -522,7 +522,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 for (target, ok) in bench::check_targets(&figures) {
-                    println!("  target {target}: {}", if ok { "met" } else { "NOT met" });
+                    let verdict = match ok {
+                        Some(true) => "met",
+                        Some(false) => "NOT met",
+                        None => "not measured (this CPU lacks the feature)",
+                    };
+                    println!("  target {target}: {verdict}");
                 }
             }
             Ok(ExitCode::SUCCESS)
