@@ -1,12 +1,13 @@
-//! The fast paths: the two transitions of every exit a service handles,
-//! taken in one straight run when the usual conditions hold (as seL4 does
-//! for call and reply-receive).
+//! The fast paths: the common IPC transitions, taken in one straight run
+//! when the usual conditions hold (as seL4 does for call and
+//! reply-receive): the two of every exit a service handles, and the two of
+//! a call between services.
 //!
 //! - [`exit`]: a vCPU's exit goes to its handler, which waits in RECV with
 //!   nothing queued before it. The exit is encoded straight into the
 //!   handler's receive buffer and the handler runs at once.
 //! - [`reply_recv`]: the handler answers the exit with a plain answer
-//!   (resume, perhaps with new registers: `exitcodec::plain_reply`) and
+//!   (resume, perhaps with new registers: `exitcodec::plain_shape`) and
 //!   waits again, with nothing there yet. The answer is applied and the
 //!   vCPU entered at once. The same for a server answering a process's
 //!   call: the answer is copied into the caller's buffer and the caller
@@ -23,8 +24,8 @@
 //! general path's too: what runs is what `Kernel::make_ready_next` would
 //! hand off to, and the hand-off streak is counted the same way.
 //!
-//! The kernel option `fastpath=off` turns both off, so that the boot tests
-//! can show that the general path gives the same results.
+//! The kernel option `fastpath=off` turns them all off, so that the boot
+//! tests can show that the general path gives the same results.
 
 use super::Kernel;
 use super::caps::{Cap, Object};
@@ -46,7 +47,9 @@ pub fn configure(option: Option<&str>) {
         None | Some("on") => {}
         Some("off") => {
             ON.store(false, Ordering::Relaxed);
-            defmt::info!("IPC: fast paths off (fastpath=off): every exit takes the general path");
+            defmt::info!(
+                "IPC: fast paths off (fastpath=off): every exit and call takes the general path"
+            );
         }
         Some(other) => defmt::warn!(
             "kernel option fastpath={=str} not understood (on or off); fast paths stay on",
