@@ -133,16 +133,9 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     let p = k.processes[usize::from(pid)]
         .as_mut()
         .expect("checked above");
-    p.frame.rax = SysError::Ok as u64;
-    p.frame.rdi = len as u64;
-    p.frame.rsi = token(Sender::Vcpu(slot), seq);
-    p.frame.rdx = 0;
-    p.frame.r10 = u64::from(handle);
-    p.frame.r8 = 0;
-    p.state = State::Ready;
+    p.take_message(len as u64, token(Sender::Vcpu(slot), seq), 0, handle);
     if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
-        e.server = Some(pid);
-        e.waiting = None;
+        e.served_by(pid);
     }
     super::sched::resume(k, pid)
 }
@@ -341,17 +334,10 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) {
     else {
         return;
     };
-    let State::Blocked(Wait::Call {
-        reply_buf,
-        reply_cap,
-        seq: s,
-        server,
-        ..
-    }) = c.state
-    else {
+    let Some((reply_buf, reply_cap)) = c.awaiting_answer(seq, pid) else {
         return;
     };
-    if s != seq || server != Some(pid) || bytes.len() as u64 > reply_cap {
+    if bytes.len() as u64 > reply_cap {
         return;
     }
     let Some(to) = c
@@ -471,16 +457,9 @@ fn call(k: &mut Kernel, pid: u16) {
     let q = k.processes[usize::from(receiver)]
         .as_mut()
         .expect("checked above");
-    q.frame.rax = SysError::Ok as u64;
-    q.frame.rdi = len;
-    q.frame.rsi = token(Sender::Process(pid), seq);
-    q.frame.rdx = badge;
-    q.frame.r10 = u64::from(slot);
-    q.frame.r8 = 0;
-    q.state = State::Ready;
+    q.take_message(len, token(Sender::Process(pid), seq), badge, slot);
     if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
-        e.server = Some(receiver);
-        e.waiting = None;
+        e.served_by(receiver);
     }
     super::sched::resume(k, receiver)
 }

@@ -188,20 +188,16 @@ impl Kernel {
         let r = self.processes[usize::from(receiver)]
             .as_mut()
             .expect("checked above");
-        r.state = State::Ready;
-        r.frame.rax = status as u64;
-        r.frame.rdi = len;
         if status != SysError::Ok {
+            r.state = State::Ready;
+            r.frame.rax = status as u64;
+            r.frame.rdi = len;
             self.make_ready(Runnable::Process(receiver));
             return false;
         }
-        r.frame.rsi = token(sender, seq);
-        r.frame.rdx = badge;
-        r.frame.r10 = u64::from(slot);
-        r.frame.r8 = 0;
+        r.take_message(len, token(sender, seq), badge, slot);
         if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
-            e.server = Some(receiver);
-            e.waiting = None;
+            e.served_by(receiver);
         }
         match sender {
             Sender::Process(pid) => {
@@ -234,19 +230,8 @@ impl Kernel {
                     .get_mut(usize::from(caller))
                     .and_then(Option::as_mut)
                     .ok_or(SysError::BadToken)?;
-                let State::Blocked(Wait::Call {
-                    reply_buf,
-                    reply_cap,
-                    seq: s,
-                    server,
-                    ..
-                }) = c.state
-                else {
-                    return Err(SysError::BadToken);
-                };
-                if s != seq || server != Some(pid) {
-                    return Err(SysError::BadToken);
-                }
+                let (reply_buf, reply_cap) =
+                    c.awaiting_answer(seq, pid).ok_or(SysError::BadToken)?;
                 if reply.len() as u64 > reply_cap {
                     c.frame.rax = SysError::ReplyTooLong as u64;
                     c.frame.rdi = reply.len() as u64;
@@ -424,7 +409,47 @@ fn write_exit(
     }
 }
 
+impl Endpoint {
+    /// `receiver` took a message from it: it serves it now, and waits no
+    /// more.
+    #[inline(always)]
+    pub fn served_by(&mut self, receiver: u16) {
+        self.server = Some(receiver);
+        self.waiting = None;
+    }
+}
+
 impl super::process::Process {
+    /// A waiting receiver gets a message: `len` bytes in its buffer, from
+    /// the caller `token` names, through a handle with `badge`, on its
+    /// handle in `slot`; it is ready to run.
+    #[inline(always)]
+    pub fn take_message(&mut self, len: u64, token: u64, badge: u64, slot: u32) {
+        self.frame.rax = SysError::Ok as u64;
+        self.frame.rdi = len;
+        self.frame.rsi = token;
+        self.frame.rdx = badge;
+        self.frame.r10 = u64::from(slot);
+        self.frame.r8 = 0;
+        self.state = State::Ready;
+    }
+
+    /// Where the answer to call `seq` goes, if this process waits for it
+    /// from `server`: (reply buffer, its capacity).
+    #[inline(always)]
+    pub fn awaiting_answer(&self, seq: u32, server: u16) -> Option<(u64, u64)> {
+        match self.state {
+            State::Blocked(Wait::Call {
+                reply_buf,
+                reply_cap,
+                seq: s,
+                server: Some(from),
+                ..
+            }) if s == seq && from == server => Some((reply_buf, reply_cap)),
+            _ => None,
+        }
+    }
+
     /// Where a message on endpoint `ep` goes, if this process waits in RECV
     /// with a handle to `ep` in its mask: (buffer, capacity, handle slot,
     /// direct address for exits: see `Wait::Recv`).
