@@ -1,8 +1,12 @@
-//! The Debian packages the image builder and the emulators need: checked on
-//! every build, run and test; installed when running as root; otherwise the
-//! exact apt-get line is printed and the command fails.
+//! What the image builder and the emulators need: the Debian packages,
+//! checked on every build, run and test and installed when running as root
+//! (otherwise the exact apt-get line is printed and the command fails); and
+//! the bare-metal Rust target for the pinned toolchain, added with rustup when
+//! a toolchain was installed without it (otherwise the exact rustup line).
 
+use crate::paths;
 use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every package `cargo hv` uses, and what for.
@@ -52,8 +56,82 @@ fn not_root_message(missing: &[&str]) -> String {
     )
 }
 
-/// Makes sure every package is installed.
+/// The target everything bare-metal is built for.
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// The sysroot of the toolchain cargo uses in the repository (the pinned one,
+/// through rust-toolchain.toml).
+fn sysroot() -> Option<PathBuf> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc)
+        .current_dir(paths::repo())
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Whether the toolchain at `sysroot` has the standard library of `target`.
+fn has_target(sysroot: &Path, target: &str) -> bool {
+    sysroot
+        .join("lib")
+        .join("rustlib")
+        .join(target)
+        .join("lib")
+        .is_dir()
+}
+
+/// What to tell a user whose toolchain lacks the target and where rustup
+/// could not add it.
+fn target_message(sysroot: &Path, why: &str) -> String {
+    format!(
+        "the Rust toolchain at {} has no {TARGET} target ({why}); add it with:\n    cd {} && rustup target add {TARGET}",
+        sysroot.display(),
+        paths::repo().display()
+    )
+}
+
+/// Makes sure the pinned toolchain can build for [`TARGET`]. A toolchain
+/// installed before the project (or linked by hand) may lack it, and then
+/// `rustup toolchain install` adds nothing and cargo fails with "can't find
+/// crate for core".
+pub fn ensure_target() -> Result<()> {
+    let Some(sysroot) = sysroot() else {
+        bail!(
+            "cannot run `rustc --print sysroot` in {}",
+            paths::repo().display()
+        );
+    };
+    if has_target(&sysroot, TARGET) {
+        return Ok(());
+    }
+    eprintln!(
+        "adding the Rust target {TARGET} to the toolchain at {}",
+        sysroot.display()
+    );
+    let status = Command::new("rustup")
+        .current_dir(paths::repo())
+        .args(["target", "add", TARGET])
+        .status();
+    match status {
+        Ok(s) if s.success() && has_target(&sysroot, TARGET) => Ok(()),
+        Ok(s) if s.success() => bail!("{}", target_message(&sysroot, "rustup added it elsewhere")),
+        Ok(s) => bail!(
+            "{}",
+            target_message(&sysroot, &format!("rustup failed: {s}"))
+        ),
+        Err(e) => bail!(
+            "{}",
+            target_message(&sysroot, &format!("cannot run rustup: {e}"))
+        ),
+    }
+}
+
+/// Makes sure every package is installed and the toolchain has its target.
 pub fn ensure() -> Result<()> {
+    ensure_target()?;
     let missing: Vec<&str> = PACKAGES
         .iter()
         .map(|(p, _)| *p)
@@ -105,6 +183,27 @@ mod tests {
             m.ends_with("sudo apt-get update && sudo apt-get install -y bochs xorriso"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_toolchain_without_the_target_is_named_with_the_rustup_line() {
+        let dir = std::env::temp_dir().join(format!("hv-sysroot-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("lib/rustlib/x86_64-unknown-linux-gnu/lib")).unwrap();
+        assert!(!has_target(&dir, TARGET));
+        assert!(has_target(&dir, "x86_64-unknown-linux-gnu"));
+        let m = target_message(&dir, "rustup failed");
+        assert!(
+            m.contains("has no x86_64-unknown-none target (rustup failed)"),
+            "{m}"
+        );
+        assert!(m.ends_with("rustup target add x86_64-unknown-none"), "{m}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_pinned_toolchain_has_the_target_after_ensure() {
+        ensure_target().unwrap();
+        assert!(has_target(&sysroot().unwrap(), TARGET));
     }
 
     #[test]

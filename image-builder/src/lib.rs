@@ -8,7 +8,7 @@
 //!   image's console over COM2) and the proxy `cargo hv run` serves it with.
 //! - [`bench`]: benchmark figures measured by a guest on Bochs.
 //! - [`profile`]: where one benchmark operation's instructions go.
-//! - [`deps`]: the Debian packages it all needs.
+//! - [`deps`]: the Debian packages and the Rust target it all needs.
 
 pub mod bench;
 pub mod compile;
@@ -23,3 +23,9 @@ pub mod manifest;
 pub mod paths;
 pub mod profile;
 pub mod progress;
+
+/// The exit status of `cargo hv` when the tool itself fails (bad arguments, a
+/// missing file, a failed build, no running system to talk to). Kept apart
+/// from the kernel's halt statuses (0-4) that `cargo hv run` passes on, from
+/// 124 (timeout) and 125 (the emulator ended without a halt record).
+pub const TOOL_ERROR: u8 = 100;

@@ -339,12 +339,22 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("hv") {
         args.remove(1);
     }
-    let cli = Cli::parse_from(args);
+    // clap's own usage errors exit 2, which is a kernel halt status here.
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.exit_code() {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(image_builder::TOOL_ERROR),
+            };
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(image_builder::TOOL_ERROR)
         }
     }
 }
@@ -877,7 +887,7 @@ fn follow_log(socket: &Path) -> Result<ExitCode> {
         }
         if ended {
             eprintln!("the run ended without a halt record");
-            return Ok(ExitCode::FAILURE);
+            return Ok(ExitCode::from(125));
         }
         if n == 0 {
             std::thread::sleep(Duration::from_millis(100));
@@ -955,6 +965,7 @@ fn service_libs() -> Vec<String> {
 /// `cargo fmt --check`, then clippy with warnings as errors on the host crates
 /// and on the bare-metal ones.
 fn lint() -> Result<()> {
+    deps::ensure_target()?;
     let run = |what: &str, args: &[&str]| -> Result<()> {
         eprintln!("lint: {what}");
         let mut cmd = image_builder::compile::cargo();

@@ -22,7 +22,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn a_missing_capture_is_named() {
     let o = hv(&["log", "/nonexistent/capture.serial"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("cannot read the capture /nonexistent/capture.serial"),
         "{}",
@@ -33,7 +33,7 @@ fn a_missing_capture_is_named() {
 #[test]
 fn a_missing_manifest_is_named() {
     let o = hv(&["build", "--manifest", "/nonexistent/system.toml"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("cannot read the manifest /nonexistent/system.toml"),
         "{}",
@@ -52,7 +52,7 @@ fn a_malformed_manifest_is_named_with_the_field() {
     )
     .unwrap();
     let o = hv(&["build", "--manifest", bad.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     let e = stderr(&o);
     assert!(e.contains("bad.toml is not a valid manifest"), "{e}");
     assert!(
@@ -64,7 +64,7 @@ fn a_malformed_manifest_is_named_with_the_field() {
 #[test]
 fn an_unknown_log_level_is_refused() {
     let o = hv(&["build", "--log", "loud"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("log level \"loud\" is not one of error, warn, info, debug, trace"),
         "{}",
@@ -119,7 +119,7 @@ fn a_manifest_naming_a_service_that_does_not_exist_is_refused_before_building() 
     )
     .unwrap();
     let o = hv(&["build", "--manifest", ghost.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     let e = stderr(&o);
     assert!(
         e.contains("ghost.toml: service `ghost` names no service crate")
@@ -132,7 +132,7 @@ fn a_manifest_naming_a_service_that_does_not_exist_is_refused_before_building() 
     let elf = dir.join("some.elf");
     std::fs::write(&elf, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0").unwrap();
     let o = hv(&["build", "--service", &format!("nobody={}", elf.display())]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("--service nobody:")
             && stderr(&o).contains("has no service named `nobody`"),

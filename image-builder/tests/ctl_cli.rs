@@ -110,7 +110,7 @@ fn ctl_domains_and_domain_control() {
         assert_eq!(stdout(&o).trim(), format!("domain 2 {word}"));
     }
     let o = hv(&["ctl", "--socket", s.socket(), "pause", "7"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("(DomainControl 7 Pause): no such domain"),
         "{}",
@@ -160,7 +160,7 @@ fn ctl_without_a_run_says_so() {
     let dir = scratch("cli-norun");
     let sock = dir.join("ctl.sock");
     let o = hv(&["ctl", "--socket", sock.to_str().unwrap(), "services"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains(&format!(
             "no control socket at {}: is `cargo hv run` running?",
@@ -203,7 +203,12 @@ fn swap_refused(label: &str, name: &str, file: Option<&[u8]>) -> String {
         None => s.dir.join("missing.elf").to_str().unwrap().to_owned(),
     };
     let o = hv(&["swap", name, &path, "--socket", s.socket()]);
-    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(image_builder::TOOL_ERROR.into()),
+        "{}",
+        stdout(&o)
+    );
     let got = s.finish();
     assert!(got.requests.is_empty(), "nothing was sent: {got:?}");
     stderr(&o).replace(&path, "PATH")
@@ -253,7 +258,7 @@ fn build_service_overrides_are_checked_as_they_are_parsed() {
     let dir = scratch("cli-override");
     let missing = dir.join("vmm.elf");
     let o = hv(&["build", "--service", &format!("vmm={}", missing.display())]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     let e = stderr(&o);
     assert!(e.contains("--service <NAME=PATH>"), "{e}");
     assert!(
@@ -263,7 +268,7 @@ fn build_service_overrides_are_checked_as_they_are_parsed() {
 
     let text = write(&dir, "notes.txt", b"hello");
     let o = hv(&["build", "--service", &format!("vmm={text}")]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains(&format!("{text} is not an ELF file")),
         "{}",
@@ -271,12 +276,12 @@ fn build_service_overrides_are_checked_as_they_are_parsed() {
     );
 
     let o = hv(&["build", "--service", "vmm"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(stderr(&o).contains("expected NAME=PATH"), "{}", stderr(&o));
 
     let elf = write(&dir, "a.elf", &fake_elf(64));
     let o = hv(&["build", "--service", &format!("Bad_Name={elf}")]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains("the service name \"Bad_Name\" must be"),
         "{}",
@@ -291,7 +296,7 @@ fn build_service_overrides_are_checked_as_they_are_parsed() {
         "--service",
         &format!("vmm={other}"),
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
         stderr(&o).contains(&format!("--service vmm is given twice ({elf} and {other})")),
         "{}",
