@@ -23,7 +23,7 @@ pub fn kernel() -> &'static Path {
 
 /// Every test guest (crates in `tests/guests/`), built once per test process.
 pub const GUESTS: &[&str] = &[
-    "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker", "agent",
+    "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker", "agent", "hostile",
 ];
 
 /// The ELF of test guest `name`.
@@ -216,7 +216,8 @@ pub fn boot(img: &Image, machine: Machine, configure: impl FnOnce(&mut RunConfig
 pub struct Run(pub RunOutcome);
 
 impl Run {
-    fn log(&self) -> String {
+    /// The whole decoded log and the end of the emulator's own, for failure messages.
+    pub fn log(&self) -> String {
         let mut s = format!("{}\n", self.0.summary());
         for l in &self.0.lines {
             s.push_str(&format!("{l}\n"));

@@ -68,6 +68,9 @@ pub enum Status {
     Refused = 4,
     /// The reply does not fit the guest's buffer.
     ReplyTooLong = 5,
+    /// A hypercall from guest user mode (CPL > 0): only the guest's kernel
+    /// may make them (the kernel refuses it without a message).
+    NotPermitted = 6,
 }
 
 impl Status {
@@ -79,6 +82,7 @@ impl Status {
             3 => Self::Malformed,
             4 => Self::Refused,
             5 => Self::ReplyTooLong,
+            6 => Self::NotPermitted,
             _ => return None,
         })
     }

@@ -51,6 +51,9 @@ pub mod nr {
     pub const HANDLE_INFO: u64 = 9;
     /// TIME() -> RDI = microseconds since boot, RSI = TSC frequency in Hz.
     pub const TIME: u64 = 10;
+    /// HANDLE_CLOSE(handle): the slot becomes free. The object lives on
+    /// (frames given to a domain stay the domain's).
+    pub const HANDLE_CLOSE: u64 = 11;
 
     /// FRAMES_MAP(frames, first_frame, count, va, writable): map frames the
     /// caller holds into its own address space.

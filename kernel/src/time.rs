@@ -72,3 +72,13 @@ pub fn tsc_hz() -> Option<u64> {
 pub fn tsc_at_boot() -> u64 {
     TSC_AT_BOOT.load(Ordering::Relaxed)
 }
+
+/// TSC ticks in one time slice (10 ms; 1,000,000 where the TSC frequency
+/// is unknown): how long a vCPU runs before others get a turn, and how long
+/// a streak of IPC hand-offs may keep the queue waiting.
+pub fn slice() -> u64 {
+    match TSC_HZ.load(Ordering::Relaxed) {
+        0 => 1_000_000,
+        hz => hz / 100,
+    }
+}

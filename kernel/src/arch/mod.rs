@@ -18,6 +18,14 @@ pub fn interrupts_restore(was_enabled: bool) {
     }
 }
 
+/// Lets pending host interrupts in for one instruction (their handlers run
+/// as kernel-mode traps), then disables them again.
+pub fn interrupt_window() {
+    x86_64::instructions::interrupts::enable();
+    x86_64::instructions::nop();
+    x86_64::instructions::interrupts::disable();
+}
+
 /// Stops this CPU for good.
 pub fn halt_forever() -> ! {
     loop {

@@ -56,8 +56,9 @@ pub struct Kernel {
     /// What runs next, before the queue: the last IPC wake-up (see
     /// [`Kernel::make_ready_next`]).
     pub next: Option<Runnable>,
-    /// IPC wake-ups run ahead of the queue since it last got a turn.
-    pub front_streak: u32,
+    /// When the current streak of IPC wake-ups run ahead of the queue ends
+    /// (TSC; 0: no streak).
+    pub streak_end: u64,
     /// The process whose registers are in the trap frame being handled.
     pub current: Option<u16>,
     /// Next log source number for a service.
@@ -82,7 +83,7 @@ static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
     domains: [const { None }; MAX_DOMAINS],
     ready: heapless::Deque::new(),
     next: None,
-    front_streak: 0,
+    streak_end: 0,
     current: None,
     next_source: 1,
     domain_watch: None,
@@ -100,9 +101,6 @@ pub fn kernel() -> &'static mut Kernel {
     unsafe { &mut *KERNEL.0.get() }
 }
 
-/// IPC wake-ups in a row that may jump the queue.
-pub const FRONT_STREAK: u32 = 32;
-
 impl Kernel {
     /// Queues a runnable (once).
     pub fn make_ready(&mut self, r: Runnable) {
@@ -116,9 +114,11 @@ impl Kernel {
     /// wake-up already waiting to run next goes to the front of the queue
     /// (the later one runs first, as a stack of calls unwinds). A chain of
     /// calls and replies (a guest making hypercalls its handler answers)
-    /// would keep everything else waiting, so after [`FRONT_STREAK`]
-    /// hand-offs in a row while others wait in the queue, the next wake-up
-    /// goes to the back of the queue and the others get their turn.
+    /// would keep everything else waiting, so a streak of hand-offs while
+    /// others wait in the queue lasts one time slice ([`crate::time::slice`],
+    /// counted from its first hand-off, whatever ran meanwhile: the guest,
+    /// its handlers, the kernel); then the next wake-up goes to the back of
+    /// the queue and the others get their turn.
     #[inline]
     pub fn make_ready_next(&mut self, r: Runnable) {
         if self.count_hand_off() {
@@ -136,25 +136,33 @@ impl Kernel {
     pub fn count_hand_off(&mut self) -> bool {
         if self.ready.is_empty() {
             // Nobody else waits: no streak to count.
-            self.front_streak = 0;
+            self.streak_end = 0;
             return self.next.is_none();
         }
-        if self.next.is_some() || self.front_streak >= FRONT_STREAK {
+        if self.next.is_some() {
             return false;
         }
-        self.front_streak += 1;
-        true
+        let now = platform::cpu::rdtsc();
+        if self.streak_end == 0 {
+            self.streak_end = now.saturating_add(crate::time::slice());
+        }
+        now < self.streak_end
+    }
+
+    /// The streak of hand-offs is used up (and others wait).
+    fn streak_spent(&self) -> bool {
+        self.streak_end != 0 && platform::cpu::rdtsc() >= self.streak_end
     }
 
     #[inline(never)]
     fn hand_off_slow(&mut self, r: Runnable) {
-        let earlier = if self.front_streak >= FRONT_STREAK && !self.ready.is_empty() {
-            self.front_streak = 0;
+        let earlier = if self.streak_spent() && !self.ready.is_empty() {
+            self.streak_end = 0;
             self.make_ready(r);
             self.next.take()
         } else {
             if self.ready.is_empty() {
-                self.front_streak = 0;
+                self.streak_end = 0;
             }
             self.next.replace(r).filter(|&e| e != r)
         };

@@ -197,6 +197,17 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 c.badge,
             ]))
         }
+        nr::HANDLE_CLOSE => {
+            let p = k.processes[usize::from(pid)]
+                .as_mut()
+                .ok_or(SysError::NoSuchHandle)?;
+            let slot = usize::try_from(a[0])
+                .ok()
+                .filter(|&i| i < p.handles.len() && p.handles[i].is_some())
+                .ok_or(SysError::NoSuchHandle)?;
+            p.handles[slot] = None;
+            Ok(Values([0; 3]))
+        }
         nr::TIME => Ok(Values([
             crate::time::micros(),
             crate::time::tsc_hz().unwrap_or(0),
@@ -943,13 +954,27 @@ fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> 
     if count == 0 || count > 1 << 20 || !align.is_power_of_two() {
         return Err(SysError::BadArgument);
     }
-    let slot = k
-        .frames
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
-    let base =
-        crate::vm::memory::alloc_zeroed_contiguous(count, align).ok_or(SysError::NoResources)?;
+    let Some(slot) = k.frames.iter().position(Option::is_none) else {
+        defmt::warn!(
+            "{=str}: FRAMES_ALLOC refused: all {=usize} frames objects in use",
+            k.process_name(pid),
+            k.frames.len()
+        );
+        return Err(SysError::NoResources);
+    };
+    let Some(base) = crate::vm::memory::alloc_zeroed_contiguous(count, align) else {
+        defmt::warn!(
+            "{=str}: FRAMES_ALLOC of {=u64} frames (aligned to {=u64}) refused: {=u64} frames free",
+            k.process_name(pid),
+            count,
+            align,
+            crate::mem::FRAMES
+                .lock()
+                .as_ref()
+                .map_or(0, |f| f.free_frames())
+        );
+        return Err(SysError::NoResources);
+    };
     k.frames[slot] = Some(FramesObject {
         base,
         count,
@@ -1097,15 +1122,21 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     if f.kind != FramesKind::Ram || f.given_to_domain || count == 0 || count > f.count {
         return Err(SysError::BadArgument);
     }
-    domain_mut(k, a[1])?
-        .map_ram(gfn, f.base, count)
-        .map_err(|e| {
-            defmt::warn!("DOMAIN_MAP_RAM: {}", e);
-            SysError::BadArgument
-        })?;
-    if let Some(f) = k.frames[usize::from(fid)].as_mut() {
+    let result = domain_mut(k, a[1])?.map_ram(gfn, f.base, count);
+    // Frames a failed mapping may have entered into the domain's tables are
+    // the domain's all the same: never given to anyone else.
+    if !matches!(result, Err(crate::vm::domain::DomainError::WrongState))
+        && let Some(f) = k.frames[usize::from(fid)].as_mut()
+    {
         f.given_to_domain = true;
     }
+    result.map_err(|e| {
+        defmt::warn!("DOMAIN_MAP_RAM: {}", e);
+        match e {
+            crate::vm::domain::DomainError::OutOfMemory => SysError::NoResources,
+            _ => SysError::BadArgument,
+        }
+    })?;
     Ok(Values([0; 3]))
 }
 

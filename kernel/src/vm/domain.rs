@@ -45,6 +45,9 @@ pub struct Domain {
     pub pending: Option<Exit>,
     /// The exit the fast path passed on, before it is decoded.
     pub pending_raw: Option<super::vcpu::RawExit>,
+    /// When its vCPU's time slice ends (TSC), while others wait; 0: no
+    /// slice running.
+    pub slice_end: u64,
 }
 
 /// Why a domain operation was refused.
@@ -95,6 +98,7 @@ impl Domain {
             awaiting_reply: false,
             pending: None,
             pending_raw: None,
+            slice_end: 0,
         })
     }
 

@@ -9,6 +9,7 @@
 //! `ipc_schema::vmexit::Exit` and sent as a call to the vCPU's exit endpoint
 //! (EPT violations to its violation endpoint); the vCPU waits for the reply.
 
+pub mod cpustate;
 pub mod dirty;
 pub mod domain;
 pub mod exits;
@@ -65,7 +66,7 @@ pub fn available() -> bool {
 pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
     let f = &caps.features;
     let slice = f.preemption_timer.then(|| {
-        let ticks = crate::time::tsc_hz().unwrap_or(100_000_000) / 100; // 10 ms
+        let ticks = crate::time::slice();
         (ticks >> caps.preemption_timer_rate).min(u64::from(u32::MAX)) as u32
     });
     let features = Features {
@@ -80,6 +81,12 @@ pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
         },
         slice,
     };
+    let xcr0 = cpustate::init();
+    defmt::info!(
+        "vm: guest FPU state saved with {=str} (XCR0 {=u64:#x})",
+        if xcr0 == 0 { "FXSAVE" } else { "XSAVE" },
+        xcr0
+    );
     let region = enable_this_cpu(0, &caps)?;
     let (_, features) = CAPS.call_once(|| (caps, features));
     defmt::info!(
@@ -122,6 +129,9 @@ enum Fast {
     Yield,
     /// A host interrupt arrived (its vector): the kernel must handle it.
     Interrupt(u8),
+    /// The slice ended and nobody else waits: the host takes any interrupt
+    /// pending, then the guest goes on unless someone woke.
+    Window,
     /// Not the kernel's: send it to the handler.
     No,
 }
@@ -130,6 +140,7 @@ enum Fast {
 enum Stop {
     Yield,
     Interrupt(u8),
+    Window,
     /// An exit for the handler (kept in `Domain::pending_raw`).
     Handler,
 }
@@ -182,6 +193,19 @@ pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
             k.make_ready(Runnable::Vcpu(slot));
             false
         }
+        Stop::Window => {
+            // Bochs 2.7 keeps host interrupts masked for a guest entered with
+            // RFLAGS.IF clear, external-interrupt exiting or not, until the
+            // host itself sets IF (docs/security.md): a guest spinning with
+            // interrupts off would deafen the host. One instruction with
+            // interrupts on takes what is pending through the host's IDT.
+            crate::arch::interrupt_window();
+            if k.ready.is_empty() {
+                return true;
+            }
+            k.make_ready(Runnable::Vcpu(slot));
+            false
+        }
         Stop::Handler => {
             crate::sys::fastpath::exit(k, slot);
             exits::to_handler(k, slot);
@@ -192,8 +216,16 @@ pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
 
 /// Enters the guest repeatedly, handling the kernel's own exits, until one
 /// needs the kernel's attention or someone else.
+///
+/// A slice is wall time while others wait, whatever the guest does: the
+/// preemption timer ends a run of guest instructions, and each exit the
+/// kernel answers itself checks the clock, so a guest looping on such exits
+/// (whose handling the timer does not count) gets no more than others.
 #[inline(always)]
 fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
+    if others_waiting && d.slice_end == 0 {
+        d.slice_end = platform::cpu::rdtsc().saturating_add(crate::time::slice());
+    }
     loop {
         let Some(v) = d.vcpu.as_mut() else {
             return Stop::Handler;
@@ -204,14 +236,33 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             return Stop::Handler;
         }
         match fast_path(d, raw, others_waiting) {
-            Fast::Handled => continue,
-            Fast::Yield => return Stop::Yield,
+            Fast::Handled if !others_waiting || platform::cpu::rdtsc() < d.slice_end => continue,
+            Fast::Handled | Fast::Yield => {
+                end_slice(d);
+                return Stop::Yield;
+            }
             Fast::Interrupt(vector) => return Stop::Interrupt(vector),
+            Fast::Window => return Stop::Window,
             Fast::No => {
                 d.pending_raw = Some(raw);
                 return Stop::Handler;
             }
         }
+    }
+}
+
+/// The vCPU gives way: its next run starts a new slice.
+#[cold]
+fn end_slice(d: &mut Domain) {
+    d.slice_end = 0;
+    if let (Some(v), Some(ticks)) = (d.vcpu.as_mut(), caps().1.slice) {
+        // Safety: the VMCS is current; any timer value is valid.
+        unsafe {
+            v.write(
+                platform::vmx::fields::PREEMPTION_TIMER_VALUE,
+                u64::from(ticks),
+            )
+        };
     }
 }
 
@@ -223,6 +274,14 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         let Some(v) = d.vcpu.as_mut() else {
             return Fast::No;
         };
+        // Hypercalls are the guest kernel's: from user mode (SS.DPL is the
+        // CPL) every one is refused here, so that a guest's user process
+        // cannot reach views, services or the host.
+        if v.read(platform::vmx::fields::GUEST_SS_ACCESS) & (3 << 5) != 0 {
+            v.regs.rax = ipc_schema::hypercall::Status::NotPermitted as u64;
+            v.skip_instruction();
+            return Fast::Handled;
+        }
         return match v.regs.rax {
             HC_NULL => {
                 v.regs.rax = 0;
@@ -247,10 +306,21 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
             v.exits -= 1; // not the guest's doing
+            // The guest's share of the slice is spent (the timer's value is
+            // saved at every exit, so exits do not renew it): a new one.
+            if let Some(ticks) = caps().1.slice {
+                // Safety: the VMCS is current; any timer value is valid.
+                unsafe {
+                    v.write(
+                        platform::vmx::fields::PREEMPTION_TIMER_VALUE,
+                        u64::from(ticks),
+                    )
+                };
+            }
             if others_waiting {
                 Fast::Yield
             } else {
-                Fast::Handled
+                Fast::Window
             }
         }
         reason::EXTERNAL_INTERRUPT => {

@@ -25,10 +25,18 @@ pub enum VcpuState {
 
 /// The controls every Parallax vCPU runs with.
 const PIN: u32 = pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING;
+/// RDPMC, MONITOR and MWAIT exit (the vmm answers them: host performance
+/// counters are not the guest's, and MWAIT would sleep the host's CPU).
+/// CR8 is virtualized by the TPR shadow (a guest's MOV to CR8 writes its
+/// virtual-APIC page, never the host's local APIC), or exits on a CPU
+/// without one ([`Vcpu::new`]).
 const PROC1: u32 = proc1::HLT_EXITING
     | UNCONDITIONAL_IO_EXITING
     | proc1::USE_MSR_BITMAPS
-    | proc1::SECONDARY_CONTROLS;
+    | proc1::SECONDARY_CONTROLS
+    | proc1::RDPMC_EXITING
+    | proc1::MONITOR_EXITING
+    | proc1::MWAIT_EXITING;
 const PROC2: u32 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
 const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
     | exit::ACK_INTERRUPT_ON_EXIT
@@ -100,6 +108,11 @@ pub struct Vcpu {
     pub pml_buffer: Option<u64>,
     /// Why the last VMLAUNCH/VMRESUME failed.
     pub vmx_error: Option<VmxError>,
+    /// The frame holding the state VMX does not switch ([`super::cpustate`]).
+    save_area: u64,
+    /// The virtual-APIC page (its TPR is the guest's CR8), where the CPU
+    /// has the TPR shadow.
+    virtual_apic: Option<u64>,
 }
 
 /// How one entry ended: the VMCS exit-reason field (basic reason in bits
@@ -144,6 +157,17 @@ impl Vcpu {
         if setup.eptp_list.is_some() {
             proc2 |= proc2::ENABLE_VM_FUNCTIONS;
         }
+        let save_area = super::memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
+        super::cpustate::reset(crate::mem::phys_to_virt(save_area));
+        let (proc1, virtual_apic) = if caps.proc1.allows(proc1::USE_TPR_SHADOW) {
+            let page = super::memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
+            (PROC1 | proc1::USE_TPR_SHADOW, Some(page))
+        } else {
+            (
+                PROC1 | proc1::CR8_LOAD_EXITING | proc1::CR8_STORE_EXITING,
+                None,
+            )
+        };
         let v = Vcpu {
             id: setup.id,
             vmcs,
@@ -156,12 +180,14 @@ impl Vcpu {
             exits: 0,
             state: VcpuState::Runnable,
             proc2,
-            proc1: PROC1,
+            proc1,
             tf_step: None,
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
             pml_buffer: None,
             vmx_error: None,
+            save_area,
+            virtual_apic,
         };
         // Safety: VMX operation is on (vm::init); the VMCS is this frame.
         unsafe {
@@ -182,8 +208,12 @@ impl Vcpu {
                 .map_err(|bits| VcpuError::Control { field, bits })
         };
         let mut pin_bits = PIN;
+        let mut exit_bits = EXIT;
         if setup.slice.is_some() {
             pin_bits |= pin::PREEMPTION_TIMER;
+            // The timer keeps counting down across exits the kernel answers
+            // itself: a slice is guest time, whatever the guest does.
+            exit_bits |= exit::SAVE_PREEMPTION_TIMER;
         }
         // Safety: the caller's contract; every value comes from the CPU's
         // capability MSRs or from frames this vCPU owns.
@@ -194,13 +224,20 @@ impl Vcpu {
             )?;
             vmwrite(
                 PRIMARY_CONTROLS,
-                u64::from(control("primary", &caps.proc1, PROC1)?),
+                u64::from(control("primary", &caps.proc1, self.proc1)?),
             )?;
             vmwrite(
                 SECONDARY_CONTROLS,
                 u64::from(control("secondary", &caps.proc2, self.proc2)?),
             )?;
-            vmwrite(EXIT_CONTROLS, u64::from(control("exit", &caps.exit, EXIT)?))?;
+            vmwrite(
+                EXIT_CONTROLS,
+                u64::from(control("exit", &caps.exit, exit_bits)?),
+            )?;
+            if let Some(page) = self.virtual_apic {
+                vmwrite(VIRTUAL_APIC_PAGE_ADDR, page)?;
+                vmwrite(TPR_THRESHOLD, 0)?;
+            }
             vmwrite(
                 ENTRY_CONTROLS,
                 u64::from(control("entry", &caps.entry, ENTRY)?),
@@ -241,6 +278,7 @@ impl Vcpu {
     /// Runs the guest until its next exit.
     #[inline(always)]
     pub fn enter(&mut self) -> RawExit {
+        super::cpustate::switch_to(self.save_area);
         // Safety: `load` made the VMCS current; `new` initialised it with
         // this CPU's host state and the exit landing.
         if let Err(e) = unsafe { run::enter(&mut self.regs, self.launched) } {
@@ -655,6 +693,11 @@ impl Vcpu {
         // Safety: VMX operation; the VMCS is ours.
         let _ = unsafe { vmx::vmclear(self.vmcs) };
         super::memory::free_frame(self.vmcs);
+        super::cpustate::forget(self.save_area);
+        super::memory::free_frame(self.save_area);
+        if let Some(page) = self.virtual_apic {
+            super::memory::free_frame(page);
+        }
         if let Some(b) = self.pml_buffer {
             super::memory::free_frame(b);
         }

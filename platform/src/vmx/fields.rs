@@ -27,6 +27,7 @@ pub const IO_BITMAP_B: u32 = 0x2002;
 pub const MSR_BITMAP: u32 = 0x2004;
 pub const PML_ADDRESS: u32 = 0x200e;
 pub const TSC_OFFSET: u32 = 0x2010;
+pub const VIRTUAL_APIC_PAGE_ADDR: u32 = 0x2012;
 pub const VM_FUNCTION_CONTROLS: u32 = 0x2018;
 pub const EPT_POINTER: u32 = 0x201a;
 pub const EPTP_LIST_ADDRESS: u32 = 0x2024;
@@ -55,6 +56,7 @@ pub const ENTRY_MSR_LOAD_COUNT: u32 = 0x4014;
 pub const ENTRY_INTERRUPTION_INFO: u32 = 0x4016;
 pub const ENTRY_EXCEPTION_ERROR_CODE: u32 = 0x4018;
 pub const ENTRY_INSTRUCTION_LENGTH: u32 = 0x401a;
+pub const TPR_THRESHOLD: u32 = 0x401c;
 pub const SECONDARY_CONTROLS: u32 = 0x401e;
 /// 32-bit read-only data.
 pub const VM_INSTRUCTION_ERROR: u32 = 0x4400;
@@ -146,6 +148,7 @@ pub mod reason {
     pub const CPUID: u16 = 10;
     pub const HLT: u16 = 12;
     pub const INVLPG: u16 = 14;
+    pub const RDPMC: u16 = 15;
     pub const RDTSC: u16 = 16;
     pub const VMCALL: u16 = 18;
     pub const CR_ACCESS: u16 = 28;
@@ -179,6 +182,7 @@ pub mod reason {
             CPUID => "CPUID",
             HLT => "HLT",
             INVLPG => "INVLPG",
+            RDPMC => "RDPMC",
             RDTSC => "RDTSC",
             VMCALL => "VMCALL",
             CR_ACCESS => "control-register access",

@@ -39,9 +39,15 @@ pub mod pin {
 /// Primary processor-based VM-execution controls.
 pub mod proc1 {
     pub const HLT_EXITING: u32 = 1 << 7;
+    pub const MWAIT_EXITING: u32 = 1 << 10;
+    pub const RDPMC_EXITING: u32 = 1 << 11;
+    pub const CR8_LOAD_EXITING: u32 = 1 << 19;
+    pub const CR8_STORE_EXITING: u32 = 1 << 20;
+    pub const USE_TPR_SHADOW: u32 = 1 << 21;
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
     pub const MONITOR_TRAP_FLAG: u32 = 1 << 27;
     pub const USE_MSR_BITMAPS: u32 = 1 << 28;
+    pub const MONITOR_EXITING: u32 = 1 << 29;
     pub const SECONDARY_CONTROLS: u32 = 1 << 31;
 }
 

@@ -76,33 +76,49 @@ fn build(
 ) -> Result<Built, BuildError> {
     let plan = multiboot::plan(image, layout).map_err(BuildError::Image)?;
     let (mut large, mut small) = (0u32, 0u32);
-    let mut map = |gfn: u64, pages: u64, align: u64| -> Result<(), BuildError> {
-        let frames = sys::frames_alloc(memory, pages, align)
-            .or_else(|_| sys::frames_alloc(memory, pages, 1))?;
-        sys::domain_map_ram(domains, id, gfn, frames, pages)?;
-        if pages == PAGES_2M && align == PAGES_2M {
-            large += 1;
+    // Each piece of RAM is one frames object, given to the domain at once;
+    // init keeps no handle to it.
+    let mut give = |frames: Handle, gfn: u64, pages: u64, aligned: bool| {
+        let mapped = sys::domain_map_ram(domains, id, gfn, frames, pages);
+        let _ = sys::handle_close(frames);
+        mapped?;
+        if aligned {
+            large += (pages / PAGES_2M) as u32;
+            small += (pages % PAGES_2M) as u32;
         } else {
             small += pages as u32;
         }
-        Ok(())
+        Ok::<(), BuildError>(())
+    };
+    let mut map = |gfn: u64, pages: u64, align: u64| -> Result<(), BuildError> {
+        match sys::frames_alloc(memory, pages, align) {
+            Ok(f) => give(f, gfn, pages, align == PAGES_2M),
+            Err(_) => give(sys::frames_alloc(memory, pages, 1)?, gfn, pages, false),
+        }
     };
     // Below 1 MiB: RAM up to the legacy hole (0xa0000-0xfffff stays unmapped).
     map(0, layout.hole.0 / 4096, 1)?;
-    let mut gpa = layout.hole.1;
-    while gpa < layout.ram_bytes {
-        let chunk = if gpa.is_multiple_of(2 * MIB) {
-            (2 * MIB).min(layout.ram_bytes - gpa)
-        } else {
-            (2 * MIB - gpa % (2 * MIB)).min(layout.ram_bytes - gpa)
-        };
-        let pages = chunk / 4096;
-        map(
-            gpa / 4096,
-            pages,
-            if pages == PAGES_2M { PAGES_2M } else { 1 },
-        )?;
-        gpa += chunk;
+    // From the hole to the first 2 MiB boundary in 4 KiB pages; the rest in
+    // one block, 2 MiB aligned (2 MiB pages), or, where no such block is
+    // free, in 2 MiB pieces that may each be.
+    let first = (2 * MIB).min(layout.ram_bytes);
+    if first > layout.hole.1 {
+        map(layout.hole.1 / 4096, (first - layout.hole.1) / 4096, 1)?;
+    }
+    if layout.ram_bytes > first {
+        let pages = (layout.ram_bytes - first) / 4096;
+        match sys::frames_alloc(memory, pages, PAGES_2M) {
+            Ok(block) => give(block, first / 4096, pages, true)?,
+            Err(_) => {
+                let mut gpa = first;
+                while gpa < layout.ram_bytes {
+                    let chunk = (2 * MIB).min(layout.ram_bytes - gpa);
+                    let align = if chunk == 2 * MIB { PAGES_2M } else { 1 };
+                    map(gpa / 4096, chunk / 4096, align)?;
+                    gpa += chunk;
+                }
+            }
+        }
     }
     for s in &plan.segments {
         sys::domain_write(

@@ -157,6 +157,13 @@ pub fn frames_unmap(va: u64, count: u64) -> Result<(), SysError> {
 }
 
 /// `count` fresh zeroed frames aligned to `align` frames, from the pool.
+/// Frees handle slot `handle` (the object itself lives on).
+pub fn handle_close(handle: Handle) -> Result<(), SysError> {
+    call(nr::HANDLE_CLOSE, &[u64::from(handle)])
+        .ok()
+        .map(|_| ())
+}
+
 pub fn frames_alloc(pool: Handle, count: u64, align: u64) -> Result<Handle, SysError> {
     call(nr::FRAMES_ALLOC, &[u64::from(pool), count, align])
         .ok()

@@ -293,6 +293,18 @@ impl Vmm {
                 );
                 Response::CRASH
             }
+            // The host's performance counters are not the guest's; CPUID
+            // leaf 0xA says there are none, so any counter index is #GP.
+            ExitKind::Other {
+                reason: platform::vmx::fields::reason::RDPMC,
+                ..
+            } => Response::inject(13, Some(0)),
+            // MONITOR/MWAIT would wait on the host's CPU; CPUID hides them.
+            ExitKind::Other {
+                reason:
+                    platform::vmx::fields::reason::MONITOR | platform::vmx::fields::reason::MWAIT,
+                ..
+            } => Response::inject(6, None),
             ExitKind::Other {
                 reason,
                 qualification,
@@ -391,8 +403,12 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
     match leaf {
         1 => {
             r.ecx &= !(1 << 5); // no VMX for guests
+            r.ecx &= !(1 << 3); // no MONITOR/MWAIT (they exit: #UD)
             r.ecx |= 1 << 31; // running under a hypervisor
         }
+        // No performance monitoring: the counters are the host's (RDPMC
+        // exits: #GP).
+        0xa => r = CpuidResult::default(),
         0x4000_0000 => {
             let sig = |i: usize| {
                 u32::from_le_bytes([

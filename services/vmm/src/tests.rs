@@ -32,7 +32,7 @@ impl Env for Fake {
         CpuidResult {
             eax: 1,
             ebx: 2,
-            ecx: 1 << 5,
+            ecx: 1 << 5 | 1 << 3,
             edx: 4,
         }
     }
@@ -503,4 +503,67 @@ fn held_back_console_bytes_go_out_at_the_next_other_exit() {
         "and sent at the first other exit"
     );
     assert!(vmm.pending_line(3).is_empty());
+}
+
+#[test]
+fn rdpmc_monitor_and_mwait_are_refused_and_hidden() {
+    use platform::vmx::fields::reason;
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let other = |r| ExitKind::Other {
+        reason: r,
+        qualification: 0,
+    };
+    let r = vmm.exit(&mut env, &exit(other(reason::RDPMC), ExitRegs::default()));
+    assert_eq!(
+        r.response.inject,
+        Some(Inject::Exception {
+            vector: 13,
+            error_code: Some(0)
+        })
+    );
+    assert_eq!(r.response.then, Then::Resume);
+    for why in [reason::MONITOR, reason::MWAIT] {
+        let r = vmm.exit(&mut env, &exit(other(why), ExitRegs::default()));
+        assert_eq!(
+            r.response.inject,
+            Some(Inject::Exception {
+                vector: 6,
+                error_code: None
+            })
+        );
+        assert!(!r.response.advance);
+    }
+    let cpuid = |vmm: &mut Vmm, env: &mut Fake, leaf| {
+        vmm.exit(
+            env,
+            &exit(ExitKind::Cpuid { leaf, subleaf: 0 }, ExitRegs::default()),
+        )
+        .regs
+        .unwrap_or_default()
+    };
+    assert_eq!(
+        cpuid(&mut vmm, &mut env, 1).rcx & (1 << 3),
+        0,
+        "MONITOR hidden"
+    );
+    let mut counters = ExitRegs::default();
+    counters.rax = 0x0804_0001; // what the fake host would say
+    let pmu = vmm
+        .exit(
+            &mut env,
+            &exit(
+                ExitKind::Cpuid {
+                    leaf: 0xa,
+                    subleaf: 0,
+                },
+                counters,
+            ),
+        )
+        .regs
+        .unwrap();
+    assert_eq!(
+        (pmu.rax, pmu.rbx, pmu.rcx, pmu.rdx),
+        (0, 0, 0, 0),
+        "no counters"
+    );
 }

@@ -1,0 +1,120 @@
+//! Hostile guests (`tests/guests/hostile`) beside benign ones, on Bochs:
+//! each attack must stop or contain the attacker alone, the benign domains
+//! must finish with the right output, and the control channel must answer.
+//! docs/security.md lists the attacks and their outcomes.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use ipc_schema::syscall::DomainOp;
+use parallax_tests::{Run, boot, boot_live, system};
+use std::time::Duration;
+
+/// A `[[domain]]` of the manifest.
+fn domain(name: &str, guest: &str, cmdline: &str) -> String {
+    format!(
+        "[[domain]]\nname = \"{name}\"\nguest = \"{guest}\"\nmemory_mib = 16\ncmdline = \"{cmdline}\"\n"
+    )
+}
+
+/// Where the first line of `source` containing `text` stands in the log.
+fn position(run: &Run, source: &str, text: &str) -> usize {
+    run.0
+        .lines
+        .iter()
+        .position(|l| l.source == source && l.text.contains(text))
+        .unwrap_or_else(|| panic!("no {source} line containing {text:?}\n{}", run.log()))
+}
+
+/// One boot, four attacks that end by themselves, and a benign ticker:
+/// - time: a guest looping on null hypercalls (answered by the kernel
+///   without a service) must not keep the ticker from running: before
+///   slices held across such exits, it owned the CPU until it ended;
+/// - state leaks: two guests write markers into the registers VMX does not
+///   switch (FPU/SSE/AVX, DR0-DR3, CR2, KERNEL_GS_BASE) and check, while
+///   the other runs, that they see only their own;
+/// - hypercalls from guest user mode are refused (`NotPermitted`), from the
+///   guest kernel answered.
+#[test]
+fn spinning_leaking_and_user_mode_attackers_are_contained() {
+    let toml = format!(
+        "name = \"hostile-contained\"\n{}{}{}{}{}",
+        domain("spinner", "hostile", "attack=spin n=400000"),
+        domain("ticker", "ticker", "ticks=20 calls=400"),
+        domain("red", "hostile", "attack=markers tag=1 rounds=12"),
+        domain("blue", "hostile", "attack=markers tag=2 rounds=12"),
+        domain("user", "hostile", "attack=user-hypercall"),
+    );
+    let img = system("hostile-contained", &toml);
+    let run = boot(&img, Machine::Bochs, |c| {
+        c.timeout = Duration::from_secs(600);
+    });
+    run.expect_console(2, "ticker: done")
+        .expect_console(1, "spin: done")
+        .expect_console(3, "markers: done")
+        .expect_console(4, "markers: done")
+        .expect_console(5, "user-hypercall: refused from user mode")
+        .expect_status(HaltStatus::Success);
+    for id in [3, 4] {
+        let bad: Vec<String> = run
+            .console(id)
+            .into_iter()
+            .filter(|l| l.contains("LEAK") || l.contains("LOST"))
+            .collect();
+        assert!(bad.is_empty(), "domain {id}: {bad:?}\n{}", run.log());
+    }
+    // Time: the ticker, with a fifth of the spinner's work, ends first.
+    assert!(
+        position(&run, "dom2", "ticker: done") < position(&run, "dom1", "spin: done"),
+        "the spinner kept the CPU\n{}",
+        run.log()
+    );
+    // The marker guests really ran in turns (each saw the other run between
+    // its checks): their rounds interleave.
+    let red_first = position(&run, "dom3", "round 1 ok");
+    let red_last = position(&run, "dom3", "round 12 ok");
+    let blue_between = run.0.lines[red_first..red_last]
+        .iter()
+        .any(|l| l.source == "dom4" && l.text.contains(" ok"));
+    assert!(
+        blue_between,
+        "the marker guests did not interleave\n{}",
+        run.log()
+    );
+}
+
+/// Attacks that would deafen the host: a guest spinning with interrupts
+/// off (cli; jmp $) for ever, and one that sets its task priority (CR8) to
+/// 15 and exits. The control channel must answer while the first spins and
+/// after the second has gone; the spinner is then destroyed from the host
+/// and the benign guest finishes.
+#[test]
+fn cli_spin_and_cr8_leave_the_control_channel_answering() {
+    let toml = format!(
+        "name = \"hostile-deaf\"\n{}{}{}",
+        domain("priority", "hostile", "attack=cr8"),
+        domain("spinner", "hostile", "attack=cli-spin"),
+        domain("hello", "hello", ""),
+    );
+    let img = system("hostile-deaf", &toml);
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            live.wait_for("dom1", "cr8: wrote 15, reads 15", 120);
+            live.wait_for("kernel", "domain 1 (priority) exited with status 0", 60);
+            live.wait_for("dom2", "spinning with interrupts off", 120);
+            let mut ctl = live.control();
+            ctl.set_timeout(Duration::from_secs(30));
+            let services = ctl.services().expect("the console answers");
+            assert!(services.len() >= 3, "{services:?}");
+            let domains = ctl.domains().expect("the console answers");
+            assert!(domains.len() >= 3, "{domains:?}");
+            ctl.domain_control(2, DomainOp::Destroy)
+                .expect("the spinner is destroyed");
+        },
+    );
+    run.expect_console(3, "hello")
+        .expect_from("init", "domain 2: Destroy on request")
+        .expect_status(HaltStatus::Success);
+}
