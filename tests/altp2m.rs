@@ -188,3 +188,19 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         .expect_no("FAIL")
         .expect_status(HaltStatus::Success);
 }
+
+/// The default image's agent booted with no host agent to watch it (as on
+/// hardware, without `cargo hv run`): it gives up after its wait, says so,
+/// and the system halts on its own.
+#[test]
+fn an_agent_nobody_watches_gives_up_and_the_system_halts() {
+    let run = boot(
+        &agent("agent-unwatched", "watch=4 wait=1"),
+        Machine::Bochs,
+        |_| {},
+    );
+    run.expect_console(1, "agent: watch me: gfn")
+        .expect_console(1, "nobody put me in a view within 1 s")
+        .expect("domain 1 (agent) exited with status 3")
+        .expect_status(HaltStatus::GuestFailed);
+}

@@ -81,7 +81,7 @@ fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
         .expect_console(1, "vmx: no")
         .expect_console(1, "hypervisor bit: yes")
         .expect_console(1, "hypervisor signature: \"ParallaxHV\"")
-        .expect_console(1, "hypervisor max leaf: 0x40000001")
+        .expect_console(1, "hypervisor max leaf: 0x40000010")
         .expect_status(HaltStatus::Success);
     // Plain QEMU (TCG) has no VMX to hide and another signature; the lines
     // that do not name the hypervisor or the vendor are the same.

@@ -339,7 +339,10 @@ pub const HYPERCALL_KEY: Key = Key::for_path::<(Request, Reply)>("parallax/hyper
 /// The signature CPUID leaf 0x40000000 returns in EBX, ECX, EDX.
 pub const CPUID_SIGNATURE: [u8; 12] = *b"ParallaxHV\0\0";
 /// The highest hypervisor CPUID leaf (EAX of leaf 0x40000000).
-pub const CPUID_MAX_LEAF: u32 = 0x4000_0001;
+pub const CPUID_MAX_LEAF: u32 = 0x4000_0010;
+/// CPUID leaf with the TSC frequency in kHz in EAX (the leaf other
+/// hypervisors use for it; EBX, the APIC timer's, is 0: no APIC yet).
+pub const CPUID_TSC_LEAF: u32 = 0x4000_0010;
 
 #[cfg(test)]
 mod tests {

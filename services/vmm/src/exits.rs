@@ -40,6 +40,8 @@ pub trait Env {
     fn features(&self) -> u64;
     fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;
     fn tsc(&self) -> u64;
+    /// The TSC frequency in kHz (0: unknown).
+    fn tsc_khz(&self) -> u32;
     /// A line the guest wrote to its console.
     fn console(&mut self, domain: u16, line: &[u8]);
     fn read_guest(&mut self, domain: u16, gpa: u64, out: &mut [u8]) -> bool;
@@ -419,6 +421,9 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
                 ])
             };
             (r.eax, r.ebx, r.ecx, r.edx) = (CPUID_MAX_LEAF, sig(0), sig(4), sig(8));
+        }
+        ipc_schema::hypercall::CPUID_TSC_LEAF => {
+            (r.eax, r.ebx, r.ecx, r.edx) = (env.tsc_khz(), 0, 0, 0);
         }
         0x4000_0001 => {
             let f = env.features();

@@ -42,6 +42,10 @@ impl Env for System {
         unsafe { core::arch::x86_64::_rdtsc() }
     }
 
+    fn tsc_khz(&self) -> u32 {
+        (sys::time().1 / 1000).min(u64::from(u32::MAX)) as u32
+    }
+
     fn console(&mut self, domain: u16, bytes: &[u8]) {
         if let Err(e) = sys::console(self.domains, domain, bytes) {
             defmt::warn!(

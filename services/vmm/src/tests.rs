@@ -39,6 +39,9 @@ impl Env for Fake {
     fn tsc(&self) -> u64 {
         self.tsc
     }
+    fn tsc_khz(&self) -> u32 {
+        100_000
+    }
     fn console(&mut self, domain: u16, line: &[u8]) {
         self.lines.push((domain, line.to_vec()));
     }
@@ -546,8 +549,10 @@ fn rdpmc_monitor_and_mwait_are_refused_and_hidden() {
         0,
         "MONITOR hidden"
     );
-    let mut counters = ExitRegs::default();
-    counters.rax = 0x0804_0001; // what the fake host would say
+    let counters = ExitRegs {
+        rax: 0x0804_0001, // what a host with counters would say
+        ..ExitRegs::default()
+    };
     let pmu = vmm
         .exit(
             &mut env,

@@ -23,7 +23,9 @@
 //! writes the page N times (each write that the view forbids waits for the
 //! host's answer). With `limited` too, it then waits until the host sets the
 //! domain's mode to limited and checks that a change is refused while a
-//! query is not.
+//! query is not. With nobody to watch it (the image booted without `cargo
+//! hv run`, e.g. on hardware), it gives up after `wait=S` seconds (default
+//! 60; the TSC frequency from CPUID leaf 0x40000010), says so and exits 3.
 #![no_std]
 #![no_main]
 
@@ -89,7 +91,7 @@ fn main(info: &MultibootInfo) -> u32 {
     let cmdline = info.cmdline().unwrap_or("");
     if let Some(n) = arg(cmdline, "watch") {
         let limited = cmdline.split(' ').any(|w| w == "limited");
-        return watch(n, limited);
+        return watch(n, limited, arg(cmdline, "wait").unwrap_or(60));
     }
     checks(info)
 }
@@ -324,14 +326,35 @@ fn pause() {
     }
 }
 
-fn watch(n: u64, limited: bool) -> u32 {
+/// The exit status of an agent nobody watched.
+const STATUS_UNWATCHED: u32 = 3;
+
+/// The TSC tick at which `secs` seconds from now have passed (the TSC
+/// frequency from Parallax's CPUID leaf; 100 MHz where it is not given).
+fn deadline(secs: u64) -> u64 {
+    let max = guest_runtime::cpuid(0x4000_0000, 0).eax;
+    let khz = match guest_runtime::cpuid(0x4000_0010, 0).eax {
+        khz if max >= 0x4000_0010 && khz != 0 => u64::from(khz),
+        _ => 100_000,
+    };
+    guest_runtime::rdtsc().saturating_add(secs.saturating_mul(khz * 1000))
+}
+
+fn watch(n: u64, limited: bool, wait: u64) -> u32 {
     println!(
         "agent: watch me: gfn {:#x} (gpa {:#x}); waiting to be put in a view",
         W.gfn(0),
         W.addr()
     );
+    let give_up = deadline(wait);
     let view = loop {
         match hypercall::view_current() {
+            Ok(0) if guest_runtime::rdtsc() > give_up => {
+                println!(
+                    "agent: nobody put me in a view within {wait} s (no host agent: the image was booted without `cargo hv run`?); giving up"
+                );
+                return STATUS_UNWATCHED;
+            }
             Ok(0) => pause(),
             Ok(v) => break v,
             Err(e) => return fatal("ViewCurrent", e),
