@@ -246,6 +246,7 @@ fn start_init(boot: &BootInfo) -> ! {
             len: m.region.len(),
             kind: FramesKind::Module,
             given_to_domain: false,
+            ever_mapped: false,
         });
         if m.name == "init" {
             init_elf = i as u16;

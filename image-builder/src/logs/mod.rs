@@ -415,7 +415,7 @@ impl Decoder {
                 let mut out = Vec::new();
                 while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                     let text: Vec<u8> = buf.drain(..=nl).collect();
-                    let text = String::from_utf8_lossy(&text).trim_end().to_owned();
+                    let text = escape_console(String::from_utf8_lossy(&text).trim_end());
                     out.push(line(None, &format!("dom{domain}"), "", text));
                 }
                 out
@@ -521,3 +521,25 @@ pub fn decode_all(bytes: &[u8], elfs: ElfSet) -> (Vec<LogLine>, Option<u8>) {
 
 #[cfg(test)]
 mod tests;
+
+/// A guest's console line as the host shows it: control characters (escape
+/// sequences that would clear or move about the host's terminal, carriage
+/// returns that would overwrite the line) and bidirectional overrides become
+/// visible `\xNN` / `\u{NNNN}` escapes, so a guest can neither change the
+/// terminal nor pass its text off as another source's.
+pub fn escape_console(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if c.is_control() && (c as u32) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' => {
+                out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}

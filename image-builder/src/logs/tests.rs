@@ -161,3 +161,17 @@ fn a_foreign_wire_schema_is_named() {
 fn terminal_codes_are_stripped() {
     assert_eq!(strip_terminal_codes("\x1b[1;1H\x1b[2Jok\r"), "ok");
 }
+
+#[test]
+fn guest_console_bytes_cannot_drive_the_host_terminal() {
+    let mut dec = Decoder::new(ElfSet::default());
+    let bytes = b"\x1b[2J\x1b[Hclean\rfake\x08\x07 \xe2\x80\xae\ttab\n".to_vec();
+    let lines = dec.lines(&Event::Record(OwnedRecord::Console { domain: 3, bytes }));
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].source, "dom3");
+    assert_eq!(
+        lines[0].text,
+        "\\x1b[2J\\x1b[Hclean\\x0dfake\\x08\\x07 \\u{202e}\ttab"
+    );
+    assert!(!lines[0].to_string().contains('\x1b'));
+}

@@ -90,6 +90,9 @@ pub struct FramesObject {
     pub kind: FramesKind,
     /// Guest RAM of a domain now: no longer mappable into services.
     pub given_to_domain: bool,
+    /// Mapped into a service's address space at some time: never guest RAM
+    /// (the service would keep a way into the guest's memory).
+    pub ever_mapped: bool,
 }
 
 /// Why a handle check failed (logged with the call).

@@ -887,7 +887,7 @@ fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     } else {
         rights::READ
     };
-    let (_, f) = frames_of(k, pid, "FRAMES_MAP", a[0], needed)?;
+    let (fid, f) = frames_of(k, pid, "FRAMES_MAP", a[0], needed)?;
     let (first, count, va) = (a[1], a[2], a[3]);
     let end = va
         .checked_add(count.checked_mul(PAGE_SIZE).ok_or(SysError::BadArgument)?)
@@ -920,6 +920,9 @@ fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             }
             return Err(SysError::BadArgument);
         }
+    }
+    if let Some(f) = k.frames[usize::from(fid)].as_mut() {
+        f.ever_mapped = true;
     }
     Ok(Values([0; 3]))
 }
@@ -981,6 +984,7 @@ fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> 
         len: count * PAGE_SIZE,
         kind: FramesKind::Ram,
         given_to_domain: false,
+        ever_mapped: false,
     });
     let h = k.install(
         pid,
@@ -1119,6 +1123,13 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     );
     let (fid, f) = frames_of(k, pid, "DOMAIN_MAP_RAM", a[3], rights::WRITE)?;
     let (gfn, count) = (a[2], a[4]);
+    if f.ever_mapped {
+        defmt::warn!(
+            "{=str}: DOMAIN_MAP_RAM refused: the frames were mapped into a service, which would keep a way into the guest's memory",
+            k.process_name(pid)
+        );
+        return Err(SysError::BadArgument);
+    }
     if f.kind != FramesKind::Ram || f.given_to_domain || count == 0 || count > f.count {
         return Err(SysError::BadArgument);
     }

@@ -7,7 +7,7 @@ use super::vcpu::VcpuState;
 use crate::sys::ipc::Sender;
 use crate::sys::{Kernel, Runnable};
 use ipc_schema::syscall::{DomainState, handle_name_str};
-use ipc_schema::vmexit::{Exit, ExitKind, Then};
+use ipc_schema::vmexit::{Exit, ExitKind, Inject, Then};
 use platform::vmx::fields::{self, reason};
 
 /// Sends domain slot `slot`'s pending exit to its handler; the vCPU waits.
@@ -115,6 +115,19 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     if v.load().is_err() {
         crash_pending(k, slot);
         return;
+    }
+    if let Some(Inject::Exception { vector, error_code }) = reply.response.inject {
+        let protected = v.read(fields::GUEST_CR0) & 1 != 0;
+        if let Err(why) = fields::inject::check(vector, error_code.is_some(), protected) {
+            defmt::error!(
+                "domain {=u16}: its exit handler asked to inject vector {=u8} ({}), which VM entry cannot deliver; domain stopped",
+                d.id,
+                vector,
+                why
+            );
+            crash_pending(k, slot);
+            return;
+        }
     }
     if let Some(regs) = reply.regs {
         regs.apply(&mut v.regs);

@@ -278,11 +278,61 @@ pub mod inject {
     pub fn exception(vector: u8, has_error_code: bool) -> u32 {
         (1 << 31) | (3 << 8) | (u32::from(has_error_code) << 11) | u32::from(vector)
     }
+
+    /// Why an exception cannot be injected as asked.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+    pub enum Refused {
+        /// Not an architectural exception (NMI, reserved, an interrupt vector).
+        NotAnException,
+        /// The exception pushes an error code and none was given, or the
+        /// other way round.
+        ErrorCode,
+        /// Error codes are not delivered in real mode.
+        ErrorCodeInRealMode,
+    }
+
+    /// Checks that `vector` is an exception a VM entry can deliver as a
+    /// hardware exception, with an error code exactly where the
+    /// architecture pushes one (`protected`: the guest's CR0.PE).
+    pub fn check(vector: u8, has_error_code: bool, protected: bool) -> Result<(), Refused> {
+        let pushes = matches!(vector, 8 | 10..=14 | 17 | 21);
+        match vector {
+            0 | 1 | 3..=8 | 10..=14 | 16..=21 => {}
+            _ => return Err(Refused::NotAnException),
+        }
+        if !protected && has_error_code {
+            return Err(Refused::ErrorCodeInRealMode);
+        }
+        if protected && pushes != has_error_code {
+            return Err(Refused::ErrorCode);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_architectural_exceptions_with_their_error_codes_are_injected() {
+        use inject::{Refused, check};
+        assert_eq!(check(13, true, true), Ok(()));
+        assert_eq!(check(6, false, true), Ok(()));
+        assert_eq!(check(6, false, false), Ok(()));
+        assert_eq!(check(13, false, true), Err(Refused::ErrorCode));
+        assert_eq!(check(6, true, true), Err(Refused::ErrorCode));
+        assert_eq!(check(13, true, false), Err(Refused::ErrorCodeInRealMode));
+        for v in [2, 9, 15, 22, 31, 32, 0x80, 255] {
+            assert_eq!(check(v, false, true), Err(Refused::NotAnException), "{v}");
+        }
+        for v in 0..=255u8 {
+            if check(v, false, true).is_ok() || check(v, true, true).is_ok() {
+                assert!(v < 22 && v != 2 && v != 9 && v != 15, "{v}");
+            }
+        }
+    }
 
     #[test]
     fn io_qualifications() {

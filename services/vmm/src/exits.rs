@@ -60,6 +60,35 @@ struct Devices {
     service_calls: u32,
     /// The last byte sent to the log was not a newline.
     open_line: bool,
+    /// Log lines this domain's doings caused.
+    logged: LogBudget,
+}
+
+/// Log lines a guest can cause over and over (a refused VMFUNC, MSR): the
+/// first [`LogBudget::BURST`] of a domain are logged, then one in
+/// [`LogBudget::EVERY`], saying how many like it were not. A guest looping
+/// on a refused instruction then costs the log (a serial line, slow for
+/// every domain) almost nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogBudget {
+    seen: u32,
+}
+
+impl LogBudget {
+    pub const BURST: u32 = 8;
+    pub const EVERY: u32 = 1024;
+
+    /// Whether to log this one; `Some(n)`: `n` lines before it were not.
+    pub fn admit(&mut self) -> Option<u32> {
+        self.seen = self.seen.saturating_add(1);
+        if self.seen <= Self::BURST {
+            Some(0)
+        } else if (self.seen - Self::BURST).is_multiple_of(Self::EVERY) {
+            Some(Self::EVERY - 1)
+        } else {
+            None
+        }
+    }
 }
 
 /// The vmm's state: what a successor must get in a swap.
@@ -111,6 +140,8 @@ impl Vmm {
                 line: d.line,
                 service_calls: d.service_calls,
                 open_line: d.open_line,
+                // A new release starts a new burst of log lines.
+                logged: LogBudget::default(),
             });
         }
         v
@@ -230,7 +261,14 @@ impl Vmm {
                     Response::DONE
                 }
                 None => {
-                    defmt::debug!("domain {=u16}: RDMSR {=u32:#x} refused with #GP", id, msr);
+                    if let Some(skipped) = d.logged.admit() {
+                        defmt::debug!(
+                            "domain {=u16}: RDMSR {=u32:#x} refused with #GP ({=u32} like it not logged)",
+                            id,
+                            msr,
+                            skipped
+                        );
+                    }
                     Response::inject(13, Some(0))
                 }
             },
@@ -239,24 +277,30 @@ impl Vmm {
                 Response::DONE
             }
             ExitKind::Wrmsr { msr, value } => {
-                defmt::debug!(
-                    "domain {=u16}: WRMSR {=u32:#x} <- {=u64:#x} refused with #GP",
-                    id,
-                    msr,
-                    value
-                );
+                if let Some(skipped) = d.logged.admit() {
+                    defmt::debug!(
+                        "domain {=u16}: WRMSR {=u32:#x} <- {=u64:#x} refused with #GP ({=u32} like it not logged)",
+                        id,
+                        msr,
+                        value,
+                        skipped
+                    );
+                }
                 Response::inject(13, Some(0))
             }
             ExitKind::Vmfunc { leaf, index } => {
                 // ALT-5: a VMFUNC the CPU refused (an index whose EPTP list
                 // entry is empty: an invisible or missing view) is #UD for
                 // the guest, as on a CPU without the function.
-                defmt::info!(
-                    "domain {=u16}: VMFUNC leaf {=u32} index {=u32} refused (no such visible view): #UD",
-                    id,
-                    leaf,
-                    index
-                );
+                if let Some(skipped) = d.logged.admit() {
+                    defmt::info!(
+                        "domain {=u16}: VMFUNC leaf {=u32} index {=u32} refused (no such visible view): #UD ({=u32} like it not logged)",
+                        id,
+                        leaf,
+                        index,
+                        skipped
+                    );
+                }
                 Response::inject(6, None)
             }
             ExitKind::EptViolation { gpa, .. } => {

@@ -572,3 +572,17 @@ fn rdpmc_monitor_and_mwait_are_refused_and_hidden() {
         "no counters"
     );
 }
+
+#[test]
+fn a_guest_repeating_a_refused_instruction_is_logged_sparingly() {
+    use crate::exits::LogBudget;
+    let mut b = LogBudget::default();
+    let logged: Vec<(u32, u32)> = (1..=10_000)
+        .filter_map(|i| b.admit().map(|skipped| (i, skipped)))
+        .collect();
+    // The first eight, then every 1024th saying 1023 were not logged.
+    assert_eq!(logged.len(), 8 + (10_000 - 8) / 1024);
+    assert!(logged[..8].iter().all(|&(_, s)| s == 0));
+    assert_eq!(logged[8], (8 + 1024, 1023));
+    assert!(logged[8..].iter().all(|&(_, s)| s == 1023));
+}
