@@ -84,16 +84,23 @@ fn spinning_leaking_and_user_mode_attackers_are_contained() {
 
 /// Attacks that would deafen the host: a guest spinning with interrupts
 /// off (cli; jmp $) for ever, and one that sets its task priority (CR8) to
-/// 15 and exits. The control channel must answer while the first spins and
-/// after the second has gone; the spinner is then destroyed from the host
-/// and the benign guest finishes.
+/// 15 and exits; beside them guests that probe the host's ports (the
+/// control channel's COM2, Bochs's shutdown port, the reset ports), its
+/// MSRs, CR4.VMXE and random hypercalls (each refused, the guest going on),
+/// one that executes VMXON and one that reads the host's local APIC page
+/// (each stopped alone). The control channel must answer after all of them
+/// while the spinner spins; the spinner is then destroyed from the host and
+/// the benign guest finishes.
 #[test]
 fn cli_spin_and_cr8_leave_the_control_channel_answering() {
     let toml = format!(
-        "name = \"hostile-deaf\"\n{}{}{}",
+        "name = \"hostile-deaf\"\n{}{}{}{}{}{}",
         domain("priority", "hostile", "attack=cr8"),
         domain("spinner", "hostile", "attack=cli-spin"),
         domain("hello", "hello", ""),
+        domain("prober", "hostile", "attack=probe"),
+        domain("vmx", "hostile", "attack=vmx"),
+        domain("mmio", "hostile", "attack=mmio"),
     );
     let img = system("hostile-deaf", &toml);
     let run = boot_live(
@@ -104,6 +111,9 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
             live.wait_for("dom1", "cr8: wrote 15, reads 15", 120);
             live.wait_for("kernel", "domain 1 (priority) exited with status 0", 60);
             live.wait_for("dom2", "spinning with interrupts off", 120);
+            live.wait_for("kernel", "domain 4 (prober) exited with status 0", 300);
+            live.wait_for("kernel", "domain 5 (vmx) crashed", 120);
+            live.wait_for("kernel", "domain 6 (mmio) crashed", 120);
             let mut ctl = live.control();
             ctl.set_timeout(Duration::from_secs(30));
             let services = ctl.services().expect("the console answers");
@@ -115,6 +125,16 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
         },
     );
     run.expect_console(3, "hello")
+        .expect_console(4, "host ports read all ones, writes went nowhere")
+        .expect_console(4, "host and VMX MSRs refused with #GP")
+        .expect_console(4, "CR4.VMXE refused with #GP")
+        .expect_console(4, "3000 random hypercalls answered")
+        .expect_console(4, "every refusal held")
+        .expect_from("vmm", "domain 5: unhandled exit: other (reason 27")
+        .expect("domain 3 (hello) exited with status 0")
+        .expect("domain 5 (vmx) crashed")
+        .expect("domain 6 (mmio) crashed")
         .expect_from("init", "domain 2: Destroy on request")
-        .expect_status(HaltStatus::Success);
+        // Two attackers were stopped: the run says a guest failed.
+        .expect_status(HaltStatus::GuestFailed);
 }

@@ -10,6 +10,9 @@
 //! | `sti-spin` | the same with interrupts on (`sti; jmp $`): with external-interrupt exiting none reaches the guest | never ends |
 //! | `cr8` | MOV 15 to CR8 (the task priority: masks every interrupt if it reaches the host's APIC), reads it back | 0 if it reads 15 |
 //! | `markers tag=T rounds=R` | reads FPU/SSE/AVX registers, DR0-DR3, CR2 and KERNEL_GS_BASE: any marker of another tag is a leak; then writes its own markers and checks them R times while other domains run | 0, or 1 on a leak or a lost marker |
+//! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port read all ones, the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
+//! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
+//! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
 //! | `user-hypercall` | from CPL 3: a null hypercall and a request hypercall; both must be refused with `NotPermitted` | 0 if both were refused |
 #![no_std]
 #![no_main]
@@ -53,6 +56,21 @@ fn main(info: &MultibootInfo) -> u32 {
         Some("cr8") => cr8(),
         Some("markers") => markers(num(cmdline, "tag", 1) as u8, num(cmdline, "rounds", 20)),
         Some("user-hypercall") => user_hypercalls(),
+        Some("probe") => probe(),
+        Some("vmx") => {
+            println!("vmx: VMXON");
+            // Safety: the attack; the hypervisor stops this guest here.
+            unsafe { asm!("vmxon [{}]", in(reg) 0x1000u64) };
+            println!("vmx: FAIL: VMXON returned");
+            1
+        }
+        Some("mmio") => {
+            println!("mmio: reading the local APIC at 0xfee00000");
+            // Safety: the attack; the page is outside this guest's RAM.
+            let v = unsafe { core::ptr::read_volatile(0xfee0_0030 as *const u32) };
+            println!("mmio: FAIL: read {v:#x}");
+            1
+        }
         other => {
             println!("hostile: unknown attack {other:?}");
             2
@@ -358,6 +376,153 @@ fn user_hypercalls() -> u32 {
         0
     } else {
         println!("user-hypercall: FAIL");
+        1
+    }
+}
+
+// --- probing the hypervisor's refusals ---
+
+/// Exceptions the probe caught (vector per bit), and how long the probed
+/// instruction is (the handler skips it).
+static CAUGHT: AtomicU64 = AtomicU64::new(0);
+static SKIP: AtomicU64 = AtomicU64::new(0);
+
+fn catch(frame: &mut TrapFrame) {
+    CAUGHT.fetch_or(1 << frame.vector, Ordering::SeqCst);
+    frame.rip += SKIP.load(Ordering::SeqCst);
+}
+
+/// Runs `f`, whose faulting instruction is `len` bytes long (the handler
+/// skips it), and returns the vectors of the exceptions it raised.
+fn caught(len: u64, f: impl FnOnce()) -> u64 {
+    SKIP.store(len, Ordering::SeqCst);
+    CAUGHT.store(0, Ordering::SeqCst);
+    f();
+    CAUGHT.load(Ordering::SeqCst)
+}
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // Safety: a #GP is caught and the instruction (2 bytes) skipped.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // Safety: as for `rdmsr`.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+}
+
+fn probe() -> u32 {
+    idt::set_gp_handler(Some(catch));
+    idt::set_ud_handler(Some(catch));
+    let mut failures = 0;
+    // Ports: the host's PIC, PIT, speaker, CMOS, PCI configuration, COM2
+    // (the control channel), Bochs's shutdown and debug ports, QEMU's
+    // fw_cfg and ACPI power-off, and the reset ports (keyboard controller
+    // 0x64 <- 0xfe, 0xcf9 <- 6).
+    let ports: [u16; 20] = [
+        0x20, 0x21, 0xa0, 0xa1, 0x40, 0x43, 0x61, 0x70, 0x71, 0xcf8, 0xcfc, 0x2f8, 0x2f9, 0x2fd,
+        0x8900, 0x402, 0x510, 0x604, 0x64, 0xcf9,
+    ];
+    for &port in &ports {
+        let value: u8 = match port {
+            0x64 => 0xfe,
+            0xcf9 => 0x06,
+            _ => 0xa5,
+        };
+        // Safety: port I/O exits to the vmm, which owns every port a guest sees.
+        unsafe {
+            asm!("out dx, al", in("dx") port, in("al") value);
+            asm!("out dx, eax", in("dx") port, in("eax") 0xffff_ffffu32);
+        }
+        let (b, d): (u8, u32);
+        // Safety: as above.
+        unsafe {
+            asm!("in al, dx", in("dx") port, out("al") b);
+            asm!("in eax, dx", in("dx") port, out("eax") d);
+        }
+        if b != 0xff || d != 0xffff_ffff {
+            println!("probe: FAIL: port {port:#x} read {b:#x} / {d:#x}, not all ones");
+            failures += 1;
+        }
+    }
+    for b in b"Shutdown" {
+        // Safety: as above (Bochs would end the whole run if it saw this).
+        unsafe { asm!("out dx, al", in("dx") 0x8900u16, in("al") *b) };
+    }
+    println!(
+        "probe: {} host ports read all ones, writes went nowhere",
+        ports.len()
+    );
+    // MSRs: the VMX capability MSRs and feature control must fault (VMX is
+    // hidden); the host's SYSCALL entry and x2APIC registers too.
+    for msr in [0x3a, 0x480, 0x481, 0x48b, 0xc000_0082, 0x808, 0x80b, 0x830] {
+        let got = caught(2, || {
+            let _ = rdmsr(msr);
+        });
+        let put = caught(2, || wrmsr(msr, 0));
+        if got & (1 << 13) == 0 || put & (1 << 13) == 0 {
+            println!("probe: FAIL: MSR {msr:#x} did not give #GP (read {got:#x}, write {put:#x})");
+            failures += 1;
+        }
+    }
+    println!("probe: host and VMX MSRs refused with #GP");
+    // CR4.VMXE (nested VMX): #GP.
+    let vmxe = caught(3, || {
+        // Safety: the write faults (caught, 3 bytes skipped) or is refused.
+        unsafe { asm!("mov rax, cr4", "bts rax, 13", "mov cr4, rax", out("rax") _) };
+    });
+    // The handler skips `mov cr4, rax` (3 bytes: 0f 22 e0).
+    if vmxe & (1 << 13) == 0 {
+        println!("probe: FAIL: setting CR4.VMXE did not give #GP");
+        failures += 1;
+    } else {
+        println!("probe: CR4.VMXE refused with #GP");
+    }
+    // Hypercalls with random numbers and arguments (request pages in a
+    // scratch page of this guest's, so that replies land there).
+    let scratch = guest_runtime::hypercall::request_page_gfn() << 12;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut answered = 0u32;
+    for i in 0..3000u32 {
+        let r = next();
+        let nr = match i % 4 {
+            0 => r % 64,
+            1 => r,
+            _ => abi::HC_CALL,
+        };
+        // Random bytes as the request.
+        for k in 0..64 {
+            // Safety: the scratch page is this guest's own.
+            unsafe { core::ptr::write_volatile((scratch + k * 8) as *mut u64, next()) };
+        }
+        let (rbx, rcx) = if nr == abi::HC_CALL {
+            (scratch + next() % 64, next() % 600)
+        } else {
+            (next(), next())
+        };
+        let (status, _) = guest_runtime::hypercall::vmcall(nr, rbx, rcx);
+        if nr == abi::HC_VIEW_SWITCH && status == 0 {
+            // A random view that happened to exist: back to view 0.
+            let _ = guest_runtime::view_switch(0);
+        }
+        answered += 1;
+    }
+    println!("probe: {answered} random hypercalls answered");
+    idt::set_gp_handler(None);
+    idt::set_ud_handler(None);
+    if failures == 0 {
+        println!("probe: every refusal held");
+        0
+    } else {
+        println!("probe: {failures} FAILED");
         1
     }
 }

@@ -3,7 +3,7 @@
 //! Every vector enters through a 16-byte stub that pushes a dummy error code
 //! where the CPU pushes none, then the vector number, and jumps to
 //! `trap_common`, which saves every general register into a [`TrapFrame`]
-//! and calls `trap`. For #UD (6) and #VE (20) a guest may register a
+//! and calls `trap`. For #UD (6), #GP (13) and #VE (20) a guest may register a
 //! [`Handler`]; it gets the frame, may change it (typically `frame.rip`
 //! to skip an instruction) and returns, and the guest resumes from the
 //! frame. Every other exception, and #UD or #VE without a handler, is
@@ -60,6 +60,13 @@ pub type Handler = fn(&mut TrapFrame);
 /// none.
 static UD_HANDLER: AtomicUsize = AtomicUsize::new(0);
 static VE_HANDLER: AtomicUsize = AtomicUsize::new(0);
+static GP_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets (or with `None` removes) the #GP handler (a guest probing what the
+/// hypervisor refuses: MSRs, control-register bits).
+pub fn set_gp_handler(handler: Option<Handler>) {
+    GP_HANDLER.store(handler.map_or(0, |h| h as usize), Ordering::SeqCst);
+}
 
 /// Sets (or with `None` removes) the #UD handler.
 pub fn set_ud_handler(handler: Option<Handler>) {
@@ -261,6 +268,7 @@ fn read_cr2() -> u64 {
 extern "C" fn trap(frame: &mut TrapFrame) {
     let registered = match frame.vector {
         6 => handler(&UD_HANDLER),
+        13 => handler(&GP_HANDLER),
         20 => handler(&VE_HANDLER),
         _ => None,
     };
