@@ -274,14 +274,6 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         let Some(v) = d.vcpu.as_mut() else {
             return Fast::No;
         };
-        // Hypercalls are the guest kernel's: from user mode (SS.DPL is the
-        // CPL) every one is refused here, so that a guest's user process
-        // cannot reach views, services or the host.
-        if v.read(platform::vmx::fields::GUEST_SS_ACCESS) & (3 << 5) != 0 {
-            v.regs.rax = ipc_schema::hypercall::Status::NotPermitted as u64;
-            v.skip_instruction();
-            return Fast::Handled;
-        }
         return match v.regs.rax {
             HC_NULL => {
                 v.regs.rax = 0;
@@ -291,6 +283,15 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
             HC_EXIT_COUNT => {
                 v.regs.rax = 0;
                 v.regs.rbx = v.exits;
+                v.skip_instruction();
+                Fast::Handled
+            }
+            // Every hypercall that reaches a service is the guest kernel's:
+            // from user mode (SS.DPL is the CPL) it is refused here, so that
+            // a guest's user process cannot reach views, services or the
+            // host. (The two above touch nothing but the caller's registers.)
+            _ if v.read(platform::vmx::fields::GUEST_SS_ACCESS) & (3 << 5) != 0 => {
+                v.regs.rax = ipc_schema::hypercall::Status::NotPermitted as u64;
                 v.skip_instruction();
                 Fast::Handled
             }

@@ -13,7 +13,7 @@
 //! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port read all ones, the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
 //! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
 //! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
-//! | `user-hypercall` | from CPL 3: a null hypercall and a request hypercall; both must be refused with `NotPermitted` | 0 if both were refused |
+//! | `user-hypercall` | from CPL 3: a service hypercall, a view switch and a request hypercall must be refused with `NotPermitted`; the null hypercall (the kernel's, touching only the caller's registers) answers | 0 if so |
 #![no_std]
 #![no_main]
 
@@ -363,15 +363,19 @@ fn user_hypercalls() -> u32 {
     idt::set_ud_handler(Some(back_to_ring0));
     let null = user_hypercall(abi::HC_NULL, 0, 0);
     println!("user-hypercall: HC_NULL from CPL 3 returned {null}");
+    let service = user_hypercall(abi::HC_SERVICE_NULL, 0, 0);
+    println!("user-hypercall: HC_SERVICE_NULL from CPL 3 returned {service}");
+    let switch = user_hypercall(abi::HC_VIEW_SWITCH, 0, 0);
+    println!("user-hypercall: HC_VIEW_SWITCH from CPL 3 returned {switch}");
     let page = guest_runtime::hypercall::request_page_gfn() << 12;
     let call = user_hypercall(abi::HC_CALL, page, 16);
     println!("user-hypercall: HC_CALL from CPL 3 returned {call}");
     idt::set_ud_handler(None);
     let refused = abi::Status::NotPermitted as u64;
-    // The same calls from ring 0 still work.
-    let kernel = guest_runtime::null();
-    println!("user-hypercall: HC_NULL from CPL 0 returned {kernel}");
-    if null == refused && call == refused && kernel == 0 {
+    // The same call from ring 0 works.
+    let kernel = guest_runtime::service_null();
+    println!("user-hypercall: HC_SERVICE_NULL from CPL 0 returned {kernel}");
+    if null == 0 && service == refused && switch == refused && call == refused && kernel == 0 {
         println!("user-hypercall: refused from user mode");
         0
     } else {
