@@ -108,7 +108,11 @@ impl Domain {
         if self.state != DomainState::Building || self.ram.is_full() {
             return Err(DomainError::WrongState);
         }
-        let ept = self.views.host_mut();
+        let (ept, tables) = self.views.host_mut();
+        // Each 2 MiB of RAM raises the domain's table quota.
+        tables.limit = tables
+            .limit
+            .saturating_add((count / 512 + 1) as u32 * super::memory::DomainTables::PER_2M);
         let (mut gpa, mut hpa, end) = (gfn * PAGE_SIZE, base, (gfn + count) * PAGE_SIZE);
         while gpa < end {
             let large = gpa % MIB2 == 0 && hpa % MIB2 == 0 && end - gpa >= MIB2;
@@ -117,14 +121,7 @@ impl Domain {
             } else {
                 PageSize::Size4K
             };
-            ept.map(
-                &mut KernelTables,
-                gpa,
-                hpa,
-                size,
-                Perms::ALL,
-                MemoryType::WRITE_BACK,
-            )?;
+            ept.map(tables, gpa, hpa, size, Perms::ALL, MemoryType::WRITE_BACK)?;
             gpa += size.bytes();
             hpa += size.bytes();
         }

@@ -198,6 +198,23 @@ pub fn end(k: &mut Kernel, slot: u16, state: DomainState, status: u32) {
         d.exit_status = status;
         if let Some(v) = d.vcpu.as_mut() {
             v.state = VcpuState::Stopped;
+            // It never runs again: on the host p2m, whose tables stay.
+            if v.load().is_ok()
+                && let Ok(eptp) = d.views.eptp(0)
+            {
+                v.set_view(0, eptp);
+            }
+        }
+        // The alternate views' tables go back at once (the host p2m and
+        // the RAM stay for a look at the memory until it is destroyed).
+        let freed = d.views.destroy_alternates();
+        if freed > 0 {
+            defmt::info!(
+                "domain {=u16}: its {=usize} alternate view(s) freed ({=u32} EPT tables still in use)",
+                d.id,
+                freed,
+                d.views.tables.used
+            );
         }
     }
     k.unready(Runnable::Vcpu(slot));

@@ -5,7 +5,7 @@
 
 use super::dirty::{DirtyLog, PML_START, drain_pml};
 use super::domain::Domain;
-use super::memory::{KernelTables, alloc_zeroed_frame};
+use super::memory::{DomainTables, KernelTables, alloc_zeroed_frame};
 use crate::sys::syscall::{ept_error, size_code};
 use ipc_schema::syscall::{EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp};
 use platform::PAGE_SIZE;
@@ -18,10 +18,10 @@ fn ept_perms(p: Perms) -> platform::ept::Perms {
 }
 
 /// Makes the leaf holding `gpa` in `ept` a 4 KiB one (splitting a large page).
-fn to_4k(ept: &mut Ept, gpa: u64) -> Result<(), EptOpError> {
+fn to_4k(ept: &mut Ept, tables: &mut DomainTables, gpa: u64) -> Result<(), EptOpError> {
     match ept.query(&KernelTables, gpa) {
         Some(m) if m.size != PageSize::Size4K => ept
-            .split_to_4k(&mut KernelTables, gpa, gpa + PAGE_SIZE)
+            .split_to_4k(tables, gpa, gpa + PAGE_SIZE)
             .map_err(ept_error),
         _ => Ok(()),
     }
@@ -60,7 +60,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let hpa = host
                 .hpa_of(from & !(PAGE_SIZE - 1))
                 .ok_or(EptOpError::NotRam)?;
-            let (_, v) = d.views.host_and(view).map_err(|_| {
+            let (_, v, tables) = d.views.host_and(view).map_err(|_| {
                 if view == 0 {
                     EptOpError::HostView
                 } else {
@@ -68,11 +68,11 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
                 }
             })?;
             if v.query(&KernelTables, gpa).is_some() {
-                to_4k(v, gpa)?;
-                v.unmap(&mut KernelTables, gpa).map_err(ept_error)?;
+                to_4k(v, tables, gpa)?;
+                v.unmap(tables, gpa).map_err(ept_error)?;
             }
             v.map(
-                &mut KernelTables,
+                tables,
                 gpa,
                 hpa,
                 PageSize::Size4K,
@@ -84,7 +84,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         }
         EptOp::Unmap { view, gfn } => {
             let gpa = ram(d, gfn)?;
-            let (_, v) = d.views.host_and(view).map_err(|_| {
+            let (_, v, tables) = d.views.host_and(view).map_err(|_| {
                 if view == 0 {
                     EptOpError::HostView
                 } else {
@@ -92,20 +92,16 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
                 }
             })?;
             if v.query(&KernelTables, gpa).is_some() {
-                to_4k(v, gpa)?;
-                v.unmap(&mut KernelTables, gpa).map_err(ept_error)?;
+                to_4k(v, tables, gpa)?;
+                v.unmap(tables, gpa).map_err(ept_error)?;
             }
             Ok(EptResult::Done)
         }
         EptOp::Protect { view, gfn, perms } => {
             let gpa = ram(d, gfn)?;
-            let ept = &mut d
-                .views
-                .get_mut(view)
-                .map_err(|_| EptOpError::NoSuchView)?
-                .ept;
-            to_4k(ept, gpa)?;
-            ept.protect(&mut KernelTables, gpa, ept_perms(perms))
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            to_4k(ept, tables, gpa)?;
+            ept.protect(tables, gpa, ept_perms(perms))
                 .map_err(ept_error)?;
             Ok(EptResult::Done)
         }
@@ -120,18 +116,9 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             if count == 0 || end.checked_mul(PAGE_SIZE).is_none_or(|e| e > d.ram_bytes) {
                 return Err(EptOpError::NotRam);
             }
-            let ept = &mut d
-                .views
-                .get_mut(view)
-                .map_err(|_| EptOpError::NoSuchView)?
-                .ept;
-            ept.protect_range(
-                &mut KernelTables,
-                gfn * PAGE_SIZE,
-                end * PAGE_SIZE,
-                ept_perms(perms),
-            )
-            .map_err(ept_error)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            ept.protect_range(tables, gfn * PAGE_SIZE, end * PAGE_SIZE, ept_perms(perms))
+                .map_err(ept_error)?;
             Ok(EptResult::Done)
         }
         EptOp::SetSuppressVe {
@@ -140,24 +127,16 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             suppress,
         } => {
             let gpa = ram(d, gfn)?;
-            let ept = &mut d
-                .views
-                .get_mut(view)
-                .map_err(|_| EptOpError::NoSuchView)?
-                .ept;
-            to_4k(ept, gpa)?;
-            ept.set_suppress_ve(&mut KernelTables, gpa, suppress)
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            to_4k(ept, tables, gpa)?;
+            ept.set_suppress_ve(tables, gpa, suppress)
                 .map_err(ept_error)?;
             Ok(EptResult::Done)
         }
         EptOp::Split { view, gfn } => {
             let gpa = ram(d, gfn)?;
-            let ept = &mut d
-                .views
-                .get_mut(view)
-                .map_err(|_| EptOpError::NoSuchView)?
-                .ept;
-            to_4k(ept, gpa)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            to_4k(ept, tables, gpa)?;
             Ok(EptResult::Done)
         }
         EptOp::Query { view, gfn } => {
@@ -221,12 +200,12 @@ pub fn vcpu_control(d: &mut Domain, op: VcpuOp, arg: u64) -> Result<(), SysError
             // Logging is per 4 KiB page, and only writes that set a dirty bit
             // are logged: split every view to 4 KiB and clear the bits.
             let ram = d.ram_bytes;
-            for (_, v) in d.views.iter_mut() {
+            let (views, tables) = d.views.iter_mut();
+            for (_, v) in views {
                 v.ept
-                    .split_to_4k(&mut KernelTables, 0, ram)
+                    .split_to_4k(tables, 0, ram)
                     .map_err(|_| SysError::NoResources)?;
-                v.ept
-                    .take_accessed_dirty(&mut KernelTables, 0, ram, |_, _, _, _| {});
+                v.ept.take_accessed_dirty(tables, 0, ram, |_, _, _, _| {});
             }
             d.views.flush_all();
             if d.dirty.is_none() {
@@ -282,9 +261,10 @@ pub fn dirty_read(d: &mut Domain, out: &mut [u64]) -> Result<(usize, bool), SysE
         n += 1;
     });
     for &g in &out[..n] {
-        for (_, view) in d.views.iter_mut() {
+        let (views, tables) = d.views.iter_mut();
+        for (_, view) in views {
             view.ept.take_accessed_dirty(
-                &mut KernelTables,
+                tables,
                 g * PAGE_SIZE,
                 (g + 1) * PAGE_SIZE,
                 |_, _, _, _| {},

@@ -4,7 +4,7 @@
 //! pointers, and the EPTP list that VMFUNC switches through; what goes into
 //! an alternate view is decided by whoever handles the domain's exits.
 
-use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
+use super::memory::{DomainTables, alloc_zeroed_frame, free_frame};
 use crate::mem::phys_to_virt;
 use crate::vmx::{InveptType, invept};
 use ipc_schema::hypercall::{HcError, MAX_VIEWS};
@@ -25,13 +25,16 @@ pub struct Views {
     /// EPT accessed/dirty flags are on in every EPT pointer.
     accessed_dirty: bool,
     invept: InveptType,
+    /// Every table of every view, counted against the domain's quota.
+    pub tables: DomainTables,
 }
 
 impl Views {
     /// View 0, empty, and (with VMFUNC) an EPTP list where only view 0 is
     /// reachable.
     pub fn new(vmfunc: bool, accessed_dirty: bool, invept: InveptType) -> Option<Self> {
-        let host = Ept::new(&mut KernelTables).ok()?;
+        let mut tables = DomainTables::new();
+        let host = Ept::new(&mut tables).ok()?;
         let eptp_list = if vmfunc {
             Some(alloc_zeroed_frame()?)
         } else {
@@ -42,6 +45,7 @@ impl Views {
             eptp_list,
             accessed_dirty,
             invept,
+            tables,
         };
         views.slots[0] = Some(View {
             ept: host,
@@ -59,11 +63,23 @@ impl Views {
             .ept
     }
 
-    pub fn host_mut(&mut self) -> &mut Ept {
-        &mut self.slots[0]
+    /// The host p2m, and the tables to grow it with.
+    pub fn host_mut(&mut self) -> (&mut Ept, &mut DomainTables) {
+        let ept = &mut self.slots[0]
             .as_mut()
             .expect("view 0 lives as long as the domain")
-            .ept
+            .ept;
+        (ept, &mut self.tables)
+    }
+
+    /// A view's tables, and the domain's table memory to change them with.
+    pub fn ept_mut(&mut self, view: u16) -> Result<(&mut Ept, &mut DomainTables), HcError> {
+        let v = self
+            .slots
+            .get_mut(usize::from(view))
+            .and_then(Option::as_mut)
+            .ok_or(HcError::NoSuchView { view })?;
+        Ok((&mut v.ept, &mut self.tables))
     }
 
     pub fn get(&self, view: u16) -> Result<&View, HcError> {
@@ -80,8 +96,9 @@ impl Views {
             .ok_or(HcError::NoSuchView { view })
     }
 
-    /// Both the host p2m and another view, for copying from one to the other.
-    pub fn host_and(&mut self, view: u16) -> Result<(&Ept, &mut Ept), HcError> {
+    /// Both the host p2m and another view, for copying from one to the
+    /// other, and the domain's table memory.
+    pub fn host_and(&mut self, view: u16) -> Result<(&Ept, &mut Ept, &mut DomainTables), HcError> {
         if view == 0 {
             return Err(HcError::HostView);
         }
@@ -94,7 +111,7 @@ impl Views {
             .get_mut(usize::from(view) - 1)
             .and_then(Option::as_mut)
             .ok_or(HcError::NoSuchView { view })?;
-        Ok((host, &mut other.ept))
+        Ok((host, &mut other.ept, &mut self.tables))
     }
 
     /// A new, empty alternate view in the lowest free slot (not visible).
@@ -102,7 +119,7 @@ impl Views {
         let slot = (1..self.slots.len())
             .find(|&i| self.slots[i].is_none())
             .ok_or(HcError::TooManyViews)?;
-        let ept = Ept::new(&mut KernelTables).map_err(|_| HcError::OutOfMemory)?;
+        let ept = Ept::new(&mut self.tables).map_err(|_| HcError::OutOfMemory)?;
         self.slots[slot] = Some(View {
             ept,
             visible: false,
@@ -122,7 +139,7 @@ impl Views {
             .and_then(Option::take)
             .ok_or(HcError::NoSuchView { view })?;
         let eptp = v.ept.eptp(self.accessed_dirty);
-        v.ept.destroy(&mut KernelTables);
+        v.ept.destroy(&mut self.tables);
         self.write_list_entry(view);
         self.flush_eptp(eptp);
         Ok(())
@@ -144,12 +161,28 @@ impl Views {
         self.eptp_list
     }
 
-    /// Every view, for changes that concern them all (dirty logging).
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u16, &mut View)> {
-        self.slots
+    /// Every view, for changes that concern them all (dirty logging), and
+    /// the domain's table memory.
+    pub fn iter_mut(&mut self) -> (impl Iterator<Item = (u16, &mut View)>, &mut DomainTables) {
+        let views = self
+            .slots
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)))
+            .filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)));
+        (views, &mut self.tables)
+    }
+
+    /// Frees every alternate view (a domain that ended keeps only its host
+    /// p2m, for a look at its memory, until it is destroyed). Returns how
+    /// many there were.
+    pub fn destroy_alternates(&mut self) -> usize {
+        let mut n = 0;
+        for view in 1..self.slots.len() as u16 {
+            if self.destroy(view).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     fn write_list_entry(&mut self, view: u16) {
@@ -191,7 +224,7 @@ impl Views {
     pub fn destroy_all(&mut self) {
         for slot in self.slots.iter_mut() {
             if let Some(v) = slot.take() {
-                v.ept.destroy(&mut KernelTables);
+                v.ept.destroy(&mut self.tables);
             }
         }
         if let Some(list) = self.eptp_list.take() {
