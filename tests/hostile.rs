@@ -138,3 +138,27 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
         // Two attackers were stopped: the run says a guest failed.
         .expect_status(HaltStatus::GuestFailed);
 }
+
+/// EPT table memory: a guest creating views and filling each over all its
+/// RAM reaches its domain's table quota and is stopped or refused alone;
+/// its views' tables come back when it ends; the in-guest agent beside it
+/// creates and uses views as usual.
+#[test]
+fn a_guest_filling_views_stays_within_its_table_quota() {
+    let toml = format!(
+        "name = \"hostile-views\"\n{}{}",
+        domain("filler", "hostile", "attack=views"),
+        "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"checks\"\n",
+    );
+    let img = system("hostile-views", &toml);
+    let run = boot(&img, Machine::Bochs, |c| {
+        c.timeout = Duration::from_secs(600);
+    });
+    run.expect_console(2, "agent: all checks passed")
+        .expect("EPT tables: a domain reached its quota of")
+        .expect("domain 1 (filler) crashed")
+        .expect("domain 1: its ")
+        .expect("alternate view(s) freed")
+        .expect("domain 2 (agent) exited with status 0")
+        .expect_status(HaltStatus::GuestFailed);
+}

@@ -11,6 +11,7 @@
 //! | `cr8` | MOV 15 to CR8 (the task priority: masks every interrupt if it reaches the host's APIC), reads it back | 0 if it reads 15 |
 //! | `markers tag=T rounds=R` | reads FPU/SSE/AVX registers, DR0-DR3, CR2 and KERNEL_GS_BASE: any marker of another tag is a leak; then writes its own markers and checks them R times while other domains run | 0, or 1 on a leak or a lost marker |
 //! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port read all ones, the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
+//! | `views` | creates views one after another and touches every 2 MiB of its RAM through each (each touch a lazy fill: EPT tables), until something refuses | 0 when a view or a fill is refused (or stopped by the hypervisor) |
 //! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
 //! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
 //! | `user-hypercall` | from CPL 3: a service hypercall, a view switch and a request hypercall must be refused with `NotPermitted`; the null hypercall (the kernel's, touching only the caller's registers) answers | 0 if so |
@@ -57,6 +58,7 @@ fn main(info: &MultibootInfo) -> u32 {
         Some("markers") => markers(num(cmdline, "tag", 1) as u8, num(cmdline, "rounds", 20)),
         Some("user-hypercall") => user_hypercalls(),
         Some("probe") => probe(),
+        Some("views") => views(info),
         Some("vmx") => {
             println!("vmx: VMXON");
             // Safety: the attack; the hypervisor stops this guest here.
@@ -528,5 +530,44 @@ fn probe() -> u32 {
     } else {
         println!("probe: {failures} FAILED");
         1
+    }
+}
+
+// --- EPT table memory ---
+
+fn views(info: &MultibootInfo) -> u32 {
+    let top = info
+        .memory_map()
+        .iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0);
+    println!("views: filling views over {} MiB of RAM", top >> 20);
+    let mut made = 0u32;
+    loop {
+        let view = match guest_runtime::hypercall::view_create() {
+            Ok(v) => v,
+            Err(e) => {
+                println!("views: view {} refused: {e}", made + 1);
+                return 0;
+            }
+        };
+        if guest_runtime::view_switch(view) != abi::Status::Ok {
+            println!("views: switching to view {view} refused");
+            return 0;
+        }
+        let mut at = 2 << 20;
+        while at + 4096 <= top {
+            // Safety: RAM of this guest's, identity-mapped; the read is the
+            // lazy fill the attack wants.
+            let _ = unsafe { core::ptr::read_volatile(at as *const u8) };
+            at += 2 << 20;
+        }
+        let _ = guest_runtime::view_switch(0);
+        made += 1;
+        if made.is_multiple_of(16) {
+            println!("views: {made} views filled");
+        }
     }
 }
