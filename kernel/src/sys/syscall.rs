@@ -20,6 +20,7 @@ use ipc_schema::syscall::{
 use ipc_schema::wire::{MAX_FRAME, Record};
 use platform::PAGE_SIZE;
 use platform::ept::PageSize;
+use platform::span;
 
 /// What happens to the caller after its call.
 pub enum Outcome {
@@ -543,16 +544,13 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 .ok_or(SysError::NoSuchHandle)?;
             let object = match c.object {
                 Object::IoPorts { base, count } => {
-                    let end = a[1].checked_add(a[2]).ok_or(SysError::BadArgument)?;
-                    if a[1] < u64::from(base)
-                        || end > u64::from(base) + u64::from(count)
-                        || a[2] == 0
-                    {
+                    let limit = u64::from(base) + u64::from(count);
+                    if a[2] == 0 || !span::within(a[1], a[2], u64::from(base), limit) {
                         return Err(SysError::BadArgument);
                     }
                     Object::IoPorts {
-                        base: a[1] as u16,
-                        count: a[2] as u16,
+                        base: u16::try_from(a[1]).map_err(|_| SysError::BadArgument)?,
+                        count: u16::try_from(a[2]).map_err(|_| SysError::BadArgument)?,
                     }
                 }
                 Object::Irq(super::caps::ALL_LINES) if a[1] < 16 => Object::Irq(a[1] as u8),
@@ -1366,13 +1364,19 @@ fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
         return Err(SysError::WrongKind);
     };
     let (port, size) = (a[1], a[2]);
+    // Compared without adding to `port` (which the service chose: a port
+    // near u64::MAX would wrap `port + size` past the check).
     if !matches!(size, 1 | 2 | 4)
-        || port < u64::from(base)
-        || port + size > u64::from(base) + u64::from(count)
+        || !span::within(
+            port,
+            size,
+            u64::from(base),
+            u64::from(base) + u64::from(count),
+        )
     {
         return Err(SysError::BadArgument);
     }
-    let port = port as u16;
+    let port = u16::try_from(port).map_err(|_| SysError::BadArgument)?;
     if kernel_port(port, size as u16) {
         defmt::warn!(
             "service {=str}: I/O port {=u16:#x} belongs to the kernel",
