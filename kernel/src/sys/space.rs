@@ -147,6 +147,41 @@ impl AddressSpace {
         Ok(pa)
     }
 
+    /// Removes every page mapped in `[va, end)` (page-aligned, in the lower
+    /// half). A table that is not there is skipped whole, so the work is
+    /// bounded by what is mapped, not by the size of the range.
+    pub fn unmap_range(&mut self, va: u64, end: u64) {
+        let mut at = va;
+        while at < end && at < USER_END {
+            // The first level, from the top, whose entry for `at` is empty.
+            let mut t = self.pml4;
+            let mut empty = None;
+            for level in (2..=4).rev() {
+                let e = table(t)[index(at, level)];
+                if e & PRESENT == 0 || e & HUGE != 0 {
+                    empty = Some(level);
+                    break;
+                }
+                t = e & ADDRESS;
+            }
+            let step = match empty {
+                // Nothing under this entry: on to the next one's start.
+                Some(level) => {
+                    let size = 1u64 << (12 + 9 * (level - 1));
+                    size - at % size
+                }
+                None => {
+                    let _ = self.unmap(at);
+                    PAGE_SIZE
+                }
+            };
+            match at.checked_add(step) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+    }
+
     fn leaf(&self, va: u64) -> Option<&'static mut u64> {
         if va >= USER_END {
             return None;

@@ -922,9 +922,9 @@ fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
     let space = p.space.as_mut().ok_or(SysError::BadAddress)?;
-    for i in 0..count {
-        let _ = space.unmap(va + i * PAGE_SIZE);
-    }
+    // Only what is mapped costs time: a count that spans the whole window
+    // skips its empty tables.
+    space.unmap_range(va, end);
     Ok(Values([0; 3]))
 }
 
@@ -1120,6 +1120,13 @@ fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<D
         right
     );
     let (gpa, va, len) = (a[2], a[3], a[4]);
+    // Both spans must end inside the address space (and the guest's inside
+    // its RAM) before anything is copied: `gpa + done` and `va + done` below
+    // then cannot wrap.
+    let ram = domain(k, a[1])?.ram_bytes;
+    if !span::within(gpa, len, 0, ram) || span::end(va, len).is_none() {
+        return Err(SysError::BadAddress);
+    }
     let mut buf = [0u8; 1024];
     let mut done = 0;
     while done < len {
