@@ -435,15 +435,40 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 Scope::View(view_arg(a[2])?),
                 rights::VIEWS
             );
-            let d = domain_mut(k, a[1])?;
             let view = view_arg(a[2])?;
-            if d.vcpu
-                .as_ref()
-                .is_some_and(|v| v.load().is_ok() && v.active_view() == view)
-            {
-                return Err(SysError::Busy);
+            let d = domain_mut(k, a[1])?;
+            // The view a vCPU runs on is in its VMCS (VMFUNC changes it
+            // without an exit). When that cannot be read, the view may be
+            // the one in use: refused, never destroyed on a guess.
+            if let Some(v) = d.vcpu.as_ref() {
+                let id = d.id;
+                let active = v.load().map(|()| v.active_view());
+                match active {
+                    Ok(a) if a != view => {}
+                    Ok(_) => {
+                        defmt::warn!(
+                            "service {=str}: VIEW_DESTROY refused: domain {=u16}'s vCPU runs on view {=u16}",
+                            k.process_name(pid),
+                            id,
+                            view
+                        );
+                        return Err(SysError::Busy);
+                    }
+                    Err(e) => {
+                        defmt::error!(
+                            "service {=str}: VIEW_DESTROY refused: domain {=u16}'s vCPU state cannot be loaded ({}), so the view it runs on is unknown",
+                            k.process_name(pid),
+                            id,
+                            e
+                        );
+                        return Err(SysError::Busy);
+                    }
+                }
             }
-            d.views.destroy(view).map_err(|_| SysError::BadArgument)?;
+            domain_mut(k, a[1])?
+                .views
+                .destroy(view)
+                .map_err(|_| SysError::BadArgument)?;
             Ok(Values([0; 3]))
         }
         nr::VIEW_SET_VISIBLE => {
