@@ -809,7 +809,6 @@ impl Fuzzer {
     // --- The end --------------------------------------------------------------
 
     fn finish(mut self) -> ! {
-        let made = self.calls;
         // Its domain ends here (destroyed: the system's run is still a
         // success), then its peers.
         if let Some((h, id)) = self.domain {
@@ -855,7 +854,7 @@ impl Fuzzer {
         let t = self.tally.by_status;
         defmt::info!(
             "fuzz: {=u64} system calls made (seed {=u64:#x}): {=u64} done, {=u64} refused",
-            made,
+            self.calls,
             SEED,
             t[0],
             self.tally.total() - t[0]
