@@ -30,7 +30,7 @@ pub const CALLS: u64 = 100_000;
 
 /// The calls a fuzzer named `name` makes: [`CALLS`] for `fuzz`, N for
 /// `fuzz-N` (a shorter run, where every call costs more: on Bochs each
-/// refusal the kernel logs takes the serial line about 1.5 ms). `None` for
+/// refusal the kernel logs takes the serial line about 2 ms). `None` for
 /// a name that is neither (the peers `fuzz-echo` and `fuzz-client`).
 pub fn calls_for(name: &str) -> Option<u64> {
     match name.strip_prefix("fuzz") {
