@@ -20,6 +20,7 @@ pub mod multiboot;
 pub mod port;
 pub mod power;
 pub mod serial;
+pub mod span;
 pub mod vmx;
 
 /// Size of the smallest page and of a physical frame.

@@ -11,6 +11,7 @@ use crate::mem::phys_to_virt;
 use crate::vm::memory::{alloc_zeroed_frame, free_frame};
 use ipc_schema::syscall::layout::USER_END;
 use platform::PAGE_SIZE;
+use platform::span;
 
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
@@ -146,6 +147,41 @@ impl AddressSpace {
         Ok(pa)
     }
 
+    /// Removes every page mapped in `[va, end)` (page-aligned, in the lower
+    /// half). A table that is not there is skipped whole, so the work is
+    /// bounded by what is mapped, not by the size of the range.
+    pub fn unmap_range(&mut self, va: u64, end: u64) {
+        let mut at = va;
+        while at < end && at < USER_END {
+            // The first level, from the top, whose entry for `at` is empty.
+            let mut t = self.pml4;
+            let mut empty = None;
+            for level in (2..=4).rev() {
+                let e = table(t)[index(at, level)];
+                if e & PRESENT == 0 || e & HUGE != 0 {
+                    empty = Some(level);
+                    break;
+                }
+                t = e & ADDRESS;
+            }
+            let step = match empty {
+                // Nothing under this entry: on to the next one's start.
+                Some(level) => {
+                    let size = 1u64 << (12 + 9 * (level - 1));
+                    size - at % size
+                }
+                None => {
+                    let _ = self.unmap(at);
+                    PAGE_SIZE
+                }
+            };
+            match at.checked_add(step) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+    }
+
     fn leaf(&self, va: u64) -> Option<&'static mut u64> {
         if va >= USER_END {
             return None;
@@ -206,6 +242,10 @@ impl AddressSpace {
     /// one page, and of the `buf_len` bytes at `buf` (written) if they do
     /// too, else 0. Their page is translated once when they share it (the
     /// service runtime keeps both buffers in one page).
+    ///
+    /// Both spans are checked without arithmetic that can wrap
+    /// ([`platform::span`]): a buffer that starts below the answer's page,
+    /// however little, is not in it, and is then translated on its own.
     #[inline(always)]
     pub fn answer_and_buffer(
         &self,
@@ -214,21 +254,19 @@ impl AddressSpace {
         buf: u64,
         buf_len: usize,
     ) -> Option<(*const u8, u64)> {
-        let offset = va % PAGE_SIZE;
-        if offset + len as u64 > PAGE_SIZE {
+        if !span::in_one_page(va, len as u64) {
             return None;
         }
+        let offset = va % PAGE_SIZE;
         let page = va - offset;
         let e = self.page_entry(page)?;
         if e & USER == 0 {
             return None;
         }
         let answer = phys_to_virt((e & ADDRESS) + offset).cast_const();
-        let buf_offset = buf.wrapping_sub(page);
-        let next = if buf_offset + buf_len as u64 <= PAGE_SIZE && e & WRITABLE != 0 {
-            phys_to_virt(e & ADDRESS) as u64 + buf_offset
-        } else {
-            self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64)
+        let next = match span::offset_in_page(page, buf, buf_len as u64) {
+            Some(buf_offset) if e & WRITABLE != 0 => phys_to_virt(e & ADDRESS) as u64 + buf_offset,
+            _ => self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64),
         };
         Some((answer, next))
     }
@@ -238,7 +276,7 @@ impl AddressSpace {
     /// `write`): the kernel can then use them where they are, without a copy.
     #[inline]
     pub fn in_one_page(&self, va: u64, len: usize, write: bool) -> Option<*mut u8> {
-        if (va % PAGE_SIZE) + len as u64 > PAGE_SIZE {
+        if !span::in_one_page(va, len as u64) {
             return None;
         }
         let pa = self.translate(va, write)?;
@@ -268,7 +306,7 @@ impl AddressSpace {
             .checked_add(bytes.len() as u64)
             .ok_or(SpaceError::BadAddress)?;
         // Within one page (IPC messages, nearly always): one translation.
-        if (va % PAGE_SIZE) + bytes.len() as u64 <= PAGE_SIZE {
+        if span::in_one_page(va, bytes.len() as u64) {
             let pa = self.translate(va, true).ok_or(SpaceError::NotMapped)?;
             // Safety: as in `read`, and the page is writable by the service.
             unsafe {

@@ -20,6 +20,7 @@ use ipc_schema::syscall::{
 use ipc_schema::wire::{MAX_FRAME, Record};
 use platform::PAGE_SIZE;
 use platform::ept::PageSize;
+use platform::span;
 
 /// What happens to the caller after its call.
 pub enum Outcome {
@@ -445,15 +446,40 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 Scope::View(view_arg(a[2])?),
                 rights::VIEWS
             );
-            let d = domain_mut(k, a[1])?;
             let view = view_arg(a[2])?;
-            if d.vcpu
-                .as_ref()
-                .is_some_and(|v| v.load().is_ok() && v.active_view() == view)
-            {
-                return Err(SysError::Busy);
+            let d = domain_mut(k, a[1])?;
+            // The view a vCPU runs on is in its VMCS (VMFUNC changes it
+            // without an exit). When that cannot be read, the view may be
+            // the one in use: refused, never destroyed on a guess.
+            if let Some(v) = d.vcpu.as_ref() {
+                let id = d.id;
+                let active = v.load().map(|()| v.active_view());
+                match active {
+                    Ok(a) if a != view => {}
+                    Ok(_) => {
+                        defmt::warn!(
+                            "service {=str}: VIEW_DESTROY refused: domain {=u16}'s vCPU runs on view {=u16}",
+                            k.process_name(pid),
+                            id,
+                            view
+                        );
+                        return Err(SysError::Busy);
+                    }
+                    Err(e) => {
+                        defmt::error!(
+                            "service {=str}: VIEW_DESTROY refused: domain {=u16}'s vCPU state cannot be loaded ({}), so the view it runs on is unknown",
+                            k.process_name(pid),
+                            id,
+                            e
+                        );
+                        return Err(SysError::Busy);
+                    }
+                }
             }
-            d.views.destroy(view).map_err(|_| SysError::BadArgument)?;
+            domain_mut(k, a[1])?
+                .views
+                .destroy(view)
+                .map_err(|_| SysError::BadArgument)?;
             Ok(Values([0; 3]))
         }
         nr::VIEW_SET_VISIBLE => {
@@ -554,16 +580,13 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 .ok_or(SysError::NoSuchHandle)?;
             let object = match c.object {
                 Object::IoPorts { base, count } => {
-                    let end = a[1].checked_add(a[2]).ok_or(SysError::BadArgument)?;
-                    if a[1] < u64::from(base)
-                        || end > u64::from(base) + u64::from(count)
-                        || a[2] == 0
-                    {
+                    let limit = u64::from(base) + u64::from(count);
+                    if a[2] == 0 || !span::within(a[1], a[2], u64::from(base), limit) {
                         return Err(SysError::BadArgument);
                     }
                     Object::IoPorts {
-                        base: a[1] as u16,
-                        count: a[2] as u16,
+                        base: u16::try_from(a[1]).map_err(|_| SysError::BadArgument)?,
+                        count: u16::try_from(a[2]).map_err(|_| SysError::BadArgument)?,
                     }
                 }
                 Object::Irq(super::caps::ALL_LINES) if a[1] < 16 => Object::Irq(a[1] as u8),
@@ -938,9 +961,9 @@ fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
     let space = p.space.as_mut().ok_or(SysError::BadAddress)?;
-    for i in 0..count {
-        let _ = space.unmap(va + i * PAGE_SIZE);
-    }
+    // Only what is mapped costs time: a count that spans the whole window
+    // skips its empty tables.
+    space.unmap_range(va, end);
     Ok(Values([0; 3]))
 }
 
@@ -1164,6 +1187,13 @@ fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<D
         right
     );
     let (gpa, va, len) = (a[2], a[3], a[4]);
+    // Both spans must end inside the address space (and the guest's inside
+    // its RAM) before anything is copied: `gpa + done` and `va + done` below
+    // then cannot wrap.
+    let ram = domain(k, a[1])?.ram_bytes;
+    if !span::within(gpa, len, 0, ram) || span::end(va, len).is_none() {
+        return Err(SysError::BadAddress);
+    }
     let mut buf = [0u8; 1024];
     let mut done = 0;
     while done < len {
@@ -1408,13 +1438,19 @@ fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
         return Err(SysError::WrongKind);
     };
     let (port, size) = (a[1], a[2]);
+    // Compared without adding to `port` (which the service chose: a port
+    // near u64::MAX would wrap `port + size` past the check).
     if !matches!(size, 1 | 2 | 4)
-        || port < u64::from(base)
-        || port + size > u64::from(base) + u64::from(count)
+        || !span::within(
+            port,
+            size,
+            u64::from(base),
+            u64::from(base) + u64::from(count),
+        )
     {
         return Err(SysError::BadArgument);
     }
-    let port = port as u16;
+    let port = u16::try_from(port).map_err(|_| SysError::BadArgument)?;
     if kernel_port(port, size as u16) {
         defmt::warn!(
             "service {=str}: I/O port {=u16:#x} belongs to the kernel",

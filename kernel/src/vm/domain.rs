@@ -57,6 +57,8 @@ pub enum DomainError {
     Ept(EptError),
     /// Not in the state the operation needs (building, running...).
     WrongState,
+    /// A guest frame range that runs past the top of the address space.
+    BadRange,
 }
 
 impl From<EptError> for DomainError {
@@ -108,12 +110,22 @@ impl Domain {
         if self.state != DomainState::Building || self.ram.is_full() {
             return Err(DomainError::WrongState);
         }
+        // `gfn` and `count` come from the builder: the range must end inside
+        // the address space before anything is mapped.
+        let (Some(gpa), Some(end)) = (
+            gfn.checked_mul(PAGE_SIZE),
+            gfn.checked_add(count)
+                .and_then(|e| e.checked_mul(PAGE_SIZE)),
+        ) else {
+            return Err(DomainError::BadRange);
+        };
         let (ept, tables) = self.views.host_mut();
         // Each 2 MiB of RAM raises the domain's table quota.
+        let more = u32::try_from(count / 512 + 1).unwrap_or(u32::MAX);
         tables.limit = tables
             .limit
-            .saturating_add((count / 512 + 1) as u32 * super::memory::DomainTables::PER_2M);
-        let (mut gpa, mut hpa, end) = (gfn * PAGE_SIZE, base, (gfn + count) * PAGE_SIZE);
+            .saturating_add(more.saturating_mul(super::memory::DomainTables::PER_2M));
+        let (mut gpa, mut hpa) = (gpa, base);
         while gpa < end {
             let large = gpa % MIB2 == 0 && hpa % MIB2 == 0 && end - gpa >= MIB2;
             let size = if large {

@@ -302,7 +302,9 @@ impl Vcpu {
         // Safety: the VMCS is current; RIP plus the exit instruction length
         // is where the guest's next instruction starts.
         unsafe {
-            let rip = vmread(GUEST_RIP) + vmread(EXIT_INSTRUCTION_LENGTH);
+            // The guest chose RIP: it wraps as the CPU's own would, never
+            // overflowing in the kernel.
+            let rip = vmread(GUEST_RIP).wrapping_add(vmread(EXIT_INSTRUCTION_LENGTH));
             vmwrite_unchecked(GUEST_RIP, rip);
             // Stepping over an instruction ends STI/MOV-SS blocking.
             let intr = vmread(GUEST_INTERRUPTIBILITY);
