@@ -272,8 +272,9 @@ pub fn handle_slot(rng: &mut Rng, valid: u64) -> u64 {
 /// in the fuzzer's own checked forms: RECV, REPLY_RECV, WAIT, EXIT), some
 /// numbers it does not have.
 pub fn call_number(rng: &mut Rng) -> u64 {
-    const KNOWN: [u64; 44] = [
+    const KNOWN: [u64; 45] = [
         nr::LOG,
+        nr::HANDLE_CLOSE,
         nr::CALL,
         nr::REPLY,
         nr::NOTIFY,
