@@ -119,7 +119,10 @@ pub mod nr {
     pub const VCPU_CONTROL: u64 = 45;
     /// DIRTY_READ(domains, domain, buf_ptr, cap_gfns) -> RDI = gfns written (u64 each), RSI = 1 if more.
     pub const DIRTY_READ: u64 = 46;
-    /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets `bit`.
+    /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets
+    /// `bit` on the notification. Needs `read` on the domains handle; up to
+    /// [`super::DOMAIN_WATCHERS`] notifications (the same one again changes
+    /// its bit; `NoResources` past that).
     pub const DOMAIN_WATCH: u64 = 47;
 
     /// IO_IN(ioports, port, size) -> RDI = value.
@@ -141,6 +144,9 @@ pub mod nr {
     /// VM exits so far.
     pub const VCPU_INFO: u64 = 53;
 }
+
+/// Notifications DOMAIN_WATCH can tell at once.
+pub const DOMAIN_WATCHERS: usize = 4;
 
 /// The status in RAX.
 #[derive(

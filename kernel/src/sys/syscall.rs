@@ -391,7 +391,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 "DOMAIN_WATCH",
                 a[0],
                 ObjectKind::Domains,
-                rights::BUILD
+                rights::READ
             );
             let n = cap!(
                 k,
@@ -404,7 +404,14 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             let Object::Notification(note) = n.object else {
                 return Err(SysError::WrongKind);
             };
-            k.domain_watch = Some((note, a[2]));
+            // The same notification again changes its bit; else a free place.
+            let at = k
+                .domain_watch
+                .iter()
+                .position(|w| w.is_some_and(|(n, _)| n == note))
+                .or_else(|| k.domain_watch.iter().position(Option::is_none))
+                .ok_or(SysError::NoResources)?;
+            k.domain_watch[at] = Some((note, a[2]));
             Ok(Values([0; 3]))
         }
         nr::CONSOLE => console(k, pid, a),

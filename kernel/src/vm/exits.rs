@@ -188,7 +188,7 @@ pub fn end(k: &mut Kernel, slot: u16, state: DomainState, status: u32) {
         }
     }
     k.unready(Runnable::Vcpu(slot));
-    if let Some((n, bit)) = k.domain_watch {
+    for (n, bit) in k.domain_watch.into_iter().flatten() {
         k.notify(n, bit);
     }
 }
