@@ -186,6 +186,10 @@ pub enum SysError {
     /// The handle is for another domain, view or vCPU than the call names
     /// (or for a narrower object than the call needs).
     OutOfScope = 14,
+    /// Nothing serves the endpoint: the service that did has ended (its
+    /// supervisor holds it after faults, or it exited) and no other has
+    /// waited on the endpoint since. Calls fail at once instead of waiting.
+    NoServer = 15,
 }
 
 impl SysError {
@@ -206,6 +210,7 @@ impl SysError {
             12 => Self::Busy,
             13 => Self::Unsupported,
             14 => Self::OutOfScope,
+            15 => Self::NoServer,
             _ => return None,
         })
     }

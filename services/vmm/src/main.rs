@@ -25,6 +25,9 @@ service_runtime::interfaces!(VMEXIT);
 struct System {
     domains: Handle,
     altp2m: Client,
+    /// The last call to altp2m failed (its failures are logged when this
+    /// changes, not once per hypercall a guest makes).
+    altp2m_failing: bool,
     features: u64,
 }
 
@@ -63,9 +66,19 @@ impl Env for System {
 
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         match self.altp2m.call::<_, AltReply>(request) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if core::mem::take(&mut self.altp2m_failing) {
+                    defmt::info!("vmm: the altp2m service answers again");
+                }
+                Some(r)
+            }
             Err(e) => {
-                defmt::warn!("vmm: the altp2m service did not answer: {}", e);
+                if !core::mem::replace(&mut self.altp2m_failing, true) {
+                    defmt::warn!(
+                        "vmm: the altp2m service did not answer ({}); guests' requests get ServiceUnavailable",
+                        e
+                    );
+                }
                 None
             }
         }
@@ -119,6 +132,7 @@ fn main() -> ! {
     let system = System {
         domains: require("domains"),
         altp2m: Client::new(require("altp2m-guest"), ALTP2M),
+        altp2m_failing: false,
         features: sys::vm_features(),
     };
     defmt::info!(

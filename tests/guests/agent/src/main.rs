@@ -24,6 +24,11 @@
 //! host's answer). With `limited` too, it then waits until the host sets the
 //! domain's mode to limited and checks that a change is refused while a
 //! query is not.
+//!
+//! Command line `unavailable`: asks the altp2m service for its mode over and
+//! over (printing `agent: N answers` every 100) until a request fails, which
+//! must be at once and with `ServiceUnavailable` (the service is held);
+//! the view-switch hypercall must then be refused too. Exits 0.
 #![no_std]
 #![no_main]
 
@@ -91,7 +96,42 @@ fn main(info: &MultibootInfo) -> u32 {
         let limited = cmdline.split(' ').any(|w| w == "limited");
         return watch(n, limited);
     }
+    let has = |word: &str| cmdline.split(' ').any(|w| w == word);
+    if has("unavailable") {
+        return unavailable();
+    }
     checks(info)
+}
+
+fn unavailable() -> u32 {
+    println!("agent: asking altp2m until it is unavailable");
+    let mut answers = 0u64;
+    let refused = loop {
+        match call(&Request::GetMode) {
+            Ok(Reply::Mode(_)) => {
+                answers += 1;
+                if answers.is_multiple_of(100) {
+                    println!("agent: {answers} answers");
+                }
+                if answers > 100_000_000 {
+                    return fatal("unavailable", "altp2m never became unavailable");
+                }
+                pause();
+            }
+            Ok(other) => return fatal("GetMode", format_args!("{other:?}")),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: altp2m unavailable after {answers} answers: {refused}");
+    if refused != hypercall::CallError::Refused(Some(HcError::ServiceUnavailable)) {
+        return fatal("the refusal", "not ServiceUnavailable");
+    }
+    let switched = view_switch(1);
+    if switched != Status::Refused {
+        return fatal("view_switch", format_args!("{switched:?}, not Refused"));
+    }
+    println!("agent: the view-switch hypercall is refused too; done");
+    0
 }
 
 fn checks(info: &MultibootInfo) -> u32 {
