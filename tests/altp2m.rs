@@ -188,3 +188,36 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         .expect_no("FAIL")
         .expect_status(HaltStatus::Success);
 }
+
+/// Issue 9, point 1: a guest that makes the altp2m service keep ever more
+/// (change_gfns, then views) is refused at its quotas with
+/// `QuotaExceeded`, the service never faults, and a benign agent beside it
+/// passes all its checks. (Before, about 3,000 change_gfns filled the
+/// service's heap, it faulted until held, and every domain stopped.)
+#[test]
+fn a_flooding_guest_is_refused_at_its_quotas_and_a_benign_one_runs_on() {
+    let img = system(
+        "altp2m-flood",
+        "name = \"altp2m-flood\"\n\
+         [[domain]]\nname = \"attacker\"\nguest = \"agent\"\nmemory_mib = 16\ncmdline = \"flood\"\n\
+         [[domain]]\nname = \"benign\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"checks\"\n",
+    );
+    let run = boot(&img, Machine::Bochs, |c| {
+        c.timeout = std::time::Duration::from_secs(300)
+    });
+    run.expect_console(1, "then refused: QuotaExceeded { what: Settings, limit: ")
+        .expect_console(1, "agent: flood: one freed, one more accepted")
+        .expect_console(1, "then refused: QuotaExceeded { what: Views, limit: ")
+        .expect_console(1, "agent: flood: refused at its quotas")
+        .expect_console(2, "agent: all checks passed")
+        .expect_no("faulted")
+        .expect_no("crashed")
+        .expect_status(HaltStatus::Success);
+    assert!(
+        !run.console(1)
+            .iter()
+            .chain(run.console(2).iter())
+            .any(|l| l.contains("FAIL")),
+        "a guest failed"
+    );
+}

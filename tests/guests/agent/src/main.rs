@@ -25,6 +25,13 @@
 //! domain's mode to limited and checks that a change is refused while a
 //! query is not.
 //!
+//! Command line `flood` (issue 9, point 1): a hostile agent. It makes
+//! change_gfns (every gfn of RAM from 8 MiB up, in one view after another)
+//! until the altp2m service refuses one, which must be `QuotaExceeded` at
+//! exactly the quota it names; frees one and makes one more; then creates
+//! views until refused, which must be `QuotaExceeded` for views. Prints
+//! `agent: flood: refused at its quotas` and exits 0, or `FAIL: ...` and 1.
+//!
 //! Command line `unavailable`: asks the altp2m service for its mode over and
 //! over (printing `agent: N answers` every 100) until a request fails, which
 //! must be at once and with `ServiceUnavailable` (the service is held);
@@ -32,7 +39,7 @@
 #![no_std]
 #![no_main]
 
-use guest_runtime::abi::{Access, HcError, Mode, Reply, Request, Status};
+use guest_runtime::abi::{Access, HcError, Mode, Quota, Reply, Request, Status};
 use guest_runtime::hypercall::{self, HelperError, call, call_done, get_entry};
 use guest_runtime::{MultibootInfo, Pages, println, view_switch, vmfunc_switch};
 
@@ -97,10 +104,96 @@ fn main(info: &MultibootInfo) -> u32 {
         return watch(n, limited);
     }
     let has = |word: &str| cmdline.split(' ').any(|w| w == word);
+    if has("flood") {
+        return flood(info);
+    }
     if has("unavailable") {
         return unavailable();
     }
     checks(info)
+}
+
+/// The first gfn the flood remaps (RAM the guest does not use otherwise).
+const FLOOD_BASE: u64 = 0x800;
+
+/// The gfn past the end of the guest's RAM.
+fn ram_end(info: &MultibootInfo) -> u64 {
+    info.memory_map()
+        .iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
+        / 4096
+}
+
+fn flood(info: &MultibootInfo) -> u32 {
+    let end = ram_end(info);
+    let mut views = 0u32;
+    let mut v = 0;
+    let mut gfn = end;
+    let mut n = 0u64;
+    let refused = loop {
+        if gfn == end {
+            // Every gfn remapped in this view: on in a new one.
+            match hypercall::view_create() {
+                Ok(next) => (v, gfn, views) = (next, FLOOD_BASE, views + 1),
+                Err(e) => break e,
+            }
+        }
+        match call_done(&Request::ChangeGfn {
+            view: v,
+            gfn,
+            to: Some(FLOOD_BASE),
+        }) {
+            Ok(()) if n < 1_000_000 => (n, gfn) = (n + 1, gfn + 1),
+            Ok(()) => return fatal("flood", "a million change_gfns and never refused"),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: flood: {n} change_gfns accepted in {views} view(s), then {refused}");
+    match refused.hc_error() {
+        Some(HcError::QuotaExceeded {
+            what: Quota::Settings,
+            limit,
+        }) if u64::from(limit) == n => {}
+        _ => return fatal("the refusal", "not QuotaExceeded at the quota it names"),
+    }
+    // The quota counts what the domain keeps: freeing one makes room for one.
+    let freed = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn: FLOOD_BASE,
+        to: None,
+    });
+    let again = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn,
+        to: Some(FLOOD_BASE),
+    });
+    if freed.is_err() || again.is_err() {
+        return fatal(
+            "free one, make one",
+            format_args!("{freed:?}, then {again:?}"),
+        );
+    }
+    println!("agent: flood: one freed, one more accepted");
+    let refused = loop {
+        match hypercall::view_create() {
+            Ok(_) if views < 1000 => views += 1,
+            Ok(_) => return fatal("flood", "1000 views and never refused"),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: flood: {views} views, then {refused}");
+    match refused.hc_error() {
+        Some(HcError::QuotaExceeded {
+            what: Quota::Views,
+            limit,
+        }) if limit == views => {}
+        _ => return fatal("the refusal", "not QuotaExceeded at the quota it names"),
+    }
+    println!("agent: flood: refused at its quotas");
+    0
 }
 
 fn unavailable() -> u32 {
@@ -255,14 +348,7 @@ fn checks(info: &MultibootInfo) -> u32 {
     );
 
     // Bad input: each refused with its reason.
-    let ram_pages = info
-        .memory_map()
-        .iter()
-        .filter(|r| r.is_available())
-        .map(|r| r.end())
-        .max()
-        .unwrap_or(0)
-        / 4096;
+    let ram_pages = ram_end(info);
     c.refused(
         &Request::SetAccess {
             view: 77,
