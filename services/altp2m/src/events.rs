@@ -153,15 +153,31 @@ impl Events {
             );
             return reply(Response::CRASH);
         }
-        let d = alt.domain(id);
-        // A view made before this service started (it restarted) is taken
-        // as a fresh one.
-        d.views.entry(view).or_default();
+        if !alt.domain(id).views.contains_key(&view) {
+            // A view this service does not know: one its predecessor made
+            // and `Altp2m::reset` destroyed while this exit waited. The
+            // vCPU goes on in view 0 (where reset put it).
+            defmt::warn!(
+                "altp2m: domain {=u16}: an exit from view {=u16}, which this service does not know (destroyed when it started); resumed in view 0",
+                id,
+                view
+            );
+            return Outcome::Reply(ExitReply {
+                response: Response::RETRY,
+                regs: None,
+                view: Some(0),
+                step: false,
+                rip: None,
+            });
+        }
         let populated = raw(k, id, view, gfn).ok().and_then(|r| r.0).is_some();
         let d = &alt.domains[&id];
         let effective = d.effective(view, gfn);
-        if !populated {
-            // ALT-6: fill from the host p2m (with the view's settings).
+        // ALT-6: fill from the host p2m (with the view's settings). An entry
+        // that is there and faulted an access the model allows is written
+        // again too: the table, not the model, is wrong (a restriction
+        // nobody here made), and retrying alone would fault for ever.
+        if !populated || allows(effective.access, access) {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 2];
             if k.ept(id, &ops, &mut out).is_err()

@@ -15,7 +15,10 @@
 //! ends, and forgets that domain's records.
 //!
 //! What it keeps per domain is bounded (`policy::QUOTAS`) and checked for
-//! room in its heap before it grows.
+//! room in its heap before it grows. A restarted or swapped-in instance
+//! starts without its predecessor's records, so before its first request
+//! it resets every domain's views to what its empty model describes
+//! (`Altp2m::reset`).
 
 #![no_std]
 #![no_main]
@@ -123,12 +126,36 @@ struct Server {
     events_note: Option<Handle>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
+    /// Started without its predecessor's records: reset the views before
+    /// the first request.
+    reset_pending: bool,
     system: System,
     alt: Altp2m,
     events: Events,
 }
 
 impl Server {
+    /// Before the first request of an instance that is not the first:
+    /// every domain back to what the (empty) model describes.
+    fn start(&mut self) {
+        if !core::mem::take(&mut self.reset_pending) {
+            return;
+        }
+        let done = self.alt.reset(&mut self.system);
+        for r in &done {
+            defmt::warn!(
+                "altp2m: domain {=u16}: started without the records of its views, so they are reset: {=u16} alternate view(s) destroyed, vCPU 0 back in view 0 (was in view {=u16}), the host p2m rwx again",
+                r.domain,
+                r.views,
+                r.was_in
+            );
+        }
+        defmt::info!(
+            "altp2m: views reset in {=usize} domain(s); mode, listeners and policies are the defaults again",
+            done.len()
+        );
+    }
+
     fn domain_exists(&self, domain: u16) -> bool {
         sys::vcpu_info(self.system.domains, domain, 0).is_ok()
     }
@@ -251,6 +278,7 @@ impl Service for Server {
     }
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+        self.start();
         if msg.slot == self.violations {
             let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
                 defmt::warn!(
@@ -281,6 +309,7 @@ impl Service for Server {
     }
 
     fn notified(&mut self, slot: Handle, _bits: u64) {
+        self.start();
         if Some(slot) == self.domain_ends {
             let gone =
                 service_altp2m::forget_ended(&mut self.alt, &mut self.events, &mut self.system);
@@ -325,6 +354,7 @@ fn main() -> ! {
         guest,
         events_note: handle("altp2m-events"),
         domain_ends,
+        reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
         system,
         alt: Altp2m::default(),
         events: Events::default(),

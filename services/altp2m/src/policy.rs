@@ -25,6 +25,9 @@
 //!   service's heap has no room for with `OutOfMemory` ([`Kernel::room`]),
 //!   never by running out of memory half-way. A domain's records go when
 //!   it ends ([`Altp2m::forget`]).
+//! - A service that starts again (a restart after a fault, a swap) cannot
+//!   know what its predecessor made of the views: it puts every domain back
+//!   to what an empty model describes ([`Altp2m::reset`]).
 
 use crate::intervals::Intervals;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -94,6 +97,9 @@ pub const DOMAIN_BYTES: usize = HEAP_BYTES / ipc_schema::manifest::MAX_DOMAINS;
 /// Free heap (in one piece) checked for before a change that grows the
 /// service's records; far more than any one change allocates.
 pub const ROOM: usize = 16 << 10;
+
+/// Domain ids the kernel gives (1 to this).
+pub const MAX_DOMAIN_ID: u16 = ipc_schema::manifest::MAX_DOMAINS as u16;
 
 /// Who asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +266,16 @@ impl Default for Altp2m {
     fn default() -> Self {
         Self::with_quotas(QUOTAS)
     }
+}
+
+/// What [`Altp2m::reset`] did to one domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub domain: u16,
+    /// Alternate views destroyed.
+    pub views: u16,
+    /// The view vCPU 0 was in (it is in view 0 now).
+    pub was_in: u16,
 }
 
 fn op_error(e: EptOpError, view: u16, gfn: u64) -> HcError {
@@ -440,6 +456,74 @@ impl Altp2m {
     /// to a new domain, which must start from nothing). Whether it had any.
     pub fn forget(&mut self, id: u16) -> bool {
         self.domains.remove(&id).is_some()
+    }
+
+    /// Puts every live domain's views back to what this (empty) model
+    /// describes, for a service that starts without its predecessor's
+    /// state: vCPU 0 goes back to view 0, every alternate view is destroyed
+    /// (nothing here says what it held), and the host p2m's access is rwx
+    /// again on all RAM (view 0 with no settings). What was done, per
+    /// domain that had anything to undo.
+    pub fn reset(&mut self, k: &mut impl Kernel) -> Vec<Reset> {
+        let mut done = Vec::new();
+        for id in 1..=MAX_DOMAIN_ID {
+            // Building, running or paused: a domain that ended is not
+            // entered again.
+            let Some((0..=2, pages)) = k.domain_info(id) else {
+                continue;
+            };
+            self.domains.remove(&id);
+            let mut views: Vec<u16> = Vec::new();
+            let ids: Vec<u16> = (1..MAX_VIEWS).collect();
+            for chunk in ids.chunks(ipc_schema::syscall::MAX_EPT_OPS) {
+                let ops: Vec<EptOp> = chunk
+                    .iter()
+                    .map(|&view| EptOp::Query { view, gfn: 0 })
+                    .collect();
+                let mut out = [EptResult::Done; ipc_schema::syscall::MAX_EPT_OPS];
+                if k.ept(id, &ops, &mut out[..ops.len()]).is_err() {
+                    break;
+                }
+                views.extend(
+                    chunk
+                        .iter()
+                        .zip(out.iter())
+                        .filter(|(_, r)| matches!(r, EptResult::Entry { .. }))
+                        .map(|(&v, _)| v),
+                );
+            }
+            let was_in = k.vcpu_view(id, 0).unwrap_or(0);
+            if was_in != 0 {
+                let _ = k.vcpu_set_view(id, 0, 0);
+            }
+            let mut destroyed = 0;
+            for &v in &views {
+                if k.view_destroy(id, v).is_ok() {
+                    destroyed += 1;
+                }
+            }
+            if pages > 0 {
+                let mut out = [EptResult::Done];
+                let _ = k.ept(
+                    id,
+                    &[EptOp::ProtectRange {
+                        view: 0,
+                        gfn: 0,
+                        count: pages,
+                        perms: perms(ALL),
+                    }],
+                    &mut out,
+                );
+            }
+            if destroyed > 0 || was_in != 0 {
+                done.push(Reset {
+                    domain: id,
+                    views: destroyed,
+                    was_in,
+                });
+            }
+        }
+        done
     }
 
     /// Sets a domain's mode. Disabled hides every alternate view and puts

@@ -5,7 +5,7 @@
 extern crate std;
 
 use crate::events::{Events, Outcome};
-use crate::policy::{Agent, Altp2m, Kernel, Quotas};
+use crate::policy::{Agent, Altp2m, Kernel, Quotas, Reset};
 use ipc_schema::altp2m::{Action, AltError, NoListener};
 use ipc_schema::hypercall::{Access, Entry, Feature, HcError, Mode, Quota, Reply, Request};
 use ipc_schema::ipc::BoundedVec;
@@ -1429,6 +1429,79 @@ fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
         }),
         Reply::Error(HcError::NoSuchView { view: v })
     );
+}
+
+#[test]
+fn a_restarted_service_resets_the_views_it_cannot_account_for() {
+    let mut r = Rig::new();
+    let (v, w) = (r.view(), r.view());
+    r.guest(Request::ChangeGfn {
+        view: v,
+        gfn: 3,
+        to: Some(4),
+    });
+    r.guest(Request::SetAccess {
+        view: w,
+        gfn: 9,
+        access: R,
+    });
+    for g in [8, 10] {
+        r.host(Request::SetAccess {
+            view: 0,
+            gfn: g,
+            access: R,
+        });
+    }
+    r.touch(v, 3, R);
+    r.touch(w, 9, R);
+    r.guest(Request::ViewSwitch { view: v });
+    // A new instance: nothing of the above in its records, all of it in
+    // the kernel's tables.
+    r.alt = Altp2m::default();
+    r.ev = Events::default();
+    // A fault the table makes and the model does not is written again,
+    // not retried for ever (issue 9, point 7).
+    assert_eq!(r.touch(0, 8, W), retry());
+    assert_eq!(r.k.views[&0].map[&8].1, RWX);
+    assert_eq!(
+        r.alt.reset(&mut r.k),
+        std::vec![Reset {
+            domain: D,
+            views: 2,
+            was_in: v
+        }]
+    );
+    assert_eq!(r.k.active, 0, "vCPU 0 is back in view 0");
+    assert_eq!(r.k.views.keys().copied().collect::<Vec<_>>(), [0]);
+    // An exit that waited from a view the reset destroyed goes on in view 0.
+    match r.touch(v, 3, R) {
+        Outcome::Reply(reply) => {
+            assert_eq!((reply.response, reply.view), (Response::RETRY, Some(0)))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every entry agrees with the new (empty) model: gfn 10, restricted
+    // before and never touched since, is rwx again.
+    let mut reference = Reference::default();
+    reference.views.insert(0, RefView::default());
+    r.alt.domain(D);
+    check(&r, &reference).unwrap();
+    assert_eq!(r.k.views[&0].map[&10].1, RWX);
+    // And it works again.
+    let x = r.view();
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: x,
+            gfn: 3,
+            to: Some(4)
+        }),
+        Reply::Done
+    );
+    // A domain that has ended is left alone.
+    r.k.state = ipc_schema::syscall::DomainState::Exited as u64;
+    r.alt = Altp2m::default();
+    assert!(r.alt.reset(&mut r.k).is_empty());
+    assert!(r.k.views.contains_key(&x));
 }
 
 /// Counts the bytes this thread has allocated and not freed, each

@@ -36,6 +36,15 @@
 //! over (printing `agent: N answers` every 100) until a request fails, which
 //! must be at once and with `ServiceUnavailable` (the service is held);
 //! the view-switch hypercall must then be refused too. Exits 0.
+//!
+//! Command line `restart` (issue 9, point 7): remaps A to B's frame in a new
+//! view and runs in it, makes its page W2 read-only in the host p2m, and
+//! prints `restart: ready` with the view and the gfn of W. It waits until
+//! the host has made W read-execute in that view (as an external agent, with
+//! the `pause` policy), writes W (the vCPU waits, no listener being
+//! attached), and when the write goes through (altp2m started again) checks
+//! that the service's new, empty model is what the guest sees: in view 0,
+//! W and W2 writable, A its own page, the old view gone, and new views work.
 #![no_std]
 #![no_main]
 
@@ -48,6 +57,7 @@ guest_runtime::entry!(main);
 static A: Pages<1> = Pages::new();
 static B: Pages<1> = Pages::new();
 static W: Pages<1> = Pages::new();
+static W2: Pages<1> = Pages::new();
 static NEVER: Pages<1> = Pages::new();
 const MARK_A: u64 = 0xaaaa_0000_0000_000a;
 const MARK_B: u64 = 0xbbbb_0000_0000_000b;
@@ -109,6 +119,9 @@ fn main(info: &MultibootInfo) -> u32 {
     }
     if has("unavailable") {
         return unavailable();
+    }
+    if has("restart") {
+        return restart();
     }
     checks(info)
 }
@@ -225,6 +238,121 @@ fn unavailable() -> u32 {
     }
     println!("agent: the view-switch hypercall is refused too; done");
     0
+}
+
+fn restart() -> u32 {
+    let mut c = Checks(0);
+    A.write_u64(0, 0, MARK_A);
+    B.write_u64(0, 0, MARK_B);
+    W2.write_u64(0, 0, 1);
+    let (a, b, w, w2) = (A.gfn(0), B.gfn(0), W.gfn(0), W2.gfn(0));
+    let v = match hypercall::view_create() {
+        Ok(v) => v,
+        Err(e) => return fatal("ViewCreate", e),
+    };
+    let setup = [
+        Request::ChangeGfn {
+            view: v,
+            gfn: a,
+            to: Some(b),
+        },
+        Request::SetAccess {
+            view: 0,
+            gfn: w2,
+            access: Access::R,
+        },
+    ];
+    for r in &setup {
+        if let Err(e) = call_done(r) {
+            return fatal("setup", format_args!("{r:?}: {e}"));
+        }
+    }
+    if view_switch(v) != Status::Ok {
+        return fatal("view_switch", v);
+    }
+    c.check(
+        A.read_u64(0, 0) == MARK_B,
+        format_args!("A reads B's marker in view {v}"),
+    );
+    println!("agent: restart: ready (view {v}, gfn {w:#x} to watch)");
+    // The host makes W read-execute in the view, as an external agent.
+    let mut polls = 0u64;
+    loop {
+        match call(&Request::GetAccess { view: v, gfn: w }) {
+            Ok(Reply::Access(Access::RX)) => break,
+            Ok(_) if polls < 10_000_000 => {
+                polls += 1;
+                pause();
+            }
+            other => return fatal("GetAccess", format_args!("{other:?}")),
+        }
+    }
+    println!("agent: writing gfn {w:#x}, which the host made r-x in view {v}");
+    W.write_u64(0, 0, 0x5eed);
+    // The vCPU waited (no listener) until altp2m started again, which
+    // forgot the restriction along with the view: the write went through.
+    let now = hypercall::view_current();
+    println!("agent: the write to gfn {w:#x} went through; now in view {now:?}");
+    c.check(now == Ok(0), format_args!("back in view 0: {now:?}"));
+    c.check(
+        W.read_u64(0, 0) == 0x5eed,
+        format_args!("W holds what was written"),
+    );
+    // W2 was read-only in the host p2m before the restart; the new model
+    // knows nothing of it, and neither do the tables any more.
+    W2.write_u64(0, 0, 2);
+    c.check(true, format_args!("gfn {w2:#x} written after the restart"));
+    for (g, raw) in [(w2, false), (w2, true)] {
+        let e = get_entry(0, g, raw);
+        c.check(
+            matches!(e, Ok(e) if e.access == Access::RWX),
+            format_args!(
+                "the {} entry of gfn {g:#x} in view 0 is rwx: {e:?}",
+                if raw { "raw" } else { "effective" }
+            ),
+        );
+    }
+    c.check(
+        A.read_u64(0, 0) == MARK_A,
+        format_args!("A reads its own marker in view 0"),
+    );
+    c.refused(
+        &Request::SetAccess {
+            view: v,
+            gfn: w,
+            access: Access::R,
+        },
+        HcError::NoSuchView { view: v },
+    );
+    // And views work again.
+    let x = match hypercall::view_create() {
+        Ok(x) => x,
+        Err(e) => return fatal("ViewCreate after the restart", e),
+    };
+    let r = call_done(&Request::ChangeGfn {
+        view: x,
+        gfn: a,
+        to: Some(b),
+    });
+    c.check(r.is_ok(), format_args!("ChangeGfn in new view {x}: {r:?}"));
+    let through = if view_switch(x) == Status::Ok {
+        let m = A.read_u64(0, 0);
+        view_switch(0);
+        m
+    } else {
+        0
+    };
+    c.check(
+        through == MARK_B,
+        format_args!("A reads B's marker through new view {x}: {through:#x}"),
+    );
+    if c.0 == 0 {
+        println!("agent: restart checks passed");
+        0
+    } else {
+        println!("agent: {} restart checks failed", c.0);
+        1
+    }
 }
 
 fn checks(info: &MultibootInfo) -> u32 {
