@@ -204,3 +204,109 @@ fn an_agent_nobody_watches_gives_up_and_the_system_halts() {
         .expect("domain 1 (agent) exited with status 3")
         .expect_status(HaltStatus::GuestFailed);
 }
+
+/// Issue 9, point 1: a guest that makes the altp2m service keep ever more
+/// (change_gfns, then views) is refused at its quotas with
+/// `QuotaExceeded`, the service never faults, and a benign agent beside it
+/// passes all its checks. (Before, about 3,000 change_gfns filled the
+/// service's heap, it faulted until held, and every domain stopped.)
+#[test]
+fn a_flooding_guest_is_refused_at_its_quotas_and_a_benign_one_runs_on() {
+    let img = system(
+        "altp2m-flood",
+        "name = \"altp2m-flood\"\n\
+         [[domain]]\nname = \"attacker\"\nguest = \"agent\"\nmemory_mib = 16\ncmdline = \"flood\"\n\
+         [[domain]]\nname = \"benign\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"checks\"\n",
+    );
+    let run = boot(&img, Machine::Bochs, |c| {
+        c.timeout = std::time::Duration::from_secs(300)
+    });
+    run.expect_console(1, "then refused: QuotaExceeded { what: Settings, limit: ")
+        .expect_console(1, "agent: flood: one freed, one more accepted")
+        .expect_console(1, "then refused: QuotaExceeded { what: Views, limit: ")
+        .expect_console(1, "agent: flood: refused at its quotas")
+        .expect_console(2, "agent: all checks passed")
+        // The kernel tells the services when a domain ends; they free what
+        // they kept for it (the first to end: the last halts the system).
+        .expect_from("altp2m", "ended; its records are freed")
+        .expect_from("vmm", "ended; its devices are freed")
+        .expect_no("faulted")
+        .expect_no("crashed")
+        .expect_status(HaltStatus::Success);
+    assert!(
+        !run.console(1)
+            .iter()
+            .chain(run.console(2).iter())
+            .any(|l| l.contains("FAIL")),
+        "a guest failed"
+    );
+}
+
+/// Issue 9, point 7: the altp2m service faults while a vCPU waits on a
+/// restriction it made (an external r-x in a view, no listener, policy
+/// pause) and while the guest's host p2m has a read-only page. The restarted
+/// service has none of those records; it resets the domain's views to what
+/// its empty model describes (the view destroyed, the vCPU back in view 0,
+/// the host p2m rwx), the waiting write goes through in view 0, and what
+/// the guest sees afterwards agrees with the new model. (Before, the write
+/// faulted for ever: the table kept a restriction the model did not know.)
+#[test]
+fn after_a_restart_altp2m_resets_the_views_it_cannot_account_for() {
+    use ipc_schema::altp2m::{AltRequest, NoListener};
+    use ipc_schema::hypercall::{Access, Request};
+    let img = agent("agent-restart", "restart");
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live.wait_for("dom1", "agent: restart: ready", 120).text;
+            let view: u16 = line
+                .split("(view ")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse().ok())
+                .expect("the guest names its view");
+            let gfn = line
+                .split("gfn 0x")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .expect("the guest names its page");
+            let mut ctl = live.control();
+            ctl.altp2m_done(AltRequest::SetNoListener {
+                domain: 1,
+                policy: NoListener::Pause,
+            })
+            .unwrap();
+            ctl.view_request(
+                1,
+                Request::SetAccess {
+                    view,
+                    gfn,
+                    access: Access::RX,
+                },
+            )
+            .unwrap();
+            live.wait_for("altp2m", "no listener, so vCPU 0 waits for one", 120);
+            ctl.inject_fault("altp2m").expect("the fault is injected");
+            live.wait_for("init", "restarted service altp2m", 60);
+            live.wait_for("dom1", "agent: restart checks", 120);
+        },
+    );
+    run.expect_from(
+        "altp2m",
+        "domain 1: started without the records of its views, so they are reset: 1 alternate view(s) destroyed, vCPU 0 back in view 0 (was in view 1)",
+    )
+    .expect_from("altp2m", "an exit from view 1, which this service does not know")
+    .expect_console(1, "agent: the write to gfn")
+    .expect_console(1, "agent: restart checks passed")
+    .expect("service altp2m (generation 0) faulted")
+    .expect_no("crashed")
+    .expect_no("FAIL")
+    .expect_status(HaltStatus::Success);
+    assert!(
+        !run.console(1).iter().any(|l| l.contains("FAIL")),
+        "the guest failed a check"
+    );
+}

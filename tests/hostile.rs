@@ -154,7 +154,9 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
 fn a_guest_filling_views_stays_within_its_table_quota() {
     let toml = format!(
         "name = \"hostile-views\"\n{}{}",
-        domain("filler", "hostile", "attack=views"),
+        // 64 MiB: the altp2m service's quota of 64 views would stop a
+        // smaller one before the kernel's table quota.
+        domain_mib("filler", "hostile", "attack=views", 64),
         domain_mib("agent", "agent", "checks", 32),
     );
     let img = system("hostile-views", &toml);

@@ -317,3 +317,123 @@ fn a_service_replaced_at_build_time_runs_in_its_place() {
         .expect_console(1, "tick 3: vmm version 2, 33 service calls")
         .expect_status(HaltStatus::Success);
 }
+
+/// The standard services, altp2m restarted once at most (within ten
+/// minutes) and held at its second fault.
+fn held_altp2m(name: &str, domains: &str) -> image_builder::image::Image {
+    let services = image_builder::manifest::STANDARD_SERVICES.replace(
+        "name = \"altp2m\"\nhandles",
+        "name = \"altp2m\"\nmax_restarts = 1\nrestart_window_ms = 600000\nhandles",
+    );
+    assert!(services.contains("max_restarts = 1"));
+    system(name, &format!("name = \"{name}\"\n{domains}\n{services}"))
+}
+
+/// The highest number N of the lines of `source` seen so far that read
+/// `{before}N{after}`.
+fn latest(live: &parallax_tests::Live, source: &str, before: &str, after: &str) -> u64 {
+    live.seen
+        .iter()
+        .filter(|l| l.source == source)
+        .filter_map(|l| {
+            l.text
+                .split_once(before)?
+                .1
+                .split_once(after)?
+                .0
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Issue 9, point 1: a call to a service its supervisor holds fails at once,
+/// with a reason the guest's hypercall returns, and every other domain runs
+/// on (before, the vmm waited for ever on its next call to the held
+/// altp2m, and every domain stopped with it). A service restarted before
+/// that answers again.
+#[test]
+fn a_call_to_a_held_service_fails_at_once_and_the_other_domains_run_on() {
+    let img = held_altp2m(
+        "held-altp2m",
+        "[[domain]]\nname = \"asker\"\nguest = \"agent\"\nmemory_mib = 16\ncmdline = \"unavailable\"\n\
+         [[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\n",
+    );
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            live.wait_for("dom1", "agent: 100 answers", 120);
+            let mut ctl = live.control();
+            ctl.inject_fault("altp2m").expect("the fault is injected");
+            live.wait_for("init", "restarted service altp2m", 60);
+            // Restarted, it answers again.
+            let answered = latest(live, "dom1", "agent: ", " answers");
+            live.wait_for("dom1", &format!("agent: {} answers", answered + 100), 120);
+            ctl.inject_fault("altp2m").expect("the fault is injected");
+            live.wait_for("init", "holding it", 60);
+            // The guest's next request fails, with the reason.
+            live.wait_for(
+                "dom1",
+                "agent: the view-switch hypercall is refused too",
+                60,
+            );
+            // So does the host's, at once (before, the console waited for
+            // ever too, and the control channel went deaf).
+            let asked = std::time::Instant::now();
+            let e = ctl
+                .altp2m(ipc_schema::altp2m::AltRequest::Ping)
+                .expect_err("the held altp2m cannot answer");
+            assert!(
+                matches!(
+                    e,
+                    image_builder::control::ClientError::Console {
+                        error: ipc_schema::control::ControlError::Altp2mUnavailable,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(asked.elapsed() < std::time::Duration::from_secs(30));
+            let altp2m = ctl
+                .services()
+                .unwrap()
+                .into_iter()
+                .find(|s| ipc_schema::supervisor::name_str(&s.name) == "altp2m")
+                .expect("altp2m is listed");
+            assert_eq!((altp2m.generation, altp2m.restarts), (1, 1));
+            assert_eq!(
+                image_builder::control::service_state(altp2m.state),
+                "faulted"
+            );
+            // The other domain runs on.
+            let tick = latest(live, "dom2", "tick ", ":");
+            live.wait_for("dom2", &format!("tick {}:", tick + 2), 120);
+            ctl.domain_control(2, DomainOp::Destroy).unwrap();
+        },
+    );
+    run.expect("service altp2m (generation 0) faulted")
+        .expect("service altp2m (generation 1) faulted")
+        .expect_from(
+            "init",
+            "restarted service altp2m after fault 1 (generation 1)",
+        )
+        .expect_from(
+            "init",
+            "service altp2m faulted 2 times within 600000 ms; holding it",
+        )
+        .expect_from("vmm", "guests' requests get ServiceUnavailable")
+        .expect_from("vmm", "vmm: domain 1 ended; its devices are freed")
+        .expect_console(1, "refused: ServiceUnavailable")
+        .expect_no("crashed")
+        .expect_status(HaltStatus::Success);
+    assert!(
+        !run.console(1)
+            .iter()
+            .chain(run.console(2).iter())
+            .any(|l| l.contains("FAIL")),
+        "a guest failed"
+    );
+}

@@ -29,6 +29,7 @@ handles = [
     { name = "altp2m", endpoint = "altp2m", rights = ["receive"] },
     { name = "altp2m-guest", endpoint = "altp2m-guest", rights = ["receive"] },
     { name = "altp2m-events", notification = "altp2m-events", rights = ["signal"] },
+    { name = "domain-ends", notification = "altp2m-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "views", "vcpus"] },
 ]
 
@@ -37,6 +38,7 @@ name = "vmm"
 handles = [
     { name = "exits", endpoint = "exits", rights = ["receive"] },
     { name = "altp2m-guest", endpoint = "altp2m-guest", rights = ["call"] },
+    { name = "domain-ends", notification = "vmm-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "write", "vcpus"] },
 ]
 

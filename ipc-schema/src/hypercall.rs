@@ -307,7 +307,8 @@ pub enum HcError {
     Unsupported {
         feature: Feature,
     },
-    /// The hypervisor ran out of memory for page tables.
+    /// The hypervisor ran out of memory: the kernel for page tables, or
+    /// the altp2m service for its own records (its heap). Nothing changed.
     OutOfMemory,
     /// Dirty logging is not running.
     NotLogging,
@@ -322,6 +323,25 @@ pub enum HcError {
     },
     /// A range or list reaches past the guest's RAM or is empty.
     BadRange,
+    /// The domain has reached a quota of the altp2m service: `limit` of
+    /// `what` (`docs/altp2m.md`, Quotas). Nothing changed; freeing some
+    /// (destroying a view, resetting a change_gfn) makes room again.
+    QuotaExceeded {
+        what: Quota,
+        limit: u32,
+    },
+}
+
+/// What a per-domain quota of the altp2m service counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Quota {
+    /// Alternate views.
+    Views,
+    /// The settings kept for the domain's views (view 0 included): each
+    /// range of gfns with one access, each change_gfn, each suppress-#VE
+    /// bit set or cleared.
+    Settings,
 }
 
 /// Hardware features a request may need.

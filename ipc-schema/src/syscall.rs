@@ -122,7 +122,10 @@ pub mod nr {
     pub const VCPU_CONTROL: u64 = 45;
     /// DIRTY_READ(domains, domain, buf_ptr, cap_gfns) -> RDI = gfns written (u64 each), RSI = 1 if more.
     pub const DIRTY_READ: u64 = 46;
-    /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets `bit`.
+    /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets
+    /// `bit` on the notification. Needs `read` on the domains handle; up to
+    /// [`super::DOMAIN_WATCHERS`] notifications (the same one again changes
+    /// its bit; `NoResources` past that).
     pub const DOMAIN_WATCH: u64 = 47;
 
     /// IO_IN(ioports, port, size) -> RDI = value.
@@ -144,6 +147,9 @@ pub mod nr {
     /// VM exits so far.
     pub const VCPU_INFO: u64 = 53;
 }
+
+/// Notifications DOMAIN_WATCH can tell at once.
+pub const DOMAIN_WATCHERS: usize = 4;
 
 /// The status in RAX.
 #[derive(
@@ -183,6 +189,10 @@ pub enum SysError {
     /// The handle is for another domain, view or vCPU than the call names
     /// (or for a narrower object than the call needs).
     OutOfScope = 14,
+    /// Nothing serves the endpoint: the service that did has ended (its
+    /// supervisor holds it after faults, or it exited) and no other has
+    /// waited on the endpoint since. Calls fail at once instead of waiting.
+    NoServer = 15,
 }
 
 impl SysError {
@@ -203,6 +213,7 @@ impl SysError {
             12 => Self::Busy,
             13 => Self::Unsupported,
             14 => Self::OutOfScope,
+            15 => Self::NoServer,
             _ => return None,
         })
     }

@@ -174,7 +174,9 @@ pub fn describe_hc_error(e: &HcError) -> String {
         HcError::ViewInUse { view } => format!("view {view} is the active view of a vCPU"),
         HcError::TooManyViews => "every view slot (511 alternate views) is taken".into(),
         HcError::Unsupported { feature } => format!("the CPU lacks {feature:?}"),
-        HcError::OutOfMemory => "the hypervisor ran out of memory for page tables".into(),
+        HcError::OutOfMemory => {
+            "the hypervisor ran out of memory (the kernel for page tables, or the altp2m service for its records)".into()
+        }
         HcError::NotLogging => "dirty logging is not running".into(),
         HcError::BadAccess => "write or execute without read cannot be expressed by EPT".into(),
         HcError::ServiceUnavailable => "the altp2m service is not running".into(),
@@ -182,6 +184,13 @@ pub fn describe_hc_error(e: &HcError) -> String {
             format!("the domain's altp2m mode ({mode:?}) does not allow it")
         }
         HcError::BadRange => "the range is empty or reaches past guest RAM".into(),
+        HcError::QuotaExceeded { what, limit } => format!(
+            "the domain has reached its quota of {limit} {} in the altp2m service",
+            match what {
+                ipc_schema::hypercall::Quota::Views => "alternate views",
+                ipc_schema::hypercall::Quota::Settings => "settings (access ranges, change_gfns, suppress-#VE bits)",
+            }
+        ),
     }
 }
 

@@ -183,7 +183,8 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
                 rights: r,
                 ..
             }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
-                Some(e) if e.queue.is_empty() => {
+                // A closed endpoint is opened again by the general path.
+                Some(e) if e.queue.is_empty() && !e.closed => {
                     e.waiting = Some(pid);
                     e.waiting_slot = h;
                 }

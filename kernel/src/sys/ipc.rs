@@ -14,6 +14,13 @@
 //! last saw, so the first call through an old handle after a restart also
 //! fails with `Dead`, once, and the client knows to bind again.
 //!
+//! A receiver that *ends* (it exited, or its supervisor ended it to hold
+//! it) with nobody else waiting on the endpoint closes it: queued callers
+//! get `NoServer`, queued vCPUs' domains stop (their exit has no handler),
+//! and every later call fails at once with `NoServer`, until a process
+//! waits on the endpoint again. Nothing waits forever on a service that
+//! is gone.
+//!
 //! An endpoint's `waiting` and a notification's `waiter` name the process
 //! that last began to wait on it, and are hints: a process that receives on
 //! several handles is not taken off the others when one of them delivers.
@@ -51,6 +58,9 @@ pub struct Endpoint {
     pub waiting_slot: u32,
     /// Callers whose messages wait for a receiver.
     pub queue: heapless::Deque<Sender, 16>,
+    /// Its server ended and nobody has waited on it since: calls fail at
+    /// once (`NoServer`). See the module documentation.
+    pub closed: bool,
 }
 
 /// A notification: bits set by NOTIFY (or an interrupt), taken by WAIT.
@@ -96,6 +106,9 @@ impl Kernel {
         let e = self.endpoints[usize::from(ep)]
             .as_mut()
             .ok_or(SysError::NoSuchHandle)?;
+        if e.closed {
+            return Err(SysError::NoServer);
+        }
         if e.queue.is_empty()
             && let Some(receiver) = e.waiting
             && self.transfer(ep, receiver, sender)
@@ -266,8 +279,9 @@ impl Kernel {
         }
     }
 
-    /// Callers waiting on `pid` get `Dead`; vCPUs waiting on it are queued
-    /// again for the endpoint's next receiver.
+    /// Callers waiting on `pid` get `Dead` (`NoServer` where it closed the
+    /// endpoint); vCPUs waiting on it are queued again for the endpoint's
+    /// next receiver (or stop, when there will be none).
     pub fn fail_calls_to(&mut self, pid: u16) {
         for i in 0..self.processes.len() {
             let Some(c) = self.processes[i].as_mut() else {
@@ -275,16 +289,32 @@ impl Kernel {
             };
             if let State::Blocked(Wait::Call {
                 ep,
+                handle,
                 server: Some(s),
                 ..
             }) = c.state
                 && s == pid
             {
-                let generation = self.endpoints[usize::from(ep)]
+                let (generation, closed) = self.endpoints[usize::from(ep)]
                     .as_ref()
-                    .map_or(0, |e| e.generation);
+                    .map_or((0, false), |e| (e.generation, e.closed));
                 let c = self.processes[i].as_mut().expect("checked above");
-                c.frame.rax = SysError::Dead as u64;
+                // It is told now: its handle has seen the new generation,
+                // so that the call it makes again (binding first) goes
+                // through instead of failing with `Dead` a second time.
+                if let Some(Some(Cap {
+                    object: Object::Endpoint { id, generation: g },
+                    ..
+                })) = c.handles.get_mut(handle as usize)
+                    && *id == ep
+                {
+                    *g = generation;
+                }
+                c.frame.rax = if closed {
+                    SysError::NoServer
+                } else {
+                    SysError::Dead
+                } as u64;
                 c.frame.rdi = u64::from(generation);
                 c.state = State::Ready;
                 self.make_ready(Runnable::Process(i as u16));
@@ -294,12 +324,47 @@ impl Kernel {
             let requeue = match self.domains[slot].as_mut() {
                 Some(d) if d.awaiting_reply && d.exit_server == Some(pid) => {
                     d.exit_server = None;
-                    Some(d.exit_endpoint)
+                    // Sent again where it went (a single step's exit goes
+                    // to whoever asked for the step).
+                    Some(d.last_endpoint)
                 }
                 _ => None,
             };
-            if let Some(ep) = requeue {
-                let _ = self.send(ep, Sender::Vcpu(slot as u16));
+            if let Some(ep) = requeue
+                && let Err(e) = self.send(ep, Sender::Vcpu(slot as u16))
+            {
+                crate::vm::exits::unreachable_handler(self, slot as u16, e);
+            }
+        }
+    }
+
+    /// Closes `ep`: nothing will serve it (see the module documentation).
+    /// Callers queued on it get `NoServer`; queued vCPUs' domains stop.
+    pub fn close(&mut self, ep: u16) {
+        let Some(e) = self.endpoints[usize::from(ep)].as_mut() else {
+            return;
+        };
+        e.closed = true;
+        e.waiting = None;
+        while let Some(sender) = self.endpoints[usize::from(ep)]
+            .as_mut()
+            .and_then(|e| e.queue.pop_front())
+        {
+            match sender {
+                Sender::Process(pid) => {
+                    if let Some(p) = self.processes[usize::from(pid)].as_mut()
+                        && let State::Blocked(Wait::Call { ep: on, .. }) = p.state
+                        && on == ep
+                    {
+                        p.frame.rax = SysError::NoServer as u64;
+                        p.frame.rdi = 0;
+                        p.state = State::Ready;
+                        self.make_ready(Runnable::Process(pid));
+                    }
+                }
+                Sender::Vcpu(slot) => {
+                    crate::vm::exits::unreachable_handler(self, slot, SysError::NoServer)
+                }
             }
         }
     }

@@ -63,8 +63,8 @@ pub struct Kernel {
     pub current: Option<u16>,
     /// Next log source number for a service.
     pub next_source: u8,
-    /// Told when a domain ends (notification, bit).
-    pub domain_watch: Option<(u16, u64)>,
+    /// Told when a domain ends: (notification, bit) each.
+    pub domain_watch: [Option<(u16, u64)>; ipc_schema::syscall::DOMAIN_WATCHERS],
     /// Set by HALT: the run ends with this status.
     pub halt: Option<u8>,
 }
@@ -86,7 +86,7 @@ static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
     streak_end: 0,
     current: None,
     next_source: 1,
-    domain_watch: None,
+    domain_watch: [None; ipc_schema::syscall::DOMAIN_WATCHERS],
     halt: None,
 }));
 

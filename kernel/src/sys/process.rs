@@ -4,7 +4,9 @@
 //! A process that faults is stopped, its pending IPC is settled (callers
 //! waiting on it get `Dead`, vCPUs waiting on it are re-queued for its
 //! successor), and its supervisor is told through a notification; the
-//! supervisor decides whether to restart it. A restart reloads the ELF into
+//! supervisor decides whether to restart it, or to hold it, which it does
+//! by ending it: the endpoints an ended process served are closed, and
+//! calls to them fail at once with `NoServer`. A restart reloads the ELF into
 //! a fresh address space with the handles the process was spawned with and
 //! a new generation.
 
@@ -275,7 +277,7 @@ impl Kernel {
             );
         }
         let watcher = p.watcher;
-        self.settle(pid);
+        self.settle(pid, false);
         if let Some((n, bit)) = watcher {
             self.notify(n, bit);
         }
@@ -290,13 +292,20 @@ impl Kernel {
         if let Some(space) = p.space.take() {
             space.destroy();
         }
-        self.settle(pid);
+        self.settle(pid, true);
     }
 
     /// Restarts a faulted (or running) process: fresh address space, its
     /// original handles, generation + 1. With `elf`, from another ELF (a swap).
     pub fn restart(&mut self, pid: u16, elf: Option<u16>) -> Result<u32, SpawnError> {
-        self.settle(pid);
+        // A process that faulted was settled then; its endpoints moved to a
+        // new generation once, which its callers have been told of.
+        if !matches!(
+            self.processes[usize::from(pid)].as_ref().map(|p| p.state),
+            Some(State::Faulted)
+        ) {
+            self.settle(pid, false);
+        }
         let p = self.processes[usize::from(pid)]
             .as_mut()
             .ok_or(SpawnError::NoSlot)?;
@@ -313,16 +322,39 @@ impl Kernel {
     /// Settles the IPC of a process that stops running: calls waiting on it
     /// fail (`Dead`) or, for vCPUs, go back in the queue for its successor;
     /// it leaves every queue and wait list; endpoints it served move to a new
-    /// generation.
-    fn settle(&mut self, pid: u16) {
+    /// generation. When it has `ended` (it will not run again), every
+    /// endpoint it served or waited on that nobody else waits on is closed
+    /// ([`Kernel::close`]): its callers fail at once instead of waiting for
+    /// a server that will not come.
+    fn settle(&mut self, pid: u16, ended: bool) {
         self.unready(Runnable::Process(pid));
-        for ep in self.endpoints.iter_mut().flatten() {
+        for id in 0..self.endpoints.len() {
+            let Some(ep) = self.endpoints[id].as_mut() else {
+                continue;
+            };
             ep.queue.retain(|s| *s != super::ipc::Sender::Process(pid));
-            if ep.waiting == Some(pid) {
+            let served = ep.server == Some(pid);
+            let waited = ep.waiting == Some(pid);
+            if waited {
                 ep.waiting = None;
+                // One that waited but never took a message is its server
+                // too: its end closes the endpoint.
+                ep.server.get_or_insert(pid);
             }
-            if ep.server == Some(pid) {
+            if served {
                 ep.generation += 1;
+            }
+            let server = ep.server;
+            let nobody_else = ep.waiting.is_none()
+                && server.is_none_or(|s| {
+                    s == pid
+                        || !matches!(
+                            self.processes[usize::from(s)].as_ref().map(|p| p.state),
+                            Some(State::Ready | State::Blocked(_) | State::Faulted)
+                        )
+                });
+            if ended && (served || waited) && nobody_else {
+                self.close(id as u16);
             }
         }
         for n in self.notifications.iter_mut().flatten() {

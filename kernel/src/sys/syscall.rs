@@ -403,7 +403,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 "DOMAIN_WATCH",
                 a[0],
                 ObjectKind::Domains,
-                rights::BUILD
+                rights::READ
             );
             let n = cap!(
                 k,
@@ -416,7 +416,14 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             let Object::Notification(note) = n.object else {
                 return Err(SysError::WrongKind);
             };
-            k.domain_watch = Some((note, a[2]));
+            // The same notification again changes its bit; else a free place.
+            let at = k
+                .domain_watch
+                .iter()
+                .position(|w| w.is_some_and(|(n, _)| n == note))
+                .or_else(|| k.domain_watch.iter().position(Option::is_none))
+                .ok_or(SysError::NoResources)?;
+            k.domain_watch[at] = Some((note, a[2]));
             Ok(Values([0; 3]))
         }
         nr::CONSOLE => console(k, pid, a),
@@ -716,10 +723,13 @@ fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         );
         return Err(SysError::MessageTooLong);
     }
-    let current = k.endpoints[usize::from(id)]
+    let e = k.endpoints[usize::from(id)]
         .as_ref()
-        .ok_or(SysError::NoSuchHandle)?
-        .generation;
+        .ok_or(SysError::NoSuchHandle)?;
+    if e.closed {
+        return Err(SysError::NoServer);
+    }
+    let current = e.generation;
     if current != generation {
         // The server restarted since this handle last called: say so once.
         if let Some(Cap {
@@ -805,7 +815,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
     // each object learns that `pid` waits (a hint, harmless if the call is
     // refused: the process does not wait), and whether something is there
     // already is noted.
-    let (mut queued, mut signalled) = (false, false);
+    let (mut queued, mut signalled, mut reopen) = (false, false, false);
     for slot in bits(mask) {
         match p.handles.get(slot as usize).copied().flatten() {
             Some(Cap {
@@ -817,6 +827,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
                     ep.waiting = Some(pid);
                     ep.waiting_slot = slot;
                     queued |= !ep.queue.is_empty();
+                    reopen |= ep.closed;
                 }
             }
             Some(Cap {
@@ -846,6 +857,19 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
         cap,
         exit_buf,
     });
+    if reopen {
+        // A closed endpoint has a server again: this process.
+        for slot in bits(mask) {
+            if let Some(Object::Endpoint { id, .. }) = k.processes[usize::from(pid)]
+                .as_ref()
+                .and_then(|p| p.handles[slot as usize])
+                .map(|c| c.object)
+                && let Some(e) = k.endpoints[usize::from(id)].as_mut()
+            {
+                e.closed = false;
+            }
+        }
+    }
     // Something already there: take it now (notifications first).
     if signalled {
         k.wake_for_bits(pid);

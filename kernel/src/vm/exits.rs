@@ -46,16 +46,24 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     };
     d.last_endpoint = ep;
     if let Err(e) = k.send(ep, Sender::Vcpu(slot)) {
-        let exit = k.domains[usize::from(slot)]
-            .as_ref()
-            .and_then(|d| d.pending);
-        defmt::error!(
-            "domain {=u16}: its exit handler cannot be reached ({}); domain stopped",
-            slot + 1,
-            e
-        );
-        crash(k, slot, exit.as_ref());
+        unreachable_handler(k, slot, e);
     }
+}
+
+/// Domain slot `slot`'s exit cannot go to its handler (`why`: `NoServer`
+/// when the service that handled it has ended): the domain stops, saying so.
+#[cold]
+pub fn unreachable_handler(k: &mut Kernel, slot: u16, why: ipc_schema::syscall::SysError) {
+    let Some(d) = k.domains[usize::from(slot)].as_ref() else {
+        return;
+    };
+    let exit = d.pending;
+    defmt::error!(
+        "domain {=u16}: its exit handler cannot be reached ({}); domain stopped",
+        d.id,
+        why
+    );
+    crash(k, slot, exit.as_ref());
 }
 
 /// VMLAUNCH/VMRESUME failed, or the entry failed its checks: the domain
@@ -218,7 +226,7 @@ pub fn end(k: &mut Kernel, slot: u16, state: DomainState, status: u32) {
         }
     }
     k.unready(Runnable::Vcpu(slot));
-    if let Some((n, bit)) = k.domain_watch {
+    for (n, bit) in k.domain_watch.into_iter().flatten() {
         k.notify(n, bit);
     }
 }

@@ -146,15 +146,38 @@ impl Events {
             );
             return reply(Response::CRASH);
         }
-        let d = alt.domain(id);
-        // A view made before this service started (it restarted) is taken
-        // as a fresh one.
-        d.views.entry(view).or_default();
+        if !alt.domains.contains_key(&id) && !k.room() {
+            defmt::error!(
+                "altp2m: domain {=u16}: no room left in the service's heap for its records; domain stopped",
+                id
+            );
+            return reply(Response::CRASH);
+        }
+        if !alt.domain(id).views.contains_key(&view) {
+            // A view this service does not know: one its predecessor made
+            // and `Altp2m::reset` destroyed while this exit waited. The
+            // vCPU goes on in view 0 (where reset put it).
+            defmt::warn!(
+                "altp2m: domain {=u16}: an exit from view {=u16}, which this service does not know (destroyed when it started); resumed in view 0",
+                id,
+                view
+            );
+            return Outcome::Reply(ExitReply {
+                response: Response::RETRY,
+                regs: None,
+                view: Some(0),
+                step: false,
+                rip: None,
+            });
+        }
         let populated = raw(k, id, view, gfn).ok().and_then(|r| r.0).is_some();
         let d = &alt.domains[&id];
         let effective = d.effective(view, gfn);
-        if !populated {
-            // ALT-6: fill from the host p2m (with the view's settings).
+        // ALT-6: fill from the host p2m (with the view's settings). An entry
+        // that is there and faulted an access the model allows is written
+        // again too: the table, not the model, is wrong (a restriction
+        // nobody here made), and retrying alone would fault for ever.
+        if !populated || allows(effective.access, access) {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 2];
             if k.ept(id, &ops, &mut out).is_err()
@@ -193,8 +216,7 @@ impl Events {
             internal: !d.external(view, gfn),
         };
         if self.listeners.contains_key(&id) {
-            self.record(event, token);
-            return Outcome::Defer { new_event: true };
+            return self.record(event, token);
         }
         match self.policy.get(&id).copied().unwrap_or(NoListener::Crash) {
             NoListener::Crash => {
@@ -222,13 +244,22 @@ impl Events {
                     m.exit.vcpu,
                     event.id
                 );
-                self.record(event, token);
-                Outcome::Defer { new_event: true }
+                self.record(event, token)
             }
         }
     }
 
-    fn record(&mut self, event: VmEvent, token: u64) {
+    /// Keeps `event` waiting for an answer (its vCPU waits), or, with no
+    /// room for it in the heap, stops the domain.
+    fn record(&mut self, event: VmEvent, token: u64) -> Outcome {
+        if self.waiting.try_reserve(1).is_err() || self.log.try_reserve(1).is_err() {
+            defmt::error!(
+                "altp2m: domain {=u16}: no room left in the service's heap for event {=u32}; domain stopped",
+                event.domain,
+                event.id
+            );
+            return reply(Response::CRASH);
+        }
         self.next = self.next.wrapping_add(1);
         self.waiting.push(Waiting { event, token });
         self.log.push_back(event);
@@ -243,6 +274,26 @@ impl Events {
             };
             self.log.remove(pos);
         }
+        Outcome::Defer { new_event: true }
+    }
+
+    /// Forgets a domain that ended: its listener, policy, waiting events
+    /// (their vCPU will not run again) and single step.
+    pub fn forget(&mut self, domain: u16) {
+        self.listeners.remove(&domain);
+        self.policy.remove(&domain);
+        self.waiting.retain(|w| w.event.domain != domain);
+        self.stepping.retain(|&(d, _), _| d != domain);
+    }
+
+    /// Every domain it keeps something for.
+    pub fn domains(&self) -> impl Iterator<Item = u16> + '_ {
+        self.listeners
+            .keys()
+            .chain(self.policy.keys())
+            .copied()
+            .chain(self.waiting.iter().map(|w| w.event.domain))
+            .chain(self.stepping.keys().map(|&(d, _)| d))
     }
 
     /// The events after number `after`, oldest first, at most `max`.

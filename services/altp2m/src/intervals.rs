@@ -3,7 +3,6 @@
 //! quarter of a million.
 
 use alloc::collections::BTreeMap;
-use alloc::vec::Vec;
 
 /// Disjoint half-open ranges `[start, end)`, each with a value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,8 +51,9 @@ impl<V: Copy + PartialEq> Intervals<V> {
             self.map.insert(s, (end, v));
             self.map.insert(end, (e, v));
         }
-        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
-        for s in inside {
+        // (No list of them: setting never allocates more than the ranges
+        // it keeps.)
+        while let Some((&s, _)) = self.map.range(start..end).next() {
             self.map.remove(&s);
         }
         if let Some(v) = value {
@@ -78,18 +78,59 @@ impl<V: Copy + PartialEq> Intervals<V> {
         }
     }
 
+    /// How many ranges [`Intervals::set`] with these arguments would leave
+    /// (without changing anything): what a quota is checked against.
+    pub fn len_after_set(&self, start: u64, end: u64, value: Option<V>) -> usize {
+        if start >= end {
+            return self.len();
+        }
+        // The ranges that overlap [start, end) go; what they reach outside
+        // it stays, as up to two cut pieces.
+        let before = self.map.range(..start).next_back().map(|(&s, &r)| (s, r));
+        let straddles_start = before.filter(|&(_, (e, _))| e > start);
+        let inside = self.map.range(start..end).count() + usize::from(straddles_start.is_some());
+        // The piece left of `start` (cut, or a range ending there) and the
+        // piece right of `end` (cut, or a range starting there), with values.
+        let left = match straddles_start {
+            Some((_, (_, v))) => Some((true, v)),
+            None => before
+                .filter(|&(_, (e, _))| e == start)
+                .map(|(_, (_, v))| (false, v)),
+        };
+        let last = self
+            .map
+            .range(..end)
+            .next_back()
+            .map(|(&s, &(e, v))| (s, e, v))
+            .filter(|&(_, e, _)| e > end);
+        let right = match last {
+            Some((_, _, v)) => Some((true, v)),
+            None => self.map.get(&end).map(|&(_, v)| (false, v)),
+        };
+        let cut = |p: Option<(bool, V)>| usize::from(p.is_some_and(|(cut, _)| cut));
+        let mut n = self.len() - inside + cut(left) + cut(right);
+        if let Some(v) = value {
+            n += 1;
+            // Equal neighbours merge with it.
+            n -= usize::from(left.is_some_and(|(_, l)| l == v));
+            n -= usize::from(right.is_some_and(|(_, r)| r == v));
+        }
+        n
+    }
+
     /// The ranges (clipped to `[start, end)`) that overlap it, in order.
-    pub fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64, V)> {
-        let mut out = Vec::new();
-        if let Some((_, &(e, v))) = self.map.range(..start).next_back()
-            && e > start
-        {
-            out.push((start, e.min(end), v));
-        }
-        for (&s, &(e, v)) in self.map.range(start..end) {
-            out.push((s, e.min(end), v));
-        }
-        out
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, V)> + '_ {
+        let first = self
+            .map
+            .range(..start)
+            .next_back()
+            .filter(|&(_, &(e, _))| e > start)
+            .map(|(_, &(e, v))| (start, e.min(end), v));
+        first.into_iter().chain(
+            self.map
+                .range(start..end.max(start))
+                .map(move |(&s, &(e, v))| (s, e.min(end), v)),
+        )
     }
 
     /// How many ranges are kept.
@@ -124,13 +165,32 @@ mod tests {
                 prop_assert_eq!(iv.get(i as u64), *m, "at {}", i);
             }
             // Ranges are disjoint, ordered, and no two equal neighbours touch.
-            let all = iv.overlapping(0, 64);
+            let all: alloc::vec::Vec<_> = iv.overlapping(0, 64).collect();
             for w in all.windows(2) {
                 prop_assert!(w[0].1 <= w[1].0);
                 prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2), "unmerged {:?}", w);
             }
             let covered: u64 = all.iter().map(|(s, e, _)| e - s).sum();
             prop_assert_eq!(covered, model.iter().filter(|m| m.is_some()).count() as u64);
+        }
+    }
+
+    proptest! {
+        /// What a quota is checked against: the count a set would leave
+        /// is the count it leaves.
+        #[test]
+        fn len_after_set_is_the_len_after_the_set(
+            ops in proptest::collection::vec((0u64..40, 0u64..40, proptest::option::of(0u8..3)), 0..30),
+            last in (0u64..40, 0u64..40, proptest::option::of(0u8..3)),
+        ) {
+            let mut iv = Intervals::new();
+            for (a, b, v) in ops {
+                iv.set(a.min(b), a.max(b), v);
+            }
+            let (s, e, v) = (last.0.min(last.1), last.0.max(last.1), last.2);
+            let predicted = iv.len_after_set(s, e, v);
+            iv.set(s, e, v);
+            prop_assert_eq!(predicted, iv.len());
         }
     }
 

@@ -10,7 +10,15 @@
 //!
 //! It holds a `domains` handle with the views and vCPU-control rights, and
 //! nothing that reads or writes guest memory. With an `altp2m-events`
-//! notification it signals bit 0 there whenever a new event waits.
+//! notification it signals bit 0 there whenever a new event waits. With a
+//! `domain-ends` notification it asks the kernel to signal it when a domain
+//! ends, and forgets that domain's records.
+//!
+//! What it keeps per domain is bounded (`policy::QUOTAS`) and checked for
+//! room in its heap before it grows. A restarted or swapped-in instance
+//! starts without its predecessor's records, so before its first request
+//! it resets every domain's views to what its empty model describes
+//! (`Altp2m::reset`).
 
 #![no_std]
 #![no_main]
@@ -22,13 +30,13 @@ use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome};
-use service_altp2m::policy::{Agent, Altp2m, Kernel};
+use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
 use service_runtime::{handle, require, sys};
 
 service_runtime::entry!(main);
 service_runtime::interfaces!(ALTP2M, VMEXIT);
-service_heap::heap!(1 << 20);
+service_heap::heap!(HEAP_BYTES);
 
 struct System {
     domains: Handle,
@@ -99,6 +107,16 @@ impl Kernel for System {
     fn dirty_read(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
         sys::dirty_read(self.domains, domain, out)
     }
+
+    fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
+        sys::domain_info(self.domains, domain)
+            .ok()
+            .map(|(state, _, ram)| (state, ram / 4096))
+    }
+
+    fn room(&self) -> bool {
+        heap_room(ROOM)
+    }
 }
 
 struct Server {
@@ -106,12 +124,38 @@ struct Server {
     external: Handle,
     guest: Option<Handle>,
     events_note: Option<Handle>,
+    /// Signalled by the kernel when a domain ends.
+    domain_ends: Option<Handle>,
+    /// Started without its predecessor's records: reset the views before
+    /// the first request.
+    reset_pending: bool,
     system: System,
     alt: Altp2m,
     events: Events,
 }
 
 impl Server {
+    /// Before the first request of an instance that is not the first:
+    /// every domain back to what the (empty) model describes.
+    fn start(&mut self) {
+        if !core::mem::take(&mut self.reset_pending) {
+            return;
+        }
+        let done = self.alt.reset(&mut self.system);
+        for r in &done {
+            defmt::warn!(
+                "altp2m: domain {=u16}: started without the records of its views, so they are reset: {=u16} alternate view(s) destroyed, vCPU 0 back in view 0 (was in view {=u16}), the host p2m rwx again",
+                r.domain,
+                r.views,
+                r.was_in
+            );
+        }
+        defmt::info!(
+            "altp2m: views reset in {=usize} domain(s); mode, listeners and policies are the defaults again",
+            done.len()
+        );
+    }
+
     fn domain_exists(&self, domain: u16) -> bool {
         sys::vcpu_info(self.system.domains, domain, 0).is_ok()
     }
@@ -234,6 +278,7 @@ impl Service for Server {
     }
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+        self.start();
         if msg.slot == self.violations {
             let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
                 defmt::warn!(
@@ -263,6 +308,17 @@ impl Service for Server {
         ipc::encode_reply(&answer, reply)
     }
 
+    fn notified(&mut self, slot: Handle, _bits: u64) {
+        self.start();
+        if Some(slot) == self.domain_ends {
+            let gone =
+                service_altp2m::forget_ended(&mut self.alt, &mut self.events, &mut self.system);
+            for id in gone {
+                defmt::info!("altp2m: domain {=u16} ended; its records are freed", id);
+            }
+        }
+    }
+
     fn snapshot(&self) {}
     fn restore(&mut self, _: ()) {}
 }
@@ -283,15 +339,29 @@ fn main() -> ! {
         "altp2m: serving views (generation {=u32})",
         service_runtime::generation()
     );
+    let domain_ends = handle("domain-ends");
+    if let Some(n) = domain_ends
+        && let Err(e) = sys::domain_watch(system.domains, n, 1)
+    {
+        defmt::error!(
+            "altp2m: cannot watch domains ({}); records of ended domains stay",
+            e
+        );
+    }
     let mut server = Server {
         violations,
         external,
         guest,
         events_note: handle("altp2m-events"),
+        domain_ends,
+        reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
         system,
         alt: Altp2m::default(),
         events: Events::default(),
     };
-    let mask = (1 << violations) | (1 << external) | guest.map_or(0, |g| 1 << g);
+    let mask = (1 << violations)
+        | (1 << external)
+        | guest.map_or(0, |g| 1 << g)
+        | domain_ends.map_or(0, |n| 1 << n);
     ipc::serve(&mut server, mask)
 }

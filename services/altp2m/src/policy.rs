@@ -20,12 +20,20 @@
 //!   gets more access to a frame than the host p2m gives.
 //! - Access is kept as ranges: a range operation is one record here and,
 //!   in the kernel, work in proportion to the entries it touches.
+//! - What a domain may make the service keep is bounded ([`Quotas`]): a
+//!   change past a quota is refused with `QuotaExceeded`, and a change the
+//!   service's heap has no room for with `OutOfMemory` ([`Kernel::room`]),
+//!   never by running out of memory half-way. A domain's records go when
+//!   it ends ([`Altp2m::forget`]).
+//! - A service that starts again (a restart after a fault, a swap) cannot
+//!   know what its predecessor made of the views: it puts every domain back
+//!   to what an empty model describes ([`Altp2m::reset`]).
 
 use crate::intervals::Intervals;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use ipc_schema::hypercall::{
-    Access, Entry, Feature, HcError, MAX_DIRTY, MAX_VIEWS, Mode, Reply, Request,
+    Access, Entry, Feature, HcError, MAX_DIRTY, MAX_VIEWS, Mode, Quota, Reply, Request,
 };
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features};
@@ -51,7 +59,47 @@ pub trait Kernel {
     ) -> Result<(), SysError>;
     /// Takes logged gfns into `out`: (how many, whether more remain).
     fn dirty_read(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError>;
+    /// A domain's state (a `DomainState` code) and its RAM in pages;
+    /// `None` when there is no such domain.
+    fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)>;
+    /// Whether the service's heap has [`ROOM`] bytes free in one piece:
+    /// enough for any one change that grows what the service keeps.
+    fn room(&self) -> bool;
 }
+
+/// Per-domain limits on what the service keeps for a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    /// Alternate views.
+    pub views: u32,
+    /// Settings of the domain's views, view 0 included: each range of gfns
+    /// with one access (a range is one setting however long), each
+    /// change_gfn, each suppress-#VE bit set or cleared.
+    pub settings: u32,
+}
+
+/// The quotas the service runs with (`docs/altp2m.md`, Quotas). With them
+/// one domain's records take at most [`DOMAIN_BYTES`] of the heap
+/// (`services/altp2m/src/tests.rs` measures the worst case).
+pub const QUOTAS: Quotas = Quotas {
+    views: 64,
+    settings: 1024,
+};
+
+/// The service's heap.
+pub const HEAP_BYTES: usize = 2 << 20;
+
+/// The most a domain at its quotas may take of the heap: its share when
+/// every domain the kernel can hold is at its quotas, so that no domain can
+/// take the room another needs.
+pub const DOMAIN_BYTES: usize = HEAP_BYTES / ipc_schema::manifest::MAX_DOMAINS;
+
+/// Free heap (in one piece) checked for before a change that grows the
+/// service's records; far more than any one change allocates.
+pub const ROOM: usize = 16 << 10;
+
+/// Domain ids the kernel gives (1 to this).
+pub const MAX_DOMAIN_ID: u16 = ipc_schema::manifest::MAX_DOMAINS as u16;
 
 /// Who asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,8 +136,9 @@ pub struct Domain {
     pub mode: Mode,
     /// Settings of view 0 (the host p2m) and of each alternate view.
     pub views: BTreeMap<u16, View>,
-    /// For each frame gfn, the (view, gfn) pairs that remap to it.
-    pub remapped_to: BTreeMap<u64, BTreeSet<(u16, u64)>>,
+    /// (frame gfn, view, gfn) for each change_gfn of a view: who remaps
+    /// to each frame.
+    pub remapped_to: BTreeSet<(u64, u16, u64)>,
 }
 
 impl Default for Domain {
@@ -99,7 +148,7 @@ impl Default for Domain {
         Self {
             mode: Mode::Mixed,
             views,
-            remapped_to: BTreeMap::new(),
+            remapped_to: BTreeSet::new(),
         }
     }
 }
@@ -173,24 +222,60 @@ impl Domain {
 
     /// Every (view, gfn) of an alternate view whose entry depends on the host
     /// p2m's entry for `frame`.
-    fn dependents(&self, frame: u64) -> Vec<(u16, u64)> {
-        let mut out: Vec<(u16, u64)> = self
-            .views
+    fn dependents(&self, frame: u64) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.views
             .iter()
-            .filter(|&(&v, view)| v != 0 && !view.remap.contains_key(&frame))
-            .map(|(&v, _)| (v, frame))
-            .collect();
-        if let Some(set) = self.remapped_to.get(&frame) {
-            out.extend(set.iter().copied());
+            .filter(move |&(&v, view)| v != 0 && !view.remap.contains_key(&frame))
+            .map(move |(&v, _)| (v, frame))
+            .chain(
+                self.remapped_to
+                    .range((frame, 0, 0)..=(frame, u16::MAX, u64::MAX))
+                    .map(|&(_, v, g)| (v, g)),
+            )
+    }
+
+    /// The settings it keeps (what [`Quotas::settings`] bounds).
+    pub fn settings(&self) -> usize {
+        self.views
+            .values()
+            .map(|v| v.access.len() + v.remap.len() + v.sve.len())
+            .sum()
+    }
+
+    /// `Ok` if a change leaving `after` settings (from `before`) stays
+    /// within `quotas`; a change that does not add any always does.
+    fn settings_quota(quotas: &Quotas, before: usize, after: usize) -> Result<(), HcError> {
+        if after > before && after > quotas.settings as usize {
+            Err(HcError::QuotaExceeded {
+                what: Quota::Settings,
+                limit: quotas.settings,
+            })
+        } else {
+            Ok(())
         }
-        out
     }
 }
 
 /// The state of every domain this service has seen.
-#[derive(Default)]
 pub struct Altp2m {
     pub domains: BTreeMap<u16, Domain>,
+    pub quotas: Quotas,
+}
+
+impl Default for Altp2m {
+    fn default() -> Self {
+        Self::with_quotas(QUOTAS)
+    }
+}
+
+/// What [`Altp2m::reset`] did to one domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub domain: u16,
+    /// Alternate views destroyed.
+    pub views: u16,
+    /// The view vCPU 0 was in (it is in view 0 now).
+    pub was_in: u16,
 }
 
 fn op_error(e: EptOpError, view: u16, gfn: u64) -> HcError {
@@ -317,6 +402,21 @@ fn need(k: &impl Kernel, bit: u64, feature: Feature) -> Result<(), HcError> {
     }
 }
 
+/// Whether `request` may make the service keep more (checked against the
+/// heap's room before it starts).
+fn grows(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::ViewCreate { .. }
+            | Request::ChangeGfn { to: Some(_), .. }
+            | Request::SetAccess { .. }
+            | Request::SetAccessRange { .. }
+            | Request::SetAccessList { .. }
+            | Request::SetSuppressVe { .. }
+            | Request::SetSuppressVeList { .. }
+    )
+}
+
 /// Whether the mode lets `agent` make `request` (ALT-3).
 pub fn allowed(mode: Mode, agent: Agent, request: &Request) -> bool {
     use Request as R;
@@ -340,9 +440,90 @@ pub fn allowed(mode: Mode, agent: Agent, request: &Request) -> bool {
 }
 
 impl Altp2m {
+    pub fn with_quotas(quotas: Quotas) -> Self {
+        Self {
+            domains: BTreeMap::new(),
+            quotas,
+        }
+    }
+
     /// The domain's state, created at first use.
     pub fn domain(&mut self, id: u16) -> &mut Domain {
         self.domains.entry(id).or_default()
+    }
+
+    /// Forgets a domain that ended: its records go (its id may be given
+    /// to a new domain, which must start from nothing). Whether it had any.
+    pub fn forget(&mut self, id: u16) -> bool {
+        self.domains.remove(&id).is_some()
+    }
+
+    /// Puts every live domain's views back to what this (empty) model
+    /// describes, for a service that starts without its predecessor's
+    /// state: vCPU 0 goes back to view 0, every alternate view is destroyed
+    /// (nothing here says what it held), and the host p2m's access is rwx
+    /// again on all RAM (view 0 with no settings). What was done, per
+    /// domain that had anything to undo.
+    pub fn reset(&mut self, k: &mut impl Kernel) -> Vec<Reset> {
+        let mut done = Vec::new();
+        for id in 1..=MAX_DOMAIN_ID {
+            // Building, running or paused: a domain that ended is not
+            // entered again.
+            let Some((0..=2, pages)) = k.domain_info(id) else {
+                continue;
+            };
+            self.domains.remove(&id);
+            let mut views: Vec<u16> = Vec::new();
+            let ids: Vec<u16> = (1..MAX_VIEWS).collect();
+            for chunk in ids.chunks(ipc_schema::syscall::MAX_EPT_OPS) {
+                let ops: Vec<EptOp> = chunk
+                    .iter()
+                    .map(|&view| EptOp::Query { view, gfn: 0 })
+                    .collect();
+                let mut out = [EptResult::Done; ipc_schema::syscall::MAX_EPT_OPS];
+                if k.ept(id, &ops, &mut out[..ops.len()]).is_err() {
+                    break;
+                }
+                views.extend(
+                    chunk
+                        .iter()
+                        .zip(out.iter())
+                        .filter(|(_, r)| matches!(r, EptResult::Entry { .. }))
+                        .map(|(&v, _)| v),
+                );
+            }
+            let was_in = k.vcpu_view(id, 0).unwrap_or(0);
+            if was_in != 0 {
+                let _ = k.vcpu_set_view(id, 0, 0);
+            }
+            let mut destroyed = 0;
+            for &v in &views {
+                if k.view_destroy(id, v).is_ok() {
+                    destroyed += 1;
+                }
+            }
+            if pages > 0 {
+                let mut out = [EptResult::Done];
+                let _ = k.ept(
+                    id,
+                    &[EptOp::ProtectRange {
+                        view: 0,
+                        gfn: 0,
+                        count: pages,
+                        perms: perms(ALL),
+                    }],
+                    &mut out,
+                );
+            }
+            if destroyed > 0 || was_in != 0 {
+                done.push(Reset {
+                    domain: id,
+                    views: destroyed,
+                    was_in,
+                });
+            }
+        }
+        done
     }
 
     /// Sets a domain's mode. Disabled hides every alternate view and puts
@@ -386,9 +567,15 @@ impl Altp2m {
         agent: Agent,
         r: &Request,
     ) -> Result<Reply, HcError> {
+        if !self.domains.contains_key(&domain) && !k.room() {
+            return Err(HcError::OutOfMemory);
+        }
         let mode = self.domain(domain).mode;
         if !allowed(mode, agent, r) {
             return Err(HcError::ModeForbids { mode });
+        }
+        if grows(r) && !k.room() {
+            return Err(HcError::OutOfMemory);
         }
         let external = agent == Agent::External;
         let vcpu = match agent {
@@ -431,6 +618,13 @@ impl Altp2m {
                 if let Some(a) = default_access {
                     check_access(a)?;
                 }
+                // (The views include view 0.)
+                if self.domain(domain).views.len() > self.quotas.views as usize {
+                    return Err(HcError::QuotaExceeded {
+                        what: Quota::Views,
+                        limit: self.quotas.views,
+                    });
+                }
                 let view = k.view_create(domain).map_err(|e| match e {
                     SysError::NoResources => HcError::TooManyViews,
                     _ => HcError::OutOfMemory,
@@ -453,10 +647,7 @@ impl Altp2m {
                 })?;
                 let d = self.domain(domain);
                 d.views.remove(&view);
-                for set in d.remapped_to.values_mut() {
-                    set.retain(|&(v, _)| v != view);
-                }
-                d.remapped_to.retain(|_, set| !set.is_empty());
+                d.remapped_to.retain(|&(_, v, _)| v != view);
                 Ok(Reply::Done)
             }
             Request::ViewSetVisible { view, visible } => {
@@ -486,19 +677,21 @@ impl Altp2m {
                 if let Some(t) = to {
                     is_ram(k, domain, t)?;
                 }
+                let quotas = self.quotas;
                 let d = self.domain(domain);
+                let before = d.settings();
+                let new = to.is_some() && !d.views[&view].remap.contains_key(&gfn);
+                Domain::settings_quota(&quotas, before, before + usize::from(new))?;
                 let v = d.views.get_mut(&view).expect("checked above");
                 let old = match to {
                     Some(t) => v.remap.insert(gfn, t),
                     None => v.remap.remove(&gfn),
                 };
-                if let Some(o) = old
-                    && let Some(set) = d.remapped_to.get_mut(&o)
-                {
-                    set.remove(&(view, gfn));
+                if let Some(o) = old {
+                    d.remapped_to.remove(&(o, view, gfn));
                 }
                 if let Some(t) = to {
-                    d.remapped_to.entry(t).or_default().insert((view, gfn));
+                    d.remapped_to.insert((t, view, gfn));
                 }
                 let d = &self.domains[&domain];
                 refresh(k, domain, d, view, gfn)?;
@@ -660,12 +853,18 @@ impl Altp2m {
         if count > 1 {
             is_ram(k, domain, end - 1).map_err(|_| HcError::BadRange)?;
         }
+        let setting = Some(Setting { access, external });
+        let quotas = self.quotas;
         let d = self.domain(domain);
-        d.views.get_mut(&view).expect("checked above").access.set(
-            gfn,
-            end,
-            Some(Setting { access, external }),
-        );
+        let before = d.settings();
+        let v = &d.views[&view].access;
+        let after = before - v.len() + v.len_after_set(gfn, end, setting);
+        Domain::settings_quota(&quotas, before, after)?;
+        d.views
+            .get_mut(&view)
+            .expect("checked above")
+            .access
+            .set(gfn, end, setting);
         let d = &self.domains[&domain];
         if count == 1 {
             refresh(k, domain, d, view, gfn)?;
@@ -708,10 +907,8 @@ impl Altp2m {
                     refresh(k, domain, d, w, g)?;
                 }
             }
-            for set in d.remapped_to.range(gfn..end).map(|(_, set)| set) {
-                for &(w, g) in set {
-                    refresh(k, domain, d, w, g)?;
-                }
+            for &(_, w, g) in d.remapped_to.range((gfn, 0, 0)..(end, 0, 0)) {
+                refresh(k, domain, d, w, g)?;
             }
             // Whether the setting is external decides the suppress-#VE bit
             // of the pages whose bit was cleared.
@@ -751,8 +948,12 @@ impl Altp2m {
             return Err(HcError::NoSuchView { view });
         }
         is_ram(k, domain, gfn)?;
-        self.domain(domain)
-            .views
+        let quotas = self.quotas;
+        let d = self.domain(domain);
+        let before = d.settings();
+        let new = !d.views[&view].sve.contains_key(&gfn);
+        Domain::settings_quota(&quotas, before, before + usize::from(new))?;
+        d.views
             .get_mut(&view)
             .expect("checked above")
             .sve

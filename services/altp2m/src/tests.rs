@@ -5,9 +5,9 @@
 extern crate std;
 
 use crate::events::{Events, Outcome};
-use crate::policy::{Agent, Altp2m, Kernel};
+use crate::policy::{Agent, Altp2m, Kernel, Quotas, Reset};
 use ipc_schema::altp2m::{Action, AltError, NoListener};
-use ipc_schema::hypercall::{Access, Entry, Feature, HcError, Mode, Reply, Request};
+use ipc_schema::hypercall::{Access, Entry, Feature, HcError, Mode, Quota, Reply, Request};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::{
     EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features,
@@ -47,9 +47,13 @@ struct Model {
     dirty: BTreeSet<u64>,
     /// EPT entries written (each Map, Protect and page of a ProtectRange).
     writes: u64,
+    /// Domain D's state (a `DomainState` code).
+    state: u64,
+    /// Whether the service's heap has room (`Kernel::room`).
+    room: bool,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default, Clone, Debug)]
 struct View {
     /// gfn -> (frame gfn, perms)
     map: BTreeMap<u64, (u64, Perms)>,
@@ -71,6 +75,8 @@ impl Model {
             logging: false,
             dirty: BTreeSet::new(),
             writes: 0,
+            state: 1,
+            room: true,
         }
     }
 
@@ -253,6 +259,12 @@ impl Kernel for Model {
         }
         Ok((taken.len(), !self.dirty.is_empty()))
     }
+    fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
+        (domain == D).then_some((self.state, RAM))
+    }
+    fn room(&self) -> bool {
+        self.room
+    }
 }
 
 /// The service's two halves and the kernel model.
@@ -292,9 +304,11 @@ impl Rig {
     }
     /// A violation exit of `view` at `gfn`.
     fn touch(&mut self, view: u16, gfn: u64, access: Access) -> Outcome {
-        let allowed = self.k.views[&view]
-            .map
-            .get(&gfn)
+        let allowed = self
+            .k
+            .views
+            .get(&view)
+            .and_then(|v| v.map.get(&gfn))
             .map_or(AccessBits::default(), |&(_, p)| AccessBits {
                 read: p.read,
                 write: p.write,
@@ -856,7 +870,7 @@ struct RefView {
     sve: BTreeMap<u64, bool>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Reference {
     views: BTreeMap<u16, RefView>,
 }
@@ -870,6 +884,25 @@ fn meet(a: Access, b: Access) -> Access {
 }
 
 impl Reference {
+    /// The settings the service must be keeping (what its quota counts):
+    /// per view, each run of consecutive gfns with one access, each remap,
+    /// each suppress-#VE bit.
+    fn settings(&self) -> usize {
+        self.views
+            .values()
+            .map(|v| {
+                let runs = v
+                    .access
+                    .iter()
+                    .zip(v.access.iter().skip(1))
+                    .filter(|((g, a), (h, b))| **h != **g + 1 || a != b)
+                    .count()
+                    + usize::from(!v.access.is_empty());
+                runs + v.remap.len() + v.sve.len()
+            })
+            .sum()
+    }
+
     fn host(&self, frame: u64) -> (Access, bool) {
         self.views[&0]
             .access
@@ -940,14 +973,47 @@ fn valid(a: Access) -> bool {
     !a.write || a.read
 }
 
+/// A change the reference accepts: `Done`, or, when `next` keeps more
+/// settings than the quota allows (and more than before), `QuotaExceeded`
+/// with the reference unchanged.
+fn accepted(
+    reply: Reply,
+    quotas: Quotas,
+    reference: &mut Reference,
+    next: Reference,
+) -> Result<(), TestCaseError> {
+    let (before, after) = (reference.settings(), next.settings());
+    if after > before && after > quotas.settings as usize {
+        prop_assert_eq!(
+            reply,
+            Reply::Error(HcError::QuotaExceeded {
+                what: Quota::Settings,
+                limit: quotas.settings
+            })
+        );
+    } else {
+        prop_assert_eq!(reply, Reply::Done);
+        *reference = next;
+    }
+    Ok(())
+}
+
 fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCaseError> {
     let ids: Vec<u16> = reference.views.keys().copied().collect();
     let pick = |i: usize| ids[i % ids.len()];
+    let quotas = r.alt.quotas;
     match *op {
         Op::Create(default_access) => {
             let reply = r.guest(Request::ViewCreate { default_access });
             match default_access {
                 Some(a) if !valid(a) => prop_assert_eq!(reply, Reply::Error(HcError::BadAccess)),
+                _ if reference.views.len() > quotas.views as usize => prop_assert_eq!(
+                    reply,
+                    Reply::Error(HcError::QuotaExceeded {
+                        what: Quota::Views,
+                        limit: quotas.views
+                    })
+                ),
                 _ => {
                     let Reply::View(v) = reply else {
                         return Err(TestCaseError::fail(std::format!("{reply:?}")));
@@ -988,9 +1054,10 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             } else if !is_ram(gfn) {
                 prop_assert_eq!(reply, Reply::Error(HcError::BadGfn { gfn }));
             } else {
-                prop_assert_eq!(reply, Reply::Done);
-                let v = reference.views.get_mut(&view).unwrap();
+                let mut next = reference.clone();
+                let v = next.views.get_mut(&view).unwrap();
                 v.access.insert(gfn, (access, external));
+                accepted(reply, quotas, reference, next)?;
             }
         }
         Op::SetRange {
@@ -1014,11 +1081,12 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             } else if count == 0 || !is_ram(gfn) || !is_ram(end - 1) {
                 prop_assert_eq!(reply, Reply::Error(HcError::BadRange));
             } else {
-                prop_assert_eq!(reply, Reply::Done);
-                let v = reference.views.get_mut(&view).unwrap();
+                let mut next = reference.clone();
+                let v = next.views.get_mut(&view).unwrap();
                 for g in gfn..end {
                     v.access.insert(g, (access, external));
                 }
+                accepted(reply, quotas, reference, next)?;
             }
         }
         Op::ChangeGfn { view, gfn, to } => {
@@ -1031,12 +1099,13 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             } else if let Some(t) = to.filter(|&t| !is_ram(t)) {
                 prop_assert_eq!(reply, Reply::Error(HcError::BadGfn { gfn: t }));
             } else {
-                prop_assert_eq!(reply, Reply::Done);
-                let v = reference.views.get_mut(&view).unwrap();
+                let mut next = reference.clone();
+                let v = next.views.get_mut(&view).unwrap();
                 match to {
                     Some(t) => v.remap.insert(gfn, t),
                     None => v.remap.remove(&gfn),
                 };
+                accepted(reply, quotas, reference, next)?;
             }
         }
         Op::Sve {
@@ -1054,13 +1123,9 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             if !is_ram(gfn) {
                 prop_assert_eq!(reply, Reply::Error(HcError::BadGfn { gfn }));
             } else {
-                prop_assert_eq!(reply, Reply::Done);
-                reference
-                    .views
-                    .get_mut(&view)
-                    .unwrap()
-                    .sve
-                    .insert(gfn, suppress);
+                let mut next = reference.clone();
+                next.views.get_mut(&view).unwrap().sve.insert(gfn, suppress);
+                accepted(reply, quotas, reference, next)?;
                 if suppress {
                     // Seed 004: setting SVE alone never populates.
                     prop_assert_eq!(r.k.views[&view].map.contains_key(&gfn), populated);
@@ -1107,5 +1172,434 @@ proptest! {
             run_op(&mut r, &mut reference, op)?;
             check(&r, &reference)?;
         }
+    }
+
+    /// Quotas: with small ones, a change is refused exactly when it would
+    /// keep more than the quota (and more than before), the refusal changes
+    /// nothing (every entry, in the model and the tables, is still the
+    /// reference's), and the count never passes the quota.
+    #[test]
+    fn quotas_hold_and_a_refused_change_changes_nothing(ops in proptest::collection::vec(op(), 1..80)) {
+        let quotas = Quotas { views: 2, settings: 6 };
+        let mut r = Rig::new();
+        r.alt = Altp2m::with_quotas(quotas);
+        let mut reference = Reference::default();
+        reference.views.insert(0, RefView::default());
+        for op in &ops {
+            run_op(&mut r, &mut reference, op)?;
+            check(&r, &reference)?;
+            let kept = r.alt.domains.get(&D).map_or(0, |d| d.settings());
+            prop_assert_eq!(kept, reference.settings());
+            prop_assert!(kept <= quotas.settings as usize);
+            prop_assert!(r.k.views.len() <= quotas.views as usize + 1);
+        }
+    }
+}
+
+// Quotas, room, ended domains and restarts (issue 9, points 1 and 7).
+
+/// The kernel's tables and the service's records, to show that a refusal
+/// changed nothing.
+fn state(r: &Rig) -> std::string::String {
+    std::format!("{:?} {:?}", r.k.views, r.alt.domains.get(&D))
+}
+
+fn quota(what: Quota, limit: u32) -> Reply {
+    Reply::Error(HcError::QuotaExceeded { what, limit })
+}
+
+#[test]
+fn a_domain_is_refused_past_its_quotas_and_the_refusal_changes_nothing() {
+    let mut r = Rig::new();
+    r.alt = Altp2m::with_quotas(Quotas {
+        views: 2,
+        settings: 4,
+    });
+    let (v, w) = (r.view(), r.view());
+    let before = state(&r);
+    assert_eq!(
+        r.guest(Request::ViewCreate {
+            default_access: None
+        }),
+        quota(Quota::Views, 2)
+    );
+    assert_eq!(state(&r), before, "no view was made");
+    for g in 1..=4 {
+        assert_eq!(
+            r.guest(Request::ChangeGfn {
+                view: v,
+                gfn: g,
+                to: Some(g + 10)
+            }),
+            Reply::Done
+        );
+    }
+    let before = state(&r);
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: w,
+            gfn: 5,
+            to: Some(6)
+        }),
+        quota(Quota::Settings, 4)
+    );
+    assert_eq!(
+        r.guest(Request::SetSuppressVe {
+            view: v,
+            gfn: 5,
+            suppress: false
+        }),
+        quota(Quota::Settings, 4)
+    );
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: 0,
+            gfn: 5,
+            access: R
+        }),
+        quota(Quota::Settings, 4)
+    );
+    assert_eq!(state(&r), before, "a refusal changes nothing");
+    // Changing a setting kept is not keeping more.
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: v,
+            gfn: 1,
+            to: Some(30)
+        }),
+        Reply::Done
+    );
+    // Freeing one makes room for one: a range is one setting.
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: v,
+            gfn: 1,
+            to: None
+        }),
+        Reply::Done
+    );
+    assert_eq!(
+        r.guest(Request::SetAccessRange {
+            view: w,
+            gfn: 2,
+            count: 10,
+            access: R
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.alt.domains[&D].settings(), 4);
+    // At the quota a change that would cut the range in three is refused;
+    // one that keeps it one range is not.
+    assert_eq!(
+        r.guest(Request::SetAccess {
+            view: w,
+            gfn: 5,
+            access: Access::RX
+        }),
+        quota(Quota::Settings, 4)
+    );
+    assert_eq!(
+        r.guest(Request::SetAccessRange {
+            view: w,
+            gfn: 2,
+            count: 10,
+            access: Access::RX
+        }),
+        Reply::Done
+    );
+    // A destroyed view's settings go with it.
+    assert_eq!(r.guest(Request::ViewDestroy { view: w }), Reply::Done);
+    assert_eq!(r.alt.domains[&D].settings(), 3);
+    let x = r.view();
+    assert_eq!(
+        r.guest(Request::SetSuppressVe {
+            view: x,
+            gfn: 5,
+            suppress: true
+        }),
+        Reply::Done
+    );
+}
+
+#[test]
+fn with_no_room_in_the_heap_a_change_is_refused_and_the_service_answers_on() {
+    let mut r = Rig::new();
+    let v = r.view();
+    r.guest(Request::ChangeGfn {
+        view: v,
+        gfn: 3,
+        to: Some(4),
+    });
+    r.k.room = false;
+    let before = state(&r);
+    for req in [
+        Request::ViewCreate {
+            default_access: None,
+        },
+        Request::ChangeGfn {
+            view: v,
+            gfn: 5,
+            to: Some(6),
+        },
+        Request::SetAccess {
+            view: v,
+            gfn: 5,
+            access: R,
+        },
+        Request::SetAccessRange {
+            view: 0,
+            gfn: 5,
+            count: 3,
+            access: R,
+        },
+        Request::SetSuppressVe {
+            view: v,
+            gfn: 5,
+            suppress: true,
+        },
+    ] {
+        assert_eq!(
+            r.guest(req.clone()),
+            Reply::Error(HcError::OutOfMemory),
+            "{req:?}"
+        );
+    }
+    assert_eq!(state(&r), before, "nothing changed");
+    // What only reads or frees still works.
+    assert!(matches!(
+        r.guest(Request::GetEntry {
+            view: v,
+            gfn: 3,
+            raw: false
+        }),
+        Reply::Entry(Entry {
+            frame_gfn: Some(4),
+            ..
+        })
+    ));
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: v,
+            gfn: 3,
+            to: None
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.touch(v, 7, R), retry(), "lazy fill needs no room");
+    // A domain it keeps nothing for yet would need room for its records.
+    r.alt.forget(D);
+    assert_eq!(
+        r.guest(Request::GetMode),
+        Reply::Error(HcError::OutOfMemory)
+    );
+    assert_eq!(r.touch(0, 7, R), crash());
+    r.k.room = true;
+    assert_eq!(r.guest(Request::GetMode), Reply::Mode(Mode::Mixed));
+}
+
+#[test]
+fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
+    let mut r = Rig::new();
+    let v = r.view();
+    r.guest(Request::ChangeGfn {
+        view: v,
+        gfn: 3,
+        to: Some(4),
+    });
+    r.alt.set_mode(&mut r.k, D, Mode::Limited).unwrap();
+    r.ev.listen(D, 5, true).unwrap();
+    r.ev.policy.insert(D, NoListener::Pause);
+    assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut r.k).is_empty());
+    assert!(r.alt.domains.contains_key(&D), "a running domain is kept");
+    r.k.state = ipc_schema::syscall::DomainState::Crashed as u64;
+    assert_eq!(
+        crate::forget_ended(&mut r.alt, &mut r.ev, &mut r.k),
+        std::vec![D]
+    );
+    assert!(r.alt.domains.is_empty());
+    assert!(r.ev.listeners.is_empty() && r.ev.policy.is_empty());
+    // The kernel gives the id to the next domain: it gets none of it.
+    r.k = Model::new(ALL);
+    assert_eq!(r.guest(Request::GetMode), Reply::Mode(Mode::Mixed));
+    assert_eq!(
+        r.guest(Request::GetEntry {
+            view: v,
+            gfn: 3,
+            raw: false
+        }),
+        Reply::Error(HcError::NoSuchView { view: v })
+    );
+}
+
+#[test]
+fn a_restarted_service_resets_the_views_it_cannot_account_for() {
+    let mut r = Rig::new();
+    let (v, w) = (r.view(), r.view());
+    r.guest(Request::ChangeGfn {
+        view: v,
+        gfn: 3,
+        to: Some(4),
+    });
+    r.guest(Request::SetAccess {
+        view: w,
+        gfn: 9,
+        access: R,
+    });
+    for g in [8, 10] {
+        r.host(Request::SetAccess {
+            view: 0,
+            gfn: g,
+            access: R,
+        });
+    }
+    r.touch(v, 3, R);
+    r.touch(w, 9, R);
+    r.guest(Request::ViewSwitch { view: v });
+    // A new instance: nothing of the above in its records, all of it in
+    // the kernel's tables.
+    r.alt = Altp2m::default();
+    r.ev = Events::default();
+    // A fault the table makes and the model does not is written again,
+    // not retried for ever (issue 9, point 7).
+    assert_eq!(r.touch(0, 8, W), retry());
+    assert_eq!(r.k.views[&0].map[&8].1, RWX);
+    assert_eq!(
+        r.alt.reset(&mut r.k),
+        std::vec![Reset {
+            domain: D,
+            views: 2,
+            was_in: v
+        }]
+    );
+    assert_eq!(r.k.active, 0, "vCPU 0 is back in view 0");
+    assert_eq!(r.k.views.keys().copied().collect::<Vec<_>>(), [0]);
+    // An exit that waited from a view the reset destroyed goes on in view 0.
+    match r.touch(v, 3, R) {
+        Outcome::Reply(reply) => {
+            assert_eq!((reply.response, reply.view), (Response::RETRY, Some(0)))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every entry agrees with the new (empty) model: gfn 10, restricted
+    // before and never touched since, is rwx again.
+    let mut reference = Reference::default();
+    reference.views.insert(0, RefView::default());
+    r.alt.domain(D);
+    check(&r, &reference).unwrap();
+    assert_eq!(r.k.views[&0].map[&10].1, RWX);
+    // And it works again.
+    let x = r.view();
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: x,
+            gfn: 3,
+            to: Some(4)
+        }),
+        Reply::Done
+    );
+    // A domain that has ended is left alone.
+    r.k.state = ipc_schema::syscall::DomainState::Exited as u64;
+    r.alt = Altp2m::default();
+    assert!(r.alt.reset(&mut r.k).is_empty());
+    assert!(r.k.views.contains_key(&x));
+}
+
+/// Counts the bytes this thread has allocated and not freed, each
+/// allocation rounded up to 8 and with 16 more for the allocator's own
+/// bookkeeping (talc's tags), as the service's heap would spend them.
+struct Counting;
+
+std::thread_local! {
+    static LIVE: core::cell::Cell<isize> = const { core::cell::Cell::new(0) };
+}
+
+fn cost(l: core::alloc::Layout) -> isize {
+    (l.size().next_multiple_of(8) + 16) as isize
+}
+
+// Safety: every call goes to the system allocator with the same arguments;
+// the count is a thread-local cell with no destructor.
+unsafe impl core::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: core::alloc::Layout) -> *mut u8 {
+        // Safety: the caller's contract is the system allocator's.
+        let p = unsafe { std::alloc::System.alloc(l) };
+        if !p.is_null() {
+            LIVE.with(|c| c.set(c.get() + cost(l)));
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: core::alloc::Layout) {
+        // Safety: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.dealloc(p, l) };
+        LIVE.with(|c| c.set(c.get() - cost(l)));
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// What the service keeps for one domain that has filled its quotas with
+/// the records `fill` makes, in heap bytes.
+fn bytes_at_quota(fill: impl Fn(u16, u64) -> Request) -> usize {
+    let mut r = Rig::new();
+    let mut views = Vec::new();
+    while let Reply::View(v) = r.guest(Request::ViewCreate {
+        default_access: None,
+    }) {
+        views.push(v);
+    }
+    assert_eq!(views.len(), crate::policy::QUOTAS.views as usize);
+    let mut made = 0;
+    'fill: for &v in &views {
+        for g in (0..RAM).filter(|&g| is_ram(g)) {
+            match r.guest(fill(v, g)) {
+                Reply::Done => made += 1,
+                Reply::Error(HcError::QuotaExceeded {
+                    what: Quota::Settings,
+                    ..
+                }) => break 'fill,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(made, crate::policy::QUOTAS.settings);
+    // What the records hold: what dropping them gives back.
+    let before = LIVE.with(|c| c.get());
+    drop(core::mem::take(&mut r.alt.domains));
+    (before - LIVE.with(|c| c.get())) as usize
+}
+
+/// The quotas keep one domain to [`crate::policy::DOMAIN_BYTES`] of the
+/// heap, whatever records it makes, so that every domain the kernel can
+/// hold fits at its quotas at once (about 3,000 change_gfns filled the whole
+/// heap before there were quotas: issue 9, point 1).
+#[test]
+fn one_domain_at_its_quotas_takes_at_most_its_share_of_the_heap() {
+    let remaps = bytes_at_quota(|view, gfn| Request::ChangeGfn {
+        view,
+        gfn,
+        to: Some(if gfn == 1 { 2 } else { 1 }),
+    });
+    let sve = bytes_at_quota(|view, gfn| Request::SetSuppressVe {
+        view,
+        gfn,
+        suppress: true,
+    });
+    // Every gfn its own range: neighbours alternate.
+    let ranges = bytes_at_quota(|view, gfn| Request::SetAccess {
+        view,
+        gfn,
+        access: if gfn % 2 == 0 { Access::RX } else { R },
+    });
+    std::println!(
+        "at the quotas: {remaps} bytes of change_gfns, {sve} of suppress-#VE bits, {ranges} of ranges"
+    );
+    for bytes in [remaps, sve, ranges] {
+        assert!(
+            bytes <= crate::policy::DOMAIN_BYTES,
+            "{bytes} bytes > {}",
+            crate::policy::DOMAIN_BYTES
+        );
     }
 }

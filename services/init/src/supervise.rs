@@ -35,7 +35,11 @@ pub struct Running {
     pub restarts: u32,
     /// When its recent restarts happened (microseconds), for the rate limit.
     pub recent: heapless::Deque<u64, 16>,
+    /// Not restarted any more: it ended by itself, or it faulted and was
+    /// ended ([`hold`]).
     pub held: bool,
+    /// Held after a fault (what `ServiceInfo::state` reports as faulted).
+    pub held_faulted: bool,
     /// A task that ended: its exit code (`u32::MAX`: it faulted).
     pub done: Option<u32>,
     /// The first interface it declares (for reports).
@@ -257,6 +261,7 @@ impl Supervisor {
                 restarts: 0,
                 recent: heapless::Deque::new(),
                 held: false,
+                held_faulted: false,
                 done: None,
                 key,
             });
@@ -434,7 +439,7 @@ impl Supervisor {
                     "init: service {=str} faulted; holding it (disposition hold)",
                     spec.name
                 );
-                s.held = true;
+                hold(s, spec.name);
                 let _ = happened.push(SupervisorEvent::ServiceHeld { name });
             } else if s.recent.len() as u32 >= spec.max_restarts {
                 defmt::error!(
@@ -443,7 +448,7 @@ impl Supervisor {
                     s.recent.len() as u32 + 1,
                     spec.restart_window_ms
                 );
-                s.held = true;
+                hold(s, spec.name);
                 let _ = happened.push(SupervisorEvent::ServiceHeld { name });
             } else {
                 match sys::restart(s.process, None) {
@@ -467,7 +472,7 @@ impl Supervisor {
                     }
                     Err(e) => {
                         defmt::error!("init: cannot restart service {=str}: {}", spec.name, e);
-                        s.held = true;
+                        hold(s, spec.name);
                         let _ = happened.push(SupervisorEvent::ServiceHeld { name });
                     }
                 }
@@ -526,6 +531,7 @@ impl Supervisor {
         let state = match sys::process_status(s.process) {
             Ok((0, _, _)) => 0,
             Ok((1, _, _)) => 1,
+            _ if s.held_faulted => 1,
             _ => 2,
         };
         Some(ServiceInfo {
@@ -623,10 +629,40 @@ impl Supervisor {
                 // The service faults while answering: the call fails (Dead).
                 let _ = self.services[i]
                     .lifecycle
-                    .call::<_, LifecycleReply>(&LifecycleRequest::Fault);
+                    .call_once::<_, LifecycleReply>(&LifecycleRequest::Fault);
                 SupervisorReply::Done
             }
         }
+    }
+}
+
+/// Asks a service through its lifecycle endpoint. A first `Dead` (the
+/// service restarted since init last called it) is followed by one more
+/// attempt only if the service runs: init must never wait for a restart
+/// that only init can make.
+pub fn lifecycle(
+    process: Handle,
+    client: &mut Client,
+    request: &LifecycleRequest,
+) -> Result<LifecycleReply, service_runtime::ipc::CallError> {
+    match client.call_once::<_, LifecycleReply>(request) {
+        Err(service_runtime::ipc::CallError::Sys(SysError::Dead))
+            if matches!(sys::process_status(process), Ok((0, _, _))) =>
+        {
+            client.call_once(request)
+        }
+        other => other,
+    }
+}
+
+/// Holds a service that faulted: it is not restarted, and it is ended, so
+/// that the kernel closes the endpoints it served and their callers fail at
+/// once (`NoServer`) instead of waiting for it.
+fn hold(s: &mut Running, name: &str) {
+    s.held = true;
+    s.held_faulted = true;
+    if let Err(e) = sys::kill(s.process) {
+        defmt::error!("init: cannot end held service {=str}: {}", name, e);
     }
 }
 

@@ -82,10 +82,12 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     let mut total = 0usize;
     let mut offset = 0u32;
     loop {
-        match sup.services[index]
-            .lifecycle
-            .call::<_, LifecycleReply>(&LifecycleRequest::Snapshot { offset })
-        {
+        let old = &mut sup.services[index];
+        match crate::supervise::lifecycle(
+            old.process,
+            &mut old.lifecycle,
+            &LifecycleRequest::Snapshot { offset },
+        ) {
             Ok(LifecycleReply::Chunk {
                 total: t,
                 bytes,
@@ -118,7 +120,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
         let end = (at + CHUNK).min(total);
         let mut bytes = BoundedVec::new();
         let _ = bytes.0.extend_from_slice(&state[at..end]);
-        match new.call::<_, LifecycleReply>(&LifecycleRequest::Restore {
+        match new.call_once::<_, LifecycleReply>(&LifecycleRequest::Restore {
             offset: at as u32,
             total: total as u32,
             bytes,
@@ -129,7 +131,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     });
     let resumed = restored.is_ok()
         && matches!(
-            new.call::<_, LifecycleReply>(&LifecycleRequest::Resume),
+            new.call_once::<_, LifecycleReply>(&LifecycleRequest::Resume),
             Ok(LifecycleReply::Done)
         );
     if !resumed {
@@ -138,9 +140,9 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
             name
         );
         let _ = sys::kill(process);
-        let _ = sup.services[index]
-            .lifecycle
-            .call::<_, LifecycleReply>(&LifecycleRequest::Resume);
+        let old = &mut sup.services[index];
+        let _ =
+            crate::supervise::lifecycle(old.process, &mut old.lifecycle, &LifecycleRequest::Resume);
         return Err(Refusal::SwapFailed);
     }
     // The old instance ends; the new one serves its endpoints from now on.

@@ -189,10 +189,29 @@ impl Client {
         &mut self,
         request: &Q,
     ) -> Result<R, CallError> {
+        self.call_attempts(request, 2)
+    }
+
+    /// [`Client::call`] without the second attempt: a server that died
+    /// (or restarted) is `Sys(Dead)` at once. For a supervisor calling a
+    /// service it supervises: a second attempt would wait for a restart
+    /// that only the caller can make.
+    pub fn call_once<Q: Serialize, R: for<'de> Deserialize<'de>>(
+        &mut self,
+        request: &Q,
+    ) -> Result<R, CallError> {
+        self.call_attempts(request, 1)
+    }
+
+    fn call_attempts<Q: Serialize, R: for<'de> Deserialize<'de>>(
+        &mut self,
+        request: &Q,
+        attempts: u32,
+    ) -> Result<R, CallError> {
         let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
-        for attempt in 0..2 {
+        for attempt in 0..attempts {
             if !self.bound {
                 self.bind()?;
             }
@@ -205,7 +224,7 @@ impl Client {
                         Err(_) => Err(CallError::BadReply),
                     };
                 }
-                Err(SysError::Dead) if attempt == 0 => {
+                Err(SysError::Dead) if attempt + 1 < attempts => {
                     defmt::info!(
                         "{=str}: the server of {=str} restarted; binding again",
                         crate::name(),
@@ -213,7 +232,12 @@ impl Client {
                     );
                     self.bound = false;
                 }
-                Err(e) => return Err(CallError::Sys(e)),
+                Err(e) => {
+                    if e == SysError::Dead {
+                        self.bound = false;
+                    }
+                    return Err(CallError::Sys(e));
+                }
             }
         }
         Err(CallError::Sys(SysError::Dead))

@@ -147,6 +147,28 @@ impl Vmm {
         v
     }
 
+    /// The domains it keeps devices for.
+    pub fn domains(&self) -> impl Iterator<Item = u16> + '_ {
+        self.domains.iter().map(|d| d.id)
+    }
+
+    /// Forgets the devices of `domain`, which has ended (what it left
+    /// unterminated on its console is sent on first): a domain id is given
+    /// again to the next domain created, which must get fresh devices, not
+    /// the old one's registers, count and unfinished line. Whether it had
+    /// any.
+    pub fn forget(&mut self, env: &mut impl Env, domain: u16) -> bool {
+        let Some(i) = self.domains.iter().position(|d| d.id == domain) else {
+            return false;
+        };
+        let mut d = self.domains.remove(i);
+        flush(env, &mut d);
+        if d.open_line {
+            env.console(d.id, b"\n");
+        }
+        true
+    }
+
     /// The console bytes of `domain` not yet sent to the log.
     pub fn pending_line(&self, domain: u16) -> &[u8] {
         self.domains

@@ -25,6 +25,9 @@ service_runtime::interfaces!(VMEXIT);
 struct System {
     domains: Handle,
     altp2m: Client,
+    /// The last call to altp2m failed (its failures are logged when this
+    /// changes, not once per hypercall a guest makes).
+    altp2m_failing: bool,
     features: u64,
 }
 
@@ -67,9 +70,19 @@ impl Env for System {
 
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         match self.altp2m.call::<_, AltReply>(request) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if core::mem::take(&mut self.altp2m_failing) {
+                    defmt::info!("vmm: the altp2m service answers again");
+                }
+                Some(r)
+            }
             Err(e) => {
-                defmt::warn!("vmm: the altp2m service did not answer: {}", e);
+                if !core::mem::replace(&mut self.altp2m_failing, true) {
+                    defmt::warn!(
+                        "vmm: the altp2m service did not answer ({}); guests' requests get ServiceUnavailable",
+                        e
+                    );
+                }
                 None
             }
         }
@@ -78,6 +91,8 @@ impl Env for System {
 
 struct Server {
     exits: Handle,
+    /// Signalled by the kernel when a domain ends.
+    domain_ends: Option<Handle>,
     /// The exit being handled (decoded in place).
     exit: ExitMessage,
     vmm: Vmm,
@@ -105,6 +120,21 @@ impl Service for Server {
         self.vmm.exit_encoded(&mut self.system, m, reply)
     }
 
+    fn notified(&mut self, slot: Handle, _bits: u64) {
+        if Some(slot) != self.domain_ends {
+            return;
+        }
+        let known: heapless::Vec<u16, { service_vmm::exits::DOMAINS }> =
+            self.vmm.domains().collect();
+        for id in known {
+            if !matches!(sys::domain_info(self.system.domains, id), Ok((0..=2, _, _)))
+                && self.vmm.forget(&mut self.system, id)
+            {
+                defmt::info!("vmm: domain {=u16} ended; its devices are freed", id);
+            }
+        }
+    }
+
     fn snapshot(&self) -> State {
         self.vmm.snapshot()
     }
@@ -123,6 +153,7 @@ fn main() -> ! {
     let system = System {
         domains: require("domains"),
         altp2m: Client::new(require("altp2m-guest"), ALTP2M),
+        altp2m_failing: false,
         features: sys::vm_features(),
     };
     defmt::info!(
@@ -130,11 +161,24 @@ fn main() -> ! {
         service_vmm::exits::VERSION,
         service_runtime::generation()
     );
+    let domain_ends = service_runtime::handle("domain-ends");
+    if let Some(n) = domain_ends
+        && let Err(e) = sys::domain_watch(system.domains, n, 1)
+    {
+        defmt::error!(
+            "vmm: cannot watch domains ({}); devices of ended domains stay",
+            e
+        );
+    }
     let mut server = Server {
         exits,
+        domain_ends,
         exit: ExitMessage::default(),
         vmm: Vmm::default(),
         system,
     };
-    ipc::serve(&mut server, 1 << exits)
+    ipc::serve(
+        &mut server,
+        (1 << exits) | domain_ends.map_or(0, |n| 1 << n),
+    )
 }

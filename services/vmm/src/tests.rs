@@ -152,6 +152,36 @@ fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
 }
 
 #[test]
+fn a_domain_that_ended_is_forgotten_and_its_id_starts_with_fresh_devices() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let info = |vmm: &mut Vmm, env: &mut Fake| {
+        let regs = ExitRegs {
+            rax: HC_SERVICE_INFO,
+            ..ExitRegs::default()
+        };
+        vmm.exit(env, &exit(ExitKind::Hypercall, regs))
+            .regs
+            .unwrap()
+            .rbx
+    };
+    info(&mut vmm, &mut env);
+    for b in b"secret" {
+        out(&mut vmm, &mut env, COM1, *b);
+    }
+    assert_eq!(vmm.domains().collect::<Vec<_>>(), [3]);
+    // Domain 3 ended (crashed in mid-line): its line is sent on, ended.
+    assert!(vmm.forget(&mut env, 3));
+    assert_eq!(env.lines, [(3, b"secret".to_vec()), (3, b"\n".to_vec())]);
+    assert!(!vmm.forget(&mut env, 3));
+    // The next domain given id 3 starts from nothing: nothing of the old
+    // one's line reaches its output, and its count starts again.
+    assert_eq!(vmm.pending_line(3), b"");
+    assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 1);
+    out(&mut vmm, &mut env, COM1, b'\n');
+    assert_eq!(env.lines[2], (3, b"\n".to_vec()));
+}
+
+#[test]
 fn a_long_line_is_logged_in_pieces_and_nothing_is_lost() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     let text: Vec<u8> = (0..300).map(|i| b'a' + (i % 26) as u8).collect();

@@ -26,10 +26,31 @@
 //! query is not. With nobody to watch it (the image booted without `cargo
 //! hv run`, e.g. on hardware), it gives up after `wait=S` seconds (default
 //! 60; the TSC frequency from CPUID leaf 0x40000010), says so and exits 3.
+//!
+//! Command line `flood` (issue 9, point 1): a hostile agent. It makes
+//! change_gfns (every gfn of RAM from 8 MiB up, in one view after another)
+//! until the altp2m service refuses one, which must be `QuotaExceeded` at
+//! exactly the quota it names; frees one and makes one more; then creates
+//! views until refused, which must be `QuotaExceeded` for views. Prints
+//! `agent: flood: refused at its quotas` and exits 0, or `FAIL: ...` and 1.
+//!
+//! Command line `unavailable`: asks the altp2m service for its mode over and
+//! over (printing `agent: N answers` every 100) until a request fails, which
+//! must be at once and with `ServiceUnavailable` (the service is held);
+//! the view-switch hypercall must then be refused too. Exits 0.
+//!
+//! Command line `restart` (issue 9, point 7): remaps A to B's frame in a new
+//! view and runs in it, makes its page W2 read-only in the host p2m, and
+//! prints `restart: ready` with the view and the gfn of W. It waits until
+//! the host has made W read-execute in that view (as an external agent, with
+//! the `pause` policy), writes W (the vCPU waits, no listener being
+//! attached), and when the write goes through (altp2m started again) checks
+//! that the service's new, empty model is what the guest sees: in view 0,
+//! W and W2 writable, A its own page, the old view gone, and new views work.
 #![no_std]
 #![no_main]
 
-use guest_runtime::abi::{Access, HcError, Mode, Reply, Request, Status};
+use guest_runtime::abi::{Access, HcError, Mode, Quota, Reply, Request, Status};
 use guest_runtime::hypercall::{self, HelperError, call, call_done, get_entry};
 use guest_runtime::{MultibootInfo, Pages, println, view_switch, vmfunc_switch};
 
@@ -38,6 +59,7 @@ guest_runtime::entry!(main);
 static A: Pages<1> = Pages::new();
 static B: Pages<1> = Pages::new();
 static W: Pages<1> = Pages::new();
+static W2: Pages<1> = Pages::new();
 static NEVER: Pages<1> = Pages::new();
 const MARK_A: u64 = 0xaaaa_0000_0000_000a;
 const MARK_B: u64 = 0xbbbb_0000_0000_000b;
@@ -93,7 +115,246 @@ fn main(info: &MultibootInfo) -> u32 {
         let limited = cmdline.split(' ').any(|w| w == "limited");
         return watch(n, limited, arg(cmdline, "wait").unwrap_or(60));
     }
+    let has = |word: &str| cmdline.split(' ').any(|w| w == word);
+    if has("flood") {
+        return flood(info);
+    }
+    if has("unavailable") {
+        return unavailable();
+    }
+    if has("restart") {
+        return restart();
+    }
     checks(info)
+}
+
+/// The first gfn the flood remaps (RAM the guest does not use otherwise).
+const FLOOD_BASE: u64 = 0x800;
+
+/// The gfn past the end of the guest's RAM.
+fn ram_end(info: &MultibootInfo) -> u64 {
+    info.memory_map()
+        .iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
+        / 4096
+}
+
+fn flood(info: &MultibootInfo) -> u32 {
+    let end = ram_end(info);
+    let mut views = 0u32;
+    let mut v = 0;
+    let mut gfn = end;
+    let mut n = 0u64;
+    let refused = loop {
+        if gfn == end {
+            // Every gfn remapped in this view: on in a new one.
+            match hypercall::view_create() {
+                Ok(next) => (v, gfn, views) = (next, FLOOD_BASE, views + 1),
+                Err(e) => break e,
+            }
+        }
+        match call_done(&Request::ChangeGfn {
+            view: v,
+            gfn,
+            to: Some(FLOOD_BASE),
+        }) {
+            Ok(()) if n < 1_000_000 => (n, gfn) = (n + 1, gfn + 1),
+            Ok(()) => return fatal("flood", "a million change_gfns and never refused"),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: flood: {n} change_gfns accepted in {views} view(s), then {refused}");
+    match refused.hc_error() {
+        Some(HcError::QuotaExceeded {
+            what: Quota::Settings,
+            limit,
+        }) if u64::from(limit) == n => {}
+        _ => return fatal("the refusal", "not QuotaExceeded at the quota it names"),
+    }
+    // The quota counts what the domain keeps: freeing one makes room for one.
+    let freed = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn: FLOOD_BASE,
+        to: None,
+    });
+    let again = call_done(&Request::ChangeGfn {
+        view: v,
+        gfn,
+        to: Some(FLOOD_BASE),
+    });
+    if freed.is_err() || again.is_err() {
+        return fatal(
+            "free one, make one",
+            format_args!("{freed:?}, then {again:?}"),
+        );
+    }
+    println!("agent: flood: one freed, one more accepted");
+    let refused = loop {
+        match hypercall::view_create() {
+            Ok(_) if views < 1000 => views += 1,
+            Ok(_) => return fatal("flood", "1000 views and never refused"),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: flood: {views} views, then {refused}");
+    match refused.hc_error() {
+        Some(HcError::QuotaExceeded {
+            what: Quota::Views,
+            limit,
+        }) if limit == views => {}
+        _ => return fatal("the refusal", "not QuotaExceeded at the quota it names"),
+    }
+    println!("agent: flood: refused at its quotas");
+    0
+}
+
+fn unavailable() -> u32 {
+    println!("agent: asking altp2m until it is unavailable");
+    let mut answers = 0u64;
+    let refused = loop {
+        match call(&Request::GetMode) {
+            Ok(Reply::Mode(_)) => {
+                answers += 1;
+                if answers.is_multiple_of(100) {
+                    println!("agent: {answers} answers");
+                }
+                if answers > 100_000_000 {
+                    return fatal("unavailable", "altp2m never became unavailable");
+                }
+                pause();
+            }
+            Ok(other) => return fatal("GetMode", format_args!("{other:?}")),
+            Err(e) => break e,
+        }
+    };
+    println!("agent: altp2m unavailable after {answers} answers: {refused}");
+    if refused != hypercall::CallError::Refused(Some(HcError::ServiceUnavailable)) {
+        return fatal("the refusal", "not ServiceUnavailable");
+    }
+    let switched = view_switch(1);
+    if switched != Status::Refused {
+        return fatal("view_switch", format_args!("{switched:?}, not Refused"));
+    }
+    println!("agent: the view-switch hypercall is refused too; done");
+    0
+}
+
+fn restart() -> u32 {
+    let mut c = Checks(0);
+    A.write_u64(0, 0, MARK_A);
+    B.write_u64(0, 0, MARK_B);
+    W2.write_u64(0, 0, 1);
+    let (a, b, w, w2) = (A.gfn(0), B.gfn(0), W.gfn(0), W2.gfn(0));
+    let v = match hypercall::view_create() {
+        Ok(v) => v,
+        Err(e) => return fatal("ViewCreate", e),
+    };
+    let setup = [
+        Request::ChangeGfn {
+            view: v,
+            gfn: a,
+            to: Some(b),
+        },
+        Request::SetAccess {
+            view: 0,
+            gfn: w2,
+            access: Access::R,
+        },
+    ];
+    for r in &setup {
+        if let Err(e) = call_done(r) {
+            return fatal("setup", format_args!("{r:?}: {e}"));
+        }
+    }
+    if view_switch(v) != Status::Ok {
+        return fatal("view_switch", v);
+    }
+    c.check(
+        A.read_u64(0, 0) == MARK_B,
+        format_args!("A reads B's marker in view {v}"),
+    );
+    println!("agent: restart: ready (view {v}, gfn {w:#x} to watch)");
+    // The host makes W read-execute in the view, as an external agent.
+    let mut polls = 0u64;
+    loop {
+        match call(&Request::GetAccess { view: v, gfn: w }) {
+            Ok(Reply::Access(Access::RX)) => break,
+            Ok(_) if polls < 10_000_000 => {
+                polls += 1;
+                pause();
+            }
+            other => return fatal("GetAccess", format_args!("{other:?}")),
+        }
+    }
+    println!("agent: writing gfn {w:#x}, which the host made r-x in view {v}");
+    W.write_u64(0, 0, 0x5eed);
+    // The vCPU waited (no listener) until altp2m started again, which
+    // forgot the restriction along with the view: the write went through.
+    let now = hypercall::view_current();
+    println!("agent: the write to gfn {w:#x} went through; now in view {now:?}");
+    c.check(now == Ok(0), format_args!("back in view 0: {now:?}"));
+    c.check(
+        W.read_u64(0, 0) == 0x5eed,
+        format_args!("W holds what was written"),
+    );
+    // W2 was read-only in the host p2m before the restart; the new model
+    // knows nothing of it, and neither do the tables any more.
+    W2.write_u64(0, 0, 2);
+    c.check(true, format_args!("gfn {w2:#x} written after the restart"));
+    for (g, raw) in [(w2, false), (w2, true)] {
+        let e = get_entry(0, g, raw);
+        c.check(
+            matches!(e, Ok(e) if e.access == Access::RWX),
+            format_args!(
+                "the {} entry of gfn {g:#x} in view 0 is rwx: {e:?}",
+                if raw { "raw" } else { "effective" }
+            ),
+        );
+    }
+    c.check(
+        A.read_u64(0, 0) == MARK_A,
+        format_args!("A reads its own marker in view 0"),
+    );
+    c.refused(
+        &Request::SetAccess {
+            view: v,
+            gfn: w,
+            access: Access::R,
+        },
+        HcError::NoSuchView { view: v },
+    );
+    // And views work again.
+    let x = match hypercall::view_create() {
+        Ok(x) => x,
+        Err(e) => return fatal("ViewCreate after the restart", e),
+    };
+    let r = call_done(&Request::ChangeGfn {
+        view: x,
+        gfn: a,
+        to: Some(b),
+    });
+    c.check(r.is_ok(), format_args!("ChangeGfn in new view {x}: {r:?}"));
+    let through = if view_switch(x) == Status::Ok {
+        let m = A.read_u64(0, 0);
+        view_switch(0);
+        m
+    } else {
+        0
+    };
+    c.check(
+        through == MARK_B,
+        format_args!("A reads B's marker through new view {x}: {through:#x}"),
+    );
+    if c.0 == 0 {
+        println!("agent: restart checks passed");
+        0
+    } else {
+        println!("agent: {} restart checks failed", c.0);
+        1
+    }
 }
 
 fn checks(info: &MultibootInfo) -> u32 {
@@ -217,14 +478,7 @@ fn checks(info: &MultibootInfo) -> u32 {
     );
 
     // Bad input: each refused with its reason.
-    let ram_pages = info
-        .memory_map()
-        .iter()
-        .filter(|r| r.is_available())
-        .map(|r| r.end())
-        .max()
-        .unwrap_or(0)
-        / 4096;
+    let ram_pages = ram_end(info);
     c.refused(
         &Request::SetAccess {
             view: 77,
