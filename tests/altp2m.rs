@@ -229,7 +229,6 @@ fn a_flooding_guest_is_refused_at_its_quotas_and_a_benign_one_runs_on() {
         // The kernel tells the services when a domain ends; they free what
         // they kept for it (the first to end: the last halts the system).
         .expect_from("altp2m", "ended; its records are freed")
-        .expect_from("vmm", "ended; its devices are freed")
         .expect_no("faulted")
         .expect_no("crashed")
         .expect_status(HaltStatus::Success);

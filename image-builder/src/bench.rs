@@ -38,7 +38,6 @@ name = "vmm"
 handles = [
     { name = "exits", endpoint = "exits", rights = ["receive"] },
     { name = "altp2m-guest", endpoint = "altp2m-guest", rights = ["call"] },
-    { name = "domain-ends", notification = "vmm-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "write", "vcpus"] },
 ]
 

@@ -261,6 +261,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
             o.varint(qualification)
         }
         ExitKind::MonitorTrap => o.byte(12),
+        ExitKind::Start => o.byte(13),
     }
 }
 
@@ -323,6 +324,7 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
             }
         }
         12 => *out = ExitKind::MonitorTrap,
+        13 => *out = ExitKind::Start,
         _ => return None,
     }
     Some(())
@@ -672,6 +674,7 @@ mod tests {
                 qualification
             }),
             Just(ExitKind::MonitorTrap),
+            Just(ExitKind::Start),
         ]
     }
 

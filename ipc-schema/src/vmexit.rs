@@ -189,6 +189,11 @@ pub enum ExitKind {
     /// The vCPU ran the one instruction its handler asked to step (a reply
     /// with `step`); sent to the endpoint that asked.
     MonitorTrap,
+    /// The vCPU is about to run its first instruction (sent once, to its
+    /// exit handler): whatever the handler keeps for the domain starts
+    /// afresh (a domain id serves again once its domain is destroyed). The
+    /// answer resumes without advancing.
+    Start,
 }
 
 /// One exit of one vCPU.

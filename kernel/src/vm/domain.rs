@@ -48,6 +48,8 @@ pub struct Domain {
     /// When its vCPU's time slice ends (TSC), while others wait; 0: no
     /// slice running.
     pub slice_end: u64,
+    /// Its exit handler heard that the vCPU starts (`ExitKind::Start`).
+    pub started: bool,
 }
 
 /// Why a domain operation was refused.
@@ -101,6 +103,7 @@ impl Domain {
             pending: None,
             pending_raw: None,
             slice_end: 0,
+            started: false,
         })
     }
 

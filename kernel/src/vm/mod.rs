@@ -165,6 +165,16 @@ pub fn run_vcpu(k: &mut Kernel, slot: u16) {
             exits::crash(k, slot, None);
             return;
         }
+        if !d.started {
+            // Before its first instruction the exit handler hears that the
+            // vCPU starts: whatever it kept for an earlier domain of this id
+            // goes.
+            d.started = true;
+            d.pending_raw = Some(RawExit::START);
+            crate::sys::fastpath::exit(k, slot);
+            exits::to_handler(k, slot);
+            return;
+        }
         if !run_loaded(k, slot, others_waiting) {
             return;
         }

@@ -115,6 +115,9 @@ pub struct Vcpu {
     virtual_apic: Option<u64>,
 }
 
+/// The reason [`RawExit::START`] carries (basic exit reasons end below 80).
+const START_REASON: u16 = 0xfffe;
+
 /// How one entry ended: the VMCS exit-reason field (basic reason in bits
 /// 15:0, VM-entry failure in bit 31), or [`RawExit::VMX_FAILED`] when the
 /// VMLAUNCH/VMRESUME instruction itself failed (the error is in
@@ -125,6 +128,9 @@ pub struct RawExit(u32);
 
 impl RawExit {
     pub const VMX_FAILED: RawExit = RawExit(u32::MAX);
+    /// Not an exit of the CPU's: the vCPU is about to run for the first
+    /// time ([`ExitKind::Start`]); its "reason" is none the CPU reports.
+    pub const START: RawExit = RawExit(START_REASON as u32);
 
     #[inline(always)]
     pub fn reason(self) -> u16 {
@@ -491,6 +497,7 @@ impl Vcpu {
                     }
                 }
                 r::HLT => *out = ExitKind::Hlt,
+                START_REASON => *out = ExitKind::Start,
                 r::MONITOR_TRAP_FLAG => *out = ExitKind::MonitorTrap,
                 // The #DB of a trap-flag step (exception bitmap bit 1 is set
                 // only for one).
@@ -561,14 +568,18 @@ impl Vcpu {
     /// `response.then`.
     #[inline]
     pub fn apply(&mut self, response: &Response) {
-        if response.advance {
+        // Before the first entry (the `Start` exit) there is no instruction
+        // to skip.
+        if response.advance && self.launched {
             self.skip_instruction();
         }
         match response.inject {
             Some(Inject::Exception { vector, error_code }) => {
                 self.inject_exception(vector, error_code)
             }
-            None => self.reinject_interrupted_event(),
+            // Before the first entry no event was under way.
+            None if self.launched => self.reinject_interrupted_event(),
+            None => {}
         }
     }
 

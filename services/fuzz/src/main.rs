@@ -341,7 +341,9 @@ impl Fuzzer {
                 }),
                 out,
             ),
-            Some((ExitKind::MonitorTrap, _)) => encode_answer(&Response::RETRY, None, out),
+            Some((ExitKind::MonitorTrap | ExitKind::Start, _)) => {
+                encode_answer(&Response::RETRY, None, out)
+            }
             Some((_, regs)) if self.rng.chance(25) => {
                 encode_answer(&Response::DONE, Some(&regs), out)
             }

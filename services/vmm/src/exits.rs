@@ -336,6 +336,17 @@ impl Vmm {
             // A single step asked for by someone else (the altp2m service
             // receives its own): nothing to do but go on.
             ExitKind::MonitorTrap => Response::RETRY,
+            // A new domain: fresh devices, whatever a domain of this id had.
+            ExitKind::Start => {
+                if self.forget(env, id) {
+                    defmt::info!(
+                        "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
+                        id,
+                        id
+                    );
+                }
+                Response::RETRY
+            }
             ExitKind::EptMisconfig { gpa } => {
                 defmt::error!(
                     "domain {=u16}: EPT misconfiguration at GPA {=u64:#x} in view {=u16}",

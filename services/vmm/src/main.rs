@@ -91,8 +91,6 @@ impl Env for System {
 
 struct Server {
     exits: Handle,
-    /// Signalled by the kernel when a domain ends.
-    domain_ends: Option<Handle>,
     /// The exit being handled (decoded in place).
     exit: ExitMessage,
     vmm: Vmm,
@@ -118,21 +116,6 @@ impl Service for Server {
             return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
         };
         self.vmm.exit_encoded(&mut self.system, m, reply)
-    }
-
-    fn notified(&mut self, slot: Handle, _bits: u64) {
-        if Some(slot) != self.domain_ends {
-            return;
-        }
-        let known: heapless::Vec<u16, { service_vmm::exits::DOMAINS }> =
-            self.vmm.domains().collect();
-        for id in known {
-            if !matches!(sys::domain_info(self.system.domains, id), Ok((0..=2, _, _)))
-                && self.vmm.forget(&mut self.system, id)
-            {
-                defmt::info!("vmm: domain {=u16} ended; its devices are freed", id);
-            }
-        }
     }
 
     fn snapshot(&self) -> State {
@@ -161,24 +144,14 @@ fn main() -> ! {
         service_vmm::exits::VERSION,
         service_runtime::generation()
     );
-    let domain_ends = service_runtime::handle("domain-ends");
-    if let Some(n) = domain_ends
-        && let Err(e) = sys::domain_watch(system.domains, n, 1)
-    {
-        defmt::error!(
-            "vmm: cannot watch domains ({}); devices of ended domains stay",
-            e
-        );
-    }
     let mut server = Server {
         exits,
-        domain_ends,
         exit: ExitMessage::default(),
         vmm: Vmm::default(),
         system,
     };
-    ipc::serve(
-        &mut server,
-        (1 << exits) | domain_ends.map_or(0, |n| 1 << n),
-    )
+    // Only the exits: a domain's devices start afresh with its vCPU's
+    // `Start` exit, so no notification of ended domains waits beside them
+    // (each handle in the mask is checked on every exit's answer).
+    ipc::serve(&mut server, 1 << exits)
 }
