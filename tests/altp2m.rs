@@ -309,3 +309,22 @@ fn after_a_restart_altp2m_resets_the_views_it_cannot_account_for() {
         "the guest failed a check"
     );
 }
+
+/// Issue 9, point 8: memory the hypervisor reads and writes on a guest's
+/// behalf (the request hypercall's page) is reached through the view the
+/// guest runs in: refused where the view makes it read-only (the page
+/// unchanged), and the frame change_gfn puts there where it remaps it.
+#[test]
+fn the_hypervisor_reaches_a_request_page_through_the_guests_view() {
+    let run = boot(&agent("agent-viewpage", "viewpage"), Machine::Bochs, |_| {});
+    run.expect_console(
+        1,
+        "read-only in the view is refused (BadAddress), the page unchanged",
+    )
+    .expect_console(
+        1,
+        "a remapped request page is read and answered in the frame",
+    )
+    .expect_console(1, "agent: viewpage: ok")
+    .expect_status(HaltStatus::Success);
+}

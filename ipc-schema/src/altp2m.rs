@@ -34,6 +34,14 @@ pub enum AltRequest {
         vcpu: u16,
         request: Request,
     },
+    /// What the page `gfn` of `domain` is to a guest running in `view`:
+    /// the frame it reaches there (a change_gfn remaps it) and the access
+    /// the view gives it. The vmm asks before it reads a hypercall's
+    /// request page and writes its reply: memory the hypervisor touches on
+    /// the guest's behalf is touched as the guest would, through its view
+    /// (only on the `altp2m-guest` endpoint). Answered with
+    /// [`AltReply::Page`], or `Reply(Reply::Error(..))`.
+    GuestPage { domain: u16, view: u16, gfn: u64 },
     /// An external agent's request (the host, another service).
     External { domain: u16, request: Request },
     /// Sets the domain's mode (external agents and the supervisor).
@@ -112,6 +120,13 @@ pub enum AltReply {
     /// The request was refused: why (an altp2m error, or the mode).
     Refused(AltError),
     Pong,
+    /// A page as a guest in a view sees it ([`AltRequest::GuestPage`]):
+    /// the frame (as the gfn that owns it in the host p2m; `None`: not
+    /// mapped in the view) and the view's access.
+    Page {
+        frame_gfn: Option<u64>,
+        access: Access,
+    },
 }
 
 /// Why a request other than a view operation was refused.

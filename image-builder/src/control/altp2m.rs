@@ -162,6 +162,13 @@ pub fn describe_reply(r: &AltReply) -> String {
         }
         AltReply::Refused(e) => format!("refused: {}", describe_alt_error(e, u16::MAX)),
         AltReply::Pong => "Pong".into(),
+        AltReply::Page { frame_gfn, access } => match frame_gfn {
+            Some(f) => format!(
+                "frame of gfn {f:#x}, {}",
+                access_letters(access.read, access.write, access.execute)
+            ),
+            None => "not mapped".into(),
+        },
     }
 }
 

@@ -171,11 +171,25 @@ impl Server {
         let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
         match request {
             AltRequest::Ping => AltReply::Pong,
-            AltRequest::Guest { .. } if !guest_endpoint => {
+            AltRequest::Guest { .. } | AltRequest::GuestPage { .. } if !guest_endpoint => {
                 AltReply::Refused(AltError::WrongEndpoint)
             }
-            _ if guest_endpoint && !matches!(request, AltRequest::Guest { .. }) => {
+            _ if guest_endpoint
+                && !matches!(
+                    request,
+                    AltRequest::Guest { .. } | AltRequest::GuestPage { .. }
+                ) =>
+            {
                 AltReply::Refused(AltError::WrongEndpoint)
+            }
+            AltRequest::GuestPage { domain, view, gfn } => {
+                match self.alt.guest_page(&mut self.system, domain, view, gfn) {
+                    Ok(e) => AltReply::Page {
+                        frame_gfn: e.frame_gfn,
+                        access: e.access,
+                    },
+                    Err(e) => AltReply::Reply(ipc_schema::hypercall::Reply::Error(e)),
+                }
             }
             AltRequest::Guest {
                 domain,

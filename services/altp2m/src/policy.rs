@@ -452,6 +452,34 @@ impl Altp2m {
         self.domains.entry(id).or_default()
     }
 
+    /// Page `gfn` of `domain` as a guest running in `view` sees it: the
+    /// effective entry (the host p2m with the view's settings, ALT-8). For
+    /// the hypervisor's reads and writes on the guest's behalf (the
+    /// hypercall's request page), which go where the guest's own would.
+    pub fn guest_page(
+        &self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+    ) -> Result<Entry, HcError> {
+        let pages = k.domain_info(domain).map_or(0, |(_, pages)| pages);
+        if gfn >= pages {
+            return Err(HcError::BadGfn { gfn });
+        }
+        match self.domains.get(&domain) {
+            Some(d) if d.views.contains_key(&view) => Ok(d.effective(view, gfn)),
+            Some(_) => Err(HcError::NoSuchView { view }),
+            // Nothing set for the domain: its host p2m, as built.
+            None if view == 0 => Ok(Entry {
+                frame_gfn: Some(gfn),
+                access: ALL,
+                suppress_ve: true,
+            }),
+            None => Err(HcError::NoSuchView { view }),
+        }
+    }
+
     /// Forgets a domain that ended: its records go (its id may be given
     /// to a new domain, which must start from nothing). Whether it had any.
     pub fn forget(&mut self, id: u16) -> bool {

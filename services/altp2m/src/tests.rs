@@ -1603,3 +1603,46 @@ fn one_domain_at_its_quotas_takes_at_most_its_share_of_the_heap() {
         );
     }
 }
+
+/// Issue 9, point 8: a page as a guest in a view sees it, for the
+/// hypervisor's reads and writes on its behalf: the view's access, the
+/// frame a change_gfn puts there, the host p2m's for view 0; refusals for
+/// a view that does not exist or a gfn outside RAM.
+#[test]
+fn a_page_is_what_the_guest_sees_in_its_view() {
+    let mut r = Rig::new();
+    let page = |r: &mut Rig, view: u16, gfn: u64| r.alt.guest_page(&mut r.k, D, view, gfn);
+    // Nothing set yet: the host p2m as built.
+    let e = page(&mut r, 0, 5).unwrap();
+    assert_eq!((e.frame_gfn, e.access), (Some(5), Access::RWX));
+    let v = r.view();
+    r.guest(Request::SetAccess {
+        view: v,
+        gfn: 4,
+        access: R,
+    });
+    r.guest(Request::ChangeGfn {
+        view: v,
+        gfn: 6,
+        to: Some(7),
+    });
+    assert_eq!(page(&mut r, v, 4).unwrap().access, R);
+    assert_eq!(page(&mut r, 0, 4).unwrap().access, Access::RWX);
+    assert_eq!(page(&mut r, v, 6).unwrap().frame_gfn, Some(7));
+    assert_eq!(page(&mut r, 0, 6).unwrap().frame_gfn, Some(6));
+    // The host p2m's restriction shows in every view.
+    r.host(Request::SetAccess {
+        view: 0,
+        gfn: 5,
+        access: Access::RX,
+    });
+    assert_eq!(page(&mut r, v, 5).unwrap().access, Access::RX);
+    assert_eq!(
+        page(&mut r, 9, 5).unwrap_err(),
+        HcError::NoSuchView { view: 9 }
+    );
+    assert!(matches!(
+        page(&mut r, 0, u64::MAX),
+        Err(HcError::BadGfn { .. })
+    ));
+}

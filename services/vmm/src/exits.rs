@@ -573,6 +573,14 @@ fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
 /// The request hypercall: a postcard [`Request`] in guest memory, answered
 /// with a [`Reply`] in the same place. Requests are untrusted: the address
 /// must be guest RAM within one page and the bytes must decode exactly.
+///
+/// The page is read and written as the guest would, through the view its
+/// vCPU was in when it made the call (the altp2m service says what that is,
+/// [`AltRequest::GuestPage`]): where the view remaps the gfn (change_gfn),
+/// the frame the guest sees there; where the view does not let the guest
+/// read and write it, the call is refused (`BadAddress`) and nothing is
+/// written. When the altp2m service cannot answer, the refusal
+/// (`ServiceUnavailable`) is written through the host p2m.
 fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     let (gpa, len) = (regs.rbx, regs.rcx);
     if len > MAX_REQUEST as u64 {
@@ -582,6 +590,31 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     if (gpa % PAGE) as usize + len > PAGE as usize {
         return Status::BadAddress;
     }
+    let page = env.altp2m(&AltRequest::GuestPage {
+        domain: exit.domain,
+        view: exit.view,
+        gfn: gpa / PAGE,
+    });
+    let gpa = match page {
+        Some(AltReply::Page {
+            frame_gfn: Some(frame),
+            access,
+        }) if access.read && access.write => frame * PAGE + gpa % PAGE,
+        Some(_) => return Status::BadAddress,
+        None => {
+            let reply = Reply::Error(HcError::ServiceUnavailable);
+            let mut out = [0u8; 16];
+            let Ok(bytes) = postcard::to_slice(&reply, &mut out) else {
+                return Status::Refused;
+            };
+            if (gpa % PAGE) as usize + bytes.len() <= PAGE as usize
+                && env.write_guest(exit.domain, gpa, bytes)
+            {
+                regs.rbx = bytes.len() as u64;
+            }
+            return Status::Refused;
+        }
+    };
     let mut buf = [0u8; MAX_REQUEST];
     if !env.read_guest(exit.domain, gpa, &mut buf[..len]) {
         return Status::BadAddress;

@@ -22,6 +22,10 @@ struct Fake {
     asked: Vec<AltRequest>,
     altp2m_down: bool,
     tsc: u64,
+    /// What the altp2m service says of a page in a view, where the
+    /// default (the gfn itself, rwx) does not hold: (view, gfn) -> (frame,
+    /// access).
+    pages: std::collections::BTreeMap<(u16, u64), (Option<u64>, ipc_schema::hypercall::Access)>,
 }
 
 impl Env for Fake {
@@ -66,11 +70,22 @@ impl Env for Fake {
         }
     }
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
-        self.asked.push(request.clone());
         self.tsc += 500;
         if self.altp2m_down {
             return None;
         }
+        if let AltRequest::GuestPage { view, gfn, .. } = *request {
+            if gfn * 4096 >= self.memory.len() as u64 {
+                return Some(AltReply::Reply(Reply::Error(HcError::BadGfn { gfn })));
+            }
+            let (frame_gfn, access) = self
+                .pages
+                .get(&(view, gfn))
+                .copied()
+                .unwrap_or((Some(gfn), ipc_schema::hypercall::Access::RWX));
+            return Some(AltReply::Page { frame_gfn, access });
+        }
+        self.asked.push(request.clone());
         Some(match request {
             AltRequest::Ping => AltReply::Pong,
             AltRequest::Guest {
@@ -617,4 +632,53 @@ fn a_guest_repeating_a_refused_instruction_is_logged_sparingly() {
     assert!(logged[..8].iter().all(|&(_, s)| s == 0));
     assert_eq!(logged[8], (8 + 1024, 1023));
     assert!(logged[8..].iter().all(|&(_, s)| s == 1023));
+}
+
+/// Issue 9, point 8: the request page is read and written as the guest
+/// would, through the view it runs in: a view that makes it read-only gets
+/// the call refused with nothing written; a view that remaps it
+/// (change_gfn) gets the reply in the frame the guest sees there.
+#[test]
+fn request_pages_are_reached_through_the_callers_view() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let view_create = Request::ViewCreate {
+        default_access: None,
+    };
+    let in_view = |view: u16, regs: ExitRegs| {
+        let mut m = exit(ExitKind::Hypercall, regs);
+        m.exit.view = view;
+        m
+    };
+    // Read-only in view 2: refused, the page untouched, altp2m not asked
+    // to act.
+    let regs = request_at(&mut env, 0x1100, &view_create);
+    env.pages
+        .insert((2, 1), (Some(1), ipc_schema::hypercall::Access::R));
+    let before = env.memory.clone();
+    let r = vmm.exit(&mut env, &in_view(2, regs));
+    assert_eq!(r.regs.unwrap().rax, Status::BadAddress as u64);
+    assert_eq!(env.memory, before);
+    assert!(env.asked.is_empty());
+    // The same page in view 0: answered.
+    let r = vmm.exit(&mut env, &in_view(0, regs));
+    assert_eq!(r.regs.unwrap().rax, Status::Ok as u64);
+    // Remapped in view 3 to the frame of gfn 2: the request is read there
+    // and the reply written there; gfn 1's own frame is untouched.
+    env.memory = std::vec![0; 3 * 4096];
+    let n = postcard::to_slice(&view_create, &mut env.memory[0x2100..])
+        .unwrap()
+        .len();
+    env.pages
+        .insert((3, 1), (Some(2), ipc_schema::hypercall::Access::RWX));
+    let regs = ExitRegs {
+        rax: HC_CALL,
+        rbx: 0x1100,
+        rcx: n as u64,
+        ..ExitRegs::default()
+    };
+    let r = vmm.exit(&mut env, &in_view(3, regs)).regs.unwrap();
+    assert_eq!(r.rax, Status::Ok as u64);
+    let reply: Reply = postcard::from_bytes(&env.memory[0x2100..0x2100 + r.rbx as usize]).unwrap();
+    assert_eq!(reply, Reply::View(1));
+    assert!(env.memory[0x1000..0x2000].iter().all(|&b| b == 0));
 }

@@ -47,6 +47,13 @@
 //! attached), and when the write goes through (altp2m started again) checks
 //! that the service's new, empty model is what the guest sees: in view 0,
 //! W and W2 writable, A its own page, the old view gone, and new views work.
+//!
+//! Command line `viewpage` (issue 9, point 8): the hypervisor reaches the
+//! hypercall's request page as the guest does, through its view. In a view
+//! where the page is read-only, a request hypercall is refused with
+//! `BadAddress` and the page is unchanged; in a view where change_gfn puts
+//! another frame at the page's gfn, the request is read from and the reply
+//! written to that frame. Prints `agent: viewpage: ok` and exits 0.
 #![no_std]
 #![no_main]
 
@@ -124,6 +131,9 @@ fn main(info: &MultibootInfo) -> u32 {
     }
     if has("restart") {
         return restart();
+    }
+    if has("viewpage") {
+        return viewpage();
     }
     checks(info)
 }
@@ -651,5 +661,88 @@ fn watch(n: u64, limited: bool, wait: u64) -> u32 {
         Err(e) => return fatal("ViewCurrent in limited mode", e),
     }
     println!("agent: done");
+    0
+}
+
+fn viewpage() -> u32 {
+    let vmfunc = match hypercall::capabilities() {
+        Ok(c) => c.vmfunc,
+        Err(e) => return fatal("Capabilities", e),
+    };
+    let page = hypercall::request_page_gfn();
+    let (Ok(ro), Ok(remap)) = (hypercall::view_create(), hypercall::view_create()) else {
+        return fatal("ViewCreate", "refused");
+    };
+    for v in [ro, remap] {
+        if vmfunc
+            && let Err(e) = call_done(&Request::ViewSetVisible {
+                view: v,
+                visible: true,
+            })
+        {
+            return fatal("ViewSetVisible", e);
+        }
+    }
+    if let Err(e) = call_done(&Request::SetAccess {
+        view: ro,
+        gfn: page,
+        access: Access::R,
+    }) {
+        return fatal("SetAccess", e);
+    }
+    if let Err(e) = call_done(&Request::ChangeGfn {
+        view: remap,
+        gfn: page,
+        to: Some(B.gfn(0)),
+    }) {
+        return fatal("ChangeGfn", e);
+    }
+    // Read-only in `ro`: the request is put in the page from view 0 (the
+    // guest could not write it in `ro`), then made from `ro`: refused,
+    // nothing written.
+    let gpa = page << 12;
+    let mut bytes = [0u8; 16];
+    let Ok(req) = postcard::to_slice(&Request::GetMode, &mut bytes) else {
+        return fatal("encoding", "GetMode");
+    };
+    let len = req.len();
+    // Safety: the request page is this guest's, identity-mapped, and no
+    // `call` runs meanwhile.
+    unsafe { core::ptr::copy_nonoverlapping(req.as_ptr(), gpa as *mut u8, len) };
+    let before = unsafe { core::ptr::read_volatile(gpa as *const [u8; 16]) };
+    if !switch(vmfunc, ro) {
+        return fatal("switch", "refused");
+    }
+    let (status, _) = hypercall::vmcall(guest_runtime::abi::HC_CALL, gpa, len as u64);
+    let _ = switch(vmfunc, 0);
+    // Safety: as above.
+    let after = unsafe { core::ptr::read_volatile(gpa as *const [u8; 16]) };
+    if status != Status::BadAddress as u64 || after != before {
+        return fatal(
+            "a request in a read-only page",
+            format_args!("status {status}, page changed: {}", after != before),
+        );
+    }
+    println!(
+        "agent: viewpage: a request page read-only in the view is refused (BadAddress), the page unchanged"
+    );
+    // Remapped in `remap`: the guest writes its request there into B's
+    // frame; the hypervisor must read it there and answer there (the
+    // page's own frame holds nothing it could decode).
+    // Safety: as above.
+    unsafe { core::ptr::write_bytes(gpa as *mut u8, 0, 64) };
+    if !switch(vmfunc, remap) {
+        return fatal("switch", "refused");
+    }
+    let got = call(&Request::GetMode);
+    let _ = switch(vmfunc, 0);
+    match got {
+        Ok(Reply::Mode(_)) => {}
+        other => return fatal("a request in a remapped page", format_args!("{other:?}")),
+    }
+    println!(
+        "agent: viewpage: a remapped request page is read and answered in the frame the view maps there"
+    );
+    println!("agent: viewpage: ok");
     0
 }
