@@ -709,6 +709,7 @@ fn viewpage() -> u32 {
     // Safety: the request page is this guest's, identity-mapped, and no
     // `call` runs meanwhile.
     unsafe { core::ptr::copy_nonoverlapping(req.as_ptr(), gpa as *mut u8, len) };
+    // Safety: as above.
     let before = unsafe { core::ptr::read_volatile(gpa as *const [u8; 16]) };
     if !switch(vmfunc, ro) {
         return fatal("switch", "refused");
