@@ -6,7 +6,7 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::syscall::DomainOp;
-use parallax_tests::{Run, boot, boot_live, system};
+use parallax_tests::{Run, boot_live, system};
 use std::time::Duration;
 
 /// A `[[domain]]` of the manifest, with 16 MiB of RAM.
@@ -18,6 +18,16 @@ fn domain_mib(name: &str, guest: &str, cmdline: &str, mib: u32) -> String {
     format!(
         "[[domain]]\nname = \"{name}\"\nguest = \"{guest}\"\nmemory_mib = {mib}\ncmdline = \"{cmdline}\"\n"
     )
+}
+
+/// The control channel answers: the services and the domains are listed.
+fn control_answers(live: &mut parallax_tests::Live) {
+    let mut ctl = live.control();
+    ctl.set_timeout(Duration::from_secs(30));
+    let services = ctl.services().expect("the console answers");
+    assert!(services.len() >= 3, "{services:?}");
+    let domains = ctl.domains().expect("the console answers");
+    assert!(!domains.is_empty(), "{domains:?}");
 }
 
 /// Where the first line of `source` containing `text` stands in the log.
@@ -52,9 +62,16 @@ fn spinning_leaking_and_user_mode_attackers_are_contained() {
         domain("user", "hostile", "attack=user-hypercall"),
     );
     let img = system("hostile-contained", &toml);
-    let run = boot(&img, Machine::Bochs, |c| {
-        c.timeout = Duration::from_secs(600);
-    });
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |c| c.timeout = Duration::from_secs(600),
+        // While the attackers run, the control channel answers.
+        |live| {
+            live.wait_for("dom3", "markers: round 2 ok", 300);
+            control_answers(live);
+        },
+    );
     run.expect_console(2, "ticker: done")
         .expect_console(1, "spin: done")
         .expect_console(3, "markers: done")
@@ -153,16 +170,36 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
 #[test]
 fn a_guest_filling_views_stays_within_its_table_quota() {
     let toml = format!(
-        "name = \"hostile-views\"\n{}{}",
+        "name = \"hostile-views\"\n{}{}{}",
         // 64 MiB: the altp2m service's quota of 64 views would stop a
         // smaller one before the kernel's table quota.
         domain_mib("filler", "hostile", "attack=views", 64),
         domain_mib("agent", "agent", "checks", 32),
+        domain("ticker", "ticker", "ticks=0 calls=20"),
     );
     let img = system("hostile-views", &toml);
-    let run = boot(&img, Machine::Bochs, |c| {
-        c.timeout = Duration::from_secs(600);
-    });
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |c| c.timeout = Duration::from_secs(600),
+        // Once the attacker is stopped, the control channel answers and the
+        // ticker (which runs until destroyed) still ticks.
+        |live| {
+            live.wait_for("kernel", "alternate view(s) freed", 300);
+            control_answers(live);
+            let tick = live.wait_for("dom3", "tick ", 120).text;
+            let n: u64 = tick
+                .split_once("tick ")
+                .and_then(|(_, r)| r.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .expect("a tick number");
+            live.wait_for("dom3", &format!("tick {}:", n + 1), 120);
+            live.wait_for("kernel", "domain 2 (agent) exited with status 0", 300);
+            live.control()
+                .domain_control(3, DomainOp::Destroy)
+                .expect("the ticker is destroyed");
+        },
+    );
     run.expect_console(2, "agent: all checks passed")
         .expect("EPT tables: a domain reached its quota of")
         .expect("domain 1 (filler) crashed")
