@@ -162,13 +162,7 @@ violations = "fuzz"
                 }
             }
             // The benign guest still gets its answers from the vmm.
-            let last = live.wait_for("dom1", "tick ", 60).text;
-            let n: u64 = last
-                .split_once("tick ")
-                .and_then(|(_, r)| r.split(':').next())
-                .and_then(|n| n.parse().ok())
-                .expect("a tick number");
-            live.wait_for("dom1", &format!("tick {}:", n + 2), 120);
+            live.ticks_on("dom1", 2, 120);
             ctl.domain_control(1, DomainOp::Destroy).unwrap();
         },
     );

@@ -338,6 +338,29 @@ impl Live {
         }
     }
 
+    /// Waits (each step at most `secs` seconds) until the ticker guest whose
+    /// console is `source` has ticked `more` times after the latest tick
+    /// seen so far: it still gets its answers.
+    pub fn ticks_on(&mut self, source: &str, more: u64, secs: u64) {
+        self.wait_for(source, "tick ", secs);
+        let tick = |t: &str| {
+            t.split_once("tick ")?
+                .1
+                .split_once(':')?
+                .0
+                .parse::<u64>()
+                .ok()
+        };
+        let last = self
+            .seen
+            .iter()
+            .filter(|l| l.source == source)
+            .filter_map(|l| tick(&l.text))
+            .max()
+            .unwrap_or(0);
+        self.wait_for(source, &format!("tick {}:", last + more), secs);
+    }
+
     /// The control socket of the running system.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -187,13 +187,7 @@ fn a_guest_filling_views_stays_within_its_table_quota() {
         |live| {
             live.wait_for("kernel", "alternate view(s) freed", 300);
             control_answers(live);
-            let tick = live.wait_for("dom3", "tick ", 120).text;
-            let n: u64 = tick
-                .split_once("tick ")
-                .and_then(|(_, r)| r.split(':').next())
-                .and_then(|n| n.parse().ok())
-                .expect("a tick number");
-            live.wait_for("dom3", &format!("tick {}:", n + 1), 120);
+            live.ticks_on("dom3", 1, 120);
             live.wait_for("kernel", "domain 2 (agent) exited with status 0", 300);
             live.control()
                 .domain_control(3, DomainOp::Destroy)
