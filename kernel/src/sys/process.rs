@@ -80,6 +80,10 @@ pub struct Process {
     pub handles: Handles,
     /// The handles it was spawned with (a restart gets them back).
     pub initial: Handles,
+    /// Refusals of its system calls seen, by kind of refusal (see
+    /// [`super::Kernel::loud`]): a service making bad calls in a loop must
+    /// not hold everyone up on the serial log.
+    pub refusals: [core::cell::Cell<u32>; REFUSAL_KINDS],
     pub names: [(u32, HandleName); MAX_HANDLES],
     pub name_count: usize,
     /// The frames object holding its ELF.
@@ -182,6 +186,7 @@ impl Kernel {
             state: State::Ready,
             handles,
             initial: handles,
+            refusals: [const { core::cell::Cell::new(0) }; REFUSAL_KINDS],
             names: [(0, [0; ipc_schema::syscall::HANDLE_NAME]); MAX_HANDLES],
             name_count: names.len().min(MAX_HANDLES),
             elf,
@@ -502,5 +507,38 @@ pub fn process_cap(pid: u16, rights: u32) -> Cap {
         object: Object::Process(pid),
         rights,
         badge: 0,
+    }
+}
+
+/// Kinds of refusal counted apart for the log budget.
+pub const REFUSAL_KINDS: usize = 16;
+
+/// Refusals of one kind logged for a service before the budget applies.
+pub const LOUD_BURST: u32 = 8;
+/// Past the burst, one refusal of a kind in this many is logged.
+pub const LOUD_EVERY: u32 = 256;
+
+impl Process {
+    /// Whether to log a refusal of kind `what` (a call's name) to this
+    /// service: the first [`LOUD_BURST`] of each kind are logged, then one
+    /// in [`LOUD_EVERY`], after a line saying how many were not.
+    pub fn loud(&self, what: &'static str) -> bool {
+        let kind = what.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % REFUSAL_KINDS;
+        let seen = self.refusals[kind].get().saturating_add(1);
+        self.refusals[kind].set(seen);
+        if seen <= LOUD_BURST {
+            return true;
+        }
+        if (seen - LOUD_BURST).is_multiple_of(LOUD_EVERY) {
+            defmt::warn!(
+                "service {=str}: {=u32} more refusals like the next were not logged",
+                self.name(),
+                LOUD_EVERY - 1
+            );
+            return true;
+        }
+        false
     }
 }

@@ -73,7 +73,10 @@ pub fn dispatch(k: &mut Kernel, pid: u16) -> Outcome {
 }
 
 /// Logs a refused handle check and turns it into the error.
-fn refuse(k: &Kernel, pid: u16, call: &str, e: CapError) -> SysError {
+fn refuse(k: &Kernel, pid: u16, call: &'static str, e: CapError) -> SysError {
+    if !k.loud(pid, call) {
+        return e.error;
+    }
     match e.error {
         SysError::MissingRight => defmt::warn!(
             "service {=str}: {=str} refused: handle {=u32} lacks the right `{=str}`",
@@ -634,11 +637,13 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([u64::from(h), 0, 0]))
         }
         _ => {
-            defmt::warn!(
-                "service {=str}: unknown system call {=u64}",
-                k.process_name(pid),
-                number
-            );
+            if k.loud(pid, "unknown system call") {
+                defmt::warn!(
+                    "service {=str}: unknown system call {=u64}",
+                    k.process_name(pid),
+                    number
+                );
+            }
             Err(SysError::UnknownCall)
         }
     }
@@ -715,12 +720,14 @@ fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     };
     let len = a[2] as usize;
     if len > MAX_MESSAGE {
-        defmt::warn!(
-            "service {=str}: CALL refused: a {=usize}-byte message (the most is {=usize})",
-            k.process_name(pid),
-            len,
-            MAX_MESSAGE
-        );
+        if k.loud(pid, "CALL length") {
+            defmt::warn!(
+                "service {=str}: CALL refused: a {=usize}-byte message (the most is {=usize})",
+                k.process_name(pid),
+                len,
+                MAX_MESSAGE
+            );
+        }
         return Err(SysError::MessageTooLong);
     }
     let e = k.endpoints[usize::from(id)]
@@ -841,11 +848,13 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
                 }
             }
             _ => {
-                defmt::warn!(
-                    "service {=str}: RECV refused: handle {=u32} is not one to receive on",
-                    p.name(),
-                    slot
-                );
+                if p.loud("RECV handle") {
+                    defmt::warn!(
+                        "service {=str}: RECV refused: handle {=u32} is not one to receive on",
+                        p.name(),
+                        slot
+                    );
+                }
                 return Err(SysError::MissingRight);
             }
         }
@@ -913,7 +922,13 @@ fn wait(k: &mut Kernel, pid: u16, h: u64) -> Result<Done> {
     Ok(Done::Blocked)
 }
 
-fn frames_of(k: &Kernel, pid: u16, call: &str, h: u64, needed: u32) -> Result<(u16, FramesObject)> {
+fn frames_of(
+    k: &Kernel,
+    pid: u16,
+    call: &'static str,
+    h: u64,
+    needed: u32,
+) -> Result<(u16, FramesObject)> {
     let c = cap!(k, pid, call, h, ObjectKind::Frames, needed);
     let Object::Frames(id) = c.object else {
         return Err(SysError::WrongKind);
