@@ -615,3 +615,111 @@ fn events_yield_a_closed_stream_once_then_end() {
     assert!(matches!(it.next(), Some(Err(ClientError::Closed { .. }))));
     assert!(it.next().is_none());
 }
+
+#[test]
+fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
+    use ipc_schema::vmexit::AccessBits;
+    use parallax_client::altp2m::{
+        Access, Action, AltReply, AltRequest, PageWatch, Reply, Request, VmEvent,
+    };
+    use parallax_client::{ControlReply as R, ToHost};
+    let write = |id| VmEvent {
+        id,
+        domain: 2,
+        vcpu: 0,
+        view: 3,
+        gpa: 0x10_f008,
+        gla: None,
+        access: AccessBits {
+            read: false,
+            write: true,
+            execute: false,
+        },
+        allowed: AccessBits {
+            read: true,
+            write: false,
+            execute: true,
+        },
+        rip: 0x10_0040,
+        internal: false,
+    };
+    let (host, console) = pair();
+    let mut con = Console::default();
+    // View 3 is created; two writes come once the domain is in it (one of
+    // another domain in between, which is not this watch's).
+    let mock = serve(console, move |req| {
+        let (answer, then) = match &req.request {
+            ControlRequest::Altp2m(AltRequest::External { request, .. }) => (
+                R::Altp2m(AltReply::Reply(match request {
+                    Request::ViewCreate { .. } => Reply::View(3),
+                    _ => Reply::Done,
+                })),
+                if matches!(request, Request::ViewSwitchAll { view: 3 }) {
+                    let mut other = write(8);
+                    other.domain = 5;
+                    vec![write(6), other, write(7)]
+                } else {
+                    vec![]
+                },
+            ),
+            ControlRequest::Altp2m(_) => (R::Altp2m(AltReply::Done), vec![]),
+            _ => (con.answer(req), vec![]),
+        };
+        let mut out = vec![reply(req.seq, answer)];
+        out.extend(
+            then.into_iter()
+                .map(|e| common::frame(&ToHost::Event(ControlEvent::Violation(e)))),
+        );
+        out
+    });
+    let mut c = Client::new(host);
+    let mut seen = Vec::new();
+    let w = PageWatch {
+        domain: 2,
+        gfn: 0x10f,
+        access: Access::RX,
+        answer: Action::AllowOnce,
+        count: Some(2),
+        patience: Duration::from_secs(5),
+    };
+    let n = c.watch_page(&w, |e, view| seen.push((e.id, view))).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(seen, [(6, 3), (7, 3)]);
+    drop(c);
+    let asked: Vec<AltRequest> = mock
+        .join()
+        .unwrap()
+        .requests
+        .into_iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::Altp2m(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    let ext = |request| AltRequest::External { domain: 2, request };
+    let listen = |on| AltRequest::Listen { domain: 2, on };
+    let answer = |event| AltRequest::Answer {
+        event,
+        action: Action::AllowOnce,
+    };
+    assert_eq!(
+        asked,
+        [
+            ext(Request::ViewCreate {
+                default_access: None
+            }),
+            ext(Request::SetAccess {
+                view: 3,
+                gfn: 0x10f,
+                access: Access::RX
+            }),
+            listen(true),
+            ext(Request::ViewSwitchAll { view: 3 }),
+            answer(6),
+            answer(7),
+            ext(Request::ViewSwitchAll { view: 0 }),
+            listen(false),
+            ext(Request::ViewDestroy { view: 3 }),
+        ]
+    );
+}
