@@ -97,6 +97,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The protocol's types, all of them (names, events, access bits...): a
+/// program needs no dependency on `ipc-schema` of its own.
+pub use ipc_schema;
 pub use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_SWAP,
     SWAP_CHUNK, ToHost,
