@@ -366,11 +366,11 @@ impl Live {
         &self.socket
     }
 
-    /// A control client of the running system.
-    pub fn control(&self) -> image_builder::control::Client<std::os::unix::net::UnixStream> {
+    /// A control client (the `parallax-client` crate) of the running system.
+    pub fn control(&self) -> parallax_client::Client<std::os::unix::net::UnixStream> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            match image_builder::control::Client::connect(&self.socket) {
+            match parallax_client::Client::connect(&self.socket) {
                 Ok(c) => return c.with_timeout(std::time::Duration::from_secs(60)),
                 Err(e) if std::time::Instant::now() > deadline => panic!("cannot attach: {e}"),
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),

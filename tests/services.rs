@@ -1,11 +1,11 @@
 //! Services at run time, on Bochs (VMX): restarts after a fault, live swaps,
 //! and the control channel, driven by the harness as `cargo hv ctl` would.
 
-use image_builder::control::ControlEvent;
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::supervisor::{Refusal, SupervisorEvent, name};
 use ipc_schema::syscall::DomainOp;
+use parallax_client::ControlEvent;
 use parallax_tests::{boot_live, system};
 
 /// A system of one domain running the ticker guest with `cmdline`.
@@ -96,9 +96,9 @@ fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
 }
 
 /// The refusal of a failed control request.
-fn refusal(e: image_builder::control::ClientError) -> Refusal {
+fn refusal(e: parallax_client::ClientError) -> Refusal {
     match e {
-        image_builder::control::ClientError::Refused { refusal, .. } => refusal,
+        parallax_client::ClientError::Refused { refusal, .. } => refusal,
         other => panic!("not a refusal: {other}"),
     }
 }
@@ -389,7 +389,7 @@ fn a_call_to_a_held_service_fails_at_once_and_the_other_domains_run_on() {
             assert!(
                 matches!(
                     e,
-                    image_builder::control::ClientError::Console {
+                    parallax_client::ClientError::Console {
                         error: ipc_schema::control::ControlError::Altp2mUnavailable,
                         ..
                     }
@@ -404,10 +404,7 @@ fn a_call_to_a_held_service_fails_at_once_and_the_other_domains_run_on() {
                 .find(|s| ipc_schema::supervisor::name_str(&s.name) == "altp2m")
                 .expect("altp2m is listed");
             assert_eq!((altp2m.generation, altp2m.restarts), (1, 1));
-            assert_eq!(
-                image_builder::control::service_state(altp2m.state),
-                "faulted"
-            );
+            assert_eq!(parallax_client::service_state(altp2m.state), "faulted");
             // The other domain runs on.
             let tick = latest(live, "dom2", "tick ", ":");
             live.wait_for("dom2", &format!("tick {}:", tick + 2), 120);

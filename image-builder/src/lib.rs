@@ -4,7 +4,7 @@
 //! - [`image`]: manifest to bootable ISO ([`manifest`], [`compile`], [`iso`]).
 //! - [`emulator`]: boot an image on QEMU, Bochs or KVM and decode its log.
 //! - [`logs`]: the log wire: demultiplexing and defmt decoding.
-//! - [`control`]: the control channel's client library (talk to a running
+//! - [`control`]: the control channel: the `parallax-client` crate re-exported (talk to a running
 //!   image's console over COM2) and the proxy `cargo hv run` serves it with.
 //! - [`bench`]: benchmark figures measured by a guest on Bochs.
 //! - [`profile`]: where one benchmark operation's instructions go.

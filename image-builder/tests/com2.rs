@@ -6,6 +6,7 @@
 //! These tests need `as`/`ld` (binutils), `grub-mkrescue`, QEMU and Bochs;
 //! without binutils they say so and pass.
 
+#[path = "../../client/tests/common/mod.rs"]
 mod common;
 
 use image_builder::emulator::{self, Machine, RunConfig, RunEnd};

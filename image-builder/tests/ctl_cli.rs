@@ -2,6 +2,7 @@
 //! is named before anything is sent or built, and the commands work against
 //! a mock console behind the real proxy. No emulator, no hypervisor.
 
+#[path = "../../client/tests/common/mod.rs"]
 mod common;
 
 use common::{Console, Received, event, fake_elf, reply, scratch, serve};

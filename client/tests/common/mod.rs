@@ -3,12 +3,12 @@
 // Each test file uses a different part of this module.
 #![allow(dead_code)]
 
-use image_builder::control::frames::{self, FrameReader};
-use image_builder::control::{
+use ipc_schema::supervisor::{name, name_str};
+use parallax_client::frames::{self, FrameReader};
+use parallax_client::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, DomainInfo, DomainOp,
     FromHost, Refusal, ServiceInfo, ToHost,
 };
-use ipc_schema::supervisor::{name, name_str};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -200,7 +200,7 @@ impl Console {
                 None => R::Error(ControlError::SwapOutOfOrder { expected: 0 }),
             },
             ControlRequest::Altp2m(q) => {
-                use image_builder::control::altp2m::{
+                use parallax_client::altp2m::{
                     AltError, AltReply, AltRequest, HcError, Reply, Request,
                 };
                 R::Altp2m(match q {

@@ -1,0 +1,725 @@
+//! The control client against a mock console (`common/`): requests and
+//! replies, events, timeouts, swaps, altp2m, errors. No emulator, no
+//! hypervisor. (image-builder's tests run the same client through the proxy
+//! `cargo hv run` serves, with this mock console behind it.)
+
+mod common;
+
+use common::{Console, event, fake_elf, reply, scratch, serve};
+use parallax_client::frames::FrameReader;
+use parallax_client::{
+    self as control, CONTROL, Client, ClientError, ControlError, ControlEvent, ControlReply,
+    ControlRequest, DomainOp, FromHost, MAX_SWAP, Refusal, SWAP_CHUNK,
+};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn pair() -> (UnixStream, UnixStream) {
+    UnixStream::pair().expect("a socket pair")
+}
+
+/// A client talking to the standard mock console.
+fn standard() -> (
+    Client<UnixStream>,
+    std::thread::JoinHandle<common::Received>,
+) {
+    let (host, console) = pair();
+    let mock = Console::default().serve(console);
+    (Client::new(host), mock)
+}
+
+#[test]
+fn hello_is_welcomed_with_the_version() {
+    let (host, console) = pair();
+    let mock = Console {
+        version: 7,
+        ..Console::default()
+    }
+    .serve(console);
+    let mut c = Client::new(host).with_first_seq(100);
+    assert_eq!(c.hello().unwrap(), 7);
+    assert_eq!(c.version(), Some(7));
+    drop(c);
+    let got = mock.join().unwrap();
+    assert_eq!(got.requests.len(), 1);
+    assert_eq!(got.requests[0].seq, 100);
+    assert_eq!(
+        got.requests[0].request,
+        ControlRequest::Hello {
+            key: CONTROL.key.to_bytes()
+        }
+    );
+}
+
+#[test]
+fn a_console_of_another_protocol_version_is_named_with_both_keys() {
+    let (host, console) = pair();
+    let _mock = Console {
+        key: [0x5a; 8],
+        ..Console::default()
+    }
+    .serve(console);
+    let e = Client::new(host).hello().unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            ClientError::Console {
+                error: ControlError::WrongKey { .. },
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("console key 5a5a5a5a5a5a5a5a"), "{text}");
+    assert!(
+        text.contains(&control::key_hex(&CONTROL.key.to_bytes())),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_first_request_says_hello_by_itself() {
+    let (mut c, mock) = standard();
+    assert_eq!(c.domains().unwrap().len(), 2);
+    drop(c);
+    let got = mock.join().unwrap();
+    assert!(matches!(
+        got.requests[0].request,
+        ControlRequest::Hello { .. }
+    ));
+}
+
+#[test]
+fn services_are_paged_until_none() {
+    let (mut c, mock) = standard();
+    let services = c.services().unwrap();
+    assert_eq!(services, Console::default().services);
+    drop(c);
+    let got = mock.join().unwrap();
+    let asked: Vec<u16> = got
+        .requests
+        .iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::Service { index } => Some(index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, [0, 1, 2, 3], "asked until the console said None");
+    // Sequence numbers increase by one.
+    for w in got.requests.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq.wrapping_add(1));
+    }
+    let table = control::services_table(&services);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(
+        lines[3].contains("vmm")
+            && lines[3].contains("faulted")
+            && lines[3].contains("abababababababab"),
+        "{table}"
+    );
+}
+
+#[test]
+fn domains_are_listed_and_controlled() {
+    let (mut c, _mock) = standard();
+    let d = c.domains().unwrap();
+    assert_eq!(d.len(), 2);
+    c.domain_control(1, DomainOp::Pause).unwrap();
+    assert_eq!(c.domain(0).unwrap().unwrap().state, 2, "paused");
+    assert!(control::domains_table(&c.domains().unwrap()).contains("paused"));
+    let e = c.domain_control(9, DomainOp::Destroy).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Refused {
+                refusal: Refusal::NoSuchDomain,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("(DomainControl 9 Destroy): no such domain"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_fault_is_injected_by_name_and_unknown_names_are_refused() {
+    let (mut c, _mock) = standard();
+    c.inject_fault("console").unwrap();
+    let e = c.inject_fault("nobody").unwrap_err();
+    assert!(
+        e.to_string().contains("the supervisor refused request #")
+            && e.to_string()
+                .contains("(InjectFault nobody): no such service"),
+        "{e}"
+    );
+    let e = c.inject_fault(&"x".repeat(33)).unwrap_err();
+    assert!(e.to_string().contains("at most 32"), "{e}");
+}
+
+#[test]
+fn replies_are_matched_by_seq_and_events_in_between_are_queued() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let mut n = 0;
+    let _mock = serve(console, move |req| {
+        n += 1;
+        vec![
+            event(n),
+            // A reply to somebody else's request, and a console error.
+            reply(req.seq.wrapping_add(1000), ControlReply::Done),
+            reply(0, ControlReply::Error(ControlError::Malformed)),
+            event(100 + n),
+            reply(req.seq, con.answer(req)),
+        ]
+    });
+    let mut c = Client::new(host);
+    assert_eq!(c.services().unwrap().len(), 3);
+    // Hello and four Service requests: five of each.
+    let s = c.stats();
+    assert_eq!(s.stray_replies, 5);
+    assert_eq!(s.console_errors, 5);
+    assert_eq!(s.events, 10);
+    assert_eq!(s.dropped.frames(), 0);
+    let mut seen = Vec::new();
+    while let Some(ControlEvent::Garbage { bytes }) = c.next_event(Duration::ZERO).unwrap() {
+        seen.push(bytes);
+    }
+    assert_eq!(seen, [1, 101, 2, 102, 3, 103, 4, 104, 5, 105]);
+    let t = Instant::now();
+    assert_eq!(c.next_event(Duration::from_millis(50)).unwrap(), None);
+    assert!(t.elapsed() >= Duration::from_millis(50));
+}
+
+#[test]
+fn an_event_handler_sees_events_as_they_come() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| {
+        vec![event(req.seq % 1000), reply(req.seq, con.answer(req))]
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut c = Client::new(host).with_first_seq(1);
+    let s = seen.clone();
+    c.on_event(move |e| s.lock().unwrap().push(*e));
+    c.hello().unwrap();
+    c.domain(0).unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ControlEvent::Garbage { bytes: 1 },
+            ControlEvent::Garbage { bytes: 2 }
+        ]
+    );
+    assert_eq!(c.next_event(Duration::from_millis(10)).unwrap(), None);
+}
+
+#[test]
+fn a_silent_console_times_out_naming_the_request() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| match req.request {
+        ControlRequest::Service { .. } => vec![],
+        _ => vec![reply(req.seq, con.answer(req))],
+    });
+    let mut c = Client::new(host).with_first_seq(41);
+    c.hello().unwrap();
+    c.set_timeout(Duration::from_millis(200));
+    let t = Instant::now();
+    let e = c.services().unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(
+        e.to_string(),
+        "the console did not answer request #42 (Service 0) within 0.20 s"
+    );
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn a_timeout_message_uses_whole_seconds_and_says_what_came_meanwhile() {
+    let (host, console) = pair();
+    let _mock = serve(console, move |_| {
+        vec![
+            b"\x01\x02garbage\x00".to_vec(),
+            reply(0, ControlReply::Error(ControlError::Malformed)),
+        ]
+    });
+    let mut c = Client::new(host)
+        .with_first_seq(5)
+        .with_timeout(Duration::from_secs(1));
+    let e = c.hello().unwrap_err().to_string();
+    assert!(
+        e.starts_with("the console did not answer request #5 (Hello) within 1 s ("),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 frame(s) that did not decode arrived meanwhile"),
+        "{e}"
+    );
+    assert!(
+        e.contains("the console reported: a frame did not decode"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_late_reply_is_not_taken_for_the_next_request() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let mut late: Option<u32> = None;
+    let _mock = serve(console, move |req| match req.request {
+        // Keep the first Domain request's answer back...
+        ControlRequest::Domain { index: 0 } if late.is_none() => {
+            late = Some(req.seq);
+            vec![]
+        }
+        // ...and send it just before the next answer, wrong on purpose.
+        _ => {
+            let mut out = Vec::new();
+            if let Some(s) = late.take() {
+                out.push(reply(s, ControlReply::Domain(None)));
+            }
+            out.push(reply(req.seq, con.answer(req)));
+            out
+        }
+    });
+    let mut c = Client::new(host);
+    c.hello().unwrap();
+    c.set_timeout(Duration::from_millis(150));
+    assert!(matches!(
+        c.domain(0).unwrap_err(),
+        ClientError::Timeout { .. }
+    ));
+    c.set_timeout(Duration::from_secs(5));
+    let d = c.domain(1).unwrap().expect("domain 1 is there");
+    assert_eq!(d.id, 2);
+    assert_eq!(c.stats().stray_replies, 1);
+}
+
+#[test]
+fn a_garbled_frame_is_counted_not_fatal() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| {
+        let mut bad = reply(req.seq, ControlReply::Done);
+        // Change one byte (never to zero): the checksum fails.
+        let i = bad.len() - 2;
+        bad[i] = if bad[i] == 0x55 { 0x56 } else { 0x55 };
+        vec![
+            bad,
+            vec![0xff, 0x13, 0x37, 0x00], // not COBS/CRC
+            vec![0x00, 0x00],             // empty frames: resynchronisation
+            reply(req.seq, con.answer(req)),
+        ]
+    });
+    let mut c = Client::new(host).with_first_seq(1);
+    assert_eq!(c.domains().unwrap().len(), 2);
+    let dropped = c.stats().dropped;
+    // Hello and three Domain requests, two bad frames each.
+    assert_eq!(dropped.frames(), 8, "{dropped}");
+}
+
+#[test]
+fn swap_sends_every_byte_in_order_in_chunks_of_at_most_swap_chunk() {
+    let (host, console) = pair();
+    let con = Arc::new(Mutex::new(Console::default()));
+    let c2 = con.clone();
+    let mock = serve(console, move |req| {
+        vec![reply(req.seq, c2.lock().unwrap().answer(req))]
+    });
+    let elf = fake_elf(3 * SWAP_CHUNK + 100);
+    let mut progress = Vec::new();
+    let mut c = Client::new(host);
+    let generation = c
+        .swap_with_progress("vmm", &elf, |sent, total| progress.push((sent, total)))
+        .unwrap();
+    assert_eq!(generation, 4);
+    drop(c);
+    let got = mock.join().unwrap();
+    let mut requests = got.requests.iter().map(|r| &r.request);
+    assert!(matches!(
+        requests.next(),
+        Some(ControlRequest::Hello { .. })
+    ));
+    match requests.next() {
+        Some(ControlRequest::SwapBegin { name, len }) => {
+            assert_eq!(ipc_schema::supervisor::name_str(name), "vmm");
+            assert_eq!(*len as usize, elf.len());
+        }
+        other => panic!("expected SwapBegin, got {other:?}"),
+    }
+    let mut rebuilt = Vec::new();
+    let mut chunks = 0;
+    for r in requests.by_ref() {
+        match r {
+            ControlRequest::SwapChunk { offset, bytes } => {
+                assert_eq!(*offset as usize, rebuilt.len(), "chunks in order");
+                assert!(!bytes.0.is_empty() && bytes.0.len() <= SWAP_CHUNK);
+                rebuilt.extend_from_slice(&bytes.0);
+                chunks += 1;
+            }
+            ControlRequest::SwapCommit => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(requests.next().is_none(), "nothing after the commit");
+    assert_eq!(chunks, 4);
+    assert_eq!(rebuilt, elf, "every byte, in order");
+    assert_eq!(
+        con.lock().unwrap().swapped,
+        [("vmm".to_owned(), elf.clone())]
+    );
+    assert_eq!(progress.last(), Some(&(elf.len(), elf.len())));
+    assert_eq!(progress.len(), 4);
+}
+
+#[test]
+fn an_oversize_swap_is_refused_before_anything_is_sent() {
+    let (mut c, mock) = standard();
+    let elf = fake_elf(MAX_SWAP as usize + 1);
+    let e = c.swap("vmm", &elf).unwrap_err();
+    assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the ELF to swap into vmm is {} bytes; a swap carries at most {MAX_SWAP} bytes (the console's swap buffer)",
+            MAX_SWAP + 1
+        )
+    );
+    let e = c.swap("vmm", &[]).unwrap_err();
+    assert!(e.to_string().contains("is empty"), "{e}");
+    drop(c);
+    assert!(mock.join().unwrap().requests.is_empty(), "nothing was sent");
+}
+
+#[test]
+fn a_swap_of_exactly_max_swap_bytes_goes_through() {
+    let (mut c, mock) = standard();
+    let elf = fake_elf(MAX_SWAP as usize);
+    assert_eq!(c.swap("init", &elf).unwrap(), 2);
+    drop(c);
+    let chunks = mock
+        .join()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::SwapChunk { .. }))
+        .count();
+    assert_eq!(chunks, MAX_SWAP as usize / SWAP_CHUNK);
+}
+
+#[test]
+fn a_refused_swap_names_the_reason() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| match req.request {
+        ControlRequest::SwapCommit => vec![reply(
+            req.seq,
+            ControlReply::Refused(Refusal::MissingInterface { key: [0xcd; 8] }),
+        )],
+        _ => vec![reply(req.seq, con.answer(req))],
+    });
+    let e = Client::new(host)
+        .swap("vmm", &fake_elf(100))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("(SwapCommit): the new ELF does not declare interface cdcdcdcdcdcdcdcd"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_closed_connection_is_reported() {
+    let (host, mut console) = pair();
+    let mut con = Console::default();
+    // Answer Hello, say something that is not a frame, hang up.
+    let _mock = std::thread::spawn(move || {
+        let mut reader = FrameReader::<FromHost>::new();
+        let mut buf = [0u8; 1024];
+        let mut got = Vec::new();
+        while got.is_empty() {
+            let n = console.read(&mut buf).unwrap();
+            reader.push(&buf[..n], &mut got);
+        }
+        console
+            .write_all(&reply(got[0].seq, con.answer(&got[0])))
+            .unwrap();
+        console.write_all(b"bye now\n").unwrap();
+    });
+    let mut c = Client::new(host);
+    c.hello().unwrap();
+    let e = c.domain(0).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("the control connection closed while waiting for the answer to request #"),
+        "{text}"
+    );
+    assert!(text.contains("(Domain 0)"), "{text}");
+    assert!(text.ends_with("the other end said: bye now"), "{text}");
+}
+
+#[test]
+fn frames_that_come_one_byte_at_a_time_decode() {
+    // Events between replies, every byte written on its own.
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| {
+        let mut wire = event(9);
+        wire.extend(reply(req.seq, con.answer(req)));
+        wire.into_iter().map(|b| vec![b]).collect()
+    });
+    let mut c = Client::new(host);
+    assert_eq!(c.services().unwrap().len(), 3);
+    assert_eq!(c.stats().events, 5);
+}
+
+#[test]
+fn connecting_where_no_run_serves_says_so() {
+    let dir = scratch("nosock");
+    let e = Client::connect(&dir.join("ctl.sock"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no control socket at"), "{e}");
+    assert!(e.contains("is `cargo hv run` running?"), "{e}");
+    drop(std::os::unix::net::UnixListener::bind(dir.join("old.sock")).unwrap());
+    let e = Client::connect(&dir.join("old.sock"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nobody serves any more"), "{e}");
+}
+
+#[test]
+fn altp2m_requests_go_through_and_violations_arrive_as_events() {
+    use ipc_schema::vmexit::AccessBits;
+    use parallax_client::altp2m::{self, AltRequest, Reply, Request, VmEvent};
+    let (host, console) = pair();
+    let violation = VmEvent {
+        id: 4,
+        domain: 1,
+        vcpu: 0,
+        view: 1,
+        gpa: 0x12_3018,
+        gla: Some(0x8012_3018),
+        access: AccessBits {
+            read: false,
+            write: true,
+            execute: false,
+        },
+        allowed: AccessBits {
+            read: true,
+            write: false,
+            execute: true,
+        },
+        rip: 0x10_0040,
+        internal: false,
+    };
+    let mut con = Console::default();
+    // The console sends the violation right after answering Listen.
+    let _mock = serve(console, move |req| {
+        let mut out = vec![reply(req.seq, con.answer(req))];
+        if matches!(
+            req.request,
+            ControlRequest::Altp2m(AltRequest::Listen { on: true, .. })
+        ) {
+            out.push(common::frame(&parallax_client::ToHost::Event(
+                ControlEvent::Violation(violation),
+            )));
+        }
+        out
+    });
+    let mut c = Client::new(host);
+    assert_eq!(
+        c.view_request(
+            1,
+            Request::ViewCreate {
+                default_access: None
+            }
+        )
+        .unwrap(),
+        Reply::View(1)
+    );
+    let e = c
+        .view_request(1, Request::GetAccess { view: 9, gfn: 3 })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("view 9 does not exist"), "{e}");
+    c.altp2m_done(AltRequest::Listen {
+        domain: 1,
+        on: true,
+    })
+    .unwrap();
+    let got = c.next_violation(Duration::from_secs(5)).unwrap();
+    assert_eq!(got, Some(violation));
+    let line = altp2m::describe_event(&violation);
+    assert!(
+        line.contains("write at gpa 0x123018")
+            && line.contains("gla 0x80123018")
+            && line.contains("allows r-x"),
+        "{line}"
+    );
+    let e = c
+        .altp2m_done(AltRequest::Listen {
+            domain: 7,
+            on: true,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("there is no domain 7"), "{e}");
+}
+
+#[test]
+fn events_iterate_until_none_comes_in_time() {
+    let (host, console) = pair();
+    let mut con = Console::default();
+    // Three events come before the answer to the first request.
+    let _mock = serve(console, move |req| {
+        let mut out = vec![event(1), event(2), event(3)];
+        out.push(reply(req.seq, con.answer(req)));
+        out
+    });
+    let mut c = Client::new(host);
+    c.hello().unwrap();
+    let got: Vec<ControlEvent> = c
+        .events(Duration::from_millis(200))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        got,
+        [1, 2, 3].map(|bytes| ControlEvent::Garbage { bytes }),
+        "queued events first, then the end when none comes"
+    );
+    // A silent console: the iteration ends at once.
+    let (host, _console) = pair();
+    let mut c = Client::new(host);
+    assert!(c.events(Duration::from_millis(50)).next().is_none());
+}
+
+#[test]
+fn events_yield_a_closed_stream_once_then_end() {
+    let (host, console) = pair();
+    drop(console);
+    let mut c = Client::new(host);
+    let mut it = c.events(Duration::from_secs(5));
+    assert!(matches!(it.next(), Some(Err(ClientError::Closed { .. }))));
+    assert!(it.next().is_none());
+}
+
+#[test]
+fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
+    use ipc_schema::vmexit::AccessBits;
+    use parallax_client::altp2m::{
+        Access, Action, AltReply, AltRequest, PageWatch, Reply, Request, VmEvent,
+    };
+    use parallax_client::{ControlReply as R, ToHost};
+    let write = |id| VmEvent {
+        id,
+        domain: 2,
+        vcpu: 0,
+        view: 3,
+        gpa: 0x10_f008,
+        gla: None,
+        access: AccessBits {
+            read: false,
+            write: true,
+            execute: false,
+        },
+        allowed: AccessBits {
+            read: true,
+            write: false,
+            execute: true,
+        },
+        rip: 0x10_0040,
+        internal: false,
+    };
+    let (host, console) = pair();
+    let mut con = Console::default();
+    // View 3 is created; two writes come once the domain is in it (one of
+    // another domain in between, which is not this watch's).
+    let mock = serve(console, move |req| {
+        let (answer, then) = match &req.request {
+            ControlRequest::Altp2m(AltRequest::External { request, .. }) => (
+                R::Altp2m(AltReply::Reply(match request {
+                    Request::ViewCreate { .. } => Reply::View(3),
+                    _ => Reply::Done,
+                })),
+                if matches!(request, Request::ViewSwitchAll { view: 3 }) {
+                    let mut other = write(8);
+                    other.domain = 5;
+                    vec![write(6), other, write(7)]
+                } else {
+                    vec![]
+                },
+            ),
+            ControlRequest::Altp2m(_) => (R::Altp2m(AltReply::Done), vec![]),
+            _ => (con.answer(req), vec![]),
+        };
+        let mut out = vec![reply(req.seq, answer)];
+        out.extend(
+            then.into_iter()
+                .map(|e| common::frame(&ToHost::Event(ControlEvent::Violation(e)))),
+        );
+        out
+    });
+    let mut c = Client::new(host);
+    let mut seen = Vec::new();
+    let w = PageWatch {
+        domain: 2,
+        gfn: 0x10f,
+        access: Access::RX,
+        answer: Action::AllowOnce,
+        count: Some(2),
+        patience: Duration::from_secs(5),
+    };
+    let n = c.watch_page(&w, |e, view| seen.push((e.id, view))).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(seen, [(6, 3), (7, 3)]);
+    drop(c);
+    let asked: Vec<AltRequest> = mock
+        .join()
+        .unwrap()
+        .requests
+        .into_iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::Altp2m(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    let ext = |request| AltRequest::External { domain: 2, request };
+    let listen = |on| AltRequest::Listen { domain: 2, on };
+    let answer = |event| AltRequest::Answer {
+        event,
+        action: Action::AllowOnce,
+    };
+    assert_eq!(
+        asked,
+        [
+            ext(Request::ViewCreate {
+                default_access: None
+            }),
+            ext(Request::SetAccess {
+                view: 3,
+                gfn: 0x10f,
+                access: Access::RX
+            }),
+            listen(true),
+            ext(Request::ViewSwitchAll { view: 3 }),
+            answer(6),
+            answer(7),
+            ext(Request::ViewSwitchAll { view: 0 }),
+            listen(false),
+            ext(Request::ViewDestroy { view: 3 }),
+        ]
+    );
+}
