@@ -150,9 +150,12 @@ pub fn run(run: &BenchRun) -> Result<Figures> {
     Ok(f)
 }
 
-/// Collects `BENCH key=value` lines from guest consoles.
+/// Collects `BENCH key=value` lines from guest consoles. A figure the guest
+/// could not measure because something failed (`key=failed`) fails the
+/// whole: only a feature the CPU lacks reads `null`.
 pub fn figures(lines: &[logs::LogLine]) -> Result<Figures> {
     let mut out = Figures::new();
+    let mut failed = Vec::new();
     for l in lines.iter().filter(|l| l.source.starts_with("dom")) {
         let Some(rest) = l.text.strip_prefix("BENCH ") else {
             continue;
@@ -162,6 +165,10 @@ pub fn figures(lines: &[logs::LogLine]) -> Result<Figures> {
             .with_context(|| format!("malformed benchmark line {:?}", l.text))?;
         let value = match value.trim() {
             "null" => None,
+            "failed" => {
+                failed.push(key.trim().to_owned());
+                None
+            }
             v => Some(
                 v.parse::<u64>()
                     .with_context(|| format!("benchmark {key}: {v:?} is not a count"))?,
@@ -172,7 +179,34 @@ pub fn figures(lines: &[logs::LogLine]) -> Result<Figures> {
     if out.is_empty() {
         bail!("the benchmark guest printed no BENCH lines");
     }
+    if !failed.is_empty() {
+        bail!(
+            "the benchmark guest could not measure {} (its FAIL lines say why)",
+            failed.join(", ")
+        );
+    }
     Ok(out)
+}
+
+/// The targets a figure misses (measured, and not within its bound).
+pub fn missed_targets(figures: &Figures) -> Vec<String> {
+    check_targets(figures)
+        .into_iter()
+        .filter(|(_, ok)| *ok == Some(false))
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// [`to_json`] with the targets missed: `"targets_missed": [...]`.
+pub fn to_json_with_targets(model: &str, figures: &Figures) -> String {
+    let mut s = to_json(model, figures);
+    s.pop();
+    let missed: Vec<String> = missed_targets(figures)
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect();
+    s.push_str(&format!(", \"targets_missed\": [{}]}}", missed.join(", ")));
+    s
 }
 
 /// The figures and the model as one JSON object.
@@ -215,6 +249,31 @@ mod tests {
             level: String::new(),
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn a_figure_that_failed_fails_and_a_missed_target_is_named() {
+        let e = figures(&[
+            line("dom1", "BENCH vmcall_kernel_ticks=104"),
+            line("dom1", "BENCH lazy_fill_ticks=failed"),
+            line("dom1", "BENCH ve_delivery_ticks=failed"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("could not measure lazy_fill_ticks, ve_delivery_ticks"),
+            "{e}"
+        );
+        let mut f = Figures::new();
+        f.insert("vmcall_kernel_ticks".into(), Some(120));
+        f.insert("vmcall_service_ticks".into(), Some(700));
+        assert_eq!(missed_targets(&f), ["vmcall_kernel_ticks <= 110"]);
+        assert!(
+            to_json_with_targets("m", &f)
+                .ends_with(r#""targets_missed": ["vmcall_kernel_ticks <= 110"]}"#)
+        );
+        f.insert("vmcall_kernel_ticks".into(), Some(100));
+        assert!(to_json_with_targets("m", &f).ends_with(r#""targets_missed": []}"#));
     }
 
     #[test]

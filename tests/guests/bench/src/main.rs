@@ -24,9 +24,10 @@
 //! (`xchg bx, bx`, which does nothing anywhere else): `cargo hv profile KEY`
 //! traces the instructions between them.
 //!
-//! A key whose feature is missing (no VMFUNC; no alternate views) is
-//! printed as `BENCH <key>=null`. Exit status 0; 1 when a hypercall that
-//! should work fails. On plain QEMU the guest prints `rdtsc_frame_ticks`
+//! A key whose feature the CPU lacks (no VMFUNC, no #VE) is printed as
+//! `BENCH <key>=null`; a key that could not be measured because something
+//! that should work failed, as `BENCH <key>=failed` (`cargo hv bench` then
+//! fails). Exit status 0; 1 when a hypercall that should work fails. On plain QEMU the guest prints `rdtsc_frame_ticks`
 //! and then the first hypercall raises #UD (status 0xEE).
 #![no_std]
 #![no_main]
@@ -191,6 +192,11 @@ fn bench(key: &str, value: Option<u64>) {
     }
 }
 
+/// A figure that could not be measured because something failed.
+fn bench_failed(key: &str) {
+    println!("BENCH {key}=failed");
+}
+
 /// The view to alternate with view 0 in sample `i`.
 fn target(i: usize, view: u16) -> u16 {
     if i.is_multiple_of(2) { view } else { 0 }
@@ -302,7 +308,11 @@ fn main(info: &MultibootInfo) -> u32 {
             }
         }
     }
-    bench("ipc_roundtrip_ticks", pinged.then(|| median(&mut pings)));
+    if pinged {
+        bench("ipc_roundtrip_ticks", Some(median(&mut pings)));
+    } else {
+        bench_failed("ipc_roundtrip_ticks");
+    }
 
     let caps = match hypercall::capabilities() {
         Ok(c) => Some(c),
@@ -324,11 +334,15 @@ fn main(info: &MultibootInfo) -> u32 {
     let view = match caps.map(|_| hypercall::view_create()) {
         Some(Ok(v)) => Some(v),
         Some(Err(e)) => {
-            println!("no alternate view: ViewCreate: {e}");
+            println!("FAIL: no alternate view: ViewCreate: {e}");
+            failed = true;
             None
         }
         None => None,
     };
+    // Views exist on every CPU Parallax runs guests on: a figure that needs
+    // one and has none failed.
+    let no_view = |key: &str| bench_failed(key);
 
     // VMFUNC.
     let mut vmfunc_view = None;
@@ -362,6 +376,10 @@ fn main(info: &MultibootInfo) -> u32 {
                 "vmfunc_switch_exits",
                 Some(after.wrapping_sub(before).wrapping_sub(1)),
             );
+        }
+        None if vmfunc => {
+            bench_failed("vmfunc_switch_ticks");
+            bench_failed("vmfunc_switch_exits");
         }
         None => {
             bench("vmfunc_switch_ticks", None);
@@ -401,9 +419,9 @@ fn main(info: &MultibootInfo) -> u32 {
         }
         Some(None) => {
             failed = true;
-            bench("lazy_fill_ticks", None);
+            bench_failed("lazy_fill_ticks");
         }
-        None => bench("lazy_fill_ticks", None),
+        None => no_view("lazy_fill_ticks"),
     }
 
     // The view-switch hypercall.
@@ -420,23 +438,30 @@ fn main(info: &MultibootInfo) -> u32 {
             } else {
                 println!("FAIL: view_switch refused {refused} times");
                 failed = true;
-                bench("view_switch_hypercall_ticks", None);
+                bench_failed("view_switch_hypercall_ticks");
             }
         }
         Some(v) => {
             println!("FAIL: view_switch to {v} and back refused");
             failed = true;
-            bench("view_switch_hypercall_ticks", None);
+            bench_failed("view_switch_hypercall_ticks");
         }
-        None => bench("view_switch_hypercall_ticks", None),
+        None => no_view("view_switch_hypercall_ticks"),
     }
 
     // #VE delivery: fault to the guest's handler, without a VM exit.
-    let ve = caps.is_some_and(|c| c.ve)
-        && call_done(&Request::VeEnable {
+    let ve_cpu = caps.is_some_and(|c| c.ve);
+    let ve = ve_cpu
+        && match call_done(&Request::VeEnable {
             info_gfn: guest_runtime::ve_info_gfn(),
-        })
-        .is_ok();
+        }) {
+            Ok(()) => true,
+            Err(e) => {
+                println!("FAIL: VeEnable: {e}");
+                failed = true;
+                false
+            }
+        };
     let mut ve_ticks = None;
     if ve && let Some(v) = restricted_view(true, vmfunc) {
         VE_BY_VMFUNC.store(vmfunc, Ordering::SeqCst);
@@ -449,7 +474,10 @@ fn main(info: &MultibootInfo) -> u32 {
         let _ = call_done(&Request::ViewDestroy { view: v });
         failed |= ve_ticks.is_none();
     }
-    bench("ve_delivery_ticks", ve_ticks);
+    match ve_ticks {
+        None if ve_cpu => bench_failed("ve_delivery_ticks"),
+        t => bench("ve_delivery_ticks", t),
+    }
 
     // A violation event answered by the listener inside the hypervisor.
     let mut event_ticks = None;
@@ -463,7 +491,10 @@ fn main(info: &MultibootInfo) -> u32 {
             None => failed = true,
         }
     }
-    bench("violation_event_ticks", event_ticks);
+    match event_ticks {
+        None if listener => bench_failed("violation_event_ticks"),
+        t => bench("violation_event_ticks", t),
+    }
 
     for w in [fresh, view].into_iter().flatten() {
         if let Err(e) = call_done(&Request::ViewDestroy { view: w }) {
