@@ -202,3 +202,32 @@ fn a_guest_filling_views_stays_within_its_table_quota() {
         .expect("domain 2 (agent) exited with status 0")
         .expect_status(HaltStatus::GuestFailed);
 }
+
+/// CR8 alone (the boot above also has a guest spinning with interrupts
+/// off): a guest sets its task priority to 15 and exits; a ticker keeps the
+/// system up, and the control channel must still answer. Without the TPR
+/// shadow the write reached the host's local APIC and the console timed out.
+#[test]
+fn a_guest_setting_cr8_to_15_leaves_the_host_hearing() {
+    let toml = format!(
+        "name = \"hostile-cr8\"\n{}{}",
+        domain("priority", "hostile", "attack=cr8"),
+        domain("ticker", "ticker", "ticks=0 calls=200"),
+    );
+    let img = system("hostile-cr8", &toml);
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |c| c.timeout = Duration::from_secs(200),
+        |live| {
+            live.wait_for("kernel", "domain 1 (priority) exited with status 0", 120);
+            control_answers(live);
+            live.ticks_on("dom2", 1, 120);
+            live.control()
+                .domain_control(2, DomainOp::Destroy)
+                .expect("the ticker is destroyed");
+        },
+    );
+    run.expect_console(1, "cr8: wrote 15, reads 15")
+        .expect_status(HaltStatus::Success);
+}
