@@ -185,9 +185,9 @@ impl Kernel {
 
     /// The name of a process, for logs.
     /// Whether to log a refusal of kind `what` (a call's name) to process
-    /// `pid` ([`process::Process::loud`]). A service
-    /// looping on refused calls would otherwise hold every domain up on the
-    /// serial log (each line about 2 ms at 115,200 baud, interrupts off).
+    /// `pid` ([`process::Process::loud`]). A service looping on refused
+    /// calls would otherwise hold every domain up on the serial log (each
+    /// line about 2 ms at 115,200 baud, interrupts off).
     pub fn loud(&self, pid: u16, what: &'static str) -> bool {
         self.processes
             .get(usize::from(pid))

@@ -265,7 +265,14 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
 #[cold]
 fn end_slice(d: &mut Domain) {
     d.slice_end = 0;
-    if let (Some(v), Some(ticks)) = (d.vcpu.as_mut(), caps().1.slice) {
+    if let Some(v) = d.vcpu.as_mut() {
+        renew_timer(v);
+    }
+}
+
+/// A full slice on the vCPU's preemption timer.
+fn renew_timer(v: &mut vcpu::Vcpu) {
+    if let Some(ticks) = caps().1.slice {
         // Safety: the VMCS is current; any timer value is valid.
         unsafe {
             v.write(
@@ -318,19 +325,13 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         reason::PREEMPTION_TIMER => {
             v.exits -= 1; // not the guest's doing
             // The guest's share of the slice is spent (the timer's value is
-            // saved at every exit, so exits do not renew it): a new one.
-            if let Some(ticks) = caps().1.slice {
-                // Safety: the VMCS is current; any timer value is valid.
-                unsafe {
-                    v.write(
-                        platform::vmx::fields::PREEMPTION_TIMER_VALUE,
-                        u64::from(ticks),
-                    )
-                };
-            }
+            // saved at every exit, so exits do not renew it): others get
+            // their turn (`end_slice` renews the timer), or the guest a new
+            // slice.
             if others_waiting {
                 Fast::Yield
             } else {
+                renew_timer(v);
                 Fast::Window
             }
         }

@@ -138,19 +138,21 @@ fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
     assert_eq!(r.response.then, Then::Resume);
 }
 
+/// `HC_SERVICE_INFO`'s answer in RBX: (version << 32) | service calls.
+fn info(vmm: &mut Vmm, env: &mut Fake) -> u64 {
+    let regs = ExitRegs {
+        rax: HC_SERVICE_INFO,
+        ..ExitRegs::default()
+    };
+    vmm.exit(env, &exit(ExitKind::Hypercall, regs))
+        .regs
+        .unwrap()
+        .rbx
+}
+
 #[test]
 fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let info = |vmm: &mut Vmm, env: &mut Fake| {
-        let regs = ExitRegs {
-            rax: HC_SERVICE_INFO,
-            ..ExitRegs::default()
-        };
-        vmm.exit(env, &exit(ExitKind::Hypercall, regs))
-            .regs
-            .unwrap()
-            .rbx
-    };
     assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 1);
     assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 2);
     for b in b"hello\r\nwor" {
@@ -169,16 +171,6 @@ fn console_lines_reach_the_log_per_domain_and_survive_a_swap() {
 #[test]
 fn a_new_domain_of_an_old_id_starts_with_fresh_devices() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let info = |vmm: &mut Vmm, env: &mut Fake| {
-        let regs = ExitRegs {
-            rax: HC_SERVICE_INFO,
-            ..ExitRegs::default()
-        };
-        vmm.exit(env, &exit(ExitKind::Hypercall, regs))
-            .regs
-            .unwrap()
-            .rbx
-    };
     info(&mut vmm, &mut env);
     for b in b"secret" {
         out(&mut vmm, &mut env, COM1, *b);
