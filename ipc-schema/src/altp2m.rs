@@ -8,6 +8,7 @@
 
 use crate::hypercall::{Access, Mode, Reply, Request};
 use crate::ipc::{BoundedVec, InterfaceId};
+use crate::logdirty::{GfnRange, Mechanism, RANGES_PER_REPLY};
 use crate::vmexit::AccessBits;
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,30 @@ pub enum AltRequest {
     Answer { event: u32, action: Action },
     /// Does nothing: for measuring an IPC round trip.
     Ping,
+    /// The logdirty service's constraint on the entries of `range` of
+    /// `domain` (docs/p2m.md, rule 3; docs/logdirty.md): `Some` arms
+    /// tracking with that mechanism (write-protection: every entry that
+    /// maps a frame of the range loses write until the frame is written;
+    /// PML: the host p2m's entries of the range become 4 KiB ones, the
+    /// views' dirty bits are cleared, and entries a change_gfn points at a
+    /// frame of the range are write-protected, so that such a write is
+    /// credited to the frame), `None` disarms it. Nothing is dirtied by
+    /// arming.
+    Track {
+        domain: u16,
+        range: GfnRange,
+        how: Option<Mechanism>,
+    },
+    /// The frames whose write-protection a write lifted since the last
+    /// take, at or after `from` (lowest first), protected again as they are
+    /// taken: [`AltReply::Dirtied`].
+    DirtyTake { domain: u16, from: u64 },
+    /// PML: clears the dirty bits of the entries that map `ranges` in every
+    /// view, so that the next write to each is logged again.
+    Rearm {
+        domain: u16,
+        ranges: BoundedVec<GfnRange, RANGES_PER_REPLY>,
+    },
 }
 
 /// What the vCPU of a violation does once the listener answered.
@@ -127,6 +152,12 @@ pub enum AltReply {
         frame_gfn: Option<u64>,
         access: Access,
     },
+    /// Frames written since the last [`AltRequest::DirtyTake`]; `next`:
+    /// where to take from for more.
+    Dirtied {
+        ranges: BoundedVec<GfnRange, RANGES_PER_REPLY>,
+        next: Option<u64>,
+    },
 }
 
 /// Why a request other than a view operation was refused.
@@ -145,6 +176,10 @@ pub enum AltError {
     WrongEndpoint,
     /// The answer names a view that does not exist.
     NoSuchView,
+    /// A tracking range that is empty or past the domain's RAM.
+    BadRange,
+    /// The kernel refused the entries' change (out of table memory).
+    OutOfMemory,
 }
 
 pub const ALTP2M: InterfaceId = InterfaceId::new::<(AltRequest, AltReply)>("parallax/altp2m");

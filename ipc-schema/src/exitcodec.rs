@@ -262,6 +262,11 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         }
         ExitKind::MonitorTrap => o.byte(12),
         ExitKind::Start => o.byte(13),
+        ExitKind::PmlFull { buffer, entries } => {
+            o.byte(14)?;
+            o.byte(buffer)?;
+            o.varint(entries.into())
+        }
     }
 }
 
@@ -325,6 +330,12 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
         }
         12 => *out = ExitKind::MonitorTrap,
         13 => *out = ExitKind::Start,
+        14 => {
+            *out = ExitKind::PmlFull {
+                buffer: i.byte()?,
+                entries: i.u16()?,
+            }
+        }
         _ => return None,
     }
     Some(())
@@ -675,6 +686,8 @@ mod tests {
             }),
             Just(ExitKind::MonitorTrap),
             Just(ExitKind::Start),
+            (any::<u8>(), any::<u16>())
+                .prop_map(|(buffer, entries)| ExitKind::PmlFull { buffer, entries }),
         ]
     }
 

@@ -31,6 +31,7 @@
 //! (including the guest's own writes while it reads).
 
 use crate::ipc::BoundedVec;
+pub use crate::logdirty::{DirtyMode, GfnRange, LdError, Mechanism};
 use postcard::experimental::max_size::MaxSize;
 use postcard_schema::{Schema, key::Key};
 use serde::{Deserialize, Serialize};
@@ -45,9 +46,9 @@ pub const HC_CALL: u64 = 16;
 
 /// The longest encoded request or reply (one page minus headroom).
 pub const MAX_REQUEST: usize = 2048;
-/// The most gfns one [`Reply::Dirty`] carries (so that a reply fits one
+/// The most ranges one [`Reply::Dirty`] carries (so that a reply fits one
 /// IPC message).
-pub const MAX_DIRTY: usize = 24;
+pub const MAX_DIRTY: usize = crate::logdirty::RANGES_PER_REPLY;
 /// The most views a domain has: view 0 plus 511 alternates (the EPTP list
 /// holds 512 entries).
 pub const MAX_VIEWS: u16 = 512;
@@ -243,10 +244,16 @@ pub enum Request {
         info_gfn: u64,
     },
     VeDisable,
-    /// Starts dirty-page logging for the whole domain (clears the log).
-    DirtyLogStart,
-    /// Returns and clears up to [`MAX_DIRTY`] logged gfns, lowest first.
-    DirtyLogRead,
+    /// Starts the agent's dirty-page log of its domain (the logdirty
+    /// service's, docs/logdirty.md) over `range` (`None`: all RAM):
+    /// [`Reply::DirtyStarted`].
+    DirtyLogStart {
+        range: Option<GfnRange>,
+        mode: DirtyMode,
+    },
+    /// The logged ranges at or after gfn `from`, lowest first; with `clear`
+    /// they are cleared: [`Reply::Dirty`].
+    DirtyLogRead { from: u64, clear: bool },
     DirtyLogStop,
 }
 
@@ -276,10 +283,12 @@ pub enum Reply {
     Access(Access),
     Entry(Entry),
     SuppressVe(bool),
-    /// Dirty gfns, lowest first; `more` when others remain logged.
+    /// The log runs, on this mechanism.
+    DirtyStarted(Mechanism),
+    /// Dirty ranges, lowest first; `next`: where to read from for more.
     Dirty {
-        gfns: BoundedVec<u64, MAX_DIRTY>,
-        more: bool,
+        ranges: BoundedVec<GfnRange, MAX_DIRTY>,
+        next: Option<u64>,
     },
     Error(HcError),
 }
@@ -312,6 +321,8 @@ pub enum HcError {
     OutOfMemory,
     /// Dirty logging is not running.
     NotLogging,
+    /// The logdirty service refused (why).
+    DirtyLog(LdError),
     /// Write or execute access without read, which EPT cannot express.
     BadAccess,
     /// The service that answers this request is not running (it faulted
@@ -388,8 +399,16 @@ mod tests {
             assert_eq!(postcard::from_bytes::<Request>(&buf[..n]).unwrap(), r);
         }
         let full = Reply::Dirty {
-            gfns: BoundedVec(heapless::Vec::from_slice(&[u64::MAX; MAX_DIRTY]).unwrap()),
-            more: true,
+            ranges: BoundedVec(
+                heapless::Vec::from_slice(
+                    &[GfnRange {
+                        gfn: u64::MAX,
+                        count: u64::MAX,
+                    }; MAX_DIRTY],
+                )
+                .unwrap(),
+            ),
+            next: Some(u64::MAX),
         };
         let n = postcard::to_slice(&full, &mut buf)
             .expect("the largest reply fits MAX_REQUEST")

@@ -20,6 +20,7 @@ pub mod halt;
 pub mod hypercall;
 pub mod ipc;
 pub mod lifecycle;
+pub mod logdirty;
 pub mod manifest;
 pub mod supervisor;
 pub mod syscall;

@@ -120,8 +120,13 @@ pub mod nr {
     pub const VCPU_SET_VIEW: u64 = 44;
     /// VCPU_CONTROL(domains, domain, vcpu, op, arg): see [`super::VcpuOp`].
     pub const VCPU_CONTROL: u64 = 45;
-    /// DIRTY_READ(domains, domain, buf_ptr, cap_gfns) -> RDI = gfns written (u64 each), RSI = 1 if more.
-    pub const DIRTY_READ: u64 = 46;
+    /// DOMAIN_WRITES(domains, domain, buf_ptr, cap_pairs) -> RDI = pairs
+    /// written, RSI = 1 if some writes were not recorded (the record was
+    /// full). Takes the record of guest memory the kernel wrote on a
+    /// service's behalf (DOMAIN_WRITE) while `VcpuOp::WritesLog` is on, as
+    /// (gfn, pages) u64 pairs, and the #VE information page while #VE is
+    /// on (the CPU writes it). Needs `vcpus`.
+    pub const DOMAIN_WRITES: u64 = 46;
     /// DOMAIN_WATCH(domains, notification, bit): a domain that ends sets
     /// `bit` on the notification. Needs `read` on the domains handle; up to
     /// [`super::DOMAIN_WATCHERS`] notifications (the same one again changes
@@ -457,6 +462,26 @@ pub enum EptOp {
         view: u16,
         gfn: u64,
     },
+    /// Splits every large page of `view` among the `count` gfns from
+    /// `gfn` into 4 KiB pages.
+    SplitRange {
+        view: u16,
+        gfn: u64,
+        count: u64,
+    },
+    /// Clears the dirty (and accessed) bits of every page `view` maps among
+    /// the `count` gfns from `gfn` (PML logs a write that sets one).
+    ClearDirty {
+        view: u16,
+        gfn: u64,
+        count: u64,
+    },
+    /// Sets the dirty bit of the 4 KiB entry of `gfn` in `view` (its next
+    /// write is not logged by PML).
+    MarkDirty {
+        view: u16,
+        gfn: u64,
+    },
 }
 
 impl EptOp {
@@ -469,7 +494,10 @@ impl EptOp {
             | EptOp::ProtectRange { view, .. }
             | EptOp::SetSuppressVe { view, .. }
             | EptOp::Split { view, .. }
-            | EptOp::Query { view, .. } => view,
+            | EptOp::Query { view, .. }
+            | EptOp::SplitRange { view, .. }
+            | EptOp::ClearDirty { view, .. }
+            | EptOp::MarkDirty { view, .. } => view,
         }
     }
 }

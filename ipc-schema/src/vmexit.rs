@@ -194,6 +194,11 @@ pub enum ExitKind {
     /// afresh (a domain id serves again once its domain is destroyed). The
     /// answer resumes without advancing.
     Start,
+    /// A PML buffer filled up (sent to the endpoint `VcpuOp::PmlStart`
+    /// named): the CPU now writes the other buffer, and this one (`buffer`,
+    /// 0 or 1, `entries` GPAs) is the handler's to read before it answers.
+    /// The answer resumes without advancing.
+    PmlFull { buffer: u8, entries: u16 },
 }
 
 /// One exit of one vCPU.

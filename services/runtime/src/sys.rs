@@ -409,10 +409,55 @@ pub fn vcpu_control(
     )
 }
 
-/// Dirty gfns into `out`; (how many, more remain).
-pub fn dirty_read(domains: Handle, id: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
+/// PML on for vCPU `vcpu` of domain `id`: its two buffers are frames
+/// `first` and `first + 1` of `frames` (a handle of the caller's), and a
+/// full buffer is sent to `endpoint` (one the caller receives on).
+pub fn pml_start(
+    domains: Handle,
+    id: u16,
+    vcpu: u16,
+    frames: Handle,
+    first: u32,
+    endpoint: Handle,
+) -> Result<(), SysError> {
+    status(
+        nr::VCPU_CONTROL,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            u64::from(vcpu),
+            ipc_schema::syscall::VcpuOp::PmlStart as u64,
+            u64::from(frames) | (u64::from(first) << 32),
+            u64::from(endpoint),
+        ],
+    )
+}
+
+/// Takes the PML buffer the CPU was writing: (entries, which buffer).
+pub fn pml_take(domains: Handle, id: u16, vcpu: u16) -> Result<(u16, u8), SysError> {
     call(
-        nr::DIRTY_READ,
+        nr::VCPU_CONTROL,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            u64::from(vcpu),
+            ipc_schema::syscall::VcpuOp::PmlTake as u64,
+            0,
+        ],
+    )
+    .ok()
+    .map(|r| (r.rdi as u16, r.rsi as u8))
+}
+
+/// The guest memory the kernel wrote for services since the last take, as
+/// (gfn, pages) pairs into `out`: (pairs, whether some were not recorded).
+pub fn domain_writes(
+    domains: Handle,
+    id: u16,
+    out: &mut [[u64; 2]],
+) -> Result<(usize, bool), SysError> {
+    call(
+        nr::DOMAIN_WRITES,
         &[
             u64::from(domains),
             u64::from(id),
