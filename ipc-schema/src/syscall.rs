@@ -397,9 +397,22 @@ pub enum VcpuOp {
     /// #VE with the information area at guest frame `arg`.
     VeEnable = 0,
     VeDisable = 1,
-    /// Page-modification logging on (4 KiB split, A/D cleared) or off.
+    /// Page-modification logging on: `arg` = a frames handle of the
+    /// caller's (low 32 bits) and the first of two frames in it (high 32
+    /// bits), which become the vCPU's two PML buffers (the CPU writes GPAs
+    /// into one while the caller reads the other); the sixth argument is an
+    /// endpoint the caller receives on, where a full buffer is sent as an
+    /// `ExitKind::PmlFull` exit. Entries and dirty bits are the EPT owner's
+    /// business (docs/p2m.md).
     PmlStart = 2,
     PmlStop = 3,
+    /// Hands the caller the buffer the CPU was writing (switching the CPU
+    /// to the other, empty) -> RDI = entries in it, RSI = which buffer
+    /// (0 or 1). Entries fill a buffer from its last slot (511) down.
+    PmlTake = 4,
+    /// Records (`arg` = 1) or stops recording (0) the guest memory the
+    /// kernel writes for services (DOMAIN_WRITES).
+    WritesLog = 5,
 }
 
 /// Access rights in a view.
