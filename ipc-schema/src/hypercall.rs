@@ -323,6 +323,9 @@ pub enum HcError {
     NotLogging,
     /// The logdirty service refused (why).
     DirtyLog(LdError),
+    /// The request belongs to another service than the one asked (dirty
+    /// logs are the logdirty service's, views the altp2m service's).
+    WrongService,
     /// Write or execute access without read, which EPT cannot express.
     BadAccess,
     /// The service that answers this request is not running (it faulted

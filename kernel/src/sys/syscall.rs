@@ -547,7 +547,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             v.load().map_err(|_| SysError::Busy)?;
             Ok(Values([u64::from(v.active_view()), v.exits, 0]))
         }
-        nr::DIRTY_READ => dirty_read(k, pid, a),
+        nr::DOMAIN_WRITES => domain_writes(k, pid, a),
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IRQ_BIND => {
             let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
@@ -1239,9 +1239,12 @@ fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<D
         let n = (len - done).min(buf.len() as u64) as usize;
         if write {
             read_user(k, pid, va + done, &mut buf[..n])?;
-            domain(k, a[1])?
-                .write_guest(gpa + done, &buf[..n])
+            let d = domain_mut(k, a[1])?;
+            d.write_guest(gpa + done, &buf[..n])
                 .ok_or(SysError::BadAddress)?;
+            if let Some(log) = d.writes.as_mut() {
+                log.record(gpa + done, n as u64);
+            }
         } else {
             domain(k, a[1])?
                 .read_guest(gpa + done, &mut buf[..n])
@@ -1435,32 +1438,78 @@ fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         1 => VcpuOp::VeDisable,
         2 => VcpuOp::PmlStart,
         3 => VcpuOp::PmlStop,
+        4 => VcpuOp::PmlTake,
+        5 => VcpuOp::WritesLog,
         _ => return Err(SysError::BadArgument),
     };
-    crate::vm::vcpu_control(domain_mut(k, a[1])?, op, a[4])?;
-    Ok(Values([0; 3]))
+    let pml = if op == VcpuOp::PmlStart {
+        Some(pml_buffers(k, pid, a[4], a[5])?)
+    } else {
+        None
+    };
+    let [rdi, rsi] = crate::vm::vcpu_control(domain_mut(k, a[1])?, op, a[4], pml)?;
+    Ok(Values([rdi, rsi, 0]))
+}
+
+/// PML_START's buffers: two frames of a frames object the caller holds
+/// with read and write (`arg`: the handle, and the first frame in the high
+/// 32 bits) that are not guest RAM and never will be (the CPU writes them),
+/// and an endpoint the caller receives on.
+fn pml_buffers(k: &mut Kernel, pid: u16, arg: u64, endpoint: u64) -> Result<([u64; 2], u16)> {
+    let (fid, f) = frames_of(
+        k,
+        pid,
+        "VCPU_CONTROL",
+        arg & 0xffff_ffff,
+        rights::READ | rights::WRITE,
+    )?;
+    let first = arg >> 32;
+    if f.given_to_domain
+        || f.kind == FramesKind::Module
+        || first.checked_add(2).is_none_or(|e| e > f.count)
+    {
+        return Err(SysError::BadArgument);
+    }
+    let c = cap!(
+        k,
+        pid,
+        "VCPU_CONTROL",
+        endpoint,
+        ObjectKind::Endpoint,
+        rights::RECEIVE
+    );
+    let Object::Endpoint { id, .. } = c.object else {
+        return Err(SysError::WrongKind);
+    };
+    // Never guest RAM from now on (DOMAIN_MAP_RAM refuses such frames).
+    if let Some(f) = k.frames[usize::from(fid)].as_mut() {
+        f.ever_mapped = true;
+    }
+    let base = f.base + first * PAGE_SIZE;
+    Ok(([base, base + PAGE_SIZE], id))
 }
 
 #[inline(never)]
-fn dirty_read(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+fn domain_writes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
         pid,
-        "DIRTY_READ",
+        "DOMAIN_WRITES",
         a[0],
         a[1],
         Scope::Domain,
         rights::VCPUS
     );
-    let max = (a[3] as usize).min(64);
-    let mut gfns = [0u64; 64];
-    let (n, more) = crate::vm::dirty_read(domain_mut(k, a[1])?, &mut gfns[..max])?;
-    let mut bytes = [0u8; 64 * 8];
-    for (i, g) in gfns[..n].iter().enumerate() {
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&g.to_le_bytes());
+    let max = (a[3] as usize).min(32);
+    let mut pairs = [[0u64; 2]; 32];
+    let (n, overflow) = crate::vm::take_writes(domain_mut(k, a[1])?, &mut pairs[..max])?;
+    let mut bytes = [0u8; 32 * 16];
+    for (i, p) in pairs[..n].iter().enumerate() {
+        bytes[i * 16..i * 16 + 8].copy_from_slice(&p[0].to_le_bytes());
+        bytes[i * 16 + 8..i * 16 + 16].copy_from_slice(&p[1].to_le_bytes());
     }
-    write_user(k, pid, a[2], &bytes[..n * 8])?;
-    Ok(Values([n as u64, u64::from(more), 0]))
+    write_user(k, pid, a[2], &bytes[..n * 16])?;
+    Ok(Values([n as u64, u64::from(overflow), 0]))
 }
 
 #[inline(never)]

@@ -2,7 +2,6 @@
 //! builds domains through system calls: create, map RAM from frames it
 //! holds, write the guest image, create the vCPU, start.
 
-use super::dirty::DirtyLog;
 use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
 use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
@@ -29,7 +28,11 @@ pub struct Domain {
     pub vcpu: Option<Vcpu>,
     pub state: DomainState,
     pub exit_status: u32,
-    pub dirty: Option<DirtyLog>,
+    /// Guest memory the kernel wrote for services, while recorded
+    /// (`VcpuOp::WritesLog`, taken with DOMAIN_WRITES).
+    pub writes: Option<WriteLog>,
+    /// Where a full PML buffer is sent, while PML is on.
+    pub pml_endpoint: Option<u16>,
     msr_bitmap: u64,
     /// Where the vCPU's exits and EPT violations go (endpoint ids).
     pub exit_endpoint: u16,
@@ -91,7 +94,8 @@ impl Domain {
             vcpu: None,
             state: DomainState::Building,
             exit_status: 0,
-            dirty: None,
+            writes: None,
+            pml_endpoint: None,
             msr_bitmap,
             exit_endpoint: 0,
             violation_endpoint: 0,
@@ -236,9 +240,6 @@ impl Domain {
     /// those frames belong to the frames objects the builder holds).
     pub fn destroy(mut self) {
         self.views.destroy_all();
-        if let Some(d) = self.dirty.take() {
-            d.destroy();
-        }
         free_frame(self.msr_bitmap);
         if let Some(v) = self.vcpu.take() {
             v.destroy();
@@ -277,4 +278,33 @@ fn msr_bitmap() -> Option<u64> {
         pass(msr);
     }
     Some(page)
+}
+
+/// Guest memory the kernel wrote on services' behalf (DOMAIN_WRITE), as
+/// (first gfn, pages) runs, for whoever logs the domain's writes: such
+/// writes go around the EPT, so neither its dirty bits nor PML see them.
+#[derive(Default)]
+pub struct WriteLog {
+    pub runs: heapless::Vec<(u64, u64), 32>,
+    /// Some writes were not recorded (the record was full).
+    pub overflow: bool,
+}
+
+impl WriteLog {
+    /// Records a write of `len` bytes at `gpa` (`len` > 0).
+    pub fn record(&mut self, gpa: u64, len: u64) {
+        let first = gpa / PAGE_SIZE;
+        let last = (gpa + (len - 1)) / PAGE_SIZE;
+        let pages = last - first + 1;
+        if let Some((g, n)) = self.runs.last_mut()
+            && first >= *g
+            && first <= *g + *n
+        {
+            *n = (*n).max(first + pages - *g);
+            return;
+        }
+        if self.runs.push((first, pages)).is_err() {
+            self.overflow = true;
+        }
+    }
 }

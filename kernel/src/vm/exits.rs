@@ -30,10 +30,21 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
         }
         none => none.insert(v.decode(d.id, &raw)),
     };
+    if raw.reason() == reason::PML_FULL
+        && let Some(v) = d.vcpu.as_mut()
+    {
+        // The CPU moves on to the other buffer; this one is the handler's
+        // until it answers. An event the exit interrupted is delivered again.
+        v.reinject_interrupted_event();
+        if let Some((buffer, entries)) = v.pml_swap() {
+            exit.kind = ExitKind::PmlFull { buffer, entries };
+        }
+    }
     d.awaiting_reply = true;
     d.exit_seq = d.exit_seq.wrapping_add(1);
     let ep = match exit.kind {
         ExitKind::EptViolation { .. } => d.violation_endpoint,
+        ExitKind::PmlFull { .. } => d.pml_endpoint.unwrap_or(d.exit_endpoint),
         ExitKind::MonitorTrap => {
             // The step is done: the flag goes, and the exit goes to whoever
             // asked for the step.

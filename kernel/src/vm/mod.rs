@@ -1,16 +1,16 @@
 //! Guests under VMX: the mechanisms. Domains (`domain`), their views
-//! (`views`), vCPUs (`vcpu`), dirty logs (`dirty`), memory for all of them
-//! (`memory`), and exits sent to handlers as IPC calls (`exits`).
+//! (`views`), vCPUs (`vcpu`), memory for all of them (`memory`), and exits
+//! sent to handlers as IPC calls (`exits`).
 //!
 //! The kernel owns a few exits outright, handled on the fast path below
 //! without a message: the null, exit-count and view-switch hypercalls,
-//! external interrupts, the preemption timer, a full PML buffer, and the
-//! CR0/CR4 bits VMX requires. Every other exit is decoded into an
+//! external interrupts, the preemption timer, and the CR0/CR4 bits VMX
+//! requires. Every other exit is decoded into an
 //! `ipc_schema::vmexit::Exit` and sent as a call to the vCPU's exit endpoint
-//! (EPT violations to its violation endpoint); the vCPU waits for the reply.
+//! (EPT violations to its violation endpoint, a full PML buffer to the
+//! endpoint PML was started with); the vCPU waits for the reply.
 
 pub mod cpustate;
-pub mod dirty;
 pub mod domain;
 pub mod exits;
 pub mod memory;
@@ -24,7 +24,7 @@ use crate::vmx::{self, InveptType};
 use domain::Domain;
 use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL};
 use ipc_schema::syscall::DomainState;
-pub use ops::{dirty_read, ept_op, vcpu_control};
+pub use ops::{ept_op, take_writes, vcpu_control};
 use platform::vmx::VmxCaps;
 use platform::vmx::fields::{EXIT_INTERRUPTION_INFO, reason};
 use vcpu::{RawExit, VcpuState};
@@ -340,15 +340,10 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
             let info = v.read(EXIT_INTERRUPTION_INFO);
             Fast::Interrupt(info as u8)
         }
-        reason::PML_FULL => {
-            if let Some(log) = d.dirty.as_mut() {
-                let n = dirty::drain_pml(v, log);
-                defmt::debug!(
-                    "domain {=u16}: PML buffer full, {=u32} entries drained",
-                    d.id,
-                    n
-                );
-            }
+        // A full PML buffer goes to whoever started PML (`exits`); without
+        // one (PML was never started by a service) it is only reset.
+        reason::PML_FULL if d.pml_endpoint.is_none() => {
+            let _ = v.pml_swap();
             v.reinject_interrupted_event();
             Fast::Handled
         }

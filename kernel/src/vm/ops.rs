@@ -1,11 +1,12 @@
 //! What services may do to a domain's views and vCPU: EPT operations named
 //! by guest frame numbers (a service never sees a host-physical address),
-//! #VE and PML controls, and reading the dirty log. Policy (which gfn goes
-//! where, who may ask) is the caller's; these only do it.
+//! #VE and PML controls, and the record of memory the kernel wrote. Policy
+//! (which gfn goes where, who may ask, what is dirty) is the caller's;
+//! these only do it.
 
-use super::dirty::{DirtyLog, PML_START, drain_pml};
 use super::domain::Domain;
-use super::memory::{DomainTables, KernelTables, alloc_zeroed_frame};
+use super::memory::{DomainTables, KernelTables};
+use super::vcpu::{PML_START, PmlBuffers};
 use crate::sys::syscall::{ept_error, size_code};
 use ipc_schema::syscall::{EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp};
 use platform::PAGE_SIZE;
@@ -25,6 +26,16 @@ fn to_4k(ept: &mut Ept, tables: &mut DomainTables, gpa: u64) -> Result<(), EptOp
             .map_err(ept_error),
         _ => Ok(()),
     }
+}
+
+/// `count` gfns from `gfn`, inside the domain's RAM, as guest-physical
+/// [start, end).
+fn ram_range(d: &Domain, gfn: u64, count: u64) -> Result<(u64, u64), EptOpError> {
+    let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
+    if count == 0 || end.checked_mul(PAGE_SIZE).is_none_or(|e| e > d.ram_bytes) {
+        return Err(EptOpError::NotRam);
+    }
+    Ok((gfn * PAGE_SIZE, end * PAGE_SIZE))
 }
 
 /// Carries out one operation on domain `d`.
@@ -112,12 +123,9 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             perms,
         } => {
             // Holes in the range (the legacy VGA window) stay unmapped.
-            let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
-            if count == 0 || end.checked_mul(PAGE_SIZE).is_none_or(|e| e > d.ram_bytes) {
-                return Err(EptOpError::NotRam);
-            }
+            let (start, end) = ram_range(d, gfn, count)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
-            ept.protect_range(tables, gfn * PAGE_SIZE, end * PAGE_SIZE, ept_perms(perms))
+            ept.protect_range(tables, start, end, ept_perms(perms))
                 .map_err(ept_error)?;
             Ok(EptResult::Done)
         }
@@ -137,6 +145,25 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let gpa = ram(d, gfn)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             to_4k(ept, tables, gpa)?;
+            Ok(EptResult::Done)
+        }
+        EptOp::SplitRange { view, gfn, count } => {
+            let (start, end) = ram_range(d, gfn, count)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            ept.split_to_4k(tables, start, end).map_err(ept_error)?;
+            Ok(EptResult::Done)
+        }
+        EptOp::ClearDirty { view, gfn, count } => {
+            let (start, end) = ram_range(d, gfn, count)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            ept.take_accessed_dirty(tables, start, end, |_, _, _, _| {});
+            Ok(EptResult::Done)
+        }
+        EptOp::MarkDirty { view, gfn } => {
+            let gpa = ram(d, gfn)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            to_4k(ept, tables, gpa)?;
+            ept.set_dirty(tables, gpa).map_err(ept_error)?;
             Ok(EptResult::Done)
         }
         EptOp::Query { view, gfn } => {
@@ -165,8 +192,15 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
     }
 }
 
-/// #VE and PML for the domain's vCPU.
-pub fn vcpu_control(d: &mut Domain, op: VcpuOp, arg: u64) -> Result<(), SysError> {
+/// #VE and PML for the domain's vCPU. `pml`: for `PmlStart`, the two
+/// buffer frames and the endpoint (already checked against the caller's
+/// handles). Returns the values for RDI and RSI.
+pub fn vcpu_control(
+    d: &mut Domain,
+    op: VcpuOp,
+    arg: u64,
+    pml: Option<([u64; 2], u16)>,
+) -> Result<[u64; 2], SysError> {
     let (caps, f) = super::caps();
     match op {
         VcpuOp::VeEnable => {
@@ -197,80 +231,67 @@ pub fn vcpu_control(d: &mut Domain, op: VcpuOp, arg: u64) -> Result<(), SysError
             if !f.pml {
                 return Err(SysError::Unsupported);
             }
-            // Logging is per 4 KiB page, and only writes that set a dirty bit
-            // are logged: split every view to 4 KiB and clear the bits.
-            let ram = d.ram_bytes;
-            let (views, tables) = d.views.iter_mut();
-            for (_, v) in views {
-                v.ept
-                    .split_to_4k(tables, 0, ram)
-                    .map_err(|_| SysError::NoResources)?;
-                v.ept.take_accessed_dirty(tables, 0, ram, |_, _, _, _| {});
-            }
-            d.views.flush_all();
-            if d.dirty.is_none() {
-                d.dirty = Some(DirtyLog::new(ram).ok_or(SysError::NoResources)?);
-            }
+            let (frames, endpoint) = pml.ok_or(SysError::BadArgument)?;
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
             v.load().map_err(|_| SysError::Busy)?;
-            let buffer = match v.pml_buffer {
-                Some(b) => b,
-                None => alloc_zeroed_frame().ok_or(SysError::NoResources)?,
-            };
-            v.pml_buffer = Some(buffer);
-            // Safety: the VMCS is current; the buffer is a frame this vCPU owns.
+            // Safety: the VMCS is current; the frames are the caller's, not
+            // guest RAM and never to become any (checked by the caller).
             unsafe {
-                v.write(PML_ADDRESS, buffer);
+                v.write(PML_ADDRESS, frames[0]);
                 v.write(GUEST_PML_INDEX, PML_START);
             }
             if !v.set_secondary(caps, proc2::ENABLE_PML, true) {
                 return Err(SysError::Unsupported);
             }
-            if let Some(log) = d.dirty.as_mut() {
-                log.clear();
-                log.logging = true;
-            }
+            v.pml = Some(PmlBuffers { frames, active: 0 });
+            d.pml_endpoint = Some(endpoint);
         }
         VcpuOp::PmlStop => {
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
             v.load().map_err(|_| SysError::Busy)?;
-            if let Some(log) = d.dirty.as_mut() {
-                drain_pml(v, log);
-                log.logging = false;
-            }
             v.set_secondary(caps, proc2::ENABLE_PML, false);
+            v.pml = None;
+            d.pml_endpoint = None;
+        }
+        VcpuOp::PmlTake => {
+            let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
+            v.load().map_err(|_| SysError::Busy)?;
+            let (buffer, entries) = v.pml_swap().ok_or(SysError::BadArgument)?;
+            return Ok([u64::from(entries), u64::from(buffer)]);
+        }
+        VcpuOp::WritesLog => {
+            d.writes = (arg != 0).then(Default::default);
         }
     }
-    Ok(())
+    Ok([0, 0])
 }
 
-/// Takes up to `out.len()` dirty gfns (lowest first) and re-arms them, so
-/// that the next write to each is logged again. Returns (count, more).
-pub fn dirty_read(d: &mut Domain, out: &mut [u64]) -> Result<(usize, bool), SysError> {
-    let (Some(log), Some(v)) = (d.dirty.as_mut(), d.vcpu.as_mut()) else {
-        return Err(SysError::BadArgument);
-    };
-    if !log.logging {
-        return Err(SysError::BadArgument);
-    }
-    v.load().map_err(|_| SysError::Busy)?;
-    drain_pml(v, log);
-    let mut n = 0;
-    let more = log.take(out.len(), |g| {
-        out[n] = g;
-        n += 1;
-    });
-    for &g in &out[..n] {
-        let (views, tables) = d.views.iter_mut();
-        for (_, view) in views {
-            view.ept.take_accessed_dirty(
-                tables,
-                g * PAGE_SIZE,
-                (g + 1) * PAGE_SIZE,
-                |_, _, _, _| {},
-            );
+/// Takes the record of memory the kernel wrote for services into `out`,
+/// and the #VE information page while #VE is on (the CPU writes it around
+/// the EPT): (pairs written, whether some writes went unrecorded).
+pub fn take_writes(d: &mut Domain, out: &mut [[u64; 2]]) -> Result<(usize, bool), SysError> {
+    let ve_hpa = match d.vcpu.as_mut() {
+        Some(v) if v.secondary(proc2::EPT_VIOLATION_VE) => {
+            v.load().map_err(|_| SysError::Busy)?;
+            Some(v.read(VE_INFO_ADDRESS))
         }
+        _ => None,
+    };
+    let ve_info = ve_hpa.and_then(|hpa| d.gfn_of_frame(hpa & !(PAGE_SIZE - 1)));
+    let log = d.writes.as_mut().ok_or(SysError::BadArgument)?;
+    let n = log.runs.len().min(out.len());
+    for (o, &(gfn, pages)) in out.iter_mut().zip(log.runs.iter()) {
+        *o = [gfn, pages];
     }
-    d.views.flush_all();
-    Ok((n, more))
+    let rest: heapless::Vec<(u64, u64), 32> = log.runs.iter().skip(n).copied().collect();
+    log.runs = rest;
+    let overflow = core::mem::take(&mut log.overflow);
+    let mut written = n;
+    if let Some(g) = ve_info
+        && written < out.len()
+    {
+        out[written] = [g, 1];
+        written += 1;
+    }
+    Ok((written, overflow))
 }

@@ -104,8 +104,8 @@ pub struct Vcpu {
     /// [`Vcpu::active_view`] asks the VMCS).
     view: u16,
     vmfunc: bool,
-    /// The PML buffer, while logging.
-    pub pml_buffer: Option<u64>,
+    /// The two PML buffers, while logging (frames of a service's).
+    pub pml: Option<PmlBuffers>,
     /// Why the last VMLAUNCH/VMRESUME failed.
     pub vmx_error: Option<VmxError>,
     /// The frame holding the state VMX does not switch ([`super::cpustate`]).
@@ -190,7 +190,7 @@ impl Vcpu {
             tf_step: None,
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
-            pml_buffer: None,
+            pml: None,
             vmx_error: None,
             save_area,
             virtual_apic,
@@ -636,6 +636,11 @@ impl Vcpu {
         self.view = view;
     }
 
+    /// Whether secondary control `bits` are on.
+    pub fn secondary(&self, bits: u32) -> bool {
+        self.proc2 & bits == bits
+    }
+
     /// Turns a secondary control on or off (#VE, PML), returning whether the
     /// CPU allows it.
     pub fn set_secondary(&mut self, caps: &VmxCaps, bits: u32, on: bool) -> bool {
@@ -711,10 +716,43 @@ impl Vcpu {
         if let Some(page) = self.virtual_apic {
             super::memory::free_frame(page);
         }
-        if let Some(b) = self.pml_buffer {
-            super::memory::free_frame(b);
-        }
     }
+
+    /// Hands over the PML buffer the CPU was writing and gives it the other,
+    /// empty: (which buffer, entries in it). The VMCS must be current.
+    pub fn pml_swap(&mut self) -> Option<(u8, u16)> {
+        self.pml?;
+        let index = self.read(GUEST_PML_INDEX) as u16;
+        // The CPU decrements the index after each entry; past 0 it wraps to
+        // 0xffff (the buffer is full).
+        let entries = if index > PML_START as u16 {
+            512
+        } else {
+            PML_START as u16 - index
+        };
+        let pml = self.pml.as_mut()?;
+        let full = pml.active;
+        pml.active ^= 1;
+        let next = pml.frames[usize::from(pml.active)];
+        // Safety: the VMCS is current; the frame is one of the two the
+        // service gave for this vCPU's log (checked when PML was started),
+        // and 511 is the architectural start index.
+        unsafe {
+            self.write(PML_ADDRESS, next);
+            self.write(GUEST_PML_INDEX, PML_START);
+        }
+        Some((full, entries))
+    }
+}
+
+/// The PML index a fresh buffer starts at (entries fill downwards).
+pub const PML_START: u64 = 511;
+
+/// A vCPU's two PML buffers: the CPU writes `frames[active]`.
+#[derive(Clone, Copy, Debug)]
+pub struct PmlBuffers {
+    pub frames: [u64; 2],
+    pub active: u8,
 }
 
 /// Host state: this CPU's kernel segments, tables and control registers,

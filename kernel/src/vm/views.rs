@@ -161,17 +161,6 @@ impl Views {
         self.eptp_list
     }
 
-    /// Every view, for changes that concern them all (dirty logging), and
-    /// the domain's table memory.
-    pub fn iter_mut(&mut self) -> (impl Iterator<Item = (u16, &mut View)>, &mut DomainTables) {
-        let views = self
-            .slots
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, v)| v.as_mut().map(|v| (i as u16, v)));
-        (views, &mut self.tables)
-    }
-
     /// Frees every alternate view (a domain that ended keeps only its host
     /// p2m, for a look at its memory, until it is destroyed). Returns how
     /// many there were.
@@ -205,13 +194,6 @@ impl Views {
     pub fn flush(&self, view: u16) {
         if let Ok(eptp) = self.eptp(view) {
             self.flush_eptp(eptp);
-        }
-    }
-
-    /// Drops cached translations of every view.
-    pub fn flush_all(&self) {
-        for v in self.slots.iter().flatten() {
-            self.flush_eptp(v.ept.eptp(self.accessed_dirty));
         }
     }
 

@@ -508,6 +508,21 @@ impl Ept {
         Ok(())
     }
 
+    /// Sets the accessed and dirty bits of the leaf that maps `gpa` (a write
+    /// through it then sets no bit, and PML logs nothing). `NotMapped` if
+    /// nothing maps it.
+    pub fn set_dirty<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64) -> Result<(), EptError> {
+        check_gpa(gpa)?;
+        let walk = self.walk(mem, gpa);
+        match walk.kind() {
+            Kind::Leaf(_) => {
+                write(mem, walk.table(), walk.slot, walk.entry | ACCESSED | DIRTY);
+                Ok(())
+            }
+            _ => Err(EptError::NotMapped { gpa }),
+        }
+    }
+
     /// Replaces the large leaf that maps `gpa` with a table of 512 leaves of
     /// the next smaller size (1 GiB into 2 MiB, 2 MiB into 4 KiB) mapping the
     /// same frames with the same permissions, memory type, ignore-PAT,

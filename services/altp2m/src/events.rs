@@ -9,7 +9,7 @@
 //! with no listener the domain is stopped or kept waiting, per its policy,
 //! and the reason is logged.
 
-use crate::policy::{Altp2m, Kernel, fill_ops, raw};
+use crate::policy::{Altp2m, Kernel, fill, fill_ops, raw};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
@@ -171,6 +171,33 @@ impl Events {
             });
         }
         let populated = raw(k, id, view, gfn).ok().and_then(|r| r.0).is_some();
+        // LD-2: a write that only dirty tracking refused is logged (the
+        // frame marked dirtied, its entries writable again) and retried.
+        match alt.lift(k, id, view, gfn, access) {
+            Ok(false) => {}
+            Ok(true) => {
+                if !populated && fill(k, id, &alt.domains[&id], view, gfn).is_err() {
+                    defmt::error!(
+                        "altp2m: domain {=u16}: filling {=u64:#x} in view {=u16} after a tracked write failed",
+                        id,
+                        gpa,
+                        view
+                    );
+                    return reply(Response::CRASH);
+                }
+                return reply(Response::RETRY);
+            }
+            Err(e) => {
+                defmt::error!(
+                    "altp2m: domain {=u16}: a tracked write to {=u64:#x} in view {=u16} could not be let through ({}); domain stopped",
+                    id,
+                    gpa,
+                    view,
+                    e
+                );
+                return reply(Response::CRASH);
+            }
+        }
         let d = &alt.domains[&id];
         let effective = d.effective(view, gfn);
         // ALT-6: fill from the host p2m (with the view's settings). An entry
@@ -179,8 +206,9 @@ impl Events {
         // nobody here made), and retrying alone would fault for ever.
         if !populated || allows(effective.access, access) {
             let ops = fill_ops(d, view, gfn);
-            let mut out = [EptResult::Done; 2];
-            if k.ept(id, &ops, &mut out).is_err()
+            let mut out = [EptResult::Done; 3];
+            let out = &mut out[..ops.len()];
+            if k.ept(id, &ops, out).is_err()
                 || out.iter().any(|r| matches!(r, EptResult::Error(_)))
             {
                 defmt::error!(

@@ -6,7 +6,10 @@
 //! - `altp2m-guest`: in-guest agents' requests, forwarded by the vmm
 //!   (`AltRequest::Guest` only);
 //! - `altp2m`: external agents (the console for the host, other
-//!   services): view operations, modes, listeners and their answers.
+//!   services): view operations, modes, listeners and their answers;
+//! - `altp2m-track`: the logdirty service's tracking constraint
+//!   (`Track`, `DirtyTake`, `Rearm`; only there, so that no other client
+//!   can disarm the tracking a log depends on).
 //!
 //! It holds a `domains` handle with the views and vCPU-control rights, and
 //! nothing that reads or writes guest memory. With an `altp2m-events`
@@ -26,6 +29,7 @@
 extern crate alloc;
 
 use ipc_schema::altp2m::{ALTP2M, AltError, AltReply, AltRequest, EVENTS_PER_REPLY};
+use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
@@ -104,10 +108,6 @@ impl Kernel for System {
         sys::vcpu_control(self.domains, domain, vcpu, op, arg)
     }
 
-    fn dirty_read(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
-        sys::dirty_read(self.domains, domain, out)
-    }
-
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         sys::domain_info(self.domains, domain)
             .ok()
@@ -123,6 +123,7 @@ struct Server {
     violations: Handle,
     external: Handle,
     guest: Option<Handle>,
+    track: Option<Handle>,
     events_note: Option<Handle>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
@@ -166,11 +167,49 @@ impl Server {
         }
     }
 
+    /// Answers a request on the `altp2m-track` endpoint.
+    fn tracking(&mut self, request: AltRequest) -> AltReply {
+        match request {
+            AltRequest::Ping => AltReply::Pong,
+            AltRequest::Track { domain, range, how } => {
+                match self.alt.track(&mut self.system, domain, range, how) {
+                    Ok(()) => AltReply::Done,
+                    Err(e) => AltReply::Refused(e),
+                }
+            }
+            AltRequest::DirtyTake { domain, from } => {
+                match self
+                    .alt
+                    .dirty_take(&mut self.system, domain, from, RANGES_PER_REPLY)
+                {
+                    Ok((taken, next)) => {
+                        let mut ranges = BoundedVec::new();
+                        for (gfn, count) in taken {
+                            let _ = ranges.0.push(GfnRange { gfn, count });
+                        }
+                        AltReply::Dirtied { ranges, next }
+                    }
+                    Err(e) => AltReply::Refused(e),
+                }
+            }
+            AltRequest::Rearm { domain, ranges } => {
+                match self.alt.rearm(&mut self.system, domain, &ranges.0) {
+                    Ok(()) => AltReply::Done,
+                    Err(e) => AltReply::Refused(e),
+                }
+            }
+            _ => AltReply::Refused(AltError::WrongEndpoint),
+        }
+    }
+
     /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
     fn request(&mut self, request: AltRequest, badge: u64, guest_endpoint: bool) -> AltReply {
         let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
         match request {
             AltRequest::Ping => AltReply::Pong,
+            AltRequest::Track { .. } | AltRequest::DirtyTake { .. } | AltRequest::Rearm { .. } => {
+                AltReply::Refused(AltError::WrongEndpoint)
+            }
             AltRequest::Guest { .. } | AltRequest::GuestPage { .. } if !guest_endpoint => {
                 AltReply::Refused(AltError::WrongEndpoint)
             }
@@ -284,7 +323,7 @@ impl Service for Server {
     fn interface(&self, slot: Handle) -> Option<InterfaceId> {
         if slot == self.violations {
             Some(VMEXIT)
-        } else if slot == self.external || Some(slot) == self.guest {
+        } else if slot == self.external || Some(slot) == self.guest || Some(slot) == self.track {
             Some(ALTP2M)
         } else {
             None
@@ -316,6 +355,10 @@ impl Service for Server {
                 }
             };
         }
+        if Some(msg.slot) == self.track {
+            let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| self.tracking(r));
+            return ipc::encode_reply(&answer, reply);
+        }
         let guest_endpoint = Some(msg.slot) == self.guest;
         let answer = ipc::decode::<AltRequest>(msg.bytes)
             .map(|r| self.request(r, msg.badge, guest_endpoint));
@@ -341,6 +384,7 @@ fn main() -> ! {
     let violations = require("violations");
     let external = require("altp2m");
     let guest = handle("altp2m-guest");
+    let track = handle("altp2m-track");
     let system = System {
         domains: require("domains"),
         features: sys::vm_features(),
@@ -366,6 +410,7 @@ fn main() -> ! {
         violations,
         external,
         guest,
+        track,
         events_note: handle("altp2m-events"),
         domain_ends,
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
@@ -376,6 +421,7 @@ fn main() -> ! {
     let mask = (1 << violations)
         | (1 << external)
         | guest.map_or(0, |g| 1 << g)
+        | track.map_or(0, |t| 1 << t)
         | domain_ends.map_or(0, |n| 1 << n);
     ipc::serve(&mut server, mask)
 }

@@ -30,12 +30,14 @@
 //!   to what an empty model describes ([`Altp2m::reset`]).
 
 use crate::intervals::Intervals;
+use crate::tracking::Tracking;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use ipc_schema::hypercall::{
-    Access, Entry, Feature, HcError, MAX_DIRTY, MAX_VIEWS, Mode, Quota, Reply, Request,
+    Access, Entry, Feature, HcError, MAX_VIEWS, Mode, Quota, Reply, Request,
 };
-use ipc_schema::ipc::BoundedVec;
+use ipc_schema::logdirty::{GfnRange, Mechanism};
+use ipc_schema::altp2m::AltError;
 use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features};
 
 /// The kernel calls the service makes.
@@ -57,8 +59,6 @@ pub trait Kernel {
         op: VcpuOp,
         arg: u64,
     ) -> Result<(), SysError>;
-    /// Takes logged gfns into `out`: (how many, whether more remain).
-    fn dirty_read(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError>;
     /// A domain's state (a `DomainState` code) and its RAM in pages;
     /// `None` when there is no such domain.
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)>;
@@ -139,6 +139,9 @@ pub struct Domain {
     /// (frame gfn, view, gfn) for each change_gfn of a view: who remaps
     /// to each frame.
     pub remapped_to: BTreeSet<(u64, u16, u64)>,
+    /// Dirty tracking's constraint on the entries, while the logdirty
+    /// service tracks something ([`crate::tracking`]).
+    pub tracking: Option<Tracking>,
 }
 
 impl Default for Domain {
@@ -149,6 +152,7 @@ impl Default for Domain {
             mode: Mode::Mixed,
             views,
             remapped_to: BTreeSet::new(),
+            tracking: None,
         }
     }
 }
@@ -188,6 +192,37 @@ impl Domain {
     /// The effective entry of `gfn` in `view` (which exists): the host p2m
     /// with the view's settings applied (ALT-8).
     pub fn effective(&self, view: u16, gfn: u64) -> Entry {
+        let mut e = self.untracked(view, gfn);
+        let frame = e.frame_gfn.unwrap_or(gfn);
+        if self
+            .tracking
+            .as_ref()
+            .is_some_and(|t| t.blocks_write(view, gfn, frame))
+        {
+            e.access.write = false;
+        }
+        e
+    }
+
+    /// What the settings alone give a page of `view` that maps its own
+    /// frame (no change_gfn).
+    pub fn untracked_plain(&self, view: u16, gfn: u64) -> Access {
+        if view == 0 {
+            return self.host_access(gfn);
+        }
+        let v = &self.views[&view];
+        let own = v
+            .access
+            .get(gfn)
+            .map(|s| s.access)
+            .or(v.default)
+            .unwrap_or(ALL);
+        meet(own, self.host_access(gfn))
+    }
+
+    /// The effective entry apart from dirty tracking: what the settings
+    /// alone give.
+    pub fn untracked(&self, view: u16, gfn: u64) -> Entry {
         let v = &self.views[&view];
         // An external restriction is never reported inside the guest.
         let suppress_ve = self.external(view, gfn) || v.sve.get(&gfn).copied().unwrap_or(true);
@@ -340,9 +375,10 @@ fn is_ram(k: &mut impl Kernel, domain: u16, gfn: u64) -> Result<(), HcError> {
 }
 
 /// The operations that make `view`'s entry for `gfn` its effective one.
-pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> [EptOp; 2] {
+pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 3> {
     let e = d.effective(view, gfn);
-    [
+    let frame = e.frame_gfn.unwrap_or(gfn);
+    let mut ops: heapless::Vec<EptOp, 3> = heapless::Vec::from_slice(&[
         if view == 0 {
             EptOp::Protect {
                 view,
@@ -362,11 +398,20 @@ pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> [EptOp; 2] {
             gfn,
             suppress: e.suppress_ve,
         },
-    ]
+    ])
+    .unwrap_or_default();
+    if d
+        .tracking
+        .as_ref()
+        .is_some_and(|t| t.premark(view, gfn, frame))
+    {
+        let _ = ops.push(EptOp::MarkDirty { view, gfn });
+    }
+    ops
 }
 
 /// Writes the effective entry of `gfn` into `view`.
-fn fill(k: &mut impl Kernel, domain: u16, d: &Domain, view: u16, gfn: u64) -> Result<(), HcError> {
+pub fn fill(k: &mut impl Kernel, domain: u16, d: &Domain, view: u16, gfn: u64) -> Result<(), HcError> {
     run(k, domain, &fill_ops(d, view, gfn), view, gfn)
 }
 
@@ -822,29 +867,10 @@ impl Altp2m {
                 let _ = k.vcpu_control(domain, vcpu, VcpuOp::VeDisable, 0);
                 Ok(Reply::Done)
             }
-            Request::DirtyLogStart => {
-                need(k, vm_features::PML, Feature::PageModificationLogging)?;
-                k.vcpu_control(domain, vcpu, VcpuOp::PmlStart, 0)
-                    .map_err(|e| match e {
-                        SysError::Unsupported => HcError::Unsupported {
-                            feature: Feature::PageModificationLogging,
-                        },
-                        _ => HcError::OutOfMemory,
-                    })?;
-                Ok(Reply::Done)
-            }
-            Request::DirtyLogRead => {
-                let mut gfns = [0u64; MAX_DIRTY];
-                let (n, more) = k
-                    .dirty_read(domain, &mut gfns)
-                    .map_err(|_| HcError::NotLogging)?;
-                let mut v = BoundedVec::new();
-                let _ = v.0.extend_from_slice(&gfns[..n.min(MAX_DIRTY)]);
-                Ok(Reply::Dirty { gfns: v, more })
-            }
-            Request::DirtyLogStop => {
-                let _ = k.vcpu_control(domain, vcpu, VcpuOp::PmlStop, 0);
-                Ok(Reply::Done)
+            // Dirty logs are the logdirty service's (the vmm sends an
+            // in-guest agent's requests there).
+            Request::DirtyLogStart { .. } | Request::DirtyLogRead { .. } | Request::DirtyLogStop => {
+                Err(HcError::WrongService)
             }
         }
     }
@@ -901,67 +927,14 @@ impl Altp2m {
             }
             return Ok(());
         }
-        // A range: the entries the view holds change in place (large pages
-        // whole), then the pages whose effective access differs from the
-        // range's are written one by one.
+        // A range: the entries the views hold change in place (large pages
+        // whole), then the pages whose effective access differs from their
+        // run's are written one by one.
         if view == 0 {
-            run(
-                k,
-                domain,
-                &[EptOp::ProtectRange {
-                    view,
-                    gfn,
-                    count,
-                    perms: perms(access),
-                }],
-                view,
-                gfn,
-            )?;
-            for (&w, v) in d.views.iter().filter(|&(&w, _)| w != 0) {
-                // Where the view has no setting of its own, its copies get
-                // the new host access met with the view's default.
-                let own = v.default.unwrap_or(ALL);
-                let mut at = gfn;
-                for (s, e, setting) in v.access.overlapping(gfn, end) {
-                    protect_gap(k, domain, w, at, s, meet(own, access))?;
-                    protect_gap(k, domain, w, s, e, meet(setting.access, access))?;
-                    at = e;
-                }
-                protect_gap(k, domain, w, at, end, meet(own, access))?;
-                for (&g, _) in v.remap.range(gfn..end) {
-                    refresh(k, domain, d, w, g)?;
-                }
-                for (&g, _) in v.sve.range(gfn..end) {
-                    refresh(k, domain, d, w, g)?;
-                }
-            }
-            for &(_, w, g) in d.remapped_to.range((gfn, 0, 0)..(end, 0, 0)) {
-                refresh(k, domain, d, w, g)?;
-            }
-            // Whether the setting is external decides the suppress-#VE bit
-            // of the pages whose bit was cleared.
-            for (&g, _) in d.views[&0].sve.range(gfn..end).filter(|&(_, &s)| !s) {
-                refresh(k, domain, d, 0, g)?;
-            }
+            rewrite_range(k, domain, d, gfn, end)
         } else {
-            let v = &d.views[&view];
-            let mut at = gfn;
-            for (s, e, host) in d.views[&0].access.overlapping(gfn, end) {
-                protect_gap(k, domain, view, at, s, access)?;
-                protect_gap(k, domain, view, s, e, meet(access, host.access))?;
-                at = e;
-            }
-            protect_gap(k, domain, view, at, end, access)?;
-            for (&g, _) in v.remap.range(gfn..end) {
-                refresh(k, domain, d, view, g)?;
-            }
-            for (&g, &s) in v.sve.range(gfn..end) {
-                if !s || external {
-                    refresh(k, domain, d, view, g)?;
-                }
-            }
+            rewrite_view_range(k, domain, d, view, gfn, end)
         }
-        Ok(())
     }
 
     fn set_sve(
@@ -1006,35 +979,283 @@ impl Altp2m {
     }
 }
 
-/// Sets `perms` on the entries `view` holds in `[start, end)`.
-fn protect_gap(
+/// The runs of `[start, end)` over which `view`'s entries, where a page
+/// maps its own frame, all have one effective access (ALT-8 with dirty
+/// tracking): (start, end, access), in order. Pages a change_gfn remaps
+/// are the caller's to refresh one by one.
+pub fn runs(d: &Domain, view: u16, start: u64, end: u64) -> Vec<(u64, u64, Access)> {
+    let mut cuts: BTreeSet<u64> = BTreeSet::new();
+    cuts.insert(start);
+    cuts.insert(end);
+    let host = &d.views[&0].access;
+    for (s, e, _) in host.overlapping(start, end) {
+        cuts.insert(s);
+        cuts.insert(e);
+    }
+    if view != 0 {
+        for (s, e, _) in d.views[&view].access.overlapping(start, end) {
+            cuts.insert(s);
+            cuts.insert(e);
+        }
+    }
+    if let Some(t) = &d.tracking {
+        for (s, e, how) in t.ranges.overlapping(start, end) {
+            cuts.insert(s);
+            cuts.insert(e);
+            if how == Mechanism::WriteProtect {
+                // Dirtied frames have write back: cut where the marks change.
+                let mut was = None;
+                for f in s..e {
+                    let now = t.is_dirtied(f);
+                    if was.is_some_and(|w| w != now) {
+                        cuts.insert(f);
+                    }
+                    was = Some(now);
+                }
+            }
+        }
+    }
+    let mut out: Vec<(u64, u64, Access)> = Vec::new();
+    let points: Vec<u64> = cuts.into_iter().collect();
+    for w in points.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        let mut a = d.untracked_plain(view, s);
+        if d.tracking
+            .as_ref()
+            .is_some_and(|t| t.blocks_write(view, s, s))
+        {
+            a.write = false;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == s && last.2 == a => last.1 = e,
+            _ => out.push((s, e, a)),
+        }
+    }
+    out
+}
+
+/// Writes `view`'s entries over `[start, end)` as the model says: the runs
+/// in place (the entries it holds; holes stay holes), then each remapped
+/// page and each page with its own suppress-#VE setting.
+fn rewrite_view_range(
     k: &mut impl Kernel,
     domain: u16,
+    d: &Domain,
     view: u16,
     start: u64,
     end: u64,
-    a: Access,
 ) -> Result<(), HcError> {
-    if start >= end {
-        return Ok(());
-    }
-    // Unmapped gfns inside are skipped by the kernel; a range that ends in a
-    // hole is cut at the last RAM page.
-    let mut out = [EptResult::Done];
-    k.ept(
-        domain,
-        &[EptOp::ProtectRange {
+    let ops: Vec<EptOp> = runs(d, view, start, end)
+        .into_iter()
+        .map(|(s, e, a)| EptOp::ProtectRange {
             view,
-            gfn: start,
-            count: end - start,
+            gfn: s,
+            count: e - s,
             perms: perms(a),
-        }],
-        &mut out,
-    )
-    .map_err(|_| HcError::NoSuchView { view })?;
-    match out[0] {
-        EptResult::Error(EptOpError::NotRam) => Err(HcError::BadRange),
-        EptResult::Error(e) => Err(op_error(e, view, start)),
-        _ => Ok(()),
+        })
+        .collect();
+    run_ranges(k, domain, &ops, view)?;
+    let v = &d.views[&view];
+    for (&g, _) in v.remap.range(start..end) {
+        refresh(k, domain, d, view, g)?;
+    }
+    for (&g, _) in v.sve.range(start..end) {
+        refresh(k, domain, d, view, g)?;
+    }
+    Ok(())
+}
+
+/// Runs ProtectRange operations; a range that only reaches holes is not an
+/// error, one past the RAM is.
+fn run_ranges(k: &mut impl Kernel, domain: u16, ops: &[EptOp], view: u16) -> Result<(), HcError> {
+    for chunk in ops.chunks(ipc_schema::syscall::MAX_EPT_OPS) {
+        let mut out = [EptResult::Done; ipc_schema::syscall::MAX_EPT_OPS];
+        k.ept(domain, chunk, &mut out[..chunk.len()])
+            .map_err(|_| HcError::NoSuchView { view })?;
+        for r in &out[..chunk.len()] {
+            match r {
+                EptResult::Error(EptOpError::NotRam) => return Err(HcError::BadRange),
+                EptResult::Error(e) => return Err(op_error(*e, view, 0)),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The host p2m's facts changed over the frames `[start, end)` (an access
+/// setting of view 0, tracking): every view's entries there are written
+/// again, and every entry elsewhere that a change_gfn points into it.
+fn rewrite_range(
+    k: &mut impl Kernel,
+    domain: u16,
+    d: &Domain,
+    start: u64,
+    end: u64,
+) -> Result<(), HcError> {
+    for &view in d.views.keys() {
+        rewrite_view_range(k, domain, d, view, start, end)?;
+    }
+    for &(_, w, g) in d.remapped_to.range((start, 0, 0)..(end, 0, 0)) {
+        refresh(k, domain, d, w, g)?;
+    }
+    Ok(())
+}
+
+impl Altp2m {
+    /// Arms (`Some`) or disarms (`None`) dirty tracking of `range` for the
+    /// logdirty service ([`crate::tracking`]); the range's dirtied marks
+    /// are dropped (the caller took them first).
+    pub fn track(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        range: GfnRange,
+        how: Option<Mechanism>,
+    ) -> Result<(), AltError> {
+        let Some((0..=2, pages)) = k.domain_info(domain) else {
+            return Err(AltError::NoSuchDomain);
+        };
+        let end = range
+            .end()
+            .filter(|&e| range.count > 0 && e <= pages)
+            .ok_or(AltError::BadRange)?;
+        if (!self.domains.contains_key(&domain) || self.domains[&domain].tracking.is_none())
+            && !k.room()
+        {
+            return Err(AltError::OutOfMemory);
+        }
+        let d = self.domain(domain);
+        if d.tracking.is_none() {
+            if how.is_none() {
+                return Ok(());
+            }
+            d.tracking = Some(Tracking::new(pages).ok_or(AltError::OutOfMemory)?);
+        }
+        let t = d.tracking.as_mut().expect("made above");
+        t.ranges.set(range.gfn, end, how);
+        t.clear(range.gfn, end);
+        let d = &self.domains[&domain];
+        rewrite_range(k, domain, d, range.gfn, end).map_err(|_| AltError::OutOfMemory)?;
+        if how == Some(Mechanism::Pml) {
+            // PML logs a page per dirty bit it sets: 4 KiB entries in the
+            // host p2m (the views' are 4 KiB already), every bit clear.
+            // (Entries a change_gfn points into the range lost write above.)
+            let mut ops = alloc::vec![EptOp::SplitRange {
+                view: 0,
+                gfn: range.gfn,
+                count: range.count,
+            }];
+            ops.extend(d.views.keys().map(|&view| EptOp::ClearDirty {
+                view,
+                gfn: range.gfn,
+                count: range.count,
+            }));
+            run(k, domain, &ops, 0, range.gfn).map_err(|_| AltError::OutOfMemory)?;
+        }
+        let d = self.domain(domain);
+        if d.tracking.as_ref().is_some_and(Tracking::is_empty) {
+            d.tracking = None;
+        }
+        Ok(())
+    }
+
+    /// Takes up to `max` runs of frames a write lifted the protection of,
+    /// at or after `from`, protecting them again.
+    pub fn dirty_take(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<(u64, u64)>, Option<u64>), AltError> {
+        let Some(t) = self.domains.get_mut(&domain).and_then(|d| d.tracking.as_mut()) else {
+            return Ok((Vec::new(), None));
+        };
+        let (taken, next) = t.take(from, max);
+        let d = &self.domains[&domain];
+        for &(s, n) in &taken {
+            rewrite_range(k, domain, d, s, s + n).map_err(|_| AltError::OutOfMemory)?;
+        }
+        Ok((taken, next))
+    }
+
+    /// PML: clears the dirty bits of the entries of `ranges` in every
+    /// view, so that the next write to each is logged again. Entries a
+    /// change_gfn remaps are left alone (tracking protects them instead).
+    pub fn rearm(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        ranges: &[GfnRange],
+    ) -> Result<(), AltError> {
+        let Some((0..=2, pages)) = k.domain_info(domain) else {
+            return Err(AltError::NoSuchDomain);
+        };
+        let mut ops: Vec<EptOp> = Vec::new();
+        let empty = Domain::default();
+        let d = self.domains.get(&domain).unwrap_or(&empty);
+        for r in ranges {
+            let end = r
+                .end()
+                .filter(|&e| r.count > 0 && e <= pages)
+                .ok_or(AltError::BadRange)?;
+            for (&view, v) in &d.views {
+                let mut at = r.gfn;
+                for (&g, _) in v.remap.range(r.gfn..end) {
+                    if g > at {
+                        ops.push(EptOp::ClearDirty {
+                            view,
+                            gfn: at,
+                            count: g - at,
+                        });
+                    }
+                    at = g + 1;
+                }
+                if end > at {
+                    ops.push(EptOp::ClearDirty {
+                        view,
+                        gfn: at,
+                        count: end - at,
+                    });
+                }
+            }
+        }
+        run(k, domain, &ops, 0, 0).map_err(|_| AltError::OutOfMemory)
+    }
+
+    /// A write fault of `view` at `gfn` that only dirty tracking refused:
+    /// the frame is marked dirtied and every entry that maps it gets write
+    /// back (the vCPU retries). `false` when tracking is not the reason.
+    pub fn lift(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+        access: ipc_schema::vmexit::AccessBits,
+    ) -> Result<bool, HcError> {
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return Ok(false);
+        };
+        if !access.write || !d.views.contains_key(&view) {
+            return Ok(false);
+        }
+        let plain = d.untracked(view, gfn);
+        let frame = plain.frame_gfn.unwrap_or(gfn);
+        let allowed = (!access.read || plain.access.read)
+            && plain.access.write
+            && (!access.execute || plain.access.execute);
+        let Some(t) = d.tracking.as_mut() else {
+            return Ok(false);
+        };
+        if !allowed || !t.blocks_write(view, gfn, frame) {
+            return Ok(false);
+        }
+        t.set_dirtied(frame);
+        let d = &self.domains[&domain];
+        refresh(k, domain, d, 0, frame)?;
+        propagate(k, domain, d, frame)?;
+        Ok(true)
     }
 }

@@ -9,6 +9,7 @@ use crate::policy::{Agent, Altp2m, Kernel, Quotas, Reset};
 use ipc_schema::altp2m::{Action, AltError, NoListener};
 use ipc_schema::hypercall::{Access, Entry, Feature, HcError, Mode, Quota, Reply, Request};
 use ipc_schema::ipc::BoundedVec;
+use ipc_schema::logdirty::{GfnRange, Mechanism};
 use ipc_schema::syscall::{
     EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features,
 };
@@ -43,8 +44,6 @@ struct Model {
     views: BTreeMap<u16, View>,
     /// vCPU 0's view.
     active: u16,
-    logging: bool,
-    dirty: BTreeSet<u64>,
     /// EPT entries written (each Map, Protect and page of a ProtectRange).
     writes: u64,
     /// Domain D's state (a `DomainState` code).
@@ -59,6 +58,8 @@ struct View {
     map: BTreeMap<u64, (u64, Perms)>,
     /// gfns whose suppress-#VE bit is clear (present or not).
     ve: BTreeSet<u64>,
+    /// gfns whose entry has its dirty bit set.
+    dirty: BTreeSet<u64>,
     visible: bool,
 }
 
@@ -72,8 +73,6 @@ impl Model {
             features,
             views: BTreeMap::from([(0, host)]),
             active: 0,
-            logging: false,
-            dirty: BTreeSet::new(),
             writes: 0,
             state: 1,
             room: true,
@@ -112,11 +111,9 @@ impl Model {
                     return Err(EptOpError::HostView);
                 }
                 let frame = self.views[&0].map[&from_gfn].0;
-                self.views
-                    .get_mut(&view)
-                    .unwrap()
-                    .map
-                    .insert(gfn, (frame, perms));
+                let v = self.views.get_mut(&view).unwrap();
+                v.map.insert(gfn, (frame, perms));
+                v.dirty.remove(&gfn);
                 self.writes += 1;
             }
             EptOp::Unmap { view, gfn } => {
@@ -164,6 +161,28 @@ impl Model {
                 }
             }
             EptOp::Split { gfn, .. } => ram(gfn)?,
+            EptOp::SplitRange { gfn, count, .. } => {
+                let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
+                if count == 0 || end > RAM {
+                    return Err(EptOpError::NotRam);
+                }
+            }
+            EptOp::ClearDirty { view, gfn, count } => {
+                let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
+                if count == 0 || end > RAM {
+                    return Err(EptOpError::NotRam);
+                }
+                let v = self.views.get_mut(&view).unwrap();
+                v.dirty.retain(|g| !(gfn..end).contains(g));
+            }
+            EptOp::MarkDirty { view, gfn } => {
+                ram(gfn)?;
+                let v = self.views.get_mut(&view).unwrap();
+                if !v.map.contains_key(&gfn) {
+                    return Err(EptOpError::NotMapped);
+                }
+                v.dirty.insert(gfn);
+            }
             EptOp::Query { view, gfn } => {
                 let v = &self.views[&view];
                 let mapped = v.map.get(&gfn).map(|&(frame_gfn, perms)| EptEntry {
@@ -237,27 +256,8 @@ impl Kernel for Model {
         match op {
             VcpuOp::VeEnable if self.features & vm_features::VE == 0 => Err(SysError::Unsupported),
             VcpuOp::VeEnable if !is_ram(arg) => Err(SysError::BadArgument),
-            VcpuOp::PmlStart => {
-                self.logging = true;
-                Ok(())
-            }
-            VcpuOp::PmlStop => {
-                self.logging = false;
-                Ok(())
-            }
             _ => Ok(()),
         }
-    }
-    fn dirty_read(&mut self, _: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
-        if !self.logging {
-            return Err(SysError::BadArgument);
-        }
-        let taken: Vec<u64> = self.dirty.iter().copied().take(out.len()).collect();
-        for (i, g) in taken.iter().enumerate() {
-            out[i] = *g;
-            self.dirty.remove(g);
-        }
-        Ok((taken.len(), !self.dirty.is_empty()))
     }
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         (domain == D).then_some((self.state, RAM))
@@ -676,10 +676,12 @@ fn without_ve_or_pml_the_requests_say_which_feature_is_missing() {
         })
     );
     assert_eq!(
-        r.guest(Request::DirtyLogStart),
-        Reply::Error(HcError::Unsupported {
-            feature: Feature::PageModificationLogging
-        })
+        r.guest(Request::DirtyLogStart {
+            range: None,
+            mode: ipc_schema::logdirty::DirtyMode::Auto
+        }),
+        Reply::Error(HcError::WrongService),
+        "dirty logs are the logdirty service's"
     );
     let v = r.view();
     assert_eq!(
@@ -832,6 +834,14 @@ enum Op {
         gfn: u64,
         access: Access,
     },
+    /// Dirty tracking armed (`Some`) or disarmed over a range (LD-2..LD-4).
+    Track {
+        gfn: u64,
+        count: u64,
+        how: Option<Mechanism>,
+    },
+    /// The logdirty service takes the dirtied frames.
+    Take,
     Switch(usize),
 }
 
@@ -858,6 +868,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (v.clone(), gfn(), any::<bool>()).prop_map(|(view, gfn, suppress)| Op::Sve { view, gfn, suppress }),
         5 => (v.clone(), gfn(), access()).prop_map(|(view, gfn, access)| Op::Touch { view, gfn, access }),
         1 => v.prop_map(Op::Switch),
+        2 => (0..RAM + 2, 0u64..20, proptest::option::of(prop_oneof![Just(Mechanism::Pml), Just(Mechanism::WriteProtect)])).prop_map(|(gfn, count, how)| Op::Track { gfn, count, how }),
+        1 => Just(Op::Take),
     ]
 }
 
@@ -873,6 +885,10 @@ struct RefView {
 #[derive(Clone, Default)]
 struct Reference {
     views: BTreeMap<u16, RefView>,
+    /// Tracked frames and their mechanism.
+    tracked: BTreeMap<u64, Mechanism>,
+    /// Frames written since their tracking was armed or taken.
+    dirtied: BTreeSet<u64>,
 }
 
 fn meet(a: Access, b: Access) -> Access {
@@ -911,8 +927,28 @@ impl Reference {
             .unwrap_or((Access::RWX, false))
     }
 
+    /// Whether tracking takes write from `view`'s entry for `gfn` (mapping
+    /// `frame`).
+    fn blocks(&self, view: u16, gfn: u64, frame: u64) -> bool {
+        !self.dirtied.contains(&frame)
+            && match self.tracked.get(&frame) {
+                Some(Mechanism::WriteProtect) => true,
+                Some(Mechanism::Pml) => view != 0 && frame != gfn,
+                None => false,
+            }
+    }
+
     /// The entry the guest must get for `gfn` in `view`.
     fn expected(&self, view: u16, gfn: u64) -> Entry {
+        let mut e = self.untracked(view, gfn);
+        if self.blocks(view, gfn, e.frame_gfn.unwrap()) {
+            e.access.write = false;
+        }
+        e
+    }
+
+    /// The entry from the settings alone.
+    fn untracked(&self, view: u16, gfn: u64) -> Entry {
         let v = &self.views[&view];
         let frame = if view == 0 {
             gfn
@@ -946,6 +982,20 @@ fn check(r: &Rig, reference: &Reference) -> Result<(), TestCaseError> {
             let have = domain.effective(view, gfn);
             prop_assert_eq!(have, want, "effective entry of {} in view {}", gfn, view);
             let table = &r.k.views[&view];
+            let frame = want.frame_gfn.unwrap();
+            if table.map.contains_key(&gfn)
+                && view != 0
+                && frame != gfn
+                && reference.tracked.get(&frame) == Some(&Mechanism::Pml)
+                && reference.dirtied.contains(&frame)
+            {
+                prop_assert!(
+                    table.dirty.contains(&gfn),
+                    "LD-4: the lifted remapped entry {} of view {} has its dirty bit set (PML must not log it)",
+                    gfn,
+                    view
+                );
+            }
             let sve = !table.ve.contains(&gfn);
             match table.map.get(&gfn) {
                 Some(&(frame, perms)) => {
@@ -1142,16 +1192,61 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                 prop_assert_eq!(outcome, crash());
                 return Ok(());
             }
+            let allows = |a: Access| {
+                (!access.read || a.read) && (!access.write || a.write) && (!access.execute || a.execute)
+            };
             let want = reference.expected(view, gfn);
-            let allowed = (!access.read || want.access.read)
-                && (!access.write || want.access.write)
-                && (!access.execute || want.access.execute);
-            prop_assert_eq!(outcome, if allowed { retry() } else { crash() });
+            let plain = reference.untracked(view, gfn);
+            let frame = plain.frame_gfn.unwrap();
+            if access.write && allows(plain.access) && reference.blocks(view, gfn, frame) {
+                // LD-2: a write only tracking refused is logged and let through.
+                reference.dirtied.insert(frame);
+                prop_assert_eq!(outcome, retry());
+            } else {
+                prop_assert_eq!(outcome, if allows(want.access) { retry() } else { crash() });
+            }
             prop_assert!(r.k.views[&view].map.contains_key(&gfn), "filled");
         }
         Op::Switch(i) => {
             let view = pick(i);
             prop_assert_eq!(r.guest(Request::ViewSwitch { view }), Reply::Done);
+        }
+        Op::Track { gfn, count, how } => {
+            let result = r.alt.track(&mut r.k, D, GfnRange { gfn, count }, how);
+            if count == 0 || gfn + count > RAM {
+                prop_assert_eq!(result, Err(AltError::BadRange));
+            } else {
+                prop_assert_eq!(result, Ok(()));
+                for g in gfn..gfn + count {
+                    match how {
+                        Some(m) => reference.tracked.insert(g, m),
+                        None => reference.tracked.remove(&g),
+                    };
+                    reference.dirtied.remove(&g);
+                }
+                if how == Some(Mechanism::Pml) {
+                    // Every view's dirty bits are clear over the range, but
+                    // those of the remapped entries a write lifted (set again).
+                    for (&w, v) in &r.k.views {
+                        for &g in v.dirty.range(gfn..gfn + count) {
+                            let frame = v.map[&g].0;
+                            prop_assert!(
+                                w != 0 && frame != g && reference.dirtied.contains(&frame),
+                                "dirty bit of {} in view {} left set by tracking",
+                                g,
+                                w
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Op::Take => {
+            let (runs, next) = r.alt.dirty_take(&mut r.k, D, 0, 1000).unwrap();
+            prop_assert_eq!(next, None);
+            let taken: BTreeSet<u64> = runs.iter().flat_map(|&(s, n)| s..s + n).collect();
+            prop_assert_eq!(&taken, &reference.dirtied, "the dirtied frames");
+            reference.dirtied.clear();
         }
     }
     Ok(())
