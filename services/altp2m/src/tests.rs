@@ -1741,3 +1741,93 @@ fn a_page_is_what_the_guest_sees_in_its_view() {
         Err(HcError::BadGfn { .. })
     ));
 }
+
+// Dirty tracking (issue 10: LD-2..LD-4).
+
+fn write() -> Access {
+    Access {
+        read: false,
+        write: true,
+        execute: false,
+    }
+}
+
+#[test]
+fn a_write_through_a_remapped_entry_is_credited_to_the_frame_and_pml_does_not_log_the_gfn() {
+    // LD-4: in view v, gfn A maps the frame of gfn B; PML tracks B.
+    let (a, b) = (3, 9);
+    let mut r = Rig::new();
+    let v = r.view();
+    assert_eq!(
+        r.guest(Request::ChangeGfn {
+            view: v,
+            gfn: a,
+            to: Some(b)
+        }),
+        Reply::Done
+    );
+    r.alt
+        .track(&mut r.k, D, GfnRange { gfn: b, count: 1 }, Some(Mechanism::Pml))
+        .unwrap();
+    // The guest's first touch fills A in v without write (tracking).
+    assert_eq!(r.touch(v, a, Access::R), retry());
+    assert!(!r.k.views[&v].map[&a].1.write, "protected until written");
+    // The write faults, is credited to B, and the entry gets write with its
+    // dirty bit set (PML will not log A).
+    assert_eq!(r.touch(v, a, write()), retry());
+    let entry = r.k.views[&v].map[&a];
+    assert_eq!(entry.0, b);
+    assert!(entry.1.write);
+    assert!(r.k.views[&v].dirty.contains(&a), "dirty bit preset");
+    let (taken, next) = r.alt.dirty_take(&mut r.k, D, 0, 8).unwrap();
+    assert_eq!((taken, next), (std::vec![(b, 1)], None));
+    assert!(!r.k.views[&v].map[&a].1.write, "protected again once taken");
+    // Re-arming B's range leaves the remapped entry alone.
+    r.alt.rearm(&mut r.k, D, &[GfnRange { gfn: a, count: 1 }]).unwrap();
+    // View 0's own entries keep write under PML.
+    assert_eq!(r.touch(0, b, write()), retry());
+    assert!(r.k.views[&0].map[&b].1.write);
+}
+
+#[test]
+fn write_protection_logs_each_frame_once_until_taken_in_every_view() {
+    let mut r = Rig::new();
+    let v = r.view();
+    r.alt
+        .track(&mut r.k, D, GfnRange { gfn: 4, count: 8 }, Some(Mechanism::WriteProtect))
+        .unwrap();
+    assert!(!r.k.views[&0].map[&5].1.write, "armed in view 0");
+    // A write in view v lifts the frame in both views.
+    assert_eq!(r.touch(v, 5, write()), retry());
+    assert!(r.k.views[&0].map[&5].1.write && r.k.views[&v].map[&5].1.write);
+    assert!(!r.k.views[&0].map[&6].1.write, "the neighbour stays armed");
+    // A write tracking did not refuse is not a logging fault: a read-only
+    // setting of the host's still stops the domain without a listener.
+    r.host(Request::SetAccess {
+        view: 0,
+        gfn: 7,
+        access: Access::R,
+    });
+    assert_eq!(r.touch(0, 7, write()), crash());
+    let (taken, _) = r.alt.dirty_take(&mut r.k, D, 0, 8).unwrap();
+    assert_eq!(taken, std::vec![(5, 1)]);
+    assert!(!r.k.views[&0].map[&5].1.write, "armed again");
+    // Disarming gives write back everywhere the settings allow it.
+    r.alt
+        .track(&mut r.k, D, GfnRange { gfn: 4, count: 8 }, None)
+        .unwrap();
+    assert!(r.k.views[&0].map[&6].1.write);
+    assert!(!r.k.views[&0].map[&7].1.write, "the host's own setting stays");
+    assert!(r.alt.domains[&D].tracking.is_none(), "nothing kept once nothing is tracked");
+    // Bad ranges.
+    for (gfn, count) in [(0, 0), (RAM - 1, 2), (u64::MAX, 2)] {
+        assert_eq!(
+            r.alt.track(&mut r.k, D, GfnRange { gfn, count }, Some(Mechanism::Pml)),
+            Err(AltError::BadRange)
+        );
+    }
+    assert_eq!(
+        r.alt.track(&mut r.k, 7, GfnRange { gfn: 0, count: 1 }, None),
+        Err(AltError::NoSuchDomain)
+    );
+}
