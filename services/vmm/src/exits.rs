@@ -5,10 +5,12 @@
 //! It emulates what a multiboot test guest needs: CPUID with VMX hidden and
 //! Parallax's leaves added, a 16550 console at 0x3f8 (lines go to the log),
 //! the exit port 0xf4, a few MSRs, and HLT. It answers the service
-//! hypercalls itself and forwards request hypercalls to the altp2m service.
+//! hypercalls itself and forwards request hypercalls to the altp2m service
+//! (dirty-log requests to the logdirty service).
 //! An exit it cannot make sense of stops the domain, saying why.
 
 use ipc_schema::altp2m::{AltReply, AltRequest};
+use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
     HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
@@ -48,6 +50,47 @@ pub trait Env {
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool;
     /// Calls the altp2m service; `None` when it cannot be reached.
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
+    /// Calls the logdirty service; `None` when it cannot be reached.
+    fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply>;
+}
+
+/// The log number an in-guest agent's dirty log has at the logdirty
+/// service (one per domain, under the vmm's badge).
+pub const AGENT_LOG: u32 = 0;
+
+/// An in-guest agent's dirty-log request, as the logdirty service's
+/// (docs/logdirty.md); `None` for every other request.
+fn dirty_request(domain: u16, r: &Request) -> Option<LdRequest> {
+    Some(match *r {
+        Request::DirtyLogStart { range, mode } => LdRequest::Start {
+            domain,
+            log: AGENT_LOG,
+            range,
+            mode,
+        },
+        Request::DirtyLogRead { from, clear } => LdRequest::Read {
+            domain,
+            log: AGENT_LOG,
+            from,
+            clear,
+        },
+        Request::DirtyLogStop => LdRequest::Stop {
+            domain,
+            log: AGENT_LOG,
+        },
+        _ => return None,
+    })
+}
+
+/// The logdirty service's answer as the guest gets it.
+fn dirty_reply(reply: Option<LdReply>) -> Reply {
+    match reply {
+        Some(LdReply::Started { mechanism, .. }) => Reply::DirtyStarted(mechanism),
+        Some(LdReply::Dirty { ranges, next }) => Reply::Dirty { ranges, next },
+        Some(LdReply::Done | LdReply::Status { .. }) => Reply::Done,
+        Some(LdReply::Error(e)) => Reply::Error(HcError::DirtyLog(e)),
+        None => Reply::Error(HcError::ServiceUnavailable),
+    }
 }
 
 /// One domain's emulated devices.
@@ -337,6 +380,9 @@ impl Vmm {
             // receives its own): nothing to do but go on.
             ExitKind::MonitorTrap => Response::RETRY,
             // A new domain: fresh devices, whatever a domain of this id had.
+            // Goes to the service that started PML; here only if the kernel
+            // had nowhere else to send it: nothing to read, go on.
+            ExitKind::PmlFull { .. } => Response::RETRY,
             ExitKind::Start => {
                 if self.forget(env, id) {
                     defmt::info!(
@@ -623,13 +669,17 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
         Ok((r, [])) => r,
         _ => return Status::Malformed,
     };
-    let reply = match env.altp2m(&AltRequest::Guest {
-        domain: exit.domain,
-        vcpu: exit.vcpu,
-        request,
-    }) {
-        Some(AltReply::Reply(r)) => r,
-        _ => Reply::Error(HcError::ServiceUnavailable),
+    let reply = if let Some(r) = dirty_request(exit.domain, &request) {
+        dirty_reply(env.logdirty(&r))
+    } else {
+        match env.altp2m(&AltRequest::Guest {
+            domain: exit.domain,
+            vcpu: exit.vcpu,
+            request,
+        }) {
+            Some(AltReply::Reply(r)) => r,
+            _ => Reply::Error(HcError::ServiceUnavailable),
+        }
     };
     if let Reply::Error(e) = reply {
         defmt::debug!("domain {=u16}: hypercall refused: {}", exit.domain, e);

@@ -12,6 +12,7 @@
 #![no_main]
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
+use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
 use ipc_schema::syscall::Handle;
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
@@ -25,6 +26,8 @@ service_runtime::interfaces!(VMEXIT);
 struct System {
     domains: Handle,
     altp2m: Client,
+    /// The logdirty service, for in-guest agents' dirty logs (optional).
+    logdirty: Option<Client>,
     /// The last call to altp2m failed (its failures are logged when this
     /// changes, not once per hypercall a guest makes).
     altp2m_failing: bool,
@@ -66,6 +69,20 @@ impl Env for System {
 
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool {
         sys::domain_write(self.domains, domain, gpa, bytes).is_ok()
+    }
+
+    fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
+        let client = self.logdirty.as_mut()?;
+        match client.call::<_, LdReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!(
+                    "vmm: the logdirty service did not answer ({}); the guest's dirty-log request gets ServiceUnavailable",
+                    e
+                );
+                None
+            }
+        }
     }
 
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
@@ -136,6 +153,7 @@ fn main() -> ! {
     let system = System {
         domains: require("domains"),
         altp2m: Client::new(require("altp2m-guest"), ALTP2M),
+        logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
         altp2m_failing: false,
         features: sys::vm_features(),
     };

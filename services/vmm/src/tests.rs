@@ -20,6 +20,8 @@ struct Fake {
     lines: Vec<(u16, Vec<u8>)>,
     memory: Vec<u8>,
     asked: Vec<AltRequest>,
+    /// What the logdirty service was asked.
+    dirty_asked: Vec<ipc_schema::logdirty::LdRequest>,
     altp2m_down: bool,
     tsc: u64,
     /// What the altp2m service says of a page in a view, where the
@@ -104,6 +106,28 @@ impl Env for Fake {
             }
             // The vmm forwards in-guest requests only.
             _ => AltReply::Refused(ipc_schema::altp2m::AltError::WrongEndpoint),
+        })
+    }
+    fn logdirty(
+        &mut self,
+        request: &ipc_schema::logdirty::LdRequest,
+    ) -> Option<ipc_schema::logdirty::LdReply> {
+        use ipc_schema::logdirty::{GfnRange, LdError, LdReply, LdRequest, Mechanism};
+        self.dirty_asked.push(request.clone());
+        Some(match *request {
+            LdRequest::Start { .. } => LdReply::Started {
+                mechanism: Mechanism::Pml,
+                range: GfnRange { gfn: 0, count: 16 },
+            },
+            LdRequest::Read { .. } => LdReply::Dirty {
+                ranges: ipc_schema::ipc::BoundedVec(
+                    heapless::Vec::from_slice(&[GfnRange { gfn: 2, count: 3 }]).unwrap(),
+                ),
+                next: None,
+            },
+            LdRequest::Stop { .. } | LdRequest::Status { .. } => {
+                LdReply::Error(LdError::NotLogging)
+            }
         })
     }
 }
@@ -460,7 +484,14 @@ fn request_hypercalls_go_to_altp2m_and_the_reply_lands_in_guest_memory() {
 fn bad_request_hypercalls_are_refused_without_asking_altp2m() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     // Crossing a page.
-    let mut regs = request_at(&mut env, 0x1ffe, &Request::DirtyLogRead);
+    let mut regs = request_at(
+        &mut env,
+        0x1ffe,
+        &Request::DirtyLogRead {
+            from: 0,
+            clear: true,
+        },
+    );
     regs.rcx = 8;
     assert_eq!(
         hypercall(&mut vmm, &mut env, regs).rax,
@@ -673,4 +704,62 @@ fn request_pages_are_reached_through_the_callers_view() {
     let reply: Reply = postcard::from_bytes(&env.memory[0x2100..0x2100 + r.rbx as usize]).unwrap();
     assert_eq!(reply, Reply::View(1));
     assert!(env.memory[0x1000..0x2000].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn an_agents_dirty_log_requests_go_to_the_logdirty_service_as_its_domains_log() {
+    use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, LdRequest, Mechanism};
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let start = Request::DirtyLogStart {
+        range: Some(GfnRange { gfn: 0, count: 16 }),
+        mode: DirtyMode::Auto,
+    };
+    let regs = request_at(&mut env, 0x1000, &start);
+    let out = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(out.rax, Status::Ok as u64);
+    assert_eq!(
+        read_reply(&env, 0x1000, out.rbx),
+        Reply::DirtyStarted(Mechanism::Pml)
+    );
+    let regs = request_at(
+        &mut env,
+        0x1000,
+        &Request::DirtyLogRead {
+            from: 0,
+            clear: true,
+        },
+    );
+    let out = hypercall(&mut vmm, &mut env, regs);
+    match read_reply(&env, 0x1000, out.rbx) {
+        Reply::Dirty { ranges, next: None } => {
+            assert_eq!(ranges.0.as_slice(), &[GfnRange { gfn: 2, count: 3 }])
+        }
+        other => panic!("{other:?}"),
+    }
+    let regs = request_at(&mut env, 0x1000, &Request::DirtyLogStop);
+    let out = hypercall(&mut vmm, &mut env, regs);
+    assert_eq!(out.rax, Status::Refused as u64);
+    assert_eq!(
+        read_reply(&env, 0x1000, out.rbx),
+        Reply::Error(HcError::DirtyLog(LdError::NotLogging))
+    );
+    assert!(
+        env.asked
+            .iter()
+            .all(|r| matches!(r, AltRequest::GuestPage { .. })),
+        "altp2m is only asked what the request page is"
+    );
+    assert_eq!(
+        env.dirty_asked[0],
+        LdRequest::Start {
+            domain: 3,
+            log: crate::exits::AGENT_LOG,
+            range: Some(GfnRange { gfn: 0, count: 16 }),
+            mode: DirtyMode::Auto
+        }
+    );
+}
+
+fn read_reply(env: &Fake, gpa: usize, len: u64) -> Reply {
+    postcard::from_bytes(&env.memory[gpa..gpa + len as usize]).unwrap()
 }
