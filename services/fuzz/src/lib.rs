@@ -307,7 +307,7 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::EPT_OPS,
         nr::VCPU_SET_VIEW,
         nr::VCPU_CONTROL,
-        nr::DIRTY_READ,
+        nr::DOMAIN_WRITES,
         nr::DOMAIN_WATCH,
         nr::IO_IN,
         nr::IO_OUT,

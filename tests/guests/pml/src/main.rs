@@ -1,28 +1,39 @@
-//! Dirty-page logging: every page the guest writes after `DirtyLogStart`
-//! must be reported by `DirtyLogRead`.
+//! Dirty-page logs, as an in-guest agent gets them from the logdirty
+//! service (LD-1..LD-4; docs/logdirty.md): the same write pattern logged by
+//! PML and by write-protection, exactly, with views active.
 //!
-//! 1. `Capabilities`; without PML: `PML absent on this CPU`, status 0.
-//! 2. `DirtyLogStart`.
-//! 3. Writes one byte to each of 600 distinct pages of a page-aligned
-//!    static (more than the 512 entries of one PML buffer, so the
-//!    hypervisor sees at least one buffer-full exit), and one byte to each
-//!    of 8 pages spread over a 2 MiB-aligned 2 MiB static (a region the
-//!    hypervisor may map with one large page: each write must still be
-//!    logged as its own 4 KiB gfn).
-//! 4. `DirtyLogRead` until `more` is false, collecting the gfns (duplicates
-//!    and extra gfns, such as the stack and the request page, are fine).
-//! 5. Checks that every written page's gfn was reported, then
-//!    `DirtyLogStop`.
+//! For each mechanism of the command line's `mode=` (`both`, the default:
+//! PML then write-protection; `pml`, `wp`, `auto`):
 //!
-//! Prints `pml: wrote N pages, hypervisor reported M gfns, all written
-//! pages present` and exits 0, or lists the first missing gfns and exits 1.
-//! On plain QEMU the first hypercall raises #UD (status 0xEE).
+//! 1. With VMFUNC: view v where gfn A (page 0 of the buffer) maps the frame
+//!    of gfn B (the buffer's last page), visible to VMFUNC.
+//! 2. `DirtyLogStart` over a range holding the buffer and a 2 MiB-aligned
+//!    area (one the hypervisor may map with a large page).
+//! 3. Round 1: one byte into each of the buffer's pages 1..599 (more than
+//!    one 512-entry PML buffer), into 8 pages spread over the 2 MiB area,
+//!    and, switched to view v by VMFUNC, into A (B's contents change);
+//!    back to view 0.
+//! 4. A peek, then a read-and-clear: both must be exactly the pages
+//!    written (B, not A) within the buffer and the area; a read after that
+//!    finds none of them (cleared).
+//! 5. Round 2: every third page written again (the log re-armed): the read
+//!    must be exactly those.
+//! 6. `DirtyLogStop`; a read after it is refused (`NotLogging`).
+//!
+//! With `both`, the two mechanisms' logs must be equal. On a CPU without
+//! PML, `mode=pml` must be refused (`PmlUnsupported`) and `both` runs
+//! write-protection alone, saying so.
+//!
+//! Prints `dirty: <mechanism>: round 1: N pages, exact` etc., and
+//! `dirty: all checks passed` with status 0; each failure as `FAIL: ...`
+//! with status 1.
 #![no_std]
 #![no_main]
 
-use guest_runtime::abi::Request;
+use guest_runtime::abi::{HcError, Request};
 use guest_runtime::hypercall::{self, call_done};
-use guest_runtime::{LargePage, MultibootInfo, Pages, println};
+use guest_runtime::{LargePage, MultibootInfo, Pages, println, vmfunc_switch};
+use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, Mechanism};
 
 guest_runtime::entry!(main);
 
@@ -32,13 +43,203 @@ static LARGE: LargePage = LargePage::new();
 /// Pages written in the large area: 0, 64, 128, ... 448 of 512.
 const LARGE_TOUCHES: usize = 8;
 const LARGE_STRIDE: usize = LargePage::PAGES / LARGE_TOUCHES;
-/// gfns tracked in the bitmap: the first 256 MiB (the guest's image, where
-/// every written page lies, is far below).
-const TRACKED_GFNS: usize = 1 << 16;
-/// Reads after which the log is taken to never drain.
-const MAX_READS: u32 = 1000;
+/// The page remapped in view v, and the one whose frame it maps there.
+const A: usize = 0;
+const B: usize = PAGES - 1;
+/// The most gfns a round can log within the checked areas.
+const MAX: usize = PAGES + LARGE_TOUCHES;
 
-fn main(_info: &MultibootInfo) -> u32 {
+/// A set of gfns, sorted.
+type Set = heapless::Vec<u64, MAX>;
+
+struct Checks(u32);
+
+impl Checks {
+    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
+        if !ok {
+            println!("FAIL: {what}");
+            self.0 += 1;
+        }
+    }
+}
+
+fn checked(g: u64) -> bool {
+    let buf = BUF.gfn(0)..=BUF.gfn(PAGES - 1);
+    let large = LARGE.gfn(0)..=LARGE.gfn(LargePage::PAGES - 1);
+    buf.contains(&g) || large.contains(&g)
+}
+
+/// The log's gfns within the checked areas.
+fn read(clear: bool) -> Result<Set, hypercall::HelperError> {
+    let mut set = Set::new();
+    let mut over = false;
+    hypercall::dirty_log_collect(clear, |g| {
+        if checked(g) && set.push(g).is_err() {
+            over = true;
+        }
+    })?;
+    if over {
+        println!("FAIL: more gfns logged in the checked areas than exist");
+    }
+    set.sort_unstable();
+    Ok(set)
+}
+
+fn sorted(mut s: Set) -> Set {
+    s.sort_unstable();
+    s
+}
+
+/// Writes round `round`'s pattern; the gfns it changes.
+fn pattern(round: u8, view: Option<u16>) -> Set {
+    let mut set = Set::new();
+    let every = if round == 1 { 1 } else { 3 };
+    for i in (1..B).filter(|i| i % every == 0) {
+        BUF.write_u8(i, (i * 64) % guest_runtime::PAGE_SIZE, round);
+        let _ = set.push(BUF.gfn(i));
+    }
+    for k in (0..LARGE_TOUCHES).filter(|k| k % every == 0) {
+        LARGE.write_u8(k * LARGE_STRIDE, k * 8, round);
+        let _ = set.push(LARGE.gfn(k * LARGE_STRIDE));
+    }
+    if let Some(v) = view {
+        // In view v, A's address reaches B's frame.
+        vmfunc_switch(u32::from(v));
+        BUF.write_u8(A, 16, round);
+        vmfunc_switch(0);
+        let _ = set.push(BUF.gfn(B));
+    }
+    sorted(set)
+}
+
+fn describe(set: &Set, want: &Set) {
+    let missing = want.iter().filter(|g| !set.contains(g)).count();
+    let extra: heapless::Vec<u64, 4> = set
+        .iter()
+        .filter(|g| !want.contains(g))
+        .take(4)
+        .copied()
+        .collect();
+    println!(
+        "   {} logged, {} expected: {missing} missing, extra (first 4) {extra:#x?}",
+        set.len(),
+        want.len()
+    );
+}
+
+/// One mechanism's run: the logs of rounds 1 and 2.
+fn run(mode: DirtyMode, view: Option<u16>, checks: &mut Checks) -> Option<(Set, Set)> {
+    let lo = BUF.gfn(0).min(LARGE.gfn(0));
+    let hi = BUF.gfn(PAGES - 1).max(LARGE.gfn(LargePage::PAGES - 1));
+    let range = GfnRange {
+        gfn: lo,
+        count: hi - lo + 1,
+    };
+    let mechanism = match hypercall::dirty_log_start(Some(range), mode) {
+        Ok(m) => m,
+        Err(e) => {
+            checks.check(false, format_args!("DirtyLogStart {mode:?}: {e}"));
+            return None;
+        }
+    };
+    let name = match mechanism {
+        Mechanism::Pml => "pml",
+        Mechanism::WriteProtect => "write-protection",
+    };
+    println!("dirty: {mode:?} runs on {name}, range {lo:#x}+{:#x}", range.count);
+    let mut logs = [Set::new(), Set::new()];
+    for round in 1..=2u8 {
+        let want = pattern(round, view);
+        let peeked = read(false);
+        let got = read(true);
+        let again = read(true);
+        match (peeked, got, again) {
+            (Ok(p), Ok(g), Ok(a)) => {
+                checks.check(
+                    p == g,
+                    format_args!("{name}: round {round}: a peek and the read after it differ"),
+                );
+                let exact = g == want;
+                if !exact {
+                    describe(&g, &want);
+                }
+                checks.check(
+                    exact,
+                    format_args!("{name}: round {round}: the log is not exactly the pages written"),
+                );
+                checks.check(
+                    a.is_empty(),
+                    format_args!(
+                        "{name}: round {round}: {} pages still logged after a read-and-clear",
+                        a.len()
+                    ),
+                );
+                if exact {
+                    println!("dirty: {name}: round {round}: {} pages, exact", g.len());
+                }
+                logs[usize::from(round - 1)] = g;
+            }
+            (p, g, a) => {
+                for r in [p, g, a] {
+                    if let Err(e) = r {
+                        checks.check(false, format_args!("{name}: DirtyLogRead: {e}"));
+                    }
+                }
+                return None;
+            }
+        }
+    }
+    if let Err(e) = call_done(&Request::DirtyLogStop) {
+        checks.check(false, format_args!("{name}: DirtyLogStop: {e}"));
+    }
+    // Reading a log that was stopped.
+    let after = read(true).err().and_then(|e| e.hc_error());
+    checks.check(
+        after == Some(HcError::DirtyLog(LdError::NotLogging)),
+        format_args!("{name}: a read after DirtyLogStop answered {after:?}"),
+    );
+    let [one, two] = logs;
+    Some((one, two))
+}
+
+/// View v, with A mapping B's frame, visible to VMFUNC.
+fn make_view(checks: &mut Checks) -> Option<u16> {
+    let v = match hypercall::call(&Request::ViewCreate {
+        default_access: None,
+    }) {
+        Ok(guest_runtime::abi::Reply::View(v)) => v,
+        other => {
+            checks.check(false, format_args!("ViewCreate: {other:?}"));
+            return None;
+        }
+    };
+    let steps = [
+        Request::ChangeGfn {
+            view: v,
+            gfn: BUF.gfn(A),
+            to: Some(BUF.gfn(B)),
+        },
+        Request::ViewSetVisible {
+            view: v,
+            visible: true,
+        },
+    ];
+    for s in &steps {
+        if let Err(e) = call_done(s) {
+            checks.check(false, format_args!("{s:?}: {e}"));
+            return None;
+        }
+    }
+    Some(v)
+}
+
+fn main(info: &MultibootInfo) -> u32 {
+    let cmdline = info.cmdline().unwrap_or("");
+    let mode = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mode="))
+        .unwrap_or("both");
+    let mut checks = Checks(0);
     let caps = match hypercall::capabilities() {
         Ok(c) => c,
         Err(e) => {
@@ -50,97 +251,48 @@ fn main(_info: &MultibootInfo) -> u32 {
         "capabilities: vmfunc {}, ve {}, pml {}, max views {}",
         caps.vmfunc, caps.ve, caps.pml, caps.max_views
     );
-    if !caps.pml {
-        println!("PML absent on this CPU");
-        return 0;
-    }
-
-    // The pages to write, as gfns.
-    let mut written = [0u64; PAGES + LARGE_TOUCHES];
-    for (i, w) in written.iter_mut().take(PAGES).enumerate() {
-        *w = BUF.gfn(i);
-    }
-    for k in 0..LARGE_TOUCHES {
-        written[PAGES + k] = LARGE.gfn(k * LARGE_STRIDE);
-    }
-    if let Some(g) = written.iter().find(|&&g| g >= TRACKED_GFNS as u64) {
-        println!("FAIL: written gfn {g:#x} is beyond the tracked range");
-        return 1;
-    }
-    println!(
-        "buffer: gfns {:#x}..={:#x}; 2 MiB area: gfns {:#x}..={:#x}",
-        BUF.gfn(0),
-        BUF.gfn(PAGES - 1),
-        LARGE.gfn(0),
-        LARGE.gfn(LargePage::PAGES - 1)
-    );
-
-    if let Err(e) = call_done(&Request::DirtyLogStart) {
-        println!("FAIL: DirtyLogStart: {e}");
-        return 1;
-    }
-    for i in 0..PAGES {
-        BUF.write_u8(i, (i * 64) % guest_runtime::PAGE_SIZE, 0x5a);
-    }
-    for k in 0..LARGE_TOUCHES {
-        LARGE.write_u8(k * LARGE_STRIDE, k * 8, 0xa5);
-    }
-
-    let mut seen = [0u64; TRACKED_GFNS / 64];
-    let mut reported = 0usize;
-    let mut distinct = 0usize;
-    let mut reads = 0u32;
-    loop {
-        let (gfns, more) = match hypercall::dirty_log_read() {
-            Ok(r) => r,
-            Err(e) => {
-                println!("FAIL: DirtyLogRead: {e}");
-                return 1;
-            }
-        };
-        reads += 1;
-        for &g in &gfns {
-            reported += 1;
-            if let Ok(g) = usize::try_from(g)
-                && g < TRACKED_GFNS
-            {
-                let (word, bit) = (g / 64, 1u64 << (g % 64));
-                if seen[word] & bit == 0 {
-                    distinct += 1;
-                }
-                seen[word] |= bit;
-            }
+    let view = if caps.vmfunc {
+        make_view(&mut checks)
+    } else {
+        println!("dirty: no VMFUNC: the pattern is written in view 0 alone");
+        None
+    };
+    let modes: &[DirtyMode] = match mode {
+        "pml" => &[DirtyMode::Pml],
+        "wp" => &[DirtyMode::WriteProtect],
+        "auto" => &[DirtyMode::Auto],
+        _ => &[DirtyMode::Pml, DirtyMode::WriteProtect],
+    };
+    let mut results: heapless::Vec<(Set, Set), 2> = heapless::Vec::new();
+    for &m in modes {
+        if m == DirtyMode::Pml && !caps.pml {
+            let r = hypercall::dirty_log_start(None, m);
+            let e = r.as_ref().err().and_then(|e| e.hc_error());
+            checks.check(
+                e == Some(HcError::DirtyLog(LdError::PmlUnsupported)),
+                format_args!("PML asked for without PML: {r:?}"),
+            );
+            println!("dirty: PML absent on this CPU: refused as PmlUnsupported");
+            continue;
         }
-        if !more {
-            break;
-        }
-        if reads >= MAX_READS {
-            println!("FAIL: the dirty log still has more after {reads} reads ({reported} gfns)");
-            return 1;
+        if let Some(r) = run(m, view, &mut checks) {
+            let _ = results.push(r);
         }
     }
-    if let Err(e) = call_done(&Request::DirtyLogStop) {
-        println!("FAIL: DirtyLogStop: {e}");
-        return 1;
-    }
-    println!("pml: {reads} DirtyLogRead calls, {distinct} distinct gfns below {TRACKED_GFNS:#x}");
-
-    let is_seen = |g: u64| seen[(g / 64) as usize] & (1 << (g % 64)) != 0;
-    let missing = written.iter().filter(|&&g| !is_seen(g)).count();
-    if missing == 0 {
-        println!(
-            "pml: wrote {} pages, hypervisor reported {reported} gfns, all written pages present",
-            written.len()
+    if let [a, b] = results.as_slice() {
+        checks.check(
+            a == b,
+            format_args!("the PML and write-protection logs differ"),
         );
+        if a == b {
+            println!("dirty: pml and write-protection logs are equal");
+        }
+    }
+    if checks.0 == 0 {
+        println!("dirty: all checks passed");
         0
     } else {
-        println!(
-            "FAIL: pml: wrote {} pages, hypervisor reported {reported} gfns, {missing} written pages missing",
-            written.len()
-        );
-        for g in written.iter().filter(|&&g| !is_seen(g)).take(16) {
-            println!("  missing gfn {g:#x}");
-        }
+        println!("dirty: {} checks failed", checks.0);
         1
     }
 }

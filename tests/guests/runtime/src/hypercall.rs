@@ -245,6 +245,7 @@ pub fn reply_kind(reply: &Reply) -> &'static str {
         Reply::Entry(_) => "Entry",
         Reply::SuppressVe(_) => "SuppressVe",
         Reply::Dirty { .. } => "Dirty",
+        Reply::DirtyStarted(_) => "DirtyStarted",
         Reply::Error(_) => "Error",
     }
 }
@@ -317,17 +318,39 @@ pub fn get_entry(
     }
 }
 
-/// `Request::DirtyLogRead`: (gfns, more).
-pub fn dirty_log_read() -> Result<
-    (
-        heapless::Vec<u64, { ipc_schema::hypercall::MAX_DIRTY }>,
-        bool,
-    ),
-    HelperError,
-> {
-    match call(&Request::DirtyLogRead)? {
-        Reply::Dirty { gfns, more } => Ok((gfns.0, more)),
+/// `Request::DirtyLogStart`: the mechanism the log runs on.
+pub fn dirty_log_start(
+    range: Option<ipc_schema::logdirty::GfnRange>,
+    mode: ipc_schema::logdirty::DirtyMode,
+) -> Result<ipc_schema::logdirty::Mechanism, HelperError> {
+    match call(&Request::DirtyLogStart { range, mode })? {
+        Reply::DirtyStarted(m) => Ok(m),
         Reply::Error(e) => Err(HelperError::Hc(e)),
         other => Err(HelperError::Unexpected(reply_kind(&other))),
+    }
+}
+
+/// Every dirty gfn of the log (read with `clear` or peeked), lowest first,
+/// handed to `each`; returns how many.
+pub fn dirty_log_collect(clear: bool, mut each: impl FnMut(u64)) -> Result<u64, HelperError> {
+    let mut from = 0;
+    let mut n = 0;
+    loop {
+        match call(&Request::DirtyLogRead { from, clear })? {
+            Reply::Dirty { ranges, next } => {
+                for r in ranges.0.iter() {
+                    for g in r.gfn..r.gfn + r.count {
+                        each(g);
+                        n += 1;
+                    }
+                }
+                match next {
+                    Some(g) => from = g,
+                    None => return Ok(n),
+                }
+            }
+            Reply::Error(e) => return Err(HelperError::Hc(e)),
+            other => return Err(HelperError::Unexpected(reply_kind(&other))),
+        }
     }
 }
