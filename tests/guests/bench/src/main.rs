@@ -18,6 +18,8 @@
 //! | `ve_delivery_ticks` | a write to a page that is read-only in a view, with its suppress-#VE bit clear, until the guest's #VE handler runs (no VM exit; 10 warm-up, 100 samples) |
 //! | `violation_event_ticks` | with command line `listener` (a listener service inside the hypervisor): a write to a read-only page of a view, the event to the listener, its answer (back to view 0) and the write done on resume (10 warm-up, 100 samples) |
 //! | `ipc_roundtrip_ticks` | one call and reply between two services (vmm to altp2m), timed by the vmm with RDTSC; `HC_IPC_PING` returns it (median of 1000, no warm-up) |
+//! | `dirty_wp_fault_ticks` | with the agent's dirty log on write-protection (the logdirty service), the first write to a page: the fault to the altp2m service, the frame marked dirtied and made writable, the write done on resume (10 warm-up pages, 100 samples) |
+//! | `dirty_pml_exits_per_1000_pages` | with the agent's dirty log on PML, VM exits while 1000 distinct pages are written once each (PML-full exits to the logdirty service) |
 //!
 //! With `profile=KEY` on the command line, the operation of benchmark KEY
 //! also runs once, after its warm-up, between two Bochs magic breakpoints
@@ -34,6 +36,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use guest_runtime::abi::{Access, Request, Status};
+use guest_runtime::abi::{DirtyMode, GfnRange};
 use guest_runtime::hypercall::{self, call_done};
 use guest_runtime::{
     MultibootInfo, Pages, exit_count, ipc_ping, null, println, rdtsc, service_null, view_switch,
@@ -51,6 +54,11 @@ static EPT_PAGES: Pages<{ WARMUP + EPT_SAMPLES + 1 }> = Pages::new();
 /// The page written for `ve_delivery_ticks` and `violation_event_ticks`.
 static RESTRICTED: Pages<1> = Pages::new();
 const FAULT_SAMPLES: usize = 100;
+/// Pages first written under write-protection (warm-up, samples, profile).
+static DIRTY_PAGES: Pages<{ WARMUP + FAULT_SAMPLES + 1 }> = Pages::new();
+/// Pages written once each under PML.
+const PML_WRITES: usize = 1000;
+static PML_PAGES: Pages<PML_WRITES> = Pages::new();
 /// When the #VE handler ran.
 static VE_AT: AtomicU64 = AtomicU64::new(0);
 static VE_BY_VMFUNC: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -496,6 +504,27 @@ fn main(info: &MultibootInfo) -> u32 {
         t => bench("violation_event_ticks", t),
     }
 
+    // Dirty logging (issue 10): a write-protection fault, PML's exits.
+    match caps.map(|_| dirty_wp_fault(&b)) {
+        Some(Some(t)) => bench("dirty_wp_fault_ticks", Some(t)),
+        Some(None) => {
+            failed = true;
+            bench_failed("dirty_wp_fault_ticks");
+        }
+        None => bench_failed("dirty_wp_fault_ticks"),
+    }
+    match caps.map(|c| c.pml) {
+        Some(true) => match dirty_pml_exits() {
+            Some(n) => bench("dirty_pml_exits_per_1000_pages", Some(n)),
+            None => {
+                failed = true;
+                bench_failed("dirty_pml_exits_per_1000_pages");
+            }
+        },
+        Some(false) => bench("dirty_pml_exits_per_1000_pages", None),
+        None => bench_failed("dirty_pml_exits_per_1000_pages"),
+    }
+
     for w in [fresh, view].into_iter().flatten() {
         if let Err(e) = call_done(&Request::ViewDestroy { view: w }) {
             println!("FAIL: ViewDestroy {w}: {e}");
@@ -503,4 +532,80 @@ fn main(info: &MultibootInfo) -> u32 {
         }
     }
     u32::from(failed)
+}
+
+/// `dirty_wp_fault_ticks`: the median first write to a page under a
+/// write-protection dirty log.
+fn dirty_wp_fault(b: &Bench<'_>) -> Option<u64> {
+    const N: usize = WARMUP + FAULT_SAMPLES + 1;
+    let range = GfnRange {
+        gfn: DIRTY_PAGES.gfn(0),
+        count: N as u64,
+    };
+    if let Err(e) = hypercall::dirty_log_start(Some(range), DirtyMode::WriteProtect) {
+        println!("FAIL: DirtyLogStart on write-protection: {e}");
+        return None;
+    }
+    let mut samples = [0u64; FAULT_SAMPLES];
+    for page in 0..WARMUP + FAULT_SAMPLES {
+        let t0 = rdtsc();
+        DIRTY_PAGES.write_u64(page, 0, page as u64);
+        let t1 = rdtsc();
+        if page >= WARMUP {
+            samples[page - WARMUP] = t1.wrapping_sub(t0);
+        }
+    }
+    b.point("dirty_wp_fault_ticks", || DIRTY_PAGES.write_u64(N - 1, 0, 1));
+    // Every page written is in the log.
+    let mut logged = 0u64;
+    let read = hypercall::dirty_log_collect(true, |g| {
+        if (range.gfn..range.gfn + range.count).contains(&g) {
+            logged += 1;
+        }
+    });
+    let _ = call_done(&Request::DirtyLogStop);
+    match read {
+        Ok(_) if logged >= (WARMUP + FAULT_SAMPLES) as u64 => Some(median(&mut samples)),
+        Ok(_) => {
+            println!("FAIL: {logged} of the pages written were logged");
+            None
+        }
+        Err(e) => {
+            println!("FAIL: DirtyLogRead: {e}");
+            None
+        }
+    }
+}
+
+/// `dirty_pml_exits_per_1000_pages`: VM exits while 1000 pages are dirtied
+/// under a PML log.
+fn dirty_pml_exits() -> Option<u64> {
+    let range = GfnRange {
+        gfn: PML_PAGES.gfn(0),
+        count: PML_WRITES as u64,
+    };
+    if let Err(e) = hypercall::dirty_log_start(Some(range), DirtyMode::Pml) {
+        println!("FAIL: DirtyLogStart on PML: {e}");
+        return None;
+    }
+    let _ = exit_count();
+    let before = exit_count();
+    for page in 0..PML_WRITES {
+        PML_PAGES.write_u8(page, 0, 1);
+    }
+    let after = exit_count();
+    let mut logged = 0u64;
+    let read = hypercall::dirty_log_collect(true, |_| logged += 1);
+    let _ = call_done(&Request::DirtyLogStop);
+    match read {
+        Ok(_) if logged == PML_WRITES as u64 => Some(after.wrapping_sub(before).wrapping_sub(1)),
+        Ok(_) => {
+            println!("FAIL: {logged} pages logged by PML, {PML_WRITES} written");
+            None
+        }
+        Err(e) => {
+            println!("FAIL: DirtyLogRead: {e}");
+            None
+        }
+    }
 }

@@ -1,0 +1,264 @@
+//! copier: a task that live-copies a running guest's RAM into a second
+//! domain, driven by the dirty log, and checks the copy (LD-5: a log fit
+//! for migration).
+//!
+//! Handles (see `tests/logdirty.rs` for the manifest): `logdirty` (call),
+//! `supervisor` (call, to find the domains by name), `domains` (read, write
+//! and build: reads both domains' RAM, writes the target's, pauses and
+//! destroys them). The source domain is named `writer`, the target `copy`
+//! (the same RAM size).
+//!
+//! For each mechanism the CPU has (PML, then write-protection):
+//! 1. the target is paused; a log of all the source's RAM is started
+//!    (log 1 of this service's);
+//! 2. every page is copied; then rounds: read-and-clear the log and copy
+//!    the pages it names, until a round finds few (or after 8 rounds);
+//! 3. meanwhile a service write: a marker written into the source's RAM by
+//!    DOMAIN_WRITE (memory the hypervisor writes around the EPT) after the
+//!    last round, which only the kernel's record of such writes tells the
+//!    log about;
+//! 4. the source is paused, the log read once more and those pages
+//!    copied, the log stopped;
+//! 5. every page of the two domains is compared: they must be equal. The
+//!    source is resumed for the next mechanism.
+//!
+//! Logs `copier: <mechanism>: N rounds, M pages copied live, K in the final
+//! round, all P pages equal`, or `copier: FAIL ...`. At the end both
+//! domains are destroyed and the task exits with the number of failures.
+
+#![no_std]
+#![no_main]
+
+use ipc_schema::logdirty::{DirtyMode, LOGDIRTY, LdReply, LdRequest, Mechanism};
+use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest, name_str};
+use ipc_schema::syscall::{DomainOp, Handle, vm_features};
+use service_runtime::ipc::Client;
+use service_runtime::{require, sys};
+
+service_runtime::entry!(main);
+
+const PAGE: u64 = 4096;
+/// This service's log number.
+const LOG: u32 = 1;
+/// Live rounds at most.
+const ROUNDS: u32 = 8;
+/// A round that finds at most this many pages ends the live copy.
+const FEW: u64 = 16;
+
+struct Copier {
+    domains: Handle,
+    logdirty: Client,
+    source: u16,
+    target: u16,
+    pages: u64,
+    failed: u64,
+}
+
+impl Copier {
+    fn copy(&mut self, gfn: u64) -> bool {
+        let mut page = [0u8; PAGE as usize];
+        sys::domain_read(self.domains, self.source, gfn * PAGE, &mut page).is_ok()
+            && sys::domain_write(self.domains, self.target, gfn * PAGE, &page).is_ok()
+    }
+
+    /// Reads the log with clear and copies each page it names: how many.
+    fn round(&mut self) -> Option<u64> {
+        let mut from = 0;
+        let mut copied = 0;
+        loop {
+            let reply = self.logdirty.call::<_, LdReply>(&LdRequest::Read {
+                domain: self.source,
+                log: LOG,
+                from,
+                clear: true,
+            });
+            match reply {
+                Ok(LdReply::Dirty { ranges, next }) => {
+                    for r in ranges.0.iter() {
+                        for g in r.gfn..r.gfn + r.count {
+                            if !self.copy(g) {
+                                defmt::error!("copier: FAIL copying gfn {=u64:#x}", g);
+                                return None;
+                            }
+                            copied += 1;
+                        }
+                    }
+                    match next {
+                        Some(g) => from = g,
+                        None => return Some(copied),
+                    }
+                }
+                other => {
+                    defmt::error!("copier: FAIL reading the log: {}", defmt::Debug2Format(&other));
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Pages that differ between the two domains (the first logged).
+    fn compare(&mut self) -> u64 {
+        let (mut a, mut b) = ([0u8; PAGE as usize], [0u8; PAGE as usize]);
+        let mut differ = 0;
+        for g in 0..self.pages {
+            let ra = sys::domain_read(self.domains, self.source, g * PAGE, &mut a);
+            let rb = sys::domain_read(self.domains, self.target, g * PAGE, &mut b);
+            if ra.is_err() && rb.is_err() {
+                continue; // a hole in both (not RAM)
+            }
+            if ra.is_err() || rb.is_err() || a != b {
+                if differ == 0 {
+                    defmt::error!(
+                        "copier: FAIL gfn {=u64:#x} differs between the source and the copy",
+                        g
+                    );
+                }
+                differ += 1;
+            }
+        }
+        differ
+    }
+
+    fn control(&mut self, id: u16, op: DomainOp) {
+        if let Err(e) = sys::domain_control(self.domains, id, op) {
+            defmt::error!("copier: FAIL {} of domain {=u16}: {}", op, id, e);
+            self.failed += 1;
+        }
+    }
+
+    /// One live copy on `mode`.
+    fn run(&mut self, mode: DirtyMode) {
+        let start = self.logdirty.call::<_, LdReply>(&LdRequest::Start {
+            domain: self.source,
+            log: LOG,
+            range: None,
+            mode,
+        });
+        let mechanism = match start {
+            Ok(LdReply::Started { mechanism, .. }) => mechanism,
+            other => {
+                defmt::error!("copier: FAIL starting the log: {}", defmt::Debug2Format(&other));
+                self.failed += 1;
+                return;
+            }
+        };
+        let name = match mechanism {
+            Mechanism::Pml => "pml",
+            Mechanism::WriteProtect => "write-protection",
+        };
+        // Everything once, then what the log says changed meanwhile.
+        for g in 0..self.pages {
+            let _ = self.copy(g);
+        }
+        let mut live = self.pages;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let Some(n) = self.round() else {
+                self.failed += 1;
+                return;
+            };
+            live += n;
+            defmt::info!("copier: {=str}: round {=u32}: {=u64} pages", name, rounds, n);
+            if n <= FEW || rounds >= ROUNDS {
+                break;
+            }
+        }
+        // A write by a service, around the EPT (LD-5): the last page.
+        let marker = [rounds as u8 ^ 0x5a; 64];
+        if sys::domain_write(self.domains, self.source, (self.pages - 1) * PAGE, &marker).is_err()
+        {
+            defmt::error!("copier: FAIL writing the marker into the source");
+            self.failed += 1;
+        }
+        self.control(self.source, DomainOp::Pause);
+        let Some(last) = self.round() else {
+            self.failed += 1;
+            return;
+        };
+        let _ = self.logdirty.call::<_, LdReply>(&LdRequest::Stop {
+            domain: self.source,
+            log: LOG,
+        });
+        let differ = self.compare();
+        if differ == 0 {
+            defmt::info!(
+                "copier: {=str}: {=u32} rounds, {=u64} pages copied live, {=u64} in the final round, all {=u64} pages equal",
+                name,
+                rounds,
+                live,
+                last,
+                self.pages
+            );
+        } else {
+            defmt::error!(
+                "copier: FAIL {=str}: {=u64} of {=u64} pages differ after the final round",
+                name,
+                differ,
+                self.pages
+            );
+            self.failed += 1;
+        }
+        self.control(self.source, DomainOp::Unpause);
+    }
+}
+
+/// The id of the domain named `name`.
+fn domain_id(supervisor: &mut Client, name: &str) -> Option<u16> {
+    for index in 0..16 {
+        match supervisor.call::<_, SupervisorReply>(&SupervisorRequest::Domain { index }) {
+            Ok(SupervisorReply::Domain(Some(d))) if name_str(&d.name) == name => {
+                return Some(d.id);
+            }
+            Ok(SupervisorReply::Domain(Some(_))) => {}
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn main() -> ! {
+    let domains = require("domains");
+    let mut supervisor = Client::new(require("supervisor"), SUPERVISOR);
+    let (Some(source), Some(target)) = (
+        domain_id(&mut supervisor, "writer"),
+        domain_id(&mut supervisor, "copy"),
+    ) else {
+        defmt::error!("copier: FAIL the domains `writer` and `copy` are not both there");
+        sys::exit(1);
+    };
+    let pages = match (
+        sys::domain_info(domains, source),
+        sys::domain_info(domains, target),
+    ) {
+        (Ok((_, _, a)), Ok((_, _, b))) if a == b => a / PAGE,
+        _ => {
+            defmt::error!("copier: FAIL the two domains' RAM differ");
+            sys::exit(1);
+        }
+    };
+    let mut c = Copier {
+        domains,
+        logdirty: Client::new(require("logdirty"), LOGDIRTY),
+        source,
+        target,
+        pages,
+        failed: 0,
+    };
+    defmt::info!(
+        "copier: copying domain {=u16} into domain {=u16} ({=u64} pages)",
+        source,
+        target,
+        pages
+    );
+    c.control(target, DomainOp::Pause);
+    if sys::vm_features() & vm_features::PML != 0 {
+        c.run(DirtyMode::Pml);
+    } else {
+        defmt::info!("copier: no PML on this CPU");
+    }
+    c.run(DirtyMode::WriteProtect);
+    c.control(target, DomainOp::Destroy);
+    c.control(source, DomainOp::Destroy);
+    sys::exit(c.failed)
+}
