@@ -169,6 +169,10 @@ pub fn describe_reply(r: &AltReply) -> String {
             ),
             None => "not mapped".into(),
         },
+        AltReply::Dirtied { ranges, next } => match next {
+            Some(n) => format!("{} dirtied range(s), more from gfn {n:#x}", ranges.0.len()),
+            None => format!("{} dirtied range(s)", ranges.0.len()),
+        },
     }
 }
 
@@ -185,6 +189,10 @@ pub fn describe_hc_error(e: &HcError) -> String {
             "the hypervisor ran out of memory (the kernel for page tables, or the altp2m service for its records)".into()
         }
         HcError::NotLogging => "dirty logging is not running".into(),
+        HcError::DirtyLog(e) => format!(
+            "the logdirty service refused: {}",
+            crate::logdirty::describe_error(e)
+        ),
         HcError::BadAccess => "write or execute without read cannot be expressed by EPT".into(),
         HcError::ServiceUnavailable => "the altp2m service is not running".into(),
         HcError::ModeForbids { mode } => {
@@ -209,6 +217,10 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
         AltError::ListenerBusy => "another listener is attached to the domain".into(),
         AltError::WrongEndpoint => "the request came through the wrong endpoint".into(),
         AltError::NoSuchView => "the answer names a view that does not exist".into(),
+        AltError::BadRange => "the tracking range is empty or reaches past the domain's RAM".into(),
+        AltError::OutOfMemory => {
+            "the kernel refused to change the entries (out of table memory)".into()
+        }
     }
 }
 

@@ -79,6 +79,8 @@
 //!   [`MAX_SWAP`] is refused before anything is sent.
 //! - [`altp2m`]: views, access, modes, listening to violations and answering
 //!   them as an external agent.
+//! - [`logdirty`]: dirty-page logs of a domain's RAM (start, read and clear,
+//!   peek, status, stop), kept by the logdirty service.
 //!
 //! One client at a time: a [`Client`] waits for each answer before sending
 //! the next request, and the proxy of `cargo hv run` serves one connection at
@@ -87,6 +89,7 @@
 
 pub mod altp2m;
 pub mod frames;
+pub mod logdirty;
 
 use frames::{DropCounts, FrameReader};
 use std::collections::VecDeque;
@@ -221,6 +224,12 @@ pub enum ClientError {
         request: RequestLabel,
         reply: Box<ControlReply>,
     },
+    /// The logdirty service refused the request (`asked`): why.
+    Logdirty {
+        request: RequestLabel,
+        asked: ipc_schema::logdirty::LdRequest,
+        error: ipc_schema::logdirty::LdError,
+    },
     /// Refused here, before anything was sent.
     Invalid(String),
 }
@@ -296,6 +305,9 @@ impl fmt::Display for ClientError {
                 "the console answered {request} with {}, which does not answer it",
                 describe_reply(reply)
             ),
+            ClientError::Logdirty { asked, error, .. } => {
+                write!(f, "logdirty: {}", logdirty::describe_refusal(error, asked))
+            }
             ClientError::Invalid(why) => f.write_str(why),
         }
     }
@@ -516,6 +528,41 @@ impl<S: Transport> Client<S> {
         Err(ClientError::Invalid(
             "the console listed 65536 domains without an end".into(),
         ))
+    }
+
+    /// The id of the domain `domain` names: an id (decimal, or hex with
+    /// `0x`) as it is, without asking; else the name of a domain the
+    /// console lists.
+    pub fn domain_id(&mut self, domain: &str) -> Result<u16, ClientError> {
+        if domain.starts_with(|c: char| c.is_ascii_digit()) {
+            return logdirty::parse_number(domain)
+                .ok()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| {
+                    ClientError::Invalid(format!(
+                        "domain {domain:?} is neither an id (0 to 65535) nor a name"
+                    ))
+                });
+        }
+        let domains = self.domains()?;
+        if let Some(d) = domains
+            .iter()
+            .find(|d| ipc_schema::supervisor::name_str(&d.name) == domain)
+        {
+            return Ok(d.id);
+        }
+        let known: Vec<String> = domains
+            .iter()
+            .map(|d| format!("{} {}", d.id, ipc_schema::supervisor::name_str(&d.name)))
+            .collect();
+        Err(ClientError::Invalid(if known.is_empty() {
+            format!("no domain is named {domain:?} (the console lists no domains)")
+        } else {
+            format!(
+                "no domain is named {domain:?} (the domains: {})",
+                known.join(", ")
+            )
+        }))
     }
 
     /// Starts, pauses, unpauses or destroys domain `id`.
@@ -879,6 +926,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::SwapCommit => "SwapCommit".into(),
         ControlRequest::InjectFault { name } => format!("InjectFault {}", name_str(name)),
         ControlRequest::Altp2m(q) => format!("Altp2m {}", altp2m::describe_request(q)),
+        ControlRequest::Logdirty(q) => format!("Logdirty {}", logdirty::describe_request(q)),
     }
 }
 
@@ -897,6 +945,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Refused(r) => format!("Refused ({})", describe_refusal(r)),
         ControlReply::Error(e) => format!("Error ({})", describe_error(e)),
         ControlReply::Altp2m(r) => format!("Altp2m ({})", altp2m::describe_reply(r)),
+        ControlReply::Logdirty(r) => format!("Logdirty ({})", logdirty::describe_reply(r)),
     }
 }
 
@@ -920,6 +969,9 @@ pub fn describe_error(e: &ControlError) -> String {
         ControlError::SupervisorUnavailable => "the supervisor did not answer".into(),
         ControlError::Altp2mUnavailable => {
             "the altp2m service did not answer (or this image has none)".into()
+        }
+        ControlError::LogdirtyUnavailable => {
+            "the logdirty service did not answer (it is down, this image has none, or the console holds no `logdirty` handle)".into()
         }
     }
 }

@@ -723,3 +723,277 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
         ]
     );
 }
+
+#[test]
+fn logdirty_start_peek_read_status_and_stop_against_the_fake_log() {
+    use parallax_client::logdirty::{
+        self, DirtyMode, GfnRange, LdError, LdRequest, LogStarted, LogStatus, Mechanism,
+    };
+    let (mut c, mock) = standard();
+    let all = GfnRange {
+        gfn: 0,
+        count: 4096,
+    };
+    assert_eq!(
+        c.logdirty_start(1, 3, None, DirtyMode::Auto).unwrap(),
+        LogStarted {
+            mechanism: Mechanism::Pml,
+            range: all
+        }
+    );
+    assert_eq!(
+        c.logdirty_status(1, 3).unwrap(),
+        LogStatus {
+            mechanism: Mechanism::Pml,
+            range: all,
+            dirty: 27
+        }
+    );
+    // Twelve ranges come in two answers, collected into one list.
+    let want = common::fake_writes();
+    let peeked = c.logdirty_peek(1, 3).unwrap();
+    assert_eq!(peeked, want);
+    assert_eq!(logdirty::pages(&peeked), 27);
+    assert_eq!(
+        c.logdirty_peek(1, 3).unwrap(),
+        want,
+        "a peek clears nothing"
+    );
+    assert_eq!(c.logdirty_read(1, 3).unwrap(), want);
+    assert_eq!(c.logdirty_peek(1, 3).unwrap(), [], "the read cleared them");
+    assert_eq!(c.logdirty_status(1, 3).unwrap().dirty, 0);
+    c.logdirty_stop(1, 3).unwrap();
+    let e = c.logdirty_status(1, 3).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Logdirty {
+                error: LdError::NotLogging,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "logdirty: log 3 of domain 1 is not running (never started, or stopped)"
+    );
+    drop(c);
+    let asked: Vec<LdRequest> = mock
+        .join()
+        .unwrap()
+        .requests
+        .into_iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::Logdirty(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    // Every request names log 3; each read goes on from the answer's `next`.
+    let reads: Vec<(u64, bool)> = asked
+        .iter()
+        .filter_map(|q| match *q {
+            LdRequest::Read {
+                domain: 1,
+                log: 3,
+                from,
+                clear,
+            } => Some((from, clear)),
+            LdRequest::Read { .. } => panic!("{q:?}"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            (0, false),
+            (0x20c, false),
+            (0, false),
+            (0x20c, false),
+            (0, true),
+            (0x20c, true),
+            (0, false)
+        ]
+    );
+    assert!(asked.iter().all(|q| match *q {
+        LdRequest::Start { log, .. }
+        | LdRequest::Read { log, .. }
+        | LdRequest::Stop { log, .. }
+        | LdRequest::Status { log, .. } => log == 3,
+    }));
+}
+
+#[test]
+fn logdirty_refusals_are_typed_and_name_what_was_wrong() {
+    use parallax_client::logdirty::{DirtyMode, GfnRange, LdError, Mechanism};
+    let (mut c, mock) = standard();
+    let range = |gfn, count| Some(GfnRange { gfn, count });
+    let e = c.logdirty_start(7, 0, None, DirtyMode::Auto).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Logdirty {
+                error: LdError::NoSuchDomain,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.to_string(), "logdirty: domain 7: no such domain");
+    let e = c
+        .logdirty_start(1, 0, range(0, 0x10_0000), DirtyMode::Auto)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "logdirty: range 0x0:0x100000 reaches past the domain's RAM (4096 pages)"
+    );
+    assert_eq!(
+        c.logdirty_peek(1, 0).unwrap_err().to_string(),
+        "logdirty: log 0 of domain 1 is not running (never started, or stopped)"
+    );
+    // Refused here, before anything is sent.
+    let e = c
+        .logdirty_start(1, 0, range(0x10, 0), DirtyMode::Auto)
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+    assert_eq!(e.to_string(), "range 0x10:0x0: COUNT is 0, an empty range");
+    let e = c
+        .logdirty_start(1, 0, range(u64::MAX, 2), DirtyMode::Auto)
+        .unwrap_err();
+    assert!(e.to_string().contains("wraps past the last gfn"), "{e}");
+    // Write-protection over 0-0xff; then PML over part of it.
+    c.logdirty_start(1, 0, range(0, 0x100), DirtyMode::WriteProtect)
+        .unwrap();
+    let e = c
+        .logdirty_start(1, 0, range(0, 0x100), DirtyMode::WriteProtect)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("log 0 of domain 1 is already running"),
+        "{e}"
+    );
+    let e = c
+        .logdirty_start(1, 1, range(0x80, 0x100), DirtyMode::Pml)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Logdirty {
+                error: LdError::ModeConflict {
+                    held: Mechanism::WriteProtect
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("logdirty: another log holds part of that range with write-protection"),
+        "{e}"
+    );
+    drop(c);
+    let sent = mock
+        .join()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::Logdirty(_)))
+        .count();
+    assert_eq!(sent, 6, "the empty and the wrapping range were not sent");
+}
+
+#[test]
+fn pml_on_a_cpu_without_it_is_refused_by_name() {
+    use parallax_client::logdirty::{DirtyMode, Mechanism};
+    let (host, console) = pair();
+    let mut con = Console::default();
+    con.logdirty.as_mut().unwrap().pml = false;
+    let _mock = con.serve(console);
+    let mut c = Client::new(host);
+    let e = c.logdirty_start(2, 0, None, DirtyMode::Pml).unwrap_err();
+    assert!(e.to_string().contains("the CPU lacks PML"), "{e}");
+    // Auto falls back to write-protection.
+    let s = c.logdirty_start(2, 0, None, DirtyMode::Auto).unwrap();
+    assert_eq!(s.mechanism, Mechanism::WriteProtect);
+}
+
+#[test]
+fn a_console_without_the_logdirty_service_says_so() {
+    use parallax_client::logdirty::DirtyMode;
+    let (host, console) = pair();
+    let _mock = Console {
+        logdirty: None,
+        ..Console::default()
+    }
+    .serve(console);
+    let mut c = Client::new(host);
+    let e = c.logdirty_start(1, 0, None, DirtyMode::Auto).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Console {
+                error: ControlError::LogdirtyUnavailable,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("(Logdirty Start domain 1 log 0 over all RAM (Auto))")
+            && text.contains("the logdirty service did not answer"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_read_joins_ranges_split_across_answers_and_stops_a_service_that_does_not_move_on() {
+    use parallax_client::ipc_schema::ipc::BoundedVec;
+    use parallax_client::logdirty::{GfnRange, LdReply, LdRequest};
+    let r = |gfn, count| GfnRange { gfn, count };
+    let dirty = |ranges: &[GfnRange], next| {
+        ControlReply::Logdirty(LdReply::Dirty {
+            ranges: BoundedVec(heapless::Vec::from_slice(ranges).unwrap()),
+            next,
+        })
+    };
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let _mock = serve(console, move |req| {
+        let answer = match req.request {
+            ControlRequest::Logdirty(LdRequest::Read { log: 0, from, .. }) => match from {
+                0 => dirty(&[r(0x10, 4)], Some(0x14)),
+                0x14 => dirty(&[r(0x14, 4), r(0x30, 1)], Some(0x31)),
+                _ => dirty(&[], None),
+            },
+            // Log 1: a service stuck at one place.
+            ControlRequest::Logdirty(LdRequest::Read { log: 1, .. }) => {
+                dirty(&[r(0x10, 1)], Some(0))
+            }
+            _ => con.answer(req),
+        };
+        vec![reply(req.seq, answer)]
+    });
+    let mut c = Client::new(host);
+    assert_eq!(c.logdirty_peek(1, 0).unwrap(), [r(0x10, 8), r(0x30, 1)]);
+    let e = c.logdirty_read(1, 1).unwrap_err().to_string();
+    assert!(e.contains("which is not past 0x0; stopped reading"), "{e}");
+}
+
+#[test]
+fn domains_are_named_by_id_or_name() {
+    let (mut c, _mock) = standard();
+    assert_eq!(c.domain_id("2").unwrap(), 2);
+    assert_eq!(c.domain_id("0x2").unwrap(), 2);
+    assert_eq!(c.domain_id("9").unwrap(), 9, "an id is taken as it is");
+    assert_eq!(c.domain_id("hello").unwrap(), 1);
+    assert_eq!(c.domain_id("cpuid").unwrap(), 2);
+    let e = c.domain_id("nobody").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "no domain is named \"nobody\" (the domains: 1 hello, 2 cpuid)"
+    );
+    let e = c.domain_id("70000").unwrap_err().to_string();
+    assert!(e.contains("neither an id (0 to 65535) nor a name"), "{e}");
+}

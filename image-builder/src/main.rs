@@ -180,6 +180,59 @@ enum CtlCmd {
     /// violation events (docs/altp2m.md).
     #[command(subcommand)]
     Altp2m(AltCmd),
+    /// Dirty-page logs of a domain's RAM, kept by the logdirty service:
+    /// start, read (and clear), peek, status, stop (docs/logdirty.md).
+    #[command(subcommand)]
+    Logdirty(LdCmd),
+}
+
+/// `cargo hv ctl logdirty ...`: DOMAIN is an id or a name; --log picks one
+/// of the host's logs of it (0 unless said).
+#[derive(Subcommand)]
+enum LdCmd {
+    /// Start a log of DOMAIN's RAM (or of --range), empty: from now on
+    /// every page the guest writes is set in it.
+    Start {
+        #[command(flatten)]
+        log: LogArgs,
+        /// Log COUNT pages from GFN only (each decimal, or hex with 0x;
+        /// default: all of the domain's RAM).
+        #[arg(long, value_name = "GFN:COUNT", value_parser = control::logdirty::parse_range)]
+        range: Option<control::logdirty::GfnRange>,
+        /// auto (PML where the CPU has it, else write-protection), pml, or
+        /// wp (write-protection).
+        #[arg(long, default_value = "auto", value_parser = control::logdirty::parse_mode)]
+        mode: control::logdirty::DirtyMode,
+    },
+    /// Print the pages written since the start or the last read, as ranges
+    /// and a total, and clear them (the next write to each is logged again).
+    Read(LogArgs),
+    /// Print the pages written, as `read` does, without clearing them.
+    Peek(LogArgs),
+    /// Print the log's mechanism, range and number of pages set.
+    Status(LogArgs),
+    /// End the log.
+    Stop(LogArgs),
+}
+
+/// The log a `cargo hv ctl logdirty` command is about.
+#[derive(Args)]
+struct LogArgs {
+    /// The domain: its id, or its name (as `cargo hv ctl domains` lists it).
+    domain: String,
+    /// Which of the host's logs of the domain: every host tool shares the
+    /// numbers, so two tools that keep logs of one domain use different ones.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = log_number)]
+    log: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--log N`: decimal or 0x-prefixed hex, at most u32::MAX.
+fn log_number(s: &str) -> Result<u32, String> {
+    let n = control::logdirty::parse_number(s)?;
+    u32::try_from(n).map_err(|_| format!("log {s}: at most {} (u32)", u32::MAX))
 }
 
 /// A gfn or count: decimal or 0x-prefixed hex.
@@ -593,6 +646,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Logs => unreachable!("handled before connecting"),
         CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
+        CtlCmd::Logdirty(cmd) => return logdirty_cmd(&mut console, cmd),
         CtlCmd::Events => {
             let version = console.hello()?;
             eprintln!(
@@ -794,6 +848,92 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo hv ctl logdirty ...`.
+fn logdirty_cmd(c: &mut Client<UnixStream>, cmd: LdCmd) -> Result<ExitCode> {
+    use control::logdirty::{self as ld, mechanism_name, range_line};
+    let (LdCmd::Start { log: args, .. }
+    | LdCmd::Read(args)
+    | LdCmd::Peek(args)
+    | LdCmd::Status(args)
+    | LdCmd::Stop(args)) = &cmd;
+    let (log, json) = (args.log, args.json);
+    let domain = c.domain_id(&args.domain)?;
+    let mut out = std::io::stdout();
+    match cmd {
+        LdCmd::Start { range, mode, .. } => {
+            let s = c.logdirty_start(domain, log, range, mode)?;
+            if json {
+                writeln!(out, "{}", ld::started_json(domain, log, &s))?;
+            } else {
+                writeln!(
+                    out,
+                    "domain {domain} (log {log}): logging {} with {}",
+                    range_line(&s.range),
+                    mechanism_name(s.mechanism)
+                )?;
+            }
+        }
+        LdCmd::Read(_) | LdCmd::Peek(_) => {
+            let clear = matches!(cmd, LdCmd::Read(_));
+            let ranges = c.logdirty_ranges(domain, log, clear)?;
+            if json {
+                writeln!(out, "{}", ld::dirty_json(domain, log, clear, &ranges))?;
+            } else {
+                for r in &ranges {
+                    writeln!(out, "{}", range_line(r))?;
+                }
+                writeln!(
+                    out,
+                    "{} (domain {domain}, log {log}; {})",
+                    dirty_total(&ranges),
+                    if clear { "cleared" } else { "not cleared" }
+                )?;
+            }
+        }
+        LdCmd::Status(_) => {
+            let s = c.logdirty_status(domain, log)?;
+            if json {
+                writeln!(out, "{}", ld::status_json(domain, log, &s))?;
+            } else {
+                writeln!(
+                    out,
+                    "domain {domain} (log {log}): {} over {}; {} set",
+                    mechanism_name(s.mechanism),
+                    range_line(&s.range),
+                    plural(s.dirty, "page", "pages")
+                )?;
+            }
+        }
+        LdCmd::Stop(_) => {
+            c.logdirty_stop(domain, log)?;
+            if json {
+                writeln!(out, "{}", ld::stopped_json(domain, log))?;
+            } else {
+                writeln!(out, "domain {domain} (log {log}): stopped")?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1 page`, `27 pages`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The last line of a read: `total: 27 pages in 12 ranges`.
+fn dirty_total(ranges: &[control::logdirty::GfnRange]) -> String {
+    let pages = control::logdirty::pages(ranges);
+    if ranges.is_empty() {
+        return "total: 0 pages".into();
+    }
+    format!(
+        "total: {} in {}",
+        plural(pages, "page", "pages"),
+        plural(ranges.len() as u64, "range", "ranges")
+    )
 }
 
 /// The default run's demonstration of altp2m: a guest that prints `watch
@@ -1028,4 +1168,153 @@ fn lint() -> Result<()> {
     args.extend(bare.iter().map(String::as_str));
     args.extend(["--", "-D", "warnings"]);
     run("clippy (bare-metal crates)", &args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::logdirty::{DirtyMode, GfnRange};
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let mut all = vec!["cargo hv"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map_err(|e| e.to_string())
+    }
+
+    fn logdirty(args: &[&str]) -> LdCmd {
+        let mut all = vec!["ctl", "logdirty"];
+        all.extend_from_slice(args);
+        match parse(&all) {
+            Ok(Cli {
+                command:
+                    Cmd::Ctl {
+                        command: CtlCmd::Logdirty(cmd),
+                        ..
+                    },
+            }) => cmd,
+            Ok(_) => panic!("not a logdirty command"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn logdirty_start_takes_a_range_a_mode_and_a_log_number() {
+        let LdCmd::Start { log, range, mode } = logdirty(&[
+            "start",
+            "hello",
+            "--range",
+            "0x1000:256",
+            "--mode",
+            "wp",
+            "--log",
+            "0x10",
+            "--json",
+        ]) else {
+            panic!("not start");
+        };
+        assert_eq!(
+            (log.domain.as_str(), log.log, log.json),
+            ("hello", 16, true)
+        );
+        assert_eq!(
+            range,
+            Some(GfnRange {
+                gfn: 0x1000,
+                count: 256
+            })
+        );
+        assert_eq!(mode, DirtyMode::WriteProtect);
+        // The defaults: all RAM, auto, log 0, text.
+        let LdCmd::Start { log, range, mode } = logdirty(&["start", "2"]) else {
+            panic!("not start");
+        };
+        assert_eq!((log.domain.as_str(), log.log, log.json), ("2", 0, false));
+        assert_eq!((range, mode), (None, DirtyMode::Auto));
+        let LdCmd::Start { range, .. } = logdirty(&["start", "2", "--range", "4096:16"]) else {
+            panic!("not start");
+        };
+        assert_eq!(
+            range,
+            Some(GfnRange {
+                gfn: 4096,
+                count: 16
+            })
+        );
+    }
+
+    #[test]
+    fn logdirty_read_peek_status_and_stop_take_a_domain_and_a_log() {
+        for (word, want) in [("read", 0), ("peek", 1), ("status", 2), ("stop", 3)] {
+            let cmd = logdirty(&[word, "agent", "--log", "7"]);
+            let (got, args) = match &cmd {
+                LdCmd::Read(a) => (0, a),
+                LdCmd::Peek(a) => (1, a),
+                LdCmd::Status(a) => (2, a),
+                LdCmd::Stop(a) => (3, a),
+                LdCmd::Start { .. } => panic!("{word} parsed as start"),
+            };
+            assert_eq!(got, want, "{word}");
+            assert_eq!((args.domain.as_str(), args.log), ("agent", 7));
+        }
+    }
+
+    #[test]
+    fn bad_logdirty_arguments_are_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["start", "1", "--range", "0x1000"],
+                "range \"0x1000\": say GFN:COUNT",
+            ),
+            (
+                &["start", "1", "--range", "0x10:0"],
+                "range 0x10:0x0: COUNT is 0, an empty range",
+            ),
+            (
+                &["start", "1", "--range", "0xfffffffffffffff0:0x20"],
+                "wraps past the last gfn",
+            ),
+            (
+                &["start", "1", "--range", "zero:1"],
+                "GFN \"zero\" is not a number (decimal, or hex with 0x)",
+            ),
+            (
+                &["start", "1", "--mode", "dirty"],
+                "mode \"dirty\": one of auto",
+            ),
+            (&["read", "1", "--log", "-1"], "unexpected argument '-1'"),
+            (&["read", "1", "--log", "many"], "\"many\" is not a number"),
+            (&["read", "1", "--log", "0x100000000"], "at most 4294967295"),
+            (&["peek"], "<DOMAIN>"),
+            (&["read", "1", "--range", "0:1"], "--range"),
+            (&["status", "1", "--mode", "pml"], "--mode"),
+            (&["watch", "1"], "watch"),
+        ];
+        for (args, want) in cases {
+            let mut all = vec!["ctl", "logdirty"];
+            all.extend_from_slice(args);
+            match parse(&all) {
+                Ok(_) => panic!("{args:?} parsed"),
+                Err(e) => assert!(e.contains(want), "{args:?}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn log_numbers_are_decimal_or_hex_u32() {
+        assert_eq!(log_number("12"), Ok(12));
+        assert_eq!(log_number("0xffffffff"), Ok(u32::MAX));
+        assert!(log_number("4294967296").unwrap_err().contains("at most"));
+        assert!(log_number("one").unwrap_err().contains("not a number"));
+    }
+
+    #[test]
+    fn a_read_ends_with_its_total() {
+        let r = |gfn, count| GfnRange { gfn, count };
+        assert_eq!(dirty_total(&[]), "total: 0 pages");
+        assert_eq!(dirty_total(&[r(5, 1)]), "total: 1 page in 1 range");
+        assert_eq!(
+            dirty_total(&[r(0x10, 16), r(0x100, 1)]),
+            "total: 17 pages in 2 ranges"
+        );
+    }
 }

@@ -314,3 +314,196 @@ fn a_service_override_is_recorded() {
     assert_eq!(path, dir.join("vmm.elf"));
     assert!(path.is_absolute());
 }
+
+/// `cargo hv ctl --socket S logdirty ARGS...`.
+fn logdirty(s: &Served, args: &[&str]) -> Output {
+    let mut all = vec!["ctl", "--socket", s.socket(), "logdirty"];
+    all.extend_from_slice(args);
+    hv(&all)
+}
+
+/// Its output, the command having succeeded.
+fn logdirty_ok(s: &Served, args: &[&str]) -> String {
+    let o = logdirty(s, args);
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// Its error, the command having failed with the tool's error status.
+fn logdirty_err(s: &Served, args: &[&str]) -> String {
+    let o = logdirty(s, args);
+    assert_eq!(
+        o.status.code(),
+        Some(image_builder::TOOL_ERROR.into()),
+        "{args:?}: {}",
+        stdout(&o)
+    );
+    stderr(&o)
+}
+
+#[test]
+fn ctl_logdirty_starts_peeks_reads_tells_and_stops_a_log() {
+    use image_builder::control::logdirty::LdRequest;
+    let s = Served::start("cli-ld", Console::default());
+    assert_eq!(
+        logdirty_ok(&s, &["start", "hello", "--log", "2"]).trim(),
+        "domain 1 (log 2): logging 0x0-0xfff (4096 pages) with PML"
+    );
+    let peek = logdirty_ok(&s, &["peek", "1", "--log", "2"]);
+    let lines: Vec<&str> = peek.lines().collect();
+    assert_eq!(lines.len(), 13, "{peek}");
+    assert_eq!(
+        lines[..4],
+        [
+            "0x10-0x1f (16 pages)",
+            "0x100 (1 page)",
+            "0x200 (1 page)",
+            "0x202 (1 page)"
+        ],
+        "{peek}"
+    );
+    assert_eq!(
+        lines[12],
+        "total: 27 pages in 12 ranges (domain 1, log 2; not cleared)"
+    );
+    assert_eq!(
+        logdirty_ok(&s, &["status", "hello", "--log", "2"]).trim(),
+        "domain 1 (log 2): PML over 0x0-0xfff (4096 pages); 27 pages set"
+    );
+    let read = logdirty_ok(&s, &["read", "1", "--log", "2", "--json"]);
+    let mut want = String::from(
+        r#"{"domain":1,"log":2,"cleared":true,"ranges":[{"gfn":16,"count":16},{"gfn":256,"count":1}"#,
+    );
+    for i in 0..10 {
+        want.push_str(&format!(r#",{{"gfn":{},"count":1}}"#, 0x200 + 2 * i));
+    }
+    want.push_str(r#"],"pages":27}"#);
+    assert_eq!(read.trim(), want);
+    assert_eq!(
+        logdirty_ok(&s, &["peek", "1", "--log", "2", "--json"]).trim(),
+        r#"{"domain":1,"log":2,"cleared":false,"ranges":[],"pages":0}"#
+    );
+    assert_eq!(
+        logdirty_ok(&s, &["peek", "1", "--log", "2"]).trim(),
+        "total: 0 pages (domain 1, log 2; not cleared)"
+    );
+    assert_eq!(
+        logdirty_ok(&s, &["status", "1", "--log", "2", "--json"]).trim(),
+        r#"{"domain":1,"log":2,"mechanism":"pml","range":{"gfn":0,"count":4096},"dirty":0}"#
+    );
+    // A range, write-protection, JSON.
+    assert_eq!(
+        logdirty_ok(
+            &s,
+            &[
+                "start", "cpuid", "--range", "0x100:16", "--mode", "wp", "--json"
+            ]
+        )
+        .trim(),
+        r#"{"domain":2,"log":0,"mechanism":"wp","range":{"gfn":256,"count":16}}"#
+    );
+    assert_eq!(
+        logdirty_ok(&s, &["stop", "1", "--log", "2"]).trim(),
+        "domain 1 (log 2): stopped"
+    );
+    assert_eq!(
+        logdirty_ok(&s, &["stop", "2", "--json"]).trim(),
+        r#"{"domain":2,"log":0,"stopped":true}"#
+    );
+    let got = s.finish();
+    let starts: Vec<&LdRequest> = got
+        .requests
+        .iter()
+        .filter_map(|r| match &r.request {
+            ControlRequest::Logdirty(q @ LdRequest::Start { .. }) => Some(q),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert!(
+        matches!(
+            starts[0],
+            LdRequest::Start {
+                domain: 1,
+                log: 2,
+                range: None,
+                ..
+            }
+        ),
+        "{starts:?}"
+    );
+}
+
+#[test]
+fn ctl_logdirty_errors_name_what_was_wrong() {
+    let s = Served::start("cli-ld-err", Console::default());
+    let e = logdirty_err(&s, &["start", "7"]);
+    assert!(
+        e.contains("error: logdirty: domain 7: no such domain"),
+        "{e}"
+    );
+    let e = logdirty_err(&s, &["start", "1", "--range", "0:0x100000"]);
+    assert!(
+        e.contains("logdirty: range 0x0:0x100000 reaches past the domain's RAM (4096 pages)"),
+        "{e}"
+    );
+    let e = logdirty_err(&s, &["read", "1"]);
+    assert!(
+        e.contains("logdirty: log 0 of domain 1 is not running (never started, or stopped)"),
+        "{e}"
+    );
+    logdirty_ok(&s, &["start", "1", "--mode", "wp", "--range", "0:0x100"]);
+    let e = logdirty_err(
+        &s,
+        &[
+            "start",
+            "1",
+            "--log",
+            "1",
+            "--mode",
+            "pml",
+            "--range",
+            "0x80:0x100",
+        ],
+    );
+    assert!(
+        e.contains("another log holds part of that range with write-protection"),
+        "{e}"
+    );
+    let e = logdirty_err(&s, &["start", "1", "--mode", "wp"]);
+    assert!(e.contains("log 0 of domain 1 is already running"), "{e}");
+    let e = logdirty_err(&s, &["peek", "nobody"]);
+    assert!(
+        e.contains("no domain is named \"nobody\" (the domains: 1 hello, 2 cpuid)"),
+        "{e}"
+    );
+    // Bad arguments: named, and nothing is sent.
+    let e = logdirty_err(&s, &["start", "1", "--range", "0x10"]);
+    assert!(e.contains("say GFN:COUNT"), "{e}");
+    let e = logdirty_err(&s, &["start", "1", "--mode", "fast"]);
+    assert!(e.contains("mode \"fast\": one of auto"), "{e}");
+    let got = s.finish();
+    let sent = got
+        .requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::Logdirty(_)))
+        .count();
+    assert_eq!(sent, 6);
+}
+
+#[test]
+fn ctl_logdirty_without_the_service_says_so() {
+    let s = Served::start(
+        "cli-ld-none",
+        Console {
+            logdirty: None,
+            ..Console::default()
+        },
+    );
+    let e = logdirty_err(&s, &["status", "1"]);
+    assert!(
+        e.contains("the logdirty service did not answer")
+            && e.contains("(Logdirty Status domain 1 log 0)"),
+        "{e}"
+    );
+}

@@ -11,6 +11,7 @@
 
 use crate::altp2m::{AltReply, AltRequest, VmEvent};
 use crate::ipc::{BoundedVec, InterfaceId};
+use crate::logdirty::{LdReply, LdRequest};
 use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
 use crate::syscall::DomainOp;
 use postcard::experimental::max_size::MaxSize;
@@ -60,6 +61,11 @@ pub enum ControlRequest {
     /// A request to the altp2m service, as an external agent (views,
     /// access, modes, listening to violations and answering them).
     Altp2m(AltRequest),
+    /// A request to the logdirty service (docs/logdirty.md), passed on as
+    /// it is: the log is the console's (the caller the service sees) under
+    /// the host's `log` number, so host tools share the numbers among
+    /// themselves.
+    Logdirty(LdRequest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -83,6 +89,8 @@ pub enum ControlReply {
     Error(ControlError),
     /// The altp2m service's answer to [`ControlRequest::Altp2m`].
     Altp2m(AltReply),
+    /// The logdirty service's answer to [`ControlRequest::Logdirty`].
+    Logdirty(LdReply),
 }
 
 /// What was wrong with a request, at the protocol level.
@@ -107,6 +115,9 @@ pub enum ControlError {
     SupervisorUnavailable,
     /// The altp2m service did not answer (or this image has none).
     Altp2mUnavailable,
+    /// The logdirty service did not answer (or this image has none, or
+    /// the console holds no `logdirty` handle).
+    LogdirtyUnavailable,
 }
 
 /// Something that happened, told to the host unasked.
@@ -156,6 +167,27 @@ mod tests {
         );
         let mut chunk_bytes = wire[..wire.len() - 1].to_vec();
         assert_eq!(frame::decode::<FromHost>(&mut chunk_bytes).unwrap(), chunk);
+    }
+
+    #[test]
+    fn a_full_logdirty_reply_fits_the_consoles_frame_buffer() {
+        use crate::logdirty::{GfnRange, LdReply, RANGES_PER_REPLY};
+        let range = GfnRange {
+            gfn: u64::MAX,
+            count: u64::MAX,
+        };
+        let m = ToHost::Reply {
+            seq: u32::MAX,
+            reply: ControlReply::Logdirty(LdReply::Dirty {
+                ranges: BoundedVec(heapless::Vec::from_slice(&[range; RANGES_PER_REPLY]).unwrap()),
+                next: Some(u64::MAX),
+            }),
+        };
+        // The console encodes each message into 2 * MAX_FRAME bytes.
+        let mut buf = [0u8; MAX_FRAME * 2];
+        let wire = frame::encode(&m, &mut buf).unwrap();
+        let mut bytes = wire[..wire.len() - 1].to_vec();
+        assert_eq!(frame::decode::<ToHost>(&mut bytes).unwrap(), m);
     }
 
     proptest! {

@@ -5,10 +5,14 @@
 
 use ipc_schema::supervisor::{name, name_str};
 use parallax_client::frames::{self, FrameReader};
+use parallax_client::logdirty::{
+    DirtyMode, GfnRange, LdError, LdReply, LdRequest, Mechanism, RANGES_PER_REPLY,
+};
 use parallax_client::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, DomainInfo, DomainOp,
     FromHost, Refusal, ServiceInfo, ToHost,
 };
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -78,6 +82,184 @@ pub struct Console {
     pub swap: Option<(String, u32, Vec<u8>)>,
     /// Every swap that was committed: (service, ELF).
     pub swapped: Vec<(String, Vec<u8>)>,
+    /// The logdirty service behind the console; `None`: unreachable.
+    pub logdirty: Option<FakeLogdirty>,
+}
+
+/// A tiny fake of the logdirty service: logs of the domains in `ram`, each
+/// of which finds `writes` written as soon as it starts.
+#[derive(Clone, Debug)]
+pub struct FakeLogdirty {
+    /// Each domain and its pages of RAM.
+    pub ram: Vec<(u16, u64)>,
+    /// Whether the CPU has PML.
+    pub pml: bool,
+    /// The pages a log finds written once started, as offsets from its
+    /// first gfn (clipped to its range).
+    pub writes: Vec<GfnRange>,
+    /// The logs that run.
+    pub logs: Vec<FakeLog>,
+}
+
+/// Logs per domain the fake keeps.
+pub const FAKE_LOG_LIMIT: u32 = 4;
+
+#[derive(Clone, Debug)]
+pub struct FakeLog {
+    pub domain: u16,
+    pub log: u32,
+    pub mechanism: Mechanism,
+    pub range: GfnRange,
+    pub dirty: BTreeSet<u64>,
+}
+
+/// Twelve ranges, 27 pages: two answers' worth of a read.
+pub fn fake_writes() -> Vec<GfnRange> {
+    let mut w = vec![
+        GfnRange {
+            gfn: 0x10,
+            count: 16,
+        },
+        GfnRange {
+            gfn: 0x100,
+            count: 1,
+        },
+    ];
+    w.extend((0..10).map(|i| GfnRange {
+        gfn: 0x200 + 2 * i,
+        count: 1,
+    }));
+    w
+}
+
+impl Default for FakeLogdirty {
+    fn default() -> Self {
+        Self {
+            ram: vec![(1, 4096), (2, 4096)],
+            pml: true,
+            writes: fake_writes(),
+            logs: Vec::new(),
+        }
+    }
+}
+
+impl FakeLogdirty {
+    /// The answer to `q`.
+    pub fn answer(&mut self, q: &LdRequest) -> LdReply {
+        let (domain, log) = match *q {
+            LdRequest::Start { domain, log, .. }
+            | LdRequest::Read { domain, log, .. }
+            | LdRequest::Stop { domain, log }
+            | LdRequest::Status { domain, log } => (domain, log),
+        };
+        let Some(&(_, pages)) = self.ram.iter().find(|(d, _)| *d == domain) else {
+            return LdReply::Error(LdError::NoSuchDomain);
+        };
+        let at = self
+            .logs
+            .iter()
+            .position(|l| l.domain == domain && l.log == log);
+        match *q {
+            LdRequest::Start { range, mode, .. } => {
+                let range = range.unwrap_or(GfnRange {
+                    gfn: 0,
+                    count: pages,
+                });
+                if range.count == 0 || range.end().is_none_or(|e| e > pages) {
+                    return LdReply::Error(LdError::BadRange { pages });
+                }
+                if at.is_some() {
+                    return LdReply::Error(LdError::AlreadyLogging);
+                }
+                let mechanism = match mode {
+                    DirtyMode::Pml if !self.pml => {
+                        return LdReply::Error(LdError::PmlUnsupported);
+                    }
+                    DirtyMode::Pml => Mechanism::Pml,
+                    DirtyMode::Auto if self.pml => Mechanism::Pml,
+                    DirtyMode::Auto | DirtyMode::WriteProtect => Mechanism::WriteProtect,
+                };
+                let end = range.gfn + range.count;
+                let mine: Vec<&FakeLog> = self.logs.iter().filter(|l| l.domain == domain).collect();
+                if let Some(other) = mine.iter().find(|l| {
+                    l.mechanism != mechanism
+                        && l.range.gfn < end
+                        && range.gfn < l.range.gfn + l.range.count
+                }) {
+                    return LdReply::Error(LdError::ModeConflict {
+                        held: other.mechanism,
+                    });
+                }
+                if mine.len() as u32 >= FAKE_LOG_LIMIT {
+                    return LdReply::Error(LdError::TooManyLogs {
+                        limit: FAKE_LOG_LIMIT,
+                    });
+                }
+                let dirty = self
+                    .writes
+                    .iter()
+                    .flat_map(|w| (w.gfn..w.gfn + w.count).map(|o| range.gfn + o))
+                    .filter(|g| *g < end)
+                    .collect();
+                self.logs.push(FakeLog {
+                    domain,
+                    log,
+                    mechanism,
+                    range,
+                    dirty,
+                });
+                LdReply::Started { mechanism, range }
+            }
+            LdRequest::Read { from, clear, .. } => {
+                let Some(i) = at else {
+                    return LdReply::Error(LdError::NotLogging);
+                };
+                let l = &mut self.logs[i];
+                let mut ranges: parallax_client::ipc_schema::ipc::BoundedVec<
+                    GfnRange,
+                    RANGES_PER_REPLY,
+                > = parallax_client::ipc_schema::ipc::BoundedVec::new();
+                let mut next = None;
+                let mut taken = Vec::new();
+                for &g in l.dirty.range(from..) {
+                    let full = ranges.0.len() == RANGES_PER_REPLY;
+                    match ranges.0.last_mut() {
+                        Some(r) if r.gfn + r.count == g => r.count += 1,
+                        _ if full => {
+                            next = Some(g);
+                            break;
+                        }
+                        _ => ranges.0.push(GfnRange { gfn: g, count: 1 }).unwrap(),
+                    }
+                    taken.push(g);
+                }
+                if clear {
+                    for g in taken {
+                        l.dirty.remove(&g);
+                    }
+                }
+                LdReply::Dirty { ranges, next }
+            }
+            LdRequest::Stop { .. } => match at {
+                Some(i) => {
+                    self.logs.remove(i);
+                    LdReply::Done
+                }
+                None => LdReply::Error(LdError::NotLogging),
+            },
+            LdRequest::Status { .. } => match at {
+                Some(i) => {
+                    let l = &self.logs[i];
+                    LdReply::Status {
+                        mechanism: l.mechanism,
+                        range: l.range,
+                        dirty: l.dirty.len() as u64,
+                    }
+                }
+                None => LdReply::Error(LdError::NotLogging),
+            },
+        }
+    }
 }
 
 pub fn service(n: &str, generation: u32, restarts: u32, state: u8, key: u8) -> ServiceInfo {
@@ -114,6 +296,7 @@ impl Default for Console {
             said_hello: false,
             swap: None,
             swapped: Vec::new(),
+            logdirty: Some(FakeLogdirty::default()),
         }
     }
 }
@@ -216,6 +399,10 @@ impl Console {
                     _ => AltReply::Refused(AltError::NoSuchEvent),
                 })
             }
+            ControlRequest::Logdirty(q) => match &mut self.logdirty {
+                Some(l) => R::Logdirty(l.answer(q)),
+                None => R::Error(ControlError::LogdirtyUnavailable),
+            },
         }
     }
 

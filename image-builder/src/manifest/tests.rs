@@ -61,13 +61,19 @@ fn compiles_what_init_reads() {
 fn without_services_the_standard_ones_are_used() {
     let m = parse("name = \"x\"").unwrap();
     let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["altp2m", "vmm", "console"]);
+    assert_eq!(names, ["altp2m", "vmm", "console", "logdirty"]);
     assert_eq!(
         m.shared,
-        [SharedSpec {
-            name: "swap".into(),
-            pages: 256
-        }]
+        [
+            SharedSpec {
+                name: "swap".into(),
+                pages: 256
+            },
+            SharedSpec {
+                name: "pml".into(),
+                pages: 32
+            }
+        ]
     );
     let bytes = m.compile().unwrap();
     let k = Manifest::decode(&bytes).unwrap();
@@ -86,6 +92,44 @@ fn without_services_the_standard_ones_are_used() {
             base: 0x2f8,
             count: 8
         }));
+    // The console reaches the logdirty service for the host.
+    let to_logdirty = console
+        .handles
+        .iter()
+        .find(|h| h.name == "logdirty")
+        .unwrap();
+    assert_eq!(
+        (to_logdirty.object.clone(), to_logdirty.rights),
+        (
+            ipc_schema::manifest::Object::Endpoint("logdirty"),
+            rights::CALL
+        )
+    );
+    let logdirty = &k.services[3];
+    let grant = |name: &str| {
+        let h = logdirty.handles.iter().find(|h| h.name == name).unwrap();
+        (h.object.clone(), h.rights)
+    };
+    use ipc_schema::manifest::Object as O;
+    assert_eq!(
+        grant("logdirty"),
+        (O::Endpoint("logdirty"), rights::RECEIVE)
+    );
+    assert_eq!(
+        grant("pml-exits"),
+        (O::Endpoint("pml-exits"), rights::RECEIVE)
+    );
+    assert_eq!(grant("altp2m"), (O::Endpoint("altp2m"), rights::CALL));
+    assert_eq!(grant("domains"), (O::Domains, rights::READ | rights::VCPUS));
+    assert_eq!(grant("pml"), (O::Shared("pml"), rights::READ));
+    assert_eq!(
+        grant("supervisor"),
+        (O::Endpoint("supervisor"), rights::CALL)
+    );
+    assert_eq!(
+        grant("supervisor-events"),
+        (O::Notification("supervisor-events"), rights::WAIT)
+    );
 }
 
 #[test]
@@ -273,9 +317,9 @@ fn the_standard_services_can_be_combined_with_others() {
     let text = "name = \"x\"\nstandard_services = true\n[[service]]\nname = \"probe\"\ntask = true\nhandles = [{ name = \"a\", endpoint = \"altp2m\", rights = [\"call\"] }]\n";
     let m = parse(text).unwrap();
     let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["altp2m", "vmm", "console", "probe"]);
+    assert_eq!(names, ["altp2m", "vmm", "console", "logdirty", "probe"]);
     let bytes = m.compile().unwrap();
-    assert!(Manifest::decode(&bytes).unwrap().services[3].task);
+    assert!(Manifest::decode(&bytes).unwrap().services[4].task);
     // And left out: a system of no services at all.
     let m = parse("name = \"x\"\nstandard_services = false\n").unwrap();
     assert!(m.services.is_empty() && m.shared.is_empty());

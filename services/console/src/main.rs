@@ -2,7 +2,8 @@
 //!
 //! It owns the UART's eight I/O ports and its interrupt line (both granted
 //! by the manifest), reads frames from the host when the line fires, asks
-//! the supervisor on the host's behalf, and writes the answers back. New
+//! the supervisor (and the altp2m and logdirty services, where it holds
+//! their handles) on the host's behalf, and writes the answers back. New
 //! ELFs for swaps arrive in chunks into the `swap` frames it shares with the
 //! supervisor.
 
@@ -12,6 +13,7 @@
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::control::ToHost;
 use ipc_schema::ipc::InterfaceId;
+use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
 use ipc_schema::syscall::Handle;
 use ipc_schema::syscall::layout::MAP_BASE;
@@ -68,10 +70,12 @@ impl Uart {
     }
 }
 
-/// The supervisor, and the altp2m service where the manifest grants it.
+/// The supervisor, and the altp2m and logdirty services where the
+/// manifest grants them.
 struct Ask {
     supervisor: Client,
     altp2m: Option<Client>,
+    logdirty: Option<Client>,
 }
 
 impl Supervisor for Ask {
@@ -90,6 +94,20 @@ impl Supervisor for Ask {
             Ok(r) => Some(r),
             Err(e) => {
                 defmt::warn!("console: the altp2m service did not answer: {}", e);
+                None
+            }
+        }
+    }
+
+    fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
+        let Some(logdirty) = self.logdirty.as_mut() else {
+            defmt::warn!("console: a logdirty request, but no `logdirty` handle");
+            return None;
+        };
+        match logdirty.call::<_, LdReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the logdirty service did not answer: {}", e);
                 None
             }
         }
@@ -211,6 +229,7 @@ fn main() -> ! {
         supervisor: Ask {
             supervisor: Client::new(require("supervisor"), SUPERVISOR),
             altp2m: service_runtime::handle("altp2m").map(|h| Client::new(h, ALTP2M)),
+            logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
         },
         swap,
     };

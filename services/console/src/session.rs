@@ -9,6 +9,7 @@ use ipc_schema::control::{
     MAX_SWAP, ToHost,
 };
 use ipc_schema::frame::{self, FrameError};
+use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
 
 /// The protocol version the console answers `Hello` with.
@@ -17,12 +18,17 @@ pub const VERSION: u32 = 1;
 pub const RX: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
 
 /// The services the console asks on the host's behalf: the supervisor,
-/// and the altp2m service for the external agent.
+/// the altp2m service for the external agent, and the logdirty service.
 pub trait Supervisor {
     /// `None` when it cannot be reached.
     fn ask(&mut self, request: &SupervisorRequest) -> Option<SupervisorReply>;
     /// `None` when it cannot be reached (or the image has none).
     fn altp2m(&mut self, _request: &AltRequest) -> Option<AltReply> {
+        None
+    }
+    /// `None` when it cannot be reached (or the console holds no
+    /// `logdirty` handle).
+    fn logdirty(&mut self, _request: &LdRequest) -> Option<LdReply> {
         None
     }
 }
@@ -192,6 +198,14 @@ impl Session {
                 None => R::Error(ControlError::Altp2mUnavailable),
             };
         }
+        // Passed on as it is: the log is the console's under the host's
+        // number (`log`), which the console does not change.
+        if let ControlRequest::Logdirty(q) = r {
+            return match sup.logdirty(q) {
+                Some(reply) => R::Logdirty(reply),
+                None => R::Error(ControlError::LogdirtyUnavailable),
+            };
+        }
         let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
             Some(SupervisorReply::Service(s)) => R::Service(s),
             Some(SupervisorReply::Domain(d)) => R::Domain(d),
@@ -217,7 +231,9 @@ impl Session {
                 ask(SupervisorRequest::DomainControl { id, op })
             }
             ControlRequest::InjectFault { name } => ask(SupervisorRequest::InjectFault { name }),
-            ControlRequest::Altp2m(_) => unreachable!("answered above"),
+            ControlRequest::Altp2m(_) | ControlRequest::Logdirty(_) => {
+                unreachable!("answered above")
+            }
             ControlRequest::SwapBegin { name, len } => {
                 let max = MAX_SWAP.min(swap_buffer.len() as u32);
                 if len > max {

@@ -9,6 +9,7 @@ use ipc_schema::control::{
 };
 use ipc_schema::hypercall::{Reply, Request};
 use ipc_schema::ipc::BoundedVec;
+use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, LdReply, LdRequest, Mechanism};
 use ipc_schema::supervisor::{
     Refusal, SupervisorEvent, SupervisorReply, SupervisorRequest, name, name_str,
 };
@@ -25,6 +26,8 @@ struct Fake {
     altp2m: Option<Vec<AltRequest>>,
     /// Violation events the altp2m service holds.
     violations: Vec<VmEvent>,
+    /// What the logdirty service was asked; `None`: unreachable.
+    logdirty: Option<Vec<LdRequest>>,
 }
 
 impl Supervisor for Fake {
@@ -62,6 +65,32 @@ impl Supervisor for Fake {
             }
             AltRequest::External { .. } => AltReply::Reply(Reply::View(1)),
             _ => AltReply::Done,
+        })
+    }
+
+    fn logdirty(&mut self, r: &LdRequest) -> Option<LdReply> {
+        self.logdirty.as_mut()?.push(r.clone());
+        Some(match *r {
+            LdRequest::Start { domain: 1, .. } => LdReply::Started {
+                mechanism: Mechanism::WriteProtect,
+                range: GfnRange {
+                    gfn: 0,
+                    count: 4096,
+                },
+            },
+            LdRequest::Read { domain: 1, .. } => {
+                let mut ranges = BoundedVec::new();
+                ranges
+                    .0
+                    .push(GfnRange {
+                        gfn: 0x10,
+                        count: 3,
+                    })
+                    .unwrap();
+                LdReply::Dirty { ranges, next: None }
+            }
+            LdRequest::Stop { domain: 1, log: 7 } => LdReply::Error(LdError::NotLogging),
+            _ => LdReply::Error(LdError::NoSuchDomain),
         })
     }
 }
@@ -422,4 +451,68 @@ fn altp2m_requests_are_forwarded_and_violations_reach_the_host() {
     let out = &mut r.out;
     r.s.violations(&mut r.sup, &mut |m: &ToHost| out.push(m.clone()));
     assert_eq!(r.out, [ToHost::Event(ControlEvent::Violation(event(5)))]);
+}
+
+#[test]
+fn logdirty_requests_are_passed_on_unchanged_and_an_unreachable_service_is_named() {
+    let mut r = Rig::new();
+    r.hello();
+    let start = LdRequest::Start {
+        domain: 1,
+        log: 0xdead_beef,
+        range: None,
+        mode: DirtyMode::Auto,
+    };
+    // No logdirty handle (or the service is down): said so, by name.
+    assert_eq!(
+        r.send(2, ControlRequest::Logdirty(start.clone())),
+        ControlReply::Error(ControlError::LogdirtyUnavailable)
+    );
+    r.sup.logdirty = Some(Vec::new());
+    assert_eq!(
+        r.send(3, ControlRequest::Logdirty(start.clone())),
+        ControlReply::Logdirty(LdReply::Started {
+            mechanism: Mechanism::WriteProtect,
+            range: GfnRange {
+                gfn: 0,
+                count: 4096
+            }
+        })
+    );
+    let read = LdRequest::Read {
+        domain: 1,
+        log: 0xdead_beef,
+        from: 0x10,
+        clear: true,
+    };
+    let ControlReply::Logdirty(LdReply::Dirty { ranges, next: None }) =
+        r.send(4, ControlRequest::Logdirty(read.clone()))
+    else {
+        panic!("a read is answered with the dirty ranges");
+    };
+    assert_eq!(ranges.0.len(), 1);
+    // The service's refusals reach the host as they are.
+    let stop = LdRequest::Stop { domain: 1, log: 7 };
+    assert_eq!(
+        r.send(5, ControlRequest::Logdirty(stop.clone())),
+        ControlReply::Logdirty(LdReply::Error(LdError::NotLogging))
+    );
+    // The host's log numbers went through unchanged, and nothing went to
+    // the supervisor.
+    assert_eq!(r.sup.logdirty.as_deref(), Some(&[start, read, stop][..]));
+    assert!(r.sup.asked.is_empty(), "{:?}", r.sup.asked);
+}
+
+#[test]
+fn logdirty_requests_before_hello_are_refused() {
+    let mut r = Rig::new();
+    r.sup.logdirty = Some(Vec::new());
+    assert_eq!(
+        r.send(
+            1,
+            ControlRequest::Logdirty(LdRequest::Status { domain: 1, log: 0 })
+        ),
+        ControlReply::Error(ControlError::NotHello)
+    );
+    assert_eq!(r.sup.logdirty.as_deref(), Some(&[][..]));
 }
