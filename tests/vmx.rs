@@ -218,6 +218,8 @@ fn the_benchmark_guest_reports_every_figure() {
         "vmcall_service_ticks",
         "ipc_roundtrip_ticks",
         "ve_delivery_ticks",
+        "dirty_wp_fault_ticks",
+        "dirty_pml_exits_per_1000_pages",
     ] {
         assert!(
             figures.get(key).is_some_and(|v| v.is_some()),

@@ -194,6 +194,9 @@ pub fn describe_hc_error(e: &HcError) -> String {
             crate::logdirty::describe_error(e)
         ),
         HcError::BadAccess => "write or execute without read cannot be expressed by EPT".into(),
+        HcError::WrongService => {
+            "that request belongs to another service (dirty logs: `cargo hv ctl logdirty`)".into()
+        }
         HcError::ServiceUnavailable => "the altp2m service is not running".into(),
         HcError::ModeForbids { mode } => {
             format!("the domain's altp2m mode ({mode:?}) does not allow it")

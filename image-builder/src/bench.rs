@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The manifest of the benchmark image (`{cmdline}`: the guest's command
-/// line): the standard services but the
+/// line): the standard services (altp2m, vmm, logdirty) but the
 /// console (the serial line is not measured), and a violation listener
 /// inside the hypervisor for `violation_event_ticks`.
 const MANIFEST: &str = r#"
@@ -28,6 +28,7 @@ handles = [
     { name = "violations", endpoint = "violations", rights = ["receive"] },
     { name = "altp2m", endpoint = "altp2m", rights = ["receive"] },
     { name = "altp2m-guest", endpoint = "altp2m-guest", rights = ["receive"] },
+    { name = "altp2m-track", endpoint = "altp2m-track", rights = ["receive"] },
     { name = "altp2m-events", notification = "altp2m-events", rights = ["signal"] },
     { name = "domain-ends", notification = "altp2m-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "views", "vcpus"] },
@@ -38,6 +39,7 @@ name = "vmm"
 handles = [
     { name = "exits", endpoint = "exits", rights = ["receive"] },
     { name = "altp2m-guest", endpoint = "altp2m-guest", rights = ["call"] },
+    { name = "logdirty", endpoint = "logdirty", rights = ["call"] },
     { name = "domains", domains = true, rights = ["read", "write", "vcpus"] },
 ]
 
@@ -47,6 +49,22 @@ handles = [
     { name = "altp2m", endpoint = "altp2m", rights = ["call"] },
     { name = "altp2m-events", notification = "altp2m-events", rights = ["wait"] },
 ]
+
+[[service]]
+name = "logdirty"
+handles = [
+    { name = "logdirty", endpoint = "logdirty", rights = ["receive"] },
+    { name = "pml-exits", endpoint = "pml-exits", rights = ["receive"] },
+    { name = "altp2m", endpoint = "altp2m-track", rights = ["call"] },
+    { name = "domains", domains = true, rights = ["read", "vcpus"] },
+    { name = "pml", shared = "pml", rights = ["read", "write"] },
+    { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
+    { name = "supervisor-events", notification = "supervisor-events-logdirty", rights = ["wait"] },
+]
+
+[[shared]]
+name = "pml"
+pages = 32
 
 [[domain]]
 name = "bench"
@@ -65,6 +83,8 @@ pub const TARGETS: &[(&str, &str, u64)] = &[
     ("vmfunc_switch_exits", "==", 0),
     ("view_switch_hypercall_per_vmfunc", ">=", 50),
     ("range_1g_entry_writes", "<=", 1024),
+    ("dirty_wp_fault_ticks", "<=", 1500),
+    ("dirty_pml_exits_per_1000_pages", "<=", 2),
 ];
 
 /// Adds the figures computed on the host: the EPT entry writes of

@@ -119,16 +119,23 @@ fn without_services_the_standard_ones_are_used() {
         grant("pml-exits"),
         (O::Endpoint("pml-exits"), rights::RECEIVE)
     );
-    assert_eq!(grant("altp2m"), (O::Endpoint("altp2m"), rights::CALL));
+    // Tracking on altp2m's own endpoint for it (docs/p2m.md).
+    assert_eq!(grant("altp2m"), (O::Endpoint("altp2m-track"), rights::CALL));
     assert_eq!(grant("domains"), (O::Domains, rights::READ | rights::VCPUS));
-    assert_eq!(grant("pml"), (O::Shared("pml"), rights::READ));
+    // The CPU writes the buffers: the kernel takes only frames the service
+    // may write itself.
+    assert_eq!(
+        grant("pml"),
+        (O::Shared("pml"), rights::READ | rights::WRITE)
+    );
     assert_eq!(
         grant("supervisor"),
         (O::Endpoint("supervisor"), rights::CALL)
     );
     assert_eq!(
         grant("supervisor-events"),
-        (O::Notification("supervisor-events"), rights::WAIT)
+        (O::Notification("supervisor-events-logdirty"), rights::WAIT),
+        "its own: a notification has one waiter, and the console waits on `supervisor-events`"
     );
 }
 

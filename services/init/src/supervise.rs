@@ -150,19 +150,20 @@ impl Supervisor {
         Ok(h)
     }
 
-    /// Records an event and tells whoever waits on the notification named
-    /// `supervisor-events` (the console, in the standard manifest).
+    /// Records an event and tells whoever waits on a notification named
+    /// `supervisor-events` or `supervisor-events-<anything>` (a
+    /// notification has one waiter: the console waits on the first in the
+    /// standard manifest, the logdirty service on its own).
     pub fn record(&mut self, event: SupervisorEvent) {
         if self.events.is_full() {
             self.events.pop_front();
         }
         let _ = self.events.push_back((self.next_event, event));
         self.next_event = self.next_event.wrapping_add(1);
-        if let Some(&(_, _, h)) = self
-            .objects
-            .iter()
-            .find(|(k, n, _)| *k == KIND_NOTIFICATION && *n == "supervisor-events")
-        {
+        for &(_, _, h) in self.objects.iter().filter(|(k, n, _)| {
+            *k == KIND_NOTIFICATION
+                && (*n == "supervisor-events" || n.starts_with("supervisor-events-"))
+        }) {
             let _ = sys::notify(h, 1);
         }
     }
