@@ -174,19 +174,10 @@ fn a_violation_with_suppress_ve_set_exits_to_the_hypervisor_instead() {
         .expect_status(HaltStatus::GuestFailed);
 }
 
-#[test]
-fn pml_reports_every_dirtied_page() {
-    bochs(&one_guest("pml"))
-        .expect_console(1, "all written pages present")
-        .expect_status(HaltStatus::Success);
-}
+// Dirty logging, PML and its absence: tests/logdirty.rs.
 
 #[test]
-fn broadwell_without_pml_reports_it_absent_and_nothing_breaks() {
-    bochs_model(&one_guest("pml"), "broadwell_ult")
-        .expect("PML false")
-        .expect_console(1, "PML absent on this CPU")
-        .expect_status(HaltStatus::Success);
+fn broadwell_without_pml_runs_views_as_before() {
     bochs_model(&one_guest("vmfunc"), "broadwell_ult")
         .expect_console(1, "vmfunc: all checks passed")
         .expect_status(HaltStatus::Success);

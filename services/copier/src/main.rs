@@ -23,8 +23,11 @@
 //!    source is resumed for the next mechanism.
 //!
 //! Logs `copier: <mechanism>: N rounds, M pages copied live, K in the final
-//! round, all P pages equal`, or `copier: FAIL ...`. At the end both
-//! domains are destroyed and the task exits with the number of failures.
+//! round, all P pages equal`, or `copier: FAIL ...`. At the end the copy is
+//! destroyed; a log (number 7) is started on the source and left running,
+//! the source is told to stop (a stop word in its last page, which the
+//! `writer` guest polls), and the task exits with the number of failures:
+//! the logdirty service must tear down the log of a client that ended.
 
 #![no_std]
 #![no_main]
@@ -44,6 +47,11 @@ const LOG: u32 = 1;
 const ROUNDS: u32 = 8;
 /// A round that finds at most this many pages ends the live copy.
 const FEW: u64 = 16;
+/// The log left running when the task ends.
+const LEFT_BEHIND: u32 = 7;
+/// The `writer` guest's stop word, and where in its last page it goes.
+const STOP: u64 = u64::from_le_bytes(*b"STOPCOPY");
+const STOP_AT: u64 = 2048;
 
 struct Copier {
     domains: Handle,
@@ -259,6 +267,26 @@ fn main() -> ! {
     }
     c.run(DirtyMode::WriteProtect);
     c.control(target, DomainOp::Destroy);
-    c.control(source, DomainOp::Destroy);
+    // A log left behind by a client that ends.
+    match c.logdirty.call::<_, LdReply>(&LdRequest::Start {
+        domain: source,
+        log: LEFT_BEHIND,
+        range: None,
+        mode: DirtyMode::Auto,
+    }) {
+        Ok(LdReply::Started { .. }) => {
+            defmt::info!("copier: log {=u32} left running; ending", LEFT_BEHIND)
+        }
+        other => {
+            defmt::error!("copier: FAIL starting log {=u32}: {}", LEFT_BEHIND, defmt::Debug2Format(&other));
+            c.failed += 1;
+        }
+    }
+    let stop = STOP.to_le_bytes();
+    if sys::domain_write(domains, source, (pages - 1) * PAGE + STOP_AT, &stop).is_err() {
+        defmt::error!("copier: FAIL telling the source to stop");
+        c.control(source, DomainOp::Destroy);
+        c.failed += 1;
+    }
     sys::exit(c.failed)
 }

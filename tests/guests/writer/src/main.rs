@@ -11,7 +11,10 @@
 //!    into R[i] (S[i]'s frame); back to view 0; every 16 rounds a
 //!    `GetMode` hypercall.
 //!
-//! It never exits: the copier destroys it. Status 1 if the set-up fails.
+//! It stops when the last page of its RAM holds [`STOP`] at byte
+//! [`STOP_AT`] (written by the copier with DOMAIN_WRITE): it goes on for
+//! another 2000 rounds (time for the services to see the copier end) and
+//! exits 0. Status 1 if the set-up fails.
 #![no_std]
 #![no_main]
 
@@ -22,6 +25,9 @@ use guest_runtime::{MultibootInfo, Pages, println, vmfunc_switch};
 guest_runtime::entry!(main);
 
 const VIEWS: usize = 3;
+/// The stop word, and where in the last page of RAM it is written.
+pub const STOP: u64 = u64::from_le_bytes(*b"STOPCOPY");
+pub const STOP_AT: u64 = 2048;
 static BUF: Pages<64> = Pages::new();
 static R: Pages<VIEWS> = Pages::new();
 static S: Pages<VIEWS> = Pages::new();
@@ -51,7 +57,19 @@ fn views() -> Option<heapless::Vec<u16, VIEWS>> {
     Some(out)
 }
 
-fn main(_info: &MultibootInfo) -> u32 {
+fn main(info: &MultibootInfo) -> u32 {
+    let end = info
+        .memory_map()
+        .iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0);
+    if end < 2 << 20 {
+        println!("FAIL: no RAM map from the loader");
+        return 1;
+    }
+    let stop = (end - 4096 + STOP_AT) as *const u64;
     let caps = match hypercall::capabilities() {
         Ok(c) => c,
         Err(e) => {
@@ -69,8 +87,21 @@ fn main(_info: &MultibootInfo) -> u32 {
     };
     println!("writer: writing through {} views", views.len());
     let mut c: u64 = 0;
+    let mut last: Option<u64> = None;
     loop {
         c = c.wrapping_add(1);
+        if last.is_none() && c % 64 == 0 {
+            // Safety: the last page of RAM is identity-mapped (the runtime
+            // maps 0..4 GiB) and nothing else of this guest uses it.
+            if unsafe { stop.read_volatile() } == STOP {
+                println!("writer: told to stop after {c} rounds");
+                last = Some(c + 2000);
+            }
+        }
+        if last == Some(c) {
+            println!("writer: done");
+            return 0;
+        }
         let offset = ((c % 512) * 8) as usize;
         for p in 0..64 {
             BUF.write_u64(p, offset, c ^ p as u64);
