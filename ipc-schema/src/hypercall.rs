@@ -253,7 +253,10 @@ pub enum Request {
     },
     /// The logged ranges at or after gfn `from`, lowest first; with `clear`
     /// they are cleared: [`Reply::Dirty`].
-    DirtyLogRead { from: u64, clear: bool },
+    DirtyLogRead {
+        from: u64,
+        clear: bool,
+    },
     DirtyLogStop,
 }
 

@@ -198,7 +198,10 @@ pub enum ExitKind {
     /// named): the CPU now writes the other buffer, and this one (`buffer`,
     /// 0 or 1, `entries` GPAs) is the handler's to read before it answers.
     /// The answer resumes without advancing.
-    PmlFull { buffer: u8, entries: u16 },
+    PmlFull {
+        buffer: u8,
+        entries: u16,
+    },
 }
 
 /// One exit of one vCPU.

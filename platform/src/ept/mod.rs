@@ -511,7 +511,11 @@ impl Ept {
     /// Sets the accessed and dirty bits of the leaf that maps `gpa` (a write
     /// through it then sets no bit, and PML logs nothing). `NotMapped` if
     /// nothing maps it.
-    pub fn set_dirty<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64) -> Result<(), EptError> {
+    pub fn set_dirty<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gpa: u64,
+    ) -> Result<(), EptError> {
         check_gpa(gpa)?;
         let walk = self.walk(mem, gpa);
         match walk.kind() {

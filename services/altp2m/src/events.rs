@@ -208,8 +208,7 @@ impl Events {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 3];
             let out = &mut out[..ops.len()];
-            if k.ept(id, &ops, out).is_err()
-                || out.iter().any(|r| matches!(r, EptResult::Error(_)))
+            if k.ept(id, &ops, out).is_err() || out.iter().any(|r| matches!(r, EptResult::Error(_)))
             {
                 defmt::error!(
                     "altp2m: domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed",

@@ -29,8 +29,8 @@
 extern crate alloc;
 
 use ipc_schema::altp2m::{ALTP2M, AltError, AltReply, AltRequest, EVENTS_PER_REPLY};
-use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
+use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome};

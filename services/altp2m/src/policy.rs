@@ -33,11 +33,11 @@ use crate::intervals::Intervals;
 use crate::tracking::Tracking;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
+use ipc_schema::altp2m::AltError;
 use ipc_schema::hypercall::{
     Access, Entry, Feature, HcError, MAX_VIEWS, Mode, Quota, Reply, Request,
 };
 use ipc_schema::logdirty::{GfnRange, Mechanism};
-use ipc_schema::altp2m::AltError;
 use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features};
 
 /// The kernel calls the service makes.
@@ -400,8 +400,7 @@ pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 3> {
         },
     ])
     .unwrap_or_default();
-    if d
-        .tracking
+    if d.tracking
         .as_ref()
         .is_some_and(|t| t.premark(view, gfn, frame))
     {
@@ -411,7 +410,13 @@ pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 3> {
 }
 
 /// Writes the effective entry of `gfn` into `view`.
-pub fn fill(k: &mut impl Kernel, domain: u16, d: &Domain, view: u16, gfn: u64) -> Result<(), HcError> {
+pub fn fill(
+    k: &mut impl Kernel,
+    domain: u16,
+    d: &Domain,
+    view: u16,
+    gfn: u64,
+) -> Result<(), HcError> {
     run(k, domain, &fill_ops(d, view, gfn), view, gfn)
 }
 
@@ -869,9 +874,9 @@ impl Altp2m {
             }
             // Dirty logs are the logdirty service's (the vmm sends an
             // in-guest agent's requests there).
-            Request::DirtyLogStart { .. } | Request::DirtyLogRead { .. } | Request::DirtyLogStop => {
-                Err(HcError::WrongService)
-            }
+            Request::DirtyLogStart { .. }
+            | Request::DirtyLogRead { .. }
+            | Request::DirtyLogStop => Err(HcError::WrongService),
         }
     }
 
@@ -1102,6 +1107,9 @@ fn rewrite_range(
     Ok(())
 }
 
+/// Runs of frames (first, count) taken, and where to take on from.
+pub type Taken = (Vec<(u64, u64)>, Option<u64>);
+
 impl Altp2m {
     /// Arms (`Some`) or disarms (`None`) dirty tracking of `range` for the
     /// logdirty service ([`crate::tracking`]); the range's dirtied marks
@@ -1168,8 +1176,12 @@ impl Altp2m {
         domain: u16,
         from: u64,
         max: usize,
-    ) -> Result<(Vec<(u64, u64)>, Option<u64>), AltError> {
-        let Some(t) = self.domains.get_mut(&domain).and_then(|d| d.tracking.as_mut()) else {
+    ) -> Result<Taken, AltError> {
+        let Some(t) = self
+            .domains
+            .get_mut(&domain)
+            .and_then(|d| d.tracking.as_mut())
+        else {
             return Ok((Vec::new(), None));
         };
         let (taken, next) = t.take(from, max);

@@ -1193,7 +1193,9 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                 return Ok(());
             }
             let allows = |a: Access| {
-                (!access.read || a.read) && (!access.write || a.write) && (!access.execute || a.execute)
+                (!access.read || a.read)
+                    && (!access.write || a.write)
+                    && (!access.execute || a.execute)
             };
             let want = reference.expected(view, gfn);
             let plain = reference.untracked(view, gfn);
@@ -1203,7 +1205,14 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                 reference.dirtied.insert(frame);
                 prop_assert_eq!(outcome, retry());
             } else {
-                prop_assert_eq!(outcome, if allows(want.access) { retry() } else { crash() });
+                prop_assert_eq!(
+                    outcome,
+                    if allows(want.access) {
+                        retry()
+                    } else {
+                        crash()
+                    }
+                );
             }
             prop_assert!(r.k.views[&view].map.contains_key(&gfn), "filled");
         }
@@ -1767,7 +1776,12 @@ fn a_write_through_a_remapped_entry_is_credited_to_the_frame_and_pml_does_not_lo
         Reply::Done
     );
     r.alt
-        .track(&mut r.k, D, GfnRange { gfn: b, count: 1 }, Some(Mechanism::Pml))
+        .track(
+            &mut r.k,
+            D,
+            GfnRange { gfn: b, count: 1 },
+            Some(Mechanism::Pml),
+        )
         .unwrap();
     // The guest's first touch fills A in v without write (tracking).
     assert_eq!(r.touch(v, a, Access::R), retry());
@@ -1783,7 +1797,9 @@ fn a_write_through_a_remapped_entry_is_credited_to_the_frame_and_pml_does_not_lo
     assert_eq!((taken, next), (std::vec![(b, 1)], None));
     assert!(!r.k.views[&v].map[&a].1.write, "protected again once taken");
     // Re-arming B's range leaves the remapped entry alone.
-    r.alt.rearm(&mut r.k, D, &[GfnRange { gfn: a, count: 1 }]).unwrap();
+    r.alt
+        .rearm(&mut r.k, D, &[GfnRange { gfn: a, count: 1 }])
+        .unwrap();
     // View 0's own entries keep write under PML.
     assert_eq!(r.touch(0, b, write()), retry());
     assert!(r.k.views[&0].map[&b].1.write);
@@ -1794,7 +1810,12 @@ fn write_protection_logs_each_frame_once_until_taken_in_every_view() {
     let mut r = Rig::new();
     let v = r.view();
     r.alt
-        .track(&mut r.k, D, GfnRange { gfn: 4, count: 8 }, Some(Mechanism::WriteProtect))
+        .track(
+            &mut r.k,
+            D,
+            GfnRange { gfn: 4, count: 8 },
+            Some(Mechanism::WriteProtect),
+        )
         .unwrap();
     assert!(!r.k.views[&0].map[&5].1.write, "armed in view 0");
     // A write in view v lifts the frame in both views.
@@ -1817,17 +1838,25 @@ fn write_protection_logs_each_frame_once_until_taken_in_every_view() {
         .track(&mut r.k, D, GfnRange { gfn: 4, count: 8 }, None)
         .unwrap();
     assert!(r.k.views[&0].map[&6].1.write);
-    assert!(!r.k.views[&0].map[&7].1.write, "the host's own setting stays");
-    assert!(r.alt.domains[&D].tracking.is_none(), "nothing kept once nothing is tracked");
+    assert!(
+        !r.k.views[&0].map[&7].1.write,
+        "the host's own setting stays"
+    );
+    assert!(
+        r.alt.domains[&D].tracking.is_none(),
+        "nothing kept once nothing is tracked"
+    );
     // Bad ranges.
     for (gfn, count) in [(0, 0), (RAM - 1, 2), (u64::MAX, 2)] {
         assert_eq!(
-            r.alt.track(&mut r.k, D, GfnRange { gfn, count }, Some(Mechanism::Pml)),
+            r.alt
+                .track(&mut r.k, D, GfnRange { gfn, count }, Some(Mechanism::Pml)),
             Err(AltError::BadRange)
         );
     }
     assert_eq!(
-        r.alt.track(&mut r.k, 7, GfnRange { gfn: 0, count: 1 }, None),
+        r.alt
+            .track(&mut r.k, 7, GfnRange { gfn: 0, count: 1 }, None),
         Err(AltError::NoSuchDomain)
     );
 }

@@ -97,7 +97,10 @@ impl Copier {
                     }
                 }
                 other => {
-                    defmt::error!("copier: FAIL reading the log: {}", defmt::Debug2Format(&other));
+                    defmt::error!(
+                        "copier: FAIL reading the log: {}",
+                        defmt::Debug2Format(&other)
+                    );
                     return None;
                 }
             }
@@ -145,7 +148,10 @@ impl Copier {
         let mechanism = match start {
             Ok(LdReply::Started { mechanism, .. }) => mechanism,
             other => {
-                defmt::error!("copier: FAIL starting the log: {}", defmt::Debug2Format(&other));
+                defmt::error!(
+                    "copier: FAIL starting the log: {}",
+                    defmt::Debug2Format(&other)
+                );
                 self.failed += 1;
                 return;
             }
@@ -167,15 +173,19 @@ impl Copier {
                 return;
             };
             live += n;
-            defmt::info!("copier: {=str}: round {=u32}: {=u64} pages", name, rounds, n);
+            defmt::info!(
+                "copier: {=str}: round {=u32}: {=u64} pages",
+                name,
+                rounds,
+                n
+            );
             if n <= FEW || rounds >= ROUNDS {
                 break;
             }
         }
         // A write by a service, around the EPT (LD-5): the last page.
         let marker = [rounds as u8 ^ 0x5a; 64];
-        if sys::domain_write(self.domains, self.source, (self.pages - 1) * PAGE, &marker).is_err()
-        {
+        if sys::domain_write(self.domains, self.source, (self.pages - 1) * PAGE, &marker).is_err() {
             defmt::error!("copier: FAIL writing the marker into the source");
             self.failed += 1;
         }
@@ -278,7 +288,11 @@ fn main() -> ! {
             defmt::info!("copier: log {=u32} left running; ending", LEFT_BEHIND)
         }
         other => {
-            defmt::error!("copier: FAIL starting log {=u32}: {}", LEFT_BEHIND, defmt::Debug2Format(&other));
+            defmt::error!(
+                "copier: FAIL starting log {=u32}: {}",
+                LEFT_BEHIND,
+                defmt::Debug2Format(&other)
+            );
             c.failed += 1;
         }
     }

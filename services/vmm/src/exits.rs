@@ -10,11 +10,11 @@
 //! An exit it cannot make sense of stops the domain, saying why.
 
 use ipc_schema::altp2m::{AltReply, AltRequest};
-use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
     HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
+use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;

@@ -555,7 +555,9 @@ fn dirty_wp_fault(b: &Bench<'_>) -> Option<u64> {
             samples[page - WARMUP] = t1.wrapping_sub(t0);
         }
     }
-    b.point("dirty_wp_fault_ticks", || DIRTY_PAGES.write_u64(N - 1, 0, 1));
+    b.point("dirty_wp_fault_ticks", || {
+        DIRTY_PAGES.write_u64(N - 1, 0, 1)
+    });
     // Every page written is in the log.
     let mut logged = 0u64;
     let read = hypercall::dirty_log_collect(true, |g| {

@@ -146,7 +146,10 @@ fn run(mode: DirtyMode, view: Option<u16>, checks: &mut Checks) -> Option<(Set, 
         Mechanism::Pml => "pml",
         Mechanism::WriteProtect => "write-protection",
     };
-    println!("dirty: {mode:?} runs on {name}, range {lo:#x}+{:#x}", range.count);
+    println!(
+        "dirty: {mode:?} runs on {name}, range {lo:#x}+{:#x}",
+        range.count
+    );
     let mut logs = [Set::new(), Set::new()];
     for round in 1..=2u8 {
         let want = pattern(round, view);

@@ -90,7 +90,7 @@ fn main(info: &MultibootInfo) -> u32 {
     let mut last: Option<u64> = None;
     loop {
         c = c.wrapping_add(1);
-        if last.is_none() && c % 64 == 0 {
+        if last.is_none() && c.is_multiple_of(64) {
             // Safety: the last page of RAM is identity-mapped (the runtime
             // maps 0..4 GiB) and nothing else of this guest uses it.
             if unsafe { stop.read_volatile() } == STOP {
@@ -111,7 +111,7 @@ fn main(info: &MultibootInfo) -> u32 {
             R.write_u64(i, offset, c.rotate_left(i as u32 + 1));
             vmfunc_switch(0);
         }
-        if c % 16 == 0 {
+        if c.is_multiple_of(16) {
             let _ = hypercall::call(&Request::GetMode);
         }
     }
