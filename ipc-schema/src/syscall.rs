@@ -400,6 +400,12 @@ pub enum VcpuOp {
     /// Page-modification logging on (4 KiB split, A/D cleared) or off.
     PmlStart = 2,
     PmlStop = 3,
+    /// Takes the PML buffer the CPU was writing (the other one becomes
+    /// current): RDI = entries, RSI = which buffer (`sys::pml_take`).
+    PmlTake = 4,
+    /// The record of guest memory the kernel writes on services' behalf
+    /// ([`nr::DOMAIN_WRITES`]): `arg` 1 on, 0 off.
+    WritesLog = 5,
 }
 
 /// Access rights in a view.
