@@ -9,3 +9,6 @@ extern crate alloc;
 
 pub mod bitmap;
 pub mod logs;
+
+#[cfg(test)]
+mod tests;
