@@ -7,6 +7,7 @@
 use super::domain::Domain;
 use super::memory::{DomainTables, KernelTables};
 use super::vcpu::{PML_START, PmlBuffers};
+use ipc_schema::vmexit::{Exit, ExitKind};
 use crate::sys::syscall::{ept_error, size_code};
 use ipc_schema::syscall::{EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp};
 use platform::PAGE_SIZE;
@@ -254,6 +255,18 @@ pub fn vcpu_control(
             d.pml_endpoint = None;
         }
         VcpuOp::PmlTake => {
+            // A full buffer whose exit is not answered yet is the one to
+            // read (the CPU is on the other, and the vCPU waits): handing
+            // over the other would leave the full one's entries out of a
+            // read the service answers before that exit.
+            if d.awaiting_reply
+                && let Some(Exit {
+                    kind: ExitKind::PmlFull { buffer, entries },
+                    ..
+                }) = d.pending
+            {
+                return Ok([u64::from(entries), u64::from(buffer)]);
+            }
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
             v.load().map_err(|_| SysError::Busy)?;
             let (buffer, entries) = v.pml_swap().ok_or(SysError::BadArgument)?;
