@@ -73,10 +73,12 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     if raw.vmx_failed() || raw.entry_failure() || d.vcpu.is_none() {
         return;
     }
-    // Single steps come back to whoever asked (the general path knows).
+    // Single steps come back to whoever asked, and a full PML buffer goes
+    // to whoever started PML with the buffers switched (the general path
+    // knows both).
     let ep = match raw.reason() {
         reason::EPT_VIOLATION => d.violation_endpoint,
-        reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI => return,
+        reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI | reason::PML_FULL => return,
         _ => d.exit_endpoint,
     };
     let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {

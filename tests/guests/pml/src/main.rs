@@ -46,11 +46,53 @@ const LARGE_STRIDE: usize = LargePage::PAGES / LARGE_TOUCHES;
 /// The page remapped in view v, and the one whose frame it maps there.
 const A: usize = 0;
 const B: usize = PAGES - 1;
-/// The most gfns a round can log within the checked areas.
-const MAX: usize = PAGES + LARGE_TOUCHES;
+/// A set of gfns of the checked areas (the buffer and the 2 MiB area), a
+/// bit each.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+struct Set {
+    buf: [u64; PAGES.div_ceil(64)],
+    large: [u64; LargePage::PAGES / 64],
+}
 
-/// A set of gfns, sorted.
-type Set = heapless::Vec<u64, MAX>;
+impl Set {
+    fn bit(&mut self, g: u64) -> Option<(&mut u64, u64)> {
+        let (words, first): (&mut [u64], u64) = if (BUF.gfn(0)..=BUF.gfn(PAGES - 1)).contains(&g) {
+            (&mut self.buf, BUF.gfn(0))
+        } else if (LARGE.gfn(0)..=LARGE.gfn(LargePage::PAGES - 1)).contains(&g) {
+            (&mut self.large, LARGE.gfn(0))
+        } else {
+            return None;
+        };
+        let i = (g - first) as usize;
+        Some((&mut words[i / 64], 1 << (i % 64)))
+    }
+
+    fn insert(&mut self, g: u64) {
+        if let Some((w, b)) = self.bit(g) {
+            *w |= b;
+        }
+    }
+
+    fn contains(&self, g: u64) -> bool {
+        let mut copy = *self;
+        copy.bit(g).is_some_and(|(w, b)| *w & b != 0)
+    }
+
+    fn len(&self) -> u32 {
+        self.buf.iter().chain(self.large.iter()).map(|w| w.count_ones()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every gfn of the checked areas.
+    fn all() -> impl Iterator<Item = u64> {
+        (0..PAGES as u64)
+            .map(|i| BUF.gfn(0) + i)
+            .chain((0..LargePage::PAGES as u64).map(|i| LARGE.gfn(0) + i))
+    }
+}
 
 struct Checks(u32);
 
@@ -63,62 +105,42 @@ impl Checks {
     }
 }
 
-fn checked(g: u64) -> bool {
-    let buf = BUF.gfn(0)..=BUF.gfn(PAGES - 1);
-    let large = LARGE.gfn(0)..=LARGE.gfn(LargePage::PAGES - 1);
-    buf.contains(&g) || large.contains(&g)
-}
-
 /// The log's gfns within the checked areas.
 fn read(clear: bool) -> Result<Set, hypercall::HelperError> {
-    let mut set = Set::new();
-    let mut over = false;
-    hypercall::dirty_log_collect(clear, |g| {
-        if checked(g) && set.push(g).is_err() {
-            over = true;
-        }
-    })?;
-    if over {
-        println!("FAIL: more gfns logged in the checked areas than exist");
-    }
-    set.sort_unstable();
+    let mut set = Set::default();
+    hypercall::dirty_log_collect(clear, |g| set.insert(g))?;
     Ok(set)
-}
-
-fn sorted(mut s: Set) -> Set {
-    s.sort_unstable();
-    s
 }
 
 /// Writes round `round`'s pattern; the gfns it changes.
 fn pattern(round: u8, view: Option<u16>) -> Set {
-    let mut set = Set::new();
+    let mut set = Set::default();
     let every = if round == 1 { 1 } else { 3 };
     for i in (1..B).filter(|i| i % every == 0) {
         BUF.write_u8(i, (i * 64) % guest_runtime::PAGE_SIZE, round);
-        let _ = set.push(BUF.gfn(i));
+        set.insert(BUF.gfn(i));
     }
     for k in (0..LARGE_TOUCHES).filter(|k| k % every == 0) {
         LARGE.write_u8(k * LARGE_STRIDE, k * 8, round);
-        let _ = set.push(LARGE.gfn(k * LARGE_STRIDE));
+        set.insert(LARGE.gfn(k * LARGE_STRIDE));
     }
     if let Some(v) = view {
         // In view v, A's address reaches B's frame.
         vmfunc_switch(u32::from(v));
         BUF.write_u8(A, 16, round);
         vmfunc_switch(0);
-        let _ = set.push(BUF.gfn(B));
+        set.insert(BUF.gfn(B));
     }
-    sorted(set)
+    set
 }
 
 fn describe(set: &Set, want: &Set) {
-    let missing = want.iter().filter(|g| !set.contains(g)).count();
-    let extra: heapless::Vec<u64, 4> = set
-        .iter()
-        .filter(|g| !want.contains(g))
+    let missing = Set::all()
+        .filter(|&g| want.contains(g) && !set.contains(g))
+        .count();
+    let extra: heapless::Vec<u64, 4> = Set::all()
+        .filter(|&g| set.contains(g) && !want.contains(g))
         .take(4)
-        .copied()
         .collect();
     println!(
         "   {} logged, {} expected: {missing} missing, extra (first 4) {extra:#x?}",
@@ -150,7 +172,7 @@ fn run(mode: DirtyMode, view: Option<u16>, checks: &mut Checks) -> Option<(Set, 
         "dirty: {mode:?} runs on {name}, range {lo:#x}+{:#x}",
         range.count
     );
-    let mut logs = [Set::new(), Set::new()];
+    let mut logs = [Set::default(), Set::default()];
     for round in 1..=2u8 {
         let want = pattern(round, view);
         let peeked = read(false);
