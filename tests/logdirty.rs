@@ -3,8 +3,8 @@
 //! the altp2m service (write-protection, remapped entries) and the logdirty
 //! service, on Bochs.
 
-use ipc_schema::halt::HaltStatus;
 use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, boot_live, one_guest, system};
 use std::process::Command;
 
@@ -39,7 +39,10 @@ fn one_pattern_is_logged_exactly_by_pml_and_by_write_protection_with_views() {
 fn without_pml_write_protection_logs_and_pml_is_refused_by_name() {
     bochs_model(&one_guest("pml"), "broadwell_ult")
         .expect("PML false")
-        .expect_console(1, "dirty: PML absent on this CPU: refused as PmlUnsupported")
+        .expect_console(
+            1,
+            "dirty: PML absent on this CPU: refused as PmlUnsupported",
+        )
         .expect_console(1, "dirty: write-protection: round 1: 607 pages, exact")
         .expect_console(1, "dirty: all checks passed")
         .expect_status(HaltStatus::Success);
@@ -85,7 +88,10 @@ fn a_live_copy_driven_by_the_log_equals_the_source_on_both_mechanisms() {
         .expect_from("copier", "copier: write-protection: ")
         .expect_from("copier", "pages equal")
         .expect_from("copier", "log 7 left running")
-        .expect_from("logdirty", "service copier (badge 5) is gone: 1 log(s) stopped")
+        .expect_from(
+            "logdirty",
+            "service copier (badge 5) is gone: 1 log(s) stopped",
+        )
         .expect_console(1, "writer: done")
         .expect_status(HaltStatus::Success);
 }
@@ -147,7 +153,9 @@ fn the_host_keeps_two_logs_and_bad_requests_are_refused_by_name() {
             };
             let started = ok(&["start", "1", "--log", "1", "--mode", "pml"]);
             assert!(started.to_lowercase().contains("pml"), "{started}");
-            ok(&["start", "ticker", "--log", "2", "--mode", "pml", "--range", "0:0x1000"]);
+            ok(&[
+                "start", "ticker", "--log", "2", "--mode", "pml", "--range", "0:0x1000",
+            ]);
             live.ticks_on("dom1", 3, 120);
             let peek = ok(&["peek", "1", "--log", "1"]);
             let first = ok(&["read", "1", "--log", "1"]);
@@ -155,14 +163,22 @@ fn the_host_keeps_two_logs_and_bad_requests_are_refused_by_name() {
             assert!(first.contains("pages"), "{first}");
             // Log 2 kept its own bits: its read still finds pages.
             let json = ok(&["read", "1", "--log", "2", "--json"]);
-            assert!(json.contains("\"ranges\":[{"), "log 2 lost its bits: {json}");
+            assert!(
+                json.contains("\"ranges\":[{"),
+                "log 2 lost its bits: {json}"
+            );
             let status = ok(&["status", "1", "--log", "1"]);
             assert!(status.to_lowercase().contains("pml"), "{status}");
             // Point 8: bad input, each named.
             refused(&["start", "9"], "no such domain");
-            refused(&["start", "1", "--log", "3", "--range", "0:0x100000"], "past");
             refused(
-                &["start", "1", "--log", "4", "--mode", "wp", "--range", "0x10:4"],
+                &["start", "1", "--log", "3", "--range", "0:0x100000"],
+                "past",
+            );
+            refused(
+                &[
+                    "start", "1", "--log", "4", "--mode", "wp", "--range", "0x10:4",
+                ],
                 "another log holds part of that range",
             );
             refused(&["start", "1", "--log", "1"], "already");

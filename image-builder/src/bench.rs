@@ -60,6 +60,7 @@ handles = [
     { name = "pml", shared = "pml", rights = ["read", "write"] },
     { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
     { name = "supervisor-events", notification = "supervisor-events-logdirty", rights = ["wait"] },
+    { name = "bench", notification = "logdirty-bench", rights = ["wait"] },
 ]
 
 [[shared]]
@@ -170,13 +171,17 @@ pub fn run(run: &BenchRun) -> Result<Figures> {
     Ok(f)
 }
 
-/// Collects `BENCH key=value` lines from guest consoles. A figure the guest
-/// could not measure because something failed (`key=failed`) fails the
-/// whole: only a feature the CPU lacks reads `null`.
+/// Collects `BENCH key=value` lines from guest consoles (and the logdirty
+/// service's own, `dirty_read_1g_ticks`). A figure the guest could not
+/// measure because something failed (`key=failed`) fails the whole: only a
+/// feature the CPU lacks reads `null`.
 pub fn figures(lines: &[logs::LogLine]) -> Result<Figures> {
     let mut out = Figures::new();
     let mut failed = Vec::new();
-    for l in lines.iter().filter(|l| l.source.starts_with("dom")) {
+    for l in lines
+        .iter()
+        .filter(|l| l.source.starts_with("dom") || l.source == "logdirty")
+    {
         let Some(rest) = l.text.strip_prefix("BENCH ") else {
             continue;
         };

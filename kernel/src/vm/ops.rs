@@ -7,9 +7,9 @@
 use super::domain::Domain;
 use super::memory::{DomainTables, KernelTables};
 use super::vcpu::{PML_START, PmlBuffers};
-use ipc_schema::vmexit::{Exit, ExitKind};
 use crate::sys::syscall::{ept_error, size_code};
 use ipc_schema::syscall::{EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp};
+use ipc_schema::vmexit::{Exit, ExitKind};
 use platform::PAGE_SIZE;
 use platform::ept::{Ept, PageSize, bits};
 use platform::vmx::fields::{GUEST_PML_INDEX, PML_ADDRESS, VE_INFO_ADDRESS};

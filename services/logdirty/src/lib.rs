@@ -9,6 +9,7 @@ extern crate alloc;
 
 pub mod bitmap;
 pub mod logs;
+pub mod selfbench;
 
 #[cfg(test)]
 mod tests;

@@ -79,7 +79,11 @@ impl Set {
     }
 
     fn len(&self) -> u32 {
-        self.buf.iter().chain(self.large.iter()).map(|w| w.count_ones()).sum()
+        self.buf
+            .iter()
+            .chain(self.large.iter())
+            .map(|w| w.count_ones())
+            .sum()
     }
 
     fn is_empty(&self) -> bool {
