@@ -335,6 +335,8 @@ mod tests {
         f.insert("vmfunc_switch_exits".into(), Some(0));
         f.insert("view_switch_hypercall_ticks".into(), Some(600));
         f.insert("vmfunc_switch_ticks".into(), Some(10));
+        f.insert("dirty_wp_fault_ticks".into(), Some(9000));
+        f.insert("dirty_pml_exits_per_1000_pages".into(), Some(1));
         add_host_figures(&mut f).unwrap();
         let checks = check_targets(&f);
         assert_eq!(
@@ -348,6 +350,8 @@ mod tests {
                     Some(true)
                 ),
                 ("range_1g_entry_writes <= 1024".to_owned(), Some(true)),
+                ("dirty_wp_fault_ticks <= 1500".to_owned(), Some(false)),
+                ("dirty_pml_exits_per_1000_pages <= 2".to_owned(), Some(true)),
             ]
         );
         // A CPU without the feature (VMFUNC): not measured, not failed.
