@@ -139,7 +139,7 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
             assert_eq!(garbage, Some(ControlEvent::Garbage { bytes: 10 }));
             assert_eq!(
                 ctl.services().unwrap().len(),
-                3,
+                4,
                 "the console still answers"
             );
             assert!(
