@@ -9,7 +9,7 @@
 //! with no listener the domain is stopped or kept waiting, per its policy,
 //! and the reason is logged.
 
-use crate::policy::{Altp2m, Kernel, fill, fill_ops, raw};
+use crate::policy::{Altp2m, Kernel, fill, fill_ops};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
@@ -134,7 +134,8 @@ impl Events {
     ) -> Outcome {
         let (id, view) = (m.exit.domain, m.exit.view);
         let gfn = gpa / 4096;
-        let host = raw(k, id, 0, gfn).ok().and_then(|r| r.0);
+        // What the host p2m and the faulting view hold, in one call.
+        let (host, here) = host_and_view(k, id, view, gfn);
         if host.is_none() {
             defmt::error!(
                 "domain {=u16}: {=str} of guest-physical {=u64:#x} (linear {=u64:#x}), which is not RAM (qualification {=u64:#x})",
@@ -170,7 +171,7 @@ impl Events {
                 rip: None,
             });
         }
-        let populated = raw(k, id, view, gfn).ok().and_then(|r| r.0).is_some();
+        let populated = here.is_some();
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
         match alt.lift(k, id, view, gfn, access) {
@@ -451,4 +452,36 @@ fn perms(a: Access) -> Perms {
         write: a.write,
         execute: a.execute,
     }
+}
+
+/// What the host p2m and `view` map at `gfn` (frame gfn and access each;
+/// `None` where nothing is mapped, or the kernel refused), asked in one
+/// batch (one system call; the host alone for view 0).
+fn host_and_view(
+    k: &mut impl Kernel,
+    domain: u16,
+    view: u16,
+    gfn: u64,
+) -> (Option<(u64, Access)>, Option<(u64, Access)>) {
+    let ops = [EptOp::Query { view: 0, gfn }, EptOp::Query { view, gfn }];
+    let n = if view == 0 { 1 } else { 2 };
+    let mut out = [EptResult::Done; 2];
+    if k.ept(domain, &ops[..n], &mut out[..n]).is_err() {
+        return (None, None);
+    }
+    let entry = |r: &EptResult| match *r {
+        EptResult::Entry {
+            mapped: Some(m), ..
+        } => Some((
+            m.frame_gfn,
+            Access {
+                read: m.perms.read,
+                write: m.perms.write,
+                execute: m.perms.execute,
+            },
+        )),
+        _ => None,
+    };
+    let host = entry(&out[0]);
+    (host, if view == 0 { host } else { entry(&out[1]) })
 }

@@ -1266,7 +1266,8 @@ impl Altp2m {
         }
         t.set_dirtied(frame);
         let d = &self.domains[&domain];
-        refresh(k, domain, d, 0, frame)?;
+        // The host p2m maps every frame a write can reach: written at once.
+        fill(k, domain, d, 0, frame)?;
         propagate(k, domain, d, frame)?;
         Ok(true)
     }
