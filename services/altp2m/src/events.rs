@@ -454,6 +454,9 @@ fn perms(a: Access) -> Perms {
     }
 }
 
+/// A mapped entry: the frame (as its host gfn) and the access.
+type Mapped = (u64, Access);
+
 /// What the host p2m and `view` map at `gfn` (frame gfn and access each;
 /// `None` where nothing is mapped, or the kernel refused), asked in one
 /// batch (one system call; the host alone for view 0).
@@ -462,7 +465,7 @@ fn host_and_view(
     domain: u16,
     view: u16,
     gfn: u64,
-) -> (Option<(u64, Access)>, Option<(u64, Access)>) {
+) -> (Option<Mapped>, Option<Mapped>) {
     let ops = [EptOp::Query { view: 0, gfn }, EptOp::Query { view, gfn }];
     let n = if view == 0 { 1 } else { 2 };
     let mut out = [EptResult::Done; 2];
