@@ -210,14 +210,18 @@ impl Domain {
         if view == 0 {
             return self.host_access(gfn);
         }
+        meet(self.own(view, gfn), self.host_access(gfn))
+    }
+
+    /// The access alternate view `view` gives `gfn` itself: its setting,
+    /// else its default, else all.
+    fn own(&self, view: u16, gfn: u64) -> Access {
         let v = &self.views[&view];
-        let own = v
-            .access
+        v.access
             .get(gfn)
             .map(|s| s.access)
             .or(v.default)
-            .unwrap_or(ALL);
-        meet(own, self.host_access(gfn))
+            .unwrap_or(ALL)
     }
 
     /// The effective entry apart from dirty tracking: what the settings
@@ -234,15 +238,9 @@ impl Domain {
             };
         }
         let frame = v.remap.get(&gfn).copied().unwrap_or(gfn);
-        let own = v
-            .access
-            .get(gfn)
-            .map(|s| s.access)
-            .or(v.default)
-            .unwrap_or(ALL);
         Entry {
             frame_gfn: Some(frame),
-            access: meet(own, self.host_access(frame)),
+            access: meet(self.own(view, gfn), self.host_access(frame)),
             suppress_ve,
         }
     }

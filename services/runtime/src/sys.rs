@@ -397,7 +397,17 @@ pub fn vcpu_control(
     op: ipc_schema::syscall::VcpuOp,
     arg: u64,
 ) -> Result<(), SysError> {
-    status(
+    vcpu_call(domains, id, vcpu, op, arg).map(|_| ())
+}
+
+fn vcpu_call(
+    domains: Handle,
+    id: u16,
+    vcpu: u16,
+    op: ipc_schema::syscall::VcpuOp,
+    arg: u64,
+) -> Result<Ret, SysError> {
+    call(
         nr::VCPU_CONTROL,
         &[
             u64::from(domains),
@@ -407,6 +417,7 @@ pub fn vcpu_control(
             arg,
         ],
     )
+    .ok()
 }
 
 /// PML on for vCPU `vcpu` of domain `id`: its two buffers are frames
@@ -435,18 +446,8 @@ pub fn pml_start(
 
 /// Takes the PML buffer the CPU was writing: (entries, which buffer).
 pub fn pml_take(domains: Handle, id: u16, vcpu: u16) -> Result<(u16, u8), SysError> {
-    call(
-        nr::VCPU_CONTROL,
-        &[
-            u64::from(domains),
-            u64::from(id),
-            u64::from(vcpu),
-            ipc_schema::syscall::VcpuOp::PmlTake as u64,
-            0,
-        ],
-    )
-    .ok()
-    .map(|r| (r.rdi as u16, r.rsi as u8))
+    let op = ipc_schema::syscall::VcpuOp::PmlTake;
+    vcpu_call(domains, id, vcpu, op, 0).map(|r| (r.rdi as u16, r.rsi as u8))
 }
 
 /// The guest memory the kernel wrote for services since the last take, as

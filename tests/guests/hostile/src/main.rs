@@ -536,13 +536,7 @@ fn probe() -> u32 {
 // --- EPT table memory ---
 
 fn views(info: &MultibootInfo) -> u32 {
-    let top = info
-        .memory_map()
-        .iter()
-        .filter(|r| r.is_available())
-        .map(|r| r.end())
-        .max()
-        .unwrap_or(0);
+    let top = info.ram_end();
     println!("views: filling views over {} MiB of RAM", top >> 20);
     let mut made = 0u32;
     loop {

@@ -233,12 +233,10 @@ fn run(mode: DirtyMode, view: Option<u16>, checks: &mut Checks) -> Option<(Set, 
 
 /// View v, with A mapping B's frame, visible to VMFUNC.
 fn make_view(checks: &mut Checks) -> Option<u16> {
-    let v = match hypercall::call(&Request::ViewCreate {
-        default_access: None,
-    }) {
-        Ok(guest_runtime::abi::Reply::View(v)) => v,
-        other => {
-            checks.check(false, format_args!("ViewCreate: {other:?}"));
+    let v = match hypercall::view_create() {
+        Ok(v) => v,
+        Err(e) => {
+            checks.check(false, format_args!("ViewCreate: {e}"));
             return None;
         }
     };

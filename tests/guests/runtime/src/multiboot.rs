@@ -154,6 +154,16 @@ impl MultibootInfo {
         self.ranges_dropped
     }
 
+    /// The end of the highest usable RAM in the memory map (0 without one).
+    pub fn ram_end(&self) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.is_available())
+            .map(|r| r.end())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Usable RAM in the memory map: (bytes, number of ranges).
     pub fn available_memory(&self) -> (u64, usize) {
         self.ranges

@@ -58,13 +58,7 @@ fn views() -> Option<heapless::Vec<u16, VIEWS>> {
 }
 
 fn main(info: &MultibootInfo) -> u32 {
-    let end = info
-        .memory_map()
-        .iter()
-        .filter(|r| r.is_available())
-        .map(|r| r.end())
-        .max()
-        .unwrap_or(0);
+    let end = info.ram_end();
     if end < 2 << 20 {
         println!("FAIL: no RAM map from the loader");
         return 1;
