@@ -436,10 +436,39 @@ fn refresh(
 
 /// Refreshes every copy of the host p2m's entry for `frame` (ALT-9).
 fn propagate(k: &mut impl Kernel, domain: u16, d: &Domain, frame: u64) -> Result<(), HcError> {
-    for (view, gfn) in d.dependents(frame) {
-        refresh(k, domain, d, view, gfn)?;
+    propagate_with(k, domain, d, frame, &[])
+}
+
+/// [`propagate`], the copies asked about in one batch and written in
+/// another, after `first` (operations of the caller's, written in the same
+/// batch).
+fn propagate_with(
+    k: &mut impl Kernel,
+    domain: u16,
+    d: &Domain,
+    frame: u64,
+    first: &[EptOp],
+) -> Result<(), HcError> {
+    let deps: Vec<(u16, u64)> = d.dependents(frame).collect();
+    let mut ops: Vec<EptOp> = first.to_vec();
+    for chunk in deps.chunks(ipc_schema::syscall::MAX_EPT_OPS) {
+        let queries: Vec<EptOp> = chunk
+            .iter()
+            .map(|&(view, gfn)| EptOp::Query { view, gfn })
+            .collect();
+        let mut out = [EptResult::Done; ipc_schema::syscall::MAX_EPT_OPS];
+        k.ept(domain, &queries, &mut out[..chunk.len()])
+            .map_err(|_| HcError::NoSuchView { view: chunk[0].0 })?;
+        for (&(view, gfn), r) in chunk.iter().zip(out.iter()) {
+            let populated = matches!(r, EptResult::Entry { mapped: Some(_), .. });
+            // A copy the view holds, or must (a cleared suppress-#VE bit).
+            if populated || !d.effective(view, gfn).suppress_ve {
+                ops.extend(fill_ops(d, view, gfn));
+            }
+        }
     }
-    Ok(())
+    let (view, gfn) = deps.first().copied().unwrap_or((0, frame));
+    run(k, domain, &ops, view, gfn)
 }
 
 fn need(k: &impl Kernel, bit: u64, feature: Feature) -> Result<(), HcError> {
@@ -1264,9 +1293,9 @@ impl Altp2m {
         }
         t.set_dirtied(frame);
         let d = &self.domains[&domain];
-        // The host p2m maps every frame a write can reach: written at once.
-        fill(k, domain, d, 0, frame)?;
-        propagate(k, domain, d, frame)?;
+        // The host p2m maps every frame a write can reach: written at once,
+        // with every copy in the views.
+        propagate_with(k, domain, d, frame, &fill_ops(d, 0, frame))?;
         Ok(true)
     }
 }
