@@ -151,6 +151,10 @@ pub mod nr {
     /// VCPU_INFO(domains, domain, vcpu) -> RDI = its active view, RSI = its
     /// VM exits so far.
     pub const VCPU_INFO: u64 = 53;
+    /// LIFTED_TAKE(domains, domain, buf_ptr, cap) -> RDI = frames written
+    /// (u64 gfns), RSI = 1 if more remain: the frames whose armed entries
+    /// (`EptOp::ArmLift`) a write lifted, oldest first. Needs `views`.
+    pub const LIFTED_TAKE: u64 = 54;
 }
 
 /// Notifications DOMAIN_WATCH can tell at once.
@@ -495,6 +499,16 @@ pub enum EptOp {
         view: u16,
         gfn: u64,
     },
+    /// Arms every 4 KiB entry of `view` among the `count` gfns from `gfn`
+    /// that can be read and not written: the kernel makes it writable on
+    /// the guest's first write to it and records the frame (LIFTED_TAKE),
+    /// without a message. Any later change of the entry's permissions
+    /// disarms it. For dirty tracking by write-protection (docs/p2m.md).
+    ArmLift {
+        view: u16,
+        gfn: u64,
+        count: u64,
+    },
 }
 
 impl EptOp {
@@ -510,7 +524,8 @@ impl EptOp {
             | EptOp::Query { view, .. }
             | EptOp::SplitRange { view, .. }
             | EptOp::ClearDirty { view, .. }
-            | EptOp::MarkDirty { view, .. } => view,
+            | EptOp::MarkDirty { view, .. }
+            | EptOp::ArmLift { view, .. } => view,
         }
     }
 }

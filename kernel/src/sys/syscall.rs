@@ -548,6 +548,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([u64::from(v.active_view()), v.exits, 0]))
         }
         nr::DOMAIN_WRITES => domain_writes(k, pid, a),
+        nr::LIFTED_TAKE => lifted_take(k, pid, a),
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IRQ_BIND => {
             let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
@@ -1490,6 +1491,30 @@ fn pml_buffers(k: &mut Kernel, pid: u16, arg: u64, endpoint: u64) -> Result<([u6
 }
 
 #[inline(never)]
+fn lifted_take(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    dcap!(
+        k,
+        pid,
+        "LIFTED_TAKE",
+        a[0],
+        a[1],
+        Scope::Domain,
+        rights::VIEWS
+    );
+    let max = (a[3] as usize).min(64);
+    let mut frames = [0u64; 64];
+    let (n, more) = crate::vm::peek_lifted(domain(k, a[1])?, &mut frames[..max]);
+    let mut bytes = [0u8; 64 * 8];
+    for (i, f) in frames[..n].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
+    }
+    // Taken only once the caller has them: a bad buffer loses nothing.
+    write_user(k, pid, a[2], &bytes[..n * 8])?;
+    crate::vm::drop_lifted(domain_mut(k, a[1])?, n);
+    Ok(Values([n as u64, u64::from(more), 0]))
+}
+
+#[inline(never)]
 fn domain_writes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     dcap!(
         k,
@@ -1508,7 +1533,14 @@ fn domain_writes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         bytes[i * 16..i * 16 + 8].copy_from_slice(&p[0].to_le_bytes());
         bytes[i * 16 + 8..i * 16 + 16].copy_from_slice(&p[1].to_le_bytes());
     }
-    write_user(k, pid, a[2], &bytes[..n * 16])?;
+    if let Err(e) = write_user(k, pid, a[2], &bytes[..n * 16]) {
+        // The runs taken are lost to the caller: the record says so, and
+        // the next take reports an overflow (never a silent loss).
+        if let Some(log) = domain_mut(k, a[1])?.writes.as_mut() {
+            log.overflow |= n > 0 || overflow;
+        }
+        return Err(e);
+    }
     Ok(Values([n as u64, u64::from(overflow), 0]))
 }
 

@@ -33,6 +33,10 @@ pub struct Domain {
     pub writes: Option<WriteLog>,
     /// Where a full PML buffer is sent, while PML is on.
     pub pml_endpoint: Option<u16>,
+    /// Frames whose armed entries a write lifted (`EptOp::ArmLift`), for
+    /// the EPT owner to take (LIFTED_TAKE). Full, the kernel lifts nothing
+    /// more and the faults go to the owner as any violation.
+    pub lifted: heapless::Vec<u64, LIFTED>,
     msr_bitmap: u64,
     /// Where the vCPU's exits and EPT violations go (endpoint ids).
     pub exit_endpoint: u16,
@@ -96,6 +100,7 @@ impl Domain {
             exit_status: 0,
             writes: None,
             pml_endpoint: None,
+            lifted: heapless::Vec::new(),
             msr_bitmap,
             exit_endpoint: 0,
             violation_endpoint: 0,
@@ -308,3 +313,6 @@ impl WriteLog {
         }
     }
 }
+
+/// Lifted frames a domain records at most between two takes.
+pub const LIFTED: usize = 256;

@@ -24,7 +24,7 @@ use crate::vmx::{self, InveptType};
 use domain::Domain;
 use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL};
 use ipc_schema::syscall::DomainState;
-pub use ops::{ept_op, take_writes, vcpu_control};
+pub use ops::{drop_lifted, ept_op, peek_lifted, take_writes, vcpu_control};
 use platform::vmx::VmxCaps;
 use platform::vmx::fields::{EXIT_INTERRUPTION_INFO, reason};
 use vcpu::{RawExit, VcpuState};
@@ -253,6 +253,15 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             }
             Fast::Interrupt(vector) => return Stop::Interrupt(vector),
             Fast::Window => return Stop::Window,
+            // Out of `fast_path`, so that the null hypercall's code stays
+            // as it is.
+            Fast::No if raw.reason() == reason::EPT_VIOLATION && lift_on_write(d) => {
+                if !others_waiting || platform::cpu::rdtsc() < d.slice_end {
+                    continue;
+                }
+                end_slice(d);
+                return Stop::Yield;
+            }
             Fast::No => {
                 d.pending_raw = Some(raw);
                 return Stop::Handler;
@@ -356,4 +365,32 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         }
         _ => Fast::No,
     }
+}
+
+/// An EPT violation: a write to an entry the EPT owner armed to be lifted on
+/// write (`EptOp::ArmLift`, dirty tracking) is made writable and recorded
+/// here, without a message (docs/p2m.md); anything else goes to the owner.
+/// Out of line, so that the null hypercall's path stays as it is.
+#[inline(never)]
+fn lift_on_write(d: &mut Domain) -> bool {
+    let Some(v) = d.vcpu.as_mut() else {
+        return false;
+    };
+    if v.qualification() & 2 == 0 || d.lifted.is_full() {
+        return false;
+    }
+    let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);
+    let view = v.active_view();
+    let Ok((ept, tables)) = d.views.ept_mut(view) else {
+        return false;
+    };
+    let Some(hpa) = ept.lift(tables, gpa) else {
+        return false;
+    };
+    let frame = d.gfn_of_frame(hpa).unwrap_or(gpa / platform::PAGE_SIZE);
+    let _ = d.lifted.push(frame);
+    if let Some(v) = d.vcpu.as_mut() {
+        v.reinject_interrupted_event();
+    }
+    true
 }

@@ -167,6 +167,12 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             ept.set_dirty(tables, gpa).map_err(ept_error)?;
             Ok(EptResult::Done)
         }
+        EptOp::ArmLift { view, gfn, count } => {
+            let (start, end) = ram_range(d, gfn, count)?;
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            ept.arm_lift(tables, start, end);
+            Ok(EptResult::Done)
+        }
         EptOp::Query { view, gfn } => {
             let gpa = gfn.checked_mul(PAGE_SIZE).ok_or(EptOpError::NotRam)?;
             let ept = &d.views.get(view).map_err(|_| EptOpError::NoSuchView)?.ept;
@@ -307,4 +313,20 @@ pub fn take_writes(d: &mut Domain, out: &mut [[u64; 2]]) -> Result<(usize, bool)
         written += 1;
     }
     Ok((written, overflow))
+}
+
+/// Copies up to `out.len()` lifted frames, oldest first, into `out`
+/// without taking them: (how many, more after them). [`drop_lifted`]
+/// takes them once the caller has them.
+pub fn peek_lifted(d: &Domain, out: &mut [u64]) -> (usize, bool) {
+    let n = d.lifted.len().min(out.len());
+    out[..n].copy_from_slice(&d.lifted[..n]);
+    (n, d.lifted.len() > n)
+}
+
+/// Forgets the `n` oldest lifted frames.
+pub fn drop_lifted(d: &mut Domain, n: usize) {
+    let rest: heapless::Vec<u64, { super::domain::LIFTED }> =
+        d.lifted.iter().skip(n).copied().collect();
+    d.lifted = rest;
 }

@@ -55,6 +55,10 @@ pub mod bits {
     /// Software bit (ignored by the CPU): this leaf maps frames, even when its
     /// permissions are none.
     pub const MAPPED: u64 = 1 << 52;
+    /// Software bit: a 4 KiB read-only leaf the owner armed to be made
+    /// writable by the kernel on a write, which it records
+    /// ([`super::Ept::lift`]). Any change of permissions disarms it.
+    pub const LIFT: u64 = 1 << 53;
     /// Suppress #VE: a violation on this entry exits to the hypervisor
     /// instead of raising #VE in the guest.
     pub const SUPPRESS_VE: u64 = 1 << 63;
@@ -468,7 +472,7 @@ impl Ept {
             mem,
             walk.table(),
             walk.slot,
-            (walk.entry & !RWX) | perms.bits(),
+            (walk.entry & !(RWX | LIFT)) | perms.bits(),
         );
         Ok(decode(walk.entry, size, gpa))
     }
@@ -506,6 +510,44 @@ impl Ept {
             }
         }
         Ok(())
+    }
+
+    /// Arms every 4 KiB leaf among `[start, end)` that can be read and not
+    /// written to be lifted on a write ([`bits::LIFT`]); large leaves and
+    /// others are left as they are.
+    pub fn arm_lift<M: TableMemory + ?Sized>(&mut self, mem: &mut M, start: u64, end: u64) {
+        let _ = walk_range_mut(
+            mem,
+            self.root,
+            4,
+            0,
+            start,
+            end,
+            &mut |mem, table, slot, _gpa, size, entry| {
+                if size == PageSize::Size4K && entry & (READ | WRITE) == READ {
+                    write(mem, table, slot, entry | LIFT);
+                }
+                Ok(None)
+            },
+        );
+    }
+
+    /// A write fault on `gpa`: if its leaf is an armed 4 KiB one
+    /// ([`bits::LIFT`]), makes it writable (and accessed and dirty, so that
+    /// PML does not log this write as well), disarms it, and returns the
+    /// frame's address. The CPU drops its cached translation of a faulting
+    /// address itself.
+    pub fn lift<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64) -> Option<u64> {
+        check_gpa(gpa).ok()?;
+        let walk = self.walk(mem, gpa);
+        match walk.kind() {
+            Kind::Leaf(PageSize::Size4K) if walk.entry & LIFT != 0 => {
+                let entry = (walk.entry & !LIFT) | WRITE | ACCESSED | DIRTY;
+                write(mem, walk.table(), walk.slot, entry);
+                Some(walk.entry & ADDRESS)
+            }
+            _ => None,
+        }
     }
 
     /// Sets the accessed and dirty bits of the leaf that maps `gpa` (a write
@@ -605,7 +647,7 @@ impl Ept {
             end,
             &mut |mem, table, slot, gpa, size, entry| {
                 if gpa >= start && gpa + size.bytes() <= end {
-                    write(mem, table, slot, (entry & !RWX) | perms.bits());
+                    write(mem, table, slot, (entry & !(RWX | LIFT)) | perms.bits());
                     return Ok(None);
                 }
                 // Straddles an end: split it, and go on in the new table.

@@ -207,7 +207,7 @@ impl Events {
         // nobody here made), and retrying alone would fault for ever.
         if !populated || allows(effective.access, access) {
             let ops = fill_ops(d, view, gfn);
-            let mut out = [EptResult::Done; 3];
+            let mut out = [EptResult::Done; 4];
             let out = &mut out[..ops.len()];
             if k.ept(id, &ops, out).is_err() || out.iter().any(|r| matches!(r, EptResult::Error(_)))
             {

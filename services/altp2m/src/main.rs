@@ -108,6 +108,10 @@ impl Kernel for System {
         sys::vcpu_control(self.domains, domain, vcpu, op, arg)
     }
 
+    fn lifted_take(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
+        sys::lifted_take(self.domains, domain, out)
+    }
+
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         sys::domain_info(self.domains, domain)
             .ok()

@@ -59,6 +59,9 @@ pub trait Kernel {
         op: VcpuOp,
         arg: u64,
     ) -> Result<(), SysError>;
+    /// Takes frames whose armed entries a write lifted (`EptOp::ArmLift`)
+    /// into `out`: (how many, whether more remain).
+    fn lifted_take(&mut self, domain: u16, out: &mut [u64]) -> Result<(usize, bool), SysError>;
     /// A domain's state (a `DomainState` code) and its RAM in pages;
     /// `None` when there is no such domain.
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)>;
@@ -373,10 +376,10 @@ fn is_ram(k: &mut impl Kernel, domain: u16, gfn: u64) -> Result<(), HcError> {
 }
 
 /// The operations that make `view`'s entry for `gfn` its effective one.
-pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 3> {
+pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 4> {
     let e = d.effective(view, gfn);
     let frame = e.frame_gfn.unwrap_or(gfn);
-    let mut ops: heapless::Vec<EptOp, 3> = heapless::Vec::from_slice(&[
+    let mut ops: heapless::Vec<EptOp, 4> = heapless::Vec::from_slice(&[
         if view == 0 {
             EptOp::Protect {
                 view,
@@ -404,7 +407,24 @@ pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 3> {
     {
         let _ = ops.push(EptOp::MarkDirty { view, gfn });
     }
+    if armable(d, view, gfn, frame) {
+        let _ = ops.push(EptOp::ArmLift {
+            view,
+            gfn,
+            count: 1,
+        });
+    }
     ops
+}
+
+/// Whether `view`'s entry for `gfn` (mapping `frame`) lacks write only
+/// because tracking protects the frame: the kernel may then let the first
+/// write through itself and record it (`EptOp::ArmLift`).
+fn armable(d: &Domain, view: u16, gfn: u64, frame: u64) -> bool {
+    d.tracking
+        .as_ref()
+        .is_some_and(|t| t.blocks_write(view, gfn, frame))
+        && d.untracked(view, gfn).access.write
 }
 
 /// Writes the effective entry of `gfn` into `view`.
@@ -460,7 +480,13 @@ fn propagate_with(
         k.ept(domain, &queries, &mut out[..chunk.len()])
             .map_err(|_| HcError::NoSuchView { view: chunk[0].0 })?;
         for (&(view, gfn), r) in chunk.iter().zip(out.iter()) {
-            let populated = matches!(r, EptResult::Entry { mapped: Some(_), .. });
+            let populated = matches!(
+                r,
+                EptResult::Entry {
+                    mapped: Some(_),
+                    ..
+                }
+            );
             // A copy the view holds, or must (a cleared suppress-#VE bit).
             if populated || !d.effective(view, gfn).suppress_ve {
                 ops.extend(fill_ops(d, view, gfn));
@@ -1015,7 +1041,7 @@ impl Altp2m {
 /// maps its own frame, all have one effective access (ALT-8 with dirty
 /// tracking): (start, end, access), in order. Pages a change_gfn remaps
 /// are the caller's to refresh one by one.
-pub fn runs(d: &Domain, view: u16, start: u64, end: u64) -> Vec<(u64, u64, Access)> {
+pub fn runs(d: &Domain, view: u16, start: u64, end: u64) -> Vec<(u64, u64, Access, bool)> {
     let mut cuts: BTreeSet<u64> = BTreeSet::new();
     cuts.insert(start);
     cuts.insert(end);
@@ -1047,20 +1073,23 @@ pub fn runs(d: &Domain, view: u16, start: u64, end: u64) -> Vec<(u64, u64, Acces
             }
         }
     }
-    let mut out: Vec<(u64, u64, Access)> = Vec::new();
+    let mut out: Vec<(u64, u64, Access, bool)> = Vec::new();
     let points: Vec<u64> = cuts.into_iter().collect();
     for w in points.windows(2) {
         let (s, e) = (w[0], w[1]);
         let mut a = d.untracked_plain(view, s);
+        // Armed where tracking alone takes write away (`EptOp::ArmLift`).
+        let mut arm = false;
         if d.tracking
             .as_ref()
             .is_some_and(|t| t.blocks_write(view, s, s))
         {
+            arm = a.write;
             a.write = false;
         }
         match out.last_mut() {
-            Some(last) if last.1 == s && last.2 == a => last.1 = e,
-            _ => out.push((s, e, a)),
+            Some(last) if last.1 == s && last.2 == a && last.3 == arm => last.1 = e,
+            _ => out.push((s, e, a, arm)),
         }
     }
     out
@@ -1077,15 +1106,22 @@ fn rewrite_view_range(
     start: u64,
     end: u64,
 ) -> Result<(), HcError> {
-    let ops: Vec<EptOp> = runs(d, view, start, end)
-        .into_iter()
-        .map(|(s, e, a)| EptOp::ProtectRange {
+    let mut ops: Vec<EptOp> = Vec::new();
+    for (s, e, a, arm) in runs(d, view, start, end) {
+        ops.push(EptOp::ProtectRange {
             view,
             gfn: s,
             count: e - s,
             perms: perms(a),
-        })
-        .collect();
+        });
+        if arm {
+            ops.push(EptOp::ArmLift {
+                view,
+                gfn: s,
+                count: e - s,
+            });
+        }
+    }
     run_ranges(k, domain, &ops, view)?;
     let v = &d.views[&view];
     for (&g, _) in v.remap.range(start..end) {
@@ -1172,6 +1208,26 @@ impl Altp2m {
         t.clear(range.gfn, end);
         let d = &self.domains[&domain];
         rewrite_range(k, domain, d, range.gfn, end).map_err(|_| AltError::OutOfMemory)?;
+        if how == Some(Mechanism::WriteProtect) {
+            // The kernel lets a first write through itself only on 4 KiB
+            // entries (`EptOp::ArmLift`): the host p2m's are split, and
+            // armed again as they are now.
+            let mut ops = alloc::vec![EptOp::SplitRange {
+                view: 0,
+                gfn: range.gfn,
+                count: range.count,
+            }];
+            for (s, e, _, arm) in runs(d, 0, range.gfn, end) {
+                if arm {
+                    ops.push(EptOp::ArmLift {
+                        view: 0,
+                        gfn: s,
+                        count: e - s,
+                    });
+                }
+            }
+            run(k, domain, &ops, 0, range.gfn).map_err(|_| AltError::OutOfMemory)?;
+        }
         if how == Some(Mechanism::Pml) {
             // PML logs a page per dirty bit it sets: 4 KiB entries in the
             // host p2m (the views' are 4 KiB already), every bit clear.
@@ -1204,6 +1260,28 @@ impl Altp2m {
         from: u64,
         max: usize,
     ) -> Result<Taken, AltError> {
+        // Writes the kernel let through (armed entries) first: their frames
+        // are dirtied like those of a write this service let through.
+        let mut lifted = [0u64; 64];
+        for _ in 0..64 {
+            let Ok((n, more)) = k.lifted_take(domain, &mut lifted) else {
+                break;
+            };
+            if let Some(t) = self
+                .domains
+                .get_mut(&domain)
+                .and_then(|d| d.tracking.as_mut())
+            {
+                for &f in &lifted[..n] {
+                    if t.ranges.get(f).is_some() {
+                        t.set_dirtied(f);
+                    }
+                }
+            }
+            if !more {
+                break;
+            }
+        }
         let Some(t) = self
             .domains
             .get_mut(&domain)

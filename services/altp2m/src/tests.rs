@@ -44,6 +44,8 @@ struct Model {
     views: BTreeMap<u16, View>,
     /// vCPU 0's view.
     active: u16,
+    /// Frames the "kernel" let a write through to (armed entries).
+    lifted: Vec<u64>,
     /// EPT entries written (each Map, Protect and page of a ProtectRange).
     writes: u64,
     /// Domain D's state (a `DomainState` code).
@@ -60,6 +62,8 @@ struct View {
     ve: BTreeSet<u64>,
     /// gfns whose entry has its dirty bit set.
     dirty: BTreeSet<u64>,
+    /// gfns whose entry is armed to be lifted on a write (`ArmLift`).
+    armed: BTreeSet<u64>,
     visible: bool,
 }
 
@@ -73,6 +77,7 @@ impl Model {
             features,
             views: BTreeMap::from([(0, host)]),
             active: 0,
+            lifted: Vec::new(),
             writes: 0,
             state: 1,
             room: true,
@@ -114,6 +119,7 @@ impl Model {
                 let v = self.views.get_mut(&view).unwrap();
                 v.map.insert(gfn, (frame, perms));
                 v.dirty.remove(&gfn);
+                v.armed.remove(&gfn);
                 self.writes += 1;
             }
             EptOp::Unmap { view, gfn } => {
@@ -128,6 +134,7 @@ impl Model {
                 check(perms)?;
                 let v = self.views.get_mut(&view).unwrap();
                 v.map.get_mut(&gfn).ok_or(EptOpError::NotMapped)?.1 = perms;
+                v.armed.remove(&gfn);
                 self.writes += 1;
             }
             EptOp::ProtectRange {
@@ -142,8 +149,9 @@ impl Model {
                     return Err(EptOpError::NotRam);
                 }
                 let v = self.views.get_mut(&view).unwrap();
-                for (_, e) in v.map.range_mut(gfn..end) {
+                for (g, e) in v.map.range_mut(gfn..end) {
                     e.1 = perms;
+                    v.armed.remove(g);
                     self.writes += 1;
                 }
             }
@@ -174,6 +182,18 @@ impl Model {
                 }
                 let v = self.views.get_mut(&view).unwrap();
                 v.dirty.retain(|g| !(gfn..end).contains(g));
+            }
+            EptOp::ArmLift { view, gfn, count } => {
+                let end = gfn.checked_add(count).ok_or(EptOpError::NotRam)?;
+                if count == 0 || end > RAM {
+                    return Err(EptOpError::NotRam);
+                }
+                let v = self.views.get_mut(&view).unwrap();
+                for (&g, &(_, p)) in v.map.range(gfn..end) {
+                    if p.read && !p.write {
+                        v.armed.insert(g);
+                    }
+                }
             }
             EptOp::MarkDirty { view, gfn } => {
                 ram(gfn)?;
@@ -259,6 +279,12 @@ impl Kernel for Model {
             _ => Ok(()),
         }
     }
+    fn lifted_take(&mut self, _: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
+        let n = self.lifted.len().min(out.len());
+        out[..n].copy_from_slice(&self.lifted[..n]);
+        self.lifted.drain(..n);
+        Ok((n, !self.lifted.is_empty()))
+    }
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         (domain == D).then_some((self.state, RAM))
     }
@@ -302,8 +328,27 @@ impl Rig {
             other => panic!("{other:?}"),
         }
     }
-    /// A violation exit of `view` at `gfn`.
+    /// A guest access of `view` at `gfn` that the entry refuses: a write
+    /// to an armed entry the "kernel" lets through itself (making the
+    /// entry writable and dirty, recording the frame), anything else is a
+    /// violation exit to the service.
     fn touch(&mut self, view: u16, gfn: u64, access: Access) -> Outcome {
+        if access.write
+            && let Some(v) = self.k.views.get_mut(&view)
+            && v.armed.remove(&gfn)
+        {
+            let e = v.map.get_mut(&gfn).expect("armed entries are mapped");
+            e.1.write = true;
+            v.dirty.insert(gfn);
+            let frame = e.0;
+            self.k.lifted.push(frame);
+            return retry();
+        }
+        self.exit(view, gfn, access)
+    }
+
+    /// A violation exit of `view` at `gfn`.
+    fn exit(&mut self, view: u16, gfn: u64, access: Access) -> Outcome {
         let allowed = self
             .k
             .views
@@ -978,11 +1023,32 @@ fn check(r: &Rig, reference: &Reference) -> Result<(), TestCaseError> {
     let domain = r.alt.domains.get(&D).cloned().unwrap_or_default();
     for &view in &views {
         for gfn in (0..RAM).filter(|&g| is_ram(g)) {
-            let want = reference.expected(view, gfn);
-            let have = domain.effective(view, gfn);
-            prop_assert_eq!(have, want, "effective entry of {} in view {}", gfn, view);
+            let mut want = reference.expected(view, gfn);
+            let mut have = domain.effective(view, gfn);
             let table = &r.k.views[&view];
             let frame = want.frame_gfn.unwrap();
+            // A write the kernel let through (an armed entry) is the
+            // service's to learn at its next take: until then its model,
+            // and the frame's other entries, may still lack write.
+            let lagging = reference.dirtied.contains(&frame)
+                && !domain
+                    .tracking
+                    .as_ref()
+                    .is_some_and(|t| t.is_dirtied(frame));
+            let mut table_entry = table.map.get(&gfn).copied();
+            if lagging {
+                prop_assert!(
+                    r.k.lifted.contains(&frame),
+                    "frame {} is dirtied, the service does not know, and the kernel has no record of it",
+                    frame
+                );
+                want.access.write = false;
+                have.access.write = false;
+                if let Some(e) = table_entry.as_mut() {
+                    e.1.write = false;
+                }
+            }
+            prop_assert_eq!(have, want, "effective entry of {} in view {}", gfn, view);
             if table.map.contains_key(&gfn)
                 && view != 0
                 && frame != gfn
@@ -997,8 +1063,8 @@ fn check(r: &Rig, reference: &Reference) -> Result<(), TestCaseError> {
                 );
             }
             let sve = !table.ve.contains(&gfn);
-            match table.map.get(&gfn) {
-                Some(&(frame, perms)) => {
+            match table_entry {
+                Some((frame, perms)) => {
                     prop_assert_eq!(
                         (Some(frame), perms, sve),
                         (want.frame_gfn, perms_of(want.access), want.suppress_ve),

@@ -272,7 +272,7 @@ pub fn handle_slot(rng: &mut Rng, valid: u64) -> u64 {
 /// in the fuzzer's own checked forms: RECV, REPLY_RECV, WAIT, EXIT), some
 /// numbers it does not have.
 pub fn call_number(rng: &mut Rng) -> u64 {
-    const KNOWN: [u64; 45] = [
+    const KNOWN: [u64; 46] = [
         nr::LOG,
         nr::HANDLE_CLOSE,
         nr::CALL,
@@ -308,6 +308,7 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::VCPU_SET_VIEW,
         nr::VCPU_CONTROL,
         nr::DOMAIN_WRITES,
+        nr::LIFTED_TAKE,
         nr::DOMAIN_WATCH,
         nr::IO_IN,
         nr::IO_OUT,

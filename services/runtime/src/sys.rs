@@ -488,3 +488,19 @@ pub fn vcpu_info(domains: Handle, id: u16, vcpu: u16) -> Result<(u16, u64), SysE
 pub fn vm_features() -> u64 {
     call(nr::VM_FEATURES, &[]).rdi
 }
+
+/// Frames whose armed entries a write lifted (`EptOp::ArmLift`), into
+/// `out`: (how many, more remain).
+pub fn lifted_take(domains: Handle, id: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
+    call(
+        nr::LIFTED_TAKE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            out.as_mut_ptr() as u64,
+            out.len() as u64,
+        ],
+    )
+    .ok()
+    .map(|r| (r.rdi as usize, r.rsi != 0))
+}
