@@ -18,7 +18,7 @@
 //! | `ve_delivery_ticks` | a write to a page that is read-only in a view, with its suppress-#VE bit clear, until the guest's #VE handler runs (no VM exit; 10 warm-up, 100 samples) |
 //! | `violation_event_ticks` | with command line `listener` (a listener service inside the hypervisor): a write to a read-only page of a view, the event to the listener, its answer (back to view 0) and the write done on resume (10 warm-up, 100 samples) |
 //! | `ipc_roundtrip_ticks` | one call and reply between two services (vmm to altp2m), timed by the vmm with RDTSC; `HC_IPC_PING` returns it (median of 1000, no warm-up) |
-//! | `dirty_wp_fault_ticks` | with the agent's dirty log on write-protection (the logdirty service), the first write to a page: the fault to the altp2m service, the frame marked dirtied and made writable, the write done on resume (10 warm-up pages, 100 samples) |
+//! | `dirty_wp_fault_ticks` | with the agent's dirty log on write-protection (the logdirty service), the first write to a page: the fault on the entry the altp2m service armed, made writable and recorded by the kernel, the write done on resume (10 warm-up pages, 100 samples) |
 //! | `dirty_pml_exits_per_1000_pages` | with the agent's dirty log on PML, VM exits while 1000 distinct pages are written once each (PML-full exits to the logdirty service) |
 //!
 //! With `profile=KEY` on the command line, the operation of benchmark KEY
