@@ -28,6 +28,8 @@ struct System {
     altp2m: Client,
     /// The logdirty service, for in-guest agents' dirty logs (optional).
     logdirty: Option<Client>,
+    /// The last call to logdirty failed.
+    logdirty_failing: bool,
     /// The last call to altp2m failed (its failures are logged when this
     /// changes, not once per hypercall a guest makes).
     altp2m_failing: bool,
@@ -74,12 +76,20 @@ impl Env for System {
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
         let client = self.logdirty.as_mut()?;
         match client.call::<_, LdReply>(request) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if core::mem::take(&mut self.logdirty_failing) {
+                    defmt::info!("vmm: the logdirty service answers again");
+                }
+                Some(r)
+            }
             Err(e) => {
-                defmt::warn!(
-                    "vmm: the logdirty service did not answer ({}); the guest's dirty-log request gets ServiceUnavailable",
-                    e
-                );
+                // Said once per outage, not once per hypercall a guest makes.
+                if !core::mem::replace(&mut self.logdirty_failing, true) {
+                    defmt::warn!(
+                        "vmm: the logdirty service did not answer ({}); guests' dirty-log requests get ServiceUnavailable",
+                        e
+                    );
+                }
                 None
             }
         }
@@ -154,6 +164,7 @@ fn main() -> ! {
         domains: require("domains"),
         altp2m: Client::new(require("altp2m-guest"), ALTP2M),
         logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
+        logdirty_failing: false,
         altp2m_failing: false,
         features: sys::vm_features(),
     };
