@@ -376,7 +376,11 @@ fn lift_on_write(d: &mut Domain) -> bool {
     let Some(v) = d.vcpu.as_mut() else {
         return false;
     };
-    if v.qualification() & 2 == 0 || d.lifted.is_full() {
+    // Only a write that write alone was missing for: the access's kinds
+    // are bits 2:0 of the qualification, what the entry allowed bits 5:3.
+    let q = v.qualification();
+    let (access, allowed) = (q & 7, (q >> 3) & 7);
+    if access & 2 == 0 || access & !(allowed | 2) != 0 || d.lifted.is_full() {
         return false;
     }
     let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);

@@ -1292,3 +1292,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_copy_maps_what_the_source_maps_masked_and_a_failed_copy_maps_nothing() {
+    let mut mem = FakeMemory::default();
+    let mut src = Ept::new(&mut mem).unwrap();
+    src.map(&mut mem, 0, 0x20_0000, Size2M, Perms::ALL, WB)
+        .unwrap();
+    src.map(&mut mem, M2 + K4, 0x40_1000, Size4K, Perms::READ_WRITE, WB)
+        .unwrap();
+    src.arm_lift(&mut mem, M2, 2 * M2);
+    src.set_suppress_ve(&mut mem, 8 * M2, false).unwrap();
+    let before = mem.live;
+    let mut dst = Ept::new(&mut mem).unwrap();
+    dst.copy_from(&mut mem, &src, Perms::READ_EXECUTE).unwrap();
+    let large = dst.query(&mem, 0x1234).unwrap();
+    assert_eq!((large.size, large.perms), (Size2M, Perms::READ_EXECUTE));
+    assert_eq!(dst.translate(&mem, 0x1234), Some(0x20_1234));
+    let small = dst.query(&mem, M2 + K4).unwrap();
+    assert_eq!(small.perms, Perms::READ, "met with the mask");
+    let raw = dst.raw_entry(&mem, M2 + K4).unwrap().value;
+    assert!(raw & bits::SUPPRESS_VE != 0 && raw & bits::LIFT == 0);
+    assert_eq!(
+        dst.query(&mem, 8 * M2),
+        None,
+        "an empty slot is not a mapping"
+    );
+    assert_eq!(
+        src.query(&mem, M2 + K4).unwrap().perms,
+        Perms::READ_WRITE,
+        "the source is unchanged"
+    );
+    // Into a table set that maps something: refused.
+    assert!(matches!(
+        dst.copy_from(&mut mem, &src, Perms::ALL),
+        Err(EptError::AlreadyMapped { .. })
+    ));
+    // Out of memory half-way: what was built is freed, nothing is mapped.
+    let mut tight = FakeMemory::limited(before + 3);
+    let mut a = Ept::new(&mut tight).unwrap();
+    a.map(&mut tight, 0, 0x20_0000, Size2M, Perms::ALL, WB)
+        .unwrap();
+    a.map(&mut tight, G1 + K4, 0x40_1000, Size4K, Perms::ALL, WB)
+        .unwrap();
+    let mut b = Ept::new(&mut tight).unwrap();
+    let live = tight.live;
+    tight.limit = Some(live + 2);
+    assert_eq!(
+        b.copy_from(&mut tight, &a, Perms::ALL),
+        Err(EptError::OutOfMemory)
+    );
+    assert_eq!(tight.live, live, "the tables built are freed");
+    assert_eq!(b.query(&tight, 0), None);
+    tight.limit = None;
+    b.copy_from(&mut tight, &a, Perms::ALL).unwrap();
+    assert_eq!(b.translate(&tight, G1 + K4 + 5), Some(0x40_1005));
+}

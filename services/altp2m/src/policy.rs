@@ -1196,6 +1196,9 @@ impl Altp2m {
         {
             return Err(AltError::OutOfMemory);
         }
+        // The kernel's record first, so that the marks dropped below are
+        // all of them.
+        self.take_lifted(k, domain);
         let d = self.domain(domain);
         if d.tracking.is_none() {
             if how.is_none() {
@@ -1237,11 +1240,9 @@ impl Altp2m {
                 gfn: range.gfn,
                 count: range.count,
             }];
-            ops.extend(d.views.keys().map(|&view| EptOp::ClearDirty {
-                view,
-                gfn: range.gfn,
-                count: range.count,
-            }));
+            for (&view, v) in &d.views {
+                clear_dirty_ops(v, view, range.gfn, end, &mut ops);
+            }
             run(k, domain, &ops, 0, range.gfn).map_err(|_| AltError::OutOfMemory)?;
         }
         let d = self.domain(domain);
@@ -1251,17 +1252,9 @@ impl Altp2m {
         Ok(())
     }
 
-    /// Takes up to `max` runs of frames a write lifted the protection of,
-    /// at or after `from`, protecting them again.
-    pub fn dirty_take(
-        &mut self,
-        k: &mut impl Kernel,
-        domain: u16,
-        from: u64,
-        max: usize,
-    ) -> Result<Taken, AltError> {
-        // Writes the kernel let through (armed entries) first: their frames
-        // are dirtied like those of a write this service let through.
+    /// The writes the kernel let through (armed entries): their frames are
+    /// dirtied as if this service had let the writes through.
+    fn take_lifted(&mut self, k: &mut impl Kernel, domain: u16) {
         let mut lifted = [0u64; 64];
         for _ in 0..64 {
             let Ok((n, more)) = k.lifted_take(domain, &mut lifted) else {
@@ -1282,6 +1275,18 @@ impl Altp2m {
                 break;
             }
         }
+    }
+
+    /// Takes up to `max` runs of frames a write lifted the protection of,
+    /// at or after `from`, protecting them again.
+    pub fn dirty_take(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        from: u64,
+        max: usize,
+    ) -> Result<Taken, AltError> {
+        self.take_lifted(k, domain);
         let Some(t) = self
             .domains
             .get_mut(&domain)
@@ -1318,24 +1323,7 @@ impl Altp2m {
                 .filter(|&e| r.count > 0 && e <= pages)
                 .ok_or(AltError::BadRange)?;
             for (&view, v) in &d.views {
-                let mut at = r.gfn;
-                for (&g, _) in v.remap.range(r.gfn..end) {
-                    if g > at {
-                        ops.push(EptOp::ClearDirty {
-                            view,
-                            gfn: at,
-                            count: g - at,
-                        });
-                    }
-                    at = g + 1;
-                }
-                if end > at {
-                    ops.push(EptOp::ClearDirty {
-                        view,
-                        gfn: at,
-                        count: end - at,
-                    });
-                }
+                clear_dirty_ops(v, view, r.gfn, end, &mut ops);
             }
         }
         run(k, domain, &ops, 0, 0).map_err(|_| AltError::OutOfMemory)
@@ -1375,5 +1363,30 @@ impl Altp2m {
         // with every copy in the views.
         propagate_with(k, domain, d, frame, &fill_ops(d, 0, frame))?;
         Ok(true)
+    }
+}
+
+/// The operations that clear the dirty bits of `view`'s entries over
+/// `[start, end)`, but those a change_gfn remaps: under PML tracking those
+/// are write-protected instead, and their dirty bit, set when a write
+/// lifts them, keeps PML from logging the remapped gfn (LD-4).
+fn clear_dirty_ops(v: &View, view: u16, start: u64, end: u64, ops: &mut Vec<EptOp>) {
+    let mut at = start;
+    for (&g, _) in v.remap.range(start..end) {
+        if g > at {
+            ops.push(EptOp::ClearDirty {
+                view,
+                gfn: at,
+                count: g - at,
+            });
+        }
+        at = g + 1;
+    }
+    if end > at {
+        ops.push(EptOp::ClearDirty {
+            view,
+            gfn: at,
+            count: end - at,
+        });
     }
 }

@@ -335,6 +335,9 @@ impl Rig {
     fn touch(&mut self, view: u16, gfn: u64, access: Access) -> Outcome {
         if access.write
             && let Some(v) = self.k.views.get_mut(&view)
+            && let Some(&(_, p)) = v.map.get(&gfn)
+            && (!access.read || p.read)
+            && (!access.execute || p.execute)
             && v.armed.remove(&gfn)
         {
             let e = v.map.get_mut(&gfn).expect("armed entries are mapped");
@@ -1044,16 +1047,25 @@ fn check(r: &Rig, reference: &Reference) -> Result<(), TestCaseError> {
                 );
                 want.access.write = false;
                 have.access.write = false;
-                if let Some(e) = table_entry.as_mut() {
-                    e.1.write = false;
-                }
+            }
+            // Once a tracked frame is dirtied, each of its entries gets
+            // write back when next written (the kernel, or this service on
+            // the fault): whether a table has it yet is not the point. A
+            // frame not dirtied is compared strictly: write there would be
+            // a write nobody logs.
+            if reference.dirtied.contains(&frame)
+                && reference.tracked.contains_key(&frame)
+                && let Some(e) = table_entry.as_mut()
+            {
+                e.1.write = want.access.write;
             }
             prop_assert_eq!(have, want, "effective entry of {} in view {}", gfn, view);
-            if table.map.contains_key(&gfn)
+            // A remapped entry under PML that can be written must have its
+            // dirty bit set, or PML would log the remapped gfn.
+            if table.map.get(&gfn).is_some_and(|e| e.1.write)
                 && view != 0
                 && frame != gfn
                 && reference.tracked.get(&frame) == Some(&Mechanism::Pml)
-                && reference.dirtied.contains(&frame)
             {
                 prop_assert!(
                     table.dirty.contains(&gfn),
