@@ -321,39 +321,6 @@ impl Ept {
         })
     }
 
-    /// Makes `self`, which must map nothing, a copy of `src`'s mappings:
-    /// its own tables, the same leaves (large ones stay large) with their
-    /// permissions met with `mask`, suppress-#VE set, accessed, dirty and
-    /// the lift arm clear. `src` is not changed. An empty slot of `src` that
-    /// has suppress-#VE clear is not copied (it maps nothing). On
-    /// [`EptError::OutOfMemory`] the tables built so far are freed and
-    /// `self` maps nothing again. [`EptError::AlreadyMapped`] if `self`
-    /// maps something.
-    pub fn copy_from<M: TableMemory + ?Sized>(
-        &mut self,
-        mem: &mut M,
-        src: &Ept,
-        mask: Perms,
-    ) -> Result<(), EptError> {
-        if mem.entries(self.root).iter().any(|&e| e != EMPTY) {
-            return Err(EptError::AlreadyMapped {
-                gpa: 0,
-                existing: 0,
-                size: PageSize::Size4K,
-            });
-        }
-        let result = copy_tree(mem, src.root, self.root, 4, mask.bits());
-        if result.is_err() {
-            for slot in 0..ENTRIES {
-                if let Kind::Table(next) = kind(read(mem, self.root, slot), 4) {
-                    free_tree(mem, next, 3);
-                }
-                write(mem, self.root, slot, EMPTY);
-            }
-        }
-        result
-    }
-
     /// Physical address of the PML4.
     pub const fn root(&self) -> u64 {
         self.root
@@ -945,34 +912,6 @@ fn decode(entry: u64, size: PageSize, gpa: u64) -> Mapping {
         dirty: entry & DIRTY != 0,
         suppress_ve: entry & SUPPRESS_VE != 0,
     }
-}
-
-/// Copies the tree under `src` (at `level`) into the empty table `dst`
-/// ([`Ept::copy_from`]).
-fn copy_tree<M: TableMemory + ?Sized>(
-    mem: &mut M,
-    src: u64,
-    dst: u64,
-    level: u8,
-    mask: u64,
-) -> Result<(), EptError> {
-    for slot in 0..ENTRIES {
-        let entry = read(mem, src, slot);
-        match kind(entry, level) {
-            Kind::Leaf(_) => {
-                let perms = entry & RWX & mask;
-                let copy = (entry & !(RWX | ACCESSED | DIRTY | LIFT)) | perms | SUPPRESS_VE;
-                write(mem, dst, slot, copy);
-            }
-            Kind::Table(next) if level > 1 => {
-                let table = new_table(mem)?;
-                write(mem, dst, slot, table_entry(table));
-                copy_tree(mem, next, table, level - 1, mask)?;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// A new table of empty entries.
