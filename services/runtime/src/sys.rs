@@ -457,17 +457,21 @@ pub fn domain_writes(
     id: u16,
     out: &mut [[u64; 2]],
 ) -> Result<(usize, bool), SysError> {
-    call(
+    take(
         nr::DOMAIN_WRITES,
-        &[
-            u64::from(domains),
-            u64::from(id),
-            out.as_mut_ptr() as u64,
-            out.len() as u64,
-        ],
+        domains,
+        id,
+        out.as_mut_ptr() as u64,
+        out.len(),
     )
-    .ok()
-    .map(|r| (r.rdi as usize, r.rsi != 0))
+}
+
+/// A call that fills `len` entries at `ptr` with what a domain recorded:
+/// (how many, whether more remain or some were lost).
+fn take(n: u64, domains: Handle, id: u16, ptr: u64, len: usize) -> Result<(usize, bool), SysError> {
+    call(n, &[u64::from(domains), u64::from(id), ptr, len as u64])
+        .ok()
+        .map(|r| (r.rdi as usize, r.rsi != 0))
 }
 
 pub fn irq_bind(irq: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
@@ -492,15 +496,11 @@ pub fn vm_features() -> u64 {
 /// Frames whose armed entries a write lifted (`EptOp::ArmLift`), into
 /// `out`: (how many, more remain).
 pub fn lifted_take(domains: Handle, id: u16, out: &mut [u64]) -> Result<(usize, bool), SysError> {
-    call(
+    take(
         nr::LIFTED_TAKE,
-        &[
-            u64::from(domains),
-            u64::from(id),
-            out.as_mut_ptr() as u64,
-            out.len() as u64,
-        ],
+        domains,
+        id,
+        out.as_mut_ptr() as u64,
+        out.len(),
     )
-    .ok()
-    .map(|r| (r.rdi as usize, r.rsi != 0))
 }

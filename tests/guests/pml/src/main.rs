@@ -35,6 +35,8 @@ use guest_runtime::hypercall::{self, call_done};
 use guest_runtime::{LargePage, MultibootInfo, Pages, println, vmfunc_switch};
 use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, Mechanism};
 
+use guest_runtime::Checks;
+
 guest_runtime::entry!(main);
 
 const PAGES: usize = 600;
@@ -95,17 +97,6 @@ impl Set {
         (0..PAGES as u64)
             .map(|i| BUF.gfn(0) + i)
             .chain((0..LargePage::PAGES as u64).map(|i| LARGE.gfn(0) + i))
-    }
-}
-
-struct Checks(u32);
-
-impl Checks {
-    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
-        if !ok {
-            println!("FAIL: {what}");
-            self.0 += 1;
-        }
     }
 }
 

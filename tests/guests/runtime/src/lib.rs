@@ -132,3 +132,16 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     }
     exit(STATUS_PANIC)
 }
+
+/// Counts failed checks, printing each as `FAIL: ...`.
+pub struct Checks(pub u32);
+
+impl Checks {
+    /// A check: `ok`, or a failure described by `what`.
+    pub fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
+        if !ok {
+            println!("FAIL: {what}");
+            self.0 += 1;
+        }
+    }
+}

@@ -35,6 +35,8 @@ use guest_runtime::hypercall::{self, call_done};
 use guest_runtime::vmx::{self, EXIT_REASON_EPT_VIOLATION, QUAL_WRITE};
 use guest_runtime::{MultibootInfo, Pages, TrapFrame, idt, println, view_switch, vmfunc_switch};
 
+use guest_runtime::Checks;
+
 guest_runtime::entry!(main);
 
 static P: Pages<1> = Pages::new();
@@ -82,17 +84,6 @@ fn on_ve(frame: &mut TrapFrame) {
         VE_SWITCH_STATUS.store(status as u64 + 1, Ordering::SeqCst);
     }
     vmx::ve_clear_busy();
-}
-
-struct Checks(u32);
-
-impl Checks {
-    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
-        if !ok {
-            println!("FAIL: {what}");
-            self.0 += 1;
-        }
-    }
 }
 
 fn fatal(what: &str, e: impl core::fmt::Display) -> u32 {

@@ -35,6 +35,8 @@ use guest_runtime::{
     MultibootInfo, Pages, TrapFrame, exit_count, idt, println, view_switch, vmfunc_switch,
 };
 
+use guest_runtime::Checks;
+
 guest_runtime::entry!(main);
 
 static A: Pages<1> = Pages::new();
@@ -66,18 +68,6 @@ fn on_ud(frame: &mut TrapFrame) {
     UD_COUNT.fetch_add(1, Ordering::SeqCst);
     UD_RIP.store(frame.rip, Ordering::SeqCst);
     frame.rip += VMFUNC_LEN;
-}
-
-/// Counts failed checks.
-struct Checks(u32);
-
-impl Checks {
-    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
-        if !ok {
-            println!("FAIL: {what}");
-            self.0 += 1;
-        }
-    }
 }
 
 /// Step 5: VMFUNC to an invisible view must raise #UD.
