@@ -53,6 +53,27 @@ fn qemu_bios_merges_an_injected_rmrr_table() {
     .expect_status(HaltStatus::Success);
 }
 
+/// A DMAR the parser cannot use (a DRHD of 6 bytes, in a table whose
+/// checksum holds) leaves the IOMMU off, says why, and costs nothing else
+/// of ACPI: the MADT is still read (issue 12, point 1).
+#[test]
+fn qemu_with_an_unusable_dmar_keeps_the_rest_of_acpi() {
+    let table = DmarBuilder::new(39, 0).other(0, &[0, 0]).build();
+    let path = image_builder::paths::work_dir()
+        .join("tests")
+        .join("bad-drhd.dmar");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, table).unwrap();
+    boot(&basic_image(), Machine::Qemu, |c| {
+        c.acpi_tables.push(path.clone());
+    })
+    .expect("DMAR unusable (BadStructure")
+    .expect("the IOMMU stays off, the rest of ACPI is used")
+    .expect("ACPI: 1 CPU(s), 1 IOAPIC(s)")
+    .expect_no("ACPI unusable")
+    .expect_status(HaltStatus::Success);
+}
+
 #[test]
 fn qemu_without_an_iommu_says_there_is_no_dmar() {
     boot(&basic_image(), Machine::Qemu, |_| {})

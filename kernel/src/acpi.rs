@@ -18,6 +18,9 @@ pub struct AcpiInfo {
     pub overrides: [Option<(u32, u16)>; 16],
     /// `None` where the firmware has no DMAR: no IOMMU.
     pub dmar: Option<Dmar>,
+    /// Why the DMAR tables could not be used (the IOMMU then stays off;
+    /// the rest of ACPI is used all the same).
+    pub dmar_problem: Option<DmarError>,
 }
 
 /// Why ACPI could not be read at all.
@@ -25,7 +28,6 @@ pub struct AcpiInfo {
 pub enum AcpiProblem {
     NoRsdp,
     Table(AcpiError),
-    Dmar(DmarError),
 }
 
 /// Walks the tables from the RSDP the boot loader copied, logging each.
@@ -51,6 +53,7 @@ pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiP
         ioapic: None,
         overrides: [None; 16],
         dmar: None,
+        dmar_problem: None,
     };
     let mut dmars: heapless::Vec<Table<'static>, 4> = heapless::Vec::new();
     for table in root.tables(&DirectMap) {
@@ -82,7 +85,10 @@ pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiP
         }
     }
     if !dmars.is_empty() {
-        info.dmar = Some(Dmar::parse(dmars.iter().copied()).map_err(AcpiProblem::Dmar)?);
+        match Dmar::parse(dmars.iter().copied()) {
+            Ok(d) => info.dmar = Some(d),
+            Err(e) => info.dmar_problem = Some(e),
+        }
     }
     Ok(info)
 }

@@ -121,9 +121,15 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
     };
     if let Some(a) = &acpi {
         defmt::info!("ACPI: {=u32} CPU(s), {=u32} IOAPIC(s)", a.cpus, a.ioapics);
-        match &a.dmar {
-            Some(d) => acpi::log_dmar(d),
-            None => defmt::warn!("no DMAR table: no IOMMU, so no DMA remapping for devices"),
+        match (&a.dmar, &a.dmar_problem) {
+            (Some(d), _) => acpi::log_dmar(d),
+            (None, Some(e)) => defmt::warn!(
+                "DMAR unusable ({}): the IOMMU stays off, the rest of ACPI is used",
+                e
+            ),
+            (None, None) => {
+                defmt::warn!("no DMAR table: no IOMMU, so no DMA remapping for devices")
+            }
         }
     }
 
