@@ -495,16 +495,7 @@ impl<S: Transport> Client<S> {
     /// Every service, asked one by one until the console says there are no
     /// more.
     pub fn services(&mut self) -> Result<Vec<ServiceInfo>, ClientError> {
-        let mut out = Vec::new();
-        for index in 0..=u16::MAX {
-            match self.service(index)? {
-                Some(s) => out.push(s),
-                None => return Ok(out),
-            }
-        }
-        Err(ClientError::Invalid(
-            "the console listed 65536 services without an end".into(),
-        ))
+        every("services", |i| self.service(i))
     }
 
     /// The `index`-th guest domain (0-based), `None` past the last.
@@ -518,16 +509,7 @@ impl<S: Transport> Client<S> {
 
     /// Every guest domain.
     pub fn domains(&mut self) -> Result<Vec<DomainInfo>, ClientError> {
-        let mut out = Vec::new();
-        for index in 0..=u16::MAX {
-            match self.domain(index)? {
-                Some(d) => out.push(d),
-                None => return Ok(out),
-            }
-        }
-        Err(ClientError::Invalid(
-            "the console listed 65536 domains without an end".into(),
-        ))
+        every("domains", |i| self.domain(i))
     }
 
     /// The id of the domain `domain` names: an id (decimal, or hex with
@@ -1128,4 +1110,21 @@ fn table<const N: usize>(head: [&str; N], rows: &[[String; N]]) -> String {
         line(&mut r.iter().map(String::as_str));
     }
     out
+}
+
+/// Every item `get(0)`, `get(1)`, ... gives, until the first `None`.
+fn every<T>(
+    what: &str,
+    mut get: impl FnMut(u16) -> Result<Option<T>, ClientError>,
+) -> Result<Vec<T>, ClientError> {
+    let mut out = Vec::new();
+    for index in 0..=u16::MAX {
+        match get(index)? {
+            Some(item) => out.push(item),
+            None => return Ok(out),
+        }
+    }
+    Err(ClientError::Invalid(format!(
+        "the console listed 65536 {what} without an end"
+    )))
 }

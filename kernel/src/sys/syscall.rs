@@ -1504,14 +1504,20 @@ fn lifted_take(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let max = (a[3] as usize).min(64);
     let mut frames = [0u64; 64];
     let (n, more) = crate::vm::peek_lifted(domain(k, a[1])?, &mut frames[..max]);
-    let mut bytes = [0u8; 64 * 8];
-    for (i, f) in frames[..n].iter().enumerate() {
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
-    }
     // Taken only once the caller has them: a bad buffer loses nothing.
-    write_user(k, pid, a[2], &bytes[..n * 8])?;
+    write_words(k, pid, a[2], &frames[..n])?;
     crate::vm::drop_lifted(domain_mut(k, a[1])?, n);
     Ok(Values([n as u64, u64::from(more), 0]))
+}
+
+/// Writes `words` (little-endian u64s) to the caller's memory at `va`.
+fn write_words(k: &mut Kernel, pid: u16, va: u64, words: &[u64]) -> Result<()> {
+    let mut bytes = [0u8; 64 * 8];
+    let n = words.len().min(64);
+    for (chunk, w) in bytes.chunks_exact_mut(8).zip(&words[..n]) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    write_user(k, pid, va, &bytes[..n * 8])
 }
 
 #[inline(never)]
@@ -1527,20 +1533,10 @@ fn domain_writes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     );
     let max = (a[3] as usize).min(32);
     let mut pairs = [[0u64; 2]; 32];
-    let (n, overflow) = crate::vm::take_writes(domain_mut(k, a[1])?, &mut pairs[..max])?;
-    let mut bytes = [0u8; 32 * 16];
-    for (i, p) in pairs[..n].iter().enumerate() {
-        bytes[i * 16..i * 16 + 8].copy_from_slice(&p[0].to_le_bytes());
-        bytes[i * 16 + 8..i * 16 + 16].copy_from_slice(&p[1].to_le_bytes());
-    }
-    if let Err(e) = write_user(k, pid, a[2], &bytes[..n * 16]) {
-        // The runs taken are lost to the caller: the record says so, and
-        // the next take reports an overflow (never a silent loss).
-        if let Some(log) = domain_mut(k, a[1])?.writes.as_mut() {
-            log.overflow |= n > 0 || overflow;
-        }
-        return Err(e);
-    }
+    let (n, runs, overflow) = crate::vm::peek_writes(domain_mut(k, a[1])?, &mut pairs[..max])?;
+    // Taken only once the caller has them: a bad buffer loses nothing.
+    write_words(k, pid, a[2], pairs[..n].as_flattened())?;
+    crate::vm::drop_writes(domain_mut(k, a[1])?, runs);
     Ok(Values([n as u64, u64::from(overflow), 0]))
 }
 

@@ -24,7 +24,7 @@ use crate::vmx::{self, InveptType};
 use domain::Domain;
 use ipc_schema::hypercall::{HC_EXIT_COUNT, HC_NULL};
 use ipc_schema::syscall::DomainState;
-pub use ops::{drop_lifted, ept_op, peek_lifted, take_writes, vcpu_control};
+pub use ops::{drop_lifted, drop_writes, ept_op, peek_lifted, peek_writes, vcpu_control};
 use platform::vmx::VmxCaps;
 use platform::vmx::fields::{EXIT_INTERRUPTION_INFO, reason};
 use vcpu::{RawExit, VcpuState};

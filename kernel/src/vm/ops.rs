@@ -285,10 +285,12 @@ pub fn vcpu_control(
     Ok([0, 0])
 }
 
-/// Takes the record of memory the kernel wrote for services into `out`,
+/// Copies the record of memory the kernel wrote for services into `out`,
 /// and the #VE information page while #VE is on (the CPU writes it around
-/// the EPT): (pairs written, whether some writes went unrecorded).
-pub fn take_writes(d: &mut Domain, out: &mut [[u64; 2]]) -> Result<(usize, bool), SysError> {
+/// the EPT), without taking them: (pairs written, of them runs of the
+/// record, whether some writes went unrecorded). [`drop_writes`] takes
+/// them once the caller has them.
+pub fn peek_writes(d: &mut Domain, out: &mut [[u64; 2]]) -> Result<(usize, usize, bool), SysError> {
     let ve_hpa = match d.vcpu.as_mut() {
         Some(v) if v.secondary(proc2::EPT_VIOLATION_VE) => {
             v.load().map_err(|_| SysError::Busy)?;
@@ -297,22 +299,27 @@ pub fn take_writes(d: &mut Domain, out: &mut [[u64; 2]]) -> Result<(usize, bool)
         _ => None,
     };
     let ve_info = ve_hpa.and_then(|hpa| d.gfn_of_frame(hpa & !(PAGE_SIZE - 1)));
-    let log = d.writes.as_mut().ok_or(SysError::BadArgument)?;
-    let n = log.runs.len().min(out.len());
+    let log = d.writes.as_ref().ok_or(SysError::BadArgument)?;
+    let runs = log.runs.len().min(out.len());
     for (o, &(gfn, pages)) in out.iter_mut().zip(log.runs.iter()) {
         *o = [gfn, pages];
     }
-    let rest: heapless::Vec<(u64, u64), 32> = log.runs.iter().skip(n).copied().collect();
-    log.runs = rest;
-    let overflow = core::mem::take(&mut log.overflow);
-    let mut written = n;
+    let mut written = runs;
     if let Some(g) = ve_info
         && written < out.len()
     {
         out[written] = [g, 1];
         written += 1;
     }
-    Ok((written, overflow))
+    Ok((written, runs, log.overflow))
+}
+
+/// Forgets the `runs` oldest runs of the write record, and its overflow.
+pub fn drop_writes(d: &mut Domain, runs: usize) {
+    if let Some(log) = d.writes.as_mut() {
+        drop_front(&mut log.runs, runs);
+        log.overflow = false;
+    }
 }
 
 /// Copies up to `out.len()` lifted frames, oldest first, into `out`
@@ -326,7 +333,12 @@ pub fn peek_lifted(d: &Domain, out: &mut [u64]) -> (usize, bool) {
 
 /// Forgets the `n` oldest lifted frames.
 pub fn drop_lifted(d: &mut Domain, n: usize) {
-    let rest: heapless::Vec<u64, { super::domain::LIFTED }> =
-        d.lifted.iter().skip(n).copied().collect();
-    d.lifted = rest;
+    drop_front(&mut d.lifted, n);
+}
+
+/// Removes the first `n` items of `v`, keeping the order of the rest.
+fn drop_front<T: Copy, const N: usize>(v: &mut heapless::Vec<T, N>, n: usize) {
+    let n = n.min(v.len());
+    v.copy_within(n.., 0);
+    v.truncate(v.len() - n);
 }

@@ -9,7 +9,7 @@
 //! with no listener the domain is stopped or kept waiting, per its policy,
 //! and the reason is logged.
 
-use crate::policy::{Altp2m, Kernel, fill, fill_ops};
+use crate::policy::{Altp2m, Kernel, fill, fill_ops, host_and_view};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
@@ -452,39 +452,4 @@ fn perms(a: Access) -> Perms {
         write: a.write,
         execute: a.execute,
     }
-}
-
-/// A mapped entry: the frame (as its host gfn) and the access.
-type Mapped = (u64, Access);
-
-/// What the host p2m and `view` map at `gfn` (frame gfn and access each;
-/// `None` where nothing is mapped, or the kernel refused), asked in one
-/// batch (one system call; the host alone for view 0).
-fn host_and_view(
-    k: &mut impl Kernel,
-    domain: u16,
-    view: u16,
-    gfn: u64,
-) -> (Option<Mapped>, Option<Mapped>) {
-    let ops = [EptOp::Query { view: 0, gfn }, EptOp::Query { view, gfn }];
-    let n = if view == 0 { 1 } else { 2 };
-    let mut out = [EptResult::Done; 2];
-    if k.ept(domain, &ops[..n], &mut out[..n]).is_err() {
-        return (None, None);
-    }
-    let entry = |r: &EptResult| match *r {
-        EptResult::Entry {
-            mapped: Some(m), ..
-        } => Some((
-            m.frame_gfn,
-            Access {
-                read: m.perms.read,
-                write: m.perms.write,
-                execute: m.perms.execute,
-            },
-        )),
-        _ => None,
-    };
-    let host = entry(&out[0]);
-    (host, if view == 0 { host } else { entry(&out[1]) })
 }

@@ -353,7 +353,7 @@ pub fn raw(
     domain: u16,
     view: u16,
     gfn: u64,
-) -> Result<(Option<(u64, Access)>, bool), HcError> {
+) -> Result<(Option<Mapped>, bool), HcError> {
     let mut out = [EptResult::Done];
     k.ept(domain, &[EptOp::Query { view, gfn }], &mut out)
         .map_err(|_| HcError::NoSuchView { view })?;
@@ -365,6 +365,32 @@ pub fn raw(
         EptResult::Error(e) => Err(op_error(e, view, gfn)),
         EptResult::Done => Err(HcError::BadGfn { gfn }),
     }
+}
+
+/// A mapped entry: the frame (as its host gfn) and the access.
+pub type Mapped = (u64, Access);
+
+/// What the host p2m and `view` map at `gfn` (`None` where nothing is
+/// mapped, or the kernel refused), asked in one batch (one system call;
+/// the host alone for view 0): what an EPT violation needs to know.
+pub fn host_and_view(
+    k: &mut impl Kernel,
+    domain: u16,
+    view: u16,
+    gfn: u64,
+) -> (Option<Mapped>, Option<Mapped>) {
+    let ops = [EptOp::Query { view: 0, gfn }, EptOp::Query { view, gfn }];
+    let n = if view == 0 { 1 } else { 2 };
+    let mut out = [EptResult::Done; 2];
+    if k.ept(domain, &ops[..n], &mut out[..n]).is_err() {
+        return (None, None);
+    }
+    let entry = |r: &EptResult| match *r {
+        EptResult::Entry { mapped, .. } => mapped.map(|m| (m.frame_gfn, access(m.perms))),
+        _ => None,
+    };
+    let host = entry(&out[0]);
+    (host, if view == 0 { host } else { entry(&out[1]) })
 }
 
 /// Whether `gfn` is guest RAM (the host p2m maps it).
@@ -1062,13 +1088,9 @@ pub fn runs(d: &Domain, view: u16, start: u64, end: u64) -> Vec<(u64, u64, Acces
             cuts.insert(e);
             if how == Mechanism::WriteProtect {
                 // Dirtied frames have write back: cut where the marks change.
-                let mut was = None;
-                for f in s..e {
-                    let now = t.is_dirtied(f);
-                    if was.is_some_and(|w| w != now) {
-                        cuts.insert(f);
-                    }
-                    was = Some(now);
+                for (a, b) in t.dirtied_runs(s, e) {
+                    cuts.insert(a);
+                    cuts.insert(b);
                 }
             }
         }

@@ -22,60 +22,56 @@
 //!   is set at once, so that PML does not log A as well (LD-4).
 
 use alloc::vec::Vec;
-use ipc_schema::logdirty::Mechanism;
+use ipc_schema::logdirty::{GfnRange, Mechanism};
+use service_bitmap::Bitmap;
 
 use crate::intervals::Intervals;
 
 /// What tracking keeps for one domain.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Tracking {
     /// The tracked ranges of frames and their mechanism.
     pub ranges: Intervals<Mechanism>,
     /// One bit per frame: written since its protection was (re)armed.
-    dirtied: Vec<u64>,
+    dirtied: Bitmap,
 }
 
 impl Tracking {
     /// Tracking for a domain of `pages` frames (nothing tracked); `None`
     /// when the heap has no room for its bitmap.
     pub fn new(pages: u64) -> Option<Self> {
-        let words = usize::try_from(pages.div_ceil(64)).ok()?;
-        let mut dirtied = Vec::new();
-        dirtied.try_reserve_exact(words).ok()?;
-        dirtied.resize(words, 0);
         Some(Self {
             ranges: Intervals::new(),
-            dirtied,
+            dirtied: Bitmap::new(GfnRange {
+                gfn: 0,
+                count: pages,
+            })
+            .ok()?,
         })
     }
 
     pub fn is_dirtied(&self, frame: u64) -> bool {
-        let Ok(i) = usize::try_from(frame / 64) else {
-            return false;
-        };
-        self.dirtied
-            .get(i)
-            .is_some_and(|w| w & (1 << (frame % 64)) != 0)
+        self.dirtied.get(frame)
     }
 
     pub fn set_dirtied(&mut self, frame: u64) {
-        if let Some(w) = usize::try_from(frame / 64)
-            .ok()
-            .and_then(|i| self.dirtied.get_mut(i))
-        {
-            *w |= 1 << (frame % 64);
-        }
+        self.dirtied.set(frame, 1);
+    }
+
+    /// The runs of dirtied frames that meet `[start, end)`, in order, as
+    /// (first, one past the last), clipped to it.
+    pub fn dirtied_runs(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut at = start;
+        core::iter::from_fn(move || {
+            let r = self.dirtied.next_run(at).filter(|r| r.gfn < end)?;
+            at = r.gfn + r.count;
+            Some((r.gfn, at.min(end)))
+        })
     }
 
     /// Forgets the dirtied marks of `[start, end)`.
     pub fn clear(&mut self, start: u64, end: u64) {
-        for f in start..end.min(self.dirtied.len() as u64 * 64) {
-            if f % 64 == 0 && f + 64 <= end {
-                self.dirtied[(f / 64) as usize] = 0;
-            } else {
-                self.dirtied[(f / 64) as usize] &= !(1 << (f % 64));
-            }
-        }
+        self.dirtied.clear(start, end.saturating_sub(start));
     }
 
     /// Whether tracking takes write away from an entry of `view` that
@@ -102,26 +98,15 @@ impl Tracking {
     /// first, clearing them: (runs as (first, count), where to go on from
     /// if more remain).
     pub fn take(&mut self, from: u64, max: usize) -> (Vec<(u64, u64)>, Option<u64>) {
-        let limit = self.dirtied.len() as u64 * 64;
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut f = from;
-        while f < limit {
-            let w = self.dirtied[(f / 64) as usize] >> (f % 64);
-            if w == 0 {
-                f = (f / 64 + 1) * 64;
-                continue;
-            }
-            let start = f + u64::from(w.trailing_zeros());
+        let mut at = from;
+        while let Some(r) = self.dirtied.next_run(at) {
             if runs.len() == max {
-                return (runs, Some(start));
+                return (runs, Some(r.gfn));
             }
-            let mut end = start;
-            while end < limit && self.is_dirtied(end) {
-                end += 1;
-            }
-            self.clear(start, end);
-            runs.push((start, end - start));
-            f = end;
+            self.dirtied.clear(r.gfn, r.count);
+            runs.push((r.gfn, r.count));
+            at = r.gfn + r.count;
         }
         (runs, None)
     }

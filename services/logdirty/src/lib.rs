@@ -7,7 +7,7 @@
 
 extern crate alloc;
 
-pub mod bitmap;
+pub use service_bitmap as bitmap;
 pub mod logs;
 pub mod selfbench;
 

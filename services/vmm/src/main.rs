@@ -25,15 +25,54 @@ service_runtime::interfaces!(VMEXIT);
 
 struct System {
     domains: Handle,
-    altp2m: Client,
+    altp2m: Peer,
     /// The logdirty service, for in-guest agents' dirty logs (optional).
-    logdirty: Option<Client>,
-    /// The last call to logdirty failed.
-    logdirty_failing: bool,
-    /// The last call to altp2m failed (its failures are logged when this
-    /// changes, not once per hypercall a guest makes).
-    altp2m_failing: bool,
+    logdirty: Option<Peer>,
     features: u64,
+}
+
+/// A service the vmm forwards guests' requests to.
+struct Peer {
+    client: Client,
+    name: &'static str,
+    /// The last call failed (failures are logged when this changes, not
+    /// once per hypercall a guest makes).
+    failing: bool,
+}
+
+impl Peer {
+    fn new(handle: Handle, interface: ipc_schema::ipc::InterfaceId, name: &'static str) -> Self {
+        Self {
+            client: Client::new(handle, interface),
+            name,
+            failing: false,
+        }
+    }
+
+    /// Its answer, `None` when it cannot be reached.
+    fn call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &mut self,
+        request: &Q,
+    ) -> Option<R> {
+        match self.client.call::<_, R>(request) {
+            Ok(r) => {
+                if core::mem::take(&mut self.failing) {
+                    defmt::info!("vmm: the {=str} service answers again", self.name);
+                }
+                Some(r)
+            }
+            Err(e) => {
+                if !core::mem::replace(&mut self.failing, true) {
+                    defmt::warn!(
+                        "vmm: the {=str} service did not answer ({}); guests' requests get ServiceUnavailable",
+                        self.name,
+                        e
+                    );
+                }
+                None
+            }
+        }
+    }
 }
 
 impl Env for System {
@@ -74,45 +113,11 @@ impl Env for System {
     }
 
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
-        let client = self.logdirty.as_mut()?;
-        match client.call::<_, LdReply>(request) {
-            Ok(r) => {
-                if core::mem::take(&mut self.logdirty_failing) {
-                    defmt::info!("vmm: the logdirty service answers again");
-                }
-                Some(r)
-            }
-            Err(e) => {
-                // Said once per outage, not once per hypercall a guest makes.
-                if !core::mem::replace(&mut self.logdirty_failing, true) {
-                    defmt::warn!(
-                        "vmm: the logdirty service did not answer ({}); guests' dirty-log requests get ServiceUnavailable",
-                        e
-                    );
-                }
-                None
-            }
-        }
+        self.logdirty.as_mut()?.call(request)
     }
 
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
-        match self.altp2m.call::<_, AltReply>(request) {
-            Ok(r) => {
-                if core::mem::take(&mut self.altp2m_failing) {
-                    defmt::info!("vmm: the altp2m service answers again");
-                }
-                Some(r)
-            }
-            Err(e) => {
-                if !core::mem::replace(&mut self.altp2m_failing, true) {
-                    defmt::warn!(
-                        "vmm: the altp2m service did not answer ({}); guests' requests get ServiceUnavailable",
-                        e
-                    );
-                }
-                None
-            }
-        }
+        self.altp2m.call(request)
     }
 }
 
@@ -162,10 +167,8 @@ fn main() -> ! {
     let exits = require("exits");
     let system = System {
         domains: require("domains"),
-        altp2m: Client::new(require("altp2m-guest"), ALTP2M),
-        logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
-        logdirty_failing: false,
-        altp2m_failing: false,
+        altp2m: Peer::new(require("altp2m-guest"), ALTP2M, "altp2m"),
+        logdirty: service_runtime::handle("logdirty").map(|h| Peer::new(h, LOGDIRTY, "logdirty")),
         features: sys::vm_features(),
     };
     defmt::info!(

@@ -1,4 +1,10 @@
-//! A log's bits: one per page of its range (1 GiB of RAM is 32 KiB).
+//! One bit per guest frame of a range (1 GiB of RAM is 32 KiB), and the
+//! runs of set bits: a dirty log of the logdirty service, the frames the
+//! altp2m service marked dirtied.
+
+#![no_std]
+
+extern crate alloc;
 
 use alloc::collections::TryReserveError;
 use alloc::vec::Vec;
