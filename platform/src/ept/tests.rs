@@ -1292,3 +1292,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_an_armed_read_only_4k_leaf_is_lifted_and_any_permission_change_disarms_it() {
+    let mut mem = FakeMemory::default();
+    let mut ept = Ept::new(&mut mem).unwrap();
+    ept.map(&mut mem, 0, 0x20_0000, Size2M, Perms::READ, WB)
+        .unwrap();
+    ept.map(&mut mem, M2, 0x40_0000, Size4K, Perms::READ, WB)
+        .unwrap();
+    ept.map(&mut mem, M2 + K4, 0x40_1000, Size4K, Perms::READ_WRITE, WB)
+        .unwrap();
+    ept.map(&mut mem, M2 + 2 * K4, 0x40_2000, Size4K, Perms::EXECUTE, WB)
+        .unwrap();
+    assert_eq!(ept.lift(&mut mem, M2), None, "not armed");
+    ept.arm_lift(&mut mem, 0, 2 * M2);
+    assert_eq!(
+        ept.lift(&mut mem, 0x1000),
+        None,
+        "a large leaf is never armed"
+    );
+    assert_eq!(ept.lift(&mut mem, M2 + K4), None, "writable already");
+    assert_eq!(ept.lift(&mut mem, M2 + 2 * K4), None, "not readable");
+    assert_eq!(ept.lift(&mut mem, M2 + 8), Some(0x40_0000));
+    let e = ept.raw_entry(&mem, M2).unwrap().value;
+    assert_eq!(
+        e & (bits::WRITE | bits::ACCESSED | bits::DIRTY | bits::LIFT),
+        bits::WRITE | bits::ACCESSED | bits::DIRTY,
+        "writable, accessed and dirty, disarmed"
+    );
+    assert_eq!(ept.lift(&mut mem, M2), None, "lifted once");
+    // Armed again, then read-only by someone's choice: disarmed.
+    ept.protect(&mut mem, M2, Perms::READ).unwrap();
+    ept.arm_lift(&mut mem, M2, M2 + K4);
+    ept.protect(&mut mem, M2, Perms::READ).unwrap();
+    assert_eq!(ept.lift(&mut mem, M2), None, "protect disarms");
+    ept.arm_lift(&mut mem, M2, M2 + K4);
+    ept.protect_range(&mut mem, M2, M2 + K4, Perms::READ_EXECUTE)
+        .unwrap();
+    assert_eq!(ept.lift(&mut mem, M2), None, "protect_range disarms");
+    assert_eq!(ept.lift(&mut mem, 5 * G1), None, "nothing mapped");
+}
