@@ -114,6 +114,7 @@ pub fn ensure_target() -> Result<()> {
     let status = Command::new("rustup")
         .current_dir(paths::repo())
         .args(["target", "add", TARGET])
+        .stdout(std::io::stderr())
         .status();
     match status {
         Ok(s) if s.success() && has_target(&sysroot, TARGET) => Ok(()),
@@ -145,9 +146,12 @@ pub fn ensure() -> Result<()> {
     }
     eprintln!("installing missing Debian packages: {}", missing.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
+        // Its output goes to stderr: stdout is the command's own (`cargo hv
+        // bench --json` prints its JSON there, and a first run installs).
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::io::stderr())
             .status()?;
         if !status.success() {
             bail!("`apt-get {}` failed ({status})", args.join(" "));
