@@ -509,6 +509,15 @@ pub enum EptOp {
         gfn: u64,
         count: u64,
     },
+    /// Makes alternate view `view` a copy of the host p2m as it is now:
+    /// every entry, bit for bit (permissions, suppress-#VE, accessed and
+    /// dirty, armed), large pages staying large; the view's old tables are
+    /// freed. On `OutOfMemory` (the domain's table quota) the view is as it
+    /// was. A new view starts this way, so that a first touch of memory
+    /// through it costs no exit (docs/p2m.md).
+    CopyHost {
+        view: u16,
+    },
 }
 
 impl EptOp {
@@ -525,7 +534,8 @@ impl EptOp {
             | EptOp::SplitRange { view, .. }
             | EptOp::ClearDirty { view, .. }
             | EptOp::MarkDirty { view, .. }
-            | EptOp::ArmLift { view, .. } => view,
+            | EptOp::ArmLift { view, .. }
+            | EptOp::CopyHost { view } => view,
         }
     }
 }

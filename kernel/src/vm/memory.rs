@@ -3,7 +3,7 @@
 
 use crate::mem::{FRAMES, phys_to_virt};
 use platform::PAGE_SIZE;
-use platform::ept::{TableMemory, bits::EMPTY};
+use platform::ept::TableMemory;
 
 /// A zeroed 4 KiB frame, or `None` when memory is exhausted.
 pub fn alloc_zeroed_frame() -> Option<u64> {
@@ -102,8 +102,9 @@ impl TableMemory for DomainTables {
             }
             return None;
         }
+        // Not cleared here: the EPT code writes every entry of a table it
+        // is given (`TableMemory::alloc_table`).
         let pa = FRAMES.lock().as_mut()?.alloc()?;
-        KernelTables.entries_mut(pa).fill(EMPTY);
         self.used += 1;
         Some(pa)
     }

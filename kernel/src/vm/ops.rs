@@ -8,6 +8,7 @@ use super::domain::Domain;
 use super::memory::{DomainTables, KernelTables};
 use super::vcpu::{PML_START, PmlBuffers};
 use crate::sys::syscall::{ept_error, size_code};
+use ipc_schema::hypercall::HcError;
 use ipc_schema::syscall::{EptEntry, EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp};
 use ipc_schema::vmexit::{Exit, ExitKind};
 use platform::PAGE_SIZE;
@@ -171,6 +172,14 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let (start, end) = ram_range(d, gfn, count)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             ept.arm_lift(tables, start, end);
+            Ok(EptResult::Done)
+        }
+        EptOp::CopyHost { view } => {
+            d.views.copy_host(view).map_err(|e| match e {
+                HcError::HostView => EptOpError::HostView,
+                HcError::NoSuchView { .. } => EptOpError::NoSuchView,
+                _ => EptOpError::OutOfMemory,
+            })?;
             Ok(EptResult::Done)
         }
         EptOp::Query { view, gfn } => {

@@ -127,6 +127,14 @@ impl Views {
         Ok(slot as u16)
     }
 
+    /// Makes alternate view `view` a copy of the host p2m (`EptOp::CopyHost`):
+    /// a domain out of table quota keeps the view as it was.
+    pub fn copy_host(&mut self, view: u16) -> Result<(), HcError> {
+        let (host, ept, tables) = self.host_and(view)?;
+        ept.copy_from(tables, host)
+            .map_err(|_| HcError::OutOfMemory)
+    }
+
     /// Frees an alternate view's tables. The caller checked that no vCPU
     /// runs on it.
     pub fn destroy(&mut self, view: u16) -> Result<(), HcError> {

@@ -742,6 +742,28 @@ impl Ept {
         done
     }
 
+    /// Makes these tables a copy of `host`'s, entry for entry (leaves of
+    /// every size, their permissions, suppress-#VE, accessed/dirty and
+    /// software bits), in new tables from `mem`, and frees the old ones.
+    /// The PML4 stays (so does the EPT pointer). On
+    /// [`EptError::OutOfMemory`] nothing changed.
+    pub fn copy_from<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        host: &Ept,
+    ) -> Result<(), EptError> {
+        let copy = copy_tree(mem, host.root, 4)?;
+        for slot in 0..ENTRIES {
+            let old = read(mem, self.root, slot);
+            write(mem, self.root, slot, read(mem, copy, slot));
+            if let Kind::Table(next) = kind(old, 4) {
+                free_tree(mem, next, 3);
+            }
+        }
+        mem.free_table(copy);
+        Ok(())
+    }
+
     /// Frees every table, the PML4 last. The mapped frames are the caller's.
     pub fn destroy<M: TableMemory + ?Sized>(self, mem: &mut M) {
         free_tree(mem, self.root, 4);
@@ -966,6 +988,28 @@ fn prune<M: TableMemory + ?Sized>(mem: &mut M, gpa: u64, walk: &Walk) {
         mem.free_table(table);
         level += 1;
     }
+}
+
+/// A copy of `table` (at `level`) and every table below it.
+fn copy_tree<M: TableMemory + ?Sized>(mem: &mut M, table: u64, level: u8) -> Result<u64, EptError> {
+    let new = mem.alloc_table().ok_or(EptError::OutOfMemory)?;
+    for slot in 0..ENTRIES {
+        let entry = read(mem, table, slot);
+        let value = match kind(entry, level) {
+            Kind::Table(next) if level > 1 => match copy_tree(mem, next, level - 1) {
+                Ok(copy) => (entry & !ADDRESS) | copy,
+                Err(e) => {
+                    // Only what is copied so far hangs below `new`.
+                    mem.entries_mut(new)[slot..].fill(EMPTY);
+                    free_tree(mem, new, level);
+                    return Err(e);
+                }
+            },
+            _ => entry,
+        };
+        write(mem, new, slot, value);
+    }
+    Ok(new)
 }
 
 /// Frees `table` (at `level`) and every table below it.

@@ -1333,3 +1333,55 @@ fn only_an_armed_read_only_4k_leaf_is_lifted_and_any_permission_change_disarms_i
     assert_eq!(ept.lift(&mut mem, M2), None, "protect_range disarms");
     assert_eq!(ept.lift(&mut mem, 5 * G1), None, "nothing mapped");
 }
+
+/// `copy_from` (EptOp::CopyHost): the view becomes the host's tables entry
+/// for entry, in tables of its own, keeping its PML4; its old tables are
+/// freed; out of table memory it stays as it was.
+#[test]
+fn copy_from_copies_every_entry_into_tables_of_its_own() {
+    let mut mem = FakeMemory::default();
+    let mut host = Ept::new(&mut mem).unwrap();
+    host.map(&mut mem, 0, 0x4000_0000, Size2M, Perms::ALL, WB)
+        .unwrap();
+    host.map(&mut mem, M2, 0x5000_0000, Size4K, Perms::READ, UC)
+        .unwrap();
+    host.map(&mut mem, G1, 0x8000_0000, Size1G, Perms::READ_EXECUTE, WB)
+        .unwrap();
+    host.set_suppress_ve(&mut mem, M2, false).unwrap();
+    host.arm_lift(&mut mem, M2, M2 + K4);
+    let mut view = Ept::new(&mut mem).unwrap();
+    view.map(&mut mem, 4 * M2, 0x6000_0000, Size4K, Perms::ALL, WB)
+        .unwrap();
+    let root = view.root();
+    view.copy_from(&mut mem, &host).unwrap();
+    assert_eq!(view.root(), root, "the EPT pointer stays");
+    for gpa in [0, K4, M2, M2 + K4, 4 * M2, G1, G1 + 7 * M2] {
+        assert_eq!(view.query(&mem, gpa), host.query(&mem, gpa), "{gpa:#x}");
+        assert_eq!(
+            view.raw_entry(&mem, gpa).unwrap().value,
+            host.raw_entry(&mem, gpa).unwrap().value,
+            "{gpa:#x}"
+        );
+    }
+    // Tables of its own: a change to the view leaves the host alone.
+    view.protect(&mut mem, M2, Perms::NONE).unwrap();
+    assert_eq!(host.query(&mem, M2).unwrap().perms, Perms::READ);
+    let (h, v) = (
+        reachable_tables(&mem, host.root(), 4),
+        reachable_tables(&mem, view.root(), 4),
+    );
+    assert_eq!(h, v);
+    assert_eq!(mem.live, h + v, "the view's old tables were freed");
+    // Out of table memory: nothing changes, nothing leaks.
+    let mut small = FakeMemory::limited(0);
+    std::mem::swap(&mut small.tables, &mut mem.tables);
+    small.live = mem.live;
+    small.limit = Some(small.live + 2);
+    let before = small.live;
+    assert_eq!(
+        view.copy_from(&mut small, &host),
+        Err(EptError::OutOfMemory)
+    );
+    assert_eq!(small.live, before);
+    assert_eq!(view.query(&small, M2).unwrap().perms, Perms::NONE);
+}

@@ -793,7 +793,12 @@ impl Altp2m {
                         ..View::default()
                     },
                 );
-                Ok(Reply::View(view))
+                let filled = self.fill_view(k, domain, view);
+                if filled.is_err() {
+                    let _ = k.view_destroy(domain, view);
+                    self.domain(domain).views.remove(&view);
+                }
+                filled.map(|()| Reply::View(view))
             }
             Request::ViewDestroy { view } => {
                 let d = self.domain(domain);
@@ -1196,6 +1201,28 @@ fn rewrite_range(
 pub type Taken = (Vec<(u64, u64)>, Option<u64>);
 
 impl Altp2m {
+    /// Makes new view `view` what the model says it is, all of it at once:
+    /// a copy of the host p2m's entries (which hold the host's access and
+    /// tracking), then the view's default access and each page where the
+    /// view must differ from that copy (a suppress-#VE bit cleared in view
+    /// 0, which a new view does not share). A first touch through the view
+    /// then costs no exit (ALT-6 allows a lazy fill; none is needed).
+    fn fill_view(&mut self, k: &mut impl Kernel, domain: u16, view: u16) -> Result<(), HcError> {
+        run(k, domain, &[EptOp::CopyHost { view }], view, 0)?;
+        let d = &self.domains[&domain];
+        if d.views[&view].default.is_some() {
+            let pages = k.domain_info(domain).map_or(0, |(_, pages)| pages);
+            if pages > 0 {
+                rewrite_view_range(k, domain, d, view, 0, pages)?;
+            }
+        }
+        let cleared: Vec<u64> = d.views[&0].sve.keys().copied().collect();
+        for g in cleared {
+            fill(k, domain, d, view, g)?;
+        }
+        Ok(())
+    }
+
     /// Arms (`Some`) or disarms (`None`) dirty tracking of `range` for the
     /// logdirty service ([`crate::tracking`]); the range's dirtied marks
     /// are dropped (the caller took them first).
@@ -1232,36 +1259,27 @@ impl Altp2m {
         t.ranges.set(range.gfn, end, how);
         t.clear(range.gfn, end);
         let d = &self.domains[&domain];
-        rewrite_range(k, domain, d, range.gfn, end).map_err(|_| AltError::OutOfMemory)?;
-        if how == Some(Mechanism::WriteProtect) {
-            // The kernel lets a first write through itself only on 4 KiB
-            // entries (`EptOp::ArmLift`): the host p2m's are split, and
-            // armed again as they are now.
-            let mut ops = alloc::vec![EptOp::SplitRange {
-                view: 0,
-                gfn: range.gfn,
-                count: range.count,
-            }];
-            for (s, e, _, arm) in runs(d, 0, range.gfn, end) {
-                if arm {
-                    ops.push(EptOp::ArmLift {
-                        view: 0,
-                        gfn: s,
-                        count: e - s,
-                    });
-                }
-            }
-            run(k, domain, &ops, 0, range.gfn).map_err(|_| AltError::OutOfMemory)?;
+        if how.is_some() {
+            // Both mechanisms work on 4 KiB entries, in every view: the
+            // kernel arms only those (`EptOp::ArmLift`), and PML logs a
+            // page per dirty bit it sets. Split first, so that the entries
+            // written below are armed as they are made.
+            let ops: Vec<EptOp> = d
+                .views
+                .keys()
+                .map(|&view| EptOp::SplitRange {
+                    view,
+                    gfn: range.gfn,
+                    count: range.count,
+                })
+                .collect();
+            run_ranges(k, domain, &ops, 0).map_err(|_| AltError::OutOfMemory)?;
         }
+        rewrite_range(k, domain, d, range.gfn, end).map_err(|_| AltError::OutOfMemory)?;
         if how == Some(Mechanism::Pml) {
-            // PML logs a page per dirty bit it sets: 4 KiB entries in the
-            // host p2m (the views' are 4 KiB already), every bit clear.
-            // (Entries a change_gfn points into the range lost write above.)
-            let mut ops = alloc::vec![EptOp::SplitRange {
-                view: 0,
-                gfn: range.gfn,
-                count: range.count,
-            }];
+            // Every dirty bit clear. (Entries a change_gfn points into the
+            // range lost write above.)
+            let mut ops = Vec::new();
             for (&view, v) in &d.views {
                 clear_dirty_ops(v, view, range.gfn, end, &mut ops);
             }

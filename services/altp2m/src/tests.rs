@@ -203,6 +203,15 @@ impl Model {
                 }
                 v.dirty.insert(gfn);
             }
+            EptOp::CopyHost { view } => {
+                if view == 0 {
+                    return Err(EptOpError::HostView);
+                }
+                let host = self.views[&0].clone();
+                let v = self.views.get_mut(&view).unwrap();
+                (v.map, v.ve, v.dirty, v.armed) = (host.map, host.ve, host.dirty, host.armed);
+                self.writes += v.map.len() as u64;
+            }
             EptOp::Query { view, gfn } => {
                 let v = &self.views[&view];
                 let mapped = v.map.get(&gfn).map(|&(frame_gfn, perms)| EptEntry {
@@ -328,6 +337,15 @@ impl Rig {
             other => panic!("{other:?}"),
         }
     }
+    /// A view whose tables hold no entry yet: what ALT-6 allows and the
+    /// lazy fill serves (a new view is a copy of the host p2m; the fill
+    /// paths are tested on views emptied behind the service's back).
+    fn unfilled_view(&mut self) -> u16 {
+        let v = self.view();
+        let e = self.k.views.get_mut(&v).unwrap();
+        (e.map, e.ve, e.dirty, e.armed) = Default::default();
+        v
+    }
     /// A guest access of `view` at `gfn` that the entry refuses: a write
     /// to an armed entry the "kernel" lets through itself (making the
     /// entry writable and dirty, recording the frame), anything else is a
@@ -415,7 +433,7 @@ const W: Access = Access {
 const R: Access = Access::R;
 
 #[test]
-fn a_new_view_is_empty_and_fills_lazily_from_the_current_host_p2m() {
+fn a_new_view_is_a_copy_of_the_current_host_p2m() {
     let mut r = Rig::new();
     // ALT-10: a host change made before the view exists is what it sees.
     assert_eq!(
@@ -426,8 +444,48 @@ fn a_new_view_is_empty_and_fills_lazily_from_the_current_host_p2m() {
         }),
         Reply::Done
     );
+    // A suppress-#VE bit cleared in view 0 is view 0's own.
+    assert_eq!(
+        r.guest(Request::SetSuppressVe {
+            view: 0,
+            gfn: 8,
+            suppress: false
+        }),
+        Reply::Done
+    );
     let v = r.view();
-    assert!(r.k.views[&v].map.is_empty(), "ALT-1: no memory until used");
+    for g in (0..RAM).filter(|&g| is_ram(g)) {
+        let want = if g == 3 { perms_of(Access::RX) } else { RWX };
+        assert_eq!(r.k.views[&v].map[&g], (g, want), "gfn {g}");
+    }
+    assert!(r.k.views[&0].ve.contains(&8) && !r.k.views[&v].ve.contains(&8));
+    // A first touch needs nothing of the service.
+    assert_eq!(r.touch(v, 2, Access::R), retry());
+    assert_eq!(r.touch(v, 3, W), crash(), "read-execute, as the host says");
+    // A view with a default access is that access over the copy.
+    let n = match r.guest(Request::ViewCreate {
+        default_access: Some(Access::RX),
+    }) {
+        Reply::View(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(r.k.views[&n].map[&2], (2, perms_of(Access::RX)));
+    assert_eq!(r.k.views[&n].map[&3], (3, perms_of(Access::RX)));
+}
+
+#[test]
+fn a_view_without_entries_fills_lazily_from_the_current_host_p2m() {
+    let mut r = Rig::new();
+    // ALT-10: a host change made before the view exists is what it sees.
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: 0,
+            gfn: 3,
+            access: Access::RX
+        }),
+        Reply::Done
+    );
+    let v = r.unfilled_view();
     assert_eq!(r.touch(v, 2, Access::R), retry());
     assert_eq!(r.k.views[&v].map[&2], (2, RWX), "ALT-6: filled on access");
     // gfn 3 fills read-only-execute; the write that faults is reported

@@ -597,7 +597,7 @@ impl Fuzzer {
                 write: self.rng.chance(50),
                 execute: self.rng.chance(50),
             };
-            let op = match self.rng.below(7) {
+            let op = match self.rng.below(8) {
                 0 => EptOp::Map {
                     view,
                     gfn,
@@ -622,6 +622,7 @@ impl Fuzzer {
                     suppress: self.rng.chance(50),
                 },
                 5 => EptOp::Split { view, gfn },
+                6 => EptOp::CopyHost { view },
                 _ => EptOp::Query { view, gfn },
             };
             let _ = ops.0.push(op);

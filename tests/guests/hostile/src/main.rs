@@ -11,7 +11,7 @@
 //! | `cr8` | MOV 15 to CR8 (the task priority: masks every interrupt if it reaches the host's APIC), reads it back | 0 if it reads 15 |
 //! | `markers tag=T rounds=R` | reads FPU/SSE/AVX registers, DR0-DR3, CR2 and KERNEL_GS_BASE: any marker of another tag is a leak; then writes its own markers and checks them R times while other domains run | 0, or 1 on a leak or a lost marker |
 //! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port read all ones, the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
-//! | `views` | creates views one after another and touches every 2 MiB of its RAM through each (each touch a lazy fill: EPT tables), until something refuses | 0 when a view or a fill is refused (or stopped by the hypervisor) |
+//! | `views` | starts a write-protection dirty log over all its RAM (its host p2m in 4 KiB pages), then creates views one after another (each a copy of the host p2m: a table per 2 MiB) and reads every 2 MiB through each, until something refuses | 0 when a view is refused; 1 if the dirty log is |
 //! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
 //! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
 //! | `user-hypercall` | from CPL 3: a service hypercall, a view switch and a request hypercall must be refused with `NotPermitted`; the null hypercall (the kernel's, touching only the caller's registers) answers | 0 if so |
@@ -537,7 +537,21 @@ fn probe() -> u32 {
 
 fn views(info: &MultibootInfo) -> u32 {
     let top = info.ram_end();
-    println!("views: filling views over {} MiB of RAM", top >> 20);
+    // A dirty log by write-protection over all of RAM: the host p2m in
+    // 4 KiB pages, so that every view, a copy of it, costs a table per
+    // 2 MiB.
+    let range = guest_runtime::abi::GfnRange {
+        gfn: 0,
+        count: top >> 12,
+    };
+    if let Err(e) = guest_runtime::hypercall::dirty_log_start(
+        Some(range),
+        guest_runtime::abi::DirtyMode::WriteProtect,
+    ) {
+        println!("views: DirtyLogStart refused: {e}");
+        return 1;
+    }
+    println!("views: making views over {} MiB of RAM", top >> 20);
     let mut made = 0u32;
     loop {
         let view = match guest_runtime::hypercall::view_create() {
@@ -553,15 +567,15 @@ fn views(info: &MultibootInfo) -> u32 {
         }
         let mut at = 2 << 20;
         while at + 4096 <= top {
-            // Safety: RAM of this guest's, identity-mapped; the read is the
-            // lazy fill the attack wants.
+            // Safety: RAM of this guest's, identity-mapped; a read through
+            // the new view.
             let _ = unsafe { core::ptr::read_volatile(at as *const u8) };
             at += 2 << 20;
         }
         let _ = guest_runtime::view_switch(0);
         made += 1;
         if made.is_multiple_of(16) {
-            println!("views: {made} views filled");
+            println!("views: {made} views made");
         }
     }
 }
