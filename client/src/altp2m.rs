@@ -162,6 +162,7 @@ pub fn describe_reply(r: &AltReply) -> String {
         }
         AltReply::Refused(e) => format!("refused: {}", describe_alt_error(e, u16::MAX)),
         AltReply::Pong => "Pong".into(),
+        AltReply::Event(e) => describe_event(e),
         AltReply::Page { frame_gfn, access } => match frame_gfn {
             Some(f) => format!(
                 "frame of gfn {f:#x}, {}",
@@ -224,6 +225,10 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
         AltError::OutOfMemory => {
             "the kernel refused to change the entries (out of table memory)".into()
         }
+        AltError::TooManyWaiting => format!(
+            "{} NextEvent calls wait already (the most the service holds)",
+            ipc_schema::altp2m::MAX_WAITING_LISTENERS
+        ),
     }
 }
 

@@ -57,6 +57,15 @@ pub enum AltRequest {
     Events { after: u32 },
     /// The listener's answer to event `event`.
     Answer { event: u32, action: Action },
+    /// A listener's wait for its next event, with its answer to the last
+    /// one if any: the answer is applied (as `Answer`), then the reply is
+    /// the oldest event of a domain the caller listens to that no
+    /// `NextEvent` was given yet ([`AltReply::Event`]), at once or when
+    /// one happens (the call waits meanwhile). One round trip per event,
+    /// no notification, no polling (docs/altp2m.md). At most
+    /// [`MAX_WAITING_LISTENERS`] calls wait at once; more are refused with
+    /// `TooManyWaiting`.
+    NextEvent { answer: Option<(u32, Action)> },
     /// Does nothing: for measuring an IPC round trip.
     Ping,
     /// The logdirty service's constraint on the entries of `range` of
@@ -145,6 +154,8 @@ pub enum AltReply {
     /// The request was refused: why (an altp2m error, or the mode).
     Refused(AltError),
     Pong,
+    /// `NextEvent`: the event.
+    Event(VmEvent),
     /// A page as a guest in a view sees it ([`AltRequest::GuestPage`]):
     /// the frame (as the gfn that owns it in the host p2m; `None`: not
     /// mapped in the view) and the view's access.
@@ -180,7 +191,12 @@ pub enum AltError {
     BadRange,
     /// The kernel refused the entries' change (out of table memory).
     OutOfMemory,
+    /// [`MAX_WAITING_LISTENERS`] `NextEvent` calls wait already.
+    TooManyWaiting,
 }
+
+/// The most `NextEvent` calls the altp2m service holds at once.
+pub const MAX_WAITING_LISTENERS: usize = 16;
 
 pub const ALTP2M: InterfaceId = InterfaceId::new::<(AltRequest, AltReply)>("parallax/altp2m");
 

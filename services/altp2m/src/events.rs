@@ -36,6 +36,16 @@ pub struct Waiting {
     pub event: VmEvent,
     /// The kernel's reply token for the exit.
     pub token: u64,
+    /// Given to a listener's `NextEvent` already.
+    pub given: bool,
+}
+
+/// A listener's `NextEvent` call, held until an event comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Poll {
+    pub badge: u64,
+    /// The kernel's reply token for the call.
+    pub token: u64,
 }
 
 #[derive(Default)]
@@ -50,6 +60,8 @@ pub struct Events {
     /// vCPUs running one instruction with a page opened by `AllowOnce`:
     /// (domain, vCPU) -> (view, gfn).
     pub stepping: BTreeMap<(u16, u16), (u16, u64)>,
+    /// `NextEvent` calls waiting for an event, oldest first.
+    pub polls: Vec<Poll>,
 }
 
 fn reply(response: Response) -> Outcome {
@@ -106,9 +118,9 @@ impl Events {
                 gpa,
                 gla,
                 access,
+                allowed,
                 qualification,
-                ..
-            } => self.violation(alt, k, m, token, gpa, gla, access, qualification),
+            } => self.violation(alt, k, m, token, gpa, gla, access, allowed, qualification),
             other => {
                 defmt::error!(
                     "altp2m: domain {=u16}: an exit that is not an EPT violation came to the violation handler: {}",
@@ -130,13 +142,22 @@ impl Events {
         gpa: u64,
         gla: Option<u64>,
         access: AccessBits,
+        allowed: AccessBits,
         qualification: u64,
     ) -> Outcome {
         let (id, view) = (m.exit.domain, m.exit.view);
         let gfn = gpa / 4096;
-        // What the host p2m and the faulting view hold, in one call.
-        let (host, here) = host_and_view(k, id, view, gfn);
-        if host.is_none() {
+        // An entry that allows something is there, and maps a frame of the
+        // host p2m's RAM (the kernel maps nothing else into a view): the
+        // exit says so, and the kernel need not be asked. Otherwise, what
+        // the host p2m and the faulting view hold, in one call.
+        let (ram, populated) = if allowed.read || allowed.write || allowed.execute {
+            (true, true)
+        } else {
+            let (host, here) = host_and_view(k, id, view, gfn);
+            (host.is_some(), here.is_some())
+        };
+        if !ram {
             defmt::error!(
                 "domain {=u16}: {=str} of guest-physical {=u64:#x} (linear {=u64:#x}), which is not RAM (qualification {=u64:#x})",
                 id,
@@ -171,7 +192,6 @@ impl Events {
                 rip: None,
             });
         }
-        let populated = here.is_some();
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
         match alt.lift(k, id, view, gfn, access) {
@@ -289,7 +309,11 @@ impl Events {
             return reply(Response::CRASH);
         }
         self.next = self.next.wrapping_add(1);
-        self.waiting.push(Waiting { event, token });
+        self.waiting.push(Waiting {
+            event,
+            token,
+            given: false,
+        });
         self.log.push_back(event);
         // Forget old answered events; waiting ones stay readable.
         while self.log.len() > KEPT + self.waiting.len() {
@@ -324,6 +348,37 @@ impl Events {
             .chain(self.stepping.keys().map(|&(d, _)| d))
     }
 
+    /// The oldest waiting event of a domain `badge` listens to that no
+    /// `NextEvent` was given yet, marked given.
+    pub fn next_for(&mut self, badge: u64) -> Option<VmEvent> {
+        let listeners = &self.listeners;
+        let w = self
+            .waiting
+            .iter_mut()
+            .find(|w| !w.given && listeners.get(&w.event.domain) == Some(&badge))?;
+        w.given = true;
+        Some(w.event)
+    }
+
+    /// A held `NextEvent` call of a listener with an event to give: the
+    /// call's token and the event (marked given), the call no longer held.
+    pub fn poll_answer(&mut self) -> Option<(u64, VmEvent)> {
+        for i in 0..self.polls.len() {
+            if let Some(e) = self.next_for(self.polls[i].badge) {
+                return Some((self.polls.remove(i).token, e));
+            }
+        }
+        None
+    }
+
+    /// An event given to a call that could not be answered (its caller
+    /// gone): to be given again.
+    pub fn ungive(&mut self, event: u32) {
+        if let Some(w) = self.waiting.iter_mut().find(|w| w.event.id == event) {
+            w.given = false;
+        }
+    }
+
     /// The events after number `after`, oldest first, at most `max`.
     pub fn after(&self, after: u32, max: usize) -> Vec<VmEvent> {
         self.log
@@ -352,6 +407,7 @@ impl Events {
                         e.id = self.next;
                         self.next = self.next.wrapping_add(1);
                         self.waiting[i].event = e;
+                        self.waiting[i].given = false;
                         self.log.push_back(e);
                     }
                 }

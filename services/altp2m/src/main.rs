@@ -28,12 +28,14 @@
 
 extern crate alloc;
 
-use ipc_schema::altp2m::{ALTP2M, AltError, AltReply, AltRequest, EVENTS_PER_REPLY};
+use ipc_schema::altp2m::{
+    ALTP2M, Action, AltError, AltReply, AltRequest, EVENTS_PER_REPLY, MAX_WAITING_LISTENERS,
+};
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
-use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
+use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, MAX_MESSAGE, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
-use service_altp2m::events::{Events, Outcome};
+use service_altp2m::events::{Events, Outcome, Poll};
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
 use service_runtime::{handle, require, sys};
@@ -206,6 +208,63 @@ impl Server {
         }
     }
 
+    /// A listener's answer to `event`: applied, and the vCPU resumed.
+    fn answer(&mut self, badge: u64, event: u32, action: Action) -> Result<(), AltError> {
+        let (token, exit_reply) =
+            self.events
+                .answer(&mut self.alt, &mut self.system, badge, event, action)?;
+        let mut out = [0u8; 64];
+        let n = ipc_schema::exitcodec::encode_reply(&exit_reply, &mut out).unwrap_or(0);
+        if let Err(e) = ipc::reply(token, &out[..n]) {
+            defmt::warn!(
+                "altp2m: event {=u32}: the vCPU could not be resumed: {}",
+                event,
+                e
+            );
+        }
+        defmt::debug!("altp2m: event {=u32} answered: {}", event, action);
+        Ok(())
+    }
+
+    /// `NextEvent`: the answer applied, then the caller's next event now
+    /// (`Some`), or the call held until one comes (`None`).
+    fn next_event(
+        &mut self,
+        badge: u64,
+        token: u64,
+        answer: Option<(u32, Action)>,
+    ) -> Option<AltReply> {
+        if let Some((event, action)) = answer
+            && let Err(e) = self.answer(badge, event, action)
+        {
+            return Some(AltReply::Refused(e));
+        }
+        if let Some(e) = self.events.next_for(badge) {
+            return Some(AltReply::Event(e));
+        }
+        if self.events.polls.len() >= MAX_WAITING_LISTENERS {
+            return Some(AltReply::Refused(AltError::TooManyWaiting));
+        }
+        self.events.polls.push(Poll { badge, token });
+        None
+    }
+
+    /// Hands new events to the `NextEvent` calls held for them; tells the
+    /// other listeners (`altp2m-events`) of the rest.
+    fn deliver(&mut self) {
+        let mut out = [0u8; MAX_MESSAGE];
+        while let Some((token, e)) = self.events.poll_answer() {
+            let n = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), &mut out);
+            if ipc::reply(token, &out[..n]).is_err() {
+                // The caller is gone: the event goes to the next one.
+                self.events.ungive(e.id);
+            }
+        }
+        if self.events.waiting.iter().any(|w| !w.given) {
+            self.signal_event();
+        }
+    }
+
     /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
     fn request(&mut self, request: AltRequest, badge: u64, guest_endpoint: bool) -> AltReply {
         let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
@@ -280,7 +339,7 @@ impl Server {
                         badge
                     );
                     if on && self.events.waiting.iter().any(|w| w.event.domain == domain) {
-                        self.signal_event();
+                        self.deliver();
                     }
                     AltReply::Done
                 }
@@ -295,28 +354,12 @@ impl Server {
                 }
                 AltReply::Events { events, next }
             }
-            AltRequest::Answer { event, action } => {
-                match self
-                    .events
-                    .answer(&mut self.alt, &mut self.system, badge, event, action)
-                {
-                    Ok((token, exit_reply)) => {
-                        let mut out = [0u8; 64];
-                        let n =
-                            ipc_schema::exitcodec::encode_reply(&exit_reply, &mut out).unwrap_or(0);
-                        if let Err(e) = ipc::reply(token, &out[..n]) {
-                            defmt::warn!(
-                                "altp2m: event {=u32}: the vCPU could not be resumed: {}",
-                                event,
-                                e
-                            );
-                        }
-                        defmt::debug!("altp2m: event {=u32} answered: {}", event, action);
-                        AltReply::Done
-                    }
-                    Err(e) => AltReply::Refused(e),
-                }
-            }
+            AltRequest::Answer { event, action } => match self.answer(badge, event, action) {
+                Ok(()) => AltReply::Done,
+                Err(e) => AltReply::Refused(e),
+            },
+            // Taken in `handle`, which has the call's token.
+            AltRequest::NextEvent { .. } => AltReply::Refused(AltError::WrongEndpoint),
         }
     }
 }
@@ -353,7 +396,7 @@ impl Service for Server {
                 }
                 Outcome::Defer { new_event } => {
                     if new_event {
-                        self.signal_event();
+                        self.deliver();
                     }
                     DEFER
                 }
@@ -364,8 +407,16 @@ impl Service for Server {
             return ipc::encode_reply(&answer, reply);
         }
         let guest_endpoint = Some(msg.slot) == self.guest;
-        let answer = ipc::decode::<AltRequest>(msg.bytes)
-            .map(|r| self.request(r, msg.badge, guest_endpoint));
+        let request = ipc::decode::<AltRequest>(msg.bytes);
+        if let Ok(AltRequest::NextEvent { answer }) = request
+            && msg.slot == self.external
+        {
+            return match self.next_event(msg.badge, msg.token, answer) {
+                Some(a) => ipc::encode_reply::<AltReply>(&Ok(a), reply),
+                None => DEFER,
+            };
+        }
+        let answer = request.map(|r| self.request(r, msg.badge, guest_endpoint));
         ipc::encode_reply(&answer, reply)
     }
 
