@@ -597,7 +597,11 @@ impl Altp2m {
             return Err(HcError::BadGfn { gfn });
         }
         match self.domains.get(&domain) {
-            Some(d) if d.views.contains_key(&view) => Ok(d.effective(view, gfn)),
+            // What the guest's settings give it, dirty tracking apart: the
+            // vmm writes a reply through `DOMAIN_WRITE`, which the kernel
+            // records for the log (docs/logdirty.md), so a tracked page is
+            // no reason to refuse the guest's request page.
+            Some(d) if d.views.contains_key(&view) => Ok(d.untracked(view, gfn)),
             Some(_) => Err(HcError::NoSuchView { view }),
             // Nothing set for the domain: its host p2m, as built.
             None if view == 0 => Ok(Entry {

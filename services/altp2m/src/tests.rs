@@ -1885,6 +1885,19 @@ fn a_page_is_what_the_guest_sees_in_its_view() {
         page(&mut r, 0, u64::MAX),
         Err(HcError::BadGfn { .. })
     ));
+    // Dirty tracking is not the guest's restriction: its request page
+    // stays writable for the vmm's reply (a write the kernel records).
+    r.alt
+        .track(
+            &mut r.k,
+            D,
+            GfnRange { gfn: 0, count: 12 },
+            Some(Mechanism::WriteProtect),
+        )
+        .unwrap();
+    assert!(!r.k.views[&0].map[&8].1.write, "write-protected");
+    assert_eq!(page(&mut r, 0, 8).unwrap().access, Access::RWX);
+    assert_eq!(page(&mut r, v, 4).unwrap().access, R);
 }
 
 // Dirty tracking (issue 10: LD-2..LD-4).
