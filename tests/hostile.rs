@@ -198,7 +198,7 @@ fn a_guest_filling_views_stays_within_its_table_quota() {
     );
     run.expect_console(2, "agent: all checks passed")
         .expect("EPT tables: a domain reached its quota of")
-        .expect_console(1, "refused: error reply: OutOfMemory")
+        .expect_console(1, "refused: OutOfMemory")
         .expect("domain 1 (filler) exited with status 0")
         .expect("alternate view(s) freed")
         .expect("domain 2 (agent) exited with status 0");

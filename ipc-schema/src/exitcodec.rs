@@ -454,8 +454,25 @@ pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
     }
 }
 
+/// A plain answer with registers that also moves the vCPU to another view
+/// (below 16,384): `(advance, view)`, or `None` for anything else. The
+/// altp2m service answers the view-switch hypercall this way, and the
+/// kernel's fast path takes it like a plain one.
+#[inline(always)]
+pub fn plain_view_shape(bytes: &[u8]) -> Option<(bool, u16)> {
+    let view = match *bytes.get(PLAIN_REGS - 3..)? {
+        [1, v, 0, 0] if v < 0x80 => u16::from(v),
+        [1, lo, hi @ 1..=0x7f, 0, 0] if lo >= 0x80 => u16::from(lo & 0x7f) | u16::from(hi) << 7,
+        _ => return None,
+    };
+    match *bytes.get(..4)? {
+        [a @ (0 | 1), 0, 0, 1] => Some((a == 1, view)),
+        _ => None,
+    }
+}
+
 /// The registers of a plain answer that carries them ([`plain_shape`]
-/// said so).
+/// or [`plain_view_shape`] said so).
 #[inline(always)]
 pub fn plain_regs(bytes: &[u8]) -> Option<ExitRegs> {
     let mut i = In {
@@ -825,6 +842,41 @@ mod tests {
                 let whole = whole::<ExitReply>(&bytes).unwrap();
                 prop_assert!(is_plain(&whole));
                 prop_assert_eq!((advance, regs), (whole.response.advance, whole.regs));
+            }
+        }
+
+        /// The short way of a plain answer that switches views agrees with
+        /// the long one, and takes nothing else.
+        #[test]
+        fn view_switching_answers_take_the_short_way_and_only_they(r in reply(), bytes in proptest::collection::vec(any::<u8>(), 0..48)) {
+            let mut a = [0u8; 128];
+            let n = encode_reply(&r, &mut a).unwrap();
+            let short = plain_view_shape(&a[..n]);
+            let without = ExitReply { view: None, ..r };
+            let expected = r.view.filter(|&v| is_plain(&without) && r.regs.is_some() && v < 0x4000);
+            prop_assert_eq!(short.map(|s| s.1), expected);
+            if let Some((advance, _)) = short {
+                prop_assert_eq!(advance, r.response.advance);
+                prop_assert_eq!(plain_regs(&a[..n]), r.regs);
+            }
+            // Built to be one: always taken (below 16,384).
+            let made = ExitReply {
+                response: Response { advance: r.response.advance, inject: None, then: Then::Resume },
+                regs: Some(r.regs.unwrap_or_default()),
+                view: Some(r.view.unwrap_or(0)),
+                step: false,
+                rip: None,
+            };
+            let n = encode_reply(&made, &mut a).unwrap();
+            let v = made.view.unwrap();
+            let want = (v < 0x4000).then_some((made.response.advance, v));
+            prop_assert_eq!(plain_view_shape(&a[..n]), want);
+            if let Some((advance, view)) = plain_view_shape(&bytes) {
+                let whole = whole::<ExitReply>(&bytes).unwrap();
+                prop_assert_eq!((advance, Some(view)), (whole.response.advance, whole.view));
+                let without = ExitReply { view: None, ..whole };
+                prop_assert!(is_plain(&without));
+                prop_assert_eq!(plain_regs(&bytes), whole.regs);
             }
         }
 

@@ -33,7 +33,9 @@ use super::ipc::{Sender, bits, token, untoken};
 use super::process::{State, Wait};
 use crate::vm::vcpu::VcpuState;
 use core::sync::atomic::{AtomicBool, Ordering};
-use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape};
+use ipc_schema::exitcodec::{
+    EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape, plain_view_shape,
+};
 use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
 use ipc_schema::vmexit::{ExitRegs, Response, Then};
 use platform::vmx::fields::reason;
@@ -78,6 +80,7 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     // knows both).
     let ep = match raw.reason() {
         reason::EPT_VIOLATION => d.violation_endpoint,
+        reason::VMCALL if crate::vm::p2m_hypercall(d) => d.violation_endpoint,
         reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI | reason::PML_FULL => return,
         _ => d.exit_endpoint,
     };
@@ -278,7 +281,15 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
     let Some((bytes, wait)) = answer_and_wait(p) else {
         return;
     };
-    let Some((advance, with_regs)) = plain_shape(bytes) else {
+    // A plain answer, or one that also moves the vCPU to a view that
+    // exists (the altp2m service's answer to a view switch).
+    let Some((advance, with_regs, eptp)) = plain_shape(bytes)
+        .map(|(advance, with_regs)| (advance, with_regs, None))
+        .or_else(|| {
+            let (advance, view) = plain_view_shape(bytes)?;
+            Some((advance, true, Some((view, d.views.eptp(view).ok()?))))
+        })
+    else {
         return;
     };
     match d.vcpu.as_ref() {
@@ -306,6 +317,9 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
         inject: None,
         then: Then::Resume,
     });
+    if let Some((view, eptp)) = eptp {
+        v.set_view(view, eptp);
+    }
     if let Some(p) = k.processes[usize::from(pid)].as_mut() {
         p.state = State::Blocked(wait);
     }

@@ -40,11 +40,13 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
             exit.kind = ExitKind::PmlFull { buffer, entries };
         }
     }
+    let kind = exit.kind;
     d.awaiting_reply = true;
     d.exit_seq = d.exit_seq.wrapping_add(1);
-    let ep = match exit.kind {
+    let ep = match kind {
         ExitKind::EptViolation { .. } => d.violation_endpoint,
         ExitKind::PmlFull { .. } => d.pml_endpoint.unwrap_or(d.exit_endpoint),
+        ExitKind::Hypercall if super::p2m_hypercall(d) => d.violation_endpoint,
         ExitKind::MonitorTrap => {
             // The step is done: the flag goes, and the exit goes to whoever
             // asked for the step.

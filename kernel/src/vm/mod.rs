@@ -292,6 +292,17 @@ fn renew_timer(v: &mut vcpu::Vcpu) {
     }
 }
 
+/// Whether the vCPU's VMCALL is the view-switch hypercall, which goes to
+/// the owner of the domain's p2m (its violation endpoint, as EPT
+/// violations do) rather than to its exit handler: routing, not a decision
+/// about views (docs/p2m.md).
+#[inline(always)]
+pub fn p2m_hypercall(d: &Domain) -> bool {
+    d.vcpu
+        .as_ref()
+        .is_some_and(|v| v.regs.rax == ipc_schema::hypercall::HC_VIEW_SWITCH)
+}
+
 /// The exits the kernel handles itself.
 #[inline(always)]
 fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {

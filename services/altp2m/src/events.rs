@@ -13,9 +13,9 @@ use crate::policy::{Altp2m, Kernel, fill, fill_ops, host_and_view};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
-use ipc_schema::hypercall::Access;
+use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Status};
 use ipc_schema::syscall::{EptOp, EptResult, Perms};
-use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response};
+use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response, Then};
 
 /// Answered events kept for late readers.
 const KEPT: usize = 32;
@@ -84,6 +84,45 @@ fn what(access: AccessBits) -> &'static str {
     }
 }
 
+/// The view-switch hypercall (`HC_VIEW_SWITCH`, the view in RBX), which
+/// the kernel sends here: checked against the model and answered with the
+/// switch itself (a plain answer with a view, that the kernel's fast path
+/// applies), or refused (`Status::Refused` in RAX, the vCPU where it was).
+fn view_switch(alt: &mut Altp2m, k: &mut impl Kernel, m: &ExitMessage) -> Outcome {
+    let (id, vcpu) = (m.exit.domain, m.exit.vcpu);
+    let checked = u16::try_from(m.regs.rbx)
+        .map_err(|_| HcError::NoSuchView { view: u16::MAX })
+        .and_then(|view| alt.guest_switch(k, id, view).map(|()| view));
+    let mut regs = m.regs;
+    let view = match checked {
+        Ok(view) => {
+            regs.rax = Status::Ok as u64;
+            Some(view)
+        }
+        Err(e) => {
+            defmt::debug!(
+                "domain {=u16}: vCPU {=u16}: view switch refused: {}",
+                id,
+                vcpu,
+                e
+            );
+            regs.rax = Status::Refused as u64;
+            None
+        }
+    };
+    Outcome::Reply(ExitReply {
+        response: Response {
+            advance: true,
+            inject: None,
+            then: Then::Resume,
+        },
+        regs: Some(regs),
+        view,
+        step: false,
+        rip: None,
+    })
+}
+
 fn allows(a: Access, access: AccessBits) -> bool {
     (!access.read || a.read) && (!access.write || a.write) && (!access.execute || a.execute)
 }
@@ -121,6 +160,7 @@ impl Events {
                 allowed,
                 qualification,
             } => self.violation(alt, k, m, token, gpa, gla, access, allowed, qualification),
+            ExitKind::Hypercall if m.regs.rax == HC_VIEW_SWITCH => view_switch(alt, k, m),
             other => {
                 defmt::error!(
                     "altp2m: domain {=u16}: an exit that is not an EPT violation came to the violation handler: {}",
@@ -220,7 +260,8 @@ impl Events {
             }
         }
         let d = &alt.domains[&id];
-        let effective = d.effective(view, gfn);
+        let (plain, external) = d.settled(view, gfn);
+        let effective = d.tracked(plain, view, gfn);
         // ALT-6: fill from the host p2m (with the view's settings). An entry
         // that is there and faulted an access the model allows is written
         // again too: the table, not the model, is wrong (a restriction
@@ -261,7 +302,7 @@ impl Events {
             access,
             allowed,
             rip: m.exit.rip,
-            internal: !d.external(view, gfn),
+            internal: !external,
         };
         if self.listeners.contains_key(&id) {
             return self.record(event, token);

@@ -222,40 +222,77 @@ impl Server {
                 e
             );
         }
-        defmt::debug!("altp2m: event {=u32} answered: {}", event, action);
         Ok(())
     }
 
-    /// `NextEvent`: the answer applied, then the caller's next event now
-    /// (`Some`), or the call held until one comes (`None`).
+    /// `NextEvent`: the answer applied, then the caller's next event now,
+    /// or the call held until one comes. Where the call is held, the
+    /// answered vCPU is resumed by this answer itself
+    /// ([`ipc::answer_instead`]: one REPLY_RECV); `DEFER` where there is
+    /// nothing to answer now.
     fn next_event(
         &mut self,
         badge: u64,
         token: u64,
         answer: Option<(u32, Action)>,
-    ) -> Option<AltReply> {
-        if let Some((event, action)) = answer
-            && let Err(e) = self.answer(badge, event, action)
-        {
-            return Some(AltReply::Refused(e));
+        out: &mut [u8],
+    ) -> usize {
+        let reply = |a: AltReply, out: &mut [u8]| ipc::encode_reply::<AltReply>(&Ok(a), out);
+        let mut resume = None;
+        if let Some((event, action)) = answer {
+            match self
+                .events
+                .answer(&mut self.alt, &mut self.system, badge, event, action)
+            {
+                Ok(r) => resume = Some(r),
+                Err(e) => return reply(AltReply::Refused(e), out),
+            }
         }
-        if let Some(e) = self.events.next_for(badge) {
-            return Some(AltReply::Event(e));
+        let now = match self.events.next_for(badge) {
+            Some(e) => Some(AltReply::Event(e)),
+            None if self.events.polls.len() >= MAX_WAITING_LISTENERS => {
+                Some(AltReply::Refused(AltError::TooManyWaiting))
+            }
+            None => None,
+        };
+        match (now, resume) {
+            (Some(a), Some((vcpu, exit_reply))) => {
+                let mut bytes = [0u8; 64];
+                let n = ipc_schema::exitcodec::encode_reply(&exit_reply, &mut bytes).unwrap_or(0);
+                if let Err(e) = ipc::reply(vcpu, &bytes[..n]) {
+                    defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
+                }
+                reply(a, out)
+            }
+            (Some(a), None) => reply(a, out),
+            (None, resume) => {
+                self.events.polls.push(Poll { badge, token });
+                match resume {
+                    Some((vcpu, exit_reply)) => {
+                        ipc::answer_instead(vcpu);
+                        ipc_schema::exitcodec::encode_reply(&exit_reply, out).unwrap_or(0)
+                    }
+                    None => DEFER,
+                }
+            }
         }
-        if self.events.polls.len() >= MAX_WAITING_LISTENERS {
-            return Some(AltReply::Refused(AltError::TooManyWaiting));
-        }
-        self.events.polls.push(Poll { badge, token });
-        None
     }
 
-    /// Hands new events to the `NextEvent` calls held for them; tells the
-    /// other listeners (`altp2m-events`) of the rest.
-    fn deliver(&mut self) {
-        let mut out = [0u8; MAX_MESSAGE];
+    /// Hands new events to the `NextEvent` calls held for them, the first
+    /// by the answer being made (`out`, where given: [`ipc::answer_instead`];
+    /// its length, or `DEFER`); tells the other listeners (`altp2m-events`)
+    /// of the rest.
+    fn deliver(&mut self, mut out: Option<&mut [u8]>) -> usize {
+        let mut n = DEFER;
         while let Some((token, e)) = self.events.poll_answer() {
-            let n = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), &mut out);
-            if ipc::reply(token, &out[..n]).is_err() {
+            if let Some(out) = out.take() {
+                ipc::answer_instead(token);
+                n = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), out);
+                continue;
+            }
+            let mut bytes = [0u8; MAX_MESSAGE];
+            let m = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), &mut bytes);
+            if ipc::reply(token, &bytes[..m]).is_err() {
                 // The caller is gone: the event goes to the next one.
                 self.events.ungive(e.id);
             }
@@ -263,6 +300,7 @@ impl Server {
         if self.events.waiting.iter().any(|w| !w.given) {
             self.signal_event();
         }
+        n
     }
 
     /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
@@ -339,7 +377,7 @@ impl Server {
                         badge
                     );
                     if on && self.events.waiting.iter().any(|w| w.event.domain == domain) {
-                        self.deliver();
+                        self.deliver(None);
                     }
                     AltReply::Done
                 }
@@ -394,12 +432,8 @@ impl Service for Server {
                 Outcome::Reply(answer) => {
                     ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
                 }
-                Outcome::Defer { new_event } => {
-                    if new_event {
-                        self.deliver();
-                    }
-                    DEFER
-                }
+                Outcome::Defer { new_event: true } => self.deliver(Some(reply)),
+                Outcome::Defer { new_event: false } => DEFER,
             };
         }
         if Some(msg.slot) == self.track {
@@ -411,10 +445,7 @@ impl Service for Server {
         if let Ok(AltRequest::NextEvent { answer }) = request
             && msg.slot == self.external
         {
-            return match self.next_event(msg.badge, msg.token, answer) {
-                Some(a) => ipc::encode_reply::<AltReply>(&Ok(a), reply),
-                None => DEFER,
-            };
+            return self.next_event(msg.badge, msg.token, answer, reply);
         }
         let answer = request.map(|r| self.request(r, msg.badge, guest_endpoint));
         ipc::encode_reply(&answer, reply)

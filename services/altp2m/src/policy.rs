@@ -195,7 +195,12 @@ impl Domain {
     /// The effective entry of `gfn` in `view` (which exists): the host p2m
     /// with the view's settings applied (ALT-8).
     pub fn effective(&self, view: u16, gfn: u64) -> Entry {
-        let mut e = self.untracked(view, gfn);
+        self.tracked(self.untracked(view, gfn), view, gfn)
+    }
+
+    /// `e`, the entry the settings give `gfn` in `view`, less what dirty
+    /// tracking takes.
+    pub fn tracked(&self, mut e: Entry, view: u16, gfn: u64) -> Entry {
         let frame = e.frame_gfn.unwrap_or(gfn);
         if self
             .tracking
@@ -213,47 +218,58 @@ impl Domain {
         if view == 0 {
             return self.host_access(gfn);
         }
-        meet(self.own(view, gfn), self.host_access(gfn))
-    }
-
-    /// The access alternate view `view` gives `gfn` itself: its setting,
-    /// else its default, else all.
-    fn own(&self, view: u16, gfn: u64) -> Access {
         let v = &self.views[&view];
-        v.access
-            .get(gfn)
-            .map(|s| s.access)
-            .or(v.default)
-            .unwrap_or(ALL)
+        let own = v.access.get(gfn).map(|s| s.access).or(v.default);
+        meet(own.unwrap_or(ALL), self.host_access(gfn))
     }
 
     /// The effective entry apart from dirty tracking: what the settings
     /// alone give.
     pub fn untracked(&self, view: u16, gfn: u64) -> Entry {
-        let v = &self.views[&view];
-        // An external restriction is never reported inside the guest.
-        let suppress_ve = self.external(view, gfn) || v.sve.get(&gfn).copied().unwrap_or(true);
-        if view == 0 {
-            return Entry {
-                frame_gfn: Some(gfn),
-                access: self.host_access(gfn),
-                suppress_ve,
-            };
-        }
-        let frame = v.remap.get(&gfn).copied().unwrap_or(gfn);
-        Entry {
-            frame_gfn: Some(frame),
-            access: meet(self.own(view, gfn), self.host_access(frame)),
-            suppress_ve,
-        }
+        self.settled(view, gfn).0
     }
 
     /// Whether the restriction on `gfn` in `view` was placed externally.
     pub fn external(&self, view: u16, gfn: u64) -> bool {
+        self.settled(view, gfn).1
+    }
+
+    /// What the settings give `gfn` in `view` (which exists), apart from
+    /// dirty tracking, and whether a restriction on it was placed
+    /// externally: one look-up of the view's access ranges and one of the
+    /// host p2m's.
+    pub fn settled(&self, view: u16, gfn: u64) -> (Entry, bool) {
         let v = &self.views[&view];
-        let frame = v.remap.get(&gfn).copied().unwrap_or(gfn);
-        v.access.get(gfn).is_some_and(|s| s.external)
-            || self.views[&0].access.get(frame).is_some_and(|s| s.external)
+        let frame = if view == 0 {
+            gfn
+        } else {
+            v.remap.get(&gfn).copied().unwrap_or(gfn)
+        };
+        let host = self.views[&0].access.get(frame);
+        let host_access = host.map_or(ALL, |s| s.access);
+        let (access, own_external) = if view == 0 {
+            (host_access, false)
+        } else {
+            let own = v.access.get(gfn);
+            (
+                meet(
+                    own.map(|s| s.access).or(v.default).unwrap_or(ALL),
+                    host_access,
+                ),
+                own.is_some_and(|s| s.external),
+            )
+        };
+        let external = own_external || host.is_some_and(|s| s.external);
+        // An external restriction is never reported inside the guest.
+        let suppress_ve = external || v.sve.get(&gfn).copied().unwrap_or(true);
+        (
+            Entry {
+                frame_gfn: Some(frame),
+                access,
+                suppress_ve,
+            },
+            external,
+        )
     }
 
     /// Every (view, gfn) of an alternate view whose entry depends on the host
@@ -585,6 +601,29 @@ impl Altp2m {
     /// effective entry (the host p2m with the view's settings, ALT-8). For
     /// the hypervisor's reads and writes on the guest's behalf (the
     /// hypercall's request page), which go where the guest's own would.
+    /// The in-guest view switch by hypercall (`HC_VIEW_SWITCH`): whether the
+    /// domain's mode lets its guest switch, to a view that exists. The
+    /// exit's answer moves the vCPU (`events`); nothing is written here.
+    pub fn guest_switch(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+    ) -> Result<(), HcError> {
+        if !self.domains.contains_key(&domain) && !k.room() {
+            return Err(HcError::OutOfMemory);
+        }
+        let d = self.domain(domain);
+        let request = Request::ViewSwitch { view };
+        if !allowed(d.mode, Agent::Guest { vcpu: 0 }, &request) {
+            return Err(HcError::ModeForbids { mode: d.mode });
+        }
+        if !d.views.contains_key(&view) {
+            return Err(HcError::NoSuchView { view });
+        }
+        Ok(())
+    }
+
     pub fn guest_page(
         &self,
         k: &mut impl Kernel,
@@ -1387,7 +1426,7 @@ impl Altp2m {
         let Some(d) = self.domains.get_mut(&domain) else {
             return Ok(false);
         };
-        if !access.write || !d.views.contains_key(&view) {
+        if !access.write || d.tracking.is_none() || !d.views.contains_key(&view) {
             return Ok(false);
         }
         let plain = d.untracked(view, gfn);

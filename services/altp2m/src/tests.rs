@@ -2054,3 +2054,52 @@ fn next_event_gives_each_event_once_to_its_domains_listener() {
     r.ev.ungive(first.id);
     assert_eq!(r.ev.next_for(0x77), None);
 }
+
+/// `HC_VIEW_SWITCH` comes to the service from the kernel (the p2m owner's
+/// exits): a view that exists, in a mode that lets the guest switch, is
+/// answered with the switch itself and `Ok` in RAX; anything else with
+/// `Refused`, the vCPU staying in its view.
+#[test]
+fn the_view_switch_hypercall_is_answered_with_the_switch() {
+    use ipc_schema::hypercall::{HC_VIEW_SWITCH, Status};
+    use ipc_schema::vmexit::Then;
+    let mut r = Rig::new();
+    let v = r.view();
+    let switch = |r: &mut Rig, view: u64| {
+        let m = ExitMessage {
+            exit: Exit {
+                domain: D,
+                vcpu: 0,
+                kind: ExitKind::Hypercall,
+                rip: 0x1000,
+                instruction_len: 3,
+                view: 0,
+            },
+            regs: ExitRegs {
+                rax: HC_VIEW_SWITCH,
+                rbx: view,
+                rcx: 7,
+                rdx: 8,
+            },
+        };
+        match r.ev.exit(&mut r.alt, &mut r.k, &m, 1) {
+            Outcome::Reply(a) => {
+                assert!(a.response.advance && a.response.then == Then::Resume);
+                assert!(a.response.inject.is_none() && !a.step && a.rip.is_none());
+                let regs = a.regs.expect("registers");
+                assert_eq!((regs.rbx, regs.rcx, regs.rdx), (view, 7, 8));
+                (regs.rax, a.view)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(switch(&mut r, u64::from(v)), (Status::Ok as u64, Some(v)));
+    assert_eq!(switch(&mut r, 0), (Status::Ok as u64, Some(0)));
+    for bad in [9, 1 << 40] {
+        assert_eq!(switch(&mut r, bad), (Status::Refused as u64, None));
+    }
+    assert_eq!(r.k.active, 0, "nothing switched behind the answer");
+    // A mode that leaves views to an external agent refuses the guest.
+    r.alt.set_mode(&mut r.k, D, Mode::External).unwrap();
+    assert_eq!(switch(&mut r, u64::from(v)), (Status::Refused as u64, None));
+}

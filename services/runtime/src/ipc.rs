@@ -274,6 +274,19 @@ const SNAPSHOT: usize = 4096;
 /// What [`Service::handle`] returns to answer later.
 pub const DEFER: usize = usize::MAX;
 
+/// Set by [`answer_instead`]: the token the answer goes to.
+static ANSWER_TO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Within [`Service::handle`]: the answer it returns goes to the message
+/// (or exit) of `token`, one the service deferred before, and the message
+/// being handled is deferred. The receive loop then answers and waits in
+/// one REPLY_RECV (an exit answered plainly this way is entered at once
+/// by the kernel's fast path) where a REPLY then a receive would take two
+/// system calls.
+pub fn answer_instead(token: u64) {
+    ANSWER_TO.store(token, core::sync::atomic::Ordering::Relaxed);
+}
+
 struct Swap {
     buf: [u8; SNAPSHOT],
     len: usize,
@@ -342,7 +355,16 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
                 } else {
                     svc.handle(m, out)
                 };
-                pending = if n == DEFER { (0, 0) } else { (m.token, n) };
+                // (A load first: the common case takes no atomic swap.)
+                let to = match ANSWER_TO.load(core::sync::atomic::Ordering::Relaxed) {
+                    0 => 0,
+                    _ => ANSWER_TO.swap(0, core::sync::atomic::Ordering::Relaxed),
+                };
+                pending = match (n, to) {
+                    (DEFER, _) => (0, 0),
+                    (_, 0) => (m.token, n),
+                    _ => (to, n),
+                };
             }
         }
     }

@@ -12,7 +12,7 @@
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
-    HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
+    HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::vm_features;
@@ -592,25 +592,7 @@ fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
             }
         }
         HC_CALL => call(env, exit, regs),
-        HC_VIEW_SWITCH => {
-            // The short form of `Request::ViewSwitch`: the view in RBX.
-            let Ok(view) = u16::try_from(regs.rbx) else {
-                regs.rax = Status::Refused as u64;
-                return;
-            };
-            match env.altp2m(&AltRequest::Guest {
-                domain: exit.domain,
-                vcpu: exit.vcpu,
-                request: Request::ViewSwitch { view },
-            }) {
-                Some(AltReply::Reply(Reply::Done)) => Status::Ok,
-                Some(AltReply::Reply(Reply::Error(e))) => {
-                    defmt::debug!("domain {=u16}: view switch refused: {}", exit.domain, e);
-                    Status::Refused
-                }
-                _ => Status::Refused,
-            }
-        }
+        // (`HC_VIEW_SWITCH` goes to the altp2m service, by the kernel.)
         _ => Status::UnknownCall,
     };
     regs.rax = status as u64;

@@ -5,8 +5,8 @@ extern crate std;
 use crate::exits::{COM1, EXIT_PORT, Env, Vmm};
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
-    HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL, HC_VIEW_SWITCH, HcError, MAX_REQUEST,
-    Reply, Request, Status,
+    HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL, HcError, MAX_REQUEST, Reply, Request,
+    Status,
 };
 use ipc_schema::syscall::vm_features;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Inject, Then};
@@ -401,41 +401,6 @@ fn service_hypercalls_answer_and_preserve_other_registers() {
         },
     );
     assert_eq!(after.rax, Status::UnknownCall as u64);
-}
-
-#[test]
-fn the_view_switch_hypercall_is_an_in_guest_request_to_altp2m() {
-    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let switch = |view: u64| ExitRegs {
-        rax: HC_VIEW_SWITCH,
-        rbx: view,
-        ..ExitRegs::default()
-    };
-    let after = hypercall(&mut vmm, &mut env, switch(1));
-    assert_eq!(after.rax, Status::Ok as u64);
-    assert_eq!(
-        env.asked,
-        [AltRequest::Guest {
-            domain: 3,
-            vcpu: 0,
-            request: Request::ViewSwitch { view: 1 }
-        }]
-    );
-    // Refused by altp2m, and a view number no view can have.
-    assert_eq!(
-        hypercall(&mut vmm, &mut env, switch(9)).rax,
-        Status::Refused as u64
-    );
-    assert_eq!(
-        hypercall(&mut vmm, &mut env, switch(1 << 40)).rax,
-        Status::Refused as u64
-    );
-    assert_eq!(env.asked.len(), 2, "an impossible view is not forwarded");
-    env.altp2m_down = true;
-    assert_eq!(
-        hypercall(&mut vmm, &mut env, switch(1)).rax,
-        Status::Refused as u64
-    );
 }
 
 fn request_at(env: &mut Fake, gpa: usize, r: &Request) -> ExitRegs {
