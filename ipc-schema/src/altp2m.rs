@@ -117,9 +117,11 @@ pub enum Action {
 }
 
 /// A violation reported to the listener (ALT-4).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+///
+/// On the wire an event is a fixed-width layout of [`VmEvent::BYTES`]
+/// little-endian bytes (one postcard byte string), like an exit: no
+/// varints to encode on the violation path or to decode in the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VmEvent {
     pub id: u32,
@@ -136,6 +138,107 @@ pub struct VmEvent {
     pub rip: u64,
     /// The restriction was placed by the in-guest agent (not an external one).
     pub internal: bool,
+}
+
+impl VmEvent {
+    /// The length of the fixed-width layout.
+    pub const BYTES: usize = 38;
+
+    /// The fixed-width layout: id, domain, vCPU, view, GPA, GLA present
+    /// and GLA, access and allowed (bits 0-2: read, write, execute), RIP,
+    /// internal.
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let bits =
+            |a: AccessBits| u8::from(a.read) | u8::from(a.write) << 1 | u8::from(a.execute) << 2;
+        let mut b = [0u8; Self::BYTES];
+        b[0..4].copy_from_slice(&self.id.to_le_bytes());
+        b[4..6].copy_from_slice(&self.domain.to_le_bytes());
+        b[6..8].copy_from_slice(&self.vcpu.to_le_bytes());
+        b[8..10].copy_from_slice(&self.view.to_le_bytes());
+        b[10..18].copy_from_slice(&self.gpa.to_le_bytes());
+        b[18] = u8::from(self.gla.is_some());
+        b[19..27].copy_from_slice(&self.gla.unwrap_or(0).to_le_bytes());
+        b[27] = bits(self.access);
+        b[28] = bits(self.allowed);
+        b[29..37].copy_from_slice(&self.rip.to_le_bytes());
+        b[37] = u8::from(self.internal);
+        b
+    }
+
+    /// The layout read back; `None` for any other length, a flag byte
+    /// other than 0 or 1, or access bits above bit 2.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; Self::BYTES] = b.try_into().ok()?;
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let flag = |x: u8| match x {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
+        let bits = |x: u8| {
+            (x < 8).then_some(AccessBits {
+                read: x & 1 != 0,
+                write: x & 2 != 0,
+                execute: x & 4 != 0,
+            })
+        };
+        Some(Self {
+            id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            domain: u16_at(4),
+            vcpu: u16_at(6),
+            view: u16_at(8),
+            gpa: u64_at(10),
+            gla: match flag(b[18])? {
+                true => Some(u64_at(19)),
+                false if u64_at(19) == 0 => None,
+                false => return None,
+            },
+            access: bits(b[27])?,
+            allowed: bits(b[28])?,
+            rip: u64_at(29),
+            internal: flag(b[37])?,
+        })
+    }
+}
+
+impl Serialize for VmEvent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.to_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for VmEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Layout;
+        impl serde::de::Visitor<'_> for Layout {
+            type Value = VmEvent;
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                write!(f, "{} bytes of a VmEvent", VmEvent::BYTES)
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<VmEvent, E> {
+                VmEvent::from_bytes(b).ok_or_else(|| E::custom("not a VmEvent layout"))
+            }
+        }
+        d.deserialize_bytes(Layout)
+    }
+}
+
+impl MaxSize for VmEvent {
+    // The length (one byte) and the bytes.
+    const POSTCARD_MAX_SIZE: usize = 1 + Self::BYTES;
+}
+
+impl postcard_schema::Schema for VmEvent {
+    const SCHEMA: &'static postcard_schema::schema::NamedType =
+        &postcard_schema::schema::NamedType {
+            name: "VmEvent",
+            ty: &postcard_schema::schema::DataModelType::ByteArray,
+        };
 }
 
 /// Events per [`AltReply::Events`].
@@ -201,3 +304,65 @@ pub const MAX_WAITING_LISTENERS: usize = 16;
 pub const ALTP2M: InterfaceId = InterfaceId::new::<(AltRequest, AltReply)>("parallax/altp2m");
 
 crate::assert_fits!(AltRequest, AltReply);
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bits() -> impl Strategy<Value = AccessBits> {
+        (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(read, write, execute)| {
+            AccessBits {
+                read,
+                write,
+                execute,
+            }
+        })
+    }
+
+    fn event() -> impl Strategy<Value = VmEvent> {
+        (
+            (any::<u32>(), any::<u16>(), any::<u16>(), any::<u16>()),
+            (
+                any::<u64>(),
+                any::<Option<u64>>(),
+                any::<u64>(),
+                any::<bool>(),
+            ),
+            (bits(), bits()),
+        )
+            .prop_map(
+                |((id, domain, vcpu, view), (gpa, gla, rip, internal), (access, allowed))| {
+                    VmEvent {
+                        id,
+                        domain,
+                        vcpu,
+                        view,
+                        gpa,
+                        gla,
+                        access,
+                        allowed,
+                        rip,
+                        internal,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// Every event survives its layout and postcard; bytes that read
+        /// as an event are exactly that event's layout.
+        #[test]
+        fn an_event_is_its_fixed_layout(e in event(), bytes in proptest::collection::vec(any::<u8>(), 36..40)) {
+            prop_assert_eq!(VmEvent::from_bytes(&e.to_bytes()), Some(e));
+            let mut buf = [0u8; 64];
+            let reply = AltReply::Event(e);
+            let n = postcard::to_slice(&reply, &mut buf).unwrap().len();
+            prop_assert!(n <= <AltReply as MaxSize>::POSTCARD_MAX_SIZE);
+            prop_assert_eq!(postcard::from_bytes::<AltReply>(&buf[..n]).unwrap(), reply);
+            if let Some(back) = VmEvent::from_bytes(&bytes) {
+                prop_assert_eq!(&back.to_bytes()[..], &bytes[..]);
+            }
+        }
+    }
+}

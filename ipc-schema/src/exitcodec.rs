@@ -454,21 +454,24 @@ pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
     }
 }
 
-/// A plain answer with registers that also moves the vCPU to another view
-/// (below 16,384): `(advance, view)`, or `None` for anything else. The
-/// altp2m service answers the view-switch hypercall this way, and the
+/// A plain answer (with registers or without) that also moves the vCPU to
+/// another view (below 16,384): `(advance, whether it carries registers,
+/// view)`, or `None` for anything else. The altp2m service answers the
+/// view-switch hypercall and a listener's `SwitchView` this way, and the
 /// kernel's fast path takes it like a plain one.
 #[inline(always)]
-pub fn plain_view_shape(bytes: &[u8]) -> Option<(bool, u16)> {
-    let view = match *bytes.get(PLAIN_REGS - 3..)? {
+pub fn plain_view_shape(bytes: &[u8]) -> Option<(bool, bool, u16)> {
+    let (advance, with_regs, tail) = match *bytes {
+        [a @ (0 | 1), 0, 0, 0, ref tail @ ..] => (a, false, tail),
+        [a @ (0 | 1), 0, 0, 1, ..] => (a, true, bytes.get(PLAIN_REGS - 3..)?),
+        _ => return None,
+    };
+    let view = match *tail {
         [1, v, 0, 0] if v < 0x80 => u16::from(v),
         [1, lo, hi @ 1..=0x7f, 0, 0] if lo >= 0x80 => u16::from(lo & 0x7f) | u16::from(hi) << 7,
         _ => return None,
     };
-    match *bytes.get(..4)? {
-        [a @ (0 | 1), 0, 0, 1] => Some((a == 1, view)),
-        _ => None,
-    }
+    Some((advance == 1, with_regs, view))
 }
 
 /// The registers of a plain answer that carries them ([`plain_shape`]
@@ -853,30 +856,35 @@ mod tests {
             let n = encode_reply(&r, &mut a).unwrap();
             let short = plain_view_shape(&a[..n]);
             let without = ExitReply { view: None, ..r };
-            let expected = r.view.filter(|&v| is_plain(&without) && r.regs.is_some() && v < 0x4000);
-            prop_assert_eq!(short.map(|s| s.1), expected);
-            if let Some((advance, _)) = short {
-                prop_assert_eq!(advance, r.response.advance);
-                prop_assert_eq!(plain_regs(&a[..n]), r.regs);
+            let expected = r.view.filter(|&v| is_plain(&without) && v < 0x4000);
+            prop_assert_eq!(short.map(|s| s.2), expected);
+            if let Some((advance, with_regs, _)) = short {
+                prop_assert_eq!((advance, with_regs), (r.response.advance, r.regs.is_some()));
+                if with_regs {
+                    prop_assert_eq!(plain_regs(&a[..n]), r.regs);
+                }
             }
             // Built to be one: always taken (below 16,384).
             let made = ExitReply {
                 response: Response { advance: r.response.advance, inject: None, then: Then::Resume },
-                regs: Some(r.regs.unwrap_or_default()),
+                regs: r.regs,
                 view: Some(r.view.unwrap_or(0)),
                 step: false,
                 rip: None,
             };
             let n = encode_reply(&made, &mut a).unwrap();
             let v = made.view.unwrap();
-            let want = (v < 0x4000).then_some((made.response.advance, v));
+            let want = (v < 0x4000).then_some((made.response.advance, made.regs.is_some(), v));
             prop_assert_eq!(plain_view_shape(&a[..n]), want);
-            if let Some((advance, view)) = plain_view_shape(&bytes) {
+            if let Some((advance, with_regs, view)) = plain_view_shape(&bytes) {
                 let whole = whole::<ExitReply>(&bytes).unwrap();
                 prop_assert_eq!((advance, Some(view)), (whole.response.advance, whole.view));
+                prop_assert_eq!(with_regs, whole.regs.is_some());
                 let without = ExitReply { view: None, ..whole };
                 prop_assert!(is_plain(&without));
-                prop_assert_eq!(plain_regs(&bytes), whole.regs);
+                if with_regs {
+                    prop_assert_eq!(plain_regs(&bytes), whole.regs);
+                }
             }
         }
 

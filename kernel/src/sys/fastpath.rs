@@ -286,8 +286,8 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
     let Some((advance, with_regs, eptp)) = plain_shape(bytes)
         .map(|(advance, with_regs)| (advance, with_regs, None))
         .or_else(|| {
-            let (advance, view) = plain_view_shape(bytes)?;
-            Some((advance, true, Some((view, d.views.eptp(view).ok()?))))
+            let (advance, with_regs, view) = plain_view_shape(bytes)?;
+            Some((advance, with_regs, Some((view, d.views.eptp(view).ok()?))))
         })
     else {
         return;

@@ -88,11 +88,11 @@ fn what(access: AccessBits) -> &'static str {
 /// the kernel sends here: checked against the model and answered with the
 /// switch itself (a plain answer with a view, that the kernel's fast path
 /// applies), or refused (`Status::Refused` in RAX, the vCPU where it was).
-fn view_switch(alt: &mut Altp2m, k: &mut impl Kernel, m: &ExitMessage) -> Outcome {
+fn view_switch(alt: &Altp2m, m: &ExitMessage) -> Outcome {
     let (id, vcpu) = (m.exit.domain, m.exit.vcpu);
     let checked = u16::try_from(m.regs.rbx)
         .map_err(|_| HcError::NoSuchView { view: u16::MAX })
-        .and_then(|view| alt.guest_switch(k, id, view).map(|()| view));
+        .and_then(|view| alt.guest_switch(id, view).map(|()| view));
     let mut regs = m.regs;
     let view = match checked {
         Ok(view) => {
@@ -160,7 +160,7 @@ impl Events {
                 allowed,
                 qualification,
             } => self.violation(alt, k, m, token, gpa, gla, access, allowed, qualification),
-            ExitKind::Hypercall if m.regs.rax == HC_VIEW_SWITCH => view_switch(alt, k, m),
+            ExitKind::Hypercall if m.regs.rax == HC_VIEW_SWITCH => view_switch(alt, m),
             other => {
                 defmt::error!(
                     "altp2m: domain {=u16}: an exit that is not an EPT violation came to the violation handler: {}",

@@ -147,12 +147,15 @@ pub struct Domain {
     pub tracking: Option<Tracking>,
 }
 
+/// A domain's mode until someone sets one.
+pub const DEFAULT_MODE: Mode = Mode::Mixed;
+
 impl Default for Domain {
     fn default() -> Self {
         let mut views = BTreeMap::new();
         views.insert(0, View::default());
         Self {
-            mode: Mode::Mixed,
+            mode: DEFAULT_MODE,
             views,
             remapped_to: BTreeSet::new(),
             tracking: None,
@@ -604,21 +607,17 @@ impl Altp2m {
     /// The in-guest view switch by hypercall (`HC_VIEW_SWITCH`): whether the
     /// domain's mode lets its guest switch, to a view that exists. The
     /// exit's answer moves the vCPU (`events`); nothing is written here.
-    pub fn guest_switch(
-        &mut self,
-        k: &mut impl Kernel,
-        domain: u16,
-        view: u16,
-    ) -> Result<(), HcError> {
-        if !self.domains.contains_key(&domain) && !k.room() {
-            return Err(HcError::OutOfMemory);
-        }
-        let d = self.domain(domain);
+    pub fn guest_switch(&self, domain: u16, view: u16) -> Result<(), HcError> {
+        // A domain with no record yet has the default mode and view 0 alone.
+        let (mode, exists) = match self.domains.get(&domain) {
+            Some(d) => (d.mode, d.views.contains_key(&view)),
+            None => (DEFAULT_MODE, view == 0),
+        };
         let request = Request::ViewSwitch { view };
-        if !allowed(d.mode, Agent::Guest { vcpu: 0 }, &request) {
-            return Err(HcError::ModeForbids { mode: d.mode });
+        if !allowed(mode, Agent::Guest { vcpu: 0 }, &request) {
+            return Err(HcError::ModeForbids { mode });
         }
-        if !d.views.contains_key(&view) {
+        if !exists {
             return Err(HcError::NoSuchView { view });
         }
         Ok(())
