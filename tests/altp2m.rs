@@ -27,9 +27,9 @@ fn in_guest_agent(model: &str) -> parallax_tests::Run {
     );
     for line in [
         "ok: seed 004: SetSuppressVe on gfn",
-        "ok: seed 004: the raw entry stays empty with suppress-#VE set",
+        "ok: seed 004: the raw entry keeps the host's frame, suppress-#VE set",
         "ok: the effective entry is the host's",
-        "ok: its raw entry is not populated yet",
+        "ok: its raw entry (the view is a copy of the host p2m) is r-x",
         "gives B's marker",
         "ok: after the reset A reads 0xaaaa00000000000a",
         "ok: SetAccess { view: 77, gfn:",
