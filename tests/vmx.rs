@@ -300,3 +300,35 @@ fn a_profile_follows_a_hypercall_through_the_kernel() {
         "{report}"
     );
 }
+
+/// The benchmark image, with its listener service: every violation of the
+/// benchmark's view becomes an event the listener takes with `NextEvent`
+/// and answers (back to view 0, a plain answer with a view) in its next
+/// call, and the guest's write completes; the view-switch hypercall goes
+/// to the altp2m service and back. The same through the general path
+/// (`fastpath=off`), which applies those answers the long way.
+#[test]
+fn the_listener_answers_violations_through_next_event_on_both_paths() {
+    use image_builder::compile::BuildOptions;
+    for cmdline in ["", "fastpath=off"] {
+        let run = image_builder::bench::BenchRun {
+            cpu_model: "corei7_skylake_x".to_owned(),
+            build: BuildOptions::default(),
+            cmdline: cmdline.to_owned(),
+            guest_options: String::new(),
+            timeout: std::time::Duration::from_secs(300),
+        };
+        let figures = image_builder::bench::run(&run).expect("the benchmark run ends well");
+        for key in [
+            "violation_event_ticks",
+            "view_switch_hypercall_ticks",
+            "view_create_ticks",
+        ] {
+            assert!(
+                figures.get(key).is_some_and(|v| v.is_some()),
+                "{cmdline}: {key} missing: {figures:?}"
+            );
+        }
+        assert_eq!(figures["first_touch_exits"], Some(0), "{cmdline}");
+    }
+}

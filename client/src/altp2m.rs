@@ -225,6 +225,9 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
         AltError::OutOfMemory => {
             "the kernel refused to change the entries (out of table memory)".into()
         }
+        AltError::NotListening => {
+            "the caller listens to no domain (attach with Listen first)".into()
+        }
         AltError::TooManyWaiting => format!(
             "{} NextEvent calls wait already (the most the service holds)",
             ipc_schema::altp2m::MAX_WAITING_LISTENERS

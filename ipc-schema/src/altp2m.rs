@@ -296,6 +296,9 @@ pub enum AltError {
     OutOfMemory,
     /// [`MAX_WAITING_LISTENERS`] `NextEvent` calls wait already.
     TooManyWaiting,
+    /// `NextEvent` from a client that listens to no domain (or stopped
+    /// listening while its call waited).
+    NotListening,
 }
 
 /// The most `NextEvent` calls the altp2m service holds at once.

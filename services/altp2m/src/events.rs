@@ -401,6 +401,26 @@ impl Events {
         Some(w.event)
     }
 
+    /// Whether `badge` is the listener of some domain.
+    pub fn listens(&self, badge: u64) -> bool {
+        self.listeners.values().any(|&b| b == badge)
+    }
+
+    /// The held `NextEvent` calls of clients that listen to no domain any
+    /// more: their tokens, the calls no longer held.
+    pub fn stale_polls(&mut self) -> Vec<u64> {
+        let listeners = &self.listeners;
+        let mut stale = Vec::new();
+        self.polls.retain(|p| {
+            let keep = listeners.values().any(|&b| b == p.badge);
+            if !keep {
+                stale.push(p.token);
+            }
+            keep
+        });
+        stale
+    }
+
     /// A held `NextEvent` call of a listener with an event to give: the
     /// call's token and the event (marked given), the call no longer held.
     pub fn poll_answer(&mut self) -> Option<(u64, VmEvent)> {

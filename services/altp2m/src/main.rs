@@ -250,6 +250,7 @@ impl Server {
         }
         let now = match self.events.next_for(badge) {
             Some(e) => Some(AltReply::Event(e)),
+            None if !self.events.listens(badge) => Some(AltReply::Refused(AltError::NotListening)),
             None if self.events.polls.len() >= MAX_WAITING_LISTENERS => {
                 Some(AltReply::Refused(AltError::TooManyWaiting))
             }
@@ -378,6 +379,16 @@ impl Server {
                     );
                     if on && self.events.waiting.iter().any(|w| w.event.domain == domain) {
                         self.deliver(None);
+                    }
+                    // A client that stopped listening to its last domain
+                    // is not kept waiting for events it cannot get.
+                    let mut out = [0u8; 16];
+                    let n = ipc::encode_reply::<AltReply>(
+                        &Ok(AltReply::Refused(AltError::NotListening)),
+                        &mut out,
+                    );
+                    for token in self.events.stale_polls() {
+                        let _ = ipc::reply(token, &out[..n]);
                     }
                     AltReply::Done
                 }

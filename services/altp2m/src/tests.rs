@@ -2103,3 +2103,20 @@ fn the_view_switch_hypercall_is_answered_with_the_switch() {
     r.alt.set_mode(&mut r.k, D, Mode::External).unwrap();
     assert_eq!(switch(&mut r, u64::from(v)), (Status::Refused as u64, None));
 }
+
+/// The held calls of a client that listens to nothing any more are handed
+/// back (`stale_polls`); a listener's are kept.
+#[test]
+fn a_client_that_stops_listening_gets_its_held_call_back() {
+    use crate::events::Poll;
+    let mut r = Rig::new();
+    r.ev.listen(D, 0x77, true).unwrap();
+    for (badge, token) in [(0x77, 1), (0x78, 2)] {
+        r.ev.polls.push(Poll { badge, token });
+    }
+    assert!(r.ev.listens(0x77) && !r.ev.listens(0x78));
+    assert_eq!(r.ev.stale_polls(), std::vec![2]);
+    r.ev.listen(D, 0x77, false).unwrap();
+    assert_eq!(r.ev.stale_polls(), std::vec![1]);
+    assert!(r.ev.polls.is_empty());
+}
