@@ -343,6 +343,8 @@ impl Kernel {
     /// a server that will not come.
     fn settle(&mut self, pid: u16, ended: bool) {
         self.unready(Runnable::Process(pid));
+        // Its hints are dropped (see `Process::quiet`).
+        self.epoch += 1;
         for id in 0..self.endpoints.len() {
             let Some(ep) = self.endpoints[id].as_mut() else {
                 continue;
