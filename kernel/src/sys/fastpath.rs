@@ -30,7 +30,7 @@
 use super::Kernel;
 use super::caps::{Cap, Object};
 use super::ipc::{Sender, bits, token, untoken};
-use super::process::{State, Wait};
+use super::process::{Process, State, Wait};
 use crate::vm::vcpu::VcpuState;
 use core::sync::atomic::{AtomicBool, Ordering};
 use ipc_schema::exitcodec::{
@@ -64,16 +64,14 @@ pub fn configure(option: Option<&str>) {
 /// its handler: if the handler waits, hands the exit over and runs the
 /// handler (no return). Returns, having changed nothing, otherwise.
 #[inline(always)]
-pub fn exit(k: &mut Kernel, slot: u16) {
+pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     if !ON.load(Ordering::Relaxed) {
-        return;
+        return None;
     }
-    let Some(d) = k.domains[usize::from(slot)].as_ref() else {
-        return;
-    };
-    let Some(raw) = d.pending_raw else { return };
+    let d = k.domains[usize::from(slot)].as_ref()?;
+    let raw = d.pending_raw?;
     if raw.vmx_failed() || raw.entry_failure() || d.vcpu.is_none() {
-        return;
+        return None;
     }
     // Single steps come back to whoever asked, and a full PML buffer goes
     // to whoever started PML with the buffers switched (the general path
@@ -81,43 +79,24 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     let ep = match raw.reason() {
         reason::EPT_VIOLATION => d.violation_endpoint,
         reason::VMCALL if crate::vm::p2m_hypercall(d) => d.violation_endpoint,
-        reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI | reason::PML_FULL => return,
+        reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI | reason::PML_FULL => return None,
         _ => d.exit_endpoint,
     };
-    let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {
-        return;
-    };
-    let (Some(pid), handle) = (e.waiting, e.waiting_slot) else {
-        return;
-    };
-    if !e.queue.is_empty() {
-        return;
-    }
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
-        return;
-    };
+    let e = k.endpoints[usize::from(ep)].as_ref()?;
+    let (pid, handle) = (e.waiting?, e.waiting_slot);
+    let p = k.processes[usize::from(pid)].as_ref()?;
     // The hint holds: the handler waits in RECV, through the handle the
     // hint names, on this endpoint.
-    let State::Blocked(Wait::Recv { mask, exit_buf, .. }) = p.state else {
-        return;
+    let (Some((_, at)), true) = (receives(p, handle, ep, 0), e.queue.is_empty()) else {
+        return None;
     };
-    match p.handles.get(handle as usize).copied().flatten() {
-        Some(Cap {
-            object: Object::Endpoint { id, .. },
-            ..
-        }) if id == ep && handle < 64 && mask & (1 << handle) != 0 && exit_buf != 0 => {}
-        _ => return,
-    }
-    let at = exit_buf as *mut u8;
-    if !k.count_hand_off() {
-        return;
+    if at.is_null() || !k.count_hand_off() {
+        return None;
     }
     // Everything holds: from here on, the exit is delivered.
-    let d = k.domains[usize::from(slot)]
-        .as_mut()
-        .expect("checked above");
+    let d = k.domains[usize::from(slot)].as_mut()?;
     d.pending_raw = None;
-    let v = d.vcpu.as_ref().expect("checked above");
+    let v = d.vcpu.as_ref()?;
     let exit = match &mut d.pending {
         Some(e) => {
             v.decode_into(d.id, &raw, e);
@@ -134,11 +113,47 @@ pub fn exit(k: &mut Kernel, slot: u16) {
     d.exit_seq = d.exit_seq.wrapping_add(1);
     d.last_endpoint = ep;
     d.exit_server = Some(pid);
-    let seq = d.exit_seq;
-    let p = k.processes[usize::from(pid)]
-        .as_mut()
-        .expect("checked above");
-    p.take_message(len as u64, token(Sender::Vcpu(slot), seq), 0, handle);
+    let token = token(Sender::Vcpu(slot), d.exit_seq);
+    deliver(k, ep, pid, (len as u64, token, 0, handle))
+}
+
+/// Whether `p` waits in RECV through its handle `slot` on endpoint `ep`,
+/// with room for `len` bytes: then its buffer, and where it lies when it
+/// takes any exit (`Wait::Recv::exit_buf`; null if not).
+#[inline(always)]
+fn receives(p: &Process, slot: u32, ep: u16, len: u64) -> Option<(u64, *mut u8)> {
+    let State::Blocked(Wait::Recv {
+        mask,
+        buf,
+        cap,
+        exit_buf,
+    }) = p.state
+    else {
+        return None;
+    };
+    match p.handles.get(slot as usize)? {
+        Some(Cap {
+            object: Object::Endpoint { id, .. },
+            ..
+        }) if *id == ep && mask & 1u64.checked_shl(slot)? != 0 && len <= cap => {
+            Some((buf, exit_buf as *mut u8))
+        }
+        _ => None,
+    }
+}
+
+/// Hands a message (length, token, badge, slot) to `pid`, which waits on
+/// `ep`, and runs it.
+#[inline(always)]
+fn deliver(
+    k: &mut Kernel,
+    ep: u16,
+    pid: u16,
+    (len, token, badge, slot): (u64, u64, u64, u32),
+) -> ! {
+    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+        p.take_message(len, token, badge, slot);
+    }
     if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
         e.served_by(pid);
     }
@@ -149,37 +164,41 @@ pub fn exit(k: &mut Kernel, slot: u16) {
 /// REPLY_RECV have fast paths ([`call`], [`reply_recv`]). Returns, having
 /// changed nothing, when the call takes the general path.
 #[inline(always)]
-pub fn syscall(k: &mut Kernel, pid: u16) {
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
-        return;
-    };
-    let number = p.frame.rax;
-    if number == nr::REPLY_RECV {
-        if ON.load(Ordering::Relaxed) {
-            reply_recv(k, pid)
+pub fn syscall(k: &mut Kernel, pid: u16) -> Option<()> {
+    let f = &k.processes[usize::from(pid)].as_ref()?.frame;
+    if !ON.load(Ordering::Relaxed) {
+        return None;
+    }
+    match (f.rax, untoken(f.rdi)) {
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) => answer_vcpu(k, pid, slot, seq),
+        // Token 0 answers nobody (a receive loop's first wait).
+        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
+            answer_caller(k, pid, caller, seq)
         }
-    } else if number == nr::CALL && ON.load(Ordering::Relaxed) {
-        call(k, pid)
+        (nr::CALL, _) => call(k, pid),
+        _ => None,
     }
 }
 
-/// The receive half of a REPLY_RECV on `mask`, in one pass: true if every
-/// handle is one to receive on and nothing is there yet. Each object learns
-/// that `pid` waits on it: a hint, harmless if the shortcut is not taken
-/// (see `ipc`).
+/// The receive half of a REPLY_RECV on `mask`: true if every handle is one
+/// to receive on and nothing is there yet. At once when `mask` was found so
+/// and nothing has stirred since (`Process::quiet`); else in one pass, in
+/// which each object learns that `pid` waits on it: a hint, harmless if the
+/// shortcut is not taken (see `ipc`).
 #[inline(always)]
 fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
     let Kernel {
         processes,
         endpoints,
         notifications,
+        epoch,
         ..
     } = &mut *k;
-    let Some(p) = processes[usize::from(pid)].as_ref() else {
+    let Some(p) = processes[usize::from(pid)].as_mut() else {
         return false;
     };
-    if mask == 0 {
-        return false;
+    if mask == 0 || p.quiet == (mask, *epoch) {
+        return mask != 0;
     }
     for h in bits(mask) {
         match p.handles.get(h as usize).copied().flatten() {
@@ -190,6 +209,7 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
             }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
                 // A closed endpoint is opened again by the general path.
                 Some(e) if e.queue.is_empty() && !e.closed => {
+                    *epoch += u64::from(e.waiting != Some(pid) || e.waiting_slot != h);
                     e.waiting = Some(pid);
                     e.waiting_slot = h;
                 }
@@ -200,30 +220,17 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
                 rights: r,
                 ..
             }) if r & rights::WAIT != 0 => match notifications[usize::from(n)].as_mut() {
-                Some(n) if n.bits == 0 => n.waiter = Some(pid),
+                Some(n) if n.bits == 0 => {
+                    *epoch += u64::from(n.waiter != Some(pid));
+                    n.waiter = Some(pid);
+                }
                 _ => return false,
             },
             _ => return false,
         }
     }
+    p.quiet = (mask, *epoch);
     true
-}
-
-/// REPLY_RECV: if it answers a vCPU's exit plainly, or a waiting caller's
-/// call, and nothing waits for the server, delivers the answer, makes the
-/// server wait, and runs whoever was answered (no return). Returns, having
-/// changed nothing, otherwise.
-#[inline(always)]
-fn reply_recv(k: &mut Kernel, pid: u16) {
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
-        return;
-    };
-    match untoken(p.frame.rdi) {
-        (Sender::Vcpu(slot), seq) => answer_vcpu(k, pid, slot, seq),
-        // Token 0 answers nobody (a receive loop's first wait).
-        (Sender::Process(caller), seq) if p.frame.rdi != 0 => answer_caller(k, pid, caller, seq),
-        _ => {}
-    }
 }
 
 /// The answer of a REPLY_RECV by `p` where it lies, and the wait that
@@ -231,7 +238,7 @@ fn reply_recv(k: &mut Kernel, pid: u16) {
 /// buffer the next message goes to is translated with it (usually the same
 /// page; see `Wait::Recv::exit_buf`).
 #[inline(always)]
-fn answer_and_wait(p: &super::process::Process) -> Option<(&'static [u8], Wait)> {
+fn answer_and_wait(p: &Process) -> Option<(&'static [u8], Wait)> {
     let f = &p.frame;
     let (va, len, mask, buf, cap) = (f.rsi, f.rdx, f.r10, f.r8, f.r9);
     if len > MAX_MESSAGE as u64 {
@@ -264,51 +271,40 @@ fn answer_and_wait(p: &super::process::Process) -> Option<(&'static [u8], Wait)>
 
 /// [`reply_recv`] answering the exit of domain slot `slot`'s vCPU.
 #[inline(always)]
-fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
-        return;
-    };
-    let Some(d) = k.domains.get(usize::from(slot)).and_then(Option::as_ref) else {
-        return;
-    };
+fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let d = k.domains.get(usize::from(slot))?.as_ref()?;
     if !d.awaiting_reply
         || d.exit_seq != seq
         || d.exit_server != Some(pid)
         || d.state != DomainState::Running
     {
-        return;
+        return None;
     }
-    let Some((bytes, wait)) = answer_and_wait(p) else {
-        return;
-    };
+    let (bytes, wait) = answer_and_wait(p)?;
     // A plain answer, or one that also moves the vCPU to a view that
     // exists (the altp2m service's answer to a view switch).
-    let Some((advance, with_regs, eptp)) = plain_shape(bytes)
+    let (advance, with_regs, eptp) = plain_shape(bytes)
         .map(|(advance, with_regs)| (advance, with_regs, None))
         .or_else(|| {
             let (advance, with_regs, view) = plain_view_shape(bytes)?;
             Some((advance, with_regs, Some((view, d.views.eptp(view).ok()?))))
-        })
-    else {
-        return;
-    };
+        })?;
     match d.vcpu.as_ref() {
         Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
-        _ => return,
+        _ => return None,
     }
     let Wait::Recv { mask, .. } = wait else {
-        return;
+        return None;
     };
     if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-        return;
+        return None;
     }
     // Everything holds: the answer is applied, the service waits.
-    let d = k.domains[usize::from(slot)]
-        .as_mut()
-        .expect("checked above");
+    let d = k.domains[usize::from(slot)].as_mut()?;
     d.awaiting_reply = false;
     d.exit_server = None;
-    let v = d.vcpu.as_mut().expect("checked above");
+    let v = d.vcpu.as_mut()?;
     if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
     }
@@ -320,9 +316,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
     if let Some((view, eptp)) = eptp {
         v.set_view(view, eptp);
     }
-    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-        p.state = State::Blocked(wait);
-    }
+    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
     k.current = None;
     let others_waiting = !k.ready.is_empty();
     if crate::vm::run_loaded(k, slot, others_waiting) {
@@ -334,53 +328,35 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) {
 /// [`reply_recv`] answering the call of process `caller`. (Kept out of
 /// line, like [`call`], so that the vCPU paths keep their registers.)
 #[inline(never)]
-fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) {
-    let Some((bytes, wait)) = k.processes[usize::from(pid)]
-        .as_ref()
-        .and_then(answer_and_wait)
-    else {
-        return;
-    };
+fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> {
+    let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?)?;
     let Wait::Recv { mask, .. } = wait else {
-        return;
+        return None;
     };
-    let Some(c) = k
-        .processes
-        .get(usize::from(caller))
-        .and_then(Option::as_ref)
-    else {
-        return;
-    };
-    let Some((reply_buf, reply_cap)) = c.awaiting_answer(seq, pid) else {
-        return;
-    };
+    let c = k.processes.get(usize::from(caller))?.as_ref()?;
+    let (reply_buf, reply_cap, reply_at) = c.awaiting_answer(seq, pid)?;
     if bytes.len() as u64 > reply_cap {
-        return;
+        return None;
     }
-    let Some(to) = c
-        .space
-        .as_ref()
-        .and_then(|s| s.in_one_page(reply_buf, bytes.len(), true))
-    else {
-        return;
+    let to = match reply_at {
+        0 => c
+            .space
+            .as_ref()?
+            .in_one_page(reply_buf, bytes.len(), true)?,
+        at => at as *mut u8,
     };
     if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-        return;
+        return None;
     }
     // Everything holds: the answer goes to the caller, the server waits.
     // Safety: `to` is the direct-map address of `bytes.len()` bytes the
     // caller may write; `copy` allows them to overlap the answer (a frame
     // both map).
     unsafe { core::ptr::copy(bytes.as_ptr(), to, bytes.len()) };
-    let len = bytes.len() as u64;
-    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-        p.state = State::Blocked(wait);
-    }
-    let c = k.processes[usize::from(caller)]
-        .as_mut()
-        .expect("checked above");
+    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+    let c = k.processes[usize::from(caller)].as_mut()?;
     c.frame.rax = SysError::Ok as u64;
-    c.frame.rdi = len;
+    c.frame.rdi = bytes.len() as u64;
     c.state = State::Ready;
     super::sched::resume(k, caller)
 }
@@ -391,92 +367,58 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) {
 /// nothing, otherwise (a refusal, a dead server, a queue, an error for the
 /// receiver: the general path).
 #[inline(never)]
-fn call(k: &mut Kernel, pid: u16) {
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
-        return;
-    };
+fn call(k: &mut Kernel, pid: u16) -> Option<()> {
+    let p = k.processes[usize::from(pid)].as_ref()?;
     let f = &p.frame;
     let (handle, va, len, reply_buf, reply_cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8);
-    let Some(Cap {
+    let Cap {
         object: Object::Endpoint { id: ep, generation },
         rights: r,
         badge,
-    }) = p
-        .handles
-        .get(usize::try_from(handle).unwrap_or(usize::MAX))
-        .copied()
-        .flatten()
+    } = p.handles.get(usize::try_from(handle).ok()?).copied()??
     else {
-        return;
+        return None;
     };
     if r & rights::CALL == 0 || len > MAX_MESSAGE as u64 {
-        return;
+        return None;
     }
-    let Some(e) = k.endpoints[usize::from(ep)].as_ref() else {
-        return;
-    };
-    let (Some(receiver), slot) = (e.waiting, e.waiting_slot) else {
-        return;
-    };
+    let e = k.endpoints[usize::from(ep)].as_ref()?;
+    let (receiver, slot) = (e.waiting?, e.waiting_slot);
     if e.generation != generation || !e.queue.is_empty() || receiver == pid {
-        return;
+        return None;
     }
-    let Some(from) = p
-        .space
-        .as_ref()
-        .and_then(|s| s.in_one_page(va, len as usize, false))
-    else {
-        return;
-    };
-    let Some(q) = k.processes[usize::from(receiver)].as_ref() else {
-        return;
-    };
+    // The message and the reply buffer: one translation when they share a
+    // page (a client's buffers do).
+    let space = p.space.as_ref()?;
+    let (from, reply_at) =
+        space.answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize)?;
     // The hint holds: the receiver waits in RECV, through the handle the
-    // hint names, on this endpoint, with room for the message.
-    let State::Blocked(Wait::Recv { mask, buf, cap, .. }) = q.state else {
-        return;
-    };
-    match q.handles.get(slot as usize).copied().flatten() {
-        Some(Cap {
-            object: Object::Endpoint { id, .. },
-            ..
-        }) if id == ep && slot < 64 && mask & (1 << slot) != 0 && len <= cap => {}
-        _ => return,
-    }
-    let Some(to) = q
-        .space
-        .as_ref()
-        .and_then(|s| s.in_one_page(buf, len as usize, true))
-    else {
-        return;
+    // hint names, on this endpoint, with room for the message; where an
+    // exit would go, a short message goes too.
+    let q = k.processes[usize::from(receiver)].as_ref()?;
+    let to = match receives(q, slot, ep, len)? {
+        (_, at) if !at.is_null() && len <= EXIT_MESSAGE_MAX as u64 => at,
+        (buf, _) => q.space.as_ref()?.in_one_page(buf, len as usize, true)?,
     };
     if !k.count_hand_off() {
-        return;
+        return None;
     }
     // Everything holds: the message goes to the receiver, the caller waits.
     // Safety: `from` and `to` are the direct-map addresses of `len` bytes
     // the caller may read and the receiver may write; `copy` allows them to
     // overlap (a frame both map).
-    unsafe { core::ptr::copy(from.cast_const(), to, len as usize) };
-    let p = k.processes[usize::from(pid)]
-        .as_mut()
-        .expect("checked above");
+    unsafe { core::ptr::copy(from, to, len as usize) };
+    let p = k.processes[usize::from(pid)].as_mut()?;
     p.seq = p.seq.wrapping_add(1);
-    let seq = p.seq;
     p.state = State::Blocked(Wait::Call {
         ep,
         handle: handle as u32,
         reply_buf,
         reply_cap,
-        seq,
+        reply_at,
+        seq: p.seq,
         server: Some(receiver),
     });
-    let q = k.processes[usize::from(receiver)]
-        .as_mut()
-        .expect("checked above");
-    q.take_message(len, token(Sender::Process(pid), seq), badge, slot);
-    if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
-        e.served_by(receiver);
-    }
-    super::sched::resume(k, receiver)
+    let token = token(Sender::Process(pid), p.seq);
+    deliver(k, ep, receiver, (len, token, badge, slot))
 }

@@ -118,6 +118,7 @@ impl Kernel {
         let e = self.endpoints[usize::from(ep)]
             .as_mut()
             .ok_or(SysError::NoSuchHandle)?;
+        self.epoch += 1;
         e.queue
             .push_back(sender)
             .map_err(|_| SysError::NoResources)?;
@@ -155,6 +156,7 @@ impl Kernel {
             if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
                 e.waiting = None;
             }
+            self.epoch += 1;
             return false;
         };
         let r = self.processes[usize::from(receiver)]
@@ -243,7 +245,7 @@ impl Kernel {
                     .get_mut(usize::from(caller))
                     .and_then(Option::as_mut)
                     .ok_or(SysError::BadToken)?;
-                let (reply_buf, reply_cap) =
+                let (reply_buf, reply_cap, _) =
                     c.awaiting_answer(seq, pid).ok_or(SysError::BadToken)?;
                 if reply.len() as u64 > reply_cap {
                     c.frame.rax = SysError::ReplyTooLong as u64;
@@ -346,6 +348,7 @@ impl Kernel {
         };
         e.closed = true;
         e.waiting = None;
+        self.epoch += 1;
         while let Some(sender) = self.endpoints[usize::from(ep)]
             .as_mut()
             .and_then(|e| e.queue.pop_front())
@@ -379,6 +382,7 @@ impl Kernel {
             return;
         };
         note.bits |= bits;
+        self.epoch += 1;
         if let Some(waiter) = note.waiter {
             self.wake_for_bits(waiter);
         }
@@ -475,12 +479,11 @@ fn write_exit(
 }
 
 impl Endpoint {
-    /// `receiver` took a message from it: it serves it now, and waits no
-    /// more.
+    /// `receiver` took a message from it: it serves it now. (It stays the
+    /// waiting hint: see `Process::quiet`.)
     #[inline(always)]
     pub fn served_by(&mut self, receiver: u16) {
         self.server = Some(receiver);
-        self.waiting = None;
     }
 }
 
@@ -500,17 +503,19 @@ impl super::process::Process {
     }
 
     /// Where the answer to call `seq` goes, if this process waits for it
-    /// from `server`: (reply buffer, its capacity).
+    /// from `server`: (reply buffer, its capacity, its direct-map address
+    /// or 0: see `Wait::Call`).
     #[inline(always)]
-    pub fn awaiting_answer(&self, seq: u32, server: u16) -> Option<(u64, u64)> {
+    pub fn awaiting_answer(&self, seq: u32, server: u16) -> Option<(u64, u64, u64)> {
         match self.state {
             State::Blocked(Wait::Call {
                 reply_buf,
                 reply_cap,
+                reply_at,
                 seq: s,
                 server: Some(from),
                 ..
-            }) if s == seq && from == server => Some((reply_buf, reply_cap)),
+            }) if s == seq && from == server => Some((reply_buf, reply_cap, reply_at)),
             _ => None,
         }
     }

@@ -67,6 +67,10 @@ pub struct Kernel {
     pub domain_watch: [Option<(u16, u64)>; ipc_schema::syscall::DOMAIN_WATCHERS],
     /// Set by HALT: the run ends with this status.
     pub halt: Option<u8>,
+    /// Bumped whenever a receive set found quiet may stop being so (a
+    /// message queued, bits set, an endpoint closed, a waiter hint moved,
+    /// a handle closed): see `Process::quiet`.
+    pub epoch: u64,
 }
 
 struct KernelCell(UnsafeCell<Kernel>);
@@ -88,6 +92,7 @@ static KERNEL: KernelCell = KernelCell(UnsafeCell::new(Kernel {
     next_source: 1,
     domain_watch: [None; ipc_schema::syscall::DOMAIN_WATCHERS],
     halt: None,
+    epoch: 0,
 }));
 
 /// The kernel's state.

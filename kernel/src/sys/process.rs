@@ -49,6 +49,9 @@ pub enum Wait {
         handle: u32,
         reply_buf: u64,
         reply_cap: u64,
+        /// The direct-map address of the reply buffer when it lies in one
+        /// page the caller may write (found by the fast path), else 0.
+        reply_at: u64,
         seq: u32,
         server: Option<u16>,
     },
@@ -100,6 +103,11 @@ pub struct Process {
     pub seq: u32,
     /// Started as the successor of a swapped service.
     pub successor: bool,
+    /// A receive mask found quiet and the `Kernel::epoch` it was found at:
+    /// while the epoch stays, every handle in it is one to receive on,
+    /// nothing is there and each object names this process as its waiter
+    /// (the fast paths then skip the check).
+    pub quiet: (u64, u64),
 }
 
 impl Process {
@@ -197,6 +205,7 @@ impl Kernel {
             outbox_len: 0,
             seq: 0,
             successor,
+            quiet: (0, 0),
         };
         p.names[..p.name_count].copy_from_slice(&names[..p.name_count]);
         self.processes[slot] = Some(p);
@@ -241,6 +250,7 @@ impl Kernel {
         p.frame.rsp = STACK_TOP - 8;
         p.frame.rdi = STARTUP_INFO;
         p.state = State::Ready;
+        p.quiet = (0, 0);
         crate::log::emit(&Record::Announce {
             source: p.source,
             name: handle_name_str(&p.name),
@@ -333,6 +343,8 @@ impl Kernel {
     /// a server that will not come.
     fn settle(&mut self, pid: u16, ended: bool) {
         self.unready(Runnable::Process(pid));
+        // Its hints are dropped (see `Process::quiet`).
+        self.epoch += 1;
         for id in 0..self.endpoints.len() {
             let Some(ep) = self.endpoints[id].as_mut() else {
                 continue;

@@ -237,11 +237,12 @@ impl AddressSpace {
         Self::permitted(e, va, write)
     }
 
-    /// For a receive loop's answer and next receive buffer together: the
-    /// direct-map address of the `len` bytes at `va` (read), if they lie in
-    /// one page, and of the `buf_len` bytes at `buf` (written) if they do
-    /// too, else 0. Their page is translated once when they share it (the
-    /// service runtime keeps both buffers in one page).
+    /// For a receive loop's answer and next receive buffer together (or a
+    /// call's message and reply buffer): the direct-map address of the `len`
+    /// bytes at `va` (read), if they lie in one page, and of the `buf_len`
+    /// bytes at `buf` (written) if they do too, else 0. Their page is
+    /// translated once when they share it (the service runtime keeps both
+    /// buffers in one page).
     ///
     /// Both spans are checked without arithmetic that can wrap
     /// ([`platform::span`]): a buffer that starts below the answer's page,

@@ -210,6 +210,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 .filter(|&i| i < p.handles.len() && p.handles[i].is_some())
                 .ok_or(SysError::NoSuchHandle)?;
             p.handles[slot] = None;
+            k.epoch += 1;
             Ok(Values([0; 3]))
         }
         nr::TIME => Ok(Values([
@@ -769,6 +770,7 @@ fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         handle: a[0] as u32,
         reply_buf: a[3],
         reply_cap: a[4],
+        reply_at: 0,
         seq: p.seq,
         server: None,
     });
@@ -814,6 +816,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
         processes,
         endpoints,
         notifications,
+        epoch,
         ..
     } = &mut *k;
     let p = processes[usize::from(pid)]
@@ -832,6 +835,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
                 ..
             }) if r & rights::RECEIVE != 0 => {
                 if let Some(ep) = endpoints[usize::from(id)].as_mut() {
+                    *epoch += u64::from(ep.waiting != Some(pid) || ep.waiting_slot != slot);
                     ep.waiting = Some(pid);
                     ep.waiting_slot = slot;
                     queued |= !ep.queue.is_empty();
@@ -844,6 +848,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
                 ..
             }) if r & rights::WAIT != 0 => {
                 if let Some(note) = notifications[usize::from(n)].as_mut() {
+                    *epoch += u64::from(note.waiter != Some(pid));
                     note.waiter = Some(pid);
                     signalled |= note.bits != 0;
                 }
@@ -916,6 +921,7 @@ fn wait(k: &mut Kernel, pid: u16, h: u64) -> Result<Done> {
         let bits = core::mem::take(&mut note.bits);
         return Ok(Values([bits, 0, 0]));
     }
+    k.epoch += u64::from(note.waiter != Some(pid));
     note.waiter = Some(pid);
     if let Some(p) = k.processes[usize::from(pid)].as_mut() {
         p.state = State::Blocked(Wait::Notification(n));

@@ -118,10 +118,14 @@ pub fn call_raw(h: Handle, msg: &[u8], reply: &mut [u8]) -> Result<usize, SysErr
     r.ok().map(|r| r.rdi as usize)
 }
 
-/// Decodes a request.
+/// Decodes a request: all of `bytes`, or `Malformed`. (Inlined, with the
+/// deserializer used directly, so that a large request is decoded where
+/// the service uses it rather than moved from frame to frame.)
+#[inline(always)]
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, IpcError> {
-    match postcard::take_from_bytes(bytes) {
-        Ok((v, [])) => Ok(v),
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    match T::deserialize(&mut de) {
+        Ok(v) if de.finalize().is_ok_and(|rest| rest.is_empty()) => Ok(v),
         _ => Err(IpcError::Malformed),
     }
 }
@@ -185,11 +189,13 @@ impl Client {
 
     /// Calls with `request`; binds first if needed, and again (once) after
     /// the server restarted.
+    #[inline(always)]
     pub fn call<Q: Serialize, R: for<'de> Deserialize<'de>>(
         &mut self,
         request: &Q,
     ) -> Result<R, CallError> {
-        self.call_attempts(request, 2)
+        let n = self.exchange(request, 2)?;
+        self.reply(n)
     }
 
     /// [`Client::call`] without the second attempt: a server that died
@@ -200,14 +206,27 @@ impl Client {
         &mut self,
         request: &Q,
     ) -> Result<R, CallError> {
-        self.call_attempts(request, 1)
+        let n = self.exchange(request, 1)?;
+        self.reply(n)
     }
 
-    fn call_attempts<Q: Serialize, R: for<'de> Deserialize<'de>>(
-        &mut self,
-        request: &Q,
-        attempts: u32,
-    ) -> Result<R, CallError> {
+    /// The reply of `n` bytes, decoded. (Inlined, as `call` is, so that a
+    /// large reply type is decoded where the caller uses it rather than
+    /// moved from frame to frame.)
+    #[inline(always)]
+    fn reply<R: for<'de> Deserialize<'de>>(&self, n: usize) -> Result<R, CallError> {
+        let mut de = postcard::Deserializer::from_bytes(&self.io.out[..n]);
+        match Result::<R, IpcError>::deserialize(&mut de) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(CallError::Ipc(e)),
+            Err(_) => Err(CallError::BadReply),
+        }
+    }
+
+    /// Encodes `request`, binds when needed, calls (`attempts` times at
+    /// most while the server restarts): the length of the reply in
+    /// `self.io.out`.
+    fn exchange<Q: Serialize>(&mut self, request: &Q, attempts: u32) -> Result<usize, CallError> {
         let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
@@ -217,13 +236,7 @@ impl Client {
             }
             let Buffers { msg, out: reply } = &mut self.io;
             match call_raw(self.handle, &msg[..len], reply) {
-                Ok(n) => {
-                    return match postcard::from_bytes::<Result<R, IpcError>>(&reply[..n]) {
-                        Ok(Ok(r)) => Ok(r),
-                        Ok(Err(e)) => Err(CallError::Ipc(e)),
-                        Err(_) => Err(CallError::BadReply),
-                    };
-                }
+                Ok(n) => return Ok(n.min(reply.len())),
                 Err(SysError::Dead) if attempt + 1 < attempts => {
                     defmt::info!(
                         "{=str}: the server of {=str} restarted; binding again",

@@ -50,6 +50,7 @@ impl Peer {
     }
 
     /// Its answer, `None` when it cannot be reached.
+    #[inline(always)]
     fn call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
         &mut self,
         request: &Q,
@@ -116,6 +117,7 @@ impl Env for System {
         self.logdirty.as_mut()?.call(request)
     }
 
+    #[inline(always)]
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         self.altp2m.call(request)
     }
