@@ -131,7 +131,7 @@ impl Domain {
         ) else {
             return Err(DomainError::BadRange);
         };
-        let (ept, tables) = self.views.host_mut();
+        let (ept, tables) = self.views.ept_mut(0).map_err(|_| DomainError::BadRange)?;
         // Each 2 MiB of RAM raises the domain's table quota.
         let more = u32::try_from(count / 512 + 1).unwrap_or(u32::MAX);
         tables.limit = tables

@@ -30,6 +30,30 @@ fn to_4k(ept: &mut Ept, tables: &mut DomainTables, gpa: u64) -> Result<(), EptOp
     }
 }
 
+/// Alternate view `view` (`HostView` for view 0), with the host p2m and
+/// the domain's table memory.
+fn alternate(d: &mut Domain, view: u16) -> Result<(&Ept, &mut Ept, &mut DomainTables), EptOpError> {
+    d.views.host_and(view).map_err(|e| match e {
+        HcError::HostView => EptOpError::HostView,
+        _ => EptOpError::NoSuchView,
+    })
+}
+
+/// [`alternate`], with nothing mapped at `gpa` any more (the 4 KiB piece
+/// of a large page unmapped alone).
+fn clear(
+    d: &mut Domain,
+    view: u16,
+    gpa: u64,
+) -> Result<(&Ept, &mut Ept, &mut DomainTables), EptOpError> {
+    let (host, v, tables) = alternate(d, view)?;
+    if v.query(&KernelTables, gpa).is_some() {
+        to_4k(v, tables, gpa)?;
+        v.unmap(tables, gpa).map_err(ept_error)?;
+    }
+    Ok((host, v, tables))
+}
+
 /// `count` gfns from `gfn`, inside the domain's RAM, as guest-physical
 /// [start, end).
 fn ram_range(d: &Domain, gfn: u64, count: u64) -> Result<(u64, u64), EptOpError> {
@@ -73,17 +97,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let hpa = host
                 .hpa_of(from & !(PAGE_SIZE - 1))
                 .ok_or(EptOpError::NotRam)?;
-            let (_, v, tables) = d.views.host_and(view).map_err(|_| {
-                if view == 0 {
-                    EptOpError::HostView
-                } else {
-                    EptOpError::NoSuchView
-                }
-            })?;
-            if v.query(&KernelTables, gpa).is_some() {
-                to_4k(v, tables, gpa)?;
-                v.unmap(tables, gpa).map_err(ept_error)?;
-            }
+            let (_, v, tables) = clear(d, view, gpa)?;
             v.map(
                 tables,
                 gpa,
@@ -96,18 +110,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             Ok(EptResult::Done)
         }
         EptOp::Unmap { view, gfn } => {
-            let gpa = ram(d, gfn)?;
-            let (_, v, tables) = d.views.host_and(view).map_err(|_| {
-                if view == 0 {
-                    EptOpError::HostView
-                } else {
-                    EptOpError::NoSuchView
-                }
-            })?;
-            if v.query(&KernelTables, gpa).is_some() {
-                to_4k(v, tables, gpa)?;
-                v.unmap(tables, gpa).map_err(ept_error)?;
-            }
+            clear(d, view, ram(d, gfn)?)?;
             Ok(EptResult::Done)
         }
         EptOp::Protect { view, gfn, perms } => {
@@ -175,11 +178,8 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             Ok(EptResult::Done)
         }
         EptOp::CopyHost { view } => {
-            d.views.copy_host(view).map_err(|e| match e {
-                HcError::HostView => EptOpError::HostView,
-                HcError::NoSuchView { .. } => EptOpError::NoSuchView,
-                _ => EptOpError::OutOfMemory,
-            })?;
+            let (host, v, tables) = alternate(d, view)?;
+            v.copy_from(tables, host).map_err(ept_error)?;
             Ok(EptResult::Done)
         }
         EptOp::Query { view, gfn } => {

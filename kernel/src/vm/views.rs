@@ -63,16 +63,8 @@ impl Views {
             .ept
     }
 
-    /// The host p2m, and the tables to grow it with.
-    pub fn host_mut(&mut self) -> (&mut Ept, &mut DomainTables) {
-        let ept = &mut self.slots[0]
-            .as_mut()
-            .expect("view 0 lives as long as the domain")
-            .ept;
-        (ept, &mut self.tables)
-    }
-
-    /// A view's tables, and the domain's table memory to change them with.
+    /// A view's tables (view 0's, the host p2m's, live as long as the
+    /// domain), and the domain's table memory to change them with.
     pub fn ept_mut(&mut self, view: u16) -> Result<(&mut Ept, &mut DomainTables), HcError> {
         let v = self
             .slots
@@ -86,13 +78,6 @@ impl Views {
         self.slots
             .get(usize::from(view))
             .and_then(Option::as_ref)
-            .ok_or(HcError::NoSuchView { view })
-    }
-
-    pub fn get_mut(&mut self, view: u16) -> Result<&mut View, HcError> {
-        self.slots
-            .get_mut(usize::from(view))
-            .and_then(Option::as_mut)
             .ok_or(HcError::NoSuchView { view })
     }
 
@@ -127,14 +112,6 @@ impl Views {
         Ok(slot as u16)
     }
 
-    /// Makes alternate view `view` a copy of the host p2m (`EptOp::CopyHost`):
-    /// a domain out of table quota keeps the view as it was.
-    pub fn copy_host(&mut self, view: u16) -> Result<(), HcError> {
-        let (host, ept, tables) = self.host_and(view)?;
-        ept.copy_from(tables, host)
-            .map_err(|_| HcError::OutOfMemory)
-    }
-
     /// Frees an alternate view's tables. The caller checked that no vCPU
     /// runs on it.
     pub fn destroy(&mut self, view: u16) -> Result<(), HcError> {
@@ -155,7 +132,10 @@ impl Views {
 
     /// Makes a view reachable by VMFUNC, or not.
     pub fn set_visible(&mut self, view: u16, visible: bool) -> Result<(), HcError> {
-        self.get_mut(view)?.visible = visible;
+        self.ept_mut(view)?;
+        if let Some(v) = self.slots[usize::from(view)].as_mut() {
+            v.visible = visible;
+        }
         self.write_list_entry(view);
         Ok(())
     }
