@@ -16,6 +16,7 @@ use ipc_schema::syscall::{
 use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, ExitMessage, ExitRegs, Response};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::vec;
 use std::vec::Vec;
 
 service_runtime::host_logger!();
@@ -949,6 +950,12 @@ enum Op {
     /// The logdirty service takes the dirtied frames.
     Take,
     Switch(usize),
+    /// An alternate view's entry gone from the tables (a view that holds no
+    /// copy of a page, as ALT-6 allows: the lazy fill serves it).
+    Evict {
+        view: usize,
+        gfn: u64,
+    },
 }
 
 fn access() -> impl Strategy<Value = Access> {
@@ -973,9 +980,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (v.clone(), gfn(), proptest::option::of(gfn())).prop_map(|(view, gfn, to)| Op::ChangeGfn { view, gfn, to }),
         3 => (v.clone(), gfn(), any::<bool>()).prop_map(|(view, gfn, suppress)| Op::Sve { view, gfn, suppress }),
         5 => (v.clone(), gfn(), access()).prop_map(|(view, gfn, access)| Op::Touch { view, gfn, access }),
-        1 => v.prop_map(Op::Switch),
+        1 => v.clone().prop_map(Op::Switch),
         2 => (0..RAM + 2, 0u64..20, proptest::option::of(prop_oneof![Just(Mechanism::Pml), Just(Mechanism::WriteProtect)])).prop_map(|(gfn, count, how)| Op::Track { gfn, count, how }),
         1 => Just(Op::Take),
+        3 => (v, gfn()).prop_map(|(view, gfn)| Op::Evict { view, gfn }),
     ]
 }
 
@@ -1384,6 +1392,19 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                         }
                     }
                 }
+            }
+        }
+        Op::Evict { view, gfn } => {
+            // Not view 0 (the host p2m holds all RAM), and not an entry whose
+            // suppress-#VE bit is clear (the service keeps those filled).
+            let view = pick(view);
+            if let Some(v) = r.k.views.get_mut(&view)
+                && view != 0
+                && !v.ve.contains(&gfn)
+            {
+                v.map.remove(&gfn);
+                v.dirty.remove(&gfn);
+                v.armed.remove(&gfn);
             }
         }
         Op::Take => {
