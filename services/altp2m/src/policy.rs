@@ -583,7 +583,11 @@ pub fn allowed(mode: Mode, agent: Agent, request: &Request) -> bool {
         (Mode::Mixed, _) => true,
         (Mode::External | Mode::Limited, Agent::External) => true,
         (Mode::External, Agent::Guest { .. }) => false,
-        (Mode::Limited, Agent::Guest { .. }) => reads,
+        // As Xen's limited mode: the guest may also have its violations
+        // delivered as #VE (which changes no view).
+        (Mode::Limited, Agent::Guest { .. }) => {
+            reads || matches!(request, R::VeEnable { .. } | R::VeDisable)
+        }
     }
 }
 

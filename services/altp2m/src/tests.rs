@@ -748,6 +748,9 @@ fn modes_decide_what_the_guest_may_ask() {
         })
     );
     assert!(matches!(r.guest(Request::ViewCurrent), Reply::View(0)));
+    // As in Xen's limited mode, #VE may be turned on and off.
+    assert_eq!(r.guest(Request::VeEnable { info_gfn: 3 }), Reply::Done);
+    assert_eq!(r.guest(Request::VeDisable), Reply::Done);
     assert_eq!(r.host(change.clone()), Reply::Done);
     r.alt.set_mode(&mut r.k, D, Mode::External).unwrap();
     assert!(matches!(
