@@ -368,6 +368,8 @@ pub enum Feature {
     Vmfunc,
     VirtualizationException,
     PageModificationLogging,
+    /// EPT entries that allow execute without read.
+    ExecuteOnly,
 }
 
 /// The key of this hypercall interface.

@@ -595,6 +595,8 @@ pub mod vm_features {
     pub const VMFUNC: u64 = 1 << 1;
     pub const VE: u64 = 1 << 2;
     pub const PML: u64 = 1 << 3;
+    /// EPT entries may allow execute without read.
+    pub const EXECUTE_ONLY: u64 = 1 << 4;
 }
 
 /// Where things are in a service's address space.

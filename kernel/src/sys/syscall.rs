@@ -570,11 +570,16 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::VM_FEATURES => {
             use ipc_schema::syscall::vm_features as vf;
             let bits = if crate::vm::available() {
-                let f = crate::vm::caps().1;
+                let (c, f) = crate::vm::caps();
                 vf::VMX
                     | if f.vmfunc { vf::VMFUNC } else { 0 }
                     | if f.ve { vf::VE } else { 0 }
                     | if f.pml { vf::PML } else { 0 }
+                    | if c.features.ept_execute_only {
+                        vf::EXECUTE_ONLY
+                    } else {
+                        0
+                    }
             } else {
                 0
             };

@@ -542,6 +542,19 @@ fn propagate_with(
     run(k, domain, &ops, view, gfn)
 }
 
+/// Whether EPT can give `a` on this CPU: write needs read (`BadAccess`), and
+/// execute without read needs execute-only EPT (without it the CPU refuses
+/// the entry as a misconfiguration, which would stop the domain).
+fn expressible(k: &impl Kernel, a: Access) -> Result<(), HcError> {
+    if a.write && !a.read {
+        return Err(HcError::BadAccess);
+    }
+    if a.execute && !a.read {
+        need(k, vm_features::EXECUTE_ONLY, Feature::ExecuteOnly)?;
+    }
+    Ok(())
+}
+
 fn need(k: &impl Kernel, bit: u64, feature: Feature) -> Result<(), HcError> {
     if k.features() & bit != 0 {
         Ok(())
@@ -799,13 +812,7 @@ impl Altp2m {
                 view_exists(d, view)
             }
         };
-        let check_access = |a: Access| {
-            if a.write && !a.read {
-                Err(HcError::BadAccess)
-            } else {
-                Ok(())
-            }
-        };
+        let check_access = |a: Access| expressible(k, a);
         match *r {
             Request::Capabilities => {
                 let f = k.features();
@@ -1022,9 +1029,7 @@ impl Altp2m {
         access: Access,
         external: bool,
     ) -> Result<(), HcError> {
-        if access.write && !access.read {
-            return Err(HcError::BadAccess);
-        }
+        expressible(k, access)?;
         if !self.domain(domain).views.contains_key(&view) {
             return Err(HcError::NoSuchView { view });
         }

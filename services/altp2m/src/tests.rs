@@ -310,7 +310,11 @@ struct Rig {
     ev: Events,
 }
 
-const ALL: u64 = vm_features::VMX | vm_features::VMFUNC | vm_features::VE | vm_features::PML;
+const ALL: u64 = vm_features::VMX
+    | vm_features::VMFUNC
+    | vm_features::VE
+    | vm_features::PML
+    | vm_features::EXECUTE_ONLY;
 
 impl Rig {
     fn new() -> Self {
@@ -2143,4 +2147,46 @@ fn a_client_that_stops_listening_gets_its_held_call_back() {
     r.ev.listen(D, 0x77, false).unwrap();
     assert_eq!(r.ev.stale_polls(), std::vec![1]);
     assert!(r.ev.polls.is_empty());
+}
+
+/// Execute without read is refused where EPT cannot express it (the CPU
+/// would refuse the entry as a misconfiguration and the domain would die);
+/// where it can, it is taken.
+#[test]
+fn execute_only_access_needs_execute_only_ept() {
+    let x = Access {
+        read: false,
+        write: false,
+        execute: true,
+    };
+    let unsupported = Reply::Error(HcError::Unsupported {
+        feature: Feature::ExecuteOnly,
+    });
+    let mut r = Rig::with(ALL & !vm_features::EXECUTE_ONLY);
+    let v = r.view();
+    let set = Request::SetAccess {
+        view: v,
+        gfn: 4,
+        access: x,
+    };
+    assert_eq!(r.guest(set.clone()), unsupported);
+    assert_eq!(r.host(set.clone()), unsupported);
+    assert_eq!(
+        r.guest(Request::ViewCreate {
+            default_access: Some(x)
+        }),
+        unsupported
+    );
+    assert_eq!(r.k.views[&v].map[&4].1, RWX, "nothing changed");
+    let mut r = Rig::new();
+    let v = r.view();
+    assert_eq!(
+        r.guest(Request::SetAccess {
+            view: v,
+            gfn: 4,
+            access: x
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.k.views[&v].map[&4].1, perms_of(x));
 }
