@@ -294,6 +294,13 @@ pub enum Reply {
         next: Option<u64>,
     },
     Error(HcError),
+    /// `SetSuppressVe`/`SetSuppressVeList` clearing the bit: done and kept,
+    /// but not in effect on `pages` of the pages, which an external agent
+    /// restricts (their violations go to the external agent, never to the
+    /// guest as a #VE); it takes effect when the restriction goes.
+    NotInEffect {
+        pages: u16,
+    },
 }
 
 /// Why a request was refused.

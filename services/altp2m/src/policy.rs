@@ -973,18 +973,19 @@ impl Altp2m {
                 gfn,
                 suppress,
             } => {
-                self.set_sve(k, domain, view, gfn, suppress)?;
-                Ok(Reply::Done)
+                let in_effect = self.set_sve(k, domain, view, gfn, suppress)?;
+                Ok(sve_reply(u16::from(!in_effect)))
             }
             Request::SetSuppressVeList {
                 view,
                 ref gfns,
                 suppress,
             } => {
+                let mut not = 0u16;
                 for &g in gfns.0.iter() {
-                    self.set_sve(k, domain, view, g, suppress)?;
+                    not += u16::from(!self.set_sve(k, domain, view, g, suppress)?);
                 }
-                Ok(Reply::Done)
+                Ok(sve_reply(not))
             }
             Request::GetSuppressVe { view, gfn } => {
                 view_exists(self.domain(domain), view)?;
@@ -1077,6 +1078,9 @@ impl Altp2m {
         }
     }
 
+    /// Sets `gfn`'s suppress-#VE bit in `view`: whether the setting is in
+    /// effect (a cleared bit is not while an external agent restricts the
+    /// page).
     fn set_sve(
         &mut self,
         k: &mut impl Kernel,
@@ -1084,7 +1088,7 @@ impl Altp2m {
         view: u16,
         gfn: u64,
         suppress: bool,
-    ) -> Result<(), HcError> {
+    ) -> Result<bool, HcError> {
         if !self.domain(domain).views.contains_key(&view) {
             return Err(HcError::NoSuchView { view });
         }
@@ -1100,6 +1104,7 @@ impl Altp2m {
             .sve
             .insert(gfn, suppress);
         let d = &self.domains[&domain];
+        let in_effect = suppress || !d.external(view, gfn);
         if suppress {
             // Only the bit changes, populated or not (seed 004).
             run(
@@ -1116,6 +1121,16 @@ impl Altp2m {
         } else {
             refresh(k, domain, d, view, gfn)
         }
+        .map(|()| in_effect)
+    }
+}
+
+/// The answer to a suppress-#VE setting: `NotInEffect` where an external
+/// restriction keeps a cleared bit from taking effect.
+fn sve_reply(not_in_effect: u16) -> Reply {
+    match not_in_effect {
+        0 => Reply::Done,
+        pages => Reply::NotInEffect { pages },
     }
 }
 

@@ -1326,6 +1326,18 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             } else {
                 let mut next = reference.clone();
                 next.views.get_mut(&view).unwrap().sve.insert(gfn, suppress);
+                // A cleared bit an external restriction overrides is kept,
+                // and the answer says it is not in effect.
+                let kept = !suppress && next.untracked(view, gfn).suppress_ve;
+                let reply = match reply {
+                    Reply::NotInEffect { pages: 1 } if kept => Reply::Done,
+                    Reply::Done if kept => {
+                        return Err(TestCaseError::fail(
+                            "a cleared bit not in effect answered Done",
+                        ));
+                    }
+                    other => other,
+                };
                 accepted(reply, quotas, reference, next)?;
                 if suppress {
                     // Seed 004: setting SVE alone never populates.
@@ -2189,4 +2201,44 @@ fn execute_only_access_needs_execute_only_ept() {
         Reply::Done
     );
     assert_eq!(r.k.views[&v].map[&4].1, perms_of(x));
+}
+
+/// Seed 000/004 reading: a guest clearing suppress-#VE on a page an
+/// external agent restricts is told the setting is kept but not in effect
+/// (the page's violations go to the external agent, never to the guest).
+#[test]
+fn a_cleared_suppress_ve_under_an_external_restriction_is_said_not_in_effect() {
+    let mut r = Rig::new();
+    let v = r.view();
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: v,
+            gfn: 6,
+            access: R
+        }),
+        Reply::Done
+    );
+    let clear = |gfn: u64| Request::SetSuppressVe {
+        view: v,
+        gfn,
+        suppress: false,
+    };
+    assert_eq!(r.guest(clear(6)), Reply::NotInEffect { pages: 1 });
+    assert_eq!(
+        r.guest(Request::GetSuppressVe { view: v, gfn: 6 }),
+        Reply::SuppressVe(true)
+    );
+    assert_eq!(r.guest(clear(7)), Reply::Done, "a page nobody restricts");
+    let mut gfns = BoundedVec::new();
+    for g in [5, 6, 7] {
+        gfns.0.push(g).unwrap();
+    }
+    assert_eq!(
+        r.guest(Request::SetSuppressVeList {
+            view: v,
+            gfns,
+            suppress: false
+        }),
+        Reply::NotInEffect { pages: 1 }
+    );
 }

@@ -247,6 +247,7 @@ pub fn reply_kind(reply: &Reply) -> &'static str {
         Reply::Dirty { .. } => "Dirty",
         Reply::DirtyStarted(_) => "DirtyStarted",
         Reply::Error(_) => "Error",
+        Reply::NotInEffect { .. } => "NotInEffect",
     }
 }
 
