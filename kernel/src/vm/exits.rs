@@ -46,7 +46,16 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     let ep = match kind {
         ExitKind::EptViolation { .. } => d.violation_endpoint,
         ExitKind::PmlFull { .. } => d.pml_endpoint.unwrap_or(d.exit_endpoint),
-        ExitKind::Hypercall if super::p2m_hypercall(d) => d.violation_endpoint,
+        // (A p2m owner that cannot take it, held or gone, leaves the
+        // hypercall to the exit handler to refuse.)
+        ExitKind::Hypercall
+            if super::p2m_hypercall(d)
+                && k.endpoints[usize::from(d.violation_endpoint)]
+                    .as_ref()
+                    .is_some_and(|e| !e.closed) =>
+        {
+            d.violation_endpoint
+        }
         ExitKind::MonitorTrap => {
             // The step is done: the flag goes, and the exit goes to whoever
             // asked for the step.

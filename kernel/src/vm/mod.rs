@@ -396,12 +396,8 @@ fn lift_on_write(d: &mut Domain) -> bool {
     }
     let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);
     let view = v.active_view();
-    let Ok((ept, tables)) = d.views.ept_mut(view) else {
-        return false;
-    };
-    let Some(hpa) = ept.lift(tables, gpa) else {
-        return false;
-    };
+    let lifted = d.views.ept_mut(view).ok().and_then(|(e, t)| e.lift(t, gpa));
+    let Some(hpa) = lifted else { return false };
     let frame = d.gfn_of_frame(hpa).unwrap_or(gpa / platform::PAGE_SIZE);
     let _ = d.lifted.push(frame);
     if let Some(v) = d.vcpu.as_mut() {

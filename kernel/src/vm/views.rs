@@ -153,21 +153,15 @@ impl Views {
     /// p2m, for a look at its memory, until it is destroyed). Returns how
     /// many there were.
     pub fn destroy_alternates(&mut self) -> usize {
-        let mut n = 0;
-        for view in 1..self.slots.len() as u16 {
-            if self.destroy(view).is_ok() {
-                n += 1;
-            }
-        }
-        n
+        (1..self.slots.len() as u16)
+            .filter(|&view| self.destroy(view).is_ok())
+            .count()
     }
 
     fn write_list_entry(&mut self, view: u16) {
         let Some(list) = self.eptp_list else { return };
-        let value = match self.slots.get(usize::from(view)).and_then(Option::as_ref) {
-            Some(v) if v.visible => v.ept.eptp(self.accessed_dirty),
-            _ => 0,
-        };
+        let value = self.get(view).ok().filter(|v| v.visible);
+        let value = value.map_or(0, |v| v.ept.eptp(self.accessed_dirty));
         // Safety: the list page is a frame this domain owns, 512 u64 entries,
         // in the direct map; `view` < 512.
         unsafe {
@@ -180,9 +174,7 @@ impl Views {
 
     /// Drops cached translations of a view after its tables changed.
     pub fn flush(&self, view: u16) {
-        if let Ok(eptp) = self.eptp(view) {
-            self.flush_eptp(eptp);
-        }
+        let _ = self.eptp(view).map(|eptp| self.flush_eptp(eptp));
     }
 
     fn flush_eptp(&self, eptp: u64) {

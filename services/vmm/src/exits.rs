@@ -12,7 +12,7 @@
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
-    HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
+    HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::vm_features;
@@ -592,7 +592,15 @@ fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
             }
         }
         HC_CALL => call(env, exit, regs),
-        // (`HC_VIEW_SWITCH` goes to the altp2m service, by the kernel.)
+        // The kernel sends `HC_VIEW_SWITCH` to the altp2m service, and here
+        // only when that service cannot take it (held, or gone).
+        HC_VIEW_SWITCH => {
+            defmt::debug!(
+                "domain {=u16}: view switch refused: the altp2m service is unavailable",
+                exit.domain
+            );
+            Status::Refused
+        }
         _ => Status::UnknownCall,
     };
     regs.rax = status as u64;
