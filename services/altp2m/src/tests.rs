@@ -437,18 +437,22 @@ const W: Access = Access {
 };
 const R: Access = Access::R;
 
+/// A rig whose host p2m makes gfn 3 read-execute.
+fn rig_with_host_rx_at_3() -> Rig {
+    let mut r = Rig::new();
+    let set = Request::SetAccess {
+        view: 0,
+        gfn: 3,
+        access: Access::RX,
+    };
+    assert_eq!(r.host(set), Reply::Done);
+    r
+}
+
 #[test]
 fn a_new_view_is_a_copy_of_the_current_host_p2m() {
-    let mut r = Rig::new();
     // ALT-10: a host change made before the view exists is what it sees.
-    assert_eq!(
-        r.host(Request::SetAccess {
-            view: 0,
-            gfn: 3,
-            access: Access::RX
-        }),
-        Reply::Done
-    );
+    let mut r = rig_with_host_rx_at_3();
     // A suppress-#VE bit cleared in view 0 is view 0's own.
     assert_eq!(
         r.guest(Request::SetSuppressVe {
@@ -480,16 +484,8 @@ fn a_new_view_is_a_copy_of_the_current_host_p2m() {
 
 #[test]
 fn a_view_without_entries_fills_lazily_from_the_current_host_p2m() {
-    let mut r = Rig::new();
     // ALT-10: a host change made before the view exists is what it sees.
-    assert_eq!(
-        r.host(Request::SetAccess {
-            view: 0,
-            gfn: 3,
-            access: Access::RX
-        }),
-        Reply::Done
-    );
+    let mut r = rig_with_host_rx_at_3();
     let v = r.unfilled_view();
     assert_eq!(r.touch(v, 2, Access::R), retry());
     assert_eq!(r.k.views[&v].map[&2], (2, RWX), "ALT-6: filled on access");
