@@ -122,24 +122,9 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
 /// takes any exit (`Wait::Recv::exit_buf`; null if not).
 #[inline(always)]
 fn receives(p: &Process, slot: u32, ep: u16, len: u64) -> Option<(u64, *mut u8)> {
-    let State::Blocked(Wait::Recv {
-        mask,
-        buf,
-        cap,
-        exit_buf,
-    }) = p.state
-    else {
-        return None;
-    };
-    match p.handles.get(slot as usize)? {
-        Some(Cap {
-            object: Object::Endpoint { id, .. },
-            ..
-        }) if *id == ep && mask & 1u64.checked_shl(slot)? != 0 && len <= cap => {
-            Some((buf, exit_buf as *mut u8))
-        }
-        _ => None,
-    }
+    let (mask, buf, cap, exit_buf) = p.receive_wait()?;
+    (p.endpoint_at(slot, ep) && mask & 1u64.checked_shl(slot)? != 0 && len <= cap)
+        .then_some((buf, exit_buf as *mut u8))
 }
 
 /// Hands a message (length, token, badge, slot) to `pid`, which waits on

@@ -525,25 +525,36 @@ impl super::process::Process {
     /// direct address for exits: see `Wait::Recv`).
     #[inline]
     pub fn receiving_on(&self, ep: u16) -> Option<(u64, u64, u32, u64)> {
-        let State::Blocked(Wait::Recv {
-            mask,
-            buf,
-            cap,
-            exit_buf,
-        }) = self.state
-        else {
-            return None;
-        };
+        let (mask, buf, cap, exit_buf) = self.receive_wait()?;
         bits(mask)
-            .find(|&slot| {
-                matches!(
-                    self.handles[slot as usize],
-                    Some(Cap {
-                        object: Object::Endpoint { id, .. },
-                        ..
-                    }) if id == ep
-                )
-            })
+            .find(|&slot| self.endpoint_at(slot, ep))
             .map(|slot| (buf, cap, slot, exit_buf))
+    }
+
+    /// The RECV this process waits in: (mask, buffer, capacity, direct
+    /// address for exits).
+    #[inline(always)]
+    pub fn receive_wait(&self) -> Option<(u64, u64, u64, u64)> {
+        match self.state {
+            State::Blocked(Wait::Recv {
+                mask,
+                buf,
+                cap,
+                exit_buf,
+            }) => Some((mask, buf, cap, exit_buf)),
+            _ => None,
+        }
+    }
+
+    /// Whether handle `slot` of this process is one to endpoint `ep`.
+    #[inline(always)]
+    pub fn endpoint_at(&self, slot: u32, ep: u16) -> bool {
+        matches!(
+            self.handles.get(slot as usize),
+            Some(Some(Cap {
+                object: Object::Endpoint { id, .. },
+                ..
+            })) if *id == ep
+        )
     }
 }

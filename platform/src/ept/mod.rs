@@ -516,20 +516,12 @@ impl Ept {
     /// written to be lifted on a write ([`bits::LIFT`]); large leaves and
     /// others are left as they are.
     pub fn arm_lift<M: TableMemory + ?Sized>(&mut self, mem: &mut M, start: u64, end: u64) {
-        let _ = walk_range_mut(
-            mem,
-            self.root,
-            4,
-            0,
-            start,
-            end,
-            &mut |mem, table, slot, _gpa, size, entry| {
-                if size == PageSize::Size4K && entry & (READ | WRITE) == READ {
-                    write(mem, table, slot, entry | LIFT);
-                }
-                Ok(None)
-            },
-        );
+        let _ = self.leaves_mut(mem, start, end, |mem, table, slot, _gpa, size, entry| {
+            if size == PageSize::Size4K && entry & (READ | WRITE) == READ {
+                write(mem, table, slot, entry | LIFT);
+            }
+            Ok(None)
+        });
     }
 
     /// A write fault on `gpa`: if its leaf is an armed 4 KiB one
@@ -603,22 +595,14 @@ impl Ept {
         start: u64,
         end: u64,
     ) -> Result<(), EptError> {
-        walk_range_mut(
-            mem,
-            self.root,
-            4,
-            0,
-            start,
-            end,
-            &mut |mem, table, slot, _, size, entry| {
-                let Some(smaller) = size.smaller() else {
-                    return Ok(None);
-                };
-                let new = split_leaf(mem, entry, size, smaller)?;
-                write(mem, table, slot, table_entry(new));
-                Ok(Some(new))
-            },
-        )
+        self.leaves_mut(mem, start, end, |mem, table, slot, _, size, entry| {
+            let Some(smaller) = size.smaller() else {
+                return Ok(None);
+            };
+            let new = split_leaf(mem, entry, size, smaller)?;
+            write(mem, table, slot, table_entry(new));
+            Ok(Some(new))
+        })
     }
 
     /// Sets the permissions of every page mapped in `[start, end)`, leaving
@@ -638,27 +622,19 @@ impl Ept {
         if end > GPA_LIMIT || start > end {
             return Err(EptError::OutOfRange { gpa: end });
         }
-        walk_range_mut(
-            mem,
-            self.root,
-            4,
-            0,
-            start,
-            end,
-            &mut |mem, table, slot, gpa, size, entry| {
-                if gpa >= start && gpa + size.bytes() <= end {
-                    write(mem, table, slot, (entry & !(RWX | LIFT)) | perms.bits());
-                    return Ok(None);
-                }
-                // Straddles an end: split it, and go on in the new table.
-                let Some(smaller) = size.smaller() else {
-                    return Ok(None);
-                };
-                let new = split_leaf(mem, entry, size, smaller)?;
-                write(mem, table, slot, table_entry(new));
-                Ok(Some(new))
-            },
-        )
+        self.leaves_mut(mem, start, end, |mem, table, slot, gpa, size, entry| {
+            if gpa >= start && gpa + size.bytes() <= end {
+                write(mem, table, slot, (entry & !(RWX | LIFT)) | perms.bits());
+                return Ok(None);
+            }
+            // Straddles an end: split it, and go on in the new table.
+            let Some(smaller) = size.smaller() else {
+                return Ok(None);
+            };
+            let new = split_leaf(mem, entry, size, smaller)?;
+            write(mem, table, slot, table_entry(new));
+            Ok(Some(new))
+        })
     }
 
     /// Reads and clears the accessed and dirty bits of every leaf that
@@ -672,24 +648,16 @@ impl Ept {
         M: TableMemory + ?Sized,
         F: FnMut(u64, PageSize, bool, bool),
     {
-        let _ = walk_range_mut(
-            mem,
-            self.root,
-            4,
-            0,
-            start,
-            end,
-            &mut |mem, table, slot, gpa, size, entry| {
-                if entry & (ACCESSED | DIRTY) != 0 {
-                    let old = mem.clear_bits(table, slot, ACCESSED | DIRTY);
-                    let (accessed, dirty) = (old & ACCESSED != 0, old & DIRTY != 0);
-                    if accessed || dirty {
-                        f(gpa, size, accessed, dirty);
-                    }
+        let _ = self.leaves_mut(mem, start, end, |mem, table, slot, gpa, size, entry| {
+            if entry & (ACCESSED | DIRTY) != 0 {
+                let old = mem.clear_bits(table, slot, ACCESSED | DIRTY);
+                let (accessed, dirty) = (old & ACCESSED != 0, old & DIRTY != 0);
+                if accessed || dirty {
+                    f(gpa, size, accessed, dirty);
                 }
-                Ok(None)
-            },
-        );
+            }
+            Ok(None)
+        });
     }
 
     /// Calls `f` for every leaf that overlaps `[start, end)`, in address
@@ -767,6 +735,15 @@ impl Ept {
     /// Frees every table, the PML4 last. The mapped frames are the caller's.
     pub fn destroy<M: TableMemory + ?Sized>(self, mem: &mut M) {
         free_tree(mem, self.root, 4);
+    }
+
+    /// [`walk_range_mut`] over every table, from the PML4.
+    fn leaves_mut<M, F>(&self, mem: &mut M, start: u64, end: u64, mut f: F) -> Result<(), EptError>
+    where
+        M: TableMemory + ?Sized,
+        F: FnMut(&mut M, u64, usize, u64, PageSize, u64) -> Result<Option<u64>, EptError>,
+    {
+        walk_range_mut(mem, self.root, 4, 0, start, end, &mut f)
     }
 
     /// Follows `gpa` down to its leaf or to the first empty entry.

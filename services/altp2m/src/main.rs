@@ -213,15 +213,7 @@ impl Server {
         let (token, exit_reply) =
             self.events
                 .answer(&mut self.alt, &mut self.system, badge, event, action)?;
-        let mut out = [0u8; 64];
-        let n = ipc_schema::exitcodec::encode_reply(&exit_reply, &mut out).unwrap_or(0);
-        if let Err(e) = ipc::reply(token, &out[..n]) {
-            defmt::warn!(
-                "altp2m: event {=u32}: the vCPU could not be resumed: {}",
-                event,
-                e
-            );
-        }
+        resume(token, &exit_reply);
         Ok(())
     }
 
@@ -238,13 +230,13 @@ impl Server {
         out: &mut [u8],
     ) -> usize {
         let reply = |a: AltReply, out: &mut [u8]| ipc::encode_reply::<AltReply>(&Ok(a), out);
-        let mut resume = None;
+        let mut resumed = None;
         if let Some((event, action)) = answer {
             match self
                 .events
                 .answer(&mut self.alt, &mut self.system, badge, event, action)
             {
-                Ok(r) => resume = Some(r),
+                Ok(r) => resumed = Some(r),
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
         }
@@ -256,19 +248,15 @@ impl Server {
             }
             None => None,
         };
-        match (now, resume) {
+        match (now, resumed) {
             (Some(a), Some((vcpu, exit_reply))) => {
-                let mut bytes = [0u8; 64];
-                let n = ipc_schema::exitcodec::encode_reply(&exit_reply, &mut bytes).unwrap_or(0);
-                if let Err(e) = ipc::reply(vcpu, &bytes[..n]) {
-                    defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
-                }
+                resume(vcpu, &exit_reply);
                 reply(a, out)
             }
             (Some(a), None) => reply(a, out),
-            (None, resume) => {
+            (None, resumed) => {
                 self.events.polls.push(Poll { badge, token });
-                match resume {
+                match resumed {
                     Some((vcpu, exit_reply)) => {
                         ipc::answer_instead(vcpu);
                         ipc_schema::exitcodec::encode_reply(&exit_reply, out).unwrap_or(0)
@@ -410,6 +398,15 @@ impl Server {
             // Taken in `handle`, which has the call's token.
             AltRequest::NextEvent { .. } => AltReply::Refused(AltError::WrongEndpoint),
         }
+    }
+}
+
+/// Answers the exit of `token` (a vCPU waiting on an event) with `r`.
+fn resume(token: u64, r: &ipc_schema::vmexit::ExitReply) {
+    let mut out = [0u8; 64];
+    let n = ipc_schema::exitcodec::encode_reply(r, &mut out).unwrap_or(0);
+    if let Err(e) = ipc::reply(token, &out[..n]) {
+        defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
     }
 }
 

@@ -1282,7 +1282,12 @@ impl Altp2m {
                 rewrite_view_range(k, domain, d, view, 0, pages)?;
             }
         }
-        let cleared: Vec<u64> = d.views[&0].sve.keys().copied().collect();
+        let cleared: Vec<u64> = d.views[&0]
+            .sve
+            .iter()
+            .filter(|&(_, &suppress)| !suppress)
+            .map(|(&g, _)| g)
+            .collect();
         for g in cleared {
             fill(k, domain, d, view, g)?;
         }

@@ -334,6 +334,12 @@ impl Rig {
     fn host(&mut self, r: Request) -> Reply {
         self.alt.request(&mut self.k, D, Agent::External, &r)
     }
+    /// Tracking of `count` gfns from `gfn` (LD-2), which must be accepted.
+    fn track(&mut self, gfn: u64, count: u64, how: Option<Mechanism>) {
+        self.alt
+            .track(&mut self.k, D, GfnRange { gfn, count }, how)
+            .unwrap();
+    }
     fn view(&mut self) -> u16 {
         match self.guest(Request::ViewCreate {
             default_access: None,
@@ -1923,14 +1929,7 @@ fn a_page_is_what_the_guest_sees_in_its_view() {
     ));
     // Dirty tracking is not the guest's restriction: its request page
     // stays writable for the vmm's reply (a write the kernel records).
-    r.alt
-        .track(
-            &mut r.k,
-            D,
-            GfnRange { gfn: 0, count: 12 },
-            Some(Mechanism::WriteProtect),
-        )
-        .unwrap();
+    r.track(0, 12, Some(Mechanism::WriteProtect));
     assert!(!r.k.views[&0].map[&8].1.write, "write-protected");
     assert_eq!(page(&mut r, 0, 8).unwrap().access, Access::RWX);
     assert_eq!(page(&mut r, v, 4).unwrap().access, R);
@@ -1960,14 +1959,7 @@ fn a_write_through_a_remapped_entry_is_credited_to_the_frame_and_pml_does_not_lo
         }),
         Reply::Done
     );
-    r.alt
-        .track(
-            &mut r.k,
-            D,
-            GfnRange { gfn: b, count: 1 },
-            Some(Mechanism::Pml),
-        )
-        .unwrap();
+    r.track(b, 1, Some(Mechanism::Pml));
     // The guest's first touch fills A in v without write (tracking).
     assert_eq!(r.touch(v, a, Access::R), retry());
     assert!(!r.k.views[&v].map[&a].1.write, "protected until written");
@@ -1994,14 +1986,7 @@ fn a_write_through_a_remapped_entry_is_credited_to_the_frame_and_pml_does_not_lo
 fn write_protection_logs_each_frame_once_until_taken_in_every_view() {
     let mut r = Rig::new();
     let v = r.view();
-    r.alt
-        .track(
-            &mut r.k,
-            D,
-            GfnRange { gfn: 4, count: 8 },
-            Some(Mechanism::WriteProtect),
-        )
-        .unwrap();
+    r.track(4, 8, Some(Mechanism::WriteProtect));
     assert!(!r.k.views[&0].map[&5].1.write, "armed in view 0");
     assert!(r.k.views[&v].armed.contains(&5), "and in view v");
     // A write in view v lifts the frame there (the kernel's own doing);
@@ -2021,9 +2006,7 @@ fn write_protection_logs_each_frame_once_until_taken_in_every_view() {
     assert_eq!(taken, std::vec![(5, 1)]);
     assert!(!r.k.views[&0].map[&5].1.write, "armed again");
     // Disarming gives write back everywhere the settings allow it.
-    r.alt
-        .track(&mut r.k, D, GfnRange { gfn: 4, count: 8 }, None)
-        .unwrap();
+    r.track(4, 8, None);
     assert!(r.k.views[&0].map[&6].1.write);
     assert!(
         !r.k.views[&0].map[&7].1.write,
