@@ -543,14 +543,17 @@ impl Events {
                 }
             }
             Action::AllowOnce => {
+                // Never more than the host p2m gives the frame (issue 13).
+                let open = alt
+                    .open_once(k, e.domain, e.view, gfn)
+                    .map_err(|e| match e {
+                        HcError::NoSuchView { .. } => AltError::NoSuchView,
+                        _ => AltError::OutOfMemory,
+                    })?;
                 let ops = [EptOp::Protect {
                     view: e.view,
                     gfn,
-                    perms: Perms {
-                        read: true,
-                        write: true,
-                        execute: true,
-                    },
+                    perms: perms(open),
                 }];
                 let mut r = [EptResult::Done];
                 let _ = k.ept(e.domain, &ops, &mut r);

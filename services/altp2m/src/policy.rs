@@ -1468,12 +1468,50 @@ impl Altp2m {
         if !allowed || !t.blocks_write(view, gfn, frame) {
             return Ok(false);
         }
-        t.set_dirtied(frame);
+        self.credit_write(k, domain, frame)?;
+        Ok(true)
+    }
+
+    /// Marks `frame` dirtied for tracking and gives every entry that maps
+    /// it write back (tracking's part; the settings' stays).
+    fn credit_write(&mut self, k: &mut impl Kernel, domain: u16, frame: u64) -> Result<(), HcError> {
+        let d = self.domain(domain);
+        if let Some(t) = d.tracking.as_mut() {
+            t.set_dirtied(frame);
+        }
         let d = &self.domains[&domain];
         // The host p2m maps every frame a write can reach: written at once,
         // with every copy in the views.
-        propagate_with(k, domain, d, frame, &fill_ops(d, 0, frame))?;
-        Ok(true)
+        propagate_with(k, domain, d, frame, &fill_ops(d, 0, frame))
+    }
+
+    /// What an allow-once answer opens `gfn` of `view` to for one
+    /// instruction: no more than the host p2m gives the frame the entry
+    /// maps (a view's own restriction is what it lifts; in view 0, an
+    /// agent's setting is). A write it lets through where dirty tracking
+    /// protects the frame is credited first, as if it had faulted (LD-1:
+    /// no write goes unlogged).
+    pub fn open_once(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+    ) -> Result<Access, HcError> {
+        let d = self.domain(domain);
+        if !d.views.contains_key(&view) {
+            return Err(HcError::NoSuchView { view });
+        }
+        let frame = d.settled(view, gfn).0.frame_gfn.unwrap_or(gfn);
+        let open = if view == 0 { ALL } else { d.host_access(frame) };
+        let blocked = d
+            .tracking
+            .as_ref()
+            .is_some_and(|t| t.blocks_write(view, gfn, frame));
+        if open.write && blocked {
+            self.credit_write(k, domain, frame)?;
+        }
+        Ok(open)
     }
 }
 

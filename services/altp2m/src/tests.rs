@@ -811,6 +811,69 @@ fn without_ve_or_pml_the_requests_say_which_feature_is_missing() {
     );
 }
 
+/// Issue 13, point 8: allow-once opens a page for one instruction to no
+/// more than the host p2m gives its frame, and a write it lets through
+/// where dirty tracking protects the frame is logged first (LD-1).
+#[test]
+fn allow_once_grants_no_more_than_the_host_and_logs_the_write_it_lets_through() {
+    let mut r = Rig::new();
+    let v = r.view();
+    r.host(Request::SetAccess {
+        view: 0,
+        gfn: 8,
+        access: Access::RX,
+    });
+    r.host(Request::SetAccess {
+        view: v,
+        gfn: 8,
+        access: R,
+    });
+    r.ev.listen(D, 0x77, true).unwrap();
+    let x = Access {
+        read: false,
+        write: false,
+        execute: true,
+    };
+    assert_eq!(r.touch(v, 8, x), Outcome::Defer { new_event: true });
+    let id = r.ev.waiting[0].event.id;
+    let (_, reply) =
+        r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
+            .unwrap();
+    assert!(reply.step);
+    assert_eq!(
+        r.k.views[&v].map[&8].1,
+        perms_of(Access::RX),
+        "the host p2m gives read-execute: not write"
+    );
+    // In view 0 the agent's setting is the restriction lifted.
+    assert_eq!(r.touch(0, 8, W), Outcome::Defer { new_event: true });
+    let id = r.ev.waiting[0].event.id;
+    r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
+        .unwrap();
+    assert_eq!(r.k.views[&0].map[&8].1, RWX);
+
+    // A page that dirty tracking write-protects: the write allow-once lets
+    // through is credited before it happens.
+    let mut r = Rig::new();
+    let v = r.view();
+    r.track(9, 1, Some(Mechanism::WriteProtect));
+    r.host(Request::SetAccess {
+        view: v,
+        gfn: 9,
+        access: R,
+    });
+    r.ev.listen(D, 0x77, true).unwrap();
+    assert_eq!(r.touch(v, 9, W), Outcome::Defer { new_event: true });
+    let tracked = |r: &Rig| r.alt.domains[&D].tracking.as_ref().unwrap().is_dirtied(9);
+    assert!(!tracked(&r));
+    let id = r.ev.waiting[0].event.id;
+    r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
+        .unwrap();
+    assert!(tracked(&r), "the write is logged");
+    assert!(r.k.views[&v].map[&9].1.write);
+    assert!(r.k.views[&0].map[&9].1.write, "view 0 lifted with it");
+}
+
 #[test]
 fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
     let mut r = Rig::new();
