@@ -261,6 +261,7 @@ pub fn vcpu_control(
             }
             v.pml = Some(PmlBuffers { frames, active: 0 });
             d.pml_endpoint = Some(endpoint);
+            accessed_dirty(d, true);
         }
         VcpuOp::PmlStop => {
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
@@ -268,6 +269,7 @@ pub fn vcpu_control(
             v.set_secondary(caps, proc2::ENABLE_PML, false);
             v.pml = None;
             d.pml_endpoint = None;
+            accessed_dirty(d, false);
         }
         VcpuOp::PmlTake => {
             // A full buffer whose exit is not answered yet is the one to
@@ -292,6 +294,20 @@ pub fn vcpu_control(
         }
     }
     Ok([0, 0])
+}
+
+/// EPT accessed/dirty flags on while PML logs (it needs them), off
+/// otherwise (a guest's page-table walk is then no EPT write), with the
+/// (current) vCPU pointed at its view's new EPT pointer.
+fn accessed_dirty(d: &mut Domain, on: bool) {
+    if d.views.set_accessed_dirty(on)
+        && let Some(v) = d.vcpu.as_mut()
+    {
+        let view = v.active_view();
+        if let Ok(eptp) = d.views.eptp(view) {
+            v.set_view(view, eptp);
+        }
+    }
 }
 
 /// Copies the record of memory the kernel wrote for services into `out`,

@@ -22,7 +22,11 @@ pub struct Views {
     slots: [Option<View>; MAX_VIEWS as usize],
     /// The EPTP list page (512 entries), where the CPU has VMFUNC.
     eptp_list: Option<u64>,
-    /// EPT accessed/dirty flags are on in every EPT pointer.
+    /// The CPU has EPT accessed/dirty flags.
+    ad_supported: bool,
+    /// They are on in every EPT pointer: only while PML logs, which needs
+    /// them. With them on, the CPU takes a guest's page-table walk for an
+    /// EPT write, so a walk through a write-protected page would fault.
     accessed_dirty: bool,
     invept: InveptType,
     /// Every table of every view, counted against the domain's quota.
@@ -32,7 +36,7 @@ pub struct Views {
 impl Views {
     /// View 0, empty, and (with VMFUNC) an EPTP list where only view 0 is
     /// reachable.
-    pub fn new(vmfunc: bool, accessed_dirty: bool, invept: InveptType) -> Option<Self> {
+    pub fn new(vmfunc: bool, ad_supported: bool, invept: InveptType) -> Option<Self> {
         let mut tables = DomainTables::new();
         let host = Ept::new(&mut tables).ok()?;
         let eptp_list = if vmfunc {
@@ -43,7 +47,8 @@ impl Views {
         let mut views = Views {
             slots: [const { None }; MAX_VIEWS as usize],
             eptp_list,
-            accessed_dirty,
+            ad_supported,
+            accessed_dirty: false,
             invept,
             tables,
         };
@@ -138,6 +143,20 @@ impl Views {
         }
         self.write_list_entry(view);
         Ok(())
+    }
+
+    /// Turns EPT accessed/dirty flags on or off (where the CPU has them)
+    /// in every EPT pointer, the EPTP list's included. Returns whether
+    /// that changed anything; the caller points the vCPU at its view again.
+    pub fn set_accessed_dirty(&mut self, on: bool) -> bool {
+        if self.accessed_dirty == (on && self.ad_supported) {
+            return false;
+        }
+        self.accessed_dirty = on && self.ad_supported;
+        (0..MAX_VIEWS).for_each(|view| self.write_list_entry(view));
+        // Safety: VMX operation is on.
+        let _ = unsafe { invept(InveptType::AllContexts, 0) };
+        true
     }
 
     /// The EPT pointer of a view.

@@ -14,6 +14,8 @@
 //!    empty range, destroying the view the vCPU runs on. Each is refused
 //!    with its reason and the guest goes on.
 //! 6. A range over all of RAM made read-execute in v, checked, then undone.
+//! 7. A page-table walk through a read-execute page is a read (EPT A/D
+//!    flags off while PML does not log: issue 13, point 8).
 //!
 //! Prints `agent: all checks passed` and exits 0, or `FAIL: ...` lines and 1.
 //!
@@ -570,6 +572,8 @@ fn checks(info: &MultibootInfo) -> u32 {
     });
     c.check(r.is_ok(), format_args!("the range back to rwx: {r:?}"));
 
+    page_walk_is_a_read(&mut c, w);
+
     for view in [v, w] {
         let r = call_done(&Request::ViewDestroy { view });
         c.check(r.is_ok(), format_args!("ViewDestroy {view}: {r:?}"));
@@ -581,6 +585,43 @@ fn checks(info: &MultibootInfo) -> u32 {
         println!("agent: {} checks failed", c.0);
         1
     }
+}
+
+/// Issue 13, point 8: with EPT accessed/dirty flags on, the CPU takes a
+/// guest's page-table walk for an EPT write. They are on only while PML
+/// logs, so here a walk through a read-execute page of tables is a read:
+/// the guest makes its own top-level table (CR3's page) read-execute in
+/// `view`, runs there with its TLB flushed (every fetch and read walks the
+/// tables again), and comes back. With the flags on, the first walk would
+/// be a write violation, which nobody answers: the domain would stop.
+fn page_walk_is_a_read(c: &mut Checks, view: u16) {
+    let cr3: u64;
+    // Safety: reading CR3 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    let top = cr3 >> 12 & 0xf_ffff_ffff;
+    let r = call_done(&Request::SetAccess {
+        view,
+        gfn: top,
+        access: Access::RX,
+    });
+    c.check(r.is_ok(), format_args!("SetAccess r-x on the page tables' gfn {top:#x}: {r:?}"));
+    let on = view_switch(view);
+    // Safety: writing CR3 back flushes the TLB; the tables are the same.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack)) };
+    let x = A.read_u64(0, 0);
+    view_switch(0);
+    c.check(
+        on == Status::Ok && x == MARK_A,
+        format_args!(
+            "a page-table walk through read-execute gfn {top:#x} in view {view} is a read: {on:?}, {x:#x}"
+        ),
+    );
+    let r = call_done(&Request::SetAccess {
+        view,
+        gfn: top,
+        access: Access::RWX,
+    });
+    c.check(r.is_ok(), format_args!("the page tables' gfn back to rwx: {r:?}"));
 }
 
 /// Spins a little (between polls of the host's doing).
