@@ -5,7 +5,7 @@
 
 use super::{Client, ClientError, ControlReply, ControlRequest, Transport, unwanted};
 pub use ipc_schema::altp2m::{Action, AltError, AltReply, AltRequest, NoListener, VmEvent};
-pub use ipc_schema::hypercall::{Access, Entry, HcError, Mode, Reply, Request};
+pub use ipc_schema::hypercall::{Access, Entry, HcError, Mode, Relaxing, Reply, Request};
 use std::time::Duration;
 
 impl<S: Transport> Client<S> {
@@ -103,6 +103,15 @@ pub fn parse_access(s: &str) -> Result<Access, String> {
         }
     }
     Ok(a)
+}
+
+/// `rx2rw` or `n2rwx` (Xen's names).
+pub fn parse_relaxing(s: &str) -> Result<Relaxing, String> {
+    match s {
+        "rx2rw" => Ok(Relaxing::Rx2Rw),
+        "n2rwx" => Ok(Relaxing::N2Rwx),
+        _ => Err(format!("{s:?}: say rx2rw or n2rwx")),
+    }
 }
 
 /// `disabled`, `mixed`, `external`, `limited`.
@@ -259,13 +268,40 @@ pub fn describe_event(e: &VmEvent) -> String {
             "the in-guest agent"
         } else {
             "an external agent"
-        }
-    )
+        },
+    ) + if e.paused {
+        ""
+    } else {
+        "; the access went through (n2rwx: the vCPU did not wait)"
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_n2rwx_notice_says_the_access_went_through() {
+        let mut e = VmEvent {
+            id: 3,
+            domain: 1,
+            vcpu: 0,
+            view: 2,
+            gpa: 0x9018,
+            gla: None,
+            access: Default::default(),
+            allowed: Default::default(),
+            rip: 0x1000,
+            internal: false,
+            paused: true,
+        };
+        assert!(!describe_event(&e).contains("went through"));
+        e.paused = false;
+        assert!(describe_event(&e).contains("the access went through"));
+        assert_eq!(parse_relaxing("n2rwx"), Ok(Relaxing::N2Rwx));
+        assert_eq!(parse_relaxing("rx2rw"), Ok(Relaxing::Rx2Rw));
+        assert!(parse_relaxing("rw2x").unwrap_err().contains("\"rw2x\""));
+    }
 
     #[test]
     fn accesses_modes_and_answers_parse_and_bad_ones_are_named() {

@@ -283,6 +283,18 @@ enum AltCmd {
         #[arg(long, default_value = "1", value_parser = number)]
         count: u64,
     },
+    /// Give GFN in VIEW an access that relaxes itself at its first
+    /// violation: rx2rw (read-execute; a write makes it read-write, no
+    /// event) or n2rwx (nothing; any access makes it rwx, and the listener
+    /// hears of it afterwards).
+    Relaxing {
+        domain: u16,
+        view: u16,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(value_parser = control::altp2m::parse_relaxing)]
+        relaxing: control::altp2m::Relaxing,
+    },
     /// In VIEW, map GFN to the frame behind TO (no TO: the host's own again).
     ChangeGfn {
         domain: u16,
@@ -754,6 +766,22 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
                 "domain {domain}: view {view}: {count} page(s) from gfn {gfn:#x} now {}",
                 letters(access)
             );
+        }
+        AltCmd::Relaxing {
+            domain,
+            view,
+            gfn,
+            relaxing,
+        } => {
+            c.view_request(
+                domain,
+                Request::SetAccessRelaxing {
+                    view,
+                    gfn,
+                    relaxing,
+                },
+            )?;
+            println!("domain {domain}: view {view}: gfn {gfn:#x} now {relaxing:?}");
         }
         AltCmd::ChangeGfn {
             domain,

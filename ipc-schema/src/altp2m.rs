@@ -138,6 +138,11 @@ pub struct VmEvent {
     pub rip: u64,
     /// The restriction was placed by the in-guest agent (not an external one).
     pub internal: bool,
+    /// The vCPU waits for the listener's answer. `false` for the first
+    /// access to an `n2rwx` page ([`crate::hypercall::Relaxing::N2Rwx`]),
+    /// which went through: an answer is taken (its `SetAccess` applied)
+    /// but resumes nothing.
+    pub paused: bool,
 }
 
 impl VmEvent {
@@ -146,7 +151,7 @@ impl VmEvent {
 
     /// The fixed-width layout: id, domain, vCPU, view, GPA, GLA present
     /// and GLA, access and allowed (bits 0-2: read, write, execute), RIP,
-    /// internal.
+    /// flags (bit 0: internal, bit 1: paused).
     pub fn to_bytes(&self) -> [u8; Self::BYTES] {
         let bits =
             |a: AccessBits| u8::from(a.read) | u8::from(a.write) << 1 | u8::from(a.execute) << 2;
@@ -161,12 +166,12 @@ impl VmEvent {
         b[27] = bits(self.access);
         b[28] = bits(self.allowed);
         b[29..37].copy_from_slice(&self.rip.to_le_bytes());
-        b[37] = u8::from(self.internal);
+        b[37] = u8::from(self.internal) | u8::from(self.paused) << 1;
         b
     }
 
-    /// The layout read back; `None` for any other length, a flag byte
-    /// other than 0 or 1, or access bits above bit 2.
+    /// The layout read back; `None` for any other length, a GLA flag byte
+    /// other than 0 or 1, flags above bit 1, or access bits above bit 2.
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let b: &[u8; Self::BYTES] = b.try_into().ok()?;
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
@@ -201,7 +206,8 @@ impl VmEvent {
             access: bits(b[27])?,
             allowed: bits(b[28])?,
             rip: u64_at(29),
-            internal: flag(b[37])?,
+            internal: (b[37] < 4).then_some(b[37] & 1 != 0)?,
+            paused: b[37] & 2 != 0,
         })
     }
 }
@@ -332,10 +338,14 @@ mod layout_tests {
                 any::<u64>(),
                 any::<bool>(),
             ),
-            (bits(), bits()),
+            (bits(), bits(), any::<bool>()),
         )
             .prop_map(
-                |((id, domain, vcpu, view), (gpa, gla, rip, internal), (access, allowed))| {
+                |(
+                    (id, domain, vcpu, view),
+                    (gpa, gla, rip, internal),
+                    (access, allowed, paused),
+                )| {
                     VmEvent {
                         id,
                         domain,
@@ -347,6 +357,7 @@ mod layout_tests {
                         allowed,
                         rip,
                         internal,
+                        paused,
                     }
                 },
             )

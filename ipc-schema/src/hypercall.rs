@@ -258,6 +258,32 @@ pub enum Request {
         clear: bool,
     },
     DirtyLogStop,
+    /// Sets `gfn` in `view` to an access that relaxes itself at its first
+    /// violation, as Xen's `rx2rw` and `n2rwx` ([`Relaxing`]). A later
+    /// setting of the gfn replaces it; [`Request::GetAccess`] shows the
+    /// access it has now.
+    SetAccessRelaxing {
+        view: u16,
+        gfn: u64,
+        relaxing: Relaxing,
+    },
+}
+
+/// Access types that relax themselves at their first violation (Xen's
+/// `p2m_access_rx2rw` and `p2m_access_n2rwx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Relaxing {
+    /// Read-execute until the first write, which makes the page read-write
+    /// (execute taken away) and goes through with no event: a later
+    /// instruction fetch from the page is a violation (code written, then
+    /// run: how unpacking is caught).
+    Rx2Rw,
+    /// No access until the first access, which makes the page
+    /// read-write-execute and goes through at once; the domain's listener
+    /// hears of it afterwards, in an event whose vCPU does not wait for an
+    /// answer ([`crate::altp2m::VmEvent::paused`] false).
+    N2Rwx,
 }
 
 /// What a view holds for one gfn.

@@ -13,7 +13,7 @@ use crate::policy::{Altp2m, Kernel, fill, fill_ops, host_and_view};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
-use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Status};
+use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Relaxing, Status};
 use ipc_schema::syscall::{EptOp, EptResult, Perms};
 use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response, Then};
 
@@ -28,6 +28,9 @@ pub enum Outcome {
     /// Keep the vCPU waiting (its exit is answered later); `new_event`: a
     /// listener should be told.
     Defer { new_event: bool },
+    /// Answer the kernel at once, and tell the listener of an event whose
+    /// vCPU does not wait (`VmEvent::paused` false).
+    Tell(ExitReply),
 }
 
 /// An exit waiting for the listener's answer.
@@ -232,10 +235,25 @@ impl Events {
                 rip: None,
             });
         }
+        // Xen's relaxing access types: the page's own setting relaxes
+        // itself (rx2rw silently; of n2rwx the listener hears afterwards),
+        // before dirty tracking has its say on the write.
+        let relaxed = alt.relax(k, id, view, gfn, access).unwrap_or_else(|e| {
+            defmt::warn!(
+                "altp2m: domain {=u16}: gfn {=u64:#x} in view {=u16} could not relax its access ({}); handled as a restriction",
+                id,
+                gfn,
+                view,
+                e
+            );
+            None
+        });
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
         match alt.lift(k, id, view, gfn, access) {
             Ok(false) => {}
+            // An n2rwx page lifted too: on, for its notice.
+            Ok(true) if relaxed.is_some() => {}
             Ok(true) => {
                 if !populated && fill(k, id, &alt.domains[&id], view, gfn).is_err() {
                     defmt::error!(
@@ -281,18 +299,13 @@ impl Events {
                 return reply(Response::CRASH);
             }
         }
-        if allows(effective.access, access) {
-            // Filled just now, or a fault the entry no longer deserves.
-            return reply(Response::RETRY);
-        }
-        // A restriction: the listener hears of it, or the policy decides.
         // What the entry allows now (it may have just been filled).
         let allowed = AccessBits {
             read: effective.access.read,
             write: effective.access.write,
             execute: effective.access.execute,
         };
-        let event = VmEvent {
+        let mut event = VmEvent {
             id: self.next,
             domain: id,
             vcpu: m.exit.vcpu,
@@ -303,7 +316,26 @@ impl Events {
             allowed,
             rip: m.exit.rip,
             internal: !external,
+            paused: true,
         };
+        if allows(effective.access, access) {
+            // Filled just now, or a fault the entry no longer deserves, or
+            // an n2rwx page's first access, which the listener hears of.
+            if relaxed == Some(Relaxing::N2Rwx) && self.listeners.contains_key(&id) {
+                event.paused = false;
+                if self.record(event, 0) == (Outcome::Defer { new_event: true }) {
+                    return Outcome::Tell(ExitReply {
+                        response: Response::RETRY,
+                        regs: None,
+                        view: None,
+                        step: false,
+                        rip: None,
+                    });
+                }
+            }
+            return reply(Response::RETRY);
+        }
+        // A restriction: the listener hears of it, or the policy decides.
         if self.listeners.contains_key(&id) {
             return self.record(event, token);
         }
@@ -482,7 +514,9 @@ impl Events {
         }
     }
 
-    /// The listener's answer: the exit to answer (its token and reply).
+    /// The listener's answer: the exit to answer (its token and reply);
+    /// `None` for an event whose vCPU did not wait (its `SetAccess` is
+    /// applied, nothing is resumed).
     pub fn answer(
         &mut self,
         alt: &mut Altp2m,
@@ -490,7 +524,7 @@ impl Events {
         badge: u64,
         event: u32,
         action: Action,
-    ) -> Result<(u64, ExitReply), AltError> {
+    ) -> Result<Option<(u64, ExitReply)>, AltError> {
         let i = self
             .waiting
             .iter()
@@ -508,6 +542,13 @@ impl Events {
             view: None,
             step: false,
             rip: None,
+        };
+        // The vCPU of an n2rwx notice went on long ago: only an access
+        // change applies to it.
+        let action = match action {
+            Action::SetAccess(_) => action,
+            _ if !e.paused => Action::Retry,
+            _ => action,
         };
         match action {
             Action::Retry => {}
@@ -562,7 +603,7 @@ impl Events {
             }
         }
         self.waiting.remove(i);
-        Ok((w.token, out))
+        Ok(e.paused.then_some((w.token, out)))
     }
 }
 

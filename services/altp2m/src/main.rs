@@ -210,10 +210,12 @@ impl Server {
 
     /// A listener's answer to `event`: applied, and the vCPU resumed.
     fn answer(&mut self, badge: u64, event: u32, action: Action) -> Result<(), AltError> {
-        let (token, exit_reply) =
+        if let Some((token, exit_reply)) =
             self.events
-                .answer(&mut self.alt, &mut self.system, badge, event, action)?;
-        resume(token, &exit_reply);
+                .answer(&mut self.alt, &mut self.system, badge, event, action)?
+        {
+            resume(token, &exit_reply);
+        }
         Ok(())
     }
 
@@ -236,7 +238,7 @@ impl Server {
                 .events
                 .answer(&mut self.alt, &mut self.system, badge, event, action)
             {
-                Ok(r) => resumed = Some(r),
+                Ok(r) => resumed = r,
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
         }
@@ -442,6 +444,10 @@ impl Service for Server {
                 }
                 Outcome::Defer { new_event: true } => self.deliver(Some(reply)),
                 Outcome::Defer { new_event: false } => DEFER,
+                Outcome::Tell(answer) => {
+                    self.deliver(None);
+                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
+                }
             };
         }
         if Some(msg.slot) == self.track {

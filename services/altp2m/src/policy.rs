@@ -35,7 +35,7 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::AltError;
 use ipc_schema::hypercall::{
-    Access, Entry, Feature, HcError, MAX_VIEWS, Mode, Quota, Reply, Request,
+    Access, Entry, Feature, HcError, MAX_VIEWS, Mode, Quota, Relaxing, Reply, Request,
 };
 use ipc_schema::logdirty::{GfnRange, Mechanism};
 use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms, SysError, VcpuOp, vm_features};
@@ -119,6 +119,9 @@ pub enum Agent {
 pub struct Setting {
     pub access: Access,
     pub external: bool,
+    /// The access relaxes itself at its first violation (Xen's rx2rw,
+    /// n2rwx; [`Altp2m::relax`]).
+    pub relaxing: Option<Relaxing>,
 }
 
 /// What one view should be, on top of the host p2m.
@@ -571,6 +574,7 @@ fn grows(request: &Request) -> bool {
         Request::ViewCreate { .. }
             | Request::ChangeGfn { to: Some(_), .. }
             | Request::SetAccess { .. }
+            | Request::SetAccessRelaxing { .. }
             | Request::SetAccessRange { .. }
             | Request::SetAccessList { .. }
             | Request::SetSuppressVe { .. }
@@ -916,6 +920,23 @@ impl Altp2m {
                 self.set_access(k, domain, view, gfn, 1, access, external)?;
                 Ok(Reply::Done)
             }
+            Request::SetAccessRelaxing {
+                view,
+                gfn,
+                relaxing,
+            } => {
+                let access = match relaxing {
+                    Relaxing::Rx2Rw => Access::RX,
+                    Relaxing::N2Rwx => Access::NONE,
+                };
+                let setting = Setting {
+                    access,
+                    external,
+                    relaxing: Some(relaxing),
+                };
+                self.set(k, domain, view, gfn, 1, setting)?;
+                Ok(Reply::Done)
+            }
             Request::SetAccessRange {
                 view,
                 gfn,
@@ -1030,7 +1051,25 @@ impl Altp2m {
         access: Access,
         external: bool,
     ) -> Result<(), HcError> {
-        expressible(k, access)?;
+        let setting = Setting {
+            access,
+            external,
+            relaxing: None,
+        };
+        self.set(k, domain, view, gfn, count, setting)
+    }
+
+    /// Puts `setting` on `count` gfns from `gfn` in `view`.
+    fn set(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+        count: u64,
+        setting: Setting,
+    ) -> Result<(), HcError> {
+        expressible(k, setting.access)?;
         if !self.domain(domain).views.contains_key(&view) {
             return Err(HcError::NoSuchView { view });
         }
@@ -1048,7 +1087,7 @@ impl Altp2m {
         if count > 1 {
             is_ram(k, domain, end - 1).map_err(|_| HcError::BadRange)?;
         }
-        let setting = Some(Setting { access, external });
+        let setting = Some(setting);
         let quotas = self.quotas;
         let d = self.domain(domain);
         let before = d.settings();
@@ -1474,7 +1513,12 @@ impl Altp2m {
 
     /// Marks `frame` dirtied for tracking and gives every entry that maps
     /// it write back (tracking's part; the settings' stays).
-    fn credit_write(&mut self, k: &mut impl Kernel, domain: u16, frame: u64) -> Result<(), HcError> {
+    fn credit_write(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        frame: u64,
+    ) -> Result<(), HcError> {
         let d = self.domain(domain);
         if let Some(t) = d.tracking.as_mut() {
             t.set_dirtied(frame);
@@ -1483,6 +1527,38 @@ impl Altp2m {
         // The host p2m maps every frame a write can reach: written at once,
         // with every copy in the views.
         propagate_with(k, domain, d, frame, &fill_ops(d, 0, frame))
+    }
+
+    /// A violation of `view` at `gfn` whose own setting relaxes itself
+    /// (Xen's rx2rw and n2rwx): the setting becomes what it relaxes to
+    /// (a write to an rx2rw page: read-write; any access to an n2rwx page:
+    /// read-write-execute) and the entries are written. Which kind it was,
+    /// or `None` where nothing relaxed (another setting, or an rx2rw page
+    /// read or fetched). A relaxation the quota refuses (the page splits a
+    /// range of settings) leaves the setting as it was.
+    pub fn relax(
+        &mut self,
+        k: &mut impl Kernel,
+        domain: u16,
+        view: u16,
+        gfn: u64,
+        access: ipc_schema::vmexit::AccessBits,
+    ) -> Result<Option<Relaxing>, HcError> {
+        let Some(s) = self
+            .domains
+            .get(&domain)
+            .and_then(|d| d.views.get(&view))
+            .and_then(|v| v.access.get(gfn))
+        else {
+            return Ok(None);
+        };
+        let to = match s.relaxing {
+            Some(Relaxing::Rx2Rw) if access.write => Access::RW,
+            Some(Relaxing::N2Rwx) => Access::RWX,
+            _ => return Ok(None),
+        };
+        self.set_access(k, domain, view, gfn, 1, to, s.external)?;
+        Ok(s.relaxing)
     }
 
     /// What an allow-once answer opens `gfn` of `view` to for one

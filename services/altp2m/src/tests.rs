@@ -7,7 +7,9 @@ extern crate std;
 use crate::events::{Events, Outcome};
 use crate::policy::{Agent, Altp2m, Kernel, Quotas, Reset};
 use ipc_schema::altp2m::{Action, AltError, NoListener};
-use ipc_schema::hypercall::{Access, Entry, Feature, HcError, Mode, Quota, Reply, Request};
+use ipc_schema::hypercall::{
+    Access, Entry, Feature, HcError, Mode, Quota, Relaxing, Reply, Request,
+};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::logdirty::{GfnRange, Mechanism};
 use ipc_schema::syscall::{
@@ -811,6 +813,74 @@ fn without_ve_or_pml_the_requests_say_which_feature_is_missing() {
     );
 }
 
+/// Issue 13, point 8: Xen's relaxing access types. rx2rw: read-execute
+/// until the first write, which goes through silently and takes execute
+/// away, so that running the written page is an event. n2rwx: nothing until
+/// the first access, which goes through at once and reaches the listener
+/// as an event whose vCPU does not wait.
+#[test]
+fn rx2rw_and_n2rwx_relax_at_the_first_violation() {
+    let mut r = Rig::new();
+    let v = r.view();
+    let x = Access {
+        read: false,
+        write: false,
+        execute: true,
+    };
+    for (gfn, relaxing) in [(8, Relaxing::Rx2Rw), (9, Relaxing::N2Rwx)] {
+        let set = Request::SetAccessRelaxing {
+            view: v,
+            gfn,
+            relaxing,
+        };
+        assert_eq!(r.host(set), Reply::Done);
+    }
+    assert_eq!(r.k.views[&v].map[&8].1, perms_of(Access::RX));
+    assert_eq!(r.k.views[&v].map[&9].1, perms_of(Access::NONE));
+    r.ev.listen(D, 0x77, true).unwrap();
+    // rx2rw: the write goes through with no event.
+    assert_eq!(r.touch(v, 8, W), retry());
+    assert!(r.ev.waiting.is_empty() && r.ev.log.is_empty());
+    assert_eq!(r.k.views[&v].map[&8].1, perms_of(Access::RW));
+    let get = Request::GetAccess { view: v, gfn: 8 };
+    assert_eq!(r.host(get), Reply::Access(Access::RW));
+    // ... and running the written page is a violation.
+    assert_eq!(r.touch(v, 8, x), Outcome::Defer { new_event: true });
+    let e = r.ev.waiting.pop().unwrap().event;
+    assert!(e.paused && e.access.execute);
+    // n2rwx: the read goes through and the listener hears of it.
+    let outcome = r.touch(v, 9, R);
+    assert!(matches!(outcome, Outcome::Tell(a) if a.response == Response::RETRY));
+    assert_eq!(r.k.views[&v].map[&9].1, RWX);
+    let notice = r.ev.next_for(0x77).unwrap();
+    assert!(!notice.paused && notice.access.read && notice.gpa / 4096 == 9);
+    let wire = ipc_schema::altp2m::VmEvent::from_bytes(&notice.to_bytes());
+    assert_eq!(wire, Some(notice), "the flag survives the wire");
+    // Its answer resumes nothing; an access change in it applies.
+    let answered = r.ev.answer(
+        &mut r.alt,
+        &mut r.k,
+        0x77,
+        notice.id,
+        Action::SetAccess(Access::R),
+    );
+    assert_eq!(answered, Ok(None));
+    assert_eq!(r.k.views[&v].map[&9].1, perms_of(Access::R));
+    // Once relaxed, never again: the page is an ordinary setting now.
+    assert_eq!(r.touch(v, 9, W), Outcome::Defer { new_event: true });
+    // Without a listener an n2rwx page relaxes silently.
+    let mut r = Rig::new();
+    let v = r.view();
+    let set = Request::SetAccessRelaxing {
+        view: v,
+        gfn: 9,
+        relaxing: Relaxing::N2Rwx,
+    };
+    assert_eq!(r.guest(set), Reply::Done);
+    assert_eq!(r.touch(v, 9, W), retry());
+    assert!(r.ev.waiting.is_empty());
+}
+
 /// Issue 13, point 8: allow-once opens a page for one instruction to no
 /// more than the host p2m gives its frame, and a write it lets through
 /// where dirty tracking protects the frame is logged first (LD-1).
@@ -838,6 +908,7 @@ fn allow_once_grants_no_more_than_the_host_and_logs_the_write_it_lets_through() 
     let id = r.ev.waiting[0].event.id;
     let (_, reply) =
         r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
+            .unwrap()
             .unwrap();
     assert!(reply.step);
     assert_eq!(
@@ -901,6 +972,7 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
     );
     let (token, reply) =
         r.ev.answer(&mut r.alt, &mut r.k, 0x77, e.id, Action::AllowOnce)
+            .unwrap()
             .unwrap();
     assert_eq!(token, 0xabc0 + 8);
     assert!(reply.step, "one instruction with the page open");
@@ -928,6 +1000,7 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
     let id = r.ev.waiting[0].event.id;
     let (_, reply) =
         r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::SwitchView(0))
+            .unwrap()
             .unwrap();
     assert_eq!(reply.view, Some(0));
     r.touch(v, 8, W);
@@ -938,6 +1011,7 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
     );
     let (_, reply) =
         r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::Skip { length: 3 })
+            .unwrap()
             .unwrap();
     assert_eq!(reply.rip, Some(0x1234 + 3));
     // SetAccess: the listener opens the page for good.
@@ -1003,6 +1077,13 @@ enum Op {
         gfn: u64,
         to: Option<u64>,
     },
+    /// Xen's rx2rw and n2rwx (issue 13, point 8).
+    SetRelaxing {
+        view: usize,
+        gfn: u64,
+        relaxing: Relaxing,
+        external: bool,
+    },
     Sve {
         view: usize,
         gfn: u64,
@@ -1049,6 +1130,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => v.clone().prop_map(Op::Destroy),
         4 => (v.clone(), gfn(), access(), any::<bool>()).prop_map(|(view, gfn, access, external)| Op::SetAccess { view, gfn, access, external }),
         2 => (v.clone(), gfn(), 0u64..24, access(), any::<bool>()).prop_map(|(view, gfn, count, access, external)| Op::SetRange { view, gfn, count, access, external }),
+        2 => (v.clone(), gfn(), prop_oneof![Just(Relaxing::Rx2Rw), Just(Relaxing::N2Rwx)], any::<bool>()).prop_map(|(view, gfn, relaxing, external)| Op::SetRelaxing { view, gfn, relaxing, external }),
         3 => (v.clone(), gfn(), proptest::option::of(gfn())).prop_map(|(view, gfn, to)| Op::ChangeGfn { view, gfn, to }),
         3 => (v.clone(), gfn(), any::<bool>()).prop_map(|(view, gfn, suppress)| Op::Sve { view, gfn, suppress }),
         5 => (v.clone(), gfn(), access()).prop_map(|(view, gfn, access)| Op::Touch { view, gfn, access }),
@@ -1063,7 +1145,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Clone, Default)]
 struct RefView {
     default: Option<Access>,
-    access: BTreeMap<u64, (Access, bool)>,
+    /// gfn -> (access, placed externally, relaxes itself how).
+    access: BTreeMap<u64, (Access, bool, Option<Relaxing>)>,
     remap: BTreeMap<u64, u64>,
     sve: BTreeMap<u64, bool>,
 }
@@ -1109,8 +1192,7 @@ impl Reference {
         self.views[&0]
             .access
             .get(&frame)
-            .copied()
-            .unwrap_or((Access::RWX, false))
+            .map_or((Access::RWX, false), |&(a, e, _)| (a, e))
     }
 
     /// Whether tracking takes write from `view`'s entry for `gfn` (mapping
@@ -1322,7 +1404,7 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
             } else {
                 let mut next = reference.clone();
                 let v = next.views.get_mut(&view).unwrap();
-                v.access.insert(gfn, (access, external));
+                v.access.insert(gfn, (access, external, None));
                 accepted(reply, quotas, reference, next)?;
             }
         }
@@ -1350,8 +1432,34 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                 let mut next = reference.clone();
                 let v = next.views.get_mut(&view).unwrap();
                 for g in gfn..end {
-                    v.access.insert(g, (access, external));
+                    v.access.insert(g, (access, external, None));
                 }
+                accepted(reply, quotas, reference, next)?;
+            }
+        }
+        Op::SetRelaxing {
+            view,
+            gfn,
+            relaxing,
+            external,
+        } => {
+            let view = pick(view);
+            let req = Request::SetAccessRelaxing {
+                view,
+                gfn,
+                relaxing,
+            };
+            let reply = if external { r.host(req) } else { r.guest(req) };
+            if !is_ram(gfn) {
+                prop_assert_eq!(reply, Reply::Error(HcError::BadGfn { gfn }));
+            } else {
+                let access = match relaxing {
+                    Relaxing::Rx2Rw => Access::RX,
+                    Relaxing::N2Rwx => Access::NONE,
+                };
+                let mut next = reference.clone();
+                let v = next.views.get_mut(&view).unwrap();
+                v.access.insert(gfn, (access, external, Some(relaxing)));
                 accepted(reply, quotas, reference, next)?;
             }
         }
@@ -1425,6 +1533,23 @@ fn run_op(r: &mut Rig, reference: &mut Reference, op: &Op) -> Result<(), TestCas
                     && (!access.write || a.write)
                     && (!access.execute || a.execute)
             };
+            // The page's own setting relaxes itself first, unless that
+            // would take the domain past its settings quota.
+            let own = reference.views[&view].access.get(&gfn).copied();
+            let to = match own {
+                Some((_, _, Some(Relaxing::Rx2Rw))) if access.write => Some(Access::RW),
+                Some((_, _, Some(Relaxing::N2Rwx))) => Some(Access::RWX),
+                _ => None,
+            };
+            if let (Some(to), Some((_, external, _))) = (to, own) {
+                let mut next = reference.clone();
+                let v = next.views.get_mut(&view).unwrap();
+                v.access.insert(gfn, (to, external, None));
+                let (before, after) = (reference.settings(), next.settings());
+                if after <= before || after <= quotas.settings as usize {
+                    *reference = next;
+                }
+            }
             let want = reference.expected(view, gfn);
             let plain = reference.untracked(view, gfn);
             let frame = plain.frame_gfn.unwrap();

@@ -16,6 +16,7 @@
 //! 6. A range over all of RAM made read-execute in v, checked, then undone.
 //! 7. A page-table walk through a read-execute page is a read (EPT A/D
 //!    flags off while PML does not log: issue 13, point 8).
+//! 8. rx2rw and n2rwx pages relax at their first write and access.
 //!
 //! Prints `agent: all checks passed` and exits 0, or `FAIL: ...` lines and 1.
 //!
@@ -59,7 +60,7 @@
 #![no_std]
 #![no_main]
 
-use guest_runtime::abi::{Access, HcError, Mode, Quota, Reply, Request, Status};
+use guest_runtime::abi::{Access, HcError, Mode, Quota, Relaxing, Reply, Request, Status};
 use guest_runtime::hypercall::{self, HelperError, call, call_done, get_entry};
 use guest_runtime::{MultibootInfo, Pages, println, view_switch, vmfunc_switch};
 
@@ -70,6 +71,8 @@ static B: Pages<1> = Pages::new();
 static W: Pages<1> = Pages::new();
 static W2: Pages<1> = Pages::new();
 static NEVER: Pages<1> = Pages::new();
+static RX2RW: Pages<1> = Pages::new();
+static N2RWX: Pages<1> = Pages::new();
 const MARK_A: u64 = 0xaaaa_0000_0000_000a;
 const MARK_B: u64 = 0xbbbb_0000_0000_000b;
 
@@ -573,6 +576,7 @@ fn checks(info: &MultibootInfo) -> u32 {
     c.check(r.is_ok(), format_args!("the range back to rwx: {r:?}"));
 
     page_walk_is_a_read(&mut c, w);
+    relaxing(&mut c, w);
 
     for view in [v, w] {
         let r = call_done(&Request::ViewDestroy { view });
@@ -604,7 +608,10 @@ fn page_walk_is_a_read(c: &mut Checks, view: u16) {
         gfn: top,
         access: Access::RX,
     });
-    c.check(r.is_ok(), format_args!("SetAccess r-x on the page tables' gfn {top:#x}: {r:?}"));
+    c.check(
+        r.is_ok(),
+        format_args!("SetAccess r-x on the page tables' gfn {top:#x}: {r:?}"),
+    );
     let on = view_switch(view);
     // Safety: writing CR3 back flushes the TLB; the tables are the same.
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack)) };
@@ -621,7 +628,43 @@ fn page_walk_is_a_read(c: &mut Checks, view: u16) {
         gfn: top,
         access: Access::RWX,
     });
-    c.check(r.is_ok(), format_args!("the page tables' gfn back to rwx: {r:?}"));
+    c.check(
+        r.is_ok(),
+        format_args!("the page tables' gfn back to rwx: {r:?}"),
+    );
+}
+
+/// Issue 13, point 8: Xen's relaxing access types, on the real tables. In
+/// `view` an rx2rw page is written and an n2rwx page read: both go
+/// through (nobody listens, so a refused access would stop the domain),
+/// and the entries are then read-write and read-write-execute.
+fn relaxing(c: &mut Checks, view: u16) {
+    for (page, relaxing) in [(&RX2RW, Relaxing::Rx2Rw), (&N2RWX, Relaxing::N2Rwx)] {
+        let r = call_done(&Request::SetAccessRelaxing {
+            view,
+            gfn: page.gfn(0),
+            relaxing,
+        });
+        c.check(
+            r.is_ok(),
+            format_args!("SetAccessRelaxing {relaxing:?}: {r:?}"),
+        );
+    }
+    let on = view_switch(view);
+    RX2RW.write_u64(0, 0, 0x2277);
+    let x = N2RWX.read_u64(0, 0);
+    view_switch(0);
+    c.check(
+        on == Status::Ok && x == 0 && RX2RW.read_u64(0, 0) == 0x2277,
+        format_args!("the rx2rw write and the n2rwx read went through in view {view}"),
+    );
+    for (page, want) in [(&RX2RW, Access::RW), (&N2RWX, Access::RWX)] {
+        let raw = get_entry(view, page.gfn(0), true);
+        c.check(
+            matches!(raw, Ok(e) if e.access == want),
+            format_args!("relaxed entry of gfn {:#x}: {raw:?}", page.gfn(0)),
+        );
+    }
 }
 
 /// Spins a little (between polls of the host's doing).
