@@ -16,6 +16,7 @@ pub mod altp2m;
 pub mod control;
 pub mod exitcodec;
 pub mod frame;
+pub mod guest_state;
 pub mod halt;
 pub mod hypercall;
 pub mod ipc;

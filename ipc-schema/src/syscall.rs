@@ -155,6 +155,89 @@ pub mod nr {
     /// (u64 gfns), RSI = 1 if more remain: the frames whose armed entries
     /// (`EptOp::ArmLift`) a write lifted, oldest first. Needs `views`.
     pub const LIFTED_TAKE: u64 = 54;
+    /// VCPU_REGS(domains, domain, vcpu, buf_ptr, set_mask): with
+    /// `set_mask` 0, writes the vCPU's [`super::regs::COUNT`] registers
+    /// (little-endian u64s, in [`super::regs`] order) to `buf_ptr` (needs
+    /// `read`); otherwise reads as many from `buf_ptr` and sets those whose
+    /// bit is in `set_mask` (needs `write`; the domain paused). A value VM
+    /// entry would refuse is refused whole (`BadArgument`, RDI = `1 << 63`
+    /// with the index of the first bad register), the vCPU unchanged.
+    pub const VCPU_REGS: u64 = 55;
+}
+
+/// The registers VCPU_REGS reads and writes, by index.
+pub mod regs {
+    pub const RAX: usize = 0;
+    pub const RBX: usize = 1;
+    pub const RCX: usize = 2;
+    pub const RDX: usize = 3;
+    pub const RSI: usize = 4;
+    pub const RDI: usize = 5;
+    pub const RBP: usize = 6;
+    pub const RSP: usize = 7;
+    /// R8 to R15 follow at 8 to 15.
+    pub const R8: usize = 8;
+    pub const RIP: usize = 16;
+    pub const RFLAGS: usize = 17;
+    /// As the guest reads them (the bits VMX requires and the host keeps
+    /// set under its feet shown as the guest last wrote them).
+    pub const CR0: usize = 18;
+    pub const CR3: usize = 19;
+    pub const CR4: usize = 20;
+    pub const EFER: usize = 21;
+    pub const CS_BASE: usize = 22;
+    pub const DS_BASE: usize = 23;
+    pub const ES_BASE: usize = 24;
+    pub const FS_BASE: usize = 25;
+    pub const GS_BASE: usize = 26;
+    pub const SS_BASE: usize = 27;
+    pub const GDTR_BASE: usize = 28;
+    pub const IDTR_BASE: usize = 29;
+    /// Read only: the CS selector (bits 0-15) and access rights (bits
+    /// 16-31, the VMCS layout: bit 13 of them, L, is 64-bit code).
+    pub const CS: usize = 30;
+    /// Read only: the vCPU's active view (bits 0-15) and its VM exits so
+    /// far (bits 16-63).
+    pub const INFO: usize = 31;
+    pub const COUNT: usize = 32;
+    /// The registers a set may change (all but CS and INFO).
+    pub const SETTABLE: u64 = (1 << CS) - 1;
+
+    /// Each register's name, by index (`cargo hv ctl regs`).
+    pub const NAMES: [&str; COUNT] = [
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rbp",
+        "rsp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+        "rip",
+        "rflags",
+        "cr0",
+        "cr3",
+        "cr4",
+        "efer",
+        "cs_base",
+        "ds_base",
+        "es_base",
+        "fs_base",
+        "gs_base",
+        "ss_base",
+        "gdtr_base",
+        "idtr_base",
+        "cs",
+        "info",
+    ];
 }
 
 /// Notifications DOMAIN_WATCH can tell at once.

@@ -15,7 +15,7 @@ use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::layout::{MAP_BASE, MAP_END};
 use ipc_schema::syscall::{
     DomainOp, DomainState, EptOp, EptOpError, EptResult, Grant, HandleName, MAX_EPT_OPS,
-    MAX_HANDLES, MAX_MESSAGE, ObjectKind, SpawnSpec, SysError, VcpuOp, VcpuSpec, nr, rights,
+    MAX_HANDLES, MAX_MESSAGE, ObjectKind, SpawnSpec, SysError, VcpuOp, VcpuSpec, nr, regs, rights,
 };
 use ipc_schema::wire::{MAX_FRAME, Record};
 use platform::PAGE_SIZE;
@@ -550,6 +550,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         nr::DOMAIN_WRITES => domain_writes(k, pid, a),
         nr::LIFTED_TAKE => lifted_take(k, pid, a),
+        nr::VCPU_REGS => vcpu_regs(k, pid, a),
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IRQ_BIND => {
             let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
@@ -1519,6 +1520,66 @@ fn lifted_take(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     write_words(k, pid, a[2], &frames[..n])?;
     crate::vm::drop_lifted(domain_mut(k, a[1])?, n);
     Ok(Values([n as u64, u64::from(more), 0]))
+}
+
+/// VCPU_REGS: a vCPU's registers read, or some of them set (the domain
+/// paused, so that no exit handler's answer races the change).
+#[inline(never)]
+fn vcpu_regs(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    let (set, mask) = (a[4] != 0, a[4]);
+    let right = if set { rights::WRITE } else { rights::READ };
+    dcap!(
+        k,
+        pid,
+        "VCPU_REGS",
+        a[0],
+        a[1],
+        Scope::Vcpu(view_arg(a[2])?),
+        right
+    );
+    let mut values = [0u64; regs::COUNT];
+    if set {
+        let mut bytes = [0u8; regs::COUNT * 8];
+        read_user(k, pid, a[3], &mut bytes)?;
+        for (v, b) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+            *v = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+    }
+    let d = domain_mut(k, a[1])?;
+    if set && d.state != DomainState::Paused {
+        let id = d.id;
+        defmt::warn!(
+            "{=str}: VCPU_REGS refused: domain {=u16} is not paused",
+            k.process_name(pid),
+            id
+        );
+        return Err(SysError::Busy);
+    }
+    let v = d
+        .vcpu
+        .as_mut()
+        .filter(|_| a[2] == 0)
+        .ok_or(SysError::BadArgument)?;
+    v.load().map_err(|_| SysError::Busy)?;
+    if !set {
+        let values = v.registers();
+        write_words(k, pid, a[3], &values)?;
+        return Ok(Values([0; 3]));
+    }
+    let Err((i, why)) = v.set_registers(&values, mask) else {
+        return Ok(Values([0; 3]));
+    };
+    defmt::warn!(
+        "{=str}: VCPU_REGS refused: {=str} {=u64:#x}: {=str} (VM entry would fail); nothing set",
+        k.process_name(pid),
+        regs::NAMES[i],
+        values[i],
+        why
+    );
+    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+        p.frame.rdi = 1 << 63 | i as u64;
+    }
+    Err(SysError::BadArgument)
 }
 
 /// Writes `words` (little-endian u64s) to the caller's memory at `va`.

@@ -9,6 +9,8 @@
 //! (guest/host masks) and read as the guest last wrote them.
 
 use crate::vmx::{self, VmxError, run, vmread, vmwrite, vmwrite_unchecked};
+use ipc_schema::guest_state;
+use ipc_schema::syscall::regs;
 use ipc_schema::vmexit::{AccessBits, Exit, ExitKind, GuestRegs, Inject, Response};
 use platform::multiboot::{BOOT_MAGIC, INFO_GPA};
 use platform::vmx::fields::*;
@@ -46,6 +48,18 @@ const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
     | exit::LOAD_IA32_EFER;
 const ENTRY: u32 = entry::LOAD_IA32_PAT | entry::LOAD_IA32_EFER;
 const UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
+
+/// The segment and table bases VCPU_REGS reads and writes, by index.
+const BASES: [(usize, u32); 8] = [
+    (regs::CS_BASE, GUEST_CS_BASE),
+    (regs::DS_BASE, GUEST_DS_BASE),
+    (regs::ES_BASE, GUEST_ES_BASE),
+    (regs::FS_BASE, GUEST_FS_BASE),
+    (regs::GS_BASE, GUEST_GS_BASE),
+    (regs::SS_BASE, GUEST_SS_BASE),
+    (regs::GDTR_BASE, GUEST_GDTR_BASE),
+    (regs::IDTR_BASE, GUEST_IDTR_BASE),
+];
 
 /// CR0.NE and CR4.VMXE stay set under the guest's feet.
 const CR0_HOST_OWNED: u64 = 1 << 5;
@@ -611,6 +625,125 @@ impl Vcpu {
                 let _ = vmwrite(ENTRY_INSTRUCTION_LENGTH, vmread(EXIT_INSTRUCTION_LENGTH));
             }
         }
+    }
+
+    /// Every register VCPU_REGS reads, in `ipc_schema::syscall::regs`
+    /// order (the VMCS must be current). CR0 and CR4 as the guest reads
+    /// them.
+    pub fn registers(&self) -> [u64; regs::COUNT] {
+        let r = &self.regs;
+        let seen =
+            |real: u32, shadow: u32, host: u64| self.read(real) & !host | self.read(shadow) & host;
+        let mut v = [
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            self.read(GUEST_RSP),
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+            self.read(GUEST_RIP),
+            self.read(GUEST_RFLAGS),
+            seen(GUEST_CR0, CR0_READ_SHADOW, CR0_HOST_OWNED),
+            self.read(GUEST_CR3),
+            seen(GUEST_CR4, CR4_READ_SHADOW, CR4_HOST_OWNED),
+            self.read(GUEST_IA32_EFER),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            self.read(GUEST_CS_SELECTOR) | self.read(GUEST_CS_ACCESS) << 16,
+            u64::from(self.active_view()) | self.exits << 16,
+        ];
+        for (i, f) in BASES {
+            v[i] = self.read(f);
+        }
+        v
+    }
+
+    /// Sets the registers of `mask` to `values` (the VMCS current), after
+    /// VM entry's checks on the whole resulting state: the first register
+    /// that fails them, and why, and nothing written.
+    pub fn set_registers(
+        &mut self,
+        values: &[u64; regs::COUNT],
+        mask: u64,
+    ) -> Result<(), (usize, &'static str)> {
+        let mut all = self.registers();
+        for i in (0..regs::COUNT).filter(|&i| mask & 1 << i != 0) {
+            all[i] = values[i];
+        }
+        // Safety: reading the VMX fixed-bit MSRs has no side effect; VMX
+        // operation is on.
+        let fixed = |lo, hi| unsafe { (platform::cpu::rdmsr(lo), platform::cpu::rdmsr(hi)) };
+        let cx = guest_state::Context {
+            lma: self.read(ENTRY_CONTROLS) & u64::from(entry::IA32E_MODE_GUEST) != 0,
+            cs_long: self.read(GUEST_CS_ACCESS) & 1 << 13 != 0,
+            cr0_fixed: fixed(
+                platform::vmx::IA32_VMX_CR0_FIXED0,
+                platform::vmx::IA32_VMX_CR0_FIXED1,
+            ),
+            cr4_fixed: fixed(
+                platform::vmx::IA32_VMX_CR4_FIXED0,
+                platform::vmx::IA32_VMX_CR4_FIXED1,
+            ),
+            cr0_host: CR0_HOST_OWNED,
+            cr4_host: CR4_HOST_OWNED,
+            phys_bits: (platform::cpu::cpuid(0x8000_0008, 0).eax & 0xff) as u8,
+        };
+        guest_state::check(&all, mask, &cx)?;
+        let r = &mut self.regs;
+        [
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            _,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+        ] = <[u64; 16]>::try_from(&all[..16]).expect("16 registers");
+        let fields = [
+            (regs::RSP, GUEST_RSP, all[regs::RSP]),
+            (regs::RIP, GUEST_RIP, all[regs::RIP]),
+            (regs::RFLAGS, GUEST_RFLAGS, all[regs::RFLAGS]),
+            (regs::CR0, CR0_READ_SHADOW, all[regs::CR0]),
+            (regs::CR0, GUEST_CR0, all[regs::CR0] | CR0_HOST_OWNED),
+            (regs::CR3, GUEST_CR3, all[regs::CR3]),
+            (regs::CR4, CR4_READ_SHADOW, all[regs::CR4]),
+            (regs::CR4, GUEST_CR4, all[regs::CR4] | CR4_HOST_OWNED),
+            (regs::EFER, GUEST_IA32_EFER, all[regs::EFER]),
+        ];
+        let bases = BASES.map(|(i, f)| (i, f, all[i]));
+        for (i, field, value) in fields.into_iter().chain(bases) {
+            if mask & 1 << i != 0 {
+                // Safety: the VMCS is current; the state passed VM entry's
+                // checks above.
+                unsafe { self.write(field, value) };
+            }
+        }
+        Ok(())
     }
 
     /// The view the vCPU runs on now (VMFUNC may have switched it).

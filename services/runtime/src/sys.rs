@@ -488,6 +488,58 @@ pub fn vcpu_info(domains: Handle, id: u16, vcpu: u16) -> Result<(u16, u64), SysE
     .map(|r| (r.rdi as u16, r.rsi))
 }
 
+/// Every register of a vCPU (`ipc_schema::syscall::regs` order).
+pub fn vcpu_regs(
+    domains: Handle,
+    id: u16,
+    vcpu: u16,
+) -> Result<[u64; ipc_schema::syscall::regs::COUNT], SysError> {
+    let mut out = [0u64; ipc_schema::syscall::regs::COUNT];
+    let a = [
+        u64::from(domains),
+        u64::from(id),
+        u64::from(vcpu),
+        out.as_mut_ptr() as u64,
+        0,
+    ];
+    call(nr::VCPU_REGS, &a).ok()?;
+    Ok(out)
+}
+
+/// Why a register set was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetRegsError {
+    /// VM entry would refuse the value of this register (by index).
+    Refused(usize),
+    Sys(SysError),
+}
+
+/// Sets the registers of `mask` (bits by index) to `values` (the domain
+/// paused).
+pub fn vcpu_set_regs(
+    domains: Handle,
+    id: u16,
+    vcpu: u16,
+    values: &[u64; ipc_schema::syscall::regs::COUNT],
+    mask: u64,
+) -> Result<(), SetRegsError> {
+    let a = [
+        u64::from(domains),
+        u64::from(id),
+        u64::from(vcpu),
+        values.as_ptr() as u64,
+        mask,
+    ];
+    let r = call(nr::VCPU_REGS, &a);
+    match r.ok() {
+        Ok(_) => Ok(()),
+        Err(SysError::BadArgument) if r.rdi >> 63 == 1 => {
+            Err(SetRegsError::Refused((r.rdi & 0xff) as usize))
+        }
+        Err(e) => Err(SetRegsError::Sys(e)),
+    }
+}
+
 /// `ipc_schema::syscall::vm_features` bits.
 pub fn vm_features() -> u64 {
     call(nr::VM_FEATURES, &[]).rdi
