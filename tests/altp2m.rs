@@ -328,3 +328,43 @@ fn the_hypervisor_reaches_a_request_page_through_the_guests_view() {
     .expect_console(1, "agent: viewpage: ok")
     .expect_status(HaltStatus::Success);
 }
+
+/// ALT-9 (issue 13, point 8): a change to the host p2m reaches every view's
+/// real entries, and a view's own settings (access, suppress-#VE,
+/// change_gfn) are kept and applied again over it. The guest changes view
+/// 0 by range and by page, and after each change reads the raw entries
+/// (what the kernel's tables hold) of four pages in the host p2m, a plain
+/// view and a view with settings of its own; it reads and writes through
+/// the view, and a #VE proves the view's real entry read-only with its own
+/// cleared suppress-#VE bit, until the host gives write back from the #VE
+/// handler and the retried write goes through. Skylake, for VMFUNC and #VE.
+#[test]
+fn host_p2m_changes_reach_every_view_and_a_views_own_settings_stay() {
+    let run = boot(
+        &agent("agent-propagate", "propagate"),
+        Machine::Bochs,
+        |c| c.bochs_cpu = "corei7_skylake_x".to_owned(),
+    );
+    for line in [
+        "ok: before: host p2m rwx rwx rwx rwx; the raw entries of views 0, 2 and 1 are as propagated",
+        "ok: host r-x over the range: host p2m r-x r-x r-x r-x;",
+        "ok: g2 read through view 1 gives g3's marker",
+        "ok: a write to g1 through view 1 raised one #VE",
+        "ok: the #VE handler gave g1 write again in the host p2m",
+        "ok: the write, retried in view 1 after the host p2m's change, went through",
+        "ok: host rwx on g1 alone: host p2m r-x rwx r-x r-x;",
+        "ok: host rwx over the range: host p2m rwx rwx rwx rwx;",
+        "ok: a write to g2 through view 1 lands in g3's frame",
+        "ok: host r-- on the remap target g3: host p2m rwx rwx rwx r--;",
+        "ok: host rwx on g3 again:",
+        "ok: host r-- on g2, which v remaps: host p2m rwx rwx r-- rwx;",
+        "ok: g2 stays writable through view 1 while the host p2m's g2 is r--",
+        "ok: host rwx on g2 again:",
+        "agent: propagate: all checks passed",
+    ] {
+        run.expect_console(1, line);
+    }
+    run.expect_no("FAIL")
+        .expect_no("crashed")
+        .expect_status(HaltStatus::Success);
+}

@@ -433,3 +433,53 @@ fn a_call_to_a_held_service_fails_at_once_and_the_other_domains_run_on() {
         "a guest failed"
     );
 }
+
+/// Issue 13, point 8: the kernel's limit of 512 views a domain (ALT-1),
+/// which the altp2m service's quota of 64 keeps its agents from, reached by
+/// the probe task with a `views` handle of its own on a running ticker
+/// guest: refused (`NoResources`) at exactly 511 alternate views, not by the
+/// domain's table quota first; altp2m then answers `TooManyViews`; one
+/// destroyed makes room for one (its slot again), and for altp2m's; all
+/// destroyed, the guest ticks on.
+#[test]
+fn the_kernels_view_limit_is_reached_at_511_views_and_the_domain_runs_on() {
+    let manifest = PROBE.replace(
+        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n]",
+        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n    { name = \"view-limit\", domain = \"ticker\", rights = [\"read\", \"views\"] },\n]",
+    ) + "[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\n";
+    assert!(manifest.contains("view-limit"));
+    let run = boot_live(
+        &system("probe-view-limit", &manifest),
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            live.wait_for("probe", "probe: all checks passed", 300);
+            // The guest runs on after the probe is done.
+            let tick = latest(live, "dom1", "tick ", ":");
+            live.wait_for("dom1", &format!("tick {}:", tick + 2), 120);
+            live.control().domain_control(1, DomainOp::Destroy).unwrap();
+        },
+    );
+    for check in [
+        "probe: view limit: 511 views created in domain 1, then Some(NoResources)",
+        "the kernel refuses a view past its limit: ok",
+        "altp2m asked for a view with the kernel's slots full: ok (answered TooManyViews)",
+        "a view destroyed makes room for one more: ok",
+        "altp2m makes a view in a freed slot: ok",
+        "every view destroyed, the domain running on: ok",
+        "views can be made again: ok",
+        "probe: all checks passed",
+    ] {
+        run.expect_from("probe", check);
+    }
+    run.expect_from("init", "task probe ended (code 0)")
+        // The limit is the kernel's slots, not the domain's table quota.
+        .expect_no("EPT tables: a domain reached its quota")
+        .expect_no("faulted")
+        .expect_no("crashed")
+        .expect_status(HaltStatus::Success);
+    assert!(
+        !run.console(1).iter().any(|l| l.contains("FAIL")),
+        "the ticker failed"
+    );
+}

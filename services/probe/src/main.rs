@@ -4,6 +4,9 @@
 //!
 //! Handles (see `tests/services.rs` for the manifest): `altp2m` and `exits`
 //! (call), `domains-ro` (domains, read only). Slot 60 is empty on purpose.
+//! Where the manifest gives them: `domain-a` (domain 1, read and views: the
+//! scope of domain and view handles) and `view-limit` (domain 1, read and
+//! views: the kernel's limit of 512 views, ALT-1).
 //! Each check logs `probe: <check>: ok (...)` or `probe: FAIL <check>: ...`;
 //! the task exits with the number of failed checks.
 
@@ -173,6 +176,119 @@ fn domain_scope(p: &mut Probe, dom: Handle) {
     let _ = sys::view_destroy(dom, 1, view);
 }
 
+/// The kernel's limit of views per domain (issue 13, point 8; ALT-1:
+/// view 0 and 511 alternate views, the EPTP list's 512 slots), reached
+/// through `view-limit`, a handle on domain 1 with the `views` right: the
+/// altp2m service's own quota (64 views a domain) keeps an agent below it,
+/// so only a service that holds the right itself can get there. Views are
+/// created until the kernel refuses one (`NoResources`), which must be at
+/// exactly 511; the altp2m service, which knows none of them, then answers
+/// a request for a view with `TooManyViews`; a view destroyed makes room for
+/// exactly one more (the kernel reuses its slot), and for altp2m's; every
+/// view is destroyed again and the domain runs on. (Each empty view takes
+/// one table of the domain's quota: the test checks that the quota never
+/// refused one first.)
+fn view_limit(p: &mut Probe, dom: Handle, altp2m: Handle) {
+    use ipc_schema::hypercall::{HcError, MAX_VIEWS, Reply, Request};
+    use ipc_schema::syscall::DomainState;
+    const DOMAIN: u16 = 1;
+    let mut alt = Client::new(altp2m, ALTP2M);
+    let alt_create = |alt: &mut Client| {
+        alt.call::<_, AltReply>(&AltRequest::External {
+            domain: DOMAIN,
+            request: Request::ViewCreate {
+                default_access: None,
+            },
+        })
+    };
+    // Every view the probe holds, by index.
+    let mut held = [false; MAX_VIEWS as usize];
+    let mut n = 0u32;
+    let refused = loop {
+        match sys::view_create(dom, DOMAIN) {
+            Ok(v) if usize::from(v) < held.len() && !held[usize::from(v)] && v != 0 => {
+                held[usize::from(v)] = true;
+                n += 1;
+            }
+            Ok(v) => {
+                defmt::error!(
+                    "probe: FAIL view limit: VIEW_CREATE gave view {=u16} again",
+                    v
+                );
+                p.failed += 1;
+                break None;
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    defmt::info!(
+        "probe: view limit: {=u32} views created in domain 1, then {}",
+        n,
+        refused
+    );
+    p.check(
+        "the kernel refuses a view past its limit",
+        refused == Some(SysError::NoResources) && n == u32::from(MAX_VIEWS) - 1,
+        "NoResources at exactly 511 alternate views",
+    );
+    let full = alt_create(&mut alt);
+    p.check(
+        "altp2m asked for a view with the kernel's slots full",
+        full == Ok(AltReply::Reply(Reply::Error(HcError::TooManyViews))),
+        "answered TooManyViews",
+    );
+    // One destroyed: its slot, and only it, is free again.
+    let middle: u16 = 256;
+    let freed = sys::view_destroy(dom, DOMAIN, middle);
+    let again = sys::view_create(dom, DOMAIN);
+    let past = sys::view_create(dom, DOMAIN);
+    p.check(
+        "a view destroyed makes room for one more",
+        freed.is_ok() && again == Ok(middle) && past == Err(SysError::NoResources),
+        "its slot given again, the next refused",
+    );
+    // And altp2m's request goes through where a slot is free.
+    let freed = sys::view_destroy(dom, DOMAIN, middle);
+    let made = alt_create(&mut alt);
+    let through_altp2m = match made {
+        Ok(AltReply::Reply(Reply::View(v))) => Some(v),
+        _ => None,
+    };
+    let undone = through_altp2m.map(|view| {
+        alt.call::<_, AltReply>(&AltRequest::External {
+            domain: DOMAIN,
+            request: Request::ViewDestroy { view },
+        })
+    });
+    p.check(
+        "altp2m makes a view in a freed slot",
+        freed.is_ok()
+            && through_altp2m == Some(middle)
+            && undone == Some(Ok(AltReply::Reply(Reply::Done))),
+        "ViewCreate answered with the freed slot, ViewDestroy done",
+    );
+    held[usize::from(middle)] = false;
+    let mut destroyed = 0u32;
+    for (v, h) in held.iter().enumerate() {
+        if *h && sys::view_destroy(dom, DOMAIN, v as u16).is_ok() {
+            destroyed += 1;
+        }
+    }
+    let state = sys::domain_info(dom, DOMAIN).map(|(s, _, _)| s);
+    p.check(
+        "every view destroyed, the domain running on",
+        destroyed == n - 1 && state == Ok(DomainState::Running as u64),
+        "510 destroyed, DOMAIN_INFO says running",
+    );
+    let one = sys::view_create(dom, DOMAIN);
+    let gone = one.map(|v| sys::view_destroy(dom, DOMAIN, v));
+    p.check(
+        "views can be made again",
+        one == Ok(1) && gone == Ok(Ok(())),
+        "view 1 created and destroyed",
+    );
+}
+
 fn main() -> ! {
     let mut p = Probe { failed: 0 };
     let altp2m = require("altp2m");
@@ -261,6 +377,9 @@ fn main() -> ! {
     // view only; and a derived handle has no more rights than asked for.
     if let Some(dom) = service_runtime::handle("domain-a") {
         domain_scope(&mut p, dom);
+    }
+    if let Some(dom) = service_runtime::handle("view-limit") {
+        view_limit(&mut p, dom, altp2m);
     }
 
     // Random messages: every one answered, none crashes a service.

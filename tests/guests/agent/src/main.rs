@@ -57,8 +57,14 @@
 //! `BadAddress` and the page is unchanged; in a view where change_gfn puts
 //! another frame at the page's gfn, the request is read from and the reply
 //! written to that frame. Prints `agent: viewpage: ok` and exits 0.
+//!
+//! Command line `propagate` (issue 13, point 8; ALT-9): host p2m changes
+//! reach every view's real entries, a view's own settings kept
+//! (`propagate.rs`). Prints `agent: propagate: all checks passed`.
 #![no_std]
 #![no_main]
+
+mod propagate;
 
 use guest_runtime::abi::{Access, HcError, Mode, Quota, Relaxing, Reply, Request, Status};
 use guest_runtime::hypercall::{self, HelperError, call, call_done, get_entry};
@@ -139,6 +145,9 @@ fn main(info: &MultibootInfo) -> u32 {
     }
     if has("viewpage") {
         return viewpage();
+    }
+    if has("propagate") {
+        return propagate::propagate();
     }
     checks(info)
 }
