@@ -38,6 +38,9 @@
 
 use core::fmt;
 
+#[cfg(test)]
+mod tests;
+
 /// Guest-physical memory as the walker reads it: the guest's RAM, through
 /// whatever mapping the caller has of it. An entry is always read at an
 /// address aligned to its size, so a read never straddles two pages.
