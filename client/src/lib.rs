@@ -89,6 +89,7 @@
 
 pub mod altp2m;
 pub mod frames;
+pub mod introspect;
 pub mod logdirty;
 
 use frames::{DropCounts, FrameReader};
@@ -230,6 +231,11 @@ pub enum ClientError {
         asked: ipc_schema::logdirty::LdRequest,
         error: ipc_schema::logdirty::LdError,
     },
+    /// The introspect service refused the request: why.
+    Introspect {
+        request: RequestLabel,
+        error: ipc_schema::introspect::IntroError,
+    },
     /// Refused here, before anything was sent.
     Invalid(String),
 }
@@ -307,6 +313,9 @@ impl fmt::Display for ClientError {
             ),
             ClientError::Logdirty { asked, error, .. } => {
                 write!(f, "logdirty: {}", logdirty::describe_refusal(error, asked))
+            }
+            ClientError::Introspect { request, error } => {
+                write!(f, "introspect refused {request}: {error}")
             }
             ClientError::Invalid(why) => f.write_str(why),
         }
@@ -909,6 +918,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::InjectFault { name } => format!("InjectFault {}", name_str(name)),
         ControlRequest::Altp2m(q) => format!("Altp2m {}", altp2m::describe_request(q)),
         ControlRequest::Logdirty(q) => format!("Logdirty {}", logdirty::describe_request(q)),
+        ControlRequest::Introspect(q) => format!("Introspect {q:?}"),
     }
 }
 
@@ -928,6 +938,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Error(e) => format!("Error ({})", describe_error(e)),
         ControlReply::Altp2m(r) => format!("Altp2m ({})", altp2m::describe_reply(r)),
         ControlReply::Logdirty(r) => format!("Logdirty ({})", logdirty::describe_reply(r)),
+        ControlReply::Introspect(r) => format!("Introspect ({})", introspect::describe_reply(r)),
     }
 }
 
@@ -954,6 +965,9 @@ pub fn describe_error(e: &ControlError) -> String {
         }
         ControlError::LogdirtyUnavailable => {
             "the logdirty service did not answer (it is down, this image has none, or the console holds no `logdirty` handle)".into()
+        }
+        ControlError::IntrospectUnavailable => {
+            "the introspect service did not answer (it is down, this image has none, or the console holds no `introspect` handle)".into()
         }
     }
 }

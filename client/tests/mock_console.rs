@@ -999,3 +999,38 @@ fn domains_are_named_by_id_or_name() {
     let e = c.domain_id("70000").unwrap_err().to_string();
     assert!(e.contains("neither an id (0 to 65535) nor a name"), "{e}");
 }
+
+#[test]
+fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
+    use parallax_client::introspect::{Address, CHUNK, IntroError};
+    let (mut c, _mock) = standard();
+    // 1000 bytes from 0x10: six requests of at most CHUNK bytes, joined.
+    let want: Vec<u8> = (0x10..0x10 + 1000u32).map(|i| (i % 251) as u8).collect();
+    assert!(1000 > 5 * CHUNK);
+    assert_eq!(c.mem_read(1, Address::Physical(0x10), 1000).unwrap(), want);
+    let bytes: Vec<u8> = (0..300u32).map(|i| i as u8 ^ 0x5a).collect();
+    c.mem_write(1, Address::Physical(0x8000), &bytes).unwrap();
+    assert_eq!(
+        c.mem_read(1, Address::Physical(0x8000), 300).unwrap(),
+        bytes
+    );
+    let e = c.mem_read(1, Address::Physical(0xfff0), 0x20).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Introspect {
+                error: IntroError::OutsideRam { gpa: 0xfff0 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("is not guest RAM"), "{e}");
+    let e = c
+        .mem_read(1, Address::Physical(u64::MAX - 4), 300)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("wraps") || e.to_string().contains("not guest RAM"),
+        "{e}"
+    );
+}

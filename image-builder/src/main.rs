@@ -184,6 +184,94 @@ enum CtlCmd {
     /// start, read (and clear), peek, status, stop (docs/logdirty.md).
     #[command(subcommand)]
     Logdirty(LdCmd),
+    /// Guest memory through the introspect service: read (a hex dump),
+    /// write, translate a guest-virtual address (docs/introspection.md).
+    #[command(subcommand)]
+    Mem(MemCmd),
+    /// A vCPU's registers; with --set NAME=VALUE (repeatable), sets them at
+    /// once (the domain must be paused: `cargo hv ctl pause ID`).
+    Regs {
+        /// The domain: its id, or its name.
+        domain: String,
+        #[arg(long, default_value = "0")]
+        vcpu: u16,
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = control::introspect::parse_assignment)]
+        set: Vec<(usize, u64)>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where a `cargo hv ctl mem` command reads or writes.
+#[derive(Args)]
+struct MemAt {
+    /// The domain: its id, or its name.
+    domain: String,
+    /// Guest-physical (or with --virtual, guest-virtual) address: decimal
+    /// or 0x-prefixed hex.
+    #[arg(value_parser = number)]
+    address: u64,
+    /// The address is guest-virtual: translated through the guest's page
+    /// tables (the vCPU's CR3, or --cr3).
+    #[arg(long = "virtual")]
+    virt: bool,
+    #[arg(long, default_value = "0")]
+    vcpu: u16,
+    /// The page tables to translate through (implies --virtual).
+    #[arg(long, value_parser = number)]
+    cr3: Option<u64>,
+}
+
+impl MemAt {
+    fn address(&self) -> control::introspect::Address {
+        use control::introspect::Address;
+        if self.virt || self.cr3.is_some() {
+            Address::Virtual {
+                vcpu: self.vcpu,
+                cr3: self.cr3,
+                gva: self.address,
+            }
+        } else {
+            Address::Physical(self.address)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum MemCmd {
+    /// Print LEN bytes at ADDRESS as a hex dump (or --json, or --out FILE
+    /// for the raw bytes).
+    Read {
+        #[command(flatten)]
+        at: MemAt,
+        #[arg(value_parser = number)]
+        len: u64,
+        #[arg(long)]
+        json: bool,
+        /// Write the bytes to FILE instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write BYTES (hex, e.g. 90 90 or 0x9090) at ADDRESS.
+    Write {
+        #[command(flatten)]
+        at: MemAt,
+        /// The bytes, hex (spaces allowed).
+        bytes: String,
+    },
+    /// Where guest-virtual GVA leads through the guest's page tables.
+    Translate {
+        domain: String,
+        #[arg(value_parser = number)]
+        gva: u64,
+        #[arg(long, default_value = "0")]
+        vcpu: u16,
+        #[arg(long, value_parser = number)]
+        cr3: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `cargo hv ctl logdirty ...`: DOMAIN is an id or a name; --log picks one
@@ -659,6 +747,25 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         CtlCmd::Logs => unreachable!("handled before connecting"),
         CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
         CtlCmd::Logdirty(cmd) => return logdirty_cmd(&mut console, cmd),
+        CtlCmd::Mem(cmd) => mem_cmd(&mut console, cmd)?,
+        CtlCmd::Regs {
+            domain,
+            vcpu,
+            set,
+            json,
+        } => {
+            use control::introspect as intro;
+            let id = console.domain_id(&domain)?;
+            if !set.is_empty() {
+                console.set_regs(id, vcpu, &set)?;
+            }
+            let values = console.regs(id, vcpu)?;
+            if json {
+                println!("{}", intro::regs_json(id, vcpu, &values));
+            } else {
+                print!("{}", intro::regs_table(&values));
+            }
+        }
         CtlCmd::Events => {
             let version = console.hello()?;
             eprintln!(
@@ -876,6 +983,59 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo hv ctl mem ...`.
+fn mem_cmd(c: &mut Client<UnixStream>, cmd: MemCmd) -> Result<()> {
+    use control::introspect as intro;
+    match cmd {
+        MemCmd::Read { at, len, json, out } => {
+            let domain = c.domain_id(&at.domain)?;
+            let len = usize::try_from(len).context("length")?;
+            let started = std::time::Instant::now();
+            let bytes = c.mem_read(domain, at.address(), len)?;
+            if let Some(path) = out {
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!(
+                    "{} bytes to {} in {:.2} s",
+                    bytes.len(),
+                    path.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            } else if json {
+                println!("{}", intro::read_json(domain, at.address(), &bytes));
+            } else {
+                print!("{}", intro::hex_dump(at.address, &bytes));
+            }
+        }
+        MemCmd::Write { at, bytes } => {
+            let bytes = intro::parse_hex(&bytes).map_err(anyhow::Error::msg)?;
+            let domain = c.domain_id(&at.domain)?;
+            c.mem_write(domain, at.address(), &bytes)?;
+            println!(
+                "domain {domain}: {} bytes written at {:#x}",
+                bytes.len(),
+                at.address
+            );
+        }
+        MemCmd::Translate {
+            domain,
+            gva,
+            vcpu,
+            cr3,
+            json,
+        } => {
+            let id = c.domain_id(&domain)?;
+            let t = c.translate(id, vcpu, cr3, gva)?;
+            if json {
+                println!("{}", intro::translation_json(id, gva, &t));
+            } else {
+                println!("{}", intro::translation_line(gva, &t));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `cargo hv ctl logdirty ...`.

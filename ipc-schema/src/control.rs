@@ -10,6 +10,7 @@
 //! `Hello` with the host's key of this protocol.
 
 use crate::altp2m::{AltReply, AltRequest, VmEvent};
+use crate::introspect::{IntroReply, IntroRequest};
 use crate::ipc::{BoundedVec, InterfaceId};
 use crate::logdirty::{LdReply, LdRequest};
 use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
@@ -66,6 +67,9 @@ pub enum ControlRequest {
     /// the host's `log` number, so host tools share the numbers among
     /// themselves.
     Logdirty(LdRequest),
+    /// A request to the introspect service (guest memory and registers,
+    /// docs/introspection.md), passed on as it is.
+    Introspect(IntroRequest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -91,6 +95,8 @@ pub enum ControlReply {
     Altp2m(AltReply),
     /// The logdirty service's answer to [`ControlRequest::Logdirty`].
     Logdirty(LdReply),
+    /// The introspect service's answer to [`ControlRequest::Introspect`].
+    Introspect(IntroReply),
 }
 
 /// What was wrong with a request, at the protocol level.
@@ -118,6 +124,9 @@ pub enum ControlError {
     /// The logdirty service did not answer (or this image has none, or
     /// the console holds no `logdirty` handle).
     LogdirtyUnavailable,
+    /// The introspect service did not answer (or the console holds no
+    /// `introspect` handle).
+    IntrospectUnavailable,
 }
 
 /// Something that happened, told to the host unasked.

@@ -19,6 +19,7 @@ pub mod frame;
 pub mod guest_state;
 pub mod halt;
 pub mod hypercall;
+pub mod introspect;
 pub mod ipc;
 pub mod lifecycle;
 pub mod logdirty;

@@ -84,6 +84,9 @@ pub struct Console {
     pub swapped: Vec<(String, Vec<u8>)>,
     /// The logdirty service behind the console; `None`: unreachable.
     pub logdirty: Option<FakeLogdirty>,
+    /// Domain 1's guest-physical memory, as the introspect service shows it
+    /// (64 KiB; other domains, virtual addresses and registers refused).
+    pub memory: Vec<u8>,
 }
 
 /// A tiny fake of the logdirty service: logs of the domains in `ram`, each
@@ -297,6 +300,7 @@ impl Default for Console {
             swap: None,
             swapped: Vec::new(),
             logdirty: Some(FakeLogdirty::default()),
+            memory: (0..65536u32).map(|i| (i % 251) as u8).collect(),
         }
     }
 }
@@ -403,6 +407,43 @@ impl Console {
                 Some(l) => R::Logdirty(l.answer(q)),
                 None => R::Error(ControlError::LogdirtyUnavailable),
             },
+            ControlRequest::Introspect(q) => R::Introspect(self.introspect(q)),
+        }
+    }
+
+    fn introspect(
+        &mut self,
+        q: &parallax_client::introspect::IntroRequest,
+    ) -> parallax_client::introspect::IntroReply {
+        use parallax_client::introspect::{Address, CHUNK, IntroError, IntroReply, IntroRequest};
+        let span = |gpa: u64, len: usize| {
+            let s = usize::try_from(gpa).ok()?;
+            let e = s.checked_add(len)?;
+            (e <= self.memory.len()).then_some(s..e)
+        };
+        match q {
+            IntroRequest::Read {
+                domain: 1,
+                at: Address::Physical(gpa),
+                len,
+            } if usize::from(*len) <= CHUNK => match span(*gpa, usize::from(*len)) {
+                Some(r) => IntroReply::Bytes(parallax_client::ipc_schema::ipc::BoundedVec(
+                    heapless::Vec::from_slice(&self.memory[r]).unwrap(),
+                )),
+                None => IntroReply::Refused(IntroError::OutsideRam { gpa: *gpa }),
+            },
+            IntroRequest::Write {
+                domain: 1,
+                at: Address::Physical(gpa),
+                bytes,
+            } => match span(*gpa, bytes.0.len()) {
+                Some(r) => {
+                    self.memory[r].copy_from_slice(&bytes.0);
+                    IntroReply::Done
+                }
+                None => IntroReply::Refused(IntroError::OutsideRam { gpa: *gpa }),
+            },
+            _ => IntroReply::Refused(IntroError::NotAllowed),
         }
     }
 

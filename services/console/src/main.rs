@@ -12,6 +12,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::control::ToHost;
+use ipc_schema::introspect::{INTROSPECT, IntroReply, IntroRequest};
 use ipc_schema::ipc::InterfaceId;
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
@@ -76,6 +77,7 @@ struct Ask {
     supervisor: Client,
     altp2m: Option<Client>,
     logdirty: Option<Client>,
+    introspect: Option<Client>,
 }
 
 impl Supervisor for Ask {
@@ -108,6 +110,20 @@ impl Supervisor for Ask {
             Ok(r) => Some(r),
             Err(e) => {
                 defmt::warn!("console: the logdirty service did not answer: {}", e);
+                None
+            }
+        }
+    }
+
+    fn introspect(&mut self, request: &IntroRequest) -> Option<IntroReply> {
+        let Some(introspect) = self.introspect.as_mut() else {
+            defmt::warn!("console: an introspect request, but no `introspect` handle");
+            return None;
+        };
+        match introspect.call::<_, IntroReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the introspect service did not answer: {}", e);
                 None
             }
         }
@@ -230,6 +246,7 @@ fn main() -> ! {
             supervisor: Client::new(require("supervisor"), SUPERVISOR),
             altp2m: service_runtime::handle("altp2m").map(|h| Client::new(h, ALTP2M)),
             logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
+            introspect: service_runtime::handle("introspect").map(|h| Client::new(h, INTROSPECT)),
         },
         swap,
     };

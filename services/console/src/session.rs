@@ -9,6 +9,7 @@ use ipc_schema::control::{
     MAX_SWAP, ToHost,
 };
 use ipc_schema::frame::{self, FrameError};
+use ipc_schema::introspect::{IntroReply, IntroRequest};
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
 
@@ -29,6 +30,11 @@ pub trait Supervisor {
     /// `None` when it cannot be reached (or the console holds no
     /// `logdirty` handle).
     fn logdirty(&mut self, _request: &LdRequest) -> Option<LdReply> {
+        None
+    }
+    /// `None` when it cannot be reached (or the console holds no
+    /// `introspect` handle).
+    fn introspect(&mut self, _request: &IntroRequest) -> Option<IntroReply> {
         None
     }
 }
@@ -206,6 +212,12 @@ impl Session {
                 None => R::Error(ControlError::LogdirtyUnavailable),
             };
         }
+        if let ControlRequest::Introspect(q) = r {
+            return match sup.introspect(q) {
+                Some(reply) => R::Introspect(reply),
+                None => R::Error(ControlError::IntrospectUnavailable),
+            };
+        }
         let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
             Some(SupervisorReply::Service(s)) => R::Service(s),
             Some(SupervisorReply::Domain(d)) => R::Domain(d),
@@ -231,7 +243,9 @@ impl Session {
                 ask(SupervisorRequest::DomainControl { id, op })
             }
             ControlRequest::InjectFault { name } => ask(SupervisorRequest::InjectFault { name }),
-            ControlRequest::Altp2m(_) | ControlRequest::Logdirty(_) => {
+            ControlRequest::Altp2m(_)
+            | ControlRequest::Logdirty(_)
+            | ControlRequest::Introspect(_) => {
                 unreachable!("answered above")
             }
             ControlRequest::SwapBegin { name, len } => {

@@ -58,12 +58,16 @@
 //! another frame at the page's gfn, the request is read from and the reply
 //! written to that frame. Prints `agent: viewpage: ok` and exits 0.
 //!
+//! Command line `introspect` (issue 13, points 1 and 6): the guest the
+//! host reads, writes and translates through (`introspect.rs`).
+//!
 //! Command line `propagate` (issue 13, point 8; ALT-9): host p2m changes
 //! reach every view's real entries, a view's own settings kept
 //! (`propagate.rs`). Prints `agent: propagate: all checks passed`.
 #![no_std]
 #![no_main]
 
+mod introspect;
 mod propagate;
 
 use guest_runtime::abi::{Access, HcError, Mode, Quota, Relaxing, Reply, Request, Status};
@@ -148,6 +152,9 @@ fn main(info: &MultibootInfo) -> u32 {
     }
     if has("propagate") {
         return propagate::propagate();
+    }
+    if has("introspect") {
+        return introspect::introspect();
     }
     checks(info)
 }

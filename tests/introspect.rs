@@ -1,0 +1,209 @@
+//! Introspection from the host (issue 13, points 1, 6 and 7): guest
+//! memory read and written, guest-virtual addresses translated through
+//! page tables the guest built (4 KiB, 2 MiB and 1 GiB pages, not present),
+//! registers read and set, each through `cargo hv ctl` on a running system,
+//! with the refusals a careless user meets.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use parallax_tests::{boot_live, system};
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// `cargo hv ctl --socket SOCKET ARGS...`.
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO"))
+        .current_dir(image_builder::paths::repo())
+        .args(["hv", "ctl", "--timeout", "120", "--socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("cargo runs")
+}
+
+/// Its stdout, which must be a success.
+fn ok(socket: &Path, args: &[&str]) -> String {
+    let out = ctl(socket, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cargo hv ctl {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Its stderr, which must be a failure.
+fn refused(socket: &Path, args: &[&str]) -> String {
+    let out = ctl(socket, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "cargo hv ctl {args:?} succeeded");
+    err
+}
+
+/// The hex number after `key ` in `line`.
+fn field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split(&format!("{key} "))
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+}
+
+#[test]
+fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
+    let img = system(
+        "introspect",
+        "name = \"introspect\"\n[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect\"\n",
+    );
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live
+                .wait_for("dom1", "introspect: marker gva", 120)
+                .text
+                .clone();
+            let s = live.socket().to_owned();
+            let (gpa, alias, cr3) = (
+                field(&line, "gpa"),
+                field(&line, "alias"),
+                field(&line, "cr3"),
+            );
+            let gib = line.ends_with("1gib true");
+            let hex = |v: u64| format!("{v:#x}");
+
+            // Guest-physical and guest-virtual reads of the marker.
+            let dump = ok(&s, &["mem", "read", "1", &hex(gpa), "16"]);
+            assert!(dump.contains("parallax-marker!"), "{dump}");
+            let json = ok(
+                &s,
+                &[
+                    "mem",
+                    "read",
+                    "agent",
+                    &hex(alias),
+                    "16",
+                    "--virtual",
+                    "--json",
+                ],
+            );
+            let marker: String = b"parallax-marker!"
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert!(
+                json.contains("\"virtual\":true")
+                    && json.contains(&format!("\"bytes\":\"{marker}\"")),
+                "{json}"
+            );
+            // Translations: the guest's own 4 KiB alias, its 2 MiB identity
+            // map, a 1 GiB page, and not-present entries at two levels.
+            let t = ok(&s, &["mem", "translate", "1", &hex(alias + 0x18), "--json"]);
+            assert!(
+                t.contains(&format!("\"gpa\":\"{}\"", hex(gpa + 0x18)))
+                    && t.contains("\"page_size\":4096"),
+                "{t}"
+            );
+            assert!(t.contains(&format!("\"cr3\":\"{}\"", hex(cr3))), "{t}");
+            let t = ok(&s, &["mem", "translate", "1", &hex(gpa)]);
+            assert!(t.contains("(2 MiB page, writable"), "{t}");
+            if gib {
+                let t = ok(&s, &["mem", "translate", "1", "0x8040001234", "--json"]);
+                assert!(
+                    t.contains("\"gpa\":\"0x1234\"") && t.contains("\"page_size\":1073741824"),
+                    "{t}"
+                );
+            }
+            let e = refused(&s, &["mem", "translate", "1", &hex(alias + 0x1000)]);
+            assert!(e.contains("not present: the level-1 entry"), "{e}");
+            let e = refused(&s, &["mem", "translate", "1", "0x200000000"]);
+            assert!(e.contains("not present: the level-3 entry"), "{e}");
+            // Bad input: garbage CR3, outside RAM, non-canonical, no such
+            // domain or vCPU, bad hex.
+            let e = refused(
+                &s,
+                &["mem", "translate", "1", "0x1000", "--cr3", "0x7ffff000"],
+            );
+            assert!(e.contains("outside guest RAM"), "{e}");
+            let e = refused(&s, &["mem", "read", "1", "0x1fffff8", "16"]);
+            assert!(
+                e.contains("0x2000000 is not guest RAM") || e.contains("is not guest RAM"),
+                "{e}"
+            );
+            let e = refused(
+                &s,
+                &["mem", "read", "1", "0x800000000000", "8", "--virtual"],
+            );
+            assert!(e.contains("not canonical"), "{e}");
+            let e = refused(&s, &["mem", "read", "9", "0", "8"]);
+            assert!(e.contains("9"), "{e}");
+            let e = refused(&s, &["regs", "1", "--vcpu", "3"]);
+            assert!(e.contains("no such vCPU"), "{e}");
+            let e = refused(&s, &["mem", "write", "1", "0x1000", "abc"]);
+            assert!(e.contains("odd number of hex digits"), "{e}");
+
+            // A write through the guest's own tables reaches its mailbox.
+            ok(
+                &s,
+                &[
+                    "mem",
+                    "write",
+                    "1",
+                    &hex(alias + 0x100),
+                    "7e1a0fed5e000000",
+                    "--virtual",
+                ],
+            );
+            live.wait_for("dom1", "introspect: mailbox 0x5eed0f1a7e", 120);
+            // The guest waits on R12: registers while it runs, then set
+            // while paused.
+            let mut ready = false;
+            for _ in 0..60 {
+                let r = ok(&s, &["mem", "read", "1", &hex(gpa + 0x200), "8", "--json"]);
+                if r.contains("\"bytes\":\"0100000000000000\"") {
+                    ready = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            assert!(ready, "the guest never set its ready word");
+            let regs = ok(&s, &["regs", "agent", "--json"]);
+            assert!(
+                regs.contains(&format!("\"cr3\":\"{}\"", hex(cr3))),
+                "{regs}"
+            );
+            assert!(regs.contains("\"r12\":\"0x0\""), "{regs}");
+            let e = refused(&s, &["regs", "1", "--set", "r12=0x77"]);
+            assert!(e.contains("must be paused"), "{e}");
+            ok(&s, &["pause", "1"]);
+            let e = refused(
+                &s,
+                &[
+                    "regs",
+                    "1",
+                    "--set",
+                    "r12=0x77",
+                    "--set",
+                    "rip=0x800000000000",
+                ],
+            );
+            assert!(e.contains("VM entry would refuse that value of rip"), "{e}");
+            let e = refused(&s, &["regs", "1", "--set", "rflags=0"]);
+            assert!(e.contains("rflags"), "{e}");
+            let e = refused(&s, &["regs", "1", "--set", "cs=1"]);
+            assert!(e.contains("\"cs\""), "{e}");
+            let regs = ok(&s, &["regs", "1", "--set", "r12=0x77"]);
+            assert!(regs.contains("r12        0x0000000000000077"), "{regs}");
+            ok(&s, &["unpause", "1"]);
+            live.wait_for("dom1", "introspect: r12 0x77", 120);
+        },
+    );
+    run.expect_console(1, "introspect: r12 0x77")
+        .expect_from("kernel", "VCPU_REGS refused: rip 0x800000000000")
+        .expect_from("kernel", "VCPU_REGS refused: domain 1 is not paused")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
