@@ -72,7 +72,7 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
                 field(&line, "alias"),
                 field(&line, "cr3"),
             );
-            let gib = line.ends_with("1gib true");
+            let gib = line.ends_with("1gib at 0x8040000000 true");
             let hex = |v: u64| format!("{v:#x}");
 
             // Guest-physical and guest-virtual reads of the marker.

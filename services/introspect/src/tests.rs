@@ -58,9 +58,9 @@ impl Guest for Model {
         if mask & 1 << regs::RIP != 0 && values[regs::RIP] >> 32 != 0 {
             return Err(SetError::Refused(regs::RIP));
         }
-        for i in 0..regs::COUNT {
+        for (i, (r, v)) in self.regs.iter_mut().zip(values).enumerate() {
             if mask & 1 << i != 0 {
-                self.regs[i] = values[i];
+                *r = *v;
             }
         }
         Ok(())
@@ -275,5 +275,5 @@ fn registers_are_read_in_halves_and_set_only_when_paused_and_valid() {
         })
     );
     assert_eq!(m.regs[regs::RAX], 7);
-    assert!(MAX_SET >= 8);
+    const { assert!(MAX_SET >= 8) };
 }

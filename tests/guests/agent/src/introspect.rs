@@ -31,7 +31,7 @@ pub const ALIAS: u64 = 0x80_0000_0000;
 /// Where guest-physical 0 is mapped with a 1 GiB page.
 pub const GIB: u64 = 0x80_4000_0000;
 /// What the host writes into the mailbox.
-pub const HELLO: u64 = 0x5eed_0f_1a7e;
+pub const HELLO: u64 = 0x005e_ed0f_1a7e;
 const MARK: &[u8; 16] = b"parallax-marker!";
 
 const P: u64 = 1;
@@ -67,7 +67,7 @@ pub fn introspect() -> u32 {
         return 1;
     }
     println!(
-        "introspect: marker gva {:#x} gpa {:#x} alias {ALIAS:#x} cr3 {cr3:#x} 1gib {gib}",
+        "introspect: marker gva {:#x} gpa {:#x} alias {ALIAS:#x} cr3 {cr3:#x} 1gib at {GIB:#x} {gib}",
         MARKER.addr(),
         MARKER.addr()
     );
@@ -75,7 +75,7 @@ pub fn introspect() -> u32 {
     while MARKER.read_u64(0, 0x100) != HELLO {
         core::hint::spin_loop();
         spins += 1;
-        if spins % 50_000_000 == 0 {
+        if spins.is_multiple_of(50_000_000) {
             println!("introspect: still waiting for the mailbox");
         }
     }
