@@ -145,6 +145,30 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
             let e = refused(&s, &["mem", "write", "1", "0x1000", "abc"]);
             assert!(e.contains("odd number of hex digits"), "{e}");
 
+            // 16 KiB to a file, timed (the figure docs/introspection.md
+            // quotes comes from this line).
+            let file = std::env::temp_dir().join(format!("introspect-{}.bin", std::process::id()));
+            let out = ctl(
+                &s,
+                &[
+                    "mem",
+                    "read",
+                    "1",
+                    "0x100000",
+                    "0x4000",
+                    "--out",
+                    file.to_str().unwrap(),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            let mib = std::fs::read(&file).unwrap();
+            let _ = std::fs::remove_file(&file);
+            assert_eq!(mib.len(), 0x4000);
             // A write through the guest's own tables reaches its mailbox.
             ok(
                 &s,
