@@ -55,7 +55,13 @@ fn field(line: &str, key: &str) -> u64 {
 fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
     let img = system(
         "introspect",
-        "name = \"introspect\"\n[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect\"\n",
+        concat!(
+            "name = \"introspect\"\n",
+            "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect\"\n",
+            // Issue 13, point 3: a domain nobody may introspect.
+            "[[domain]]\nname = \"secret\"\nguest = \"ticker\"\nmemory_mib = 16\n",
+            "cmdline = \"ticks=0 calls=1\"\nintrospection = []\n",
+        ),
     );
     let run = boot_live(
         &img,
@@ -169,6 +175,20 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
             let mib = std::fs::read(&file).unwrap();
             let _ = std::fs::remove_file(&file);
             assert_eq!(mib.len(), 0x4000);
+            // The domain whose manifest entry names nobody: every kind of
+            // request refused, each naming the rule.
+            for args in [
+                &["mem", "read", "secret", "0x1000", "8"][..],
+                &["regs", "2"],
+                &["altp2m", "view-create", "2"],
+                &["altp2m", "listen", "2", "on"],
+            ] {
+                let e = refused(&s, args);
+                assert!(
+                    e.contains("not allowed") || e.contains("does not let this client"),
+                    "{args:?}: {e}"
+                );
+            }
             // A write through the guest's own tables reaches its mailbox.
             ok(
                 &s,
@@ -223,11 +243,15 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
             assert!(regs.contains("r12        0x0000000000000077"), "{regs}");
             ok(&s, &["unpause", "1"]);
             live.wait_for("dom1", "introspect: r12 0x77", 120);
+            ok(&s, &["destroy", "2"]);
         },
     );
     run.expect_console(1, "introspect: r12 0x77")
         .expect_from("kernel", "VCPU_REGS refused: rip 0x800000000000")
         .expect_from("kernel", "VCPU_REGS refused: domain 1 is not paused")
+        .expect_from("introspect", "may not `read` domain 2")
+        .expect_from("altp2m", "may not use `views` on domain 2")
+        .expect_from("altp2m", "may not use `events` on domain 2")
         .expect_no("FAIL")
         .expect_status(HaltStatus::Success);
 }

@@ -446,7 +446,7 @@ fn the_kernels_view_limit_is_reached_at_511_views_and_the_domain_runs_on() {
     let manifest = PROBE.replace(
         "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n]",
         "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n    { name = \"view-limit\", domain = \"ticker\", rights = [\"read\", \"views\"] },\n]",
-    ) + "[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\n";
+    ) + "[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\nintrospection = [{ service = \"probe\", rights = [\"views\"] }, { service = \"console\", rights = [\"read\", \"write\", \"views\", \"events\"] }]\n";
     assert!(manifest.contains("view-limit"));
     let run = boot_live(
         &system("probe-view-limit", &manifest),

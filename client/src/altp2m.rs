@@ -234,6 +234,7 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
         AltError::OutOfMemory => {
             "the kernel refused to change the entries (out of table memory)".into()
         }
+        AltError::NotAllowed => "the manifest does not let this client do that to the domain (its `introspection`: `views` for views and modes, `events` for listening and answers)".into(),
         AltError::NotListening => {
             "the caller listens to no domain (attach with Listen first)".into()
         }

@@ -32,6 +32,7 @@ handles = [
     { name = "altp2m-events", notification = "altp2m-events", rights = ["signal"] },
     { name = "domain-ends", notification = "altp2m-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "views", "vcpus"] },
+    { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
 ]
 
 [[service]]
@@ -71,6 +72,7 @@ name = "bench"
 guest = "bench"
 memory_mib = 32
 cmdline = "{cmdline}"
+introspection = [{ service = "listener", rights = ["events"] }]
 "#;
 
 /// The range benchmark's span: 1 GiB.

@@ -116,6 +116,48 @@ pub struct DomainSpec {
     /// The endpoint its EPT violations go to.
     #[serde(default = "violations")]
     pub violations: String,
+    /// Who may introspect it, and how (docs/manifest.md): absent, the host
+    /// (the `console`) may do everything and no service anything.
+    pub introspection: Option<Vec<IntrospectorSpec>>,
+}
+
+/// One entry of a domain's `introspection`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectorSpec {
+    /// A service of the manifest (`console` for the host).
+    pub service: String,
+    /// `read`, `write`, `views`, `events`.
+    pub rights: Vec<String>,
+}
+
+impl DomainSpec {
+    /// Its introspectors as (service, rights bits): the manifest's, or the
+    /// host alone with every right.
+    pub fn introspectors(&self) -> Result<Vec<(&str, u8)>> {
+        use ipc_schema::manifest::introspection;
+        let Some(list) = &self.introspection else {
+            return Ok(vec![("console", introspection::ALL)]);
+        };
+        list.iter()
+            .map(|i| {
+                let mut bits = 0;
+                for r in &i.rights {
+                    bits |= introspection::NAMES
+                        .iter()
+                        .find(|(n, _)| n == r)
+                        .map(|(_, b)| *b)
+                        .with_context(|| {
+                            format!(
+                                "introspection of `{}`: no right `{r}` (read, write, views, events)",
+                                i.service
+                            )
+                        })?;
+                }
+                Ok((i.service.as_str(), bits))
+            })
+            .collect()
+    }
 }
 
 fn one() -> u8 {
@@ -424,6 +466,18 @@ impl SystemManifest {
                 "{field} = {ep:?}: no service receives on endpoint `{ep}`"
             );
         }
+        let introspectors = d.introspectors()?;
+        for (j, (service, _)) in introspectors.iter().enumerate() {
+            // The default names the console, which a system may lack.
+            ensure!(
+                d.introspection.is_none() || self.services.iter().any(|s| s.name == *service),
+                "introspection: no service is named `{service}`"
+            );
+            ensure!(
+                !introspectors[..j].iter().any(|(t, _)| t == service),
+                "introspection: `{service}` is named twice"
+            );
+        }
         Ok(())
     }
 
@@ -521,6 +575,11 @@ impl SystemManifest {
                     cmdline: &d.cmdline,
                     exits: &d.exits,
                     violations: &d.violations,
+                    introspection: d
+                        .introspectors()?
+                        .into_iter()
+                        .map(|(service, rights)| compiled::Introspector { service, rights })
+                        .collect(),
                 })
                 .map_err(|_| full("domains"))?;
         }

@@ -305,6 +305,10 @@ pub enum AltError {
     /// `NextEvent` from a client that listens to no domain (or stopped
     /// listening while its call waited).
     NotListening,
+    /// The manifest does not let the caller do this to that domain (its
+    /// `introspection`: `views` for view requests and modes, `events` for
+    /// listening, policies and answers).
+    NotAllowed,
 }
 
 /// The most `NextEvent` calls the altp2m service holds at once.

@@ -125,6 +125,48 @@ pub struct Domain<'a> {
     pub exits: &'a str,
     /// The endpoint that receives its EPT violations.
     pub violations: &'a str,
+    /// Who may introspect it, and how (ALT-3's XSM-like checks; issue 13,
+    /// point 3): the services named (the host is the `console`), each with
+    /// [`introspection`] rights. Nobody else.
+    pub introspection: Vec<Introspector<'a>, MAX_SERVICES>,
+}
+
+/// A service that may introspect a domain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub struct Introspector<'a> {
+    pub service: &'a str,
+    /// [`introspection`] bits.
+    pub rights: u8,
+}
+
+/// What an introspector may do with a domain.
+pub mod introspection {
+    /// Read its memory and registers (the introspect service).
+    pub const READ: u8 = 1 << 0;
+    /// Write its memory, set its registers (the introspect service).
+    pub const WRITE: u8 = 1 << 1;
+    /// Create, change and query its views, set its altp2m mode (the altp2m
+    /// service, as an external agent).
+    pub const VIEWS: u8 = 1 << 2;
+    /// Listen to its violation events and answer them, set its no-listener
+    /// policy (the altp2m service).
+    pub const EVENTS: u8 = 1 << 3;
+    pub const ALL: u8 = READ | WRITE | VIEWS | EVENTS;
+    /// Names, for manifests and logs.
+    pub const NAMES: [(&str, u8); 4] = [
+        ("read", READ),
+        ("write", WRITE),
+        ("views", VIEWS),
+        ("events", EVENTS),
+    ];
+
+    /// The name of one right.
+    pub fn name(bit: u8) -> &'static str {
+        NAMES
+            .iter()
+            .find(|(_, b)| *b == bit)
+            .map_or("?", |(n, _)| n)
+    }
 }
 
 /// The key of this manifest format.

@@ -63,6 +63,13 @@ pub enum SupervisorRequest {
     InjectFault {
         name: Name,
     },
+    /// What the service whose handles carry badge `client` may do with each
+    /// domain (the manifest's `introspection`): [`SupervisorReply::Rights`].
+    /// Asked by the services that act on domains for their callers
+    /// (altp2m, introspect).
+    IntrospectionRights {
+        client: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -82,6 +89,8 @@ pub enum SupervisorReply {
         next: u32,
     },
     Refused(Refusal),
+    /// `manifest::introspection` bits by domain id (index `id - 1`).
+    Rights([u8; crate::manifest::MAX_DOMAINS]),
 }
 
 #[derive(

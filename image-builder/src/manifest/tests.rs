@@ -61,7 +61,10 @@ fn compiles_what_init_reads() {
 fn without_services_the_standard_ones_are_used() {
     let m = parse("name = \"x\"").unwrap();
     let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["altp2m", "vmm", "console", "logdirty"]);
+    assert_eq!(
+        names,
+        ["altp2m", "vmm", "console", "logdirty", "introspect"]
+    );
     assert_eq!(
         m.shared,
         [
@@ -324,10 +327,74 @@ fn the_standard_services_can_be_combined_with_others() {
     let text = "name = \"x\"\nstandard_services = true\n[[service]]\nname = \"probe\"\ntask = true\nhandles = [{ name = \"a\", endpoint = \"altp2m\", rights = [\"call\"] }]\n";
     let m = parse(text).unwrap();
     let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["altp2m", "vmm", "console", "logdirty", "probe"]);
+    assert_eq!(
+        names,
+        [
+            "altp2m",
+            "vmm",
+            "console",
+            "logdirty",
+            "introspect",
+            "probe"
+        ]
+    );
     let bytes = m.compile().unwrap();
-    assert!(Manifest::decode(&bytes).unwrap().services[4].task);
+    assert!(Manifest::decode(&bytes).unwrap().services[5].task);
     // And left out: a system of no services at all.
     let m = parse("name = \"x\"\nstandard_services = false\n").unwrap();
     assert!(m.services.is_empty() && m.shared.is_empty());
+}
+
+#[test]
+fn introspection_defaults_to_the_host_and_bad_entries_are_named() {
+    use ipc_schema::manifest::introspection::{ALL, EVENTS, READ};
+    let text = format!(
+        "{}{DOMAIN}introspection = [{{ service = \"s\", rights = [\"read\", \"events\"] }}]\n{}",
+        service(""),
+        DOMAIN.replace("name = \"a\"", "name = \"b\"")
+    );
+    let m = parse(&text).unwrap();
+    let bytes = m.compile().unwrap();
+    let k = Manifest::decode(&bytes).unwrap();
+    assert_eq!(k.domains[0].introspection.len(), 1);
+    assert_eq!(
+        (
+            k.domains[0].introspection[0].service,
+            k.domains[0].introspection[0].rights
+        ),
+        ("s", READ | EVENTS)
+    );
+    assert_eq!(
+        (
+            k.domains[1].introspection[0].service,
+            k.domains[1].introspection[0].rights
+        ),
+        ("console", ALL),
+        "absent: the host may do everything"
+    );
+    let e = error(&format!(
+        "{}{DOMAIN}introspection = [{{ service = \"nobody\", rights = [\"read\"] }}]\n",
+        service("")
+    ));
+    assert!(
+        e.contains("introspection: no service is named `nobody`"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{}{DOMAIN}introspection = [{{ service = \"s\", rights = [\"peek\"] }}]\n",
+        service("")
+    ));
+    assert!(e.contains("no right `peek`"), "{e}");
+    let e = error(&format!(
+        "{}{DOMAIN}introspection = [{{ service = \"s\", rights = [] }}, {{ service = \"s\", rights = [\"read\"] }}]\n",
+        service("")
+    ));
+    assert!(e.contains("`s` is named twice"), "{e}");
+    let m = parse(&format!("{}{DOMAIN}introspection = []\n", service(""))).unwrap();
+    let k = m.compile().unwrap();
+    assert!(
+        Manifest::decode(&k).unwrap().domains[0]
+            .introspection
+            .is_empty()
+    );
 }

@@ -33,11 +33,13 @@ use ipc_schema::altp2m::{
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
+use ipc_schema::manifest::introspection;
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, MAX_MESSAGE, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome, Poll};
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
+use service_runtime::rights::Rights;
 use service_runtime::{handle, require, sys};
 
 service_runtime::entry!(main);
@@ -137,6 +139,8 @@ struct Server {
     /// the first request.
     reset_pending: bool,
     system: System,
+    /// What the manifest lets each caller do to each domain.
+    rights: Rights,
     alt: Altp2m,
     events: Events,
 }
@@ -208,8 +212,38 @@ impl Server {
         }
     }
 
+    /// Whether the manifest lets the caller with `badge` do `right` (a
+    /// `manifest::introspection` bit) to `domain`; a refusal is logged.
+    fn may(&mut self, badge: u64, domain: u16, right: u8) -> bool {
+        let ok = self.rights.allows(badge, domain, right);
+        if !ok {
+            defmt::warn!(
+                "altp2m: caller {=u64:#x} may not use `{=str}` on domain {=u16} (the manifest's introspection); refused",
+                badge,
+                service_runtime::rights::name(right),
+                domain
+            );
+        }
+        ok
+    }
+
+    /// `Ok` if the caller may answer `event` (`events` on its domain).
+    fn may_answer(&mut self, badge: u64, event: u32) -> Result<(), AltError> {
+        let domain = self
+            .events
+            .waiting
+            .iter()
+            .find(|w| w.event.id == event)
+            .map(|w| w.event.domain);
+        match domain {
+            Some(d) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
+            _ => Ok(()),
+        }
+    }
+
     /// A listener's answer to `event`: applied, and the vCPU resumed.
     fn answer(&mut self, badge: u64, event: u32, action: Action) -> Result<(), AltError> {
+        self.may_answer(badge, event)?;
         if let Some((token, exit_reply)) =
             self.events
                 .answer(&mut self.alt, &mut self.system, badge, event, action)?
@@ -234,6 +268,9 @@ impl Server {
         let reply = |a: AltReply, out: &mut [u8]| ipc::encode_reply::<AltReply>(&Ok(a), out);
         let mut resumed = None;
         if let Some((event, action)) = answer {
+            if let Err(e) = self.may_answer(badge, event) {
+                return reply(AltReply::Refused(e), out);
+            }
             match self
                 .events
                 .answer(&mut self.alt, &mut self.system, badge, event, action)
@@ -340,6 +377,16 @@ impl Server {
             {
                 AltReply::Refused(AltError::NoSuchDomain)
             }
+            AltRequest::External { domain, .. } | AltRequest::SetMode { domain, .. }
+                if !self.may(badge, domain, introspection::VIEWS) =>
+            {
+                AltReply::Refused(AltError::NotAllowed)
+            }
+            AltRequest::SetNoListener { domain, .. } | AltRequest::Listen { domain, .. }
+                if !self.may(badge, domain, introspection::EVENTS) =>
+            {
+                AltReply::Refused(AltError::NotAllowed)
+            }
             AltRequest::External { domain, request } => AltReply::Reply(self.alt.request(
                 &mut self.system,
                 domain,
@@ -387,9 +434,12 @@ impl Server {
             AltRequest::Events { after } => {
                 let mut events = BoundedVec::new();
                 let mut next = after;
+                // Only the events of domains the caller may see.
                 for e in self.events.after(after, EVENTS_PER_REPLY) {
-                    let _ = events.0.push(e);
                     next = e.id;
+                    if self.rights.allows(badge, e.domain, introspection::EVENTS) {
+                        let _ = events.0.push(e);
+                    }
                 }
                 AltReply::Events { events, next }
             }
@@ -512,6 +562,7 @@ fn main() -> ! {
         guest,
         track,
         events_note: handle("altp2m-events"),
+        rights: Rights::new(handle("supervisor")),
         domain_ends,
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
         system,

@@ -225,7 +225,9 @@ impl Session {
             Some(SupervisorReply::Swapped { generation }) => R::Swapped { generation },
             Some(SupervisorReply::Refused(why)) => R::Refused(why),
             // Not an answer to any of the requests below.
-            Some(SupervisorReply::Events { .. }) => R::Error(ControlError::SupervisorUnavailable),
+            Some(SupervisorReply::Events { .. } | SupervisorReply::Rights(_)) => {
+                R::Error(ControlError::SupervisorUnavailable)
+            }
             None => R::Error(ControlError::SupervisorUnavailable),
         };
         match *r {

@@ -563,6 +563,33 @@ impl Supervisor {
             .position(|s| self.manifest.services[s.spec].name == name)
     }
 
+    /// What the service with badge `client` (its index + 1) may do with
+    /// each domain created, by id: the manifest's `introspection`.
+    fn introspection_rights(&self, client: u64) -> [u8; ipc_schema::manifest::MAX_DOMAINS] {
+        let mut rights = [0u8; ipc_schema::manifest::MAX_DOMAINS];
+        let Some(service) = client
+            .checked_sub(1)
+            .and_then(|i| self.manifest.services.get(usize::try_from(i).ok()?))
+        else {
+            return rights;
+        };
+        for &(i, id) in self.created.iter() {
+            let granted = self.manifest.domains[i]
+                .introspection
+                .iter()
+                .find(|x| x.service == service.name);
+            if let (Some(g), Some(slot)) = (
+                granted,
+                usize::from(id)
+                    .checked_sub(1)
+                    .and_then(|s| rights.get_mut(s)),
+            ) {
+                *slot = g.rights;
+            }
+        }
+        rights
+    }
+
     /// Answers `r` from the service with badge `caller` (its index + 1).
     fn request(&mut self, caller: u64, r: SupervisorRequest) -> SupervisorReply {
         match r {
@@ -615,6 +642,9 @@ impl Supervisor {
                     events,
                     next: self.next_event,
                 }
+            }
+            SupervisorRequest::IntrospectionRights { client } => {
+                SupervisorReply::Rights(self.introspection_rights(client))
             }
             SupervisorRequest::InjectFault { name } => {
                 let Some(i) = self.service_index(name_str(&name)) else {

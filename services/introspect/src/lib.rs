@@ -80,8 +80,32 @@ fn regs_error(e: SysError) -> IntroError {
     }
 }
 
-/// Answers one request.
-pub fn answer(g: &mut impl Guest, request: &IntroRequest) -> IntroReply {
+/// The domain a request is about and the right it needs (a
+/// `manifest::introspection` bit): `read` to read and translate, `write`
+/// to write and set registers.
+pub fn needs(request: &IntroRequest) -> (u16, u8) {
+    use ipc_schema::manifest::introspection::{READ, WRITE};
+    match *request {
+        IntroRequest::Read { domain, .. }
+        | IntroRequest::Translate { domain, .. }
+        | IntroRequest::Regs { domain, .. } => (domain, READ),
+        IntroRequest::Write { domain, .. } | IntroRequest::SetRegs { domain, .. } => {
+            (domain, WRITE)
+        }
+    }
+}
+
+/// Answers one request, if `allowed(domain, right)` (the manifest's
+/// `introspection` for the caller) says the caller may.
+pub fn answer(
+    g: &mut impl Guest,
+    request: &IntroRequest,
+    allowed: impl FnOnce(u16, u8) -> bool,
+) -> IntroReply {
+    let (domain, right) = needs(request);
+    if !allowed(domain, right) {
+        return IntroReply::Refused(IntroError::NotAllowed);
+    }
     match run(g, request) {
         Ok(reply) => reply,
         Err(e) => IntroReply::Refused(e),

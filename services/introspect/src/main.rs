@@ -13,6 +13,7 @@ use ipc_schema::ipc::InterfaceId;
 use ipc_schema::syscall::{Handle, SysError, regs};
 use service_introspect::{Guest, SetError, answer};
 use service_runtime::ipc::{self, Message, Service};
+use service_runtime::rights::Rights;
 use service_runtime::sys::{self, SetRegsError};
 use service_runtime::{require, sys::domain_read};
 
@@ -51,6 +52,8 @@ impl Guest for Kernel {
 struct Server {
     requests: Handle,
     kernel: Kernel,
+    /// What the manifest lets each caller do to each domain.
+    rights: Rights,
 }
 
 impl Service for Server {
@@ -61,7 +64,21 @@ impl Service for Server {
     }
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
-        let answer = ipc::decode::<IntroRequest>(msg.bytes).map(|r| answer(&mut self.kernel, &r));
+        let rights = &mut self.rights;
+        let answer = ipc::decode::<IntroRequest>(msg.bytes).map(|r| {
+            answer(&mut self.kernel, &r, |domain, right| {
+                let ok = rights.allows(msg.badge, domain, right);
+                if !ok {
+                    defmt::warn!(
+                        "introspect: caller {=u64:#x} may not `{=str}` domain {=u16} (the manifest's introspection); refused",
+                        msg.badge,
+                        service_runtime::rights::name(right),
+                        domain
+                    );
+                }
+                ok
+            })
+        });
         ipc::encode_reply(&answer, reply)
     }
 
@@ -76,6 +93,7 @@ fn main() -> ! {
     let mut server = Server {
         requests,
         kernel: Kernel { domains },
+        rights: Rights::new(service_runtime::handle("supervisor")),
     };
     ipc::serve(&mut server, 1 << requests)
 }

@@ -95,6 +95,11 @@ fn guest() -> Model {
     m
 }
 
+/// Every caller may do everything (the checks are tested apart).
+fn answer(m: &mut Model, r: &IntroRequest) -> IntroReply {
+    super::answer(m, r, |_, _| true)
+}
+
 fn read(m: &mut Model, at: Address, len: u16) -> IntroReply {
     answer(m, &IntroRequest::Read { domain: D, at, len })
 }
@@ -276,4 +281,35 @@ fn registers_are_read_in_halves_and_set_only_when_paused_and_valid() {
     );
     assert_eq!(m.regs[regs::RAX], 7);
     const { assert!(MAX_SET >= 8) };
+}
+
+#[test]
+fn each_request_needs_its_right_over_its_domain() {
+    use ipc_schema::manifest::introspection::{READ, WRITE};
+    let mut m = guest();
+    let r = IntroRequest::Read {
+        domain: D,
+        at: Address::Physical(0),
+        len: 1,
+    };
+    let w = IntroRequest::SetRegs {
+        domain: D,
+        vcpu: 0,
+        values: BoundedVec(heapless::Vec::new()),
+    };
+    assert_eq!(needs(&r), (D, READ));
+    assert_eq!(needs(&w), (D, WRITE));
+    let only_read = |d: u16, right: u8| d == D && right == READ;
+    assert!(matches!(
+        super::answer(&mut m, &r, only_read),
+        IntroReply::Bytes(_)
+    ));
+    assert_eq!(
+        super::answer(&mut m, &w, only_read),
+        IntroReply::Refused(IntroError::NotAllowed)
+    );
+    assert_eq!(
+        super::answer(&mut m, &r, |_, _| false),
+        IntroReply::Refused(IntroError::NotAllowed)
+    );
 }

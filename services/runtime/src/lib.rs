@@ -16,6 +16,7 @@
 
 pub mod ipc;
 pub mod log;
+pub mod rights;
 pub mod sys;
 
 pub use defmt;

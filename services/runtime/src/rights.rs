@@ -1,0 +1,73 @@
+//! Who may introspect which domain (the manifest's `introspection`, issue
+//! 13, point 3), for the services that act on domains for their callers
+//! (altp2m, introspect). The supervisor answers for a caller's badge; the
+//! answer is kept, and asked again once before a refusal (a domain
+//! created since). Without a supervisor handle every check fails: a
+//! service never acts on a domain nobody said it may.
+
+use crate::ipc::Client;
+use ipc_schema::manifest::{MAX_DOMAINS, introspection};
+use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
+use ipc_schema::syscall::Handle;
+
+/// The callers asked about, at most this many at once (then the oldest
+/// is forgotten).
+const KEPT: usize = 16;
+
+pub struct Rights {
+    supervisor: Option<Client>,
+    known: heapless::Vec<(u64, [u8; MAX_DOMAINS]), KEPT>,
+}
+
+impl Rights {
+    /// Asks the supervisor through `supervisor` (`None`: nobody may do
+    /// anything).
+    pub fn new(supervisor: Option<Handle>) -> Self {
+        Self {
+            supervisor: supervisor.map(|h| Client::new(h, SUPERVISOR)),
+            known: heapless::Vec::new(),
+        }
+    }
+
+    /// Whether the caller with `badge` has `right` (an `introspection` bit)
+    /// over domain `domain`.
+    pub fn allows(&mut self, badge: u64, domain: u16, right: u8) -> bool {
+        let has = |r: &[u8; MAX_DOMAINS]| {
+            usize::from(domain)
+                .checked_sub(1)
+                .and_then(|i| r.get(i))
+                .is_some_and(|bits| bits & right != 0)
+        };
+        if let Some((_, r)) = self.known.iter().find(|(b, _)| *b == badge)
+            && has(r)
+        {
+            return true;
+        }
+        // Not known, or refused by what was known: ask (again).
+        match self.ask(badge) {
+            Some(r) => has(&r),
+            None => false,
+        }
+    }
+
+    fn ask(&mut self, badge: u64) -> Option<[u8; MAX_DOMAINS]> {
+        let reply = self
+            .supervisor
+            .as_mut()?
+            .call::<_, SupervisorReply>(&SupervisorRequest::IntrospectionRights { client: badge });
+        let SupervisorReply::Rights(r) = reply.ok()? else {
+            return None;
+        };
+        self.known.retain(|(b, _)| *b != badge);
+        if self.known.is_full() {
+            self.known.remove(0);
+        }
+        let _ = self.known.push((badge, r));
+        Some(r)
+    }
+}
+
+/// The name of a right, for refusals in logs.
+pub fn name(right: u8) -> &'static str {
+    introspection::name(right)
+}
