@@ -250,6 +250,11 @@ mod tests {
                     cmdline: "quiet",
                     exits: "vmexits",
                     violations: "violations",
+                    introspection: Vec::from_slice(&[Introspector {
+                        service: "console",
+                        rights: introspection::ALL,
+                    }])
+                    .unwrap(),
                 })
                 .unwrap();
         }
