@@ -270,7 +270,11 @@ pub fn describe_event(e: &VmEvent) -> String {
         } else {
             "an external agent"
         },
-    ) + if e.paused {
+    ) + if e.page_walk() {
+        "; during a page walk (a guest page-table entry)"
+    } else {
+        ""
+    } + if e.paused {
         ""
     } else {
         "; the access went through (n2rwx: the vCPU did not wait)"
@@ -295,6 +299,7 @@ mod tests {
             rip: 0x1000,
             internal: false,
             paused: true,
+            qualification: 0x181,
         };
         assert!(!describe_event(&e).contains("went through"));
         e.paused = false;

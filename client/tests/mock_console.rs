@@ -525,6 +525,7 @@ fn altp2m_requests_go_through_and_violations_arrive_as_events() {
         rip: 0x10_0040,
         internal: false,
         paused: true,
+        qualification: 0x181,
     };
     let mut con = Console::default();
     // The console sends the violation right after answering Listen.
@@ -644,6 +645,7 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
         rip: 0x10_0040,
         internal: false,
         paused: true,
+        qualification: 0x181,
     };
     let (host, console) = pair();
     let mut con = Console::default();

@@ -143,15 +143,28 @@ pub struct VmEvent {
     /// which went through: an answer is taken (its `SetAccess` applied)
     /// but resumes nothing.
     pub paused: bool,
+    /// The exit qualification of the EPT violation as the CPU gave it
+    /// (SDM Table 28-7): bits 0-2 the access (read, write, fetch), 3-5 what
+    /// the entry allowed, bit 7 whether the linear address (`gla`) is
+    /// valid, bit 8 (with bit 7) whether the access was to the translated
+    /// address (1) or to a paging-structure entry during the page walk
+    /// (0): [`VmEvent::page_walk`].
+    pub qualification: u64,
 }
 
 impl VmEvent {
     /// The length of the fixed-width layout.
-    pub const BYTES: usize = 38;
+    pub const BYTES: usize = 46;
+
+    /// The access was to a guest paging-structure entry during a page walk
+    /// (qualification bit 7 set, bit 8 clear), not to the address itself.
+    pub fn page_walk(&self) -> bool {
+        self.qualification & 0x180 == 0x080
+    }
 
     /// The fixed-width layout: id, domain, vCPU, view, GPA, GLA present
     /// and GLA, access and allowed (bits 0-2: read, write, execute), RIP,
-    /// flags (bit 0: internal, bit 1: paused).
+    /// flags (bit 0: internal, bit 1: paused), qualification.
     pub fn to_bytes(&self) -> [u8; Self::BYTES] {
         let bits =
             |a: AccessBits| u8::from(a.read) | u8::from(a.write) << 1 | u8::from(a.execute) << 2;
@@ -167,6 +180,7 @@ impl VmEvent {
         b[28] = bits(self.allowed);
         b[29..37].copy_from_slice(&self.rip.to_le_bytes());
         b[37] = u8::from(self.internal) | u8::from(self.paused) << 1;
+        b[38..46].copy_from_slice(&self.qualification.to_le_bytes());
         b
     }
 
@@ -208,6 +222,7 @@ impl VmEvent {
             rip: u64_at(29),
             internal: (b[37] < 4).then_some(b[37] & 1 != 0)?,
             paused: b[37] & 2 != 0,
+            qualification: u64_at(38),
         })
     }
 }
@@ -342,13 +357,13 @@ mod layout_tests {
                 any::<u64>(),
                 any::<bool>(),
             ),
-            (bits(), bits(), any::<bool>()),
+            (bits(), bits(), any::<bool>(), any::<u64>()),
         )
             .prop_map(
                 |(
                     (id, domain, vcpu, view),
                     (gpa, gla, rip, internal),
-                    (access, allowed, paused),
+                    (access, allowed, paused, qualification),
                 )| {
                     VmEvent {
                         id,
@@ -362,16 +377,40 @@ mod layout_tests {
                         rip,
                         internal,
                         paused,
+                        qualification,
                     }
                 },
             )
+    }
+
+    #[test]
+    fn a_page_walk_is_bit_7_without_bit_8() {
+        let mut e = VmEvent {
+            id: 1,
+            domain: 1,
+            vcpu: 0,
+            view: 0,
+            gpa: 0x1000,
+            gla: None,
+            access: AccessBits::default(),
+            allowed: AccessBits::default(),
+            rip: 0,
+            internal: false,
+            paused: true,
+            qualification: 0x082,
+        };
+        assert!(e.page_walk());
+        e.qualification = 0x182;
+        assert!(!e.page_walk());
+        e.qualification = 0x002;
+        assert!(!e.page_walk(), "no linear address: not known to be a walk");
     }
 
     proptest! {
         /// Every event survives its layout and postcard; bytes that read
         /// as an event are exactly that event's layout.
         #[test]
-        fn an_event_is_its_fixed_layout(e in event(), bytes in proptest::collection::vec(any::<u8>(), 36..40)) {
+        fn an_event_is_its_fixed_layout(e in event(), bytes in proptest::collection::vec(any::<u8>(), 44..48)) {
             prop_assert_eq!(VmEvent::from_bytes(&e.to_bytes()), Some(e));
             let mut buf = [0u8; 64];
             let reply = AltReply::Event(e);

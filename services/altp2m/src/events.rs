@@ -317,6 +317,7 @@ impl Events {
             rip: m.exit.rip,
             internal: !external,
             paused: true,
+            qualification,
         };
         if allows(effective.access, access) {
             // Filled just now, or a fault the entry no longer deserves, or

@@ -965,6 +965,9 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
         (8 * 4096 + 0x18, Some(0x7000_8000), v)
     );
     assert!(e.access.write && !e.allowed.write && !e.internal);
+    // The exit qualification travels whole (issue 13, point 4).
+    assert_eq!(e.qualification, 0x181);
+    assert!(!e.page_walk(), "bit 8 set: the translated address itself");
     // Only the listener answers, once.
     assert_eq!(
         r.ev.answer(&mut r.alt, &mut r.k, 0x78, e.id, Action::Retry),

@@ -433,6 +433,7 @@ fn altp2m_requests_are_forwarded_and_violations_reach_the_host() {
         rip: 0x1000,
         internal: false,
         paused: true,
+        qualification: 0x181,
     };
     r.sup.violations = (0..5).map(event).collect();
     let out = &mut r.out;
