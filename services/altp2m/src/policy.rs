@@ -148,6 +148,9 @@ pub struct Domain {
     /// Dirty tracking's constraint on the entries, while the logdirty
     /// service tracks something ([`crate::tracking`]).
     pub tracking: Option<Tracking>,
+    /// A self-relaxing setting was ever placed (else a violation need not
+    /// look for one: [`Altp2m::relax`]).
+    pub relaxing: bool,
 }
 
 /// A domain's mode until someone sets one.
@@ -162,6 +165,7 @@ impl Default for Domain {
             views,
             remapped_to: BTreeSet::new(),
             tracking: None,
+            relaxing: false,
         }
     }
 }
@@ -934,6 +938,7 @@ impl Altp2m {
                     external,
                     relaxing: Some(relaxing),
                 };
+                self.domain(domain).relaxing = true;
                 self.set(k, domain, view, gfn, 1, setting)?;
                 Ok(Reply::Done)
             }
@@ -1547,6 +1552,7 @@ impl Altp2m {
         let Some(s) = self
             .domains
             .get(&domain)
+            .filter(|d| d.relaxing)
             .and_then(|d| d.views.get(&view))
             .and_then(|v| v.access.get(gfn))
         else {
