@@ -241,12 +241,46 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
             assert!(e.contains("\"cs\""), "{e}");
             let regs = ok(&s, &["regs", "1", "--set", "r12=0x77"]);
             assert!(regs.contains("r12        0x0000000000000077"), "{regs}");
+            // A hidden shadow page (issue 13, point 4): past the guest's
+            // 32 MiB, written, and mapped at the marker's gfn in a view
+            // the vCPU is put in.
+            let shadow = ok(&s, &["altp2m", "shadow", "1", "1"]);
+            assert_eq!(shadow.trim(), "0x2000", "{shadow}");
+            let hidden: String = b"shadow-contents!"
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            ok(&s, &["mem", "write", "1", "0x2000000", &hidden]);
+            let view = ok(&s, &["altp2m", "view-create", "1"]);
+            let view = view.trim();
+            ok(
+                &s,
+                &["altp2m", "change-gfn", "1", view, &hex(gpa >> 12), "0x2000"],
+            );
+            ok(&s, &["altp2m", "switch", "1", view]);
+            for (args, want) in [
+                (
+                    &["altp2m", "shadow", "2", "1"][..],
+                    "does not give this client",
+                ),
+                (&["altp2m", "shadow", "1", "0"], "1 to 256 shadow pages"),
+                (&["altp2m", "shadow", "1", "300"], "1 to 256 shadow pages"),
+                (&["altp2m", "shadow", "9", "1"], "no such domain"),
+            ] {
+                let e = refused(&s, args);
+                assert!(e.contains(want), "{args:?}: {e}");
+            }
             ok(&s, &["unpause", "1"]);
             live.wait_for("dom1", "introspect: r12 0x77", 120);
             ok(&s, &["destroy", "2"]);
         },
     );
     run.expect_console(1, "introspect: r12 0x77")
+        .expect_console(1, "introspect: marker now shadow-contents!")
+        .expect_from(
+            "init",
+            "domain 1: 1 shadow page(s) at gfn 0x2000, outside its memory map",
+        )
         .expect_from("kernel", "VCPU_REGS refused: rip 0x800000000000")
         .expect_from("kernel", "VCPU_REGS refused: domain 1 is not paused")
         .expect_from("introspect", "may not `read` domain 2")

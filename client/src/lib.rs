@@ -562,6 +562,17 @@ impl<S: Transport> Client<S> {
         self.expect_done(ControlRequest::DomainControl { id, op })
     }
 
+    /// `count` shadow pages for domain `id`, mapped right past its RAM and
+    /// outside the memory map its guest was given (change_gfn targets):
+    /// the first one's gfn.
+    pub fn shadow_frames(&mut self, id: u16, count: u16) -> Result<u64, ClientError> {
+        self.ensure_hello()?;
+        match self.call_labelled(ControlRequest::ShadowFrames { id, count })? {
+            (_, ControlReply::Shadow { gfn }) => Ok(gfn),
+            (label, other) => Err(unwanted(label, other)),
+        }
+    }
+
     /// Makes service `name` fault (to test its supervision).
     pub fn inject_fault(&mut self, name: &str) -> Result<(), ClientError> {
         let name = service_name(name)?;
@@ -919,6 +930,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::Altp2m(q) => format!("Altp2m {}", altp2m::describe_request(q)),
         ControlRequest::Logdirty(q) => format!("Logdirty {}", logdirty::describe_request(q)),
         ControlRequest::Introspect(q) => format!("Introspect {q:?}"),
+        ControlRequest::ShadowFrames { id, count } => format!("ShadowFrames {id} ({count})"),
     }
 }
 
@@ -939,6 +951,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Altp2m(r) => format!("Altp2m ({})", altp2m::describe_reply(r)),
         ControlReply::Logdirty(r) => format!("Logdirty ({})", logdirty::describe_reply(r)),
         ControlReply::Introspect(r) => format!("Introspect ({})", introspect::describe_reply(r)),
+        ControlReply::Shadow { gfn } => format!("Shadow (gfn {gfn:#x})"),
     }
 }
 
@@ -988,6 +1001,10 @@ pub fn describe_refusal(r: &Refusal) -> String {
             None => format!("the kernel refused (error {error})"),
         },
         Refusal::IsCaller => "the service named is the one asking the supervisor (the console): it cannot answer its own lifecycle requests while it waits".into(),
+        Refusal::NotAllowed => "the manifest's `introspection` does not give this client that right over the domain".into(),
+        Refusal::ShadowQuota { limit } => {
+            format!("a domain gets 1 to {limit} shadow pages in all")
+        }
     }
 }
 

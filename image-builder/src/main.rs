@@ -383,6 +383,10 @@ enum AltCmd {
         #[arg(value_parser = control::altp2m::parse_relaxing)]
         relaxing: control::altp2m::Relaxing,
     },
+    /// COUNT new zeroed pages for DOMAIN right past its RAM, outside the
+    /// memory map its guest was given: prints the first one's gfn (a
+    /// change_gfn target, e.g. to hide a breakpoint).
+    Shadow { domain: u16, count: u16 },
     /// In VIEW, map GFN to the frame behind TO (no TO: the host's own again).
     ChangeGfn {
         domain: u16,
@@ -873,6 +877,10 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
                 "domain {domain}: view {view}: {count} page(s) from gfn {gfn:#x} now {}",
                 letters(access)
             );
+        }
+        AltCmd::Shadow { domain, count } => {
+            let gfn = c.shadow_frames(domain, count)?;
+            println!("{gfn:#x}");
         }
         AltCmd::Relaxing {
             domain,

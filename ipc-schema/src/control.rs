@@ -70,6 +70,12 @@ pub enum ControlRequest {
     /// A request to the introspect service (guest memory and registers,
     /// docs/introspection.md), passed on as it is.
     Introspect(IntroRequest),
+    /// Shadow pages for domain `id` (the supervisor's
+    /// `SupervisorRequest::ShadowFrames`): [`ControlReply::Shadow`].
+    ShadowFrames {
+        id: u16,
+        count: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -97,6 +103,10 @@ pub enum ControlReply {
     Logdirty(LdReply),
     /// The introspect service's answer to [`ControlRequest::Introspect`].
     Introspect(IntroReply),
+    /// The first gfn of the shadow pages given.
+    Shadow {
+        gfn: u64,
+    },
 }
 
 /// What was wrong with a request, at the protocol level.

@@ -70,7 +70,19 @@ pub enum SupervisorRequest {
     IntrospectionRights {
         client: u64,
     },
+    /// `count` (1 to [`MAX_SHADOW_PAGES`]) new zeroed frames for domain
+    /// `id`, mapped in its host p2m right past its RAM, outside the memory
+    /// map its guest was given: targets for change_gfn (hidden shadow
+    /// pages, e.g. for breakpoints). Needs the `views` introspection right:
+    /// [`SupervisorReply::Shadow`].
+    ShadowFrames {
+        id: u16,
+        count: u16,
+    },
 }
+
+/// The most shadow pages one domain gets in all.
+pub const MAX_SHADOW_PAGES: u16 = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum SupervisorReply {
@@ -91,6 +103,10 @@ pub enum SupervisorReply {
     Refused(Refusal),
     /// `manifest::introspection` bits by domain id (index `id - 1`).
     Rights([u8; crate::manifest::MAX_DOMAINS]),
+    /// The first gfn of the shadow pages given.
+    Shadow {
+        gfn: u64,
+    },
 }
 
 #[derive(
@@ -178,6 +194,13 @@ pub enum Refusal {
     /// The service named is the one asking: it cannot answer its own
     /// lifecycle requests while it waits for this answer.
     IsCaller,
+    /// The manifest's `introspection` does not give the caller the right.
+    NotAllowed,
+    /// More shadow pages than a domain may have ([`MAX_SHADOW_PAGES`]), or
+    /// none.
+    ShadowQuota {
+        limit: u16,
+    },
 }
 
 pub const SUPERVISOR: InterfaceId =

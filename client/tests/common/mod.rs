@@ -408,6 +408,7 @@ impl Console {
                 None => R::Error(ControlError::LogdirtyUnavailable),
             },
             ControlRequest::Introspect(q) => R::Introspect(self.introspect(q)),
+            ControlRequest::ShadowFrames { .. } => R::Refused(Refusal::NotAllowed),
         }
     }
 

@@ -119,7 +119,13 @@ impl Domain {
     /// Maps `count` frames from `base` as guest RAM at `gfn`: 2 MiB pages where
     /// both sides are 2 MiB aligned, 4 KiB pages elsewhere.
     pub fn map_ram(&mut self, gfn: u64, base: u64, count: u64) -> Result<(), DomainError> {
-        if self.state != DomainState::Building || self.ram.is_full() {
+        // Once built, only past the end of its RAM (shadow frames: outside
+        // the memory map the guest was given, docs/introspection.md).
+        let running = matches!(self.state, DomainState::Running | DomainState::Paused);
+        let beyond = gfn
+            .checked_mul(PAGE_SIZE)
+            .is_some_and(|g| g >= self.ram_bytes);
+        if !(self.state == DomainState::Building || running && beyond) || self.ram.is_full() {
             return Err(DomainError::WrongState);
         }
         // `gfn` and `count` come from the builder: the range must end inside
@@ -151,6 +157,9 @@ impl Domain {
         }
         self.ram_bytes = self.ram_bytes.max(end);
         let _ = self.ram.push((gfn, base, count));
+        if running {
+            self.views.flush(0);
+        }
         Ok(())
     }
 

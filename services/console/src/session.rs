@@ -225,6 +225,7 @@ impl Session {
             Some(SupervisorReply::Swapped { generation }) => R::Swapped { generation },
             Some(SupervisorReply::Refused(why)) => R::Refused(why),
             // Not an answer to any of the requests below.
+            Some(SupervisorReply::Shadow { gfn }) => R::Shadow { gfn },
             Some(SupervisorReply::Events { .. } | SupervisorReply::Rights(_)) => {
                 R::Error(ControlError::SupervisorUnavailable)
             }
@@ -245,6 +246,9 @@ impl Session {
                 ask(SupervisorRequest::DomainControl { id, op })
             }
             ControlRequest::InjectFault { name } => ask(SupervisorRequest::InjectFault { name }),
+            ControlRequest::ShadowFrames { id, count } => {
+                ask(SupervisorRequest::ShadowFrames { id, count })
+            }
             ControlRequest::Altp2m(_)
             | ControlRequest::Logdirty(_)
             | ControlRequest::Introspect(_) => {

@@ -52,6 +52,8 @@ pub struct DomainEntry {
     pub spec: usize,
     /// Its end was recorded as an event.
     pub ended: bool,
+    /// Shadow pages given to it (`SupervisorRequest::ShadowFrames`).
+    pub shadow_pages: u16,
 }
 
 pub struct Supervisor {
@@ -354,6 +356,7 @@ impl Supervisor {
                         id: b.id,
                         spec: index,
                         ended: false,
+                        shadow_pages: 0,
                     });
                 }
                 Err(e) => {
@@ -590,6 +593,58 @@ impl Supervisor {
         rights
     }
 
+    /// `count` shadow pages for domain `id`, for the service with badge
+    /// `caller`, which needs `views` over it: mapped right past the
+    /// domain's RAM (the kernel allows a running domain nothing else).
+    fn shadow_frames(&mut self, caller: u64, id: u16, count: u16) -> SupervisorReply {
+        use ipc_schema::manifest::introspection::VIEWS;
+        use ipc_schema::supervisor::MAX_SHADOW_PAGES;
+        let Some(entry) = self.built.iter().position(|d| d.id == id) else {
+            return SupervisorReply::Refused(Refusal::NoSuchDomain);
+        };
+        let allowed = usize::from(id)
+            .checked_sub(1)
+            .and_then(|i| self.introspection_rights(caller).get(i).copied())
+            .is_some_and(|r| r & VIEWS != 0);
+        if !allowed {
+            defmt::warn!(
+                "init: shadow pages for domain {=u16} refused: the manifest does not give caller {=u64} `views` over it",
+                id,
+                caller
+            );
+            return SupervisorReply::Refused(Refusal::NotAllowed);
+        }
+        let given = self.built[entry].shadow_pages;
+        if count == 0 || given.saturating_add(count) > MAX_SHADOW_PAGES {
+            return SupervisorReply::Refused(Refusal::ShadowQuota {
+                limit: MAX_SHADOW_PAGES,
+            });
+        }
+        let kernel = |e: SysError| SupervisorReply::Refused(Refusal::Kernel { error: e as u64 });
+        let ram = match sys::domain_info(self.domains, id) {
+            Ok((_, _, ram)) => ram,
+            Err(e) => return kernel(e),
+        };
+        let gfn = ram.div_ceil(4096);
+        let frames = match sys::frames_alloc(self.memory, u64::from(count), 1) {
+            Ok(f) => f,
+            Err(e) => return kernel(e),
+        };
+        let mapped = sys::domain_map_ram(self.domains, id, gfn, frames, u64::from(count));
+        let _ = sys::handle_close(frames);
+        if let Err(e) = mapped {
+            return kernel(e);
+        }
+        self.built[entry].shadow_pages = given + count;
+        defmt::info!(
+            "init: domain {=u16}: {=u16} shadow page(s) at gfn {=u64:#x}, outside its memory map",
+            id,
+            count,
+            gfn
+        );
+        SupervisorReply::Shadow { gfn }
+    }
+
     /// Answers `r` from the service with badge `caller` (its index + 1).
     fn request(&mut self, caller: u64, r: SupervisorRequest) -> SupervisorReply {
         match r {
@@ -646,6 +701,7 @@ impl Supervisor {
             SupervisorRequest::IntrospectionRights { client } => {
                 SupervisorReply::Rights(self.introspection_rights(client))
             }
+            SupervisorRequest::ShadowFrames { id, count } => self.shadow_frames(caller, id, count),
             SupervisorRequest::InjectFault { name } => {
                 let Some(i) = self.service_index(name_str(&name)) else {
                     return SupervisorReply::Refused(Refusal::NoSuchService);

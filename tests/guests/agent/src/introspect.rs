@@ -13,7 +13,9 @@
 //!    `introspect: mailbox 0x...`;
 //! 2. zeroes R12, sets the ready word, and spins until R12 is not zero:
 //!    the host pauses the domain, sets R12, resumes it. Prints
-//!    `introspect: r12 0x...` and exits 0.
+//!    `introspect: r12 0x...`, then what its marker page reads now
+//!    (`introspect: marker now ...`: the host may have switched it to a
+//!    view that maps a shadow page there), and exits 0.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 use guest_runtime::{Pages, cpuid, println};
@@ -101,5 +103,13 @@ pub fn introspect() -> u32 {
         );
     }
     println!("introspect: r12 {r12:#x}");
+    // The host may have put the vCPU in a view that maps a shadow page at
+    // the marker's gfn: what the guest reads there now.
+    let mut now = [0u8; 16];
+    for (i, chunk) in now.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&MARKER.read_u64(0, i * 8).to_le_bytes());
+    }
+    let text = core::str::from_utf8(&now).unwrap_or("(not text)");
+    println!("introspect: marker now {text}");
     0
 }
