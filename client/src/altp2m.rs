@@ -4,7 +4,9 @@
 //! them the same way.
 
 use super::{Client, ClientError, ControlReply, ControlRequest, Transport, unwanted};
-pub use ipc_schema::altp2m::{Action, AltError, AltReply, AltRequest, NoListener, VmEvent};
+pub use ipc_schema::altp2m::{
+    Action, AltError, AltReply, AltRequest, Filter, MAX_LISTENERS, NoListener, VmEvent,
+};
 pub use ipc_schema::hypercall::{Access, Entry, HcError, Mode, Relaxing, Reply, Request};
 use std::time::Duration;
 
@@ -234,6 +236,10 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
         AltError::OutOfMemory => {
             "the kernel refused to change the entries (out of table memory)".into()
         }
+        AltError::TooManyListeners => format!(
+            "{} listeners are attached to the domain already (the most it has)",
+            ipc_schema::altp2m::MAX_LISTENERS
+        ),
         AltError::NotAllowed => "the manifest does not let this client do that to the domain (its `introspection`: `views` for views and modes, `events` for listening and answers)".into(),
         AltError::NotListening => {
             "the caller listens to no domain (attach with Listen first)".into()

@@ -416,7 +416,18 @@ enum AltCmd {
     },
     /// Attach (on) or detach (off) the console as DOMAIN's violation
     /// listener; a `watch` that was interrupted leaves it attached.
-    Listen { domain: u16, state: String },
+    /// With --gfns or --kinds, only for the violations they take (the
+    /// domain's other listeners, services, take the rest).
+    Listen {
+        domain: u16,
+        state: String,
+        /// FIRST:END, the gfns whose violations to take.
+        #[arg(long, value_name = "FIRST:END")]
+        gfns: Option<String>,
+        /// Which accesses: letters r, w, x.
+        #[arg(long, value_parser = control::altp2m::parse_access)]
+        kinds: Option<control::altp2m::Access>,
+    },
     /// Answer waiting event EVENT with ACTION (retry, allow-once,
     /// skip:LENGTH, view:N, access:ACCESS, crash).
     Answer {
@@ -950,9 +961,30 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
             },
             other => bail!("unexpected answer {other:?}"),
         },
-        AltCmd::Listen { domain, state } => {
+        AltCmd::Listen {
+            domain,
+            state,
+            gfns,
+            kinds,
+        } => {
             let on = on_off(&state)?;
-            c.altp2m_done(AltRequest::Listen { domain, on })?;
+            if on && (gfns.is_some() || kinds.is_some()) {
+                let mut filter = control::altp2m::Filter::ALL;
+                if let Some(g) = gfns {
+                    let (first, end) = g
+                        .split_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("--gfns {g:?}: say FIRST:END"))?;
+                    filter.first = number(first).map_err(anyhow::Error::msg)?;
+                    filter.end = number(end).map_err(anyhow::Error::msg)?;
+                }
+                if let Some(k) = kinds {
+                    filter.kinds =
+                        u8::from(k.read) | u8::from(k.write) << 1 | u8::from(k.execute) << 2;
+                }
+                c.altp2m_done(AltRequest::ListenFor { domain, filter })?;
+            } else {
+                c.altp2m_done(AltRequest::Listen { domain, on })?;
+            }
             println!(
                 "domain {domain}: the console is {}its violation listener",
                 if on { "" } else { "no longer " }

@@ -68,6 +68,14 @@ pub enum AltRequest {
     NextEvent { answer: Option<(u32, Action)> },
     /// Does nothing: for measuring an IPC round trip.
     Ping,
+    /// Attaches the caller as one of the domain's listeners for the
+    /// violations `filter` takes (or changes its filter): a domain has at
+    /// most [`MAX_LISTENERS`], and each event goes to the first attached
+    /// whose filter takes it; one nobody's filter takes goes by the
+    /// domain's no-listener policy. `Listen { on: true }` is this with
+    /// [`Filter::ALL`], refused while another client has that one.
+    /// Detach with `Listen { on: false }`.
+    ListenFor { domain: u16, filter: Filter },
     /// The logdirty service's constraint on the entries of `range` of
     /// `domain` (docs/p2m.md, rule 3; docs/logdirty.md): `Some` arms
     /// tracking with that mechanism (write-protection: every entry that
@@ -320,10 +328,44 @@ pub enum AltError {
     /// `NextEvent` from a client that listens to no domain (or stopped
     /// listening while its call waited).
     NotListening,
+    /// [`MAX_LISTENERS`] listeners are attached to the domain already.
+    TooManyListeners,
     /// The manifest does not let the caller do this to that domain (its
     /// `introspection`: `views` for view requests and modes, `events` for
     /// listening, policies and answers).
     NotAllowed,
+}
+
+/// The most listeners one domain has.
+pub const MAX_LISTENERS: usize = 4;
+
+/// Which violations a listener takes: of gfns `first..end`, of the kinds
+/// whose bits are in `kinds` (bit 0 read, 1 write, 2 instruction fetch: an
+/// event is taken if its access has one of them).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Filter {
+    pub first: u64,
+    pub end: u64,
+    pub kinds: u8,
+}
+
+impl Filter {
+    /// Every violation.
+    pub const ALL: Filter = Filter {
+        first: 0,
+        end: u64::MAX,
+        kinds: 0b111,
+    };
+
+    /// Whether it takes a violation of `gfn` with `access`.
+    pub fn takes(&self, gfn: u64, access: crate::vmexit::AccessBits) -> bool {
+        let kinds =
+            u8::from(access.read) | u8::from(access.write) << 1 | u8::from(access.execute) << 2;
+        (self.first..self.end).contains(&gfn) && kinds & self.kinds != 0
+    }
 }
 
 /// The most `NextEvent` calls the altp2m service holds at once.

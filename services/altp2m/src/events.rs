@@ -12,7 +12,7 @@
 use crate::policy::{Altp2m, Kernel, fill, fill_ops, host_and_view};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
-use ipc_schema::altp2m::{Action, AltError, NoListener, VmEvent};
+use ipc_schema::altp2m::{Action, AltError, Filter, MAX_LISTENERS, NoListener, VmEvent};
 use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Relaxing, Status};
 use ipc_schema::syscall::{EptOp, EptResult, Perms};
 use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response, Then};
@@ -41,6 +41,16 @@ pub struct Waiting {
     pub token: u64,
     /// Given to a listener's `NextEvent` already.
     pub given: bool,
+    /// The badge of the listener it goes to (0: none yet; it waits for
+    /// one, the domain's policy being `pause`).
+    pub owner: u64,
+}
+
+/// One of a domain's listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub badge: u64,
+    pub filter: Filter,
 }
 
 /// A listener's `NextEvent` call, held until an event comes.
@@ -53,8 +63,8 @@ pub struct Poll {
 
 #[derive(Default)]
 pub struct Events {
-    /// Each domain's listener (the badge of its handle).
-    pub listeners: BTreeMap<u16, u64>,
+    /// Each domain's listeners, in the order they attached.
+    pub listeners: BTreeMap<u16, Vec<Listener>>,
     pub policy: BTreeMap<u16, NoListener>,
     pub waiting: Vec<Waiting>,
     /// Recent events, answered or not, for `Events { after }`.
@@ -322,9 +332,12 @@ impl Events {
         if allows(effective.access, access) {
             // Filled just now, or a fault the entry no longer deserves, or
             // an n2rwx page's first access, which the listener hears of.
-            if relaxed == Some(Relaxing::N2Rwx) && self.listeners.contains_key(&id) {
+            let owner = self.route(id, gfn, access);
+            if relaxed == Some(Relaxing::N2Rwx)
+                && let Some(owner) = owner
+            {
                 event.paused = false;
-                if self.record(event, 0) == (Outcome::Defer { new_event: true }) {
+                if self.record(event, 0, owner) == (Outcome::Defer { new_event: true }) {
                     return Outcome::Tell(ExitReply {
                         response: Response::RETRY,
                         regs: None,
@@ -337,8 +350,8 @@ impl Events {
             return reply(Response::RETRY);
         }
         // A restriction: the listener hears of it, or the policy decides.
-        if self.listeners.contains_key(&id) {
-            return self.record(event, token);
+        if let Some(owner) = self.route(id, gfn, access) {
+            return self.record(event, token, owner);
         }
         match self.policy.get(&id).copied().unwrap_or(NoListener::Crash) {
             NoListener::Crash => {
@@ -366,14 +379,39 @@ impl Events {
                     m.exit.vcpu,
                     event.id
                 );
-                self.record(event, token)
+                self.record(event, token, 0)
             }
         }
     }
 
-    /// Keeps `event` waiting for an answer (its vCPU waits), or, with no
-    /// room for it in the heap, stops the domain.
-    fn record(&mut self, event: VmEvent, token: u64) -> Outcome {
+    /// The listener a violation of `domain` at `gfn` goes to: the first
+    /// attached whose filter takes it.
+    pub fn route(&self, domain: u16, gfn: u64, access: AccessBits) -> Option<u64> {
+        self.listeners
+            .get(&domain)?
+            .iter()
+            .find(|l| l.filter.takes(gfn, access))
+            .map(|l| l.badge)
+    }
+
+    /// Whether `badge` is attached to `domain`.
+    fn attached(&self, domain: u16, badge: u64) -> bool {
+        self.listeners
+            .get(&domain)
+            .is_some_and(|l| l.iter().any(|l| l.badge == badge))
+    }
+
+    /// The listener waiting event `event` goes to, if one is attached.
+    pub fn owner_of(&self, event: u32) -> Option<(u16, Option<u64>)> {
+        let w = self.waiting.iter().find(|w| w.event.id == event)?;
+        let d = w.event.domain;
+        Some((d, Some(w.owner).filter(|&o| self.attached(d, o))))
+    }
+
+    /// Keeps `event` waiting for an answer from listener `owner` (0: none
+    /// yet), its vCPU waiting, or, with no room for it in the heap, stops
+    /// the domain.
+    fn record(&mut self, event: VmEvent, token: u64, owner: u64) -> Outcome {
         if self.waiting.try_reserve(1).is_err() || self.log.try_reserve(1).is_err() {
             defmt::error!(
                 "altp2m: domain {=u16}: no room left in the service's heap for event {=u32}; domain stopped",
@@ -387,6 +425,7 @@ impl Events {
             event,
             token,
             given: false,
+            owner,
         });
         self.log.push_back(event);
         // Forget old answered events; waiting ones stay readable.
@@ -425,18 +464,19 @@ impl Events {
     /// The oldest waiting event of a domain `badge` listens to that no
     /// `NextEvent` was given yet, marked given.
     pub fn next_for(&mut self, badge: u64) -> Option<VmEvent> {
-        let listeners = &self.listeners;
         let w = self
             .waiting
             .iter_mut()
-            .find(|w| !w.given && listeners.get(&w.event.domain) == Some(&badge))?;
+            .find(|w| !w.given && w.owner == badge)?;
         w.given = true;
         Some(w.event)
     }
 
     /// Whether `badge` is the listener of some domain.
     pub fn listens(&self, badge: u64) -> bool {
-        self.listeners.values().any(|&b| b == badge)
+        self.listeners
+            .values()
+            .any(|l| l.iter().any(|l| l.badge == badge))
     }
 
     /// The held `NextEvent` calls of clients that listen to no domain any
@@ -445,7 +485,9 @@ impl Events {
         let listeners = &self.listeners;
         let mut stale = Vec::new();
         self.polls.retain(|p| {
-            let keep = listeners.values().any(|&b| b == p.badge);
+            let keep = listeners
+                .values()
+                .any(|l| l.iter().any(|l| l.badge == p.badge));
             if !keep {
                 stale.push(p.token);
             }
@@ -485,33 +527,70 @@ impl Events {
             .collect()
     }
 
-    /// Attaches or detaches `badge` as the domain's listener. Detaching
-    /// leaves waiting events to the next listener (or the policy).
+    /// Attaches or detaches `badge` as a listener of the domain for every
+    /// violation (`Listen`).
     pub fn listen(&mut self, domain: u16, badge: u64, on: bool) -> Result<(), AltError> {
-        match (self.listeners.get(&domain).copied(), on) {
-            (Some(b), true) if b != badge => Err(AltError::ListenerBusy),
-            (_, true) => {
-                self.listeners.insert(domain, badge);
-                // Events that waited for a listener are told anew, under new
-                // numbers, so that one that attaches late hears of them.
-                for i in 0..self.waiting.len() {
-                    if self.waiting[i].event.domain == domain {
-                        let mut e = self.waiting[i].event;
-                        self.log.retain(|l| l.id != e.id);
-                        e.id = self.next;
-                        self.next = self.next.wrapping_add(1);
-                        self.waiting[i].event = e;
-                        self.waiting[i].given = false;
-                        self.log.push_back(e);
-                    }
+        if on {
+            self.listen_for(domain, badge, Filter::ALL)
+        } else {
+            if let Some(l) = self.listeners.get_mut(&domain) {
+                l.retain(|l| l.badge != badge);
+                if l.is_empty() {
+                    self.listeners.remove(&domain);
                 }
-                Ok(())
             }
-            (Some(b), false) if b == badge => {
-                self.listeners.remove(&domain);
-                Ok(())
+            self.reroute(domain);
+            Ok(())
+        }
+    }
+
+    /// Attaches `badge` as a listener of the domain for the violations
+    /// `filter` takes, or changes its filter (`ListenFor`). Events waiting
+    /// for a listener, or for one that left, go to the first that takes
+    /// them.
+    pub fn listen_for(&mut self, domain: u16, badge: u64, filter: Filter) -> Result<(), AltError> {
+        let list = self.listeners.entry(domain).or_default();
+        if let Some(l) = list.iter_mut().find(|l| l.badge == badge) {
+            l.filter = filter;
+        } else if filter == Filter::ALL && list.iter().any(|l| l.filter == Filter::ALL) {
+            return Err(AltError::ListenerBusy);
+        } else if list.len() >= MAX_LISTENERS {
+            return Err(AltError::TooManyListeners);
+        } else {
+            if list.try_reserve(1).is_err() {
+                return Err(AltError::OutOfMemory);
             }
-            (_, false) => Ok(()),
+            list.push(Listener { badge, filter });
+        }
+        self.reroute(domain);
+        Ok(())
+    }
+
+    /// Waiting events of `domain` whose listener is gone (or that had
+    /// none) go to the first listener that takes them, told anew under new
+    /// numbers so that one that attaches late hears of them.
+    fn reroute(&mut self, domain: u16) {
+        for i in 0..self.waiting.len() {
+            let w = self.waiting[i];
+            if w.event.domain != domain || self.attached(domain, w.owner) {
+                continue;
+            }
+            let gfn = w.event.gpa / 4096;
+            let Some(owner) = self.route(domain, gfn, w.event.access) else {
+                self.waiting[i].owner = 0;
+                continue;
+            };
+            let mut e = w.event;
+            self.log.retain(|l| l.id != e.id);
+            e.id = self.next;
+            self.next = self.next.wrapping_add(1);
+            self.waiting[i] = Waiting {
+                event: e,
+                given: false,
+                owner,
+                ..w
+            };
+            self.log.push_back(e);
         }
     }
 
@@ -533,7 +612,7 @@ impl Events {
             .ok_or(AltError::NoSuchEvent)?;
         let w = self.waiting[i];
         let e = w.event;
-        if self.listeners.get(&e.domain).is_some_and(|&b| b != badge) {
+        if w.owner != badge && self.attached(e.domain, w.owner) {
             return Err(AltError::ListenerBusy);
         }
         let gfn = e.gpa / 4096;

@@ -229,16 +229,10 @@ impl Server {
 
     /// `Ok` if the caller may answer `event` (`events` on its domain).
     fn may_answer(&mut self, badge: u64, event: u32) -> Result<(), AltError> {
-        let domain = self
-            .events
-            .waiting
-            .iter()
-            .find(|w| w.event.id == event)
-            .map(|w| w.event.domain);
-        match domain {
-            // The attached listener had `events` when it attached.
-            Some(d) if self.events.listeners.get(&d) == Some(&badge) => Ok(()),
-            Some(d) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
+        match self.events.owner_of(event) {
+            // Its attached listener had `events` when it attached.
+            Some((_, Some(owner))) if owner == badge => Ok(()),
+            Some((d, _)) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
             _ => Ok(()),
         }
     }
@@ -333,6 +327,37 @@ impl Server {
         n
     }
 
+    /// After a listener attached or left (`result`): waiting events handed
+    /// to the listeners they go to now, and the held `NextEvent` calls of
+    /// clients that listen to nothing any more answered `NotListening`.
+    fn listened(
+        &mut self,
+        domain: u16,
+        badge: u64,
+        on: bool,
+        result: Result<(), AltError>,
+    ) -> AltReply {
+        if let Err(e) = result {
+            return AltReply::Refused(e);
+        }
+        defmt::info!(
+            "altp2m: domain {=u16}: listener {=str} (badge {=u64:#x})",
+            domain,
+            if on { "attached" } else { "detached" },
+            badge
+        );
+        if self.events.waiting.iter().any(|w| w.event.domain == domain) {
+            self.deliver(None);
+        }
+        let mut out = [0u8; 16];
+        let n =
+            ipc::encode_reply::<AltReply>(&Ok(AltReply::Refused(AltError::NotListening)), &mut out);
+        for token in self.events.stale_polls() {
+            let _ = ipc::reply(token, &out[..n]);
+        }
+        AltReply::Done
+    }
+
     /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
     fn request(&mut self, request: AltRequest, badge: u64, guest_endpoint: bool) -> AltReply {
         let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
@@ -375,6 +400,7 @@ impl Server {
             | AltRequest::SetMode { domain, .. }
             | AltRequest::SetNoListener { domain, .. }
             | AltRequest::Listen { domain, .. }
+            | AltRequest::ListenFor { domain, .. }
                 if unknown(self, domain) =>
             {
                 AltReply::Refused(AltError::NoSuchDomain)
@@ -384,7 +410,9 @@ impl Server {
             {
                 AltReply::Refused(AltError::NotAllowed)
             }
-            AltRequest::SetNoListener { domain, .. } | AltRequest::Listen { domain, .. }
+            AltRequest::SetNoListener { domain, .. }
+            | AltRequest::Listen { domain, .. }
+            | AltRequest::ListenFor { domain, .. }
                 if !self.may(badge, domain, introspection::EVENTS) =>
             {
                 AltReply::Refused(AltError::NotAllowed)
@@ -408,31 +436,14 @@ impl Server {
                 self.events.policy.insert(domain, policy);
                 AltReply::Done
             }
-            AltRequest::Listen { domain, on } => match self.events.listen(domain, badge, on) {
-                Ok(()) => {
-                    defmt::info!(
-                        "altp2m: domain {=u16}: listener {=str} (badge {=u64:#x})",
-                        domain,
-                        if on { "attached" } else { "detached" },
-                        badge
-                    );
-                    if on && self.events.waiting.iter().any(|w| w.event.domain == domain) {
-                        self.deliver(None);
-                    }
-                    // A client that stopped listening to its last domain
-                    // is not kept waiting for events it cannot get.
-                    let mut out = [0u8; 16];
-                    let n = ipc::encode_reply::<AltReply>(
-                        &Ok(AltReply::Refused(AltError::NotListening)),
-                        &mut out,
-                    );
-                    for token in self.events.stale_polls() {
-                        let _ = ipc::reply(token, &out[..n]);
-                    }
-                    AltReply::Done
-                }
-                Err(e) => AltReply::Refused(e),
-            },
+            AltRequest::Listen { domain, on } => {
+                let r = self.events.listen(domain, badge, on);
+                self.listened(domain, badge, on, r)
+            }
+            AltRequest::ListenFor { domain, filter } => {
+                let r = self.events.listen_for(domain, badge, filter);
+                self.listened(domain, badge, true, r)
+            }
             AltRequest::Events { after } => {
                 let mut events = BoundedVec::new();
                 let mut next = after;

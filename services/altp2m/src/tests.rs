@@ -881,6 +881,85 @@ fn rx2rw_and_n2rwx_relax_at_the_first_violation() {
     assert!(r.ev.waiting.is_empty());
 }
 
+/// Issue 13, point 4: several listeners per domain by range and kind. Each
+/// event goes to the first attached whose filter takes it, only that one
+/// may answer it, one nobody takes goes by the policy, and a listener that
+/// leaves hands its waiting events on.
+#[test]
+fn several_listeners_share_a_domain_by_range_and_kind() {
+    use ipc_schema::altp2m::{Filter, MAX_LISTENERS};
+    let mut r = Rig::new();
+    let v = r.view();
+    for gfn in [8, 9, 40] {
+        r.host(Request::SetAccess {
+            view: v,
+            gfn,
+            access: Access::NONE,
+        });
+    }
+    let writes_low = Filter {
+        first: 0,
+        end: 16,
+        kinds: 0b010,
+    };
+    let anything_low = Filter {
+        first: 0,
+        end: 32,
+        kinds: 0b111,
+    };
+    r.ev.listen_for(D, 0xa, writes_low).unwrap();
+    r.ev.listen_for(D, 0xb, anything_low).unwrap();
+    // A write to gfn 8 is A's (attached first, its filter takes it); a
+    // read of gfn 9 is B's; a read of gfn 40 is nobody's: the policy.
+    assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
+    assert_eq!(r.touch(v, 9, R), Outcome::Defer { new_event: true });
+    assert_eq!(
+        r.touch(v, 40, R),
+        crash(),
+        "nobody takes it: the crash policy"
+    );
+    let a = r.ev.next_for(0xa).unwrap();
+    let b = r.ev.next_for(0xb).unwrap();
+    assert_eq!((a.gpa / 4096, b.gpa / 4096), (8, 9));
+    assert_eq!(r.ev.next_for(0xa), None);
+    // Only its listener answers an event.
+    assert_eq!(
+        r.ev.answer(&mut r.alt, &mut r.k, 0xb, a.id, Action::Retry),
+        Err(AltError::ListenerBusy)
+    );
+    assert!(
+        r.ev.answer(&mut r.alt, &mut r.k, 0xa, a.id, Action::Retry)
+            .unwrap()
+            .is_some()
+    );
+    // A leaves with an event waiting: it goes to B (whose filter takes
+    // it), under a new number.
+    assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
+    let old =
+        r.ev.waiting
+            .iter()
+            .find(|w| w.owner == 0xa)
+            .unwrap()
+            .event
+            .id;
+    r.ev.listen(D, 0xa, false).unwrap();
+    let moved = r.ev.next_for(0xb).unwrap();
+    assert!(moved.gpa / 4096 == 8 && moved.id != old);
+    // At most MAX_LISTENERS; one catch-all.
+    r.ev.listen(D, 0xc, true).unwrap();
+    assert_eq!(r.ev.listen(D, 0xd, true), Err(AltError::ListenerBusy));
+    for badge in 0xd..0xd + MAX_LISTENERS as u64 {
+        let _ = r.ev.listen_for(D, badge, writes_low);
+    }
+    assert_eq!(r.ev.listeners[&D].len(), MAX_LISTENERS);
+    assert_eq!(
+        r.ev.listen_for(D, 0x99, writes_low),
+        Err(AltError::TooManyListeners)
+    );
+    // Changing one's filter is not one more.
+    assert_eq!(r.ev.listen_for(D, 0xb, writes_low), Ok(()));
+}
+
 /// Issue 13, point 8: allow-once opens a page for one instruction to no
 /// more than the host p2m gives its frame, and a write it lets through
 /// where dirty tracking protects the frame is logged first (LD-1).
