@@ -997,6 +997,9 @@ pub fn describe_refusal(r: &Refusal) -> String {
         ),
         Refusal::SwapFailed => "the new instance did not start or refused the state".into(),
         Refusal::Kernel { error } => match ipc_schema::syscall::SysError::from_raw(*error) {
+            Some(e @ ipc_schema::syscall::SysError::ForeignMapped) => format!(
+                "the kernel refused: {e:?} (the domain is protected and services hold foreign mappings of its memory; `cargo hv ctl domains` counts them)"
+            ),
             Some(e) => format!("the kernel refused: {e:?}"),
             None => format!("the kernel refused (error {error})"),
         },
@@ -1108,7 +1111,7 @@ pub fn services_table(services: &[ServiceInfo]) -> String {
 
 /// The domains as a table: id, name, state, exit status, memory.
 pub fn domains_table(domains: &[DomainInfo]) -> String {
-    let rows: Vec<[String; 5]> = domains
+    let rows: Vec<[String; 7]> = domains
         .iter()
         .map(|d| {
             [
@@ -1117,10 +1120,23 @@ pub fn domains_table(domains: &[DomainInfo]) -> String {
                 domain_state(d.state),
                 format!("{:#x}", d.exit_status),
                 format!("{} MiB", d.memory_mib),
+                if d.protected { "yes" } else { "no" }.into(),
+                d.foreign_pages.to_string(),
             ]
         })
         .collect();
-    table(["ID", "NAME", "STATE", "EXIT STATUS", "MEMORY"], &rows)
+    table(
+        [
+            "ID",
+            "NAME",
+            "STATE",
+            "EXIT STATUS",
+            "MEMORY",
+            "PROTECTED",
+            "FOREIGN PAGES",
+        ],
+        &rows,
+    )
 }
 
 fn table<const N: usize>(head: [&str; N], rows: &[[String; N]]) -> String {

@@ -119,6 +119,10 @@ pub struct DomainSpec {
     /// Who may introspect it, and how (docs/manifest.md): absent, the host
     /// (the `console`) may do everything and no service anything.
     pub introspection: Option<Vec<IntrospectorSpec>>,
+    /// Not started or unpaused while services hold foreign mappings of its
+    /// memory (FM-2).
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// One entry of a domain's `introspection`.
@@ -580,6 +584,7 @@ impl SystemManifest {
                         .into_iter()
                         .map(|(service, rights)| compiled::Introspector { service, rights })
                         .collect(),
+                    protected: d.protected,
                 })
                 .map_err(|_| full("domains"))?;
         }

@@ -151,6 +151,9 @@ pub enum IntroError {
     Kernel {
         error: u8,
     },
+    /// The domain is protected (the manifest's `protected`) and running:
+    /// its memory is mapped only while it is paused (FM-2).
+    ProtectedRunning,
 }
 
 pub const INTROSPECT: InterfaceId =
@@ -203,6 +206,10 @@ impl core::fmt::Display for IntroError {
             }
             IntroError::NotAllowed => write!(f, "not allowed for this caller and domain"),
             IntroError::Kernel { error } => write!(f, "the kernel refused (error {error})"),
+            IntroError::ProtectedRunning => write!(
+                f,
+                "the domain is protected: its memory is reached only while it is paused"
+            ),
         }
     }
 }

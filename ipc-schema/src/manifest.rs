@@ -129,6 +129,9 @@ pub struct Domain<'a> {
     /// point 3): the services named (the host is the `console`), each with
     /// [`introspection`] rights. Nobody else.
     pub introspection: Vec<Introspector<'a>, MAX_SERVICES>,
+    /// Not started or unpaused while services hold foreign mappings of
+    /// its memory (FM-2; docs/introspection.md, Foreign mappings).
+    pub protected: bool,
 }
 
 /// A service that may introspect a domain.
@@ -255,6 +258,7 @@ mod tests {
                         rights: introspection::ALL,
                     }])
                     .unwrap(),
+                    protected: name == "b",
                 })
                 .unwrap();
         }

@@ -132,6 +132,11 @@ pub struct DomainInfo {
     pub state: u8,
     pub exit_status: u32,
     pub memory_mib: u32,
+    /// Not started or unpaused while services hold foreign mappings of it
+    /// (the manifest's `protected`; FM-2).
+    pub protected: bool,
+    /// Pages of its RAM services hold foreign-mapped (FM-1).
+    pub foreign_pages: u32,
 }
 
 /// Events per [`SupervisorReply::Events`].

@@ -84,7 +84,8 @@ pub mod nr {
     /// HALT(status): ends the run (needs the system handle).
     pub const HALT: u64 = 31;
 
-    /// DOMAIN_CREATE(domains, name_ptr, name_len) -> RDI = domain id.
+    /// DOMAIN_CREATE(domains, name_ptr, name_len, flags) -> RDI = domain
+    /// id. Flags: [`super::DOMAIN_PROTECTED`].
     pub const DOMAIN_CREATE: u64 = 32;
     /// DOMAIN_MAP_RAM(domains, domain, gfn, frames, count): the frames become
     /// guest RAM at `gfn` in the host p2m (2 MiB pages where aligned).
@@ -99,7 +100,8 @@ pub mod nr {
     /// DOMAIN_CONTROL(domains, domain, op): see [`super::DomainOp`].
     pub const DOMAIN_CONTROL: u64 = 37;
     /// DOMAIN_INFO(domains, domain) -> RDI = [`super::DomainState`] code,
-    /// RSI = exit status, RDX = RAM bytes.
+    /// RSI = exit status (bits 0-31), foreign-mapped pages (bits 32-62)
+    /// and whether it is protected (bit 63), RDX = RAM bytes.
     pub const DOMAIN_INFO: u64 = 38;
     /// CONSOLE(domains, domain, buf_ptr, len): bytes the guest wrote to its
     /// console, into the log wire.
@@ -163,7 +165,33 @@ pub mod nr {
     /// entry would refuse is refused whole (`BadArgument`, RDI = `1 << 63`
     /// with the index of the first bad register), the vCPU unchanged.
     pub const VCPU_REGS: u64 = 55;
+    /// FOREIGN_MAP(domains, domain, gfn, count, va, writable): maps `count`
+    /// pages of the domain's RAM from `gfn` (the host p2m's frames) into
+    /// the caller at `va`, in the map window ([`layout::MAP_BASE`] ..
+    /// [`layout::MAP_END`]). Needs `read` (and `write` for `writable`).
+    /// Counted per domain (DOMAIN_INFO); at most [`super::FOREIGN_MAPS`]
+    /// mappings a process (`NoResources` past that), each of at most
+    /// [`super::FOREIGN_PAGES`] pages. A running protected domain is
+    /// refused (`Busy`); a gfn outside RAM is `BadAddress`.
+    ///
+    /// [`layout::MAP_BASE`]: super::layout::MAP_BASE
+    /// [`layout::MAP_END`]: super::layout::MAP_END
+    pub const FOREIGN_MAP: u64 = 56;
+    /// FOREIGN_UNMAP(va, count): undoes the FOREIGN_MAP made at `va` with
+    /// `count` pages (exactly that one; `BadArgument` otherwise).
+    pub const FOREIGN_UNMAP: u64 = 57;
 }
+
+/// Foreign mappings a process holds at once (FOREIGN_MAP).
+pub const FOREIGN_MAPS: usize = 16;
+/// Pages one foreign mapping covers at most.
+pub const FOREIGN_PAGES: u64 = 512;
+/// DOMAIN_CREATE's flags: the domain is protected (not started or
+/// unpaused while foreign mappings into it exist; FM-2).
+pub const DOMAIN_PROTECTED: u64 = 1;
+/// DOMAIN_INFO's RSI: the exit status in bits 0-31, the pages services
+/// have foreign-mapped in bits 32-62, and [`DOMAIN_INFO_PROTECTED`].
+pub const DOMAIN_INFO_PROTECTED: u64 = 1 << 63;
 
 /// The registers VCPU_REGS reads and writes, by index.
 pub mod regs {
@@ -285,6 +313,9 @@ pub enum SysError {
     /// supervisor holds it after faults, or it exited) and no other has
     /// waited on the endpoint since. Calls fail at once instead of waiting.
     NoServer = 15,
+    /// The domain is protected and services hold foreign mappings of its
+    /// memory: it is not started or unpaused until they are gone (FM-2).
+    ForeignMapped = 16,
 }
 
 impl SysError {
@@ -306,6 +337,7 @@ impl SysError {
             13 => Self::Unsupported,
             14 => Self::OutOfScope,
             15 => Self::NoServer,
+            16 => Self::ForeignMapped,
             _ => return None,
         })
     }

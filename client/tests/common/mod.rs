@@ -282,6 +282,8 @@ pub fn domain(id: u16, n: &str, state: u8) -> DomainInfo {
         state,
         exit_status: 0,
         memory_mib: 16,
+        protected: false,
+        foreign_pages: 0,
     }
 }
 

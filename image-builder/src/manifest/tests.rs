@@ -398,3 +398,17 @@ fn introspection_defaults_to_the_host_and_bad_entries_are_named() {
             .is_empty()
     );
 }
+
+#[test]
+fn protected_is_compiled_and_defaults_to_false() {
+    let text = format!(
+        "{}{DOMAIN}protected = true\n{}",
+        service(""),
+        DOMAIN.replace("name = \"a\"", "name = \"b\"")
+    );
+    let k = parse(&text).unwrap().compile().unwrap();
+    let k = Manifest::decode(&k).unwrap();
+    assert!(k.domains[0].protected && !k.domains[1].protected);
+    let e = error(&format!("{}{DOMAIN}protected = \"yes\"\n", service("")));
+    assert!(e.contains("protected"), "{e}");
+}

@@ -11,12 +11,14 @@
 //! - `process`: services: loading, faults, restarts.
 //! - `ipc`: endpoints (call, receive, reply) and notifications.
 //! - `syscall`: the system calls.
+//! - `foreign`: guest RAM mapped into services, counted per domain.
 //! - `fastpath`: the two transitions of a handled exit, in one run.
 //! - `sched`: what runs next, and getting there (ring 3 or VMX).
 //! - `irq`: device interrupts as notifications.
 
 pub mod caps;
 pub mod fastpath;
+pub mod foreign;
 pub mod ipc;
 pub mod irq;
 pub mod process;

@@ -18,7 +18,7 @@ use crate::mem::phys_to_virt;
 use crate::vm::memory::alloc_zeroed_frame;
 use ipc_schema::syscall::layout::{IMAGE_BASE, STACK_SIZE, STACK_TOP, STARTUP_INFO};
 use ipc_schema::syscall::{
-    HandleName, MAX_HANDLES, MAX_MESSAGE, STARTUP_MAGIC, StartupInfo, handle_name_str,
+    FOREIGN_MAPS, HandleName, MAX_HANDLES, MAX_MESSAGE, STARTUP_MAGIC, StartupInfo, handle_name_str,
 };
 use ipc_schema::wire::{Record, WIRE_KEY};
 use platform::PAGE_SIZE;
@@ -108,6 +108,8 @@ pub struct Process {
     /// nothing is there and each object names this process as its waiter
     /// (the fast paths then skip the check).
     pub quiet: (u64, u64),
+    /// The foreign mappings it holds (FOREIGN_MAP; `foreign`).
+    pub foreign: heapless::Vec<super::foreign::ForeignMap, FOREIGN_MAPS>,
 }
 
 impl Process {
@@ -206,6 +208,7 @@ impl Kernel {
             seq: 0,
             successor,
             quiet: (0, 0),
+            foreign: heapless::Vec::new(),
         };
         p.names[..p.name_count].copy_from_slice(&names[..p.name_count]);
         self.processes[slot] = Some(p);
@@ -336,13 +339,15 @@ impl Kernel {
 
     /// Settles the IPC of a process that stops running: calls waiting on it
     /// fail (`Dead`) or, for vCPUs, go back in the queue for its successor;
-    /// it leaves every queue and wait list; endpoints it served move to a new
+    /// it leaves every queue and wait list; its foreign mappings are torn down; endpoints it served move to a new
     /// generation. When it has `ended` (it will not run again), every
     /// endpoint it served or waited on that nobody else waits on is closed
     /// ([`Kernel::close`]): its callers fail at once instead of waiting for
     /// a server that will not come.
     fn settle(&mut self, pid: u16, ended: bool) {
         self.unready(Runnable::Process(pid));
+        // Its foreign mappings go with it (FM-3).
+        self.foreign_drop_process(pid);
         // Its hints are dropped (see `Process::quiet`).
         self.epoch += 1;
         for id in 0..self.endpoints.len() {

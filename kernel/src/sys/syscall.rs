@@ -381,6 +381,19 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::DOMAIN_CREATE => domain_create(k, pid, a),
         nr::DOMAIN_MAP_RAM => domain_map_ram(k, pid, a),
         nr::DOMAIN_WRITE | nr::DOMAIN_READ => domain_memory(k, pid, number == nr::DOMAIN_WRITE, a),
+        nr::FOREIGN_MAP => {
+            let writable = a[5] != 0;
+            let right = rights::READ | if writable { rights::WRITE } else { 0 };
+            dcap!(k, pid, "FOREIGN_MAP", a[0], a[1], Scope::Domain, right);
+            domain(k, a[1])?;
+            let slot = a[1].wrapping_sub(1) as u16;
+            k.foreign_map(pid, slot, (a[2], a[3], a[4], writable))?;
+            Ok(Values([0; 3]))
+        }
+        nr::FOREIGN_UNMAP => {
+            k.foreign_unmap(pid, a[0], a[1])?;
+            Ok(Values([0; 3]))
+        }
         nr::VCPU_CREATE => vcpu_create(k, pid, a),
         nr::DOMAIN_CONTROL => domain_control(k, pid, a),
         nr::DOMAIN_INFO => {
@@ -394,9 +407,14 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 rights::READ
             );
             let d = domain(k, a[1])?;
+            let protected = if d.protected {
+                ipc_schema::syscall::DOMAIN_INFO_PROTECTED
+            } else {
+                0
+            };
             Ok(Values([
                 d.state as u64,
-                u64::from(d.exit_status),
+                u64::from(d.exit_status) | u64::from(d.foreign_pages) << 32 | protected,
                 d.ram_bytes,
             ]))
         }
@@ -1006,7 +1024,12 @@ fn frames_unmap(k: &mut Kernel, pid: u16, va: u64, count: u64) -> Result<Done> {
     let end = va
         .checked_add(count.saturating_mul(PAGE_SIZE))
         .ok_or(SysError::BadArgument)?;
-    if va < MAP_BASE || end > MAP_END || !va.is_multiple_of(PAGE_SIZE) {
+    // Foreign mappings are undone by FOREIGN_UNMAP only (they are counted).
+    if va < MAP_BASE
+        || end > MAP_END
+        || !va.is_multiple_of(PAGE_SIZE)
+        || k.foreign_overlaps(pid, va, end)
+    {
         return Err(SysError::BadArgument);
     }
     let p = k.processes[usize::from(pid)]
@@ -1174,12 +1197,17 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         .iter()
         .position(Option::is_none)
         .ok_or(SysError::NoResources)?;
-    let d = Domain::create(slot as u16 + 1, name).map_err(|_| SysError::NoResources)?;
+    if a[3] & !ipc_schema::syscall::DOMAIN_PROTECTED != 0 {
+        return Err(SysError::BadArgument);
+    }
+    let protected = a[3] & ipc_schema::syscall::DOMAIN_PROTECTED != 0;
+    let d = Domain::create(slot as u16 + 1, name, protected).map_err(|_| SysError::NoResources)?;
     defmt::info!(
-        "domain {=u16} ({=str}) created by {=str}",
+        "domain {=u16} ({=str}) created by {=str}{=str}",
         slot as u16 + 1,
         ipc_schema::syscall::handle_name_str(&d.name),
-        k.process_name(pid)
+        k.process_name(pid),
+        if protected { ", protected" } else { "" }
     );
     k.domains[slot] = Some(d);
     Ok(Values([slot as u64 + 1, 0, 0]))
@@ -1327,6 +1355,20 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         _ => return Err(SysError::BadArgument),
     };
     let d = domain_mut(k, a[1])?;
+    if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_pages > 0 {
+        defmt::warn!(
+            "domain {=u16} ({=str}) is protected and services hold {=u32} pages of it foreign-mapped: not {=str}",
+            d.id,
+            ipc_schema::syscall::handle_name_str(&d.name),
+            d.foreign_pages,
+            if op == DomainOp::Start {
+                "started"
+            } else {
+                "unpaused"
+            }
+        );
+        return Err(SysError::ForeignMapped);
+    }
     match (op, d.state) {
         (DomainOp::Start, DomainState::Building) if d.vcpu.is_some() => {
             d.state = DomainState::Running;
@@ -1351,6 +1393,7 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             for e in k.endpoints.iter_mut().flatten() {
                 e.queue.retain(|s| *s != Sender::Vcpu(slot));
             }
+            k.foreign_drop_domain(slot);
             if let Some(d) = k.domains[usize::from(slot)].take() {
                 d.destroy();
             }

@@ -57,6 +57,10 @@ pub struct Domain {
     pub slice_end: u64,
     /// Its exit handler heard that the vCPU starts (`ExitKind::Start`).
     pub started: bool,
+    /// Not started or unpaused while `foreign_pages` is not 0 (FM-2).
+    pub protected: bool,
+    /// Pages of its RAM services hold foreign-mapped (FOREIGN_MAP; FM-1).
+    pub foreign_pages: u32,
 }
 
 /// Why a domain operation was refused.
@@ -81,7 +85,7 @@ impl From<EptError> for DomainError {
 
 impl Domain {
     /// An empty domain: no RAM, no vCPU.
-    pub fn create(id: u16, name: HandleName) -> Result<Domain, DomainError> {
+    pub fn create(id: u16, name: HandleName, protected: bool) -> Result<Domain, DomainError> {
         let f: &Features = &caps().1;
         let views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
         let Some(msr_bitmap) = msr_bitmap() else {
@@ -113,6 +117,8 @@ impl Domain {
             pending_raw: None,
             slice_end: 0,
             started: false,
+            protected,
+            foreign_pages: 0,
         })
     }
 
@@ -169,6 +175,14 @@ impl Domain {
             .iter()
             .find(|(_, base, count)| hpa >= *base && hpa < base + count * PAGE_SIZE)
             .map(|(gfn, base, _)| gfn + (hpa - base) / PAGE_SIZE)
+    }
+
+    /// The frame the host p2m maps at `gfn`: one of the domain's RAM frames.
+    pub fn frame_of_gfn(&self, gfn: u64) -> Option<u64> {
+        self.ram
+            .iter()
+            .find(|(first, _, count)| gfn >= *first && gfn - first < *count)
+            .map(|(first, base, _)| base + (gfn - first) * PAGE_SIZE)
     }
 
     /// Copies guest memory at `gpa` into `out`; `None` if any byte is not RAM.

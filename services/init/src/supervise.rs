@@ -301,7 +301,12 @@ impl Supervisor {
         }
         for index in 0..self.manifest.domains.len() {
             let name = self.manifest.domains[index].name;
-            match sys::domain_create(self.domains, name) {
+            let flags = if self.manifest.domains[index].protected {
+                ipc_schema::syscall::DOMAIN_PROTECTED
+            } else {
+                0
+            };
+            match sys::domain_create_with(self.domains, name, flags) {
                 Ok(id) => {
                     let _ = self.created.push((index, id));
                 }
@@ -551,12 +556,15 @@ impl Supervisor {
         let d = self.built.get(usize::from(index))?;
         let spec = &self.manifest.domains[d.spec];
         let (state, status, _) = sys::domain_info(self.domains, d.id).unwrap_or((5, 0, 0));
+        let foreign = sys::domain_foreign(self.domains, d.id).ok();
         Some(DomainInfo {
             id: d.id,
             name: fixed_name(spec.name),
             state: state as u8,
             exit_status: status,
             memory_mib: spec.memory_mib,
+            protected: spec.protected,
+            foreign_pages: foreign.map_or(0, |f| f.pages),
         })
     }
 

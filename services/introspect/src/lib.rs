@@ -66,6 +66,7 @@ fn memory_error(e: SysError, gpa: u64) -> IntroError {
         SysError::BadAddress => IntroError::OutsideRam { gpa },
         SysError::BadArgument | SysError::OutOfScope => IntroError::NoSuchDomain,
         SysError::MissingRight => IntroError::NotAllowed,
+        SysError::Busy => IntroError::ProtectedRunning,
         other => IntroError::Kernel { error: other as u8 },
     }
 }

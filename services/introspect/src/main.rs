@@ -1,21 +1,25 @@
 //! introspect: guest memory and vCPU registers for agents on the host
 //! (the console passes `ControlRequest::Introspect` on) and for services
 //! (issue 13, point 1; docs/introspection.md). The logic is in `lib.rs`;
-//! here are the kernel's calls it runs on: DOMAIN_READ and DOMAIN_WRITE
-//! for guest memory, VCPU_REGS for registers, all through the `domains`
-//! handle (rights `read`, and `write` for writes and register sets).
+//! here are the kernel's calls it runs on: FOREIGN_MAP and FOREIGN_UNMAP
+//! for guest memory (each page mapped, copied, unmapped, so that no
+//! mapping outlives a request: a protected domain is never kept paused by
+//! this service; FM-1..FM-3), VCPU_REGS for registers, all through the
+//! `domains` handle (rights `read`, and `write` for writes and register
+//! sets).
 
 #![no_std]
 #![no_main]
 
 use ipc_schema::introspect::{INTROSPECT, IntroRequest};
 use ipc_schema::ipc::InterfaceId;
-use ipc_schema::syscall::{Handle, SysError, regs};
+use ipc_schema::syscall::layout::MAP_BASE;
+use ipc_schema::syscall::{FOREIGN_PAGES, Handle, SysError, regs};
 use service_introspect::{Guest, SetError, answer};
 use service_runtime::ipc::{self, Message, Service};
+use service_runtime::require;
 use service_runtime::rights::Rights;
 use service_runtime::sys::{self, SetRegsError};
-use service_runtime::{require, sys::domain_read};
 
 service_runtime::entry!(main);
 service_runtime::interfaces!(INTROSPECT);
@@ -25,12 +29,63 @@ struct Kernel {
     domains: Handle,
 }
 
+const PAGE: u64 = 4096;
+/// Where a guest page is mapped while it is copied.
+const WINDOW: u64 = MAP_BASE;
+
+impl Kernel {
+    /// Maps the pages holding the `len` bytes at `gpa` (writable with
+    /// `write`), runs `copy(at, offset, n)` over them (`n` bytes of the
+    /// span from `offset` lie at `at`), and unmaps them: no mapping
+    /// outlives the request. Nothing is mapped, so nothing copied, when any
+    /// page of a span of up to `FOREIGN_PAGES` pages (a request is at most
+    /// two) is not RAM: the kernel checks them all first.
+    fn mapped(
+        &mut self,
+        domain: u16,
+        gpa: u64,
+        len: usize,
+        write: bool,
+        mut copy: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), SysError> {
+        // A span that wraps is not guest RAM.
+        gpa.checked_add(len as u64).ok_or(SysError::BadAddress)?;
+        let most = (FOREIGN_PAGES * PAGE) as usize;
+        let mut done = 0;
+        while done < len {
+            let at = gpa + done as u64;
+            let n = (len - done).min(most - (at % PAGE) as usize);
+            let pages = (at % PAGE + n as u64).div_ceil(PAGE);
+            sys::foreign_map(self.domains, domain, at / PAGE, pages, WINDOW, write)?;
+            copy((WINDOW + at % PAGE) as *mut u8, done, n);
+            if let Err(e) = sys::foreign_unmap(WINDOW, pages) {
+                defmt::error!(
+                    "introspect: unmapping guest pages at {=u64:#x}: {}",
+                    at / PAGE,
+                    e
+                );
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 impl Guest for Kernel {
     fn read(&mut self, domain: u16, gpa: u64, out: &mut [u8]) -> Result<(), SysError> {
-        domain_read(self.domains, domain, gpa, out)
+        let len = out.len();
+        let dst = out.as_mut_ptr();
+        self.mapped(domain, gpa, len, false, |at, offset, n| {
+            // Safety: `at` lies in the pages just mapped at WINDOW, `n`
+            // bytes of them from there; `offset + n <= out.len()`.
+            unsafe { core::ptr::copy_nonoverlapping(at.cast_const(), dst.add(offset), n) }
+        })
     }
     fn write(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> Result<(), SysError> {
-        sys::domain_write(self.domains, domain, gpa, bytes)
+        self.mapped(domain, gpa, bytes.len(), true, |at, offset, n| {
+            // Safety: as in `read`, the pages mapped writable.
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr().add(offset), at, n) }
+        })
     }
     fn regs(&mut self, domain: u16, vcpu: u16) -> Result<[u64; regs::COUNT], SysError> {
         sys::vcpu_regs(self.domains, domain, vcpu)

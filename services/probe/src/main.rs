@@ -6,7 +6,12 @@
 //! (call), `domains-ro` (domains, read only). Slot 60 is empty on purpose.
 //! Where the manifest gives them: `domain-a` (domain 1, read and views: the
 //! scope of domain and view handles) and `view-limit` (domain 1, read and
-//! views: the kernel's limit of 512 views, ALT-1).
+//! views: the kernel's limit of 512 views, ALT-1), `open` (domain 2,
+//! read: foreign mappings and their bad input, FM-1) and `vault` (domain
+//! 1, protected, read: mapped only while paused, FM-2). Started with a
+//! `hold-open` handle (domain 2, read) instead, it is the `mapper`: it
+//! holds foreign mappings of domain 2 once the host pauses it, and faults
+//! when the host writes a marker into one (FM-3: torn down when it dies).
 //! Each check logs `probe: <check>: ok (...)` or `probe: FAIL <check>: ...`;
 //! the task exits with the number of failed checks.
 
@@ -289,7 +294,329 @@ fn view_limit(p: &mut Probe, dom: Handle, altp2m: Handle) {
     );
 }
 
+/// Where the probe maps guest pages.
+const FOREIGN_VA: u64 = ipc_schema::syscall::layout::MAP_BASE + (1 << 28);
+const PAGE: u64 = 4096;
+/// What the host writes (through the introspect service) into a page the
+/// probe or the mapper holds mapped, at offset 0x10, to move it on.
+const MARKER: &[u8; 16] = b"unmap-me-please!";
+
+/// Whether the marker is at offset 0x10 of the page mapped at `va`.
+fn marked(va: u64) -> bool {
+    let mut now = [0u8; 16];
+    for (i, b) in now.iter_mut().enumerate() {
+        // Safety: `va` is a page this process holds foreign-mapped (read);
+        // the guest's or the host's writes to it are plain memory.
+        *b = unsafe { core::ptr::read_volatile((va + 0x10 + i as u64) as *const u8) };
+    }
+    &now == MARKER
+}
+
+/// Waits until domain `id` is paused.
+fn until_paused(dom: Handle, id: u16) {
+    while !matches!(sys::domain_info(dom, id), Ok((2, _, _))) {
+        sys::yield_now();
+    }
+}
+
+/// FOREIGN_MAP and FOREIGN_UNMAP on the running, unprotected domain 2 (the
+/// handle `open`, read only): a mapping shows the guest's memory and is
+/// counted; every kind of bad input is refused cleanly, nothing counted.
+fn foreign_maps(p: &mut Probe, open: Handle, domains_ro: Handle) {
+    const OPEN: u16 = 2;
+    const VA: u64 = FOREIGN_VA;
+    let pages = || sys::domain_foreign(domains_ro, OPEN).map_or(u32::MAX, |f| f.pages);
+    let before = pages();
+    let map = sys::foreign_map(open, OPEN, 0x100, 3, VA, false);
+    let mut copy = [0u8; 64];
+    let read = sys::domain_read(open, OPEN, 0x10_0000, &mut copy);
+    let mut seen = [0u8; 64];
+    if map.is_ok() {
+        for (i, b) in seen.iter_mut().enumerate() {
+            // Safety: mapped just above, readable.
+            *b = unsafe { core::ptr::read_volatile((VA + i as u64) as *const u8) };
+        }
+    }
+    p.check(
+        "a foreign mapping shows the guest's memory",
+        map.is_ok() && read.is_ok() && seen == copy && copy != [0; 64],
+        "3 pages at gfn 0x100, the same bytes as DOMAIN_READ",
+    );
+    let counted = pages();
+    p.check(
+        "a foreign mapping is counted in its domain",
+        counted == before + 3,
+        "DOMAIN_INFO's count up by 3",
+    );
+    p.expect_sys(
+        "a foreign mapping over a mapped va",
+        sys::foreign_map(open, OPEN, 0x200, 1, VA + PAGE, false).map(|()| 0),
+        SysError::BadArgument,
+    );
+    p.expect_sys(
+        "FRAMES_UNMAP over a foreign mapping",
+        sys::frames_unmap(VA, 1).map(|()| 0),
+        SysError::BadArgument,
+    );
+    p.expect_sys(
+        "FOREIGN_UNMAP of part of a mapping",
+        sys::foreign_unmap(VA, 1).map(|()| 0),
+        SysError::BadArgument,
+    );
+    p.expect_sys(
+        "FOREIGN_UNMAP where nothing is mapped",
+        sys::foreign_unmap(VA + 64 * PAGE, 1).map(|()| 0),
+        SysError::BadArgument,
+    );
+    let gone = sys::foreign_unmap(VA, 3);
+    p.check(
+        "unmapped, the count is back",
+        gone.is_ok() && pages() == before,
+        "FOREIGN_UNMAP of the 3 pages",
+    );
+    // Bad input: none of it maps or counts anything.
+    /// (check, handle, domain, gfn, count, va, writable, refusal).
+    type Refusal = (&'static str, Handle, u16, u64, u64, u64, bool, SysError);
+    let refusals: [Refusal; 14] = [
+        (
+            "foreign map of 0 pages",
+            open,
+            OPEN,
+            0x100,
+            0,
+            VA,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map of 513 pages",
+            open,
+            OPEN,
+            0x100,
+            513,
+            VA,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map of u64::MAX pages",
+            open,
+            OPEN,
+            0x100,
+            u64::MAX,
+            VA,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map past RAM",
+            open,
+            OPEN,
+            0x1000,
+            1,
+            VA,
+            false,
+            SysError::BadAddress,
+        ),
+        (
+            "foreign map running past RAM",
+            open,
+            OPEN,
+            0xfff,
+            2,
+            VA,
+            false,
+            SysError::BadAddress,
+        ),
+        (
+            "foreign map at gfn u64::MAX",
+            open,
+            OPEN,
+            u64::MAX,
+            1,
+            VA,
+            false,
+            SysError::BadAddress,
+        ),
+        (
+            "foreign map below the window",
+            open,
+            OPEN,
+            0x100,
+            1,
+            0x1000,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map across the window's end",
+            open,
+            OPEN,
+            0x100,
+            2,
+            ipc_schema::syscall::layout::MAP_END - PAGE,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map at an unaligned va",
+            open,
+            OPEN,
+            0x100,
+            1,
+            VA + 8,
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map wrapping the address space",
+            open,
+            OPEN,
+            0x100,
+            2,
+            !(PAGE - 1),
+            false,
+            SysError::BadArgument,
+        ),
+        (
+            "foreign map writable without write",
+            open,
+            OPEN,
+            0x100,
+            1,
+            VA,
+            true,
+            SysError::MissingRight,
+        ),
+        (
+            "foreign map writable through domains-ro",
+            domains_ro,
+            OPEN,
+            0x100,
+            1,
+            VA,
+            true,
+            SysError::MissingRight,
+        ),
+        (
+            "foreign map of another domain",
+            open,
+            1,
+            0x100,
+            1,
+            VA,
+            false,
+            SysError::OutOfScope,
+        ),
+        (
+            "foreign map of no domain",
+            domains_ro,
+            9,
+            0x100,
+            1,
+            VA,
+            false,
+            SysError::BadArgument,
+        ),
+    ];
+    for (name, h, id, gfn, count, va, writable, want) in refusals {
+        p.expect_sys(
+            name,
+            sys::foreign_map(h, id, gfn, count, va, writable).map(|()| 0),
+            want,
+        );
+    }
+    // The table's limit: 16 mappings a process.
+    let mut made = 0;
+    while made < 16
+        && sys::foreign_map(open, OPEN, 0x100 + made, 1, VA + made * 2 * PAGE, false).is_ok()
+    {
+        made += 1;
+    }
+    p.expect_sys(
+        "a 17th foreign mapping",
+        sys::foreign_map(open, OPEN, 0x200, 1, VA + 64 * PAGE, false).map(|()| 0),
+        SysError::NoResources,
+    );
+    let full = pages();
+    for i in 0..made {
+        let _ = sys::foreign_unmap(VA + i * 2 * PAGE, 1);
+    }
+    p.check(
+        "16 foreign mappings a process, then refused",
+        made == 16 && full == before + 16 && pages() == before,
+        "16 made and counted, the 17th NoResources, all undone",
+    );
+}
+
+/// The protected domain 1 (`vault`, read): not mapped while it runs; once
+/// the host pauses it, mapped and held until the host writes the marker
+/// into the page (through the introspect service: the host's unpause is
+/// refused meanwhile), then unmapped.
+fn protected(p: &mut Probe, vault: Handle) {
+    const VAULT: u16 = 1;
+    p.expect_sys(
+        "a running protected domain is not mapped",
+        sys::foreign_map(vault, VAULT, 0xf00, 1, FOREIGN_VA, false).map(|()| 0),
+        SysError::Busy,
+    );
+    defmt::info!("probe: waiting for the vault to be paused");
+    until_paused(vault, VAULT);
+    let map = sys::foreign_map(vault, VAULT, 0xf00, 2, FOREIGN_VA, false);
+    p.check(
+        "a paused protected domain is mapped",
+        map.is_ok(),
+        "2 pages at gfn 0xf00",
+    );
+    if map.is_err() {
+        return;
+    }
+    defmt::info!("probe: holding 2 pages of the vault at gfn 0xf00");
+    while !marked(FOREIGN_VA) {
+        sys::yield_now();
+    }
+    p.check(
+        "the host's write is seen through the mapping",
+        true,
+        "the marker at gfn 0xf00 + 0x10",
+    );
+    let gone = sys::foreign_unmap(FOREIGN_VA, 2);
+    p.check("the vault's pages unmapped", gone.is_ok(), "FOREIGN_UNMAP");
+    defmt::info!("probe: the vault's mapping is gone");
+}
+
+/// The `mapper`: holds 6 pages of domain 2 once the host pauses it, then,
+/// when the host writes the marker into the last, writes to its read-only
+/// mapping and faults.
+fn mapper(open: Handle) -> ! {
+    const OPEN: u16 = 2;
+    defmt::info!("probe: mapper waiting for domain 2 to be paused");
+    until_paused(open, OPEN);
+    let mut held = 0;
+    for (i, (gfn, count)) in [(0x100, 3), (0xe00, 2), (0xf00, 1)].into_iter().enumerate() {
+        let va = FOREIGN_VA + i as u64 * 16 * PAGE;
+        if sys::foreign_map(open, OPEN, gfn, count, va, false).is_ok() {
+            held += count;
+        }
+    }
+    defmt::info!("probe: mapper holds {=u64} pages of domain 2", held);
+    let last = FOREIGN_VA + 2 * 16 * PAGE;
+    while !marked(last) {
+        sys::yield_now();
+    }
+    defmt::info!("probe: mapper writes to its read-only mapping");
+    // Safety: `last` is a page of this process, mapped read-only: the
+    // write faults (the point: the kernel stops the mapper and tears its
+    // mappings down) and changes no memory.
+    unsafe { core::ptr::write_volatile(last as *mut u8, 1) };
+    defmt::error!("probe: FAIL the mapper wrote to a read-only foreign mapping");
+    sys::exit(1)
+}
+
 fn main() -> ! {
+    if let Some(open) = service_runtime::handle("hold-open") {
+        mapper(open);
+    }
     let mut p = Probe { failed: 0 };
     let altp2m = require("altp2m");
     let exits = require("exits");
@@ -380,6 +707,14 @@ fn main() -> ! {
     }
     if let Some(dom) = service_runtime::handle("view-limit") {
         view_limit(&mut p, dom, altp2m);
+    }
+    // Foreign mappings (FM-1..FM-3); the protected domain first, whose
+    // refusal is then the first FOREIGN_MAP refusal logged.
+    if let Some(vault) = service_runtime::handle("vault") {
+        protected(&mut p, vault);
+    }
+    if let Some(open) = service_runtime::handle("open") {
+        foreign_maps(&mut p, open, domains_ro);
     }
 
     // Random messages: every one answered, none crashes a service.

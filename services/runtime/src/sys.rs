@@ -222,9 +222,19 @@ pub fn halt(system: Handle, status: u8) -> ! {
 }
 
 pub fn domain_create(domains: Handle, name: &str) -> Result<u16, SysError> {
+    domain_create_with(domains, name, 0)
+}
+
+/// DOMAIN_CREATE with flags (`ipc_schema::syscall::DOMAIN_PROTECTED`).
+pub fn domain_create_with(domains: Handle, name: &str, flags: u64) -> Result<u16, SysError> {
     call(
         nr::DOMAIN_CREATE,
-        &[u64::from(domains), name.as_ptr() as u64, name.len() as u64],
+        &[
+            u64::from(domains),
+            name.as_ptr() as u64,
+            name.len() as u64,
+            flags,
+        ],
     )
     .ok()
     .map(|r| r.rdi as u16)
@@ -303,6 +313,52 @@ pub fn domain_info(domains: Handle, id: u16) -> Result<(u64, u32, u64), SysError
     call(nr::DOMAIN_INFO, &[u64::from(domains), u64::from(id)])
         .ok()
         .map(|r| (r.rdi, r.rsi as u32, r.rdx))
+}
+
+/// What DOMAIN_INFO says of a domain beyond its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignInfo {
+    /// Pages of its RAM services hold foreign-mapped.
+    pub pages: u32,
+    pub protected: bool,
+}
+
+/// Its foreign-mapped pages and whether it is protected (FM-1, FM-2).
+pub fn domain_foreign(domains: Handle, id: u16) -> Result<ForeignInfo, SysError> {
+    call(nr::DOMAIN_INFO, &[u64::from(domains), u64::from(id)])
+        .ok()
+        .map(|r| ForeignInfo {
+            pages: ((r.rsi >> 32) & 0x7fff_ffff) as u32,
+            protected: r.rsi & ipc_schema::syscall::DOMAIN_INFO_PROTECTED != 0,
+        })
+}
+
+/// FOREIGN_MAP: `count` pages of domain `id`'s RAM from `gfn` at `va`
+/// (in the map window), counted in the domain until unmapped.
+pub fn foreign_map(
+    domains: Handle,
+    id: u16,
+    gfn: u64,
+    count: u64,
+    va: u64,
+    writable: bool,
+) -> Result<(), SysError> {
+    status(
+        nr::FOREIGN_MAP,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gfn,
+            count,
+            va,
+            u64::from(writable),
+        ],
+    )
+}
+
+/// FOREIGN_UNMAP: the mapping FOREIGN_MAP made at `va` of `count` pages.
+pub fn foreign_unmap(va: u64, count: u64) -> Result<(), SysError> {
+    status(nr::FOREIGN_UNMAP, &[va, count])
 }
 
 pub fn domain_watch(domains: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
