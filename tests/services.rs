@@ -445,8 +445,8 @@ fn a_call_to_a_held_service_fails_at_once_and_the_other_domains_run_on() {
 fn the_kernels_view_limit_is_reached_at_511_views_and_the_domain_runs_on() {
     let manifest = PROBE.replace(
         "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n]",
-        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n    { name = \"view-limit\", domain = \"ticker\", rights = [\"read\", \"views\"] },\n]",
-    ) + "[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\nintrospection = [{ service = \"probe\", rights = [\"views\"] }, { service = \"console\", rights = [\"read\", \"write\", \"views\", \"events\"] }]\n";
+        "    { name = \"domains-ro\", domains = true, rights = [\"read\"] },\n    { name = \"view-limit\", domain = \"ticker\", rights = [\"read\", \"views\"] },\n    { name = \"introspect\", endpoint = \"introspect\", rights = [\"call\"] },\n]",
+    ) + "[[domain]]\nname = \"ticker\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0 calls=20\"\nintrospection = [{ service = \"probe\", rights = [\"views\", \"read\"] }, { service = \"console\", rights = [\"read\", \"write\", \"views\", \"events\"] }]\n";
     assert!(manifest.contains("view-limit"));
     let run = boot_live(
         &system("probe-view-limit", &manifest),
@@ -461,6 +461,9 @@ fn the_kernels_view_limit_is_reached_at_511_views_and_the_domain_runs_on() {
         },
     );
     for check in [
+        "a service reads guest memory through introspect: ok",
+        "a service reads registers through introspect: ok",
+        "a write the manifest does not allow is refused: ok",
         "probe: view limit: 511 views created in domain 1, then Some(NoResources)",
         "the kernel refuses a view past its limit: ok",
         "altp2m asked for a view with the kernel's slots full: ok (answered TooManyViews)",

@@ -193,6 +193,68 @@ fn domain_scope(p: &mut Probe, dom: Handle) {
 /// view is destroyed again and the domain runs on. (Each empty view takes
 /// one table of the domain's quota: the test checks that the quota never
 /// refused one first.)
+/// The introspect service from a service: domain 1's memory read (equal
+/// to what DOMAIN_READ gives) and its registers, which its manifest entry
+/// lets the probe `read`; a write, which it does not, refused.
+fn introspect(p: &mut Probe, intro: Handle, domains_ro: Handle) {
+    use ipc_schema::introspect::{Address, INTROSPECT, IntroError, IntroReply, IntroRequest};
+    use ipc_schema::ipc::BoundedVec;
+    use ipc_schema::syscall::regs;
+    let mut c = Client::new(intro, INTROSPECT);
+    let read = IntroRequest::Read {
+        domain: 1,
+        at: Address::Physical(0x10_0000),
+        len: 64,
+    };
+    let mut direct = [0u8; 64];
+    let copied = sys::domain_read(domains_ro, 1, 0x10_0000, &mut direct);
+    match c.call::<_, IntroReply>(&read) {
+        Ok(IntroReply::Bytes(b)) => p.check(
+            "a service reads guest memory through introspect",
+            copied.is_ok() && b.0[..] == direct[..],
+            "64 bytes at 1 MiB, equal to DOMAIN_READ's",
+        ),
+        other => p.check(
+            "a service reads guest memory through introspect",
+            false,
+            if other.is_err() {
+                "no answer"
+            } else {
+                "another answer"
+            },
+        ),
+    }
+    let ok = match c.call::<_, IntroReply>(&IntroRequest::Regs {
+        domain: 1,
+        vcpu: 0,
+        half: 1,
+    }) {
+        Ok(IntroReply::Regs { first, values }) => {
+            first == 16 && values[regs::CR0 - 16] & 1 == 1 && values[regs::RIP - 16] != 0
+        }
+        _ => false,
+    };
+    p.check(
+        "a service reads registers through introspect",
+        ok,
+        "RIP set, CR0.PE set",
+    );
+    let write = IntroRequest::Write {
+        domain: 1,
+        at: Address::Physical(0x10_0000),
+        bytes: BoundedVec(heapless::Vec::from_slice(&[0x90]).unwrap_or_default()),
+    };
+    let refused = matches!(
+        c.call::<_, IntroReply>(&write),
+        Ok(IntroReply::Refused(IntroError::NotAllowed))
+    );
+    p.check(
+        "a write the manifest does not allow is refused",
+        refused,
+        "NotAllowed",
+    );
+}
+
 fn view_limit(p: &mut Probe, dom: Handle, altp2m: Handle) {
     use ipc_schema::hypercall::{HcError, MAX_VIEWS, Reply, Request};
     use ipc_schema::syscall::DomainState;
@@ -707,6 +769,10 @@ fn main() -> ! {
     }
     if let Some(dom) = service_runtime::handle("view-limit") {
         view_limit(&mut p, dom, altp2m);
+    }
+    // Introspection from a service (issue 13, points 1, 3 and 6).
+    if let Some(intro) = service_runtime::handle("introspect") {
+        introspect(&mut p, intro, domains_ro);
     }
     // Foreign mappings (FM-1..FM-3); the protected domain first, whose
     // refusal is then the first FOREIGN_MAP refusal logged.
