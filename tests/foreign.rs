@@ -8,8 +8,6 @@ use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::syscall::DomainOp;
 use parallax_tests::{boot_live, system};
-use std::path::Path;
-use std::process::{Command, Output};
 
 /// The probe task (bad input, then the protected `vault`), the `mapper`
 /// (the probe's crate with a `hold-open` handle: holds mappings of `open`,
@@ -51,36 +49,7 @@ memory_mib = 16
 cmdline = "ticks=0 calls=20"
 "#;
 
-/// `cargo hv ctl --socket SOCKET ARGS...`.
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO"))
-        .current_dir(image_builder::paths::repo())
-        .args(["hv", "ctl", "--timeout", "120", "--socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("cargo runs")
-}
-
-/// Its stdout, which must be a success.
-fn ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "cargo hv ctl {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// Its stderr, which must be a failure.
-fn refused(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "cargo hv ctl {args:?} succeeded");
-    err
-}
+use parallax_tests::ctl::{ok, refused};
 
 /// The row of `cargo hv ctl domains` for `name`, split in columns.
 fn row(table: &str, name: &str) -> Vec<String> {

@@ -421,3 +421,41 @@ pub fn boot_live(
         .expect("the run thread does not panic")
         .expect("the emulator runs"))
 }
+
+/// `cargo hv ctl` against a running system's control socket, as a user
+/// types it (`--timeout 120`).
+pub mod ctl {
+    use std::path::Path;
+    use std::process::{Command, Output};
+
+    /// `cargo hv ctl --socket SOCKET ARGS...`.
+    pub fn run(socket: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO"))
+            .current_dir(image_builder::paths::repo())
+            .args(["hv", "ctl", "--timeout", "120", "--socket"])
+            .arg(socket)
+            .args(args)
+            .output()
+            .expect("cargo runs")
+    }
+
+    /// Its stdout, which must be a success.
+    pub fn ok(socket: &Path, args: &[&str]) -> String {
+        let out = run(socket, args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "cargo hv ctl {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Its stderr, which must be a failure.
+    pub fn refused(socket: &Path, args: &[&str]) -> String {
+        let out = run(socket, args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "cargo hv ctl {args:?} succeeded");
+        err
+    }
+}

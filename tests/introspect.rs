@@ -7,39 +7,8 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot_live, system};
-use std::path::Path;
-use std::process::{Command, Output};
 
-/// `cargo hv ctl --socket SOCKET ARGS...`.
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO"))
-        .current_dir(image_builder::paths::repo())
-        .args(["hv", "ctl", "--timeout", "120", "--socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("cargo runs")
-}
-
-/// Its stdout, which must be a success.
-fn ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "cargo hv ctl {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// Its stderr, which must be a failure.
-fn refused(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "cargo hv ctl {args:?} succeeded");
-    err
-}
+use parallax_tests::ctl::{ok, refused, run as ctl};
 
 /// The hex number after `key ` in `line`.
 fn field(line: &str, key: &str) -> u64 {
