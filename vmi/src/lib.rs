@@ -36,6 +36,10 @@
 
 pub mod convert;
 
+/// The vmi-rs crates this driver implements, so that a program needs no
+/// dependency of its own on them (and gets the same versions).
+pub use {vmi_arch_amd64, vmi_core};
+
 use parallax_client::altp2m::{
     Action, AltReply, AltRequest, HcError, Reply, Request, VmEvent, describe_alt_error,
     describe_hc_error,
