@@ -1,0 +1,240 @@
+//! vmi-rs on a running system (issue 13, point 5): the
+//! `vmi-driver-parallax` crate under `VmiCore`, against two `agent` guests
+//! on Bochs. The first (`introspect`) is read physically and through its
+//! own page tables, has its mailbox written, its registers read and set
+//! (with the refusals), and is put in a view that maps a hidden shadow page
+//! at its marker; the second (`watch=4`) is the example's: its registers
+//! and code read, a breakpoint hidden in a shadow page, and its four
+//! writes to a read-execute page handled as vmi-rs memory-access events.
+
+use image_builder::emulator::Machine;
+use ipc_schema::halt::HaltStatus;
+use parallax_tests::{boot_live, system};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vmi_driver_parallax::ParallaxDriver;
+use vmi_driver_parallax::vmi_arch_amd64::{Cr2, EventMonitor, Interrupt, Selector};
+use vmi_driver_parallax::vmi_core::{
+    AccessContext, Gfn, MemoryAccess, Pa, Va, VcpuId, VmiCore, VmiError,
+};
+
+/// The hex number after `key ` in `line`.
+fn field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split(&format!("{key} "))
+        .nth(1)
+        .and_then(|s| s.split([' ', ')', ';']).next())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+}
+
+fn refused(result: Result<impl std::fmt::Debug, VmiError>, says: &str) {
+    match result {
+        Err(e) => assert!(e.to_string().contains(says), "{e}"),
+        Ok(v) => panic!("succeeded ({v:?}); expected a refusal saying {says:?}"),
+    }
+}
+
+#[test]
+fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
+    let img = system(
+        "vmi",
+        concat!(
+            "name = \"vmi\"\n",
+            "[[domain]]\nname = \"intro\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect\"\n",
+            "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"watch=4 wait=3000\"\n",
+        ),
+    );
+    let mut example = String::new();
+    let mut watched = 0;
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live
+                .wait_for("dom1", "introspect: marker gva", 120)
+                .text
+                .clone();
+            let (gpa, alias, cr3) = (
+                field(&line, "gpa"),
+                field(&line, "alias"),
+                field(&line, "cr3"),
+            );
+            let watch = live
+                .wait_for("dom2", "waiting to be put in a view", 120)
+                .text
+                .clone();
+            watched = field(&watch, "gfn");
+            let started = Instant::now();
+            {
+                let driver = ParallaxDriver::new(live.control(), "intro").unwrap();
+                assert_eq!(driver.domain(), 1);
+                let vmi = VmiCore::new(driver).unwrap();
+                let info = vmi.info().unwrap();
+                assert_eq!((info.vcpus, info.max_gfn), (1, Gfn(0x1fff)));
+
+                // The marker: guest-physically, and through the guest's own
+                // tables (vmi-rs walks them: 4 KiB pages under PML4 slot 1).
+                let mut m = [0u8; 16];
+                vmi.read(AccessContext::direct(Pa(gpa)), &mut m).unwrap();
+                assert_eq!(&m, b"parallax-marker!");
+                let through = AccessContext::paging(Va(alias), Pa(cr3));
+                let mut m = [0u8; 16];
+                vmi.read(through, &mut m).unwrap();
+                assert_eq!(&m, b"parallax-marker!");
+                assert_eq!(
+                    vmi.translate_address((Va(alias + 0x18), Pa(cr3))).unwrap(),
+                    Pa(gpa + 0x18)
+                );
+
+                // Registers while it runs: CR3 as the guest printed it,
+                // 64-bit code, long mode active.
+                let regs = vmi.registers(VcpuId(0)).unwrap();
+                assert_eq!(regs.cr3.0, cr3);
+                assert!(regs.cs.access.long_mode(), "{:?}", regs.cs);
+                assert!(regs.msr_efer.long_mode_active());
+                refused(vmi.registers(VcpuId(3)), "no such vCPU");
+
+                // The mailbox written through the alias (VmiCore::write on a
+                // guest-virtual address).
+                vmi.write_u64(through + 0x100, 0x005e_ed0f_1a7e).unwrap();
+                live.wait_for("dom1", "introspect: mailbox 0x5eed0f1a7e", 120);
+                let mut ready = false;
+                for _ in 0..60 {
+                    let mut word = [0u8; 8];
+                    vmi.driver().read_physical(gpa + 0x200, &mut word).unwrap();
+                    if u64::from_le_bytes(word) == 1 {
+                        ready = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                assert!(ready, "the guest never set its ready word");
+
+                // Sets: refused while it runs, and for what Parallax cannot
+                // set; unsupported operations refused by name.
+                let mut want = vmi.registers(VcpuId(0)).unwrap();
+                want.r12 = 0x77;
+                refused(vmi.set_registers(VcpuId(0), want), "must be paused");
+                vmi.pause().unwrap();
+                let now = vmi.registers(VcpuId(0)).unwrap();
+                let mut bad = now;
+                bad.cr2 = Cr2(0x1234);
+                bad.ds.selector = Selector(0x10);
+                refused(
+                    vmi.set_registers(VcpuId(0), bad),
+                    "cannot set cr2, ds.selector",
+                );
+                vmi.set_registers(VcpuId(0), now).unwrap(); // nothing differs
+                refused(vmi.allocate_gfn_at(Gfn(0x3000)), "places shadow pages");
+                refused(vmi.free_gfn(Gfn(0x2000)), "stay with the domain");
+                refused(
+                    vmi.inject_interrupt(VcpuId(0), Interrupt::breakpoint(1)),
+                    "cannot inject",
+                );
+                refused(
+                    vmi.monitor_enable(EventMonitor::Singlestep),
+                    "memory-access violations only",
+                );
+
+                // A hidden shadow page at the marker's gfn, in a view the
+                // vCPU is put in.
+                let shadow = vmi.allocate_gfn().unwrap();
+                assert_eq!(shadow, Gfn(0x2000));
+                vmi.write(
+                    AccessContext::direct(Pa(0x2000 << 12)),
+                    b"vmi-shadow-page!\xcc",
+                )
+                .unwrap();
+                let view = vmi.create_view(MemoryAccess::RWX).unwrap();
+                let marker = Gfn(gpa >> 12);
+                vmi.change_view_gfn(view, marker, shadow).unwrap();
+                vmi.set_memory_access(marker, view, MemoryAccess::RX)
+                    .unwrap();
+                assert_eq!(vmi.memory_access(marker, view).unwrap(), MemoryAccess::RX);
+                vmi.set_memory_access(marker, view, MemoryAccess::RWX)
+                    .unwrap();
+                assert_eq!(vmi.memory_access(marker, view).unwrap(), MemoryAccess::RWX);
+                refused(
+                    vmi.memory_access(marker, vmi_driver_parallax::vmi_core::View(77)),
+                    "view not found",
+                );
+                vmi.switch_to_view(view).unwrap();
+                // R12 set while paused; seen by the guest once resumed.
+                want = vmi.registers(VcpuId(0)).unwrap();
+                want.r12 = 0x77;
+                vmi.set_registers(VcpuId(0), want).unwrap();
+                assert_eq!(vmi.registers(VcpuId(0)).unwrap().r12, 0x77);
+                // View 0 (the host p2m) still holds the marker.
+                let mut m = [0u8; 16];
+                vmi.driver().read_physical(gpa, &mut m).unwrap();
+                assert_eq!(&m, b"parallax-marker!");
+                vmi.resume().unwrap();
+                live.wait_for("dom1", "introspect: marker now vmi-shadow-page!", 120);
+            }
+            eprintln!(
+                "vmi: the driver's checks on domain 1 took {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+
+            // The example, on the watched guest.
+            let started = Instant::now();
+            let out = Command::new(env!("CARGO"))
+                .current_dir(image_builder::paths::repo())
+                .args([
+                    "run",
+                    "-q",
+                    "-p",
+                    "vmi-driver-parallax",
+                    "--example",
+                    "agent",
+                    "--",
+                    "--socket",
+                ])
+                .arg(live.socket())
+                .args(["--gfn", &format!("{watched:#x}"), "--wait", "240"])
+                .output()
+                .expect("cargo runs");
+            example = String::from_utf8_lossy(&out.stdout).into_owned();
+            eprintln!(
+                "vmi: the example took {:.1} s:\n{example}",
+                started.elapsed().as_secs_f64()
+            );
+            assert!(
+                out.status.success(),
+                "the example failed:\n{example}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            live.wait_for("dom2", "agent: done", 120);
+        },
+    );
+    assert!(
+        example.contains("attached to domain 2 (agent)"),
+        "{example}"
+    );
+    assert!(example.contains("64-bit code"), "{example}");
+    assert!(
+        example.contains("breakpoint: shadow gfn 0x2000 holds 0xcc"),
+        "{example}"
+    );
+    let events: Vec<&str> = example
+        .lines()
+        .filter(|l| l.starts_with("event "))
+        .collect();
+    assert_eq!(events.len(), 4, "{example}");
+    for e in &events {
+        // The write's address in the page (the guest writes word i), its
+        // linear address valid.
+        assert!(e.contains(&format!(": -w- at gpa {watched:#x}")), "{e}");
+        assert!(e.contains("GLA_VALID"), "{e}");
+    }
+    assert!(events[3].contains("back to the default view"), "{example}");
+    run.expect_console(1, "introspect: r12 0x77")
+        .expect_console(1, "introspect: marker now vmi-shadow-page!")
+        .expect_console(2, "agent: write 4 done")
+        .expect_console(2, "agent: done")
+        .expect_from("altp2m", "domain 2: listener attached")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
