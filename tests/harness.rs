@@ -422,6 +422,17 @@ pub fn boot_live(
         .expect("the emulator runs"))
 }
 
+/// The hex number after `key ` in a log line (ended by a space, `)` or
+/// `;`), e.g. `hex_after("marker gva 0x1000 cr3 0x2000", "cr3")`.
+pub fn hex_after(line: &str, key: &str) -> u64 {
+    let v = line
+        .split(&format!("{key} "))
+        .nth(1)
+        .and_then(|s| s.split([' ', ')', ';']).next())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+}
+
 /// `cargo hv ctl` against a running system's control socket, as a user
 /// types it (`--timeout 120`).
 pub mod ctl {

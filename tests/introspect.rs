@@ -6,19 +6,9 @@
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot_live, system};
+use parallax_tests::{boot_live, hex_after, system};
 
 use parallax_tests::ctl::{ok, refused, run as ctl};
-
-/// The hex number after `key ` in `line`.
-fn field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split(&format!("{key} "))
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
-}
 
 #[test]
 fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
@@ -43,9 +33,9 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
                 .clone();
             let s = live.socket().to_owned();
             let (gpa, alias, cr3) = (
-                field(&line, "gpa"),
-                field(&line, "alias"),
-                field(&line, "cr3"),
+                hex_after(&line, "gpa"),
+                hex_after(&line, "alias"),
+                hex_after(&line, "cr3"),
             );
             let gib = line.ends_with("1gib at 0x8040000000 true");
             let hex = |v: u64| format!("{v:#x}");

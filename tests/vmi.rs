@@ -9,7 +9,7 @@
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot_live, system};
+use parallax_tests::{boot_live, hex_after, system};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmi_driver_parallax::ParallaxDriver;
@@ -17,16 +17,6 @@ use vmi_driver_parallax::vmi_arch_amd64::{Cr2, EventMonitor, Interrupt, Selector
 use vmi_driver_parallax::vmi_core::{
     AccessContext, Gfn, MemoryAccess, Pa, Va, VcpuId, VmiCore, VmiError,
 };
-
-/// The hex number after `key ` in `line`.
-fn field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split(&format!("{key} "))
-        .nth(1)
-        .and_then(|s| s.split([' ', ')', ';']).next())
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
-}
 
 fn refused(result: Result<impl std::fmt::Debug, VmiError>, says: &str) {
     match result {
@@ -57,15 +47,15 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 .text
                 .clone();
             let (gpa, alias, cr3) = (
-                field(&line, "gpa"),
-                field(&line, "alias"),
-                field(&line, "cr3"),
+                hex_after(&line, "gpa"),
+                hex_after(&line, "alias"),
+                hex_after(&line, "cr3"),
             );
             let watch = live
                 .wait_for("dom2", "waiting to be put in a view", 120)
                 .text
                 .clone();
-            watched = field(&watch, "gfn");
+            watched = hex_after(&watch, "gfn");
             let started = Instant::now();
             {
                 let driver = ParallaxDriver::new(live.control(), "intro").unwrap();

@@ -49,8 +49,14 @@ const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
 const ENTRY: u32 = entry::LOAD_IA32_PAT | entry::LOAD_IA32_EFER;
 const UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
 
-/// The segment and table bases VCPU_REGS reads and writes, by index.
-const BASES: [(usize, u32); 8] = [
+/// The registers VCPU_REGS reads and writes as they are in a VMCS field,
+/// by index.
+const FIELDS: [(usize, u32); 13] = [
+    (regs::RSP, GUEST_RSP),
+    (regs::RIP, GUEST_RIP),
+    (regs::RFLAGS, GUEST_RFLAGS),
+    (regs::CR3, GUEST_CR3),
+    (regs::EFER, GUEST_IA32_EFER),
     (regs::CS_BASE, GUEST_CS_BASE),
     (regs::DS_BASE, GUEST_DS_BASE),
     (regs::ES_BASE, GUEST_ES_BASE),
@@ -60,6 +66,35 @@ const BASES: [(usize, u32); 8] = [
     (regs::GDTR_BASE, GUEST_GDTR_BASE),
     (regs::IDTR_BASE, GUEST_IDTR_BASE),
 ];
+
+/// CR0 and CR4 by index: (the real field, its read shadow, the bits the
+/// host keeps set). The guest reads the shadow's value of those bits.
+const SHADOWED: [(usize, u32, u32, u64); 2] = [
+    (regs::CR0, GUEST_CR0, CR0_READ_SHADOW, CR0_HOST_OWNED),
+    (regs::CR4, GUEST_CR4, CR4_READ_SHADOW, CR4_HOST_OWNED),
+];
+
+/// The general registers the kernel saves (all but RSP), with their
+/// VCPU_REGS index.
+fn gprs(r: &mut GuestRegs) -> [(usize, &mut u64); 15] {
+    [
+        (regs::RAX, &mut r.rax),
+        (regs::RBX, &mut r.rbx),
+        (regs::RCX, &mut r.rcx),
+        (regs::RDX, &mut r.rdx),
+        (regs::RSI, &mut r.rsi),
+        (regs::RDI, &mut r.rdi),
+        (regs::RBP, &mut r.rbp),
+        (regs::R8, &mut r.r8),
+        (regs::R8 + 1, &mut r.r9),
+        (regs::R8 + 2, &mut r.r10),
+        (regs::R8 + 3, &mut r.r11),
+        (regs::R8 + 4, &mut r.r12),
+        (regs::R8 + 5, &mut r.r13),
+        (regs::R8 + 6, &mut r.r14),
+        (regs::R8 + 7, &mut r.r15),
+    ]
+}
 
 /// CR0.NE and CR4.VMXE stay set under the guest's feet.
 const CR0_HOST_OWNED: u64 = 1 << 5;
@@ -631,46 +666,19 @@ impl Vcpu {
     /// order (the VMCS must be current). CR0 and CR4 as the guest reads
     /// them.
     pub fn registers(&self) -> [u64; regs::COUNT] {
-        let r = &self.regs;
-        let seen =
-            |real: u32, shadow: u32, host: u64| self.read(real) & !host | self.read(shadow) & host;
-        let mut v = [
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rbp,
-            self.read(GUEST_RSP),
-            r.r8,
-            r.r9,
-            r.r10,
-            r.r11,
-            r.r12,
-            r.r13,
-            r.r14,
-            r.r15,
-            self.read(GUEST_RIP),
-            self.read(GUEST_RFLAGS),
-            seen(GUEST_CR0, CR0_READ_SHADOW, CR0_HOST_OWNED),
-            self.read(GUEST_CR3),
-            seen(GUEST_CR4, CR4_READ_SHADOW, CR4_HOST_OWNED),
-            self.read(GUEST_IA32_EFER),
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            self.read(GUEST_CS_SELECTOR) | self.read(GUEST_CS_ACCESS) << 16,
-            u64::from(self.active_view()) | self.exits << 16,
-        ];
-        for (i, f) in BASES {
+        let mut v = [0; regs::COUNT];
+        let mut r = self.regs;
+        for (i, x) in gprs(&mut r) {
+            v[i] = *x;
+        }
+        for (i, f) in FIELDS {
             v[i] = self.read(f);
         }
+        for (i, real, shadow, host) in SHADOWED {
+            v[i] = self.read(real) & !host | self.read(shadow) & host;
+        }
+        v[regs::CS] = self.read(GUEST_CS_SELECTOR) | self.read(GUEST_CS_ACCESS) << 16;
+        v[regs::INFO] = u64::from(self.active_view()) | self.exits << 16;
         v
     }
 
@@ -705,42 +713,22 @@ impl Vcpu {
             phys_bits: (platform::cpu::cpuid(0x8000_0008, 0).eax & 0xff) as u8,
         };
         guest_state::check(&all, mask, &cx)?;
-        let r = &mut self.regs;
-        [
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rbp,
-            _,
-            r.r8,
-            r.r9,
-            r.r10,
-            r.r11,
-            r.r12,
-            r.r13,
-            r.r14,
-            r.r15,
-        ] = <[u64; 16]>::try_from(&all[..16]).expect("16 registers");
-        let fields = [
-            (regs::RSP, GUEST_RSP, all[regs::RSP]),
-            (regs::RIP, GUEST_RIP, all[regs::RIP]),
-            (regs::RFLAGS, GUEST_RFLAGS, all[regs::RFLAGS]),
-            (regs::CR0, CR0_READ_SHADOW, all[regs::CR0]),
-            (regs::CR0, GUEST_CR0, all[regs::CR0] | CR0_HOST_OWNED),
-            (regs::CR3, GUEST_CR3, all[regs::CR3]),
-            (regs::CR4, CR4_READ_SHADOW, all[regs::CR4]),
-            (regs::CR4, GUEST_CR4, all[regs::CR4] | CR4_HOST_OWNED),
-            (regs::EFER, GUEST_IA32_EFER, all[regs::EFER]),
-        ];
-        let bases = BASES.map(|(i, f)| (i, f, all[i]));
-        for (i, field, value) in fields.into_iter().chain(bases) {
-            if mask & 1 << i != 0 {
-                // Safety: the VMCS is current; the state passed VM entry's
-                // checks above.
-                unsafe { self.write(field, value) };
+        let set = |i: usize| mask & 1 << i != 0;
+        for (i, x) in gprs(&mut self.regs) {
+            if set(i) {
+                *x = all[i];
+            }
+        }
+        for (i, f) in FIELDS.into_iter().filter(|&(i, _)| set(i)) {
+            // Safety: the VMCS is current; the state passed VM entry's
+            // checks above.
+            unsafe { self.write(f, all[i]) };
+        }
+        for (i, real, shadow, host) in SHADOWED.into_iter().filter(|&(i, ..)| set(i)) {
+            // Safety: as above; the host-owned bits stay set.
+            unsafe {
+                self.write(shadow, all[i]);
+                self.write(real, all[i] | host);
             }
         }
         Ok(())

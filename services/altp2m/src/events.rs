@@ -293,8 +293,9 @@ impl Events {
         // ALT-6: fill from the host p2m (with the view's settings). An entry
         // that is there and faulted an access the model allows is written
         // again too: the table, not the model, is wrong (a restriction
-        // nobody here made), and retrying alone would fault for ever.
-        if !populated || allows(effective.access, access) {
+        // nobody here made), and retrying alone would fault for ever. (A
+        // setting that relaxed just now has had its entry written.)
+        if !populated || allows(effective.access, access) && relaxed.is_none() {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 4];
             let out = &mut out[..ops.len()];

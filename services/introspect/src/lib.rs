@@ -13,7 +13,7 @@ use ipc_schema::introspect::{
 };
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::{SysError, regs};
-use service_pagewalk::{GuestMemory, WalkError, paging_mode};
+use service_pagewalk::{GuestMemory, Paging, WalkError, paging_mode};
 
 #[cfg(test)]
 mod tests;
@@ -205,9 +205,31 @@ fn translate(
     cr3: Option<u64>,
     gva: u64,
 ) -> Result<Translation, IntroError> {
+    let (paging, cr3) = tables(g, domain, vcpu, cr3)?;
+    walk(g, domain, paging, cr3, gva)
+}
+
+/// The paging mode of the vCPU and the tables to walk: those of `cr3`
+/// (`None`: the vCPU's).
+fn tables(
+    g: &mut impl Guest,
+    domain: u16,
+    vcpu: u16,
+    cr3: Option<u64>,
+) -> Result<(Paging, u64), IntroError> {
     let r = vcpu_regs(g, domain, vcpu)?;
     let paging = paging_mode(r[regs::CR0], r[regs::CR4], r[regs::EFER]);
-    let cr3 = cr3.unwrap_or(r[regs::CR3]);
+    Ok((paging, cr3.unwrap_or(r[regs::CR3])))
+}
+
+/// Where `gva` leads through the tables of `cr3` in mode `paging`.
+fn walk(
+    g: &mut impl Guest,
+    domain: u16,
+    paging: Paging,
+    cr3: u64,
+    gva: u64,
+) -> Result<Translation, IntroError> {
     let mut memory = Memory { guest: g, domain };
     let t = service_pagewalk::translate(&mut memory, paging, cr3, gva).map_err(|e| match e {
         WalkError::NotPresent(entry) => IntroError::NotPresent {
@@ -266,12 +288,14 @@ fn for_pieces<G: Guest>(
             f(g, gpa, 0..len)
         }
         Address::Virtual { vcpu, cr3, gva } => {
+            // The vCPU's mode and tables, read once for every page.
+            let (paging, cr3) = tables(g, domain, vcpu, cr3)?;
             let mut done = 0;
             while done < len {
                 let here = gva.wrapping_add(done as u64);
                 let in_page = (4096 - (here & 0xfff)) as usize;
                 let n = in_page.min(len - done);
-                let t = translate(g, domain, vcpu, cr3, here)?;
+                let t = walk(g, domain, paging, cr3, here)?;
                 f(g, t.gpa, done..done + n)?;
                 done += n;
             }

@@ -1,9 +1,11 @@
 //! Who may introspect which domain (the manifest's `introspection`, issue
 //! 13, point 3), for the services that act on domains for their callers
 //! (altp2m, introspect). The supervisor answers for a caller's badge; the
-//! answer is kept, and asked again once before a refusal (a domain
-//! created since). Without a supervisor handle every check fails: a
-//! service never acts on a domain nobody said it may.
+//! answer is kept, and asked again once per caller and domain before a
+//! refusal (the domain may have been created since), so that a caller
+//! whose requests are refused does not cost a supervisor call each.
+//! Without a supervisor handle every check fails: a service never acts on
+//! a domain nobody said it may.
 
 use crate::ipc::Client;
 use ipc_schema::manifest::{MAX_DOMAINS, introspection};
@@ -16,7 +18,8 @@ const KEPT: usize = 16;
 
 pub struct Rights {
     supervisor: Option<Client>,
-    known: heapless::Vec<(u64, [u8; MAX_DOMAINS]), KEPT>,
+    /// (badge, its rights by domain, the domains asked about again).
+    known: heapless::Vec<(u64, [u8; MAX_DOMAINS], u32), KEPT>,
 }
 
 impl Rights {
@@ -38,19 +41,21 @@ impl Rights {
                 .and_then(|i| r.get(i))
                 .is_some_and(|bits| bits & right != 0)
         };
-        if let Some((_, r)) = self.known.iter().find(|(b, _)| *b == badge)
-            && has(r)
-        {
-            return true;
+        let again = 1u32.checked_shl(u32::from(domain)).unwrap_or(0);
+        match self.known.iter_mut().find(|(b, ..)| *b == badge) {
+            Some((_, r, _)) if has(r) => return true,
+            Some((.., asked)) if *asked & again != 0 => return false,
+            Some((.., asked)) => *asked |= again,
+            None => {}
         }
         // Not known, or refused by what was known: ask (again).
-        match self.ask(badge) {
+        match self.ask(badge, again) {
             Some(r) => has(&r),
             None => false,
         }
     }
 
-    fn ask(&mut self, badge: u64) -> Option<[u8; MAX_DOMAINS]> {
+    fn ask(&mut self, badge: u64, asked: u32) -> Option<[u8; MAX_DOMAINS]> {
         let reply = self
             .supervisor
             .as_mut()?
@@ -58,11 +63,16 @@ impl Rights {
         let SupervisorReply::Rights(r) = reply.ok()? else {
             return None;
         };
-        self.known.retain(|(b, _)| *b != badge);
+        let asked = self
+            .known
+            .iter()
+            .find(|(b, ..)| *b == badge)
+            .map_or(asked, |&(.., a)| a | asked);
+        self.known.retain(|(b, ..)| *b != badge);
         if self.known.is_full() {
             self.known.remove(0);
         }
-        let _ = self.known.push((badge, r));
+        let _ = self.known.push((badge, r, asked));
         Some(r)
     }
 }
