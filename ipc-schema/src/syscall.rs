@@ -180,7 +180,16 @@ pub mod nr {
     /// FOREIGN_UNMAP(va, count): undoes the FOREIGN_MAP made at `va` with
     /// `count` pages (exactly that one; `BadArgument` otherwise).
     pub const FOREIGN_UNMAP: u64 = 57;
+    /// IO_OUT_BYTES(ioports, port, buf_ptr, len): writes the `len` bytes
+    /// at `buf_ptr` (at most [`super::IO_OUT_MAX`]) to the one byte port
+    /// `port`, in order, as `len` IO_OUT calls of size 1 would (the same
+    /// checks), in one call: a string to a UART's or a debug port's data
+    /// register.
+    pub const IO_OUT_BYTES: u64 = 58;
 }
+
+/// The most bytes one IO_OUT_BYTES writes.
+pub const IO_OUT_MAX: u64 = 4096;
 
 /// Foreign mappings a process holds at once (FOREIGN_MAP).
 pub const FOREIGN_MAPS: usize = 16;

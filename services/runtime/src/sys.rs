@@ -114,6 +114,24 @@ pub fn io_out(h: Handle, port: u16, size: u8, value: u32) -> Result<(), SysError
     .map(|_| ())
 }
 
+/// Writes `bytes` to the byte port `port`, in order, in as few calls as
+/// [`IO_OUT_MAX`](ipc_schema::syscall::IO_OUT_MAX) allows.
+pub fn io_out_bytes(h: Handle, port: u16, bytes: &[u8]) -> Result<(), SysError> {
+    for part in bytes.chunks(ipc_schema::syscall::IO_OUT_MAX as usize) {
+        call(
+            nr::IO_OUT_BYTES,
+            &[
+                u64::from(h),
+                u64::from(port),
+                part.as_ptr() as u64,
+                part.len() as u64,
+            ],
+        )
+        .ok()?;
+    }
+    Ok(())
+}
+
 /// Creates a handle to part of `h` (I/O ports `a..a+b`, or IRQ line `a`).
 pub fn derive(h: Handle, a: u64, b: u64) -> Result<Handle, SysError> {
     derive_with(h, a, b, 0)
