@@ -50,8 +50,10 @@
 //!
 //! Each message is one frame ([`frames`]): `COBS(postcard(value) ++ crc16_le) 00`.
 //! The host sends [`FromHost`]` { seq, request }`; the console answers each
-//! with [`ToHost::Reply`]` { seq, reply }` (same `seq`) and may send
-//! [`ToHost::Event`] at any time. The first request of a session is
+//! with [`ToHost::Reply`]` { seq, reply }` (same `seq`), before which a
+//! streamed answer ([`ControlRequest::ReadMemory`]) comes as
+//! [`ToHost::Data`] frames, and may send [`ToHost::Event`] at any time
+//! (the timeout then counts from the last frame of the answer). The first request of a session is
 //! [`ControlRequest::Hello`] with [`CONTROL`]'s key; the console answers
 //! `Welcome { version }`, or `Error(WrongKey { console, host })` when the two
 //! sides were built against different versions of the protocol.
