@@ -611,15 +611,64 @@ fn foreign_maps(p: &mut Probe, open: Handle, domains_ro: Handle) {
     );
 }
 
-/// The protected domain 1 (`vault`, read): not mapped while it runs; once
-/// the host pauses it, mapped and held until the host writes the marker
-/// into the page (through the introspect service: the host's unpause is
-/// refused meanwhile), then unmapped.
+/// The guest's tick count in the first 8 bytes of the page at `va` (the
+/// `ticker` guest's `share=`).
+fn ticks_at(va: u64) -> u64 {
+    // Safety: `va` is a page of this process, mapped (read only) by a
+    // FOREIGN_MAP this function's callers hold.
+    unsafe { core::ptr::read_volatile(va as *const u64) }
+}
+
+/// Yields until the tick count at `va` moves past `from` (at most about
+/// `tries` yields): whether it did.
+fn ticks_move(va: u64, from: u64, tries: u32) -> bool {
+    (0..tries).any(|_| {
+        sys::yield_now();
+        ticks_at(va) > from
+    })
+}
+
+/// The protected domain 1 (`vault`, read): FM-2's exception first, the page
+/// the guest shares (gfn 0xe00, the `ticker`'s `share=`), mapped while it
+/// runs and held throughout; any other page not mapped while it runs; once
+/// the host pauses it, 2 pages mapped and held until the host writes the
+/// marker into them (through the introspect service: the host's unpause is
+/// refused meanwhile), then unmapped; the host's unpause then succeeds with
+/// the shared page still mapped, whose tick count moves on.
 fn protected(p: &mut Probe, vault: Handle) {
     const VAULT: u16 = 1;
+    const SHARED: u64 = 0xe00;
+    let shared_va = FOREIGN_VA + 16 * PAGE;
+    // The guest shares its page as it starts: wait for it.
+    let mut shared = sys::foreign_map(vault, VAULT, SHARED, 1, shared_va, false);
+    for _ in 0..100_000 {
+        if shared.is_ok() {
+            break;
+        }
+        sys::yield_now();
+        shared = sys::foreign_map(vault, VAULT, SHARED, 1, shared_va, false);
+    }
+    p.check(
+        "the page a running protected domain shares is mapped",
+        shared.is_ok(),
+        "gfn 0xe00, FM-2's exception",
+    );
+    if shared.is_ok() {
+        let t = ticks_at(shared_va);
+        p.check(
+            "the guest's writes to its shared page are seen while it runs",
+            ticks_move(shared_va, t, 1_000_000),
+            "its tick count moves",
+        );
+    }
     p.expect_sys(
-        "a running protected domain is not mapped",
+        "a running protected domain's unshared page is not mapped",
         sys::foreign_map(vault, VAULT, 0xf00, 1, FOREIGN_VA, false).map(|()| 0),
+        SysError::Busy,
+    );
+    p.expect_sys(
+        "a range reaching past the shared page is not mapped",
+        sys::foreign_map(vault, VAULT, SHARED, 2, FOREIGN_VA, false).map(|()| 0),
         SysError::Busy,
     );
     defmt::info!("probe: waiting for the vault to be paused");
@@ -645,6 +694,17 @@ fn protected(p: &mut Probe, vault: Handle) {
     let gone = sys::foreign_unmap(FOREIGN_VA, 2);
     p.check("the vault's pages unmapped", gone.is_ok(), "FOREIGN_UNMAP");
     defmt::info!("probe: the vault's mapping is gone");
+    if shared.is_ok() {
+        // The host unpauses it with the shared page still mapped.
+        let t = ticks_at(shared_va);
+        p.check(
+            "unpaused with its shared page mapped, the guest ticks on",
+            ticks_move(shared_va, t, 10_000_000),
+            "its tick count moves again",
+        );
+        let gone = sys::foreign_unmap(shared_va, 1);
+        p.check("the shared page unmapped", gone.is_ok(), "FOREIGN_UNMAP");
+    }
 }
 
 /// The `mapper`: holds 6 pages of domain 2 once the host pauses it, then,

@@ -379,6 +379,27 @@ pub fn foreign_unmap(va: u64, count: u64) -> Result<(), SysError> {
     status(nr::FOREIGN_UNMAP, &[va, count])
 }
 
+/// DOMAIN_SHARE: domain `id`'s guest shares pages `gfn .. gfn + count`
+/// (`share`), or no longer.
+pub fn domain_share(
+    domains: Handle,
+    id: u16,
+    gfn: u64,
+    count: u64,
+    share: bool,
+) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_SHARE,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gfn,
+            count,
+            u64::from(share),
+        ],
+    )
+}
+
 pub fn domain_watch(domains: Handle, note: Handle, bit: u64) -> Result<(), SysError> {
     status(
         nr::DOMAIN_WATCH,

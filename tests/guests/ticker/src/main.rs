@@ -6,9 +6,17 @@
 //! `HC_SERVICE_INFO`, and prints `tick K: vmm version V, C service calls`.
 //! Every call must succeed: a failure prints `FAIL` and exits 1. After the
 //! last tick it prints `ticker: done` and exits 0.
+//!
+//! `share=GFN` (hex with `0x`): first checks that sharing pages outside its
+//! RAM, sharing none and taking back pages it does not share are refused,
+//! then shares the page at GFN with the services that may map its memory
+//! (`Request::SharePages`, FM-2's exception) and writes the tick count
+//! into its first 8 bytes at each tick.
 #![no_std]
 #![no_main]
 
+use guest_runtime::abi::{HcError, Reply, Request};
+use guest_runtime::hypercall::{CallError, call};
 use guest_runtime::{MultibootInfo, println, service_info, service_null};
 
 guest_runtime::entry!(main);
@@ -17,8 +25,53 @@ guest_runtime::entry!(main);
 fn arg(cmdline: &str, key: &str, default: u64) -> u64 {
     cmdline
         .split(' ')
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .find_map(|w| {
+            let v = w.strip_prefix(key)?.strip_prefix('=')?;
+            match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => v.parse().ok(),
+            }
+        })
         .unwrap_or(default)
+}
+
+/// The vmm's answer to `SharePages`: `Ok` or the refusal.
+fn share(gfn: u64, count: u64, share: bool) -> Result<(), Option<HcError>> {
+    match call(&Request::SharePages { gfn, count, share }) {
+        Ok(Reply::Done) => Ok(()),
+        Ok(Reply::Error(e)) | Err(CallError::Refused(Some(e))) => Err(Some(e)),
+        _ => Err(None),
+    }
+}
+
+/// Bad requests refused, then `gfn` shared; false on a surprise.
+fn share_page(gfn: u64) -> bool {
+    let checks = [
+        (
+            "sharing pages outside RAM",
+            share(1 << 40, 1, true),
+            HcError::BadGfn { gfn: 1 << 40 },
+        ),
+        ("sharing no page", share(gfn, 0, true), HcError::BadRange),
+        (
+            "taking back pages not shared",
+            share(gfn, 1, false),
+            HcError::NotShared,
+        ),
+    ];
+    for (what, got, want) in checks {
+        if got != Err(Some(want)) {
+            println!("FAIL: {what}: {got:?}, not {want:?}");
+            return false;
+        }
+        println!("ticker: {what} refused: {want:?}");
+    }
+    if let Err(e) = share(gfn, 1, true) {
+        println!("FAIL: sharing gfn {gfn:#x}: {e:?}");
+        return false;
+    }
+    println!("ticker: shares gfn {gfn:#x}");
+    true
 }
 
 fn main(info: &MultibootInfo) -> u32 {
@@ -26,9 +79,18 @@ fn main(info: &MultibootInfo) -> u32 {
     let ticks = arg(cmdline, "ticks", 100);
     let calls = arg(cmdline, "calls", 200);
     println!("ticker: {ticks} ticks of {calls} service calls");
+    let shared = arg(cmdline, "share", 0);
+    if shared != 0 && !share_page(shared) {
+        return 1;
+    }
     let mut tick = 0u64;
     while ticks == 0 || tick < ticks {
         tick += 1;
+        if shared != 0 {
+            // Safety: the guest's RAM is identity-mapped, and the shared
+            // page is one nothing else of this guest uses.
+            unsafe { core::ptr::write_volatile((shared * 4096) as *mut u64, tick) };
+        }
         for _ in 0..calls {
             if service_null() != 0 {
                 println!("FAIL: a service call was refused at tick {tick}");
