@@ -4,7 +4,8 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, empty_system, image, module};
-use platform::acpi::dmar::build::{DmarBuilder, endpoint};
+use platform::acpi::dmar::build::{DeviceScope, DmarBuilder, endpoint};
+use platform::acpi::dmar::{PciHop, ScopeKind};
 
 fn basic_image() -> image_builder::image::Image {
     image(
@@ -50,6 +51,56 @@ fn qemu_bios_merges_an_injected_rmrr_table() {
     .expect("DMAR: 2 table(s)")
     .expect("DMAR: DRHD at 0xfed90000")
     .expect("DMAR: RMRR 0x7d00000..=0x7d0ffff (64 KiB), segment 0, 1 device scope(s)")
+    .expect_status(HaltStatus::Success);
+}
+
+/// A server-sized DMAR beside QEMU's own: 40 units of 12 scopes each
+/// (paths through up to 5 bridges) and 30 reserved regions, all taken
+/// (issue 12, point 1: no small fixed limits), the units' scopes logged
+/// at debug level only.
+#[test]
+fn qemu_bios_takes_a_server_sized_dmar() {
+    let mut b = DmarBuilder::new(46, 1);
+    for unit in 0..40u64 {
+        let scopes: Vec<DeviceScope> = (0..12u8)
+            .map(|i| DeviceScope {
+                kind: ScopeKind::PciSubHierarchy,
+                enumeration_id: 0,
+                start_bus: unit as u8 + 1,
+                path: (0..=i % 5)
+                    .map(|h| PciHop {
+                        device: h,
+                        function: i % 8,
+                    })
+                    .collect(),
+            })
+            .collect();
+        b = b.drhd(false, 1, 0xfb00_0000 + unit * 0x1000, &scopes);
+    }
+    for r in 0..30u64 {
+        b = b.rmrr(
+            1,
+            0x8000_0000 + (r << 20),
+            0x8000_0fff + (r << 20),
+            &[endpoint(0x20, 0x14, 0)],
+        );
+    }
+    let path = image_builder::paths::work_dir()
+        .join("tests")
+        .join("server.dmar");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b.build()).unwrap();
+    boot(&basic_image(), Machine::Qemu, |c| {
+        c.iommu = true;
+        c.acpi_tables.push(path.clone());
+    })
+    .expect("DMAR: 2 table(s)")
+    .expect("DMAR: 41 unit(s), 30 reserved region(s), 518 device scope(s)")
+    .expect("DMAR: the units' 518 device scopes are logged at debug level")
+    .expect("DMAR: DRHD at 0xfb027000 (1 pages), segment 1, listed devices, 12 device scope(s)")
+    .expect("DMAR: RMRR 0x81d00000..=0x81d00fff (4 KiB), segment 1, 1 device scope(s)")
+    .expect("ACPI: 1 CPU(s), 1 IOAPIC(s)")
+    .expect_no("DMAR unusable")
     .expect_status(HaltStatus::Success);
 }
 
