@@ -4,8 +4,7 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, empty_system, image, module};
-use platform::acpi::dmar::build::{DeviceScope, DmarBuilder, endpoint};
-use platform::acpi::dmar::{PciHop, ScopeKind};
+use platform::acpi::dmar::build::{DmarBuilder, endpoint, server_sized};
 
 fn basic_image() -> image_builder::image::Image {
     image(
@@ -60,36 +59,11 @@ fn qemu_bios_merges_an_injected_rmrr_table() {
 /// at debug level only.
 #[test]
 fn qemu_bios_takes_a_server_sized_dmar() {
-    let mut b = DmarBuilder::new(46, 1);
-    for unit in 0..40u64 {
-        let scopes: Vec<DeviceScope> = (0..12u8)
-            .map(|i| DeviceScope {
-                kind: ScopeKind::PciSubHierarchy,
-                enumeration_id: 0,
-                start_bus: unit as u8 + 1,
-                path: (0..=i % 5)
-                    .map(|h| PciHop {
-                        device: h,
-                        function: i % 8,
-                    })
-                    .collect(),
-            })
-            .collect();
-        b = b.drhd(false, 1, 0xfb00_0000 + unit * 0x1000, &scopes);
-    }
-    for r in 0..30u64 {
-        b = b.rmrr(
-            1,
-            0x8000_0000 + (r << 20),
-            0x8000_0fff + (r << 20),
-            &[endpoint(0x20, 0x14, 0)],
-        );
-    }
     let path = image_builder::paths::work_dir()
         .join("tests")
         .join("server.dmar");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, b.build()).unwrap();
+    std::fs::write(&path, server_sized()).unwrap();
     boot(&basic_image(), Machine::Qemu, |c| {
         c.iommu = true;
         c.acpi_tables.push(path.clone());

@@ -494,6 +494,36 @@ pub mod build {
         }
     }
 
+    /// A server-sized DMAR: 40 units (segment 1, registers from
+    /// 0xfb00_0000, 4 KiB apart) of 12 scopes each, sub-hierarchies on bus
+    /// `unit + 1` whose paths cross 1 to 5 hops, and 30 reserved regions of
+    /// 4 KiB from 0x8000_0000, 1 MiB apart, each for device 20:14.0 (480 +
+    /// 30 scopes in all).
+    pub fn server_sized() -> Vec<u8> {
+        let mut b = DmarBuilder::new(46, 1);
+        for unit in 0..40u64 {
+            let scopes: Vec<DeviceScope> = (0..12u8)
+                .map(|i| DeviceScope {
+                    kind: ScopeKind::PciSubHierarchy,
+                    enumeration_id: 0,
+                    start_bus: unit as u8 + 1,
+                    path: (0..=i % 5)
+                        .map(|h| PciHop {
+                            device: h,
+                            function: i % 8,
+                        })
+                        .collect(),
+                })
+                .collect();
+            b = b.drhd(false, 1, 0xfb00_0000 + unit * 0x1000, &scopes);
+        }
+        for r in 0..30u64 {
+            let base = 0x8000_0000 + (r << 20);
+            b = b.rmrr(1, base, base + 0xfff, &[endpoint(0x20, 0x14, 0)]);
+        }
+        b.build()
+    }
+
     /// A PCI endpoint scope for `bus:device.function` on its start bus.
     pub fn endpoint(bus: u8, device: u8, function: u8) -> DeviceScope {
         DeviceScope {

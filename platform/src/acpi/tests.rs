@@ -1,5 +1,5 @@
 use super::build::{rsdp, table};
-use super::dmar::build::{DeviceScope, DmarBuilder, endpoint, owned};
+use super::dmar::build::{DeviceScope, DmarBuilder, endpoint, owned, server_sized};
 use super::dmar::{Dmar, DmarError, MAX_TABLES, PciHop, ScopeKind};
 use super::*;
 use proptest::prelude::*;
@@ -382,57 +382,31 @@ fn any_scope() -> impl Strategy<Value = DeviceScope> {
 fn a_real_servers_table_is_taken_whole() {
     // Dozens of units, hundreds of scopes, paths through several bridges,
     // many regions: more than a fixed array would hold.
-    let mut b = DmarBuilder::new(46, 1);
-    let mut want_scopes = 0;
-    for unit in 0..40u64 {
-        let scopes: Vec<DeviceScope> = (0..12u8)
-            .map(|i| DeviceScope {
-                kind: ScopeKind::PciSubHierarchy,
-                enumeration_id: 0,
-                start_bus: unit as u8,
-                path: (0..=i % 5)
-                    .map(|h| PciHop {
-                        device: h,
-                        function: i % 8,
-                    })
-                    .collect(),
-            })
-            .collect();
-        want_scopes += scopes.len();
-        b = b.drhd(
-            unit == 39,
-            (unit / 20) as u16,
-            0xfb00_0000 + unit * 0x1000,
-            &scopes,
-        );
-    }
-    for r in 0..30u64 {
-        b = b.rmrr(
-            0,
-            r << 20,
-            (r << 20) + 0xfff,
-            &[endpoint(0, 0x14, r as u8 % 8)],
-        );
-        want_scopes += 1;
-    }
-    // A DMAR's length is a u32, its structures' a u16: 40 units of 12
-    // scopes fit.
-    let bytes = b.build();
+    let bytes = server_sized();
     let d = dmar_of(&bytes).unwrap();
-    assert_eq!(
-        (d.drhd_count, d.rmrr_count, d.scope_count),
-        (40, 30, want_scopes)
-    );
+    assert_eq!((d.drhd_count, d.rmrr_count, d.scope_count), (40, 30, 510));
     assert_eq!(d.drhds().count(), 40);
     let last = d.drhds().last().unwrap();
-    assert!(last.include_pci_all);
+    assert!(!last.include_pci_all);
     assert_eq!(
         (last.segment, last.register_base),
         (1, 0xfb00_0000 + 39 * 0x1000)
     );
+    assert_eq!(last.scopes.len(), 12);
     let deepest = last.scopes.iter().find(|s| s.path.len() == 5).unwrap();
-    assert_eq!(deepest.path.iter().last().unwrap().device, 4);
-    assert_eq!(d.rmrrs().nth(29).unwrap().base, 29 << 20);
+    assert_eq!(
+        (
+            deepest.start_bus,
+            deepest.path.iter().last().unwrap().device
+        ),
+        (40, 4)
+    );
+    let r = d.rmrrs().nth(29).unwrap();
+    assert_eq!((r.base, r.len()), (0x8000_0000 + (29 << 20), 4096));
+    assert_eq!(
+        r.scopes.iter().next().unwrap().direct_bdf(),
+        Some((0x20, 0x14, 0))
+    );
 }
 
 #[test]
