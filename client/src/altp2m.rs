@@ -221,10 +221,10 @@ pub fn describe_hc_error(e: &HcError) -> String {
                 ipc_schema::hypercall::Quota::Settings => "settings (access ranges, change_gfns, suppress-#VE bits)",
             }
         ),
-        HcError::TooManyShares => "the domain shares 8 ranges of pages already".into(),
-        HcError::NotShared => "those pages are not a range the domain shares".into(),
-        HcError::SharedPagesMapped => {
-            "a service has those shared pages mapped; they are taken back once it unmaps them".into()
+        HcError::TooManyGrants => "the domain grants 8 ranges of pages already".into(),
+        HcError::NotGranted => "those pages are not a range the domain grants".into(),
+        HcError::GrantedPagesMapped => {
+            "a service has those granted pages mapped; they are taken back once it unmaps them".into()
         }
     }
 }

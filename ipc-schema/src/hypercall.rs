@@ -267,15 +267,15 @@ pub enum Request {
         gfn: u64,
         relaxing: Relaxing,
     },
-    /// Shares `count` (1 to 512) pages of this domain's RAM from `gfn`
-    /// with the services that may map its memory (`share`), or takes them
-    /// back: while shared, they may be foreign-mapped even while a
+    /// Grants `count` (1 to 512) pages of this domain's RAM from `gfn`
+    /// with the services that may map its memory (`grant`), or takes them
+    /// back: while granted, they may be foreign-mapped even while a
     /// protected domain runs, and such mappings do not keep it paused
     /// (FM-2's exception). Answered by the vmm ([`Reply::Done`]).
-    SharePages {
+    GrantPages {
         gfn: u64,
         count: u64,
-        share: bool,
+        grant: bool,
     },
 }
 
@@ -390,14 +390,14 @@ pub enum HcError {
         what: Quota,
         limit: u32,
     },
-    /// [`Request::SharePages`]: the domain shares 8 ranges already.
-    TooManyShares,
-    /// [`Request::SharePages`] taking back a range that is not one shared
+    /// [`Request::GrantPages`]: the domain grants 8 ranges already.
+    TooManyGrants,
+    /// [`Request::GrantPages`] taking back a range that is not one granted
     /// so, or of 0 or over 512 pages.
-    NotShared,
-    /// [`Request::SharePages`] taking back pages a service has mapped on
-    /// the strength of the share: try again once it unmaps them.
-    SharedPagesMapped,
+    NotGranted,
+    /// [`Request::GrantPages`] taking back pages a service has mapped on
+    /// the strength of the grant: try again once it unmaps them.
+    GrantedPagesMapped,
 }
 
 /// What a per-domain quota of the altp2m service counts.

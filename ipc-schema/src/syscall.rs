@@ -186,21 +186,21 @@ pub mod nr {
     /// checks), in one call: a string to a UART's or a debug port's data
     /// register.
     pub const IO_OUT_BYTES: u64 = 58;
-    /// DOMAIN_SHARE(domains, domain, gfn, count, share): the guest's own
+    /// DOMAIN_GRANT(domains, domain, gfn, count, grant): the guest's own
     /// word, passed on by its vmm, that its RAM pages `gfn .. gfn + count`
-    /// are shared (`share` 1) or no longer (0). A foreign mapping that lies
-    /// within one shared range may be made while a protected domain runs,
+    /// are granted (`grant` 1) or no longer (0). A foreign mapping that lies
+    /// within one granted range may be made while a protected domain runs,
     /// and does not keep it paused (FM-2's exception). At most
-    /// [`super::GUEST_SHARES`] ranges a domain (`NoResources`; sharing a
+    /// [`super::GUEST_GRANTS`] ranges a domain (`NoResources`; granting a
     /// range again is done), each of 1 to [`super::FOREIGN_PAGES`] pages
     /// (`BadArgument`); pages outside RAM `BadAddress`;
-    /// unsharing a range not shared exactly so `BadArgument`, one that a
+    /// ungranting a range not granted exactly so `BadArgument`, one that a
     /// mapping made on its strength still uses `Busy`. Needs `vcpus`.
-    pub const DOMAIN_SHARE: u64 = 59;
+    pub const DOMAIN_GRANT: u64 = 59;
 }
 
-/// Ranges of its RAM a guest shares at once (DOMAIN_SHARE).
-pub const GUEST_SHARES: usize = 8;
+/// Ranges of its RAM a guest grants at once (DOMAIN_GRANT).
+pub const GUEST_GRANTS: usize = 8;
 
 /// The most bytes one IO_OUT_BYTES writes.
 pub const IO_OUT_MAX: u64 = 4096;

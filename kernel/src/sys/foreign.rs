@@ -24,9 +24,9 @@ pub struct ForeignMap {
     pub va: u64,
     pub count: u64,
     pub writable: bool,
-    /// Within pages the guest shares (made while it might run; not
-    /// counted in `Domain::foreign_unshared`).
-    pub shared: bool,
+    /// Within pages the guest grants (made while it might run; not
+    /// counted in `Domain::foreign_ungranted`).
+    pub granted: bool,
 }
 
 impl Kernel {
@@ -83,12 +83,12 @@ impl Kernel {
                 SysError::BadAddress,
             ));
         }
-        let shared = d.guest_shares(gfn, count);
-        if d.protected && d.state == DomainState::Running && !shared {
+        let granted = d.guest_grants(gfn, count);
+        if d.protected && d.state == DomainState::Running && !granted {
             return Err(self.foreign_refused(
                 pid,
                 CALL,
-                "the domain is protected and running, and the guest does not share these pages (pause it first)",
+                "the domain is protected and running, and the guest does not grant these pages (pause it first)",
                 SysError::Busy,
             ));
         }
@@ -136,14 +136,14 @@ impl Kernel {
             va,
             count,
             writable,
-            shared,
+            granted,
         });
         let d = self.domains[usize::from(slot)]
             .as_mut()
             .ok_or(SysError::BadArgument)?;
         d.foreign_pages += count as u32;
-        if !shared {
-            d.foreign_unshared += count as u32;
+        if !granted {
+            d.foreign_ungranted += count as u32;
         }
         // Writes through the mapping go around the EPT: whoever logs the
         // domain's writes counts the pages written (here and at unmap).
@@ -198,8 +198,8 @@ impl Kernel {
         }
         if let Some(d) = self.domains[usize::from(m.domain)].as_mut() {
             d.foreign_pages = d.foreign_pages.saturating_sub(m.count as u32);
-            if !m.shared {
-                d.foreign_unshared = d.foreign_unshared.saturating_sub(m.count as u32);
+            if !m.granted {
+                d.foreign_ungranted = d.foreign_ungranted.saturating_sub(m.count as u32);
             }
             if m.writable
                 && let Some(log) = d.writes.as_mut()
@@ -209,14 +209,14 @@ impl Kernel {
         }
     }
 
-    /// DOMAIN_SHARE, its handle checked: domain slot `slot`'s guest shares
-    /// pages `gfn .. gfn + count` (`share`), or no longer.
-    pub fn guest_share(
+    /// DOMAIN_GRANT, its handle checked: domain slot `slot`'s guest grants
+    /// pages `gfn .. gfn + count` (`grant`), or no longer.
+    pub fn guest_grant(
         &mut self,
         slot: u16,
         gfn: u64,
         count: u64,
-        share: bool,
+        grant: bool,
     ) -> Result<(), SysError> {
         let d = self.domains[usize::from(slot)]
             .as_ref()
@@ -236,22 +236,22 @@ impl Kernel {
         let relied_on = self.processes.iter().flatten().any(|p| {
             p.foreign
                 .iter()
-                .any(|m| m.domain == slot && m.shared && m.gfn < end && gfn < m.gfn + m.count)
+                .any(|m| m.domain == slot && m.granted && m.gfn < end && gfn < m.gfn + m.count)
         });
         let d = self.domains[usize::from(slot)]
             .as_mut()
             .ok_or(SysError::BadArgument)?;
-        let at = d.guest_shares.iter().position(|&r| r == (gfn, count));
-        match (share, at) {
+        let at = d.guest_grants.iter().position(|&r| r == (gfn, count));
+        match (grant, at) {
             (true, Some(_)) => Ok(()),
             (true, None) => d
-                .guest_shares
+                .guest_grants
                 .push((gfn, count))
                 .map_err(|_| SysError::NoResources),
             (false, None) => Err(SysError::BadArgument),
             (false, Some(_)) if relied_on => Err(SysError::Busy),
             (false, Some(i)) => {
-                d.guest_shares.swap_remove(i);
+                d.guest_grants.swap_remove(i);
                 Ok(())
             }
         }

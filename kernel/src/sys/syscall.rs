@@ -394,11 +394,11 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             k.foreign_unmap(pid, a[0], a[1])?;
             Ok(Values([0; 3]))
         }
-        nr::DOMAIN_SHARE => {
+        nr::DOMAIN_GRANT => {
             dcap!(
                 k,
                 pid,
-                "DOMAIN_SHARE",
+                "DOMAIN_GRANT",
                 a[0],
                 a[1],
                 Scope::Domain,
@@ -406,7 +406,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             );
             domain(k, a[1])?;
             let slot = a[1].wrapping_sub(1) as u16;
-            k.guest_share(slot, a[2], a[3], a[4] != 0)?;
+            k.guest_grant(slot, a[2], a[3], a[4] != 0)?;
             Ok(Values([0; 3]))
         }
         nr::VCPU_CREATE => vcpu_create(k, pid, a),
@@ -1371,12 +1371,12 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         _ => return Err(SysError::BadArgument),
     };
     let d = domain_mut(k, a[1])?;
-    if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_unshared > 0 {
+    if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_ungranted > 0 {
         defmt::warn!(
             "domain {=u16} ({=str}) is protected and services hold {=u32} pages of it foreign-mapped: not {=str}",
             d.id,
             ipc_schema::syscall::handle_name_str(&d.name),
-            d.foreign_unshared,
+            d.foreign_ungranted,
             if op == DomainOp::Start {
                 "started"
             } else {

@@ -1041,7 +1041,7 @@ impl Altp2m {
             Request::DirtyLogStart { .. }
             | Request::DirtyLogRead { .. }
             | Request::DirtyLogStop
-            | Request::SharePages { .. } => Err(HcError::WrongService),
+            | Request::GrantPages { .. } => Err(HcError::WrongService),
         }
     }
 

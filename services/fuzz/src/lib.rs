@@ -323,7 +323,7 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::FOREIGN_UNMAP,
         nr::VCPU_REGS,
         nr::IO_OUT_BYTES,
-        nr::DOMAIN_SHARE,
+        nr::DOMAIN_GRANT,
     ];
     let n = match rng.below(10) {
         0..=7 => rng.pick(&KNOWN),

@@ -612,7 +612,7 @@ fn foreign_maps(p: &mut Probe, open: Handle, domains_ro: Handle) {
 }
 
 /// The guest's tick count in the first 8 bytes of the page at `va` (the
-/// `ticker` guest's `share=`).
+/// `ticker` guest's `grant=`).
 fn ticks_at(va: u64) -> u64 {
     // Safety: `va` is a page of this process, mapped (read only) by a
     // FOREIGN_MAP this function's callers hold.
@@ -629,54 +629,54 @@ fn ticks_move(va: u64, from: u64, tries: u32) -> bool {
 }
 
 /// The protected domain 1 (`vault`, read): FM-2's exception first, the page
-/// the guest shares (gfn 0xe00, the `ticker`'s `share=`), mapped while it
+/// the guest grants (gfn 0xe00, the `ticker`'s `grant=`), mapped while it
 /// runs and held throughout; any other page not mapped while it runs; once
 /// the host pauses it, 2 pages mapped and held until the host writes the
 /// marker into them (through the introspect service: the host's unpause is
 /// refused meanwhile), then unmapped; the host's unpause then succeeds with
-/// the shared page still mapped, whose tick count moves on.
+/// the granted page still mapped, whose tick count moves on.
 fn protected(p: &mut Probe, vault: Handle) {
     const VAULT: u16 = 1;
-    const SHARED: u64 = 0xe00;
-    let shared_va = FOREIGN_VA + 16 * PAGE;
-    // The guest shares its page as it starts: wait for it.
-    let mut shared = sys::foreign_map(vault, VAULT, SHARED, 1, shared_va, false);
+    const GRANTED: u64 = 0xe00;
+    let granted_va = FOREIGN_VA + 16 * PAGE;
+    // The guest grants its page as it starts: wait for it.
+    let mut granted = sys::foreign_map(vault, VAULT, GRANTED, 1, granted_va, false);
     for _ in 0..100_000 {
-        if shared.is_ok() {
+        if granted.is_ok() {
             break;
         }
         sys::yield_now();
-        shared = sys::foreign_map(vault, VAULT, SHARED, 1, shared_va, false);
+        granted = sys::foreign_map(vault, VAULT, GRANTED, 1, granted_va, false);
     }
     p.check(
-        "the page a running protected domain shares is mapped",
-        shared.is_ok(),
+        "the page a running protected domain grants is mapped",
+        granted.is_ok(),
         "gfn 0xe00, FM-2's exception",
     );
-    // The guest's tick count in its shared page moves on (checked as `what`).
+    // The guest's tick count in its granted page moves on (checked as `what`).
     let ticking = |p: &mut Probe, what: &str, tries: u32| {
-        let t = ticks_at(shared_va);
+        let t = ticks_at(granted_va);
         p.check(
             what,
-            ticks_move(shared_va, t, tries),
+            ticks_move(granted_va, t, tries),
             "its tick count moves",
         );
     };
-    if shared.is_ok() {
+    if granted.is_ok() {
         ticking(
             p,
-            "the guest's writes to its shared page are seen while it runs",
+            "the guest's writes to its granted page are seen while it runs",
             1_000_000,
         );
     }
     p.expect_sys(
-        "a running protected domain's unshared page is not mapped",
+        "a running protected domain's ungranted page is not mapped",
         sys::foreign_map(vault, VAULT, 0xf00, 1, FOREIGN_VA, false).map(|()| 0),
         SysError::Busy,
     );
     p.expect_sys(
-        "a range reaching past the shared page is not mapped",
-        sys::foreign_map(vault, VAULT, SHARED, 2, FOREIGN_VA, false).map(|()| 0),
+        "a range reaching past the granted page is not mapped",
+        sys::foreign_map(vault, VAULT, GRANTED, 2, FOREIGN_VA, false).map(|()| 0),
         SysError::Busy,
     );
     defmt::info!("probe: waiting for the vault to be paused");
@@ -702,15 +702,15 @@ fn protected(p: &mut Probe, vault: Handle) {
     let gone = sys::foreign_unmap(FOREIGN_VA, 2);
     p.check("the vault's pages unmapped", gone.is_ok(), "FOREIGN_UNMAP");
     defmt::info!("probe: the vault's mapping is gone");
-    if shared.is_ok() {
-        // The host unpauses it with the shared page still mapped.
+    if granted.is_ok() {
+        // The host unpauses it with the granted page still mapped.
         ticking(
             p,
-            "unpaused with its shared page mapped, the guest ticks on",
+            "unpaused with its granted page mapped, the guest ticks on",
             10_000_000,
         );
-        let gone = sys::foreign_unmap(shared_va, 1);
-        p.check("the shared page unmapped", gone.is_ok(), "FOREIGN_UNMAP");
+        let gone = sys::foreign_unmap(granted_va, 1);
+        p.check("the granted page unmapped", gone.is_ok(), "FOREIGN_UNMAP");
     }
 }
 

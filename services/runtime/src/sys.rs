@@ -379,23 +379,23 @@ pub fn foreign_unmap(va: u64, count: u64) -> Result<(), SysError> {
     status(nr::FOREIGN_UNMAP, &[va, count])
 }
 
-/// DOMAIN_SHARE: domain `id`'s guest shares pages `gfn .. gfn + count`
-/// (`share`), or no longer.
-pub fn domain_share(
+/// DOMAIN_GRANT: domain `id`'s guest grants pages `gfn .. gfn + count`
+/// (`grant`), or no longer.
+pub fn domain_grant(
     domains: Handle,
     id: u16,
     gfn: u64,
     count: u64,
-    share: bool,
+    grant: bool,
 ) -> Result<(), SysError> {
     status(
-        nr::DOMAIN_SHARE,
+        nr::DOMAIN_GRANT,
         &[
             u64::from(domains),
             u64::from(id),
             gfn,
             count,
-            u64::from(share),
+            u64::from(grant),
         ],
     )
 }

@@ -52,18 +52,18 @@ pub trait Env {
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
     /// Calls the logdirty service; `None` when it cannot be reached.
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply>;
-    /// DOMAIN_SHARE: the guest shares its pages `gfn .. gfn + count`
-    /// (`share`), or no longer.
-    fn share(&mut self, domain: u16, gfn: u64, count: u64, share: bool) -> Result<(), SysError>;
+    /// DOMAIN_GRANT: the guest grants its pages `gfn .. gfn + count`
+    /// (`grant`), or no longer.
+    fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError>;
 }
 
-/// The guest's [`Request::SharePages`], through the kernel (FM-2).
-fn share_pages(env: &mut impl Env, domain: u16, gfn: u64, count: u64, share: bool) -> Reply {
-    match env.share(domain, gfn, count, share) {
+/// The guest's [`Request::GrantPages`], through the kernel (FM-2).
+fn grant_pages(env: &mut impl Env, domain: u16, gfn: u64, count: u64, grant: bool) -> Reply {
+    match env.grant(domain, gfn, count, grant) {
         Ok(()) => Reply::Done,
-        Err(SysError::NoResources) => Reply::Error(HcError::TooManyShares),
-        Err(SysError::Busy) => Reply::Error(HcError::SharedPagesMapped),
-        Err(SysError::BadArgument) if !share => Reply::Error(HcError::NotShared),
+        Err(SysError::NoResources) => Reply::Error(HcError::TooManyGrants),
+        Err(SysError::Busy) => Reply::Error(HcError::GrantedPagesMapped),
+        Err(SysError::BadArgument) if !grant => Reply::Error(HcError::NotGranted),
         Err(SysError::BadAddress) => Reply::Error(HcError::BadGfn { gfn }),
         Err(_) => Reply::Error(HcError::BadRange),
     }
@@ -676,8 +676,8 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     };
     let reply = if let Some(r) = dirty_request(exit.domain, &request) {
         dirty_reply(env.logdirty(&r))
-    } else if let Request::SharePages { gfn, count, share } = request {
-        share_pages(env, exit.domain, gfn, count, share)
+    } else if let Request::GrantPages { gfn, count, grant } = request {
+        grant_pages(env, exit.domain, gfn, count, grant)
     } else {
         match env.altp2m(&AltRequest::Guest {
             domain: exit.domain,

@@ -117,8 +117,8 @@ impl Env for System {
         self.logdirty.as_mut()?.call(request)
     }
 
-    fn share(&mut self, domain: u16, gfn: u64, count: u64, share: bool) -> Result<(), SysError> {
-        sys::domain_share(self.domains, domain, gfn, count, share)
+    fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError> {
+        sys::domain_grant(self.domains, domain, gfn, count, grant)
     }
 
     #[inline(always)]

@@ -108,16 +108,16 @@ impl Env for Fake {
             _ => AltReply::Refused(ipc_schema::altp2m::AltError::WrongEndpoint),
         })
     }
-    fn share(
+    fn grant(
         &mut self,
         _: u16,
         gfn: u64,
         count: u64,
-        share: bool,
+        grant: bool,
     ) -> Result<(), ipc_schema::syscall::SysError> {
         use ipc_schema::syscall::SysError;
         // The kernel's answers, by the range asked.
-        match (gfn, count, share) {
+        match (gfn, count, grant) {
             (_, 0, _) => Err(SysError::BadArgument),
             (0x10, 1, _) => Ok(()),
             (0x11, 1, true) => Err(SysError::NoResources),
@@ -748,10 +748,10 @@ fn read_reply(env: &Fake, gpa: usize, len: u64) -> Reply {
 }
 
 #[test]
-fn shared_pages_are_the_kernels_business_and_its_refusals_are_named() {
+fn granted_pages_are_the_kernels_business_and_its_refusals_are_named() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    let mut ask = |gfn, count, share| {
-        let regs = request_at(&mut env, 0x100, &Request::SharePages { gfn, count, share });
+    let mut ask = |gfn, count, grant| {
+        let regs = request_at(&mut env, 0x100, &Request::GrantPages { gfn, count, grant });
         let after = hypercall(&mut vmm, &mut env, regs);
         let reply: Reply =
             postcard::from_bytes(&env.memory[0x100..0x100 + after.rbx as usize]).unwrap();
@@ -760,9 +760,9 @@ fn shared_pages_are_the_kernels_business_and_its_refusals_are_named() {
     assert_eq!(ask(0x10, 1, true), (Status::Ok as u64, Reply::Done));
     assert_eq!(ask(0x10, 1, false), (Status::Ok as u64, Reply::Done));
     let refused = |e| (Status::Refused as u64, Reply::Error(e));
-    assert_eq!(ask(0x11, 1, true), refused(HcError::TooManyShares));
-    assert_eq!(ask(0x11, 1, false), refused(HcError::SharedPagesMapped));
-    assert_eq!(ask(0x12, 1, false), refused(HcError::NotShared));
+    assert_eq!(ask(0x11, 1, true), refused(HcError::TooManyGrants));
+    assert_eq!(ask(0x11, 1, false), refused(HcError::GrantedPagesMapped));
+    assert_eq!(ask(0x12, 1, false), refused(HcError::NotGranted));
     assert_eq!(
         ask(0x9999, 1, true),
         refused(HcError::BadGfn { gfn: 0x9999 })

@@ -7,10 +7,10 @@
 //! Every call must succeed: a failure prints `FAIL` and exits 1. After the
 //! last tick it prints `ticker: done` and exits 0.
 //!
-//! `share=GFN` (hex with `0x`): first checks that sharing pages outside its
-//! RAM, sharing none and taking back pages it does not share are refused,
-//! then shares the page at GFN with the services that may map its memory
-//! (`Request::SharePages`, FM-2's exception) and writes the tick count
+//! `grant=GFN` (hex with `0x`): first checks that granting pages outside its
+//! RAM, granting none and taking back pages it does not grant are refused,
+//! then grants the page at GFN with the services that may map its memory
+//! (`Request::GrantPages`, FM-2's exception) and writes the tick count
 //! into its first 8 bytes at each tick.
 #![no_std]
 #![no_main]
@@ -35,28 +35,28 @@ fn arg(cmdline: &str, key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The vmm's answer to `SharePages`: `Ok` or the refusal.
-fn share(gfn: u64, count: u64, share: bool) -> Result<(), Option<HcError>> {
-    match call(&Request::SharePages { gfn, count, share }) {
+/// The vmm's answer to `GrantPages`: `Ok` or the refusal.
+fn grant(gfn: u64, count: u64, grant: bool) -> Result<(), Option<HcError>> {
+    match call(&Request::GrantPages { gfn, count, grant }) {
         Ok(Reply::Done) => Ok(()),
         Ok(Reply::Error(e)) | Err(CallError::Refused(Some(e))) => Err(Some(e)),
         _ => Err(None),
     }
 }
 
-/// Bad requests refused, then `gfn` shared; false on a surprise.
-fn share_page(gfn: u64) -> bool {
+/// Bad requests refused, then `gfn` granted; false on a surprise.
+fn grant_page(gfn: u64) -> bool {
     let checks = [
         (
-            "sharing pages outside RAM",
-            share(1 << 40, 1, true),
+            "granting pages outside RAM",
+            grant(1 << 40, 1, true),
             HcError::BadGfn { gfn: 1 << 40 },
         ),
-        ("sharing no page", share(gfn, 0, true), HcError::BadRange),
+        ("granting no page", grant(gfn, 0, true), HcError::BadRange),
         (
-            "taking back pages not shared",
-            share(gfn, 1, false),
-            HcError::NotShared,
+            "taking back pages not granted",
+            grant(gfn, 1, false),
+            HcError::NotGranted,
         ),
     ];
     for (what, got, want) in checks {
@@ -66,11 +66,11 @@ fn share_page(gfn: u64) -> bool {
         }
         println!("ticker: {what} refused: {want:?}");
     }
-    if let Err(e) = share(gfn, 1, true) {
-        println!("FAIL: sharing gfn {gfn:#x}: {e:?}");
+    if let Err(e) = grant(gfn, 1, true) {
+        println!("FAIL: granting gfn {gfn:#x}: {e:?}");
         return false;
     }
-    println!("ticker: shares gfn {gfn:#x}");
+    println!("ticker: grants gfn {gfn:#x}");
     true
 }
 
@@ -79,17 +79,17 @@ fn main(info: &MultibootInfo) -> u32 {
     let ticks = arg(cmdline, "ticks", 100);
     let calls = arg(cmdline, "calls", 200);
     println!("ticker: {ticks} ticks of {calls} service calls");
-    let shared = arg(cmdline, "share", 0);
-    if shared != 0 && !share_page(shared) {
+    let granted = arg(cmdline, "grant", 0);
+    if granted != 0 && !grant_page(granted) {
         return 1;
     }
     let mut tick = 0u64;
     while ticks == 0 || tick < ticks {
         tick += 1;
-        if shared != 0 {
-            // Safety: the guest's RAM is identity-mapped, and the shared
+        if granted != 0 {
+            // Safety: the guest's RAM is identity-mapped, and the granted
             // page is one nothing else of this guest uses.
-            unsafe { core::ptr::write_volatile((shared * 4096) as *mut u64, tick) };
+            unsafe { core::ptr::write_volatile((granted * 4096) as *mut u64, tick) };
         }
         for _ in 0..calls {
             if service_null() != 0 {
