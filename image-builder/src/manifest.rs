@@ -441,7 +441,8 @@ impl SystemManifest {
             "another service has the same name"
         );
         ensure!(
-            !self.domains.iter().any(|d| d.module() == s.name),
+            !self.domains.iter().any(|d| d.module() == s.name
+                || (0..d.modules.len()).any(|i| d.module_module(i) == s.name)),
             "a domain's guest image has the same name: boot modules are named after services and guests, so rename one"
         );
         s.disposition()?;
