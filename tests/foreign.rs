@@ -178,6 +178,10 @@ fn a_protected_domain_stays_paused_while_mapped_and_a_dead_mapper_leaves_no_mapp
         .expect_from("dom1", "ticker: granting pages outside RAM refused: BadGfn")
         .expect_from("dom1", "ticker: granting no page refused: BadRange")
         .expect_from("dom1", "ticker: taking back pages not granted refused: NotGranted")
+        .expect_from(
+            "dom1",
+            "ticker: a ninth granted range refused: TooManyGrants; the eight taken back",
+        )
         .expect_from("dom1", "ticker: grants gfn 0xe00")
         .expect("service mapper: its 3 foreign mappings torn down")
         .expect_from("init", "task probe ended (code 0)")

@@ -8,7 +8,8 @@
 //! last tick it prints `ticker: done` and exits 0.
 //!
 //! `grant=GFN` (hex with `0x`): first checks that granting pages outside its
-//! RAM, granting none and taking back pages it does not grant are refused,
+//! RAM, granting none, taking back pages it does not grant and a ninth
+//! range (the pages after GFN) are refused,
 //! then grants the page at GFN with the services that may map its memory
 //! (`Request::GrantPages`, FM-2's exception) and writes the tick count
 //! into its first 8 bytes at each tick.
@@ -66,6 +67,22 @@ fn grant_page(gfn: u64) -> bool {
         }
         println!("ticker: {what} refused: {want:?}");
     }
+    // Eight ranges are the most a domain grants: a ninth is refused, and
+    // the eight (mapped by nobody) are taken back.
+    let others = |i: u64| gfn + 1 + i;
+    for i in 0..8 {
+        if let Err(e) = grant(others(i), 1, true) {
+            println!("FAIL: granting range {i}: {e:?}");
+            return false;
+        }
+    }
+    let ninth = grant(others(8), 1, true);
+    let back = (0..8).all(|i| grant(others(i), 1, false).is_ok());
+    if ninth != Err(Some(HcError::TooManyGrants)) || !back {
+        println!("FAIL: a ninth range: {ninth:?}; the eight taken back: {back}");
+        return false;
+    }
+    println!("ticker: a ninth granted range refused: TooManyGrants; the eight taken back");
     if let Err(e) = grant(gfn, 1, true) {
         println!("FAIL: granting gfn {gfn:#x}: {e:?}");
         return false;
