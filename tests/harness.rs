@@ -444,6 +444,22 @@ pub fn boot_live(
         .expect("the emulator runs"))
 }
 
+/// The marker line of the `agent` guest run with `introspect` on domain 1
+/// (`introspect: marker gva ... gpa ... alias ... cr3 ...`): its gpa,
+/// alias and CR3, and the line.
+pub fn introspect_marker(live: &mut Live) -> (u64, u64, u64, String) {
+    let line = live
+        .wait_for("dom1", "introspect: marker gva", 120)
+        .text
+        .clone();
+    (
+        hex_after(&line, "gpa"),
+        hex_after(&line, "alias"),
+        hex_after(&line, "cr3"),
+        line,
+    )
+}
+
 /// The hex number after `key ` in a log line (ended by a space, `)` or
 /// `;`), e.g. `hex_after("marker gva 0x1000 cr3 0x2000", "cr3")`.
 pub fn hex_after(line: &str, key: &str) -> u64 {

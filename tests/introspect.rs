@@ -6,7 +6,7 @@
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot_live, hex_after, system};
+use parallax_tests::{boot_live, introspect_marker, system};
 
 use parallax_tests::ctl::{ok, refused, run as ctl};
 
@@ -27,16 +27,8 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let line = live
-                .wait_for("dom1", "introspect: marker gva", 120)
-                .text
-                .clone();
+            let (gpa, alias, cr3, line) = introspect_marker(live);
             let s = live.socket().to_owned();
-            let (gpa, alias, cr3) = (
-                hex_after(&line, "gpa"),
-                hex_after(&line, "alias"),
-                hex_after(&line, "cr3"),
-            );
             let gib = line.ends_with("1gib at 0x8040000000 true");
             let hex = |v: u64| format!("{v:#x}");
 

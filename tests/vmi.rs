@@ -10,7 +10,7 @@
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot_live, hex_after, system};
+use parallax_tests::{boot_live, hex_after, introspect_marker, system};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmi_driver_parallax::ParallaxDriver;
@@ -44,15 +44,7 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let line = live
-                .wait_for("dom1", "introspect: marker gva", 120)
-                .text
-                .clone();
-            let (gpa, alias, cr3) = (
-                hex_after(&line, "gpa"),
-                hex_after(&line, "alias"),
-                hex_after(&line, "cr3"),
-            );
+            let (gpa, alias, cr3, _) = introspect_marker(live);
             let watch = live
                 .wait_for("dom2", "waiting to be put in a view", 120)
                 .text

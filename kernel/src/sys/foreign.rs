@@ -83,7 +83,7 @@ impl Kernel {
                 SysError::BadAddress,
             ));
         }
-        let granted = d.guest_grants(gfn, count);
+        let granted = d.grants_cover(gfn, count);
         if d.protected && d.state == DomainState::Running && !granted {
             return Err(self.foreign_refused(
                 pid,

@@ -131,7 +131,7 @@ impl Domain {
 
     /// Whether pages `gfn .. gfn + count` lie within one range the guest
     /// grants.
-    pub fn guest_grants(&self, gfn: u64, count: u64) -> bool {
+    pub fn grants_cover(&self, gfn: u64, count: u64) -> bool {
         self.guest_grants
             .iter()
             .any(|&(g, n)| g <= gfn && gfn.saturating_add(count) <= g + n)

@@ -58,28 +58,34 @@ pub fn domain(
     }
     let ram = u64::from(spec.memory_mib) * MIB;
     let layout = GuestLayout::new(ram);
-    let image_handle = module_handle(spec.guest).ok_or(BuildError::NoImage)?;
-    let (count, len) = sys::frames_info(image_handle)?;
-    sys::frames_map(image_handle, 0, count, IMAGE_VA, false)?;
-    // Safety: the kernel mapped the module's `len` bytes read-only at
-    // IMAGE_VA; unmapped below, after the last use.
-    let image = unsafe { core::slice::from_raw_parts(IMAGE_VA as *const u8, len as usize) };
-    let result = build(domains, memory, spec, id, image, &layout, exits, violations);
-    let _ = sys::frames_unmap(IMAGE_VA, count);
-    result
+    with_module(module(spec.guest)?, IMAGE_VA, |image| {
+        build(domains, memory, spec, id, image, &layout, exits, violations)
+    })?
 }
 
-/// Copies boot module `name` into domain `id`'s RAM at `gpa`.
-fn load_module(domains: Handle, id: u16, name: &str, gpa: u64) -> Result<(), BuildError> {
+/// Boot module `name`: its handle, pages and bytes.
+type BootModule = (Handle, u64, u64);
+
+fn module(name: &str) -> Result<BootModule, BuildError> {
     let handle = module_handle(name).ok_or(BuildError::NoImage)?;
     let (count, len) = sys::frames_info(handle)?;
-    sys::frames_map(handle, 0, count, MODULE_VA, false)?;
-    // Safety: the kernel mapped the module's `len` bytes read-only at
-    // MODULE_VA; unmapped below, after the copy.
-    let bytes = unsafe { core::slice::from_raw_parts(MODULE_VA as *const u8, len as usize) };
-    let written = sys::domain_write(domains, id, gpa, bytes);
-    let _ = sys::frames_unmap(MODULE_VA, count);
-    written.map_err(BuildError::Kernel)
+    Ok((handle, count, len))
+}
+
+/// `f` of a boot module's bytes, mapped read-only at `va` meanwhile.
+fn with_module<R>(
+    (handle, count, len): BootModule,
+    va: u64,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, BuildError> {
+    sys::frames_map(handle, 0, count, va, false)?;
+    // Safety: the kernel mapped the module's `len` bytes read-only at `va`
+    // (a window of init's that nothing else uses meanwhile); unmapped
+    // below, after `f`, the slice's last use.
+    let bytes = unsafe { core::slice::from_raw_parts(va as *const u8, len as usize) };
+    let r = f(bytes);
+    let _ = sys::frames_unmap(va, count);
+    Ok(r)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -162,10 +168,11 @@ fn build(
         .map(|s| s.gpa + s.mem_len)
         .max()
         .unwrap_or(0);
+    let mut mods: heapless::Vec<BootModule, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     let mut sizes: heapless::Vec<u64, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     for m in &spec.modules {
-        let handle = module_handle(m.module).ok_or(BuildError::NoImage)?;
-        let _ = sizes.push(sys::frames_info(handle)?.1);
+        let found = module(m.module)?;
+        let _ = (mods.push(found), sizes.push(found.2));
     }
     let placed = multiboot::place_modules::<{ manifest::MAX_GUEST_MODULES }>(
         after,
@@ -175,8 +182,10 @@ fn build(
     .ok_or(BuildError::ModulesTooLarge)?;
     let mut listed: heapless::Vec<multiboot::InfoModule<'_>, { manifest::MAX_GUEST_MODULES }> =
         heapless::Vec::new();
-    for (m, &(start, end)) in spec.modules.iter().zip(&placed) {
-        load_module(domains, id, m.module, u64::from(start))?;
+    for ((m, &found), &(start, end)) in spec.modules.iter().zip(&mods).zip(&placed) {
+        with_module(found, MODULE_VA, |bytes| {
+            sys::domain_write(domains, id, u64::from(start), bytes)
+        })??;
         let _ = listed.push(multiboot::InfoModule {
             start,
             end,
