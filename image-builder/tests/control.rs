@@ -318,11 +318,21 @@ fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
     let path = dir.join("ctl.sock");
     let (proxy_end, mut machine) = pair();
     let (debug_end, _debug) = pair();
-    let _proxy = ProxySocket::bind(&path)
+    let proxy = ProxySocket::bind(&path)
         .unwrap()
         .serve_with_debug(Some(proxy_end), Some(Box::new(debug_end)))
         .unwrap();
     let mut raw = UnixStream::connect(&path).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    machine
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Output reaches a client only once it is attached.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.stats().clients < 1 {
+        assert!(Instant::now() < deadline, "the client was not attached");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Frames that are not the console's (an echo guest's), then bytes from
     // the client: the machine gets the client's bytes and nothing else.
     machine.write_all(b"R\0R\0").unwrap();
