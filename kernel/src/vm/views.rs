@@ -191,6 +191,21 @@ impl Views {
         };
     }
 
+    /// Calls `f` with each alternate view's tables and the domain's table
+    /// memory.
+    pub fn each_alternate(&mut self, mut f: impl FnMut(&mut Ept, &mut DomainTables)) {
+        for v in self.slots.iter_mut().skip(1).flatten() {
+            f(&mut v.ept, &mut self.tables);
+        }
+    }
+
+    /// Drops cached translations of every view.
+    pub fn flush_all(&self) {
+        for v in self.slots.iter().flatten() {
+            self.flush_eptp(v.ept.eptp(self.accessed_dirty));
+        }
+    }
+
     /// Drops cached translations of a view after its tables changed.
     pub fn flush(&self, view: u16) {
         let _ = self.eptp(view).map(|eptp| self.flush_eptp(eptp));
