@@ -258,6 +258,24 @@ impl Events {
             );
             None
         });
+        // SH-2: a write to a shared page (its settings allow the write) is
+        // a copy-on-write break: the writer gets its private copy and
+        // retries. Without a frame for the copy the writer's domain is
+        // stopped, never another.
+        match alt.cow(k, id, view, gfn, access) {
+            Ok(false) => {}
+            Ok(true) => return reply(Response::RETRY),
+            Err(e) => {
+                defmt::error!(
+                    "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy ({}); domain stopped",
+                    id,
+                    gpa,
+                    view,
+                    e
+                );
+                return reply(Response::CRASH);
+            }
+        }
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
         match alt.lift(k, id, view, gfn, access) {
