@@ -14,7 +14,7 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, Filter, MAX_LISTENERS, NoListener, VmEvent};
 use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Relaxing, Status};
-use ipc_schema::syscall::{EptOp, EptResult, Perms};
+use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms};
 use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response, Then};
 
 /// Answered events kept for late readers.
@@ -317,8 +317,32 @@ impl Events {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 4];
             let out = &mut out[..ops.len()];
-            if k.ept(id, &ops, out).is_err() || out.iter().any(|r| matches!(r, EptResult::Error(_)))
+            let failed = k.ept(id, &ops, out).is_err();
+            // A shared page this instance's model does not hold (shared
+            // before it started): the kernel refuses it write (SH-2). It
+            // is learnt, and the write is a copy-on-write break.
+            if !failed
+                && access.write
+                && out
+                    .iter()
+                    .any(|r| matches!(r, EptResult::Error(EptOpError::Shared)))
             {
+                let frame = plain.frame_gfn.unwrap_or(gfn);
+                alt.domain(id).shared.insert(frame, 0);
+                return match alt.cow(k, id, view, gfn, access) {
+                    Ok(true) => reply(Response::RETRY),
+                    _ => {
+                        defmt::error!(
+                            "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy; domain stopped",
+                            id,
+                            gpa,
+                            view
+                        );
+                        reply(Response::CRASH)
+                    }
+                };
+            }
+            if failed || out.iter().any(|r| matches!(r, EptResult::Error(_))) {
                 defmt::error!(
                     "altp2m: domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed",
                     id,

@@ -3005,3 +3005,32 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_shared_page_the_model_does_not_hold_is_learnt_and_broken_on_write() {
+    // A restarted instance starts with an empty model; the kernel still
+    // knows which gfns are shared and refuses them write (SH-2).
+    let mut r = Rig::new();
+    let mut out = [EptResult::Done; 2];
+    r.k.ept(
+        D,
+        &[
+            EptOp::ShareNominate { view: 0, gfn: 5 },
+            EptOp::ShareNominate { view: 0, gfn: 5 },
+        ],
+        &mut out,
+    )
+    .unwrap();
+    let EptResult::Shared { frame, .. } = out[0] else {
+        panic!("{out:?}")
+    };
+    r.k.ept(D, &[EptOp::ShareMap { view: 0, gfn: 6, frame }], &mut out[..1])
+        .unwrap();
+    assert!(r.alt.domains.get(&D).is_none_or(|d| d.shared.is_empty()));
+    let written = r.write(0, 6).expect("the write goes through");
+    assert_ne!(written, r.k.views[&0].map[&5].0, "6 got its own copy");
+    assert_eq!(r.k.shared[&frame].1, 1);
+    let (breaks, _) = r.alt.take_breaks(8);
+    assert_eq!(breaks.len(), 1);
+    assert_eq!((breaks[0].gfn, breaks[0].frame), (6, frame));
+}

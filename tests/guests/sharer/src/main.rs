@@ -13,13 +13,14 @@
 //!   `sharer: page 0 read 0x...; wrote through V views: 0x.. 0x..`;
 //! - 2: prints `sharer: done` and exits 0.
 //!
-//! The control word is cleared once a command is done.
+//! The control word is cleared once a command is done. Between looks at it
+//! the guest makes a null service call, so that it does not spin.
 #![no_std]
 #![no_main]
 
 use guest_runtime::abi::Request;
 use guest_runtime::hypercall::{self, call_done};
-use guest_runtime::{MultibootInfo, Pages, println, vmfunc_switch};
+use guest_runtime::{MultibootInfo, Pages, println, service_null, vmfunc_switch};
 
 guest_runtime::entry!(main);
 
@@ -112,7 +113,11 @@ fn main(info: &MultibootInfo) -> u32 {
                 println!("sharer: done");
                 return 0;
             }
-            _ => core::hint::spin_loop(),
+            // A service call between looks: the vCPU gives way to the
+            // services (the console among them) instead of spinning.
+            _ => {
+                let _ = service_null();
+            }
         }
     }
 }
