@@ -3024,8 +3024,16 @@ fn a_shared_page_the_model_does_not_hold_is_learnt_and_broken_on_write() {
     let EptResult::Shared { frame, .. } = out[0] else {
         panic!("{out:?}")
     };
-    r.k.ept(D, &[EptOp::ShareMap { view: 0, gfn: 6, frame }], &mut out[..1])
-        .unwrap();
+    r.k.ept(
+        D,
+        &[EptOp::ShareMap {
+            view: 0,
+            gfn: 6,
+            frame,
+        }],
+        &mut out[..1],
+    )
+    .unwrap();
     assert!(r.alt.domains.get(&D).is_none_or(|d| d.shared.is_empty()));
     let written = r.write(0, 6).expect("the write goes through");
     assert_ne!(written, r.k.views[&0].map[&5].0, "6 got its own copy");

@@ -83,8 +83,9 @@ impl Guest for Kernel {
         match mapped {
             // A shared page (docs/sharing.md) is never mapped into a
             // service: the kernel copies it out instead (DOMAIN_READ).
-            Err(SysError::BadAddress) => sys::domain_read(self.domains, domain, gpa, out)
-                .map_err(|_| SysError::BadAddress),
+            Err(SysError::BadAddress) => {
+                sys::domain_read(self.domains, domain, gpa, out).map_err(|_| SysError::BadAddress)
+            }
             other => other,
         }
     }

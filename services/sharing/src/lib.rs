@@ -18,9 +18,9 @@ pub const MAX_HANDLES: usize = 4096;
 
 /// What the service needs of the system.
 pub trait Owner {
-    /// A request to the altp2m service on `altp2m-share`; `Err` when it
+    /// A request to the altp2m service on `altp2m-share`; `None` when it
     /// could not be reached.
-    fn ask(&mut self, r: &AltRequest) -> Result<AltReply, ()>;
+    fn ask(&mut self, r: &AltRequest) -> Option<AltReply>;
     /// Whether the domain still exists (ended or not; a destroyed one has
     /// released its references).
     fn exists(&mut self, domain: u16) -> bool;
@@ -65,8 +65,8 @@ fn error(e: AltError) -> ShError {
 /// The owner's answer to a sharing operation: (frame, references, free).
 fn shared(o: &mut impl Owner, r: &AltRequest) -> Result<(u32, u32, u64), ShError> {
     match o.ask(r) {
-        Ok(AltReply::Shared { frame, refs, free }) => Ok((frame, refs, free)),
-        Ok(AltReply::Refused(e)) => Err(error(e)),
+        Some(AltReply::Shared { frame, refs, free }) => Ok((frame, refs, free)),
+        Some(AltReply::Refused(e)) => Err(error(e)),
         _ => Err(ShError::Altp2m),
     }
 }
@@ -101,7 +101,7 @@ impl Sharing {
     /// (SH-2): the pages that left their shared frames.
     pub fn drain(&mut self, o: &mut impl Owner) {
         for _ in 0..1024 {
-            let Ok(AltReply::Breaks { breaks, more }) = o.ask(&AltRequest::ShareBreaks) else {
+            let Some(AltReply::Breaks { breaks, more }) = o.ask(&AltRequest::ShareBreaks) else {
                 return;
             };
             for b in breaks.0.iter() {
