@@ -217,3 +217,56 @@ fn pages_are_shared_copied_on_write_through_every_view_and_released() {
     run.expect_console(3, "sharer: done")
         .expect_status(HaltStatus::Success);
 }
+
+#[test]
+fn two_running_domains_of_one_image_are_deduplicated_and_finish_right() {
+    // Issue 11, point 4: `cargo hv ctl share scan` over two domains
+    // running the same guest; both then write through every view and end
+    // with the right output.
+    let domain = |name: &str, tag: u32| {
+        format!(
+            "[[domain]]\nname = \"{name}\"\nguest = \"sharer\"\nmemory_mib = 16\ncmdline = \"tag={tag}\"\n"
+        )
+    };
+    let img = system(
+        "dedup",
+        &format!("name = \"dedup\"\n{}{}", domain("a", 1), domain("b", 2)),
+    );
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let ready = live.wait_for("dom1", "sharer: ready", 300).text.clone();
+            live.wait_for("dom2", "sharer: ready", 300);
+            let s = live.socket().to_owned();
+            let ctrl = format!("{:#x}", value(&ready, "ctrl="));
+            let scan = ok(&s, &["share", "scan", "a", "b", "--json"]);
+            eprintln!("scan: {scan}");
+            assert_eq!(value(&scan, "\"pages\":"), 2 * 4096, "{scan}");
+            let saved = value(&scan, "\"saved\":");
+            assert!(saved > 0, "{scan}");
+            let text = ok(&s, &["share", "status"]);
+            eprintln!("status: {text}");
+            let st = ok(&s, &["share", "status", "--json"]);
+            assert!(value(&st, "\"saved\":") > 0, "{st}");
+            // Both guests go on: each writes its data page through every
+            // view (copies where it was shared) and ends.
+            for (d, tag) in [("1", 1), ("2", 2)] {
+                ok(&s, &["mem", "write", d, &ctrl, "01"]);
+                let line = live
+                    .wait_for(&format!("dom{d}"), "sharer: page 0 read", 300)
+                    .text
+                    .clone();
+                let want = format!(
+                    "read 0x5eed0{tag}00; wrote through 3 views: 0x515700{tag}0 0x515700{tag}1 0x515700{tag}2"
+                );
+                assert!(line.contains(&want), "{line}");
+                ok(&s, &["mem", "write", d, &ctrl, "02"]);
+            }
+        },
+    );
+    run.expect_console(1, "sharer: done")
+        .expect_console(2, "sharer: done")
+        .expect_status(HaltStatus::Success);
+}

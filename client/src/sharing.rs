@@ -49,6 +49,53 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// Deduplication (issue 11, point 4): scans `domains` from the start,
+    /// `batch` pages per request, until the scan is complete: (pages
+    /// scanned, frames saved).
+    pub fn share_scan(&mut self, domains: &[u16], batch: u32) -> Result<(u64, u64), ClientError> {
+        let mut list = ipc_schema::ipc::BoundedVec::new();
+        for &d in domains {
+            list.0.push(d).map_err(|_| {
+                ClientError::Invalid(format!(
+                    "a scan covers at most {} domains",
+                    ipc_schema::sharing::MAX_SCAN_DOMAINS
+                ))
+            })?;
+        }
+        if batch == 0 {
+            return Err(ClientError::Invalid(
+                "a batch of 0 pages scans nothing".into(),
+            ));
+        }
+        let (mut from, mut pages, mut saved) = (0u64, 0u64, 0u64);
+        loop {
+            let request = ShRequest::Scan {
+                domains: list.clone(),
+                from,
+                pages: batch,
+            };
+            match self.share(request)? {
+                ShReply::Scanned {
+                    pages: p,
+                    saved: s,
+                    next,
+                } => {
+                    pages += u64::from(p);
+                    saved += u64::from(s);
+                    match next {
+                        // A scan that did not move on would never end.
+                        Some(n) if n > from || from == 0 => from = n,
+                        Some(_) => {
+                            return Err(ClientError::Invalid("the scan did not move on".into()));
+                        }
+                        None => return Ok((pages, saved)),
+                    }
+                }
+                other => return Err(odd(&other)),
+            }
+        }
+    }
+
     /// What is shared now.
     pub fn share_status(&mut self) -> Result<ShStatus, ClientError> {
         match self.share(ShRequest::Status)? {

@@ -13,14 +13,12 @@
 //! writer a private copy (copy on write). **Unshare** gives a page its own
 //! frame again. Clients never see a host-physical address.
 
-use crate::ipc::InterfaceId;
+use crate::ipc::{BoundedVec, InterfaceId};
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
 /// A request to the sharing service.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum ShRequest {
     /// SH-1: a handle for page `gfn` of `domain` and its contents now (the
     /// same handle if it is nominated already and unchanged since).
@@ -32,7 +30,21 @@ pub enum ShRequest {
     Unshare { domain: u16, gfn: u64 },
     /// What is shared now: [`ShReply::Status`].
     Status,
+    /// Deduplication (issue 11, point 4): reads up to `pages` pages of
+    /// `domains`, in order, from the position `from` (0: a new scan, which
+    /// forgets what earlier scans saw), and shares every page whose
+    /// contents equal a page seen before in this scan (nominated first, so
+    /// that a page written meanwhile is never merged).
+    /// [`ShReply::Scanned`].
+    Scan {
+        domains: BoundedVec<u16, MAX_SCAN_DOMAINS>,
+        from: u64,
+        pages: u32,
+    },
 }
+
+/// Domains one scan covers at most.
+pub const MAX_SCAN_DOMAINS: usize = 8;
 
 /// The answer.
 #[derive(
@@ -58,6 +70,13 @@ pub enum ShReply {
         free: u64,
     },
     Status(ShStatus),
+    /// `Scan`: pages read and frames saved by this call, and where to go on
+    /// from (`None`: the scan is complete).
+    Scanned {
+        pages: u32,
+        saved: u32,
+        next: Option<u64>,
+    },
     Error(ShError),
 }
 

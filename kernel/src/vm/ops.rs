@@ -114,6 +114,9 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let hpa = host
                 .hpa_of(from & !(PAGE_SIZE - 1))
                 .ok_or(EptOpError::NotRam)?;
+            if remap {
+                d.views.set_remaps(view, true);
+            }
             let (_, v, tables) = clear(d, view, gpa)?;
             v.map(
                 tables,
@@ -209,6 +212,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         EptOp::CopyHost { view } => {
             let (host, v, tables) = alternate(d, view)?;
             v.copy_from(tables, host).map_err(ept_error)?;
+            d.views.set_remaps(view, false);
             Ok(EptResult::Done)
         }
         EptOp::ShareNominate { view, gfn } => {

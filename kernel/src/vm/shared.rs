@@ -266,7 +266,7 @@ pub fn nominate(d: &mut Domain, gfn: u64) -> Result<EptResult, EptOpError> {
     t.set(d, gfn, Some(Kind::Shared(slot as u16)));
     let result = t.result(slot);
     drop(t);
-    forget_in_views(d, m.hpa);
+    forget_in_views(d, gfn, m.hpa);
     Ok(result)
 }
 
@@ -296,7 +296,7 @@ pub fn share(d: &mut Domain, gfn: u64, id: u32) -> Result<EptResult, EptOpError>
     t.set(d, gfn, Some(Kind::Shared(slot as u16)));
     let result = t.result(slot);
     drop(t);
-    forget_in_views(d, m.hpa);
+    forget_in_views(d, gfn, m.hpa);
     Ok(result)
 }
 
@@ -350,7 +350,7 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
         free: free_frames(),
     };
     drop(t);
-    forget_in_views(d, old);
+    forget_in_views(d, gfn, old);
     Ok(result)
 }
 
@@ -386,12 +386,30 @@ pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
     }
 }
 
-/// Empties every alternate view's entry that maps `hpa` (a large page is
-/// split, or emptied whole where there are no tables for that), and
-/// flushes every view: the owner fills them again from the host p2m.
-fn forget_in_views(d: &mut Domain, hpa: u64) {
+/// Empties every alternate view's entry that maps `hpa`, the frame `gfn`
+/// had (a large page is split, or emptied whole where there are no tables
+/// for that), and flushes every view: the owner fills them again from the
+/// host p2m. A view that remaps no gfn can map the frame only at `gfn`;
+/// the others are searched leaf by leaf.
+fn forget_in_views(d: &mut Domain, gfn: u64, hpa: u64) {
     let end = d.ram_bytes;
-    d.views.each_alternate(|ept, tables| {
+    let gpa = gfn * PAGE_SIZE;
+    d.views.each_alternate(|view, tables| {
+        let ept = &mut view.ept;
+        if !view.remaps {
+            if let Some(m) = ept.query(&KernelTables, gpa)
+                && m.hpa_of(gpa) == Some(hpa)
+            {
+                if m.size != PageSize::Size4K
+                    && ept.split_to_4k(tables, gpa, gpa + PAGE_SIZE).is_err()
+                {
+                    let _ = ept.unmap(tables, gpa);
+                    return;
+                }
+                let _ = ept.unmap(tables, gpa);
+            }
+            return;
+        }
         loop {
             let mut found: heapless::Vec<(u64, PageSize), 8> = heapless::Vec::new();
             ept.for_each_leaf(&KernelTables, 0, end, |m| {

@@ -15,6 +15,10 @@ pub struct View {
     pub ept: Ept,
     /// Reachable by VMFUNC (its EPTP is in the EPTP list).
     pub visible: bool,
+    /// A gfn may map another gfn's frame here (an `EptOp::Map` remapped
+    /// one since the view was last a copy of the host p2m): page sharing
+    /// then looks for a frame in all of the view, not only at its gfn.
+    pub remaps: bool,
 }
 
 /// All views of a domain.
@@ -55,6 +59,7 @@ impl Views {
         views.slots[0] = Some(View {
             ept: host,
             visible: true,
+            remaps: false,
         });
         views.write_list_entry(0);
         Some(views)
@@ -113,6 +118,7 @@ impl Views {
         self.slots[slot] = Some(View {
             ept,
             visible: false,
+            remaps: false,
         });
         Ok(slot as u16)
     }
@@ -193,9 +199,16 @@ impl Views {
 
     /// Calls `f` with each alternate view's tables and the domain's table
     /// memory.
-    pub fn each_alternate(&mut self, mut f: impl FnMut(&mut Ept, &mut DomainTables)) {
+    pub fn each_alternate(&mut self, mut f: impl FnMut(&mut View, &mut DomainTables)) {
         for v in self.slots.iter_mut().skip(1).flatten() {
-            f(&mut v.ept, &mut self.tables);
+            f(v, &mut self.tables);
+        }
+    }
+
+    /// Notes whether `view` may now map a gfn to another gfn's frame.
+    pub fn set_remaps(&mut self, view: u16, remaps: bool) {
+        if let Some(Some(v)) = self.slots.get_mut(usize::from(view)) {
+            v.remaps = remaps;
         }
     }
 

@@ -24,7 +24,15 @@ pub trait Owner {
     /// Whether the domain still exists (ended or not; a destroyed one has
     /// released its references).
     fn exists(&mut self, domain: u16) -> bool;
+    /// The domain's RAM in pages, while it runs (a scan reads only those).
+    fn pages(&mut self, domain: u16) -> Option<u64>;
+    /// Copies page `gfn` of `domain` into `out` (DOMAIN_READ: the kernel
+    /// copies, nothing is mapped); `false` where it cannot be read.
+    fn read(&mut self, domain: u16, gfn: u64, out: &mut [u8]) -> bool;
 }
+
+/// Bytes of a page.
+pub const PAGE: usize = 4096;
 
 /// A page of a domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,6 +54,21 @@ pub struct Sharing {
     next: u64,
     pub breaks: u64,
     pub free: u64,
+    /// Deduplication: a page of the scan for each contents seen (by hash).
+    pub index: BTreeMap<u64, Page>,
+    /// Two pages' worth of bytes for a scan, made at its first use.
+    buffers: alloc::vec::Vec<u8>,
+}
+
+/// A 64-bit hash of a page's contents (FNV-1a over its words): equal
+/// hashes are only candidates, compared byte for byte before a share.
+pub fn hash(page: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in page.chunks_exact(8) {
+        h ^= u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = h.wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+    }
+    h
 }
 
 fn error(e: AltError) -> ShError {
@@ -81,6 +104,11 @@ impl Sharing {
             ShRequest::Share { source, client } => self.share(o, source, client),
             ShRequest::Unshare { domain, gfn } => self.unshare(o, Page { domain, gfn }),
             ShRequest::Status => Ok(ShReply::Status(self.status())),
+            ShRequest::Scan {
+                ref domains,
+                from,
+                pages,
+            } => Ok(self.scan(o, &domains.0, from, pages)),
         };
         answer.unwrap_or_else(ShReply::Error)
     }
@@ -222,6 +250,101 @@ impl Sharing {
         self.refs.insert(frame, refs);
         self.handles.remove(&client);
         Ok(ShReply::Shared { refs, free })
+    }
+
+    /// Deduplication over `domains` from position `from` (the domain's
+    /// index in the high 16 bits, the gfn below), at most `budget` pages.
+    fn scan(&mut self, o: &mut impl Owner, domains: &[u16], from: u64, budget: u32) -> ShReply {
+        if from == 0 {
+            self.index.clear();
+        }
+        if self.buffers.len() != 2 * PAGE {
+            self.buffers = alloc::vec![0; 2 * PAGE];
+        }
+        let mut buffers = core::mem::take(&mut self.buffers);
+        let (first, second) = buffers.split_at_mut(PAGE);
+        let (mut i, mut gfn) = ((from >> 48) as usize, from & ((1 << 48) - 1));
+        let (mut read, mut saved) = (0u32, 0u32);
+        let next = loop {
+            let Some(&domain) = domains.get(i) else {
+                break None;
+            };
+            let pages = o.pages(domain).unwrap_or(0);
+            if gfn >= pages {
+                (i, gfn) = (i + 1, 0);
+                continue;
+            }
+            if read >= budget {
+                break Some((i as u64) << 48 | gfn);
+            }
+            let page = Page { domain, gfn };
+            gfn += 1;
+            read += 1;
+            if self.pages.contains_key(&page) || !o.read(domain, page.gfn, first) {
+                continue;
+            }
+            let h = hash(first);
+            match self.index.get(&h).copied() {
+                Some(source) if source != page => {
+                    if self.merge(o, source, page, first, second) {
+                        saved += 1;
+                    } else {
+                        // The source changed (or cannot be shared): this
+                        // page stands for the contents from now on.
+                        self.index.insert(h, page);
+                    }
+                }
+                _ => {
+                    self.index.insert(h, page);
+                }
+            }
+        };
+        self.buffers = buffers;
+        // Writes the guests made meanwhile broke some of what was shared.
+        self.drain(o);
+        ShReply::Scanned {
+            pages: read,
+            saved,
+            next,
+        }
+    }
+
+    /// Shares `client` with `source` if their contents are equal once both
+    /// are nominated (read-only: a write after that makes its handle stale
+    /// and the share is refused, so a changing page is never merged).
+    /// A page left nominated alone by a failure is unshared again.
+    fn merge(
+        &mut self,
+        o: &mut impl Owner,
+        source: Page,
+        client: Page,
+        a: &mut [u8],
+        b: &mut [u8],
+    ) -> bool {
+        let Ok(ShReply::Nominated { handle: hs, .. }) = self.nominate(o, source) else {
+            return false;
+        };
+        let Ok(ShReply::Nominated { handle: hc, .. }) = self.nominate(o, client) else {
+            self.release_alone(o, source);
+            return false;
+        };
+        let same =
+            o.read(source.domain, source.gfn, a) && o.read(client.domain, client.gfn, b) && a == b;
+        if same && self.share(o, hs, hc).is_ok() {
+            return true;
+        }
+        self.release_alone(o, client);
+        self.release_alone(o, source);
+        false
+    }
+
+    /// Unshares `page` if it is the only page of its frame.
+    fn release_alone(&mut self, o: &mut impl Owner, page: Page) {
+        if let Some(f) = self.pages.get(&page)
+            && self.refs.get(f) == Some(&1)
+        {
+            let _ = self.unshare(o, page);
+        }
     }
 
     fn unshare(&mut self, o: &mut impl Owner, page: Page) -> Result<ShReply, ShError> {

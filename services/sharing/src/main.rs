@@ -9,7 +9,8 @@
 //! writes to and records the breaks for this service to take.
 //!
 //! It holds the `domains` handle with `read` only (which domains still
-//! exist), never a frame's address. A restarted instance starts with no
+//! exist, and, for a deduplication scan, the pages' contents, copied by the
+//! kernel with DOMAIN_READ), never a frame's address. A restarted instance starts with no
 //! handles: the kernel's shared frames stay shared, and are unshared by
 //! name (`Unshare`) or by the guests' writes.
 
@@ -28,7 +29,7 @@ use service_sharing::{Owner, Sharing};
 
 service_runtime::entry!(main);
 service_runtime::interfaces!(SHARING);
-service_heap::heap!(512 << 10);
+service_heap::heap!(2 << 20);
 
 struct System {
     domains: Handle,
@@ -53,6 +54,19 @@ impl Owner for System {
 
     fn exists(&mut self, domain: u16) -> bool {
         sys::domain_info(self.domains, domain).is_ok()
+    }
+
+    fn pages(&mut self, domain: u16) -> Option<u64> {
+        match sys::domain_info(self.domains, domain) {
+            // Building, running or paused.
+            Ok((0..=2, _, ram)) => Some(ram / 4096),
+            _ => None,
+        }
+    }
+
+    fn read(&mut self, domain: u16, gfn: u64, out: &mut [u8]) -> bool {
+        gfn.checked_mul(4096)
+            .is_some_and(|gpa| sys::domain_read(self.domains, domain, gpa, out).is_ok())
     }
 }
 

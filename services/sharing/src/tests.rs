@@ -27,6 +27,10 @@ struct Fake {
     /// Pages whose gfn a view modifies (SH-3).
     modified: Vec<Page>,
     unreachable: bool,
+    /// What a page of its own holds (absent: its gfn modulo 4), and what
+    /// each shared frame holds.
+    own: Map<Page, u64>,
+    held: Map<u32, u64>,
 }
 
 impl Fake {
@@ -40,8 +44,23 @@ impl Fake {
         left
     }
 
+    fn contents(&self, page: Page) -> u64 {
+        match self.backs.get(&page) {
+            Some(f) => self.held[f],
+            None => self.own.get(&page).copied().unwrap_or(page.gfn % 4),
+        }
+    }
+
+    /// A guest write of `value` to `page` (a break first if it is shared).
+    fn write_value(&mut self, page: Page, value: u64) {
+        self.write(page);
+        self.own.insert(page, value);
+    }
+
     /// A guest write to `page`: a copy-on-write break if it is shared.
     fn write(&mut self, page: Page) {
+        let value = self.contents(page);
+        self.own.insert(page, value);
         if let Some(frame) = self.backs.remove(&page) {
             let refs = self.release(frame);
             if refs > 0 {
@@ -100,6 +119,8 @@ impl Fake {
                 }
                 self.next += 1;
                 let f = self.next;
+                let v = self.contents(page);
+                self.held.insert(f, v);
                 self.refs.insert(f, 1);
                 self.backs.insert(page, f);
                 Ok(ok(self, f))
@@ -128,10 +149,12 @@ impl Fake {
             }
             AltRequest::Unshare { domain, gfn } => {
                 let page = self.page(domain, gfn)?;
+                let value = self.contents(page);
                 let f = self
                     .backs
                     .remove(&page)
                     .ok_or(AltError::Kernel(EptOpError::NotShared))?;
+                self.own.insert(page, value);
                 if self.release(f) > 0 {
                     self.free -= 1;
                 }
@@ -162,6 +185,16 @@ impl Owner for Fake {
     }
     fn exists(&mut self, domain: u16) -> bool {
         !self.gone.contains(&domain)
+    }
+    fn pages(&mut self, domain: u16) -> Option<u64> {
+        (domain >= 1 && domain <= DOMAINS && !self.gone.contains(&domain)).then_some(RAM)
+    }
+    fn read(&mut self, domain: u16, gfn: u64, out: &mut [u8]) -> bool {
+        let v = self.contents(Page { domain, gfn });
+        for w in out.chunks_exact_mut(8) {
+            w.copy_from_slice(&v.to_le_bytes());
+        }
+        true
     }
 }
 
@@ -414,4 +447,124 @@ proptest! {
             same(&s, &f)?;
         }
     }
+}
+
+fn scan(s: &mut Sharing, f: &mut Fake, domains: &[u16], budget: u32) -> (u32, u32) {
+    let mut list = BoundedVec::new();
+    for &d in domains {
+        list.0.push(d).unwrap();
+    }
+    let (mut from, mut pages, mut saved) = (0, 0, 0);
+    loop {
+        let r = s.request(
+            f,
+            &ShRequest::Scan {
+                domains: list.clone(),
+                from,
+                pages: budget,
+            },
+        );
+        let ShReply::Scanned {
+            pages: p,
+            saved: n,
+            next,
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert!(p <= budget);
+        (pages, saved) = (pages + p, saved + n);
+        match next {
+            Some(n) => from = n,
+            None => return (pages, saved),
+        }
+    }
+}
+
+#[test]
+fn a_scan_shares_equal_pages_and_nothing_else() {
+    // Issue 11, point 4: two domains of 16 pages; contents gfn % 4, but for
+    // one page of domain 2.
+    let (mut s, mut f) = (Sharing::default(), fake());
+    f.own.insert(Page { domain: 2, gfn: 5 }, 99);
+    let free = f.free;
+    let (pages, saved) = scan(&mut s, &mut f, &[1, 2], 5);
+    assert_eq!(pages, 32);
+    // 31 pages of 4 contents, and one of its own.
+    assert_eq!(saved, 31 - 4);
+    assert_eq!(f.free, free + 27, "each share freed a frame");
+    same(&s, &f).unwrap();
+    for d in 1..=2 {
+        for g in 0..RAM {
+            let p = Page { domain: d, gfn: g };
+            let want = if (d, g) == (2, 5) { 99 } else { g % 4 };
+            assert_eq!(f.contents(p), want, "{p:?}");
+            assert_eq!(f.backs.contains_key(&p), (d, g) != (2, 5), "{p:?}");
+        }
+    }
+    // A write breaks one page; the others keep the contents.
+    f.write_value(Page { domain: 1, gfn: 4 }, 7);
+    assert_eq!(f.contents(Page { domain: 2, gfn: 4 }), 0);
+    assert_eq!(f.contents(Page { domain: 1, gfn: 4 }), 7);
+    // A second scan from the start finds nothing new to save but page 4.
+    let (_, saved) = scan(&mut s, &mut f, &[1, 2], 100);
+    assert_eq!(saved, 0, "1:4 holds 7, found nowhere else");
+    same(&s, &f).unwrap();
+    // A scan of a domain that is gone reads nothing of it.
+    f.destroy(2);
+    let (pages, _) = scan(&mut s, &mut f, &[2, 1], 100);
+    assert_eq!(pages, 16);
+    same(&s, &f).unwrap();
+}
+
+#[test]
+fn a_page_written_between_its_nomination_and_the_share_is_never_merged() {
+    // The fake lets a write land between the two reads of a merge: the
+    // client's handle is stale by then, so the share is refused.
+    struct Racy(Fake, bool);
+    impl Owner for Racy {
+        fn ask(&mut self, r: &AltRequest) -> Option<AltReply> {
+            let a = self.0.ask(r);
+            if self.1 && matches!(r, AltRequest::ShareNominate { domain: 2, gfn: 1 }) {
+                self.1 = false;
+                self.0.write_value(Page { domain: 2, gfn: 1 }, 55);
+            }
+            a
+        }
+        fn exists(&mut self, d: u16) -> bool {
+            self.0.exists(d)
+        }
+        fn pages(&mut self, d: u16) -> Option<u64> {
+            self.0.pages(d).map(|_| 2)
+        }
+        fn read(&mut self, d: u16, g: u64, out: &mut [u8]) -> bool {
+            self.0.read(d, g, out)
+        }
+    }
+    let mut s = Sharing::default();
+    let mut r = Racy(fake(), true);
+    let mut list = BoundedVec::new();
+    list.0.push(1).unwrap();
+    list.0.push(2).unwrap();
+    let reply = s.request(
+        &mut r,
+        &ShRequest::Scan {
+            domains: list,
+            from: 0,
+            pages: 10,
+        },
+    );
+    // 1:0 and 2:0 hold 0, 1:1 and 2:1 held 1 until 2:1 was written.
+    assert_eq!(
+        reply,
+        ShReply::Scanned {
+            pages: 4,
+            saved: 1,
+            next: None
+        }
+    );
+    assert_eq!(r.0.contents(Page { domain: 2, gfn: 1 }), 55);
+    assert_eq!(r.0.contents(Page { domain: 1, gfn: 1 }), 1);
+    assert!(!r.0.backs.contains_key(&Page { domain: 2, gfn: 1 }));
+    same(&s, &r.0).unwrap();
 }

@@ -13,7 +13,8 @@
 //!   `sharer: page 0 read 0x...; wrote through V views: 0x.. 0x..`;
 //! - 2: prints `sharer: done` and exits 0.
 //!
-//! The control word is cleared once a command is done. Between looks at it
+//! The control word is cleared once a command is done. Word 1 of the
+//! control page is `0xc70000 + N`, so that it is a page of its own. Between looks at it
 //! the guest makes a null service call, so that it does not spin.
 #![no_std]
 #![no_main]
@@ -67,6 +68,10 @@ fn main(info: &MultibootInfo) -> u32 {
     for p in 0..2 {
         DATA.write_u64(p, 0, 0x5eed_0000 + tag * 0x100 + p as u64);
     }
+    // The control page holds the tag too: no other page (of any domain
+    // but one with the same tag) equals it, so a deduplication scan never
+    // shares it, and the host's writes to it are never refused (SH-2).
+    CTRL.write_u64(0, 8, 0xc7_0000 + tag);
     let views = match hypercall::capabilities() {
         Ok(c) if c.vmfunc => match views() {
             Some(v) => v,
