@@ -4,7 +4,7 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, empty_system, image, module};
-use platform::acpi::dmar::build::{DmarBuilder, endpoint};
+use platform::acpi::dmar::build::{DmarBuilder, endpoint, server_sized};
 
 fn basic_image() -> image_builder::image::Image {
     image(
@@ -50,6 +50,31 @@ fn qemu_bios_merges_an_injected_rmrr_table() {
     .expect("DMAR: 2 table(s)")
     .expect("DMAR: DRHD at 0xfed90000")
     .expect("DMAR: RMRR 0x7d00000..=0x7d0ffff (64 KiB), segment 0, 1 device scope(s)")
+    .expect_status(HaltStatus::Success);
+}
+
+/// A server-sized DMAR beside QEMU's own: 40 units of 12 scopes each
+/// (paths through up to 5 bridges) and 30 reserved regions, all taken
+/// (issue 12, point 1: no small fixed limits), the units' scopes logged
+/// at debug level only.
+#[test]
+fn qemu_bios_takes_a_server_sized_dmar() {
+    let path = image_builder::paths::work_dir()
+        .join("tests")
+        .join("server.dmar");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, server_sized()).unwrap();
+    boot(&basic_image(), Machine::Qemu, |c| {
+        c.iommu = true;
+        c.acpi_tables.push(path.clone());
+    })
+    .expect("DMAR: 2 table(s)")
+    .expect("DMAR: 41 unit(s), 30 reserved region(s), 518 device scope(s)")
+    .expect("DMAR: the units' 518 device scopes are logged at debug level")
+    .expect("DMAR: DRHD at 0xfb027000 (1 pages), segment 1, listed devices, 12 device scope(s)")
+    .expect("DMAR: RMRR 0x81d00000..=0x81d00fff (4 KiB), segment 1, 1 device scope(s)")
+    .expect("ACPI: 1 CPU(s), 1 IOAPIC(s)")
+    .expect_no("DMAR unusable")
     .expect_status(HaltStatus::Success);
 }
 

@@ -1,8 +1,10 @@
 //! Foreign mappings (issue 13, points 2 and 6; FM-1..FM-3,
 //! docs/introspection.md, Foreign mappings): a service reaches guest
 //! memory through mappings counted per domain; a protected domain stays
-//! paused while one exists and unpauses once it goes; a service that dies
-//! holding mappings leaves none behind; bad input refused by name.
+//! paused while one exists and unpauses once it goes, except for pages the
+//! guest itself grants, mapped while it runs and kept while it unpauses;
+//! a service that dies holding mappings leaves none behind; bad input
+//! refused by name.
 
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
@@ -39,7 +41,7 @@ handles = [
 name = "vault"
 guest = "ticker"
 memory_mib = 16
-cmdline = "ticks=0 calls=20"
+cmdline = "ticks=0 calls=20 grant=0xe00"
 protected = true
 
 [[domain]]
@@ -83,7 +85,8 @@ fn a_protected_domain_stays_paused_while_mapped_and_a_dead_mapper_leaves_no_mapp
         |c| c.timeout = std::time::Duration::from_secs(900),
         |live| {
             let s = live.socket().to_owned();
-            // FM-2: the probe holds 2 pages of the paused, protected vault.
+            // FM-2: the probe holds 2 pages of the paused, protected vault,
+            // and the page it grants (mapped while it ran).
             live.wait_for("probe", "waiting for the vault to be paused", 600);
             ok(&s, &["pause", "1"]);
             live.wait_for("probe", "holding 2 pages of the vault", 120);
@@ -99,13 +102,15 @@ fn a_protected_domain_stays_paused_while_mapped_and_a_dead_mapper_leaves_no_mapp
             );
             let vault = row(&table, "vault");
             assert_eq!(vault[2], "paused", "{table}");
-            assert_eq!(&vault[vault.len() - 2..], ["yes", "2"], "{table}");
+            assert_eq!(&vault[vault.len() - 2..], ["yes", "3"], "{table}");
             assert_eq!(row(&table, "open").last().unwrap(), "0", "{table}");
             // The host writes through the introspect service, which maps
             // the page for the write only: the probe sees it and unmaps.
             ok(&s, &["mem", "write", "1", "0xf00010", &marker()]);
             live.wait_for("probe", "the vault's mapping is gone", 120);
-            assert_eq!(foreign_pages(live, 1), (0, true));
+            // FM-2's exception: the granted page, still mapped, does not
+            // keep it paused.
+            assert_eq!(foreign_pages(live, 1), (1, true));
             ok(&s, &["unpause", "1"]);
             live.ticks_on("dom1", 2, 120);
             // Running, a protected domain's memory is not mapped, so not read.
@@ -154,17 +159,26 @@ fn a_protected_domain_stays_paused_while_mapped_and_a_dead_mapper_leaves_no_mapp
         "foreign map of no domain: ok (refused with BadArgument)",
         "a 17th foreign mapping: ok (refused with NoResources)",
         "16 foreign mappings a process, then refused: ok",
-        "a running protected domain is not mapped: ok (refused with Busy)",
+        "the page a running protected domain grants is mapped: ok",
+        "the guest's writes to its granted page are seen while it runs: ok",
+        "a running protected domain's ungranted page is not mapped: ok (refused with Busy)",
+        "a range reaching past the granted page is not mapped: ok (refused with Busy)",
         "a paused protected domain is mapped: ok",
         "the host's write is seen through the mapping: ok",
         "the vault's pages unmapped: ok",
+        "unpaused with its granted page mapped, the guest ticks on: ok",
+        "the granted page unmapped: ok",
         "probe: all checks passed",
     ] {
         run.expect_from("probe", check);
     }
     run.expect("domain 1 (vault) created by init, protected")
         .expect("domain 1 (vault) is protected and services hold 2 pages of it foreign-mapped: not unpaused")
-        .expect("service probe: FOREIGN_MAP refused: the domain is protected and running (pause it first)")
+        .expect("service probe: FOREIGN_MAP refused: the domain is protected and running, and the guest does not grant these pages (pause it first)")
+        .expect_from("dom1", "ticker: granting pages outside RAM refused: BadGfn")
+        .expect_from("dom1", "ticker: granting no page refused: BadRange")
+        .expect_from("dom1", "ticker: taking back pages not granted refused: NotGranted")
+        .expect_from("dom1", "ticker: grants gfn 0xe00")
         .expect("service mapper: its 3 foreign mappings torn down")
         .expect_from("init", "task probe ended (code 0)")
         .expect_no("crashed")

@@ -122,6 +122,12 @@ pub fn system_with_options(name: &str, toml: &str, options: &str) -> Image {
             content: Content::File(guest(g)),
         });
     }
+    for (d, path) in m.kernels() {
+        modules.push(
+            image_builder::image::kernel_module(&m.path, d, &path)
+                .expect("test kernels are loadable"),
+        );
+    }
     image(name, options, modules)
 }
 

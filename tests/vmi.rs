@@ -3,7 +3,8 @@
 //! on Bochs. The first (`introspect`) is read physically and through its
 //! own page tables, has its mailbox written, its registers read and set
 //! (with the refusals), and is put in a view that maps a hidden shadow page
-//! at its marker; the second (`watch=4`) is the example's: its registers
+//! at its marker, then answers a violation with a register set and has
+//! its state reset while it runs; the second (`watch=4`) is the example's: its registers
 //! and code read, a breakpoint hidden in a shadow page, and its four
 //! writes to a read-execute page handled as vmi-rs memory-access events.
 
@@ -14,8 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use vmi_driver_parallax::ParallaxDriver;
 use vmi_driver_parallax::vmi_arch_amd64::{Cr2, EventMonitor, Interrupt, Selector};
+use vmi_driver_parallax::vmi_core::arch::Registers as _;
 use vmi_driver_parallax::vmi_core::{
-    AccessContext, Gfn, MemoryAccess, Pa, Va, VcpuId, VmiCore, VmiError,
+    AccessContext, Gfn, MemoryAccess, Pa, Va, VcpuId, VmiCore, VmiError, VmiEventResponse,
 };
 
 fn refused(result: Result<impl std::fmt::Debug, VmiError>, says: &str) {
@@ -31,7 +33,7 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
         "vmi",
         concat!(
             "name = \"vmi\"\n",
-            "[[domain]]\nname = \"intro\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect\"\n",
+            "[[domain]]\nname = \"intro\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect vmi\"\n",
             "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"watch=4 wait=3000\"\n",
         ),
     );
@@ -162,6 +164,34 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 assert_eq!(&m, b"parallax-marker!");
                 vmi.resume().unwrap();
                 live.wait_for("dom1", "introspect: marker now vmi-shadow-page!", 120);
+
+                // A response that carries registers: the guest writes its
+                // page until R13 is set; the page read-only in its view, the
+                // write's event is answered with R13 = 0x99 and the write
+                // let through once.
+                vmi.driver().listen().unwrap();
+                vmi.set_memory_access(marker, view, MemoryAccess::RX)
+                    .unwrap();
+                let mut at = None;
+                vmi.wait_for_event(Duration::from_secs(120), |event| {
+                    let mut gp = event.registers().gp_registers();
+                    at = Some((event.view(), gp.r13));
+                    gp.r13 = 0x99;
+                    VmiEventResponse::emulate().with_registers(gp)
+                })
+                .unwrap();
+                assert_eq!(
+                    at,
+                    Some((Some(view), 0)),
+                    "the event came from the view, R13 zero"
+                );
+                live.wait_for("dom1", "introspect: r13 0x99", 120);
+                // reset_state on the running domain: back in view 0, its
+                // views destroyed, the listener gone; the guest reads its
+                // own marker again.
+                vmi.reset_state().unwrap();
+                live.wait_for("dom1", "introspect: marker back parallax-marker!", 120);
+                refused(vmi.memory_access(marker, view), "view not found");
             }
             eprintln!(
                 "vmi: the driver's checks on domain 1 took {:.1} s",
@@ -222,6 +252,8 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
     assert!(events[3].contains("back to the default view"), "{example}");
     run.expect_console(1, "introspect: r12 0x77")
         .expect_console(1, "introspect: marker now vmi-shadow-page!")
+        .expect_console(1, "introspect: r13 0x99")
+        .expect_console(1, "introspect: marker back parallax-marker!")
         .expect_console(2, "agent: write 4 done")
         .expect_console(2, "agent: done")
         .expect_from("altp2m", "domain 2: listener attached")

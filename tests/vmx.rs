@@ -74,6 +74,96 @@ fn hello_prints_the_same_under_parallax_and_on_plain_qemu() {
     );
 }
 
+/// `tests/kernels/hello.S`, assembled and linked (GNU as and ld) into the
+/// work folder as `kernel-asm`: a multiboot kernel not built by this
+/// project's guest runtime.
+fn assembled_kernel() -> std::path::PathBuf {
+    let dir = image_builder::paths::work_dir().join("kernels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (object, elf) = (dir.join("hello.o"), dir.join("kernel-asm"));
+    let source = image_builder::paths::repo().join("tests/kernels/hello.S");
+    for (tool, args) in [
+        (
+            "as",
+            vec![
+                "--32".into(),
+                "-o".into(),
+                object.clone().into_os_string(),
+                source.into_os_string(),
+            ],
+        ),
+        (
+            "ld",
+            vec![
+                "-m".into(),
+                "elf_i386".into(),
+                "-Ttext".into(),
+                "0x100000".into(),
+                "-e".into(),
+                "_start".into(),
+                // One segment from 1 MiB, no ELF headers loaded below it.
+                "-n".into(),
+                "--no-warn-rwx-segments".into(),
+                "--build-id=none".into(),
+                "-o".into(),
+                elf.clone().into_os_string(),
+                object.clone().into_os_string(),
+            ],
+        ),
+    ] {
+        let out = std::process::Command::new(tool)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} runs (Debian package binutils): {e}"));
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    elf
+}
+
+/// Issue 14, points 1 and 3: a kernel from a file (`kernel = "PATH"`), here
+/// one written in assembly, prints the same and ends with the same status
+/// under Parallax on Bochs as under `qemu-system-x86_64 -kernel`.
+#[test]
+fn a_kernel_from_a_file_runs_as_on_plain_qemu() {
+    let elf = assembled_kernel();
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-asm"));
+    cfg.memory_mib = 32;
+    let plain = emulator::run_multiboot_on_qemu(&elf, "from the test", &cfg).expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "hello from a multiboot kernel in assembly",
+            "cmdline: kernel-asm from the test"
+        ]
+    );
+    let img = system(
+        "kernel-asm",
+        &format!(
+            "name = \"kernel-asm\"\n[[domain]]\nname = \"asm\"\nkernel = \"{}\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+            elf.display()
+        ),
+    );
+    let run = bochs(&img);
+    run.expect_from("init", "domain 1 (asm): guest kernel-asm, 32 MiB in")
+        .expect("domain 1 (asm) exited with status 16");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

@@ -232,6 +232,11 @@ pub fn describe_hc_error(e: &HcError) -> String {
                 ipc_schema::hypercall::Quota::Settings => "settings (access ranges, change_gfns, suppress-#VE bits)",
             }
         ),
+        HcError::TooManyGrants => "the domain grants 8 ranges of pages already".into(),
+        HcError::NotGranted => "those pages are not a range the domain grants".into(),
+        HcError::GrantedPagesMapped => {
+            "a service has those granted pages mapped; they are taken back once it unmaps them".into()
+        }
     }
 }
 

@@ -2,11 +2,13 @@
 //! service (issue 13, point 1; docs/introspection.md): `cargo hv ctl mem`
 //! and `cargo hv ctl regs` are built on these.
 //!
-//! Reads and writes of any length are split into requests of at most
-//! [`CHUNK`] bytes; a guest-virtual address is translated by the service
-//! page by page, through the guest's own tables.
+//! Writes of any length are split into requests of at most [`CHUNK`]
+//! bytes; reads longer than that are streamed by the console; a
+//! guest-virtual address is translated by the service page by page,
+//! through the guest's own tables.
 
 use super::{Client, ClientError, ControlReply, ControlRequest, Transport, unwanted};
+pub use ipc_schema::control::MAX_READ;
 pub use ipc_schema::introspect::{
     Address, CHUNK, IntroError, IntroReply, IntroRequest, MAX_SET, REGS_PER_REPLY, Translation,
 };
@@ -29,29 +31,69 @@ impl<T: Transport> Client<T> {
         }
     }
 
-    /// `len` bytes of domain `domain`'s memory at `at`.
+    /// `len` bytes of domain `domain`'s memory at `at`. Up to [`CHUNK`]
+    /// bytes is one introspect request; more is read by the console and
+    /// streamed back ([`ControlRequest::ReadMemory`], [`MAX_READ`] bytes a
+    /// request), so that the console's link is busy with bytes, not with
+    /// round trips.
     pub fn mem_read(
         &mut self,
         domain: u16,
         at: Address,
         len: usize,
     ) -> Result<Vec<u8>, ClientError> {
+        if len <= CHUNK {
+            return match self.introspect(IntroRequest::Read {
+                domain,
+                at,
+                len: len as u16,
+            })? {
+                IntroReply::Bytes(b) if b.0.len() == len => Ok(b.0.to_vec()),
+                other => Err(ClientError::Invalid(format!(
+                    "introspect answered a read of {len} bytes with {}",
+                    describe_reply(&other)
+                ))),
+            };
+        }
+        self.ensure_hello()?;
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
-            let n = (len - out.len()).min(CHUNK);
-            let request = IntroRequest::Read {
+            let part = (len - out.len()).min(MAX_READ as usize);
+            let base = out.len();
+            let request = ControlRequest::ReadMemory {
                 domain,
-                at: advance(at, out.len())?,
-                len: n as u16,
+                at: advance(at, base)?,
+                len: part as u32,
             };
-            match self.introspect(request)? {
-                IntroReply::Bytes(b) if b.0.len() == n => out.extend_from_slice(&b.0),
-                other => {
-                    return Err(ClientError::Invalid(format!(
-                        "introspect answered a read of {n} bytes with {}",
-                        describe_reply(&other)
-                    )));
+            let mut gap = None;
+            let mut sink = |offset: u32, bytes: &[u8]| {
+                if base + offset as usize == out.len() {
+                    out.extend_from_slice(bytes);
+                } else {
+                    gap.get_or_insert(offset);
                 }
+            };
+            let (label, reply) = self.call_streamed(request, self.timeout, Some(&mut sink))?;
+            match reply {
+                ControlReply::Introspect(IntroReply::Done) => {}
+                ControlReply::Introspect(IntroReply::Refused(error)) => {
+                    return Err(ClientError::Introspect {
+                        request: label,
+                        error,
+                    });
+                }
+                other => return Err(unwanted(label, other)),
+            }
+            if let Some(offset) = gap {
+                return Err(ClientError::Invalid(format!(
+                    "{label}: bytes at offset {offset} came out of order"
+                )));
+            }
+            if out.len() != base + part {
+                return Err(ClientError::Invalid(format!(
+                    "{label}: {} of {part} bytes came before the answer",
+                    out.len() - base
+                )));
             }
         }
         Ok(out)
@@ -142,15 +184,8 @@ impl<T: Transport> Client<T> {
 
 /// `at` moved on by `by` bytes.
 fn advance(at: Address, by: usize) -> Result<Address, ClientError> {
-    let wraps = || ClientError::Invalid("the address range wraps".into());
-    Ok(match at {
-        Address::Physical(gpa) => Address::Physical(gpa.checked_add(by as u64).ok_or_else(wraps)?),
-        Address::Virtual { vcpu, cr3, gva } => Address::Virtual {
-            vcpu,
-            cr3,
-            gva: gva.checked_add(by as u64).ok_or_else(wraps)?,
-        },
-    })
+    at.offset(by as u64)
+        .ok_or_else(|| ClientError::Invalid("the address range wraps".into()))
 }
 
 /// An answer in a few words.

@@ -50,8 +50,10 @@
 //!
 //! Each message is one frame ([`frames`]): `COBS(postcard(value) ++ crc16_le) 00`.
 //! The host sends [`FromHost`]` { seq, request }`; the console answers each
-//! with [`ToHost::Reply`]` { seq, reply }` (same `seq`) and may send
-//! [`ToHost::Event`] at any time. The first request of a session is
+//! with [`ToHost::Reply`]` { seq, reply }` (same `seq`), before which a
+//! streamed answer ([`ControlRequest::ReadMemory`]) comes as
+//! [`ToHost::Data`] frames, and may send [`ToHost::Event`] at any time
+//! (the timeout then counts from the last frame of the answer). The first request of a session is
 //! [`ControlRequest::Hello`] with [`CONTROL`]'s key; the console answers
 //! `Welcome { version }`, or `Error(WrongKey { console, host })` when the two
 //! sides were built against different versions of the protocol.
@@ -363,6 +365,9 @@ pub struct ClientStats {
 
 type EventHandler = Box<dyn FnMut(&ControlEvent) + Send>;
 
+/// Takes a streamed answer's bytes: (offset, bytes).
+type DataSink<'a> = dyn FnMut(u32, &[u8]) + 'a;
+
 /// A session with the console over a byte stream. See the [module
 /// documentation](self).
 pub struct Client<S> {
@@ -370,6 +375,8 @@ pub struct Client<S> {
     reader: FrameReader<ToHost>,
     incoming: Vec<ToHost>,
     replies: VecDeque<(u32, ControlReply)>,
+    /// [`ToHost::Data`] frames (`seq`, offset, bytes) not yet taken.
+    data: VecDeque<(u32, u32, Vec<u8>)>,
     events: VecDeque<ControlEvent>,
     on_event: Option<EventHandler>,
     next_seq: u32,
@@ -442,6 +449,7 @@ impl<S: Transport> Client<S> {
             reader: FrameReader::new(),
             incoming: Vec::new(),
             replies: VecDeque::new(),
+            data: VecDeque::new(),
             events: VecDeque::new(),
             on_event: None,
             next_seq: first_seq(),
@@ -686,6 +694,19 @@ impl<S: Transport> Client<S> {
         request: ControlRequest,
         timeout: Duration,
     ) -> Result<(RequestLabel, ControlReply), ClientError> {
+        self.call_streamed(request, timeout, None)
+    }
+
+    /// Sends `request` and waits for its reply, handing the [`ToHost::Data`]
+    /// frames that come for it before the reply to `sink` (offset, bytes).
+    /// `timeout` is how long it waits for the next frame, not for the
+    /// whole answer.
+    fn call_streamed(
+        &mut self,
+        request: ControlRequest,
+        timeout: Duration,
+        mut sink: Option<&mut DataSink<'_>>,
+    ) -> Result<(RequestLabel, ControlReply), ClientError> {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let label = RequestLabel {
@@ -716,8 +737,17 @@ impl<S: Transport> Client<S> {
                 source,
             });
         }
-        let until = Instant::now() + timeout;
+        let mut until = Instant::now() + timeout;
         loop {
+            while let Some((s, offset, bytes)) = self.data.pop_front() {
+                match sink.as_mut() {
+                    Some(sink) if s == seq => {
+                        sink(offset, &bytes);
+                        until = Instant::now() + timeout;
+                    }
+                    _ => self.stray_replies += 1,
+                }
+            }
             while let Some((s, reply)) = self.replies.pop_front() {
                 if s == seq {
                     return Ok((label, reply));
@@ -774,6 +804,8 @@ impl<S: Transport> Client<S> {
         while let Some((s, reply)) = self.replies.pop_front() {
             self.note_stray(s, reply);
         }
+        self.stray_replies += self.data.len() as u64;
+        self.data.clear();
     }
 
     fn note_stray(&mut self, seq: u32, reply: ControlReply) {
@@ -820,6 +852,9 @@ impl<S: Transport> Client<S> {
         for frame in std::mem::take(&mut self.incoming) {
             match frame {
                 ToHost::Reply { seq, reply } => self.replies.push_back((seq, reply)),
+                ToHost::Data { seq, offset, bytes } => {
+                    self.data.push_back((seq, offset, bytes.0.to_vec()))
+                }
                 ToHost::Event(e) => {
                     self.events_seen += 1;
                     match &mut self.on_event {
@@ -941,6 +976,10 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::Introspect(q) => format!("Introspect {q:?}"),
         ControlRequest::Share(q) => format!("Share {q:?}"),
         ControlRequest::ShadowFrames { id, count } => format!("ShadowFrames {id} ({count})"),
+        ControlRequest::ReadMemory { domain, at, len } => {
+            format!("ReadMemory {domain} {at:?} ({len} bytes)")
+        }
+        ControlRequest::UseDebugPort => "UseDebugPort".into(),
     }
 }
 

@@ -1005,11 +1005,24 @@ fn domains_are_named_by_id_or_name() {
 #[test]
 fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
     use parallax_client::introspect::{Address, CHUNK, IntroError};
-    let (mut c, _mock) = standard();
-    // 1000 bytes from 0x10: six requests of at most CHUNK bytes, joined.
+    let (mut c, mock) = standard();
+    // 1000 bytes from 0x10: one streamed request, six data frames joined.
     let want: Vec<u8> = (0x10..0x10 + 1000u32).map(|i| (i % 251) as u8).collect();
     const { assert!(1000 > 5 * CHUNK) };
     assert_eq!(c.mem_read(1, Address::Physical(0x10), 1000).unwrap(), want);
+    // A read that stops part way: the bytes before it are dropped, the
+    // refusal says where.
+    let e = c.mem_read(1, Address::Physical(0xff00), 0x200).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Introspect {
+                error: IntroError::OutsideRam { gpa: 0xffc0 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let bytes: Vec<u8> = (0..300u32).map(|i| i as u8 ^ 0x5a).collect();
     c.mem_write(1, Address::Physical(0x8000), &bytes).unwrap();
     assert_eq!(
@@ -1035,6 +1048,18 @@ fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
         e.to_string().contains("wraps") || e.to_string().contains("not guest RAM"),
         "{e}"
     );
+    assert_eq!(c.stats().stray_replies, 0);
+    drop(c);
+    let got = mock.join().unwrap();
+    let reads: Vec<_> = got
+        .requests
+        .iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::ReadMemory { len, .. } => Some(len),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads, [1000, 0x200, 300, 300]);
 }
 
 #[test]

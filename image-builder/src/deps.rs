@@ -21,6 +21,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("grub-common", "grub-mkrescue"),
     ("xorriso", "ISO images"),
     ("mtools", "the ISO's EFI partition"),
+    (
+        "binutils",
+        "as and ld: the boot tests' kernel written in assembly",
+    ),
 ];
 
 fn installed(package: &str) -> bool {

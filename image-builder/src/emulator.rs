@@ -290,11 +290,26 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
     let started = Instant::now();
     let stderr_path = rundir.join("emulator-output.txt");
     let mut child = match &emulator_log {
-        Some(log) => start_bochs(&mut cmd, log, &stderr_path)?,
-        None => spawn(&mut cmd, &stderr_path)?,
+        Some(log) => start_bochs(
+            &mut cmd,
+            log,
+            &stderr_path,
+            bochs_debug_port(com2.is_some(), cfg),
+        )?,
+        None => spawn(&mut cmd, &stderr_path, false)?,
     };
+    // Bochs's debug port, where its configuration turned it on.
+    let debug = child.stdout.take().map(|out| {
+        Box::new(BochsStdout {
+            out,
+            text: std::fs::OpenOptions::new()
+                .append(true)
+                .open(&stderr_path)
+                .ok(),
+        }) as Box<dyn Read + Send>
+    });
     let proxy = match com2 {
-        Some(c) => match c.serve(&mut child, cfg) {
+        Some(c) => match c.serve(&mut child, cfg, debug) {
             Ok(p) => Some(p),
             Err(e) => {
                 let _ = child.kill();
@@ -376,7 +391,12 @@ impl Com2 {
     /// the proxy. Without a connection the run goes on (COM1 is what it is
     /// about), and clients of the socket are told there is no console.
     /// Returns the proxy and whether the emulator connected.
-    fn serve(self, child: &mut Child, cfg: &RunConfig) -> Result<(Proxy, bool)> {
+    fn serve(
+        self,
+        child: &mut Child,
+        cfg: &RunConfig,
+        debug: Option<Box<dyn Read + Send>>,
+    ) -> Result<(Proxy, bool)> {
         let stream = accept_emulator(&self.listener, child)?;
         if stream.is_none() && cfg.live {
             eprintln!(
@@ -388,7 +408,7 @@ impl Com2 {
         let connected = stream.is_some();
         let proxy = self
             .socket
-            .serve(stream)
+            .serve_with_debug(stream, debug)
             .context("starting the control proxy")?;
         Ok((proxy, connected))
     }
@@ -417,16 +437,69 @@ fn accept_emulator(listener: &TcpListener, child: &mut Child) -> Result<Option<T
 }
 
 /// Starts the emulator with its output going to `stderr` (a file, so that a
-/// chatty emulator can never block on a full pipe).
-fn spawn(cmd: &mut Command, stderr: &Path) -> Result<Child> {
-    let err =
-        std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-    let out = err.try_clone()?;
+/// chatty emulator can never block on a full pipe), or its standard output
+/// to a pipe (`piped_stdout`: Bochs's debug port, read by the proxy, which
+/// always drains it).
+fn spawn(cmd: &mut Command, stderr: &Path, piped_stdout: bool) -> Result<Child> {
+    std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
+    // Appending: the runner adds Bochs's standard output text to the same
+    // file (`BochsStdout`) while Bochs writes its standard error there.
+    let err = std::fs::OpenOptions::new()
+        .append(true)
+        .open(stderr)
+        .with_context(|| format!("opening {}", stderr.display()))?;
+    let out = if piped_stdout {
+        Stdio::piped()
+    } else {
+        Stdio::from(err.try_clone()?)
+    };
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))
+}
+
+/// Bochs's standard output with `port_e9_hack` on: its own text (the
+/// banner, the debugger's first lines) until the console's first byte on
+/// the debug port, a zero, which it sends when it starts answering there;
+/// the text is added to the emulator's output file, the frames from then on
+/// are the proxy's.
+struct BochsStdout<R, W> {
+    out: R,
+    text: Option<W>,
+}
+
+impl<R: Read, W: Write> Read for BochsStdout<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.out.read(buf)?;
+            let Some(text) = &mut self.text else {
+                return Ok(n);
+            };
+            if n == 0 {
+                return Ok(0);
+            }
+            match buf[..n].iter().position(|&b| b == 0) {
+                None => {
+                    let _ = text.write_all(&buf[..n]);
+                }
+                Some(z) => {
+                    let _ = text.write_all(&buf[..z]);
+                    self.text = None;
+                    buf.copy_within(z..n, 0);
+                    return Ok(n - z);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a Bochs run has its debug port (0xE9) read by the proxy: where
+/// there is a control channel, and no trace (the debugger writes to the
+/// same standard output).
+fn bochs_debug_port(com2: bool, cfg: &RunConfig) -> bool {
+    com2 && cfg.trace.is_none()
 }
 
 /// Starts Bochs, one instance at a time until its display server has a port.
@@ -437,7 +510,7 @@ fn spawn(cmd: &mut Command, stderr: &Path) -> Result<Child> {
 /// port with the same, already bound socket, and panics. So starts are
 /// serialised across processes with a file lock, held until the log says
 /// the port is bound, and an instance that still lost is started again.
-fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path) -> Result<Child> {
+fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path, debug_port: bool) -> Result<Child> {
     let lock_path = paths::work_dir().join("bochs-start.lock");
     let lock = std::fs::File::create(&lock_path)
         .with_context(|| format!("creating {}", lock_path.display()))?;
@@ -445,7 +518,7 @@ fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path) -> Result<Child> {
         .with_context(|| format!("locking {}", lock_path.display()))?;
     for _attempt in 0..5 {
         let _ = std::fs::remove_file(log);
-        let mut child = spawn(cmd, stderr)?;
+        let mut child = spawn(cmd, stderr, debug_port)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -640,9 +713,18 @@ fn bochs(
     // never blocks: if nobody listens it logs an error and leaves the port
     // unconnected. (`socket-server` would block in accept() until a client
     // came.) The runner listens before Bochs starts.
+    let com2_wired = com2.is_some();
     let com2 = com2.map_or_else(String::new, |port| {
         format!("com2: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n")
     });
+    // The debug port carries the console's frames to the runner (its
+    // standard output) far faster than COM2; not while tracing, when the
+    // debugger writes there too.
+    let debug_port = if bochs_debug_port(com2_wired, cfg) {
+        "port_e9_hack: enabled=1\n"
+    } else {
+        ""
+    };
     // The debugger stops at each magic breakpoint and reads its next
     // command: trace from the first to the second, then run to the end.
     let (trace, commands) = match &cfg.trace {
@@ -661,6 +743,7 @@ fn bochs(
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev={capture}\n\
          {com2}\
+         {debug_port}\
          display_library: rfb, options=\"timeout=0\"\n\
          sound: driver=dummy\n\
          speaker: enabled=0\n\
@@ -702,4 +785,24 @@ pub fn capture_path(label: &str) -> PathBuf {
     paths::work_dir()
         .join("runs")
         .join(format!("{label}-{}-{n}.serial", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bochs_text_goes_to_the_file_and_frames_to_the_proxy() {
+        let stdout: &[u8] = b"Bochs x86 Emulator 2.7\nNext at t=0\n\x00\x03ab\x00\x02c\x00";
+        let mut text = Vec::new();
+        let mut frames = Vec::new();
+        BochsStdout {
+            out: stdout,
+            text: Some(&mut text),
+        }
+        .read_to_end(&mut frames)
+        .unwrap();
+        assert_eq!(text, b"Bochs x86 Emulator 2.7\nNext at t=0\n");
+        assert_eq!(frames, b"\x00\x03ab\x00\x02c\x00");
+    }
 }

@@ -108,6 +108,11 @@ pub fn build_manifest(manifest: &SystemManifest, opts: &ImageOptions) -> Result<
             );
         }
     }
+    // Kernels from files: read and checked as init's loader takes them.
+    let mut kernels = Vec::new();
+    for (d, path) in manifest.kernels() {
+        kernels.push(kernel_module(&opts.manifest, d, &path)?);
+    }
     check_service_overrides(&opts.service_overrides)?;
     for (name, _) in &opts.service_overrides {
         if !manifest.services.iter().any(|s| &s.name == name) {
@@ -176,9 +181,71 @@ pub fn build_manifest(manifest: &SystemManifest, opts: &ImageOptions) -> Result<
             content: Content::File(path),
         });
     }
+    modules.extend(kernels);
     let mut image = assemble(&kernel, &opts.cmdline, modules, &opts.out)?;
     image.elfs = elfs;
     Ok(image)
+}
+
+/// Domain `d`'s kernel from the file `path` (docs/guests.md), read and
+/// checked as init's multiboot loader will take it, or why not, naming the
+/// manifest, the domain and the file.
+pub fn kernel_module(
+    manifest: &Path,
+    d: &crate::manifest::DomainSpec,
+    path: &Path,
+) -> Result<Module> {
+    let what = format!(
+        "{}: domain `{}`: kernel {}",
+        manifest.display(),
+        d.name,
+        path.display()
+    );
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{what}: cannot read it: {e}"))?;
+    let layout = platform::multiboot::GuestLayout::new(u64::from(d.memory_mib) << 20);
+    if let Err(e) = platform::multiboot::plan(&bytes, &layout) {
+        bail!("{what}: {}", describe_image_error(&bytes, e, d.memory_mib));
+    }
+    Ok(Module {
+        name: d.module(),
+        content: Content::File(path.to_owned()),
+    })
+}
+
+/// Why init's loader would refuse `bytes`, in words.
+fn describe_image_error(bytes: &[u8], e: platform::multiboot::ImageError, mib: u32) -> String {
+    use platform::multiboot::ImageError as E;
+    let has = |magic: u32, within: usize| {
+        bytes[..bytes.len().min(within)]
+            .chunks_exact(4)
+            .any(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) == magic)
+    };
+    match e {
+        E::NoHeader if bytes.get(0x202..0x206) == Some(b"HdrS") => {
+            "a Linux bzImage: Linux kernels are not supported yet (multiboot version 1 only)".into()
+        }
+        E::NoHeader if has(0xe852_50d6, 32 * 1024) => {
+            "a multiboot2 kernel: not supported yet (multiboot version 1 only)".into()
+        }
+        E::NoHeader if bytes.starts_with(b"\x7fELF") => {
+            "an ELF file with no multiboot header in its first 8 KiB: not a multiboot kernel".into()
+        }
+        E::NoHeader => {
+            "no multiboot header in its first 8 KiB: not a kernel Parallax can load".into()
+        }
+        E::BadChecksum => "its multiboot header's checksum is wrong".into(),
+        E::UnsupportedFlags(f) => format!(
+            "its multiboot header asks for what the loader does not provide (flags {f:#x}: a video mode, or an unknown required feature)"
+        ),
+        E::BadAddresses => "its multiboot header's address fields do not fit the file".into(),
+        E::NotElf => "not an ELF file, and its multiboot header has no address fields".into(),
+        E::BadElf => "its ELF headers are malformed".into(),
+        E::TooManySegments => "it has more loadable segments than the loader takes".into(),
+        E::OutsideRam { start, end } => format!(
+            "it loads at {start:#x}..{end:#x}, outside the domain's {mib} MiB of RAM or over the loader's reserved area"
+        ),
+        E::Empty => "it has nothing to load".into(),
+    }
 }
 
 /// Assembles an ISO from a built kernel and arbitrary modules (tests use this

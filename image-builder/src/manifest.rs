@@ -29,7 +29,7 @@ const RESERVED_MODULES: [&str; 2] = ["init", "manifest"];
 const LOG_PORTS: std::ops::Range<u32> = 0x3f8..0x400;
 
 /// The manifest as written.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SystemManifest {
     /// The system's name, shown at boot.
@@ -99,12 +99,20 @@ pub struct SharedSpec {
 }
 
 /// One `[[domain]]` table.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DomainSpec {
     pub name: String,
     /// The guest image: a guest crate in `tests/guests/<guest>`.
-    pub guest: String,
+    #[serde(default)]
+    pub guest: Option<String>,
+    /// Or the user's own multiboot kernel: a file, relative to the
+    /// manifest's folder (docs/guests.md).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Boot modules for the kernel: not supported yet, refused by name.
+    #[serde(default)]
+    pub modules: Option<toml::Value>,
     pub memory_mib: u32,
     #[serde(default = "one")]
     pub vcpus: u8,
@@ -136,6 +144,15 @@ pub struct IntrospectorSpec {
 }
 
 impl DomainSpec {
+    /// The boot module of its image: the guest crate's name, or
+    /// `kernel-<domain>` for a kernel from a file.
+    pub fn module(&self) -> String {
+        match (&self.guest, &self.kernel) {
+            (Some(g), _) => g.clone(),
+            (None, _) => format!("kernel-{}", self.name),
+        }
+    }
+
     /// Its introspectors as (service, rights bits): the manifest's, or the
     /// host alone with every right.
     pub fn introspectors(&self) -> Result<Vec<(&str, u8)>> {
@@ -394,7 +411,7 @@ impl SystemManifest {
             "another service has the same name"
         );
         ensure!(
-            !self.domains.iter().any(|d| d.guest == s.name),
+            !self.domains.iter().any(|d| d.module() == s.name),
             "a domain's guest image has the same name: boot modules are named after services and guests, so rename one"
         );
         s.disposition()?;
@@ -440,11 +457,23 @@ impl SystemManifest {
 
     fn check_domain(&self, i: usize, d: &DomainSpec) -> Result<()> {
         check_name("the name", &d.name, MAX_NAME)?;
-        check_name("the guest", &d.guest, MAX_MODULE_NAME)?;
+        match (&d.guest, &d.kernel) {
+            (Some(_), Some(_)) => bail!("both guest and kernel are given: a domain runs one image"),
+            (None, None) => bail!(
+                "no image: give guest = \"NAME\" (a guest crate) or kernel = \"PATH\" (a multiboot kernel)"
+            ),
+            (None, Some(k)) => ensure!(!k.is_empty(), "kernel = \"\" names no file"),
+            (Some(_), None) => {}
+        }
         ensure!(
-            !RESERVED_MODULES.contains(&d.guest.as_str()),
-            "the guest name `{}` is reserved for the boot module of the same name",
-            d.guest
+            d.modules.is_none(),
+            "modules = ...: boot modules for a guest kernel are not supported yet"
+        );
+        let module = d.module();
+        check_name("the guest", &module, MAX_MODULE_NAME)?;
+        ensure!(
+            !RESERVED_MODULES.contains(&module.as_str()),
+            "the guest name `{module}` is reserved for the boot module of the same name"
         );
         ensure!(
             !self.domains[..i].iter().any(|e| e.name == d.name),
@@ -568,12 +597,13 @@ impl SystemManifest {
                 })
                 .map_err(|_| full("shared objects"))?;
         }
+        let modules: Vec<String> = self.domains.iter().map(DomainSpec::module).collect();
         let mut domains = heapless::Vec::new();
-        for d in &self.domains {
+        for (d, module) in self.domains.iter().zip(&modules) {
             domains
                 .push(compiled::Domain {
                     name: &d.name,
-                    guest: &d.guest,
+                    guest: module,
                     memory_mib: d.memory_mib,
                     vcpus: d.vcpus,
                     cmdline: &d.cmdline,
@@ -600,15 +630,27 @@ impl SystemManifest {
         Ok(buf)
     }
 
-    /// The guest images the domains use, each once.
+    /// The guest crates the domains use, each once.
     pub fn guests(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         for d in &self.domains {
-            if !out.contains(&d.guest.as_str()) {
-                out.push(&d.guest);
+            if let Some(g) = &d.guest
+                && !out.contains(&g.as_str())
+            {
+                out.push(g);
             }
         }
         out
+    }
+
+    /// The domains that run a kernel from a file: (domain, the file's
+    /// path, relative ones resolved against the manifest's folder).
+    pub fn kernels(&self) -> Vec<(&DomainSpec, PathBuf)> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.domains
+            .iter()
+            .filter_map(|d| Some((d, dir.join(d.kernel.as_ref()?))))
+            .collect()
     }
 }
 

@@ -170,3 +170,62 @@ fn the_default_run_shows_the_host_watching_writes_to_a_guest_page() {
         "{out}"
     );
 }
+
+/// Issue 14, point 1: a domain's `kernel = "PATH"` (relative to the
+/// manifest's folder) that is missing, unreadable as a kernel, or in a
+/// format Parallax does not load is refused by `cargo hv build`, naming the
+/// file and why, before anything is built.
+#[test]
+fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
+    let dir = paths::work_dir().join("cli-tests").join("kernels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "not a kernel\n".repeat(100)).unwrap();
+    let mut mb2 = vec![0u8; 4096];
+    mb2[64..68].copy_from_slice(&0xe852_50d6u32.to_le_bytes());
+    std::fs::write(dir.join("mb2.bin"), &mb2).unwrap();
+    let mut bz = vec![0u8; 4096];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(dir.join("bzImage"), &bz).unwrap();
+    let domain = |image: &str| {
+        format!("name = \"k\"\n[[domain]]\nname = \"os\"\n{image}\nmemory_mib = 16\n")
+    };
+    for (image, says) in [
+        (
+            "kernel = \"missing.elf\"".to_owned(),
+            format!(
+                "domain `os`: kernel {}: cannot read it: No such file",
+                dir.join("missing.elf").display()
+            ),
+        ),
+        (
+            "kernel = \"notes.txt\"".to_owned(),
+            "notes.txt: no multiboot header in its first 8 KiB".to_owned(),
+        ),
+        (
+            "kernel = \"mb2.bin\"".to_owned(),
+            "mb2.bin: a multiboot2 kernel: not supported yet".to_owned(),
+        ),
+        (
+            "kernel = \"bzImage\"".to_owned(),
+            "bzImage: a Linux bzImage: Linux kernels are not supported yet".to_owned(),
+        ),
+        (
+            "kernel = \"notes.txt\"\nguest = \"hello\"".to_owned(),
+            "both guest and kernel are given".to_owned(),
+        ),
+        ("".to_owned(), "no image: give guest".to_owned()),
+        (
+            "kernel = \"notes.txt\"\nmodules = [{ path = \"a\" }]".to_owned(),
+            "boot modules for a guest kernel are not supported yet".to_owned(),
+        ),
+    ] {
+        let manifest = dir.join("system.toml");
+        std::fs::write(&manifest, domain(&image)).unwrap();
+        let o = hv(&["build", "--manifest", manifest.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
+        let e = stderr(&o);
+        assert!(e.contains(&says), "{image}: {e}");
+        assert!(!e.contains("compiling"), "nothing was built: {e}");
+    }
+}

@@ -204,3 +204,99 @@ fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
     let e = ProxySocket::bind(&long).unwrap_err().to_string();
     assert!(e.contains("unix sockets take at most 107"), "{e}");
 }
+
+/// A console behind the proxy that, like the real one, sends its frames on
+/// the debug port once asked (`UseDebugPort`); `com2` is a second handle on
+/// its COM2 end for the test's own bytes.
+fn debug_port_console() -> (
+    UnixStream,
+    UnixStream,
+    UnixStream,
+    std::thread::JoinHandle<common::Received>,
+) {
+    let (proxy_end, console) = pair();
+    let (debug_proxy_end, mut debug) = pair();
+    let com2 = console.try_clone().unwrap();
+    let mut con = Console::default();
+    let mut on_debug = false;
+    let mock = common::serve(console, move |req| {
+        if req.request == ControlRequest::UseDebugPort {
+            on_debug = true;
+            return Vec::new();
+        }
+        let frames = con.respond(req);
+        if !on_debug {
+            return frames;
+        }
+        for f in frames {
+            debug.write_all(&f).unwrap();
+        }
+        Vec::new()
+    });
+    (proxy_end, debug_proxy_end, com2, mock)
+}
+
+#[test]
+fn with_a_debug_port_the_console_is_asked_to_answer_there_and_frames_never_tear() {
+    use image_builder::control::introspect::Address;
+    let dir = scratch("debugport");
+    let path = dir.join("ctl.sock");
+    let (proxy_end, debug_end, mut com2, mock) = debug_port_console();
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve_with_debug(Some(proxy_end), Some(Box::new(debug_end)))
+        .unwrap();
+    let mut c = Client::connect(&path).unwrap();
+    assert_eq!(c.services().unwrap().len(), 3);
+    // Half an event on COM2, a streamed read answered on the debug port,
+    // then the event's other half: both arrive whole.
+    let ev = event(55);
+    com2.write_all(&ev[..ev.len() / 2]).unwrap();
+    let want: Vec<u8> = (0x100..0x100 + 5000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.mem_read(1, Address::Physical(0x100), 5000).unwrap(), want);
+    com2.write_all(&ev[ev.len() / 2..]).unwrap();
+    assert_eq!(
+        c.next_event(Duration::from_secs(5)).unwrap(),
+        Some(ControlEvent::Garbage { bytes: 55 })
+    );
+    assert_eq!(c.stats().dropped.frames(), 0, "no torn frame");
+    assert_eq!(c.stats().stray_replies, 0);
+    drop(c);
+    // The next client is served too (the console is asked again).
+    let mut c = attach(&path);
+    assert_eq!(c.domains().unwrap().len(), 2);
+    drop(c);
+    drop(com2);
+    drop(proxy);
+    let got = mock.join().unwrap();
+    let asked: Vec<usize> = got
+        .requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.request == ControlRequest::UseDebugPort)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(asked.len(), 2, "once per client");
+    assert_eq!(asked[0], 0, "before the client's first request");
+    assert_eq!(got.dropped, 0);
+}
+
+#[test]
+fn a_debug_port_with_no_console_is_still_drained() {
+    let dir = scratch("debugdrain");
+    let path = dir.join("ctl.sock");
+    let (debug_end, mut emulator) = pair();
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve_with_debug(None::<UnixStream>, Some(Box::new(debug_end)))
+        .unwrap();
+    // Far more than a socket buffer holds: the writer never blocks.
+    let junk = vec![7u8; 1 << 20];
+    emulator.write_all(&junk).unwrap();
+    emulator.write_all(&[0]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.stats().discarded < junk.len() as u64 {
+        assert!(Instant::now() < deadline, "{:?}", proxy.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

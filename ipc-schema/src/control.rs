@@ -10,7 +10,7 @@
 //! `Hello` with the host's key of this protocol.
 
 use crate::altp2m::{AltReply, AltRequest, VmEvent};
-use crate::introspect::{IntroReply, IntroRequest};
+use crate::introspect::{Address, CHUNK, IntroReply, IntroRequest};
 use crate::ipc::{BoundedVec, InterfaceId};
 use crate::logdirty::{LdReply, LdRequest};
 use crate::sharing::{ShReply, ShRequest};
@@ -80,13 +80,44 @@ pub enum ControlRequest {
         id: u16,
         count: u16,
     },
+    /// `len` bytes (at most [`MAX_READ`]) of domain `domain`'s memory from
+    /// `at`, read by the console through the introspect service in
+    /// [`CHUNK`]-byte requests and streamed: [`ToHost::Data`] frames in
+    /// order, then the reply, [`ControlReply::Introspect`] with
+    /// `IntroReply::Done`, or the refusal that stopped the read (after the
+    /// bytes before it).
+    ReadMemory {
+        domain: u16,
+        at: Address,
+        len: u32,
+    },
+    /// Sent by the runner, not by clients: the runner reads this machine's
+    /// debug port (I/O port 0xE9: Bochs's `port_e9_hack`, QEMU's
+    /// `isa-debugcon`), so the console sends its frames there from now on
+    /// instead of on COM2 (115200 baud), if the port reads back 0xE9.
+    /// Never answered.
+    UseDebugPort,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum ToHost {
-    Reply { seq: u32, reply: ControlReply },
+    Reply {
+        seq: u32,
+        reply: ControlReply,
+    },
     Event(ControlEvent),
+    /// Bytes `offset..` of the answer to request `seq` (a
+    /// [`ControlRequest::ReadMemory`]), before its reply.
+    Data {
+        seq: u32,
+        offset: u32,
+        bytes: BoundedVec<u8, CHUNK>,
+    },
 }
+
+/// The most bytes one [`ControlRequest::ReadMemory`] reads (the console
+/// serves nothing else meanwhile).
+pub const MAX_READ: u32 = 16 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum ControlReply {

@@ -267,6 +267,16 @@ pub enum Request {
         gfn: u64,
         relaxing: Relaxing,
     },
+    /// Grants `count` (1 to 512) pages of this domain's RAM from `gfn`
+    /// with the services that may map its memory (`grant`), or takes them
+    /// back: while granted, they may be foreign-mapped even while a
+    /// protected domain runs, and such mappings do not keep it paused
+    /// (FM-2's exception). Answered by the vmm ([`Reply::Done`]).
+    GrantPages {
+        gfn: u64,
+        count: u64,
+        grant: bool,
+    },
 }
 
 /// Access types that relax themselves at their first violation (Xen's
@@ -386,6 +396,14 @@ pub enum HcError {
     Shared {
         gfn: u64,
     },
+    /// [`Request::GrantPages`]: the domain grants 8 ranges already.
+    TooManyGrants,
+    /// [`Request::GrantPages`] taking back a range that is not one granted
+    /// so, or of 0 or over 512 pages.
+    NotGranted,
+    /// [`Request::GrantPages`] taking back pages a service has mapped on
+    /// the strength of the grant: try again once it unmaps them.
+    GrantedPagesMapped,
 }
 
 /// What a per-domain quota of the altp2m service counts.

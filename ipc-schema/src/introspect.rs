@@ -40,6 +40,20 @@ pub enum Address {
     },
 }
 
+impl Address {
+    /// The address `by` bytes further on (`None` where it wraps).
+    pub fn offset(self, by: u64) -> Option<Address> {
+        Some(match self {
+            Address::Physical(gpa) => Address::Physical(gpa.checked_add(by)?),
+            Address::Virtual { vcpu, cr3, gva } => Address::Virtual {
+                vcpu,
+                cr3,
+                gva: gva.checked_add(by)?,
+            },
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum IntroRequest {
     /// `len` (at most [`CHUNK`]) bytes: [`IntroReply::Bytes`].

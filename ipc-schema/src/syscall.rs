@@ -180,7 +180,30 @@ pub mod nr {
     /// FOREIGN_UNMAP(va, count): undoes the FOREIGN_MAP made at `va` with
     /// `count` pages (exactly that one; `BadArgument` otherwise).
     pub const FOREIGN_UNMAP: u64 = 57;
+    /// IO_OUT_BYTES(ioports, port, buf_ptr, len): writes the `len` bytes
+    /// at `buf_ptr` (at most [`super::IO_OUT_MAX`]) to the one byte port
+    /// `port`, in order, as `len` IO_OUT calls of size 1 would (the same
+    /// checks), in one call: a string to a UART's or a debug port's data
+    /// register.
+    pub const IO_OUT_BYTES: u64 = 58;
+    /// DOMAIN_GRANT(domains, domain, gfn, count, grant): the guest's own
+    /// word, passed on by its vmm, that its RAM pages `gfn .. gfn + count`
+    /// are granted (`grant` 1) or no longer (0). A foreign mapping that lies
+    /// within one granted range may be made while a protected domain runs,
+    /// and does not keep it paused (FM-2's exception). At most
+    /// [`super::GUEST_GRANTS`] ranges a domain (`NoResources`; granting a
+    /// range again is done), each of 1 to [`super::FOREIGN_PAGES`] pages
+    /// (`BadArgument`); pages outside RAM `BadAddress`;
+    /// ungranting a range not granted exactly so `BadArgument`, one that a
+    /// mapping made on its strength still uses `Busy`. Needs `vcpus`.
+    pub const DOMAIN_GRANT: u64 = 59;
 }
+
+/// Ranges of its RAM a guest grants at once (DOMAIN_GRANT).
+pub const GUEST_GRANTS: usize = 8;
+
+/// The most bytes one IO_OUT_BYTES writes.
+pub const IO_OUT_MAX: u64 = 4096;
 
 /// Foreign mappings a process holds at once (FOREIGN_MAP).
 pub const FOREIGN_MAPS: usize = 16;

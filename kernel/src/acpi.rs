@@ -17,7 +17,7 @@ pub struct AcpiInfo {
     /// ISA line -> (GSI, MPS flags), where the MADT overrides the identity.
     pub overrides: [Option<(u32, u16)>; 16],
     /// `None` where the firmware has no DMAR: no IOMMU.
-    pub dmar: Option<Dmar>,
+    pub dmar: Option<Dmar<'static>>,
     /// Why the DMAR tables could not be used (the IOMMU then stays off;
     /// the rest of ACPI is used all the same).
     pub dmar_problem: Option<DmarError>,
@@ -55,7 +55,8 @@ pub fn read(rsdp: Option<(RsdpSource, &'static [u8])>) -> Result<AcpiInfo, AcpiP
         dmar: None,
         dmar_problem: None,
     };
-    let mut dmars: heapless::Vec<Table<'static>, 4> = heapless::Vec::new();
+    let mut dmars: heapless::Vec<Table<'static>, { platform::acpi::dmar::MAX_TABLES }> =
+        heapless::Vec::new();
     for table in root.tables(&DirectMap) {
         let table = match table {
             Ok(t) => t,
@@ -152,8 +153,12 @@ fn madt(table: &Table<'static>, info: &mut AcpiInfo) {
     }
 }
 
-/// Logs the DMA remapping description (RMRR-1).
-pub fn log_dmar(dmar: &Dmar) {
+/// Logs the DMA remapping description (RMRR-1): every unit and region, and
+/// each device scope: a region's at info level (they are few, and what
+/// RMRR policy is about), a unit's at info where the table has at most
+/// [`SCOPES_LOGGED`] scopes, else at debug (a server's hundreds would
+/// cost the serial log seconds).
+pub fn log_dmar(dmar: &Dmar<'_>) {
     defmt::info!(
         "DMAR: {=u8} table(s), {=u8}-bit DMA addresses, interrupt remapping {=bool}, x2APIC opt-out {=bool}",
         dmar.tables,
@@ -161,10 +166,23 @@ pub fn log_dmar(dmar: &Dmar) {
         dmar.interrupt_remapping,
         dmar.x2apic_opt_out
     );
+    defmt::info!(
+        "DMAR: {=usize} unit(s), {=usize} reserved region(s), {=usize} device scope(s)",
+        dmar.drhd_count,
+        dmar.rmrr_count,
+        dmar.scope_count
+    );
     if dmar.width_conflict {
         defmt::warn!("DMAR: tables disagree on the address width; using the smallest");
     }
-    for d in &dmar.drhds {
+    let each = dmar.scope_count <= SCOPES_LOGGED;
+    if !each {
+        defmt::info!(
+            "DMAR: the units' {=usize} device scopes are logged at debug level",
+            dmar.scope_count
+        );
+    }
+    for d in dmar.drhds() {
         defmt::info!(
             "DMAR: DRHD at {=u64:#x} ({=u32} pages), segment {=u16}, {=str}, {=usize} device scope(s)",
             d.register_base,
@@ -177,11 +195,11 @@ pub fn log_dmar(dmar: &Dmar) {
             },
             d.scopes.len()
         );
-        for s in &d.scopes {
-            log_scope(s);
+        for s in d.scopes.iter() {
+            log_scope(&s, each);
         }
     }
-    for r in &dmar.rmrrs {
+    for r in dmar.rmrrs() {
         defmt::info!(
             "DMAR: RMRR {=u64:#x}..={=u64:#x} ({=u64} KiB), segment {=u16}, {=usize} device scope(s)",
             r.base,
@@ -190,8 +208,8 @@ pub fn log_dmar(dmar: &Dmar) {
             r.segment,
             r.scopes.len()
         );
-        for s in &r.scopes {
-            log_scope(s);
+        for s in r.scopes.iter() {
+            log_scope(&s, true);
         }
     }
     if dmar.other_structures > 0 {
@@ -202,21 +220,39 @@ pub fn log_dmar(dmar: &Dmar) {
     }
 }
 
-fn log_scope(s: &platform::acpi::dmar::DeviceScope) {
-    match s.direct_bdf() {
-        Some((bus, dev, func)) => defmt::info!(
-            "DMAR:   scope {} {=u8:02x}:{=u8:02x}.{=u8}",
-            s.kind,
-            bus,
-            dev,
-            func
-        ),
-        None => defmt::info!(
-            "DMAR:   scope {} id {=u8}, bus {=u8:02x}, path {}",
-            s.kind,
-            s.enumeration_id,
-            s.start_bus,
-            s.path.as_slice()
-        ),
+/// The most device scopes logged at info level.
+const SCOPES_LOGGED: usize = 32;
+
+/// One device scope, at `info` or debug level.
+fn log_scope(s: &platform::acpi::dmar::DeviceScope<'_>, info: bool) {
+    macro_rules! line {
+        ($level:ident) => {
+            match s.direct_bdf() {
+                Some((bus, dev, func)) => defmt::$level!(
+                    "DMAR:   scope {} {=u8:02x}:{=u8:02x}.{=u8}",
+                    s.kind,
+                    bus,
+                    dev,
+                    func
+                ),
+                None => {
+                    // The first hops (paths are short; the count says).
+                    let mut hops = [(0u8, 0u8); 8];
+                    let n = s.path.len().min(hops.len());
+                    for (slot, hop) in hops.iter_mut().zip(s.path.iter()) {
+                        *slot = (hop.device, hop.function);
+                    }
+                    defmt::$level!(
+                        "DMAR:   scope {} id {=u8}, bus {=u8:02x}, path {} ({=usize} hops)",
+                        s.kind,
+                        s.enumeration_id,
+                        s.start_bus,
+                        &hops[..n],
+                        s.path.len()
+                    )
+                }
+            }
+        };
     }
+    if info { line!(info) } else { line!(debug) }
 }

@@ -413,6 +413,43 @@ impl Console {
             ControlRequest::ShadowFrames { .. } => R::Refused(Refusal::NotAllowed),
             // A console without a sharing service.
             ControlRequest::Share(_) => R::Error(ControlError::SharingUnavailable),
+            ControlRequest::ReadMemory { .. } | ControlRequest::UseDebugPort => {
+                unreachable!("answered by respond")
+            }
+        }
+    }
+
+    /// The frames that answer `req`: a memory read's data, then its reply,
+    /// as the console streams them; nothing for the runner's `UseDebugPort`.
+    pub fn respond(&mut self, req: &FromHost) -> Vec<Vec<u8>> {
+        use parallax_client::introspect::{CHUNK, IntroError, IntroReply, IntroRequest};
+        match req.request {
+            ControlRequest::UseDebugPort => Vec::new(),
+            ControlRequest::ReadMemory { domain, at, len } if self.said_hello => {
+                let mut out = Vec::new();
+                let mut offset = 0u32;
+                let end = loop {
+                    if offset >= len {
+                        break IntroReply::Done;
+                    }
+                    let n = (len - offset).min(CHUNK as u32) as u16;
+                    let Some(at) = at.offset(u64::from(offset)) else {
+                        break IntroReply::Refused(IntroError::BadLength);
+                    };
+                    match self.introspect(&IntroRequest::Read { domain, at, len: n }) {
+                        IntroReply::Bytes(bytes) => out.push(frame(&ToHost::Data {
+                            seq: req.seq,
+                            offset,
+                            bytes,
+                        })),
+                        other => break other,
+                    }
+                    offset += u32::from(n);
+                };
+                out.push(reply(req.seq, ControlReply::Introspect(end)));
+                out
+            }
+            _ => vec![reply(req.seq, self.answer(req))],
         }
     }
 
@@ -454,7 +491,7 @@ impl Console {
 
     /// Serves `stream` with this console's answers.
     pub fn serve(mut self, stream: UnixStream) -> JoinHandle<Received> {
-        serve(stream, move |req| vec![reply(req.seq, self.answer(req))])
+        serve(stream, move |req| self.respond(req))
     }
 }
 

@@ -6,12 +6,17 @@
 //! - **One client at a time.** The first connection is attached; while it
 //!   stays, further connections are told so in one line of text and closed.
 //!   When the client leaves, the next connection is attached.
-//! - **Bytes are forwarded, not decoded**, but the proxy knows where frames
-//!   end (zero bytes): a newly attached client receives console output from
+//! - **Frames are forwarded, not decoded**: the proxy knows where frames
+//!   end (zero bytes). A newly attached client receives console output from
 //!   the next frame boundary on, never the tail of a frame it did not see;
 //!   and a client that leaves in the middle of a frame has that frame
 //!   terminated (one zero byte), so the console drops it instead of gluing it
 //!   to the next client's first frame.
+//! - **Two sources.** Where the emulator's debug port (I/O port 0xE9) is
+//!   read too ([`ProxySocket::serve_with_debug`]), the console is asked to
+//!   send its frames there as each client attaches (no baud rate: Bochs
+//!   sends COM2 at 115200 baud in its own time), and whole frames from
+//!   either source reach the client, never one inside another.
 //! - **COM2 is always drained.** Console output that arrives while no client
 //!   is attached is discarded (counted in [`ProxyStats`]): the emulator must
 //!   never block on a full socket (Bochs writes COM2 with blocking `send`).
@@ -132,7 +137,20 @@ impl ProxySocket {
     /// Starts serving: forwards between `console` and one client at a time.
     /// With no console (the emulator never connected its COM2), clients are
     /// told so and closed.
-    pub fn serve<C: ConsoleStream>(mut self, console: Option<C>) -> io::Result<Proxy> {
+    pub fn serve<C: ConsoleStream>(self, console: Option<C>) -> io::Result<Proxy> {
+        self.serve_with_debug(console, None)
+    }
+
+    /// [`serve`](Self::serve), and the console's frames that come on the
+    /// emulator's debug port (`debug`: Bochs's standard output with
+    /// `port_e9_hack`) go to the client as well, whole frames from either
+    /// source in the order they end. As each client attaches, the console
+    /// is asked to answer there (`ControlRequest::UseDebugPort`).
+    pub fn serve_with_debug<C: ConsoleStream>(
+        mut self,
+        console: Option<C>,
+        debug: Option<Box<dyn Read + Send>>,
+    ) -> io::Result<Proxy> {
         let Some(listener) = self.listener.take() else {
             return Err(io::Error::other("the control socket is already served"));
         };
@@ -145,18 +163,25 @@ impl ProxySocket {
             writer = Some(c.try_clone()?);
             closer = Some(c.try_clone()?);
             {
-                // Nothing came from the console yet: a client attached
-                // before its first byte arrives is at a frame boundary.
                 let mut st = shared.lock();
                 st.console = ConsoleLink::Connected;
-                st.console_at_boundary = true;
+                st.debug_port = debug.is_some();
             }
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("ctl-console".into())
-                    .spawn(move || console_to_client(c, &s))?,
+                    .spawn(move || source_to_client(c, &s, true))?,
             );
+        }
+        if let Some(d) = debug {
+            // Drained even with no console (an emulator must never block
+            // on its output). Not joined: it ends when the emulator closes
+            // its output.
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("ctl-debug-port".into())
+                .spawn(move || source_to_client(d, &s, false))?;
         }
         let console_writer: Arc<Mutex<Option<Box<dyn Write + Send>>>> = Arc::new(Mutex::new(
             writer.map(|w| Box::new(w) as Box<dyn Write + Send>),
@@ -295,62 +320,77 @@ struct State {
     client: Option<Attached>,
     next_id: u64,
     console: ConsoleLink,
-    /// The last console byte seen was a frame terminator (or none came yet).
-    console_at_boundary: bool,
+    /// The emulator's debug port is read too: ask the console for it.
+    debug_port: bool,
 }
 
 struct Attached {
     id: u64,
     /// For writing console output to the client.
     stream: UnixStream,
-    /// Console output reaches this client only from a frame boundary on.
-    aligned: bool,
 }
 
-/// Console to client: forwards from the next frame boundary on; discards
-/// when nobody is attached; never blocks long on a client.
-fn console_to_client<C: ConsoleStream>(mut console: C, shared: &Shared) {
+/// The longest frame a source may build up before it is dropped (the
+/// console's are far shorter; anything longer is not a frame).
+const MAX_PENDING: usize = 64 * 1024;
+
+/// One source of console frames (COM2, or the debug port) to the client:
+/// whole frames only, so that two sources never interleave inside a frame;
+/// a frame goes to the client that was attached when its first byte came
+/// (a client attached in the middle of one gets the next); discards when
+/// nobody is attached; never blocks long on a client. When COM2 (`com2`)
+/// closes, the machine has stopped: the client is told by being closed.
+fn source_to_client(mut source: impl Read, shared: &Shared, com2: bool) {
     let mut buf = [0u8; 4096];
+    let mut pending: Vec<u8> = Vec::new();
+    // The client the frame being read goes to (`None`: dropped), once its
+    // first byte came.
+    let mut owner: Option<Option<u64>> = None;
     loop {
-        let n = match console.read(&mut buf) {
+        let n = match source.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let bytes = &buf[..n];
+        let (mut forwarded, mut discarded) = (0u64, 0u64);
         let mut st = shared.lock();
-        let mut forwarded = 0usize;
-        if let Some(client) = &mut st.client {
-            let mut from = 0;
-            if !client.aligned {
-                match bytes.iter().position(|&b| b == 0) {
-                    Some(z) => {
-                        client.aligned = true;
-                        from = z + 1;
-                    }
-                    None => from = bytes.len(),
-                }
+        let current = st.client.as_ref().map(|c| c.id);
+        for part in buf[..n].split_inclusive(|&b| b == 0) {
+            let whose = *owner.get_or_insert(current);
+            let ends = part.last() == Some(&0);
+            if whose.is_some() && whose == current && pending.len() + part.len() <= MAX_PENDING {
+                pending.extend_from_slice(part);
+            } else {
+                discarded += (pending.len() + part.len()) as u64;
+                pending.clear();
+                owner = Some(None);
             }
-            let out = &bytes[from..];
-            if !out.is_empty() {
-                if client.stream.write_all(out).is_ok() {
-                    forwarded = out.len();
+            if !ends {
+                continue;
+            }
+            owner = None;
+            if pending.is_empty() {
+                continue;
+            }
+            if let Some(client) = &mut st.client {
+                if client.stream.write_all(&pending).is_ok() {
+                    forwarded += pending.len() as u64;
                 } else {
                     // Gone, or not reading: detach it.
+                    discarded += pending.len() as u64;
                     let _ = client.stream.shutdown(std::net::Shutdown::Both);
                     st.client = None;
                 }
             }
+            pending.clear();
         }
-        st.console_at_boundary = bytes.last() == Some(&0);
         drop(st);
-        shared
-            .to_clients
-            .fetch_add(forwarded as u64, Ordering::Relaxed);
-        shared
-            .discarded
-            .fetch_add((n - forwarded) as u64, Ordering::Relaxed);
+        shared.to_clients.fetch_add(forwarded, Ordering::Relaxed);
+        shared.discarded.fetch_add(discarded, Ordering::Relaxed);
+    }
+    if !com2 {
+        return;
     }
     let mut st = shared.lock();
     st.console = ConsoleLink::Closed;
@@ -433,13 +473,15 @@ fn attach(
     };
     st.next_id += 1;
     let id = st.next_id;
-    let aligned = st.console_at_boundary;
     st.client = Some(Attached {
         id,
         stream: write_half,
-        aligned,
     });
+    let debug_port = st.debug_port;
     drop(st);
+    if debug_port {
+        ask_for_the_debug_port(writer);
+    }
     shared.clients.fetch_add(1, Ordering::Relaxed);
     let s = shared.clone();
     let w = writer.clone();
@@ -447,6 +489,28 @@ fn attach(
         .name("ctl-client".into())
         .spawn(move || client_to_console(read_half, id, &s, &w))
         .ok()
+}
+
+/// Asks the console to answer on the debug port, before anything the new
+/// client sends: a zero first ends whatever a client that left may have
+/// left unfinished. Never answered; a console that is not up yet misses it,
+/// and the next client to attach asks again.
+fn ask_for_the_debug_port(writer: &ConsoleWriter) {
+    let request = ipc_schema::control::FromHost {
+        seq: 0,
+        request: ipc_schema::control::ControlRequest::UseDebugPort,
+    };
+    let mut buf = [0u8; 64];
+    let Ok(frame) = ipc_schema::frame::encode(&request, &mut buf) else {
+        return;
+    };
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(console) = w.as_mut() {
+        let _ = console
+            .write_all(&[0])
+            .and_then(|()| console.write_all(frame))
+            .and_then(|()| console.flush());
+    }
 }
 
 /// Client to console, until the client leaves; then ends its last frame and

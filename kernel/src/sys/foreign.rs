@@ -24,6 +24,9 @@ pub struct ForeignMap {
     pub va: u64,
     pub count: u64,
     pub writable: bool,
+    /// Within pages the guest grants (made while it might run; not
+    /// counted in `Domain::foreign_ungranted`).
+    pub granted: bool,
 }
 
 impl Kernel {
@@ -80,11 +83,12 @@ impl Kernel {
                 SysError::BadAddress,
             ));
         }
-        if d.protected && d.state == DomainState::Running {
+        let granted = d.guest_grants(gfn, count);
+        if d.protected && d.state == DomainState::Running && !granted {
             return Err(self.foreign_refused(
                 pid,
                 CALL,
-                "the domain is protected and running (pause it first)",
+                "the domain is protected and running, and the guest does not grant these pages (pause it first)",
                 SysError::Busy,
             ));
         }
@@ -132,11 +136,15 @@ impl Kernel {
             va,
             count,
             writable,
+            granted,
         });
         let d = self.domains[usize::from(slot)]
             .as_mut()
             .ok_or(SysError::BadArgument)?;
         d.foreign_pages += count as u32;
+        if !granted {
+            d.foreign_ungranted += count as u32;
+        }
         // Writes through the mapping go around the EPT: whoever logs the
         // domain's writes counts the pages written (here and at unmap).
         if writable && let Some(log) = d.writes.as_mut() {
@@ -190,10 +198,61 @@ impl Kernel {
         }
         if let Some(d) = self.domains[usize::from(m.domain)].as_mut() {
             d.foreign_pages = d.foreign_pages.saturating_sub(m.count as u32);
+            if !m.granted {
+                d.foreign_ungranted = d.foreign_ungranted.saturating_sub(m.count as u32);
+            }
             if m.writable
                 && let Some(log) = d.writes.as_mut()
             {
                 log.record(m.gfn * PAGE_SIZE, m.count * PAGE_SIZE);
+            }
+        }
+    }
+
+    /// DOMAIN_GRANT, its handle checked: domain slot `slot`'s guest grants
+    /// pages `gfn .. gfn + count` (`grant`), or no longer.
+    pub fn guest_grant(
+        &mut self,
+        slot: u16,
+        gfn: u64,
+        count: u64,
+        grant: bool,
+    ) -> Result<(), SysError> {
+        let d = self.domains[usize::from(slot)]
+            .as_ref()
+            .ok_or(SysError::BadArgument)?;
+        // At most as many pages as one mapping takes: the walk below is
+        // bounded, whatever the guest asked for.
+        if count == 0 || count > FOREIGN_PAGES {
+            return Err(SysError::BadArgument);
+        }
+        let Some(end) = gfn.checked_add(count) else {
+            return Err(SysError::BadAddress);
+        };
+        if (gfn..end).any(|g| d.frame_of_gfn(g).is_none()) {
+            return Err(SysError::BadAddress);
+        }
+        // Mappings made within the range on the strength of it.
+        let relied_on = self.processes.iter().flatten().any(|p| {
+            p.foreign
+                .iter()
+                .any(|m| m.domain == slot && m.granted && m.gfn < end && gfn < m.gfn + m.count)
+        });
+        let d = self.domains[usize::from(slot)]
+            .as_mut()
+            .ok_or(SysError::BadArgument)?;
+        let at = d.guest_grants.iter().position(|&r| r == (gfn, count));
+        match (grant, at) {
+            (true, Some(_)) => Ok(()),
+            (true, None) => d
+                .guest_grants
+                .push((gfn, count))
+                .map_err(|_| SysError::NoResources),
+            (false, None) => Err(SysError::BadArgument),
+            (false, Some(_)) if relied_on => Err(SysError::Busy),
+            (false, Some(i)) => {
+                d.guest_grants.swap_remove(i);
+                Ok(())
             }
         }
     }

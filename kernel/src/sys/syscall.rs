@@ -394,6 +394,21 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             k.foreign_unmap(pid, a[0], a[1])?;
             Ok(Values([0; 3]))
         }
+        nr::DOMAIN_GRANT => {
+            dcap!(
+                k,
+                pid,
+                "DOMAIN_GRANT",
+                a[0],
+                a[1],
+                Scope::Domain,
+                rights::VCPUS
+            );
+            domain(k, a[1])?;
+            let slot = a[1].wrapping_sub(1) as u16;
+            k.guest_grant(slot, a[2], a[3], a[4] != 0)?;
+            Ok(Values([0; 3]))
+        }
         nr::VCPU_CREATE => vcpu_create(k, pid, a),
         nr::DOMAIN_CONTROL => domain_control(k, pid, a),
         nr::DOMAIN_INFO => {
@@ -570,6 +585,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::LIFTED_TAKE => lifted_take(k, pid, a),
         nr::VCPU_REGS => vcpu_regs(k, pid, a),
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
+        nr::IO_OUT_BYTES => io_out_bytes(k, pid, a),
         nr::IRQ_BIND => {
             let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
             let n = cap!(
@@ -1355,12 +1371,12 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         _ => return Err(SysError::BadArgument),
     };
     let d = domain_mut(k, a[1])?;
-    if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_pages > 0 {
+    if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_ungranted > 0 {
         defmt::warn!(
             "domain {=u16} ({=str}) is protected and services hold {=u32} pages of it foreign-mapped: not {=str}",
             d.id,
             ipc_schema::syscall::handle_name_str(&d.name),
-            d.foreign_pages,
+            d.foreign_ungranted,
             if op == DomainOp::Start {
                 "started"
             } else {
@@ -1655,20 +1671,20 @@ fn domain_writes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     Ok(Values([n as u64, u64::from(overflow), 0]))
 }
 
-#[inline(never)]
-fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
-    let c = cap!(
-        k,
-        pid,
-        if out { "IO_OUT" } else { "IO_IN" },
-        a[0],
-        ObjectKind::IoPorts,
-        rights::DEVICE
-    );
+/// The port `port` (`size` bytes) of the caller's I/O-ports handle `h`,
+/// if it may use it.
+fn io_port(
+    k: &mut Kernel,
+    pid: u16,
+    what: &'static str,
+    h: u64,
+    port: u64,
+    size: u64,
+) -> Result<u16> {
+    let c = cap!(k, pid, what, h, ObjectKind::IoPorts, rights::DEVICE);
     let Object::IoPorts { base, count } = c.object else {
         return Err(SysError::WrongKind);
     };
-    let (port, size) = (a[1], a[2]);
     // Compared without adding to `port` (which the service chose: a port
     // near u64::MAX would wrap `port + size` past the check).
     if !matches!(size, 1 | 2 | 4)
@@ -1690,6 +1706,13 @@ fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
         );
         return Err(SysError::MissingRight);
     }
+    Ok(port)
+}
+
+#[inline(never)]
+fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
+    let what = if out { "IO_OUT" } else { "IO_IN" };
+    let (size, port) = (a[2], io_port(k, pid, what, a[0], a[1], a[2])?);
     // Safety: the caller holds a handle with the device right on these
     // ports, and none of them is one the kernel drives.
     unsafe {
@@ -1709,6 +1732,30 @@ fn io(k: &mut Kernel, pid: u16, out: bool, a: [u64; 6]) -> Result<Done> {
             Ok(Values([v, 0, 0]))
         }
     }
+}
+
+#[inline(never)]
+fn io_out_bytes(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    let port = io_port(k, pid, "IO_OUT_BYTES", a[0], a[1], 1)?;
+    let (mut va, mut left) = (a[2], a[3]);
+    if left > ipc_schema::syscall::IO_OUT_MAX {
+        return Err(SysError::BadArgument);
+    }
+    let mut buf = [0u8; 256];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        // A bad buffer is refused before its first byte goes out only
+        // within the first 256; bytes already written stay written.
+        read_user(k, pid, va, &mut buf[..n])?;
+        for &b in &buf[..n] {
+            // Safety: as in `io`: the caller holds the device right on
+            // this port, which the kernel does not drive.
+            unsafe { platform::port::outb(port, b) };
+        }
+        va = va.wrapping_add(n as u64);
+        left -= n as u64;
+    }
+    Ok(Values([0; 3]))
 }
 
 /// Ports the kernel drives itself (its log line, the PIT and PICs, the

@@ -57,10 +57,15 @@ pub struct Domain {
     pub slice_end: u64,
     /// Its exit handler heard that the vCPU starts (`ExitKind::Start`).
     pub started: bool,
-    /// Not started or unpaused while `foreign_pages` is not 0 (FM-2).
+    /// Not started or unpaused while `foreign_ungranted` is not 0 (FM-2).
     pub protected: bool,
     /// Pages of its RAM services hold foreign-mapped (FOREIGN_MAP; FM-1).
     pub foreign_pages: u32,
+    /// Those of them not mapped within pages the guest grants.
+    pub foreign_ungranted: u32,
+    /// The ranges (gfn, count) of its RAM the guest itself grants
+    /// (DOMAIN_GRANT, on its hypercall): FM-2's exception.
+    pub guest_grants: heapless::Vec<(u64, u64), { ipc_schema::syscall::GUEST_GRANTS }>,
 }
 
 /// Why a domain operation was refused.
@@ -119,7 +124,17 @@ impl Domain {
             started: false,
             protected,
             foreign_pages: 0,
+            foreign_ungranted: 0,
+            guest_grants: heapless::Vec::new(),
         })
+    }
+
+    /// Whether pages `gfn .. gfn + count` lie within one range the guest
+    /// grants.
+    pub fn guest_grants(&self, gfn: u64, count: u64) -> bool {
+        self.guest_grants
+            .iter()
+            .any(|&(g, n)| g <= gfn && gfn.saturating_add(count) <= g + n)
     }
 
     /// Maps `count` frames from `base` as guest RAM at `gfn`: 2 MiB pages where

@@ -6,26 +6,28 @@
 //! and tests inject an RMRR-only DMAR beside QEMU's own. Structures this
 //! parser does not use (ATSR, RHSA, ANDD, SATC and newer types) are counted,
 //! never silently dropped.
+//!
+//! No limit but the table's own: real servers list dozens of units and
+//! hundreds of device scopes, and QEMU lists one scope per PCI device. The
+//! tables are checked whole once, in [`Dmar::parse`]; the units, regions,
+//! scopes and PCI paths are then read from the table bytes as they are
+//! iterated ([`Dmar::drhds`], [`Dmar::rmrrs`], [`Scopes`], [`Path`]),
+//! nothing copied.
 
 use super::{Table, le_u16, le_u64};
 use heapless::Vec;
 
-/// The most DRHD units one system may describe.
-pub const MAX_DRHD: usize = 8;
-/// The most RMRRs one system may describe.
-pub const MAX_RMRR: usize = 16;
-/// The most device scopes one DRHD or RMRR may list.
-pub const MAX_SCOPES: usize = 8;
-/// The deepest PCI path (bridges crossed plus the device) a scope may give.
-pub const MAX_PATH: usize = 4;
+/// The most DMAR tables merged (firmware gives one; boot tests inject a
+/// second with `-acpitable`).
+pub const MAX_TABLES: usize = 8;
 
 /// Offset of the first remapping structure in a DMAR table.
 const STRUCTURES_AT: usize = 48;
 
-/// The merged DMA remapping description of the platform.
+/// The merged DMA remapping description of the platform: the tables'
+/// bytes, checked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Dmar {
+pub struct Dmar<'a> {
     /// DMA address width in bits (the table's HAW field plus one). Where
     /// merged tables disagree, the smallest.
     pub address_width: u8,
@@ -39,16 +41,19 @@ pub struct Dmar {
     pub tables: u8,
     /// Merged tables disagreed on the address width.
     pub width_conflict: bool,
-    pub drhds: Vec<Drhd, MAX_DRHD>,
-    pub rmrrs: Vec<Rmrr, MAX_RMRR>,
+    /// DRHD units, RMRRs and device scopes (of both) in all the tables.
+    pub drhd_count: usize,
+    pub rmrr_count: usize,
+    pub scope_count: usize,
     /// Remapping structures of other types (ATSR, RHSA, ANDD, SATC, ...).
     pub other_structures: u16,
+    /// Each table's bytes, checked.
+    checked: Vec<&'a [u8], MAX_TABLES>,
 }
 
 /// A DMA-remapping hardware unit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Drhd {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drhd<'a> {
     /// The unit covers every PCI device of its segment not claimed by another
     /// unit (INCLUDE_PCI_ALL).
     pub include_pci_all: bool,
@@ -57,23 +62,22 @@ pub struct Drhd {
     pub register_base: u64,
     /// Size of the register block in 4 KiB pages (2^Size field).
     pub register_pages: u32,
-    pub scopes: Vec<DeviceScope, MAX_SCOPES>,
+    pub scopes: Scopes<'a>,
 }
 
 /// A reserved memory region: firmware-owned memory that the listed devices
 /// may DMA to at any time, so it must stay identity-mapped for them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Rmrr {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rmrr<'a> {
     pub segment: u16,
     /// First byte of the region.
     pub base: u64,
     /// Last byte of the region (inclusive, as in the table).
     pub limit: u64,
-    pub scopes: Vec<DeviceScope, MAX_SCOPES>,
+    pub scopes: Scopes<'a>,
 }
 
-impl Rmrr {
+impl Rmrr<'_> {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.limit - self.base + 1
@@ -109,26 +113,78 @@ impl ScopeKind {
     }
 }
 
+/// The device scopes of one DRHD or RMRR (checked bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scopes<'a>(&'a [u8]);
+
+impl<'a> Scopes<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = DeviceScope<'a>> + 'a {
+        let mut rest = self.0;
+        core::iter::from_fn(move || {
+            let (&[kind, length, _, _, enumeration_id, start_bus], _) =
+                rest.split_first_chunk::<6>()?;
+            // Checked by `Dmar::parse`; never less than the 6 read above.
+            let scope = rest.get(..usize::from(length).max(6))?;
+            rest = &rest[scope.len()..];
+            Some(DeviceScope {
+                kind: ScopeKind::from_byte(kind),
+                enumeration_id,
+                start_bus,
+                path: Path(&scope[6..]),
+            })
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One device (or hierarchy) a DRHD or RMRR applies to: a path of
 /// (device, function) hops starting on `start_bus`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct DeviceScope {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceScope<'a> {
     pub kind: ScopeKind,
     /// IOAPIC id, HPET number or ACPI device number, by kind.
     pub enumeration_id: u8,
     pub start_bus: u8,
-    pub path: Vec<PciHop, MAX_PATH>,
+    pub path: Path<'a>,
 }
 
-impl DeviceScope {
+impl DeviceScope<'_> {
     /// The bus/device/function of a device directly on the start bus; deeper
     /// paths need the bridges' bus numbers, read from PCI configuration space.
     pub fn direct_bdf(&self) -> Option<(u8, u8, u8)> {
-        match self.path.as_slice() {
-            [hop] => Some((self.start_bus, hop.device, hop.function)),
+        match self.path.0 {
+            [device, function] => Some((self.start_bus, *device, *function)),
             _ => None,
         }
+    }
+}
+
+/// The PCI path of a device scope: (device, function) hops, as many as the
+/// scope holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Path<'a>(&'a [u8]);
+
+impl<'a> Path<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = PciHop> + 'a {
+        self.0.chunks_exact(2).map(|h| PciHop {
+            device: h[0],
+            function: h[1],
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len() / 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -162,14 +218,29 @@ pub enum DmarError {
         offset: usize,
         length: u8,
     },
-    /// More structures of a kind than Parallax keeps (named).
-    TooMany { what: &'static str, limit: usize },
+    /// More DMAR tables than [`MAX_TABLES`].
+    TooManyTables { limit: usize },
 }
 
-impl Dmar {
-    /// Parses and merges every DMAR table given. Fails on the first malformed
-    /// table, naming it and the offset of the bad structure.
-    pub fn parse<'a>(tables: impl IntoIterator<Item = Table<'a>>) -> Result<Self, DmarError> {
+/// The remapping structures of checked table bytes: (type, bytes).
+fn structures(table: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut offset = STRUCTURES_AT;
+    core::iter::from_fn(move || {
+        if offset + 4 > table.len() {
+            return None;
+        }
+        let kind = le_u16(table, offset);
+        let end = offset + usize::from(le_u16(table, offset + 2));
+        let s = table.get(offset..end)?;
+        offset = end;
+        Some((kind, s))
+    })
+}
+
+impl<'a> Dmar<'a> {
+    /// Checks and merges every DMAR table given. Fails on the first
+    /// malformed table, naming it and the offset of the bad structure.
+    pub fn parse(tables: impl IntoIterator<Item = Table<'a>>) -> Result<Self, DmarError> {
         let mut dmar = Dmar::default();
         for table in tables {
             dmar.merge(&table)?;
@@ -177,7 +248,32 @@ impl Dmar {
         Ok(dmar)
     }
 
-    fn merge(&mut self, table: &Table<'_>) -> Result<(), DmarError> {
+    /// The DRHD units of every table, in order.
+    pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + '_ {
+        self.checked.iter().flat_map(|t| {
+            structures(t).filter(|&(k, _)| k == 0).map(|(_, s)| Drhd {
+                include_pci_all: s[4] & 1 != 0,
+                register_pages: 1u32 << (s[5] & 0xf),
+                segment: le_u16(s, 6),
+                register_base: le_u64(s, 8),
+                scopes: Scopes(&s[16..]),
+            })
+        })
+    }
+
+    /// The RMRRs of every table, in order.
+    pub fn rmrrs(&self) -> impl Iterator<Item = Rmrr<'a>> + '_ {
+        self.checked.iter().flat_map(|t| {
+            structures(t).filter(|&(k, _)| k == 1).map(|(_, s)| Rmrr {
+                segment: le_u16(s, 6),
+                base: le_u64(s, 8),
+                limit: le_u64(s, 16),
+                scopes: Scopes(&s[24..]),
+            })
+        })
+    }
+
+    fn merge(&mut self, table: &Table<'a>) -> Result<(), DmarError> {
         let at = table.address;
         let b = table.bytes;
         if table.signature() != *b"DMAR" {
@@ -189,18 +285,11 @@ impl Dmar {
                 length: b.len(),
             });
         }
-        let width = b[36].saturating_add(1);
-        if self.tables == 0 {
-            self.address_width = width;
-        } else if width != self.address_width {
-            self.width_conflict = true;
-            self.address_width = self.address_width.min(width);
+        if self.checked.is_full() {
+            return Err(DmarError::TooManyTables { limit: MAX_TABLES });
         }
-        self.interrupt_remapping |= b[37] & 1 != 0;
-        self.x2apic_opt_out |= b[37] & 2 != 0;
-        self.dma_ctrl_platform_opt_in |= b[37] & 4 != 0;
-        self.tables = self.tables.saturating_add(1);
-
+        // Every structure and scope checked before anything is kept.
+        let (mut drhds, mut rmrrs, mut scopes, mut others) = (0, 0, 0, 0u16);
         let mut offset = STRUCTURES_AT;
         while offset < b.len() {
             if b.len() - offset < 4 {
@@ -219,64 +308,61 @@ impl Dmar {
                 _ => 4,
             };
             let end = offset + usize::from(length);
+            let bad = DmarError::BadStructure {
+                table: at,
+                offset,
+                kind,
+                length,
+            };
             if usize::from(length) < minimum || end > b.len() {
-                return Err(DmarError::BadStructure {
-                    table: at,
-                    offset,
-                    kind,
-                    length,
-                });
+                return Err(bad);
             }
             let s = &b[offset..end];
             match kind {
                 0 => {
-                    let drhd = Drhd {
-                        include_pci_all: s[4] & 1 != 0,
-                        register_pages: 1u32 << (s[5] & 0xf),
-                        segment: le_u16(s, 6),
-                        register_base: le_u64(s, 8),
-                        scopes: parse_scopes(at, offset, s, 16)?,
-                    };
-                    self.drhds.push(drhd).map_err(|_| DmarError::TooMany {
-                        what: "DRHD units",
-                        limit: MAX_DRHD,
-                    })?;
+                    scopes += check_scopes(at, offset, s, 16)?;
+                    drhds += 1;
                 }
                 1 => {
-                    let rmrr = Rmrr {
-                        segment: le_u16(s, 6),
-                        base: le_u64(s, 8),
-                        limit: le_u64(s, 16),
-                        scopes: parse_scopes(at, offset, s, 24)?,
-                    };
-                    if rmrr.limit < rmrr.base {
-                        return Err(DmarError::BadStructure {
-                            table: at,
-                            offset,
-                            kind,
-                            length,
-                        });
+                    if le_u64(s, 16) < le_u64(s, 8) {
+                        return Err(bad);
                     }
-                    self.rmrrs.push(rmrr).map_err(|_| DmarError::TooMany {
-                        what: "RMRRs",
-                        limit: MAX_RMRR,
-                    })?;
+                    scopes += check_scopes(at, offset, s, 24)?;
+                    rmrrs += 1;
                 }
-                _ => self.other_structures = self.other_structures.saturating_add(1),
+                _ => others = others.saturating_add(1),
             }
             offset = end;
         }
+        let width = b[36].saturating_add(1);
+        if self.tables == 0 {
+            self.address_width = width;
+        } else if width != self.address_width {
+            self.width_conflict = true;
+            self.address_width = self.address_width.min(width);
+        }
+        self.interrupt_remapping |= b[37] & 1 != 0;
+        self.x2apic_opt_out |= b[37] & 2 != 0;
+        self.dma_ctrl_platform_opt_in |= b[37] & 4 != 0;
+        self.tables = self.tables.saturating_add(1);
+        self.drhd_count += drhds;
+        self.rmrr_count += rmrrs;
+        self.scope_count += scopes;
+        self.other_structures = self.other_structures.saturating_add(others);
+        let _ = self.checked.push(b);
         Ok(())
     }
 }
 
-fn parse_scopes(
+/// Checks the device scopes of structure `s` (at `structure_at` in its
+/// table) from byte `first`: how many.
+fn check_scopes(
     table: u64,
     structure_at: usize,
     s: &[u8],
     first: usize,
-) -> Result<Vec<DeviceScope, MAX_SCOPES>, DmarError> {
-    let mut scopes = Vec::new();
+) -> Result<usize, DmarError> {
+    let mut count = 0;
     let mut o = first;
     while o < s.len() {
         let bad = |length| DmarError::BadScope {
@@ -292,31 +378,10 @@ fn parse_scopes(
         if length < 6 || !(length - 6).is_multiple_of(2) || end > s.len() {
             return Err(bad(length));
         }
-        let mut path = Vec::new();
-        for hop in s[o + 6..end].chunks_exact(2) {
-            path.push(PciHop {
-                device: hop[0],
-                function: hop[1],
-            })
-            .map_err(|_| DmarError::TooMany {
-                what: "PCI hops in a device scope",
-                limit: MAX_PATH,
-            })?;
-        }
-        scopes
-            .push(DeviceScope {
-                kind: ScopeKind::from_byte(s[o]),
-                enumeration_id: s[o + 4],
-                start_bus: s[o + 5],
-                path,
-            })
-            .map_err(|_| DmarError::TooMany {
-                what: "device scopes in one structure",
-                limit: MAX_SCOPES,
-            })?;
+        count += 1;
         o = end;
     }
-    Ok(scopes)
+    Ok(count)
 }
 
 /// Builds DMAR table bytes: for tests, and for the RMRR table that boot tests
@@ -324,9 +389,29 @@ fn parse_scopes(
 #[cfg(any(test, feature = "std"))]
 pub mod build {
     extern crate std;
-    use super::{DeviceScope, ScopeKind};
+    use super::{PciHop, ScopeKind};
     use std::vec;
     use std::vec::Vec;
+
+    /// A device scope to encode (and what a parsed one reads as:
+    /// [`owned`]).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct DeviceScope {
+        pub kind: ScopeKind,
+        pub enumeration_id: u8,
+        pub start_bus: u8,
+        pub path: Vec<PciHop>,
+    }
+
+    /// A parsed scope as an owned one, to compare.
+    pub fn owned(s: &super::DeviceScope<'_>) -> DeviceScope {
+        DeviceScope {
+            kind: s.kind,
+            enumeration_id: s.enumeration_id,
+            start_bus: s.start_bus,
+            path: s.path.iter().collect(),
+        }
+    }
 
     /// A DMAR table under construction.
     #[derive(Clone, Debug, Default)]
@@ -409,15 +494,43 @@ pub mod build {
         }
     }
 
+    /// A server-sized DMAR: 40 units (segment 1, registers from
+    /// 0xfb00_0000, 4 KiB apart) of 12 scopes each, sub-hierarchies on bus
+    /// `unit + 1` whose paths cross 1 to 5 hops, and 30 reserved regions of
+    /// 4 KiB from 0x8000_0000, 1 MiB apart, each for device 20:14.0 (480 +
+    /// 30 scopes in all).
+    pub fn server_sized() -> Vec<u8> {
+        let mut b = DmarBuilder::new(46, 1);
+        for unit in 0..40u64 {
+            let scopes: Vec<DeviceScope> = (0..12u8)
+                .map(|i| DeviceScope {
+                    kind: ScopeKind::PciSubHierarchy,
+                    enumeration_id: 0,
+                    start_bus: unit as u8 + 1,
+                    path: (0..=i % 5)
+                        .map(|h| PciHop {
+                            device: h,
+                            function: i % 8,
+                        })
+                        .collect(),
+                })
+                .collect();
+            b = b.drhd(false, 1, 0xfb00_0000 + unit * 0x1000, &scopes);
+        }
+        for r in 0..30u64 {
+            let base = 0x8000_0000 + (r << 20);
+            b = b.rmrr(1, base, base + 0xfff, &[endpoint(0x20, 0x14, 0)]);
+        }
+        b.build()
+    }
+
     /// A PCI endpoint scope for `bus:device.function` on its start bus.
     pub fn endpoint(bus: u8, device: u8, function: u8) -> DeviceScope {
-        let mut path = heapless::Vec::new();
-        path.push(super::PciHop { device, function }).unwrap();
         DeviceScope {
             kind: ScopeKind::PciEndpoint,
             enumeration_id: 0,
             start_bus: bus,
-            path,
+            path: vec![PciHop { device, function }],
         }
     }
 

@@ -1,9 +1,10 @@
 use super::build::{rsdp, table};
-use super::dmar::build::{DmarBuilder, endpoint};
-use super::dmar::*;
+use super::dmar::build::{DeviceScope, DmarBuilder, endpoint, owned, server_sized};
+use super::dmar::{Dmar, DmarError, MAX_TABLES, PciHop, ScopeKind};
 use super::*;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+use std::vec;
 use std::vec::Vec;
 
 /// Physical memory made of separate byte ranges.
@@ -139,7 +140,27 @@ fn table_header_checks() {
     );
 }
 
-fn dmar_of(bytes: &[u8]) -> Result<Dmar, DmarError> {
+/// Reads every unit, region, scope and hop of a parsed table (which must
+/// never panic, whatever bytes passed the checks).
+fn walk(d: &Dmar<'_>) {
+    let mut n = 0;
+    for u in d.drhds() {
+        for s in u.scopes.iter() {
+            n += 1;
+            let _ = (s.direct_bdf(), s.path.iter().count());
+        }
+    }
+    for r in d.rmrrs() {
+        let _ = r.len();
+        for s in r.scopes.iter() {
+            n += 1;
+            let _ = s.path.iter().count();
+        }
+    }
+    assert_eq!(n, d.scope_count);
+}
+
+fn dmar_of(bytes: &[u8]) -> Result<Dmar<'_>, DmarError> {
     Dmar::parse([Table {
         address: 0x1000,
         bytes,
@@ -151,17 +172,20 @@ fn qemu_intel_iommu_dmar() {
     let d = dmar_of(QEMU_DMAR).unwrap();
     assert_eq!(d.address_width, 39);
     assert!(d.interrupt_remapping && !d.x2apic_opt_out);
-    assert_eq!(d.drhds.len(), 1);
-    assert!(d.rmrrs.is_empty());
-    let drhd = &d.drhds[0];
+    assert_eq!((d.drhd_count, d.rmrr_count, d.scope_count), (1, 0, 8));
+    assert_eq!(d.drhds().count(), 1);
+    assert_eq!(d.rmrrs().count(), 0);
+    let drhd = d.drhds().next().unwrap();
     assert_eq!(
         (drhd.register_base, drhd.segment, drhd.include_pci_all),
         (0xfed9_0000, 0, false)
     );
     assert_eq!(drhd.scopes.len(), 8);
-    assert_eq!(drhd.scopes[0].kind, ScopeKind::IoApic);
-    let endpoints: Vec<_> = drhd.scopes[1..]
+    assert_eq!(drhd.scopes.iter().next().unwrap().kind, ScopeKind::IoApic);
+    let endpoints: Vec<_> = drhd
+        .scopes
         .iter()
+        .skip(1)
         .map(|s| s.direct_bdf().unwrap())
         .collect();
     assert_eq!(
@@ -205,14 +229,17 @@ fn crafted_rmrr_table_merges_with_qemu_s() {
         (2, 39, false)
     );
     assert!(d.interrupt_remapping, "flags are merged");
-    assert_eq!(d.drhds.len(), 1);
-    assert_eq!(d.rmrrs.len(), 1);
-    let r = &d.rmrrs[0];
+    assert_eq!(d.drhds().count(), 1);
+    assert_eq!(d.rmrrs().count(), 1);
+    let r = d.rmrrs().next().unwrap();
     assert_eq!(
         (r.base, r.limit, r.len()),
         (0x7d0_0000, 0x7d0_ffff, 0x1_0000)
     );
-    assert_eq!(r.scopes[0].direct_bdf(), Some((0, 3, 0)));
+    assert_eq!(
+        r.scopes.iter().next().unwrap().direct_bdf(),
+        Some((0, 3, 0))
+    );
 }
 
 #[test]
@@ -221,7 +248,7 @@ fn builder_roundtrips_every_field() {
         kind: ScopeKind::PciSubHierarchy,
         enumeration_id: 0,
         start_bus: 2,
-        path: heapless::Vec::from_slice(&[
+        path: vec![
             PciHop {
                 device: 1,
                 function: 0,
@@ -230,8 +257,7 @@ fn builder_roundtrips_every_field() {
                 device: 0,
                 function: 1,
             },
-        ])
-        .unwrap(),
+        ],
     };
     let bytes = DmarBuilder::new(48, 0b101)
         .drhd(true, 1, 0xfed9_1000, &[])
@@ -241,11 +267,13 @@ fn builder_roundtrips_every_field() {
     let d = dmar_of(&bytes).unwrap();
     assert_eq!(d.address_width, 48);
     assert!(d.interrupt_remapping && !d.x2apic_opt_out && d.dma_ctrl_platform_opt_in);
-    assert!(d.drhds[0].include_pci_all);
-    assert_eq!(d.drhds[0].segment, 1);
-    assert_eq!(d.rmrrs[0].scopes[0], deep);
+    let drhd = d.drhds().next().unwrap();
+    assert!(drhd.include_pci_all);
+    assert_eq!(drhd.segment, 1);
+    let scope = d.rmrrs().next().unwrap().scopes.iter().next().unwrap();
+    assert_eq!(owned(&scope), deep);
     assert_eq!(
-        deep.direct_bdf(),
+        scope.direct_bdf(),
         None,
         "a path through a bridge has no direct BDF"
     );
@@ -324,28 +352,111 @@ fn malformed_structures_are_named_not_looped_on() {
     );
 }
 
-#[test]
-fn more_units_than_kept_is_an_error_not_a_silent_cut() {
-    let mut b = DmarBuilder::new(39, 0);
-    for i in 0..=MAX_DRHD as u64 {
-        b = b.drhd(false, 0, 0xfed9_0000 + i * 0x1000, &[]);
-    }
-    assert_eq!(
-        dmar_of(&b.build()),
-        Err(DmarError::TooMany {
-            what: "DRHD units",
-            limit: MAX_DRHD
+/// A scope of any kind with a path of 1 to 6 hops.
+fn any_scope() -> impl Strategy<Value = DeviceScope> {
+    (
+        1u8..=6,
+        any::<u8>(),
+        any::<u8>(),
+        proptest::collection::vec((0u8..32, 0u8..8), 1..=6),
+    )
+        .prop_map(|(kind, enumeration_id, start_bus, hops)| DeviceScope {
+            kind: match kind {
+                1 => ScopeKind::PciEndpoint,
+                2 => ScopeKind::PciSubHierarchy,
+                3 => ScopeKind::IoApic,
+                4 => ScopeKind::HpetMsi,
+                5 => ScopeKind::AcpiNamespace,
+                other => ScopeKind::Unknown(other),
+            },
+            enumeration_id,
+            start_bus,
+            path: hops
+                .into_iter()
+                .map(|(device, function)| PciHop { device, function })
+                .collect(),
         })
+}
+
+#[test]
+fn a_real_servers_table_is_taken_whole() {
+    // Dozens of units, hundreds of scopes, paths through several bridges,
+    // many regions: more than a fixed array would hold.
+    let bytes = server_sized();
+    let d = dmar_of(&bytes).unwrap();
+    assert_eq!((d.drhd_count, d.rmrr_count, d.scope_count), (40, 30, 510));
+    assert_eq!(d.drhds().count(), 40);
+    let last = d.drhds().last().unwrap();
+    assert!(!last.include_pci_all);
+    assert_eq!(
+        (last.segment, last.register_base),
+        (1, 0xfb00_0000 + 39 * 0x1000)
+    );
+    assert_eq!(last.scopes.len(), 12);
+    let deepest = last.scopes.iter().find(|s| s.path.len() == 5).unwrap();
+    assert_eq!(
+        (
+            deepest.start_bus,
+            deepest.path.iter().last().unwrap().device
+        ),
+        (40, 4)
+    );
+    let r = d.rmrrs().nth(29).unwrap();
+    assert_eq!((r.base, r.len()), (0x8000_0000 + (29 << 20), 4096));
+    assert_eq!(
+        r.scopes.iter().next().unwrap().direct_bdf(),
+        Some((0x20, 0x14, 0))
+    );
+}
+
+#[test]
+fn more_tables_than_kept_is_an_error_not_a_silent_cut() {
+    let t = rmrr_only();
+    let tables = (0..=MAX_TABLES as u64).map(|i| Table {
+        address: 0x1000 * (i + 1),
+        bytes: &t,
+    });
+    assert_eq!(
+        Dmar::parse(tables),
+        Err(DmarError::TooManyTables { limit: MAX_TABLES })
     );
 }
 
 proptest! {
+    /// What is built is what is read back: every unit, region, scope and
+    /// hop, in order.
+    #[test]
+    fn built_tables_read_back_exactly(
+        units in proptest::collection::vec((any::<bool>(), any::<u16>(), any::<u64>(), proptest::collection::vec(any_scope(), 0..10)), 0..12),
+        regions in proptest::collection::vec((any::<u16>(), 0u64..1 << 40, 0u64..1 << 20, proptest::collection::vec(any_scope(), 0..10)), 0..12),
+    ) {
+        let mut b = DmarBuilder::new(39, 0);
+        for (all, segment, base, scopes) in &units {
+            b = b.drhd(*all, *segment, *base, scopes);
+        }
+        for (segment, base, len, scopes) in &regions {
+            b = b.rmrr(*segment, *base, base + len, scopes);
+        }
+        let bytes = b.build();
+        let d = dmar_of(&bytes).unwrap();
+        let units_read: Vec<_> = d.drhds().map(|u| (u.include_pci_all, u.segment, u.register_base, u.scopes.iter().map(|s| owned(&s)).collect::<Vec<_>>())).collect();
+        prop_assert_eq!(units_read, units.clone());
+        let regions_read: Vec<_> = d.rmrrs().map(|r| (r.segment, r.base, r.limit - r.base, r.scopes.iter().map(|s| owned(&s)).collect::<Vec<_>>())).collect();
+        prop_assert_eq!(regions_read, regions.clone());
+        let scopes: usize = units.iter().map(|u| u.3.len()).sum::<usize>() + regions.iter().map(|r| r.3.len()).sum::<usize>();
+        prop_assert_eq!(d.scope_count, scopes);
+    }
+
     #[test]
     fn arbitrary_structure_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
         let mut t = table(b"DMAR", 1, &[&[38u8, 1], &[0u8; 10][..], &body].concat());
-        let _ = dmar_of(&t);
+        if let Ok(d) = dmar_of(&t) {
+            walk(&d);
+        }
         t.truncate(t.len() / 2);
-        let _ = dmar_of(&t);
+        if let Ok(d) = dmar_of(&t) {
+            walk(&d);
+        }
     }
 
     #[test]
@@ -354,7 +465,9 @@ proptest! {
         for (at, v) in flips {
             t[at] = v;
         }
-        let _ = dmar_of(&t);
+        if let Ok(d) = dmar_of(&t) {
+            walk(&d);
+        }
         let mut mem = FakeMemory::default();
         mem.put(0x1000, t);
         let _ = read_table(&mem, 0x1000, None);

@@ -1063,10 +1063,11 @@ impl Altp2m {
                 Ok(Reply::Done)
             }
             // Dirty logs are the logdirty service's (the vmm sends an
-            // in-guest agent's requests there).
+            // in-guest agent's requests there), shared pages the vmm's.
             Request::DirtyLogStart { .. }
             | Request::DirtyLogRead { .. }
-            | Request::DirtyLogStop => Err(HcError::WrongService),
+            | Request::DirtyLogStop
+            | Request::GrantPages { .. } => Err(HcError::WrongService),
         }
     }
 

@@ -5,7 +5,9 @@
 //! the supervisor (and the altp2m and logdirty services, where it holds
 //! their handles) on the host's behalf, and writes the answers back. New
 //! ELFs for swaps arrive in chunks into the `swap` frames it shares with the
-//! supervisor.
+//! supervisor. Where the runner reads the emulator's debug port (0xE9) and
+//! asks for it, the answers go there instead of COM2: the same frames, with
+//! no baud rate (docs/control.md).
 
 #![no_std]
 #![no_main]
@@ -19,7 +21,7 @@ use ipc_schema::sharing::{SHARING, ShReply, ShRequest};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
 use ipc_schema::syscall::Handle;
 use ipc_schema::syscall::layout::MAP_BASE;
-use service_console::session::{Session, Supervisor};
+use service_console::session::{Action, Session, Supervisor};
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
 
@@ -146,17 +148,66 @@ impl Supervisor for Ask {
     }
 }
 
-/// Sends one message to the host.
-fn send_frame(uart: &Uart, m: &ToHost) {
-    let mut buf = [0u8; 2 * ipc_schema::control::MAX_FRAME];
-    match ipc_schema::frame::encode(m, &mut buf) {
-        Ok(frame) => uart.send(frame),
-        Err(_) => defmt::error!("console: a message for the host does not fit a frame"),
+/// The I/O port of Bochs's `port_e9_hack` and QEMU's `isa-debugcon`:
+/// written bytes reach the host at once (no baud rate); it reads back as
+/// 0xE9 where such a device is there.
+const DEBUG_PORT: u16 = 0xe9;
+
+/// Where the console's frames go: COM2, or the debug port once the runner
+/// asked for it ([`Action::UseDebugPort`]) and the port answers.
+struct Out {
+    uart: Uart,
+    /// The `debugport` handle, if the manifest grants one.
+    debug: Option<Handle>,
+    on_debug: bool,
+}
+
+impl Out {
+    fn send(&self, bytes: &[u8]) {
+        match self.debug {
+            Some(h) if self.on_debug => {
+                let _ = sys::io_out_bytes(h, DEBUG_PORT, bytes);
+            }
+            _ => self.uart.send(bytes),
+        }
+    }
+
+    /// Sends one message to the host.
+    fn frame(&self, m: &ToHost) {
+        let mut buf = [0u8; 2 * ipc_schema::control::MAX_FRAME];
+        match ipc_schema::frame::encode(m, &mut buf) {
+            Ok(frame) => self.send(frame),
+            Err(_) => defmt::error!("console: a message for the host does not fit a frame"),
+        }
+    }
+
+    fn use_debug_port(&mut self) {
+        if self.on_debug {
+            return;
+        }
+        let Some(h) = self.debug else {
+            defmt::warn!(
+                "console: asked to answer on the debug port, but holds no `debugport` handle"
+            );
+            return;
+        };
+        match sys::io_in(h, DEBUG_PORT, 1) {
+            Ok(v) if v as u8 == DEBUG_PORT as u8 => {
+                // A zero first: the host's reader starts at a frame boundary.
+                let _ = sys::io_out(h, DEBUG_PORT, 1, 0);
+                self.on_debug = true;
+                defmt::info!("console: frames go to the debug port 0xe9 from now on");
+            }
+            v => defmt::warn!(
+                "console: the debug port 0xe9 reads {=?}, not 0xe9: frames stay on COM2",
+                v.ok()
+            ),
+        }
     }
 }
 
 struct Console {
-    uart: Uart,
+    out: Out,
     irq: Handle,
     /// Signalled by the supervisor when it records an event.
     supervisor_events: Option<Handle>,
@@ -170,18 +221,18 @@ struct Console {
 impl Console {
     fn drain(&mut self) {
         let mut budget = 4096;
-        while self.uart.inb(LINE_STATUS) & 1 != 0 && budget > 0 {
+        while self.out.uart.inb(LINE_STATUS) & 1 != 0 && budget > 0 {
             budget -= 1;
-            let b = self.uart.inb(DATA);
-            let uart = &self.uart;
-            self.session
-                .byte(b, &mut self.supervisor, self.swap, &mut |m: &ToHost| {
-                    let mut buf = [0u8; 2 * ipc_schema::control::MAX_FRAME];
-                    match ipc_schema::frame::encode(m, &mut buf) {
-                        Ok(frame) => uart.send(frame),
-                        Err(_) => defmt::error!("console: an answer does not fit a frame"),
-                    }
-                });
+            let b = self.out.uart.inb(DATA);
+            let out = &self.out;
+            let action =
+                self.session
+                    .byte(b, &mut self.supervisor, self.swap, &mut |m: &ToHost| {
+                        out.frame(m)
+                    });
+            if action == Action::UseDebugPort {
+                self.out.use_debug_port();
+            }
         }
     }
 }
@@ -202,13 +253,13 @@ impl Service for Console {
         if slot == self.irq {
             self.drain();
         } else if Some(slot) == self.supervisor_events {
-            let uart = &self.uart;
+            let out = &self.out;
             self.session
-                .events(&mut self.supervisor, &mut |m: &ToHost| send_frame(uart, m));
+                .events(&mut self.supervisor, &mut |m: &ToHost| out.frame(m));
         } else if Some(slot) == self.altp2m_events {
-            let uart = &self.uart;
+            let out = &self.out;
             self.session
-                .violations(&mut self.supervisor, &mut |m: &ToHost| send_frame(uart, m));
+                .violations(&mut self.supervisor, &mut |m: &ToHost| out.frame(m));
         }
     }
 
@@ -253,7 +304,11 @@ fn main() -> ! {
     let supervisor_events = service_runtime::handle("supervisor-events");
     let altp2m_events = service_runtime::handle("altp2m-events");
     let mut console = Console {
-        uart,
+        out: Out {
+            uart,
+            debug: service_runtime::handle("debugport"),
+            on_debug: false,
+        },
         irq,
         supervisor_events,
         altp2m_events,

@@ -6,10 +6,10 @@
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_FRAME,
-    MAX_SWAP, ToHost,
+    MAX_READ, MAX_SWAP, ToHost,
 };
 use ipc_schema::frame::{self, FrameError};
-use ipc_schema::introspect::{IntroReply, IntroRequest};
+use ipc_schema::introspect::{Address, CHUNK, IntroError, IntroReply, IntroRequest};
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::sharing::{ShReply, ShRequest};
 use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
@@ -45,6 +45,15 @@ pub trait Supervisor {
     }
 }
 
+/// What the console itself should do after a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    None,
+    /// The runner reads the debug port: send frames there
+    /// ([`ControlRequest::UseDebugPort`]).
+    UseDebugPort,
+}
+
 /// A swap being received.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Incoming {
@@ -65,6 +74,40 @@ pub struct Session {
     last_event: u32,
     /// The altp2m service's number of the last violation passed on.
     last_violation: u32,
+}
+
+/// [`ControlRequest::ReadMemory`]: the bytes as [`ToHost::Data`] frames,
+/// in order; the reply for the end (`Done`, or what stopped the read).
+fn read_memory(
+    seq: u32,
+    domain: u16,
+    at: Address,
+    len: u32,
+    sup: &mut impl Supervisor,
+    send: &mut impl FnMut(&ToHost),
+) -> ControlReply {
+    let refused = |e| ControlReply::Introspect(IntroReply::Refused(e));
+    if len > MAX_READ {
+        return refused(IntroError::BadLength);
+    }
+    let mut offset = 0u32;
+    while offset < len {
+        let n = (len - offset).min(CHUNK as u32) as u16;
+        let Some(at) = at.offset(u64::from(offset)) else {
+            return refused(IntroError::BadLength);
+        };
+        match sup.introspect(&IntroRequest::Read { domain, at, len: n }) {
+            Some(IntroReply::Bytes(bytes)) if bytes.0.len() == usize::from(n) => {
+                send(&ToHost::Data { seq, offset, bytes })
+            }
+            Some(IntroReply::Refused(e)) => return refused(e),
+            // Not an answer to a read: say what came, as a plain request would.
+            Some(other) => return ControlReply::Introspect(other),
+            None => return ControlReply::Error(ControlError::IntrospectUnavailable),
+        }
+        offset += u32::from(n);
+    }
+    ControlReply::Introspect(IntroReply::Done)
 }
 
 impl Default for Session {
@@ -147,12 +190,12 @@ impl Session {
         sup: &mut impl Supervisor,
         swap_buffer: &mut [u8],
         send: &mut impl FnMut(&ToHost),
-    ) {
+    ) -> Action {
         if b != 0 {
             if self.rx.push(b).is_err() {
                 self.overflow = true;
             }
-            return;
+            return Action::None;
         }
         if core::mem::take(&mut self.overflow) {
             self.rx.clear();
@@ -164,14 +207,26 @@ impl Session {
                 seq: 0,
                 reply: ControlReply::Error(ControlError::TooLong),
             });
-            return;
+            return Action::None;
         }
         if self.rx.is_empty() {
-            return;
+            return Action::None;
         }
         let len = self.rx.len() as u32;
         let mut chunk = core::mem::take(&mut self.rx);
         match frame::decode::<FromHost>(&mut chunk[..]) {
+            // The runner's, not a client's: never answered.
+            Ok(FromHost {
+                request: ControlRequest::UseDebugPort,
+                ..
+            }) => return Action::UseDebugPort,
+            Ok(FromHost {
+                seq,
+                request: ControlRequest::ReadMemory { domain, at, len },
+            }) if self.hello => {
+                let reply = read_memory(seq, domain, at, len, sup, send);
+                send(&ToHost::Reply { seq, reply });
+            }
             Ok(m) => {
                 let reply = self.answer(&m.request, sup, swap_buffer);
                 send(&ToHost::Reply { seq: m.seq, reply });
@@ -192,6 +247,7 @@ impl Session {
                 send(&ToHost::Event(ControlEvent::Garbage { bytes: len }));
             }
         }
+        Action::None
     }
 
     fn answer(
@@ -264,7 +320,9 @@ impl Session {
             ControlRequest::Altp2m(_)
             | ControlRequest::Logdirty(_)
             | ControlRequest::Introspect(_)
-            | ControlRequest::Share(_) => {
+            | ControlRequest::Share(_)
+            | ControlRequest::ReadMemory { .. }
+            | ControlRequest::UseDebugPort => {
                 unreachable!("answered above")
             }
             ControlRequest::SwapBegin { name, len } => {

@@ -2,12 +2,14 @@
 
 extern crate std;
 
-use crate::session::{RX, Session, Supervisor, VERSION};
+use crate::session::{Action, RX, Session, Supervisor, VERSION};
 use ipc_schema::altp2m::{AltReply, AltRequest, EVENTS_PER_REPLY, VmEvent};
 use ipc_schema::control::{
-    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, SWAP_CHUNK, ToHost,
+    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_READ,
+    SWAP_CHUNK, ToHost,
 };
 use ipc_schema::hypercall::{Reply, Request};
+use ipc_schema::introspect::{Address, CHUNK, IntroError, IntroReply, IntroRequest};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, LdReply, LdRequest, Mechanism};
 use ipc_schema::supervisor::{
@@ -28,6 +30,15 @@ struct Fake {
     violations: Vec<VmEvent>,
     /// What the logdirty service was asked; `None`: unreachable.
     logdirty: Option<Vec<LdRequest>>,
+    /// What the introspect service was asked; `None`: unreachable. Domain
+    /// 1 has 64 KiB of RAM whose byte at `gpa` is `gpa as u8 ^ 0x5a`.
+    introspect: Option<Vec<IntroRequest>>,
+}
+
+const FAKE_RAM: u64 = 0x10000;
+
+fn fake_byte(gpa: u64) -> u8 {
+    gpa as u8 ^ 0x5a
 }
 
 impl Supervisor for Fake {
@@ -93,6 +104,33 @@ impl Supervisor for Fake {
             _ => LdReply::Error(LdError::NoSuchDomain),
         })
     }
+
+    fn introspect(&mut self, r: &IntroRequest) -> Option<IntroReply> {
+        self.introspect.as_mut()?.push(r.clone());
+        Some(Fake::introspect_answer(r))
+    }
+}
+
+impl Fake {
+    fn introspect_answer(r: &IntroRequest) -> IntroReply {
+        match *r {
+            IntroRequest::Read {
+                domain: 1,
+                at: Address::Physical(gpa),
+                len,
+            } => match gpa.checked_add(u64::from(len)) {
+                Some(end) if end <= FAKE_RAM => {
+                    let mut bytes = BoundedVec::new();
+                    for a in gpa..end {
+                        bytes.0.push(fake_byte(a)).unwrap();
+                    }
+                    IntroReply::Bytes(bytes)
+                }
+                _ => IntroReply::Refused(IntroError::OutsideRam { gpa: FAKE_RAM }),
+            },
+            _ => IntroReply::Refused(IntroError::NoSuchDomain),
+        }
+    }
 }
 
 struct Rig {
@@ -112,22 +150,33 @@ impl Rig {
         }
     }
 
-    fn bytes(&mut self, bytes: &[u8]) {
+    /// Feeds `bytes`; what the console itself was asked to do.
+    fn bytes(&mut self, bytes: &[u8]) -> Vec<Action> {
         let out = &mut self.out;
+        let mut actions = Vec::new();
         for &b in bytes {
-            self.s
+            let a = self
+                .s
                 .byte(b, &mut self.sup, &mut self.buf, &mut |m: &ToHost| {
                     out.push(m.clone())
                 });
+            if a != Action::None {
+                actions.push(a);
+            }
         }
+        actions
+    }
+
+    fn frame(seq: u32, request: ControlRequest) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        ipc_schema::frame::encode(&FromHost { seq, request }, &mut buf)
+            .unwrap()
+            .to_vec()
     }
 
     fn send(&mut self, seq: u32, request: ControlRequest) -> ControlReply {
-        let mut buf = [0u8; 2048];
-        let f = ipc_schema::frame::encode(&FromHost { seq, request }, &mut buf)
-            .unwrap()
-            .to_vec();
-        self.bytes(&f);
+        let f = Self::frame(seq, request);
+        assert_eq!(self.bytes(&f), []);
         match self.out.pop() {
             Some(ToHost::Reply { seq: s, reply }) if s == seq => reply,
             other => panic!("no reply to #{seq}: {other:?}"),
@@ -517,4 +566,137 @@ fn logdirty_requests_before_hello_are_refused() {
         ControlReply::Error(ControlError::NotHello)
     );
     assert_eq!(r.sup.logdirty.as_deref(), Some(&[][..]));
+}
+
+/// The data frames of request `seq` in `out`, checked to come in order and
+/// back to back, joined.
+fn streamed(out: &[ToHost], seq: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for m in out {
+        if let ToHost::Data {
+            seq: s,
+            offset,
+            bytes: b,
+        } = m
+        {
+            assert_eq!(*s, seq);
+            assert_eq!(*offset as usize, bytes.len(), "in order, no gaps");
+            assert!(b.0.len() <= CHUNK);
+            bytes.extend_from_slice(&b.0);
+        }
+    }
+    bytes
+}
+
+#[test]
+fn a_memory_read_is_streamed_in_chunks_then_answered() {
+    let mut r = Rig::new();
+    r.sup.introspect = Some(Vec::new());
+    r.hello();
+    let request = ControlRequest::ReadMemory {
+        domain: 1,
+        at: Address::Physical(0x100),
+        len: 1000,
+    };
+    assert_eq!(
+        r.send(9, request),
+        ControlReply::Introspect(IntroReply::Done)
+    );
+    let got = streamed(&r.out, 9);
+    let want: Vec<u8> = (0x100..0x100 + 1000).map(fake_byte).collect();
+    assert_eq!(got, want);
+    // Six requests of at most CHUNK bytes, one after the other.
+    let asked = r.sup.introspect.as_deref().unwrap();
+    assert_eq!(asked.len(), 1000usize.div_ceil(CHUNK));
+    assert!(matches!(
+        asked[5],
+        IntroRequest::Read {
+            at: Address::Physical(0x4c0),
+            len: 40,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_memory_read_stops_at_the_first_refusal_after_the_bytes_before_it() {
+    let mut r = Rig::new();
+    r.sup.introspect = Some(Vec::new());
+    r.hello();
+    let start = FAKE_RAM - 500;
+    let reply = r.send(
+        3,
+        ControlRequest::ReadMemory {
+            domain: 1,
+            at: Address::Physical(start),
+            len: 4096,
+        },
+    );
+    assert_eq!(
+        reply,
+        ControlReply::Introspect(IntroReply::Refused(IntroError::OutsideRam {
+            gpa: FAKE_RAM
+        }))
+    );
+    // Two whole chunks made it; the third ran past the end and stopped it.
+    let got = streamed(&r.out, 3);
+    assert_eq!(got.len(), 2 * CHUNK);
+    assert_eq!(got[0], fake_byte(start));
+    assert_eq!(r.sup.introspect.as_deref().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_memory_reads_are_refused_before_any_byte() {
+    let mut r = Rig::new();
+    r.sup.introspect = Some(Vec::new());
+    // Before hello, like every other request.
+    let read = |len| ControlRequest::ReadMemory {
+        domain: 1,
+        at: Address::Physical(0),
+        len,
+    };
+    assert_eq!(
+        r.send(1, read(16)),
+        ControlReply::Error(ControlError::NotHello)
+    );
+    r.hello();
+    assert_eq!(
+        r.send(2, read(MAX_READ + 1)),
+        ControlReply::Introspect(IntroReply::Refused(IntroError::BadLength))
+    );
+    // A span that wraps the address space stops where it would wrap.
+    let wraps = ControlRequest::ReadMemory {
+        domain: 1,
+        at: Address::Physical(u64::MAX - 100),
+        len: 400,
+    };
+    assert!(matches!(
+        r.send(3, wraps),
+        ControlReply::Introspect(IntroReply::Refused(_))
+    ));
+    assert_eq!(streamed(&r.out, 0), []);
+    // A zero-length read is simply done.
+    assert_eq!(
+        r.send(4, read(0)),
+        ControlReply::Introspect(IntroReply::Done)
+    );
+    // No introspect service: said so.
+    r.sup.introspect = None;
+    assert_eq!(
+        r.send(5, read(8)),
+        ControlReply::Error(ControlError::IntrospectUnavailable)
+    );
+}
+
+#[test]
+fn the_runners_debug_port_request_is_acted_on_and_never_answered() {
+    let mut r = Rig::new();
+    // Before hello too: the runner sends it as a client attaches.
+    let f = Rig::frame(0, ControlRequest::UseDebugPort);
+    assert_eq!(r.bytes(&f), [Action::UseDebugPort]);
+    assert!(r.out.is_empty(), "{:?}", r.out);
+    assert!(!r.s.said_hello());
+    r.hello();
+    assert_eq!(r.bytes(&f), [Action::UseDebugPort]);
+    assert!(r.out.is_empty(), "{:?}", r.out);
 }

@@ -4,7 +4,8 @@
 //!
 //! Handles (see `tests/logdirty.rs` for the manifest): `logdirty` (call),
 //! `supervisor` (call, to find the domains by name), `domains` (read, write
-//! and build: reads both domains' RAM, writes the target's, pauses and
+//! and build: maps both domains' RAM, the target's writable, up to 512
+//! pages at a time (FOREIGN_MAP, counted in each domain: FM-1), pauses and
 //! destroys them). The source domain is named `writer`, the target `copy`
 //! (the same RAM size).
 //!
@@ -34,7 +35,8 @@
 
 use ipc_schema::logdirty::{DirtyMode, LOGDIRTY, LdReply, LdRequest, Mechanism};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest, name_str};
-use ipc_schema::syscall::{DomainOp, Handle, vm_features};
+use ipc_schema::syscall::layout::MAP_BASE;
+use ipc_schema::syscall::{DomainOp, FOREIGN_PAGES, Handle, vm_features};
 use service_runtime::ipc::Client;
 use service_runtime::{require, sys};
 
@@ -62,11 +64,76 @@ struct Copier {
     failed: u64,
 }
 
+/// Where the source's pages are mapped, and the target's after them.
+const SOURCE_VA: u64 = MAP_BASE;
+const TARGET_VA: u64 = MAP_BASE + RUN * PAGE;
+/// Pages mapped at once (FOREIGN_PAGES).
+const RUN: u64 = FOREIGN_PAGES;
+
 impl Copier {
-    fn copy(&mut self, gfn: u64) -> bool {
-        let mut page = [0u8; PAGE as usize];
-        sys::domain_read(self.domains, self.source, gfn * PAGE, &mut page).is_ok()
-            && sys::domain_write(self.domains, self.target, gfn * PAGE, &page).is_ok()
+    /// Maps pages `gfn .. gfn + count` (at most [`RUN`]) of the source
+    /// (read only) and of the target (writable with `write`), hands both to
+    /// `f`, and unmaps them. `None` where either cannot be mapped (not
+    /// RAM).
+    fn mapped<R>(
+        &mut self,
+        gfn: u64,
+        count: u64,
+        write: bool,
+        f: impl FnOnce(&[u8], &mut [u8]) -> R,
+    ) -> Option<R> {
+        let len = (count * PAGE) as usize;
+        let d = self.domains;
+        sys::foreign_map(d, self.source, gfn, count, SOURCE_VA, false).ok()?;
+        if sys::foreign_map(d, self.target, gfn, count, TARGET_VA, write).is_err() {
+            let _ = sys::foreign_unmap(SOURCE_VA, count);
+            return None;
+        }
+        // Safety: the kernel just mapped `count` pages of each domain at
+        // these addresses of this task's map window, the target's writable
+        // only with `write`; nothing else refers to them, and they are
+        // unmapped below before the window is used again.
+        let (source, target) = unsafe {
+            (
+                core::slice::from_raw_parts(SOURCE_VA as *const u8, len),
+                core::slice::from_raw_parts_mut(TARGET_VA as *mut u8, len),
+            )
+        };
+        let r = f(source, target);
+        let _ = sys::foreign_unmap(SOURCE_VA, count);
+        let _ = sys::foreign_unmap(TARGET_VA, count);
+        Some(r)
+    }
+
+    /// Whether gfn `gfn` of domain `id` is RAM (it can be mapped).
+    fn is_ram(&self, id: u16, gfn: u64) -> bool {
+        let ok = sys::foreign_map(self.domains, id, gfn, 1, SOURCE_VA, false).is_ok();
+        if ok {
+            let _ = sys::foreign_unmap(SOURCE_VA, 1);
+        }
+        ok
+    }
+
+    /// Copies pages `gfn .. gfn + count` of the source into the target:
+    /// how many could not be (not RAM), each page on its own where a run
+    /// cannot be mapped whole.
+    fn copy(&mut self, gfn: u64, count: u64) -> u64 {
+        let mut failed = 0;
+        for run in (gfn..gfn + count).step_by(RUN as usize) {
+            let n = RUN.min(gfn + count - run);
+            let whole = self.mapped(run, n, true, |s, t| t.copy_from_slice(s));
+            if whole.is_none() {
+                for g in run..run + n {
+                    if self
+                        .mapped(g, 1, true, |s, t| t.copy_from_slice(s))
+                        .is_none()
+                    {
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        failed
     }
 
     /// Reads the log with clear and copies each page it names: how many.
@@ -83,13 +150,15 @@ impl Copier {
             match reply {
                 Ok(LdReply::Dirty { ranges, next }) => {
                     for r in ranges.0.iter() {
-                        for g in r.gfn..r.gfn + r.count {
-                            if !self.copy(g) {
-                                defmt::error!("copier: FAIL copying gfn {=u64:#x}", g);
-                                return None;
-                            }
-                            copied += 1;
+                        if self.copy(r.gfn, r.count) != 0 {
+                            defmt::error!(
+                                "copier: FAIL copying gfns {=u64:#x} .. {=u64:#x}",
+                                r.gfn,
+                                r.gfn + r.count
+                            );
+                            return None;
                         }
+                        copied += r.count;
                     }
                     match next {
                         Some(g) => from = g,
@@ -109,23 +178,50 @@ impl Copier {
 
     /// Pages that differ between the two domains (the first logged).
     fn compare(&mut self) -> u64 {
-        let (mut a, mut b) = ([0u8; PAGE as usize], [0u8; PAGE as usize]);
         let mut differ = 0;
-        for g in 0..self.pages {
-            let ra = sys::domain_read(self.domains, self.source, g * PAGE, &mut a);
-            let rb = sys::domain_read(self.domains, self.target, g * PAGE, &mut b);
-            if ra.is_err() && rb.is_err() {
-                continue; // a hole in both (not RAM)
-            }
-            if ra.is_err() || rb.is_err() || a != b {
-                if differ == 0 {
-                    defmt::error!(
-                        "copier: FAIL gfn {=u64:#x} differs between the source and the copy",
-                        g
-                    );
+        let mut first = None;
+        let mut note = |g: u64, differ: &mut u64| {
+            first.get_or_insert(g);
+            *differ += 1;
+        };
+        for run in (0..self.pages).step_by(RUN as usize) {
+            let n = RUN.min(self.pages - run);
+            let pages = |s: &[u8], t: &mut [u8]| {
+                let mut out = [false; RUN as usize];
+                for (i, (a, b)) in s
+                    .chunks(PAGE as usize)
+                    .zip(t.chunks(PAGE as usize))
+                    .enumerate()
+                {
+                    out[i] = a != b;
                 }
-                differ += 1;
+                out
+            };
+            match self.mapped(run, n, false, pages) {
+                Some(out) => {
+                    for (i, _) in out.iter().enumerate().filter(|(_, d)| **d) {
+                        note(run + i as u64, &mut differ);
+                    }
+                }
+                // Page by page: a hole in both (not RAM) is no difference.
+                None => {
+                    for g in run..run + n {
+                        let (a, b) = (self.is_ram(self.source, g), self.is_ram(self.target, g));
+                        match (a, b) {
+                            (false, false) => {}
+                            (true, true)
+                                if self.mapped(g, 1, false, |s, t| s == t) == Some(true) => {}
+                            _ => note(g, &mut differ),
+                        }
+                    }
+                }
             }
+        }
+        if let Some(g) = first {
+            defmt::error!(
+                "copier: FAIL gfn {=u64:#x} differs between the source and the copy",
+                g
+            );
         }
         differ
     }
@@ -161,9 +257,7 @@ impl Copier {
             Mechanism::WriteProtect => "write-protection",
         };
         // Everything once, then what the log says changed meanwhile.
-        for g in 0..self.pages {
-            let _ = self.copy(g);
-        }
+        let _ = self.copy(0, self.pages);
         let mut live = self.pages;
         let mut rounds = 0;
         loop {

@@ -28,7 +28,9 @@
 use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, decode_message, encode_answer, encode_reply};
 use ipc_schema::ipc::BoundedVec;
 use ipc_schema::syscall::layout::MAP_BASE;
-use ipc_schema::syscall::{DomainOp, EptOp, Handle, MAX_EPT_OPS, MAX_MESSAGE, Perms, SysError, nr};
+use ipc_schema::syscall::{
+    DomainOp, EptOp, Handle, IO_OUT_MAX, MAX_EPT_OPS, MAX_MESSAGE, Perms, SysError, nr,
+};
 use ipc_schema::vmexit::{ExitKind, ExitMessage, ExitRegs, ExitReply, Response};
 use service_fuzz::{
     Memory, PAGE, Receive, Receivers, Rng, SCRATCH_PAGES, SCRATCH_VA, SEED, STOP, Tally,
@@ -760,7 +762,9 @@ impl Fuzzer {
         ] {
             let r = self.sys(nr::IO_IN, [h, at, size, 0, 0, 0]);
             let w = self.sys(nr::IO_OUT, [h, at, size, 0, 0, 0]);
-            for status in [r.status, w.status] {
+            let bytes = [0u8; 4];
+            let b = self.sys(nr::IO_OUT_BYTES, [h, at, bytes.as_ptr() as u64, size, 0, 0]);
+            for status in [r.status, w.status, b.status] {
                 if status != SysError::BadArgument as u64 {
                     taken += 1;
                 }
@@ -769,15 +773,39 @@ impl Fuzzer {
         let derived = self
             .sys(nr::HANDLE_DERIVE, [h, u64::MAX, 2, 0, 0, 0])
             .status;
+        // IO_OUT_BYTES with a buffer that wraps past the top, one longer
+        // than it takes, and a good one.
+        let bytes = [0u8; 4];
+        let wraps = self
+            .sys(nr::IO_OUT_BYTES, [h, 0x80, u64::MAX - 1, 16, 0, 0])
+            .status;
+        let long = self
+            .sys(
+                nr::IO_OUT_BYTES,
+                [h, 0x80, bytes.as_ptr() as u64, IO_OUT_MAX + 1, 0, 0],
+            )
+            .status;
+        let good = self
+            .sys(nr::IO_OUT_BYTES, [h, 0x80, bytes.as_ptr() as u64, 4, 0, 0])
+            .status;
         defmt::info!(
-            "fuzz: port 0x80 through its handle: {}; ports that wrap past the top: {=u32} of 8 accesses not refused; a derived range that wraps: {}",
+            "fuzz: port 0x80 through its handle: {}; ports that wrap past the top: {=u32} of 12 accesses not refused; a derived range that wraps: {}; IO_OUT_BYTES from a buffer that wraps: {}, of {=u64} bytes: {}, of 4 good ones: {}",
             SysError::from_raw(own),
             taken,
-            SysError::from_raw(derived)
+            SysError::from_raw(derived),
+            SysError::from_raw(wraps),
+            IO_OUT_MAX + 1,
+            SysError::from_raw(long),
+            SysError::from_raw(good)
         );
         self.check(
             "ports that wrap past u64::MAX",
-            own == 0 && taken == 0 && derived == SysError::BadArgument as u64,
+            own == 0
+                && taken == 0
+                && derived == SysError::BadArgument as u64
+                && wraps == SysError::BadAddress as u64
+                && long == SysError::BadArgument as u64
+                && good == 0,
             "every access refused with BadArgument; the handle's own port works",
         );
     }

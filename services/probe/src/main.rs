@@ -611,15 +611,72 @@ fn foreign_maps(p: &mut Probe, open: Handle, domains_ro: Handle) {
     );
 }
 
-/// The protected domain 1 (`vault`, read): not mapped while it runs; once
-/// the host pauses it, mapped and held until the host writes the marker
-/// into the page (through the introspect service: the host's unpause is
-/// refused meanwhile), then unmapped.
+/// The guest's tick count in the first 8 bytes of the page at `va` (the
+/// `ticker` guest's `grant=`).
+fn ticks_at(va: u64) -> u64 {
+    // Safety: `va` is a page of this process, mapped (read only) by a
+    // FOREIGN_MAP this function's callers hold.
+    unsafe { core::ptr::read_volatile(va as *const u64) }
+}
+
+/// Yields until the tick count at `va` moves past `from` (at most about
+/// `tries` yields): whether it did.
+fn ticks_move(va: u64, from: u64, tries: u32) -> bool {
+    (0..tries).any(|_| {
+        sys::yield_now();
+        ticks_at(va) > from
+    })
+}
+
+/// The protected domain 1 (`vault`, read): FM-2's exception first, the page
+/// the guest grants (gfn 0xe00, the `ticker`'s `grant=`), mapped while it
+/// runs and held throughout; any other page not mapped while it runs; once
+/// the host pauses it, 2 pages mapped and held until the host writes the
+/// marker into them (through the introspect service: the host's unpause is
+/// refused meanwhile), then unmapped; the host's unpause then succeeds with
+/// the granted page still mapped, whose tick count moves on.
 fn protected(p: &mut Probe, vault: Handle) {
     const VAULT: u16 = 1;
+    const GRANTED: u64 = 0xe00;
+    let granted_va = FOREIGN_VA + 16 * PAGE;
+    // The guest grants its page as it starts: wait for it.
+    let mut granted = sys::foreign_map(vault, VAULT, GRANTED, 1, granted_va, false);
+    for _ in 0..100_000 {
+        if granted.is_ok() {
+            break;
+        }
+        sys::yield_now();
+        granted = sys::foreign_map(vault, VAULT, GRANTED, 1, granted_va, false);
+    }
+    p.check(
+        "the page a running protected domain grants is mapped",
+        granted.is_ok(),
+        "gfn 0xe00, FM-2's exception",
+    );
+    // The guest's tick count in its granted page moves on (checked as `what`).
+    let ticking = |p: &mut Probe, what: &str, tries: u32| {
+        let t = ticks_at(granted_va);
+        p.check(
+            what,
+            ticks_move(granted_va, t, tries),
+            "its tick count moves",
+        );
+    };
+    if granted.is_ok() {
+        ticking(
+            p,
+            "the guest's writes to its granted page are seen while it runs",
+            1_000_000,
+        );
+    }
     p.expect_sys(
-        "a running protected domain is not mapped",
+        "a running protected domain's ungranted page is not mapped",
         sys::foreign_map(vault, VAULT, 0xf00, 1, FOREIGN_VA, false).map(|()| 0),
+        SysError::Busy,
+    );
+    p.expect_sys(
+        "a range reaching past the granted page is not mapped",
+        sys::foreign_map(vault, VAULT, GRANTED, 2, FOREIGN_VA, false).map(|()| 0),
         SysError::Busy,
     );
     defmt::info!("probe: waiting for the vault to be paused");
@@ -645,6 +702,16 @@ fn protected(p: &mut Probe, vault: Handle) {
     let gone = sys::foreign_unmap(FOREIGN_VA, 2);
     p.check("the vault's pages unmapped", gone.is_ok(), "FOREIGN_UNMAP");
     defmt::info!("probe: the vault's mapping is gone");
+    if granted.is_ok() {
+        // The host unpauses it with the granted page still mapped.
+        ticking(
+            p,
+            "unpaused with its granted page mapped, the guest ticks on",
+            10_000_000,
+        );
+        let gone = sys::foreign_unmap(granted_va, 1);
+        p.check("the granted page unmapped", gone.is_ok(), "FOREIGN_UNMAP");
+    }
 }
 
 /// The `mapper`: holds 6 pages of domain 2 once the host pauses it, then,

@@ -114,6 +114,24 @@ pub fn io_out(h: Handle, port: u16, size: u8, value: u32) -> Result<(), SysError
     .map(|_| ())
 }
 
+/// Writes `bytes` to the byte port `port`, in order, in as few calls as
+/// [`IO_OUT_MAX`](ipc_schema::syscall::IO_OUT_MAX) allows.
+pub fn io_out_bytes(h: Handle, port: u16, bytes: &[u8]) -> Result<(), SysError> {
+    for part in bytes.chunks(ipc_schema::syscall::IO_OUT_MAX as usize) {
+        call(
+            nr::IO_OUT_BYTES,
+            &[
+                u64::from(h),
+                u64::from(port),
+                part.as_ptr() as u64,
+                part.len() as u64,
+            ],
+        )
+        .ok()?;
+    }
+    Ok(())
+}
+
 /// Creates a handle to part of `h` (I/O ports `a..a+b`, or IRQ line `a`).
 pub fn derive(h: Handle, a: u64, b: u64) -> Result<Handle, SysError> {
     derive_with(h, a, b, 0)
@@ -359,6 +377,27 @@ pub fn foreign_map(
 /// FOREIGN_UNMAP: the mapping FOREIGN_MAP made at `va` of `count` pages.
 pub fn foreign_unmap(va: u64, count: u64) -> Result<(), SysError> {
     status(nr::FOREIGN_UNMAP, &[va, count])
+}
+
+/// DOMAIN_GRANT: domain `id`'s guest grants pages `gfn .. gfn + count`
+/// (`grant`), or no longer.
+pub fn domain_grant(
+    domains: Handle,
+    id: u16,
+    gfn: u64,
+    count: u64,
+    grant: bool,
+) -> Result<(), SysError> {
+    status(
+        nr::DOMAIN_GRANT,
+        &[
+            u64::from(domains),
+            u64::from(id),
+            gfn,
+            count,
+            u64::from(grant),
+        ],
+    )
 }
 
 pub fn domain_watch(domains: Handle, note: Handle, bit: u64) -> Result<(), SysError> {

@@ -187,7 +187,7 @@ impl Owner for Fake {
         !self.gone.contains(&domain)
     }
     fn pages(&mut self, domain: u16) -> Option<u64> {
-        (domain >= 1 && domain <= DOMAINS && !self.gone.contains(&domain)).then_some(RAM)
+        ((1..=DOMAINS).contains(&domain) && !self.gone.contains(&domain)).then_some(RAM)
     }
     fn read(&mut self, domain: u16, gfn: u64, out: &mut [u8]) -> bool {
         let v = self.contents(Page { domain, gfn });

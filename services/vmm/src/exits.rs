@@ -15,7 +15,7 @@ use ipc_schema::hypercall::{
     HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
-use ipc_schema::syscall::vm_features;
+use ipc_schema::syscall::{SysError, vm_features};
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
@@ -52,6 +52,21 @@ pub trait Env {
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
     /// Calls the logdirty service; `None` when it cannot be reached.
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply>;
+    /// DOMAIN_GRANT: the guest grants its pages `gfn .. gfn + count`
+    /// (`grant`), or no longer.
+    fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError>;
+}
+
+/// The guest's [`Request::GrantPages`], through the kernel (FM-2).
+fn grant_pages(env: &mut impl Env, domain: u16, gfn: u64, count: u64, grant: bool) -> Reply {
+    match env.grant(domain, gfn, count, grant) {
+        Ok(()) => Reply::Done,
+        Err(SysError::NoResources) => Reply::Error(HcError::TooManyGrants),
+        Err(SysError::Busy) => Reply::Error(HcError::GrantedPagesMapped),
+        Err(SysError::BadArgument) if !grant => Reply::Error(HcError::NotGranted),
+        Err(SysError::BadAddress) => Reply::Error(HcError::BadGfn { gfn }),
+        Err(_) => Reply::Error(HcError::BadRange),
+    }
 }
 
 /// The log number an in-guest agent's dirty log has at the logdirty
@@ -661,6 +676,8 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     };
     let reply = if let Some(r) = dirty_request(exit.domain, &request) {
         dirty_reply(env.logdirty(&r))
+    } else if let Request::GrantPages { gfn, count, grant } = request {
+        grant_pages(env, exit.domain, gfn, count, grant)
     } else {
         match env.altp2m(&AltRequest::Guest {
             domain: exit.domain,

@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
-use ipc_schema::syscall::Handle;
+use ipc_schema::syscall::{Handle, SysError};
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
@@ -115,6 +115,10 @@ impl Env for System {
 
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
         self.logdirty.as_mut()?.call(request)
+    }
+
+    fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError> {
+        sys::domain_grant(self.domains, domain, gfn, count, grant)
     }
 
     #[inline(always)]

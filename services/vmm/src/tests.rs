@@ -108,6 +108,24 @@ impl Env for Fake {
             _ => AltReply::Refused(ipc_schema::altp2m::AltError::WrongEndpoint),
         })
     }
+    fn grant(
+        &mut self,
+        _: u16,
+        gfn: u64,
+        count: u64,
+        grant: bool,
+    ) -> Result<(), ipc_schema::syscall::SysError> {
+        use ipc_schema::syscall::SysError;
+        // The kernel's answers, by the range asked.
+        match (gfn, count, grant) {
+            (_, 0, _) => Err(SysError::BadArgument),
+            (0x10, 1, _) => Ok(()),
+            (0x11, 1, true) => Err(SysError::NoResources),
+            (0x11, 1, false) => Err(SysError::Busy),
+            (0x12, 1, false) => Err(SysError::BadArgument),
+            _ => Err(SysError::BadAddress),
+        }
+    }
     fn logdirty(
         &mut self,
         request: &ipc_schema::logdirty::LdRequest,
@@ -727,4 +745,29 @@ fn an_agents_dirty_log_requests_go_to_the_logdirty_service_as_its_domains_log() 
 
 fn read_reply(env: &Fake, gpa: usize, len: u64) -> Reply {
     postcard::from_bytes(&env.memory[gpa..gpa + len as usize]).unwrap()
+}
+
+#[test]
+fn granted_pages_are_the_kernels_business_and_its_refusals_are_named() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut ask = |gfn, count, grant| {
+        let regs = request_at(&mut env, 0x100, &Request::GrantPages { gfn, count, grant });
+        let after = hypercall(&mut vmm, &mut env, regs);
+        let reply: Reply =
+            postcard::from_bytes(&env.memory[0x100..0x100 + after.rbx as usize]).unwrap();
+        (after.rax, reply)
+    };
+    assert_eq!(ask(0x10, 1, true), (Status::Ok as u64, Reply::Done));
+    assert_eq!(ask(0x10, 1, false), (Status::Ok as u64, Reply::Done));
+    let refused = |e| (Status::Refused as u64, Reply::Error(e));
+    assert_eq!(ask(0x11, 1, true), refused(HcError::TooManyGrants));
+    assert_eq!(ask(0x11, 1, false), refused(HcError::GrantedPagesMapped));
+    assert_eq!(ask(0x12, 1, false), refused(HcError::NotGranted));
+    assert_eq!(
+        ask(0x9999, 1, true),
+        refused(HcError::BadGfn { gfn: 0x9999 })
+    );
+    assert_eq!(ask(0x10, 0, true), refused(HcError::BadRange));
+    // None of it went to the altp2m or logdirty services.
+    assert!(env.asked.is_empty() && env.dirty_asked.is_empty());
 }

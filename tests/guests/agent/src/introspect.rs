@@ -15,7 +15,15 @@
 //!    the host pauses the domain, sets R12, resumes it. Prints
 //!    `introspect: r12 0x...`, then what its marker page reads now
 //!    (`introspect: marker now ...`: the host may have switched it to a
-//!    view that maps a shadow page there), and exits 0.
+//!    view that maps a shadow page there), and exits 0, unless the command
+//!    line also says `vmi`, for the vmi-rs test (issue 13, point 5):
+//! 3. zeroes R13 and writes a word of its marker page (offset 0x300) over
+//!    and over until R13 is not zero: the host makes the page read-only
+//!    in its view and answers the violation with R13 set, letting the
+//!    write through once. Prints `introspect: r13 0x...`;
+//! 4. spins until its marker page reads its marker again (the host's
+//!    `reset_state` puts it back in view 0 while it runs), prints
+//!    `introspect: marker back ...` and exits 0.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 use guest_runtime::{Pages, cpuid, println};
@@ -40,7 +48,7 @@ const P: u64 = 1;
 const RW: u64 = 2;
 const PS: u64 = 1 << 7;
 
-pub fn introspect() -> u32 {
+pub fn introspect(vmi: bool) -> u32 {
     for (i, chunk) in MARK.chunks(8).enumerate() {
         MARKER.write_u64(0, i * 8, u64::from_le_bytes(chunk.try_into().unwrap()));
     }
@@ -111,5 +119,41 @@ pub fn introspect() -> u32 {
     }
     let text = core::str::from_utf8(&now).unwrap_or("(not text)");
     println!("introspect: marker now {text}");
+    if !vmi {
+        return 0;
+    }
+    let word = MARKER.addr() + 0x300;
+    let r13: u64;
+    compiler_fence(Ordering::SeqCst);
+    // Safety: the loop only writes a word of this guest's marker page and
+    // reads R13.
+    unsafe {
+        core::arch::asm!(
+            "xor r13, r13",
+            "2:",
+            "mov qword ptr [{word}], 1",
+            "pause",
+            "test r13, r13",
+            "jz 2b",
+            "mov {out}, r13",
+            word = in(reg) word,
+            out = out(reg) r13,
+            out("r13") _,
+            options(nostack),
+        );
+    }
+    println!("introspect: r13 {r13:#x}");
+    let mut spins = 0u64;
+    while MARKER.read_u64(0, 0) != u64::from_le_bytes(MARK[..8].try_into().unwrap()) {
+        core::hint::spin_loop();
+        spins += 1;
+        if spins.is_multiple_of(50_000_000) {
+            println!("introspect: still waiting for the marker to come back");
+        }
+    }
+    println!(
+        "introspect: marker back {}",
+        core::str::from_utf8(MARK).unwrap_or("")
+    );
     0
 }

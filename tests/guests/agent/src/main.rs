@@ -154,7 +154,7 @@ fn main(info: &MultibootInfo) -> u32 {
         return propagate::propagate();
     }
     if has("introspect") {
-        return introspect::introspect();
+        return introspect::introspect(has("vmi"));
     }
     checks(info)
 }
