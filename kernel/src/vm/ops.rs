@@ -116,6 +116,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
                 .ok_or(EptOpError::NotRam)?;
             if remap {
                 d.views.set_remaps(view, true);
+                d.views.remapped_from(from_gfn);
             }
             let (_, v, tables) = clear(d, view, gpa)?;
             v.map(

@@ -389,14 +389,16 @@ pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
 /// Empties every alternate view's entry that maps `hpa`, the frame `gfn`
 /// had (a large page is split, or emptied whole where there are no tables
 /// for that), and flushes every view: the owner fills them again from the
-/// host p2m. A view that remaps no gfn can map the frame only at `gfn`;
-/// the others are searched leaf by leaf.
+/// host p2m. A view can map the frame elsewhere than at `gfn` only if it
+/// remaps a gfn and `gfn`'s frame was once remapped (a shared frame is never
+/// remapped to: `ops`); only such views are searched leaf by leaf.
 fn forget_in_views(d: &mut Domain, gfn: u64, hpa: u64) {
     let end = d.ram_bytes;
     let gpa = gfn * PAGE_SIZE;
+    let searched = d.views.may_remap_from(gfn);
     d.views.each_alternate(|view, tables| {
         let ept = &mut view.ept;
-        if !view.remaps {
+        if !(view.remaps && searched) {
             if let Some(m) = ept.query(&KernelTables, gpa)
                 && m.hpa_of(gpa) == Some(hpa)
             {

@@ -35,6 +35,11 @@ pub struct Views {
     invept: InveptType,
     /// Every table of every view, counted against the domain's quota.
     pub tables: DomainTables,
+    /// The gfns whose frames some view maps at another gfn (`EptOp::Map`
+    /// remaps), or `None` once there were too many to list: page sharing
+    /// searches the views for a frame that changes only when its gfn is
+    /// one of these (docs/sharing.md).
+    pub remap_sources: Option<heapless::Vec<u64, 32>>,
 }
 
 impl Views {
@@ -55,6 +60,7 @@ impl Views {
             accessed_dirty: false,
             invept,
             tables,
+            remap_sources: Some(heapless::Vec::new()),
         };
         views.slots[0] = Some(View {
             ept: host,
@@ -203,6 +209,21 @@ impl Views {
         for v in self.slots.iter_mut().skip(1).flatten() {
             f(v, &mut self.tables);
         }
+    }
+
+    /// Notes that a view maps `gfn`'s frame at another gfn.
+    pub fn remapped_from(&mut self, gfn: u64) {
+        if let Some(list) = self.remap_sources.as_mut()
+            && !list.contains(&gfn)
+            && list.push(gfn).is_err()
+        {
+            self.remap_sources = None;
+        }
+    }
+
+    /// Whether a view may map `gfn`'s frame at another gfn.
+    pub fn may_remap_from(&self, gfn: u64) -> bool {
+        self.remap_sources.as_ref().is_none_or(|l| l.contains(&gfn))
     }
 
     /// Notes whether `view` may now map a gfn to another gfn's frame.
