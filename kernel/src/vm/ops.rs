@@ -137,11 +137,13 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         EptOp::Protect { view, gfn, perms } => {
             let gpa = ram(d, gfn)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
-            // SH-2: never write to an entry that maps a shared frame.
+            // SH-2: never write to an entry that maps a shared frame (one
+            // with no access too: it still maps its frame).
             if perms.write
                 && ept
-                    .translate(&KernelTables, gpa)
-                    .is_some_and(|hpa| super::shared::is_shared_frame(hpa & !(PAGE_SIZE - 1)))
+                    .query(&KernelTables, gpa)
+                    .and_then(|m| m.hpa_of(gpa & !(PAGE_SIZE - 1)))
+                    .is_some_and(super::shared::is_shared_frame)
             {
                 return Err(EptOpError::Shared);
             }

@@ -358,30 +358,39 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
 /// shared gfns among `[start, end)` gfns, after an operation that set
 /// permissions over a range.
 pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
-    let shared: heapless::Vec<u64, 64> = {
-        let t = TABLE.lock();
-        if t.per_domain.get(usize::from(d.id)).is_none_or(|&n| n == 0) {
+    // In chunks of the table (nothing changes it meanwhile: one system
+    // call at a time), so that every shared gfn of the range is taken.
+    let mut at = 0;
+    loop {
+        let mut shared: heapless::Vec<u64, 64> = heapless::Vec::new();
+        let done = {
+            let t = TABLE.lock();
+            if t.per_domain.get(usize::from(d.id)).is_none_or(|&n| n == 0) {
+                return;
+            }
+            while at < t.backs.len() && !shared.is_full() {
+                let b = t.backs[at];
+                at += 1;
+                if b.domain == d.id
+                    && matches!(b.kind, Kind::Shared(_))
+                    && (start..end).contains(&b.gfn)
+                {
+                    let _ = shared.push(b.gfn);
+                }
+            }
+            at >= t.backs.len()
+        };
+        let Ok((ept, tables)) = d.views.ept_mut(view) else {
             return;
-        }
-        let mut v = heapless::Vec::new();
-        for b in t.backs.iter() {
-            if b.domain == d.id
-                && matches!(b.kind, Kind::Shared(_))
-                && (start..end).contains(&b.gfn)
-                && v.push(b.gfn).is_err()
-            {
-                break;
+        };
+        for gfn in shared {
+            let gpa = gfn * PAGE_SIZE;
+            if let Some(m) = ept.query(&KernelTables, gpa) {
+                let _ = ept.protect(tables, gpa, read_only(m.perms));
             }
         }
-        v
-    };
-    let Ok((ept, tables)) = d.views.ept_mut(view) else {
-        return;
-    };
-    for gfn in shared {
-        let gpa = gfn * PAGE_SIZE;
-        if let Some(m) = ept.query(&KernelTables, gpa) {
-            let _ = ept.protect(tables, gpa, read_only(m.perms));
+        if done {
+            return;
         }
     }
 }
