@@ -260,25 +260,33 @@ impl Events {
         });
         // SH-2: a write to a shared page (its settings allow the write) is
         // a copy-on-write break: the writer gets its private copy and
-        // retries. Without a frame for the copy the writer's domain is
-        // stopped, never another.
+        // retries. Without a frame for the copy the write is a restriction
+        // like any other: the domain's listener hears of it, or its
+        // no-listener policy stops it or keeps the vCPU waiting; never
+        // another domain.
+        let mut no_copy = false;
         match alt.cow(k, id, view, gfn, access) {
             Ok(false) => {}
             Ok(true) => return reply(Response::RETRY),
             Err(e) => {
-                defmt::error!(
-                    "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy ({}); domain stopped",
+                defmt::warn!(
+                    "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy ({}); the domain's listener or policy decides",
                     id,
                     gpa,
                     view,
                     e
                 );
-                return reply(Response::CRASH);
+                no_copy = true;
             }
         }
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
-        match alt.lift(k, id, view, gfn, access) {
+        let lifted = if no_copy {
+            Ok(false)
+        } else {
+            alt.lift(k, id, view, gfn, access)
+        };
+        match lifted {
             Ok(false) => {}
             // An n2rwx page lifted too: on, for its notice.
             Ok(true) if relaxed.is_some() => {}

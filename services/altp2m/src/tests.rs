@@ -2908,6 +2908,14 @@ fn bad_sharing_requests_are_refused_and_change_nothing() {
     assert_eq!(r.touch(0, 6, W), crash());
     assert_eq!(r.k.backs.len(), 2);
     check_sharing(&r.k, &r.alt).unwrap();
+    // With the pause policy the vCPU waits instead (a listener, or the
+    // host, decides), and a retry once a frame is free gets the copy.
+    r.ev.policy.insert(D, NoListener::Pause);
+    assert!(matches!(r.touch(0, 6, W), Outcome::Defer { .. }));
+    assert_eq!(r.k.backs.len(), 2);
+    r.k.free = 1;
+    assert_eq!(r.write(0, 6).map(|f| r.k.is_shared_frame(f)), Some(false));
+    check_sharing(&r.k, &r.alt).unwrap();
 }
 
 #[derive(Clone, Debug)]
