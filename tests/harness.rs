@@ -110,7 +110,17 @@ pub fn system(name: &str, toml: &str) -> Image {
 
 /// [`system`], the kernel started with `options` on its command line.
 pub fn system_with_options(name: &str, toml: &str, options: &str) -> Image {
-    let m = SystemManifest::parse(toml, Path::new(name)).expect("test manifests are valid");
+    system_at(Path::new(name), name, toml, options)
+}
+
+/// [`system`], its manifest taken as the file `manifest` (relative paths in
+/// it are relative to that file's folder), its image named `name`.
+pub fn system_in(manifest: &Path, name: &str, toml: &str) -> Image {
+    system_at(manifest, name, toml, "")
+}
+
+fn system_at(manifest: &Path, name: &str, toml: &str, options: &str) -> Image {
+    let m = SystemManifest::parse(toml, manifest).expect("test manifests are valid");
     let mut modules = vec![module(
         "manifest",
         m.compile().expect("test manifests compile"),
@@ -126,6 +136,12 @@ pub fn system_with_options(name: &str, toml: &str, options: &str) -> Image {
         modules.push(
             image_builder::image::kernel_module(&m.path, d, &path)
                 .expect("test kernels are loadable"),
+        );
+    }
+    for (d, i, path) in m.kernel_modules() {
+        modules.push(
+            image_builder::image::guest_module(&m.path, d, i, &path)
+                .expect("test kernels' modules are readable"),
         );
     }
     image(name, options, modules)

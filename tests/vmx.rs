@@ -4,7 +4,7 @@
 
 use image_builder::emulator::{self, Machine, RunConfig, RunEnd};
 use ipc_schema::halt::HaltStatus;
-use parallax_tests::{boot, guest, one_guest, one_guest_with_options, system};
+use parallax_tests::{boot, guest, one_guest, one_guest_with_options, system, system_in};
 
 fn bochs(img: &image_builder::image::Image) -> parallax_tests::Run {
     boot(img, Machine::Bochs, |_| {})
@@ -124,15 +124,25 @@ fn assembled_kernel() -> std::path::PathBuf {
     elf
 }
 
-/// Issue 14, points 1 and 3: a kernel from a file (`kernel = "PATH"`), here
-/// one written in assembly, prints the same and ends with the same status
-/// under Parallax on Bochs as under `qemu-system-x86_64 -kernel`.
+/// Issue 14, points 1 and 3: a kernel from a file (`kernel = "PATH"`, here
+/// one written in assembly) with two multiboot modules (`modules`, paths
+/// relative to the manifest), prints the same and ends with the same status
+/// under Parallax on Bochs as under `qemu-system-x86_64 -kernel -initrd`.
 #[test]
 fn a_kernel_from_a_file_runs_as_on_plain_qemu() {
     let elf = assembled_kernel();
+    let dir = elf.parent().unwrap().to_owned();
+    std::fs::write(dir.join("mod-a.txt"), "first module line\nsecond\n").unwrap();
+    std::fs::write(dir.join("mod-b.txt"), "only line").unwrap();
     let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-asm"));
     cfg.memory_mib = 32;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "from the test", &cfg).expect("QEMU runs");
+    let plain = emulator::run_multiboot_on_qemu_with_modules(
+        &elf,
+        "from the test",
+        &["mod-a.txt an argument", "mod-b.txt"],
+        &cfg,
+    )
+    .expect("QEMU runs");
     let plain_lines: Vec<String> = plain
         .lines
         .iter()
@@ -144,16 +154,19 @@ fn a_kernel_from_a_file_runs_as_on_plain_qemu() {
         plain_lines,
         [
             "hello from a multiboot kernel in assembly",
-            "cmdline: kernel-asm from the test"
+            "cmdline: kernel-asm from the test",
+            "module: mod-a.txt an argument: first module line",
+            "module: mod-b.txt: only line",
         ]
     );
-    let img = system(
-        "kernel-asm",
-        &format!(
-            "name = \"kernel-asm\"\n[[domain]]\nname = \"asm\"\nkernel = \"{}\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
-            elf.display()
-        ),
+    // The manifest beside the files: its paths are relative to it.
+    let manifest = dir.join("kernel-asm.toml");
+    let text = concat!(
+        "name = \"kernel-asm\"\n[[domain]]\nname = \"asm\"\nkernel = \"kernel-asm\"\n",
+        "memory_mib = 32\ncmdline = \"from the test\"\n",
+        "modules = [{ path = \"mod-a.txt\", cmdline = \"an argument\" }, { path = \"./mod-b.txt\" }]\n",
     );
+    let img = system_in(&manifest, "kernel-asm", text);
     let run = bochs(&img);
     run.expect_from("init", "domain 1 (asm): guest kernel-asm, 32 MiB in")
         .expect("domain 1 (asm) exited with status 16");

@@ -244,13 +244,39 @@ pub fn run(iso: &Path, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
 /// Boots a multiboot (v1) kernel directly with QEMU's loader (`-kernel`), no
 /// hypervisor: a test guest's output without Parallax, to compare with it.
 pub fn run_multiboot_on_qemu(elf: &Path, cmdline: &str, cfg: &RunConfig) -> Result<RunOutcome> {
-    run_boot(&Boot::Multiboot { elf, cmdline }, &ElfSet::default(), cfg)
+    run_multiboot_on_qemu_with_modules(elf, cmdline, &[], cfg)
+}
+
+/// [`run_multiboot_on_qemu`] with multiboot modules (`-initrd`): each
+/// `"FILE ARGS"`, the file in the kernel's folder; the kernel finds the
+/// whole string as the module's.
+pub fn run_multiboot_on_qemu_with_modules(
+    elf: &Path,
+    cmdline: &str,
+    modules: &[&str],
+    cfg: &RunConfig,
+) -> Result<RunOutcome> {
+    let initrd = modules.join(",");
+    run_boot(
+        &Boot::Multiboot {
+            elf,
+            cmdline,
+            initrd: &initrd,
+        },
+        &ElfSet::default(),
+        cfg,
+    )
 }
 
 /// What to boot.
 enum Boot<'a> {
     Iso(&'a Path),
-    Multiboot { elf: &'a Path, cmdline: &'a str },
+    Multiboot {
+        elf: &'a Path,
+        cmdline: &'a str,
+        /// QEMU's `-initrd` (multiboot modules), empty for none.
+        initrd: &'a str,
+    },
 }
 
 fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
@@ -266,7 +292,11 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
     };
     let (mut cmd, emulator_log) = match boot {
         Boot::Iso(iso) => command(iso, cfg, &rundir, com2.as_ref().map(Com2::port))?,
-        Boot::Multiboot { elf, cmdline } => {
+        Boot::Multiboot {
+            elf,
+            cmdline,
+            initrd,
+        } => {
             if cfg.machine != Machine::Qemu {
                 bail!("a multiboot kernel boots directly only on QEMU (--on qemu)");
             }
@@ -284,6 +314,9 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
                 .arg(file)
                 .arg("-append")
                 .arg(cmdline);
+            if !initrd.is_empty() {
+                c.arg("-initrd").arg(initrd);
+            }
             (c, None)
         }
     };

@@ -113,6 +113,9 @@ pub fn build_manifest(manifest: &SystemManifest, opts: &ImageOptions) -> Result<
     for (d, path) in manifest.kernels() {
         kernels.push(kernel_module(&opts.manifest, d, &path)?);
     }
+    for (d, i, path) in manifest.kernel_modules() {
+        kernels.push(guest_module(&opts.manifest, d, i, &path)?);
+    }
     check_service_overrides(&opts.service_overrides)?;
     for (name, _) in &opts.service_overrides {
         if !manifest.services.iter().any(|s| &s.name == name) {
@@ -208,6 +211,28 @@ pub fn kernel_module(
     }
     Ok(Module {
         name: d.module(),
+        content: Content::File(path.to_owned()),
+    })
+}
+
+/// Multiboot module `i` of domain `d`'s kernel, from the file `path`: a
+/// file that can be read, or why not.
+pub fn guest_module(
+    manifest: &Path,
+    d: &crate::manifest::DomainSpec,
+    i: usize,
+    path: &Path,
+) -> Result<Module> {
+    std::fs::File::open(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: domain `{}`: module {i} {}: cannot read it: {e}",
+            manifest.display(),
+            d.name,
+            path.display()
+        )
+    })?;
+    Ok(Module {
+        name: d.module_module(i),
         content: Content::File(path.to_owned()),
     })
 }

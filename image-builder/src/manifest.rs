@@ -110,9 +110,9 @@ pub struct DomainSpec {
     /// manifest's folder (docs/guests.md).
     #[serde(default)]
     pub kernel: Option<String>,
-    /// Boot modules for the kernel: not supported yet, refused by name.
+    /// Multiboot modules for the kernel, in order (docs/guests.md).
     #[serde(default)]
-    pub modules: Option<toml::Value>,
+    pub modules: Vec<ModuleSpec>,
     pub memory_mib: u32,
     #[serde(default = "one")]
     pub vcpus: u8,
@@ -133,6 +133,17 @@ pub struct DomainSpec {
     pub protected: bool,
 }
 
+/// One multiboot module of a domain's kernel.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleSpec {
+    /// A file, relative to the manifest's folder.
+    pub path: String,
+    /// What the kernel finds after the file's name in the module's string.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
 /// One entry of a domain's `introspection`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +155,25 @@ pub struct IntrospectorSpec {
 }
 
 impl DomainSpec {
+    /// The boot module of its `i`-th multiboot module.
+    pub fn module_module(&self, i: usize) -> String {
+        format!("mod{i}-{}", self.name)
+    }
+
+    /// The string its kernel finds for multiboot module `i`: the file's
+    /// name, then the module's command line (as `qemu -initrd` gives it).
+    pub fn module_string(&self, i: usize) -> String {
+        let m = &self.modules[i];
+        let file = Path::new(&m.path)
+            .file_name()
+            .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned());
+        if m.cmdline.is_empty() {
+            file
+        } else {
+            format!("{file} {}", m.cmdline)
+        }
+    }
+
     /// The boot module of its image: the guest crate's name, or
     /// `kernel-<domain>` for a kernel from a file.
     pub fn module(&self) -> String {
@@ -411,7 +441,8 @@ impl SystemManifest {
             "another service has the same name"
         );
         ensure!(
-            !self.domains.iter().any(|d| d.module() == s.name),
+            !self.domains.iter().any(|d| d.module() == s.name
+                || (0..d.modules.len()).any(|i| d.module_module(i) == s.name)),
             "a domain's guest image has the same name: boot modules are named after services and guests, so rename one"
         );
         s.disposition()?;
@@ -466,9 +497,23 @@ impl SystemManifest {
             (Some(_), None) => {}
         }
         ensure!(
-            d.modules.is_none(),
-            "modules = ...: boot modules for a guest kernel are not supported yet"
+            d.modules.is_empty() || d.kernel.is_some(),
+            "modules are for a kernel from a file (kernel = \"PATH\"), not a guest crate"
         );
+        ensure!(
+            d.modules.len() <= compiled::MAX_GUEST_MODULES,
+            "{} modules: a kernel gets at most {}",
+            d.modules.len(),
+            compiled::MAX_GUEST_MODULES
+        );
+        for (i, m) in d.modules.iter().enumerate() {
+            ensure!(!m.path.is_empty(), "module {i}: path = \"\" names no file");
+            check_name("the module", &d.module_module(i), MAX_MODULE_NAME)?;
+            ensure!(
+                m.cmdline.len() <= 200,
+                "module {i}: the cmdline is longer than 200 bytes"
+            );
+        }
         let module = d.module();
         check_name("the guest", &module, MAX_MODULE_NAME)?;
         ensure!(
@@ -598,8 +643,17 @@ impl SystemManifest {
                 .map_err(|_| full("shared objects"))?;
         }
         let modules: Vec<String> = self.domains.iter().map(DomainSpec::module).collect();
+        let kmods: Vec<Vec<(String, String)>> = self
+            .domains
+            .iter()
+            .map(|d| {
+                (0..d.modules.len())
+                    .map(|i| (d.module_module(i), d.module_string(i)))
+                    .collect()
+            })
+            .collect();
         let mut domains = heapless::Vec::new();
-        for (d, module) in self.domains.iter().zip(&modules) {
+        for ((d, module), kmods) in self.domains.iter().zip(&modules).zip(&kmods) {
             domains
                 .push(compiled::Domain {
                     name: &d.name,
@@ -615,6 +669,10 @@ impl SystemManifest {
                         .map(|(service, rights)| compiled::Introspector { service, rights })
                         .collect(),
                     protected: d.protected,
+                    modules: kmods
+                        .iter()
+                        .map(|(module, cmdline)| compiled::GuestModule { module, cmdline })
+                        .collect(),
                 })
                 .map_err(|_| full("domains"))?;
         }
@@ -650,6 +708,21 @@ impl SystemManifest {
         self.domains
             .iter()
             .filter_map(|d| Some((d, dir.join(d.kernel.as_ref()?))))
+            .collect()
+    }
+
+    /// The multiboot modules of the kernels: (domain, index, the file's
+    /// path, resolved as the kernel's).
+    pub fn kernel_modules(&self) -> Vec<(&DomainSpec, usize, PathBuf)> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.domains
+            .iter()
+            .flat_map(|d| {
+                d.modules
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, m)| (d, i, dir.join(&m.path)))
+            })
             .collect()
     }
 }

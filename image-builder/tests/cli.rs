@@ -184,6 +184,23 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
     let mut mb2 = vec![0u8; 4096];
     mb2[64..68].copy_from_slice(&0xe852_50d6u32.to_le_bytes());
     std::fs::write(dir.join("mb2.bin"), &mb2).unwrap();
+    // A multiboot kernel with the header's address fields (the a.out
+    // kludge): loaded whole at 1 MiB.
+    let mut kludge = Vec::new();
+    for v in [
+        0x1bad_b002u32,
+        0x1_0000,
+        0u32.wrapping_sub(0x1bad_b002 + 0x1_0000),
+        0x10_0000,
+        0x10_0000,
+        0,
+        0,
+        0x10_0020,
+    ] {
+        kludge.extend_from_slice(&v.to_le_bytes());
+    }
+    kludge.resize(64, 0xf4);
+    std::fs::write(dir.join("kludge.bin"), &kludge).unwrap();
     let mut bz = vec![0u8; 4096];
     bz[0x202..0x206].copy_from_slice(b"HdrS");
     std::fs::write(dir.join("bzImage"), &bz).unwrap();
@@ -216,8 +233,15 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
         ),
         ("".to_owned(), "no image: give guest".to_owned()),
         (
-            "kernel = \"notes.txt\"\nmodules = [{ path = \"a\" }]".to_owned(),
-            "boot modules for a guest kernel are not supported yet".to_owned(),
+            "kernel = \"kludge.bin\"\nmodules = [{ path = \"gone.txt\" }]".to_owned(),
+            format!(
+                "domain `os`: module 0 {}: cannot read it: No such file",
+                dir.join("gone.txt").display()
+            ),
+        ),
+        (
+            "guest = \"hello\"\nmodules = [{ path = \"notes.txt\" }]".to_owned(),
+            "modules are for a kernel from a file".to_owned(),
         ),
     ] {
         let manifest = dir.join("system.toml");

@@ -32,6 +32,8 @@ pub const MAX_NAME: usize = 32;
 pub const MAX_MODULE_NAME: usize = 24;
 /// The most vCPUs one domain has.
 pub const MAX_VCPUS: u8 = 8;
+/// Multiboot modules a guest kernel gets at most.
+pub const MAX_GUEST_MODULES: usize = 8;
 
 /// The whole system. Init (the supervisor) reads it; the kernel does not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
@@ -132,6 +134,18 @@ pub struct Domain<'a> {
     /// Not started or unpaused while services hold foreign mappings of
     /// its memory (FM-2; docs/introspection.md, Foreign mappings).
     pub protected: bool,
+    /// Multiboot modules for its kernel, in order (docs/guests.md).
+    pub modules: Vec<GuestModule<'a>, MAX_GUEST_MODULES>,
+}
+
+/// One multiboot module of a guest kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+pub struct GuestModule<'a> {
+    /// The boot module holding its bytes.
+    pub module: &'a str,
+    /// The string the kernel finds for it (the file's name, then the
+    /// manifest's command line), as `qemu -initrd` gives it.
+    pub cmdline: &'a str,
 }
 
 /// A service that may introspect a domain.
@@ -259,6 +273,7 @@ mod tests {
                     }])
                     .unwrap(),
                     protected: name == "b",
+                    modules: Vec::new(),
                 })
                 .unwrap();
         }

@@ -1,7 +1,8 @@
 /*
  * A multiboot (version 1) kernel written without Parallax's guest runtime
- * (issue 14, point 3): it prints a line and its command line on the 16550
- * at 0x3f8 and ends through QEMU's isa-debug-exit port (0xf4) with status
+ * (issue 14, point 3): it prints a line, its command line and, for each
+ * multiboot module, the module's string and its first line, on the 16550
+ * at 0x3f8, and ends through QEMU's isa-debug-exit port (0xf4) with status
  * 0x10. The boot test assembles it (GNU as, ld) and runs it under
  * `qemu-system-x86_64 -kernel` and under Parallax, expecting the same.
  */
@@ -35,7 +36,34 @@ _start:
         call puts
         mov $'\n', %al
         call putc
-1:      mov $0x10, %ecx
+1:      testl $8, (%esi)              /* flags bit 3: modules */
+        jz 6f
+        mov 20(%esi), %ecx            /* how many */
+        mov 24(%esi), %ebx            /* the list: start, end, string, 0 */
+5:      test %ecx, %ecx
+        jz 6f
+        mov $module, %edi
+        call puts
+        mov 8(%ebx), %edi
+        call puts
+        mov $colon, %edi
+        call puts
+        mov (%ebx), %edi              /* its bytes, to the first newline */
+        mov 4(%ebx), %ebp
+7:      cmp %ebp, %edi
+        jae 8f
+        movb (%edi), %al
+        cmp $'\n', %al
+        je 8f
+        call putc
+        inc %edi
+        jmp 7b
+8:      mov $'\n', %al
+        call putc
+        add $16, %ebx
+        dec %ecx
+        jmp 5b
+6:      mov $0x10, %ecx
 exit:   mov %cl, %al
         mov $EXIT_PORT, %dx
         out %al, %dx
@@ -66,6 +94,8 @@ puts:   movb (%edi), %al
         .data
 hello:  .asciz "hello from a multiboot kernel in assembly\n"
 cmdline: .asciz "cmdline: "
+module: .asciz "module: "
+colon:  .asciz ": "
 
         .bss
         .align 16

@@ -189,7 +189,12 @@ fn errors_name_the_file_and_the_field() {
     let e = error("name = \"x\"\ncolour = \"blue\"\n");
     assert!(e.contains("unknown field `colour`"), "{e}");
     let e = error("name = \"x\"\n[[domain]]\nname = \"a\"\nmemory_mib = 1\n");
-    assert!(e.contains("missing field `guest`"), "{e}");
+    assert!(
+        e.contains(
+            "domain 1 (`a`): no image: give guest = \"NAME\" (a guest crate) or kernel = \"PATH\""
+        ),
+        "{e}"
+    );
     let e = error("name = \"Bad Name\"");
     assert!(e.contains("the system name is \"Bad Name\""), "{e}");
     let e = error(&format!("name = \"x\"\n{DOMAIN}{DOMAIN}"));

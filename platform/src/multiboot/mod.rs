@@ -284,14 +284,46 @@ fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InfoTooLarge;
 
+/// A module placed in guest memory, as the information block lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InfoModule<'a> {
+    /// Its first byte and the byte past its end.
+    pub start: u32,
+    pub end: u32,
+    /// Its string (the file's name and its command line).
+    pub string: &'a str,
+}
+
+/// Where modules of `sizes` bytes go: one after the other, each on a page
+/// boundary, from the first page after `after` (the image's end); `None`
+/// where they do not all fit below `ram_bytes` (and 4 GiB).
+pub fn place_modules<const N: usize>(
+    after: u64,
+    sizes: &[u64],
+    ram_bytes: u64,
+) -> Option<heapless::Vec<(u32, u32), N>> {
+    let mut at = after.max(0x10_0000).checked_next_multiple_of(0x1000)?;
+    let mut out = heapless::Vec::new();
+    for &len in sizes {
+        let end = at.checked_add(len)?;
+        if end > ram_bytes || end > u64::from(u32::MAX) {
+            return None;
+        }
+        out.push((at as u32, end as u32)).ok()?;
+        at = end.checked_next_multiple_of(0x1000)?;
+    }
+    Some(out)
+}
+
 /// Builds the multiboot information block for a guest with `ram_bytes` of
 /// RAM from 0, to be placed at [`INFO_GPA`]: memory sizes, a memory map
-/// (0-639 KiB and 1 MiB-end available), the command line and the loader's
-/// name. Returns the bytes used in `out`.
+/// (0-639 KiB and 1 MiB-end available), the command line, the modules (if
+/// any) and the loader's name. Returns the bytes used in `out`.
 pub fn build_info(
     ram_bytes: u64,
     cmdline: &str,
     loader: &str,
+    modules: &[InfoModule<'_>],
     out: &mut [u8],
 ) -> Result<usize, InfoTooLarge> {
     const STRUCT_LEN: usize = 88;
@@ -302,17 +334,32 @@ pub fn build_info(
     ];
     let mmap_at = STRUCT_LEN;
     let mmap_len = map.len() * 24;
-    let cmdline_at = mmap_at + mmap_len;
+    let mods_at = mmap_at + mmap_len;
+    let cmdline_at = mods_at + modules.len() * 16;
     let loader_at = cmdline_at + cmdline.len() + 1;
-    let end = loader_at + loader.len() + 1;
+    let strings_at = loader_at + loader.len() + 1;
+    let end = strings_at + modules.iter().map(|m| m.string.len() + 1).sum::<usize>();
     if end > out.len().min(INFO_SIZE) {
         return Err(InfoTooLarge);
     }
     out[..end].fill(0);
     let base = INFO_GPA as u32;
     let put = |out: &mut [u8], at: usize, v: u32| out[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    // flags: memory sizes (0), command line (2), memory map (6), loader name (9)
-    put(out, 0, (1 << 0) | (1 << 2) | (1 << 6) | (1 << 9));
+    // flags: memory sizes (0), command line (2), modules (3), memory map
+    // (6), loader name (9)
+    let mods = if modules.is_empty() { 0 } else { 1 << 3 };
+    put(out, 0, (1 << 0) | (1 << 2) | mods | (1 << 6) | (1 << 9));
+    put(out, 20, modules.len() as u32);
+    put(out, 24, base + mods_at as u32);
+    let mut string_at = strings_at;
+    for (i, m) in modules.iter().enumerate() {
+        let at = mods_at + i * 16;
+        put(out, at, m.start);
+        put(out, at + 4, m.end);
+        put(out, at + 8, base + string_at as u32);
+        out[string_at..string_at + m.string.len()].copy_from_slice(m.string.as_bytes());
+        string_at += m.string.len() + 1;
+    }
     put(out, 4, 639);
     put(out, 8, (ram_bytes.saturating_sub(0x10_0000) / 1024) as u32);
     put(out, 16, base + cmdline_at as u32);

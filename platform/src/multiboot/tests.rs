@@ -149,7 +149,7 @@ fn malformed_images_are_named() {
 #[test]
 fn the_information_block_describes_ram_and_points_at_its_strings() {
     let mut out = [0u8; INFO_SIZE];
-    let n = build_info(16 * MIB, "hello world", "Parallax", &mut out).unwrap();
+    let n = build_info(16 * MIB, "hello world", "Parallax", &[], &mut out).unwrap();
     let u32_at = |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
     assert_eq!(u32_at(0), 0x245);
     assert_eq!((u32_at(4), u32_at(8)), (639, 15 * 1024));
@@ -175,9 +175,56 @@ fn the_information_block_describes_ram_and_points_at_its_strings() {
         [(0, 0x9fc00, 1), (0x9fc00, 0x400, 2), (MIB, 15 * MIB, 1)]
     );
     assert_eq!(
-        build_info(16 * MIB, &"x".repeat(5000), "P", &mut out),
+        build_info(16 * MIB, &"x".repeat(5000), "P", &[], &mut out),
         Err(InfoTooLarge)
     );
+}
+
+#[test]
+fn modules_are_placed_after_the_image_and_listed_with_their_strings() {
+    let placed = place_modules::<4>(0x10_2345, &[10, 0x1000, 1], 16 * MIB).unwrap();
+    assert_eq!(
+        placed.as_slice(),
+        [
+            (0x10_3000, 0x10_300a),
+            (0x10_4000, 0x10_5000),
+            (0x10_5000, 0x10_5001)
+        ]
+    );
+    assert_eq!(place_modules::<4>(0x10_0000, &[16 * MIB], 16 * MIB), None);
+    assert_eq!(place_modules::<1>(0x10_0000, &[1, 1], 16 * MIB), None);
+    let mut out = [0u8; INFO_SIZE];
+    let mods = [
+        InfoModule {
+            start: 0x10_3000,
+            end: 0x10_300a,
+            string: "initrd quiet",
+        },
+        InfoModule {
+            start: 0x10_4000,
+            end: 0x10_5000,
+            string: "second",
+        },
+    ];
+    let n = build_info(16 * MIB, "k", "Parallax", &mods, &mut out).unwrap();
+    let u32_at = |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+    assert_eq!(u32_at(0) & (1 << 3), 1 << 3, "the modules flag");
+    assert_eq!(u32_at(20), 2);
+    let at = |gpa: u32| (gpa as u64 - INFO_GPA) as usize;
+    let list = at(u32_at(24));
+    let entry = |i: usize| {
+        (
+            u32_at(list + 16 * i),
+            u32_at(list + 16 * i + 4),
+            at(u32_at(list + 16 * i + 8)),
+        )
+    };
+    let (start, end, string) = entry(0);
+    assert_eq!((start, end), (0x10_3000, 0x10_300a));
+    assert_eq!(&out[string..string + 13], b"initrd quiet\0");
+    let (_, _, string) = entry(1);
+    assert_eq!(&out[string..string + 7], b"second\0");
+    assert!(string + 7 <= n);
 }
 
 proptest! {

@@ -12,17 +12,23 @@ use service_runtime::sys;
 
 /// Where init maps a guest image while it loads it.
 const IMAGE_VA: u64 = MAP_BASE + (1 << 30);
+/// Where init maps a guest's multiboot module while it copies it.
+const MODULE_VA: u64 = MAP_BASE + (5 << 30);
 const MIB: u64 = 1 << 20;
 const PAGES_2M: u64 = 512;
 
 /// Why a domain could not be built.
 #[derive(Clone, Copy, Debug, defmt::Format)]
 pub enum BuildError {
-    TooManyVcpus { asked: u8 },
+    TooManyVcpus {
+        asked: u8,
+    },
     NoImage,
     Image(ImageError),
     Kernel(SysError),
     CmdlineTooLong,
+    /// The kernel's modules do not fit in its RAM after it.
+    ModulesTooLarge,
 }
 
 impl From<SysError> for BuildError {
@@ -61,6 +67,19 @@ pub fn domain(
     let result = build(domains, memory, spec, id, image, &layout, exits, violations);
     let _ = sys::frames_unmap(IMAGE_VA, count);
     result
+}
+
+/// Copies boot module `name` into domain `id`'s RAM at `gpa`.
+fn load_module(domains: Handle, id: u16, name: &str, gpa: u64) -> Result<(), BuildError> {
+    let handle = module_handle(name).ok_or(BuildError::NoImage)?;
+    let (count, len) = sys::frames_info(handle)?;
+    sys::frames_map(handle, 0, count, MODULE_VA, false)?;
+    // Safety: the kernel mapped the module's `len` bytes read-only at
+    // MODULE_VA; unmapped below, after the copy.
+    let bytes = unsafe { core::slice::from_raw_parts(MODULE_VA as *const u8, len as usize) };
+    let written = sys::domain_write(domains, id, gpa, bytes);
+    let _ = sys::frames_unmap(MODULE_VA, count);
+    written.map_err(BuildError::Kernel)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -136,8 +155,36 @@ fn build(
     if !fits {
         return Err(BuildError::CmdlineTooLong);
     }
+    // Multiboot modules after the image, page by page, as QEMU places them.
+    let after = plan
+        .segments
+        .iter()
+        .map(|s| s.gpa + s.mem_len)
+        .max()
+        .unwrap_or(0);
+    let mut sizes: heapless::Vec<u64, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
+    for m in &spec.modules {
+        let handle = module_handle(m.module).ok_or(BuildError::NoImage)?;
+        let _ = sizes.push(sys::frames_info(handle)?.1);
+    }
+    let placed = multiboot::place_modules::<{ manifest::MAX_GUEST_MODULES }>(
+        after,
+        &sizes,
+        layout.ram_bytes,
+    )
+    .ok_or(BuildError::ModulesTooLarge)?;
+    let mut listed: heapless::Vec<multiboot::InfoModule<'_>, { manifest::MAX_GUEST_MODULES }> =
+        heapless::Vec::new();
+    for (m, &(start, end)) in spec.modules.iter().zip(&placed) {
+        load_module(domains, id, m.module, u64::from(start))?;
+        let _ = listed.push(multiboot::InfoModule {
+            start,
+            end,
+            string: m.cmdline,
+        });
+    }
     let mut info = [0u8; INFO_SIZE];
-    let n = multiboot::build_info(layout.ram_bytes, &cmdline, "Parallax", &mut info)
+    let n = multiboot::build_info(layout.ram_bytes, &cmdline, "Parallax", &listed, &mut info)
         .map_err(|_| BuildError::CmdlineTooLong)?;
     sys::domain_write(domains, id, INFO_GPA, &info[..n])?;
     let vcpu = VcpuSpec {
