@@ -277,7 +277,17 @@ fn with_a_debug_port_the_console_is_asked_to_answer_there_and_frames_never_tear(
         .map(|(i, _)| i)
         .collect();
     assert_eq!(asked.len(), 2, "once per client");
-    assert_eq!(asked[0], 0, "before the client's first request");
+    // The first client: once the console's first answer (to Hello) showed
+    // it is there; the second: before its first request.
+    assert!(matches!(
+        got.requests[0].request,
+        ControlRequest::Hello { .. }
+    ));
+    assert_eq!(asked[0], 1);
+    assert!(matches!(
+        got.requests[asked[1] + 1].request,
+        ControlRequest::Hello { .. }
+    ));
     assert_eq!(got.dropped, 0);
 }
 
@@ -299,4 +309,36 @@ fn a_debug_port_with_no_console_is_still_drained() {
         assert!(Instant::now() < deadline, "{:?}", proxy.stats());
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+#[test]
+fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
+    use std::io::Read;
+    let dir = scratch("notparallax");
+    let path = dir.join("ctl.sock");
+    let (proxy_end, mut machine) = pair();
+    let (debug_end, _debug) = pair();
+    let _proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve_with_debug(Some(proxy_end), Some(Box::new(debug_end)))
+        .unwrap();
+    let mut raw = UnixStream::connect(&path).unwrap();
+    // Frames that are not the console's (an echo guest's), then bytes from
+    // the client: the machine gets the client's bytes and nothing else.
+    machine.write_all(b"R\0R\0").unwrap();
+    let mut seen = [0u8; 4];
+    raw.read_exact(&mut seen).unwrap();
+    assert_eq!(&seen, b"R\0R\0");
+    raw.write_all(b"ping\0").unwrap();
+    let mut got = [0u8; 5];
+    machine.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping\0");
+    machine
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut more = [0u8; 16];
+    assert!(
+        machine.read(&mut more).is_err(),
+        "nothing else reached the machine"
+    );
 }

@@ -14,9 +14,9 @@
 //!   to the next client's first frame.
 //! - **Two sources.** Where the emulator's debug port (I/O port 0xE9) is
 //!   read too ([`ProxySocket::serve_with_debug`]), the console is asked to
-//!   send its frames there as each client attaches (no baud rate: Bochs
-//!   sends COM2 at 115200 baud in its own time), and whole frames from
-//!   either source reach the client, never one inside another.
+//!   send its frames there (no baud rate: Bochs sends COM2 at 115200 baud
+//!   in its own time) once its frames show it is there, and whole frames
+//!   from either source reach the client, never one inside another.
 //! - **COM2 is always drained.** Console output that arrives while no client
 //!   is attached is discarded (counted in [`ProxyStats`]): the emulator must
 //!   never block on a full socket (Bochs writes COM2 with blocking `send`).
@@ -144,8 +144,9 @@ impl ProxySocket {
     /// [`serve`](Self::serve), and the console's frames that come on the
     /// emulator's debug port (`debug`: Bochs's standard output with
     /// `port_e9_hack`) go to the client as well, whole frames from either
-    /// source in the order they end. As each client attaches, the console
-    /// is asked to answer there (`ControlRequest::UseDebugPort`).
+    /// source in the order they end. Once a COM2 frame decodes as the
+    /// console's, the console is asked to answer there
+    /// (`ControlRequest::UseDebugPort`), once per client.
     pub fn serve_with_debug<C: ConsoleStream>(
         mut self,
         console: Option<C>,
@@ -158,9 +159,10 @@ impl ProxySocket {
         let shared = Arc::new(Shared::default());
         let mut threads = Vec::new();
         let mut closer: Option<C> = None;
-        let mut writer: Option<C> = None;
+        let console_writer: ConsoleWriter = Arc::new(Mutex::new(None));
         if let Some(c) = console {
-            writer = Some(c.try_clone()?);
+            *console_writer.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Box::new(c.try_clone()?) as Box<dyn Write + Send>);
             closer = Some(c.try_clone()?);
             {
                 let mut st = shared.lock();
@@ -168,10 +170,11 @@ impl ProxySocket {
                 st.debug_port = debug.is_some();
             }
             let s = shared.clone();
+            let w = console_writer.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("ctl-console".into())
-                    .spawn(move || source_to_client(c, &s, true))?,
+                    .spawn(move || source_to_client(c, &s, Some(&w)))?,
             );
         }
         if let Some(d) = debug {
@@ -181,11 +184,8 @@ impl ProxySocket {
             let s = shared.clone();
             std::thread::Builder::new()
                 .name("ctl-debug-port".into())
-                .spawn(move || source_to_client(d, &s, false))?;
+                .spawn(move || source_to_client(d, &s, None))?;
         }
-        let console_writer: Arc<Mutex<Option<Box<dyn Write + Send>>>> = Arc::new(Mutex::new(
-            writer.map(|w| Box::new(w) as Box<dyn Write + Send>),
-        ));
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -322,12 +322,18 @@ struct State {
     console: ConsoleLink,
     /// The emulator's debug port is read too: ask the console for it.
     debug_port: bool,
+    /// A frame that decodes as the console's came on COM2: a Parallax
+    /// console is there (only it is asked to use the debug port, never
+    /// whatever else the machine runs).
+    console_speaks: bool,
 }
 
 struct Attached {
     id: u64,
     /// For writing console output to the client.
     stream: UnixStream,
+    /// The console was asked to answer on the debug port for this client.
+    asked: bool,
 }
 
 /// The longest frame a source may build up before it is dropped (the
@@ -338,9 +344,12 @@ const MAX_PENDING: usize = 64 * 1024;
 /// whole frames only, so that two sources never interleave inside a frame;
 /// a frame goes to the client that was attached when its first byte came
 /// (a client attached in the middle of one gets the next); discards when
-/// nobody is attached; never blocks long on a client. When COM2 (`com2`)
-/// closes, the machine has stopped: the client is told by being closed.
-fn source_to_client(mut source: impl Read, shared: &Shared, com2: bool) {
+/// nobody is attached; never blocks long on a client. COM2 comes with the
+/// console's writer (`com2`): when its frames show a Parallax console and
+/// the debug port is read, the console is asked to use it (once per
+/// client); when COM2 closes, the machine has stopped: the client is told
+/// by being closed.
+fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&ConsoleWriter>) {
     let mut buf = [0u8; 4096];
     let mut pending: Vec<u8> = Vec::new();
     // The client the frame being read goes to (`None`: dropped), once its
@@ -354,6 +363,7 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: bool) {
             Err(_) => break,
         };
         let (mut forwarded, mut discarded) = (0u64, 0u64);
+        let mut ask = false;
         let mut st = shared.lock();
         let current = st.client.as_ref().map(|c| c.id);
         for part in buf[..n].split_inclusive(|&b| b == 0) {
@@ -373,6 +383,14 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: bool) {
             if pending.is_empty() {
                 continue;
             }
+            if com2.is_some()
+                && st.debug_port
+                && st.client.as_ref().is_some_and(|c| !c.asked)
+                && is_console_frame(&pending)
+            {
+                st.console_speaks = true;
+                ask = true;
+            }
             if let Some(client) = &mut st.client {
                 if client.stream.write_all(&pending).is_ok() {
                     forwarded += pending.len() as u64;
@@ -385,11 +403,19 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: bool) {
             }
             pending.clear();
         }
+        if ask && let Some(c) = st.client.as_mut() {
+            c.asked = true;
+        } else {
+            ask = false;
+        }
         drop(st);
+        if ask && let Some(w) = com2 {
+            ask_for_the_debug_port(w);
+        }
         shared.to_clients.fetch_add(forwarded, Ordering::Relaxed);
         shared.discarded.fetch_add(discarded, Ordering::Relaxed);
     }
-    if !com2 {
+    if com2.is_none() {
         return;
     }
     let mut st = shared.lock();
@@ -473,13 +499,16 @@ fn attach(
     };
     st.next_id += 1;
     let id = st.next_id;
+    // Asked before the client's first byte where a console is known to be
+    // there; otherwise once its first frame shows one.
+    let ask = st.debug_port && st.console_speaks;
     st.client = Some(Attached {
         id,
         stream: write_half,
+        asked: ask,
     });
-    let debug_port = st.debug_port;
     drop(st);
-    if debug_port {
+    if ask {
         ask_for_the_debug_port(writer);
     }
     shared.clients.fetch_add(1, Ordering::Relaxed);
@@ -491,10 +520,18 @@ fn attach(
         .ok()
 }
 
-/// Asks the console to answer on the debug port, before anything the new
-/// client sends: a zero first ends whatever a client that left may have
-/// left unfinished. Never answered; a console that is not up yet misses it,
-/// and the next client to attach asks again.
+/// Whether `frame` (terminator included) decodes as a message of the
+/// console's.
+fn is_console_frame(frame: &[u8]) -> bool {
+    let mut bytes = frame[..frame.len() - 1].to_vec();
+    !bytes.is_empty()
+        && ipc_schema::frame::decode::<ipc_schema::control::ToHost>(&mut bytes).is_ok()
+}
+
+/// Asks the console to answer on the debug port: a zero first ends
+/// whatever a client that left may have left unfinished. Never answered; a
+/// console restarted since (on COM2 again) is asked when the next client
+/// attaches.
 fn ask_for_the_debug_port(writer: &ConsoleWriter) {
     let request = ipc_schema::control::FromHost {
         seq: 0,
