@@ -88,11 +88,11 @@ fn a_live_copy_driven_by_the_log_equals_the_source_on_both_mechanisms() {
         .expect_from("copier", "copier: write-protection: ")
         .expect_from("copier", "pages equal")
         .expect_from("copier", "log 7 left running")
-        // The copier's badge: its place among the services, after the five
+        // The copier's badge: its place among the services, after the six
         // standard ones, plus one.
         .expect_from(
             "logdirty",
-            "service copier (badge 6) is gone: 1 log(s) stopped",
+            "service copier (badge 7) is gone: 1 log(s) stopped",
         )
         .expect_console(1, "writer: done")
         .expect_status(HaltStatus::Success);

@@ -139,8 +139,8 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
             assert_eq!(garbage, Some(ControlEvent::Garbage { bytes: 10 }));
             assert_eq!(
                 ctl.services().unwrap().len(),
-                5,
-                "the console still answers (the five standard services)"
+                6,
+                "the console still answers (the six standard services)"
             );
             assert!(
                 ctl.stats().console_errors >= 1,

@@ -185,6 +185,14 @@ pub fn describe_reply(r: &AltReply) -> String {
             Some(n) => format!("{} dirtied range(s), more from gfn {n:#x}", ranges.0.len()),
             None => format!("{} dirtied range(s)", ranges.0.len()),
         },
+        AltReply::Shared { frame, refs, free } => {
+            format!("shared frame {frame:#x}: {refs} reference(s), {free} frames free")
+        }
+        AltReply::Breaks { breaks, more } => format!(
+            "{} copy-on-write break(s){}",
+            breaks.0.len(),
+            if *more { ", more" } else { "" }
+        ),
     }
 }
 
@@ -214,6 +222,9 @@ pub fn describe_hc_error(e: &HcError) -> String {
             format!("the domain's altp2m mode ({mode:?}) does not allow it")
         }
         HcError::BadRange => "the range is empty or reaches past guest RAM".into(),
+        HcError::Shared { gfn } => format!(
+            "gfn {gfn:#x} is a shared page (copy-on-write): unshare it before a view changes it (SH-3)"
+        ),
         HcError::QuotaExceeded { what, limit } => format!(
             "the domain has reached its quota of {limit} {} in the altp2m service",
             match what {
@@ -246,6 +257,10 @@ pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
             ipc_schema::altp2m::MAX_LISTENERS
         ),
         AltError::NotAllowed => "the manifest does not let this client do that to the domain (its `introspection`: `views` for views and modes, `events` for listening and answers)".into(),
+        AltError::ModifiedInView { view } => format!(
+            "the page is modified in view {view} (an access setting or a change_gfn), so it cannot be shared (SH-3)"
+        ),
+        AltError::Kernel(e) => format!("the kernel refused the sharing operation: {e:?}"),
         AltError::NotListening => {
             "the caller listens to no domain (attach with Listen first)".into()
         }

@@ -93,6 +93,7 @@ pub mod altp2m;
 pub mod frames;
 pub mod introspect;
 pub mod logdirty;
+pub mod sharing;
 
 use frames::{DropCounts, FrameReader};
 use std::collections::VecDeque;
@@ -238,6 +239,11 @@ pub enum ClientError {
         request: RequestLabel,
         error: ipc_schema::introspect::IntroError,
     },
+    /// The sharing service refused the request: why.
+    Sharing {
+        request: RequestLabel,
+        error: ipc_schema::sharing::ShError,
+    },
     /// Refused here, before anything was sent.
     Invalid(String),
 }
@@ -318,6 +324,9 @@ impl fmt::Display for ClientError {
             }
             ClientError::Introspect { request, error } => {
                 write!(f, "introspect refused {request}: {error}")
+            }
+            ClientError::Sharing { error, .. } => {
+                write!(f, "sharing: {}", sharing::describe_error(error))
             }
             ClientError::Invalid(why) => f.write_str(why),
         }
@@ -965,6 +974,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::Altp2m(q) => format!("Altp2m {}", altp2m::describe_request(q)),
         ControlRequest::Logdirty(q) => format!("Logdirty {}", logdirty::describe_request(q)),
         ControlRequest::Introspect(q) => format!("Introspect {q:?}"),
+        ControlRequest::Share(q) => format!("Share {q:?}"),
         ControlRequest::ShadowFrames { id, count } => format!("ShadowFrames {id} ({count})"),
         ControlRequest::ReadMemory { domain, at, len } => {
             format!("ReadMemory {domain} {at:?} ({len} bytes)")
@@ -990,6 +1000,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Altp2m(r) => format!("Altp2m ({})", altp2m::describe_reply(r)),
         ControlReply::Logdirty(r) => format!("Logdirty ({})", logdirty::describe_reply(r)),
         ControlReply::Introspect(r) => format!("Introspect ({})", introspect::describe_reply(r)),
+        ControlReply::Share(r) => format!("Share ({r:?})"),
         ControlReply::Shadow { gfn } => format!("Shadow (gfn {gfn:#x})"),
     }
 }
@@ -1020,6 +1031,9 @@ pub fn describe_error(e: &ControlError) -> String {
         }
         ControlError::IntrospectUnavailable => {
             "the introspect service did not answer (it is down, this image has none, or the console holds no `introspect` handle)".into()
+        }
+        ControlError::SharingUnavailable => {
+            "the sharing service did not answer (it is down, this image has none, or the console holds no `sharing` handle)".into()
         }
     }
 }

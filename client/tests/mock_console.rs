@@ -1061,3 +1061,20 @@ fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
         .collect();
     assert_eq!(reads, [1000, 0x200, 300, 300]);
 }
+
+#[test]
+fn a_console_without_a_sharing_service_says_so_by_name() {
+    let (mut c, mock) = standard();
+    let e = c.share_status().unwrap_err();
+    assert!(
+        e.to_string().contains("the sharing service did not answer"),
+        "{e}"
+    );
+    drop(c);
+    let got = mock.join().unwrap();
+    assert!(
+        got.requests.iter().any(
+            |r| r.request == ControlRequest::Share(parallax_client::sharing::ShRequest::Status)
+        )
+    );
+}

@@ -188,6 +188,10 @@ enum CtlCmd {
     /// write, translate a guest-virtual address (docs/introspection.md).
     #[command(subcommand)]
     Mem(MemCmd),
+    /// Copy-on-write page sharing between domains, kept by the sharing
+    /// service: nominate, share, unshare, status (docs/sharing.md).
+    #[command(subcommand)]
+    Share(ShareCmd),
     /// A vCPU's registers; with --set NAME=VALUE (repeatable), sets them at
     /// once (the domain must be paused: `cargo hv ctl pause ID`).
     Regs {
@@ -236,6 +240,55 @@ impl MemAt {
             Address::Physical(self.address)
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ShareCmd {
+    /// A handle for page GFN of DOMAIN and its contents now (SH-1).
+    Nominate {
+        /// The domain: its id, or its name.
+        domain: String,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The CLIENT handle's page comes to map the SOURCE handle's frame,
+    /// read-only; the client's own frame is freed (SH-1).
+    Share {
+        #[arg(value_parser = number)]
+        source: u64,
+        #[arg(value_parser = number)]
+        client: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Page GFN of DOMAIN gets a frame of its own again.
+    Unshare {
+        domain: String,
+        #[arg(value_parser = number)]
+        gfn: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deduplication: reads every page of the DOMAINs and shares those of
+    /// equal contents (each nominated first, so a page written meanwhile is
+    /// never merged); prints pages scanned and frames saved.
+    Scan {
+        /// Domains: ids or names.
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Pages per request to the service.
+        #[arg(long, default_value = "256")]
+        batch: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shared frames, pages, frames saved, handles, breaks, free frames.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -722,6 +775,85 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `cargo hv ctl`.
+/// `cargo hv ctl share ...` (docs/sharing.md).
+fn share_cmd(console: &mut Client<UnixStream>, cmd: ShareCmd) -> Result<()> {
+    use control::sharing as sh;
+    match cmd {
+        ShareCmd::Nominate { domain, gfn, json } => {
+            let id = console.domain_id(&domain)?;
+            let (handle, refs, free) = console.share_nominate(id, gfn)?;
+            if json {
+                println!(
+                    "{{\"domain\":{id},\"gfn\":{gfn},\"handle\":{handle},\"refs\":{refs},\"free\":{free}}}"
+                );
+            } else {
+                println!(
+                    "domain {id} gfn {gfn:#x}: handle {handle:#x} ({refs} reference(s); {free} frames free)"
+                );
+            }
+        }
+        ShareCmd::Share {
+            source,
+            client,
+            json,
+        } => {
+            let (refs, free) = console.share_pages(source, client)?;
+            if json {
+                println!(
+                    "{{\"source\":{source},\"client\":{client},\"refs\":{refs},\"free\":{free}}}"
+                );
+            } else {
+                println!("shared: {refs} reference(s) to the frame; {free} frames free");
+            }
+        }
+        ShareCmd::Unshare { domain, gfn, json } => {
+            let id = console.domain_id(&domain)?;
+            let (refs, free) = console.share_unshare(id, gfn)?;
+            if json {
+                println!("{{\"domain\":{id},\"gfn\":{gfn},\"refs\":{refs},\"free\":{free}}}");
+            } else {
+                println!(
+                    "domain {id} gfn {gfn:#x}: unshared ({refs} reference(s) left on the frame; {free} frames free)"
+                );
+            }
+        }
+        ShareCmd::Scan {
+            domains,
+            batch,
+            json,
+        } => {
+            let ids = domains
+                .iter()
+                .map(|d| console.domain_id(d))
+                .collect::<Result<Vec<u16>, _>>()?;
+            let start = Instant::now();
+            let (pages, saved) = console.share_scan(&ids, batch)?;
+            let secs = start.elapsed().as_secs_f64();
+            let list: Vec<String> = ids.iter().map(u16::to_string).collect();
+            if json {
+                println!(
+                    "{{\"domains\":[{}],\"pages\":{pages},\"saved\":{saved},\"seconds\":{secs:.3}}}",
+                    list.join(",")
+                );
+            } else {
+                println!(
+                    "scanned {pages} pages of domain(s) {}: {saved} frame(s) saved ({secs:.1} s)",
+                    list.join(", ")
+                );
+            }
+        }
+        ShareCmd::Status { json } => {
+            let s = console.share_status()?;
+            if json {
+                println!("{}", sh::status_json(&s));
+            } else {
+                println!("{}", sh::status_line(&s));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
     if let CtlCmd::Logs = command {
         let socket = conn.socket.clone().unwrap_or_else(default_control_socket);
@@ -763,6 +895,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
         CtlCmd::Logdirty(cmd) => return logdirty_cmd(&mut console, cmd),
         CtlCmd::Mem(cmd) => mem_cmd(&mut console, cmd)?,
+        CtlCmd::Share(cmd) => share_cmd(&mut console, cmd)?,
         CtlCmd::Regs {
             domain,
             vcpu,

@@ -100,6 +100,39 @@ pub enum AltRequest {
         domain: u16,
         ranges: BoundedVec<GfnRange, RANGES_PER_REPLY>,
     },
+    /// Page sharing (docs/sharing.md; only on the `altp2m-share` endpoint,
+    /// which only the sharing service may call). SH-1: the frame of `gfn`
+    /// becomes a shared frame, read-only in every view from now on (a
+    /// constraint of the model, as tracking is). Refused while a view
+    /// modifies the gfn (SH-3: `ModifiedInView`). [`AltReply::Shared`].
+    ShareNominate { domain: u16, gfn: u64 },
+    /// SH-1: `gfn` comes to map shared frame `frame` (an id a
+    /// `ShareNominate` answered), read-only; its own frame is freed.
+    ShareMap { domain: u16, gfn: u64, frame: u32 },
+    /// SH-1: `gfn` gets a frame of its own again (a copy, or the shared
+    /// frame itself when it was the last reference), writable as the model
+    /// says.
+    Unshare { domain: u16, gfn: u64 },
+    /// SH-2: the copy-on-write breaks made since the last take (a guest's
+    /// write to a shared page: the writer got a private copy and went on),
+    /// oldest first: [`AltReply::Breaks`].
+    ShareBreaks,
+}
+
+/// Copy-on-write breaks one [`AltReply::Breaks`] carries at most.
+pub const BREAKS_PER_REPLY: usize = 8;
+
+/// A copy-on-write break: `gfn` of `domain` left shared frame `frame`,
+/// which has `refs` references left.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CowBreak {
+    pub domain: u16,
+    pub gfn: u64,
+    pub frame: u32,
+    pub refs: u32,
 }
 
 /// What the vCPU of a violation does once the listener answered.
@@ -301,6 +334,18 @@ pub enum AltReply {
         ranges: BoundedVec<GfnRange, RANGES_PER_REPLY>,
         next: Option<u64>,
     },
+    /// A sharing operation done: the shared frame (an opaque id), its
+    /// references now, and the frames free in the kernel's pool.
+    Shared {
+        frame: u32,
+        refs: u32,
+        free: u64,
+    },
+    /// [`AltRequest::ShareBreaks`]: breaks, and whether more remain.
+    Breaks {
+        breaks: BoundedVec<CowBreak, BREAKS_PER_REPLY>,
+        more: bool,
+    },
 }
 
 /// Why a request other than a view operation was refused.
@@ -334,6 +379,12 @@ pub enum AltError {
     /// `introspection`: `views` for view requests and modes, `events` for
     /// listening, policies and answers).
     NotAllowed,
+    /// SH-3: the gfn is modified in `view` (an access setting, or a
+    /// change_gfn from or to it), so it cannot be shared.
+    ModifiedInView { view: u16 },
+    /// The kernel refused the sharing operation (why: a stale or forged
+    /// frame id, the gfn maps that frame already, not RAM, ...).
+    Kernel(crate::syscall::EptOpError),
 }
 
 /// The most listeners one domain has.

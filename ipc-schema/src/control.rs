@@ -13,6 +13,7 @@ use crate::altp2m::{AltReply, AltRequest, VmEvent};
 use crate::introspect::{Address, CHUNK, IntroReply, IntroRequest};
 use crate::ipc::{BoundedVec, InterfaceId};
 use crate::logdirty::{LdReply, LdRequest};
+use crate::sharing::{ShReply, ShRequest};
 use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
 use crate::syscall::DomainOp;
 use postcard::experimental::max_size::MaxSize;
@@ -70,6 +71,9 @@ pub enum ControlRequest {
     /// A request to the introspect service (guest memory and registers,
     /// docs/introspection.md), passed on as it is.
     Introspect(IntroRequest),
+    /// A request to the sharing service (page sharing, docs/sharing.md),
+    /// passed on as it is.
+    Share(ShRequest),
     /// Shadow pages for domain `id` (the supervisor's
     /// `SupervisorRequest::ShadowFrames`): [`ControlReply::Shadow`].
     ShadowFrames {
@@ -134,6 +138,8 @@ pub enum ControlReply {
     Logdirty(LdReply),
     /// The introspect service's answer to [`ControlRequest::Introspect`].
     Introspect(IntroReply),
+    /// The sharing service's answer to [`ControlRequest::Share`].
+    Share(ShReply),
     /// The first gfn of the shadow pages given.
     Shadow {
         gfn: u64,
@@ -168,6 +174,9 @@ pub enum ControlError {
     /// The introspect service did not answer (or the console holds no
     /// `introspect` handle).
     IntrospectUnavailable,
+    /// The sharing service did not answer (or the console holds no
+    /// `sharing` handle).
+    SharingUnavailable,
 }
 
 /// Something that happened, told to the host unasked.

@@ -390,6 +390,12 @@ pub enum HcError {
         what: Quota,
         limit: u32,
     },
+    /// SH-3: the gfn maps a shared frame (page sharing): a view may not
+    /// change its access or remap it, nor remap another gfn to it, until it
+    /// is unshared. Suppress-#VE alone may change (seed 004).
+    Shared {
+        gfn: u64,
+    },
     /// [`Request::GrantPages`]: the domain grants 8 ranges already.
     TooManyGrants,
     /// [`Request::GrantPages`] taking back a range that is not one granted

@@ -24,6 +24,7 @@ pub mod ipc;
 pub mod lifecycle;
 pub mod logdirty;
 pub mod manifest;
+pub mod sharing;
 pub mod supervisor;
 pub mod syscall;
 pub mod vmexit;

@@ -656,6 +656,36 @@ pub enum EptOp {
     CopyHost {
         view: u16,
     },
+    /// Page sharing (SH-1, docs/sharing.md), host p2m only (`view` must be
+    /// 0): the frame behind `gfn` becomes a shared frame with one reference
+    /// (or, already shared, is named again), its entry read-only. Every
+    /// alternate view's entry that maps the frame is emptied (the owner
+    /// fills it again). Answered [`EptResult::Shared`]: the frame's opaque
+    /// id, never its address.
+    ShareNominate {
+        view: u16,
+        gfn: u64,
+    },
+    /// SH-1: `gfn` comes to map shared frame `frame` read-only (one more
+    /// reference); the frame it had is released (freed when it was its
+    /// own, one reference less when it was shared). Every alternate view's
+    /// entry that mapped the old frame is emptied. [`EptResult::Shared`].
+    ShareMap {
+        view: u16,
+        gfn: u64,
+        frame: u32,
+    },
+    /// SH-1, SH-2 (the copy-on-write break): `gfn`, which maps a shared
+    /// frame, gets a frame of its own with its contents, mapped with
+    /// `perms`: the shared frame itself when this was its last reference,
+    /// else a new frame (`OutOfMemory`, nothing changed, when there is
+    /// none). [`EptResult::Shared`] names the frame left and its
+    /// references (0: it is this gfn's own now).
+    Unshare {
+        view: u16,
+        gfn: u64,
+        perms: Perms,
+    },
 }
 
 impl EptOp {
@@ -673,7 +703,10 @@ impl EptOp {
             | EptOp::ClearDirty { view, .. }
             | EptOp::MarkDirty { view, .. }
             | EptOp::ArmLift { view, .. }
-            | EptOp::CopyHost { view } => view,
+            | EptOp::CopyHost { view }
+            | EptOp::ShareNominate { view, .. }
+            | EptOp::ShareMap { view, .. }
+            | EptOp::Unshare { view, .. } => view,
         }
     }
 }
@@ -690,6 +723,15 @@ pub enum EptResult {
     Entry {
         mapped: Option<EptEntry>,
         suppress_ve: bool,
+    },
+    /// `ShareNominate`, `ShareMap`, `Unshare`: the shared frame (an opaque
+    /// id that names one frame for as long as it is shared: a stale id is
+    /// refused), its references after the operation, and the frames free
+    /// in the kernel's pool (SH-4).
+    Shared {
+        frame: u32,
+        refs: u32,
+        free: u64,
     },
     Error(EptOpError),
 }
@@ -722,6 +764,19 @@ pub enum EptOpError {
     NotMapped,
     OutOfMemory,
     WriteWithoutRead,
+    /// SH-2: the operation would give write to an entry that maps a shared
+    /// frame, point another gfn at one, or remap a shared gfn in a view.
+    Shared,
+    /// A shared-frame id that names no shared frame (stale or forged).
+    NoSuchShare,
+    /// `Unshare` of a gfn that maps no shared frame.
+    NotShared,
+    /// `ShareMap` of a gfn that maps that frame already.
+    AlreadyShared,
+    /// The page cannot change frames now: services hold foreign mappings
+    /// of the domain's RAM, or it is the #VE information page, or the
+    /// kernel's table of shared frames is full.
+    Busy,
 }
 
 /// The batch EPT_OPS takes: at most this many operations.

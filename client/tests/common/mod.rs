@@ -411,6 +411,8 @@ impl Console {
             },
             ControlRequest::Introspect(q) => R::Introspect(self.introspect(q)),
             ControlRequest::ShadowFrames { .. } => R::Refused(Refusal::NotAllowed),
+            // A console without a sharing service.
+            ControlRequest::Share(_) => R::Error(ControlError::SharingUnavailable),
             ControlRequest::ReadMemory { .. } | ControlRequest::UseDebugPort => {
                 unreachable!("answered by respond")
             }

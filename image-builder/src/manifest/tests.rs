@@ -63,7 +63,14 @@ fn without_services_the_standard_ones_are_used() {
     let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["altp2m", "vmm", "console", "logdirty", "introspect"]
+        [
+            "altp2m",
+            "vmm",
+            "console",
+            "logdirty",
+            "introspect",
+            "sharing"
+        ]
     );
     assert_eq!(
         m.shared,
@@ -340,11 +347,12 @@ fn the_standard_services_can_be_combined_with_others() {
             "console",
             "logdirty",
             "introspect",
+            "sharing",
             "probe"
         ]
     );
     let bytes = m.compile().unwrap();
-    assert!(Manifest::decode(&bytes).unwrap().services[5].task);
+    assert!(Manifest::decode(&bytes).unwrap().services[6].task);
     // And left out: a system of no services at all.
     let m = parse("name = \"x\"\nstandard_services = false\n").unwrap();
     assert!(m.services.is_empty() && m.shared.is_empty());

@@ -182,7 +182,11 @@ impl Kernel {
             .position(Option::is_none)
             .ok_or(SpawnError::NoSlot)?;
         match self.frames.get(usize::from(elf)).and_then(Option::as_ref) {
-            Some(f) if f.kind == FramesKind::Module || f.kind == FramesKind::Ram => {}
+            // Not guest RAM: page sharing frees single frames of it
+            // (docs/sharing.md).
+            Some(f)
+                if !f.given_to_domain
+                    && (f.kind == FramesKind::Module || f.kind == FramesKind::Ram) => {}
             _ => return Err(SpawnError::NotAnElfObject),
         }
         let source = self.next_source;

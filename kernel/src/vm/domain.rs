@@ -184,20 +184,48 @@ impl Domain {
         Ok(())
     }
 
-    /// The gfn whose host-p2m mapping is the frame at `hpa`.
+    /// The gfn whose host-p2m mapping is the frame at `hpa` (a frame that
+    /// page sharing put behind a gfn included: docs/sharing.md).
     pub fn gfn_of_frame(&self, hpa: u64) -> Option<u64> {
+        if let Some(gfn) = super::shared::gfn_backed_by(self.id, hpa) {
+            return Some(gfn);
+        }
         self.ram
             .iter()
             .find(|(_, base, count)| hpa >= *base && hpa < base + count * PAGE_SIZE)
             .map(|(gfn, base, _)| gfn + (hpa - base) / PAGE_SIZE)
+            .filter(|&gfn| super::shared::backing(self.id, gfn).is_none())
     }
 
-    /// The frame the host p2m maps at `gfn`: one of the domain's RAM frames.
+    /// The frame the host p2m maps at `gfn` that a service may map: the
+    /// domain's RAM frame, or the frame of its own a copy-on-write break
+    /// gave it; `None` for a shared frame (SH-2: no service maps one).
     pub fn frame_of_gfn(&self, gfn: u64) -> Option<u64> {
+        if let Some(own) = super::shared::backing(self.id, gfn) {
+            return own;
+        }
+        self.ram_frame(gfn)
+    }
+
+    /// The RAM frame the builder mapped at `gfn`.
+    pub fn ram_frame(&self, gfn: u64) -> Option<u64> {
         self.ram
             .iter()
             .find(|(first, _, count)| gfn >= *first && gfn - first < *count)
             .map(|(first, base, _)| base + (gfn - first) * PAGE_SIZE)
+    }
+
+    /// The frame the CPU writes #VE information into, while #VE is on.
+    /// `Err` when the vCPU's VMCS cannot be loaded (it runs elsewhere).
+    pub fn ve_info_frame(&mut self) -> Result<Option<u64>, ()> {
+        use platform::vmx::fields::VE_INFO_ADDRESS;
+        match self.vcpu.as_mut() {
+            Some(v) if v.secondary(platform::vmx::proc2::EPT_VIOLATION_VE) => {
+                v.load().map_err(|_| ())?;
+                Ok(Some(v.read(VE_INFO_ADDRESS) & !(PAGE_SIZE - 1)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Copies guest memory at `gpa` into `out`; `None` if any byte is not RAM.
@@ -223,7 +251,11 @@ impl Domain {
         let end = gpa.checked_add(bytes.len() as u64)?;
         let mut page = gpa & !(PAGE_SIZE - 1);
         while page < end {
-            self.views.host().translate(&KernelTables, page)?;
+            // SH-2: the kernel never writes a shared frame for a service.
+            let hpa = self.views.host().translate(&KernelTables, page)?;
+            if super::shared::is_shared_frame(hpa) {
+                return None;
+            }
             page += PAGE_SIZE;
         }
         let mut done = 0;
@@ -283,6 +315,8 @@ impl Domain {
     /// those frames belong to the frames objects the builder holds).
     pub fn destroy(mut self) {
         self.views.destroy_all();
+        // SH-4: its references to shared frames, and its copies.
+        super::shared::release(self.id);
         free_frame(self.msr_bitmap);
         if let Some(v) = self.vcpu.take() {
             v.destroy();

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod exits;
 pub mod memory;
 mod ops;
+pub mod shared;
 pub mod vcpu;
 pub mod views;
 

@@ -64,6 +64,15 @@ fn ram_range(d: &Domain, gfn: u64, count: u64) -> Result<(u64, u64), EptOpError>
     Ok((gfn * PAGE_SIZE, end * PAGE_SIZE))
 }
 
+/// Page sharing changes the host p2m only.
+fn host_only(view: u16) -> Result<(), EptOpError> {
+    if view == 0 {
+        Ok(())
+    } else {
+        Err(EptOpError::NoSuchView)
+    }
+}
+
 /// Carries out one operation on domain `d`.
 pub fn ept_op(d: &mut Domain, op: &EptOp) -> EptResult {
     match run(d, op) {
@@ -89,6 +98,14 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         } => {
             let gpa = ram(d, gfn)?;
             let from = ram(d, from_gfn)?;
+            // SH-2, SH-3: a shared frame is mapped only at its own gfn and
+            // read-only; a shared gfn is not remapped in a view.
+            let remap = gfn != from_gfn;
+            if (remap || perms.write) && super::shared::is_shared_gfn(d, from_gfn)
+                || remap && super::shared::is_shared_gfn(d, gfn)
+            {
+                return Err(EptOpError::Shared);
+            }
             let host = d
                 .views
                 .host()
@@ -97,6 +114,10 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let hpa = host
                 .hpa_of(from & !(PAGE_SIZE - 1))
                 .ok_or(EptOpError::NotRam)?;
+            if remap {
+                d.views.set_remaps(view, true);
+                d.views.remapped_from(from_gfn);
+            }
             let (_, v, tables) = clear(d, view, gpa)?;
             v.map(
                 tables,
@@ -116,6 +137,16 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         EptOp::Protect { view, gfn, perms } => {
             let gpa = ram(d, gfn)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
+            // SH-2: never write to an entry that maps a shared frame (one
+            // with no access too: it still maps its frame).
+            if perms.write
+                && ept
+                    .query(&KernelTables, gpa)
+                    .and_then(|m| m.hpa_of(gpa & !(PAGE_SIZE - 1)))
+                    .is_some_and(super::shared::is_shared_frame)
+            {
+                return Err(EptOpError::Shared);
+            }
             to_4k(ept, tables, gpa)?;
             ept.protect(tables, gpa, ept_perms(perms))
                 .map_err(ept_error)?;
@@ -132,6 +163,9 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             ept.protect_range(tables, start, end, ept_perms(perms))
                 .map_err(ept_error)?;
+            if perms.write {
+                super::shared::restrict(d, view, gfn, gfn + count);
+            }
             Ok(EptResult::Done)
         }
         EptOp::SetSuppressVe {
@@ -175,12 +209,26 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let (start, end) = ram_range(d, gfn, count)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             ept.arm_lift(tables, start, end);
+            super::shared::restrict(d, view, gfn, gfn + count);
             Ok(EptResult::Done)
         }
         EptOp::CopyHost { view } => {
             let (host, v, tables) = alternate(d, view)?;
             v.copy_from(tables, host).map_err(ept_error)?;
+            d.views.set_remaps(view, false);
             Ok(EptResult::Done)
+        }
+        EptOp::ShareNominate { view, gfn } => {
+            host_only(view)?;
+            super::shared::nominate(d, gfn)
+        }
+        EptOp::ShareMap { view, gfn, frame } => {
+            host_only(view)?;
+            super::shared::share(d, gfn, frame)
+        }
+        EptOp::Unshare { view, gfn, perms } => {
+            host_only(view)?;
+            super::shared::unshare(d, gfn, perms)
         }
         EptOp::Query { view, gfn } => {
             let gpa = gfn.checked_mul(PAGE_SIZE).ok_or(EptOpError::NotRam)?;
@@ -229,6 +277,10 @@ pub fn vcpu_control(
                 .host()
                 .translate(&KernelTables, gpa)
                 .ok_or(SysError::BadArgument)?;
+            // SH-2: the CPU writes this page around the EPT.
+            if super::shared::is_shared_frame(hpa) {
+                return Err(SysError::BadArgument);
+            }
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
             v.load().map_err(|_| SysError::Busy)?;
             // Safety: the VMCS is current; `hpa` is a frame of this domain's

@@ -15,6 +15,10 @@ pub struct View {
     pub ept: Ept,
     /// Reachable by VMFUNC (its EPTP is in the EPTP list).
     pub visible: bool,
+    /// A gfn may map another gfn's frame here (an `EptOp::Map` remapped
+    /// one since the view was last a copy of the host p2m): page sharing
+    /// then looks for a frame in all of the view, not only at its gfn.
+    pub remaps: bool,
 }
 
 /// All views of a domain.
@@ -31,6 +35,11 @@ pub struct Views {
     invept: InveptType,
     /// Every table of every view, counted against the domain's quota.
     pub tables: DomainTables,
+    /// The gfns whose frames some view maps at another gfn (`EptOp::Map`
+    /// remaps), or `None` once there were too many to list: page sharing
+    /// searches the views for a frame that changes only when its gfn is
+    /// one of these (docs/sharing.md).
+    pub remap_sources: Option<heapless::Vec<u64, 32>>,
 }
 
 impl Views {
@@ -51,10 +60,12 @@ impl Views {
             accessed_dirty: false,
             invept,
             tables,
+            remap_sources: Some(heapless::Vec::new()),
         };
         views.slots[0] = Some(View {
             ept: host,
             visible: true,
+            remaps: false,
         });
         views.write_list_entry(0);
         Some(views)
@@ -113,6 +124,7 @@ impl Views {
         self.slots[slot] = Some(View {
             ept,
             visible: false,
+            remaps: false,
         });
         Ok(slot as u16)
     }
@@ -189,6 +201,43 @@ impl Views {
                 .add(usize::from(view))
                 .write_volatile(value)
         };
+    }
+
+    /// Calls `f` with each alternate view's tables and the domain's table
+    /// memory.
+    pub fn each_alternate(&mut self, mut f: impl FnMut(&mut View, &mut DomainTables)) {
+        for v in self.slots.iter_mut().skip(1).flatten() {
+            f(v, &mut self.tables);
+        }
+    }
+
+    /// Notes that a view maps `gfn`'s frame at another gfn.
+    pub fn remapped_from(&mut self, gfn: u64) {
+        if let Some(list) = self.remap_sources.as_mut()
+            && !list.contains(&gfn)
+            && list.push(gfn).is_err()
+        {
+            self.remap_sources = None;
+        }
+    }
+
+    /// Whether a view may map `gfn`'s frame at another gfn.
+    pub fn may_remap_from(&self, gfn: u64) -> bool {
+        self.remap_sources.as_ref().is_none_or(|l| l.contains(&gfn))
+    }
+
+    /// Notes whether `view` may now map a gfn to another gfn's frame.
+    pub fn set_remaps(&mut self, view: u16, remaps: bool) {
+        if let Some(Some(v)) = self.slots.get_mut(usize::from(view)) {
+            v.remaps = remaps;
+        }
+    }
+
+    /// Drops cached translations of every view.
+    pub fn flush_all(&self) {
+        for v in self.slots.iter().flatten() {
+            self.flush_eptp(v.ept.eptp(self.accessed_dirty));
+        }
     }
 
     /// Drops cached translations of a view after its tables changed.

@@ -477,6 +477,36 @@ impl Ept {
         Ok(decode(walk.entry, size, gpa))
     }
 
+    /// Points the 4 KiB leaf that maps `gpa` at frame `hpa` with `perms`,
+    /// in place (no table is allocated or freed), and returns the leaf as it
+    /// was. Memory type and suppress-#VE stay; accessed, dirty and the
+    /// armed bit are cleared. A large leaf is [`EptError::NotLarge`]'s
+    /// opposite: split it first (`Misaligned` is returned for it). Used to
+    /// change which frame backs a page (page sharing, docs/sharing.md).
+    pub fn replace<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gpa: u64,
+        hpa: u64,
+        perms: Perms,
+    ) -> Result<Mapping, EptError> {
+        check_gpa(gpa)?;
+        check_perms(gpa, perms)?;
+        if !hpa.is_multiple_of(PageSize::Size4K.bytes()) || hpa >= HPA_LIMIT {
+            return Err(EptError::HpaOutOfRange { hpa });
+        }
+        let walk = self.walk(mem, gpa);
+        match walk.kind() {
+            Kind::Leaf(PageSize::Size4K) => {
+                let keep = walk.entry & !(ADDRESS | RWX | LIFT | ACCESSED | DIRTY);
+                write(mem, walk.table(), walk.slot, keep | hpa | perms.bits());
+                Ok(decode(walk.entry, PageSize::Size4K, gpa))
+            }
+            Kind::Leaf(size) => Err(EptError::Misaligned { gpa, hpa, size }),
+            _ => Err(EptError::NotMapped { gpa }),
+        }
+    }
+
     /// Sets or clears suppress-#VE for `gpa`: on the leaf that maps it (all
     /// of it, for a large page), or, where nothing maps it, on the empty
     /// 4 KiB entry for it, since the CPU reads bit 63 of not-present entries

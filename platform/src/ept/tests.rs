@@ -435,6 +435,54 @@ fn protect_changes_rights_only_and_no_access_keeps_the_frame() {
 }
 
 #[test]
+fn replace_points_a_4k_leaf_at_another_frame_in_place() {
+    let (mut mem, mut ept) = setup();
+    ept.map(&mut mem, M2, 0x60_0000, Size2M, Perms::ALL, UC)
+        .unwrap();
+    // A large leaf is refused: it must be split first.
+    assert!(matches!(
+        ept.replace(&mut mem, M2, 0x9000, Perms::READ),
+        Err(EptError::Misaligned { .. })
+    ));
+    ept.split(&mut mem, M2).unwrap();
+    ept.set_dirty(&mut mem, M2 + 0x3000).unwrap();
+    ept.set_suppress_ve(&mut mem, M2 + 0x3000, false).unwrap();
+    let tables = mem.live;
+    let old = ept
+        .replace(&mut mem, M2 + 0x3000, 0x9000, Perms::READ_EXECUTE)
+        .unwrap();
+    assert_eq!(
+        (old.hpa, old.perms, old.dirty),
+        (0x60_3000, Perms::ALL, true)
+    );
+    assert_eq!(mem.live, tables, "no table allocated or freed");
+    let m = ept.query(&mem, M2 + 0x3000).unwrap();
+    assert_eq!(
+        (
+            m.hpa,
+            m.size,
+            m.perms,
+            m.memory_type,
+            m.suppress_ve,
+            m.dirty
+        ),
+        (0x9000, Size4K, Perms::READ_EXECUTE, UC, false, false)
+    );
+    // Its neighbours are untouched.
+    assert_eq!(ept.translate(&mem, M2 + 0x4000), Some(0x60_4000));
+    assert_eq!(
+        ept.replace(&mut mem, 0, 0x9000, Perms::READ),
+        Err(EptError::NotMapped { gpa: 0 })
+    );
+    assert_eq!(
+        ept.replace(&mut mem, M2, 0x9001, Perms::READ),
+        Err(EptError::HpaOutOfRange { hpa: 0x9001 })
+    );
+    ept.destroy(&mut mem);
+    assert_eq!(mem.live, 0);
+}
+
+#[test]
 fn split_keeps_every_translation_and_attribute() {
     let (mut mem, mut ept) = setup();
     ept.map(&mut mem, G1, 5 * G1, Size1G, Perms::READ_EXECUTE, UC)

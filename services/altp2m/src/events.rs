@@ -14,7 +14,7 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use ipc_schema::altp2m::{Action, AltError, Filter, MAX_LISTENERS, NoListener, VmEvent};
 use ipc_schema::hypercall::{Access, HC_VIEW_SWITCH, HcError, Relaxing, Status};
-use ipc_schema::syscall::{EptOp, EptResult, Perms};
+use ipc_schema::syscall::{EptOp, EptOpError, EptResult, Perms};
 use ipc_schema::vmexit::{AccessBits, ExitKind, ExitMessage, ExitReply, Response, Then};
 
 /// Answered events kept for late readers.
@@ -258,9 +258,35 @@ impl Events {
             );
             None
         });
+        // SH-2: a write to a shared page (its settings allow the write) is
+        // a copy-on-write break: the writer gets its private copy and
+        // retries. Without a frame for the copy the write is a restriction
+        // like any other: the domain's listener hears of it, or its
+        // no-listener policy stops it or keeps the vCPU waiting; never
+        // another domain.
+        let mut no_copy = false;
+        match alt.cow(k, id, view, gfn, access) {
+            Ok(false) => {}
+            Ok(true) => return reply(Response::RETRY),
+            Err(e) => {
+                defmt::warn!(
+                    "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy ({}); the domain's listener or policy decides",
+                    id,
+                    gpa,
+                    view,
+                    e
+                );
+                no_copy = true;
+            }
+        }
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
-        match alt.lift(k, id, view, gfn, access) {
+        let lifted = if no_copy {
+            Ok(false)
+        } else {
+            alt.lift(k, id, view, gfn, access)
+        };
+        match lifted {
             Ok(false) => {}
             // An n2rwx page lifted too: on, for its notice.
             Ok(true) if relaxed.is_some() => {}
@@ -299,8 +325,32 @@ impl Events {
             let ops = fill_ops(d, view, gfn);
             let mut out = [EptResult::Done; 4];
             let out = &mut out[..ops.len()];
-            if k.ept(id, &ops, out).is_err() || out.iter().any(|r| matches!(r, EptResult::Error(_)))
+            let failed = k.ept(id, &ops, out).is_err();
+            // A shared page this instance's model does not hold (shared
+            // before it started): the kernel refuses it write (SH-2). It
+            // is learnt, and the write is a copy-on-write break.
+            if !failed
+                && access.write
+                && out
+                    .iter()
+                    .any(|r| matches!(r, EptResult::Error(EptOpError::Shared)))
             {
+                let frame = plain.frame_gfn.unwrap_or(gfn);
+                alt.domain(id).shared.insert(frame, 0);
+                return match alt.cow(k, id, view, gfn, access) {
+                    Ok(true) => reply(Response::RETRY),
+                    _ => {
+                        defmt::error!(
+                            "altp2m: domain {=u16}: a write to the shared page {=u64:#x} (view {=u16}) could not get its private copy; domain stopped",
+                            id,
+                            gpa,
+                            view
+                        );
+                        reply(Response::CRASH)
+                    }
+                };
+            }
+            if failed || out.iter().any(|r| matches!(r, EptResult::Error(_))) {
                 defmt::error!(
                     "altp2m: domain {=u16}: lazy fill of {=u64:#x} in view {=u16} failed",
                     id,

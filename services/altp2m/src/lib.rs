@@ -10,6 +10,7 @@ extern crate alloc;
 pub mod events;
 pub mod intervals;
 pub mod policy;
+pub mod sharing;
 pub mod tracking;
 
 use alloc::vec::Vec;

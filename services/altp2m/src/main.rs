@@ -10,6 +10,8 @@
 //! - `altp2m-track`: the logdirty service's tracking constraint
 //!   (`Track`, `DirtyTake`, `Rearm`; only there, so that no other client
 //!   can disarm the tracking a log depends on).
+//! - `altp2m-share`: the sharing service's constraint (`ShareNominate`,
+//!   `ShareMap`, `Unshare`, `ShareBreaks`; only there: docs/sharing.md).
 //!
 //! It holds a `domains` handle with the views and vCPU-control rights, and
 //! nothing that reads or writes guest memory. With an `altp2m-events`
@@ -29,7 +31,8 @@
 extern crate alloc;
 
 use ipc_schema::altp2m::{
-    ALTP2M, Action, AltError, AltReply, AltRequest, EVENTS_PER_REPLY, MAX_WAITING_LISTENERS,
+    ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
+    MAX_WAITING_LISTENERS,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
@@ -132,6 +135,7 @@ struct Server {
     external: Handle,
     guest: Option<Handle>,
     track: Option<Handle>,
+    share: Option<Handle>,
     events_note: Option<Handle>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
@@ -175,6 +179,29 @@ impl Server {
         if let Some(n) = self.events_note {
             let _ = sys::notify(n, 1);
         }
+    }
+
+    /// Answers a request on the `altp2m-share` endpoint (SH-1..SH-4).
+    fn sharing(&mut self, request: AltRequest) -> AltReply {
+        let k = &mut self.system;
+        let result = match request {
+            AltRequest::Ping => Ok(AltReply::Pong),
+            AltRequest::ShareNominate { domain, gfn } => self.alt.share_nominate(k, domain, gfn),
+            AltRequest::ShareMap { domain, gfn, frame } => {
+                self.alt.share_map(k, domain, gfn, frame)
+            }
+            AltRequest::Unshare { domain, gfn } => self.alt.unshare(k, domain, gfn),
+            AltRequest::ShareBreaks => {
+                let (taken, more) = self.alt.take_breaks(BREAKS_PER_REPLY);
+                let mut breaks = BoundedVec::new();
+                for b in taken {
+                    let _ = breaks.0.push(b);
+                }
+                Ok(AltReply::Breaks { breaks, more })
+            }
+            _ => Err(AltError::WrongEndpoint),
+        };
+        result.unwrap_or_else(AltReply::Refused)
     }
 
     /// Answers a request on the `altp2m-track` endpoint.
@@ -363,9 +390,13 @@ impl Server {
         let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
         match request {
             AltRequest::Ping => AltReply::Pong,
-            AltRequest::Track { .. } | AltRequest::DirtyTake { .. } | AltRequest::Rearm { .. } => {
-                AltReply::Refused(AltError::WrongEndpoint)
-            }
+            AltRequest::Track { .. }
+            | AltRequest::DirtyTake { .. }
+            | AltRequest::Rearm { .. }
+            | AltRequest::ShareNominate { .. }
+            | AltRequest::ShareMap { .. }
+            | AltRequest::Unshare { .. }
+            | AltRequest::ShareBreaks => AltReply::Refused(AltError::WrongEndpoint),
             AltRequest::Guest { .. } | AltRequest::GuestPage { .. } if !guest_endpoint => {
                 AltReply::Refused(AltError::WrongEndpoint)
             }
@@ -481,7 +512,11 @@ impl Service for Server {
     fn interface(&self, slot: Handle) -> Option<InterfaceId> {
         if slot == self.violations {
             Some(VMEXIT)
-        } else if slot == self.external || Some(slot) == self.guest || Some(slot) == self.track {
+        } else if slot == self.external
+            || Some(slot) == self.guest
+            || Some(slot) == self.track
+            || Some(slot) == self.share
+        {
             Some(ALTP2M)
         } else {
             None
@@ -517,6 +552,10 @@ impl Service for Server {
             let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| self.tracking(r));
             return ipc::encode_reply(&answer, reply);
         }
+        if Some(msg.slot) == self.share {
+            let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| self.sharing(r));
+            return ipc::encode_reply(&answer, reply);
+        }
         let guest_endpoint = Some(msg.slot) == self.guest;
         let request = ipc::decode::<AltRequest>(msg.bytes);
         if let Ok(AltRequest::NextEvent { answer }) = request
@@ -548,6 +587,7 @@ fn main() -> ! {
     let external = require("altp2m");
     let guest = handle("altp2m-guest");
     let track = handle("altp2m-track");
+    let share = handle("altp2m-share");
     let system = System {
         domains: require("domains"),
         features: sys::vm_features(),
@@ -574,6 +614,7 @@ fn main() -> ! {
         external,
         guest,
         track,
+        share,
         events_note: handle("altp2m-events"),
         rights: Rights::new(handle("supervisor")),
         domain_ends,
@@ -586,6 +627,7 @@ fn main() -> ! {
         | (1 << external)
         | guest.map_or(0, |g| 1 << g)
         | track.map_or(0, |t| 1 << t)
+        | share.map_or(0, |t| 1 << t)
         | domain_ends.map_or(0, |n| 1 << n);
     ipc::serve(&mut server, mask)
 }

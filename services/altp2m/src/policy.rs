@@ -151,6 +151,10 @@ pub struct Domain {
     /// A self-relaxing setting was ever placed (else a violation need not
     /// look for one: [`Altp2m::relax`]).
     pub relaxing: bool,
+    /// Page sharing's constraint (SH-2, [`crate::sharing`]): gfn -> the
+    /// shared frame (the kernel's opaque id) it maps, read-only in every
+    /// view.
+    pub shared: BTreeMap<u64, u32>,
 }
 
 /// A domain's mode until someone sets one.
@@ -166,6 +170,7 @@ impl Default for Domain {
             remapped_to: BTreeSet::new(),
             tracking: None,
             relaxing: false,
+            shared: BTreeMap::new(),
         }
     }
 }
@@ -180,7 +185,7 @@ fn meet(a: Access, b: Access) -> Access {
     }
 }
 
-fn perms(a: Access) -> Perms {
+pub(crate) fn perms(a: Access) -> Perms {
     Perms {
         read: a.read,
         write: a.write,
@@ -212,10 +217,12 @@ impl Domain {
     /// tracking takes.
     pub fn tracked(&self, mut e: Entry, view: u16, gfn: u64) -> Entry {
         let frame = e.frame_gfn.unwrap_or(gfn);
+        // SH-2: a shared frame is never writable, in any view.
         if self
             .tracking
             .as_ref()
             .is_some_and(|t| t.blocks_write(view, gfn, frame))
+            || self.shared.contains_key(&frame)
         {
             e.access.write = false;
         }
@@ -322,6 +329,9 @@ impl Domain {
 pub struct Altp2m {
     pub domains: BTreeMap<u16, Domain>,
     pub quotas: Quotas,
+    /// Copy-on-write breaks not yet taken by the sharing service
+    /// ([`crate::sharing`]).
+    pub breaks: Vec<ipc_schema::altp2m::CowBreak>,
 }
 
 impl Default for Altp2m {
@@ -346,9 +356,14 @@ fn op_error(e: EptOpError, view: u16, gfn: u64) -> HcError {
         EptOpError::HostView => HcError::HostView,
         EptOpError::OutOfMemory => HcError::OutOfMemory,
         EptOpError::WriteWithoutRead => HcError::BadAccess,
-        EptOpError::NotRam | EptOpError::AlreadyMapped | EptOpError::NotMapped => {
-            HcError::BadGfn { gfn }
-        }
+        EptOpError::Shared => HcError::Shared { gfn },
+        EptOpError::NotRam
+        | EptOpError::AlreadyMapped
+        | EptOpError::NotMapped
+        | EptOpError::NoSuchShare
+        | EptOpError::NotShared
+        | EptOpError::AlreadyShared
+        | EptOpError::Busy => HcError::BadGfn { gfn },
     }
 }
 
@@ -389,7 +404,7 @@ pub fn raw(
             suppress_ve,
         } => Ok((mapped.map(|m| (m.frame_gfn, access(m.perms))), suppress_ve)),
         EptResult::Error(e) => Err(op_error(e, view, gfn)),
-        EptResult::Done => Err(HcError::BadGfn { gfn }),
+        EptResult::Done | EptResult::Shared { .. } => Err(HcError::BadGfn { gfn }),
     }
 }
 
@@ -473,9 +488,10 @@ pub fn fill_ops(d: &Domain, view: u16, gfn: u64) -> heapless::Vec<EptOp, 4> {
 /// because tracking protects the frame: the kernel may then let the first
 /// write through itself and record it (`EptOp::ArmLift`).
 fn armable(d: &Domain, view: u16, gfn: u64, frame: u64) -> bool {
-    d.tracking
-        .as_ref()
-        .is_some_and(|t| t.blocks_write(view, gfn, frame))
+    !d.shared.contains_key(&frame)
+        && d.tracking
+            .as_ref()
+            .is_some_and(|t| t.blocks_write(view, gfn, frame))
         && d.untracked(view, gfn).access.write
 }
 
@@ -514,7 +530,7 @@ fn propagate(k: &mut impl Kernel, domain: u16, d: &Domain, frame: u64) -> Result
 /// [`propagate`], the copies asked about in one batch and written in
 /// another, after `first` (operations of the caller's, written in the same
 /// batch).
-fn propagate_with(
+pub(crate) fn propagate_with(
     k: &mut impl Kernel,
     domain: u16,
     d: &Domain,
@@ -617,6 +633,7 @@ impl Altp2m {
         Self {
             domains: BTreeMap::new(),
             quotas,
+            breaks: Vec::new(),
         }
     }
 
@@ -900,6 +917,15 @@ impl Altp2m {
                 if let Some(t) = to {
                     is_ram(k, domain, t)?;
                 }
+                // SH-3: a shared gfn is neither remapped nor remapped to.
+                let d = self.domain(domain);
+                if let Some(&g) = [Some(gfn), to]
+                    .iter()
+                    .flatten()
+                    .find(|g| d.shared.contains_key(g))
+                {
+                    return Err(HcError::Shared { gfn: g });
+                }
                 let quotas = self.quotas;
                 let d = self.domain(domain);
                 let before = d.settings();
@@ -1092,6 +1118,10 @@ impl Altp2m {
         })?;
         if count > 1 {
             is_ram(k, domain, end - 1).map_err(|_| HcError::BadRange)?;
+        }
+        // SH-3: the access of a shared gfn is not changed in any view.
+        if let Some((&g, _)) = self.domain(domain).shared.range(gfn..end).next() {
+            return Err(HcError::Shared { gfn: g });
         }
         let setting = Some(setting);
         let quotas = self.quotas;

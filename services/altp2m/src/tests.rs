@@ -55,6 +55,17 @@ struct Model {
     state: u64,
     /// Whether the service's heap has room (`Kernel::room`).
     room: bool,
+    /// Page sharing (SH-1..SH-4): shared frame id -> (frame, references).
+    shared: BTreeMap<u32, (u64, u32)>,
+    /// gfn -> the shared frame id it maps.
+    backs: BTreeMap<u64, u32>,
+    /// The next shared frame id, and the next new frame (copies).
+    next_id: u32,
+    next_frame: u64,
+    /// Frames in the pool (a copy takes one; a released frame comes back).
+    free: u64,
+    /// What a frame holds (a frame not here holds its own number).
+    contents: BTreeMap<u64, u64>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -84,6 +95,47 @@ impl Model {
             writes: 0,
             state: 1,
             room: true,
+            shared: BTreeMap::new(),
+            backs: BTreeMap::new(),
+            next_id: 1,
+            next_frame: 1000,
+            free: 100,
+            contents: BTreeMap::new(),
+        }
+    }
+
+    /// What the kernel does to alternate views when a frame changes
+    /// (`shared::forget_in_views`): every entry mapping it is emptied.
+    fn forget_in_views(&mut self, frame: u64) {
+        for (&v, view) in self.views.iter_mut() {
+            if v != 0 {
+                view.map.retain(|_, e| e.0 != frame);
+            }
+        }
+    }
+
+    fn is_shared_frame(&self, frame: u64) -> bool {
+        self.shared.values().any(|&(f, _)| f == frame)
+    }
+
+    /// The kernel's SH-2 net after a range of permissions: shared gfns
+    /// lose write and their armed bit.
+    fn restrict(&mut self, view: u16, gfn: u64, end: u64) {
+        let shared: Vec<u64> = self.backs.range(gfn..end).map(|(&g, _)| g).collect();
+        let v = self.views.get_mut(&view).unwrap();
+        for g in shared {
+            if let Some(e) = v.map.get_mut(&g) {
+                e.1.write = false;
+                v.armed.remove(&g);
+            }
+        }
+    }
+
+    fn shared_result(&self, id: u32) -> EptResult {
+        EptResult::Shared {
+            frame: id,
+            refs: self.shared.get(&id).map_or(0, |s| s.1),
+            free: self.free,
         }
     }
 
@@ -118,6 +170,12 @@ impl Model {
                 if view == 0 {
                     return Err(EptOpError::HostView);
                 }
+                let remap = gfn != from_gfn;
+                if (remap || perms.write) && self.backs.contains_key(&from_gfn)
+                    || remap && self.backs.contains_key(&gfn)
+                {
+                    return Err(EptOpError::Shared);
+                }
                 let frame = self.views[&0].map[&from_gfn].0;
                 let v = self.views.get_mut(&view).unwrap();
                 v.map.insert(gfn, (frame, perms));
@@ -135,6 +193,12 @@ impl Model {
             EptOp::Protect { view, gfn, perms } => {
                 ram(gfn)?;
                 check(perms)?;
+                if perms.write
+                    && let Some(&(f, _)) = self.views[&view].map.get(&gfn)
+                    && self.is_shared_frame(f)
+                {
+                    return Err(EptOpError::Shared);
+                }
                 let v = self.views.get_mut(&view).unwrap();
                 v.map.get_mut(&gfn).ok_or(EptOpError::NotMapped)?.1 = perms;
                 v.armed.remove(&gfn);
@@ -157,6 +221,7 @@ impl Model {
                     v.armed.remove(g);
                     self.writes += 1;
                 }
+                self.restrict(view, gfn, end);
             }
             EptOp::SetSuppressVe {
                 view,
@@ -197,6 +262,7 @@ impl Model {
                         v.armed.insert(g);
                     }
                 }
+                self.restrict(view, gfn, end);
             }
             EptOp::MarkDirty { view, gfn } => {
                 ram(gfn)?;
@@ -215,10 +281,109 @@ impl Model {
                 (v.map, v.ve, v.dirty, v.armed) = (host.map, host.ve, host.dirty, host.armed);
                 self.writes += v.map.len() as u64;
             }
+            EptOp::ShareNominate { view, gfn } => {
+                ram(gfn)?;
+                if view != 0 {
+                    return Err(EptOpError::NoSuchView);
+                }
+                if let Some(&id) = self.backs.get(&gfn) {
+                    return Ok(self.shared_result(id));
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                let e = self.views.get_mut(&0).unwrap().map.get_mut(&gfn).unwrap();
+                e.1.write = false;
+                let frame = e.0;
+                self.views.get_mut(&0).unwrap().armed.remove(&gfn);
+                self.shared.insert(id, (frame, 1));
+                self.backs.insert(gfn, id);
+                self.forget_in_views(frame);
+                return Ok(self.shared_result(id));
+            }
+            EptOp::ShareMap {
+                view,
+                gfn,
+                frame: id,
+            } => {
+                ram(gfn)?;
+                if view != 0 {
+                    return Err(EptOpError::NoSuchView);
+                }
+                let &(frame, _) = self.shared.get(&id).ok_or(EptOpError::NoSuchShare)?;
+                let host = self.views.get_mut(&0).unwrap();
+                let e = host.map.get_mut(&gfn).unwrap();
+                if e.0 == frame {
+                    return Err(EptOpError::AlreadyShared);
+                }
+                let old = e.0;
+                *e = (
+                    frame,
+                    Perms {
+                        write: false,
+                        ..e.1
+                    },
+                );
+                host.armed.remove(&gfn);
+                host.dirty.remove(&gfn);
+                match self.backs.insert(gfn, id) {
+                    Some(j) => {
+                        let s = self.shared.get_mut(&j).unwrap();
+                        s.1 -= 1;
+                        if s.1 == 0 {
+                            self.shared.remove(&j);
+                            self.free += 1;
+                        }
+                    }
+                    None => self.free += 1,
+                }
+                self.shared.get_mut(&id).unwrap().1 += 1;
+                self.forget_in_views(old);
+                return Ok(self.shared_result(id));
+            }
+            EptOp::Unshare { view, gfn, perms } => {
+                ram(gfn)?;
+                check(perms)?;
+                if view != 0 {
+                    return Err(EptOpError::NoSuchView);
+                }
+                let &id = self.backs.get(&gfn).ok_or(EptOpError::NotShared)?;
+                let (frame, refs) = self.shared[&id];
+                let own = if refs == 1 {
+                    self.shared.remove(&id);
+                    frame
+                } else {
+                    if self.free == 0 {
+                        return Err(EptOpError::OutOfMemory);
+                    }
+                    self.free -= 1;
+                    self.shared.get_mut(&id).unwrap().1 -= 1;
+                    self.next_frame += 1;
+                    let held = self.contents.get(&frame).copied().unwrap_or(frame);
+                    self.contents.insert(self.next_frame, held);
+                    self.next_frame
+                };
+                self.backs.remove(&gfn);
+                let host = self.views.get_mut(&0).unwrap();
+                host.map.insert(gfn, (own, perms));
+                host.armed.remove(&gfn);
+                host.dirty.remove(&gfn);
+                self.forget_in_views(frame);
+                return Ok(self.shared_result(id));
+            }
             EptOp::Query { view, gfn } => {
                 let v = &self.views[&view];
-                let mapped = v.map.get(&gfn).map(|&(frame_gfn, perms)| EptEntry {
-                    frame_gfn,
+                // As the kernel names a frame: by the gfn the host p2m maps
+                // it at (a copy's or a shared frame's too).
+                let host = &self.views[&0].map;
+                let name = |f: u64| {
+                    if host.get(&f).is_some_and(|e| e.0 == f) {
+                        f
+                    } else {
+                        host.iter().find(|(_, e)| e.0 == f).map_or(f, |(&g, _)| g)
+                    }
+                };
+                let mapped = v.map.get(&gfn).map(|&(frame, perms)| EptEntry {
+                    frame_gfn: name(frame),
                     size: 0,
                     perms,
                 });
@@ -2490,4 +2655,398 @@ fn a_cleared_suppress_ve_under_an_external_restriction_is_said_not_in_effect() {
         }),
         Reply::NotInEffect { pages: 1 }
     );
+}
+
+// ---- Page sharing as a constraint of the model (SH-1..SH-4) ----
+
+fn shared(r: AltReplyResult) -> (u32, u32) {
+    match r {
+        Ok(ipc_schema::altp2m::AltReply::Shared { frame, refs, .. }) => (frame, refs),
+        other => panic!("{other:?}"),
+    }
+}
+
+type AltReplyResult = Result<ipc_schema::altp2m::AltReply, AltError>;
+
+impl Rig {
+    fn nominate(&mut self, gfn: u64) -> AltReplyResult {
+        self.alt.share_nominate(&mut self.k, D, gfn)
+    }
+    fn share(&mut self, gfn: u64, frame: u32) -> AltReplyResult {
+        self.alt.share_map(&mut self.k, D, gfn, frame)
+    }
+    fn unshare(&mut self, gfn: u64) -> AltReplyResult {
+        self.alt.unshare(&mut self.k, D, gfn)
+    }
+    /// A guest write through `view` at `gfn` as the CPU makes it: through
+    /// the entry if it allows it (the frame written is returned), else a
+    /// violation to the service and a retry, a few times. `None`: the
+    /// write did not happen (a listener's event, or a crash).
+    fn write(&mut self, view: u16, gfn: u64) -> Option<u64> {
+        for _ in 0..4 {
+            let e = self.k.views.get(&view)?.map.get(&gfn).copied();
+            if let Some((frame, p)) = e
+                && p.write
+            {
+                return Some(frame);
+            }
+            if self.touch(view, gfn, W) != retry() {
+                return None;
+            }
+        }
+        None
+    }
+}
+
+/// SH-2 in the tables: no entry of any view that maps a shared frame is
+/// writable or armed; SH-4: each shared frame's references are the host
+/// gfns that map it; the model's shared gfns are the kernel's.
+fn check_sharing(k: &Model, alt: &Altp2m) -> Result<(), TestCaseError> {
+    for (&v, view) in &k.views {
+        for (&g, &(f, p)) in &view.map {
+            if k.is_shared_frame(f) {
+                prop_assert!(!p.write, "view {v} gfn {g}: writable shared frame {f}");
+                prop_assert!(
+                    !view.armed.contains(&g),
+                    "view {v} gfn {g}: armed shared frame"
+                );
+            }
+        }
+    }
+    for (&id, &(f, refs)) in &k.shared {
+        let mapping = k.views[&0].map.values().filter(|e| e.0 == f).count() as u32;
+        prop_assert_eq!(refs, mapping, "frame {} ({})", id, f);
+    }
+    let model: Vec<u64> = alt
+        .domains
+        .get(&D)
+        .map_or(Vec::new(), |d| d.shared.keys().copied().collect());
+    let kernel: Vec<u64> = k.backs.keys().copied().collect();
+    prop_assert_eq!(model, kernel);
+    Ok(())
+}
+
+#[test]
+fn a_shared_page_is_read_only_in_every_view_and_a_write_gets_a_private_copy() {
+    let mut r = Rig::new();
+    let v = r.view();
+    let (a, refs) = shared(r.nominate(5));
+    assert_eq!(refs, 1);
+    // Named again: the same frame, no second reference.
+    assert_eq!(shared(r.nominate(5)), (a, 1));
+    let (_, refs) = shared(r.share(9, a));
+    assert_eq!(refs, 2, "SH-4: 5 and 9 map one frame");
+    let frame = r.k.views[&0].map[&5].0;
+    assert_eq!(r.k.views[&0].map[&9].0, frame);
+    assert_eq!(r.k.free, 101, "9's own frame was freed");
+    check_sharing(&r.k, &r.alt).unwrap();
+    // SH-2: a read through the view is served read-only.
+    assert_eq!(r.touch(v, 9, R), retry());
+    assert!(!r.k.views[&v].map[&9].1.write);
+    // A write through the view: 9 gets a copy, 5 keeps the frame.
+    let written = r.write(v, 9).expect("the write goes through");
+    assert_ne!(written, frame);
+    assert_eq!(r.k.views[&0].map[&9].0, written);
+    assert_eq!(r.k.views[&0].map[&5].0, frame);
+    assert_eq!(r.k.free, 100, "the copy took a frame");
+    assert_eq!(r.k.shared[&a], (frame, 1));
+    let (breaks, more) = r.alt.take_breaks(8);
+    assert!(!more);
+    assert_eq!(
+        breaks,
+        vec![ipc_schema::altp2m::CowBreak {
+            domain: D,
+            gfn: 9,
+            frame: a,
+            refs: 1
+        }]
+    );
+    // The last reference: a write keeps the frame itself, no copy.
+    assert_eq!(r.write(0, 5), Some(frame));
+    assert_eq!(r.k.free, 100);
+    assert!(r.k.shared.is_empty() && r.k.backs.is_empty());
+    // Its id is stale now.
+    assert_eq!(
+        r.share(9, a),
+        Err(AltError::Kernel(EptOpError::NoSuchShare))
+    );
+    check_sharing(&r.k, &r.alt).unwrap();
+}
+
+#[test]
+fn views_and_sharing_exclude_each_other_per_page_but_suppress_ve_does_not_unshare() {
+    // SH-3.
+    let mut r = Rig::new();
+    let v = r.view();
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: v,
+            gfn: 4,
+            access: R
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.nominate(4), Err(AltError::ModifiedInView { view: v }));
+    assert_eq!(
+        r.host(Request::ChangeGfn {
+            view: v,
+            gfn: 6,
+            to: Some(7)
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.nominate(6), Err(AltError::ModifiedInView { view: v }));
+    assert_eq!(
+        r.nominate(7),
+        Err(AltError::ModifiedInView { view: v }),
+        "remapped to"
+    );
+    let (a, _) = shared(r.nominate(8));
+    let refused = |gfn| Reply::Error(HcError::Shared { gfn });
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: v,
+            gfn: 8,
+            access: Access::RWX
+        }),
+        refused(8)
+    );
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: 0,
+            gfn: 8,
+            access: R
+        }),
+        refused(8)
+    );
+    assert_eq!(
+        r.host(Request::SetAccessRange {
+            view: v,
+            gfn: 2,
+            count: 10,
+            access: R
+        }),
+        refused(8)
+    );
+    assert_eq!(
+        r.host(Request::ChangeGfn {
+            view: v,
+            gfn: 8,
+            to: Some(9)
+        }),
+        refused(8)
+    );
+    assert_eq!(
+        r.host(Request::ChangeGfn {
+            view: v,
+            gfn: 9,
+            to: Some(8)
+        }),
+        refused(8)
+    );
+    // Seed 004: suppress-#VE alone changes, and the page stays shared.
+    assert_eq!(
+        r.guest(Request::SetSuppressVe {
+            view: v,
+            gfn: 8,
+            suppress: false
+        }),
+        Reply::Done
+    );
+    assert_eq!(r.k.backs.get(&8), Some(&a));
+    assert!(r.k.views[&v].ve.contains(&8));
+    assert!(!r.k.views[&v].map[&8].1.write);
+    check_sharing(&r.k, &r.alt).unwrap();
+    // Unshared, the view may change it again.
+    shared(r.unshare(8));
+    assert_eq!(
+        r.host(Request::SetAccess {
+            view: v,
+            gfn: 8,
+            access: R
+        }),
+        Reply::Done
+    );
+}
+
+#[test]
+fn bad_sharing_requests_are_refused_and_change_nothing() {
+    let mut r = Rig::new();
+    let (a, _) = shared(r.nominate(5));
+    let before = (r.k.views[&0].map.clone(), r.k.shared.clone(), r.k.free);
+    assert_eq!(
+        r.nominate(RAM + 3),
+        Err(AltError::Kernel(EptOpError::NotRam))
+    );
+    assert_eq!(
+        r.share(HOLE.start, a),
+        Err(AltError::Kernel(EptOpError::NotRam))
+    );
+    assert_eq!(
+        r.share(5, a),
+        Err(AltError::Kernel(EptOpError::AlreadyShared)),
+        "itself"
+    );
+    assert_eq!(
+        r.share(6, a ^ 0x55),
+        Err(AltError::Kernel(EptOpError::NoSuchShare)),
+        "forged"
+    );
+    assert_eq!(r.unshare(6), Err(AltError::Kernel(EptOpError::NotShared)));
+    assert_eq!(
+        r.alt.share_nominate(&mut r.k, D + 1, 5),
+        Err(AltError::NoSuchDomain)
+    );
+    assert_eq!(
+        before,
+        (r.k.views[&0].map.clone(), r.k.shared.clone(), r.k.free)
+    );
+    // Out of frames for a copy: the writer's domain is stopped, nothing
+    // else changes.
+    shared(r.share(6, a));
+    r.k.free = 0;
+    assert_eq!(r.touch(0, 6, W), crash());
+    assert_eq!(r.k.backs.len(), 2);
+    check_sharing(&r.k, &r.alt).unwrap();
+    // With the pause policy the vCPU waits instead (a listener, or the
+    // host, decides), and a retry once a frame is free gets the copy.
+    r.ev.policy.insert(D, NoListener::Pause);
+    assert!(matches!(r.touch(0, 6, W), Outcome::Defer { .. }));
+    assert_eq!(r.k.backs.len(), 2);
+    r.k.free = 1;
+    assert_eq!(r.write(0, 6).map(|f| r.k.is_shared_frame(f)), Some(false));
+    check_sharing(&r.k, &r.alt).unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum ShareOp {
+    View,
+    Nominate(u64),
+    /// Share gfn with the frame of the i-th id seen (or a forged id).
+    Share(u64, usize),
+    Unshare(u64),
+    Write(usize, u64),
+    SetAccess(usize, u64, Access),
+    ChangeGfn(usize, u64, Option<u64>),
+    Sve(usize, u64, bool),
+}
+
+fn share_op() -> impl Strategy<Value = ShareOp> {
+    let g = 0u64..RAM + 2;
+    let v = 0usize..4;
+    prop_oneof![
+        1 => Just(ShareOp::View),
+        3 => g.clone().prop_map(ShareOp::Nominate),
+        4 => (g.clone(), 0usize..8).prop_map(|(g, i)| ShareOp::Share(g, i)),
+        1 => g.clone().prop_map(ShareOp::Unshare),
+        5 => (v.clone(), g.clone()).prop_map(|(v, g)| ShareOp::Write(v, g)),
+        2 => (v.clone(), g.clone(), access()).prop_map(|(v, g, a)| ShareOp::SetAccess(v, g, a)),
+        2 => (v.clone(), g.clone(), proptest::option::of(g.clone())).prop_map(|(v, g, t)| ShareOp::ChangeGfn(v, g, t)),
+        1 => (v, g, any::<bool>()).prop_map(|(v, g, s)| ShareOp::Sve(v, g, s)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// SH-2 over random share, write, view and change_gfn sequences: no
+    /// view of the domain ever has a writable (or armed) entry of a shared
+    /// frame; every guest write lands in a frame no other gfn maps, so
+    /// each gfn reads what was last written to it (or what its source had
+    /// when it was shared); references are exact (SH-4); refused requests
+    /// change nothing the checks see.
+    #[test]
+    fn a_shared_frame_is_never_writable_through_any_view(ops in proptest::collection::vec(share_op(), 1..60)) {
+        let mut r = Rig::new();
+        let mut ids: Vec<u32> = Vec::new();
+        // What each gfn holds (its host frame's contents), by value.
+        let mut expect: BTreeMap<u64, u64> = (0..RAM).map(|g| (g, g)).collect();
+        let mut stamp = 1000;
+        for op in ops {
+            let views: Vec<u16> = r.alt.domains.get(&D).map_or(vec![0], |d| d.views.keys().copied().collect());
+            let view = |i: usize| views[i % views.len()];
+            match op {
+                ShareOp::View => { r.view(); }
+                ShareOp::Nominate(g) => {
+                    if let Ok(ipc_schema::altp2m::AltReply::Shared { frame, .. }) = r.nominate(g) {
+                        ids.push(frame);
+                    }
+                }
+                ShareOp::Share(g, i) => {
+                    let id = ids.get(i).copied().unwrap_or(0xdead_0000 + i as u32);
+                    let source = r.k.shared.get(&id).map(|s| s.0);
+                    if r.share(g, id).is_ok() {
+                        // The client reads the source's contents now.
+                        let src = source.expect("only a live id is accepted");
+                        expect.insert(g, r.k.contents.get(&src).copied().unwrap_or(src));
+                    }
+                }
+                ShareOp::Unshare(g) => { let _ = r.unshare(g); }
+                ShareOp::Write(v, g) => {
+                    if let Some(frame) = r.write(view(v), g) {
+                        prop_assert!(!r.k.is_shared_frame(frame), "a write reached shared frame {}", frame);
+                        stamp += 1;
+                        r.k.contents.insert(frame, stamp);
+                        // Every host gfn of that frame (exactly one) reads it.
+                        for (&hg, e) in &r.k.views[&0].map {
+                            if e.0 == frame {
+                                expect.insert(hg, stamp);
+                            }
+                        }
+                    }
+                }
+                ShareOp::SetAccess(v, g, a) => {
+                    let _ = r.host(Request::SetAccess { view: view(v), gfn: g, access: a });
+                }
+                ShareOp::ChangeGfn(v, g, t) => {
+                    let _ = r.host(Request::ChangeGfn { view: view(v), gfn: g, to: t });
+                }
+                ShareOp::Sve(v, g, s) => {
+                    let _ = r.guest(Request::SetSuppressVe { view: view(v), gfn: g, suppress: s });
+                }
+            }
+            let _ = r.alt.take_breaks(usize::MAX);
+            check_sharing(&r.k, &r.alt)?;
+            for (&g, &(frame, _)) in &r.k.views[&0].map {
+                prop_assert_eq!(r.k.contents.get(&frame).copied().unwrap_or(frame), expect[&g], "gfn {}", g);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_shared_page_the_model_does_not_hold_is_learnt_and_broken_on_write() {
+    // A restarted instance starts with an empty model; the kernel still
+    // knows which gfns are shared and refuses them write (SH-2).
+    let mut r = Rig::new();
+    let mut out = [EptResult::Done; 2];
+    r.k.ept(
+        D,
+        &[
+            EptOp::ShareNominate { view: 0, gfn: 5 },
+            EptOp::ShareNominate { view: 0, gfn: 5 },
+        ],
+        &mut out,
+    )
+    .unwrap();
+    let EptResult::Shared { frame, .. } = out[0] else {
+        panic!("{out:?}")
+    };
+    r.k.ept(
+        D,
+        &[EptOp::ShareMap {
+            view: 0,
+            gfn: 6,
+            frame,
+        }],
+        &mut out[..1],
+    )
+    .unwrap();
+    assert!(r.alt.domains.get(&D).is_none_or(|d| d.shared.is_empty()));
+    let written = r.write(0, 6).expect("the write goes through");
+    assert_ne!(written, r.k.views[&0].map[&5].0, "6 got its own copy");
+    assert_eq!(r.k.shared[&frame].1, 1);
+    let (breaks, _) = r.alt.take_breaks(8);
+    assert_eq!(breaks.len(), 1);
+    assert_eq!((breaks[0].gfn, breaks[0].frame), (6, frame));
 }

@@ -17,6 +17,7 @@ use ipc_schema::control::ToHost;
 use ipc_schema::introspect::{INTROSPECT, IntroReply, IntroRequest};
 use ipc_schema::ipc::InterfaceId;
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
+use ipc_schema::sharing::{SHARING, ShReply, ShRequest};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
 use ipc_schema::syscall::Handle;
 use ipc_schema::syscall::layout::MAP_BASE;
@@ -80,6 +81,7 @@ struct Ask {
     altp2m: Option<Client>,
     logdirty: Option<Client>,
     introspect: Option<Client>,
+    sharing: Option<Client>,
 }
 
 impl Supervisor for Ask {
@@ -112,6 +114,20 @@ impl Supervisor for Ask {
             Ok(r) => Some(r),
             Err(e) => {
                 defmt::warn!("console: the logdirty service did not answer: {}", e);
+                None
+            }
+        }
+    }
+
+    fn sharing(&mut self, request: &ShRequest) -> Option<ShReply> {
+        let Some(sharing) = self.sharing.as_mut() else {
+            defmt::warn!("console: a sharing request, but no `sharing` handle");
+            return None;
+        };
+        match sharing.call::<_, ShReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the sharing service did not answer: {}", e);
                 None
             }
         }
@@ -302,6 +318,7 @@ fn main() -> ! {
             altp2m: service_runtime::handle("altp2m").map(|h| Client::new(h, ALTP2M)),
             logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
             introspect: service_runtime::handle("introspect").map(|h| Client::new(h, INTROSPECT)),
+            sharing: service_runtime::handle("sharing").map(|h| Client::new(h, SHARING)),
         },
         swap,
     };

@@ -11,6 +11,7 @@ use ipc_schema::control::{
 use ipc_schema::frame::{self, FrameError};
 use ipc_schema::introspect::{Address, CHUNK, IntroError, IntroReply, IntroRequest};
 use ipc_schema::logdirty::{LdReply, LdRequest};
+use ipc_schema::sharing::{ShReply, ShRequest};
 use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
 
 /// The protocol version the console answers `Hello` with.
@@ -35,6 +36,11 @@ pub trait Supervisor {
     /// `None` when it cannot be reached (or the console holds no
     /// `introspect` handle).
     fn introspect(&mut self, _request: &IntroRequest) -> Option<IntroReply> {
+        None
+    }
+    /// `None` when it cannot be reached (or the console holds no
+    /// `sharing` handle).
+    fn sharing(&mut self, _request: &ShRequest) -> Option<ShReply> {
         None
     }
 }
@@ -274,6 +280,12 @@ impl Session {
                 None => R::Error(ControlError::IntrospectUnavailable),
             };
         }
+        if let ControlRequest::Share(q) = r {
+            return match sup.sharing(q) {
+                Some(reply) => R::Share(reply),
+                None => R::Error(ControlError::SharingUnavailable),
+            };
+        }
         let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
             Some(SupervisorReply::Service(s)) => R::Service(s),
             Some(SupervisorReply::Domain(d)) => R::Domain(d),
@@ -308,6 +320,7 @@ impl Session {
             ControlRequest::Altp2m(_)
             | ControlRequest::Logdirty(_)
             | ControlRequest::Introspect(_)
+            | ControlRequest::Share(_)
             | ControlRequest::ReadMemory { .. }
             | ControlRequest::UseDebugPort => {
                 unreachable!("answered above")

@@ -18,8 +18,9 @@
 //!    DOMAIN_WRITE (memory the hypervisor writes around the EPT) after the
 //!    last round, which only the kernel's record of such writes tells the
 //!    log about;
-//! 4. the source is paused, the log read once more and those pages
-//!    copied, the log stopped;
+//! 4. the source is paused, the log read again (until a read finds
+//!    nothing: an exit answered at the pause may still write its reply)
+//!    and those pages copied, the log stopped;
 //! 5. every page of the two domains is compared: they must be equal. The
 //!    source is resumed for the next mechanism.
 //!
@@ -284,10 +285,27 @@ impl Copier {
             self.failed += 1;
         }
         self.control(self.source, DomainOp::Pause);
-        let Some(last) = self.round() else {
-            self.failed += 1;
-            return;
-        };
+        // A pause stops the vCPU, not an exit already being answered: the
+        // vmm may still write a hypercall's reply into the source (around
+        // the EPT, recorded for the log) after the pause. The services are
+        // given the CPU before each final round, and the final rounds go
+        // on until one finds nothing (a sixth standard service, page
+        // sharing, changed the schedule so that the reply came after a
+        // single final round).
+        let mut last = 0;
+        for _ in 0..4 {
+            for _ in 0..32 {
+                sys::yield_now();
+            }
+            let Some(n) = self.round() else {
+                self.failed += 1;
+                return;
+            };
+            last += n;
+            if n == 0 {
+                break;
+            }
+        }
         let _ = self.logdirty.call::<_, LdReply>(&LdRequest::Stop {
             domain: self.source,
             log: LOG,

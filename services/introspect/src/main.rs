@@ -75,11 +75,19 @@ impl Guest for Kernel {
     fn read(&mut self, domain: u16, gpa: u64, out: &mut [u8]) -> Result<(), SysError> {
         let len = out.len();
         let dst = out.as_mut_ptr();
-        self.mapped(domain, gpa, len, false, |at, offset, n| {
+        let mapped = self.mapped(domain, gpa, len, false, |at, offset, n| {
             // Safety: `at` lies in the pages just mapped at WINDOW, `n`
             // bytes of them from there; `offset + n <= out.len()`.
             unsafe { core::ptr::copy_nonoverlapping(at.cast_const(), dst.add(offset), n) }
-        })
+        });
+        match mapped {
+            // A shared page (docs/sharing.md) is never mapped into a
+            // service: the kernel copies it out instead (DOMAIN_READ).
+            Err(SysError::BadAddress) => {
+                sys::domain_read(self.domains, domain, gpa, out).map_err(|_| SysError::BadAddress)
+            }
+            other => other,
+        }
     }
     fn write(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> Result<(), SysError> {
         self.mapped(domain, gpa, bytes.len(), true, |at, offset, n| {
