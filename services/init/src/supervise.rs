@@ -27,9 +27,9 @@ pub struct Running {
     pub lifecycle: Client,
     /// The frames holding its current ELF.
     pub elf: Handle,
-    /// The handles it was given (a successor gets the same).
-    pub grants: Grants,
-    pub lifecycle_slot: u32,
+    /// Whether `elf` holds frames init allocated for a swap (closed when
+    /// the next swap replaces them), not a boot module's handle.
+    pub elf_swapped: bool,
     /// Starts, restarts and swaps so far.
     pub generation: u32,
     pub restarts: u32,
@@ -195,7 +195,12 @@ impl Supervisor {
     }
 
     /// The grants the manifest gives service `spec`, plus a fresh lifecycle
-    /// endpoint (returned with its slot).
+    /// endpoint (returned with its slot). Handles derived for the service
+    /// alone (its ports, its IRQ line, one domain) are made afresh here,
+    /// for a start and for each swap's successor, and init closes its own
+    /// copy once the service holds them ([`Self::release`]): init keeps
+    /// only what outlives one instance (named objects, the roots it
+    /// derives from), so its 64 slots hold a system of many services.
     pub fn grants(&mut self, index: usize) -> Result<(Grants, Handle, u32), SysError> {
         let count = self.manifest.services[index].handles.len();
         let badge = index as u64 + 1;
@@ -230,6 +235,20 @@ impl Supervisor {
         Ok((grants, lifecycle, slot))
     }
 
+    /// Closes init's copies of the handles [`Self::grants`] derived for
+    /// service `index` alone (the service holds its own once spawned).
+    pub fn release(&self, index: usize, grants: &Grants) {
+        let handles = &self.manifest.services[index].handles;
+        for (h, g) in handles.iter().zip(grants.iter()) {
+            if matches!(
+                h.object,
+                Object::IoPorts { .. } | Object::Irq(_) | Object::Domain(_)
+            ) {
+                let _ = sys::handle_close(g.from);
+            }
+        }
+    }
+
     /// Starts every service of the manifest.
     pub fn start_services(&mut self) -> Result<(), HaltStatus> {
         let fail = |what: &str, e: SysError| {
@@ -239,10 +258,10 @@ impl Supervisor {
         for index in 0..self.manifest.services.len() {
             let spec: &ServiceSpec<'static> = &self.manifest.services[index];
             let (name, module) = (spec.name, spec.module);
-            let (grants, lifecycle, lifecycle_slot) =
-                self.grants(index).map_err(|e| fail(name, e))?;
+            let (grants, lifecycle, _) = self.grants(index).map_err(|e| fail(name, e))?;
             let elf = crate::module_handle(module).ok_or(HaltStatus::BadBootInput)?;
             let process = spawn(name, elf, &grants, false).map_err(|e| fail(name, e))?;
+            self.release(index, &grants);
             sys::fault_watch(process, self.faults, 1 << index).map_err(|e| fail(name, e))?;
             let key = map_frames(elf, SCRATCH_VA)
                 .ok()
@@ -258,8 +277,7 @@ impl Supervisor {
                 process,
                 lifecycle: Client::new(lifecycle, LIFECYCLE),
                 elf,
-                grants,
-                lifecycle_slot,
+                elf_swapped: false,
                 generation: 0,
                 restarts: 0,
                 recent: heapless::Deque::new(),

@@ -63,16 +63,20 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     unsafe { core::ptr::copy_nonoverlapping(elf.as_ptr(), COPY_VA as *mut u8, elf.len()) };
     let _ = sys::frames_unmap(COPY_VA, pages);
 
-    // The successor: the same handles, its own lifecycle endpoint.
-    let lifecycle = sys::endpoint_create(sup.system).map_err(kernel)?;
-    let s = &sup.services[index];
-    let mut grants = s.grants.clone();
-    for g in grants.iter_mut() {
-        if g.slot == s.lifecycle_slot {
-            g.from = lifecycle;
-        }
-    }
-    let process = spawn(name, frames, &grants, true).map_err(kernel)?;
+    // The successor: the same handles (what was derived for the old
+    // instance alone is derived again), its own lifecycle endpoint.
+    let spec = sup.services[index].spec;
+    let (grants, lifecycle, _) = sup.grants(spec).map_err(|e| {
+        let _ = sys::handle_close(frames);
+        kernel(e)
+    })?;
+    let spawned = spawn(name, frames, &grants, true);
+    sup.release(spec, &grants);
+    let process = spawned.map_err(|e| {
+        let _ = sys::handle_close(lifecycle);
+        let _ = sys::handle_close(frames);
+        kernel(e)
+    })?;
     let bit = 1u64 << sup.services[index].spec;
     let _ = sys::fault_watch(process, sup.faults, bit);
     let mut new = Client::new(lifecycle, LIFECYCLE);
@@ -111,7 +115,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
                     name,
                     other.err()
                 );
-                let _ = sys::kill(process);
+                abandon(process, &new, frames);
                 return Err(Refusal::SwapFailed);
             }
         }
@@ -139,7 +143,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
             "init: swap of {=str}: the new instance refused the state; keeping the old one",
             name
         );
-        let _ = sys::kill(process);
+        abandon(process, &new, frames);
         let old = &mut sup.services[index];
         let _ =
             crate::supervise::lifecycle(old.process, &mut old.lifecycle, &LifecycleRequest::Resume);
@@ -148,9 +152,15 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     // The old instance ends; the new one serves its endpoints from now on.
     let old = &mut sup.services[index];
     let _ = sys::kill(old.process);
+    let _ = sys::handle_close(old.process);
+    let _ = sys::handle_close(old.lifecycle.handle());
+    if old.elf_swapped {
+        let _ = sys::handle_close(old.elf);
+    }
     old.process = process;
     old.lifecycle = new;
     old.elf = frames;
+    old.elf_swapped = true;
     old.generation += 1;
     old.key = new_decls.first().map_or([0; 8], |d| d.key);
     defmt::info!(
@@ -162,4 +172,16 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     let generation = old.generation;
     sup.record_swap(name, generation);
     Ok(generation)
+}
+
+/// Ends a successor that will not serve, and closes init's handles to it.
+fn abandon(
+    process: ipc_schema::syscall::Handle,
+    lifecycle: &Client,
+    frames: ipc_schema::syscall::Handle,
+) {
+    let _ = sys::kill(process);
+    let _ = sys::handle_close(process);
+    let _ = sys::handle_close(lifecycle.handle());
+    let _ = sys::handle_close(frames);
 }

@@ -163,6 +163,11 @@ impl Client {
         }
     }
 
+    /// The handle it calls through.
+    pub fn handle(&self) -> Handle {
+        self.handle
+    }
+
     /// Checks that the server speaks this interface's version.
     pub fn bind(&mut self) -> Result<(), CallError> {
         let mut buf = [0u8; 32];
