@@ -24,7 +24,7 @@ pub fn kernel() -> &'static Path {
 /// Every test guest (crates in `tests/guests/`), built once per test process.
 pub const GUESTS: &[&str] = &[
     "hello", "cpuid", "unmapped", "vmfunc", "ve", "pml", "bench", "ticker", "agent", "hostile",
-    "writer", "sharer",
+    "writer", "sharer", "forker",
 ];
 
 /// The ELF of test guest `name`.

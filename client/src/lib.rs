@@ -579,6 +579,24 @@ impl<S: Transport> Client<S> {
         self.expect_done(ControlRequest::DomainControl { id, op })
     }
 
+    /// VM fork of paused domain `parent`: the child's id. `name` empty:
+    /// `<parent>-fork`; longer than a domain name is refused. Reset it with
+    /// [`Self::domain_control`] and `DomainOp::Reset`.
+    pub fn fork(&mut self, parent: u16, name: &str) -> Result<u16, ClientError> {
+        if name.len() > ipc_schema::supervisor::NAME || name.contains('\0') {
+            return Err(ClientError::Invalid(format!(
+                "the fork's name {name:?} is not a domain name (at most {} bytes, no NUL)",
+                ipc_schema::supervisor::NAME
+            )));
+        }
+        self.ensure_hello()?;
+        let name = ipc_schema::supervisor::name(name);
+        match self.call_labelled(ControlRequest::Fork { parent, name })? {
+            (_, ControlReply::Forked { id }) => Ok(id),
+            (label, other) => Err(unwanted(label, other)),
+        }
+    }
+
     /// `count` shadow pages for domain `id`, mapped right past its RAM and
     /// outside the memory map its guest was given (change_gfn targets):
     /// the first one's gfn.
@@ -976,6 +994,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::Introspect(q) => format!("Introspect {q:?}"),
         ControlRequest::Share(q) => format!("Share {q:?}"),
         ControlRequest::ShadowFrames { id, count } => format!("ShadowFrames {id} ({count})"),
+        ControlRequest::Fork { parent, name } => format!("Fork {parent} ({})", name_str(name)),
         ControlRequest::ReadMemory { domain, at, len } => {
             format!("ReadMemory {domain} {at:?} ({len} bytes)")
         }
@@ -1002,6 +1021,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Introspect(r) => format!("Introspect ({})", introspect::describe_reply(r)),
         ControlReply::Share(r) => format!("Share ({r:?})"),
         ControlReply::Shadow { gfn } => format!("Shadow (gfn {gfn:#x})"),
+        ControlReply::Forked { id } => format!("Forked (domain {id})"),
     }
 }
 

@@ -125,6 +125,39 @@ fn services_are_paged_until_none() {
 }
 
 #[test]
+fn a_paused_domain_is_forked_named_listed_and_reset() {
+    let (mut c, _mock) = standard();
+    // A running parent is refused, naming the kernel's reason.
+    let e = c.fork(1, "").unwrap_err();
+    assert!(e.to_string().contains("Fork 1"), "{e}");
+    assert!(
+        matches!(
+            e,
+            ClientError::Refused {
+                refusal: Refusal::Kernel { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    c.domain_control(1, DomainOp::Pause).unwrap();
+    let child = c.fork(1, "").unwrap();
+    assert_eq!(child, 3);
+    assert_eq!(c.domain_id("hello-fork").unwrap(), 3);
+    assert_eq!(c.fork(1, "kid").unwrap(), 4);
+    assert_eq!(c.domain_id("kid").unwrap(), 4);
+    c.domain_control(4, DomainOp::Unpause).unwrap();
+    c.domain_control(4, DomainOp::Reset).unwrap();
+    assert_eq!(c.domain(3).unwrap().unwrap().state, 2, "reset: paused");
+    // A name the protocol cannot carry is refused before anything is sent.
+    let e = c
+        .fork(1, "a-name-far-far-too-long-for-any-domain-at-all")
+        .unwrap_err();
+    assert!(e.to_string().contains("not a domain name"), "{e}");
+    assert!(c.fork(9, "").is_err());
+}
+
+#[test]
 fn domains_are_listed_and_controlled() {
     let (mut c, _mock) = standard();
     let d = c.domains().unwrap();

@@ -169,6 +169,18 @@ enum CtlCmd {
     Unpause { id: u16 },
     /// Destroy guest domain ID.
     Destroy { id: u16 },
+    /// VM fork: a child of paused DOMAIN (its id or name) that shares all
+    /// of its memory copy-on-write and starts, paused, from its vCPU state
+    /// (docs/sharing.md). Prints the child's id.
+    Fork {
+        domain: String,
+        /// The child's name (default: `<parent>-fork`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Take fork CHILD (its id or name) back to its parent's memory and
+    /// vCPU state, paused, in time proportional to the pages it wrote.
+    Reset { child: String },
     /// Make SERVICE fault, to test its supervision.
     Fault { service: String },
     /// Print the console's events as they come, until interrupted.
@@ -886,6 +898,16 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         CtlCmd::Destroy { id } => {
             console.domain_control(id, DomainOp::Destroy)?;
             println!("domain {id} destroyed");
+        }
+        CtlCmd::Fork { domain, name } => {
+            let parent = console.domain_id(&domain)?;
+            let id = console.fork(parent, name.as_deref().unwrap_or(""))?;
+            println!("domain {id} forked from domain {parent} (paused)");
+        }
+        CtlCmd::Reset { child } => {
+            let id = console.domain_id(&child)?;
+            console.domain_control(id, DomainOp::Reset)?;
+            println!("domain {id} reset to its parent (paused)");
         }
         CtlCmd::Fault { service } => {
             console.inject_fault(&service)?;

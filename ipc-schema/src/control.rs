@@ -80,6 +80,12 @@ pub enum ControlRequest {
         id: u16,
         count: u16,
     },
+    /// VM fork of paused domain `parent` (`SupervisorRequest::Fork`):
+    /// [`ControlReply::Forked`].
+    Fork {
+        parent: u16,
+        name: crate::supervisor::Name,
+    },
     /// `len` bytes (at most [`MAX_READ`]) of domain `domain`'s memory from
     /// `at`, read by the console through the introspect service in
     /// [`CHUNK`]-byte requests and streamed: [`ToHost::Data`] frames in
@@ -143,6 +149,10 @@ pub enum ControlReply {
     /// The first gfn of the shadow pages given.
     Shadow {
         gfn: u64,
+    },
+    /// The fork's domain id.
+    Forked {
+        id: u16,
     },
 }
 

@@ -79,6 +79,15 @@ pub enum SupervisorRequest {
         id: u16,
         count: u16,
     },
+    /// VM fork (docs/sharing.md): a child of paused domain `parent`,
+    /// named `name` (empty: `<parent>-fork`), sharing all of its memory
+    /// copy-on-write and starting, paused, from its vCPU state:
+    /// [`SupervisorReply::Forked`]. `DomainControl` with
+    /// `DomainOp::Reset` takes it back to the parent's state.
+    Fork {
+        parent: u16,
+        name: Name,
+    },
 }
 
 /// The most shadow pages one domain gets in all.
@@ -106,6 +115,10 @@ pub enum SupervisorReply {
     /// The first gfn of the shadow pages given.
     Shadow {
         gfn: u64,
+    },
+    /// The fork's domain id.
+    Forked {
+        id: u16,
     },
 }
 

@@ -197,6 +197,16 @@ pub mod nr {
     /// ungranting a range not granted exactly so `BadArgument`, one that a
     /// mapping made on its strength still uses `Busy`. Needs `vcpus`.
     pub const DOMAIN_GRANT: u64 = 59;
+    /// DOMAIN_FORK(domains, parent, name_ptr, name_len) -> child: VM fork
+    /// (docs/sharing.md). A new domain whose host p2m maps every page of
+    /// `parent`'s read-only (a page is copied at the fork's first write to
+    /// it) and whose vCPU has the parent's state; its exits and violations
+    /// go where the parent's go. It is paused; the parent must be paused,
+    /// with no exit in a service's hands (`Busy`), not protected
+    /// (`BadArgument`), and stays paused while it has forks (unpause and
+    /// destroy `Busy`). `DomainOp::Reset` takes a fork back to its
+    /// parent's state. Needs `build` on the `domains` handle.
+    pub const DOMAIN_FORK: u64 = 60;
 }
 
 /// Ranges of its RAM a guest grants at once (DOMAIN_GRANT).
@@ -512,6 +522,10 @@ pub enum DomainOp {
     Pause = 1,
     Unpause = 2,
     Destroy = 3,
+    /// VM fork's reset: a fork (paused, exited or crashed) gets its
+    /// parent's memory and vCPU state again, in time proportional to the
+    /// pages it wrote; it is paused after.
+    Reset = 4,
 }
 
 /// A domain's life, as DOMAIN_INFO reports it.

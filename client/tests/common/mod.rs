@@ -338,13 +338,34 @@ impl Console {
                     Some(d) => {
                         d.state = match op {
                             DomainOp::Start | DomainOp::Unpause => 1,
-                            DomainOp::Pause => 2,
+                            DomainOp::Pause | DomainOp::Reset => 2,
                             DomainOp::Destroy => 5,
                         };
                         R::Done
                     }
                     None => R::Refused(Refusal::NoSuchDomain),
                 }
+            }
+            // As the kernel: a paused parent only; the fork is paused.
+            ControlRequest::Fork { parent, name } => {
+                let Some(p) = self.domains.iter().find(|d| d.id == *parent).copied() else {
+                    return R::Refused(Refusal::NoSuchDomain);
+                };
+                if p.state != 2 {
+                    return R::Refused(Refusal::Kernel {
+                        error: ipc_schema::syscall::SysError::Busy as u64,
+                    });
+                }
+                let id = self.domains.iter().map(|d| d.id).max().unwrap_or(0) + 1;
+                let own = if name_str(name).is_empty() {
+                    format!("{}-fork", name_str(&p.name))
+                } else {
+                    name_str(name).to_owned()
+                };
+                let mut child = domain(id, &own, 2);
+                child.memory_mib = p.memory_mib;
+                self.domains.push(child);
+                R::Forked { id }
             }
             ControlRequest::InjectFault { name } => {
                 match self

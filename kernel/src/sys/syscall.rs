@@ -379,6 +379,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Done::GiveWay)
         }
         nr::DOMAIN_CREATE => domain_create(k, pid, a),
+        nr::DOMAIN_FORK => domain_fork(k, pid, a),
         nr::DOMAIN_MAP_RAM => domain_map_ram(k, pid, a),
         nr::DOMAIN_WRITE | nr::DOMAIN_READ => domain_memory(k, pid, number == nr::DOMAIN_WRITE, a),
         nr::FOREIGN_MAP => {
@@ -1368,8 +1369,27 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         1 => DomainOp::Pause,
         2 => DomainOp::Unpause,
         3 => DomainOp::Destroy,
+        4 => DomainOp::Reset,
         _ => return Err(SysError::BadArgument),
     };
+    let d = domain_mut(k, a[1])?;
+    if matches!(op, DomainOp::Unpause | DomainOp::Destroy) && d.forks != 0 {
+        defmt::warn!(
+            "domain {=u16} ({=str}) has {=u16} fork(s) mapping its memory: not {=str}",
+            d.id,
+            ipc_schema::syscall::handle_name_str(&d.name),
+            d.forks,
+            if op == DomainOp::Destroy {
+                "destroyed"
+            } else {
+                "unpaused"
+            }
+        );
+        return Err(SysError::Busy);
+    }
+    if op == DomainOp::Reset {
+        return fork_reset(k, slot);
+    }
     let d = domain_mut(k, a[1])?;
     if matches!(op, DomainOp::Start | DomainOp::Unpause) && d.protected && d.foreign_ungranted > 0 {
         defmt::warn!(
@@ -1411,12 +1431,127 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             }
             k.foreign_drop_domain(slot);
             if let Some(d) = k.domains[usize::from(slot)].take() {
+                if let Some(p) = d.parent.and_then(|p| domain_mut(k, p.into()).ok()) {
+                    p.forks -= 1;
+                }
                 d.destroy();
             }
         }
         _ => return Err(SysError::Busy),
     }
     Ok(Values([0; 3]))
+}
+
+/// DOMAIN_FORK (docs/sharing.md).
+#[inline(never)]
+fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    cap!(
+        k,
+        pid,
+        "DOMAIN_FORK",
+        a[0],
+        ObjectKind::Domains,
+        rights::BUILD
+    );
+    let p = domain(k, a[1])?;
+    let why = if p.state != DomainState::Paused || p.awaiting_reply {
+        Some((SysError::Busy, "is not paused with its vCPU at rest"))
+    } else if p.protected {
+        Some((SysError::BadArgument, "is protected"))
+    } else if p.vcpu.is_none() {
+        Some((SysError::BadArgument, "has no vCPU"))
+    } else {
+        None
+    };
+    if let Some((e, why)) = why {
+        defmt::warn!("DOMAIN_FORK: domain {=u64} {=str}", a[1], why);
+        return Err(e);
+    }
+    let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
+    let len = (a[3] as usize).min(name.len());
+    read_user(k, pid, a[2], &mut name[..len])?;
+    let slot = k
+        .domains
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)?;
+    let id = slot as u16 + 1;
+    let mut child = Domain::create(id, name, false).map_err(|_| SysError::NoResources)?;
+    let parent = domain(k, a[1])?;
+    let made = crate::vm::shared::fork(parent, &mut child)
+        .map_err(|_| SysError::NoResources)
+        .and_then(|()| {
+            let (exits, violations) = (parent.exit_endpoint, parent.violation_endpoint);
+            child
+                .create_vcpu(0, 0, 0, exits, violations)
+                .map_err(|_| SysError::NoResources)?;
+            let (Some(v), Some(from)) = (child.vcpu.as_mut(), parent.vcpu.as_ref()) else {
+                return Err(SysError::NoResources);
+            };
+            v.copy_from(from).map_err(|_| SysError::NoResources)
+        });
+    if let Err(e) = made {
+        child.destroy();
+        return Err(e);
+    }
+    child.state = DomainState::Paused;
+    defmt::info!(
+        "domain {=u16} ({=str}) forked from domain {=u64} by {=str}",
+        id,
+        ipc_schema::syscall::handle_name_str(&child.name),
+        a[1],
+        k.process_name(pid)
+    );
+    k.domains[slot] = Some(child);
+    domain_mut(k, a[1])?.forks += 1;
+    Ok(Values([u64::from(id), 0, 0]))
+}
+
+/// `DomainOp::Reset` of domain slot `slot`.
+fn fork_reset(k: &mut Kernel, slot: u16) -> Result<Done> {
+    let mut child = k.domains[usize::from(slot)]
+        .take()
+        .ok_or(SysError::BadArgument)?;
+    let result = (|| {
+        let at_rest = matches!(
+            child.state,
+            DomainState::Paused | DomainState::Exited | DomainState::Crashed
+        ) && !child.awaiting_reply;
+        let parent = child
+            .parent
+            .and_then(|p| k.domains.get(usize::from(p) - 1)?.as_ref())
+            .ok_or(SysError::BadArgument)?;
+        if !at_rest {
+            return Err(SysError::Busy);
+        }
+        let pages = crate::vm::shared::reset(&mut child, parent);
+        let (Some(v), Some(from)) = (child.vcpu.as_mut(), parent.vcpu.as_ref()) else {
+            return Err(SysError::BadArgument);
+        };
+        v.copy_from(from).map_err(|_| SysError::Busy)?;
+        if let Ok(eptp) = child.views.eptp(0) {
+            v.set_view(0, eptp);
+        }
+        child.views.flush_all();
+        child.state = DomainState::Paused;
+        child.exit_status = 0;
+        child.pending = None;
+        child.pending_raw = None;
+        child.started = false;
+        Ok(pages)
+    })();
+    let id = child.id;
+    k.domains[usize::from(slot)] = Some(child);
+    let pages = result?;
+    for e in k.endpoints.iter_mut().flatten() {
+        e.queue.retain(|s| *s != Sender::Vcpu(slot));
+    }
+    defmt::info!(
+        "domain {=u16}: reset to its parent ({=usize} page(s))",
+        id,
+        pages
+    );
+    Ok(Values([pages as u64, 0, 0]))
 }
 
 #[inline(never)]

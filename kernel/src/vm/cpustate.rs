@@ -107,6 +107,16 @@ fn switch_slow(area: u64) {
     OWNER.store(area, Ordering::Relaxed);
 }
 
+/// Brings the save area `area` up to date if the CPU holds that vCPU's
+/// state (for a fork, which copies it).
+pub fn flush(area: u64) {
+    if OWNER.load(Ordering::Relaxed) == area && area != 0 {
+        // Safety: `area` is the save area of the live vCPU that owns the
+        // CPU's copy; saving leaves that copy in place.
+        unsafe { save(crate::mem::phys_to_virt(area)) };
+    }
+}
+
 /// The vCPU with save area `area` goes away: the CPU's copy is nobody's.
 pub fn forget(area: u64) {
     if OWNER.load(Ordering::Relaxed) == area {

@@ -66,6 +66,14 @@ pub struct Domain {
     /// The ranges (gfn, count) of its RAM the guest itself grants
     /// (DOMAIN_GRANT, on its hypercall): FM-2's exception.
     pub guest_grants: heapless::Vec<(u64, u64), { ipc_schema::syscall::GUEST_GRANTS }>,
+    /// VM fork (docs/sharing.md): the domain this one is a fork of. Its
+    /// host p2m maps the parent's frames read-only where it has not
+    /// written ([`super::shared::forked`]).
+    pub parent: Option<u16>,
+    /// Forks of this domain alive: while any is, its memory does not
+    /// change (it is not unpaused, written for services, destroyed, or
+    /// given other frames).
+    pub forks: u16,
 }
 
 /// Why a domain operation was refused.
@@ -126,6 +134,8 @@ impl Domain {
             foreign_pages: 0,
             foreign_ungranted: 0,
             guest_grants: heapless::Vec::new(),
+            parent: None,
+            forks: 0,
         })
     }
 
@@ -247,13 +257,30 @@ impl Domain {
 
     /// Copies `bytes` into guest memory at `gpa`; `None` (and nothing
     /// written) if any byte is not RAM.
-    pub fn write_guest(&self, gpa: u64, bytes: &[u8]) -> Option<()> {
+    /// A fork's page that still maps its parent's frame gets its own copy
+    /// first (VM fork's copy on write, as for the guest's own write).
+    pub fn write_guest(&mut self, gpa: u64, bytes: &[u8]) -> Option<()> {
         let end = gpa.checked_add(bytes.len() as u64)?;
         let mut page = gpa & !(PAGE_SIZE - 1);
+        while page < end && self.parent.is_some() {
+            if super::shared::forked(self, page / PAGE_SIZE) {
+                let m = self.views.host().query(&KernelTables, page)?;
+                let p = m.perms;
+                let perms = ipc_schema::syscall::Perms {
+                    read: p.read,
+                    write: false,
+                    execute: p.execute,
+                };
+                super::shared::unshare(self, page / PAGE_SIZE, perms).ok()?;
+            }
+            page += PAGE_SIZE;
+        }
+        let mut page = gpa & !(PAGE_SIZE - 1);
         while page < end {
-            // SH-2: the kernel never writes a shared frame for a service.
+            // SH-2: the kernel never writes a shared frame for a service,
+            // nor a parent's memory while forks map it.
             let hpa = self.views.host().translate(&KernelTables, page)?;
-            if super::shared::is_shared_frame(hpa) {
+            if super::shared::is_shared_frame(hpa) || self.forks != 0 {
                 return None;
             }
             page += PAGE_SIZE;

@@ -114,6 +114,9 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let hpa = host
                 .hpa_of(from & !(PAGE_SIZE - 1))
                 .ok_or(EptOpError::NotRam)?;
+            if perms.write && super::shared::parents_frame(d, hpa) {
+                return Err(EptOpError::Shared);
+            }
             if remap {
                 d.views.set_remaps(view, true);
                 d.views.remapped_from(from_gfn);
@@ -136,17 +139,24 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
         }
         EptOp::Protect { view, gfn, perms } => {
             let gpa = ram(d, gfn)?;
-            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             // SH-2: never write to an entry that maps a shared frame (one
-            // with no access too: it still maps its frame).
+            // with no access too: it still maps its frame), or a fork's
+            // parent's frame.
+            let frame = d
+                .views
+                .get(view)
+                .map_err(|_| EptOpError::NoSuchView)?
+                .ept
+                .query(&KernelTables, gpa)
+                .and_then(|m| m.hpa_of(gpa & !(PAGE_SIZE - 1)));
             if perms.write
-                && ept
-                    .query(&KernelTables, gpa)
-                    .and_then(|m| m.hpa_of(gpa & !(PAGE_SIZE - 1)))
-                    .is_some_and(super::shared::is_shared_frame)
+                && frame.is_some_and(|f| {
+                    super::shared::is_shared_frame(f) || super::shared::parents_frame(d, f)
+                })
             {
                 return Err(EptOpError::Shared);
             }
+            let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             to_4k(ept, tables, gpa)?;
             ept.protect(tables, gpa, ept_perms(perms))
                 .map_err(ept_error)?;
@@ -278,7 +288,7 @@ pub fn vcpu_control(
                 .translate(&KernelTables, gpa)
                 .ok_or(SysError::BadArgument)?;
             // SH-2: the CPU writes this page around the EPT.
-            if super::shared::is_shared_frame(hpa) {
+            if super::shared::is_shared_frame(hpa) || super::shared::parents_frame(d, hpa) {
                 return Err(SysError::BadArgument);
             }
             let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;

@@ -215,8 +215,12 @@ fn changeable(d: &mut Domain, gfn: u64) -> Result<u64, EptOpError> {
         .host()
         .query(&KernelTables, gpa)
         .and_then(|m| m.hpa_of(gpa));
-    if d.foreign_pages != 0 || ve.is_some() && ve == frame {
+    if d.foreign_pages != 0 || ve.is_some() && ve == frame || d.forks != 0 {
         return Err(EptOpError::Busy);
+    }
+    // A fork's page that maps its parent's frame is not its to give.
+    if forked(d, gfn) {
+        return Err(EptOpError::Shared);
     }
     Ok(gpa)
 }
@@ -313,6 +317,10 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
         return Err(EptOpError::WriteWithoutRead);
     }
     let mut t = TABLE.lock();
+    if d.parent.is_some() && t.kind(d.id, gfn).is_none() {
+        drop(t);
+        return break_fork(d, gfn, perms);
+    }
     let Some(Kind::Shared(slot)) = t.kind(d.id, gfn) else {
         return Err(EptOpError::NotShared);
     };
@@ -354,10 +362,148 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
     Ok(result)
 }
 
+/// Whether `gfn` of fork `d` still maps its parent's frame (read-only in
+/// every view, like a shared frame; its first write copies it).
+pub fn forked(d: &Domain, gfn: u64) -> bool {
+    d.parent.is_some() && d.is_ram(gfn) && TABLE.lock().kind(d.id, gfn).is_none()
+}
+
+/// Whether `hpa`, a frame an entry of fork `d` maps, is its parent's (not
+/// one of its own copies): never writable.
+pub fn parents_frame(d: &Domain, hpa: u64) -> bool {
+    d.parent.is_some() && gfn_backed_by(d.id, hpa).is_none()
+}
+
+/// VM fork's copy on write: `gfn` of fork `d` gets a frame of its own with
+/// its parent's contents, mapped with `perms`. The parent's frame is never
+/// written: the parent stays paused while it has forks.
+fn break_fork(
+    d: &mut Domain,
+    gfn: u64,
+    perms: platform::ept::Perms,
+) -> Result<EptResult, EptOpError> {
+    let gpa = gfn * PAGE_SIZE;
+    let mut t = TABLE.lock();
+    if !t.room(d, gfn) {
+        return Err(EptOpError::OutOfMemory);
+    }
+    let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
+    let m = leaf(ept, tables, gpa)?;
+    let new = POOL
+        .lock()
+        .as_mut()
+        .and_then(|f| f.alloc())
+        .ok_or(EptOpError::OutOfMemory)?;
+    // Safety: `m.hpa` is the parent's frame (RAM in the direct map, written
+    // by nobody while the parent is paused with forks) and `new` a frame
+    // just taken from the pool: two distinct 4 KiB frames.
+    unsafe {
+        core::ptr::copy_nonoverlapping(phys_to_virt(m.hpa), phys_to_virt(new), PAGE_SIZE as usize)
+    };
+    if let Err(e) = ept.replace(tables, gpa, new, perms) {
+        free_frame(new);
+        return Err(crate::sys::syscall::ept_error(e));
+    }
+    t.set(d, gfn, Some(Kind::Own(new)));
+    drop(t);
+    forget_in_views(d, gfn, m.hpa);
+    Ok(EptResult::Shared {
+        frame: 0,
+        refs: 0,
+        free: free_frames(),
+    })
+}
+
+/// VM fork: the child's host p2m maps every page of `parent`'s read-only
+/// (its large pages stay large until a write splits one). Nothing is
+/// copied: a page is copied at its first write ([`break_fork`]).
+pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
+    let (ept, tables) = child.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
+    let pages = parent.ram_bytes / PAGE_SIZE;
+    let more = u32::try_from(pages / 512 + 1).unwrap_or(u32::MAX);
+    tables.limit = tables
+        .limit
+        .saturating_add(more.saturating_mul(DomainTables::PER_2M));
+    let mut failed = None;
+    parent
+        .views
+        .host()
+        .for_each_leaf(&KernelTables, 0, 1 << 46, |m| {
+            if failed.is_none()
+                && let Err(e) = ept.map(
+                    tables,
+                    m.gpa,
+                    m.hpa,
+                    m.size,
+                    read_only(m.perms),
+                    m.memory_type,
+                )
+            {
+                failed = Some(e);
+            }
+        });
+    if let Some(e) = failed {
+        return Err(crate::sys::syscall::ept_error(e));
+    }
+    child.ram_bytes = parent.ram_bytes;
+    child.parent = Some(parent.id);
+    Ok(())
+}
+
+/// VM fork's reset: every page fork `d` has written maps its parent's
+/// frame again, read-only, and its copies are freed. Takes time in
+/// proportion to the pages written (the table's records of `d`), not to
+/// its RAM. Returns the pages reset.
+pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
+    let mut pages = 0;
+    loop {
+        let mut taken: heapless::Vec<(u64, Kind), 64> = heapless::Vec::new();
+        {
+            let mut t = TABLE.lock();
+            let mut i = 0;
+            while i < t.backs.len() && !taken.is_full() {
+                let b = t.backs[i];
+                if b.domain == d.id {
+                    let _ = taken.push((b.gfn, b.kind));
+                    t.backs.swap_remove(i);
+                    t.per_domain[usize::from(d.id)] -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        if taken.is_empty() {
+            return pages;
+        }
+        for (gfn, kind) in taken {
+            let gpa = gfn * PAGE_SIZE;
+            let Ok((ept, tables)) = d.views.ept_mut(0) else {
+                continue;
+            };
+            let (Some(from), Some(mine)) = (
+                parent.views.host().translate(&KernelTables, gpa),
+                ept.query(&KernelTables, gpa),
+            ) else {
+                continue;
+            };
+            let _ = ept.replace(tables, gpa, from, read_only(mine.perms));
+            match kind {
+                Kind::Own(hpa) => free_frame(hpa),
+                Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
+            }
+            forget_in_views(d, gfn, mine.hpa);
+            pages += 1;
+        }
+    }
+}
+
 /// SH-2: takes write (and the armed bit) from `view`'s entries of the
 /// shared gfns among `[start, end)` gfns, after an operation that set
 /// permissions over a range.
 pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
+    if d.parent.is_some() {
+        restrict_forked(d, view, start, end);
+    }
     // In chunks of the table (nothing changes it meanwhile: one system
     // call at a time), so that every shared gfn of the range is taken.
     let mut at = 0;
@@ -392,6 +538,33 @@ pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
         if done {
             return;
         }
+    }
+}
+
+/// [`restrict`] for a fork: its entries in `[start, end)` that map its
+/// parent's frames (every large leaf, and each 4 KiB leaf it has not
+/// written) lose write.
+fn restrict_forked(d: &mut Domain, view: u16, start: u64, end: u64) {
+    let (mut at, end) = (start * PAGE_SIZE, end.saturating_mul(PAGE_SIZE));
+    while at < end {
+        let mut found: heapless::Vec<(u64, PageSize), 64> = heapless::Vec::new();
+        let Ok((ept, tables)) = d.views.ept_mut(view) else {
+            return;
+        };
+        let mut next = end;
+        ept.for_each_leaf(&KernelTables, at, end, |m| {
+            if m.perms.write && next == end && found.push((m.gpa, m.size)).is_err() {
+                next = m.gpa;
+            }
+        });
+        for &(gpa, size) in &found {
+            let own =
+                size == PageSize::Size4K && TABLE.lock().kind(d.id, gpa / PAGE_SIZE).is_some();
+            if !own && let Some(m) = ept.query(&KernelTables, gpa) {
+                let _ = ept.protect(tables, gpa, read_only(m.perms));
+            }
+        }
+        at = next;
     }
 }
 

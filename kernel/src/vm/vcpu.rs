@@ -67,6 +67,68 @@ const FIELDS: [(usize, u32); 13] = [
     (regs::IDTR_BASE, GUEST_IDTR_BASE),
 ];
 
+/// The VMCS fields a fork copies from its parent's vCPU: the whole guest
+/// state and the event it is about to be given.
+const FORK_FIELDS: [u32; 57] = [
+    GUEST_ES_SELECTOR,
+    GUEST_CS_SELECTOR,
+    GUEST_SS_SELECTOR,
+    GUEST_DS_SELECTOR,
+    GUEST_FS_SELECTOR,
+    GUEST_GS_SELECTOR,
+    GUEST_LDTR_SELECTOR,
+    GUEST_TR_SELECTOR,
+    GUEST_ES_LIMIT,
+    GUEST_CS_LIMIT,
+    GUEST_SS_LIMIT,
+    GUEST_DS_LIMIT,
+    GUEST_FS_LIMIT,
+    GUEST_GS_LIMIT,
+    GUEST_LDTR_LIMIT,
+    GUEST_TR_LIMIT,
+    GUEST_GDTR_LIMIT,
+    GUEST_IDTR_LIMIT,
+    GUEST_ES_ACCESS,
+    GUEST_CS_ACCESS,
+    GUEST_SS_ACCESS,
+    GUEST_DS_ACCESS,
+    GUEST_FS_ACCESS,
+    GUEST_GS_ACCESS,
+    GUEST_LDTR_ACCESS,
+    GUEST_TR_ACCESS,
+    GUEST_ES_BASE,
+    GUEST_CS_BASE,
+    GUEST_SS_BASE,
+    GUEST_DS_BASE,
+    GUEST_FS_BASE,
+    GUEST_GS_BASE,
+    GUEST_LDTR_BASE,
+    GUEST_TR_BASE,
+    GUEST_GDTR_BASE,
+    GUEST_IDTR_BASE,
+    GUEST_CR0,
+    GUEST_CR3,
+    GUEST_CR4,
+    CR0_READ_SHADOW,
+    CR4_READ_SHADOW,
+    GUEST_DR7,
+    GUEST_RSP,
+    GUEST_RIP,
+    GUEST_RFLAGS,
+    GUEST_IA32_EFER,
+    GUEST_IA32_PAT,
+    GUEST_INTERRUPTIBILITY,
+    GUEST_ACTIVITY_STATE,
+    GUEST_IA32_DEBUGCTL,
+    GUEST_PENDING_DEBUG,
+    GUEST_SYSENTER_CS,
+    GUEST_SYSENTER_ESP,
+    GUEST_SYSENTER_EIP,
+    ENTRY_INTERRUPTION_INFO,
+    ENTRY_EXCEPTION_ERROR_CODE,
+    ENTRY_INSTRUCTION_LENGTH,
+];
+
 /// CR0 and CR4 by index: (the real field, its read shadow, the bits the
 /// host keeps set). The guest reads the shadow's value of those bits.
 const SHADOWED: [(usize, u32, u32, u64); 2] = [
@@ -825,6 +887,52 @@ impl Vcpu {
         // Safety: the VMCS is current (every caller runs between `load` and
         // the next `load` of another vCPU).
         unsafe { vmread(field) }
+    }
+
+    /// VM fork: this vCPU takes `from`'s state (its VMCS guest state,
+    /// general registers, the state VMX does not switch, its TPR), on view
+    /// 0, without #VE or PML. Leaves this VMCS current.
+    pub fn copy_from(&mut self, from: &Vcpu) -> Result<(), VmxError> {
+        let mut values = [0u64; FORK_FIELDS.len()];
+        from.load()?;
+        for (v, &f) in values.iter_mut().zip(FORK_FIELDS.iter()) {
+            *v = from.read(f);
+        }
+        let long = from.read(ENTRY_CONTROLS) & u64::from(entry::IA32E_MODE_GUEST);
+        super::cpustate::flush(from.save_area);
+        super::cpustate::forget(self.save_area);
+        let pages = [
+            Some((from.save_area, self.save_area)),
+            from.virtual_apic.zip(self.virtual_apic),
+        ];
+        for (src, dst) in pages.into_iter().flatten() {
+            // Safety: two distinct frames these vCPUs own, in the direct
+            // map; neither is in use by the CPU now (flushed and forgotten).
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    crate::mem::phys_to_virt(src),
+                    crate::mem::phys_to_virt(dst),
+                    4096,
+                )
+            };
+        }
+        self.load()?;
+        // Safety: this VMCS is current; the values are a live vCPU's, which
+        // VM entry took (or will take) as they are.
+        unsafe {
+            for (&f, &v) in FORK_FIELDS.iter().zip(values.iter()) {
+                self.write(f, v);
+            }
+            let controls = self.read(ENTRY_CONTROLS) & !u64::from(entry::IA32E_MODE_GUEST);
+            self.write(ENTRY_CONTROLS, controls | long);
+        }
+        self.regs = from.regs;
+        self.state = match from.state {
+            VcpuState::Stopped => VcpuState::Runnable,
+            s => s,
+        };
+        self.tf_step = from.tf_step;
+        Ok(())
     }
 
     /// Gives the VMCS frame back (the vCPU must be current or cleared).

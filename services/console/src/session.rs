@@ -294,6 +294,7 @@ impl Session {
             Some(SupervisorReply::Refused(why)) => R::Refused(why),
             // Not an answer to any of the requests below.
             Some(SupervisorReply::Shadow { gfn }) => R::Shadow { gfn },
+            Some(SupervisorReply::Forked { id }) => R::Forked { id },
             Some(SupervisorReply::Events { .. } | SupervisorReply::Rights(_)) => {
                 R::Error(ControlError::SupervisorUnavailable)
             }
@@ -317,6 +318,7 @@ impl Session {
             ControlRequest::ShadowFrames { id, count } => {
                 ask(SupervisorRequest::ShadowFrames { id, count })
             }
+            ControlRequest::Fork { parent, name } => ask(SupervisorRequest::Fork { parent, name }),
             ControlRequest::Altp2m(_)
             | ControlRequest::Logdirty(_)
             | ControlRequest::Introspect(_)

@@ -563,7 +563,7 @@ impl Fuzzer {
     fn keep_the_guest_alive(&mut self, n: u64, a: &mut [u64; 6]) {
         const IMAGE: core::ops::Range<u64> = 0x10_0000..1 << 32;
         match n {
-            nr::DOMAIN_CONTROL if a[2] == DomainOp::Destroy as u64 => a[2] = 4,
+            nr::DOMAIN_CONTROL if a[2] == DomainOp::Destroy as u64 => a[2] = 5,
             nr::DOMAIN_WRITE if IMAGE.contains(&a[2]) => a[2] %= PAGE,
             nr::VCPU_CONTROL if a[3] == 0 && IMAGE.contains(&a[4].saturating_mul(PAGE)) => {
                 a[4] %= 8

@@ -54,6 +54,9 @@ pub struct DomainEntry {
     pub ended: bool,
     /// Shadow pages given to it (`SupervisorRequest::ShadowFrames`).
     pub shadow_pages: u16,
+    /// A fork's own name (`SupervisorRequest::Fork`); `spec` is its
+    /// parent's.
+    pub fork_name: Option<ipc_schema::supervisor::Name>,
 }
 
 pub struct Supervisor {
@@ -380,6 +383,7 @@ impl Supervisor {
                         spec: index,
                         ended: false,
                         shadow_pages: 0,
+                        fork_name: None,
                     });
                 }
                 Err(e) => {
@@ -577,7 +581,7 @@ impl Supervisor {
         let foreign = sys::domain_foreign(self.domains, d.id).ok();
         Some(DomainInfo {
             id: d.id,
-            name: fixed_name(spec.name),
+            name: d.fork_name.unwrap_or_else(|| fixed_name(spec.name)),
             state: state as u8,
             exit_status: status,
             memory_mib: spec.memory_mib,
@@ -602,7 +606,14 @@ impl Supervisor {
         else {
             return rights;
         };
-        for &(i, id) in self.created.iter() {
+        // A fork has its parent's manifest entry, so its rights too.
+        let forks = self.built.iter().filter(|d| d.fork_name.is_some());
+        for (i, id) in self
+            .created
+            .iter()
+            .copied()
+            .chain(forks.map(|d| (d.spec, d.id)))
+        {
             let granted = self.manifest.domains[i]
                 .introspection
                 .iter()
@@ -622,6 +633,49 @@ impl Supervisor {
     /// `count` shadow pages for domain `id`, for the service with badge
     /// `caller`, which needs `views` over it: mapped right past the
     /// domain's RAM (the kernel allows a running domain nothing else).
+    /// VM fork (docs/sharing.md): the kernel makes the child; init lists
+    /// it with its parent's manifest entry and its own name.
+    fn fork(&mut self, parent: u16, name: ipc_schema::supervisor::Name) -> SupervisorReply {
+        let Some(spec) = self.built.iter().find(|d| d.id == parent).map(|d| d.spec) else {
+            return SupervisorReply::Refused(Refusal::NoSuchDomain);
+        };
+        if self.built.is_full() {
+            return SupervisorReply::Refused(Refusal::Kernel {
+                error: SysError::NoResources as u64,
+            });
+        }
+        let mut own: heapless::String<32> = heapless::String::new();
+        let given = name_str(&name);
+        let _ = if given.is_empty() {
+            own.push_str(self.manifest.domains[spec].name)
+                .and_then(|()| own.push_str("-fork"))
+        } else {
+            own.push_str(given)
+        };
+        match sys::domain_fork(self.domains, parent, &own) {
+            Ok(id) => {
+                defmt::info!(
+                    "init: domain {=u16} ({=str}) forked from domain {=u16}",
+                    id,
+                    own.as_str(),
+                    parent
+                );
+                let _ = self.built.push(DomainEntry {
+                    id,
+                    spec,
+                    ended: false,
+                    shadow_pages: 0,
+                    fork_name: Some(fixed_name(&own)),
+                });
+                SupervisorReply::Forked { id }
+            }
+            Err(e) => {
+                defmt::warn!("init: domain {=u16} not forked: {}", parent, e);
+                SupervisorReply::Refused(Refusal::Kernel { error: e as u64 })
+            }
+        }
+    }
+
     fn shadow_frames(&mut self, caller: u64, id: u16, count: u16) -> SupervisorReply {
         use ipc_schema::manifest::introspection::VIEWS;
         use ipc_schema::supervisor::MAX_SHADOW_PAGES;
@@ -685,6 +739,11 @@ impl Supervisor {
                 match sys::domain_control(self.domains, id, op) {
                     Ok(()) => {
                         defmt::info!("init: domain {=u16}: {} on request", id, op);
+                        // A destroyed fork is forgotten (its id goes to
+                        // the next domain made).
+                        if op == DomainOp::Destroy {
+                            self.built.retain(|d| d.id != id || d.fork_name.is_none());
+                        }
                         SupervisorReply::Done
                     }
                     Err(e) => SupervisorReply::Refused(Refusal::Kernel { error: e as u64 }),
@@ -728,6 +787,7 @@ impl Supervisor {
                 SupervisorReply::Rights(self.introspection_rights(client))
             }
             SupervisorRequest::ShadowFrames { id, count } => self.shadow_frames(caller, id, count),
+            SupervisorRequest::Fork { parent, name } => self.fork(parent, name),
             SupervisorRequest::InjectFault { name } => {
                 let Some(i) = self.service_index(name_str(&name)) else {
                     return SupervisorReply::Refused(Refusal::NoSuchService);

@@ -90,10 +90,18 @@ impl Guest for Kernel {
         }
     }
     fn write(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> Result<(), SysError> {
-        self.mapped(domain, gpa, bytes.len(), true, |at, offset, n| {
+        let mapped = self.mapped(domain, gpa, bytes.len(), true, |at, offset, n| {
             // Safety: as in `read`, the pages mapped writable.
             unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr().add(offset), at, n) }
-        })
+        });
+        match mapped {
+            // A fork's page that still maps its parent's frame is never
+            // mapped into a service: the kernel writes it (DOMAIN_WRITE),
+            // giving the fork its copy first; a shared page it refuses.
+            Err(SysError::BadAddress) => sys::domain_write(self.domains, domain, gpa, bytes)
+                .map_err(|_| SysError::BadAddress),
+            other => other,
+        }
     }
     fn regs(&mut self, domain: u16, vcpu: u16) -> Result<[u64; regs::COUNT], SysError> {
         sys::vcpu_regs(self.domains, domain, vcpu)

@@ -258,6 +258,21 @@ pub fn domain_create_with(domains: Handle, name: &str, flags: u64) -> Result<u16
     .map(|r| r.rdi as u16)
 }
 
+/// VM fork of paused domain `parent` (DOMAIN_FORK): the child's id.
+pub fn domain_fork(domains: Handle, parent: u16, name: &str) -> Result<u16, SysError> {
+    call(
+        nr::DOMAIN_FORK,
+        &[
+            u64::from(domains),
+            u64::from(parent),
+            name.as_ptr() as u64,
+            name.len() as u64,
+        ],
+    )
+    .ok()
+    .map(|r| r.rdi as u16)
+}
+
 pub fn domain_map_ram(
     domains: Handle,
     id: u16,
