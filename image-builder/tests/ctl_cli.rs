@@ -96,6 +96,52 @@ fn ctl_services_prints_a_table() {
 }
 
 #[test]
+fn ctl_fork_and_reset_name_the_child_and_the_refusal() {
+    let s = Served::start("cli-fork", Console::default());
+    let ctl = |args: &[&str]| {
+        let mut a = vec!["ctl", "--socket", s.socket()];
+        a.extend_from_slice(args);
+        hv(&a)
+    };
+    let o = ctl(&["fork", "hello"]);
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
+    assert!(
+        stderr(&o).contains("(Fork 1 ()): the kernel refused: Busy"),
+        "a running parent: {}",
+        stderr(&o)
+    );
+    assert_eq!(ctl(&["pause", "1"]).status.code(), Some(0));
+    for (args, want) in [
+        (
+            vec!["fork", "hello"],
+            "domain 3 forked from domain 1 (paused)",
+        ),
+        (
+            vec!["fork", "1", "--name", "kid"],
+            "domain 4 forked from domain 1 (paused)",
+        ),
+        (
+            vec!["reset", "kid"],
+            "domain 4 reset to its parent (paused)",
+        ),
+    ] {
+        let o = ctl(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), want);
+    }
+    let o = ctl(&["domains"]);
+    assert!(stdout(&o).contains("hello-fork") && stdout(&o).contains("kid"));
+    let got = s.finish();
+    assert!(got.requests.iter().any(|r| matches!(
+        r.request,
+        ControlRequest::DomainControl {
+            id: 4,
+            op: parallax_client::DomainOp::Reset
+        }
+    )));
+}
+
+#[test]
 fn ctl_domains_and_domain_control() {
     let s = Served::start("cli-domains", Console::default());
     let o = hv(&["ctl", "domains", "--socket", s.socket()]);
