@@ -92,6 +92,7 @@ pub const TARGETS: &[(&str, &str, u64)] = &[
     ("range_1g_entry_writes", "<=", 1024),
     ("dirty_wp_fault_ticks", "<=", 1500),
     ("dirty_pml_exits_per_1000_pages", "<=", 2),
+    ("cow_break_ticks", "<=", 2500),
 ];
 
 /// Adds the figures computed on the host: the EPT entry writes of
@@ -169,12 +170,179 @@ pub fn boot(
     Ok((outcome, img.elfs))
 }
 
-/// Boots the benchmark guest and collects its figures, with the host's.
+/// Boots the benchmark guest and collects its figures, with the host's
+/// and the VM fork figures ([`fork_figures`]).
 pub fn run(run: &BenchRun) -> Result<Figures> {
     let (outcome, _) = boot(run, None)?;
     let mut f = figures(&outcome.lines)?;
     add_host_figures(&mut f)?;
+    f.extend(fork_figures(run)?);
     Ok(f)
+}
+
+/// The VM fork benchmark's system: the standard services and the
+/// `forker` guest in 32 MiB, writing 11 pages when told (with the host's
+/// write of its control page and the guest runtime's own, its stack and
+/// hypercall page, 16).
+const FORK_MANIFEST: &str = r#"
+name = "bench-fork"
+standard_services = true
+
+[[domain]]
+name = "parent"
+guest = "forker"
+memory_mib = 32
+cmdline = "pages=11"
+"#;
+
+/// VM fork (issue 11, point 6; docs/sharing.md): the 32 MiB `forker`
+/// guest, paused and forked through the control channel as
+/// `cargo hv ctl fork` does; the fork told, through its control page, to
+/// write 11 pages (its first write a copy-on-write break, timed by the
+/// guest: `cow_break_ticks`), then reset with the pages it wrote
+/// (`fork_reset_pages`: 16). `fork_ticks` and `fork_reset_ticks` are the kernel's own
+/// count of its DOMAIN_FORK and `DomainOp::Reset` (its log lines), the
+/// same emulated-instruction clock as the guest's.
+pub fn fork_figures(run: &BenchRun) -> Result<Figures> {
+    use ipc_schema::syscall::DomainOp;
+    use parallax_client::introspect::Address;
+    let manifest_path = paths::work_dir().join("bench-fork.toml");
+    std::fs::create_dir_all(paths::work_dir())?;
+    std::fs::write(&manifest_path, FORK_MANIFEST)?;
+    let img = image::build(&ImageOptions {
+        manifest: manifest_path,
+        build: run.build.clone(),
+        out: run.build.target_dir().join("bench-fork.iso"),
+        cmdline: run.cmdline.clone(),
+        ..ImageOptions::default()
+    })?;
+    let mut cfg = RunConfig::new(Machine::Bochs, emulator::capture_path("bench-fork"));
+    cfg.bochs_cpu = run.cpu_model.clone();
+    cfg.timeout = run.timeout;
+    let (tx, rx) = std::sync::mpsc::channel();
+    cfg.tap = Some(tx);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    cfg.stop = Some(stop.clone());
+    let socket = cfg.control_socket_path();
+    let (iso, elfs) = (img.iso.clone(), img.elfs.clone());
+    let runner = std::thread::spawn(move || emulator::run(&iso, &elfs, &cfg));
+    let mut seen: Vec<logs::LogLine> = Vec::new();
+    let mut script = || -> Result<Figures> {
+        let wait = |seen: &mut Vec<logs::LogLine>, source: &str, text: &str| {
+            wait_line(&rx, seen, source, text)
+        };
+        let ready = wait(&mut seen, "dom1", "forker: ready")?;
+        let ctrl = ready
+            .text
+            .split("ctrl=0x")
+            .nth(1)
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .context("the forker guest's ready line names no control page")?;
+        let mut c = connect(&socket)?;
+        c.domain_control(1, DomainOp::Pause)?;
+        let mut child = None;
+        for _ in 0..50 {
+            match c.fork(1, "bench") {
+                Ok(id) => {
+                    child = Some(id);
+                    break;
+                }
+                // The vCPU may be in the vmm's hands just after the pause.
+                Err(e) if e.to_string().contains("Busy") => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let child = child.context("the paused parent stayed busy: no fork")?;
+        let ticks = |l: &logs::LogLine, after: &str, before: &str| -> Result<u64> {
+            l.text
+                .rsplit(after)
+                .next()
+                .and_then(|t| t.split(before).next())
+                .and_then(|t| t.trim().parse().ok())
+                .with_context(|| format!("no {after:?}...{before:?} count in {:?}", l.text))
+        };
+        let forked = wait(&mut seen, "kernel", "forked from domain 1")?;
+        c.mem_write(child, Address::Physical(ctrl), &1u64.to_le_bytes())?;
+        c.domain_control(child, DomainOp::Unpause)?;
+        wait(&mut seen, &format!("dom{child}"), "forker: 1 read")?;
+        c.domain_control(child, DomainOp::Reset)?;
+        let reset = wait(&mut seen, "kernel", "reset to its parent")?;
+        // The guest's 15 pages, its control page and what the guest's
+        // runtime wrote (its stack, its hypercall page).
+        let pages = ticks(&reset, "parent (", " page")?;
+        if pages < 16 {
+            bail!(
+                "the reset fork had written fewer than 16 pages: {:?}",
+                reset.text
+            );
+        }
+        let mut f = figures(&seen)?;
+        f.insert("fork_ticks".into(), Some(ticks(&forked, " in ", " ticks")?));
+        f.insert(
+            "fork_reset_ticks".into(),
+            Some(ticks(&reset, " in ", " ticks")?),
+        );
+        f.insert("fork_reset_pages".into(), Some(pages));
+        for id in [child, 1] {
+            c.domain_control(id, DomainOp::Destroy)?;
+        }
+        Ok(f)
+    };
+    let result = script();
+    if result.is_err() {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let outcome = runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fork benchmark's emulator thread panicked"))??;
+    let f = result?;
+    if outcome.end != RunEnd::Halted(0) {
+        bail!("the fork benchmark did not end well: {}", outcome.summary());
+    }
+    Ok(f)
+}
+
+/// The first line (seen already, or the next ones from `rx`, each kept in
+/// `seen`) from `source` containing `text`.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<logs::LogLine>,
+    seen: &mut Vec<logs::LogLine>,
+    source: &str,
+    text: &str,
+) -> Result<logs::LogLine> {
+    if let Some(l) = seen
+        .iter()
+        .find(|l| l.source == source && l.text.contains(text))
+    {
+        return Ok(l.clone());
+    }
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(120))
+            .with_context(|| format!("the fork benchmark saw no {source} line {text:?}"))?;
+        seen.push(l.clone());
+        if l.source == source && l.text.contains(text) {
+            return Ok(l);
+        }
+    }
+}
+
+/// A control client of the run at `socket`, once its proxy listens.
+fn connect(
+    socket: &std::path::Path,
+) -> Result<parallax_client::Client<std::os::unix::net::UnixStream>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match parallax_client::Client::connect(socket) {
+            Ok(c) => return Ok(c),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Collects `BENCH key=value` lines from guest consoles (and the logdirty

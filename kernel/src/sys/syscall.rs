@@ -1476,6 +1476,7 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         .position(Option::is_none)
         .ok_or(SysError::NoResources)?;
     let id = slot as u16 + 1;
+    let t0 = platform::cpu::rdtsc();
     let mut child = Domain::create(id, name, false).map_err(|_| SysError::NoResources)?;
     let parent = domain(k, a[1])?;
     let made = crate::vm::shared::fork(parent, &mut child)
@@ -1496,11 +1497,12 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     }
     child.state = DomainState::Paused;
     defmt::info!(
-        "domain {=u16} ({=str}) forked from domain {=u64} by {=str}",
+        "domain {=u16} ({=str}) forked from domain {=u64} by {=str} in {=u64} ticks",
         id,
         ipc_schema::syscall::handle_name_str(&child.name),
         a[1],
-        k.process_name(pid)
+        k.process_name(pid),
+        platform::cpu::rdtsc().wrapping_sub(t0)
     );
     k.domains[slot] = Some(child);
     domain_mut(k, a[1])?.forks += 1;
@@ -1512,6 +1514,7 @@ fn fork_reset(k: &mut Kernel, slot: u16) -> Result<Done> {
     let mut child = k.domains[usize::from(slot)]
         .take()
         .ok_or(SysError::BadArgument)?;
+    let t0 = platform::cpu::rdtsc();
     let result = (|| {
         let at_rest = matches!(
             child.state,
@@ -1547,9 +1550,10 @@ fn fork_reset(k: &mut Kernel, slot: u16) -> Result<Done> {
         e.queue.retain(|s| *s != Sender::Vcpu(slot));
     }
     defmt::info!(
-        "domain {=u16}: reset to its parent ({=usize} page(s))",
+        "domain {=u16}: reset to its parent ({=usize} page(s)) in {=u64} ticks",
         id,
-        pages
+        pages,
+        platform::cpu::rdtsc().wrapping_sub(t0)
     );
     Ok(Values([pages as u64, 0, 0]))
 }
