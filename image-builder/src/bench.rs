@@ -533,6 +533,7 @@ mod tests {
                 ("range_1g_entry_writes <= 1024".to_owned(), Some(true)),
                 ("dirty_wp_fault_ticks <= 1500".to_owned(), Some(false)),
                 ("dirty_pml_exits_per_1000_pages <= 2".to_owned(), Some(true)),
+                ("cow_break_ticks <= 2500".to_owned(), None),
             ]
         );
         // A CPU without the feature (VMFUNC): not measured, not failed.
