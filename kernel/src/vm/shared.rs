@@ -333,21 +333,7 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
         t.frames[slot].refs = 0;
         old
     } else {
-        let new = POOL
-            .lock()
-            .as_mut()
-            .and_then(|f| f.alloc())
-            .ok_or(EptOpError::OutOfMemory)?;
-        // Safety: `old` is a shared frame (readable RAM in the direct map,
-        // written by nobody while shared) and `new` a frame just taken from
-        // the pool, owned by nothing else: two distinct 4 KiB frames.
-        unsafe {
-            core::ptr::copy_nonoverlapping(phys_to_virt(old), phys_to_virt(new), PAGE_SIZE as usize)
-        };
-        if let Err(e) = ept.replace(tables, gpa, new, perms) {
-            free_frame(new);
-            return Err(crate::sys::syscall::ept_error(e));
-        }
+        let new = copy_to_new(ept, tables, gpa, old, perms)?;
         t.frames[slot].refs -= 1;
         new
     };
@@ -366,6 +352,34 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
 /// every view, like a shared frame; its first write copies it).
 pub fn forked(d: &Domain, gfn: u64) -> bool {
     d.parent.is_some() && d.is_ram(gfn) && TABLE.lock().kind(d.id, gfn).is_none()
+}
+
+/// A copy on write: a frame from the pool with `old`'s contents, mapped
+/// with `perms` at `gpa` (a 4 KiB leaf) in place of `old`.
+fn copy_to_new(
+    ept: &mut Ept,
+    tables: &mut DomainTables,
+    gpa: u64,
+    old: u64,
+    perms: platform::ept::Perms,
+) -> Result<u64, EptOpError> {
+    let new = POOL
+        .lock()
+        .as_mut()
+        .and_then(|f| f.alloc())
+        .ok_or(EptOpError::OutOfMemory)?;
+    // Safety: `old` is a shared frame or a fork's parent's (readable RAM in
+    // the direct map, written by nobody while shared, or while the parent
+    // is paused with forks) and `new` a frame just taken from the pool,
+    // owned by nothing else: two distinct 4 KiB frames.
+    unsafe {
+        core::ptr::copy_nonoverlapping(phys_to_virt(old), phys_to_virt(new), PAGE_SIZE as usize)
+    };
+    if let Err(e) = ept.replace(tables, gpa, new, perms) {
+        free_frame(new);
+        return Err(crate::sys::syscall::ept_error(e));
+    }
+    Ok(new)
 }
 
 /// Whether `hpa`, a frame an entry of fork `d` maps, is its parent's (not
@@ -389,21 +403,7 @@ fn break_fork(
     }
     let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
     let m = leaf(ept, tables, gpa)?;
-    let new = POOL
-        .lock()
-        .as_mut()
-        .and_then(|f| f.alloc())
-        .ok_or(EptOpError::OutOfMemory)?;
-    // Safety: `m.hpa` is the parent's frame (RAM in the direct map, written
-    // by nobody while the parent is paused with forks) and `new` a frame
-    // just taken from the pool: two distinct 4 KiB frames.
-    unsafe {
-        core::ptr::copy_nonoverlapping(phys_to_virt(m.hpa), phys_to_virt(new), PAGE_SIZE as usize)
-    };
-    if let Err(e) = ept.replace(tables, gpa, new, perms) {
-        free_frame(new);
-        return Err(crate::sys::syscall::ept_error(e));
-    }
+    let new = copy_to_new(ept, tables, gpa, m.hpa, perms)?;
     t.set(d, gfn, Some(Kind::Own(new)));
     drop(t);
     forget_in_views(d, gfn, m.hpa);
