@@ -30,7 +30,7 @@ fn a_missing_guest_module_is_named() {
         with_services(vec![module("manifest", manifest(ONE_DOMAIN))]),
     );
     boot(&img, Machine::Qemu, |_| {})
-        .expect_from("init", "manifest: system test, 5 service(s), 1 domain(s)")
+        .expect_from("init", "manifest: system test, 6 service(s), 1 domain(s)")
         .expect_from(
             "init",
             "boot module `hello` is missing: the manifest names it as a guest image",
