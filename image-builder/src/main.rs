@@ -163,12 +163,12 @@ enum CtlCmd {
     Services,
     /// List the guest domains.
     Domains,
-    /// Pause guest domain ID.
-    Pause { id: u16 },
-    /// Let paused guest domain ID run again.
-    Unpause { id: u16 },
-    /// Destroy guest domain ID.
-    Destroy { id: u16 },
+    /// Pause guest DOMAIN (its id or its name).
+    Pause { domain: String },
+    /// Let paused guest DOMAIN (its id or its name) run again.
+    Unpause { domain: String },
+    /// Destroy guest DOMAIN (its id or its name).
+    Destroy { domain: String },
     /// VM fork: a child of paused DOMAIN (its id or name) that shares all
     /// of its memory copy-on-write and starts, paused, from its vCPU state
     /// (docs/sharing.md). Prints the child's id.
@@ -887,21 +887,40 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
                 eprintln!("(the console lists no domains)");
             }
         }
-        CtlCmd::Pause { id } => {
+        CtlCmd::Pause { domain } => {
+            let id = console.domain_id(&domain)?;
             console.domain_control(id, DomainOp::Pause)?;
             println!("domain {id} paused");
         }
-        CtlCmd::Unpause { id } => {
+        CtlCmd::Unpause { domain } => {
+            let id = console.domain_id(&domain)?;
             console.domain_control(id, DomainOp::Unpause)?;
             println!("domain {id} unpaused");
         }
-        CtlCmd::Destroy { id } => {
+        CtlCmd::Destroy { domain } => {
+            let id = console.domain_id(&domain)?;
             console.domain_control(id, DomainOp::Destroy)?;
             println!("domain {id} destroyed");
         }
         CtlCmd::Fork { domain, name } => {
             let parent = console.domain_id(&domain)?;
-            let id = console.fork(parent, name.as_deref().unwrap_or(""))?;
+            let id = console
+                .fork(parent, name.as_deref().unwrap_or(""))
+                .map_err(|e| {
+                    let busy = matches!(
+                        &e,
+                        control::ClientError::Refused {
+                            refusal: control::Refusal::Kernel { error },
+                            ..
+                        } if *error == ipc_schema::syscall::SysError::Busy as u64
+                    );
+                    let hint = if busy {
+                        format!(" (domain {parent} must be paused, with no exit in a service's hands: `cargo hv ctl pause {parent}`, then try again)")
+                    } else {
+                        String::new()
+                    };
+                    anyhow::anyhow!("{e}{hint}")
+                })?;
             println!("domain {id} forked from domain {parent} (paused)");
         }
         CtlCmd::Reset { child } => {

@@ -106,11 +106,13 @@ fn ctl_fork_and_reset_name_the_child_and_the_refusal() {
     let o = ctl(&["fork", "hello"]);
     assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     assert!(
-        stderr(&o).contains("(Fork 1 ()): the kernel refused: Busy"),
+        stderr(&o).contains("(Fork 1 ()): the kernel refused: Busy")
+            && stderr(&o).contains("domain 1 must be paused"),
         "a running parent: {}",
         stderr(&o)
     );
-    assert_eq!(ctl(&["pause", "1"]).status.code(), Some(0));
+    // Domains by name too.
+    assert_eq!(ctl(&["pause", "hello"]).status.code(), Some(0));
     for (args, want) in [
         (
             vec!["fork", "hello"],
