@@ -1483,6 +1483,8 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         .map_err(|_| SysError::NoResources)
         .and_then(|()| {
             let (exits, violations) = (parent.exit_endpoint, parent.violation_endpoint);
+            // A vCPU set up as for a fresh guest (entry 0), whose guest
+            // state the parent's then replaces whole.
             child
                 .create_vcpu(0, 0, 0, exits, violations)
                 .map_err(|_| SysError::NoResources)?;
