@@ -22,6 +22,7 @@ pub mod power;
 pub mod serial;
 pub mod span;
 pub mod vmx;
+pub mod vtd;
 
 /// Size of the smallest page and of a physical frame.
 pub const PAGE_SIZE: u64 = 4096;
