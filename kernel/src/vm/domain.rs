@@ -5,7 +5,7 @@
 use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
 use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
-use super::{Features, caps};
+use super::caps;
 use crate::mem::phys_to_virt;
 use ipc_schema::syscall::{DomainState, HandleName};
 use ipc_schema::vmexit::Exit;
@@ -91,7 +91,7 @@ impl From<EptError> for DomainError {
 impl Domain {
     /// An empty domain: no RAM, no vCPU.
     pub fn create(id: u16, name: HandleName, protected: bool) -> Result<Domain, DomainError> {
-        let f: &Features = &caps().1;
+        let f = super::features();
         let views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
         let Some(msr_bitmap) = msr_bitmap() else {
             let mut views = views;
