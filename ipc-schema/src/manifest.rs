@@ -396,8 +396,21 @@ mod tests {
         let d = PciDevice::parse("00:03.0").unwrap();
         assert_eq!((d.segment, d.source), (0, 3 << 3));
         let d = PciDevice::parse("0001:1a:1f.7").unwrap();
-        assert_eq!((d.segment, d.bus(), d.device(), d.function()), (1, 0x1a, 0x1f, 7));
-        for bad in ["", "00:03", "0:0:0:0.0", "00:20.0", "00:03.8", "100:03.0", "zz:03.0", "00:03.", "10000:00:00.0"] {
+        assert_eq!(
+            (d.segment, d.bus(), d.device(), d.function()),
+            (1, 0x1a, 0x1f, 7)
+        );
+        for bad in [
+            "",
+            "00:03",
+            "0:0:0:0.0",
+            "00:20.0",
+            "00:03.8",
+            "100:03.0",
+            "zz:03.0",
+            "00:03.",
+            "10000:00:00.0",
+        ] {
             assert_eq!(PciDevice::parse(bad), None, "{bad:?}");
         }
     }

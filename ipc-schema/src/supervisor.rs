@@ -79,7 +79,15 @@ pub enum SupervisorRequest {
         id: u16,
         count: u16,
     },
+    /// What the service whose handles carry badge `client` is as a DMA
+    /// backend (asked by the `iommu` service): [`SupervisorReply::DmaBackend`].
+    DmaBackend {
+        client: u64,
+    },
 }
+
+/// The most devices one backend drives.
+pub const MAX_BACKEND_DEVICES: usize = 4;
 
 /// The most shadow pages one domain gets in all.
 pub const MAX_SHADOW_PAGES: u16 = 256;
@@ -106,6 +114,15 @@ pub enum SupervisorReply {
     /// The first gfn of the shadow pages given.
     Shadow {
         gfn: u64,
+    },
+    /// A backend's devices (its manifest `device` handles, as (segment,
+    /// source id)), the ids of its `dma_clients` domains, and its generation
+    /// (a restarted backend starts with no mappings; IO-4).
+    DmaBackend {
+        devices: BoundedVec<(u16, u16), MAX_BACKEND_DEVICES>,
+        clients: BoundedVec<u16, { crate::manifest::MAX_DOMAINS }>,
+        generation: u32,
+        running: bool,
     },
 }
 

@@ -76,7 +76,9 @@ pub enum IommuError {
     Busy,
     NoResources,
     Io(IoError),
-    NotMapped { bfn: u64 },
+    NotMapped {
+        bfn: u64,
+    },
     /// A unit did not complete a command.
     Timeout,
 }
@@ -200,7 +202,11 @@ impl Unit {
         }
         let table = entry & !0xfff;
         // Safety: a context table the kernel made: 256 16-byte entries.
-        Some(unsafe { phys_to_virt(table).cast::<u64>().add(2 * usize::from(source & 0xff)) })
+        Some(unsafe {
+            phys_to_virt(table)
+                .cast::<u64>()
+                .add(2 * usize::from(source & 0xff))
+        })
     }
 }
 
@@ -267,7 +273,10 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
             ..probe
         };
         let Some(l) = u.cap.levels() else {
-            defmt::warn!("IOMMU: unit at {=u64:#x} walks neither 3 nor 4 levels; not used", d.register_base);
+            defmt::warn!(
+                "IOMMU: unit at {=u64:#x} walks neither 3 nor 4 levels; not used",
+                d.register_base
+            );
             continue;
         };
         levels = levels.min(l);
@@ -294,7 +303,11 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
             read32(&u, reg::VER),
             u.cap.domains(),
             l,
-            if u.queue.is_some() { "queued" } else { "register-based" },
+            if u.queue.is_some() {
+                "queued"
+            } else {
+                "register-based"
+            },
             u.cap.caching_mode(),
             u.ecap.coherent(),
             if ok.is_ok() {
@@ -337,13 +350,19 @@ pub fn config_read(bdf: u16, offset: u8) -> u32 {
 impl Iommu {
     /// The unit that translates the device's DMA.
     fn unit_of(&self, segment: u16, source: u16) -> Option<usize> {
-        let (bus, dev, func) = ((source >> 8) as u8, ((source >> 3) & 31) as u8, (source & 7) as u8);
+        let (bus, dev, func) = (
+            (source >> 8) as u8,
+            ((source >> 3) & 31) as u8,
+            (source & 7) as u8,
+        );
         let drhds: heapless::Vec<_, 64> = self.dmar.drhds().take(64).collect();
         let listed = self.units.iter().position(|u| {
             u.segment == segment
-                && drhds
-                    .get(u.drhd)
-                    .is_some_and(|d| d.scopes.iter().any(|s| s.direct_bdf() == Some((bus, dev, func))))
+                && drhds.get(u.drhd).is_some_and(|d| {
+                    d.scopes
+                        .iter()
+                        .any(|s| s.direct_bdf() == Some((bus, dev, func)))
+                })
         });
         listed.or_else(|| {
             self.units
@@ -355,7 +374,8 @@ impl Iommu {
     /// Checks that a device can be handed out: a unit covers it and (on
     /// segment 0, where the kernel can look) something answers there.
     pub fn check_device(&self, segment: u16, source: u16) -> Result<(), IommuError> {
-        self.unit_of(segment, source).ok_or(IommuError::NotCovered)?;
+        self.unit_of(segment, source)
+            .ok_or(IommuError::NotCovered)?;
         if segment == 0 && config_read(source, 0) & 0xffff == 0xffff {
             return Err(IommuError::NoDevice);
         }
@@ -373,16 +393,34 @@ impl Iommu {
         if u32::from(did) >= self.domain_ids {
             return Err(IommuError::NoResources);
         }
-        let table = IoTable::new(&mut IoMemory(&mut self.tables), self.levels).map_err(IommuError::Io)?;
-        self.spaces[slot] = Some(Space { table, did, pages: 0 });
+        let table =
+            IoTable::new(&mut IoMemory(&mut self.tables), self.levels).map_err(IommuError::Io)?;
+        self.spaces[slot] = Some(Space {
+            table,
+            did,
+            pages: 0,
+        });
         Ok(slot as u16)
     }
 
     /// Points the device's context entry at the space (`Some`) or clears it.
-    pub fn attach(&mut self, space: u16, segment: u16, source: u16, on: bool) -> Result<(), IommuError> {
-        let unit = self.unit_of(segment, source).ok_or(IommuError::NotCovered)?;
-        let at = self.attached.iter().position(|a| a.0 == segment && a.1 == source);
-        let s = self.spaces[usize::from(space)].as_ref().ok_or(IommuError::NoResources)?;
+    pub fn attach(
+        &mut self,
+        space: u16,
+        segment: u16,
+        source: u16,
+        on: bool,
+    ) -> Result<(), IommuError> {
+        let unit = self
+            .unit_of(segment, source)
+            .ok_or(IommuError::NotCovered)?;
+        let at = self
+            .attached
+            .iter()
+            .position(|a| a.0 == segment && a.1 == source);
+        let s = self.spaces[usize::from(space)]
+            .as_ref()
+            .ok_or(IommuError::NoResources)?;
         let entry = vtd::context_entry(s.table.root(), s.table.levels(), s.did);
         match (on, at) {
             (true, Some(i)) if self.attached[i].2 == space => return Ok(()),
@@ -416,8 +454,15 @@ impl Iommu {
     }
 
     /// Maps each (bfn, frame) of `pairs`, all or none.
-    pub fn map(&mut self, space: u16, pairs: &[(u64, u64)], write: bool) -> Result<(), (usize, IommuError)> {
-        let s = self.spaces[usize::from(space)].as_mut().ok_or((0, IommuError::NoResources))?;
+    pub fn map(
+        &mut self,
+        space: u16,
+        pairs: &[(u64, u64)],
+        write: bool,
+    ) -> Result<(), (usize, IommuError)> {
+        let s = self.spaces[usize::from(space)]
+            .as_mut()
+            .ok_or((0, IommuError::NoResources))?;
         let mut mem = IoMemory(&mut self.tables);
         for (i, &(bfn, hpa)) in pairs.iter().enumerate() {
             if let Err(e) = s.table.map(&mut mem, bfn, hpa, write) {
@@ -436,7 +481,9 @@ impl Iommu {
     /// Unmaps every bfn (all must be mapped, else nothing changes), then
     /// invalidates the IOTLB for the space's domain id and waits.
     pub fn unmap(&mut self, space: u16, bfns: &[u64]) -> Result<(), (usize, IommuError)> {
-        let s = self.spaces[usize::from(space)].as_mut().ok_or((0, IommuError::NoResources))?;
+        let s = self.spaces[usize::from(space)]
+            .as_mut()
+            .ok_or((0, IommuError::NoResources))?;
         let mut mem = IoMemory(&mut self.tables);
         if let Some(i) = bfns
             .iter()
@@ -492,9 +539,10 @@ impl Iommu {
         let space = did - 1;
         let mut r = Ok(());
         for i in 0..self.units.len() {
-            let used = self.attached.iter().any(|&(seg, src, sp)| {
-                sp == space && self.unit_of(seg, src) == Some(i)
-            });
+            let used = self
+                .attached
+                .iter()
+                .any(|&(seg, src, sp)| sp == space && self.unit_of(seg, src) == Some(i));
             let u = &mut self.units[i];
             if only_caching && !u.cap.caching_mode() {
                 flush_caches(u);
@@ -518,7 +566,9 @@ impl Iommu {
             for r in 0..u.cap.fault_records() {
                 let at = u.cap.fault_offset() + 16 * r;
                 let (lo, hi) = (read64(u, at), read64(u, at + 8));
-                let Some(rec) = FaultRecord::decode(lo, hi) else { continue };
+                let Some(rec) = FaultRecord::decode(lo, hi) else {
+                    continue;
+                };
                 if !f(ipc_schema::syscall::IoFault {
                     address: rec.address,
                     source: rec.source,

@@ -432,20 +432,26 @@ fn devices_are_compiled_and_bad_or_doubly_assigned_ones_named() {
     let k = Manifest::decode(&k).unwrap();
     let d = &k.domains[0].devices;
     assert_eq!((d[0].segment, d[0].source), (0, 3 << 3));
-    assert_eq!((d[1].segment, d[1].bus(), d[1].device(), d[1].function()), (1, 2, 0x1f, 7));
+    assert_eq!(
+        (d[1].segment, d[1].bus(), d[1].device(), d[1].function()),
+        (1, 2, 0x1f, 7)
+    );
     let s = &k.services[0];
     assert_eq!(s.dma_clients.as_slice(), ["a"]);
-    assert_eq!(
-        s.handles[2].object,
-        ipc_schema::manifest::Object::Iommu
-    );
+    assert_eq!(s.handles[2].object, ipc_schema::manifest::Object::Iommu);
     assert_eq!(
         s.handles[3].object,
-        ipc_schema::manifest::Object::Device(ipc_schema::manifest::PciDevice { segment: 0, source: 4 << 3 })
+        ipc_schema::manifest::Object::Device(ipc_schema::manifest::PciDevice {
+            segment: 0,
+            source: 4 << 3
+        })
     );
 
     let e = error(&format!("{}{DOMAIN}devices = [\"00:20.0\"]\n", service("")));
-    assert!(e.contains("domain 1 (`a`): device \"00:20.0\" is not a PCI address"), "{e}");
+    assert!(
+        e.contains("domain 1 (`a`): device \"00:20.0\" is not a PCI address"),
+        "{e}"
+    );
     let e = error(&format!(
         "{}{DOMAIN}devices = [\"00:03.0\"]\n",
         service("{ name = \"edu\", device = \"0000:00:03.0\", rights = [\"device\"] },")
@@ -458,11 +464,23 @@ fn devices_are_compiled_and_bad_or_doubly_assigned_ones_named() {
         "{}{DOMAIN}devices = [\"00:03.0\", \"00:03.0\"]\n",
         service("")
     ));
-    assert!(e.contains("is assigned twice: to domain `a` and to domain `a`"), "{e}");
-    let e = error(&(service("").replace("name = \"s\"\n", "name = \"s\"\ndma_clients = [\"zz\"]\n") + DOMAIN));
-    assert!(e.contains("dma_clients: no [[domain]] is named `zz`"), "{e}");
-    let e = error(&(service("{ name = \"h\", device = \"00:03.0\", rights = [\"read\"] },") + DOMAIN));
-    assert!(e.contains("right \"read\" means nothing for this object (it takes device)"), "{e}");
+    assert!(
+        e.contains("is assigned twice: to domain `a` and to domain `a`"),
+        "{e}"
+    );
+    let e = error(
+        &(service("").replace("name = \"s\"\n", "name = \"s\"\ndma_clients = [\"zz\"]\n") + DOMAIN),
+    );
+    assert!(
+        e.contains("dma_clients: no [[domain]] is named `zz`"),
+        "{e}"
+    );
+    let e =
+        error(&(service("{ name = \"h\", device = \"00:03.0\", rights = [\"read\"] },") + DOMAIN));
+    assert!(
+        e.contains("right \"read\" means nothing for this object (it takes device)"),
+        "{e}"
+    );
     let e = error(&(service("{ name = \"h\", iommu = false, rights = [\"device\"] },") + DOMAIN));
     assert!(e.contains("`iommu = false` grants nothing"), "{e}");
 }

@@ -783,9 +783,14 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         Ok(s)
     };
     let refuse_io = |k: &Kernel, e: IommuError| {
-        defmt::warn!("service {=str}: {=str} refused: {}", k.process_name(pid), name, e);
+        defmt::warn!(
+            "service {=str}: {=str} refused: {}",
+            k.process_name(pid),
+            name,
+            e
+        );
         match e {
-            IommuError::Busy => SysError::Busy,
+            IommuError::Busy | IommuError::Timeout => SysError::Busy,
             IommuError::NoResources | IommuError::Io(platform::vtd::IoError::OutOfMemory) => {
                 SysError::NoResources
             }
@@ -857,7 +862,11 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
             let mut guard = IOMMU.lock();
             let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
             iommu.map(space, &pairs, write).map_err(|(i, e)| {
-                defmt::warn!("service {=str}: IOSPACE_MAP: pair {=usize}:", k.process_name(pid), i);
+                defmt::warn!(
+                    "service {=str}: IOSPACE_MAP: pair {=usize}:",
+                    k.process_name(pid),
+                    i
+                );
                 refuse_io(k, e)
             })?;
             Ok(Values([0; 3]))
@@ -878,7 +887,11 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
             let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
             let before = iommu.invalidations;
             iommu.unmap(space, &bfns).map_err(|(i, e)| {
-                defmt::warn!("service {=str}: IOSPACE_UNMAP: bus frame {=usize} of the batch:", k.process_name(pid), i);
+                defmt::warn!(
+                    "service {=str}: IOSPACE_UNMAP: bus frame {=usize} of the batch:",
+                    k.process_name(pid),
+                    i
+                );
                 refuse_io(k, e)
             })?;
             Ok(Values([count, iommu.invalidations - before, 0]))

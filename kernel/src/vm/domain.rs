@@ -2,10 +2,10 @@
 //! builds domains through system calls: create, map RAM from frames it
 //! holds, write the guest image, create the vCPU, start.
 
+use super::caps;
 use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
 use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
-use super::caps;
 use crate::mem::phys_to_virt;
 use ipc_schema::syscall::{DomainState, HandleName};
 use ipc_schema::vmexit::Exit;

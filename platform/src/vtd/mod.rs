@@ -180,7 +180,10 @@ pub mod desc {
     /// IOTLB invalidation of every entry of domain id `did`.
     pub const fn iotlb_domain(did: u16, drain_write: bool, drain_read: bool) -> (u64, u64) {
         (
-            0x2 | 2 << 4 | (drain_write as u64) << 6 | (drain_read as u64) << 7 | (did as u64) << 16,
+            0x2 | 2 << 4
+                | (drain_write as u64) << 6
+                | (drain_read as u64) << 7
+                | (did as u64) << 16,
             0,
         )
     }

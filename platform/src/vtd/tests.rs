@@ -65,12 +65,18 @@ fn capabilities_decode_as_the_spec_lays_them_out() {
 fn entries_and_commands_have_the_spec_bits() {
     assert_eq!(root_entry(0x1234_5000), 0x1234_5001);
     assert_eq!(context_entry(0xabc_d000, 3, 7), (0xabc_d001, 1 | 7 << 8));
-    assert_eq!(context_entry(0xabc_d000, 4, 0x1ff), (0xabc_d001, 2 | 0x1ff << 8));
+    assert_eq!(
+        context_entry(0xabc_d000, 4, 0x1ff),
+        (0xabc_d001, 2 | 0x1ff << 8)
+    );
     assert_eq!(ccmd_global(), 0xa000_0000_0000_0000);
     assert_eq!(iotlb_domain(5, true, false), 0xa001_0005_0000_0000);
     assert_eq!(iotlb_global(), 0x9000_0000_0000_0000);
     assert_eq!(desc::context_global(), (0x11, 0));
-    assert_eq!(desc::iotlb_domain(3, true, true), (0x2 | 0x20 | 0xc0 | 3 << 16, 0));
+    assert_eq!(
+        desc::iotlb_domain(3, true, true),
+        (0x2 | 0x20 | 0xc0 | 3 << 16, 0)
+    );
     assert_eq!(desc::wait(0x5007, 9), (0x25 | 9 << 32, 0x5004));
 }
 

@@ -29,6 +29,15 @@ pub enum BuildError {
     CmdlineTooLong,
     /// The kernel's modules do not fit in its RAM after it.
     ModulesTooLarge,
+    /// Devices are assigned but the machine has no usable IOMMU.
+    NoIommu,
+    /// The kernel refused this device (no unit covers it, nothing answers
+    /// there, or it is attached already): segment, source id.
+    Device {
+        segment: u16,
+        source: u16,
+        error: SysError,
+    },
 }
 
 impl From<SysError> for BuildError {
@@ -52,6 +61,7 @@ pub fn domain(
     id: u16,
     exits: Handle,
     violations: Handle,
+    run: bool,
 ) -> Result<Built, BuildError> {
     if spec.vcpus != 1 {
         return Err(BuildError::TooManyVcpus { asked: spec.vcpus });
@@ -59,7 +69,9 @@ pub fn domain(
     let ram = u64::from(spec.memory_mib) * MIB;
     let layout = GuestLayout::new(ram);
     with_module(module(spec.guest)?, IMAGE_VA, |image| {
-        build(domains, memory, spec, id, image, &layout, exits, violations)
+        build(
+            domains, memory, spec, id, image, &layout, exits, violations, run,
+        )
     })?
 }
 
@@ -98,6 +110,7 @@ fn build(
     layout: &GuestLayout,
     exits: Handle,
     violations: Handle,
+    run: bool,
 ) -> Result<Built, BuildError> {
     let plan = multiboot::plan(image, layout).map_err(BuildError::Image)?;
     let (mut large, mut small) = (0u32, 0u32);
@@ -206,12 +219,58 @@ fn build(
     let mut buf = [0u8; 64];
     let spec_bytes = postcard::to_slice(&vcpu, &mut buf)
         .map_err(|_| BuildError::Kernel(SysError::BadArgument))?;
-    sys::vcpu_create(domains, id, spec_bytes)?;
-    sys::domain_control(domains, id, DomainOp::Start)?;
+    devices(domains, spec, id)?;
+    if run {
+        sys::vcpu_create(domains, id, spec_bytes)?;
+        sys::domain_control(domains, id, DomainOp::Start)?;
+    }
     Ok(Built {
         id,
         large_pages: large,
         small_pages: small,
         entry: plan.entry,
     })
+}
+
+/// Assigns the domain's devices: one IoSpace for them all, mapping its
+/// whole RAM at bus address = guest-physical address, each device attached
+/// to it (their DMA reaches that RAM and nothing else).
+pub fn devices(domains: Handle, spec: &manifest::Domain<'_>, id: u16) -> Result<(), BuildError> {
+    if spec.devices.is_empty() {
+        return Ok(());
+    }
+    let root = service_runtime::handle("iommu").ok_or(BuildError::NoIommu)?;
+    let space = sys::iospace_create(root)?;
+    let pages = u64::from(spec.memory_mib) * MIB / 4096;
+    // Its RAM, less the legacy hole (0xa0000-0xfffff, not RAM).
+    let hole = GuestLayout::new(u64::from(spec.memory_mib) * MIB).hole;
+    let ram = (0..pages).filter(|g| !(hole.0 / 4096..hole.1 / 4096).contains(g));
+    let mut pairs: heapless::Vec<[u64; 2], 512> = heapless::Vec::new();
+    for gfn in ram {
+        let _ = pairs.push([gfn, gfn]);
+        if pairs.is_full() || gfn + 1 == pages {
+            sys::iospace_map_raw(space, domains, id, &pairs, true)?;
+            pairs.clear();
+        }
+    }
+    for &d in spec.devices.iter() {
+        let fail = |error| BuildError::Device {
+            segment: d.segment,
+            source: d.source,
+            error,
+        };
+        let h = crate::supervise::device(root, d).map_err(fail)?;
+        sys::iospace_attach(space, h, true).map_err(fail)?;
+        defmt::info!(
+            "domain {=u16} ({=str}): device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8} assigned: its DMA reaches the domain's {=u64} pages at bus address = guest-physical address",
+            id,
+            spec.name,
+            d.segment,
+            d.bus(),
+            d.device(),
+            d.function(),
+            pages
+        );
+    }
+    Ok(())
 }
