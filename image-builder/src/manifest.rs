@@ -721,7 +721,12 @@ impl SystemManifest {
                     restart_window_ms: s.restart_window_ms,
                     task: s.task,
                     handles,
-                    dma_clients: s.dma_clients.iter().map(String::as_str).collect(),
+                    dma_clients: self
+                        .domains
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| s.dma_clients.contains(&d.name))
+                        .fold(0, |bits, (i, _)| bits | 1 << i),
                 })
                 .map_err(|_| full("services"))?;
         }

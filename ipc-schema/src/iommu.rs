@@ -44,11 +44,17 @@ pub enum IommuRequest {
 /// An admin's request (the `iommu-admin` endpoint).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum IommuAdminRequest {
-    /// Backend `backend` (a service's badge: its manifest index + 1) may
-    /// map domain `domain`'s memory from now on (IO-5).
-    AddClient { backend: u64, domain: u16 },
+    /// Backend `backend` (a service, by name) may map domain `domain`'s
+    /// memory from now on (IO-5).
+    AddClient {
+        backend: crate::supervisor::Name,
+        domain: u16,
+    },
     /// ... may no longer: its mappings of that domain are torn down first.
-    RemoveClient { backend: u64, domain: u16 },
+    RemoveClient {
+        backend: crate::supervisor::Name,
+        domain: u16,
+    },
     /// Faults, as [`IommuRequest::Faults`], of every device.
     Faults,
 }

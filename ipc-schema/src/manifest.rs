@@ -64,8 +64,10 @@ pub struct Service<'a> {
     pub handles: Vec<HandleSpec<'a>, MAX_SERVICE_HANDLES>,
     /// The domains whose memory this service (a device backend) may have
     /// mapped for DMA by the `iommu` service at start (IO-5; changed at run
-    /// time through the `iommu-admin` endpoint).
-    pub dma_clients: Vec<&'a str, MAX_DOMAINS>,
+    /// time through the `iommu-admin` endpoint): bit `i` is the manifest's
+    /// `i`-th domain (a bit set, so the manifest stays small on init's
+    /// stack).
+    pub dma_clients: u16,
 }
 
 /// What the supervisor does with a service that faulted.
@@ -373,7 +375,7 @@ mod tests {
                 restart_window_ms: 1000,
                 task: false,
                 handles,
-                dma_clients: Vec::from_slice(&["a"]).unwrap(),
+                dma_clients: 1,
             })
             .unwrap();
         let mut shared = Vec::new();

@@ -673,11 +673,16 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 }
                 _ => return Err(SysError::BadArgument),
             };
-            // A derived handle never has more rights than its parent.
+            // A derived handle never has more rights than its parent (a
+            // device's BAR: mapping it is what `device` allows).
+            let parent = match (c.object, object) {
+                (Object::Device { .. }, Object::Frames(_)) => rights::READ | rights::WRITE,
+                _ => c.rights,
+            };
             let rights = if a[3] == 0 {
-                c.rights
+                parent
             } else {
-                c.rights & a[3] as u32
+                parent & a[3] as u32
             };
             let h = k.install(
                 pid,

@@ -45,7 +45,7 @@ impl TableMemory for Fake {
 fn capabilities_decode_as_the_spec_lays_them_out() {
     // SAGAW 39 and 48 bits, MGAW 48, ND 2 (256 ids), FRO 0x22 (0x220), NFR 1,
     // CM, DWD and DRD.
-    let cap = Cap(2 | 1 << 7 | 0b110 << 8 | 47 << 16 | 0x22 << 24 | 0 << 40 | 3 << 54);
+    let cap = Cap(2 | 1 << 7 | 0b110 << 8 | 47 << 16 | 0x22 << 24 | 3 << 54);
     assert_eq!(cap.domains(), 256);
     assert!(cap.caching_mode());
     assert_eq!(cap.sagaw(), 0b110);
@@ -133,7 +133,7 @@ proptest! {
         let mut mem = Fake::default();
         let mut t = IoTable::new(&mut mem, levels).unwrap();
         let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
-        let spread = |b: u64| if b % 3 == 0 { b << 9 } else { b };
+        let spread = |b: u64| if b.is_multiple_of(3) { b << 9 } else { b };
         for (i, &(map, b, frame, write)) in ops.iter().enumerate() {
             let bfn = spread(b) ^ high.get(i % high.len().max(1)).copied().unwrap_or(0);
             let hpa = frame << 12;

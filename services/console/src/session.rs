@@ -282,9 +282,11 @@ impl Session {
             Some(SupervisorReply::Refused(why)) => R::Refused(why),
             // Not an answer to any of the requests below.
             Some(SupervisorReply::Shadow { gfn }) => R::Shadow { gfn },
-            Some(SupervisorReply::Events { .. } | SupervisorReply::Rights(_)) => {
-                R::Error(ControlError::SupervisorUnavailable)
-            }
+            Some(
+                SupervisorReply::Events { .. }
+                | SupervisorReply::Rights(_)
+                | SupervisorReply::DmaBackend { .. },
+            ) => R::Error(ControlError::SupervisorUnavailable),
             None => R::Error(ControlError::SupervisorUnavailable),
         };
         match *r {

@@ -249,7 +249,7 @@ impl Supervisor {
                 Object::Iommu => iommu_root(self.manifest.services[index].name)?,
                 Object::Device(d) => {
                     let root = iommu_root(self.manifest.services[index].name)?;
-                    let h = device(root, d).inspect_err(|_| {
+                    device(root, d).inspect_err(|_| {
                         defmt::error!(
                             "init: service {=str}: device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8} cannot be granted (the kernel's log says why)",
                             self.manifest.services[index].name,
@@ -258,8 +258,7 @@ impl Supervisor {
                             d.device(),
                             d.function()
                         )
-                    })?;
-                    h
+                    })?
                 }
             };
             let _ = grants.push(Grant::named(slot as u32, from, h.rights, badge, h.name));
@@ -616,8 +615,10 @@ impl Supervisor {
                 let _ = devices.0.push((d.segment, d.source));
             }
         }
-        for name in spec.dma_clients.iter() {
-            if let Some(id) = self.domain_id(name) {
+        for (i, d) in self.manifest.domains.iter().enumerate() {
+            if spec.dma_clients & (1 << i) != 0
+                && let Some(id) = self.domain_id(d.name)
+            {
                 let _ = clients.0.push(id);
             }
         }

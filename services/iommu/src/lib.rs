@@ -41,8 +41,9 @@ pub type Device = (u16, u16);
 
 /// What the service needs from the kernel.
 pub trait Kernel {
-    /// A new IoSpace with `devices` attached; its number.
-    fn space_for(&mut self, devices: &[Device]) -> Result<u32, ()>;
+    /// A new IoSpace with `devices` attached; its number (`None`: refused,
+    /// the kernel's log says why).
+    fn space_for(&mut self, devices: &[Device]) -> Option<u32>;
     /// Maps each (gfn, bfn) of `domain`, all or none; `Err(Some(i))` where
     /// pair `i`'s gfn is not RAM, `Err(None)` for any other refusal.
     fn map(
@@ -152,7 +153,7 @@ impl Iommu {
         let space = match b.space {
             Some(s) => s,
             None => {
-                let s = k.space_for(&b.devices).map_err(|()| IommuError::Kernel)?;
+                let s = k.space_for(&b.devices).ok_or(IommuError::Kernel)?;
                 b.space = Some(s);
                 s
             }

@@ -22,10 +22,11 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 use ipc_schema::iommu::{
-    DmaFault, FAULTS_PER_REPLY, IOMMU, IOMMU_ADMIN, IommuAdminRequest, IommuReply, IommuRequest,
+    DmaFault, FAULTS_PER_REPLY, IOMMU, IOMMU_ADMIN, IommuAdminRequest, IommuError, IommuReply,
+    IommuRequest,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId};
-use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
+use ipc_schema::supervisor::{Name, SUPERVISOR, SupervisorReply, SupervisorRequest};
 use ipc_schema::syscall::{Handle, IoFault, SysError};
 use service_iommu::{Device, Iommu, Kernel, UnmapError};
 use service_runtime::ipc::{self, Client, Message, Service};
@@ -44,10 +45,10 @@ struct System {
 }
 
 impl Kernel for System {
-    fn space_for(&mut self, devices: &[Device]) -> Result<u32, ()> {
-        let space = sys::iospace_create(self.root).map_err(|e| {
-            defmt::error!("iommu: no IoSpace: {}", e);
-        })?;
+    fn space_for(&mut self, devices: &[Device]) -> Option<u32> {
+        let space = sys::iospace_create(self.root)
+            .inspect_err(|e| defmt::error!("iommu: no IoSpace: {}", e))
+            .ok()?;
         for &(segment, source) in devices {
             let attached = sys::derive(self.root, u64::from(segment), u64::from(source))
                 .and_then(|d| sys::iospace_attach(space, d, true));
@@ -60,11 +61,11 @@ impl Kernel for System {
                     (source & 7) as u8,
                     e
                 );
-                return Err(());
+                return None;
             }
         }
         self.spaces.push(space);
-        Ok(self.spaces.len() as u32 - 1)
+        Some(self.spaces.len() as u32 - 1)
     }
 
     fn map(
@@ -131,9 +132,9 @@ fn reason(code: u8) -> &'static str {
         1 => "root entry not present",
         2 => "no context entry: the device is attached to nothing",
         4 => "address beyond the tables' width",
-        5 => "write to a page not mapped writable",
+        5 => "write to a page not mapped, or read-only",
         6 => "read from a page not mapped",
-        7 | 8 | 9 => "table access error",
+        7..=9 => "table access error",
         0xa..=0xc => "reserved bits set in an entry",
         _ => "other",
     }
@@ -284,18 +285,43 @@ impl Server {
         }
     }
 
-    fn admin(&mut self, r: IommuAdminRequest) -> IommuReply {
-        let result = match r {
-            IommuAdminRequest::AddClient { backend, domain } => {
-                if !self.book.backends.contains_key(&backend) {
-                    self.refresh(backend);
+    /// The badge of the service named `name` (its index + 1).
+    fn badge_of(&mut self, name: &Name) -> Option<u64> {
+        for index in 0..64u16 {
+            match self
+                .supervisor
+                .call::<_, SupervisorReply>(&SupervisorRequest::Service { index })
+            {
+                Ok(SupervisorReply::Service(Some(info))) if info.name == *name => {
+                    return Some(u64::from(index) + 1);
                 }
+                Ok(SupervisorReply::Service(Some(_))) => {}
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    fn admin(&mut self, r: IommuAdminRequest) -> IommuReply {
+        let (IommuAdminRequest::AddClient { backend: name, .. }
+        | IommuAdminRequest::RemoveClient { backend: name, .. }) = r
+        else {
+            return self.take_faults(None);
+        };
+        let Some(backend) = self.badge_of(&name) else {
+            return IommuReply::Error(IommuError::NoSuchBackend);
+        };
+        if !self.book.backends.contains_key(&backend) {
+            self.refresh(backend);
+        }
+        let result = match r {
+            IommuAdminRequest::AddClient { domain, .. } => {
                 self.book.add_client(backend, domain).map(|()| {
                     defmt::info!("iommu: backend {=u64} may map domain {=u16} (IO-5)", backend, domain);
                     IommuReply::Done
                 })
             }
-            IommuAdminRequest::RemoveClient { backend, domain } => self
+            IommuAdminRequest::RemoveClient { domain, .. } => self
                 .book
                 .remove_client(&mut self.system, backend, domain)
                 .map(|n| {
