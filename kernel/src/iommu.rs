@@ -336,15 +336,11 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
     });
 }
 
-/// PCI configuration read (mechanism 1, segment 0).
+/// PCI configuration read (segment 0).
 pub fn config_read(bdf: u16, offset: u8) -> u32 {
-    let address = 1 << 31 | u32::from(bdf) << 8 | u32::from(offset & 0xfc);
-    // Safety: 0xcf8/0xcfc are the PCI configuration ports; init, the only
-    // other user, cannot run while the kernel does.
-    unsafe {
-        platform::port::outl(0xcf8, address);
-        platform::port::inl(0xcfc)
-    }
+    // Safety: init, the only other user of the configuration ports, cannot
+    // run while the kernel does.
+    unsafe { platform::pci::read(bdf, offset) }
 }
 
 impl Iommu {
@@ -587,47 +583,11 @@ impl Iommu {
     }
 }
 
-/// PCI configuration write (mechanism 1, segment 0).
-fn config_write(bdf: u16, offset: u8, value: u32) {
-    let address = 1 << 31 | u32::from(bdf) << 8 | u32::from(offset & 0xfc);
-    // Safety: as `config_read`.
-    unsafe {
-        platform::port::outl(0xcf8, address);
-        platform::port::outl(0xcfc, value);
-    }
-}
-
-/// A memory BAR of a segment-0 function: (address, bytes), sized the usual
-/// way (all ones written with memory decoding off, then restored). `None`
-/// for an I/O BAR, an unassigned or absent one.
+/// A memory BAR of a segment-0 function: (address, bytes).
 pub fn bar(source: u16, index: u8) -> Option<(u64, u64)> {
-    if index > 5 {
-        return None;
-    }
-    let at = 0x10 + 4 * index;
-    let low = config_read(source, at);
-    let wide = low & 0b110 == 0b100;
-    if low & 1 != 0 || (wide && index == 5) {
-        return None;
-    }
-    let command = config_read(source, 4);
-    config_write(source, 4, command & !0b10 & 0xffff);
-    config_write(source, at, u32::MAX);
-    let mut mask = u64::from(config_read(source, at) & !0xf);
-    config_write(source, at, low);
-    let mut base = u64::from(low & !0xf);
-    if wide {
-        let high = config_read(source, at + 4);
-        config_write(source, at + 4, u32::MAX);
-        mask |= u64::from(config_read(source, at + 4)) << 32;
-        config_write(source, at + 4, high);
-        base |= u64::from(high) << 32;
-    } else {
-        mask |= 0xffff_ffff << 32;
-    }
-    config_write(source, 4, command & 0xffff);
-    let size = (!mask).wrapping_add(1);
-    (base != 0 && mask != 0 && size >= 16).then_some((base, size))
+    // Safety: as `config_read`; the device's driver, if any, is the
+    // service that asks for its BAR, blocked in this call.
+    unsafe { platform::pci::memory_bar(source, index) }
 }
 
 /// A domain being destroyed: every IoSpace page that maps its RAM is

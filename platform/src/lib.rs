@@ -17,6 +17,7 @@ pub mod elf;
 pub mod ept;
 pub mod memory;
 pub mod multiboot;
+pub mod pci;
 pub mod port;
 pub mod power;
 pub mod serial;
