@@ -170,3 +170,55 @@ fn devices_without_an_iommu_are_refused_by_name() {
         )
         .expect_status(HaltStatus::BadBootInput);
 }
+
+/// IO-6 from the host: with the control channel attached, the blocked DMAs
+/// reach `cargo hv ctl events` as events naming device, address and reason.
+#[test]
+fn dma_faults_reach_the_host_as_events() {
+    // No `done` handle: the backend ends without ending the run; the host
+    // ends it by faulting the waiter task.
+    let toml = EDU.replace(
+        "    { name = \"done\", notification = \"edu-done\", rights = [\"signal\"] },\n",
+        "",
+    );
+    let img = system("iommu-events", &toml);
+    let run = parallax_tests::boot_live(
+        &img,
+        Machine::Qemu,
+        |c| c.iommu = true,
+        |live| {
+            live.wait_for("console", "control channel on COM2", 60);
+            // What `cargo hv ctl events` prints for each.
+            let mut ctl = live.control();
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                match ctl.next_event(std::time::Duration::from_secs(60)).unwrap() {
+                    Some(e @ parallax_client::ControlEvent::Supervisor { .. }) => {
+                        let text = parallax_client::describe_event(&e);
+                        if text.contains("DMA fault") {
+                            seen.push(text);
+                        }
+                    }
+                    Some(_) => {}
+                    None => panic!("no DMA fault events: {seen:?}"),
+                }
+            }
+            assert!(
+                seen[0].ends_with(
+                    "DMA fault: device 0000:00:03.0 write at 0x7777000 blocked (reason 5)"
+                ),
+                "{seen:?}"
+            );
+            assert!(
+                seen[1].ends_with(
+                    "DMA fault: device 0000:00:03.0 write at 0x101000 blocked (reason 5)"
+                ),
+                "{seen:?}"
+            );
+            live.wait_for("edu", "a restarted backend holds no mapping", 60);
+            ctl.inject_fault("waiter").expect("the fault is injected");
+        },
+    );
+    run.expect_no("edudm: FAIL")
+        .expect_status(HaltStatus::TaskFailed);
+}

@@ -84,6 +84,11 @@ pub enum SupervisorRequest {
     DmaBackend {
         client: u64,
     },
+    /// Record a DMA fault as an event (IO-6): from the service the
+    /// manifest grants the IOMMU (`Refused(NotAllowed)` from any other).
+    DmaFault {
+        event: SupervisorEvent,
+    },
 }
 
 /// The most devices one backend drives.
@@ -189,6 +194,16 @@ pub enum SupervisorEvent {
         id: u16,
         state: u8,
         status: u32,
+    },
+    /// A DMA the IOMMU blocked (IO-6), as the `iommu` service read it from
+    /// the unit: the device (segment, bus << 8 | device << 3 | function),
+    /// the page address it named, the VT-d fault reason, the direction.
+    DmaFault {
+        segment: u16,
+        source: u16,
+        address: u64,
+        reason: u8,
+        write: bool,
     },
 }
 

@@ -193,7 +193,10 @@ fn main() -> ! {
             mapped == 0,
             "the 3 pages mapped before the fault were torn down",
         );
-        let _ = sys::notify(require("done"), 1);
+        // Without a `done` handle (the live test) the host ends the run.
+        if let Some(done) = service_runtime::handle("done") {
+            let _ = sys::notify(done, 1);
+        }
         sys::exit(e.failed)
     }
 
@@ -356,7 +359,9 @@ fn main() -> ! {
     );
     if e.failed > 0 {
         defmt::error!("edudm: {=u64} check(s) failed", e.failed);
-        let _ = sys::notify(require("done"), 2);
+        if let Some(done) = service_runtime::handle("done") {
+            let _ = sys::notify(done, 2);
+        }
         sys::exit(e.failed)
     }
     defmt::warn!("edudm: faulting on purpose with 3 pages mapped");

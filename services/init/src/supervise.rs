@@ -811,6 +811,17 @@ impl Supervisor {
             }
             SupervisorRequest::ShadowFrames { id, count } => self.shadow_frames(caller, id, count),
             SupervisorRequest::DmaBackend { client } => self.dma_backend(client),
+            SupervisorRequest::DmaFault { event } => {
+                let iommu = (caller as usize)
+                    .checked_sub(1)
+                    .and_then(|i| self.manifest.services.get(i))
+                    .is_some_and(|s| s.handles.iter().any(|h| h.object == Object::Iommu));
+                if !iommu || !matches!(event, SupervisorEvent::DmaFault { .. }) {
+                    return SupervisorReply::Refused(Refusal::NotAllowed);
+                }
+                self.record(event);
+                SupervisorReply::Done
+            }
             SupervisorRequest::InjectFault { name } => {
                 let Some(i) = self.service_index(name_str(&name)) else {
                     return SupervisorReply::Refused(Refusal::NoSuchService);

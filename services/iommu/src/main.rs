@@ -26,7 +26,9 @@ use ipc_schema::iommu::{
     IommuRequest,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId};
-use ipc_schema::supervisor::{Name, SUPERVISOR, SupervisorReply, SupervisorRequest};
+use ipc_schema::supervisor::{
+    Name, SUPERVISOR, SupervisorEvent, SupervisorReply, SupervisorRequest,
+};
 use ipc_schema::syscall::{Handle, IoFault, SysError};
 use service_iommu::{Device, Iommu, Kernel, UnmapError};
 use service_runtime::ipc::{self, Client, Message, Service};
@@ -168,6 +170,21 @@ impl Server {
                     f.reason,
                     reason(f.reason)
                 );
+                // IO-6: an event for the host (`cargo hv ctl events`).
+                let event = SupervisorEvent::DmaFault {
+                    segment: f.segment,
+                    source: f.source,
+                    address: f.address,
+                    reason: f.reason,
+                    write: f.write,
+                };
+                if !matches!(
+                    self.supervisor
+                        .call::<_, SupervisorReply>(&SupervisorRequest::DmaFault { event }),
+                    Ok(SupervisorReply::Done)
+                ) {
+                    defmt::warn!("iommu: the supervisor did not record the fault as an event");
+                }
                 if self.faults.is_full() {
                     self.faults.pop_front();
                 }
