@@ -222,3 +222,125 @@ fn dma_faults_reach_the_host_as_events() {
     run.expect_no("edudm: FAIL")
         .expect_status(HaltStatus::TaskFailed);
 }
+
+/// An injected DMAR table of reserved regions (merged with QEMU's), as a
+/// file for `-acpitable`.
+/// A reserved region: first byte, last byte, its devices (bus, device,
+/// function).
+type Region<'a> = (u64, u64, &'a [(u8, u8, u8)]);
+
+fn rmrr_table(name: &str, regions: &[Region<'_>]) -> std::path::PathBuf {
+    use platform::acpi::dmar::build::{DmarBuilder, endpoint};
+    let mut b = DmarBuilder::new(39, 0);
+    for &(base, limit, scopes) in regions {
+        let scopes: Vec<_> = scopes.iter().map(|&(b, d, f)| endpoint(b, d, f)).collect();
+        b = b.rmrr(0, base, limit, &scopes);
+    }
+    let path = image_builder::paths::work_dir()
+        .join("tests")
+        .join(format!("{name}.dmar"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b.build()).unwrap();
+    path
+}
+
+/// EDU with the `other` domain's device list and options replaced.
+fn edu_with(other: &str) -> String {
+    EDU.replace("devices = [\"00:02.0\"]", other)
+}
+
+fn rmrr_run(name: &str, toml: &str, table: std::path::PathBuf) -> parallax_tests::Run {
+    let img = system(name, toml);
+    boot(&img, Machine::Qemu, |c| {
+        c.iommu = true;
+        c.acpi_tables.push(table);
+    })
+}
+
+/// RMRR-2..RMRR-7 on QEMU with injected reserved regions: identity maps
+/// made for the devices that need them (counted once for two devices),
+/// none for a domain without such devices, a region meeting the domain's
+/// RAM refused (strict, the default) or warned about (relaxed, per device
+/// or globally), a region shared with a device that goes elsewhere
+/// refused naming both, overlapping regions refused.
+#[test]
+fn reserved_regions_are_identity_mapped_under_their_policies() {
+    // 0xe8000: in the guests' legacy hole (not RAM); 0x9e000: guest RAM.
+    let nic = &[(0u8, 2u8, 0u8)][..];
+    let run = rmrr_run(
+        "rmrr-identity",
+        &edu_with("devices = [\"00:02.0\", \"00:1f.2\"]"),
+        rmrr_table(
+            "rmrr-identity",
+            &[(0xe8000, 0xe8fff, &[(0, 2, 0), (0, 0x1f, 2)])],
+        ),
+    );
+    run.expect_from(
+        "init",
+        "domain 2 (other): RMRR 0xe8000..=0xe8fff identity-mapped in its p2m and IOMMU tables for 2 device(s) (RMRR-4, RMRR-7)",
+    )
+    .expect_no("domain 1 (guest): RMRR")
+    .expect_from("edu", "edudm: edu DMA through the IOMMU: the domain's memory shows the bytes: ok")
+    .expect_status(HaltStatus::Success);
+
+    let conflict = || rmrr_table("rmrr-conflict", &[(0x9e000, 0x9efff, nic)]);
+    rmrr_run("rmrr-strict", EDU, conflict())
+        .expect_from(
+            "init",
+            "domain other: RMRR 0x9e000..=0x9efff of device 00:02.0 meets its RAM: not built (strict policy, RMRR-5)",
+        )
+        .expect_from("init", "domain `other` could not be built: RmrrConflict");
+    rmrr_run(
+        "rmrr-relaxed",
+        &edu_with("devices = [{ device = \"00:02.0\", rmrr_policy = \"relaxed\" }]"),
+        conflict(),
+    )
+    .expect_from(
+        "init",
+        "domain other: RMRR 0x9e000..=0x9efff of device 00:02.0 meets its RAM: not identity-mapped (relaxed policy",
+    )
+    .expect_from("init", "domain 2 (other): device 0000:00:02.0 assigned")
+    .expect_status(HaltStatus::Success);
+    rmrr_run(
+        "rmrr-relaxed-global",
+        &edu_with("devices = [\"00:02.0\"]").replacen(
+            "name = \"iommu-edu\"\n",
+            "name = \"iommu-edu\"\nrmrr_policy = \"relaxed\"\n",
+            1,
+        ),
+        conflict(),
+    )
+    .expect_from("init", "meets its RAM: not identity-mapped (relaxed policy")
+    .expect_status(HaltStatus::Success);
+
+    rmrr_run(
+        "rmrr-shared",
+        EDU,
+        rmrr_table("rmrr-shared", &[(0xe8000, 0xe8fff, &[(0, 2, 0), (0, 3, 0)])]),
+    )
+    .expect_from(
+        "init",
+        "domain other: device 00:02.0 shares RMRR 0xe8000..=0xe8fff with device 00:03.0, which goes to edu: devices that share a reserved region cannot go to different owners (RMRR-6)",
+    );
+
+    rmrr_run(
+        "rmrr-overlap",
+        EDU,
+        rmrr_table("rmrr-overlap", &[(0xe8000, 0xe8fff, nic), (0xe8000, 0xe9fff, nic)]),
+    )
+    .expect_from(
+        "init",
+        "domain other: RMRR 0xe8000..=0xe9fff overlaps RMRR 0xe8000..=0xe8fff without being the same: refused (RMRR-7)",
+    );
+
+    // rmrr = "host" with no device: the host's regions checked against RAM.
+    rmrr_run(
+        "rmrr-host",
+        &edu_with("rmrr = \"host\""),
+        conflict(),
+    )
+    .expect_from(
+        "init",
+        "domain other: the host's RMRR 0x9e000..=0x9efff meets its RAM (rmrr = \"host\", strict): not built (RMRR-2, RMRR-5)",
+    );
+}

@@ -44,6 +44,10 @@ pub struct SystemManifest {
     pub shared: Vec<SharedSpec>,
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainSpec>,
+    /// What a reserved region (RMRR) meeting a domain's RAM does: "strict"
+    /// (default: the build fails, naming it) or "relaxed" (a warning).
+    #[serde(default)]
+    pub rmrr_policy: Option<String>,
     /// Where it was read from (not part of the file).
     #[serde(skip)]
     pub path: PathBuf,
@@ -141,7 +145,44 @@ pub struct DomainSpec {
     pub protected: bool,
     /// PCI functions assigned to it (docs/iommu.md).
     #[serde(default)]
-    pub devices: Vec<String>,
+    pub devices: Vec<DeviceSpec>,
+    /// `"host"`: the host's reserved layout (RMRR-2).
+    #[serde(default)]
+    pub rmrr: Option<String>,
+}
+
+/// A device of a domain: its address, or a table with its own RMRR policy.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum DeviceSpec {
+    Address(String),
+    Table(DeviceTable),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTable {
+    pub device: String,
+    pub rmrr_policy: Option<String>,
+}
+
+impl DeviceSpec {
+    pub fn address(&self) -> &str {
+        match self {
+            DeviceSpec::Address(a) => a,
+            DeviceSpec::Table(t) => &t.device,
+        }
+    }
+}
+
+/// `rmrr_policy` as "relaxed" (true) or "strict" (false).
+fn relaxed(policy: Option<&str>, default: bool) -> Result<bool> {
+    match policy {
+        None => Ok(default),
+        Some("strict") => Ok(false),
+        Some("relaxed") => Ok(true),
+        Some(other) => bail!("rmrr_policy = {other:?}: it is \"strict\" or \"relaxed\""),
+    }
 }
 
 /// One multiboot module of a domain's kernel.
@@ -469,7 +510,7 @@ impl SystemManifest {
         let domains = self.domains.iter().flat_map(|d| {
             d.devices
                 .iter()
-                .map(move |t| (t.as_str(), format!("domain `{}`", d.name)))
+                .map(move |t| (t.address(), format!("domain `{}`", d.name)))
         });
         let services = self.services.iter().flat_map(|s| {
             s.handles
@@ -626,9 +667,19 @@ impl SystemManifest {
             d.devices.len(),
             compiled::MAX_DOMAIN_DEVICES
         );
+        let global = relaxed(self.rmrr_policy.as_deref(), false)?;
         for t in &d.devices {
-            pci(t)?;
+            pci(t.address())?;
+            if let DeviceSpec::Table(t) = t {
+                relaxed(t.rmrr_policy.as_deref(), global)
+                    .with_context(|| format!("device {:?}", t.device))?;
+            }
         }
+        ensure!(
+            matches!(d.rmrr.as_deref(), None | Some("host")),
+            "rmrr = {:?}: the only value is \"host\" (the host's reserved layout)",
+            d.rmrr.as_deref().unwrap_or_default()
+        );
         for (field, ep) in [("exits", &d.exits), ("violations", &d.violations)] {
             ensure!(
                 !self.receivers(ep).is_empty(),
@@ -749,6 +800,7 @@ impl SystemManifest {
                     .collect()
             })
             .collect();
+        let global = relaxed(self.rmrr_policy.as_deref(), false)?;
         let mut domains = heapless::Vec::new();
         for ((d, module), kmods) in self.domains.iter().zip(&modules).zip(&kmods) {
             domains
@@ -773,10 +825,21 @@ impl SystemManifest {
                     devices: d
                         .devices
                         .iter()
-                        .map(|t| pci(t))
+                        .map(|t| {
+                            let own = match t {
+                                DeviceSpec::Table(t) => t.rmrr_policy.as_deref(),
+                                DeviceSpec::Address(_) => None,
+                            };
+                            Ok(compiled::DomainDevice {
+                                device: pci(t.address())?,
+                                rmrr_relaxed: relaxed(own, global)?,
+                            })
+                        })
                         .collect::<Result<Vec<_>>>()?
                         .into_iter()
                         .collect(),
+                    rmrr_host: d.rmrr.is_some(),
+                    rmrr_relaxed: global,
                 })
                 .map_err(|_| full("domains"))?;
         }

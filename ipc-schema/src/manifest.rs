@@ -197,7 +197,23 @@ pub struct Domain<'a> {
     pub modules: Vec<GuestModule<'a>, MAX_GUEST_MODULES>,
     /// PCI functions assigned to it: their DMA reaches its RAM at bus
     /// address = guest-physical address, and nothing else (docs/iommu.md).
-    pub devices: Vec<PciDevice, MAX_DOMAIN_DEVICES>,
+    pub devices: Vec<DomainDevice, MAX_DOMAIN_DEVICES>,
+    /// `rmrr = "host"`: the host's reserved regions are checked against
+    /// its RAM as for a device's (RMRR-2), so a device with RMRRs can be
+    /// given to it later.
+    pub rmrr_host: bool,
+    /// The policy for `rmrr_host` (the manifest's `rmrr_policy`).
+    pub rmrr_relaxed: bool,
+}
+
+/// A device assigned to a domain, with its RMRR conflict policy (RMRR-5):
+/// strict (a reserved region that meets the domain's RAM fails the build,
+/// naming it) or relaxed (a warning; that region is not identity-mapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DomainDevice {
+    pub device: PciDevice,
+    pub rmrr_relaxed: bool,
 }
 
 /// The most PCI functions one domain is assigned.
@@ -340,10 +356,16 @@ mod tests {
                     protected: name == "b",
                     modules: Vec::new(),
                     devices: if name == "a" {
-                        Vec::from_slice(&[PciDevice::parse("00:03.0").unwrap()]).unwrap()
+                        Vec::from_slice(&[DomainDevice {
+                            device: PciDevice::parse("00:03.0").unwrap(),
+                            rmrr_relaxed: true,
+                        }])
+                        .unwrap()
                     } else {
                         Vec::new()
                     },
+                    rmrr_host: name == "c",
+                    rmrr_relaxed: false,
                 })
                 .unwrap();
         }

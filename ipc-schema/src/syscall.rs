@@ -227,6 +227,16 @@ pub mod nr {
     /// since boot, RDX = faults lost (overflow): takes the units' fault
     /// records and clears them. Needs `device` on the Iommu handle.
     pub const IOMMU_FAULTS: u64 = 123;
+    /// IOMMU_RMRR(iommu, index, buf_ptr, cap, frames): reserved memory
+    /// region `index` of the DMAR (RMRR-1). With `frames` 0: RDI = its first
+    /// byte, RSI = its last, RDX = device scopes written to `buf` (u32 each:
+    /// segment << 16 | source id, for scopes naming a function directly).
+    /// With `frames` 1: RDI = a new Frames handle of exactly the region
+    /// (kind reserved: never mapped into a service, given to a domain only
+    /// at gfn = frame, RMRR-4), refused where any of it is RAM the kernel
+    /// allocates. Past the last region `BadArgument`. Needs `create` on the
+    /// Iommu handle.
+    pub const IOMMU_RMRR: u64 = 122;
 }
 
 /// The most pairs (IOSPACE_MAP) or bus frames (IOSPACE_UNMAP) in one call.

@@ -367,6 +367,19 @@ impl Iommu {
         })
     }
 
+    /// Reserved region `index` (RMRR-1): (first byte, last byte), its
+    /// directly named device scopes into `scopes` (segment << 16 | source).
+    pub fn rmrr(&self, index: u64, scopes: &mut heapless::Vec<u32, 64>) -> Option<(u64, u64)> {
+        let r = self.dmar.rmrrs().nth(usize::try_from(index).ok()?)?;
+        for s in r.scopes.iter() {
+            if let Some((bus, dev, func)) = s.direct_bdf() {
+                let source = u32::from(bus) << 8 | u32::from(dev) << 3 | u32::from(func);
+                let _ = scopes.push(u32::from(r.segment) << 16 | source);
+            }
+        }
+        Some((r.base, r.limit))
+    }
+
     /// Checks that a device can be handed out: a unit covers it and (on
     /// segment 0, where the kernel can look) something answers there.
     pub fn check_device(&self, segment: u16, source: u16) -> Result<(), IommuError> {

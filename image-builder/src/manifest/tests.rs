@@ -430,7 +430,11 @@ fn devices_are_compiled_and_bad_or_doubly_assigned_ones_named() {
     );
     let k = parse(&text).unwrap().compile().unwrap();
     let k = Manifest::decode(&k).unwrap();
-    let d = &k.domains[0].devices;
+    assert!(
+        k.domains[0].devices.iter().all(|d| !d.rmrr_relaxed),
+        "strict by default"
+    );
+    let d: Vec<_> = k.domains[0].devices.iter().map(|d| d.device).collect();
     assert_eq!((d[0].segment, d[0].source), (0, 3 << 3));
     assert_eq!(
         (d[1].segment, d[1].bus(), d[1].device(), d[1].function()),
@@ -483,4 +487,31 @@ fn devices_are_compiled_and_bad_or_doubly_assigned_ones_named() {
     );
     let e = error(&(service("{ name = \"h\", iommu = false, rights = [\"device\"] },") + DOMAIN));
     assert!(e.contains("`iommu = false` grants nothing"), "{e}");
+}
+
+#[test]
+fn rmrr_policies_are_compiled_globally_and_per_device() {
+    // RMRR-5: strict by default, relaxed globally or per device; RMRR-2.
+    let text = format!(
+        "{}{DOMAIN}devices = [\"00:02.0\", {{ device = \"00:03.0\", rmrr_policy = \"strict\" }}]\nrmrr = \"host\"\n",
+        service("")
+    )
+    .replacen("name = \"x\"\n", "name = \"x\"\nrmrr_policy = \"relaxed\"\n", 1);
+    let k = parse(&text).unwrap().compile().unwrap();
+    let d = &Manifest::decode(&k).unwrap().domains[0];
+    assert!(d.devices[0].rmrr_relaxed && !d.devices[1].rmrr_relaxed);
+    assert!(d.rmrr_host && d.rmrr_relaxed);
+    let e = error(&format!(
+        "{}{DOMAIN}devices = [{{ device = \"00:03.0\", rmrr_policy = \"lax\" }}]\n",
+        service("")
+    ));
+    assert!(
+        e.contains("device \"00:03.0\": rmrr_policy = \"lax\": it is \"strict\" or \"relaxed\""),
+        "{e}"
+    );
+    let e = error(&format!("{}{DOMAIN}rmrr = \"all\"\n", service("")));
+    assert!(
+        e.contains("rmrr = \"all\": the only value is \"host\""),
+        "{e}"
+    );
 }

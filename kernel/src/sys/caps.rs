@@ -93,6 +93,9 @@ pub enum FramesKind {
     /// A device's memory BAR (mapped uncached; never RAM, never a
     /// domain's or a process image).
     Mmio,
+    /// A reserved memory region of the DMAR (RMRR): never mapped into a
+    /// service; given to a domain only at gfn = frame (identity).
+    Reserved,
 }
 
 /// A contiguous run of physical frames.

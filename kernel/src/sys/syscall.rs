@@ -624,7 +624,8 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         | nr::IOSPACE_ATTACH
         | nr::IOSPACE_MAP
         | nr::IOSPACE_UNMAP
-        | nr::IOMMU_FAULTS => iommu_call(k, pid, number, a),
+        | nr::IOMMU_FAULTS
+        | nr::IOMMU_RMRR => iommu_call(k, pid, number, a),
         nr::HANDLE_DERIVE => {
             let p = k.processes[usize::from(pid)]
                 .as_ref()
@@ -778,6 +779,7 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         nr::IOSPACE_ATTACH => "IOSPACE_ATTACH",
         nr::IOSPACE_MAP => "IOSPACE_MAP",
         nr::IOSPACE_UNMAP => "IOSPACE_UNMAP",
+        nr::IOMMU_RMRR => "IOMMU_RMRR",
         _ => "IOMMU_FAULTS",
     };
     let space_of = |k: &Kernel| -> Result<u16> {
@@ -900,6 +902,54 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
                 refuse_io(k, e)
             })?;
             Ok(Values([count, iommu.invalidations - before, 0]))
+        }
+        nr::IOMMU_RMRR => {
+            cap!(k, pid, name, a[0], ObjectKind::Iommu, rights::CREATE);
+            let mut scopes: heapless::Vec<u32, 64> = heapless::Vec::new();
+            let (base, limit) = {
+                let guard = IOMMU.lock();
+                let iommu = guard.as_ref().ok_or(SysError::Unsupported)?;
+                iommu.rmrr(a[1], &mut scopes).ok_or(SysError::BadArgument)?
+            };
+            if a[4] == 0 {
+                let n = scopes.len().min(a[3] as usize / 4);
+                for (i, s) in scopes[..n].iter().enumerate() {
+                    write_user(k, pid, a[2] + 4 * i as u64, &s.to_le_bytes())?;
+                }
+                return Ok(Values([base, limit, n as u64]));
+            }
+            let end = limit.saturating_add(1);
+            if base % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || crate::mem::allocatable(base, end) {
+                defmt::warn!(
+                    "service {=str}: IOMMU_RMRR refused: region {=u64:#x}..={=u64:#x} is not page-aligned reserved memory (part of it is RAM the kernel allocates)",
+                    k.process_name(pid),
+                    base,
+                    limit
+                );
+                return Err(SysError::BadArgument);
+            }
+            let slot = k
+                .frames
+                .iter()
+                .position(Option::is_none)
+                .ok_or(SysError::NoResources)?;
+            k.frames[slot] = Some(FramesObject {
+                base,
+                count: (end - base) / PAGE_SIZE,
+                len: end - base,
+                kind: FramesKind::Reserved,
+                given_to_domain: false,
+                ever_mapped: false,
+            });
+            let h = k.install(
+                pid,
+                Cap {
+                    object: Object::Frames(slot as u16),
+                    rights: rights::READ | rights::WRITE,
+                    badge: 0,
+                },
+            )?;
+            Ok(Values([u64::from(h), 0, 0]))
         }
         _ => {
             cap!(k, pid, name, a[0], ObjectKind::Iommu, rights::DEVICE);
@@ -1229,6 +1279,7 @@ fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         .checked_add(count.checked_mul(PAGE_SIZE).ok_or(SysError::BadArgument)?)
         .ok_or(SysError::BadArgument)?;
     if f.given_to_domain
+        || f.kind == FramesKind::Reserved
         || (writable && f.kind == FramesKind::Module)
         || first.checked_add(count).is_none_or(|e| e > f.count)
         || va % PAGE_SIZE != 0
@@ -1474,7 +1525,15 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         );
         return Err(SysError::BadArgument);
     }
-    if f.kind != FramesKind::Ram || f.given_to_domain || count == 0 || count > f.count {
+    // Reserved memory (an RMRR) goes only where it is: gfn = frame, whole.
+    let identity = f.kind == FramesKind::Reserved
+        && gfn.checked_mul(PAGE_SIZE) == Some(f.base)
+        && count == f.count;
+    if !(f.kind == FramesKind::Ram || identity)
+        || f.given_to_domain
+        || count == 0
+        || count > f.count
+    {
         return Err(SysError::BadArgument);
     }
     let result = domain_mut(k, a[1])?.map_ram(gfn, f.base, count);

@@ -400,6 +400,23 @@ impl Supervisor {
                 continue;
             };
             let runs = sys::vm_features() & ipc_schema::syscall::vm_features::VMX != 0;
+            // Every other owner of a device (RMRR-6).
+            let mut others: heapless::Vec<(ipc_schema::manifest::PciDevice, &str), 64> =
+                heapless::Vec::new();
+            for (i, d) in self.manifest.domains.iter().enumerate() {
+                if i != index {
+                    for dev in d.devices.iter() {
+                        let _ = others.push((dev.device, d.name));
+                    }
+                }
+            }
+            for s in self.manifest.services.iter() {
+                for h in s.handles.iter() {
+                    if let Object::Device(dev) = h.object {
+                        let _ = others.push((dev, s.name));
+                    }
+                }
+            }
             match build::domain(
                 self.domains,
                 self.memory,
@@ -408,6 +425,7 @@ impl Supervisor {
                 exits,
                 violations,
                 runs,
+                &others,
             ) {
                 Ok(b) => {
                     defmt::info!(

@@ -752,3 +752,32 @@ pub fn iommu_faults(
     }
     Ok((got, r.rsi, r.rdx))
 }
+
+/// IOMMU_RMRR: reserved region `index`: (first byte, last byte, device
+/// scopes written to `scopes` as segment << 16 | source id).
+pub fn iommu_rmrr(
+    iommu: Handle,
+    index: u64,
+    scopes: &mut [u32],
+) -> Result<(u64, u64, usize), SysError> {
+    let r = call(
+        nr::IOMMU_RMRR,
+        &[
+            u64::from(iommu),
+            index,
+            scopes.as_mut_ptr() as u64,
+            (scopes.len() * 4) as u64,
+            0,
+        ],
+    )
+    .ok()?;
+    Ok((r.rdi, r.rsi, r.rdx as usize))
+}
+
+/// IOMMU_RMRR with frames: a Frames handle of exactly reserved region
+/// `index`, for DOMAIN_MAP_RAM at gfn = frame.
+pub fn iommu_rmrr_frames(iommu: Handle, index: u64) -> Result<Handle, SysError> {
+    Ok(call(nr::IOMMU_RMRR, &[u64::from(iommu), index, 0, 0, 1])
+        .ok()?
+        .rdi as Handle)
+}
