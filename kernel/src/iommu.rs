@@ -272,9 +272,11 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
             ecap: Ecap(read64(&probe, reg::ECAP)),
             ..probe
         };
-        let Some(l) = u.cap.levels() else {
+        // Nothing there reads as all ones (or zeros, as QEMU gives).
+        let l = u.cap.levels().filter(|_| u.cap.0 != u64::MAX);
+        let Some(l) = l else {
             defmt::warn!(
-                "IOMMU: unit at {=u64:#x} walks neither 3 nor 4 levels; not used",
+                "IOMMU: unit at {=u64:#x} does not answer or walks neither 3 nor 4 levels; not used",
                 d.register_base
             );
             continue;

@@ -752,20 +752,25 @@ fn derive_bar(k: &mut Kernel, pid: u16, source: u16, index: u64) -> Result<Objec
         );
         return Err(SysError::BadArgument);
     };
+    new_frames(k, base & !(PAGE_SIZE - 1), size, FramesKind::Mmio).map(Object::Frames)
+}
+
+/// A new frames object of `len` bytes from `base`.
+fn new_frames(k: &mut Kernel, base: u64, len: u64, kind: FramesKind) -> Result<u16> {
     let slot = k
         .frames
         .iter()
         .position(Option::is_none)
         .ok_or(SysError::NoResources)?;
     k.frames[slot] = Some(FramesObject {
-        base: base & !(PAGE_SIZE - 1),
-        count: size.div_ceil(PAGE_SIZE),
-        len: size,
-        kind: FramesKind::Mmio,
+        base,
+        count: len.div_ceil(PAGE_SIZE),
+        len,
+        kind,
         given_to_domain: false,
         ever_mapped: false,
     });
-    Ok(Object::Frames(slot as u16))
+    Ok(slot as u16)
 }
 
 /// The IOMMU calls (issue 12): IoSpaces, attaching devices, mapping a
@@ -928,23 +933,11 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
                 );
                 return Err(SysError::BadArgument);
             }
-            let slot = k
-                .frames
-                .iter()
-                .position(Option::is_none)
-                .ok_or(SysError::NoResources)?;
-            k.frames[slot] = Some(FramesObject {
-                base,
-                count: (end - base) / PAGE_SIZE,
-                len: end - base,
-                kind: FramesKind::Reserved,
-                given_to_domain: false,
-                ever_mapped: false,
-            });
+            let slot = new_frames(k, base, end - base, FramesKind::Reserved)?;
             let h = k.install(
                 pid,
                 Cap {
-                    object: Object::Frames(slot as u16),
+                    object: Object::Frames(slot),
                     rights: rights::READ | rights::WRITE,
                     badge: 0,
                 },
