@@ -272,7 +272,7 @@ pub fn handle_slot(rng: &mut Rng, valid: u64) -> u64 {
 /// in the fuzzer's own checked forms: RECV, REPLY_RECV, WAIT, EXIT), some
 /// numbers it does not have.
 pub fn call_number(rng: &mut Rng) -> u64 {
-    const KNOWN: [u64; 51] = [
+    const KNOWN: [u64; 57] = [
         nr::LOG,
         nr::HANDLE_CLOSE,
         nr::CALL,
@@ -324,6 +324,12 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::VCPU_REGS,
         nr::IO_OUT_BYTES,
         nr::DOMAIN_GRANT,
+        nr::IOSPACE_CREATE,
+        nr::IOSPACE_ATTACH,
+        nr::IOSPACE_MAP,
+        nr::IOSPACE_UNMAP,
+        nr::IOMMU_FAULTS,
+        nr::IOMMU_RMRR,
     ];
     let n = match rng.below(10) {
         0..=7 => rng.pick(&KNOWN),
