@@ -717,7 +717,7 @@ fn derive_device(k: &Kernel, pid: u16, segment: u64, source: u64) -> Result<Obje
     };
     let guard = crate::iommu::IOMMU.lock();
     let iommu = guard.as_ref().ok_or(SysError::Unsupported)?;
-    if let Err(e) = iommu.check_device(segment, source) {
+    if let Err(e) = crate::iommu::check_device(iommu, segment, source) {
         defmt::warn!(
             "service {=str}: HANDLE_DERIVE refused: device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8}: {=str}",
             k.process_name(pid),
@@ -950,7 +950,19 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
             let mut out: heapless::Vec<ipc_schema::syscall::IoFault, 64> = heapless::Vec::new();
             let mut guard = IOMMU.lock();
             let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
-            iommu.faults(|f| out.len() < cap_records && out.push(f).is_ok());
+            iommu.faults(|unit, segment, f| {
+                out.len() < cap_records
+                    && out
+                        .push(ipc_schema::syscall::IoFault {
+                            address: f.address,
+                            source: f.source,
+                            segment,
+                            reason: f.reason,
+                            write: f.write,
+                            unit: unit as u8,
+                        })
+                        .is_ok()
+            });
             let (invalidations, lost) = (iommu.invalidations, iommu.lost_faults);
             drop(guard);
             for (i, f) in out.iter().enumerate() {

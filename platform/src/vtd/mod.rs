@@ -21,6 +21,7 @@
 
 use crate::ept::{ENTRIES, TableMemory};
 
+pub mod driver;
 #[cfg(test)]
 mod tests;
 
