@@ -1123,6 +1123,19 @@ pub fn describe_event(e: &ControlEvent) -> String {
                     "domain {id} ended: {} (status {status})",
                     domain_state(*state)
                 ),
+                E::DmaFault {
+                    segment,
+                    source,
+                    address,
+                    reason,
+                    write,
+                } => format!(
+                    "DMA fault: device {segment:04x}:{:02x}:{:02x}.{} {} at {address:#x} blocked (reason {reason})",
+                    source >> 8,
+                    (source >> 3) & 31,
+                    source & 7,
+                    if *write { "write" } else { "read" }
+                ),
             };
             format!("#{seq} {what}")
         }

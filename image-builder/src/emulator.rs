@@ -710,7 +710,12 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result
             .arg(format!("if=pflash,format=raw,file={}", my_vars.display()));
     }
     if cfg.iommu {
-        c.args(["-device", "intel-iommu,intremap=on", "-device", "edu"]);
+        c.args([
+            "-device",
+            "intel-iommu,intremap=on",
+            "-device",
+            "edu,addr=03.0",
+        ]);
     }
     for t in &cfg.acpi_tables {
         if !t.is_file() {

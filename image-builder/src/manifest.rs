@@ -44,6 +44,10 @@ pub struct SystemManifest {
     pub shared: Vec<SharedSpec>,
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainSpec>,
+    /// What a reserved region (RMRR) meeting a domain's RAM does: "strict"
+    /// (default: the build fails, naming it) or "relaxed" (a warning).
+    #[serde(default)]
+    pub rmrr_policy: Option<String>,
     /// Where it was read from (not part of the file).
     #[serde(skip)]
     pub path: PathBuf,
@@ -71,6 +75,10 @@ pub struct ServiceSpec {
     pub task: bool,
     #[serde(default)]
     pub handles: Vec<HandleToml>,
+    /// The domains whose memory this service, a device backend, may have
+    /// mapped for DMA by the `iommu` service (IO-5; docs/iommu.md).
+    #[serde(default)]
+    pub dma_clients: Vec<String>,
 }
 
 /// One handle: its name, exactly one object, its rights.
@@ -87,6 +95,10 @@ pub struct HandleToml {
     /// `[base, count]`.
     pub io_ports: Option<[u32; 2]>,
     pub irq: Option<u8>,
+    /// One PCI function, `"00:03.0"` or `"0000:00:03.0"`.
+    pub device: Option<String>,
+    /// Every DMA-remapping unit (`iommu = true`: the iommu service's).
+    pub iommu: Option<bool>,
     pub rights: Vec<String>,
 }
 
@@ -131,6 +143,46 @@ pub struct DomainSpec {
     /// memory (FM-2).
     #[serde(default)]
     pub protected: bool,
+    /// PCI functions assigned to it (docs/iommu.md).
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    /// `"host"`: the host's reserved layout (RMRR-2).
+    #[serde(default)]
+    pub rmrr: Option<String>,
+}
+
+/// A device of a domain: its address, or a table with its own RMRR policy.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum DeviceSpec {
+    Address(String),
+    Table(DeviceTable),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTable {
+    pub device: String,
+    pub rmrr_policy: Option<String>,
+}
+
+impl DeviceSpec {
+    pub fn address(&self) -> &str {
+        match self {
+            DeviceSpec::Address(a) => a,
+            DeviceSpec::Table(t) => &t.device,
+        }
+    }
+}
+
+/// `rmrr_policy` as "relaxed" (true) or "strict" (false).
+fn relaxed(policy: Option<&str>, default: bool) -> Result<bool> {
+    match policy {
+        None => Ok(default),
+        Some("strict") => Ok(false),
+        Some("relaxed") => Ok(true),
+        Some(other) => bail!("rmrr_policy = {other:?}: it is \"strict\" or \"relaxed\""),
+    }
 }
 
 /// One multiboot module of a domain's kernel.
@@ -240,6 +292,17 @@ enum Object<'a> {
     Domain(&'a str),
     IoPorts { base: u16, count: u16 },
     Irq(u8),
+    Iommu,
+    Device(compiled::PciDevice),
+}
+
+/// A PCI address of the manifest, or an error naming it.
+fn pci(text: &str) -> Result<compiled::PciDevice> {
+    compiled::PciDevice::parse(text).with_context(|| {
+        format!(
+            "device {text:?} is not a PCI address (bus:device.function or segment:bus:device.function, in hex, e.g. \"00:03.0\")"
+        )
+    })
 }
 
 impl<'a> Object<'a> {
@@ -250,7 +313,8 @@ impl<'a> Object<'a> {
             Object::Notification(_) => &["signal", "wait"],
             Object::Shared(_) => &["read", "write"],
             Object::Domains | Object::Domain(_) => &["read", "write", "build", "views", "vcpus"],
-            Object::IoPorts { .. } | Object::Irq(_) => &["device"],
+            Object::IoPorts { .. } | Object::Irq(_) | Object::Device(_) => &["device"],
+            Object::Iommu => &["create", "device"],
         }
     }
 
@@ -263,6 +327,8 @@ impl<'a> Object<'a> {
             Object::Domain(n) => compiled::Object::Domain(n),
             Object::IoPorts { base, count } => compiled::Object::IoPorts { base, count },
             Object::Irq(l) => compiled::Object::Irq(l),
+            Object::Iommu => compiled::Object::Iommu,
+            Object::Device(d) => compiled::Object::Device(d),
         }
     }
 }
@@ -308,9 +374,17 @@ impl HandleToml {
             );
             found.push(Object::Irq(line));
         }
+        if let Some(d) = &self.device {
+            found.push(Object::Device(pci(d)?));
+        }
+        match self.iommu {
+            Some(true) => found.push(Object::Iommu),
+            Some(false) => bail!("`iommu = false` grants nothing: leave the handle out"),
+            None => {}
+        }
         ensure!(
             found.len() == 1,
-            "a handle names exactly one object (endpoint, notification, shared, domains, domain, io_ports or irq); this one names {}",
+            "a handle names exactly one object (endpoint, notification, shared, domains, domain, io_ports, irq, device or iommu); this one names {}",
             found.len()
         );
         Ok(found.remove(0))
@@ -425,7 +499,40 @@ impl SystemManifest {
             self.check_domain(i, d)
                 .with_context(|| format!("domain {} (`{}`)", i + 1, d.name))?;
         }
+        self.check_devices()?;
         self.check_endpoints()
+    }
+
+    /// Each PCI function goes to one owner: a domain (`devices`) or a
+    /// service (a `device` handle), never two (issue 12, point 9).
+    fn check_devices(&self) -> Result<()> {
+        let mut owners: Vec<(compiled::PciDevice, String, &str)> = Vec::new();
+        let domains = self.domains.iter().flat_map(|d| {
+            d.devices
+                .iter()
+                .map(move |t| (t.address(), format!("domain `{}`", d.name)))
+        });
+        let services = self.services.iter().flat_map(|s| {
+            s.handles
+                .iter()
+                .filter_map(|h| h.device.as_deref())
+                .map(move |t| (t, format!("service `{}`", s.name)))
+        });
+        for (text, owner) in domains.chain(services) {
+            let d = pci(text)?;
+            if let Some((_, other, first)) = owners.iter().find(|(e, _, _)| *e == d) {
+                bail!(
+                    "device {text:?} is assigned twice: to {other} and to {owner}{}",
+                    if *first == text {
+                        String::new()
+                    } else {
+                        format!(" (as {first:?})")
+                    }
+                );
+            }
+            owners.push((d, owner, text));
+        }
+        Ok(())
     }
 
     fn check_service(&self, i: usize, s: &ServiceSpec) -> Result<()> {
@@ -446,6 +553,16 @@ impl SystemManifest {
             "a domain's guest image has the same name: boot modules are named after services and guests, so rename one"
         );
         s.disposition()?;
+        for (j, c) in s.dma_clients.iter().enumerate() {
+            ensure!(
+                self.domains.iter().any(|d| &d.name == c),
+                "dma_clients: no [[domain]] is named `{c}`"
+            );
+            ensure!(
+                !s.dma_clients[..j].contains(c),
+                "dma_clients: `{c}` is named twice"
+            );
+        }
         ensure!(
             s.handles.len() <= MAX_SERVICE_HANDLES,
             "{} handles, but a service starts with at most {MAX_SERVICE_HANDLES}",
@@ -474,6 +591,12 @@ impl SystemManifest {
                 ensure!(
                     self.domains.iter().any(|d| d.name == n),
                     "{what}: no [[domain]] is named `{n}`"
+                );
+            }
+            if object == Object::Iommu {
+                ensure!(
+                    h.rights.iter().all(|r| r == "create" || r == "device"),
+                    "{what}: the iommu handle takes create and device"
                 );
             }
             if object == Object::Endpoint(SUPERVISOR_ENDPOINT) {
@@ -537,6 +660,25 @@ impl SystemManifest {
         ensure!(
             d.cmdline.len() <= 200,
             "the cmdline is longer than 200 bytes"
+        );
+        ensure!(
+            d.devices.len() <= compiled::MAX_DOMAIN_DEVICES,
+            "{} devices: a domain is assigned at most {}",
+            d.devices.len(),
+            compiled::MAX_DOMAIN_DEVICES
+        );
+        let global = relaxed(self.rmrr_policy.as_deref(), false)?;
+        for t in &d.devices {
+            pci(t.address())?;
+            if let DeviceSpec::Table(t) = t {
+                relaxed(t.rmrr_policy.as_deref(), global)
+                    .with_context(|| format!("device {:?}", t.device))?;
+            }
+        }
+        ensure!(
+            matches!(d.rmrr.as_deref(), None | Some("host")),
+            "rmrr = {:?}: the only value is \"host\" (the host's reserved layout)",
+            d.rmrr.as_deref().unwrap_or_default()
         );
         for (field, ep) in [("exits", &d.exits), ("violations", &d.violations)] {
             ensure!(
@@ -630,6 +772,12 @@ impl SystemManifest {
                     restart_window_ms: s.restart_window_ms,
                     task: s.task,
                     handles,
+                    dma_clients: self
+                        .domains
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| s.dma_clients.contains(&d.name))
+                        .fold(0, |bits, (i, _)| bits | 1 << i),
                 })
                 .map_err(|_| full("services"))?;
         }
@@ -652,6 +800,7 @@ impl SystemManifest {
                     .collect()
             })
             .collect();
+        let global = relaxed(self.rmrr_policy.as_deref(), false)?;
         let mut domains = heapless::Vec::new();
         for ((d, module), kmods) in self.domains.iter().zip(&modules).zip(&kmods) {
             domains
@@ -673,6 +822,24 @@ impl SystemManifest {
                         .iter()
                         .map(|(module, cmdline)| compiled::GuestModule { module, cmdline })
                         .collect(),
+                    devices: d
+                        .devices
+                        .iter()
+                        .map(|t| {
+                            let own = match t {
+                                DeviceSpec::Table(t) => t.rmrr_policy.as_deref(),
+                                DeviceSpec::Address(_) => None,
+                            };
+                            Ok(compiled::DomainDevice {
+                                device: pci(t.address())?,
+                                rmrr_relaxed: relaxed(own, global)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter()
+                        .collect(),
+                    rmrr_host: d.rmrr.is_some(),
+                    rmrr_relaxed: global,
                 })
                 .map_err(|_| full("domains"))?;
         }

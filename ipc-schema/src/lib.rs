@@ -20,6 +20,7 @@ pub mod guest_state;
 pub mod halt;
 pub mod hypercall;
 pub mod introspect;
+pub mod iommu;
 pub mod ipc;
 pub mod lifecycle;
 pub mod logdirty;

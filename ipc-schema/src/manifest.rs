@@ -62,6 +62,12 @@ pub struct Service<'a> {
     /// has ended.
     pub task: bool,
     pub handles: Vec<HandleSpec<'a>, MAX_SERVICE_HANDLES>,
+    /// The domains whose memory this service (a device backend) may have
+    /// mapped for DMA by the `iommu` service at start (IO-5; changed at run
+    /// time through the `iommu-admin` endpoint): bit `i` is the manifest's
+    /// `i`-th domain (a bit set, so the manifest stays small on init's
+    /// stack).
+    pub dma_clients: u16,
 }
 
 /// What the supervisor does with a service that faulted.
@@ -102,6 +108,59 @@ pub enum Object<'a> {
     },
     /// A legacy (ISA) interrupt line.
     Irq(u8),
+    /// Every DMA-remapping unit: creating IoSpaces, attaching devices,
+    /// reading faults (the `iommu` service's).
+    Iommu,
+    /// One PCI function: its memory BARs, and (for the `iommu` service)
+    /// attaching it.
+    Device(PciDevice),
+}
+
+/// A PCI function: segment and source id (bus << 8 | device << 3 |
+/// function), as the manifest writes `"00:03.0"` or `"0000:00:03.0"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct PciDevice {
+    pub segment: u16,
+    pub source: u16,
+}
+
+impl PciDevice {
+    /// Parses `bus:device.function` or `segment:bus:device.function` (hex
+    /// fields; device below 0x20, function below 8).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (rest, function) = text.rsplit_once('.')?;
+        let mut parts = rest.rsplitn(3, ':');
+        let device = parts.next()?;
+        let bus = parts.next()?;
+        let segment = parts.next().unwrap_or("0");
+        let hex = |s: &str, max: u32| {
+            (!s.is_empty() && s.len() <= 4)
+                .then(|| u32::from_str_radix(s, 16).ok())
+                .flatten()
+                .filter(|v| *v <= max)
+        };
+        let (segment, bus, device, function) = (
+            hex(segment, 0xffff)?,
+            hex(bus, 0xff)?,
+            hex(device, 0x1f)?,
+            hex(function, 7)?,
+        );
+        Some(Self {
+            segment: segment as u16,
+            source: (bus << 8 | device << 3 | function) as u16,
+        })
+    }
+
+    pub const fn bus(self) -> u8 {
+        (self.source >> 8) as u8
+    }
+    pub const fn device(self) -> u8 {
+        ((self.source >> 3) & 31) as u8
+    }
+    pub const fn function(self) -> u8 {
+        (self.source & 7) as u8
+    }
 }
 
 /// Frames shared between the services that name them (bulk data).
@@ -136,7 +195,29 @@ pub struct Domain<'a> {
     pub protected: bool,
     /// Multiboot modules for its kernel, in order (docs/guests.md).
     pub modules: Vec<GuestModule<'a>, MAX_GUEST_MODULES>,
+    /// PCI functions assigned to it: their DMA reaches its RAM at bus
+    /// address = guest-physical address, and nothing else (docs/iommu.md).
+    pub devices: Vec<DomainDevice, MAX_DOMAIN_DEVICES>,
+    /// `rmrr = "host"`: the host's reserved regions are checked against
+    /// its RAM as for a device's (RMRR-2), so a device with RMRRs can be
+    /// given to it later.
+    pub rmrr_host: bool,
+    /// The policy for `rmrr_host` (the manifest's `rmrr_policy`).
+    pub rmrr_relaxed: bool,
 }
+
+/// A device assigned to a domain, with its RMRR conflict policy (RMRR-5):
+/// strict (a reserved region that meets the domain's RAM fails the build,
+/// naming it) or relaxed (a warning; that region is not identity-mapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DomainDevice {
+    pub device: PciDevice,
+    pub rmrr_relaxed: bool,
+}
+
+/// The most PCI functions one domain is assigned.
+pub const MAX_DOMAIN_DEVICES: usize = 8;
 
 /// One multiboot module of a guest kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Schema)]
@@ -274,6 +355,17 @@ mod tests {
                     .unwrap(),
                     protected: name == "b",
                     modules: Vec::new(),
+                    devices: if name == "a" {
+                        Vec::from_slice(&[DomainDevice {
+                            device: PciDevice::parse("00:03.0").unwrap(),
+                            rmrr_relaxed: true,
+                        }])
+                        .unwrap()
+                    } else {
+                        Vec::new()
+                    },
+                    rmrr_host: name == "c",
+                    rmrr_relaxed: false,
                 })
                 .unwrap();
         }
@@ -305,6 +397,7 @@ mod tests {
                 restart_window_ms: 1000,
                 task: false,
                 handles,
+                dma_clients: 1,
             })
             .unwrap();
         let mut shared = Vec::new();
@@ -319,6 +412,30 @@ mod tests {
             services,
             shared,
             domains,
+        }
+    }
+
+    #[test]
+    fn pci_addresses_parse_with_and_without_a_segment() {
+        let d = PciDevice::parse("00:03.0").unwrap();
+        assert_eq!((d.segment, d.source), (0, 3 << 3));
+        let d = PciDevice::parse("0001:1a:1f.7").unwrap();
+        assert_eq!(
+            (d.segment, d.bus(), d.device(), d.function()),
+            (1, 0x1a, 0x1f, 7)
+        );
+        for bad in [
+            "",
+            "00:03",
+            "0:0:0:0.0",
+            "00:20.0",
+            "00:03.8",
+            "100:03.0",
+            "zz:03.0",
+            "00:03.",
+            "10000:00:00.0",
+        ] {
+            assert_eq!(PciDevice::parse(bad), None, "{bad:?}");
         }
     }
 

@@ -88,7 +88,20 @@ pub enum SupervisorRequest {
         parent: u16,
         name: Name,
     },
+    /// What the service whose handles carry badge `client` is as a DMA
+    /// backend (asked by the `iommu` service): [`SupervisorReply::DmaBackend`].
+    DmaBackend {
+        client: u64,
+    },
+    /// Record a DMA fault as an event (IO-6): from the service the
+    /// manifest grants the IOMMU (`Refused(NotAllowed)` from any other).
+    DmaFault {
+        event: SupervisorEvent,
+    },
 }
+
+/// The most devices one backend drives.
+pub const MAX_BACKEND_DEVICES: usize = 4;
 
 /// The most shadow pages one domain gets in all.
 pub const MAX_SHADOW_PAGES: u16 = 256;
@@ -119,6 +132,15 @@ pub enum SupervisorReply {
     /// The fork's domain id.
     Forked {
         id: u16,
+    },
+    /// A backend's devices (its manifest `device` handles, as (segment,
+    /// source id)), the ids of its `dma_clients` domains, and its generation
+    /// (a restarted backend starts with no mappings; IO-4).
+    DmaBackend {
+        devices: BoundedVec<(u16, u16), MAX_BACKEND_DEVICES>,
+        clients: BoundedVec<u16, { crate::manifest::MAX_DOMAINS }>,
+        generation: u32,
+        running: bool,
     },
 }
 
@@ -185,6 +207,16 @@ pub enum SupervisorEvent {
         id: u16,
         state: u8,
         status: u32,
+    },
+    /// A DMA the IOMMU blocked (IO-6), as the `iommu` service read it from
+    /// the unit: the device (segment, bus << 8 | device << 3 | function),
+    /// the page address it named, the VT-d fault reason, the direction.
+    DmaFault {
+        segment: u16,
+        source: u16,
+        address: u64,
+        reason: u8,
+        write: bool,
     },
 }
 

@@ -207,6 +207,88 @@ pub mod nr {
     /// destroy `Busy`). `DomainOp::Reset` takes a fork back to its
     /// parent's state. Needs `build` on the `domains` handle.
     pub const DOMAIN_FORK: u64 = 60;
+
+    // The IOMMU (issue 12): numbers taken from the top of the range.
+
+    /// IOSPACE_CREATE(iommu) -> RDI = a new IoSpace handle (rights
+    /// `device`): empty DMA page tables with a domain id of their own.
+    /// Needs `create` on the Iommu handle.
+    pub const IOSPACE_CREATE: u64 = 127;
+    /// IOSPACE_ATTACH(iospace, device, attach): `attach` 1 points the
+    /// device's context entry at the IoSpace (`Busy` when attached to
+    /// another), 0 clears it (its DMA blocked again); the context cache and
+    /// IOTLB invalidated before the call returns. Needs `device` on both.
+    pub const IOSPACE_ATTACH: u64 = 126;
+    /// IOSPACE_MAP(iospace, domains, domain, pairs_ptr, count, writable):
+    /// `count` (1 to [`super::IO_BATCH`]) u64 pairs (gfn, bfn): bus frame
+    /// `bfn` maps the domain's RAM frame of `gfn` (host p2m). All or
+    /// nothing: a gfn outside RAM `BadAddress`, a bfn out of range or
+    /// mapped already `BadArgument` (the pair logged), nothing mapped.
+    /// Needs `device` on the IoSpace, `read` (and `write` for writable) on
+    /// the domain.
+    pub const IOSPACE_MAP: u64 = 125;
+    /// IOSPACE_UNMAP(iospace, bfns_ptr, count) -> RDI = pages unmapped,
+    /// RSI = IOTLB invalidations issued (1): every bfn must be mapped
+    /// (`BadArgument` otherwise, nothing changed); one domain-selective
+    /// IOTLB invalidation, waited for, before the call returns (IO-3).
+    pub const IOSPACE_UNMAP: u64 = 124;
+    /// IOMMU_FAULTS(iommu, buf_ptr, cap) -> RDI = records written
+    /// ([`super::IoFault`], 16 bytes each), RSI = IOTLB invalidations
+    /// since boot, RDX = faults lost (overflow): takes the units' fault
+    /// records and clears them. Needs `device` on the Iommu handle.
+    pub const IOMMU_FAULTS: u64 = 123;
+    /// IOMMU_RMRR(iommu, index, buf_ptr, cap, frames): reserved memory
+    /// region `index` of the DMAR (RMRR-1). With `frames` 0: RDI = its first
+    /// byte, RSI = its last, RDX = device scopes written to `buf` (u32 each:
+    /// segment << 16 | source id, for scopes naming a function directly).
+    /// With `frames` 1: RDI = a new Frames handle of exactly the region
+    /// (kind reserved: never mapped into a service, given to a domain only
+    /// at gfn = frame, RMRR-4), refused where any of it is RAM the kernel
+    /// allocates. Past the last region `BadArgument`. Needs `create` on the
+    /// Iommu handle.
+    pub const IOMMU_RMRR: u64 = 122;
+}
+
+/// The most pairs (IOSPACE_MAP) or bus frames (IOSPACE_UNMAP) in one call.
+pub const IO_BATCH: u64 = 512;
+
+/// One DMA fault a unit recorded (IOMMU_FAULTS), 16 bytes little-endian:
+/// address (u64), source (u16: bus << 8 | device << 3 | function), segment
+/// (u16), reason (u8, the VT-d fault reason), write (u8), unit (u8), 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoFault {
+    pub address: u64,
+    pub source: u16,
+    pub segment: u16,
+    pub reason: u8,
+    pub write: bool,
+    pub unit: u8,
+}
+
+impl IoFault {
+    pub const SIZE: usize = 16;
+
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.address.to_le_bytes());
+        b[8..10].copy_from_slice(&self.source.to_le_bytes());
+        b[10..12].copy_from_slice(&self.segment.to_le_bytes());
+        b[12] = self.reason;
+        b[13] = self.write as u8;
+        b[14] = self.unit;
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; 16]) -> Self {
+        Self {
+            address: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            source: u16::from_le_bytes([b[8], b[9]]),
+            segment: u16::from_le_bytes([b[10], b[11]]),
+            reason: b[12],
+            write: b[13] != 0,
+            unit: b[14],
+        }
+    }
 }
 
 /// Ranges of its RAM a guest grants at once (DOMAIN_GRANT).
@@ -407,6 +489,14 @@ pub enum ObjectKind {
     View = 12,
     /// One vCPU of one domain (derived from a domain): its controls.
     Vcpu = 13,
+    /// The DMA-remapping units (init's root handle): device handles are
+    /// derived from it, IoSpaces created and DMA faults read with it.
+    Iommu = 14,
+    /// One PCI function (segment, bus, device, function) behind a unit.
+    Device = 15,
+    /// One set of DMA page tables (bus frame -> a domain's frame) that
+    /// devices are attached to.
+    IoSpace = 16,
 }
 
 /// What a handle allows. Calls name the right they need.

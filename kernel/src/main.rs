@@ -23,6 +23,7 @@ mod arch;
 mod boot;
 mod bootinfo;
 mod halt;
+mod iommu;
 mod log;
 mod mem;
 mod sys;
@@ -122,7 +123,10 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
     if let Some(a) = &acpi {
         defmt::info!("ACPI: {=u32} CPU(s), {=u32} IOAPIC(s)", a.cpus, a.ioapics);
         match (&a.dmar, &a.dmar_problem) {
-            (Some(d), _) => acpi::log_dmar(d),
+            (Some(d), _) => {
+                acpi::log_dmar(d);
+                iommu::init(d, boot.option("iommu") == Some("register"));
+            }
             (None, Some(e)) => defmt::warn!(
                 "DMAR unusable ({}): the IOMMU stays off, the rest of ACPI is used",
                 e
@@ -244,6 +248,9 @@ fn start_init(boot: &BootInfo) -> ! {
         rights::DEVICE,
     );
     give("irqs", Object::Irq(sys::caps::ALL_LINES), rights::DEVICE);
+    if iommu::IOMMU.lock().is_some() {
+        give("iommu", Object::Iommu, rights::CREATE | rights::DEVICE);
+    }
     let mut init_elf = 0;
     for (i, m) in boot.modules.iter().enumerate() {
         k.frames[i] = Some(FramesObject {

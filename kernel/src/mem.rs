@@ -155,3 +155,11 @@ pub fn init(boot: &BootInfo) -> Result<MemorySummary, MemoryError> {
     *FRAMES.lock() = Some(allocator);
     Ok(summary)
 }
+
+/// Whether any byte of `start .. end` is RAM the frame allocator hands out.
+pub fn allocatable(start: u64, end: u64) -> bool {
+    // Safety: `STATICS.usable` is written once in `init`, before any system
+    // call can ask, and only read afterwards.
+    let usable = unsafe { &*STATICS.usable.get() };
+    usable.iter().any(|r| r.start < end && start < r.end)
+}

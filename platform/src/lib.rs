@@ -17,11 +17,13 @@ pub mod elf;
 pub mod ept;
 pub mod memory;
 pub mod multiboot;
+pub mod pci;
 pub mod port;
 pub mod power;
 pub mod serial;
 pub mod span;
 pub mod vmx;
+pub mod vtd;
 
 /// Size of the smallest page and of a physical frame.
 pub const PAGE_SIZE: u64 = 4096;

@@ -31,3 +31,12 @@ pub unsafe fn outl(port: u16, value: u32) {
     // Safety: forwarded to the caller.
     unsafe { Port::<u32>::new(port).write(value) }
 }
+
+/// Reads a 32-bit value from an I/O port.
+///
+/// # Safety
+/// As [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    // Safety: forwarded to the caller.
+    unsafe { Port::<u32>::new(port).read() }
+}

@@ -425,3 +425,101 @@ fn protected_is_compiled_and_defaults_to_false() {
     let e = error(&format!("{}{DOMAIN}protected = \"yes\"\n", service("")));
     assert!(e.contains("protected"), "{e}");
 }
+
+#[test]
+fn devices_are_compiled_and_bad_or_doubly_assigned_ones_named() {
+    // Issue 12, points 3 and 9.
+    let text = format!(
+        "{}{DOMAIN}devices = [\"00:03.0\", \"0001:02:1f.7\"]\n",
+        service(
+            "{ name = \"pci\", iommu = true, rights = [\"create\", \"device\"] },\n{ name = \"edu\", device = \"00:04.0\", rights = [\"device\"] },"
+        )
+        .replace("name = \"s\"\n", "name = \"s\"\ndma_clients = [\"a\"]\n")
+    );
+    let k = parse(&text).unwrap().compile().unwrap();
+    let k = Manifest::decode(&k).unwrap();
+    assert!(
+        k.domains[0].devices.iter().all(|d| !d.rmrr_relaxed),
+        "strict by default"
+    );
+    let d: Vec<_> = k.domains[0].devices.iter().map(|d| d.device).collect();
+    assert_eq!((d[0].segment, d[0].source), (0, 3 << 3));
+    assert_eq!(
+        (d[1].segment, d[1].bus(), d[1].device(), d[1].function()),
+        (1, 2, 0x1f, 7)
+    );
+    let s = &k.services[0];
+    assert_eq!(s.dma_clients, 1, "bit 0: the first domain");
+    assert_eq!(s.handles[2].object, ipc_schema::manifest::Object::Iommu);
+    assert_eq!(
+        s.handles[3].object,
+        ipc_schema::manifest::Object::Device(ipc_schema::manifest::PciDevice {
+            segment: 0,
+            source: 4 << 3
+        })
+    );
+
+    let e = error(&format!("{}{DOMAIN}devices = [\"00:20.0\"]\n", service("")));
+    assert!(
+        e.contains("domain 1 (`a`): device \"00:20.0\" is not a PCI address"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{}{DOMAIN}devices = [\"00:03.0\"]\n",
+        service("{ name = \"edu\", device = \"0000:00:03.0\", rights = [\"device\"] },")
+    ));
+    assert!(
+        e.contains("device \"0000:00:03.0\" is assigned twice: to domain `a` and to service `s` (as \"00:03.0\")"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{}{DOMAIN}devices = [\"00:03.0\", \"00:03.0\"]\n",
+        service("")
+    ));
+    assert!(
+        e.contains("is assigned twice: to domain `a` and to domain `a`"),
+        "{e}"
+    );
+    let e = error(
+        &(service("").replace("name = \"s\"\n", "name = \"s\"\ndma_clients = [\"zz\"]\n") + DOMAIN),
+    );
+    assert!(
+        e.contains("dma_clients: no [[domain]] is named `zz`"),
+        "{e}"
+    );
+    let e =
+        error(&(service("{ name = \"h\", device = \"00:03.0\", rights = [\"read\"] },") + DOMAIN));
+    assert!(
+        e.contains("right \"read\" means nothing for this object (it takes device)"),
+        "{e}"
+    );
+    let e = error(&(service("{ name = \"h\", iommu = false, rights = [\"device\"] },") + DOMAIN));
+    assert!(e.contains("`iommu = false` grants nothing"), "{e}");
+}
+
+#[test]
+fn rmrr_policies_are_compiled_globally_and_per_device() {
+    // RMRR-5: strict by default, relaxed globally or per device; RMRR-2.
+    let text = format!(
+        "{}{DOMAIN}devices = [\"00:02.0\", {{ device = \"00:03.0\", rmrr_policy = \"strict\" }}]\nrmrr = \"host\"\n",
+        service("")
+    )
+    .replacen("name = \"x\"\n", "name = \"x\"\nrmrr_policy = \"relaxed\"\n", 1);
+    let k = parse(&text).unwrap().compile().unwrap();
+    let d = &Manifest::decode(&k).unwrap().domains[0];
+    assert!(d.devices[0].rmrr_relaxed && !d.devices[1].rmrr_relaxed);
+    assert!(d.rmrr_host && d.rmrr_relaxed);
+    let e = error(&format!(
+        "{}{DOMAIN}devices = [{{ device = \"00:03.0\", rmrr_policy = \"lax\" }}]\n",
+        service("")
+    ));
+    assert!(
+        e.contains("device \"00:03.0\": rmrr_policy = \"lax\": it is \"strict\" or \"relaxed\""),
+        "{e}"
+    );
+    let e = error(&format!("{}{DOMAIN}rmrr = \"all\"\n", service("")));
+    assert!(
+        e.contains("rmrr = \"all\": the only value is \"host\""),
+        "{e}"
+    );
+}

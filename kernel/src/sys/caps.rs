@@ -38,6 +38,15 @@ pub enum Object {
     Irq(u8),
     Process(u16),
     System,
+    /// The DMA-remapping units (init's root handle).
+    Iommu,
+    /// One PCI function: segment, source id (bus << 8 | dev << 3 | fn).
+    Device {
+        segment: u16,
+        source: u16,
+    },
+    /// One IoSpace (by slot).
+    IoSpace(u16),
 }
 
 impl Object {
@@ -55,6 +64,9 @@ impl Object {
             Object::Irq(_) => ObjectKind::Irq,
             Object::Process(_) => ObjectKind::Process,
             Object::System => ObjectKind::System,
+            Object::Iommu => ObjectKind::Iommu,
+            Object::Device { .. } => ObjectKind::Device,
+            Object::IoSpace(_) => ObjectKind::IoSpace,
         }
     }
 }
@@ -78,6 +90,12 @@ pub enum FramesKind {
     Module,
     /// RAM from the memory pool.
     Ram,
+    /// A device's memory BAR (mapped uncached; never RAM, never a
+    /// domain's or a process image).
+    Mmio,
+    /// A reserved memory region of the DMAR (RMRR): never mapped into a
+    /// service; given to a domain only at gfn = frame (identity).
+    Reserved,
 }
 
 /// A contiguous run of physical frames.

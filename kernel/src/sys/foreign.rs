@@ -108,6 +108,7 @@ impl Kernel {
             writable,
             executable: false,
             owned: false,
+            uncached: false,
         };
         let mut mapped = 0;
         while mapped < count {

@@ -453,6 +453,7 @@ fn build_space(space: &mut AddressSpace, elf: &Elf<'_>, p: &Process) -> Result<(
                 writable: seg.writable,
                 executable: seg.executable,
                 owned: true,
+                uncached: false,
             };
             match space.map(page, frame, flags) {
                 Ok(()) => {}
@@ -476,6 +477,7 @@ fn build_space(space: &mut AddressSpace, elf: &Elf<'_>, p: &Process) -> Result<(
                 writable: true,
                 executable: false,
                 owned: true,
+                uncached: false,
             },
         )?;
         va += PAGE_SIZE;
@@ -515,6 +517,7 @@ fn build_space(space: &mut AddressSpace, elf: &Elf<'_>, p: &Process) -> Result<(
             writable: false,
             executable: false,
             owned: true,
+            uncached: false,
         },
     )?;
     Ok(())

@@ -54,6 +54,8 @@ pub struct PageFlags {
     pub executable: bool,
     /// The frame belongs to the space and is freed with it.
     pub owned: bool,
+    /// Device memory: caching off (PCD, PWT).
+    pub uncached: bool,
 }
 
 /// Why a mapping failed.
@@ -121,7 +123,8 @@ impl AddressSpace {
             | USER
             | if flags.writable { WRITABLE } else { 0 }
             | if flags.executable { 0 } else { NO_EXECUTE }
-            | if flags.owned { OWNED } else { 0 };
+            | if flags.owned { OWNED } else { 0 }
+            | if flags.uncached { 0b11 << 3 } else { 0 };
         Ok(())
     }
 

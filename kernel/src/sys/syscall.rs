@@ -621,6 +621,12 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             };
             Ok(Values([bits, 0, 0]))
         }
+        nr::IOSPACE_CREATE
+        | nr::IOSPACE_ATTACH
+        | nr::IOSPACE_MAP
+        | nr::IOSPACE_UNMAP
+        | nr::IOMMU_FAULTS
+        | nr::IOMMU_RMRR => iommu_call(k, pid, number, a),
         nr::HANDLE_DERIVE => {
             let p = k.processes[usize::from(pid)]
                 .as_ref()
@@ -661,13 +667,24 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                         .filter(|v| *v < 8)
                         .ok_or(SysError::BadArgument)?,
                 },
+                Object::Iommu => derive_device(k, pid, a[1], a[2])?,
+                Object::Device { segment: 0, source }
+                    if a[1] == ObjectKind::Frames as u64 && c.rights & rights::DEVICE != 0 =>
+                {
+                    derive_bar(k, pid, source, a[2])?
+                }
                 _ => return Err(SysError::BadArgument),
             };
-            // A derived handle never has more rights than its parent.
+            // A derived handle never has more rights than its parent (a
+            // device's BAR: mapping it is what `device` allows).
+            let parent = match (c.object, object) {
+                (Object::Device { .. }, Object::Frames(_)) => rights::READ | rights::WRITE,
+                _ => c.rights,
+            };
             let rights = if a[3] == 0 {
-                c.rights
+                parent
             } else {
-                c.rights & a[3] as u32
+                parent & a[3] as u32
             };
             let h = k.install(
                 pid,
@@ -688,6 +705,271 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 );
             }
             Err(SysError::UnknownCall)
+        }
+    }
+}
+
+/// A device handle from the Iommu handle: `segment`, `source` (bus << 8 |
+/// device << 3 | function), refused where no unit covers it or nothing
+/// answers there.
+fn derive_device(k: &Kernel, pid: u16, segment: u64, source: u64) -> Result<Object> {
+    let (Ok(segment), Ok(source)) = (u16::try_from(segment), u16::try_from(source)) else {
+        return Err(SysError::BadArgument);
+    };
+    let guard = crate::iommu::IOMMU.lock();
+    let iommu = guard.as_ref().ok_or(SysError::Unsupported)?;
+    if let Err(e) = crate::iommu::check_device(iommu, segment, source) {
+        defmt::warn!(
+            "service {=str}: HANDLE_DERIVE refused: device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8}: {=str}",
+            k.process_name(pid),
+            segment,
+            (source >> 8) as u8,
+            ((source >> 3) & 31) as u8,
+            (source & 7) as u8,
+            if e == crate::iommu::IommuError::NoDevice {
+                "no device answers there"
+            } else {
+                "no DMAR unit covers it"
+            }
+        );
+        return Err(SysError::BadArgument);
+    }
+    Ok(Object::Device { segment, source })
+}
+
+/// Frames of a device's memory BAR `index`, for FRAMES_MAP (uncached).
+fn derive_bar(k: &mut Kernel, pid: u16, source: u16, index: u64) -> Result<Object> {
+    let Some((base, size)) = u8::try_from(index)
+        .ok()
+        .and_then(|i| crate::iommu::bar(source, i))
+    else {
+        defmt::warn!(
+            "service {=str}: HANDLE_DERIVE refused: BAR {=u64} of device {=u8:02x}:{=u8:02x}.{=u8} is not an assigned memory BAR",
+            k.process_name(pid),
+            index,
+            (source >> 8) as u8,
+            ((source >> 3) & 31) as u8,
+            (source & 7) as u8
+        );
+        return Err(SysError::BadArgument);
+    };
+    new_frames(k, base & !(PAGE_SIZE - 1), size, FramesKind::Mmio).map(Object::Frames)
+}
+
+/// A new frames object of `len` bytes from `base`.
+fn new_frames(k: &mut Kernel, base: u64, len: u64, kind: FramesKind) -> Result<u16> {
+    let slot = k
+        .frames
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)?;
+    k.frames[slot] = Some(FramesObject {
+        base,
+        count: len.div_ceil(PAGE_SIZE),
+        len,
+        kind,
+        given_to_domain: false,
+        ever_mapped: false,
+    });
+    Ok(slot as u16)
+}
+
+/// The IOMMU calls (issue 12): IoSpaces, attaching devices, mapping a
+/// domain's frames at bus frame numbers, unmapping with the IOTLB
+/// invalidated before the call returns, fault records.
+#[inline(never)]
+fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
+    use crate::iommu::{IOMMU, IommuError};
+    let name = match number {
+        nr::IOSPACE_CREATE => "IOSPACE_CREATE",
+        nr::IOSPACE_ATTACH => "IOSPACE_ATTACH",
+        nr::IOSPACE_MAP => "IOSPACE_MAP",
+        nr::IOSPACE_UNMAP => "IOSPACE_UNMAP",
+        nr::IOMMU_RMRR => "IOMMU_RMRR",
+        _ => "IOMMU_FAULTS",
+    };
+    let space_of = |k: &Kernel| -> Result<u16> {
+        let c = cap!(k, pid, name, a[0], ObjectKind::IoSpace, rights::DEVICE);
+        let Object::IoSpace(s) = c.object else {
+            return Err(SysError::WrongKind);
+        };
+        Ok(s)
+    };
+    let refuse_io = |k: &Kernel, e: IommuError| {
+        defmt::warn!(
+            "service {=str}: {=str} refused: {}",
+            k.process_name(pid),
+            name,
+            e
+        );
+        match e {
+            IommuError::Busy | IommuError::Timeout => SysError::Busy,
+            IommuError::NoResources | IommuError::Io(platform::vtd::IoError::OutOfMemory) => {
+                SysError::NoResources
+            }
+            _ => SysError::BadArgument,
+        }
+    };
+    match number {
+        nr::IOSPACE_CREATE => {
+            cap!(k, pid, name, a[0], ObjectKind::Iommu, rights::CREATE);
+            let mut guard = IOMMU.lock();
+            let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
+            let s = iommu.create_space().map_err(|e| refuse_io(k, e))?;
+            drop(guard);
+            let h = k.install(
+                pid,
+                Cap {
+                    object: Object::IoSpace(s),
+                    rights: rights::DEVICE,
+                    badge: 0,
+                },
+            )?;
+            Ok(Values([u64::from(h), 0, 0]))
+        }
+        nr::IOSPACE_ATTACH => {
+            let space = space_of(k)?;
+            let d = cap!(k, pid, name, a[1], ObjectKind::Device, rights::DEVICE);
+            let Object::Device { segment, source } = d.object else {
+                return Err(SysError::WrongKind);
+            };
+            let mut guard = IOMMU.lock();
+            let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
+            iommu
+                .attach(space, segment, source, a[2] != 0)
+                .map_err(|e| refuse_io(k, e))?;
+            Ok(Values([0; 3]))
+        }
+        nr::IOSPACE_MAP => {
+            let space = space_of(k)?;
+            let write = a[5] != 0;
+            let right = if write {
+                rights::READ | rights::WRITE
+            } else {
+                rights::READ
+            };
+            dcap!(k, pid, name, a[1], a[2], Scope::Domain, right);
+            let count = a[4];
+            if count == 0 || count > ipc_schema::syscall::IO_BATCH {
+                return Err(SysError::BadArgument);
+            }
+            let mut pairs: heapless::Vec<(u64, u64), 512> = heapless::Vec::new();
+            let mut raw = [0u8; 16];
+            for i in 0..count {
+                read_user(k, pid, a[3].wrapping_add(16 * i), &mut raw)?;
+                let gfn = u64::from_le_bytes(raw[..8].try_into().unwrap_or_default());
+                let bfn = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
+                let d = domain(k, a[2])?;
+                let Some(hpa) = d.frame_of_gfn(gfn).filter(|_| d.is_ram(gfn)) else {
+                    defmt::warn!(
+                        "service {=str}: IOSPACE_MAP refused: pair {=u64}: gfn {=u64:#x} is not RAM of domain {=u16}",
+                        k.process_name(pid),
+                        i,
+                        gfn,
+                        d.id
+                    );
+                    return Err(SysError::BadAddress);
+                };
+                let _ = pairs.push((bfn, hpa));
+            }
+            let mut guard = IOMMU.lock();
+            let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
+            iommu.map(space, &pairs, write).map_err(|(i, e)| {
+                defmt::warn!(
+                    "service {=str}: IOSPACE_MAP: pair {=usize}:",
+                    k.process_name(pid),
+                    i
+                );
+                refuse_io(k, e)
+            })?;
+            Ok(Values([0; 3]))
+        }
+        nr::IOSPACE_UNMAP => {
+            let space = space_of(k)?;
+            let count = a[2];
+            if count == 0 || count > ipc_schema::syscall::IO_BATCH {
+                return Err(SysError::BadArgument);
+            }
+            let mut bfns: heapless::Vec<u64, 512> = heapless::Vec::new();
+            let mut raw = [0u8; 8];
+            for i in 0..count {
+                read_user(k, pid, a[1].wrapping_add(8 * i), &mut raw)?;
+                let _ = bfns.push(u64::from_le_bytes(raw));
+            }
+            let mut guard = IOMMU.lock();
+            let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
+            let before = iommu.invalidations;
+            iommu.unmap(space, &bfns).map_err(|(i, e)| {
+                defmt::warn!(
+                    "service {=str}: IOSPACE_UNMAP: bus frame {=usize} of the batch:",
+                    k.process_name(pid),
+                    i
+                );
+                refuse_io(k, e)
+            })?;
+            Ok(Values([count, iommu.invalidations - before, 0]))
+        }
+        nr::IOMMU_RMRR => {
+            cap!(k, pid, name, a[0], ObjectKind::Iommu, rights::CREATE);
+            let mut scopes: heapless::Vec<u32, 64> = heapless::Vec::new();
+            let (base, limit) = {
+                let guard = IOMMU.lock();
+                let iommu = guard.as_ref().ok_or(SysError::Unsupported)?;
+                iommu.rmrr(a[1], &mut scopes).ok_or(SysError::BadArgument)?
+            };
+            if a[4] == 0 {
+                let n = scopes.len().min(a[3] as usize / 4);
+                for (i, s) in scopes[..n].iter().enumerate() {
+                    write_user(k, pid, a[2] + 4 * i as u64, &s.to_le_bytes())?;
+                }
+                return Ok(Values([base, limit, n as u64]));
+            }
+            let end = limit.saturating_add(1);
+            if base % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || crate::mem::allocatable(base, end) {
+                defmt::warn!(
+                    "service {=str}: IOMMU_RMRR refused: region {=u64:#x}..={=u64:#x} is not page-aligned reserved memory (part of it is RAM the kernel allocates)",
+                    k.process_name(pid),
+                    base,
+                    limit
+                );
+                return Err(SysError::BadArgument);
+            }
+            let slot = new_frames(k, base, end - base, FramesKind::Reserved)?;
+            let h = k.install(
+                pid,
+                Cap {
+                    object: Object::Frames(slot),
+                    rights: rights::READ | rights::WRITE,
+                    badge: 0,
+                },
+            )?;
+            Ok(Values([u64::from(h), 0, 0]))
+        }
+        _ => {
+            cap!(k, pid, name, a[0], ObjectKind::Iommu, rights::DEVICE);
+            let cap_records = (a[2] as usize / ipc_schema::syscall::IoFault::SIZE).min(64);
+            let mut out: heapless::Vec<ipc_schema::syscall::IoFault, 64> = heapless::Vec::new();
+            let mut guard = IOMMU.lock();
+            let iommu = guard.as_mut().ok_or(SysError::Unsupported)?;
+            iommu.faults(|unit, segment, f| {
+                out.len() < cap_records
+                    && out
+                        .push(ipc_schema::syscall::IoFault {
+                            address: f.address,
+                            source: f.source,
+                            segment,
+                            reason: f.reason,
+                            write: f.write,
+                            unit: unit as u8,
+                        })
+                        .is_ok()
+            });
+            let (invalidations, lost) = (iommu.invalidations, iommu.lost_faults);
+            drop(guard);
+            for (i, f) in out.iter().enumerate() {
+                write_user(k, pid, a[1] + 16 * i as u64, &f.to_bytes())?;
+            }
+            Ok(Values([out.len() as u64, invalidations, lost]))
         }
     }
 }
@@ -1003,6 +1285,7 @@ fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         .checked_add(count.checked_mul(PAGE_SIZE).ok_or(SysError::BadArgument)?)
         .ok_or(SysError::BadArgument)?;
     if f.given_to_domain
+        || f.kind == FramesKind::Reserved
         || (writable && f.kind == FramesKind::Module)
         || first.checked_add(count).is_none_or(|e| e > f.count)
         || va % PAGE_SIZE != 0
@@ -1020,6 +1303,7 @@ fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
             writable,
             executable: false,
             owned: false,
+            uncached: f.kind == FramesKind::Mmio,
         };
         if space
             .map(va + i * PAGE_SIZE, f.base + (first + i) * PAGE_SIZE, flags)
@@ -1203,9 +1487,6 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         ObjectKind::Domains,
         rights::BUILD
     );
-    if !crate::vm::available() {
-        return Err(SysError::Unsupported);
-    }
     let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
     let len = (a[2] as usize).min(name.len());
     read_user(k, pid, a[1], &mut name[..len])?;
@@ -1250,7 +1531,15 @@ fn domain_map_ram(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         );
         return Err(SysError::BadArgument);
     }
-    if f.kind != FramesKind::Ram || f.given_to_domain || count == 0 || count > f.count {
+    // Reserved memory (an RMRR) goes only where it is: gfn = frame, whole.
+    let identity = f.kind == FramesKind::Reserved
+        && gfn.checked_mul(PAGE_SIZE) == Some(f.base)
+        && count == f.count;
+    if !(f.kind == FramesKind::Ram || identity)
+        || f.given_to_domain
+        || count == 0
+        || count > f.count
+    {
         return Err(SysError::BadArgument);
     }
     let result = domain_mut(k, a[1])?.map_ram(gfn, f.base, count);
@@ -1340,6 +1629,13 @@ fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         Scope::Domain,
         rights::BUILD
     );
+    if !crate::vm::available() {
+        defmt::warn!(
+            "service {=str}: VCPU_CREATE refused: this CPU has no usable VMX, so a domain's vCPUs cannot run (its memory and devices work without)",
+            k.process_name(pid)
+        );
+        return Err(SysError::Unsupported);
+    }
     let mut buf = [0u8; 128];
     let len = (a[3] as usize).min(buf.len());
     read_user(k, pid, a[2], &mut buf[..len])?;
@@ -1430,6 +1726,7 @@ fn domain_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
                 e.queue.retain(|s| *s != Sender::Vcpu(slot));
             }
             k.foreign_drop_domain(slot);
+            crate::iommu::drop_domain(&k.domains[usize::from(slot)]);
             if let Some(d) = k.domains[usize::from(slot)].take() {
                 if let Some(p) = d.parent.and_then(|p| domain_mut(k, p.into()).ok()) {
                     p.forks -= 1;
@@ -1678,7 +1975,7 @@ fn pml_buffers(k: &mut Kernel, pid: u16, arg: u64, endpoint: u64) -> Result<([u6
     )?;
     let first = arg >> 32;
     if f.given_to_domain
-        || f.kind == FramesKind::Module
+        || f.kind != FramesKind::Ram
         || first.checked_add(2).is_none_or(|e| e > f.count)
     {
         return Err(SysError::BadArgument);

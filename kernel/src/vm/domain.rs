@@ -2,10 +2,10 @@
 //! builds domains through system calls: create, map RAM from frames it
 //! holds, write the guest image, create the vCPU, start.
 
+use super::caps;
 use super::memory::{KernelTables, alloc_zeroed_frame, free_frame};
 use super::vcpu::{Vcpu, VcpuSetup};
 use super::views::Views;
-use super::{Features, caps};
 use crate::mem::phys_to_virt;
 use ipc_schema::syscall::{DomainState, HandleName};
 use ipc_schema::vmexit::Exit;
@@ -99,7 +99,7 @@ impl From<EptError> for DomainError {
 impl Domain {
     /// An empty domain: no RAM, no vCPU.
     pub fn create(id: u16, name: HandleName, protected: bool) -> Result<Domain, DomainError> {
-        let f: &Features = &caps().1;
+        let f = super::features();
         let views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
         let Some(msr_bitmap) = msr_bitmap() else {
             let mut views = views;

@@ -275,6 +275,9 @@ pub fn vcpu_control(
     arg: u64,
     pml: Option<([u64; 2], u16)>,
 ) -> Result<[u64; 2], SysError> {
+    if !super::available() {
+        return Err(SysError::Unsupported);
+    }
     let (caps, f) = super::caps();
     match op {
         VcpuOp::VeEnable => {

@@ -6,7 +6,7 @@
 
 use super::memory::{DomainTables, alloc_zeroed_frame, free_frame};
 use crate::mem::phys_to_virt;
-use crate::vmx::{InveptType, invept};
+use crate::vmx::InveptType;
 use ipc_schema::hypercall::{HcError, MAX_VIEWS};
 use platform::ept::Ept;
 
@@ -166,8 +166,7 @@ impl Views {
         }
         self.accessed_dirty = on && self.ad_supported;
         (0..MAX_VIEWS).for_each(|view| self.write_list_entry(view));
-        // Safety: VMX operation is on.
-        let _ = unsafe { invept(InveptType::AllContexts, 0) };
+        invept(InveptType::AllContexts, 0);
         true
     }
 
@@ -246,8 +245,7 @@ impl Views {
     }
 
     fn flush_eptp(&self, eptp: u64) {
-        // Safety: VMX operation is on; the type was checked at boot.
-        let _ = unsafe { invept(self.invept, eptp) };
+        invept(self.invept, eptp);
     }
 
     /// Frees every view and the list.
@@ -260,7 +258,14 @@ impl Views {
         if let Some(list) = self.eptp_list.take() {
             free_frame(list);
         }
-        // Safety: VMX operation is on.
-        let _ = unsafe { invept(InveptType::AllContexts, 0) };
+        invept(InveptType::AllContexts, 0);
+    }
+}
+
+/// INVEPT, where VMX is on (without it no CPU ever used the tables).
+fn invept(kind: InveptType, eptp: u64) {
+    if super::available() {
+        // Safety: VMX operation is on; the type was checked at boot.
+        let _ = unsafe { crate::vmx::invept(kind, eptp) };
     }
 }

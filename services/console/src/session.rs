@@ -295,9 +295,11 @@ impl Session {
             // Not an answer to any of the requests below.
             Some(SupervisorReply::Shadow { gfn }) => R::Shadow { gfn },
             Some(SupervisorReply::Forked { id }) => R::Forked { id },
-            Some(SupervisorReply::Events { .. } | SupervisorReply::Rights(_)) => {
-                R::Error(ControlError::SupervisorUnavailable)
-            }
+            Some(
+                SupervisorReply::Events { .. }
+                | SupervisorReply::Rights(_)
+                | SupervisorReply::DmaBackend { .. },
+            ) => R::Error(ControlError::SupervisorUnavailable),
             None => R::Error(ControlError::SupervisorUnavailable),
         };
         match *r {

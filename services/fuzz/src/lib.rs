@@ -272,7 +272,7 @@ pub fn handle_slot(rng: &mut Rng, valid: u64) -> u64 {
 /// in the fuzzer's own checked forms: RECV, REPLY_RECV, WAIT, EXIT), some
 /// numbers it does not have.
 pub fn call_number(rng: &mut Rng) -> u64 {
-    const KNOWN: [u64; 52] = [
+    const KNOWN: [u64; 58] = [
         nr::LOG,
         nr::HANDLE_CLOSE,
         nr::CALL,
@@ -325,6 +325,12 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::IO_OUT_BYTES,
         nr::DOMAIN_GRANT,
         nr::DOMAIN_FORK,
+        nr::IOSPACE_CREATE,
+        nr::IOSPACE_ATTACH,
+        nr::IOSPACE_MAP,
+        nr::IOSPACE_UNMAP,
+        nr::IOMMU_FAULTS,
+        nr::IOMMU_RMRR,
     ];
     let n = match rng.below(10) {
         0..=7 => rng.pick(&KNOWN),

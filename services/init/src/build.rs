@@ -29,7 +29,32 @@ pub enum BuildError {
     CmdlineTooLong,
     /// The kernel's modules do not fit in its RAM after it.
     ModulesTooLarge,
+    /// Devices are assigned but the machine has no usable IOMMU.
+    NoIommu,
+    /// The kernel refused this device (no unit covers it, nothing answers
+    /// there, or it is attached already): segment, source id.
+    Device {
+        segment: u16,
+        source: u16,
+        error: SysError,
+    },
+    /// A reserved region meets the domain's RAM, under the strict policy
+    /// (RMRR-5): its first and last byte.
+    RmrrConflict {
+        base: u64,
+        limit: u64,
+    },
+    /// A reserved region is shared with a device that goes elsewhere
+    /// (RMRR-6), or overlaps another without being the same (RMRR-7).
+    RmrrRefused {
+        base: u64,
+        limit: u64,
+    },
 }
+
+/// Who else has a device: (device, owner), the other domains' and the
+/// services' (RMRR-6).
+pub type Owners<'a> = [(manifest::PciDevice, &'a str)];
 
 impl From<SysError> for BuildError {
     fn from(e: SysError) -> Self {
@@ -45,6 +70,7 @@ pub struct Built {
     pub entry: u32,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn domain(
     domains: Handle,
     memory: Handle,
@@ -52,6 +78,8 @@ pub fn domain(
     id: u16,
     exits: Handle,
     violations: Handle,
+    run: bool,
+    others: &Owners<'_>,
 ) -> Result<Built, BuildError> {
     if spec.vcpus != 1 {
         return Err(BuildError::TooManyVcpus { asked: spec.vcpus });
@@ -59,7 +87,9 @@ pub fn domain(
     let ram = u64::from(spec.memory_mib) * MIB;
     let layout = GuestLayout::new(ram);
     with_module(module(spec.guest)?, IMAGE_VA, |image| {
-        build(domains, memory, spec, id, image, &layout, exits, violations)
+        build(
+            domains, memory, spec, id, image, &layout, exits, violations, run, others,
+        )
     })?
 }
 
@@ -98,6 +128,8 @@ fn build(
     layout: &GuestLayout,
     exits: Handle,
     violations: Handle,
+    run: bool,
+    others: &Owners<'_>,
 ) -> Result<Built, BuildError> {
     let plan = multiboot::plan(image, layout).map_err(BuildError::Image)?;
     let (mut large, mut small) = (0u32, 0u32);
@@ -206,12 +238,207 @@ fn build(
     let mut buf = [0u8; 64];
     let spec_bytes = postcard::to_slice(&vcpu, &mut buf)
         .map_err(|_| BuildError::Kernel(SysError::BadArgument))?;
-    sys::vcpu_create(domains, id, spec_bytes)?;
-    sys::domain_control(domains, id, DomainOp::Start)?;
+    devices(domains, spec, id, others)?;
+    if run {
+        sys::vcpu_create(domains, id, spec_bytes)?;
+        sys::domain_control(domains, id, DomainOp::Start)?;
+    }
     Ok(Built {
         id,
         large_pages: large,
         small_pages: small,
         entry: plan.entry,
     })
+}
+
+/// Assigns the domain's devices: one IoSpace for them all, mapping its
+/// whole RAM at bus address = guest-physical address, and their reserved
+/// regions identity-mapped in its p2m and the IoSpace (RMRR-4), each
+/// device attached to it (their DMA reaches that memory and nothing else).
+pub fn devices(
+    domains: Handle,
+    spec: &manifest::Domain<'_>,
+    id: u16,
+    others: &Owners<'_>,
+) -> Result<(), BuildError> {
+    if spec.devices.is_empty() && !spec.rmrr_host {
+        return Ok(());
+    }
+    let root = service_runtime::handle("iommu").ok_or(BuildError::NoIommu)?;
+    let pages = u64::from(spec.memory_mib) * MIB / 4096;
+    let hole = GuestLayout::new(u64::from(spec.memory_mib) * MIB).hole;
+    let ram = |gfn: u64| gfn < pages && !(hole.0 / 4096..hole.1 / 4096).contains(&gfn);
+    let identity = rmrrs(root, spec, &ram, others)?;
+    if spec.devices.is_empty() {
+        return Ok(());
+    }
+    let space = sys::iospace_create(root)?;
+    // Identity maps first: their frames become the domain's (gfn = frame).
+    let mut extra: heapless::Vec<(u64, u64), 16> = heapless::Vec::new();
+    for &(index, base, limit, refs) in &identity {
+        let frames = sys::iommu_rmrr_frames(root, index)?;
+        let count = (limit + 1 - base) / 4096;
+        sys::domain_map_ram(domains, id, base / 4096, frames, count)?;
+        let _ = sys::handle_close(frames);
+        let _ = extra.push((base / 4096, count));
+        defmt::info!(
+            "domain {=u16} ({=str}): RMRR {=u64:#x}..={=u64:#x} identity-mapped in its p2m and IOMMU tables for {=u16} device(s) (RMRR-4, RMRR-7)",
+            id,
+            spec.name,
+            base,
+            limit,
+            refs
+        );
+    }
+    let gfns = (0..pages)
+        .filter(|&g| ram(g))
+        .chain(extra.iter().flat_map(|&(g, n)| g..g + n));
+    let mut pairs: heapless::Vec<[u64; 2], 512> = heapless::Vec::new();
+    for gfn in gfns {
+        let _ = pairs.push([gfn, gfn]);
+        if pairs.is_full() {
+            sys::iospace_map_raw(space, domains, id, &pairs, true)?;
+            pairs.clear();
+        }
+    }
+    if !pairs.is_empty() {
+        sys::iospace_map_raw(space, domains, id, &pairs, true)?;
+    }
+    for &d in spec.devices.iter() {
+        let d = d.device;
+        let fail = |error| BuildError::Device {
+            segment: d.segment,
+            source: d.source,
+            error,
+        };
+        let h = crate::supervise::device(root, d).map_err(fail)?;
+        let attached = sys::iospace_attach(space, h, true);
+        // Init's handle table is small: the attachment outlives the handle.
+        let _ = sys::handle_close(h);
+        attached.map_err(fail)?;
+        defmt::info!(
+            "domain {=u16} ({=str}): device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8} assigned: its DMA reaches the domain's {=u64} pages at bus address = guest-physical address",
+            id,
+            spec.name,
+            d.segment,
+            d.bus(),
+            d.device(),
+            d.function(),
+            pages
+        );
+    }
+    let _ = sys::handle_close(space);
+    Ok(())
+}
+
+/// The reserved regions the domain's devices need (and, with `rmrr =
+/// "host"`, a check of every region): (index, first byte, last byte,
+/// devices needing it), after the policies (RMRR-2..RMRR-7).
+fn rmrrs(
+    root: Handle,
+    spec: &manifest::Domain<'_>,
+    ram: &dyn Fn(u64) -> bool,
+    others: &Owners<'_>,
+) -> Result<heapless::Vec<(u64, u64, u64, u16), 16>, BuildError> {
+    let mut out: heapless::Vec<(u64, u64, u64, u16), 16> = heapless::Vec::new();
+    let mut scopes = [0u32; 32];
+    for index in 0..64 {
+        let Ok((base, limit, n)) = sys::iommu_rmrr(root, index, &mut scopes) else {
+            break;
+        };
+        let meets_ram = (base / 4096..=limit / 4096).any(ram);
+        let key = |d: manifest::PciDevice| u32::from(d.segment) << 16 | u32::from(d.source);
+        let mine: heapless::Vec<manifest::DomainDevice, 8> = spec
+            .devices
+            .iter()
+            .copied()
+            .filter(|d| scopes[..n].contains(&key(d.device)))
+            .collect();
+        if mine.is_empty() {
+            if spec.rmrr_host && meets_ram {
+                if spec.rmrr_relaxed {
+                    defmt::warn!(
+                        "domain {=str}: the host's RMRR {=u64:#x}..={=u64:#x} meets its RAM (rmrr = \"host\", relaxed: going on)",
+                        spec.name,
+                        base,
+                        limit
+                    );
+                } else {
+                    defmt::error!(
+                        "domain {=str}: the host's RMRR {=u64:#x}..={=u64:#x} meets its RAM (rmrr = \"host\", strict): not built (RMRR-2, RMRR-5)",
+                        spec.name,
+                        base,
+                        limit
+                    );
+                    return Err(BuildError::RmrrConflict { base, limit });
+                }
+            }
+            continue;
+        }
+        let d = mine[0].device;
+        // RMRR-6: the region's other devices go nowhere else.
+        for &s in &scopes[..n] {
+            if let Some((o, owner)) = others.iter().find(|(o, _)| key(*o) == s) {
+                defmt::error!(
+                    "domain {=str}: device {=u8:02x}:{=u8:02x}.{=u8} shares RMRR {=u64:#x}..={=u64:#x} with device {=u8:02x}:{=u8:02x}.{=u8}, which goes to {=str}: devices that share a reserved region cannot go to different owners (RMRR-6)",
+                    spec.name,
+                    d.bus(),
+                    d.device(),
+                    d.function(),
+                    base,
+                    limit,
+                    o.bus(),
+                    o.device(),
+                    o.function(),
+                    owner
+                );
+                return Err(BuildError::RmrrRefused { base, limit });
+            }
+        }
+        if meets_ram {
+            if mine.iter().all(|d| d.rmrr_relaxed) {
+                defmt::warn!(
+                    "domain {=str}: RMRR {=u64:#x}..={=u64:#x} of device {=u8:02x}:{=u8:02x}.{=u8} meets its RAM: not identity-mapped (relaxed policy; the device's accesses there reach the guest's RAM or fault) (RMRR-5)",
+                    spec.name,
+                    base,
+                    limit,
+                    d.bus(),
+                    d.device(),
+                    d.function()
+                );
+                continue;
+            }
+            defmt::error!(
+                "domain {=str}: RMRR {=u64:#x}..={=u64:#x} of device {=u8:02x}:{=u8:02x}.{=u8} meets its RAM: not built (strict policy, RMRR-5)",
+                spec.name,
+                base,
+                limit,
+                d.bus(),
+                d.device(),
+                d.function()
+            );
+            return Err(BuildError::RmrrConflict { base, limit });
+        }
+        if base % 4096 != 0 || (limit + 1) % 4096 != 0 {
+            return Err(BuildError::RmrrRefused { base, limit });
+        }
+        // RMRR-7: the same region once, counted; an overlapping one refused.
+        if let Some(e) = out.iter_mut().find(|e| e.1 == base && e.2 == limit) {
+            e.3 += mine.len() as u16;
+            continue;
+        }
+        if let Some(e) = out.iter().find(|e| e.1 <= limit && base <= e.2) {
+            defmt::error!(
+                "domain {=str}: RMRR {=u64:#x}..={=u64:#x} overlaps RMRR {=u64:#x}..={=u64:#x} without being the same: refused (RMRR-7)",
+                spec.name,
+                base,
+                limit,
+                e.1,
+                e.2
+            );
+            return Err(BuildError::RmrrRefused { base, limit });
+        }
+        let _ = out.push((index, base, limit, mine.len() as u16));
+    }
+    Ok(out)
 }

@@ -57,6 +57,9 @@ pub struct DomainEntry {
     /// A fork's own name (`SupervisorRequest::Fork`); `spec` is its
     /// parent's.
     pub fork_name: Option<ipc_schema::supervisor::Name>,
+    /// Its vCPU runs (false without VMX: built for services only, and it
+    /// does not keep the system from halting).
+    pub runs: bool,
 }
 
 pub struct Supervisor {
@@ -96,6 +99,34 @@ pub fn declarations(elf: &[u8]) -> heapless::Vec<InterfaceDecl, 8> {
         }
     }
     out
+}
+
+/// Init's handle on every DMA-remapping unit, or an error naming the
+/// service that asked for what this machine lacks.
+fn iommu_root(service: &str) -> Result<Handle, SysError> {
+    service_runtime::handle("iommu").ok_or_else(|| {
+        defmt::error!(
+            "init: service {=str} is granted the IOMMU or a device, but this machine has no usable IOMMU (no DMAR, or its units did not answer)",
+            service
+        );
+        SysError::Unsupported
+    })
+}
+
+/// A device handle (the kernel checks that a unit covers the function and
+/// that it answers), with memory decoding and bus mastering turned on: its
+/// DMA goes nowhere until it is attached to an IoSpace (docs/iommu.md).
+pub fn device(root: Handle, d: ipc_schema::manifest::PciDevice) -> Result<Handle, SysError> {
+    let h = sys::derive(root, u64::from(d.segment), u64::from(d.source))?;
+    if d.segment == 0 {
+        let ports = require("ioports");
+        let address = 1 << 31 | u32::from(d.source) << 8 | 4;
+        sys::io_out(ports, 0xcf8, 4, address)?;
+        let command = sys::io_in(ports, 0xcfc, 4)? & 0xffff;
+        sys::io_out(ports, 0xcf8, 4, address)?;
+        sys::io_out(ports, 0xcfc, 4, command | 0b110)?;
+    }
+    Ok(h)
 }
 
 /// The bytes of a frames object, mapped read-only at `va` (left mapped).
@@ -223,6 +254,20 @@ impl Supervisor {
                     let id = self.domain_id(name).ok_or(SysError::BadArgument)?;
                     sys::derive(self.domains, ObjectKind::Domain as u64, u64::from(id))?
                 }
+                Object::Iommu => iommu_root(self.manifest.services[index].name)?,
+                Object::Device(d) => {
+                    let root = iommu_root(self.manifest.services[index].name)?;
+                    device(root, d).inspect_err(|_| {
+                        defmt::error!(
+                            "init: service {=str}: device {=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8} cannot be granted (the kernel's log says why)",
+                            self.manifest.services[index].name,
+                            d.segment,
+                            d.bus(),
+                            d.device(),
+                            d.function()
+                        )
+                    })?
+                }
             };
             let _ = grants.push(Grant::named(slot as u32, from, h.rights, badge, h.name));
         }
@@ -310,11 +355,20 @@ impl Supervisor {
             return Ok(());
         }
         if sys::vm_features() & ipc_schema::syscall::vm_features::VMX == 0 {
-            defmt::error!(
-                "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
+            // Domains are still built (memory, devices) for the services to
+            // reach; only their vCPUs need VMX. A system with no task to run
+            // to an end would then wait for ever: that stays refused.
+            if !self.manifest.services.iter().any(|s| s.task) {
+                defmt::error!(
+                    "the manifest asks for {=usize} domain(s) but this CPU cannot run guests (no usable VMX)",
+                    self.manifest.domains.len()
+                );
+                return Err(HaltStatus::Unsupported);
+            }
+            defmt::warn!(
+                "init: this CPU cannot run guests (no usable VMX): the {=usize} domain(s) are built (memory, devices) for services, and their vCPUs never run",
                 self.manifest.domains.len()
             );
-            return Err(HaltStatus::Unsupported);
         }
         if let Err(e) = sys::domain_watch(self.domains, self.domain_events, 1) {
             defmt::error!("init: cannot watch domains: {}", e);
@@ -366,7 +420,34 @@ impl Supervisor {
                 self.failed_builds += 1;
                 continue;
             };
-            match build::domain(self.domains, self.memory, &spec, id, exits, violations) {
+            let runs = sys::vm_features() & ipc_schema::syscall::vm_features::VMX != 0;
+            // Every other owner of a device (RMRR-6).
+            let mut others: heapless::Vec<(ipc_schema::manifest::PciDevice, &str), 64> =
+                heapless::Vec::new();
+            for (i, d) in self.manifest.domains.iter().enumerate() {
+                if i != index {
+                    for dev in d.devices.iter() {
+                        let _ = others.push((dev.device, d.name));
+                    }
+                }
+            }
+            for s in self.manifest.services.iter() {
+                for h in s.handles.iter() {
+                    if let Object::Device(dev) = h.object {
+                        let _ = others.push((dev, s.name));
+                    }
+                }
+            }
+            match build::domain(
+                self.domains,
+                self.memory,
+                &spec,
+                id,
+                exits,
+                violations,
+                runs,
+                &others,
+            ) {
                 Ok(b) => {
                     defmt::info!(
                         "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u32:#x}",
@@ -384,6 +465,7 @@ impl Supervisor {
                         ended: false,
                         shadow_pages: 0,
                         fork_name: None,
+                        runs,
                     });
                 }
                 Err(e) => {
@@ -536,7 +618,7 @@ impl Supervisor {
                 _ => {}
             }
         }
-        for d in &self.built {
+        for d in self.built.iter().filter(|d| d.runs) {
             match sys::domain_info(self.domains, d.id) {
                 // Building, running, paused: not over yet.
                 Ok((0..=2, _, _)) => return,
@@ -555,6 +637,42 @@ impl Supervisor {
         };
         defmt::info!("init: every domain and task has ended; halting");
         sys::halt(self.system, status.code())
+    }
+
+    /// A service as a DMA backend (`SupervisorRequest::DmaBackend`): its
+    /// devices and client domains from the manifest, and its state now.
+    fn dma_backend(&self, client: u64) -> SupervisorReply {
+        let mut devices = BoundedVec::new();
+        let mut clients = BoundedVec::new();
+        let Some(spec) = (client as usize)
+            .checked_sub(1)
+            .and_then(|i| self.manifest.services.get(i))
+        else {
+            return SupervisorReply::Refused(Refusal::NoSuchService);
+        };
+        for h in spec.handles.iter() {
+            if let Object::Device(d) = h.object {
+                let _ = devices.0.push((d.segment, d.source));
+            }
+        }
+        for (i, d) in self.manifest.domains.iter().enumerate() {
+            if spec.dma_clients & (1 << i) != 0
+                && let Some(id) = self.domain_id(d.name)
+            {
+                let _ = clients.0.push(id);
+            }
+        }
+        let running = self.services.iter().find(|s| s.spec as u64 + 1 == client);
+        SupervisorReply::DmaBackend {
+            devices,
+            clients,
+            generation: running.map_or(0, |s| s.generation),
+            running: running.is_some_and(|s| {
+                !s.held
+                    && s.done.is_none()
+                    && matches!(sys::process_status(s.process), Ok((0, _, _)))
+            }),
+        }
     }
 
     fn service_info(&self, index: u16) -> Option<ServiceInfo> {
@@ -666,6 +784,7 @@ impl Supervisor {
                     ended: false,
                     shadow_pages: 0,
                     fork_name: Some(fixed_name(&own)),
+                    runs: true,
                 });
                 SupervisorReply::Forked { id }
             }
@@ -788,6 +907,18 @@ impl Supervisor {
             }
             SupervisorRequest::ShadowFrames { id, count } => self.shadow_frames(caller, id, count),
             SupervisorRequest::Fork { parent, name } => self.fork(parent, name),
+            SupervisorRequest::DmaBackend { client } => self.dma_backend(client),
+            SupervisorRequest::DmaFault { event } => {
+                let iommu = (caller as usize)
+                    .checked_sub(1)
+                    .and_then(|i| self.manifest.services.get(i))
+                    .is_some_and(|s| s.handles.iter().any(|h| h.object == Object::Iommu));
+                if !iommu || !matches!(event, SupervisorEvent::DmaFault { .. }) {
+                    return SupervisorReply::Refused(Refusal::NotAllowed);
+                }
+                self.record(event);
+                SupervisorReply::Done
+            }
             SupervisorRequest::InjectFault { name } => {
                 let Some(i) = self.service_index(name_str(&name)) else {
                     return SupervisorReply::Refused(Refusal::NoSuchService);

@@ -290,6 +290,7 @@ impl Server {
                     );
                 }
             }
+            SupervisorEvent::DmaFault { .. } => {}
         }
     }
 }

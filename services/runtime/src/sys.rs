@@ -666,3 +666,133 @@ pub fn lifted_take(domains: Handle, id: u16, out: &mut [u64]) -> Result<(usize, 
         out.len(),
     )
 }
+
+/// IOSPACE_CREATE: new, empty DMA page tables (an IoSpace handle).
+pub fn iospace_create(iommu: Handle) -> Result<Handle, SysError> {
+    Ok(call(nr::IOSPACE_CREATE, &[u64::from(iommu)]).ok()?.rdi as Handle)
+}
+
+/// IOSPACE_ATTACH: the device's DMA goes through the IoSpace (`attach`)
+/// or is blocked again.
+pub fn iospace_attach(space: Handle, device: Handle, attach: bool) -> Result<(), SysError> {
+    call(
+        nr::IOSPACE_ATTACH,
+        &[u64::from(space), u64::from(device), u64::from(attach)],
+    )
+    .ok()
+    .map(|_| ())
+}
+
+/// IOSPACE_MAP: (gfn, bfn) pairs of domain `id`, all or none.
+pub fn iospace_map(
+    space: Handle,
+    domains: Handle,
+    id: u16,
+    pairs: &[(u64, u64)],
+    writable: bool,
+) -> Result<(), SysError> {
+    let mut raw = [0u64; 2 * 64];
+    for chunk in pairs.chunks(64) {
+        for (i, &(g, b)) in chunk.iter().enumerate() {
+            raw[2 * i] = g;
+            raw[2 * i + 1] = b;
+        }
+        call(
+            nr::IOSPACE_MAP,
+            &[
+                u64::from(space),
+                u64::from(domains),
+                u64::from(id),
+                raw.as_ptr() as u64,
+                chunk.len() as u64,
+                u64::from(writable),
+            ],
+        )
+        .ok()?;
+    }
+    Ok(())
+}
+
+/// IOSPACE_MAP with the pairs laid out as the kernel reads them (gfn, bfn
+/// u64 pairs, at most `IO_BATCH`): one call.
+pub fn iospace_map_raw(
+    space: Handle,
+    domains: Handle,
+    id: u16,
+    pairs: &[[u64; 2]],
+    writable: bool,
+) -> Result<(), SysError> {
+    call(
+        nr::IOSPACE_MAP,
+        &[
+            u64::from(space),
+            u64::from(domains),
+            u64::from(id),
+            pairs.as_ptr() as u64,
+            pairs.len() as u64,
+            u64::from(writable),
+        ],
+    )
+    .ok()
+    .map(|_| ())
+}
+
+/// IOSPACE_UNMAP: (pages unmapped, IOTLB invalidations issued); returns
+/// once the invalidation has completed.
+pub fn iospace_unmap(space: Handle, bfns: &[u64]) -> Result<(u64, u64), SysError> {
+    let r = call(
+        nr::IOSPACE_UNMAP,
+        &[u64::from(space), bfns.as_ptr() as u64, bfns.len() as u64],
+    )
+    .ok()?;
+    Ok((r.rdi, r.rsi))
+}
+
+/// IOMMU_FAULTS: fault records into `out`: (records, IOTLB invalidations
+/// since boot, faults lost).
+pub fn iommu_faults(
+    iommu: Handle,
+    out: &mut [ipc_schema::syscall::IoFault],
+) -> Result<(usize, u64, u64), SysError> {
+    let mut raw = [[0u8; 16]; 16];
+    let n = out.len().min(raw.len());
+    let r = call(
+        nr::IOMMU_FAULTS,
+        &[u64::from(iommu), raw.as_mut_ptr() as u64, (n * 16) as u64],
+    )
+    .ok()?;
+    let got = (r.rdi as usize).min(n);
+    for (o, b) in out.iter_mut().zip(&raw[..got]) {
+        *o = ipc_schema::syscall::IoFault::from_bytes(b);
+    }
+    Ok((got, r.rsi, r.rdx))
+}
+
+/// IOMMU_RMRR: reserved region `index`: (first byte, last byte, device
+/// scopes written to `scopes` as segment << 16 | source id).
+pub fn iommu_rmrr(
+    iommu: Handle,
+    index: u64,
+    scopes: &mut [u32],
+) -> Result<(u64, u64, usize), SysError> {
+    let r = call(
+        nr::IOMMU_RMRR,
+        &[
+            u64::from(iommu),
+            index,
+            scopes.as_mut_ptr() as u64,
+            (scopes.len() * 4) as u64,
+            0,
+        ],
+    )
+    .ok()?;
+    Ok((r.rdi, r.rsi, r.rdx as usize))
+}
+
+/// IOMMU_RMRR with frames: a Frames handle of exactly reserved region
+/// `index`, for DOMAIN_MAP_RAM at gfn = frame.
+pub fn iommu_rmrr_frames(iommu: Handle, index: u64) -> Result<Handle, SysError> {
+    Ok(call(nr::IOMMU_RMRR, &[u64::from(iommu), index, 0, 0, 1])
+        .ok()?
+        .rdi as Handle)
+}

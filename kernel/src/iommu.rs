@@ -1,0 +1,169 @@
+//! DMA remapping (VT-d): the mechanism only (issue 12). At boot every unit
+//! the DMAR lists gets an empty root table and translation on, so a device
+//! nobody attached has no context entry and no DMA. The rest is done under
+//! capabilities: IoSpaces (DMA page tables with a domain id) are created,
+//! devices attached to them, and a domain's RAM frames mapped at bus frame
+//! numbers a service chooses; an unmap returns only once the IOTLB
+//! invalidation that removes it has completed (IO-3). Who maps what for
+//! whom is the `iommu` service's business. The driver and the formats are
+//! `platform::vtd` (host-tested); this is its registers and memory.
+
+use crate::mem::phys_to_virt;
+use crate::vm::memory::{alloc_zeroed_frame, free_frame};
+use platform::acpi::dmar::Dmar;
+use platform::ept::ENTRIES;
+use platform::vtd::driver::{Enabled, Host, MAX_SPACES};
+
+pub use platform::vtd::driver::IommuError;
+
+/// Polls of a register or status word before a unit is given up on.
+const SPINS: u32 = 50_000_000;
+
+/// The kernel's side of the driver: units' registers through the direct
+/// map, frames from the frame allocator.
+pub struct Kernel;
+
+pub type Iommu = platform::vtd::driver::Iommu<'static, Kernel>;
+
+pub static IOMMU: spin::Mutex<Option<Iommu>> = spin::Mutex::new(None);
+
+fn register<T>(base: u64, off: usize) -> *mut T {
+    phys_to_virt(base).wrapping_add(off).cast::<T>()
+}
+
+impl Host for Kernel {
+    fn read32(&self, base: u64, off: usize) -> u32 {
+        // Safety: `base` is a unit's register block (4 KiB, below 4 GiB:
+        // checked in `init`, in the direct map); `off` one of its registers.
+        unsafe { register::<u32>(base, off).read_volatile() }
+    }
+    fn write32(&mut self, base: u64, off: usize, value: u32) {
+        // Safety: as `read32`.
+        unsafe { register::<u32>(base, off).write_volatile(value) }
+    }
+    fn read64(&self, base: u64, off: usize) -> u64 {
+        // Safety: as `read32`; 64-bit registers are 8-byte aligned.
+        unsafe { register::<u64>(base, off).read_volatile() }
+    }
+    fn write64(&mut self, base: u64, off: usize, value: u64) {
+        // Safety: as `read64`.
+        unsafe { register::<u64>(base, off).write_volatile(value) }
+    }
+    fn alloc_frame(&mut self) -> Option<u64> {
+        alloc_zeroed_frame()
+    }
+    fn free_frame(&mut self, frame: u64) {
+        free_frame(frame);
+    }
+    fn frame(&self, frame: u64) -> &[u64; ENTRIES] {
+        // Safety: a frame the driver allocated (root, context and IoSpace
+        // tables, the queue, the status word), in the direct map, touched
+        // only under `IOMMU`'s lock.
+        unsafe { &*phys_to_virt(frame).cast::<[u64; ENTRIES]>() }
+    }
+    fn frame_mut(&mut self, frame: u64) -> &mut [u64; ENTRIES] {
+        // Safety: as `frame`; `&mut self` serialises writers.
+        unsafe { &mut *phys_to_virt(frame).cast::<[u64; ENTRIES]>() }
+    }
+    fn flush_caches(&mut self) {
+        // Safety: WBINVD writes back and invalidates caches; it changes no
+        // memory contents.
+        unsafe { core::arch::asm!("wbinvd", options(nostack)) };
+    }
+    fn wait(&mut self, done: &mut dyn FnMut(&Self) -> bool) -> bool {
+        (0..SPINS).any(|_| {
+            core::hint::spin_loop();
+            done(self)
+        })
+    }
+}
+
+/// Turns every unit on with nothing attached (all DMA blocked).
+/// `registers_only`: `iommu=register` on the command line, to use
+/// register-based invalidation even where the unit has a queue.
+pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
+    let mut iommu = Iommu::new(Kernel, dmar.clone());
+    for (i, d) in dmar.drhds().enumerate() {
+        if d.register_base >= crate::mem::DIRECT_MAP_END || d.register_base % 4096 != 0 {
+            defmt::warn!(
+                "IOMMU: unit at {=u64:#x} is outside the direct map; its devices stay as the firmware left them",
+                d.register_base
+            );
+            continue;
+        }
+        let (levels, version) = match iommu.enable(i, registers_only) {
+            Enabled::On { levels, version } => (levels, version),
+            other => {
+                defmt::warn!(
+                    "IOMMU: unit at {=u64:#x} not used: {=str}",
+                    d.register_base,
+                    match other {
+                        Enabled::Unusable => "it does not answer, or walks neither 3 nor 4 levels",
+                        Enabled::NoAnswer => "a command did not complete",
+                        _ => "out of memory",
+                    }
+                );
+                continue;
+            }
+        };
+        let u = iommu.units.last().expect("the unit just enabled");
+        defmt::info!(
+            "IOMMU: unit at {=u64:#x} (version {=u32:#x}): {=u32} domain ids, {=u8}-level tables, {=str} invalidation, caching mode {=bool}, coherent {=bool}: translation on, every device blocked until attached",
+            d.register_base,
+            version,
+            u.cap.domains(),
+            levels,
+            if u.queue.is_some() {
+                "queued"
+            } else {
+                "register-based"
+            },
+            u.cap.caching_mode(),
+            u.ecap.coherent()
+        );
+    }
+    if !iommu.units.is_empty() {
+        *IOMMU.lock() = Some(iommu);
+    }
+}
+
+/// Checks that a device can be handed out: a unit covers it and (on
+/// segment 0, where the kernel can look) something answers there.
+pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), IommuError> {
+    iommu
+        .unit_of(segment, source)
+        .ok_or(IommuError::NotCovered)?;
+    // Safety: init, the only other user of the configuration ports, cannot
+    // run while the kernel does.
+    if segment == 0 && unsafe { platform::pci::read(source, 0) } & 0xffff == 0xffff {
+        return Err(IommuError::NoDevice);
+    }
+    Ok(())
+}
+
+/// A memory BAR of a segment-0 function: (address, bytes).
+pub fn bar(source: u16, index: u8) -> Option<(u64, u64)> {
+    // Safety: as in `check_device`; the device's driver, if any, is the
+    // service that asks for its BAR, blocked in this call.
+    unsafe { platform::pci::memory_bar(source, index) }
+}
+
+/// A domain being destroyed: every IoSpace page that maps its RAM is
+/// unmapped and the IOTLB invalidated first (IO-4), so no device keeps a
+/// way into frames the domain no longer owns.
+pub fn drop_domain(d: &Option<crate::vm::domain::Domain>) {
+    let Some(d) = d else { return };
+    let mut guard = IOMMU.lock();
+    let Some(iommu) = guard.as_mut() else { return };
+    for s in 0..MAX_SPACES as u16 {
+        let n = iommu.unmap_where(s, |hpa| d.gfn_of_frame(hpa).is_some());
+        if n > 0 {
+            defmt::info!(
+                "IOMMU: domain {=u16} ends: {=u64} page(s) of it unmapped from IoSpace {=u16}",
+                d.id,
+                n,
+                s
+            );
+        }
+    }
+}
