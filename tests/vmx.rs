@@ -78,10 +78,39 @@ fn hello_prints_the_same_under_parallax_and_on_plain_qemu() {
 /// work folder as `kernel-asm`: a multiboot kernel not built by this
 /// project's guest runtime.
 fn assembled_kernel() -> std::path::PathBuf {
+    assemble("hello.S", "kernel-asm", &[])
+}
+
+/// `tests/kernels/<source>`, assembled and linked (GNU as and ld, 32-bit,
+/// text at 1 MiB, with `ld_args`) into the work folder's `kernels/<name>`.
+fn assemble(source: &str, name: &str, ld_args: &[&str]) -> std::path::PathBuf {
     let dir = image_builder::paths::work_dir().join("kernels");
     std::fs::create_dir_all(&dir).unwrap();
-    let (object, elf) = (dir.join("hello.o"), dir.join("kernel-asm"));
-    let source = image_builder::paths::repo().join("tests/kernels/hello.S");
+    let (object, elf) = (dir.join(format!("{name}.o")), dir.join(name));
+    let source = image_builder::paths::repo()
+        .join("tests/kernels")
+        .join(source);
+    let mut link: Vec<std::ffi::OsString> = [
+        "-m",
+        "elf_i386",
+        "-Ttext",
+        "0x100000",
+        "-e",
+        "_start",
+        // One segment from 1 MiB, no ELF headers loaded below it.
+        "-n",
+        "--no-warn-rwx-segments",
+        "--build-id=none",
+    ]
+    .iter()
+    .chain(ld_args)
+    .map(Into::into)
+    .collect();
+    link.extend([
+        "-o".into(),
+        elf.clone().into_os_string(),
+        object.clone().into_os_string(),
+    ]);
     for (tool, args) in [
         (
             "as",
@@ -92,24 +121,7 @@ fn assembled_kernel() -> std::path::PathBuf {
                 source.into_os_string(),
             ],
         ),
-        (
-            "ld",
-            vec![
-                "-m".into(),
-                "elf_i386".into(),
-                "-Ttext".into(),
-                "0x100000".into(),
-                "-e".into(),
-                "_start".into(),
-                // One segment from 1 MiB, no ELF headers loaded below it.
-                "-n".into(),
-                "--no-warn-rwx-segments".into(),
-                "--build-id=none".into(),
-                "-o".into(),
-                elf.clone().into_os_string(),
-                object.clone().into_os_string(),
-            ],
-        ),
+        ("ld", link),
     ] {
         let out = std::process::Command::new(tool)
             .args(&args)
@@ -122,6 +134,62 @@ fn assembled_kernel() -> std::path::PathBuf {
         );
     }
     elf
+}
+
+/// Boots `elf` as a multiboot2 kernel under GRUB on QEMU (TCG), with
+/// `modules` (`"FILE ARGS"`, files in the kernel's folder) given by
+/// `module2`: its COM1 lines and QEMU's exit code. QEMU's `-kernel` does
+/// not take multiboot2 kernels; GRUB is what they are written for.
+fn under_grub_on_qemu(
+    elf: &std::path::Path,
+    cmdline: &str,
+    modules: &[&str],
+) -> (Vec<String>, i32) {
+    let dir = elf.parent().unwrap().join("grub-mb2");
+    let _ = std::fs::remove_dir_all(&dir);
+    let boot = dir.join("iso/boot");
+    std::fs::create_dir_all(boot.join("grub")).unwrap();
+    std::fs::copy(elf, boot.join("kernel")).unwrap();
+    let mut cfg = format!(
+        "set timeout=0\nset timeout_style=hidden\nmenuentry \"k\" {{\n    multiboot2 /boot/kernel {cmdline}\n"
+    );
+    for m in modules {
+        let file = m.split(' ').next().unwrap();
+        std::fs::copy(elf.parent().unwrap().join(file), boot.join(file)).unwrap();
+        cfg.push_str(&format!("    module2 /boot/{file} {m}\n"));
+    }
+    cfg.push_str("    boot\n}\n");
+    std::fs::write(boot.join("grub/grub.cfg"), cfg).unwrap();
+    let iso = dir.join("mb2.iso");
+    let out = std::process::Command::new("grub-mkrescue")
+        .args(["--fonts=", "--locales=", "--themes=", "-o"])
+        .arg(&iso)
+        .arg(dir.join("iso"))
+        .output()
+        .expect("grub-mkrescue runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let serial = dir.join("serial.txt");
+    let status = std::process::Command::new("timeout")
+        .args(["120", "qemu-system-x86_64", "-machine", "q35", "-m", "32M"])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-accel", "tcg", "-cpu", "max", "-cdrom"])
+        .arg(&iso)
+        .status()
+        .expect("QEMU runs");
+    let text = std::fs::read_to_string(&serial).unwrap();
+    (
+        text.lines()
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .collect(),
+        status.code().unwrap_or(-1),
+    )
 }
 
 /// Issue 14, points 1 and 3: a kernel from a file (`kernel = "PATH"`, here
@@ -174,6 +242,89 @@ fn a_kernel_from_a_file_runs_as_on_plain_qemu() {
         run.console(1),
         plain_lines,
         "with and without the hypervisor"
+    );
+}
+
+/// Issue 14, points 1 and 3: a multiboot2 kernel and a PVH kernel (an ELF
+/// with Xen's PHYS32_ENTRY note, as vmlinux has), both written in assembly
+/// (`tests/kernels/hello-mb2.S`, `hello-pvh.S`), print the same and end
+/// with the same status under Parallax on Bochs (two domains of one run)
+/// as the multiboot2 one under GRUB on QEMU and the PVH one under
+/// `qemu-system-x86_64 -kernel -initrd` (QEMU's PVH loader).
+#[test]
+fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
+    let mb2 = assemble("hello-mb2.S", "kernel-mb2", &[]);
+    // The note in a loaded segment inside the domain's RAM.
+    let pvh = assemble(
+        "hello-pvh.S",
+        "kernel-pvh",
+        &["--section-start=.note.Xen=0x200000"],
+    );
+    let dir = mb2.parent().unwrap().to_owned();
+    std::fs::write(dir.join("mod-a.txt"), "first module line\nsecond\n").unwrap();
+    std::fs::write(dir.join("mod-b.txt"), "only line").unwrap();
+    let (grub, status) = under_grub_on_qemu(
+        &mb2,
+        "from the test",
+        &["mod-a.txt an argument", "mod-b.txt"],
+    );
+    assert_eq!(status, (0x10 << 1) | 1, "GRUB on QEMU: {grub:?}");
+    assert_eq!(
+        grub,
+        [
+            "hello from a multiboot2 kernel in assembly",
+            "cmdline: from the test",
+            "module: mod-a.txt an argument: first module line",
+            "module: mod-b.txt: only line",
+            "memory map: RAM from 1 MiB",
+        ]
+    );
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-pvh"));
+    cfg.memory_mib = 32;
+    let plain =
+        emulator::run_multiboot_on_qemu_with_modules(&pvh, "from the test", &["mod-b.txt"], &cfg)
+            .expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "hello from a PVH kernel in assembly",
+            "cmdline: from the test",
+            "module: only line",
+            "memory map: RAM from 1 MiB",
+        ]
+    );
+    let manifest = dir.join("kernel-formats.toml");
+    let text = concat!(
+        "name = \"kernel-formats\"\n",
+        "[[domain]]\nname = \"mb2\"\nkernel = \"kernel-mb2\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+        "modules = [{ path = \"mod-a.txt\", cmdline = \"an argument\" }, { path = \"mod-b.txt\" }]\n",
+        "[[domain]]\nname = \"pvh\"\nkernel = \"kernel-pvh\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+        "modules = [{ path = \"mod-b.txt\" }]\n",
+    );
+    let img = system_in(&manifest, "kernel-formats", text);
+    let run = bochs(&img);
+    run.expect_from("init", "domain 1 (mb2): guest kernel-mb2, 32 MiB in")
+        .expect_from("init", "(Multiboot2)")
+        .expect_from("init", "domain 2 (pvh): guest kernel-pvh, 32 MiB in")
+        .expect_from("init", "(Pvh)")
+        .expect("domain 1 (mb2) exited with status 16")
+        .expect("domain 2 (pvh) exited with status 16");
+    assert_eq!(
+        run.console(1),
+        grub,
+        "multiboot2: under Parallax and under GRUB"
+    );
+    assert_eq!(
+        run.console(2),
+        plain_lines,
+        "PVH: under Parallax and on plain QEMU"
     );
 }
 
