@@ -328,6 +328,55 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
     );
 }
 
+/// Issue 14, point 2: `tests/kernels/timer.S` programs the 8259 PICs and
+/// the PIT (channel 0 periodic and one-shot, channel 2 through port 0x61),
+/// halts until its timer interrupts come (the vmm injects them through
+/// interrupt-window exits; HLT waits in the kernel for the PIT's next
+/// edge), and prints the same and ends with the same status (0x10) under
+/// Parallax on Bochs as under `qemu-system-x86_64 -kernel`. Beside it, the
+/// `hello` guest runs and finishes while it waits.
+#[test]
+fn a_kernel_taking_pit_interrupts_through_the_pics_runs_as_on_plain_qemu() {
+    let elf = assemble("timer.S", "kernel-timer", &[]);
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-timer"));
+    cfg.memory_mib = 32;
+    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "timer kernel: PICs at 0x20 and 0x28, PIT at 100 Hz",
+            "10 timer interrupts taken while halted",
+            "no interrupt left in service",
+            "one-shot count: its interrupt taken",
+            "channel 2 output high after its count",
+        ]
+    );
+    let manifest = elf.parent().unwrap().join("kernel-timer.toml");
+    let text = concat!(
+        "name = \"kernel-timer\"\n",
+        "[[domain]]\nname = \"timer\"\nkernel = \"kernel-timer\"\nmemory_mib = 16\n",
+        "[[domain]]\nname = \"hello\"\nguest = \"hello\"\nmemory_mib = 16\n",
+    );
+    let img = system_in(&manifest, "kernel-timer", text);
+    let run = bochs(&img);
+    run.expect("domain 1 (timer) exited with status 16")
+        .expect("domain 2 (hello) exited with status 0")
+        .expect_no("halted with nothing to wake it")
+        .expect_no("has no device");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

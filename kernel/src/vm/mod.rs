@@ -133,6 +133,8 @@ enum Fast {
     /// The slice ended and nobody else waits: the host takes any interrupt
     /// pending, then the guest goes on unless someone woke.
     Window,
+    /// The TSC reached the deadline the vCPU's handler set.
+    Deadline,
     /// Not the kernel's: send it to the handler.
     No,
 }
@@ -151,6 +153,7 @@ enum Stop {
 pub fn run_vcpu(k: &mut Kernel, slot: u16) {
     let others_waiting = !k.ready.is_empty();
     loop {
+        wake_due(k);
         let Some(d) = k.domains[usize::from(slot)].as_mut() else {
             return;
         };
@@ -241,6 +244,10 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
         let Some(v) = d.vcpu.as_mut() else {
             return Stop::Handler;
         };
+        if v.deadline != u64::MAX && !clamp_to_deadline(v) {
+            d.pending_raw = Some(RawExit::DEADLINE);
+            return Stop::Handler;
+        }
         let raw = v.enter();
         if raw.vmx_failed() {
             d.pending_raw = Some(raw);
@@ -254,6 +261,10 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             }
             Fast::Interrupt(vector) => return Stop::Interrupt(vector),
             Fast::Window => return Stop::Window,
+            Fast::Deadline => {
+                d.pending_raw = Some(RawExit::DEADLINE);
+                return Stop::Handler;
+            }
             // Out of `fast_path`, so that the null hypercall's code stays
             // as it is.
             Fast::No if raw.reason() == reason::EPT_VIOLATION && lift_on_write(d) => {
@@ -269,6 +280,78 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             }
         }
     }
+}
+
+/// Cuts the vCPU's preemption timer short where its handler's deadline
+/// comes before the timer would end; false when the deadline has passed
+/// (the exit is due now: the deadline is cleared). Without the timer the
+/// deadline is seen at the vCPU's next exit.
+fn clamp_to_deadline(v: &mut vcpu::Vcpu) -> bool {
+    let now = platform::cpu::rdtsc();
+    if now >= v.deadline {
+        v.deadline = u64::MAX;
+        return false;
+    }
+    if caps().1.slice.is_some() {
+        let rate = caps().0.preemption_timer_rate;
+        let ticks = ((v.deadline - now) >> rate).max(1);
+        let left = v.read(platform::vmx::fields::PREEMPTION_TIMER_VALUE);
+        if ticks < left {
+            // Safety: the VMCS is current; any timer value is valid.
+            unsafe { v.write(platform::vmx::fields::PREEMPTION_TIMER_VALUE, ticks) };
+        }
+    }
+    true
+}
+
+/// The earliest deadline of a vCPU that waits (`Then::BlockUntil`), or
+/// `u64::MAX`.
+static NEXT_WAKE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// A vCPU now waits until the TSC reaches `deadline`.
+pub fn wake_at(deadline: u64) {
+    NEXT_WAKE.fetch_min(deadline, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The earliest TSC at which a waiting vCPU wakes (`u64::MAX`: none).
+pub fn next_wake() -> u64 {
+    NEXT_WAKE.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sends each waiting vCPU whose deadline has come its `Deadline` exit.
+/// One comparison when none is due.
+#[inline]
+pub fn wake_due(k: &mut Kernel) {
+    use core::sync::atomic::Ordering::Relaxed;
+    let now = platform::cpu::rdtsc();
+    if now < NEXT_WAKE.load(Relaxed) {
+        return;
+    }
+    let mut next = u64::MAX;
+    for slot in 0..k.domains.len() {
+        let Some(d) = k.domains[slot].as_mut() else {
+            continue;
+        };
+        let Some(v) = d.vcpu.as_mut() else { continue };
+        if v.state != VcpuState::Blocked || v.deadline == u64::MAX {
+            continue;
+        }
+        // A paused domain's vCPU wakes once it is unpaused.
+        if v.deadline > now || d.state != DomainState::Running {
+            next = next.min(v.deadline);
+            continue;
+        }
+        v.deadline = u64::MAX;
+        v.state = VcpuState::Runnable;
+        if v.load().is_err() {
+            continue;
+        }
+        d.pending_raw = Some(RawExit::DEADLINE);
+        let slot = slot as u16;
+        crate::sys::fastpath::exit(k, slot);
+        exits::to_handler(k, slot);
+    }
+    NEXT_WAKE.store(next, Relaxed);
 }
 
 /// The vCPU gives way: its next run starts a new slice.
@@ -345,6 +428,13 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
             v.exits -= 1; // not the guest's doing
+            if v.deadline != u64::MAX && platform::cpu::rdtsc() >= v.deadline {
+                // The timer was cut short for the handler's deadline; the
+                // slice goes on (with what the timer had left before).
+                v.deadline = u64::MAX;
+                renew_timer(v);
+                return Fast::Deadline;
+            }
             // The guest's share of the slice is spent (the timer's value is
             // saved at every exit, so exits do not renew it): others get
             // their turn (`end_slice` renews the timer), or the guest a new
@@ -355,6 +445,11 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
                 renew_timer(v);
                 Fast::Window
             }
+        }
+        // The window its handler asked for: once is enough.
+        reason::INTERRUPT_WINDOW => {
+            v.set_window(&caps().0, false);
+            Fast::No
         }
         reason::EXTERNAL_INTERRUPT => {
             v.exits -= 1; // not the guest's doing

@@ -9,6 +9,8 @@
 //! (dirty-log requests to the logdirty service).
 //! An exit it cannot make sense of stops the domain, saying why.
 
+use crate::pic::Pic;
+use crate::pit::Pit;
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
@@ -16,6 +18,7 @@ use ipc_schema::hypercall::{
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::{SysError, vm_features};
+use ipc_schema::vmexit::Inject;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
@@ -120,7 +123,28 @@ struct Devices {
     open_line: bool,
     /// Log lines this domain's doings caused.
     logged: LogBudget,
+    /// Its interrupt controllers and timer.
+    platform: Platform,
 }
+
+/// A domain's PC platform beyond the console: the PICs, the PIT, and what
+/// the kernel was last asked for (an interrupt window, a deadline).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Platform {
+    pic: Pic,
+    pit: Pit,
+    /// An interrupt window was asked for and has not opened yet.
+    window: bool,
+    /// The deadline the kernel keeps for the vCPU (`None`: none).
+    deadline: Option<u64>,
+    /// HLTs in a row with an interrupt waiting and no window between them.
+    halts: u8,
+    /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
+    absent: heapless::Vec<u16, ABSENT_LOGGED>,
+}
+
+/// Distinct absent ports logged per domain.
+pub const ABSENT_LOGGED: usize = 16;
 
 /// Log lines a guest can cause over and over (a refused VMFUNC, MSR): the
 /// first [`LogBudget::BURST`] of a domain are logged, then one in
@@ -200,6 +224,9 @@ impl Vmm {
                 open_line: d.open_line,
                 // A new release starts a new burst of log lines.
                 logged: LogBudget::default(),
+                // Not in the snapshot (its 4 KiB hold 16 domains' consoles):
+                // a successor gives the domains fresh PICs and PITs.
+                platform: Platform::default(),
             });
         }
         v
@@ -288,6 +315,16 @@ impl Vmm {
     }
 
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
+        let r = self.respond_device(env, exit, regs);
+        if matches!(exit.kind, ExitKind::Start) {
+            // Fresh devices are made at its next exit.
+            return r;
+        }
+        let d = self.devices(exit.domain);
+        interrupts(env, d, &exit.kind, r)
+    }
+
+    fn respond_device(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         // Console bytes are held back only while the guest keeps writing
         // them: any other exit sends them on, so that a fault of this
@@ -394,6 +431,33 @@ impl Vmm {
             // A single step asked for by someone else (the altp2m service
             // receives its own): nothing to do but go on.
             ExitKind::MonitorTrap => Response::RETRY,
+            // The guest can take an interrupt: the PIC's acknowledge cycle.
+            ExitKind::InterruptWindow => {
+                d.platform.window = false;
+                d.platform.halts = 0;
+                match d.platform.pic.ack() {
+                    Some(vector) if vector >= 32 => Response {
+                        advance: false,
+                        inject: Some(Inject::Interrupt { vector }),
+                        then: Then::Resume,
+                    },
+                    Some(vector) => {
+                        defmt::error!(
+                            "domain {=u16}: its PIC delivers vector {=u8}, an exception's (ICW2 not set above 31); domain stopped",
+                            id,
+                            vector
+                        );
+                        Response::CRASH
+                    }
+                    // Masked or ended meanwhile.
+                    None => Response::RETRY,
+                }
+            }
+            // The kernel cleared the deadline it sent.
+            ExitKind::Deadline => {
+                d.platform.deadline = None;
+                Response::RETRY
+            }
             // A new domain: fresh devices, whatever a domain of this id had.
             // Goes to the service that started PML; here only if the kernel
             // had nowhere else to send it: nothing to read, go on.
@@ -473,8 +537,57 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
     }
 }
 
-/// Port I/O: the console UART, the exit port; other ports read as absent
-/// hardware (all ones) and ignore writes.
+/// After an exit's own answer: the PIT's IRQ 0 raised where it is due, and
+/// what the kernel must do for interrupts: an interrupt window while one
+/// waits in the PIC, the PIT's next edge as the vCPU's deadline, a HLT
+/// turned into a wait for that deadline (or, with an interrupt waiting, into
+/// going on to take it).
+fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response) -> Response {
+    let p = &mut d.platform;
+    let hz = u64::from(env.tsc_khz()) * 1000;
+    if p.pit.irq0_due(env.tsc(), hz) {
+        p.pic.raise(0);
+    }
+    let pending = p.pic.pending();
+    if matches!(kind, ExitKind::Hlt) && r.then == Then::Block {
+        if pending {
+            p.halts = p.halts.saturating_add(1);
+            if p.halts > 1 && p.window {
+                // A window was asked for and a HLT came instead, twice: the
+                // guest halted with interrupts off; it would wait for ever.
+                defmt::warn!(
+                    "domain {=u16}: HLT with interrupts off while an interrupt waits: it can never wake",
+                    d.id
+                );
+                return r;
+            }
+            r.then = Then::Resume;
+        } else {
+            let deadline = p.pit.next_edge();
+            if deadline == u64::MAX {
+                return r;
+            }
+            p.deadline = Some(deadline);
+            r.then = Then::BlockUntil { deadline };
+            return r;
+        }
+    }
+    if r.then == Then::Resume {
+        let deadline = p.pit.next_edge();
+        let window = p.window || pending;
+        let kept = p.deadline.unwrap_or(u64::MAX);
+        if window != p.window || deadline != kept {
+            p.window = window;
+            p.deadline = (deadline != u64::MAX).then_some(deadline);
+            r.then = Then::ResumeUntil { window, deadline };
+        }
+    }
+    r
+}
+
+/// Port I/O: the console UART, the exit port, the PICs and the PIT; other
+/// ports read as absent hardware (all ones) and ignore writes, each logged
+/// the first time.
 fn io(
     env: &mut impl Env,
     d: &mut Devices,
@@ -507,8 +620,31 @@ fn io(
                 then: Then::Exit { status: value },
             };
         }
-        _ if write => {}
-        _ => set_in(regs, size, u32::MAX),
+        _ if Pic::owns(port) && write => d.platform.pic.write(port, value as u8),
+        _ if Pic::owns(port) => set_in(regs, size, u32::from(d.platform.pic.read(port))),
+        _ if Pit::owns(port) => {
+            let (now, hz) = (env.tsc(), u64::from(env.tsc_khz()) * 1000);
+            if write {
+                d.platform.pit.write(port, value as u8, now, hz);
+            } else {
+                let v = d.platform.pit.read(port, now, hz);
+                set_in(regs, size, u32::from(v));
+            }
+        }
+        _ => {
+            if !d.platform.absent.contains(&port) && d.platform.absent.push(port).is_ok() {
+                defmt::info!(
+                    "domain {=u16}: port {=u16:#x} has no device ({=str} of {=u8} bytes): reads all ones, writes ignored (logged once)",
+                    d.id,
+                    port,
+                    if write { "a write" } else { "a read" },
+                    size
+                );
+            }
+            if !write {
+                set_in(regs, size, u32::MAX);
+            }
+        }
     }
     Response::DONE
 }

@@ -4,6 +4,8 @@
 #![no_std]
 
 pub mod exits;
+pub mod pic;
+pub mod pit;
 
 #[cfg(test)]
 mod tests;

@@ -771,3 +771,280 @@ fn granted_pages_are_the_kernels_business_and_its_refusals_are_named() {
     // None of it went to the altp2m or logdirty services.
     assert!(env.asked.is_empty() && env.dirty_asked.is_empty());
 }
+
+/// The 8259 pair programmed as PC kernels do: vectors 0x20 and 0x28,
+/// cascade on line 2, 8086 mode.
+fn program_pics(pic: &mut crate::pic::Pic, icw4: u8) {
+    for (port, v) in [
+        (0x20, 0x11),
+        (0xa0, 0x11),
+        (0x21, 0x20),
+        (0xa1, 0x28),
+        (0x21, 0x04),
+        (0xa1, 0x02),
+        (0x21, icw4),
+        (0xa1, icw4),
+    ] {
+        pic.write(port, v);
+    }
+}
+
+#[test]
+fn the_pics_deliver_by_priority_mask_and_end_of_interrupt() {
+    let mut pic = crate::pic::Pic::default();
+    // Power-on: every line masked, nothing delivered.
+    pic.raise(0);
+    assert!(!pic.pending());
+    program_pics(&mut pic, 0x01);
+    // ICW1 cleared the masks; mask all but 0, 1 and the cascade.
+    pic.write(0x21, 0xf8);
+    pic.write(0xa1, 0xfe);
+    assert_eq!(pic.read(0x21), 0xf8);
+    pic.raise(1);
+    pic.raise(0);
+    pic.raise(5); // masked
+    assert!(pic.pending());
+    assert_eq!(pic.ack(), Some(0x20), "line 0 first");
+    // Line 1 waits while 0 is in service.
+    assert!(!pic.pending());
+    pic.write(0x20, 0x0b); // OCW3: read ISR
+    assert_eq!(pic.read(0x20), 0x01);
+    pic.write(0x20, 0x0a); // read IRR
+    assert_eq!(pic.read(0x20), 0x22);
+    pic.write(0x20, 0x20); // non-specific EOI
+    assert_eq!(pic.ack(), Some(0x21));
+    pic.write(0x20, 0x61); // specific EOI of line 1
+    assert!(!pic.pending(), "line 5 stays masked");
+    // The slave's line 8 arrives through the master's line 2.
+    pic.raise(8);
+    assert_eq!(pic.ack(), Some(0x28));
+    assert_eq!((pic.master.isr, pic.slave.isr), (0x04, 0x01));
+    pic.raise(8);
+    assert!(!pic.pending(), "in service on both chips");
+    pic.write(0xa0, 0x20);
+    pic.write(0x20, 0x20);
+    assert_eq!(pic.ack(), Some(0x28));
+    // Auto-EOI: nothing stays in service.
+    let mut aeoi = crate::pic::Pic::default();
+    program_pics(&mut aeoi, 0x03);
+    aeoi.raise(0);
+    assert_eq!(aeoi.ack(), Some(0x20));
+    aeoi.raise(0);
+    assert_eq!((aeoi.master.isr, aeoi.ack()), (0, Some(0x20)));
+    // Garbage in any order never panics and leaves vectors in range.
+    let mut junk = crate::pic::Pic::default();
+    for i in 0u32..4000 {
+        let v = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+        junk.write([0x20, 0x21, 0xa0, 0xa1][(i % 4) as usize], v);
+        junk.raise(v & 15);
+        let _ = junk.ack();
+    }
+}
+
+const HZ: u64 = 100_000_000; // the fake's TSC: 100 MHz
+
+#[test]
+fn the_pit_counts_from_the_tsc_and_gives_irq0_edges() {
+    use crate::pit::{PIT_HZ, Pit};
+    let mut pit = Pit::default();
+    let t0 = 5_000_000;
+    // Channel 0, lobyte/hibyte, mode 2, 11932: 100 Hz.
+    pit.write(0x43, 0x34, t0, HZ);
+    pit.write(0x40, 0x9c, t0, HZ);
+    assert_eq!(pit.next_edge(), u64::MAX, "no edge before the whole count");
+    pit.write(0x40, 0x2e, t0, HZ);
+    let period = (11932 * HZ).div_ceil(PIT_HZ);
+    assert_eq!(pit.next_edge(), t0 + period);
+    assert!(!pit.irq0_due(t0 + period - 1, HZ));
+    assert!(pit.irq0_due(t0 + period, HZ));
+    assert!(!pit.irq0_due(t0 + period, HZ), "one edge once");
+    assert_eq!(pit.next_edge(), t0 + 2 * period);
+    // Ten periods late: one edge, and the next in the future.
+    assert!(pit.irq0_due(t0 + 12 * period + 5, HZ));
+    assert_eq!(pit.next_edge(), t0 + 13 * period);
+    // Halfway through a period the count reads about half the reload.
+    pit.write(0x43, 0x00, t0 + period / 2, HZ); // latch channel 0
+    let lo = pit.read(0x40, t0 + period, HZ);
+    let hi = pit.read(0x40, t0 + period, HZ);
+    let count = u16::from(lo) | u16::from(hi) << 8;
+    assert!((5960..=5972).contains(&count), "latched {count}");
+    // Mode 0 (one-shot): one edge, then none.
+    pit.write(0x43, 0x30, t0, HZ);
+    pit.write(0x40, 0x10, t0, HZ);
+    pit.write(0x40, 0x00, t0, HZ);
+    let end = t0 + (16 * HZ).div_ceil(PIT_HZ);
+    assert!(pit.irq0_due(end, HZ));
+    assert_eq!(pit.next_edge(), u64::MAX);
+    // Channel 2 through port 0x61: gate on, mode 0, OUT2 at bit 5 once the
+    // count is done (as kernels calibrate their TSC).
+    pit.write(0x61, 0x01, t0, HZ);
+    pit.write(0x43, 0xb0, t0, HZ);
+    pit.write(0x42, 0x9b, t0, HZ);
+    pit.write(0x42, 0x2e, t0, HZ);
+    assert_eq!(
+        pit.read(0x61, t0 + HZ / 200, HZ) & 0x21,
+        0x01,
+        "5 ms: not yet"
+    );
+    assert_eq!(pit.read(0x61, t0 + HZ / 99, HZ) & 0x21, 0x21, "10 ms: done");
+    pit.write(0x61, 0x00, t0, HZ);
+    assert_eq!(pit.read(0x61, t0 + HZ, HZ) & 0x21, 0, "gate off: low");
+    // Read-back of channel 0's status: mode 0, lobyte/hibyte, OUT high.
+    pit.write(0x43, 0xe2, t0 + HZ, HZ);
+    assert_eq!(pit.read(0x40, t0 + HZ, HZ), 0x80 | 0x30);
+}
+
+fn io(
+    vmm: &mut Vmm,
+    env: &mut Fake,
+    port: u16,
+    write: bool,
+    value: u8,
+) -> ipc_schema::vmexit::ExitReply {
+    let kind = ExitKind::Io {
+        port,
+        size: 1,
+        write,
+        value: value.into(),
+    };
+    vmm.exit(env, &exit(kind, ExitRegs::default()))
+}
+
+/// A guest's PICs and a 100 Hz PIT, as `tests/kernels/timer.S` programs them.
+fn guest_timer(vmm: &mut Vmm, env: &mut Fake) -> ipc_schema::vmexit::ExitReply {
+    let mut pic = Vec::new();
+    program_pics_ports(&mut pic);
+    for (port, v) in pic {
+        io(vmm, env, port, true, v);
+    }
+    io(vmm, env, 0x21, true, 0xfe);
+    io(vmm, env, 0x43, true, 0x34);
+    io(vmm, env, 0x40, true, 0x9c);
+    io(vmm, env, 0x40, true, 0x2e)
+}
+
+fn program_pics_ports(out: &mut Vec<(u16, u8)>) {
+    out.extend([
+        (0x20, 0x11),
+        (0xa0, 0x11),
+        (0x21, 0x20),
+        (0xa1, 0x28),
+        (0x21, 0x04),
+        (0xa1, 0x02),
+        (0x21, 0x01),
+        (0xa1, 0x01),
+    ]);
+}
+
+#[test]
+fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    let period = (11932 * HZ).div_ceil(crate::pit::PIT_HZ);
+    let edge = env.tsc + period;
+    // Programming the PIT sets the vCPU's deadline (its first edge).
+    let r = guest_timer(&mut vmm, &mut env);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: edge
+        }
+    );
+    // HLT with nothing waiting: wait for that edge, RIP past the HLT.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert!(r.response.advance);
+    assert_eq!(r.response.then, Then::BlockUntil { deadline: edge });
+    // The edge: IRQ 0 waits, a window is asked for, and the next edge.
+    env.tsc = edge + 10;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(!r.response.advance);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: true,
+            deadline: edge + period
+        }
+    );
+    // The window: vector 0x20 injected, nothing more to ask.
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x20 }));
+    assert_eq!(r.response.then, Then::Resume);
+    // Before its EOI the next edge does not ask for a window (line 0 in
+    // service); the EOI does.
+    env.tsc = edge + period;
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Cpuid {
+                leaf: 0,
+                subleaf: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: edge + 2 * period
+        }
+    );
+    let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: true,
+            deadline: edge + 2 * period
+        }
+    );
+    // A HLT now (an interrupt waits): go on past it and take it.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert!(r.response.advance);
+    assert_eq!(r.response.then, Then::Resume, "the window is asked already");
+    // A second HLT with no window between: interrupts are off; it would
+    // wait for ever, and the kernel stops it saying so.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(r.response.then, Then::Block);
+}
+
+#[test]
+fn a_pic_programmed_with_exception_vectors_stops_the_domain() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // ICW2 = 0x08: IRQ 0 would be #DF's vector.
+    for (port, v) in [
+        (0x20, 0x11),
+        (0x21, 0x08),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, 0xfe),
+    ] {
+        io(&mut vmm, &mut env, port, true, v);
+    }
+    io(&mut vmm, &mut env, 0x43, true, 0x34);
+    io(&mut vmm, &mut env, 0x40, true, 0x02);
+    io(&mut vmm, &mut env, 0x40, true, 0x00);
+    env.tsc += HZ;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.then, Then::Crash);
+}
+
+#[test]
+fn absent_ports_read_all_ones() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    for port in [0x70u16, 0x71, 0x3f0, 0xcf8, 0x70] {
+        let r = io(&mut vmm, &mut env, port, false, 0);
+        assert_eq!(r.regs.map(|r| r.rax & 0xff), Some(0xff), "port {port:#x}");
+    }
+}
