@@ -377,6 +377,41 @@ fn a_kernel_taking_pit_interrupts_through_the_pics_runs_as_on_plain_qemu() {
     );
 }
 
+/// Issue 14, point 6: an interrupt storm (`tests/kernels/storm.S`: the PIT
+/// at count 2, about 600,000 interrupts a second, taken with interrupts on
+/// until 300 have come) and a triple fault (`tests/kernels/triple.S`:
+/// INT3 with an empty IDT) each stay in their domain: the storm's domain
+/// ends as on plain QEMU (its line, status 0x10), the triple fault's is
+/// stopped with the reason named, and `hello` beside them finishes.
+#[test]
+fn an_interrupt_storm_and_a_triple_fault_stay_in_their_domains() {
+    let storm = assemble("storm.S", "kernel-storm", &[]);
+    assemble("triple.S", "kernel-triple", &[]);
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-storm"));
+    cfg.memory_mib = 16;
+    let plain = emulator::run_multiboot_on_qemu(&storm, "", &cfg).expect("QEMU runs");
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    let manifest = storm.parent().unwrap().join("kernel-bad.toml");
+    let text = concat!(
+        "name = \"kernel-bad\"\n",
+        "[[domain]]\nname = \"storm\"\nkernel = \"kernel-storm\"\nmemory_mib = 16\n",
+        "[[domain]]\nname = \"triple\"\nkernel = \"kernel-triple\"\nmemory_mib = 16\n",
+        "[[domain]]\nname = \"hello\"\nguest = \"hello\"\nmemory_mib = 16\n",
+    );
+    let img = system_in(&manifest, "kernel-bad", text);
+    let run = bochs(&img);
+    run.expect_console(2, "triple fault kernel: INT3 with an empty IDT")
+        .expect_from(
+            "vmm",
+            "domain 2: triple fault (the guest could not handle an exception)",
+        )
+        .expect("domain 2 (triple) crashed at rip")
+        .expect("domain 3 (hello) exited with status 0")
+        .expect_console(1, "storm: 300 timer interrupts taken")
+        .expect("domain 1 (storm) exited with status 16")
+        .expect_status(HaltStatus::GuestFailed);
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

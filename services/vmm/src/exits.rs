@@ -143,6 +143,13 @@ struct Platform {
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
 }
 
+/// Timer interrupts (IRQ 0) a domain takes at most per second: each comes
+/// no sooner than 1/5000 s (200 µs) after the last was delivered, however
+/// fast the PIT is programmed (KVM keeps such a floor too). Each interrupt
+/// costs exits; without the floor a guest whose timer is faster than them
+/// would take interrupts back to back and never run anything else.
+pub const MIN_TIMER_RATE: u64 = 5000;
+
 /// Distinct absent ports logged per domain.
 pub const ABSENT_LOGGED: usize = 16;
 
@@ -435,12 +442,21 @@ impl Vmm {
             ExitKind::InterruptWindow => {
                 d.platform.window = false;
                 d.platform.halts = 0;
+                let line0 = d.platform.pic.master.base;
                 match d.platform.pic.ack() {
-                    Some(vector) if vector >= 32 => Response {
-                        advance: false,
-                        inject: Some(Inject::Interrupt { vector }),
-                        then: Then::Resume,
-                    },
+                    Some(vector) if vector >= 32 => {
+                        if vector == line0 {
+                            // The next timer interrupt no sooner than
+                            // 1 / MIN_TIMER_RATE s after this one.
+                            let hz = u64::from(env.tsc_khz()) * 1000;
+                            d.platform.pit.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
+                        }
+                        Response {
+                            advance: false,
+                            inject: Some(Inject::Interrupt { vector }),
+                            then: Then::Resume,
+                        }
+                    }
                     Some(vector) => {
                         defmt::error!(
                             "domain {=u16}: its PIC delivers vector {=u8}, an exception's (ICW2 not set above 31); domain stopped",
@@ -544,11 +560,21 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
 /// going on to take it).
 fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response) -> Response {
     let p = &mut d.platform;
-    let hz = u64::from(env.tsc_khz()) * 1000;
-    if p.pit.irq0_due(env.tsc(), hz) {
+    // Nothing to do (and no clock to read) for a guest that never armed
+    // the PIT: the exit path of the others stays as it was.
+    if p.pit.next_edge() != u64::MAX && p.pit.irq0_due(env.tsc(), u64::from(env.tsc_khz()) * 1000) {
         p.pic.raise(0);
     }
     let pending = p.pic.pending();
+    // The PIT's next edge matters only while IRQ 0 is not already
+    // requested (an edge then changes nothing): no deadline meanwhile, so
+    // that a timer faster than the exits it causes cannot keep the vCPU
+    // from running its interrupt handler, or from entering at all.
+    let deadline = if p.pic.master.irr & 1 != 0 {
+        u64::MAX
+    } else {
+        p.pit.next_edge()
+    };
     if matches!(kind, ExitKind::Hlt) && r.then == Then::Block {
         if pending {
             p.halts = p.halts.saturating_add(1);
@@ -563,7 +589,6 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
             }
             r.then = Then::Resume;
         } else {
-            let deadline = p.pit.next_edge();
             if deadline == u64::MAX {
                 return r;
             }
@@ -573,7 +598,6 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
         }
     }
     if r.then == Then::Resume {
-        let deadline = p.pit.next_edge();
         let window = p.window || pending;
         let kept = p.deadline.unwrap_or(u64::MAX);
         if window != p.window || deadline != kept {

@@ -264,6 +264,14 @@ impl Pit {
         true
     }
 
+    /// No IRQ 0 edge before `tsc` (the edges until then are lost).
+    pub fn hold_off(&mut self, tsc: u64) {
+        let c = &mut self.channels[0];
+        if c.running && c.next_edge != u64::MAX {
+            c.next_edge = c.next_edge.max(tsc);
+        }
+    }
+
     /// The TSC of the next IRQ 0 edge (`u64::MAX`: none).
     pub fn next_edge(&self) -> u64 {
         let c = &self.channels[0];

@@ -955,7 +955,8 @@ fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
     let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
     assert!(r.response.advance);
     assert_eq!(r.response.then, Then::BlockUntil { deadline: edge });
-    // The edge: IRQ 0 waits, a window is asked for, and the next edge.
+    // The edge: IRQ 0 waits and a window is asked for; no deadline while
+    // IRQ 0 is requested (another edge would change nothing).
     env.tsc = edge + 10;
     let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
     assert!(!r.response.advance);
@@ -963,18 +964,25 @@ fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
         r.response.then,
         Then::ResumeUntil {
             window: true,
-            deadline: edge + period
+            deadline: u64::MAX
         }
     );
-    // The window: vector 0x20 injected, nothing more to ask.
+    // The window: vector 0x20 injected; the next edge is the deadline.
     let r = vmm.exit(
         &mut env,
         &exit(ExitKind::InterruptWindow, ExitRegs::default()),
     );
     assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x20 }));
-    assert_eq!(r.response.then, Then::Resume);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: edge + period
+        }
+    );
     // Before its EOI the next edge does not ask for a window (line 0 in
-    // service); the EOI does.
+    // service) and leaves no deadline (IRQ 0 requested); the EOI asks for
+    // the window.
     env.tsc = edge + period;
     let r = vmm.exit(
         &mut env,
@@ -990,7 +998,7 @@ fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
         r.response.then,
         Then::ResumeUntil {
             window: false,
-            deadline: edge + 2 * period
+            deadline: u64::MAX
         }
     );
     let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
@@ -998,7 +1006,7 @@ fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
         r.response.then,
         Then::ResumeUntil {
             window: true,
-            deadline: edge + 2 * period
+            deadline: u64::MAX
         }
     );
     // A HLT now (an interrupt waits): go on past it and take it.
@@ -1047,4 +1055,34 @@ fn absent_ports_read_all_ones() {
         let r = io(&mut vmm, &mut env, port, false, 0);
         assert_eq!(r.regs.map(|r| r.rax & 0xff), Some(0xff), "port {port:#x}");
     }
+}
+
+#[test]
+fn a_storming_pit_gives_one_timer_interrupt_per_floor_period() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    guest_timer(&mut vmm, &mut env);
+    // Count 2: an edge every 1.7 µs.
+    io(&mut vmm, &mut env, 0x43, true, 0x34);
+    io(&mut vmm, &mut env, 0x40, true, 0x02);
+    io(&mut vmm, &mut env, 0x40, true, 0x00);
+    env.tsc += 1000;
+    vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x20 }));
+    let floor = HZ / crate::exits::MIN_TIMER_RATE;
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: env.tsc + floor
+        }
+    );
+    // Its EOI just after: nothing waits, the guest runs on until then.
+    env.tsc += 50;
+    let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
+    assert_eq!(r.response.then, Then::Resume);
 }
