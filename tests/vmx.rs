@@ -412,6 +412,52 @@ fn an_interrupt_storm_and_a_triple_fault_stay_in_their_domains() {
         .expect_status(HaltStatus::GuestFailed);
 }
 
+/// Issue 14, point 2: `tests/kernels/pci-cmos.S` reads the host bridge's
+/// configuration (00:00.0: 8086:29c0, class 06 00 00, as on QEMU's q35), an
+/// absent device (all ones) and the CMOS memory registers and status D, and
+/// prints the same under Parallax on Bochs as under `qemu -kernel` (both
+/// with 32 MiB).
+#[test]
+fn pci_configuration_and_cmos_read_as_on_plain_qemu() {
+    let elf = assemble("pci-cmos.S", "kernel-pci-cmos", &[]);
+    let mut cfg = RunConfig::new(
+        Machine::Qemu,
+        emulator::capture_path("plain-kernel-pci-cmos"),
+    );
+    cfg.memory_mib = 32;
+    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "pci 00:00.0: id 29c08086 class 06000000",
+            "pci 01:00.0: ffffffff",
+            "cmos 15 16 17 18 30 31 34 35 0d: 80 02 00 7c 00 7c 00 01 80",
+        ]
+    );
+    let manifest = elf.parent().unwrap().join("kernel-pci-cmos.toml");
+    let text = concat!(
+        "name = \"kernel-pci-cmos\"\n",
+        "[[domain]]\nname = \"pc\"\nkernel = \"kernel-pci-cmos\"\nmemory_mib = 32\n",
+    );
+    let img = system_in(&manifest, "kernel-pci-cmos", text);
+    let run = bochs(&img);
+    run.expect("domain 1 (pc) exited with status 16");
+    let trimmed =
+        |l: &[String]| -> Vec<String> { l.iter().map(|s| s.trim_end().to_owned()).collect() };
+    assert_eq!(
+        trimmed(&run.console(1)),
+        trimmed(&plain_lines),
+        "with and without the hypervisor"
+    );
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

@@ -9,6 +9,8 @@
 //! (dirty-log requests to the logdirty service).
 //! An exit it cannot make sense of stops the domain, saying why.
 
+use crate::cmos::Cmos;
+use crate::pci::Pci;
 use crate::pic::Pic;
 use crate::pit::Pit;
 use ipc_schema::altp2m::{AltReply, AltRequest};
@@ -53,6 +55,8 @@ pub trait Env {
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool;
     /// Calls the altp2m service; `None` when it cannot be reached.
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
+    /// The bytes of RAM `domain` has (0 if it cannot be told).
+    fn ram_bytes(&mut self, domain: u16) -> u64;
     /// Calls the logdirty service; `None` when it cannot be reached.
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply>;
     /// DOMAIN_GRANT: the guest grants its pages `gfn .. gfn + count`
@@ -133,6 +137,9 @@ struct Devices {
 struct Platform {
     pic: Pic,
     pit: Pit,
+    pci: Pci,
+    /// Made at the first access (it tells the domain's RAM).
+    cmos: Option<Cmos>,
     /// An interrupt window was asked for and has not opened yet.
     window: bool,
     /// The deadline the kernel keeps for the vCPU (`None`: none).
@@ -643,6 +650,22 @@ fn io(
                 inject: None,
                 then: Then::Exit { status: value },
             };
+        }
+        _ if Pci::owns(port) && write => d.platform.pci.write(port, size, value),
+        _ if Pci::owns(port) => set_in(regs, size, d.platform.pci.read(port, size)),
+        _ if Cmos::owns(port) => {
+            let id = d.id;
+            let cmos = d
+                .platform
+                .cmos
+                .get_or_insert_with(|| Cmos::new(env.ram_bytes(id)));
+            if write {
+                cmos.write(port, value as u8);
+            } else {
+                let hz = u64::from(env.tsc_khz()) * 1000;
+                let v = cmos.read(port, env.tsc(), hz);
+                set_in(regs, size, u32::from(v));
+            }
         }
         _ if Pic::owns(port) && write => d.platform.pic.write(port, value as u8),
         _ if Pic::owns(port) => set_in(regs, size, u32::from(d.platform.pic.read(port))),

@@ -3,7 +3,9 @@
 
 #![no_std]
 
+pub mod cmos;
 pub mod exits;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 

@@ -115,6 +115,10 @@ impl Env for System {
         sys::domain_write(self.domains, domain, gpa, bytes).is_ok()
     }
 
+    fn ram_bytes(&mut self, domain: u16) -> u64 {
+        sys::domain_info(self.domains, domain).map_or(0, |(_, _, ram)| ram)
+    }
+
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
         self.logdirty.as_mut()?.call(request)
     }

@@ -31,6 +31,9 @@ struct Fake {
 }
 
 impl Env for Fake {
+    fn ram_bytes(&mut self, _: u16) -> u64 {
+        32 << 20
+    }
     fn features(&self) -> u64 {
         vm_features::VMX | vm_features::VMFUNC | vm_features::PML
     }
@@ -1051,7 +1054,7 @@ fn a_pic_programmed_with_exception_vectors_stops_the_domain() {
 #[test]
 fn absent_ports_read_all_ones() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    for port in [0x70u16, 0x71, 0x3f0, 0xcf8, 0x70] {
+    for port in [0x3f0u16, 0x2f8, 0x4d0, 0x3f0] {
         let r = io(&mut vmm, &mut env, port, false, 0);
         assert_eq!(r.regs.map(|r| r.rax & 0xff), Some(0xff), "port {port:#x}");
     }
@@ -1085,4 +1088,117 @@ fn a_storming_pit_gives_one_timer_interrupt_per_floor_period() {
     env.tsc += 50;
     let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
     assert_eq!(r.response.then, Then::Resume);
+}
+
+fn io32(vmm: &mut Vmm, env: &mut Fake, port: u16, size: u8, write: bool, value: u32) -> u32 {
+    let kind = ExitKind::Io {
+        port,
+        size,
+        write,
+        value,
+    };
+    let regs = ExitRegs {
+        rax: 0x1234_5678_0000_0000,
+        ..ExitRegs::default()
+    };
+    let r = vmm.exit(env, &exit(kind, regs));
+    r.regs.map_or(0, |r| r.rax as u32)
+}
+
+#[test]
+fn pci_configuration_answers_for_the_host_bridge_alone() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut cfg = |bdf: u32, reg: u32, size: u8, port: u16| {
+        io32(
+            &mut vmm,
+            &mut env,
+            0xcf8,
+            4,
+            true,
+            0x8000_0000 | bdf << 8 | reg,
+        );
+        io32(&mut vmm, &mut env, port, size, false, 0)
+    };
+    assert_eq!(cfg(0, 0, 4, 0xcfc), 0x29c0_8086);
+    assert_eq!(cfg(0, 0, 2, 0xcfe), 0x29c0);
+    assert_eq!(cfg(0, 8, 4, 0xcfc), 0x0600_0000);
+    assert_eq!(cfg(0, 8, 1, 0xcff), 0x06);
+    assert_eq!(cfg(0, 0x40, 4, 0xcfc), 0);
+    // Another device, function or bus: absent.
+    assert_eq!(cfg(1 << 3, 0, 4, 0xcfc), u32::MAX);
+    assert_eq!(cfg(1, 0, 4, 0xcfc), u32::MAX);
+    assert_eq!(cfg(1 << 8, 0, 2, 0xcfc), 0xffff);
+    // The address register reads back; without its enable bit, nothing.
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, 0x0000_0000);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcf8, 4, false, 0), 0);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), u32::MAX);
+    // The bridge's registers are read-only.
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, 0x8000_0000);
+    io32(&mut vmm, &mut env, 0xcfc, 4, true, 0);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), 0x29c0_8086);
+}
+
+#[test]
+fn the_cmos_tells_memory_and_a_running_bcd_clock() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 7_000;
+    let reg = |vmm: &mut Vmm, env: &mut Fake, r: u8| {
+        io(vmm, env, 0x70, true, r);
+        io(vmm, env, 0x71, false, 0).regs.map_or(0, |r| r.rax as u8)
+    };
+    // 32 MiB: 640 KiB base, 31 MiB above 1 MiB, 256 x 64 KiB above 16 MiB.
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x15), reg(&mut vmm, &mut env, 0x16)),
+        (0x80, 0x02)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x17), reg(&mut vmm, &mut env, 0x18)),
+        (0x00, 0x7c)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x30), reg(&mut vmm, &mut env, 0x31)),
+        (0x00, 0x7c)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x34), reg(&mut vmm, &mut env, 0x35)),
+        (0x00, 0x01)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x0b), reg(&mut vmm, &mut env, 0x0d)),
+        (0x02, 0x80)
+    );
+    // The clock starts at 2000-01-01 00:00:00 (a Saturday) and runs.
+    assert_eq!(reg(&mut vmm, &mut env, 0x00), 0x00);
+    assert_eq!(
+        (
+            reg(&mut vmm, &mut env, 0x07),
+            reg(&mut vmm, &mut env, 0x08),
+            reg(&mut vmm, &mut env, 0x09)
+        ),
+        (0x01, 0x01, 0x00)
+    );
+    assert_eq!(reg(&mut vmm, &mut env, 0x06), 7);
+    env.tsc += (40 * 86_400 + 3600 + 59) * HZ;
+    assert_eq!(
+        (
+            reg(&mut vmm, &mut env, 0x04),
+            reg(&mut vmm, &mut env, 0x02),
+            reg(&mut vmm, &mut env, 0x00)
+        ),
+        (0x01, 0x00, 0x59)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x07), reg(&mut vmm, &mut env, 0x08)),
+        (0x10, 0x02),
+        "2000-02-10"
+    );
+    // Writes to the clock and to status D are ignored; RAM keeps them.
+    io(&mut vmm, &mut env, 0x70, true, 0x0d);
+    io(&mut vmm, &mut env, 0x71, true, 0);
+    io(&mut vmm, &mut env, 0x70, true, 0x40);
+    io(&mut vmm, &mut env, 0x71, true, 0x5a);
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x0d), reg(&mut vmm, &mut env, 0x40)),
+        (0x80, 0x5a)
+    );
 }
