@@ -458,6 +458,54 @@ fn pci_configuration_and_cmos_read_as_on_plain_qemu() {
     );
 }
 
+/// Issue 14, point 2: `tests/kernels/acpi.S` finds the RSDP (in the EBDA
+/// under Parallax, in the BIOS area on QEMU), the FADT through the RSDT, its
+/// PM1a control port and the DSDT, and powers off through PM1a control:
+/// the same lines under Parallax on Bochs as under `qemu -machine q35
+/// -kernel`, QEMU exiting (status 0) and the domain ending with status 0.
+#[test]
+fn a_kernel_powers_off_through_the_acpi_tables_as_on_plain_qemu() {
+    let elf = assemble("acpi.S", "kernel-acpi", &[]);
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-acpi"));
+    cfg.memory_mib = 32;
+    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(
+        plain.end,
+        RunEnd::EmulatorExited { code: Some(0) },
+        "{}",
+        plain.summary()
+    );
+    assert_eq!(
+        plain_lines,
+        [
+            "acpi: RSDP found, checksum right",
+            "acpi: FADT in the RSDT, PM1a control at port 0x0604",
+            "acpi: DSDT present; powering off through PM1a control",
+        ]
+    );
+    let manifest = elf.parent().unwrap().join("kernel-acpi.toml");
+    let text = concat!(
+        "name = \"kernel-acpi\"\n",
+        "[[domain]]\nname = \"acpi\"\nkernel = \"kernel-acpi\"\nmemory_mib = 32\n",
+    );
+    let img = system_in(&manifest, "kernel-acpi", text);
+    let run = bochs(&img);
+    run.expect_from("vmm", "domain 1: powered off through ACPI (S5)")
+        .expect("domain 1 (acpi) exited with status 0")
+        .expect_status(HaltStatus::Success);
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

@@ -37,8 +37,18 @@ pub mod info {
     pub const MODULE: u32 = 3;
     pub const BASIC_MEMINFO: u32 = 4;
     pub const MMAP: u32 = 6;
+    pub const ACPI_OLD: u32 = 14;
+    pub const ACPI_NEW: u32 = 15;
     /// The information a kernel may require (information request tag).
-    pub const GIVEN: [u32; 5] = [CMDLINE, LOADER_NAME, MODULE, BASIC_MEMINFO, MMAP];
+    pub const GIVEN: [u32; 7] = [
+        CMDLINE,
+        LOADER_NAME,
+        MODULE,
+        BASIC_MEMINFO,
+        MMAP,
+        ACPI_OLD,
+        ACPI_NEW,
+    ];
 }
 
 /// The offset of a multiboot2 header in `image` (its magic and checksum
@@ -143,13 +153,15 @@ pub fn plan(image: &[u8], at: usize) -> Result<LoadPlan, ImageError> {
 
 /// Builds the multiboot2 information for a guest with `ram_bytes` of RAM
 /// from 0, to be placed at [`super::INFO_GPA`]: its command line, the loader's
-/// name, each module (start, end, string), the basic memory sizes and the
-/// memory map. Returns the bytes used in `out`.
+/// name, each module (start, end, string), the basic memory sizes, the
+/// memory map and, given the 36 bytes of an ACPI 2.0 RSDP, its copies
+/// (tags 14 and 15). Returns the bytes used in `out`.
 pub fn build_info(
     ram_bytes: u64,
     cmdline: &str,
     loader: &str,
     modules: &[InfoModule<'_>],
+    rsdp: Option<&[u8]>,
     out: &mut [u8],
 ) -> Result<usize, InfoTooLarge> {
     let cap = out.len().min(INFO_SIZE);
@@ -203,6 +215,11 @@ pub fn build_info(
             e[16..20].copy_from_slice(&kind.to_le_bytes());
         }
     })?;
+    if let Some(r) = rsdp {
+        let old = &r[..r.len().min(20)];
+        tag(out, info::ACPI_OLD, old.len(), &|b| b.copy_from_slice(old))?;
+        tag(out, info::ACPI_NEW, r.len(), &|b| b.copy_from_slice(r))?;
+    }
     tag(out, info::END, 0, &|_| {})?;
     let total = at;
     out[0..4].copy_from_slice(&(total as u32).to_le_bytes());

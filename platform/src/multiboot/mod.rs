@@ -25,6 +25,7 @@ const FLAG_ADDRESSES: u32 = 1 << 16;
 /// The most loadable segments an image may have.
 pub const MAX_SEGMENTS: usize = 8;
 
+pub mod acpi;
 pub mod mb2;
 pub mod pvh;
 

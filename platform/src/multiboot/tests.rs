@@ -403,10 +403,22 @@ fn the_multiboot2_information_lists_cmdline_modules_and_memory() {
             string: "",
         },
     ];
-    let n = mb2::build_info(32 * MIB, "console=ttyS0", "Parallax", &mods, &mut out).unwrap();
+    let mut tables = [0u8; acpi::TABLES_LEN];
+    acpi::build(&mut tables);
+    let n = mb2::build_info(
+        32 * MIB,
+        "console=ttyS0",
+        "Parallax",
+        &mods,
+        Some(acpi::rsdp(&tables)),
+        &mut out,
+    )
+    .unwrap();
     let tags = mb2_tags(&out[..n]);
     let kinds: StdVec<u32> = tags.iter().map(|t| t.0).collect();
-    assert_eq!(kinds, [1, 2, 3, 3, 4, 6, 0]);
+    assert_eq!(kinds, [1, 2, 3, 3, 4, 6, 14, 15, 0]);
+    assert_eq!(tags[6].1, acpi::rsdp(&tables)[..20]);
+    assert_eq!(tags[7].1, acpi::rsdp(&tables));
     assert_eq!(tags[0].1, b"console=ttyS0\0");
     assert_eq!(tags[1].1, b"Parallax\0");
     assert_eq!(&tags[2].1[..8], &[0, 0, 0x20, 0, 0x10, 0, 0x20, 0]);
@@ -428,7 +440,7 @@ fn the_multiboot2_information_lists_cmdline_modules_and_memory() {
     };
     assert_eq!(entry(2), (MIB, 31 * MIB, 1));
     assert_eq!(
-        mb2::build_info(32 * MIB, &"x".repeat(4000), "P", &mods, &mut out),
+        mb2::build_info(32 * MIB, &"x".repeat(4000), "P", &mods, None, &mut out),
         Err(InfoTooLarge)
     );
 }
@@ -591,4 +603,45 @@ proptest! {
         let _ = plan(&img, &layout());
         let _ = plan(&pvh_elf(&notes), &layout());
     }
+}
+
+/// Guest memory holding the tables where they go, for the host's own
+/// ACPI walker.
+struct GuestTables(StdVec<u8>);
+
+impl crate::acpi::PhysMemory for GuestTables {
+    fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let at = addr.checked_sub(acpi::TABLES_GPA)? as usize;
+        self.0.get(at..at.checked_add(len)?)
+    }
+}
+
+#[test]
+fn the_guest_acpi_tables_walk_and_describe_a_power_off() {
+    use crate::acpi::{RootTable, Rsdp};
+    let mut tables = [0u8; acpi::TABLES_LEN];
+    acpi::build(&mut tables);
+    let rsdp = Rsdp::parse(acpi::rsdp(&tables)).unwrap();
+    assert_eq!(rsdp.revision, 2);
+    let mem = GuestTables(tables.to_vec());
+    // Through the XSDT and through the RSDT (an ACPI 1.0 kernel's way).
+    for rsdp in [rsdp, Rsdp { xsdt: None, ..rsdp }] {
+        let root = RootTable::read(&mem, &rsdp).unwrap();
+        let found: StdVec<_> = root.tables(&mem).map(|t| t.unwrap()).collect();
+        assert_eq!(found.len(), 1);
+        let fadt = found[0];
+        assert_eq!(&fadt.signature(), b"FACP");
+        let b = fadt.bytes;
+        let u32_ = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(u32_(64), u32::from(acpi::PM1A_CNT));
+        assert_eq!(u32_(48), 0, "no SMI command port: ACPI mode is on");
+        // X_PM1a_CNT_BLK: system I/O, 16 bits, at 0x604.
+        assert_eq!(&b[172..176], &[1, 16, 0, 2]);
+        let dsdt = crate::acpi::read_table(&mem, u64::from(u32_(40)), Some(*b"DSDT")).unwrap();
+        assert!(dsdt.body().windows(4).any(|w| w == b"_S5_"));
+        let facs = crate::acpi::PhysMemory::read(&mem, u64::from(u32_(36)), 64).unwrap();
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_(36) % 64, 0, "the FACS is 64-byte aligned");
+    }
+    assert!(acpi::TABLES_GPA + acpi::TABLES_LEN as u64 <= 0xa_0000);
 }

@@ -203,6 +203,18 @@ fn build(
             string: m.cmdline,
         });
     }
+    // ACPI tables in the EBDA, which the BIOS data area points at.
+    let mut tables = [0u8; multiboot::acpi::TABLES_LEN];
+    multiboot::acpi::build(&mut tables);
+    sys::domain_write(domains, id, multiboot::acpi::TABLES_GPA, &tables)?;
+    let segment = (multiboot::acpi::TABLES_GPA >> 4) as u16;
+    sys::domain_write(
+        domains,
+        id,
+        multiboot::acpi::EBDA_POINTER,
+        &segment.to_le_bytes(),
+    )?;
+    let rsdp = multiboot::acpi::rsdp(&tables);
     let mut info = [0u8; INFO_SIZE];
     let (ram, loader) = (layout.ram_bytes, "Parallax");
     let (n, magic) = match plan.format {
@@ -211,11 +223,18 @@ fn build(
             BOOT_MAGIC,
         ),
         Format::Multiboot2 => (
-            mb2::build_info(ram, &cmdline, loader, &listed, &mut info),
+            mb2::build_info(ram, &cmdline, loader, &listed, Some(rsdp), &mut info),
             mb2::BOOT_MAGIC,
         ),
         Format::Pvh => (
-            pvh::build_start_info(INFO_GPA, ram, &cmdline, &listed, 0, &mut info),
+            pvh::build_start_info(
+                INFO_GPA,
+                ram,
+                &cmdline,
+                &listed,
+                multiboot::acpi::TABLES_GPA,
+                &mut info,
+            ),
             0,
         ),
     };

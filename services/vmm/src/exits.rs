@@ -24,6 +24,7 @@ use ipc_schema::vmexit::Inject;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
+use platform::multiboot::acpi::{SLP_EN, SLP_TYP_S5};
 use serde::{Deserialize, Serialize};
 
 /// This vmm's version, as `HC_SERVICE_INFO` and the lifecycle interface
@@ -651,6 +652,37 @@ fn io(
                 then: Then::Exit { status: value },
             };
         }
+        // ACPI PM1a event block (status and enable): nothing to report.
+        0x600..=0x603 if !write => set_in(regs, size, 0),
+        0x600..=0x603 => {}
+        // ACPI PM1a control: SCI_EN reads set (ACPI mode is on); a sleep
+        // request for S5 (`\_S5`'s type 0) powers the domain off.
+        0x604 | 0x605 if !write => set_in(regs, size, if port == 0x604 { 1 } else { 0 }),
+        0x604 if write && size >= 2 && value as u16 & SLP_EN != 0 => {
+            let kind = (value as u16 >> 10) & 7;
+            if kind == SLP_TYP_S5 {
+                defmt::info!("domain {=u16}: powered off through ACPI (S5)", d.id);
+                flush(env, d);
+                if d.open_line {
+                    env.console(d.id, b"\n");
+                    d.open_line = false;
+                }
+                return Response {
+                    advance: true,
+                    inject: None,
+                    then: Then::Exit { status: 0 },
+                };
+            }
+            if let Some(skipped) = d.logged.admit() {
+                defmt::info!(
+                    "domain {=u16}: ACPI sleep type {=u16} asked for: only S5 (soft off) is there; ignored ({=u32} like it not logged)",
+                    d.id,
+                    kind,
+                    skipped
+                );
+            }
+        }
+        0x604 | 0x605 => {}
         _ if Pci::owns(port) && write => d.platform.pci.write(port, size, value),
         _ if Pci::owns(port) => set_in(regs, size, d.platform.pci.read(port, size)),
         _ if Cmos::owns(port) => {

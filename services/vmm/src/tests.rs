@@ -1202,3 +1202,27 @@ fn the_cmos_tells_memory_and_a_running_bcd_clock() {
         (0x80, 0x5a)
     );
 }
+
+#[test]
+fn an_acpi_s5_request_powers_the_domain_off_and_other_sleep_types_do_not() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let pm1 = |vmm: &mut Vmm, env: &mut Fake, size: u8, write: bool, value: u32| {
+        let kind = ExitKind::Io {
+            port: 0x604,
+            size,
+            write,
+            value,
+        };
+        vmm.exit(env, &exit(kind, ExitRegs::default()))
+    };
+    let r = pm1(&mut vmm, &mut env, 2, false, 0);
+    assert_eq!(r.regs.map(|r| r.rax), Some(1), "SCI_EN: ACPI mode is on");
+    // S3 (type 1) is not there: ignored, the guest goes on.
+    let r = pm1(&mut vmm, &mut env, 2, true, 0x2000 | 1 << 10);
+    assert_eq!(r.response.then, Then::Resume);
+    // Without SLP_EN nothing happens.
+    let r = pm1(&mut vmm, &mut env, 2, true, 0);
+    assert_eq!(r.response.then, Then::Resume);
+    let r = pm1(&mut vmm, &mut env, 2, true, 0x2000);
+    assert_eq!(r.response.then, Then::Exit { status: 0 });
+}
