@@ -10,6 +10,7 @@
 //! An exit it cannot make sense of stops the domain, saying why.
 
 use crate::cmos::Cmos;
+use crate::lapic::Lapic;
 use crate::pci::Pci;
 use crate::pic::Pic;
 use crate::pit::Pit;
@@ -138,6 +139,7 @@ struct Devices {
 struct Platform {
     pic: Pic,
     pit: Pit,
+    lapic: Lapic,
     pci: Pci,
     /// Made at the first access (it tells the domain's RAM).
     cmos: Option<Cmos>,
@@ -151,7 +153,8 @@ struct Platform {
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
 }
 
-/// Timer interrupts (IRQ 0) a domain takes at most per second: each comes
+/// Timer interrupts (IRQ 0, and the local APIC's timer) a domain takes at
+/// most per second, from each: each comes
 /// no sooner than 1/5000 s (200 µs) after the last was delivered, however
 /// fast the PIT is programmed (KVM keeps such a floor too). Each interrupt
 /// costs exits; without the floor a guest whose timer is faster than them
@@ -386,6 +389,35 @@ impl Vmm {
                 inject: None,
                 then: Then::Block,
             },
+            // The local APIC's base and, in x2APIC mode, its registers.
+            ExitKind::Rdmsr { msr } if msr == 0x1b || Lapic::owns(msr) => {
+                let lapic = &d.platform.lapic;
+                match if msr == 0x1b {
+                    Some(lapic.base)
+                } else {
+                    lapic.read(msr, env.tsc())
+                } {
+                    Some(v) => {
+                        regs.rax = v & 0xffff_ffff;
+                        regs.rdx = v >> 32;
+                        Response::DONE
+                    }
+                    None => Response::inject(13, Some(0)),
+                }
+            }
+            ExitKind::Wrmsr { msr, value } if msr == 0x1b || Lapic::owns(msr) => {
+                let lapic = &mut d.platform.lapic;
+                let done = if msr == 0x1b {
+                    lapic.write_base(value)
+                } else {
+                    lapic.write(msr, value, env.tsc())
+                };
+                if done {
+                    Response::DONE
+                } else {
+                    Response::inject(13, Some(0))
+                }
+            }
             ExitKind::Rdmsr { msr } => match read_msr(env, msr) {
                 Some(v) => {
                     regs.rax = v & 0xffff_ffff;
@@ -450,6 +482,18 @@ impl Vmm {
             ExitKind::InterruptWindow => {
                 d.platform.window = false;
                 d.platform.halts = 0;
+                if let Some(vector) = d.platform.lapic.ack() {
+                    if vector == d.platform.lapic.timer_vector() {
+                        // As for the PIT: 1 / MIN_TIMER_RATE s at least.
+                        let hz = u64::from(env.tsc_khz()) * 1000;
+                        d.platform.lapic.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
+                    }
+                    return Response {
+                        advance: false,
+                        inject: Some(Inject::Interrupt { vector }),
+                        then: Then::Resume,
+                    };
+                }
                 let line0 = d.platform.pic.master.base;
                 match d.platform.pic.ack() {
                     Some(vector) if vector >= 32 => {
@@ -573,16 +617,21 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
     if p.pit.next_edge() != u64::MAX && p.pit.irq0_due(env.tsc(), u64::from(env.tsc_khz()) * 1000) {
         p.pic.raise(0);
     }
-    let pending = p.pic.pending();
+    if p.lapic.expiry != u64::MAX {
+        p.lapic.tick(env.tsc());
+    }
+    let pending = p.pic.pending() || p.lapic.pending().is_some();
     // The PIT's next edge matters only while IRQ 0 is not already
     // requested (an edge then changes nothing): no deadline meanwhile, so
     // that a timer faster than the exits it causes cannot keep the vCPU
-    // from running its interrupt handler, or from entering at all.
-    let deadline = if p.pic.master.irr & 1 != 0 {
+    // from running its interrupt handler, or from entering at all. The
+    // same for the local APIC's timer and its vector.
+    let pit = if p.pic.master.irr & 1 != 0 {
         u64::MAX
     } else {
         p.pit.next_edge()
     };
+    let deadline = pit.min(p.lapic.deadline());
     if matches!(kind, ExitKind::Hlt) && r.then == Then::Block {
         if pending {
             p.halts = p.halts.saturating_add(1);
@@ -800,10 +849,9 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
 fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
     Some(match msr {
         0x10 => env.tsc(),
-        0x1b => 0xfee0_0900, // APIC base: enabled, bootstrap processor
-        0xfe => 0,           // MTRRcap: no MTRRs to program
-        0x1a0 => 1,          // MISC_ENABLE: fast strings
-        0x2ff => 0x806,      // MTRR default type: enabled, write-back
+        0xfe => 0,      // MTRRcap: no MTRRs to program
+        0x1a0 => 1,     // MISC_ENABLE: fast strings
+        0x2ff => 0x806, // MTRR default type: enabled, write-back
         _ => return None,
     })
 }

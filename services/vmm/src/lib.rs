@@ -5,6 +5,7 @@
 
 pub mod cmos;
 pub mod exits;
+pub mod lapic;
 pub mod pci;
 pub mod pic;
 pub mod pit;

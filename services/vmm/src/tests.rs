@@ -1226,3 +1226,141 @@ fn an_acpi_s5_request_powers_the_domain_off_and_other_sleep_types_do_not() {
     let r = pm1(&mut vmm, &mut env, 2, true, 0x2000);
     assert_eq!(r.response.then, Then::Exit { status: 0 });
 }
+
+#[test]
+fn the_x2apic_timer_self_ipi_and_priorities() {
+    use crate::lapic::Lapic;
+    let mut a = Lapic::default();
+    let t = 1_000;
+    // xAPIC at reset: the x2APIC MSRs give #GP.
+    assert_eq!(a.read(0x802, t), None);
+    assert!(!a.write(0x80f, 0x1ff, t));
+    assert!(
+        !a.write_base(0xfee0_0000 | 1 << 10),
+        "x2APIC without enable"
+    );
+    assert!(!a.write_base(0xfed0_0d00), "another base");
+    assert!(a.write_base(0xfee0_0d00));
+    assert!(a.x2apic());
+    assert!(!a.write_base(0xfee0_0900), "no way back to xAPIC but off");
+    assert_eq!(a.read(0x803, t), Some(0x0005_0014));
+    // Software-disabled: the timer's LVT stays masked, nothing accepted.
+    a.write(0x83f, 0x40, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x80f, 0x1ff, t);
+    // One-shot: divide by 1 (0xb), 1000 ticks, vector 0x30.
+    a.write(0x83e, 0xb, t);
+    a.write(0x832, 0x30, t);
+    a.write(0x838, 1000, t);
+    assert_eq!(a.read(0x839, t + 400), Some(600));
+    assert_eq!(a.deadline(), t + 1000);
+    a.tick(t + 999);
+    assert_eq!(a.pending(), None);
+    a.tick(t + 1000);
+    assert_eq!(a.pending(), Some(0x30));
+    assert_eq!(a.deadline(), u64::MAX, "one-shot: done");
+    assert_eq!(a.ack(), Some(0x30));
+    assert_eq!(a.read(0x810 + 1, t), Some(1 << 16), "0x30 in service");
+    // A self-IPI of the same class waits for the EOI; a higher one does not.
+    a.write(0x83f, 0x35, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x830, 0x4_0051, t); // ICR: fixed, self shorthand, 0x51
+    assert_eq!(a.ack(), Some(0x51));
+    assert!(!a.write(0x80b, 1, t), "EOI takes only 0");
+    a.write(0x80b, 0, t);
+    a.write(0x80b, 0, t);
+    assert_eq!(a.ack(), Some(0x35));
+    a.write(0x80b, 0, t);
+    // The task priority holds back classes at or below it.
+    a.write(0x808, 0x40, t);
+    a.write(0x83f, 0x45, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x808, 0, t);
+    assert_eq!(a.ack(), Some(0x45));
+    a.write(0x80b, 0, t);
+    // An illegal vector is an error, not an interrupt.
+    a.write(0x83f, 3, t);
+    assert_eq!((a.pending(), a.read(0x828, t)), (None, Some(1 << 6)));
+    // Periodic, divide by 2 (0): every 200 TSC ticks; a late tick is one.
+    a.write(0x83e, 0, t);
+    a.write(0x832, 1 << 17 | 0x31, t);
+    a.write(0x838, 100, t);
+    a.tick(t + 200);
+    assert_eq!(a.ack(), Some(0x31));
+    a.write(0x80b, 0, t);
+    assert_eq!(a.deadline(), t + 400);
+    a.tick(t + 1050);
+    assert_eq!(a.ack(), Some(0x31));
+    assert_eq!(a.deadline(), t + 1200);
+    a.write(0x80b, 0, t);
+    // TSC-deadline: the MSR sets the expiry; writing 0 disarms.
+    a.write(0x832, 2 << 17 | 0x32, t);
+    a.write(0x6e0, t + 5000, t);
+    assert_eq!((a.deadline(), a.read(0x6e0, t)), (t + 5000, Some(t + 5000)));
+    a.write(0x6e0, 0, t);
+    assert_eq!(a.deadline(), u64::MAX);
+    a.write(0x6e0, t + 7000, t);
+    a.tick(t + 7000);
+    assert_eq!(a.ack(), Some(0x32));
+    // Disabled through the base MSR: back to reset.
+    assert!(a.write_base(0xfee0_0000));
+    assert_eq!(a.read(0x802, t), None);
+    // Garbage writes never panic.
+    let mut g = Lapic::default();
+    g.write_base(0xfee0_0d00);
+    for i in 0u64..3000 {
+        let v = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        g.write(0x800 + (v >> 40) as u32 % 0x100, v, i);
+        g.tick(i * 1000);
+        let _ = g.ack();
+    }
+}
+
+#[test]
+fn a_halted_guest_waits_for_its_apic_timer() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 10_000;
+    let wr = |vmm: &mut Vmm, env: &mut Fake, msr: u32, value: u64| {
+        vmm.exit(
+            env,
+            &exit(ExitKind::Wrmsr { msr, value }, ExitRegs::default()),
+        )
+    };
+    let r = wr(&mut vmm, &mut env, 0x1b, 0xfee0_0d00);
+    assert_eq!(r.response, ipc_schema::vmexit::Response::DONE);
+    wr(&mut vmm, &mut env, 0x80f, 0x1ff);
+    wr(&mut vmm, &mut env, 0x83e, 0xb);
+    wr(&mut vmm, &mut env, 0x832, 0x40);
+    let r = wr(&mut vmm, &mut env, 0x838, 1_000_000);
+    let expiry = env.tsc + 1_000_000;
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: expiry
+        }
+    );
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(r.response.then, Then::BlockUntil { deadline: expiry });
+    env.tsc = expiry;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x40 }));
+    // An x2APIC MSR before x2APIC mode: #GP.
+    let mut fresh = Vmm::default();
+    let r = wr(&mut fresh, &mut env, 0x80b, 0);
+    assert_eq!(
+        r.response.inject,
+        Some(Inject::Exception {
+            vector: 13,
+            error_code: Some(0)
+        })
+    );
+}
