@@ -381,16 +381,14 @@ fn a_kernel_taking_pit_interrupts_through_the_pics_runs_as_on_plain_qemu() {
 /// at count 2, about 600,000 interrupts a second, taken with interrupts on
 /// until 300 have come) and a triple fault (`tests/kernels/triple.S`:
 /// INT3 with an empty IDT) each stay in their domain: the storm's domain
-/// ends as on plain QEMU (its line, status 0x10), the triple fault's is
+/// ends (its line, status 0x10), the triple fault's is
 /// stopped with the reason named, and `hello` beside them finishes.
 #[test]
 fn an_interrupt_storm_and_a_triple_fault_stay_in_their_domains() {
+    // (Not compared with plain QEMU: its TCG, on a loaded host, can take
+    // such a timer's interrupts back to back for minutes.)
     let storm = assemble("storm.S", "kernel-storm", &[]);
     assemble("triple.S", "kernel-triple", &[]);
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-storm"));
-    cfg.memory_mib = 16;
-    let plain = emulator::run_multiboot_on_qemu(&storm, "", &cfg).expect("QEMU runs");
-    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     let manifest = storm.parent().unwrap().join("kernel-bad.toml");
     let text = concat!(
         "name = \"kernel-bad\"\n",
