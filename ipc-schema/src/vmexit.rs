@@ -273,7 +273,8 @@ pub enum Inject {
 pub enum Then {
     /// Enter the guest again.
     Resume,
-    /// Wait for an event (HLT).
+    /// A HLT with nothing that could wake it: the domain is stopped, saying
+    /// so (a wait that something ends is [`Then::BlockUntil`]).
     Block,
     /// The domain ends with this status (the guest asked to, e.g. port 0xf4).
     Exit { status: u32 },

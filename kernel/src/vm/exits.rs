@@ -214,7 +214,8 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
             super::wake_at(deadline);
         }
         Then::Block => {
-            // Nothing can wake a vCPU yet (no virtual interrupts).
+            // A wait with no deadline: nothing could ever wake the vCPU
+            // (its handler answers `BlockUntil` where something can).
             v.state = VcpuState::Blocked;
             let id = d.id;
             defmt::error!(

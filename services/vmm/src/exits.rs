@@ -2,11 +2,15 @@
 //! system calls that carry it out (the [`Env`]), so that host tests can run
 //! it against a fake environment.
 //!
-//! It emulates what a multiboot test guest needs: CPUID with VMX hidden and
-//! Parallax's leaves added, a 16550 console at 0x3f8 (lines go to the log),
-//! the exit port 0xf4, a few MSRs, and HLT. It answers the service
-//! hypercalls itself and forwards request hypercalls to the altp2m service
-//! (dirty-log requests to the logdirty service).
+//! It emulates a PC for its guests (docs/guests.md, The platform): CPUID
+//! with VMX hidden and Parallax's leaves added, a 16550 console at 0x3f8
+//! (lines go to the log), the exit port 0xf4, the 8259 PICs ([`crate::pic`]),
+//! the 8254 PIT and port 0x61 ([`crate::pit`]), the local APIC in x2APIC
+//! mode ([`crate::lapic`]), PCI configuration ([`crate::pci`]), the CMOS
+//! ([`crate::cmos`]), ACPI power-off, a few MSRs, and HLT as a wait for the
+//! next timer; interrupts are injected at interrupt-window exits. It
+//! answers the service hypercalls itself and forwards request hypercalls to
+//! the altp2m service (dirty-log requests to the logdirty service).
 //! An exit it cannot make sense of stops the domain, saying why.
 
 use crate::cmos::Cmos;
