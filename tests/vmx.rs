@@ -538,6 +538,48 @@ fn a_kernel_using_the_x2apic_timers_and_self_ipi_runs_under_parallax() {
     );
 }
 
+/// Issue 14, point 2: `tests/kernels/uart-irq.S` sends a line through the
+/// 16550 one transmitter-empty interrupt (IRQ 4 through the PICs) per
+/// byte while halting, then one by polling: the same lines and status
+/// (0x10) under Parallax on Bochs as under `qemu-system-x86_64 -kernel`.
+#[test]
+fn interrupt_driven_console_output_runs_as_on_plain_qemu() {
+    let elf = assemble("uart-irq.S", "kernel-uart-irq", &[]);
+    let mut cfg = RunConfig::new(
+        Machine::Qemu,
+        emulator::capture_path("plain-kernel-uart-irq"),
+    );
+    cfg.memory_mib = 16;
+    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "this line went out one interrupt per byte",
+            "and this one by polling",
+        ]
+    );
+    let manifest = elf.parent().unwrap().join("kernel-uart-irq.toml");
+    let text = concat!(
+        "name = \"kernel-uart-irq\"\n",
+        "[[domain]]\nname = \"uart\"\nkernel = \"kernel-uart-irq\"\nmemory_mib = 16\n",
+    );
+    let img = system_in(&manifest, "kernel-uart-irq", text);
+    let run = bochs(&img);
+    run.expect("domain 1 (uart) exited with status 16");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+}
+
 #[test]
 fn cpuid_hides_vmx_and_shows_the_parallax_leaves() {
     let run = bochs(&one_guest("cpuid"));

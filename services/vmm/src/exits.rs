@@ -696,8 +696,13 @@ fn io(
 ) -> Response {
     match port {
         COM1..=0x3ff if write => {
+            let was = d.uart.irq();
             if let Some(byte) = d.uart.write(port - COM1, value as u8) {
                 console_byte(env, d, byte);
+            }
+            // COM1's line is IRQ 4; the PIC takes its rising edges.
+            if d.uart.irq() && !was {
+                d.platform.pic.raise(4);
             }
         }
         COM1..=0x3ff => {

@@ -1364,3 +1364,25 @@ fn a_halted_guest_waits_for_its_apic_timer() {
         })
     );
 }
+
+#[test]
+fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut ports = Vec::new();
+    program_pics_ports(&mut ports);
+    for (port, v) in ports {
+        io(&mut vmm, &mut env, port, true, v);
+    }
+    io(&mut vmm, &mut env, 0x21, true, 0xef); // only IRQ 4
+    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b); // OUT2
+    let r = io(&mut vmm, &mut env, COM1 + 1, true, 0x02); // ETBEI
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x24 }));
+}
