@@ -196,6 +196,7 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
         Then::Resume => k.make_ready_next(Runnable::Vcpu(slot)),
         Then::ResumeUntil { window, deadline } => {
             v.deadline = deadline;
+            super::clamp_to_deadline(v);
             if !v.set_window(&super::caps().0, window) {
                 defmt::error!(
                     "domain {=u16}: its handler asked for an interrupt window, which this CPU cannot give; domain stopped",

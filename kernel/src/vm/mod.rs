@@ -244,10 +244,6 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
         let Some(v) = d.vcpu.as_mut() else {
             return Stop::Handler;
         };
-        if v.deadline != u64::MAX && !clamp_to_deadline(v) {
-            d.pending_raw = Some(RawExit::DEADLINE);
-            return Stop::Handler;
-        }
         let raw = v.enter();
         if raw.vmx_failed() {
             d.pending_raw = Some(raw);
@@ -283,25 +279,23 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
 }
 
 /// Cuts the vCPU's preemption timer short where its handler's deadline
-/// comes before the timer would end; false when the deadline has passed
-/// (the exit is due now: the deadline is cleared). Without the timer the
-/// deadline is seen at the vCPU's next exit.
-fn clamp_to_deadline(v: &mut vcpu::Vcpu) -> bool {
-    let now = platform::cpu::rdtsc();
-    if now >= v.deadline {
-        v.deadline = u64::MAX;
-        return false;
+/// comes before the timer would end (to 0 where it has passed: the vCPU
+/// exits before its first instruction), when the deadline is set and when
+/// a slice is renewed: the timer keeps counting down across the exits the
+/// kernel answers itself, so nothing is checked on the way into the guest.
+/// Without the timer a running vCPU's deadline is not seen (a waiting
+/// one's is).
+pub fn clamp_to_deadline(v: &mut vcpu::Vcpu) {
+    if v.deadline == u64::MAX || caps().1.slice.is_none() {
+        return;
     }
-    if caps().1.slice.is_some() {
-        let rate = caps().0.preemption_timer_rate;
-        let ticks = ((v.deadline - now) >> rate).max(1);
-        let left = v.read(platform::vmx::fields::PREEMPTION_TIMER_VALUE);
-        if ticks < left {
-            // Safety: the VMCS is current; any timer value is valid.
-            unsafe { v.write(platform::vmx::fields::PREEMPTION_TIMER_VALUE, ticks) };
-        }
+    let rate = caps().0.preemption_timer_rate;
+    let ticks = v.deadline.saturating_sub(platform::cpu::rdtsc()) >> rate;
+    let left = v.read(platform::vmx::fields::PREEMPTION_TIMER_VALUE);
+    if ticks < left {
+        // Safety: the VMCS is current; any timer value is valid.
+        unsafe { v.write(platform::vmx::fields::PREEMPTION_TIMER_VALUE, ticks) };
     }
-    true
 }
 
 /// The earliest deadline of a vCPU that waits (`Then::BlockUntil`), or
@@ -363,7 +357,8 @@ fn end_slice(d: &mut Domain) {
     }
 }
 
-/// A full slice on the vCPU's preemption timer.
+/// A full slice on the vCPU's preemption timer (or less, to its handler's
+/// deadline).
 fn renew_timer(v: &mut vcpu::Vcpu) {
     if let Some(ticks) = caps().1.slice {
         // Safety: the VMCS is current; any timer value is valid.
@@ -373,6 +368,7 @@ fn renew_timer(v: &mut vcpu::Vcpu) {
                 u64::from(ticks),
             )
         };
+        clamp_to_deadline(v);
     }
 }
 
@@ -429,8 +425,8 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         reason::PREEMPTION_TIMER => {
             v.exits -= 1; // not the guest's doing
             if v.deadline != u64::MAX && platform::cpu::rdtsc() >= v.deadline {
-                // The timer was cut short for the handler's deadline; the
-                // slice goes on (with what the timer had left before).
+                // The timer was cut short for the handler's deadline: the
+                // exit goes to the handler, and the vCPU gets a new slice.
                 v.deadline = u64::MAX;
                 renew_timer(v);
                 return Fast::Deadline;

@@ -153,6 +153,10 @@ struct Platform {
     deadline: Option<u64>,
     /// HLTs in a row with an interrupt waiting and no window between them.
     halts: u8,
+    /// The guest has touched an interrupt source (the PICs, the PIT, the
+    /// local APIC, the UART's interrupt enable): [`interrupts`] runs after
+    /// each of its exits from then on.
+    active: bool,
     /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
 }
@@ -337,17 +341,19 @@ impl Vmm {
     }
 
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
-        let r = self.respond_device(env, exit, regs);
-        if matches!(exit.kind, ExitKind::Start) {
-            // Fresh devices are made at its next exit.
-            return r;
-        }
-        let d = self.devices(exit.domain);
-        interrupts(env, d, &exit.kind, r)
-    }
-
-    fn respond_device(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
+        if let ExitKind::Start = exit.kind {
+            // A new domain: fresh devices (made at its next exit), whatever
+            // a domain of this id had.
+            if self.forget(env, id) {
+                defmt::info!(
+                    "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
+                    id,
+                    id
+                );
+            }
+            return Response::RETRY;
+        }
         // Console bytes are held back only while the guest keeps writing
         // them: any other exit sends them on, so that a fault of this
         // service loses at most an unfinished burst.
@@ -363,7 +369,7 @@ impl Vmm {
         {
             flush(env, d);
         }
-        match exit.kind {
+        let r = match exit.kind {
             ExitKind::Cpuid { leaf, subleaf } => {
                 let r = cpuid(env, leaf, subleaf);
                 (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
@@ -410,6 +416,7 @@ impl Vmm {
                 }
             }
             ExitKind::Wrmsr { msr, value } if msr == 0x1b || Lapic::owns(msr) => {
+                d.platform.active = true;
                 let lapic = &mut d.platform.lapic;
                 let done = if msr == 0x1b {
                     lapic.write_base(value)
@@ -530,20 +537,10 @@ impl Vmm {
                 d.platform.deadline = None;
                 Response::RETRY
             }
-            // A new domain: fresh devices, whatever a domain of this id had.
             // Goes to the service that started PML; here only if the kernel
             // had nowhere else to send it: nothing to read, go on.
             ExitKind::PmlFull { .. } => Response::RETRY,
-            ExitKind::Start => {
-                if self.forget(env, id) {
-                    defmt::info!(
-                        "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
-                        id,
-                        id
-                    );
-                }
-                Response::RETRY
-            }
+            ExitKind::Start => Response::RETRY, // answered above
             ExitKind::EptMisconfig { gpa } => {
                 defmt::error!(
                     "domain {=u16}: EPT misconfiguration at GPA {=u64:#x} in view {=u16}",
@@ -595,6 +592,14 @@ impl Vmm {
                 );
                 Response::CRASH
             }
+        };
+        // A guest that has touched none of the interrupt sources costs one
+        // test here (the hot exit path stays as it was); its HLT stops it,
+        // as nothing could wake it.
+        if d.platform.active {
+            interrupts(env, d, &exit.kind, r)
+        } else {
+            r
         }
     }
 }
@@ -614,20 +619,9 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
 /// waits in the PIC, the PIT's next edge as the vCPU's deadline, a HLT
 /// turned into a wait for that deadline (or, with an interrupt waiting, into
 /// going on to take it).
+#[inline(never)]
 fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response) -> Response {
     let p = &mut d.platform;
-    // A guest that uses none of it (most exits of most guests) costs a few
-    // comparisons here.
-    if !p.pit.channels[0].running
-        && p.lapic.expiry == u64::MAX
-        && p.pic.master.irr | p.pic.slave.irr == 0
-        && !p.lapic.requested()
-        && !p.window
-        && p.deadline.is_none()
-        && !matches!(kind, ExitKind::Hlt)
-    {
-        return r;
-    }
     // Nothing to do (and no clock to read) for a guest that never armed
     // the PIT: the exit path of the others stays as it was.
     if p.pit.next_edge() != u64::MAX && p.pit.irq0_due(env.tsc(), u64::from(env.tsc_khz()) * 1000) {
@@ -696,6 +690,10 @@ fn io(
 ) -> Response {
     match port {
         COM1..=0x3ff if write => {
+            // (Its interrupt enabled: polling drivers write 0 there.)
+            if port == COM1 + 1 && value & 2 != 0 {
+                d.platform.active = true;
+            }
             let was = d.uart.irq();
             if let Some(byte) = d.uart.write(port - COM1, value as u8) {
                 console_byte(env, d, byte);
@@ -769,9 +767,13 @@ fn io(
                 set_in(regs, size, u32::from(v));
             }
         }
-        _ if Pic::owns(port) && write => d.platform.pic.write(port, value as u8),
+        _ if Pic::owns(port) && write => {
+            d.platform.active = true;
+            d.platform.pic.write(port, value as u8);
+        }
         _ if Pic::owns(port) => set_in(regs, size, u32::from(d.platform.pic.read(port))),
         _ if Pit::owns(port) => {
+            d.platform.active = true;
             let (now, hz) = (env.tsc(), u64::from(env.tsc_khz()) * 1000);
             if write {
                 d.platform.pit.write(port, value as u8, now, hz);

@@ -264,11 +264,6 @@ impl Lapic {
         (v & 0xf0 > busy.max(self.tpr & 0xf0)).then_some(v)
     }
 
-    /// Whether any vector is requested.
-    pub fn requested(&self) -> bool {
-        self.irr.iter().any(|&w| w != 0)
-    }
-
     /// The CPU takes it: from requested to in service.
     pub fn ack(&mut self) -> Option<u8> {
         let v = self.pending()?;
