@@ -149,7 +149,7 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
         },
     );
     run.expect_console(3, "hello")
-        .expect_console(4, "host ports read all ones, writes went nowhere")
+        .expect_console(4, "8 absent host ports read all ones, 12 modelled ones reach the domain's own devices; writes went nowhere")
         .expect_console(4, "host and VMX MSRs refused with #GP")
         .expect_console(4, "CR4.VMXE refused with #GP")
         .expect_console(4, "3000 random hypercalls answered")

@@ -247,24 +247,40 @@ fn describe_image_error(bytes: &[u8], e: platform::multiboot::ImageError, mib: u
     };
     match e {
         E::NoHeader if bytes.get(0x202..0x206) == Some(b"HdrS") => {
-            "a Linux bzImage: Linux kernels are not supported yet (multiboot version 1 only)".into()
+            "a Linux bzImage: not loaded (its boot protocol is not supported); give its vmlinux ELF, which boots through its PVH entry note".into()
         }
-        E::NoHeader if has(0xe852_50d6, 32 * 1024) => {
-            "a multiboot2 kernel: not supported yet (multiboot version 1 only)".into()
+        E::NoHeader if platform::multiboot::mb2::has_magic(bytes) => {
+            "its multiboot2 header's checksum is wrong".into()
         }
         E::NoHeader if bytes.starts_with(b"\x7fELF") => {
-            "an ELF file with no multiboot header in its first 8 KiB: not a multiboot kernel".into()
+            "an ELF file with no multiboot header in its first 8 KiB, no multiboot2 header in its first 32 KiB and no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): not a kernel Parallax can load".into()
+        }
+        E::NoHeader if has(0x1bad_b002, 8 * 1024) || has(0xe852_50d6, 32 * 1024) => {
+            "a multiboot header out of place (not aligned as the specification asks): not a kernel Parallax can load".into()
         }
         E::NoHeader => {
-            "no multiboot header in its first 8 KiB: not a kernel Parallax can load".into()
+            "no multiboot header in its first 8 KiB, no multiboot2 header in its first 32 KiB, not an ELF with a PVH note: not a kernel Parallax can load".into()
+        }
+        E::Mb2Architecture(a) => {
+            format!("its multiboot2 header is for architecture {a}, not i386 (0)")
+        }
+        E::Mb2BadTags => "its multiboot2 header's tags are malformed or run past its length".into(),
+        E::Mb2Unsupported(1) => {
+            "its multiboot2 header requires information the loader does not give (a framebuffer, EFI or APM table, ...): only the command line, loader name, modules, memory sizes and map are given".into()
+        }
+        E::Mb2Unsupported(t) => format!(
+            "its multiboot2 header requires what the loader does not provide (tag type {t}: 4 a console, 5 a framebuffer, 7 EFI boot services, or unknown)"
+        ),
+        E::PvhBadNote => {
+            "its PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) is not a 32-bit entry point".into()
         }
         E::BadChecksum => "its multiboot header's checksum is wrong".into(),
         E::UnsupportedFlags(f) => format!(
             "its multiboot header asks for what the loader does not provide (flags {f:#x}: a video mode, or an unknown required feature)"
         ),
-        E::BadAddresses => "its multiboot header's address fields do not fit the file".into(),
+        E::BadAddresses => "its header's address fields do not fit the file (or give no entry point)".into(),
         E::NotElf => "not an ELF file, and its multiboot header has no address fields".into(),
-        E::BadElf => "its ELF headers are malformed".into(),
+        E::BadElf => "its ELF headers (or notes) are malformed".into(),
         E::TooManySegments => "it has more loadable segments than the loader takes".into(),
         E::OutsideRam { start, end } => format!(
             "it loads at {start:#x}..{end:#x}, outside the domain's {mib} MiB of RAM or over the loader's reserved area"

@@ -181,9 +181,31 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("notes.txt");
     std::fs::write(&text, "not a kernel\n".repeat(100)).unwrap();
+    // A multiboot2 header with a wrong checksum, and one that requires a
+    // framebuffer (tag 5, not optional).
     let mut mb2 = vec![0u8; 4096];
     mb2[64..68].copy_from_slice(&0xe852_50d6u32.to_le_bytes());
     std::fs::write(dir.join("mb2.bin"), &mb2).unwrap();
+    let mut fb = Vec::new();
+    let len = 16 + 20 + 4 + 8;
+    for v in [
+        0xe852_50d6u32,
+        0,
+        len,
+        0u32.wrapping_sub(0xe852_50d6 + len),
+        5,
+        20,
+        1024,
+        768,
+        32,
+        0,
+        0,
+        8,
+    ] {
+        fb.extend_from_slice(&v.to_le_bytes());
+    }
+    fb.resize(4096, 0);
+    std::fs::write(dir.join("mb2-fb.bin"), &fb).unwrap();
     // A multiboot kernel with the header's address fields (the a.out
     // kludge): loaded whole at 1 MiB.
     let mut kludge = Vec::new();
@@ -217,15 +239,20 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
         ),
         (
             "kernel = \"notes.txt\"".to_owned(),
-            "notes.txt: no multiboot header in its first 8 KiB".to_owned(),
+            "notes.txt: no multiboot header in its first 8 KiB, no multiboot2 header".to_owned(),
         ),
         (
             "kernel = \"mb2.bin\"".to_owned(),
-            "mb2.bin: a multiboot2 kernel: not supported yet".to_owned(),
+            "mb2.bin: its multiboot2 header's checksum is wrong".to_owned(),
+        ),
+        (
+            "kernel = \"mb2-fb.bin\"".to_owned(),
+            "mb2-fb.bin: its multiboot2 header requires what the loader does not provide (tag type 5"
+                .to_owned(),
         ),
         (
             "kernel = \"bzImage\"".to_owned(),
-            "bzImage: a Linux bzImage: Linux kernels are not supported yet".to_owned(),
+            "bzImage: a Linux bzImage: not loaded".to_owned(),
         ),
         (
             "kernel = \"notes.txt\"\nguest = \"hello\"".to_owned(),

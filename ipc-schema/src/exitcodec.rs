@@ -267,6 +267,8 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
             o.byte(buffer)?;
             o.varint(entries.into())
         }
+        ExitKind::InterruptWindow => o.byte(15),
+        ExitKind::Deadline => o.byte(16),
     }
 }
 
@@ -336,6 +338,8 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
                 entries: i.u16()?,
             }
         }
+        15 => *out = ExitKind::InterruptWindow,
+        16 => *out = ExitKind::Deadline,
         _ => return None,
     }
     Some(())
@@ -530,6 +534,11 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
                 }
             }
         }
+        Some(Inject::Interrupt { vector }) => {
+            o.byte(1)?;
+            o.byte(1)?;
+            o.byte(vector)?;
+        }
     }
     match p.then {
         Then::Resume => o.byte(0)?,
@@ -539,6 +548,15 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
             o.varint(status.into())?;
         }
         Then::Crash => o.byte(3)?,
+        Then::ResumeUntil { window, deadline } => {
+            o.byte(4)?;
+            o.bool(window)?;
+            o.varint(deadline)?;
+        }
+        Then::BlockUntil { deadline } => {
+            o.byte(5)?;
+            o.varint(deadline)?;
+        }
     }
     match &r.regs {
         None => o.byte(0)?,
@@ -606,6 +624,7 @@ pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
                 vector: i.byte()?,
                 error_code: if i.some()? { Some(i.u32()?) } else { None },
             }),
+            1 => Some(Inject::Interrupt { vector: i.byte()? }),
             _ => return None,
         }
     } else {
@@ -616,6 +635,11 @@ pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
         1 => Then::Block,
         2 => Then::Exit { status: i.u32()? },
         3 => Then::Crash,
+        4 => Then::ResumeUntil {
+            window: i.bool()?,
+            deadline: i.u64()?,
+        },
+        5 => Then::BlockUntil { deadline: i.u64()? },
         _ => return None,
     };
     let regs = if i.some()? {
@@ -708,6 +732,8 @@ mod tests {
             Just(ExitKind::Start),
             (any::<u8>(), any::<u16>())
                 .prop_map(|(buffer, entries)| ExitKind::PmlFull { buffer, entries }),
+            Just(ExitKind::InterruptWindow),
+            Just(ExitKind::Deadline),
         ]
     }
 
@@ -746,15 +772,19 @@ mod tests {
     }
 
     fn reply() -> impl Strategy<Value = ExitReply> {
-        let inject = proptest::option::of(
+        let inject = proptest::option::of(prop_oneof![
             (any::<u8>(), any::<Option<u32>>())
                 .prop_map(|(vector, error_code)| Inject::Exception { vector, error_code }),
-        );
+            any::<u8>().prop_map(|vector| Inject::Interrupt { vector }),
+        ]);
         let then = prop_oneof![
             Just(Then::Resume),
             Just(Then::Block),
             any::<u32>().prop_map(|status| Then::Exit { status }),
             Just(Then::Crash),
+            (any::<bool>(), any::<u64>())
+                .prop_map(|(window, deadline)| Then::ResumeUntil { window, deadline }),
+            any::<u64>().prop_map(|deadline| Then::BlockUntil { deadline }),
         ];
         (
             any::<bool>(),

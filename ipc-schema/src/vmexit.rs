@@ -202,6 +202,15 @@ pub enum ExitKind {
         buffer: u8,
         entries: u16,
     },
+    /// The guest can take an external interrupt now (RFLAGS.IF set, no
+    /// STI or MOV SS blocking): the exit its handler asked for with
+    /// [`Then::ResumeUntil`]'s `window`. The answer resumes without
+    /// advancing, typically injecting [`Inject::Interrupt`].
+    InterruptWindow,
+    /// The TSC reached the deadline its handler set ([`Then::ResumeUntil`],
+    /// [`Then::BlockUntil`]): while the vCPU ran, or waited. The deadline
+    /// is then cleared. The answer resumes without advancing.
+    Deadline,
 }
 
 /// One exit of one vCPU.
@@ -249,6 +258,11 @@ fields_schema!(Exit, "Exit", {
 pub enum Inject {
     /// A hardware exception, with an error code for the vectors that have one.
     Exception { vector: u8, error_code: Option<u32> },
+    /// An external interrupt (vectors 32-255), as an interrupt controller
+    /// would deliver it: only when the guest can take one (the answer to
+    /// an [`ExitKind::InterruptWindow`]); otherwise the kernel stops the
+    /// domain, naming the vector, rather than fail the VM entry.
+    Interrupt { vector: u8 },
 }
 
 /// What happens to the vCPU after the handler.
@@ -259,12 +273,22 @@ pub enum Inject {
 pub enum Then {
     /// Enter the guest again.
     Resume,
-    /// Wait for an event (HLT).
+    /// A HLT with nothing that could wake it: the domain is stopped, saying
+    /// so (a wait that something ends is [`Then::BlockUntil`]).
     Block,
     /// The domain ends with this status (the guest asked to, e.g. port 0xf4).
     Exit { status: u32 },
     /// The domain is stopped because of what this exit showed.
     Crash,
+    /// Enter the guest again; then exit to the handler as soon as the guest
+    /// can take an external interrupt (`window`: an
+    /// [`ExitKind::InterruptWindow`]) and once the TSC reaches `deadline`
+    /// ([`ExitKind::Deadline`]; `u64::MAX`: never). The deadline stays until
+    /// another answer changes it (a plain `Resume` keeps it).
+    ResumeUntil { window: bool, deadline: u64 },
+    /// Wait (HLT) without running until the TSC reaches `deadline`: then an
+    /// [`ExitKind::Deadline`]. Other vCPUs and services run meanwhile.
+    BlockUntil { deadline: u64 },
 }
 
 /// The handler's answer.

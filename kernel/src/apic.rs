@@ -66,6 +66,27 @@ pub fn init(x2apic: bool) -> Result<ApicMode, &'static str> {
     })
 }
 
+/// Arms this CPU's local APIC timer to interrupt (on [`TIMER_VECTOR`]) once
+/// the TSC reaches `tsc`, in TSC-deadline mode; false where the CPU lacks
+/// that mode.
+pub fn arm_deadline(tsc: u64) -> bool {
+    // CPUID.1:ECX bit 24: TSC-deadline mode.
+    if platform::cpu::cpuid(1, 0).ecx & (1 << 24) == 0 {
+        return false;
+    }
+    // Safety: see `impl Sync for BspApic`; the timer's vector has an IDT
+    // entry, and IA32_TSC_DEADLINE (0x6e0) exists where CPUID says so.
+    unsafe {
+        let Some(apic) = (*BSP_APIC.0.get()).as_mut() else {
+            return false;
+        };
+        apic.set_timer_mode(x2apic::lapic::TimerMode::TscDeadline);
+        apic.enable_timer();
+        x86_64::registers::model_specific::Msr::new(0x6e0).write(tsc.max(1));
+    }
+    true
+}
+
 /// Signals end of interrupt to this CPU's local APIC.
 pub fn end_of_interrupt() {
     // Safety: see `impl Sync for BspApic`; EOI has no other effect.

@@ -260,6 +260,9 @@ extern "C" fn trap(frame: &mut TrapFrame) {
             crate::sys::irq::handle(crate::sys::kernel(), v as u8);
         }
         v if v == u64::from(SPURIOUS_VECTOR) => {}
+        // The timer armed for a waiting vCPU's deadline: the scheduler
+        // wakes it (`vm::wake_due`).
+        v if v == u64::from(crate::apic::TIMER_VECTOR) => crate::apic::end_of_interrupt(),
         v if v == u64::from(APIC_ERROR_VECTOR) => {
             defmt::warn!("local APIC error interrupt");
             crate::apic::end_of_interrupt();

@@ -26,6 +26,7 @@ pub fn run() -> ! {
         if let Some(code) = k.halt.take() {
             crate::halt::stop(HaltStatus::from_code(code).unwrap_or(HaltStatus::KernelFault));
         }
+        crate::vm::wake_due(k);
         let next = match k.next.take() {
             Some(r) => Some(r),
             None => k.ready.pop_front(),
@@ -47,7 +48,18 @@ pub fn run() -> ! {
 
 /// Nothing is runnable: wait for an interrupt, if one can come.
 fn idle() {
-    if !super::irq::any_bound() {
+    let wake = crate::vm::next_wake();
+    if wake != u64::MAX {
+        // A vCPU waits for a deadline (a guest's HLT): the local APIC's
+        // timer ends the wait; without its TSC-deadline mode, the CPU
+        // waits for the TSC with PAUSE.
+        if !crate::apic::arm_deadline(wake) {
+            while platform::cpu::rdtsc() < wake {
+                core::hint::spin_loop();
+            }
+            return;
+        }
+    } else if !super::irq::any_bound() {
         defmt::error!("nothing can run: every service waits and no interrupt can wake one");
         crate::halt::stop(HaltStatus::Stuck);
     }

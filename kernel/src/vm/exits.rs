@@ -159,6 +159,17 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
             return;
         }
     }
+    if let Some(Inject::Interrupt { vector }) = reply.response.inject
+        && (vector < 32 || !v.can_take_interrupt())
+    {
+        defmt::error!(
+            "domain {=u16}: its exit handler asked to inject interrupt vector {=u8}, which the guest cannot take now (an exception vector, interrupts off or blocked, or an event of its own under way); domain stopped",
+            d.id,
+            vector
+        );
+        crash_pending(k, slot);
+        return;
+    }
     if let Some(regs) = reply.regs {
         regs.apply(&mut v.regs);
     }
@@ -183,8 +194,29 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     }
     match reply.response.then {
         Then::Resume => k.make_ready_next(Runnable::Vcpu(slot)),
+        Then::ResumeUntil { window, deadline } => {
+            v.deadline = deadline;
+            super::clamp_to_deadline(v);
+            if !v.set_window(&super::caps().0, window) {
+                defmt::error!(
+                    "domain {=u16}: its handler asked for an interrupt window, which this CPU cannot give; domain stopped",
+                    d.id
+                );
+                crash_pending(k, slot);
+                return;
+            }
+            k.make_ready_next(Runnable::Vcpu(slot));
+        }
+        Then::BlockUntil { deadline } => {
+            // It waits without running; `super::wake_due` sends it a
+            // `Deadline` exit once the TSC is there.
+            v.deadline = deadline;
+            v.state = VcpuState::Blocked;
+            super::wake_at(deadline);
+        }
         Then::Block => {
-            // Nothing can wake a vCPU yet (no virtual interrupts).
+            // A wait with no deadline: nothing could ever wake the vCPU
+            // (its handler answers `BlockUntil` where something can).
             v.state = VcpuState::Blocked;
             let id = d.id;
             defmt::error!(

@@ -150,6 +150,8 @@ enum Fast {
     /// The slice ended and nobody else waits: the host takes any interrupt
     /// pending, then the guest goes on unless someone woke.
     Window,
+    /// The TSC reached the deadline the vCPU's handler set.
+    Deadline,
     /// Not the kernel's: send it to the handler.
     No,
 }
@@ -168,6 +170,7 @@ enum Stop {
 pub fn run_vcpu(k: &mut Kernel, slot: u16) {
     let others_waiting = !k.ready.is_empty();
     loop {
+        wake_due(k);
         let Some(d) = k.domains[usize::from(slot)].as_mut() else {
             return;
         };
@@ -271,6 +274,10 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             }
             Fast::Interrupt(vector) => return Stop::Interrupt(vector),
             Fast::Window => return Stop::Window,
+            Fast::Deadline => {
+                d.pending_raw = Some(RawExit::DEADLINE);
+                return Stop::Handler;
+            }
             // Out of `fast_path`, so that the null hypercall's code stays
             // as it is.
             Fast::No if raw.reason() == reason::EPT_VIOLATION && lift_on_write(d) => {
@@ -288,6 +295,76 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
     }
 }
 
+/// Cuts the vCPU's preemption timer short where its handler's deadline
+/// comes before the timer would end (to 0 where it has passed: the vCPU
+/// exits before its first instruction), when the deadline is set and when
+/// a slice is renewed: the timer keeps counting down across the exits the
+/// kernel answers itself, so nothing is checked on the way into the guest.
+/// Without the timer a running vCPU's deadline is not seen (a waiting
+/// one's is).
+pub fn clamp_to_deadline(v: &mut vcpu::Vcpu) {
+    if v.deadline == u64::MAX || caps().1.slice.is_none() {
+        return;
+    }
+    let rate = caps().0.preemption_timer_rate;
+    let ticks = v.deadline.saturating_sub(platform::cpu::rdtsc()) >> rate;
+    let left = v.read(platform::vmx::fields::PREEMPTION_TIMER_VALUE);
+    if ticks < left {
+        // Safety: the VMCS is current; any timer value is valid.
+        unsafe { v.write(platform::vmx::fields::PREEMPTION_TIMER_VALUE, ticks) };
+    }
+}
+
+/// The earliest deadline of a vCPU that waits (`Then::BlockUntil`), or
+/// `u64::MAX`.
+static NEXT_WAKE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// A vCPU now waits until the TSC reaches `deadline`.
+pub fn wake_at(deadline: u64) {
+    NEXT_WAKE.fetch_min(deadline, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The earliest TSC at which a waiting vCPU wakes (`u64::MAX`: none).
+pub fn next_wake() -> u64 {
+    NEXT_WAKE.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sends each waiting vCPU whose deadline has come its `Deadline` exit.
+/// One comparison when none is due.
+#[inline]
+pub fn wake_due(k: &mut Kernel) {
+    use core::sync::atomic::Ordering::Relaxed;
+    let now = platform::cpu::rdtsc();
+    if now < NEXT_WAKE.load(Relaxed) {
+        return;
+    }
+    let mut next = u64::MAX;
+    for slot in 0..k.domains.len() {
+        let Some(d) = k.domains[slot].as_mut() else {
+            continue;
+        };
+        let Some(v) = d.vcpu.as_mut() else { continue };
+        if v.state != VcpuState::Blocked || v.deadline == u64::MAX {
+            continue;
+        }
+        // A paused domain's vCPU wakes once it is unpaused.
+        if v.deadline > now || d.state != DomainState::Running {
+            next = next.min(v.deadline);
+            continue;
+        }
+        v.deadline = u64::MAX;
+        v.state = VcpuState::Runnable;
+        if v.load().is_err() {
+            continue;
+        }
+        d.pending_raw = Some(RawExit::DEADLINE);
+        let slot = slot as u16;
+        crate::sys::fastpath::exit(k, slot);
+        exits::to_handler(k, slot);
+    }
+    NEXT_WAKE.store(next, Relaxed);
+}
+
 /// The vCPU gives way: its next run starts a new slice.
 #[cold]
 fn end_slice(d: &mut Domain) {
@@ -297,7 +374,8 @@ fn end_slice(d: &mut Domain) {
     }
 }
 
-/// A full slice on the vCPU's preemption timer.
+/// A full slice on the vCPU's preemption timer (or less, to its handler's
+/// deadline).
 fn renew_timer(v: &mut vcpu::Vcpu) {
     if let Some(ticks) = caps().1.slice {
         // Safety: the VMCS is current; any timer value is valid.
@@ -307,6 +385,7 @@ fn renew_timer(v: &mut vcpu::Vcpu) {
                 u64::from(ticks),
             )
         };
+        clamp_to_deadline(v);
     }
 }
 
@@ -362,6 +441,13 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
             v.exits -= 1; // not the guest's doing
+            if v.deadline != u64::MAX && platform::cpu::rdtsc() >= v.deadline {
+                // The timer was cut short for the handler's deadline: the
+                // exit goes to the handler, and the vCPU gets a new slice.
+                v.deadline = u64::MAX;
+                renew_timer(v);
+                return Fast::Deadline;
+            }
             // The guest's share of the slice is spent (the timer's value is
             // saved at every exit, so exits do not renew it): others get
             // their turn (`end_slice` renews the timer), or the guest a new
@@ -372,6 +458,11 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
                 renew_timer(v);
                 Fast::Window
             }
+        }
+        // The window its handler asked for: once is enough.
+        reason::INTERRUPT_WINDOW => {
+            v.set_window(&caps().0, false);
+            Fast::No
         }
         reason::EXTERNAL_INTERRUPT => {
             v.exits -= 1; // not the guest's doing

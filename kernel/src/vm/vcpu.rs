@@ -224,10 +224,16 @@ pub struct Vcpu {
     /// The virtual-APIC page (its TPR is the guest's CR8), where the CPU
     /// has the TPR shadow.
     virtual_apic: Option<u64>,
+    /// The TSC value at which its handler wants an [`ExitKind::Deadline`]
+    /// (`u64::MAX`: none): set by `Then::ResumeUntil` and
+    /// `Then::BlockUntil`, cleared when the exit is sent.
+    pub deadline: u64,
 }
 
 /// The reason [`RawExit::START`] carries (basic exit reasons end below 80).
 const START_REASON: u16 = 0xfffe;
+/// The reason [`RawExit::DEADLINE`] carries.
+const DEADLINE_REASON: u16 = 0xfffd;
 
 /// How one entry ended: the VMCS exit-reason field (basic reason in bits
 /// 15:0, VM-entry failure in bit 31), or [`RawExit::VMX_FAILED`] when the
@@ -242,6 +248,9 @@ impl RawExit {
     /// Not an exit of the CPU's: the vCPU is about to run for the first
     /// time ([`ExitKind::Start`]); its "reason" is none the CPU reports.
     pub const START: RawExit = RawExit(START_REASON as u32);
+    /// Not an exit of the CPU's: the TSC reached the deadline its handler
+    /// set ([`ExitKind::Deadline`]).
+    pub const DEADLINE: RawExit = RawExit(DEADLINE_REASON as u32);
 
     #[inline(always)]
     pub fn reason(self) -> u16 {
@@ -299,6 +308,7 @@ impl Vcpu {
             proc2,
             proc1,
             tf_step: None,
+            deadline: u64::MAX,
             view: 0,
             vmfunc: setup.eptp_list.is_some(),
             pml: None,
@@ -609,6 +619,8 @@ impl Vcpu {
                 }
                 r::HLT => *out = ExitKind::Hlt,
                 START_REASON => *out = ExitKind::Start,
+                DEADLINE_REASON => *out = ExitKind::Deadline,
+                r::INTERRUPT_WINDOW => *out = ExitKind::InterruptWindow,
                 r::MONITOR_TRAP_FLAG => *out = ExitKind::MonitorTrap,
                 // The #DB of a trap-flag step (exception bitmap bit 1 is set
                 // only for one).
@@ -688,9 +700,50 @@ impl Vcpu {
             Some(Inject::Exception { vector, error_code }) => {
                 self.inject_exception(vector, error_code)
             }
+            Some(Inject::Interrupt { vector }) => {
+                let info = platform::vmx::fields::inject::interrupt(vector);
+                // Safety: the VMCS is current; the caller checked that the
+                // guest can take an external interrupt (`can_take_interrupt`).
+                unsafe {
+                    let _ = vmwrite(ENTRY_INTERRUPTION_INFO, u64::from(info));
+                }
+            }
             // Before the first entry no event was under way.
             None if self.launched => self.reinject_interrupted_event(),
             None => {}
+        }
+    }
+
+    /// Whether the guest can take an external interrupt on the next entry
+    /// (VM entry's checks for injecting one): RFLAGS.IF set, no blocking by
+    /// STI or MOV SS, and no event of its own being delivered again.
+    pub fn can_take_interrupt(&self) -> bool {
+        self.read(GUEST_RFLAGS) & (1 << 9) != 0
+            && self.read(platform::vmx::fields::GUEST_INTERRUPTIBILITY) & 3 == 0
+            && self.read(IDT_VECTORING_INFO) & (1 << 31) == 0
+    }
+
+    /// Turns interrupt-window exiting on or off: with it, the vCPU exits
+    /// (reason 7) as soon as the guest can take an external interrupt.
+    pub fn set_window(&mut self, caps: &VmxCaps, on: bool) -> bool {
+        let want = if on {
+            self.proc1 | proc1::INTERRUPT_WINDOW_EXITING
+        } else {
+            self.proc1 & !proc1::INTERRUPT_WINDOW_EXITING
+        };
+        if want == self.proc1 {
+            return true;
+        }
+        match caps.proc1.value_for(want) {
+            Ok(v) => {
+                // Safety: the VMCS is current; the value is allowed by the CPU.
+                unsafe {
+                    let _ = vmwrite(PRIMARY_CONTROLS, u64::from(v));
+                }
+                self.proc1 = want;
+                true
+            }
+            Err(_) => false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! A 16550 UART as a guest sees it: enough for a guest to detect the port,
-//! program it and transmit. The transmitter is always ready, so a polling
-//! guest never waits; received data never arrives (the console is output
-//! only).
+//! program it and transmit, polling or driven by the transmitter-empty
+//! interrupt. The transmitter is always ready, so a polling guest never
+//! waits; received data never arrives (the console is output only).
 
 use crate::serial::{
     DATA, FIFO_CTRL as IIR_FCR, INT_ENABLE as IER, LINE_CTRL as LCR, LINE_STATUS as LSR,
@@ -21,6 +21,9 @@ pub struct Uart16550 {
     mcr: u8,
     scr: u8,
     divisor: u16,
+    /// The transmitter-empty interrupt is pending (set when it is enabled
+    /// and after each byte sent; cleared by reading it in IIR).
+    thre: bool,
 }
 
 impl Uart16550 {
@@ -38,6 +41,7 @@ impl Uart16550 {
             mcr: r[2],
             scr: r[3],
             divisor: u16::from_le_bytes([r[4], r[5]]),
+            thre: r[0] & 2 != 0,
         }
     }
 
@@ -47,9 +51,18 @@ impl Uart16550 {
         let dlab = self.lcr & 0x80 != 0;
         match offset {
             DATA if dlab => self.divisor = (self.divisor & 0xff00) | u16::from(value),
-            DATA => return Some(value),
+            DATA => {
+                // Sent at once: the holding register is empty again.
+                self.thre = true;
+                return Some(value);
+            }
             IER if dlab => self.divisor = (self.divisor & 0x00ff) | (u16::from(value) << 8),
-            IER => self.ier = value & 0x0f,
+            IER => {
+                if value & 2 != 0 && self.ier & 2 == 0 {
+                    self.thre = true;
+                }
+                self.ier = value & 0x0f;
+            }
             LCR => self.lcr = value,
             MCR => self.mcr = value & 0x1f,
             SCR => self.scr = value,
@@ -58,15 +71,28 @@ impl Uart16550 {
         None
     }
 
+    /// Whether its interrupt line is up: the transmitter-empty interrupt
+    /// enabled (IER bit 1) and pending, and OUT2 (MCR bit 3), which gates
+    /// the line to the interrupt controller on a PC.
+    pub fn irq(&self) -> bool {
+        self.ier & 2 != 0 && self.thre && self.mcr & 0x08 != 0
+    }
+
     /// The guest read `offset` (0-7).
-    pub fn read(&self, offset: u16) -> u8 {
+    pub fn read(&mut self, offset: u16) -> u8 {
         let dlab = self.lcr & 0x80 != 0;
         match offset {
             DATA if dlab => self.divisor as u8,
             DATA => 0,
             IER if dlab => (self.divisor >> 8) as u8,
             IER => self.ier,
-            IIR_FCR => 0xc1, // FIFOs enabled, no interrupt pending
+            // FIFOs enabled; the transmitter-empty interrupt, which this
+            // read clears, or none.
+            IIR_FCR if self.ier & 2 != 0 && self.thre => {
+                self.thre = false;
+                0xc2
+            }
+            IIR_FCR => 0xc1,
             LCR => self.lcr,
             MCR => self.mcr,
             LSR => LSR_IDLE,
@@ -80,6 +106,27 @@ impl Uart16550 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_transmitter_empty_interrupt_drives_output() {
+        let mut u = Uart16550::default();
+        u.write(MCR, 0x0b); // DTR, RTS, OUT2
+        assert!(!u.irq(), "not enabled");
+        u.write(IER, 0x02);
+        assert!(u.irq(), "enabling it with the holding register empty");
+        assert_eq!(u.read(IIR_FCR), 0xc2);
+        assert!(!u.irq(), "reading IIR cleared it");
+        assert_eq!(u.read(IIR_FCR), 0xc1);
+        assert_eq!(u.write(DATA, b'x'), Some(b'x'));
+        assert!(u.irq(), "empty again after the byte");
+        // Without OUT2 the line stays down on a PC.
+        u.write(MCR, 0x03);
+        assert!(!u.irq());
+        u.write(MCR, 0x0b);
+        u.write(IER, 0);
+        assert!(!u.irq());
+        assert_eq!(u.read(IIR_FCR), 0xc1);
+    }
 
     #[test]
     fn a_polling_driver_initialises_and_transmits() {

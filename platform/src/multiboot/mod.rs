@@ -1,6 +1,8 @@
-//! Starting a guest the way a multiboot (version 1) loader does: find the
-//! guest image's header, work out which bytes go where, and build the
-//! information block the guest finds through EBX.
+//! Starting a guest the way its boot loader would: a multiboot (version 1)
+//! or multiboot2 loader, or a PVH loader (an ELF kernel with Xen's
+//! `XEN_ELFNOTE_PHYS32_ENTRY` note, as Linux's vmlinux has): find the guest
+//! image's header, work out which bytes go where, and build the information
+//! block the guest finds through EBX ([`mb2`], [`pvh`] for the other two).
 //!
 //! Pure functions of the image bytes: the kernel executes the plan (copies
 //! into guest RAM), the host tests check it. A guest image is untrusted input;
@@ -22,6 +24,22 @@ const FLAG_ADDRESSES: u32 = 1 << 16;
 
 /// The most loadable segments an image may have.
 pub const MAX_SEGMENTS: usize = 8;
+
+pub mod acpi;
+pub mod mb2;
+pub mod pvh;
+
+/// The boot protocol an image asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Format {
+    /// Multiboot version 1 (EAX = [`BOOT_MAGIC`], EBX = its information).
+    Multiboot,
+    /// Multiboot2 (EAX = [`mb2::BOOT_MAGIC`], EBX = its information).
+    Multiboot2,
+    /// PVH (EBX = the `hvm_start_info`).
+    Pvh,
+}
 
 /// Why an image cannot be started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +65,15 @@ pub enum ImageError {
     OutsideRam { start: u64, end: u64 },
     /// Nothing to load.
     Empty,
+    /// A multiboot2 header's architecture is not i386 (0).
+    Mb2Architecture(u32),
+    /// A multiboot2 header's tags run past its length or are malformed.
+    Mb2BadTags,
+    /// A multiboot2 header requires a tag (or information) the loader does
+    /// not provide: a framebuffer, EFI boot services, a console; its type.
+    Mb2Unsupported(u16),
+    /// A PVH entry note whose entry point is not a 32-bit address.
+    PvhBadNote,
 }
 
 /// One piece of the image to place in guest memory.
@@ -70,8 +97,9 @@ pub struct LoadPlan {
     pub segments: Vec<Segment, MAX_SEGMENTS>,
     /// The 32-bit entry point.
     pub entry: u32,
-    /// The header's flags.
+    /// The header's flags (multiboot version 1; 0 for the others).
     pub flags: u32,
+    pub format: Format,
 }
 
 /// Where guest RAM is and which part the loader keeps for itself.
@@ -118,25 +146,21 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     ))
 }
 
-/// Finds the header and computes the load plan for a guest with `layout`.
+/// Finds the header and computes the load plan for a guest with `layout`:
+/// a multiboot header first, then a multiboot2 header, then an ELF's PVH
+/// entry note.
 pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> {
-    let at = (0..image.len().min(SEARCH).saturating_sub(11))
+    let v1 = (0..image.len().min(SEARCH).saturating_sub(11))
         .step_by(4)
-        .find(|&i| u32_at(image, i) == Some(HEADER_MAGIC))
-        .ok_or(ImageError::NoHeader)?;
-    let flags = u32_at(image, at + 4).ok_or(ImageError::NoHeader)?;
-    let checksum = u32_at(image, at + 8).ok_or(ImageError::NoHeader)?;
-    if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {
-        return Err(ImageError::BadChecksum);
-    }
-    let unsupported = flags & 0xffff & !(FLAG_ALIGN_MODULES | FLAG_MEMORY_INFO);
-    if unsupported != 0 || flags & FLAG_VIDEO_MODE != 0 {
-        return Err(ImageError::UnsupportedFlags(flags));
-    }
-    let plan = if flags & FLAG_ADDRESSES != 0 {
-        plan_from_header(image, at, flags)?
+        .find(|&i| u32_at(image, i) == Some(HEADER_MAGIC));
+    let plan = if let Some(at) = v1 {
+        plan_v1(image, at)?
+    } else if let Some(at) = mb2::find(image) {
+        mb2::plan(image, at)?
+    } else if let Some(entry) = pvh::entry(image)? {
+        plan_from_elf(image, 0, Some(entry), Format::Pvh)?
     } else {
-        plan_from_elf(image, flags)?
+        return Err(ImageError::NoHeader);
     };
     if plan.segments.is_empty() {
         return Err(ImageError::Empty);
@@ -154,11 +178,59 @@ pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> 
     Ok(plan)
 }
 
-/// The a.out kludge: the header's own address fields say what to load.
-fn plan_from_header(image: &[u8], at: usize, flags: u32) -> Result<LoadPlan, ImageError> {
-    let field = |n: usize| u32_at(image, at + 12 + 4 * n).ok_or(ImageError::BadAddresses);
-    let (header_addr, load_addr, load_end, bss_end, entry) =
-        (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+/// A multiboot (version 1) header at `at`.
+fn plan_v1(image: &[u8], at: usize) -> Result<LoadPlan, ImageError> {
+    let flags = u32_at(image, at + 4).ok_or(ImageError::NoHeader)?;
+    let checksum = u32_at(image, at + 8).ok_or(ImageError::NoHeader)?;
+    if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {
+        return Err(ImageError::BadChecksum);
+    }
+    let unsupported = flags & 0xffff & !(FLAG_ALIGN_MODULES | FLAG_MEMORY_INFO);
+    if unsupported != 0 || flags & FLAG_VIDEO_MODE != 0 {
+        return Err(ImageError::UnsupportedFlags(flags));
+    }
+    if flags & FLAG_ADDRESSES != 0 {
+        let field = |n: usize| u32_at(image, at + 12 + 4 * n).ok_or(ImageError::BadAddresses);
+        let addresses = Addresses {
+            header_addr: field(0)?,
+            load_addr: field(1)?,
+            load_end: field(2)?,
+            bss_end: field(3)?,
+        };
+        plan_from_addresses(image, at, &addresses, field(4)?, flags, Format::Multiboot)
+    } else {
+        plan_from_elf(image, flags, None, Format::Multiboot)
+    }
+}
+
+/// A header's address fields (the "a.out kludge" of multiboot, the address
+/// tag of multiboot2).
+pub(crate) struct Addresses {
+    /// The address of the header itself.
+    pub header_addr: u32,
+    pub load_addr: u32,
+    /// 0: to the end of the file.
+    pub load_end: u32,
+    /// 0: no bss.
+    pub bss_end: u32,
+}
+
+/// The header's own address fields say what to load: the file from the
+/// offset that puts the header (at `at`) at `header_addr`.
+pub(crate) fn plan_from_addresses(
+    image: &[u8],
+    at: usize,
+    a: &Addresses,
+    entry: u32,
+    flags: u32,
+    format: Format,
+) -> Result<LoadPlan, ImageError> {
+    let Addresses {
+        header_addr,
+        load_addr,
+        load_end,
+        bss_end,
+    } = *a;
     if load_addr > header_addr {
         return Err(ImageError::BadAddresses);
     }
@@ -197,48 +269,71 @@ fn plan_from_header(image: &[u8], at: usize, flags: u32) -> Result<LoadPlan, Ima
         segments,
         entry,
         flags,
+        format,
     })
 }
 
-/// An ELF image: its PT_LOAD segments go to their physical addresses.
-fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
-    if image.get(0..4) != Some(b"\x7fELF") {
-        return Err(ImageError::NotElf);
-    }
-    let bad = ImageError::BadElf;
-    let class64 = match image.get(4) {
-        Some(1) => false,
-        Some(2) => true,
-        _ => return Err(bad),
-    };
-    if image.get(5) != Some(&1) {
-        return Err(bad); // little endian only
-    }
-    let (entry, phoff, phentsize, phnum) = if class64 {
-        (
-            u64_at(image, 24).ok_or(bad)?,
-            u64_at(image, 32).ok_or(bad)? as usize,
-            u16_at(image, 54).ok_or(bad)? as usize,
-            u16_at(image, 56).ok_or(bad)? as usize,
-        )
-    } else {
-        (
-            u64::from(u32_at(image, 24).ok_or(bad)?),
-            u32_at(image, 28).ok_or(bad)? as usize,
-            u16_at(image, 42).ok_or(bad)? as usize,
-            u16_at(image, 44).ok_or(bad)? as usize,
-        )
-    };
-    let entry = u32::try_from(entry).map_err(|_| bad)?;
-    let mut segments = Vec::new();
-    for i in 0..phnum {
-        let ph = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(bad)?)
-            .ok_or(bad)?;
-        if u32_at(image, ph).ok_or(bad)? != 1 {
-            continue; // not PT_LOAD
+/// An ELF file's header: what the loaders need of it.
+pub(crate) struct ElfHeader {
+    pub class64: bool,
+    pub entry: u64,
+    phoff: usize,
+    phentsize: usize,
+    pub phnum: usize,
+}
+
+/// One program header: type, file offset, physical address, file and
+/// memory sizes.
+pub(crate) struct ProgramHeader {
+    pub kind: u32,
+    pub offset: u64,
+    pub paddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+}
+
+impl ElfHeader {
+    pub fn read(image: &[u8]) -> Result<Self, ImageError> {
+        if image.get(0..4) != Some(b"\x7fELF") {
+            return Err(ImageError::NotElf);
         }
-        let (offset, paddr, filesz, memsz) = if class64 {
+        let bad = ImageError::BadElf;
+        let class64 = match image.get(4) {
+            Some(1) => false,
+            Some(2) => true,
+            _ => return Err(bad),
+        };
+        if image.get(5) != Some(&1) {
+            return Err(bad); // little endian only
+        }
+        Ok(if class64 {
+            ElfHeader {
+                class64,
+                entry: u64_at(image, 24).ok_or(bad)?,
+                phoff: u64_at(image, 32).ok_or(bad)? as usize,
+                phentsize: u16_at(image, 54).ok_or(bad)? as usize,
+                phnum: u16_at(image, 56).ok_or(bad)? as usize,
+            }
+        } else {
+            ElfHeader {
+                class64,
+                entry: u64::from(u32_at(image, 24).ok_or(bad)?),
+                phoff: u32_at(image, 28).ok_or(bad)? as usize,
+                phentsize: u16_at(image, 42).ok_or(bad)? as usize,
+                phnum: u16_at(image, 44).ok_or(bad)? as usize,
+            }
+        })
+    }
+
+    /// Program header `i`, checked against the file.
+    pub fn program(&self, image: &[u8], i: usize) -> Result<ProgramHeader, ImageError> {
+        let bad = ImageError::BadElf;
+        let ph = self
+            .phoff
+            .checked_add(i.checked_mul(self.phentsize).ok_or(bad)?)
+            .ok_or(bad)?;
+        let kind = u32_at(image, ph).ok_or(bad)?;
+        let (offset, paddr, filesz, memsz) = if self.class64 {
             (
                 u64_at(image, ph + 8).ok_or(bad)?,
                 u64_at(image, ph + 24).ok_or(bad)?,
@@ -253,6 +348,49 @@ fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
                 u64::from(u32_at(image, ph + 20).ok_or(bad)?),
             )
         };
+        if offset
+            .checked_add(filesz)
+            .is_none_or(|e| e > image.len() as u64)
+        {
+            return Err(bad);
+        }
+        Ok(ProgramHeader {
+            kind,
+            offset,
+            paddr,
+            filesz,
+            memsz,
+        })
+    }
+}
+
+/// An ELF image: its PT_LOAD segments go to their physical addresses.
+/// `entry`: the entry point the header gives, else the ELF's (which must
+/// then be a 32-bit address).
+pub(crate) fn plan_from_elf(
+    image: &[u8],
+    flags: u32,
+    entry: Option<u32>,
+    format: Format,
+) -> Result<LoadPlan, ImageError> {
+    let bad = ImageError::BadElf;
+    let elf = ElfHeader::read(image)?;
+    let entry = match entry {
+        Some(e) => e,
+        None => u32::try_from(elf.entry).map_err(|_| bad)?,
+    };
+    let mut segments = Vec::new();
+    for i in 0..elf.phnum {
+        let ProgramHeader {
+            kind,
+            offset,
+            paddr,
+            filesz,
+            memsz,
+        } = elf.program(image, i)?;
+        if kind != 1 {
+            continue; // not PT_LOAD
+        }
         if filesz > memsz
             || offset
                 .checked_add(filesz)
@@ -276,6 +414,7 @@ fn plan_from_elf(image: &[u8], flags: u32) -> Result<LoadPlan, ImageError> {
         segments,
         entry,
         flags,
+        format,
     })
 }
 
@@ -315,6 +454,17 @@ pub fn place_modules<const N: usize>(
     Some(out)
 }
 
+/// The guest's memory map, as (start, bytes, type) with the e820 types
+/// (1: RAM, 2: reserved): 0-639 KiB RAM, the last KiB below 640 KiB
+/// reserved (where a PC's EBDA is), RAM from 1 MiB to the end.
+pub fn memory_map(ram_bytes: u64) -> [(u64, u64, u32); 3] {
+    [
+        (0, 0x9_fc00, 1),
+        (0x9_fc00, 0x400, 2),
+        (0x10_0000, ram_bytes.saturating_sub(0x10_0000), 1),
+    ]
+}
+
 /// Builds the multiboot information block for a guest with `ram_bytes` of
 /// RAM from 0, to be placed at [`INFO_GPA`]: memory sizes, a memory map
 /// (0-639 KiB and 1 MiB-end available), the command line, the modules (if
@@ -327,11 +477,7 @@ pub fn build_info(
     out: &mut [u8],
 ) -> Result<usize, InfoTooLarge> {
     const STRUCT_LEN: usize = 88;
-    let map: [(u64, u64, u32); 3] = [
-        (0, 0x9_fc00, 1),
-        (0x9_fc00, 0x400, 2),
-        (0x10_0000, ram_bytes.saturating_sub(0x10_0000), 1),
-    ];
+    let map = memory_map(ram_bytes);
     let mmap_at = STRUCT_LEN;
     let mmap_len = map.len() * 24;
     let mods_at = mmap_at + mmap_len;

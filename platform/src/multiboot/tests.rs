@@ -246,3 +246,402 @@ proptest! {
         }
     }
 }
+
+/// A multiboot2 header at 0x40 of a 0x2000-byte file: its tags (type,
+/// flags, body words) between the fixed part and the end tag.
+fn mb2_image(arch: u32, tags: &[(u16, u16, StdVec<u32>)]) -> StdVec<u8> {
+    let mut hdr: StdVec<u8> = StdVec::new();
+    for (kind, flags, body) in tags {
+        let size = 8 + 4 * body.len();
+        hdr.extend_from_slice(&kind.to_le_bytes());
+        hdr.extend_from_slice(&flags.to_le_bytes());
+        hdr.extend_from_slice(&(size as u32).to_le_bytes());
+        for w in body {
+            hdr.extend_from_slice(&w.to_le_bytes());
+        }
+        while !hdr.len().is_multiple_of(8) {
+            hdr.push(0);
+        }
+    }
+    hdr.extend_from_slice(&[0, 0, 0, 0, 8, 0, 0, 0]);
+    let len = 16 + hdr.len() as u32;
+    let sum = mb2::HEADER_MAGIC.wrapping_add(arch).wrapping_add(len);
+    let mut img = vec![0u8; 0x2000];
+    for (i, w) in [mb2::HEADER_MAGIC, arch, len, 0u32.wrapping_sub(sum)]
+        .iter()
+        .enumerate()
+    {
+        img[0x40 + 4 * i..0x44 + 4 * i].copy_from_slice(&w.to_le_bytes());
+    }
+    img[0x50..0x50 + hdr.len()].copy_from_slice(&hdr);
+    img
+}
+
+/// Address and entry tags as hello-mb2.S has them: the file from 0 loaded
+/// at 1 MiB.
+fn mb2_address_tags() -> StdVec<(u16, u16, StdVec<u32>)> {
+    vec![
+        (2, 0, vec![0x10_0040, 0x10_0000, 0x10_1800, 0x10_4000]),
+        (3, 0, vec![0x10_0100]),
+    ]
+}
+
+#[test]
+fn a_multiboot2_header_with_address_tags_gives_the_plan() {
+    let p = plan(&mb2_image(0, &mb2_address_tags()), &layout()).unwrap();
+    assert_eq!(p.format, Format::Multiboot2);
+    assert_eq!(p.entry, 0x10_0100);
+    assert_eq!(
+        p.segments.as_slice(),
+        &[Segment {
+            file_offset: 0,
+            file_len: 0x1800,
+            gpa: 0x10_0000,
+            mem_len: 0x4000
+        }]
+    );
+    // Tags the loader may ignore: console flags without a required
+    // console, module alignment, relocatable, EFI entries, an optional
+    // framebuffer, an information request for what it gives.
+    let mut tags = mb2_address_tags();
+    tags.extend([
+        (4, 0, vec![2]),
+        (6, 0, vec![]),
+        (10, 0, vec![0x10_0000, 0xffff_ffff, 4096, 0]),
+        (8, 0, vec![0x10_0200]),
+        (5, 1, vec![1024, 768, 32]),
+        (1, 0, vec![1, 3, 6]),
+        (1, 1, vec![8, 12]),
+    ]);
+    assert_eq!(
+        plan(&mb2_image(0, &tags), &layout()).unwrap().entry,
+        0x10_0100
+    );
+}
+
+#[test]
+fn multiboot2_headers_asking_for_what_the_loader_lacks_are_refused_by_tag() {
+    let with = |extra: (u16, u16, StdVec<u32>)| {
+        let mut tags = mb2_address_tags();
+        tags.push(extra);
+        plan(&mb2_image(0, &tags), &layout())
+    };
+    assert_eq!(
+        with((5, 0, vec![1024, 768, 32])),
+        Err(ImageError::Mb2Unsupported(5))
+    );
+    assert_eq!(with((7, 0, vec![])), Err(ImageError::Mb2Unsupported(7)));
+    assert_eq!(with((4, 0, vec![1])), Err(ImageError::Mb2Unsupported(4)));
+    // A framebuffer's information (8) required.
+    assert_eq!(with((1, 0, vec![1, 8])), Err(ImageError::Mb2Unsupported(1)));
+    assert_eq!(with((77, 0, vec![])), Err(ImageError::Mb2Unsupported(77)));
+    assert_eq!(
+        plan(&mb2_image(4, &mb2_address_tags()), &layout()),
+        Err(ImageError::Mb2Architecture(4))
+    );
+    // An address tag without an entry tag: nowhere to enter.
+    assert_eq!(
+        plan(&mb2_image(0, &mb2_address_tags()[..1]), &layout()),
+        Err(ImageError::BadAddresses)
+    );
+    // A tag whose size runs past the header's length.
+    let mut img = mb2_image(0, &mb2_address_tags());
+    img[0x54..0x58].copy_from_slice(&0x400u32.to_le_bytes());
+    assert_eq!(plan(&img, &layout()), Err(ImageError::Mb2BadTags));
+    // A wrong checksum is no header at all, but the magic is seen.
+    let mut img = mb2_image(0, &mb2_address_tags());
+    img[0x4c] ^= 1;
+    assert_eq!(plan(&img, &layout()), Err(ImageError::NoHeader));
+    assert!(mb2::has_magic(&img));
+}
+
+#[test]
+fn a_multiboot2_elf_loads_its_segments_and_may_name_its_entry() {
+    // The ELF helper's multiboot header replaced by a multiboot2 one.
+    let mut img = elf(true, 0x20_0000, 0x800, 0x3000);
+    img[0x1000..0x100c].fill(0);
+    let mb2 = mb2_image(0, &[(3, 0, vec![0x20_0100])]);
+    img[0x1000..0x1040].copy_from_slice(&mb2[0x40..0x80]);
+    let p = plan(&img, &layout()).unwrap();
+    assert_eq!((p.format, p.entry), (Format::Multiboot2, 0x20_0100));
+    assert_eq!(p.segments[0].gpa, 0x20_0000);
+    let mb2 = mb2_image(0, &[]);
+    img[0x1000..0x1040].copy_from_slice(&mb2[0x40..0x80]);
+    assert_eq!(plan(&img, &layout()).unwrap().entry, 0x10_0010);
+}
+
+/// The tags of a multiboot2 information block: (type, body).
+fn mb2_tags(info: &[u8]) -> StdVec<(u32, StdVec<u8>)> {
+    let total = u32::from_le_bytes(info[0..4].try_into().unwrap()) as usize;
+    let mut at = 8;
+    let mut out = StdVec::new();
+    while at < total {
+        let kind = u32::from_le_bytes(info[at..at + 4].try_into().unwrap());
+        let size = u32::from_le_bytes(info[at + 4..at + 8].try_into().unwrap()) as usize;
+        out.push((kind, info[at + 8..at + size].to_vec()));
+        if kind == 0 {
+            break;
+        }
+        at = (at + size).next_multiple_of(8);
+    }
+    assert_eq!(at + 8, total, "the end tag closes the block");
+    out
+}
+
+#[test]
+fn the_multiboot2_information_lists_cmdline_modules_and_memory() {
+    let mut out = [0u8; INFO_SIZE];
+    let mods = [
+        InfoModule {
+            start: 0x20_0000,
+            end: 0x20_0010,
+            string: "a.txt x",
+        },
+        InfoModule {
+            start: 0x20_1000,
+            end: 0x20_1001,
+            string: "",
+        },
+    ];
+    let mut tables = [0u8; acpi::TABLES_LEN];
+    acpi::build(&mut tables);
+    let n = mb2::build_info(
+        32 * MIB,
+        "console=ttyS0",
+        "Parallax",
+        &mods,
+        Some(acpi::rsdp(&tables)),
+        &mut out,
+    )
+    .unwrap();
+    let tags = mb2_tags(&out[..n]);
+    let kinds: StdVec<u32> = tags.iter().map(|t| t.0).collect();
+    assert_eq!(kinds, [1, 2, 3, 3, 4, 6, 14, 15, 0]);
+    assert_eq!(tags[6].1, acpi::rsdp(&tables)[..20]);
+    assert_eq!(tags[7].1, acpi::rsdp(&tables));
+    assert_eq!(tags[0].1, b"console=ttyS0\0");
+    assert_eq!(tags[1].1, b"Parallax\0");
+    assert_eq!(&tags[2].1[..8], &[0, 0, 0x20, 0, 0x10, 0, 0x20, 0]);
+    assert_eq!(&tags[2].1[8..], b"a.txt x\0");
+    assert_eq!(&tags[3].1[8..], b"\0");
+    assert_eq!(
+        tags[4].1,
+        [639u32.to_le_bytes(), (31 * 1024u32).to_le_bytes()].concat()
+    );
+    let mmap = &tags[5].1;
+    assert_eq!(&mmap[0..8], &[24, 0, 0, 0, 0, 0, 0, 0]);
+    let entry = |i: usize| {
+        let e = &mmap[8 + 24 * i..8 + 24 * (i + 1)];
+        (
+            u64::from_le_bytes(e[0..8].try_into().unwrap()),
+            u64::from_le_bytes(e[8..16].try_into().unwrap()),
+            u32::from_le_bytes(e[16..20].try_into().unwrap()),
+        )
+    };
+    assert_eq!(entry(2), (MIB, 31 * MIB, 1));
+    assert_eq!(
+        mb2::build_info(32 * MIB, &"x".repeat(4000), "P", &mods, None, &mut out),
+        Err(InfoTooLarge)
+    );
+}
+
+/// A 64-bit ELF with one PT_LOAD at 16 MiB (entry point a high virtual
+/// address, as vmlinux has) and a PT_NOTE holding `notes`.
+fn pvh_elf(notes: &[u8]) -> StdVec<u8> {
+    let mut img = vec![0u8; 0x3000];
+    img[0..4].copy_from_slice(b"\x7fELF");
+    img[4] = 2;
+    img[5] = 1;
+    img[24..32].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
+    img[32..40].copy_from_slice(&64u64.to_le_bytes());
+    img[54..56].copy_from_slice(&56u16.to_le_bytes());
+    img[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let phdr = |img: &mut [u8], ph: usize, kind: u32, off: u64, paddr: u64, len: u64| {
+        img[ph..ph + 4].copy_from_slice(&kind.to_le_bytes());
+        img[ph + 8..ph + 16].copy_from_slice(&off.to_le_bytes());
+        img[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+        img[ph + 32..ph + 40].copy_from_slice(&len.to_le_bytes());
+        img[ph + 40..ph + 48].copy_from_slice(&len.to_le_bytes());
+    };
+    phdr(&mut img, 64, 1, 0x1000, 16 * MIB, 0x1000);
+    phdr(&mut img, 120, 4, 0x800, 0, notes.len() as u64);
+    img[0x800..0x800 + notes.len()].copy_from_slice(notes);
+    img
+}
+
+fn note(name: &[u8], kind: u32, desc: &[u8]) -> StdVec<u8> {
+    let mut n = StdVec::new();
+    n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+    n.extend_from_slice(&kind.to_le_bytes());
+    n.extend_from_slice(name);
+    while !n.len().is_multiple_of(4) {
+        n.push(0);
+    }
+    n.extend_from_slice(desc);
+    while !n.len().is_multiple_of(4) {
+        n.push(0);
+    }
+    n
+}
+
+#[test]
+fn an_elf_with_a_pvh_note_enters_at_the_note() {
+    let notes = [
+        note(b"GNU\0", 3, &[1, 2, 3, 4, 5]),
+        note(b"Xen\0", 5, b"xen-3.0\0"),
+        note(
+            b"Xen\0",
+            pvh::NOTE_PHYS32_ENTRY,
+            &0x100_0200u32.to_le_bytes(),
+        ),
+    ]
+    .concat();
+    let p = plan(&pvh_elf(&notes), &GuestLayout::new(32 * MIB)).unwrap();
+    assert_eq!((p.format, p.entry), (Format::Pvh, 0x100_0200));
+    assert_eq!(p.segments[0].gpa, 16 * MIB);
+    // An 8-byte descriptor is taken when the address fits in 32 bits.
+    let n8 = note(b"Xen\0", 18, &0x100_0300u64.to_le_bytes());
+    assert_eq!(
+        plan(&pvh_elf(&n8), &GuestLayout::new(32 * MIB))
+            .unwrap()
+            .entry,
+        0x100_0300
+    );
+    let far = note(b"Xen\0", 18, &(1u64 << 40).to_le_bytes());
+    assert_eq!(
+        plan(&pvh_elf(&far), &GuestLayout::new(32 * MIB)),
+        Err(ImageError::PvhBadNote)
+    );
+    let short = note(b"Xen\0", 18, &[1, 2]);
+    assert_eq!(
+        plan(&pvh_elf(&short), &GuestLayout::new(32 * MIB)),
+        Err(ImageError::PvhBadNote)
+    );
+    // No note (or another owner's type 18): no kernel Parallax can load.
+    let other = note(b"Linux\0", 18, &[0; 4]);
+    assert_eq!(
+        plan(&pvh_elf(&other), &GuestLayout::new(32 * MIB)),
+        Err(ImageError::NoHeader)
+    );
+    // A note whose sizes run past its segment.
+    let mut bad = note(b"Xen\0", 18, &[0; 4]);
+    bad[4] = 0x40;
+    assert_eq!(
+        plan(&pvh_elf(&bad), &GuestLayout::new(32 * MIB)),
+        Err(ImageError::BadElf)
+    );
+    // 16 MiB of RAM cannot take a kernel loaded at 16 MiB.
+    assert_eq!(
+        plan(&pvh_elf(&notes), &GuestLayout::new(16 * MIB)),
+        Err(ImageError::OutsideRam {
+            start: 16 * MIB,
+            end: 16 * MIB + 0x1000
+        })
+    );
+}
+
+#[test]
+fn the_pvh_start_info_points_at_modules_memory_map_and_cmdline() {
+    let mut out = [0u8; INFO_SIZE];
+    let mods = [InfoModule {
+        start: 0x200_0000,
+        end: 0x200_0123,
+        string: "",
+    }];
+    let n = pvh::build_start_info(
+        INFO_GPA,
+        32 * MIB,
+        "root=/dev/ram0",
+        &mods,
+        0xe_0000,
+        &mut out,
+    )
+    .unwrap();
+    let u32_ = |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+    let u64_ = |at: usize| u64::from_le_bytes(out[at..at + 8].try_into().unwrap());
+    let local = |gpa: u64| (gpa - INFO_GPA) as usize;
+    assert_eq!((u32_(0), u32_(4), u32_(12)), (pvh::START_MAGIC, 1, 1));
+    let modlist = local(u64_(16));
+    assert_eq!(
+        (u64_(modlist), u64_(modlist + 8), u64_(modlist + 16)),
+        (0x200_0000, 0x123, 0)
+    );
+    let cmdline = local(u64_(24));
+    assert_eq!(&out[cmdline..cmdline + 15], b"root=/dev/ram0\0");
+    assert_eq!(u64_(32), 0xe_0000);
+    let memmap = local(u64_(40));
+    assert_eq!(u32_(48), 3);
+    assert_eq!(
+        (u64_(memmap + 48), u64_(memmap + 56), u32_(memmap + 64)),
+        (MIB, 31 * MIB, 1)
+    );
+    assert!(cmdline + 15 <= n);
+    // A module with a command line gets its string.
+    let named = [InfoModule {
+        string: "initrd.img quiet",
+        ..mods[0]
+    }];
+    let mut out = [0u8; INFO_SIZE];
+    pvh::build_start_info(INFO_GPA, 32 * MIB, "", &named, 0, &mut out).unwrap();
+    let u64_ = |at: usize| u64::from_le_bytes(out[at..at + 8].try_into().unwrap());
+    let s = local(u64_(local(u64_(16)) + 16));
+    assert_eq!(&out[s..s + 17], b"initrd.img quiet\0");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_multiboot2_tags_and_notes_never_panic(
+        tags in proptest::collection::vec(any::<u8>(), 0..512),
+        notes in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let mut img = mb2_image(0, &[]);
+        img[0x48..0x4c].copy_from_slice(&(16 + tags.len() as u32).to_le_bytes());
+        let sum = mb2::HEADER_MAGIC.wrapping_add(16 + tags.len() as u32);
+        img[0x4c..0x50].copy_from_slice(&0u32.wrapping_sub(sum).to_le_bytes());
+        img[0x50..0x50 + tags.len()].copy_from_slice(&tags);
+        let _ = plan(&img, &layout());
+        let _ = plan(&pvh_elf(&notes), &layout());
+    }
+}
+
+/// Guest memory holding the tables where they go, for the host's own
+/// ACPI walker.
+struct GuestTables(StdVec<u8>);
+
+impl crate::acpi::PhysMemory for GuestTables {
+    fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let at = addr.checked_sub(acpi::TABLES_GPA)? as usize;
+        self.0.get(at..at.checked_add(len)?)
+    }
+}
+
+#[test]
+fn the_guest_acpi_tables_walk_and_describe_a_power_off() {
+    use crate::acpi::{RootTable, Rsdp};
+    let mut tables = [0u8; acpi::TABLES_LEN];
+    acpi::build(&mut tables);
+    let rsdp = Rsdp::parse(acpi::rsdp(&tables)).unwrap();
+    assert_eq!(rsdp.revision, 2);
+    let mem = GuestTables(tables.to_vec());
+    // Through the XSDT and through the RSDT (an ACPI 1.0 kernel's way).
+    for rsdp in [rsdp, Rsdp { xsdt: None, ..rsdp }] {
+        let root = RootTable::read(&mem, &rsdp).unwrap();
+        let found: StdVec<_> = root.tables(&mem).map(|t| t.unwrap()).collect();
+        assert_eq!(found.len(), 1);
+        let fadt = found[0];
+        assert_eq!(&fadt.signature(), b"FACP");
+        let b = fadt.bytes;
+        let u32_ = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(u32_(64), u32::from(acpi::PM1A_CNT));
+        assert_eq!(u32_(48), 0, "no SMI command port: ACPI mode is on");
+        // X_PM1a_CNT_BLK: system I/O, 16 bits, at 0x604.
+        assert_eq!(&b[172..176], &[1, 16, 0, 2]);
+        let dsdt = crate::acpi::read_table(&mem, u64::from(u32_(40)), Some(*b"DSDT")).unwrap();
+        assert!(dsdt.body().windows(4).any(|w| w == b"_S5_"));
+        let facs = crate::acpi::PhysMemory::read(&mem, u64::from(u32_(36)), 64).unwrap();
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_(36) % 64, 0, "the FACS is 64-byte aligned");
+    }
+    assert!(acpi::TABLES_GPA + acpi::TABLES_LEN as u64 <= 0xa_0000);
+}

@@ -274,6 +274,11 @@ impl EptViolation {
 
 /// VM-entry interruption information for injecting an event.
 pub mod inject {
+    /// An external interrupt with the given vector.
+    pub fn interrupt(vector: u8) -> u32 {
+        (1 << 31) | u32::from(vector)
+    }
+
     /// Hardware exception with the given vector, with or without an error code.
     pub fn exception(vector: u8, has_error_code: bool) -> u32 {
         (1 << 31) | (3 << 8) | (u32::from(has_error_code) << 11) | u32::from(vector)

@@ -38,6 +38,7 @@ pub mod pin {
 
 /// Primary processor-based VM-execution controls.
 pub mod proc1 {
+    pub const INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
     pub const HLT_EXITING: u32 = 1 << 7;
     pub const MWAIT_EXITING: u32 = 1 << 10;
     pub const RDPMC_EXITING: u32 = 1 << 11;

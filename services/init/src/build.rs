@@ -1,13 +1,16 @@
-//! Building a domain the way a multiboot loader would start a kernel, with
-//! the kernel's domain calls: RAM from fresh frames (2 MiB pages wherever a
-//! 2 MiB block can be had), the image's segments and the information block
-//! written into it, one vCPU at the entry point.
+//! Building a domain the way a boot loader would start its kernel
+//! (multiboot, multiboot2 or PVH, as the image asks), with the kernel's
+//! domain calls: RAM from fresh frames (2 MiB pages wherever a 2 MiB block
+//! can be had), the image's segments and the information block written
+//! into it, one vCPU at the entry point.
 
 use crate::module_handle;
 use ipc_schema::manifest;
 use ipc_schema::syscall::layout::MAP_BASE;
 use ipc_schema::syscall::{DomainOp, Handle, SysError, VcpuSpec};
-use platform::multiboot::{self, BOOT_MAGIC, GuestLayout, INFO_GPA, INFO_SIZE, ImageError};
+use platform::multiboot::{
+    self, BOOT_MAGIC, Format, GuestLayout, INFO_GPA, INFO_SIZE, ImageError, mb2, pvh,
+};
 use service_runtime::sys;
 
 /// Where init maps a guest image while it loads it.
@@ -68,6 +71,7 @@ pub struct Built {
     pub large_pages: u32,
     pub small_pages: u32,
     pub entry: u32,
+    pub format: Format,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -185,11 +189,18 @@ fn build(
             &image[s.file_offset..s.file_offset + s.file_len],
         )?;
     }
-    // Like GRUB and QEMU, the command line starts with the image's name.
+    // A multiboot kernel's command line starts with the image's name, as
+    // QEMU's `-kernel` gives it; multiboot2 (as GRUB's `multiboot2 FILE
+    // ARGS` gives ARGS) and PVH kernels (as QEMU's `-append`) get the
+    // manifest's alone.
     let mut cmdline: heapless::String<256> = heapless::String::new();
-    let fits = cmdline.push_str(spec.guest).is_ok()
-        && (spec.cmdline.is_empty()
-            || (cmdline.push(' ').is_ok() && cmdline.push_str(spec.cmdline).is_ok()));
+    let fits = if plan.format == Format::Multiboot {
+        cmdline.push_str(spec.guest).is_ok()
+            && (spec.cmdline.is_empty()
+                || (cmdline.push(' ').is_ok() && cmdline.push_str(spec.cmdline).is_ok()))
+    } else {
+        cmdline.push_str(spec.cmdline).is_ok()
+    };
     if !fits {
         return Err(BuildError::CmdlineTooLong);
     }
@@ -224,13 +235,46 @@ fn build(
             string: m.cmdline,
         });
     }
+    // ACPI tables in the EBDA, which the BIOS data area points at.
+    let mut tables = [0u8; multiboot::acpi::TABLES_LEN];
+    multiboot::acpi::build(&mut tables);
+    sys::domain_write(domains, id, multiboot::acpi::TABLES_GPA, &tables)?;
+    let segment = (multiboot::acpi::TABLES_GPA >> 4) as u16;
+    sys::domain_write(
+        domains,
+        id,
+        multiboot::acpi::EBDA_POINTER,
+        &segment.to_le_bytes(),
+    )?;
+    let rsdp = multiboot::acpi::rsdp(&tables);
     let mut info = [0u8; INFO_SIZE];
-    let n = multiboot::build_info(layout.ram_bytes, &cmdline, "Parallax", &listed, &mut info)
-        .map_err(|_| BuildError::CmdlineTooLong)?;
+    let (ram, loader) = (layout.ram_bytes, "Parallax");
+    let (n, magic) = match plan.format {
+        Format::Multiboot => (
+            multiboot::build_info(ram, &cmdline, loader, &listed, &mut info),
+            BOOT_MAGIC,
+        ),
+        Format::Multiboot2 => (
+            mb2::build_info(ram, &cmdline, loader, &listed, Some(rsdp), &mut info),
+            mb2::BOOT_MAGIC,
+        ),
+        Format::Pvh => (
+            pvh::build_start_info(
+                INFO_GPA,
+                ram,
+                &cmdline,
+                &listed,
+                multiboot::acpi::TABLES_GPA,
+                &mut info,
+            ),
+            0,
+        ),
+    };
+    let n = n.map_err(|_| BuildError::CmdlineTooLong)?;
     sys::domain_write(domains, id, INFO_GPA, &info[..n])?;
     let vcpu = VcpuSpec {
         entry: plan.entry,
-        rax: u64::from(BOOT_MAGIC),
+        rax: u64::from(magic),
         rbx: INFO_GPA,
         exit_endpoint: exits,
         violation_endpoint: violations,
@@ -248,6 +292,7 @@ fn build(
         large_pages: large,
         small_pages: small,
         entry: plan.entry,
+        format: plan.format,
     })
 }
 

@@ -450,14 +450,15 @@ impl Supervisor {
             ) {
                 Ok(b) => {
                     defmt::info!(
-                        "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u32:#x}",
+                        "domain {=u16} ({=str}): guest {=str}, {=u32} MiB in {=u32} 2 MiB + {=u32} 4 KiB pages, entry {=u32:#x} ({})",
                         b.id,
                         spec.name,
                         spec.guest,
                         spec.memory_mib,
                         b.large_pages,
                         b.small_pages,
-                        b.entry
+                        b.entry,
+                        b.format
                     );
                     let _ = self.built.push(DomainEntry {
                         id: b.id,

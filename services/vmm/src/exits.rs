@@ -2,13 +2,22 @@
 //! system calls that carry it out (the [`Env`]), so that host tests can run
 //! it against a fake environment.
 //!
-//! It emulates what a multiboot test guest needs: CPUID with VMX hidden and
-//! Parallax's leaves added, a 16550 console at 0x3f8 (lines go to the log),
-//! the exit port 0xf4, a few MSRs, and HLT. It answers the service
-//! hypercalls itself and forwards request hypercalls to the altp2m service
-//! (dirty-log requests to the logdirty service).
+//! It emulates a PC for its guests (docs/guests.md, The platform): CPUID
+//! with VMX hidden and Parallax's leaves added, a 16550 console at 0x3f8
+//! (lines go to the log), the exit port 0xf4, the 8259 PICs ([`crate::pic`]),
+//! the 8254 PIT and port 0x61 ([`crate::pit`]), the local APIC in x2APIC
+//! mode ([`crate::lapic`]), PCI configuration ([`crate::pci`]), the CMOS
+//! ([`crate::cmos`]), ACPI power-off, a few MSRs, and HLT as a wait for the
+//! next timer; interrupts are injected at interrupt-window exits. It
+//! answers the service hypercalls itself and forwards request hypercalls to
+//! the altp2m service (dirty-log requests to the logdirty service).
 //! An exit it cannot make sense of stops the domain, saying why.
 
+use crate::cmos::Cmos;
+use crate::lapic::Lapic;
+use crate::pci::Pci;
+use crate::pic::Pic;
+use crate::pit::Pit;
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::hypercall::{
     CPUID_MAX_LEAF, CPUID_SIGNATURE, HC_CALL, HC_IPC_PING, HC_SERVICE_INFO, HC_SERVICE_NULL,
@@ -16,9 +25,11 @@ use ipc_schema::hypercall::{
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::{SysError, vm_features};
+use ipc_schema::vmexit::Inject;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
 use platform::devices::uart16550::Uart16550;
+use platform::multiboot::acpi::{SLP_EN, SLP_TYP_S5};
 use serde::{Deserialize, Serialize};
 
 /// This vmm's version, as `HC_SERVICE_INFO` and the lifecycle interface
@@ -50,6 +61,8 @@ pub trait Env {
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool;
     /// Calls the altp2m service; `None` when it cannot be reached.
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
+    /// The bytes of RAM `domain` has (0 if it cannot be told).
+    fn ram_bytes(&mut self, domain: u16) -> u64;
     /// Calls the logdirty service; `None` when it cannot be reached.
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply>;
     /// DOMAIN_GRANT: the guest grants its pages `gfn .. gfn + count`
@@ -120,7 +133,44 @@ struct Devices {
     open_line: bool,
     /// Log lines this domain's doings caused.
     logged: LogBudget,
+    /// Its interrupt controllers and timer.
+    platform: Platform,
 }
+
+/// A domain's PC platform beyond the console: the PICs, the PIT, and what
+/// the kernel was last asked for (an interrupt window, a deadline).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Platform {
+    pic: Pic,
+    pit: Pit,
+    lapic: Lapic,
+    pci: Pci,
+    /// Made at the first access (it tells the domain's RAM).
+    cmos: Option<Cmos>,
+    /// An interrupt window was asked for and has not opened yet.
+    window: bool,
+    /// The deadline the kernel keeps for the vCPU (`None`: none).
+    deadline: Option<u64>,
+    /// HLTs in a row with an interrupt waiting and no window between them.
+    halts: u8,
+    /// The guest has touched an interrupt source (the PICs, the PIT, the
+    /// local APIC, the UART's interrupt enable): [`interrupts`] runs after
+    /// each of its exits from then on.
+    active: bool,
+    /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
+    absent: heapless::Vec<u16, ABSENT_LOGGED>,
+}
+
+/// Timer interrupts (IRQ 0, and the local APIC's timer) a domain takes at
+/// most per second, from each: each comes
+/// no sooner than 1/5000 s (200 µs) after the last was delivered, however
+/// fast the PIT is programmed (KVM keeps such a floor too). Each interrupt
+/// costs exits; without the floor a guest whose timer is faster than them
+/// would take interrupts back to back and never run anything else.
+pub const MIN_TIMER_RATE: u64 = 5000;
+
+/// Distinct absent ports logged per domain.
+pub const ABSENT_LOGGED: usize = 16;
 
 /// Log lines a guest can cause over and over (a refused VMFUNC, MSR): the
 /// first [`LogBudget::BURST`] of a domain are logged, then one in
@@ -200,6 +250,9 @@ impl Vmm {
                 open_line: d.open_line,
                 // A new release starts a new burst of log lines.
                 logged: LogBudget::default(),
+                // Not in the snapshot (its 4 KiB hold 16 domains' consoles):
+                // a successor gives the domains fresh PICs and PITs.
+                platform: Platform::default(),
             });
         }
         v
@@ -289,6 +342,18 @@ impl Vmm {
 
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
+        if let ExitKind::Start = exit.kind {
+            // A new domain: fresh devices (made at its next exit), whatever
+            // a domain of this id had.
+            if self.forget(env, id) {
+                defmt::info!(
+                    "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
+                    id,
+                    id
+                );
+            }
+            return Response::RETRY;
+        }
         // Console bytes are held back only while the guest keeps writing
         // them: any other exit sends them on, so that a fault of this
         // service loses at most an unfinished burst.
@@ -304,7 +369,7 @@ impl Vmm {
         {
             flush(env, d);
         }
-        match exit.kind {
+        let r = match exit.kind {
             ExitKind::Cpuid { leaf, subleaf } => {
                 let r = cpuid(env, leaf, subleaf);
                 (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
@@ -334,6 +399,36 @@ impl Vmm {
                 inject: None,
                 then: Then::Block,
             },
+            // The local APIC's base and, in x2APIC mode, its registers.
+            ExitKind::Rdmsr { msr } if msr == 0x1b || Lapic::owns(msr) => {
+                let lapic = &d.platform.lapic;
+                match if msr == 0x1b {
+                    Some(lapic.base)
+                } else {
+                    lapic.read(msr, env.tsc())
+                } {
+                    Some(v) => {
+                        regs.rax = v & 0xffff_ffff;
+                        regs.rdx = v >> 32;
+                        Response::DONE
+                    }
+                    None => Response::inject(13, Some(0)),
+                }
+            }
+            ExitKind::Wrmsr { msr, value } if msr == 0x1b || Lapic::owns(msr) => {
+                d.platform.active = true;
+                let lapic = &mut d.platform.lapic;
+                let done = if msr == 0x1b {
+                    lapic.write_base(value)
+                } else {
+                    lapic.write(msr, value, env.tsc())
+                };
+                if done {
+                    Response::DONE
+                } else {
+                    Response::inject(13, Some(0))
+                }
+            }
             ExitKind::Rdmsr { msr } => match read_msr(env, msr) {
                 Some(v) => {
                     regs.rax = v & 0xffff_ffff;
@@ -394,20 +489,58 @@ impl Vmm {
             // A single step asked for by someone else (the altp2m service
             // receives its own): nothing to do but go on.
             ExitKind::MonitorTrap => Response::RETRY,
-            // A new domain: fresh devices, whatever a domain of this id had.
+            // The guest can take an interrupt: the PIC's acknowledge cycle.
+            ExitKind::InterruptWindow => {
+                d.platform.window = false;
+                d.platform.halts = 0;
+                if let Some(vector) = d.platform.lapic.ack() {
+                    if vector == d.platform.lapic.timer_vector() {
+                        // As for the PIT: 1 / MIN_TIMER_RATE s at least.
+                        let hz = u64::from(env.tsc_khz()) * 1000;
+                        d.platform.lapic.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
+                    }
+                    return Response {
+                        advance: false,
+                        inject: Some(Inject::Interrupt { vector }),
+                        then: Then::Resume,
+                    };
+                }
+                let line0 = d.platform.pic.master.base;
+                match d.platform.pic.ack() {
+                    Some(vector) if vector >= 32 => {
+                        if vector == line0 {
+                            // The next timer interrupt no sooner than
+                            // 1 / MIN_TIMER_RATE s after this one.
+                            let hz = u64::from(env.tsc_khz()) * 1000;
+                            d.platform.pit.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
+                        }
+                        Response {
+                            advance: false,
+                            inject: Some(Inject::Interrupt { vector }),
+                            then: Then::Resume,
+                        }
+                    }
+                    Some(vector) => {
+                        defmt::error!(
+                            "domain {=u16}: its PIC delivers vector {=u8}, an exception's (ICW2 not set above 31); domain stopped",
+                            id,
+                            vector
+                        );
+                        Response::CRASH
+                    }
+                    // Masked or ended meanwhile.
+                    None => Response::RETRY,
+                }
+            }
+            // The kernel cleared the deadline it sent.
+            ExitKind::Deadline => {
+                d.platform.deadline = None;
+                Response::RETRY
+            }
             // Goes to the service that started PML; here only if the kernel
             // had nowhere else to send it: nothing to read, go on.
             ExitKind::PmlFull { .. } => Response::RETRY,
-            ExitKind::Start => {
-                if self.forget(env, id) {
-                    defmt::info!(
-                        "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
-                        id,
-                        id
-                    );
-                }
-                Response::RETRY
-            }
+            ExitKind::Start => Response::RETRY, // answered above
             ExitKind::EptMisconfig { gpa } => {
                 defmt::error!(
                     "domain {=u16}: EPT misconfiguration at GPA {=u64:#x} in view {=u16}",
@@ -459,6 +592,14 @@ impl Vmm {
                 );
                 Response::CRASH
             }
+        };
+        // A guest that has touched none of the interrupt sources costs one
+        // test here (the hot exit path stays as it was); its HLT stops it,
+        // as nothing could wake it.
+        if d.platform.active {
+            interrupts(env, d, &exit.kind, r)
+        } else {
+            r
         }
     }
 }
@@ -473,8 +614,71 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
     }
 }
 
-/// Port I/O: the console UART, the exit port; other ports read as absent
-/// hardware (all ones) and ignore writes.
+/// After an exit's own answer: the PIT's IRQ 0 raised where it is due, and
+/// what the kernel must do for interrupts: an interrupt window while one
+/// waits in the PIC, the PIT's next edge as the vCPU's deadline, a HLT
+/// turned into a wait for that deadline (or, with an interrupt waiting, into
+/// going on to take it).
+#[inline(never)]
+fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response) -> Response {
+    let p = &mut d.platform;
+    // Nothing to do (and no clock to read) for a guest that never armed
+    // the PIT: the exit path of the others stays as it was.
+    if p.pit.next_edge() != u64::MAX && p.pit.irq0_due(env.tsc(), u64::from(env.tsc_khz()) * 1000) {
+        p.pic.raise(0);
+    }
+    if p.lapic.expiry != u64::MAX {
+        p.lapic.tick(env.tsc());
+    }
+    let pending = p.pic.pending() || p.lapic.pending().is_some();
+    // The PIT's next edge matters only while IRQ 0 is not already
+    // requested (an edge then changes nothing): no deadline meanwhile, so
+    // that a timer faster than the exits it causes cannot keep the vCPU
+    // from running its interrupt handler, or from entering at all. The
+    // same for the local APIC's timer and its vector.
+    let pit = if p.pic.master.irr & 1 != 0 {
+        u64::MAX
+    } else {
+        p.pit.next_edge()
+    };
+    let deadline = pit.min(p.lapic.deadline());
+    if matches!(kind, ExitKind::Hlt) && r.then == Then::Block {
+        if pending {
+            p.halts = p.halts.saturating_add(1);
+            if p.halts > 1 && p.window {
+                // A window was asked for and a HLT came instead, twice: the
+                // guest halted with interrupts off; it would wait for ever.
+                defmt::warn!(
+                    "domain {=u16}: HLT with interrupts off while an interrupt waits: it can never wake",
+                    d.id
+                );
+                return r;
+            }
+            r.then = Then::Resume;
+        } else {
+            if deadline == u64::MAX {
+                return r;
+            }
+            p.deadline = Some(deadline);
+            r.then = Then::BlockUntil { deadline };
+            return r;
+        }
+    }
+    if r.then == Then::Resume {
+        let window = p.window || pending;
+        let kept = p.deadline.unwrap_or(u64::MAX);
+        if window != p.window || deadline != kept {
+            p.window = window;
+            p.deadline = (deadline != u64::MAX).then_some(deadline);
+            r.then = Then::ResumeUntil { window, deadline };
+        }
+    }
+    r
+}
+
+/// Port I/O: the console UART, the exit port, the PICs and the PIT; other
+/// ports read as absent hardware (all ones) and ignore writes, each logged
+/// the first time.
 fn io(
     env: &mut impl Env,
     d: &mut Devices,
@@ -486,8 +690,17 @@ fn io(
 ) -> Response {
     match port {
         COM1..=0x3ff if write => {
+            // (Its interrupt enabled: polling drivers write 0 there.)
+            if port == COM1 + 1 && value & 2 != 0 {
+                d.platform.active = true;
+            }
+            let was = d.uart.irq();
             if let Some(byte) = d.uart.write(port - COM1, value as u8) {
                 console_byte(env, d, byte);
+            }
+            // COM1's line is IRQ 4; the PIC takes its rising edges.
+            if d.uart.irq() && !was {
+                d.platform.pic.raise(4);
             }
         }
         COM1..=0x3ff => {
@@ -507,8 +720,82 @@ fn io(
                 then: Then::Exit { status: value },
             };
         }
-        _ if write => {}
-        _ => set_in(regs, size, u32::MAX),
+        // ACPI PM1a event block (status and enable): nothing to report.
+        0x600..=0x603 if !write => set_in(regs, size, 0),
+        0x600..=0x603 => {}
+        // ACPI PM1a control: SCI_EN reads set (ACPI mode is on); a sleep
+        // request for S5 (`\_S5`'s type 0) powers the domain off.
+        0x604 | 0x605 if !write => set_in(regs, size, if port == 0x604 { 1 } else { 0 }),
+        0x604 if write && size >= 2 && value as u16 & SLP_EN != 0 => {
+            let kind = (value as u16 >> 10) & 7;
+            if kind == SLP_TYP_S5 {
+                defmt::info!("domain {=u16}: powered off through ACPI (S5)", d.id);
+                flush(env, d);
+                if d.open_line {
+                    env.console(d.id, b"\n");
+                    d.open_line = false;
+                }
+                return Response {
+                    advance: true,
+                    inject: None,
+                    then: Then::Exit { status: 0 },
+                };
+            }
+            if let Some(skipped) = d.logged.admit() {
+                defmt::info!(
+                    "domain {=u16}: ACPI sleep type {=u16} asked for: only S5 (soft off) is there; ignored ({=u32} like it not logged)",
+                    d.id,
+                    kind,
+                    skipped
+                );
+            }
+        }
+        0x604 | 0x605 => {}
+        _ if Pci::owns(port) && write => d.platform.pci.write(port, size, value),
+        _ if Pci::owns(port) => set_in(regs, size, d.platform.pci.read(port, size)),
+        _ if Cmos::owns(port) => {
+            let id = d.id;
+            let cmos = d
+                .platform
+                .cmos
+                .get_or_insert_with(|| Cmos::new(env.ram_bytes(id)));
+            if write {
+                cmos.write(port, value as u8);
+            } else {
+                let hz = u64::from(env.tsc_khz()) * 1000;
+                let v = cmos.read(port, env.tsc(), hz);
+                set_in(regs, size, u32::from(v));
+            }
+        }
+        _ if Pic::owns(port) && write => {
+            d.platform.active = true;
+            d.platform.pic.write(port, value as u8);
+        }
+        _ if Pic::owns(port) => set_in(regs, size, u32::from(d.platform.pic.read(port))),
+        _ if Pit::owns(port) => {
+            d.platform.active = true;
+            let (now, hz) = (env.tsc(), u64::from(env.tsc_khz()) * 1000);
+            if write {
+                d.platform.pit.write(port, value as u8, now, hz);
+            } else {
+                let v = d.platform.pit.read(port, now, hz);
+                set_in(regs, size, u32::from(v));
+            }
+        }
+        _ => {
+            if !d.platform.absent.contains(&port) && d.platform.absent.push(port).is_ok() {
+                defmt::info!(
+                    "domain {=u16}: port {=u16:#x} has no device ({=str} of {=u8} bytes): reads all ones, writes ignored (logged once)",
+                    d.id,
+                    port,
+                    if write { "a write" } else { "a read" },
+                    size
+                );
+            }
+            if !write {
+                set_in(regs, size, u32::MAX);
+            }
+        }
     }
     Response::DONE
 }
@@ -585,10 +872,9 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
 fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
     Some(match msr {
         0x10 => env.tsc(),
-        0x1b => 0xfee0_0900, // APIC base: enabled, bootstrap processor
-        0xfe => 0,           // MTRRcap: no MTRRs to program
-        0x1a0 => 1,          // MISC_ENABLE: fast strings
-        0x2ff => 0x806,      // MTRR default type: enabled, write-back
+        0xfe => 0,      // MTRRcap: no MTRRs to program
+        0x1a0 => 1,     // MISC_ENABLE: fast strings
+        0x2ff => 0x806, // MTRR default type: enabled, write-back
         _ => return None,
     })
 }

@@ -3,7 +3,12 @@
 
 #![no_std]
 
+pub mod cmos;
 pub mod exits;
+pub mod lapic;
+pub mod pci;
+pub mod pic;
+pub mod pit;
 
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,8 @@ struct System {
     /// The logdirty service, for in-guest agents' dirty logs (optional).
     logdirty: Option<Peer>,
     features: u64,
+    /// The TSC frequency in kHz, as the kernel measured it at boot.
+    tsc_khz: u32,
 }
 
 /// A service the vmm forwards guests' requests to.
@@ -91,7 +93,7 @@ impl Env for System {
     }
 
     fn tsc_khz(&self) -> u32 {
-        (sys::time().1 / 1000).min(u64::from(u32::MAX)) as u32
+        self.tsc_khz
     }
 
     fn console(&mut self, domain: u16, bytes: &[u8]) {
@@ -111,6 +113,10 @@ impl Env for System {
 
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool {
         sys::domain_write(self.domains, domain, gpa, bytes).is_ok()
+    }
+
+    fn ram_bytes(&mut self, domain: u16) -> u64 {
+        sys::domain_info(self.domains, domain).map_or(0, |(_, _, ram)| ram)
     }
 
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
@@ -176,6 +182,7 @@ fn main() -> ! {
         altp2m: Peer::new(require("altp2m-guest"), ALTP2M, "altp2m"),
         logdirty: service_runtime::handle("logdirty").map(|h| Peer::new(h, LOGDIRTY, "logdirty")),
         features: sys::vm_features(),
+        tsc_khz: (sys::time().1 / 1000).min(u64::from(u32::MAX)) as u32,
     };
     defmt::info!(
         "vmm: version {=u32} serving exits (generation {=u32})",

@@ -31,6 +31,9 @@ struct Fake {
 }
 
 impl Env for Fake {
+    fn ram_bytes(&mut self, _: u16) -> u64 {
+        32 << 20
+    }
     fn features(&self) -> u64 {
         vm_features::VMX | vm_features::VMFUNC | vm_features::PML
     }
@@ -770,4 +773,616 @@ fn granted_pages_are_the_kernels_business_and_its_refusals_are_named() {
     assert_eq!(ask(0x10, 0, true), refused(HcError::BadRange));
     // None of it went to the altp2m or logdirty services.
     assert!(env.asked.is_empty() && env.dirty_asked.is_empty());
+}
+
+/// The 8259 pair programmed as PC kernels do: vectors 0x20 and 0x28,
+/// cascade on line 2, 8086 mode.
+fn program_pics(pic: &mut crate::pic::Pic, icw4: u8) {
+    for (port, v) in [
+        (0x20, 0x11),
+        (0xa0, 0x11),
+        (0x21, 0x20),
+        (0xa1, 0x28),
+        (0x21, 0x04),
+        (0xa1, 0x02),
+        (0x21, icw4),
+        (0xa1, icw4),
+    ] {
+        pic.write(port, v);
+    }
+}
+
+#[test]
+fn the_pics_deliver_by_priority_mask_and_end_of_interrupt() {
+    let mut pic = crate::pic::Pic::default();
+    // Power-on: every line masked, nothing delivered.
+    pic.raise(0);
+    assert!(!pic.pending());
+    program_pics(&mut pic, 0x01);
+    // ICW1 cleared the masks; mask all but 0, 1 and the cascade.
+    pic.write(0x21, 0xf8);
+    pic.write(0xa1, 0xfe);
+    assert_eq!(pic.read(0x21), 0xf8);
+    pic.raise(1);
+    pic.raise(0);
+    pic.raise(5); // masked
+    assert!(pic.pending());
+    assert_eq!(pic.ack(), Some(0x20), "line 0 first");
+    // Line 1 waits while 0 is in service.
+    assert!(!pic.pending());
+    pic.write(0x20, 0x0b); // OCW3: read ISR
+    assert_eq!(pic.read(0x20), 0x01);
+    pic.write(0x20, 0x0a); // read IRR
+    assert_eq!(pic.read(0x20), 0x22);
+    pic.write(0x20, 0x20); // non-specific EOI
+    assert_eq!(pic.ack(), Some(0x21));
+    pic.write(0x20, 0x61); // specific EOI of line 1
+    assert!(!pic.pending(), "line 5 stays masked");
+    // The slave's line 8 arrives through the master's line 2.
+    pic.raise(8);
+    assert_eq!(pic.ack(), Some(0x28));
+    assert_eq!((pic.master.isr, pic.slave.isr), (0x04, 0x01));
+    pic.raise(8);
+    assert!(!pic.pending(), "in service on both chips");
+    pic.write(0xa0, 0x20);
+    pic.write(0x20, 0x20);
+    assert_eq!(pic.ack(), Some(0x28));
+    // Auto-EOI: nothing stays in service.
+    let mut aeoi = crate::pic::Pic::default();
+    program_pics(&mut aeoi, 0x03);
+    aeoi.raise(0);
+    assert_eq!(aeoi.ack(), Some(0x20));
+    aeoi.raise(0);
+    assert_eq!((aeoi.master.isr, aeoi.ack()), (0, Some(0x20)));
+    // Garbage in any order never panics and leaves vectors in range.
+    let mut junk = crate::pic::Pic::default();
+    for i in 0u32..4000 {
+        let v = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+        junk.write([0x20, 0x21, 0xa0, 0xa1][(i % 4) as usize], v);
+        junk.raise(v & 15);
+        let _ = junk.ack();
+    }
+}
+
+const HZ: u64 = 100_000_000; // the fake's TSC: 100 MHz
+
+#[test]
+fn the_pit_counts_from_the_tsc_and_gives_irq0_edges() {
+    use crate::pit::{PIT_HZ, Pit};
+    let mut pit = Pit::default();
+    let t0 = 5_000_000;
+    // Channel 0, lobyte/hibyte, mode 2, 11932: 100 Hz.
+    pit.write(0x43, 0x34, t0, HZ);
+    pit.write(0x40, 0x9c, t0, HZ);
+    assert_eq!(pit.next_edge(), u64::MAX, "no edge before the whole count");
+    pit.write(0x40, 0x2e, t0, HZ);
+    let period = (11932 * HZ).div_ceil(PIT_HZ);
+    assert_eq!(pit.next_edge(), t0 + period);
+    assert!(!pit.irq0_due(t0 + period - 1, HZ));
+    assert!(pit.irq0_due(t0 + period, HZ));
+    assert!(!pit.irq0_due(t0 + period, HZ), "one edge once");
+    assert_eq!(pit.next_edge(), t0 + 2 * period);
+    // Ten periods late: one edge, and the next in the future.
+    assert!(pit.irq0_due(t0 + 12 * period + 5, HZ));
+    assert_eq!(pit.next_edge(), t0 + 13 * period);
+    // Halfway through a period the count reads about half the reload.
+    pit.write(0x43, 0x00, t0 + period / 2, HZ); // latch channel 0
+    let lo = pit.read(0x40, t0 + period, HZ);
+    let hi = pit.read(0x40, t0 + period, HZ);
+    let count = u16::from(lo) | u16::from(hi) << 8;
+    assert!((5960..=5972).contains(&count), "latched {count}");
+    // Mode 0 (one-shot): one edge, then none.
+    pit.write(0x43, 0x30, t0, HZ);
+    pit.write(0x40, 0x10, t0, HZ);
+    pit.write(0x40, 0x00, t0, HZ);
+    let end = t0 + (16 * HZ).div_ceil(PIT_HZ);
+    assert!(pit.irq0_due(end, HZ));
+    assert_eq!(pit.next_edge(), u64::MAX);
+    // Channel 2 through port 0x61: gate on, mode 0, OUT2 at bit 5 once the
+    // count is done (as kernels calibrate their TSC).
+    pit.write(0x61, 0x01, t0, HZ);
+    pit.write(0x43, 0xb0, t0, HZ);
+    pit.write(0x42, 0x9b, t0, HZ);
+    pit.write(0x42, 0x2e, t0, HZ);
+    assert_eq!(
+        pit.read(0x61, t0 + HZ / 200, HZ) & 0x21,
+        0x01,
+        "5 ms: not yet"
+    );
+    assert_eq!(pit.read(0x61, t0 + HZ / 99, HZ) & 0x21, 0x21, "10 ms: done");
+    pit.write(0x61, 0x00, t0, HZ);
+    assert_eq!(pit.read(0x61, t0 + HZ, HZ) & 0x21, 0, "gate off: low");
+    // Read-back of channel 0's status: mode 0, lobyte/hibyte, OUT high.
+    pit.write(0x43, 0xe2, t0 + HZ, HZ);
+    assert_eq!(pit.read(0x40, t0 + HZ, HZ), 0x80 | 0x30);
+}
+
+fn io(
+    vmm: &mut Vmm,
+    env: &mut Fake,
+    port: u16,
+    write: bool,
+    value: u8,
+) -> ipc_schema::vmexit::ExitReply {
+    let kind = ExitKind::Io {
+        port,
+        size: 1,
+        write,
+        value: value.into(),
+    };
+    vmm.exit(env, &exit(kind, ExitRegs::default()))
+}
+
+/// A guest's PICs and a 100 Hz PIT, as `tests/kernels/timer.S` programs them.
+fn guest_timer(vmm: &mut Vmm, env: &mut Fake) -> ipc_schema::vmexit::ExitReply {
+    let mut pic = Vec::new();
+    program_pics_ports(&mut pic);
+    for (port, v) in pic {
+        io(vmm, env, port, true, v);
+    }
+    io(vmm, env, 0x21, true, 0xfe);
+    io(vmm, env, 0x43, true, 0x34);
+    io(vmm, env, 0x40, true, 0x9c);
+    io(vmm, env, 0x40, true, 0x2e)
+}
+
+fn program_pics_ports(out: &mut Vec<(u16, u8)>) {
+    out.extend([
+        (0x20, 0x11),
+        (0xa0, 0x11),
+        (0x21, 0x20),
+        (0xa1, 0x28),
+        (0x21, 0x04),
+        (0xa1, 0x02),
+        (0x21, 0x01),
+        (0xa1, 0x01),
+    ]);
+}
+
+#[test]
+fn a_timer_interrupt_wakes_a_halted_guest_through_window_and_injection() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    let period = (11932 * HZ).div_ceil(crate::pit::PIT_HZ);
+    let edge = env.tsc + period;
+    // Programming the PIT sets the vCPU's deadline (its first edge).
+    let r = guest_timer(&mut vmm, &mut env);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: edge
+        }
+    );
+    // HLT with nothing waiting: wait for that edge, RIP past the HLT.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert!(r.response.advance);
+    assert_eq!(r.response.then, Then::BlockUntil { deadline: edge });
+    // The edge: IRQ 0 waits and a window is asked for; no deadline while
+    // IRQ 0 is requested (another edge would change nothing).
+    env.tsc = edge + 10;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(!r.response.advance);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: true,
+            deadline: u64::MAX
+        }
+    );
+    // The window: vector 0x20 injected; the next edge is the deadline.
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x20 }));
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: edge + period
+        }
+    );
+    // Before its EOI the next edge does not ask for a window (line 0 in
+    // service) and leaves no deadline (IRQ 0 requested); the EOI asks for
+    // the window.
+    env.tsc = edge + period;
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Cpuid {
+                leaf: 0,
+                subleaf: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: u64::MAX
+        }
+    );
+    let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: true,
+            deadline: u64::MAX
+        }
+    );
+    // A HLT now (an interrupt waits): go on past it and take it.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert!(r.response.advance);
+    assert_eq!(r.response.then, Then::Resume, "the window is asked already");
+    // A second HLT with no window between: interrupts are off; it would
+    // wait for ever, and the kernel stops it saying so.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(r.response.then, Then::Block);
+}
+
+#[test]
+fn a_pic_programmed_with_exception_vectors_stops_the_domain() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // ICW2 = 0x08: IRQ 0 would be #DF's vector.
+    for (port, v) in [
+        (0x20, 0x11),
+        (0x21, 0x08),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, 0xfe),
+    ] {
+        io(&mut vmm, &mut env, port, true, v);
+    }
+    io(&mut vmm, &mut env, 0x43, true, 0x34);
+    io(&mut vmm, &mut env, 0x40, true, 0x02);
+    io(&mut vmm, &mut env, 0x40, true, 0x00);
+    env.tsc += HZ;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.then, Then::Crash);
+}
+
+#[test]
+fn absent_ports_read_all_ones() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    for port in [0x3f0u16, 0x2f8, 0x4d0, 0x3f0] {
+        let r = io(&mut vmm, &mut env, port, false, 0);
+        assert_eq!(r.regs.map(|r| r.rax & 0xff), Some(0xff), "port {port:#x}");
+    }
+}
+
+#[test]
+fn a_storming_pit_gives_one_timer_interrupt_per_floor_period() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    guest_timer(&mut vmm, &mut env);
+    // Count 2: an edge every 1.7 µs.
+    io(&mut vmm, &mut env, 0x43, true, 0x34);
+    io(&mut vmm, &mut env, 0x40, true, 0x02);
+    io(&mut vmm, &mut env, 0x40, true, 0x00);
+    env.tsc += 1000;
+    vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x20 }));
+    let floor = HZ / crate::exits::MIN_TIMER_RATE;
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: env.tsc + floor
+        }
+    );
+    // Its EOI just after: nothing waits, the guest runs on until then.
+    env.tsc += 50;
+    let r = io(&mut vmm, &mut env, 0x20, true, 0x20);
+    assert_eq!(r.response.then, Then::Resume);
+}
+
+fn io32(vmm: &mut Vmm, env: &mut Fake, port: u16, size: u8, write: bool, value: u32) -> u32 {
+    let kind = ExitKind::Io {
+        port,
+        size,
+        write,
+        value,
+    };
+    let regs = ExitRegs {
+        rax: 0x1234_5678_0000_0000,
+        ..ExitRegs::default()
+    };
+    let r = vmm.exit(env, &exit(kind, regs));
+    r.regs.map_or(0, |r| r.rax as u32)
+}
+
+#[test]
+fn pci_configuration_answers_for_the_host_bridge_alone() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut cfg = |bdf: u32, reg: u32, size: u8, port: u16| {
+        io32(
+            &mut vmm,
+            &mut env,
+            0xcf8,
+            4,
+            true,
+            0x8000_0000 | bdf << 8 | reg,
+        );
+        io32(&mut vmm, &mut env, port, size, false, 0)
+    };
+    assert_eq!(cfg(0, 0, 4, 0xcfc), 0x29c0_8086);
+    assert_eq!(cfg(0, 0, 2, 0xcfe), 0x29c0);
+    assert_eq!(cfg(0, 8, 4, 0xcfc), 0x0600_0000);
+    assert_eq!(cfg(0, 8, 1, 0xcff), 0x06);
+    assert_eq!(cfg(0, 0x40, 4, 0xcfc), 0);
+    // Another device, function or bus: absent.
+    assert_eq!(cfg(1 << 3, 0, 4, 0xcfc), u32::MAX);
+    assert_eq!(cfg(1, 0, 4, 0xcfc), u32::MAX);
+    assert_eq!(cfg(1 << 8, 0, 2, 0xcfc), 0xffff);
+    // The address register reads back; without its enable bit, nothing.
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, 0x0000_0000);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcf8, 4, false, 0), 0);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), u32::MAX);
+    // The bridge's registers are read-only.
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, 0x8000_0000);
+    io32(&mut vmm, &mut env, 0xcfc, 4, true, 0);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), 0x29c0_8086);
+}
+
+#[test]
+fn the_cmos_tells_memory_and_a_running_bcd_clock() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 7_000;
+    let reg = |vmm: &mut Vmm, env: &mut Fake, r: u8| {
+        io(vmm, env, 0x70, true, r);
+        io(vmm, env, 0x71, false, 0).regs.map_or(0, |r| r.rax as u8)
+    };
+    // 32 MiB: 640 KiB base, 31 MiB above 1 MiB, 256 x 64 KiB above 16 MiB.
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x15), reg(&mut vmm, &mut env, 0x16)),
+        (0x80, 0x02)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x17), reg(&mut vmm, &mut env, 0x18)),
+        (0x00, 0x7c)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x30), reg(&mut vmm, &mut env, 0x31)),
+        (0x00, 0x7c)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x34), reg(&mut vmm, &mut env, 0x35)),
+        (0x00, 0x01)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x0b), reg(&mut vmm, &mut env, 0x0d)),
+        (0x02, 0x80)
+    );
+    // The clock starts at 2000-01-01 00:00:00 (a Saturday) and runs.
+    assert_eq!(reg(&mut vmm, &mut env, 0x00), 0x00);
+    assert_eq!(
+        (
+            reg(&mut vmm, &mut env, 0x07),
+            reg(&mut vmm, &mut env, 0x08),
+            reg(&mut vmm, &mut env, 0x09)
+        ),
+        (0x01, 0x01, 0x00)
+    );
+    assert_eq!(reg(&mut vmm, &mut env, 0x06), 7);
+    env.tsc += (40 * 86_400 + 3600 + 59) * HZ;
+    assert_eq!(
+        (
+            reg(&mut vmm, &mut env, 0x04),
+            reg(&mut vmm, &mut env, 0x02),
+            reg(&mut vmm, &mut env, 0x00)
+        ),
+        (0x01, 0x00, 0x59)
+    );
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x07), reg(&mut vmm, &mut env, 0x08)),
+        (0x10, 0x02),
+        "2000-02-10"
+    );
+    // Writes to the clock and to status D are ignored; RAM keeps them.
+    io(&mut vmm, &mut env, 0x70, true, 0x0d);
+    io(&mut vmm, &mut env, 0x71, true, 0);
+    io(&mut vmm, &mut env, 0x70, true, 0x40);
+    io(&mut vmm, &mut env, 0x71, true, 0x5a);
+    assert_eq!(
+        (reg(&mut vmm, &mut env, 0x0d), reg(&mut vmm, &mut env, 0x40)),
+        (0x80, 0x5a)
+    );
+}
+
+#[test]
+fn an_acpi_s5_request_powers_the_domain_off_and_other_sleep_types_do_not() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let pm1 = |vmm: &mut Vmm, env: &mut Fake, size: u8, write: bool, value: u32| {
+        let kind = ExitKind::Io {
+            port: 0x604,
+            size,
+            write,
+            value,
+        };
+        vmm.exit(env, &exit(kind, ExitRegs::default()))
+    };
+    let r = pm1(&mut vmm, &mut env, 2, false, 0);
+    assert_eq!(r.regs.map(|r| r.rax), Some(1), "SCI_EN: ACPI mode is on");
+    // S3 (type 1) is not there: ignored, the guest goes on.
+    let r = pm1(&mut vmm, &mut env, 2, true, 0x2000 | 1 << 10);
+    assert_eq!(r.response.then, Then::Resume);
+    // Without SLP_EN nothing happens.
+    let r = pm1(&mut vmm, &mut env, 2, true, 0);
+    assert_eq!(r.response.then, Then::Resume);
+    let r = pm1(&mut vmm, &mut env, 2, true, 0x2000);
+    assert_eq!(r.response.then, Then::Exit { status: 0 });
+}
+
+#[test]
+fn the_x2apic_timer_self_ipi_and_priorities() {
+    use crate::lapic::Lapic;
+    let mut a = Lapic::default();
+    let t = 1_000;
+    // xAPIC at reset: the x2APIC MSRs give #GP.
+    assert_eq!(a.read(0x802, t), None);
+    assert!(!a.write(0x80f, 0x1ff, t));
+    assert!(
+        !a.write_base(0xfee0_0000 | 1 << 10),
+        "x2APIC without enable"
+    );
+    assert!(!a.write_base(0xfed0_0d00), "another base");
+    assert!(a.write_base(0xfee0_0d00));
+    assert!(a.x2apic());
+    assert!(!a.write_base(0xfee0_0900), "no way back to xAPIC but off");
+    assert_eq!(a.read(0x803, t), Some(0x0005_0014));
+    // Software-disabled: the timer's LVT stays masked, nothing accepted.
+    a.write(0x83f, 0x40, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x80f, 0x1ff, t);
+    // One-shot: divide by 1 (0xb), 1000 ticks, vector 0x30.
+    a.write(0x83e, 0xb, t);
+    a.write(0x832, 0x30, t);
+    a.write(0x838, 1000, t);
+    assert_eq!(a.read(0x839, t + 400), Some(600));
+    assert_eq!(a.deadline(), t + 1000);
+    a.tick(t + 999);
+    assert_eq!(a.pending(), None);
+    a.tick(t + 1000);
+    assert_eq!(a.pending(), Some(0x30));
+    assert_eq!(a.deadline(), u64::MAX, "one-shot: done");
+    assert_eq!(a.ack(), Some(0x30));
+    assert_eq!(a.read(0x810 + 1, t), Some(1 << 16), "0x30 in service");
+    // A self-IPI of the same class waits for the EOI; a higher one does not.
+    a.write(0x83f, 0x35, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x830, 0x4_0051, t); // ICR: fixed, self shorthand, 0x51
+    assert_eq!(a.ack(), Some(0x51));
+    assert!(!a.write(0x80b, 1, t), "EOI takes only 0");
+    a.write(0x80b, 0, t);
+    a.write(0x80b, 0, t);
+    assert_eq!(a.ack(), Some(0x35));
+    a.write(0x80b, 0, t);
+    // The task priority holds back classes at or below it.
+    a.write(0x808, 0x40, t);
+    a.write(0x83f, 0x45, t);
+    assert_eq!(a.pending(), None);
+    a.write(0x808, 0, t);
+    assert_eq!(a.ack(), Some(0x45));
+    a.write(0x80b, 0, t);
+    // An illegal vector is an error, not an interrupt.
+    a.write(0x83f, 3, t);
+    assert_eq!((a.pending(), a.read(0x828, t)), (None, Some(1 << 6)));
+    // Periodic, divide by 2 (0): every 200 TSC ticks; a late tick is one.
+    a.write(0x83e, 0, t);
+    a.write(0x832, 1 << 17 | 0x31, t);
+    a.write(0x838, 100, t);
+    a.tick(t + 200);
+    assert_eq!(a.ack(), Some(0x31));
+    a.write(0x80b, 0, t);
+    assert_eq!(a.deadline(), t + 400);
+    a.tick(t + 1050);
+    assert_eq!(a.ack(), Some(0x31));
+    assert_eq!(a.deadline(), t + 1200);
+    a.write(0x80b, 0, t);
+    // TSC-deadline: the MSR sets the expiry; writing 0 disarms.
+    a.write(0x832, 2 << 17 | 0x32, t);
+    a.write(0x6e0, t + 5000, t);
+    assert_eq!((a.deadline(), a.read(0x6e0, t)), (t + 5000, Some(t + 5000)));
+    a.write(0x6e0, 0, t);
+    assert_eq!(a.deadline(), u64::MAX);
+    a.write(0x6e0, t + 7000, t);
+    a.tick(t + 7000);
+    assert_eq!(a.ack(), Some(0x32));
+    // Disabled through the base MSR: back to reset.
+    assert!(a.write_base(0xfee0_0000));
+    assert_eq!(a.read(0x802, t), None);
+    // Garbage writes never panic.
+    let mut g = Lapic::default();
+    g.write_base(0xfee0_0d00);
+    for i in 0u64..3000 {
+        let v = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        g.write(0x800 + (v >> 40) as u32 % 0x100, v, i);
+        g.tick(i * 1000);
+        let _ = g.ack();
+    }
+}
+
+#[test]
+fn a_halted_guest_waits_for_its_apic_timer() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 10_000;
+    let wr = |vmm: &mut Vmm, env: &mut Fake, msr: u32, value: u64| {
+        vmm.exit(
+            env,
+            &exit(ExitKind::Wrmsr { msr, value }, ExitRegs::default()),
+        )
+    };
+    let r = wr(&mut vmm, &mut env, 0x1b, 0xfee0_0d00);
+    assert_eq!(r.response, ipc_schema::vmexit::Response::DONE);
+    wr(&mut vmm, &mut env, 0x80f, 0x1ff);
+    wr(&mut vmm, &mut env, 0x83e, 0xb);
+    wr(&mut vmm, &mut env, 0x832, 0x40);
+    let r = wr(&mut vmm, &mut env, 0x838, 1_000_000);
+    let expiry = env.tsc + 1_000_000;
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: expiry
+        }
+    );
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(r.response.then, Then::BlockUntil { deadline: expiry });
+    env.tsc = expiry;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x40 }));
+    // An x2APIC MSR before x2APIC mode: #GP.
+    let mut fresh = Vmm::default();
+    let r = wr(&mut fresh, &mut env, 0x80b, 0);
+    assert_eq!(
+        r.response.inject,
+        Some(Inject::Exception {
+            vector: 13,
+            error_code: Some(0)
+        })
+    );
+}
+
+#[test]
+fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut ports = Vec::new();
+    program_pics_ports(&mut ports);
+    for (port, v) in ports {
+        io(&mut vmm, &mut env, port, true, v);
+    }
+    io(&mut vmm, &mut env, 0x21, true, 0xef); // only IRQ 4
+    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b); // OUT2
+    let r = io(&mut vmm, &mut env, COM1 + 1, true, 0x02); // ETBEI
+    assert!(matches!(
+        r.response.then,
+        Then::ResumeUntil { window: true, .. }
+    ));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x24 }));
 }

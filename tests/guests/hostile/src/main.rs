@@ -10,7 +10,7 @@
 //! | `sti-spin` | the same with interrupts on (`sti; jmp $`): with external-interrupt exiting none reaches the guest | never ends |
 //! | `cr8` | MOV 15 to CR8 (the task priority: masks every interrupt if it reaches the host's APIC), reads it back | 0 if it reads 15 |
 //! | `markers tag=T rounds=R` | reads FPU/SSE/AVX registers, DR0-DR3, CR2 and KERNEL_GS_BASE: any marker of another tag is a leak; then writes its own markers and checks them R times while other domains run | 0, or 1 on a leak or a lost marker |
-//! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port read all ones, the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
+//! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port the vmm does not model read all ones (the modelled ones reach the domain's own PICs, PIT, CMOS, PCI configuration, ACPI PM1a), the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
 //! | `views` | starts a write-protection dirty log over all its RAM (its host p2m in 4 KiB pages), then creates views one after another (each a copy of the host p2m: a table per 2 MiB) and reads every 2 MiB through each, until something refuses | 0 when a view is refused; 1 if the dirty log is |
 //! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
 //! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
@@ -419,6 +419,12 @@ fn wrmsr(msr: u32, v: u64) {
     unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
 }
 
+/// The probed ports the vmm models for the guest: the PICs, the PIT, port
+/// B, the CMOS, PCI configuration, ACPI PM1a control.
+const MODELLED: [u16; 12] = [
+    0x20, 0x21, 0xa0, 0xa1, 0x40, 0x43, 0x61, 0x70, 0x71, 0xcf8, 0xcfc, 0x604,
+];
+
 fn probe() -> u32 {
     idt::set_gp_handler(Some(catch));
     idt::set_ud_handler(Some(catch));
@@ -448,7 +454,9 @@ fn probe() -> u32 {
             asm!("in al, dx", in("dx") port, out("al") b);
             asm!("in eax, dx", in("dx") port, out("eax") d);
         }
-        if b != 0xff || d != 0xffff_ffff {
+        // The ports of the vmm's PC platform (docs/guests.md) reach the
+        // domain's own devices, which answer; every other one is absent.
+        if !MODELLED.contains(&port) && (b != 0xff || d != 0xffff_ffff) {
             println!("probe: FAIL: port {port:#x} read {b:#x} / {d:#x}, not all ones");
             failures += 1;
         }
@@ -458,8 +466,9 @@ fn probe() -> u32 {
         unsafe { asm!("out dx, al", in("dx") 0x8900u16, in("al") *b) };
     }
     println!(
-        "probe: {} host ports read all ones, writes went nowhere",
-        ports.len()
+        "probe: {} absent host ports read all ones, {} modelled ones reach the domain's own devices; writes went nowhere",
+        ports.len() - MODELLED.len(),
+        MODELLED.len()
     );
     // MSRs: the VMX capability MSRs and feature control must fault (VMX is
     // hidden); the host's SYSCALL entry and x2APIC registers too.

@@ -1,0 +1,297 @@
+//! A local APIC in x2APIC mode, through its MSRs (0x800-0x8ff) and
+//! IA32_TSC_DEADLINE (0x6e0): the task priority, end of interrupt, the
+//! spurious-vector register (software enable), the in-service, request and
+//! trigger-mode registers, the error status, self-IPIs (the SELF IPI
+//! register, and the ICR with the self shorthand or the vCPU's own ID,
+//! fixed delivery), and the timer in one-shot, periodic and TSC-deadline
+//! modes. The timer counts at the TSC's rate divided by the divide
+//! configuration. The xAPIC's MMIO page (0xfee00000) is not modelled: a
+//! guest turns x2APIC mode on through IA32_APIC_BASE (bits 10 and 11)
+//! first; before that these MSRs give #GP, as on hardware.
+
+/// The vCPU's APIC ID.
+pub const ID: u32 = 0;
+const VERSION: u32 = 0x0005_0014; // 6 LVT entries, version 0x14
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lapic {
+    /// IA32_APIC_BASE: enabled (bit 11), x2APIC (bit 10), BSP (bit 8).
+    pub base: u64,
+    tpr: u8,
+    svr: u32,
+    isr: [u32; 8],
+    irr: [u32; 8],
+    esr: u32,
+    icr: u64,
+    /// LVT timer, thermal, PMC, LINT0, LINT1, error (masked at reset).
+    lvt: [u32; 6],
+    divide: u32,
+    initial: u32,
+    /// The TSC at which the current count started.
+    start: u64,
+    /// The TSC of the timer's next expiry (`u64::MAX`: none).
+    pub expiry: u64,
+}
+
+impl Default for Lapic {
+    fn default() -> Self {
+        Lapic {
+            base: 0xfee0_0900,
+            tpr: 0,
+            svr: 0xff,
+            isr: [0; 8],
+            irr: [0; 8],
+            esr: 0,
+            icr: 0,
+            lvt: [1 << 16; 6],
+            divide: 0,
+            initial: 0,
+            start: 0,
+            expiry: u64::MAX,
+        }
+    }
+}
+
+fn highest(bits: &[u32; 8]) -> Option<u8> {
+    (0..8)
+        .rev()
+        .find(|&i| bits[i] != 0)
+        .map(|i| (i * 32 + 31 - bits[i].leading_zeros() as usize) as u8)
+}
+
+fn set(bits: &mut [u32; 8], v: u8) {
+    bits[usize::from(v / 32)] |= 1 << (v % 32);
+}
+
+fn clear(bits: &mut [u32; 8], v: u8) {
+    bits[usize::from(v / 32)] &= !(1 << (v % 32));
+}
+
+impl Lapic {
+    /// x2APIC mode is on (and the APIC enabled).
+    pub fn x2apic(&self) -> bool {
+        self.base & (3 << 10) == 3 << 10
+    }
+
+    fn software_enabled(&self) -> bool {
+        self.svr & (1 << 8) != 0
+    }
+
+    /// A write of IA32_APIC_BASE; false for one the hardware refuses (#GP):
+    /// reserved bits, another base, x2APIC without enable, or leaving
+    /// x2APIC mode for xAPIC.
+    pub fn write_base(&mut self, v: u64) -> bool {
+        let keep = 0xfee0_0000 | (1 << 8);
+        if v & !(keep | (3 << 10)) != 0 || v & 0xffff_f000 != 0xfee0_0000 {
+            return false;
+        }
+        let (enable, x2) = (v & (1 << 11) != 0, v & (1 << 10) != 0);
+        if x2 && !enable || (self.x2apic() && enable && !x2) {
+            return false;
+        }
+        if !enable {
+            *self = Lapic {
+                base: v,
+                ..Lapic::default()
+            };
+            return true;
+        }
+        self.base = v;
+        true
+    }
+
+    /// The timer's ticks per TSC tick: its divide configuration.
+    fn divisor(&self) -> u64 {
+        let code = (self.divide & 3) | ((self.divide >> 1) & 4);
+        if code == 7 { 1 } else { 2 << code }
+    }
+
+    fn timer_mode(&self) -> u32 {
+        (self.lvt[0] >> 17) & 3
+    }
+
+    /// Whether `msr` is one of the x2APIC's.
+    pub fn owns(msr: u32) -> bool {
+        (0x800..=0x8ff).contains(&msr) || msr == 0x6e0
+    }
+
+    /// RDMSR of `msr`; `None`: #GP.
+    pub fn read(&self, msr: u32, now: u64) -> Option<u64> {
+        if msr == 0x6e0 {
+            return Some(if self.timer_mode() == 2 && self.expiry != u64::MAX {
+                self.expiry
+            } else {
+                0
+            });
+        }
+        if !self.x2apic() {
+            return None;
+        }
+        Some(u64::from(match msr {
+            0x802 => ID,
+            0x803 => VERSION,
+            0x808 => u32::from(self.tpr),
+            0x80a => u32::from(self.tpr.max(highest(&self.isr).unwrap_or(0) & 0xf0)),
+            0x80d => 1 << ID, // logical ID: cluster 0, bit of the ID
+            0x80f => self.svr,
+            0x810..=0x817 => self.isr[(msr - 0x810) as usize],
+            0x818..=0x81f => 0,
+            0x820..=0x827 => self.irr[(msr - 0x820) as usize],
+            0x828 => self.esr,
+            0x830 => return Some(self.icr),
+            0x832..=0x837 => self.lvt[(msr - 0x832) as usize],
+            0x838 => self.initial,
+            0x839 => self.current(now),
+            0x83e => self.divide,
+            _ => return None,
+        }))
+    }
+
+    fn current(&self, now: u64) -> u32 {
+        if self.initial == 0 || self.timer_mode() == 2 {
+            return 0;
+        }
+        let ticks = now.saturating_sub(self.start) / self.divisor();
+        let n = u64::from(self.initial);
+        match self.timer_mode() {
+            1 => (n - ticks % n) as u32,
+            _ => n.saturating_sub(ticks) as u32,
+        }
+    }
+
+    fn arm(&mut self, now: u64) {
+        self.start = now;
+        self.expiry = if self.initial == 0 {
+            u64::MAX
+        } else {
+            now.saturating_add(u64::from(self.initial) * self.divisor())
+        };
+    }
+
+    /// WRMSR of `msr`; false: #GP.
+    pub fn write(&mut self, msr: u32, v: u64, now: u64) -> bool {
+        if msr == 0x6e0 {
+            if self.timer_mode() == 2 {
+                self.expiry = if v == 0 { u64::MAX } else { v };
+            }
+            return true;
+        }
+        if !self.x2apic() {
+            return false;
+        }
+        let v32 = v as u32;
+        match msr {
+            0x808 => self.tpr = v32 as u8,
+            0x80b => {
+                if v != 0 {
+                    return false;
+                }
+                if let Some(s) = highest(&self.isr) {
+                    clear(&mut self.isr, s);
+                }
+            }
+            0x80f => self.svr = v32 & 0x1ff,
+            0x828 => self.esr = 0,
+            0x830 => {
+                self.icr = v & !(1 << 12);
+                let (vector, mode, shorthand) = (v as u8, (v >> 8) & 7, (v >> 18) & 3);
+                let to_self = shorthand == 1 || (shorthand == 0 && (v >> 32) as u32 == ID);
+                if mode == 0 && to_self {
+                    self.accept(vector);
+                }
+            }
+            0x832..=0x837 => {
+                let i = (msr - 0x832) as usize;
+                let was = self.timer_mode();
+                self.lvt[i] = v32 & 0x7_17ff;
+                if !self.software_enabled() {
+                    self.lvt[i] |= 1 << 16;
+                }
+                if i == 0 && self.timer_mode() != was {
+                    self.initial = 0;
+                    self.expiry = u64::MAX;
+                }
+            }
+            0x838 => {
+                if self.timer_mode() != 2 {
+                    self.initial = v32;
+                    self.arm(now);
+                }
+            }
+            0x83e => self.divide = v32 & 0xb,
+            0x83f => self.accept(v as u8),
+            _ => return false,
+        }
+        true
+    }
+
+    /// A fixed interrupt for `vector` arrives (vectors below 16 are
+    /// illegal: an error, as on hardware).
+    fn accept(&mut self, vector: u8) {
+        if vector < 16 {
+            self.esr |= 1 << 6; // received illegal vector
+            return;
+        }
+        if self.software_enabled() {
+            set(&mut self.irr, vector);
+        }
+    }
+
+    /// Whether the timer expired by `now`: its vector requested (once per
+    /// call) and, periodic, the next expiry set.
+    pub fn tick(&mut self, now: u64) {
+        if now < self.expiry {
+            return;
+        }
+        let period = u64::from(self.initial) * self.divisor();
+        self.expiry = if self.timer_mode() == 1 && period != 0 {
+            let behind = (now - self.expiry) / period + 1;
+            self.expiry.saturating_add(behind.saturating_mul(period))
+        } else {
+            u64::MAX
+        };
+        let lvt = self.lvt[0];
+        if lvt & (1 << 16) == 0 {
+            self.accept(lvt as u8);
+        }
+    }
+
+    /// The vector it would deliver now: the highest requested, above the
+    /// priority of the highest in service and the task priority.
+    pub fn pending(&self) -> Option<u8> {
+        let v = highest(&self.irr)?;
+        let busy = highest(&self.isr).map_or(0, |s| s & 0xf0);
+        (v & 0xf0 > busy.max(self.tpr & 0xf0)).then_some(v)
+    }
+
+    /// The CPU takes it: from requested to in service.
+    pub fn ack(&mut self) -> Option<u8> {
+        let v = self.pending()?;
+        clear(&mut self.irr, v);
+        set(&mut self.isr, v);
+        Some(v)
+    }
+
+    /// The timer's vector.
+    pub fn timer_vector(&self) -> u8 {
+        self.lvt[0] as u8
+    }
+
+    /// No timer expiry before `tsc` (periodic and one-shot alike).
+    pub fn hold_off(&mut self, tsc: u64) {
+        if self.expiry != u64::MAX && self.timer_mode() != 2 {
+            self.expiry = self.expiry.max(tsc);
+        }
+    }
+
+    /// The TSC of the timer's next expiry that matters: none while its
+    /// vector is already requested.
+    pub fn deadline(&self) -> u64 {
+        let v = self.lvt[0] as u8;
+        if self.irr[usize::from(v / 32)] & (1 << (v % 32)) != 0 {
+            u64::MAX
+        } else {
+            self.expiry
+        }
+    }
+}

@@ -1,0 +1,141 @@
+/*
+ * A multiboot kernel that finds the ACPI tables the way a PC kernel does
+ * and powers the machine off through them (issue 14, point 2): the RSDP in
+ * the first KiB of the EBDA (the BIOS data area's word at 0x40e) or, not
+ * there, in 0xe0000-0xfffff; its checksum; the RSDT's FADT; the FADT's
+ * PM1a control block and DSDT. It prints what it found on the 16550 and
+ * writes SLP_EN with sleep type 0 (the S5 of QEMU's q35 and Parallax) to
+ * PM1a control: the machine is off (a machine that stays on halts with
+ * interrupts off). Anything missing ends it through
+ * isa-debug-exit (0xf4) with status 0x11. The boot test runs it under
+ * `qemu-system-x86_64 -machine q35 -kernel` and under Parallax.
+ */
+        .text
+        .code32
+        .align 4
+        .long 0x1BADB002, 0, -(0x1BADB002)
+        .globl _start
+_start: mov $stack_top, %esp
+        movzwl 0x40e, %esi            /* the EBDA's segment */
+        shl $4, %esi
+        lea 1024(%esi), %ebp
+        call scan
+        jnc found
+        mov $0xe0000, %esi
+        mov $0x100000, %ebp
+        call scan
+        jc fail
+found:  mov %esi, %ebx                /* the RSDP */
+        mov $20, %ecx                 /* its checksum */
+        xor %al, %al
+1:      add (%esi), %al
+        inc %esi
+        loop 1b
+        test %al, %al
+        jnz fail
+        mov $s_rsdp, %edi
+        call puts
+        mov 16(%ebx), %esi            /* the RSDT */
+        cmpl $0x54445352, (%esi)      /* "RSDT" */
+        jne fail
+        mov 4(%esi), %ecx
+        sub $36, %ecx
+        shr $2, %ecx
+        lea 36(%esi), %esi
+2:      test %ecx, %ecx
+        jz fail
+        mov (%esi), %ebx
+        cmpl $0x50434146, (%ebx)      /* "FACP" */
+        je 3f
+        add $4, %esi
+        dec %ecx
+        jmp 2b
+3:      mov $s_fadt, %edi
+        call puts
+        mov 64(%ebx), %eax            /* PM1a_CNT_BLK */
+        mov %eax, pm1a
+        shr $8, %eax
+        call hex8
+        mov pm1a, %eax
+        call hex8
+        mov $'\n', %al
+        call putc
+        mov 40(%ebx), %eax            /* the DSDT */
+        cmpl $0x54445344, (%eax)      /* "DSDT" */
+        jne fail
+        mov $s_dsdt, %edi
+        call puts
+        mov pm1a, %edx
+        mov $0x2000, %ax              /* SLP_EN, sleep type 0 */
+        out %ax, %dx
+9:      cli                           /* the power goes (not at once on QEMU) */
+        hlt
+        jmp 9b
+fail:   mov $s_fail, %edi
+        call puts
+        mov $0x11, %al
+        out %al, $0xf4
+4:      hlt
+        jmp 4b
+
+/* scan: "RSD PTR " at a 16-byte boundary in [ESI, EBP): CF clear and ESI
+ * there, or CF set. */
+scan:   cmp %ebp, %esi
+        jae 6f
+        cmpl $0x20445352, (%esi)      /* "RSD " */
+        jne 5f
+        cmpl $0x20525450, 4(%esi)     /* "PTR " */
+        jne 5f
+        clc
+        ret
+5:      add $16, %esi
+        jmp scan
+6:      stc
+        ret
+
+/* hex8: AL in 2 hex digits. */
+hex8:   push %eax
+        shr $4, %al
+        call nibble
+        pop %eax
+nibble: and $0xf, %al
+        add $'0', %al
+        cmp $'9', %al
+        jbe putc
+        add $'a' - '9' - 1, %al
+        /* fall through */
+
+/* putc: AL to COM1 once its transmitter is empty. */
+putc:   push %eax
+        push %edx
+        mov $0x3fd, %dx
+7:      in %dx, %al
+        test $0x20, %al
+        jz 7b
+        mov 4(%esp), %eax
+        mov $0x3f8, %dx
+        out %al, %dx
+        pop %edx
+        pop %eax
+        ret
+
+/* puts: the NUL-ended string at EDI. */
+puts:   movb (%edi), %al
+        test %al, %al
+        jz 8f
+        call putc
+        inc %edi
+        jmp puts
+8:      ret
+
+        .data
+pm1a:   .long 0
+s_rsdp: .asciz "acpi: RSDP found, checksum right\n"
+s_fadt: .asciz "acpi: FADT in the RSDT, PM1a control at port 0x"
+s_dsdt: .asciz "acpi: DSDT present; powering off through PM1a control\n"
+s_fail: .asciz "acpi: tables missing or wrong\n"
+
+        .bss
+        .align 16
+        .skip 4096
+stack_top:
