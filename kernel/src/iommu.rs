@@ -148,6 +148,13 @@ pub fn bar(source: u16, index: u8) -> Option<(u64, u64)> {
     unsafe { platform::pci::memory_bar(source, index) }
 }
 
+/// Whether a device may reach a frame `claimed` claims through an IoSpace
+/// (DMA into a frame that sharing would free or make read-only, or into a
+/// fork's parent).
+pub fn maps_any(claimed: impl Fn(u64) -> bool) -> bool {
+    IOMMU.lock().as_mut().is_some_and(|i| i.maps_any(claimed))
+}
+
 /// A domain being destroyed: every IoSpace page that maps its RAM is
 /// unmapped and the IOTLB invalidated first (IO-4), so no device keeps a
 /// way into frames the domain no longer owns.

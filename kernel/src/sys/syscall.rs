@@ -853,6 +853,15 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
             if count == 0 || count > ipc_schema::syscall::IO_BATCH {
                 return Err(SysError::BadArgument);
             }
+            // A parent's memory does not change while forks map it.
+            if write && domain(k, a[2])?.forks != 0 {
+                defmt::warn!(
+                    "service {=str}: IOSPACE_MAP refused: domain {=u64} has forks: its memory is not given writable to a device",
+                    k.process_name(pid),
+                    a[2]
+                );
+                return Err(SysError::Busy);
+            }
             let mut pairs: heapless::Vec<(u64, u64), 512> = heapless::Vec::new();
             let mut raw = [0u8; 16];
             for i in 0..count {
@@ -1757,6 +1766,11 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         Some((SysError::BadArgument, "is protected"))
     } else if p.vcpu.is_none() {
         Some((SysError::BadArgument, "has no vCPU"))
+    } else if crate::iommu::maps_any(|hpa| p.gfn_of_frame(hpa).is_some()) {
+        Some((
+            SysError::Busy,
+            "has pages a device may write (IoSpace mappings)",
+        ))
     } else {
         None
     };

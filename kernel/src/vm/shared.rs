@@ -215,7 +215,13 @@ fn changeable(d: &mut Domain, gfn: u64) -> Result<u64, EptOpError> {
         .host()
         .query(&KernelTables, gpa)
         .and_then(|m| m.hpa_of(gpa));
-    if d.foreign_pages != 0 || ve.is_some() && ve == frame || d.forks != 0 {
+    // (A frame a device may reach by DMA would be freed or written behind
+    // the sharing's back.)
+    if d.foreign_pages != 0
+        || ve.is_some() && ve == frame
+        || d.forks != 0
+        || frame.is_some_and(|f| crate::iommu::maps_any(|hpa| hpa == f))
+    {
         return Err(EptOpError::Busy);
     }
     // A fork's page that maps its parent's frame is not its to give.

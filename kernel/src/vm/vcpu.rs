@@ -980,10 +980,10 @@ impl Vcpu {
             self.write(ENTRY_CONTROLS, controls | long);
         }
         self.regs = from.regs;
-        self.state = match from.state {
-            VcpuState::Stopped => VcpuState::Runnable,
-            s => s,
-        };
+        // A halted parent's fork starts as if its HLT had ended (its wait
+        // is the parent's, in the scheduler); its timer deadline is kept.
+        self.state = VcpuState::Runnable;
+        self.deadline = from.deadline;
         self.tf_step = from.tf_step;
         Ok(())
     }

@@ -471,6 +471,21 @@ impl<'a, H: Host> Iommu<'a, H> {
         self.flush(space, did, false).map_err(|e| (0, e))
     }
 
+    /// Whether any space maps a frame `claimed` claims (a frame that must
+    /// not change or be freed under DMA: a page to be shared, a fork's
+    /// parent's memory).
+    pub fn maps_any(&mut self, claimed: impl Fn(u64) -> bool) -> bool {
+        let mem = Tables(&mut self.host, &mut self.tables);
+        let mut found = false;
+        for s in self.spaces.iter().flatten() {
+            s.table.for_each(&mem, |_, hpa| found |= claimed(hpa));
+            if found {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Unmaps every page of the space whose frame `owned` claims (a domain
     /// being destroyed), then invalidates. Returns the pages unmapped.
     pub fn unmap_where(&mut self, space: u16, owned: impl Fn(u64) -> bool) -> u64 {

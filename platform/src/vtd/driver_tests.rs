@@ -326,7 +326,10 @@ fn a_destroyed_domains_pages_go_from_every_space() {
     let s = i.create_space().unwrap();
     i.attach(s, 0, 3 << 3, true).unwrap();
     i.map(s, &[(0x100, 0x5000), (0x101, 0x9000)], true).unwrap();
+    assert!(i.maps_any(|hpa| hpa == 0x9000));
+    assert!(!i.maps_any(|hpa| hpa == 0x6000));
     assert_eq!(i.unmap_where(s, |hpa| hpa < 0x8000), 1);
+    assert!(!i.maps_any(|hpa| hpa == 0x5000), "unmapped");
     assert_eq!(i.host.translate(3 << 3, 0x100), None);
     assert_eq!(i.host.translate(3 << 3, 0x101), Some(0x9000));
     assert_eq!(i.spaces[usize::from(s)].as_ref().unwrap().pages, 1);
