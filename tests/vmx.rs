@@ -328,6 +328,37 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
     );
 }
 
+/// Assembled kernel `elf` (named `name`) run by plain
+/// `qemu-system-x86_64 -kernel` with `mib` MiB: the run, and its console
+/// lines.
+fn on_plain_qemu(
+    elf: &std::path::Path,
+    name: &str,
+    mib: u32,
+) -> (emulator::RunOutcome, Vec<String>) {
+    let mut cfg = RunConfig::new(
+        Machine::Qemu,
+        emulator::capture_path(&format!("plain-{name}")),
+    );
+    cfg.memory_mib = mib;
+    let plain = emulator::run_multiboot_on_qemu(elf, "", &cfg).expect("QEMU runs");
+    let lines = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    (plain, lines)
+}
+
+/// A Parallax system on Bochs whose domains are `domains` (manifest
+/// tables), beside assembled kernel `elf` (named `name`).
+fn under_parallax(elf: &std::path::Path, name: &str, domains: &str) -> parallax_tests::Run {
+    let manifest = elf.parent().unwrap().join(format!("{name}.toml"));
+    let text = format!("name = \"{name}\"\n{domains}");
+    bochs(&system_in(&manifest, name, &text))
+}
+
 /// Issue 14, point 2: `tests/kernels/timer.S` programs the 8259 PICs and
 /// the PIT (channel 0 periodic and one-shot, channel 2 through port 0x61),
 /// halts until its timer interrupts come (the vmm injects them through
@@ -338,15 +369,7 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
 #[test]
 fn a_kernel_taking_pit_interrupts_through_the_pics_runs_as_on_plain_qemu() {
     let elf = assemble("timer.S", "kernel-timer", &[]);
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-timer"));
-    cfg.memory_mib = 32;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) = on_plain_qemu(&elf, "kernel-timer", 32);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -358,14 +381,14 @@ fn a_kernel_taking_pit_interrupts_through_the_pics_runs_as_on_plain_qemu() {
             "channel 2 output high after its count",
         ]
     );
-    let manifest = elf.parent().unwrap().join("kernel-timer.toml");
-    let text = concat!(
-        "name = \"kernel-timer\"\n",
-        "[[domain]]\nname = \"timer\"\nkernel = \"kernel-timer\"\nmemory_mib = 16\n",
-        "[[domain]]\nname = \"hello\"\nguest = \"hello\"\nmemory_mib = 16\n",
+    let run = under_parallax(
+        &elf,
+        "kernel-timer",
+        concat!(
+            "[[domain]]\nname = \"timer\"\nkernel = \"kernel-timer\"\nmemory_mib = 16\n",
+            "[[domain]]\nname = \"hello\"\nguest = \"hello\"\nmemory_mib = 16\n",
+        ),
     );
-    let img = system_in(&manifest, "kernel-timer", text);
-    let run = bochs(&img);
     run.expect("domain 1 (timer) exited with status 16")
         .expect("domain 2 (hello) exited with status 0")
         .expect_no("halted with nothing to wake it")
@@ -418,18 +441,7 @@ fn an_interrupt_storm_and_a_triple_fault_stay_in_their_domains() {
 #[test]
 fn pci_configuration_and_cmos_read_as_on_plain_qemu() {
     let elf = assemble("pci-cmos.S", "kernel-pci-cmos", &[]);
-    let mut cfg = RunConfig::new(
-        Machine::Qemu,
-        emulator::capture_path("plain-kernel-pci-cmos"),
-    );
-    cfg.memory_mib = 32;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) = on_plain_qemu(&elf, "kernel-pci-cmos", 32);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -439,13 +451,11 @@ fn pci_configuration_and_cmos_read_as_on_plain_qemu() {
             "cmos 15 16 17 18 30 31 34 35 0d: 80 02 00 7c 00 7c 00 01 80",
         ]
     );
-    let manifest = elf.parent().unwrap().join("kernel-pci-cmos.toml");
-    let text = concat!(
-        "name = \"kernel-pci-cmos\"\n",
+    let run = under_parallax(
+        &elf,
+        "kernel-pci-cmos",
         "[[domain]]\nname = \"pc\"\nkernel = \"kernel-pci-cmos\"\nmemory_mib = 32\n",
     );
-    let img = system_in(&manifest, "kernel-pci-cmos", text);
-    let run = bochs(&img);
     run.expect("domain 1 (pc) exited with status 16");
     let trimmed =
         |l: &[String]| -> Vec<String> { l.iter().map(|s| s.trim_end().to_owned()).collect() };
@@ -464,15 +474,7 @@ fn pci_configuration_and_cmos_read_as_on_plain_qemu() {
 #[test]
 fn a_kernel_powers_off_through_the_acpi_tables_as_on_plain_qemu() {
     let elf = assemble("acpi.S", "kernel-acpi", &[]);
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-acpi"));
-    cfg.memory_mib = 32;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) = on_plain_qemu(&elf, "kernel-acpi", 32);
     assert_eq!(
         plain.end,
         RunEnd::EmulatorExited { code: Some(0) },
@@ -487,13 +489,11 @@ fn a_kernel_powers_off_through_the_acpi_tables_as_on_plain_qemu() {
             "acpi: DSDT present; powering off through PM1a control",
         ]
     );
-    let manifest = elf.parent().unwrap().join("kernel-acpi.toml");
-    let text = concat!(
-        "name = \"kernel-acpi\"\n",
+    let run = under_parallax(
+        &elf,
+        "kernel-acpi",
         "[[domain]]\nname = \"acpi\"\nkernel = \"kernel-acpi\"\nmemory_mib = 32\n",
     );
-    let img = system_in(&manifest, "kernel-acpi", text);
-    let run = bochs(&img);
     run.expect_from("vmm", "domain 1: powered off through ACPI (S5)")
         .expect("domain 1 (acpi) exited with status 0")
         .expect_status(HaltStatus::Success);
@@ -513,17 +513,13 @@ fn a_kernel_powers_off_through_the_acpi_tables_as_on_plain_qemu() {
 #[test]
 fn a_kernel_using_the_x2apic_timers_and_self_ipi_runs_under_parallax() {
     let elf = assemble("x2apic.S", "kernel-x2apic", &[]);
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-x2apic"));
-    cfg.memory_mib = 16;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
+    let (plain, _) = on_plain_qemu(&elf, "kernel-x2apic", 16);
     assert_eq!(plain.exit_code(), 0x13, "{}", plain.summary());
-    let manifest = elf.parent().unwrap().join("kernel-x2apic.toml");
-    let text = concat!(
-        "name = \"kernel-x2apic\"\n",
+    let run = under_parallax(
+        &elf,
+        "kernel-x2apic",
         "[[domain]]\nname = \"apic\"\nkernel = \"kernel-x2apic\"\nmemory_mib = 16\n",
     );
-    let img = system_in(&manifest, "kernel-x2apic", text);
-    let run = bochs(&img);
     run.expect("domain 1 (apic) exited with status 16");
     assert_eq!(
         run.console(1),
@@ -545,18 +541,7 @@ fn a_kernel_using_the_x2apic_timers_and_self_ipi_runs_under_parallax() {
 #[test]
 fn interrupt_driven_console_output_runs_as_on_plain_qemu() {
     let elf = assemble("uart-irq.S", "kernel-uart-irq", &[]);
-    let mut cfg = RunConfig::new(
-        Machine::Qemu,
-        emulator::capture_path("plain-kernel-uart-irq"),
-    );
-    cfg.memory_mib = 16;
-    let plain = emulator::run_multiboot_on_qemu(&elf, "", &cfg).expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) = on_plain_qemu(&elf, "kernel-uart-irq", 16);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -565,13 +550,11 @@ fn interrupt_driven_console_output_runs_as_on_plain_qemu() {
             "and this one by polling",
         ]
     );
-    let manifest = elf.parent().unwrap().join("kernel-uart-irq.toml");
-    let text = concat!(
-        "name = \"kernel-uart-irq\"\n",
+    let run = under_parallax(
+        &elf,
+        "kernel-uart-irq",
         "[[domain]]\nname = \"uart\"\nkernel = \"kernel-uart-irq\"\nmemory_mib = 16\n",
     );
-    let img = system_in(&manifest, "kernel-uart-irq", text);
-    let run = bochs(&img);
     run.expect("domain 1 (uart) exited with status 16");
     assert_eq!(
         run.console(1),
