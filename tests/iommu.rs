@@ -109,13 +109,15 @@ fn edu_run(options: &str) {
             "iommu",
             "iommu: DMA fault (IO-6): device 0000:00:03.0 write at 0x101000 blocked",
         )
+        // The backend's badge: its place in the manifest (the six standard
+        // services, iommu, then edu).
         .expect_from(
             "iommu",
-            "iommu: backend 7 restarted (generation 1): its old mappings torn down (IO-4)",
+            "iommu: backend 8 restarted (generation 1): its old mappings torn down (IO-4)",
         )
         .expect_from(
             "iommu",
-            "iommu: backend 7 may no longer map domain 1: 2 page(s) unmapped (IO-5)",
+            "iommu: backend 8 may no longer map domain 1: 2 page(s) unmapped (IO-5)",
         )
         .expect_from("edu", "edudm: iotlb_invalidations_per_512_unmaps = 1")
         .expect_from("waiter", "waiter: done (bits 0x1)")
