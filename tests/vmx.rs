@@ -116,6 +116,11 @@ fn assemble(source: &str, name: &str, ld_args: &[&str]) -> std::path::PathBuf {
             "as",
             vec![
                 "--32".into(),
+                // The routines the kernels share (`uart.inc`).
+                "-I".into(),
+                image_builder::paths::repo()
+                    .join("tests/kernels")
+                    .into_os_string(),
                 "-o".into(),
                 object.clone().into_os_string(),
                 source.into_os_string(),

@@ -71,25 +71,7 @@ exit:   mov %cl, %al
         hlt
         jmp 2b
 
-/* putc: AL to COM1 once its transmitter is empty. */
-putc:   push %eax
-        mov $COM1 + 5, %dx
-3:      in %dx, %al
-        test $0x20, %al
-        jz 3b
-        pop %eax
-        mov $COM1, %dx
-        out %al, %dx
-        ret
-
-/* puts: the NUL-ended string at EDI. */
-puts:   movb (%edi), %al
-        test %al, %al
-        jz 4f
-        call putc
-        inc %edi
-        jmp puts
-4:      ret
+        .include "uart.inc"
 
         .data
 hello:  .asciz "hello from a multiboot kernel in assembly\n"
