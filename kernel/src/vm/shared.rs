@@ -420,6 +420,26 @@ fn break_fork(
     })
 }
 
+/// VM fork's copy on write in the kernel, on a write violation of fork
+/// `d` at `gpa` in its host p2m (view 0): where the entry is armed
+/// ([`platform::ept::bits::COPY`]: written by [`fork`] or [`reset`] where
+/// the parent's entry could be written, and no permission set on it
+/// since), the page gets its copy as for `EptOp::Unshare`, with the
+/// entry's permissions and write. The owner of the entries decided
+/// nothing differently here: an entry it changed is not armed and its
+/// violation goes to it. Returns whether the page was copied (false:
+/// not armed, or no frame or record left: the owner hears the violation).
+pub fn copy_on_write(d: &mut Domain, gpa: u64) -> bool {
+    let Ok((ept, tables)) = d.views.ept_mut(0) else {
+        return false;
+    };
+    let Some(m) = ept.copy_armed(tables, gpa) else {
+        return false;
+    };
+    let perms = platform::ept::Perms::new(m.perms.read, true, m.perms.execute);
+    break_fork(d, gpa / PAGE_SIZE, perms).is_ok()
+}
+
 /// VM fork: the child's host p2m maps every page of `parent`'s read-only
 /// (its large pages stay large until a write splits one). Nothing is
 /// copied: a page is copied at its first write ([`break_fork`]).
@@ -435,16 +455,12 @@ pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
         .views
         .host()
         .for_each_leaf(&KernelTables, 0, 1 << 46, |m| {
-            if failed.is_none()
-                && let Err(e) = ept.map(
-                    tables,
-                    m.gpa,
-                    m.hpa,
-                    m.size,
-                    read_only(m.perms),
-                    m.memory_type,
-                )
-            {
+            if failed.is_some() {
+                return;
+            }
+            // Read-only; where the parent could write, armed: the fork's
+            // first write copies the page in the kernel ([`copy_on_write`]).
+            if let Err(e) = ept.map_for_fork(tables, m.gpa, m.hpa, m.size, m.perms, m.memory_type) {
                 failed = Some(e);
             }
         });
@@ -486,13 +502,22 @@ pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
             let Ok((ept, tables)) = d.views.ept_mut(0) else {
                 continue;
             };
-            let (Some(from), Some(mine)) = (
-                parent.views.host().translate(&KernelTables, gpa),
+            let (Some(theirs), Some(mine)) = (
+                parent.views.host().query(&KernelTables, gpa),
                 ept.query(&KernelTables, gpa),
             ) else {
                 continue;
             };
-            let _ = ept.replace(tables, gpa, from, read_only(mine.perms));
+            let Some(from) = theirs.hpa_of(gpa) else {
+                continue;
+            };
+            if ept
+                .replace(tables, gpa, from, read_only(mine.perms))
+                .is_ok()
+                && theirs.perms.write
+            {
+                ept.arm_copy(tables, gpa);
+            }
             match kind {
                 Kind::Own(hpa) => free_frame(hpa),
                 Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
