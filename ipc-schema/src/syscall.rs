@@ -139,7 +139,9 @@ pub mod nr {
     pub const IO_IN: u64 = 48;
     /// IO_OUT(ioports, port, size, value).
     pub const IO_OUT: u64 = 49;
-    /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`.
+    /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`. With the
+    /// Iommu handle (`device`) instead of an Irq: the units' fault interrupt
+    /// (IO-6) sets it, the holder then takes the records (IOMMU_FAULTS).
     pub const IRQ_BIND: u64 = 50;
     /// HANDLE_DERIVE(handle, a, b, rights) -> RDI = a new handle to part of
     /// the object, with the parent's rights masked by `rights` (0: all of
@@ -247,6 +249,14 @@ pub mod nr {
     /// allocates. Past the last region `BadArgument`. Needs `create` on the
     /// Iommu handle.
     pub const IOMMU_RMRR: u64 = 122;
+    /// DEVICE_RESET(device) -> RDI = how (0 FLR, 1 Advanced Features FLR,
+    /// 2 secondary bus reset through the bridge above it, 3 bus mastering
+    /// turned off and on: nothing else reset): resets the PCI function
+    /// (segment 0) by the best means it offers, its header (BARs, command,
+    /// interrupt line) written back after (IO-6: a device that faulted).
+    /// A function that no longer answers `Busy`. Needs `device` on the
+    /// Device handle.
+    pub const DEVICE_RESET: u64 = 121;
 }
 
 /// The most pairs (IOSPACE_MAP) or bus frames (IOSPACE_UNMAP) in one call.

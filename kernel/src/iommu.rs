@@ -135,6 +135,54 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
     }
 }
 
+/// The vector of the units' fault events (IO-6), after the 16 ISA lines.
+pub const FAULT_VECTOR: u8 = 0x40;
+
+/// Has every unit raise [`FAULT_VECTOR`] at the boot CPU's local APIC
+/// (`apic_id`) when it records a fault; the interrupt notifies whoever
+/// bound it (`sys::irq`), which reads the records (IOMMU_FAULTS).
+pub fn fault_interrupts(apic_id: u32) {
+    if let Some(i) = IOMMU.lock().as_mut() {
+        i.fault_interrupts(0xfee0_0000 | (apic_id & 0xff) << 12, u32::from(FAULT_VECTOR));
+        defmt::info!(
+            "IOMMU: fault events raise vector {=u8:#x} at local APIC {=u32} (IO-6)",
+            FAULT_VECTOR,
+            apic_id
+        );
+    }
+}
+
+/// Configuration space through the ports, and a TSC clock.
+struct Ports;
+
+impl platform::pci::Config for Ports {
+    fn read(&mut self, source: u16, offset: u8) -> u32 {
+        // Safety: as in `check_device`.
+        unsafe { platform::pci::read(source, offset) }
+    }
+    fn write(&mut self, source: u16, offset: u8, value: u32) {
+        // Safety: as in `check_device`; the function is the caller's, and
+        // the bridge a bus reset goes through has nothing else below it.
+        unsafe { platform::pci::write(source, offset, value) }
+    }
+    fn sleep_ms(&mut self, ms: u32) {
+        if crate::time::tsc_hz().is_none() {
+            // No clock: spin (longer than needed on any CPU).
+            (0..u64::from(ms) * 1_000_000).for_each(|_| core::hint::spin_loop());
+            return;
+        }
+        let end = crate::time::micros() + 1000 * u64::from(ms);
+        while crate::time::micros() < end {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
+pub fn reset(source: u16) -> Option<platform::pci::Reset> {
+    platform::pci::reset(&mut Ports, source)
+}
+
 /// Checks that a device can be handed out: a unit covers it and (on
 /// segment 0, where the kernel can look) something answers there.
 pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), IommuError> {

@@ -12,8 +12,11 @@
 //! Handles: `pci` (the Iommu root: IoSpaces, device handles, fault
 //! records), `domains` (read and write: the frames it maps), `supervisor`
 //! (call), `supervisor-events` (wait: a backend that faulted, restarted or
-//! ended loses its mappings, IO-4) and `domain-ends` (a notification
-//! DOMAIN_WATCH sets: an ended domain's mappings go).
+//! ended loses its mappings, IO-4), `domain-ends` (a notification
+//! DOMAIN_WATCH sets: an ended domain's mappings go) and `dma-faults` (wait,
+//! signal: bound to the units' fault interrupt, IO-6; the fault records are
+//! read when it fires, and polled at every request and event only where
+//! it is missing or cannot be bound).
 
 #![no_std]
 #![no_main]
@@ -121,6 +124,9 @@ struct Server {
     admin: Option<Handle>,
     events: Option<Handle>,
     domain_ends: Option<Handle>,
+    /// The fault interrupt's notification, when bound: then the records
+    /// are read only when it fires.
+    fault_interrupt: Option<Handle>,
     supervisor: Client,
     system: System,
     book: Iommu,
@@ -143,8 +149,10 @@ fn reason(code: u8) -> &'static str {
 }
 
 impl Server {
-    /// Takes the units' fault records: logged and kept for the backends.
-    fn poll_faults(&mut self) {
+    /// Takes the units' fault records: logged and kept for the backends;
+    /// how many.
+    fn take_records(&mut self) -> usize {
+        let mut taken = 0;
         let mut out = [IoFault {
             address: 0,
             source: 0,
@@ -155,8 +163,9 @@ impl Server {
         }; 16];
         loop {
             let Ok((n, _, lost)) = sys::iommu_faults(self.system.root, &mut out) else {
-                return;
+                return taken;
             };
+            taken += n;
             self.lost = lost;
             for f in &out[..n] {
                 defmt::warn!(
@@ -197,8 +206,16 @@ impl Server {
                 });
             }
             if n < out.len() {
-                return;
+                return taken;
             }
+        }
+    }
+
+    /// The fallback without a fault interrupt: the records read at every
+    /// request and event.
+    fn poll_faults(&mut self) {
+        if self.fault_interrupt.is_none() {
+            self.take_records();
         }
     }
 
@@ -380,6 +397,14 @@ impl Service for Server {
     }
 
     fn notified(&mut self, slot: Handle, _bits: u64) {
+        if Some(slot) == self.fault_interrupt {
+            let n = self.take_records();
+            defmt::info!(
+                "iommu: fault interrupt: {=usize} fault record(s) taken (IO-6)",
+                n
+            );
+            return;
+        }
         self.poll_faults();
         if Some(slot) == self.events {
             let badges: Vec<u64> = self.book.backends.keys().copied().collect();
@@ -420,6 +445,19 @@ fn main() -> ! {
     let admin = handle("iommu-admin");
     let events = handle("supervisor-events");
     let domain_ends = handle("domain-ends");
+    let fault_interrupt = handle("dma-faults").filter(|&n| {
+        sys::irq_bind(root, n, 1)
+            .inspect_err(|e| {
+                defmt::warn!(
+                    "iommu: the fault interrupt cannot be bound ({}): fault records polled at each request",
+                    e
+                )
+            })
+            .is_ok()
+    });
+    if fault_interrupt.is_none() {
+        defmt::info!("iommu: no fault interrupt: fault records polled at each request and event");
+    }
     if let Some(n) = domain_ends
         && let Err(e) = sys::domain_watch(domains, n, 1)
     {
@@ -438,7 +476,10 @@ fn main() -> ! {
         }
     );
     let mut mask = 1u64 << requests;
-    for h in [admin, events, domain_ends].into_iter().flatten() {
+    for h in [admin, events, domain_ends, fault_interrupt]
+        .into_iter()
+        .flatten()
+    {
         mask |= 1 << h;
     }
     let mut server = Server {
@@ -446,6 +487,7 @@ fn main() -> ! {
         admin,
         events,
         domain_ends,
+        fault_interrupt,
         supervisor: Client::new(require("supervisor"), SUPERVISOR),
         system: System {
             root,
@@ -457,5 +499,7 @@ fn main() -> ! {
         faults: heapless::Deque::new(),
         lost: 0,
     };
+    // Records made before the interrupt was bound raise no new one.
+    server.take_records();
     ipc::serve(&mut server, mask)
 }
