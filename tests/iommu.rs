@@ -23,7 +23,6 @@ handles = [
     { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
     { name = "supervisor-events", notification = "supervisor-events-iommu", rights = ["wait"] },
     { name = "domain-ends", notification = "domain-ends-iommu", rights = ["wait", "signal"] },
-    { name = "dma-faults", notification = "dma-faults-iommu", rights = ["wait", "signal"] },
 ]
 
 [[service]]
@@ -118,7 +117,10 @@ fn edu_checks(run: &parallax_tests::Run, device: &str, reset: &str, kernel_reset
         .expect_from("edu", "edudm: bench map_512_cycles = ")
         .expect_from("iommu", &fault("0x101000"))
         // The records are read when the interrupt arrives, not polled.
-        .expect_from("iommu", "iommu: fault interrupt: 1 fault record(s) taken (IO-6)")
+        .expect_from(
+            "iommu",
+            "iommu: fault interrupt: 1 fault record(s) taken (IO-6)",
+        )
         .expect_no("fault records polled")
         .expect_from("edu", &format!("edudm: device reset by {reset}"))
         .expect(&format!(
@@ -262,7 +264,10 @@ fn dma_faults_reach_the_host_as_events() {
         },
     );
     run.expect_no("edudm: FAIL")
-        .expect_from("iommu", "iommu: fault interrupt: 1 fault record(s) taken (IO-6)")
+        .expect_from(
+            "iommu",
+            "iommu: fault interrupt: 1 fault record(s) taken (IO-6)",
+        )
         .expect_no("fault records polled")
         .expect_status(HaltStatus::TaskFailed);
 }

@@ -242,7 +242,8 @@ pub mod nr {
     /// IOMMU_RMRR(iommu, index, buf_ptr, cap, frames): reserved memory
     /// region `index` of the DMAR (RMRR-1). With `frames` 0: RDI = its first
     /// byte, RSI = its last, RDX = device scopes written to `buf` (u32 each:
-    /// segment << 16 | source id, for scopes naming a function directly).
+    /// segment << 16 | source id of the function a PCI scope's path leads
+    /// to through the bridges; a sub-hierarchy scope's bridge).
     /// With `frames` 1: RDI = a new Frames handle of exactly the region
     /// (kind reserved: never mapped into a service, given to a domain only
     /// at gfn = frame, RMRR-4), refused where any of it is RAM the kernel

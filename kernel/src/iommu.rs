@@ -5,8 +5,11 @@
 //! devices attached to them, and a domain's RAM frames mapped at bus frame
 //! numbers a service chooses; an unmap returns only once the IOTLB
 //! invalidation that removes it has completed (IO-3). Who maps what for
-//! whom is the `iommu` service's business. The driver and the formats are
-//! `platform::vtd` (host-tested); this is its registers and memory.
+//! whom is the `iommu` service's business. A recorded fault raises
+//! [`FAULT_VECTOR`], which notifies whoever bound it (`sys::irq`); a
+//! device's holder may reset it (DEVICE_RESET, `platform::pci::reset`).
+//! The driver and the formats are `platform::vtd` (host-tested); this is
+//! its registers and memory.
 
 use crate::mem::phys_to_virt;
 use crate::vm::memory::{alloc_zeroed_frame, free_frame};
@@ -143,7 +146,10 @@ pub const FAULT_VECTOR: u8 = 0x40;
 /// bound it (`sys::irq`), which reads the records (IOMMU_FAULTS).
 pub fn fault_interrupts(apic_id: u32) {
     if let Some(i) = IOMMU.lock().as_mut() {
-        i.fault_interrupts(0xfee0_0000 | (apic_id & 0xff) << 12, u32::from(FAULT_VECTOR));
+        i.fault_interrupts(
+            0xfee0_0000 | (apic_id & 0xff) << 12,
+            u32::from(FAULT_VECTOR),
+        );
         defmt::info!(
             "IOMMU: fault events raise vector {=u8:#x} at local APIC {=u32} (IO-6)",
             FAULT_VECTOR,

@@ -303,7 +303,7 @@ mod tests {
             f[15] = 0x0000_010b; // interrupt line 11
             let mut prev: Option<usize> = None;
             for &(id, w1, w2) in caps {
-                let at = if prev.is_none() { 0x40 } else { prev.unwrap() + 0x10 };
+                let at = prev.map_or(0x40, |p| p + 0x10);
                 f[at / 4] = u32::from(id);
                 f[at / 4 + 1] = w1;
                 f[at / 4 + 2] = w2;
@@ -328,7 +328,8 @@ mod tests {
             let mut f = [0u32; 64];
             f[0] = 0x000c_1b36;
             f[3] = 1 << 16;
-            f[6] = u32::from(source >> 8) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
+            f[6] =
+                u32::from(source >> 8) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
             self.space.insert(source, f);
         }
         fn reset_function(&mut self, source: u16) {
@@ -370,7 +371,11 @@ mod tests {
             } else if af == Some(offset) && value & 1 != 0 {
                 f[at] &= !1;
                 self.reset_function(source);
-            } else if offset == 0x3c && f[3] >> 16 & 0x7f == 1 && value & 1 << 22 != 0 && old & 1 << 22 == 0 {
+            } else if offset == 0x3c
+                && f[3] >> 16 & 0x7f == 1
+                && value & 1 << 22 != 0
+                && old & 1 << 22 == 0
+            {
                 let sec = (f[6] >> 8) as u8;
                 let below: std::vec::Vec<u16> = self
                     .space

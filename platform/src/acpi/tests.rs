@@ -560,7 +560,10 @@ fn scope_paths_are_resolved_through_the_bridges_secondary_buses() {
     assert_eq!(r.source, 0x0301);
     assert!(r.covers(0x0301));
     assert!(!r.covers(0x0300), "another function on that bus");
-    assert!(!r.covers(0x0001), "the same device/function on the start bus");
+    assert!(
+        !r.covers(0x0001),
+        "the same device/function on the start bus"
+    );
     // The same bus numbers with another secondary: another device.
     let moved = ConfigSpace::default()
         .bridge(0x00e0, 4, 5)
@@ -582,7 +585,13 @@ fn scope_paths_are_resolved_through_the_bridges_secondary_buses() {
     assert!(!r.covers(0x0600) && !r.covers(0x0100) && !r.covers(0x00e1));
 
     // A direct endpoint needs no configuration space.
-    let r = resolved(ScopeKind::PciEndpoint, 0, &[(3, 0)], &ConfigSpace::default()).unwrap();
+    let r = resolved(
+        ScopeKind::PciEndpoint,
+        0,
+        &[(3, 0)],
+        &ConfigSpace::default(),
+    )
+    .unwrap();
     assert_eq!((r.source, r.below), (0x0018, None));
 }
 

@@ -388,12 +388,17 @@ fn devices_behind_bridges_are_matched_through_their_scope_paths() {
                 },
             ],
         )
-        .rmrr(0, 0xe8000, 0xe8fff, &[DeviceScope {
-            kind: crate::acpi::dmar::ScopeKind::PciEndpoint,
-            enumeration_id: 0,
-            start_bus: 0,
-            path: vec![hop(0x1c, 0), hop(0, 0), hop(0, 0)],
-        }])
+        .rmrr(
+            0,
+            0xe8000,
+            0xe8fff,
+            &[DeviceScope {
+                kind: crate::acpi::dmar::ScopeKind::PciEndpoint,
+                enumeration_id: 0,
+                start_bus: 0,
+                path: vec![hop(0x1c, 0), hop(0, 0), hop(0, 0)],
+            }],
+        )
         .build();
     let mut model = Model::new(CAP, ECAP);
     model.bridge(0xe0, 1, 2);

@@ -304,10 +304,7 @@ fn main() -> ! {
     // The device that faulted is reset (IO-6) by its owner, and works:
     // pattern A (page 0x200) through edu into page C (0x202).
     let edu = require("edu");
-    let refused = (
-        sys::device_reset(e.domains),
-        sys::device_reset(edu + 40),
-    );
+    let refused = (sys::device_reset(e.domains), sys::device_reset(edu + 40));
     e.check(
         "a reset through a handle that is no device, or a forged one, refused",
         matches!(refused, (Err(_), Err(_))),

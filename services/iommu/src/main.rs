@@ -12,11 +12,11 @@
 //! Handles: `pci` (the Iommu root: IoSpaces, device handles, fault
 //! records), `domains` (read and write: the frames it maps), `supervisor`
 //! (call), `supervisor-events` (wait: a backend that faulted, restarted or
-//! ended loses its mappings, IO-4), `domain-ends` (a notification
-//! DOMAIN_WATCH sets: an ended domain's mappings go) and `dma-faults` (wait,
-//! signal: bound to the units' fault interrupt, IO-6; the fault records are
+//! ended loses its mappings, IO-4) and `domain-ends` (wait, signal: a
+//! notification DOMAIN_WATCH sets, bit 0: an ended domain's mappings go; the
+//! units' fault interrupt is bound to its bit 1, IO-6: the fault records are
 //! read when it fires, and polled at every request and event only where
-//! it is missing or cannot be bound).
+//! it cannot be bound).
 
 #![no_std]
 #![no_main]
@@ -40,6 +40,11 @@ use service_runtime::{handle, require, sys};
 service_runtime::entry!(main);
 service_runtime::interfaces!(IOMMU, IOMMU_ADMIN);
 service_heap::heap!(512 * 1024);
+
+/// The bits of the `domain-ends` notification: DOMAIN_WATCH's, and the
+/// units' fault interrupt's (IO-6).
+const DOMAIN_BIT: u64 = 1;
+const FAULT_BIT: u64 = 2;
 
 struct System {
     root: Handle,
@@ -124,9 +129,9 @@ struct Server {
     admin: Option<Handle>,
     events: Option<Handle>,
     domain_ends: Option<Handle>,
-    /// The fault interrupt's notification, when bound: then the records
-    /// are read only when it fires.
-    fault_interrupt: Option<Handle>,
+    /// The fault interrupt is bound (to `domain_ends`, [`FAULT_BIT`]):
+    /// the records are read only when it fires.
+    fault_interrupt: bool,
     supervisor: Client,
     system: System,
     book: Iommu,
@@ -214,7 +219,7 @@ impl Server {
     /// The fallback without a fault interrupt: the records read at every
     /// request and event.
     fn poll_faults(&mut self) {
-        if self.fault_interrupt.is_none() {
+        if !self.fault_interrupt {
             self.take_records();
         }
     }
@@ -396,14 +401,16 @@ impl Service for Server {
         ipc::encode_reply(&answer, reply)
     }
 
-    fn notified(&mut self, slot: Handle, _bits: u64) {
-        if Some(slot) == self.fault_interrupt {
+    fn notified(&mut self, slot: Handle, bits: u64) {
+        if Some(slot) == self.domain_ends && self.fault_interrupt && bits & FAULT_BIT != 0 {
             let n = self.take_records();
             defmt::info!(
                 "iommu: fault interrupt: {=usize} fault record(s) taken (IO-6)",
                 n
             );
-            return;
+            if bits & DOMAIN_BIT == 0 {
+                return;
+            }
         }
         self.poll_faults();
         if Some(slot) == self.events {
@@ -445,21 +452,24 @@ fn main() -> ! {
     let admin = handle("iommu-admin");
     let events = handle("supervisor-events");
     let domain_ends = handle("domain-ends");
-    let fault_interrupt = handle("dma-faults").filter(|&n| {
-        sys::irq_bind(root, n, 1)
-            .inspect_err(|e| {
-                defmt::warn!(
-                    "iommu: the fault interrupt cannot be bound ({}): fault records polled at each request",
-                    e
-                )
-            })
-            .is_ok()
-    });
-    if fault_interrupt.is_none() {
-        defmt::info!("iommu: no fault interrupt: fault records polled at each request and event");
-    }
+    let fault_interrupt = match domain_ends.map(|n| sys::irq_bind(root, n, FAULT_BIT)) {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            defmt::warn!(
+                "iommu: the fault interrupt cannot be bound ({}): fault records polled at each request and event",
+                e
+            );
+            false
+        }
+        None => {
+            defmt::info!(
+                "iommu: no domain-ends notification for the fault interrupt: fault records polled at each request and event"
+            );
+            false
+        }
+    };
     if let Some(n) = domain_ends
-        && let Err(e) = sys::domain_watch(domains, n, 1)
+        && let Err(e) = sys::domain_watch(domains, n, DOMAIN_BIT)
     {
         defmt::warn!(
             "iommu: cannot watch domains ({}): an ended domain's mappings stay until its backend goes",
@@ -476,10 +486,7 @@ fn main() -> ! {
         }
     );
     let mut mask = 1u64 << requests;
-    for h in [admin, events, domain_ends, fault_interrupt]
-        .into_iter()
-        .flatten()
-    {
+    for h in [admin, events, domain_ends].into_iter().flatten() {
         mask |= 1 << h;
     }
     let mut server = Server {
