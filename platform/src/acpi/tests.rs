@@ -550,33 +550,19 @@ fn scope_paths_are_resolved_through_the_bridges_secondary_buses() {
         .bridge(0x00e0, 2, 5)
         .bridge(0x0200, 3, 3)
         .endpoint(0x0301);
-    let r = resolved(
-        ScopeKind::PciEndpoint,
-        0,
-        &[(0x1c, 0), (0, 0), (0, 1)],
-        &config,
-    )
-    .unwrap();
-    assert_eq!(r.source, 0x0301);
-    assert!(r.covers(0x0301));
-    assert!(!r.covers(0x0300), "another function on that bus");
-    assert!(
-        !r.covers(0x0001),
-        "the same device/function on the start bus"
-    );
-    // The same bus numbers with another secondary: another device.
+    // The same path with other secondary buses: another device.
     let moved = ConfigSpace::default()
         .bridge(0x00e0, 4, 5)
         .bridge(0x0400, 5, 5)
         .endpoint(0x0501);
-    let r = resolved(
-        ScopeKind::PciEndpoint,
-        0,
-        &[(0x1c, 0), (0, 0), (0, 1)],
-        &moved,
-    )
-    .unwrap();
-    assert_eq!(r.source, 0x0501);
+    let path = [(0x1c, 0), (0, 0), (0, 1)];
+    for (space, device) in [(&config, 0x0301), (&moved, 0x0501)] {
+        let r = resolved(ScopeKind::PciEndpoint, 0, &path, space).unwrap();
+        assert_eq!(r.source, device);
+        assert!(r.covers(device));
+        assert!(!r.covers(device - 1), "another function on that bus");
+        assert!(!r.covers(0x0001), "the same device.function on bus 0");
+    }
 
     // A sub-hierarchy: the bridge and everything below it.
     let r = resolved(ScopeKind::PciSubHierarchy, 0, &[(0x1c, 0)], &config).unwrap();
