@@ -177,6 +177,10 @@ fn a_device_behind_a_bridge_is_remapped_and_reset_through_it() {
             "edu,bus=rp1".to_owned(),
         ];
     });
+    run.expect_from(
+        "init",
+        "init: bridge 00:04.0 above device 01:00.0: memory decoding and bus mastering on",
+    );
     edu_checks(
         &run,
         "01:00.0",

@@ -184,9 +184,21 @@ impl platform::pci::Config for Ports {
     }
 }
 
+/// Runs `f` with the configuration address port (0xcf8) as it found it
+/// afterwards: init, which programs devices through its two port calls,
+/// may have been preempted between them.
+fn keeping_address<R>(f: impl FnOnce() -> R) -> R {
+    // Safety: reading and writing back the address port changes nothing.
+    let address = unsafe { platform::port::inl(0xcf8) };
+    let r = f();
+    // Safety: as above.
+    unsafe { platform::port::outl(0xcf8, address) };
+    r
+}
+
 /// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
 pub fn reset(source: u16) -> Option<platform::pci::Reset> {
-    platform::pci::reset(&mut Ports, source)
+    keeping_address(|| platform::pci::reset(&mut Ports, source))
 }
 
 /// Checks that a device can be handed out: a unit covers it and (on

@@ -163,26 +163,30 @@ fn exists(c: &mut dyn Config, source: u16) -> bool {
     c.read(source, 0) & 0xffff != 0xffff
 }
 
-/// The bridge whose secondary bus is `bus`, found from bus 0 down through
-/// the bridges whose bus range holds it.
-fn bridge_above(c: &mut dyn Config, bus: u8) -> Option<u16> {
+/// The bridges from bus 0 down to the one whose secondary bus is `bus`
+/// (that one last), each found on the bus above by its bus range; empty
+/// for bus 0 or where no chain of configured bridges leads there. Each
+/// step goes at least one bus deeper.
+pub fn bridges_above(c: &mut dyn Config, bus: u8) -> heapless::Vec<u16, 32> {
+    let mut chain = heapless::Vec::new();
     let mut on = 0u8;
-    // Each step goes at least one bus deeper.
-    for _ in 0..=255 {
+    while on != bus {
         let next = (0..256u16).map(|df| u16::from(on) << 8 | df).find(|&b| {
             exists(c, b) && (c.read(b, 0x0c) >> 16) & 0x7f == 1 && {
                 let buses = c.read(b, 0x18);
                 let (sec, sub) = ((buses >> 8) as u8, (buses >> 16) as u8);
                 sec > on && (sec..=sub).contains(&bus)
             }
-        })?;
-        let secondary = (c.read(next, 0x18) >> 8) as u8;
-        if secondary == bus {
-            return Some(next);
+        });
+        match next.map(|b| (b, chain.push(b))) {
+            Some((b, Ok(()))) => on = (c.read(b, 0x18) >> 8) as u8,
+            _ => {
+                chain.clear();
+                break;
+            }
         }
-        on = secondary;
     }
-    None
+    chain
 }
 
 /// Resets function `source` by the best means it offers: FLR (PCIe or
@@ -250,7 +254,7 @@ fn alone_below_bridge(c: &mut dyn Config, source: u16) -> Option<u16> {
     if bus == 0 {
         return None;
     }
-    let bridge = bridge_above(c, bus)?;
+    let bridge = *bridges_above(c, bus).last()?;
     let alone = (c.read(bridge, 0x18) >> 16) as u8 == bus
         && (0..256u16)
             .map(|df| u16::from(bus) << 8 | df)
@@ -444,6 +448,25 @@ mod tests {
         assert_eq!(m.resets, [0x0200], "only the function below it");
         assert_eq!(m.read(0x0100, 0x3c) & 1 << 22, 0, "released");
         restored(&mut m, 0x0200);
+    }
+
+    /// The bridges above a bus, from bus 0 down (init turns on their
+    /// memory decoding and bus mastering for a device it hands out).
+    #[test]
+    fn the_bridges_above_a_bus_are_found_from_bus_0_down() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 3); // 00:04.0 -> buses 1..=3
+        m.bridge(0x0028, 4, 4); // 00:05.0 -> bus 4
+        m.bridge(0x0108, 2, 3); // 01:01.0 -> buses 2..=3
+        m.bridge(0x0200, 3, 3); // 02:00.0 -> bus 3
+        m.function(0x0018, &[]);
+        assert_eq!(
+            bridges_above(&mut m, 3).as_slice(),
+            [0x0020, 0x0108, 0x0200]
+        );
+        assert_eq!(bridges_above(&mut m, 4).as_slice(), [0x0028]);
+        assert!(bridges_above(&mut m, 0).is_empty(), "the root bus");
+        assert!(bridges_above(&mut m, 7).is_empty(), "no bridge leads there");
     }
 
     /// Where a bus reset would reach others (another function on its bus,
