@@ -424,8 +424,9 @@ mod tests {
     #[test]
     fn a_function_with_af_flr_is_reset_by_it() {
         let mut m = Model::default();
-        // PCIe without FLR, then AF with FLR and TP (bits 25, 24).
-        m.function(0x0018, &[(CAP_PCIE, 0, 0), (CAP_AF, 0x3 << 24, 0)]);
+        // PCIe without FLR, then AF (at 0x50) with FLR and TP (its
+        // capabilities byte: bits 25, 24 of its first dword).
+        m.function(0x0018, &[(CAP_PCIE, 0, 0), (CAP_AF, 0, 0)]);
         m.space.get_mut(&0x0018).unwrap()[0x50 / 4] |= 0x3 << 24;
         assert_eq!(reset(&mut m, 0x0018), Some(Reset::AfFlr));
         assert_eq!(m.resets, [0x0018]);
