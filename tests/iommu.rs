@@ -122,6 +122,8 @@ fn edu_checks(run: &parallax_tests::Run, device: &str, reset: &str, kernel_reset
             "iommu: fault interrupt: 1 fault record(s) taken (IO-6)",
         )
         .expect_no("fault records polled")
+        .expect("service edu: DEVICE_RESET refused: no handle")
+        .expect("is another kind of object")
         .expect_from("edu", &format!("edudm: device reset by {reset}"))
         .expect(&format!(
             "service edu: device 0000:{device} reset: {kernel_reset}"

@@ -35,7 +35,7 @@ use ipc_schema::iommu::{
     IOMMU, IOMMU_ADMIN, IommuAdminRequest, IommuError, IommuReply, IommuRequest,
 };
 use ipc_schema::syscall::layout::MAP_BASE;
-use ipc_schema::syscall::{Handle, ObjectKind};
+use ipc_schema::syscall::{Handle, ObjectKind, SysError};
 use service_runtime::ipc::Client;
 use service_runtime::{require, sys};
 
@@ -307,8 +307,11 @@ fn main() -> ! {
     let refused = (sys::device_reset(e.domains), sys::device_reset(edu + 40));
     e.check(
         "a reset through a handle that is no device, or a forged one, refused",
-        matches!(refused, (Err(_), Err(_))),
-        "the guest's domain handle, and a handle number it does not hold",
+        matches!(
+            refused,
+            (Err(SysError::WrongKind), Err(SysError::NoSuchHandle))
+        ),
+        "the guest's domain handle: WrongKind; a handle number it does not hold: NoSuchHandle",
     );
     let how = sys::device_reset(edu);
     defmt::info!(
