@@ -84,8 +84,8 @@ impl Host for Kernel {
             return u32::MAX;
         }
         // Safety: as in `check_device`: nobody else uses the configuration
-        // ports while the kernel runs.
-        unsafe { platform::pci::read(source, offset) }
+        // ports while the kernel runs (the address port kept for init).
+        keeping_address(|| unsafe { platform::pci::read(source, offset) })
     }
 }
 
@@ -207,10 +207,13 @@ pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), Iomm
     iommu
         .unit_of(segment, source)
         .ok_or(IommuError::NotCovered)?;
-    // Safety: init, the only other user of the configuration ports, cannot
-    // run while the kernel does.
-    if segment == 0 && unsafe { platform::pci::read(source, 0) } & 0xffff == 0xffff {
-        return Err(IommuError::NoDevice);
+    if segment == 0 {
+        // Safety: init, the only other user of the configuration ports,
+        // cannot run while the kernel does (the address port kept for it).
+        let id = keeping_address(|| unsafe { platform::pci::read(source, 0) });
+        if id & 0xffff == 0xffff {
+            return Err(IommuError::NoDevice);
+        }
     }
     Ok(())
 }
@@ -219,7 +222,7 @@ pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), Iomm
 pub fn bar(source: u16, index: u8) -> Option<(u64, u64)> {
     // Safety: as in `check_device`; the device's driver, if any, is the
     // service that asks for its BAR, blocked in this call.
-    unsafe { platform::pci::memory_bar(source, index) }
+    keeping_address(|| unsafe { platform::pci::memory_bar(source, index) })
 }
 
 /// Whether a device may reach a frame `claimed` claims through an IoSpace
