@@ -435,7 +435,9 @@ pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
         .views
         .host()
         .for_each_leaf(&KernelTables, 0, 1 << 46, |m| {
+            // (The xAPIC page is the child's own: `create_vcpu` maps it.)
             if failed.is_none()
+                && m.gpa != super::domain::XAPIC_GFN * PAGE_SIZE
                 && let Err(e) = ept.map(
                     tables,
                     m.gpa,

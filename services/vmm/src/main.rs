@@ -123,6 +123,11 @@ impl Env for System {
         self.logdirty.as_mut()?.call(request)
     }
 
+    fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool {
+        let arg = (u64::from(offset) << 32) | u64::from(value);
+        sys::vcpu_control(self.domains, domain, 0, VcpuOp::ApicSet, arg).is_ok()
+    }
+
     fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError> {
         sys::domain_grant(self.domains, domain, gfn, count, grant)
     }
