@@ -1,0 +1,268 @@
+/*
+ * A multiboot kernel that finds its local APIC in the ACPI MADT and
+ * programs it through the xAPIC page, as PC kernels do (issue 14, point
+ * 2): the RSDP (rsdp.inc), the RSDT's "APIC" table, its local APIC address
+ * and flags and its first processor local APIC; then at that address the
+ * ID and version, the spurious-vector register (software enable), a
+ * one-shot and a periodic timer interrupt taken while halted, a self-IPI
+ * through the ICR, each ended by an EOI, and the in-service registers
+ * empty at the end. Every access is a 32-bit MOV to or from the page. It
+ * prints a line for each on the 16550 and ends through isa-debug-exit
+ * (0xf4) with status 0x10 (0x11: the tables, 0x12: an interrupt missing,
+ * stray or left in service). The boot test runs it under `qemu-system-x86_64
+ * -machine q35 -kernel` and under Parallax.
+ */
+        .text
+        .code32
+        .align 4
+        .long 0x1BADB002, 0, -(0x1BADB002)
+        .globl _start
+        .set COM1, 0x3f8
+_start: mov $stack_top, %esp
+        lgdt gdt_desc
+        ljmp $0x08, $1f
+1:      mov $0x10, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        mov $0xff, %al                /* the PICs: every line masked */
+        out %al, $0x21
+        out %al, $0xa1
+        mov $idt, %edi                /* every vector: unexpected */
+        mov $256, %ecx
+2:      mov $unexpected, %eax
+        call set_gate
+        add $8, %edi
+        loop 2b
+        mov $vectors, %esi            /* vector, handler pairs */
+3:      mov (%esi), %edi
+        test %edi, %edi
+        jz 4f
+        shl $3, %edi
+        add $idt, %edi
+        mov 4(%esi), %eax
+        call set_gate
+        add $8, %esi
+        jmp 3b
+4:      lidt idt_desc
+
+        call find_rsdp                /* the MADT through the RSDT */
+        jc no_tables
+        mov 16(%esi), %esi
+        cmpl $0x54445352, (%esi)      /* "RSDT" */
+        jne no_tables
+        mov 4(%esi), %ecx
+        sub $36, %ecx
+        shr $2, %ecx
+        lea 36(%esi), %esi
+5:      test %ecx, %ecx
+        jz no_tables
+        mov (%esi), %ebx
+        cmpl $0x43495041, (%ebx)      /* "APIC" */
+        je 6f
+        add $4, %esi
+        dec %ecx
+        jmp 5b
+6:      mov 36(%ebx), %eax            /* the local APIC's address */
+        mov %eax, lapic
+        mov $s_madt, %edi
+        call puts
+        mov lapic, %eax
+        call hex32
+        testl $1, 40(%ebx)            /* PCAT_COMPAT */
+        jz 7f
+        mov $s_pcat, %edi
+        call puts
+7:      mov $'\n', %al
+        call putc
+        mov 4(%ebx), %ecx             /* its entries: the first type 0 */
+        lea (%ebx, %ecx), %ebp
+        lea 44(%ebx), %esi
+8:      cmp %ebp, %esi
+        jae no_tables
+        cmpb $0, (%esi)
+        je 9f
+        movzbl 1(%esi), %eax
+        test %eax, %eax
+        jz no_tables
+        add %eax, %esi
+        jmp 8b
+9:      mov $s_cpu, %edi
+        call puts
+        mov 3(%esi), %al              /* its APIC ID */
+        call hex8
+        mov $s_disabled, %edi
+        testl $1, 4(%esi)
+        jz 10f
+        mov $s_enabled, %edi
+10:     call puts
+
+        mov lapic, %ebx               /* the xAPIC page */
+        mov $s_id, %edi
+        call puts
+        mov 0x20(%ebx), %eax          /* ID: bits 31:24 */
+        shr $24, %eax
+        call hex8
+        mov $s_version, %edi
+        call puts
+        mov 0x30(%ebx), %eax          /* version; max LVT in bits 23:16 */
+        call hex8
+        mov $s_lvts, %edi
+        call puts
+        mov 0x30(%ebx), %eax
+        shr $16, %eax
+        inc %al
+        call hex8
+        mov $s_lvts2, %edi
+        call puts
+        movl $0x1ff, 0xf0(%ebx)       /* spurious vector 0xff, enabled */
+        mov $s_svr, %edi
+        call puts
+        mov 0xf0(%ebx), %eax
+        shr $8, %eax
+        call hex8
+        mov 0xf0(%ebx), %eax
+        call hex8
+        mov $'\n', %al
+        call putc
+
+        movl $0xb, 0x3e0(%ebx)        /* divide by 1 */
+        movl $0x40, 0x320(%ebx)       /* one-shot, vector 0x40 */
+        movl $1000000, 0x380(%ebx)    /* 1,000,000 ticks */
+        sti
+11:     hlt
+        cmpl $0, count40
+        je 11b
+        cli
+        mov $s_oneshot, %edi
+        call puts
+
+        movl $(1 << 17) | 0x41, 0x320(%ebx) /* periodic, vector 0x41 */
+        movl $500000, 0x380(%ebx)
+        sti
+12:     hlt
+        cmpl $3, count41
+        jb 12b
+        cli
+        movl $(1 << 16), 0x320(%ebx)  /* masked */
+        mov $s_periodic, %edi
+        call puts
+
+        movl $0, 0x310(%ebx)          /* ICR: fixed, self shorthand, 0x50 */
+        movl $(1 << 18) | 0x50, 0x300(%ebx)
+        sti
+        nop
+        cli
+        cmpl $1, count50
+        jne fail
+        mov $s_ipi, %edi
+        call puts
+
+        mov $0x100, %ecx              /* ISR 0-7: empty */
+13:     mov (%ebx, %ecx), %eax
+        test %eax, %eax
+        jnz fail
+        add $0x10, %ecx
+        cmp $0x180, %ecx
+        jb 13b
+        mov $s_none, %edi
+        call puts
+        mov $0x10, %cl
+exit:   mov %cl, %al
+        out %al, $0xf4
+14:     cli
+        hlt
+        jmp 14b
+no_tables:
+        mov $s_tables, %edi
+        call puts
+        mov $0x11, %cl
+        jmp exit
+fail:   mov $s_fail, %edi
+        call puts
+        mov $0x12, %cl
+        jmp exit
+
+/* The handlers: count, EOI (a write to the page's 0xb0), return. */
+        .macro handler name, counter
+\name:  push %eax
+        incl \counter
+        mov lapic, %eax
+        movl $0, 0xb0(%eax)
+        pop %eax
+        iret
+        .endm
+        handler h40, count40
+        handler h41, count41
+        handler h50, count50
+
+unexpected:
+        mov $s_stray, %edi
+        call puts
+        mov $0x12, %cl
+        jmp exit
+
+set_gate:
+        mov %ax, (%edi)
+        movw $0x08, 2(%edi)
+        movw $0x8e00, 4(%edi)
+        shr $16, %eax
+        mov %ax, 6(%edi)
+        ret
+
+/* hex32: EAX in 8 hex digits. */
+hex32:  push %eax
+        shr $24, %eax
+        call hex8
+        mov (%esp), %eax
+        shr $16, %eax
+        call hex8
+        mov (%esp), %eax
+        shr $8, %eax
+        call hex8
+        pop %eax
+        jmp hex8
+
+        .include "rsdp.inc"
+        .include "uart.inc"
+
+        .data
+        .align 8
+gdt:    .quad 0
+        .quad 0x00cf9a000000ffff
+        .quad 0x00cf92000000ffff
+gdt_desc:
+        .word 23
+        .long gdt
+idt_desc:
+        .word 256 * 8 - 1
+        .long idt
+vectors:
+        .long 0x40, h40, 0x41, h41, 0x50, h50, 0, 0
+lapic:  .long 0
+count40: .long 0
+count41: .long 0
+count50: .long 0
+s_madt: .asciz "madt: local APIC at 0x"
+s_pcat: .asciz ", PCAT_COMPAT"
+s_cpu:  .asciz "madt: processor local APIC, ID 0x"
+s_enabled: .asciz ", enabled\n"
+s_disabled: .asciz ", disabled\n"
+s_id:   .asciz "xapic: ID 0x"
+s_version: .asciz ", version 0x"
+s_lvts: .asciz ", 0x"
+s_lvts2: .asciz " LVT entries\n"
+s_svr:  .asciz "xapic: spurious-vector register 0x"
+s_oneshot: .asciz "one-shot timer: its interrupt taken while halted\n"
+s_periodic: .asciz "periodic timer: 3 interrupts taken while halted\n"
+s_ipi:  .asciz "self-IPI through the ICR taken\n"
+s_none: .asciz "nothing left in service\n"
+s_tables: .asciz "the MADT is missing or wrong\n"
+s_fail: .asciz "an interrupt missing or left in service\n"
+s_stray: .asciz "unexpected interrupt or exception\n"
+
+        .bss
+        .align 16
+idt:    .skip 256 * 8
+        .skip 4096
+stack_top:
