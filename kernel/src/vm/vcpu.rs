@@ -899,7 +899,11 @@ impl Vcpu {
         let at = u64::from(offset & 0x3f0);
         // Safety: the vCPU's own frame, in the direct map; an aligned u32
         // inside it. The CPU writes it only while this vCPU runs.
-        Some(unsafe { crate::mem::phys_to_virt(page + at).cast::<u32>().read_volatile() })
+        Some(unsafe {
+            crate::mem::phys_to_virt(page + at)
+                .cast::<u32>()
+                .read_volatile()
+        })
     }
 
     /// Writes the register at `offset` of the virtual-APIC page (what the

@@ -69,7 +69,9 @@ pub const IMAGE_LEN: usize = 41;
 
 const fn image_offsets() -> [u16; IMAGE_LEN] {
     let mut out = [0u16; IMAGE_LEN];
-    let singles = [0x20, 0x30, 0xb0, 0xd0, 0xe0, 0xf0, 0x280, 0x300, 0x310, 0x380, 0x3e0];
+    let singles = [
+        0x20, 0x30, 0xb0, 0xd0, 0xe0, 0xf0, 0x280, 0x300, 0x310, 0x380, 0x3e0,
+    ];
     let mut n = 0;
     while n < singles.len() {
         out[n] = singles[n];
@@ -78,7 +80,11 @@ const fn image_offsets() -> [u16; IMAGE_LEN] {
     // ISR, TMR and IRR (8 each, 0x100-0x270), then the six LVTs.
     let mut i = 0;
     while i < 24 + 6 {
-        out[n] = if i < 24 { 0x100 + 0x10 * i } else { 0x320 + 0x10 * (i - 24) };
+        out[n] = if i < 24 {
+            0x100 + 0x10 * i
+        } else {
+            0x320 + 0x10 * (i - 24)
+        };
         n += 1;
         i += 1;
     }
@@ -303,7 +309,9 @@ impl Lapic {
                 self.send_ipi(v as u32, (v >> 32) as u32);
             }
             0x83f => self.accept(v as u8),
-            0x800..=0x8ff => return self.write_register(((msr - 0x800) << 4) as u16, v as u32, now),
+            0x800..=0x8ff => {
+                return self.write_register(((msr - 0x800) << 4) as u16, v as u32, now);
+            }
             _ => return false,
         }
         true

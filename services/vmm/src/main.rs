@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
-use ipc_schema::syscall::{Handle, SysError};
+use ipc_schema::syscall::{Handle, SysError, VcpuOp};
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};

@@ -1426,12 +1426,19 @@ fn the_xapic_page_reaches_the_same_registers_as_the_x2apic_msrs() {
     a.write_mmio(0x3e0, 0xb, t);
     a.write_mmio(0x320, 0x30, t);
     a.write_mmio(0x380, 1000, t);
-    assert_eq!((reg(&a, 0x3e0), reg(&a, 0x320), reg(&a, 0x380)), (0xb, 0x30, 1000));
+    assert_eq!(
+        (reg(&a, 0x3e0), reg(&a, 0x320), reg(&a, 0x380)),
+        (0xb, 0x30, 1000)
+    );
     assert_eq!(a.deadline(), t + 1000);
     a.tick(t + 1000);
     assert_eq!(reg(&a, 0x200 + 0x10), 1 << 16, "0x30 requested: IRR");
     assert_eq!(a.ack(), Some(0x30));
-    assert_eq!((reg(&a, 0x210), reg(&a, 0x110)), (0, 1 << 16), "in service: ISR");
+    assert_eq!(
+        (reg(&a, 0x210), reg(&a, 0x110)),
+        (0, 1 << 16),
+        "in service: ISR"
+    );
     // EOI takes any value in xAPIC mode.
     assert!(a.write_mmio(0xb0, 0x1234, t));
     assert_eq!(reg(&a, 0x110), 0);
@@ -1501,7 +1508,11 @@ fn the_virtual_apic_page_follows_the_xapic_and_its_interrupts() {
         exit_of(vmm, env, 1, ExitKind::ApicWrite { offset, value })
     };
     let r = write(&mut vmm, &mut env, 0xf0, 0x1ff);
-    assert_eq!(r.response, Response::RETRY, "trap-like: RIP is past the write");
+    assert_eq!(
+        r.response,
+        Response::RETRY,
+        "trap-like: RIP is past the write"
+    );
     write(&mut vmm, &mut env, 0x3e0, 0xb);
     write(&mut vmm, &mut env, 0x320, 0x40);
     // A masked LVT written while software-disabled stays masked; here it
