@@ -388,18 +388,6 @@ impl Vmm {
     }
 
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
-        let r = self.answer(env, exit, regs);
-        // The local APIC changes only once the guest has touched an
-        // interrupt source (and at the start): the other exits cost one
-        // test.
-        let d = self.devices(exit.domain);
-        if d.platform.active || exit.kind == ExitKind::Start {
-            show_apic(env, d);
-        }
-        r
-    }
-
-    fn answer(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         if let ExitKind::Start = exit.kind {
             // A new domain: fresh devices, whatever a domain of this id
@@ -411,7 +399,9 @@ impl Vmm {
                     id
                 );
             }
-            self.devices(id).platform.apic_page = ApicPage::Shown([0; crate::lapic::IMAGE_LEN]);
+            let d = self.devices(id);
+            d.platform.apic_page = ApicPage::Shown([0; crate::lapic::IMAGE_LEN]);
+            show_apic(env, d);
             return Response::RETRY;
         }
         // Console bytes are held back only while the guest keeps writing
@@ -602,6 +592,7 @@ impl Vmm {
                         let hz = u64::from(env.tsc_khz()) * 1000;
                         d.platform.lapic.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
                     }
+                    show_apic(env, d);
                     return Response {
                         advance: false,
                         inject: Some(Inject::Interrupt { vector }),
@@ -698,9 +689,12 @@ impl Vmm {
         };
         // A guest that has touched none of the interrupt sources costs one
         // test here (the hot exit path stays as it was); its HLT stops it,
-        // as nothing could wake it.
+        // as nothing could wake it. Only such a guest's local APIC changes:
+        // its xAPIC page is brought up to date here.
         if d.platform.active {
-            interrupts(env, d, &exit.kind, r)
+            let r = interrupts(env, d, &exit.kind, r);
+            show_apic(env, d);
+            r
         } else {
             r
         }
