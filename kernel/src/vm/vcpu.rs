@@ -914,7 +914,7 @@ impl Vcpu {
         let Some(page) = self.virtual_apic else {
             return false;
         };
-        if offset >= 0x400 || offset % 16 != 0 || offset == 0x80 {
+        if offset >= 0x400 || !offset.is_multiple_of(16) || offset == 0x80 {
             return false;
         }
         // Safety: as in `apic_register`; the vCPU is not running (its
