@@ -29,22 +29,10 @@ _start: mov $stack_top, %esp
         jnz fail
         mov $s_rsdp, %edi
         call puts
-        mov 16(%ebx), %esi            /* the RSDT */
-        cmpl $0x54445352, (%esi)      /* "RSDT" */
-        jne fail
-        mov 4(%esi), %ecx
-        sub $36, %ecx
-        shr $2, %ecx
-        lea 36(%esi), %esi
-2:      test %ecx, %ecx
-        jz fail
-        mov (%esi), %ebx
-        cmpl $0x50434146, (%ebx)      /* "FACP" */
-        je 3f
-        add $4, %esi
-        dec %ecx
-        jmp 2b
-3:      mov $s_fadt, %edi
+        mov $0x50434146, %eax         /* "FACP" through the RSDT */
+        call rsdt_find
+        jc fail
+        mov $s_fadt, %edi
         call puts
         mov 64(%ebx), %eax            /* PM1a_CNT_BLK */
         mov %eax, pm1a

@@ -26,22 +26,11 @@ _start: mov $stack_top, %esp
 
         call find_rsdp                /* the MADT through the RSDT */
         jc no_tables
-        mov 16(%esi), %esi
-        cmpl $0x54445352, (%esi)      /* "RSDT" */
-        jne no_tables
-        mov 4(%esi), %ecx
-        sub $36, %ecx
-        shr $2, %ecx
-        lea 36(%esi), %esi
-5:      test %ecx, %ecx
-        jz no_tables
-        mov (%esi), %ebx
-        cmpl $0x43495041, (%ebx)      /* "APIC" */
-        je 6f
-        add $4, %esi
-        dec %ecx
-        jmp 5b
-6:      mov 36(%ebx), %eax            /* the local APIC's address */
+        mov %esi, %ebx
+        mov $0x43495041, %eax         /* "APIC" */
+        call rsdt_find
+        jc no_tables
+        mov 36(%ebx), %eax            /* the local APIC's address */
         mov %eax, lapic
         mov $s_madt, %edi
         call puts
@@ -180,19 +169,6 @@ unexpected:
         mov $0x12, %cl
         jmp exit
 
-
-/* hex32: EAX in 8 hex digits. */
-hex32:  push %eax
-        shr $24, %eax
-        call hex8
-        mov (%esp), %eax
-        shr $16, %eax
-        call hex8
-        mov (%esp), %eax
-        shr $8, %eax
-        call hex8
-        pop %eax
-        jmp hex8
 
         .include "pm32.inc"
         .include "rsdp.inc"
