@@ -111,8 +111,10 @@ fn spinning_leaking_and_user_mode_attackers_are_contained() {
 /// 15 and exits; beside them guests that probe the host's ports (the
 /// control channel's COM2, Bochs's shutdown port, the reset ports), its
 /// MSRs, CR4.VMXE and random hypercalls (each refused, the guest going on),
-/// one that executes VMXON and one that reads the host's local APIC page
-/// (each stopped alone). The control channel must answer after all of them
+/// one that executes VMXON (stopped alone) and one that sends INIT to all
+/// other CPUs through the local APIC page (which reaches only its own
+/// local APIC) and then reads the timer's current count there (stopped
+/// alone). The control channel must answer after all of them
 /// while the spinner spins; the spinner is then destroyed from the host and
 /// the benign guest finishes.
 #[test]
@@ -157,6 +159,8 @@ fn cli_spin_and_cr8_leave_the_control_channel_answering() {
         .expect_from("vmm", "domain 5: unhandled exit: other (reason 27")
         .expect("domain 3 (hello) exited with status 0")
         .expect("domain 5 (vmx) crashed")
+        .expect_console(6, "mmio: INIT to all others sent through the ICR at 0xfee00300; still running")
+        .expect_from("vmm", "domain 6: read of local APIC register 0x390 through the xAPIC page")
         .expect("domain 6 (mmio) crashed")
         .expect_from("init", "domain 2: Destroy on request")
         // Two attackers were stopped: the run says a guest failed.

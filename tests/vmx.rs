@@ -539,6 +539,61 @@ fn a_kernel_using_the_x2apic_timers_and_self_ipi_runs_under_parallax() {
     );
 }
 
+/// Issue 14, point 2: `tests/kernels/xapic.S` finds the MADT through the
+/// RSDP and RSDT, its local APIC address, PCAT_COMPAT and processor, then
+/// programs the local APIC through the xAPIC page at that address (ID,
+/// version, spurious vector, a one-shot and a periodic timer interrupt
+/// while halted, a self-IPI through the ICR, EOIs, the in-service registers
+/// at the end): the same eight lines and status (0x10) under `qemu -machine
+/// q35 -kernel` and under Parallax on Bochs, where reads come from the
+/// vCPU's virtual-APIC page and writes are APIC-write exits to the vmm.
+/// Beside it, issue 14 point 6: `tests/kernels/apic-nonsense.S` writes
+/// pseudo-random values to every writable register of its xAPIC page and
+/// then reads the current count, which is not emulated through the page:
+/// its domain is stopped, saying so; the first domain and `hello` finish.
+#[test]
+fn a_kernel_programming_the_xapic_page_from_the_madt_runs_as_on_plain_qemu() {
+    let elf = assemble("xapic.S", "kernel-xapic", &[]);
+    assemble("apic-nonsense.S", "kernel-apic-nonsense", &[]);
+    let (plain, plain_lines) = on_plain_qemu(&elf, "kernel-xapic", 32);
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "madt: local APIC at 0xfee00000, PCAT_COMPAT",
+            "madt: processor local APIC, ID 0x00, enabled",
+            "xapic: ID 0x00, version 0x14, 0x06 LVT entries",
+            "xapic: spurious-vector register 0x01ff",
+            "one-shot timer: its interrupt taken while halted",
+            "periodic timer: 3 interrupts taken while halted",
+            "self-IPI through the ICR taken",
+            "nothing left in service",
+        ]
+    );
+    let run = under_parallax(
+        &elf,
+        "kernel-xapic",
+        concat!(
+            "[[domain]]\nname = \"xapic\"\nkernel = \"kernel-xapic\"\nmemory_mib = 16\n",
+            "[[domain]]\nname = \"nonsense\"\nkernel = \"kernel-apic-nonsense\"\nmemory_mib = 16\n",
+            "[[domain]]\nname = \"hello\"\nguest = \"hello\"\nmemory_mib = 16\n",
+        ),
+    );
+    run.expect("domain 1 (xapic) exited with status 16")
+        .expect_from(
+            "vmm",
+            "domain 2: read of local APIC register 0x390 through the xAPIC page",
+        )
+        .expect("domain 2 (nonsense) crashed")
+        .expect("domain 3 (hello) exited with status 0");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+    assert_eq!(run.console(2), ["nonsense written to the local APIC"]);
+}
+
 /// Issue 14, point 2: `tests/kernels/uart-irq.S` sends a line through the
 /// 16550 one transmitter-empty interrupt (IRQ 4 through the PICs) per
 /// byte while halting, then one by polling: the same lines and status

@@ -269,6 +269,11 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         }
         ExitKind::InterruptWindow => o.byte(15),
         ExitKind::Deadline => o.byte(16),
+        ExitKind::ApicWrite { offset, value } => {
+            o.byte(17)?;
+            o.varint(offset.into())?;
+            o.varint(value)
+        }
     }
 }
 
@@ -340,6 +345,12 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
         }
         15 => *out = ExitKind::InterruptWindow,
         16 => *out = ExitKind::Deadline,
+        17 => {
+            *out = ExitKind::ApicWrite {
+                offset: i.u16()?,
+                value: i.u64()?,
+            }
+        }
         _ => return None,
     }
     Some(())
@@ -734,6 +745,8 @@ mod tests {
                 .prop_map(|(buffer, entries)| ExitKind::PmlFull { buffer, entries }),
             Just(ExitKind::InterruptWindow),
             Just(ExitKind::Deadline),
+            (any::<u16>(), any::<u64>())
+                .prop_map(|(offset, value)| ExitKind::ApicWrite { offset, value }),
         ]
     }
 

@@ -670,6 +670,12 @@ pub enum VcpuOp {
     /// Records (`arg` = 1) or stops recording (0) the guest memory the
     /// kernel writes for services (DOMAIN_WRITES).
     WritesLog = 5,
+    /// Writes the vCPU's virtual-APIC page, what the guest reads at its
+    /// xAPIC page without an exit (APIC-register virtualization): `arg` =
+    /// the register's offset (a multiple of 16 below 0x400, not the task
+    /// priority's 0x80, which is the guest's own) in the high 32 bits and
+    /// its value in the low 32. `Unsupported` without APIC virtualization.
+    ApicSet = 6,
 }
 
 /// Access rights in a view.

@@ -211,6 +211,16 @@ pub enum ExitKind {
     /// [`Then::BlockUntil`]): while the vCPU ran, or waited. The deadline
     /// is then cleared. The answer resumes without advancing.
     Deadline,
+    /// The guest wrote its local APIC's xAPIC page (APIC virtualization:
+    /// an APIC-write exit, trap-like: the write is done and RIP is past
+    /// it, so the answer resumes without advancing). `offset` in the page;
+    /// `value` the 32 bits written, and for the ICR's low half (0x300) the
+    /// high half (0x310) above them. The handler keeps what the guest
+    /// reads there current (`VcpuOp::ApicSet`).
+    ApicWrite {
+        offset: u16,
+        value: u64,
+    },
 }
 
 /// One exit of one vCPU.

@@ -15,17 +15,11 @@
         .align 4
         .long 0x1BADB002, 0, -(0x1BADB002)
         .globl _start
+        .set COM1, 0x3f8
 _start: mov $stack_top, %esp
-        movzwl 0x40e, %esi            /* the EBDA's segment */
-        shl $4, %esi
-        lea 1024(%esi), %ebp
-        call scan
-        jnc found
-        mov $0xe0000, %esi
-        mov $0x100000, %ebp
-        call scan
+        call find_rsdp
         jc fail
-found:  mov %esi, %ebx                /* the RSDP */
+        mov %esi, %ebx                /* the RSDP */
         mov $20, %ecx                 /* its checksum */
         xor %al, %al
 1:      add (%esi), %al
@@ -35,22 +29,10 @@ found:  mov %esi, %ebx                /* the RSDP */
         jnz fail
         mov $s_rsdp, %edi
         call puts
-        mov 16(%ebx), %esi            /* the RSDT */
-        cmpl $0x54445352, (%esi)      /* "RSDT" */
-        jne fail
-        mov 4(%esi), %ecx
-        sub $36, %ecx
-        shr $2, %ecx
-        lea 36(%esi), %esi
-2:      test %ecx, %ecx
-        jz fail
-        mov (%esi), %ebx
-        cmpl $0x50434146, (%ebx)      /* "FACP" */
-        je 3f
-        add $4, %esi
-        dec %ecx
-        jmp 2b
-3:      mov $s_fadt, %edi
+        mov $0x50434146, %eax         /* "FACP" through the RSDT */
+        call rsdt_find
+        jc fail
+        mov $s_fadt, %edi
         call puts
         mov 64(%ebx), %eax            /* PM1a_CNT_BLK */
         mov %eax, pm1a
@@ -78,55 +60,8 @@ fail:   mov $s_fail, %edi
 4:      hlt
         jmp 4b
 
-/* scan: "RSD PTR " at a 16-byte boundary in [ESI, EBP): CF clear and ESI
- * there, or CF set. */
-scan:   cmp %ebp, %esi
-        jae 6f
-        cmpl $0x20445352, (%esi)      /* "RSD " */
-        jne 5f
-        cmpl $0x20525450, 4(%esi)     /* "PTR " */
-        jne 5f
-        clc
-        ret
-5:      add $16, %esi
-        jmp scan
-6:      stc
-        ret
-
-/* hex8: AL in 2 hex digits. */
-hex8:   push %eax
-        shr $4, %al
-        call nibble
-        pop %eax
-nibble: and $0xf, %al
-        add $'0', %al
-        cmp $'9', %al
-        jbe putc
-        add $'a' - '9' - 1, %al
-        /* fall through */
-
-/* putc: AL to COM1 once its transmitter is empty. */
-putc:   push %eax
-        push %edx
-        mov $0x3fd, %dx
-7:      in %dx, %al
-        test $0x20, %al
-        jz 7b
-        mov 4(%esp), %eax
-        mov $0x3f8, %dx
-        out %al, %dx
-        pop %edx
-        pop %eax
-        ret
-
-/* puts: the NUL-ended string at EDI. */
-puts:   movb (%edi), %al
-        test %al, %al
-        jz 8f
-        call putc
-        inc %edi
-        jmp puts
-8:      ret
+        .include "rsdp.inc"
+        .include "uart.inc"
 
         .data
 pm1a:   .long 0

@@ -12,6 +12,7 @@
         .align 4
         .long 0x1BADB002, 0, -(0x1BADB002)
         .globl _start
+        .set COM1, 0x3f8
 _start: mov $stack_top, %esp
         mov $s_bridge, %edi
         call puts
@@ -56,53 +57,7 @@ pci_read:
         in %dx, %eax
         ret
 
-/* hex32: EAX in 8 hex digits. */
-hex32:  push %eax
-        shr $24, %eax
-        call hex8
-        mov (%esp), %eax
-        shr $16, %eax
-        call hex8
-        mov (%esp), %eax
-        shr $8, %eax
-        call hex8
-        pop %eax
-        jmp hex8
-
-/* hex8: AL in 2 hex digits. */
-hex8:   push %eax
-        shr $4, %al
-        call nibble
-        pop %eax
-nibble: and $0xf, %al
-        add $'0', %al
-        cmp $'9', %al
-        jbe putc
-        add $'a' - '9' - 1, %al
-        /* fall through */
-
-/* putc: AL to COM1 once its transmitter is empty. */
-putc:   push %eax
-        push %edx
-        mov $0x3fd, %dx
-4:      in %dx, %al
-        test $0x20, %al
-        jz 4b
-        mov 4(%esp), %eax
-        mov $0x3f8, %dx
-        out %al, %dx
-        pop %edx
-        pop %eax
-        ret
-
-/* puts: the NUL-ended string at EDI. */
-puts:   movb (%edi), %al
-        test %al, %al
-        jz 5f
-        call putc
-        inc %edi
-        jmp puts
-5:      ret
+        .include "uart.inc"
 
         .data
 s_bridge: .asciz "pci 00:00.0: id "

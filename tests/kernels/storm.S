@@ -14,20 +14,10 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        lgdt gdt_desc
-        ljmp $0x08, $1f
-1:      mov $0x10, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov $idt + 0x20 * 8, %edi     /* IRQ 0 only: any other vector faults */
-        mov $irq0, %eax
-        mov %ax, (%edi)
-        movw $0x08, 2(%edi)
-        movw $0x8e00, 4(%edi)
-        shr $16, %eax
-        mov %ax, 6(%edi)
-        lidt idt_desc
+        call flat
+        xor %eax, %eax                /* IRQ 0 only: any other vector faults */
+        mov $vectors, %esi
+        call gates
         mov $pic_init, %esi
 2:      movw (%esi), %dx
         test %dx, %dx
@@ -66,17 +56,11 @@ irq0:   push %eax
         pop %eax
         iret
 
+        .include "pm32.inc"
+
         .data
-        .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff
-        .quad 0x00cf92000000ffff
-gdt_desc:
-        .word 23
-        .long gdt
-idt_desc:
-        .word 256 * 8 - 1
-        .long idt
+vectors:
+        .long 0x20, irq0, 0, 0
 pic_init:
         .word 0x20, 0x11, 0xa0, 0x11, 0x21, 0x20, 0xa1, 0x28
         .word 0x21, 0x04, 0xa1, 0x02, 0x21, 0x01, 0xa1, 0x01
@@ -86,6 +70,5 @@ done:   .asciz "storm: 300 timer interrupts taken\n"
 
         .bss
         .align 16
-idt:    .skip 256 * 8
         .skip 4096
 stack_top:

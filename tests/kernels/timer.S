@@ -25,24 +25,10 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        lgdt gdt_desc
-        ljmp $0x08, $1f
-1:      mov $0x10, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov %ax, %fs
-        mov %ax, %gs
-        mov $idt, %edi                /* every vector: unexpected */
-        mov $256, %ecx
-2:      mov $unexpected, %eax
-        call set_gate
-        add $8, %edi
-        loop 2b
-        mov $idt + 0x20 * 8, %edi     /* IRQ 0 */
-        mov $irq0, %eax
-        call set_gate
-        lidt idt_desc
+        call flat
+        mov $unexpected, %eax         /* every vector: unexpected, but */
+        mov $vectors, %esi            /* IRQ 0 */
+        call gates
         mov $hello, %edi
         call puts
 
@@ -139,14 +125,6 @@ unexpected:
         mov $0x12, %ecx
         jmp exit
 
-/* set_gate: a 32-bit interrupt gate at EDI to the handler at EAX. */
-set_gate:
-        mov %ax, (%edi)
-        movw $0x08, 2(%edi)
-        movw $0x8e00, 4(%edi)
-        shr $16, %eax
-        mov %ax, 6(%edi)
-        ret
 
 /* putc: AL to COM1 once its transmitter is empty. */
 putc:   push %eax
@@ -168,17 +146,11 @@ puts:   movb (%edi), %al
         jmp puts
 1:      ret
 
+        .include "pm32.inc"
+
         .data
-        .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff      /* 0x08: code, flat */
-        .quad 0x00cf92000000ffff      /* 0x10: data, flat */
-gdt_desc:
-        .word 23
-        .long gdt
-idt_desc:
-        .word 256 * 8 - 1
-        .long idt
+vectors:
+        .long 0x20, irq0, 0, 0
 pic_init:                             /* port, value */
         .word 0x20, 0x11, 0xa0, 0x11  /* ICW1: edge, cascade, ICW4 */
         .word 0x21, 0x20, 0xa1, 0x28  /* ICW2: vector bases */
@@ -197,6 +169,5 @@ failed: .asciz "an interrupt is still in service\n"
 
         .bss
         .align 16
-idt:    .skip 256 * 8
         .skip 4096
 stack_top:

@@ -16,29 +16,10 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        lgdt gdt_desc
-        ljmp $0x08, $1f
-1:      mov $0x10, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov $idt, %edi                /* every vector: unexpected */
-        mov $256, %ecx
-2:      mov $unexpected, %eax
-        call set_gate
-        add $8, %edi
-        loop 2b
-        mov $vectors, %esi            /* vector, handler pairs */
-3:      mov (%esi), %edi
-        test %edi, %edi
-        jz 4f
-        shl $3, %edi
-        add $idt, %edi
-        mov 4(%esi), %eax
-        call set_gate
-        add $8, %esi
-        jmp 3b
-4:      lidt idt_desc
+        call flat
+        mov $unexpected, %eax         /* every vector: unexpected, but */
+        mov $vectors, %esi            /* these (vector, handler pairs) */
+        call gates
         mov $1, %eax
         cpuid
         test $(1 << 21), %ecx
@@ -171,13 +152,6 @@ unexpected:
         mov $0x12, %cl
         jmp exit
 
-set_gate:
-        mov %ax, (%edi)
-        movw $0x08, 2(%edi)
-        movw $0x8e00, 4(%edi)
-        shr $16, %eax
-        mov %ax, 6(%edi)
-        ret
 
 putc:   push %eax
         mov $0x3fd, %dx
@@ -197,17 +171,9 @@ puts:   movb (%edi), %al
         jmp puts
 12:     ret
 
+        .include "pm32.inc"
+
         .data
-        .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff
-        .quad 0x00cf92000000ffff
-gdt_desc:
-        .word 23
-        .long gdt
-idt_desc:
-        .word 256 * 8 - 1
-        .long idt
 vectors:
         .long 0x40, h40, 0x41, h41, 0x42, h42, 0x50, h50, 0, 0
 features: .long 0
@@ -227,6 +193,5 @@ s_stray: .asciz "unexpected interrupt or exception\n"
 
         .bss
         .align 16
-idt:    .skip 256 * 8
         .skip 4096
 stack_top:

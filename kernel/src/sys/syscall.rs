@@ -2003,6 +2003,7 @@ fn vcpu_control(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         3 => VcpuOp::PmlStop,
         4 => VcpuOp::PmlTake,
         5 => VcpuOp::WritesLog,
+        6 => VcpuOp::ApicSet,
         _ => return Err(SysError::BadArgument),
     };
     let pml = if op == VcpuOp::PmlStart {

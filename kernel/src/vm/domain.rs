@@ -14,6 +14,12 @@ use platform::ept::{EptError, MemoryType, PageSize, Perms};
 
 const MIB2: u64 = 2 << 20;
 
+/// The local APIC's xAPIC page (0xfee00000): where the CPU virtualizes
+/// APIC accesses, the host p2m maps the APIC-access frame
+/// (`Features::apic_access`). It is not RAM: no service reads or writes
+/// it through the kernel, no view operation reaches it.
+pub const XAPIC_GFN: u64 = 0xfee00;
+
 /// One guest domain.
 pub struct Domain {
     /// 1-based, as guests and logs see it.
@@ -258,7 +264,7 @@ impl Domain {
         let mut done = 0;
         while done < out.len() {
             let at = gpa.checked_add(done as u64)?;
-            let hpa = self.views.host().translate(&KernelTables, at)?;
+            let hpa = self.ram_hpa(at)?;
             let n = (out.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
             // Safety: `hpa` is a frame of this domain's RAM (the host p2m maps
             // only frames given to it), in the direct map; n stays in the page.
@@ -294,7 +300,7 @@ impl Domain {
         while page < end {
             // SH-2: the kernel never writes a shared frame for a service,
             // nor a parent's memory while forks map it.
-            let hpa = self.views.host().translate(&KernelTables, page)?;
+            let hpa = self.ram_hpa(page)?;
             if super::shared::is_shared_frame(hpa) || self.forks != 0 {
                 return None;
             }
@@ -303,7 +309,7 @@ impl Domain {
         let mut done = 0;
         while done < bytes.len() {
             let at = gpa + done as u64;
-            let hpa = self.views.host().translate(&KernelTables, at)?;
+            let hpa = self.ram_hpa(at)?;
             let n = (bytes.len() - done).min((PAGE_SIZE - at % PAGE_SIZE) as usize);
             // Safety: as in `read_guest`.
             unsafe { core::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), phys_to_virt(hpa), n) };
@@ -312,10 +318,44 @@ impl Domain {
         Some(())
     }
 
-    /// Whether `gfn` is guest RAM (mapped in the host p2m).
+    /// Whether `gfn` is guest RAM (mapped in the host p2m, and not the
+    /// xAPIC page).
     pub fn is_ram(&self, gfn: u64) -> bool {
-        gfn.checked_mul(PAGE_SIZE)
-            .is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
+        gfn != XAPIC_GFN
+            && gfn
+                .checked_mul(PAGE_SIZE)
+                .is_some_and(|gpa| self.views.host().query(&KernelTables, gpa).is_some())
+    }
+
+    /// The host-physical address of RAM at `gpa` (the host p2m's; never
+    /// the xAPIC page's APIC-access frame).
+    fn ram_hpa(&self, gpa: u64) -> Option<u64> {
+        if gpa / PAGE_SIZE == XAPIC_GFN {
+            return None;
+        }
+        self.views.host().translate(&KernelTables, gpa)
+    }
+
+    /// Maps the APIC-access frame at the xAPIC page in the host p2m
+    /// (read and write, never execute: a fetch there is an EPT violation);
+    /// `None` where the CPU does not virtualize the page or the mapping
+    /// could not be made (the page is then absent, as before).
+    fn map_xapic(&mut self, frame: Option<u64>) -> Option<u64> {
+        let frame = frame?;
+        let (ept, tables) = self.views.ept_mut(0).ok()?;
+        let gpa = XAPIC_GFN * PAGE_SIZE;
+        if ept.query(&KernelTables, gpa).is_none() {
+            ept.map(
+                tables,
+                gpa,
+                frame,
+                PageSize::Size4K,
+                Perms::READ_WRITE,
+                MemoryType::UNCACHEABLE,
+            )
+            .ok()?;
+        }
+        Some(frame)
     }
 
     /// Creates the vCPU at a 32-bit entry point; its exits go to `exit_ep`,
@@ -332,6 +372,7 @@ impl Domain {
             return Err(DomainError::WrongState);
         }
         let (vmx_caps, f) = caps();
+        let apic_access = self.map_xapic(f.apic_access);
         let setup = VcpuSetup {
             id: 0,
             vpid: self.id,
@@ -340,6 +381,7 @@ impl Domain {
             eptp_list: self.views.eptp_list(),
             msr_bitmap: self.msr_bitmap,
             slice: f.slice,
+            apic_access,
         };
         let mut vcpu = Vcpu::new(&setup, vmx_caps).map_err(|e| {
             defmt::error!("domain {=u16}: vCPU setup failed: {}", self.id, e);

@@ -40,6 +40,12 @@ pub struct Features {
     pub invept: InveptType,
     /// Preemption-timer ticks per time slice, where the CPU has the timer.
     pub slice: Option<u32>,
+    /// The APIC-access frame, where the CPU virtualizes the xAPIC page
+    /// (TPR shadow, APIC-access virtualization and APIC-register
+    /// virtualization): every domain's host p2m maps it at
+    /// [`domain::XAPIC_GFN`]. The CPU never reads or writes it; guests'
+    /// accesses there go to their vCPU's virtual-APIC page or exit.
+    pub apic_access: Option<u64>,
 }
 
 impl defmt::Format for InveptType {
@@ -75,6 +81,7 @@ pub fn features() -> Features {
             ept_ad: false,
             invept: InveptType::AllContexts,
             slice: None,
+            apic_access: None,
         },
         |c| c.1,
     )
@@ -98,6 +105,16 @@ pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
             InveptType::AllContexts
         },
         slice,
+        apic_access: None,
+    };
+    let xapic = platform::vmx::proc2::VIRTUALIZE_APIC_ACCESSES
+        | platform::vmx::proc2::APIC_REGISTER_VIRTUALIZATION;
+    let features = Features {
+        apic_access: (caps.proc1.allows(platform::vmx::proc1::USE_TPR_SHADOW)
+            && caps.proc2.allows(xapic))
+        .then(memory::alloc_zeroed_frame)
+        .flatten(),
+        ..features
     };
     let xcr0 = cpustate::init();
     defmt::info!(

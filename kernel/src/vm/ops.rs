@@ -357,6 +357,16 @@ pub fn vcpu_control(
         VcpuOp::WritesLog => {
             d.writes = (arg != 0).then(Default::default);
         }
+        VcpuOp::ApicSet => {
+            if f.apic_access.is_none() {
+                return Err(SysError::Unsupported);
+            }
+            let v = d.vcpu.as_mut().ok_or(SysError::BadArgument)?;
+            v.load().map_err(|_| SysError::Busy)?;
+            if !v.set_apic_register(arg >> 32, arg as u32) {
+                return Err(SysError::BadArgument);
+            }
+        }
     }
     Ok([0, 0])
 }

@@ -452,7 +452,8 @@ pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
         .views
         .host()
         .for_each_leaf(&KernelTables, 0, 1 << 46, |m| {
-            if failed.is_some() {
+            // (The xAPIC page is the child's own: `create_vcpu` maps it.)
+            if failed.is_some() || m.gpa == super::domain::XAPIC_GFN * PAGE_SIZE {
                 return;
             }
             // Read-only; where the parent could write, armed: the fork's

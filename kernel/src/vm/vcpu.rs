@@ -174,6 +174,8 @@ pub struct VcpuSetup {
     pub msr_bitmap: u64,
     /// TSC ticks per preemption-timer slice, if the timer is used.
     pub slice: Option<u32>,
+    /// The APIC-access frame, where the CPU virtualizes the xAPIC page.
+    pub apic_access: Option<u64>,
 }
 
 /// Why a vCPU could not be set up or entered.
@@ -287,6 +289,11 @@ impl Vcpu {
         super::cpustate::reset(crate::mem::phys_to_virt(save_area));
         let (proc1, virtual_apic) = if caps.proc1.allows(proc1::USE_TPR_SHADOW) {
             let page = super::memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
+            // The xAPIC page: reads from the virtual-APIC page, writes
+            // exit to the handler after they are done (APIC write).
+            if setup.apic_access.is_some() {
+                proc2 |= proc2::VIRTUALIZE_APIC_ACCESSES | proc2::APIC_REGISTER_VIRTUALIZATION;
+            }
             (PROC1 | proc1::USE_TPR_SHADOW, Some(page))
         } else {
             (
@@ -364,6 +371,9 @@ impl Vcpu {
             if let Some(page) = self.virtual_apic {
                 vmwrite(VIRTUAL_APIC_PAGE_ADDR, page)?;
                 vmwrite(TPR_THRESHOLD, 0)?;
+                if let Some(frame) = setup.apic_access {
+                    vmwrite(APIC_ACCESS_ADDR, frame)?;
+                }
             }
             vmwrite(
                 ENTRY_CONTROLS,
@@ -671,6 +681,16 @@ impl Vcpu {
                         index: self.regs.rcx as u32,
                     }
                 }
+                // Trap-like: done, RIP past it; the value is in the page.
+                r::APIC_WRITE => {
+                    let offset = (q() & 0xff0) as u16;
+                    let reg = |at: u16| u64::from(self.apic_register(at).unwrap_or(0));
+                    let high = if offset == 0x300 { reg(0x310) << 32 } else { 0 };
+                    *out = ExitKind::ApicWrite {
+                        offset,
+                        value: reg(offset) | high,
+                    }
+                }
                 r::XSETBV => {
                     *out = ExitKind::Xsetbv {
                         index: self.regs.rcx as u32,
@@ -870,6 +890,41 @@ impl Vcpu {
             }
         }
         self.view = view;
+    }
+
+    /// The 32-bit register at `offset` (16-byte aligned, below 0x400) of
+    /// the virtual-APIC page; `None` without one.
+    pub fn apic_register(&self, offset: u16) -> Option<u32> {
+        let page = self.virtual_apic?;
+        let at = u64::from(offset & 0x3f0);
+        // Safety: the vCPU's own frame, in the direct map; an aligned u32
+        // inside it. The CPU writes it only while this vCPU runs.
+        Some(unsafe {
+            crate::mem::phys_to_virt(page + at)
+                .cast::<u32>()
+                .read_volatile()
+        })
+    }
+
+    /// Writes the register at `offset` of the virtual-APIC page (what the
+    /// guest reads at its xAPIC page); false where there is none, or for
+    /// the task priority (the guest's own, its CR8) or an offset that is
+    /// not a register's.
+    pub fn set_apic_register(&mut self, offset: u64, value: u32) -> bool {
+        let Some(page) = self.virtual_apic else {
+            return false;
+        };
+        if offset >= 0x400 || !offset.is_multiple_of(16) || offset == 0x80 {
+            return false;
+        }
+        // Safety: as in `apic_register`; the vCPU is not running (its
+        // handler or a service calls while it waits or is paused).
+        unsafe {
+            crate::mem::phys_to_virt(page + offset)
+                .cast::<u32>()
+                .write_volatile(value)
+        };
+        true
     }
 
     /// Whether secondary control `bits` are on.

@@ -5,20 +5,22 @@
 //! them; multiboot2 kernels also get copies of the RSDP (tags 14 and 15),
 //! PVH kernels its address.
 //!
-//! The tables: an RSDP (revision 2), an RSDT and an XSDT listing the FADT,
-//! the FADT (revision 3, no SMI command port: ACPI mode is on; the PM1a
+//! The tables: an RSDP (revision 2), an RSDT and an XSDT listing the FADT
+//! and the MADT, the FADT (revision 3, no SMI command port: ACPI mode is on; the PM1a
 //! event block at port 0x600 and control block at 0x604, as QEMU's q35;
 //! legacy devices present, no 8042), its FACS, and a DSDT whose only object
 //! is `\_S5` (SLP_TYP 0: writing `SLP_EN | 0 << 10` to PM1a control powers
-//! off). No MADT: the guest has no local APIC or I/O APIC to describe, and
-//! without one kernels use the 8259 PICs.
+//! off), and a MADT: the local APIC at [`LAPIC_BASE`] (one processor, APIC
+//! ID 0, enabled) with the 8259 PICs beside it (PCAT_COMPAT).
 
 /// Where the tables go (the EBDA).
 pub const TABLES_GPA: u64 = 0x9_fc00;
 /// The BIOS data area's word holding the EBDA's segment.
 pub const EBDA_POINTER: u64 = 0x40e;
 /// Bytes of the tables.
-pub const TABLES_LEN: usize = 0x200;
+pub const TABLES_LEN: usize = 0x300;
+/// The local APIC's registers (xAPIC MMIO), as the MADT gives them.
+pub const LAPIC_BASE: u32 = 0xfee0_0000;
 /// The PM1a event block (status, enable) ports.
 pub const PM1A_EVT: u16 = 0x600;
 /// The PM1a control block port.
@@ -30,11 +32,14 @@ pub const SLP_TYP_S5: u16 = 0;
 
 const RSDP: usize = 0x00;
 const RSDT: usize = 0x30;
-const XSDT: usize = 0x58;
-const FADT: usize = 0x88;
-const FACS: usize = 0x180;
-const DSDT: usize = 0x1c0;
+const XSDT: usize = 0x60;
+const FADT: usize = 0xa0;
+const FACS: usize = 0x1c0;
+const DSDT: usize = 0x200;
+const MADT: usize = 0x240;
 const FADT_LEN: usize = 244;
+/// The tables the RSDT and XSDT list.
+const LISTED: [usize; 2] = [FADT, MADT];
 /// `Name (_S5, Package (4) { 0, 0, 0, 0 })`.
 const S5_AML: [u8; 12] = [
     0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
@@ -110,13 +115,25 @@ pub fn build(out: &mut [u8; TABLES_LEN]) {
     gas_io(out, f + 148, 32, PM1A_EVT);
     gas_io(out, f + 172, 16, PM1A_CNT);
     seal(out, FADT, FADT_LEN, FADT + 9);
-    // RSDT and XSDT: the FADT.
-    header(out, RSDT, b"RSDT", 40, 1);
-    put32(out, RSDT + 36, addr(FADT) as u32);
-    seal(out, RSDT, 40, RSDT + 9);
-    header(out, XSDT, b"XSDT", 44, 1);
-    put64(out, XSDT + 36, addr(FADT));
-    seal(out, XSDT, 44, XSDT + 9);
+    // MADT: the local APIC's address, PCAT_COMPAT (the PICs are there
+    // too), then one processor local APIC structure (ACPI processor ID 0,
+    // APIC ID 0, enabled).
+    let madt_len = 44 + 8;
+    header(out, MADT, b"APIC", madt_len, 3);
+    put32(out, MADT + 36, LAPIC_BASE);
+    put32(out, MADT + 40, 1);
+    out[MADT + 44..MADT + 52].copy_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+    seal(out, MADT, madt_len, MADT + 9);
+    // RSDT and XSDT: the FADT and the MADT.
+    let (rsdt_len, xsdt_len) = (36 + 4 * LISTED.len(), 36 + 8 * LISTED.len());
+    header(out, RSDT, b"RSDT", rsdt_len, 1);
+    header(out, XSDT, b"XSDT", xsdt_len, 1);
+    for (n, &table) in LISTED.iter().enumerate() {
+        put32(out, RSDT + 36 + 4 * n, addr(table) as u32);
+        put64(out, XSDT + 36 + 8 * n, addr(table));
+    }
+    seal(out, RSDT, rsdt_len, RSDT + 9);
+    seal(out, XSDT, xsdt_len, XSDT + 9);
     // RSDP: the first 20 bytes sum to 0, and all 36.
     out[RSDP..RSDP + 8].copy_from_slice(b"RSD PTR ");
     out[RSDP + 9..RSDP + 15].copy_from_slice(b"PRLLAX");

@@ -617,7 +617,7 @@ impl crate::acpi::PhysMemory for GuestTables {
 }
 
 #[test]
-fn the_guest_acpi_tables_walk_and_describe_a_power_off() {
+fn the_guest_acpi_tables_walk_and_describe_a_power_off_and_the_apic() {
     use crate::acpi::{RootTable, Rsdp};
     let mut tables = [0u8; acpi::TABLES_LEN];
     acpi::build(&mut tables);
@@ -628,8 +628,16 @@ fn the_guest_acpi_tables_walk_and_describe_a_power_off() {
     for rsdp in [rsdp, Rsdp { xsdt: None, ..rsdp }] {
         let root = RootTable::read(&mem, &rsdp).unwrap();
         let found: StdVec<_> = root.tables(&mem).map(|t| t.unwrap()).collect();
-        assert_eq!(found.len(), 1);
+        assert_eq!(found.len(), 2);
         let fadt = found[0];
+        let madt = found[1];
+        assert_eq!(&madt.signature(), b"APIC");
+        let m = madt.bytes;
+        // The local APIC at 0xfee00000, PCAT_COMPAT, one enabled processor
+        // local APIC (type 0, length 8, processor 0, APIC ID 0, flags 1).
+        assert_eq!(&m[36..44], &[0, 0, 0xe0, 0xfe, 1, 0, 0, 0]);
+        assert_eq!(&m[44..52], &[0, 8, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(m.len(), 52);
         assert_eq!(&fadt.signature(), b"FACP");
         let b = fadt.bytes;
         let u32_ = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());

@@ -28,6 +28,7 @@ pub const MSR_BITMAP: u32 = 0x2004;
 pub const PML_ADDRESS: u32 = 0x200e;
 pub const TSC_OFFSET: u32 = 0x2010;
 pub const VIRTUAL_APIC_PAGE_ADDR: u32 = 0x2012;
+pub const APIC_ACCESS_ADDR: u32 = 0x2014;
 pub const VM_FUNCTION_CONTROLS: u32 = 0x2018;
 pub const EPT_POINTER: u32 = 0x201a;
 pub const EPTP_LIST_ADDRESS: u32 = 0x2024;
@@ -162,10 +163,12 @@ pub mod reason {
     pub const MONITOR: u16 = 39;
     pub const PAUSE: u16 = 40;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
+    pub const APIC_ACCESS: u16 = 44;
     pub const EPT_VIOLATION: u16 = 48;
     pub const EPT_MISCONFIG: u16 = 49;
     pub const PREEMPTION_TIMER: u16 = 52;
     pub const XSETBV: u16 = 55;
+    pub const APIC_WRITE: u16 = 56;
     pub const VMFUNC: u16 = 59;
     pub const PML_FULL: u16 = 62;
 
@@ -196,10 +199,12 @@ pub mod reason {
             MONITOR => "MONITOR",
             PAUSE => "PAUSE",
             ENTRY_FAIL_MACHINE_CHECK => "VM entry failure: machine check",
+            APIC_ACCESS => "APIC access",
             EPT_VIOLATION => "EPT violation",
             EPT_MISCONFIG => "EPT misconfiguration",
             PREEMPTION_TIMER => "preemption timer",
             XSETBV => "XSETBV",
+            APIC_WRITE => "APIC write",
             VMFUNC => "VMFUNC",
             PML_FULL => "page-modification log full",
             _ => "other",

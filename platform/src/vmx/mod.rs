@@ -54,10 +54,13 @@ pub mod proc1 {
 
 /// Secondary processor-based VM-execution controls.
 pub mod proc2 {
+    pub const VIRTUALIZE_APIC_ACCESSES: u32 = 1 << 0;
     pub const ENABLE_EPT: u32 = 1 << 1;
     pub const ENABLE_RDTSCP: u32 = 1 << 3;
     pub const ENABLE_VPID: u32 = 1 << 5;
     pub const UNRESTRICTED_GUEST: u32 = 1 << 7;
+    pub const APIC_REGISTER_VIRTUALIZATION: u32 = 1 << 8;
+    pub const VIRTUAL_INTERRUPT_DELIVERY: u32 = 1 << 9;
     pub const ENABLE_INVPCID: u32 = 1 << 12;
     pub const ENABLE_VM_FUNCTIONS: u32 = 1 << 13;
     pub const ENABLE_PML: u32 = 1 << 17;

@@ -153,3 +153,19 @@ fn control_values_include_required_bits_and_refuse_unsupported_ones() {
     // Pin-based: bits 1, 2 and 4 are fixed to 1 (SDM A.3.1).
     assert_eq!(caps.pin.value_for(0).unwrap() & 0x16, 0x16);
 }
+
+#[test]
+fn skylake_x_and_broadwell_virtualize_apic_accesses_and_registers() {
+    // Bochs 2.7's secondary controls: virtualize APIC accesses, APIC-register
+    // virtualization and virtual-interrupt delivery, not "virtualize x2APIC
+    // mode" together with the first (the CPU refuses that pair anyway).
+    let want = proc2::VIRTUALIZE_APIC_ACCESSES | proc2::APIC_REGISTER_VIRTUALIZATION;
+    for raw in [skylake_x(), broadwell_ult()] {
+        let caps = VmxCaps::decode(&raw).unwrap();
+        assert!(caps.proc2.allows(want | proc2::VIRTUAL_INTERRUPT_DELIVERY));
+        assert!(caps.proc1.allows(proc1::USE_TPR_SHADOW));
+    }
+    let caps = VmxCaps::decode(&ivy_bridge()).unwrap();
+    assert!(caps.proc2.allows(proc2::VIRTUALIZE_APIC_ACCESSES));
+    assert!(!caps.proc2.allows(proc2::APIC_REGISTER_VIRTUALIZATION));
+}

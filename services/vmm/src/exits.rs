@@ -68,6 +68,10 @@ pub trait Env {
     /// DOMAIN_GRANT: the guest grants its pages `gfn .. gfn + count`
     /// (`grant`), or no longer.
     fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError>;
+    /// `VcpuOp::ApicSet`: the register at `offset` of the domain's
+    /// virtual-APIC page (what its guest reads at the xAPIC page) becomes
+    /// `value`; false where the kernel refuses (no APIC virtualization).
+    fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool;
 }
 
 /// The guest's [`Request::GrantPages`], through the kernel (FM-2).
@@ -159,6 +163,49 @@ struct Platform {
     active: bool,
     /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
+    /// What the vCPU's virtual-APIC page holds of [`Lapic::image`].
+    apic_page: ApicPage,
+}
+
+/// The registers the guest reads at its xAPIC page, as this service knows
+/// the vCPU's virtual-APIC page to hold them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum ApicPage {
+    /// Not known (this instance has not written it yet): written whole.
+    #[default]
+    Unknown,
+    Shown([u32; crate::lapic::IMAGE_LEN]),
+    /// The kernel refused (the CPU does not virtualize the xAPIC page).
+    Unsupported,
+}
+
+/// Brings the virtual-APIC page up to the local APIC's registers (those
+/// that changed since it was last written), while the APIC is in xAPIC
+/// mode.
+fn show_apic(env: &mut impl Env, d: &mut Devices) {
+    let p = &mut d.platform;
+    if !p.lapic.xapic() || p.apic_page == ApicPage::Unsupported {
+        return;
+    }
+    let image = p.lapic.image();
+    let shown = match &p.apic_page {
+        ApicPage::Shown(s) => Some(*s),
+        _ => None,
+    };
+    for (i, (&value, &offset)) in image.iter().zip(Lapic::IMAGE.iter()).enumerate() {
+        if shown.is_some_and(|s| s[i] == value) {
+            continue;
+        }
+        if !env.apic_set(d.id, offset, value) {
+            defmt::info!(
+                "domain {=u16}: the CPU does not virtualize the xAPIC page (no APIC-register virtualization): its local APIC is reached through x2APIC MSRs only",
+                d.id
+            );
+            p.apic_page = ApicPage::Unsupported;
+            return;
+        }
+    }
+    p.apic_page = ApicPage::Shown(image);
 }
 
 /// Timer interrupts (IRQ 0, and the local APIC's timer) a domain takes at
@@ -343,8 +390,8 @@ impl Vmm {
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         if let ExitKind::Start = exit.kind {
-            // A new domain: fresh devices (made at its next exit), whatever
-            // a domain of this id had.
+            // A new domain: fresh devices, whatever a domain of this id
+            // had; its virtual-APIC page is fresh too (zeroed).
             if self.forget(env, id) {
                 defmt::info!(
                     "vmm: domain {=u16} starts: the devices of an earlier domain {=u16} are freed",
@@ -352,6 +399,9 @@ impl Vmm {
                     id
                 );
             }
+            let d = self.devices(id);
+            d.platform.apic_page = ApicPage::Shown([0; crate::lapic::IMAGE_LEN]);
+            show_apic(env, d);
             return Response::RETRY;
         }
         // Console bytes are held back only while the guest keeps writing
@@ -486,6 +536,49 @@ impl Vmm {
                 );
                 Response::CRASH
             }
+            // A write to the xAPIC page, already done (trap-like: RIP is
+            // past it).
+            ExitKind::ApicWrite { offset, value } => {
+                d.platform.active = true;
+                if let ApicPage::Shown(s) = &mut d.platform.apic_page
+                    && let Some(i) = Lapic::IMAGE.iter().position(|&o| o == offset)
+                {
+                    s[i] = value as u32; // what the page holds now
+                }
+                if !d.platform.lapic.write_mmio(offset, value, env.tsc())
+                    && let Some(skipped) = d.logged.admit()
+                {
+                    defmt::info!(
+                        "domain {=u16}: write of {=u64:#x} to local APIC register {=u16:#x} through the xAPIC page ignored (not in xAPIC mode, or not writable) ({=u32} like it not logged)",
+                        id,
+                        value,
+                        offset,
+                        skipped
+                    );
+                }
+                Response::RETRY
+            }
+            ExitKind::Other {
+                reason: platform::vmx::fields::reason::APIC_ACCESS,
+                qualification,
+            } => {
+                // What the CPU does not virtualize: reads of the timer's
+                // current count, PPR and APR, writes of read-only registers,
+                // anything unaligned, wider than 4 bytes or a fetch.
+                defmt::error!(
+                    "domain {=u16}: {=str} of local APIC register {=u64:#x} through the xAPIC page at rip {=u64:#x}, which is not emulated (the current count and PPR are read through the x2APIC MSRs); domain stopped",
+                    id,
+                    match (qualification >> 12) & 0xf {
+                        0 => "read",
+                        1 => "write",
+                        2 => "instruction fetch",
+                        _ => "access during event delivery or a page walk",
+                    },
+                    qualification & 0xfff,
+                    exit.rip
+                );
+                Response::CRASH
+            }
             // A single step asked for by someone else (the altp2m service
             // receives its own): nothing to do but go on.
             ExitKind::MonitorTrap => Response::RETRY,
@@ -499,6 +592,7 @@ impl Vmm {
                         let hz = u64::from(env.tsc_khz()) * 1000;
                         d.platform.lapic.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
                     }
+                    show_apic(env, d);
                     return Response {
                         advance: false,
                         inject: Some(Inject::Interrupt { vector }),
@@ -595,9 +689,12 @@ impl Vmm {
         };
         // A guest that has touched none of the interrupt sources costs one
         // test here (the hot exit path stays as it was); its HLT stops it,
-        // as nothing could wake it.
+        // as nothing could wake it. Only such a guest's local APIC changes:
+        // its xAPIC page is brought up to date here.
         if d.platform.active {
-            interrupts(env, d, &exit.kind, r)
+            let r = interrupts(env, d, &exit.kind, r);
+            show_apic(env, d);
+            r
         } else {
             r
         }

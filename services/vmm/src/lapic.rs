@@ -1,13 +1,20 @@
-//! A local APIC in x2APIC mode, through its MSRs (0x800-0x8ff) and
-//! IA32_TSC_DEADLINE (0x6e0): the task priority, end of interrupt, the
-//! spurious-vector register (software enable), the in-service, request and
-//! trigger-mode registers, the error status, self-IPIs (the SELF IPI
-//! register, and the ICR with the self shorthand or the vCPU's own ID,
-//! fixed delivery), and the timer in one-shot, periodic and TSC-deadline
-//! modes. The timer counts at the TSC's rate divided by the divide
-//! configuration. The xAPIC's MMIO page (0xfee00000) is not modelled: a
-//! guest turns x2APIC mode on through IA32_APIC_BASE (bits 10 and 11)
-//! first; before that these MSRs give #GP, as on hardware.
+//! A local APIC, one register model reached two ways: in x2APIC mode
+//! through its MSRs (0x800-0x8ff) and IA32_TSC_DEADLINE (0x6e0), in xAPIC
+//! mode (the mode at reset) through its page at 0xfee00000. The task
+//! priority, end of interrupt, the spurious-vector register (software
+//! enable), the in-service, request and trigger-mode registers, the error
+//! status, self-IPIs (the SELF IPI register, and the ICR with the self
+//! shorthand or the vCPU's own ID, fixed delivery), and the timer in
+//! one-shot, periodic and TSC-deadline modes. The timer counts at the TSC's
+//! rate divided by the divide configuration. A guest turns x2APIC mode on
+//! through IA32_APIC_BASE (bits 10 and 11); before that the x2APIC MSRs
+//! give #GP, as on hardware.
+//!
+//! The xAPIC page is the CPU's (VMX APIC virtualization, docs/vmx.md): it
+//! reads most registers from the vCPU's virtual-APIC page without an exit,
+//! and a write arrives here afterwards ([`Lapic::write_mmio`]). What the
+//! guest reads there is [`Lapic::image`], which the vmm copies into that
+//! page when it changes.
 
 /// The vCPU's APIC ID.
 pub const ID: u32 = 0;
@@ -23,6 +30,9 @@ pub struct Lapic {
     irr: [u32; 8],
     esr: u32,
     icr: u64,
+    /// xAPIC mode's logical destination and destination format registers.
+    ldr: u32,
+    dfr: u32,
     /// LVT timer, thermal, PMC, LINT0, LINT1, error (masked at reset).
     lvt: [u32; 6],
     divide: u32,
@@ -43,6 +53,8 @@ impl Default for Lapic {
             irr: [0; 8],
             esr: 0,
             icr: 0,
+            ldr: 0,
+            dfr: u32::MAX,
             lvt: [1 << 16; 6],
             divide: 0,
             initial: 0,
@@ -50,6 +62,33 @@ impl Default for Lapic {
             expiry: u64::MAX,
         }
     }
+}
+
+/// How many registers [`Lapic::image`] gives.
+pub const IMAGE_LEN: usize = 41;
+
+const fn image_offsets() -> [u16; IMAGE_LEN] {
+    let mut out = [0u16; IMAGE_LEN];
+    let singles = [
+        0x20, 0x30, 0xb0, 0xd0, 0xe0, 0xf0, 0x280, 0x300, 0x310, 0x380, 0x3e0,
+    ];
+    let mut n = 0;
+    while n < singles.len() {
+        out[n] = singles[n];
+        n += 1;
+    }
+    // ISR, TMR and IRR (8 each, 0x100-0x270), then the six LVTs.
+    let mut i = 0;
+    while i < 24 + 6 {
+        out[n] = if i < 24 {
+            0x100 + 0x10 * i
+        } else {
+            0x320 + 0x10 * (i - 24)
+        };
+        n += 1;
+        i += 1;
+    }
+    out
 }
 
 fn highest(bits: &[u32; 8]) -> Option<u8> {
@@ -127,24 +166,103 @@ impl Lapic {
         if !self.x2apic() {
             return None;
         }
-        Some(u64::from(match msr {
-            0x802 => ID,
-            0x803 => VERSION,
-            0x808 => u32::from(self.tpr),
-            0x80a => u32::from(self.tpr.max(highest(&self.isr).unwrap_or(0) & 0xf0)),
-            0x80d => 1 << ID, // logical ID: cluster 0, bit of the ID
-            0x80f => self.svr,
-            0x810..=0x817 => self.isr[(msr - 0x810) as usize],
-            0x818..=0x81f => 0,
-            0x820..=0x827 => self.irr[(msr - 0x820) as usize],
-            0x828 => self.esr,
-            0x830 => return Some(self.icr),
-            0x832..=0x837 => self.lvt[(msr - 0x832) as usize],
-            0x838 => self.initial,
-            0x839 => self.current(now),
-            0x83e => self.divide,
-            _ => return None,
+        let offset = ((msr - 0x800) << 4) as u16;
+        Some(u64::from(match offset {
+            0x020 => ID,
+            0x0d0 => 1 << ID, // logical ID: cluster 0, bit of the ID
+            0x0b0 | 0x0e0 | 0x310 => return None,
+            0x300 => return Some(self.icr),
+            _ => self.register(offset, now)?,
         }))
+    }
+
+    /// The register at `offset` in the APIC's page, as both modes read it
+    /// (the mode's own registers apart); `None`: no such register.
+    fn register(&self, offset: u16, now: u64) -> Option<u32> {
+        let index = |base: u16| usize::from((offset - base) >> 4);
+        Some(match offset {
+            0x020 => ID << 24,
+            0x030 => VERSION,
+            0x080 => u32::from(self.tpr),
+            0x0a0 => u32::from(self.tpr.max(highest(&self.isr).unwrap_or(0) & 0xf0)),
+            0x0b0 => 0,
+            0x0d0 => self.ldr,
+            0x0e0 => self.dfr,
+            0x0f0 => self.svr,
+            0x100..=0x170 => self.isr[index(0x100)],
+            0x180..=0x1f0 => 0,
+            0x200..=0x270 => self.irr[index(0x200)],
+            0x280 => self.esr,
+            0x300 => self.icr as u32,
+            0x310 => (self.icr >> 32) as u32,
+            0x320..=0x370 => self.lvt[index(0x320)],
+            0x380 => self.initial,
+            0x390 => self.current(now),
+            0x3e0 => self.divide,
+            _ => return None,
+        })
+    }
+
+    /// The registers the CPU reads from the xAPIC page without an exit
+    /// (APIC-register virtualization), at these offsets.
+    pub const IMAGE: [u16; IMAGE_LEN] = image_offsets();
+
+    /// Their values now, in [`Lapic::IMAGE`]'s order (what the vCPU's
+    /// virtual-APIC page must hold; the task priority there is the
+    /// guest's own and not among them).
+    pub fn image(&self) -> [u32; IMAGE_LEN] {
+        let mut out = [0; IMAGE_LEN];
+        for (v, &offset) in out.iter_mut().zip(Self::IMAGE.iter()) {
+            *v = self.register(offset, 0).unwrap_or(0);
+        }
+        out
+    }
+
+    /// A write the guest made to the xAPIC page at `offset` (`value`: the
+    /// 32 bits written; for the ICR's low half, the high half above
+    /// them, as the CPU holds it); false: not a register it may write
+    /// (outside xAPIC mode: none), and nothing changes.
+    pub fn write_mmio(&mut self, offset: u16, value: u64, now: u64) -> bool {
+        if !self.xapic() {
+            return false;
+        }
+        let v32 = value as u32;
+        match offset {
+            0x020 => {} // the ID stays
+            0x0b0 => self.eoi(),
+            0x0d0 => self.ldr = v32 & 0xff00_0000,
+            0x0e0 => self.dfr = v32 | 0x0fff_ffff,
+            0x300 => {
+                // The destination is the high half's top byte.
+                let dest = (value >> 56) as u32;
+                self.icr = (value & 0xff00_0000_0000_0000) | u64::from(v32 & !(1 << 12));
+                self.send_ipi(v32, dest);
+            }
+            0x310 => self.icr = (self.icr & 0xffff_ffff) | (u64::from(v32 & 0xff00_0000) << 32),
+            _ => return self.write_register(offset, v32, now),
+        }
+        true
+    }
+
+    /// xAPIC mode is on: the APIC enabled, not in x2APIC mode.
+    pub fn xapic(&self) -> bool {
+        self.base & (3 << 10) == 1 << 11
+    }
+
+    fn eoi(&mut self) {
+        if let Some(s) = highest(&self.isr) {
+            clear(&mut self.isr, s);
+        }
+    }
+
+    /// An ICR write: a fixed interrupt to itself is delivered, anything
+    /// else dropped (there is no other CPU).
+    fn send_ipi(&mut self, low: u32, dest: u32) {
+        let (vector, mode, shorthand) = (low as u8, (low >> 8) & 7, (low >> 18) & 3);
+        let to_self = shorthand == 1 || (shorthand == 0 && dest == ID);
+        if mode == 0 && to_self {
+            self.accept(vector);
+        }
     }
 
     fn current(&self, now: u64) -> u32 {
@@ -179,29 +297,35 @@ impl Lapic {
         if !self.x2apic() {
             return false;
         }
-        let v32 = v as u32;
         match msr {
-            0x808 => self.tpr = v32 as u8,
             0x80b => {
                 if v != 0 {
                     return false;
                 }
-                if let Some(s) = highest(&self.isr) {
-                    clear(&mut self.isr, s);
-                }
+                self.eoi();
             }
-            0x80f => self.svr = v32 & 0x1ff,
-            0x828 => self.esr = 0,
             0x830 => {
                 self.icr = v & !(1 << 12);
-                let (vector, mode, shorthand) = (v as u8, (v >> 8) & 7, (v >> 18) & 3);
-                let to_self = shorthand == 1 || (shorthand == 0 && (v >> 32) as u32 == ID);
-                if mode == 0 && to_self {
-                    self.accept(vector);
-                }
+                self.send_ipi(v as u32, (v >> 32) as u32);
             }
-            0x832..=0x837 => {
-                let i = (msr - 0x832) as usize;
+            0x83f => self.accept(v as u8),
+            0x800..=0x8ff => {
+                return self.write_register(((msr - 0x800) << 4) as u16, v as u32, now);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// A write of the register at `offset` that both modes make alike;
+    /// false: not one the guest may write.
+    fn write_register(&mut self, offset: u16, v32: u32, now: u64) -> bool {
+        match offset {
+            0x080 => self.tpr = v32 as u8,
+            0x0f0 => self.svr = v32 & 0x1ff,
+            0x280 => self.esr = 0,
+            0x320..=0x370 => {
+                let i = usize::from((offset - 0x320) >> 4);
                 let was = self.timer_mode();
                 self.lvt[i] = v32 & 0x7_17ff;
                 if !self.software_enabled() {
@@ -212,14 +336,13 @@ impl Lapic {
                     self.expiry = u64::MAX;
                 }
             }
-            0x838 => {
+            0x380 => {
                 if self.timer_mode() != 2 {
                     self.initial = v32;
                     self.arm(now);
                 }
             }
-            0x83e => self.divide = v32 & 0xb,
-            0x83f => self.accept(v as u8),
+            0x3e0 => self.divide = v32 & 0xb,
             _ => return false,
         }
         true

@@ -13,7 +13,7 @@
 
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
-use ipc_schema::syscall::{Handle, SysError};
+use ipc_schema::syscall::{Handle, SysError, VcpuOp};
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
@@ -121,6 +121,11 @@ impl Env for System {
 
     fn logdirty(&mut self, request: &LdRequest) -> Option<LdReply> {
         self.logdirty.as_mut()?.call(request)
+    }
+
+    fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool {
+        let arg = (u64::from(offset) << 32) | u64::from(value);
+        sys::vcpu_control(self.domains, domain, 0, VcpuOp::ApicSet, arg).is_ok()
     }
 
     fn grant(&mut self, domain: u16, gfn: u64, count: u64, grant: bool) -> Result<(), SysError> {

@@ -28,9 +28,20 @@ struct Fake {
     /// default (the gfn itself, rwx) does not hold: (view, gfn) -> (frame,
     /// access).
     pages: std::collections::BTreeMap<(u16, u64), (Option<u64>, ipc_schema::hypercall::Access)>,
+    /// Each domain's virtual-APIC page: (domain, offset) -> register.
+    apic_page: std::collections::BTreeMap<(u16, u16), u32>,
+    /// The kernel refuses `ApicSet` (no APIC virtualization).
+    no_apic_page: bool,
 }
 
 impl Env for Fake {
+    fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool {
+        if self.no_apic_page {
+            return false;
+        }
+        self.apic_page.insert((domain, offset), value);
+        true
+    }
     fn ram_bytes(&mut self, _: u16) -> u64 {
         32 << 20
     }
@@ -226,9 +237,9 @@ fn a_new_domain_of_an_old_id_starts_with_fresh_devices() {
     let r = vmm.exit(&mut env, &exit(ExitKind::Start, ExitRegs::default()));
     assert_eq!(r.response, ipc_schema::vmexit::Response::RETRY);
     assert_eq!(env.lines, [(3, b"secret".to_vec()), (3, b"\n".to_vec())]);
-    assert!(!vmm.forget(&mut env, 3));
-    // The next domain given id 3 starts from nothing: nothing of the old
-    // one's line reaches its output, and its count starts again.
+    // The new domain 3 starts from nothing (its devices are made at the
+    // start, to show its virtual-APIC page): nothing of the old one's line
+    // reaches its output, and its count starts again.
     assert_eq!(vmm.pending_line(3), b"");
     assert_eq!(info(&mut vmm, &mut env), (1 << 32) | 1);
     out(&mut vmm, &mut env, COM1, b'\n');
@@ -1385,4 +1396,219 @@ fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
         &exit(ExitKind::InterruptWindow, ExitRegs::default()),
     );
     assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x24 }));
+}
+
+#[test]
+fn the_xapic_page_reaches_the_same_registers_as_the_x2apic_msrs() {
+    use crate::lapic::{IMAGE_LEN, Lapic};
+    let reg = |a: &Lapic, offset: u16| {
+        let i = Lapic::IMAGE.iter().position(|&o| o == offset).unwrap();
+        a.image()[i]
+    };
+    let mut a = Lapic::default();
+    let t = 1_000;
+    assert!(a.xapic(), "xAPIC mode at reset");
+    assert_eq!(Lapic::IMAGE.len(), IMAGE_LEN);
+    // Reset values: ID 0, version, DFR all ones, SVR 0xff, LVTs masked.
+    assert_eq!(reg(&a, 0x20), 0);
+    assert_eq!(reg(&a, 0x30), 0x0005_0014);
+    assert_eq!(reg(&a, 0xe0), u32::MAX);
+    assert_eq!(reg(&a, 0xf0), 0xff);
+    assert_eq!(reg(&a, 0x320), 1 << 16);
+    // Software enable, the logical destination (flat model).
+    assert!(a.write_mmio(0xf0, 0x1ff, t));
+    assert!(a.write_mmio(0xe0, 0xffff_ffff, t));
+    assert!(a.write_mmio(0xd0, 0x0100_0000 | 0xabc, t));
+    assert_eq!(reg(&a, 0xd0), 0x0100_0000, "LDR keeps bits 31:24");
+    assert!(a.write_mmio(0x20, 0x0500_0000, t));
+    assert_eq!(reg(&a, 0x20), 0, "the ID stays 0");
+    // One-shot timer: divide by 1, 1000 ticks, vector 0x30.
+    a.write_mmio(0x3e0, 0xb, t);
+    a.write_mmio(0x320, 0x30, t);
+    a.write_mmio(0x380, 1000, t);
+    assert_eq!(
+        (reg(&a, 0x3e0), reg(&a, 0x320), reg(&a, 0x380)),
+        (0xb, 0x30, 1000)
+    );
+    assert_eq!(a.deadline(), t + 1000);
+    a.tick(t + 1000);
+    assert_eq!(reg(&a, 0x200 + 0x10), 1 << 16, "0x30 requested: IRR");
+    assert_eq!(a.ack(), Some(0x30));
+    assert_eq!(
+        (reg(&a, 0x210), reg(&a, 0x110)),
+        (0, 1 << 16),
+        "in service: ISR"
+    );
+    // EOI takes any value in xAPIC mode.
+    assert!(a.write_mmio(0xb0, 0x1234, t));
+    assert_eq!(reg(&a, 0x110), 0);
+    // Periodic: every 200 ticks at divide by 2.
+    a.write_mmio(0x3e0, 0, t);
+    a.write_mmio(0x320, 1 << 17 | 0x31, t);
+    a.write_mmio(0x380, 100, t);
+    a.tick(t + 200);
+    assert_eq!(a.ack(), Some(0x31));
+    a.write_mmio(0xb0, 0, t);
+    assert_eq!(a.deadline(), t + 400);
+    // A self-IPI through the ICR: by shorthand, and by its own ID (the
+    // destination in the high half's top byte); another ID is dropped.
+    a.write_mmio(0x320, 1 << 16, t);
+    assert!(a.write_mmio(0x300, 0x4_0051, t));
+    assert_eq!(a.ack(), Some(0x51));
+    a.write_mmio(0xb0, 0, t);
+    a.write_mmio(0x300, 0x52, t);
+    assert_eq!(a.ack(), Some(0x52));
+    a.write_mmio(0xb0, 0, t);
+    a.write_mmio(0x300, 0x0100_0000_0000_0053, t);
+    assert_eq!(a.pending(), None, "ID 1 is nobody");
+    assert_eq!(reg(&a, 0x310), 0x0100_0000);
+    // An illegal vector sets the error status; an ESR write clears it.
+    a.write_mmio(0x300, 0x4_0003, t);
+    assert_eq!(reg(&a, 0x280), 1 << 6);
+    a.write_mmio(0x280, 0, t);
+    assert_eq!(reg(&a, 0x280), 0);
+    // Not writable, or not a register: refused, nothing changes.
+    let before = a.image();
+    for offset in [0x30, 0xa0, 0x100, 0x200, 0x390, 0x3f0, 0x400] {
+        assert!(!a.write_mmio(offset, u64::MAX, t), "{offset:#x}");
+    }
+    assert_eq!(a.image(), before);
+    // In x2APIC mode the page is not the APIC's: writes there do nothing.
+    assert!(a.write_base(0xfee0_0d00));
+    assert!(!a.write_mmio(0xf0, 0, t));
+    assert_eq!(a.read(0x80f, t), Some(0x1ff));
+}
+
+/// The vmm's answer to `kind` for domain `domain`.
+fn exit_of(
+    vmm: &mut Vmm,
+    env: &mut Fake,
+    domain: u16,
+    kind: ExitKind,
+) -> ipc_schema::vmexit::ExitReply {
+    let mut m = exit(kind, ExitRegs::default());
+    m.exit.domain = domain;
+    vmm.exit(env, &m)
+}
+
+#[test]
+fn the_virtual_apic_page_follows_the_xapic_and_its_interrupts() {
+    use ipc_schema::vmexit::Response;
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 10_000;
+    let page = |env: &Fake, offset: u16| env.apic_page.get(&(1, offset)).copied().unwrap_or(0);
+    // At the start the page shows the reset registers.
+    exit_of(&mut vmm, &mut env, 1, ExitKind::Start);
+    assert_eq!(page(&env, 0x30), 0x0005_0014);
+    assert_eq!(page(&env, 0xf0), 0xff);
+    assert_eq!(page(&env, 0x370), 1 << 16);
+    let write = |vmm: &mut Vmm, env: &mut Fake, offset: u16, value: u64| {
+        // The CPU has put the value in the page before the exit.
+        env.apic_page.insert((1, offset), value as u32);
+        exit_of(vmm, env, 1, ExitKind::ApicWrite { offset, value })
+    };
+    let r = write(&mut vmm, &mut env, 0xf0, 0x1ff);
+    assert_eq!(
+        r.response,
+        Response::RETRY,
+        "trap-like: RIP is past the write"
+    );
+    write(&mut vmm, &mut env, 0x3e0, 0xb);
+    write(&mut vmm, &mut env, 0x320, 0x40);
+    // A masked LVT written while software-disabled stays masked; here it
+    // is enabled: the page keeps what was written.
+    assert_eq!(page(&env, 0x320), 0x40);
+    let r = write(&mut vmm, &mut env, 0x380, 1_000_000);
+    let expiry = env.tsc + 1_000_000;
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: false,
+            deadline: expiry
+        }
+    );
+    let r = exit_of(&mut vmm, &mut env, 1, ExitKind::Hlt);
+    assert_eq!(r.response.then, Then::BlockUntil { deadline: expiry });
+    env.tsc = expiry;
+    exit_of(&mut vmm, &mut env, 1, ExitKind::Deadline);
+    assert_eq!(page(&env, 0x220), 1, "0x40 requested: IRR in the page");
+    let r = exit_of(&mut vmm, &mut env, 1, ExitKind::InterruptWindow);
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x40 }));
+    assert_eq!((page(&env, 0x220), page(&env, 0x120)), (0, 1), "in service");
+    // The guest's EOI (any value) ends it; the page's EOI reads 0 again.
+    write(&mut vmm, &mut env, 0xb0, 0x77);
+    assert_eq!((page(&env, 0x120), page(&env, 0xb0)), (0, 0));
+    // A register the model keeps otherwise is put right in the page.
+    write(&mut vmm, &mut env, 0x20, 0x0700_0000);
+    assert_eq!(page(&env, 0x20), 0, "the ID stays 0");
+    write(&mut vmm, &mut env, 0x300, 0x5041); // ICR: delivery status set
+    assert_eq!(page(&env, 0x300), 0x4041, "delivery status reads idle");
+    // What the CPU does not virtualize (the current count) stops only
+    // this domain, saying so.
+    let r = exit_of(
+        &mut vmm,
+        &mut env,
+        1,
+        ExitKind::Other {
+            reason: platform::vmx::fields::reason::APIC_ACCESS,
+            qualification: 0x390,
+        },
+    );
+    assert_eq!(r.response, Response::CRASH);
+    // Without APIC virtualization the kernel refuses; the vmm stops asking.
+    let mut env2 = Fake {
+        no_apic_page: true,
+        ..Fake::default()
+    };
+    let mut vmm2 = Vmm::default();
+    exit_of(&mut vmm2, &mut env2, 1, ExitKind::Start);
+    let r = exit_of(
+        &mut vmm2,
+        &mut env2,
+        1,
+        ExitKind::ApicWrite {
+            offset: 0xf0,
+            value: 0x1ff,
+        },
+    );
+    assert_eq!(r.response, Response::RETRY);
+}
+
+#[test]
+fn nonsense_written_to_the_xapic_page_stays_in_its_domain() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    exit_of(&mut vmm, &mut env, 1, ExitKind::Start);
+    exit_of(&mut vmm, &mut env, 2, ExitKind::Start);
+    let theirs: Vec<_> = env
+        .apic_page
+        .iter()
+        .filter(|((d, _), _)| *d == 2)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    for i in 0u64..4000 {
+        let v = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        env.tsc = env.tsc.wrapping_add(v >> 50);
+        let offset = ((v >> 40) as u16) & 0x3f0;
+        env.apic_page.insert((1, offset), v as u32);
+        let kind = match i % 5 {
+            0 => ExitKind::InterruptWindow,
+            1 => ExitKind::Deadline,
+            _ => ExitKind::ApicWrite { offset, value: v },
+        };
+        let r = exit_of(&mut vmm, &mut env, 1, kind);
+        if let Some(Inject::Interrupt { vector }) = r.response.inject {
+            assert!(vector >= 16, "an illegal vector is never delivered");
+        }
+    }
+    let after: Vec<_> = env
+        .apic_page
+        .iter()
+        .filter(|((d, _), _)| *d == 2)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    assert_eq!(theirs, after, "the other domain's page is untouched");
+    assert_eq!(
+        exit_of(&mut vmm, &mut env, 2, ExitKind::Hlt).response.then,
+        Then::Block
+    );
 }

@@ -13,7 +13,7 @@
 //! | `probe` | host ports (PIC, PIT, CMOS, PCI, COM2: the control channel, Bochs's shutdown port, reset ports) read and written; host and VMX MSRs; CR4.VMXE; 3,000 random hypercalls | 0 if every port the vmm does not model read all ones (the modelled ones reach the domain's own PICs, PIT, CMOS, PCI configuration, ACPI PM1a), the VMX MSRs and CR4.VMXE gave #GP and every hypercall came back |
 //! | `views` | starts a write-protection dirty log over all its RAM (its host p2m in 4 KiB pages), then creates views one after another (each a copy of the host p2m: a table per 2 MiB) and reads every 2 MiB through each, until something refuses | 0 when a view is refused; 1 if the dirty log is |
 //! | `vmx` | VMXON, an instruction of the host's | stopped by the hypervisor |
-//! | `mmio` | reads the host's local APIC page (0xfee00000, outside its RAM) | stopped by the hypervisor |
+//! | `mmio` | at the local APIC page (0xfee00000, outside its RAM) sends INIT to all other CPUs through the ICR, then reads the timer's current count | the INIT reaches only its own local APIC model (dropped: there is no other vCPU); the read stops it |
 //! | `user-hypercall` | from CPL 3: a service hypercall, a view switch and a request hypercall must be refused with `NotPermitted`; the null hypercall (the kernel's, touching only the caller's registers) answers | 0 if so |
 #![no_std]
 #![no_main]
@@ -67,9 +67,13 @@ fn main(info: &MultibootInfo) -> u32 {
             1
         }
         Some("mmio") => {
-            println!("mmio: reading the local APIC at 0xfee00000");
-            // Safety: the attack; the page is outside this guest's RAM.
-            let v = unsafe { core::ptr::read_volatile(0xfee0_0030 as *const u32) };
+            // Safety: the attack; the page is outside this guest's RAM
+            // (its own virtualized local APIC, not the host's).
+            unsafe { core::ptr::write_volatile(0xfee0_0300 as *mut u32, 0x000c_4500) };
+            println!("mmio: INIT to all others sent through the ICR at 0xfee00300; still running");
+            println!("mmio: reading the current count at 0xfee00390");
+            // Safety: as above.
+            let v = unsafe { core::ptr::read_volatile(0xfee0_0390 as *const u32) };
             println!("mmio: FAIL: read {v:#x}");
             1
         }
