@@ -4,8 +4,8 @@
  * (gcc -static -nostdlib -ffreestanding), for Linux on x86-64.
  *
  * It prints its first line with the TSC at its start, then, when the
- * kernel's command line gave it `idle=S` (an argument with '=' reaches
- * init's environment), sleeps S seconds of the guest's CLOCK_MONOTONIC and
+ * kernel's command line gave it `pxidle=S` (an argument with '=' the kernel
+ * does not know reaches init's environment; `idle=` is the kernel's own), sleeps S seconds of the guest's CLOCK_MONOTONIC and
  * prints the VM exits its vCPU caused meanwhile (Parallax's HC_EXIT_COUNT
  * hypercall, which guest user mode may make) and the time slept, and
  * powers the machine off with reboot(2) (LINUX_REBOOT_CMD_POWER_OFF: the
@@ -89,9 +89,13 @@ static u64 idle_seconds(char **envp)
 {
 	for (; *envp; envp++) {
 		const char *e = *envp;
-		if (e[0] == 'i' && e[1] == 'd' && e[2] == 'l' && e[3] == 'e' && e[4] == '=') {
+		const char *key = "pxidle=";
+		int i = 0;
+		while (key[i] && e[i] == key[i])
+			i++;
+		if (!key[i]) {
 			u64 v = 0;
-			for (e += 5; *e >= '0' && *e <= '9'; e++)
+			for (e += i; *e >= '0' && *e <= '9'; e++)
 				v = v * 10 + (u64)(*e - '0');
 			return v;
 		}

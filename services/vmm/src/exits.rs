@@ -161,6 +161,8 @@ struct Platform {
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
     /// The exits of the domain since it became active, by reason.
     counts: ExitCounts,
+    /// ACPI's PM1a enable register.
+    pm1_enable: u16,
 }
 
 /// A domain's exits by reason, counted once it has touched an interrupt
@@ -427,6 +429,9 @@ impl Vmm {
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         if let ExitKind::Start = exit.kind {
+            // Its first instruction's time: where a guest's own TSC
+            // readings count from (`cargo hv bench`'s linux_boot_ticks).
+            defmt::info!("domain {=u16} starts at TSC {=u64}", id, env.tsc());
             // A new domain: fresh devices (made at its next exit), whatever
             // a domain of this id had.
             if self.forget(env, id) {
@@ -812,9 +817,25 @@ fn io(
                 then: Then::Exit { status: value },
             };
         }
-        // ACPI PM1a event block (status and enable): nothing to report.
-        0x600..=0x603 if !write => set_in(regs, size, 0),
-        0x600..=0x603 => {}
+        // PM1a status (0x600): nothing happens, nothing to report; enable
+        // (0x602): kept as written (no event is ever raised), so that a
+        // kernel enabling an event reads its bit back.
+        0x600..=0x601 if !write => set_in(regs, size, 0),
+        0x600..=0x601 => {}
+        0x602 | 0x603 => {
+            let pm1 = &mut d.platform.pm1_enable;
+            let shift = if port == 0x603 { 8 } else { 0 };
+            let mask: u16 = if size >= 2 && port == 0x602 {
+                0xffff
+            } else {
+                0xff << shift
+            };
+            if write {
+                *pm1 = (*pm1 & !mask) | ((value as u16) << shift & mask);
+            } else {
+                set_in(regs, size, u32::from((*pm1 & mask) >> shift));
+            }
+        }
         // ACPI PM1a control: SCI_EN reads set (ACPI mode is on); a sleep
         // request for S5 (`\_S5`'s type 0) powers the domain off.
         0x604 | 0x605 if !write => set_in(regs, size, if port == 0x604 { 1 } else { 0 }),
@@ -953,7 +974,8 @@ pub const LEAF7_ECX_HIDDEN: u32 =
 /// speculation controls whose MSRs are the host's: IBRS/IBPB (26), STIBP
 /// (27), L1D_FLUSH (28), ARCH_CAPABILITIES (29), SSBD (31). A guest that
 /// saw them would write IA32_SPEC_CTRL on every entry to its kernel.
-pub const LEAF7_EDX_HIDDEN: u32 = 1 << 2 | 1 << 3 | 1 << 10 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29 | 1 << 31;
+pub const LEAF7_EDX_HIDDEN: u32 =
+    1 << 2 | 1 << 3 | 1 << 10 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29 | 1 << 31;
 
 /// CPUID as the host answers it, with VMX hidden and Parallax's leaves added.
 pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
@@ -977,6 +999,26 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
         }
         // No XSAVE: its components are not described.
         0xd => r = CpuidResult::default(),
+        // The TSC's rate as the crystal's (ratio 1/1), and as the base and
+        // maximum frequency in MHz: the host CPU's nominal figures are not
+        // the rate the guest's TSC counts at (under Bochs, 100 MHz where
+        // CPUID says 3.5 GHz). Linux takes leaf 0x15 as the TSC's exact
+        // frequency (and the local APIC timer's) and calibrates nothing.
+        0x15 => {
+            // ECX (the crystal's Hz) is 32 bits: above 4.29 GHz the ratio
+            // says how many crystal periods make a TSC tick.
+            let hz = u64::from(env.tsc_khz()) * 1000;
+            let ratio = hz.div_ceil(u64::from(u32::MAX)).max(1);
+            (r.eax, r.ebx, r.ecx, r.edx) = if hz == 0 {
+                (0, 0, 0, 0)
+            } else {
+                (1, ratio as u32, (hz / ratio) as u32, 0)
+            };
+        }
+        0x16 => {
+            let mhz = env.tsc_khz() / 1000;
+            (r.eax, r.ebx, r.ecx, r.edx) = (mhz, mhz, 0, 0);
+        }
         // No RDTSCP (IA32_TSC_AUX is not the guest's; without the VMCS's
         // enable-RDTSCP control it would be #UD).
         0x8000_0001 => r.edx &= !(1 << 27),

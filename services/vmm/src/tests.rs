@@ -1423,9 +1423,16 @@ fn cpuid_hides_what_the_platform_does_not_give_a_kernel() {
     let mut vmm = Vmm::default();
     let [_, _, ecx, edx] = cpuid_of(&mut vmm, &mut env, 1, 0);
     for bit in [26, 27, 28] {
-        assert_eq!(ecx & (1 << bit), 0, "leaf 1 ECX bit {bit} (XSAVE, OSXSAVE, AVX)");
+        assert_eq!(
+            ecx & (1 << bit),
+            0,
+            "leaf 1 ECX bit {bit} (XSAVE, OSXSAVE, AVX)"
+        );
     }
-    assert_eq!(ecx & (LEAF1_ECX_XSAVE | LEAF1_ECX_HOST | 1 << 5 | 1 << 3), 0);
+    assert_eq!(
+        ecx & (LEAF1_ECX_XSAVE | LEAF1_ECX_HOST | 1 << 5 | 1 << 3),
+        0
+    );
     assert_eq!(edx & LEAF1_EDX_HOST, 0);
     assert_eq!(edx & (1 << 7 | 1 << 14), 0, "no MCE, no MCA");
     assert_ne!(ecx & (1 << 21), 0, "x2APIC stays");
@@ -1436,13 +1443,29 @@ fn cpuid_hides_what_the_platform_does_not_give_a_kernel() {
     assert_eq!(ebx & LEAF7_EBX_HIDDEN, 0);
     assert_eq!(ecx & LEAF7_ECX_HIDDEN, 0);
     assert_eq!(edx & LEAF7_EDX_HIDDEN, 0);
-    assert_eq!(ebx & (1 << 10 | 1 << 5 | 1 << 16), 0, "INVPCID, AVX2, AVX-512F");
+    assert_eq!(
+        ebx & (1 << 10 | 1 << 5 | 1 << 16),
+        0,
+        "INVPCID, AVX2, AVX-512F"
+    );
     assert_eq!(ecx & (1 << 22 | 1 << 3), 0, "RDPID, PKU");
     assert_eq!(edx & (1 << 26 | 1 << 29), 0, "IBRS, ARCH_CAPABILITIES");
     assert_ne!(ebx & 1, 0, "FSGSBASE stays");
-    assert_eq!(cpuid_of(&mut vmm, &mut env, 7, 1), [!0; 4], "other subleaves as the host's");
-    assert_eq!(cpuid_of(&mut vmm, &mut env, 6, 0), [1 << 2, 0, 0, 0], "only ARAT");
-    assert_eq!(cpuid_of(&mut vmm, &mut env, 0xd, 0), [0; 4], "no XSAVE state");
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 7, 1),
+        [!0; 4],
+        "other subleaves as the host's"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 6, 0),
+        [1 << 2, 0, 0, 0],
+        "only ARAT"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 0xd, 0),
+        [0; 4],
+        "no XSAVE state"
+    );
     assert_eq!(cpuid_of(&mut vmm, &mut env, 0xd, 1), [0; 4]);
     let [_, _, _, edx] = cpuid_of(&mut vmm, &mut env, 0x8000_0001, 0);
     assert_eq!(edx & (1 << 27), 0, "no RDTSCP");
@@ -1472,16 +1495,31 @@ fn feature_control_and_the_microcode_revision_read_as_on_a_locked_cpu() {
     assert_eq!(read(&mut vmm, &mut env, 0x3a), (None, Some((1, 0))));
     let w = vmm.exit(
         &mut env,
-        &exit(ExitKind::Wrmsr { msr: 0x8b, value: 0 }, ExitRegs::default()),
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x8b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
     );
     assert_eq!(w.response.inject, None);
     assert!(w.response.advance);
     assert_eq!(read(&mut vmm, &mut env, 0x8b), (None, Some((0, 0))));
     let w = vmm.exit(
         &mut env,
-        &exit(ExitKind::Wrmsr { msr: 0x3a, value: 5 }, ExitRegs::default()),
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x3a,
+                value: 5,
+            },
+            ExitRegs::default(),
+        ),
     );
-    assert!(w.response.inject.is_some(), "feature control is locked: #GP");
+    assert!(
+        w.response.inject.is_some(),
+        "feature control is locked: #GP"
+    );
     for msr in [0x48, 0x17a, 0xc000_0103, 0xe7] {
         assert_eq!(
             read(&mut vmm, &mut env, msr).0,
@@ -1530,8 +1568,55 @@ fn exits_are_counted_by_reason_once_a_guest_uses_interrupts() {
     }
     let c = vmm.exit_counts(3).unwrap();
     assert_eq!(
-        (c.uart, c.pic, c.pit, c.other_io, c.msr, c.cpuid, c.window, c.deadline),
+        (
+            c.uart, c.pic, c.pit, c.other_io, c.msr, c.cpuid, c.window, c.deadline
+        ),
         (2, 2, 3, 2, 1, 1, 1, 1)
     );
     assert_eq!(c.total(), 13);
+}
+
+/// CPUID leaves 0x15 and 0x16 give the rate the guest's TSC counts at
+/// (the kernel's measure), not the host CPU's nominal frequency.
+#[test]
+fn the_tsc_rate_is_told_through_leaves_0x15_and_0x16() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // The fake's TSC runs at 100,000 kHz.
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 0x15, 0),
+        [1, 1, 100_000_000, 0],
+        "TSC = crystal (100 MHz) x 1 / 1"
+    );
+    assert_eq!(cpuid_of(&mut vmm, &mut env, 0x16, 0), [100, 100, 0, 0]);
+}
+
+/// The PM1a enable register keeps what is written (byte and word
+/// accesses); status reads 0.
+#[test]
+fn the_acpi_pm1_enable_register_reads_back() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let io = |port, size, write, value| ExitKind::Io {
+        port,
+        size,
+        write,
+        value,
+    };
+    let read = |vmm: &mut Vmm, env: &mut Fake, port, size| {
+        vmm.exit(env, &exit(io(port, size, false, 0), ExitRegs::default()))
+            .regs
+            .map_or(0, |r| r.rax)
+    };
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0);
+    vmm.exit(
+        &mut env,
+        &exit(io(0x602, 2, true, 0x0420), ExitRegs::default()),
+    );
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0x0420);
+    assert_eq!(read(&mut vmm, &mut env, 0x603, 1), 0x04);
+    vmm.exit(
+        &mut env,
+        &exit(io(0x602, 1, true, 0x01), ExitRegs::default()),
+    );
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0x0401);
+    assert_eq!(read(&mut vmm, &mut env, 0x600, 2), 0, "no event to report");
 }
