@@ -409,9 +409,13 @@ pub fn cpio(entries: &[Entry]) -> Vec<u8> {
     out
 }
 
+/// Two numbers read from a log: `(start TSC, /init's TSC)` or `(ns slept,
+/// exits)`.
+pub type Pair = Option<(u64, u64)>;
+
 /// The figures of a Linux run's log: `(start TSC, /init's TSC)`, and
 /// `(ns slept, exits)` of /init's idle line when there is one.
-pub fn figures(log_lines: &[String]) -> (Option<(u64, u64)>, Option<(u64, u64)>) {
+pub fn figures(log_lines: &[String]) -> (Pair, Pair) {
     let number_after = |line: &str, key: &str| -> Option<u64> {
         let rest = &line[line.find(key)? + key.len()..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();

@@ -20,7 +20,7 @@
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_runtime::{MultibootInfo, TrapFrame, abi, cpuid, idt, println};
+use guest_runtime::{MultibootInfo, TrapFrame, abi, idt, println};
 
 guest_runtime::entry!(main);
 
