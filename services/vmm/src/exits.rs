@@ -997,6 +997,8 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
             r.ecx &= !LEAF7_ECX_HIDDEN;
             r.edx &= !LEAF7_EDX_HIDDEN;
         }
+        // AVX-VNNI (4) and AVX512_BF16 (5): AVX state too.
+        7 if subleaf == 1 => r.eax &= !(1 << 4 | 1 << 5),
         // No XSAVE: its components are not described.
         0xd => r = CpuidResult::default(),
         // The TSC's rate as the crystal's (ratio 1/1), and as the base and

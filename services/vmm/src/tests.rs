@@ -1453,6 +1453,11 @@ fn cpuid_hides_what_the_platform_does_not_give_a_kernel() {
     assert_ne!(ebx & 1, 0, "FSGSBASE stays");
     assert_eq!(
         cpuid_of(&mut vmm, &mut env, 7, 1),
+        [!(1 << 4 | 1 << 5), !0, !0, !0],
+        "subleaf 1 without AVX-VNNI and AVX512_BF16"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 7, 2),
         [!0; 4],
         "other subleaves as the host's"
     );
