@@ -617,8 +617,19 @@ mod tests {
                 ("dirty_wp_fault_ticks <= 1500".to_owned(), Some(false)),
                 ("dirty_pml_exits_per_1000_pages <= 2".to_owned(), Some(true)),
                 ("cow_break_ticks <= 2500".to_owned(), None),
+                ("idle_exits_per_second <= 99".to_owned(), None),
             ]
         );
+        // An idle Linux guest: fewer than 100 exits a second.
+        for (n, met) in [(99, true), (100, false)] {
+            f.insert("idle_exits_per_second".into(), Some(n));
+            let idle = check_targets(&f)
+                .into_iter()
+                .find(|(t, _)| t.starts_with("idle_exits_per_second"))
+                .unwrap();
+            assert_eq!(idle.1, Some(met), "{n}");
+        }
+        f.remove("idle_exits_per_second");
         // A CPU without the feature (VMFUNC): not measured, not failed.
         f.insert("vmfunc_switch_exits".into(), None);
         let exits = check_targets(&f)
