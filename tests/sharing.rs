@@ -243,14 +243,17 @@ fn two_running_domains_of_one_image_are_deduplicated_and_finish_right() {
     let run = boot_live(
         &img,
         Machine::Bochs,
-        |_| {},
+        // The scan reads 8,192 pages through the kernel: on a loaded
+        // machine Bochs takes minutes of wall time for it.
+        |c| c.timeout = std::time::Duration::from_secs(900),
         |live| {
             let ready = live.wait_for("dom1", "sharer: ready", 300).text.clone();
             live.wait_for("dom2", "sharer: ready", 300);
             let s = live.socket().to_owned();
             let ctrl = format!("{:#x}", value(&ready, "ctrl="));
+            let started = std::time::Instant::now();
             let scan = ok(&s, &["share", "scan", "a", "b", "--json"]);
-            eprintln!("scan: {scan}");
+            eprintln!("scan ({:.0?}): {scan}", started.elapsed());
             assert_eq!(value(&scan, "\"pages\":"), 2 * 4096, "{scan}");
             let saved = value(&scan, "\"saved\":");
             assert!(saved > 0, "{scan}");

@@ -84,6 +84,9 @@ pub struct RunConfig {
     pub iommu: bool,
     /// QEMU: extra ACPI tables (`-acpitable file=`).
     pub acpi_tables: Vec<PathBuf>,
+    /// QEMU: extra devices (`-device` arguments), e.g. a PCIe root port
+    /// with a second edu behind it.
+    pub qemu_devices: Vec<String>,
     /// Print each decoded line as it arrives.
     pub live: bool,
     /// Also send each decoded line here as it arrives (tests that act on a
@@ -112,6 +115,7 @@ impl RunConfig {
             bochs_cpu: "corei7_skylake_x".to_owned(),
             iommu: false,
             acpi_tables: Vec::new(),
+            qemu_devices: Vec::new(),
             live: false,
             tap: None,
             stop: None,
@@ -717,6 +721,9 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result
             "edu,addr=03.0",
         ]);
     }
+    for d in &cfg.qemu_devices {
+        c.arg("-device").arg(d);
+    }
     for t in &cfg.acpi_tables {
         if !t.is_file() {
             bail!("ACPI table {} does not exist", t.display());
@@ -732,7 +739,7 @@ fn bochs(
     rundir: &Path,
     com2: Option<u16>,
 ) -> Result<(Command, Option<PathBuf>)> {
-    if cfg.iommu || !cfg.acpi_tables.is_empty() {
+    if cfg.iommu || !cfg.acpi_tables.is_empty() || !cfg.qemu_devices.is_empty() {
         bail!("Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d");
     }
     let bios = Path::new("/usr/share/bochs/BIOS-bochs-latest");

@@ -139,7 +139,9 @@ pub mod nr {
     pub const IO_IN: u64 = 48;
     /// IO_OUT(ioports, port, size, value).
     pub const IO_OUT: u64 = 49;
-    /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`.
+    /// IRQ_BIND(irq, notification, bit): the interrupt sets `bit`. With the
+    /// Iommu handle (`device`) instead of an Irq: the units' fault interrupt
+    /// (IO-6) sets it, the holder then takes the records (IOMMU_FAULTS).
     pub const IRQ_BIND: u64 = 50;
     /// HANDLE_DERIVE(handle, a, b, rights) -> RDI = a new handle to part of
     /// the object, with the parent's rights masked by `rights` (0: all of
@@ -240,13 +242,22 @@ pub mod nr {
     /// IOMMU_RMRR(iommu, index, buf_ptr, cap, frames): reserved memory
     /// region `index` of the DMAR (RMRR-1). With `frames` 0: RDI = its first
     /// byte, RSI = its last, RDX = device scopes written to `buf` (u32 each:
-    /// segment << 16 | source id, for scopes naming a function directly).
+    /// segment << 16 | source id of the function a PCI scope's path leads
+    /// to through the bridges; a sub-hierarchy scope's bridge).
     /// With `frames` 1: RDI = a new Frames handle of exactly the region
     /// (kind reserved: never mapped into a service, given to a domain only
     /// at gfn = frame, RMRR-4), refused where any of it is RAM the kernel
     /// allocates. Past the last region `BadArgument`. Needs `create` on the
     /// Iommu handle.
     pub const IOMMU_RMRR: u64 = 122;
+    /// DEVICE_RESET(device) -> RDI = how (0 FLR, 1 Advanced Features FLR,
+    /// 2 secondary bus reset through the bridge above it, 3 bus mastering
+    /// turned off and on: nothing else reset): resets the PCI function
+    /// (segment 0) by the best means it offers, its header (BARs, command,
+    /// interrupt line) written back after (IO-6: a device that faulted).
+    /// A function that no longer answers `Busy`. Needs `device` on the
+    /// Device handle.
+    pub const DEVICE_RESET: u64 = 121;
 }
 
 /// The most pairs (IOSPACE_MAP) or bus frames (IOSPACE_UNMAP) in one call.

@@ -5,8 +5,11 @@
 //! devices attached to them, and a domain's RAM frames mapped at bus frame
 //! numbers a service chooses; an unmap returns only once the IOTLB
 //! invalidation that removes it has completed (IO-3). Who maps what for
-//! whom is the `iommu` service's business. The driver and the formats are
-//! `platform::vtd` (host-tested); this is its registers and memory.
+//! whom is the `iommu` service's business. A recorded fault raises
+//! [`FAULT_VECTOR`], which notifies whoever bound it (`sys::irq`); a
+//! device's holder may reset it (DEVICE_RESET, `platform::pci::reset`).
+//! The driver and the formats are `platform::vtd` (host-tested); this is
+//! its registers and memory.
 
 use crate::mem::phys_to_virt;
 use crate::vm::memory::{alloc_zeroed_frame, free_frame};
@@ -76,6 +79,14 @@ impl Host for Kernel {
             done(self)
         })
     }
+    fn pci_read(&self, segment: u16, source: u16, offset: u8) -> u32 {
+        if segment != 0 {
+            return u32::MAX;
+        }
+        // Safety: as in `check_device`: nobody else uses the configuration
+        // ports while the kernel runs (the address port kept for init).
+        keeping_address(|| unsafe { platform::pci::read(source, offset) })
+    }
 }
 
 /// Turns every unit on with nothing attached (all DMA blocked).
@@ -127,16 +138,82 @@ pub fn init(dmar: &Dmar<'static>, registers_only: bool) {
     }
 }
 
+/// The vector of the units' fault events (IO-6), after the 16 ISA lines.
+pub const FAULT_VECTOR: u8 = 0x40;
+
+/// Has every unit raise [`FAULT_VECTOR`] at the boot CPU's local APIC
+/// (`apic_id`) when it records a fault; the interrupt notifies whoever
+/// bound it (`sys::irq`), which reads the records (IOMMU_FAULTS).
+pub fn fault_interrupts(apic_id: u32) {
+    if let Some(i) = IOMMU.lock().as_mut() {
+        i.fault_interrupts(
+            0xfee0_0000 | (apic_id & 0xff) << 12,
+            u32::from(FAULT_VECTOR),
+        );
+        defmt::info!(
+            "IOMMU: fault events raise vector {=u8:#x} at local APIC {=u32} (IO-6)",
+            FAULT_VECTOR,
+            apic_id
+        );
+    }
+}
+
+/// Configuration space through the ports, and a TSC clock.
+struct Ports;
+
+impl platform::pci::Config for Ports {
+    fn read(&mut self, source: u16, offset: u8) -> u32 {
+        // Safety: as in `check_device`.
+        unsafe { platform::pci::read(source, offset) }
+    }
+    fn write(&mut self, source: u16, offset: u8, value: u32) {
+        // Safety: as in `check_device`; the function is the caller's, and
+        // the bridge a bus reset goes through has nothing else below it.
+        unsafe { platform::pci::write(source, offset, value) }
+    }
+    fn sleep_ms(&mut self, ms: u32) {
+        if crate::time::tsc_hz().is_none() {
+            // No clock: spin (longer than needed on any CPU).
+            (0..u64::from(ms) * 1_000_000).for_each(|_| core::hint::spin_loop());
+            return;
+        }
+        let end = crate::time::micros() + 1000 * u64::from(ms);
+        while crate::time::micros() < end {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Runs `f` with the configuration address port (0xcf8) as it found it
+/// afterwards: init, which programs devices through its two port calls,
+/// may have been preempted between them.
+fn keeping_address<R>(f: impl FnOnce() -> R) -> R {
+    // Safety: reading and writing back the address port changes nothing.
+    let address = unsafe { platform::port::inl(0xcf8) };
+    let r = f();
+    // Safety: as above.
+    unsafe { platform::port::outl(0xcf8, address) };
+    r
+}
+
+/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
+pub fn reset(source: u16) -> Option<platform::pci::Reset> {
+    keeping_address(|| platform::pci::reset(&mut Ports, source))
+}
+
 /// Checks that a device can be handed out: a unit covers it and (on
 /// segment 0, where the kernel can look) something answers there.
 pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), IommuError> {
     iommu
         .unit_of(segment, source)
         .ok_or(IommuError::NotCovered)?;
-    // Safety: init, the only other user of the configuration ports, cannot
-    // run while the kernel does.
-    if segment == 0 && unsafe { platform::pci::read(source, 0) } & 0xffff == 0xffff {
-        return Err(IommuError::NoDevice);
+    if segment == 0 {
+        // Safety: init, the only other user of the configuration ports,
+        // cannot run while the kernel does (the address port kept for it).
+        let id = keeping_address(|| unsafe { platform::pci::read(source, 0) });
+        if id & 0xffff == 0xffff {
+            return Err(IommuError::NoDevice);
+        }
     }
     Ok(())
 }
@@ -145,7 +222,7 @@ pub fn check_device(iommu: &Iommu, segment: u16, source: u16) -> Result<(), Iomm
 pub fn bar(source: u16, index: u8) -> Option<(u64, u64)> {
     // Safety: as in `check_device`; the device's driver, if any, is the
     // service that asks for its BAR, blocked in this call.
-    unsafe { platform::pci::memory_bar(source, index) }
+    keeping_address(|| unsafe { platform::pci::memory_bar(source, index) })
 }
 
 /// Whether a device may reach a frame `claimed` claims through an IoSpace

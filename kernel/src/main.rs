@@ -184,6 +184,7 @@ pub extern "C" fn kmain(magic: u32, info: u32) -> ! {
             0
         }
     };
+    iommu::fault_interrupts(apic_id);
     if let Some((ioapic, gsi_base)) = acpi.as_ref().and_then(|a| a.ioapic) {
         sys::irq::init(sys::irq::Routing {
             ioapic,

@@ -20,6 +20,7 @@ pub mod multiboot;
 pub mod pci;
 pub mod port;
 pub mod power;
+pub mod records;
 pub mod serial;
 pub mod span;
 pub mod vmx;

@@ -96,6 +96,172 @@ pub unsafe fn memory_bar(source: u16, index: u8) -> Option<(u64, u64)> {
     }
 }
 
+/// Configuration space as the reset code reads and writes it, and a
+/// clock: the kernel's ports, or a model in the host tests.
+pub trait Config {
+    fn read(&mut self, source: u16, offset: u8) -> u32;
+    fn write(&mut self, source: u16, offset: u8, value: u32);
+    /// Waits `ms` milliseconds.
+    fn sleep_ms(&mut self, ms: u32);
+}
+
+/// How a function was reset (DEVICE_RESET's answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Reset {
+    /// Function-level reset through its PCI Express capability (DevCap
+    /// bit 28).
+    Flr,
+    /// Function-level reset through its Advanced Features capability.
+    AfFlr,
+    /// Secondary bus reset through the bridge above it (`bridge`): the
+    /// function is alone below that bridge.
+    SecondaryBus { bridge: u16 },
+    /// None of those: bus mastering turned off (its DMA stopped, pending
+    /// transactions waited for where it says) and back on; the device's
+    /// own state is not reset.
+    BusMaster,
+}
+
+impl Reset {
+    /// DEVICE_RESET's RDI.
+    pub const fn code(self) -> u64 {
+        match self {
+            Self::Flr => 0,
+            Self::AfFlr => 1,
+            Self::SecondaryBus { .. } => 2,
+            Self::BusMaster => 3,
+        }
+    }
+}
+
+/// Capability ids.
+const CAP_PCIE: u8 = 0x10;
+const CAP_AF: u8 = 0x13;
+
+/// The offset of capability `id` in the function's list, if it has one.
+fn capability(c: &mut dyn Config, source: u16, id: u8) -> Option<u8> {
+    if (c.read(source, 4) >> 16) & 0x10 == 0 {
+        return None;
+    }
+    let mut at = (c.read(source, 0x34) & 0xfc) as u8;
+    // At most 48 capabilities fit in the 192 bytes after the header.
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        let head = c.read(source, at);
+        if head as u8 == id {
+            return Some(at);
+        }
+        at = ((head >> 8) & 0xfc) as u8;
+    }
+    None
+}
+
+fn exists(c: &mut dyn Config, source: u16) -> bool {
+    c.read(source, 0) & 0xffff != 0xffff
+}
+
+/// The bridges from bus 0 down to the one whose secondary bus is `bus`
+/// (that one last), each found on the bus above by its bus range; empty
+/// for bus 0 or where no chain of configured bridges leads there. Each
+/// step goes at least one bus deeper.
+pub fn bridges_above(c: &mut dyn Config, bus: u8) -> heapless::Vec<u16, 32> {
+    let mut chain = heapless::Vec::new();
+    let mut on = 0u8;
+    while on != bus {
+        let next = (0..256u16).map(|df| u16::from(on) << 8 | df).find(|&b| {
+            exists(c, b) && (c.read(b, 0x0c) >> 16) & 0x7f == 1 && {
+                let buses = c.read(b, 0x18);
+                let (sec, sub) = ((buses >> 8) as u8, (buses >> 16) as u8);
+                sec > on && (sec..=sub).contains(&bus)
+            }
+        });
+        match next.map(|b| (b, chain.push(b))) {
+            Some((b, Ok(()))) => on = (c.read(b, 0x18) >> 8) as u8,
+            _ => {
+                chain.clear();
+                break;
+            }
+        }
+    }
+    chain
+}
+
+/// Resets function `source` by the best means it offers: FLR (PCIe or
+/// AF capability), else a secondary bus reset where it is the only
+/// function below its bridge and no bus lies below it, else a bus-master
+/// cycle. Its header (BARs, ROM, interrupt line, command) is saved first
+/// and written back after, so its registers are where they were; a
+/// function that does not answer is left alone (`None`).
+pub fn reset(c: &mut dyn Config, source: u16) -> Option<Reset> {
+    if !exists(c, source) {
+        return None;
+    }
+    let saved: [u32; 16] = core::array::from_fn(|i| c.read(source, 4 * i as u8));
+    let command = saved[1] & 0xffff;
+    let pcie = capability(c, source, CAP_PCIE);
+    let af = capability(c, source, CAP_AF);
+    // Bus mastering off: no new DMA from it.
+    c.write(source, 4, command & !0b100);
+    let how = if let Some(at) = pcie.filter(|&at| c.read(source, at + 4) & 1 << 28 != 0) {
+        wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
+        let control = c.read(source, at + 8) & 0xffff;
+        c.write(source, at + 8, control | 1 << 15);
+        c.sleep_ms(100);
+        Reset::Flr
+    } else if let Some(at) = af.filter(|&at| c.read(source, at) & 1 << 25 != 0) {
+        wait_idle(c, |c| c.read(source, at + 4) & 1 << 8 == 0);
+        c.write(source, at + 4, 1);
+        c.sleep_ms(100);
+        Reset::AfFlr
+    } else if let Some(bridge) = alone_below_bridge(c, source) {
+        let control = c.read(bridge, 0x3c);
+        c.write(bridge, 0x3c, control | 1 << 22);
+        c.sleep_ms(2);
+        c.write(bridge, 0x3c, control & !(1 << 22));
+        c.sleep_ms(100);
+        Reset::SecondaryBus { bridge }
+    } else {
+        if let Some(at) = pcie {
+            wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
+        }
+        Reset::BusMaster
+    };
+    // The header back: BARs, ROM and interrupt line, then the command.
+    for i in (3..16).filter(|&i| i != 14) {
+        c.write(source, 4 * i as u8, saved[i]);
+    }
+    c.write(source, 4, command);
+    Some(how)
+}
+
+/// Up to 100 ms for a function's pending transactions to finish.
+fn wait_idle(c: &mut dyn Config, idle: impl Fn(&mut dyn Config) -> bool) {
+    for _ in 0..10 {
+        if idle(c) {
+            return;
+        }
+        c.sleep_ms(10);
+    }
+}
+
+/// The bridge above `source` when a secondary bus reset would reach only
+/// it: no other function answers on its bus, and no bus lies below.
+fn alone_below_bridge(c: &mut dyn Config, source: u16) -> Option<u16> {
+    let bus = (source >> 8) as u8;
+    if bus == 0 {
+        return None;
+    }
+    let bridge = *bridges_above(c, bus).last()?;
+    let alone = (c.read(bridge, 0x18) >> 16) as u8 == bus
+        && (0..256u16)
+            .map(|df| u16::from(bus) << 8 | df)
+            .all(|f| f == source || !exists(c, f));
+    alone.then_some(bridge)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +282,213 @@ mod tests {
         assert_eq!(decode_bar(0, 0, 0xfff0_0000, 0), None, "unassigned");
         assert_eq!(decode_bar(0xfea0_0000, 0, 0, 0), None, "not implemented");
         assert_eq!(address(0x18, 0x13), 0x8000_1810);
+    }
+
+    /// A model of configuration space: functions as dword maps; an FLR or
+    /// a secondary bus reset clears what a reset clears (BARs, command).
+    #[derive(Default)]
+    struct Model {
+        space: std::collections::BTreeMap<u16, [u32; 64]>,
+        /// (source) reset, in order; every command-register write.
+        resets: std::vec::Vec<u16>,
+        commands: std::vec::Vec<(u16, u32)>,
+        slept: u32,
+        /// Where writing a function's FLR bit resets it: (PCIe device
+        /// control, AF control).
+        controls: std::collections::BTreeMap<u16, (Option<u8>, Option<u8>)>,
+    }
+
+    impl Model {
+        fn function(&mut self, source: u16, caps: &[(u8, u32, u32)]) {
+            let mut f = [0u32; 64];
+            f[0] = 0x11e8_1234;
+            f[1] = 0x0000_0006; // memory decoding, bus mastering
+            f[4] = 0xfea0_0000; // BAR 0
+            f[15] = 0x0000_010b; // interrupt line 11
+            let mut prev: Option<usize> = None;
+            for &(id, w1, w2) in caps {
+                let at = prev.map_or(0x40, |p| p + 0x10);
+                f[at / 4] = u32::from(id);
+                f[at / 4 + 1] = w1;
+                f[at / 4 + 2] = w2;
+                match prev {
+                    None => {
+                        f[1] |= 0x10 << 16;
+                        f[0x34 / 4] = at as u32;
+                    }
+                    Some(p) => f[p / 4] |= (at as u32) << 8,
+                }
+                let c = self.controls.entry(source).or_default();
+                match id {
+                    CAP_PCIE => c.0 = Some(at as u8 + 8),
+                    CAP_AF => c.1 = Some(at as u8 + 4),
+                    _ => {}
+                }
+                prev = Some(at);
+            }
+            self.space.insert(source, f);
+        }
+        fn bridge(&mut self, source: u16, secondary: u8, subordinate: u8) {
+            let mut f = [0u32; 64];
+            f[0] = 0x000c_1b36;
+            f[3] = 1 << 16;
+            f[6] =
+                u32::from(source >> 8) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
+            self.space.insert(source, f);
+        }
+        fn reset_function(&mut self, source: u16) {
+            self.resets.push(source);
+            let f = self.space.get_mut(&source).unwrap();
+            f[1] &= !0xffff;
+            for bar in &mut f[4..10] {
+                *bar = 0;
+            }
+            f[15] &= !0xff;
+        }
+    }
+
+    impl Config for Model {
+        fn read(&mut self, source: u16, offset: u8) -> u32 {
+            self.space
+                .get(&source)
+                .map_or(u32::MAX, |f| f[usize::from(offset) / 4])
+        }
+        fn write(&mut self, source: u16, offset: u8, value: u32) {
+            let Some(f) = self.space.get_mut(&source) else {
+                return;
+            };
+            let at = usize::from(offset) / 4;
+            let old = f[at];
+            // The status half of the command dword is read-only here.
+            f[at] = if offset == 4 {
+                old & 0xffff_0000 | value & 0xffff
+            } else {
+                value
+            };
+            if offset == 4 {
+                self.commands.push((source, value & 0xffff));
+            }
+            let (flr, af) = self.controls.get(&source).copied().unwrap_or_default();
+            if flr == Some(offset) && value & 1 << 15 != 0 {
+                f[at] &= !(1 << 15);
+                self.reset_function(source);
+            } else if af == Some(offset) && value & 1 != 0 {
+                f[at] &= !1;
+                self.reset_function(source);
+            } else if offset == 0x3c
+                && f[3] >> 16 & 0x7f == 1
+                && value & 1 << 22 != 0
+                && old & 1 << 22 == 0
+            {
+                let sec = (f[6] >> 8) as u8;
+                let below: std::vec::Vec<u16> = self
+                    .space
+                    .keys()
+                    .copied()
+                    .filter(|s| (s >> 8) as u8 == sec)
+                    .collect();
+                for b in below {
+                    self.reset_function(b);
+                }
+            }
+        }
+        fn sleep_ms(&mut self, ms: u32) {
+            self.slept += ms;
+        }
+    }
+
+    fn restored(m: &mut Model, source: u16) {
+        assert_eq!(m.read(source, 0x10), 0xfea0_0000, "BAR 0 written back");
+        assert_eq!(m.read(source, 0x3c) & 0xff, 0x0b, "interrupt line back");
+        assert_eq!(m.read(source, 4) & 0xffff, 6, "command back");
+        assert_eq!(
+            m.commands.first(),
+            Some(&(source, 2)),
+            "bus mastering off first"
+        );
+    }
+
+    /// Issue 12 point 5 (IO-6): a function advertising FLR in its PCI
+    /// Express capability is reset that way, its header written back.
+    #[test]
+    fn a_function_with_flr_is_reset_by_flr() {
+        let mut m = Model::default();
+        // PCIe capability: DevCap with FLR (bit 28).
+        m.function(0x0018, &[(0x05, 0, 0), (CAP_PCIE, 1 << 28, 0)]);
+        assert_eq!(reset(&mut m, 0x0018), Some(Reset::Flr));
+        assert_eq!(m.resets, [0x0018]);
+        assert!(m.slept >= 100, "100 ms after an FLR");
+        restored(&mut m, 0x0018);
+    }
+
+    #[test]
+    fn a_function_with_af_flr_is_reset_by_it() {
+        let mut m = Model::default();
+        // PCIe without FLR, then AF (at 0x50) with FLR and TP (its
+        // capabilities byte: bits 25, 24 of its first dword).
+        m.function(0x0018, &[(CAP_PCIE, 0, 0), (CAP_AF, 0, 0)]);
+        m.space.get_mut(&0x0018).unwrap()[0x50 / 4] |= 0x3 << 24;
+        assert_eq!(reset(&mut m, 0x0018), Some(Reset::AfFlr));
+        assert_eq!(m.resets, [0x0018]);
+        restored(&mut m, 0x0018);
+    }
+
+    /// Without FLR, alone below a bridge: a secondary bus reset through
+    /// it (asserted, then released), found from bus 0 down.
+    #[test]
+    fn a_function_alone_below_a_bridge_gets_a_secondary_bus_reset() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 2); // 00:04.0 -> buses 1..=2
+        m.bridge(0x0100, 2, 2); // 01:00.0 -> bus 2
+        m.function(0x0200, &[]);
+        m.function(0x0018, &[]);
+        assert_eq!(
+            reset(&mut m, 0x0200),
+            Some(Reset::SecondaryBus { bridge: 0x0100 })
+        );
+        assert_eq!(m.resets, [0x0200], "only the function below it");
+        assert_eq!(m.read(0x0100, 0x3c) & 1 << 22, 0, "released");
+        restored(&mut m, 0x0200);
+    }
+
+    /// The bridges above a bus, from bus 0 down (init turns on their
+    /// memory decoding and bus mastering for a device it hands out).
+    #[test]
+    fn the_bridges_above_a_bus_are_found_from_bus_0_down() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 3); // 00:04.0 -> buses 1..=3
+        m.bridge(0x0028, 4, 4); // 00:05.0 -> bus 4
+        m.bridge(0x0108, 2, 3); // 01:01.0 -> buses 2..=3
+        m.bridge(0x0200, 3, 3); // 02:00.0 -> bus 3
+        m.function(0x0018, &[]);
+        assert_eq!(
+            bridges_above(&mut m, 3).as_slice(),
+            [0x0020, 0x0108, 0x0200]
+        );
+        assert_eq!(bridges_above(&mut m, 4).as_slice(), [0x0028]);
+        assert!(bridges_above(&mut m, 0).is_empty(), "the root bus");
+        assert!(bridges_above(&mut m, 7).is_empty(), "no bridge leads there");
+    }
+
+    /// Where a bus reset would reach others (another function on its bus,
+    /// or a bus below its bridge), or it is on bus 0: bus mastering off and
+    /// back on, nothing reset.
+    #[test]
+    fn otherwise_bus_mastering_is_cycled_and_nothing_else_reset() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 1);
+        m.function(0x0100, &[]);
+        m.function(0x0101, &[]);
+        m.function(0x0018, &[]);
+        for f in [0x0100, 0x0018] {
+            m.commands.clear();
+            assert_eq!(reset(&mut m, f), Some(Reset::BusMaster));
+            restored(&mut m, f);
+        }
+        m.bridge(0x0028, 3, 4);
+        m.function(0x0300, &[]);
+        assert_eq!(reset(&mut m, 0x0300), Some(Reset::BusMaster));
+        assert!(m.resets.is_empty());
+        assert_eq!(reset(&mut m, 0x0500), None, "nothing answers there");
     }
 }

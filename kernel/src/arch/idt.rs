@@ -255,7 +255,8 @@ extern "C" fn trap(frame: &mut TrapFrame) {
     match frame.vector {
         0..=31 => kernel_exception(frame),
         v if (u64::from(crate::sys::irq::IRQ_BASE)..u64::from(crate::sys::irq::IRQ_BASE) + 16)
-            .contains(&v) =>
+            .contains(&v)
+            || v == u64::from(crate::iommu::FAULT_VECTOR) =>
         {
             crate::sys::irq::handle(crate::sys::kernel(), v as u8);
         }

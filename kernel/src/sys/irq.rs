@@ -23,6 +23,9 @@ pub struct Routing {
 struct State {
     routing: Option<Routing>,
     bound: [Option<(u16, u64)>; 16],
+    /// The IOMMU's fault interrupt ([`crate::iommu::FAULT_VECTOR`]): the
+    /// notification it sets.
+    faults: Option<(u16, u64)>,
 }
 
 struct Cell(UnsafeCell<State>);
@@ -33,6 +36,7 @@ unsafe impl Sync for Cell {}
 static STATE: Cell = Cell(UnsafeCell::new(State {
     routing: None,
     bound: [None; 16],
+    faults: None,
 }));
 
 fn state() -> &'static mut State {
@@ -90,16 +94,31 @@ unsafe fn write_ioapic(base: u64, reg: u32, value: u32) {
     }
 }
 
+/// Routes the IOMMU's fault interrupt to notification `note` (IO-6):
+/// its holder reads the fault records when notified.
+pub fn bind_faults(note: u16, bits: u64) {
+    state().faults = Some((note, bits));
+}
+
 /// Whether any line is bound (an interrupt could still wake a service).
+/// The IOMMU's fault interrupt does not count: it only reports DMA some
+/// service programmed, and waking the iommu service to log it ends no
+/// wait of the others.
 pub fn any_bound() -> bool {
     state().bound.iter().any(Option::is_some)
 }
 
 /// An interrupt on `vector`: notify, then end of interrupt.
 pub fn handle(k: &mut Kernel, vector: u8) {
-    if let Some(irq) = vector.checked_sub(IRQ_BASE).filter(|i| *i < 16)
-        && let Some((note, bits)) = state().bound[usize::from(irq)]
-    {
+    let s = state();
+    let bound = if vector == crate::iommu::FAULT_VECTOR {
+        s.faults
+    } else {
+        vector
+            .checked_sub(IRQ_BASE)
+            .and_then(|irq| s.bound.get(usize::from(irq)).copied().flatten())
+    };
+    if let Some((note, bits)) = bound {
         k.notify(note, bits);
     }
     crate::apic::end_of_interrupt();

@@ -588,7 +588,6 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IO_OUT_BYTES => io_out_bytes(k, pid, a),
         nr::IRQ_BIND => {
-            let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
             let n = cap!(
                 k,
                 pid,
@@ -597,7 +596,24 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 ObjectKind::Notification,
                 rights::SIGNAL
             );
-            let (Object::Irq(irq), Object::Notification(note)) = (c.object, n.object) else {
+            let Object::Notification(note) = n.object else {
+                return Err(SysError::WrongKind);
+            };
+            // The Iommu handle: the units' fault interrupt (IO-6).
+            if k.cap(pid, a[0], ObjectKind::Iommu, rights::DEVICE).is_ok() {
+                crate::iommu::IOMMU
+                    .lock()
+                    .as_ref()
+                    .ok_or(SysError::Unsupported)?;
+                super::irq::bind_faults(note, a[2]);
+                defmt::info!(
+                    "service {=str}: the IOMMU's fault interrupt notifies it (IO-6)",
+                    k.process_name(pid)
+                );
+                return Ok(Values([0; 3]));
+            }
+            let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
+            let Object::Irq(irq) = c.object else {
                 return Err(SysError::WrongKind);
             };
             super::irq::bind(irq, note, a[2]).map_err(|_| SysError::Unsupported)?;
@@ -620,6 +636,29 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 0
             };
             Ok(Values([bits, 0, 0]))
+        }
+        nr::DEVICE_RESET => {
+            let d = cap!(
+                k,
+                pid,
+                "DEVICE_RESET",
+                a[0],
+                ObjectKind::Device,
+                rights::DEVICE
+            );
+            let Object::Device { segment: 0, source } = d.object else {
+                return Err(SysError::Unsupported);
+            };
+            let how = crate::iommu::reset(source).ok_or(SysError::Busy)?;
+            defmt::info!(
+                "service {=str}: device 0000:{=u8:02x}:{=u8:02x}.{=u8} reset: {}",
+                k.process_name(pid),
+                (source >> 8) as u8,
+                ((source >> 3) & 31) as u8,
+                (source & 7) as u8,
+                how
+            );
+            Ok(Values([how.code(), 0, 0]))
         }
         nr::IOSPACE_CREATE
         | nr::IOSPACE_ATTACH

@@ -74,6 +74,10 @@ pub struct Domain {
     /// change (it is not unpaused, written for services, destroyed, or
     /// given other frames).
     pub forks: u16,
+    /// Its gfns that map a frame other than their RAM frame (a shared
+    /// frame, or a copy of its own: every page a fork wrote), in frames of
+    /// its own table quota (docs/sharing.md).
+    pub backs: platform::records::Records,
 }
 
 /// Why a domain operation was refused.
@@ -100,11 +104,21 @@ impl Domain {
     /// An empty domain: no RAM, no vCPU.
     pub fn create(id: u16, name: HandleName, protected: bool) -> Result<Domain, DomainError> {
         let f = super::features();
-        let views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
-        let Some(msr_bitmap) = msr_bitmap() else {
-            let mut views = views;
-            views.destroy_all();
-            return Err(DomainError::OutOfMemory);
+        let mut views = Views::new(f.vmfunc, f.ept_ad, f.invept).ok_or(DomainError::OutOfMemory)?;
+        // The first frame of its records, taken now and kept while it
+        // lives: a domain's first shared or copied pages change the free
+        // frames by their own frames alone (SH-4's counts stay exact).
+        let mut backs = platform::records::Records::new();
+        let msr_bitmap = match (backs.reserve(&mut views.tables), msr_bitmap()) {
+            (Ok(()), Some(msr_bitmap)) => msr_bitmap,
+            (_, bitmap) => {
+                if let Some(bitmap) = bitmap {
+                    free_frame(bitmap);
+                }
+                backs.clear(&mut views.tables);
+                views.destroy_all();
+                return Err(DomainError::OutOfMemory);
+            }
         };
         Ok(Domain {
             id,
@@ -136,6 +150,7 @@ impl Domain {
             guest_grants: heapless::Vec::new(),
             parent: None,
             forks: 0,
+            backs,
         })
     }
 
@@ -197,21 +212,21 @@ impl Domain {
     /// The gfn whose host-p2m mapping is the frame at `hpa` (a frame that
     /// page sharing put behind a gfn included: docs/sharing.md).
     pub fn gfn_of_frame(&self, hpa: u64) -> Option<u64> {
-        if let Some(gfn) = super::shared::gfn_backed_by(self.id, hpa) {
-            return Some(gfn);
-        }
+        // Its RAM frame at a gfn that maps it (a look-up by key), else a
+        // frame one of its records names (a scan of them).
         self.ram
             .iter()
             .find(|(_, base, count)| hpa >= *base && hpa < base + count * PAGE_SIZE)
             .map(|(gfn, base, _)| gfn + (hpa - base) / PAGE_SIZE)
-            .filter(|&gfn| super::shared::backing(self.id, gfn).is_none())
+            .filter(|&gfn| super::shared::backing(self, gfn).is_none())
+            .or_else(|| super::shared::gfn_backed_by(self, hpa))
     }
 
     /// The frame the host p2m maps at `gfn` that a service may map: the
     /// domain's RAM frame, or the frame of its own a copy-on-write break
     /// gave it; `None` for a shared frame (SH-2: no service maps one).
     pub fn frame_of_gfn(&self, gfn: u64) -> Option<u64> {
-        if let Some(own) = super::shared::backing(self.id, gfn) {
+        if let Some(own) = super::shared::backing(self, gfn) {
             return own;
         }
         self.ram_frame(gfn)
@@ -341,9 +356,10 @@ impl Domain {
     /// Gives back what the domain's tables, vCPU and logs hold (not its RAM:
     /// those frames belong to the frames objects the builder holds).
     pub fn destroy(mut self) {
+        // SH-4: its references to shared frames, and its copies (their
+        // records are in frames of its tables' quota: first).
+        super::shared::release(&mut self);
         self.views.destroy_all();
-        // SH-4: its references to shared frames, and its copies.
-        super::shared::release(self.id);
         free_frame(self.msr_bitmap);
         if let Some(v) = self.vcpu.take() {
             v.destroy();

@@ -280,7 +280,10 @@ fn run_until_handler(d: &mut Domain, others_waiting: bool) -> Stop {
             }
             // Out of `fast_path`, so that the null hypercall's code stays
             // as it is.
-            Fast::No if raw.reason() == reason::EPT_VIOLATION && lift_on_write(d) => {
+            Fast::No
+                if raw.reason() == reason::EPT_VIOLATION
+                    && (lift_on_write(d) || copy_on_write(d)) =>
+            {
                 if !others_waiting || platform::cpu::rdtsc() < d.slice_end {
                     continue;
                 }
@@ -485,6 +488,31 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
         }
         _ => Fast::No,
     }
+}
+
+/// An EPT violation: a fork's write to a page of its parent's, in its host
+/// p2m, where the entry is armed for a copy (docs/sharing.md): the page is
+/// copied and the guest resumed without a message. Out of line, as
+/// [`lift_on_write`].
+#[inline(never)]
+fn copy_on_write(d: &mut Domain) -> bool {
+    let Some(v) = d.vcpu.as_ref() else {
+        return false;
+    };
+    let q = v.qualification();
+    let (access, allowed) = (q & 7, (q >> 3) & 7);
+    if d.parent.is_none() || v.active_view() != 0 || access & 2 == 0 || access & !(allowed | 2) != 0
+    {
+        return false;
+    }
+    let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);
+    if !shared::copy_on_write(d, gpa) {
+        return false;
+    }
+    if let Some(v) = d.vcpu.as_mut() {
+        v.reinject_interrupted_event();
+    }
+    true
 }
 
 /// An EPT violation: a write to an entry the EPT owner armed to be lifted on

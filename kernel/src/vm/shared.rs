@@ -10,8 +10,11 @@
 //!   taken again is refused (`NoSuchShare`).
 //! - A **back** records a gfn of a domain whose host-p2m entry maps a frame
 //!   other than the domain's own RAM frame for it: a shared frame, or a
-//!   frame of its own made by a copy-on-write break. The RAM frame a gfn had
-//!   when it came to map a shared frame is freed then.
+//!   frame of its own made by a copy-on-write break (a VM fork's every
+//!   written page). The RAM frame a gfn had when it came to map a shared
+//!   frame is freed then. Each domain keeps its own backs
+//!   ([`Domain::backs`], `platform::records`), in frames counted against
+//!   its own table quota: one domain's copies never take another's room.
 //! - A domain never holds more frames than its RAM has pages: a copy is
 //!   made only for a gfn whose shared frame has other references, which
 //!   each freed a frame when they came to map it.
@@ -31,9 +34,6 @@ use spin::Mutex;
 
 /// Shared frames at once, all domains together.
 pub const FRAMES: usize = 1024;
-/// Gfns backed by a frame other than their own RAM frame, all domains.
-pub const BACKS: usize = 4096;
-const DOMAINS: usize = ipc_schema::manifest::MAX_DOMAINS + 1;
 const INDEX_BITS: u32 = 10;
 
 #[derive(Clone, Copy)]
@@ -52,18 +52,29 @@ enum Kind {
     Own(u64),
 }
 
-#[derive(Clone, Copy)]
-struct Back {
-    domain: u16,
-    gfn: u64,
-    kind: Kind,
+impl Kind {
+    /// As a record's value: a frame's address (4 KiB aligned) or a slot
+    /// with bit 0 set.
+    fn encode(self) -> u64 {
+        match self {
+            Kind::Own(hpa) => hpa,
+            Kind::Shared(slot) => u64::from(slot) << 1 | 1,
+        }
+    }
+
+    fn decode(value: u64) -> Kind {
+        if value & 1 == 1 {
+            Kind::Shared((value >> 1) as u16)
+        } else {
+            Kind::Own(value)
+        }
+    }
 }
 
 struct Table {
     frames: [Frame; FRAMES],
-    backs: heapless::Vec<Back, BACKS>,
-    /// Backs per domain id (a domain with none skips every look-up).
-    per_domain: [u32; DOMAINS],
+    /// Slots with references (none: no frame is shared, no look-up).
+    live: u32,
     generation: u32,
 }
 
@@ -73,29 +84,44 @@ static TABLE: Mutex<Table> = Mutex::new(Table {
         refs: 0,
         generation: 0,
     }; FRAMES],
-    backs: heapless::Vec::new(),
-    per_domain: [0; DOMAINS],
+    live: 0,
     generation: 0,
 });
 
-impl Table {
-    fn back(&self, domain: u16, gfn: u64) -> Option<usize> {
-        if self
-            .per_domain
-            .get(usize::from(domain))
-            .is_none_or(|&n| n == 0)
-        {
-            return None;
+/// What `gfn` of `d` maps, if not its own RAM frame.
+fn kind(d: &Domain, gfn: u64) -> Option<Kind> {
+    if d.backs.is_empty() {
+        return None;
+    }
+    d.backs
+        .find(&d.views.tables, gfn)
+        .map(|(_, v)| Kind::decode(v))
+}
+
+/// Records that `gfn` of `d` maps `kind` (`None`: its own RAM frame
+/// again). The caller made room ([`room`]).
+fn set(d: &mut Domain, gfn: u64, kind: Option<Kind>) {
+    let kind = kind.filter(|&k| Some(k) != d.ram_frame(gfn).map(Kind::Own));
+    let found = d.backs.find(&d.views.tables, gfn);
+    let mem = &mut d.views.tables;
+    match (found, kind) {
+        (Some((i, _)), Some(k)) => d.backs.set(mem, i, k.encode()),
+        (Some((i, _)), None) => {
+            d.backs.remove(mem, i);
         }
-        self.backs
-            .iter()
-            .position(|b| b.domain == domain && b.gfn == gfn)
+        (None, Some(k)) => {
+            let _ = d.backs.insert(mem, gfn, k.encode());
+        }
+        (None, None) => {}
     }
+}
 
-    fn kind(&self, domain: u16, gfn: u64) -> Option<Kind> {
-        self.back(domain, gfn).map(|i| self.backs[i].kind)
-    }
+/// Room for one more record of `d`'s (a frame from its quota if needed).
+fn room(d: &mut Domain) -> bool {
+    d.backs.reserve(&mut d.views.tables).is_ok()
+}
 
+impl Table {
     fn id(&self, slot: usize) -> u32 {
         self.frames[slot].generation << INDEX_BITS | slot as u32
     }
@@ -115,44 +141,17 @@ impl Table {
         }
     }
 
-    /// Records that `gfn` of domain `d` maps `kind` (`None`: its own RAM
-    /// frame again). The caller checked there is room.
-    fn set(&mut self, d: &Domain, gfn: u64, kind: Option<Kind>) {
-        let kind = kind.filter(|&k| Some(k) != d.ram_frame(gfn).map(Kind::Own));
-        match (self.back(d.id, gfn), kind) {
-            (Some(i), Some(k)) => self.backs[i].kind = k,
-            (Some(i), None) => {
-                self.backs.swap_remove(i);
-                self.per_domain[usize::from(d.id)] -= 1;
-            }
-            (None, Some(kind)) => {
-                if self
-                    .backs
-                    .push(Back {
-                        domain: d.id,
-                        gfn,
-                        kind,
-                    })
-                    .is_ok()
-                {
-                    self.per_domain[usize::from(d.id)] += 1;
-                }
-            }
-            (None, None) => {}
-        }
-    }
-
     /// One reference less on `slot`; the frame is freed with the last.
     fn unref(&mut self, slot: usize) {
         let f = &mut self.frames[slot];
-        f.refs = f.refs.saturating_sub(1);
+        if f.refs == 0 {
+            return;
+        }
+        f.refs -= 1;
         if f.refs == 0 {
             free_frame(f.hpa);
+            self.live -= 1;
         }
-    }
-
-    fn room(&self, d: &Domain, gfn: u64) -> bool {
-        self.back(d.id, gfn).is_some() || !self.backs.is_full()
     }
 }
 
@@ -163,41 +162,38 @@ fn free_frames() -> u64 {
 /// The frame the host p2m maps at `gfn` when it is not the domain's RAM
 /// frame for it: `Some(Some(frame))` a frame of its own, `Some(None)` a
 /// shared frame (no service may map it writable), `None` no such record.
-pub fn backing(domain: u16, gfn: u64) -> Option<Option<u64>> {
-    match TABLE.lock().kind(domain, gfn)? {
+pub fn backing(d: &Domain, gfn: u64) -> Option<Option<u64>> {
+    match kind(d, gfn)? {
         Kind::Own(hpa) => Some(Some(hpa)),
         Kind::Shared(_) => Some(None),
     }
 }
 
-/// The gfn of `domain` whose recorded backing frame is `hpa`, and whether
-/// `gfn` (when given) has a backing record at all.
-pub fn gfn_backed_by(domain: u16, hpa: u64) -> Option<u64> {
-    let t = TABLE.lock();
-    if t.per_domain
-        .get(usize::from(domain))
-        .is_none_or(|&n| n == 0)
-    {
+/// The gfn of `d` whose recorded backing frame is `hpa`.
+pub fn gfn_backed_by(d: &Domain, hpa: u64) -> Option<u64> {
+    if d.backs.is_empty() {
         return None;
     }
-    t.backs.iter().find_map(|b| {
-        let frame = match b.kind {
+    let t = TABLE.lock();
+    let i = d.backs.position(&d.views.tables, |_, v| {
+        let frame = match Kind::decode(v) {
             Kind::Own(h) => h,
             Kind::Shared(s) => t.frames[usize::from(s)].hpa,
         };
-        (b.domain == domain && frame == hpa).then_some(b.gfn)
-    })
+        frame == hpa
+    })?;
+    Some(d.backs.get(&d.views.tables, i).0)
 }
 
 /// Whether `hpa` is a shared frame now.
 pub fn is_shared_frame(hpa: u64) -> bool {
     let t = TABLE.lock();
-    !t.backs.is_empty() && t.frames.iter().any(|f| f.refs > 0 && f.hpa == hpa)
+    t.live != 0 && t.frames.iter().any(|f| f.refs > 0 && f.hpa == hpa)
 }
 
 /// Whether `gfn` of domain `d` maps a shared frame.
 pub fn is_shared_gfn(d: &Domain, gfn: u64) -> bool {
-    matches!(TABLE.lock().kind(d.id, gfn), Some(Kind::Shared(_)))
+    matches!(kind(d, gfn), Some(Kind::Shared(_)))
 }
 
 /// The guest-physical address of `gfn`, if it is RAM; `Busy` if the page
@@ -254,11 +250,11 @@ fn read_only(p: platform::ept::Perms) -> platform::ept::Perms {
 pub fn nominate(d: &mut Domain, gfn: u64) -> Result<EptResult, EptOpError> {
     let gpa = changeable(d, gfn)?;
     let mut t = TABLE.lock();
-    if let Some(Kind::Shared(slot)) = t.kind(d.id, gfn) {
+    if let Some(Kind::Shared(slot)) = kind(d, gfn) {
         return Ok(t.result(usize::from(slot)));
     }
     let slot = t.frames.iter().position(|f| f.refs == 0);
-    let (Some(slot), true) = (slot, t.room(d, gfn)) else {
+    let (Some(slot), true) = (slot, room(d)) else {
         return Err(EptOpError::Busy);
     };
     let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
@@ -273,7 +269,8 @@ pub fn nominate(d: &mut Domain, gfn: u64) -> Result<EptResult, EptOpError> {
         refs: 1,
         generation,
     };
-    t.set(d, gfn, Some(Kind::Shared(slot as u16)));
+    t.live += 1;
+    set(d, gfn, Some(Kind::Shared(slot as u16)));
     let result = t.result(slot);
     drop(t);
     forget_in_views(d, gfn, m.hpa);
@@ -287,7 +284,7 @@ pub fn share(d: &mut Domain, gfn: u64, id: u32) -> Result<EptResult, EptOpError>
     let mut t = TABLE.lock();
     let slot = t.slot(id).ok_or(EptOpError::NoSuchShare)?;
     let frame = t.frames[slot].hpa;
-    if !t.room(d, gfn) {
+    if !room(d) {
         return Err(EptOpError::Busy);
     }
     let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
@@ -297,13 +294,13 @@ pub fn share(d: &mut Domain, gfn: u64, id: u32) -> Result<EptResult, EptOpError>
     }
     ept.replace(tables, gpa, frame, read_only(m.perms))
         .map_err(crate::sys::syscall::ept_error)?;
-    match t.kind(d.id, gfn) {
+    match kind(d, gfn) {
         Some(Kind::Shared(old)) => t.unref(usize::from(old)),
         // Its own frame (its RAM frame, or a copy): nothing else maps it.
         _ => free_frame(m.hpa),
     }
     t.frames[slot].refs += 1;
-    t.set(d, gfn, Some(Kind::Shared(slot as u16)));
+    set(d, gfn, Some(Kind::Shared(slot as u16)));
     let result = t.result(slot);
     drop(t);
     forget_in_views(d, gfn, m.hpa);
@@ -322,14 +319,14 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
     if perms.write && !perms.read {
         return Err(EptOpError::WriteWithoutRead);
     }
-    let mut t = TABLE.lock();
-    if d.parent.is_some() && t.kind(d.id, gfn).is_none() {
-        drop(t);
+    let found = kind(d, gfn);
+    if d.parent.is_some() && found.is_none() {
         return break_fork(d, gfn, perms);
     }
-    let Some(Kind::Shared(slot)) = t.kind(d.id, gfn) else {
+    let Some(Kind::Shared(slot)) = found else {
         return Err(EptOpError::NotShared);
     };
+    let mut t = TABLE.lock();
     let slot = usize::from(slot);
     let (id, old) = (t.id(slot), t.frames[slot].hpa);
     let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
@@ -337,19 +334,21 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
         ept.protect(tables, gpa, perms)
             .map_err(crate::sys::syscall::ept_error)?;
         t.frames[slot].refs = 0;
+        t.live -= 1;
         old
     } else {
         let new = copy_to_new(ept, tables, gpa, old, perms)?;
         t.frames[slot].refs -= 1;
         new
     };
-    t.set(d, gfn, Some(Kind::Own(own)));
+    let refs = t.frames[slot].refs;
+    drop(t);
+    set(d, gfn, Some(Kind::Own(own)));
     let result = EptResult::Shared {
         frame: id,
-        refs: t.frames[slot].refs,
+        refs,
         free: free_frames(),
     };
-    drop(t);
     forget_in_views(d, gfn, old);
     Ok(result)
 }
@@ -357,7 +356,7 @@ pub fn unshare(d: &mut Domain, gfn: u64, perms: Perms) -> Result<EptResult, EptO
 /// Whether `gfn` of fork `d` still maps its parent's frame (read-only in
 /// every view, like a shared frame; its first write copies it).
 pub fn forked(d: &Domain, gfn: u64) -> bool {
-    d.parent.is_some() && d.is_ram(gfn) && TABLE.lock().kind(d.id, gfn).is_none()
+    d.parent.is_some() && d.is_ram(gfn) && kind(d, gfn).is_none()
 }
 
 /// A copy on write: a frame from the pool with `old`'s contents, mapped
@@ -391,7 +390,7 @@ fn copy_to_new(
 /// Whether `hpa`, a frame an entry of fork `d` maps, is its parent's (not
 /// one of its own copies): never writable.
 pub fn parents_frame(d: &Domain, hpa: u64) -> bool {
-    d.parent.is_some() && gfn_backed_by(d.id, hpa).is_none()
+    d.parent.is_some() && gfn_backed_by(d, hpa).is_none()
 }
 
 /// VM fork's copy on write: `gfn` of fork `d` gets a frame of its own with
@@ -403,21 +402,39 @@ fn break_fork(
     perms: platform::ept::Perms,
 ) -> Result<EptResult, EptOpError> {
     let gpa = gfn * PAGE_SIZE;
-    let mut t = TABLE.lock();
-    if !t.room(d, gfn) {
+    if !room(d) {
         return Err(EptOpError::OutOfMemory);
     }
     let (ept, tables) = d.views.ept_mut(0).map_err(|_| EptOpError::NoSuchView)?;
     let m = leaf(ept, tables, gpa)?;
     let new = copy_to_new(ept, tables, gpa, m.hpa, perms)?;
-    t.set(d, gfn, Some(Kind::Own(new)));
-    drop(t);
+    set(d, gfn, Some(Kind::Own(new)));
     forget_in_views(d, gfn, m.hpa);
     Ok(EptResult::Shared {
         frame: 0,
         refs: 0,
         free: free_frames(),
     })
+}
+
+/// VM fork's copy on write in the kernel, on a write violation of fork
+/// `d` at `gpa` in its host p2m (view 0): where the entry is armed
+/// ([`platform::ept::bits::COPY`]: written by [`fork`] or [`reset`] where
+/// the parent's entry could be written, and no permission set on it
+/// since), the page gets its copy as for `EptOp::Unshare`, with the
+/// entry's permissions and write. The owner of the entries decided
+/// nothing differently here: an entry it changed is not armed and its
+/// violation goes to it. Returns whether the page was copied (false:
+/// not armed, or no frame or record left: the owner hears the violation).
+pub fn copy_on_write(d: &mut Domain, gpa: u64) -> bool {
+    let Ok((ept, tables)) = d.views.ept_mut(0) else {
+        return false;
+    };
+    let Some(m) = ept.copy_armed(tables, gpa) else {
+        return false;
+    };
+    let perms = platform::ept::Perms::new(m.perms.read, true, m.perms.execute);
+    break_fork(d, gpa / PAGE_SIZE, perms).is_ok()
 }
 
 /// VM fork: the child's host p2m maps every page of `parent`'s read-only
@@ -435,16 +452,12 @@ pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
         .views
         .host()
         .for_each_leaf(&KernelTables, 0, 1 << 46, |m| {
-            if failed.is_none()
-                && let Err(e) = ept.map(
-                    tables,
-                    m.gpa,
-                    m.hpa,
-                    m.size,
-                    read_only(m.perms),
-                    m.memory_type,
-                )
-            {
+            if failed.is_some() {
+                return;
+            }
+            // Read-only; where the parent could write, armed: the fork's
+            // first write copies the page in the kernel ([`copy_on_write`]).
+            if let Err(e) = ept.map_for_fork(tables, m.gpa, m.hpa, m.size, m.perms, m.memory_type) {
                 failed = Some(e);
             }
         });
@@ -462,37 +475,29 @@ pub fn fork(parent: &Domain, child: &mut Domain) -> Result<(), EptOpError> {
 /// its RAM. Returns the pages reset.
 pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
     let mut pages = 0;
-    loop {
-        let mut taken: heapless::Vec<(u64, Kind), 64> = heapless::Vec::new();
+    while let Some((gfn, value)) = d.backs.pop(&mut d.views.tables) {
+        let kind = Kind::decode(value);
         {
-            let mut t = TABLE.lock();
-            let mut i = 0;
-            while i < t.backs.len() && !taken.is_full() {
-                let b = t.backs[i];
-                if b.domain == d.id {
-                    let _ = taken.push((b.gfn, b.kind));
-                    t.backs.swap_remove(i);
-                    t.per_domain[usize::from(d.id)] -= 1;
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        if taken.is_empty() {
-            return pages;
-        }
-        for (gfn, kind) in taken {
             let gpa = gfn * PAGE_SIZE;
             let Ok((ept, tables)) = d.views.ept_mut(0) else {
                 continue;
             };
-            let (Some(from), Some(mine)) = (
-                parent.views.host().translate(&KernelTables, gpa),
+            let (Some(theirs), Some(mine)) = (
+                parent.views.host().query(&KernelTables, gpa),
                 ept.query(&KernelTables, gpa),
             ) else {
                 continue;
             };
-            let _ = ept.replace(tables, gpa, from, read_only(mine.perms));
+            let Some(from) = theirs.hpa_of(gpa) else {
+                continue;
+            };
+            if ept
+                .replace(tables, gpa, from, read_only(mine.perms))
+                .is_ok()
+                && theirs.perms.write
+            {
+                ept.arm_copy(tables, gpa);
+            }
             match kind {
                 Kind::Own(hpa) => free_frame(hpa),
                 Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
@@ -501,6 +506,7 @@ pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
             pages += 1;
         }
     }
+    pages
 }
 
 /// SH-2: takes write (and the armed bit) from `view`'s entries of the
@@ -510,39 +516,18 @@ pub fn restrict(d: &mut Domain, view: u16, start: u64, end: u64) {
     if d.parent.is_some() {
         restrict_forked(d, view, start, end);
     }
-    // In chunks of the table (nothing changes it meanwhile: one system
-    // call at a time), so that every shared gfn of the range is taken.
-    let mut at = 0;
-    loop {
-        let mut shared: heapless::Vec<u64, 64> = heapless::Vec::new();
-        let done = {
-            let t = TABLE.lock();
-            if t.per_domain.get(usize::from(d.id)).is_none_or(|&n| n == 0) {
-                return;
-            }
-            while at < t.backs.len() && !shared.is_full() {
-                let b = t.backs[at];
-                at += 1;
-                if b.domain == d.id
-                    && matches!(b.kind, Kind::Shared(_))
-                    && (start..end).contains(&b.gfn)
-                {
-                    let _ = shared.push(b.gfn);
-                }
-            }
-            at >= t.backs.len()
-        };
+    // Record by record (protecting an entry does not change the records).
+    for i in 0..d.backs.len() {
+        let (gfn, value) = d.backs.get(&d.views.tables, i);
+        if !matches!(Kind::decode(value), Kind::Shared(_)) || !(start..end).contains(&gfn) {
+            continue;
+        }
         let Ok((ept, tables)) = d.views.ept_mut(view) else {
             return;
         };
-        for gfn in shared {
-            let gpa = gfn * PAGE_SIZE;
-            if let Some(m) = ept.query(&KernelTables, gpa) {
-                let _ = ept.protect(tables, gpa, read_only(m.perms));
-            }
-        }
-        if done {
-            return;
+        let gpa = gfn * PAGE_SIZE;
+        if let Some(m) = ept.query(&KernelTables, gpa) {
+            let _ = ept.protect(tables, gpa, read_only(m.perms));
         }
     }
 }
@@ -554,18 +539,20 @@ fn restrict_forked(d: &mut Domain, view: u16, start: u64, end: u64) {
     let (mut at, end) = (start * PAGE_SIZE, end.saturating_mul(PAGE_SIZE));
     while at < end {
         let mut found: heapless::Vec<(u64, PageSize), 64> = heapless::Vec::new();
-        let Ok((ept, tables)) = d.views.ept_mut(view) else {
+        let Ok(v) = d.views.get(view) else {
             return;
         };
         let mut next = end;
-        ept.for_each_leaf(&KernelTables, at, end, |m| {
+        v.ept.for_each_leaf(&KernelTables, at, end, |m| {
             if m.perms.write && next == end && found.push((m.gpa, m.size)).is_err() {
                 next = m.gpa;
             }
         });
         for &(gpa, size) in &found {
-            let own =
-                size == PageSize::Size4K && TABLE.lock().kind(d.id, gpa / PAGE_SIZE).is_some();
+            let own = size == PageSize::Size4K && kind(d, gpa / PAGE_SIZE).is_some();
+            let Ok((ept, tables)) = d.views.ept_mut(view) else {
+                return;
+            };
             if !own && let Some(m) = ept.query(&KernelTables, gpa) {
                 let _ = ept.protect(tables, gpa, read_only(m.perms));
             }
@@ -626,22 +613,12 @@ fn forget_in_views(d: &mut Domain, gfn: u64, hpa: u64) {
 
 /// SH-4: what a destroyed domain held: one reference less on each shared
 /// frame it mapped (the last frees it), and its own copies freed.
-pub fn release(domain: u16) {
-    let mut t = TABLE.lock();
-    let mut i = 0;
-    while i < t.backs.len() {
-        let b = t.backs[i];
-        if b.domain != domain {
-            i += 1;
-            continue;
-        }
-        match b.kind {
-            Kind::Shared(slot) => t.unref(usize::from(slot)),
+pub fn release(d: &mut Domain) {
+    while let Some((_, value)) = d.backs.pop(&mut d.views.tables) {
+        match Kind::decode(value) {
+            Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
             Kind::Own(hpa) => free_frame(hpa),
         }
-        t.backs.swap_remove(i);
     }
-    if let Some(n) = t.per_domain.get_mut(usize::from(domain)) {
-        *n = 0;
-    }
+    d.backs.clear(&mut d.views.tables);
 }

@@ -24,6 +24,10 @@ pub struct View {
 /// All views of a domain.
 pub struct Views {
     slots: [Option<View>; MAX_VIEWS as usize],
+    /// One past the highest slot that holds a view: the loops over every
+    /// view stop there (a copy on write's flush looks at one view, not
+    /// 512 slots).
+    end: usize,
     /// The EPTP list page (512 entries), where the CPU has VMFUNC.
     eptp_list: Option<u64>,
     /// The CPU has EPT accessed/dirty flags.
@@ -55,6 +59,7 @@ impl Views {
         };
         let mut views = Views {
             slots: [const { None }; MAX_VIEWS as usize],
+            end: 1,
             eptp_list,
             ad_supported,
             accessed_dirty: false,
@@ -126,6 +131,7 @@ impl Views {
             visible: false,
             remaps: false,
         });
+        self.end = self.end.max(slot + 1);
         Ok(slot as u16)
     }
 
@@ -142,6 +148,9 @@ impl Views {
             .ok_or(HcError::NoSuchView { view })?;
         let eptp = v.ept.eptp(self.accessed_dirty);
         v.ept.destroy(&mut self.tables);
+        while self.end > 1 && self.slots[self.end - 1].is_none() {
+            self.end -= 1;
+        }
         self.write_list_entry(view);
         self.flush_eptp(eptp);
         Ok(())
@@ -183,7 +192,8 @@ impl Views {
     /// p2m, for a look at its memory, until it is destroyed). Returns how
     /// many there were.
     pub fn destroy_alternates(&mut self) -> usize {
-        (1..self.slots.len() as u16)
+        (1..self.end as u16)
+            .rev()
             .filter(|&view| self.destroy(view).is_ok())
             .count()
     }
@@ -205,7 +215,7 @@ impl Views {
     /// Calls `f` with each alternate view's tables and the domain's table
     /// memory.
     pub fn each_alternate(&mut self, mut f: impl FnMut(&mut View, &mut DomainTables)) {
-        for v in self.slots.iter_mut().skip(1).flatten() {
+        for v in self.slots[..self.end].iter_mut().skip(1).flatten() {
             f(v, &mut self.tables);
         }
     }
@@ -234,7 +244,7 @@ impl Views {
 
     /// Drops cached translations of every view.
     pub fn flush_all(&self) {
-        for v in self.slots.iter().flatten() {
+        for v in self.slots[..self.end].iter().flatten() {
             self.flush_eptp(v.ept.eptp(self.accessed_dirty));
         }
     }

@@ -157,12 +157,79 @@ pub struct DeviceScope<'a> {
 
 impl DeviceScope<'_> {
     /// The bus/device/function of a device directly on the start bus; deeper
-    /// paths need the bridges' bus numbers, read from PCI configuration space.
+    /// paths need the bridges' bus numbers, read from PCI configuration space
+    /// ([`DeviceScope::resolve`]).
     pub fn direct_bdf(&self) -> Option<(u8, u8, u8)> {
         match self.path.0 {
             [device, function] => Some((self.start_bus, *device, *function)),
             _ => None,
         }
+    }
+
+    /// Where a PCI scope's path leads (VT-d 8.3.1): every hop but the last
+    /// is a PCI-PCI bridge on the current bus, whose secondary bus number
+    /// (configuration offset 0x19) is the next hop's bus; `config(source,
+    /// offset)` reads a configuration dword of segment-0-style source id
+    /// `bus << 8 | device << 3 | function`. `None` for a scope that is not a
+    /// PCI one, an empty path, a hop out of range, or a hop that should be a
+    /// bridge and is not (no function answers, header type not 1, secondary
+    /// bus 0 or not above its own).
+    pub fn resolve(&self, config: &dyn Fn(u16, u8) -> u32) -> Option<ResolvedScope> {
+        if !matches!(
+            self.kind,
+            ScopeKind::PciEndpoint | ScopeKind::PciSubHierarchy
+        ) {
+            return None;
+        }
+        let mut bus = self.start_bus;
+        let mut source = None;
+        let hops = self.path.len();
+        for (i, hop) in self.path.iter().enumerate() {
+            if hop.device > 31 || hop.function > 7 {
+                return None;
+            }
+            let here = u16::from(bus) << 8 | u16::from(hop.device) << 3 | u16::from(hop.function);
+            source = Some(here);
+            if i + 1 < hops {
+                bus = bridge_buses(here, config)?.0;
+            }
+        }
+        let source = source?;
+        let below = if self.kind == ScopeKind::PciSubHierarchy {
+            bridge_buses(source, config)
+        } else {
+            None
+        };
+        Some(ResolvedScope { source, below })
+    }
+}
+
+/// The (secondary, subordinate) bus numbers of a PCI-PCI bridge at
+/// `source` (header type 1, configured: secondary above its own bus).
+fn bridge_buses(source: u16, config: &dyn Fn(u16, u8) -> u32) -> Option<(u8, u8)> {
+    let id = config(source, 0);
+    let header = (config(source, 0x0c) >> 16) & 0x7f;
+    let buses = config(source, 0x18);
+    let (secondary, subordinate) = ((buses >> 8) as u8, (buses >> 16) as u8);
+    (id & 0xffff != 0xffff && header == 1 && secondary > (source >> 8) as u8)
+        .then_some((secondary, subordinate.max(secondary)))
+}
+
+/// A PCI device scope resolved through the bridges of its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvedScope {
+    /// The function the path ends at (bus << 8 | device << 3 | function).
+    pub source: u16,
+    /// A sub-hierarchy scope: the buses below that bridge (secondary,
+    /// subordinate), every function on them covered too.
+    pub below: Option<(u8, u8)>,
+}
+
+impl ResolvedScope {
+    /// Whether the scope covers function `source`.
+    pub fn covers(&self, source: u16) -> bool {
+        let bus = (source >> 8) as u8;
+        source == self.source || self.below.is_some_and(|(lo, hi)| (lo..=hi).contains(&bus))
     }
 }
 

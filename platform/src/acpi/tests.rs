@@ -478,3 +478,139 @@ proptest! {
         let _ = Rsdp::parse(&bytes);
     }
 }
+
+/// A model of PCI configuration space: functions (source id) with a
+/// vendor/device id, a header type and, for bridges, their bus numbers.
+#[derive(Default)]
+struct ConfigSpace(BTreeMap<(u16, u8), u32>);
+
+impl ConfigSpace {
+    fn endpoint(mut self, source: u16) -> Self {
+        self.0.insert((source, 0), 0x11e8_1234);
+        self
+    }
+    fn bridge(mut self, source: u16, secondary: u8, subordinate: u8) -> Self {
+        self.0.insert((source, 0), 0x000c_1b36);
+        self.0.insert((source, 0x0c), 1 << 16);
+        let primary = u32::from(source >> 8);
+        self.0.insert(
+            (source, 0x18),
+            primary | u32::from(secondary) << 8 | u32::from(subordinate) << 16,
+        );
+        self
+    }
+    fn read(&self, source: u16, offset: u8) -> u32 {
+        match self.0.get(&(source, offset)) {
+            Some(v) => *v,
+            None if self.0.contains_key(&(source, 0)) => 0,
+            None => u32::MAX,
+        }
+    }
+}
+
+fn scope(kind: ScopeKind, start_bus: u8, path: &[(u8, u8)]) -> Vec<u8> {
+    let s = DeviceScope {
+        kind,
+        enumeration_id: 0,
+        start_bus,
+        path: path
+            .iter()
+            .map(|&(device, function)| PciHop { device, function })
+            .collect(),
+    };
+    DmarBuilder::new(39, 0)
+        .drhd(false, 0, 0xfed9_0000, &[s])
+        .build()
+}
+
+fn resolved(
+    kind: ScopeKind,
+    start_bus: u8,
+    path: &[(u8, u8)],
+    config: &ConfigSpace,
+) -> Option<super::dmar::ResolvedScope> {
+    let bytes = scope(kind, start_bus, path);
+    let dmar = Dmar::parse([Table {
+        address: 0x1000,
+        bytes: &bytes,
+    }])
+    .unwrap();
+    let d = dmar.drhds().next().unwrap();
+    let s = d.scopes.iter().next().unwrap();
+    s.resolve(&|source, offset| config.read(source, offset))
+}
+
+/// Issue 12 point 3: a scope whose path crosses PCI-PCI bridges leads to
+/// the function behind them, each bridge's secondary bus read from its
+/// configuration space; a sub-hierarchy covers every bus below its bridge.
+#[test]
+fn scope_paths_are_resolved_through_the_bridges_secondary_buses() {
+    // 00:1c.0 -> bus 2 (2..=5); 02:00.0 -> bus 3; 03:00.1 the device.
+    let config = ConfigSpace::default()
+        .bridge(0x00e0, 2, 5)
+        .bridge(0x0200, 3, 3)
+        .endpoint(0x0301);
+    // The same path with other secondary buses: another device.
+    let moved = ConfigSpace::default()
+        .bridge(0x00e0, 4, 5)
+        .bridge(0x0400, 5, 5)
+        .endpoint(0x0501);
+    let path = [(0x1c, 0), (0, 0), (0, 1)];
+    for (space, device) in [(&config, 0x0301), (&moved, 0x0501)] {
+        let r = resolved(ScopeKind::PciEndpoint, 0, &path, space).unwrap();
+        assert_eq!(r.source, device);
+        assert!(r.covers(device));
+        assert!(!r.covers(device - 1), "another function on that bus");
+        assert!(!r.covers(0x0001), "the same device.function on bus 0");
+    }
+
+    // A sub-hierarchy: the bridge and everything below it.
+    let r = resolved(ScopeKind::PciSubHierarchy, 0, &[(0x1c, 0)], &config).unwrap();
+    assert_eq!((r.source, r.below), (0x00e0, Some((2, 5))));
+    assert!(r.covers(0x00e0) && r.covers(0x0301) && r.covers(0x0500));
+    assert!(!r.covers(0x0600) && !r.covers(0x0100) && !r.covers(0x00e1));
+
+    // A direct endpoint needs no configuration space.
+    let r = resolved(
+        ScopeKind::PciEndpoint,
+        0,
+        &[(3, 0)],
+        &ConfigSpace::default(),
+    )
+    .unwrap();
+    assert_eq!((r.source, r.below), (0x0018, None));
+}
+
+/// A path through something that is not a configured bridge leads
+/// nowhere (the scope covers nothing), as do non-PCI scopes.
+#[test]
+fn scope_paths_through_non_bridges_lead_nowhere() {
+    let config = ConfigSpace::default()
+        .endpoint(0x00e0)
+        .bridge(0x00e8, 0, 0)
+        .bridge(0x0010, 0, 0);
+    let path = |first: (u8, u8)| [first, (0, 0)];
+    for (what, first) in [
+        ("an endpoint", (0x1c, 0)),
+        ("an unconfigured bridge", (0x1d, 0)),
+        ("nothing", (0x1e, 0)),
+        ("a device number above 31", (0x20, 0)),
+        ("a function number above 7", (0x1c, 8)),
+    ] {
+        assert_eq!(
+            resolved(ScopeKind::PciEndpoint, 0, &path(first), &config),
+            None,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        resolved(ScopeKind::IoApic, 0xff, &[(0, 0)], &config),
+        None,
+        "an IOAPIC scope names no PCI function"
+    );
+    assert_eq!(
+        resolved(ScopeKind::PciEndpoint, 0, &[], &config),
+        None,
+        "an empty path"
+    );
+}

@@ -59,6 +59,14 @@ pub mod bits {
     /// writable by the kernel on a write, which it records
     /// ([`super::Ept::lift`]). Any change of permissions disarms it.
     pub const LIFT: u64 = 1 << 53;
+    /// Software bit: a read-only leaf (any size) of a VM fork that maps its
+    /// parent's frames where the parent's entry was writable: the kernel
+    /// copies the page into a frame of the fork's on a write
+    /// ([`super::Ept::copy_armed`], docs/sharing.md). Any change of
+    /// permissions or frame disarms it.
+    pub const COPY: u64 = 1 << 54;
+    /// The software bits a change of permissions or frame clears.
+    pub const ARMED: u64 = LIFT | COPY;
     /// Suppress #VE: a violation on this entry exits to the hypervisor
     /// instead of raising #VE in the guest.
     pub const SUPPRESS_VE: u64 = 1 << 63;
@@ -352,6 +360,37 @@ impl Ept {
         perms: Perms,
         memory_type: MemoryType,
     ) -> Result<(), EptError> {
+        self.map_bits(mem, gpa, hpa, size, perms, memory_type, 0)
+    }
+
+    /// [`Ept::map`] for a VM fork's page of its parent's: read-only, and
+    /// armed for copy on write ([`bits::COPY`]) where `perms` (the
+    /// parent's) has write.
+    pub fn map_for_fork<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gpa: u64,
+        hpa: u64,
+        size: PageSize,
+        perms: Perms,
+        memory_type: MemoryType,
+    ) -> Result<(), EptError> {
+        let copy = if perms.write && perms.read { COPY } else { 0 };
+        let read_only = Perms::new(perms.read, false, perms.execute);
+        self.map_bits(mem, gpa, hpa, size, read_only, memory_type, copy)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_bits<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gpa: u64,
+        hpa: u64,
+        size: PageSize,
+        perms: Perms,
+        memory_type: MemoryType,
+        extra: u64,
+    ) -> Result<(), EptError> {
         check_gpa(gpa)?;
         let bytes = size.bytes();
         if !gpa.is_multiple_of(bytes) || !hpa.is_multiple_of(bytes) {
@@ -364,7 +403,7 @@ impl Ept {
         let level = size.level();
         let table = self.path_to(mem, gpa, level)?;
         let slot = slot(gpa, level);
-        let leaf = hpa | perms.bits() | (memory_type.0 as u64) << 3 | MAPPED | SUPPRESS_VE;
+        let leaf = hpa | perms.bits() | (memory_type.0 as u64) << 3 | MAPPED | SUPPRESS_VE | extra;
         let leaf = if size == PageSize::Size4K {
             leaf
         } else {
@@ -472,7 +511,7 @@ impl Ept {
             mem,
             walk.table(),
             walk.slot,
-            (walk.entry & !(RWX | LIFT)) | perms.bits(),
+            (walk.entry & !(RWX | ARMED)) | perms.bits(),
         );
         Ok(decode(walk.entry, size, gpa))
     }
@@ -498,7 +537,7 @@ impl Ept {
         let walk = self.walk(mem, gpa);
         match walk.kind() {
             Kind::Leaf(PageSize::Size4K) => {
-                let keep = walk.entry & !(ADDRESS | RWX | LIFT | ACCESSED | DIRTY);
+                let keep = walk.entry & !(ADDRESS | RWX | ARMED | ACCESSED | DIRTY);
                 write(mem, walk.table(), walk.slot, keep | hpa | perms.bits());
                 Ok(decode(walk.entry, PageSize::Size4K, gpa))
             }
@@ -552,6 +591,34 @@ impl Ept {
             }
             Ok(None)
         });
+    }
+
+    /// Arms the leaf that maps `gpa` (all of it, for a large page) for a
+    /// VM fork's copy on write ([`bits::COPY`]) if it can be read and not
+    /// written. Returns whether it is armed.
+    pub fn arm_copy<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64) -> bool {
+        if check_gpa(gpa).is_err() {
+            return false;
+        }
+        let walk = self.walk(mem, gpa);
+        match walk.kind() {
+            Kind::Leaf(_) if walk.entry & (READ | WRITE) == READ => {
+                write(mem, walk.table(), walk.slot, walk.entry | COPY);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The leaf that maps `gpa` if it is armed for copy on write
+    /// ([`bits::COPY`]).
+    pub fn copy_armed<M: TableMemory + ?Sized>(&self, mem: &M, gpa: u64) -> Option<Mapping> {
+        check_gpa(gpa).ok()?;
+        let walk = self.walk(mem, gpa);
+        match walk.kind() {
+            Kind::Leaf(size) if walk.entry & COPY != 0 => Some(decode(walk.entry, size, gpa)),
+            _ => None,
+        }
     }
 
     /// A write fault on `gpa`: if its leaf is an armed 4 KiB one
@@ -654,7 +721,7 @@ impl Ept {
         }
         self.leaves_mut(mem, start, end, |mem, table, slot, gpa, size, entry| {
             if gpa >= start && gpa + size.bytes() <= end {
-                write(mem, table, slot, (entry & !(RWX | LIFT)) | perms.bits());
+                write(mem, table, slot, (entry & !(RWX | ARMED)) | perms.bits());
                 return Ok(None);
             }
             // Straddles an end: split it, and go on in the new table.

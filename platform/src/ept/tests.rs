@@ -1342,6 +1342,55 @@ proptest! {
 }
 
 #[test]
+fn a_read_only_leaf_armed_for_copy_stays_armed_through_splits_and_any_change_disarms_it() {
+    let mut mem = FakeMemory::default();
+    let mut ept = Ept::new(&mut mem).unwrap();
+    ept.map(&mut mem, 0, 0x20_0000, Size2M, Perms::READ_EXECUTE, WB)
+        .unwrap();
+    ept.map(&mut mem, M2, 0x40_0000, Size4K, Perms::READ_WRITE, WB)
+        .unwrap();
+    ept.map(&mut mem, M2 + K4, 0x40_1000, Size4K, Perms::EXECUTE, WB)
+        .unwrap();
+    assert!(ept.copy_armed(&mem, 0).is_none(), "not armed");
+    assert!(!ept.arm_copy(&mut mem, M2), "writable: never armed");
+    assert!(!ept.arm_copy(&mut mem, M2 + K4), "not readable");
+    assert!(!ept.arm_copy(&mut mem, 2 * M2), "nothing mapped");
+    assert!(
+        ept.arm_copy(&mut mem, 0x3000),
+        "a large leaf is armed whole"
+    );
+    let m = ept.copy_armed(&mem, 0x1f_f000).unwrap();
+    assert_eq!((m.gpa, m.hpa, m.size), (0, 0x20_0000, Size2M));
+    // A split keeps it on every smaller leaf.
+    ept.split(&mut mem, 0x5000).unwrap();
+    for gpa in [0, 0x5000, 0x1f_f000] {
+        let m = ept.copy_armed(&mem, gpa).unwrap();
+        assert_eq!((m.size, m.hpa), (Size4K, 0x20_0000 + gpa));
+        assert_eq!(m.perms, Perms::READ_EXECUTE);
+    }
+    // A new frame, new permissions (one leaf or a range): disarmed.
+    ept.replace(&mut mem, 0x5000, 0x80_0000, Perms::ALL)
+        .unwrap();
+    assert!(ept.copy_armed(&mem, 0x5000).is_none(), "replace disarms");
+    ept.protect(&mut mem, 0x6000, Perms::READ).unwrap();
+    assert!(ept.copy_armed(&mem, 0x6000).is_none(), "protect disarms");
+    ept.protect_range(&mut mem, 0x7000, 0x9000, Perms::READ_EXECUTE)
+        .unwrap();
+    assert!(ept.copy_armed(&mem, 0x8000).is_none(), "a range disarms");
+    assert!(ept.copy_armed(&mem, 0x9000).is_some(), "others stay");
+    assert_eq!(ept.lift(&mut mem, 0x9000), None, "never lifted");
+    // A fork's map: read-only, armed only where the parent could write.
+    ept.map_for_fork(&mut mem, 4 * M2, 0x60_0000, Size2M, Perms::ALL, WB)
+        .unwrap();
+    ept.map_for_fork(&mut mem, 6 * M2, 0x80_0000, Size4K, Perms::READ, WB)
+        .unwrap();
+    let m = ept.copy_armed(&mem, 4 * M2 + K4).unwrap();
+    assert_eq!((m.perms, m.size), (Perms::READ_EXECUTE, Size2M));
+    assert!(ept.copy_armed(&mem, 6 * M2).is_none(), "read-only parent");
+    assert_eq!(ept.query(&mem, 6 * M2).unwrap().perms, Perms::READ);
+}
+
+#[test]
 fn only_an_armed_read_only_4k_leaf_is_lifted_and_any_permission_change_disarms_it() {
     let mut mem = FakeMemory::default();
     let mut ept = Ept::new(&mut mem).unwrap();

@@ -53,6 +53,10 @@ pub trait Host {
     fn flush_caches(&mut self);
     /// Polls a condition until it holds: `false` once the host gives up.
     fn wait(&mut self, done: &mut dyn FnMut(&Self) -> bool) -> bool;
+    /// A PCI configuration dword of function `source` in `segment` (all
+    /// ones where nothing answers or the host cannot look): device scopes'
+    /// paths cross bridges by their secondary bus numbers.
+    fn pci_read(&self, segment: u16, source: u16, offset: u8) -> u32;
 }
 
 /// Why an operation failed.
@@ -121,8 +125,8 @@ pub struct Iommu<'a, H: Host> {
     pub units: heapless::Vec<Unit, MAX_UNITS>,
     dmar: Dmar<'a>,
     pub spaces: [Option<Space>; MAX_SPACES],
-    /// (segment, source id, space index) of every attached device.
-    attached: heapless::Vec<(u16, u16, u16), MAX_ATTACHED>,
+    /// (segment, source id, space index, unit) of every attached device.
+    attached: heapless::Vec<(u16, u16, u16, usize), MAX_ATTACHED>,
     levels: u8,
     /// The fewest domain ids any unit supports.
     domain_ids: u32,
@@ -304,20 +308,20 @@ impl<'a, H: Host> Iommu<'a, H> {
         }
     }
 
-    /// The unit that translates the device's DMA.
+    /// The unit that translates the device's DMA: one whose device scope
+    /// names it (its path followed through the bridges' secondary bus
+    /// numbers; a sub-hierarchy covers the buses below its bridge), else an
+    /// INCLUDE_PCI_ALL unit of its segment.
     pub fn unit_of(&self, segment: u16, source: u16) -> Option<usize> {
-        let bdf = (
-            (source >> 8) as u8,
-            ((source >> 3) & 31) as u8,
-            (source & 7) as u8,
-        );
+        let config = |src: u16, offset: u8| self.host.pci_read(segment, src, offset);
         let listed = self.units.iter().position(|u| {
             u.segment == segment
-                && self
-                    .dmar
-                    .drhds()
-                    .nth(u.drhd)
-                    .is_some_and(|d| d.scopes.iter().any(|s| s.direct_bdf() == Some(bdf)))
+                && self.dmar.drhds().nth(u.drhd).is_some_and(|d| {
+                    d.scopes
+                        .iter()
+                        .filter_map(|s| s.resolve(&config))
+                        .any(|r| r.covers(source))
+                })
         });
         listed.or_else(|| {
             self.units
@@ -326,18 +330,19 @@ impl<'a, H: Host> Iommu<'a, H> {
         })
     }
 
-    /// Reserved region `index` (RMRR-1): (first byte, last byte), its
-    /// directly named device scopes into `scopes` (segment << 16 | source).
+    /// Reserved region `index` (RMRR-1): (first byte, last byte), the
+    /// functions its device scopes lead to (paths resolved through bridges)
+    /// into `scopes` (segment << 16 | source).
     pub fn rmrr<const N: usize>(
         &self,
         index: u64,
         scopes: &mut heapless::Vec<u32, N>,
     ) -> Option<(u64, u64)> {
         let r = self.dmar.rmrrs().nth(usize::try_from(index).ok()?)?;
+        let config = |src: u16, offset: u8| self.host.pci_read(r.segment, src, offset);
         for s in r.scopes.iter() {
-            if let Some((bus, dev, func)) = s.direct_bdf() {
-                let source = u32::from(bus) << 8 | u32::from(dev) << 3 | u32::from(func);
-                let _ = scopes.push(u32::from(r.segment) << 16 | source);
+            if let Some(resolved) = s.resolve(&config) {
+                let _ = scopes.push(u32::from(r.segment) << 16 | u32::from(resolved.source));
             }
         }
         Some((r.base, r.limit))
@@ -405,7 +410,7 @@ impl<'a, H: Host> Iommu<'a, H> {
         let slot = 2 * usize::from(source & 0xff);
         if on {
             self.attached
-                .push((segment, source, space))
+                .push((segment, source, space, unit))
                 .map_err(|_| IommuError::NoResources)?;
             // The high half before the present bit.
             let t = self.host.frame_mut(table);
@@ -530,7 +535,7 @@ impl<'a, H: Host> Iommu<'a, H> {
             let used = self
                 .attached
                 .iter()
-                .any(|&(seg, src, sp)| sp == space && self.unit_of(seg, src) == Some(i));
+                .any(|&(_, _, sp, unit)| sp == space && unit == i);
             if after_map && !self.units[i].cap.caching_mode() {
                 if !self.units[i].ecap.coherent() {
                     self.host.flush_caches();
@@ -540,6 +545,19 @@ impl<'a, H: Host> Iommu<'a, H> {
             }
         }
         r
+    }
+
+    /// Has every unit raise MSI `data` at `address` (a local APIC's
+    /// address, the upper half 0) when it records a primary fault: the
+    /// fault event registers set, the interrupt unmasked (FECTL.IM clear).
+    pub fn fault_interrupts(&mut self, address: u32, data: u32) {
+        for i in 0..self.units.len() {
+            let base = self.units[i].base;
+            self.host.write32(base, reg::FEDATA, data);
+            self.host.write32(base, reg::FEADDR, address);
+            self.host.write32(base, reg::FEUADDR, 0);
+            self.host.write32(base, reg::FECTL, 0);
+        }
     }
 
     /// Takes every unit's fault records (and clears them), each with its

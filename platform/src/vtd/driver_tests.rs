@@ -8,6 +8,7 @@ use crate::acpi::Table;
 use crate::acpi::dmar::build::{DmarBuilder, endpoint};
 use std::boxed::Box;
 use std::collections::BTreeMap;
+use std::vec;
 use std::vec::Vec;
 
 const BASE: u64 = 0xfed9_0000;
@@ -27,6 +28,8 @@ struct Model {
     /// The unit answers commands.
     alive: bool,
     caches_flushed: usize,
+    /// PCI configuration space: (source id, offset) -> dword.
+    config: BTreeMap<(u16, u8), u32>,
 }
 
 impl Model {
@@ -84,7 +87,7 @@ impl Host for Model {
         } else if off == reg::FSTS {
             let v = self.regs.get(&off).copied().unwrap_or(0);
             self.regs.insert(off, v & !u64::from(value));
-        } else if off % 16 == 12 {
+        } else if off >= 0x200 && off % 16 == 12 {
             // A fault record's F bit, write 1 to clear.
             let at = off - 4;
             let v = self.regs.get(&at).copied().unwrap_or(0);
@@ -140,6 +143,26 @@ impl Host for Model {
     }
     fn wait(&mut self, done: &mut dyn FnMut(&Self) -> bool) -> bool {
         (0..100).any(|_| done(self))
+    }
+    fn pci_read(&self, segment: u16, source: u16, offset: u8) -> u32 {
+        assert_eq!(segment, 0);
+        match self.config.get(&(source, offset)) {
+            Some(v) => *v,
+            None if self.config.contains_key(&(source, 0)) => 0,
+            None => u32::MAX,
+        }
+    }
+}
+
+impl Model {
+    /// A PCI-PCI bridge at `source` forwarding buses `secondary..=subordinate`.
+    fn bridge(&mut self, source: u16, secondary: u8, subordinate: u8) {
+        self.config.insert((source, 0), 0x000c_1b36);
+        self.config.insert((source, 0x0c), 1 << 16);
+        self.config.insert(
+            (source, 0x18),
+            u32::from(source >> 8) | u32::from(secondary) << 8 | u32::from(subordinate) << 16,
+        );
     }
 }
 
@@ -333,4 +356,88 @@ fn a_destroyed_domains_pages_go_from_every_space() {
     assert_eq!(i.host.translate(3 << 3, 0x100), None);
     assert_eq!(i.host.translate(3 << 3, 0x101), Some(0x9000));
     assert_eq!(i.spaces[usize::from(s)].as_ref().unwrap().pages, 1);
+}
+
+/// Issue 12 point 3: a device behind bridges is found through the unit's
+/// device scope paths, each bridge's secondary bus read from configuration
+/// space; what the bridges say decides which function a scope names.
+#[test]
+fn devices_behind_bridges_are_matched_through_their_scope_paths() {
+    use crate::acpi::dmar::PciHop;
+    use crate::acpi::dmar::build::DeviceScope;
+    let hop = |device, function| PciHop { device, function };
+    let bytes = DmarBuilder::new(39, 0)
+        .drhd(
+            false,
+            0,
+            BASE,
+            &[
+                // 00:1c.0 -> 01:00.0 -> the device at function 0 below.
+                DeviceScope {
+                    kind: crate::acpi::dmar::ScopeKind::PciEndpoint,
+                    enumeration_id: 0,
+                    start_bus: 0,
+                    path: vec![hop(0x1c, 0), hop(0, 0), hop(0, 0)],
+                },
+                // Everything below 00:1d.0.
+                DeviceScope {
+                    kind: crate::acpi::dmar::ScopeKind::PciSubHierarchy,
+                    enumeration_id: 0,
+                    start_bus: 0,
+                    path: vec![hop(0x1d, 0)],
+                },
+            ],
+        )
+        .rmrr(
+            0,
+            0xe8000,
+            0xe8fff,
+            &[DeviceScope {
+                kind: crate::acpi::dmar::ScopeKind::PciEndpoint,
+                enumeration_id: 0,
+                start_bus: 0,
+                path: vec![hop(0x1c, 0), hop(0, 0), hop(0, 0)],
+            }],
+        )
+        .build();
+    let mut model = Model::new(CAP, ECAP);
+    model.bridge(0xe0, 1, 2);
+    model.bridge(0x100, 2, 2);
+    model.bridge(0xe8, 5, 6);
+    let mut i = iommu(&bytes, model, false);
+    assert_eq!(i.unit_of(0, 0x200), Some(0), "02:00.0 at the path's end");
+    assert_eq!(i.unit_of(0, 0x201), None, "another function there");
+    assert_eq!(i.unit_of(0, 0x500), Some(0), "below 00:1d.0");
+    assert_eq!(i.unit_of(0, 0x6f9), Some(0), "below 00:1d.0");
+    assert_eq!(i.unit_of(0, 0x700), None, "past its subordinate bus");
+    assert_eq!(i.unit_of(0, 0x000), None, "00:00.0 is in no scope");
+    let mut scopes: heapless::Vec<u32, 8> = heapless::Vec::new();
+    assert_eq!(i.rmrr(0, &mut scopes), Some((0xe8000, 0xe8fff)));
+    assert_eq!(scopes.as_slice(), [0x200], "the RMRR's device, resolved");
+    // Attached behind the bridges: its DMA is translated.
+    let s = i.create_space().unwrap();
+    i.attach(s, 0, 0x200, true).unwrap();
+    i.map(s, &[(0x100, 0x5000)], true).unwrap();
+    assert_eq!(i.host.translate(0x200, 0x100), Some(0x5000));
+    let before = i.invalidations;
+    i.unmap(s, &[0x100]).unwrap();
+    assert_eq!(i.invalidations, before + 1, "its unit invalidated");
+    // The firmware renumbered the bus below 01:00.0: another device.
+    i.host.bridge(0x100, 3, 3);
+    assert_eq!(i.unit_of(0, 0x300), Some(0));
+    assert_eq!(i.unit_of(0, 0x201), None);
+}
+
+/// Issue 12 point 2: the fault event registers carry the MSI the kernel
+/// gave, unmasked.
+#[test]
+fn fault_interrupts_are_programmed_unmasked() {
+    let bytes = dmar_bytes();
+    let mut i = iommu(&bytes, Model::new(CAP, ECAP), false);
+    i.host.regs.insert(reg::FECTL, 1 << 31);
+    i.fault_interrupts(0xfee0_0000, 0x41);
+    assert_eq!(i.host.regs[&reg::FEDATA], 0x41);
+    assert_eq!(i.host.regs[&reg::FEADDR], 0xfee0_0000);
+    assert_eq!(i.host.regs[&reg::FEUADDR], 0);
+    assert_eq!(i.host.regs[&reg::FECTL] >> 31, 0, "interrupt mask cleared");
 }

@@ -35,7 +35,12 @@ pub mod reg {
     pub const RTADDR: usize = 0x20;
     pub const CCMD: usize = 0x28;
     pub const FSTS: usize = 0x34;
+    /// Fault event control (bit 31: interrupt masked), data, address and
+    /// upper address: the MSI a primary fault raises.
     pub const FECTL: usize = 0x38;
+    pub const FEDATA: usize = 0x3c;
+    pub const FEADDR: usize = 0x40;
+    pub const FEUADDR: usize = 0x44;
     pub const IQH: usize = 0x80;
     pub const IQT: usize = 0x88;
     pub const IQA: usize = 0x90;

@@ -113,18 +113,58 @@ fn iommu_root(service: &str) -> Result<Handle, SysError> {
     })
 }
 
+/// Configuration space through init's ports (segment 0).
+struct Ports(Handle);
+
+impl platform::pci::Config for Ports {
+    fn read(&mut self, source: u16, offset: u8) -> u32 {
+        let address = platform::pci::address(source, offset);
+        if sys::io_out(self.0, 0xcf8, 4, address).is_err() {
+            return u32::MAX;
+        }
+        sys::io_in(self.0, 0xcfc, 4).unwrap_or(u32::MAX)
+    }
+    fn write(&mut self, source: u16, offset: u8, value: u32) {
+        let address = platform::pci::address(source, offset);
+        if sys::io_out(self.0, 0xcf8, 4, address).is_ok() {
+            let _ = sys::io_out(self.0, 0xcfc, 4, value);
+        }
+    }
+    fn sleep_ms(&mut self, ms: u32) {
+        let start = sys::time().0;
+        while sys::time().0 - start < 1000 * u64::from(ms) {
+            sys::yield_now();
+        }
+    }
+}
+
+/// Turns on memory decoding and bus mastering of function `source`.
+fn enable(c: &mut Ports, source: u16) {
+    let command = platform::pci::Config::read(c, source, 4) & 0xffff;
+    platform::pci::Config::write(c, source, 4, command | 0b110);
+}
+
 /// A device handle (the kernel checks that a unit covers the function and
-/// that it answers), with memory decoding and bus mastering turned on: its
-/// DMA goes nowhere until it is attached to an IoSpace (docs/iommu.md).
+/// that it answers), with memory decoding and bus mastering turned on, and
+/// on the bridges above it (their windows and upstream DMA): its DMA goes
+/// nowhere until it is attached to an IoSpace (docs/iommu.md).
 pub fn device(root: Handle, d: ipc_schema::manifest::PciDevice) -> Result<Handle, SysError> {
     let h = sys::derive(root, u64::from(d.segment), u64::from(d.source))?;
     if d.segment == 0 {
-        let ports = require("ioports");
-        let address = 1 << 31 | u32::from(d.source) << 8 | 4;
-        sys::io_out(ports, 0xcf8, 4, address)?;
-        let command = sys::io_in(ports, 0xcfc, 4)? & 0xffff;
-        sys::io_out(ports, 0xcf8, 4, address)?;
-        sys::io_out(ports, 0xcfc, 4, command | 0b110)?;
+        let mut ports = Ports(require("ioports"));
+        for bridge in platform::pci::bridges_above(&mut ports, d.bus()) {
+            enable(&mut ports, bridge);
+            defmt::info!(
+                "init: bridge {=u8:02x}:{=u8:02x}.{=u8} above device {=u8:02x}:{=u8:02x}.{=u8}: memory decoding and bus mastering on",
+                (bridge >> 8) as u8,
+                ((bridge >> 3) & 31) as u8,
+                (bridge & 7) as u8,
+                d.bus(),
+                d.device(),
+                d.function()
+            );
+        }
+        enable(&mut ports, d.source);
     }
     Ok(h)
 }

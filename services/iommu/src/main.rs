@@ -12,8 +12,11 @@
 //! Handles: `pci` (the Iommu root: IoSpaces, device handles, fault
 //! records), `domains` (read and write: the frames it maps), `supervisor`
 //! (call), `supervisor-events` (wait: a backend that faulted, restarted or
-//! ended loses its mappings, IO-4) and `domain-ends` (a notification
-//! DOMAIN_WATCH sets: an ended domain's mappings go).
+//! ended loses its mappings, IO-4) and `domain-ends` (wait, signal: a
+//! notification DOMAIN_WATCH sets, bit 0: an ended domain's mappings go; the
+//! units' fault interrupt is bound to its bit 1, IO-6: the fault records are
+//! read when it fires, and polled at every request and event only where
+//! it cannot be bound).
 
 #![no_std]
 #![no_main]
@@ -37,6 +40,11 @@ use service_runtime::{handle, require, sys};
 service_runtime::entry!(main);
 service_runtime::interfaces!(IOMMU, IOMMU_ADMIN);
 service_heap::heap!(512 * 1024);
+
+/// The bits of the `domain-ends` notification: DOMAIN_WATCH's, and the
+/// units' fault interrupt's (IO-6).
+const DOMAIN_BIT: u64 = 1;
+const FAULT_BIT: u64 = 2;
 
 struct System {
     root: Handle,
@@ -121,6 +129,9 @@ struct Server {
     admin: Option<Handle>,
     events: Option<Handle>,
     domain_ends: Option<Handle>,
+    /// The fault interrupt is bound (to `domain_ends`, [`FAULT_BIT`]):
+    /// the records are read only when it fires.
+    fault_interrupt: bool,
     supervisor: Client,
     system: System,
     book: Iommu,
@@ -143,8 +154,10 @@ fn reason(code: u8) -> &'static str {
 }
 
 impl Server {
-    /// Takes the units' fault records: logged and kept for the backends.
-    fn poll_faults(&mut self) {
+    /// Takes the units' fault records: logged and kept for the backends;
+    /// how many.
+    fn take_records(&mut self) -> usize {
+        let mut taken = 0;
         let mut out = [IoFault {
             address: 0,
             source: 0,
@@ -155,8 +168,9 @@ impl Server {
         }; 16];
         loop {
             let Ok((n, _, lost)) = sys::iommu_faults(self.system.root, &mut out) else {
-                return;
+                return taken;
             };
+            taken += n;
             self.lost = lost;
             for f in &out[..n] {
                 defmt::warn!(
@@ -197,8 +211,16 @@ impl Server {
                 });
             }
             if n < out.len() {
-                return;
+                return taken;
             }
+        }
+    }
+
+    /// The fallback without a fault interrupt: the records read at every
+    /// request and event.
+    fn poll_faults(&mut self) {
+        if !self.fault_interrupt {
+            self.take_records();
         }
     }
 
@@ -379,7 +401,17 @@ impl Service for Server {
         ipc::encode_reply(&answer, reply)
     }
 
-    fn notified(&mut self, slot: Handle, _bits: u64) {
+    fn notified(&mut self, slot: Handle, bits: u64) {
+        if Some(slot) == self.domain_ends && self.fault_interrupt && bits & FAULT_BIT != 0 {
+            let n = self.take_records();
+            defmt::info!(
+                "iommu: fault interrupt: {=usize} fault record(s) taken (IO-6)",
+                n
+            );
+            if bits & DOMAIN_BIT == 0 {
+                return;
+            }
+        }
         self.poll_faults();
         if Some(slot) == self.events {
             let badges: Vec<u64> = self.book.backends.keys().copied().collect();
@@ -420,8 +452,24 @@ fn main() -> ! {
     let admin = handle("iommu-admin");
     let events = handle("supervisor-events");
     let domain_ends = handle("domain-ends");
+    let fault_interrupt = match domain_ends.map(|n| sys::irq_bind(root, n, FAULT_BIT)) {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            defmt::warn!(
+                "iommu: the fault interrupt cannot be bound ({}): fault records polled at each request and event",
+                e
+            );
+            false
+        }
+        None => {
+            defmt::info!(
+                "iommu: no domain-ends notification for the fault interrupt: fault records polled at each request and event"
+            );
+            false
+        }
+    };
     if let Some(n) = domain_ends
-        && let Err(e) = sys::domain_watch(domains, n, 1)
+        && let Err(e) = sys::domain_watch(domains, n, DOMAIN_BIT)
     {
         defmt::warn!(
             "iommu: cannot watch domains ({}): an ended domain's mappings stay until its backend goes",
@@ -446,6 +494,7 @@ fn main() -> ! {
         admin,
         events,
         domain_ends,
+        fault_interrupt,
         supervisor: Client::new(require("supervisor"), SUPERVISOR),
         system: System {
             root,
@@ -457,5 +506,7 @@ fn main() -> ! {
         faults: heapless::Deque::new(),
         lost: 0,
     };
+    // Records made before the interrupt was bound raise no new one.
+    server.take_records();
     ipc::serve(&mut server, mask)
 }

@@ -789,6 +789,13 @@ pub fn iommu_rmrr(
     Ok((r.rdi, r.rsi, r.rdx as usize))
 }
 
+/// DEVICE_RESET: resets the PCI function of a Device handle; how (see
+/// `nr::DEVICE_RESET`: 0 FLR, 1 AF FLR, 2 secondary bus reset, 3 bus
+/// mastering cycled).
+pub fn device_reset(device: Handle) -> Result<u64, SysError> {
+    Ok(call(nr::DEVICE_RESET, &[u64::from(device)]).ok()?.rdi)
+}
+
 /// IOMMU_RMRR with frames: a Frames handle of exactly reserved region
 /// `index`, for DOMAIN_MAP_RAM at gfn = frame.
 pub fn iommu_rmrr_frames(iommu: Handle, index: u64) -> Result<Handle, SysError> {
