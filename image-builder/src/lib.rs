@@ -8,6 +8,7 @@
 //!   image's console over COM2) and the proxy `cargo hv run` serves it with.
 //! - [`bench`]: benchmark figures measured by a guest on Bochs.
 //! - [`profile`]: where one benchmark operation's instructions go.
+//! - [`linux`]: Debian's packaged Linux and an initramfs, as a guest.
 //! - [`deps`]: the Debian packages and the Rust target it all needs.
 
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod elf;
 pub mod emulator;
 pub mod image;
 pub mod iso;
+pub mod linux;
 pub mod logs;
 pub mod manifest;
 pub mod paths;

@@ -92,6 +92,10 @@ enum Cmd {
     },
     /// Check formatting and run clippy on host and bare-metal crates.
     Lint,
+    /// Download Debian's Linux package and make the files
+    /// examples/linux.toml boots: target/hv/linux/vmlinux.pvh (its vmlinux,
+    /// out of the bzImage) and target/hv/linux/initramfs.cpio (a test /init).
+    Linux,
     /// Boot the benchmark guest on Bochs and print its figures (instruction counts).
     Bench {
         /// Print one JSON object.
@@ -715,6 +719,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lint()?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Linux => {
+            let files = image_builder::linux::prepare()?;
+            println!("Linux {}", files.version);
+            println!("kernel:    {}", files.vmlinux.display());
+            println!("initramfs: {}", files.initramfs.display());
+            println!("command line: {}", image_builder::linux::CMDLINE);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Profile {
             key,
             bochs_cpu,
@@ -747,13 +759,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         } => {
             deps::ensure()?;
-            let figures = bench::run(&bench::BenchRun {
+            let bench_run = bench::BenchRun {
                 cpu_model: bochs_cpu.clone(),
                 build: BuildOptions::default(),
                 cmdline,
                 guest_options: String::new(),
                 timeout: Duration::from_secs(timeout),
-            })?;
+            };
+            let mut figures = bench::run(&bench_run)?;
+            figures.extend(bench::linux_figures(&bench_run)?);
             if json {
                 println!("{}", bench::to_json_with_targets(&bochs_cpu, &figures));
             } else {

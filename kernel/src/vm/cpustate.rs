@@ -2,8 +2,10 @@
 //!
 //! VMX loads and saves a guest's control registers, segments, RIP, RSP,
 //! RFLAGS, DR7 and a few MSRs through the VMCS, but not its FPU, SSE and AVX
-//! registers (the XSAVE state), DR0-DR3, DR6, CR2 or IA32_KERNEL_GS_BASE
-//! (which the guest's SWAPGS writes). Left alone, one domain would read what
+//! registers (the XSAVE state), DR0-DR3, DR6, CR2, IA32_KERNEL_GS_BASE
+//! (which the guest's SWAPGS writes) or the SYSCALL MSRs (STAR, LSTAR,
+//! CSTAR, SFMASK), the last five written by the guest directly (the MSR
+//! bitmap lets them through). Left alone, one domain would read what
 //! another left there. The kernel and the services never touch these
 //! registers (they are built soft-float and use no debug registers, CR2
 //! only in fault reports, no SWAPGS), so the CPU's copy belongs to one vCPU
@@ -18,10 +20,13 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-/// Where in the save area the debug registers, CR2 and KERNEL_GS_BASE go.
+/// Where in the save area the debug registers, CR2 and the MSRs go.
 const REGS_AT: usize = 3840;
 /// IA32_KERNEL_GS_BASE.
 const KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// The SYSCALL MSRs, saved after KERNEL_GS_BASE: STAR, LSTAR, CSTAR,
+/// SFMASK. The host never executes SYSCALL (its EFER.SCE is clear).
+const SYSCALL_MSRS: [u32; 4] = [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
 /// XCR0 components the kernel enables: x87, SSE, AVX, AVX-512 (opmask,
 /// ZMM_Hi256, Hi16_ZMM), where the CPU has them.
 const XCR0_WANTED: u64 = 0b1110_0111;
@@ -147,6 +152,9 @@ unsafe fn save(area: *mut u8) {
             regs.add(i).write(v);
         }
         regs.add(6).write(platform::cpu::rdmsr(KERNEL_GS_BASE));
+        for (i, msr) in SYSCALL_MSRS.into_iter().enumerate() {
+            regs.add(7 + i).write(platform::cpu::rdmsr(msr));
+        }
     }
 }
 
@@ -172,5 +180,11 @@ unsafe fn load(area: *mut u8) {
         // A non-canonical value cannot be there: it was read from the MSR
         // or is the reset value 0.
         platform::cpu::wrmsr(KERNEL_GS_BASE, r(6));
+        // The same for LSTAR and CSTAR (canonical, or the guest's WRMSR
+        // would have faulted); STAR and SFMASK take any value (SFMASK's
+        // upper half is reserved and was read as 0).
+        for (i, msr) in SYSCALL_MSRS.into_iter().enumerate() {
+            platform::cpu::wrmsr(msr, r(7 + i));
+        }
     }
 }

@@ -411,7 +411,10 @@ impl Domain {
 
 /// An MSR bitmap that intercepts every MSR except those VMX switches itself
 /// between guest and host (EFER, PAT, FS/GS base, SYSENTER): their guest
-/// values live in the VMCS.
+/// values live in the VMCS; and the SYSCALL MSRs (STAR, LSTAR, CSTAR,
+/// SFMASK) and KERNEL_GS_BASE, which the host never uses (ring 3 enters the
+/// kernel by `int 0x80` and the host's EFER.SCE is clear, so SYSCALL there
+/// is #UD), and which `cpustate` switches between vCPUs.
 fn msr_bitmap() -> Option<u64> {
     let page = alloc_zeroed_frame()?;
     // Safety: a frame we just allocated, in the direct map.
@@ -434,8 +437,13 @@ fn msr_bitmap() -> Option<u64> {
         0x176,
         0x277,
         0xc000_0080,
+        0xc000_0081,
+        0xc000_0082,
+        0xc000_0083,
+        0xc000_0084,
         0xc000_0100,
         0xc000_0101,
+        0xc000_0102,
     ] {
         pass(msr);
     }

@@ -111,6 +111,13 @@ pub struct GuestLayout {
     pub reserved: (u64, u64),
     /// The legacy hole (VGA, ROMs) that is not RAM: 0xa0000..0x100000.
     pub hole: (u64, u64),
+    /// The part of the hole where a PC has its option and BIOS ROMs,
+    /// 0xc0000..0x100000: mapped as zeroed memory (not RAM in the memory
+    /// map, never loaded into), because kernels read it looking for BIOS
+    /// tables (Linux: the iBFT, the MP table, DMI, option ROMs) and must
+    /// find nothing there rather than fault. The VGA window below it stays
+    /// unmapped.
+    pub rom: (u64, u64),
 }
 
 impl GuestLayout {
@@ -119,6 +126,7 @@ impl GuestLayout {
             ram_bytes,
             reserved: (INFO_GPA, INFO_GPA + INFO_SIZE as u64),
             hole: (0xa_0000, 0x10_0000),
+            rom: (0xc_0000, 0x10_0000),
         }
     }
 }

@@ -653,3 +653,20 @@ fn the_guest_acpi_tables_walk_and_describe_a_power_off_and_the_apic() {
     }
     assert!(acpi::TABLES_GPA + acpi::TABLES_LEN as u64 <= 0xa_0000);
 }
+
+#[test]
+fn the_rom_area_is_in_the_hole_and_not_ram_in_the_memory_map() {
+    let l = layout();
+    assert_eq!(l.rom, (0xc_0000, 0x10_0000));
+    assert!(
+        l.hole.0 <= l.rom.0 && l.rom.1 <= l.hole.1,
+        "inside the hole"
+    );
+    for (start, bytes, kind) in memory_map(l.ram_bytes) {
+        let overlaps = start < l.rom.1 && l.rom.0 < start + bytes;
+        assert!(
+            !(overlaps && kind == 1),
+            "the memory map gives no RAM there"
+        );
+    }
+}

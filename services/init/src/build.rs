@@ -157,8 +157,11 @@ fn build(
             Err(_) => give(sys::frames_alloc(memory, pages, 1)?, gfn, pages, false),
         }
     };
-    // Below 1 MiB: RAM up to the legacy hole (0xa0000-0xfffff stays unmapped).
+    // Below 1 MiB: RAM up to the legacy hole; in the hole, the ROM area
+    // (0xc0000-0xfffff) as zeroed memory that kernels may scan for BIOS
+    // tables and find none; the VGA window stays unmapped.
     map(0, layout.hole.0 / 4096, 1)?;
+    map(layout.rom.0 / 4096, (layout.rom.1 - layout.rom.0) / 4096, 1)?;
     // From the hole to the first 2 MiB boundary in 4 KiB pages; the rest in
     // one block, 2 MiB aligned (2 MiB pages), or, where no such block is
     // free, in 2 MiB pieces that may each be.

@@ -165,6 +165,10 @@ struct Platform {
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
     /// What the vCPU's virtual-APIC page holds of [`Lapic::image`].
     apic_page: ApicPage,
+    /// The exits of the domain since it became active, by reason.
+    counts: ExitCounts,
+    /// ACPI's PM1a enable register.
+    pm1_enable: u16,
 }
 
 /// The registers the guest reads at its xAPIC page, as this service knows
@@ -206,6 +210,80 @@ fn show_apic(env: &mut impl Env, d: &mut Devices) {
         }
     }
     p.apic_page = ApicPage::Shown(image);
+}
+
+/// A domain's exits by reason, counted once it has touched an interrupt
+/// source (a guest that has not pays nothing for the count) and logged
+/// when it ends: where a guest's time in the hypervisor goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port I/O: the console UART, the PICs, the PIT and port 0x61, the
+    /// rest (CMOS, PCI, ACPI, absent ports).
+    pub uart: u32,
+    pub pic: u32,
+    pub pit: u32,
+    pub other_io: u32,
+    pub msr: u32,
+    pub cpuid: u32,
+    pub hlt: u32,
+    pub window: u32,
+    pub deadline: u32,
+    pub other: u32,
+}
+
+impl ExitCounts {
+    pub fn count(&mut self, kind: &ExitKind) {
+        let n = match *kind {
+            ExitKind::Io { port, .. } => match port {
+                COM1..=0x3ff => &mut self.uart,
+                _ if Pic::owns(port) => &mut self.pic,
+                _ if Pit::owns(port) => &mut self.pit,
+                _ => &mut self.other_io,
+            },
+            ExitKind::Rdmsr { .. } | ExitKind::Wrmsr { .. } => &mut self.msr,
+            ExitKind::Cpuid { .. } => &mut self.cpuid,
+            ExitKind::Hlt => &mut self.hlt,
+            ExitKind::InterruptWindow => &mut self.window,
+            ExitKind::Deadline => &mut self.deadline,
+            _ => &mut self.other,
+        };
+        *n = n.saturating_add(1);
+    }
+
+    pub fn total(&self) -> u32 {
+        [
+            self.uart,
+            self.pic,
+            self.pit,
+            self.other_io,
+            self.msr,
+            self.cpuid,
+            self.hlt,
+            self.window,
+            self.deadline,
+            self.other,
+        ]
+        .iter()
+        .fold(0u32, |a, b| a.saturating_add(*b))
+    }
+
+    fn log(&self, domain: u16) {
+        defmt::info!(
+            "domain {=u16}: {=u32} exits to the vmm since it touched an interrupt source: port I/O uart {=u32} pic {=u32} pit {=u32} other {=u32}, msr {=u32}, cpuid {=u32}, hlt {=u32}, window {=u32}, deadline {=u32}, other {=u32}",
+            domain,
+            self.total(),
+            self.uart,
+            self.pic,
+            self.pit,
+            self.other_io,
+            self.msr,
+            self.cpuid,
+            self.hlt,
+            self.window,
+            self.deadline,
+            self.other
+        );
+    }
 }
 
 /// Timer interrupts (IRQ 0, and the local APIC's timer) a domain takes at
@@ -327,6 +405,14 @@ impl Vmm {
         true
     }
 
+    /// The exits `domain` has caused since it touched an interrupt source.
+    pub fn exit_counts(&self, domain: u16) -> Option<ExitCounts> {
+        self.domains
+            .iter()
+            .find(|d| d.id == domain)
+            .map(|d| d.platform.counts)
+    }
+
     /// The console bytes of `domain` not yet sent to the log.
     pub fn pending_line(&self, domain: u16) -> &[u8] {
         self.domains
@@ -390,6 +476,9 @@ impl Vmm {
     fn respond(&mut self, env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Response {
         let id = exit.domain;
         if let ExitKind::Start = exit.kind {
+            // Its first instruction's time: where a guest's own TSC
+            // readings count from (`cargo hv bench`'s linux_boot_ticks).
+            defmt::info!("domain {=u16} starts at TSC {=u64}", id, env.tsc());
             // A new domain: fresh devices, whatever a domain of this id
             // had; its virtual-APIC page is fresh too (zeroed).
             if self.forget(env, id) {
@@ -497,8 +586,11 @@ impl Vmm {
                     Response::inject(13, Some(0))
                 }
             },
-            // MTRRs and MISC_ENABLE: accepted and ignored (EPT memory types rule).
-            ExitKind::Wrmsr { msr, .. } if (0x200..=0x2ff).contains(&msr) || msr == 0x1a0 => {
+            // MTRRs and MISC_ENABLE: accepted and ignored (EPT memory types rule);
+            // BIOS_SIGN_ID: the write before reading the microcode revision.
+            ExitKind::Wrmsr { msr, .. }
+                if (0x200..=0x2ff).contains(&msr) || msr == 0x1a0 || msr == 0x8b =>
+            {
                 Response::DONE
             }
             ExitKind::Wrmsr { msr, value } => {
@@ -692,8 +784,12 @@ impl Vmm {
         // as nothing could wake it. Only such a guest's local APIC changes:
         // its xAPIC page is brought up to date here.
         if d.platform.active {
+            d.platform.counts.count(&exit.kind);
             let r = interrupts(env, d, &exit.kind, r);
             show_apic(env, d);
+            if matches!(r.then, Then::Exit { .. } | Then::Crash) {
+                d.platform.counts.log(id);
+            }
             r
         } else {
             r
@@ -817,9 +913,25 @@ fn io(
                 then: Then::Exit { status: value },
             };
         }
-        // ACPI PM1a event block (status and enable): nothing to report.
-        0x600..=0x603 if !write => set_in(regs, size, 0),
-        0x600..=0x603 => {}
+        // PM1a status (0x600): nothing happens, nothing to report; enable
+        // (0x602): kept as written (no event is ever raised), so that a
+        // kernel enabling an event reads its bit back.
+        0x600..=0x601 if !write => set_in(regs, size, 0),
+        0x600..=0x601 => {}
+        0x602 | 0x603 => {
+            let pm1 = &mut d.platform.pm1_enable;
+            let shift = if port == 0x603 { 8 } else { 0 };
+            let mask: u16 = if size >= 2 && port == 0x602 {
+                0xffff
+            } else {
+                0xff << shift
+            };
+            if write {
+                *pm1 = (*pm1 & !mask) | ((value as u16) << shift & mask);
+            } else {
+                set_in(regs, size, u32::from((*pm1 & mask) >> shift));
+            }
+        }
         // ACPI PM1a control: SCI_EN reads set (ACPI mode is on); a sleep
         // request for S5 (`\_S5`'s type 0) powers the domain off.
         0x604 | 0x605 if !write => set_in(regs, size, if port == 0x604 { 1 } else { 0 }),
@@ -921,6 +1033,46 @@ fn set_in(regs: &mut ExitRegs, size: u8, value: u32) {
     };
 }
 
+/// CPUID leaf 1 ECX: what depends on XSAVE, hidden. XSETBV exits
+/// unconditionally and the guest shares the host's XCR0 (the kernel saves
+/// and restores the guest's FPU state with the components it enabled), so
+/// a guest that saw XSAVE would set its own XCR0: XSAVE (26), OSXSAVE (27),
+/// AVX (28), FMA (12) and F16C (29) are hidden; guests use FXSAVE and SSE.
+pub const LEAF1_ECX_XSAVE: u32 = 1 << 26 | 1 << 27 | 1 << 28 | 1 << 12 | 1 << 29;
+/// Leaf 1 ECX: features whose MSRs or state are the host's CPU's and not
+/// modelled: DTES64 (2), DS-CPL (4), Enhanced SpeedStep (7), TM2 (8), xTPR
+/// update control (14), the perfmon capabilities MSR (15).
+pub const LEAF1_ECX_HOST: u32 = 1 << 2 | 1 << 4 | 1 << 7 | 1 << 8 | 1 << 14 | 1 << 15;
+/// Leaf 1 EDX: the same: machine check (MCE 7, MCA 14: Linux reads the
+/// bank MSRs and panics at a #GP there), debug store (21), ACPI thermal
+/// control (22), thermal monitor (29), pending break enable (31).
+pub const LEAF1_EDX_HOST: u32 = 1 << 7 | 1 << 14 | 1 << 21 | 1 << 22 | 1 << 29 | 1 << 31;
+/// Leaf 7 EBX: TSC_ADJUST (1, its MSR is the host's), AVX2 (5), INVPCID
+/// (10, #UD without the VMCS's enable-INVPCID control) and the AVX-512
+/// foundation and families (16, 17, 21, 26, 27, 28, 30, 31: XSAVE state).
+pub const LEAF7_EBX_HIDDEN: u32 = 1 << 1
+    | 1 << 5
+    | 1 << 10
+    | 1 << 16
+    | 1 << 17
+    | 1 << 21
+    | 1 << 26
+    | 1 << 27
+    | 1 << 28
+    | 1 << 30
+    | 1 << 31;
+/// Leaf 7 ECX: AVX-512 VBMI (1), PKU and OSPKE (3, 4: PKRU is XSAVE
+/// state), VBMI2 (6), VNNI (11), BITALG (12), VPOPCNTDQ (14), RDPID (22:
+/// IA32_TSC_AUX is not the guest's).
+pub const LEAF7_ECX_HIDDEN: u32 =
+    1 << 1 | 1 << 3 | 1 << 4 | 1 << 6 | 1 << 11 | 1 << 12 | 1 << 14 | 1 << 22;
+/// Leaf 7 EDX: AVX-512 4VNNIW and 4FMAPS (2, 3), MD_CLEAR (10), and the
+/// speculation controls whose MSRs are the host's: IBRS/IBPB (26), STIBP
+/// (27), L1D_FLUSH (28), ARCH_CAPABILITIES (29), SSBD (31). A guest that
+/// saw them would write IA32_SPEC_CTRL on every entry to its kernel.
+pub const LEAF7_EDX_HIDDEN: u32 =
+    1 << 2 | 1 << 3 | 1 << 10 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29 | 1 << 31;
+
 /// CPUID as the host answers it, with VMX hidden and Parallax's leaves added.
 pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
     let mut r = env.cpuid(leaf, subleaf);
@@ -928,8 +1080,46 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
         1 => {
             r.ecx &= !(1 << 5); // no VMX for guests
             r.ecx &= !(1 << 3); // no MONITOR/MWAIT (they exit: #UD)
+            r.ecx &= !(LEAF1_ECX_XSAVE | LEAF1_ECX_HOST);
+            r.edx &= !LEAF1_EDX_HOST;
             r.ecx |= 1 << 31; // running under a hypervisor
         }
+        // Thermal and power management: only ARAT (the local APIC's timer
+        // runs in every C-state). No APERF/MPERF, HWP or turbo: their MSRs
+        // are the host's.
+        6 => (r.eax, r.ebx, r.ecx, r.edx) = (1 << 2, 0, 0, 0),
+        7 if subleaf == 0 => {
+            r.ebx &= !LEAF7_EBX_HIDDEN;
+            r.ecx &= !LEAF7_ECX_HIDDEN;
+            r.edx &= !LEAF7_EDX_HIDDEN;
+        }
+        // AVX-VNNI (4) and AVX512_BF16 (5): AVX state too.
+        7 if subleaf == 1 => r.eax &= !(1 << 4 | 1 << 5),
+        // No XSAVE: its components are not described.
+        0xd => r = CpuidResult::default(),
+        // The TSC's rate as the crystal's (ratio 1/1), and as the base and
+        // maximum frequency in MHz: the host CPU's nominal figures are not
+        // the rate the guest's TSC counts at (under Bochs, 100 MHz where
+        // CPUID says 3.5 GHz). Linux takes leaf 0x15 as the TSC's exact
+        // frequency (and the local APIC timer's) and calibrates nothing.
+        0x15 => {
+            // ECX (the crystal's Hz) is 32 bits: above 4.29 GHz the ratio
+            // says how many crystal periods make a TSC tick.
+            let hz = u64::from(env.tsc_khz()) * 1000;
+            let ratio = hz.div_ceil(u64::from(u32::MAX)).max(1);
+            (r.eax, r.ebx, r.ecx, r.edx) = if hz == 0 {
+                (0, 0, 0, 0)
+            } else {
+                (1, ratio as u32, (hz / ratio) as u32, 0)
+            };
+        }
+        0x16 => {
+            let mhz = env.tsc_khz() / 1000;
+            (r.eax, r.ebx, r.ecx, r.edx) = (mhz, mhz, 0, 0);
+        }
+        // No RDTSCP (IA32_TSC_AUX is not the guest's; without the VMCS's
+        // enable-RDTSCP control it would be #UD).
+        0x8000_0001 => r.edx &= !(1 << 27),
         // No performance monitoring: the counters are the host's (RDPMC
         // exits: #GP).
         0xa => r = CpuidResult::default(),
@@ -969,6 +1159,11 @@ pub fn cpuid(env: &impl Env, leaf: u32, subleaf: u32) -> CpuidResult {
 fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
     Some(match msr {
         0x10 => env.tsc(),
+        // IA32_FEATURE_CONTROL: locked, VMX off (CPUID hides VMX too).
+        0x3a => 1,
+        // IA32_BIOS_SIGN_ID: no microcode revision to tell (Linux reads it
+        // on every Intel CPU, after writing 0 to it).
+        0x8b => 0,
         0xfe => 0,      // MTRRcap: no MTRRs to program
         0x1a0 => 1,     // MISC_ENABLE: fast strings
         0x2ff => 0x806, // MTRR default type: enabled, write-back

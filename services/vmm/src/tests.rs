@@ -32,6 +32,8 @@ struct Fake {
     apic_page: std::collections::BTreeMap<(u16, u16), u32>,
     /// The kernel refuses `ApicSet` (no APIC virtualization).
     no_apic_page: bool,
+    /// CPUID answers every leaf with all bits set (a host with everything).
+    every_feature: bool,
 }
 
 impl Env for Fake {
@@ -49,6 +51,14 @@ impl Env for Fake {
         vm_features::VMX | vm_features::VMFUNC | vm_features::PML
     }
     fn cpuid(&self, _: u32, _: u32) -> CpuidResult {
+        if self.every_feature {
+            return CpuidResult {
+                eax: !0,
+                ebx: !0,
+                ecx: !0,
+                edx: !0,
+            };
+        }
         CpuidResult {
             eax: 1,
             ebx: 2,
@@ -1611,4 +1621,233 @@ fn nonsense_written_to_the_xapic_page_stays_in_its_domain() {
         exit_of(&mut vmm, &mut env, 2, ExitKind::Hlt).response.then,
         Then::Block
     );
+}
+
+fn cpuid_of(vmm: &mut Vmm, env: &mut Fake, leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = vmm.exit(
+        env,
+        &exit(ExitKind::Cpuid { leaf, subleaf }, ExitRegs::default()),
+    );
+    let r = r.regs.unwrap_or_default();
+    [r.rax as u32, r.rbx as u32, r.rcx as u32, r.rdx as u32]
+}
+
+/// What Linux would use and the platform cannot give is hidden: XSAVE and
+/// what needs it (the guest shares the host's XCR0), machine check, the
+/// host's speculation-control, TSC_AUX, thermal and power MSRs, INVPCID
+/// and RDTSCP (#UD under the VMCS's controls); what it models stays.
+#[test]
+fn cpuid_hides_what_the_platform_does_not_give_a_kernel() {
+    use crate::exits::{
+        LEAF1_ECX_HOST, LEAF1_ECX_XSAVE, LEAF1_EDX_HOST, LEAF7_EBX_HIDDEN, LEAF7_ECX_HIDDEN,
+        LEAF7_EDX_HIDDEN,
+    };
+    let mut env = Fake {
+        every_feature: true,
+        ..Fake::default()
+    };
+    let mut vmm = Vmm::default();
+    let [_, _, ecx, edx] = cpuid_of(&mut vmm, &mut env, 1, 0);
+    for bit in [26, 27, 28] {
+        assert_eq!(
+            ecx & (1 << bit),
+            0,
+            "leaf 1 ECX bit {bit} (XSAVE, OSXSAVE, AVX)"
+        );
+    }
+    assert_eq!(
+        ecx & (LEAF1_ECX_XSAVE | LEAF1_ECX_HOST | 1 << 5 | 1 << 3),
+        0
+    );
+    assert_eq!(edx & LEAF1_EDX_HOST, 0);
+    assert_eq!(edx & (1 << 7 | 1 << 14), 0, "no MCE, no MCA");
+    assert_ne!(ecx & (1 << 21), 0, "x2APIC stays");
+    assert_ne!(ecx & (1 << 24), 0, "the TSC-deadline timer stays");
+    assert_ne!(edx & (1 << 4), 0, "the TSC stays");
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor");
+    let [_, ebx, ecx, edx] = cpuid_of(&mut vmm, &mut env, 7, 0);
+    assert_eq!(ebx & LEAF7_EBX_HIDDEN, 0);
+    assert_eq!(ecx & LEAF7_ECX_HIDDEN, 0);
+    assert_eq!(edx & LEAF7_EDX_HIDDEN, 0);
+    assert_eq!(
+        ebx & (1 << 10 | 1 << 5 | 1 << 16),
+        0,
+        "INVPCID, AVX2, AVX-512F"
+    );
+    assert_eq!(ecx & (1 << 22 | 1 << 3), 0, "RDPID, PKU");
+    assert_eq!(edx & (1 << 26 | 1 << 29), 0, "IBRS, ARCH_CAPABILITIES");
+    assert_ne!(ebx & 1, 0, "FSGSBASE stays");
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 7, 1),
+        [!(1 << 4 | 1 << 5), !0, !0, !0],
+        "subleaf 1 without AVX-VNNI and AVX512_BF16"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 7, 2),
+        [!0; 4],
+        "other subleaves as the host's"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 6, 0),
+        [1 << 2, 0, 0, 0],
+        "only ARAT"
+    );
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 0xd, 0),
+        [0; 4],
+        "no XSAVE state"
+    );
+    assert_eq!(cpuid_of(&mut vmm, &mut env, 0xd, 1), [0; 4]);
+    let [_, _, _, edx] = cpuid_of(&mut vmm, &mut env, 0x8000_0001, 0);
+    assert_eq!(edx & (1 << 27), 0, "no RDTSCP");
+    assert_ne!(edx & (1 << 29), 0, "long mode stays");
+}
+
+/// The MSRs Linux reads on every Intel CPU without a fault handler of its
+/// own: feature control (locked, VMX off) and the microcode revision
+/// (written 0 first, then read); other unknown ones stay #GP.
+#[test]
+fn feature_control_and_the_microcode_revision_read_as_on_a_locked_cpu() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let read = |vmm: &mut Vmm, env: &mut Fake, msr| {
+        let r = vmm.exit(
+            env,
+            &exit(
+                ExitKind::Rdmsr { msr },
+                ExitRegs {
+                    rax: 0xdead,
+                    rdx: 0xbeef,
+                    ..ExitRegs::default()
+                },
+            ),
+        );
+        (r.response.inject, r.regs.map(|r| (r.rax, r.rdx)))
+    };
+    assert_eq!(read(&mut vmm, &mut env, 0x3a), (None, Some((1, 0))));
+    let w = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x8b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert_eq!(w.response.inject, None);
+    assert!(w.response.advance);
+    assert_eq!(read(&mut vmm, &mut env, 0x8b), (None, Some((0, 0))));
+    let w = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x3a,
+                value: 5,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert!(
+        w.response.inject.is_some(),
+        "feature control is locked: #GP"
+    );
+    for msr in [0x48, 0x17a, 0xc000_0103, 0xe7] {
+        assert_eq!(
+            read(&mut vmm, &mut env, msr).0,
+            Some(Inject::Exception {
+                vector: 13,
+                error_code: Some(0)
+            }),
+            "MSR {msr:#x}"
+        );
+    }
+}
+
+/// Exits are counted by reason once the guest touches an interrupt source
+/// (none before: the hot path of other guests stays as it was).
+#[test]
+fn exits_are_counted_by_reason_once_a_guest_uses_interrupts() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let io = |port, write| ExitKind::Io {
+        port,
+        size: 1,
+        write,
+        value: 0,
+    };
+    vmm.exit(&mut env, &exit(io(COM1, true), ExitRegs::default()));
+    assert_eq!(vmm.exit_counts(3).unwrap().total(), 0, "not active yet");
+    // The PIC's mask: an interrupt source.
+    vmm.exit(&mut env, &exit(io(0x21, true), ExitRegs::default()));
+    for kind in [
+        io(COM1 + 5, false),
+        io(COM1, true),
+        io(0x20, true),
+        io(0x43, true),
+        io(0x40, true),
+        io(0x61, false),
+        io(0x70, true),
+        io(0x80, true),
+        ExitKind::Rdmsr { msr: 0x1b },
+        ExitKind::Cpuid {
+            leaf: 0,
+            subleaf: 0,
+        },
+        ExitKind::InterruptWindow,
+        ExitKind::Deadline,
+    ] {
+        vmm.exit(&mut env, &exit(kind, ExitRegs::default()));
+    }
+    let c = vmm.exit_counts(3).unwrap();
+    assert_eq!(
+        (
+            c.uart, c.pic, c.pit, c.other_io, c.msr, c.cpuid, c.window, c.deadline
+        ),
+        (2, 2, 3, 2, 1, 1, 1, 1)
+    );
+    assert_eq!(c.total(), 13);
+}
+
+/// CPUID leaves 0x15 and 0x16 give the rate the guest's TSC counts at
+/// (the kernel's measure), not the host CPU's nominal frequency.
+#[test]
+fn the_tsc_rate_is_told_through_leaves_0x15_and_0x16() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // The fake's TSC runs at 100,000 kHz.
+    assert_eq!(
+        cpuid_of(&mut vmm, &mut env, 0x15, 0),
+        [1, 1, 100_000_000, 0],
+        "TSC = crystal (100 MHz) x 1 / 1"
+    );
+    assert_eq!(cpuid_of(&mut vmm, &mut env, 0x16, 0), [100, 100, 0, 0]);
+}
+
+/// The PM1a enable register keeps what is written (byte and word
+/// accesses); status reads 0.
+#[test]
+fn the_acpi_pm1_enable_register_reads_back() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let io = |port, size, write, value| ExitKind::Io {
+        port,
+        size,
+        write,
+        value,
+    };
+    let read = |vmm: &mut Vmm, env: &mut Fake, port, size| {
+        vmm.exit(env, &exit(io(port, size, false, 0), ExitRegs::default()))
+            .regs
+            .map_or(0, |r| r.rax)
+    };
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0);
+    vmm.exit(
+        &mut env,
+        &exit(io(0x602, 2, true, 0x0420), ExitRegs::default()),
+    );
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0x0420);
+    assert_eq!(read(&mut vmm, &mut env, 0x603, 1), 0x04);
+    vmm.exit(
+        &mut env,
+        &exit(io(0x602, 1, true, 0x01), ExitRegs::default()),
+    );
+    assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0x0401);
+    assert_eq!(read(&mut vmm, &mut env, 0x600, 2), 0, "no event to report");
 }

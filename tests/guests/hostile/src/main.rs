@@ -20,7 +20,7 @@
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_runtime::{MultibootInfo, TrapFrame, abi, cpuid, idt, println};
+use guest_runtime::{MultibootInfo, TrapFrame, abi, idt, println};
 
 guest_runtime::entry!(main);
 
@@ -112,7 +112,7 @@ fn cr8() -> u32 {
 // --- register markers ---
 
 /// The registers checked, in marker order.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 11] = [
     "xmm0",
     "xmm15",
     "ymm0[255:128]",
@@ -122,6 +122,8 @@ const NAMES: [&str; 9] = [
     "dr3",
     "cr2",
     "kernel_gs_base",
+    "lstar",
+    "star",
 ];
 const MARK: u64 = 0x0000_7e57_0000_0000;
 
@@ -134,7 +136,10 @@ fn marker_tag(v: u64) -> Option<u8> {
     (v & 0xffff_ffff_0000_0000 == MARK && v & 0xffff_0000 == 0).then_some((v >> 8) as u8)
 }
 
-/// Turns on SSE (and AVX where the CPU offers it); returns whether AVX is usable.
+/// Turns on SSE (and AVX where the CPU has it); returns whether AVX is usable.
+/// CPUID hides XSAVE and AVX from guests (they share the host's XCR0), but
+/// a guest that uses them anyway must still see only its own registers:
+/// CR4.OSXSAVE is tried whatever CPUID says (a #GP means the CPU has none).
 fn enable_vector_registers() -> bool {
     // Safety: CR0.MP set and EM clear, CR4.OSFXSR/OSXMMEXCPT: what an OS
     // sets to use SSE; CR4.OSXSAVE only where CPUID reports XSAVE.
@@ -142,12 +147,15 @@ fn enable_vector_registers() -> bool {
         asm!("mov {t}, cr0", "and {t}, ~4", "or {t}, 2", "mov cr0, {t}", t = out(reg) _);
         asm!("mov {t}, cr4", "or {t}, 0x600", "mov cr4, {t}", t = out(reg) _);
     }
-    let leaf1 = cpuid(1, 0);
-    if leaf1.ecx & (1 << 26) == 0 || leaf1.ecx & (1 << 28) == 0 {
+    idt::set_gp_handler(Some(catch));
+    // Safety: as above; a #GP is caught and `mov cr4, rax` (3 bytes) skipped.
+    let fault = caught(3, || unsafe {
+        asm!("mov rax, cr4", "bts rax, 18", "mov cr4, rax", out("rax") _)
+    });
+    idt::set_gp_handler(None);
+    if fault != 0 {
         return false;
     }
-    // Safety: as above.
-    unsafe { asm!("mov {t}, cr4", "bts {t}, 18", "mov cr4, {t}", t = out(reg) _) };
     let (lo, _hi): (u32, u32);
     // Safety: XGETBV 0 reads XCR0 once CR4.OSXSAVE is set.
     unsafe { asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") _hi) };
@@ -155,8 +163,8 @@ fn enable_vector_registers() -> bool {
 }
 
 /// Reads the checked registers (the AVX one as 0 without AVX).
-fn read_registers(avx: bool) -> [u64; 9] {
-    let mut r = [0u64; 9];
+fn read_registers(avx: bool) -> [u64; 11] {
+    let mut r = [0u64; 11];
     // Safety: reads of registers this guest may read (SSE enabled first);
     // SWAPGS twice leaves GS as it was; GS_BASE is the guest's own MSR.
     unsafe {
@@ -173,6 +181,12 @@ fn read_registers(avx: bool) -> [u64; 9] {
         let (lo, hi): (u32, u32);
         asm!("swapgs", "rdmsr", "swapgs", in("ecx") 0xc000_0101u32, out("eax") lo, out("edx") hi);
         r[8] = (u64::from(hi) << 32) | u64::from(lo);
+        // The SYSCALL MSRs are the guest's own (written without an exit).
+        for (i, msr) in [(9, 0xc000_0082u32), (10, 0xc000_0081)] {
+            let (lo, hi): (u32, u32);
+            asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi);
+            r[i] = (u64::from(hi) << 32) | u64::from(lo);
+        }
     }
     r
 }
@@ -200,6 +214,10 @@ fn write_markers(tag: u8, avx: bool) {
             in("ecx") 0xc000_0101u32, in("eax") v as u32, in("edx") (v >> 32) as u32);
         // GS_BASE back to what it was (the second WRMSR wrote v again; fix it).
         asm!("wrmsr", in("ecx") 0xc000_0101u32, in("eax") lo, in("edx") hi);
+        for (i, msr) in [(9, 0xc000_0082u32), (10, 0xc000_0081)] {
+            let v = m(i);
+            asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32);
+        }
     }
 }
 
@@ -474,9 +492,11 @@ fn probe() -> u32 {
         ports.len() - MODELLED.len(),
         MODELLED.len()
     );
-    // MSRs: the VMX capability MSRs and feature control must fault (VMX is
-    // hidden); the host's SYSCALL entry and x2APIC registers too.
-    for msr in [0x3a, 0x480, 0x481, 0x48b, 0xc000_0082, 0x808, 0x80b, 0x830] {
+    // MSRs: the VMX capability MSRs must fault (VMX is hidden); the host's
+    // speculation control and, before x2APIC mode, the x2APIC registers too.
+    // (IA32_FEATURE_CONTROL reads locked with VMX off; the SYSCALL MSRs are
+    // the guest's own: the markers attack checks them.)
+    for msr in [0x480, 0x481, 0x48b, 0x48, 0x808, 0x80b, 0x830] {
         let got = caught(2, || {
             let _ = rdmsr(msr);
         });
