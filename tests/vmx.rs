@@ -333,6 +333,80 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
     );
 }
 
+/// `tests/kernels/hello-bz.S` as a bzImage file: linked at 0xff000, so
+/// that its protected-mode part (after eight sectors of real-mode part) is
+/// at 1 MiB, and its bytes kept (`objcopy -O binary`).
+fn assembled_bzimage() -> std::path::PathBuf {
+    let elf = assemble("hello-bz.S", "bz.elf", &["-Ttext", "0xff000"]);
+    let image = elf.with_file_name("bzImage-asm");
+    let out = std::process::Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&elf)
+        .arg(&image)
+        .output()
+        .expect("objcopy runs (Debian package binutils)");
+    assert!(
+        out.status.success(),
+        "objcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// Issue 14, point 1: a Linux bzImage (a hand-made one: a real setup
+/// header, real-mode setup code for QEMU's loader, a 32-bit entry) prints
+/// the same lines and ends with the same status under plain
+/// `qemu-system-x86_64 -kernel -append -initrd` (which runs its real-mode
+/// setup: e820 from the BIOS) and under Parallax (its 32-bit entry with
+/// the boot_params the loader built).
+#[test]
+fn a_bzimage_runs_as_on_plain_qemu() {
+    let bz = assembled_bzimage();
+    let dir = bz.parent().unwrap().to_owned();
+    std::fs::write(dir.join("bz-initrd.txt"), "first initrd line\nsecond\n").unwrap();
+    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-bzimage"));
+    cfg.memory_mib = 32;
+    let plain = emulator::run_multiboot_on_qemu_with_modules(
+        &bz,
+        "from the test",
+        &["bz-initrd.txt"],
+        &cfg,
+    )
+    .expect("QEMU runs");
+    let plain_lines: Vec<String> = plain
+        .lines
+        .iter()
+        .filter(|l| l.source == "boot")
+        .map(|l| l.text.clone())
+        .collect();
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "hello from a bzImage in assembly",
+            "cmdline: from the test",
+            "initrd: first initrd line",
+            "memory map: RAM from 1 MiB",
+        ]
+    );
+    let manifest = dir.join("bzimage.toml");
+    let text = concat!(
+        "name = \"bzimage\"\n",
+        "[[domain]]\nname = \"bz\"\nkernel = \"bzImage-asm\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+        "modules = [{ path = \"bz-initrd.txt\" }]\n",
+    );
+    let img = system_in(&manifest, "bzimage", text);
+    let run = bochs(&img);
+    run.expect_from("init", "domain 1 (bz): guest kernel-bz, 32 MiB in")
+        .expect_from("init", "(Linux)")
+        .expect("domain 1 (bz) exited with status 16");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "bzImage: under Parallax and on plain QEMU"
+    );
+}
+
 /// Assembled kernel `elf` (named `name`) run by plain
 /// `qemu-system-x86_64 -kernel` with `mib` MiB: the run, and its console
 /// lines.
