@@ -235,22 +235,37 @@ pub enum ParamsError {
     InitrdTooHigh { end: u32, max: u32 },
 }
 
-/// Builds `boot_params` into `out` for a guest with `ram_bytes` of RAM:
-/// the file's setup header (and `code32_start` as [`plan`] moved it),
-/// `type_of_loader` 0xff, the command line's address, the initrd (start,
-/// end), the memory map as e820 entries (the same as the other formats'),
-/// `alt_mem_k`, and the ACPI RSDP's address (`rsdp`, protocol 2.14 and
-/// later; 0 for none).
+/// What the loader gives a Linux kernel beside its image.
+#[derive(Clone, Copy, Debug)]
+pub struct Params<'a> {
+    /// Bytes of RAM, from guest-physical 0.
+    pub ram_bytes: u64,
+    pub place: Placement,
+    pub cmdline: &'a str,
+    /// The initrd's first byte and the byte past its end.
+    pub initrd: Option<(u32, u32)>,
+    /// The ACPI RSDP's address (0: none).
+    pub rsdp: u64,
+}
+
+/// Builds `boot_params` into `out`: the file's setup header (and
+/// `code32_start` as [`plan`] moved it), `type_of_loader` 0xff, the command
+/// line's address, the initrd, the memory map as e820 entries (the same as
+/// the other formats'), `alt_mem_k`, and the ACPI RSDP's address (protocol
+/// 2.14 and later).
 pub fn build_boot_params(
     image: &[u8],
     plan: &LoadPlan,
-    ram_bytes: u64,
-    place: &Placement,
-    cmdline: &str,
-    initrd: Option<(u32, u32)>,
-    rsdp: u64,
+    p: &Params<'_>,
     out: &mut [u8; BOOT_PARAMS_LEN],
 ) -> Result<(), ParamsError> {
+    let Params {
+        ram_bytes,
+        place,
+        cmdline,
+        initrd,
+        rsdp,
+    } = *p;
     let h = header(image).expect("the image was planned");
     if cmdline.len() > h.cmdline_size as usize {
         return Err(ParamsError::CmdlineTooLong {

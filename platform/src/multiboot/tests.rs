@@ -764,14 +764,17 @@ fn boot_params_hold_the_header_memory_map_command_line_and_initrd() {
     let p = plan(&img, &layout()).unwrap();
     let place = linux::Placement::at(0x1000);
     let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
+    let params = |cmdline, initrd| linux::Params {
+        ram_bytes: 16 * MIB,
+        place,
+        cmdline,
+        initrd,
+        rsdp: 0x9_fc00,
+    };
     linux::build_boot_params(
         &img,
         &p,
-        16 * MIB,
-        &place,
-        "console=ttyS0",
-        Some((0x20_0000, 0x20_1234)),
-        0x9_fc00,
+        &params("console=ttyS0", Some((0x20_0000, 0x20_1234))),
         &mut bp,
     )
     .unwrap();
@@ -815,7 +818,7 @@ fn boot_params_hold_the_header_memory_map_command_line_and_initrd() {
     let old = bzimage(0x020d, 0x3000, 0x8000, 0);
     let p = plan(&old, &layout()).unwrap();
     let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
-    linux::build_boot_params(&old, &p, 16 * MIB, &place, "", None, 0x9_fc00, &mut bp).unwrap();
+    linux::build_boot_params(&old, &p, &params("", None), &mut bp).unwrap();
     assert_eq!(&bp[at::ACPI_RSDP_ADDR..at::ACPI_RSDP_ADDR + 8], &[0; 8]);
     assert_eq!(&bp[at::RAMDISK_IMAGE..at::RAMDISK_IMAGE + 8], &[0; 8]);
 }
@@ -830,7 +833,14 @@ fn boot_params_refuse_a_long_command_line_and_a_high_initrd() {
     let place = linux::Placement::at(0x1000);
     let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
     let mut build = |cmdline: &str, initrd| {
-        linux::build_boot_params(&img, &p, 16 * MIB, &place, cmdline, initrd, 0, &mut bp)
+        let params = linux::Params {
+            ram_bytes: 16 * MIB,
+            place,
+            cmdline,
+            initrd,
+            rsdp: 0,
+        };
+        linux::build_boot_params(&img, &p, &params, &mut bp)
     };
     assert_eq!(
         build("quiet", None),
@@ -887,7 +897,8 @@ proptest! {
         if let Ok(p) = plan(&img, &layout()) {
             let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
             let place = linux::Placement::at(0x1000);
-            let _ = linux::build_boot_params(&img, &p, 16 * MIB, &place, "x", Some((0x20_0000, 0x20_1000)), 0, &mut bp);
+            let params = linux::Params { ram_bytes: 16 * MIB, place, cmdline: "x", initrd: Some((0x20_0000, 0x20_1000)), rsdp: 0 };
+            let _ = linux::build_boot_params(&img, &p, &params, &mut bp);
         }
     }
 }

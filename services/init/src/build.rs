@@ -280,17 +280,15 @@ fn build(
         Format::Linux => {
             let place = linux::Placement::at(INFO_GPA as u32);
             let initrd = listed.first().map(|m| (m.start, m.end));
-            linux::build_boot_params(
-                image,
-                &plan,
-                ram,
-                &place,
-                &cmdline,
+            let params = linux::Params {
+                ram_bytes: ram,
+                place,
+                cmdline: &cmdline,
                 initrd,
-                multiboot::acpi::TABLES_GPA,
-                &mut info,
-            )
-            .map_err(BuildError::Linux)?;
+                rsdp: multiboot::acpi::TABLES_GPA,
+            };
+            linux::build_boot_params(image, &plan, &params, &mut info)
+                .map_err(BuildError::Linux)?;
             let trampoline = linux::trampoline(&place, plan.entry);
             sys::domain_write(domains, id, u64::from(place.trampoline), &trampoline)?;
             let mut line = [0u8; 257];
