@@ -407,6 +407,99 @@ fn a_bzimage_runs_as_on_plain_qemu() {
     );
 }
 
+/// Issue 14, point 2: input typed on the host reaches a kernel that reads
+/// COM1 with the received-data interrupt (`tests/kernels/uart-rx.S`), as
+/// on plain QEMU with the same line on `-serial stdio`: the same lines and
+/// status (the line's length). Two domains run it: the first is typed to
+/// through the client library, the second through `cargo hv ctl console`
+/// with its stdin piped, the third (halted all the while, woken to look for
+/// input) last; an unknown domain is refused.
+#[test]
+fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
+    use std::io::Write as _;
+    let elf = assemble("uart-rx.S", "kernel-rx", &[]);
+    let typed = "parallax 42\n";
+    let mut qemu = std::process::Command::new("timeout")
+        .args(["60", "qemu-system-x86_64", "-display", "none", "-no-reboot"])
+        .args(["-monitor", "none", "-serial", "stdio", "-m", "32"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
+        .arg(&elf)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 runs");
+    qemu.stdin
+        .take()
+        .unwrap()
+        .write_all(typed.as_bytes())
+        .unwrap();
+    let out = qemu.wait_with_output().unwrap();
+    let plain: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(plain, ["ready for a line", "echo: parallax 42"]);
+    assert_eq!(out.status.code(), Some((11 << 1) | 1), "the line's length");
+    let dir = elf.parent().unwrap().to_owned();
+    let text = concat!(
+        "name = \"uart-rx\"\n",
+        "[[domain]]\nname = \"rx1\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+        "[[domain]]\nname = \"rx2\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+        // Waits (halted) until the end: the system runs on while rx2 ends.
+        "[[domain]]\nname = \"rx3\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+    );
+    let img = system_in(&dir.join("uart-rx.toml"), "uart-rx", text);
+    let run = parallax_tests::boot_live(
+        &img,
+        Machine::Bochs,
+        |c| c.timeout = std::time::Duration::from_secs(900),
+        |live| {
+            live.wait_for("dom1", "ready for a line", 600);
+            live.wait_for("dom2", "ready for a line", 600);
+            let mut console = live.control();
+            console.console_input(1, typed.as_bytes()).unwrap();
+            let e = console.console_input(9, b"x").unwrap_err();
+            assert!(
+                e.to_string().contains("domain 9 has no COM1 to type into"),
+                "{e}"
+            );
+            drop(console);
+            let refused = parallax_tests::ctl::refused(live.socket(), &["console", "nosuch"]);
+            assert!(
+                refused.contains("no domain is named \"nosuch\""),
+                "{refused}"
+            );
+            let mut ctl = std::process::Command::new(env!("CARGO"))
+                .current_dir(image_builder::paths::repo())
+                .args(["hv", "ctl", "--timeout", "120", "--socket"])
+                .arg(live.socket())
+                .args(["console", "rx2"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("cargo runs");
+            ctl.stdin
+                .take()
+                .unwrap()
+                .write_all(typed.as_bytes())
+                .unwrap();
+            let out = ctl.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "cargo hv ctl console rx2: {err}");
+            assert!(err.contains("domain 2 ended (exited, status 11)"), "{err}");
+            live.wait_for("dom3", "ready for a line", 600);
+            live.control().console_input(3, b"rx3\r").unwrap();
+        },
+    );
+    run.expect("domain 1 (rx1) exited with status 11")
+        .expect("domain 2 (rx2) exited with status 11")
+        .expect("domain 3 (rx3) exited with status 3");
+    assert_eq!(run.console(1), plain, "typed through the client library");
+    assert_eq!(run.console(2), plain, "typed through cargo hv ctl console");
+}
+
 /// Assembled kernel `elf` (named `name`) run by plain
 /// `qemu-system-x86_64 -kernel` with `mib` MiB: the run, and its console
 /// lines.

@@ -188,6 +188,12 @@ enum CtlCmd {
     /// Print the run's decoded log (from its start), following it until the
     /// system halts.
     Logs,
+    /// Attach to DOMAIN's COM1 (its id or name): what is typed goes to its
+    /// receiver (raw, byte by byte, when stdin is a terminal; Ctrl-] leaves),
+    /// its console lines are shown as they come. With stdin not a terminal
+    /// (a pipe), its bytes are sent, then the lines are shown until the
+    /// domain ends.
+    Console { domain: String },
     /// Alternate views as an external agent: views, access, modes, and
     /// violation events (docs/altp2m.md).
     #[command(subcommand)]
@@ -933,6 +939,10 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
             println!("fault injected into {service}");
         }
         CtlCmd::Logs => unreachable!("handled before connecting"),
+        CtlCmd::Console { domain } => {
+            let socket = conn.socket.clone().unwrap_or_else(default_control_socket);
+            return attach_console(console, &socket, &domain);
+        }
         CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
         CtlCmd::Logdirty(cmd) => return logdirty_cmd(&mut console, cmd),
         CtlCmd::Mem(cmd) => mem_cmd(&mut console, cmd)?,
@@ -1442,6 +1452,163 @@ fn follow_log(socket: &Path) -> Result<ExitCode> {
         if n == 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Ctrl-]: leaves `cargo hv ctl console` (as telnet's escape).
+const DETACH: u8 = 0x1d;
+
+/// `cargo hv ctl console DOMAIN`: stdin to the domain's COM1 receiver, its
+/// console lines (from the run's capture, as `ctl logs` reads it) to
+/// stdout.
+fn attach_console(
+    mut console: Client<UnixStream>,
+    socket: &Path,
+    domain: &str,
+) -> Result<ExitCode> {
+    let id = console.domain_id(domain)?;
+    // Refused here, before anything is read: a domain the vmm keeps no
+    // COM1 for.
+    console.console_input_once(id, b"")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shown = {
+        let done = done.clone();
+        let pointer = socket.with_extension("capture");
+        std::thread::spawn(move || show_domain_lines(&pointer, id, &done))
+    };
+    let raw = tty.then(RawTerminal::enter).transpose()?;
+    if tty {
+        eprintln!("attached to domain {id}'s COM1 (Ctrl-] leaves)\r");
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 256];
+    let sent = loop {
+        let n = match std::io::Read::read(&mut stdin, &mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(anyhow::anyhow!("reading stdin: {e}")),
+        };
+        let bytes = &buf[..n];
+        let (bytes, leave) = match bytes.iter().position(|&b| tty && b == DETACH) {
+            Some(at) => (&bytes[..at], true),
+            None => (bytes, false),
+        };
+        if let Err(e) = console.console_input(id, bytes) {
+            break Err(e.into());
+        }
+        if leave {
+            break Ok(());
+        }
+    };
+    drop(raw);
+    if sent.is_ok() && !tty {
+        // Piped input: the guest's answer is shown until the domain ends.
+        loop {
+            let domains = match console.domains() {
+                Ok(d) => d,
+                Err(control::ClientError::Closed { .. }) => {
+                    eprintln!("the run ended");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match domains.iter().find(|d| d.id == id) {
+                Some(d) if d.state <= 2 => std::thread::sleep(Duration::from_millis(200)),
+                Some(d) => {
+                    eprintln!(
+                        "domain {id} ended ({}, status {})",
+                        control::domain_state(d.state),
+                        d.exit_status
+                    );
+                    break;
+                }
+                None => break,
+            }
+        }
+        // What the log holds of its last lines.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = shown.join();
+    sent?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints domain `id`'s console lines as the run's capture (named in
+/// `pointer`) gets them, from where the capture ends now, until `done`.
+fn show_domain_lines(pointer: &Path, id: u16, done: &std::sync::atomic::AtomicBool) {
+    let Some(mut file) = std::fs::read(pointer)
+        .ok()
+        .map(|p| PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
+        .and_then(|c| std::fs::File::open(c).ok())
+    else {
+        eprintln!(
+            "no run capture beside the socket ({}): the domain's output is not shown (`cargo hv run` shows it)",
+            pointer.display()
+        );
+        return;
+    };
+    let Ok(elfs) = image::current_elfs() else {
+        eprintln!("the build's ELF files are missing: the domain's output is not shown");
+        return;
+    };
+    let source = format!("dom{id}");
+    let (mut demux, mut decoder) = (logs::Demux::new(), logs::Decoder::new(elfs));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut caught_up = false;
+    let mut out = std::io::stdout();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let n = std::io::Read::read(&mut file, &mut buf).unwrap_or(0);
+        let mut events = Vec::new();
+        demux.push(&buf[..n], &mut events);
+        for e in &events {
+            for l in decoder.lines(e) {
+                if caught_up && l.source == source {
+                    let _ = write!(out, "{}\r\n", l.text);
+                }
+            }
+        }
+        let _ = out.flush();
+        if n == 0 {
+            caught_up = true;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A terminal in raw mode (each byte as it is typed, no echo) until dropped.
+struct RawTerminal {
+    saved: String,
+}
+
+impl RawTerminal {
+    fn enter() -> Result<Self> {
+        let stty = |args: &[&str]| {
+            std::process::Command::new("stty")
+                .args(args)
+                .stdin(std::process::Stdio::inherit())
+                .output()
+                .context("running stty")
+        };
+        let saved = stty(&["-g"])?;
+        if !saved.status.success() {
+            bail!("stty -g failed: {}", String::from_utf8_lossy(&saved.stderr));
+        }
+        stty(&["raw", "-echo"])?;
+        Ok(Self {
+            saved: String::from_utf8_lossy(&saved.stdout).trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg(&self.saved)
+            .stdin(std::process::Stdio::inherit())
+            .status();
     }
 }
 
