@@ -284,17 +284,8 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
             "memory map: RAM from 1 MiB",
         ]
     );
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-pvh"));
-    cfg.memory_mib = 32;
-    let plain =
-        emulator::run_multiboot_on_qemu_with_modules(&pvh, "from the test", &["mod-b.txt"], &cfg)
-            .expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) =
+        on_plain_qemu_with(&pvh, "kernel-pvh", 32, "from the test", &["mod-b.txt"]);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -364,21 +355,8 @@ fn a_bzimage_runs_as_on_plain_qemu() {
     let bz = assembled_bzimage();
     let dir = bz.parent().unwrap().to_owned();
     std::fs::write(dir.join("bz-initrd.txt"), "first initrd line\nsecond\n").unwrap();
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-bzimage"));
-    cfg.memory_mib = 32;
-    let plain = emulator::run_multiboot_on_qemu_with_modules(
-        &bz,
-        "from the test",
-        &["bz-initrd.txt"],
-        &cfg,
-    )
-    .expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) =
+        on_plain_qemu_with(&bz, "bzimage", 32, "from the test", &["bz-initrd.txt"]);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -389,14 +367,14 @@ fn a_bzimage_runs_as_on_plain_qemu() {
             "memory map: RAM from 1 MiB",
         ]
     );
-    let manifest = dir.join("bzimage.toml");
-    let text = concat!(
-        "name = \"bzimage\"\n",
-        "[[domain]]\nname = \"bz\"\nkernel = \"bzImage-asm\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
-        "modules = [{ path = \"bz-initrd.txt\" }]\n",
+    let run = under_parallax(
+        &bz,
+        "bzimage",
+        concat!(
+            "[[domain]]\nname = \"bz\"\nkernel = \"bzImage-asm\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+            "modules = [{ path = \"bz-initrd.txt\" }]\n",
+        ),
     );
-    let img = system_in(&manifest, "bzimage", text);
-    let run = bochs(&img);
     run.expect_from("init", "domain 1 (bz): guest kernel-bz, 32 MiB in")
         .expect_from("init", "(Linux)")
         .expect("domain 1 (bz) exited with status 16");
@@ -508,12 +486,25 @@ fn on_plain_qemu(
     name: &str,
     mib: u32,
 ) -> (emulator::RunOutcome, Vec<String>) {
+    on_plain_qemu_with(elf, name, mib, "", &[])
+}
+
+/// [`on_plain_qemu`] with `-append cmdline` and `-initrd` `modules` (files
+/// beside the kernel).
+fn on_plain_qemu_with(
+    elf: &std::path::Path,
+    name: &str,
+    mib: u32,
+    cmdline: &str,
+    modules: &[&str],
+) -> (emulator::RunOutcome, Vec<String>) {
     let mut cfg = RunConfig::new(
         Machine::Qemu,
         emulator::capture_path(&format!("plain-{name}")),
     );
     cfg.memory_mib = mib;
-    let plain = emulator::run_multiboot_on_qemu(elf, "", &cfg).expect("QEMU runs");
+    let plain = emulator::run_multiboot_on_qemu_with_modules(elf, cmdline, modules, &cfg)
+        .expect("QEMU runs");
     let lines = plain
         .lines
         .iter()

@@ -251,14 +251,8 @@ fn check_linux(
     let Ok(meta) = std::fs::metadata(dir.join(&m.path)) else {
         return Ok(());
     };
-    let after = plan
-        .segments
-        .iter()
-        .map(|s| s.gpa + s.mem_len)
-        .max()
-        .unwrap_or(0);
     let ram = u64::from(d.memory_mib) << 20;
-    match platform::multiboot::place_modules::<1>(after, &[meta.len()], ram) {
+    match platform::multiboot::place_modules::<1>(plan.end(), &[meta.len()], ram) {
         None => Err(format!(
             "its initrd {} ({} bytes) does not fit in the domain's {} MiB after the kernel's {:#x} bytes (its init_size) from {:#x}",
             m.path,

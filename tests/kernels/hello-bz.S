@@ -144,33 +144,11 @@ pm_start:
         mov $initrd, %edi
         call puts
         pop %edi
-7:      cmp %ebp, %edi
-        jae 8f
-        movb (%edi), %al
-        cmp $'\n', %al
-        je 8f
-        call putc
-        inc %edi
-        jmp 7b
-8:      mov $'\n', %al
-        call putc
+        call putline
 6:      movzbl 0x1e8(%esi), %ecx              /* e820_entries */
         lea 0x2d0(%esi), %ebx                 /* e820_table */
-        mov $noram, %edi
-2:      test %ecx, %ecx
-        jz 4f
-        cmpl $0x100000, (%ebx)                /* RAM (1) from 1 MiB */
-        jne 3f
-        cmpl $0, 4(%ebx)
-        jne 3f
-        cmpl $1, 16(%ebx)
-        jne 3f
-        mov $ram, %edi
-        jmp 4f
-3:      add $20, %ebx
-        dec %ecx
-        jmp 2b
-4:      call puts
+        mov $20, %edx
+        call ram_line
         mov $0x10, %ecx
 exit:   mov %cl, %al
         mov $EXIT_PORT, %dx
@@ -180,6 +158,7 @@ exit:   mov %cl, %al
         jmp 9b
 
         .include "uart.inc"
+        .include "memmap.inc"
 
 hello:  .asciz "hello from a bzImage in assembly\n"
 cmdline: .asciz "cmdline: "

@@ -7,6 +7,8 @@
  * with status 0x10. Under Parallax the interrupts it can take are bounded
  * by its exits; the other domains run on.
  */
+        .include "pics.inc"
+
         .text
         .code32
         .align 4
@@ -14,29 +16,8 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        lgdt gdt_desc
-        ljmp $0x08, $1f
-1:      mov $0x10, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov $idt + 0x20 * 8, %edi     /* IRQ 0 only: any other vector faults */
-        mov $irq0, %eax
-        mov %ax, (%edi)
-        movw $0x08, 2(%edi)
-        movw $0x8e00, 4(%edi)
-        shr $16, %eax
-        mov %ax, 6(%edi)
-        lidt idt_desc
-        mov $pic_init, %esi
-2:      movw (%esi), %dx
-        test %dx, %dx
-        jz 3f
-        movb 2(%esi), %al
-        out %al, %dx
-        add $4, %esi
-        jmp 2b
-3:      mov $0x34, %al                /* channel 0, mode 2, count 2 */
+        pics_setup 0x20, irq0    /* IRQ 0 only */
+        mov $0x34, %al                /* channel 0, mode 2, count 2 */
         out %al, $0x43
         mov $2, %al
         out %al, $0x40
@@ -67,20 +48,7 @@ irq0:   push %eax
         iret
 
         .data
-        .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff
-        .quad 0x00cf92000000ffff
-gdt_desc:
-        .word 23
-        .long gdt
-idt_desc:
-        .word 256 * 8 - 1
-        .long idt
-pic_init:
-        .word 0x20, 0x11, 0xa0, 0x11, 0x21, 0x20, 0xa1, 0x28
-        .word 0x21, 0x04, 0xa1, 0x02, 0x21, 0x01, 0xa1, 0x01
-        .word 0x21, 0xfe, 0xa1, 0xff, 0, 0
+        pics_tables 0xfe
 ticks:  .long 0
 done:   .asciz "storm: 300 timer interrupts taken\n"
 

@@ -8,6 +8,8 @@
  * status 0x10. The boot test runs it under `qemu-system-x86_64 -kernel`
  * and under Parallax and expects the same.
  */
+        .include "pics.inc"
+
         .text
         .code32
         .align 4
@@ -15,29 +17,8 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        lgdt gdt_desc
-        ljmp $0x08, $1f
-1:      mov $0x10, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov $idt + 0x24 * 8, %edi     /* IRQ 4 only: any other vector faults */
-        mov $irq4, %eax
-        mov %ax, (%edi)
-        movw $0x08, 2(%edi)
-        movw $0x8e00, 4(%edi)
-        shr $16, %eax
-        mov %ax, 6(%edi)
-        lidt idt_desc
-        mov $pic_init, %esi
-2:      movw (%esi), %dx
-        test %dx, %dx
-        jz 3f
-        movb 2(%esi), %al
-        out %al, %dx
-        add $4, %esi
-        jmp 2b
-3:      mov $0x3fc, %dx               /* MCR: DTR, RTS, OUT2 */
+        pics_setup 0x24, irq4    /* IRQ 4 only */
+        mov $0x3fc, %dx               /* MCR: DTR, RTS, OUT2 */
         mov $0x0b, %al
         out %al, %dx
         movl $message, next
@@ -96,20 +77,7 @@ irq4:   push %eax
         iret
 
         .data
-        .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff
-        .quad 0x00cf92000000ffff
-gdt_desc:
-        .word 23
-        .long gdt
-idt_desc:
-        .word 256 * 8 - 1
-        .long idt
-pic_init:
-        .word 0x20, 0x11, 0xa0, 0x11, 0x21, 0x20, 0xa1, 0x28
-        .word 0x21, 0x04, 0xa1, 0x02, 0x21, 0x01, 0xa1, 0x01
-        .word 0x21, 0xef, 0xa1, 0xff, 0, 0
+        pics_tables 0xef
 next:   .long 0
 done:   .long 0
 message: .asciz "this line went out one interrupt per byte\n"

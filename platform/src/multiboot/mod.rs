@@ -115,6 +115,17 @@ pub struct LoadPlan {
     pub format: Format,
 }
 
+impl LoadPlan {
+    /// The first byte past everything it loads (where modules may start).
+    pub fn end(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.gpa + s.mem_len)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Where guest RAM is and which part the loader keeps for itself.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestLayout {

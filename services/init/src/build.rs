@@ -208,12 +208,7 @@ fn build(
         return Err(BuildError::CmdlineTooLong);
     }
     // Multiboot modules after the image, page by page, as QEMU places them.
-    let after = plan
-        .segments
-        .iter()
-        .map(|s| s.gpa + s.mem_len)
-        .max()
-        .unwrap_or(0);
+    let after = plan.end();
     let mut mods: heapless::Vec<BootModule, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     let mut sizes: heapless::Vec<u64, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     for m in &spec.modules {

@@ -1366,16 +1366,21 @@ fn a_halted_guest_waits_for_its_apic_timer() {
     );
 }
 
-#[test]
-fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
-    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+/// The PICs at 0x20/0x28 with only IRQ 4 (COM1) open, and COM1's OUT2 on.
+fn irq4_only(vmm: &mut Vmm, env: &mut Fake) {
     let mut ports = Vec::new();
     program_pics_ports(&mut ports);
     for (port, v) in ports {
-        io(&mut vmm, &mut env, port, true, v);
+        io(vmm, env, port, true, v);
     }
-    io(&mut vmm, &mut env, 0x21, true, 0xef); // only IRQ 4
-    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b); // OUT2
+    io(vmm, env, 0x21, true, 0xef);
+    io(vmm, env, COM1 + 4, true, 0x0b);
+}
+
+#[test]
+fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    irq4_only(&mut vmm, &mut env);
     let r = io(&mut vmm, &mut env, COM1 + 1, true, 0x02); // ETBEI
     assert!(matches!(
         r.response.then,
@@ -1399,13 +1404,7 @@ fn com1_in(vmm: &mut Vmm, env: &mut Fake, offset: u16) -> u8 {
 fn typed_input_wakes_a_guest_halted_for_the_receive_interrupt() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     env.tsc = 1_000_000;
-    let mut ports = Vec::new();
-    program_pics_ports(&mut ports);
-    for (port, v) in ports {
-        io(&mut vmm, &mut env, port, true, v);
-    }
-    io(&mut vmm, &mut env, 0x21, true, 0xef); // only IRQ 4
-    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b); // OUT2
+    irq4_only(&mut vmm, &mut env);
     // Polling only (no receive interrupt): a HLT with nothing armed still
     // stops the domain, as nothing could wake it.
     let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
