@@ -1475,7 +1475,7 @@ fn attach_console(
     let shown = {
         let done = done.clone();
         let pointer = socket.with_extension("capture");
-        std::thread::spawn(move || show_domain_lines(&pointer, id, &done))
+        std::thread::spawn(move || show_domain_lines(&pointer, id, tty, &done))
     };
     let raw = tty.then(RawTerminal::enter).transpose()?;
     if tty {
@@ -1537,8 +1537,9 @@ fn attach_console(
 }
 
 /// Prints domain `id`'s console lines as the run's capture (named in
-/// `pointer`) gets them, from where the capture ends now, until `done`.
-fn show_domain_lines(pointer: &Path, id: u16, done: &std::sync::atomic::AtomicBool) {
+/// `pointer`) gets them, from where the capture ends now, until `done`
+/// (each ended by CR LF where the terminal is raw).
+fn show_domain_lines(pointer: &Path, id: u16, raw: bool, done: &std::sync::atomic::AtomicBool) {
     let Some(mut file) = std::fs::read(pointer)
         .ok()
         .map(|p| PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
@@ -1566,7 +1567,7 @@ fn show_domain_lines(pointer: &Path, id: u16, done: &std::sync::atomic::AtomicBo
         for e in &events {
             for l in decoder.lines(e) {
                 if caught_up && l.source == source {
-                    let _ = write!(out, "{}\r\n", l.text);
+                    let _ = write!(out, "{}{}", l.text, if raw { "\r\n" } else { "\n" });
                 }
             }
         }

@@ -158,7 +158,7 @@ pub fn header(image: &[u8]) -> Result<SetupHeader, ImageError> {
         relocatable: byte(at::RELOCATABLE_KERNEL) != 0,
         cmdline_size: word(at::CMDLINE_SIZE),
         pref_address,
-        init_size: init_size.max(kernel_len as u32),
+        init_size: init_size.max(u32::try_from(kernel_len).map_err(|_| truncated)?),
     })
 }
 
@@ -233,6 +233,8 @@ pub enum ParamsError {
     CmdlineTooLong { len: usize, max: u32 },
     /// The initrd ends above the kernel's `initrd_addr_max`.
     InitrdTooHigh { end: u32, max: u32 },
+    /// Not the image that was planned: its header does not read.
+    Image(ImageError),
 }
 
 /// What the loader gives a Linux kernel beside its image.
@@ -266,7 +268,7 @@ pub fn build_boot_params(
         initrd,
         rsdp,
     } = *p;
-    let h = header(image).expect("the image was planned");
+    let h = header(image).map_err(ParamsError::Image)?;
     if cmdline.len() > h.cmdline_size as usize {
         return Err(ParamsError::CmdlineTooLong {
             len: cmdline.len(),
