@@ -388,9 +388,9 @@ fn a_bzimage_runs_as_on_plain_qemu() {
 /// Issue 14, point 2: input typed on the host reaches a kernel that reads
 /// COM1 with the received-data interrupt (`tests/kernels/uart-rx.S`), as
 /// on plain QEMU with the same line on `-serial stdio`: the same lines and
-/// status (the line's length). Two domains run it: the first is typed to
+/// status (the line's length). Three domains run it: the first is typed to
 /// through the client library, the second through `cargo hv ctl console`
-/// with its stdin piped, the third (halted all the while, woken to look for
+/// with its stdin piped (which shows the line the domain echoes), the third (halted all the while, woken to look for
 /// input) last; an unknown domain is refused.
 #[test]
 fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
@@ -448,6 +448,24 @@ fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
                 refused.contains("no domain is named \"nosuch\""),
                 "{refused}"
             );
+            // As `cargo hv run` does: the run's capture named beside its
+            // socket, where `ctl console` reads the domain's lines.
+            let runs = image_builder::paths::work_dir().join("runs");
+            let prefix = format!("uart-rx-{}-", std::process::id());
+            let capture = std::fs::read_dir(&runs)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(&prefix)
+                })
+                .max_by_key(|p| p.metadata().unwrap().modified().unwrap())
+                .expect("the run's capture");
+            let pointer = live.socket().with_extension("capture");
+            std::fs::write(&pointer, capture.as_os_str().as_encoded_bytes()).unwrap();
             let mut ctl = std::process::Command::new(env!("CARGO"))
                 .current_dir(image_builder::paths::repo())
                 .args(["hv", "ctl", "--timeout", "120", "--socket"])
@@ -464,9 +482,15 @@ fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
                 .write_all(typed.as_bytes())
                 .unwrap();
             let out = ctl.wait_with_output().unwrap();
+            let _ = std::fs::remove_file(&pointer);
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "cargo hv ctl console rx2: {err}");
             assert!(err.contains("domain 2 ended (exited, status 11)"), "{err}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "echo: parallax 42\n",
+                "the domain's lines after it was attached ({err})"
+            );
             live.wait_for("dom3", "ready for a line", 600);
             live.control().console_input(3, b"rx3\r").unwrap();
         },

@@ -1527,8 +1527,8 @@ fn attach_console(
                 None => break,
             }
         }
-        // What the log holds of its last lines.
-        std::thread::sleep(Duration::from_millis(500));
+        // Its last lines, on their way through the log.
+        std::thread::sleep(Duration::from_secs(1));
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = shown.join();

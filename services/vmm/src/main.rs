@@ -24,7 +24,7 @@ use service_runtime::{require, sys};
 use service_vmm::exits::{Env, State, Vmm};
 
 service_runtime::entry!(main);
-service_runtime::interfaces!(VMEXIT);
+service_runtime::interfaces!(VMEXIT, UART_INPUT);
 
 struct System {
     domains: Handle,
