@@ -1472,10 +1472,21 @@ fn attach_console(
     console.console_input_once(id, b"")?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let shown = {
-        let done = done.clone();
-        let pointer = socket.with_extension("capture");
-        std::thread::spawn(move || show_domain_lines(&pointer, id, tty, &done))
+    let pointer = socket.with_extension("capture");
+    let shown = match open_capture(&pointer) {
+        Some((file, start)) => {
+            let done = done.clone();
+            Some(std::thread::spawn(move || {
+                show_domain_lines(file, start, id, tty, &done)
+            }))
+        }
+        None => {
+            eprintln!(
+                "no run capture beside the socket ({}): the domain's output is not shown (`cargo hv run` shows it)",
+                pointer.display()
+            );
+            None
+        }
     };
     let raw = tty.then(RawTerminal::enter).transpose()?;
     if tty {
@@ -1531,26 +1542,32 @@ fn attach_console(
         std::thread::sleep(Duration::from_secs(1));
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = shown.join();
+    if let Some(shown) = shown {
+        let _ = shown.join();
+    }
     sent?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints domain `id`'s console lines as the run's capture (named in
-/// `pointer`) gets them, from where the capture ends now, until `done`
-/// (each ended by CR LF where the terminal is raw).
-fn show_domain_lines(pointer: &Path, id: u16, raw: bool, done: &std::sync::atomic::AtomicBool) {
-    let Some(mut file) = std::fs::read(pointer)
-        .ok()
-        .map(|p| PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
-        .and_then(|c| std::fs::File::open(c).ok())
-    else {
-        eprintln!(
-            "no run capture beside the socket ({}): the domain's output is not shown (`cargo hv run` shows it)",
-            pointer.display()
-        );
-        return;
-    };
+/// The run's capture (named in `pointer`, beside the socket, by `cargo hv
+/// run`) and its length now: where the lines of an attached console begin.
+fn open_capture(pointer: &Path) -> Option<(std::fs::File, u64)> {
+    let path = PathBuf::from(String::from_utf8_lossy(&std::fs::read(pointer).ok()?).into_owned());
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    Some((file, len))
+}
+
+/// Prints domain `id`'s console lines that the capture gets past byte
+/// `start` (each ended by CR LF where the terminal is raw), until `done`
+/// and the capture read to its end.
+fn show_domain_lines(
+    mut file: std::fs::File,
+    start: u64,
+    id: u16,
+    raw: bool,
+    done: &std::sync::atomic::AtomicBool,
+) {
     let Ok(elfs) = image::current_elfs() else {
         eprintln!("the build's ELF files are missing: the domain's output is not shown");
         return;
@@ -1558,22 +1575,32 @@ fn show_domain_lines(pointer: &Path, id: u16, raw: bool, done: &std::sync::atomi
     let source = format!("dom{id}");
     let (mut demux, mut decoder) = (logs::Demux::new(), logs::Decoder::new(elfs));
     let mut buf = vec![0u8; 64 * 1024];
-    let mut caught_up = false;
     let mut out = std::io::stdout();
-    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        let n = std::io::Read::read(&mut file, &mut buf).unwrap_or(0);
+    // What was there before: decoded (frames run on), not shown.
+    let mut history = start;
+    loop {
+        let want = if history > 0 {
+            buf.len().min(history as usize)
+        } else {
+            buf.len()
+        };
+        let n = std::io::Read::read(&mut file, &mut buf[..want]).unwrap_or(0);
+        let old = history > 0;
+        history = history.saturating_sub(n as u64);
         let mut events = Vec::new();
         demux.push(&buf[..n], &mut events);
         for e in &events {
             for l in decoder.lines(e) {
-                if caught_up && l.source == source {
+                if !old && l.source == source {
                     let _ = write!(out, "{}{}", l.text, if raw { "\r\n" } else { "\n" });
                 }
             }
         }
         let _ = out.flush();
         if n == 0 {
-            caught_up = true;
+            if done.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
