@@ -284,17 +284,8 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
             "memory map: RAM from 1 MiB",
         ]
     );
-    let mut cfg = RunConfig::new(Machine::Qemu, emulator::capture_path("plain-kernel-pvh"));
-    cfg.memory_mib = 32;
-    let plain =
-        emulator::run_multiboot_on_qemu_with_modules(&pvh, "from the test", &["mod-b.txt"], &cfg)
-            .expect("QEMU runs");
-    let plain_lines: Vec<String> = plain
-        .lines
-        .iter()
-        .filter(|l| l.source == "boot")
-        .map(|l| l.text.clone())
-        .collect();
+    let (plain, plain_lines) =
+        on_plain_qemu_with(&pvh, "kernel-pvh", 32, "from the test", &["mod-b.txt"]);
     assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
     assert_eq!(
         plain_lines,
@@ -333,6 +324,184 @@ fn multiboot2_and_pvh_kernels_run_as_under_grub_and_plain_qemu() {
     );
 }
 
+/// `tests/kernels/hello-bz.S` as a bzImage file: linked at 0xff000, so
+/// that its protected-mode part (after eight sectors of real-mode part) is
+/// at 1 MiB, and its bytes kept (`objcopy -O binary`).
+fn assembled_bzimage() -> std::path::PathBuf {
+    let elf = assemble("hello-bz.S", "bz.elf", &["-Ttext", "0xff000"]);
+    let image = elf.with_file_name("bzImage-asm");
+    let out = std::process::Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&elf)
+        .arg(&image)
+        .output()
+        .expect("objcopy runs (Debian package binutils)");
+    assert!(
+        out.status.success(),
+        "objcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// Issue 14, point 1: a Linux bzImage (a hand-made one: a real setup
+/// header, real-mode setup code for QEMU's loader, a 32-bit entry) prints
+/// the same lines and ends with the same status under plain
+/// `qemu-system-x86_64 -kernel -append -initrd` (which runs its real-mode
+/// setup: e820 from the BIOS) and under Parallax (its 32-bit entry with
+/// the boot_params the loader built).
+#[test]
+fn a_bzimage_runs_as_on_plain_qemu() {
+    let bz = assembled_bzimage();
+    let dir = bz.parent().unwrap().to_owned();
+    std::fs::write(dir.join("bz-initrd.txt"), "first initrd line\nsecond\n").unwrap();
+    let (plain, plain_lines) =
+        on_plain_qemu_with(&bz, "bzimage", 32, "from the test", &["bz-initrd.txt"]);
+    assert_eq!(plain.exit_code(), 0x10, "{}", plain.summary());
+    assert_eq!(
+        plain_lines,
+        [
+            "hello from a bzImage in assembly",
+            "cmdline: from the test",
+            "initrd: first initrd line",
+            "memory map: RAM from 1 MiB",
+        ]
+    );
+    let run = under_parallax(
+        &bz,
+        "bzimage",
+        concat!(
+            "[[domain]]\nname = \"bz\"\nkernel = \"bzImage-asm\"\nmemory_mib = 32\ncmdline = \"from the test\"\n",
+            "modules = [{ path = \"bz-initrd.txt\" }]\n",
+        ),
+    );
+    run.expect_from("init", "domain 1 (bz): guest kernel-bz, 32 MiB in")
+        .expect_from("init", "(Linux)")
+        .expect("domain 1 (bz) exited with status 16");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "bzImage: under Parallax and on plain QEMU"
+    );
+}
+
+/// Issue 14, point 2: input typed on the host reaches a kernel that reads
+/// COM1 with the received-data interrupt (`tests/kernels/uart-rx.S`), as
+/// on plain QEMU with the same line on `-serial stdio`: the same lines and
+/// status (the line's length). Three domains run it: the first is typed to
+/// through the client library, the second through `cargo hv ctl console`
+/// with its stdin piped (which shows the line the domain echoes), the third (halted all the while, woken to look for
+/// input) last; an unknown domain is refused.
+#[test]
+fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
+    use std::io::Write as _;
+    let elf = assemble("uart-rx.S", "kernel-rx", &[]);
+    let typed = "parallax 42\n";
+    let mut qemu = std::process::Command::new("timeout")
+        .args(["60", "qemu-system-x86_64", "-display", "none", "-no-reboot"])
+        .args(["-monitor", "none", "-serial", "stdio", "-m", "32"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
+        .arg(&elf)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 runs");
+    qemu.stdin
+        .take()
+        .unwrap()
+        .write_all(typed.as_bytes())
+        .unwrap();
+    let out = qemu.wait_with_output().unwrap();
+    let plain: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(plain, ["ready for a line", "echo: parallax 42"]);
+    assert_eq!(out.status.code(), Some((11 << 1) | 1), "the line's length");
+    let dir = elf.parent().unwrap().to_owned();
+    let text = concat!(
+        "name = \"uart-rx\"\n",
+        "[[domain]]\nname = \"rx1\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+        "[[domain]]\nname = \"rx2\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+        // Waits (halted) until the end: the system runs on while rx2 ends.
+        "[[domain]]\nname = \"rx3\"\nkernel = \"kernel-rx\"\nmemory_mib = 16\n",
+    );
+    let img = system_in(&dir.join("uart-rx.toml"), "uart-rx", text);
+    let run = parallax_tests::boot_live(
+        &img,
+        Machine::Bochs,
+        |c| c.timeout = std::time::Duration::from_secs(900),
+        |live| {
+            live.wait_for("dom1", "ready for a line", 600);
+            live.wait_for("dom2", "ready for a line", 600);
+            let mut console = live.control();
+            console.console_input(1, typed.as_bytes()).unwrap();
+            let e = console.console_input(9, b"x").unwrap_err();
+            assert!(
+                e.to_string().contains("domain 9 has no COM1 to type into"),
+                "{e}"
+            );
+            drop(console);
+            let refused = parallax_tests::ctl::refused(live.socket(), &["console", "nosuch"]);
+            assert!(
+                refused.contains("no domain is named \"nosuch\""),
+                "{refused}"
+            );
+            // As `cargo hv run` does: the run's capture named beside its
+            // socket, where `ctl console` reads the domain's lines.
+            let runs = image_builder::paths::work_dir().join("runs");
+            let prefix = format!("uart-rx-{}-", std::process::id());
+            let capture = std::fs::read_dir(&runs)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(&prefix)
+                })
+                .max_by_key(|p| p.metadata().unwrap().modified().unwrap())
+                .expect("the run's capture");
+            let pointer = live.socket().with_extension("capture");
+            std::fs::write(&pointer, capture.as_os_str().as_encoded_bytes()).unwrap();
+            let mut ctl = std::process::Command::new(env!("CARGO"))
+                .current_dir(image_builder::paths::repo())
+                .args(["hv", "ctl", "--timeout", "120", "--socket"])
+                .arg(live.socket())
+                .args(["console", "rx2"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("cargo runs");
+            ctl.stdin
+                .take()
+                .unwrap()
+                .write_all(typed.as_bytes())
+                .unwrap();
+            let out = ctl.wait_with_output().unwrap();
+            let _ = std::fs::remove_file(&pointer);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "cargo hv ctl console rx2: {err}");
+            assert!(err.contains("domain 2 ended (exited, status 11)"), "{err}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "echo: parallax 42\n",
+                "the domain's lines after it was attached ({err})"
+            );
+            live.wait_for("dom3", "ready for a line", 600);
+            live.control().console_input(3, b"rx3\r").unwrap();
+        },
+    );
+    run.expect("domain 1 (rx1) exited with status 11")
+        .expect("domain 2 (rx2) exited with status 11")
+        .expect("domain 3 (rx3) exited with status 3");
+    assert_eq!(run.console(1), plain, "typed through the client library");
+    assert_eq!(run.console(2), plain, "typed through cargo hv ctl console");
+}
+
 /// Assembled kernel `elf` (named `name`) run by plain
 /// `qemu-system-x86_64 -kernel` with `mib` MiB: the run, and its console
 /// lines.
@@ -341,12 +510,25 @@ fn on_plain_qemu(
     name: &str,
     mib: u32,
 ) -> (emulator::RunOutcome, Vec<String>) {
+    on_plain_qemu_with(elf, name, mib, "", &[])
+}
+
+/// [`on_plain_qemu`] with `-append cmdline` and `-initrd` `modules` (files
+/// beside the kernel).
+fn on_plain_qemu_with(
+    elf: &std::path::Path,
+    name: &str,
+    mib: u32,
+    cmdline: &str,
+    modules: &[&str],
+) -> (emulator::RunOutcome, Vec<String>) {
     let mut cfg = RunConfig::new(
         Machine::Qemu,
         emulator::capture_path(&format!("plain-{name}")),
     );
     cfg.memory_mib = mib;
-    let plain = emulator::run_multiboot_on_qemu(elf, "", &cfg).expect("QEMU runs");
+    let plain = emulator::run_multiboot_on_qemu_with_modules(elf, cmdline, modules, &cfg)
+        .expect("QEMU runs");
     let lines = plain
         .lines
         .iter()

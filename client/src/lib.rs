@@ -90,6 +90,7 @@
 //! quotes).
 
 pub mod altp2m;
+pub mod console;
 pub mod frames;
 pub mod introspect;
 pub mod logdirty;
@@ -999,6 +1000,9 @@ pub fn describe_request(r: &ControlRequest) -> String {
             format!("ReadMemory {domain} {at:?} ({len} bytes)")
         }
         ControlRequest::UseDebugPort => "UseDebugPort".into(),
+        ControlRequest::ConsoleInput { domain, bytes } => {
+            format!("ConsoleInput {domain} ({} bytes)", bytes.0.len())
+        }
     }
 }
 
@@ -1022,6 +1026,7 @@ pub fn describe_reply(r: &ControlReply) -> String {
         ControlReply::Share(r) => format!("Share ({r:?})"),
         ControlReply::Shadow { gfn } => format!("Shadow (gfn {gfn:#x})"),
         ControlReply::Forked { id } => format!("Forked (domain {id})"),
+        ControlReply::Uart(r) => format!("Uart ({r:?})"),
     }
 }
 
@@ -1054,6 +1059,9 @@ pub fn describe_error(e: &ControlError) -> String {
         }
         ControlError::SharingUnavailable => {
             "the sharing service did not answer (it is down, this image has none, or the console holds no `sharing` handle)".into()
+        }
+        ControlError::VmmUnavailable => {
+            "the vmm did not take the input (it is down, or the console holds no `uart-input` handle)".into()
         }
     }
 }

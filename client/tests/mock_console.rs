@@ -158,6 +158,48 @@ fn a_paused_domain_is_forked_named_listed_and_reset() {
 }
 
 #[test]
+fn console_input_is_sent_again_until_a_full_fifo_takes_it_all() {
+    let (host, console) = pair();
+    let mock = Console::default().serve(console);
+    let mut c = Client::new(host).with_timeout(Duration::from_secs(2));
+    let typed: Vec<u8> = (b'a'..=b'z').collect();
+    // 26 bytes through an 8-byte FIFO that the guest reads 3 at a time.
+    c.console_input(1, &typed).unwrap();
+    let (taken, waiting) = c.console_input_once(1, b"").unwrap();
+    assert_eq!(taken, 0);
+    assert!(waiting <= common::MOCK_FIFO);
+    let e = c.console_input(7, b"x").unwrap_err();
+    assert!(
+        e.to_string().contains("domain 7 has no COM1 to type into"),
+        "{e}"
+    );
+    drop(c);
+    let sent: Vec<Vec<u8>> = mock
+        .join()
+        .unwrap()
+        .requests
+        .iter()
+        .filter_map(|r| match &r.request {
+            ControlRequest::ConsoleInput { domain: 1, bytes } if !bytes.0.is_empty() => {
+                Some(bytes.0.to_vec())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        sent.len() > 3,
+        "what the FIFO did not take was sent again: {sent:?}"
+    );
+    assert_eq!(sent[0], typed, "the first request carries everything");
+    for s in &sent {
+        assert!(
+            typed.ends_with(s),
+            "each retry is the rest, in order: {s:?}"
+        );
+    }
+}
+
+#[test]
 fn domains_are_listed_and_controlled() {
     let (mut c, _mock) = standard();
     let d = c.domains().unwrap();

@@ -25,6 +25,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "binutils",
         "as and ld: the boot tests' kernel written in assembly",
     ),
+    (
+        "xz-utils",
+        "the Linux guest: its vmlinux out of Debian's bzImage",
+    ),
+    ("gcc", "the Linux guest: its /init"),
 ];
 
 fn installed(package: &str) -> bool {

@@ -206,13 +206,67 @@ pub fn kernel_module(
     );
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{what}: cannot read it: {e}"))?;
     let layout = platform::multiboot::GuestLayout::new(u64::from(d.memory_mib) << 20);
-    if let Err(e) = platform::multiboot::plan(&bytes, &layout) {
-        bail!("{what}: {}", describe_image_error(&bytes, e, d.memory_mib));
+    let plan = match platform::multiboot::plan(&bytes, &layout) {
+        Ok(plan) => plan,
+        Err(e) => bail!("{what}: {}", describe_image_error(&bytes, e, d.memory_mib)),
+    };
+    if plan.format == platform::multiboot::Format::Linux {
+        check_linux(manifest, d, &bytes, &plan).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     }
     Ok(Module {
         name: d.module(),
         content: Content::File(path.to_owned()),
     })
+}
+
+/// What init's Linux loader would refuse beyond the image itself: more than
+/// one module (the initrd), a command line longer than the kernel's
+/// `cmdline_size`, an initrd that does not fit after the kernel or ends
+/// above its `initrd_addr_max`.
+fn check_linux(
+    manifest: &Path,
+    d: &crate::manifest::DomainSpec,
+    image: &[u8],
+    plan: &platform::multiboot::LoadPlan,
+) -> std::result::Result<(), String> {
+    let h = platform::multiboot::linux::header(image).map_err(|e| format!("{e:?}"))?;
+    if d.modules.len() > 1 {
+        return Err(format!(
+            "a Linux bzImage takes one module, its initrd; {} are given",
+            d.modules.len()
+        ));
+    }
+    if d.cmdline.len() > h.cmdline_size as usize {
+        return Err(format!(
+            "its command line is {} bytes, longer than the kernel's cmdline_size ({})",
+            d.cmdline.len(),
+            h.cmdline_size
+        ));
+    }
+    let Some(m) = d.modules.first() else {
+        return Ok(());
+    };
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    // A module that cannot be read is refused by `guest_module`, naming it.
+    let Ok(meta) = std::fs::metadata(dir.join(&m.path)) else {
+        return Ok(());
+    };
+    let ram = u64::from(d.memory_mib) << 20;
+    match platform::multiboot::place_modules::<1>(plan.end(), &[meta.len()], ram) {
+        None => Err(format!(
+            "its initrd {} ({} bytes) does not fit in the domain's {} MiB after the kernel's {:#x} bytes (its init_size) from {:#x}",
+            m.path,
+            meta.len(),
+            d.memory_mib,
+            plan.segments[0].mem_len,
+            plan.segments[0].gpa
+        )),
+        Some(placed) if placed[0].1 - 1 > h.initrd_addr_max => Err(format!(
+            "its initrd {} would end at {:#x}, above the kernel's initrd_addr_max {:#x}",
+            m.path, placed[0].1, h.initrd_addr_max
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Multiboot module `i` of domain `d`'s kernel, from the file `path`: a
@@ -246,9 +300,6 @@ fn describe_image_error(bytes: &[u8], e: platform::multiboot::ImageError, mib: u
             .any(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) == magic)
     };
     match e {
-        E::NoHeader if bytes.get(0x202..0x206) == Some(b"HdrS") => {
-            "a Linux bzImage: not loaded (its boot protocol is not supported); give its vmlinux ELF, which boots through its PVH entry note".into()
-        }
         E::NoHeader if platform::multiboot::mb2::has_magic(bytes) => {
             "its multiboot2 header's checksum is wrong".into()
         }
@@ -282,6 +333,21 @@ fn describe_image_error(bytes: &[u8], e: platform::multiboot::ImageError, mib: u
         E::NotElf => "not an ELF file, and its multiboot header has no address fields".into(),
         E::BadElf => "its ELF headers (or notes) are malformed".into(),
         E::TooManySegments => "it has more loadable segments than the loader takes".into(),
+        E::LinuxProtocol(v) => format!(
+            "a Linux kernel with boot protocol {}.{:02}: older than 2.06, the oldest the loader takes",
+            v >> 8,
+            v & 0xff
+        ),
+        E::LinuxNotLoadedHigh => {
+            "a Linux zImage (loadflags without LOADED_HIGH: loaded at 0x10000): only bzImages are taken".into()
+        }
+        E::LinuxTruncated => {
+            "a Linux bzImage cut short: the file is shorter than its setup header, setup sectors and protected-mode kernel (syssize) say".into()
+        }
+        E::OutsideRam { start, end } if platform::multiboot::linux::is_bzimage(bytes) => format!(
+            "a Linux bzImage that needs {:#x} bytes of RAM from {start:#x} (its init_size): more than the domain's {mib} MiB",
+            end - start
+        ),
         E::OutsideRam { start, end } => format!(
             "it loads at {start:#x}..{end:#x}, outside the domain's {mib} MiB of RAM or over the loader's reserved area"
         ),

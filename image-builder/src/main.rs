@@ -192,6 +192,12 @@ enum CtlCmd {
     /// Print the run's decoded log (from its start), following it until the
     /// system halts.
     Logs,
+    /// Attach to DOMAIN's COM1 (its id or name): what is typed goes to its
+    /// receiver (raw, byte by byte, when stdin is a terminal; Ctrl-] leaves),
+    /// its console lines are shown as they come. With stdin not a terminal
+    /// (a pipe), its bytes are sent, then the lines are shown until the
+    /// domain ends.
+    Console { domain: String },
     /// Alternate views as an external agent: views, access, modes, and
     /// violation events (docs/altp2m.md).
     #[command(subcommand)]
@@ -947,6 +953,10 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
             println!("fault injected into {service}");
         }
         CtlCmd::Logs => unreachable!("handled before connecting"),
+        CtlCmd::Console { domain } => {
+            let socket = conn.socket.clone().unwrap_or_else(default_control_socket);
+            return attach_console(console, &socket, &domain);
+        }
         CtlCmd::Altp2m(cmd) => return altp2m_cmd(&mut console, cmd),
         CtlCmd::Logdirty(cmd) => return logdirty_cmd(&mut console, cmd),
         CtlCmd::Mem(cmd) => mem_cmd(&mut console, cmd)?,
@@ -1456,6 +1466,191 @@ fn follow_log(socket: &Path) -> Result<ExitCode> {
         if n == 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Ctrl-]: leaves `cargo hv ctl console` (as telnet's escape).
+const DETACH: u8 = 0x1d;
+
+/// `cargo hv ctl console DOMAIN`: stdin to the domain's COM1 receiver, its
+/// console lines (from the run's capture, as `ctl logs` reads it) to
+/// stdout.
+fn attach_console(
+    mut console: Client<UnixStream>,
+    socket: &Path,
+    domain: &str,
+) -> Result<ExitCode> {
+    let id = console.domain_id(domain)?;
+    // Refused here, before anything is read: a domain the vmm keeps no
+    // COM1 for.
+    console.console_input_once(id, b"")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pointer = socket.with_extension("capture");
+    let shown = match open_capture(&pointer) {
+        Some((file, start)) => {
+            let done = done.clone();
+            Some(std::thread::spawn(move || {
+                show_domain_lines(file, start, id, tty, &done)
+            }))
+        }
+        None => {
+            eprintln!(
+                "no run capture beside the socket ({}): the domain's output is not shown (`cargo hv run` shows it)",
+                pointer.display()
+            );
+            None
+        }
+    };
+    let raw = tty.then(RawTerminal::enter).transpose()?;
+    if tty {
+        eprintln!("attached to domain {id}'s COM1 (Ctrl-] leaves)\r");
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 256];
+    let sent = loop {
+        let n = match std::io::Read::read(&mut stdin, &mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(anyhow::anyhow!("reading stdin: {e}")),
+        };
+        let bytes = &buf[..n];
+        let (bytes, leave) = match bytes.iter().position(|&b| tty && b == DETACH) {
+            Some(at) => (&bytes[..at], true),
+            None => (bytes, false),
+        };
+        if let Err(e) = console.console_input(id, bytes) {
+            break Err(e.into());
+        }
+        if leave {
+            break Ok(());
+        }
+    };
+    drop(raw);
+    if sent.is_ok() && !tty {
+        // Piped input: the guest's answer is shown until the domain ends.
+        loop {
+            let domains = match console.domains() {
+                Ok(d) => d,
+                Err(control::ClientError::Closed { .. }) => {
+                    eprintln!("the run ended");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match domains.iter().find(|d| d.id == id) {
+                Some(d) if d.state <= 2 => std::thread::sleep(Duration::from_millis(200)),
+                Some(d) => {
+                    eprintln!(
+                        "domain {id} ended ({}, status {})",
+                        control::domain_state(d.state),
+                        d.exit_status
+                    );
+                    break;
+                }
+                None => break,
+            }
+        }
+        // Its last lines, on their way through the log.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(shown) = shown {
+        let _ = shown.join();
+    }
+    sent?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The run's capture (named in `pointer`, beside the socket, by `cargo hv
+/// run`) and its length now: where the lines of an attached console begin.
+fn open_capture(pointer: &Path) -> Option<(std::fs::File, u64)> {
+    let path = PathBuf::from(String::from_utf8_lossy(&std::fs::read(pointer).ok()?).into_owned());
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    Some((file, len))
+}
+
+/// Prints domain `id`'s console lines that the capture gets past byte
+/// `start` (each ended by CR LF where the terminal is raw), until `done`
+/// and the capture read to its end.
+fn show_domain_lines(
+    mut file: std::fs::File,
+    start: u64,
+    id: u16,
+    raw: bool,
+    done: &std::sync::atomic::AtomicBool,
+) {
+    let Ok(elfs) = image::current_elfs() else {
+        eprintln!("the build's ELF files are missing: the domain's output is not shown");
+        return;
+    };
+    let source = format!("dom{id}");
+    let (mut demux, mut decoder) = (logs::Demux::new(), logs::Decoder::new(elfs));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = std::io::stdout();
+    // What was there before: decoded (frames run on), not shown.
+    let mut history = start;
+    loop {
+        let want = if history > 0 {
+            buf.len().min(history as usize)
+        } else {
+            buf.len()
+        };
+        let n = std::io::Read::read(&mut file, &mut buf[..want]).unwrap_or(0);
+        let old = history > 0;
+        history = history.saturating_sub(n as u64);
+        let mut events = Vec::new();
+        demux.push(&buf[..n], &mut events);
+        for e in &events {
+            for l in decoder.lines(e) {
+                if !old && l.source == source {
+                    let _ = write!(out, "{}{}", l.text, if raw { "\r\n" } else { "\n" });
+                }
+            }
+        }
+        let _ = out.flush();
+        if n == 0 {
+            if done.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A terminal in raw mode (each byte as it is typed, no echo) until dropped.
+struct RawTerminal {
+    saved: String,
+}
+
+impl RawTerminal {
+    fn enter() -> Result<Self> {
+        let stty = |args: &[&str]| {
+            std::process::Command::new("stty")
+                .args(args)
+                .stdin(std::process::Stdio::inherit())
+                .output()
+                .context("running stty")
+        };
+        let saved = stty(&["-g"])?;
+        if !saved.status.success() {
+            bail!("stty -g failed: {}", String::from_utf8_lossy(&saved.stderr));
+        }
+        stty(&["raw", "-echo"])?;
+        Ok(Self {
+            saved: String::from_utf8_lossy(&saved.stdout).trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg(&self.saved)
+            .stdin(std::process::Stdio::inherit())
+            .status();
     }
 }
 

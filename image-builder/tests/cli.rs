@@ -223,9 +223,31 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
     }
     kludge.resize(64, 0xf4);
     std::fs::write(dir.join("kludge.bin"), &kludge).unwrap();
-    let mut bz = vec![0u8; 4096];
-    bz[0x202..0x206].copy_from_slice(b"HdrS");
-    std::fs::write(dir.join("bzImage"), &bz).unwrap();
+    // Linux bzImages (boot protocol 2.15, two setup sectors, 4 KiB of
+    // protected-mode kernel), each with one thing wrong.
+    let bzimage = |version: u16, loadflags: u8, init_size: u32, initrd_max: u32| {
+        let mut bz = vec![0u8; 3 * 512 + 4096];
+        bz[0x1f1] = 2;
+        bz[0x1f4..0x1f8].copy_from_slice(&(4096u32 / 16).to_le_bytes());
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        bz[0x211] = loadflags;
+        bz[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        bz[0x22c..0x230].copy_from_slice(&initrd_max.to_le_bytes());
+        bz[0x238..0x23c].copy_from_slice(&8u32.to_le_bytes()); // cmdline_size
+        bz[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        bz
+    };
+    for (name, bz) in [
+        ("bz-old", bzimage(0x0205, 1, 0x2000, 0x37ff_ffff)),
+        ("bz-zimage", bzimage(0x020f, 0, 0x2000, 0x37ff_ffff)),
+        ("bz-big", bzimage(0x020f, 1, 20 << 20, 0x37ff_ffff)),
+        ("bz-ok", bzimage(0x020f, 1, 0x2000, 0x37ff_ffff)),
+        ("bz-low", bzimage(0x020f, 1, 0x2000, 0x10_1fff)),
+    ] {
+        std::fs::write(dir.join(name), &bz).unwrap();
+    }
+    std::fs::write(dir.join("bz-cut"), &bzimage(0x020f, 1, 0, 0)[..0x1000]).unwrap();
     let domain = |image: &str| {
         format!("name = \"k\"\n[[domain]]\nname = \"os\"\n{image}\nmemory_mib = 16\n")
     };
@@ -251,8 +273,32 @@ fn a_kernel_file_that_cannot_be_loaded_is_refused_naming_it_and_why() {
                 .to_owned(),
         ),
         (
-            "kernel = \"bzImage\"".to_owned(),
-            "bzImage: a Linux bzImage: not loaded".to_owned(),
+            "kernel = \"bz-old\"".to_owned(),
+            "bz-old: a Linux kernel with boot protocol 2.05: older than 2.06".to_owned(),
+        ),
+        (
+            "kernel = \"bz-zimage\"".to_owned(),
+            "bz-zimage: a Linux zImage (loadflags without LOADED_HIGH".to_owned(),
+        ),
+        (
+            "kernel = \"bz-cut\"".to_owned(),
+            "bz-cut: a Linux bzImage cut short".to_owned(),
+        ),
+        (
+            "kernel = \"bz-big\"".to_owned(),
+            "bz-big: a Linux bzImage that needs 0x1400000 bytes of RAM from 0x100000 (its init_size): more than the domain's 16 MiB".to_owned(),
+        ),
+        (
+            "kernel = \"bz-ok\"\nmodules = [{ path = \"notes.txt\" }, { path = \"mb2.bin\" }]".to_owned(),
+            "bz-ok: a Linux bzImage takes one module, its initrd; 2 are given".to_owned(),
+        ),
+        (
+            "kernel = \"bz-ok\"\ncmdline = \"console=ttyS0\"".to_owned(),
+            "bz-ok: its command line is 13 bytes, longer than the kernel's cmdline_size (8)".to_owned(),
+        ),
+        (
+            "kernel = \"bz-low\"\nmodules = [{ path = \"notes.txt\" }]".to_owned(),
+            "bz-low: its initrd notes.txt would end at 0x102514, above the kernel's initrd_addr_max 0x101fff".to_owned(),
         ),
         (
             "kernel = \"notes.txt\"\nguest = \"hello\"".to_owned(),

@@ -16,6 +16,7 @@ use crate::logdirty::{LdReply, LdRequest};
 use crate::sharing::{ShReply, ShRequest};
 use crate::supervisor::{DomainInfo, Name, Refusal, ServiceInfo, SupervisorEvent};
 use crate::syscall::DomainOp;
+use crate::uart::{INPUT_CHUNK, UartReply};
 use postcard::experimental::max_size::MaxSize;
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +104,14 @@ pub enum ControlRequest {
     /// instead of on COM2 (115200 baud), if the port reads back 0xE9.
     /// Never answered.
     UseDebugPort,
+    /// Bytes for domain `domain`'s COM1 receiver (`cargo hv ctl console`):
+    /// passed to the vmm, answered `Uart(..)` with how many it took (a full
+    /// receive FIFO takes fewer: send the rest again), or
+    /// `Error(VmmUnavailable)`.
+    ConsoleInput {
+        domain: u16,
+        bytes: BoundedVec<u8, INPUT_CHUNK>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -154,6 +163,8 @@ pub enum ControlReply {
     Forked {
         id: u16,
     },
+    /// The vmm's answer to `ConsoleInput`.
+    Uart(UartReply),
 }
 
 /// What was wrong with a request, at the protocol level.
@@ -187,6 +198,9 @@ pub enum ControlError {
     /// The sharing service did not answer (or the console holds no
     /// `sharing` handle).
     SharingUnavailable,
+    /// `ConsoleInput`, but the console holds no `uart-input` handle or the
+    /// vmm did not answer.
+    VmmUnavailable,
 }
 
 /// Something that happened, told to the host unasked.

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod sharing;
 pub mod supervisor;
 pub mod syscall;
+pub mod uart;
 pub mod vmexit;
 pub mod wire;
 

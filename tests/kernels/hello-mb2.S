@@ -87,16 +87,7 @@ show:   cmpl $1, (%ebx)
         call puts
         mov 8(%ebx), %edi                     /* its bytes, to the first newline */
         mov 12(%ebx), %ebp
-7:      cmp %ebp, %edi
-        jae 8f
-        movb (%edi), %al
-        cmp $'\n', %al
-        je 8f
-        call putc
-        inc %edi
-        jmp 7b
-8:      mov $'\n', %al
-        jmp putc
+        jmp putline
 3:      lea 16(%ebx), %edi                    /* mmap: the entries */
         mov 4(%ebx), %ebp
         add %ebx, %ebp                        /* the tag's end */

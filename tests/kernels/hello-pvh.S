@@ -49,36 +49,14 @@ _start:
         mov (%ebx), %edi                      /* paddr */
         mov %edi, %ebp
         add 8(%ebx), %ebp                     /* + size */
-7:      cmp %ebp, %edi
-        jae 8f
-        movb (%edi), %al
-        cmp $'\n', %al
-        je 8f
-        call putc
-        inc %edi
-        jmp 7b
-8:      mov $'\n', %al
-        call putc
+        call putline
         add $32, %ebx
         dec %ecx
         jmp 5b
 6:      mov 40(%esi), %ebx                    /* memmap_paddr */
         mov 48(%esi), %ecx                    /* memmap_entries */
-        mov $noram, %edi
-2:      test %ecx, %ecx
-        jz 4f
-        cmpl $0x100000, (%ebx)                /* RAM (1) from 1 MiB */
-        jne 3f
-        cmpl $0, 4(%ebx)
-        jne 3f
-        cmpl $1, 16(%ebx)
-        jne 3f
-        mov $ram, %edi
-        jmp 4f
-3:      add $24, %ebx
-        dec %ecx
-        jmp 2b
-4:      call puts
+        mov $24, %edx
+        call ram_line
         mov $0x10, %ecx
 exit:   mov %cl, %al
         mov $EXIT_PORT, %dx
@@ -88,6 +66,7 @@ exit:   mov %cl, %al
         jmp 9b
 
         .include "uart.inc"
+        .include "memmap.inc"
 
         .data
 hello:  .asciz "hello from a PVH kernel in assembly\n"

@@ -50,16 +50,7 @@ _start:
         call puts
         mov (%ebx), %edi              /* its bytes, to the first newline */
         mov 4(%ebx), %ebp
-7:      cmp %ebp, %edi
-        jae 8f
-        movb (%edi), %al
-        cmp $'\n', %al
-        je 8f
-        call putc
-        inc %edi
-        jmp 7b
-8:      mov $'\n', %al
-        call putc
+        call putline
         add $16, %ebx
         dec %ecx
         jmp 5b

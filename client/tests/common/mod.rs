@@ -87,7 +87,13 @@ pub struct Console {
     /// Domain 1's guest-physical memory, as the introspect service shows it
     /// (64 KiB; other domains, virtual addresses and registers refused).
     pub memory: Vec<u8>,
+    /// Domain 1's COM1 receive FIFO (room for [`MOCK_FIFO`] bytes), and
+    /// what its guest has read: 3 bytes before each input request.
+    pub com1: (Vec<u8>, Vec<u8>),
 }
+
+/// Bytes the mock's COM1 FIFO holds.
+pub const MOCK_FIFO: usize = 8;
 
 /// A tiny fake of the logdirty service: logs of the domains in `ram`, each
 /// of which finds `writes` written as soon as it starts.
@@ -303,6 +309,7 @@ impl Default for Console {
             swapped: Vec::new(),
             logdirty: Some(FakeLogdirty::default()),
             memory: (0..65536u32).map(|i| (i % 251) as u8).collect(),
+            com1: (Vec::new(), Vec::new()),
         }
     }
 }
@@ -434,6 +441,20 @@ impl Console {
             ControlRequest::ShadowFrames { .. } => R::Refused(Refusal::NotAllowed),
             // A console without a sharing service.
             ControlRequest::Share(_) => R::Error(ControlError::SharingUnavailable),
+            ControlRequest::ConsoleInput { domain: 1, bytes } => {
+                let (fifo, read) = &mut self.com1;
+                let n = fifo.len().min(3);
+                read.extend(fifo.drain(..n));
+                let count = bytes.0.len().min(MOCK_FIFO - fifo.len());
+                fifo.extend_from_slice(&bytes.0[..count]);
+                R::Uart(parallax_client::console::UartReply::Taken {
+                    count: count as u16,
+                    waiting: fifo.len() as u16,
+                })
+            }
+            ControlRequest::ConsoleInput { .. } => {
+                R::Uart(parallax_client::console::UartReply::NoSuchDomain)
+            }
             ControlRequest::ReadMemory { .. } | ControlRequest::UseDebugPort => {
                 unreachable!("answered by respond")
             }

@@ -1,8 +1,9 @@
 //! Starting a guest the way its boot loader would: a multiboot (version 1)
 //! or multiboot2 loader, or a PVH loader (an ELF kernel with Xen's
-//! `XEN_ELFNOTE_PHYS32_ENTRY` note, as Linux's vmlinux has): find the guest
-//! image's header, work out which bytes go where, and build the information
-//! block the guest finds through EBX ([`mb2`], [`pvh`] for the other two).
+//! `XEN_ELFNOTE_PHYS32_ENTRY` note, as Linux's vmlinux has), or Linux's own
+//! boot protocol for a bzImage: find the guest image's header, work out
+//! which bytes go where, and build the information block the guest finds
+//! through EBX (ESI for Linux) ([`mb2`], [`pvh`], [`linux`] for the others).
 //!
 //! Pure functions of the image bytes: the kernel executes the plan (copies
 //! into guest RAM), the host tests check it. A guest image is untrusted input;
@@ -26,6 +27,7 @@ const FLAG_ADDRESSES: u32 = 1 << 16;
 pub const MAX_SEGMENTS: usize = 8;
 
 pub mod acpi;
+pub mod linux;
 pub mod mb2;
 pub mod pvh;
 
@@ -39,6 +41,8 @@ pub enum Format {
     Multiboot2,
     /// PVH (EBX = the `hvm_start_info`).
     Pvh,
+    /// A Linux bzImage (ESI = its `boot_params`, through [`linux::trampoline`]).
+    Linux,
 }
 
 /// Why an image cannot be started.
@@ -74,6 +78,15 @@ pub enum ImageError {
     Mb2Unsupported(u16),
     /// A PVH entry note whose entry point is not a 32-bit address.
     PvhBadNote,
+    /// A Linux bzImage whose boot protocol is older than
+    /// [`linux::MIN_VERSION`]: its version.
+    LinuxProtocol(u16),
+    /// A Linux image that is not a bzImage (`LOADED_HIGH` clear: a zImage
+    /// loaded at 0x10000).
+    LinuxNotLoadedHigh,
+    /// A Linux image shorter than its setup header, setup sectors and
+    /// `syssize` say.
+    LinuxTruncated,
 }
 
 /// One piece of the image to place in guest memory.
@@ -100,6 +113,17 @@ pub struct LoadPlan {
     /// The header's flags (multiboot version 1; 0 for the others).
     pub flags: u32,
     pub format: Format,
+}
+
+impl LoadPlan {
+    /// The first byte past everything it loads (where modules may start).
+    pub fn end(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.gpa + s.mem_len)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Where guest RAM is and which part the loader keeps for itself.
@@ -156,7 +180,7 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 
 /// Finds the header and computes the load plan for a guest with `layout`:
 /// a multiboot header first, then a multiboot2 header, then an ELF's PVH
-/// entry note.
+/// entry note, then a Linux setup header (the order of QEMU's `-kernel`).
 pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> {
     let v1 = (0..image.len().min(SEARCH).saturating_sub(11))
         .step_by(4)
@@ -167,6 +191,8 @@ pub fn plan(image: &[u8], layout: &GuestLayout) -> Result<LoadPlan, ImageError> 
         mb2::plan(image, at)?
     } else if let Some(entry) = pvh::entry(image)? {
         plan_from_elf(image, 0, Some(entry), Format::Pvh)?
+    } else if linux::is_bzimage(image) {
+        linux::plan(image, layout.ram_bytes)?
     } else {
         return Err(ImageError::NoHeader);
     };

@@ -670,3 +670,260 @@ fn the_rom_area_is_in_the_hole_and_not_ram_in_the_memory_map() {
         );
     }
 }
+
+/// A synthetic bzImage: boot protocol `version`, two setup sectors, a
+/// protected-mode part of `kernel_len` bytes (its first byte 0xbb),
+/// `LOADED_HIGH`, code32_start 1 MiB, init_size `init_size`, relocatable
+/// with `pref` as its preferred address (0: not relocatable).
+fn bzimage(version: u16, kernel_len: usize, init_size: u32, pref: u64) -> StdVec<u8> {
+    use linux::at;
+    let setup = 3 * 512;
+    let mut img = vec![0u8; setup + kernel_len];
+    img[at::SETUP_SECTS] = 2;
+    img[at::BOOT_FLAG..at::BOOT_FLAG + 2].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[at::JUMP] = 0xeb;
+    img[at::JUMP + 1] = 0x6a; // the header runs to 0x26c
+    img[linux::MAGIC_AT..linux::MAGIC_AT + 4].copy_from_slice(linux::MAGIC);
+    img[at::VERSION..at::VERSION + 2].copy_from_slice(&version.to_le_bytes());
+    img[0x1f4..0x1f8].copy_from_slice(&(kernel_len as u32 / 16).to_le_bytes());
+    img[at::LOADFLAGS] = linux::LOADED_HIGH | 0x80;
+    let put32 = |img: &mut StdVec<u8>, o: usize, v: u32| {
+        img[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    };
+    put32(&mut img, at::CODE32_START, 0x10_0000);
+    put32(&mut img, at::INITRD_ADDR_MAX, 0x37ff_ffff);
+    put32(&mut img, at::KERNEL_ALIGNMENT, 0x20_0000);
+    img[at::RELOCATABLE_KERNEL] = u8::from(pref != 0);
+    put32(&mut img, at::CMDLINE_SIZE, 2047);
+    img[at::PREF_ADDRESS..at::PREF_ADDRESS + 8].copy_from_slice(&pref.to_le_bytes());
+    put32(&mut img, at::INIT_SIZE, init_size);
+    img[setup] = 0xbb;
+    img
+}
+
+#[test]
+fn a_bzimage_loads_its_protected_mode_kernel_at_1_mib() {
+    let img = bzimage(0x020f, 0x3000, 0x8000, 0);
+    let p = plan(&img, &layout()).unwrap();
+    assert_eq!((p.format, p.entry), (Format::Linux, 0x10_0000));
+    assert_eq!(
+        p.segments.as_slice(),
+        &[Segment {
+            file_offset: 3 * 512,
+            file_len: 0x3000,
+            gpa: 0x10_0000,
+            mem_len: 0x8000, // init_size: modules go after it
+        }]
+    );
+    let h = linux::header(&img).unwrap();
+    assert_eq!(
+        (h.version, h.setup_len, h.cmdline_size),
+        (0x020f, 0x600, 2047)
+    );
+    // setup_sects 0 means 4.
+    let mut four = bzimage(0x020f, 0x3000, 0, 0);
+    four[linux::at::SETUP_SECTS] = 0;
+    four.splice(0x600..0x600, [0u8; 0x400]);
+    let p = plan(&four, &layout()).unwrap();
+    assert_eq!(p.segments[0].file_offset, 5 * 512);
+    assert_eq!(
+        p.segments[0].mem_len, 0x3000,
+        "no init_size: the kernel's length"
+    );
+}
+
+#[test]
+fn a_relocatable_bzimage_goes_to_its_preferred_address_where_it_fits() {
+    let img = bzimage(0x020f, 0x3000, 0x40_0000, 0x80_0000);
+    let p = plan(&img, &layout()).unwrap();
+    assert_eq!((p.segments[0].gpa, p.entry), (0x80_0000, 0x80_0000));
+    // 8 MiB + 4 MiB does not fit in 10 MiB: at 1 MiB instead.
+    let p = plan(&img, &GuestLayout::new(10 * MIB)).unwrap();
+    assert_eq!((p.segments[0].gpa, p.entry), (0x10_0000, 0x10_0000));
+    // A preferred address off the kernel's alignment is not taken.
+    let odd = bzimage(0x020f, 0x3000, 0x40_0000, 0x81_0000);
+    assert_eq!(plan(&odd, &layout()).unwrap().segments[0].gpa, 0x10_0000);
+}
+
+#[test]
+fn bzimages_the_loader_cannot_take_are_refused_saying_why() {
+    assert_eq!(
+        plan(&bzimage(0x0205, 0x3000, 0, 0), &layout()),
+        Err(ImageError::LinuxProtocol(0x0205))
+    );
+    let mut zimage = bzimage(0x020f, 0x3000, 0, 0);
+    zimage[linux::at::LOADFLAGS] = 0;
+    assert_eq!(
+        plan(&zimage, &layout()),
+        Err(ImageError::LinuxNotLoadedHigh)
+    );
+    let whole = bzimage(0x020f, 0x3000, 0, 0);
+    for cut in [0x210, 0x263, 0x600, 0x600 + 0x2ff0] {
+        assert_eq!(
+            plan(&whole[..cut], &layout()),
+            Err(ImageError::LinuxTruncated),
+            "cut at {cut:#x}"
+        );
+    }
+    // A 2.06 header ends at cmdline_size: 0x23c bytes are enough to read it.
+    let old = bzimage(0x0206, 0x3000, 0, 0);
+    assert!(linux::header(&old[..0x23c]).is_err_and(|e| e == ImageError::LinuxTruncated));
+    assert_eq!(linux::header(&old).unwrap().init_size, 0x3000);
+    // 15 MiB of init_size from 1 MiB: more than 16 MiB of RAM.
+    assert_eq!(
+        plan(&bzimage(0x020f, 0x3000, 15 * 0x10_0000 + 1, 0), &layout()),
+        Err(ImageError::OutsideRam {
+            start: 0x10_0000,
+            end: 0x100_0001
+        })
+    );
+    let mut empty = bzimage(0x020f, 0x3000, 0, 0);
+    empty[0x1f4..0x1f8].fill(0);
+    assert_eq!(plan(&empty, &layout()), Err(ImageError::Empty));
+}
+
+#[test]
+fn boot_params_hold_the_header_memory_map_command_line_and_initrd() {
+    use linux::at;
+    let img = bzimage(0x020f, 0x3000, 0x8000, 0);
+    let p = plan(&img, &layout()).unwrap();
+    let place = linux::Placement::at(0x1000);
+    let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
+    let params = |cmdline, initrd| linux::Params {
+        ram_bytes: 16 * MIB,
+        place,
+        cmdline,
+        initrd,
+        rsdp: 0x9_fc00,
+    };
+    linux::build_boot_params(
+        &img,
+        &p,
+        &params("console=ttyS0", Some((0x20_0000, 0x20_1234))),
+        &mut bp,
+    )
+    .unwrap();
+    let u32_ = |o: usize| u32::from_le_bytes(bp[o..o + 4].try_into().unwrap());
+    let u64_ = |o: usize| u64::from_le_bytes(bp[o..o + 8].try_into().unwrap());
+    assert_eq!(&bp[linux::MAGIC_AT..linux::MAGIC_AT + 4], b"HdrS");
+    assert_eq!(bp[at::SETUP_SECTS], 2);
+    assert_eq!(
+        u32_(at::KERNEL_ALIGNMENT),
+        0x20_0000,
+        "copied from the file"
+    );
+    assert_eq!(u32_(at::INIT_SIZE), 0x8000);
+    assert_eq!(bp[at::TYPE_OF_LOADER], 0xff);
+    assert_eq!(
+        bp[at::LOADFLAGS],
+        linux::LOADED_HIGH,
+        "no heap: no setup code runs"
+    );
+    assert_eq!(u32_(at::CODE32_START), 0x10_0000);
+    assert_eq!(u32_(at::CMD_LINE_PTR), 0x2100);
+    assert_eq!(
+        (u32_(at::RAMDISK_IMAGE), u32_(at::RAMDISK_SIZE)),
+        (0x20_0000, 0x1234)
+    );
+    assert_eq!(bp[at::E820_ENTRIES], 3);
+    let e820: StdVec<(u64, u64, u32)> = (0..3)
+        .map(|i| {
+            let o = at::E820_TABLE + 20 * i;
+            (u64_(o), u64_(o + 8), u32_(o + 16))
+        })
+        .collect();
+    assert_eq!(
+        e820,
+        memory_map(16 * MIB),
+        "the same map as the other formats"
+    );
+    assert_eq!(u32_(at::ALT_MEM_K), 15 * 1024);
+    assert_eq!(u64_(at::ACPI_RSDP_ADDR), 0x9_fc00);
+    // Before 2.14 the field is not the kernel's to read.
+    let old = bzimage(0x020d, 0x3000, 0x8000, 0);
+    let p = plan(&old, &layout()).unwrap();
+    let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
+    linux::build_boot_params(&old, &p, &params("", None), &mut bp).unwrap();
+    assert_eq!(&bp[at::ACPI_RSDP_ADDR..at::ACPI_RSDP_ADDR + 8], &[0; 8]);
+    assert_eq!(&bp[at::RAMDISK_IMAGE..at::RAMDISK_IMAGE + 8], &[0; 8]);
+}
+
+#[test]
+fn boot_params_refuse_a_long_command_line_and_a_high_initrd() {
+    let mut img = bzimage(0x020f, 0x3000, 0x8000, 0);
+    img[linux::at::CMDLINE_SIZE..linux::at::CMDLINE_SIZE + 4].copy_from_slice(&4u32.to_le_bytes());
+    img[linux::at::INITRD_ADDR_MAX..linux::at::INITRD_ADDR_MAX + 4]
+        .copy_from_slice(&0x1f_ffffu32.to_le_bytes());
+    let p = plan(&img, &layout()).unwrap();
+    let place = linux::Placement::at(0x1000);
+    let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
+    let mut build = |cmdline: &str, initrd| {
+        let params = linux::Params {
+            ram_bytes: 16 * MIB,
+            place,
+            cmdline,
+            initrd,
+            rsdp: 0,
+        };
+        linux::build_boot_params(&img, &p, &params, &mut bp)
+    };
+    assert_eq!(
+        build("quiet", None),
+        Err(linux::ParamsError::CmdlineTooLong { len: 5, max: 4 })
+    );
+    assert_eq!(build("ro", Some((0x1f_f000, 0x20_0000))), Ok(()));
+    assert_eq!(
+        build("ro", Some((0x1f_f000, 0x20_0001))),
+        Err(linux::ParamsError::InitrdTooHigh {
+            end: 0x20_0001,
+            max: 0x1f_ffff
+        })
+    );
+}
+
+#[test]
+fn the_trampoline_loads_the_boot_gdt_and_enters_with_esi_at_boot_params() {
+    let place = linux::Placement::at(0x1000);
+    let t = linux::trampoline(&place, 0x10_0200);
+    let u64_ = |o: usize| u64::from_le_bytes(t[o..o + 8].try_into().unwrap());
+    assert_eq!(u64_(0), 0);
+    assert_eq!(u64_(0x10), 0x00cf_9a00_0000_ffff, "__BOOT_CS: flat code");
+    assert_eq!(u64_(0x18), 0x00cf_9200_0000_ffff, "__BOOT_DS: flat data");
+    assert_eq!(
+        &t[0x20..0x26],
+        &[0x1f, 0, 0x00, 0x20, 0, 0],
+        "the GDT at 0x2000"
+    );
+    let code = &t[linux::TRAMPOLINE_ENTRY as usize..];
+    assert_eq!(
+        &code[..7],
+        &[0x0f, 0x01, 0x15, 0x20, 0x20, 0, 0],
+        "lgdt [0x2020]"
+    );
+    let esi = code.windows(5).position(|w| w == [0xbe, 0x00, 0x10, 0, 0]);
+    assert!(esi.is_some(), "mov esi, 0x1000");
+    let far = code
+        .windows(7)
+        .position(|w| w == [0xea, 0x00, 0x02, 0x10, 0, 0x10, 0]);
+    assert!(far.is_some(), "jmp far 0x10:0x100200");
+    assert!(far > esi, "the jump comes last");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_setup_headers_never_panic(
+        header in proptest::collection::vec(any::<u8>(), 0x70..0x90),
+        len in 0usize..0x2000,
+    ) {
+        let mut img = bzimage(0x020f, 0x1000, 0x2000, 0);
+        img[0x1f1..0x1f1 + header.len()].copy_from_slice(&header);
+        img[linux::MAGIC_AT..linux::MAGIC_AT + 4].copy_from_slice(linux::MAGIC);
+        img.truncate(len.max(0x206));
+        if let Ok(p) = plan(&img, &layout()) {
+            let mut bp = [0u8; linux::BOOT_PARAMS_LEN];
+            let place = linux::Placement::at(0x1000);
+            let params = linux::Params { ram_bytes: 16 * MIB, place, cmdline: "x", initrd: Some((0x20_0000, 0x20_1000)), rsdp: 0 };
+            let _ = linux::build_boot_params(&img, &p, &params, &mut bp);
+        }
+    }
+}

@@ -21,6 +21,7 @@ use ipc_schema::sharing::{SHARING, ShReply, ShRequest};
 use ipc_schema::supervisor::{SUPERVISOR, SupervisorReply, SupervisorRequest};
 use ipc_schema::syscall::Handle;
 use ipc_schema::syscall::layout::MAP_BASE;
+use ipc_schema::uart::{UART_INPUT, UartInput, UartReply};
 use service_console::session::{Action, Session, Supervisor};
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
@@ -82,6 +83,8 @@ struct Ask {
     logdirty: Option<Client>,
     introspect: Option<Client>,
     sharing: Option<Client>,
+    /// The vmm's input endpoint (domains' COM1 receivers).
+    uart_input: Option<Client>,
 }
 
 impl Supervisor for Ask {
@@ -114,6 +117,20 @@ impl Supervisor for Ask {
             Ok(r) => Some(r),
             Err(e) => {
                 defmt::warn!("console: the logdirty service did not answer: {}", e);
+                None
+            }
+        }
+    }
+
+    fn uart_input(&mut self, request: &UartInput) -> Option<UartReply> {
+        let Some(vmm) = self.uart_input.as_mut() else {
+            defmt::warn!("console: input for a domain's COM1, but no `uart-input` handle");
+            return None;
+        };
+        match vmm.call::<_, UartReply>(request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                defmt::warn!("console: the vmm did not answer an input request: {}", e);
                 None
             }
         }
@@ -319,6 +336,7 @@ fn main() -> ! {
             logdirty: service_runtime::handle("logdirty").map(|h| Client::new(h, LOGDIRTY)),
             introspect: service_runtime::handle("introspect").map(|h| Client::new(h, INTROSPECT)),
             sharing: service_runtime::handle("sharing").map(|h| Client::new(h, SHARING)),
+            uart_input: service_runtime::handle("uart-input").map(|h| Client::new(h, UART_INPUT)),
         },
         swap,
     };

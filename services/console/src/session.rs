@@ -13,6 +13,7 @@ use ipc_schema::introspect::{Address, CHUNK, IntroError, IntroReply, IntroReques
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::sharing::{ShReply, ShRequest};
 use ipc_schema::supervisor::{Name, SupervisorReply, SupervisorRequest};
+use ipc_schema::uart::{UartInput, UartReply};
 
 /// The protocol version the console answers `Hello` with.
 pub const VERSION: u32 = 1;
@@ -41,6 +42,11 @@ pub trait Supervisor {
     /// `None` when it cannot be reached (or the console holds no
     /// `sharing` handle).
     fn sharing(&mut self, _request: &ShRequest) -> Option<ShReply> {
+        None
+    }
+    /// Input for a domain's COM1, to the vmm: `None` when it cannot be
+    /// reached (or the console holds no `uart-input` handle).
+    fn uart_input(&mut self, _request: &UartInput) -> Option<UartReply> {
         None
     }
 }
@@ -286,6 +292,16 @@ impl Session {
                 None => R::Error(ControlError::SharingUnavailable),
             };
         }
+        if let ControlRequest::ConsoleInput { domain, bytes } = r {
+            let q = UartInput {
+                domain: *domain,
+                bytes: bytes.clone(),
+            };
+            return match sup.uart_input(&q) {
+                Some(reply) => R::Uart(reply),
+                None => R::Error(ControlError::VmmUnavailable),
+            };
+        }
         let mut ask = |q: SupervisorRequest| match sup.ask(&q) {
             Some(SupervisorReply::Service(s)) => R::Service(s),
             Some(SupervisorReply::Domain(d)) => R::Domain(d),
@@ -325,6 +341,7 @@ impl Session {
             | ControlRequest::Logdirty(_)
             | ControlRequest::Introspect(_)
             | ControlRequest::Share(_)
+            | ControlRequest::ConsoleInput { .. }
             | ControlRequest::ReadMemory { .. }
             | ControlRequest::UseDebugPort => {
                 unreachable!("answered above")

@@ -15,6 +15,7 @@ use ipc_schema::logdirty::{DirtyMode, GfnRange, LdError, LdReply, LdRequest, Mec
 use ipc_schema::supervisor::{
     Refusal, SupervisorEvent, SupervisorReply, SupervisorRequest, name, name_str,
 };
+use ipc_schema::uart::{UartInput, UartReply};
 use ipc_schema::vmexit::AccessBits;
 use std::vec::Vec;
 
@@ -33,6 +34,8 @@ struct Fake {
     /// What the introspect service was asked; `None`: unreachable. Domain
     /// 1 has 64 KiB of RAM whose byte at `gpa` is `gpa as u8 ^ 0x5a`.
     introspect: Option<Vec<IntroRequest>>,
+    /// Input passed to the vmm (`None`: no `uart-input` handle).
+    uart: Option<Vec<UartInput>>,
 }
 
 const FAKE_RAM: u64 = 0x10000;
@@ -76,6 +79,17 @@ impl Supervisor for Fake {
             }
             AltRequest::External { .. } => AltReply::Reply(Reply::View(1)),
             _ => AltReply::Done,
+        })
+    }
+
+    fn uart_input(&mut self, r: &UartInput) -> Option<UartReply> {
+        self.uart.as_mut()?.push(r.clone());
+        Some(match r.domain {
+            1 => UartReply::Taken {
+                count: r.bytes.0.len().min(2) as u16,
+                waiting: 2,
+            },
+            _ => UartReply::NoSuchDomain,
         })
     }
 
@@ -552,6 +566,40 @@ fn logdirty_requests_are_passed_on_unchanged_and_an_unreachable_service_is_named
     // the supervisor.
     assert_eq!(r.sup.logdirty.as_deref(), Some(&[start, read, stop][..]));
     assert!(r.sup.asked.is_empty(), "{:?}", r.sup.asked);
+}
+
+#[test]
+fn console_input_goes_to_the_vmm_and_its_answer_back() {
+    let mut r = Rig::new();
+    r.hello();
+    let mut bytes = BoundedVec::new();
+    bytes.0.extend_from_slice(b"abc").unwrap();
+    let input = |domain| ControlRequest::ConsoleInput {
+        domain,
+        bytes: bytes.clone(),
+    };
+    // No `uart-input` handle (or the vmm is down): said so.
+    assert_eq!(
+        r.send(2, input(1)),
+        ControlReply::Error(ControlError::VmmUnavailable)
+    );
+    r.sup.uart = Some(Vec::new());
+    assert_eq!(
+        r.send(3, input(1)),
+        ControlReply::Uart(UartReply::Taken {
+            count: 2,
+            waiting: 2
+        }),
+        "the vmm's answer as it is: fewer taken than sent"
+    );
+    assert_eq!(
+        r.send(4, input(5)),
+        ControlReply::Uart(UartReply::NoSuchDomain)
+    );
+    let passed = r.sup.uart.as_deref().unwrap();
+    assert_eq!(passed.len(), 2);
+    assert_eq!((passed[1].domain, &passed[1].bytes.0[..]), (5, &b"abc"[..]));
+    assert!(r.sup.asked.is_empty(), "nothing went to the supervisor");
 }
 
 #[test]

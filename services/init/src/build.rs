@@ -1,5 +1,5 @@
 //! Building a domain the way a boot loader would start its kernel
-//! (multiboot, multiboot2 or PVH, as the image asks), with the kernel's
+//! (multiboot, multiboot2, PVH or Linux's own, as the image asks), with the kernel's
 //! domain calls: RAM from fresh frames (2 MiB pages wherever a 2 MiB block
 //! can be had), the image's segments and the information block written
 //! into it, one vCPU at the entry point.
@@ -9,7 +9,7 @@ use ipc_schema::manifest;
 use ipc_schema::syscall::layout::MAP_BASE;
 use ipc_schema::syscall::{DomainOp, Handle, SysError, VcpuSpec};
 use platform::multiboot::{
-    self, BOOT_MAGIC, Format, GuestLayout, INFO_GPA, INFO_SIZE, ImageError, mb2, pvh,
+    self, BOOT_MAGIC, Format, GuestLayout, INFO_GPA, INFO_SIZE, ImageError, linux, mb2, pvh,
 };
 use service_runtime::sys;
 
@@ -32,6 +32,9 @@ pub enum BuildError {
     CmdlineTooLong,
     /// The kernel's modules do not fit in its RAM after it.
     ModulesTooLarge,
+    /// A Linux kernel's `boot_params` could not be built (its command line
+    /// or its initrd's place).
+    Linux(linux::ParamsError),
     /// Devices are assigned but the machine has no usable IOMMU.
     NoIommu,
     /// The kernel refused this device (no unit covers it, nothing answers
@@ -208,12 +211,7 @@ fn build(
         return Err(BuildError::CmdlineTooLong);
     }
     // Multiboot modules after the image, page by page, as QEMU places them.
-    let after = plan
-        .segments
-        .iter()
-        .map(|s| s.gpa + s.mem_len)
-        .max()
-        .unwrap_or(0);
+    let after = plan.end();
     let mut mods: heapless::Vec<BootModule, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     let mut sizes: heapless::Vec<u64, { manifest::MAX_GUEST_MODULES }> = heapless::Vec::new();
     for m in &spec.modules {
@@ -252,14 +250,16 @@ fn build(
     let rsdp = multiboot::acpi::rsdp(&tables);
     let mut info = [0u8; INFO_SIZE];
     let (ram, loader) = (layout.ram_bytes, "Parallax");
-    let (n, magic) = match plan.format {
+    let (n, magic, entry) = match plan.format {
         Format::Multiboot => (
             multiboot::build_info(ram, &cmdline, loader, &listed, &mut info),
             BOOT_MAGIC,
+            plan.entry,
         ),
         Format::Multiboot2 => (
             mb2::build_info(ram, &cmdline, loader, &listed, Some(rsdp), &mut info),
             mb2::BOOT_MAGIC,
+            plan.entry,
         ),
         Format::Pvh => (
             pvh::build_start_info(
@@ -271,12 +271,43 @@ fn build(
                 &mut info,
             ),
             0,
+            plan.entry,
         ),
+        // boot_params at INFO_GPA; the trampoline that enters the kernel
+        // with ESI pointing there, and the command line, in the page after.
+        Format::Linux => {
+            let place = linux::Placement::at(INFO_GPA as u32);
+            let initrd = listed.first().map(|m| (m.start, m.end));
+            let params = linux::Params {
+                ram_bytes: ram,
+                place,
+                cmdline: &cmdline,
+                initrd,
+                rsdp: multiboot::acpi::TABLES_GPA,
+            };
+            linux::build_boot_params(image, &plan, &params, &mut info)
+                .map_err(BuildError::Linux)?;
+            let trampoline = linux::trampoline(&place, plan.entry);
+            sys::domain_write(domains, id, u64::from(place.trampoline), &trampoline)?;
+            let mut line = [0u8; 257];
+            line[..cmdline.len()].copy_from_slice(cmdline.as_bytes());
+            sys::domain_write(
+                domains,
+                id,
+                u64::from(place.cmdline),
+                &line[..=cmdline.len()],
+            )?;
+            (
+                Ok(info.len()),
+                0,
+                place.trampoline + linux::TRAMPOLINE_ENTRY,
+            )
+        }
     };
     let n = n.map_err(|_| BuildError::CmdlineTooLong)?;
     sys::domain_write(domains, id, INFO_GPA, &info[..n])?;
     let vcpu = VcpuSpec {
-        entry: plan.entry,
+        entry,
         rax: u64::from(magic),
         rbx: INFO_GPA,
         exit_endpoint: exits,

@@ -25,6 +25,7 @@ use ipc_schema::hypercall::{
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
 use ipc_schema::syscall::{SysError, vm_features};
+use ipc_schema::uart::UartReply;
 use ipc_schema::vmexit::Inject;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
 use platform::cpu::CpuidResult;
@@ -45,6 +46,10 @@ pub const EXIT_PORT: u16 = 0xf4;
 pub const LINE: usize = 120;
 /// Domains the vmm keeps device state for.
 pub const DOMAINS: usize = 16;
+/// How often a HLT waiting for COM1 input (its received-data interrupt
+/// enabled) wakes to take what came meanwhile, in ms of TSC time: no call
+/// lets a service wake a blocked vCPU at once.
+pub const INPUT_POLL_MS: u64 = 50;
 const PAGE: u64 = 4096;
 
 /// What the vmm needs from the system.
@@ -411,6 +416,26 @@ impl Vmm {
             .iter()
             .find(|d| d.id == domain)
             .map(|d| d.platform.counts)
+    }
+
+    /// Bytes the host typed for `domain`'s COM1: as many as its receive
+    /// FIFO has room for go in (each domain's FIFO is its own quota); the
+    /// received-data interrupt rises where the guest enabled it, and is
+    /// delivered at the domain's next exit (a HLT waiting for input looks
+    /// every [`INPUT_POLL_MS`]).
+    pub fn receive(&mut self, domain: u16, bytes: &[u8]) -> UartReply {
+        let Some(d) = self.domains.iter_mut().find(|d| d.id == domain) else {
+            return UartReply::NoSuchDomain;
+        };
+        let was = d.uart.irq();
+        let count = d.uart.receive(bytes);
+        if d.uart.irq() && !was {
+            d.platform.pic.raise(4);
+        }
+        UartReply::Taken {
+            count: count as u16,
+            waiting: d.uart.received() as u16,
+        }
     }
 
     /// The console bytes of `domain` not yet sent to the log.
@@ -814,6 +839,7 @@ fn console_byte(env: &mut impl Env, d: &mut Devices, byte: u8) {
 /// going on to take it).
 #[inline(never)]
 fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response) -> Response {
+    let waits_input = d.uart.wants_input();
     let p = &mut d.platform;
     // Nothing to do (and no clock to read) for a guest that never armed
     // the PIT: the exit path of the others stays as it was.
@@ -849,6 +875,14 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
             }
             r.then = Then::Resume;
         } else {
+            // Input for COM1 comes from the console between exits: a guest
+            // waiting for it is woken now and then to take it.
+            let deadline = if waits_input {
+                let poll = u64::from(env.tsc_khz().max(1)) * INPUT_POLL_MS;
+                deadline.min(env.tsc().saturating_add(poll))
+            } else {
+                deadline
+            };
             if deadline == u64::MAX {
                 return r;
             }
@@ -883,8 +917,8 @@ fn io(
 ) -> Response {
     match port {
         COM1..=0x3ff if write => {
-            // (Its interrupt enabled: polling drivers write 0 there.)
-            if port == COM1 + 1 && value & 2 != 0 {
+            // (Its interrupts enabled: polling drivers write 0 there.)
+            if port == COM1 + 1 && value & 3 != 0 {
                 d.platform.active = true;
             }
             let was = d.uart.irq();

@@ -5,6 +5,8 @@
 //! answers how the vCPU resumes. It holds a `domains` handle with the rights
 //! to read and write guest memory (request hypercalls) and to write guest
 //! consoles into the log, and an `altp2m` handle to forward view requests.
+//! The console calls it on `uart-input` with what the host types for a
+//! domain's COM1.
 //! Its state (each domain's UART and unfinished console line) moves to a
 //! successor on a swap.
 
@@ -14,6 +16,7 @@
 use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
 use ipc_schema::syscall::{Handle, SysError, VcpuOp};
+use ipc_schema::uart::{UART_INPUT, UartInput};
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
@@ -21,7 +24,7 @@ use service_runtime::{require, sys};
 use service_vmm::exits::{Env, State, Vmm};
 
 service_runtime::entry!(main);
-service_runtime::interfaces!(VMEXIT);
+service_runtime::interfaces!(VMEXIT, UART_INPUT);
 
 struct System {
     domains: Handle,
@@ -140,6 +143,8 @@ impl Env for System {
 
 struct Server {
     exits: Handle,
+    /// Input for domains' COM1, from the console (optional).
+    input: Option<Handle>,
     /// The exit being handled (decoded in place).
     exit: ExitMessage,
     vmm: Vmm,
@@ -150,10 +155,19 @@ impl Service for Server {
     type State = State;
 
     fn interface(&self, slot: Handle) -> Option<ipc_schema::ipc::InterfaceId> {
-        (slot == self.exits).then_some(VMEXIT)
+        if slot == self.exits {
+            Some(VMEXIT)
+        } else {
+            (Some(slot) == self.input).then_some(UART_INPUT)
+        }
     }
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+        if Some(msg.slot) == self.input {
+            let answer =
+                ipc::decode::<UartInput>(msg.bytes).map(|q| self.vmm.receive(q.domain, &q.bytes.0));
+            return ipc::encode_reply(&answer, reply);
+        }
         // Exits come from the kernel (badge 0) and nobody else.
         let m = &mut self.exit;
         if ipc_schema::exitcodec::decode_message_into(msg.bytes, m).is_none() {
@@ -182,6 +196,7 @@ impl Service for Server {
 
 fn main() -> ! {
     let exits = require("exits");
+    let input = service_runtime::handle("uart-input");
     let system = System {
         domains: require("domains"),
         altp2m: Peer::new(require("altp2m-guest"), ALTP2M, "altp2m"),
@@ -196,12 +211,14 @@ fn main() -> ! {
     );
     let mut server = Server {
         exits,
+        input,
         exit: ExitMessage::default(),
         vmm: Vmm::default(),
         system,
     };
-    // Only the exits: a domain's devices start afresh with its vCPU's
-    // `Start` exit, so no notification of ended domains waits beside them
-    // (each handle in the mask is checked on every exit's answer).
-    ipc::serve(&mut server, 1 << exits)
+    // The exits and the console's input: a domain's devices start afresh
+    // with its vCPU's `Start` exit, so no notification of ended domains
+    // waits beside them (each handle in the mask is checked on every exit's
+    // answer).
+    ipc::serve(&mut server, (1 << exits) | input.map_or(0, |h| 1 << h))
 }

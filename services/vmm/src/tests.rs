@@ -9,6 +9,7 @@ use ipc_schema::hypercall::{
     Status,
 };
 use ipc_schema::syscall::vm_features;
+use ipc_schema::uart::UartReply;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, Inject, Then};
 use platform::cpu::CpuidResult;
 use std::vec::Vec;
@@ -1386,16 +1387,21 @@ fn a_halted_guest_waits_for_its_apic_timer() {
     );
 }
 
-#[test]
-fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
-    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+/// The PICs at 0x20/0x28 with only IRQ 4 (COM1) open, and COM1's OUT2 on.
+fn irq4_only(vmm: &mut Vmm, env: &mut Fake) {
     let mut ports = Vec::new();
     program_pics_ports(&mut ports);
     for (port, v) in ports {
-        io(&mut vmm, &mut env, port, true, v);
+        io(vmm, env, port, true, v);
     }
-    io(&mut vmm, &mut env, 0x21, true, 0xef); // only IRQ 4
-    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b); // OUT2
+    io(vmm, env, 0x21, true, 0xef);
+    io(vmm, env, COM1 + 4, true, 0x0b);
+}
+
+#[test]
+fn the_console_uart_raises_irq4_when_its_transmitter_is_empty() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    irq4_only(&mut vmm, &mut env);
     let r = io(&mut vmm, &mut env, COM1 + 1, true, 0x02); // ETBEI
     assert!(matches!(
         r.response.then,
@@ -1850,4 +1856,106 @@ fn the_acpi_pm1_enable_register_reads_back() {
     );
     assert_eq!(read(&mut vmm, &mut env, 0x602, 2), 0x0401);
     assert_eq!(read(&mut vmm, &mut env, 0x600, 2), 0, "no event to report");
+}
+
+/// What a guest reading COM1 gets at `offset`.
+fn com1_in(vmm: &mut Vmm, env: &mut Fake, offset: u16) -> u8 {
+    io(vmm, env, COM1 + offset, false, 0)
+        .regs
+        .map_or(0, |r| r.rax as u8)
+}
+
+#[test]
+fn typed_input_wakes_a_guest_halted_for_the_receive_interrupt() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    irq4_only(&mut vmm, &mut env);
+    // Polling only (no receive interrupt): a HLT with nothing armed still
+    // stops the domain, as nothing could wake it.
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(r.response.then, Then::Block);
+    io(&mut vmm, &mut env, COM1 + 1, true, 0x01); // ERBFI
+    assert_eq!(com1_in(&mut vmm, &mut env, 2), 0xc1, "nothing received");
+    // Waiting for input: woken every INPUT_POLL_MS to take what came.
+    let poll = 100_000 * crate::exits::INPUT_POLL_MS;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Hlt, ExitRegs::default()));
+    assert_eq!(
+        r.response.then,
+        Then::BlockUntil {
+            deadline: 1_000_000 + poll
+        }
+    );
+    assert_eq!(
+        vmm.receive(3, b"hi\n"),
+        UartReply::Taken {
+            count: 3,
+            waiting: 3
+        }
+    );
+    env.tsc += poll;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert!(
+        matches!(r.response.then, Then::ResumeUntil { window: true, .. }),
+        "IRQ 4 waits: a window is asked for ({:?})",
+        r.response.then
+    );
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x24 }));
+    // The handler: IIR says received data until the FIFO is read empty.
+    assert_eq!(com1_in(&mut vmm, &mut env, 2), 0xc4);
+    let mut line = Vec::new();
+    while com1_in(&mut vmm, &mut env, 5) & 1 != 0 {
+        line.push(com1_in(&mut vmm, &mut env, 0));
+    }
+    assert_eq!(line, b"hi\n");
+    assert_eq!(com1_in(&mut vmm, &mut env, 2), 0xc1);
+}
+
+#[test]
+fn each_domains_input_has_its_own_quota_and_unknown_domains_are_refused() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    assert_eq!(vmm.receive(3, b"x"), UartReply::NoSuchDomain, "no exit yet");
+    for domain in [3, 4] {
+        let mut m = exit(
+            ExitKind::Cpuid {
+                leaf: 0,
+                subleaf: 0,
+            },
+            ExitRegs::default(),
+        );
+        m.exit.domain = domain;
+        vmm.exit(&mut env, &m);
+    }
+    let typed = [b'a'; 100];
+    let fifo = platform::devices::uart16550::RX_FIFO as u16;
+    assert_eq!(
+        vmm.receive(3, &typed),
+        UartReply::Taken {
+            count: fifo,
+            waiting: fifo
+        },
+        "a full FIFO takes no more: the rest is sent again"
+    );
+    assert_eq!(
+        vmm.receive(3, &typed),
+        UartReply::Taken {
+            count: 0,
+            waiting: fifo
+        }
+    );
+    assert_eq!(
+        vmm.receive(4, &typed[..10]),
+        UartReply::Taken {
+            count: 10,
+            waiting: 10
+        },
+        "domain 3's full FIFO does not hold domain 4's input back"
+    );
+    assert_eq!(vmm.receive(9, b"x"), UartReply::NoSuchDomain);
+    // An ended domain's FIFO goes with its devices.
+    vmm.forget(&mut env, 4);
+    assert_eq!(vmm.receive(4, b"x"), UartReply::NoSuchDomain);
 }
