@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// Longest IPC message, in bytes (Hubris uses 256 too).
 pub const MAX_MESSAGE: usize = 256;
 /// Slots in a service's handle table.
-pub const MAX_HANDLES: usize = 64;
+pub const MAX_HANDLES: usize = 96;
 /// Handles a service may hold for other services to call it through, etc.
 pub type Handle = u32;
 

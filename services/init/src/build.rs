@@ -164,7 +164,25 @@ fn build(
     // (0xc0000-0xfffff) as zeroed memory that kernels may scan for BIOS
     // tables and find none; the VGA window stays unmapped.
     map(0, layout.hole.0 / 4096, 1)?;
-    map(layout.rom.0 / 4096, (layout.rom.1 - layout.rom.0) / 4096, 1)?;
+    // (Around the host's reserved regions, for a domain with devices:
+    // their identity maps come later, RMRR-4.)
+    let reserved = host_rmrrs(spec);
+    let (mut at, end) = (layout.rom.0 / 4096, layout.rom.1 / 4096);
+    while at < end {
+        if let Some(&(_, past)) = reserved.iter().find(|&&(s, e)| s <= at && at < e) {
+            at = past;
+            continue;
+        }
+        let next = reserved
+            .iter()
+            .map(|&(s, _)| s)
+            .filter(|&s| s > at)
+            .min()
+            .unwrap_or(end)
+            .min(end);
+        map(at, next - at, 1)?;
+        at = next;
+    }
     // From the hole to the first 2 MiB boundary in 4 KiB pages; the rest in
     // one block, 2 MiB aligned (2 MiB pages), or, where no such block is
     // free, in 2 MiB pieces that may each be.
@@ -408,6 +426,27 @@ pub fn devices(
     }
     let _ = sys::handle_close(space);
     Ok(())
+}
+
+/// The host's reserved regions (first and past-the-end gfn) where the
+/// domain has devices or `rmrr = "host"`: what its ROM area leaves out, so
+/// that an identity map can go there.
+fn host_rmrrs(spec: &manifest::Domain<'_>) -> heapless::Vec<(u64, u64), 16> {
+    let mut out = heapless::Vec::new();
+    if spec.devices.is_empty() && !spec.rmrr_host {
+        return out;
+    }
+    let Some(root) = service_runtime::handle("iommu") else {
+        return out;
+    };
+    let mut scopes = [0u32; 32];
+    for index in 0..64 {
+        let Ok((base, limit, _)) = sys::iommu_rmrr(root, index, &mut scopes) else {
+            break;
+        };
+        let _ = out.push((base / 4096, limit / 4096 + 1));
+    }
+    out
 }
 
 /// The reserved regions the domain's devices need (and, with `rmrr =
