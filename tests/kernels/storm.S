@@ -19,14 +19,8 @@ _start:
         mov $vectors, %esi
         call gates
         mov $pic_init, %esi
-2:      movw (%esi), %dx
-        test %dx, %dx
-        jz 3f
-        movb 2(%esi), %al
-        out %al, %dx
-        add $4, %esi
-        jmp 2b
-3:      mov $0x34, %al                /* channel 0, mode 2, count 2 */
+        call pics
+        mov $0x34, %al                /* channel 0, mode 2, count 2 */
         out %al, $0x43
         mov $2, %al
         out %al, $0x40
@@ -61,10 +55,7 @@ irq0:   push %eax
         .data
 vectors:
         .long 0x20, irq0, 0, 0
-pic_init:
-        .word 0x20, 0x11, 0xa0, 0x11, 0x21, 0x20, 0xa1, 0x28
-        .word 0x21, 0x04, 0xa1, 0x02, 0x21, 0x01, 0xa1, 0x01
-        .word 0x21, 0xfe, 0xa1, 0xff, 0, 0
+        pic_table 0xfe
 ticks:  .long 0
 done:   .asciz "storm: 300 timer interrupts taken\n"
 

@@ -34,14 +34,7 @@ _start:
 
         /* The PICs: ICW1-ICW4, vectors 0x20 and 0x28, only IRQ 0 open. */
         mov $pic_init, %esi
-3:      movw (%esi), %dx
-        test %dx, %dx
-        jz 4f
-        movb 2(%esi), %al
-        out %al, %dx
-        add $4, %esi
-        jmp 3b
-4:
+        call pics
         /* PIT channel 0: lobyte/hibyte, mode 2, 11932 (100 Hz). */
         mov $0x34, %al
         out %al, $0x43

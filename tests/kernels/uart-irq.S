@@ -20,14 +20,8 @@ _start:
         mov $vectors, %esi
         call gates
         mov $pic_init, %esi
-2:      movw (%esi), %dx
-        test %dx, %dx
-        jz 3f
-        movb 2(%esi), %al
-        out %al, %dx
-        add $4, %esi
-        jmp 2b
-3:      mov $0x3fc, %dx               /* MCR: DTR, RTS, OUT2 */
+        call pics
+        mov $0x3fc, %dx               /* MCR: DTR, RTS, OUT2 */
         mov $0x0b, %al
         out %al, %dx
         movl $message, next
@@ -90,10 +84,7 @@ irq4:   push %eax
         .data
 vectors:
         .long 0x24, irq4, 0, 0
-pic_init:
-        .word 0x20, 0x11, 0xa0, 0x11, 0x21, 0x20, 0xa1, 0x28
-        .word 0x21, 0x04, 0xa1, 0x02, 0x21, 0x01, 0xa1, 0x01
-        .word 0x21, 0xef, 0xa1, 0xff, 0, 0
+        pic_table 0xef
 next:   .long 0
 done:   .long 0
 message: .asciz "this line went out one interrupt per byte\n"

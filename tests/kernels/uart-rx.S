@@ -12,8 +12,6 @@
         .set COM1, 0x3f8
         .set MAX, 63
 
-        .include "pics.inc"
-
         .text
         .code32
         .align 4
@@ -21,7 +19,12 @@
         .globl _start
 _start:
         mov $stack_top, %esp
-        pics_setup 0x24, irq4    /* IRQ 4 only */
+        call flat
+        xor %eax, %eax                /* IRQ 4 only: any other vector faults */
+        mov $vectors, %esi
+        call gates
+        mov $pic_init, %esi
+        call pics
         mov $COM1 + 4, %dx            /* MCR: DTR, RTS, OUT2 */
         mov $0x0b, %al
         out %al, %dx
@@ -84,9 +87,12 @@ irq4:   push %eax
         iret
 
         .include "uart.inc"
+        .include "pm32.inc"
 
         .data
-        pics_tables 0xef
+vectors:
+        .long 0x24, irq4, 0, 0
+        pic_table 0xef
 length: .long 0
 done:   .long 0
 ready:  .asciz "ready for a line\n"
@@ -95,7 +101,5 @@ echo:   .asciz "echo: "
         .bss
         .align 16
 line:   .skip MAX + 1
-        .align 16
-idt:    .skip 256 * 8
         .skip 4096
 stack_top:
