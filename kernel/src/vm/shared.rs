@@ -478,34 +478,32 @@ pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
     let mut pages = 0;
     while let Some((gfn, value)) = d.backs.pop(&mut d.views.tables) {
         let kind = Kind::decode(value);
+        let gpa = gfn * PAGE_SIZE;
+        let Ok((ept, tables)) = d.views.ept_mut(0) else {
+            continue;
+        };
+        let (Some(theirs), Some(mine)) = (
+            parent.views.host().query(&KernelTables, gpa),
+            ept.query(&KernelTables, gpa),
+        ) else {
+            continue;
+        };
+        let Some(from) = theirs.hpa_of(gpa) else {
+            continue;
+        };
+        if ept
+            .replace(tables, gpa, from, read_only(mine.perms))
+            .is_ok()
+            && theirs.perms.write
         {
-            let gpa = gfn * PAGE_SIZE;
-            let Ok((ept, tables)) = d.views.ept_mut(0) else {
-                continue;
-            };
-            let (Some(theirs), Some(mine)) = (
-                parent.views.host().query(&KernelTables, gpa),
-                ept.query(&KernelTables, gpa),
-            ) else {
-                continue;
-            };
-            let Some(from) = theirs.hpa_of(gpa) else {
-                continue;
-            };
-            if ept
-                .replace(tables, gpa, from, read_only(mine.perms))
-                .is_ok()
-                && theirs.perms.write
-            {
-                ept.arm_copy(tables, gpa);
-            }
-            match kind {
-                Kind::Own(hpa) => free_frame(hpa),
-                Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
-            }
-            forget_in_views(d, gfn, mine.hpa);
-            pages += 1;
+            ept.arm_copy(tables, gpa);
         }
+        match kind {
+            Kind::Own(hpa) => free_frame(hpa),
+            Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
+        }
+        forget_in_views(d, gfn, mine.hpa);
+        pages += 1;
     }
     pages
 }
