@@ -199,7 +199,7 @@ pub fn module(name: &str, bytes: Vec<u8>) -> Module {
 }
 
 /// Assembles an ISO named `name` from the test kernel, `cmdline` and
-/// `modules`, once per test process: tests running in parallel that ask for
+/// `modules` (in `target/hv/work/tests/FILE/`), once per test process: tests running in parallel that ask for
 /// the same name share one image (the first caller's contents).
 pub fn image(name: &str, cmdline: &str, modules: Vec<Module>) -> Image {
     static IMAGES: Mutex<BTreeMap<String, Arc<OnceLock<Image>>>> = Mutex::new(BTreeMap::new());
@@ -210,7 +210,17 @@ pub fn image(name: &str, cmdline: &str, modules: Vec<Module>) -> Image {
         .or_default()
         .clone();
     slot.get_or_init(|| {
-        let out = paths::work_dir().join("tests").join(format!("{name}.iso"));
+        // One folder per test file: `cargo hv test` runs the files at the
+        // same time, and two files may name an image alike.
+        let file = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.file_stem()?.to_str()?.to_owned()))
+            .map(|s| s.rsplit_once('-').map_or(s.clone(), |(f, _)| f.to_owned()))
+            .unwrap_or_else(|| "tests".to_owned());
+        let out = paths::work_dir()
+            .join("tests")
+            .join(file)
+            .join(format!("{name}.iso"));
         let mut img =
             image::assemble(kernel(), cmdline, modules, &out).expect("the test image assembles");
         // Logs decode with whatever service ELF has the announced build id.

@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod paths;
 pub mod profile;
 pub mod progress;
+pub mod suite;
 
 /// The exit status of `cargo hv` when the tool itself fails (bad arguments, a
 /// missing file, a failed build, no running system to talk to). Kept apart

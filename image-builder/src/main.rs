@@ -6,7 +6,7 @@ use image_builder::compile::BuildOptions;
 use image_builder::control::{self, Client, DomainOp};
 use image_builder::emulator::{self, Machine, RunConfig};
 use image_builder::image::{self, ImageOptions};
-use image_builder::{bench, deps, elf, logs, paths};
+use image_builder::{bench, deps, elf, logs, paths, suite};
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -699,27 +699,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !no_lint {
                 lint()?;
             }
-            let mut status = image_builder::compile::cargo()
-                .current_dir(paths::repo())
-                .arg("test")
-                .args(&cargo_args)
-                .status()
-                .context("running cargo test")?;
-            // The services' logic (host tests of their libraries), unless the
-            // caller picked tests of their own.
-            if status.success() && cargo_args.is_empty() {
-                let mut cmd = image_builder::compile::cargo();
-                cmd.current_dir(paths::repo()).args(["test", "--lib"]);
-                for p in service_libs() {
-                    cmd.args(["-p", &p]);
-                }
-                status = cmd.status().context("running cargo test")?;
+            if !cargo_args.is_empty() {
+                // The caller's own selection: plain `cargo test`.
+                let status = image_builder::compile::cargo()
+                    .current_dir(paths::repo())
+                    .arg("test")
+                    .args(&cargo_args)
+                    .status()
+                    .context("running cargo test")?;
+                return Ok(if status.success() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            test_suite()
         }
         Cmd::Lint => {
             lint()?;
@@ -1712,6 +1706,71 @@ fn crate_dirs(dir: &Path) -> Vec<String> {
 }
 
 /// The service packages with a library (their logic, tested on the host).
+/// The whole suite: the doc tests, then every test binary of the host
+/// crates and of the services' libraries as jobs on every core, longest
+/// first ([`suite`]); a summary at the end.
+fn test_suite() -> Result<ExitCode> {
+    let start = Instant::now();
+    let cargo = || {
+        let mut c = image_builder::compile::cargo();
+        c.current_dir(paths::repo());
+        c
+    };
+    let doc = cargo()
+        .args(["test", "--doc"])
+        .status()
+        .context("running cargo test --doc")?;
+    let mut jobs = suite::build(cargo(), &[])?;
+    let libs = service_libs();
+    let mut args = vec!["--lib"];
+    for l in &libs {
+        args.extend(["-p", l.as_str()]);
+    }
+    jobs.extend(suite::build(cargo(), &args)?);
+    let times_file = paths::target_dir().join("test-times");
+    let times = suite::parse_times(&std::fs::read_to_string(&times_file).unwrap_or_default());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "running {} test binaries on {workers} workers, longest first (times in {})",
+        jobs.len(),
+        times_file.display()
+    );
+    let outcomes = suite::run(
+        suite::order(jobs, &times),
+        workers,
+        &[],
+        &paths::target_dir().join("test-logs"),
+    );
+    let _ = std::fs::write(&times_file, suite::times_text(&outcomes, &times));
+    let passed: u64 = outcomes.iter().map(|o| o.passed).sum();
+    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    let bad: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.ok)
+        .map(|o| o.job.name.as_str())
+        .collect();
+    let secs = start.elapsed().as_secs();
+    println!(
+        "\nsuite: {passed} passed, {failed} failed in {} test binaries (and the doc tests: {}), {} min {} s",
+        outcomes.len(),
+        if doc.success() { "ok" } else { "FAILED" },
+        secs / 60,
+        secs % 60
+    );
+    if !bad.is_empty() {
+        println!(
+            "suite: FAILED: {} (logs in {})",
+            bad.join(", "),
+            paths::target_dir().join("test-logs").display()
+        );
+    }
+    Ok(if bad.is_empty() && doc.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn service_libs() -> Vec<String> {
     let services = paths::repo().join("services");
     crate_dirs(&services)
