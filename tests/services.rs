@@ -118,7 +118,9 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     let run = boot_live(
         &img,
         Machine::Bochs,
-        |_| {},
+        // Four ELFs of about 85 KiB each cross the emulated serial line:
+        // minutes on a busy machine (the limit only catches a hang).
+        |c| c.timeout = std::time::Duration::from_secs(600),
         |live| {
             live.wait_for("dom1", "tick 2:", 120);
             let mut ctl = live.control();

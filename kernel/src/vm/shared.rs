@@ -479,30 +479,44 @@ pub fn reset(d: &mut Domain, parent: &Domain) -> usize {
     while let Some((gfn, value)) = d.backs.pop(&mut d.views.tables) {
         let kind = Kind::decode(value);
         let gpa = gfn * PAGE_SIZE;
-        let Ok((ept, tables)) = d.views.ept_mut(0) else {
-            continue;
+        let theirs = parent
+            .views
+            .host()
+            .query(&KernelTables, gpa)
+            .and_then(|t| Some((t.hpa_of(gpa)?, t.perms.write)));
+        // The frame the record names leaves every entry before it is
+        // released: the parent's frame back where there is one to put back,
+        // else no entry at all (never an entry of a freed frame).
+        let mut frame = match kind {
+            Kind::Own(hpa) => Some(hpa),
+            Kind::Shared(_) => None,
         };
-        let (Some(theirs), Some(mine)) = (
-            parent.views.host().query(&KernelTables, gpa),
-            ept.query(&KernelTables, gpa),
-        ) else {
-            continue;
-        };
-        let Some(from) = theirs.hpa_of(gpa) else {
-            continue;
-        };
-        if ept
-            .replace(tables, gpa, from, read_only(mine.perms))
-            .is_ok()
-            && theirs.perms.write
+        if let Ok((ept, tables)) = d.views.ept_mut(0)
+            && let Some(mine) = ept.query(&KernelTables, gpa)
         {
-            ept.arm_copy(tables, gpa);
+            frame = mine.hpa_of(gpa).or(frame);
+            match theirs {
+                Some((from, writable))
+                    if ept
+                        .replace(tables, gpa, from, read_only(mine.perms))
+                        .is_ok() =>
+                {
+                    if writable {
+                        ept.arm_copy(tables, gpa);
+                    }
+                }
+                _ => {
+                    let _ = ept.unmap(tables, gpa);
+                }
+            }
+        }
+        if let Some(hpa) = frame {
+            forget_in_views(d, gfn, hpa);
         }
         match kind {
             Kind::Own(hpa) => free_frame(hpa),
             Kind::Shared(slot) => TABLE.lock().unref(usize::from(slot)),
         }
-        forget_in_views(d, gfn, mine.hpa);
         pages += 1;
     }
     pages
