@@ -1,6 +1,6 @@
 //! The instructions a guest reaches MMIO with, decoded far enough to
 //! emulate them (docs/guests.md, MMIO): the MOV loads and stores (88, 89,
-//! 8A, 8B, C6 /0, C7 /0) and MOVZX/MOVSX (0F B6, B7, BE, BF), with their
+//! 8A, 8B, C6 /0, C7 /0, and A0-A3 with a direct address) and MOVZX/MOVSX (0F B6, B7, BE, BF), with their
 //! prefixes (operand size 66, address size 67, segment overrides, REX in
 //! 64-bit mode), ModRM, SIB and displacement. The address itself is not
 //! computed: the exit gives the guest-physical address the access reached.
@@ -126,6 +126,36 @@ pub fn decode(bytes: &[u8], mode: Mode) -> Result<Insn, DecodeError> {
     } else {
         4
     };
+    // MOV between AL/eAX and a direct address (moffs): no ModRM.
+    if let 0xa0..=0xa3 = b {
+        let size = if b & 1 == 0 { 1 } else { wide };
+        let offset = if mode == Mode::Long && !addr_override {
+            8
+        } else {
+            4
+        };
+        for _ in 0..offset {
+            next(&mut at)?;
+        }
+        let reg = Reg {
+            index: 0,
+            high8: false,
+        };
+        let op = if b & 2 == 0 {
+            Op::Load {
+                reg,
+                dest: size,
+                sign: false,
+            }
+        } else {
+            Op::StoreReg { reg }
+        };
+        return Ok(Insn {
+            op,
+            size,
+            len: at as u8,
+        });
+    }
     let (size, kind) = if b == 0x0f {
         let b2 = next(&mut at)?;
         match b2 {

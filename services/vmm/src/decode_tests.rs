@@ -55,6 +55,19 @@ fn encodings_as_the_assembler_makes_them() {
             Protected32,
             store(r(0), 4, 6),
         ),
+        // mov 0xb0100000,%eax ; mov %al,0xb0100000 ; movabs 0x...,%rax
+        (
+            &[0xa1, 0x00, 0x00, 0x10, 0xb0],
+            Protected32,
+            load(r(0), 4, 4, false, 5),
+        ),
+        (&[0xa2, 0x00, 0x00, 0x10, 0xb0], Protected32, store(r(0), 1, 5)),
+        (
+            &[0x48, 0xa1, 0, 0, 0x10, 0xb0, 0, 0, 0, 0],
+            Long,
+            load(r(0), 8, 8, false, 10),
+        ),
+        (&[0x66, 0xa3, 0, 0, 0x10, 0xb0], Protected32, store(r(0), 2, 6)),
         // mov %edx,(%ebx,%ecx,4)
         (&[0x89, 0x14, 0x8b], Protected32, store(r(2), 4, 3)),
         // mov 0x12345678(,%ecx,1),%esi: SIB with no base, disp32
