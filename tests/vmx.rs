@@ -830,11 +830,22 @@ fn a_kernel_taking_isa_interrupts_through_the_ioapic_runs_as_on_plain_qemu() {
         )
         .expect_from("vmm", "Vector { pin: 5, vector: 3 }")
         .expect_from("vmm", "DeliveryMode { pin: 6, mode: 4 }")
-        .expect_from("vmm", "domain 2: read of 4 bytes at 0xb0100000: no device there")
+        .expect_from(
+            "vmm",
+            "domain 2: read of 4 bytes at 0xb0100000: no device there",
+        )
         .expect("domain 2 (absent) exited with status 0")
         .expect("domain 3 (hello) exited with status 0");
-    assert_eq!(run.console(1), plain_lines, "with and without the hypervisor");
-    assert_eq!(run.console(2), absent_lines, "with and without the hypervisor");
+    assert_eq!(
+        run.console(1),
+        plain_lines,
+        "with and without the hypervisor"
+    );
+    assert_eq!(
+        run.console(2),
+        absent_lines,
+        "with and without the hypervisor"
+    );
 }
 
 /// Issue 14, point 2: `tests/kernels/uart-irq.S` sends a line through the

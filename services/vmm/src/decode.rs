@@ -38,11 +38,7 @@ pub enum Op {
     /// A load of `size` bytes into `reg`, whose width is `dest` bytes;
     /// `sign`: sign-extended (MOVSX), otherwise zero-extended where
     /// `dest > size`.
-    Load {
-        reg: Reg,
-        dest: u8,
-        sign: bool,
-    },
+    Load { reg: Reg, dest: u8, sign: bool },
     /// A store of `size` bytes of a register.
     StoreReg { reg: Reg },
     /// A store of an immediate (already sign-extended to 64 bits).
@@ -60,8 +56,7 @@ pub struct Insn {
 }
 
 /// Why the bytes are not an instruction this decoder emulates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[derive(defmt::Format)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
 pub enum DecodeError {
     /// The bytes ended (or 15 were used) before the instruction did.
     Truncated,
@@ -206,7 +201,9 @@ pub fn decode(bytes: &[u8], mode: Mode) -> Result<Insn, DecodeError> {
         }
     };
     let op = match kind {
-        Kind::Store => Op::StoreReg { reg: reg(size == 1) },
+        Kind::Store => Op::StoreReg {
+            reg: reg(size == 1),
+        },
         Kind::Load => Op::Load {
             reg: reg(size == 1),
             dest: size,

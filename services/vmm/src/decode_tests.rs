@@ -61,13 +61,21 @@ fn encodings_as_the_assembler_makes_them() {
             Protected32,
             load(r(0), 4, 4, false, 5),
         ),
-        (&[0xa2, 0x00, 0x00, 0x10, 0xb0], Protected32, store(r(0), 1, 5)),
+        (
+            &[0xa2, 0x00, 0x00, 0x10, 0xb0],
+            Protected32,
+            store(r(0), 1, 5),
+        ),
         (
             &[0x48, 0xa1, 0, 0, 0x10, 0xb0, 0, 0, 0, 0],
             Long,
             load(r(0), 8, 8, false, 10),
         ),
-        (&[0x66, 0xa3, 0, 0, 0x10, 0xb0], Protected32, store(r(0), 2, 6)),
+        (
+            &[0x66, 0xa3, 0, 0, 0x10, 0xb0],
+            Protected32,
+            store(r(0), 2, 6),
+        ),
         // mov %edx,(%ebx,%ecx,4)
         (&[0x89, 0x14, 0x8b], Protected32, store(r(2), 4, 3)),
         // mov 0x12345678(,%ecx,1),%esi: SIB with no base, disp32
@@ -125,11 +133,7 @@ fn encodings_as_the_assembler_makes_them() {
         (&[0x44, 0x8b, 0x0f], Long, load(r(9), 4, 4, false, 3)),
         (&[0x49, 0x8b, 0x01], Long, load(r(0), 8, 8, false, 3)),
         // mov %r15,0x8(%rsp): REX.WR, SIB, disp8
-        (
-            &[0x4c, 0x89, 0x7c, 0x24, 0x08],
-            Long,
-            store(r(15), 8, 5),
-        ),
+        (&[0x4c, 0x89, 0x7c, 0x24, 0x08], Long, store(r(15), 8, 5)),
         // mov 0x1000(%rip),%eax
         (
             &[0x8b, 0x05, 0x00, 0x10, 0x00, 0x00],
@@ -171,7 +175,11 @@ fn what_is_not_emulated_is_refused_naming_why() {
         (&[0xf0, 0x89, 0x03], Protected32, DecodeError::Prefix(0xf0)),
         (&[0x0f, 0x0b], Protected32, DecodeError::Opcode(0x0f0b)),
         (&[0x89, 0xc3], Protected32, DecodeError::RegisterOperand),
-        (&[0xc7, 0x0b, 0, 0, 0, 0], Protected32, DecodeError::Extension(1)),
+        (
+            &[0xc7, 0x0b, 0, 0, 0, 0],
+            Protected32,
+            DecodeError::Extension(1),
+        ),
         (&[0x8b, 0x07], Protected16, DecodeError::Addressing16),
         (&[0x67, 0x8b, 0x07], Protected32, DecodeError::Addressing16),
         (&[0x8b, 0x05, 0x00], Long, DecodeError::Truncated),
@@ -191,8 +199,14 @@ fn loads_merge_into_the_register_as_the_cpu_does() {
     // 32-bit destinations zero the upper half.
     assert_eq!(load_into(old, 0xffff_ffff, 4, r(0), 4, false), 0xffff_ffff);
     // 8 and 16 bits keep the rest.
-    assert_eq!(load_into(old, 0xab, 1, r(0), 1, false), 0x1122_3344_5566_77ab);
-    assert_eq!(load_into(old, 0xabcd, 2, r(0), 2, false), 0x1122_3344_5566_abcd);
+    assert_eq!(
+        load_into(old, 0xab, 1, r(0), 1, false),
+        0x1122_3344_5566_77ab
+    );
+    assert_eq!(
+        load_into(old, 0xabcd, 2, r(0), 2, false),
+        0x1122_3344_5566_abcd
+    );
     // AH.
     let ah = Reg {
         index: 0,
@@ -210,7 +224,10 @@ fn loads_merge_into_the_register_as_the_cpu_does() {
     // MOVZX / MOVSX.
     assert_eq!(load_into(old, 0x80, 1, r(0), 4, false), 0x80);
     assert_eq!(load_into(old, 0x80, 1, r(0), 4, true), 0xffff_ff80);
-    assert_eq!(load_into(old, 0x8000, 2, r(0), 8, true), 0xffff_ffff_ffff_8000);
+    assert_eq!(
+        load_into(old, 0x8000, 2, r(0), 8, true),
+        0xffff_ffff_ffff_8000
+    );
     assert_eq!(load_into(old, u64::MAX, 8, r(0), 8, false), u64::MAX);
 }
 

@@ -1433,7 +1433,13 @@ impl<E: Env> service_pagewalk::GuestMemory for GuestRam<'_, E> {
 /// dropped, logged once a page), RIP moved past it. An instruction fetch
 /// there, or an instruction the decoder does not take, stops the domain,
 /// naming the bytes.
-fn mmio(env: &mut impl Env, d: &mut Devices, exit: &Exit, gpa: u64, fetch_access: bool) -> Response {
+fn mmio(
+    env: &mut impl Env,
+    d: &mut Devices,
+    exit: &Exit,
+    gpa: u64,
+    fetch_access: bool,
+) -> Response {
     let id = d.id;
     if fetch_access {
         defmt::error!(

@@ -95,7 +95,11 @@ impl IoApic {
             0x01 => Ok(VERSION),
             r @ 0x10..=0x3f => {
                 let e = self.redirection[usize::from((r - 0x10) / 2)];
-                Ok(if r & 1 == 0 { e as u32 } else { (e >> 32) as u32 })
+                Ok(if r & 1 == 0 {
+                    e as u32
+                } else {
+                    (e >> 32) as u32
+                })
             }
             r => Err(Refusal::Register(r)),
         }

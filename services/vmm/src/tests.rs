@@ -2022,7 +2022,13 @@ fn mmio_with_no_device_reads_all_ones_and_drops_writes() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     env.vcpu[r::RAX] = 0x1234_5678_9abc_def0;
     // mov 0xe0000000,%eax: all ones, RIP past its 6 bytes.
-    let reply = mmio_exit(&mut vmm, &mut env, &[0x8b, 0x05, 0, 0, 0, 0xe0], 0xe000_0000, false);
+    let reply = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0x8b, 0x05, 0, 0, 0, 0xe0],
+        0xe000_0000,
+        false,
+    );
     assert_eq!(reply.response, ipc_schema::vmexit::Response::RETRY);
     assert_eq!(env.vcpu[r::RAX], 0xffff_ffff);
     assert_eq!(env.vcpu[r::RIP], 0x1006);
@@ -2032,7 +2038,13 @@ fn mmio_with_no_device_reads_all_ones_and_drops_writes() {
     assert_eq!(env.vcpu[r::RCX], 0xff);
     assert_eq!(env.vcpu[r::RIP], 0x1003);
     // movl $1,(%ebx): dropped, RIP past it; the domain goes on.
-    let reply = mmio_exit(&mut vmm, &mut env, &[0xc7, 0x03, 1, 0, 0, 0], 0xe000_0000, true);
+    let reply = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0xc7, 0x03, 1, 0, 0, 0],
+        0xe000_0000,
+        true,
+    );
     assert_eq!(reply.response, ipc_schema::vmexit::Response::RETRY);
     assert_eq!(env.vcpu[r::RIP], 0x1006);
 }
@@ -2096,8 +2108,26 @@ fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
         assert_eq!(ioapic_get(&mut vmm, &mut env, 0x10 + 2 * pin), 1 << 16);
     }
     // The local APIC on (x2APIC MSRs), software-enabled.
-    vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x1b, value: 0xfee0_0c00 }, ExitRegs::default()));
-    vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x80f, value: 0x1ff }, ExitRegs::default()));
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x1b,
+                value: 0xfee0_0c00,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80f,
+                value: 0x1ff,
+            },
+            ExitRegs::default(),
+        ),
+    );
     // Pin 2: vector 0x30, fixed, edge, unmasked; the PICs all masked.
     ioapic_set(&mut vmm, &mut env, 0x15, 0);
     ioapic_set(&mut vmm, &mut env, 0x14, 0x30);
@@ -2119,11 +2149,23 @@ fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
         },
         "IRQ 0 requested through the I/O APIC: a window, no deadline"
     );
-    let r = vmm.exit(&mut env, &exit(ExitKind::InterruptWindow, ExitRegs::default()));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
     assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x30 }));
     // At its EOI the next edge is the deadline again (the PIT's IRQ 0 is
     // not left waiting in the masked PIC).
-    let r = vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x80b, value: 0 }, ExitRegs::default()));
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
     assert!(
         matches!(
             r.response.then,
@@ -2137,23 +2179,62 @@ fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
 #[test]
 fn a_level_entry_waits_for_the_eoi_of_its_vector() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x1b, value: 0xfee0_0c00 }, ExitRegs::default()));
-    vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x80f, value: 0x1ff }, ExitRegs::default()));
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x1b,
+                value: 0xfee0_0c00,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80f,
+                value: 0x1ff,
+            },
+            ExitRegs::default(),
+        ),
+    );
     // COM1's IRQ 4 on pin 4: vector 0x34, level, unmasked; OUT2 on.
     ioapic_set(&mut vmm, &mut env, 0x18, 0x34 | 1 << 15);
     io(&mut vmm, &mut env, COM1 + 4, true, 0x0b);
     // The transmitter-empty interrupt enabled: IRQ 4 rises.
     io(&mut vmm, &mut env, COM1 + 1, true, 0x02);
-    let r = vmm.exit(&mut env, &exit(ExitKind::InterruptWindow, ExitRegs::default()));
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
     assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x34 }));
     // Remote IRR set (bit 14): another edge delivers nothing until the EOI.
-    assert_eq!(ioapic_get(&mut vmm, &mut env, 0x18), 0x34 | 1 << 15 | 1 << 14);
+    assert_eq!(
+        ioapic_get(&mut vmm, &mut env, 0x18),
+        0x34 | 1 << 15 | 1 << 14
+    );
     io(&mut vmm, &mut env, COM1 + 1, true, 0x00);
     io(&mut vmm, &mut env, COM1 + 1, true, 0x02);
-    vmm.exit(&mut env, &exit(ExitKind::Wrmsr { msr: 0x80b, value: 0 }, ExitRegs::default()));
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
     assert_eq!(ioapic_get(&mut vmm, &mut env, 0x18), 0x34 | 1 << 15);
-    let r = vmm.exit(&mut env, &exit(ExitKind::InterruptWindow, ExitRegs::default()));
-    assert_eq!(r.response.inject, None, "the edge during remote IRR was not delivered");
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(
+        r.response.inject, None,
+        "the edge during remote IRR was not delivered"
+    );
 }
 
 #[test]
@@ -2165,7 +2246,10 @@ fn nonsense_written_to_the_ioapic_is_refused_and_the_domain_goes_on() {
     // ExtINT, NMI, SMI, INIT delivery: kept masked.
     for mode in [2u32, 4, 5, 7] {
         ioapic_set(&mut vmm, &mut env, 0x12, 0x40 | mode << 8);
-        assert_eq!(ioapic_get(&mut vmm, &mut env, 0x12), 0x40 | mode << 8 | 1 << 16);
+        assert_eq!(
+            ioapic_get(&mut vmm, &mut env, 0x12),
+            0x40 | mode << 8 | 1 << 16
+        );
     }
     // A register that is not there: reads 0, writes ignored.
     ioapic_set(&mut vmm, &mut env, 0x77, 0xdead_beef);
@@ -2176,6 +2260,12 @@ fn nonsense_written_to_the_ioapic_is_refused_and_the_domain_goes_on() {
     ioapic_set(&mut vmm, &mut env, 0, 0xffff_ffff);
     assert_eq!(ioapic_get(&mut vmm, &mut env, 0), 0x0f00_0000);
     // The domain still runs: an emulated read goes on.
-    let r = mmio_exit(&mut vmm, &mut env, &[0x8b, 0x05, 0, 0, 0, 0xe0], 0xe000_0000, false);
+    let r = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0x8b, 0x05, 0, 0, 0, 0xe0],
+        0xe000_0000,
+        false,
+    );
     assert_eq!(r.response, ipc_schema::vmexit::Response::RETRY);
 }
