@@ -49,8 +49,10 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
         // the p2m owner's: the exit handler emulates the access
         // (docs/p2m.md, MMIO).
         ExitKind::EptViolation { gpa, allowed, .. }
-            if !(allowed.read || allowed.write || allowed.execute)
-                && !d.is_ram(gpa / platform::PAGE_SIZE) =>
+            if !(allowed.read
+                || allowed.write
+                || allowed.execute
+                || d.is_ram(gpa / platform::PAGE_SIZE)) =>
         {
             d.exit_endpoint
         }
