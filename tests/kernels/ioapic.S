@@ -5,16 +5,16 @@
  * ISA IRQ 0 (the PIT) to GSI 2; through IOREGSEL (+0) and IOWIN (+0x10)
  * its version (0x11, or QEMU's 0x20) and entry count, then, with both
  * 8259s masked and the local APIC enabled through its xAPIC page, the
- * PIT's IRQ 0 on its override's pin (vector 0x30) three times while
- * halted and COM1's transmitter-empty interrupt (IRQ 4, pin 4, vector 0x34) once, each a fixed, edge,
- * physical-destination entry and each ended by a local APIC EOI. Last it
- * writes the I/O APIC nonsense (a register that is not there, an unmasked
- * entry for vector 3, an NMI entry) on pins nothing drives, which Parallax
- * refuses with a logged reason and QEMU takes, and goes on. Every access
- * is a 32-bit MOV. It prints a line for each on the 16550 and ends through
- * isa-debug-exit (0xf4) with status 0x10 (0x11: the tables, 0x12: an
- * interrupt missing or stray). The boot test runs it under
- * `qemu-system-x86_64 -kernel` and under Parallax.
+ * PIT's IRQ 0 on its override's pin (vector 0x30) three times while halted
+ * and COM1's transmitter-empty interrupt (IRQ 4, pin 4, vector 0x34) once,
+ * each a fixed, edge, physical-destination entry and each ended by a local
+ * APIC EOI. Last it writes the I/O APIC nonsense (a register that is not
+ * there, an unmasked entry for vector 3, an NMI entry) on pins nothing
+ * drives, which Parallax refuses with a logged reason and QEMU takes, and
+ * goes on. Every access is a 32-bit MOV. It prints a line for each on the
+ * 16550 and ends through isa-debug-exit (0xf4) with status 0x10 (0x11: the
+ * tables, 0x12: an interrupt missing or stray). The boot test runs it
+ * under `qemu-system-x86_64 -kernel` and under Parallax.
  */
         .text
         .code32
