@@ -42,6 +42,11 @@ fn debian_linux_boots_to_its_init_and_powers_off() {
         .expect_from("init", "(Pvh)")
         .expect_console(1, "Linux version 6.1")
         .expect_console(1, &format!("Command line: {cmdline}"))
+        // Its interrupts through the I/O APIC the MADT lists (no `noapic`).
+        .expect_console(
+            1,
+            "IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23",
+        )
         .expect_console(1, "Run /init as init process")
         .expect_console(1, linux::INIT_LINE)
         .expect_console(1, "parallax-init: powering off")

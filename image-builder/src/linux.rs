@@ -20,11 +20,12 @@ pub const META_PACKAGE: &str = "linux-image-amd64";
 /// each option is there:
 /// - `console=ttyS0`: the boot log on COM1, the vmm's 16550.
 /// - `earlyprintk=serial`: the same from the first instruction on.
-/// - `noapic`: there is no I/O APIC (the MADT lists none): Linux would
-///   look for one. Its local APIC it finds through the MADT and uses
-///   through the xAPIC page, with the TSC-deadline timer as its clock
-///   event device (one WRMSR to arm it, and an idle Linux wakes only when
-///   a timer is due); the 8259 PICs carry the ISA lines (the UART's).
+/// - (no `noapic`): Linux finds the I/O APIC and the override of IRQ 0
+///   (GSI 2) in the MADT and routes the ISA lines through it (its timer
+///   check takes the PIT's IRQ 0 on pin 2); its local APIC it uses through
+///   the xAPIC page, with the TSC-deadline timer as its clock event device
+///   (one WRMSR to arm it, and an idle Linux wakes only when a timer is
+///   due).
 /// - `io_delay=none`: no write to port 0x80 after each PIC and PIT access
 ///   (an exit each, for a delay no emulated device needs).
 /// - `tsc=reliable`: no clocksource watchdog on the TSC. The watchdog
@@ -38,7 +39,7 @@ pub const META_PACKAGE: &str = "linux-image-amd64";
 ///   on Bochs (`initcall_debug`), the generic code paths running
 ///   instruction by instruction. Not needed to boot; a speed option.
 pub const CMDLINE: &str =
-    "console=ttyS0 earlyprintk=serial noapic io_delay=none tsc=reliable cryptomgr.notests";
+    "console=ttyS0 earlyprintk=serial io_delay=none tsc=reliable cryptomgr.notests";
 
 /// The guest RAM the example and the tests give Linux (the kernel is
 /// loaded at 16 MiB and needs about 60 MiB with its bss; the rest is for

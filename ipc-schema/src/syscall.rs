@@ -163,7 +163,8 @@ pub mod nr {
     /// `set_mask` 0, writes the vCPU's [`super::regs::COUNT`] registers
     /// (little-endian u64s, in [`super::regs`] order) to `buf_ptr` (needs
     /// `read`); otherwise reads as many from `buf_ptr` and sets those whose
-    /// bit is in `set_mask` (needs `write`; the domain paused). A value VM
+    /// bit is in `set_mask` (needs `write`; the domain paused, or the
+    /// caller handling the vCPU's exit while it waits). A value VM
     /// entry would refuse is refused whole (`BadArgument`, RDI = `1 << 63`
     /// with the index of the first bad register), the vCPU unchanged.
     pub const VCPU_REGS: u64 = 55;

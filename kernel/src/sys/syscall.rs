@@ -2097,7 +2097,10 @@ fn vcpu_regs(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         }
     }
     let d = domain_mut(k, a[1])?;
-    if set && d.state != DomainState::Paused {
+    // (Or its vCPU waits for the caller's answer to its exit: the exit
+    // handler emulating an instruction sets what it wrote.)
+    let answering = d.awaiting_reply && d.exit_server == Some(pid);
+    if set && d.state != DomainState::Paused && !answering {
         let id = d.id;
         defmt::warn!(
             "{=str}: VCPU_REGS refused: domain {=u16} is not paused",

@@ -11,7 +11,9 @@
 //! legacy devices present, no 8042), its FACS, and a DSDT whose only object
 //! is `\_S5` (SLP_TYP 0: writing `SLP_EN | 0 << 10` to PM1a control powers
 //! off), and a MADT: the local APIC at [`LAPIC_BASE`] (one processor, APIC
-//! ID 0, enabled) with the 8259 PICs beside it (PCAT_COMPAT).
+//! ID 0, enabled) with the 8259 PICs beside it (PCAT_COMPAT), the I/O APIC
+//! at [`IOAPIC_BASE`] and QEMU's interrupt source overrides (IRQ 0 on GSI 2,
+//! IRQ 9 level, active high).
 
 /// Where the tables go (the EBDA).
 pub const TABLES_GPA: u64 = 0x9_fc00;
@@ -21,6 +23,8 @@ pub const EBDA_POINTER: u64 = 0x40e;
 pub const TABLES_LEN: usize = 0x300;
 /// The local APIC's registers (xAPIC MMIO), as the MADT gives them.
 pub const LAPIC_BASE: u32 = 0xfee0_0000;
+/// The I/O APIC's registers, as the MADT gives them (ID 0, GSI base 0).
+pub const IOAPIC_BASE: u32 = 0xfec0_0000;
 /// The PM1a event block (status, enable) ports.
 pub const PM1A_EVT: u16 = 0x600;
 /// The PM1a control block port.
@@ -117,12 +121,20 @@ pub fn build(out: &mut [u8; TABLES_LEN]) {
     seal(out, FADT, FADT_LEN, FADT + 9);
     // MADT: the local APIC's address, PCAT_COMPAT (the PICs are there
     // too), then one processor local APIC structure (ACPI processor ID 0,
-    // APIC ID 0, enabled).
-    let madt_len = 44 + 8;
+    // APIC ID 0, enabled), the I/O APIC (ID 0 at IOAPIC_BASE, GSI base 0)
+    // and, as QEMU's, the interrupt source overrides: ISA IRQ 0 (the PIT)
+    // on GSI 2, edge as the bus is; IRQ 9 (the SCI) level, active high.
+    let madt_len = 44 + 8 + 12 + 2 * 10;
     header(out, MADT, b"APIC", madt_len, 3);
     put32(out, MADT + 36, LAPIC_BASE);
     put32(out, MADT + 40, 1);
     out[MADT + 44..MADT + 52].copy_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+    out[MADT + 52..MADT + 56].copy_from_slice(&[1, 12, 0, 0]);
+    put32(out, MADT + 56, IOAPIC_BASE);
+    put32(out, MADT + 60, 0);
+    // Type 2, length 10, bus 0 (ISA), source, GSI, flags.
+    out[MADT + 64..MADT + 74].copy_from_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+    out[MADT + 74..MADT + 84].copy_from_slice(&[2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]);
     seal(out, MADT, madt_len, MADT + 9);
     // RSDT and XSDT: the FADT and the MADT.
     let (rsdt_len, xsdt_len) = (36 + 4 * LISTED.len(), 36 + 8 * LISTED.len());

@@ -637,7 +637,13 @@ fn the_guest_acpi_tables_walk_and_describe_a_power_off_and_the_apic() {
         // local APIC (type 0, length 8, processor 0, APIC ID 0, flags 1).
         assert_eq!(&m[36..44], &[0, 0, 0xe0, 0xfe, 1, 0, 0, 0]);
         assert_eq!(&m[44..52], &[0, 8, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(m.len(), 52);
+        // The I/O APIC (type 1, length 12, ID 0, at 0xfec00000, GSI base
+        // 0), then QEMU's overrides: ISA IRQ 0 on GSI 2 (conforming flags),
+        // IRQ 9 on GSI 9, level, active high (flags 0x000d).
+        assert_eq!(&m[52..64], &[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]);
+        assert_eq!(&m[64..74], &[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(&m[74..84], &[2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]);
+        assert_eq!(m.len(), 84);
         assert_eq!(&fadt.signature(), b"FACP");
         let b = fadt.bytes;
         let u32_ = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());

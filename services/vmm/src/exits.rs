@@ -14,6 +14,8 @@
 //! An exit it cannot make sense of stops the domain, saying why.
 
 use crate::cmos::Cmos;
+use crate::decode::{self, Mode, Op};
+use crate::ioapic::IoApic;
 use crate::lapic::Lapic;
 use crate::pci::Pci;
 use crate::pic::Pic;
@@ -24,7 +26,7 @@ use ipc_schema::hypercall::{
     HC_VIEW_SWITCH, HYPERCALL_KEY, HcError, MAX_REQUEST, Reply, Request, Status,
 };
 use ipc_schema::logdirty::{LdReply, LdRequest};
-use ipc_schema::syscall::{SysError, vm_features};
+use ipc_schema::syscall::{SysError, regs as r, vm_features};
 use ipc_schema::uart::UartReply;
 use ipc_schema::vmexit::Inject;
 use ipc_schema::vmexit::{Exit, ExitKind, ExitMessage, ExitRegs, ExitReply, Response, Then};
@@ -77,6 +79,11 @@ pub trait Env {
     /// virtual-APIC page (what its guest reads at the xAPIC page) becomes
     /// `value`; false where the kernel refuses (no APIC virtualization).
     fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool;
+    /// VCPU_REGS: every register of the domain's vCPU (`None`: refused).
+    fn vcpu_regs(&mut self, domain: u16) -> Option<[u64; r::COUNT]>;
+    /// VCPU_REGS: the registers of `mask` set to `values` (the vCPU waits
+    /// for this exit's answer); false: refused.
+    fn set_regs(&mut self, domain: u16, values: &[u64; r::COUNT], mask: u64) -> bool;
 }
 
 /// The guest's [`Request::GrantPages`], through the kernel (FM-2).
@@ -153,6 +160,10 @@ struct Platform {
     pic: Pic,
     pit: Pit,
     lapic: Lapic,
+    ioapic: IoApic,
+    /// Pages with no device whose accesses were logged (the first
+    /// [`ABSENT_LOGGED`]).
+    absent_mmio: heapless::Vec<u64, ABSENT_LOGGED>,
     pci: Pci,
     /// Made at the first access (it tells the domain's RAM).
     cmos: Option<Cmos>,
@@ -430,7 +441,7 @@ impl Vmm {
         let was = d.uart.irq();
         let count = d.uart.receive(bytes);
         if d.uart.irq() && !was {
-            d.platform.pic.raise(4);
+            d.platform.raise_isa(4);
         }
         UartReply::Taken {
             count: count as u16,
@@ -645,14 +656,9 @@ impl Vmm {
                 }
                 Response::inject(6, None)
             }
-            ExitKind::EptViolation { gpa, .. } => {
-                defmt::error!(
-                    "domain {=u16}: EPT violation at {=u64:#x} sent to the exit handler, which does not own views; domain stopped",
-                    id,
-                    gpa
-                );
-                Response::CRASH
-            }
+            // The kernel sends the exit handler the violations of gfns that
+            // are not RAM: MMIO, emulated (docs/p2m.md, MMIO).
+            ExitKind::EptViolation { gpa, access, .. } => mmio(env, d, exit, gpa, access.execute),
             // A write to the xAPIC page, already done (trap-like: RIP is
             // past it).
             ExitKind::ApicWrite { offset, value } => {
@@ -704,6 +710,11 @@ impl Vmm {
                 d.platform.window = false;
                 d.platform.halts = 0;
                 if let Some(vector) = d.platform.lapic.ack() {
+                    if d.platform.ioapic.vector(2) == Some(vector) {
+                        // The PIT through the I/O APIC: as through the PIC.
+                        let hz = u64::from(env.tsc_khz()) * 1000;
+                        d.platform.pit.hold_off(env.tsc() + hz / MIN_TIMER_RATE);
+                    }
                     if vector == d.platform.lapic.timer_vector() {
                         // As for the PIT: 1 / MIN_TIMER_RATE s at least.
                         let hz = u64::from(env.tsc_khz()) * 1000;
@@ -844,7 +855,11 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
     // Nothing to do (and no clock to read) for a guest that never armed
     // the PIT: the exit path of the others stays as it was.
     if p.pit.next_edge() != u64::MAX && p.pit.irq0_due(env.tsc(), u64::from(env.tsc_khz()) * 1000) {
-        p.pic.raise(0);
+        p.raise_isa(0);
+    }
+    // An EOI ends a level entry's wait for it in the I/O APIC.
+    if let Some(v) = p.lapic.eoied.take() {
+        p.ioapic.eoi(v);
     }
     if p.lapic.expiry != u64::MAX {
         p.lapic.tick(env.tsc());
@@ -855,7 +870,7 @@ fn interrupts(env: &impl Env, d: &mut Devices, kind: &ExitKind, mut r: Response)
     // that a timer faster than the exits it causes cannot keep the vCPU
     // from running its interrupt handler, or from entering at all. The
     // same for the local APIC's timer and its vector.
-    let pit = if p.pic.master.irr & 1 != 0 {
+    let pit = if p.irq0_waits() {
         u64::MAX
     } else {
         p.pit.next_edge()
@@ -927,7 +942,7 @@ fn io(
             }
             // COM1's line is IRQ 4; the PIC takes its rising edges.
             if d.uart.irq() && !was {
-                d.platform.pic.raise(4);
+                d.platform.raise_isa(4);
             }
         }
         COM1..=0x3ff => {
@@ -1316,4 +1331,240 @@ fn call(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) -> Status {
     } else {
         Status::Ok
     }
+}
+
+impl Platform {
+    /// An edge on ISA line `irq`: to the PICs, and to the I/O APIC on the
+    /// pin the MADT's overrides give it (sent on to the local APIC where
+    /// its entry is unmasked).
+    fn raise_isa(&mut self, irq: u8) {
+        self.pic.raise(irq);
+        if let Some(vector) = self.ioapic.pulse(IoApic::pin_of_isa(irq)) {
+            self.lapic.deliver(vector);
+        }
+    }
+
+    /// IRQ 0 waits to be taken: requested in the master PIC and not
+    /// masked there, or its I/O APIC vector requested in the local APIC.
+    fn irq0_waits(&self) -> bool {
+        (self.pic.master.irr & 1 != 0 && self.pic.master.imr & 1 == 0)
+            || self
+                .ioapic
+                .vector(IoApic::pin_of_isa(0))
+                .is_some_and(|v| self.lapic.requested(v))
+    }
+}
+
+/// The instruction bytes at the vCPU's RIP, read through its page tables
+/// (as many as can be, up to [`decode::MAX_LEN`]); the mode of its code
+/// segment.
+fn fetch(
+    env: &mut impl Env,
+    id: u16,
+    regs: &[u64; r::COUNT],
+) -> Option<([u8; decode::MAX_LEN], usize, Mode, u64)> {
+    let cs_ar = regs[r::CS] >> 16;
+    let long = regs[r::EFER] & (1 << 10) != 0 && cs_ar & (1 << 13) != 0;
+    let mode = if long {
+        Mode::Long
+    } else if regs[r::CR0] & 1 != 0 && cs_ar & (1 << 14) != 0 {
+        Mode::Protected32
+    } else {
+        Mode::Protected16
+    };
+    let linear = if long {
+        regs[r::RIP]
+    } else {
+        regs[r::CS_BASE].wrapping_add(regs[r::RIP] & 0xffff_ffff) & 0xffff_ffff
+    };
+    let paging = service_pagewalk::paging_mode(regs[r::CR0], regs[r::CR4], regs[r::EFER]);
+    let mut bytes = [0u8; decode::MAX_LEN];
+    let mut got = 0;
+    while got < bytes.len() {
+        let at = linear.wrapping_add(got as u64);
+        let gpa = match paging {
+            service_pagewalk::Paging::Off => at,
+            p => {
+                let mut mem = GuestRam { env, id };
+                match service_pagewalk::translate(&mut mem, p, regs[r::CR3], at) {
+                    Ok(t) => t.gpa,
+                    Err(_) => break,
+                }
+            }
+        };
+        let n = (bytes.len() - got).min((PAGE - gpa % PAGE) as usize);
+        if !env.read_guest(id, gpa, &mut bytes[got..got + n]) {
+            break;
+        }
+        got += n;
+    }
+    (got > 0).then_some((bytes, got, mode, linear))
+}
+
+/// The guest's RAM for the page walker, through DOMAIN_READ.
+struct GuestRam<'a, E: Env> {
+    env: &'a mut E,
+    id: u16,
+}
+
+impl<E: Env> service_pagewalk::GuestMemory for GuestRam<'_, E> {
+    type Error = ();
+    fn read_u64(&mut self, gpa: u64) -> Result<u64, ()> {
+        let mut b = [0u8; 8];
+        if self.env.read_guest(self.id, gpa, &mut b) {
+            Ok(u64::from_le_bytes(b))
+        } else {
+            Err(())
+        }
+    }
+    fn read_u32(&mut self, gpa: u64) -> Result<u32, ()> {
+        let mut b = [0u8; 4];
+        if self.env.read_guest(self.id, gpa, &mut b) {
+            Ok(u32::from_le_bytes(b))
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// A guest access to guest-physical `gpa`, which is not RAM: the
+/// instruction at RIP decoded ([`decode`]) and emulated against the device
+/// there (the I/O APIC) or against nothing (reads all ones, writes
+/// dropped, logged once a page), RIP moved past it. An instruction fetch
+/// there, or an instruction the decoder does not take, stops the domain,
+/// naming the bytes.
+fn mmio(
+    env: &mut impl Env,
+    d: &mut Devices,
+    exit: &Exit,
+    gpa: u64,
+    fetch_access: bool,
+) -> Response {
+    let id = d.id;
+    if fetch_access {
+        defmt::error!(
+            "domain {=u16}: instruction fetch at guest-physical {=u64:#x} (rip {=u64:#x}), which is not RAM; domain stopped",
+            id,
+            gpa,
+            exit.rip
+        );
+        return Response::CRASH;
+    }
+    let Some(mut regs) = env.vcpu_regs(id) else {
+        defmt::error!(
+            "domain {=u16}: access to {=u64:#x}, which is not RAM: its vCPU's registers cannot be read to emulate it; domain stopped",
+            id,
+            gpa
+        );
+        return Response::CRASH;
+    };
+    let Some((bytes, got, mode, linear)) = fetch(env, id, &regs) else {
+        defmt::error!(
+            "domain {=u16}: access to {=u64:#x}, which is not RAM, by the instruction at rip {=u64:#x}, whose bytes cannot be read; domain stopped",
+            id,
+            gpa,
+            regs[r::RIP]
+        );
+        return Response::CRASH;
+    };
+    let insn = match decode::decode(&bytes[..got], mode) {
+        Ok(i) => i,
+        Err(why) => {
+            defmt::error!(
+                "domain {=u16}: access to {=u64:#x}, which is not RAM, by an instruction that is not emulated ({}) at rip {=u64:#x} (linear {=u64:#x}): bytes {=[u8]:02x}; domain stopped",
+                id,
+                gpa,
+                why,
+                regs[r::RIP],
+                linear,
+                &bytes[..got]
+            );
+            return Response::CRASH;
+        }
+    };
+    let mut mask = 1u64 << r::RIP;
+    match insn.op {
+        Op::Load { reg, dest, sign } => {
+            let value = mmio_read(d, gpa, insn.size);
+            let i = decode::slot(reg.index);
+            regs[i] = decode::load_into(regs[i], value, insn.size, reg, dest, sign);
+            mask |= 1 << i;
+        }
+        Op::StoreReg { reg } => {
+            let value = decode::read_reg(&regs, reg, insn.size);
+            mmio_write(d, gpa, insn.size, value);
+        }
+        Op::StoreImm { value } => mmio_write(d, gpa, insn.size, decode::truncate(value, insn.size)),
+    }
+    let next = regs[r::RIP].wrapping_add(u64::from(insn.len));
+    regs[r::RIP] = if mode == Mode::Long {
+        next
+    } else {
+        next & 0xffff_ffff
+    };
+    if !env.set_regs(id, &regs, mask) {
+        defmt::error!(
+            "domain {=u16}: the access to {=u64:#x} at rip {=u64:#x} was emulated but its registers could not be set; domain stopped",
+            id,
+            gpa,
+            exit.rip
+        );
+        return Response::CRASH;
+    }
+    Response::RETRY
+}
+
+/// Logs an access to a page with no device, the first time for the page
+/// (of the first [`ABSENT_LOGGED`]).
+fn absent_mmio(d: &mut Devices, gpa: u64, what: &str, size: u8) {
+    let p = &mut d.platform;
+    let page = gpa & !(PAGE - 1);
+    if p.absent_mmio.contains(&page) || p.absent_mmio.is_full() {
+        return;
+    }
+    let _ = p.absent_mmio.push(page);
+    defmt::info!(
+        "domain {=u16}: {=str} of {=u8} bytes at {=u64:#x}: no device there (MMIO reads all ones, writes are dropped; this page is not logged again)",
+        d.id,
+        what,
+        size,
+        gpa
+    );
+}
+
+fn ioapic_refused(d: &mut Devices, why: crate::ioapic::Refusal) {
+    if let Some(skipped) = d.logged.admit() {
+        defmt::warn!(
+            "domain {=u16}: I/O APIC access refused or ignored: {} ({=u32} like it not logged)",
+            d.id,
+            why,
+            skipped
+        );
+    }
+}
+
+fn mmio_read(d: &mut Devices, gpa: u64, size: u8) -> u64 {
+    if IoApic::owns(gpa) {
+        d.platform.active = true;
+        return match d.platform.ioapic.read(gpa, size) {
+            Ok(v) => u64::from(v),
+            Err(why) => {
+                ioapic_refused(d, why);
+                0
+            }
+        };
+    }
+    absent_mmio(d, gpa, "read", size);
+    decode::truncate(u64::MAX, size)
+}
+
+fn mmio_write(d: &mut Devices, gpa: u64, size: u8, value: u64) {
+    if IoApic::owns(gpa) {
+        d.platform.active = true;
+        if let Err(why) = d.platform.ioapic.write(gpa, size, value as u32) {
+            ioapic_refused(d, why);
+        }
+        return;
+    }
+    absent_mmio(d, gpa, "write", size);
 }

@@ -41,6 +41,9 @@ pub struct Lapic {
     start: u64,
     /// The TSC of the timer's next expiry (`u64::MAX`: none).
     pub expiry: u64,
+    /// The vector the last EOI ended, for the I/O APIC's level entries
+    /// (taken by the caller).
+    pub eoied: Option<u8>,
 }
 
 impl Default for Lapic {
@@ -60,6 +63,7 @@ impl Default for Lapic {
             initial: 0,
             start: 0,
             expiry: u64::MAX,
+            eoied: None,
         }
     }
 }
@@ -252,6 +256,7 @@ impl Lapic {
     fn eoi(&mut self) {
         if let Some(s) = highest(&self.isr) {
             clear(&mut self.isr, s);
+            self.eoied = Some(s);
         }
     }
 
@@ -346,6 +351,16 @@ impl Lapic {
             _ => return false,
         }
         true
+    }
+
+    /// An interrupt from the I/O APIC.
+    pub fn deliver(&mut self, vector: u8) {
+        self.accept(vector);
+    }
+
+    /// Whether `vector` is requested (in the IRR).
+    pub fn requested(&self, vector: u8) -> bool {
+        self.irr[usize::from(vector / 32)] & (1 << (vector % 32)) != 0
     }
 
     /// A fixed interrupt for `vector` arrives (vectors below 16 are

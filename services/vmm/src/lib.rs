@@ -4,11 +4,15 @@
 #![no_std]
 
 pub mod cmos;
+pub mod decode;
 pub mod exits;
+pub mod ioapic;
 pub mod lapic;
 pub mod pci;
 pub mod pic;
 pub mod pit;
 
+#[cfg(test)]
+mod decode_tests;
 #[cfg(test)]
 mod tests;

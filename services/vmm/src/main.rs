@@ -135,6 +135,19 @@ impl Env for System {
         sys::domain_grant(self.domains, domain, gfn, count, grant)
     }
 
+    fn vcpu_regs(&mut self, domain: u16) -> Option<[u64; ipc_schema::syscall::regs::COUNT]> {
+        sys::vcpu_regs(self.domains, domain, 0).ok()
+    }
+
+    fn set_regs(
+        &mut self,
+        domain: u16,
+        values: &[u64; ipc_schema::syscall::regs::COUNT],
+        mask: u64,
+    ) -> bool {
+        sys::vcpu_set_regs(self.domains, domain, 0, values, mask).is_ok()
+    }
+
     #[inline(always)]
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         self.altp2m.call(request)

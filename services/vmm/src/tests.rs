@@ -35,9 +35,27 @@ struct Fake {
     no_apic_page: bool,
     /// CPUID answers every leaf with all bits set (a host with everything).
     every_feature: bool,
+    /// The vCPU's registers (VCPU_REGS).
+    vcpu: [u64; ipc_schema::syscall::regs::COUNT],
 }
 
 impl Env for Fake {
+    fn vcpu_regs(&mut self, _: u16) -> Option<[u64; ipc_schema::syscall::regs::COUNT]> {
+        Some(self.vcpu)
+    }
+    fn set_regs(
+        &mut self,
+        _: u16,
+        values: &[u64; ipc_schema::syscall::regs::COUNT],
+        mask: u64,
+    ) -> bool {
+        for (i, v) in values.iter().enumerate() {
+            if mask & 1 << i != 0 {
+                self.vcpu[i] = *v;
+            }
+        }
+        true
+    }
     fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool {
         if self.no_apic_page {
             return false;
@@ -1958,4 +1976,296 @@ fn each_domains_input_has_its_own_quota_and_unknown_domains_are_refused() {
     // An ended domain's FIFO goes with its devices.
     vmm.forget(&mut env, 4);
     assert_eq!(vmm.receive(4, b"x"), UartReply::NoSuchDomain);
+}
+
+/// A 32-bit flat protected-mode vCPU at RIP 0x1000 whose next instruction
+/// is `bytes` (in the fake's RAM), and the EPT violation of its access to
+/// `gpa` (not RAM) answered.
+fn mmio_exit(
+    vmm: &mut Vmm,
+    env: &mut Fake,
+    bytes: &[u8],
+    gpa: u64,
+    write: bool,
+) -> ipc_schema::vmexit::ExitReply {
+    use ipc_schema::syscall::regs as r;
+    if env.memory.len() < 0x2000 {
+        env.memory = std::vec![0; 0x10000];
+    }
+    env.memory[0x1000..0x1000 + bytes.len()].copy_from_slice(bytes);
+    env.vcpu[r::RIP] = 0x1000;
+    env.vcpu[r::CR0] = 1;
+    env.vcpu[r::CS] = 0x08 | (0xc09b << 16); // 32-bit code (D set)
+    let access = ipc_schema::vmexit::AccessBits {
+        read: !write,
+        write,
+        execute: false,
+    };
+    vmm.exit(
+        env,
+        &exit(
+            ExitKind::EptViolation {
+                gpa,
+                gla: Some(gpa),
+                access,
+                allowed: ipc_schema::vmexit::AccessBits::default(),
+                qualification: 0,
+            },
+            ExitRegs::default(),
+        ),
+    )
+}
+
+#[test]
+fn mmio_with_no_device_reads_all_ones_and_drops_writes() {
+    use ipc_schema::syscall::regs as r;
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.vcpu[r::RAX] = 0x1234_5678_9abc_def0;
+    // mov 0xe0000000,%eax: all ones, RIP past its 6 bytes.
+    let reply = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0x8b, 0x05, 0, 0, 0, 0xe0],
+        0xe000_0000,
+        false,
+    );
+    assert_eq!(reply.response, ipc_schema::vmexit::Response::RETRY);
+    assert_eq!(env.vcpu[r::RAX], 0xffff_ffff);
+    assert_eq!(env.vcpu[r::RIP], 0x1006);
+    // movzbl (%ebx),%ecx: 0xff.
+    let reply = mmio_exit(&mut vmm, &mut env, &[0x0f, 0xb6, 0x0b], 0xe000_0004, false);
+    assert_eq!(reply.response, ipc_schema::vmexit::Response::RETRY);
+    assert_eq!(env.vcpu[r::RCX], 0xff);
+    assert_eq!(env.vcpu[r::RIP], 0x1003);
+    // movl $1,(%ebx): dropped, RIP past it; the domain goes on.
+    let reply = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0xc7, 0x03, 1, 0, 0, 0],
+        0xe000_0000,
+        true,
+    );
+    assert_eq!(reply.response, ipc_schema::vmexit::Response::RETRY);
+    assert_eq!(env.vcpu[r::RIP], 0x1006);
+}
+
+#[test]
+fn an_mmio_instruction_that_is_not_emulated_stops_only_its_domain() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // rep movsl.
+    let reply = mmio_exit(&mut vmm, &mut env, &[0xf3, 0xa5], 0xe000_0000, false);
+    assert_eq!(reply.response.then, Then::Crash);
+    // A fetch from MMIO.
+    let reply = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::EptViolation {
+                gpa: 0xe000_0000,
+                gla: None,
+                access: ipc_schema::vmexit::AccessBits {
+                    read: false,
+                    write: false,
+                    execute: true,
+                },
+                allowed: ipc_schema::vmexit::AccessBits::default(),
+                qualification: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert_eq!(reply.response.then, Then::Crash);
+}
+
+/// The guest writes `value` to I/O APIC register `index` (32-bit MOVs
+/// through IOREGSEL and IOWIN).
+fn ioapic_set(vmm: &mut Vmm, env: &mut Fake, index: u32, value: u32) {
+    use ipc_schema::syscall::regs as r;
+    env.vcpu[r::RAX] = u64::from(index);
+    // mov %eax,(%ebx)
+    mmio_exit(vmm, env, &[0x89, 0x03], 0xfec0_0000, true);
+    env.vcpu[r::RAX] = u64::from(value);
+    // mov %eax,0x10(%ebx)
+    mmio_exit(vmm, env, &[0x89, 0x43, 0x10], 0xfec0_0010, true);
+}
+
+fn ioapic_get(vmm: &mut Vmm, env: &mut Fake, index: u32) -> u32 {
+    use ipc_schema::syscall::regs as r;
+    env.vcpu[r::RAX] = u64::from(index);
+    mmio_exit(vmm, env, &[0x89, 0x03], 0xfec0_0000, true);
+    // mov 0x10(%ebx),%edx
+    mmio_exit(vmm, env, &[0x8b, 0x53, 0x10], 0xfec0_0010, false);
+    env.vcpu[r::RDX] as u32
+}
+
+#[test]
+fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    env.tsc = 1_000_000;
+    // ID 0, version 0x11 with 24 entries, every entry masked.
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0), 0);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 1), 0x0017_0011);
+    for pin in 0..24 {
+        assert_eq!(ioapic_get(&mut vmm, &mut env, 0x10 + 2 * pin), 1 << 16);
+    }
+    // The local APIC on (x2APIC MSRs), software-enabled.
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x1b,
+                value: 0xfee0_0c00,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80f,
+                value: 0x1ff,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    // Pin 2: vector 0x30, fixed, edge, unmasked; the PICs all masked.
+    ioapic_set(&mut vmm, &mut env, 0x15, 0);
+    ioapic_set(&mut vmm, &mut env, 0x14, 0x30);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0x14), 0x30);
+    io(&mut vmm, &mut env, 0x21, true, 0xff);
+    io(&mut vmm, &mut env, 0xa1, true, 0xff);
+    let period = (11932 * HZ).div_ceil(crate::pit::PIT_HZ);
+    io(&mut vmm, &mut env, 0x43, true, 0x34);
+    io(&mut vmm, &mut env, 0x40, true, 0x9c);
+    io(&mut vmm, &mut env, 0x40, true, 0x2e);
+    let edge = env.tsc + period;
+    env.tsc = edge + 10;
+    let r = vmm.exit(&mut env, &exit(ExitKind::Deadline, ExitRegs::default()));
+    assert_eq!(
+        r.response.then,
+        Then::ResumeUntil {
+            window: true,
+            deadline: u64::MAX
+        },
+        "IRQ 0 requested through the I/O APIC: a window, no deadline"
+    );
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x30 }));
+    // At its EOI the next edge is the deadline again (the PIT's IRQ 0 is
+    // not left waiting in the masked PIC).
+    let r = vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert!(
+        matches!(
+            r.response.then,
+            Then::ResumeUntil { window: false, deadline } if deadline != u64::MAX
+        ),
+        "{:?}",
+        r.response
+    );
+}
+
+#[test]
+fn a_level_entry_waits_for_the_eoi_of_its_vector() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x1b,
+                value: 0xfee0_0c00,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80f,
+                value: 0x1ff,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    // COM1's IRQ 4 on pin 4: vector 0x34, level, unmasked; OUT2 on.
+    ioapic_set(&mut vmm, &mut env, 0x18, 0x34 | 1 << 15);
+    io(&mut vmm, &mut env, COM1 + 4, true, 0x0b);
+    // The transmitter-empty interrupt enabled: IRQ 4 rises.
+    io(&mut vmm, &mut env, COM1 + 1, true, 0x02);
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(r.response.inject, Some(Inject::Interrupt { vector: 0x34 }));
+    // Remote IRR set (bit 14): another edge delivers nothing until the EOI.
+    assert_eq!(
+        ioapic_get(&mut vmm, &mut env, 0x18),
+        0x34 | 1 << 15 | 1 << 14
+    );
+    io(&mut vmm, &mut env, COM1 + 1, true, 0x00);
+    io(&mut vmm, &mut env, COM1 + 1, true, 0x02);
+    vmm.exit(
+        &mut env,
+        &exit(
+            ExitKind::Wrmsr {
+                msr: 0x80b,
+                value: 0,
+            },
+            ExitRegs::default(),
+        ),
+    );
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0x18), 0x34 | 1 << 15);
+    let r = vmm.exit(
+        &mut env,
+        &exit(ExitKind::InterruptWindow, ExitRegs::default()),
+    );
+    assert_eq!(
+        r.response.inject, None,
+        "the edge during remote IRR was not delivered"
+    );
+}
+
+#[test]
+fn nonsense_written_to_the_ioapic_is_refused_and_the_domain_goes_on() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    // A vector below 16, unmasked: kept masked.
+    ioapic_set(&mut vmm, &mut env, 0x10, 0x05);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0x10), 0x05 | 1 << 16);
+    // ExtINT, NMI, SMI, INIT delivery: kept masked.
+    for mode in [2u32, 4, 5, 7] {
+        ioapic_set(&mut vmm, &mut env, 0x12, 0x40 | mode << 8);
+        assert_eq!(
+            ioapic_get(&mut vmm, &mut env, 0x12),
+            0x40 | mode << 8 | 1 << 16
+        );
+    }
+    // A register that is not there: reads 0, writes ignored.
+    ioapic_set(&mut vmm, &mut env, 0x77, 0xdead_beef);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0x77), 0);
+    // The version is read-only; the ID keeps 4 bits.
+    ioapic_set(&mut vmm, &mut env, 1, 0);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 1), 0x0017_0011);
+    ioapic_set(&mut vmm, &mut env, 0, 0xffff_ffff);
+    assert_eq!(ioapic_get(&mut vmm, &mut env, 0), 0x0f00_0000);
+    // The domain still runs: an emulated read goes on.
+    let r = mmio_exit(
+        &mut vmm,
+        &mut env,
+        &[0x8b, 0x05, 0, 0, 0, 0xe0],
+        0xe000_0000,
+        false,
+    );
+    assert_eq!(r.response, ipc_schema::vmexit::Response::RETRY);
 }
