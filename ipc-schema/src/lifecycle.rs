@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Bytes of state per chunk.
 pub const CHUNK: usize = 192;
 
+/// The most bytes a snapshot may have (the runtime's and the supervisor's
+/// buffers).
+pub const SNAPSHOT_MAX: usize = 16 * 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum LifecycleRequest {
     /// The version and build of the running service.
@@ -44,6 +48,9 @@ pub enum LifecycleReply {
     Done,
     /// The snapshot does not decode as this version's state.
     RestoreFailed,
+    /// The running instance's state does not fit [`SNAPSHOT_MAX`]: no
+    /// swap, and it serves on.
+    TooLarge,
 }
 
 pub const LIFECYCLE: InterfaceId =

@@ -47,15 +47,20 @@ pub struct Uart16550 {
 }
 
 impl Uart16550 {
-    /// The registers, for saving the device (a service swap).
-    pub fn save(&self) -> [u8; 6] {
+    /// The registers and the received bytes the guest has not read, for
+    /// saving the device (a service swap).
+    pub fn save(&self) -> ([u8; 6], heapless::Vec<u8, RX_FIFO>) {
         let d = self.divisor.to_le_bytes();
-        [self.ier, self.lcr, self.mcr, self.scr, d[0], d[1]]
+        (
+            [self.ier, self.lcr, self.mcr, self.scr, d[0], d[1]],
+            self.rx.iter().copied().collect(),
+        )
     }
 
-    /// A device with the registers [`Self::save`] returned.
-    pub fn restore(r: [u8; 6]) -> Self {
-        Self {
+    /// A device with the registers and received bytes [`Self::save`]
+    /// returned.
+    pub fn restore(r: [u8; 6], received: &[u8]) -> Self {
+        let mut u = Self {
             ier: r[0],
             lcr: r[1],
             mcr: r[2],
@@ -63,7 +68,9 @@ impl Uart16550 {
             divisor: u16::from_le_bytes([r[4], r[5]]),
             thre: r[0] & IER_THRE != 0,
             rx: heapless::Deque::new(),
-        }
+        };
+        u.receive(received);
+        u
     }
 
     /// Bytes from the host for the guest to read: as many as the receive
@@ -216,7 +223,10 @@ mod tests {
         u.write(LCR, 0x1b);
         u.write(MCR, 0x0b);
         u.write(SCR, 0x77);
-        assert_eq!(Uart16550::restore(u.save()), u);
+        // Input the guest has not read yet goes along (a vmm swap).
+        assert_eq!(u.receive(b"ab"), 2);
+        let (regs, rx) = u.save();
+        assert_eq!(Uart16550::restore(regs, &rx), u);
     }
 
     #[test]

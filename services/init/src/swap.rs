@@ -82,8 +82,8 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     let mut new = Client::new(lifecycle, LIFECYCLE);
 
     // Move the state: the old instance stops serving and hands it over.
-    let mut state = [0u8; 4096];
-    let mut total = 0usize;
+    let mut state = [0u8; ipc_schema::lifecycle::SNAPSHOT_MAX];
+    let mut total: usize;
     let mut offset = 0u32;
     loop {
         let old = &mut sup.services[index];
@@ -100,7 +100,19 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
                 let at = offset as usize;
                 let n = bytes.0.len();
                 if at + n > state.len() {
-                    break;
+                    defmt::error!(
+                        "init: swap of {=str}: the running instance's snapshot is longer than {=usize} bytes; keeping it",
+                        name,
+                        state.len()
+                    );
+                    abandon(process, &new, frames);
+                    let old = &mut sup.services[index];
+                    let _ = crate::supervise::lifecycle(
+                        old.process,
+                        &mut old.lifecycle,
+                        &LifecycleRequest::Resume,
+                    );
+                    return Err(Refusal::SwapFailed);
                 }
                 state[at..at + n].copy_from_slice(&bytes.0);
                 total = t as usize;

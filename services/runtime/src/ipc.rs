@@ -287,7 +287,7 @@ pub trait Service {
     }
 }
 
-const SNAPSHOT: usize = 4096;
+const SNAPSHOT: usize = ipc_schema::lifecycle::SNAPSHOT_MAX;
 
 /// What [`Service::handle`] returns to answer later.
 pub const DEFER: usize = usize::MAX;
@@ -414,9 +414,16 @@ fn lifecycle_request<S: Service>(
         }),
         Ok(LifecycleRequest::Snapshot { offset }) => {
             if offset == 0 {
+                let Ok(bytes) = postcard::to_slice(&svc.snapshot(), &mut swap.buf) else {
+                    defmt::error!(
+                        "{=str}: its state does not fit a snapshot ({=usize} bytes): no swap; serving on",
+                        crate::name(),
+                        SNAPSHOT
+                    );
+                    return encode_reply(&Ok::<_, IpcError>(LifecycleReply::TooLarge), out);
+                };
+                swap.len = bytes.len();
                 swap.quiet = true;
-                swap.len =
-                    postcard::to_slice(&svc.snapshot(), &mut swap.buf).map_or(0, |b| b.len());
                 defmt::info!(
                     "{=str}: snapshot of {=usize} bytes for a successor",
                     crate::name(),

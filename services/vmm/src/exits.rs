@@ -155,7 +155,7 @@ struct Devices {
 
 /// A domain's PC platform beyond the console: the PICs, the PIT, and what
 /// the kernel was last asked for (an interrupt window, a deadline).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Platform {
     pic: Pic,
     pit: Pit,
@@ -179,7 +179,9 @@ struct Platform {
     active: bool,
     /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
-    /// What the vCPU's virtual-APIC page holds of [`Lapic::image`].
+    /// What the vCPU's virtual-APIC page holds of [`Lapic::image`] (not
+    /// saved: a successor writes the page whole).
+    #[serde(skip)]
     apic_page: ApicPage,
     /// The exits of the domain since it became active, by reason.
     counts: ExitCounts,
@@ -231,7 +233,7 @@ fn show_apic(env: &mut impl Env, d: &mut Devices) {
 /// A domain's exits by reason, counted once it has touched an interrupt
 /// source (a guest that has not pays nothing for the count) and logged
 /// when it ends: where a guest's time in the hypervisor goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitCounts {
     /// Port I/O: the console UART, the PICs, the PIT and port 0x61, the
     /// rest (CMOS, PCI, ACPI, absent ports).
@@ -350,12 +352,16 @@ pub struct State {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
     pub id: u16,
-    /// The UART's registers.
+    /// The UART's registers and the input the guest has not read.
     pub uart: [u8; 6],
+    pub received: heapless::Vec<u8, { platform::devices::uart16550::RX_FIFO }>,
     /// The console line written so far.
     pub line: heapless::Vec<u8, LINE>,
     pub service_calls: u32,
     pub open_line: bool,
+    /// The interrupt controllers, timers, CMOS, PCI and the rest: a
+    /// successor goes on with the guest's platform as it was.
+    platform: Platform,
 }
 
 #[derive(Default)]
@@ -369,12 +375,15 @@ impl Vmm {
     pub fn snapshot(&self) -> State {
         let mut s = State::default();
         for d in &self.domains {
+            let (uart, received) = d.uart.save();
             let _ = s.domains.push(Saved {
                 id: d.id,
-                uart: d.uart.save(),
+                uart,
+                received,
                 line: d.line.clone(),
                 service_calls: d.service_calls,
                 open_line: d.open_line,
+                platform: d.platform.clone(),
             });
         }
         s
@@ -385,15 +394,13 @@ impl Vmm {
         for d in state.domains {
             let _ = v.domains.push(Devices {
                 id: d.id,
-                uart: Uart16550::restore(d.uart),
+                uart: Uart16550::restore(d.uart, &d.received),
                 line: d.line,
                 service_calls: d.service_calls,
                 open_line: d.open_line,
                 // A new release starts a new burst of log lines.
                 logged: LogBudget::default(),
-                // Not in the snapshot (its 4 KiB hold 16 domains' consoles):
-                // a successor gives the domains fresh PICs and PITs.
-                platform: Platform::default(),
+                platform: d.platform,
             });
         }
         v
