@@ -96,11 +96,43 @@ pub unsafe fn memory_bar(source: u16, index: u8) -> Option<(u64, u64)> {
     }
 }
 
+/// Writes `size` (1, 2 or 4) bytes at `offset` (aligned to `size`) of
+/// function `source`: the bytes alone, through the data port's byte lanes.
+///
+/// # Safety
+/// As [`write`].
+pub unsafe fn write_sized(source: u16, offset: u8, size: u8, value: u32) {
+    let port = 0xcfc + u16::from(offset & 3);
+    // Safety: forwarded to the caller.
+    unsafe {
+        crate::port::outl(0xcf8, address(source, offset));
+        match size {
+            1 => crate::port::outb(port, value as u8),
+            2 => crate::port::outw(port, value as u16),
+            _ => crate::port::outl(0xcfc, value),
+        }
+    }
+}
+
 /// Configuration space as the reset code reads and writes it, and a
 /// clock: the kernel's ports, or a model in the host tests.
 pub trait Config {
     fn read(&mut self, source: u16, offset: u8) -> u32;
     fn write(&mut self, source: u16, offset: u8, value: u32);
+    /// Writes `size` (1, 2 or 4) bytes at `offset` (aligned to `size`).
+    /// By default the dword is read, merged and written back (a model's
+    /// way; the ports write the bytes alone, so no write-1-to-clear bit
+    /// beside them is touched).
+    fn write_sized(&mut self, source: u16, offset: u8, size: u8, value: u32) {
+        let shift = 8 * u32::from(offset & 3);
+        let mask = if size >= 4 {
+            u32::MAX
+        } else {
+            ((1u32 << (8 * u32::from(size))) - 1) << shift
+        };
+        let old = self.read(source, offset & 0xfc);
+        self.write(source, offset & 0xfc, old & !mask | (value << shift) & mask);
+    }
     /// Waits `ms` milliseconds.
     fn sleep_ms(&mut self, ms: u32);
 }
@@ -237,6 +269,119 @@ pub fn reset(c: &mut dyn Config, source: u16) -> Option<Reset> {
     Some(how)
 }
 
+/// Capability ids whose registers route a function's interrupts (MSI,
+/// MSI-X).
+const CAP_MSI: u8 = 0x05;
+const CAP_MSIX: u8 = 0x11;
+
+/// Why an access to a function's configuration space was refused
+/// (DEVICE_CONFIG; the kernel logs it by this name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ConfigRefusal {
+    /// Not 1, 2 or 4 bytes.
+    Size,
+    /// Not aligned to its size.
+    Misaligned,
+    /// Beyond the 256 bytes the configuration ports reach.
+    Beyond,
+    /// A write to a base address register: the host's BARs are never moved
+    /// (the device's registers are where the kernel hands them out).
+    Bar { index: u8 },
+    /// A write to the expansion ROM BAR.
+    Rom,
+    /// A write to a bridge's (header type 1 or 2) BARs, bus numbers,
+    /// windows, ROM BAR or bridge control (0x10..=0x3f): they route other
+    /// devices' traffic or reset the bus below.
+    BridgeHeader,
+    /// A write into the MSI or MSI-X capability: without interrupt
+    /// remapping a device's message could raise any vector on the host.
+    Interrupts { capability: u8 },
+    /// A BAR probe of a register that is no BAR (or ROM BAR).
+    NotABar,
+}
+
+/// Checks the form of an access: 1, 2 or 4 bytes, aligned, within the 256
+/// bytes of the function's configuration space the ports reach.
+pub fn check_access(offset: u64, size: u64) -> Result<u8, ConfigRefusal> {
+    if !matches!(size, 1 | 2 | 4) {
+        return Err(ConfigRefusal::Size);
+    }
+    if offset % size != 0 {
+        return Err(ConfigRefusal::Misaligned);
+    }
+    u8::try_from(offset).map_err(|_| ConfigRefusal::Beyond)
+}
+
+/// Whether bytes `offset..offset + size` meet `first..=last`.
+const fn meets(offset: u8, size: u8, first: u8, last: u8) -> bool {
+    offset <= last && offset as u16 + size as u16 > first as u16
+}
+
+/// Checks a write of `size` bytes at `offset` (its form already checked)
+/// against what the kernel never lets a function's holder change,
+/// whatever its policy: BARs and the ROM BAR, a bridge's routing
+/// registers, the MSI and MSI-X capabilities. Everything else (command,
+/// other capabilities, device-specific registers) is the holder's.
+pub fn check_write(
+    c: &mut dyn Config,
+    source: u16,
+    offset: u8,
+    size: u8,
+) -> Result<(), ConfigRefusal> {
+    let header = (c.read(source, 0x0c) >> 16) & 0x7f;
+    if header != 0 {
+        if meets(offset, size, 0x10, 0x3f) {
+            return Err(ConfigRefusal::BridgeHeader);
+        }
+    } else if meets(offset, size, 0x10, 0x27) {
+        return Err(ConfigRefusal::Bar {
+            index: (offset.max(0x10) - 0x10) / 4,
+        });
+    } else if meets(offset, size, 0x30, 0x33) {
+        return Err(ConfigRefusal::Rom);
+    }
+    for id in [CAP_MSI, CAP_MSIX] {
+        let Some(at) = capability(c, source, id) else {
+            continue;
+        };
+        // MSI: up to 24 bytes (64-bit, per-vector masking); MSI-X: 12.
+        let last = at + if id == CAP_MSI { 23 } else { 11 };
+        if meets(offset, size, at, last) {
+            return Err(ConfigRefusal::Interrupts { capability: id });
+        }
+    }
+    Ok(())
+}
+
+/// What BAR (or ROM BAR) register `offset` reads after all ones are
+/// written to it (its size and type bits), probed with memory and I/O
+/// decoding off, the register and the command written back after: the
+/// sizes a device model needs without moving the host's BARs. Any of a
+/// type-0 header's six BAR dwords (the upper half of a 64-bit BAR too)
+/// and its ROM BAR at 0x30; a bridge's two BARs and ROM BAR at 0x38.
+pub fn probe_bar(c: &mut dyn Config, source: u16, offset: u8) -> Result<u32, ConfigRefusal> {
+    let header = (c.read(source, 0x0c) >> 16) & 0x7f;
+    let (last_bar, rom) = match header {
+        0 => (0x24, 0x30),
+        1 => (0x14, 0x38),
+        _ => return Err(ConfigRefusal::NotABar),
+    };
+    let bar = (0x10..=last_bar).contains(&offset) && offset % 4 == 0;
+    if !bar && offset != rom {
+        return Err(ConfigRefusal::NotABar);
+    }
+    let command = c.read(source, 4) & 0xffff;
+    let saved = c.read(source, offset);
+    c.write(source, 4, command & !0b11);
+    // The ROM's enable bit stays off while it is probed.
+    c.write(source, offset, if bar { u32::MAX } else { !1 });
+    let probed = c.read(source, offset);
+    c.write(source, offset, saved);
+    c.write(source, 4, command);
+    Ok(probed)
+}
+
 /// Up to 100 ms for a function's pending transactions to finish.
 fn wait_idle(c: &mut dyn Config, idle: impl Fn(&mut dyn Config) -> bool) {
     for _ in 0..10 {
@@ -296,6 +441,9 @@ mod tests {
         /// Where writing a function's FLR bit resets it: (PCIe device
         /// control, AF control).
         controls: std::collections::BTreeMap<u16, (Option<u8>, Option<u8>)>,
+        /// Registers that keep only some bits (a BAR's size): the bits
+        /// written through; the rest keep their value.
+        masks: std::collections::BTreeMap<(u16, u8), u32>,
     }
 
     impl Model {
@@ -362,6 +510,8 @@ mod tests {
             // The status half of the command dword is read-only here.
             f[at] = if offset == 4 {
                 old & 0xffff_0000 | value & 0xffff
+            } else if let Some(&m) = self.masks.get(&(source, offset & 0xfc)) {
+                value & m | old & !m
             } else {
                 value
             };
@@ -406,6 +556,102 @@ mod tests {
             Some(&(source, 2)),
             "bus mastering off first"
         );
+    }
+
+    /// DEVICE_CONFIG's form (issue 14): 1, 2 or 4 bytes, aligned, in the
+    /// 256 bytes the ports reach.
+    #[test]
+    fn accesses_out_of_form_are_refused_by_name() {
+        assert_eq!(check_access(0, 4), Ok(0));
+        assert_eq!(check_access(0xfe, 2), Ok(0xfe));
+        assert_eq!(check_access(0xff, 1), Ok(0xff));
+        assert_eq!(check_access(0x100, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(0xffc, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(u64::MAX - 3, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(0x12, 4), Err(ConfigRefusal::Misaligned));
+        assert_eq!(check_access(0x3, 2), Err(ConfigRefusal::Misaligned));
+        for size in [0, 3, 8, u64::MAX] {
+            assert_eq!(check_access(0, size), Err(ConfigRefusal::Size));
+        }
+    }
+
+    /// The kernel's own refusals, whatever the policy: no byte of a BAR,
+    /// the ROM BAR, a bridge's routing registers or the MSI and MSI-X
+    /// capabilities is writable; the command register, the interrupt line
+    /// and other capabilities are.
+    #[test]
+    fn writes_that_would_move_host_bars_or_route_interrupts_are_refused() {
+        let mut m = Model::default();
+        // MSI at 0x40, PCIe at 0x50, MSI-X at 0x60.
+        m.function(0x0018, &[(CAP_MSI, 0, 0), (CAP_PCIE, 0, 0), (CAP_MSIX, 0, 0)]);
+        m.bridge(0x0020, 1, 1);
+        for offset in 0..=255u8 {
+            for size in [1u8, 2, 4] {
+                if offset % size != 0 {
+                    continue;
+                }
+                let got = check_write(&mut m, 0x0018, offset, size);
+                let want = match offset {
+                    0x10..=0x27 => Err(ConfigRefusal::Bar {
+                        index: (offset - 0x10) / 4,
+                    }),
+                    0x30..=0x33 => Err(ConfigRefusal::Rom),
+                    0x40..=0x57 => Err(ConfigRefusal::Interrupts {
+                        capability: CAP_MSI,
+                    }),
+                    0x60..=0x6b => Err(ConfigRefusal::Interrupts {
+                        capability: CAP_MSIX,
+                    }),
+                    _ => Ok(()),
+                };
+                assert_eq!(got, want, "offset {offset:#x} size {size}");
+                let bridge = check_write(&mut m, 0x0020, offset, size);
+                if (0x10..=0x3f).contains(&offset) {
+                    assert_eq!(bridge, Err(ConfigRefusal::BridgeHeader));
+                } else {
+                    assert_eq!(bridge, Ok(()), "bridge offset {offset:#x}");
+                }
+            }
+        }
+        assert!(check_write(&mut m, 0x0018, 0x04, 4).is_ok());
+    }
+
+    /// A BAR probe answers the size bits with decoding off, and leaves the
+    /// BAR and the command as they were.
+    #[test]
+    fn bars_are_probed_and_written_back() {
+        let mut m = Model::default();
+        m.function(0x0018, &[]);
+        // BAR 0: 1 MiB memory; BAR 1: an I/O BAR of 16 ports; ROM 64 KiB.
+        m.masks.insert((0x0018, 0x10), 0xfff0_0000);
+        m.space.get_mut(&0x0018).unwrap()[5] = 0xc001;
+        m.masks.insert((0x0018, 0x14), 0xffff_fff0);
+        m.space.get_mut(&0x0018).unwrap()[12] = 0xfeb0_0000;
+        m.masks.insert((0x0018, 0x30), 0xffff_0001);
+        m.masks.insert((0x0018, 0x18), 0);
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x10), Ok(0xfff0_0000));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x14), Ok(0xffff_fff1));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x30), Ok(0xffff_0000));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x18), Ok(0), "unimplemented");
+        assert_eq!(m.read(0x0018, 0x10), 0xfea0_0000);
+        assert_eq!(m.read(0x0018, 0x14), 0xc001);
+        assert_eq!(m.read(0x0018, 0x30), 0xfeb0_0000);
+        assert_eq!(m.read(0x0018, 4) & 0xffff, 6, "command back");
+        assert!(m.commands.iter().step_by(2).all(|&(_, c)| c & 3 == 0));
+        for at in [0x0c, 0x28, 0x34, 0x12] {
+            assert_eq!(probe_bar(&mut m, 0x0018, at), Err(ConfigRefusal::NotABar));
+        }
+    }
+
+    /// Sub-dword writes through the default merge keep the other bytes.
+    #[test]
+    fn sized_writes_change_only_their_bytes() {
+        let mut m = Model::default();
+        m.function(0x0018, &[]);
+        m.write_sized(0x0018, 0x3c, 1, 0x0a);
+        assert_eq!(m.read(0x0018, 0x3c), 0x10a);
+        m.write_sized(0x0018, 0x3e, 2, 0xbeef);
+        assert_eq!(m.read(0x0018, 0x3c), 0xbeef_010a);
     }
 
     /// Issue 12 point 5 (IO-6): a function advertising FLR in its PCI
