@@ -17,6 +17,7 @@ use platform::acpi::dmar::Dmar;
 use platform::ept::ENTRIES;
 use platform::vtd::driver::{Enabled, Host, MAX_SPACES};
 
+pub use platform::pci::ConfigRefusal as Refusal;
 pub use platform::vtd::driver::IommuError;
 
 /// Polls of a register or status word before a unit is given up on.
@@ -171,6 +172,10 @@ impl platform::pci::Config for Ports {
         // the bridge a bus reset goes through has nothing else below it.
         unsafe { platform::pci::write(source, offset, value) }
     }
+    fn write_sized(&mut self, source: u16, offset: u8, size: u8, value: u32) {
+        // Safety: as `write`; DEVICE_CONFIG checked the write first.
+        unsafe { platform::pci::write_sized(source, offset, size, value) }
+    }
     fn sleep_ms(&mut self, ms: u32) {
         if crate::time::tsc_hz().is_none() {
             // No clock: spin (longer than needed on any CPU).
@@ -199,6 +204,29 @@ fn keeping_address<R>(f: impl FnOnce() -> R) -> R {
 /// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
 pub fn reset(source: u16) -> Option<platform::pci::Reset> {
     keeping_address(|| platform::pci::reset(&mut Ports, source))
+}
+
+/// DEVICE_CONFIG on segment-0 function `source` (its holder asked): a
+/// read, a write the platform's checks allow, or a BAR probe.
+pub fn config(source: u16, offset: u64, size: u64, op: u64, value: u64) -> Result<u32, Refusal> {
+    use ipc_schema::syscall::device_config as ops;
+    use platform::pci::{check_access, check_write, probe_bar, Config};
+    let at = check_access(offset, size)?;
+    let size = size as u8;
+    keeping_address(|| match op {
+        ops::READ => {
+            let v = Ports.read(source, at) >> (8 * u32::from(at & 3));
+            Ok(if size == 4 { v } else { v & ((1 << (8 * size)) - 1) })
+        }
+        ops::WRITE => {
+            check_write(&mut Ports, source, at, size)?;
+            Ports.write_sized(source, at, size, value as u32);
+            Ok(0)
+        }
+        ops::PROBE if size == 4 => probe_bar(&mut Ports, source, at),
+        ops::PROBE => Err(Refusal::NotABar),
+        _ => Err(Refusal::Op),
+    })
 }
 
 /// Checks that a device can be handed out: a unit covers it and (on

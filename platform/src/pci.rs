@@ -297,8 +297,11 @@ pub enum ConfigRefusal {
     /// A write into the MSI or MSI-X capability: without interrupt
     /// remapping a device's message could raise any vector on the host.
     Interrupts { capability: u8 },
-    /// A BAR probe of a register that is no BAR (or ROM BAR).
+    /// A BAR probe of a register that is no BAR (or ROM BAR), or not 4
+    /// bytes.
     NotABar,
+    /// No such op (read 0, write 1, probe 2).
+    Op,
 }
 
 /// Checks the form of an access: 1, 2 or 4 bytes, aligned, within the 256
