@@ -222,8 +222,8 @@ fn config_space(e: &mut Edu, edu: Handle) {
         let offset = if i < 6 { 0x10 + 4 * i as u16 } else { 0x30 };
         sys::device_config_probe(edu, offset).unwrap_or(0xdead)
     });
-    defmt::info!("edudm: configuration header {=[u32]:#010x}", &header[..]);
-    defmt::info!("edudm: BAR and ROM probes {=[u32]:#010x}", &probes[..]);
+    defmt::info!("edudm: configuration header {:#x}", header);
+    defmt::info!("edudm: BAR and ROM probes {:#x}", probes);
     let ids = read(0, 2) == Ok(0x1234) && read(2, 2) == Ok(0x11e8);
     let class = read(8, 4).map(|c| c >> 8);
     e.check(
