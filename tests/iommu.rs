@@ -135,6 +135,15 @@ fn edu_checks(run: &parallax_tests::Run, device: &str, reset: &str, kernel_reset
         "vmm",
         "vmm: domain 2's assigned function 0 shows at 00:01.0 on its PCI bus: 8086:10d3, class 020000",
     );
+    // The bytes services/vmm/src/pci.rs's host tests model edu with.
+    run.expect_from(
+        "edu",
+        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
+    )
+    .expect_from(
+        "edu",
+        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
+    );
     run.expect_no("edudm: FAIL")
         .expect_from("iommu", &fault("0x7777000"))
         .expect_from("edu", "edudm: bench map_512_cycles = ")
@@ -291,6 +300,15 @@ fn dma_faults_reach_the_host_as_events() {
             live.wait_for("edu", "a restarted backend holds no mapping", 60);
             ctl.inject_fault("waiter").expect("the fault is injected");
         },
+    );
+    // The bytes services/vmm/src/pci.rs's host tests model edu with.
+    run.expect_from(
+        "edu",
+        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
+    )
+    .expect_from(
+        "edu",
+        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
     );
     run.expect_no("edudm: FAIL")
         .expect_from(

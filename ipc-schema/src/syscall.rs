@@ -255,8 +255,13 @@ pub mod nr {
     /// turned off and on: nothing else reset): resets the PCI function
     /// (segment 0) by the best means it offers, its header (BARs, command,
     /// interrupt line) written back after (IO-6: a device that faulted).
-    /// A function that no longer answers `Busy`. Needs `device` on the
-    /// Device handle.
+    /// In steps: RSI = the microseconds to wait before calling again (the
+    /// reset's own waits: pending transactions, 100 ms after an FLR, 2 ms
+    /// holding a bus reset and 100 ms after it), 0 when it is done; the
+    /// kernel does not spin through them. A call before the wait is over
+    /// answers what is left of it. A function that no longer answers
+    /// `Busy`; more than 8 resets under way `NoResources`. Needs `device`
+    /// on the Device handle.
     pub const DEVICE_RESET: u64 = 121;
     /// DEVICE_CONFIG(device, offset, size, op, value) -> RDI = the value
     /// read: the function's configuration space (segment 0, its first 256

@@ -201,9 +201,60 @@ fn keeping_address<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
-pub fn reset(source: u16) -> Option<platform::pci::Reset> {
-    keeping_address(|| platform::pci::reset(&mut Ports, source))
+/// Resets under way (DEVICE_RESET in steps), with the time (µs since
+/// boot) from which their next step may run.
+static RESETS: spin::Mutex<[Option<(platform::pci::Resetting, u64)>; 8]> =
+    spin::Mutex::new([None; 8]);
+
+/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET), a
+/// step per call: how, and the µs its caller waits before calling again
+/// (0: done, the header written back). A call before the wait is over
+/// changes nothing and answers what is left of it. Without a clock the
+/// whole reset is done at once (spinning through its waits).
+pub fn reset(source: u16) -> Result<(platform::pci::Reset, u64), ipc_schema::syscall::SysError> {
+    use platform::pci::Resetting;
+    if crate::time::tsc_hz().is_none() {
+        let how = keeping_address(|| platform::pci::reset(&mut Ports, source));
+        return how.map(|h| (h, 0)).ok_or(ipc_schema::syscall::SysError::Busy);
+    }
+    let mut resets = RESETS.lock();
+    let now = crate::time::micros();
+    let slot = match resets
+        .iter()
+        .position(|r| r.is_some_and(|(r, _)| r.source == source))
+    {
+        Some(i) => i,
+        None => {
+            let free = resets
+                .iter()
+                .position(Option::is_none)
+                .ok_or(ipc_schema::syscall::SysError::NoResources)?;
+            let (r, wait) = keeping_address(|| Resetting::start(&mut Ports, source))
+                .ok_or(ipc_schema::syscall::SysError::Busy)?;
+            let Some(ms) = wait else {
+                return Ok((r.how, 0));
+            };
+            resets[free] = Some((r, now + 1000 * u64::from(ms)));
+            return Ok((r.how, 1000 * u64::from(ms)));
+        }
+    };
+    let Some((r, due)) = resets[slot].as_mut() else {
+        return Err(ipc_schema::syscall::SysError::Busy);
+    };
+    let how = r.how;
+    if now < *due {
+        return Ok((how, *due - now));
+    }
+    match keeping_address(|| r.step(&mut Ports)) {
+        Some(ms) => {
+            *due = now + 1000 * u64::from(ms);
+            Ok((how, 1000 * u64::from(ms)))
+        }
+        None => {
+            resets[slot] = None;
+            Ok((how, 0))
+        }
+    }
 }
 
 /// DEVICE_CONFIG on segment-0 function `source` (its holder asked): a

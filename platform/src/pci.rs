@@ -226,47 +226,147 @@ pub fn bridges_above(c: &mut dyn Config, bus: u8) -> heapless::Vec<u16, 32> {
 /// function below its bridge and no bus lies below it, else a bus-master
 /// cycle. Its header (BARs, ROM, interrupt line, command) is saved first
 /// and written back after, so its registers are where they were; a
-/// function that does not answer is left alone (`None`).
+/// function that does not answer is left alone (`None`). The waits are
+/// [`Config::sleep_ms`]; [`Resetting`] does the same in steps, leaving the
+/// waits to the caller.
 pub fn reset(c: &mut dyn Config, source: u16) -> Option<Reset> {
-    if !exists(c, source) {
-        return None;
+    let (mut r, mut wait) = Resetting::start(c, source)?;
+    while let Some(ms) = wait {
+        c.sleep_ms(ms);
+        wait = r.step(c);
     }
-    let saved: [u32; 16] = core::array::from_fn(|i| c.read(source, 4 * i as u8));
-    let command = saved[1] & 0xffff;
-    let pcie = capability(c, source, CAP_PCIE);
-    let af = capability(c, source, CAP_AF);
-    // Bus mastering off: no new DMA from it.
-    c.write(source, 4, command & !0b100);
-    let how = if let Some(at) = pcie.filter(|&at| c.read(source, at + 4) & 1 << 28 != 0) {
-        wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
-        let control = c.read(source, at + 8) & 0xffff;
-        c.write(source, at + 8, control | 1 << 15);
-        c.sleep_ms(100);
-        Reset::Flr
-    } else if let Some(at) = af.filter(|&at| c.read(source, at) & 1 << 25 != 0) {
-        wait_idle(c, |c| c.read(source, at + 4) & 1 << 8 == 0);
-        c.write(source, at + 4, 1);
-        c.sleep_ms(100);
-        Reset::AfFlr
-    } else if let Some(bridge) = alone_below_bridge(c, source) {
-        let control = c.read(bridge, 0x3c);
-        c.write(bridge, 0x3c, control | 1 << 22);
-        c.sleep_ms(2);
-        c.write(bridge, 0x3c, control & !(1 << 22));
-        c.sleep_ms(100);
-        Reset::SecondaryBus { bridge }
-    } else {
-        if let Some(at) = pcie {
-            wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
+    Some(r.how)
+}
+
+/// A reset under way, in steps between which the function must be left
+/// alone for a time (the caller's to wait: DEVICE_RESET returns to its
+/// caller instead of spinning through 100 ms in the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resetting {
+    pub source: u16,
+    pub how: Reset,
+    /// The header as it was: dwords 0..16.
+    saved: [u32; 16],
+    /// The PCI Express capability, where it has one (pending
+    /// transactions are waited for through it).
+    pcie: Option<u8>,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for pending transactions (up to 10 polls 10 ms apart), then
+    /// the FLR (or, for a bus-master cycle, the header back).
+    Idle { polls: u8 },
+    /// The secondary bus reset asserted: released next.
+    BusHeld,
+    /// The reset done, the function settling: the header back next.
+    Settling,
+}
+
+impl Resetting {
+    /// Saves the header, turns bus mastering off and starts the reset;
+    /// `None` where nothing answers at `source`. With it the first wait
+    /// in ms before [`Self::step`] (`None`: done already).
+    pub fn start(c: &mut dyn Config, source: u16) -> Option<(Self, Option<u32>)> {
+        if !exists(c, source) {
+            return None;
         }
-        Reset::BusMaster
-    };
-    // The header back: BARs, ROM and interrupt line, then the command.
-    for i in (3..16).filter(|&i| i != 14) {
-        c.write(source, 4 * i as u8, saved[i]);
+        let saved: [u32; 16] = core::array::from_fn(|i| c.read(source, 4 * i as u8));
+        let pcie = capability(c, source, CAP_PCIE);
+        let af = capability(c, source, CAP_AF);
+        // Bus mastering off: no new DMA from it.
+        c.write(source, 4, saved[1] & 0xffff & !0b100);
+        let flr = pcie.is_some_and(|at| c.read(source, at + 4) & 1 << 28 != 0);
+        let af_flr = af.is_some_and(|at| c.read(source, at) & 1 << 25 != 0);
+        let (how, stage) = if flr {
+            (Reset::Flr, Stage::Idle { polls: 0 })
+        } else if af_flr {
+            (Reset::AfFlr, Stage::Idle { polls: 0 })
+        } else if let Some(bridge) = alone_below_bridge(c, source) {
+            let control = c.read(bridge, 0x3c);
+            c.write(bridge, 0x3c, control | 1 << 22);
+            (Reset::SecondaryBus { bridge }, Stage::BusHeld)
+        } else {
+            (Reset::BusMaster, Stage::Idle { polls: 0 })
+        };
+        let mut r = Self {
+            source,
+            how,
+            saved,
+            pcie,
+            stage,
+        };
+        let wait = match stage {
+            Stage::BusHeld => Some(2),
+            _ => r.step(c),
+        };
+        Some((r, wait))
     }
-    c.write(source, 4, command);
-    Some(how)
+
+    /// Whether its pending transactions are done (or it cannot say).
+    fn idle(&self, c: &mut dyn Config) -> bool {
+        let source = self.source;
+        match (self.how, self.pcie) {
+            (Reset::AfFlr, _) => {
+                let at = capability(c, source, CAP_AF).unwrap_or(0);
+                at == 0 || c.read(source, at + 4) & 1 << 8 == 0
+            }
+            (_, Some(at)) => c.read(source, at + 8) & 1 << 21 == 0,
+            (_, None) => true,
+        }
+    }
+
+    /// The next step, once the last wait is over: the next wait in ms, or
+    /// `None` when the reset is done (its header written back).
+    pub fn step(&mut self, c: &mut dyn Config) -> Option<u32> {
+        let source = self.source;
+        match self.stage {
+            Stage::Idle { polls } if polls < 10 && !self.idle(c) => {
+                self.stage = Stage::Idle { polls: polls + 1 };
+                Some(10)
+            }
+            Stage::Idle { .. } => match self.how {
+                Reset::Flr => {
+                    let at = self.pcie.unwrap_or(0) + 8;
+                    let control = c.read(source, at) & 0xffff;
+                    c.write(source, at, control | 1 << 15);
+                    self.stage = Stage::Settling;
+                    Some(100)
+                }
+                Reset::AfFlr => {
+                    let at = capability(c, source, CAP_AF).unwrap_or(0) + 4;
+                    c.write(source, at, 1);
+                    self.stage = Stage::Settling;
+                    Some(100)
+                }
+                _ => {
+                    self.restore(c);
+                    None
+                }
+            },
+            Stage::BusHeld => {
+                if let Reset::SecondaryBus { bridge } = self.how {
+                    let control = c.read(bridge, 0x3c);
+                    c.write(bridge, 0x3c, control & !(1 << 22));
+                }
+                self.stage = Stage::Settling;
+                Some(100)
+            }
+            Stage::Settling => {
+                self.restore(c);
+                None
+            }
+        }
+    }
+
+    /// The header back: BARs, ROM and interrupt line, then the command.
+    fn restore(&self, c: &mut dyn Config) {
+        for i in (3..16).filter(|&i| i != 14) {
+            c.write(self.source, 4 * i as u8, self.saved[i]);
+        }
+        c.write(self.source, 4, self.saved[1] & 0xffff);
+    }
 }
 
 /// Capability ids whose registers route a function's interrupts (MSI,
@@ -385,15 +485,6 @@ pub fn probe_bar(c: &mut dyn Config, source: u16, offset: u8) -> Result<u32, Con
     Ok(probed)
 }
 
-/// Up to 100 ms for a function's pending transactions to finish.
-fn wait_idle(c: &mut dyn Config, idle: impl Fn(&mut dyn Config) -> bool) {
-    for _ in 0..10 {
-        if idle(c) {
-            return;
-        }
-        c.sleep_ms(10);
-    }
-}
 
 /// The bridge above `source` when a secondary bus reset would reach only
 /// it: no other function answers on its bus, and no bus lies below.
@@ -698,6 +789,39 @@ mod tests {
         assert_eq!(m.resets, [0x0200], "only the function below it");
         assert_eq!(m.read(0x0100, 0x3c) & 1 << 22, 0, "released");
         restored(&mut m, 0x0200);
+    }
+
+    /// Issue 14 point 5: the same resets in steps, the waits left to the
+    /// caller (DEVICE_RESET returns between them): nothing sleeps inside.
+    #[test]
+    fn a_reset_in_steps_leaves_the_waits_to_the_caller() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 1);
+        m.function(0x0100, &[]);
+        let (mut r, wait) = Resetting::start(&mut m, 0x0100).unwrap();
+        assert_eq!(wait, Some(2));
+        assert_ne!(m.read(0x0020, 0x3c) & 1 << 22, 0, "held");
+        assert_eq!(r.how, Reset::SecondaryBus { bridge: 0x0020 });
+        assert_eq!(r.step(&mut m), Some(100));
+        assert_eq!(m.read(0x0020, 0x3c) & 1 << 22, 0, "released");
+        assert_eq!(m.read(0x0100, 0x10), 0, "cleared by the reset");
+        assert_eq!(r.step(&mut m), None);
+        restored(&mut m, 0x0100);
+        assert_eq!(m.slept, 0);
+
+        let mut m = Model::default();
+        m.function(0x0018, &[(CAP_PCIE, 1 << 28, 1 << 21)]);
+        let (mut r, wait) = Resetting::start(&mut m, 0x0018).unwrap();
+        assert_eq!((r.how, wait), (Reset::Flr, Some(10)), "transactions pending");
+        assert!(m.resets.is_empty());
+        let mut waits = std::vec![];
+        while let Some(ms) = r.step(&mut m) {
+            waits.push(ms);
+        }
+        assert_eq!(waits.iter().sum::<u32>(), 9 * 10 + 100, "10 polls, FLR, 100 ms");
+        assert_eq!(m.resets, [0x0018]);
+        restored(&mut m, 0x0018);
+        assert!(Resetting::start(&mut m, 0x0500).is_none());
     }
 
     /// The bridges above a bus, from bus 0 down (init turns on their

@@ -649,16 +649,18 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             let Object::Device { segment: 0, source } = d.object else {
                 return Err(SysError::Unsupported);
             };
-            let how = crate::iommu::reset(source).ok_or(SysError::Busy)?;
-            defmt::info!(
-                "service {=str}: device 0000:{=u8:02x}:{=u8:02x}.{=u8} reset: {}",
-                k.process_name(pid),
-                (source >> 8) as u8,
-                ((source >> 3) & 31) as u8,
-                (source & 7) as u8,
-                how
-            );
-            Ok(Values([how.code(), 0, 0]))
+            let (how, wait) = crate::iommu::reset(source)?;
+            if wait == 0 {
+                defmt::info!(
+                    "service {=str}: device 0000:{=u8:02x}:{=u8:02x}.{=u8} reset: {}",
+                    k.process_name(pid),
+                    (source >> 8) as u8,
+                    ((source >> 3) & 31) as u8,
+                    (source & 7) as u8,
+                    how
+                );
+            }
+            Ok(Values([how.code(), wait, 0]))
         }
         nr::DEVICE_CONFIG => {
             let d = cap!(

@@ -828,8 +828,21 @@ pub fn device_config_probe(device: Handle, offset: u16) -> Result<u32, SysError>
 /// DEVICE_RESET: resets the PCI function of a Device handle; how (see
 /// `nr::DEVICE_RESET`: 0 FLR, 1 AF FLR, 2 secondary bus reset, 3 bus
 /// mastering cycled).
+///
+/// The kernel resets in steps and returns between them with the time to
+/// wait (RSI, µs); this waits it out here (yielding: other processes and
+/// guests run meanwhile) and calls again until the reset is done.
 pub fn device_reset(device: Handle) -> Result<u64, SysError> {
-    Ok(call(nr::DEVICE_RESET, &[u64::from(device)]).ok()?.rdi)
+    loop {
+        let r = call(nr::DEVICE_RESET, &[u64::from(device)]).ok()?;
+        if r.rsi == 0 {
+            return Ok(r.rdi);
+        }
+        let until = time().0.saturating_add(r.rsi);
+        while time().0 < until {
+            yield_now();
+        }
+    }
 }
 
 /// IOMMU_RMRR with frames: a Frames handle of exactly reserved region

@@ -280,7 +280,7 @@ mod tests {
     /// its BARs and ROM read after all ones (`BAR and ROM probes`).
     const EDU_HEADER: [u32; 16] = [
         0x11e8_1234,
-        0x0010_0106,
+        0x0010_0107,
         0x00ff_0010,
         0x0000_0000,
         0xfea0_0000,
@@ -297,7 +297,8 @@ mod tests {
         0x0000_010b,
     ];
     const EDU_PROBES: [u32; 7] = [0xfff0_0000, 0, 0, 0, 0, 0, 0];
-    /// edu's MSI capability at 0x40 (its only one).
+    /// edu's MSI capability at 0x40 (its only one; modelled: the log
+    /// shows only the first 64 bytes).
     const EDU_MSI: u32 = 0x0080_0005;
 
     /// A function's configuration space as the kernel would show it,

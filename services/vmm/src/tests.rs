@@ -35,9 +35,28 @@ struct Fake {
     no_apic_page: bool,
     /// CPUID answers every leaf with all bits set (a host with everything).
     every_feature: bool,
+    /// Assigned PCI functions: (domain, index) -> configuration dwords;
+    /// the writes the vmm asked for.
+    functions: std::collections::BTreeMap<(u16, u8), [u32; 64]>,
+    config_writes: Vec<(u16, u8, crate::pci::Op)>,
 }
 
 impl Env for Fake {
+    fn device_config(&mut self, domain: u16, index: u8, op: crate::pci::Op) -> Option<u32> {
+        use crate::pci::Op;
+        let f = self.functions.get(&(domain, index))?;
+        match op {
+            Op::Read { offset, size } => {
+                let v = f[usize::from(offset) / 4] >> (8 * (offset & 3));
+                Some(if size == 4 { v } else { v & ((1 << (8 * size)) - 1) })
+            }
+            Op::Probe { offset } => Some(if offset == 0x10 { 0xfff0_0000 } else { 0 }),
+            Op::Write { .. } => {
+                self.config_writes.push((domain, index, op));
+                Some(0)
+            }
+        }
+    }
     fn apic_set(&mut self, domain: u16, offset: u16, value: u32) -> bool {
         if self.no_apic_page {
             return false;
@@ -1125,6 +1144,49 @@ fn io32(vmm: &mut Vmm, env: &mut Fake, port: u16, size: u8, write: bool, value: 
     };
     let r = vmm.exit(env, &exit(kind, regs));
     r.regs.map_or(0, |r| r.rax as u32)
+}
+
+/// Issue 14: a domain's assigned function shows at 00:01.0 through its
+/// port exits (the Env's DEVICE_CONFIG, of this domain and no other), its
+/// BAR virtual, its command writes passed to the device.
+#[test]
+fn a_domains_assigned_function_shows_on_its_pci_bus() {
+    let (mut vmm, mut env) = (Vmm::default(), Fake::default());
+    let mut edu = [0u32; 64];
+    edu[0] = 0x11e8_1234;
+    edu[2] = 0x00ff_0010;
+    edu[4] = 0xfea0_0000;
+    // Another domain's function (domain 4): not on domain 3's bus.
+    env.functions.insert((4, 0), edu);
+    let at = |dev: u32, reg: u32| 0x8000_0000 | dev << 11 | reg;
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(1, 0));
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), u32::MAX);
+    // A domain's bus is learnt at its first access: a fresh domain 3.
+    let mut vmm = Vmm::default();
+    env.functions.insert((3, 0), edu);
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(1, 0));
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), 0x11e8_1234);
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(1, 8));
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0) >> 8, 0xff00);
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(1, 0x10));
+    io32(&mut vmm, &mut env, 0xcfc, 4, true, u32::MAX);
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), 0xfff0_0000);
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(1, 4));
+    io32(&mut vmm, &mut env, 0xcfc, 2, true, 0x0006);
+    assert_eq!(
+        env.config_writes,
+        [(
+            3,
+            0,
+            crate::pci::Op::Write {
+                offset: 4,
+                size: 2,
+                value: 6
+            }
+        )]
+    );
+    io32(&mut vmm, &mut env, 0xcf8, 4, true, at(2, 0));
+    assert_eq!(io32(&mut vmm, &mut env, 0xcfc, 4, false, 0), u32::MAX);
 }
 
 #[test]
