@@ -215,7 +215,9 @@ pub fn reset(source: u16) -> Result<(platform::pci::Reset, u64), ipc_schema::sys
     use platform::pci::Resetting;
     if crate::time::tsc_hz().is_none() {
         let how = keeping_address(|| platform::pci::reset(&mut Ports, source));
-        return how.map(|h| (h, 0)).ok_or(ipc_schema::syscall::SysError::Busy);
+        return how
+            .map(|h| (h, 0))
+            .ok_or(ipc_schema::syscall::SysError::Busy);
     }
     let mut resets = RESETS.lock();
     let now = crate::time::micros();
@@ -261,13 +263,17 @@ pub fn reset(source: u16) -> Result<(platform::pci::Reset, u64), ipc_schema::sys
 /// read, a write the platform's checks allow, or a BAR probe.
 pub fn config(source: u16, offset: u64, size: u64, op: u64, value: u64) -> Result<u32, Refusal> {
     use ipc_schema::syscall::device_config as ops;
-    use platform::pci::{check_access, check_write, probe_bar, Config};
+    use platform::pci::{Config, check_access, check_write, probe_bar};
     let at = check_access(offset, size)?;
     let size = size as u8;
     keeping_address(|| match op {
         ops::READ => {
             let v = Ports.read(source, at) >> (8 * u32::from(at & 3));
-            Ok(if size == 4 { v } else { v & ((1 << (8 * size)) - 1) })
+            Ok(if size == 4 {
+                v
+            } else {
+                v & ((1 << (8 * size)) - 1)
+            })
         }
         ops::WRITE => {
             check_write(&mut Ports, source, at, size)?;

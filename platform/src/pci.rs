@@ -410,7 +410,7 @@ pub fn check_access(offset: u64, size: u64) -> Result<u8, ConfigRefusal> {
     if !matches!(size, 1 | 2 | 4) {
         return Err(ConfigRefusal::Size);
     }
-    if offset % size != 0 {
+    if !offset.is_multiple_of(size) {
         return Err(ConfigRefusal::Misaligned);
     }
     u8::try_from(offset).map_err(|_| ConfigRefusal::Beyond)
@@ -470,7 +470,7 @@ pub fn probe_bar(c: &mut dyn Config, source: u16, offset: u8) -> Result<u32, Con
         1 => (0x14, 0x38),
         _ => return Err(ConfigRefusal::NotABar),
     };
-    let bar = (0x10..=last_bar).contains(&offset) && offset % 4 == 0;
+    let bar = (0x10..=last_bar).contains(&offset) && offset.is_multiple_of(4);
     if !bar && offset != rom {
         return Err(ConfigRefusal::NotABar);
     }
@@ -484,7 +484,6 @@ pub fn probe_bar(c: &mut dyn Config, source: u16, offset: u8) -> Result<u32, Con
     c.write(source, 4, command);
     Ok(probed)
 }
-
 
 /// The bridge above `source` when a secondary bus reset would reach only
 /// it: no other function answers on its bus, and no bus lies below.
@@ -677,7 +676,10 @@ mod tests {
     fn writes_that_would_move_host_bars_or_route_interrupts_are_refused() {
         let mut m = Model::default();
         // MSI at 0x40, PCIe at 0x50, MSI-X at 0x60.
-        m.function(0x0018, &[(CAP_MSI, 0, 0), (CAP_PCIE, 0, 0), (CAP_MSIX, 0, 0)]);
+        m.function(
+            0x0018,
+            &[(CAP_MSI, 0, 0), (CAP_PCIE, 0, 0), (CAP_MSIX, 0, 0)],
+        );
         m.bridge(0x0020, 1, 1);
         for offset in 0..=255u8 {
             for size in [1u8, 2, 4] {
@@ -812,13 +814,21 @@ mod tests {
         let mut m = Model::default();
         m.function(0x0018, &[(CAP_PCIE, 1 << 28, 1 << 21)]);
         let (mut r, wait) = Resetting::start(&mut m, 0x0018).unwrap();
-        assert_eq!((r.how, wait), (Reset::Flr, Some(10)), "transactions pending");
+        assert_eq!(
+            (r.how, wait),
+            (Reset::Flr, Some(10)),
+            "transactions pending"
+        );
         assert!(m.resets.is_empty());
         let mut waits = std::vec![];
         while let Some(ms) = r.step(&mut m) {
             waits.push(ms);
         }
-        assert_eq!(waits.iter().sum::<u32>(), 9 * 10 + 100, "10 polls, FLR, 100 ms");
+        assert_eq!(
+            waits.iter().sum::<u32>(),
+            9 * 10 + 100,
+            "10 polls, FLR, 100 ms"
+        );
         assert_eq!(m.resets, [0x0018]);
         restored(&mut m, 0x0018);
         assert!(Resetting::start(&mut m, 0x0500).is_none());

@@ -17,10 +17,8 @@ use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
 
 /// The handles a service starts with: the manifest's and its lifecycle endpoint.
-pub type Grants = heapless::Vec<
-    Grant,
-    { ipc_schema::manifest::MAX_SERVICE_HANDLES + 1 + EXIT_HANDLER_DEVICES },
->;
+pub type Grants =
+    heapless::Vec<Grant, { ipc_schema::manifest::MAX_SERVICE_HANDLES + 1 + EXIT_HANDLER_DEVICES }>;
 
 /// The most domains' devices the exit handler is given handles for.
 pub const EXIT_HANDLER_DEVICES: usize = 16;

@@ -793,7 +793,13 @@ pub fn iommu_rmrr(
 /// Device handle's configuration space.
 pub fn device_config_read(device: Handle, offset: u16, size: u8) -> Result<u32, SysError> {
     use ipc_schema::syscall::device_config::READ;
-    let a = [u64::from(device), u64::from(offset), u64::from(size), READ, 0];
+    let a = [
+        u64::from(device),
+        u64::from(offset),
+        u64::from(size),
+        READ,
+        0,
+    ];
     Ok(call(nr::DEVICE_CONFIG, &a).ok()?.rdi as u32)
 }
 

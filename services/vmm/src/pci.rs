@@ -29,11 +29,20 @@ pub const COMMAND_BITS: u16 = 0x0547;
 /// An access to an assigned function's real configuration space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u8, size: u8 },
-    Write { offset: u8, size: u8, value: u32 },
+    Read {
+        offset: u8,
+        size: u8,
+    },
+    Write {
+        offset: u8,
+        size: u8,
+        value: u32,
+    },
     /// What BAR (or ROM BAR) register `offset` reads after all ones are
     /// written to it, the register left as it was (the kernel does it).
-    Probe { offset: u8 },
+    Probe {
+        offset: u8,
+    },
 }
 
 /// The domain's assigned functions, as the vmm reaches them (the kernel's
@@ -77,7 +86,13 @@ impl Function {
         };
         // Only a type-0 header's six BARs and ROM (an assigned bridge shows
         // neither: its header is read through).
-        let header = f.config(index, Op::Read { offset: 0x0e, size: 1 })? & 0x7f;
+        let header = f.config(
+            index,
+            Op::Read {
+                offset: 0x0e,
+                size: 1,
+            },
+        )? & 0x7f;
         me.bridge = header != 0;
         if header == 0 {
             for (i, p) in me.probe.iter_mut().enumerate() {
@@ -161,8 +176,10 @@ impl Pci {
         let a = self.address;
         let bus = (a >> 16) & 0xff;
         let function = (a >> 8) & 7;
-        (a & 1 << 31 != 0 && bus == 0 && function == 0)
-            .then_some((((a >> 11) & 31) as u8, (a as u8 & 0xfc) | (port - 0xcfc) as u8))
+        (a & 1 << 31 != 0 && bus == 0 && function == 0).then_some((
+            ((a >> 11) & 31) as u8,
+            (a as u8 & 0xfc) | (port - 0xcfc) as u8,
+        ))
     }
 
     /// A read of `size` bytes at `port`.
@@ -407,7 +424,11 @@ mod tests {
             assert_eq!(read(&mut pci, &mut m, dev, 0x10, 4), 0, "BAR unassigned");
         }
         m.devs[0].space[3] |= 0x80 << 16;
-        assert_eq!(read(&mut pci, &mut m, 1, 0x0e, 1), 0, "multi-function hidden");
+        assert_eq!(
+            read(&mut pci, &mut m, 1, 0x0e, 1),
+            0,
+            "multi-function hidden"
+        );
         assert_eq!(read(&mut pci, &mut m, 3, 0, 4), u32::MAX, "no third");
         assert_eq!(read(&mut pci, &mut m, 3, 0, 2), 0xffff);
         select(&mut pci, &mut m, 0, 1, 1, 0);
@@ -485,7 +506,11 @@ mod tests {
             [(0, 4, 2, 0), (0, 4, 2, 0x0007), (0, 4, 2, 0x0407)]
         );
         assert_eq!(read(&mut pci, &mut m, 1, 4, 2), 0x0407);
-        assert_eq!(read(&mut pci, &mut m, 1, 6, 2), 0x0010, "status read through");
+        assert_eq!(
+            read(&mut pci, &mut m, 1, 6, 2),
+            0x0010,
+            "status read through"
+        );
         m.writes.clear();
         write(&mut pci, &mut m, 1, 6, 2, 0xffff);
         write(&mut pci, &mut m, 1, 0x40, 4, 0);
@@ -516,9 +541,14 @@ mod tests {
                 )
             ),
             any::<u32>().prop_map(Access::Address),
-            (0u8..4, prop_oneof![Just(1u8), Just(2), Just(4)], any::<u32>())
+            (
+                0u8..4,
+                prop_oneof![Just(1u8), Just(2), Just(4)],
+                any::<u32>()
+            )
                 .prop_map(|(p, s, v)| Access::Write(p, s, v)),
-            (0u8..4, prop_oneof![Just(1u8), Just(2), Just(4)]).prop_map(|(p, s)| Access::Read(p, s)),
+            (0u8..4, prop_oneof![Just(1u8), Just(2), Just(4)])
+                .prop_map(|(p, s)| Access::Read(p, s)),
         ]
     }
 

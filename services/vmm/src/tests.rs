@@ -48,7 +48,11 @@ impl Env for Fake {
         match op {
             Op::Read { offset, size } => {
                 let v = f[usize::from(offset) / 4] >> (8 * (offset & 3));
-                Some(if size == 4 { v } else { v & ((1 << (8 * size)) - 1) })
+                Some(if size == 4 {
+                    v
+                } else {
+                    v & ((1 << (8 * size)) - 1)
+                })
             }
             Op::Probe { offset } => Some(if offset == 0x10 { 0xfff0_0000 } else { 0 }),
             Op::Write { .. } => {
