@@ -270,7 +270,8 @@ pub mod nr {
     /// a write of `value`, refused where it would hurt the host whatever
     /// the holder's policy (any byte of a BAR or the ROM BAR, a bridge's
     /// 0x10..=0x3f, the MSI and MSI-X capabilities: no interrupt
-    /// remapping); a BAR probe (`size` 4, a BAR or ROM BAR register):
+    /// remapping; a function-level reset's bit, PCIe or AF: the BARs would
+    /// be cleared and not written back); a BAR probe (`size` 4, a BAR or ROM BAR register):
     /// what it reads after all ones are written, with decoding off, the
     /// BAR and command written back (its size without moving it).
     /// Refusals are `BadArgument`, named in the kernel log

@@ -276,7 +276,7 @@ pub fn config(source: u16, offset: u64, size: u64, op: u64, value: u64) -> Resul
             })
         }
         ops::WRITE => {
-            check_write(&mut Ports, source, at, size)?;
+            check_write(&mut Ports, source, at, size, value as u32)?;
             Ports.write_sized(source, at, size, value as u32);
             Ok(0)
         }

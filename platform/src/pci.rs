@@ -400,6 +400,10 @@ pub enum ConfigRefusal {
     /// A BAR probe of a register that is no BAR (or ROM BAR), or not 4
     /// bytes.
     NotABar,
+    /// A function-level reset started by a write (PCI Express device
+    /// control bit 15, AF control bit 0): its BARs would be cleared and
+    /// not written back (DEVICE_RESET resets and restores them).
+    FunctionReset,
     /// No such op (read 0, write 1, probe 2).
     Op,
 }
@@ -424,13 +428,16 @@ const fn meets(offset: u8, size: u8, first: u8, last: u8) -> bool {
 /// Checks a write of `size` bytes at `offset` (its form already checked)
 /// against what the kernel never lets a function's holder change,
 /// whatever its policy: BARs and the ROM BAR, a bridge's routing
-/// registers, the MSI and MSI-X capabilities. Everything else (command,
-/// other capabilities, device-specific registers) is the holder's.
+/// registers, the MSI and MSI-X capabilities, a function-level reset
+/// (PCI Express or AF: its BARs would be cleared and not written back;
+/// DEVICE_RESET does that). Everything else (command, other capabilities,
+/// device-specific registers) is the holder's.
 pub fn check_write(
     c: &mut dyn Config,
     source: u16,
     offset: u8,
     size: u8,
+    value: u32,
 ) -> Result<(), ConfigRefusal> {
     let header = (c.read(source, 0x0c) >> 16) & 0x7f;
     if header != 0 {
@@ -453,6 +460,17 @@ pub fn check_write(
         if meets(offset, size, at, last) {
             return Err(ConfigRefusal::Interrupts { capability: id });
         }
+    }
+    // The byte `at` would be written with, if this write covers it.
+    let byte = |at: u8| {
+        (offset..offset.saturating_add(size))
+            .contains(&at)
+            .then(|| (value >> (8 * u32::from(at - offset))) as u8)
+    };
+    let pcie_flr = capability(c, source, CAP_PCIE).and_then(|at| byte(at + 9));
+    let af_flr = capability(c, source, CAP_AF).and_then(|at| byte(at + 4));
+    if pcie_flr.is_some_and(|b| b & 0x80 != 0) || af_flr.is_some_and(|b| b & 1 != 0) {
+        return Err(ConfigRefusal::FunctionReset);
     }
     Ok(())
 }
@@ -686,7 +704,7 @@ mod tests {
                 if offset % size != 0 {
                     continue;
                 }
-                let got = check_write(&mut m, 0x0018, offset, size);
+                let got = check_write(&mut m, 0x0018, offset, size, 0);
                 let want = match offset {
                     0x10..=0x27 => Err(ConfigRefusal::Bar {
                         index: (offset - 0x10) / 4,
@@ -701,7 +719,7 @@ mod tests {
                     _ => Ok(()),
                 };
                 assert_eq!(got, want, "offset {offset:#x} size {size}");
-                let bridge = check_write(&mut m, 0x0020, offset, size);
+                let bridge = check_write(&mut m, 0x0020, offset, size, 0);
                 if (0x10..=0x3f).contains(&offset) {
                     assert_eq!(bridge, Err(ConfigRefusal::BridgeHeader));
                 } else {
@@ -709,7 +727,20 @@ mod tests {
                 }
             }
         }
-        assert!(check_write(&mut m, 0x0018, 0x04, 4).is_ok());
+        assert!(check_write(&mut m, 0x0018, 0x04, 4, u32::MAX).is_ok());
+        // PCIe device control (0x58): FLR (bit 15) refused, the rest taken.
+        let flr = Err(ConfigRefusal::FunctionReset);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 2, 0x8000), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x59, 1, 0x80), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 4, 0x8000), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 2, 0x7fff), Ok(()));
+        assert_eq!(check_write(&mut m, 0x0018, 0x5a, 2, 0xffff), Ok(()));
+        // AF control (capability at 0x40 here: control at 0x44).
+        let mut m = Model::default();
+        m.function(0x0018, &[(CAP_AF, 0, 0)]);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 4, 1), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 1, 1), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 2, 0x0100), Ok(()));
     }
 
     /// A BAR probe answers the size bits with decoding off, and leaves the
