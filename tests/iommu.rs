@@ -56,8 +56,10 @@ memory_mib = 4
 devices = ["00:02.0"]
 "#;
 
-const CHECKS: [&str; 16] = [
+const CHECKS: [&str; 18] = [
     "edu's BAR 0 mapped from its device handle: ok",
+    "configuration space read through its device handle (DEVICE_CONFIG): ok",
+    "the kernel refuses BAR and ROM writes, offsets past 256 bytes and misaligned accesses by name: ok",
     "guest pages mapped for DMA at bus frames, not their gfns: ok",
     "edu DMA through the IOMMU: the domain's memory shows the bytes: ok",
     "one page unmapped with one IOTLB invalidation: ok",
@@ -112,6 +114,36 @@ fn edu_checks(run: &parallax_tests::Run, device: &str, reset: &str, kernel_reset
     for c in CHECKS {
         run.expect_from("edu", &format!("edudm: {c}"));
     }
+    // DEVICE_CONFIG's refusals, named by the kernel (issue 14).
+    let refused = |what: &str| {
+        format!("service edu: DEVICE_CONFIG of device 0000:{device} ({what}) refused: ")
+    };
+    for (what, why) in [
+        ("op 1, offset 0x10, 4 bytes", "Bar { index: 0 }"),
+        ("op 1, offset 0x12, 2 bytes", "Bar { index: 0 }"),
+        ("op 1, offset 0x30, 4 bytes", "Rom"),
+        ("op 0, offset 0x100, 4 bytes", "Beyond"),
+        ("op 0, offset 0x11, 2 bytes", "Misaligned"),
+        ("op 0, offset 0x0, 3 bytes", "Size"),
+        ("op 2, offset 0xc, 4 bytes", "NotABar"),
+    ] {
+        run.expect(&format!("{}{why}", refused(what)));
+    }
+    // The exit handler holds the other domain's NIC and reads it (QEMU's
+    // q35 e1000e, 8086:10d3, an Ethernet controller).
+    run.expect_from(
+        "vmm",
+        "vmm: domain 2's assigned function 0 shows at 00:01.0 on its PCI bus: 8086:10d3, class 020000",
+    );
+    // The bytes services/vmm/src/pci.rs's host tests model edu with.
+    run.expect_from(
+        "edu",
+        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
+    )
+    .expect_from(
+        "edu",
+        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
+    );
     run.expect_no("edudm: FAIL")
         .expect_from("iommu", &fault("0x7777000"))
         .expect_from("edu", "edudm: bench map_512_cycles = ")
@@ -268,6 +300,15 @@ fn dma_faults_reach_the_host_as_events() {
             live.wait_for("edu", "a restarted backend holds no mapping", 60);
             ctl.inject_fault("waiter").expect("the fault is injected");
         },
+    );
+    // The bytes services/vmm/src/pci.rs's host tests model edu with.
+    run.expect_from(
+        "edu",
+        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
+    )
+    .expect_from(
+        "edu",
+        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
     );
     run.expect_no("edudm: FAIL")
         .expect_from(

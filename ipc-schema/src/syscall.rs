@@ -256,9 +256,29 @@ pub mod nr {
     /// turned off and on: nothing else reset): resets the PCI function
     /// (segment 0) by the best means it offers, its header (BARs, command,
     /// interrupt line) written back after (IO-6: a device that faulted).
-    /// A function that no longer answers `Busy`. Needs `device` on the
-    /// Device handle.
+    /// In steps: RSI = the microseconds to wait before calling again (the
+    /// reset's own waits: pending transactions, 100 ms after an FLR, 2 ms
+    /// holding a bus reset and 100 ms after it), 0 when it is done; the
+    /// kernel does not spin through them. A call before the wait is over
+    /// answers what is left of it. A function that no longer answers
+    /// `Busy`; more than 8 resets under way `NoResources`. Needs `device`
+    /// on the Device handle.
     pub const DEVICE_RESET: u64 = 121;
+    /// DEVICE_CONFIG(device, offset, size, op, value) -> RDI = the value
+    /// read: the function's configuration space (segment 0, its first 256
+    /// bytes, the configuration ports' reach), `size` 1, 2 or 4 bytes at
+    /// an `offset` aligned to it ([`super::device_config`] ops): a read;
+    /// a write of `value`, refused where it would hurt the host whatever
+    /// the holder's policy (any byte of a BAR or the ROM BAR, a bridge's
+    /// 0x10..=0x3f, the MSI and MSI-X capabilities: no interrupt
+    /// remapping; a function-level reset's bit, PCIe or AF: the BARs would
+    /// be cleared and not written back); a BAR probe (`size` 4, a BAR or ROM BAR register):
+    /// what it reads after all ones are written, with decoding off, the
+    /// BAR and command written back (its size without moving it).
+    /// Refusals are `BadArgument`, named in the kernel log
+    /// (`platform::pci::ConfigRefusal`). Needs `device` on the Device
+    /// handle.
+    pub const DEVICE_CONFIG: u64 = 120;
 }
 
 /// The most pairs (IOSPACE_MAP) or bus frames (IOSPACE_UNMAP) in one call.
@@ -903,6 +923,13 @@ pub enum EptOpError {
 
 /// The batch EPT_OPS takes: at most this many operations.
 pub const MAX_EPT_OPS: usize = 32;
+
+/// DEVICE_CONFIG's ops.
+pub mod device_config {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const PROBE: u64 = 2;
+}
 
 /// What VM_FEATURES reports.
 pub mod vm_features {

@@ -17,6 +17,7 @@ use platform::acpi::dmar::Dmar;
 use platform::ept::ENTRIES;
 use platform::vtd::driver::{Enabled, Host, MAX_SPACES};
 
+pub use platform::pci::ConfigRefusal as Refusal;
 pub use platform::vtd::driver::IommuError;
 
 /// Polls of a register or status word before a unit is given up on.
@@ -171,6 +172,10 @@ impl platform::pci::Config for Ports {
         // the bridge a bus reset goes through has nothing else below it.
         unsafe { platform::pci::write(source, offset, value) }
     }
+    fn write_sized(&mut self, source: u16, offset: u8, size: u8, value: u32) {
+        // Safety: as `write`; DEVICE_CONFIG checked the write first.
+        unsafe { platform::pci::write_sized(source, offset, size, value) }
+    }
     fn sleep_ms(&mut self, ms: u32) {
         if crate::time::tsc_hz().is_none() {
             // No clock: spin (longer than needed on any CPU).
@@ -196,9 +201,89 @@ fn keeping_address<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET).
-pub fn reset(source: u16) -> Option<platform::pci::Reset> {
-    keeping_address(|| platform::pci::reset(&mut Ports, source))
+/// Resets under way (DEVICE_RESET in steps), with the time (µs since
+/// boot) from which their next step may run.
+static RESETS: spin::Mutex<[Option<(platform::pci::Resetting, u64)>; 8]> =
+    spin::Mutex::new([None; 8]);
+
+/// Resets segment-0 function `source` (its owner asked, DEVICE_RESET), a
+/// step per call: how, and the µs its caller waits before calling again
+/// (0: done, the header written back). A call before the wait is over
+/// changes nothing and answers what is left of it. Without a clock the
+/// whole reset is done at once (spinning through its waits).
+pub fn reset(source: u16) -> Result<(platform::pci::Reset, u64), ipc_schema::syscall::SysError> {
+    use platform::pci::Resetting;
+    if crate::time::tsc_hz().is_none() {
+        let how = keeping_address(|| platform::pci::reset(&mut Ports, source));
+        return how
+            .map(|h| (h, 0))
+            .ok_or(ipc_schema::syscall::SysError::Busy);
+    }
+    let mut resets = RESETS.lock();
+    let now = crate::time::micros();
+    let slot = match resets
+        .iter()
+        .position(|r| r.is_some_and(|(r, _)| r.source == source))
+    {
+        Some(i) => i,
+        None => {
+            let free = resets
+                .iter()
+                .position(Option::is_none)
+                .ok_or(ipc_schema::syscall::SysError::NoResources)?;
+            let (r, wait) = keeping_address(|| Resetting::start(&mut Ports, source))
+                .ok_or(ipc_schema::syscall::SysError::Busy)?;
+            let Some(ms) = wait else {
+                return Ok((r.how, 0));
+            };
+            resets[free] = Some((r, now + 1000 * u64::from(ms)));
+            return Ok((r.how, 1000 * u64::from(ms)));
+        }
+    };
+    let Some((r, due)) = resets[slot].as_mut() else {
+        return Err(ipc_schema::syscall::SysError::Busy);
+    };
+    let how = r.how;
+    if now < *due {
+        return Ok((how, *due - now));
+    }
+    match keeping_address(|| r.step(&mut Ports)) {
+        Some(ms) => {
+            *due = now + 1000 * u64::from(ms);
+            Ok((how, 1000 * u64::from(ms)))
+        }
+        None => {
+            resets[slot] = None;
+            Ok((how, 0))
+        }
+    }
+}
+
+/// DEVICE_CONFIG on segment-0 function `source` (its holder asked): a
+/// read, a write the platform's checks allow, or a BAR probe.
+pub fn config(source: u16, offset: u64, size: u64, op: u64, value: u64) -> Result<u32, Refusal> {
+    use ipc_schema::syscall::device_config as ops;
+    use platform::pci::{Config, check_access, check_write, probe_bar};
+    let at = check_access(offset, size)?;
+    let size = size as u8;
+    keeping_address(|| match op {
+        ops::READ => {
+            let v = Ports.read(source, at) >> (8 * u32::from(at & 3));
+            Ok(if size == 4 {
+                v
+            } else {
+                v & ((1 << (8 * size)) - 1)
+            })
+        }
+        ops::WRITE => {
+            check_write(&mut Ports, source, at, size, value as u32)?;
+            Ports.write_sized(source, at, size, value as u32);
+            Ok(0)
+        }
+        ops::PROBE if size == 4 => probe_bar(&mut Ports, source, at),
+        ops::PROBE => Err(Refusal::NotABar),
+        _ => Err(Refusal::Op),
+    })
 }
 
 /// Checks that a device can be handed out: a unit covers it and (on

@@ -96,11 +96,43 @@ pub unsafe fn memory_bar(source: u16, index: u8) -> Option<(u64, u64)> {
     }
 }
 
+/// Writes `size` (1, 2 or 4) bytes at `offset` (aligned to `size`) of
+/// function `source`: the bytes alone, through the data port's byte lanes.
+///
+/// # Safety
+/// As [`write`].
+pub unsafe fn write_sized(source: u16, offset: u8, size: u8, value: u32) {
+    let port = 0xcfc + u16::from(offset & 3);
+    // Safety: forwarded to the caller.
+    unsafe {
+        crate::port::outl(0xcf8, address(source, offset));
+        match size {
+            1 => crate::port::outb(port, value as u8),
+            2 => crate::port::outw(port, value as u16),
+            _ => crate::port::outl(0xcfc, value),
+        }
+    }
+}
+
 /// Configuration space as the reset code reads and writes it, and a
 /// clock: the kernel's ports, or a model in the host tests.
 pub trait Config {
     fn read(&mut self, source: u16, offset: u8) -> u32;
     fn write(&mut self, source: u16, offset: u8, value: u32);
+    /// Writes `size` (1, 2 or 4) bytes at `offset` (aligned to `size`).
+    /// By default the dword is read, merged and written back (a model's
+    /// way; the ports write the bytes alone, so no write-1-to-clear bit
+    /// beside them is touched).
+    fn write_sized(&mut self, source: u16, offset: u8, size: u8, value: u32) {
+        let shift = 8 * u32::from(offset & 3);
+        let mask = if size >= 4 {
+            u32::MAX
+        } else {
+            ((1u32 << (8 * u32::from(size))) - 1) << shift
+        };
+        let old = self.read(source, offset & 0xfc);
+        self.write(source, offset & 0xfc, old & !mask | (value << shift) & mask);
+    }
     /// Waits `ms` milliseconds.
     fn sleep_ms(&mut self, ms: u32);
 }
@@ -194,57 +226,281 @@ pub fn bridges_above(c: &mut dyn Config, bus: u8) -> heapless::Vec<u16, 32> {
 /// function below its bridge and no bus lies below it, else a bus-master
 /// cycle. Its header (BARs, ROM, interrupt line, command) is saved first
 /// and written back after, so its registers are where they were; a
-/// function that does not answer is left alone (`None`).
+/// function that does not answer is left alone (`None`). The waits are
+/// [`Config::sleep_ms`]; [`Resetting`] does the same in steps, leaving the
+/// waits to the caller.
 pub fn reset(c: &mut dyn Config, source: u16) -> Option<Reset> {
-    if !exists(c, source) {
-        return None;
+    let (mut r, mut wait) = Resetting::start(c, source)?;
+    while let Some(ms) = wait {
+        c.sleep_ms(ms);
+        wait = r.step(c);
     }
-    let saved: [u32; 16] = core::array::from_fn(|i| c.read(source, 4 * i as u8));
-    let command = saved[1] & 0xffff;
-    let pcie = capability(c, source, CAP_PCIE);
-    let af = capability(c, source, CAP_AF);
-    // Bus mastering off: no new DMA from it.
-    c.write(source, 4, command & !0b100);
-    let how = if let Some(at) = pcie.filter(|&at| c.read(source, at + 4) & 1 << 28 != 0) {
-        wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
-        let control = c.read(source, at + 8) & 0xffff;
-        c.write(source, at + 8, control | 1 << 15);
-        c.sleep_ms(100);
-        Reset::Flr
-    } else if let Some(at) = af.filter(|&at| c.read(source, at) & 1 << 25 != 0) {
-        wait_idle(c, |c| c.read(source, at + 4) & 1 << 8 == 0);
-        c.write(source, at + 4, 1);
-        c.sleep_ms(100);
-        Reset::AfFlr
-    } else if let Some(bridge) = alone_below_bridge(c, source) {
-        let control = c.read(bridge, 0x3c);
-        c.write(bridge, 0x3c, control | 1 << 22);
-        c.sleep_ms(2);
-        c.write(bridge, 0x3c, control & !(1 << 22));
-        c.sleep_ms(100);
-        Reset::SecondaryBus { bridge }
-    } else {
-        if let Some(at) = pcie {
-            wait_idle(c, |c| c.read(source, at + 8) & 1 << 21 == 0);
-        }
-        Reset::BusMaster
-    };
-    // The header back: BARs, ROM and interrupt line, then the command.
-    for i in (3..16).filter(|&i| i != 14) {
-        c.write(source, 4 * i as u8, saved[i]);
-    }
-    c.write(source, 4, command);
-    Some(how)
+    Some(r.how)
 }
 
-/// Up to 100 ms for a function's pending transactions to finish.
-fn wait_idle(c: &mut dyn Config, idle: impl Fn(&mut dyn Config) -> bool) {
-    for _ in 0..10 {
-        if idle(c) {
-            return;
+/// A reset under way, in steps between which the function must be left
+/// alone for a time (the caller's to wait: DEVICE_RESET returns to its
+/// caller instead of spinning through 100 ms in the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resetting {
+    pub source: u16,
+    pub how: Reset,
+    /// The header as it was: dwords 0..16.
+    saved: [u32; 16],
+    /// The PCI Express capability, where it has one (pending
+    /// transactions are waited for through it).
+    pcie: Option<u8>,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for pending transactions (up to 10 polls 10 ms apart), then
+    /// the FLR (or, for a bus-master cycle, the header back).
+    Idle { polls: u8 },
+    /// The secondary bus reset asserted: released next.
+    BusHeld,
+    /// The reset done, the function settling: the header back next.
+    Settling,
+}
+
+impl Resetting {
+    /// Saves the header, turns bus mastering off and starts the reset;
+    /// `None` where nothing answers at `source`. With it the first wait
+    /// in ms before [`Self::step`] (`None`: done already).
+    pub fn start(c: &mut dyn Config, source: u16) -> Option<(Self, Option<u32>)> {
+        if !exists(c, source) {
+            return None;
         }
-        c.sleep_ms(10);
+        let saved: [u32; 16] = core::array::from_fn(|i| c.read(source, 4 * i as u8));
+        let pcie = capability(c, source, CAP_PCIE);
+        let af = capability(c, source, CAP_AF);
+        // Bus mastering off: no new DMA from it.
+        c.write(source, 4, saved[1] & 0xffff & !0b100);
+        let flr = pcie.is_some_and(|at| c.read(source, at + 4) & 1 << 28 != 0);
+        let af_flr = af.is_some_and(|at| c.read(source, at) & 1 << 25 != 0);
+        let (how, stage) = if flr {
+            (Reset::Flr, Stage::Idle { polls: 0 })
+        } else if af_flr {
+            (Reset::AfFlr, Stage::Idle { polls: 0 })
+        } else if let Some(bridge) = alone_below_bridge(c, source) {
+            let control = c.read(bridge, 0x3c);
+            c.write(bridge, 0x3c, control | 1 << 22);
+            (Reset::SecondaryBus { bridge }, Stage::BusHeld)
+        } else {
+            (Reset::BusMaster, Stage::Idle { polls: 0 })
+        };
+        let mut r = Self {
+            source,
+            how,
+            saved,
+            pcie,
+            stage,
+        };
+        let wait = match stage {
+            Stage::BusHeld => Some(2),
+            _ => r.step(c),
+        };
+        Some((r, wait))
     }
+
+    /// Whether its pending transactions are done (or it cannot say).
+    fn idle(&self, c: &mut dyn Config) -> bool {
+        let source = self.source;
+        match (self.how, self.pcie) {
+            (Reset::AfFlr, _) => {
+                let at = capability(c, source, CAP_AF).unwrap_or(0);
+                at == 0 || c.read(source, at + 4) & 1 << 8 == 0
+            }
+            (_, Some(at)) => c.read(source, at + 8) & 1 << 21 == 0,
+            (_, None) => true,
+        }
+    }
+
+    /// The next step, once the last wait is over: the next wait in ms, or
+    /// `None` when the reset is done (its header written back).
+    pub fn step(&mut self, c: &mut dyn Config) -> Option<u32> {
+        let source = self.source;
+        match self.stage {
+            Stage::Idle { polls } if polls < 10 && !self.idle(c) => {
+                self.stage = Stage::Idle { polls: polls + 1 };
+                Some(10)
+            }
+            Stage::Idle { .. } => match self.how {
+                Reset::Flr => {
+                    let at = self.pcie.unwrap_or(0) + 8;
+                    let control = c.read(source, at) & 0xffff;
+                    c.write(source, at, control | 1 << 15);
+                    self.stage = Stage::Settling;
+                    Some(100)
+                }
+                Reset::AfFlr => {
+                    let at = capability(c, source, CAP_AF).unwrap_or(0) + 4;
+                    c.write(source, at, 1);
+                    self.stage = Stage::Settling;
+                    Some(100)
+                }
+                _ => {
+                    self.restore(c);
+                    None
+                }
+            },
+            Stage::BusHeld => {
+                if let Reset::SecondaryBus { bridge } = self.how {
+                    let control = c.read(bridge, 0x3c);
+                    c.write(bridge, 0x3c, control & !(1 << 22));
+                }
+                self.stage = Stage::Settling;
+                Some(100)
+            }
+            Stage::Settling => {
+                self.restore(c);
+                None
+            }
+        }
+    }
+
+    /// The header back: BARs, ROM and interrupt line, then the command.
+    fn restore(&self, c: &mut dyn Config) {
+        for i in (3..16).filter(|&i| i != 14) {
+            c.write(self.source, 4 * i as u8, self.saved[i]);
+        }
+        c.write(self.source, 4, self.saved[1] & 0xffff);
+    }
+}
+
+/// Capability ids whose registers route a function's interrupts (MSI,
+/// MSI-X).
+const CAP_MSI: u8 = 0x05;
+const CAP_MSIX: u8 = 0x11;
+
+/// Why an access to a function's configuration space was refused
+/// (DEVICE_CONFIG; the kernel logs it by this name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ConfigRefusal {
+    /// Not 1, 2 or 4 bytes.
+    Size,
+    /// Not aligned to its size.
+    Misaligned,
+    /// Beyond the 256 bytes the configuration ports reach.
+    Beyond,
+    /// A write to a base address register: the host's BARs are never moved
+    /// (the device's registers are where the kernel hands them out).
+    Bar { index: u8 },
+    /// A write to the expansion ROM BAR.
+    Rom,
+    /// A write to a bridge's (header type 1 or 2) BARs, bus numbers,
+    /// windows, ROM BAR or bridge control (0x10..=0x3f): they route other
+    /// devices' traffic or reset the bus below.
+    BridgeHeader,
+    /// A write into the MSI or MSI-X capability: without interrupt
+    /// remapping a device's message could raise any vector on the host.
+    Interrupts { capability: u8 },
+    /// A BAR probe of a register that is no BAR (or ROM BAR), or not 4
+    /// bytes.
+    NotABar,
+    /// A function-level reset started by a write (PCI Express device
+    /// control bit 15, AF control bit 0): its BARs would be cleared and
+    /// not written back (DEVICE_RESET resets and restores them).
+    FunctionReset,
+    /// No such op (read 0, write 1, probe 2).
+    Op,
+}
+
+/// Checks the form of an access: 1, 2 or 4 bytes, aligned, within the 256
+/// bytes of the function's configuration space the ports reach.
+pub fn check_access(offset: u64, size: u64) -> Result<u8, ConfigRefusal> {
+    if !matches!(size, 1 | 2 | 4) {
+        return Err(ConfigRefusal::Size);
+    }
+    if !offset.is_multiple_of(size) {
+        return Err(ConfigRefusal::Misaligned);
+    }
+    u8::try_from(offset).map_err(|_| ConfigRefusal::Beyond)
+}
+
+/// Whether bytes `offset..offset + size` meet `first..=last`.
+const fn meets(offset: u8, size: u8, first: u8, last: u8) -> bool {
+    offset <= last && offset as u16 + size as u16 > first as u16
+}
+
+/// Checks a write of `size` bytes at `offset` (its form already checked)
+/// against what the kernel never lets a function's holder change,
+/// whatever its policy: BARs and the ROM BAR, a bridge's routing
+/// registers, the MSI and MSI-X capabilities, a function-level reset
+/// (PCI Express or AF: its BARs would be cleared and not written back;
+/// DEVICE_RESET does that). Everything else (command, other capabilities,
+/// device-specific registers) is the holder's.
+pub fn check_write(
+    c: &mut dyn Config,
+    source: u16,
+    offset: u8,
+    size: u8,
+    value: u32,
+) -> Result<(), ConfigRefusal> {
+    let header = (c.read(source, 0x0c) >> 16) & 0x7f;
+    if header != 0 {
+        if meets(offset, size, 0x10, 0x3f) {
+            return Err(ConfigRefusal::BridgeHeader);
+        }
+    } else if meets(offset, size, 0x10, 0x27) {
+        return Err(ConfigRefusal::Bar {
+            index: (offset.max(0x10) - 0x10) / 4,
+        });
+    } else if meets(offset, size, 0x30, 0x33) {
+        return Err(ConfigRefusal::Rom);
+    }
+    for id in [CAP_MSI, CAP_MSIX] {
+        let Some(at) = capability(c, source, id) else {
+            continue;
+        };
+        // MSI: up to 24 bytes (64-bit, per-vector masking); MSI-X: 12.
+        let last = at + if id == CAP_MSI { 23 } else { 11 };
+        if meets(offset, size, at, last) {
+            return Err(ConfigRefusal::Interrupts { capability: id });
+        }
+    }
+    // The byte `at` would be written with, if this write covers it.
+    let byte = |at: u8| {
+        (offset..offset.saturating_add(size))
+            .contains(&at)
+            .then(|| (value >> (8 * u32::from(at - offset))) as u8)
+    };
+    let pcie_flr = capability(c, source, CAP_PCIE).and_then(|at| byte(at + 9));
+    let af_flr = capability(c, source, CAP_AF).and_then(|at| byte(at + 4));
+    if pcie_flr.is_some_and(|b| b & 0x80 != 0) || af_flr.is_some_and(|b| b & 1 != 0) {
+        return Err(ConfigRefusal::FunctionReset);
+    }
+    Ok(())
+}
+
+/// What BAR (or ROM BAR) register `offset` reads after all ones are
+/// written to it (its size and type bits), probed with memory and I/O
+/// decoding off, the register and the command written back after: the
+/// sizes a device model needs without moving the host's BARs. Any of a
+/// type-0 header's six BAR dwords (the upper half of a 64-bit BAR too)
+/// and its ROM BAR at 0x30; a bridge's two BARs and ROM BAR at 0x38.
+pub fn probe_bar(c: &mut dyn Config, source: u16, offset: u8) -> Result<u32, ConfigRefusal> {
+    let header = (c.read(source, 0x0c) >> 16) & 0x7f;
+    let (last_bar, rom) = match header {
+        0 => (0x24, 0x30),
+        1 => (0x14, 0x38),
+        _ => return Err(ConfigRefusal::NotABar),
+    };
+    let bar = (0x10..=last_bar).contains(&offset) && offset.is_multiple_of(4);
+    if !bar && offset != rom {
+        return Err(ConfigRefusal::NotABar);
+    }
+    let command = c.read(source, 4) & 0xffff;
+    let saved = c.read(source, offset);
+    c.write(source, 4, command & !0b11);
+    // The ROM's enable bit stays off while it is probed.
+    c.write(source, offset, if bar { u32::MAX } else { !1 });
+    let probed = c.read(source, offset);
+    c.write(source, offset, saved);
+    c.write(source, 4, command);
+    Ok(probed)
 }
 
 /// The bridge above `source` when a secondary bus reset would reach only
@@ -296,6 +552,9 @@ mod tests {
         /// Where writing a function's FLR bit resets it: (PCIe device
         /// control, AF control).
         controls: std::collections::BTreeMap<u16, (Option<u8>, Option<u8>)>,
+        /// Registers that keep only some bits (a BAR's size): the bits
+        /// written through; the rest keep their value.
+        masks: std::collections::BTreeMap<(u16, u8), u32>,
     }
 
     impl Model {
@@ -362,6 +621,8 @@ mod tests {
             // The status half of the command dword is read-only here.
             f[at] = if offset == 4 {
                 old & 0xffff_0000 | value & 0xffff
+            } else if let Some(&m) = self.masks.get(&(source, offset & 0xfc)) {
+                value & m | old & !m
             } else {
                 value
             };
@@ -408,6 +669,118 @@ mod tests {
         );
     }
 
+    /// DEVICE_CONFIG's form (issue 14): 1, 2 or 4 bytes, aligned, in the
+    /// 256 bytes the ports reach.
+    #[test]
+    fn accesses_out_of_form_are_refused_by_name() {
+        assert_eq!(check_access(0, 4), Ok(0));
+        assert_eq!(check_access(0xfe, 2), Ok(0xfe));
+        assert_eq!(check_access(0xff, 1), Ok(0xff));
+        assert_eq!(check_access(0x100, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(0xffc, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(u64::MAX - 3, 4), Err(ConfigRefusal::Beyond));
+        assert_eq!(check_access(0x12, 4), Err(ConfigRefusal::Misaligned));
+        assert_eq!(check_access(0x3, 2), Err(ConfigRefusal::Misaligned));
+        for size in [0, 3, 8, u64::MAX] {
+            assert_eq!(check_access(0, size), Err(ConfigRefusal::Size));
+        }
+    }
+
+    /// The kernel's own refusals, whatever the policy: no byte of a BAR,
+    /// the ROM BAR, a bridge's routing registers or the MSI and MSI-X
+    /// capabilities is writable; the command register, the interrupt line
+    /// and other capabilities are.
+    #[test]
+    fn writes_that_would_move_host_bars_or_route_interrupts_are_refused() {
+        let mut m = Model::default();
+        // MSI at 0x40, PCIe at 0x50, MSI-X at 0x60.
+        m.function(
+            0x0018,
+            &[(CAP_MSI, 0, 0), (CAP_PCIE, 0, 0), (CAP_MSIX, 0, 0)],
+        );
+        m.bridge(0x0020, 1, 1);
+        for offset in 0..=255u8 {
+            for size in [1u8, 2, 4] {
+                if offset % size != 0 {
+                    continue;
+                }
+                let got = check_write(&mut m, 0x0018, offset, size, 0);
+                let want = match offset {
+                    0x10..=0x27 => Err(ConfigRefusal::Bar {
+                        index: (offset - 0x10) / 4,
+                    }),
+                    0x30..=0x33 => Err(ConfigRefusal::Rom),
+                    0x40..=0x57 => Err(ConfigRefusal::Interrupts {
+                        capability: CAP_MSI,
+                    }),
+                    0x60..=0x6b => Err(ConfigRefusal::Interrupts {
+                        capability: CAP_MSIX,
+                    }),
+                    _ => Ok(()),
+                };
+                assert_eq!(got, want, "offset {offset:#x} size {size}");
+                let bridge = check_write(&mut m, 0x0020, offset, size, 0);
+                if (0x10..=0x3f).contains(&offset) {
+                    assert_eq!(bridge, Err(ConfigRefusal::BridgeHeader));
+                } else {
+                    assert_eq!(bridge, Ok(()), "bridge offset {offset:#x}");
+                }
+            }
+        }
+        assert!(check_write(&mut m, 0x0018, 0x04, 4, u32::MAX).is_ok());
+        // PCIe device control (0x58): FLR (bit 15) refused, the rest taken.
+        let flr = Err(ConfigRefusal::FunctionReset);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 2, 0x8000), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x59, 1, 0x80), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 4, 0x8000), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x58, 2, 0x7fff), Ok(()));
+        assert_eq!(check_write(&mut m, 0x0018, 0x5a, 2, 0xffff), Ok(()));
+        // AF control (capability at 0x40 here: control at 0x44).
+        let mut m = Model::default();
+        m.function(0x0018, &[(CAP_AF, 0, 0)]);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 4, 1), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 1, 1), flr);
+        assert_eq!(check_write(&mut m, 0x0018, 0x44, 2, 0x0100), Ok(()));
+    }
+
+    /// A BAR probe answers the size bits with decoding off, and leaves the
+    /// BAR and the command as they were.
+    #[test]
+    fn bars_are_probed_and_written_back() {
+        let mut m = Model::default();
+        m.function(0x0018, &[]);
+        // BAR 0: 1 MiB memory; BAR 1: an I/O BAR of 16 ports; ROM 64 KiB.
+        m.masks.insert((0x0018, 0x10), 0xfff0_0000);
+        m.space.get_mut(&0x0018).unwrap()[5] = 0xc001;
+        m.masks.insert((0x0018, 0x14), 0xffff_fff0);
+        m.space.get_mut(&0x0018).unwrap()[12] = 0xfeb0_0000;
+        m.masks.insert((0x0018, 0x30), 0xffff_0001);
+        m.masks.insert((0x0018, 0x18), 0);
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x10), Ok(0xfff0_0000));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x14), Ok(0xffff_fff1));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x30), Ok(0xffff_0000));
+        assert_eq!(probe_bar(&mut m, 0x0018, 0x18), Ok(0), "unimplemented");
+        assert_eq!(m.read(0x0018, 0x10), 0xfea0_0000);
+        assert_eq!(m.read(0x0018, 0x14), 0xc001);
+        assert_eq!(m.read(0x0018, 0x30), 0xfeb0_0000);
+        assert_eq!(m.read(0x0018, 4) & 0xffff, 6, "command back");
+        assert!(m.commands.iter().step_by(2).all(|&(_, c)| c & 3 == 0));
+        for at in [0x0c, 0x28, 0x34, 0x12] {
+            assert_eq!(probe_bar(&mut m, 0x0018, at), Err(ConfigRefusal::NotABar));
+        }
+    }
+
+    /// Sub-dword writes through the default merge keep the other bytes.
+    #[test]
+    fn sized_writes_change_only_their_bytes() {
+        let mut m = Model::default();
+        m.function(0x0018, &[]);
+        m.write_sized(0x0018, 0x3c, 1, 0x0a);
+        assert_eq!(m.read(0x0018, 0x3c), 0x10a);
+        m.write_sized(0x0018, 0x3e, 2, 0xbeef);
+        assert_eq!(m.read(0x0018, 0x3c), 0xbeef_010a);
+    }
+
     /// Issue 12 point 5 (IO-6): a function advertising FLR in its PCI
     /// Express capability is reset that way, its header written back.
     #[test]
@@ -449,6 +822,47 @@ mod tests {
         assert_eq!(m.resets, [0x0200], "only the function below it");
         assert_eq!(m.read(0x0100, 0x3c) & 1 << 22, 0, "released");
         restored(&mut m, 0x0200);
+    }
+
+    /// Issue 14 point 5: the same resets in steps, the waits left to the
+    /// caller (DEVICE_RESET returns between them): nothing sleeps inside.
+    #[test]
+    fn a_reset_in_steps_leaves_the_waits_to_the_caller() {
+        let mut m = Model::default();
+        m.bridge(0x0020, 1, 1);
+        m.function(0x0100, &[]);
+        let (mut r, wait) = Resetting::start(&mut m, 0x0100).unwrap();
+        assert_eq!(wait, Some(2));
+        assert_ne!(m.read(0x0020, 0x3c) & 1 << 22, 0, "held");
+        assert_eq!(r.how, Reset::SecondaryBus { bridge: 0x0020 });
+        assert_eq!(r.step(&mut m), Some(100));
+        assert_eq!(m.read(0x0020, 0x3c) & 1 << 22, 0, "released");
+        assert_eq!(m.read(0x0100, 0x10), 0, "cleared by the reset");
+        assert_eq!(r.step(&mut m), None);
+        restored(&mut m, 0x0100);
+        assert_eq!(m.slept, 0);
+
+        let mut m = Model::default();
+        m.function(0x0018, &[(CAP_PCIE, 1 << 28, 1 << 21)]);
+        let (mut r, wait) = Resetting::start(&mut m, 0x0018).unwrap();
+        assert_eq!(
+            (r.how, wait),
+            (Reset::Flr, Some(10)),
+            "transactions pending"
+        );
+        assert!(m.resets.is_empty());
+        let mut waits = std::vec![];
+        while let Some(ms) = r.step(&mut m) {
+            waits.push(ms);
+        }
+        assert_eq!(
+            waits.iter().sum::<u32>(),
+            9 * 10 + 100,
+            "10 polls, FLR, 100 ms"
+        );
+        assert_eq!(m.resets, [0x0018]);
+        restored(&mut m, 0x0018);
+        assert!(Resetting::start(&mut m, 0x0500).is_none());
     }
 
     /// The bridges above a bus, from bus 0 down (init turns on their

@@ -40,3 +40,12 @@ pub unsafe fn inl(port: u16) -> u32 {
     // Safety: forwarded to the caller.
     unsafe { Port::<u32>::new(port).read() }
 }
+
+/// Writes a 16-bit value to an I/O port.
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outw(port: u16, value: u16) {
+    // Safety: forwarded to the caller.
+    unsafe { Port::<u16>::new(port).write(value) }
+}

@@ -649,16 +649,48 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             let Object::Device { segment: 0, source } = d.object else {
                 return Err(SysError::Unsupported);
             };
-            let how = crate::iommu::reset(source).ok_or(SysError::Busy)?;
-            defmt::info!(
-                "service {=str}: device 0000:{=u8:02x}:{=u8:02x}.{=u8} reset: {}",
-                k.process_name(pid),
-                (source >> 8) as u8,
-                ((source >> 3) & 31) as u8,
-                (source & 7) as u8,
-                how
+            let (how, wait) = crate::iommu::reset(source)?;
+            if wait == 0 {
+                defmt::info!(
+                    "service {=str}: device 0000:{=u8:02x}:{=u8:02x}.{=u8} reset: {}",
+                    k.process_name(pid),
+                    (source >> 8) as u8,
+                    ((source >> 3) & 31) as u8,
+                    (source & 7) as u8,
+                    how
+                );
+            }
+            Ok(Values([how.code(), wait, 0]))
+        }
+        nr::DEVICE_CONFIG => {
+            let d = cap!(
+                k,
+                pid,
+                "DEVICE_CONFIG",
+                a[0],
+                ObjectKind::Device,
+                rights::DEVICE
             );
-            Ok(Values([how.code(), 0, 0]))
+            let Object::Device { segment: 0, source } = d.object else {
+                return Err(SysError::Unsupported);
+            };
+            match crate::iommu::config(source, a[1], a[2], a[3], a[4]) {
+                Ok(v) => Ok(Values([u64::from(v), 0, 0])),
+                Err(why) => {
+                    defmt::warn!(
+                        "service {=str}: DEVICE_CONFIG of device 0000:{=u8:02x}:{=u8:02x}.{=u8} (op {=u64}, offset {=u64:#x}, {=u64} bytes) refused: {}",
+                        k.process_name(pid),
+                        (source >> 8) as u8,
+                        ((source >> 3) & 31) as u8,
+                        (source & 7) as u8,
+                        a[3],
+                        a[1],
+                        a[2],
+                        why
+                    );
+                    Err(SysError::BadArgument)
+                }
+            }
         }
         nr::IOSPACE_CREATE
         | nr::IOSPACE_ATTACH

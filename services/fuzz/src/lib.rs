@@ -272,7 +272,7 @@ pub fn handle_slot(rng: &mut Rng, valid: u64) -> u64 {
 /// in the fuzzer's own checked forms: RECV, REPLY_RECV, WAIT, EXIT), some
 /// numbers it does not have.
 pub fn call_number(rng: &mut Rng) -> u64 {
-    const KNOWN: [u64; 59] = [
+    const KNOWN: [u64; 60] = [
         nr::LOG,
         nr::HANDLE_CLOSE,
         nr::CALL,
@@ -332,6 +332,7 @@ pub fn call_number(rng: &mut Rng) -> u64 {
         nr::IOMMU_FAULTS,
         nr::IOMMU_RMRR,
         nr::DEVICE_RESET,
+        nr::DEVICE_CONFIG,
     ];
     let n = match rng.below(10) {
         0..=7 => rng.pick(&KNOWN),

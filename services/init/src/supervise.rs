@@ -17,7 +17,19 @@ use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
 
 /// The handles a service starts with: the manifest's and its lifecycle endpoint.
-pub type Grants = heapless::Vec<Grant, { ipc_schema::manifest::MAX_SERVICE_HANDLES + 1 }>;
+pub type Grants =
+    heapless::Vec<Grant, { ipc_schema::manifest::MAX_SERVICE_HANDLES + 1 + EXIT_HANDLER_DEVICES }>;
+
+/// The most domains' devices the exit handler is given handles for.
+pub const EXIT_HANDLER_DEVICES: usize = 16;
+
+/// The name under which the exit handler finds assigned function `index`
+/// (manifest order) of domain `id`: `device ID.INDEX`.
+pub fn device_handle_name(id: u16, index: u8) -> heapless::String<16> {
+    let mut name = heapless::String::new();
+    let _ = core::fmt::write(&mut name, format_args!("device {id}.{index}"));
+    name
+}
 
 /// A service init started.
 pub struct Running {
@@ -320,6 +332,43 @@ impl Supervisor {
             0,
             "lifecycle",
         ));
+        // The exit handler (the service receiving on `exits`) gets the
+        // domains' assigned functions, its virtual PCI bus reading and
+        // writing their configuration space through them (issue 14); the
+        // kernel checks the `device` right at each DEVICE_CONFIG.
+        let spec = &self.manifest.services[index];
+        if spec.handles.iter().any(|h| h.name == "exits") {
+            let mut next = slot + 1;
+            for &(d, id) in self.created.iter() {
+                for (i, dev) in self.manifest.domains[d].devices.iter().enumerate() {
+                    let d = dev.device;
+                    // (No IOMMU: the domain's build refuses its devices.)
+                    let derived = service_runtime::handle("iommu")
+                        .ok_or(SysError::Unsupported)
+                        .and_then(|root| device(root, d));
+                    let pushed = derived.map(|h| {
+                        let name = device_handle_name(id, i as u8);
+                        grants
+                            .push(Grant::named(next, h, rights::DEVICE, badge, &name))
+                            .map_err(|_| {
+                                let _ = sys::handle_close(h);
+                            })
+                    });
+                    if let Ok(Ok(())) = pushed {
+                        next += 1;
+                    } else {
+                        defmt::warn!(
+                            "init: device {=u8:02x}:{=u8:02x}.{=u8} of domain {=u16} not given to {=str} (its guest's PCI bus will not show it)",
+                            d.bus(),
+                            d.device(),
+                            d.function(),
+                            id,
+                            spec.name
+                        );
+                    }
+                }
+            }
+        }
         Ok((grants, lifecycle, slot))
     }
 
@@ -334,6 +383,10 @@ impl Supervisor {
             ) {
                 let _ = sys::handle_close(g.from);
             }
+        }
+        // The exit handler's device handles (after the lifecycle grant).
+        for g in grants.iter().skip(handles.len() + 1) {
+            let _ = sys::handle_close(g.from);
         }
     }
 

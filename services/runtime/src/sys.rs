@@ -789,11 +789,66 @@ pub fn iommu_rmrr(
     Ok((r.rdi, r.rsi, r.rdx as usize))
 }
 
+/// DEVICE_CONFIG read: `size` (1, 2 or 4) bytes at `offset` of the
+/// Device handle's configuration space.
+pub fn device_config_read(device: Handle, offset: u16, size: u8) -> Result<u32, SysError> {
+    use ipc_schema::syscall::device_config::READ;
+    let a = [
+        u64::from(device),
+        u64::from(offset),
+        u64::from(size),
+        READ,
+        0,
+    ];
+    Ok(call(nr::DEVICE_CONFIG, &a).ok()?.rdi as u32)
+}
+
+/// DEVICE_CONFIG write (the kernel refuses BARs, the ROM BAR, a bridge's
+/// routing registers and MSI/MSI-X; see `nr::DEVICE_CONFIG`).
+pub fn device_config_write(
+    device: Handle,
+    offset: u16,
+    size: u8,
+    value: u32,
+) -> Result<(), SysError> {
+    use ipc_schema::syscall::device_config::WRITE;
+    let a = [
+        u64::from(device),
+        u64::from(offset),
+        u64::from(size),
+        WRITE,
+        u64::from(value),
+    ];
+    call(nr::DEVICE_CONFIG, &a).ok()?;
+    Ok(())
+}
+
+/// DEVICE_CONFIG probe: what BAR (or ROM BAR) register `offset` reads
+/// after all ones are written (its size bits), the BAR left where it was.
+pub fn device_config_probe(device: Handle, offset: u16) -> Result<u32, SysError> {
+    use ipc_schema::syscall::device_config::PROBE;
+    let a = [u64::from(device), u64::from(offset), 4, PROBE, 0];
+    Ok(call(nr::DEVICE_CONFIG, &a).ok()?.rdi as u32)
+}
+
 /// DEVICE_RESET: resets the PCI function of a Device handle; how (see
 /// `nr::DEVICE_RESET`: 0 FLR, 1 AF FLR, 2 secondary bus reset, 3 bus
 /// mastering cycled).
+///
+/// The kernel resets in steps and returns between them with the time to
+/// wait (RSI, µs); this waits it out here (yielding: other processes and
+/// guests run meanwhile) and calls again until the reset is done.
 pub fn device_reset(device: Handle) -> Result<u64, SysError> {
-    Ok(call(nr::DEVICE_RESET, &[u64::from(device)]).ok()?.rdi)
+    loop {
+        let r = call(nr::DEVICE_RESET, &[u64::from(device)]).ok()?;
+        if r.rsi == 0 {
+            return Ok(r.rdi);
+        }
+        let until = time().0.saturating_add(r.rsi);
+        while time().0 < until {
+            yield_now();
+        }
+    }
 }
 
 /// IOMMU_RMRR with frames: a Frames handle of exactly reserved region

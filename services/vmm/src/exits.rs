@@ -17,7 +17,7 @@ use crate::cmos::Cmos;
 use crate::decode::{self, Mode, Op};
 use crate::ioapic::IoApic;
 use crate::lapic::Lapic;
-use crate::pci::Pci;
+use crate::pci::{Functions, Op as PciOp, Pci};
 use crate::pic::Pic;
 use crate::pit::Pit;
 use ipc_schema::altp2m::{AltReply, AltRequest};
@@ -84,6 +84,25 @@ pub trait Env {
     /// VCPU_REGS: the registers of `mask` set to `values` (the vCPU waits
     /// for this exit's answer); false: refused.
     fn set_regs(&mut self, domain: u16, values: &[u64; r::COUNT], mask: u64) -> bool;
+    /// `op` on the domain's assigned PCI function `index` (its manifest
+    /// order), through the Device handle init gave this service
+    /// (DEVICE_CONFIG); `None` where it has none (the default: no devices).
+    fn device_config(&mut self, domain: u16, index: u8, op: PciOp) -> Option<u32> {
+        let _ = (domain, index, op);
+        None
+    }
+}
+
+/// One domain's assigned functions, through [`Env::device_config`].
+struct DomainFunctions<'a, E> {
+    env: &'a mut E,
+    domain: u16,
+}
+
+impl<E: Env> Functions for DomainFunctions<'_, E> {
+    fn config(&mut self, index: u8, op: PciOp) -> Option<u32> {
+        self.env.device_config(self.domain, index, op)
+    }
 }
 
 /// The guest's [`Request::GrantPages`], through the kernel (FM-2).
@@ -1016,8 +1035,14 @@ fn io(
             }
         }
         0x604 | 0x605 => {}
-        _ if Pci::owns(port) && write => d.platform.pci.write(port, size, value),
-        _ if Pci::owns(port) => set_in(regs, size, d.platform.pci.read(port, size)),
+        _ if Pci::owns(port) => {
+            let mut f = DomainFunctions { env, domain: d.id };
+            if write {
+                d.platform.pci.write(&mut f, port, size, value);
+            } else {
+                set_in(regs, size, d.platform.pci.read(&mut f, port, size));
+            }
+        }
         _ if Cmos::owns(port) => {
             let id = d.id;
             let cmos = d

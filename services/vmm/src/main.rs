@@ -22,6 +22,7 @@ use platform::cpu::CpuidResult;
 use service_runtime::ipc::{self, Client, Message, Service};
 use service_runtime::{require, sys};
 use service_vmm::exits::{Env, State, Vmm};
+use service_vmm::pci::Op;
 
 service_runtime::entry!(main);
 service_runtime::interfaces!(VMEXIT, UART_INPUT);
@@ -148,6 +149,21 @@ impl Env for System {
         sys::vcpu_set_regs(self.domains, domain, 0, values, mask).is_ok()
     }
 
+    fn device_config(&mut self, domain: u16, index: u8, op: Op) -> Option<u32> {
+        let h = device_handle(domain, index)?;
+        match op {
+            Op::Read { offset, size } => sys::device_config_read(h, offset.into(), size).ok(),
+            Op::Write {
+                offset,
+                size,
+                value,
+            } => sys::device_config_write(h, offset.into(), size, value)
+                .ok()
+                .map(|()| 0),
+            Op::Probe { offset } => sys::device_config_probe(h, offset.into()).ok(),
+        }
+    }
+
     #[inline(always)]
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         self.altp2m.call(request)
@@ -207,6 +223,47 @@ impl Service for Server {
     }
 }
 
+/// The Device handle of domain `domain`'s assigned function `index`, as
+/// init names it (`device DOMAIN.INDEX`).
+fn device_handle(domain: u16, index: u8) -> Option<Handle> {
+    let mut name: heapless::String<16> = heapless::String::new();
+    core::fmt::write(&mut name, format_args!("device {domain}.{index}")).ok()?;
+    service_runtime::handle(&name)
+}
+
+/// Logs the assigned functions whose handles init gave (issue 14): where
+/// each shows on its domain's PCI bus and what it is.
+fn log_devices() {
+    for (name, h) in service_runtime::handles() {
+        let Some((domain, index)) = name
+            .strip_prefix("device ")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(d, i)| Some((d.parse::<u16>().ok()?, i.parse::<u8>().ok()?)))
+        else {
+            continue;
+        };
+        let id = sys::device_config_read(h, 0, 4);
+        let class = sys::device_config_read(h, 8, 4);
+        match (id, class) {
+            (Ok(id), Ok(class)) => defmt::info!(
+                "vmm: domain {=u16}'s assigned function {=u8} shows at 00:{=u8:02x}.0 on its PCI bus: {=u16:04x}:{=u16:04x}, class {=u32:06x}",
+                domain,
+                index,
+                index + 1,
+                id as u16,
+                (id >> 16) as u16,
+                class >> 8
+            ),
+            (e, _) => defmt::warn!(
+                "vmm: domain {=u16}'s assigned function {=u8}: configuration space unreadable: {}",
+                domain,
+                index,
+                e.err()
+            ),
+        }
+    }
+}
+
 fn main() -> ! {
     let exits = require("exits");
     let input = service_runtime::handle("uart-input");
@@ -222,6 +279,7 @@ fn main() -> ! {
         service_vmm::exits::VERSION,
         service_runtime::generation()
     );
+    log_devices();
     let mut server = Server {
         exits,
         input,
