@@ -135,15 +135,7 @@ fn edu_checks(run: &parallax_tests::Run, device: &str, reset: &str, kernel_reset
         "vmm",
         "vmm: domain 2's assigned function 0 shows at 00:01.0 on its PCI bus: 8086:10d3, class 020000",
     );
-    // The bytes services/vmm/src/pci.rs's host tests model edu with.
-    run.expect_from(
-        "edu",
-        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
-    )
-    .expect_from(
-        "edu",
-        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
-    );
+    expect_edu_header(run);
     run.expect_no("edudm: FAIL")
         .expect_from("iommu", &fault("0x7777000"))
         .expect_from("edu", "edudm: bench map_512_cycles = ")
@@ -301,15 +293,7 @@ fn dma_faults_reach_the_host_as_events() {
             ctl.inject_fault("waiter").expect("the fault is injected");
         },
     );
-    // The bytes services/vmm/src/pci.rs's host tests model edu with.
-    run.expect_from(
-        "edu",
-        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
-    )
-    .expect_from(
-        "edu",
-        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
-    );
+    expect_edu_header(&run);
     run.expect_no("edudm: FAIL")
         .expect_from(
             "iommu",
@@ -438,5 +422,18 @@ fn reserved_regions_are_identity_mapped_under_their_policies() {
     .expect_from(
         "init",
         "domain other: the host's RMRR 0x9e000..=0x9efff meets its RAM (rmrr = \"host\", strict): not built (RMRR-2, RMRR-5)",
+    );
+}
+
+/// edu's configuration header as edudm read it through DEVICE_CONFIG: the
+/// bytes services/vmm/src/pci.rs's host tests model edu with.
+fn expect_edu_header(run: &parallax_tests::Run) {
+    run.expect_from(
+        "edu",
+        "edudm: configuration header [0x11e81234, 0x100107, 0xff0010, 0x0, 0xfe",
+    )
+    .expect_from(
+        "edu",
+        "edudm: BAR and ROM probes [0xfff00000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0]",
     );
 }

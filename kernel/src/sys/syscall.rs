@@ -122,6 +122,17 @@ macro_rules! dcap {
     };
 }
 
+/// The PCI function (bus, device, function) of a Device handle with the
+/// `device` right, refusing (and logging) like `cap!`; `Unsupported` for a
+/// segment other than 0.
+fn device_source(k: &mut Kernel, pid: u16, call: &'static str, h: u64) -> Result<u16> {
+    let d = cap!(k, pid, call, h, ObjectKind::Device, rights::DEVICE);
+    match d.object {
+        Object::Device { segment: 0, source } => Ok(source),
+        _ => Err(SysError::Unsupported),
+    }
+}
+
 /// The IPC calls, the ones on every message's path; the rest are in
 /// [`other`], kept apart so that its buffers do not make this path's stack
 /// frame large (a frame over a page is probed page by page on entry).
@@ -638,17 +649,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([bits, 0, 0]))
         }
         nr::DEVICE_RESET => {
-            let d = cap!(
-                k,
-                pid,
-                "DEVICE_RESET",
-                a[0],
-                ObjectKind::Device,
-                rights::DEVICE
-            );
-            let Object::Device { segment: 0, source } = d.object else {
-                return Err(SysError::Unsupported);
-            };
+            let source = device_source(k, pid, "DEVICE_RESET", a[0])?;
             let (how, wait) = crate::iommu::reset(source)?;
             if wait == 0 {
                 defmt::info!(
@@ -663,17 +664,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([how.code(), wait, 0]))
         }
         nr::DEVICE_CONFIG => {
-            let d = cap!(
-                k,
-                pid,
-                "DEVICE_CONFIG",
-                a[0],
-                ObjectKind::Device,
-                rights::DEVICE
-            );
-            let Object::Device { segment: 0, source } = d.object else {
-                return Err(SysError::Unsupported);
-            };
+            let source = device_source(k, pid, "DEVICE_CONFIG", a[0])?;
             match crate::iommu::config(source, a[1], a[2], a[3], a[4]) {
                 Ok(v) => Ok(Values([u64::from(v), 0, 0])),
                 Err(why) => {

@@ -2174,26 +2174,7 @@ fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
         assert_eq!(ioapic_get(&mut vmm, &mut env, 0x10 + 2 * pin), 1 << 16);
     }
     // The local APIC on (x2APIC MSRs), software-enabled.
-    vmm.exit(
-        &mut env,
-        &exit(
-            ExitKind::Wrmsr {
-                msr: 0x1b,
-                value: 0xfee0_0c00,
-            },
-            ExitRegs::default(),
-        ),
-    );
-    vmm.exit(
-        &mut env,
-        &exit(
-            ExitKind::Wrmsr {
-                msr: 0x80f,
-                value: 0x1ff,
-            },
-            ExitRegs::default(),
-        ),
-    );
+    x2apic_on(&mut vmm, &mut env);
     // Pin 2: vector 0x30, fixed, edge, unmasked; the PICs all masked.
     ioapic_set(&mut vmm, &mut env, 0x15, 0);
     ioapic_set(&mut vmm, &mut env, 0x14, 0x30);
@@ -2242,29 +2223,20 @@ fn the_ioapic_routes_the_pit_on_pin_2_to_the_local_apic() {
     );
 }
 
+/// The local APIC in x2APIC mode (the base MSR), software-enabled (SVR).
+fn x2apic_on(vmm: &mut Vmm, env: &mut Fake) {
+    for (msr, value) in [(0x1b, 0xfee0_0c00), (0x80f, 0x1ff)] {
+        vmm.exit(
+            env,
+            &exit(ExitKind::Wrmsr { msr, value }, ExitRegs::default()),
+        );
+    }
+}
+
 #[test]
 fn a_level_entry_waits_for_the_eoi_of_its_vector() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
-    vmm.exit(
-        &mut env,
-        &exit(
-            ExitKind::Wrmsr {
-                msr: 0x1b,
-                value: 0xfee0_0c00,
-            },
-            ExitRegs::default(),
-        ),
-    );
-    vmm.exit(
-        &mut env,
-        &exit(
-            ExitKind::Wrmsr {
-                msr: 0x80f,
-                value: 0x1ff,
-            },
-            ExitRegs::default(),
-        ),
-    );
+    x2apic_on(&mut vmm, &mut env);
     // COM1's IRQ 4 on pin 4: vector 0x34, level, unmasked; OUT2 on.
     ioapic_set(&mut vmm, &mut env, 0x18, 0x34 | 1 << 15);
     io(&mut vmm, &mut env, COM1 + 4, true, 0x0b);
