@@ -15,7 +15,7 @@ pub const CHUNK: usize = 192;
 
 /// The most bytes a snapshot may have (the runtime's and the supervisor's
 /// buffers).
-pub const SNAPSHOT_MAX: usize = 24 * 1024;
+pub const SNAPSHOT_MAX: usize = 16 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum LifecycleRequest {

@@ -9,8 +9,7 @@
 //! its endpoints change generation once and bind again.
 
 use crate::supervise::{SCRATCH_VA, Supervisor, declarations, map_frames, spawn};
-use ipc_schema::ipc::BoundedVec;
-use ipc_schema::lifecycle::{CHUNK, LIFECYCLE, LifecycleReply, LifecycleRequest};
+use ipc_schema::lifecycle::{LIFECYCLE, LifecycleReply, LifecycleRequest};
 use ipc_schema::supervisor::Refusal;
 use ipc_schema::syscall::SysError;
 use ipc_schema::syscall::layout::MAP_BASE;
@@ -81,45 +80,23 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     let _ = sys::fault_watch(process, sup.faults, bit);
     let mut new = Client::new(lifecycle, LIFECYCLE);
 
-    // Move the state: the old instance stops serving and hands it over.
-    let mut state = [0u8; ipc_schema::lifecycle::SNAPSHOT_MAX];
-    let mut total: usize;
+    // Move the state, chunk by chunk, from the old instance (which stops
+    // serving at the first) straight to the new one: init holds no copy.
     let mut offset = 0u32;
-    loop {
+    let moved = loop {
         let old = &mut sup.services[index];
-        match crate::supervise::lifecycle(
+        let (total, bytes, more) = match crate::supervise::lifecycle(
             old.process,
             &mut old.lifecycle,
             &LifecycleRequest::Snapshot { offset },
         ) {
-            Ok(LifecycleReply::Chunk {
-                total: t,
-                bytes,
-                more,
-            }) => {
-                let at = offset as usize;
-                let n = bytes.0.len();
-                if at + n > state.len() {
-                    defmt::error!(
-                        "init: swap of {=str}: the running instance's snapshot is longer than {=usize} bytes; keeping it",
-                        name,
-                        state.len()
-                    );
-                    abandon(process, &new, frames);
-                    let old = &mut sup.services[index];
-                    let _ = crate::supervise::lifecycle(
-                        old.process,
-                        &mut old.lifecycle,
-                        &LifecycleRequest::Resume,
-                    );
-                    return Err(Refusal::SwapFailed);
-                }
-                state[at..at + n].copy_from_slice(&bytes.0);
-                total = t as usize;
-                offset += n as u32;
-                if !more {
-                    break;
-                }
+            Ok(LifecycleReply::Chunk { total, bytes, more }) => (total, bytes, more),
+            Ok(LifecycleReply::TooLarge) => {
+                defmt::error!(
+                    "init: swap of {=str}: the running instance's state does not fit a snapshot; keeping it",
+                    name
+                );
+                break false;
             }
             other => {
                 defmt::error!(
@@ -127,35 +104,42 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
                     name,
                     other.err()
                 );
-                abandon(process, &new, frames);
-                return Err(Refusal::SwapFailed);
+                break false;
             }
+        };
+        let n = bytes.0.len() as u32;
+        if !matches!(
+            new.call_once::<_, LifecycleReply>(&LifecycleRequest::Restore {
+                offset,
+                total,
+                bytes,
+            }),
+            Ok(LifecycleReply::Done)
+        ) {
+            defmt::error!(
+                "init: swap of {=str}: the new instance refused the state at byte {=u32}",
+                name,
+                offset
+            );
+            break false;
         }
-    }
-    let restored = (0..total.max(1)).step_by(CHUNK).try_for_each(|at| {
-        let end = (at + CHUNK).min(total);
-        let mut bytes = BoundedVec::new();
-        let _ = bytes.0.extend_from_slice(&state[at..end]);
-        match new.call_once::<_, LifecycleReply>(&LifecycleRequest::Restore {
-            offset: at as u32,
-            total: total as u32,
-            bytes,
-        }) {
-            Ok(LifecycleReply::Done) => Ok(()),
-            _ => Err(()),
+        offset += n;
+        if !more || n == 0 {
+            break !more;
         }
-    });
-    let resumed = restored.is_ok()
+    };
+    let resumed = moved
         && matches!(
             new.call_once::<_, LifecycleReply>(&LifecycleRequest::Resume),
             Ok(LifecycleReply::Done)
         );
     if !resumed {
         defmt::error!(
-            "init: swap of {=str}: the new instance refused the state; keeping the old one",
+            "init: swap of {=str}: the state did not move; keeping the old instance",
             name
         );
         abandon(process, &new, frames);
+        // Serving again (an instance that never went quiet just answers).
         let old = &mut sup.services[index];
         let _ =
             crate::supervise::lifecycle(old.process, &mut old.lifecycle, &LifecycleRequest::Resume);
@@ -178,7 +162,7 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     defmt::info!(
         "init: swapped service {=str}: {=usize} bytes of state moved to the new instance (generation {=u32})",
         name,
-        total,
+        offset as usize,
         old.generation
     );
     let generation = old.generation;
