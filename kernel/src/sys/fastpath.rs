@@ -77,10 +77,15 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     // to whoever started PML with the buffers switched (the general path
     // knows both).
     let ep = match raw.reason() {
-        // (One no entry allowed may be MMIO for the exit handler: the
-        // general path tells.)
-        reason::EPT_VIOLATION if d.vcpu.as_ref()?.qualification() & 0x38 == 0 => return None,
-        reason::EPT_VIOLATION => d.violation_endpoint,
+        // One no entry allowed may be MMIO, for the exit handler.
+        reason::EPT_VIOLATION => {
+            let v = d.vcpu.as_ref()?;
+            if v.qualification() & 0x38 == 0 {
+                d.no_access_endpoint(v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS))
+            } else {
+                d.violation_endpoint
+            }
+        }
         reason::VMCALL if crate::vm::p2m_hypercall(d) => d.violation_endpoint,
         reason::MONITOR_TRAP_FLAG | reason::EXCEPTION_OR_NMI | reason::PML_FULL => return None,
         _ => d.exit_endpoint,

@@ -320,6 +320,19 @@ impl Domain {
 
     /// Whether `gfn` is guest RAM (mapped in the host p2m, and not the
     /// xAPIC page).
+    /// Where an EPT violation at `gpa` whose entry allowed nothing goes: a
+    /// gfn that is not the domain's RAM (nor its mapped xAPIC page, which
+    /// allows reads and writes) is a device's or nothing's, not the p2m
+    /// owner's, and the exit handler emulates the access (docs/p2m.md,
+    /// MMIO). Both exit paths ask this.
+    pub fn no_access_endpoint(&self, gpa: u64) -> u16 {
+        if self.is_ram(gpa / PAGE_SIZE) {
+            self.violation_endpoint
+        } else {
+            self.exit_endpoint
+        }
+    }
+
     pub fn is_ram(&self, gfn: u64) -> bool {
         gfn != XAPIC_GFN
             && gfn

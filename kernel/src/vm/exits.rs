@@ -44,17 +44,10 @@ pub fn to_handler(k: &mut Kernel, slot: u16) {
     d.awaiting_reply = true;
     d.exit_seq = d.exit_seq.wrapping_add(1);
     let ep = match kind {
-        // A gfn that is not the domain's RAM (nor its mapped xAPIC page,
-        // which allows reads and writes) is a device's or nothing's, not
-        // the p2m owner's: the exit handler emulates the access
-        // (docs/p2m.md, MMIO).
         ExitKind::EptViolation { gpa, allowed, .. }
-            if !(allowed.read
-                || allowed.write
-                || allowed.execute
-                || d.is_ram(gpa / platform::PAGE_SIZE)) =>
+            if !(allowed.read || allowed.write || allowed.execute) =>
         {
-            d.exit_endpoint
+            d.no_access_endpoint(gpa)
         }
         ExitKind::EptViolation { .. } => d.violation_endpoint,
         ExitKind::PmlFull { .. } => d.pml_endpoint.unwrap_or(d.exit_endpoint),
