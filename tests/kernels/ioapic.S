@@ -158,19 +158,6 @@ _start: mov $stack_top, %esp
         mov $s_nonsense, %edi
         call puts
         mov $0x10, %cl
-exit:   mov %cl, %al
-        out %al, $0xf4
-7:      cli
-        hlt
-        jmp 7b
-no_tables:
-        mov $s_tables, %edi
-        call puts
-        mov $0x11, %cl
-        jmp exit
-fail:   mov $s_fail, %edi
-        call puts
-        mov $0x12, %cl
         jmp exit
 
 /* The handlers: count, EOI to the local APIC, return. */
@@ -190,6 +177,7 @@ unexpected:
 
         .include "pm32.inc"
         .include "rsdp.inc"
+        endings
         .include "uart.inc"
 
         .data

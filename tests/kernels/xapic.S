@@ -135,19 +135,6 @@ _start: mov $stack_top, %esp
         mov $s_none, %edi
         call puts
         mov $0x10, %cl
-exit:   mov %cl, %al
-        out %al, $0xf4
-14:     cli
-        hlt
-        jmp 14b
-no_tables:
-        mov $s_tables, %edi
-        call puts
-        mov $0x11, %cl
-        jmp exit
-fail:   mov $s_fail, %edi
-        call puts
-        mov $0x12, %cl
         jmp exit
 
 /* The handlers: count, EOI (a write to the page's 0xb0), return. */
@@ -169,9 +156,9 @@ unexpected:
         mov $0x12, %cl
         jmp exit
 
-
         .include "pm32.inc"
         .include "rsdp.inc"
+        endings
         .include "uart.inc"
 
         .data
