@@ -114,7 +114,7 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     let full = std::fs::read(&next).unwrap();
     image_builder::logs::store_elf(&full).unwrap();
     let elf = image_builder::elf::strip_service(&full).unwrap();
-    let img = ticker("swap-vmm", "ticks=0 calls=100");
+    let img = ticker("swap-vmm", "ticks=0 calls=100 pic=1");
     let run = boot_live(
         &img,
         Machine::Bochs,
@@ -182,7 +182,12 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
                     generation: 1
                 })
             );
-            let after = tick(&live.wait_for("dom1", "vmm version 2", 120).text).unwrap();
+            let first = live.wait_for("dom1", "vmm version 2", 120).text;
+            let after = tick(&first).unwrap();
+            // The new instance answers the PICs as the guest left them.
+            let k = first.split(':').next().unwrap().to_string();
+            let masks = live.wait_for("dom1", &format!("{k}: pic masks"), 60).text;
+            assert!(masks.ends_with("pic masks a5 3c"), "{masks}");
             assert!(
                 after.1 > before.1,
                 "the count went on from the old instance's: {before:?} then {after:?}"
@@ -218,6 +223,18 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     let first_v2 = t.iter().position(|x| x.0 == 2).expect("version 2 answered");
     assert!(t[..first_v2].iter().all(|x| x.0 == 1) && t[first_v2..].iter().all(|x| x.0 == 2));
     assert!(t.windows(2).all(|w| w[1].1 > w[0].1), "{t:?}");
+    // The guest's platform went along: the PIC masks it set before the
+    // swap read the same after it.
+    let masks: Vec<String> = run
+        .console(1)
+        .into_iter()
+        .filter(|l| l.contains(": pic masks "))
+        .collect();
+    assert!(masks.len() + 1 >= t.len(), "{masks:?}");
+    assert!(
+        masks.iter().all(|l| l.ends_with("pic masks a5 3c")),
+        "{masks:?}"
+    );
 }
 
 /// The probe task, with the standard services, and no domain.

@@ -264,7 +264,7 @@ impl Client {
 
 /// A service's side of IPC.
 pub trait Service {
-    /// What a successor gets on a swap (postcard-encoded, at most 4 KiB).
+    /// What a successor gets on a swap (postcard-encoded, at most `ipc_schema::lifecycle::SNAPSHOT_MAX` bytes).
     type State: Serialize + for<'de> Deserialize<'de>;
 
     /// The interface served through handle `slot` (checked on bind).
@@ -280,6 +280,28 @@ pub trait Service {
 
     fn snapshot(&self) -> Self::State;
     fn restore(&mut self, state: Self::State);
+
+    /// Encodes the snapshot into `out`: its length, or `None` when it does
+    /// not fit. By default [`Service::snapshot`] encoded; a service whose
+    /// state is too large to build on its stack encodes it from its own
+    /// (the same bytes).
+    fn snapshot_into(&self, out: &mut [u8]) -> Option<usize> {
+        postcard::to_slice(&self.snapshot(), out)
+            .ok()
+            .map(|b| b.len())
+    }
+
+    /// Takes an encoded snapshot: false when it does not decode. By
+    /// default decoded whole and given to [`Service::restore`].
+    fn restore_from(&mut self, bytes: &[u8]) -> bool {
+        match postcard::from_bytes::<Self::State>(bytes) {
+            Ok(state) => {
+                self.restore(state);
+                true
+            }
+            Err(_) => false,
+        }
+    }
 
     /// The service's version (reported to the supervisor).
     fn version(&self) -> u32 {
@@ -414,7 +436,7 @@ fn lifecycle_request<S: Service>(
         }),
         Ok(LifecycleRequest::Snapshot { offset }) => {
             if offset == 0 {
-                let Ok(bytes) = postcard::to_slice(&svc.snapshot(), &mut swap.buf) else {
+                let Some(len) = svc.snapshot_into(&mut swap.buf) else {
                     defmt::error!(
                         "{=str}: its state does not fit a snapshot ({=usize} bytes): no swap; serving on",
                         crate::name(),
@@ -422,7 +444,7 @@ fn lifecycle_request<S: Service>(
                     );
                     return encode_reply(&Ok::<_, IpcError>(LifecycleReply::TooLarge), out);
                 };
-                swap.len = bytes.len();
+                swap.len = len;
                 swap.quiet = true;
                 defmt::info!(
                     "{=str}: snapshot of {=usize} bytes for a successor",
@@ -456,26 +478,18 @@ fn lifecycle_request<S: Service>(
         }
         Ok(LifecycleRequest::Resume) => {
             if swap.quiet && swap.len > 0 {
-                match postcard::from_bytes::<S::State>(&swap.buf[..swap.len]) {
-                    Ok(state) => {
-                        svc.restore(state);
-                        defmt::info!(
-                            "{=str}: state restored ({=usize} bytes); serving",
-                            crate::name(),
-                            swap.len
-                        );
-                    }
-                    Err(_) => {
-                        defmt::error!(
-                            "{=str}: the predecessor's state does not decode",
-                            crate::name()
-                        );
-                        return encode_reply(
-                            &Ok::<_, IpcError>(LifecycleReply::RestoreFailed),
-                            out,
-                        );
-                    }
+                if !svc.restore_from(&swap.buf[..swap.len]) {
+                    defmt::error!(
+                        "{=str}: the predecessor's state does not decode",
+                        crate::name()
+                    );
+                    return encode_reply(&Ok::<_, IpcError>(LifecycleReply::RestoreFailed), out);
                 }
+                defmt::info!(
+                    "{=str}: state restored ({=usize} bytes); serving",
+                    crate::name(),
+                    swap.len
+                );
             }
             swap.quiet = false;
             Ok(LifecycleReply::Done)

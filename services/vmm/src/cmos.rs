@@ -8,13 +8,44 @@
 //! (0x17/0x18 and 0x30/0x31), 64 KiB blocks above 16 MiB (0x34/0x35).
 //! Other registers are plain RAM.
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Wire", into = "Wire")]
 pub struct Cmos {
     index: u8,
     ram: [u8; 128],
     /// The TSC at the clock's 2000-01-01 00:00:00 (`None` before the first
     /// access).
     epoch: Option<u64>,
+}
+
+/// [`Cmos`] as a swap saves it (serde takes arrays of at most 32).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Wire {
+    index: u8,
+    ram: heapless::Vec<u8, 128>,
+    epoch: Option<u64>,
+}
+
+impl From<Cmos> for Wire {
+    fn from(c: Cmos) -> Self {
+        Wire {
+            index: c.index,
+            ram: c.ram.iter().copied().collect(),
+            epoch: c.epoch,
+        }
+    }
+}
+
+impl From<Wire> for Cmos {
+    fn from(w: Wire) -> Self {
+        let mut ram = [0u8; 128];
+        ram[..w.ram.len()].copy_from_slice(&w.ram);
+        Cmos {
+            index: w.index,
+            ram,
+            epoch: w.epoch,
+        }
+    }
 }
 
 impl Cmos {

@@ -174,7 +174,7 @@ struct Devices {
 
 /// A domain's PC platform beyond the console: the PICs, the PIT, and what
 /// the kernel was last asked for (an interrupt window, a deadline).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Platform {
     pic: Pic,
     pit: Pit,
@@ -198,7 +198,9 @@ struct Platform {
     active: bool,
     /// Absent ports already logged (the first [`ABSENT_LOGGED`]).
     absent: heapless::Vec<u16, ABSENT_LOGGED>,
-    /// What the vCPU's virtual-APIC page holds of [`Lapic::image`].
+    /// What the vCPU's virtual-APIC page holds of [`Lapic::image`] (not
+    /// saved: a successor writes the page whole).
+    #[serde(skip)]
     apic_page: ApicPage,
     /// The exits of the domain since it became active, by reason.
     counts: ExitCounts,
@@ -250,7 +252,7 @@ fn show_apic(env: &mut impl Env, d: &mut Devices) {
 /// A domain's exits by reason, counted once it has touched an interrupt
 /// source (a guest that has not pays nothing for the count) and logged
 /// when it ends: where a guest's time in the hypervisor goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitCounts {
     /// Port I/O: the console UART, the PICs, the PIT and port 0x61, the
     /// rest (CMOS, PCI, ACPI, absent ports).
@@ -376,6 +378,74 @@ pub struct Saved {
     pub line: heapless::Vec<u8, LINE>,
     pub service_calls: u32,
     pub open_line: bool,
+    /// The interrupt controllers, timers, CMOS, PCI and the rest: a
+    /// successor goes on with the guest's platform as it was.
+    platform: Platform,
+}
+
+/// A domain's [`Saved`] borrowed from its devices: encoded, the same
+/// bytes (the fields in the same order).
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    id: u16,
+    uart: [u8; 6],
+    received: heapless::Vec<u8, { platform::devices::uart16550::RX_FIFO }>,
+    line: &'a heapless::Vec<u8, LINE>,
+    service_calls: u32,
+    open_line: bool,
+    platform: &'a Platform,
+}
+
+impl<'a> SavedRef<'a> {
+    fn of(d: &'a Devices) -> Self {
+        let (uart, received) = d.uart.save();
+        SavedRef {
+            id: d.id,
+            uart,
+            received,
+            line: &d.line,
+            service_calls: d.service_calls,
+            open_line: d.open_line,
+            platform: &d.platform,
+        }
+    }
+
+    fn owned(self) -> Saved {
+        Saved {
+            id: self.id,
+            uart: self.uart,
+            received: self.received,
+            line: self.line.clone(),
+            service_calls: self.service_calls,
+            open_line: self.open_line,
+            platform: self.platform.clone(),
+        }
+    }
+}
+
+/// Every domain's [`SavedRef`]: encoded, the bytes of a [`State`] (a
+/// struct of one sequence is that sequence in postcard).
+struct AllSaved<'a>(&'a Vmm);
+
+impl Serialize for AllSaved<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.domains.iter().map(SavedRef::of))
+    }
+}
+
+impl From<Saved> for Devices {
+    fn from(d: Saved) -> Self {
+        Devices {
+            id: d.id,
+            uart: Uart16550::restore(d.uart, &d.received),
+            line: d.line,
+            service_calls: d.service_calls,
+            open_line: d.open_line,
+            // A new release starts a new burst of log lines.
+            logged: LogBudget::default(),
+            platform: d.platform,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -389,15 +459,7 @@ impl Vmm {
     pub fn snapshot(&self) -> State {
         let mut s = State::default();
         for d in &self.domains {
-            let (uart, received) = d.uart.save();
-            let _ = s.domains.push(Saved {
-                id: d.id,
-                uart,
-                received,
-                line: d.line.clone(),
-                service_calls: d.service_calls,
-                open_line: d.open_line,
-            });
+            let _ = s.domains.push(SavedRef::of(d).owned());
         }
         s
     }
@@ -405,21 +467,41 @@ impl Vmm {
     pub fn restore(state: State) -> Self {
         let mut v = Self::default();
         for d in state.domains {
-            let _ = v.domains.push(Devices {
-                id: d.id,
-                uart: Uart16550::restore(d.uart, &d.received),
-                line: d.line,
-                service_calls: d.service_calls,
-                open_line: d.open_line,
-                // A new release starts a new burst of log lines.
-                logged: LogBudget::default(),
-                // Not in the snapshot (a State holding 16 domains'
-                // platforms is too large for the service's stack): a
-                // successor gives the domains fresh PICs, PIT, APICs.
-                platform: Platform::default(),
-            });
+            let _ = v.domains.push(Devices::from(d));
         }
         v
+    }
+
+    /// The snapshot encoded into `out` straight from the devices, one
+    /// domain at a time: the bytes of [`Vmm::snapshot`] encoded, without a
+    /// [`State`] built first (16 domains' platforms at once are too large
+    /// for the service's stack). `None` when they do not fit.
+    pub fn snapshot_into(&self, out: &mut [u8]) -> Option<usize> {
+        postcard::to_slice(&AllSaved(self), out)
+            .ok()
+            .map(|b| b.len())
+    }
+
+    /// Takes a predecessor's snapshot ([`Vmm::snapshot_into`]), decoding
+    /// one domain at a time into place. False, with nothing kept, when the
+    /// bytes are not a snapshot (a wrong count, a domain that does not
+    /// decode, bytes left over).
+    pub fn restore_from(&mut self, bytes: &[u8]) -> bool {
+        self.domains.clear();
+        self.last = 0;
+        let whole = (|| {
+            let (n, mut rest) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+            for _ in 0..n {
+                let (d, r) = postcard::take_from_bytes::<Saved>(rest).ok()?;
+                rest = r;
+                self.domains.push(Devices::from(d)).ok()?;
+            }
+            rest.is_empty().then_some(())
+        })();
+        if whole.is_none() {
+            self.domains.clear();
+        }
+        whole.is_some()
     }
 
     /// The domains it keeps devices for.

@@ -43,7 +43,7 @@ pub enum Refusal {
     Access { offset: u16, size: u8 },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoApic {
     select: u8,
     id: u8,

@@ -20,7 +20,7 @@
 pub const ID: u32 = 0;
 const VERSION: u32 = 0x0005_0014; // 6 LVT entries, version 0x14
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lapic {
     /// IA32_APIC_BASE: enabled (bit 11), x2APIC (bit 10), BSP (bit 8).
     pub base: u64,

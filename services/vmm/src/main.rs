@@ -218,6 +218,14 @@ impl Service for Server {
         self.vmm = Vmm::restore(state);
     }
 
+    fn snapshot_into(&self, out: &mut [u8]) -> Option<usize> {
+        self.vmm.snapshot_into(out)
+    }
+
+    fn restore_from(&mut self, bytes: &[u8]) -> bool {
+        self.vmm.restore_from(bytes)
+    }
+
     fn version(&self) -> u32 {
         service_vmm::exits::VERSION
     }

@@ -7,6 +7,11 @@
 //! Every call must succeed: a failure prints `FAIL` and exits 1. After the
 //! last tick it prints `ticker: done` and exits 0.
 //!
+//! `pic=1`: first masks the PICs' lines in a pattern (master 0xa5, slave
+//! 0x3c), then after each tick line reads the masks back and prints
+//! `tick K: pic masks MM SS` (a vmm swap carries the guest's platform:
+//! they never change).
+//!
 //! `grant=GFN` (hex with `0x`): first checks that granting pages outside its
 //! RAM, granting none, taking back pages it does not grant and a ninth
 //! range (the pages after GFN) are refused,
@@ -91,6 +96,22 @@ fn grant_page(gfn: u64) -> bool {
     true
 }
 
+fn outb(port: u16, value: u8) {
+    // Safety: port I/O to the emulated PICs touches no memory.
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
+}
+
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // Safety: as in `outb`.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
+    value
+}
+
 fn main(info: &MultibootInfo) -> u32 {
     let cmdline = info.cmdline().unwrap_or("");
     let ticks = arg(cmdline, "ticks", 100);
@@ -99,6 +120,11 @@ fn main(info: &MultibootInfo) -> u32 {
     let granted = arg(cmdline, "grant", 0);
     if granted != 0 && !grant_page(granted) {
         return 1;
+    }
+    let pic = arg(cmdline, "pic", 0) != 0;
+    if pic {
+        outb(0x21, 0xa5);
+        outb(0xa1, 0x3c);
     }
     let mut tick = 0u64;
     while ticks == 0 || tick < ticks {
@@ -116,6 +142,9 @@ fn main(info: &MultibootInfo) -> u32 {
         }
         let (version, count) = service_info();
         println!("tick {tick}: vmm version {version}, {count} service calls");
+        if pic {
+            println!("tick {tick}: pic masks {:02x} {:02x}", inb(0x21), inb(0xa1));
+        }
     }
     println!("ticker: done");
     0
