@@ -114,13 +114,24 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     let full = std::fs::read(&next).unwrap();
     image_builder::logs::store_elf(&full).unwrap();
     let elf = image_builder::elf::strip_service(&full).unwrap();
+    // A successor that refuses the state: the swap fails and the running
+    // instance serves on.
+    let refusing = image_builder::compile::service_variant(
+        "vmm",
+        "refuse-state",
+        &image_builder::compile::BuildOptions::default(),
+    )
+    .expect("the refusing vmm builds");
+    let full = std::fs::read(&refusing).unwrap();
+    image_builder::logs::store_elf(&full).unwrap();
+    let refusing = image_builder::elf::strip_service(&full).unwrap();
     let img = ticker("swap-vmm", "ticks=0 calls=100 pic=1");
     let run = boot_live(
         &img,
         Machine::Bochs,
         // Four ELFs of about 85 KiB each cross the emulated serial line:
         // minutes on a busy machine (the limit only catches a hang).
-        |c| c.timeout = std::time::Duration::from_secs(600),
+        |c| c.timeout = std::time::Duration::from_secs(900),
         |live| {
             live.wait_for("dom1", "tick 2:", 120);
             let mut ctl = live.control();
@@ -165,7 +176,29 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
             assert_eq!(refusal(e), Refusal::NoSuchService);
             let e = ctl.swap("console", &console).unwrap_err();
             assert_eq!(refusal(e), Refusal::IsCaller);
-            let before = tick(&live.wait_for("dom1", "vmm version 1", 60).text).unwrap();
+            live.wait_for("dom1", "vmm version 1", 60);
+            let e = ctl.swap("vmm", &refusing).unwrap_err();
+            assert_eq!(refusal(e), Refusal::SwapFailed);
+            // The old instance answers again, its count going on.
+            let last = live
+                .seen
+                .iter()
+                .filter(|l| l.source == "dom1")
+                .filter_map(|l| {
+                    Some(
+                        l.text
+                            .strip_prefix("tick ")?
+                            .split_once(':')?
+                            .0
+                            .parse::<u64>()
+                            .ok()?,
+                    )
+                })
+                .max()
+                .unwrap();
+            let line = live.wait_for("dom1", &format!("tick {}: vmm version", last + 2), 120);
+            let before = tick(&line.text).unwrap();
+            assert_eq!(before.0, 1, "{}", line.text);
 
             let generation = ctl.swap("vmm", &elf).expect("the swap goes through");
             assert_eq!(generation, 1);
@@ -209,6 +242,11 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     .expect_from(
         "init",
         "swap of vmm refused: the new ELF does not serve parallax/vmexit",
+    )
+    .expect_from("vmm", "built to refuse its predecessor's state")
+    .expect_from(
+        "init",
+        "swap of vmm: the state did not move; keeping the old instance",
     )
     .expect_from("vmm", "snapshot of")
     .expect_from("vmm", "vmm: version 2 serving exits (generation 0)")

@@ -223,6 +223,10 @@ impl Service for Server {
     }
 
     fn restore_from(&mut self, bytes: &[u8]) -> bool {
+        if cfg!(feature = "refuse-state") {
+            defmt::warn!("vmm: built to refuse its predecessor's state (refuse-state)");
+            return false;
+        }
         self.vmm.restore_from(bytes)
     }
 
