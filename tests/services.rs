@@ -185,14 +185,12 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
                 .iter()
                 .filter(|l| l.source == "dom1")
                 .filter_map(|l| {
-                    Some(
-                        l.text
-                            .strip_prefix("tick ")?
-                            .split_once(':')?
-                            .0
-                            .parse::<u64>()
-                            .ok()?,
-                    )
+                    l.text
+                        .strip_prefix("tick ")?
+                        .split_once(':')?
+                        .0
+                        .parse::<u64>()
+                        .ok()
                 })
                 .max()
                 .unwrap();
