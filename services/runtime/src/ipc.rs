@@ -235,6 +235,26 @@ impl Client {
         let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
+        self.send(len, attempts)
+    }
+
+    /// [`Client::call`] with a request already encoded (`msg`: fixed bytes
+    /// such as `ipc_schema::altp2m::PING`): the reply's bytes, undecoded.
+    pub fn call_encoded(&mut self, msg: &[u8]) -> Result<&[u8], CallError> {
+        let len = msg.len();
+        self.io
+            .msg
+            .get_mut(..len)
+            .ok_or(CallError::Encode)?
+            .copy_from_slice(msg);
+        let n = self.send(len, 2)?;
+        Ok(&self.io.out[..n])
+    }
+
+    /// Sends the `len` bytes in `self.io.msg`, binding when needed
+    /// (`attempts` times at most while the server restarts): the length of
+    /// the reply in `self.io.out`.
+    fn send(&mut self, len: usize, attempts: u32) -> Result<usize, CallError> {
         for attempt in 0..attempts {
             if !self.bound {
                 self.bind()?;
