@@ -442,8 +442,14 @@ mod layout_tests {
     #[test]
     fn ping_and_pong_are_postcards_bytes() {
         let mut b = [0u8; 8];
-        assert_eq!(postcard::to_slice(&AltRequest::Ping, &mut b).unwrap(), &PING);
-        assert_eq!(postcard::from_bytes::<AltRequest>(&PING), Ok(AltRequest::Ping));
+        assert_eq!(
+            postcard::to_slice(&AltRequest::Ping, &mut b).unwrap(),
+            &PING
+        );
+        assert_eq!(
+            postcard::from_bytes::<AltRequest>(&PING),
+            Ok(AltRequest::Ping)
+        );
         let pong: Result<AltReply, crate::ipc::IpcError> = Ok(AltReply::Pong);
         assert_eq!(postcard::to_slice(&pong, &mut b).unwrap(), &PONG);
         assert_eq!(

@@ -35,7 +35,9 @@ pub fn bind_message(key: &Key) -> [u8; 12] {
 /// nearly every other message is told apart by that one comparison.)
 #[inline(always)]
 pub fn bind_key(message: &[u8]) -> Option<[u8; 8]> {
-    let (magic, key) = <&[u8; 12]>::try_from(message).ok()?.split_first_chunk::<4>()?;
+    let (magic, key) = <&[u8; 12]>::try_from(message)
+        .ok()?
+        .split_first_chunk::<4>()?;
     if *magic != BIND_MAGIC {
         return None;
     }
