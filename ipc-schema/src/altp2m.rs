@@ -426,10 +426,40 @@ pub const ALTP2M: InterfaceId = InterfaceId::new::<(AltRequest, AltReply)>("para
 
 crate::assert_fits!(AltRequest, AltReply);
 
+/// `AltRequest::Ping` as it travels (postcard: its variant's index) and
+/// its answer `Ok(AltReply::Pong)`, in fixed bytes: the ping's round trip
+/// (`HC_IPC_PING`) is told apart and answered by the altp2m service before
+/// any decoding, and checked by its caller without decoding (the tests
+/// below check both against postcard).
+pub const PING: [u8; 1] = [9];
+pub const PONG: [u8; 2] = [0, 4];
+
 #[cfg(test)]
 mod layout_tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn ping_and_pong_are_postcards_bytes() {
+        let mut b = [0u8; 8];
+        assert_eq!(
+            postcard::to_slice(&AltRequest::Ping, &mut b).unwrap(),
+            &PING
+        );
+        assert_eq!(
+            postcard::from_bytes::<AltRequest>(&PING),
+            Ok(AltRequest::Ping)
+        );
+        let pong: Result<AltReply, crate::ipc::IpcError> = Ok(AltReply::Pong);
+        assert_eq!(postcard::to_slice(&pong, &mut b).unwrap(), &PONG);
+        assert_eq!(
+            postcard::from_bytes::<Result<AltReply, crate::ipc::IpcError>>(&PONG),
+            Ok(Ok(AltReply::Pong))
+        );
+        // Nothing else answers in these bytes: every other reply differs.
+        let other: Result<AltReply, crate::ipc::IpcError> = Ok(AltReply::Done);
+        assert_ne!(postcard::to_slice(&other, &mut b).unwrap(), &PONG);
+    }
 
     fn bits() -> impl Strategy<Value = AccessBits> {
         (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(read, write, execute)| {

@@ -32,7 +32,7 @@ extern crate alloc;
 
 use ipc_schema::altp2m::{
     ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
-    MAX_WAITING_LISTENERS,
+    MAX_WAITING_LISTENERS, PING, PONG,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
@@ -152,10 +152,18 @@ struct Server {
 impl Server {
     /// Before the first request of an instance that is not the first:
     /// every domain back to what the (empty) model describes.
+    /// (One test on every request; the reset itself out of line.)
+    #[inline(always)]
     fn start(&mut self) {
-        if !core::mem::take(&mut self.reset_pending) {
-            return;
+        if self.reset_pending {
+            self.reset();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reset(&mut self) {
+        self.reset_pending = false;
         let done = self.alt.reset(&mut self.system);
         for r in &done {
             defmt::warn!(
@@ -523,8 +531,40 @@ impl Service for Server {
         }
     }
 
+    #[inline(always)]
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         self.start();
+        // The ping (`HC_IPC_PING`'s round trip), on any endpoint but the
+        // violations', in its fixed bytes both ways: nothing decoded or
+        // encoded (as `request`, `tracking` and `sharing` answer it), and
+        // nothing else of `answer`'s done.
+        if msg.bytes == PING && msg.slot != self.violations {
+            reply[..PONG.len()].copy_from_slice(&PONG);
+            return PONG.len();
+        }
+        self.message(msg, reply)
+    }
+
+    fn notified(&mut self, slot: Handle, _bits: u64) {
+        self.start();
+        if Some(slot) == self.domain_ends {
+            let gone =
+                service_altp2m::forget_ended(&mut self.alt, &mut self.events, &mut self.system);
+            for id in gone {
+                defmt::info!("altp2m: domain {=u16} ended; its records are freed", id);
+            }
+        }
+    }
+
+    fn snapshot(&self) {}
+    fn restore(&mut self, _: ()) {}
+}
+
+impl Server {
+    /// [`Service::handle`] but for the ping: an exit (a violation or a
+    /// view switch), or a request on one of the altp2m endpoints.
+    #[inline(never)]
+    fn message(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.violations {
             let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
                 defmt::warn!(
@@ -548,38 +588,27 @@ impl Service for Server {
                 }
             };
         }
-        if Some(msg.slot) == self.track {
-            let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| self.tracking(r));
-            return ipc::encode_reply(&answer, reply);
-        }
-        if Some(msg.slot) == self.share {
-            let answer = ipc::decode::<AltRequest>(msg.bytes).map(|r| self.sharing(r));
-            return ipc::encode_reply(&answer, reply);
-        }
-        let guest_endpoint = Some(msg.slot) == self.guest;
-        let request = ipc::decode::<AltRequest>(msg.bytes);
-        if let Ok(AltRequest::NextEvent { answer }) = request
+        // Each answer is encoded where it was made, by reference (not
+        // moved by value into a `Result` first: a reply is up to 108
+        // bytes, and each move of it a `memcpy`).
+        let request = match ipc::decode::<AltRequest>(msg.bytes) {
+            Ok(r) => r,
+            Err(e) => return ipc::encode_reply::<AltReply>(&Err(e), reply),
+        };
+        let answer = if Some(msg.slot) == self.track {
+            self.tracking(request)
+        } else if Some(msg.slot) == self.share {
+            self.sharing(request)
+        } else if let AltRequest::NextEvent { answer } = request
             && msg.slot == self.external
         {
             return self.next_event(msg.badge, msg.token, answer, reply);
-        }
-        let answer = request.map(|r| self.request(r, msg.badge, guest_endpoint));
-        ipc::encode_reply(&answer, reply)
+        } else {
+            let guest_endpoint = Some(msg.slot) == self.guest;
+            self.request(request, msg.badge, guest_endpoint)
+        };
+        ipc::encode_reply(&Ok::<&AltReply, IpcError>(&answer), reply)
     }
-
-    fn notified(&mut self, slot: Handle, _bits: u64) {
-        self.start();
-        if Some(slot) == self.domain_ends {
-            let gone =
-                service_altp2m::forget_ended(&mut self.alt, &mut self.events, &mut self.system);
-            for id in gone {
-                defmt::info!("altp2m: domain {=u16} ended; its records are freed", id);
-            }
-        }
-    }
-
-    fn snapshot(&self) {}
-    fn restore(&mut self, _: ()) {}
 }
 
 fn main() -> ! {

@@ -104,6 +104,7 @@ pub fn reply(token: u64, bytes: &[u8]) -> Result<(), SysError> {
 }
 
 /// Calls through `h` with raw bytes; the reply lands in `reply`.
+#[inline]
 pub fn call_raw(h: Handle, msg: &[u8], reply: &mut [u8]) -> Result<usize, SysError> {
     let r = call(
         nr::CALL,
@@ -235,6 +236,50 @@ impl Client {
         let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
+        self.send(len, attempts)
+    }
+
+    /// [`Client::call`] with a request already encoded (`msg`: fixed bytes
+    /// such as `ipc_schema::altp2m::PING`): the reply's bytes, undecoded.
+    /// The common case (bound, the server there) is in line: the bytes
+    /// copied, the call made.
+    #[inline(always)]
+    pub fn call_encoded<const N: usize>(&mut self, msg: &[u8; N]) -> Result<&[u8], CallError> {
+        const { assert!(N <= MAX_MESSAGE) };
+        self.io.msg[..N].copy_from_slice(msg);
+        let n = if self.bound {
+            let Buffers { msg, out } = &mut self.io;
+            match call_raw(self.handle, &msg[..N], out) {
+                Ok(n) => n.min(out.len()),
+                Err(e) => self.failed(e, N)?,
+            }
+        } else {
+            self.send(N, 2)?
+        };
+        Ok(&self.io.out[..n])
+    }
+
+    /// What [`Client::send`] does after its first attempt failed with `e`
+    /// (a bound client): once more after binding again if the server
+    /// restarted, else the error.
+    #[inline(never)]
+    fn failed(&mut self, e: SysError, len: usize) -> Result<usize, CallError> {
+        if e == SysError::Dead {
+            defmt::info!(
+                "{=str}: the server of {=str} restarted; binding again",
+                crate::name(),
+                self.id.name
+            );
+            self.bound = false;
+            return self.send(len, 1);
+        }
+        Err(CallError::Sys(e))
+    }
+
+    /// Sends the `len` bytes in `self.io.msg`, binding when needed
+    /// (`attempts` times at most while the server restarts): the length of
+    /// the reply in `self.io.out`.
+    fn send(&mut self, len: usize, attempts: u32) -> Result<usize, CallError> {
         for attempt in 0..attempts {
             if !self.bound {
                 self.bind()?;

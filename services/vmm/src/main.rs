@@ -13,13 +13,14 @@
 #![no_std]
 #![no_main]
 
-use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest};
+use ipc_schema::altp2m::{ALTP2M, AltReply, AltRequest, PING, PONG};
+use ipc_schema::ipc::IpcError;
 use ipc_schema::logdirty::{LOGDIRTY, LdReply, LdRequest};
 use ipc_schema::syscall::{Handle, SysError, VcpuOp};
 use ipc_schema::uart::{UART_INPUT, UartInput};
 use ipc_schema::vmexit::{ExitMessage, VMEXIT};
 use platform::cpu::CpuidResult;
-use service_runtime::ipc::{self, Client, Message, Service};
+use service_runtime::ipc::{self, CallError, Client, Message, Service};
 use service_runtime::{require, sys};
 use service_vmm::exits::{Env, State, Vmm};
 use service_vmm::pci::Op;
@@ -61,7 +62,15 @@ impl Peer {
         &mut self,
         request: &Q,
     ) -> Option<R> {
-        match self.client.call::<_, R>(request) {
+        let answer = self.client.call::<_, R>(request);
+        self.outcome(answer)
+    }
+
+    /// A call's answer, `None` when the service could not be reached (its
+    /// failures logged when they begin and end).
+    #[inline(always)]
+    fn outcome<R>(&mut self, answer: Result<R, CallError>) -> Option<R> {
+        match answer {
             Ok(r) => {
                 if core::mem::take(&mut self.failing) {
                     defmt::info!("vmm: the {=str} service answers again", self.name);
@@ -79,6 +88,25 @@ impl Peer {
                 None
             }
         }
+    }
+
+    /// The ping (`HC_IPC_PING`): [`Peer::call`] with `AltRequest::Ping`,
+    /// its request and the answer `Pong` in their fixed bytes (nothing
+    /// encoded, nothing decoded unless the answer is another). Whether
+    /// it answered `Pong`.
+    #[inline(always)]
+    fn ping(&mut self) -> bool {
+        let answer = match self.client.call_encoded(&PING) {
+            Ok(b) if b == PONG => Ok(true),
+            // Anything else decoded as `call` would have.
+            Ok(b) => match postcard::from_bytes::<Result<AltReply, IpcError>>(b) {
+                Ok(Ok(r)) => Ok(r == AltReply::Pong),
+                Ok(Err(e)) => Err(CallError::Ipc(e)),
+                Err(_) => Err(CallError::BadReply),
+            },
+            Err(e) => Err(e),
+        };
+        self.outcome(answer).unwrap_or(false)
     }
 }
 
@@ -168,6 +196,11 @@ impl Env for System {
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply> {
         self.altp2m.call(request)
     }
+
+    #[inline(always)]
+    fn ping(&mut self) -> bool {
+        self.altp2m.ping()
+    }
 }
 
 struct Server {
@@ -205,7 +238,7 @@ impl Service for Server {
                 msg.bytes.len(),
                 msg.badge
             );
-            return ipc::encode_reply::<()>(&Err(ipc_schema::ipc::IpcError::Malformed), reply);
+            return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
         };
         self.vmm.exit_encoded(&mut self.system, m, reply)
     }
