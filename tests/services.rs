@@ -103,28 +103,26 @@ fn refusal(e: parallax_client::ClientError) -> Refusal {
     }
 }
 
+/// The vmm built with `features`, stripped as `cargo hv swap` sends it (its
+/// full ELF kept for decoding its logs).
+fn vmm_variant(features: &str) -> Vec<u8> {
+    let path = image_builder::compile::service_variant(
+        "vmm",
+        features,
+        &image_builder::compile::BuildOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("the vmm with {features} builds: {e:#}"));
+    let full = std::fs::read(&path).unwrap();
+    image_builder::logs::store_elf(&full).unwrap();
+    image_builder::elf::strip_service(&full).unwrap()
+}
+
 #[test]
 fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
-    let next = image_builder::compile::service_variant(
-        "vmm",
-        "next",
-        &image_builder::compile::BuildOptions::default(),
-    )
-    .expect("the next vmm builds");
-    let full = std::fs::read(&next).unwrap();
-    image_builder::logs::store_elf(&full).unwrap();
-    let elf = image_builder::elf::strip_service(&full).unwrap();
+    let elf = vmm_variant("next");
     // A successor that refuses the state: the swap fails and the running
     // instance serves on.
-    let refusing = image_builder::compile::service_variant(
-        "vmm",
-        "refuse-state",
-        &image_builder::compile::BuildOptions::default(),
-    )
-    .expect("the refusing vmm builds");
-    let full = std::fs::read(&refusing).unwrap();
-    image_builder::logs::store_elf(&full).unwrap();
-    let refusing = image_builder::elf::strip_service(&full).unwrap();
+    let refusing = vmm_variant("refuse-state");
     let img = ticker("swap-vmm", "ticks=0 calls=100 pic=1");
     let run = boot_live(
         &img,

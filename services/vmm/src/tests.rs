@@ -230,19 +230,18 @@ fn exit(kind: ExitKind, regs: ExitRegs) -> ExitMessage {
     }
 }
 
+/// A one-byte write of `value` to `port`.
+fn write_byte(port: u16, value: u8) -> ExitKind {
+    ExitKind::Io {
+        port,
+        size: 1,
+        write: true,
+        value: value.into(),
+    }
+}
+
 fn out(vmm: &mut Vmm, env: &mut Fake, port: u16, value: u8) {
-    let r = vmm.exit(
-        env,
-        &exit(
-            ExitKind::Io {
-                port,
-                size: 1,
-                write: true,
-                value: value.into(),
-            },
-            ExitRegs::default(),
-        ),
-    );
+    let r = vmm.exit(env, &exit(write_byte(port, value), ExitRegs::default()));
     assert_eq!(r.response.then, Then::Resume);
 }
 
@@ -2330,15 +2329,7 @@ fn a_snapshot_of_sixteen_busy_domains_fits() {
             go(ExitKind::Wrmsr { msr, value }, ExitRegs::default());
         }
         for (port, value) in [(0x43, 0x34), (0x40, 0xff), (0x40, 0xff), (0x70, 0x0b)] {
-            go(
-                ExitKind::Io {
-                    port,
-                    size: 1,
-                    write: true,
-                    value,
-                },
-                ExitRegs::default(),
-            );
+            go(write_byte(port, value), ExitRegs::default());
         }
         for port in (0x71..).step_by(0x100).take(17) {
             go(
@@ -2352,15 +2343,7 @@ fn a_snapshot_of_sixteen_busy_domains_fits() {
             );
         }
         for _ in 0..crate::exits::LINE - 1 {
-            go(
-                ExitKind::Io {
-                    port: COM1,
-                    size: 1,
-                    write: true,
-                    value: u32::from(b'x'),
-                },
-                ExitRegs::default(),
-            );
+            go(write_byte(COM1, b'x'), ExitRegs::default());
         }
         vmm.receive(d, &[0xff; 100]);
     }
@@ -2396,15 +2379,7 @@ fn a_snapshot_of_sixteen_busy_domains_fits() {
 fn a_snapshot_that_does_not_decode_is_refused_whole() {
     let (mut vmm, mut env) = (Vmm::default(), Fake::default());
     for d in 1..=3u16 {
-        let mut m = exit(
-            ExitKind::Io {
-                port: COM1,
-                size: 1,
-                write: true,
-                value: u32::from(b'x'),
-            },
-            ExitRegs::default(),
-        );
+        let mut m = exit(write_byte(COM1, b'x'), ExitRegs::default());
         m.exit.domain = d;
         vmm.exit(&mut env, &m);
     }
@@ -2452,24 +2427,14 @@ fn encoded_answers_are_the_general_ones() {
             rdx: 9,
         },
     };
-    let io = |port, value| {
-        exit(
-            ExitKind::Io {
-                port,
-                size: 1,
-                write: true,
-                value,
-            },
-            ExitRegs::default(),
-        )
-    };
+    let io = |port, value| exit(write_byte(port, value), ExitRegs::default());
     let sequence = [
         call(HC_SERVICE_NULL, 3),
         call(HC_SERVICE_INFO, 3),
         call(HC_SERVICE_INFO, 4),
-        io(COM1, u32::from(b'x')),
+        io(COM1, b'x'),
         call(HC_SERVICE_NULL, 3),
-        io(COM1, u32::from(b'y')),
+        io(COM1, b'y'),
         call(HC_SERVICE_INFO, 3),
         call(HC_IPC_PING, 3),
         call(99, 3),
