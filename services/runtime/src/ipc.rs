@@ -235,6 +235,27 @@ impl Client {
         let len = postcard::to_slice(request, &mut self.io.msg)
             .map_err(|_| CallError::Encode)?
             .len();
+        self.send(len, attempts)
+    }
+
+    /// Calls with a request that `encode` writes into the client's buffer
+    /// (returning its length, or `None` where it does not fit), binding
+    /// as [`Client::call`] does, and returns the reply's bytes as the
+    /// server encoded them (a `Result<_, IpcError>`): for a caller with
+    /// its own codec on a hot path.
+    #[inline(always)]
+    pub fn call_encoded(
+        &mut self,
+        encode: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Result<&[u8], CallError> {
+        let len = encode(&mut self.io.msg).ok_or(CallError::Encode)?;
+        let n = self.send(len, 2)?;
+        Ok(&self.io.out[..n])
+    }
+
+    /// Calls with the first `len` bytes of `self.io.msg` (see
+    /// [`Client::exchange`]).
+    fn send(&mut self, len: usize, attempts: u32) -> Result<usize, CallError> {
         for attempt in 0..attempts {
             if !self.bound {
                 self.bind()?;
