@@ -10,8 +10,9 @@
 #![no_std]
 #![no_main]
 
-use ipc_schema::altp2m::{ALTP2M, Action, AltReply, AltRequest};
-use service_runtime::ipc::Client;
+use ipc_schema::altp2m::{ALTP2M, Action, AltReply, AltRequest, short};
+use ipc_schema::ipc::IpcError;
+use service_runtime::ipc::{self, Client};
 use service_runtime::require;
 
 service_runtime::entry!(main);
@@ -32,14 +33,25 @@ fn main() -> ! {
     );
     let mut answer = None;
     loop {
-        match altp2m.call::<_, AltReply>(&AltRequest::NextEvent { answer }) {
-            Ok(AltReply::Event(e)) => answer = Some((e.id, Action::SwitchView(0))),
-            Ok(other) => {
-                let refused = matches!(other, AltReply::Refused(_));
-                defmt::warn!(
-                    "listener: NextEvent answered otherwise (refused: {=bool})",
-                    refused
-                );
+        // The call and its event by the short ways (fixed-width, no serde
+        // on the path); any other reply through postcard.
+        let event = altp2m
+            .call_encoded(|out| short::encode_next_event(answer, out))
+            .map(|bytes| {
+                short::decode_event_reply(bytes)
+                    .ok_or_else(|| ipc::decode::<Result<AltReply, IpcError>>(bytes))
+            });
+        match event {
+            Ok(Ok(e)) => answer = Some((e.id, Action::SwitchView(0))),
+            Ok(Err(other)) => {
+                let refused = matches!(other, Ok(Ok(AltReply::Refused(_))));
+                match other {
+                    Ok(Err(e)) => defmt::warn!("listener: NextEvent: {}", e),
+                    _ => defmt::warn!(
+                        "listener: NextEvent answered otherwise (refused: {=bool})",
+                        refused
+                    ),
+                }
                 answer = None;
                 service_runtime::sys::yield_now();
             }
