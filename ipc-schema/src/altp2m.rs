@@ -648,9 +648,14 @@ mod layout_tests {
     }
 
     fn action() -> impl Strategy<Value = Action> {
-        let access = (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(read, write, execute)| {
-            crate::hypercall::Access { read, write, execute }
-        });
+        let access =
+            (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(read, write, execute)| {
+                crate::hypercall::Access {
+                    read,
+                    write,
+                    execute,
+                }
+            });
         prop_oneof![
             Just(Action::Retry),
             Just(Action::AllowOnce),

@@ -228,7 +228,10 @@ impl Events {
             );
             return reply(Response::CRASH);
         }
-        let d = alt.domain(id);
+        let d = match alt.domains.get(&id) {
+            Some(d) => d,
+            None => alt.domain(id),
+        };
         if !d.views.contains_key(&view) {
             // A view this service does not know: one its predecessor made
             // and `Altp2m::reset` destroyed while this exit waited. The
@@ -706,7 +709,12 @@ impl Events {
                 out.rip = Some(e.rip.wrapping_add(u64::from(length)));
             }
             Action::SwitchView(v) => {
-                if !alt.domain(e.domain).views.contains_key(&v) {
+                // (A domain with no record yet has view 0 alone.)
+                let exists = alt
+                    .domains
+                    .get(&e.domain)
+                    .map_or(v == 0, |d| d.views.contains_key(&v));
+                if !exists {
                     return Err(AltError::NoSuchView);
                 }
                 out.view = Some(v);

@@ -152,10 +152,16 @@ struct Server {
 impl Server {
     /// Before the first request of an instance that is not the first:
     /// every domain back to what the (empty) model describes.
+    #[inline(always)]
     fn start(&mut self) {
-        if !core::mem::take(&mut self.reset_pending) {
-            return;
+        if self.reset_pending {
+            self.reset();
         }
+    }
+
+    #[inline(never)]
+    fn reset(&mut self) {
+        self.reset_pending = false;
         let done = self.alt.reset(&mut self.system);
         for r in &done {
             defmt::warn!(
@@ -254,13 +260,14 @@ impl Server {
         ok
     }
 
-    /// `Ok` if the caller may answer `event` (`events` on its domain).
-    fn may_answer(&mut self, badge: u64, event: u32) -> Result<(), AltError> {
+    /// `Ok` if the caller may answer `event` (`events` on its domain):
+    /// `Ok(true)` where the caller is the attached listener it goes to.
+    fn may_answer(&mut self, badge: u64, event: u32) -> Result<bool, AltError> {
         match self.events.owner_of(event) {
             // Its attached listener had `events` when it attached.
-            Some((_, Some(owner))) if owner == badge => Ok(()),
+            Some((_, Some(owner))) if owner == badge => Ok(true),
             Some((d, _)) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 
@@ -290,9 +297,12 @@ impl Server {
     ) -> usize {
         let reply = |a: AltReply, out: &mut [u8]| ipc::encode_reply::<AltReply>(&Ok(a), out);
         let mut resumed = None;
+        // The caller answered as an attached listener: it listens.
+        let mut listens = false;
         if let Some((event, action)) = answer {
-            if let Err(e) = self.may_answer(badge, event) {
-                return reply(AltReply::Refused(e), out);
+            match self.may_answer(badge, event) {
+                Ok(own) => listens = own,
+                Err(e) => return reply(AltReply::Refused(e), out),
             }
             match self
                 .events
@@ -309,7 +319,7 @@ impl Server {
             }
             return event(&e, out);
         }
-        let now = if !self.events.listens(badge) {
+        let now = if !listens && !self.events.listens(badge) {
             Some(AltReply::Refused(AltError::NotListening))
         } else if self.events.polls.len() >= MAX_WAITING_LISTENERS {
             Some(AltReply::Refused(AltError::TooManyWaiting))
@@ -354,7 +364,7 @@ impl Server {
                 self.events.ungive(e.id);
             }
         }
-        if self.events.waiting.iter().any(|w| !w.given) {
+        if self.events_note.is_some() && self.events.waiting.iter().any(|w| !w.given) {
             self.signal_event();
         }
         n
