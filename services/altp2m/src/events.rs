@@ -221,15 +221,15 @@ impl Events {
             );
             return reply(Response::CRASH);
         }
-        if !alt.domains.contains_key(&id) && !k.room() {
-            defmt::error!(
-                "altp2m: domain {=u16}: no room left in the service's heap for its records; domain stopped",
-                id
-            );
-            return reply(Response::CRASH);
-        }
         let d = match alt.domains.get(&id) {
             Some(d) => d,
+            None if !k.room() => {
+                defmt::error!(
+                    "altp2m: domain {=u16}: no room left in the service's heap for its records; domain stopped",
+                    id
+                );
+                return reply(Response::CRASH);
+            }
             None => alt.domain(id),
         };
         if !d.views.contains_key(&view) {

@@ -542,7 +542,9 @@ impl Service for Server {
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         self.start();
         if msg.slot == self.violations {
-            let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
+            // Decoded in place (no copy of the message out of a decoder).
+            let mut m = ipc_schema::vmexit::ExitMessage::default();
+            let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
                 defmt::warn!(
                     "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
                     msg.badge
