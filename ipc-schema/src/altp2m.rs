@@ -230,11 +230,8 @@ impl VmEvent {
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let b: &[u8; Self::BYTES] = b.try_into().ok()?;
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
+        let u64_at =
+            |i: usize| u64::from_le_bytes(*b[i..].first_chunk::<8>().expect("in the layout"));
         let flag = |x: u8| match x {
             0 => Some(false),
             1 => Some(true),
@@ -372,6 +369,9 @@ pub mod short {
     /// than the bits left), and what follows.
     #[inline(always)]
     fn take_varint(mut b: &[u8], bits: u32) -> Option<(u32, &[u8])> {
+        if let [x @ 0..0x80, rest @ ..] = b {
+            return Some((u32::from(*x), rest));
+        }
         let max = bits.div_ceil(7);
         let mut v = 0u32;
         for i in 0..max {
