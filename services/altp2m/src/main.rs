@@ -37,7 +37,7 @@ use ipc_schema::altp2m::{
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::manifest::introspection;
-use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, MAX_MESSAGE, SysError, VcpuOp};
+use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome, Poll};
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};

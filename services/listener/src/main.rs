@@ -35,31 +35,23 @@ fn main() -> ! {
     loop {
         // The call and its event by the short ways (fixed-width, no serde
         // on the path); any other reply through postcard.
-        let event = altp2m
-            .call_encoded(|out| short::encode_next_event(answer, out))
-            .map(|bytes| {
-                short::decode_event_reply(bytes)
-                    .ok_or_else(|| ipc::decode::<Result<AltReply, IpcError>>(bytes))
-            });
-        match event {
-            Ok(Ok(e)) => answer = Some((e.id, Action::SwitchView(0))),
-            Ok(Err(other)) => {
-                let refused = matches!(other, Ok(Ok(AltReply::Refused(_))));
-                match other {
+        match altp2m.call_encoded(|out| short::encode_next_event(answer, out)) {
+            Ok(bytes) => {
+                if let Some(e) = short::decode_event_reply(bytes) {
+                    answer = Some((e.id, Action::SwitchView(0)));
+                    continue;
+                }
+                match ipc::decode::<Result<AltReply, IpcError>>(bytes) {
                     Ok(Err(e)) => defmt::warn!("listener: NextEvent: {}", e),
-                    _ => defmt::warn!(
+                    other => defmt::warn!(
                         "listener: NextEvent answered otherwise (refused: {=bool})",
-                        refused
+                        matches!(other, Ok(Ok(AltReply::Refused(_))))
                     ),
                 }
-                answer = None;
-                service_runtime::sys::yield_now();
             }
-            Err(e) => {
-                defmt::warn!("listener: NextEvent: {}", e);
-                answer = None;
-                service_runtime::sys::yield_now();
-            }
+            Err(e) => defmt::warn!("listener: NextEvent: {}", e),
         }
+        answer = None;
+        service_runtime::sys::yield_now();
     }
 }
