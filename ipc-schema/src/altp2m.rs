@@ -230,11 +230,8 @@ impl VmEvent {
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let b: &[u8; Self::BYTES] = b.try_into().ok()?;
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
+        let u64_at =
+            |i: usize| u64::from_le_bytes(*b[i..].first_chunk::<8>().expect("in the layout"));
         let flag = |x: u8| match x {
             0 => Some(false),
             1 => Some(true),
@@ -301,6 +298,157 @@ impl postcard_schema::Schema for VmEvent {
             name: "VmEvent",
             ty: &postcard_schema::schema::DataModelType::ByteArray,
         };
+}
+
+/// The short ways of the violation path's two messages, byte for byte
+/// postcard's (property-tested against it): a listener's
+/// `AltRequest::NextEvent` and its answer `Ok(AltReply::Event(e))` (as a
+/// server encodes a reply: `Result<AltReply, IpcError>`). The event is
+/// its fixed-width layout behind three bytes (`Ok`, `Event`, the length
+/// 46); the request is the tag, the option, the event number (a varint)
+/// and the action. Neither takes serde's generic visitors; the decoders
+/// say `None` for anything else, which postcard then reads.
+pub mod short {
+    use super::{Action, VmEvent};
+    use crate::hypercall::Access;
+
+    /// `AltRequest::NextEvent`'s variant index.
+    const NEXT_EVENT: u8 = 8;
+    /// `AltReply::Event`'s variant index.
+    const EVENT: u8 = 5;
+    /// The length of `Ok(AltReply::Event(e))`.
+    pub const EVENT_REPLY: usize = 3 + VmEvent::BYTES;
+
+    /// Writes `v` as a varint at `b[n..]`: the length after it.
+    #[inline(always)]
+    fn varint(b: &mut [u8; 16], mut n: usize, mut v: u32) -> usize {
+        while v >= 0x80 {
+            b[n] = v as u8 | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        b[n] = v as u8;
+        n + 1
+    }
+
+    /// Encodes `AltRequest::NextEvent { answer }` into `out`: its length,
+    /// or `None` if it does not fit.
+    #[inline]
+    pub fn encode_next_event(answer: Option<(u32, Action)>, out: &mut [u8]) -> Option<usize> {
+        let mut b = [0u8; 16];
+        b[0] = NEXT_EVENT;
+        let mut n = 2;
+        if let Some((id, action)) = answer {
+            b[1] = 1;
+            n = varint(&mut b, n, id);
+            let bit = u8::from;
+            n = match action {
+                Action::Retry => varint(&mut b, n, 0),
+                Action::AllowOnce => varint(&mut b, n, 1),
+                Action::SetAccess(a) => {
+                    b[n..n + 4].copy_from_slice(&[2, bit(a.read), bit(a.write), bit(a.execute)]);
+                    n + 4
+                }
+                Action::SwitchView(v) => {
+                    b[n] = 3;
+                    varint(&mut b, n + 1, v.into())
+                }
+                Action::Skip { length } => {
+                    b[n..n + 2].copy_from_slice(&[4, length]);
+                    n + 2
+                }
+                Action::Crash => varint(&mut b, n, 5),
+            };
+        }
+        out.get_mut(..n)?.copy_from_slice(&b[..n]);
+        Some(n)
+    }
+
+    /// A varint of a `bits`-bit integer at the start of `b`, as postcard
+    /// reads one (at most ceil(bits / 7) bytes, the last holding no more
+    /// than the bits left), and what follows.
+    #[inline(always)]
+    fn take_varint(mut b: &[u8], bits: u32) -> Option<(u32, &[u8])> {
+        if let [x @ 0..0x80, rest @ ..] = b {
+            return Some((u32::from(*x), rest));
+        }
+        let max = bits.div_ceil(7);
+        let mut v = 0u32;
+        for i in 0..max {
+            let (&x, rest) = b.split_first()?;
+            b = rest;
+            v |= u32::from(x & 0x7f) << (7 * i);
+            if x & 0x80 == 0 {
+                if i == max - 1 && u32::from(x) >> (bits % 7) != 0 {
+                    return None;
+                }
+                return Some((v, b));
+            }
+        }
+        None
+    }
+
+    /// A postcard bool.
+    #[inline(always)]
+    fn flag(x: u8) -> Option<bool> {
+        match x {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    /// `AltRequest::NextEvent { answer }` read from all of `bytes`: the
+    /// answer; `None` for any other request (or bytes postcard refuses).
+    #[inline]
+    pub fn decode_next_event(bytes: &[u8]) -> Option<Option<(u32, Action)>> {
+        match *bytes {
+            [NEXT_EVENT, 0] => return Some(None),
+            [NEXT_EVENT, 1, ..] => {}
+            _ => return None,
+        }
+        let (id, rest) = take_varint(&bytes[2..], 32)?;
+        let (tag, rest) = take_varint(rest, 32)?;
+        let action = match (tag, rest) {
+            (0, []) => Action::Retry,
+            (1, []) => Action::AllowOnce,
+            (2, &[r, w, x]) => Action::SetAccess(Access {
+                read: flag(r)?,
+                write: flag(w)?,
+                execute: flag(x)?,
+            }),
+            (3, rest) => match take_varint(rest, 16)? {
+                (v, []) => Action::SwitchView(v as u16),
+                _ => return None,
+            },
+            (4, &[length]) => Action::Skip { length },
+            (5, []) => Action::Crash,
+            _ => return None,
+        };
+        Some(Some((id, action)))
+    }
+
+    /// Encodes the reply `Ok(AltReply::Event(e))` into `out`: its length
+    /// ([`EVENT_REPLY`]), or `None` if it does not fit.
+    #[inline]
+    pub fn encode_event_reply(e: &VmEvent, out: &mut [u8]) -> Option<usize> {
+        let out = out.get_mut(..EVENT_REPLY)?;
+        out[..3].copy_from_slice(&[0, EVENT, VmEvent::BYTES as u8]);
+        out[3..].copy_from_slice(&e.to_bytes());
+        Some(EVENT_REPLY)
+    }
+
+    /// The event of a reply `Ok(AltReply::Event(e))` (all of `bytes`);
+    /// `None` for any other reply.
+    #[inline]
+    pub fn decode_event_reply(bytes: &[u8]) -> Option<VmEvent> {
+        match bytes {
+            [0, EVENT, len, rest @ ..] if usize::from(*len) == VmEvent::BYTES => {
+                VmEvent::from_bytes(rest)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Events per [`AltReply::Events`].
@@ -527,6 +675,89 @@ mod layout_tests {
         assert!(!e.page_walk());
         e.qualification = 0x002;
         assert!(!e.page_walk(), "no linear address: not known to be a walk");
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        let access =
+            (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(read, write, execute)| {
+                crate::hypercall::Access {
+                    read,
+                    write,
+                    execute,
+                }
+            });
+        prop_oneof![
+            Just(Action::Retry),
+            Just(Action::AllowOnce),
+            access.prop_map(Action::SetAccess),
+            any::<u16>().prop_map(Action::SwitchView),
+            any::<u8>().prop_map(|length| Action::Skip { length }),
+            Just(Action::Crash),
+        ]
+    }
+
+    /// Postcard's decoding of a whole message.
+    fn whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+        match postcard::take_from_bytes::<T>(bytes) {
+            Ok((v, [])) => Some(v),
+            _ => None,
+        }
+    }
+
+    type Answer = Result<AltReply, crate::ipc::IpcError>;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The short ways write what postcard writes and read it back.
+        #[test]
+        fn the_short_ways_are_postcard(
+            answer in proptest::option::of((any::<u32>(), action())),
+            e in event(),
+        ) {
+            let mut a = [0u8; 64];
+            let mut b = [0u8; 64];
+            let n = short::encode_next_event(answer, &mut a).unwrap();
+            let request = AltRequest::NextEvent { answer };
+            prop_assert_eq!(&a[..n], postcard::to_slice(&request, &mut b).unwrap());
+            prop_assert_eq!(short::decode_next_event(&a[..n]), Some(answer));
+            let n = short::encode_event_reply(&e, &mut a).unwrap();
+            let reply: Answer = Ok(AltReply::Event(e));
+            prop_assert_eq!(&a[..n], postcard::to_slice(&reply, &mut b).unwrap());
+            prop_assert_eq!(short::decode_event_reply(&a[..n]), Some(e));
+            prop_assert!(short::encode_next_event(answer, &mut a[..1]).is_none());
+            prop_assert!(short::encode_event_reply(&e, &mut a[..n - 1]).is_none());
+        }
+
+        /// Whatever the short ways read from any bytes (valid encodings
+        /// damaged or cut, and others), postcard reads the same.
+        #[test]
+        fn the_short_ways_read_only_what_postcard_reads_alike(
+            answer in proptest::option::of((any::<u32>(), action())),
+            e in event(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+            junk in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut a = [0u8; 64];
+            let n = short::encode_next_event(answer, &mut a).unwrap();
+            let mut bytes = a[..n].to_vec();
+            let i = at.index(n);
+            if cut { bytes.truncate(i) } else { bytes[i] = byte }
+            for b in [&bytes[..], &junk[..]] {
+                if let Some(answer) = short::decode_next_event(b) {
+                    prop_assert_eq!(whole::<AltRequest>(b), Some(AltRequest::NextEvent { answer }));
+                }
+            }
+            let n = short::encode_event_reply(&e, &mut a).unwrap();
+            let mut bytes = a[..n].to_vec();
+            let i = at.index(n);
+            if cut { bytes.truncate(i) } else { bytes[i] = byte }
+            if let Some(e) = short::decode_event_reply(&bytes) {
+                prop_assert_eq!(whole::<Answer>(&bytes), Some(Ok(AltReply::Event(e))));
+            }
+        }
     }
 
     proptest! {

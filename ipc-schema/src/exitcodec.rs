@@ -215,7 +215,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         ExitKind::Wrmsr { msr, value } => {
             o.byte(5)?;
             o.varint(msr.into())?;
-            o.varint(value)
+            o.word(value)
         }
         ExitKind::EptViolation {
             gpa,
@@ -225,21 +225,21 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
             qualification,
         } => {
             o.byte(6)?;
-            o.varint(gpa)?;
+            o.word(gpa)?;
             match gla {
                 Some(g) => {
                     o.byte(1)?;
-                    o.varint(g)?;
+                    o.word(g)?;
                 }
                 None => o.byte(0)?,
             }
             o.access(access)?;
             o.access(allowed)?;
-            o.varint(qualification)
+            o.word(qualification)
         }
         ExitKind::EptMisconfig { gpa } => {
             o.byte(7)?;
-            o.varint(gpa)
+            o.word(gpa)
         }
         ExitKind::TripleFault => o.byte(8),
         ExitKind::Vmfunc { leaf, index } => {
@@ -250,7 +250,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         ExitKind::Xsetbv { index, value } => {
             o.byte(10)?;
             o.varint(index.into())?;
-            o.varint(value)
+            o.word(value)
         }
         ExitKind::Other {
             reason,
@@ -258,7 +258,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         } => {
             o.byte(11)?;
             o.varint(reason.into())?;
-            o.varint(qualification)
+            o.word(qualification)
         }
         ExitKind::MonitorTrap => o.byte(12),
         ExitKind::Start => o.byte(13),
@@ -272,7 +272,7 @@ fn put_kind(o: &mut Out<'_>, k: &ExitKind) -> Option<()> {
         ExitKind::ApicWrite { offset, value } => {
             o.byte(17)?;
             o.varint(offset.into())?;
-            o.varint(value)
+            o.word(value)
         }
     }
 }
@@ -303,19 +303,19 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
         5 => {
             *out = ExitKind::Wrmsr {
                 msr: i.u32()?,
-                value: i.u64()?,
+                value: i.word()?,
             }
         }
         6 => {
             *out = ExitKind::EptViolation {
-                gpa: i.u64()?,
-                gla: if i.some()? { Some(i.u64()?) } else { None },
+                gpa: i.word()?,
+                gla: if i.some()? { Some(i.word()?) } else { None },
                 access: i.access()?,
                 allowed: i.access()?,
-                qualification: i.u64()?,
+                qualification: i.word()?,
             }
         }
-        7 => *out = ExitKind::EptMisconfig { gpa: i.u64()? },
+        7 => *out = ExitKind::EptMisconfig { gpa: i.word()? },
         8 => *out = ExitKind::TripleFault,
         9 => {
             *out = ExitKind::Vmfunc {
@@ -326,13 +326,13 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
         10 => {
             *out = ExitKind::Xsetbv {
                 index: i.u32()?,
-                value: i.u64()?,
+                value: i.word()?,
             }
         }
         11 => {
             *out = ExitKind::Other {
                 reason: i.u16()?,
-                qualification: i.u64()?,
+                qualification: i.word()?,
             }
         }
         12 => *out = ExitKind::MonitorTrap,
@@ -348,7 +348,7 @@ fn take_kind_into(i: &mut In<'_>, out: &mut ExitKind) -> Option<()> {
         17 => {
             *out = ExitKind::ApicWrite {
                 offset: i.u16()?,
-                value: i.u64()?,
+                value: i.word()?,
             }
         }
         _ => return None,
@@ -676,7 +676,7 @@ pub fn decode_reply(bytes: &[u8]) -> Option<ExitReply> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -698,7 +698,7 @@ mod tests {
         })
     }
 
-    fn kind() -> impl Strategy<Value = ExitKind> {
+    pub(crate) fn kind() -> impl Strategy<Value = ExitKind> {
         prop_oneof![
             (any::<u32>(), any::<u32>())
                 .prop_map(|(leaf, subleaf)| ExitKind::Cpuid { leaf, subleaf }),

@@ -128,9 +128,15 @@ pub struct AccessBits {
 }
 
 /// Why the vCPU stopped.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
-)]
+///
+/// Its 64-bit fields (addresses, qualifications, values written) travel
+/// at fixed width, 8 little-endian bytes (postcard's `fixint::le`; `gla`
+/// an option tag then 8 bytes), as the registers do: the kernel writes
+/// them and the handlers read them without a varint loop (an address or
+/// a guest-linear address is rarely below 2^21). The 16- and 32-bit fields
+/// are varints. The schema and the bound describe what travels
+/// ([`wire::ExitKind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[repr(C, u8)]
 pub enum ExitKind {
@@ -156,19 +162,24 @@ pub enum ExitKind {
     },
     Wrmsr {
         msr: u32,
+        #[serde(with = "postcard::fixint::le")]
         value: u64,
     },
     /// An access the active view does not allow (or a gfn it does not map).
     EptViolation {
+        #[serde(with = "postcard::fixint::le")]
         gpa: u64,
         /// The guest-linear address, where the CPU reports one.
+        #[serde(with = "fixed_option")]
         gla: Option<u64>,
         access: AccessBits,
         /// What the EPT entry allowed.
         allowed: AccessBits,
+        #[serde(with = "postcard::fixint::le")]
         qualification: u64,
     },
     EptMisconfig {
+        #[serde(with = "postcard::fixint::le")]
         gpa: u64,
     },
     TripleFault,
@@ -179,11 +190,13 @@ pub enum ExitKind {
     },
     Xsetbv {
         index: u32,
+        #[serde(with = "postcard::fixint::le")]
         value: u64,
     },
     /// Anything else: the basic exit reason and qualification.
     Other {
         reason: u16,
+        #[serde(with = "postcard::fixint::le")]
         qualification: u64,
     },
     /// The vCPU ran the one instruction its handler asked to step (a reply
@@ -219,8 +232,99 @@ pub enum ExitKind {
     /// reads there current (`VcpuOp::ApicSet`).
     ApicWrite {
         offset: u16,
+        #[serde(with = "postcard::fixint::le")]
         value: u64,
     },
+}
+
+/// `Option<u64>` at fixed width: postcard's option tag, then (for
+/// `Some`) 8 little-endian bytes.
+mod fixed_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(u64::to_le_bytes).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Option::<[u8; 8]>::deserialize(d)?.map(u64::from_le_bytes))
+    }
+}
+
+/// What travels for an [`ExitKind`]: the same variants and fields, the
+/// fixed-width ones as their bytes. It gives `ExitKind` its schema and
+/// bound (the derives cannot see `serde(with)`); a test checks that both
+/// encode alike.
+pub mod wire {
+    use super::{AccessBits, Word};
+    use postcard::experimental::max_size::MaxSize;
+    use serde::Serialize;
+
+    #[derive(Serialize, MaxSize, postcard_schema::Schema)]
+    pub enum ExitKind {
+        Cpuid {
+            leaf: u32,
+            subleaf: u32,
+        },
+        Hypercall,
+        Io {
+            port: u16,
+            size: u8,
+            write: bool,
+            value: u32,
+        },
+        Hlt,
+        Rdmsr {
+            msr: u32,
+        },
+        Wrmsr {
+            msr: u32,
+            value: Word,
+        },
+        EptViolation {
+            gpa: Word,
+            gla: Option<Word>,
+            access: AccessBits,
+            allowed: AccessBits,
+            qualification: Word,
+        },
+        EptMisconfig {
+            gpa: Word,
+        },
+        TripleFault,
+        Vmfunc {
+            leaf: u32,
+            index: u32,
+        },
+        Xsetbv {
+            index: u32,
+            value: Word,
+        },
+        Other {
+            reason: u16,
+            qualification: Word,
+        },
+        MonitorTrap,
+        Start,
+        PmlFull {
+            buffer: u8,
+            entries: u16,
+        },
+        InterruptWindow,
+        Deadline,
+        ApicWrite {
+            offset: u16,
+            value: Word,
+        },
+    }
+}
+
+impl MaxSize for ExitKind {
+    const POSTCARD_MAX_SIZE: usize = <wire::ExitKind as MaxSize>::POSTCARD_MAX_SIZE;
+}
+
+impl postcard_schema::Schema for ExitKind {
+    const SCHEMA: &'static NamedType = <wire::ExitKind as postcard_schema::Schema>::SCHEMA;
 }
 
 /// One exit of one vCPU.
@@ -395,7 +499,99 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The wire description of `k`.
+    fn to_wire(k: ExitKind) -> wire::ExitKind {
+        use wire::ExitKind as W;
+        let b = u64::to_le_bytes;
+        match k {
+            ExitKind::Cpuid { leaf, subleaf } => W::Cpuid { leaf, subleaf },
+            ExitKind::Hypercall => W::Hypercall,
+            ExitKind::Io {
+                port,
+                size,
+                write,
+                value,
+            } => W::Io {
+                port,
+                size,
+                write,
+                value,
+            },
+            ExitKind::Hlt => W::Hlt,
+            ExitKind::Rdmsr { msr } => W::Rdmsr { msr },
+            ExitKind::Wrmsr { msr, value } => W::Wrmsr {
+                msr,
+                value: b(value),
+            },
+            ExitKind::EptViolation {
+                gpa,
+                gla,
+                access,
+                allowed,
+                qualification,
+            } => W::EptViolation {
+                gpa: b(gpa),
+                gla: gla.map(b),
+                access,
+                allowed,
+                qualification: b(qualification),
+            },
+            ExitKind::EptMisconfig { gpa } => W::EptMisconfig { gpa: b(gpa) },
+            ExitKind::TripleFault => W::TripleFault,
+            ExitKind::Vmfunc { leaf, index } => W::Vmfunc { leaf, index },
+            ExitKind::Xsetbv { index, value } => W::Xsetbv {
+                index,
+                value: b(value),
+            },
+            ExitKind::Other {
+                reason,
+                qualification,
+            } => W::Other {
+                reason,
+                qualification: b(qualification),
+            },
+            ExitKind::MonitorTrap => W::MonitorTrap,
+            ExitKind::Start => W::Start,
+            ExitKind::PmlFull { buffer, entries } => W::PmlFull { buffer, entries },
+            ExitKind::InterruptWindow => W::InterruptWindow,
+            ExitKind::Deadline => W::Deadline,
+            ExitKind::ApicWrite { offset, value } => W::ApicWrite {
+                offset,
+                value: b(value),
+            },
+        }
+    }
+
+    #[test]
+    fn an_ept_violation_carries_its_addresses_at_fixed_width() {
+        let k = ExitKind::EptViolation {
+            gpa: 0x1000,
+            gla: Some(0xffff_8000_0000_1000),
+            access: AccessBits::default(),
+            allowed: AccessBits::default(),
+            qualification: 0x182,
+        };
+        let mut buf = [0u8; 64];
+        let n = postcard::to_slice(&k, &mut buf).unwrap().len();
+        // Tag, gpa (8), Some (1) and gla (8), 3 + 3 access bits, qualification (8).
+        assert_eq!(n, 1 + 8 + 1 + 8 + 6 + 8);
+        assert_eq!(&buf[1..9], &0x1000u64.to_le_bytes());
+        assert_eq!(&buf[n - 8..n], &0x182u64.to_le_bytes());
+    }
+
     proptest! {
+        /// The schema and bound (of [`wire::ExitKind`]) describe the bytes
+        /// an `ExitKind` is: both encode alike, within the bound.
+        #[test]
+        fn an_exit_kind_is_its_wire_description(k in crate::exitcodec::tests::kind()) {
+            let mut a = [0u8; 64];
+            let mut b = [0u8; 64];
+            let x = postcard::to_slice(&k, &mut a).unwrap();
+            let y = postcard::to_slice(&to_wire(k), &mut b).unwrap();
+            prop_assert_eq!(&*x, &*y);
+            prop_assert!(x.len() <= <ExitKind as MaxSize>::POSTCARD_MAX_SIZE);
+        }
+
         #[test]
         fn exit_messages_roundtrip_within_their_bound(
             r in proptest::array::uniform4(any::<u64>()),

@@ -221,14 +221,18 @@ impl Events {
             );
             return reply(Response::CRASH);
         }
-        if !alt.domains.contains_key(&id) && !k.room() {
-            defmt::error!(
-                "altp2m: domain {=u16}: no room left in the service's heap for its records; domain stopped",
-                id
-            );
-            return reply(Response::CRASH);
-        }
-        if !alt.domain(id).views.contains_key(&view) {
+        let d = match alt.domains.get(&id) {
+            Some(d) => d,
+            None if !k.room() => {
+                defmt::error!(
+                    "altp2m: domain {=u16}: no room left in the service's heap for its records; domain stopped",
+                    id
+                );
+                return reply(Response::CRASH);
+            }
+            None => alt.domain(id),
+        };
+        if !d.views.contains_key(&view) {
             // A view this service does not know: one its predecessor made
             // and `Altp2m::reset` destroyed while this exit waited. The
             // vCPU goes on in view 0 (where reset put it).
@@ -245,10 +249,20 @@ impl Events {
                 rip: None,
             });
         }
+        // What of the domain's constraints can apply (each asked of the
+        // model below only then: the same answers, fewer look-ups).
+        let (relaxing, shared, tracking) = (
+            d.relaxing,
+            access.write && !d.shared.is_empty(),
+            access.write && d.tracking.is_some(),
+        );
         // Xen's relaxing access types: the page's own setting relaxes
         // itself (rx2rw silently; of n2rwx the listener hears afterwards),
         // before dirty tracking has its say on the write.
-        let relaxed = alt.relax(k, id, view, gfn, access).unwrap_or_else(|e| {
+        let relaxed = if !relaxing {
+            None
+        } else {
+            alt.relax(k, id, view, gfn, access).unwrap_or_else(|e| {
             defmt::warn!(
                 "altp2m: domain {=u16}: gfn {=u64:#x} in view {=u16} could not relax its access ({}); handled as a restriction",
                 id,
@@ -257,7 +271,8 @@ impl Events {
                 e
             );
             None
-        });
+        })
+        };
         // SH-2: a write to a shared page (its settings allow the write) is
         // a copy-on-write break: the writer gets its private copy and
         // retries. Without a frame for the copy the write is a restriction
@@ -265,7 +280,11 @@ impl Events {
         // no-listener policy stops it or keeps the vCPU waiting; never
         // another domain.
         let mut no_copy = false;
-        match alt.cow(k, id, view, gfn, access) {
+        match if shared {
+            alt.cow(k, id, view, gfn, access)
+        } else {
+            Ok(false)
+        } {
             Ok(false) => {}
             Ok(true) => return reply(Response::RETRY),
             Err(e) => {
@@ -281,7 +300,7 @@ impl Events {
         }
         // LD-2: a write that only dirty tracking refused is logged (the
         // frame marked dirtied, its entries writable again) and retried.
-        let lifted = if no_copy {
+        let lifted = if no_copy || !tracking {
             Ok(false)
         } else {
             alt.lift(k, id, view, gfn, access)
@@ -690,7 +709,12 @@ impl Events {
                 out.rip = Some(e.rip.wrapping_add(u64::from(length)));
             }
             Action::SwitchView(v) => {
-                if !alt.domain(e.domain).views.contains_key(&v) {
+                // (A domain with no record yet has view 0 alone.)
+                let exists = alt
+                    .domains
+                    .get(&e.domain)
+                    .map_or(v == 0, |d| d.views.contains_key(&v));
+                if !exists {
                     return Err(AltError::NoSuchView);
                 }
                 out.view = Some(v);

@@ -28,6 +28,9 @@ impl<V: Copy + PartialEq> Intervals<V> {
 
     /// The value at `at`.
     pub fn get(&self, at: u64) -> Option<V> {
+        if self.map.is_empty() {
+            return None;
+        }
         let (_, &(end, v)) = self.map.range(..=at).next_back()?;
         (at < end).then_some(v)
     }

@@ -32,12 +32,12 @@ extern crate alloc;
 
 use ipc_schema::altp2m::{
     ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
-    MAX_WAITING_LISTENERS, PING, PONG,
+    MAX_WAITING_LISTENERS, PING, PONG, VmEvent, short,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::manifest::introspection;
-use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, MAX_MESSAGE, SysError, VcpuOp};
+use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome, Poll};
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
@@ -262,13 +262,14 @@ impl Server {
         ok
     }
 
-    /// `Ok` if the caller may answer `event` (`events` on its domain).
-    fn may_answer(&mut self, badge: u64, event: u32) -> Result<(), AltError> {
+    /// `Ok` if the caller may answer `event` (`events` on its domain):
+    /// `Ok(true)` where the caller is the attached listener it goes to.
+    fn may_answer(&mut self, badge: u64, event: u32) -> Result<bool, AltError> {
         match self.events.owner_of(event) {
             // Its attached listener had `events` when it attached.
-            Some((_, Some(owner))) if owner == badge => Ok(()),
+            Some((_, Some(owner))) if owner == badge => Ok(true),
             Some((d, _)) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 
@@ -298,9 +299,12 @@ impl Server {
     ) -> usize {
         let reply = |a: AltReply, out: &mut [u8]| ipc::encode_reply::<AltReply>(&Ok(a), out);
         let mut resumed = None;
+        // The caller answered as an attached listener: it listens.
+        let mut listens = false;
         if let Some((event, action)) = answer {
-            if let Err(e) = self.may_answer(badge, event) {
-                return reply(AltReply::Refused(e), out);
+            match self.may_answer(badge, event) {
+                Ok(own) => listens = own,
+                Err(e) => return reply(AltReply::Refused(e), out),
             }
             match self
                 .events
@@ -310,13 +314,19 @@ impl Server {
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
         }
-        let now = match self.events.next_for(badge) {
-            Some(e) => Some(AltReply::Event(e)),
-            None if !self.events.listens(badge) => Some(AltReply::Refused(AltError::NotListening)),
-            None if self.events.polls.len() >= MAX_WAITING_LISTENERS => {
-                Some(AltReply::Refused(AltError::TooManyWaiting))
+        let event = |e: &VmEvent, out: &mut [u8]| short::encode_event_reply(e, out).unwrap_or(0);
+        if let Some(e) = self.events.next_for(badge) {
+            if let Some((vcpu, exit_reply)) = resumed {
+                resume(vcpu, &exit_reply);
             }
-            None => None,
+            return event(&e, out);
+        }
+        let now = if !listens && !self.events.listens(badge) {
+            Some(AltReply::Refused(AltError::NotListening))
+        } else if self.events.polls.len() >= MAX_WAITING_LISTENERS {
+            Some(AltReply::Refused(AltError::TooManyWaiting))
+        } else {
+            None
         };
         match (now, resumed) {
             (Some(a), Some((vcpu, exit_reply))) => {
@@ -346,17 +356,17 @@ impl Server {
         while let Some((token, e)) = self.events.poll_answer() {
             if let Some(out) = out.take() {
                 ipc::answer_instead(token);
-                n = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), out);
+                n = short::encode_event_reply(&e, out).unwrap_or(0);
                 continue;
             }
-            let mut bytes = [0u8; MAX_MESSAGE];
-            let m = ipc::encode_reply::<AltReply>(&Ok(AltReply::Event(e)), &mut bytes);
+            let mut bytes = [0u8; short::EVENT_REPLY];
+            let m = short::encode_event_reply(&e, &mut bytes).unwrap_or(0);
             if ipc::reply(token, &bytes[..m]).is_err() {
                 // The caller is gone: the event goes to the next one.
                 self.events.ungive(e.id);
             }
         }
-        if self.events.waiting.iter().any(|w| !w.given) {
+        if self.events_note.is_some() && self.events.waiting.iter().any(|w| !w.given) {
             self.signal_event();
         }
         n
@@ -566,7 +576,9 @@ impl Server {
     #[inline(never)]
     fn message(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.violations {
-            let Some(m) = ipc_schema::exitcodec::decode_message(msg.bytes) else {
+            // Decoded in place (no copy of the message out of a decoder).
+            let mut m = ipc_schema::vmexit::ExitMessage::default();
+            let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
                 defmt::warn!(
                     "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
                     msg.badge
@@ -587,6 +599,13 @@ impl Server {
                     ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
                 }
             };
+        }
+        // A listener's `NextEvent` by its short way first (the violation
+        // path: no serde), then any request through postcard.
+        if msg.slot == self.external
+            && let Some(answer) = short::decode_next_event(msg.bytes)
+        {
+            return self.next_event(msg.badge, msg.token, answer, reply);
         }
         // Each answer is encoded where it was made, by reference (not
         // moved by value into a `Result` first: a reply is up to 108

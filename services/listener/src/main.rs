@@ -10,8 +10,9 @@
 #![no_std]
 #![no_main]
 
-use ipc_schema::altp2m::{ALTP2M, Action, AltReply, AltRequest};
-use service_runtime::ipc::Client;
+use ipc_schema::altp2m::{ALTP2M, Action, AltReply, AltRequest, short};
+use ipc_schema::ipc::IpcError;
+use service_runtime::ipc::{self, Client};
 use service_runtime::require;
 
 service_runtime::entry!(main);
@@ -32,22 +33,25 @@ fn main() -> ! {
     );
     let mut answer = None;
     loop {
-        match altp2m.call::<_, AltReply>(&AltRequest::NextEvent { answer }) {
-            Ok(AltReply::Event(e)) => answer = Some((e.id, Action::SwitchView(0))),
-            Ok(other) => {
-                let refused = matches!(other, AltReply::Refused(_));
-                defmt::warn!(
-                    "listener: NextEvent answered otherwise (refused: {=bool})",
-                    refused
-                );
-                answer = None;
-                service_runtime::sys::yield_now();
+        // The call and its event by the short ways (fixed-width, no serde
+        // on the path); any other reply through postcard.
+        match altp2m.call_encoded(|out| short::encode_next_event(answer, out)) {
+            Ok(bytes) => {
+                if let Some(e) = short::decode_event_reply(bytes) {
+                    answer = Some((e.id, Action::SwitchView(0)));
+                    continue;
+                }
+                match ipc::decode::<Result<AltReply, IpcError>>(bytes) {
+                    Ok(Err(e)) => defmt::warn!("listener: NextEvent: {}", e),
+                    other => defmt::warn!(
+                        "listener: NextEvent answered otherwise (refused: {=bool})",
+                        matches!(other, Ok(Ok(AltReply::Refused(_))))
+                    ),
+                }
             }
-            Err(e) => {
-                defmt::warn!("listener: NextEvent: {}", e);
-                answer = None;
-                service_runtime::sys::yield_now();
-            }
+            Err(e) => defmt::warn!("listener: NextEvent: {}", e),
         }
+        answer = None;
+        service_runtime::sys::yield_now();
     }
 }

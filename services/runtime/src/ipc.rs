@@ -239,22 +239,29 @@ impl Client {
         self.send(len, attempts)
     }
 
-    /// [`Client::call`] with a request already encoded (`msg`: fixed bytes
-    /// such as `ipc_schema::altp2m::PING`): the reply's bytes, undecoded.
-    /// The common case (bound, the server there) is in line: the bytes
-    /// copied, the call made.
+    /// Calls with a request that `encode` writes into the client's buffer
+    /// (returning its length, or `None` where it does not fit), binding
+    /// as [`Client::call`] does, and returns the reply's bytes as the
+    /// server encoded them (a `Result<_, IpcError>`): for a caller with
+    /// its own codec on a hot path (fixed bytes such as
+    /// `ipc_schema::altp2m::PING`, the listener's `NextEvent`). The common
+    /// case (bound, the server there) is in line.
     #[inline(always)]
-    pub fn call_encoded<const N: usize>(&mut self, msg: &[u8; N]) -> Result<&[u8], CallError> {
-        const { assert!(N <= MAX_MESSAGE) };
-        self.io.msg[..N].copy_from_slice(msg);
+    pub fn call_encoded(
+        &mut self,
+        encode: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Result<&[u8], CallError> {
+        let len = encode(&mut self.io.msg)
+            .filter(|&n| n <= MAX_MESSAGE)
+            .ok_or(CallError::Encode)?;
         let n = if self.bound {
             let Buffers { msg, out } = &mut self.io;
-            match call_raw(self.handle, &msg[..N], out) {
+            match call_raw(self.handle, &msg[..len], out) {
                 Ok(n) => n.min(out.len()),
-                Err(e) => self.failed(e, N)?,
+                Err(e) => self.failed(e, len)?,
             }
         } else {
-            self.send(N, 2)?
+            self.send(len, 2)?
         };
         Ok(&self.io.out[..n])
     }

@@ -96,7 +96,10 @@ impl Peer {
     /// it answered `Pong`.
     #[inline(always)]
     fn ping(&mut self) -> bool {
-        let answer = match self.client.call_encoded(&PING) {
+        let answer = match self.client.call_encoded(|m| {
+            m.get_mut(..PING.len())?.copy_from_slice(&PING);
+            Some(PING.len())
+        }) {
             Ok(b) if b == PONG => Ok(true),
             // Anything else decoded as `call` would have.
             Ok(b) => match postcard::from_bytes::<Result<AltReply, IpcError>>(b) {
