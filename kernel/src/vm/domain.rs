@@ -43,6 +43,9 @@ pub struct Domain {
     /// the EPT owner to take (LIFTED_TAKE). Full, the kernel lifts nothing
     /// more and the faults go to the owner as any violation.
     pub lifted: heapless::Vec<u64, LIFTED>,
+    /// An entry of one of its views was armed (`EptOp::ArmLift`): until
+    /// then a write violation is not looked up for one.
+    pub lift_armed: bool,
     msr_bitmap: u64,
     /// Where the vCPU's exits and EPT violations go (endpoint ids).
     pub exit_endpoint: u16,
@@ -138,6 +141,7 @@ impl Domain {
             writes: None,
             pml_endpoint: None,
             lifted: heapless::Vec::new(),
+            lift_armed: false,
             msr_bitmap,
             exit_endpoint: 0,
             violation_endpoint: 0,

@@ -507,55 +507,56 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     }
 }
 
-/// An EPT violation: a fork's write to a page of its parent's, in its host
-/// p2m, where the entry is armed for a copy (docs/sharing.md): the page is
-/// copied and the guest resumed without a message. Out of line, as
-/// [`lift_on_write`].
-#[inline(never)]
-fn copy_on_write(d: &mut Domain) -> bool {
-    let Some(v) = d.vcpu.as_ref() else {
-        return false;
-    };
+/// An EPT violation that write alone was missing for (the access's kinds
+/// are bits 2:0 of the qualification, what the entry allowed bits 5:3):
+/// its guest-physical address and the view it happened in.
+fn write_alone(d: &Domain) -> Option<(u64, u16)> {
+    let v = d.vcpu.as_ref()?;
     let q = v.qualification();
     let (access, allowed) = (q & 7, (q >> 3) & 7);
-    if d.parent.is_none() || v.active_view() != 0 || access & 2 == 0 || access & !(allowed | 2) != 0
-    {
-        return false;
-    }
-    let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);
-    if !shared::copy_on_write(d, gpa) {
-        return false;
-    }
+    (access & 2 != 0 && access & !(allowed | 2) == 0).then(|| {
+        (
+            v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS),
+            v.active_view(),
+        )
+    })
+}
+
+/// The violation was resolved in the kernel: any event it interrupted is
+/// delivered again on resume (true).
+fn resolved(d: &mut Domain) -> bool {
     if let Some(v) = d.vcpu.as_mut() {
         v.reinject_interrupted_event();
     }
     true
 }
 
+/// An EPT violation: a fork's write to a page of its parent's, in its host
+/// p2m, where the entry is armed for a copy (docs/sharing.md): the page is
+/// copied and the guest resumed without a message. Out of line, as
+/// [`lift_on_write`].
+#[inline(never)]
+fn copy_on_write(d: &mut Domain) -> bool {
+    match d.parent.and_then(|_| write_alone(d)) {
+        Some((gpa, 0)) => shared::copy_on_write(d, gpa) && resolved(d),
+        _ => false,
+    }
+}
+
 /// An EPT violation: a write to an entry the EPT owner armed to be lifted on
 /// write (`EptOp::ArmLift`, dirty tracking) is made writable and recorded
-/// here, without a message (docs/p2m.md); anything else goes to the owner.
+/// here, without a message (docs/p2m.md); anything else goes to the owner
+/// (at once in a domain none of whose entries was ever armed).
 /// Out of line, so that the null hypercall's path stays as it is.
 #[inline(never)]
 fn lift_on_write(d: &mut Domain) -> bool {
-    let Some(v) = d.vcpu.as_mut() else {
+    let armed = d.lift_armed && !d.lifted.is_full();
+    let Some((gpa, view)) = armed.then(|| write_alone(d)).flatten() else {
         return false;
     };
-    // Only a write that write alone was missing for: the access's kinds
-    // are bits 2:0 of the qualification, what the entry allowed bits 5:3.
-    let q = v.qualification();
-    let (access, allowed) = (q & 7, (q >> 3) & 7);
-    if access & 2 == 0 || access & !(allowed | 2) != 0 || d.lifted.is_full() {
-        return false;
-    }
-    let gpa = v.read(platform::vmx::fields::GUEST_PHYSICAL_ADDRESS);
-    let view = v.active_view();
     let lifted = d.views.ept_mut(view).ok().and_then(|(e, t)| e.lift(t, gpa));
     let Some(hpa) = lifted else { return false };
     let frame = d.gfn_of_frame(hpa).unwrap_or(gpa / platform::PAGE_SIZE);
     let _ = d.lifted.push(frame);
-    if let Some(v) = d.vcpu.as_mut() {
-        v.reinject_interrupted_event();
-    }
-    true
+    resolved(d)
 }

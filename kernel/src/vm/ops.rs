@@ -219,6 +219,7 @@ fn run(d: &mut Domain, op: &EptOp) -> Result<EptResult, EptOpError> {
             let (start, end) = ram_range(d, gfn, count)?;
             let (ept, tables) = d.views.ept_mut(view).map_err(|_| EptOpError::NoSuchView)?;
             ept.arm_lift(tables, start, end);
+            d.lift_armed = true;
             super::shared::restrict(d, view, gfn, gfn + count);
             Ok(EptResult::Done)
         }
