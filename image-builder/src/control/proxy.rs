@@ -363,7 +363,6 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
             Err(_) => break,
         };
         let (mut forwarded, mut discarded) = (0u64, 0u64);
-        let mut ask = false;
         let mut st = shared.lock();
         let current = st.client.as_ref().map(|c| c.id);
         for part in buf[..n].split_inclusive(|&b| b == 0) {
@@ -389,7 +388,12 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
                 && is_console_frame(&pending)
             {
                 st.console_speaks = true;
-                ask = true;
+                // Asked before the client has this frame (the answer it
+                // waits for), so that its next request cannot come first.
+                if let (Some(c), Some(w)) = (st.client.as_mut(), com2) {
+                    c.asked = true;
+                    ask_for_the_debug_port(w);
+                }
             }
             if let Some(client) = &mut st.client {
                 if client.stream.write_all(&pending).is_ok() {
@@ -403,15 +407,7 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
             }
             pending.clear();
         }
-        if ask && let Some(c) = st.client.as_mut() {
-            c.asked = true;
-        } else {
-            ask = false;
-        }
         drop(st);
-        if ask && let Some(w) = com2 {
-            ask_for_the_debug_port(w);
-        }
         shared.to_clients.fetch_add(forwarded, Ordering::Relaxed);
         shared.discarded.fetch_add(discarded, Ordering::Relaxed);
     }
