@@ -149,9 +149,9 @@ violations = "fuzz"
     let run = boot_live(
         &img,
         Machine::Bochs,
-        |c| c.timeout = std::time::Duration::from_secs(900),
+        |c| c.timeout = std::time::Duration::from_secs(1500),
         |live| {
-            live.wait_for(FUZZER, "system calls made", 800);
+            live.wait_for(FUZZER, "system calls made", 1400);
             // Every other service untouched: never restarted, still
             // running, and the control channel answers.
             let mut ctl = live.control();
