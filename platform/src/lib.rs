@@ -11,6 +11,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod acpi;
+pub mod copy;
 pub mod cpu;
 pub mod devices;
 pub mod elf;

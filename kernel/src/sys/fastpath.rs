@@ -6,7 +6,7 @@
 //! - [`exit`]: a vCPU's exit goes to its handler, which waits in RECV with
 //!   nothing queued before it. The exit is encoded straight into the
 //!   handler's receive buffer and the handler runs at once.
-//! - [`reply_recv`]: the handler answers the exit with a plain answer
+//! - REPLY_RECV ([`answer_vcpu`], [`answer_caller`]): the handler answers the exit with a plain answer
 //!   (resume, perhaps with new registers: `exitcodec::plain_shape`) and
 //!   waits again, with nothing there yet. The answer is applied and the
 //!   vCPU entered at once. The same for a server answering a process's
@@ -144,31 +144,53 @@ fn deliver(
     pid: u16,
     (len, token, badge, slot): (u64, u64, u64, u32),
 ) -> ! {
-    if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-        p.take_message(len, token, badge, slot);
-    }
     if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
         e.served_by(pid);
     }
-    super::sched::resume(k, pid)
+    k.current = Some(pid);
+    match k.processes[usize::from(pid)].as_mut() {
+        Some(p) => {
+            p.take_message(len, token, badge, slot);
+            super::sched::enter(p)
+        }
+        None => super::sched::run(),
+    }
 }
 
-/// Process `pid` made a system call (its registers in its frame): CALL and
-/// REPLY_RECV have fast paths ([`call`], [`reply_recv`]). Returns, having
-/// changed nothing, when the call takes the general path.
-#[inline(always)]
-pub fn syscall(k: &mut Kernel, pid: u16) -> Option<()> {
-    let f = &k.processes[usize::from(pid)].as_ref()?.frame;
+/// The running process made a system call (`int 0x80`, its registers in its
+/// frame; called by the trap entry before `sched::user_trap`, except for a
+/// REPLY_RECV answering a vCPU, see [`answer_exit`]): CALL and REPLY_RECV
+/// have fast paths ([`call`], [`answer_caller`]). Returns, having changed
+/// nothing, when the call takes the general path.
+pub extern "C" fn trap() {
+    let k = super::kernel();
+    let Some(pid) = k.current else { return };
+    let Some(f) = k.processes[usize::from(pid)].as_ref().map(|p| &p.frame) else {
+        return;
+    };
     if !ON.load(Ordering::Relaxed) {
-        return None;
+        return;
     }
     match (f.rax, untoken(f.rdi)) {
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) => answer_vcpu(k, pid, slot, seq),
         // Token 0 answers nobody (a receive loop's first wait).
         (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
-            answer_caller(k, pid, caller, seq)
+            answer_caller(k, pid, caller, seq);
         }
-        (nr::CALL, _) => call(k, pid),
+        (nr::CALL, _) => {
+            call(k, pid);
+        }
+        _ => {}
+    }
+}
+
+/// Process `pid` made a system call: a REPLY_RECV answering a vCPU's exit
+/// has a fast path ([`answer_vcpu`]; in line in `sched::user_trap`).
+/// Returns, having changed nothing, when the call takes the general path.
+#[inline(always)]
+pub fn answer_exit(k: &mut Kernel, pid: u16) -> Option<()> {
+    let f = &k.processes[usize::from(pid)].as_ref()?.frame;
+    match (f.rax, untoken(f.rdi), ON.load(Ordering::Relaxed)) {
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq), true) => answer_vcpu(k, pid, slot, seq),
         _ => None,
     }
 }
@@ -262,7 +284,7 @@ fn answer_and_wait(p: &Process) -> Option<(&'static [u8], Wait)> {
     ))
 }
 
-/// [`reply_recv`] answering the exit of domain slot `slot`'s vCPU.
+/// REPLY_RECV answering the exit of domain slot `slot`'s vCPU.
 #[inline(always)]
 fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     let p = k.processes[usize::from(pid)].as_ref()?;
@@ -318,8 +340,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     super::sched::run()
 }
 
-/// [`reply_recv`] answering the call of process `caller`. (Kept out of
-/// line, like [`call`], so that the vCPU paths keep their registers.)
+/// REPLY_RECV answering the call of process `caller`.
 #[inline(never)]
 fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> {
     let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?)?;
@@ -345,13 +366,14 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> 
     // Safety: `to` is the direct-map address of `bytes.len()` bytes the
     // caller may write; `copy` allows them to overlap the answer (a frame
     // both map).
-    unsafe { core::ptr::copy(bytes.as_ptr(), to, bytes.len()) };
+    unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
     k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
     let c = k.processes[usize::from(caller)].as_mut()?;
     c.frame.rax = SysError::Ok as u64;
     c.frame.rdi = bytes.len() as u64;
     c.state = State::Ready;
-    super::sched::resume(k, caller)
+    k.current = Some(caller);
+    super::sched::enter(c)
 }
 
 /// CALL: if the endpoint's receiver waits with nothing queued before this
@@ -400,7 +422,7 @@ fn call(k: &mut Kernel, pid: u16) -> Option<()> {
     // Safety: `from` and `to` are the direct-map addresses of `len` bytes
     // the caller may read and the receiver may write; `copy` allows them to
     // overlap (a frame both map).
-    unsafe { core::ptr::copy(from, to, len as usize) };
+    unsafe { platform::copy::copy_message(from, to, len as usize) };
     let p = k.processes[usize::from(pid)].as_mut()?;
     p.seq = p.seq.wrapping_add(1);
     p.state = State::Blocked(Wait::Call {

@@ -13,7 +13,7 @@
 //! handler, an answer its vCPU) is a hand-off: it is run next, before the
 //! queue (`Kernel::next`, see [`Kernel::make_ready_next`]).
 
-use super::process::{State, USER_CS, USER_SS};
+use super::process::{Process, State, USER_CS, USER_SS};
 use super::{Kernel, Runnable, kernel};
 use crate::arch::idt::TrapFrame;
 use ipc_schema::halt::HaltStatus;
@@ -71,9 +71,17 @@ fn idle() {
 /// Enters process `pid` in ring 3 with its saved registers.
 pub fn resume(k: &mut Kernel, pid: u16) -> ! {
     k.current = Some(pid);
-    let p = k.processes[usize::from(pid)]
-        .as_mut()
-        .expect("checked by the caller");
+    enter(
+        k.processes[usize::from(pid)]
+            .as_mut()
+            .expect("checked by the caller"),
+    )
+}
+
+/// Enters `p`, the current process (`Kernel::current`), in ring 3 with its
+/// saved registers.
+#[inline(always)]
+pub fn enter(p: &mut Process) -> ! {
     let cr3 = p
         .space
         .as_ref()
@@ -145,7 +153,7 @@ pub extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
     }
     match p.frame.vector {
         0x80 => {
-            super::fastpath::syscall(k, pid);
+            super::fastpath::answer_exit(k, pid);
             match super::syscall::dispatch(k, pid) {
                 super::syscall::Outcome::Continue
                     if k.processes[usize::from(pid)]
