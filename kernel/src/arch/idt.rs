@@ -106,23 +106,10 @@ unsafe extern "C" fn trap_common() {
         "test byte ptr [rsp + {cs}], 3",
         "jnz 2f",
         "call {trap}",
-        "pop r15",
-        "pop r14",
-        "pop r13",
-        "pop r12",
-        "pop r11",
-        "pop r10",
-        "pop r9",
-        "pop r8",
-        "pop rbp",
-        "pop rdi",
-        "pop rsi",
-        "pop rdx",
-        "pop rcx",
-        "pop rbx",
-        "pop rax",
-        "add rsp, 16",
-        "iretq",
+        // Back to the kernel where it was, through the same pops as ring 3.
+        "mov rdi, rsp",
+        "mov rsi, cr3",
+        "jmp {back}",
         // From ring 3: the frame was written where RSP0 pointed, the end of
         // the service's own frame (see `percpu::set_trap_frame_end`). The
         // kernel stack is free whenever ring 3 runs, so the kernel starts
@@ -131,10 +118,9 @@ unsafe extern "C" fn trap_common() {
         "2:",
         "lea rsp, [rip + {stack}]",
         "add rsp, {stack_size}",
-        // A system call between services tries the fast paths first (they
-        // return only when the call takes the general path; RBX keeps the
-        // frame meanwhile). An answer to a vCPU (REPLY_RECV, a token with
-        // bit 63 set) finds its fast path in `user_trap`, in line.
+        // A call between services tries the fast paths first (back here if
+        // not taken; RBX keeps the frame). A REPLY_RECV to a vCPU (token
+        // bit 63) finds its fast path in line in `user_trap`.
         "cmp qword ptr [rdi + {vector}], {syscall}",
         "jne 3f",
         "cmp qword ptr [rdi + {rax}], {reply_recv}",
@@ -156,6 +142,7 @@ unsafe extern "C" fn trap_common() {
         reply_recv = const ipc_schema::syscall::nr::REPLY_RECV,
         fast = sym crate::sys::fastpath::trap,
         trap = sym trap,
+        back = sym crate::sys::sched::user_return,
         user = sym crate::sys::sched::user_trap,
         stack = sym super::percpu::BSP_STACK,
         stack_size = const super::percpu::KERNEL_STACK_SIZE,

@@ -129,6 +129,15 @@ impl From<CapError> for SysError {
 }
 
 impl Kernel {
+    /// The capability in `pid`'s slot `handle`, if it holds one there.
+    pub fn handle(&self, pid: u16, handle: u64) -> Option<Cap> {
+        let p = self.processes.get(usize::from(pid))?.as_ref()?;
+        p.handles
+            .get(usize::try_from(handle).ok()?)
+            .copied()
+            .flatten()
+    }
+
     /// The capability in `pid`'s slot `handle`, checked for `kind` and
     /// `needed` rights.
     pub fn cap(
@@ -144,14 +153,8 @@ impl Kernel {
             handle: h,
             needed,
         };
-        let table = &self.processes[usize::from(pid)]
-            .as_ref()
-            .ok_or(fail(SysError::NoSuchHandle, 0))?
-            .handles;
-        let cap = table
-            .get(usize::try_from(handle).unwrap_or(usize::MAX))
-            .copied()
-            .flatten()
+        let cap = self
+            .handle(pid, handle)
             .ok_or(fail(SysError::NoSuchHandle, 0))?;
         if cap.object.kind() != kind {
             return Err(fail(SysError::WrongKind, 0));
@@ -176,21 +179,11 @@ impl Kernel {
         needed: u32,
     ) -> Result<Cap, CapError> {
         let h = u32::try_from(handle).unwrap_or(u32::MAX);
-        let cap = self
-            .processes
-            .get(usize::from(pid))
-            .and_then(Option::as_ref)
-            .and_then(|p| {
-                p.handles
-                    .get(usize::try_from(handle).ok()?)
-                    .copied()
-                    .flatten()
-            })
-            .ok_or(CapError {
-                error: SysError::NoSuchHandle,
-                handle: h,
-                needed: 0,
-            })?;
+        let cap = self.handle(pid, handle).ok_or(CapError {
+            error: SysError::NoSuchHandle,
+            handle: h,
+            needed: 0,
+        })?;
         let out_of_scope = CapError {
             error: SysError::OutOfScope,
             handle: h,

@@ -6,12 +6,12 @@
 //! - [`exit`]: a vCPU's exit goes to its handler, which waits in RECV with
 //!   nothing queued before it. The exit is encoded straight into the
 //!   handler's receive buffer and the handler runs at once.
-//! - REPLY_RECV ([`answer_vcpu`], [`answer_caller`]): the handler answers the exit with a plain answer
-//!   (resume, perhaps with new registers: `exitcodec::plain_shape`) and
-//!   waits again, with nothing there yet. The answer is applied and the
-//!   vCPU entered at once. The same for a server answering a process's
-//!   call: the answer is copied into the caller's buffer and the caller
-//!   runs at once.
+//! - REPLY_RECV ([`answer_vcpu`], [`answer_caller`]): the handler answers
+//!   the exit with a plain answer (resume, perhaps with new registers:
+//!   `exitcodec::plain_shape`) and waits again, with nothing there yet.
+//!   The answer is applied and the vCPU entered at once. The same for a
+//!   server answering a process's call: the answer is copied into the
+//!   caller's buffer and the caller runs at once.
 //! - [`call`]: a process calls an endpoint whose receiver waits, with
 //!   nobody queued before it. The message is copied straight from the
 //!   caller's buffer into the receiver's and the receiver runs at once.
@@ -157,40 +157,32 @@ fn deliver(
     }
 }
 
-/// The running process made a system call (`int 0x80`, its registers in its
-/// frame; called by the trap entry before `sched::user_trap`, except for a
-/// REPLY_RECV answering a vCPU, see [`answer_exit`]): CALL and REPLY_RECV
-/// have fast paths ([`call`], [`answer_caller`]). Returns, having changed
-/// nothing, when the call takes the general path.
+/// The running process made a system call: tried by the trap entry before
+/// `sched::user_trap` (except REPLY_RECV answering a vCPU, see [`syscall`]).
 pub extern "C" fn trap() {
     let k = super::kernel();
-    let Some(pid) = k.current else { return };
-    let Some(f) = k.processes[usize::from(pid)].as_ref().map(|p| &p.frame) else {
-        return;
-    };
-    if !ON.load(Ordering::Relaxed) {
-        return;
-    }
-    match (f.rax, untoken(f.rdi)) {
-        // Token 0 answers nobody (a receive loop's first wait).
-        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
-            answer_caller(k, pid, caller, seq);
-        }
-        (nr::CALL, _) => {
-            call(k, pid);
-        }
-        _ => {}
+    if let Some(pid) = k.current {
+        syscall(k, pid, false);
     }
 }
 
-/// Process `pid` made a system call: a REPLY_RECV answering a vCPU's exit
-/// has a fast path ([`answer_vcpu`]; in line in `sched::user_trap`).
-/// Returns, having changed nothing, when the call takes the general path.
+/// Process `pid` made a system call (its registers in its frame): CALL and
+/// REPLY_RECV have fast paths ([`call`], [`answer_caller`]; with `vcpu`,
+/// only [`answer_vcpu`], in line in `user_trap`). Returns, having changed
+/// nothing, when the call takes the general path.
 #[inline(always)]
-pub fn answer_exit(k: &mut Kernel, pid: u16) -> Option<()> {
+pub fn syscall(k: &mut Kernel, pid: u16, vcpu: bool) -> Option<()> {
     let f = &k.processes[usize::from(pid)].as_ref()?.frame;
-    match (f.rax, untoken(f.rdi), ON.load(Ordering::Relaxed)) {
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq), true) => answer_vcpu(k, pid, slot, seq),
+    if !ON.load(Ordering::Relaxed) {
+        return None;
+    }
+    match (f.rax, untoken(f.rdi)) {
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => answer_vcpu(k, pid, slot, seq),
+        // Token 0 answers nobody (a receive loop's first wait).
+        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if !vcpu && f.rdi != 0 => {
+            answer_caller(k, pid, caller, seq)
+        }
+        (nr::CALL, _) if !vcpu => call(k, pid),
         _ => None,
     }
 }

@@ -107,7 +107,7 @@ const FRAME_BYTES: u64 = core::mem::size_of::<TrapFrame>() as u64;
 /// not the current one: the same tree needs no TLB flush) through `frame`,
 /// used as the stack for its own pops.
 #[unsafe(naked)]
-unsafe extern "C" fn user_return(frame: *const TrapFrame, cr3: u64) -> ! {
+pub unsafe extern "C" fn user_return(frame: *const TrapFrame, cr3: u64) -> ! {
     core::arch::naked_asm!(
         "mov rax, cr3",
         "cmp rax, rsi",
@@ -153,7 +153,7 @@ pub extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
     }
     match p.frame.vector {
         0x80 => {
-            super::fastpath::answer_exit(k, pid);
+            super::fastpath::syscall(k, pid, true);
             match super::syscall::dispatch(k, pid) {
                 super::syscall::Outcome::Continue
                     if k.processes[usize::from(pid)]

@@ -197,15 +197,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Done::Blocked)
         }
         nr::HANDLE_INFO => {
-            let p = k.processes[usize::from(pid)]
-                .as_ref()
-                .ok_or(SysError::NoSuchHandle)?;
-            let c = p
-                .handles
-                .get(a[0] as usize)
-                .copied()
-                .flatten()
-                .ok_or(SysError::NoSuchHandle)?;
+            let c = k.handle(pid, a[0]).ok_or(SysError::NoSuchHandle)?;
             Ok(Values([
                 c.object.kind() as u64,
                 u64::from(c.rights),
@@ -690,15 +682,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         | nr::IOMMU_FAULTS
         | nr::IOMMU_RMRR => iommu_call(k, pid, number, a),
         nr::HANDLE_DERIVE => {
-            let p = k.processes[usize::from(pid)]
-                .as_ref()
-                .ok_or(SysError::NoSuchHandle)?;
-            let c = p
-                .handles
-                .get(a[0] as usize)
-                .copied()
-                .flatten()
-                .ok_or(SysError::NoSuchHandle)?;
+            let c = k.handle(pid, a[0]).ok_or(SysError::NoSuchHandle)?;
             let object = match c.object {
                 Object::IoPorts { base, count } => {
                     let limit = u64::from(base) + u64::from(count);

@@ -233,21 +233,17 @@ pub fn run_loaded(k: &mut Kernel, slot: u16, others_waiting: bool) -> bool {
             k.make_ready(Runnable::Vcpu(slot));
             false
         }
-        Stop::Interrupt(vector) => {
-            crate::sys::irq::handle(k, vector);
-            if k.ready.is_empty() {
-                return true;
+        stop @ (Stop::Interrupt(_) | Stop::Window) => {
+            match stop {
+                Stop::Interrupt(vector) => crate::sys::irq::handle(k, vector),
+                // Bochs 2.7 keeps host interrupts masked for a guest entered
+                // with RFLAGS.IF clear, external-interrupt exiting or not,
+                // until the host itself sets IF (docs/security.md): a guest
+                // spinning with interrupts off would deafen the host. One
+                // instruction with interrupts on takes what is pending
+                // through the host's IDT.
+                _ => crate::arch::interrupt_window(),
             }
-            k.make_ready(Runnable::Vcpu(slot));
-            false
-        }
-        Stop::Window => {
-            // Bochs 2.7 keeps host interrupts masked for a guest entered with
-            // RFLAGS.IF clear, external-interrupt exiting or not, until the
-            // host itself sets IF (docs/security.md): a guest spinning with
-            // interrupts off would deafen the host. One instruction with
-            // interrupts on takes what is pending through the host's IDT.
-            crate::arch::interrupt_window();
             if k.ready.is_empty() {
                 return true;
             }

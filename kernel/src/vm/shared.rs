@@ -590,13 +590,7 @@ fn forget_in_views(d: &mut Domain, gfn: u64, hpa: u64) {
             if let Some(m) = ept.query(&KernelTables, gpa)
                 && m.hpa_of(gpa) == Some(hpa)
             {
-                if m.size != PageSize::Size4K
-                    && ept.split_to_4k(tables, gpa, gpa + PAGE_SIZE).is_err()
-                {
-                    let _ = ept.unmap(tables, gpa);
-                    return;
-                }
-                let _ = ept.unmap(tables, gpa);
+                unmap_4k(ept, tables, gpa, m.size);
             }
             return;
         }
@@ -611,13 +605,7 @@ fn forget_in_views(d: &mut Domain, gfn: u64, hpa: u64) {
                 break;
             }
             for (gpa, size) in found {
-                if size != PageSize::Size4K
-                    && ept.split_to_4k(tables, gpa, gpa + PAGE_SIZE).is_err()
-                {
-                    let _ = ept.unmap(tables, gpa);
-                    continue;
-                }
-                let _ = ept.unmap(tables, gpa);
+                unmap_4k(ept, tables, gpa, size);
             }
         }
     });
@@ -634,4 +622,14 @@ pub fn release(d: &mut Domain) {
         }
     }
     d.backs.clear(&mut d.views.tables);
+}
+
+/// Empties the entry for the 4 KiB page at `gpa` in `ept`, whose leaf there
+/// is `size`: a large page is split first, or emptied whole where there are
+/// no tables for the split.
+fn unmap_4k(ept: &mut Ept, tables: &mut DomainTables, gpa: u64, size: PageSize) {
+    if size != PageSize::Size4K {
+        let _ = ept.split_to_4k(tables, gpa, gpa + PAGE_SIZE);
+    }
+    let _ = ept.unmap(tables, gpa);
 }

@@ -751,20 +751,7 @@ impl Vcpu {
         } else {
             self.proc1 & !proc1::INTERRUPT_WINDOW_EXITING
         };
-        if want == self.proc1 {
-            return true;
-        }
-        match caps.proc1.value_for(want) {
-            Ok(v) => {
-                // Safety: the VMCS is current; the value is allowed by the CPU.
-                unsafe {
-                    let _ = vmwrite(PRIMARY_CONTROLS, u64::from(v));
-                }
-                self.proc1 = want;
-                true
-            }
-            Err(_) => false,
-        }
+        want == self.proc1 || set_control(&caps.proc1, PRIMARY_CONTROLS, want, &mut self.proc1)
     }
 
     /// Queues a hardware exception for the next entry.
@@ -940,17 +927,7 @@ impl Vcpu {
         } else {
             self.proc2 & !bits
         };
-        match caps.proc2.value_for(want) {
-            Ok(v) => {
-                // Safety: the VMCS is current; the value is allowed by the CPU.
-                unsafe {
-                    let _ = vmwrite(SECONDARY_CONTROLS, u64::from(v));
-                }
-                self.proc2 = want;
-                true
-            }
-            Err(_) => false,
-        }
+        set_control(&caps.proc2, SECONDARY_CONTROLS, want, &mut self.proc2)
     }
 
     /// Sets or clears the monitor trap flag: with it, the vCPU exits after
@@ -1233,4 +1210,17 @@ unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
         vmwrite(GUEST_PENDING_DEBUG, 0)?;
     }
     Ok(())
+}
+
+/// Writes execution-control field `field` as `want` (and records it in
+/// `mine`) if the CPU allows that value (`caps`); whether it did.
+fn set_control(caps: &platform::vmx::Controls, field: u32, want: u32, mine: &mut u32) -> bool {
+    let Ok(v) = caps.value_for(want) else {
+        return false;
+    };
+    // Safety: the VMCS is current (the callers' contract); the value is
+    // allowed by the CPU.
+    let _ = unsafe { vmwrite(field, u64::from(v)) };
+    *mine = want;
+    true
 }
