@@ -35,7 +35,7 @@ fn ticks(run: &parallax_tests::Run) -> Vec<(u32, u64)> {
 
 #[test]
 fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
-    let img = ticker("fault-vmm", "ticks=150 calls=100");
+    let img = ticker("fault-vmm", "ticks=150 calls=100 ping=1");
     let run = boot_live(
         &img,
         Machine::Bochs,
@@ -74,9 +74,21 @@ fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
                 .find(|s| ipc_schema::supervisor::name_str(&s.name) == "vmm")
                 .expect("vmm is listed");
             assert_eq!((vmm.generation, vmm.restarts, vmm.state), (1, 1, 0));
+            // Then the server of the vmm's pings (`Client::call_encoded`,
+            // bound to altp2m's endpoint) faults and restarts: the vmm's
+            // client binds again and the pings go on.
+            live.wait_for("dom1", "ping ok", 120);
+            ctl.inject_fault("altp2m").expect("the fault is injected");
+            live.wait_for("init", "restarted service altp2m", 60);
         },
     );
     run.expect_from("vmm", "fault injected on request")
+        .expect_from("altp2m", "fault injected on request")
+        .expect_from(
+            "init",
+            "restarted service altp2m after fault 1 (generation 1)",
+        )
+        .expect_from("vmm", "vmm: the server of parallax/altp2m restarted; binding again")
         .expect("service vmm (generation 0) faulted: page fault (#PF) (vector 14)")
         .expect("cr2 0xdead0000")
         .expect_from("init", "restarted service vmm after fault 1 (generation 1)")
@@ -89,6 +101,19 @@ fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
     // Console bytes are held back only during a burst of writes: a fault
     // can cost at most the one line being written.
     assert!(counts.len() >= 149, "every tick ran: {counts:?}");
+    // Every ping but those while altp2m restarted was answered, the last
+    // ones after its restart.
+    let pings: Vec<bool> = run
+        .console(1)
+        .iter()
+        .filter_map(|l| Some(l.split_once(": ping ")?.1 == "ok"))
+        .collect();
+    let refused = pings.iter().filter(|ok| !**ok).count();
+    assert!(pings.len() >= 149 && refused <= 2, "pings: {pings:?}");
+    assert!(
+        pings.iter().rev().take(10).all(|ok| *ok),
+        "pings: {pings:?}"
+    );
     assert!(
         counts.windows(2).any(|w| w[1] < w[0]),
         "the count restarted: {counts:?}"

@@ -12,6 +12,11 @@
 //! `tick K: pic masks MM SS` (a vmm swap carries the guest's platform:
 //! they never change).
 //!
+//! `ping=1`: after each tick line, one `HC_IPC_PING` (the vmm calls the
+//! altp2m service through its bound client) and `tick K: ping ok` or
+//! `tick K: ping refused` (refused while a test restarts altp2m: the line
+//! says so instead of failing).
+//!
 //! `grant=GFN` (hex with `0x`): first checks that granting pages outside its
 //! RAM, granting none, taking back pages it does not grant and a ninth
 //! range (the pages after GFN) are refused,
@@ -23,7 +28,7 @@
 
 use guest_runtime::abi::{HcError, Reply, Request};
 use guest_runtime::hypercall::{CallError, call};
-use guest_runtime::{MultibootInfo, println, service_info, service_null};
+use guest_runtime::{MultibootInfo, ipc_ping, println, service_info, service_null};
 
 guest_runtime::entry!(main);
 
@@ -126,6 +131,7 @@ fn main(info: &MultibootInfo) -> u32 {
         outb(0x21, 0xa5);
         outb(0xa1, 0x3c);
     }
+    let ping = arg(cmdline, "ping", 0) != 0;
     let mut tick = 0u64;
     while ticks == 0 || tick < ticks {
         tick += 1;
@@ -144,6 +150,14 @@ fn main(info: &MultibootInfo) -> u32 {
         println!("tick {tick}: vmm version {version}, {count} service calls");
         if pic {
             println!("tick {tick}: pic masks {:02x} {:02x}", inb(0x21), inb(0xa1));
+        }
+        if ping {
+            let ok = if ipc_ping().is_some() {
+                "ok"
+            } else {
+                "refused"
+            };
+            println!("tick {tick}: ping {ok}");
         }
     }
     println!("ticker: done");
