@@ -88,7 +88,10 @@ fn a_faulted_service_is_restarted_and_its_guest_runs_to_the_end() {
             "init",
             "restarted service altp2m after fault 1 (generation 1)",
         )
-        .expect_from("vmm", "vmm: the server of parallax/altp2m restarted; binding again")
+        .expect_from(
+            "vmm",
+            "vmm: the server of parallax/altp2m restarted; binding again",
+        )
         .expect("service vmm (generation 0) faulted: page fault (#PF) (vector 14)")
         .expect("cr2 0xdead0000")
         .expect_from("init", "restarted service vmm after fault 1 (generation 1)")
