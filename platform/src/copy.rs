@@ -13,37 +13,42 @@
 /// `len` bytes.
 #[inline(always)]
 pub unsafe fn copy_message(from: *const u8, to: *mut u8, len: usize) {
-    // Safety: the caller's contract covers `[from, from + len)` and
-    // `[to, to + len)`; each access below lies inside those spans (`len - N`
-    // with `len >= N`), unaligned reads and writes are allowed, and all
-    // reads come before the first write.
+    // Safety: the caller's contract, and each `two` gets a `len` from
+    // `size_of::<T>()` to twice that.
     unsafe {
         if len > 16 {
             core::ptr::copy(from, to, len);
         } else if len >= 8 {
-            let (a, b) = (
-                from.cast::<u64>().read_unaligned(),
-                from.add(len - 8).cast::<u64>().read_unaligned(),
-            );
-            to.cast::<u64>().write_unaligned(a);
-            to.add(len - 8).cast::<u64>().write_unaligned(b);
+            two::<u64>(from, to, len);
         } else if len >= 4 {
-            let (a, b) = (
-                from.cast::<u32>().read_unaligned(),
-                from.add(len - 4).cast::<u32>().read_unaligned(),
-            );
-            to.cast::<u32>().write_unaligned(a);
-            to.add(len - 4).cast::<u32>().write_unaligned(b);
+            two::<u32>(from, to, len);
         } else if len >= 2 {
-            let (a, b) = (
-                from.cast::<u16>().read_unaligned(),
-                from.add(len - 2).cast::<u16>().read_unaligned(),
-            );
-            to.cast::<u16>().write_unaligned(a);
-            to.add(len - 2).cast::<u16>().write_unaligned(b);
+            two::<u16>(from, to, len);
         } else if len == 1 {
             to.write(from.read());
         }
+    }
+}
+
+/// Copies `len` bytes, `size_of::<T>()` to twice that, as two `T`s (the
+/// first and the last, overlapping where `len` is less than twice), both
+/// read before either is written.
+///
+/// # Safety
+/// As [`copy_message`], with `len` in that range.
+#[inline(always)]
+unsafe fn two<T: Copy>(from: *const u8, to: *mut u8, len: usize) {
+    let last = len - core::mem::size_of::<T>();
+    // Safety: both accesses lie inside the caller's `len` bytes (`last` is
+    // at most `len - size_of::<T>()`); unaligned reads and writes are
+    // allowed.
+    unsafe {
+        let (a, b) = (
+            from.cast::<T>().read_unaligned(),
+            from.add(last).cast::<T>().read_unaligned(),
+        );
+        to.cast::<T>().write_unaligned(a);
+        to.add(last).cast::<T>().write_unaligned(b);
     }
 }
 
