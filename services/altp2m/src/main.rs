@@ -40,6 +40,7 @@ use ipc_schema::manifest::introspection;
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome, Poll};
+use service_altp2m::fast;
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
 use service_runtime::rights::Rights;
@@ -339,7 +340,7 @@ impl Server {
                 match resumed {
                     Some((vcpu, exit_reply)) => {
                         ipc::answer_instead(vcpu);
-                        ipc_schema::exitcodec::encode_reply(&exit_reply, out).unwrap_or(0)
+                        fast::encode_reply(&exit_reply, out)
                     }
                     None => DEFER,
                 }
@@ -518,7 +519,7 @@ impl Server {
 /// Answers the exit of `token` (a vCPU waiting on an event) with `r`.
 fn resume(token: u64, r: &ipc_schema::vmexit::ExitReply) {
     let mut out = [0u8; 64];
-    let n = ipc_schema::exitcodec::encode_reply(r, &mut out).unwrap_or(0);
+    let n = fast::encode_reply(r, &mut out);
     if let Err(e) = ipc::reply(token, &out[..n]) {
         defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
     }
@@ -576,27 +577,31 @@ impl Server {
     #[inline(never)]
     fn message(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.violations {
-            // Decoded in place (no copy of the message out of a decoder).
-            let mut m = ipc_schema::vmexit::ExitMessage::default();
-            let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
-                defmt::warn!(
-                    "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
-                    msg.badge
-                );
-                return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
+            // An EPT violation read straight from its bytes (only what the
+            // violation path needs); any other exit decoded in place (no
+            // copy of the message out of a decoder).
+            let outcome = if let Some(x) = fast::read_violation(msg.bytes) {
+                self.events
+                    .violation_exit(&mut self.alt, &mut self.system, &x, msg.token)
+            } else {
+                let mut m = ipc_schema::vmexit::ExitMessage::default();
+                let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
+                    defmt::warn!(
+                        "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
+                        msg.badge
+                    );
+                    return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
+                };
+                self.events
+                    .exit(&mut self.alt, &mut self.system, &m, msg.token)
             };
-            return match self
-                .events
-                .exit(&mut self.alt, &mut self.system, &m, msg.token)
-            {
-                Outcome::Reply(answer) => {
-                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
-                }
+            return match outcome {
+                Outcome::Reply(answer) => fast::encode_reply(&answer, reply),
                 Outcome::Defer { new_event: true } => self.deliver(Some(reply)),
                 Outcome::Defer { new_event: false } => DEFER,
                 Outcome::Tell(answer) => {
                     self.deliver(None);
-                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
+                    fast::encode_reply(&answer, reply)
                 }
             };
         }
