@@ -591,7 +591,19 @@ impl Events {
 
     /// The listener waiting event `event` goes to, if one is attached.
     pub fn owner_of(&self, event: u32) -> Option<(u16, Option<u64>)> {
-        let w = self.waiting.iter().find(|w| w.event.id == event)?;
+        self.owner_at(self.find(event)?)
+    }
+
+    /// Where waiting event `event` is in `waiting`.
+    #[inline]
+    pub fn find(&self, event: u32) -> Option<usize> {
+        self.waiting.iter().position(|w| w.event.id == event)
+    }
+
+    /// [`Events::owner_of`] of the waiting event at `i` (of [`Events::find`]).
+    #[inline]
+    pub fn owner_at(&self, i: usize) -> Option<(u16, Option<u64>)> {
+        let w = self.waiting.get(i)?;
         let d = w.event.domain;
         Some((d, Some(w.owner).filter(|&o| self.attached(d, o))))
     }
@@ -652,12 +664,18 @@ impl Events {
     /// The oldest waiting event of a domain `badge` listens to that no
     /// `NextEvent` was given yet, marked given.
     pub fn next_for(&mut self, badge: u64) -> Option<VmEvent> {
-        let w = self
+        self.next_at(badge).map(|i| self.waiting[i].event)
+    }
+
+    /// [`Events::next_for`], the event's place in `waiting` (no copy of it).
+    #[inline]
+    fn next_at(&mut self, badge: u64) -> Option<usize> {
+        let i = self
             .waiting
-            .iter_mut()
-            .find(|w| !w.given && w.owner == badge)?;
-        w.given = true;
-        Some(w.event)
+            .iter()
+            .position(|w| !w.given && w.owner == badge)?;
+        self.waiting[i].given = true;
+        Some(i)
     }
 
     /// Whether `badge` is the listener of some domain.
@@ -687,9 +705,17 @@ impl Events {
     /// A held `NextEvent` call of a listener with an event to give: the
     /// call's token and the event (marked given), the call no longer held.
     pub fn poll_answer(&mut self) -> Option<(u64, VmEvent)> {
-        for i in 0..self.polls.len() {
-            if let Some(e) = self.next_for(self.polls[i].badge) {
-                return Some((take(&mut self.polls, i).token, e));
+        self.poll_answer_at()
+            .map(|(token, i)| (token, self.waiting[i].event))
+    }
+
+    /// [`Events::poll_answer`], the event's place in `waiting` (no copy of
+    /// it: the caller encodes it from there).
+    #[inline]
+    pub fn poll_answer_at(&mut self) -> Option<(u64, usize)> {
+        for p in 0..self.polls.len() {
+            if let Some(i) = self.next_at(self.polls[p].badge) {
+                return Some((take(&mut self.polls, p).token, i));
             }
         }
         None
@@ -793,12 +819,25 @@ impl Events {
         event: u32,
         action: Action,
     ) -> Result<Option<(u64, ExitReply)>, AltError> {
-        let i = self
-            .waiting
-            .iter()
-            .position(|w| w.event.id == event)
+        let i = self.find(event);
+        self.answer_at(alt, k, badge, i, action)
+    }
+
+    /// [`Events::answer`] of the waiting event at `i` (of [`Events::find`]:
+    /// `None`, no such event).
+    pub fn answer_at(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        badge: u64,
+        i: Option<usize>,
+        action: Action,
+    ) -> Result<Option<(u64, ExitReply)>, AltError> {
+        let i = i
+            .filter(|&i| i < self.waiting.len())
             .ok_or(AltError::NoSuchEvent)?;
         let w = self.waiting[i];
+        let event = w.event.id;
         let e = w.event;
         if w.owner != badge && self.attached(e.domain, w.owner) {
             return Err(AltError::ListenerBusy);
@@ -827,11 +866,14 @@ impl Events {
                 out.rip = Some(e.rip.wrapping_add(u64::from(length)));
             }
             Action::SwitchView(v) => {
-                // (A domain with no record yet has view 0 alone.)
-                let exists = alt
-                    .domains
-                    .get(&e.domain)
-                    .map_or(v == 0, |d| d.views.contains_key(&v));
+                // (A domain with no record yet has view 0 alone, and one
+                // with a record always view 0: `Domain::default`, and
+                // `ViewDestroy` refuses view 0.)
+                let exists = v == 0
+                    || alt
+                        .domains
+                        .get(&e.domain)
+                        .is_some_and(|d| d.views.contains_key(&v));
                 if !exists {
                     return Err(AltError::NoSuchView);
                 }

@@ -266,7 +266,12 @@ impl Server {
     /// `Ok` if the caller may answer `event` (`events` on its domain):
     /// `Ok(true)` where the caller is the attached listener it goes to.
     fn may_answer(&mut self, badge: u64, event: u32) -> Result<bool, AltError> {
-        match self.events.owner_of(event) {
+        self.may_answer_at(badge, self.events.find(event))
+    }
+
+    /// [`Server::may_answer`] of the waiting event at `i` (`Events::find`).
+    fn may_answer_at(&mut self, badge: u64, i: Option<usize>) -> Result<bool, AltError> {
+        match i.and_then(|i| self.events.owner_at(i)) {
             // Its attached listener had `events` when it attached.
             Some((_, Some(owner))) if owner == badge => Ok(true),
             Some((d, _)) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
@@ -303,13 +308,15 @@ impl Server {
         // The caller answered as an attached listener: it listens.
         let mut listens = false;
         if let Some((event, action)) = answer {
-            match self.may_answer(badge, event) {
+            // The event looked for once, for both the check and the answer.
+            let i = self.events.find(event);
+            match self.may_answer_at(badge, i) {
                 Ok(own) => listens = own,
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
             match self
                 .events
-                .answer(&mut self.alt, &mut self.system, badge, event, action)
+                .answer_at(&mut self.alt, &mut self.system, badge, i, action)
             {
                 Ok(r) => resumed = r,
                 Err(e) => return reply(AltReply::Refused(e), out),
@@ -354,17 +361,20 @@ impl Server {
     /// of the rest.
     fn deliver(&mut self, mut out: Option<&mut [u8]>) -> usize {
         let mut n = DEFER;
-        while let Some((token, e)) = self.events.poll_answer() {
+        // (Each event encoded from where it waits: no copy of it.)
+        while let Some((token, i)) = self.events.poll_answer_at() {
+            let e = &self.events.waiting[i].event;
             if let Some(out) = out.take() {
                 ipc::answer_instead(token);
-                n = short::encode_event_reply(&e, out).unwrap_or(0);
+                n = short::encode_event_reply(e, out).unwrap_or(0);
                 continue;
             }
             let mut bytes = [0u8; short::EVENT_REPLY];
-            let m = short::encode_event_reply(&e, &mut bytes).unwrap_or(0);
+            let m = short::encode_event_reply(e, &mut bytes).unwrap_or(0);
+            let id = e.id;
             if ipc::reply(token, &bytes[..m]).is_err() {
                 // The caller is gone: the event goes to the next one.
-                self.events.ungive(e.id);
+                self.events.ungive(id);
             }
         }
         if self.events_note.is_some() && self.events.waiting.iter().any(|w| !w.given) {
