@@ -403,8 +403,13 @@ pub mod short {
     /// than the bits left), and what follows.
     #[inline(always)]
     fn take_varint(mut b: &[u8], bits: u32) -> Option<(u32, &[u8])> {
-        if let [x @ 0..0x80, rest @ ..] = b {
-            return Some((u32::from(*x), rest));
+        match *b {
+            [x @ 0..0x80, ref rest @ ..] => return Some((u32::from(x), rest)),
+            // Two bytes (14 bits: within any `bits` asked for here).
+            [x @ 0x80..=0xff, y @ 0..0x80, ref rest @ ..] if bits >= 14 => {
+                return Some((u32::from(x & 0x7f) | u32::from(y) << 7, rest));
+            }
+            _ => {}
         }
         let max = bits.div_ceil(7);
         let mut v = 0u32;

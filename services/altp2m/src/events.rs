@@ -282,7 +282,11 @@ impl Events {
         if d.relaxing || d.tracking.is_some() || !d.shared.is_empty() {
             return None;
         }
-        let v = d.views.get(&x.view)?;
+        // (The newest view, the last, is the usual one: no search.)
+        let v = match d.views.last_key_value() {
+            Some((&last, v)) if last == x.view => v,
+            _ => d.views.get(&x.view)?,
+        };
         let gfn = x.gpa / 4096;
         // (With no tracking and no shared page, `tracked` takes nothing.)
         let (e, external) = d.settled_in(v, x.view, gfn);
@@ -836,10 +840,20 @@ impl Events {
         let i = i
             .filter(|&i| i < self.waiting.len())
             .ok_or(AltError::NoSuchEvent)?;
-        let w = self.waiting[i];
-        let event = w.event.id;
-        let e = w.event;
-        if w.owner != badge && self.attached(e.domain, w.owner) {
+        // What the answer needs of the event (no copy of all of it).
+        let w = &self.waiting[i];
+        let (token, owner) = (w.token, w.owner);
+        let e = Answered {
+            id: w.event.id,
+            domain: w.event.domain,
+            vcpu: w.event.vcpu,
+            view: w.event.view,
+            gpa: w.event.gpa,
+            rip: w.event.rip,
+            paused: w.event.paused,
+        };
+        let event = e.id;
+        if owner != badge && self.attached(e.domain, owner) {
             return Err(AltError::ListenerBusy);
         }
         let gfn = e.gpa / 4096;
@@ -918,8 +932,19 @@ impl Events {
             }
         }
         take(&mut self.waiting, i);
-        Ok(e.paused.then_some((w.token, out)))
+        Ok(e.paused.then_some((token, out)))
     }
+}
+
+/// What [`Events::answer_at`] needs of the event answered.
+struct Answered {
+    id: u32,
+    domain: u16,
+    vcpu: u16,
+    view: u16,
+    gpa: u64,
+    rip: u64,
+    paused: bool,
 }
 
 /// `v.remove(i)`, the last element (the usual one) without a call to
