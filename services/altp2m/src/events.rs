@@ -673,7 +673,7 @@ impl Events {
 
     /// [`Events::next_for`], the event's place in `waiting` (no copy of it).
     #[inline]
-    fn next_at(&mut self, badge: u64) -> Option<usize> {
+    pub fn next_at(&mut self, badge: u64) -> Option<usize> {
         let i = self
             .waiting
             .iter()

@@ -32,7 +32,7 @@ extern crate alloc;
 
 use ipc_schema::altp2m::{
     ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
-    MAX_WAITING_LISTENERS, PING, PONG, VmEvent, short,
+    MAX_WAITING_LISTENERS, PING, PONG, short,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
@@ -322,12 +322,12 @@ impl Server {
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
         }
-        let event = |e: &VmEvent, out: &mut [u8]| short::encode_event_reply(e, out).unwrap_or(0);
-        if let Some(e) = self.events.next_for(badge) {
+        // (The event encoded from where it waits: no copy of it.)
+        if let Some(i) = self.events.next_at(badge) {
             if let Some((vcpu, exit_reply)) = resumed {
                 resume(vcpu, &exit_reply);
             }
-            return event(&e, out);
+            return short::encode_event_reply(&self.events.waiting[i].event, out).unwrap_or(0);
         }
         let now = if !listens && !self.events.listens(badge) {
             Some(AltReply::Refused(AltError::NotListening))

@@ -3084,7 +3084,7 @@ fn violation_message(
             vcpu: 1,
             kind: ExitKind::EptViolation {
                 gpa: gfn * 4096 + 0x28,
-                gla: (gfn % 3 != 0).then_some(0x7000_0000 + gfn * 4096),
+                gla: (!gfn.is_multiple_of(3)).then_some(0x7000_0000 + gfn * 4096),
                 access: bits(access),
                 allowed,
                 qualification: 0x183,
