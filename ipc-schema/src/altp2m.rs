@@ -207,9 +207,17 @@ impl VmEvent {
     /// and GLA, access and allowed (bits 0-2: read, write, execute), RIP,
     /// flags (bit 0: internal, bit 1: paused), qualification.
     pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut b = [0u8; Self::BYTES];
+        self.write_to(&mut b);
+        b
+    }
+
+    /// [`VmEvent::to_bytes`] written straight into `b` (a reply buffer:
+    /// no copy of a layout made on the side).
+    #[inline(always)]
+    pub fn write_to(&self, b: &mut [u8; Self::BYTES]) {
         let bits =
             |a: AccessBits| u8::from(a.read) | u8::from(a.write) << 1 | u8::from(a.execute) << 2;
-        let mut b = [0u8; Self::BYTES];
         b[0..4].copy_from_slice(&self.id.to_le_bytes());
         b[4..6].copy_from_slice(&self.domain.to_le_bytes());
         b[6..8].copy_from_slice(&self.vcpu.to_le_bytes());
@@ -222,7 +230,18 @@ impl VmEvent {
         b[29..37].copy_from_slice(&self.rip.to_le_bytes());
         b[37] = u8::from(self.internal) | u8::from(self.paused) << 1;
         b[38..46].copy_from_slice(&self.qualification.to_le_bytes());
-        b
+    }
+
+    /// Whether `b` is a layout [`VmEvent::from_bytes`] reads (the same
+    /// checks, without building the event).
+    #[inline(always)]
+    pub fn valid_layout(b: &[u8; Self::BYTES]) -> bool {
+        let gla_ok = match b[18] {
+            1 => true,
+            0 => b[19..27] == [0; 8],
+            _ => false,
+        };
+        gla_ok && b[27] < 8 && b[28] < 8 && b[37] < 4
     }
 
     /// The layout read back; `None` for any other length, a GLA flag byte
@@ -321,7 +340,7 @@ pub mod short {
 
     /// Writes `v` as a varint at `b[n..]`: the length after it.
     #[inline(always)]
-    fn varint(b: &mut [u8; 16], mut n: usize, mut v: u32) -> usize {
+    fn varint(b: &mut [u8; NEXT_EVENT_MAX], mut n: usize, mut v: u32) -> usize {
         while v >= 0x80 {
             b[n] = v as u8 | 0x80;
             v >>= 7;
@@ -331,37 +350,52 @@ pub mod short {
         n + 1
     }
 
+    /// The longest `AltRequest::NextEvent` (an id of 5 bytes and an
+    /// action of 4).
+    const NEXT_EVENT_MAX: usize = 16;
+
     /// Encodes `AltRequest::NextEvent { answer }` into `out`: its length,
-    /// or `None` if it does not fit.
+    /// or `None` if it does not fit. (Written in place where `out` has
+    /// room for the longest, as a client's call buffer has.)
     #[inline]
     pub fn encode_next_event(answer: Option<(u32, Action)>, out: &mut [u8]) -> Option<usize> {
-        let mut b = [0u8; 16];
+        if let Some(b) = out.first_chunk_mut::<NEXT_EVENT_MAX>() {
+            return Some(next_event_into(answer, b));
+        }
+        let mut b = [0u8; NEXT_EVENT_MAX];
+        let n = next_event_into(answer, &mut b);
+        out.get_mut(..n)?.copy_from_slice(&b[..n]);
+        Some(n)
+    }
+
+    #[inline(always)]
+    fn next_event_into(answer: Option<(u32, Action)>, b: &mut [u8; NEXT_EVENT_MAX]) -> usize {
         b[0] = NEXT_EVENT;
+        b[1] = 0;
         let mut n = 2;
         if let Some((id, action)) = answer {
             b[1] = 1;
-            n = varint(&mut b, n, id);
+            n = varint(b, n, id);
             let bit = u8::from;
             n = match action {
-                Action::Retry => varint(&mut b, n, 0),
-                Action::AllowOnce => varint(&mut b, n, 1),
+                Action::Retry => varint(b, n, 0),
+                Action::AllowOnce => varint(b, n, 1),
                 Action::SetAccess(a) => {
                     b[n..n + 4].copy_from_slice(&[2, bit(a.read), bit(a.write), bit(a.execute)]);
                     n + 4
                 }
                 Action::SwitchView(v) => {
                     b[n] = 3;
-                    varint(&mut b, n + 1, v.into())
+                    varint(b, n + 1, v.into())
                 }
                 Action::Skip { length } => {
                     b[n..n + 2].copy_from_slice(&[4, length]);
                     n + 2
                 }
-                Action::Crash => varint(&mut b, n, 5),
+                Action::Crash => varint(b, n, 5),
             };
         }
-        out.get_mut(..n)?.copy_from_slice(&b[..n]);
-        Some(n)
+        n
     }
 
     /// A varint of a `bits`-bit integer at the start of `b`, as postcard
@@ -369,8 +403,13 @@ pub mod short {
     /// than the bits left), and what follows.
     #[inline(always)]
     fn take_varint(mut b: &[u8], bits: u32) -> Option<(u32, &[u8])> {
-        if let [x @ 0..0x80, rest @ ..] = b {
-            return Some((u32::from(*x), rest));
+        match *b {
+            [x @ 0..0x80, ref rest @ ..] => return Some((u32::from(x), rest)),
+            // Two bytes (14 bits: within any `bits` asked for here).
+            [x @ 0x80..=0xff, y @ 0..0x80, ref rest @ ..] if bits >= 14 => {
+                return Some((u32::from(x & 0x7f) | u32::from(y) << 7, rest));
+            }
+            _ => {}
         }
         let max = bits.div_ceil(7);
         let mut v = 0u32;
@@ -432,9 +471,11 @@ pub mod short {
     /// ([`EVENT_REPLY`]), or `None` if it does not fit.
     #[inline]
     pub fn encode_event_reply(e: &VmEvent, out: &mut [u8]) -> Option<usize> {
-        let out = out.get_mut(..EVENT_REPLY)?;
-        out[..3].copy_from_slice(&[0, EVENT, VmEvent::BYTES as u8]);
-        out[3..].copy_from_slice(&e.to_bytes());
+        let (head, layout) = out
+            .first_chunk_mut::<EVENT_REPLY>()?
+            .split_first_chunk_mut::<3>()?;
+        *head = [0, EVENT, VmEvent::BYTES as u8];
+        e.write_to(layout.first_chunk_mut::<{ VmEvent::BYTES }>()?);
         Some(EVENT_REPLY)
     }
 
@@ -445,6 +486,20 @@ pub mod short {
         match bytes {
             [0, EVENT, len, rest @ ..] if usize::from(*len) == VmEvent::BYTES => {
                 VmEvent::from_bytes(rest)
+            }
+            _ => None,
+        }
+    }
+
+    /// The id of the event in a reply `Ok(AltReply::Event(e))`: what
+    /// [`decode_event_reply`] reads, `e.id`, without building the event
+    /// (for a listener that answers every event alike).
+    #[inline]
+    pub fn event_reply_id(bytes: &[u8]) -> Option<u32> {
+        match bytes {
+            [0, EVENT, len, rest @ ..] if usize::from(*len) == VmEvent::BYTES => {
+                let b: &[u8; VmEvent::BYTES] = rest.try_into().ok()?;
+                VmEvent::valid_layout(b).then(|| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
             _ => None,
         }
@@ -721,10 +776,16 @@ mod layout_tests {
             let request = AltRequest::NextEvent { answer };
             prop_assert_eq!(&a[..n], postcard::to_slice(&request, &mut b).unwrap());
             prop_assert_eq!(short::decode_next_event(&a[..n]), Some(answer));
+            // Into a buffer with room for this one alone (not the longest).
+            let mut c = [0u8; 64];
+            prop_assert_eq!(short::encode_next_event(answer, &mut c[..n]), Some(n));
+            prop_assert_eq!(&c[..n], &a[..n]);
+            prop_assert!(short::encode_next_event(answer, &mut c[..n - 1]).is_none());
             let n = short::encode_event_reply(&e, &mut a).unwrap();
             let reply: Answer = Ok(AltReply::Event(e));
             prop_assert_eq!(&a[..n], postcard::to_slice(&reply, &mut b).unwrap());
             prop_assert_eq!(short::decode_event_reply(&a[..n]), Some(e));
+            prop_assert_eq!(short::event_reply_id(&a[..n]), Some(e.id));
             prop_assert!(short::encode_next_event(answer, &mut a[..1]).is_none());
             prop_assert!(short::encode_event_reply(&e, &mut a[..n - 1]).is_none());
         }
@@ -757,6 +818,10 @@ mod layout_tests {
             if let Some(e) = short::decode_event_reply(&bytes) {
                 prop_assert_eq!(whole::<Answer>(&bytes), Some(Ok(AltReply::Event(e))));
             }
+            prop_assert_eq!(
+                short::event_reply_id(&bytes),
+                short::decode_event_reply(&bytes).map(|e| e.id)
+            );
         }
     }
 
@@ -773,6 +838,9 @@ mod layout_tests {
             prop_assert_eq!(postcard::from_bytes::<AltReply>(&buf[..n]).unwrap(), reply);
             if let Some(back) = VmEvent::from_bytes(&bytes) {
                 prop_assert_eq!(&back.to_bytes()[..], &bytes[..]);
+            }
+            if let Ok(b) = <&[u8; VmEvent::BYTES]>::try_from(&bytes[..]) {
+                prop_assert_eq!(VmEvent::valid_layout(b), VmEvent::from_bytes(b).is_some());
             }
         }
     }

@@ -61,7 +61,50 @@ pub struct Poll {
     pub token: u64,
 }
 
-#[derive(Default)]
+/// An EPT violation's exit: what the violation path reads of it (from a
+/// decoded [`ExitMessage`], or straight from its bytes:
+/// [`crate::fast::read_violation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub domain: u16,
+    pub vcpu: u16,
+    /// The view the vCPU faulted in.
+    pub view: u16,
+    pub rip: u64,
+    pub gpa: u64,
+    pub gla: Option<u64>,
+    pub access: AccessBits,
+    pub allowed: AccessBits,
+    pub qualification: u64,
+}
+
+impl Violation {
+    /// The violation of an exit message; `None` for another kind of exit.
+    pub fn of(m: &ExitMessage) -> Option<Self> {
+        match m.exit.kind {
+            ExitKind::EptViolation {
+                gpa,
+                gla,
+                access,
+                allowed,
+                qualification,
+            } => Some(Violation {
+                domain: m.exit.domain,
+                vcpu: m.exit.vcpu,
+                view: m.exit.view,
+                rip: m.exit.rip,
+                gpa,
+                gla,
+                access,
+                allowed,
+                qualification,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Events {
     /// Each domain's listeners, in the order they attached.
     pub listeners: BTreeMap<u16, Vec<Listener>>,
@@ -166,13 +209,10 @@ impl Events {
                 }
                 reply(Response::RETRY)
             }
-            ExitKind::EptViolation {
-                gpa,
-                gla,
-                access,
-                allowed,
-                qualification,
-            } => self.violation(alt, k, m, token, gpa, gla, access, allowed, qualification),
+            ExitKind::EptViolation { .. } => match Violation::of(m) {
+                Some(x) => self.violation_exit(alt, k, &x, token),
+                None => reply(Response::CRASH),
+            },
             ExitKind::Hypercall if m.regs.rax == HC_VIEW_SWITCH => view_switch(alt, m),
             other => {
                 defmt::error!(
@@ -185,20 +225,152 @@ impl Events {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn violation(
+    /// Answers an EPT violation: the common restriction by the fewest
+    /// look-ups ([`Events::quiet_restriction`]), anything else the general
+    /// way; the answers and the state the same either way (a property test
+    /// holds the two to it).
+    #[inline]
+    pub fn violation_exit(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        x: &Violation,
+        token: u64,
+    ) -> Outcome {
+        if let Some(o) = self.quiet_restriction(alt, x, token) {
+            return o;
+        }
+        self.violation(alt, k, x, token)
+    }
+
+    /// [`Events::exit`] without the fast route: every violation the
+    /// general way (for the tests that hold the two to the same answers).
+    #[cfg(test)]
+    pub(crate) fn exit_general(
         &mut self,
         alt: &mut Altp2m,
         k: &mut impl Kernel,
         m: &ExitMessage,
         token: u64,
-        gpa: u64,
-        gla: Option<u64>,
-        access: AccessBits,
-        allowed: AccessBits,
-        qualification: u64,
     ) -> Outcome {
-        let (id, view) = (m.exit.domain, m.exit.view);
+        match Violation::of(m) {
+            Some(x) => self.violation(alt, k, &x, token),
+            None => self.exit(alt, k, m, token),
+        }
+    }
+
+    /// The common violation decided in the fewest look-ups: an entry that
+    /// is there (the exit's allowed bits say so) in a view of a domain
+    /// with a record, where nothing can relax, copy or lift (no
+    /// self-relaxing setting ever placed, no shared page, no dirty
+    /// tracking), whose settings refuse the access: a restriction, for the
+    /// listener or the policy, exactly as the general way reports it (the
+    /// domain and the view looked up once, the view's settings once).
+    /// `None`, with nothing done, for anything else.
+    #[inline]
+    pub(crate) fn quiet_restriction(
+        &mut self,
+        alt: &Altp2m,
+        x: &Violation,
+        token: u64,
+    ) -> Option<Outcome> {
+        let (a, access) = (x.allowed, x.access);
+        if !(a.read || a.write || a.execute) {
+            return None;
+        }
+        let d = alt.domains.get(&x.domain)?;
+        if d.relaxing || d.tracking.is_some() || !d.shared.is_empty() {
+            return None;
+        }
+        // (The newest view, the last, is the usual one: no search.)
+        let v = match d.views.last_key_value() {
+            Some((&last, v)) if last == x.view => v,
+            _ => d.views.get(&x.view)?,
+        };
+        let gfn = x.gpa / 4096;
+        // (With no tracking and no shared page, `tracked` takes nothing.)
+        let (e, external) = d.settled_in(v, x.view, gfn);
+        if allows(e.access, access) {
+            return None;
+        }
+        let event = self.event_of(x, e.access, external);
+        Some(self.restriction(event, gfn, token))
+    }
+
+    /// The event of violation `x`, where the entry's settings give
+    /// `effective` (`external`: placed by an external agent).
+    #[inline(always)]
+    fn event_of(&self, x: &Violation, effective: Access, external: bool) -> VmEvent {
+        VmEvent {
+            id: self.next,
+            domain: x.domain,
+            vcpu: x.vcpu,
+            view: x.view,
+            gpa: x.gpa,
+            gla: x.gla,
+            access: x.access,
+            allowed: AccessBits {
+                read: effective.read,
+                write: effective.write,
+                execute: effective.execute,
+            },
+            rip: x.rip,
+            internal: !external,
+            paused: true,
+            qualification: x.qualification,
+        }
+    }
+
+    /// A restriction: the listener hears of `event` (its vCPU waiting),
+    /// or the domain's no-listener policy decides.
+    fn restriction(&mut self, event: VmEvent, gfn: u64, token: u64) -> Outcome {
+        let (id, access) = (event.domain, event.access);
+        if let Some(owner) = self.route(id, gfn, access) {
+            return self.record(event, token, owner);
+        }
+        let (gpa, view, allowed) = (event.gpa, event.view, event.allowed);
+        match self.policy.get(&id).copied().unwrap_or(NoListener::Crash) {
+            NoListener::Crash => {
+                defmt::error!(
+                    "domain {=u16}: {=str} of {=u64:#x} (linear {=u64:#x}) in view {=u16} not allowed (page allows {=bool}/{=bool}/{=bool} read/write/execute; qualification {=u64:#x}); no listener, so the domain is stopped",
+                    id,
+                    what(access),
+                    gpa,
+                    event.gla.unwrap_or(gpa),
+                    view,
+                    allowed.read,
+                    allowed.write,
+                    allowed.execute,
+                    event.qualification
+                );
+                reply(Response::CRASH)
+            }
+            NoListener::Pause => {
+                defmt::warn!(
+                    "domain {=u16}: {=str} of {=u64:#x} in view {=u16} not allowed; no listener, so vCPU {=u16} waits for one (event {=u32})",
+                    id,
+                    what(access),
+                    gpa,
+                    view,
+                    event.vcpu,
+                    event.id
+                );
+                self.record(event, token, 0)
+            }
+        }
+    }
+
+    /// Any EPT violation, the general way.
+    fn violation(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        x: &Violation,
+        token: u64,
+    ) -> Outcome {
+        let (id, view) = (x.domain, x.view);
+        let (gpa, gla, access, allowed, qualification) =
+            (x.gpa, x.gla, x.access, x.allowed, x.qualification);
         let gfn = gpa / 4096;
         // An entry that allows something is there, and maps a frame of the
         // host p2m's RAM (the kernel maps nothing else into a view): the
@@ -379,26 +551,7 @@ impl Events {
                 return reply(Response::CRASH);
             }
         }
-        // What the entry allows now (it may have just been filled).
-        let allowed = AccessBits {
-            read: effective.access.read,
-            write: effective.access.write,
-            execute: effective.access.execute,
-        };
-        let mut event = VmEvent {
-            id: self.next,
-            domain: id,
-            vcpu: m.exit.vcpu,
-            view,
-            gpa,
-            gla,
-            access,
-            allowed,
-            rip: m.exit.rip,
-            internal: !external,
-            paused: true,
-            qualification,
-        };
+        let mut event = self.event_of(x, effective.access, external);
         if allows(effective.access, access) {
             // Filled just now, or a fault the entry no longer deserves, or
             // an n2rwx page's first access, which the listener hears of.
@@ -420,38 +573,7 @@ impl Events {
             return reply(Response::RETRY);
         }
         // A restriction: the listener hears of it, or the policy decides.
-        if let Some(owner) = self.route(id, gfn, access) {
-            return self.record(event, token, owner);
-        }
-        match self.policy.get(&id).copied().unwrap_or(NoListener::Crash) {
-            NoListener::Crash => {
-                defmt::error!(
-                    "domain {=u16}: {=str} of {=u64:#x} (linear {=u64:#x}) in view {=u16} not allowed (page allows {=bool}/{=bool}/{=bool} read/write/execute; qualification {=u64:#x}); no listener, so the domain is stopped",
-                    id,
-                    what(access),
-                    gpa,
-                    gla.unwrap_or(gpa),
-                    view,
-                    allowed.read,
-                    allowed.write,
-                    allowed.execute,
-                    qualification
-                );
-                reply(Response::CRASH)
-            }
-            NoListener::Pause => {
-                defmt::warn!(
-                    "domain {=u16}: {=str} of {=u64:#x} in view {=u16} not allowed; no listener, so vCPU {=u16} waits for one (event {=u32})",
-                    id,
-                    what(access),
-                    gpa,
-                    view,
-                    m.exit.vcpu,
-                    event.id
-                );
-                self.record(event, token, 0)
-            }
-        }
+        self.restriction(event, gfn, token)
     }
 
     /// The listener a violation of `domain` at `gfn` goes to: the first
@@ -473,7 +595,19 @@ impl Events {
 
     /// The listener waiting event `event` goes to, if one is attached.
     pub fn owner_of(&self, event: u32) -> Option<(u16, Option<u64>)> {
-        let w = self.waiting.iter().find(|w| w.event.id == event)?;
+        self.owner_at(self.find(event)?)
+    }
+
+    /// Where waiting event `event` is in `waiting`.
+    #[inline]
+    pub fn find(&self, event: u32) -> Option<usize> {
+        self.waiting.iter().position(|w| w.event.id == event)
+    }
+
+    /// [`Events::owner_of`] of the waiting event at `i` (of [`Events::find`]).
+    #[inline]
+    pub fn owner_at(&self, i: usize) -> Option<(u16, Option<u64>)> {
+        let w = self.waiting.get(i)?;
         let d = w.event.domain;
         Some((d, Some(w.owner).filter(|&o| self.attached(d, o))))
     }
@@ -534,12 +668,18 @@ impl Events {
     /// The oldest waiting event of a domain `badge` listens to that no
     /// `NextEvent` was given yet, marked given.
     pub fn next_for(&mut self, badge: u64) -> Option<VmEvent> {
-        let w = self
+        self.next_at(badge).map(|i| self.waiting[i].event)
+    }
+
+    /// [`Events::next_for`], the event's place in `waiting` (no copy of it).
+    #[inline]
+    pub fn next_at(&mut self, badge: u64) -> Option<usize> {
+        let i = self
             .waiting
-            .iter_mut()
-            .find(|w| !w.given && w.owner == badge)?;
-        w.given = true;
-        Some(w.event)
+            .iter()
+            .position(|w| !w.given && w.owner == badge)?;
+        self.waiting[i].given = true;
+        Some(i)
     }
 
     /// Whether `badge` is the listener of some domain.
@@ -569,9 +709,17 @@ impl Events {
     /// A held `NextEvent` call of a listener with an event to give: the
     /// call's token and the event (marked given), the call no longer held.
     pub fn poll_answer(&mut self) -> Option<(u64, VmEvent)> {
-        for i in 0..self.polls.len() {
-            if let Some(e) = self.next_for(self.polls[i].badge) {
-                return Some((self.polls.remove(i).token, e));
+        self.poll_answer_at()
+            .map(|(token, i)| (token, self.waiting[i].event))
+    }
+
+    /// [`Events::poll_answer`], the event's place in `waiting` (no copy of
+    /// it: the caller encodes it from there).
+    #[inline]
+    pub fn poll_answer_at(&mut self) -> Option<(u64, usize)> {
+        for p in 0..self.polls.len() {
+            if let Some(i) = self.next_at(self.polls[p].badge) {
+                return Some((take(&mut self.polls, p).token, i));
             }
         }
         None
@@ -675,14 +823,37 @@ impl Events {
         event: u32,
         action: Action,
     ) -> Result<Option<(u64, ExitReply)>, AltError> {
-        let i = self
-            .waiting
-            .iter()
-            .position(|w| w.event.id == event)
+        let i = self.find(event);
+        self.answer_at(alt, k, badge, i, action)
+    }
+
+    /// [`Events::answer`] of the waiting event at `i` (of [`Events::find`]:
+    /// `None`, no such event).
+    pub fn answer_at(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        badge: u64,
+        i: Option<usize>,
+        action: Action,
+    ) -> Result<Option<(u64, ExitReply)>, AltError> {
+        let i = i
+            .filter(|&i| i < self.waiting.len())
             .ok_or(AltError::NoSuchEvent)?;
-        let w = self.waiting[i];
-        let e = w.event;
-        if w.owner != badge && self.attached(e.domain, w.owner) {
+        // What the answer needs of the event (no copy of all of it).
+        let w = &self.waiting[i];
+        let (token, owner) = (w.token, w.owner);
+        let e = Answered {
+            id: w.event.id,
+            domain: w.event.domain,
+            vcpu: w.event.vcpu,
+            view: w.event.view,
+            gpa: w.event.gpa,
+            rip: w.event.rip,
+            paused: w.event.paused,
+        };
+        let event = e.id;
+        if owner != badge && self.attached(e.domain, owner) {
             return Err(AltError::ListenerBusy);
         }
         let gfn = e.gpa / 4096;
@@ -709,11 +880,14 @@ impl Events {
                 out.rip = Some(e.rip.wrapping_add(u64::from(length)));
             }
             Action::SwitchView(v) => {
-                // (A domain with no record yet has view 0 alone.)
-                let exists = alt
-                    .domains
-                    .get(&e.domain)
-                    .map_or(v == 0, |d| d.views.contains_key(&v));
+                // (A domain with no record yet has view 0 alone, and one
+                // with a record always view 0: `Domain::default`, and
+                // `ViewDestroy` refuses view 0.)
+                let exists = v == 0
+                    || alt
+                        .domains
+                        .get(&e.domain)
+                        .is_some_and(|d| d.views.contains_key(&v));
                 if !exists {
                     return Err(AltError::NoSuchView);
                 }
@@ -757,9 +931,32 @@ impl Events {
                 out.step = true;
             }
         }
-        self.waiting.remove(i);
-        Ok(e.paused.then_some((w.token, out)))
+        take(&mut self.waiting, i);
+        Ok(e.paused.then_some((token, out)))
     }
+}
+
+/// What [`Events::answer_at`] needs of the event answered.
+struct Answered {
+    id: u32,
+    domain: u16,
+    vcpu: u16,
+    view: u16,
+    gpa: u64,
+    rip: u64,
+    paused: bool,
+}
+
+/// `v.remove(i)`, the last element (the usual one) without a call to
+/// move the rest.
+#[inline(always)]
+fn take<T>(v: &mut Vec<T>, i: usize) -> T {
+    if i + 1 == v.len()
+        && let Some(x) = v.pop()
+    {
+        return x;
+    }
+    v.remove(i)
 }
 
 fn perms(a: Access) -> Perms {

@@ -26,9 +26,20 @@ impl<V: Copy + PartialEq> Intervals<V> {
         }
     }
 
-    /// The value at `at`.
+    /// The value at `at`. The last range and the first are looked at
+    /// before any search (a map of one or two ranges, as a view that
+    /// restricts one region has, is never searched).
+    #[inline]
     pub fn get(&self, at: u64) -> Option<V> {
-        if self.map.is_empty() {
+        let (&start, &(end, v)) = self.map.last_key_value()?;
+        if at >= start {
+            return (at < end).then_some(v);
+        }
+        let (&start, &(end, v)) = self.map.first_key_value()?;
+        if at < end {
+            return (at >= start).then_some(v);
+        }
+        if self.map.len() <= 2 {
             return None;
         }
         let (_, &(end, v)) = self.map.range(..=at).next_back()?;

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 pub mod events;
+pub mod fast;
 pub mod intervals;
 pub mod policy;
 pub mod sharing;

@@ -32,7 +32,7 @@ extern crate alloc;
 
 use ipc_schema::altp2m::{
     ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
-    MAX_WAITING_LISTENERS, PING, PONG, VmEvent, short,
+    MAX_WAITING_LISTENERS, PING, PONG, short,
 };
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
@@ -40,6 +40,7 @@ use ipc_schema::manifest::introspection;
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::VMEXIT;
 use service_altp2m::events::{Events, Outcome, Poll};
+use service_altp2m::fast;
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
 use service_runtime::rights::Rights;
@@ -265,7 +266,12 @@ impl Server {
     /// `Ok` if the caller may answer `event` (`events` on its domain):
     /// `Ok(true)` where the caller is the attached listener it goes to.
     fn may_answer(&mut self, badge: u64, event: u32) -> Result<bool, AltError> {
-        match self.events.owner_of(event) {
+        self.may_answer_at(badge, self.events.find(event))
+    }
+
+    /// [`Server::may_answer`] of the waiting event at `i` (`Events::find`).
+    fn may_answer_at(&mut self, badge: u64, i: Option<usize>) -> Result<bool, AltError> {
+        match i.and_then(|i| self.events.owner_at(i)) {
             // Its attached listener had `events` when it attached.
             Some((_, Some(owner))) if owner == badge => Ok(true),
             Some((d, _)) if !self.may(badge, d, introspection::EVENTS) => Err(AltError::NotAllowed),
@@ -302,24 +308,26 @@ impl Server {
         // The caller answered as an attached listener: it listens.
         let mut listens = false;
         if let Some((event, action)) = answer {
-            match self.may_answer(badge, event) {
+            // The event looked for once, for both the check and the answer.
+            let i = self.events.find(event);
+            match self.may_answer_at(badge, i) {
                 Ok(own) => listens = own,
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
             match self
                 .events
-                .answer(&mut self.alt, &mut self.system, badge, event, action)
+                .answer_at(&mut self.alt, &mut self.system, badge, i, action)
             {
                 Ok(r) => resumed = r,
                 Err(e) => return reply(AltReply::Refused(e), out),
             }
         }
-        let event = |e: &VmEvent, out: &mut [u8]| short::encode_event_reply(e, out).unwrap_or(0);
-        if let Some(e) = self.events.next_for(badge) {
+        // (The event encoded from where it waits: no copy of it.)
+        if let Some(i) = self.events.next_at(badge) {
             if let Some((vcpu, exit_reply)) = resumed {
                 resume(vcpu, &exit_reply);
             }
-            return event(&e, out);
+            return short::encode_event_reply(&self.events.waiting[i].event, out).unwrap_or(0);
         }
         let now = if !listens && !self.events.listens(badge) {
             Some(AltReply::Refused(AltError::NotListening))
@@ -339,7 +347,7 @@ impl Server {
                 match resumed {
                     Some((vcpu, exit_reply)) => {
                         ipc::answer_instead(vcpu);
-                        ipc_schema::exitcodec::encode_reply(&exit_reply, out).unwrap_or(0)
+                        fast::encode_reply(&exit_reply, out)
                     }
                     None => DEFER,
                 }
@@ -353,17 +361,20 @@ impl Server {
     /// of the rest.
     fn deliver(&mut self, mut out: Option<&mut [u8]>) -> usize {
         let mut n = DEFER;
-        while let Some((token, e)) = self.events.poll_answer() {
+        // (Each event encoded from where it waits: no copy of it.)
+        while let Some((token, i)) = self.events.poll_answer_at() {
+            let e = &self.events.waiting[i].event;
             if let Some(out) = out.take() {
                 ipc::answer_instead(token);
-                n = short::encode_event_reply(&e, out).unwrap_or(0);
+                n = short::encode_event_reply(e, out).unwrap_or(0);
                 continue;
             }
             let mut bytes = [0u8; short::EVENT_REPLY];
-            let m = short::encode_event_reply(&e, &mut bytes).unwrap_or(0);
+            let m = short::encode_event_reply(e, &mut bytes).unwrap_or(0);
+            let id = e.id;
             if ipc::reply(token, &bytes[..m]).is_err() {
                 // The caller is gone: the event goes to the next one.
-                self.events.ungive(e.id);
+                self.events.ungive(id);
             }
         }
         if self.events_note.is_some() && self.events.waiting.iter().any(|w| !w.given) {
@@ -518,7 +529,7 @@ impl Server {
 /// Answers the exit of `token` (a vCPU waiting on an event) with `r`.
 fn resume(token: u64, r: &ipc_schema::vmexit::ExitReply) {
     let mut out = [0u8; 64];
-    let n = ipc_schema::exitcodec::encode_reply(r, &mut out).unwrap_or(0);
+    let n = fast::encode_reply(r, &mut out);
     if let Err(e) = ipc::reply(token, &out[..n]) {
         defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
     }
@@ -576,27 +587,31 @@ impl Server {
     #[inline(never)]
     fn message(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.violations {
-            // Decoded in place (no copy of the message out of a decoder).
-            let mut m = ipc_schema::vmexit::ExitMessage::default();
-            let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
-                defmt::warn!(
-                    "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
-                    msg.badge
-                );
-                return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
+            // An EPT violation read straight from its bytes (only what the
+            // violation path needs); any other exit decoded in place (no
+            // copy of the message out of a decoder).
+            let outcome = if let Some(x) = fast::read_violation(msg.bytes) {
+                self.events
+                    .violation_exit(&mut self.alt, &mut self.system, &x, msg.token)
+            } else {
+                let mut m = ipc_schema::vmexit::ExitMessage::default();
+                let Some(()) = ipc_schema::exitcodec::decode_message_into(msg.bytes, &mut m) else {
+                    defmt::warn!(
+                        "altp2m: a message on the violation endpoint that is not an exit (badge {=u64})",
+                        msg.badge
+                    );
+                    return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
+                };
+                self.events
+                    .exit(&mut self.alt, &mut self.system, &m, msg.token)
             };
-            return match self
-                .events
-                .exit(&mut self.alt, &mut self.system, &m, msg.token)
-            {
-                Outcome::Reply(answer) => {
-                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
-                }
+            return match outcome {
+                Outcome::Reply(answer) => fast::encode_reply(&answer, reply),
                 Outcome::Defer { new_event: true } => self.deliver(Some(reply)),
                 Outcome::Defer { new_event: false } => DEFER,
                 Outcome::Tell(answer) => {
                     self.deliver(None);
-                    ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0)
+                    fast::encode_reply(&answer, reply)
                 }
             };
         }

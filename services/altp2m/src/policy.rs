@@ -256,13 +256,19 @@ impl Domain {
     /// externally: one look-up of the view's access ranges and one of the
     /// host p2m's.
     pub fn settled(&self, view: u16, gfn: u64) -> (Entry, bool) {
-        let v = &self.views[&view];
+        self.settled_in(&self.views[&view], view, gfn)
+    }
+
+    /// [`Domain::settled`] of view `view`, whose settings are `v` (found
+    /// by the caller, which had to look for it anyway).
+    #[inline]
+    pub fn settled_in(&self, v: &View, view: u16, gfn: u64) -> (Entry, bool) {
         let frame = if view == 0 {
             gfn
         } else {
             v.remap.get(&gfn).copied().unwrap_or(gfn)
         };
-        let host = self.views[&0].access.get(frame);
+        let host = if view == 0 { v } else { self.host() }.access.get(frame);
         let host_access = host.map_or(ALL, |s| s.access);
         let (access, own_external) = if view == 0 {
             (host_access, false)
@@ -287,6 +293,15 @@ impl Domain {
             },
             external,
         )
+    }
+
+    /// The settings of view 0, the host p2m (always there, and the first).
+    #[inline(always)]
+    fn host(&self) -> &View {
+        match self.views.first_key_value() {
+            Some((0, v)) => v,
+            _ => &self.views[&0],
+        }
     }
 
     /// Every (view, gfn) of an alternate view whose entry depends on the host

@@ -3050,3 +3050,268 @@ fn a_shared_page_the_model_does_not_hold_is_learnt_and_broken_on_write() {
     assert_eq!(breaks.len(), 1);
     assert_eq!((breaks[0].gfn, breaks[0].frame), (6, frame));
 }
+
+// The violation path's fast route (issue 15): the same answers and state as
+// the general way.
+
+/// A violation exit message of `view` at `gfn`: `allowed` as given, or (for
+/// `None`) what the kernel's entry allows, as `Rig::exit` sends.
+fn violation_message(
+    r: &Rig,
+    view: u16,
+    gfn: u64,
+    access: Access,
+    allowed: Option<Access>,
+) -> ExitMessage {
+    let bits = |a: Access| AccessBits {
+        read: a.read,
+        write: a.write,
+        execute: a.execute,
+    };
+    let allowed = allowed.map(bits).unwrap_or_else(|| {
+        r.k.views.get(&view).and_then(|v| v.map.get(&gfn)).map_or(
+            AccessBits::default(),
+            |&(_, p)| AccessBits {
+                read: p.read,
+                write: p.write,
+                execute: p.execute,
+            },
+        )
+    });
+    ExitMessage {
+        exit: Exit {
+            domain: D,
+            vcpu: 1,
+            kind: ExitKind::EptViolation {
+                gpa: gfn * 4096 + 0x28,
+                gla: (!gfn.is_multiple_of(3)).then_some(0x7000_0000 + gfn * 4096),
+                access: bits(access),
+                allowed,
+                qualification: 0x183,
+            },
+            rip: 0x5678,
+            instruction_len: 0,
+            view,
+        },
+        regs: ExitRegs::default(),
+    }
+}
+
+/// How the domain's violations are heard in the fast route's test.
+#[derive(Clone, Copy, Debug)]
+enum Hearing {
+    /// No listener; the policy stops the domain.
+    Crash,
+    /// No listener; the vCPU waits for one.
+    Pause,
+    /// A listener for every violation.
+    All,
+    /// A listener for writes to gfns 8..24 alone (no policy).
+    Some,
+}
+
+fn hearing() -> impl Strategy<Value = Hearing> {
+    prop_oneof![
+        Just(Hearing::Crash),
+        Just(Hearing::Pause),
+        Just(Hearing::All),
+        Just(Hearing::Some)
+    ]
+}
+
+/// A rig after `ops`, its domain's violations heard as `h`.
+fn rig_after(ops: &[Op], h: Hearing) -> Result<Rig, TestCaseError> {
+    let mut r = Rig::new();
+    let mut reference = Reference::default();
+    reference.views.insert(0, RefView::default());
+    for op in ops {
+        run_op(&mut r, &mut reference, op)?;
+    }
+    match h {
+        Hearing::Crash => {}
+        Hearing::Pause => {
+            r.ev.policy.insert(D, NoListener::Pause);
+        }
+        Hearing::All => r.ev.listen(D, 0x51, true).unwrap(),
+        Hearing::Some => {
+            r.ev.listen_for(
+                D,
+                0x52,
+                ipc_schema::altp2m::Filter {
+                    first: 8,
+                    end: 24,
+                    kinds: 0b010,
+                },
+            )
+            .unwrap()
+        }
+    }
+    Ok(r)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// `Events::exit` (the fast route first: `quiet_restriction`) and the
+    /// general way alone give the same answer and leave the same state
+    /// (events, model, kernel tables) for any violation after any
+    /// operations, with any listener or policy; and the exit read
+    /// straight from its bytes (`fast::read_violation`) is the violation
+    /// the general decoding reads.
+    #[test]
+    fn the_fast_violation_route_is_the_general_one(
+        ops in proptest::collection::vec(op(), 0..40),
+        h in hearing(),
+        exits in proptest::collection::vec(
+            (0u16..8, gfn(), access(), proptest::option::of(access())),
+            1..10,
+        ),
+    ) {
+        let mut fast = rig_after(&ops, h)?;
+        let mut general = rig_after(&ops, h)?;
+        for (i, &(view, gfn, access, allowed)) in exits.iter().enumerate() {
+            if !access.read && !access.write && !access.execute {
+                continue;
+            }
+            let m = violation_message(&fast, view, gfn, access, allowed);
+            let mut bytes = [0u8; 128];
+            let n = ipc_schema::exitcodec::encode_message(&m, &mut bytes).unwrap();
+            let x = crate::fast::read_violation(&bytes[..n]);
+            prop_assert_eq!(x, crate::events::Violation::of(&m));
+            let token = 0x900 + i as u64;
+            let a = fast.ev.violation_exit(&mut fast.alt, &mut fast.k, &x.unwrap(), token);
+            let b = general.ev.exit_general(&mut general.alt, &mut general.k, &m, token);
+            prop_assert_eq!(a, b, "the answer");
+            prop_assert_eq!(&fast.ev, &general.ev, "the events");
+            prop_assert_eq!(
+                std::format!("{:?}", fast.alt.domains),
+                std::format!("{:?}", general.alt.domains),
+                "the model"
+            );
+            prop_assert_eq!(
+                std::format!("{:?} {}", fast.k.views, fast.k.writes),
+                std::format!("{:?} {}", general.k.views, general.k.writes),
+                "the kernel's tables"
+            );
+        }
+    }
+
+    /// What `fast::read_violation` reads from any bytes (encoded exits of
+    /// every kind, damaged or cut, and junk) is what the general decoding
+    /// reads; it refuses no EPT violation the kernel encodes.
+    #[test]
+    fn a_violation_read_from_its_bytes_is_the_decoded_one(
+        gpa in any::<u64>(),
+        gla in proptest::option::of(any::<u64>()),
+        bits in any::<u8>(),
+        q in any::<u64>(),
+        rip in any::<u64>(),
+        ids in any::<(u16, u16, u16)>(),
+        hlt in any::<bool>(),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        cut in any::<bool>(),
+        junk in proptest::collection::vec(any::<u8>(), 40..90),
+    ) {
+        let b = |i: u8| bits & (1 << i) != 0;
+        let kind = if hlt {
+            ExitKind::Hlt
+        } else {
+            ExitKind::EptViolation {
+                gpa,
+                gla,
+                access: AccessBits { read: b(0), write: b(1), execute: b(2) },
+                allowed: AccessBits { read: b(3), write: b(4), execute: b(5) },
+                qualification: q,
+            }
+        };
+        let m = ExitMessage {
+            exit: Exit { domain: ids.0, vcpu: ids.1, view: ids.2, instruction_len: 3, rip, kind },
+            regs: ExitRegs { rax: q, rbx: gpa, rcx: 1, rdx: 2 },
+        };
+        let mut out = [0u8; 128];
+        let n = ipc_schema::exitcodec::encode_message(&m, &mut out).unwrap();
+        let decoded = |bytes: &[u8]| {
+            ipc_schema::exitcodec::decode_message(bytes)
+                .as_ref()
+                .and_then(crate::events::Violation::of)
+        };
+        prop_assert_eq!(crate::fast::read_violation(&out[..n]), crate::events::Violation::of(&m));
+        let mut damaged = out[..n].to_vec();
+        let i = at.index(n);
+        if cut { damaged.truncate(i) } else { damaged[i] = byte }
+        for bytes in [&damaged[..], &junk[..]] {
+            if let Some(x) = crate::fast::read_violation(bytes) {
+                prop_assert_eq!(Some(x), decoded(bytes));
+            }
+        }
+    }
+
+    /// `fast::encode_reply` writes what `exitcodec::encode_reply` writes.
+    #[test]
+    fn the_fast_reply_is_the_general_one(
+        view in proptest::option::of(prop_oneof![0u16..0x80, any::<u16>()]),
+        advance in any::<bool>(),
+        crash in any::<bool>(),
+        regs in any::<bool>(),
+        step in any::<bool>(),
+        rip in proptest::option::of(any::<u64>()),
+        room in 0usize..64,
+    ) {
+        let r = ipc_schema::vmexit::ExitReply {
+            response: Response {
+                advance,
+                ..if crash { Response::CRASH } else { Response::RETRY }
+            },
+            regs: regs.then_some(ExitRegs { rax: 1, rbx: 2, rcx: 3, rdx: 4 }),
+            view,
+            step,
+            rip,
+        };
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        let n = crate::fast::encode_reply(&r, &mut a[..room]);
+        let m = ipc_schema::exitcodec::encode_reply(&r, &mut b[..room]).unwrap_or(0);
+        prop_assert_eq!(n, m);
+        prop_assert_eq!(&a[..n], &b[..m]);
+    }
+}
+
+/// The benchmark's case takes the fast route: a write to a page a view
+/// makes read-only, with a listener attached, is an event for it (ALT-4),
+/// decided by `quiet_restriction` alone, as the general way decides it.
+#[test]
+fn a_restricted_write_with_a_listener_takes_the_fast_route() {
+    let make = || {
+        let mut r = Rig::new();
+        let v = r.view();
+        assert_eq!(
+            r.host(Request::SetAccess {
+                view: v,
+                gfn: 5,
+                access: Access::RX
+            }),
+            Reply::Done
+        );
+        r.ev.listen(D, 0x51, true).unwrap();
+        (r, v)
+    };
+    let (mut fast, v) = make();
+    let (mut general, _) = make();
+    let m = violation_message(&fast, v, 5, W, None);
+    let x = crate::events::Violation::of(&m).unwrap();
+    assert!(x.allowed.read, "the entry is there");
+    let a = fast.ev.quiet_restriction(&fast.alt, &x, 7);
+    assert_eq!(a, Some(Outcome::Defer { new_event: true }));
+    let b = general
+        .ev
+        .exit_general(&mut general.alt, &mut general.k, &m, 7);
+    assert_eq!(a, Some(b));
+    assert_eq!(fast.ev, general.ev);
+    let w = fast.ev.waiting[0];
+    assert_eq!((w.owner, w.token, w.given), (0x51, 7, false));
+    assert!(!w.event.internal, "placed by an external agent");
+    assert_eq!((w.event.allowed.read, w.event.allowed.write), (true, false));
+    // A tracked domain is the general way's (the write may be the log's).
+    fast.track(0, 8, Some(Mechanism::WriteProtect));
+    assert_eq!(fast.ev.quiet_restriction(&fast.alt, &x, 8), None);
+}

@@ -34,11 +34,12 @@ fn main() -> ! {
     let mut answer = None;
     loop {
         // The call and its event by the short ways (fixed-width, no serde
-        // on the path); any other reply through postcard.
+        // on the path; of the event only its id, the answer being the
+        // same for every event); any other reply through postcard.
         match altp2m.call_encoded(|out| short::encode_next_event(answer, out)) {
             Ok(bytes) => {
-                if let Some(e) = short::decode_event_reply(bytes) {
-                    answer = Some((e.id, Action::SwitchView(0)));
+                if let Some(id) = short::event_reply_id(bytes) {
+                    answer = Some((id, Action::SwitchView(0)));
                     continue;
                 }
                 match ipc::decode::<Result<AltReply, IpcError>>(bytes) {
