@@ -507,7 +507,7 @@ impl Receiver {
             bytes: &buf[..(r.rdi as usize).min(MAX_MESSAGE)],
         };
         let n = if m.slot == self.life {
-            self.lifecycle(svc, swap, m, out)
+            self.lifecycle(svc, swap, m.bytes, out)
         } else if m.bytes.len() == BIND_LEN
             && let Some(key) = bind_key_cold(m.bytes)
         {
@@ -526,16 +526,17 @@ impl Receiver {
     }
 
     /// A lifecycle request answered (the receive mask follows a swap's
-    /// quiet state).
+    /// quiet state). (Given the message's bytes, not the [`Message`]: a
+    /// `Message` passed out of line is one the common case would store.)
     #[inline(never)]
     fn lifecycle<S: Service>(
         &mut self,
         svc: &mut S,
         swap: &mut Swap,
-        m: Message<'_>,
+        bytes: &[u8],
         out: &mut [u8],
     ) -> usize {
-        let n = lifecycle_request(svc, swap, m, out);
+        let n = lifecycle_request(svc, swap, bytes, out);
         self.quiet(swap.quiet);
         n
     }
@@ -586,13 +587,13 @@ fn bind_reply(id: Option<InterfaceId>, client: [u8; 8], out: &mut [u8]) -> usize
 fn lifecycle_request<S: Service>(
     svc: &mut S,
     swap: &mut Swap,
-    m: Message<'_>,
+    bytes: &[u8],
     out: &mut [u8],
 ) -> usize {
-    if let Some(key) = bind_key(m.bytes) {
+    if let Some(key) = bind_key(bytes) {
         return bind_reply(Some(LIFECYCLE), key, out);
     }
-    let reply = match decode::<LifecycleRequest>(m.bytes) {
+    let reply = match decode::<LifecycleRequest>(bytes) {
         Err(e) => Err(e),
         Ok(LifecycleRequest::Identify) => Ok(LifecycleReply::Identity {
             version: svc.version(),

@@ -222,21 +222,22 @@ const NO_HANDLE: Handle = Handle::MAX;
 impl Server {
     /// Input for a domain's COM1.
     #[inline(never)]
-    fn uart_input(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+    fn uart_input(&mut self, bytes: &[u8], reply: &mut [u8]) -> usize {
         let answer =
-            ipc::decode::<UartInput>(msg.bytes).map(|q| self.vmm.receive(q.domain, &q.bytes.0));
+            ipc::decode::<UartInput>(bytes).map(|q| self.vmm.receive(q.domain, &q.bytes.0));
         ipc::encode_reply(&answer, reply)
     }
 }
 
-/// The answer to a message on the exit endpoint that is not an exit.
+/// The answer to a message on the exit endpoint that is not an exit (of
+/// `len` bytes, from the handle of `badge`).
 #[cold]
 #[inline(never)]
-fn not_an_exit(msg: Message<'_>, reply: &mut [u8]) -> usize {
+fn not_an_exit(len: usize, badge: u64, reply: &mut [u8]) -> usize {
     defmt::warn!(
         "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
-        msg.bytes.len(),
-        msg.badge
+        len,
+        badge
     );
     ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply)
 }
@@ -254,7 +255,9 @@ impl Service for Server {
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         if msg.slot == self.input {
-            return self.uart_input(msg, reply);
+            // (The bytes, not the `Message`: one passed out of line is
+            // one every exit would store.)
+            return self.uart_input(msg.bytes, reply);
         }
         // Exits come from the kernel (badge 0) and nobody else.
         match self
@@ -262,7 +265,7 @@ impl Service for Server {
             .exit_bytes(&mut self.system, msg.bytes, &mut self.exit, reply)
         {
             Some(n) => n,
-            None => not_an_exit(msg, reply),
+            None => not_an_exit(msg.bytes.len(), msg.badge, reply),
         }
     }
 
