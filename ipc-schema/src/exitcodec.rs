@@ -653,7 +653,8 @@ fn encode_plain(advance: bool, regs: Option<&ExitRegs>, out: &mut [u8]) -> Optio
         return Some(PLAIN);
     };
     let out: &mut [u8; PLAIN_REGS] = out.get_mut(..PLAIN_REGS)?.try_into().ok()?;
-    out[..4].copy_from_slice(&[u8::from(advance), 0, 0, 1]);
+    // advance, inject: None, then: Resume, regs: Some (one store).
+    out[..4].copy_from_slice(&(u32::from(advance) | 1 << 24).to_le_bytes());
     out[4..12].copy_from_slice(&r.rax.to_le_bytes());
     out[12..20].copy_from_slice(&r.rbx.to_le_bytes());
     out[20..28].copy_from_slice(&r.rcx.to_le_bytes());

@@ -106,9 +106,9 @@ pub fn reply(token: u64, bytes: &[u8]) -> Result<(), SysError> {
 /// Calls through `h` with raw bytes; the reply lands in `reply`.
 #[inline]
 pub fn call_raw(h: Handle, msg: &[u8], reply: &mut [u8]) -> Result<usize, SysError> {
-    let r = call(
+    let r = crate::sys::call5(
         nr::CALL,
-        &[
+        [
             u64::from(h),
             msg.as_ptr() as u64,
             msg.len() as u64,

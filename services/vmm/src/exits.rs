@@ -614,7 +614,7 @@ impl Vmm {
     #[inline]
     pub fn exit_encoded(&mut self, env: &mut impl Env, m: &ExitMessage, out: &mut [u8]) -> usize {
         if let ExitKind::Hypercall = m.exit.kind
-            && let Some(n) = self.service_call_encoded(m.exit.domain, &m.regs, out)
+            && let Some(n) = self.service_call_encoded(m.exit.domain, m.regs.rax, || m.regs, out)
         {
             return n;
         }
@@ -637,7 +637,8 @@ impl Vmm {
         out: &mut [u8],
     ) -> Option<usize> {
         if let Some(call) = ipc_schema::exitcodec::hypercall(bytes)
-            && let Some(n) = self.service_call_encoded(call.domain(), &call.regs(), out)
+            && let Some(n) =
+                self.service_call_encoded(call.domain(), call.rax(), || call.regs(), out)
         {
             return Some(n);
         }
@@ -667,19 +668,21 @@ impl Vmm {
     }
 
     /// A service call (`HC_SERVICE_NULL`, `HC_SERVICE_INFO`: a hypercall
-    /// exit of `domain` with `regs`) of a domain with no console bytes
-    /// held back and no interrupt source touched, answered in the fewest
-    /// steps: what [`Vmm::respond`] and [`Vmm::exit_encoded`] make of it,
-    /// the plain answer (RIP advanced, RAX and perhaps RBX changed)
-    /// encoded straight away. `None` (and nothing done) for anything else.
+    /// exit of `domain` with RAX `rax`, its registers `regs()`) of a domain
+    /// with no console bytes held back and no interrupt source touched,
+    /// answered in the fewest steps: what [`Vmm::respond`] and
+    /// [`Vmm::exit_encoded`] make of it, the plain answer (RIP advanced,
+    /// RAX and perhaps RBX changed) encoded straight away. `None` (and
+    /// nothing done) for anything else. (The registers are read where the
+    /// answer is written, not kept across the checks.)
     #[inline(always)]
     fn service_call_encoded(
         &mut self,
         domain: u16,
-        regs: &ExitRegs,
+        rax: u64,
+        regs: impl FnOnce() -> ExitRegs,
         out: &mut [u8],
     ) -> Option<usize> {
-        let rax = regs.rax;
         if rax != HC_SERVICE_NULL && rax != HC_SERVICE_INFO {
             return None;
         }
@@ -687,7 +690,7 @@ impl Vmm {
         if !d.line.is_empty() || d.platform.active {
             return None;
         }
-        let mut regs = *regs;
+        let mut regs = regs();
         service_call(d, &mut regs);
         // RAX was the call's number and is now `Ok` (0): they changed.
         let answer = ipc_schema::exitcodec::encode_answer(&Response::DONE, Some(&regs), out);

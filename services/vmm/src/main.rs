@@ -72,8 +72,8 @@ impl Peer {
     fn outcome<R>(&mut self, answer: Result<R, CallError>) -> Option<R> {
         match answer {
             Ok(r) => {
-                if core::mem::take(&mut self.failing) {
-                    defmt::info!("vmm: the {=str} service answers again", self.name);
+                if self.failing {
+                    self.answers_again();
                 }
                 Some(r)
             }
@@ -88,6 +88,14 @@ impl Peer {
                 None
             }
         }
+    }
+
+    /// It answered after failing: said once.
+    #[cold]
+    #[inline(never)]
+    fn answers_again(&mut self) {
+        self.failing = false;
+        defmt::info!("vmm: the {=str} service answers again", self.name);
     }
 
     /// The ping (`HC_IPC_PING`): [`Peer::call`] with `AltRequest::Ping`,
