@@ -771,7 +771,13 @@ mod tests {
 
         /// A message of `bytes` on `slot` with `token` received and
         /// handled: the answer's token and bytes.
-        fn message(&mut self, svc: &mut Echo, slot: Handle, token: u64, bytes: &[u8]) -> (u64, Vec<u8>) {
+        fn message(
+            &mut self,
+            svc: &mut Echo,
+            slot: Handle,
+            token: u64,
+            bytes: &[u8],
+        ) -> (u64, Vec<u8>) {
             self.buf[..bytes.len()].copy_from_slice(bytes);
             let r = Ret {
                 status: 0,
@@ -781,7 +787,9 @@ mod tests {
                 r10: u64::from(slot),
                 r8: 0,
             };
-            let (to, n) = self.rx.take(svc, &mut self.swap, r, &self.buf, &mut self.out);
+            let (to, n) = self
+                .rx
+                .take(svc, &mut self.swap, r, &self.buf, &mut self.out);
             (to, self.out[..n].to_vec())
         }
     }
@@ -791,7 +799,10 @@ mod tests {
         let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let (mut l, mut svc) = (Loop::new(false), Echo::default());
         assert_eq!(l.rx.listen, (1 << SERVED) | (1 << LIFE));
-        assert_eq!(l.message(&mut svc, SERVED, 9, &[1, 2, 3]), (9, vec![3, 2, 1]));
+        assert_eq!(
+            l.message(&mut svc, SERVED, 9, &[1, 2, 3]),
+            (9, vec![3, 2, 1])
+        );
         assert_eq!(svc.seen, [(SERVED, 0x77, 9, vec![1, 2, 3])]);
         // A deferred answer: nothing is sent now.
         svc.defer = true;
@@ -876,7 +887,10 @@ mod tests {
             r10: 2,
             r8: 0b101,
         };
-        assert_eq!(l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out), (0, 0));
+        assert_eq!(
+            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out),
+            (0, 0)
+        );
         assert_eq!(svc.notes, [(2, 0b101)]);
         assert!(svc.seen.is_empty());
         // The answer goes to the token named, and only this once.
