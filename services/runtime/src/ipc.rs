@@ -106,9 +106,9 @@ pub fn reply(token: u64, bytes: &[u8]) -> Result<(), SysError> {
 /// Calls through `h` with raw bytes; the reply lands in `reply`.
 #[inline]
 pub fn call_raw(h: Handle, msg: &[u8], reply: &mut [u8]) -> Result<usize, SysError> {
-    let r = call(
+    let r = crate::sys::call5(
         nr::CALL,
-        &[
+        [
             u64::from(h),
             msg.as_ptr() as u64,
             msg.len() as u64,
@@ -400,9 +400,14 @@ struct Buffers {
 const _: () = assert!(core::mem::size_of::<Buffers>() <= 512);
 
 /// Serves the handles in `mask` (and the lifecycle handle) forever.
+///
+/// Each turn is one REPLY_RECV: the answer to the last message (if any)
+/// and the wait for the next. The common message (on a served handle, not
+/// a bind) costs the loop a few comparisons ([`Receiver::take`]); binds,
+/// lifecycle requests, notifications, errors and answers sent elsewhere
+/// ([`answer_instead`]) are out of line.
 pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
     let lifecycle = crate::handle("lifecycle");
-    let life_bit = lifecycle.map_or(0, |h| 1u64 << h);
     let mut swap = Swap {
         buf: [0; SNAPSHOT],
         len: 0,
@@ -414,51 +419,158 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
             crate::name()
         );
     }
+    let mut rx = Receiver::new(lifecycle, mask, swap.quiet);
     let mut io = Buffers {
         msg: [0; MAX_MESSAGE],
         out: [0; MAX_MESSAGE],
     };
     let Buffers { msg: buf, out } = &mut io;
-    let mut pending: (u64, usize) = (0, 0);
+    let (mut token, mut len) = (0u64, 0usize);
     loop {
-        let current_mask = if swap.quiet {
-            life_bit
+        let reply = &out[..len];
+        let r = crate::sys::call6(
+            nr::REPLY_RECV,
+            [
+                token,
+                reply.as_ptr() as u64,
+                reply.len() as u64,
+                rx.listen,
+                buf.as_mut_ptr() as u64,
+                MAX_MESSAGE as u64,
+            ],
+        );
+        (token, len) = rx.take(svc, &mut swap, r, buf, out);
+    }
+}
+
+/// What the receive loop keeps between messages: which slot is the
+/// lifecycle handle and which handles it receives on (all of the mask
+/// while serving, the lifecycle handle alone while quiet for a swap).
+struct Receiver {
+    /// The lifecycle handle's slot ([`NO_SLOT`] without one).
+    life: Handle,
+    life_bit: u64,
+    mask: u64,
+    /// The mask of the next receive.
+    listen: u64,
+}
+
+/// A slot no handle has (slots are below 64).
+const NO_SLOT: Handle = Handle::MAX;
+
+impl Receiver {
+    fn new(lifecycle: Option<Handle>, mask: u64, quiet: bool) -> Self {
+        let life_bit = lifecycle.map_or(0, |h| 1u64 << h);
+        let mut rx = Receiver {
+            life: lifecycle.unwrap_or(NO_SLOT),
+            life_bit,
+            mask,
+            listen: 0,
+        };
+        rx.quiet(quiet);
+        rx
+    }
+
+    /// Receives on the lifecycle handle alone (`quiet`) or on all.
+    fn quiet(&mut self, quiet: bool) {
+        self.listen = if quiet {
+            self.life_bit
         } else {
-            mask | life_bit
+            self.mask | self.life_bit
         };
-        let (token, len) = pending;
-        let ev = match reply_recv(token, &out[..len], current_mask, buf) {
-            Ok(ev) => ev,
-            Err(e) => {
-                defmt::error!("{=str}: receive failed: {}", crate::name(), e);
-                pending = (0, 0);
-                crate::sys::yield_now();
-                continue;
-            }
-        };
-        pending = (0, 0);
-        match ev {
-            Event::Notified { slot, bits } => svc.notified(slot, bits),
-            Event::Message(m) => {
-                let n = if Some(m.slot) == lifecycle {
-                    lifecycle_request(svc, &mut swap, m, out)
-                } else if let Some(key) = bind_key(m.bytes) {
-                    bind_reply(svc.interface(m.slot), key, out)
-                } else {
-                    svc.handle(m, out)
-                };
-                // (A load first: the common case takes no atomic swap.)
-                let to = match ANSWER_TO.load(core::sync::atomic::Ordering::Relaxed) {
-                    0 => 0,
-                    _ => ANSWER_TO.swap(0, core::sync::atomic::Ordering::Relaxed),
-                };
-                pending = match (n, to) {
-                    (DEFER, _) => (0, 0),
-                    (_, 0) => (m.token, n),
-                    _ => (to, n),
-                };
-            }
+    }
+
+    /// What a receive returned (`r`, the message in `buf`) handled: the
+    /// answer to send with the next receive, as (token, length in `out`);
+    /// (0, 0) for none.
+    #[inline(always)]
+    fn take<S: Service>(
+        &mut self,
+        svc: &mut S,
+        swap: &mut Swap,
+        r: Ret,
+        buf: &[u8; MAX_MESSAGE],
+        out: &mut [u8; MAX_MESSAGE],
+    ) -> (u64, usize) {
+        if r.status != 0 {
+            receive_failed(r.status);
+            return (0, 0);
         }
+        if r.rsi == 0 {
+            svc.notified(r.r10 as Handle, r.r8);
+            return (0, 0);
+        }
+        let m = Message {
+            slot: r.r10 as Handle,
+            badge: r.rdx,
+            token: r.rsi,
+            bytes: &buf[..(r.rdi as usize).min(MAX_MESSAGE)],
+        };
+        let n = if m.slot == self.life {
+            self.lifecycle(svc, swap, m.bytes, out)
+        } else if m.bytes.len() == BIND_LEN
+            && let Some(key) = bind_key_cold(m.bytes)
+        {
+            bind_reply(svc.interface(m.slot), key, out)
+        } else {
+            svc.handle(m, out)
+        };
+        // (A load first: the common case takes no atomic swap.)
+        if ANSWER_TO.load(core::sync::atomic::Ordering::Relaxed) != 0 {
+            return answer_elsewhere(n);
+        }
+        match n {
+            DEFER => (0, 0),
+            _ => (m.token, n),
+        }
+    }
+
+    /// A lifecycle request answered (the receive mask follows a swap's
+    /// quiet state). (Given the message's bytes, not the [`Message`]: a
+    /// `Message` passed out of line is one the common case would store.)
+    #[inline(never)]
+    fn lifecycle<S: Service>(
+        &mut self,
+        svc: &mut S,
+        swap: &mut Swap,
+        bytes: &[u8],
+        out: &mut [u8],
+    ) -> usize {
+        let n = lifecycle_request(svc, swap, bytes, out);
+        self.quiet(swap.quiet);
+        n
+    }
+}
+
+/// The length of a bind message ([`bind_key`]).
+const BIND_LEN: usize = 12;
+
+/// [`bind_key`] of a message of [`BIND_LEN`] bytes: out of line, so that
+/// the receive loop's common case is one comparison of the length.
+#[cold]
+#[inline(never)]
+fn bind_key_cold(message: &[u8]) -> Option<[u8; 8]> {
+    bind_key(message)
+}
+
+/// A receive that failed: logged, and the processor given up once.
+#[cold]
+#[inline(never)]
+fn receive_failed(status: u64) {
+    let e = SysError::from_raw(status).unwrap_or(SysError::UnknownCall);
+    defmt::error!("{=str}: receive failed: {}", crate::name(), e);
+    crate::sys::yield_now();
+}
+
+/// The answer of length `n` ([`DEFER`]: none) goes to the token
+/// [`answer_instead`] set, which is cleared.
+#[cold]
+#[inline(never)]
+fn answer_elsewhere(n: usize) -> (u64, usize) {
+    let to = ANSWER_TO.swap(0, core::sync::atomic::Ordering::Relaxed);
+    match n {
+        DEFER => (0, 0),
+        _ => (to, n),
     }
 }
 
@@ -475,13 +587,13 @@ fn bind_reply(id: Option<InterfaceId>, client: [u8; 8], out: &mut [u8]) -> usize
 fn lifecycle_request<S: Service>(
     svc: &mut S,
     swap: &mut Swap,
-    m: Message<'_>,
+    bytes: &[u8],
     out: &mut [u8],
 ) -> usize {
-    if let Some(key) = bind_key(m.bytes) {
+    if let Some(key) = bind_key(bytes) {
         return bind_reply(Some(LIFECYCLE), key, out);
     }
-    let reply = match decode::<LifecycleRequest>(m.bytes) {
+    let reply = match decode::<LifecycleRequest>(bytes) {
         Err(e) => Err(e),
         Ok(LifecycleRequest::Identify) => Ok(LifecycleReply::Identity {
             version: svc.version(),
@@ -558,4 +670,236 @@ fn lifecycle_request<S: Service>(
         }
     };
     encode_reply(&reply, out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The receive loop's handling of each message ([`Receiver::take`]),
+    //! without the system call: what it answers, to whom, and what it hands
+    //! the service.
+    use super::*;
+    use ipc_schema::uart::UART_INPUT;
+    use std::sync::Mutex;
+    use std::vec;
+    use std::vec::Vec;
+
+    extern crate std;
+
+    crate::host_logger!();
+
+    /// `v` encoded.
+    fn bytes<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut b = [0u8; MAX_MESSAGE];
+        postcard::to_slice(v, &mut b).unwrap().to_vec()
+    }
+
+    /// [`ANSWER_TO`] is one for the process: the tests that take messages
+    /// take turns.
+    static TURN: Mutex<()> = Mutex::new(());
+
+    const SERVED: Handle = 3;
+    const LIFE: Handle = 5;
+
+    #[derive(Default)]
+    struct Echo {
+        /// (slot, badge, token, bytes) of each message handed over.
+        seen: Vec<(Handle, u64, u64, Vec<u8>)>,
+        notes: Vec<(Handle, u64)>,
+        /// The next answer is deferred, or sent to this token instead.
+        defer: bool,
+        instead: u64,
+    }
+
+    impl Service for Echo {
+        type State = u32;
+
+        fn interface(&self, slot: Handle) -> Option<InterfaceId> {
+            (slot == SERVED).then_some(UART_INPUT)
+        }
+
+        fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
+            self.seen
+                .push((msg.slot, msg.badge, msg.token, msg.bytes.to_vec()));
+            if self.instead != 0 {
+                answer_instead(core::mem::take(&mut self.instead));
+            }
+            if core::mem::take(&mut self.defer) {
+                return DEFER;
+            }
+            // The bytes back, reversed.
+            for (o, b) in reply.iter_mut().zip(msg.bytes.iter().rev()) {
+                *o = *b;
+            }
+            msg.bytes.len()
+        }
+
+        fn notified(&mut self, slot: Handle, bits: u64) {
+            self.notes.push((slot, bits));
+        }
+
+        fn snapshot(&self) -> u32 {
+            7
+        }
+
+        fn restore(&mut self, _: u32) {}
+
+        fn version(&self) -> u32 {
+            42
+        }
+    }
+
+    struct Loop {
+        rx: Receiver,
+        swap: Swap,
+        buf: [u8; MAX_MESSAGE],
+        out: [u8; MAX_MESSAGE],
+    }
+
+    impl Loop {
+        fn new(quiet: bool) -> Self {
+            Loop {
+                rx: Receiver::new(Some(LIFE), 1 << SERVED, quiet),
+                swap: Swap {
+                    buf: [0; SNAPSHOT],
+                    len: 0,
+                    quiet,
+                },
+                buf: [0; MAX_MESSAGE],
+                out: [0; MAX_MESSAGE],
+            }
+        }
+
+        /// A message of `bytes` on `slot` with `token` received and
+        /// handled: the answer's token and bytes.
+        fn message(
+            &mut self,
+            svc: &mut Echo,
+            slot: Handle,
+            token: u64,
+            bytes: &[u8],
+        ) -> (u64, Vec<u8>) {
+            self.buf[..bytes.len()].copy_from_slice(bytes);
+            let r = Ret {
+                status: 0,
+                rdi: bytes.len() as u64,
+                rsi: token,
+                rdx: 0x77,
+                r10: u64::from(slot),
+                r8: 0,
+            };
+            let (to, n) = self
+                .rx
+                .take(svc, &mut self.swap, r, &self.buf, &mut self.out);
+            (to, self.out[..n].to_vec())
+        }
+    }
+
+    #[test]
+    fn a_message_goes_to_the_service_and_its_answer_to_the_caller() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut l, mut svc) = (Loop::new(false), Echo::default());
+        assert_eq!(l.rx.listen, (1 << SERVED) | (1 << LIFE));
+        assert_eq!(
+            l.message(&mut svc, SERVED, 9, &[1, 2, 3]),
+            (9, vec![3, 2, 1])
+        );
+        assert_eq!(svc.seen, [(SERVED, 0x77, 9, vec![1, 2, 3])]);
+        // A deferred answer: nothing is sent now.
+        svc.defer = true;
+        assert_eq!(l.message(&mut svc, SERVED, 10, &[4]), (0, vec![]));
+        // Twelve bytes that are not a bind are a request like any other.
+        let twelve = *b"BINX01234567";
+        let (to, answer) = l.message(&mut svc, SERVED, 11, &twelve);
+        assert_eq!((to, answer.len()), (11, 12));
+        assert_eq!(svc.seen.len(), 3);
+        // A message longer than a message is cut where the buffer ends.
+        let r = Ret {
+            status: 0,
+            rdi: 4096,
+            rsi: 12,
+            rdx: 0,
+            r10: u64::from(SERVED),
+            r8: 0,
+        };
+        let (to, n) = l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
+        assert_eq!((to, n), (12, MAX_MESSAGE));
+    }
+
+    #[test]
+    fn binds_are_answered_by_the_loop() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut l, mut svc) = (Loop::new(false), Echo::default());
+        let bound = bytes(&BindReply::Bound);
+        let ok = bind_message(&UART_INPUT.key);
+        assert_eq!(l.message(&mut svc, SERVED, 4, &ok), (4, bound.clone()));
+        let wrong = bind_message(&LIFECYCLE.key);
+        let (to, answer) = l.message(&mut svc, SERVED, 5, &wrong);
+        assert_eq!(to, 5);
+        assert_eq!(
+            postcard::from_bytes::<BindReply>(&answer).unwrap(),
+            BindReply::WrongKey {
+                server: UART_INPUT.key.to_bytes(),
+                client: LIFECYCLE.key.to_bytes(),
+            }
+        );
+        // The lifecycle handle speaks the lifecycle interface.
+        assert_eq!(l.message(&mut svc, LIFE, 6, &wrong), (6, bound));
+        assert!(svc.seen.is_empty());
+    }
+
+    #[test]
+    fn lifecycle_requests_and_the_quiet_mask() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        // A successor receives on the lifecycle handle alone until resumed.
+        let (mut l, mut svc) = (Loop::new(true), Echo::default());
+        assert_eq!(l.rx.listen, 1 << LIFE);
+        let identify = bytes(&LifecycleRequest::Identify);
+        let (to, answer) = l.message(&mut svc, LIFE, 8, &identify);
+        assert_eq!(to, 8);
+        assert_eq!(
+            postcard::from_bytes::<Result<LifecycleReply, IpcError>>(&answer).unwrap(),
+            Ok(LifecycleReply::Identity { version: 42 })
+        );
+        assert_eq!(l.rx.listen, 1 << LIFE);
+        let resume = bytes(&LifecycleRequest::Resume);
+        let (to, answer) = l.message(&mut svc, LIFE, 9, &resume);
+        assert_eq!(to, 9);
+        assert_eq!(
+            postcard::from_bytes::<Result<LifecycleReply, IpcError>>(&answer).unwrap(),
+            Ok(LifecycleReply::Done)
+        );
+        assert_eq!(l.rx.listen, (1 << SERVED) | (1 << LIFE));
+        assert!(svc.seen.is_empty());
+        // Without a lifecycle handle: the mask alone, and no slot is it.
+        let rx = Receiver::new(None, 1 << SERVED, false);
+        assert_eq!((rx.listen, rx.life), (1 << SERVED, NO_SLOT));
+    }
+
+    #[test]
+    fn notifications_and_answers_sent_elsewhere() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut l, mut svc) = (Loop::new(false), Echo::default());
+        let r = Ret {
+            status: 0,
+            rdi: 0,
+            rsi: 0,
+            rdx: 0,
+            r10: 2,
+            r8: 0b101,
+        };
+        assert_eq!(
+            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out),
+            (0, 0)
+        );
+        assert_eq!(svc.notes, [(2, 0b101)]);
+        assert!(svc.seen.is_empty());
+        // The answer goes to the token named, and only this once.
+        svc.instead = 99;
+        assert_eq!(l.message(&mut svc, SERVED, 20, &[1, 2]), (99, vec![2, 1]));
+        assert_eq!(l.message(&mut svc, SERVED, 21, &[3]), (21, vec![3]));
+        // Named and deferred: nothing sent, and the name forgotten.
+        (svc.instead, svc.defer) = (98, true);
+        assert_eq!(l.message(&mut svc, SERVED, 22, &[4]), (0, vec![]));
+        assert_eq!(l.message(&mut svc, SERVED, 23, &[5]), (23, vec![5]));
+    }
 }

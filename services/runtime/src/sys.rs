@@ -56,6 +56,34 @@ pub fn call6(n: u64, a: [u64; 6]) -> Ret {
     }
 }
 
+/// `int 0x80` with five arguments, R9 left as it is: for a call that
+/// reads no sixth (CALL, on every client's path).
+#[inline(always)]
+pub fn call5(n: u64, a: [u64; 5]) -> Ret {
+    let (status, rdi, rsi, rdx, r10, r8): (u64, u64, u64, u64, u64, u64);
+    // Safety: as `call6`.
+    unsafe {
+        asm!(
+            "int 0x80",
+            inlateout("rax") n => status,
+            inlateout("rdi") a[0] => rdi,
+            inlateout("rsi") a[1] => rsi,
+            inlateout("rdx") a[2] => rdx,
+            inlateout("r10") a[3] => r10,
+            inlateout("r8") a[4] => r8,
+            options(nostack),
+        );
+    }
+    Ret {
+        status,
+        rdi,
+        rsi,
+        rdx,
+        r10,
+        r8,
+    }
+}
+
 #[inline(always)]
 pub fn call(n: u64, a: &[u64]) -> Ret {
     let mut args = [0u64; 6];

@@ -610,37 +610,87 @@ impl Vmm {
     }
 
     /// [`Vmm::exit`], the answer encoded into `out` without building the
-    /// reply (`exitcodec::encode_answer`): the receive loop's way.
+    /// reply (`exitcodec::encode_answer`).
     #[inline]
     pub fn exit_encoded(&mut self, env: &mut impl Env, m: &ExitMessage, out: &mut [u8]) -> usize {
         if let ExitKind::Hypercall = m.exit.kind
-            && let Some(n) = self.service_call_encoded(m, out)
+            && let Some(n) = self.service_call_encoded(m.exit.domain, m.regs.rax, || m.regs, out)
         {
             return n;
         }
+        self.answer_encoded(env, m, out)
+    }
+
+    /// An exit message's bytes answered into `out`, the receive loop's
+    /// way: a service call read where it lies (`exitcodec::hypercall`:
+    /// nothing decoded) and answered at once where
+    /// [`Vmm::service_call_encoded`] can, any other exit decoded into `m`
+    /// (the caller's, kept from exit to exit) and answered as
+    /// [`Vmm::exit_encoded`] answers it, out of line. `None`, with nothing
+    /// done, when `bytes` are not an exit message.
+    #[inline(always)]
+    pub fn exit_bytes(
+        &mut self,
+        env: &mut impl Env,
+        bytes: &[u8],
+        m: &mut ExitMessage,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if let Some(call) = ipc_schema::exitcodec::hypercall(bytes)
+            && let Some(n) =
+                self.service_call_encoded(call.domain(), call.rax(), || call.regs(), out)
+        {
+            return Some(n);
+        }
+        self.decoded_exit(env, bytes, m, out)
+    }
+
+    /// [`Vmm::exit_bytes`] beyond its short way.
+    #[inline(never)]
+    fn decoded_exit(
+        &mut self,
+        env: &mut impl Env,
+        bytes: &[u8],
+        m: &mut ExitMessage,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        ipc_schema::exitcodec::decode_message_into(bytes, m)?;
+        Some(self.answer_encoded(env, m, out))
+    }
+
+    /// [`Vmm::exit`] encoded: [`Vmm::respond`], then the answer.
+    #[inline]
+    fn answer_encoded(&mut self, env: &mut impl Env, m: &ExitMessage, out: &mut [u8]) -> usize {
         let mut regs = m.regs;
         let response = self.respond(env, &m.exit, &mut regs);
         let changed = (regs != m.regs).then_some(&regs);
         ipc_schema::exitcodec::encode_answer(&response, changed, out).unwrap_or(0)
     }
 
-    /// A service call (`HC_SERVICE_NULL`, `HC_SERVICE_INFO`) of a domain
+    /// A service call (`HC_SERVICE_NULL`, `HC_SERVICE_INFO`: a hypercall
+    /// exit of `domain` with RAX `rax`, its registers `regs()`) of a domain
     /// with no console bytes held back and no interrupt source touched,
     /// answered in the fewest steps: what [`Vmm::respond`] and
     /// [`Vmm::exit_encoded`] make of it, the plain answer (RIP advanced,
     /// RAX and perhaps RBX changed) encoded straight away. `None` (and
-    /// nothing done) for anything else.
+    /// nothing done) for anything else. (The registers are read where the
+    /// answer is written, not kept across the checks.)
     #[inline(always)]
-    fn service_call_encoded(&mut self, m: &ExitMessage, out: &mut [u8]) -> Option<usize> {
-        let rax = m.regs.rax;
+    fn service_call_encoded(
+        &mut self,
+        domain: u16,
+        rax: u64,
+        regs: impl FnOnce() -> ExitRegs,
+        out: &mut [u8],
+    ) -> Option<usize> {
         if rax != HC_SERVICE_NULL && rax != HC_SERVICE_INFO {
             return None;
         }
-        let d = self.devices(m.exit.domain);
+        let d = self.devices(domain);
         if !d.line.is_empty() || d.platform.active {
             return None;
         }
-        let mut regs = m.regs;
+        let mut regs = regs();
         service_call(d, &mut regs);
         // RAX was the call's number and is now `Ok` (0): they changed.
         let answer = ipc_schema::exitcodec::encode_answer(&Response::DONE, Some(&regs), out);

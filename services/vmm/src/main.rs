@@ -72,8 +72,8 @@ impl Peer {
     fn outcome<R>(&mut self, answer: Result<R, CallError>) -> Option<R> {
         match answer {
             Ok(r) => {
-                if core::mem::take(&mut self.failing) {
-                    defmt::info!("vmm: the {=str} service answers again", self.name);
+                if self.failing {
+                    self.answers_again();
                 }
                 Some(r)
             }
@@ -88,6 +88,14 @@ impl Peer {
                 None
             }
         }
+    }
+
+    /// It answered after failing: said once.
+    #[cold]
+    #[inline(never)]
+    fn answers_again(&mut self) {
+        self.failing = false;
+        defmt::info!("vmm: the {=str} service answers again", self.name);
     }
 
     /// The ping (`HC_IPC_PING`): [`Peer::call`] with `AltRequest::Ping`,
@@ -208,12 +216,38 @@ impl Env for System {
 
 struct Server {
     exits: Handle,
-    /// Input for domains' COM1, from the console (optional).
-    input: Option<Handle>,
+    /// Input for domains' COM1, from the console (`NO_HANDLE` without).
+    input: Handle,
     /// The exit being handled (decoded in place).
     exit: ExitMessage,
     vmm: Vmm,
     system: System,
+}
+
+/// The slot of a handle the vmm does not have (slots are below 64).
+const NO_HANDLE: Handle = Handle::MAX;
+
+impl Server {
+    /// Input for a domain's COM1.
+    #[inline(never)]
+    fn uart_input(&mut self, bytes: &[u8], reply: &mut [u8]) -> usize {
+        let answer =
+            ipc::decode::<UartInput>(bytes).map(|q| self.vmm.receive(q.domain, &q.bytes.0));
+        ipc::encode_reply(&answer, reply)
+    }
+}
+
+/// The answer to a message on the exit endpoint that is not an exit (of
+/// `len` bytes, from the handle of `badge`).
+#[cold]
+#[inline(never)]
+fn not_an_exit(len: usize, badge: u64, reply: &mut [u8]) -> usize {
+    defmt::warn!(
+        "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
+        len,
+        badge
+    );
+    ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply)
 }
 
 impl Service for Server {
@@ -223,27 +257,24 @@ impl Service for Server {
         if slot == self.exits {
             Some(VMEXIT)
         } else {
-            (Some(slot) == self.input).then_some(UART_INPUT)
+            (slot == self.input).then_some(UART_INPUT)
         }
     }
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
-        if Some(msg.slot) == self.input {
-            let answer =
-                ipc::decode::<UartInput>(msg.bytes).map(|q| self.vmm.receive(q.domain, &q.bytes.0));
-            return ipc::encode_reply(&answer, reply);
+        if msg.slot == self.input {
+            // (The bytes, not the `Message`: one passed out of line is
+            // one every exit would store.)
+            return self.uart_input(msg.bytes, reply);
         }
         // Exits come from the kernel (badge 0) and nobody else.
-        let m = &mut self.exit;
-        if ipc_schema::exitcodec::decode_message_into(msg.bytes, m).is_none() {
-            defmt::warn!(
-                "vmm: a message on the exit endpoint that is not an exit ({=usize} bytes, badge {=u64})",
-                msg.bytes.len(),
-                msg.badge
-            );
-            return ipc::encode_reply::<()>(&Err(IpcError::Malformed), reply);
-        };
-        self.vmm.exit_encoded(&mut self.system, m, reply)
+        match self
+            .vmm
+            .exit_bytes(&mut self.system, msg.bytes, &mut self.exit, reply)
+        {
+            Some(n) => n,
+            None => not_an_exit(msg.bytes.len(), msg.badge, reply),
+        }
     }
 
     fn snapshot(&self) -> State {
@@ -330,7 +361,7 @@ fn main() -> ! {
     log_devices();
     let mut server = Server {
         exits,
-        input,
+        input: input.unwrap_or(NO_HANDLE),
         exit: ExitMessage::default(),
         vmm: Vmm::default(),
         system,

@@ -2406,15 +2406,19 @@ fn a_snapshot_that_does_not_decode_is_refused_whole() {
     assert_eq!(vmm.snapshot_into(&mut buf[..n - 1]), None);
 }
 
-/// The receive loop's way (`exit_encoded`, with its short way for service
-/// calls) answers each exit in the bytes of `exit`'s answer and leaves the
-/// same state: service calls of a quiet domain, with console bytes held
-/// back, of a domain that has touched an interrupt source (counted and
-/// checked for interrupts), other hypercalls and other exits.
+/// The receive loop's ways (`exit_bytes`: the exit's bytes, with a service
+/// call read in place; `exit_encoded`: a decoded exit; each with its short
+/// way for service calls) answer each exit in the bytes of `exit`'s
+/// answer and leave the same state: service calls of a quiet domain, with
+/// console bytes held back, of a domain that has touched an interrupt
+/// source (counted and checked for interrupts), other hypercalls and other
+/// exits; bytes that are no exit are refused with nothing done.
 #[test]
 fn encoded_answers_are_the_general_ones() {
     let (mut general, mut env_g) = (Vmm::default(), Fake::default());
     let (mut encoded, mut env_e) = (Vmm::default(), Fake::default());
+    let (mut raw, mut env_r) = (Vmm::default(), Fake::default());
+    let mut scratch = ExitMessage::default();
     let call = |rax, domain| ExitMessage {
         exit: Exit {
             domain,
@@ -2462,7 +2466,30 @@ fn encoded_answers_are_the_general_ones() {
             "{m:?}"
         );
         assert_eq!(encoded.snapshot(), general.snapshot(), "after {m:?}");
+        let mut bytes = [0u8; 256];
+        let len = ipc_schema::exitcodec::encode_message(m, &mut bytes).unwrap();
+        let mut by_bytes = [0u8; 256];
+        let k = raw
+            .exit_bytes(&mut env_r, &bytes[..len], &mut scratch, &mut by_bytes)
+            .unwrap();
+        assert_eq!(by_bytes[..k], buf[..n], "{m:?}");
+        assert_eq!(raw.snapshot(), general.snapshot(), "after {m:?}");
+        // Not an exit: one byte short, one too many, a kind that is none.
+        let mut bad = bytes;
+        for wrong in [&bytes[..len - 1], &bytes[..len + 1], {
+            bad[ipc_schema::vmexit::EXIT_FIXED] = 0x7f;
+            &bad[..len]
+        }] {
+            assert_eq!(
+                raw.exit_bytes(&mut env_r, wrong, &mut scratch, &mut by_bytes),
+                None,
+                "{m:?}"
+            );
+        }
+        assert_eq!(raw.snapshot(), general.snapshot(), "after {m:?}");
     }
+    assert_eq!(env_r.lines, env_g.lines);
+    assert_eq!(raw.exit_counts(3), general.exit_counts(3));
     assert_eq!(env_e.lines, env_g.lines);
     assert_eq!(env_e.lines, [(3, b"x".to_vec()), (3, b"y".to_vec())]);
     assert_eq!(encoded.exit_counts(3), general.exit_counts(3));
