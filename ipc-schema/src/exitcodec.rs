@@ -469,6 +469,14 @@ pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
     }
 }
 
+/// Whether `bytes` are an answer a *restricted* holder of an exit (one
+/// forwarded to it, docs/ipc.md) may give: plain, with or without a view,
+/// but no registers and no advance (no RIP change, injection or step).
+pub fn restricted_ok(bytes: &[u8]) -> bool {
+    matches!(plain_shape(bytes), Some((false, false)))
+        || matches!(plain_view_shape(bytes), Some((false, false, _)))
+}
+
 /// A plain answer (with registers or without) that also moves the vCPU to
 /// another view (below 16,384): `(advance, whether it carries registers,
 /// view)`, or `None` for anything else. The altp2m service answers the

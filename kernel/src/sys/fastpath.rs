@@ -297,6 +297,11 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
             let (advance, with_regs, view) = plain_view_shape(bytes)?;
             Some((advance, with_regs, Some((view, d.views.eptp(view).ok()?))))
         })?;
+    // A forwarded exit's holder answers plainly or not here (the general
+    // path refuses it).
+    if d.exit_restricted && (advance || with_regs) {
+        return None;
+    }
     match d.vcpu.as_ref() {
         Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
         _ => return None,
@@ -309,8 +314,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     }
     // Everything holds: the answer is applied, the service waits.
     let d = k.domains[usize::from(slot)].as_mut()?;
-    d.awaiting_reply = false;
-    d.exit_server = None;
+    (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let v = d.vcpu.as_mut()?;
     if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
