@@ -33,6 +33,7 @@ handles = [
     { name = "domain-ends", notification = "altp2m-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "views", "vcpus"] },
     { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
+    { name = "listener-events", endpoint = "listener-events", rights = ["call"] },
 ]
 
 [[service]]
@@ -48,6 +49,8 @@ handles = [
 name = "listener"
 handles = [
     { name = "altp2m", endpoint = "altp2m", rights = ["call"] },
+    { name = "events", endpoint = "listener-events", rights = ["receive"] },
+    { name = "altp2m-events", notification = "altp2m-events", rights = ["wait"] },
 ]
 
 [[service]]

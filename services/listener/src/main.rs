@@ -1,19 +1,27 @@
 //! listener: an altp2m violation listener inside the hypervisor (ALT-4).
 //!
 //! At start it attaches itself as the listener of every domain that exists
-//! (ids 1 to 16). Then it waits in `NextEvent` calls to the altp2m service,
-//! each carrying its answer to the event before: `SwitchView(0)`, so that
-//! the vCPU retries the access in the host view. One round trip per event.
-//! `cargo hv bench` uses it to time a violation's whole path (fault, event,
-//! answer, resume) without the serial line of an external agent.
+//! (ids 1 to 16), and answers every event with `SwitchView(0)`, so that
+//! the vCPU retries the access in the host view. With a `listener-events`
+//! endpoint to serve (`events`) and the `altp2m-events` notification, it
+//! takes its events *forwarded* (`AltRequest::Forwarded`, docs/altp2m.md):
+//! each event comes as the vCPU's exit itself, and its answer, plain, goes
+//! straight into the vCPU with REPLY_RECV; the events altp2m had to hold
+//! (the listener was busy) it fetches with `NextEvent` when signalled.
+//! Without them, it waits in `NextEvent` calls to the altp2m service, each
+//! carrying its answer to the event before. `cargo hv bench` uses it to
+//! time a violation's whole path (fault, event, answer, resume) without
+//! the serial line of an external agent.
 
 #![no_std]
 #![no_main]
 
 use ipc_schema::altp2m::{ALTP2M, Action, AltReply, AltRequest, short};
 use ipc_schema::ipc::IpcError;
-use service_runtime::ipc::{self, Client};
-use service_runtime::require;
+use ipc_schema::syscall::MAX_MESSAGE;
+use ipc_schema::vmexit::{ExitReply, Response};
+use service_runtime::ipc::{self, Client, Event};
+use service_runtime::{handle, require};
 
 service_runtime::entry!(main);
 
@@ -27,10 +35,77 @@ fn main() -> ! {
             domains += 1;
         }
     }
+    let forwarded = match (handle("events"), handle("altp2m-events")) {
+        (Some(events), Some(note)) => {
+            match altp2m.call::<_, AltReply>(&AltRequest::Forwarded { on: true }) {
+                Ok(AltReply::Done) => Some((events, note)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     defmt::info!(
-        "listener: answering the violations of {=u32} domain(s) with a switch to view 0",
-        domains
+        "listener: answering the violations of {=u32} domain(s) with a switch to view 0 (forwarded: {=bool})",
+        domains,
+        forwarded.is_some()
     );
+    match forwarded {
+        Some((events, note)) => serve_forwarded(&mut altp2m, (1 << events) | (1 << note)),
+        None => loop {
+            next_events(&mut altp2m, true);
+            service_runtime::sys::yield_now();
+        },
+    }
+}
+
+/// A forwarded event and its answer, in one page (the kernel translates it
+/// once for both).
+#[repr(C, align(512))]
+struct Buffers {
+    msg: [u8; MAX_MESSAGE],
+    out: [u8; MAX_MESSAGE],
+}
+
+/// Answers each forwarded event (an exit, restricted by the kernel to a
+/// plain answer) with a switch to view 0 and waits for the next in one
+/// REPLY_RECV; fetches the events altp2m held when `altp2m-events` says so.
+fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
+    let mut io = Buffers {
+        msg: [0; MAX_MESSAGE],
+        out: [0; MAX_MESSAGE],
+    };
+    let back = ExitReply {
+        response: Response::RETRY,
+        regs: None,
+        view: Some(0),
+        step: false,
+        rip: None,
+    };
+    let n = ipc_schema::exitcodec::encode_reply(&back, &mut io.out).unwrap_or(0);
+    let mut token = 0;
+    loop {
+        let Buffers { msg, out } = &mut io;
+        token = match ipc::reply_recv(token, &out[..n], mask, msg) {
+            // Only forwarded events come on `events` (altp2m alone may
+            // call it): the answer is the same for each.
+            Ok(Event::Message(m)) => m.token,
+            Ok(Event::Notified { .. }) => {
+                next_events(altp2m, false);
+                0
+            }
+            Err(e) => {
+                defmt::warn!("listener: receive failed: {}", e);
+                service_runtime::sys::yield_now();
+                0
+            }
+        };
+    }
+}
+
+/// `NextEvent` calls, each with the answer to the event before, while
+/// they bring events (one round trip per event); `wait`: the call waits
+/// for an event when there is none (a listener not forwarded to).
+fn next_events(altp2m: &mut Client, wait: bool) {
     let mut answer = None;
     loop {
         // The call and its event by the short ways (fixed-width, no serde
@@ -43,6 +118,9 @@ fn main() -> ! {
                     continue;
                 }
                 match ipc::decode::<Result<AltReply, IpcError>>(bytes) {
+                    // A forwarded listener's call with nothing held.
+                    Ok(Ok(AltReply::Refused(ipc_schema::altp2m::AltError::NoSuchEvent)))
+                        if !wait => {}
                     Ok(Err(e)) => defmt::warn!("listener: NextEvent: {}", e),
                     other => defmt::warn!(
                         "listener: NextEvent answered otherwise (refused: {=bool})",
@@ -52,7 +130,6 @@ fn main() -> ! {
             }
             Err(e) => defmt::warn!("listener: NextEvent: {}", e),
         }
-        answer = None;
-        service_runtime::sys::yield_now();
+        return;
     }
 }

@@ -93,6 +93,30 @@ pub fn reply_recv<'b>(
     event(r, buf)
 }
 
+/// [`reply_recv`], the reply forwarded to handle `forward - 1` where
+/// `forward` is not 0 ([`forward_instead`]).
+#[inline(always)]
+fn reply_recv_to<'b>(
+    token: u64,
+    reply: &[u8],
+    forward: u64,
+    mask: u64,
+    buf: &'b mut [u8],
+) -> Result<Event<'b>, SysError> {
+    let r = crate::sys::call6(
+        nr::REPLY_RECV,
+        [
+            token,
+            reply.as_ptr() as u64,
+            reply.len() as u64 | forward << 32,
+            mask,
+            buf.as_mut_ptr() as u64,
+            buf.len() as u64,
+        ],
+    );
+    event(r, buf)
+}
+
 /// Replies to `token`.
 pub fn reply(token: u64, bytes: &[u8]) -> Result<(), SysError> {
     call(
@@ -330,6 +354,14 @@ pub trait Service {
     /// Bits arrived on a notification in the mask.
     fn notified(&mut self, _slot: Handle, _bits: u64) {}
 
+    /// The kernel refused the forward [`forward_instead`] asked for
+    /// (`Busy`: the endpoint's receiver did not wait): the exit `token`
+    /// is still the service's, `out[..len]` what was to be forwarded.
+    /// Returns as [`Service::handle`] does (by default: held, [`DEFER`]).
+    fn forward_refused(&mut self, _token: u64, _out: &mut [u8], _len: usize) -> usize {
+        DEFER
+    }
+
     fn snapshot(&self) -> Self::State;
     fn restore(&mut self, state: Self::State);
 
@@ -377,6 +409,19 @@ static ANSWER_TO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64:
 /// system calls.
 pub fn answer_instead(token: u64) {
     ANSWER_TO.store(token, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set by [`forward_instead`]: the handle the answer is forwarded to.
+static FORWARD_TO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Within [`Service::handle`] of an exit (`token`): its answer bytes are
+/// not an answer but a message the exit is forwarded with to the endpoint
+/// of `handle` (REPLY_RECV's forward, docs/ipc.md), whose receiver then
+/// holds the exit, restricted to a plain answer. If the kernel refuses,
+/// [`Service::forward_refused`] is called.
+pub fn forward_instead(token: u64, handle: Handle) {
+    answer_instead(token);
+    FORWARD_TO.store(u64::from(handle) + 1, core::sync::atomic::Ordering::Relaxed);
 }
 
 struct Swap {
@@ -427,8 +472,21 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
             mask | life_bit
         };
         let (token, len) = pending;
-        let ev = match reply_recv(token, &out[..len], current_mask, buf) {
+        let forward = match FORWARD_TO.load(core::sync::atomic::Ordering::Relaxed) {
+            0 => 0,
+            _ => FORWARD_TO.swap(0, core::sync::atomic::Ordering::Relaxed),
+        };
+        let ev = match reply_recv_to(token, &out[..len], forward, current_mask, buf) {
             Ok(ev) => ev,
+            Err(SysError::Busy) if forward != 0 => {
+                let n = svc.forward_refused(token, out, len);
+                let to = ANSWER_TO.swap(0, core::sync::atomic::Ordering::Relaxed);
+                pending = match (n, to) {
+                    (DEFER, _) => (0, 0),
+                    _ => (to, n),
+                };
+                continue;
+            }
             Err(e) => {
                 defmt::error!("{=str}: receive failed: {}", crate::name(), e);
                 pending = (0, 0);
