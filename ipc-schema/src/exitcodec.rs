@@ -852,6 +852,21 @@ pub(crate) mod tests {
             prop_assert_eq!(decode_reply(&a[..n]), Some(r));
         }
 
+        /// What a restricted holder (a forwarded exit's) may answer is
+        /// exactly a resume with nothing but perhaps a view: no
+        /// registers, advance, injection, step, RIP or other `Then`.
+        #[test]
+        fn a_restricted_answer_is_a_bare_resume_perhaps_with_a_view(r in reply()) {
+            let mut a = [0u8; 128];
+            let n = encode_reply(&r, &mut a).unwrap();
+            let bare = r.response == Response::RETRY
+                && r.regs.is_none()
+                && !r.step
+                && r.rip.is_none()
+                && r.view.is_none_or(|v| v < 0x4000);
+            prop_assert_eq!(restricted_ok(&a[..n]), bare, "{:?}", r);
+        }
+
         #[test]
         fn any_bytes_decode_as_postcard_decodes_them(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             prop_assert_eq!(decode_message(&bytes), whole::<ExitMessage>(&bytes));
