@@ -1203,9 +1203,13 @@ fn forward(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<()> {
         ObjectKind::Endpoint,
         rights::CALL
     );
-    let Object::Endpoint { id, .. } = c.object else {
+    let Object::Endpoint { id, generation } = c.object else {
         return Err(SysError::WrongKind);
     };
+    // (A server that restarted since: `CALL` tells the caller, `Dead`.)
+    if k.endpoints[usize::from(id)].as_ref().map(|e| e.generation) != Some(generation) {
+        return Err(SysError::Busy);
+    }
     let mut msg = [0u8; MAX_MESSAGE];
     let msg = msg
         .get_mut(..a[2] as u32 as usize)
