@@ -180,7 +180,7 @@ pub fn syscall(k: &mut Kernel, pid: u16, vcpu: bool) -> Option<()> {
         (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu && f.rdx >> 32 == 0 => {
             answer_vcpu(k, pid, slot, seq)
         }
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => forward(k, pid, slot, seq),
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => forward(k, pid, slot, seq, true),
         // Token 0 answers nobody (a receive loop's first wait).
         (nr::REPLY_RECV, (Sender::Process(caller), seq)) if !vcpu && f.rdi != 0 => {
             answer_caller(k, pid, caller, seq)
@@ -339,13 +339,17 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     super::sched::run()
 }
 
-/// REPLY_RECV forwarding the exit of domain slot `slot`'s vCPU (its
-/// answer bytes the message) to the endpoint of handle `(rdx >> 32) - 1`
-/// (`Kernel::forward`, the general path's, has the same effect): if its
-/// receiver waits, with nothing queued, and the service then has nothing
-/// to receive, the receiver runs at once, holding the exit, restricted.
+/// REPLY_RECV forwarding the exit of domain slot `slot`'s vCPU, which
+/// `pid` holds, to the endpoint of its handle `(rdx >> 32) - 1`, its
+/// answer bytes the message, as if the vCPU had called it: the receiver
+/// holds the exit then, restricted to a plain answer (docs/ipc.md). Only to
+/// a receiver that waits now with nothing queued (no forwarded message is
+/// ever stored), else `None`, nothing changed. Both paths' (`fastpath=off`
+/// too): with `run` (the fast path), only if `pid` then has nothing to
+/// receive, and the receiver runs at once (no return); without, the
+/// receiver is made ready and the general path's receive follows.
 #[inline(never)]
-fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
+pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Option<()> {
     let p = k.processes[usize::from(pid)].as_ref()?;
     let d = k.domains.get(usize::from(slot))?.as_ref()?;
     if !d.awaiting_reply || d.exit_seq != seq || d.exit_server != Some(pid) {
@@ -354,25 +358,30 @@ fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     let len = p.frame.rdx & 0xffff_ffff;
     let (ep, badge, receiver, at, to) = receiver_of(k, pid, (p.frame.rdx >> 32) - 1, len)?;
     let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?, len)?;
-    let Wait::Recv { mask, .. } = wait else {
-        return None;
-    };
-    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-        return None;
+    match wait {
+        Wait::Recv { mask, .. } if run => {
+            if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
+                return None;
+            }
+        }
+        _ => {}
     }
-    // Everything holds: the message goes to the receiver, the service
-    // waits, the exit is the receiver's.
+    // Everything holds: the message goes to the receiver, the exit is its.
     // Safety: as in `call`: `to` takes `len` bytes the receiver may write.
     unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
-    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
     let d = k.domains[usize::from(slot)].as_mut()?;
     (d.exit_server, d.exit_restricted) = (Some(receiver), true);
-    deliver(
-        k,
-        ep,
-        receiver,
-        (len, token(Sender::Vcpu(slot), seq), badge, at),
-    )
+    let message = (len, token(Sender::Vcpu(slot), seq), badge, at);
+    if run {
+        k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+        deliver(k, ep, receiver, message)
+    }
+    k.processes[usize::from(receiver)]
+        .as_mut()?
+        .take_message(message.0, message.1, badge, at);
+    k.endpoints[usize::from(ep)].as_mut()?.served_by(receiver);
+    k.make_ready_next(super::Runnable::Process(receiver));
+    Some(())
 }
 
 /// The receiver of a message of `len` bytes from `pid` through its handle

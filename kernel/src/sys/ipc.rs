@@ -284,49 +284,6 @@ impl Kernel {
         }
     }
 
-    /// Forwards the exit `token` names, which `pid` holds, to the waiting
-    /// receiver of `ep` (through a handle with `badge`) with `msg` as its
-    /// message, as if the vCPU had called it; its answer is restricted to
-    /// a plain one. `Busy`, nothing changed, unless that receiver waits now
-    /// with nothing queued: no forwarded message is ever stored.
-    pub fn forward(
-        &mut self,
-        pid: u16,
-        token: u64,
-        to: (u16, u64),
-        msg: &[u8],
-    ) -> Result<(), SysError> {
-        let ((Sender::Vcpu(slot), seq), (ep, badge)) = (untoken(token), to) else {
-            return Err(SysError::BadToken);
-        };
-        match self.domains.get(usize::from(slot)).and_then(Option::as_ref) {
-            Some(d) if d.awaiting_reply && d.exit_seq == seq && d.exit_server == Some(pid) => {}
-            _ => return Err(SysError::BadToken),
-        }
-        let e = self.endpoints[usize::from(ep)]
-            .as_mut()
-            .ok_or(SysError::Busy)?;
-        let r = match e.waiting {
-            Some(r) if r != pid && e.queue.is_empty() && !e.closed => r,
-            _ => return Err(SysError::Busy),
-        };
-        let p = self.processes[usize::from(r)]
-            .as_mut()
-            .ok_or(SysError::Busy)?;
-        match (p.receiving_on(ep), p.space.as_ref()) {
-            (Some((buf, cap, at, _)), Some(s)) if copy_out(s, buf, cap, msg) == SysError::Ok => {
-                p.take_message(msg.len() as u64, token, badge, at);
-            }
-            _ => return Err(SysError::Busy),
-        }
-        e.served_by(r);
-        if let Some(d) = self.domains[usize::from(slot)].as_mut() {
-            (d.exit_server, d.exit_restricted) = (Some(r), true);
-        }
-        self.make_ready_next(Runnable::Process(r));
-        Ok(())
-    }
-
     /// Callers waiting on `pid` get `Dead` (`NoServer` where it closed the
     /// endpoint); vCPUs waiting on it are queued again for the endpoint's
     /// next receiver (or stop, when there will be none).

@@ -146,7 +146,19 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         // The high half of the length: a forward (docs/ipc.md).
         nr::REPLY_RECV if a[2] >> 32 != 0 => {
-            forward(k, pid, a)?;
+            let _ = cap!(
+                k,
+                pid,
+                "REPLY_RECV (forward)",
+                (a[2] >> 32) - 1,
+                ObjectKind::Endpoint,
+                rights::CALL
+            );
+            let Sender::Vcpu(slot) = super::ipc::untoken(a[0]).0 else {
+                return Err(SysError::BadToken);
+            };
+            super::fastpath::forward(k, pid, slot, super::ipc::untoken(a[0]).1, false)
+                .ok_or(SysError::Busy)?;
             recv(k, pid, a[3], a[4], a[5])
         }
         nr::REPLY_RECV => {
@@ -1189,33 +1201,6 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
     let msg = unsafe { core::slice::from_raw_parts_mut(msg.as_mut_ptr().cast::<u8>(), len) };
     read_user(k, pid, va, msg)?;
     k.reply(pid, token, msg)
-}
-
-/// REPLY_RECV's forward of exit `a[0]`, its `a[2] as u32` bytes at `a[1]`
-/// the message, to the endpoint of handle `(a[2] >> 32) - 1`.
-#[inline(never)]
-fn forward(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<()> {
-    let c = cap!(
-        k,
-        pid,
-        "REPLY_RECV (forward)",
-        (a[2] >> 32) - 1,
-        ObjectKind::Endpoint,
-        rights::CALL
-    );
-    let Object::Endpoint { id, generation } = c.object else {
-        return Err(SysError::WrongKind);
-    };
-    // (A server that restarted since: `CALL` tells the caller, `Dead`.)
-    if k.endpoints[usize::from(id)].as_ref().map(|e| e.generation) != Some(generation) {
-        return Err(SysError::Busy);
-    }
-    let mut msg = [0u8; MAX_MESSAGE];
-    let msg = msg
-        .get_mut(..a[2] as u32 as usize)
-        .ok_or(SysError::MessageTooLong)?;
-    read_user(k, pid, a[1], msg)?;
-    k.forward(pid, a[0], (id, c.badge), msg)
 }
 
 fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
