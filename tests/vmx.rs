@@ -1139,8 +1139,18 @@ fn the_listener_answers_violations_through_next_event_on_both_paths() {
                 .any(|l| l.contains("listener: answering") && l.contains("forwarded: true")),
             "{cmdline}: {log:#?}"
         );
+        // A restricted holder gets no power over the vCPU's registers:
+        // its answers that are not plain were refused (the listener tries
+        // four on its first forwarded exit), and the vCPU went on.
+        assert!(
+            log.iter()
+                .any(|l| l.contains("4 of 4 answers that are not plain refused")),
+            "{cmdline}: {log:#?}"
+        );
         for bad in [
             "listener: receive failed",
+            "not plain:",
+            "took an answer that is not plain",
             "answered otherwise",
             "could not be resumed",
         ] {

@@ -146,14 +146,28 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         // The high half of the length: a forward (docs/ipc.md).
         nr::REPLY_RECV if a[2] >> 32 != 0 => {
-            let _ = cap!(
+            let h = (a[2] >> 32) - 1;
+            let c = cap!(
                 k,
                 pid,
                 "REPLY_RECV (forward)",
-                (a[2] >> 32) - 1,
+                h,
                 ObjectKind::Endpoint,
                 rights::CALL
             );
+            // A receiver that restarted since: refused this once (as CALL
+            // says `Dead` once), the handle brought up to date.
+            if let Object::Endpoint { id, generation } = c.object
+                && let Some(now) = k.endpoints[usize::from(id)].as_ref().map(|e| e.generation)
+                && now != generation
+                && let Some(Cap {
+                    object: Object::Endpoint { generation: g, .. },
+                    ..
+                }) = k.cap_mut(pid, h)
+            {
+                *g = now;
+                return Err(SysError::Busy);
+            }
             let Sender::Vcpu(slot) = super::ipc::untoken(a[0]).0 else {
                 return Err(SysError::BadToken);
             };

@@ -83,12 +83,19 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
     };
     let n = ipc_schema::exitcodec::encode_reply(&back, &mut io.out).unwrap_or(0);
     let mut token = 0;
+    let mut checked = false;
     loop {
         let Buffers { msg, out } = &mut io;
         token = match ipc::reply_recv(token, &out[..n], mask, msg) {
             // Only forwarded events come on `events` (altp2m alone may
             // call it): the answer is the same for each.
-            Ok(Event::Message(m)) => m.token,
+            Ok(Event::Message(m)) => {
+                if !checked {
+                    checked = true;
+                    check_restricted(m.token);
+                }
+                m.token
+            }
             Ok(Event::Notified { .. }) => {
                 next_events(altp2m, false);
                 0
@@ -100,6 +107,59 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
             }
         };
     }
+}
+
+/// Once, on the first forwarded exit (`token`), before its answer: the
+/// kernel must refuse every answer that is not plain (an advance,
+/// registers, an injection, a new RIP), the vCPU still waiting for the
+/// plain one (the boot tests read the line this logs).
+fn check_restricted(token: u64) {
+    let plain = ExitReply {
+        response: Response::RETRY,
+        regs: None,
+        view: None,
+        step: false,
+        rip: None,
+    };
+    let hostile = [
+        ExitReply {
+            response: Response::DONE,
+            ..plain
+        },
+        ExitReply {
+            regs: Some(ipc_schema::vmexit::ExitRegs::default()),
+            ..plain
+        },
+        ExitReply {
+            response: Response {
+                inject: Some(ipc_schema::vmexit::Inject::Exception {
+                    vector: 6,
+                    error_code: None,
+                }),
+                ..Response::RETRY
+            },
+            ..plain
+        },
+        ExitReply {
+            rip: Some(0),
+            ..plain
+        },
+    ];
+    let mut refused = 0u32;
+    for h in &hostile {
+        let mut out = [0u8; 64];
+        let n = ipc_schema::exitcodec::encode_reply(h, &mut out).unwrap_or(0);
+        match ipc::reply(token, &out[..n]) {
+            Err(ipc_schema::syscall::SysError::BadArgument) => refused += 1,
+            Err(e) => defmt::error!("listener: an answer that is not plain: {}", e),
+            Ok(()) => defmt::error!("listener: a forwarded exit took an answer that is not plain"),
+        }
+    }
+    defmt::info!(
+        "listener: {=u32} of {=u32} answers that are not plain refused on a forwarded exit",
+        refused,
+        hostile.len() as u32
+    );
 }
 
 /// `NextEvent` calls, each with the answer to the event before, while
