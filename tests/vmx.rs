@@ -1112,6 +1112,38 @@ fn a_profile_follows_a_hypercall_through_the_kernel() {
     );
 }
 
+/// The listener faults while it holds a forwarded exit (on its third, the
+/// manifest giving it `fault-once`): the kernel sends the exit back to
+/// altp2m (the endpoint it was forwarded from), unrestricted, which
+/// handles it afresh: held, as the restarted listener does not wait yet,
+/// and fetched by it with `NextEvent`. The guest's write completes, every
+/// figure is taken, and the restarted listener takes forwards again.
+#[test]
+fn a_listener_that_dies_holding_a_forwarded_exit_loses_nothing() {
+    let run = image_builder::bench::BenchRun {
+        cpu_model: "corei7_skylake_x".to_owned(),
+        build: image_builder::compile::BuildOptions::default(),
+        cmdline: String::new(),
+        guest_options: "listener-fault".to_owned(),
+        timeout: std::time::Duration::from_secs(300),
+    };
+    let (outcome, _) = image_builder::bench::boot(&run, None).expect("the run ends well");
+    let log: Vec<String> = outcome.lines.iter().map(|l| l.to_string()).collect();
+    let at = |what: &str| log.iter().position(|l| l.contains(what));
+    let fault = at("faulting on purpose").expect("the listener faulted");
+    let again = log
+        .iter()
+        .skip(fault)
+        .any(|l| l.contains("listener: answering") && l.contains("forwarded: true"));
+    assert!(again, "the listener restarted and takes forwards: {log:#?}");
+    let figures = image_builder::bench::figures(&outcome.lines).expect("its figures");
+    let ticks = figures["violation_event_ticks"].expect("measured");
+    assert!(
+        ticks < 2_400,
+        "violation_event_ticks {ticks}: forwards again"
+    );
+}
+
 /// The benchmark image, with its listener service: every violation of the
 /// benchmark's view becomes an event altp2m forwards to the listener (the
 /// exit itself, restricted), which answers it (back to view 0, a plain

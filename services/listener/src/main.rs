@@ -84,6 +84,8 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
     let n = ipc_schema::exitcodec::encode_reply(&back, &mut io.out).unwrap_or(0);
     let mut token = 0;
     let mut checked = false;
+    let mut seen = 0u32;
+    let fault_once = handle("fault-once").is_some() && service_runtime::generation() == 0;
     loop {
         let Buffers { msg, out } = &mut io;
         token = match ipc::reply_recv(token, &out[..n], mask, msg) {
@@ -93,6 +95,12 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
                 if !checked {
                     checked = true;
                     check_restricted(m.token);
+                }
+                seen += 1;
+                if fault_once && seen == 3 {
+                    // (The boot tests' `fault-once`: the kernel must send
+                    // the exit back to altp2m, which handles it afresh.)
+                    panic!("faulting on purpose while holding a forwarded exit (fault-once)");
                 }
                 m.token
             }
