@@ -358,13 +358,11 @@ pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Opti
     let len = p.frame.rdx & 0xffff_ffff;
     let (ep, badge, receiver, at, to) = receiver_of(k, pid, (p.frame.rdx >> 32) - 1, len)?;
     let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?, len)?;
-    match wait {
-        Wait::Recv { mask, .. } if run => {
-            if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-                return None;
-            }
-        }
-        _ => {}
+    if run
+        && let Wait::Recv { mask, .. } = wait
+        && (!nothing_to_receive(k, pid, mask) || !k.count_hand_off())
+    {
+        return None;
     }
     // Everything holds: the message goes to the receiver, the exit is its.
     // Safety: as in `call`: `to` takes `len` bytes the receiver may write.
