@@ -1206,7 +1206,7 @@ fn the_listener_answers_violations_through_next_event_on_both_paths() {
         if cmdline.is_empty() {
             // Three transitions, not the four of an event held for
             // `NextEvent` (2,675 instructions on this CPU model before the
-            // forward; 2,048 with it): the forward was taken.
+            // forward; 2,061 with it): the forward was taken.
             let ticks = figures["violation_event_ticks"].expect("measured");
             assert!(
                 ticks < 2_400,
