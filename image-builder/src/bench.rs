@@ -33,6 +33,7 @@ handles = [
     { name = "domain-ends", notification = "altp2m-domain-ends", rights = ["wait", "signal"] },
     { name = "domains", domains = true, rights = ["read", "views", "vcpus"] },
     { name = "supervisor", endpoint = "supervisor", rights = ["call"] },
+    { name = "listener-events", endpoint = "listener-events", rights = ["call"] },
 ]
 
 [[service]]
@@ -48,6 +49,8 @@ handles = [
 name = "listener"
 handles = [
     { name = "altp2m", endpoint = "altp2m", rights = ["call"] },
+    { name = "events", endpoint = "listener-events", rights = ["receive"] },
+    { name = "altp2m-events", notification = "altp2m-events", rights = ["wait"] },{listener}
 ]
 
 [[service]]
@@ -149,7 +152,15 @@ pub fn boot(
     let guest_cmdline = format!("listener {}", run.guest_options);
     std::fs::write(
         &manifest_path,
-        MANIFEST.replace("{cmdline}", guest_cmdline.trim()),
+        MANIFEST.replace("{cmdline}", guest_cmdline.trim()).replace(
+            "{listener}",
+            // A boot test's: the listener faults once, holding an exit.
+            if run.guest_options.split_whitespace().any(|w| w == "listener-fault") {
+                "\n    { name = \"fault-once\", notification = \"listener-fault-once\", rights = [\"wait\"] },"
+            } else {
+                ""
+            },
+        ),
     )?;
     let img = image::build(&ImageOptions {
         manifest: manifest_path,

@@ -117,6 +117,16 @@ pub enum AltRequest {
     /// write to a shared page: the writer got a private copy and went on),
     /// oldest first: [`AltReply::Breaks`].
     ShareBreaks,
+    /// The caller, a listener, serves the endpoint the altp2m service
+    /// holds as `listener-events` (the manifest pairs them) and answers
+    /// only plainly (`Retry`, `SwitchView`): an event of its for which the
+    /// vCPU waits is *forwarded* there (the exit itself, the event's bytes
+    /// as `NextEvent`'s reply carries them its message; the kernel applies
+    /// only a plain answer to it: docs/altp2m.md). One the kernel cannot
+    /// forward (the listener busy) is held as before, `altp2m-events`
+    /// signalled, for `NextEvent`, which then never waits: with no event,
+    /// `Refused(NoSuchEvent)` at once. `on: false` ends it.
+    Forwarded { on: bool },
 }
 
 /// Copy-on-write breaks one [`AltReply::Breaks`] carries at most.

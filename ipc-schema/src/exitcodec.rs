@@ -519,6 +519,14 @@ pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
     }
 }
 
+/// Whether `bytes` are an answer a *restricted* holder of an exit (one
+/// forwarded to it, docs/ipc.md) may give: plain, with or without a view,
+/// but no registers and no advance (no RIP change, injection or step).
+pub fn restricted_ok(bytes: &[u8]) -> bool {
+    matches!(plain_shape(bytes), Some((false, false)))
+        || matches!(plain_view_shape(bytes), Some((false, false, _)))
+}
+
 /// A plain answer (with registers or without) that also moves the vCPU to
 /// another view (below 16,384): `(advance, whether it carries registers,
 /// view)`, or `None` for anything else. The altp2m service answers the
@@ -893,6 +901,21 @@ pub(crate) mod tests {
             let p = postcard::to_slice(&r, &mut b).unwrap();
             prop_assert_eq!(&a[..n], &*p);
             prop_assert_eq!(decode_reply(&a[..n]), Some(r));
+        }
+
+        /// What a restricted holder (a forwarded exit's) may answer is
+        /// exactly a resume with nothing but perhaps a view: no
+        /// registers, advance, injection, step, RIP or other `Then`.
+        #[test]
+        fn a_restricted_answer_is_a_bare_resume_perhaps_with_a_view(r in reply()) {
+            let mut a = [0u8; 128];
+            let n = encode_reply(&r, &mut a).unwrap();
+            let bare = r.response == Response::RETRY
+                && r.regs.is_none()
+                && !r.step
+                && r.rip.is_none()
+                && r.view.is_none_or(|v| v < 0x4000);
+            prop_assert_eq!(restricted_ok(&a[..n]), bare, "{:?}", r);
         }
 
         #[test]

@@ -177,7 +177,10 @@ pub fn syscall(k: &mut Kernel, pid: u16, vcpu: bool) -> Option<()> {
         return None;
     }
     match (f.rax, untoken(f.rdi)) {
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => answer_vcpu(k, pid, slot, seq),
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu && f.rdx >> 32 == 0 => {
+            answer_vcpu(k, pid, slot, seq)
+        }
+        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => forward(k, pid, slot, seq, true),
         // Token 0 answers nobody (a receive loop's first wait).
         (nr::REPLY_RECV, (Sender::Process(caller), seq)) if !vcpu && f.rdi != 0 => {
             answer_caller(k, pid, caller, seq)
@@ -245,9 +248,9 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
 /// buffer the next message goes to is translated with it (usually the same
 /// page; see `Wait::Recv::exit_buf`).
 #[inline(always)]
-fn answer_and_wait(p: &Process) -> Option<(&'static [u8], Wait)> {
+fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], Wait)> {
     let f = &p.frame;
-    let (va, len, mask, buf, cap) = (f.rsi, f.rdx, f.r10, f.r8, f.r9);
+    let (va, mask, buf, cap) = (f.rsi, f.r10, f.r8, f.r9);
     if len > MAX_MESSAGE as u64 {
         return None;
     }
@@ -288,7 +291,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     {
         return None;
     }
-    let (bytes, wait) = answer_and_wait(p)?;
+    let (bytes, wait) = answer_and_wait(p, p.frame.rdx)?;
     // A plain answer, or one that also moves the vCPU to a view that
     // exists (the altp2m service's answer to a view switch).
     let (advance, with_regs, eptp) = plain_shape(bytes)
@@ -297,6 +300,11 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
             let (advance, with_regs, view) = plain_view_shape(bytes)?;
             Some((advance, with_regs, Some((view, d.views.eptp(view).ok()?))))
         })?;
+    // A forwarded exit's holder answers plainly or not here (the general
+    // path refuses it).
+    if d.exit_restricted && (advance || with_regs) {
+        return None;
+    }
     match d.vcpu.as_ref() {
         Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
         _ => return None,
@@ -309,8 +317,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     }
     // Everything holds: the answer is applied, the service waits.
     let d = k.domains[usize::from(slot)].as_mut()?;
-    d.awaiting_reply = false;
-    d.exit_server = None;
+    (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let v = d.vcpu.as_mut()?;
     if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
@@ -332,10 +339,93 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     super::sched::run()
 }
 
+/// REPLY_RECV forwarding the exit of domain slot `slot`'s vCPU, which
+/// `pid` holds, to the endpoint of its handle `(rdx >> 32) - 1`, its
+/// answer bytes the message, as if the vCPU had called it: the receiver
+/// holds the exit then, restricted to a plain answer (docs/ipc.md). Only to
+/// a receiver that waits now with nothing queued (no forwarded message is
+/// ever stored), else `None`, nothing changed. Both paths' (`fastpath=off`
+/// too): with `run` (the fast path), only if `pid` then has nothing to
+/// receive, and the receiver runs at once (no return); without, the
+/// receiver is made ready and the general path's receive follows.
+#[inline(never)]
+pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Option<()> {
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let d = k.domains.get(usize::from(slot))?.as_ref()?;
+    if !d.awaiting_reply || d.exit_seq != seq || d.exit_server != Some(pid) {
+        return None;
+    }
+    let len = p.frame.rdx & 0xffff_ffff;
+    let (ep, badge, receiver, at, to) = receiver_of(k, pid, (p.frame.rdx >> 32) - 1, len)?;
+    let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?, len)?;
+    if run
+        && let Wait::Recv { mask, .. } = wait
+        && (!nothing_to_receive(k, pid, mask) || !k.count_hand_off())
+    {
+        return None;
+    }
+    // Everything holds: the message goes to the receiver, the exit is its.
+    // Safety: as in `call`: `to` takes `len` bytes the receiver may write.
+    unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
+    let d = k.domains[usize::from(slot)].as_mut()?;
+    (d.exit_server, d.exit_restricted) = (Some(receiver), true);
+    let message = (len, token(Sender::Vcpu(slot), seq), badge, at);
+    if run {
+        k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+        deliver(k, ep, receiver, message)
+    }
+    k.processes[usize::from(receiver)]
+        .as_mut()?
+        .take_message(message.0, message.1, badge, at);
+    k.endpoints[usize::from(ep)].as_mut()?.served_by(receiver);
+    k.make_ready_next(super::Runnable::Process(receiver));
+    Some(())
+}
+
+/// The receiver of a message of `len` bytes from `pid` through its handle
+/// `handle` (CALL right): the endpoint, the handle's badge, the receiver
+/// (waiting, nobody queued before), the handle it waits through and where
+/// the message goes; `None` for the general path.
+#[inline(always)]
+fn receiver_of(
+    k: &Kernel,
+    pid: u16,
+    handle: u64,
+    len: u64,
+) -> Option<(u16, u64, u16, u32, *mut u8)> {
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let Cap {
+        object: Object::Endpoint { id: ep, generation },
+        rights: r,
+        badge,
+    } = p.handles.get(usize::try_from(handle).ok()?).copied()??
+    else {
+        return None;
+    };
+    if r & rights::CALL == 0 || len > MAX_MESSAGE as u64 {
+        return None;
+    }
+    let e = k.endpoints[usize::from(ep)].as_ref()?;
+    let (receiver, slot) = (e.waiting?, e.waiting_slot);
+    if e.generation != generation || !e.queue.is_empty() || receiver == pid {
+        return None;
+    }
+    // The hint holds: the receiver waits in RECV, through the handle the
+    // hint names, on this endpoint, with room for the message; where an
+    // exit would go, a short message goes too.
+    let q = k.processes[usize::from(receiver)].as_ref()?;
+    let to = match receives(q, slot, ep, len)? {
+        (_, at) if !at.is_null() && len <= EXIT_MESSAGE_MAX as u64 => at,
+        (buf, _) => q.space.as_ref()?.in_one_page(buf, len as usize, true)?,
+    };
+    Some((ep, badge, receiver, slot, to))
+}
+
 /// REPLY_RECV answering the call of process `caller`.
 #[inline(never)]
 fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> {
-    let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?)?;
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let (bytes, wait) = answer_and_wait(p, p.frame.rdx)?;
     let Wait::Recv { mask, .. } = wait else {
         return None;
     };
@@ -375,38 +465,14 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> 
 /// receiver: the general path).
 #[inline(never)]
 fn call(k: &mut Kernel, pid: u16) -> Option<()> {
-    let p = k.processes[usize::from(pid)].as_ref()?;
-    let f = &p.frame;
+    let f = &k.processes[usize::from(pid)].as_ref()?.frame;
     let (handle, va, len, reply_buf, reply_cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8);
-    let Cap {
-        object: Object::Endpoint { id: ep, generation },
-        rights: r,
-        badge,
-    } = p.handles.get(usize::try_from(handle).ok()?).copied()??
-    else {
-        return None;
-    };
-    if r & rights::CALL == 0 || len > MAX_MESSAGE as u64 {
-        return None;
-    }
-    let e = k.endpoints[usize::from(ep)].as_ref()?;
-    let (receiver, slot) = (e.waiting?, e.waiting_slot);
-    if e.generation != generation || !e.queue.is_empty() || receiver == pid {
-        return None;
-    }
+    let (ep, badge, receiver, slot, to) = receiver_of(k, pid, handle, len)?;
     // The message and the reply buffer: one translation when they share a
     // page (a client's buffers do).
-    let space = p.space.as_ref()?;
+    let space = k.processes[usize::from(pid)].as_ref()?.space.as_ref()?;
     let (from, reply_at) =
         space.answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize)?;
-    // The hint holds: the receiver waits in RECV, through the handle the
-    // hint names, on this endpoint, with room for the message; where an
-    // exit would go, a short message goes too.
-    let q = k.processes[usize::from(receiver)].as_ref()?;
-    let to = match receives(q, slot, ep, len)? {
-        (_, at) if !at.is_null() && len <= EXIT_MESSAGE_MAX as u64 => at,
-        (buf, _) => q.space.as_ref()?.in_one_page(buf, len as usize, true)?,
-    };
     if !k.count_hand_off() {
         return None;
     }

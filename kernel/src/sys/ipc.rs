@@ -275,6 +275,9 @@ impl Kernel {
                 if d.exit_seq != seq || d.exit_server != Some(pid) || !d.awaiting_reply {
                     return Err(SysError::BadToken);
                 }
+                if d.exit_restricted && !ipc_schema::exitcodec::restricted_ok(reply) {
+                    return Err(SysError::BadArgument);
+                }
                 crate::vm::exits::apply_reply(self, slot, reply);
                 Ok(())
             }
@@ -325,7 +328,9 @@ impl Kernel {
         for slot in 0..self.domains.len() {
             let requeue = match self.domains[slot].as_mut() {
                 Some(d) if d.awaiting_reply && d.exit_server == Some(pid) => {
-                    d.exit_server = None;
+                    // A forwarded one too: `last_endpoint` is still where
+                    // it was forwarded from, and it goes there unrestricted.
+                    (d.exit_server, d.exit_restricted) = (None, false);
                     // Sent again where it went (a single step's exit goes
                     // to whoever asked for the step).
                     Some(d.last_endpoint)

@@ -144,6 +144,37 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             reply(k, pid, a[0], a[1], a[2])?;
             Ok(Values([0; 3]))
         }
+        // The high half of the length: a forward (docs/ipc.md).
+        nr::REPLY_RECV if a[2] >> 32 != 0 => {
+            let h = (a[2] >> 32) - 1;
+            let c = cap!(
+                k,
+                pid,
+                "REPLY_RECV (forward)",
+                h,
+                ObjectKind::Endpoint,
+                rights::CALL
+            );
+            // A receiver that restarted since: refused this once (as CALL
+            // says `Dead` once), the handle brought up to date.
+            if let Object::Endpoint { id, generation } = c.object
+                && let Some(now) = k.endpoints[usize::from(id)].as_ref().map(|e| e.generation)
+                && now != generation
+                && let Some(Cap {
+                    object: Object::Endpoint { generation: g, .. },
+                    ..
+                }) = k.cap_mut(pid, h)
+            {
+                *g = now;
+                return Err(SysError::Busy);
+            }
+            let Sender::Vcpu(slot) = super::ipc::untoken(a[0]).0 else {
+                return Err(SysError::BadToken);
+            };
+            super::fastpath::forward(k, pid, slot, super::ipc::untoken(a[0]).1, false)
+                .ok_or(SysError::Busy)?;
+            recv(k, pid, a[3], a[4], a[5])
+        }
         nr::REPLY_RECV => {
             if a[0] != 0 {
                 // A reply that cannot be delivered (the caller died) must not

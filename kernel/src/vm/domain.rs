@@ -58,6 +58,9 @@ pub struct Domain {
     /// monitor-trap exit).
     pub step_endpoint: Option<u16>,
     pub awaiting_reply: bool,
+    /// The pending exit was forwarded (REPLY_RECV's forward): its holder
+    /// may only answer it plainly (`exitcodec::restricted_ok`).
+    pub exit_restricted: bool,
     pub pending: Option<Exit>,
     /// The exit the fast path passed on, before it is decoded.
     pub pending_raw: Option<super::vcpu::RawExit>,
@@ -150,6 +153,7 @@ impl Domain {
             last_endpoint: 0,
             step_endpoint: None,
             awaiting_reply: false,
+            exit_restricted: false,
             pending: None,
             pending_raw: None,
             slice_end: 0,

@@ -122,8 +122,7 @@ pub fn apply_reply(k: &mut Kernel, slot: u16, bytes: &[u8]) {
     let Some(d) = k.domains[usize::from(slot)].as_mut() else {
         return;
     };
-    d.awaiting_reply = false;
-    d.exit_server = None;
+    (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let Some(reply) = ipc_schema::exitcodec::decode_reply(bytes) else {
         defmt::error!(
             "domain {=u16}: its exit handler's reply does not decode ({=usize} bytes); domain stopped",

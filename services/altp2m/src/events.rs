@@ -118,6 +118,9 @@ pub struct Events {
     pub stepping: BTreeMap<(u16, u16), (u16, u64)>,
     /// `NextEvent` calls waiting for an event, oldest first.
     pub polls: Vec<Poll>,
+    /// The badge of the listener events are forwarded to (`Forwarded`; 0:
+    /// none).
+    pub forwarding: u64,
 }
 
 fn reply(response: Response) -> Outcome {
@@ -644,6 +647,30 @@ impl Events {
             self.log.remove(pos);
         }
         Outcome::Defer { new_event: true }
+    }
+
+    /// The event just recorded (`Outcome::Defer { new_event: true }`)
+    /// taken out of `waiting` to be forwarded, if its listener is the
+    /// forwarding one and its vCPU waits: the kernel keeps the vCPU waiting
+    /// then, and the log keeps the event.
+    pub fn take_forwardable(&mut self) -> Option<Waiting> {
+        match self.waiting.last() {
+            Some(w)
+                if self.forwarding != 0
+                    && w.owner == self.forwarding
+                    && !w.given
+                    && w.event.paused =>
+            {
+                self.waiting.pop()
+            }
+            _ => None,
+        }
+    }
+
+    /// A forward the kernel refused (the listener did not wait): the event
+    /// waits for its listener as any other.
+    pub fn unforward(&mut self, w: Waiting) {
+        self.waiting.push(w);
     }
 
     /// Forgets a domain that ended: its listener, policy, waiting events

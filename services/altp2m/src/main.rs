@@ -138,6 +138,11 @@ struct Server {
     track: Option<Handle>,
     share: Option<Handle>,
     events_note: Option<Handle>,
+    /// `listener-events`: the endpoint of the listener that takes
+    /// forwarded events (`AltRequest::Forwarded`).
+    forward_to: Option<Handle>,
+    /// The event forwarded last, taken back if the kernel refuses.
+    forwarded: Option<service_altp2m::events::Waiting>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
     /// Started without its predecessor's records: reset the views before
@@ -331,6 +336,9 @@ impl Server {
         }
         let now = if !listens && !self.events.listens(badge) {
             Some(AltReply::Refused(AltError::NotListening))
+        } else if badge == self.events.forwarding {
+            // Its events come forwarded: this call only takes held ones.
+            Some(AltReply::Refused(AltError::NoSuchEvent))
         } else if self.events.polls.len() >= MAX_WAITING_LISTENERS {
             Some(AltReply::Refused(AltError::TooManyWaiting))
         } else {
@@ -353,6 +361,21 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The event just recorded forwarded to its listener where it takes
+    /// forwards ([`ipc::forward_instead`], the event's bytes the message),
+    /// else [`Server::deliver`]ed.
+    #[inline(always)]
+    fn forward_or_deliver(&mut self, out: &mut [u8]) -> usize {
+        if let Some(h) = self.forward_to
+            && let Some(w) = self.events.take_forwardable()
+        {
+            ipc::forward_instead(w.token, h);
+            self.forwarded = Some(w);
+            return short::encode_event_reply(&w.event, out).unwrap_or(0);
+        }
+        self.deliver(Some(out))
     }
 
     /// Hands new events to the `NextEvent` calls held for them, the first
@@ -522,6 +545,16 @@ impl Server {
             },
             // Taken in `handle`, which has the call's token.
             AltRequest::NextEvent { .. } => AltReply::Refused(AltError::WrongEndpoint),
+            AltRequest::Forwarded { on } => {
+                if self.forward_to.is_none() {
+                    AltReply::Refused(AltError::WrongEndpoint)
+                } else if on && !self.events.listens(badge) {
+                    AltReply::Refused(AltError::NotListening)
+                } else {
+                    self.events.forwarding = if on { badge } else { 0 };
+                    AltReply::Done
+                }
+            }
         }
     }
 }
@@ -577,6 +610,16 @@ impl Service for Server {
         }
     }
 
+    fn forward_refused(&mut self, token: u64, out: &mut [u8], _len: usize) -> usize {
+        match self.forwarded.take() {
+            Some(w) if w.token == token => {
+                self.events.unforward(w);
+                self.deliver(Some(out))
+            }
+            _ => DEFER,
+        }
+    }
+
     fn snapshot(&self) {}
     fn restore(&mut self, _: ()) {}
 }
@@ -607,7 +650,7 @@ impl Server {
             };
             return match outcome {
                 Outcome::Reply(answer) => fast::encode_reply(&answer, reply),
-                Outcome::Defer { new_event: true } => self.deliver(Some(reply)),
+                Outcome::Defer { new_event: true } => self.forward_or_deliver(reply),
                 Outcome::Defer { new_event: false } => DEFER,
                 Outcome::Tell(answer) => {
                     self.deliver(None);
@@ -679,6 +722,8 @@ fn main() -> ! {
         track,
         share,
         events_note: handle("altp2m-events"),
+        forward_to: handle("listener-events"),
+        forwarded: None,
         rights: Rights::new(handle("supervisor")),
         domain_ends,
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),

@@ -3315,3 +3315,56 @@ fn a_restricted_write_with_a_listener_takes_the_fast_route() {
     fast.track(0, 8, Some(Mechanism::WriteProtect));
     assert_eq!(fast.ev.quiet_restriction(&fast.alt, &x, 8), None);
 }
+
+/// ALT-4 with forwarding (`AltRequest::Forwarded`): an event whose vCPU
+/// waits, of the forwarding listener, is taken out of `waiting` to be
+/// forwarded (the kernel keeps the vCPU waiting; the log keeps the event),
+/// with the model exactly as the held event leaves it. Any other event
+/// (another listener's, one whose vCPU went on, none forwarding) stays
+/// held; a refused forward puts it back for `NextEvent`.
+#[test]
+fn an_event_of_the_forwarding_listener_is_forwarded_and_others_held() {
+    let make = |forwarding: u64| {
+        let mut r = Rig::new();
+        let v = r.view();
+        r.host(Request::SetAccess {
+            view: v,
+            gfn: 5,
+            access: Access::RX,
+        });
+        r.ev.listen(D, 0x51, true).unwrap();
+        r.ev.forwarding = forwarding;
+        assert_eq!(r.touch(v, 5, W), Outcome::Defer { new_event: true });
+        r
+    };
+    let mut fwd = make(0x51);
+    let mut held = make(0);
+    let w = fwd.ev.take_forwardable().expect("forwarded");
+    assert_eq!((w.owner, w.given, w.event.gpa / 4096), (0x51, false, 5));
+    assert!(w.event.paused, "its vCPU waits");
+    assert!(fwd.ev.waiting.is_empty(), "no waiting record: the kernel's");
+    assert_eq!(fwd.ev.after(0, 8), held.ev.after(0, 8), "logged the same");
+    assert_eq!(
+        alloc::format!("{:?}", fwd.k.views),
+        alloc::format!("{:?}", held.k.views),
+        "the model as the held event leaves it"
+    );
+    assert_eq!(fwd.ev.next_for(0x51), None, "nothing for NextEvent");
+    // Not forwarding, or forwarding to another: held.
+    assert_eq!(held.ev.take_forwardable(), None);
+    let mut other = make(0x52);
+    assert_eq!(other.ev.take_forwardable(), None);
+    assert_eq!(other.ev.waiting.len(), 1);
+    // Refused by the kernel: held as before, for NextEvent.
+    fwd.ev.unforward(w);
+    held.ev.forwarding = 0x51;
+    assert_eq!(fwd.ev, held.ev);
+    assert_eq!(fwd.ev.next_for(0x51).map(|e| e.id), Some(w.event.id));
+    // Given to a NextEvent already, or a notice (the vCPU went on): held.
+    let mut given = make(0x51);
+    given.ev.waiting[0].given = true;
+    assert_eq!(given.ev.take_forwardable(), None);
+    let mut notice = make(0x51);
+    notice.ev.waiting[0].event.paused = false;
+    assert_eq!(notice.ev.take_forwardable(), None);
+}

@@ -330,6 +330,14 @@ pub trait Service {
     /// Bits arrived on a notification in the mask.
     fn notified(&mut self, _slot: Handle, _bits: u64) {}
 
+    /// The kernel refused the forward [`forward_instead`] asked for
+    /// (`Busy`: the endpoint's receiver did not wait): the exit `token`
+    /// is still the service's, `out[..len]` what was to be forwarded.
+    /// Returns as [`Service::handle`] does (by default: held, [`DEFER`]).
+    fn forward_refused(&mut self, _token: u64, _out: &mut [u8], _len: usize) -> usize {
+        DEFER
+    }
+
     fn snapshot(&self) -> Self::State;
     fn restore(&mut self, state: Self::State);
 
@@ -379,6 +387,20 @@ pub fn answer_instead(token: u64) {
     ANSWER_TO.store(token, core::sync::atomic::Ordering::Relaxed);
 }
 
+/// Set by [`forward_instead`]: the handle the answer is forwarded to, plus
+/// one.
+static FORWARD_TO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Within [`Service::handle`] of an exit (`token`): its answer bytes are
+/// not an answer but a message the exit is forwarded with to the endpoint
+/// of `handle` (REPLY_RECV's forward, docs/ipc.md), whose receiver then
+/// holds the exit, restricted to a plain answer. If the kernel refuses,
+/// [`Service::forward_refused`] is called.
+pub fn forward_instead(token: u64, handle: Handle) {
+    answer_instead(token);
+    FORWARD_TO.store(u64::from(handle) + 1, core::sync::atomic::Ordering::Relaxed);
+}
+
 struct Swap {
     buf: [u8; SNAPSHOT],
     len: usize,
@@ -425,21 +447,22 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
         out: [0; MAX_MESSAGE],
     };
     let Buffers { msg: buf, out } = &mut io;
-    let (mut token, mut len) = (0u64, 0usize);
+    // The answer: its token and its length in `out` (with, in the high
+    // half, the handle a forward goes to plus one: [`forward_instead`]).
+    let mut answer = (0u64, 0usize);
     loop {
-        let reply = &out[..len];
         let r = crate::sys::call6(
             nr::REPLY_RECV,
             [
-                token,
-                reply.as_ptr() as u64,
-                reply.len() as u64,
+                answer.0,
+                out.as_ptr() as u64,
+                answer.1 as u64,
                 rx.listen,
                 buf.as_mut_ptr() as u64,
                 MAX_MESSAGE as u64,
             ],
         );
-        (token, len) = rx.take(svc, &mut swap, r, buf, out);
+        answer = rx.take(svc, &mut swap, r, answer, buf, out);
     }
 }
 
@@ -480,8 +503,9 @@ impl Receiver {
         };
     }
 
-    /// What a receive returned (`r`, the message in `buf`) handled: the
-    /// answer to send with the next receive, as (token, length in `out`);
+    /// What a REPLY_RECV that sent `sent` returned (`r`, the message in
+    /// `buf`) handled: the answer to send with the next receive, as (token,
+    /// length in `out`, a forward's handle plus one in the high half);
     /// (0, 0) for none.
     #[inline(always)]
     fn take<S: Service>(
@@ -489,12 +513,12 @@ impl Receiver {
         svc: &mut S,
         swap: &mut Swap,
         r: Ret,
+        sent: (u64, usize),
         buf: &[u8; MAX_MESSAGE],
         out: &mut [u8; MAX_MESSAGE],
     ) -> (u64, usize) {
         if r.status != 0 {
-            receive_failed(r.status);
-            return (0, 0);
+            return receive_failed(svc, r.status, sent, out);
         }
         if r.rsi == 0 {
             svc.notified(r.r10 as Handle, r.r8);
@@ -553,24 +577,40 @@ fn bind_key_cold(message: &[u8]) -> Option<[u8; 8]> {
     bind_key(message)
 }
 
-/// A receive that failed: logged, and the processor given up once.
+/// A REPLY_RECV that sent `sent` (token, length) failed: a forward the
+/// kernel refused goes back to the service ([`Service::forward_refused`],
+/// the exit still its own); anything else is logged, and the processor
+/// given up once.
 #[cold]
 #[inline(never)]
-fn receive_failed(status: u64) {
+fn receive_failed<S: Service>(
+    svc: &mut S,
+    status: u64,
+    (token, len): (u64, usize),
+    out: &mut [u8],
+) -> (u64, usize) {
     let e = SysError::from_raw(status).unwrap_or(SysError::UnknownCall);
+    if len >> 32 != 0 {
+        defmt::debug!("{=str}: forward refused ({})", crate::name(), e);
+        let n = svc.forward_refused(token, out, len & 0xffff_ffff);
+        return answer_elsewhere(n);
+    }
     defmt::error!("{=str}: receive failed: {}", crate::name(), e);
     crate::sys::yield_now();
+    (0, 0)
 }
 
 /// The answer of length `n` ([`DEFER`]: none) goes to the token
-/// [`answer_instead`] set, which is cleared.
+/// [`answer_instead`] set, which is cleared, or is forwarded with it
+/// ([`forward_instead`]).
 #[cold]
 #[inline(never)]
 fn answer_elsewhere(n: usize) -> (u64, usize) {
     let to = ANSWER_TO.swap(0, core::sync::atomic::Ordering::Relaxed);
+    let forward = FORWARD_TO.swap(0, core::sync::atomic::Ordering::Relaxed);
     match n {
         DEFER => (0, 0),
-        _ => (to, n),
+        _ => (to, n | (forward as usize) << 32),
     }
 }
 
@@ -789,7 +829,7 @@ mod tests {
             };
             let (to, n) = self
                 .rx
-                .take(svc, &mut self.swap, r, &self.buf, &mut self.out);
+                .take(svc, &mut self.swap, r, (0, 0), &self.buf, &mut self.out);
             (to, self.out[..n].to_vec())
         }
     }
@@ -821,7 +861,8 @@ mod tests {
             r10: u64::from(SERVED),
             r8: 0,
         };
-        let (to, n) = l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
+        let (to, n) =
+            l.rx.take(&mut svc, &mut l.swap, r, (0, 0), &l.buf, &mut l.out);
         assert_eq!((to, n), (12, MAX_MESSAGE));
     }
 
@@ -888,7 +929,7 @@ mod tests {
             r8: 0b101,
         };
         assert_eq!(
-            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out),
+            l.rx.take(&mut svc, &mut l.swap, r, (0, 0), &l.buf, &mut l.out),
             (0, 0)
         );
         assert_eq!(svc.notes, [(2, 0b101)]);
