@@ -121,6 +121,12 @@ pub struct Events {
     /// The badge of the listener events are forwarded to (`Forwarded`; 0:
     /// none).
     pub forwarding: u64,
+    /// The event just recorded for the forwarding listener, its vCPU
+    /// waiting: not in `waiting` (the kernel holds the exit for the
+    /// listener once it is forwarded), to be taken at once
+    /// ([`Events::take_forwardable`]) and forwarded, or put back
+    /// ([`Events::unforward`]).
+    pub forward: Option<Waiting>,
 }
 
 fn reply(response: Response) -> Outcome {
@@ -628,14 +634,25 @@ impl Events {
             return reply(Response::CRASH);
         }
         self.next = self.next.wrapping_add(1);
-        self.waiting.push(Waiting {
+        let w = Waiting {
             event,
             token,
             given: false,
             owner,
-        });
+        };
+        // (Room in `waiting` stays reserved for a forward put back.)
+        if owner != 0 && owner == self.forwarding && event.paused && self.forward.is_none() {
+            self.forward = Some(w);
+        } else {
+            self.waiting.push(w);
+        }
         self.log.push_back(event);
-        // Forget old answered events; waiting ones stay readable.
+        // Forget old answered events; waiting ones stay readable. (With
+        // none waiting, the usual case when events are forwarded, the
+        // oldest goes.)
+        if self.waiting.is_empty() && self.log.len() > KEPT {
+            self.log.pop_front();
+        }
         while self.log.len() > KEPT + self.waiting.len() {
             let Some(pos) = self
                 .log
@@ -649,22 +666,12 @@ impl Events {
         Outcome::Defer { new_event: true }
     }
 
-    /// The event just recorded (`Outcome::Defer { new_event: true }`)
-    /// taken out of `waiting` to be forwarded, if its listener is the
-    /// forwarding one and its vCPU waits: the kernel keeps the vCPU waiting
-    /// then, and the log keeps the event.
+    /// The event just recorded (`Outcome::Defer { new_event: true }`) to
+    /// be forwarded, if its listener is the forwarding one and its vCPU
+    /// waits (never put in `waiting`: the kernel keeps the vCPU waiting
+    /// then, and the log keeps the event).
     pub fn take_forwardable(&mut self) -> Option<Waiting> {
-        match self.waiting.last() {
-            Some(w)
-                if self.forwarding != 0
-                    && w.owner == self.forwarding
-                    && !w.given
-                    && w.event.paused =>
-            {
-                self.waiting.pop()
-            }
-            _ => None,
-        }
+        self.forward.take()
     }
 
     /// A forward the kernel refused (the listener did not wait): the event

@@ -368,9 +368,11 @@ impl Server {
     /// else [`Server::deliver`]ed.
     #[inline(always)]
     fn forward_or_deliver(&mut self, out: &mut [u8]) -> usize {
-        if let Some(h) = self.forward_to
-            && let Some(w) = self.events.take_forwardable()
-        {
+        if let Some(w) = self.events.take_forwardable() {
+            let Some(h) = self.forward_to else {
+                self.events.unforward(w);
+                return self.deliver(Some(out));
+            };
             ipc::forward_instead(w.token, h);
             self.forwarded = Some(w);
             return short::encode_event_reply(&w.event, out).unwrap_or(0);
