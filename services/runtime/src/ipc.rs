@@ -462,7 +462,10 @@ pub fn serve<S: Service>(svc: &mut S, mask: u64) -> ! {
                 MAX_MESSAGE as u64,
             ],
         );
-        answer = rx.take(svc, &mut swap, r, answer, buf, out);
+        answer = match r.status {
+            0 => rx.take(svc, &mut swap, r, buf, out),
+            status => receive_failed(svc, status, answer, out),
+        };
     }
 }
 
@@ -503,8 +506,8 @@ impl Receiver {
         };
     }
 
-    /// What a REPLY_RECV that sent `sent` returned (`r`, the message in
-    /// `buf`) handled: the answer to send with the next receive, as (token,
+    /// What a receive returned (`r`, its status 0, the message in `buf`)
+    /// handled: the answer to send with the next receive, as (token,
     /// length in `out`, a forward's handle plus one in the high half);
     /// (0, 0) for none.
     #[inline(always)]
@@ -513,13 +516,9 @@ impl Receiver {
         svc: &mut S,
         swap: &mut Swap,
         r: Ret,
-        sent: (u64, usize),
         buf: &[u8; MAX_MESSAGE],
         out: &mut [u8; MAX_MESSAGE],
     ) -> (u64, usize) {
-        if r.status != 0 {
-            return receive_failed(svc, r.status, sent, out);
-        }
         if r.rsi == 0 {
             svc.notified(r.r10 as Handle, r.r8);
             return (0, 0);
@@ -829,7 +828,7 @@ mod tests {
             };
             let (to, n) = self
                 .rx
-                .take(svc, &mut self.swap, r, (0, 0), &self.buf, &mut self.out);
+                .take(svc, &mut self.swap, r, &self.buf, &mut self.out);
             (to, self.out[..n].to_vec())
         }
     }
@@ -862,7 +861,7 @@ mod tests {
             r8: 0,
         };
         let (to, n) =
-            l.rx.take(&mut svc, &mut l.swap, r, (0, 0), &l.buf, &mut l.out);
+            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
         assert_eq!((to, n), (12, MAX_MESSAGE));
     }
 
@@ -929,7 +928,7 @@ mod tests {
             r8: 0b101,
         };
         assert_eq!(
-            l.rx.take(&mut svc, &mut l.swap, r, (0, 0), &l.buf, &mut l.out),
+            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out),
             (0, 0)
         );
         assert_eq!(svc.notes, [(2, 0b101)]);
