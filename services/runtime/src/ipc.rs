@@ -588,12 +588,11 @@ fn receive_failed<S: Service>(
     (token, len): (u64, usize),
     out: &mut [u8],
 ) -> (u64, usize) {
-    let e = SysError::from_raw(status).unwrap_or(SysError::UnknownCall);
     if len >> 32 != 0 {
-        defmt::debug!("{=str}: forward refused ({})", crate::name(), e);
         let n = svc.forward_refused(token, out, len & 0xffff_ffff);
         return answer_elsewhere(n);
     }
+    let e = SysError::from_raw(status).unwrap_or(SysError::UnknownCall);
     defmt::error!("{=str}: receive failed: {}", crate::name(), e);
     crate::sys::yield_now();
     (0, 0)
@@ -747,6 +746,10 @@ mod tests {
         /// The next answer is deferred, or sent to this token instead.
         defer: bool,
         instead: u64,
+        /// The next answer is forwarded to this handle.
+        forward: Option<Handle>,
+        /// (token, bytes) of each forward refused.
+        refused: Vec<(u64, Vec<u8>)>,
     }
 
     impl Service for Echo {
@@ -762,6 +765,9 @@ mod tests {
             if self.instead != 0 {
                 answer_instead(core::mem::take(&mut self.instead));
             }
+            if let Some(h) = self.forward.take() {
+                forward_instead(msg.token, h);
+            }
             if core::mem::take(&mut self.defer) {
                 return DEFER;
             }
@@ -774,6 +780,14 @@ mod tests {
 
         fn notified(&mut self, slot: Handle, bits: u64) {
             self.notes.push((slot, bits));
+        }
+
+        /// Answers the exit itself instead: one byte, 0xee.
+        fn forward_refused(&mut self, token: u64, out: &mut [u8], len: usize) -> usize {
+            self.refused.push((token, out[..len].to_vec()));
+            answer_instead(token);
+            out[0] = 0xee;
+            1
         }
 
         fn snapshot(&self) -> u32 {
@@ -860,8 +874,7 @@ mod tests {
             r10: u64::from(SERVED),
             r8: 0,
         };
-        let (to, n) =
-            l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
+        let (to, n) = l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
         assert_eq!((to, n), (12, MAX_MESSAGE));
     }
 
@@ -941,5 +954,34 @@ mod tests {
         (svc.instead, svc.defer) = (98, true);
         assert_eq!(l.message(&mut svc, SERVED, 22, &[4]), (0, vec![]));
         assert_eq!(l.message(&mut svc, SERVED, 23, &[5]), (23, vec![5]));
+    }
+
+    /// A forward ([`forward_instead`]) rides in the high half of the
+    /// answer's length (the handle plus one), once; refused by the kernel,
+    /// the exit goes back to the service with the bytes, whose answer goes
+    /// out with the next receive.
+    #[test]
+    fn a_forward_and_a_refused_one() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut l, mut svc) = (Loop::new(false), Echo::default());
+        svc.forward = Some(7);
+        l.buf[..2].copy_from_slice(&[1, 2]);
+        let r = Ret {
+            status: 0,
+            rdi: 2,
+            rsi: 30,
+            rdx: 0,
+            r10: u64::from(SERVED),
+            r8: 0,
+        };
+        let sent = l.rx.take(&mut svc, &mut l.swap, r, &l.buf, &mut l.out);
+        assert_eq!(sent, (30, 2 | 8 << 32));
+        // Refused (Busy): back to the service, its answer to the exit.
+        let busy = SysError::Busy as u64;
+        assert_eq!(receive_failed(&mut svc, busy, sent, &mut l.out), (30, 1));
+        assert_eq!(svc.refused, [(30, vec![2, 1])]);
+        assert_eq!(l.out[0], 0xee);
+        // The next answer is an answer again.
+        assert_eq!(l.message(&mut svc, SERVED, 31, &[3]), (31, vec![3]));
     }
 }
