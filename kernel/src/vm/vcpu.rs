@@ -1119,6 +1119,12 @@ unsafe fn write_host_state() -> Result<(), VmxError> {
 /// # Safety
 /// A VMCS is current.
 unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
+    const _: () = assert!(
+        GUEST_GS_SELECTOR == GUEST_ES_SELECTOR + 10
+            && GUEST_GS_BASE == GUEST_ES_BASE + 10
+            && GUEST_GS_LIMIT == GUEST_ES_LIMIT + 10
+            && GUEST_GS_ACCESS == GUEST_ES_ACCESS + 10
+    );
     const CODE32: u64 = 0xc09b; // present, DPL 0, execute/read, accessed, 32-bit, 4 KiB granularity
     const DATA32: u64 = 0xc093; // present, DPL 0, read/write, accessed, 32-bit, 4 KiB granularity
     // Safety: the caller's contract; these are architecturally valid values
@@ -1131,61 +1137,18 @@ unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
         vmwrite(GUEST_RSP, 0)?;
         vmwrite(GUEST_RIP, u64::from(setup.entry))?;
         vmwrite(GUEST_RFLAGS, 0x2)?;
-        for (sel, base, limit, access, value, rights) in [
-            (
-                GUEST_CS_SELECTOR,
-                GUEST_CS_BASE,
-                GUEST_CS_LIMIT,
-                GUEST_CS_ACCESS,
-                0x08,
-                CODE32,
-            ),
-            (
-                GUEST_SS_SELECTOR,
-                GUEST_SS_BASE,
-                GUEST_SS_LIMIT,
-                GUEST_SS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_DS_SELECTOR,
-                GUEST_DS_BASE,
-                GUEST_DS_LIMIT,
-                GUEST_DS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_ES_SELECTOR,
-                GUEST_ES_BASE,
-                GUEST_ES_LIMIT,
-                GUEST_ES_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_FS_SELECTOR,
-                GUEST_FS_BASE,
-                GUEST_FS_LIMIT,
-                GUEST_FS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_GS_SELECTOR,
-                GUEST_GS_BASE,
-                GUEST_GS_LIMIT,
-                GUEST_GS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-        ] {
-            vmwrite(sel, value)?;
-            vmwrite(base, 0)?;
-            vmwrite(limit, 0xffff_ffff)?;
-            vmwrite(access, rights)?;
-            let _ = access;
+        // ES, CS, SS, DS, FS, GS: in this order, two apart, in each group of
+        // fields (selectors, bases, limits, access rights).
+        for i in 0..6 {
+            let (selector, rights) = if i == 1 {
+                (0x08, CODE32)
+            } else {
+                (0x10, DATA32)
+            };
+            vmwrite(GUEST_ES_SELECTOR + 2 * i, selector)?;
+            vmwrite(GUEST_ES_BASE + 2 * i, 0)?;
+            vmwrite(GUEST_ES_LIMIT + 2 * i, 0xffff_ffff)?;
+            vmwrite(GUEST_ES_ACCESS + 2 * i, rights)?;
         }
         vmwrite(GUEST_LDTR_SELECTOR, 0)?;
         vmwrite(GUEST_LDTR_BASE, 0)?;
