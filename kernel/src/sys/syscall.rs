@@ -114,6 +114,17 @@ macro_rules! cap {
     };
 }
 
+/// `cap!` for the kinds whose object is one number (notifications, frames,
+/// processes, IRQ lines, IoSpaces): that number.
+macro_rules! id_cap {
+    ($k:expr, $pid:expr, $call:expr, $h:expr, $kind:ident, $right:expr) => {
+        match cap!($k, $pid, $call, $h, ObjectKind::$kind, $right).object {
+            Object::$kind(id) => id,
+            _ => return Err(SysError::WrongKind),
+        }
+    };
+}
+
 /// [`Kernel::domain_cap`], refusing (and logging) like `cap!`.
 macro_rules! dcap {
     ($k:expr, $pid:expr, $call:expr, $h:expr, $domain:expr, $scope:expr, $right:expr) => {
@@ -225,10 +236,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::FRAMES_UNMAP => frames_unmap(k, pid, a[0], a[1]),
         nr::FRAMES_ALLOC => frames_alloc(k, pid, a[0], a[1], a[2]),
         nr::FRAMES_INFO => {
-            let c = cap!(k, pid, "FRAMES_INFO", a[0], ObjectKind::Frames, 0);
-            let Object::Frames(id) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let id = id_cap!(k, pid, "FRAMES_INFO", a[0], Frames, 0);
             let f = k.frames[usize::from(id)]
                 .as_ref()
                 .ok_or(SysError::NoSuchHandle)?;
@@ -275,31 +283,11 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         nr::PROCESS_SPAWN => spawn(k, pid, a[0], a[1], a[2]),
         nr::PROCESS_RESTART => {
-            let c = cap!(
-                k,
-                pid,
-                "PROCESS_RESTART",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_RESTART", a[0], Process, rights::SIGNAL);
             let elf = if a[1] == u64::from(u32::MAX) {
                 None
             } else {
-                let e = cap!(
-                    k,
-                    pid,
-                    "PROCESS_RESTART",
-                    a[1],
-                    ObjectKind::Frames,
-                    rights::READ
-                );
-                let Object::Frames(id) = e.object else {
-                    return Err(SysError::WrongKind);
-                };
+                let id = id_cap!(k, pid, "PROCESS_RESTART", a[1], Frames, rights::READ);
                 Some(id)
             };
             match k.restart(target, elf) {
@@ -315,25 +303,12 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             }
         }
         nr::PROCESS_KILL => {
-            let c = cap!(
-                k,
-                pid,
-                "PROCESS_KILL",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_KILL", a[0], Process, rights::SIGNAL);
             k.end(target);
             Ok(Values([0; 3]))
         }
         nr::PROCESS_STATUS => {
-            let c = cap!(k, pid, "PROCESS_STATUS", a[0], ObjectKind::Process, 0);
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_STATUS", a[0], Process, 0);
             let p = k.processes[usize::from(target)]
                 .as_ref()
                 .ok_or(SysError::NoSuchHandle)?;
@@ -351,25 +326,8 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([state, u64::from(p.generation), third]))
         }
         nr::FAULT_WATCH => {
-            let c = cap!(
-                k,
-                pid,
-                "FAULT_WATCH",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let n = cap!(
-                k,
-                pid,
-                "FAULT_WATCH",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let (Object::Process(target), Object::Notification(note)) = (c.object, n.object) else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "FAULT_WATCH", a[0], Process, rights::SIGNAL);
+            let note = id_cap!(k, pid, "FAULT_WATCH", a[1], Notification, rights::SIGNAL);
             let p = k.processes[usize::from(target)]
                 .as_mut()
                 .ok_or(SysError::NoSuchHandle)?;
@@ -446,17 +404,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 ObjectKind::Domains,
                 rights::READ
             );
-            let n = cap!(
-                k,
-                pid,
-                "DOMAIN_WATCH",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let Object::Notification(note) = n.object else {
-                return Err(SysError::WrongKind);
-            };
+            let note = id_cap!(k, pid, "DOMAIN_WATCH", a[1], Notification, rights::SIGNAL);
             // The same notification again changes its bit; else a free place.
             let at = k
                 .domain_watch
@@ -591,17 +539,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IO_OUT_BYTES => io_out_bytes(k, pid, a),
         nr::IRQ_BIND => {
-            let n = cap!(
-                k,
-                pid,
-                "IRQ_BIND",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let Object::Notification(note) = n.object else {
-                return Err(SysError::WrongKind);
-            };
+            let note = id_cap!(k, pid, "IRQ_BIND", a[1], Notification, rights::SIGNAL);
             // The Iommu handle: the units' fault interrupt (IO-6).
             if k.cap(pid, a[0], ObjectKind::Iommu, rights::DEVICE).is_ok() {
                 crate::iommu::IOMMU
@@ -615,10 +553,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 );
                 return Ok(Values([0; 3]));
             }
-            let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
-            let Object::Irq(irq) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let irq = id_cap!(k, pid, "IRQ_BIND", a[0], Irq, rights::DEVICE);
             super::irq::bind(irq, note, a[2]).map_err(|_| SysError::Unsupported)?;
             Ok(Values([0; 3]))
         }
@@ -834,13 +769,8 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         nr::IOMMU_RMRR => "IOMMU_RMRR",
         _ => "IOMMU_FAULTS",
     };
-    let space_of = |k: &Kernel| -> Result<u16> {
-        let c = cap!(k, pid, name, a[0], ObjectKind::IoSpace, rights::DEVICE);
-        let Object::IoSpace(s) = c.object else {
-            return Err(SysError::WrongKind);
-        };
-        Ok(s)
-    };
+    let space_of =
+        |k: &Kernel| -> Result<u16> { Ok(id_cap!(k, pid, name, a[0], IoSpace, rights::DEVICE)) };
     let refuse_io = |k: &Kernel, e: IommuError| {
         defmt::warn!(
             "service {=str}: {=str} refused: {}",
@@ -1288,10 +1218,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
 }
 
 fn wait(k: &mut Kernel, pid: u16, h: u64) -> Result<Done> {
-    let c = cap!(k, pid, "WAIT", h, ObjectKind::Notification, rights::WAIT);
-    let Object::Notification(n) = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let n = id_cap!(k, pid, "WAIT", h, Notification, rights::WAIT);
     let note = k.notifications[usize::from(n)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
@@ -1314,10 +1241,7 @@ fn frames_of(
     h: u64,
     needed: u32,
 ) -> Result<(u16, FramesObject)> {
-    let c = cap!(k, pid, call, h, ObjectKind::Frames, needed);
-    let Object::Frames(id) = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let id = id_cap!(k, pid, call, h, Frames, needed);
     Ok((
         id,
         *k.frames[usize::from(id)]
@@ -1453,17 +1377,7 @@ fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> 
 
 #[inline(never)]
 fn spawn(k: &mut Kernel, pid: u16, elf_h: u64, va: u64, len: u64) -> Result<Done> {
-    let elf = cap!(
-        k,
-        pid,
-        "PROCESS_SPAWN",
-        elf_h,
-        ObjectKind::Frames,
-        rights::READ
-    );
-    let Object::Frames(elf_id) = elf.object else {
-        return Err(SysError::WrongKind);
-    };
+    let elf_id = id_cap!(k, pid, "PROCESS_SPAWN", elf_h, Frames, rights::READ);
     let mut buf = [0u8; 4096];
     let len = (len as usize).min(buf.len());
     read_user(k, pid, va, &mut buf[..len])?;
