@@ -236,10 +236,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::FRAMES_UNMAP => frames_unmap(k, pid, a[0], a[1]),
         nr::FRAMES_ALLOC => frames_alloc(k, pid, a[0], a[1], a[2]),
         nr::FRAMES_INFO => {
-            let id = id_cap!(k, pid, "FRAMES_INFO", a[0], Frames, 0);
-            let f = k.frames[usize::from(id)]
-                .as_ref()
-                .ok_or(SysError::NoSuchHandle)?;
+            let (_, f) = frames_of(k, pid, "FRAMES_INFO", a[0], 0)?;
             Ok(Values([f.count, f.len, 0]))
         }
         nr::ENDPOINT_CREATE | nr::NOTIFICATION_CREATE => {
