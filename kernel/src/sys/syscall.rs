@@ -1569,19 +1569,12 @@ fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<D
     Ok(Values([0; 3]))
 }
 
-fn endpoint_of(k: &Kernel, pid: u16, h: u32) -> Result<u16> {
-    let c = cap!(
-        k,
-        pid,
-        "VCPU_CREATE",
-        u64::from(h),
-        ObjectKind::Endpoint,
-        rights::CALL
-    );
-    let Object::Endpoint { id, .. } = c.object else {
-        return Err(SysError::WrongKind);
-    };
-    Ok(id)
+/// The endpoint of handle `h`, which must have `right`.
+fn endpoint_of(k: &Kernel, pid: u16, call: &'static str, h: u64, right: u32) -> Result<u16> {
+    match cap!(k, pid, call, h, ObjectKind::Endpoint, right).object {
+        Object::Endpoint { id, .. } => Ok(id),
+        _ => Err(SysError::WrongKind),
+    }
 }
 
 #[inline(never)]
@@ -1606,8 +1599,9 @@ fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let len = (a[3] as usize).min(buf.len());
     read_user(k, pid, a[2], &mut buf[..len])?;
     let spec: VcpuSpec = postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
-    let exit_ep = endpoint_of(k, pid, spec.exit_endpoint)?;
-    let violation_ep = endpoint_of(k, pid, spec.violation_endpoint)?;
+    let endpoint = |h: u32| endpoint_of(k, pid, "VCPU_CREATE", h.into(), rights::CALL);
+    let exit_ep = endpoint(spec.exit_endpoint)?;
+    let violation_ep = endpoint(spec.violation_endpoint)?;
     domain_mut(k, a[1])?
         .create_vcpu(spec.entry, spec.rax, spec.rbx, exit_ep, violation_ep)
         .map_err(|_| SysError::BadArgument)?;
@@ -1952,17 +1946,7 @@ fn pml_buffers(k: &mut Kernel, pid: u16, arg: u64, endpoint: u64) -> Result<([u6
     {
         return Err(SysError::BadArgument);
     }
-    let c = cap!(
-        k,
-        pid,
-        "VCPU_CONTROL",
-        endpoint,
-        ObjectKind::Endpoint,
-        rights::RECEIVE
-    );
-    let Object::Endpoint { id, .. } = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let id = endpoint_of(k, pid, "VCPU_CONTROL", endpoint, rights::RECEIVE)?;
     // Never guest RAM from now on (DOMAIN_MAP_RAM refuses such frames).
     if let Some(f) = k.frames[usize::from(fid)].as_mut() {
         f.ever_mapped = true;
