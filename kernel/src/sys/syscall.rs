@@ -816,11 +816,7 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         nr::IOSPACE_MAP => {
             let space = space_of(k)?;
             let write = a[5] != 0;
-            let right = if write {
-                rights::READ | rights::WRITE
-            } else {
-                rights::READ
-            };
+            let right = rights::READ | if write { rights::WRITE } else { 0 };
             dcap!(k, pid, name, a[1], a[2], Scope::Domain, right);
             let count = a[4];
             if count == 0 || count > ipc_schema::syscall::IO_BATCH {
@@ -1250,11 +1246,7 @@ fn frames_of(
 #[inline(never)]
 fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let writable = a[4] != 0;
-    let needed = if writable {
-        rights::READ | rights::WRITE
-    } else {
-        rights::READ
-    };
+    let needed = rights::READ | if writable { rights::WRITE } else { 0 };
     let (fid, f) = frames_of(k, pid, "FRAMES_MAP", a[0], needed)?;
     let (first, count, va) = (a[1], a[2], a[3]);
     let end = va
