@@ -218,14 +218,18 @@ impl Kernel {
         let p = self.processes[usize::from(pid)]
             .as_mut()
             .ok_or(SysError::NoSuchHandle)?;
-        let slot = p
-            .handles
-            .iter()
-            .position(Option::is_none)
-            .ok_or(SysError::NoResources)?;
+        let slot = free_slot(&p.handles)?;
         p.handles[slot] = Some(cap);
         Ok(slot as Handle)
     }
+}
+
+/// The first free place in `slots`, else `NoResources`.
+pub fn free_slot<T>(slots: &[Option<T>]) -> Result<usize, SysError> {
+    slots
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)
 }
 
 /// What part of a domain an operation touches.

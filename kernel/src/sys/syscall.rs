@@ -6,7 +6,9 @@
 //! argument blocks) is trusted: user memory is reached only through the
 //! service's own page tables.
 
-use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, right_name};
+use super::caps::{
+    Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, free_slot, right_name,
+};
 use super::ipc::{Endpoint, Notification, Sender, bits};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
@@ -249,22 +251,14 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 rights::CREATE
             );
             let object = if number == nr::ENDPOINT_CREATE {
-                let slot = k
-                    .endpoints
-                    .iter()
-                    .position(Option::is_none)
-                    .ok_or(SysError::NoResources)?;
+                let slot = free_slot(&k.endpoints)?;
                 k.endpoints[slot] = Some(Endpoint::default());
                 Object::Endpoint {
                     id: slot as u16,
                     generation: 0,
                 }
             } else {
-                let slot = k
-                    .notifications
-                    .iter()
-                    .position(Option::is_none)
-                    .ok_or(SysError::NoResources)?;
+                let slot = free_slot(&k.notifications)?;
                 k.notifications[slot] = Some(Notification::default());
                 Object::Notification(slot as u16)
             };
@@ -736,11 +730,7 @@ fn derive_bar(k: &mut Kernel, pid: u16, source: u16, index: u64) -> Result<Objec
 
 /// A new frames object of `len` bytes from `base`.
 fn new_frames(k: &mut Kernel, base: u64, len: u64, kind: FramesKind) -> Result<u16> {
-    let slot = k
-        .frames
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.frames)?;
     k.frames[slot] = Some(FramesObject {
         base,
         count: len.div_ceil(PAGE_SIZE),
@@ -1448,11 +1438,7 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
     let len = (a[2] as usize).min(name.len());
     read_user(k, pid, a[1], &mut name[..len])?;
-    let slot = k
-        .domains
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.domains)?;
     if a[3] & !ipc_schema::syscall::DOMAIN_PROTECTED != 0 {
         return Err(SysError::BadArgument);
     }
@@ -1724,11 +1710,7 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
     let len = (a[3] as usize).min(name.len());
     read_user(k, pid, a[2], &mut name[..len])?;
-    let slot = k
-        .domains
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.domains)?;
     let id = slot as u16 + 1;
     let t0 = platform::cpu::rdtsc();
     let mut child = Domain::create(id, name, false).map_err(|_| SysError::NoResources)?;
