@@ -179,16 +179,14 @@ impl Kernel {
         needed: u32,
     ) -> Result<Cap, CapError> {
         let h = u32::try_from(handle).unwrap_or(u32::MAX);
-        let cap = self.handle(pid, handle).ok_or(CapError {
-            error: SysError::NoSuchHandle,
+        let fail = |error, needed| CapError {
+            error,
             handle: h,
-            needed: 0,
-        })?;
-        let out_of_scope = CapError {
-            error: SysError::OutOfScope,
-            handle: h,
-            needed: 0,
+            needed,
         };
+        let cap = self
+            .handle(pid, handle)
+            .ok_or(fail(SysError::NoSuchHandle, 0))?;
         let same = |d: u16| u64::from(d) == domain;
         match (cap.object, scope) {
             (Object::Domains, _) => {}
@@ -196,22 +194,12 @@ impl Kernel {
             (Object::View { domain: d, view }, Scope::View(v)) if same(d) && v == view => {}
             (Object::Vcpu { domain: d, vcpu }, Scope::Vcpu(v)) if same(d) && v == vcpu => {}
             (Object::Domain(_) | Object::View { .. } | Object::Vcpu { .. }, _) => {
-                return Err(out_of_scope);
+                return Err(fail(SysError::OutOfScope, 0));
             }
-            _ => {
-                return Err(CapError {
-                    error: SysError::WrongKind,
-                    handle: h,
-                    needed: 0,
-                });
-            }
+            _ => return Err(fail(SysError::WrongKind, 0)),
         }
         if cap.rights & needed != needed {
-            return Err(CapError {
-                error: SysError::MissingRight,
-                handle: h,
-                needed: needed & !cap.rights,
-            });
+            return Err(fail(SysError::MissingRight, needed & !cap.rights));
         }
         Ok(cap)
     }
@@ -230,14 +218,18 @@ impl Kernel {
         let p = self.processes[usize::from(pid)]
             .as_mut()
             .ok_or(SysError::NoSuchHandle)?;
-        let slot = p
-            .handles
-            .iter()
-            .position(Option::is_none)
-            .ok_or(SysError::NoResources)?;
+        let slot = free_slot(&p.handles)?;
         p.handles[slot] = Some(cap);
         Ok(slot as Handle)
     }
+}
+
+/// The first free place in `slots`, else `NoResources`.
+pub fn free_slot<T>(slots: &[Option<T>]) -> Result<usize, SysError> {
+    slots
+        .iter()
+        .position(Option::is_none)
+        .ok_or(SysError::NoResources)
 }
 
 /// What part of a domain an operation touches.

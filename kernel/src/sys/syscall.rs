@@ -6,7 +6,9 @@
 //! argument blocks) is trusted: user memory is reached only through the
 //! service's own page tables.
 
-use super::caps::{Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, right_name};
+use super::caps::{
+    Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, free_slot, right_name,
+};
 use super::ipc::{Endpoint, Notification, Sender, bits};
 use super::process::{State, Wait};
 use super::{Kernel, Runnable};
@@ -111,6 +113,17 @@ macro_rules! cap {
     ($k:expr, $pid:expr, $call:expr, $h:expr, $kind:expr, $right:expr) => {
         $k.cap($pid, $h, $kind, $right)
             .map_err(|e| refuse($k, $pid, $call, e))?
+    };
+}
+
+/// `cap!` for the kinds whose object is one number (notifications, frames,
+/// processes, IRQ lines, IoSpaces): that number.
+macro_rules! id_cap {
+    ($k:expr, $pid:expr, $call:expr, $h:expr, $kind:ident, $right:expr) => {
+        match cap!($k, $pid, $call, $h, ObjectKind::$kind, $right).object {
+            Object::$kind(id) => id,
+            _ => return Err(SysError::WrongKind),
+        }
     };
 }
 
@@ -256,13 +269,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::FRAMES_UNMAP => frames_unmap(k, pid, a[0], a[1]),
         nr::FRAMES_ALLOC => frames_alloc(k, pid, a[0], a[1], a[2]),
         nr::FRAMES_INFO => {
-            let c = cap!(k, pid, "FRAMES_INFO", a[0], ObjectKind::Frames, 0);
-            let Object::Frames(id) = c.object else {
-                return Err(SysError::WrongKind);
-            };
-            let f = k.frames[usize::from(id)]
-                .as_ref()
-                .ok_or(SysError::NoSuchHandle)?;
+            let (_, f) = frames_of(k, pid, "FRAMES_INFO", a[0], 0)?;
             Ok(Values([f.count, f.len, 0]))
         }
         nr::ENDPOINT_CREATE | nr::NOTIFICATION_CREATE => {
@@ -275,22 +282,14 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 rights::CREATE
             );
             let object = if number == nr::ENDPOINT_CREATE {
-                let slot = k
-                    .endpoints
-                    .iter()
-                    .position(Option::is_none)
-                    .ok_or(SysError::NoResources)?;
+                let slot = free_slot(&k.endpoints)?;
                 k.endpoints[slot] = Some(Endpoint::default());
                 Object::Endpoint {
                     id: slot as u16,
                     generation: 0,
                 }
             } else {
-                let slot = k
-                    .notifications
-                    .iter()
-                    .position(Option::is_none)
-                    .ok_or(SysError::NoResources)?;
+                let slot = free_slot(&k.notifications)?;
                 k.notifications[slot] = Some(Notification::default());
                 Object::Notification(slot as u16)
             };
@@ -306,31 +305,11 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         nr::PROCESS_SPAWN => spawn(k, pid, a[0], a[1], a[2]),
         nr::PROCESS_RESTART => {
-            let c = cap!(
-                k,
-                pid,
-                "PROCESS_RESTART",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_RESTART", a[0], Process, rights::SIGNAL);
             let elf = if a[1] == u64::from(u32::MAX) {
                 None
             } else {
-                let e = cap!(
-                    k,
-                    pid,
-                    "PROCESS_RESTART",
-                    a[1],
-                    ObjectKind::Frames,
-                    rights::READ
-                );
-                let Object::Frames(id) = e.object else {
-                    return Err(SysError::WrongKind);
-                };
+                let id = id_cap!(k, pid, "PROCESS_RESTART", a[1], Frames, rights::READ);
                 Some(id)
             };
             match k.restart(target, elf) {
@@ -346,25 +325,12 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             }
         }
         nr::PROCESS_KILL => {
-            let c = cap!(
-                k,
-                pid,
-                "PROCESS_KILL",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_KILL", a[0], Process, rights::SIGNAL);
             k.end(target);
             Ok(Values([0; 3]))
         }
         nr::PROCESS_STATUS => {
-            let c = cap!(k, pid, "PROCESS_STATUS", a[0], ObjectKind::Process, 0);
-            let Object::Process(target) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "PROCESS_STATUS", a[0], Process, 0);
             let p = k.processes[usize::from(target)]
                 .as_ref()
                 .ok_or(SysError::NoSuchHandle)?;
@@ -382,25 +348,8 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([state, u64::from(p.generation), third]))
         }
         nr::FAULT_WATCH => {
-            let c = cap!(
-                k,
-                pid,
-                "FAULT_WATCH",
-                a[0],
-                ObjectKind::Process,
-                rights::SIGNAL
-            );
-            let n = cap!(
-                k,
-                pid,
-                "FAULT_WATCH",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let (Object::Process(target), Object::Notification(note)) = (c.object, n.object) else {
-                return Err(SysError::WrongKind);
-            };
+            let target = id_cap!(k, pid, "FAULT_WATCH", a[0], Process, rights::SIGNAL);
+            let note = id_cap!(k, pid, "FAULT_WATCH", a[1], Notification, rights::SIGNAL);
             let p = k.processes[usize::from(target)]
                 .as_mut()
                 .ok_or(SysError::NoSuchHandle)?;
@@ -477,17 +426,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 ObjectKind::Domains,
                 rights::READ
             );
-            let n = cap!(
-                k,
-                pid,
-                "DOMAIN_WATCH",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let Object::Notification(note) = n.object else {
-                return Err(SysError::WrongKind);
-            };
+            let note = id_cap!(k, pid, "DOMAIN_WATCH", a[1], Notification, rights::SIGNAL);
             // The same notification again changes its bit; else a free place.
             let at = k
                 .domain_watch
@@ -622,17 +561,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         nr::IO_IN | nr::IO_OUT => io(k, pid, number == nr::IO_OUT, a),
         nr::IO_OUT_BYTES => io_out_bytes(k, pid, a),
         nr::IRQ_BIND => {
-            let n = cap!(
-                k,
-                pid,
-                "IRQ_BIND",
-                a[1],
-                ObjectKind::Notification,
-                rights::SIGNAL
-            );
-            let Object::Notification(note) = n.object else {
-                return Err(SysError::WrongKind);
-            };
+            let note = id_cap!(k, pid, "IRQ_BIND", a[1], Notification, rights::SIGNAL);
             // The Iommu handle: the units' fault interrupt (IO-6).
             if k.cap(pid, a[0], ObjectKind::Iommu, rights::DEVICE).is_ok() {
                 crate::iommu::IOMMU
@@ -646,10 +575,7 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 );
                 return Ok(Values([0; 3]));
             }
-            let c = cap!(k, pid, "IRQ_BIND", a[0], ObjectKind::Irq, rights::DEVICE);
-            let Object::Irq(irq) = c.object else {
-                return Err(SysError::WrongKind);
-            };
+            let irq = id_cap!(k, pid, "IRQ_BIND", a[0], Irq, rights::DEVICE);
             super::irq::bind(irq, note, a[2]).map_err(|_| SysError::Unsupported)?;
             Ok(Values([0; 3]))
         }
@@ -835,11 +761,7 @@ fn derive_bar(k: &mut Kernel, pid: u16, source: u16, index: u64) -> Result<Objec
 
 /// A new frames object of `len` bytes from `base`.
 fn new_frames(k: &mut Kernel, base: u64, len: u64, kind: FramesKind) -> Result<u16> {
-    let slot = k
-        .frames
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.frames)?;
     k.frames[slot] = Some(FramesObject {
         base,
         count: len.div_ceil(PAGE_SIZE),
@@ -865,13 +787,8 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         nr::IOMMU_RMRR => "IOMMU_RMRR",
         _ => "IOMMU_FAULTS",
     };
-    let space_of = |k: &Kernel| -> Result<u16> {
-        let c = cap!(k, pid, name, a[0], ObjectKind::IoSpace, rights::DEVICE);
-        let Object::IoSpace(s) = c.object else {
-            return Err(SysError::WrongKind);
-        };
-        Ok(s)
-    };
+    let space_of =
+        |k: &Kernel| -> Result<u16> { Ok(id_cap!(k, pid, name, a[0], IoSpace, rights::DEVICE)) };
     let refuse_io = |k: &Kernel, e: IommuError| {
         defmt::warn!(
             "service {=str}: {=str} refused: {}",
@@ -920,11 +837,7 @@ fn iommu_call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done
         nr::IOSPACE_MAP => {
             let space = space_of(k)?;
             let write = a[5] != 0;
-            let right = if write {
-                rights::READ | rights::WRITE
-            } else {
-                rights::READ
-            };
+            let right = rights::READ | if write { rights::WRITE } else { 0 };
             dcap!(k, pid, name, a[1], a[2], Scope::Domain, right);
             let count = a[4];
             if count == 0 || count > ipc_schema::syscall::IO_BATCH {
@@ -1319,10 +1232,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
 }
 
 fn wait(k: &mut Kernel, pid: u16, h: u64) -> Result<Done> {
-    let c = cap!(k, pid, "WAIT", h, ObjectKind::Notification, rights::WAIT);
-    let Object::Notification(n) = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let n = id_cap!(k, pid, "WAIT", h, Notification, rights::WAIT);
     let note = k.notifications[usize::from(n)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
@@ -1345,10 +1255,7 @@ fn frames_of(
     h: u64,
     needed: u32,
 ) -> Result<(u16, FramesObject)> {
-    let c = cap!(k, pid, call, h, ObjectKind::Frames, needed);
-    let Object::Frames(id) = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let id = id_cap!(k, pid, call, h, Frames, needed);
     Ok((
         id,
         *k.frames[usize::from(id)]
@@ -1360,11 +1267,7 @@ fn frames_of(
 #[inline(never)]
 fn frames_map(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let writable = a[4] != 0;
-    let needed = if writable {
-        rights::READ | rights::WRITE
-    } else {
-        rights::READ
-    };
+    let needed = rights::READ | if writable { rights::WRITE } else { 0 };
     let (fid, f) = frames_of(k, pid, "FRAMES_MAP", a[0], needed)?;
     let (first, count, va) = (a[1], a[2], a[3]);
     let end = va
@@ -1484,17 +1387,7 @@ fn frames_alloc(k: &mut Kernel, pid: u16, pool: u64, count: u64, align: u64) -> 
 
 #[inline(never)]
 fn spawn(k: &mut Kernel, pid: u16, elf_h: u64, va: u64, len: u64) -> Result<Done> {
-    let elf = cap!(
-        k,
-        pid,
-        "PROCESS_SPAWN",
-        elf_h,
-        ObjectKind::Frames,
-        rights::READ
-    );
-    let Object::Frames(elf_id) = elf.object else {
-        return Err(SysError::WrongKind);
-    };
+    let elf_id = id_cap!(k, pid, "PROCESS_SPAWN", elf_h, Frames, rights::READ);
     let mut buf = [0u8; 4096];
     let len = (len as usize).min(buf.len());
     read_user(k, pid, va, &mut buf[..len])?;
@@ -1576,11 +1469,7 @@ fn domain_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
     let len = (a[2] as usize).min(name.len());
     read_user(k, pid, a[1], &mut name[..len])?;
-    let slot = k
-        .domains
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.domains)?;
     if a[3] & !ipc_schema::syscall::DOMAIN_PROTECTED != 0 {
         return Err(SysError::BadArgument);
     }
@@ -1689,19 +1578,12 @@ fn domain_memory(k: &mut Kernel, pid: u16, write: bool, a: [u64; 6]) -> Result<D
     Ok(Values([0; 3]))
 }
 
-fn endpoint_of(k: &Kernel, pid: u16, h: u32) -> Result<u16> {
-    let c = cap!(
-        k,
-        pid,
-        "VCPU_CREATE",
-        u64::from(h),
-        ObjectKind::Endpoint,
-        rights::CALL
-    );
-    let Object::Endpoint { id, .. } = c.object else {
-        return Err(SysError::WrongKind);
-    };
-    Ok(id)
+/// The endpoint of handle `h`, which must have `right`.
+fn endpoint_of(k: &Kernel, pid: u16, call: &'static str, h: u64, right: u32) -> Result<u16> {
+    match cap!(k, pid, call, h, ObjectKind::Endpoint, right).object {
+        Object::Endpoint { id, .. } => Ok(id),
+        _ => Err(SysError::WrongKind),
+    }
 }
 
 #[inline(never)]
@@ -1726,8 +1608,9 @@ fn vcpu_create(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let len = (a[3] as usize).min(buf.len());
     read_user(k, pid, a[2], &mut buf[..len])?;
     let spec: VcpuSpec = postcard::from_bytes(&buf[..len]).map_err(|_| SysError::BadArgument)?;
-    let exit_ep = endpoint_of(k, pid, spec.exit_endpoint)?;
-    let violation_ep = endpoint_of(k, pid, spec.violation_endpoint)?;
+    let endpoint = |h: u32| endpoint_of(k, pid, "VCPU_CREATE", h.into(), rights::CALL);
+    let exit_ep = endpoint(spec.exit_endpoint)?;
+    let violation_ep = endpoint(spec.violation_endpoint)?;
     domain_mut(k, a[1])?
         .create_vcpu(spec.entry, spec.rax, spec.rbx, exit_ep, violation_ep)
         .map_err(|_| SysError::BadArgument)?;
@@ -1858,11 +1741,7 @@ fn domain_fork(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let mut name = [0u8; ipc_schema::syscall::HANDLE_NAME];
     let len = (a[3] as usize).min(name.len());
     read_user(k, pid, a[2], &mut name[..len])?;
-    let slot = k
-        .domains
-        .iter()
-        .position(Option::is_none)
-        .ok_or(SysError::NoResources)?;
+    let slot = free_slot(&k.domains)?;
     let id = slot as u16 + 1;
     let t0 = platform::cpu::rdtsc();
     let mut child = Domain::create(id, name, false).map_err(|_| SysError::NoResources)?;
@@ -2072,17 +1951,7 @@ fn pml_buffers(k: &mut Kernel, pid: u16, arg: u64, endpoint: u64) -> Result<([u6
     {
         return Err(SysError::BadArgument);
     }
-    let c = cap!(
-        k,
-        pid,
-        "VCPU_CONTROL",
-        endpoint,
-        ObjectKind::Endpoint,
-        rights::RECEIVE
-    );
-    let Object::Endpoint { id, .. } = c.object else {
-        return Err(SysError::WrongKind);
-    };
+    let id = endpoint_of(k, pid, "VCPU_CONTROL", endpoint, rights::RECEIVE)?;
     // Never guest RAM from now on (DOMAIN_MAP_RAM refuses such frames).
     if let Some(f) = k.frames[usize::from(fid)].as_mut() {
         f.ever_mapped = true;

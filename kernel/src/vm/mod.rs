@@ -94,6 +94,8 @@ pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
         let ticks = crate::time::slice();
         (ticks >> caps.preemption_timer_rate).min(u64::from(u32::MAX)) as u32
     });
+    let xapic = platform::vmx::proc2::VIRTUALIZE_APIC_ACCESSES
+        | platform::vmx::proc2::APIC_REGISTER_VIRTUALIZATION;
     let features = Features {
         vmfunc: f.vmfunc_eptp_switching,
         ve: f.ept_violation_ve,
@@ -105,16 +107,10 @@ pub fn init(caps: VmxCaps) -> Result<(), EnableError> {
             InveptType::AllContexts
         },
         slice,
-        apic_access: None,
-    };
-    let xapic = platform::vmx::proc2::VIRTUALIZE_APIC_ACCESSES
-        | platform::vmx::proc2::APIC_REGISTER_VIRTUALIZATION;
-    let features = Features {
         apic_access: (caps.proc1.allows(platform::vmx::proc1::USE_TPR_SHADOW)
             && caps.proc2.allows(xapic))
         .then(memory::alloc_zeroed_frame)
         .flatten(),
-        ..features
     };
     let xcr0 = cpustate::init();
     defmt::info!(

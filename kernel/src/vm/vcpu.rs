@@ -339,6 +339,7 @@ impl Vcpu {
     unsafe fn write_controls(&self, setup: &VcpuSetup, caps: &VmxCaps) -> Result<(), VcpuError> {
         let control = |field: &'static str, c: &platform::vmx::Controls, want: u32| {
             c.value_for(want)
+                .map(u64::from)
                 .map_err(|bits| VcpuError::Control { field, bits })
         };
         let mut pin_bits = PIN;
@@ -354,20 +355,17 @@ impl Vcpu {
         unsafe {
             vmwrite(
                 PIN_BASED_CONTROLS,
-                u64::from(control("pin-based", &caps.pin, pin_bits)?),
+                control("pin-based", &caps.pin, pin_bits)?,
             )?;
             vmwrite(
                 PRIMARY_CONTROLS,
-                u64::from(control("primary", &caps.proc1, self.proc1)?),
+                control("primary", &caps.proc1, self.proc1)?,
             )?;
             vmwrite(
                 SECONDARY_CONTROLS,
-                u64::from(control("secondary", &caps.proc2, self.proc2)?),
+                control("secondary", &caps.proc2, self.proc2)?,
             )?;
-            vmwrite(
-                EXIT_CONTROLS,
-                u64::from(control("exit", &caps.exit, exit_bits)?),
-            )?;
+            vmwrite(EXIT_CONTROLS, control("exit", &caps.exit, exit_bits)?)?;
             if let Some(page) = self.virtual_apic {
                 vmwrite(VIRTUAL_APIC_PAGE_ADDR, page)?;
                 vmwrite(TPR_THRESHOLD, 0)?;
@@ -375,10 +373,7 @@ impl Vcpu {
                     vmwrite(APIC_ACCESS_ADDR, frame)?;
                 }
             }
-            vmwrite(
-                ENTRY_CONTROLS,
-                u64::from(control("entry", &caps.entry, ENTRY)?),
-            )?;
+            vmwrite(ENTRY_CONTROLS, control("entry", &caps.entry, ENTRY)?)?;
             vmwrite(EXCEPTION_BITMAP, 0)?;
             vmwrite(CR3_TARGET_COUNT, 0)?;
             vmwrite(EXIT_MSR_STORE_COUNT, 0)?;
@@ -746,11 +741,7 @@ impl Vcpu {
     /// Turns interrupt-window exiting on or off: with it, the vCPU exits
     /// (reason 7) as soon as the guest can take an external interrupt.
     pub fn set_window(&mut self, caps: &VmxCaps, on: bool) -> bool {
-        let want = if on {
-            self.proc1 | proc1::INTERRUPT_WINDOW_EXITING
-        } else {
-            self.proc1 & !proc1::INTERRUPT_WINDOW_EXITING
-        };
+        let want = toggled(self.proc1, proc1::INTERRUPT_WINDOW_EXITING, on);
         want == self.proc1 || set_control(&caps.proc1, PRIMARY_CONTROLS, want, &mut self.proc1)
     }
 
@@ -922,11 +913,7 @@ impl Vcpu {
     /// Turns a secondary control on or off (#VE, PML), returning whether the
     /// CPU allows it.
     pub fn set_secondary(&mut self, caps: &VmxCaps, bits: u32, on: bool) -> bool {
-        let want = if on {
-            self.proc2 | bits
-        } else {
-            self.proc2 & !bits
-        };
+        let want = toggled(self.proc2, bits, on);
         set_control(&caps.proc2, SECONDARY_CONTROLS, want, &mut self.proc2)
     }
 
@@ -937,22 +924,8 @@ impl Vcpu {
         if caps.proc1.may_be_1 & proc1::MONITOR_TRAP_FLAG == 0 {
             return self.set_trap_flag_step(on);
         }
-        let want = if on {
-            self.proc1 | proc1::MONITOR_TRAP_FLAG
-        } else {
-            self.proc1 & !proc1::MONITOR_TRAP_FLAG
-        };
-        match caps.proc1.value_for(want) {
-            Ok(v) => {
-                // Safety: the VMCS is current; the value is allowed by the CPU.
-                unsafe {
-                    let _ = vmwrite(PRIMARY_CONTROLS, u64::from(v));
-                }
-                self.proc1 = want;
-                true
-            }
-            Err(_) => false,
-        }
+        let want = toggled(self.proc1, proc1::MONITOR_TRAP_FLAG, on);
+        set_control(&caps.proc1, PRIMARY_CONTROLS, want, &mut self.proc1)
     }
 
     /// Writes a VMCS field of this vCPU (for the mechanisms in `vm`).
@@ -1119,6 +1092,12 @@ unsafe fn write_host_state() -> Result<(), VmxError> {
 /// # Safety
 /// A VMCS is current.
 unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
+    const _: () = assert!(
+        GUEST_GS_SELECTOR == GUEST_ES_SELECTOR + 10
+            && GUEST_GS_BASE == GUEST_ES_BASE + 10
+            && GUEST_GS_LIMIT == GUEST_ES_LIMIT + 10
+            && GUEST_GS_ACCESS == GUEST_ES_ACCESS + 10
+    );
     const CODE32: u64 = 0xc09b; // present, DPL 0, execute/read, accessed, 32-bit, 4 KiB granularity
     const DATA32: u64 = 0xc093; // present, DPL 0, read/write, accessed, 32-bit, 4 KiB granularity
     // Safety: the caller's contract; these are architecturally valid values
@@ -1131,61 +1110,18 @@ unsafe fn write_guest_state(setup: &VcpuSetup) -> Result<(), VmxError> {
         vmwrite(GUEST_RSP, 0)?;
         vmwrite(GUEST_RIP, u64::from(setup.entry))?;
         vmwrite(GUEST_RFLAGS, 0x2)?;
-        for (sel, base, limit, access, value, rights) in [
-            (
-                GUEST_CS_SELECTOR,
-                GUEST_CS_BASE,
-                GUEST_CS_LIMIT,
-                GUEST_CS_ACCESS,
-                0x08,
-                CODE32,
-            ),
-            (
-                GUEST_SS_SELECTOR,
-                GUEST_SS_BASE,
-                GUEST_SS_LIMIT,
-                GUEST_SS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_DS_SELECTOR,
-                GUEST_DS_BASE,
-                GUEST_DS_LIMIT,
-                GUEST_DS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_ES_SELECTOR,
-                GUEST_ES_BASE,
-                GUEST_ES_LIMIT,
-                GUEST_ES_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_FS_SELECTOR,
-                GUEST_FS_BASE,
-                GUEST_FS_LIMIT,
-                GUEST_FS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-            (
-                GUEST_GS_SELECTOR,
-                GUEST_GS_BASE,
-                GUEST_GS_LIMIT,
-                GUEST_GS_ACCESS,
-                0x10,
-                DATA32,
-            ),
-        ] {
-            vmwrite(sel, value)?;
-            vmwrite(base, 0)?;
-            vmwrite(limit, 0xffff_ffff)?;
-            vmwrite(access, rights)?;
-            let _ = access;
+        // ES, CS, SS, DS, FS, GS: in this order, two apart, in each group of
+        // fields (selectors, bases, limits, access rights).
+        for i in 0..6 {
+            let (selector, rights) = if i == 1 {
+                (0x08, CODE32)
+            } else {
+                (0x10, DATA32)
+            };
+            vmwrite(GUEST_ES_SELECTOR + 2 * i, selector)?;
+            vmwrite(GUEST_ES_BASE + 2 * i, 0)?;
+            vmwrite(GUEST_ES_LIMIT + 2 * i, 0xffff_ffff)?;
+            vmwrite(GUEST_ES_ACCESS + 2 * i, rights)?;
         }
         vmwrite(GUEST_LDTR_SELECTOR, 0)?;
         vmwrite(GUEST_LDTR_BASE, 0)?;
@@ -1223,4 +1159,13 @@ fn set_control(caps: &platform::vmx::Controls, field: u32, want: u32, mine: &mut
     let _ = unsafe { vmwrite(field, u64::from(v)) };
     *mine = want;
     true
+}
+
+/// `controls` with `bits` set (`on`) or clear.
+fn toggled(controls: u32, bits: u32, on: bool) -> u32 {
+    if on {
+        controls | bits
+    } else {
+        controls & !bits
+    }
 }
