@@ -510,13 +510,17 @@ pub fn plain_reply(bytes: &[u8]) -> Option<(bool, Option<ExitRegs>)> {
 /// registers)`, or `None` when `bytes` are not a plain answer.
 #[inline(always)]
 pub fn plain_shape(bytes: &[u8]) -> Option<(bool, bool)> {
-    // advance, inject: None, then: Resume, regs (None, or Some and 32
-    // bytes), view: None, step: false, rip: None.
-    match *bytes {
-        [a @ (0 | 1), 0, 0, 0, 0, 0, 0] => Some((a == 1, false)),
-        [a @ (0 | 1), 0, 0, 1, .., 0, 0, 0] if bytes.len() == PLAIN_REGS => Some((a == 1, true)),
-        _ => None,
-    }
+    // advance (0 or 1), inject: None, then: Resume, regs (None, or Some and
+    // 32 bytes), then view: None, step: false, rip: None: the first four
+    // bytes and the last three, read as two words.
+    let regs = match bytes.len() {
+        PLAIN => false,
+        PLAIN_REGS => true,
+        _ => return None,
+    };
+    let head = u32::from_le_bytes(*bytes.first_chunk::<4>()?);
+    let tail = u32::from_le_bytes(*bytes.last_chunk::<4>()?) >> 8;
+    (head & !1 == u32::from(regs) << 24 && tail == 0).then_some((head & 1 == 1, regs))
 }
 
 /// Whether `bytes` are an answer a *restricted* holder of an exit (one
@@ -963,6 +967,26 @@ pub(crate) mod tests {
                 prop_assert!(is_plain(&whole));
                 prop_assert_eq!((advance, regs), (whole.response.advance, whole.regs));
             }
+        }
+
+        /// The shape read as two words is the byte pattern's, for the
+        /// lengths of both plain answers with bytes mostly 0 (so that
+        /// about a quarter are plain) and any else.
+        #[test]
+        fn the_plain_shape_is_the_byte_patterns(
+            regs in any::<bool>(),
+            bytes in proptest::collection::vec(
+                prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => any::<u8>()],
+                PLAIN_REGS,
+            ),
+        ) {
+            let b = &bytes[..if regs { PLAIN_REGS } else { PLAIN }];
+            let pattern = match *b {
+                [a @ (0 | 1), 0, 0, 0, 0, 0, 0] => Some((a == 1, false)),
+                [a @ (0 | 1), 0, 0, 1, .., 0, 0, 0] if b.len() == PLAIN_REGS => Some((a == 1, true)),
+                _ => None,
+            };
+            prop_assert_eq!(plain_shape(b), pattern);
         }
 
         /// The short way of a plain answer that switches views agrees with
