@@ -3317,11 +3317,12 @@ fn a_restricted_write_with_a_listener_takes_the_fast_route() {
 }
 
 /// ALT-4 with forwarding (`AltRequest::Forwarded`): an event whose vCPU
-/// waits, of the forwarding listener, is taken out of `waiting` to be
-/// forwarded (the kernel keeps the vCPU waiting; the log keeps the event),
-/// with the model exactly as the held event leaves it. Any other event
-/// (another listener's, one whose vCPU went on, none forwarding) stays
-/// held; a refused forward puts it back for `NextEvent`.
+/// waits, of the forwarding listener, is never put in `waiting` but kept
+/// apart to be forwarded at once (the kernel keeps the vCPU waiting; the
+/// log keeps the event), with the model exactly as the held event leaves
+/// it. Any other event (another listener's, none forwarding, a second
+/// before the first was taken) stays held; a refused forward puts it back
+/// for `NextEvent`.
 #[test]
 fn an_event_of_the_forwarding_listener_is_forwarded_and_others_held() {
     let make = |forwarding: u64| {
