@@ -136,23 +136,12 @@ fn receives(p: &Process, slot: u32, ep: u16, len: u64) -> Option<(u64, *mut u8)>
 }
 
 /// Hands a message (length, token, badge, slot) to `pid`, which waits on
-/// `ep`, and runs it.
+/// `ep` (`Kernel::give`), and runs it.
 #[inline(always)]
-fn deliver(
-    k: &mut Kernel,
-    ep: u16,
-    pid: u16,
-    (len, token, badge, slot): (u64, u64, u64, u32),
-) -> ! {
-    if let Some(e) = k.endpoints[usize::from(ep)].as_mut() {
-        e.served_by(pid);
-    }
+fn deliver(k: &mut Kernel, ep: u16, pid: u16, message: (u64, u64, u64, u32)) -> ! {
     k.current = Some(pid);
-    match k.processes[usize::from(pid)].as_mut() {
-        Some(p) => {
-            p.take_message(len, token, badge, slot);
-            super::sched::enter(p)
-        }
+    match k.give(ep, pid, message) {
+        Some(p) => super::sched::enter(p),
         None => super::sched::run(),
     }
 }
@@ -374,10 +363,7 @@ pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Opti
         k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
         deliver(k, ep, receiver, message)
     }
-    k.processes[usize::from(receiver)]
-        .as_mut()?
-        .take_message(message.0, message.1, badge, at);
-    k.endpoints[usize::from(ep)].as_mut()?.served_by(receiver);
+    k.give(ep, receiver, message)?;
     k.make_ready_next(super::Runnable::Process(receiver));
     Some(())
 }

@@ -29,7 +29,7 @@
 //! [`Kernel::wake_for_bits`]), and drops it otherwise.
 
 use super::caps::{Cap, Object};
-use super::process::{State, Wait};
+use super::process::{Process, State, Wait};
 use super::space::AddressSpace;
 use super::{Kernel, Runnable};
 use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit};
@@ -210,10 +210,7 @@ impl Kernel {
             self.make_ready(Runnable::Process(receiver));
             return false;
         }
-        r.take_message(len, token(sender, seq), badge, slot);
-        if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
-            e.served_by(receiver);
-        }
+        self.give(ep, receiver, (len, token(sender, seq), badge, slot));
         match sender {
             Sender::Process(pid) => {
                 if let Some(State::Blocked(Wait::Call { server, .. })) = self.processes
@@ -233,6 +230,24 @@ impl Kernel {
         // Run the receiver next: the caller waits for it.
         self.make_ready_next(Runnable::Process(receiver));
         true
+    }
+
+    /// Hands a message (length, token, badge, slot) to `receiver`, which
+    /// waits on `ep` and got its bytes: its registers say so, and `ep`
+    /// learns who serves it. The receiver, to be run.
+    #[inline(always)]
+    pub fn give(
+        &mut self,
+        ep: u16,
+        receiver: u16,
+        (len, token, badge, slot): (u64, u64, u64, u32),
+    ) -> Option<&mut Process> {
+        if let Some(e) = self.endpoints[usize::from(ep)].as_mut() {
+            e.served_by(receiver);
+        }
+        let r = self.processes[usize::from(receiver)].as_mut()?;
+        r.take_message(len, token, badge, slot);
+        Some(r)
     }
 
     /// Answers the call named by `token` with `reply`, from server `pid`.

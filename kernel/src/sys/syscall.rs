@@ -169,23 +169,17 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
                 rights::CALL
             );
             // A receiver that restarted since: refused this once (as CALL
-            // says `Dead` once), the handle brought up to date.
+            // says `Dead` once).
             if let Object::Endpoint { id, generation } = c.object
                 && let Some(now) = k.endpoints[usize::from(id)].as_ref().map(|e| e.generation)
-                && now != generation
-                && let Some(Cap {
-                    object: Object::Endpoint { generation: g, .. },
-                    ..
-                }) = k.cap_mut(pid, h)
+                && restarted(k, pid, h, generation, now)
             {
-                *g = now;
                 return Err(SysError::Busy);
             }
-            let Sender::Vcpu(slot) = super::ipc::untoken(a[0]).0 else {
+            let (Sender::Vcpu(slot), seq) = super::ipc::untoken(a[0]) else {
                 return Err(SysError::BadToken);
             };
-            super::fastpath::forward(k, pid, slot, super::ipc::untoken(a[0]).1, false)
-                .ok_or(SysError::Busy)?;
+            super::fastpath::forward(k, pid, slot, seq, false).ok_or(SysError::Busy)?;
             recv(k, pid, a[3], a[4], a[5])
         }
         nr::REPLY_RECV => {
@@ -1037,6 +1031,24 @@ fn log(k: &mut Kernel, pid: u16, va: u64, len: u64) -> Result<Done> {
     Ok(Values([0; 3]))
 }
 
+/// Whether the server behind endpoint handle `h` of `pid` restarted since
+/// the handle last called it (the handle saw generation `seen`, the
+/// endpoint is at `now`): if so, the handle is brought up to date, so that
+/// this is said once.
+fn restarted(k: &mut Kernel, pid: u16, h: u64, seen: u32, now: u32) -> bool {
+    if seen == now {
+        return false;
+    }
+    if let Some(Cap {
+        object: Object::Endpoint { generation: g, .. },
+        ..
+    }) = k.cap_mut(pid, h)
+    {
+        *g = now;
+    }
+    true
+}
+
 fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let c = cap!(k, pid, "CALL", a[0], ObjectKind::Endpoint, rights::CALL);
     let Object::Endpoint { id, generation } = c.object else {
@@ -1061,15 +1073,7 @@ fn ipc_call(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
         return Err(SysError::NoServer);
     }
     let current = e.generation;
-    if current != generation {
-        // The server restarted since this handle last called: say so once.
-        if let Some(Cap {
-            object: Object::Endpoint { generation: g, .. },
-            ..
-        }) = k.cap_mut(pid, a[0])
-        {
-            *g = current;
-        }
+    if restarted(k, pid, a[0], generation, current) {
         if let Some(p) = k.processes[usize::from(pid)].as_mut() {
             p.frame.rdi = u64::from(current);
         }
