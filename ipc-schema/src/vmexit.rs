@@ -488,6 +488,20 @@ pub struct ExitReply {
     pub rip: Option<u64>,
 }
 
+impl ExitReply {
+    /// The answer `response`, resuming in `view` if one is given: no
+    /// registers, step or RIP.
+    pub const fn resume(response: Response, view: Option<u16>) -> Self {
+        ExitReply {
+            response,
+            regs: None,
+            view,
+            step: false,
+            rip: None,
+        }
+    }
+}
+
 /// The exit interface: the kernel calls, the vmm (exits) and altp2m (EPT
 /// violations) serve.
 pub const VMEXIT: InterfaceId = InterfaceId::new::<(ExitMessage, ExitReply)>("parallax/vmexit");

@@ -130,13 +130,7 @@ pub struct Events {
 }
 
 fn reply(response: Response) -> Outcome {
-    Outcome::Reply(ExitReply {
-        response,
-        regs: None,
-        view: None,
-        step: false,
-        rip: None,
-    })
+    Outcome::Reply(ExitReply::resume(response, None))
 }
 
 fn what(access: AccessBits) -> &'static str {
@@ -422,13 +416,7 @@ impl Events {
                 id,
                 view
             );
-            return Outcome::Reply(ExitReply {
-                response: Response::RETRY,
-                regs: None,
-                view: Some(0),
-                step: false,
-                rip: None,
-            });
+            return Outcome::Reply(ExitReply::resume(Response::RETRY, Some(0)));
         }
         // What of the domain's constraints can apply (each asked of the
         // model below only then: the same answers, fewer look-ups).
@@ -570,13 +558,7 @@ impl Events {
             {
                 event.paused = false;
                 if self.record(event, 0, owner) == (Outcome::Defer { new_event: true }) {
-                    return Outcome::Tell(ExitReply {
-                        response: Response::RETRY,
-                        regs: None,
-                        view: None,
-                        step: false,
-                        rip: None,
-                    });
+                    return Outcome::Tell(ExitReply::resume(Response::RETRY, None));
                 }
             }
             return reply(Response::RETRY);

@@ -324,13 +324,7 @@ impl Fuzzer {
     /// an IN's value with every bit set (a UART that is always ready), else
     /// on to the next instruction, sometimes with the registers unchanged.
     fn exit_answer(&mut self, out: &mut [u8; 64]) -> usize {
-        let back = ExitReply {
-            response: Response::RETRY,
-            regs: None,
-            view: Some(0),
-            step: false,
-            rip: None,
-        };
+        let back = ExitReply::resume(Response::RETRY, Some(0));
         let n = match self.last_exit.map(|m| (m.exit.kind, m.regs)) {
             Some((ExitKind::EptViolation { .. } | ExitKind::EptMisconfig { .. }, _)) => {
                 encode_reply(&back, out)

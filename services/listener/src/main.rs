@@ -74,13 +74,7 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
         msg: [0; MAX_MESSAGE],
         out: [0; MAX_MESSAGE],
     };
-    let back = ExitReply {
-        response: Response::RETRY,
-        regs: None,
-        view: Some(0),
-        step: false,
-        rip: None,
-    };
+    let back = ExitReply::resume(Response::RETRY, Some(0));
     let n = ipc_schema::exitcodec::encode_reply(&back, &mut io.out).unwrap_or(0);
     let fault_once = handle("fault-once").is_some() && service_runtime::generation() == 0;
     // The first three forwarded exits with the checks (the steady loop
@@ -131,13 +125,7 @@ fn next(altp2m: &mut Client, token: u64, io: &mut Buffers, n: usize, mask: u64) 
 /// registers, an injection, a new RIP), the vCPU still waiting for the
 /// plain one (the boot tests read the line this logs).
 fn check_restricted(token: u64) {
-    let plain = ExitReply {
-        response: Response::RETRY,
-        regs: None,
-        view: None,
-        step: false,
-        rip: None,
-    };
+    let plain = ExitReply::resume(Response::RETRY, None);
     let hostile = [
         ExitReply {
             response: Response::DONE,

@@ -328,13 +328,7 @@ impl Service for Server {
                     m.exit.domain
                 ),
             }
-            let answer = ExitReply {
-                response: Response::RETRY,
-                regs: None,
-                view: None,
-                step: false,
-                rip: None,
-            };
+            let answer = ExitReply::resume(Response::RETRY, None);
             return ipc_schema::exitcodec::encode_reply(&answer, reply).unwrap_or(0);
         }
         let answer = ipc::decode::<LdRequest>(msg.bytes)
