@@ -586,10 +586,33 @@ pub fn encode_answer(
 }
 
 /// Encodes `r` into `out`; returns the length, or `None` if it does not fit.
+/// A retry in another view below 128 (the altp2m service's answer to a
+/// listener's `SwitchView`) and a plain answer are written straight out,
+/// in line; anything else field by field.
+#[inline]
 pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
+    if let ExitReply {
+        response: Response::RETRY,
+        regs: None,
+        view: Some(v @ 0..0x80),
+        step: false,
+        rip: None,
+    } = *r
+    {
+        // advance, inject (None), then (Resume), regs (None), view (Some,
+        // one varint byte), step, rip (None).
+        *out.first_chunk_mut::<8>()? = [0, 0, 0, 0, 1, v as u8, 0, 0];
+        return Some(8);
+    }
     if is_plain(r) {
         return encode_plain(r.response.advance, r.regs.as_ref(), out);
     }
+    encode_fields(r, out)
+}
+
+/// [`encode_reply`] of any answer, field by field.
+#[inline(never)]
+fn encode_fields(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     let mut o = Out::new(out);
     let p = &r.response;
     o.bool(p.advance)?;
@@ -905,6 +928,34 @@ pub(crate) mod tests {
             let p = postcard::to_slice(&r, &mut b).unwrap();
             prop_assert_eq!(&a[..n], &*p);
             prop_assert_eq!(decode_reply(&a[..n]), Some(r));
+        }
+
+        /// The short ways write postcard's bytes too, and nothing where
+        /// they do not fit: above all a retry in a view below 128, taken
+        /// often here.
+        #[test]
+        fn short_replies_encode_as_postcard(
+            view in proptest::option::of(prop_oneof![0u16..0x80, any::<u16>()]),
+            advance in any::<bool>(),
+            crash in any::<bool>(),
+            regs in any::<bool>(),
+            step in any::<bool>(),
+            rip in proptest::option::of(any::<u64>()),
+            room in 0usize..64,
+        ) {
+            let r = ExitReply {
+                response: Response {
+                    advance,
+                    ..if crash { Response::CRASH } else { Response::RETRY }
+                },
+                regs: regs.then_some(ExitRegs { rax: 1, rbx: 2, rcx: 3, rdx: 4 }),
+                view,
+                step,
+                rip,
+            };
+            let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+            let p = postcard::to_slice(&r, &mut b).ok().filter(|p| p.len() <= room);
+            prop_assert_eq!(encode_reply(&r, &mut a[..room]).map(|n| &a[..n]), p.as_deref());
         }
 
         /// What a restricted holder (a forwarded exit's) may answer is

@@ -1,11 +1,11 @@
-//! The violation path's short ways (issue 15): an EPT violation's exit
-//! read straight from its bytes, and the answer that moves a vCPU to
-//! another view written straight out. Each gives exactly what the general
-//! codec (`ipc_schema::exitcodec`) gives; the property tests in `tests.rs`
-//! hold them to it.
+//! The violation path's short way (issue 15): an EPT violation's exit
+//! read straight from its bytes. It gives exactly what the general codec
+//! (`ipc_schema::exitcodec`) gives; the property tests in `tests.rs` hold
+//! it to it. (The answer that moves a vCPU to another view has its short
+//! way in the codec itself: `exitcodec::encode_reply`.)
 
 use crate::events::Violation;
-use ipc_schema::vmexit::{AccessBits, EXIT_FIXED, ExitReply, Response};
+use ipc_schema::vmexit::{AccessBits, EXIT_FIXED};
 
 /// `ExitKind::EptViolation`'s variant index.
 const EPT_VIOLATION: u8 = 6;
@@ -54,26 +54,4 @@ pub fn read_violation(bytes: &[u8]) -> Option<Violation> {
         allowed: bits(ar, aw, ax),
         qualification: u64::from_le_bytes([q0, q1, q2, q3, q4, q5, q6, q7]),
     })
-}
-
-/// Encodes the answer `r` into `out` (its length; 0 if it does not fit),
-/// as `exitcodec::encode_reply` does; a retry in another view (below
-/// 128, the answer to a listener's `SwitchView`) written straight out.
-#[inline(always)]
-pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> usize {
-    if let ExitReply {
-        response: Response::RETRY,
-        regs: None,
-        view: Some(v @ 0..0x80),
-        step: false,
-        rip: None,
-    } = *r
-        && let Some(b) = out.first_chunk_mut::<8>()
-    {
-        // advance, inject (None), then (Resume), regs (None), view
-        // (Some, one varint byte), step, rip (None).
-        *b = [0, 0, 0, 0, 1, v as u8, 0, 0];
-        return 8;
-    }
-    ipc_schema::exitcodec::encode_reply(r, out).unwrap_or(0)
 }

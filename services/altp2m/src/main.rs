@@ -34,6 +34,7 @@ use ipc_schema::altp2m::{
     ALTP2M, Action, AltError, AltReply, AltRequest, BREAKS_PER_REPLY, EVENTS_PER_REPLY,
     MAX_WAITING_LISTENERS, PING, PONG, short,
 };
+use ipc_schema::exitcodec;
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::manifest::introspection;
@@ -355,7 +356,7 @@ impl Server {
                 match resumed {
                     Some((vcpu, exit_reply)) => {
                         ipc::answer_instead(vcpu);
-                        fast::encode_reply(&exit_reply, out)
+                        exitcodec::encode_reply(&exit_reply, out).unwrap_or(0)
                     }
                     None => DEFER,
                 }
@@ -564,7 +565,7 @@ impl Server {
 /// Answers the exit of `token` (a vCPU waiting on an event) with `r`.
 fn resume(token: u64, r: &ipc_schema::vmexit::ExitReply) {
     let mut out = [0u8; 64];
-    let n = fast::encode_reply(r, &mut out);
+    let n = exitcodec::encode_reply(r, &mut out).unwrap_or(0);
     if let Err(e) = ipc::reply(token, &out[..n]) {
         defmt::warn!("altp2m: a vCPU could not be resumed: {}", e);
     }
@@ -651,12 +652,12 @@ impl Server {
                     .exit(&mut self.alt, &mut self.system, &m, msg.token)
             };
             return match outcome {
-                Outcome::Reply(answer) => fast::encode_reply(&answer, reply),
+                Outcome::Reply(answer) => exitcodec::encode_reply(&answer, reply).unwrap_or(0),
                 Outcome::Defer { new_event: true } => self.forward_or_deliver(reply),
                 Outcome::Defer { new_event: false } => DEFER,
                 Outcome::Tell(answer) => {
                     self.deliver(None);
-                    fast::encode_reply(&answer, reply)
+                    exitcodec::encode_reply(&answer, reply).unwrap_or(0)
                 }
             };
         }

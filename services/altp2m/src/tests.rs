@@ -3246,34 +3246,6 @@ proptest! {
             }
         }
     }
-
-    /// `fast::encode_reply` writes what `exitcodec::encode_reply` writes.
-    #[test]
-    fn the_fast_reply_is_the_general_one(
-        view in proptest::option::of(prop_oneof![0u16..0x80, any::<u16>()]),
-        advance in any::<bool>(),
-        crash in any::<bool>(),
-        regs in any::<bool>(),
-        step in any::<bool>(),
-        rip in proptest::option::of(any::<u64>()),
-        room in 0usize..64,
-    ) {
-        let r = ipc_schema::vmexit::ExitReply {
-            response: Response {
-                advance,
-                ..if crash { Response::CRASH } else { Response::RETRY }
-            },
-            regs: regs.then_some(ExitRegs { rax: 1, rbx: 2, rcx: 3, rdx: 4 }),
-            view,
-            step,
-            rip,
-        };
-        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
-        let n = crate::fast::encode_reply(&r, &mut a[..room]);
-        let m = ipc_schema::exitcodec::encode_reply(&r, &mut b[..room]).unwrap_or(0);
-        prop_assert_eq!(n, m);
-        prop_assert_eq!(&a[..n], &b[..m]);
-    }
 }
 
 /// The benchmark's case takes the fast route: a write to a page a view
