@@ -587,9 +587,8 @@ pub fn encode_answer(
 
 /// Encodes `r` into `out`; returns the length, or `None` if it does not fit.
 /// A retry in another view below 128 (the altp2m service's answer to a
-/// listener's `SwitchView`) and a plain answer are written straight out,
-/// in line; anything else field by field.
-#[inline]
+/// listener's `SwitchView`) and a plain answer are written straight out;
+/// anything else field by field.
 pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     if let ExitReply {
         response: Response::RETRY,
@@ -607,12 +606,6 @@ pub fn encode_reply(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     if is_plain(r) {
         return encode_plain(r.response.advance, r.regs.as_ref(), out);
     }
-    encode_fields(r, out)
-}
-
-/// [`encode_reply`] of any answer, field by field.
-#[inline(never)]
-fn encode_fields(r: &ExitReply, out: &mut [u8]) -> Option<usize> {
     let mut o = Out::new(out);
     let p = &r.response;
     o.bool(p.advance)?;
