@@ -26,62 +26,51 @@ impl Ret {
     }
 }
 
+/// `int 0x80` with call number `n` and arguments `a` in RDI, RSI, RDX, R10,
+/// R8 (and R9 where a sixth is given): the six registers back as a [`Ret`].
+macro_rules! int80 {
+    ($n:expr, $a:expr $(, $r9:expr)?) => {{
+        let (status, rdi, rsi, rdx, r10, r8): (u64, u64, u64, u64, u64, u64);
+        let a = $a;
+        // Safety: the kernel's system-call gate preserves every register
+        // but RAX, RDI, RSI, RDX, R10, R8 (declared clobbered here) and
+        // touches no memory of ours except buffers we pass by address,
+        // which we own.
+        unsafe {
+            asm!(
+                "int 0x80",
+                inlateout("rax") $n => status,
+                inlateout("rdi") a[0] => rdi,
+                inlateout("rsi") a[1] => rsi,
+                inlateout("rdx") a[2] => rdx,
+                inlateout("r10") a[3] => r10,
+                inlateout("r8") a[4] => r8,
+                $(in("r9") $r9,)?
+                options(nostack),
+            );
+        }
+        Ret {
+            status,
+            rdi,
+            rsi,
+            rdx,
+            r10,
+            r8,
+        }
+    }};
+}
+
 /// `int 0x80` with six arguments.
 #[inline(always)]
 pub fn call6(n: u64, a: [u64; 6]) -> Ret {
-    let (status, rdi, rsi, rdx, r10, r8): (u64, u64, u64, u64, u64, u64);
-    // Safety: the kernel's system-call gate preserves every register but
-    // RAX, RDI, RSI, RDX, R10, R8 (declared clobbered here) and touches no
-    // memory of ours except buffers we pass by address, which we own.
-    unsafe {
-        asm!(
-            "int 0x80",
-            inlateout("rax") n => status,
-            inlateout("rdi") a[0] => rdi,
-            inlateout("rsi") a[1] => rsi,
-            inlateout("rdx") a[2] => rdx,
-            inlateout("r10") a[3] => r10,
-            inlateout("r8") a[4] => r8,
-            in("r9") a[5],
-            options(nostack),
-        );
-    }
-    Ret {
-        status,
-        rdi,
-        rsi,
-        rdx,
-        r10,
-        r8,
-    }
+    int80!(n, a, a[5])
 }
 
 /// `int 0x80` with five arguments, R9 left as it is: for a call that
 /// reads no sixth (CALL, on every client's path).
 #[inline(always)]
 pub fn call5(n: u64, a: [u64; 5]) -> Ret {
-    let (status, rdi, rsi, rdx, r10, r8): (u64, u64, u64, u64, u64, u64);
-    // Safety: as `call6`.
-    unsafe {
-        asm!(
-            "int 0x80",
-            inlateout("rax") n => status,
-            inlateout("rdi") a[0] => rdi,
-            inlateout("rsi") a[1] => rsi,
-            inlateout("rdx") a[2] => rdx,
-            inlateout("r10") a[3] => r10,
-            inlateout("r8") a[4] => r8,
-            options(nostack),
-        );
-    }
-    Ret {
-        status,
-        rdi,
-        rsi,
-        rdx,
-        r10,
-        r8,
-    }
+    int80!(n, a)
 }
 
 #[inline(always)]
