@@ -519,15 +519,14 @@ impl Receiver {
         buf: &[u8; MAX_MESSAGE],
         out: &mut [u8; MAX_MESSAGE],
     ) -> (u64, usize) {
-        if r.rsi == 0 {
-            svc.notified(r.r10 as Handle, r.r8);
-            return (0, 0);
-        }
-        let m = Message {
-            slot: r.r10 as Handle,
-            badge: r.rdx,
-            token: r.rsi,
-            bytes: &buf[..(r.rdi as usize).min(MAX_MESSAGE)],
+        let m = match event(r, buf) {
+            Ok(Event::Message(m)) => m,
+            Ok(Event::Notified { slot, bits }) => {
+                svc.notified(slot, bits);
+                return (0, 0);
+            }
+            // (Not reached: the loop took the failures.)
+            Err(_) => return (0, 0),
         };
         let n = if m.slot == self.life {
             self.lifecycle(svc, swap, m.bytes, out)
