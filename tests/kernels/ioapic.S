@@ -183,7 +183,7 @@ unexpected:
         .data
         pic_table 0xff
 vectors:
-        .long 0x30, h30, 0x34, h34, 0, 0
+        .long 0x30, h30, 0x34, h34, 0xff, spurious, 0, 0
 ioapic: .long 0
 gsibase: .long 0
 pin0:   .long 0

@@ -175,7 +175,7 @@ puts:   movb (%edi), %al
 
         .data
 vectors:
-        .long 0x40, h40, 0x41, h41, 0x42, h42, 0x50, h50, 0, 0
+        .long 0x40, h40, 0x41, h41, 0x42, h42, 0x50, h50, 0xff, spurious, 0, 0
 features: .long 0
 count40: .long 0
 count41: .long 0

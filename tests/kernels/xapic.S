@@ -163,7 +163,7 @@ unexpected:
 
         .data
 vectors:
-        .long 0x40, h40, 0x41, h41, 0x50, h50, 0, 0
+        .long 0x40, h40, 0x41, h41, 0x50, h50, 0xff, spurious, 0, 0
 lapic:  .long 0
 count40: .long 0
 count41: .long 0
