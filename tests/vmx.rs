@@ -1171,6 +1171,15 @@ fn the_listener_answers_violations_through_next_event_on_both_paths() {
                 .any(|l| l.contains("listener: answering") && l.contains("forwarded: true")),
             "{cmdline}: {log:#?}"
         );
+        // A forward wrong in one way is refused with the error that names
+        // it, and with nothing done (the listener tries eight on its first
+        // forwarded exit; the exit is still its own after them, as the
+        // refusals below show).
+        assert!(
+            log.iter()
+                .any(|l| l.contains("8 of 8 wrong forwards refused, each with its own error")),
+            "{cmdline}: {log:#?}"
+        );
         // A restricted holder gets no power over the vCPU's registers:
         // its answers that are not plain were refused (the listener tries
         // four on its first forwarded exit), and the vCPU went on.
@@ -1181,6 +1190,7 @@ fn the_listener_answers_violations_through_next_event_on_both_paths() {
         );
         for bad in [
             "listener: receive failed",
+            "a wrong forward",
             "not plain:",
             "took an answer that is not plain",
             "answered otherwise",

@@ -10,7 +10,7 @@ use super::caps::{
     Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, free_slot, right_name,
 };
 use super::ipc::{Endpoint, Notification, Sender, bits};
-use super::process::{State, Wait};
+use super::process::{Process, State, Wait};
 use super::{Kernel, Runnable};
 use crate::vm::domain::Domain;
 use ipc_schema::ipc::BoundedVec;
@@ -158,30 +158,7 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             Ok(Values([0; 3]))
         }
         // The high half of the length: a forward (docs/ipc.md).
-        nr::REPLY_RECV if a[2] >> 32 != 0 => {
-            let h = (a[2] >> 32) - 1;
-            let c = cap!(
-                k,
-                pid,
-                "REPLY_RECV (forward)",
-                h,
-                ObjectKind::Endpoint,
-                rights::CALL
-            );
-            // A receiver that restarted since: refused this once (as CALL
-            // says `Dead` once).
-            if let Object::Endpoint { id, generation } = c.object
-                && let Some(now) = k.endpoints[usize::from(id)].as_ref().map(|e| e.generation)
-                && restarted(k, pid, h, generation, now)
-            {
-                return Err(SysError::Busy);
-            }
-            let (Sender::Vcpu(slot), seq) = super::ipc::untoken(a[0]) else {
-                return Err(SysError::BadToken);
-            };
-            super::fastpath::forward(k, pid, slot, seq, false).ok_or(SysError::Busy)?;
-            recv(k, pid, a[3], a[4], a[5])
-        }
+        nr::REPLY_RECV if a[2] >> 32 != 0 => forward(k, pid, a),
         nr::REPLY_RECV => {
             if a[0] != 0 {
                 // A reply that cannot be delivered (the caller died) must not
@@ -192,6 +169,63 @@ fn call(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
         }
         _ => other(k, pid, number, a),
     }
+}
+
+/// REPLY_RECV forwarding the exit of token `a[0]` (docs/ipc.md) on the
+/// general path. A refusal changes nothing: the exit is still the
+/// caller's and the receive half is not begun, so that the caller may
+/// answer the exit itself (the runtime's `Service::forward_refused`). Each
+/// refusal names what was wrong: `BadToken` (the caller holds no such
+/// exit), `MessageTooLong`, `BadAddress` (the message is not readable in
+/// one page), the handle's or the receive mask's own refusal, and `Busy`
+/// (the receiver does not wait, or restarted since the handle last
+/// called it).
+fn forward(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
+    let h = (a[2] >> 32) - 1;
+    let len = a[2] & 0xffff_ffff;
+    let c = cap!(
+        k,
+        pid,
+        "REPLY_RECV (forward)",
+        h,
+        ObjectKind::Endpoint,
+        rights::CALL
+    );
+    let (Sender::Vcpu(slot), seq) = super::ipc::untoken(a[0]) else {
+        return Err(SysError::BadToken);
+    };
+    if !k
+        .domains
+        .get(usize::from(slot))
+        .and_then(Option::as_ref)
+        .is_some_and(|d| d.awaiting_reply && d.exit_seq == seq && d.exit_server == Some(pid))
+    {
+        return Err(SysError::BadToken);
+    }
+    if len > MAX_MESSAGE as u64 {
+        return Err(SysError::MessageTooLong);
+    }
+    let p = k.processes[usize::from(pid)]
+        .as_ref()
+        .ok_or(SysError::NoSuchHandle)?;
+    if p.space
+        .as_ref()
+        .and_then(|s| s.in_one_page(a[1], len as usize, false))
+        .is_none()
+    {
+        return Err(SysError::BadAddress);
+    }
+    receive_mask(p, a[3])?;
+    // A receiver that restarted since: refused this once (as CALL says
+    // `Dead` once).
+    if let Object::Endpoint { id, generation } = c.object
+        && let Some(now) = k.endpoints[usize::from(id)].as_ref().map(|e| e.generation)
+        && restarted(k, pid, h, generation, now)
+    {
+        return Err(SysError::Busy);
+    }
+    super::fastpath::forward(k, pid, slot, seq, false).ok_or(SysError::Busy)?;
+    recv(k, pid, a[3], a[4], a[5])
 }
 
 #[inline(never)]
@@ -1134,10 +1168,47 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
     k.reply(pid, token, msg)
 }
 
-fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
+/// Whether RECV may wait on `mask` (`p`'s handles): not empty, and each
+/// handle in it an endpoint with `receive` or a notification with `wait`.
+fn receive_mask(p: &Process, mask: u64) -> Result<()> {
     if mask == 0 {
         return Err(SysError::BadArgument);
     }
+    for slot in bits(mask) {
+        let ok = match p.handles.get(slot as usize).copied().flatten() {
+            Some(Cap {
+                object: Object::Endpoint { .. },
+                rights: r,
+                ..
+            }) => r & rights::RECEIVE != 0,
+            Some(Cap {
+                object: Object::Notification(_),
+                rights: r,
+                ..
+            }) => r & rights::WAIT != 0,
+            _ => false,
+        };
+        if !ok {
+            if p.loud("RECV handle") {
+                defmt::warn!(
+                    "service {=str}: RECV refused: handle {=u32} is not one to receive on",
+                    p.name(),
+                    slot
+                );
+            }
+            return Err(SysError::MissingRight);
+        }
+    }
+    Ok(())
+}
+
+fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
+    receive_mask(
+        k.processes[usize::from(pid)]
+            .as_ref()
+            .ok_or(SysError::NoSuchHandle)?,
+        mask,
+    )?;
     let Kernel {
         processes,
         endpoints,
@@ -1148,18 +1219,17 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
     let p = processes[usize::from(pid)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
-    // One pass: every handle in the mask must be one to receive or wait on;
-    // each object learns that `pid` waits (a hint, harmless if the call is
-    // refused: the process does not wait), and whether something is there
+    // One pass: each object learns that `pid` waits (a hint, harmless if
+    // the process then does not wait), and whether something is there
     // already is noted.
     let (mut queued, mut signalled, mut reopen) = (false, false, false);
     for slot in bits(mask) {
         match p.handles.get(slot as usize).copied().flatten() {
+            // (Each one to receive or wait on: `receive_mask`.)
             Some(Cap {
                 object: Object::Endpoint { id, .. },
-                rights: r,
                 ..
-            }) if r & rights::RECEIVE != 0 => {
+            }) => {
                 if let Some(ep) = endpoints[usize::from(id)].as_mut() {
                     *epoch += u64::from(ep.waiting != Some(pid) || ep.waiting_slot != slot);
                     ep.waiting = Some(pid);
@@ -1170,25 +1240,15 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
             }
             Some(Cap {
                 object: Object::Notification(n),
-                rights: r,
                 ..
-            }) if r & rights::WAIT != 0 => {
+            }) => {
                 if let Some(note) = notifications[usize::from(n)].as_mut() {
                     *epoch += u64::from(note.waiter != Some(pid));
                     note.waiter = Some(pid);
                     signalled |= note.bits != 0;
                 }
             }
-            _ => {
-                if p.loud("RECV handle") {
-                    defmt::warn!(
-                        "service {=str}: RECV refused: handle {=u32} is not one to receive on",
-                        p.name(),
-                        slot
-                    );
-                }
-                return Err(SysError::MissingRight);
-            }
+            _ => {}
         }
     }
     let exit_buf = p.exit_buffer(buf, cap);

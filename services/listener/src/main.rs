@@ -85,6 +85,7 @@ fn serve_forwarded(altp2m: &mut Client, mask: u64) -> ! {
         if token != 0 {
             seen += 1;
             if seen == 1 {
+                check_forwards(token, altp2m.handle(), &mut io.msg);
                 check_restricted(token);
             }
             if fault_once && seen == 3 {
@@ -118,6 +119,65 @@ fn next(altp2m: &mut Client, token: u64, io: &mut Buffers, n: usize, mask: u64) 
             0
         }
     }
+}
+
+/// Once, on the first forwarded exit (`token`), before anything else: the
+/// kernel must refuse each forward that is wrong in one way, with the
+/// error that names it and nothing done: the exit still held (the
+/// restricted answers then tried are refused as not plain, not as a bad
+/// token) and the receive half not begun (the boot tests read the line
+/// this logs).
+fn check_forwards(token: u64, altp2m: u32, msg: &mut [u8; MAX_MESSAGE]) {
+    use ipc_schema::syscall::{SysError, nr};
+    let note = handle("altp2m-events").unwrap_or(u32::MAX);
+    let other_exit = (token & !0xffff_ffff) | u64::from((token as u32).wrapping_add(1));
+    let answer = [0u8; 8];
+    let ok = answer.as_ptr() as u64;
+    let mask = 1u64 << handle("events").unwrap_or(0);
+    // (token, message, its length, handle, receive mask) and the refusal.
+    let cases = [
+        ((other_exit, ok, 8, altp2m, mask), SysError::BadToken),
+        (
+            (token & !(1 << 63), ok, 8, altp2m, mask),
+            SysError::BadToken,
+        ),
+        ((token, ok, 8, note, mask), SysError::WrongKind),
+        ((token, ok, 8, 250, mask), SysError::NoSuchHandle),
+        (
+            (token, ok, MAX_MESSAGE as u64 + 1, altp2m, mask),
+            SysError::MessageTooLong,
+        ),
+        ((token, 0x10, 8, altp2m, mask), SysError::BadAddress),
+        ((token, ok, 8, altp2m, 0), SysError::BadArgument),
+        (
+            (token, ok, 8, altp2m, mask | 1 << 63),
+            SysError::MissingRight,
+        ),
+    ];
+    let mut refused = 0u32;
+    for ((t, at, len, h, m), want) in cases {
+        let r = service_runtime::sys::call6(
+            nr::REPLY_RECV,
+            [
+                t,
+                at,
+                len | (u64::from(h) + 1) << 32,
+                m,
+                msg.as_mut_ptr() as u64,
+                MAX_MESSAGE as u64,
+            ],
+        );
+        match r.ok() {
+            Err(e) if e == want => refused += 1,
+            Err(e) => defmt::error!("listener: a wrong forward refused with {}, not {}", e, want),
+            Ok(_) => defmt::error!("listener: a wrong forward was taken ({})", want),
+        }
+    }
+    defmt::info!(
+        "listener: {=u32} of {=u32} wrong forwards refused, each with its own error",
+        refused,
+        cases.len() as u32
+    );
 }
 
 /// Once, on the first forwarded exit (`token`), before its answer: the
