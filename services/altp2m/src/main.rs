@@ -39,8 +39,8 @@ use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::manifest::introspection;
 use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
-use ipc_schema::vmexit::VMEXIT;
-use service_altp2m::events::{Events, Outcome, Poll};
+use ipc_schema::vmexit::{ExitReply, Response, VMEXIT};
+use service_altp2m::events::{Events, Outcome, Poll, Waiting};
 use service_altp2m::fast;
 use service_altp2m::policy::{Agent, Altp2m, HEAP_BYTES, Kernel, ROOM};
 use service_runtime::ipc::{self, DEFER, Message, Service};
@@ -142,8 +142,6 @@ struct Server {
     /// `listener-events`: the endpoint of the listener that takes
     /// forwarded events (`AltRequest::Forwarded`).
     forward_to: Option<Handle>,
-    /// The event forwarded last, taken back if the kernel refuses.
-    forwarded: Option<service_altp2m::events::Waiting>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
     /// Started without its predecessor's records: reset the views before
@@ -374,8 +372,9 @@ impl Server {
                 self.events.unforward(w);
                 return self.deliver(Some(out));
             };
+            // (If the kernel refuses, the message brings the event back:
+            // `forward_refused`.)
             ipc::forward_instead(w.token, h);
-            self.forwarded = Some(w);
             return short::encode_event_reply(&w.event, out).unwrap_or(0);
         }
         self.deliver(Some(out))
@@ -613,13 +612,26 @@ impl Service for Server {
         }
     }
 
-    fn forward_refused(&mut self, token: u64, out: &mut [u8], _len: usize) -> usize {
-        match self.forwarded.take() {
-            Some(w) if w.token == token => {
-                self.events.unforward(w);
+    /// The forward of `forward_or_deliver` refused: its message, the event,
+    /// waits for `NextEvent` as any held event (its vCPU still waits).
+    fn forward_refused(&mut self, token: u64, out: &mut [u8], len: usize) -> usize {
+        match out.get(..len).and_then(short::decode_event_reply) {
+            Some(event) => {
+                self.events.unforward(Waiting {
+                    event,
+                    token,
+                    given: false,
+                    owner: self.events.forwarding,
+                });
                 self.deliver(Some(out))
             }
-            _ => DEFER,
+            // (Not what `forward_or_deliver` sends: the access is retried,
+            // and faults again as a new event.)
+            None => {
+                defmt::error!("altp2m: a refused forward that was no event; its access retried");
+                let retry = ExitReply::resume(Response::RETRY, None);
+                exitcodec::encode_reply(&retry, out).unwrap_or(0)
+            }
         }
     }
 
@@ -726,7 +738,6 @@ fn main() -> ! {
         share,
         events_note: handle("altp2m-events"),
         forward_to: handle("listener-events"),
-        forwarded: None,
         rights: Rights::new(handle("supervisor")),
         domain_ends,
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
