@@ -380,14 +380,17 @@ fn receiver_of(
     len: u64,
 ) -> Option<(u16, u64, u16, u32, *mut u8)> {
     let p = k.processes[usize::from(pid)].as_ref()?;
-    let Cap {
-        object: Object::Endpoint { id: ep, generation },
+    // (Its fields read where they lie: a copy of the whole `Cap` is put
+    // together byte by byte.)
+    let Some(Cap {
+        object: Object::Endpoint { id, generation },
         rights: r,
         badge,
-    } = p.handles.get(usize::try_from(handle).ok()?).copied()??
+    }) = p.handles.get(usize::try_from(handle).ok()?)?
     else {
         return None;
     };
+    let (ep, generation, badge) = (*id, *generation, *badge);
     if r & rights::CALL == 0 || len > MAX_MESSAGE as u64 {
         return None;
     }
