@@ -92,13 +92,18 @@ static CPUS: [PerCpu; MAX_CPUS] = [const {
 }; MAX_CPUS];
 
 /// Makes the next trap from ring 3 on this CPU (the bootstrap processor)
-/// save its registers ending at `end`: the end of the running service's
-/// frame, 16-byte aligned (the CPU aligns RSP0 down before it pushes).
+/// save its registers into `frame` (the running service's, 16-byte
+/// aligned: the CPU aligns RSP0 down before it pushes), which ends where
+/// RSP0 points.
 #[inline(always)]
-pub fn set_trap_frame_end(end: u64) {
-    // Safety: see `impl Sync for Tss`; a plain store of one field.
+pub fn set_trap_frame_end(frame: &crate::arch::idt::TrapFrame) {
+    let end = core::ptr::from_ref(frame).wrapping_add(1) as u64;
+    debug_assert!(end >= 0xffff_8000_0000_0000, "a frame in the kernel's half");
+    // Safety: see `impl Sync for Tss`; a plain store of one field. `end` is
+    // canonical: the frame lies in the kernel's half of the address space
+    // (all kernel memory does), and no object ends past its top.
     unsafe {
-        (*CPUS[0].tss.0.get()).privilege_stack_table[0] = VirtAddr::new_truncate(end);
+        (*CPUS[0].tss.0.get()).privilege_stack_table[0] = VirtAddr::new_unsafe(end);
     }
 }
 

@@ -93,15 +93,12 @@ pub fn enter(p: &mut Process) -> ! {
     p.frame.rflags = (p.frame.rflags & 0xcd5) | 0x202;
     let frame: *const TrapFrame = &p.frame;
     // Its next trap saves its registers into this same frame.
-    crate::arch::percpu::set_trap_frame_end(frame as u64 + FRAME_BYTES);
+    crate::arch::percpu::set_trap_frame_end(&p.frame);
     // Safety: `cr3` is the process's own table tree, whose upper half is the
     // kernel's; the frame is a complete ring-3 frame, in the kernel's static
     // state, which nothing changes before the `iretq`.
     unsafe { user_return(frame, cr3) }
 }
-
-/// Size of a trap frame.
-const FRAME_BYTES: u64 = core::mem::size_of::<TrapFrame>() as u64;
 
 /// Returns to ring 3 in the address space `cr3` (loaded only when it is
 /// not the current one: the same tree needs no TLB flush) through `frame`,
