@@ -116,8 +116,7 @@ unsafe extern "C" fn trap_common() {
         // again at its top; the service is entered again by
         // `sched::resume`, never by returning here.
         "2:",
-        "lea rsp, [rip + {stack}]",
-        "add rsp, {stack_size}",
+        "lea rsp, [rip + {stack} + {stack_size}]",
         // A call between services tries the fast paths first (back here if
         // not taken; RBX keeps the frame). A REPLY_RECV to a vCPU (token
         // bit 63) finds its fast path in line in `user_trap`.
