@@ -273,11 +273,7 @@ fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], Wait)> {
 fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     let p = k.processes[usize::from(pid)].as_ref()?;
     let d = k.domains.get(usize::from(slot))?.as_ref()?;
-    if !d.awaiting_reply
-        || d.exit_seq != seq
-        || d.exit_server != Some(pid)
-        || d.state != DomainState::Running
-    {
+    if !d.held_by(pid, seq) || d.state != DomainState::Running {
         return None;
     }
     let (bytes, wait) = answer_and_wait(p, p.frame.rdx)?;
@@ -341,7 +337,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
 pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Option<()> {
     let p = k.processes[usize::from(pid)].as_ref()?;
     let d = k.domains.get(usize::from(slot))?.as_ref()?;
-    if !d.awaiting_reply || d.exit_seq != seq || d.exit_server != Some(pid) {
+    if !d.held_by(pid, seq) {
         return None;
     }
     let len = p.frame.rdx & 0xffff_ffff;

@@ -287,7 +287,7 @@ impl Kernel {
                     .get_mut(usize::from(slot))
                     .and_then(Option::as_mut)
                     .ok_or(SysError::BadToken)?;
-                if d.exit_seq != seq || d.exit_server != Some(pid) || !d.awaiting_reply {
+                if !d.held_by(pid, seq) {
                     return Err(SysError::BadToken);
                 }
                 if d.exit_restricted && !ipc_schema::exitcodec::restricted_ok(reply) {

@@ -194,28 +194,19 @@ fn forward(k: &mut Kernel, pid: u16, a: [u64; 6]) -> Result<Done> {
     let (Sender::Vcpu(slot), seq) = super::ipc::untoken(a[0]) else {
         return Err(SysError::BadToken);
     };
-    if !k
-        .domains
-        .get(usize::from(slot))
-        .and_then(Option::as_ref)
-        .is_some_and(|d| d.awaiting_reply && d.exit_seq == seq && d.exit_server == Some(pid))
-    {
+    let held = k.domains.get(usize::from(slot)).and_then(Option::as_ref);
+    if !held.is_some_and(|d| d.held_by(pid, seq)) {
         return Err(SysError::BadToken);
     }
     if len > MAX_MESSAGE as u64 {
         return Err(SysError::MessageTooLong);
     }
-    let p = k.processes[usize::from(pid)]
-        .as_ref()
-        .ok_or(SysError::NoSuchHandle)?;
-    if p.space
-        .as_ref()
+    let p = k.processes[usize::from(pid)].as_ref();
+    let space = p.and_then(|p| p.space.as_ref());
+    space
         .and_then(|s| s.in_one_page(a[1], len as usize, false))
-        .is_none()
-    {
-        return Err(SysError::BadAddress);
-    }
-    receive_mask(p, a[3])?;
+        .ok_or(SysError::BadAddress)?;
+    receive_mask(p.ok_or(SysError::NoSuchHandle)?, a[3])?;
     // A receiver that restarted since: refused this once (as CALL says
     // `Dead` once).
     if let Object::Endpoint { id, generation } = c.object
@@ -1169,46 +1160,44 @@ fn reply(k: &mut Kernel, pid: u16, token: u64, va: u64, len: u64) -> Result<()> 
 }
 
 /// Whether RECV may wait on `mask` (`p`'s handles): not empty, and each
-/// handle in it an endpoint with `receive` or a notification with `wait`.
+/// handle in it one to receive on ([`receivable`]).
 fn receive_mask(p: &Process, mask: u64) -> Result<()> {
     if mask == 0 {
         return Err(SysError::BadArgument);
     }
-    for slot in bits(mask) {
-        let ok = match p.handles.get(slot as usize).copied().flatten() {
-            Some(Cap {
-                object: Object::Endpoint { .. },
-                rights: r,
-                ..
-            }) => r & rights::RECEIVE != 0,
-            Some(Cap {
-                object: Object::Notification(_),
-                rights: r,
-                ..
-            }) => r & rights::WAIT != 0,
-            _ => false,
-        };
-        if !ok {
-            if p.loud("RECV handle") {
-                defmt::warn!(
-                    "service {=str}: RECV refused: handle {=u32} is not one to receive on",
-                    p.name(),
-                    slot
-                );
-            }
-            return Err(SysError::MissingRight);
-        }
+    match bits(mask).find(|&slot| !receivable(p.handles.get(slot as usize).copied().flatten())) {
+        Some(slot) => Err(not_receivable(p, slot)),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether a handle (`c`) is one to receive on: an endpoint with
+/// `receive`, or a notification with `wait`.
+fn receivable(c: Option<Cap>) -> bool {
+    let right = |c: Cap| match c.object {
+        Object::Endpoint { .. } => c.rights & rights::RECEIVE,
+        Object::Notification(_) => c.rights & rights::WAIT,
+        _ => 0,
+    };
+    c.map_or(0, right) != 0
+}
+
+/// RECV's refusal of `p`'s handle `slot`, not one to receive on (logged).
+fn not_receivable(p: &Process, slot: u32) -> SysError {
+    if p.loud("RECV handle") {
+        defmt::warn!(
+            "service {=str}: RECV refused: handle {=u32} is not one to receive on",
+            p.name(),
+            slot
+        );
+    }
+    SysError::MissingRight
 }
 
 fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done> {
-    receive_mask(
-        k.processes[usize::from(pid)]
-            .as_ref()
-            .ok_or(SysError::NoSuchHandle)?,
-        mask,
-    )?;
+    if mask == 0 {
+        return Err(SysError::BadArgument);
+    }
     let Kernel {
         processes,
         endpoints,
@@ -1219,13 +1208,17 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
     let p = processes[usize::from(pid)]
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
-    // One pass: each object learns that `pid` waits (a hint, harmless if
-    // the process then does not wait), and whether something is there
+    // One pass: every handle in the mask must be one to receive or wait on;
+    // each object learns that `pid` waits (a hint, harmless if the call is
+    // refused: the process does not wait), and whether something is there
     // already is noted.
     let (mut queued, mut signalled, mut reopen) = (false, false, false);
     for slot in bits(mask) {
-        match p.handles.get(slot as usize).copied().flatten() {
-            // (Each one to receive or wait on: `receive_mask`.)
+        let c = p.handles.get(slot as usize).copied().flatten();
+        if !receivable(c) {
+            return Err(not_receivable(p, slot));
+        }
+        match c {
             Some(Cap {
                 object: Object::Endpoint { id, .. },
                 ..

@@ -113,6 +113,12 @@ impl From<EptError> for DomainError {
 }
 
 impl Domain {
+    /// Whether process `pid` holds this vCPU's exit of sequence `seq` (the
+    /// one its reply token names), unanswered.
+    pub fn held_by(&self, pid: u16, seq: u32) -> bool {
+        self.awaiting_reply && self.exit_seq == seq && self.exit_server == Some(pid)
+    }
+
     /// An empty domain: no RAM, no vCPU.
     pub fn create(id: u16, name: HandleName, protected: bool) -> Result<Domain, DomainError> {
         let f = super::features();
