@@ -300,7 +300,9 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
         return None;
     }
-    // Everything holds: the answer is applied, the service waits.
+    // Everything holds: the service waits (first: then its wait need not
+    // be kept across the answer's application), the answer is applied.
+    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
     let d = k.domains[usize::from(slot)].as_mut()?;
     (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let v = d.vcpu.as_mut()?;
@@ -315,7 +317,6 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     if let Some((view, eptp)) = eptp {
         v.set_view(view, eptp);
     }
-    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
     k.current = None;
     let others_waiting = !k.ready.is_empty();
     if crate::vm::run_loaded(k, slot, others_waiting) {

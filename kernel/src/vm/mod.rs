@@ -452,7 +452,7 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     };
     match raw.reason() {
         reason::PREEMPTION_TIMER => {
-            v.exits -= 1; // not the guest's doing
+            v.exits = v.exits.wrapping_sub(1); // not the guest's doing
             if v.deadline != u64::MAX && platform::cpu::rdtsc() >= v.deadline {
                 // The timer was cut short for the handler's deadline: the
                 // exit goes to the handler, and the vCPU gets a new slice.
@@ -477,7 +477,7 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
             Fast::No
         }
         reason::EXTERNAL_INTERRUPT => {
-            v.exits -= 1; // not the guest's doing
+            v.exits = v.exits.wrapping_sub(1); // not the guest's doing
             let info = v.read(EXIT_INTERRUPTION_INFO);
             Fast::Interrupt(info as u8)
         }

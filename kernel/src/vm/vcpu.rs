@@ -418,7 +418,9 @@ impl Vcpu {
             return RawExit::VMX_FAILED;
         }
         self.launched = true;
-        self.exits += 1;
+        // (Wrapping: 2^64 exits do not happen, and the exit path has no
+        // overflow check to pay.)
+        self.exits = self.exits.wrapping_add(1);
         // Safety: the VMCS is current.
         RawExit(unsafe { vmread(EXIT_REASON) } as u32)
     }
