@@ -452,13 +452,17 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> 
 #[inline(never)]
 fn call(k: &mut Kernel, pid: u16) -> Option<()> {
     let f = &k.processes[usize::from(pid)].as_ref()?.frame;
-    let (handle, va, len, reply_buf, reply_cap) = (f.rdi, f.rsi, f.rdx, f.r10, f.r8);
+    let (handle, len) = (f.rdi, f.rdx);
     let (ep, badge, receiver, slot, to) = receiver_of(k, pid, handle, len)?;
     // The message and the reply buffer: one translation when they share a
-    // page (a client's buffers do).
-    let space = k.processes[usize::from(pid)].as_ref()?.space.as_ref()?;
+    // page (a client's buffers do). (Their registers read here, not kept
+    // across the receiver's checks.)
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let (va, reply_buf, reply_cap) = (p.frame.rsi, p.frame.r10, p.frame.r8);
     let (from, reply_at) =
-        space.answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize)?;
+        p.space
+            .as_ref()?
+            .answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize)?;
     if !k.count_hand_off() {
         return None;
     }
