@@ -416,7 +416,7 @@ pub fn p2m_hypercall(d: &Domain) -> bool {
 #[inline(always)]
 fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
     // VMCALL first: the null hypercall is the path benchmarks measure.
-    if raw.reason() == reason::VMCALL && !raw.entry_failure() {
+    if raw.is(reason::VMCALL) {
         let Some(v) = d.vcpu.as_mut() else {
             return Fast::No;
         };

@@ -259,6 +259,15 @@ impl RawExit {
         self.0 as u16
     }
 
+    /// An exit of basic reason `reason` that is no entry failure (the
+    /// other flags, bits 16 to 30, are reserved or SMM's and SGX's, as
+    /// `reason` and `entry_failure` ignore them): one mask and comparison
+    /// for the fast paths.
+    #[inline(always)]
+    pub fn is(self, reason: u16) -> bool {
+        self.0 & 0x8000_ffff == u32::from(reason)
+    }
+
     /// The entry itself failed on guest state checks (reason 33, 34, 41).
     #[inline(always)]
     pub fn entry_failure(self) -> bool {
