@@ -137,7 +137,7 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
 #[inline(always)]
 fn receives(p: &Process, slot: u32, ep: u16, len: u64) -> Option<(u64, *mut u8)> {
     let (mask, buf, cap, exit_buf) = p.receive_wait()?;
-    (p.endpoint_at(slot, ep) && mask & 1u64.checked_shl(slot)? != 0 && len <= cap)
+    (mask & 1u64.checked_shl(slot)? != 0 && len <= cap && p.endpoint_at(slot, ep))
         .then_some((buf, exit_buf as *mut u8))
 }
 
