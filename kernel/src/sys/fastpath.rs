@@ -238,22 +238,22 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
     true
 }
 
-/// The answer of a REPLY_RECV by `p` where it lies, and the wait that
-/// follows: `(answer, Wait::Recv)`, if the answer lies in one page. The
-/// buffer the next message goes to is translated with it (usually the same
-/// page; see `Wait::Recv::exit_buf`).
+/// The answer of a REPLY_RECV by `p` where it lies, and where the next
+/// message goes when it is an exit (`Wait::Recv::exit_buf`), if the answer
+/// lies in one page: its buffer is translated with it (usually the same
+/// page). The wait itself is [`receive_wait`], made where it is stored (its
+/// words are not kept across the checks between).
 #[inline(always)]
-fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], Wait)> {
+fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], u64)> {
     let f = &p.frame;
-    let (va, mask, buf, cap) = (f.rsi, f.r10, f.r8, f.r9);
     if len > MAX_MESSAGE as u64 {
         return None;
     }
     let (at, next) =
         p.space
             .as_ref()?
-            .answer_and_buffer(va, len as usize, buf, EXIT_MESSAGE_MAX)?;
-    let exit_buf = if cap >= EXIT_MESSAGE_MAX as u64 {
+            .answer_and_buffer(f.rsi, len as usize, f.r8, EXIT_MESSAGE_MAX)?;
+    let exit_buf = if f.r9 >= EXIT_MESSAGE_MAX as u64 {
         next
     } else {
         0
@@ -263,15 +263,20 @@ fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], Wait)> {
     // `copy`, which allows the two to overlap in a shared frame), and only
     // before the service runs again.
     let bytes = unsafe { core::slice::from_raw_parts(at, len as usize) };
-    Some((
-        bytes,
-        Wait::Recv {
-            mask,
-            buf,
-            cap,
-            exit_buf,
-        },
-    ))
+    Some((bytes, exit_buf))
+}
+
+/// The receive half of a REPLY_RECV by `p` (its mask, buffer and capacity
+/// in R10, R8, R9), with `exit_buf` from [`answer_and_wait`].
+#[inline(always)]
+fn receive_wait(p: &Process, exit_buf: u64) -> Wait {
+    let f = &p.frame;
+    Wait::Recv {
+        mask: f.r10,
+        buf: f.r8,
+        cap: f.r9,
+        exit_buf,
+    }
 }
 
 /// REPLY_RECV answering the exit of domain slot `slot`'s vCPU.
@@ -282,7 +287,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     if !d.held_by(pid, seq) || d.state != DomainState::Running {
         return None;
     }
-    let (bytes, wait) = answer_and_wait(p, p.frame.rdx)?;
+    let (bytes, exit_buf) = answer_and_wait(p, p.frame.rdx)?;
     // A plain answer, or one that also moves the vCPU to a view that
     // exists (the altp2m service's answer to a view switch).
     let (advance, with_regs, eptp) = plain_shape(bytes)
@@ -300,15 +305,14 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
         Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
         _ => return None,
     }
-    let Wait::Recv { mask, .. } = wait else {
-        return None;
-    };
+    let mask = p.frame.r10;
     if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
         return None;
     }
     // Everything holds: the service waits (first: then its wait need not
     // be kept across the answer's application), the answer is applied.
-    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+    let p = k.processes[usize::from(pid)].as_mut()?;
+    p.state = State::Blocked(receive_wait(p, exit_buf));
     let d = k.domains[usize::from(slot)].as_mut()?;
     (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let v = d.vcpu.as_mut()?;
@@ -349,11 +353,10 @@ pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Opti
     }
     let len = p.frame.rdx & 0xffff_ffff;
     let (ep, badge, receiver, at, to) = receiver_of(k, pid, (p.frame.rdx >> 32) - 1, len)?;
-    let (bytes, wait) = answer_and_wait(k.processes[usize::from(pid)].as_ref()?, len)?;
-    if run
-        && let Wait::Recv { mask, .. } = wait
-        && (!nothing_to_receive(k, pid, mask) || !k.count_hand_off())
-    {
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let (bytes, exit_buf) = answer_and_wait(p, len)?;
+    let mask = p.frame.r10;
+    if run && (!nothing_to_receive(k, pid, mask) || !k.count_hand_off()) {
         return None;
     }
     // Everything holds: the message goes to the receiver, the exit is its.
@@ -363,7 +366,8 @@ pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Opti
     (d.exit_server, d.exit_restricted) = (Some(receiver), true);
     let message = (len, token(Sender::Vcpu(slot), seq), badge, at);
     if run {
-        k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+        let p = k.processes[usize::from(pid)].as_mut()?;
+        p.state = State::Blocked(receive_wait(p, exit_buf));
         deliver(k, ep, receiver, message)
     }
     k.give(ep, receiver, message)?;
@@ -417,10 +421,8 @@ fn receiver_of(
 #[inline(never)]
 fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> {
     let p = k.processes[usize::from(pid)].as_ref()?;
-    let (bytes, wait) = answer_and_wait(p, p.frame.rdx)?;
-    let Wait::Recv { mask, .. } = wait else {
-        return None;
-    };
+    let (bytes, exit_buf) = answer_and_wait(p, p.frame.rdx)?;
+    let mask = p.frame.r10;
     let c = k.processes.get(usize::from(caller))?.as_ref()?;
     let (reply_buf, reply_cap, reply_at) = c.awaiting_answer(seq, pid)?;
     if bytes.len() as u64 > reply_cap {
@@ -441,7 +443,8 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> 
     // caller may write; `copy` allows them to overlap the answer (a frame
     // both map).
     unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
-    k.processes[usize::from(pid)].as_mut()?.state = State::Blocked(wait);
+    let p = k.processes[usize::from(pid)].as_mut()?;
+    p.state = State::Blocked(receive_wait(p, exit_buf));
     let c = k.processes[usize::from(caller)].as_mut()?;
     c.frame.rax = SysError::Ok as u64;
     c.frame.rdi = bytes.len() as u64;
