@@ -392,6 +392,12 @@ pub fn encode_exit(e: &Exit, regs: &ExitRegs, out: &mut [u8]) -> Option<usize> {
     fixed[36..38].copy_from_slice(&e.view.to_le_bytes());
     fixed[38] = e.instruction_len;
     fixed[39..47].copy_from_slice(&e.rip.to_le_bytes());
+    // (A hypercall's kind, its tag alone, without the general encoder: the
+    // exit the fast paths carry most.)
+    if let ExitKind::Hypercall = e.kind {
+        *rest.first_mut()? = 1;
+        return Some(EXIT_FIXED + 1);
+    }
     let mut o = Out::new(rest);
     put_kind(&mut o, &e.kind)?;
     Some(EXIT_FIXED + o.written())
