@@ -37,7 +37,7 @@ use ipc_schema::exitcodec::{
     EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape, plain_view_shape,
 };
 use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
-use ipc_schema::vmexit::{ExitRegs, Response, Then};
+use ipc_schema::vmexit::ExitRegs;
 use platform::vmx::fields::reason;
 
 /// Whether the fast paths are taken (kernel option `fastpath`).
@@ -319,11 +319,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
     }
-    v.apply(&Response {
-        advance,
-        inject: None,
-        then: Then::Resume,
-    });
+    v.resume_plain(advance);
     if let Some((view, eptp)) = eptp {
         v.set_view(view, eptp);
     }

@@ -717,16 +717,17 @@ impl Vcpu {
     /// `response.then`.
     #[inline]
     pub fn apply(&mut self, response: &Response) {
+        let Some(inject) = response.inject else {
+            return self.resume_plain(response.advance);
+        };
         // Before the first entry (the `Start` exit) there is no instruction
         // to skip.
         if response.advance && self.launched {
             self.skip_instruction();
         }
-        match response.inject {
-            Some(Inject::Exception { vector, error_code }) => {
-                self.inject_exception(vector, error_code)
-            }
-            Some(Inject::Interrupt { vector }) => {
+        match inject {
+            Inject::Exception { vector, error_code } => self.inject_exception(vector, error_code),
+            Inject::Interrupt { vector } => {
                 let info = platform::vmx::fields::inject::interrupt(vector);
                 // Safety: the VMCS is current; the caller checked that the
                 // guest can take an external interrupt (`can_take_interrupt`).
@@ -734,9 +735,19 @@ impl Vcpu {
                     let _ = vmwrite(ENTRY_INTERRUPTION_INFO, u64::from(info));
                 }
             }
-            // Before the first entry no event was under way.
-            None if self.launched => self.reinject_interrupted_event(),
-            None => {}
+        }
+    }
+
+    /// A response without an injection carried out: the instruction
+    /// skipped with `advance`, and an event the exit interrupted delivered
+    /// again (before the first entry, neither is there).
+    #[inline(always)]
+    pub fn resume_plain(&mut self, advance: bool) {
+        if self.launched {
+            if advance {
+                self.skip_instruction();
+            }
+            self.reinject_interrupted_event();
         }
     }
 
