@@ -430,6 +430,12 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             } else {
                 0
             };
+            // (A fourth value, in R10.)
+            let birth = d.birth;
+            if let Some(p) = k.processes[usize::from(pid)].as_mut() {
+                p.frame.r10 = birth;
+            }
+            let d = domain(k, a[1])?;
             Ok(Values([
                 d.state as u64,
                 u64::from(d.exit_status) | u64::from(d.foreign_pages) << 32 | protected,

@@ -71,6 +71,10 @@ pub struct Domain {
     pub started: bool,
     /// Not started or unpaused while `foreign_ungranted` is not 0 (FM-2).
     pub protected: bool,
+    /// Which domain this is of all made since boot (DOMAIN_INFO's R10):
+    /// ids are given again, births never, so that a service tells a new
+    /// domain from the one its records are of.
+    pub birth: u64,
     /// Pages of its RAM services hold foreign-mapped (FOREIGN_MAP; FM-1).
     pub foreign_pages: u32,
     /// Those of them not mapped within pages the guest grants.
@@ -112,6 +116,9 @@ impl From<EptError> for DomainError {
     }
 }
 
+/// The next domain's birth.
+static BIRTHS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
 impl Domain {
     /// Whether process `pid` holds this vCPU's exit of sequence `seq` (the
     /// one its reply token names), unanswered.
@@ -141,6 +148,7 @@ impl Domain {
         Ok(Domain {
             id,
             name,
+            birth: BIRTHS.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
             ram_bytes: 0,
             ram: heapless::Vec::new(),
             views,

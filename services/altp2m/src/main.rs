@@ -127,6 +127,10 @@ impl Kernel for System {
             .map(|(state, _, ram)| (state, ram / 4096))
     }
 
+    fn domain_birth(&mut self, domain: u16) -> Option<u64> {
+        sys::domain_birth(self.domains, domain).ok()
+    }
+
     fn room(&self) -> bool {
         heap_room(ROOM)
     }
@@ -144,6 +148,8 @@ struct Server {
     forward_to: Option<Handle>,
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
+    /// The birth of each domain with records (`forget_ended`).
+    births: service_altp2m::Births,
     /// Started without its predecessor's records: reset the views before
     /// the first request.
     reset_pending: bool,
@@ -604,8 +610,12 @@ impl Service for Server {
     fn notified(&mut self, slot: Handle, _bits: u64) {
         self.start();
         if Some(slot) == self.domain_ends {
-            let gone =
-                service_altp2m::forget_ended(&mut self.alt, &mut self.events, &mut self.system);
+            let gone = service_altp2m::forget_ended(
+                &mut self.alt,
+                &mut self.events,
+                &mut self.births,
+                &mut self.system,
+            );
             for id in gone {
                 defmt::info!("altp2m: domain {=u16} ended; its records are freed", id);
             }
@@ -699,6 +709,7 @@ impl Server {
             let guest_endpoint = Some(msg.slot) == self.guest;
             self.request(request, msg.badge, guest_endpoint)
         };
+        self.births.note(&self.alt, &self.events, &mut self.system);
         ipc::encode_reply(&Ok::<&AltReply, IpcError>(&answer), reply)
     }
 }
@@ -740,6 +751,7 @@ fn main() -> ! {
         forward_to: handle("listener-events"),
         rights: Rights::new(handle("supervisor")),
         domain_ends,
+        births: service_altp2m::Births::default(),
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
         system,
         alt: Altp2m::default(),

@@ -65,6 +65,9 @@ pub trait Kernel {
     /// A domain's state (a `DomainState` code) and its RAM in pages;
     /// `None` when there is no such domain.
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)>;
+    /// Which domain of all made since boot `domain` is (DOMAIN_INFO's
+    /// birth); `None` when there is no such domain.
+    fn domain_birth(&mut self, domain: u16) -> Option<u64>;
     /// Whether the service's heap has [`ROOM`] bytes free in one piece:
     /// enough for any one change that grows what the service keeps.
     fn room(&self) -> bool;

@@ -53,6 +53,8 @@ struct Model {
     writes: u64,
     /// Domain D's state (a `DomainState` code).
     state: u64,
+    /// Domain D's birth (a new domain given its id has another).
+    birth: u64,
     /// Whether the service's heap has room (`Kernel::room`).
     room: bool,
     /// Page sharing (SH-1..SH-4): shared frame id -> (frame, references).
@@ -94,6 +96,7 @@ impl Model {
             lifted: Vec::new(),
             writes: 0,
             state: 1,
+            birth: 1,
             room: true,
             shared: BTreeMap::new(),
             backs: BTreeMap::new(),
@@ -464,6 +467,9 @@ impl Kernel for Model {
     }
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         (domain == D).then_some((self.state, RAM))
+    }
+    fn domain_birth(&mut self, domain: u16) -> Option<u64> {
+        (domain == D).then_some(self.birth)
     }
     fn room(&self) -> bool {
         self.room
@@ -2114,6 +2120,47 @@ fn with_no_room_in_the_heap_a_change_is_refused_and_the_service_answers_on() {
     assert_eq!(r.guest(Request::GetMode), Reply::Mode(Mode::Mixed));
 }
 
+/// A domain destroyed and its id given to a new one before the service
+/// heard of the end (the new domain runs when the `domain-ends`
+/// notification is taken): the births differ, so the old domain's views,
+/// mode, listener and policy are forgotten, not handed to the new one; a
+/// domain that only runs on, of the birth noted, keeps everything. Births
+/// are noted only for domains with records, and dropped with them.
+#[test]
+fn an_id_given_to_a_new_domain_before_the_end_was_heard_starts_from_nothing() {
+    let mut r = Rig::new();
+    let mut births = crate::Births::default();
+    births.note(&r.alt, &r.ev, &mut r.k);
+    assert!(births.0.is_empty(), "no records, no birth");
+    let v = r.view();
+    r.alt.set_mode(&mut r.k, D, Mode::Limited).unwrap();
+    r.ev.listen(D, 5, true).unwrap();
+    r.ev.policy.insert(D, NoListener::Pause);
+    births.note(&r.alt, &r.ev, &mut r.k);
+    assert_eq!(births.0.get(&D), Some(&1));
+    // Running on, same birth: kept (a notification for another domain).
+    assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k).is_empty());
+    assert!(r.alt.domains.contains_key(&D) && r.ev.listens(5));
+    // Destroyed, and the id given to a new domain, which runs.
+    r.k = Model::new(ALL);
+    r.k.birth = 2;
+    births.note(&r.alt, &r.ev, &mut r.k);
+    assert_eq!(births.0.get(&D), Some(&1), "a birth noted is not renewed");
+    assert_eq!(
+        crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k),
+        std::vec![D]
+    );
+    assert!(r.alt.domains.is_empty() && !r.ev.listens(5) && r.ev.policy.is_empty());
+    assert!(births.0.is_empty());
+    assert_eq!(r.guest(Request::GetMode), Reply::Mode(Mode::Mixed));
+    assert!(
+        r.alt
+            .domains
+            .get(&D)
+            .is_none_or(|d| d.views.get(&v).is_none())
+    );
+}
+
 #[test]
 fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
     let mut r = Rig::new();
@@ -2126,13 +2173,16 @@ fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
     r.alt.set_mode(&mut r.k, D, Mode::Limited).unwrap();
     r.ev.listen(D, 5, true).unwrap();
     r.ev.policy.insert(D, NoListener::Pause);
-    assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut r.k).is_empty());
+    let mut births = crate::Births::default();
+    births.note(&r.alt, &r.ev, &mut r.k);
+    assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k).is_empty());
     assert!(r.alt.domains.contains_key(&D), "a running domain is kept");
     r.k.state = ipc_schema::syscall::DomainState::Crashed as u64;
     assert_eq!(
-        crate::forget_ended(&mut r.alt, &mut r.ev, &mut r.k),
+        crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k),
         std::vec![D]
     );
+    assert!(births.0.is_empty());
     assert!(r.alt.domains.is_empty());
     assert!(r.ev.listeners.is_empty() && r.ev.policy.is_empty());
     // The kernel gives the id to the next domain: it gets none of it.

@@ -365,6 +365,14 @@ pub fn domain_info(domains: Handle, id: u16) -> Result<(u64, u32, u64), SysError
         .map(|r| (r.rdi, r.rsi as u32, r.rdx))
 }
 
+/// Which domain of all made since boot domain `id` is (DOMAIN_INFO's
+/// R10): an id is given again to a new domain, a birth never.
+pub fn domain_birth(domains: Handle, id: u16) -> Result<u64, SysError> {
+    call(nr::DOMAIN_INFO, &[u64::from(domains), u64::from(id)])
+        .ok()
+        .map(|r| r.r10)
+}
+
 /// What DOMAIN_INFO says of a domain beyond its state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForeignInfo {
