@@ -21,9 +21,10 @@ pub trait Owner {
     /// A request to the altp2m service on `altp2m-share`; `None` when it
     /// could not be reached.
     fn ask(&mut self, r: &AltRequest) -> Option<AltReply>;
-    /// Whether the domain still exists (ended or not; a destroyed one has
-    /// released its references).
-    fn exists(&mut self, domain: u16) -> bool;
+    /// Which domain of all made since boot `domain` is (DOMAIN_INFO's
+    /// birth: ids are given again, births never); `None` when there is no
+    /// such domain (a destroyed one has released its references).
+    fn birth(&mut self, domain: u16) -> Option<u64>;
     /// The domain's RAM in pages, while it runs (a scan reads only those).
     fn pages(&mut self, domain: u16) -> Option<u64>;
     /// Copies page `gfn` of `domain` into `out` (DOMAIN_READ: the kernel
@@ -56,6 +57,10 @@ pub struct Sharing {
     pub free: u64,
     /// Deduplication: a page of the scan for each contents seen (by hash).
     pub index: BTreeMap<u64, Page>,
+    /// The birth of each domain with pages here, noted after the request
+    /// that gave it its first (SH-4's prune tells a new domain given the
+    /// id from the one the pages are of).
+    pub births: BTreeMap<u16, u64>,
     /// Two pages' worth of bytes for a scan, made at its first use.
     buffers: alloc::vec::Vec<u8>,
 }
@@ -110,6 +115,7 @@ impl Sharing {
                 pages,
             } => Ok(self.scan(o, &domains.0, from, pages)),
         };
+        self.note_births(o);
         answer.unwrap_or_else(ShReply::Error)
     }
 
@@ -152,12 +158,14 @@ impl Sharing {
         self.breaks += 1;
     }
 
-    /// SH-4: a destroyed domain's references were released by the kernel.
+    /// SH-4: a destroyed domain's references were released by the kernel,
+    /// whether or not its id was given to a new domain since.
     fn prune(&mut self, o: &mut impl Owner) {
         let mut domains: alloc::vec::Vec<u16> = self.pages.keys().map(|p| p.domain).collect();
         domains.dedup();
         for d in domains {
-            if o.exists(d) {
+            let noted = self.births.get(&d).copied();
+            if o.birth(d).is_some_and(|b| noted.is_none_or(|n| n == b)) {
                 continue;
             }
             let gone: alloc::vec::Vec<(Page, u32)> = self
@@ -172,6 +180,22 @@ impl Sharing {
                 self.set_refs(f, left);
             }
             self.handles.retain(|_, h| h.0.domain != d);
+            self.births.remove(&d);
+        }
+    }
+
+    /// Notes the birth of each domain with pages and none noted; drops
+    /// those of domains with none.
+    fn note_births(&mut self, o: &mut impl Owner) {
+        let mut domains: alloc::vec::Vec<u16> = self.pages.keys().map(|p| p.domain).collect();
+        domains.dedup();
+        self.births.retain(|d, _| domains.binary_search(d).is_ok());
+        for d in domains {
+            if let alloc::collections::btree_map::Entry::Vacant(e) = self.births.entry(d)
+                && let Some(b) = o.birth(d)
+            {
+                e.insert(b);
+            }
         }
     }
 

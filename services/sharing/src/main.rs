@@ -52,8 +52,8 @@ impl Owner for System {
         None
     }
 
-    fn exists(&mut self, domain: u16) -> bool {
-        sys::domain_info(self.domains, domain).is_ok()
+    fn birth(&mut self, domain: u16) -> Option<u64> {
+        sys::domain_birth(self.domains, domain).ok()
     }
 
     fn pages(&mut self, domain: u16) -> Option<u64> {

@@ -24,6 +24,9 @@ struct Fake {
     free: u64,
     breaks: Vec<CowBreak>,
     gone: Vec<u16>,
+    /// Each domain's birth (absent: 1), up by one when its id is given to
+    /// a new domain (`reborn`).
+    births: Map<u16, u64>,
     /// Pages whose gfn a view modifies (SH-3).
     modified: Vec<Page>,
     unreachable: bool,
@@ -90,6 +93,14 @@ impl Fake {
         }
         self.breaks.retain(|b| b.domain != d);
         self.gone.push(d);
+    }
+
+    /// Domain `d` destroyed and its id given to a new domain, before the
+    /// service hears of it.
+    fn reborn(&mut self, d: u16) {
+        self.destroy(d);
+        self.gone.retain(|&g| g != d);
+        *self.births.entry(d).or_insert(1) += 1;
     }
 
     fn page(&self, domain: u16, gfn: u64) -> Result<Page, AltError> {
@@ -183,8 +194,8 @@ impl Owner for Fake {
         }
         Some(self.answer(r).unwrap_or_else(AltReply::Refused))
     }
-    fn exists(&mut self, domain: u16) -> bool {
-        !self.gone.contains(&domain)
+    fn birth(&mut self, domain: u16) -> Option<u64> {
+        (!self.gone.contains(&domain)).then(|| self.births.get(&domain).copied().unwrap_or(1))
     }
     fn pages(&mut self, domain: u16) -> Option<u64> {
         ((1..=DOMAINS).contains(&domain) && !self.gone.contains(&domain)).then_some(RAM)
@@ -395,6 +406,7 @@ enum Op {
     Unshare(u16, u64),
     Write(u16, u64),
     Destroy(u16),
+    Reborn(u16),
     Status,
 }
 
@@ -408,13 +420,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (d.clone(), g.clone()).prop_map(|(d, g)| Op::Unshare(d, g)),
         4 => (d.clone(), g).prop_map(|(d, g)| Op::Write(d, g)),
         1 => (1u16..=DOMAINS).prop_map(Op::Destroy),
+        1 => (1u16..=DOMAINS).prop_map(Op::Reborn),
         1 => Just(Op::Status),
     ]
 }
 
 proptest! {
     /// SH-4 over random nominations, shares (good, used-up and forged
-    /// handles), unshares, guest writes and domain destructions: after
+    /// handles), unshares, guest writes, domain destructions and ids given
+    /// to new domains before the service heard of the end: after
     /// every request the service's pages and references are exactly the
     /// kernel's, every handle it holds names a page still mapping the
     /// frame it named, and frames saved are pages less frames.
@@ -436,6 +450,7 @@ proptest! {
                 Op::Unshare(d, g) => s.request(&mut f, &ShRequest::Unshare { domain: d, gfn: g }),
                 Op::Write(d, g) => { f.write(Page { domain: d, gfn: g }); s.request(&mut f, &ShRequest::Status) }
                 Op::Destroy(d) => { f.destroy(d); s.request(&mut f, &ShRequest::Status) }
+                Op::Reborn(d) => { f.reborn(d); s.request(&mut f, &ShRequest::Status) }
                 Op::Status => s.request(&mut f, &ShRequest::Status),
             };
             if let ShReply::Nominated { handle, .. } = reply {
@@ -531,8 +546,8 @@ fn a_page_written_between_its_nomination_and_the_share_is_never_merged() {
             }
             a
         }
-        fn exists(&mut self, d: u16) -> bool {
-            self.0.exists(d)
+        fn birth(&mut self, d: u16) -> Option<u64> {
+            self.0.birth(d)
         }
         fn pages(&mut self, d: u16) -> Option<u64> {
             self.0.pages(d).map(|_| 2)
