@@ -36,14 +36,7 @@ impl Births {
         events: &events::Events,
         k: &mut impl policy::Kernel,
     ) {
-        let mut ids: Vec<u16> = alt
-            .domains
-            .keys()
-            .copied()
-            .chain(events.domains())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = kept_for(alt, events);
         self.0.retain(|id, _| ids.binary_search(id).is_ok());
         for id in ids {
             if let alloc::collections::btree_map::Entry::Vacant(e) = self.0.entry(id)
@@ -53,6 +46,19 @@ impl Births {
             }
         }
     }
+}
+
+/// Every domain the service keeps something for, lowest first.
+fn kept_for(alt: &policy::Altp2m, events: &events::Events) -> Vec<u16> {
+    let mut ids: Vec<u16> = alt
+        .domains
+        .keys()
+        .copied()
+        .chain(events.domains())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Drops what the service keeps for every domain that has ended (gone, or
@@ -66,14 +72,7 @@ pub fn forget_ended(
     births: &mut Births,
     k: &mut impl policy::Kernel,
 ) -> Vec<u16> {
-    let mut ids: Vec<u16> = alt
-        .domains
-        .keys()
-        .copied()
-        .chain(events.domains())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let mut ids = kept_for(alt, events);
     ids.retain(|&id| {
         let reborn = births
             .0
