@@ -73,9 +73,10 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     let v = d.vcpu.as_ref()?;
     // (A VMCALL first, in one comparison: the path benchmarks measure.)
     let ep = if raw.is(reason::VMCALL) {
-        match crate::vm::p2m_hypercall(d) {
-            true => d.violation_endpoint,
-            false => d.exit_endpoint,
+        if crate::vm::p2m_hypercall(d) {
+            d.violation_endpoint
+        } else {
+            d.exit_endpoint
         }
     } else {
         if raw.vmx_failed() || raw.entry_failure() {
@@ -241,7 +242,7 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
 /// The answer of a REPLY_RECV by `p` where it lies, and where the next
 /// message goes when it is an exit (`Wait::Recv::exit_buf`), if the answer
 /// lies in one page: its buffer is translated with it (usually the same
-/// page). The wait itself is [`receive_wait`], made where it is stored (its
+/// page). The wait itself is [`next_wait`], made where it is stored (its
 /// words are not kept across the checks between).
 #[inline(always)]
 fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], u64)> {
@@ -269,7 +270,7 @@ fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], u64)> {
 /// The receive half of a REPLY_RECV by `p` (its mask, buffer and capacity
 /// in R10, R8, R9), with `exit_buf` from [`answer_and_wait`].
 #[inline(always)]
-fn receive_wait(p: &Process, exit_buf: u64) -> Wait {
+fn next_wait(p: &Process, exit_buf: u64) -> Wait {
     let f = &p.frame;
     Wait::Recv {
         mask: f.r10,
@@ -312,7 +313,7 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     // Everything holds: the service waits (first: then its wait need not
     // be kept across the answer's application), the answer is applied.
     let p = k.processes[usize::from(pid)].as_mut()?;
-    p.state = State::Blocked(receive_wait(p, exit_buf));
+    p.state = State::Blocked(next_wait(p, exit_buf));
     let d = k.domains[usize::from(slot)].as_mut()?;
     (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
     let v = d.vcpu.as_mut()?;
@@ -363,7 +364,7 @@ pub fn forward(k: &mut Kernel, pid: u16, slot: u16, seq: u32, run: bool) -> Opti
     let message = (len, token(Sender::Vcpu(slot), seq), badge, at);
     if run {
         let p = k.processes[usize::from(pid)].as_mut()?;
-        p.state = State::Blocked(receive_wait(p, exit_buf));
+        p.state = State::Blocked(next_wait(p, exit_buf));
         deliver(k, ep, receiver, message)
     }
     k.give(ep, receiver, message)?;
@@ -440,7 +441,7 @@ fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> 
     // both map).
     unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
     let p = k.processes[usize::from(pid)].as_mut()?;
-    p.state = State::Blocked(receive_wait(p, exit_buf));
+    p.state = State::Blocked(next_wait(p, exit_buf));
     let c = k.processes[usize::from(caller)].as_mut()?;
     c.frame.rax = SysError::Ok as u64;
     c.frame.rdi = bytes.len() as u64;

@@ -37,6 +37,8 @@ type Result<T> = core::result::Result<T, SysError>;
 /// Results in RDI, RSI, RDX.
 enum Done {
     Values([u64; 3]),
+    /// Values with a fourth, in R10 (DOMAIN_INFO's birth).
+    Values4([u64; 4]),
     Blocked,
     /// Returned, but let others run first (YIELD, EXIT, HALT).
     GiveWay,
@@ -60,6 +62,11 @@ pub fn dispatch(k: &mut Kernel, pid: u16) -> Outcome {
         Ok(Values(v)) => {
             p.frame.rax = SysError::Ok as u64;
             (p.frame.rdi, p.frame.rsi, p.frame.rdx) = (v[0], v[1], v[2]);
+            Outcome::Continue
+        }
+        Ok(Done::Values4(v)) => {
+            p.frame.rax = SysError::Ok as u64;
+            (p.frame.rdi, p.frame.rsi, p.frame.rdx, p.frame.r10) = (v[0], v[1], v[2], v[3]);
             Outcome::Continue
         }
         Ok(Done::Blocked) => Outcome::Reschedule,
@@ -430,16 +437,11 @@ fn other(k: &mut Kernel, pid: u16, number: u64, a: [u64; 6]) -> Result<Done> {
             } else {
                 0
             };
-            // (A fourth value, in R10.)
-            let birth = d.birth;
-            if let Some(p) = k.processes[usize::from(pid)].as_mut() {
-                p.frame.r10 = birth;
-            }
-            let d = domain(k, a[1])?;
-            Ok(Values([
+            Ok(Done::Values4([
                 d.state as u64,
                 u64::from(d.exit_status) | u64::from(d.foreign_pages) << 32 | protected,
                 d.ram_bytes,
+                d.birth,
             ]))
         }
         nr::DOMAIN_WATCH => {
