@@ -14,38 +14,18 @@ pub mod policy;
 pub mod sharing;
 pub mod tracking;
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
+use service_runtime::births::Births;
 
-/// The birth (DOMAIN_INFO's) of each domain the service keeps something
-/// for, noted when it began to: a domain id is given again to the next
-/// domain made after a destroy, and the `domain-ends` notification says
-/// only that some domain ended, so the id alone cannot tell a new domain
-/// from the one the records are of (the new one may even be made before
-/// the service hears of the end).
-#[derive(Default, Debug)]
-pub struct Births(pub BTreeMap<u16, u64>);
-
-impl Births {
-    /// Notes the birth of each domain with records and none noted, and
-    /// drops those of domains without records (after every request: only
-    /// a request begins records).
-    pub fn note(
-        &mut self,
-        alt: &policy::Altp2m,
-        events: &events::Events,
-        k: &mut impl policy::Kernel,
-    ) {
-        let ids = kept_for(alt, events);
-        self.0.retain(|id, _| ids.binary_search(id).is_ok());
-        for id in ids {
-            if let alloc::collections::btree_map::Entry::Vacant(e) = self.0.entry(id)
-                && let Some(b) = k.domain_birth(id)
-            {
-                e.insert(b);
-            }
-        }
-    }
+/// Notes the birth of each domain the service keeps records for (after
+/// every request: only a request begins records; [`Births`]).
+pub fn note_births(
+    births: &mut Births,
+    alt: &policy::Altp2m,
+    events: &events::Events,
+    k: &mut impl policy::Kernel,
+) {
+    births.note(&kept_for(alt, events), |id| k.domain_birth(id));
 }
 
 /// Every domain the service keeps something for, lowest first.
@@ -74,16 +54,12 @@ pub fn forget_ended(
 ) -> Vec<u16> {
     let mut ids = kept_for(alt, events);
     ids.retain(|&id| {
-        let reborn = births
-            .0
-            .get(&id)
-            .is_some_and(|&b| k.domain_birth(id) != Some(b));
-        reborn || !matches!(k.domain_info(id), Some((0..=2, _)))
+        births.gone(id, k.domain_birth(id)) || !matches!(k.domain_info(id), Some((0..=2, _)))
     });
     for &id in &ids {
         alt.forget(id);
         events.forget(id);
-        births.0.remove(&id);
+        births.forget(id);
     }
     ids
 }

@@ -149,7 +149,7 @@ struct Server {
     /// Signalled by the kernel when a domain ends.
     domain_ends: Option<Handle>,
     /// The birth of each domain with records (`forget_ended`).
-    births: service_altp2m::Births,
+    births: service_runtime::births::Births,
     /// Started without its predecessor's records: reset the views before
     /// the first request.
     reset_pending: bool,
@@ -709,7 +709,7 @@ impl Server {
             let guest_endpoint = Some(msg.slot) == self.guest;
             self.request(request, msg.badge, guest_endpoint)
         };
-        self.births.note(&self.alt, &self.events, &mut self.system);
+        service_altp2m::note_births(&mut self.births, &self.alt, &self.events, &mut self.system);
         ipc::encode_reply(&Ok::<&AltReply, IpcError>(&answer), reply)
     }
 }
@@ -751,7 +751,7 @@ fn main() -> ! {
         forward_to: handle("listener-events"),
         rights: Rights::new(handle("supervisor")),
         domain_ends,
-        births: service_altp2m::Births::default(),
+        births: Default::default(),
         reset_pending: service_runtime::generation() > 0 || service_runtime::successor(),
         system,
         alt: Altp2m::default(),

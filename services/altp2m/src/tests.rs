@@ -2129,29 +2129,29 @@ fn with_no_room_in_the_heap_a_change_is_refused_and_the_service_answers_on() {
 #[test]
 fn an_id_given_to_a_new_domain_before_the_end_was_heard_starts_from_nothing() {
     let mut r = Rig::new();
-    let mut births = crate::Births::default();
-    births.note(&r.alt, &r.ev, &mut r.k);
-    assert!(births.0.is_empty(), "no records, no birth");
+    let mut births = service_runtime::births::Births::default();
+    crate::note_births(&mut births, &r.alt, &r.ev, &mut r.k);
+    assert_eq!(births, Default::default(), "no records, no birth");
     let v = r.view();
     r.alt.set_mode(&mut r.k, D, Mode::Limited).unwrap();
     r.ev.listen(D, 5, true).unwrap();
     r.ev.policy.insert(D, NoListener::Pause);
-    births.note(&r.alt, &r.ev, &mut r.k);
-    assert_eq!(births.0.get(&D), Some(&1));
+    crate::note_births(&mut births, &r.alt, &r.ev, &mut r.k);
+    assert_eq!(births.of(D), Some(1));
     // Running on, same birth: kept (a notification for another domain).
     assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k).is_empty());
     assert!(r.alt.domains.contains_key(&D) && r.ev.listens(5));
     // Destroyed, and the id given to a new domain, which runs.
     r.k = Model::new(ALL);
     r.k.birth = 2;
-    births.note(&r.alt, &r.ev, &mut r.k);
-    assert_eq!(births.0.get(&D), Some(&1), "a birth noted is not renewed");
+    crate::note_births(&mut births, &r.alt, &r.ev, &mut r.k);
+    assert_eq!(births.of(D), Some(1), "a birth noted is not renewed");
     assert_eq!(
         crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k),
         std::vec![D]
     );
     assert!(r.alt.domains.is_empty() && !r.ev.listens(5) && r.ev.policy.is_empty());
-    assert!(births.0.is_empty());
+    assert_eq!(births, Default::default());
     assert_eq!(r.guest(Request::GetMode), Reply::Mode(Mode::Mixed));
     assert!(
         r.alt
@@ -2173,8 +2173,8 @@ fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
     r.alt.set_mode(&mut r.k, D, Mode::Limited).unwrap();
     r.ev.listen(D, 5, true).unwrap();
     r.ev.policy.insert(D, NoListener::Pause);
-    let mut births = crate::Births::default();
-    births.note(&r.alt, &r.ev, &mut r.k);
+    let mut births = service_runtime::births::Births::default();
+    crate::note_births(&mut births, &r.alt, &r.ev, &mut r.k);
     assert!(crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k).is_empty());
     assert!(r.alt.domains.contains_key(&D), "a running domain is kept");
     r.k.state = ipc_schema::syscall::DomainState::Crashed as u64;
@@ -2182,7 +2182,7 @@ fn a_domain_that_ended_is_forgotten_and_its_id_starts_from_nothing() {
         crate::forget_ended(&mut r.alt, &mut r.ev, &mut births, &mut r.k),
         std::vec![D]
     );
-    assert!(births.0.is_empty());
+    assert_eq!(births, Default::default());
     assert!(r.alt.domains.is_empty());
     assert!(r.ev.listeners.is_empty() && r.ev.policy.is_empty());
     // The kernel gives the id to the next domain: it gets none of it.

@@ -14,6 +14,7 @@
 #![no_std]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod births;
 pub mod ipc;
 pub mod log;
 pub mod rights;

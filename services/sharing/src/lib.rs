@@ -60,7 +60,7 @@ pub struct Sharing {
     /// The birth of each domain with pages here, noted after the request
     /// that gave it its first (SH-4's prune tells a new domain given the
     /// id from the one the pages are of).
-    pub births: BTreeMap<u16, u64>,
+    pub births: service_runtime::births::Births,
     /// Two pages' worth of bytes for a scan, made at its first use.
     buffers: alloc::vec::Vec<u8>,
 }
@@ -164,8 +164,7 @@ impl Sharing {
         let mut domains: alloc::vec::Vec<u16> = self.pages.keys().map(|p| p.domain).collect();
         domains.dedup();
         for d in domains {
-            let noted = self.births.get(&d).copied();
-            if o.birth(d).is_some_and(|b| noted.is_none_or(|n| n == b)) {
+            if !self.births.gone(d, o.birth(d)) {
                 continue;
             }
             let gone: alloc::vec::Vec<(Page, u32)> = self
@@ -180,23 +179,15 @@ impl Sharing {
                 self.set_refs(f, left);
             }
             self.handles.retain(|_, h| h.0.domain != d);
-            self.births.remove(&d);
+            self.births.forget(d);
         }
     }
 
-    /// Notes the birth of each domain with pages and none noted; drops
-    /// those of domains with none.
+    /// Notes the birth of each domain with pages (SH-4's prune).
     fn note_births(&mut self, o: &mut impl Owner) {
         let mut domains: alloc::vec::Vec<u16> = self.pages.keys().map(|p| p.domain).collect();
         domains.dedup();
-        self.births.retain(|d, _| domains.binary_search(d).is_ok());
-        for d in domains {
-            if let alloc::collections::btree_map::Entry::Vacant(e) = self.births.entry(d)
-                && let Some(b) = o.birth(d)
-            {
-                e.insert(b);
-            }
-        }
+        self.births.note(&domains, |d| o.birth(d));
     }
 
     fn set_refs(&mut self, frame: u32, refs: u32) {
