@@ -952,9 +952,20 @@ impl Supervisor {
                 match sys::domain_control(self.domains, id, op) {
                     Ok(()) => {
                         defmt::info!("init: domain {=u16}: {} on request", id, op);
-                        // A destroyed fork is forgotten (its id goes to
-                        // the next domain made).
+                        // Its end is told at once (a destroyed fork is
+                        // forgotten, its id going to the next domain made,
+                        // so `check_domains` would never see it end).
                         if op == DomainOp::Destroy {
+                            if let Some(d) = self.built.iter_mut().find(|d| d.id == id && !d.ended)
+                            {
+                                d.ended = true;
+                                let state = ipc_schema::syscall::DomainState::Destroyed as u8;
+                                self.record(SupervisorEvent::DomainEnded {
+                                    id,
+                                    state,
+                                    status: 0,
+                                });
+                            }
                             self.built.retain(|d| d.id != id || d.fork_name.is_none());
                         }
                         SupervisorReply::Done

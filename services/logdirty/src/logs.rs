@@ -61,6 +61,9 @@ pub trait Backend {
     /// A domain's state (a `DomainState` code) and its RAM in pages;
     /// `None` when there is no such domain.
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)>;
+    /// A domain's birth (`sys::domain_birth`): an id is given again to a
+    /// new domain, a birth never. `None` when there is no such domain.
+    fn domain_birth(&mut self, domain: u16) -> Option<u64>;
     /// Whether the heap has `bytes` free in one piece.
     fn room(&self, bytes: usize) -> bool;
 
@@ -144,6 +147,9 @@ struct Domain {
 #[derive(Debug, Default)]
 pub struct LogDirty {
     domains: BTreeMap<u16, Domain>,
+    /// The birth of each domain with logs: a new domain given an ended
+    /// one's id inherits none of them (`forget_reborn`).
+    births: service_runtime::births::Births,
 }
 
 /// Whether two ranges share a gfn.
@@ -307,6 +313,7 @@ impl LogDirty {
 
     /// Answers a request of the client with badge `client`.
     pub fn request(&mut self, b: &mut impl Backend, client: u64, r: &LdRequest) -> LdReply {
+        self.forget_reborn(b);
         let reply = match *r {
             LdRequest::Start {
                 domain,
@@ -336,6 +343,8 @@ impl LogDirty {
             LdRequest::Status { domain, log } => self.status(b, client, domain, log),
         };
         self.check_altp2m(b);
+        let kept: Vec<u16> = self.domains.keys().copied().collect();
+        self.births.note(&kept, |id| b.domain_birth(id));
         reply.unwrap_or_else(LdReply::Error)
     }
 
@@ -744,7 +753,40 @@ impl LogDirty {
     /// Forgets a domain that ended, without asking anything of anyone
     /// (its entries and PML went with it). The logs dropped.
     pub fn forget_domain(&mut self, domain: u16) -> usize {
+        self.births.forget(domain);
         self.domains.remove(&domain).map_or(0, |d| d.logs.len())
+    }
+
+    /// Forgets the logs of every domain that is gone or whose id a new
+    /// domain has been given since (its birth is not the one noted), before
+    /// the end was heard: they are not the new domain's, which must not
+    /// inherit them, nor be read through them. The ids forgotten.
+    pub fn forget_reborn(&mut self, b: &mut impl Backend) -> Vec<u16> {
+        let ids: Vec<u16> = self.domains.keys().copied().collect();
+        let gone: Vec<u16> = ids
+            .into_iter()
+            .filter(|&id| self.births.gone(id, b.domain_birth(id)))
+            .collect();
+        for &id in &gone {
+            let n = self.forget_domain(id);
+            defmt::info!(
+                "logdirty: domain {=u16} is gone or a new domain has its id: its {=usize} log(s) are forgotten",
+                id,
+                n
+            );
+        }
+        gone
+    }
+
+    /// The supervisor says domain `domain` ended: its logs go, unless the
+    /// id already serves a new domain, whose logs they are. The logs
+    /// dropped.
+    pub fn domain_ended(&mut self, b: &mut impl Backend, domain: u16) -> usize {
+        let live = matches!(b.domain_info(domain), Some((0..=2, _)));
+        if live && !self.births.gone(domain, b.domain_birth(domain)) {
+            return 0;
+        }
+        self.forget_domain(domain)
     }
 
     /// A restarted or swapped-in instance holds none of its predecessor's

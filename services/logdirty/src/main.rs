@@ -99,6 +99,10 @@ impl Backend for System {
             .map(|(state, _, ram)| (state, ram / 4096))
     }
 
+    fn domain_birth(&mut self, domain: u16) -> Option<u64> {
+        sys::domain_birth(self.domains, domain).ok()
+    }
+
     fn room(&self, bytes: usize) -> bool {
         heap_room(bytes)
     }
@@ -281,7 +285,7 @@ impl Server {
                 }
             }
             SupervisorEvent::DomainEnded { id, .. } => {
-                let n = self.logs.forget_domain(id);
+                let n = self.logs.domain_ended(&mut self.system, id);
                 if n > 0 {
                     defmt::info!(
                         "logdirty: domain {=u16} ended: its {=usize} log(s) are forgotten",

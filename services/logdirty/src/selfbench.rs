@@ -28,6 +28,10 @@ impl Backend for Synthetic {
     fn domain_info(&mut self, domain: u16) -> Option<(u64, u64)> {
         (domain == DOMAIN).then_some((1, PAGES))
     }
+
+    fn domain_birth(&mut self, domain: u16) -> Option<u64> {
+        (domain == DOMAIN).then_some(1)
+    }
     fn room(&self, _: usize) -> bool {
         true
     }

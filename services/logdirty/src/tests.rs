@@ -54,12 +54,17 @@ enum Call {
     DomainWrites(u16),
 }
 
+/// The next domain's birth (never given twice, as the kernel's).
+static BIRTHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A domain as the fake kernel and the fake altp2m service keep it.
 #[derive(Debug)]
 struct Dom {
     ram: u64,
     /// A `DomainState` code.
     state: u64,
+    /// Which domain of all the fake made this is (DOMAIN_INFO's birth).
+    birth: u64,
     /// PML on.
     pml: bool,
     /// GPAs the CPU logged into each buffer since it last started it.
@@ -92,6 +97,7 @@ impl Dom {
         Self {
             ram,
             state: 1,
+            birth: BIRTHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             pml: false,
             bufs: [Vec::new(), Vec::new()],
             snap: [Vec::new(), Vec::new()],
@@ -285,6 +291,10 @@ impl Backend for Fake {
         self.tick();
         self.calls.push(Call::DomainInfo(domain));
         self.doms.get(&domain).map(|d| (d.state, d.ram))
+    }
+
+    fn domain_birth(&mut self, domain: u16) -> Option<u64> {
+        self.doms.get(&domain).map(|d| d.birth)
     }
 
     fn room(&self, _bytes: usize) -> bool {
@@ -1415,6 +1425,52 @@ fn an_ended_domain_is_forgotten_without_a_call() {
         LdReply::Error(LdError::NotLogging)
     );
     assert_eq!(ld.forget_domain(D), 0);
+}
+
+#[test]
+fn a_new_domain_given_an_ended_ones_id_inherits_none_of_its_logs() {
+    let mut f = Fake::new(true);
+    let mut ld = LogDirty::default();
+    start(&mut ld, &mut f, A, D, 0, None, DirtyMode::Pml);
+    start(&mut ld, &mut f, A, E, 0, None, DirtyMode::Pml);
+    f.guest(&mut ld, D, 5);
+    // D destroyed and its id given to a new domain before the end was
+    // heard (the supervisor has no word of it yet, or never: a fork
+    // destroyed on request).
+    f.doms.insert(D, Dom::new(RAM));
+    f.guest(&mut ld, D, 6);
+    assert_eq!(
+        read(&mut ld, &mut f, A, D, 0, 0, false),
+        LdReply::Error(LdError::NotLogging),
+        "the old log is not read from the new domain"
+    );
+    assert_eq!(ld.logs(D), &[]);
+    assert_eq!(all(&mut ld, &mut f, A, E, 0), set([]), "E's log stays");
+    // A log of the new domain, then the old domain's end heard: it stays.
+    start(&mut ld, &mut f, B, D, 0, None, DirtyMode::Pml);
+    f.guest(&mut ld, D, 7);
+    assert_eq!(ld.domain_ended(&mut f, D), 0);
+    assert_eq!(all(&mut ld, &mut f, B, D, 0), set([7]));
+    // The new domain's own end: its log goes; a domain gone goes at the
+    // next request.
+    f.dom_mut(D).state = 4;
+    assert_eq!(ld.domain_ended(&mut f, D), 1);
+    f.doms.remove(&E);
+    assert_eq!(
+        read(&mut ld, &mut f, B, D, 0, 0, false),
+        LdReply::Error(LdError::NotLogging)
+    );
+    assert_eq!(ld.logs(E), &[]);
+    // An end heard of a domain that is still the one logged, and live,
+    // leaves its logs.
+    let mut f = Fake::new(true);
+    let mut ld = LogDirty::default();
+    start(&mut ld, &mut f, A, D, 0, None, DirtyMode::Pml);
+    assert_eq!(
+        ld.domain_ended(&mut f, D),
+        0,
+        "a live domain of the same birth keeps its logs"
+    );
 }
 
 #[test]
