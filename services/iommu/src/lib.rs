@@ -58,6 +58,10 @@ pub trait Kernel {
     fn unmap(&mut self, space: u32, bfns: &[u64]) -> Result<u32, UnmapError>;
     /// The last reference to a frame was dropped: nothing maps it for DMA.
     fn released(&mut self, domain: u16, gfn: u64);
+    /// Whether domain `domain` is live (building, running or paused), and
+    /// its birth (an id is given again to a new domain, a birth never);
+    /// `None` when there is no such domain.
+    fn domain(&mut self, domain: u16) -> Option<(bool, u64)>;
 }
 
 /// Why the kernel refused an unmap (it changed nothing).
@@ -88,6 +92,8 @@ pub struct Iommu {
     pub refs: BTreeMap<(u16, u64), u32>,
     /// IOTLB invalidations the service's unmaps took.
     pub invalidations: u64,
+    /// The birth of each domain mapped ([`Iommu::forget_ended`]).
+    births: service_runtime::births::Births,
 }
 
 impl Iommu {
@@ -259,6 +265,38 @@ impl Iommu {
             .into_iter()
             .map(|b| self.teardown(k, b, Some(domain)))
             .sum()
+    }
+
+    /// IO-4: tears down every backend's mappings of each domain that
+    /// ended or is gone, or whose id a new domain has been given since they
+    /// were made (its birth is not the one noted): the new domain is not
+    /// charged with them, nor loses its own to the old one's end. (domain,
+    /// pages) for each.
+    pub fn forget_ended<K: Kernel>(&mut self, k: &mut K) -> Vec<(u16, u64)> {
+        let mut gone = self.mapped_domains();
+        gone.retain(|&d| {
+            let now = k.domain(d);
+            now.is_none_or(|(live, _)| !live) || self.births.gone(d, now.map(|(_, b)| b))
+        });
+        gone.into_iter()
+            .map(|d| {
+                self.births.forget(d);
+                (d, self.teardown_domain(k, d))
+            })
+            .collect()
+    }
+
+    /// Notes the birth of each domain mapped (after each request).
+    pub fn note_births<K: Kernel>(&mut self, k: &mut K) {
+        let mapped = self.mapped_domains();
+        self.births.note(&mapped, |d| k.domain(d).map(|(_, b)| b));
+    }
+
+    /// Every domain some backend maps, lowest first.
+    fn mapped_domains(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.refs.keys().map(|&(d, _)| d).collect();
+        ids.dedup();
+        ids
     }
 
     /// IO-5: a client added at run time.

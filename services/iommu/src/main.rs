@@ -122,6 +122,11 @@ impl Kernel for System {
     fn released(&mut self, _domain: u16, _gfn: u64) {
         self.released += 1;
     }
+
+    fn domain(&mut self, domain: u16) -> Option<(bool, u64)> {
+        let (state, _, _) = sys::domain_info(self.domains, domain).ok()?;
+        Some((state <= 2, sys::domain_birth(self.domains, domain).ok()?))
+    }
 }
 
 struct Server {
@@ -262,7 +267,21 @@ impl Server {
         true
     }
 
+    /// IO-4: the mappings of the domains that ended, or whose id a new
+    /// domain was given, go (`Iommu::forget_ended`).
+    fn forget_ended(&mut self) {
+        for (d, n) in self.book.forget_ended(&mut self.system) {
+            defmt::info!(
+                "iommu: domain {=u16} ended: {=u64} mapped page(s) of it torn down (IO-4)",
+                d,
+                n
+            );
+        }
+    }
+
     fn request(&mut self, badge: u64, r: IommuRequest) -> IommuReply {
+        // (Before the end is heard, a domain's id may go to a new one.)
+        self.forget_ended();
         if !self.book.backends.contains_key(&badge) {
             self.refresh(badge);
         }
@@ -299,6 +318,7 @@ impl Server {
             }
             IommuRequest::Faults => Ok(self.take_faults(Some(badge))),
         };
+        self.book.note_births(&mut self.system);
         result.unwrap_or_else(|e| {
             defmt::warn!("iommu: backend {=u64}: refused: {}", badge, e);
             IommuReply::Error(e)
@@ -420,24 +440,7 @@ impl Service for Server {
             }
         }
         if Some(slot) == self.domain_ends {
-            let mut ended: Vec<u16> = Vec::new();
-            for b in self.book.backends.values() {
-                for &(d, _) in b.maps.values() {
-                    if !ended.contains(&d)
-                        && !matches!(sys::domain_info(self.system.domains, d), Ok((0..=2, _, _)))
-                    {
-                        ended.push(d);
-                    }
-                }
-            }
-            for d in ended {
-                let n = self.book.teardown_domain(&mut self.system, d);
-                defmt::info!(
-                    "iommu: domain {=u16} ended: {=u64} mapped page(s) of it torn down (IO-4)",
-                    d,
-                    n
-                );
-            }
+            self.forget_ended();
         }
     }
 

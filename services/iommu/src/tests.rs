@@ -31,9 +31,20 @@ struct Unit {
     fail_unmap: bool,
     released: Vec<(u16, u64)>,
     invalidations: u32,
+    /// Domains whose state or birth a test changed: (live, birth). Any
+    /// other is live, its birth its id.
+    doms: BTreeMap<u16, (bool, u64)>,
 }
 
 impl Kernel for Unit {
+    fn domain(&mut self, domain: u16) -> Option<(bool, u64)> {
+        Some(
+            self.doms
+                .get(&domain)
+                .copied()
+                .unwrap_or((true, u64::from(domain))),
+        )
+    }
     fn space_for(&mut self, devices: &[Device]) -> Option<u32> {
         self.spaces.push(devices.to_vec());
         Some(self.spaces.len() as u32 - 1)
@@ -205,6 +216,35 @@ fn a_domain_destroyed_behind_the_service_is_torn_down_page_by_page() {
     assert_eq!(s.teardown_domain(&mut k, 1), 4);
     assert!(k.tables.is_empty());
     assert!(s.refs.is_empty());
+}
+
+#[test]
+fn a_new_domain_given_an_ended_ones_id_is_not_charged_with_its_mappings() {
+    let mut k = Unit::default();
+    let mut s = two_backends(&mut k);
+    s.map(&mut k, B, 2, 0, 4, true).unwrap();
+    s.map(&mut k, B, 1, 0, 2, true).unwrap();
+    s.note_births(&mut k);
+    assert!(
+        s.forget_ended(&mut k).is_empty(),
+        "both live, the same births"
+    );
+    // Domain 2 destroyed (the kernel took its pages) and its id given to a
+    // new domain before the end was heard.
+    k.tables.retain(|_, (d, _, _)| *d != 2);
+    k.doms.insert(2, (true, 7));
+    assert_eq!(s.forget_ended(&mut k), vec![(2, 4)]);
+    assert_eq!(s.backends[&B].maps.len(), 2, "domain 1's stay");
+    // The new domain's own mapping, then the old one's end heard: it stays.
+    let bfn = s.map(&mut k, B, 2, 8, 1, true).unwrap();
+    s.note_births(&mut k);
+    assert!(s.forget_ended(&mut k).is_empty());
+    assert_eq!(s.references(2, 8), 1);
+    // Its own end (exited: still there, not live) takes it.
+    k.doms.insert(2, (false, 7));
+    assert_eq!(s.forget_ended(&mut k), vec![(2, 1)]);
+    assert!(!s.backends[&B].maps.contains_key(&bfn));
+    assert_eq!(s.references(2, 8), 0);
 }
 
 #[derive(Clone, Debug)]
