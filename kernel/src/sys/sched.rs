@@ -13,7 +13,7 @@
 //! handler, an answer its vCPU) is a hand-off: it is run next, before the
 //! queue (`Kernel::next`, see [`Kernel::make_ready_next`]).
 
-use super::process::{Process, State, USER_CS, USER_SS};
+use super::process::{Process, State};
 use super::{Kernel, Runnable, kernel};
 use crate::arch::idt::TrapFrame;
 use ipc_schema::halt::HaltStatus;
@@ -87,16 +87,14 @@ pub fn enter(p: &mut Process) -> ! {
         .as_ref()
         .expect("a runnable process has a space")
         .cr3();
-    // Whatever the frame says, return to ring 3 with interrupts on.
-    p.frame.cs = USER_CS;
-    p.frame.ss = USER_SS;
-    p.frame.rflags = (p.frame.rflags & 0xcd5) | 0x202;
     let frame: *const TrapFrame = &p.frame;
     // Its next trap saves its registers into this same frame.
     crate::arch::percpu::set_trap_frame_end(&p.frame);
     // Safety: `cr3` is the process's own table tree, whose upper half is the
-    // kernel's; the frame is a complete ring-3 frame, in the kernel's static
-    // state, which nothing changes before the `iretq`.
+    // kernel's; the frame is a complete ring-3 frame (only the CPU writes
+    // its CS, SS and RFLAGS, at a trap from ring 3, and `empty_frame`: ring
+    // 3, interrupts on), in the kernel's static state, which nothing
+    // changes before the `iretq`.
     unsafe { user_return(frame, cr3) }
 }
 
