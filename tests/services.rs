@@ -189,6 +189,12 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
             // Refused swaps change nothing.
             let e = ctl.swap("vmm", &[0x55; 3000]).unwrap_err();
             assert_eq!(refusal(e), Refusal::NotElf);
+            // The vmm whose entry point is not canonical: the kernel's
+            // return to it would fault in the kernel.
+            let mut bad_entry = elf.clone();
+            bad_entry[24..32].copy_from_slice(&0x8000_0000_0000_0000u64.to_le_bytes());
+            let e = ctl.swap("vmm", &bad_entry).unwrap_err();
+            assert_eq!(refusal(e), Refusal::NotElf);
             let console = std::fs::read(parallax_tests::service_elf("console")).unwrap();
             let console = image_builder::elf::strip_service(&console).unwrap();
             let e = ctl.swap("vmm", &console).unwrap_err();
@@ -261,7 +267,11 @@ fn a_service_is_swapped_under_a_running_guest_and_the_new_version_answers() {
     );
     run.expect_from(
         "init",
-        "swap of vmm refused: the file is not an x86-64 ELF executable",
+        "swap of vmm refused: the file is not an x86-64 ELF executable (NotElf)",
+    )
+    .expect_from(
+        "init",
+        "swap of vmm refused: the file is not an x86-64 ELF executable (BadEntry)",
     )
     .expect_from(
         "init",

@@ -12,6 +12,10 @@ pub enum ElfError {
     WrongKind,
     /// A header or table points outside the file.
     Truncated,
+    /// The entry point lies in no loadable, executable segment (for a
+    /// service, a return to it would leave its image: a kernel or
+    /// non-canonical address).
+    BadEntry,
 }
 
 /// One loadable segment.
@@ -86,6 +90,14 @@ impl<'a> Elf<'a> {
         };
         if elf.phentsize < 56 && elf.phnum > 0 || elf.shentsize < 64 && elf.shnum > 0 {
             return Err(ElfError::Truncated);
+        }
+        let mut entered = false;
+        for s in elf.segments() {
+            let s = s?;
+            entered |= s.executable && elf.entry >= s.vaddr && elf.entry - s.vaddr < s.mem_size;
+        }
+        if !entered {
+            return Err(ElfError::BadEntry);
         }
         Ok(elf)
     }
@@ -266,9 +278,37 @@ mod tests {
         assert_eq!(Elf::parse(&f).unwrap_err(), ElfError::WrongKind);
         let mut f = tiny();
         f[64 + 32..64 + 40].copy_from_slice(&0x10000u64.to_le_bytes()); // segment past the end
-        let e = Elf::parse(&f).unwrap();
-        assert_eq!(e.segments().next(), Some(Err(ElfError::Truncated)));
+        assert_eq!(Elf::parse(&f).unwrap_err(), ElfError::Truncated);
         assert_eq!(Elf::parse(&tiny()[..40]).unwrap_err(), ElfError::Truncated);
+    }
+
+    #[test]
+    fn the_entry_must_lie_in_a_loaded_executable_segment() {
+        let entry = |at: u64, flags: u32| {
+            let mut f = tiny();
+            f[24..32].copy_from_slice(&at.to_le_bytes());
+            f[64 + 4..64 + 8].copy_from_slice(&flags.to_le_bytes());
+            Elf::parse(&f).map(|e| e.entry)
+        };
+        assert_eq!(
+            entry(0x40_107f, 5),
+            Ok(0x40_107f),
+            "the segment's last byte"
+        );
+        for at in [
+            0x40_0fff,
+            0x40_1080,
+            0x8000_0000_0000_0000,
+            0xffff_ffff_8000_0000,
+            0,
+        ] {
+            assert_eq!(entry(at, 5), Err(ElfError::BadEntry), "{at:#x}");
+        }
+        assert_eq!(
+            entry(0x40_1000, 6),
+            Err(ElfError::BadEntry),
+            "not executable"
+        );
     }
 
     proptest! {

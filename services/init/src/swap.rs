@@ -26,10 +26,11 @@ pub fn swap(sup: &mut Supervisor, index: usize, len: u32) -> Result<u32, Refusal
     let buffer = sup.shared("swap").ok_or(Refusal::SwapFailed)?;
     let shared = map_frames(buffer, SWAP_VA).map_err(kernel)?;
     let elf = shared.get(..len as usize).ok_or(Refusal::NotElf)?;
-    if platform::elf::Elf::parse(elf).is_err() {
+    if let Err(e) = platform::elf::Elf::parse(elf) {
         defmt::warn!(
-            "init: swap of {=str} refused: the file is not an x86-64 ELF executable",
-            name
+            "init: swap of {=str} refused: the file is not an x86-64 ELF executable ({})",
+            name,
+            e
         );
         return Err(Refusal::NotElf);
     }
