@@ -15,38 +15,6 @@ use super::{VmxError, vmread};
 use ipc_schema::vmexit::GuestRegs;
 use platform::vmx::fields::{HOST_RSP, VM_INSTRUCTION_ERROR};
 
-core::arch::global_asm!(
-    ".section .text",
-    ".global vmx_exit",
-    "vmx_exit:",
-    "push rdi",
-    "mov rdi, [rsp + 8]",
-    "mov [rdi + 0], rax",
-    "mov [rdi + 8], rbx",
-    "mov [rdi + 16], rcx",
-    "mov [rdi + 24], rdx",
-    "mov [rdi + 32], rsi",
-    "mov [rdi + 48], rbp",
-    "mov [rdi + 56], r8",
-    "mov [rdi + 64], r9",
-    "mov [rdi + 72], r10",
-    "mov [rdi + 80], r11",
-    "mov [rdi + 88], r12",
-    "mov [rdi + 96], r13",
-    "mov [rdi + 104], r14",
-    "mov [rdi + 112], r15",
-    "pop qword ptr [rdi + 40]",
-    "add rsp, 8",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbx",
-    "pop rbp",
-    "xor eax, eax",
-    "ret",
-);
-
 unsafe extern "C" {
     /// The VMCS host RIP: where every VM exit lands.
     fn vmx_exit();
@@ -94,6 +62,34 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "3:",
         "setc cl",
         "setz dl",
+        "movzx eax, cl",
+        "movzx edx, dl",
+        "lea eax, [rax + 2 * rdx]",
+        "jmp 4f",
+        // The VMCS host RIP: every VM exit lands here, on the stack above.
+        ".global vmx_exit",
+        "vmx_exit:",
+        "push rdi",
+        "mov rdi, [rsp + 8]",
+        "mov [rdi + 0], rax",
+        "mov [rdi + 8], rbx",
+        "mov [rdi + 16], rcx",
+        "mov [rdi + 24], rdx",
+        "mov [rdi + 32], rsi",
+        "mov [rdi + 48], rbp",
+        "mov [rdi + 56], r8",
+        "mov [rdi + 64], r9",
+        "mov [rdi + 72], r10",
+        "mov [rdi + 80], r11",
+        "mov [rdi + 88], r12",
+        "mov [rdi + 96], r13",
+        "mov [rdi + 104], r14",
+        "mov [rdi + 112], r15",
+        "pop qword ptr [rdi + 40]",
+        "xor eax, eax",
+        // Both ways out: the `GuestRegs` pointer dropped, the host's
+        // callee-saved registers back.
+        "4:",
         "add rsp, 8",
         "pop r15",
         "pop r14",
@@ -101,9 +97,6 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "pop r12",
         "pop rbx",
         "pop rbp",
-        "movzx eax, cl",
-        "movzx edx, dl",
-        "lea eax, [rax + 2 * rdx]",
         "ret",
         host_rsp = const HOST_RSP,
     )
