@@ -190,7 +190,7 @@ fn the_host_keeps_two_logs_and_bad_requests_are_refused_by_name() {
             ok(&["stop", "1", "--log", "2"]);
             // A fork's log goes with it: destroyed, its id goes to the next
             // fork, which inherits no log (nothing of it is read through
-            // the old one).
+            // the old one), nor the old fork's altp2m view.
             let host = |args: &[&str]| {
                 // (A fork of a domain just paused may find its vCPU in the
                 // vmm's hands for a moment: retried then.)
@@ -208,10 +208,25 @@ fn the_host_keeps_two_logs_and_bad_requests_are_refused_by_name() {
             let forked = host(&["fork", "1"]);
             assert!(forked.contains("domain 2"), "{forked}");
             ok(&["start", "2", "--log", "5", "--range", "0:0x10"]);
+            // The altp2m service's records of it go too (a mode, a view).
+            host(&["altp2m", "mode", "2", "external"]);
+            let view = host(&["altp2m", "view-create", "2"]);
+            let view = view.trim().rsplit(' ').next().unwrap().to_owned();
             host(&["destroy", "2"]);
             let again = host(&["fork", "1"]);
             assert!(again.contains("domain 2"), "the id is given again: {again}");
             refused(&["read", "2", "--log", "5"], "not running");
+            let (done, out, err) = ctl(&socket, &["altp2m", "get", "2", &view, "0x10"]);
+            assert!(
+                !done && err.contains(&format!("view {view} does not exist")),
+                "the old fork's view is not the new one's: {out}\n{err}"
+            );
+            let first = host(&["altp2m", "view-create", "2"]);
+            assert_eq!(
+                first.trim().rsplit(' ').next(),
+                Some(view.as_str()),
+                "{first}"
+            );
             host(&["destroy", "2"]);
             host(&["unpause", "1"]);
             live.ticks_on("dom1", 3, 120);

@@ -559,7 +559,8 @@ fn split_to_4k_splits_what_overlaps_the_range() {
     assert_eq!(size(G1), Size4K);
     assert_eq!(size(G1 + M2), Size2M);
     // An empty range overlaps nothing (found by the model test).
-    ept.split_to_4k(&mut mem, G1 + M2 + K4, G1 + M2 + K4).unwrap();
+    ept.split_to_4k(&mut mem, G1 + M2 + K4, G1 + M2 + K4)
+        .unwrap();
     assert_eq!(ept.query(&mem, G1 + M2).unwrap().size, Size2M);
     for gpa in (0..G1 + 2 * M2).step_by(0x3_3000) {
         assert_eq!(ept.translate(&mem, gpa), Some(gpa));
