@@ -261,7 +261,8 @@ impl Server {
     /// Whether the manifest lets the caller with `badge` do `right` (a
     /// `manifest::introspection` bit) to `domain`; a refusal is logged.
     fn may(&mut self, badge: u64, domain: u16, right: u8) -> bool {
-        let ok = self.rights.allows(badge, domain, right);
+        let birth = self.system.domain_birth(domain);
+        let ok = self.rights.allows(badge, domain, right, birth);
         if !ok {
             defmt::warn!(
                 "altp2m: caller {=u64:#x} may not use `{=str}` on domain {=u16} (the manifest's introspection); refused",
@@ -541,7 +542,11 @@ impl Server {
                 // Only the events of domains the caller may see.
                 for e in self.events.after(after, EVENTS_PER_REPLY) {
                     next = e.id;
-                    if self.rights.allows(badge, e.domain, introspection::EVENTS) {
+                    let birth = self.system.domain_birth(e.domain);
+                    if self
+                        .rights
+                        .allows(badge, e.domain, introspection::EVENTS, birth)
+                    {
                         let _ = events.0.push(e);
                     }
                 }

@@ -136,9 +136,11 @@ impl Service for Server {
 
     fn handle(&mut self, msg: Message<'_>, reply: &mut [u8]) -> usize {
         let rights = &mut self.rights;
+        let domains = self.kernel.domains;
         let answer = ipc::decode::<IntroRequest>(msg.bytes).map(|r| {
             answer(&mut self.kernel, &r, |domain, right| {
-                let ok = rights.allows(msg.badge, domain, right);
+                let birth = sys::domain_birth(domains, domain).ok();
+                let ok = rights.allows(msg.badge, domain, right, birth);
                 if !ok {
                     defmt::warn!(
                         "introspect: caller {=u64:#x} may not `{=str}` domain {=u16} (the manifest's introspection); refused",

@@ -6,6 +6,13 @@
 //! whose requests are refused does not cost a supervisor call each.
 //! Without a supervisor handle every check fails: a service never acts on
 //! a domain nobody said it may.
+//!
+//! The rights are the manifest's for the domain that has an id now, and a
+//! destroyed domain's id goes to the next domain made (a fork of another
+//! parent, say): the caller gives each check the domain's birth
+//! (`sys::domain_birth`), and what was known is forgotten when the birth
+//! under an id changed, so that rights over a domain gone are never
+//! rights over the new one.
 
 use crate::ipc::Client;
 use ipc_schema::manifest::{MAX_DOMAINS, introspection};
@@ -20,6 +27,9 @@ pub struct Rights {
     supervisor: Option<Client>,
     /// (badge, its rights by domain, the domains asked about again).
     known: heapless::Vec<(u64, [u8; MAX_DOMAINS], u32), KEPT>,
+    /// The birth of the domain under each id when `known` was last right
+    /// for it (0: none seen).
+    births: [u64; MAX_DOMAINS],
 }
 
 impl Rights {
@@ -29,12 +39,24 @@ impl Rights {
         Self {
             supervisor: supervisor.map(|h| Client::new(h, SUPERVISOR)),
             known: heapless::Vec::new(),
+            births: [0; MAX_DOMAINS],
         }
     }
 
     /// Whether the caller with `badge` has `right` (an `introspection` bit)
-    /// over domain `domain`.
-    pub fn allows(&mut self, badge: u64, domain: u16, right: u8) -> bool {
+    /// over domain `domain`, whose birth is `birth` (`None`: no domain has
+    /// the id).
+    pub fn allows(&mut self, badge: u64, domain: u16, right: u8, birth: Option<u64>) -> bool {
+        let noted = usize::from(domain)
+            .checked_sub(1)
+            .and_then(|i| self.births.get_mut(i));
+        if let Some(noted) = noted
+            && *noted != birth.unwrap_or(0)
+        {
+            // Another domain has the id now: nothing known holds for it.
+            self.known.clear();
+            *noted = birth.unwrap_or(0);
+        }
         let has = |r: &[u8; MAX_DOMAINS]| {
             usize::from(domain)
                 .checked_sub(1)
@@ -80,4 +102,36 @@ impl Rights {
 /// The name of a right, for refusals in logs.
 pub fn name(right: u8) -> &'static str {
     introspection::name(right)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rights known for badge 1: every right over every domain.
+    fn knowing() -> Rights {
+        let mut r = Rights::new(None);
+        let _ = r.known.push((1, [0xff; MAX_DOMAINS], 0));
+        r
+    }
+
+    #[test]
+    fn rights_over_a_domain_gone_are_not_rights_over_the_new_one_with_its_id() {
+        let events = introspection::EVENTS;
+        // (No supervisor: what is asked anew is refused.)
+        let mut r = knowing();
+        assert!(
+            !r.allows(1, 2, events, Some(7)),
+            "a first sight: what was known of no birth is asked again"
+        );
+        let mut r = knowing();
+        r.births[1] = 7;
+        assert!(r.allows(1, 2, events, Some(7)), "known, the same domain");
+        assert!(
+            r.allows(1, 3, events, None),
+            "another id: no domain there yet"
+        );
+        assert!(!r.allows(1, 2, events, Some(9)), "a new domain under id 2");
+        assert!(!r.allows(1, 2, events, Some(9)), "and still not known");
+    }
 }
