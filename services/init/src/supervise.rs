@@ -830,13 +830,13 @@ impl Supervisor {
                 .introspection
                 .iter()
                 .find(|x| x.service == service.name);
-            if let (Some(g), Some(slot)) = (
-                granted,
-                usize::from(id)
-                    .checked_sub(1)
-                    .and_then(|s| rights.get_mut(s)),
-            ) {
-                *slot = g.rights;
+            // Each id's rights are its present domain's: a fork given a
+            // destroyed domain's id gets none of that domain's grant.
+            if let Some(slot) = usize::from(id)
+                .checked_sub(1)
+                .and_then(|s| rights.get_mut(s))
+            {
+                *slot = granted.map_or(0, |g| g.rights);
             }
         }
         rights
