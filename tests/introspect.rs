@@ -287,6 +287,19 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
                 "the agent's id is given again"
             );
             not_allowed("1");
+            // And a fork of that fork is the secret domain's copy too.
+            assert!(fork("1").contains("domain 3"));
+            not_allowed("3");
+            // The agent is listed as destroyed, not with the state of the
+            // domain that has its id now.
+            let listed = ok(&s, &["domains"]);
+            assert!(
+                listed
+                    .lines()
+                    .any(|l| l.contains("agent ") && l.contains("destroyed")),
+                "{listed}"
+            );
+            ok(&s, &["destroy", "3"]);
             ok(&s, &["destroy", "1"]);
             ok(&s, &["destroy", "2"]);
         },

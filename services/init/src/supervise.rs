@@ -789,8 +789,15 @@ impl Supervisor {
     fn domain_info(&self, index: u16) -> Option<DomainInfo> {
         let d = self.built.get(usize::from(index))?;
         let spec = &self.manifest.domains[d.spec];
-        let (state, status, _) = sys::domain_info(self.domains, d.id).unwrap_or((5, 0, 0));
-        let foreign = sys::domain_foreign(self.domains, d.id).ok();
+        // An entry whose id a newer domain has is of a domain destroyed.
+        let present = self.built.iter().rposition(|e| e.id == d.id) == Some(usize::from(index));
+        let (state, status, _) = sys::domain_info(self.domains, d.id)
+            .ok()
+            .filter(|_| present)
+            .unwrap_or((5, 0, 0));
+        let foreign = sys::domain_foreign(self.domains, d.id)
+            .ok()
+            .filter(|_| present);
         Some(DomainInfo {
             id: d.id,
             name: d.fork_name.unwrap_or_else(|| fixed_name(spec.name)),
@@ -848,7 +855,15 @@ impl Supervisor {
     /// VM fork (docs/sharing.md): the kernel makes the child; init lists
     /// it with its parent's manifest entry and its own name.
     fn fork(&mut self, parent: u16, name: ipc_schema::supervisor::Name) -> SupervisorReply {
-        let Some(spec) = self.built.iter().find(|d| d.id == parent).map(|d| d.spec) else {
+        // (The newest entry of an id is its present domain's: a destroyed
+        // domain's id goes to the next domain made.)
+        let Some(spec) = self
+            .built
+            .iter()
+            .rev()
+            .find(|d| d.id == parent)
+            .map(|d| d.spec)
+        else {
             return SupervisorReply::Refused(Refusal::NoSuchDomain);
         };
         if self.built.is_full() {
@@ -892,7 +907,7 @@ impl Supervisor {
     fn shadow_frames(&mut self, caller: u64, id: u16, count: u16) -> SupervisorReply {
         use ipc_schema::manifest::introspection::VIEWS;
         use ipc_schema::supervisor::MAX_SHADOW_PAGES;
-        let Some(entry) = self.built.iter().position(|d| d.id == id) else {
+        let Some(entry) = self.built.iter().rposition(|d| d.id == id) else {
             return SupervisorReply::Refused(Refusal::NoSuchDomain);
         };
         let allowed = usize::from(id)
