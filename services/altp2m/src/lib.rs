@@ -52,16 +52,15 @@ pub fn forget_ended(
     births: &mut Births,
     k: &mut impl policy::Kernel,
 ) -> Vec<u16> {
-    let mut ids = kept_for(alt, events);
-    ids.retain(|&id| {
-        births.gone(id, k.domain_birth(id)) || !matches!(k.domain_info(id), Some((0..=2, _)))
+    let ended = births.ended(&kept_for(alt, events), |id| {
+        let live = matches!(k.domain_info(id), Some((0..=2, _)));
+        Some((live, k.domain_birth(id)?))
     });
-    for &id in &ids {
+    for &id in &ended {
         alt.forget(id);
         events.forget(id);
-        births.forget(id);
     }
-    ids
+    ended.to_vec()
 }
 
 #[cfg(test)]

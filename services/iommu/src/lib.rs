@@ -273,16 +273,10 @@ impl Iommu {
     /// charged with them, nor loses its own to the old one's end. (domain,
     /// pages) for each.
     pub fn forget_ended<K: Kernel>(&mut self, k: &mut K) -> Vec<(u16, u64)> {
-        let mut gone = self.mapped_domains();
-        gone.retain(|&d| {
-            let now = k.domain(d);
-            now.is_none_or(|(live, _)| !live) || self.births.gone(d, now.map(|(_, b)| b))
-        });
-        gone.into_iter()
-            .map(|d| {
-                self.births.forget(d);
-                (d, self.teardown_domain(k, d))
-            })
+        let ended = self.births.ended(&self.mapped_domains(), |d| k.domain(d));
+        ended
+            .into_iter()
+            .map(|d| (d, self.teardown_domain(k, d)))
             .collect()
     }
 

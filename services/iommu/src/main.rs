@@ -124,8 +124,8 @@ impl Kernel for System {
     }
 
     fn domain(&mut self, domain: u16) -> Option<(bool, u64)> {
-        let (state, _, _) = sys::domain_info(self.domains, domain).ok()?;
-        Some((state <= 2, sys::domain_birth(self.domains, domain).ok()?))
+        let (state, birth) = sys::domain_state_birth(self.domains, domain).ok()?;
+        Some((state <= 2, birth))
     }
 }
 

@@ -763,10 +763,10 @@ impl LogDirty {
     /// inherit them, nor be read through them. The ids forgotten.
     pub fn forget_reborn(&mut self, b: &mut impl Backend) -> Vec<u16> {
         let ids: Vec<u16> = self.domains.keys().copied().collect();
-        let gone: Vec<u16> = ids
-            .into_iter()
-            .filter(|&id| self.births.gone(id, b.domain_birth(id)))
-            .collect();
+        // (An end that is not a destroy is the supervisor's word.)
+        let gone = self
+            .births
+            .ended(&ids, |id| Some((true, b.domain_birth(id)?)));
         for &id in &gone {
             let n = self.forget_domain(id);
             defmt::info!(
@@ -775,15 +775,18 @@ impl LogDirty {
                 n
             );
         }
-        gone
+        gone.to_vec()
     }
 
     /// The supervisor says domain `domain` ended: its logs go, unless the
     /// id already serves a new domain, whose logs they are. The logs
     /// dropped.
     pub fn domain_ended(&mut self, b: &mut impl Backend, domain: u16) -> usize {
-        let live = matches!(b.domain_info(domain), Some((0..=2, _)));
-        if live && !self.births.gone(domain, b.domain_birth(domain)) {
+        let ended = self.births.ended(&[domain], |id| {
+            let live = matches!(b.domain_info(id), Some((0..=2, _)));
+            Some((live, b.domain_birth(id)?))
+        });
+        if ended.is_empty() {
             return 0;
         }
         self.forget_domain(domain)

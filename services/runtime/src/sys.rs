@@ -373,6 +373,13 @@ pub fn domain_birth(domains: Handle, id: u16) -> Result<u64, SysError> {
         .map(|r| r.r10)
 }
 
+/// Domain `id`'s state and birth, from one DOMAIN_INFO.
+pub fn domain_state_birth(domains: Handle, id: u16) -> Result<(u64, u64), SysError> {
+    call(nr::DOMAIN_INFO, &[u64::from(domains), u64::from(id)])
+        .ok()
+        .map(|r| (r.rdi, r.r10))
+}
+
 /// What DOMAIN_INFO says of a domain beyond its state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForeignInfo {

@@ -163,10 +163,8 @@ impl Sharing {
     fn prune(&mut self, o: &mut impl Owner) {
         let mut domains: alloc::vec::Vec<u16> = self.pages.keys().map(|p| p.domain).collect();
         domains.dedup();
-        for d in domains {
-            if !self.births.gone(d, o.birth(d)) {
-                continue;
-            }
+        // (A domain's references outlive its end, until it is destroyed.)
+        for d in self.births.ended(&domains, |d| Some((true, o.birth(d)?))) {
             let gone: alloc::vec::Vec<(Page, u32)> = self
                 .pages
                 .iter()
@@ -179,7 +177,6 @@ impl Sharing {
                 self.set_refs(f, left);
             }
             self.handles.retain(|_, h| h.0.domain != d);
-            self.births.forget(d);
         }
     }
 
