@@ -118,20 +118,22 @@ unsafe extern "C" fn trap_common() {
         "2:",
         "lea rsp, [rip + {stack} + {stack_size}]",
         // A call between services tries the fast paths first (back here if
-        // not taken; RBX keeps the frame). A REPLY_RECV to a vCPU (token
-        // bit 63) finds its fast path in line in `user_trap`.
+        // not taken; RBX keeps the frame); a REPLY_RECV to a vCPU (token
+        // bit 63) tries its own, which goes on to `user_trap` if not taken.
         "cmp qword ptr [rdi + {vector}], {syscall}",
         "jne 3f",
         "cmp qword ptr [rdi + {rax}], {reply_recv}",
         "jne 4f",
         "cmp qword ptr [rdi + {rdi}], 0",
-        "jl 3f",
+        "jl 5f",
         "4:",
         "mov rbx, rdi",
         "call {fast}",
         "mov rdi, rbx",
         "3:",
         "call {user}",
+        "5:",
+        "call {vcpu}",
         "ud2",
         cs = const FRAME_CS,
         vector = const core::mem::offset_of!(TrapFrame, vector),
@@ -140,6 +142,7 @@ unsafe extern "C" fn trap_common() {
         rdi = const core::mem::offset_of!(TrapFrame, rdi),
         reply_recv = const ipc_schema::syscall::nr::REPLY_RECV,
         fast = sym crate::sys::fastpath::trap,
+        vcpu = sym crate::sys::fastpath::vcpu_trap,
         trap = sym trap,
         back = sym crate::sys::sched::user_return,
         user = sym crate::sys::sched::user_trap,

@@ -31,6 +31,7 @@ use super::Kernel;
 use super::caps::{Cap, Object};
 use super::ipc::{Sender, bits, token, untoken};
 use super::process::{Process, State, Wait};
+use crate::arch::idt::TrapFrame;
 use crate::vm::vcpu::VcpuState;
 use core::sync::atomic::{AtomicBool, Ordering};
 use ipc_schema::exitcodec::{
@@ -162,9 +163,20 @@ pub extern "C" fn trap() {
     }
 }
 
+/// The running process made a REPLY_RECV answering a vCPU (its frame at
+/// `frame`): tried by the trap entry instead of `sched::user_trap`, which
+/// it goes on to if the fast path is not taken.
+pub extern "C" fn vcpu_trap(frame: *mut TrapFrame) -> ! {
+    let k = super::kernel();
+    if let Some(pid) = k.current {
+        syscall(k, pid, true);
+    }
+    super::sched::user_trap(frame)
+}
+
 /// Process `pid` made a system call (its registers in its frame): CALL and
 /// REPLY_RECV have fast paths ([`call`], [`answer_caller`]; with `vcpu`,
-/// only [`answer_vcpu`], in line in `user_trap`). Returns, having changed
+/// only [`answer_vcpu`] and [`forward`], from [`vcpu_trap`]). Returns, having changed
 /// nothing, when the call takes the general path.
 #[inline(always)]
 pub fn syscall(k: &mut Kernel, pid: u16, vcpu: bool) -> Option<()> {
@@ -253,7 +265,7 @@ fn answer_and_wait(p: &Process, len: u64) -> Option<(&'static [u8], u64)> {
     let (at, next) =
         p.space
             .as_ref()?
-            .answer_and_buffer(f.rsi, len as usize, f.r8, EXIT_MESSAGE_MAX)?;
+            .answer_and_buffer(f.rsi, len as usize, f.r8, EXIT_MESSAGE_MAX, 0)?;
     let exit_buf = if f.r9 >= EXIT_MESSAGE_MAX as u64 {
         next
     } else {
@@ -468,7 +480,7 @@ fn call(k: &mut Kernel, pid: u16) -> Option<()> {
     let (from, reply_at) =
         p.space
             .as_ref()?
-            .answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize)?;
+            .answer_and_buffer(va, len as usize, reply_buf, reply_cap as usize, 1)?;
     if !k.count_hand_off() {
         return None;
     }

@@ -148,7 +148,6 @@ pub extern "C" fn user_trap(frame: *mut TrapFrame) -> ! {
     }
     match p.frame.vector {
         0x80 => {
-            super::fastpath::syscall(k, pid, true);
             match super::syscall::dispatch(k, pid) {
                 super::syscall::Outcome::Continue
                     if k.processes[usize::from(pid)]

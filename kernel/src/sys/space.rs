@@ -77,6 +77,12 @@ pub struct AddressSpace {
     /// server's receive loop, a client's). Cleared when a mapping of this
     /// space changes.
     last: core::cell::Cell<[(u64, u64); 2]>,
+    /// The last [`AddressSpace::answer_and_buffer`] of each kind (0: a
+    /// REPLY_RECV's, 1: a CALL's) that found both spans (a receive loop, a
+    /// client, asks the same one every time): the two addresses, one more
+    /// than the bytes readable and writable from each in its page (0:
+    /// nothing kept), and their direct-map addresses. Cleared with `last`.
+    kept: [core::cell::Cell<[u64; 6]>; 2],
 }
 
 /// No page: `last` is empty.
@@ -91,7 +97,14 @@ impl AddressSpace {
         Some(Self {
             pml4,
             last: core::cell::Cell::new([(NO_PAGE, 0); 2]),
+            kept: Default::default(),
         })
+    }
+
+    /// Forgets the translations kept (a mapping changes).
+    fn forget(&self) {
+        self.last.set([(NO_PAGE, 0); 2]);
+        self.kept.iter().for_each(|k| k.set([0; 6]));
     }
 
     /// The value for CR3.
@@ -101,7 +114,7 @@ impl AddressSpace {
 
     /// Maps the 4 KiB page at `va` to the frame at `pa`.
     pub fn map(&mut self, va: u64, pa: u64, flags: PageFlags) -> Result<(), SpaceError> {
-        self.last.set([(NO_PAGE, 0); 2]);
+        self.forget();
         if !va.is_multiple_of(PAGE_SIZE) || va >= USER_END || !pa.is_multiple_of(PAGE_SIZE) {
             return Err(SpaceError::BadAddress);
         }
@@ -132,7 +145,7 @@ impl AddressSpace {
     /// frames; the TLB is flushed by the next CR3 load or here for the
     /// current space).
     pub fn unmap(&mut self, va: u64) -> Result<u64, SpaceError> {
-        self.last.set([(NO_PAGE, 0); 2]);
+        self.forget();
         let leaf = self.leaf(va).ok_or(SpaceError::NotMapped)?;
         let pa = *leaf & ADDRESS;
         if *leaf & OWNED != 0 {
@@ -257,7 +270,17 @@ impl AddressSpace {
         len: usize,
         buf: u64,
         buf_len: usize,
+        kind: usize,
     ) -> Option<(*const u8, u64)> {
+        let kept = &self.kept[kind & 1];
+        match kept.get() {
+            [v, b, v_limit, b_limit, at, next]
+                if v == va && b == buf && (len as u64) < v_limit && (buf_len as u64) < b_limit =>
+            {
+                return Some((at as *const u8, next));
+            }
+            _ => {}
+        }
         if !span::in_one_page(va, len as u64) {
             return None;
         }
@@ -272,6 +295,10 @@ impl AddressSpace {
             Some(buf_offset) if e & WRITABLE != 0 => phys_to_virt(e & ADDRESS) as u64 + buf_offset,
             _ => self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64),
         };
+        if next != 0 {
+            let room = |a: u64| PAGE_SIZE - a % PAGE_SIZE + 1;
+            kept.set([va, buf, room(va), room(buf), answer as u64, next]);
+        }
         Some((answer, next))
     }
 
