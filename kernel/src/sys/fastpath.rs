@@ -66,10 +66,14 @@ pub fn configure(option: Option<&str>) {
 /// handler (no return). Returns, having changed nothing, otherwise.
 #[inline(always)]
 pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
-    if !ON.load(Ordering::Relaxed) {
+    // (The hand-off is counted first, so that nothing is looked up twice:
+    // if the path is not taken, the general one counts it again, which
+    // changes nothing a first count did not.)
+    if !ON.load(Ordering::Relaxed) || !k.count_hand_off() {
         return None;
     }
-    let d = k.domains[usize::from(slot)].as_ref()?;
+    let (domains, endpoints, processes) = (&mut k.domains, &mut k.endpoints, &mut k.processes);
+    let d = domains[usize::from(slot)].as_mut()?;
     let raw = d.pending_raw?;
     let v = d.vcpu.as_ref()?;
     // (A VMCALL first, in one comparison: the path benchmarks measure.)
@@ -98,21 +102,19 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
             _ => d.exit_endpoint,
         }
     };
-    let e = k.endpoints[usize::from(ep)].as_ref()?;
+    let e = endpoints[usize::from(ep)].as_mut()?;
     let (pid, handle) = (e.waiting?, e.waiting_slot);
-    let p = k.processes[usize::from(pid)].as_ref()?;
+    let p = processes[usize::from(pid)].as_mut()?;
     // The hint holds: the handler waits in RECV, through the handle the
     // hint names, on this endpoint.
     let (Some((_, at)), true) = (receives(p, handle, ep, 0), e.queue.is_empty()) else {
         return None;
     };
-    if at.is_null() || !k.count_hand_off() {
+    if at.is_null() {
         return None;
     }
     // Everything holds: from here on, the exit is delivered.
-    let d = k.domains[usize::from(slot)].as_mut()?;
     d.pending_raw = None;
-    let v = d.vcpu.as_ref()?;
     let exit = match &mut d.pending {
         Some(e) => {
             v.decode_into(d.id, &raw, e);
@@ -129,8 +131,10 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     d.exit_seq = d.exit_seq.wrapping_add(1);
     d.last_endpoint = ep;
     d.exit_server = Some(pid);
-    let token = token(Sender::Vcpu(slot), d.exit_seq);
-    deliver(k, ep, pid, (len as u64, token, 0, handle))
+    e.served_by(pid);
+    p.take_message(len as u64, token(Sender::Vcpu(slot), d.exit_seq), 0, handle);
+    k.current = Some(pid);
+    super::sched::enter(p)
 }
 
 /// Whether `p` waits in RECV through its handle `slot` on endpoint `ep`,
@@ -154,48 +158,46 @@ fn deliver(k: &mut Kernel, ep: u16, pid: u16, message: (u64, u64, u64, u32)) -> 
     }
 }
 
-/// The running process made a system call: tried by the trap entry before
-/// `sched::user_trap` (except REPLY_RECV answering a vCPU, see [`syscall`]).
+/// The running process made a system call other than a REPLY_RECV
+/// answering a vCPU: tried by the trap entry before `sched::user_trap`.
+/// CALL and REPLY_RECV answering a process have fast paths ([`call`],
+/// [`answer_caller`]); nothing is changed when the general path is taken.
 pub extern "C" fn trap() {
     let k = super::kernel();
-    if let Some(pid) = k.current {
-        syscall(k, pid, false);
-    }
-}
-
-/// The running process made a REPLY_RECV answering a vCPU (its frame at
-/// `frame`): tried by the trap entry instead of `sched::user_trap`, which
-/// it goes on to if the fast path is not taken.
-pub extern "C" fn vcpu_trap(frame: *mut TrapFrame) -> ! {
-    let k = super::kernel();
-    if let Some(pid) = k.current {
-        syscall(k, pid, true);
-    }
-    super::sched::user_trap(frame)
-}
-
-/// Process `pid` made a system call (its registers in its frame): CALL and
-/// REPLY_RECV have fast paths ([`call`], [`answer_caller`]; with `vcpu`,
-/// only [`answer_vcpu`] and [`forward`], from [`vcpu_trap`]). Returns, having changed
-/// nothing, when the call takes the general path.
-#[inline(always)]
-pub fn syscall(k: &mut Kernel, pid: u16, vcpu: bool) -> Option<()> {
-    let f = &k.processes[usize::from(pid)].as_ref()?.frame;
+    let Some(pid) = k.current else { return };
+    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+        return;
+    };
+    let f = &p.frame;
     if !ON.load(Ordering::Relaxed) {
-        return None;
+        return;
     }
     match (f.rax, untoken(f.rdi)) {
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu && f.rdx >> 32 == 0 => {
-            answer_vcpu(k, pid, slot, seq)
-        }
-        (nr::REPLY_RECV, (Sender::Vcpu(slot), seq)) if vcpu => forward(k, pid, slot, seq, true),
         // Token 0 answers nobody (a receive loop's first wait).
-        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if !vcpu && f.rdi != 0 => {
+        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
             answer_caller(k, pid, caller, seq)
         }
-        (nr::CALL, _) if !vcpu => call(k, pid),
+        (nr::CALL, _) => call(k, pid),
         _ => None,
+    };
+}
+
+/// The running process made a REPLY_RECV answering a vCPU (the trap entry
+/// saw its number and the token's bit 63 in `frame`, its own): the fast
+/// paths [`answer_vcpu`] and [`forward`], else `sched::user_trap`.
+pub extern "C" fn vcpu_trap(frame: *mut TrapFrame) -> ! {
+    let k = super::kernel();
+    if let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed)) {
+        // Safety: the trap entry wrote the whole frame there.
+        let (rdi, rdx) = unsafe { ((*frame).rdi, (*frame).rdx) };
+        if let (Sender::Vcpu(slot), seq) = untoken(rdi) {
+            match rdx >> 32 {
+                0 => answer_vcpu(k, pid, slot, seq),
+                _ => forward(k, pid, slot, seq, true),
+            };
+        }
     }
+    super::sched::user_trap(frame)
 }
 
 /// The receive half of a REPLY_RECV on `mask`: true if every handle is one
