@@ -72,21 +72,14 @@ pub enum SpaceError {
 #[derive(Debug)]
 pub struct AddressSpace {
     pml4: u64,
-    /// The last two pages translated and their leaf entries, the latest
-    /// first: IPC buffers are the same few pages call after call (a
-    /// server's receive loop, a client's). Cleared when a mapping of this
-    /// space changes.
-    last: core::cell::Cell<[(u64, u64); 2]>,
     /// The last [`AddressSpace::answer_and_buffer`] of each kind (0: a
     /// REPLY_RECV's, 1: a CALL's) that found both spans (a receive loop, a
     /// client, asks the same one every time): the two addresses, one more
     /// than the bytes readable and writable from each in its page (0:
-    /// nothing kept), and their direct-map addresses. Cleared with `last`.
+    /// nothing kept), and their direct-map addresses. Cleared when a
+    /// mapping of this space changes.
     kept: [core::cell::Cell<[u64; 6]>; 2],
 }
-
-/// No page: `last` is empty.
-const NO_PAGE: u64 = u64::MAX;
 
 impl AddressSpace {
     /// An empty lower half and the kernel's upper half.
@@ -96,14 +89,12 @@ impl AddressSpace {
         table(pml4)[256..].copy_from_slice(&kernel[256..]);
         Some(Self {
             pml4,
-            last: core::cell::Cell::new([(NO_PAGE, 0); 2]),
             kept: Default::default(),
         })
     }
 
     /// Forgets the translations kept (a mapping changes).
     fn forget(&self) {
-        self.last.set([(NO_PAGE, 0); 2]);
         self.kept.iter().for_each(|k| k.set([0; 6]));
     }
 
@@ -218,21 +209,9 @@ impl AddressSpace {
         }
     }
 
-    /// The leaf entry of the page at `page` (through the one-page cache).
-    #[inline(always)]
+    /// The leaf entry of the page at `page`.
     fn page_entry(&self, page: u64) -> Option<u64> {
-        match self.last.get() {
-            [(p, e), _] if p == page => Some(e),
-            [latest, (p, e)] if p == page => {
-                self.last.set([(p, e), latest]);
-                Some(e)
-            }
-            [latest, _] => {
-                let e = *self.leaf(page)?;
-                self.last.set([(page, e), latest]);
-                Some(e)
-            }
-        }
+        self.leaf(page).map(|e| *e)
     }
 
     /// The physical address of `va` in the page of leaf entry `e`, if the
