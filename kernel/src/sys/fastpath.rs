@@ -29,7 +29,7 @@
 
 use super::Kernel;
 use super::caps::{Cap, Object};
-use super::ipc::{Sender, bits, token, untoken};
+use super::ipc::{Sender, note_waiting, token, untoken};
 use super::process::{Process, State, Wait};
 use crate::arch::idt::TrapFrame;
 use crate::vm::vcpu::VcpuState;
@@ -220,37 +220,13 @@ fn nothing_to_receive(k: &mut Kernel, pid: u16, mask: u64) -> bool {
     if mask == 0 || p.quiet == (mask, *epoch) {
         return mask != 0;
     }
-    for h in bits(mask) {
-        match p.handles.get(h as usize).copied().flatten() {
-            Some(Cap {
-                object: Object::Endpoint { id, .. },
-                rights: r,
-                ..
-            }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
-                // A closed endpoint is opened again by the general path.
-                Some(e) if e.queue.is_empty() && !e.closed => {
-                    *epoch += u64::from(e.waiting != Some(pid) || e.waiting_slot != h);
-                    e.waiting = Some(pid);
-                    e.waiting_slot = h;
-                }
-                _ => return false,
-            },
-            Some(Cap {
-                object: Object::Notification(n),
-                rights: r,
-                ..
-            }) if r & rights::WAIT != 0 => match notifications[usize::from(n)].as_mut() {
-                Some(n) if n.bits == 0 => {
-                    *epoch += u64::from(n.waiter != Some(pid));
-                    n.waiter = Some(pid);
-                }
-                _ => return false,
-            },
-            _ => return false,
-        }
+    // (A closed endpoint is opened again by the general path.)
+    let none =
+        note_waiting(p, pid, mask, endpoints, notifications, epoch) == Ok((false, false, false));
+    if none {
+        p.quiet = (mask, *epoch);
     }
-    p.quiet = (mask, *epoch);
-    true
+    none
 }
 
 /// The answer of a REPLY_RECV by `p` where it lies, and where the next

@@ -33,7 +33,7 @@ use super::process::{Process, State, Wait};
 use super::space::AddressSpace;
 use super::{Kernel, Runnable};
 use ipc_schema::exitcodec::{EXIT_MESSAGE_MAX, encode_exit};
-use ipc_schema::syscall::{MAX_MESSAGE, SysError};
+use ipc_schema::syscall::{MAX_MESSAGE, SysError, rights};
 use ipc_schema::vmexit::{Exit, ExitRegs};
 
 /// Who waits in an endpoint's queue.
@@ -79,6 +79,55 @@ pub fn bits(mut mask: u64) -> impl Iterator<Item = u32> {
             b
         })
     })
+}
+
+/// One pass over process `pid`'s (`p`'s) handles in `mask`: each endpoint
+/// and notification learns that `pid` waits on it (a hint, harmless if it
+/// does not wait after all: see `Process::quiet`; `epoch` moves when a hint
+/// changes), and what is there already is noted: whether a call or exit is
+/// queued, a notification signalled, an endpoint closed or gone (a receiver
+/// opens it again). `Err(slot)` at the first handle that is not one to
+/// receive (RECEIVE) or wait (WAIT) on.
+pub fn note_waiting(
+    p: &Process,
+    pid: u16,
+    mask: u64,
+    endpoints: &mut [Option<Endpoint>],
+    notifications: &mut [Option<Notification>],
+    epoch: &mut u64,
+) -> Result<(bool, bool, bool), u32> {
+    let (mut queued, mut signalled, mut closed) = (false, false, false);
+    for slot in bits(mask) {
+        match p.handles.get(slot as usize).copied().flatten() {
+            Some(Cap {
+                object: Object::Endpoint { id, .. },
+                rights: r,
+                ..
+            }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
+                Some(e) => {
+                    *epoch += u64::from(e.waiting != Some(pid) || e.waiting_slot != slot);
+                    e.waiting = Some(pid);
+                    e.waiting_slot = slot;
+                    queued |= !e.queue.is_empty();
+                    closed |= e.closed;
+                }
+                None => closed = true,
+            },
+            Some(Cap {
+                object: Object::Notification(n),
+                rights: r,
+                ..
+            }) if r & rights::WAIT != 0 => {
+                if let Some(n) = notifications[usize::from(n)].as_mut() {
+                    *epoch += u64::from(n.waiter != Some(pid));
+                    n.waiter = Some(pid);
+                    signalled |= n.bits != 0;
+                }
+            }
+            _ => return Err(slot),
+        }
+    }
+    Ok((queued, signalled, closed))
 }
 
 /// A token names a caller and its call: kind (bit 63), id, sequence.

@@ -1217,41 +1217,11 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
         .as_mut()
         .ok_or(SysError::NoSuchHandle)?;
     // One pass: every handle in the mask must be one to receive or wait on;
-    // each object learns that `pid` waits (a hint, harmless if the call is
-    // refused: the process does not wait), and whether something is there
+    // each object learns that `pid` waits, and whether something is there
     // already is noted.
-    let (mut queued, mut signalled, mut reopen) = (false, false, false);
-    for slot in bits(mask) {
-        let c = p.handles.get(slot as usize).copied().flatten();
-        if !receivable(c) {
-            return Err(not_receivable(p, slot));
-        }
-        match c {
-            Some(Cap {
-                object: Object::Endpoint { id, .. },
-                ..
-            }) => {
-                if let Some(ep) = endpoints[usize::from(id)].as_mut() {
-                    *epoch += u64::from(ep.waiting != Some(pid) || ep.waiting_slot != slot);
-                    ep.waiting = Some(pid);
-                    ep.waiting_slot = slot;
-                    queued |= !ep.queue.is_empty();
-                    reopen |= ep.closed;
-                }
-            }
-            Some(Cap {
-                object: Object::Notification(n),
-                ..
-            }) => {
-                if let Some(note) = notifications[usize::from(n)].as_mut() {
-                    *epoch += u64::from(note.waiter != Some(pid));
-                    note.waiter = Some(pid);
-                    signalled |= note.bits != 0;
-                }
-            }
-            _ => {}
-        }
-    }
+    let (queued, signalled, closed) =
+        super::ipc::note_waiting(p, pid, mask, endpoints, notifications, epoch)
+            .map_err(|slot| not_receivable(p, slot))?;
     let exit_buf = p.exit_buffer(buf, cap);
     p.state = State::Blocked(Wait::Recv {
         mask,
@@ -1259,7 +1229,7 @@ fn recv(k: &mut Kernel, pid: u16, mask: u64, buf: u64, cap: u64) -> Result<Done>
         cap,
         exit_buf,
     });
-    if reopen {
+    if closed {
         // A closed endpoint has a server again: this process.
         for slot in bits(mask) {
             if let Some(Object::Endpoint { id, .. }) = k.processes[usize::from(pid)]
