@@ -81,6 +81,17 @@ pub fn bits(mut mask: u64) -> impl Iterator<Item = u32> {
     })
 }
 
+/// Whether a handle (`c`) is one to receive on: an endpoint with
+/// `receive`, or a notification with `wait`.
+pub fn receivable(c: Option<Cap>) -> bool {
+    let right = |c: Cap| match c.object {
+        Object::Endpoint { .. } => c.rights & rights::RECEIVE,
+        Object::Notification(_) => c.rights & rights::WAIT,
+        _ => 0,
+    };
+    c.map_or(0, right) != 0
+}
+
 /// One pass over process `pid`'s (`p`'s) handles in `mask`: each endpoint
 /// and notification learns that `pid` waits on it (a hint, harmless if it
 /// does not wait after all: see `Process::quiet`; `epoch` moves when a hint
@@ -98,12 +109,9 @@ pub fn note_waiting(
 ) -> Result<(bool, bool, bool), u32> {
     let (mut queued, mut signalled, mut closed) = (false, false, false);
     for slot in bits(mask) {
-        match p.handles.get(slot as usize).copied().flatten() {
-            Some(Cap {
-                object: Object::Endpoint { id, .. },
-                rights: r,
-                ..
-            }) if r & rights::RECEIVE != 0 => match endpoints[usize::from(id)].as_mut() {
+        let c = p.handles.get(slot as usize).copied().flatten();
+        match c.filter(|&c| receivable(Some(c))).map(|c| c.object) {
+            Some(Object::Endpoint { id, .. }) => match endpoints[usize::from(id)].as_mut() {
                 Some(e) => {
                     *epoch += u64::from(e.waiting != Some(pid) || e.waiting_slot != slot);
                     e.waiting = Some(pid);
@@ -113,11 +121,7 @@ pub fn note_waiting(
                 }
                 None => closed = true,
             },
-            Some(Cap {
-                object: Object::Notification(n),
-                rights: r,
-                ..
-            }) if r & rights::WAIT != 0 => {
+            Some(Object::Notification(n)) => {
                 if let Some(n) = notifications[usize::from(n)].as_mut() {
                     *epoch += u64::from(n.waiter != Some(pid));
                     n.waiter = Some(pid);

@@ -9,7 +9,7 @@
 use super::caps::{
     Cap, CapError, FramesKind, FramesObject, Handles, Object, Scope, free_slot, right_name,
 };
-use super::ipc::{Endpoint, Notification, Sender, bits};
+use super::ipc::{Endpoint, Notification, Sender, bits, receivable};
 use super::process::{Process, State, Wait};
 use super::{Kernel, Runnable};
 use crate::vm::domain::Domain;
@@ -1177,17 +1177,6 @@ fn receive_mask(p: &Process, mask: u64) -> Result<()> {
         Some(slot) => Err(not_receivable(p, slot)),
         None => Ok(()),
     }
-}
-
-/// Whether a handle (`c`) is one to receive on: an endpoint with
-/// `receive`, or a notification with `wait`.
-fn receivable(c: Option<Cap>) -> bool {
-    let right = |c: Cap| match c.object {
-        Object::Endpoint { .. } => c.rights & rights::RECEIVE,
-        Object::Notification(_) => c.rights & rights::WAIT,
-        _ => 0,
-    };
-    c.map_or(0, right) != 0
 }
 
 /// RECV's refusal of `p`'s handle `slot`, not one to receive on (logged).
