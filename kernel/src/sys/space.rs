@@ -209,11 +209,6 @@ impl AddressSpace {
         }
     }
 
-    /// The leaf entry of the page at `page`.
-    fn page_entry(&self, page: u64) -> Option<u64> {
-        self.leaf(page).map(|e| *e)
-    }
-
     /// The physical address of `va` in the page of leaf entry `e`, if the
     /// service may access it (user, and writable when `write`).
     #[inline(always)]
@@ -228,20 +223,16 @@ impl AddressSpace {
     /// it (present, user, and writable when `write`).
     #[inline(always)]
     pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
-        let e = self.page_entry(va & !(PAGE_SIZE - 1))?;
+        let e = *self.leaf(va & !(PAGE_SIZE - 1))?;
         Self::permitted(e, va, write)
     }
 
     /// For a receive loop's answer and next receive buffer together (or a
-    /// call's message and reply buffer): the direct-map address of the `len`
-    /// bytes at `va` (read), if they lie in one page, and of the `buf_len`
-    /// bytes at `buf` (written) if they do too, else 0. Their page is
-    /// translated once when they share it (the service runtime keeps both
-    /// buffers in one page).
-    ///
-    /// Both spans are checked without arithmetic that can wrap
-    /// ([`platform::span`]): a buffer that starts below the answer's page,
-    /// however little, is not in it, and is then translated on its own.
+    /// call's message and reply buffer, `kind` 1): the direct-map address of
+    /// the `len` bytes at `va` (read), if they lie in one page, and of the
+    /// `buf_len` bytes at `buf` (written) if they do too, else 0. The pair
+    /// found last of each kind is kept (`kept`): the same buffers again
+    /// cost four comparisons.
     #[inline(always)]
     pub fn answer_and_buffer(
         &self,
@@ -260,20 +251,8 @@ impl AddressSpace {
             }
             _ => {}
         }
-        if !span::in_one_page(va, len as u64) {
-            return None;
-        }
-        let offset = va % PAGE_SIZE;
-        let page = va - offset;
-        let e = self.page_entry(page)?;
-        if e & USER == 0 {
-            return None;
-        }
-        let answer = phys_to_virt((e & ADDRESS) + offset).cast_const();
-        let next = match span::offset_in_page(page, buf, buf_len as u64) {
-            Some(buf_offset) if e & WRITABLE != 0 => phys_to_virt(e & ADDRESS) as u64 + buf_offset,
-            _ => self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64),
-        };
+        let answer = self.in_one_page(va, len, false)?.cast_const();
+        let next = self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64);
         if next != 0 {
             let room = |a: u64| PAGE_SIZE - a % PAGE_SIZE + 1;
             kept.set([va, buf, room(va), room(buf), answer as u64, next]);
