@@ -110,9 +110,7 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     let (Some((_, at)), true) = (receives(p, handle, ep, 0), e.queue.is_empty()) else {
         return None;
     };
-    if at.is_null() {
-        return None;
-    }
+    (!at.is_null()).then_some(())?;
     // Everything holds: from here on, the exit is delivered.
     d.pending_raw = None;
     let exit = match &mut d.pending {
@@ -164,14 +162,12 @@ fn deliver(k: &mut Kernel, ep: u16, pid: u16, message: (u64, u64, u64, u32)) -> 
 /// [`answer_caller`]); nothing is changed when the general path is taken.
 pub extern "C" fn trap() {
     let k = super::kernel();
-    let Some(pid) = k.current else { return };
-    let Some(p) = k.processes[usize::from(pid)].as_ref() else {
+    let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed)) else {
         return;
     };
-    let f = &p.frame;
-    if !ON.load(Ordering::Relaxed) {
+    let Some(f) = k.processes[usize::from(pid)].as_ref().map(|p| &p.frame) else {
         return;
-    }
+    };
     match (f.rax, untoken(f.rdi)) {
         // Token 0 answers nobody (a receive loop's first wait).
         (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
