@@ -3,10 +3,12 @@
 //! numbers, pointers, lengths and handle slots (the menus of `lib.rs`),
 //! among them the IPC calls that take the kernel's fast paths: REPLY_RECV
 //! answering its domain's exits and its client's calls, RECV, CALL to its
-//! echo server. First it checks two things precisely: that port numbers
-//! which wrap past `u64::MAX` are refused, and that a REPLY_RECV whose
+//! echo server. First it checks three things precisely: that port numbers
+//! which wrap past `u64::MAX` are refused, that a REPLY_RECV whose
 //! receive buffer lies just below the answer's page is refused, the frame
-//! below untouched.
+//! below untouched, and that a CALL through a message and reply buffer the
+//! kernel kept the translation of is refused once their page is unmapped,
+//! the frame that was there untouched.
 //!
 //! Its handles (see `tests/hostile.rs`) reach only what is its own:
 //! `inbox` (receive: the exits and EPT violations of its domain, and the
@@ -192,6 +194,7 @@ impl Fuzzer {
         self.ports_that_wrap();
         if self.domain.is_some() {
             self.exit_buffer_below_a_page();
+            self.kept_buffers_unmapped();
             self.view_in_use();
         } else {
             defmt::info!("fuzz: no domain: the exit-buffer check needs one, and no exits come");
@@ -734,6 +737,72 @@ impl Fuzzer {
         );
         self.sys(nr::FRAMES_UNMAP, [ANSWER, 1, 0, 0, 0, 0]);
         self.sys(nr::FRAMES_UNMAP, [BELOW, 1, 0, 0, 0, 0]);
+    }
+
+    /// CALL to the echo server with the message and the reply buffer in
+    /// one page (the kernel keeps that pair's translation: issue 15), then
+    /// again, the same addresses, once the page is unmapped: the kernel must
+    /// forget the pair with the mapping (a REPLY_RECV's pair goes with it).
+    /// The second must be refused (BadAddress: no message there), and the
+    /// frame that was mapped there (still the fuzzer's, mapped elsewhere
+    /// too) never written.
+    fn kept_buffers_unmapped(&mut self) {
+        const PAGE_AT: u64 = MAP_BASE + (1 << 29) + 96 * PAGE;
+        const SEEN_AT: u64 = MAP_BASE + (1 << 29) + 128 * PAGE;
+        const BUF: u64 = 2048;
+        const MARK: [u8; 64] = [0x5a; 64];
+        const TRIES: u32 = 8;
+        let (b, echo) = (u64::from(self.buffer), u64::from(self.echo));
+        if self.sys(nr::FRAMES_MAP, [b, 1, 1, SEEN_AT, 1, 0]).status != 0 {
+            self.check(
+                "mapping the frame of the kept-pair check",
+                false,
+                "FRAMES_MAP refused",
+            );
+            return;
+        }
+        let seen = (SEEN_AT + BUF) as *mut u8;
+        let (mut kept, mut refused, mut wrote) = (0u32, 0u32, 0u32);
+        for i in 0..TRIES {
+            if self.sys(nr::FRAMES_MAP, [b, 1, 1, PAGE_AT, 1, 0]).status != 0 {
+                break;
+            }
+            // The pair kept: the call made and echoed through it.
+            let message = [0x10 + i as u8; 8];
+            // Safety: PAGE_AT maps frame 1 of the buffer, writable.
+            unsafe { core::ptr::copy_nonoverlapping(message.as_ptr(), PAGE_AT as *mut u8, 8) };
+            let r = self.sys(nr::CALL, [echo, PAGE_AT, 8, PAGE_AT + BUF, 64, 0]);
+            let mut echoed = [0u8; 8];
+            // Safety: as above.
+            unsafe {
+                core::ptr::copy_nonoverlapping((PAGE_AT + BUF) as *const u8, echoed.as_mut_ptr(), 8)
+            };
+            kept += u32::from(r.status == 0 && r.rdi == 8 && echoed == message);
+            // The page gone, the same addresses again.
+            self.sys(nr::FRAMES_UNMAP, [PAGE_AT, 1, 0, 0, 0, 0]);
+            // Safety: SEEN_AT maps frame 1 of the buffer, writable.
+            unsafe { core::ptr::copy_nonoverlapping(MARK.as_ptr(), seen, MARK.len()) };
+            let r = self.sys(nr::CALL, [echo, PAGE_AT, 8, PAGE_AT + BUF, 64, 0]);
+            let mut now = [0u8; 64];
+            // Safety: as above, read back.
+            unsafe { core::ptr::copy_nonoverlapping(seen, now.as_mut_ptr(), now.len()) };
+            wrote += u32::from(now != MARK);
+            refused += u32::from(SysError::from_raw(r.status) == Some(SysError::BadAddress));
+        }
+        defmt::info!(
+            "fuzz: CALL {=u32} times through a kept message/reply pair, then through the same once unmapped: {=u32} echoed, {=u32} refused with BadAddress, the frame written {=u32} times",
+            TRIES,
+            kept,
+            refused,
+            wrote
+        );
+        self.check(
+            "a kept message/reply pair unmapped",
+            kept == TRIES && refused == TRIES && wrote == 0,
+            "every call echoed, every one refused once unmapped; the frame untouched",
+        );
+        self.sys(nr::FRAMES_UNMAP, [PAGE_AT, 1, 0, 0, 0, 0]);
+        self.sys(nr::FRAMES_UNMAP, [SEEN_AT, 1, 0, 0, 0, 0]);
     }
 
     /// Port numbers past `u64::MAX - size`, through a handle to port 0x80
