@@ -269,13 +269,8 @@ fn next_wait(p: &Process, exit_buf: u64) -> Wait {
 /// REPLY_RECV answering the exit of domain slot `slot`'s vCPU.
 #[inline(always)]
 fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
-    // (The receive and the hand-off first, as in `exit`.)
-    let mask = k.processes[usize::from(pid)].as_ref()?.frame.r10;
-    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-        return None;
-    }
-    let p = k.processes[usize::from(pid)].as_mut()?;
-    let d = k.domains.get_mut(usize::from(slot))?.as_mut()?;
+    let p = k.processes[usize::from(pid)].as_ref()?;
+    let d = k.domains.get(usize::from(slot))?.as_ref()?;
     if !d.held_by(pid, seq) || d.state != DomainState::Running {
         return None;
     }
@@ -293,14 +288,21 @@ fn answer_vcpu(k: &mut Kernel, pid: u16, slot: u16, seq: u32) -> Option<()> {
     if d.exit_restricted && (advance || with_regs) {
         return None;
     }
-    let v = match d.vcpu.as_mut() {
-        Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => v,
+    match d.vcpu.as_ref() {
+        Some(v) if v.state == VcpuState::Runnable && v.load().is_ok() => {}
         _ => return None,
-    };
+    }
+    let mask = p.frame.r10;
+    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
+        return None;
+    }
     // Everything holds: the service waits (first: then its wait need not
     // be kept across the answer's application), the answer is applied.
+    let p = k.processes[usize::from(pid)].as_mut()?;
     p.state = State::Blocked(next_wait(p, exit_buf));
+    let d = k.domains[usize::from(slot)].as_mut()?;
     (d.awaiting_reply, d.exit_restricted, d.exit_server) = (false, false, None);
+    let v = d.vcpu.as_mut()?;
     if with_regs && let Some(r) = plain_regs(bytes) {
         r.apply(&mut v.regs);
     }
@@ -401,31 +403,32 @@ fn receiver_of(
 /// REPLY_RECV answering the call of process `caller`.
 #[inline(never)]
 fn answer_caller(k: &mut Kernel, pid: u16, caller: u16, seq: u32) -> Option<()> {
-    // (The receive and the hand-off first, as in `exit`.)
-    let mask = k.processes[usize::from(pid)].as_ref()?.frame.r10;
-    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
-        return None;
-    }
-    let [Some(p), Some(c)] = k
-        .processes
-        .get_disjoint_mut([pid, caller].map(usize::from))
-        .ok()?
-    else {
-        return None;
-    };
+    let p = k.processes[usize::from(pid)].as_ref()?;
     let (bytes, exit_buf) = answer_and_wait(p, p.frame.rdx)?;
-    let (_, reply_cap, reply_at) = c.awaiting_answer(seq, pid)?;
+    let mask = p.frame.r10;
+    let c = k.processes.get(usize::from(caller))?.as_ref()?;
+    let (reply_buf, reply_cap, reply_at) = c.awaiting_answer(seq, pid)?;
     if bytes.len() as u64 > reply_cap {
         return None;
     }
-    // (A reply buffer not in one page, without `reply_at`: the general path.)
-    let to = (reply_at != 0).then_some(reply_at as *mut u8)?;
+    let to = match reply_at {
+        0 => c
+            .space
+            .as_ref()?
+            .in_one_page(reply_buf, bytes.len(), true)?,
+        at => at as *mut u8,
+    };
+    if !nothing_to_receive(k, pid, mask) || !k.count_hand_off() {
+        return None;
+    }
     // Everything holds: the answer goes to the caller, the server waits.
     // Safety: `to` is the direct-map address of `bytes.len()` bytes the
     // caller may write; `copy` allows them to overlap the answer (a frame
     // both map).
     unsafe { platform::copy::copy_message(bytes.as_ptr(), to, bytes.len()) };
+    let p = k.processes[usize::from(pid)].as_mut()?;
     p.state = State::Blocked(next_wait(p, exit_buf));
+    let c = k.processes[usize::from(caller)].as_mut()?;
     c.frame.rax = SysError::Ok as u64;
     c.frame.rdi = bytes.len() as u64;
     c.state = State::Ready;

@@ -68,20 +68,15 @@ pub enum SpaceError {
     OutOfMemory,
 }
 
-/// No page (`AddressSpace::last`).
-const NO_PAGE: u64 = u64::MAX;
-
 /// One service's address space.
 #[derive(Debug)]
 pub struct AddressSpace {
     pml4: u64,
-    /// The last page translated, and its leaf entry (NO_PAGE: none).
-    last: core::cell::Cell<(u64, u64)>,
     /// The last [`AddressSpace::answer_and_buffer`] of each kind (0: a
     /// REPLY_RECV's, 1: a CALL's) that found both spans (a receive loop, a
     /// client, asks the same one every time): the two addresses, one more
     /// than the bytes readable and writable from each in its page (0:
-    /// nothing kept), and their direct-map addresses. Both cleared when a
+    /// nothing kept), and their direct-map addresses. Cleared when a
     /// mapping of this space changes.
     kept: [core::cell::Cell<[u64; 6]>; 2],
 }
@@ -94,14 +89,12 @@ impl AddressSpace {
         table(pml4)[256..].copy_from_slice(&kernel[256..]);
         Some(Self {
             pml4,
-            last: core::cell::Cell::new((NO_PAGE, 0)),
             kept: Default::default(),
         })
     }
 
     /// Forgets the translations kept (a mapping changes).
     fn forget(&self) {
-        self.last.set((NO_PAGE, 0));
         self.kept.iter().for_each(|k| k.set([0; 6]));
     }
 
@@ -230,12 +223,7 @@ impl AddressSpace {
     /// it (present, user, and writable when `write`).
     #[inline(always)]
     pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
-        let page = va & !(PAGE_SIZE - 1);
-        let e = match self.last.get() {
-            (p, e) if p == page => e,
-            _ => *self.leaf(page)?,
-        };
-        self.last.set((page, e));
+        let e = *self.leaf(va & !(PAGE_SIZE - 1))?;
         Self::permitted(e, va, write)
     }
 
@@ -255,9 +243,13 @@ impl AddressSpace {
         kind: usize,
     ) -> Option<(*const u8, u64)> {
         let kept = &self.kept[kind & 1];
-        let [v, b, v_limit, b_limit, at, next] = kept.get();
-        if v == va && b == buf && (len as u64) < v_limit && (buf_len as u64) < b_limit {
-            return Some((at as *const u8, next));
+        match kept.get() {
+            [v, b, v_limit, b_limit, at, next]
+                if v == va && b == buf && (len as u64) < v_limit && (buf_len as u64) < b_limit =>
+            {
+                return Some((at as *const u8, next));
+            }
+            _ => {}
         }
         let answer = self.in_one_page(va, len, false)?.cast_const();
         let next = self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64);
