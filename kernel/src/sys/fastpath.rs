@@ -110,7 +110,9 @@ pub fn exit(k: &mut Kernel, slot: u16) -> Option<()> {
     let (Some((_, at)), true) = (receives(p, handle, ep, 0), e.queue.is_empty()) else {
         return None;
     };
-    (!at.is_null()).then_some(())?;
+    if at.is_null() {
+        return None;
+    }
     // Everything holds: from here on, the exit is delivered.
     d.pending_raw = None;
     let exit = match &mut d.pending {
@@ -179,13 +181,14 @@ pub extern "C" fn trap() {
 }
 
 /// The running process made a REPLY_RECV answering a vCPU (the trap entry
-/// saw its number and the token's bit 63 in `frame`, its own): the fast
+/// saw its number and the token's bit 63 in `frame`, the process's own): the fast
 /// paths [`answer_vcpu`] and [`forward`], else `sched::user_trap`.
 pub extern "C" fn vcpu_trap(frame: *mut TrapFrame) -> ! {
     let k = super::kernel();
-    if let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed)) {
-        // Safety: the trap entry wrote the whole frame there.
-        let (rdi, rdx) = unsafe { ((*frame).rdi, (*frame).rdx) };
+    if let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed))
+        && let Some(p) = k.processes[usize::from(pid)].as_ref()
+    {
+        let (rdi, rdx) = (p.frame.rdi, p.frame.rdx);
         if let (Sender::Vcpu(slot), seq) = untoken(rdi) {
             match rdx >> 32 {
                 0 => answer_vcpu(k, pid, slot, seq),

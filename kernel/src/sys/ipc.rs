@@ -110,7 +110,8 @@ pub fn note_waiting(
     let (mut queued, mut signalled, mut closed) = (false, false, false);
     for slot in bits(mask) {
         let c = p.handles.get(slot as usize).copied().flatten();
-        match c.filter(|&c| receivable(Some(c))).map(|c| c.object) {
+        match c.map(|c| c.object) {
+            _ if !receivable(c) => return Err(slot),
             Some(Object::Endpoint { id, .. }) => match endpoints[usize::from(id)].as_mut() {
                 Some(e) => {
                     *epoch += u64::from(e.waiting != Some(pid) || e.waiting_slot != slot);
@@ -128,7 +129,7 @@ pub fn note_waiting(
                     signalled |= n.bits != 0;
                 }
             }
-            _ => return Err(slot),
+            _ => {}
         }
     }
     Ok((queued, signalled, closed))
