@@ -72,11 +72,13 @@ pub enum SpaceError {
 #[derive(Debug)]
 pub struct AddressSpace {
     pml4: u64,
+    /// The last page translated and its leaf entry (`u64::MAX`: none).
+    last: core::cell::Cell<(u64, u64)>,
     /// The last [`AddressSpace::answer_and_buffer`] of each kind (0: a
     /// REPLY_RECV's, 1: a CALL's) that found both spans (a receive loop, a
     /// client, asks the same one every time): the two addresses, one more
     /// than the bytes readable and writable from each in its page (0:
-    /// nothing kept), and their direct-map addresses. Cleared when a
+    /// nothing kept), and their direct-map addresses. Both cleared when a
     /// mapping of this space changes.
     kept: [core::cell::Cell<[u64; 6]>; 2],
 }
@@ -89,12 +91,14 @@ impl AddressSpace {
         table(pml4)[256..].copy_from_slice(&kernel[256..]);
         Some(Self {
             pml4,
+            last: core::cell::Cell::new((u64::MAX, 0)),
             kept: Default::default(),
         })
     }
 
     /// Forgets the translations kept (a mapping changes).
     fn forget(&self) {
+        self.last.set((u64::MAX, 0));
         self.kept.iter().for_each(|k| k.set([0; 6]));
     }
 
@@ -223,7 +227,9 @@ impl AddressSpace {
     /// it (present, user, and writable when `write`).
     #[inline(always)]
     pub fn translate(&self, va: u64, write: bool) -> Option<u64> {
-        let e = *self.leaf(va & !(PAGE_SIZE - 1))?;
+        let (page, (p, e)) = (va & !(PAGE_SIZE - 1), self.last.get());
+        let e = if p == page { e } else { *self.leaf(page)? };
+        self.last.set((page, e));
         Self::permitted(e, va, write)
     }
 
@@ -243,13 +249,9 @@ impl AddressSpace {
         kind: usize,
     ) -> Option<(*const u8, u64)> {
         let kept = &self.kept[kind & 1];
-        match kept.get() {
-            [v, b, v_limit, b_limit, at, next]
-                if v == va && b == buf && (len as u64) < v_limit && (buf_len as u64) < b_limit =>
-            {
-                return Some((at as *const u8, next));
-            }
-            _ => {}
+        let [v, b, v_limit, b_limit, at, next] = kept.get();
+        if v == va && b == buf && (len as u64) < v_limit && (buf_len as u64) < b_limit {
+            return Some((at as *const u8, next));
         }
         let answer = self.in_one_page(va, len, false)?.cast_const();
         let next = self.in_one_page(buf, buf_len, true).map_or(0, |p| p as u64);

@@ -729,6 +729,11 @@ impl Supervisor {
         } else {
             HaltStatus::Success
         };
+        // The services told of the same ends (`DOMAIN_WATCH`) are ready
+        // now: they run before the halt (a yield puts init behind every
+        // one of them), so that what they do for an ended domain is done
+        // and logged, not cut off by whichever of them init ran before.
+        sys::yield_now();
         defmt::info!("init: every domain and task has ended; halting");
         sys::halt(self.system, status.code())
     }
