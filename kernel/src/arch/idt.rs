@@ -1,11 +1,13 @@
 //! The interrupt descriptor table and the trap entry path.
 //!
-//! All 256 vectors enter through one stub each (16 bytes apart, generated
-//! below) that pushes a dummy error code where the CPU pushes none, then the
-//! vector number, and jumps to `trap_common`, which saves every general
-//! register into a [`TrapFrame`] and calls [`trap`] (a trap in ring 0) or
-//! `sched::user_trap` (a trap from a service, whose frame the CPU wrote in
-//! place in the service's own record). A CPU exception in the
+//! Every vector but the system call's enters through one stub each (16
+//! bytes apart, generated below) that pushes a dummy error code where the
+//! CPU pushes none, then the vector number, and jumps to `trap_common`,
+//! which saves every general register into a [`TrapFrame`] and calls
+//! [`trap`] (a trap in ring 0) or `sched::user_trap` (a trap from a
+//! service, whose frame the CPU wrote in place in the service's own
+//! record). The system call (`int 0x80`) has its own entry,
+//! `syscall_entry`, which makes the same frame and goes to the fast paths. A CPU exception in the
 //! kernel is reported (vector, RIP, error code, CR2, registers) and the run
 //! stops cleanly; the kernel has no business continuing after one.
 
@@ -83,24 +85,17 @@ unsafe extern "C" {
 /// privilege level the trap came from).
 const FRAME_CS: usize = core::mem::offset_of!(TrapFrame, cs);
 
+/// Saves every general register, in [`TrapFrame`]'s order.
+macro_rules! push_all {
+    () => {
+        ".irp r, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15\npush \\r\n.endr"
+    };
+}
+
 #[unsafe(naked)]
 unsafe extern "C" fn trap_common() {
     core::arch::naked_asm!(
-        "push rax",
-        "push rbx",
-        "push rcx",
-        "push rdx",
-        "push rsi",
-        "push rdi",
-        "push rbp",
-        "push r8",
-        "push r9",
-        "push r10",
-        "push r11",
-        "push r12",
-        "push r13",
-        "push r14",
-        "push r15",
+        push_all!(),
         "mov rdi, rsp",
         "cld",
         "test byte ptr [rsp + {cs}], 3",
@@ -117,12 +112,32 @@ unsafe extern "C" fn trap_common() {
         // `sched::resume`, never by returning here.
         "2:",
         "lea rsp, [rip + {stack} + {stack_size}]",
-        // A call between services tries the fast paths first (back here if
-        // not taken; RBX keeps the frame); a REPLY_RECV to a vCPU (token
-        // bit 63) tries its own, which goes on to `user_trap` if not taken.
-        "cmp qword ptr [rdi + {vector}], {syscall}",
-        "jne 3f",
-        "cmp qword ptr [rdi + {rax}], {reply_recv}",
+        "call {user}",
+        cs = const FRAME_CS,
+        trap = sym trap,
+        back = sym crate::sys::sched::user_return,
+        user = sym crate::sys::sched::user_trap,
+        stack = sym super::percpu::BSP_STACK,
+        stack_size = const super::percpu::KERNEL_STACK_SIZE,
+    )
+}
+
+/// The system-call gate's entry (`int 0x80`, from ring 3 only: the kernel
+/// makes no system calls): `trap_common`'s from ring 3 without its stub's
+/// jump and its two tests. A call between services tries the fast paths
+/// first (back here if not taken; RBX keeps the frame); a REPLY_RECV to a
+/// vCPU (token bit 63) tries its own, which goes on to `user_trap` if not
+/// taken.
+#[unsafe(naked)]
+unsafe extern "C" fn syscall_entry() {
+    core::arch::naked_asm!(
+        "push 0",
+        "push {syscall}",
+        push_all!(),
+        "mov rdi, rsp",
+        "cld",
+        "lea rsp, [rip + {stack} + {stack_size}]",
+        "cmp rax, {reply_recv}",
         "jne 4f",
         "cmp qword ptr [rdi + {rdi}], 0",
         "jl 5f",
@@ -130,21 +145,15 @@ unsafe extern "C" fn trap_common() {
         "mov rbx, rdi",
         "call {fast}",
         "mov rdi, rbx",
-        "3:",
         "call {user}",
         "5:",
         "call {vcpu}",
         "ud2",
-        cs = const FRAME_CS,
-        vector = const core::mem::offset_of!(TrapFrame, vector),
         syscall = const SYSCALL_VECTOR,
-        rax = const core::mem::offset_of!(TrapFrame, rax),
         rdi = const core::mem::offset_of!(TrapFrame, rdi),
         reply_recv = const ipc_schema::syscall::nr::REPLY_RECV,
         fast = sym crate::sys::fastpath::trap,
         vcpu = sym crate::sys::fastpath::vcpu_trap,
-        trap = sym trap,
-        back = sym crate::sys::sched::user_return,
         user = sym crate::sys::sched::user_trap,
         stack = sym super::percpu::BSP_STACK,
         stack_size = const super::percpu::KERNEL_STACK_SIZE,
@@ -215,11 +224,12 @@ pub fn load() {
                 18 => Some(IST_MACHINE_CHECK),
                 _ => None,
             };
-            *gate = Gate::interrupt(
-                base + 16 * vector as u64,
-                ist,
-                vector == usize::from(SYSCALL_VECTOR),
-            );
+            let user = vector == usize::from(SYSCALL_VECTOR);
+            let entry = match user {
+                true => syscall_entry as *const () as u64,
+                false => base + 16 * vector as u64,
+            };
+            *gate = Gate::interrupt(entry, ist, user);
         }
     });
     let pointer = x86_64::structures::DescriptorTablePointer {

@@ -68,10 +68,14 @@ pub trait Env {
     fn write_guest(&mut self, domain: u16, gpa: u64, bytes: &[u8]) -> bool;
     /// Calls the altp2m service; `None` when it cannot be reached.
     fn altp2m(&mut self, request: &AltRequest) -> Option<AltReply>;
-    /// `AltRequest::Ping` to the altp2m service: whether it answered
-    /// `Pong` (`HC_IPC_PING`; a service may send it in fixed bytes).
-    fn ping(&mut self) -> bool {
-        matches!(self.altp2m(&AltRequest::Ping), Some(AltReply::Pong))
+    /// `AltRequest::Ping` to the altp2m service (`HC_IPC_PING`; a service
+    /// may send it in fixed bytes): if it answered `Pong`, the TSC ticks
+    /// from the call to the answer, read before the answer is looked at.
+    fn ping(&mut self) -> Option<u64> {
+        let start = self.tsc();
+        let answer = self.altp2m(&AltRequest::Ping);
+        let ticks = self.tsc().wrapping_sub(start);
+        matches!(answer, Some(AltReply::Pong)).then_some(ticks)
     }
     /// The bytes of RAM `domain` has (0 if it cannot be told).
     fn ram_bytes(&mut self, domain: u16) -> u64;
@@ -1427,15 +1431,13 @@ fn read_msr(env: &impl Env, msr: u32) -> Option<u64> {
 /// A VMCALL the kernel's fast path did not take (ABI: `ipc_schema::hypercall`).
 fn hypercall(env: &mut impl Env, exit: &Exit, regs: &mut ExitRegs) {
     let status = match regs.rax {
-        HC_IPC_PING => {
-            let start = env.tsc();
-            if env.ping() {
-                regs.rbx = env.tsc().wrapping_sub(start);
+        HC_IPC_PING => match env.ping() {
+            Some(ticks) => {
+                regs.rbx = ticks;
                 Status::Ok
-            } else {
-                Status::Refused
             }
-        }
+            None => Status::Refused,
+        },
         HC_CALL => call(env, exit, regs),
         // The kernel sends `HC_VIEW_SWITCH` to the altp2m service, and here
         // only when that service cannot take it (held, or gone).

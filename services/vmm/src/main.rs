@@ -100,14 +100,19 @@ impl Peer {
 
     /// The ping (`HC_IPC_PING`): [`Peer::call`] with `AltRequest::Ping`,
     /// its request and the answer `Pong` in their fixed bytes (nothing
-    /// encoded, nothing decoded unless the answer is another). Whether
-    /// it answered `Pong`.
+    /// encoded, nothing decoded unless the answer is another). If it
+    /// answered `Pong`, the TSC ticks of the round trip alone: from before
+    /// the request is written to the CALL's return, before the answer is
+    /// looked at (`Env::ping`).
     #[inline(always)]
-    fn ping(&mut self) -> bool {
-        let answer = match self.client.call_encoded(|m| {
+    fn ping(&mut self) -> Option<u64> {
+        let start = tsc();
+        let answer = self.client.call_encoded(|m| {
             m.get_mut(..PING.len())?.copy_from_slice(&PING);
             Some(PING.len())
-        }) {
+        });
+        let ticks = tsc().wrapping_sub(start);
+        let answer = match answer {
             Ok(b) if b == PONG => Ok(true),
             // Anything else decoded as `call` would have.
             Ok(b) => match postcard::from_bytes::<Result<AltReply, IpcError>>(b) {
@@ -117,8 +122,15 @@ impl Peer {
             },
             Err(e) => Err(e),
         };
-        self.outcome(answer).unwrap_or(false)
+        self.outcome(answer).unwrap_or(false).then_some(ticks)
     }
+}
+
+/// The TSC.
+#[inline(always)]
+fn tsc() -> u64 {
+    // Safety: RDTSC is allowed in ring 3 (CR4.TSD is clear).
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 impl Env for System {
@@ -131,8 +143,7 @@ impl Env for System {
     }
 
     fn tsc(&self) -> u64 {
-        // Safety: RDTSC is allowed in ring 3 (CR4.TSD is clear).
-        unsafe { core::arch::x86_64::_rdtsc() }
+        tsc()
     }
 
     fn tsc_khz(&self) -> u32 {
@@ -209,7 +220,7 @@ impl Env for System {
     }
 
     #[inline(always)]
-    fn ping(&mut self) -> bool {
+    fn ping(&mut self) -> Option<u64> {
         self.altp2m.ping()
     }
 }
