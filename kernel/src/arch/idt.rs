@@ -124,10 +124,10 @@ unsafe extern "C" fn trap_common() {
 
 /// The system-call gate's entry (`int 0x80`, from ring 3 only: the kernel
 /// makes no system calls): `trap_common`'s from ring 3 without its stub's
-/// jump and its two tests. A call between services tries the fast paths
-/// first (back here if not taken; RBX keeps the frame); a REPLY_RECV to a
-/// vCPU (token bit 63) tries its own, which goes on to `user_trap` if not
-/// taken.
+/// jump and its two tests. A CALL, and a REPLY_RECV answering a process,
+/// try their fast paths first (back here if not taken; RBX keeps the
+/// frame); a REPLY_RECV to a vCPU (token bit 63) tries its own, which goes
+/// on to `user_trap` if not taken.
 #[unsafe(naked)]
 unsafe extern "C" fn syscall_entry() {
     core::arch::naked_asm!(
@@ -141,9 +141,16 @@ unsafe extern "C" fn syscall_entry() {
         "jne 4f",
         "cmp qword ptr [rdi + {rdi}], 0",
         "jl 5f",
+        "mov rbx, rdi",
+        "mov rdi, qword ptr [rdi + {rdi}]",
+        "call {fast_answer}",
+        "jmp 3f",
         "4:",
         "mov rbx, rdi",
-        "call {fast}",
+        "cmp rax, {call}",
+        "jne 3f",
+        "call {fast_call}",
+        "3:",
         "mov rdi, rbx",
         "call {user}",
         "5:",
@@ -152,7 +159,9 @@ unsafe extern "C" fn syscall_entry() {
         syscall = const SYSCALL_VECTOR,
         rdi = const core::mem::offset_of!(TrapFrame, rdi),
         reply_recv = const ipc_schema::syscall::nr::REPLY_RECV,
-        fast = sym crate::sys::fastpath::trap,
+        call = const ipc_schema::syscall::nr::CALL,
+        fast_call = sym crate::sys::fastpath::call_trap,
+        fast_answer = sym crate::sys::fastpath::answer_trap,
         vcpu = sym crate::sys::fastpath::vcpu_trap,
         user = sym crate::sys::sched::user_trap,
         stack = sym super::percpu::BSP_STACK,

@@ -37,7 +37,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use ipc_schema::exitcodec::{
     EXIT_MESSAGE_MAX, encode_exit, plain_regs, plain_shape, plain_view_shape,
 };
-use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, nr, rights};
+use ipc_schema::syscall::{DomainState, MAX_MESSAGE, SysError, rights};
 use ipc_schema::vmexit::ExitRegs;
 use platform::vmx::fields::reason;
 
@@ -158,26 +158,28 @@ fn deliver(k: &mut Kernel, ep: u16, pid: u16, message: (u64, u64, u64, u32)) -> 
     }
 }
 
-/// The running process made a system call other than a REPLY_RECV
-/// answering a vCPU: tried by the trap entry before `sched::user_trap`.
-/// CALL and REPLY_RECV answering a process have fast paths ([`call`],
-/// [`answer_caller`]); nothing is changed when the general path is taken.
-pub extern "C" fn trap() {
+/// The running process made a CALL (the system-call entry saw its
+/// number): the fast path [`call`]; back to the entry, nothing changed, for
+/// the general path.
+pub extern "C" fn call_trap() {
     let k = super::kernel();
-    let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed)) else {
-        return;
-    };
-    let Some(f) = k.processes[usize::from(pid)].as_ref().map(|p| &p.frame) else {
-        return;
-    };
-    match (f.rax, untoken(f.rdi)) {
-        // Token 0 answers nobody (a receive loop's first wait).
-        (nr::REPLY_RECV, (Sender::Process(caller), seq)) if f.rdi != 0 => {
-            answer_caller(k, pid, caller, seq)
-        }
-        (nr::CALL, _) => call(k, pid),
-        _ => None,
-    };
+    if let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed)) {
+        call(k, pid);
+    }
+}
+
+/// The running process made a REPLY_RECV with `token`, not a vCPU's (the
+/// system-call entry saw bit 63 clear): the fast path [`answer_caller`] for
+/// a process's token (0 answers nobody: a receive loop's first wait); back
+/// to the entry, nothing changed, for the general path.
+pub extern "C" fn answer_trap(token: u64) {
+    let k = super::kernel();
+    if let (Some(pid), true, (Sender::Process(caller), seq)) =
+        (k.current, ON.load(Ordering::Relaxed), untoken(token))
+        && token != 0
+    {
+        answer_caller(k, pid, caller, seq);
+    }
 }
 
 /// The running process made a REPLY_RECV answering a vCPU (the trap entry

@@ -25,6 +25,17 @@ pub fn exit_landing() -> u64 {
     vmx_exit as unsafe extern "C" fn() as usize as u64
 }
 
+/// `op` (on `\r` and `[rdi + at]`) for every register of `GuestRegs` but
+/// RDI, at its offset.
+macro_rules! guest_regs {
+    ($op:literal) => {
+        concat!(
+            ".set at, 0\n.irp r, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15\n",
+            ".ifnc \\r, rdi\n", $op, "\n.endif\n.set at, at + 8\n.endr"
+        )
+    };
+}
+
 #[unsafe(naked)]
 unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
     core::arch::naked_asm!(
@@ -38,20 +49,9 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "mov rax, {host_rsp}",
         "vmwrite rax, rsp",
         "test rsi, rsi",
-        "mov rax, [rdi + 0]",
-        "mov rbx, [rdi + 8]",
-        "mov rcx, [rdi + 16]",
-        "mov rdx, [rdi + 24]",
-        "mov rsi, [rdi + 32]",
-        "mov rbp, [rdi + 48]",
-        "mov r8, [rdi + 56]",
-        "mov r9, [rdi + 64]",
-        "mov r10, [rdi + 72]",
-        "mov r11, [rdi + 80]",
-        "mov r12, [rdi + 88]",
-        "mov r13, [rdi + 96]",
-        "mov r14, [rdi + 104]",
-        "mov r15, [rdi + 112]",
+        // Every guest register from `GuestRegs` (in its order, 8 bytes
+        // apart), RDI, the pointer, last.
+        guest_regs!("mov \\r, [rdi + at]"),
         "mov rdi, [rdi + 40]",
         "jnz 2f",
         "vmlaunch",
@@ -71,20 +71,7 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "vmx_exit:",
         "push rdi",
         "mov rdi, [rsp + 8]",
-        "mov [rdi + 0], rax",
-        "mov [rdi + 8], rbx",
-        "mov [rdi + 16], rcx",
-        "mov [rdi + 24], rdx",
-        "mov [rdi + 32], rsi",
-        "mov [rdi + 48], rbp",
-        "mov [rdi + 56], r8",
-        "mov [rdi + 64], r9",
-        "mov [rdi + 72], r10",
-        "mov [rdi + 80], r11",
-        "mov [rdi + 88], r12",
-        "mov [rdi + 96], r13",
-        "mov [rdi + 104], r14",
-        "mov [rdi + 112], r15",
+        guest_regs!("mov [rdi + at], \\r"),
         "pop qword ptr [rdi + 40]",
         "xor eax, eax",
         // Both ways out: the `GuestRegs` pointer dropped, the host's
