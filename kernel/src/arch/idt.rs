@@ -7,9 +7,10 @@
 //! [`trap`] (a trap in ring 0) or `sched::user_trap` (a trap from a
 //! service, whose frame the CPU wrote in place in the service's own
 //! record). The system call (`int 0x80`) has its own entry,
-//! `syscall_entry`, which makes the same frame and goes to the fast paths. A CPU exception in the
-//! kernel is reported (vector, RIP, error code, CR2, registers) and the run
-//! stops cleanly; the kernel has no business continuing after one.
+//! `syscall_entry`, which makes the same frame and goes to the fast paths.
+//! A CPU exception in the kernel is reported (vector, RIP, error code, CR2,
+//! registers) and the run stops cleanly; the kernel has no business
+//! continuing after one.
 
 use super::percpu::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
 use core::cell::UnsafeCell;
@@ -234,9 +235,10 @@ pub fn load() {
                 _ => None,
             };
             let user = vector == usize::from(SYSCALL_VECTOR);
-            let entry = match user {
-                true => syscall_entry as *const () as u64,
-                false => base + 16 * vector as u64,
+            let entry = if user {
+                syscall_entry as *const () as u64
+            } else {
+                base + 16 * vector as u64
             };
             *gate = Gate::interrupt(entry, ist, user);
         }

@@ -182,9 +182,10 @@ pub extern "C" fn answer_trap(token: u64) {
     }
 }
 
-/// The running process made a REPLY_RECV answering a vCPU (the trap entry
-/// saw its number and the token's bit 63 in `frame`, the process's own): the fast
-/// paths [`answer_vcpu`] and [`forward`], else `sched::user_trap`.
+/// The running process made a REPLY_RECV answering a vCPU (the
+/// system-call entry saw its number and the token's bit 63 in `frame`, the
+/// process's own): the fast paths [`answer_vcpu`] and [`forward`], else
+/// `sched::user_trap`.
 pub extern "C" fn vcpu_trap(frame: *mut TrapFrame) -> ! {
     let k = super::kernel();
     if let (Some(pid), true) = (k.current, ON.load(Ordering::Relaxed))

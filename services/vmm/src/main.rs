@@ -106,12 +106,12 @@ impl Peer {
     /// looked at (`Env::ping`).
     #[inline(always)]
     fn ping(&mut self) -> Option<u64> {
-        let start = tsc();
+        let start = platform::cpu::rdtsc();
         let answer = self.client.call_encoded(|m| {
             m.get_mut(..PING.len())?.copy_from_slice(&PING);
             Some(PING.len())
         });
-        let ticks = tsc().wrapping_sub(start);
+        let ticks = platform::cpu::rdtsc().wrapping_sub(start);
         let answer = match answer {
             Ok(b) if b == PONG => Ok(true),
             // Anything else decoded as `call` would have.
@@ -126,13 +126,6 @@ impl Peer {
     }
 }
 
-/// The TSC.
-#[inline(always)]
-fn tsc() -> u64 {
-    // Safety: RDTSC is allowed in ring 3 (CR4.TSD is clear).
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
 impl Env for System {
     fn features(&self) -> u64 {
         self.features
@@ -143,7 +136,8 @@ impl Env for System {
     }
 
     fn tsc(&self) -> u64 {
-        tsc()
+        // (RDTSC is allowed in ring 3: CR4.TSD is clear.)
+        platform::cpu::rdtsc()
     }
 
     fn tsc_khz(&self) -> u32 {
