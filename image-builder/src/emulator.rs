@@ -649,6 +649,9 @@ fn command(
 ) -> Result<(Command, Option<PathBuf>)> {
     match cfg.machine {
         Machine::Bochs => bochs(iso, cfg, rundir, com2),
+        Machine::Kvm if !kvm_nested_vmx() => bail!(
+            "--on kvm needs /dev/kvm with nested VMX (kvm_intel nested=Y); this host has none"
+        ),
         Machine::Qemu | Machine::QemuUefi | Machine::Kvm => {
             Ok((qemu(iso, cfg, rundir, com2)?, None))
         }
@@ -663,8 +666,7 @@ fn qemu_base(cfg: &RunConfig) -> Command {
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .arg("-serial")
-        .arg(format!("file:{}", cfg.capture.display()))
-        .args(["-accel", "tcg", "-cpu", "max"]);
+        .arg(format!("file:{}", cfg.capture.display()));
     c
 }
 
@@ -680,19 +682,12 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result
             .args(["-serial", "chardev:com2"]);
     }
     c.arg("-cdrom").arg(iso);
+    // One accelerator only: QEMU tries each -accel in turn and keeps the
+    // first that starts, so a TCG one before KVM's would always win.
     match cfg.machine {
-        Machine::Kvm => {
-            if !kvm_nested_vmx() {
-                bail!(
-                    "--on kvm needs /dev/kvm with nested VMX (kvm_intel nested=Y); this host has none"
-                );
-            }
-            c.args(["-accel", "kvm", "-cpu", "host"]);
-        }
-        _ => {
-            c.args(["-accel", "tcg", "-cpu", "max"]);
-        }
-    }
+        Machine::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
+        _ => c.args(["-accel", "tcg", "-cpu", "max"]),
+    };
     if cfg.machine == Machine::QemuUefi {
         let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
         let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
@@ -849,5 +844,27 @@ mod tests {
         .unwrap();
         assert_eq!(text, b"Bochs x86 Emulator 2.7\nNext at t=0\n");
         assert_eq!(frames, b"\x00\x03ab\x00\x02c\x00");
+    }
+
+    /// `--on kvm` runs on KVM with the host's CPU: one accelerator, one CPU
+    /// model (a TCG accelerator before KVM's would win, and TCG refuses
+    /// `-cpu host`).
+    #[test]
+    fn each_qemu_machine_names_one_accelerator_and_cpu() {
+        let dir = std::env::temp_dir();
+        for (machine, accel, cpu) in [(Machine::Qemu, "tcg", "max"), (Machine::Kvm, "kvm", "host")]
+        {
+            let cfg = RunConfig::new(machine, dir.join("capture"));
+            let c = qemu(Path::new("x.iso"), &cfg, &dir, None).unwrap();
+            let args: Vec<_> = c.get_args().map(|a| a.to_str().unwrap()).collect();
+            let after = |flag: &str| -> Vec<&str> {
+                args.windows(2)
+                    .filter(|w| w[0] == flag)
+                    .map(|w| w[1])
+                    .collect()
+            };
+            assert_eq!(after("-accel"), [accel], "{machine:?}: {args:?}");
+            assert_eq!(after("-cpu"), [cpu], "{machine:?}: {args:?}");
+        }
     }
 }
