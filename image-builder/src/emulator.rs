@@ -562,9 +562,16 @@ fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path, debug_port: bool) -
             if text.contains("listening for connections on port") {
                 return Ok(child);
             }
-            if text.contains("RFB could not bind any port") || child.try_wait()?.is_some() {
+            let bind_failed = text.contains("RFB could not bind any port");
+            if bind_failed || child.try_wait()?.is_some() {
                 let _ = child.kill();
                 let _ = child.wait();
+                // Ended before its display was up for another reason (its
+                // configuration refused, a missing file): no retry helps.
+                let output = std::fs::read_to_string(stderr).unwrap_or_default();
+                if let (false, Some(why)) = (bind_failed, bochs_refusal(&output)) {
+                    bail!("Bochs refused to start: {why}; see {}", stderr.display());
+                }
                 break;
             }
             if Instant::now() > deadline {
@@ -578,6 +585,37 @@ fn start_bochs(cmd: &mut Command, log: &Path, stderr: &Path, debug_port: bool) -
         "Bochs could not start its display server (ports 5900-5949); see {}",
         log.display()
     )
+}
+
+/// Why Bochs stopped before it ran, from its output: its errors and
+/// panics (`e[`, `p[` records) and its exit message, in one line (with
+/// where to find the CPU models when the model was refused); `None` when
+/// it printed none.
+fn bochs_refusal(output: &str) -> Option<String> {
+    let mut why: Vec<&str> = Vec::new();
+    let mut lines = output.lines().map(|l| l.trim_end_matches('\r'));
+    while let Some(line) = lines.next() {
+        let record = line.split_once("e[").or_else(|| line.split_once("p["));
+        if line.starts_with("Bochs is exiting with the following message:") {
+            why.extend(
+                lines
+                    .next()
+                    .map(|l| l.trim_start_matches("[      ]").trim()),
+            );
+        } else if let Some((stamp, rest)) = record
+            && stamp.chars().all(|c| c.is_ascii_digit())
+            && !rest.contains("bxevent_callback")
+            && let Some((_, text)) = rest.split_once("] ")
+        {
+            why.push(text.trim());
+        }
+    }
+    why.dedup_by(|a, b| b.contains(*a) || a.contains(*b));
+    let mut why = why.join("; ");
+    if why.contains("'model'") {
+        why.push_str(" (`bochs -help cpu` lists the CPU models)");
+    }
+    (!why.is_empty()).then_some(why)
 }
 
 type Watched = (Vec<LogLine>, Option<RunEnd>, Option<Duration>);
@@ -844,6 +882,28 @@ mod tests {
         .unwrap();
         assert_eq!(text, b"Bochs x86 Emulator 2.7\nNext at t=0\n");
         assert_eq!(frames, b"\x00\x03ab\x00\x02c\x00");
+    }
+
+    /// A CPU model Bochs does not know is named as Bochs names it, not
+    /// taken for a display server that could not start (output of Bochs
+    /// 2.7 given `cpu: model=nosuchcpu`, shortened).
+    #[test]
+    fn a_refused_configuration_is_named_with_bochs_s_words() {
+        let output = "00000000000i[      ] reading configuration from rc\n\
+            00000000000e[      ] rc:2: wrong value for parameter 'model'\n\
+            00000000000p[      ] >>PANIC<< rc:2: cpu directive malformed.\n\
+            00000000000e[SIM   ] notify called, but no bxevent_callback function is registered\n\
+            Bochs is exiting with the following message:\n\
+            [      ] rc:2: cpu directive malformed.\n\
+            00000000000i[SIM   ] quit_sim called with exit code 1\n";
+        assert_eq!(
+            bochs_refusal(output).as_deref(),
+            Some(
+                "rc:2: wrong value for parameter 'model'; >>PANIC<< rc:2: cpu directive malformed. \
+                 (`bochs -help cpu` lists the CPU models)"
+            )
+        );
+        assert_eq!(bochs_refusal("00000000000i[      ] all well\n"), None);
     }
 
     /// `--on kvm` runs on KVM with the host's CPU: one accelerator, one CPU
