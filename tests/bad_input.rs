@@ -2,7 +2,7 @@
 //! stop with a status that says what kind of problem it was; never a hang or
 //! a triple fault.
 
-use image_builder::emulator::Machine;
+use image_builder::emulator::{Machine, RunEnd};
 use image_builder::iso::Module;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::manifest::MANIFEST_KEY;
@@ -117,6 +117,25 @@ fn domains_on_a_cpu_without_vmx_stop_cleanly() {
             "the manifest asks for 1 domain(s) but this CPU cannot run guests (no usable VMX)",
         )
         .expect_status(HaltStatus::Unsupported);
+}
+
+/// A machine too small for the kernel and its modules: the boot loader's
+/// refusal ends the run at once, named, as bad boot input (not a wait for
+/// the timeout while GRUB asks for a key).
+#[test]
+fn a_machine_too_small_to_load_the_kernel_is_named_at_once() {
+    let img = image("too-small", "", empty_system());
+    let run = boot(&img, Machine::Qemu, |cfg| cfg.memory_mib = 4);
+    assert_eq!(run.0.end, RunEnd::BootLoaderFailed, "{}", run.log());
+    assert_eq!(
+        run.0.exit_code(),
+        i32::from(HaltStatus::BadBootInput.code())
+    );
+    let summary = run.0.summary();
+    assert!(
+        summary.contains("the boot loader could not load the kernel (error: out of memory."),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -160,6 +160,10 @@ pub enum RunEnd {
     TimedOut,
     /// The emulator exited without a halt record.
     EmulatorExited { code: Option<i32> },
+    /// The boot loader could not load the kernel (its `boot` lines say
+    /// why: too little memory for the kernel and its modules, say); the
+    /// emulator was stopped.
+    BootLoaderFailed,
 }
 
 /// What a run produced.
@@ -197,6 +201,9 @@ impl RunOutcome {
                 (c - 1) / 2
             }
             RunEnd::EmulatorExited { .. } => 125,
+            RunEnd::BootLoaderFailed => {
+                i32::from(ipc_schema::halt::HaltStatus::BadBootInput.code())
+            }
         }
     }
 
@@ -211,6 +218,19 @@ impl RunOutcome {
             RunEnd::TimedOut => "timed out; the emulator was stopped".to_owned(),
             RunEnd::EmulatorExited { code } => {
                 format!("the emulator exited ({code:?}) without a halt record from the kernel")
+            }
+            RunEnd::BootLoaderFailed => {
+                let errors: Vec<&str> = self
+                    .lines
+                    .iter()
+                    .filter(|l| l.source == "boot" && l.text.starts_with("error:"))
+                    .map(|l| l.text.trim())
+                    .filter(|t| !t.contains(KERNEL_NOT_LOADED))
+                    .collect();
+                format!(
+                    "stopped: the boot loader could not load the kernel ({}; with --memory, is there room for the kernel and its modules?)",
+                    errors.join(" ")
+                )
             }
         };
         let mut s = format!(
@@ -620,6 +640,9 @@ fn bochs_refusal(output: &str) -> Option<String> {
 
 type Watched = (Vec<LogLine>, Option<RunEnd>, Option<Duration>);
 
+/// What GRUB prints at `boot` when its `multiboot2` command failed.
+const KERNEL_NOT_LOADED: &str = "you need to load the kernel first";
+
 /// Follows the capture file until the run ends.
 fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) -> Result<Watched> {
     let mut file = std::fs::File::open(&cfg.capture)?;
@@ -655,6 +678,15 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
                 }
                 lines.push(l);
             }
+        }
+        // GRUB says this once it has failed to load the kernel, and then
+        // waits for a key: nothing more will come.
+        if first.is_none()
+            && lines
+                .iter()
+                .any(|l| l.source == "boot" && l.text.contains(KERNEL_NOT_LOADED))
+        {
+            return Ok((lines, Some(RunEnd::BootLoaderFailed), first));
         }
         if decoder.halt.is_some() && halted_at.is_none() {
             halted_at = Some(Instant::now());
