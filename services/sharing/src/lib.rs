@@ -113,7 +113,16 @@ impl Sharing {
                 ref domains,
                 from,
                 pages,
-            } => Ok(self.scan(o, &domains.0, from, pages)),
+            } => {
+                // A scan starts with every domain it names there (one that
+                // ends during the scan is passed over); a scan of nothing
+                // would say it saved nothing.
+                if from == 0 && domains.0.iter().any(|&d| o.pages(d).is_none()) {
+                    Err(ShError::NoSuchDomain)
+                } else {
+                    Ok(self.scan(o, &domains.0, from, pages))
+                }
+            }
         };
         self.note_births(o);
         answer.unwrap_or_else(ShReply::Error)

@@ -525,10 +525,49 @@ fn a_scan_shares_equal_pages_and_nothing_else() {
     let (_, saved) = scan(&mut s, &mut f, &[1, 2], 100);
     assert_eq!(saved, 0, "1:4 holds 7, found nowhere else");
     same(&s, &f).unwrap();
-    // A scan of a domain that is gone reads nothing of it.
+    // A scan that names a domain that is gone is refused before it reads
+    // anything; one that ends during the scan is passed over.
     f.destroy(2);
-    let (pages, _) = scan(&mut s, &mut f, &[2, 1], 100);
+    for domains in [&[2u16, 1][..], &[1, 99]] {
+        let mut list = BoundedVec::new();
+        for &d in domains {
+            list.0.push(d).unwrap();
+        }
+        let r = s.request(
+            &mut f,
+            &ShRequest::Scan {
+                domains: list,
+                from: 0,
+                pages: 100,
+            },
+        );
+        assert_eq!(r, ShReply::Error(ShError::NoSuchDomain), "{domains:?}");
+    }
+    let (pages, _) = scan(&mut s, &mut f, &[1], 100);
     assert_eq!(pages, 16);
+    f.destroy(3);
+    let mut list = BoundedVec::new();
+    list.0.push(1).unwrap();
+    list.0.push(3).unwrap();
+    let r = s.request(
+        &mut f,
+        &ShRequest::Scan {
+            domains: list,
+            from: 1 << 48,
+            pages: 100,
+        },
+    );
+    assert!(
+        matches!(
+            r,
+            ShReply::Scanned {
+                pages: 0,
+                next: None,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
     same(&s, &f).unwrap();
 }
 
