@@ -90,6 +90,10 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
                 e.contains("0x2000000 is not guest RAM") || e.contains("is not guest RAM"),
                 "{e}"
             );
+            // A length no domain has is the console's refusal, not an
+            // allocation the client cannot make.
+            let e = refused(&s, &["mem", "read", "1", "0x1000", "0xffffffffffffffff"]);
+            assert!(e.contains("is not guest RAM"), "{e}");
             let e = refused(
                 &s,
                 &["mem", "read", "1", "0x800000000000", "8", "--virtual"],

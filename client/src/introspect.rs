@@ -56,7 +56,9 @@ impl<T: Transport> Client<T> {
             };
         }
         self.ensure_hello()?;
-        let mut out = Vec::with_capacity(len);
+        // (Room for one request's part at first: a length the domain cannot
+        // have is refused by the console, not by the host's allocator.)
+        let mut out = Vec::with_capacity(len.min(MAX_READ as usize));
         while out.len() < len {
             let part = (len - out.len()).min(MAX_READ as usize);
             let base = out.len();
