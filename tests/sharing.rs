@@ -371,7 +371,10 @@ fn a_paused_guest_is_forked_100_times_and_a_reset_fork_is_its_parent_again() {
             for (args, want) in [
                 (vec!["unpause", "1"], "Busy"),
                 (vec!["destroy", "1"], "Busy"),
-                (vec!["reset", "1"], "BadArgument"),
+                (
+                    vec!["reset", "1"],
+                    "domain 1 is no fork made by `cargo hv ctl fork`",
+                ),
                 (vec!["fork", "nobody"], "nobody"),
                 (vec!["fork", "9"], "no such domain"),
             ] {

@@ -7,6 +7,7 @@ use image_builder::control::{self, Client, DomainOp};
 use image_builder::emulator::{self, Machine, RunConfig};
 use image_builder::image::{self, ImageOptions};
 use image_builder::{bench, deps, elf, logs, paths, suite};
+use ipc_schema::syscall::SysError;
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -602,6 +603,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the supervisor passed on the kernel's refusal `want`.
+fn kernel_refused(e: &control::ClientError, want: SysError) -> bool {
+    matches!(
+        e,
+        control::ClientError::Refused {
+            refusal: control::Refusal::Kernel { error },
+            ..
+        } if *error == want as u64
+    )
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build(b) => {
@@ -921,14 +933,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
             let id = console
                 .fork(parent, name.as_deref().unwrap_or(""))
                 .map_err(|e| {
-                    let busy = matches!(
-                        &e,
-                        control::ClientError::Refused {
-                            refusal: control::Refusal::Kernel { error },
-                            ..
-                        } if *error == ipc_schema::syscall::SysError::Busy as u64
-                    );
-                    let hint = if busy {
+                    let hint = if kernel_refused(&e, SysError::Busy) {
                         format!(" (domain {parent} must be paused, with no exit in a service's hands: `cargo hv ctl pause {parent}`, then try again)")
                     } else {
                         String::new()
@@ -939,7 +944,18 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Reset { child } => {
             let id = console.domain_id(&child)?;
-            console.domain_control(id, DomainOp::Reset)?;
+            console
+                .domain_control(id, DomainOp::Reset)
+                .map_err(|e| {
+                    let hint = if kernel_refused(&e, SysError::BadArgument) {
+                        format!(" (a reset takes a fork back to its parent: domain {id} is no fork made by `cargo hv ctl fork`, or its parent has ended)")
+                    } else if kernel_refused(&e, SysError::Busy) {
+                        format!(" (domain {id} must be paused or ended, with no exit in a service's hands: `cargo hv ctl pause {id}`, then try again)")
+                    } else {
+                        String::new()
+                    };
+                    anyhow::anyhow!("{e}{hint}")
+                })?;
             println!("domain {id} reset to its parent (paused)");
         }
         CtlCmd::Fault { service } => {
