@@ -464,21 +464,23 @@ proptest! {
     }
 }
 
-fn scan(s: &mut Sharing, f: &mut Fake, domains: &[u16], budget: u32) -> (u32, u32) {
+/// One scan request over `domains` from `from`.
+fn scan_request(domains: &[u16], from: u64, pages: u32) -> ShRequest {
     let mut list = BoundedVec::new();
     for &d in domains {
         list.0.push(d).unwrap();
     }
+    ShRequest::Scan {
+        domains: list,
+        from,
+        pages,
+    }
+}
+
+fn scan(s: &mut Sharing, f: &mut Fake, domains: &[u16], budget: u32) -> (u32, u32) {
     let (mut from, mut pages, mut saved) = (0, 0, 0);
     loop {
-        let r = s.request(
-            f,
-            &ShRequest::Scan {
-                domains: list.clone(),
-                from,
-                pages: budget,
-            },
-        );
+        let r = s.request(f, &scan_request(domains, from, budget));
         let ShReply::Scanned {
             pages: p,
             saved: n,
@@ -529,34 +531,13 @@ fn a_scan_shares_equal_pages_and_nothing_else() {
     // anything; one that ends during the scan is passed over.
     f.destroy(2);
     for domains in [&[2u16, 1][..], &[1, 99]] {
-        let mut list = BoundedVec::new();
-        for &d in domains {
-            list.0.push(d).unwrap();
-        }
-        let r = s.request(
-            &mut f,
-            &ShRequest::Scan {
-                domains: list,
-                from: 0,
-                pages: 100,
-            },
-        );
+        let r = s.request(&mut f, &scan_request(domains, 0, 100));
         assert_eq!(r, ShReply::Error(ShError::NoSuchDomain), "{domains:?}");
     }
     let (pages, _) = scan(&mut s, &mut f, &[1], 100);
     assert_eq!(pages, 16);
     f.destroy(3);
-    let mut list = BoundedVec::new();
-    list.0.push(1).unwrap();
-    list.0.push(3).unwrap();
-    let r = s.request(
-        &mut f,
-        &ShRequest::Scan {
-            domains: list,
-            from: 1 << 48,
-            pages: 100,
-        },
-    );
+    let r = s.request(&mut f, &scan_request(&[1, 3], 1 << 48, 100));
     assert!(
         matches!(
             r,
@@ -597,17 +578,7 @@ fn a_page_written_between_its_nomination_and_the_share_is_never_merged() {
     }
     let mut s = Sharing::default();
     let mut r = Racy(fake(), true);
-    let mut list = BoundedVec::new();
-    list.0.push(1).unwrap();
-    list.0.push(2).unwrap();
-    let reply = s.request(
-        &mut r,
-        &ShRequest::Scan {
-            domains: list,
-            from: 0,
-            pages: 10,
-        },
-    );
+    let reply = s.request(&mut r, &scan_request(&[1, 2], 0, 10));
     // 1:0 and 2:0 hold 0, 1:1 and 2:1 held 1 until 2:1 was written.
     assert_eq!(
         reply,
