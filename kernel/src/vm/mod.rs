@@ -444,7 +444,8 @@ fn fast_path(d: &mut Domain, raw: RawExit, others_waiting: bool) -> Fast {
             _ => Fast::No,
         };
     }
-    if raw.entry_failure() {
+    // Then EPT violations, none of them answered here (`run_until_handler`).
+    if raw.entry_failure() || raw.is(reason::EPT_VIOLATION) {
         return Fast::No;
     }
     let Some(v) = d.vcpu.as_mut() else {

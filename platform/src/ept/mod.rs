@@ -947,6 +947,7 @@ struct Walk {
 }
 
 impl Walk {
+    #[inline]
     fn kind(&self) -> Kind {
         kind(self.entry, self.level)
     }
