@@ -779,6 +779,11 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result
             .arg(format!("if=pflash,format=raw,file={}", my_vars.display()));
     }
     if cfg.iommu {
+        // Interrupt remapping under KVM needs the I/O APIC in QEMU (a
+        // split irqchip); QEMU refuses `intremap=on` otherwise.
+        if cfg.machine == Machine::Kvm {
+            c.args(["-machine", "kernel-irqchip=split"]);
+        }
         c.args([
             "-device",
             "intel-iommu,intremap=on",
@@ -946,7 +951,8 @@ mod tests {
         let dir = std::env::temp_dir();
         for (machine, accel, cpu) in [(Machine::Qemu, "tcg", "max"), (Machine::Kvm, "kvm", "host")]
         {
-            let cfg = RunConfig::new(machine, dir.join("capture"));
+            let mut cfg = RunConfig::new(machine, dir.join("capture"));
+            cfg.iommu = true;
             let c = qemu(Path::new("x.iso"), &cfg, &dir, None).unwrap();
             let args: Vec<_> = c.get_args().map(|a| a.to_str().unwrap()).collect();
             let after = |flag: &str| -> Vec<&str> {
@@ -957,6 +963,10 @@ mod tests {
             };
             assert_eq!(after("-accel"), [accel], "{machine:?}: {args:?}");
             assert_eq!(after("-cpu"), [cpu], "{machine:?}: {args:?}");
+            // VT-d's interrupt remapping on KVM: the split irqchip QEMU
+            // asks for there.
+            let split = after("-machine").contains(&"kernel-irqchip=split");
+            assert_eq!(split, machine == Machine::Kvm, "{machine:?}: {args:?}");
         }
     }
 }
