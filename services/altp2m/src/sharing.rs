@@ -125,7 +125,11 @@ impl Altp2m {
             .get_mut(&domain)
             .and_then(|d| d.shared.remove(&gfn))
         else {
-            return Err(AltError::Kernel(EptOpError::NotShared));
+            // (A domain that is not there is named so, not "not shared".)
+            return Err(match k.domain_info(domain) {
+                Some((0..=2, _)) => AltError::Kernel(EptOpError::NotShared),
+                _ => AltError::NoSuchDomain,
+            });
         };
         let d = &self.domains[&domain];
         let access = d.effective(0, gfn).access;

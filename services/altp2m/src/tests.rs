@@ -2944,6 +2944,11 @@ fn bad_sharing_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(r.unshare(6), Err(AltError::Kernel(EptOpError::NotShared)));
     assert_eq!(
+        r.alt.unshare(&mut r.k, D + 1, 5),
+        Err(AltError::NoSuchDomain),
+        "a domain that is not there"
+    );
+    assert_eq!(
         r.alt.share_nominate(&mut r.k, D + 1, 5),
         Err(AltError::NoSuchDomain)
     );
