@@ -136,6 +136,17 @@ fn a_machine_too_small_to_load_the_kernel_is_named_at_once() {
         summary.contains("the boot loader could not load the kernel (error: out of memory."),
         "{summary}"
     );
+    // Its capture, decoded again, says it holds no halt record, and exits
+    // as a run without one does.
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(image_builder::paths::repo())
+        .args(["hv", "log"])
+        .arg(&run.0.capture)
+        .output()
+        .expect("cargo runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("no halt record"), "{err}");
 }
 
 #[test]

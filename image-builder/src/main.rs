@@ -698,9 +698,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if lines.is_empty() {
                 eprintln!("{}: no log records or text found", file.display());
             }
+            // As `cargo hv run` and `ctl logs`: the halt status, or 125
+            // where the capture holds no halt record.
             Ok(match halt {
                 Some(s) => ExitCode::from(s),
-                None => ExitCode::SUCCESS,
+                None => {
+                    eprintln!(
+                        "{}: no halt record (the run was cut short, or had not ended when it was captured)",
+                        file.display()
+                    );
+                    ExitCode::from(125)
+                }
             })
         }
         Cmd::Test {
