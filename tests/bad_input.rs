@@ -6,7 +6,7 @@ use image_builder::emulator::{Machine, RunEnd};
 use image_builder::iso::Module;
 use ipc_schema::halt::HaltStatus;
 use ipc_schema::manifest::MANIFEST_KEY;
-use parallax_tests::{boot, empty_system, image, manifest, module, standard_services};
+use parallax_tests::{boot, cargo_hv, empty_system, image, manifest, module, standard_services};
 
 /// `modules` plus init and the standard services.
 fn with_services(mut modules: Vec<Module>) -> Vec<Module> {
@@ -138,9 +138,7 @@ fn a_machine_too_small_to_load_the_kernel_is_named_at_once() {
     );
     // Its capture, decoded again, says it holds no halt record, and exits
     // as a run without one does.
-    let out = std::process::Command::new(env!("CARGO"))
-        .current_dir(image_builder::paths::repo())
-        .args(["hv", "log"])
+    let out = cargo_hv(&["log"])
         .arg(&run.0.capture)
         .output()
         .expect("cargo runs");

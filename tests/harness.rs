@@ -481,17 +481,24 @@ pub fn hex_after(line: &str, key: &str) -> u64 {
     u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
 }
 
+/// `cargo hv ARGS...` as a user types it, in the repository.
+pub fn cargo_hv(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO"));
+    c.current_dir(image_builder::paths::repo())
+        .arg("hv")
+        .args(args);
+    c
+}
+
 /// `cargo hv ctl` against a running system's control socket, as a user
 /// types it (`--timeout 120`).
 pub mod ctl {
     use std::path::Path;
-    use std::process::{Command, Output};
+    use std::process::Output;
 
     /// `cargo hv ctl --socket SOCKET ARGS...`.
     pub fn run(socket: &Path, args: &[&str]) -> Output {
-        Command::new(env!("CARGO"))
-            .current_dir(image_builder::paths::repo())
-            .args(["hv", "ctl", "--timeout", "120", "--socket"])
+        super::cargo_hv(&["ctl", "--timeout", "120", "--socket"])
             .arg(socket)
             .args(args)
             .output()

@@ -200,7 +200,7 @@ impl RunOutcome {
             {
                 (c - 1) / 2
             }
-            RunEnd::EmulatorExited { .. } => 125,
+            RunEnd::EmulatorExited { .. } => i32::from(crate::NO_HALT),
             RunEnd::BootLoaderFailed => {
                 i32::from(ipc_schema::halt::HaltStatus::BadBootInput.code())
             }
@@ -665,11 +665,16 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
             demux.push(&rest, &mut events);
             demux.finish(&mut events);
         }
+        // GRUB says this once it has failed to load the kernel, and then
+        // waits for a key: nothing more will come. (Each line looked at
+        // once, as it is decoded.)
+        let mut not_loaded = false;
         for e in &events {
             if first.is_none() && matches!(e, Event::Record(_)) {
                 first = Some(started.elapsed());
             }
             for l in decoder.lines(e) {
+                not_loaded |= l.source == "boot" && l.text.contains(KERNEL_NOT_LOADED);
                 if cfg.live {
                     let _ = writeln!(out, "{l}");
                 }
@@ -679,13 +684,7 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
                 lines.push(l);
             }
         }
-        // GRUB says this once it has failed to load the kernel, and then
-        // waits for a key: nothing more will come.
-        if first.is_none()
-            && lines
-                .iter()
-                .any(|l| l.source == "boot" && l.text.contains(KERNEL_NOT_LOADED))
-        {
+        if not_loaded && first.is_none() {
             return Ok((lines, Some(RunEnd::BootLoaderFailed), first));
         }
         if decoder.halt.is_some() && halted_at.is_none() {

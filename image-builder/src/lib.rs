@@ -32,3 +32,7 @@ pub mod suite;
 /// from the kernel's halt statuses (0-4) that `cargo hv run` passes on, from
 /// 124 (timeout) and 125 (the emulator ended without a halt record).
 pub const TOOL_ERROR: u8 = 100;
+
+/// The exit status of `cargo hv run`, `ctl logs` and `log` when the run
+/// (or the capture) ended without a halt record.
+pub const NO_HALT: u8 = 125;

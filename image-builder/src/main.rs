@@ -707,7 +707,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "{}: no halt record (the run was cut short, or had not ended when it was captured)",
                         file.display()
                     );
-                    ExitCode::from(125)
+                    ExitCode::from(image_builder::NO_HALT)
                 }
             })
         }
@@ -1479,7 +1479,7 @@ fn follow_log(socket: &Path) -> Result<ExitCode> {
         }
         if ended {
             eprintln!("the run ended without a halt record");
-            return Ok(ExitCode::from(125));
+            return Ok(ExitCode::from(image_builder::NO_HALT));
         }
         if n == 0 {
             std::thread::sleep(Duration::from_millis(100));
