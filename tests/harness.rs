@@ -443,6 +443,24 @@ pub fn boot_live(
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| script(&mut live)));
     if let Err(panic) = result {
+        // What the system said up to the failure (and a moment after: its
+        // warnings about what the script just did), for the test's log:
+        // often the only trace a CI run leaves.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Ok(l) = live
+            .lines
+            .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+        {
+            live.seen.push(l);
+        }
+        let from = live.seen.len().saturating_sub(150);
+        eprintln!(
+            "--- the system's last {} lines, up to the failure ---",
+            live.seen.len() - from
+        );
+        for l in &live.seen[from..] {
+            eprintln!("{l}");
+        }
         // Stop the emulator before failing, so that it does not outlive the test.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = runner.join();

@@ -1,16 +1,19 @@
 /*
  * A multiboot kernel that finds its local APIC in the ACPI MADT and
  * programs it through the xAPIC page, as PC kernels do (issue 14, point
- * 2): the RSDP (rsdp.inc), the RSDT's "APIC" table, its local APIC address
- * and flags and its first processor local APIC; then at that address the
- * ID and version, the spurious-vector register (software enable), a
- * one-shot and a periodic timer interrupt taken while halted, a self-IPI
- * through the ICR, each ended by an EOI, and the in-service registers
- * empty at the end. Every access is a 32-bit MOV to or from the page. It
- * prints a line for each on the 16550 and ends through isa-debug-exit
- * (0xf4) with status 0x10 (0x11: the tables, 0x12: an interrupt missing,
- * stray or left in service). The boot test runs it under `qemu-system-x86_64
- * -machine q35 -kernel` and under Parallax.
+ * 2): first both 8259s masked (the firmware leaves the PIT's IRQ 0
+ * unmasked, at a vector with no handler here: with interrupts on, plain
+ * QEMU would deliver it now and then), then the RSDP (rsdp.inc),
+ * the RSDT's "APIC" table, its local APIC address and flags and its first
+ * processor local APIC; then at that address the ID and version, the
+ * spurious-vector register (software enable), a one-shot and a periodic
+ * timer interrupt taken while halted, a self-IPI through the ICR, each
+ * ended by an EOI, and the in-service registers empty at the end. Every
+ * access is a 32-bit MOV to or from the page. It prints a line for each
+ * on the 16550 and ends through isa-debug-exit (0xf4) with status 0x10
+ * (0x11: the tables, 0x12: an interrupt missing, stray or left in
+ * service). The boot test runs it under `qemu-system-x86_64 -machine q35
+ * -kernel` and under Parallax.
  */
         .text
         .code32
@@ -23,6 +26,9 @@ _start: mov $stack_top, %esp
         mov $unexpected, %eax         /* every vector: unexpected, but */
         mov $vectors, %esi            /* these (vector, handler pairs) */
         call gates
+        mov $0xff, %al                /* both 8259s masked (OCW1 alone: */
+        out %al, $0x21                /* ICW1 would unmask all for a */
+        out %al, $0xa1                /* moment) */
 
         call find_rsdp                /* the MADT through the RSDT */
         jc no_tables
