@@ -180,10 +180,16 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 live.wait_for("dom1", "introspect: r13 0x99", 120);
                 // reset_state on the running domain: back in view 0, its
                 // views destroyed, the listener gone; the guest reads its
-                // own marker again.
+                // own marker again, and ends (maybe before reset_state's
+                // last step, which is then done: its views went with it).
                 vmi.reset_state().unwrap();
                 live.wait_for("dom1", "introspect: marker back parallax-marker!", 120);
-                refused(vmi.memory_access(marker, view), "view not found");
+                live.wait_for("kernel", "domain 1 (intro) exited with status 0", 120);
+                // An ended domain: a view request is refused saying so (not
+                // "view not found"), and a reset has nothing left to do.
+                refused(vmi.memory_access(marker, view), "domain 1 has ended");
+                refused(vmi.create_view(MemoryAccess::RWX), "domain 1 has ended");
+                vmi.reset_state().unwrap();
             }
             eprintln!(
                 "vmi: the driver's checks on domain 1 took {:.1} s",
@@ -251,4 +257,14 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
         .expect_from("altp2m", "domain 2: listener attached")
         .expect_no("FAIL")
         .expect_status(HaltStatus::Success);
+    // The requests after domain 1 ended made no new records of it (they
+    // were freed once, when it ended).
+    assert_eq!(
+        run.log()
+            .matches("altp2m: domain 1 ended; its records are freed")
+            .count(),
+        1,
+        "{}",
+        run.log()
+    );
 }

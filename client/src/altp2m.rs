@@ -244,6 +244,9 @@ pub fn describe_hc_error(e: &HcError) -> String {
 pub fn describe_alt_error(e: &AltError, domain: u16) -> String {
     match e {
         AltError::NoSuchDomain => format!("there is no domain {domain}"),
+        AltError::DomainEnded => format!(
+            "domain {domain} has ended (its views were freed and its listeners forgotten with it)"
+        ),
         AltError::NoSuchEvent => "no event waits for an answer under that number".into(),
         AltError::ListenerBusy => "another listener is attached to the domain".into(),
         AltError::WrongEndpoint => "the request came through the wrong endpoint".into(),

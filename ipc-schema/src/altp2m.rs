@@ -598,6 +598,10 @@ pub enum AltError {
     /// The kernel refused the sharing operation (why: a stale or forged
     /// frame id, the gfn maps that frame already, not RAM, ...).
     Kernel(crate::syscall::EptOpError),
+    /// The domain has ended (exited, crashed or destroyed): its alternate
+    /// views were freed with it and its listeners and records forgotten,
+    /// so there is nothing left to change or ask.
+    DomainEnded,
 }
 
 /// The most listeners one domain has.

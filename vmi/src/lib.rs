@@ -694,8 +694,28 @@ impl<S: Transport + 'static> VmiVmControl for ParallaxDriver<S> {
     }
 
     /// Puts the domain back in view 0, destroys the views this driver made
-    /// and detaches the listener (waiting events are retried first).
+    /// and detaches the listener (waiting events are retried first). The
+    /// domain may end while this runs (its guest may finish as soon as it
+    /// is back in view 0): its views were freed and its listener forgotten
+    /// with it, which is the reset asked for, so that is no failure.
     fn reset_state(&self) -> Result<(), VmiError> {
+        match self.reset_running() {
+            Err(_) if self.ended() => {
+                let mut state = self.state.borrow_mut();
+                state.listening = false;
+                state.pending.clear();
+                state.views.clear();
+                state.ignore_walks.clear();
+                Ok(())
+            }
+            result => result,
+        }
+    }
+}
+
+impl<S: Transport + 'static> ParallaxDriver<S> {
+    /// [`VmiVmControl::reset_state`]'s steps, on a domain that runs.
+    fn reset_running(&self) -> Result<(), VmiError> {
         self.view(Request::ViewSwitchAll { view: 0 })?;
         if self.state.borrow().listening {
             self.drain_queued()?;
@@ -718,5 +738,127 @@ impl<S: Transport + 'static> VmiVmControl for ParallaxDriver<S> {
         }
         self.state.borrow_mut().ignore_walks.clear();
         Ok(())
+    }
+
+    /// Whether the domain has ended (exited, crashed, destroyed: no longer
+    /// listed, or listed in such a state); false where that cannot be told.
+    fn ended(&self) -> bool {
+        self.client.borrow_mut().domains().is_ok_and(|all| {
+            all.iter().find(|d| d.id == self.domain).is_none_or(|d| {
+                u64::from(d.state)
+                    > parallax_client::ipc_schema::syscall::DomainState::Paused as u64
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_client::altp2m::{AltError, AltReply, HcError, Reply};
+    use parallax_client::frames::{self, FrameReader};
+    use parallax_client::ipc_schema::supervisor::name;
+    use parallax_client::{ControlReply, ControlRequest, DomainInfo, FromHost, ToHost};
+    use std::io::{Read, Write};
+    use vmi_core::VmiCore;
+
+    /// A console with one domain, 1 ("intro", running), whose altp2m makes
+    /// views; it ends the domain as soon as it is put back in view 0 if
+    /// `ends` (as the vmi boot test's guest does, at once), and refuses to
+    /// destroy views (in use) if not. Returns the requests it answered.
+    fn console(mut stream: UnixStream, ends: bool) -> std::thread::JoinHandle<Vec<String>> {
+        std::thread::spawn(move || {
+            let (mut ended, mut seen) = (false, Vec::new());
+            let mut reader = FrameReader::<FromHost>::new();
+            let (mut buf, mut got) = ([0u8; 4096], Vec::new());
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                reader.push(&buf[..n], &mut got);
+                for q in got.drain(..) {
+                    let reply = match &q.request {
+                        ControlRequest::Hello { .. } => ControlReply::Welcome { version: 1 },
+                        ControlRequest::Domain { index: 0 } => {
+                            ControlReply::Domain(Some(DomainInfo {
+                                id: 1,
+                                name: name("intro"),
+                                state: if ended { 3 } else { 1 },
+                                exit_status: 0,
+                                memory_mib: 32,
+                                protected: false,
+                                foreign_pages: 0,
+                            }))
+                        }
+                        ControlRequest::Domain { .. } => ControlReply::Domain(None),
+                        ControlRequest::Altp2m(_) if ended => {
+                            ControlReply::Altp2m(AltReply::Refused(AltError::DomainEnded))
+                        }
+                        ControlRequest::Altp2m(AltRequest::External { request, .. }) => {
+                            ControlReply::Altp2m(AltReply::Reply(match request {
+                                Request::ViewCreate { .. } => Reply::View(1),
+                                Request::ViewSwitchAll { view: 0 } => {
+                                    ended = ends;
+                                    Reply::Done
+                                }
+                                Request::ViewDestroy { view } => {
+                                    Reply::Error(HcError::ViewInUse { view: *view })
+                                }
+                                _ => Reply::Done,
+                            }))
+                        }
+                        ControlRequest::Altp2m(_) => ControlReply::Altp2m(AltReply::Done),
+                        other => panic!("not expected here: {other:?}"),
+                    };
+                    seen.push(format!("{:?}", q.request));
+                    let frame = frames::encode(&ToHost::Reply { seq: q.seq, reply }).unwrap();
+                    if stream.write_all(&frame).is_err() {
+                        return seen;
+                    }
+                }
+            }
+            seen
+        })
+    }
+
+    fn attached(
+        ends: bool,
+    ) -> (
+        VmiCore<ParallaxDriver<UnixStream>>,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let served = console(theirs, ends);
+        let client = Client::new(ours).with_timeout(Duration::from_secs(10));
+        let driver = ParallaxDriver::new(client, "intro").unwrap();
+        driver.listen().unwrap();
+        let vmi = VmiCore::new(driver).unwrap();
+        vmi.create_view(MemoryAccess::RWX).unwrap();
+        (vmi, served)
+    }
+
+    /// The domain ends between `reset_state`'s first step (back to view 0)
+    /// and its others (the listener's detach, the view's destroy): its
+    /// views and listener went with it, so the reset is done, not an
+    /// error; a reset of the ended domain is too.
+    #[test]
+    fn a_domain_that_ends_during_a_reset_is_reset() {
+        let (vmi, served) = attached(true);
+        vmi.reset_state().unwrap();
+        vmi.reset_state().unwrap();
+        drop(vmi);
+        let seen = served.join().unwrap();
+        assert!(
+            seen.iter().any(|r| r.contains("ViewSwitchAll")),
+            "{seen:#?}"
+        );
+    }
+
+    /// A step refused while the domain still runs is the reset's error.
+    #[test]
+    fn a_reset_refused_while_the_domain_runs_fails() {
+        let (vmi, served) = attached(false);
+        let e = vmi.reset_state().unwrap_err();
+        assert!(e.to_string().contains("is the active view"), "{e}");
+        drop(vmi);
+        let seen = served.join().unwrap();
+        assert!(seen.iter().any(|r| r.contains("ViewDestroy")), "{seen:#?}");
     }
 }

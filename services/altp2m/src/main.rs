@@ -38,7 +38,7 @@ use ipc_schema::exitcodec;
 use ipc_schema::ipc::{BoundedVec, InterfaceId, IpcError};
 use ipc_schema::logdirty::{GfnRange, RANGES_PER_REPLY};
 use ipc_schema::manifest::introspection;
-use ipc_schema::syscall::{EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
+use ipc_schema::syscall::{DomainState, EptOp, EptResult, Handle, MAX_EPT_OPS, SysError, VcpuOp};
 use ipc_schema::vmexit::{ExitReply, Response, VMEXIT};
 use service_altp2m::events::{Events, Outcome, Poll, Waiting};
 use service_altp2m::fast;
@@ -190,8 +190,16 @@ impl Server {
         );
     }
 
-    fn domain_exists(&self, domain: u16) -> bool {
-        sys::vcpu_info(self.system.domains, domain, 0).is_ok()
+    /// Why a request naming `domain` is refused before anything is done:
+    /// no domain has the id, or it has ended. (An ended domain's views went
+    /// with it and its records are forgotten: a request must not make new
+    /// ones, and whoever asks is told the truth, not "no such view".)
+    fn gone(&self, domain: u16) -> Option<AltError> {
+        match sys::domain_info(self.system.domains, domain) {
+            Err(_) => Some(AltError::NoSuchDomain),
+            Ok((state, _, _)) if state > DomainState::Paused as u64 => Some(AltError::DomainEnded),
+            Ok(_) => None,
+        }
     }
 
     fn signal_event(&self) {
@@ -448,7 +456,21 @@ impl Server {
 
     /// Answers a request on the `altp2m` or `altp2m-guest` endpoint.
     fn request(&mut self, request: AltRequest, badge: u64, guest_endpoint: bool) -> AltReply {
-        let unknown = |this: &Self, domain: u16| !this.domain_exists(domain);
+        let named = match request {
+            AltRequest::External { domain, .. }
+            | AltRequest::SetMode { domain, .. }
+            | AltRequest::SetNoListener { domain, .. }
+            | AltRequest::Listen { domain, .. }
+            | AltRequest::ListenFor { domain, .. }
+                if !guest_endpoint =>
+            {
+                Some(domain)
+            }
+            _ => None,
+        };
+        if let Some(why) = named.and_then(|domain| self.gone(domain)) {
+            return AltReply::Refused(why);
+        }
         match request {
             AltRequest::Ping => AltReply::Pong,
             AltRequest::Track { .. }
@@ -488,15 +510,6 @@ impl Server {
                 Agent::Guest { vcpu },
                 &request,
             )),
-            AltRequest::External { domain, .. }
-            | AltRequest::SetMode { domain, .. }
-            | AltRequest::SetNoListener { domain, .. }
-            | AltRequest::Listen { domain, .. }
-            | AltRequest::ListenFor { domain, .. }
-                if unknown(self, domain) =>
-            {
-                AltReply::Refused(AltError::NoSuchDomain)
-            }
             AltRequest::External { domain, .. } | AltRequest::SetMode { domain, .. }
                 if !self.may(badge, domain, introspection::VIEWS) =>
             {
