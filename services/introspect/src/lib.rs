@@ -96,16 +96,18 @@ pub fn needs(request: &IntroRequest) -> (u16, u8) {
     }
 }
 
-/// Answers one request, if `allowed(domain, right)` (the manifest's
-/// `introspection` for the caller) says the caller may.
+/// Answers one request, unless `check(domain, right)` refuses it: no such
+/// domain (`NoSuchDomain`, whatever the rights: a careless id is named as
+/// such), or the manifest's `introspection` for the caller does not give
+/// the right (`NotAllowed`).
 pub fn answer(
     g: &mut impl Guest,
     request: &IntroRequest,
-    allowed: impl FnOnce(u16, u8) -> bool,
+    check: impl FnOnce(u16, u8) -> Result<(), IntroError>,
 ) -> IntroReply {
     let (domain, right) = needs(request);
-    if !allowed(domain, right) {
-        return IntroReply::Refused(IntroError::NotAllowed);
+    if let Err(e) = check(domain, right) {
+        return IntroReply::Refused(e);
     }
     match run(g, request) {
         Ok(reply) => reply,

@@ -11,7 +11,7 @@
 #![no_std]
 #![no_main]
 
-use ipc_schema::introspect::{INTROSPECT, IntroRequest};
+use ipc_schema::introspect::{INTROSPECT, IntroError, IntroRequest};
 use ipc_schema::ipc::InterfaceId;
 use ipc_schema::syscall::layout::MAP_BASE;
 use ipc_schema::syscall::{FOREIGN_PAGES, Handle, SysError, regs};
@@ -139,17 +139,19 @@ impl Service for Server {
         let domains = self.kernel.domains;
         let answer = ipc::decode::<IntroRequest>(msg.bytes).map(|r| {
             answer(&mut self.kernel, &r, |domain, right| {
-                let birth = sys::domain_birth(domains, domain).ok();
-                let ok = rights.allows(msg.badge, domain, right, birth);
-                if !ok {
-                    defmt::warn!(
-                        "introspect: caller {=u64:#x} may not `{=str}` domain {=u16} (the manifest's introspection); refused",
-                        msg.badge,
-                        service_runtime::rights::name(right),
-                        domain
-                    );
+                let Ok(birth) = sys::domain_birth(domains, domain) else {
+                    return Err(IntroError::NoSuchDomain);
+                };
+                if rights.allows(msg.badge, domain, right, Some(birth)) {
+                    return Ok(());
                 }
-                ok
+                defmt::warn!(
+                    "introspect: caller {=u64:#x} may not `{=str}` domain {=u16} (the manifest's introspection); refused",
+                    msg.badge,
+                    service_runtime::rights::name(right),
+                    domain
+                );
+                Err(IntroError::NotAllowed)
             })
         });
         ipc::encode_reply(&answer, reply)

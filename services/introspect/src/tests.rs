@@ -97,7 +97,7 @@ fn guest() -> Model {
 
 /// Every caller may do everything (the checks are tested apart).
 fn answer(m: &mut Model, r: &IntroRequest) -> IntroReply {
-    super::answer(m, r, |_, _| true)
+    super::answer(m, r, |_, _| Ok(()))
 }
 
 fn read(m: &mut Model, at: Address, len: u16) -> IntroReply {
@@ -299,7 +299,13 @@ fn each_request_needs_its_right_over_its_domain() {
     };
     assert_eq!(needs(&r), (D, READ));
     assert_eq!(needs(&w), (D, WRITE));
-    let only_read = |d: u16, right: u8| d == D && right == READ;
+    let only_read = |d: u16, right: u8| {
+        if d == D && right == READ {
+            Ok(())
+        } else {
+            Err(IntroError::NotAllowed)
+        }
+    };
     assert!(matches!(
         super::answer(&mut m, &r, only_read),
         IntroReply::Bytes(_)
@@ -308,8 +314,12 @@ fn each_request_needs_its_right_over_its_domain() {
         super::answer(&mut m, &w, only_read),
         IntroReply::Refused(IntroError::NotAllowed)
     );
-    assert_eq!(
-        super::answer(&mut m, &r, |_, _| false),
-        IntroReply::Refused(IntroError::NotAllowed)
-    );
+    // The check's refusal is the answer, nothing read: a domain that is not
+    // there is named as such whatever the rights.
+    for refusal in [IntroError::NotAllowed, IntroError::NoSuchDomain] {
+        assert_eq!(
+            super::answer(&mut m, &r, |_, _| Err(refusal)),
+            IntroReply::Refused(refusal)
+        );
+    }
 }
