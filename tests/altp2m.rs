@@ -5,7 +5,6 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, boot_live, system};
-use std::process::Command;
 
 fn agent(name: &str, cmdline: &str) -> image_builder::image::Image {
     system(
@@ -60,23 +59,11 @@ fn without_vmfunc_the_in_guest_agent_switches_by_hypercall() {
         .expect_console(1, "(hypercall) gives B's marker");
 }
 
-/// `cargo hv ctl --socket SOCKET --timeout 120 altp2m ARGS...`: stdout.
+/// `cargo hv ctl --socket SOCKET --timeout 120 altp2m ARGS...`: stdout,
+/// which must be a success.
 fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO"))
-        .current_dir(image_builder::paths::repo())
-        .args(["hv", "ctl", "--timeout", "120", "--socket"])
-        .arg(socket)
-        .arg("altp2m")
-        .args(args)
-        .output()
-        .expect("cargo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "cargo hv ctl altp2m {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let all: Vec<&str> = ["altp2m"].iter().chain(args).copied().collect();
+    parallax_tests::ctl::ok(socket, &all)
 }
 
 #[test]
@@ -98,30 +85,10 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
                 .to_owned();
             let socket = live.socket().to_owned();
             // Refusals first: no such domain, a bad answer.
-            let out = Command::new(env!("CARGO"))
-                .current_dir(image_builder::paths::repo())
-                .args(["hv", "ctl", "--timeout", "120", "--socket"])
-                .arg(&socket)
-                .args(["altp2m", "view-create", "9"])
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                !out.status.success() && err.contains("there is no domain 9"),
-                "{err}"
-            );
-            let out = Command::new(env!("CARGO"))
-                .current_dir(image_builder::paths::repo())
-                .args(["hv", "ctl", "--timeout", "120", "--socket"])
-                .arg(&socket)
-                .args(["altp2m", "answer", "999", "retry"])
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                !out.status.success() && err.contains("no event waits for an answer"),
-                "{err}"
-            );
+            let err = parallax_tests::ctl::refused(&socket, &["altp2m", "view-create", "9"]);
+            assert!(err.contains("there is no domain 9"), "{err}");
+            let err = parallax_tests::ctl::refused(&socket, &["altp2m", "answer", "999", "retry"]);
+            assert!(err.contains("no event waits for an answer"), "{err}");
             ctl_altp2m(&socket, &["listen", "1", "on"]);
             ctl_altp2m(&socket, &["listen", "1", "off"]);
             watched = ctl_altp2m(

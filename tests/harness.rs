@@ -514,13 +514,16 @@ pub mod ctl {
     use std::path::Path;
     use std::process::Output;
 
-    /// `cargo hv ctl --socket SOCKET ARGS...`.
+    /// `cargo hv ctl --socket SOCKET ARGS...`, to run or spawn.
+    pub fn command(socket: &Path, args: &[&str]) -> std::process::Command {
+        let mut c = super::cargo_hv(&["ctl", "--timeout", "120", "--socket"]);
+        c.arg(socket).args(args);
+        c
+    }
+
+    /// [`command`], run to its end.
     pub fn run(socket: &Path, args: &[&str]) -> Output {
-        super::cargo_hv(&["ctl", "--timeout", "120", "--socket"])
-            .arg(socket)
-            .args(args)
-            .output()
-            .expect("cargo runs")
+        command(socket, args).output().expect("cargo runs")
     }
 
     /// Its stdout, which must be a success.

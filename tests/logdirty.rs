@@ -6,7 +6,6 @@
 use image_builder::emulator::Machine;
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot, boot_live, one_guest, system};
-use std::process::Command;
 
 fn bochs_model(img: &image_builder::image::Image, model: &str) -> parallax_tests::Run {
     let model = model.to_owned();
@@ -101,13 +100,7 @@ fn a_live_copy_driven_by_the_log_equals_the_source_on_both_mechanisms() {
 /// `cargo hv ctl --socket SOCKET --timeout 120 ARGS...`: (ok, stdout,
 /// stderr).
 fn ctl(socket: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO"))
-        .current_dir(image_builder::paths::repo())
-        .args(["hv", "ctl", "--timeout", "120", "--socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("cargo runs");
+    let out = parallax_tests::ctl::run(socket, args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -466,11 +466,7 @@ fn input_typed_on_the_host_reaches_com1_as_on_plain_qemu() {
                 .expect("the run's capture");
             let pointer = live.socket().with_extension("capture");
             std::fs::write(&pointer, capture.as_os_str().as_encoded_bytes()).unwrap();
-            let mut ctl = std::process::Command::new(env!("CARGO"))
-                .current_dir(image_builder::paths::repo())
-                .args(["hv", "ctl", "--timeout", "120", "--socket"])
-                .arg(live.socket())
-                .args(["console", "rx2"])
+            let mut ctl = parallax_tests::ctl::command(live.socket(), &["console", "rx2"])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
