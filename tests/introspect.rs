@@ -287,13 +287,26 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
             ok(&s, &["destroy", "3"]);
             ok(&s, &["unpause", "1"]);
             live.wait_for("dom1", "introspect: r12 0x77", 120);
+            // The kernel's Busy, explained by the domain's state: running,
+            // paused already, ended.
+            let e = refused(&s, &["unpause", "2"]);
+            assert!(e.contains("domain 2 is not paused: it runs"), "{e}");
             ok(&s, &["pause", "2"]);
+            let e = refused(&s, &["pause", "2"]);
+            assert!(e.contains("domain 2 is paused already"), "{e}");
             assert!(fork("2").contains("domain 3"), "the id is given again");
             not_allowed("3");
             ok(&s, &["destroy", "3"]);
             // The agent's own id, once it has ended, to another fork of
             // the secret domain.
             live.wait_for("kernel", "domain 1 (agent) exited with status 0", 120);
+            for args in [&["pause", "1"][..], &["unpause", "1"], &["fork", "1"]] {
+                let e = refused(&s, args);
+                assert!(
+                    e.contains("domain 1 has ended: exited, status 0x0"),
+                    "{args:?}: {e}"
+                );
+            }
             ok(&s, &["destroy", "1"]);
             assert!(
                 fork("2").contains("domain 1"),

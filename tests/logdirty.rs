@@ -166,6 +166,14 @@ fn the_host_keeps_two_logs_and_bad_requests_are_refused_by_name() {
             assert!(status.to_lowercase().contains("pml"), "{status}");
             // Point 8: bad input, each named.
             refused(&["start", "9"], "no such domain");
+            for args in [
+                &["read", "9"][..],
+                &["peek", "9"],
+                &["status", "9"],
+                &["stop", "9"],
+            ] {
+                refused(args, "domain 9: no such domain");
+            }
             refused(
                 &["start", "1", "--log", "3", "--range", "0:0x100000"],
                 "past",

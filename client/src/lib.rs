@@ -326,6 +326,11 @@ impl fmt::Display for ClientError {
             ClientError::Introspect { request, error } => {
                 write!(f, "introspect refused {request}: {error}")
             }
+            // (Which domain is not there: the request names them.)
+            ClientError::Sharing {
+                request,
+                error: error @ ipc_schema::sharing::ShError::NoSuchDomain,
+            } => write!(f, "sharing: {} ({request})", sharing::describe_error(error)),
             ClientError::Sharing { error, .. } => {
                 write!(f, "sharing: {}", sharing::describe_error(error))
             }

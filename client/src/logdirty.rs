@@ -321,7 +321,7 @@ fn domain_log(q: &LdRequest) -> (u16, u32) {
 pub fn describe_refusal(e: &LdError, asked: &LdRequest) -> String {
     let (domain, log) = domain_log(asked);
     match *e {
-        LdError::NoSuchDomain => format!("domain {domain}: no such domain"),
+        LdError::NoSuchDomain => format!("domain {domain}: no such domain (or it has ended)"),
         LdError::BadRange { pages } => match asked {
             LdRequest::Start { range: Some(r), .. } if r.count == 0 => {
                 format!("range {} is empty", range_arg(r))
@@ -356,7 +356,7 @@ pub fn describe_refusal(e: &LdError, asked: &LdRequest) -> String {
 /// Why a request was refused, without the request at hand.
 pub fn describe_error(e: &LdError) -> String {
     match e {
-        LdError::NoSuchDomain => "no such domain".into(),
+        LdError::NoSuchDomain => "no such domain (or it has ended)".into(),
         LdError::BadRange { pages } => {
             format!("the range is empty, wraps, or reaches past the domain's RAM ({pages} pages)")
         }
@@ -526,7 +526,7 @@ mod tests {
                 &LdError::NoSuchDomain,
                 &LdRequest::Status { domain: 7, log: 0 }
             ),
-            "domain 7: no such domain"
+            "domain 7: no such domain (or it has ended)"
         );
         assert_eq!(
             describe_refusal(

@@ -7,7 +7,7 @@ use image_builder::control::{self, Client, DomainOp};
 use image_builder::emulator::{self, Machine, RunConfig};
 use image_builder::image::{self, ImageOptions};
 use image_builder::{bench, deps, elf, logs, paths, suite};
-use ipc_schema::syscall::SysError;
+use ipc_schema::syscall::{DomainState, SysError};
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -614,6 +614,37 @@ fn kernel_refused(e: &control::ClientError, want: SysError) -> bool {
     )
 }
 
+/// A domain operation's refusal `e` with its reason: where the kernel
+/// said Busy, what the domain's state makes of it: that it has ended
+/// (listed exited, crashed or destroyed: Busy alone would send the user to
+/// pause a domain that cannot be), or `busy`'s hint for the live domain
+/// (empty for none).
+fn domain_refusal(
+    console: &mut Client<UnixStream>,
+    e: control::ClientError,
+    id: u16,
+    busy: impl FnOnce(&control::DomainInfo) -> String,
+) -> anyhow::Error {
+    if !kernel_refused(&e, SysError::Busy) {
+        return e.into();
+    }
+    let Some(d) = console
+        .domains()
+        .ok()
+        .and_then(|all| all.into_iter().find(|d| d.id == id))
+    else {
+        return e.into();
+    };
+    if d.state > DomainState::Paused as u8 {
+        return anyhow::anyhow!(
+            "{e} (domain {id} has ended: {}, status {:#x}; an ended domain can only be read, reset if it is a fork, or destroyed)",
+            control::domain_state(d.state),
+            d.exit_status
+        );
+    }
+    anyhow::anyhow!("{e}{}", busy(&d))
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build(b) => {
@@ -923,12 +954,28 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Pause { domain } => {
             let id = console.domain_id(&domain)?;
-            console.domain_control(id, DomainOp::Pause)?;
+            if let Err(e) = console.domain_control(id, DomainOp::Pause) {
+                return Err(domain_refusal(&mut console, e, id, |d| {
+                    if d.state == DomainState::Paused as u8 {
+                        format!(" (domain {id} is paused already)")
+                    } else {
+                        String::new()
+                    }
+                }));
+            }
             println!("domain {id} paused");
         }
         CtlCmd::Unpause { domain } => {
             let id = console.domain_id(&domain)?;
-            console.domain_control(id, DomainOp::Unpause)?;
+            if let Err(e) = console.domain_control(id, DomainOp::Unpause) {
+                return Err(domain_refusal(&mut console, e, id, |d| {
+                    if d.state == DomainState::Running as u8 {
+                        format!(" (domain {id} is not paused: it runs)")
+                    } else {
+                        String::new()
+                    }
+                }));
+            }
             println!("domain {id} unpaused");
         }
         CtlCmd::Destroy { domain } => {
@@ -938,16 +985,16 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Fork { domain, name } => {
             let parent = console.domain_id(&domain)?;
-            let id = console
-                .fork(parent, name.as_deref().unwrap_or(""))
-                .map_err(|e| {
-                    let hint = if kernel_refused(&e, SysError::Busy) {
-                        format!(" (domain {parent} must be paused, with no exit in a service's hands: `cargo hv ctl pause {parent}`, then try again)")
-                    } else {
-                        String::new()
-                    };
-                    anyhow::anyhow!("{e}{hint}")
-                })?;
+            let id = match console.fork(parent, name.as_deref().unwrap_or("")) {
+                Ok(id) => id,
+                Err(e) => {
+                    return Err(domain_refusal(&mut console, e, parent, |_| {
+                        format!(
+                            " (domain {parent} must be paused, with no exit in a service's hands: `cargo hv ctl pause {parent}`, then try again)"
+                        )
+                    }));
+                }
+            };
             println!("domain {id} forked from domain {parent} (paused)");
         }
         CtlCmd::Reset { child } => {

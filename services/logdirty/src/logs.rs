@@ -516,7 +516,7 @@ impl LogDirty {
         clear: bool,
     ) -> Result<(Ranges, Option<u64>), LdError> {
         if self.log(client, domain, log).is_none() {
-            return Err(LdError::NotLogging);
+            return Err(absent(b, domain));
         }
         self.drain(b, domain)?;
         let d = self.domains.get_mut(&domain).ok_or(LdError::NotLogging)?;
@@ -562,7 +562,7 @@ impl LogDirty {
         log: u32,
     ) -> Result<LdReply, LdError> {
         if self.log(client, domain, log).is_none() {
-            return Err(LdError::NotLogging);
+            return Err(absent(b, domain));
         }
         self.drain(b, domain)?;
         let l = self.log(client, domain, log).ok_or(LdError::NotLogging)?;
@@ -581,11 +581,9 @@ impl LogDirty {
         domain: u16,
         log: u32,
     ) -> Result<(), LdError> {
-        let i = self
-            .domains
-            .get(&domain)
-            .and_then(|d| d.find(client, log))
-            .ok_or(LdError::NotLogging)?;
+        let Some(i) = self.domains.get(&domain).and_then(|d| d.find(client, log)) else {
+            return Err(absent(b, domain));
+        };
         self.stop_at(b, domain, i);
         Ok(())
     }
@@ -849,5 +847,16 @@ fn undo_controls(b: &mut impl Backend, domain: u16, pml: bool, writes: bool) {
             domain,
             e
         );
+    }
+}
+
+/// Why a client has no log of `domain` to read, show or stop: no live
+/// domain has the id (`NoSuchDomain`: a careless id, or a domain that
+/// ended, whose logs went with it, is named as such), else the log is not
+/// running (`NotLogging`).
+fn absent(b: &mut impl Backend, domain: u16) -> LdError {
+    match b.domain_info(domain) {
+        Some((0..=2, _)) => LdError::NotLogging,
+        _ => LdError::NoSuchDomain,
     }
 }

@@ -1073,6 +1073,30 @@ fn reads_and_status_of_a_log_not_running_are_not_logging() {
     assert_eq!(read(&mut ld, &mut f, A, D, 0, 0, false), no);
 }
 
+/// A read, status or stop naming a domain that is not there (or has
+/// ended, its logs gone with it) is refused as `NoSuchDomain`, not as a log
+/// not running: the careless id is named.
+#[test]
+fn reads_status_and_stops_of_a_domain_not_there_are_no_such_domain() {
+    let mut f = Fake::new(true);
+    let mut ld = LogDirty::default();
+    let gone = LdReply::Error(LdError::NoSuchDomain);
+    assert_eq!(read(&mut ld, &mut f, A, 9, 0, 0, false), gone);
+    assert_eq!(read(&mut ld, &mut f, A, 9, 0, 0, true), gone);
+    assert_eq!(
+        ld.request(&mut f, A, &LdRequest::Status { domain: 9, log: 0 }),
+        gone
+    );
+    assert_eq!(stop(&mut ld, &mut f, A, 9, 0), gone);
+    start(&mut ld, &mut f, A, D, 0, None, DirtyMode::Auto);
+    f.dom_mut(D).state = 3;
+    assert_eq!(
+        ld.request(&mut f, A, &LdRequest::Status { domain: D, log: 1 }),
+        gone,
+        "an ended domain"
+    );
+}
+
 #[test]
 fn status_says_the_mechanism_range_and_dirty_pages_after_a_drain() {
     let mut f = Fake::new(true);
@@ -1458,7 +1482,8 @@ fn a_new_domain_given_an_ended_ones_id_inherits_none_of_its_logs() {
     f.doms.remove(&E);
     assert_eq!(
         read(&mut ld, &mut f, B, D, 0, 0, false),
-        LdReply::Error(LdError::NotLogging)
+        LdReply::Error(LdError::NoSuchDomain),
+        "D has ended: named as such"
     );
     assert_eq!(ld.logs(E), &[]);
     // An end heard of a domain that is still the one logged, and live,
