@@ -194,9 +194,13 @@ impl RunOutcome {
         match self.end {
             RunEnd::Halted(s) => i32::from(s),
             RunEnd::TimedOut => 124,
-            // QEMU's isa-debug-exit: status V exits with (V << 1) | 1.
+            // QEMU's isa-debug-exit: status V exits with (V << 1) | 1. But
+            // 1 (V = 0) is also QEMU's own failure (it could not start:
+            // no memory for the guest, a bad option): so no status here
+            // (the test kernels end with non-zero statuses; the kernel's
+            // halt record says its own).
             RunEnd::EmulatorExited { code: Some(c) }
-                if self.machine != Machine::Bochs && c % 2 == 1 =>
+                if self.machine != Machine::Bochs && c % 2 == 1 && c > 1 =>
             {
                 (c - 1) / 2
             }
@@ -242,6 +246,15 @@ impl RunOutcome {
         if !matches!(self.end, RunEnd::Halted(_)) {
             let log = self.emulator_log.as_ref().unwrap_or(&self.emulator_output);
             s.push_str(&format!("; emulator log {}", log.display()));
+        }
+        // An emulator that gave up says why in its own output: its last
+        // words, so that the user need not open the file.
+        if let RunEnd::EmulatorExited { code: Some(c) } = self.end
+            && c != 0
+            && exit_code_is_not_a_status(self.machine, c)
+            && let Some(said) = last_words(&self.emulator_output)
+        {
+            s.push_str(&format!("; the emulator said: {said}"));
         }
         if let Some(t) = self.first_kernel_record {
             s.push_str(&format!(
@@ -414,6 +427,25 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
         control_socket,
         control,
     })
+}
+
+/// Whether emulator exit code `c` is the emulator's own rather than a
+/// status a guest wrote to QEMU's isa-debug-exit ((V << 1) | 1, V > 0).
+fn exit_code_is_not_a_status(machine: Machine, c: i32) -> bool {
+    machine == Machine::Bochs || c % 2 == 0 || c == 1
+}
+
+/// The last three non-empty lines of an emulator's output file, joined,
+/// or `None` where it has none.
+fn last_words(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let from = lines.len().saturating_sub(3);
+    (!lines.is_empty()).then(|| lines[from..].join(" / "))
 }
 
 /// How long the emulator has to connect its COM2 after it starts.
@@ -967,5 +999,56 @@ mod tests {
             let split = after("-machine").contains(&"kernel-irqchip=split");
             assert_eq!(split, machine == Machine::Kvm, "{machine:?}: {args:?}");
         }
+    }
+
+    /// QEMU's own failure (exit 1: it could not start, e.g. no memory for
+    /// the guest) is no success: 125, with what QEMU said in the summary;
+    /// an isa-debug-exit status (V << 1 | 1, V > 0) is V; Bochs's code is
+    /// never a status.
+    #[test]
+    fn an_emulator_that_gave_up_is_no_halt_and_says_why() {
+        let dir = std::env::temp_dir().join(format!("hv-last-words-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let output = dir.join("emulator-output.txt");
+        std::fs::write(
+            &output,
+            "\nqemu-system-x86_64: cannot set up guest memory 'pc.ram': Cannot allocate memory\n\n",
+        )
+        .unwrap();
+        let outcome = |machine, code| RunOutcome {
+            machine,
+            end: RunEnd::EmulatorExited { code: Some(code) },
+            lines: Vec::new(),
+            capture: dir.join("capture"),
+            wall: Duration::from_millis(60),
+            first_kernel_record: None,
+            emulator_log: None,
+            emulator_output: output.clone(),
+            control_socket: None,
+            control: None,
+        };
+        let failed = outcome(Machine::Qemu, 1);
+        assert_eq!(failed.exit_code(), i32::from(crate::NO_HALT));
+        assert!(
+            failed.summary().ends_with(
+                "; the emulator said: qemu-system-x86_64: cannot set up guest memory 'pc.ram': Cannot allocate memory"
+            ),
+            "{}",
+            failed.summary()
+        );
+        let status = outcome(Machine::Qemu, 0x21);
+        assert_eq!(status.exit_code(), 0x10);
+        assert!(!status.summary().contains("the emulator said"));
+        assert_eq!(
+            outcome(Machine::Bochs, 1).exit_code(),
+            i32::from(crate::NO_HALT)
+        );
+        assert_eq!(
+            outcome(Machine::Bochs, 3).exit_code(),
+            i32::from(crate::NO_HALT)
+        );
+        std::fs::write(&output, "").unwrap();
+        assert!(!outcome(Machine::Qemu, 1).summary().contains("said"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -36,8 +36,8 @@ enum Cmd {
         /// Where to boot (default: kvm where /dev/kvm offers nested VMX, else bochs).
         #[arg(long, value_enum)]
         on: Option<Machine>,
-        /// Stop the emulator after this many seconds.
-        #[arg(long, default_value_t = 120)]
+        /// Stop the emulator after this many seconds (at least 1).
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
         /// Bochs CPU model.
         #[arg(long, default_value = "corei7_skylake_x")]
@@ -48,8 +48,11 @@ enum Cmd {
         /// QEMU: add this ACPI table (repeatable).
         #[arg(long = "acpi-table")]
         acpi_tables: Vec<PathBuf>,
-        /// Guest-physical memory of the machine, in MiB.
-        #[arg(long, default_value_t = 256)]
+        /// Guest-physical memory of the machine, in MiB: at least 4 (below
+        /// that the firmware never reaches the boot loader, and the run
+        /// would only time out; between 4 and what the kernel and its
+        /// modules need, GRUB's refusal is named).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(4..))]
         memory: u32,
         /// Offer the control channel (COM2) on this unix socket (default:
         /// target/hv/work/ctl.sock, or one in the run's directory while
