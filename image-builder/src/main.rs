@@ -648,6 +648,25 @@ fn domain_refusal(
     anyhow::anyhow!("{e}{}", busy(&d))
 }
 
+/// Pauses or unpauses domain `id`; a refusal because it is in that state
+/// already (or has ended) says so.
+fn pause_or_unpause(console: &mut Client<UnixStream>, id: u16, op: DomainOp) -> Result<()> {
+    let (already, hint) = match op {
+        DomainOp::Pause => (DomainState::Paused, "is paused already"),
+        _ => (DomainState::Running, "is not paused: it runs"),
+    };
+    match console.domain_control(id, op) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(domain_refusal(console, e, id, |d| {
+            if d.state == already as u8 {
+                format!(" (domain {id} {hint})")
+            } else {
+                String::new()
+            }
+        })),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build(b) => {
@@ -957,28 +976,12 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Pause { domain } => {
             let id = console.domain_id(&domain)?;
-            if let Err(e) = console.domain_control(id, DomainOp::Pause) {
-                return Err(domain_refusal(&mut console, e, id, |d| {
-                    if d.state == DomainState::Paused as u8 {
-                        format!(" (domain {id} is paused already)")
-                    } else {
-                        String::new()
-                    }
-                }));
-            }
+            pause_or_unpause(&mut console, id, DomainOp::Pause)?;
             println!("domain {id} paused");
         }
         CtlCmd::Unpause { domain } => {
             let id = console.domain_id(&domain)?;
-            if let Err(e) = console.domain_control(id, DomainOp::Unpause) {
-                return Err(domain_refusal(&mut console, e, id, |d| {
-                    if d.state == DomainState::Running as u8 {
-                        format!(" (domain {id} is not paused: it runs)")
-                    } else {
-                        String::new()
-                    }
-                }));
-            }
+            pause_or_unpause(&mut console, id, DomainOp::Unpause)?;
             println!("domain {id} unpaused");
         }
         CtlCmd::Destroy { domain } => {
