@@ -194,13 +194,13 @@ impl RunOutcome {
         match self.end {
             RunEnd::Halted(s) => i32::from(s),
             RunEnd::TimedOut => 124,
-            // QEMU's isa-debug-exit: status V exits with (V << 1) | 1. But
-            // 1 (V = 0) is also QEMU's own failure (it could not start:
-            // no memory for the guest, a bad option): so no status here
-            // (the test kernels end with non-zero statuses; the kernel's
-            // halt record says its own).
+            // QEMU's isa-debug-exit: status V exits with (V << 1) | 1;
+            // but 1 (V = 0) is also QEMU's own failure (it could not
+            // start: no memory for the guest, say), which it explains.
             RunEnd::EmulatorExited { code: Some(c) }
-                if self.machine != Machine::Bochs && c % 2 == 1 && c > 1 =>
+                if self.machine != Machine::Bochs
+                    && c % 2 == 1
+                    && self.emulator_gave_up().is_none() =>
             {
                 (c - 1) / 2
             }
@@ -208,6 +208,23 @@ impl RunOutcome {
             RunEnd::BootLoaderFailed => {
                 i32::from(ipc_schema::halt::HaltStatus::BadBootInput.code())
             }
+        }
+    }
+
+    /// What the emulator said, where it exited with a failure of its own
+    /// rather than a status a guest wrote to QEMU's isa-debug-exit: Bochs's
+    /// non-zero codes, QEMU's even ones, and QEMU's 1 (which is also
+    /// status 0's) where its output has its own `qemu-system-...:` line.
+    fn emulator_gave_up(&self) -> Option<String> {
+        let RunEnd::EmulatorExited { code: Some(c) } = self.end else {
+            return None;
+        };
+        let said = last_words(&self.emulator_output);
+        match c {
+            0 => None,
+            _ if self.machine == Machine::Bochs || c % 2 == 0 => said,
+            1 => said.filter(|s| s.contains("qemu-system")),
+            _ => None,
         }
     }
 
@@ -249,11 +266,7 @@ impl RunOutcome {
         }
         // An emulator that gave up says why in its own output: its last
         // words, so that the user need not open the file.
-        if let RunEnd::EmulatorExited { code: Some(c) } = self.end
-            && c != 0
-            && exit_code_is_not_a_status(self.machine, c)
-            && let Some(said) = last_words(&self.emulator_output)
-        {
+        if let Some(said) = self.emulator_gave_up() {
             s.push_str(&format!("; the emulator said: {said}"));
         }
         if let Some(t) = self.first_kernel_record {
@@ -427,12 +440,6 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
         control_socket,
         control,
     })
-}
-
-/// Whether emulator exit code `c` is the emulator's own rather than a
-/// status a guest wrote to QEMU's isa-debug-exit ((V << 1) | 1, V > 0).
-fn exit_code_is_not_a_status(machine: Machine, c: i32) -> bool {
-    machine == Machine::Bochs || c % 2 == 0 || c == 1
 }
 
 /// The last three non-empty lines of an emulator's output file, joined,
@@ -1001,10 +1008,10 @@ mod tests {
         }
     }
 
-    /// QEMU's own failure (exit 1: it could not start, e.g. no memory for
-    /// the guest) is no success: 125, with what QEMU said in the summary;
-    /// an isa-debug-exit status (V << 1 | 1, V > 0) is V; Bochs's code is
-    /// never a status.
+    /// QEMU's own failure (exit 1, with its own line: it could not start,
+    /// e.g. no memory for the guest) is no success: 125, with what QEMU
+    /// said in the summary; an isa-debug-exit status (V << 1 | 1, with V 0
+    /// where QEMU said nothing) is V; Bochs's code is never a status.
     #[test]
     fn an_emulator_that_gave_up_is_no_halt_and_says_why() {
         let dir = std::env::temp_dir().join(format!("hv-last-words-{}", std::process::id()));
@@ -1047,8 +1054,11 @@ mod tests {
             outcome(Machine::Bochs, 3).exit_code(),
             i32::from(crate::NO_HALT)
         );
+        // A guest's isa-debug-exit status 0 (exit 1, QEMU silent) is 0.
         std::fs::write(&output, "").unwrap();
-        assert!(!outcome(Machine::Qemu, 1).summary().contains("said"));
+        let zero = outcome(Machine::Qemu, 1);
+        assert_eq!(zero.exit_code(), 0);
+        assert!(!zero.summary().contains("said"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
