@@ -638,7 +638,7 @@ fn domain_refusal(
     else {
         return e.into();
     };
-    if d.state > DomainState::Paused as u8 {
+    if !DomainState::live(u64::from(d.state)) {
         return anyhow::anyhow!(
             "{e} (domain {id} has ended: {}, status {:#x}; an ended domain can only be read, reset if it is a fork, or destroyed)",
             control::domain_state(d.state),
@@ -1611,7 +1611,9 @@ fn attach_console(
                 Err(e) => return Err(e.into()),
             };
             match domains.iter().find(|d| d.id == id) {
-                Some(d) if d.state <= 2 => std::thread::sleep(Duration::from_millis(200)),
+                Some(d) if DomainState::live(u64::from(d.state)) => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
                 Some(d) => {
                     eprintln!(
                         "domain {id} ended ({}, status {})",

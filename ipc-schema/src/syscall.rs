@@ -665,6 +665,15 @@ pub enum DomainState {
     Destroyed = 5,
 }
 
+impl DomainState {
+    /// Whether a domain in state `code` (DOMAIN_INFO's) is live: building,
+    /// running or paused, not exited, crashed or destroyed (its views,
+    /// logs and other records went with its end).
+    pub const fn live(code: u64) -> bool {
+        code <= DomainState::Paused as u64
+    }
+}
+
 /// VCPU_CONTROL operations.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,

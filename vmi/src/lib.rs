@@ -745,8 +745,7 @@ impl<S: Transport + 'static> ParallaxDriver<S> {
     fn ended(&self) -> bool {
         self.client.borrow_mut().domains().is_ok_and(|all| {
             all.iter().find(|d| d.id == self.domain).is_none_or(|d| {
-                u64::from(d.state)
-                    > parallax_client::ipc_schema::syscall::DomainState::Paused as u64
+                !parallax_client::ipc_schema::syscall::DomainState::live(u64::from(d.state))
             })
         })
     }

@@ -53,7 +53,9 @@ pub fn forget_ended(
     k: &mut impl policy::Kernel,
 ) -> Vec<u16> {
     let ended = births.ended(&kept_for(alt, events), |id| {
-        let live = matches!(k.domain_info(id), Some((0..=2, _)));
+        let live = k
+            .domain_info(id)
+            .is_some_and(|(state, _)| ipc_schema::syscall::DomainState::live(state));
         Some((live, k.domain_birth(id)?))
     });
     for &id in &ended {

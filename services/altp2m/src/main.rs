@@ -197,7 +197,7 @@ impl Server {
     fn gone(&self, domain: u16) -> Option<AltError> {
         match sys::domain_info(self.system.domains, domain) {
             Err(_) => Some(AltError::NoSuchDomain),
-            Ok((state, _, _)) if state > DomainState::Paused as u64 => Some(AltError::DomainEnded),
+            Ok((state, _, _)) if !DomainState::live(state) => Some(AltError::DomainEnded),
             Ok(_) => None,
         }
     }

@@ -14,7 +14,7 @@ use ipc_schema::ipc::BoundedVec;
 use ipc_schema::logdirty::{
     DirtyMode, GfnRange, LdError, LdReply, LdRequest, Mechanism, RANGES_PER_REPLY,
 };
-use ipc_schema::syscall::{SysError, vm_features};
+use ipc_schema::syscall::{DomainState, SysError, vm_features};
 
 /// Logs a domain may have, all clients together.
 pub const MAX_LOGS: u32 = 8;
@@ -781,7 +781,9 @@ impl LogDirty {
     /// dropped.
     pub fn domain_ended(&mut self, b: &mut impl Backend, domain: u16) -> usize {
         let ended = self.births.ended(&[domain], |id| {
-            let live = matches!(b.domain_info(id), Some((0..=2, _)));
+            let live = b
+                .domain_info(id)
+                .is_some_and(|(state, _)| DomainState::live(state));
             Some((live, b.domain_birth(id)?))
         });
         if ended.is_empty() {
@@ -856,7 +858,7 @@ fn undo_controls(b: &mut impl Backend, domain: u16, pml: bool, writes: bool) {
 /// running (`NotLogging`).
 fn absent(b: &mut impl Backend, domain: u16) -> LdError {
     match b.domain_info(domain) {
-        Some((0..=2, _)) => LdError::NotLogging,
+        Some((state, _)) if DomainState::live(state) => LdError::NotLogging,
         _ => LdError::NoSuchDomain,
     }
 }
