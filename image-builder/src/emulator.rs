@@ -549,11 +549,38 @@ fn spawn(cmd: &mut Command, stderr: &Path, piped_stdout: bool) -> Result<Child> 
     } else {
         Stdio::from(err.try_clone()?)
     };
+    die_with_parent(cmd);
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))
+}
+
+/// The emulator is killed when the thread that started it ends (Linux's
+/// parent-death signal): a runner killed by its PID (`kill -9` of `cargo
+/// hv run`, a test harness timing out) takes its emulator with it instead
+/// of leaving it to run on, holding its ports and its CPU, until its own
+/// end. (The runner waits for the emulator in the thread that started it,
+/// so the signal never comes while a run is being watched.)
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only async-signal-safe functions (prctl, getppid, _exit),
+    // allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The runner may have died before the signal was set.
+            if libc::getppid() != parent as libc::pid_t {
+                libc::_exit(125);
+            }
+            Ok(())
+        })
+    };
 }
 
 /// Bochs's standard output with `port_e9_hack` on: its own text (the
@@ -1059,6 +1086,33 @@ mod tests {
         let zero = outcome(Machine::Qemu, 1);
         assert_eq!(zero.exit_code(), 0);
         assert!(!zero.summary().contains("said"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An emulator started by a runner that then dies (here: the thread
+    /// that started it ends without waiting) is killed with it, not left
+    /// running; one whose runner lives on is not.
+    #[test]
+    fn an_emulator_dies_with_its_runner() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = std::env::temp_dir().join(format!("hv-pdeath-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = dir.join("stderr.txt");
+        let started = Instant::now();
+        let e = err.clone();
+        let mut orphan_child =
+            std::thread::spawn(move || spawn(Command::new("sleep").arg("30"), &e, false).unwrap())
+                .join()
+                .unwrap();
+        let status = orphan_child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // The same, its runner alive: still running after a moment.
+        let mut kept = spawn(Command::new("sleep").arg("30"), &err, false).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(kept.try_wait().unwrap().is_none());
+        let _ = kept.kill();
+        let _ = kept.wait();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
