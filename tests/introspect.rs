@@ -307,6 +307,21 @@ fn the_host_reads_writes_and_translates_guest_memory_and_sets_registers() {
                     "{args:?}: {e}"
                 );
             }
+            // What it left may be read, not written (nothing runs there).
+            ok(&s, &["mem", "read", "1", &hex(gpa), "16"]);
+            ok(&s, &["regs", "1"]);
+            for args in [
+                &["mem", "write", "1", &hex(gpa), "00"][..],
+                &["regs", "1", "--set", "r12=0x1"],
+            ] {
+                let e = refused(&s, args);
+                assert!(
+                    e.contains(
+                        "the domain has ended: its memory and registers may be read, not written"
+                    ),
+                    "{args:?}: {e}"
+                );
+            }
             ok(&s, &["destroy", "1"]);
             assert!(
                 fork("2").contains("domain 1"),

@@ -61,6 +61,31 @@ fn a_malformed_manifest_is_named_with_the_field() {
     );
 }
 
+/// A run that could only time out with nothing to show (`--memory` below
+/// 4 MiB, `--timeout 0`) is refused before anything is built, naming the
+/// range.
+#[test]
+fn a_run_too_small_to_boot_or_too_short_to_see_is_refused_up_front() {
+    for (args, says) in [
+        (
+            &["run", "--memory", "3", "--on", "qemu"][..],
+            "invalid value '3' for '--memory <MEMORY>': 3 is not in 4..=",
+        ),
+        (
+            &["run", "--timeout", "0", "--on", "bochs"],
+            "invalid value '0' for '--timeout <TIMEOUT>': 0 is not in 1..",
+        ),
+    ] {
+        let o = hv(args);
+        assert_eq!(
+            o.status.code(),
+            Some(image_builder::TOOL_ERROR.into()),
+            "{args:?}"
+        );
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
 #[test]
 fn an_unknown_log_level_is_refused() {
     let o = hv(&["build", "--log", "loud"]);

@@ -168,6 +168,9 @@ pub enum IntroError {
     /// The domain is protected (the manifest's `protected`) and running:
     /// its memory is mapped only while it is paused (FM-2).
     ProtectedRunning,
+    /// The domain has ended (exited or crashed, not yet destroyed): it may
+    /// be read, not written, nor its registers set.
+    Ended,
 }
 
 pub const INTROSPECT: InterfaceId =
@@ -210,6 +213,10 @@ impl core::fmt::Display for IntroError {
                 "a page table at guest-physical {gpa:#x} is outside guest RAM (CR3 points at garbage?)"
             ),
             IntroError::NotPaused => write!(f, "the domain must be paused to set registers"),
+            IntroError::Ended => write!(
+                f,
+                "the domain has ended: its memory and registers may be read, not written"
+            ),
             IntroError::BadRegister { index } => write!(
                 f,
                 "VM entry would refuse that value of {}; nothing was set",

@@ -13,8 +13,9 @@
 
 use ipc_schema::introspect::{INTROSPECT, IntroError, IntroRequest};
 use ipc_schema::ipc::InterfaceId;
+use ipc_schema::manifest::introspection;
 use ipc_schema::syscall::layout::MAP_BASE;
-use ipc_schema::syscall::{FOREIGN_PAGES, Handle, SysError, regs};
+use ipc_schema::syscall::{DomainState, FOREIGN_PAGES, Handle, SysError, regs};
 use service_introspect::{Guest, SetError, answer};
 use service_runtime::ipc::{self, Message, Service};
 use service_runtime::require;
@@ -139,10 +140,15 @@ impl Service for Server {
         let domains = self.kernel.domains;
         let answer = ipc::decode::<IntroRequest>(msg.bytes).map(|r| {
             answer(&mut self.kernel, &r, |domain, right| {
-                let Ok(birth) = sys::domain_birth(domains, domain) else {
+                let Ok((state, birth)) = sys::domain_state_birth(domains, domain) else {
                     return Err(IntroError::NoSuchDomain);
                 };
                 if rights.allows(msg.badge, domain, right, Some(birth)) {
+                    // Nothing runs in an ended domain: a write there could
+                    // only be lost with it.
+                    if right == introspection::WRITE && !DomainState::live(state) {
+                        return Err(IntroError::Ended);
+                    }
                     return Ok(());
                 }
                 defmt::warn!(
