@@ -112,12 +112,56 @@ fn a_client_that_leaves_mid_frame_costs_only_that_frame() {
     drop(c);
     drop(proxy);
     let got = mock.join().unwrap();
-    assert_eq!(got.dropped, 1, "the half frame was dropped, alone");
+    assert_eq!(got.dropped, 0, "the half frame never reached the console");
     assert!(
         got.requests
             .iter()
             .any(|r| matches!(r.request, ControlRequest::Domain { .. }))
     );
+}
+
+/// A flood of garbage and frames too long for the console is dropped by
+/// the proxy, not sent down the (slow) serial line: the console sees only
+/// the intact frames, the client is told as the console would tell it (a
+/// `Garbage` event for each bad frame, a `TooLong` refusal for each long
+/// one), and the next request is answered at once.
+#[test]
+fn garbage_from_a_client_is_dropped_before_the_console_and_reported() {
+    let dir = scratch("garbage");
+    let path = dir.join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mock = Console::default().serve(console);
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    let mut c = attach(&path);
+    c.get_ref().write_all(b"line noise\x00").unwrap();
+    let garbage = std::iter::from_fn(|| c.next_event(Duration::from_secs(5)).unwrap())
+        .find(|e| matches!(e, ControlEvent::Garbage { .. }));
+    assert_eq!(garbage, Some(ControlEvent::Garbage { bytes: 10 }));
+    {
+        let mut raw = c.get_ref();
+        let mut big = vec![0x41u8; 3000];
+        big.push(0);
+        raw.write_all(&big).unwrap();
+        // A megabyte of noise: at 115200 baud, 90 s of a serial line.
+        let noise: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+            .map(|b| if b == 0x81 { 0 } else { b })
+            .collect();
+        raw.write_all(&noise).unwrap();
+        raw.write_all(&[0]).unwrap();
+    }
+    let started = Instant::now();
+    assert_eq!(c.domains().unwrap().len(), 2);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(c.stats().console_errors >= 1, "the long frame was refused");
+    drop(c);
+    let stats = proxy.stop();
+    assert!(stats.garbage > 1_000_000, "{stats:?}");
+    let got = mock.join().unwrap();
+    assert_eq!(got.dropped, 0, "no garbage reached the console");
 }
 
 #[test]
@@ -339,10 +383,14 @@ fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
     let mut seen = [0u8; 4];
     raw.read_exact(&mut seen).unwrap();
     assert_eq!(&seen, b"R\0R\0");
-    raw.write_all(b"ping\0").unwrap();
-    let mut got = [0u8; 5];
+    // (An intact frame, whatever it holds: the proxy passes on nothing
+    // else.)
+    let mut buf = [0u8; 32];
+    let ping = ipc_schema::frame::encode(b"ping", &mut buf).unwrap();
+    raw.write_all(ping).unwrap();
+    let mut got = vec![0u8; ping.len()];
     machine.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"ping\0");
+    assert_eq!(got, ping);
     machine
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

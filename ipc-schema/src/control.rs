@@ -226,6 +226,10 @@ pub const CONTROL: InterfaceId = InterfaceId::new::<(FromHost, ToHost)>("paralla
 /// The longest encoded frame on the control channel, terminator included.
 pub const MAX_FRAME: usize = <FromHost as MaxSize>::POSTCARD_MAX_SIZE + 2 + 8;
 
+/// The longest frame the console takes from the host (its COBS form,
+/// without the zero); a longer one is refused (`ControlError::TooLong`).
+pub const MAX_WIRE_FRAME: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,17 @@ pub fn encode<'o, T: Serialize>(value: &T, out: &'o mut [u8]) -> Result<&'o [u8]
 
 /// Decodes the bytes between two zero bytes (terminator excluded), in place.
 pub fn decode<'a, T: Deserialize<'a>>(chunk: &'a mut [u8]) -> Result<T, FrameError> {
+    let body = intact(chunk)?;
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((value, [])) => Ok(value),
+        _ => Err(FrameError::Postcard),
+    }
+}
+
+/// The body of the frame `chunk` (the bytes between two zero bytes,
+/// terminator excluded), decoded in place, if it is intact: valid COBS and
+/// its checksum right, whatever value it holds.
+pub fn intact(chunk: &mut [u8]) -> Result<&[u8], FrameError> {
     let n = cobs::decode_in_place(chunk).map_err(|_| FrameError::Cobs)?;
     if n < 3 {
         return Err(FrameError::Checksum);
@@ -61,10 +72,7 @@ pub fn decode<'a, T: Deserialize<'a>>(chunk: &'a mut [u8]) -> Result<T, FrameErr
     if crc16(body).to_le_bytes() != [crc[0], crc[1]] {
         return Err(FrameError::Checksum);
     }
-    match postcard::take_from_bytes::<T>(body) {
-        Ok((value, [])) => Ok(value),
-        _ => Err(FrameError::Postcard),
-    }
+    Ok(body)
 }
 
 /// CRC-16/CCITT-FALSE (polynomial 0x1021, initial value 0xffff).

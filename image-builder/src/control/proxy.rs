@@ -8,10 +8,13 @@
 //!   When the client leaves, the next connection is attached.
 //! - **Frames are forwarded, not decoded**: the proxy knows where frames
 //!   end (zero bytes). A newly attached client receives console output from
-//!   the next frame boundary on, never the tail of a frame it did not see;
-//!   and a client that leaves in the middle of a frame has that frame
-//!   terminated (one zero byte), so the console drops it instead of gluing it
-//!   to the next client's first frame.
+//!   the next frame boundary on, never the tail of a frame it did not see.
+//!   A client's frames go to the console whole and intact only
+//!   ([`ClientFrames`]: valid COBS, the checksum right, not too long,
+//!   whatever request they hold): garbage is dropped here, at the host's
+//!   speed, rather than sent down the serial line to be dropped there, and
+//!   the client is told as the console would tell it. A client that leaves
+//!   in the middle of a frame has sent the console nothing of it.
 //! - **Two sources.** Where the emulator's debug port (I/O port 0xE9) is
 //!   read too ([`ProxySocket::serve_with_debug`]), the console is asked to
 //!   send its frames there (no baud rate: Bochs sends COM2 at 115200 baud
@@ -23,6 +26,7 @@
 //!   A client that does not read for [`CLIENT_WRITE_TIMEOUT`] is detached
 //!   for the same reason.
 
+use ipc_schema::control::MAX_WIRE_FRAME;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -215,6 +219,9 @@ pub struct ProxyStats {
     pub clients: u64,
     /// Connections turned away because a client was attached.
     pub turned_away: u64,
+    /// Client bytes dropped before the console: frames that were not
+    /// intact or were too long ([`ClientFrames`]).
+    pub garbage: u64,
 }
 
 /// A running proxy; stops (and removes its socket) when stopped or dropped.
@@ -285,6 +292,7 @@ struct Shared {
     discarded: AtomicU64,
     clients: AtomicU64,
     turned_away: AtomicU64,
+    garbage: AtomicU64,
 }
 
 impl Shared {
@@ -301,6 +309,7 @@ impl Shared {
             discarded: self.discarded.load(Ordering::Relaxed),
             clients: self.clients.load(Ordering::Relaxed),
             turned_away: self.turned_away.load(Ordering::Relaxed),
+            garbage: self.garbage.load(Ordering::Relaxed),
         }
     }
 }
@@ -546,11 +555,113 @@ fn ask_for_the_debug_port(writer: &ConsoleWriter) {
     }
 }
 
-/// Client to console, until the client leaves; then ends its last frame and
-/// detaches it.
+/// A client's bytes sorted as they come: whole frames that are intact
+/// (valid COBS, their checksum right: [`ipc_schema::frame::intact`]) and no
+/// longer than the console takes ([`MAX_WIRE_FRAME`]) go on, and so do
+/// zero bytes alone (a client ending whatever came before); anything else
+/// is garbage, dropped here at the host's speed instead of being sent down
+/// the serial line, where a flood of it (115200 baud) would hold the
+/// console, and every client after the one that sent it, for as long as it
+/// takes to arrive. The client is told as the console would tell it: a
+/// `Garbage` event with the bytes of each frame that is not intact, a
+/// `TooLong` refusal for each frame longer than the console takes. An
+/// unfinished frame never goes on: a client that leaves in the middle of
+/// one costs nothing.
+#[derive(Debug, Default)]
+pub struct ClientFrames {
+    pending: Vec<u8>,
+    /// The frame being read is already too long: its bytes are dropped to
+    /// its end.
+    too_long: bool,
+}
+
+/// What [`ClientFrames::take`] dropped: the byte counts of the frames that
+/// were not intact, and how many frames were too long.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub garbage: Vec<u32>,
+    pub too_long: u32,
+    /// Every byte dropped (terminators excluded).
+    pub bytes: u64,
+}
+
+impl Dropped {
+    fn any(&self) -> bool {
+        self.bytes > 0 || self.too_long > 0
+    }
+}
+
+impl ClientFrames {
+    /// Sorts `bytes`, appending what goes to the console to `out`.
+    pub fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Dropped {
+        let mut dropped = Dropped::default();
+        for part in bytes.split_inclusive(|&b| b == 0) {
+            let ends = part.last() == Some(&0);
+            let body = &part[..part.len() - usize::from(ends)];
+            if !self.too_long && self.pending.len() + body.len() > MAX_WIRE_FRAME {
+                self.too_long = true;
+                dropped.bytes += self.pending.len() as u64;
+                self.pending.clear();
+            }
+            if self.too_long {
+                dropped.bytes += body.len() as u64;
+            } else {
+                self.pending.extend_from_slice(body);
+            }
+            if !ends {
+                continue;
+            }
+            if std::mem::take(&mut self.too_long) {
+                dropped.too_long += 1;
+                continue;
+            }
+            let frame = std::mem::take(&mut self.pending);
+            let mut copy = frame.clone();
+            if frame.is_empty() || ipc_schema::frame::intact(&mut copy).is_ok() {
+                out.extend_from_slice(&frame);
+                out.push(0);
+            } else {
+                dropped.bytes += frame.len() as u64;
+                dropped
+                    .garbage
+                    .push(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+            }
+        }
+        dropped
+    }
+}
+
+/// The console's words for what [`ClientFrames`] dropped from one read, as
+/// frames for the client: one `TooLong` refusal if a frame was too long,
+/// one `Garbage` event with the bytes of the frames that were not intact.
+/// (One of each at most: a client flooding the socket must not be answered
+/// with a flood it does not read, and be detached for it.)
+fn dropped_frames(d: &Dropped) -> Vec<u8> {
+    use ipc_schema::control::{ControlError, ControlEvent, ControlReply, ToHost};
+    let refusal = (d.too_long > 0).then_some(ToHost::Reply {
+        seq: 0,
+        reply: ControlReply::Error(ControlError::TooLong),
+    });
+    let bytes = d.garbage.iter().map(|&b| u64::from(b)).sum::<u64>();
+    let event = (!d.garbage.is_empty()).then_some(ToHost::Event(ControlEvent::Garbage {
+        bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+    }));
+    let mut out = Vec::new();
+    for m in refusal.into_iter().chain(event) {
+        let mut buf = [0u8; 64];
+        if let Ok(f) = ipc_schema::frame::encode(&m, &mut buf) {
+            out.extend_from_slice(f);
+        }
+    }
+    out
+}
+
+/// Client to console, until the client leaves (its unfinished frame, if
+/// any, never sent); then detaches it.
 fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &ConsoleWriter) {
     let mut buf = [0u8; 4096];
-    let mut at_boundary = true;
+    let mut frames = ClientFrames::default();
+    let mut out = Vec::new();
     let _ = client.set_read_timeout(None);
     loop {
         let n = match client.read(&mut buf) {
@@ -559,23 +670,35 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(console) = w.as_mut() else { break };
-        if console
-            .write_all(&buf[..n])
-            .and_then(|()| console.flush())
-            .is_err()
-        {
-            break;
+        out.clear();
+        let dropped = frames.take(&buf[..n], &mut out);
+        if !out.is_empty() {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(console) = w.as_mut() else { break };
+            if console
+                .write_all(&out)
+                .and_then(|()| console.flush())
+                .is_err()
+            {
+                break;
+            }
+            shared
+                .to_console
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
         }
-        at_boundary = buf[n - 1] == 0;
-        shared.to_console.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    if !at_boundary {
-        // End the frame it left unfinished: the console drops it.
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(console) = w.as_mut() {
-            let _ = console.write_all(&[0]).and_then(|()| console.flush());
+        if dropped.any() {
+            let told = dropped_frames(&dropped);
+            let mut st = shared.lock();
+            shared.garbage.fetch_add(dropped.bytes, Ordering::Relaxed);
+            // (Whole frames, under the lock the console's frames are
+            // written under: never inside one of them.)
+            if let Some(c) = st.client.as_mut().filter(|c| c.id == id)
+                && c.stream.write_all(&told).is_err()
+            {
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                st.client = None;
+                break;
+            }
         }
     }
     let mut st = shared.lock();
@@ -583,5 +706,115 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
         && let Some(c) = st.client.take()
     {
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_schema::control::{ControlRequest, FromHost};
+    use proptest::prelude::*;
+
+    fn frame(seq: u32) -> Vec<u8> {
+        parallax_client::frames::encode(&FromHost {
+            seq,
+            request: ControlRequest::Service { index: 1 },
+        })
+        .unwrap()
+    }
+
+    /// Feeds `bytes` in pieces cut at `cuts`: what goes on, and what was
+    /// dropped.
+    fn feed(bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Dropped) {
+        let mut f = ClientFrames::default();
+        let (mut out, mut all) = (Vec::new(), Dropped::default());
+        let mut at = 0;
+        for &c in cuts.iter().chain([&bytes.len()]) {
+            let c = c.clamp(at, bytes.len());
+            let d = f.take(&bytes[at..c], &mut out);
+            all.garbage.extend(d.garbage);
+            all.too_long += d.too_long;
+            all.bytes += d.bytes;
+            at = c;
+        }
+        (out, all)
+    }
+
+    #[test]
+    fn garbage_and_oversize_frames_are_dropped_and_counted_and_the_rest_goes_on() {
+        let mut input = vec![0];
+        input.extend(frame(1));
+        input.extend(b"line noise\0");
+        input.extend(vec![0x41; MAX_WIRE_FRAME + 1]);
+        input.push(0);
+        input.extend(frame(2));
+        // A frame that is valid COBS but garbled (its checksum wrong).
+        let mut garbled = frame(3);
+        garbled[2] ^= 0x10;
+        input.extend(&garbled);
+        input.extend(&frame(4)[..5]);
+        let (out, d) = feed(&input, &[3, 17, 500, 501]);
+        let mut want = vec![0];
+        want.extend(frame(1));
+        want.extend(frame(2));
+        assert_eq!(out, want, "intact frames and a lone zero, nothing else");
+        assert_eq!(d.garbage, vec![10, garbled.len() as u32 - 1]);
+        assert_eq!(d.too_long, 1);
+        assert_eq!(
+            d.bytes,
+            10 + MAX_WIRE_FRAME as u64 + 1 + garbled.len() as u64 - 1,
+            "the unfinished frame is held, not counted"
+        );
+        // What the client is told: one refusal and one event.
+        let told = dropped_frames(&d);
+        let mut frames = told.split(|&b| b == 0).filter(|f| !f.is_empty());
+        let mut next = || {
+            let mut f = frames.next().unwrap().to_vec();
+            ipc_schema::frame::decode::<ipc_schema::control::ToHost>(&mut f).unwrap()
+        };
+        assert!(matches!(
+            next(),
+            ipc_schema::control::ToHost::Reply {
+                seq: 0,
+                reply: ipc_schema::control::ControlReply::Error(
+                    ipc_schema::control::ControlError::TooLong
+                )
+            }
+        ));
+        assert_eq!(
+            next(),
+            ipc_schema::control::ToHost::Event(ipc_schema::control::ControlEvent::Garbage {
+                bytes: 10 + garbled.len() as u32 - 1
+            })
+        );
+    }
+
+    proptest! {
+        /// Intact frames go on exactly as they came, however the stream is
+        /// cut, and garbage between them costs only itself.
+        #[test]
+        fn intact_frames_survive_any_split_and_garbage(
+            seqs in proptest::collection::vec(any::<u32>(), 1..12),
+            garbage in proptest::collection::vec(proptest::collection::vec(1u8.., 0..40), 12),
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let (mut input, mut want) = (Vec::new(), Vec::new());
+            for (s, g) in seqs.iter().zip(&garbage) {
+                if !g.is_empty() {
+                    input.extend(g);
+                    input.push(0);
+                }
+                input.extend(frame(*s));
+                want.extend(frame(*s));
+            }
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let (out, d) = feed(&input, &cuts);
+            // (Random bytes pass as a frame only with a right checksum.)
+            if d.garbage.len() == garbage.iter().take(seqs.len()).filter(|g| !g.is_empty()).count() {
+                prop_assert_eq!(out, want);
+            }
+            prop_assert_eq!(d.too_long, 0);
+        }
     }
 }

@@ -5,8 +5,8 @@
 
 use ipc_schema::altp2m::{AltReply, AltRequest};
 use ipc_schema::control::{
-    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_FRAME,
-    MAX_READ, MAX_SWAP, ToHost,
+    CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_READ,
+    MAX_SWAP, ToHost,
 };
 use ipc_schema::frame::{self, FrameError};
 use ipc_schema::introspect::{Address, CHUNK, IntroError, IntroReply, IntroRequest};
@@ -18,7 +18,7 @@ use ipc_schema::uart::{UartInput, UartReply};
 /// The protocol version the console answers `Hello` with.
 pub const VERSION: u32 = 1;
 /// The longest frame the console takes (its COBS form, without the zero).
-pub const RX: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
+pub const RX: usize = ipc_schema::control::MAX_WIRE_FRAME;
 
 /// The services the console asks on the host's behalf: the supervisor,
 /// the altp2m service for the external agent, and the logdirty service.
