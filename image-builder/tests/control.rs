@@ -5,12 +5,13 @@
 #[path = "../../client/tests/common/mod.rs"]
 mod common;
 
-use common::{Console, event, fake_elf, scratch};
-use image_builder::control::proxy::ProxySocket;
+use common::{Console, Received, event, fake_elf, scratch};
+use image_builder::control::proxy::{Proxy, ProxySocket};
 use image_builder::control::{CONTROL, Client, ClientError, ControlEvent, ControlRequest};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 fn pair() -> (UnixStream, UnixStream) {
@@ -18,6 +19,19 @@ fn pair() -> (UnixStream, UnixStream) {
 }
 
 // The proxy: the same client through the socket `cargo hv run` offers.
+
+/// A proxy serving a socket in scratch folder `name`, with the mock
+/// console behind it: the socket's path, the proxy, the console's thread.
+fn proxy_with_mock(name: &str) -> (PathBuf, Proxy, JoinHandle<Received>) {
+    let path = scratch(name).join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mock = Console::default().serve(console);
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    (path, proxy, mock)
+}
 
 /// A client of the proxy at `path`, once the proxy takes it (a client that
 /// just left may not be detached yet).
@@ -38,14 +52,7 @@ fn attach(path: &Path) -> Client<UnixStream> {
 
 #[test]
 fn a_client_talks_to_the_console_through_the_proxy() {
-    let dir = scratch("proxy");
-    let path = dir.join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let _mock = Console::default().serve(console);
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
+    let (path, proxy, _mock) = proxy_with_mock("proxy");
     let mut c = Client::connect(&path).unwrap();
     assert_eq!(c.services().unwrap().len(), 3);
     let elf = fake_elf(2000);
@@ -63,14 +70,7 @@ fn a_client_talks_to_the_console_through_the_proxy() {
 
 #[test]
 fn a_second_client_is_turned_away_saying_why() {
-    let dir = scratch("busy");
-    let path = dir.join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let _mock = Console::default().serve(console);
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
+    let (path, proxy, _mock) = proxy_with_mock("busy");
     let mut first = Client::connect(&path).unwrap();
     first.hello().unwrap();
     let e = Client::connect(&path).unwrap().hello().unwrap_err();
@@ -88,14 +88,7 @@ fn a_second_client_is_turned_away_saying_why() {
 
 #[test]
 fn a_client_that_leaves_mid_frame_costs_only_that_frame() {
-    let dir = scratch("midframe");
-    let path = dir.join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let mock = Console::default().serve(console);
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
+    let (path, proxy, mock) = proxy_with_mock("midframe");
     let whole = image_builder::control::frames::encode(&image_builder::control::FromHost {
         seq: 1,
         request: ControlRequest::Hello {
@@ -127,14 +120,7 @@ fn a_client_that_leaves_mid_frame_costs_only_that_frame() {
 /// one), and the next request is answered at once.
 #[test]
 fn garbage_from_a_client_is_dropped_before_the_console_and_reported() {
-    let dir = scratch("garbage");
-    let path = dir.join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let mock = Console::default().serve(console);
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
+    let (path, proxy, mock) = proxy_with_mock("garbage");
     let mut c = attach(&path);
     c.get_ref().write_all(b"line noise\x00").unwrap();
     let garbage = std::iter::from_fn(|| c.next_event(Duration::from_secs(5)).unwrap())
