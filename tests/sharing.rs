@@ -367,10 +367,28 @@ fn a_paused_guest_is_forked_100_times_and_a_reset_fork_is_its_parent_again() {
             // A fork of the parent by name, through the CLI.
             let named = ok(&s, &["fork", "parent", "--name", "kid"]);
             assert!(named.contains("forked from domain 1"), "{named}");
+            // A name names one domain: given again, refused naming its
+            // holder; by default, the next one free (the last fork has
+            // `parent-fork`), and the name then finds that fork.
+            let e = refused(&s, &["fork", "parent", "--name", "kid"]);
+            assert!(e.contains("has that name already"), "{e}");
+            ok(&s, &["fork", "parent"]);
+            let listed = ok(&s, &["domains"]);
+            assert!(
+                listed.lines().any(|l| l.contains(" parent-fork2 ")),
+                "{listed}"
+            );
+            ok(&s, &["destroy", "parent-fork2"]);
             // Bad requests, refused by name; nothing else changes.
             for (args, want) in [
-                (vec!["unpause", "1"], "Busy"),
-                (vec!["destroy", "1"], "Busy"),
+                (
+                    vec!["unpause", "1"],
+                    "Busy (domain 1 has forks: a parent stays paused",
+                ),
+                (
+                    vec!["destroy", "1"],
+                    "Busy (domain 1 has forks: a parent stays paused",
+                ),
                 (
                     vec!["reset", "1"],
                     "domain 1 is no fork made by `cargo hv ctl fork`",

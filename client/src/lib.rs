@@ -559,11 +559,34 @@ impl<S: Transport> Client<S> {
                 });
         }
         let domains = self.domains()?;
-        if let Some(d) = domains
+        // (The list keeps destroyed domains, whose ids may be another's
+        // now: a name is a domain there, one only.)
+        let destroyed = ipc_schema::syscall::DomainState::Destroyed as u8;
+        let named: Vec<&DomainInfo> = domains
             .iter()
-            .find(|d| ipc_schema::supervisor::name_str(&d.name) == domain)
-        {
-            return Ok(d.id);
+            .filter(|d| ipc_schema::supervisor::name_str(&d.name) == domain)
+            .collect();
+        let there: Vec<u16> = named
+            .iter()
+            .filter(|d| d.state != destroyed)
+            .map(|d| d.id)
+            .collect();
+        match (there.as_slice(), named.first()) {
+            ([id], _) => return Ok(*id),
+            ([], Some(d)) => {
+                return Err(ClientError::Invalid(format!(
+                    "the domain named {domain:?} (id {}) was destroyed",
+                    d.id
+                )));
+            }
+            ([], None) => {}
+            (ids, _) => {
+                let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+                return Err(ClientError::Invalid(format!(
+                    "domains {} are all named {domain:?}: say which by its id",
+                    ids.join(", ")
+                )));
+            }
         }
         let known: Vec<String> = domains
             .iter()
@@ -1094,6 +1117,9 @@ pub fn describe_refusal(r: &Refusal) -> String {
         Refusal::ShadowQuota { limit } => {
             format!("a domain gets 1 to {limit} shadow pages in all")
         }
+        Refusal::NameInUse { id } => format!(
+            "domain {id} has that name already (a name names one domain: choose another, or destroy domain {id} first)"
+        ),
     }
 }
 
@@ -1101,7 +1127,9 @@ pub fn describe_refusal(r: &Refusal) -> String {
 pub fn describe_event(e: &ControlEvent) -> String {
     match e {
         ControlEvent::Garbage { bytes } => {
-            format!("the console dropped {bytes} bytes that did not decode as frames")
+            format!(
+                "{bytes} bytes that did not decode as frames were dropped (by the control proxy, or the console)"
+            )
         }
         ControlEvent::Missed { count } => {
             format!("{count} event(s) were lost before the console could pass them on")

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Console, event, fake_elf, reply, scratch, serve};
+use common::{Console, domain, event, fake_elf, reply, scratch, serve};
 use parallax_client::frames::FrameReader;
 use parallax_client::{
     self as control, CONTROL, Client, ClientError, ControlError, ControlEvent, ControlReply,
@@ -146,6 +146,15 @@ fn a_paused_domain_is_forked_named_listed_and_reset() {
     assert_eq!(c.domain_id("hello-fork").unwrap(), 3);
     assert_eq!(c.fork(1, "kid").unwrap(), 4);
     assert_eq!(c.domain_id("kid").unwrap(), 4);
+    // A name names one domain: given again, refused naming its holder;
+    // by default, the next free one.
+    let e = c.fork(1, "kid").unwrap_err().to_string();
+    assert!(e.contains("domain 4 has that name already"), "{e}");
+    let e = c.fork(1, "cpuid").unwrap_err().to_string();
+    assert!(e.contains("domain 2 has that name already"), "{e}");
+    let again = c.fork(1, "").unwrap();
+    assert_eq!(c.domain_id("hello-fork2").unwrap(), again);
+    c.domain_control(again, DomainOp::Destroy).unwrap();
     c.domain_control(4, DomainOp::Unpause).unwrap();
     c.domain_control(4, DomainOp::Reset).unwrap();
     assert_eq!(c.domain(3).unwrap().unwrap().state, 2, "reset: paused");
@@ -1061,6 +1070,39 @@ fn a_read_joins_ranges_split_across_answers_and_stops_a_service_that_does_not_mo
     assert_eq!(c.logdirty_peek(1, 0).unwrap(), [r(0x10, 8), r(0x30, 1)]);
     let e = c.logdirty_read(1, 1).unwrap_err().to_string();
     assert!(e.contains("which is not past 0x0; stopped reading"), "{e}");
+}
+
+/// A name is a domain there, one only: the list keeps destroyed domains
+/// (whose ids may be another's now), and two domains there with one name
+/// (which init does not make, but another supervisor could) are not
+/// guessed between.
+#[test]
+fn a_name_two_domains_have_or_only_a_destroyed_one_has_is_refused() {
+    let (host, console) = pair();
+    let con = Console {
+        domains: vec![
+            domain(1, "twin", 1),
+            domain(2, "twin", 2),
+            domain(3, "gone", 5),
+            domain(4, "back", 5),
+            domain(5, "back", 1),
+        ],
+        ..Console::default()
+    };
+    let _mock = con.serve(console);
+    let mut c = Client::new(host);
+    let e = c.domain_id("twin").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "domains 1, 2 are all named \"twin\": say which by its id"
+    );
+    let e = c.domain_id("gone").unwrap_err().to_string();
+    assert_eq!(e, "the domain named \"gone\" (id 3) was destroyed");
+    assert_eq!(
+        c.domain_id("back").unwrap(),
+        5,
+        "the one there, not the one destroyed"
+    );
 }
 
 #[test]

@@ -660,11 +660,31 @@ fn pause_or_unpause(console: &mut Client<UnixStream>, id: u16, op: DomainOp) -> 
         Err(e) => Err(domain_refusal(console, e, id, |d| {
             if d.state == already as u8 {
                 format!(" (domain {id} {hint})")
+            } else if d.state == DomainState::Paused as u8 {
+                // The one other reason to keep a paused domain so.
+                format!(" ({})", HAS_FORKS.replace("{id}", &id.to_string()))
             } else {
                 String::new()
             }
         })),
     }
+}
+
+/// Why the kernel refuses to unpause or destroy a paused domain with
+/// forks (`DOMAIN_FORK`).
+const HAS_FORKS: &str = "domain {id} has forks: a parent stays paused, and is not destroyed, while its forks are there; destroy them first (`cargo hv ctl domains` lists them)";
+
+/// Destroys domain `id`; a refusal because it has forks says so.
+fn destroy(console: &mut Client<UnixStream>, id: u16) -> Result<()> {
+    console.domain_control(id, DomainOp::Destroy).map_err(|e| {
+        domain_refusal(console, e, id, |d| {
+            if d.state == DomainState::Paused as u8 {
+                format!(" ({})", HAS_FORKS.replace("{id}", &id.to_string()))
+            } else {
+                String::new()
+            }
+        })
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -986,7 +1006,7 @@ fn ctl(conn: &ConnArgs, command: CtlCmd) -> Result<ExitCode> {
         }
         CtlCmd::Destroy { domain } => {
             let id = console.domain_id(&domain)?;
-            console.domain_control(id, DomainOp::Destroy)?;
+            destroy(&mut console, id)?;
             println!("domain {id} destroyed");
         }
         CtlCmd::Fork { domain, name } => {

@@ -130,9 +130,15 @@ pub enum ToHost {
     },
 }
 
-/// The most bytes one [`ControlRequest::ReadMemory`] reads (the console
-/// serves nothing else meanwhile).
-pub const MAX_READ: u32 = 16 << 20;
+/// The most bytes one [`ControlRequest::ReadMemory`] reads. The console
+/// serves nothing else meanwhile, and goes on with a read whose client has
+/// gone (it cannot tell): so a request is kept to about 0.35 s of an idle
+/// Bochs, a second or so with guests busy beside it (the client asks again
+/// for the next part, a round trip of a few milliseconds), and a client
+/// killed in the middle of a long read holds the next one no longer (16
+/// MiB, as it was, held it for minutes with two guests busy, far past its
+/// timeout).
+pub const MAX_READ: u32 = 64 << 10;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
 pub enum ControlReply {

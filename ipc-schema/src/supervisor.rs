@@ -251,6 +251,11 @@ pub enum Refusal {
     ShadowQuota {
         limit: u16,
     },
+    /// A domain there (not destroyed) has that name already: domain names
+    /// name one domain each (a fork's given name).
+    NameInUse {
+        id: u16,
+    },
 }
 
 pub const SUPERVISOR: InterfaceId =

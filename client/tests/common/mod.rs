@@ -364,8 +364,23 @@ impl Console {
                     });
                 }
                 let id = self.domains.iter().map(|d| d.id).max().unwrap_or(0) + 1;
+                // As init names forks: one domain a name.
+                let holder = |n: &str| {
+                    self.domains
+                        .iter()
+                        .find(|d| d.state != 5 && name_str(&d.name) == n)
+                        .map(|d| d.id)
+                };
                 let own = if name_str(name).is_empty() {
-                    format!("{}-fork", name_str(&p.name))
+                    (1..)
+                        .map(|n| match n {
+                            1 => format!("{}-fork", name_str(&p.name)),
+                            n => format!("{}-fork{n}", name_str(&p.name)),
+                        })
+                        .find(|n| holder(n).is_none())
+                        .unwrap()
+                } else if let Some(id) = holder(name_str(name)) {
+                    return R::Refused(Refusal::NameInUse { id });
                 } else {
                     name_str(name).to_owned()
                 };

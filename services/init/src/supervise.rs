@@ -7,7 +7,7 @@ use ipc_schema::ipc::{BoundedVec, InterfaceDecl, InterfaceId, IpcError};
 use ipc_schema::lifecycle::{LIFECYCLE, LifecycleReply, LifecycleRequest};
 use ipc_schema::manifest::{Disposition, Manifest, Object, Service as ServiceSpec};
 use ipc_schema::supervisor::{
-    DomainInfo, Refusal, SUPERVISOR, ServiceInfo, SupervisorEvent, SupervisorReply,
+    DomainInfo, NAME, Refusal, SUPERVISOR, ServiceInfo, SupervisorEvent, SupervisorReply,
     SupervisorRequest, name as fixed_name, name_str,
 };
 use ipc_schema::syscall::{
@@ -814,6 +814,38 @@ impl Supervisor {
         })
     }
 
+    /// The id of the domain there (not destroyed) named `name`, if any.
+    fn holder_of(&self, name: &str) -> Option<u16> {
+        let destroyed = ipc_schema::syscall::DomainState::Destroyed as u8;
+        (0..self.built.len())
+            .filter_map(|i| self.domain_info(i as u16))
+            .find(|d| d.state != destroyed && name_str(&d.name) == name)
+            .map(|d| d.id)
+    }
+
+    /// The name of a fork of a domain of `parent`'s manifest entry, unless
+    /// given: `<parent>-fork`, else `<parent>-fork2`, `-fork3`... the first
+    /// no domain there has (a name names one domain), the parent's part
+    /// shortened to fit a domain name.
+    fn fork_name(&self, parent: &str) -> Option<heapless::String<NAME>> {
+        use core::fmt::Write;
+        (1..=self.built.len() + 1).find_map(|n| {
+            let mut suffix: heapless::String<16> = heapless::String::new();
+            let _ = match n {
+                1 => write!(suffix, "-fork"),
+                n => write!(suffix, "-fork{n}"),
+            };
+            let mut keep = parent.len().min(NAME - suffix.len());
+            while !parent.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            let mut own: heapless::String<NAME> = heapless::String::new();
+            own.push_str(&parent[..keep]).ok()?;
+            own.push_str(&suffix).ok()?;
+            self.holder_of(&own).is_none().then_some(own)
+        })
+    }
+
     fn service_index(&self, name: &str) -> Option<usize> {
         self.services
             .iter()
@@ -876,13 +908,20 @@ impl Supervisor {
                 error: SysError::NoResources as u64,
             });
         }
-        let mut own: heapless::String<32> = heapless::String::new();
         let given = name_str(&name);
-        let _ = if given.is_empty() {
-            own.push_str(self.manifest.domains[spec].name)
-                .and_then(|()| own.push_str("-fork"))
+        let own = if given.is_empty() {
+            let Some(own) = self.fork_name(self.manifest.domains[spec].name) else {
+                return SupervisorReply::Refused(Refusal::Kernel {
+                    error: SysError::NoResources as u64,
+                });
+            };
+            own
+        } else if let Some(id) = self.holder_of(given) {
+            return SupervisorReply::Refused(Refusal::NameInUse { id });
         } else {
-            own.push_str(given)
+            let mut own: heapless::String<NAME> = heapless::String::new();
+            let _ = own.push_str(given);
+            own
         };
         match sys::domain_fork(self.domains, parent, &own) {
             Ok(id) => {
