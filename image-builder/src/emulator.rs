@@ -337,7 +337,12 @@ fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcom
     // COM2 for image boots (a multiboot guest on plain QEMU has no console
     // service to talk to).
     let com2 = match boot {
-        Boot::Iso(_) => Some(Com2::prepare(&cfg.control_socket_path())?),
+        // A client's frames are checked where the image has Parallax's
+        // console to speak to (an ISO of another kernel speaks its own).
+        Boot::Iso(_) => Some(Com2::prepare(
+            &cfg.control_socket_path(),
+            elfs.files.contains_key("console"),
+        )?),
         Boot::Multiboot { .. } => None,
     };
     let (mut cmd, emulator_log) = match boot {
@@ -467,8 +472,8 @@ struct Com2 {
 }
 
 impl Com2 {
-    fn prepare(socket_path: &Path) -> Result<Self> {
-        let socket = ProxySocket::bind(socket_path)?;
+    fn prepare(socket_path: &Path, parallax_console: bool) -> Result<Self> {
+        let socket = ProxySocket::bind(socket_path)?.check_frames(parallax_console);
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .context("listening on 127.0.0.1 for the emulator's COM2")?;
         let port = listener.local_addr()?.port();

@@ -87,6 +87,9 @@ pub struct ProxySocket {
     /// `None` once serving (the [`Proxy`] owns it then).
     listener: Option<UnixListener>,
     path: PathBuf,
+    /// A client's frames are checked ([`ClientFrames`]): the machine's
+    /// COM2 speaks Parallax's control protocol.
+    check: bool,
 }
 
 impl Drop for ProxySocket {
@@ -130,7 +133,17 @@ impl ProxySocket {
         Ok(Self {
             listener: Some(listener),
             path: path.to_owned(),
+            check: true,
         })
+    }
+
+    /// Whether a client's frames are checked before the console gets them
+    /// ([`ClientFrames`]; the default): off for a machine whose COM2 is
+    /// not Parallax's console (a test guest's own protocol), whose bytes
+    /// then go on as they come.
+    pub fn check_frames(mut self, on: bool) -> Self {
+        self.check = on;
+        self
     }
 
     /// The socket's path.
@@ -160,7 +173,10 @@ impl ProxySocket {
             return Err(io::Error::other("the control socket is already served"));
         };
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            check: self.check,
+            ..Shared::default()
+        });
         let mut threads = Vec::new();
         let mut closer: Option<C> = None;
         let console_writer: ConsoleWriter = Arc::new(Mutex::new(None));
@@ -293,6 +309,8 @@ struct Shared {
     clients: AtomicU64,
     turned_away: AtomicU64,
     garbage: AtomicU64,
+    /// [`ProxySocket::check_frames`].
+    check: bool,
 }
 
 impl Shared {
@@ -671,7 +689,14 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
             Err(_) => break,
         };
         out.clear();
-        let dropped = frames.take(&buf[..n], &mut out);
+        let dropped = if shared.check {
+            frames.take(&buf[..n], &mut out)
+        } else {
+            // As they come; an unfinished frame is ended when the client
+            // leaves (below).
+            out.extend_from_slice(&buf[..n]);
+            Dropped::default()
+        };
         if !out.is_empty() {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
             let Some(console) = w.as_mut() else { break };
@@ -699,6 +724,13 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
                 st.client = None;
                 break;
             }
+        }
+    }
+    if !shared.check && out.last().is_some_and(|&b| b != 0) {
+        // End the frame it left unfinished: the machine drops it.
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(console) = w.as_mut() {
+            let _ = console.write_all(&[0]).and_then(|()| console.flush());
         }
     }
     let mut st = shared.lock();
