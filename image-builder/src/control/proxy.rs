@@ -9,8 +9,9 @@
 //! - **Frames are forwarded, not decoded**: the proxy knows where frames
 //!   end (zero bytes). A newly attached client receives console output from
 //!   the next frame boundary on, never the tail of a frame it did not see.
-//!   A client's frames go to the console whole and intact only
-//!   ([`ClientFrames`]: valid COBS, the checksum right, not too long,
+//!   Where the machine's COM2 is Parallax's console
+//!   ([`ProxySocket::check_frames`]), a client's frames go to it whole and
+//!   intact only ([`ClientFrames`]: valid COBS, the checksum right, not too long,
 //!   whatever request they hold): garbage is dropped here, at the host's
 //!   speed, rather than sent down the serial line to be dropped there, and
 //!   the client is told as the console would tell it. A client that leaves
