@@ -660,31 +660,30 @@ fn pause_or_unpause(console: &mut Client<UnixStream>, id: u16, op: DomainOp) -> 
         Err(e) => Err(domain_refusal(console, e, id, |d| {
             if d.state == already as u8 {
                 format!(" (domain {id} {hint})")
-            } else if d.state == DomainState::Paused as u8 {
-                // The one other reason to keep a paused domain so.
-                format!(" ({})", HAS_FORKS.replace("{id}", &id.to_string()))
             } else {
-                String::new()
+                has_forks(id, d)
             }
         })),
     }
 }
 
-/// Why the kernel refuses to unpause or destroy a paused domain with
-/// forks (`DOMAIN_FORK`).
-const HAS_FORKS: &str = "domain {id} has forks: a parent stays paused, and is not destroyed, while its forks are there; destroy them first (`cargo hv ctl domains` lists them)";
+/// Why the kernel is Busy for an unpause or destroy of `d` (domain `id`)
+/// where it is paused: the one other reason to keep a paused domain so is
+/// its forks (`DOMAIN_FORK`). Empty otherwise.
+fn has_forks(id: u16, d: &control::DomainInfo) -> String {
+    if d.state != DomainState::Paused as u8 {
+        return String::new();
+    }
+    format!(
+        " (domain {id} has forks: a parent stays paused, and is not destroyed, while its forks are there; destroy them first (`cargo hv ctl domains` lists them))"
+    )
+}
 
 /// Destroys domain `id`; a refusal because it has forks says so.
 fn destroy(console: &mut Client<UnixStream>, id: u16) -> Result<()> {
-    console.domain_control(id, DomainOp::Destroy).map_err(|e| {
-        domain_refusal(console, e, id, |d| {
-            if d.state == DomainState::Paused as u8 {
-                format!(" ({})", HAS_FORKS.replace("{id}", &id.to_string()))
-            } else {
-                String::new()
-            }
-        })
-    })
+    console
+        .domain_control(id, DomainOp::Destroy)
+        .map_err(|e| domain_refusal(console, e, id, |d| has_forks(id, d)))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

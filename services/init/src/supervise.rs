@@ -7,7 +7,7 @@ use ipc_schema::ipc::{BoundedVec, InterfaceDecl, InterfaceId, IpcError};
 use ipc_schema::lifecycle::{LIFECYCLE, LifecycleReply, LifecycleRequest};
 use ipc_schema::manifest::{Disposition, Manifest, Object, Service as ServiceSpec};
 use ipc_schema::supervisor::{
-    DomainInfo, NAME, Refusal, SUPERVISOR, ServiceInfo, SupervisorEvent, SupervisorReply,
+    DomainInfo, NAME, Name, Refusal, SUPERVISOR, ServiceInfo, SupervisorEvent, SupervisorReply,
     SupervisorRequest, name as fixed_name, name_str,
 };
 use ipc_schema::syscall::{
@@ -814,22 +814,24 @@ impl Supervisor {
         })
     }
 
-    /// The id of the domain there (not destroyed) named `name`, if any.
-    fn holder_of(&self, name: &str) -> Option<u16> {
+    /// The names of the domains there (not destroyed), with their ids:
+    /// looked up once for a fork (each entry's state is a system call).
+    fn names_in_use(&self) -> heapless::Vec<(u16, Name), { ipc_schema::manifest::MAX_DOMAINS }> {
         let destroyed = ipc_schema::syscall::DomainState::Destroyed as u8;
         (0..self.built.len())
             .filter_map(|i| self.domain_info(i as u16))
-            .find(|d| d.state != destroyed && name_str(&d.name) == name)
-            .map(|d| d.id)
+            .filter(|d| d.state != destroyed)
+            .map(|d| (d.id, d.name))
+            .collect()
     }
 
     /// The name of a fork of a domain of `parent`'s manifest entry, unless
     /// given: `<parent>-fork`, else `<parent>-fork2`, `-fork3`... the first
-    /// no domain there has (a name names one domain), the parent's part
-    /// shortened to fit a domain name.
-    fn fork_name(&self, parent: &str) -> Option<heapless::String<NAME>> {
+    /// no domain there has (`taken`: a name names one domain), the
+    /// parent's part shortened to fit a domain name.
+    fn fork_name(parent: &str, taken: &[(u16, Name)]) -> Option<heapless::String<NAME>> {
         use core::fmt::Write;
-        (1..=self.built.len() + 1).find_map(|n| {
+        (1..=taken.len() + 1).find_map(|n| {
             let mut suffix: heapless::String<16> = heapless::String::new();
             let _ = match n {
                 1 => write!(suffix, "-fork"),
@@ -842,7 +844,7 @@ impl Supervisor {
             let mut own: heapless::String<NAME> = heapless::String::new();
             own.push_str(&parent[..keep]).ok()?;
             own.push_str(&suffix).ok()?;
-            self.holder_of(&own).is_none().then_some(own)
+            holder_of(taken, &own).is_none().then_some(own)
         })
     }
 
@@ -909,14 +911,15 @@ impl Supervisor {
             });
         }
         let given = name_str(&name);
+        let taken = self.names_in_use();
         let own = if given.is_empty() {
-            let Some(own) = self.fork_name(self.manifest.domains[spec].name) else {
+            let Some(own) = Self::fork_name(self.manifest.domains[spec].name, &taken) else {
                 return SupervisorReply::Refused(Refusal::Kernel {
                     error: SysError::NoResources as u64,
                 });
             };
             own
-        } else if let Some(id) = self.holder_of(given) {
+        } else if let Some(id) = holder_of(&taken, given) {
             return SupervisorReply::Refused(Refusal::NameInUse { id });
         } else {
             let mut own: heapless::String<NAME> = heapless::String::new();
@@ -1181,4 +1184,12 @@ impl Service for Supervisor {
 
     fn snapshot(&self) {}
     fn restore(&mut self, _: ()) {}
+}
+
+/// The id of the domain in `taken` (the names in use) named `name`.
+fn holder_of(taken: &[(u16, Name)], name: &str) -> Option<u16> {
+    taken
+        .iter()
+        .find(|(_, n)| name_str(n) == name)
+        .map(|&(id, _)| id)
 }
