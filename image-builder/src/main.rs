@@ -827,6 +827,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listing,
             timeout,
         } => {
+            image_builder::profile::check_key(&key)?;
             deps::ensure()?;
             let profile = image_builder::profile::run(
                 &bench::BenchRun {

@@ -295,9 +295,40 @@ fn attribute(trace: Vec<Traced>, binaries: &[Binary]) -> Vec<(Traced, Place)> {
     out
 }
 
+/// The benchmarks whose operation the benchmark guest runs between its
+/// magic breakpoints (`Bench::point` in `tests/guests/bench`): the keys
+/// `cargo hv profile` takes. The others are counts over many operations,
+/// or measured by the host.
+pub const KEYS: &[&str] = &[
+    "rdtsc_frame_ticks",
+    "vmcall_kernel_ticks",
+    "vmcall_service_ticks",
+    "ipc_roundtrip_ticks",
+    "view_create_ticks",
+    "lazy_fill_ticks",
+    "vmfunc_switch_ticks",
+    "view_switch_hypercall_ticks",
+    "ve_delivery_ticks",
+    "violation_event_ticks",
+    "dirty_wp_fault_ticks",
+];
+
+/// Refuses a key `cargo hv profile` cannot trace, before anything is built
+/// or booted.
+pub fn check_key(key: &str) -> Result<()> {
+    if !KEYS.contains(&key) {
+        bail!(
+            "no benchmark {key:?} can be profiled; these can: {}",
+            KEYS.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Boots the benchmark guest with `profile=KEY`, traces KEY's operation and
 /// attributes it. `run.build` should keep line tables.
 pub fn run(run: &BenchRun, key: &str) -> Result<Profile> {
+    check_key(key)?;
     let mut run = run.clone();
     run.guest_options = format!("profile={key}");
     let trace_path: PathBuf = crate::paths::work_dir().join("profile.trace");
@@ -413,6 +444,33 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `KEYS` is the benchmark guest's: each key it names has a profile
+    /// point there, and each point's key is in `KEYS`.
+    #[test]
+    fn the_profiled_keys_are_the_guests_points() {
+        let source = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/bench/src/main.rs"),
+        )
+        .expect("the benchmark guest's source");
+        let mut points: Vec<&str> = ["b.measure(\"", "b.point(\"", "restricted_writes(&b, \""]
+            .iter()
+            .flat_map(|call| source.split(call).skip(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        points.sort_unstable();
+        let mut keys = KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(points, keys);
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_profiled_is_refused_with_those_that_can() {
+        let e = check_key("first_touch_exits").unwrap_err().to_string();
+        assert!(e.contains("\"first_touch_exits\" can be profiled"), "{e}");
+        assert!(e.contains("ipc_roundtrip_ticks, view_create_ticks"), "{e}");
+        assert!(check_key("vmcall_service_ticks").is_ok());
+    }
 
     #[test]
     fn a_bochs_trace_line_parses() {

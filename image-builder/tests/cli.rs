@@ -86,6 +86,20 @@ fn a_run_too_small_to_boot_or_too_short_to_see_is_refused_up_front() {
     }
 }
 
+/// `cargo hv profile` with a key it cannot trace says so at once, with
+/// the keys it can, before anything is built or booted.
+#[test]
+fn a_profile_of_a_key_without_a_profile_point_is_refused_up_front() {
+    let o = hv(&["profile", "linux_boot_exits"]);
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
+    assert!(
+        stderr(&o).contains("no benchmark \"linux_boot_exits\" can be profiled; these can: rdtsc_frame_ticks, vmcall_kernel_ticks"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("compiling"), "{}", stderr(&o));
+}
+
 #[test]
 fn an_unknown_log_level_is_refused() {
     let o = hv(&["build", "--log", "loud"]);
