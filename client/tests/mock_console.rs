@@ -582,6 +582,21 @@ fn connecting_where_no_run_serves_says_so() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("nobody serves any more"), "{e}");
+    // A file or directory given by mistake is named for what it is.
+    std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    for (path, what) in [
+        (dir.join("notes.txt"), "a file"),
+        (dir.clone(), "a directory"),
+    ] {
+        let e = Client::connect(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{} is {what}, not a control socket",
+                path.display()
+            )),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -962,6 +962,41 @@ fn bochs(
     Ok((c, Some(log)))
 }
 
+/// The CPU models `bochs -help cpu` lists (after "Supported CPU models:",
+/// one name a line).
+pub fn parse_bochs_cpu_models(help: &str) -> Vec<&str> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Supported CPU models:"))
+        .skip(1)
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .collect()
+}
+
+/// Refuses a Bochs CPU model (`--bochs-cpu`) this Bochs does not have,
+/// before anything is built (Bochs would refuse it only when the run
+/// starts), naming those it has. Says nothing where Bochs cannot list
+/// them.
+pub fn check_bochs_cpu(model: &str) -> Result<()> {
+    let Ok(out) = Command::new("bochs").args(["-help", "cpu"]).output() else {
+        return Ok(());
+    };
+    let help = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let models = parse_bochs_cpu_models(&help);
+    if models.is_empty() || models.contains(&model) {
+        return Ok(());
+    }
+    bail!(
+        "Bochs has no CPU model {model:?} (--bochs-cpu); it has: {} (corei7_skylake_x, the default, emulates VMX with EPT, VMFUNC, #VE and PML)",
+        models.join(", ")
+    )
+}
+
 /// A fresh capture path under the work directory.
 pub fn capture_path(label: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -975,6 +1010,16 @@ pub fn capture_path(label: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bochs_cpu_models_are_read_from_its_help() {
+        let help = "00000000000i[      ] LTDL_LIBRARY_PATH not set.\nSupported CPU models:\n\nbx_generic\npentium\ncorei7_skylake_x\ntigerlake\n\n00000000000i[SIM   ] quit_sim called with exit code 0\n";
+        assert_eq!(
+            parse_bochs_cpu_models(help),
+            ["bx_generic", "pentium", "corei7_skylake_x", "tigerlake"]
+        );
+        assert!(parse_bochs_cpu_models("bochs: command not found").is_empty());
+    }
 
     #[test]
     fn bochs_text_goes_to_the_file_and_frames_to_the_proxy() {

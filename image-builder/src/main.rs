@@ -112,8 +112,8 @@ enum Cmd {
         /// `fastpath=off` measures the general exit path).
         #[arg(long, default_value = "")]
         cmdline: String,
-        /// Stop the emulator after this many seconds.
-        #[arg(long, default_value_t = 300)]
+        /// Stop the emulator after this many seconds (at least 1).
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
     /// Trace one benchmark operation on Bochs and show where its
@@ -134,8 +134,8 @@ enum Cmd {
         /// Also list every instruction with its place.
         #[arg(long)]
         listing: bool,
-        /// Stop the emulator after this many seconds.
-        #[arg(long, default_value_t = 300)]
+        /// Stop the emulator after this many seconds (at least 1).
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
 }
@@ -708,8 +708,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let opts = build.options()?;
             deps::ensure()?;
-            let img = image::build(&opts)?;
             let machine = on.unwrap_or_else(Machine::default_for_host);
+            if machine == Machine::Bochs {
+                emulator::check_bochs_cpu(&bochs_cpu)?;
+            }
+            let img = image::build(&opts)?;
             let mut cfg = RunConfig::new(machine, emulator::capture_path("run"));
             cfg.timeout = Duration::from_secs(timeout);
             cfg.bochs_cpu = bochs_cpu;
@@ -829,6 +832,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             image_builder::profile::check_key(&key)?;
             deps::ensure()?;
+            emulator::check_bochs_cpu(&bochs_cpu)?;
             let profile = image_builder::profile::run(
                 &bench::BenchRun {
                     cpu_model: bochs_cpu,
@@ -852,6 +856,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         } => {
             deps::ensure()?;
+            emulator::check_bochs_cpu(&bochs_cpu)?;
             let bench_run = bench::BenchRun {
                 cpu_model: bochs_cpu.clone(),
                 build: BuildOptions::default(),

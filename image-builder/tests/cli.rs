@@ -100,6 +100,39 @@ fn a_profile_of_a_key_without_a_profile_point_is_refused_up_front() {
     assert!(!stderr(&o).contains("compiling"), "{}", stderr(&o));
 }
 
+/// A Bochs CPU model Bochs does not have is refused before anything is
+/// built (Bochs itself would refuse it only when the run starts), with the
+/// models it has.
+#[test]
+fn an_unknown_bochs_cpu_model_is_refused_up_front() {
+    for args in [
+        &["bench", "--bochs-cpu", "corei7_skylake"][..],
+        &[
+            "profile",
+            "vmcall_service_ticks",
+            "--bochs-cpu",
+            "corei7_skylake",
+        ],
+        &["run", "--on", "bochs", "--bochs-cpu", "corei7_skylake"],
+    ] {
+        let o = hv(args);
+        assert_eq!(
+            o.status.code(),
+            Some(image_builder::TOOL_ERROR.into()),
+            "{args:?}"
+        );
+        let e = stderr(&o);
+        assert!(
+            e.contains(
+                "Bochs has no CPU model \"corei7_skylake\" (--bochs-cpu); it has: bx_generic,"
+            ),
+            "{args:?}: {e}"
+        );
+        assert!(e.contains(", corei7_skylake_x,"), "{args:?}: {e}");
+        assert!(!e.contains("compiling"), "{args:?}: {e}");
+    }
+}
+
 #[test]
 fn an_unknown_log_level_is_refused() {
     let o = hv(&["build", "--log", "loud"]);
