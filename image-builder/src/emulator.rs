@@ -125,6 +125,21 @@ impl RunConfig {
         }
     }
 
+    /// Refuses what this machine cannot be given (an IOMMU, ACPI tables or
+    /// extra devices on Bochs; an ACPI table that is not a file), before
+    /// anything is built or started.
+    pub fn check(&self) -> Result<()> {
+        if self.machine == Machine::Bochs
+            && (self.iommu || !self.acpi_tables.is_empty() || !self.qemu_devices.is_empty())
+        {
+            bail!("Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d");
+        }
+        if let Some(t) = self.acpi_tables.iter().find(|t| !t.is_file()) {
+            bail!("ACPI table {} does not exist", t.display());
+        }
+        Ok(())
+    }
+
     /// The run's scratch directory (emulator configuration and logs).
     pub fn run_dir(&self) -> PathBuf {
         self.capture.with_extension("run")
@@ -330,6 +345,7 @@ enum Boot<'a> {
 }
 
 fn run_boot(boot: &Boot<'_>, elfs: &ElfSet, cfg: &RunConfig) -> Result<RunOutcome> {
+    cfg.check()?;
     let rundir = cfg.run_dir();
     std::fs::create_dir_all(&rundir).with_context(|| format!("creating {}", rundir.display()))?;
     std::fs::write(&cfg.capture, b"")
@@ -865,9 +881,6 @@ fn qemu(iso: &Path, cfg: &RunConfig, rundir: &Path, com2: Option<u16>) -> Result
         c.arg("-device").arg(d);
     }
     for t in &cfg.acpi_tables {
-        if !t.is_file() {
-            bail!("ACPI table {} does not exist", t.display());
-        }
         c.arg("-acpitable").arg(format!("file={}", t.display()));
     }
     Ok(c)
@@ -879,9 +892,6 @@ fn bochs(
     rundir: &Path,
     com2: Option<u16>,
 ) -> Result<(Command, Option<PathBuf>)> {
-    if cfg.iommu || !cfg.acpi_tables.is_empty() || !cfg.qemu_devices.is_empty() {
-        bail!("Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d");
-    }
     let bios = Path::new("/usr/share/bochs/BIOS-bochs-latest");
     let vga = Path::new("/usr/share/bochs/VGABIOS-lgpl-latest");
     for f in [bios, vga] {

@@ -712,13 +712,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if machine == Machine::Bochs {
                 emulator::check_bochs_cpu(&bochs_cpu)?;
             }
-            let img = image::build(&opts)?;
             let mut cfg = RunConfig::new(machine, emulator::capture_path("run"));
             cfg.timeout = Duration::from_secs(timeout);
             cfg.bochs_cpu = bochs_cpu;
             cfg.iommu = iommu;
             cfg.acpi_tables = acpi_tables;
             cfg.memory_mib = memory;
+            cfg.check()?;
+            let img = image::build(&opts)?;
             cfg.live = true;
             cfg.control_socket = match control_socket {
                 Some(p) => Some(p),
@@ -772,6 +773,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if lines.is_empty() {
                 eprintln!("{}: no log records or text found", file.display());
+            } else if lines.iter().all(|l| l.source == "boot") {
+                // (Text alone: the firmware's, or a file that is not a
+                // capture at all.)
+                eprintln!(
+                    "{}: no Parallax log records, only text: is it the capture of a `cargo hv run` (the run names its \"serial capture\" when it ends)?",
+                    file.display()
+                );
             }
             // As `cargo hv run` and `ctl logs`: the halt status, or 125
             // where the capture holds no halt record.

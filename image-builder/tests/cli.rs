@@ -30,6 +30,31 @@ fn a_missing_capture_is_named() {
     );
 }
 
+/// A file that is not a capture (text, no log records) is shown as the
+/// text it is, and said not to be one.
+#[test]
+fn a_file_that_is_not_a_capture_is_said_to_be_text_only() {
+    let dir = std::env::temp_dir().join(format!("hv-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "shopping list\n").unwrap();
+    let o = hv(&["log", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(image_builder::NO_HALT.into()));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("shopping list"),
+        "{o:?}"
+    );
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}: no Parallax log records, only text: is it the capture of a `cargo hv run`",
+            file.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_missing_manifest_is_named() {
     let o = hv(&["build", "--manifest", "/nonexistent/system.toml"]);
@@ -130,6 +155,42 @@ fn an_unknown_bochs_cpu_model_is_refused_up_front() {
         );
         assert!(e.contains(", corei7_skylake_x,"), "{args:?}: {e}");
         assert!(!e.contains("compiling"), "{args:?}: {e}");
+    }
+}
+
+/// What the chosen machine cannot be given (an IOMMU on Bochs, an ACPI
+/// table that does not exist) is refused before anything is built or
+/// booted.
+#[test]
+fn what_the_machine_cannot_take_is_refused_before_building() {
+    for (args, says) in [
+        (
+            &["run", "--on", "bochs", "--iommu"][..],
+            "Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d",
+        ),
+        (
+            &[
+                "run",
+                "--on",
+                "qemu",
+                "--acpi-table",
+                "/nonexistent/dmar.aml",
+            ],
+            "ACPI table /nonexistent/dmar.aml does not exist",
+        ),
+    ] {
+        let o = hv(args);
+        assert_eq!(
+            o.status.code(),
+            Some(image_builder::TOOL_ERROR.into()),
+            "{args:?}"
+        );
+        let e = stderr(&o);
+        assert!(e.contains(says), "{args:?}: {e}");
+        assert!(
+            !e.contains("compiling") && !e.contains("booting"),
+            "{args:?}: {e}"
+        );
     }
 }
 
