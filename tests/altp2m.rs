@@ -156,6 +156,86 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         .expect_status(HaltStatus::Success);
 }
 
+/// `cargo hv ctl altp2m watch` ended by Ctrl-C (SIGINT) after an event or
+/// two undoes what it set up, as at any other end: the domain back in view
+/// 0, nobody listening, the view destroyed. The guest's later writes then
+/// go through; killed outright, the watch would leave the console
+/// listening, and the guest's next write waiting for an answer nobody
+/// gives.
+#[test]
+fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
+    use std::io::BufRead;
+    const WRITES: usize = 20;
+    let img = agent("agent-interrupted", &format!("watch={WRITES}"));
+    let mut said = String::new();
+    let run = boot_live(
+        &img,
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live.wait_for("dom1", "waiting to be put in a view", 120);
+            let gfn = line
+                .text
+                .split("watch me: gfn ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .expect("the guest names its page")
+                .to_owned();
+            let socket = live.socket().to_owned();
+            let mut watch = parallax_tests::ctl::command(
+                &socket,
+                &[
+                    "altp2m",
+                    "watch",
+                    "1",
+                    &gfn,
+                    "--answer",
+                    "allow-once",
+                    "--wait",
+                    "240",
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cargo runs");
+            let stdout = watch.stdout.take().expect("piped");
+            let first = std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.contains("violation #"));
+            assert!(first.is_some(), "the watch saw no event");
+            // As a user's Ctrl-C (`cargo run` runs the binary in its own
+            // process: the signal reaches cargo-hv).
+            let killed = std::process::Command::new("kill")
+                .args(["-INT", &watch.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(killed.success());
+            let out = watch.wait_with_output().expect("the watch ends");
+            said = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert_eq!(out.status.code(), Some(130), "{said}");
+            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
+        },
+    );
+    let n: usize = said
+        .split("interrupted: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of events in {said}"));
+    assert!((1..WRITES).contains(&n), "{said}");
+    assert!(
+        said.contains("violation(s) seen and answered; the view is gone, domain 1 is back in view 0 and nobody listens to it"),
+        "{said}"
+    );
+    run.expect_from("altp2m", "domain 1: listener attached")
+        .expect_from("altp2m", "domain 1: listener detached")
+        .expect_console(1, "agent: done")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
+
 /// The default image's agent booted with no host agent to watch it (as on
 /// hardware, without `cargo hv run`): it gives up after its wait, says so,
 /// and the system halts on its own.

@@ -68,6 +68,7 @@ fn run() -> Result<(), String> {
         answer,
         count,
         patience,
+        stop: None,
     };
     let mut console = Client::connect(socket.as_ref())
         .map_err(|e| e.to_string())?

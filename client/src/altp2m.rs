@@ -8,6 +8,7 @@ pub use ipc_schema::altp2m::{
     Action, AltError, AltReply, AltRequest, Filter, MAX_LISTENERS, NoListener, VmEvent,
 };
 pub use ipc_schema::hypercall::{Access, Entry, HcError, Mode, Relaxing, Reply, Request};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 impl<S: Transport> Client<S> {
@@ -372,7 +373,15 @@ pub struct PageWatch {
     /// `patience` passes without one).
     pub count: Option<u32>,
     pub patience: Duration,
+    /// Stop when this turns true (e.g. set by a Ctrl-C handler), looked at
+    /// at least every [`STOP_POLL`] while no event comes: what was set up
+    /// is undone as at any other end.
+    pub stop: Option<&'static AtomicBool>,
 }
+
+/// How often [`Client::watch_page`] looks at its `stop` flag while it
+/// waits.
+pub const STOP_POLL: Duration = Duration::from_millis(200);
 
 impl<S: Transport> Client<S> {
     /// Watches a page as an external agent (ALT-2, ALT-4): creates a view,
@@ -417,7 +426,7 @@ impl<S: Transport> Client<S> {
             if w.count.is_some_and(|n| count >= n) {
                 break Ok(count);
             }
-            match self.next_violation(w.patience) {
+            match self.next_violation_or_stop(w) {
                 Ok(Some(e)) if e.domain == d => {
                     seen(&e, view);
                     if let Err(err) = self.altp2m_done(AltRequest::Answer {
@@ -441,5 +450,25 @@ impl<S: Transport> Client<S> {
         });
         let _ = self.view_request(d, Request::ViewDestroy { view });
         result
+    }
+
+    /// The next violation within `w.patience`, waiting in slices of
+    /// [`STOP_POLL`] so that `w.stop` is seen; `None` at the end of the
+    /// patience or once stopped.
+    fn next_violation_or_stop(&mut self, w: &PageWatch) -> Result<Option<VmEvent>, ClientError> {
+        let until = std::time::Instant::now() + w.patience;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if w.stop.is_some_and(|s| s.load(Ordering::Relaxed)) || left.is_zero() {
+                return Ok(None);
+            }
+            let slice = match w.stop {
+                Some(_) => left.min(STOP_POLL),
+                None => left,
+            };
+            if let Some(e) = self.next_violation(slice)? {
+                return Ok(Some(e));
+            }
+        }
     }
 }

@@ -717,8 +717,12 @@ fn events_yield_a_closed_stream_once_then_end() {
     assert!(it.next().is_none());
 }
 
-#[test]
-fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
+/// `watch_page` against a console where view 3 is created and two writes
+/// come once the domain is in it; with `stop`, the flag is raised as the
+/// first is seen. The events seen and the altp2m requests made.
+fn watch_page_run(
+    stop: Option<&'static std::sync::atomic::AtomicBool>,
+) -> (u32, Vec<(u32, u16)>, Vec<ipc_schema::altp2m::AltRequest>) {
     use ipc_schema::vmexit::AccessBits;
     use parallax_client::altp2m::{
         Access, Action, AltReply, AltRequest, PageWatch, Reply, Request, VmEvent,
@@ -784,10 +788,16 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
         answer: Action::AllowOnce,
         count: Some(2),
         patience: Duration::from_secs(5),
+        stop,
     };
-    let n = c.watch_page(&w, |e, view| seen.push((e.id, view))).unwrap();
-    assert_eq!(n, 2);
-    assert_eq!(seen, [(6, 3), (7, 3)]);
+    let n = c
+        .watch_page(&w, |e, view| {
+            seen.push((e.id, view));
+            if let Some(s) = stop {
+                s.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .unwrap();
     drop(c);
     let asked: Vec<AltRequest> = mock
         .join()
@@ -799,32 +809,50 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
             _ => None,
         })
         .collect();
+    (n, seen, asked)
+}
+
+#[test]
+fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
+    use parallax_client::altp2m::{Access, Action, AltRequest, Request};
     let ext = |request| AltRequest::External { domain: 2, request };
     let listen = |on| AltRequest::Listen { domain: 2, on };
     let answer = |event| AltRequest::Answer {
         event,
         action: Action::AllowOnce,
     };
-    assert_eq!(
-        asked,
-        [
-            ext(Request::ViewCreate {
-                default_access: None
-            }),
-            ext(Request::SetAccess {
-                view: 3,
-                gfn: 0x10f,
-                access: Access::RX
-            }),
-            listen(true),
-            ext(Request::ViewSwitchAll { view: 3 }),
-            answer(6),
-            answer(7),
-            ext(Request::ViewSwitchAll { view: 0 }),
-            listen(false),
-            ext(Request::ViewDestroy { view: 3 }),
-        ]
-    );
+    let set_up = [
+        ext(Request::ViewCreate {
+            default_access: None,
+        }),
+        ext(Request::SetAccess {
+            view: 3,
+            gfn: 0x10f,
+            access: Access::RX,
+        }),
+        listen(true),
+        ext(Request::ViewSwitchAll { view: 3 }),
+    ];
+    let undone = [
+        ext(Request::ViewSwitchAll { view: 0 }),
+        listen(false),
+        ext(Request::ViewDestroy { view: 3 }),
+    ];
+    let (n, seen, asked) = watch_page_run(None);
+    assert_eq!((n, seen), (2, vec![(6, 3), (7, 3)]));
+    let mut want = set_up.to_vec();
+    want.extend([answer(6), answer(7)]);
+    want.extend(undone.clone());
+    assert_eq!(asked, want);
+    // Stopped (a Ctrl-C) after the first event: it is answered, nothing
+    // more is waited for, and everything is undone as at any other end.
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (n, seen, asked) = watch_page_run(Some(&STOP));
+    assert_eq!((n, seen), (1, vec![(6, 3)]));
+    let mut want = set_up.to_vec();
+    want.push(answer(6));
+    want.extend(undone);
+    assert_eq!(asked, want);
 }
 
 #[test]

@@ -1122,6 +1122,41 @@ fn on_off(s: &str) -> Result<bool> {
 }
 
 /// `cargo hv ctl altp2m ...`.
+/// The exit status of a command ended by Ctrl-C (128 + SIGINT).
+const INTERRUPTED: u8 = 130;
+
+/// Set by the first SIGINT or SIGTERM once [`stop_on_signals`] ran: the
+/// command stops waiting and undoes what it set up. A second signal ends
+/// the process at once.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    if STOP.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        // Safety: `_exit` is async-signal-safe.
+        unsafe { libc::_exit(i32::from(INTERRUPTED)) };
+    }
+}
+
+/// Makes Ctrl-C (and SIGTERM) raise [`STOP`] instead of ending the
+/// process, for a command that must undo what it set up on a running
+/// system (a watch's view and listener): reads interrupted by the signal
+/// go on (`SA_RESTART`), and the command looks at the flag between them.
+fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // Safety: a zeroed `sigaction` is a valid one to fill in; the
+        // handler only swaps an atomic and may call `_exit`, both
+        // async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+    &STOP
+}
+
 fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
     use control::altp2m::{AltRequest, NoListener, Reply, Request};
     let letters =
@@ -1311,6 +1346,7 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
                 answer,
                 count,
                 patience: Duration::from_secs_f64(wait.clamp(0.001, 1e6)),
+                stop: Some(stop_on_signals()),
             };
             let mut out = std::io::stdout();
             eprintln!(
@@ -1321,6 +1357,12 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
                 let _ = writeln!(out, "view {view}: {}", control::altp2m::describe_event(e));
                 let _ = out.flush();
             })?;
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "interrupted: {n} violation(s) seen and answered; the view is gone, domain {domain} is back in view 0 and nobody listens to it"
+                );
+                return Ok(ExitCode::from(INTERRUPTED));
+            }
             eprintln!("{n} violation(s) seen and answered; the view is gone");
         }
     }
@@ -1502,6 +1544,7 @@ fn watch_announced_pages(lines: &std::sync::mpsc::Receiver<logs::LogLine>, socke
             answer: control::altp2m::Action::AllowOnce,
             count: None,
             patience: Duration::from_secs(30),
+            stop: None,
         };
         let mut first = true;
         let result = c.watch_page(&w, |e, view| {
