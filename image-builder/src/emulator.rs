@@ -92,8 +92,8 @@ pub struct RunConfig {
     /// Also send each decoded line here as it arrives (tests that act on a
     /// running system watch for lines this way).
     pub tap: Option<std::sync::mpsc::Sender<LogLine>>,
-    /// Set to end the run early (the emulator is stopped; the run ends as
-    /// timed out).
+    /// Set to end the run early (the emulator is stopped; the run ends
+    /// [`RunEnd::Stopped`]).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Where the raw serial capture goes.
     pub capture: PathBuf,
@@ -173,6 +173,9 @@ pub enum RunEnd {
     Halted(u8),
     /// Nothing ended the run in time; the emulator was killed.
     TimedOut,
+    /// The run was asked to end ([`RunConfig::stop`]: Ctrl-C on `cargo
+    /// hv run`); the emulator was killed.
+    Stopped,
     /// The emulator exited without a halt record.
     EmulatorExited { code: Option<i32> },
     /// The boot loader could not load the kernel (its `boot` lines say
@@ -209,6 +212,7 @@ impl RunOutcome {
         match self.end {
             RunEnd::Halted(s) => i32::from(s),
             RunEnd::TimedOut => 124,
+            RunEnd::Stopped => 130,
             // QEMU's isa-debug-exit: status V exits with (V << 1) | 1;
             // but 1 (V = 0) is also QEMU's own failure (it could not
             // start: no memory for the guest, say), which it explains.
@@ -252,6 +256,7 @@ impl RunOutcome {
                 format!("halted with status {s} ({what})")
             }
             RunEnd::TimedOut => "timed out; the emulator was stopped".to_owned(),
+            RunEnd::Stopped => "was stopped (Ctrl-C), the emulator with it".to_owned(),
             RunEnd::EmulatorExited { code } => {
                 format!("the emulator exited ({code:?}) without a halt record from the kernel")
             }
@@ -789,7 +794,12 @@ fn watch(child: &mut Child, elfs: &ElfSet, cfg: &RunConfig, started: Instant) ->
             let mut events = Vec::new();
             demux.finish(&mut events);
             lines.extend(events.iter().flat_map(|e| decoder.lines(e)));
-            return Ok((lines, Some(RunEnd::TimedOut), first));
+            let end = if stopped {
+                RunEnd::Stopped
+            } else {
+                RunEnd::TimedOut
+            };
+            return Ok((lines, Some(end), first));
         }
         if n == 0 {
             std::thread::sleep(Duration::from_millis(20));

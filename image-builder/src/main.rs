@@ -720,6 +720,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cfg.memory_mib = memory;
             cfg.check()?;
             let img = image::build(&opts)?;
+            // Ctrl-C ends the run as its end would: the emulator stopped,
+            // the summary with the capture's path printed (exit 130).
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            cfg.stop = Some(stop.clone());
+            let signalled = stop_on_signals();
+            std::thread::spawn(move || {
+                while !signalled.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
             cfg.live = true;
             cfg.control_socket = match control_socket {
                 Some(p) => Some(p),
@@ -1138,9 +1149,10 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 }
 
 /// Makes Ctrl-C (and SIGTERM) raise [`STOP`] instead of ending the
-/// process, for a command that must undo what it set up on a running
-/// system (a watch's view and listener): reads interrupted by the signal
-/// go on (`SA_RESTART`), and the command looks at the flag between them.
+/// process, for a command that must end in order: a watch undoes its view
+/// and listener, a run stops its emulator and says where its capture is.
+/// Reads interrupted by the signal go on (`SA_RESTART`), and the command
+/// looks at the flag between them.
 fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // Safety: a zeroed `sigaction` is a valid one to fill in; the

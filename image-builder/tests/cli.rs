@@ -304,6 +304,79 @@ fn the_default_run_shows_the_host_watching_writes_to_a_guest_page() {
     );
 }
 
+/// Ctrl-C on `cargo hv run` ends the run as its end would: the emulator
+/// stopped, the summary naming the capture printed, exit status 130 (the
+/// process killed by the signal printed nothing); the capture decodes with
+/// `cargo hv log`.
+#[test]
+fn ctrl_c_ends_a_run_with_its_summary_and_a_capture_that_decodes() {
+    use std::io::BufRead;
+    let dir = paths::work_dir().join("cli-tests").join("ctrl-c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("system.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"ctrl-c\"\n[[domain]]\nname = \"t\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0\"\n",
+    )
+    .unwrap();
+    let socket = dir.join("ctl.sock");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_cargo-hv"))
+        .args(["run", "--on", "bochs", "--timeout", "300", "--no-watch"])
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--control-socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cargo-hv runs");
+    // Its output read to the end (a closed pipe would fail its prints),
+    // the first tick told on the way.
+    let (tx, ticked) = std::sync::mpsc::channel();
+    let stdout = run.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("tick 1:") {
+                let _ = tx.send(());
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    });
+    let ticked = ticked.recv_timeout(std::time::Duration::from_secs(240));
+    let killed = Command::new("kill")
+        .args(["-INT", &run.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let o = run.wait_with_output().expect("the run ends");
+    let out = reader.join().unwrap();
+    let e = stderr(&o);
+    assert!(ticked.is_ok(), "no tick: {out}\n{e}");
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(
+        e.contains("run on bochs was stopped (Ctrl-C), the emulator with it after"),
+        "{e}"
+    );
+    let capture = e
+        .split("serial capture ")
+        .nth(1)
+        .and_then(|s| s.split([';', '\n']).next())
+        .unwrap_or_else(|| panic!("no capture named: {e}"));
+    let log = hv(&["log", capture]);
+    assert_eq!(log.status.code(), Some(image_builder::NO_HALT.into()));
+    assert!(
+        String::from_utf8_lossy(&log.stdout).contains("tick 1: vmm version 1"),
+        "{}",
+        stderr(&log)
+    );
+}
+
 /// Issue 14, point 1: a domain's `kernel = "PATH"` (relative to the
 /// manifest's folder) that is missing, unreadable as a kernel, or in a
 /// format Parallax does not load is refused by `cargo hv build`, naming the
