@@ -66,6 +66,18 @@ fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
     parallax_tests::ctl::ok(socket, &all)
 }
 
+/// The page the agent guest (`watch=N`) asks to have watched, once it
+/// waits to be put in a view.
+fn watched_gfn(live: &mut parallax_tests::Live) -> String {
+    let line = live.wait_for("dom1", "waiting to be put in a view", 120);
+    line.text
+        .split("watch me: gfn ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .expect("the guest names its page")
+        .to_owned()
+}
+
 #[test]
 fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
     let img = agent("agent-watch", "watch=3 limited");
@@ -75,14 +87,7 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let line = live.wait_for("dom1", "waiting to be put in a view", 120);
-            let gfn = line
-                .text
-                .split("watch me: gfn ")
-                .nth(1)
-                .and_then(|s| s.split(' ').next())
-                .expect("the guest names its page")
-                .to_owned();
+            let gfn = watched_gfn(live);
             let socket = live.socket().to_owned();
             // Refusals first: no such domain, a bad answer.
             let err = parallax_tests::ctl::refused(&socket, &["altp2m", "view-create", "9"]);
@@ -173,14 +178,7 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let line = live.wait_for("dom1", "waiting to be put in a view", 120);
-            let gfn = line
-                .text
-                .split("watch me: gfn ")
-                .nth(1)
-                .and_then(|s| s.split(' ').next())
-                .expect("the guest names its page")
-                .to_owned();
+            let gfn = watched_gfn(live);
             let socket = live.socket().to_owned();
             let mut watch = parallax_tests::ctl::command(
                 &socket,

@@ -19,6 +19,24 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `cargo-hv ARGS` fails as the tool (status 100), saying `says`, before
+/// anything is built or booted; its stderr.
+fn refused_up_front(args: &[&str], says: &str) -> String {
+    let o = hv(args);
+    let e = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(image_builder::TOOL_ERROR.into()),
+        "{args:?}: {e}"
+    );
+    assert!(e.contains(says), "{args:?}: {e}");
+    assert!(
+        !e.contains("compiling") && !e.contains("booting"),
+        "{args:?}: {e}"
+    );
+    e
+}
+
 #[test]
 fn a_missing_capture_is_named() {
     let o = hv(&["log", "/nonexistent/capture.serial"]);
@@ -91,38 +109,24 @@ fn a_malformed_manifest_is_named_with_the_field() {
 /// range.
 #[test]
 fn a_run_too_small_to_boot_or_too_short_to_see_is_refused_up_front() {
-    for (args, says) in [
-        (
-            &["run", "--memory", "3", "--on", "qemu"][..],
-            "invalid value '3' for '--memory <MEMORY>': 3 is not in 4..=",
-        ),
-        (
-            &["run", "--timeout", "0", "--on", "bochs"],
-            "invalid value '0' for '--timeout <TIMEOUT>': 0 is not in 1..",
-        ),
-    ] {
-        let o = hv(args);
-        assert_eq!(
-            o.status.code(),
-            Some(image_builder::TOOL_ERROR.into()),
-            "{args:?}"
-        );
-        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
-    }
+    refused_up_front(
+        &["run", "--memory", "3", "--on", "qemu"],
+        "invalid value '3' for '--memory <MEMORY>': 3 is not in 4..=",
+    );
+    refused_up_front(
+        &["run", "--timeout", "0", "--on", "bochs"],
+        "invalid value '0' for '--timeout <TIMEOUT>': 0 is not in 1..",
+    );
 }
 
 /// `cargo hv profile` with a key it cannot trace says so at once, with
 /// the keys it can, before anything is built or booted.
 #[test]
 fn a_profile_of_a_key_without_a_profile_point_is_refused_up_front() {
-    let o = hv(&["profile", "linux_boot_exits"]);
-    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
-    assert!(
-        stderr(&o).contains("no benchmark \"linux_boot_exits\" can be profiled; these can: rdtsc_frame_ticks, vmcall_kernel_ticks"),
-        "{}",
-        stderr(&o)
+    refused_up_front(
+        &["profile", "linux_boot_exits"],
+        "no benchmark \"linux_boot_exits\" can be profiled; these can: rdtsc_frame_ticks, vmcall_kernel_ticks",
     );
-    assert!(!stderr(&o).contains("compiling"), "{}", stderr(&o));
 }
 
 /// A Bochs CPU model Bochs does not have is refused before anything is
@@ -140,21 +144,11 @@ fn an_unknown_bochs_cpu_model_is_refused_up_front() {
         ],
         &["run", "--on", "bochs", "--bochs-cpu", "corei7_skylake"],
     ] {
-        let o = hv(args);
-        assert_eq!(
-            o.status.code(),
-            Some(image_builder::TOOL_ERROR.into()),
-            "{args:?}"
-        );
-        let e = stderr(&o);
-        assert!(
-            e.contains(
-                "Bochs has no CPU model \"corei7_skylake\" (--bochs-cpu); it has: bx_generic,"
-            ),
-            "{args:?}: {e}"
+        let e = refused_up_front(
+            args,
+            "Bochs has no CPU model \"corei7_skylake\" (--bochs-cpu); it has: bx_generic,",
         );
         assert!(e.contains(", corei7_skylake_x,"), "{args:?}: {e}");
-        assert!(!e.contains("compiling"), "{args:?}: {e}");
     }
 }
 
@@ -163,35 +157,20 @@ fn an_unknown_bochs_cpu_model_is_refused_up_front() {
 /// booted.
 #[test]
 fn what_the_machine_cannot_take_is_refused_before_building() {
-    for (args, says) in [
-        (
-            &["run", "--on", "bochs", "--iommu"][..],
-            "Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d",
-        ),
-        (
-            &[
-                "run",
-                "--on",
-                "qemu",
-                "--acpi-table",
-                "/nonexistent/dmar.aml",
-            ],
-            "ACPI table /nonexistent/dmar.aml does not exist",
-        ),
-    ] {
-        let o = hv(args);
-        assert_eq!(
-            o.status.code(),
-            Some(image_builder::TOOL_ERROR.into()),
-            "{args:?}"
-        );
-        let e = stderr(&o);
-        assert!(e.contains(says), "{args:?}: {e}");
-        assert!(
-            !e.contains("compiling") && !e.contains("booting"),
-            "{args:?}: {e}"
-        );
-    }
+    refused_up_front(
+        &["run", "--on", "bochs", "--iommu"],
+        "Bochs has no IOMMU and takes no extra ACPI tables: use --on qemu for VT-d",
+    );
+    refused_up_front(
+        &[
+            "run",
+            "--on",
+            "qemu",
+            "--acpi-table",
+            "/nonexistent/dmar.aml",
+        ],
+        "ACPI table /nonexistent/dmar.aml does not exist",
+    );
 }
 
 #[test]
