@@ -32,7 +32,11 @@ pub enum Content {
 }
 
 /// Writes the ISO to `out`. Every input file is checked first, so a missing
-/// one is named rather than failing deep inside grub-mkrescue.
+/// one is named rather than failing deep inside grub-mkrescue. The image is
+/// made under a name of this process's own (its staging folder too) and
+/// renamed to `out` when whole: two builds at once never mix their files,
+/// and an emulator booting the `out` of an earlier build keeps reading
+/// that one (it holds the file, which the rename does not change).
 pub fn assemble(spec: &IsoSpec, out: &Path) -> Result<()> {
     ensure!(
         spec.kernel.is_file(),
@@ -63,7 +67,7 @@ pub fn assemble(spec: &IsoSpec, out: &Path) -> Result<()> {
         spec.cmdline
     );
     let step = Step::start(format!("assembling {}", out.display()));
-    let staging = out.with_extension("d");
+    let (staging, made) = (private_name(out, "d"), private_name(out, "iso.part"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)
             .with_context(|| format!("clearing {}", staging.display()))?;
@@ -93,20 +97,40 @@ pub fn assemble(spec: &IsoSpec, out: &Path) -> Result<()> {
     let result = Command::new("grub-mkrescue")
         .args(["--fonts=", "--locales=", "--themes="])
         .arg("-o")
-        .arg(out)
+        .arg(&made)
         .arg(&staging)
         .output()
-        .context("running grub-mkrescue (packages grub-common, grub-pc-bin, grub-efi-amd64-bin, xorriso, mtools)")?;
+        .context("running grub-mkrescue (packages grub-common, grub-pc-bin, grub-efi-amd64-bin, xorriso, mtools)");
+    let _ = std::fs::remove_dir_all(&staging);
+    let result = result?;
     if !result.status.success() {
         step.failed();
+        let _ = std::fs::remove_file(&made);
         bail!(
             "grub-mkrescue failed:\n{}",
             String::from_utf8_lossy(&result.stderr)
         );
     }
+    std::fs::rename(&made, out)
+        .with_context(|| format!("moving {} to {}", made.display(), out.display()))?;
     let size = std::fs::metadata(out)?.len();
     step.done(&format!("{} KiB", size / 1024));
     Ok(())
+}
+
+/// Beside `out`, a name with this process's id and a count of its own (as
+/// `parallax.1234-5.d`): one no other build uses.
+fn private_name(out: &Path, extension: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let stem = out
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    out.with_file_name(format!(
+        "{stem}.{}-{}.{extension}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// The GRUB configuration: serial console, no menu, one entry.

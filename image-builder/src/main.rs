@@ -767,7 +767,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let socket = socket.clone();
                 std::thread::spawn(move || watch_announced_pages(&rx, &socket));
             }
-            let outcome = emulator::run(&img.iso, &img.elfs, &cfg);
+            // The run boots a link of its own to the image it built: a
+            // build meanwhile (another `cargo hv run`, a `cargo hv build`)
+            // puts a new file under the image's name and leaves this one.
+            let booted = own_copy(&img.iso, &cfg.run_dir())?;
+            let outcome = emulator::run(&booted, &img.elfs, &cfg);
+            let _ = std::fs::remove_file(&booted);
             let _ = std::fs::remove_file(&pointer);
             let outcome = outcome?;
             eprintln!("{}", outcome.summary());
@@ -1133,6 +1138,19 @@ fn on_off(s: &str) -> Result<bool> {
 }
 
 /// `cargo hv ctl altp2m ...`.
+/// `image` linked (or, across file systems, copied) into `dir` as
+/// `image.iso`.
+fn own_copy(image: &Path, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let own = dir.join("image.iso");
+    let _ = std::fs::remove_file(&own);
+    if std::fs::hard_link(image, &own).is_err() {
+        std::fs::copy(image, &own)
+            .with_context(|| format!("copying {} to {}", image.display(), own.display()))?;
+    }
+    Ok(own)
+}
+
 /// The exit status of a command ended by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
 

@@ -356,6 +356,45 @@ fn ctrl_c_ends_a_run_with_its_summary_and_a_capture_that_decodes() {
     );
 }
 
+/// A build publishes its image whole, as a new file under the image's
+/// name: what an emulator already opened (a run of the earlier build, say
+/// one booting while another `cargo hv run` builds) stays the earlier
+/// image, and no staging folder or part-made image is left beside it.
+#[test]
+fn a_build_replaces_the_image_without_touching_the_one_a_run_reads() {
+    use image_builder::iso::{self, IsoSpec};
+    use std::io::{Read, Seek};
+    image_builder::deps::ensure().unwrap();
+    let dir = paths::work_dir().join("cli-tests").join("replace");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("kernel.elf");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let out = dir.join("img.iso");
+    let spec = |cmdline: &str| IsoSpec {
+        kernel: kernel.clone(),
+        cmdline: cmdline.into(),
+        modules: Vec::new(),
+    };
+    iso::assemble(&spec("build=first"), &out).unwrap();
+    let first = std::fs::read(&out).unwrap();
+    let mut held = std::fs::File::open(&out).unwrap();
+    iso::assemble(&spec("build=second"), &out).unwrap();
+    let mut seen = Vec::new();
+    held.rewind().unwrap();
+    held.read_to_end(&mut seen).unwrap();
+    assert!(seen == first, "the open image changed under its reader");
+    let now = std::fs::read(&out).unwrap();
+    let has = |bytes: &[u8], s: &str| bytes.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(has(&first, "build=first") && has(&now, "build=second"));
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["img.iso", "kernel.elf"]);
+}
+
 /// Issue 14, point 1: a domain's `kernel = "PATH"` (relative to the
 /// manifest's folder) that is missing, unreadable as a kernel, or in a
 /// format Parallax does not load is refused by `cargo hv build`, naming the
