@@ -105,16 +105,22 @@ fn a_malformed_manifest_is_named_with_the_field() {
 }
 
 /// A run that could only time out with nothing to show (`--memory` below
-/// 4 MiB, `--timeout 0`) is refused before anything is built, naming the
-/// range.
+/// 4 MiB, `--timeout 0` for a run, a benchmark or a profile) is refused
+/// before anything is built, naming the range.
 #[test]
 fn a_run_too_small_to_boot_or_too_short_to_see_is_refused_up_front() {
     refused_up_front(
         &["run", "--memory", "3", "--on", "qemu"],
         "invalid value '3' for '--memory <MEMORY>': 3 is not in 4..=",
     );
+    for command in ["run", "bench"] {
+        refused_up_front(
+            &[command, "--timeout", "0"],
+            "invalid value '0' for '--timeout <TIMEOUT>': 0 is not in 1..",
+        );
+    }
     refused_up_front(
-        &["run", "--timeout", "0", "--on", "bochs"],
+        &["profile", "vmcall_service_ticks", "--timeout", "0"],
         "invalid value '0' for '--timeout <TIMEOUT>': 0 is not in 1..",
     );
 }
