@@ -67,15 +67,17 @@ fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
 }
 
 /// The page the agent guest (`watch=N`) asks to have watched, once it
-/// waits to be put in a view.
-fn watched_gfn(live: &mut parallax_tests::Live) -> String {
+/// waits to be put in a view, and the control socket to watch it through.
+fn watched_page(live: &mut parallax_tests::Live) -> (String, std::path::PathBuf) {
     let line = live.wait_for("dom1", "waiting to be put in a view", 120);
-    line.text
+    let gfn = line
+        .text
         .split("watch me: gfn ")
         .nth(1)
         .and_then(|s| s.split(' ').next())
         .expect("the guest names its page")
-        .to_owned()
+        .to_owned();
+    (gfn, live.socket().to_owned())
 }
 
 #[test]
@@ -87,8 +89,7 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let gfn = watched_gfn(live);
-            let socket = live.socket().to_owned();
+            let (gfn, socket) = watched_page(live);
             // Refusals first: no such domain, a bad answer.
             let err = parallax_tests::ctl::refused(&socket, &["altp2m", "view-create", "9"]);
             assert!(err.contains("there is no domain 9"), "{err}");
@@ -178,8 +179,7 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
         Machine::Bochs,
         |_| {},
         |live| {
-            let gfn = watched_gfn(live);
-            let socket = live.socket().to_owned();
+            let (gfn, socket) = watched_page(live);
             let mut watch = parallax_tests::ctl::command(
                 &socket,
                 &[

@@ -431,8 +431,8 @@ pub fn boot_live(
     configure(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
     cfg.tap = Some(tx);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    cfg.stop = Some(stop.clone());
+    let stop: &'static std::sync::atomic::AtomicBool = Box::leak(Box::default());
+    cfg.stop = Some(stop);
     let socket = cfg.control_socket_path();
     let (iso, elfs) = (img.iso.clone(), img.elfs.clone());
     let runner = std::thread::spawn(move || emulator::run(&iso, &elfs, &cfg));

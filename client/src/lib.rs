@@ -435,14 +435,13 @@ impl<S> Client<S> {
     }
 }
 
-use std::os::unix::fs::FileTypeExt;
-
 impl Client<UnixStream> {
     /// Connects to a control socket (the one `cargo hv run` offers).
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
         UnixStream::connect(path).map(Client::new).map_err(|source| {
             // (A file that is not a socket at all refuses the connection
             // too: say what it is instead.)
+            use std::os::unix::fs::FileTypeExt;
             match std::fs::metadata(path).map(|m| m.file_type()) {
                 Ok(t) if source.kind() == io::ErrorKind::ConnectionRefused && !t.is_socket() => {
                     let what = if t.is_dir() { "a directory" } else { "a file" };

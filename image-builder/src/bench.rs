@@ -234,8 +234,8 @@ pub fn fork_figures(run: &BenchRun) -> Result<Figures> {
     cfg.timeout = run.timeout;
     let (tx, rx) = std::sync::mpsc::channel();
     cfg.tap = Some(tx);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    cfg.stop = Some(stop.clone());
+    let stop: &'static std::sync::atomic::AtomicBool = Box::leak(Box::default());
+    cfg.stop = Some(stop);
     let socket = cfg.control_socket_path();
     let (iso, elfs) = (img.iso.clone(), img.elfs.clone());
     let runner = std::thread::spawn(move || emulator::run(&iso, &elfs, &cfg));

@@ -93,8 +93,9 @@ pub struct RunConfig {
     /// running system watch for lines this way).
     pub tap: Option<std::sync::mpsc::Sender<LogLine>>,
     /// Set to end the run early (the emulator is stopped; the run ends
-    /// [`RunEnd::Stopped`]).
-    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// [`RunEnd::Stopped`]). A static: a signal handler may set it
+    /// (`cargo hv run`'s Ctrl-C); a caller of its own leaks one.
+    pub stop: Option<&'static std::sync::atomic::AtomicBool>,
     /// Where the raw serial capture goes.
     pub capture: PathBuf,
     /// Where an image boot offers its control channel (COM2) to clients;

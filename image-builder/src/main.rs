@@ -722,15 +722,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let img = image::build(&opts)?;
             // Ctrl-C ends the run as its end would: the emulator stopped,
             // the summary with the capture's path printed (exit 130).
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            cfg.stop = Some(stop.clone());
-            let signalled = stop_on_signals();
-            std::thread::spawn(move || {
-                while !signalled.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+            cfg.stop = Some(stop_on_signals());
             cfg.live = true;
             cfg.control_socket = match control_socket {
                 Some(p) => Some(p),
@@ -1137,7 +1129,6 @@ fn on_off(s: &str) -> Result<bool> {
     }
 }
 
-/// `cargo hv ctl altp2m ...`.
 /// `image` linked (or, across file systems, copied) into `dir` as
 /// `image.iso`.
 fn own_copy(image: &Path, dir: &Path) -> Result<PathBuf> {
@@ -1187,6 +1178,7 @@ fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
     &STOP
 }
 
+/// `cargo hv ctl altp2m ...`.
 fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
     use control::altp2m::{AltRequest, NoListener, Reply, Request};
     let letters =

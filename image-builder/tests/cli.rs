@@ -19,6 +19,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `text` written to `NAME` in the tests' folder `cli-tests/DIR` (made as
+/// needed); its path.
+fn written(dir: &str, name: &str, text: &str) -> std::path::PathBuf {
+    let dir = paths::work_dir().join("cli-tests").join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// `cargo-hv ARGS` fails as the tool (status 100), saying `says`, before
 /// anything is built or booted; its stderr.
 fn refused_up_front(args: &[&str], says: &str) -> String {
@@ -52,10 +62,7 @@ fn a_missing_capture_is_named() {
 /// text it is, and said not to be one.
 #[test]
 fn a_file_that_is_not_a_capture_is_said_to_be_text_only() {
-    let dir = std::env::temp_dir().join(format!("hv-cli-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("notes.txt");
-    std::fs::write(&file, "shopping list\n").unwrap();
+    let file = written("log", "notes.txt", "shopping list\n");
     let o = hv(&["log", file.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(image_builder::NO_HALT.into()));
     assert!(
@@ -70,7 +77,6 @@ fn a_file_that_is_not_a_capture_is_said_to_be_text_only() {
         "{}",
         stderr(&o)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -86,14 +92,11 @@ fn a_missing_manifest_is_named() {
 
 #[test]
 fn a_malformed_manifest_is_named_with_the_field() {
-    let dir = paths::work_dir().join("cli-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let bad = written(
+        "",
+        "bad.toml",
         "name = \"x\"\n[[domain]]\nname = \"d\"\nguest = \"g\"\nmemory_mib = 99999\n",
-    )
-    .unwrap();
+    );
     let o = hv(&["build", "--manifest", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
     let e = stderr(&o);
@@ -296,15 +299,12 @@ fn the_default_run_shows_the_host_watching_writes_to_a_guest_page() {
 #[test]
 fn ctrl_c_ends_a_run_with_its_summary_and_a_capture_that_decodes() {
     use std::io::BufRead;
-    let dir = paths::work_dir().join("cli-tests").join("ctrl-c");
-    std::fs::create_dir_all(&dir).unwrap();
-    let manifest = dir.join("system.toml");
-    std::fs::write(
-        &manifest,
+    let manifest = written(
+        "ctrl-c",
+        "system.toml",
         "name = \"ctrl-c\"\n[[domain]]\nname = \"t\"\nguest = \"ticker\"\nmemory_mib = 16\ncmdline = \"ticks=0\"\n",
-    )
-    .unwrap();
-    let socket = dir.join("ctl.sock");
+    );
+    let socket = manifest.with_file_name("ctl.sock");
     let mut run = Command::new(env!("CARGO_BIN_EXE_cargo-hv"))
         .args(["run", "--on", "bochs", "--timeout", "300", "--no-watch"])
         .arg("--manifest")
