@@ -82,6 +82,7 @@ fn watched_page(live: &mut parallax_tests::Live) -> (String, std::path::PathBuf)
 
 #[test]
 fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
+    use std::io::BufRead;
     let img = agent("agent-watch", "watch=3 limited");
     let mut watched = String::new();
     let run = boot_live(
@@ -97,9 +98,10 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
             assert!(err.contains("no event waits for an answer"), "{err}");
             ctl_altp2m(&socket, &["listen", "1", "on"]);
             ctl_altp2m(&socket, &["listen", "1", "off"]);
-            watched = ctl_altp2m(
+            let mut watch = parallax_tests::ctl::command(
                 &socket,
                 &[
+                    "altp2m",
                     "watch",
                     "1",
                     &gfn,
@@ -110,7 +112,28 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
                     "--wait",
                     "240",
                 ],
-            );
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cargo runs");
+            let mut lines = std::io::BufReader::new(watch.stdout.take().expect("piped")).lines();
+            for line in lines.by_ref().map_while(Result::ok) {
+                let first = line.contains("violation #");
+                watched += &line;
+                watched.push('\n');
+                if first {
+                    break;
+                }
+            }
+            // While the watch holds its connection, another client is
+            // served beside it (a second terminal's `cargo hv ctl`).
+            let listed = parallax_tests::ctl::ok(&socket, &["domains"]);
+            assert!(listed.contains("agent"), "{listed}");
+            for line in lines.map_while(Result::ok) {
+                watched += &line;
+                watched.push('\n');
+            }
+            assert!(watch.wait().expect("the watch ends").success(), "{watched}");
             live.wait_for("dom1", "agent: write 3 done", 120);
             ctl_altp2m(&socket, &["mode", "1", "limited"]);
             live.wait_for("dom1", "agent: done", 120);

@@ -1103,6 +1103,9 @@ pub fn describe_error(e: &ControlError) -> String {
         ControlError::VmmUnavailable => {
             "the vmm did not take the input (it is down, or the console holds no `uart-input` handle)".into()
         }
+        ControlError::SwapByAnotherClient => {
+            "another client of this run is sending a swap; the console takes one at a time: try again when it is done".into()
+        }
     }
 }
 

@@ -7,7 +7,9 @@ mod common;
 
 use common::{Console, Received, event, fake_elf, scratch};
 use image_builder::control::proxy::{Proxy, ProxySocket};
-use image_builder::control::{CONTROL, Client, ClientError, ControlEvent, ControlRequest};
+use image_builder::control::{
+    CONTROL, Client, ClientError, ControlError, ControlEvent, ControlReply, ControlRequest,
+};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -68,22 +70,164 @@ fn a_client_talks_to_the_console_through_the_proxy() {
     assert!(!path.exists(), "the socket is removed when the proxy stops");
 }
 
+/// Two clients at once whose sequence numbers collide: each gets its own
+/// answers under its own numbers, and both get every event.
 #[test]
-fn a_second_client_is_turned_away_saying_why() {
-    let (path, proxy, _mock) = proxy_with_mock("busy");
-    let mut first = Client::connect(&path).unwrap();
-    first.hello().unwrap();
-    let e = Client::connect(&path).unwrap().hello().unwrap_err();
-    let text = e.to_string();
-    assert!(matches!(e, ClientError::Closed { .. }), "{text}");
-    assert!(
-        text.contains("another client is attached; one client at a time"),
-        "{text}"
+fn clients_at_once_each_get_their_own_answers_and_every_event() {
+    let path = scratch("several").join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    // The console sends an event before its answer to `Domain { index: 0 }`.
+    let mock = common::serve(console, move |req| {
+        let mut frames = con.respond(req);
+        if matches!(req.request, ControlRequest::Domain { index: 0 }) {
+            frames.insert(0, event(99));
+        }
+        frames
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    let connect = || Client::connect(&path).unwrap().with_first_seq(40);
+    let (mut a, mut b) = (connect(), connect());
+    a.hello().unwrap();
+    b.hello().unwrap();
+    for _ in 0..3 {
+        assert_eq!(a.services().unwrap().len(), 3);
+        assert_eq!(b.domains().unwrap().len(), 2);
+    }
+    // One event for each of b's listings, to each client.
+    for c in [&mut a, &mut b] {
+        for _ in 0..3 {
+            assert_eq!(
+                c.next_event(Duration::from_secs(5)).unwrap(),
+                Some(ControlEvent::Garbage { bytes: 99 }),
+            );
+        }
+        assert_eq!(c.stats().stray_replies, 0, "nobody got another's answer");
+    }
+    // A client's request before its own Hello is refused as the console
+    // would refuse it, though another client has said Hello.
+    let mut late = connect();
+    assert_eq!(
+        late.call(ControlRequest::Service { index: 9 }).unwrap(),
+        ControlReply::Error(ControlError::NotHello)
     );
-    drop(first);
-    // Once the first leaves, the next is attached.
-    attach(&path);
-    assert!(proxy.stats().turned_away >= 1);
+    drop((a, b, late));
+    let stats = proxy.stop();
+    assert_eq!(stats.clients, 3);
+    assert_eq!(stats.turned_away, 0);
+    let got = mock.join().unwrap();
+    let seqs: Vec<u32> = got.requests.iter().map(|r| r.seq).collect();
+    let mut unique = seqs.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        seqs.len(),
+        "the console saw no number twice: {seqs:?}"
+    );
+    assert!(
+        !got.requests
+            .iter()
+            .any(|r| r.request == ControlRequest::Service { index: 9 }),
+        "the refused request never reached it"
+    );
+}
+
+/// One client's swap at a time: another client's swap is refused while it
+/// goes on (and says why), and is taken once it is done.
+#[test]
+fn a_swap_under_way_refuses_another_clients_until_it_is_done() {
+    let (path, _proxy, _mock) = proxy_with_mock("swaps");
+    let mut a = Client::connect(&path).unwrap();
+    let mut b = Client::connect(&path).unwrap();
+    a.hello().unwrap();
+    b.hello().unwrap();
+    let elf = fake_elf(600);
+    let begin = ControlRequest::SwapBegin {
+        name: image_builder::control::ipc_schema::supervisor::name("vmm"),
+        len: elf.len() as u32,
+    };
+    assert_eq!(a.call(begin).unwrap(), ControlReply::Done);
+    let e = b.swap("vmm", &elf).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("another client of this run is sending a swap"),
+        "{e}"
+    );
+    // a's swap, ended by a whole upload of its own, then b's.
+    assert_eq!(a.swap("vmm", &elf).unwrap(), 4);
+    assert_eq!(b.swap("vmm", &elf).unwrap(), 5);
+}
+
+/// A client that sends requests without waiting for their answers has at
+/// most `MAX_IN_FLIGHT` of them waiting for the console: a console that
+/// answers it slowly (here: never) serves the next client at once.
+#[test]
+fn a_flooding_client_waits_its_turn_and_others_are_served() {
+    use image_builder::control::proxy::MAX_CLIENTS;
+    use image_builder::control::router::MAX_IN_FLIGHT;
+    let path = scratch("quota").join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    // Never answers a `Service` request.
+    let mock = common::serve(console, move |req| match req.request {
+        ControlRequest::Service { .. } => Vec::new(),
+        _ => con.respond(req),
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    let mut flood = UnixStream::connect(&path).unwrap();
+    let mut flooder = image_builder::control::frames::encode(&image_builder::control::FromHost {
+        seq: 1,
+        request: ControlRequest::Hello {
+            key: CONTROL.key.to_bytes(),
+        },
+    })
+    .unwrap();
+    for seq in 2..1000 {
+        flooder.extend(
+            image_builder::control::frames::encode(&image_builder::control::FromHost {
+                seq,
+                request: ControlRequest::Service { index: 0 },
+            })
+            .unwrap(),
+        );
+    }
+    flood.write_all(&flooder).unwrap();
+    let mut c = Client::connect(&path).unwrap();
+    assert_eq!(c.domains().unwrap().len(), 2, "served behind the flood");
+    // Clients beyond the most the proxy serves are told so.
+    let others: Vec<_> = (2..MAX_CLIENTS)
+        .map(|_| {
+            let mut o = Client::connect(&path).unwrap();
+            o.hello().unwrap();
+            o
+        })
+        .collect();
+    let e = Client::connect(&path).unwrap().hello().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("clients are attached, the most it serves"),
+        "{e}"
+    );
+    drop((c, others, flood));
+    let stats = proxy.stop();
+    assert_eq!(stats.turned_away, 1);
+    let got = mock.join().unwrap();
+    let waiting = got
+        .requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::Service { .. }))
+        .count();
+    assert_eq!(
+        waiting, MAX_IN_FLIGHT,
+        "the flood's quota reached the console, no more"
+    );
 }
 
 #[test]
@@ -369,14 +513,37 @@ fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
     let mut seen = [0u8; 4];
     raw.read_exact(&mut seen).unwrap();
     assert_eq!(&seen, b"R\0R\0");
-    // (An intact frame, whatever it holds: the proxy passes on nothing
-    // else.)
+    // (A request, under the proxy's first number; an intact frame that is
+    // not one is answered by the proxy, as the console would answer it.)
     let mut buf = [0u8; 32];
     let ping = ipc_schema::frame::encode(b"ping", &mut buf).unwrap();
     raw.write_all(ping).unwrap();
-    let mut got = vec![0u8; ping.len()];
+    let mut told = [0u8; 64];
+    let n = raw.read(&mut told).unwrap();
+    let mut frame = told[..n - 1].to_vec();
+    assert_eq!(
+        ipc_schema::frame::decode::<ipc_schema::control::ToHost>(&mut frame).unwrap(),
+        ipc_schema::control::ToHost::Reply {
+            seq: 0,
+            reply: ipc_schema::control::ControlReply::Error(
+                ipc_schema::control::ControlError::Malformed
+            )
+        }
+    );
+    let hello = |seq| {
+        image_builder::control::frames::encode(&image_builder::control::FromHost {
+            seq,
+            request: ControlRequest::Hello {
+                key: CONTROL.key.to_bytes(),
+            },
+        })
+        .unwrap()
+    };
+    raw.write_all(&hello(77)).unwrap();
+    let want = hello(1);
+    let mut got = vec![0u8; want.len()];
     machine.read_exact(&mut got).unwrap();
-    assert_eq!(got, ping);
+    assert_eq!(got, want);
     machine
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

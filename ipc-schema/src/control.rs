@@ -207,6 +207,10 @@ pub enum ControlError {
     /// `ConsoleInput`, but the console holds no `uart-input` handle or the
     /// vmm did not answer.
     VmmUnavailable,
+    /// A swap request while another client of the same control proxy is
+    /// sending its swap (said by the proxy, not the console: the console
+    /// receives one swap at a time).
+    SwapByAnotherClient,
 }
 
 /// Something that happened, told to the host unasked.

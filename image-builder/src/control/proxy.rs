@@ -3,19 +3,24 @@
 //! (`cargo hv ctl`, `cargo hv swap`, a test, any [`Client`](super::Client))
 //! can talk to the console.
 //!
-//! - **One client at a time.** The first connection is attached; while it
-//!   stays, further connections are told so in one line of text and closed.
-//!   When the client leaves, the next connection is attached.
-//! - **Frames are forwarded, not decoded**: the proxy knows where frames
-//!   end (zero bytes). A newly attached client receives console output from
-//!   the next frame boundary on, never the tail of a frame it did not see.
-//!   Where the machine's COM2 is Parallax's console
-//!   ([`ProxySocket::check_frames`]), a client's frames go to it whole and
-//!   intact only ([`ClientFrames`]: valid COBS, the checksum right, not too long,
-//!   whatever request they hold): garbage is dropped here, at the host's
-//!   speed, rather than sent down the serial line to be dropped there, and
-//!   the client is told as the console would tell it. A client that leaves
-//!   in the middle of a frame has sent the console nothing of it.
+//! - **Several clients at once** where the machine's COM2 is Parallax's
+//!   console ([`ProxySocket::check_frames`], the default), up to
+//!   [`MAX_CLIENTS`]: each request goes to the console under a sequence
+//!   number of the proxy's, each answer back to its client only under the
+//!   client's own, and every event to every client; `Hello`, swaps and a
+//!   quota of requests waiting are kept per client ([`super::router`]).
+//!   A client's frames go to the console whole and intact only
+//!   ([`ClientFrames`]: valid COBS, the checksum right, not too long):
+//!   garbage is dropped here, at the host's speed, rather than sent down
+//!   the serial line to be dropped there, and the client is told as the
+//!   console would tell it. A client that leaves in the middle of a frame
+//!   has sent the console nothing of it. A newly attached client receives
+//!   console output from the next frame boundary on.
+//! - **One client at a time** where COM2 is something else (a test
+//!   guest's own protocol): its bytes are forwarded as they come, not
+//!   decoded, so there is nothing to tell two clients' answers apart by.
+//!   While that client stays, further connections are told so in one line
+//!   of text and closed.
 //! - **Two sources.** Where the emulator's debug port (I/O port 0xE9) is
 //!   read too ([`ProxySocket::serve_with_debug`]), the console is asked to
 //!   send its frames there (no baud rate: Bochs sends COM2 at 115200 baud
@@ -27,7 +32,8 @@
 //!   A client that does not read for [`CLIENT_WRITE_TIMEOUT`] is detached
 //!   for the same reason.
 
-use ipc_schema::control::MAX_WIRE_FRAME;
+use super::router::{Dest, FromClient, MAX_IN_FLIGHT, Router};
+use ipc_schema::control::{ControlError, ControlReply, FromHost, MAX_WIRE_FRAME, ToHost};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -43,8 +49,12 @@ use std::time::Duration;
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How many times (10 ms apart) a new connection waits for the attached
-/// client to leave before it is turned away.
+/// client to leave before it is turned away (one client at a time: COM2
+/// not Parallax's console).
 const BUSY_GRACE_POLLS: u32 = 20;
+
+/// The most clients attached at once to Parallax's console.
+pub const MAX_CLIENTS: usize = 16;
 
 /// The longest path a unix socket can have on Linux (`sun_path`, NUL
 /// included).
@@ -152,7 +162,7 @@ impl ProxySocket {
         &self.path
     }
 
-    /// Starts serving: forwards between `console` and one client at a time.
+    /// Starts serving: forwards between `console` and its clients.
     /// With no console (the emulator never connected its COM2), clients are
     /// told so and closed.
     pub fn serve<C: ConsoleStream>(self, console: Option<C>) -> io::Result<Proxy> {
@@ -164,7 +174,7 @@ impl ProxySocket {
     /// `port_e9_hack`) go to the client as well, whole frames from either
     /// source in the order they end. Once a COM2 frame decodes as the
     /// console's, the console is asked to answer there
-    /// (`ControlRequest::UseDebugPort`), once per client.
+    /// (`ControlRequest::UseDebugPort`), and again when a client attaches.
     pub fn serve_with_debug<C: ConsoleStream>(
         mut self,
         console: Option<C>,
@@ -234,11 +244,14 @@ pub struct ProxyStats {
     pub discarded: u64,
     /// Clients attached.
     pub clients: u64,
-    /// Connections turned away because a client was attached.
+    /// Connections turned away (a client was attached where only one may
+    /// be, or [`MAX_CLIENTS`] were).
     pub turned_away: u64,
     /// Client bytes dropped before the console: frames that were not
     /// intact or were too long ([`ClientFrames`]).
     pub garbage: u64,
+    /// Answers of the console's for clients that had left.
+    pub stray: u64,
 }
 
 /// A running proxy; stops (and removes its socket) when stopped or dropped.
@@ -269,7 +282,7 @@ impl Proxy {
         self.shared.stats()
     }
 
-    /// Stops serving: closes the console stream and the client, removes the
+    /// Stops serving: closes the console stream and the clients, removes the
     /// socket. Call it after the emulator has exited: Bochs dies of SIGPIPE
     /// if it writes COM2 after its peer closed.
     pub fn stop(mut self) -> ProxyStats {
@@ -282,9 +295,7 @@ impl Proxy {
         if let Some(close) = self.closer.take() {
             close();
         }
-        if let Some(c) = self.shared.lock().client.take() {
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
-        }
+        detach_all(&mut self.shared.lock());
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -322,7 +333,9 @@ impl Shared {
     }
 
     fn stats(&self) -> ProxyStats {
+        let stray = self.lock().router.stray;
         ProxyStats {
+            stray,
             to_console: self.to_console.load(Ordering::Relaxed),
             to_clients: self.to_clients.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
@@ -345,7 +358,9 @@ enum ConsoleLink {
 
 #[derive(Default)]
 struct State {
-    client: Option<Attached>,
+    /// One at most where frames are not checked.
+    clients: Vec<Attached>,
+    router: Router,
     next_id: u64,
     console: ConsoleLink,
     /// The emulator's debug port is read too: ask the console for it.
@@ -360,28 +375,89 @@ struct Attached {
     id: u64,
     /// For writing console output to the client.
     stream: UnixStream,
-    /// The console was asked to answer on the debug port for this client.
+    /// The console was asked to answer on the debug port since this client
+    /// attached.
     asked: bool,
+}
+
+/// Ends client `id`'s attachment (it left, or it does not read).
+fn detach(st: &mut State, id: u64) {
+    if let Some(i) = st.clients.iter().position(|c| c.id == id) {
+        let c = st.clients.remove(i);
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+    st.router.leave(id);
+}
+
+fn detach_all(st: &mut State) {
+    for id in st.clients.iter().map(|c| c.id).collect::<Vec<_>>() {
+        detach(st, id);
+    }
+}
+
+/// Writes `bytes` (whole frames) to client `id`, detaching it if it is
+/// gone or does not read. Whether it took them.
+fn send_to(st: &mut State, id: u64, bytes: &[u8]) -> bool {
+    let Some(c) = st.clients.iter_mut().find(|c| c.id == id) else {
+        return false;
+    };
+    if c.stream.write_all(bytes).is_ok() {
+        return true;
+    }
+    detach(st, id);
+    false
+}
+
+/// A whole frame from the console (terminator included), decoded as the
+/// console's (`m`, where it is) to whom it goes: the client its answer is
+/// for under its own number, or every client. Where frames are not
+/// checked, the one client gets it as it came. The bytes delivered and
+/// discarded.
+fn deliver(st: &mut State, check: bool, frame: &[u8], m: Option<ToHost>) -> (u64, u64) {
+    let len = frame.len() as u64;
+    let (to, bytes) = match m {
+        Some(m) if check => match st.router.from_console(m) {
+            None => return (0, len),
+            Some((Dest::All, _)) => (None, frame.to_vec()),
+            Some((Dest::Client(id), m)) => match parallax_client::frames::encode(&m) {
+                Ok(bytes) => (Some(id), bytes),
+                Err(_) => return (0, len),
+            },
+        },
+        // Not a frame of the console's: everyone sees it (and reports it).
+        _ => (None, frame.to_vec()),
+    };
+    let ids: Vec<u64> = match to {
+        Some(id) => vec![id],
+        None => st.clients.iter().map(|c| c.id).collect(),
+    };
+    let took = ids.iter().filter(|&&id| send_to(st, id, &bytes)).count() as u64;
+    if took == 0 {
+        (0, len)
+    } else {
+        (took * bytes.len() as u64, 0)
+    }
 }
 
 /// The longest frame a source may build up before it is dropped (the
 /// console's are far shorter; anything longer is not a frame).
 const MAX_PENDING: usize = 64 * 1024;
 
-/// One source of console frames (COM2, or the debug port) to the client:
+/// One source of console frames (COM2, or the debug port) to the clients:
 /// whole frames only, so that two sources never interleave inside a frame;
-/// a frame goes to the client that was attached when its first byte came
-/// (a client attached in the middle of one gets the next); discards when
-/// nobody is attached; never blocks long on a client. COM2 comes with the
-/// console's writer (`com2`): when its frames show a Parallax console and
-/// the debug port is read, the console is asked to use it (once per
-/// client); when COM2 closes, the machine has stopped: the client is told
-/// by being closed.
+/// a frame goes on if a client was attached when its first byte came (the
+/// same client, where frames are not checked; a client attached in the
+/// middle of one gets the next), and [`deliver`] says to whom; discards
+/// when nobody is attached; never blocks long on a client. COM2 comes with
+/// the console's writer (`com2`): when its frames show a Parallax console
+/// and the debug port is read, the console is asked to use it (again for
+/// each client that attaches); when COM2 closes, the machine has stopped:
+/// the clients are told by being closed.
 fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&ConsoleWriter>) {
     let mut buf = [0u8; 4096];
     let mut pending: Vec<u8> = Vec::new();
-    // The client the frame being read goes to (`None`: dropped), once its
-    // first byte came.
+    // Whose the frame being read is (`None`: dropped), once its first byte
+    // came: the client attached then, or 0 for any (frames checked).
     let mut owner: Option<Option<u64>> = None;
     loop {
         let n = match source.read(&mut buf) {
@@ -392,7 +468,10 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
         };
         let (mut forwarded, mut discarded) = (0u64, 0u64);
         let mut st = shared.lock();
-        let current = st.client.as_ref().map(|c| c.id);
+        let current = match st.clients.first() {
+            Some(_) if shared.check => Some(0),
+            c => c.map(|c| c.id),
+        };
         for part in buf[..n].split_inclusive(|&b| b == 0) {
             let whose = *owner.get_or_insert(current);
             let ends = part.last() == Some(&0);
@@ -410,29 +489,20 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
             if pending.is_empty() {
                 continue;
             }
-            if com2.is_some()
-                && st.debug_port
-                && st.client.as_ref().is_some_and(|c| !c.asked)
-                && is_console_frame(&pending)
+            let m = console_message(&pending);
+            if com2.is_some() && st.debug_port && st.clients.iter().any(|c| !c.asked) && m.is_some()
             {
                 st.console_speaks = true;
-                // Asked before the client has this frame (the answer it
+                // Asked before a client has this frame (the answer it
                 // waits for), so that its next request cannot come first.
-                if let (Some(c), Some(w)) = (st.client.as_mut(), com2) {
-                    c.asked = true;
+                if let Some(w) = com2 {
+                    st.clients.iter_mut().for_each(|c| c.asked = true);
                     ask_for_the_debug_port(w);
                 }
             }
-            if let Some(client) = &mut st.client {
-                if client.stream.write_all(&pending).is_ok() {
-                    forwarded += pending.len() as u64;
-                } else {
-                    // Gone, or not reading: detach it.
-                    discarded += pending.len() as u64;
-                    let _ = client.stream.shutdown(std::net::Shutdown::Both);
-                    st.client = None;
-                }
-            }
+            let (f, d) = deliver(&mut st, shared.check, &pending, m);
+            forwarded += f;
+            discarded += d;
             pending.clear();
         }
         drop(st);
@@ -444,9 +514,7 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
     }
     let mut st = shared.lock();
     st.console = ConsoleLink::Closed;
-    if let Some(c) = st.client.take() {
-        let _ = c.stream.shutdown(std::net::Shutdown::Both);
-    }
+    detach_all(&mut st);
 }
 
 type ConsoleWriter = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
@@ -473,9 +541,7 @@ fn accept_clients(listener: &UnixListener, shared: &Arc<Shared>, writer: &Consol
     }
     // A client attached while the proxy was stopping: end it too, so that
     // its reader returns.
-    if let Some(c) = shared.lock().client.take() {
-        let _ = c.stream.shutdown(std::net::Shutdown::Both);
-    }
+    detach_all(&mut shared.lock());
     for t in readers {
         let _ = t.join();
     }
@@ -489,26 +555,36 @@ fn attach(
 ) -> Option<JoinHandle<()>> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
-    // A client that has just closed may not be detached yet: give it a
-    // moment, so that commands run one after the other are all served.
+    // One client at a time: one that has just closed may not be detached
+    // yet: give it a moment, so that commands run one after the other are
+    // all served.
     for _ in 0..BUSY_GRACE_POLLS {
-        if shared.lock().client.is_none() {
+        if shared.check || shared.lock().clients.is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut st = shared.lock();
-    let refusal = match (st.console, &st.client) {
-        (ConsoleLink::Absent, _) => Some(
+    let busy = if shared.check {
+        st.clients.len() >= MAX_CLIENTS
+    } else {
+        !st.clients.is_empty()
+    };
+    let full = format!(
+        "parallax control proxy: {MAX_CLIENTS} clients are attached, the most it serves at once; try again when one leaves\n"
+    );
+    let refusal = match st.console {
+        ConsoleLink::Absent => Some(
             "parallax control proxy: the emulator did not connect its second serial port (COM2); no console to talk to\n",
         ),
-        (ConsoleLink::Closed, _) => {
+        ConsoleLink::Closed => {
             Some("parallax control proxy: the machine has stopped (its COM2 is closed)\n")
         }
-        (ConsoleLink::Connected, Some(_)) => Some(
-            "parallax control proxy: another client is attached; one client at a time, try again when it leaves\n",
+        ConsoleLink::Connected if busy && shared.check => Some(full.as_str()),
+        ConsoleLink::Connected if busy => Some(
+            "parallax control proxy: another client is attached; one client at a time (this machine's COM2 is not Parallax's console), try again when it leaves\n",
         ),
-        (ConsoleLink::Connected, None) => None,
+        ConsoleLink::Connected => None,
     };
     if let Some(why) = refusal {
         drop(st);
@@ -526,11 +602,12 @@ fn attach(
     // Asked before the client's first byte where a console is known to be
     // there; otherwise once its first frame shows one.
     let ask = st.debug_port && st.console_speaks;
-    st.client = Some(Attached {
+    st.clients.push(Attached {
         id,
         stream: write_half,
         asked: ask,
     });
+    st.router.attach(id);
     drop(st);
     if ask {
         ask_for_the_debug_port(writer);
@@ -544,12 +621,13 @@ fn attach(
         .ok()
 }
 
-/// Whether `frame` (terminator included) decodes as a message of the
-/// console's.
-fn is_console_frame(frame: &[u8]) -> bool {
+/// `frame` (terminator included) decoded as a message of the console's.
+fn console_message(frame: &[u8]) -> Option<ToHost> {
     let mut bytes = frame[..frame.len() - 1].to_vec();
-    !bytes.is_empty()
-        && ipc_schema::frame::decode::<ipc_schema::control::ToHost>(&mut bytes).is_ok()
+    if bytes.is_empty() {
+        return None;
+    }
+    ipc_schema::frame::decode::<ToHost>(&mut bytes).ok()
 }
 
 /// Asks the console to answer on the debug port: a zero first ends
@@ -682,7 +760,7 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
     let mut frames = ClientFrames::default();
     let mut out = Vec::new();
     let _ = client.set_read_timeout(None);
-    loop {
+    'reading: loop {
         let n = match client.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -690,55 +768,104 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
             Err(_) => break,
         };
         out.clear();
-        let dropped = if shared.check {
-            frames.take(&buf[..n], &mut out)
-        } else {
+        if !shared.check {
             // As they come; an unfinished frame is ended when the client
             // leaves (below).
             out.extend_from_slice(&buf[..n]);
-            Dropped::default()
-        };
-        if !out.is_empty() {
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(console) = w.as_mut() else { break };
-            if console
-                .write_all(&out)
-                .and_then(|()| console.flush())
-                .is_err()
-            {
+            if !to_console(shared, writer, &out) {
                 break;
             }
-            shared
-                .to_console
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            continue;
+        }
+        let dropped = frames.take(&buf[..n], &mut out);
+        // (Lone zeros end nothing here: the console gets whole frames only.)
+        for frame in out.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+            if !room_for(shared, id) {
+                break 'reading;
+            }
+            let mut bytes = frame.to_vec();
+            let request = ipc_schema::frame::decode::<FromHost>(&mut bytes);
+            let routed = match request {
+                Ok(m) => shared.lock().router.from_client(id, m),
+                // Intact but not a request: what the console would say.
+                Err(_) => FromClient::Answer(ToHost::Reply {
+                    seq: 0,
+                    reply: ControlReply::Error(ControlError::Malformed),
+                }),
+            };
+            match routed {
+                FromClient::Console(m) => {
+                    let Ok(bytes) = parallax_client::frames::encode(&m) else {
+                        continue;
+                    };
+                    if !to_console(shared, writer, &bytes) {
+                        break 'reading;
+                    }
+                }
+                FromClient::Answer(m) => {
+                    if let Ok(bytes) = parallax_client::frames::encode(&m)
+                        && !send_to(&mut shared.lock(), id, &bytes)
+                    {
+                        break 'reading;
+                    }
+                }
+                FromClient::Dropped => {}
+            }
         }
         if dropped.any() {
             let told = dropped_frames(&dropped);
-            let mut st = shared.lock();
             shared.garbage.fetch_add(dropped.bytes, Ordering::Relaxed);
             // (Whole frames, under the lock the console's frames are
             // written under: never inside one of them.)
-            if let Some(c) = st.client.as_mut().filter(|c| c.id == id)
-                && c.stream.write_all(&told).is_err()
-            {
-                let _ = c.stream.shutdown(std::net::Shutdown::Both);
-                st.client = None;
+            if !send_to(&mut shared.lock(), id, &told) {
                 break;
             }
         }
     }
     if !shared.check && out.last().is_some_and(|&b| b != 0) {
         // End the frame it left unfinished: the machine drops it.
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(console) = w.as_mut() {
-            let _ = console.write_all(&[0]).and_then(|()| console.flush());
-        }
+        let _ = to_console(shared, writer, &[0]);
     }
-    let mut st = shared.lock();
-    if st.client.as_ref().is_some_and(|c| c.id == id)
-        && let Some(c) = st.client.take()
+    detach(&mut shared.lock(), id);
+}
+
+/// Writes `bytes` to the console; false if it is gone.
+fn to_console(shared: &Shared, writer: &ConsoleWriter, bytes: &[u8]) -> bool {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(console) = w.as_mut() else {
+        return false;
+    };
+    if console
+        .write_all(bytes)
+        .and_then(|()| console.flush())
+        .is_err()
     {
-        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        return false;
+    }
+    shared
+        .to_console
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    true
+}
+
+/// Waits until client `id` has fewer than [`MAX_IN_FLIGHT`] requests
+/// waiting for the console (its quota: no more of it is read meanwhile);
+/// false if it was detached, or the proxy or the machine stopped.
+fn room_for(shared: &Shared, id: u64) -> bool {
+    loop {
+        {
+            let st = shared.lock();
+            if shared.stop.load(Ordering::SeqCst)
+                || st.console != ConsoleLink::Connected
+                || !st.clients.iter().any(|c| c.id == id)
+            {
+                return false;
+            }
+            if st.router.in_flight(id) < MAX_IN_FLIGHT {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
