@@ -823,8 +823,12 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
         }
     }
     if !shared.check && out.last().is_some_and(|&b| b != 0) {
-        // End the frame it left unfinished: the machine drops it.
-        let _ = to_console(shared, writer, &[0]);
+        // End the frame it left unfinished: the machine drops it. (The
+        // proxy's byte, not the client's: not counted.)
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(console) = w.as_mut() {
+            let _ = console.write_all(&[0]).and_then(|()| console.flush());
+        }
     }
     detach(&mut shared.lock(), id);
 }
