@@ -136,6 +136,63 @@ fn clients_at_once_each_get_their_own_answers_and_every_event() {
     );
 }
 
+/// Clients that stop reading hold up nobody else: each is detached on its
+/// own (its queue full, or its socket not read for the write timeout), and
+/// the others' answers and events go on meanwhile. (Written in turn under
+/// one lock, as they were, five such clients held every other for the
+/// write timeout each: 10 s here.)
+#[test]
+fn clients_that_do_not_read_hold_up_nobody() {
+    use image_builder::control::proxy::CLIENT_WRITE_TIMEOUT;
+    const EVENTS: u32 = 60_000;
+    let path = scratch("stuck").join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    // A flood of events before the answer to `Domain { index: 0 }`.
+    let mock = common::serve(console, move |req| {
+        let mut frames = con.respond(req);
+        if matches!(req.request, ControlRequest::Domain { index: 0 }) {
+            let flood: Vec<u8> = (0..EVENTS).flat_map(event).collect();
+            frames.insert(0, flood);
+        }
+        frames
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    let hello = image_builder::control::frames::encode(&image_builder::control::FromHost {
+        seq: 1,
+        request: ControlRequest::Hello {
+            key: CONTROL.key.to_bytes(),
+        },
+    })
+    .unwrap();
+    let stuck: Vec<UnixStream> = (0..5)
+        .map(|_| {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(&hello).unwrap();
+            s
+        })
+        .collect();
+    let mut c = attach(&path);
+    let start = Instant::now();
+    assert_eq!(c.domain(0).unwrap().map(|d| d.id), Some(1));
+    let took = start.elapsed();
+    assert!(
+        took < 2 * CLIENT_WRITE_TIMEOUT,
+        "held up {took:?} by clients that do not read"
+    );
+    assert_eq!(
+        c.stats().events,
+        u64::from(EVENTS),
+        "every event reached it"
+    );
+    drop((c, stuck));
+    drop(proxy);
+    drop(mock);
+}
+
 /// One client's swap at a time: another client's swap is refused while it
 /// goes on (and says why), and is taken once it is done.
 #[test]

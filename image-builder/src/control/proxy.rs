@@ -29,8 +29,10 @@
 //! - **COM2 is always drained.** Console output that arrives while no client
 //!   is attached is discarded (counted in [`ProxyStats`]): the emulator must
 //!   never block on a full socket (Bochs writes COM2 with blocking `send`).
-//!   A client that does not read for [`CLIENT_WRITE_TIMEOUT`] is detached
-//!   for the same reason.
+//!   Each client's frames are written by a thread of its own from a queue
+//!   of at most 4 MiB, so that a client that does not read holds up nobody
+//!   else; it is detached when its queue is full or it has not read for
+//!   [`CLIENT_WRITE_TIMEOUT`].
 
 use super::router::{Dest, FromClient, MAX_IN_FLIGHT, Router};
 use ipc_schema::control::{ControlError, ControlReply, FromHost, MAX_WIRE_FRAME, ToHost};
@@ -39,7 +41,8 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -373,8 +376,13 @@ struct State {
 
 struct Attached {
     id: u64,
-    /// For writing console output to the client.
+    /// For ending the connection.
     stream: UnixStream,
+    /// Frames for the client, written by its own thread ([`client_writer`]),
+    /// so that a client that does not read holds up no other.
+    out: Sender<Vec<u8>>,
+    /// The bytes queued in `out` and not yet written.
+    queued: Arc<AtomicUsize>,
     /// The console was asked to answer on the debug port since this client
     /// attached.
     asked: bool,
@@ -395,17 +403,37 @@ fn detach_all(st: &mut State) {
     }
 }
 
-/// Writes `bytes` (whole frames) to client `id`, detaching it if it is
+/// The most bytes queued for one client (a client that lets more pile up
+/// does not read, and is detached): far more than a burst of events.
+const CLIENT_QUEUE: usize = 4 << 20;
+
+/// Queues `bytes` (whole frames) for client `id`, detaching it if it is
 /// gone or does not read. Whether it took them.
 fn send_to(st: &mut State, id: u64, bytes: &[u8]) -> bool {
     let Some(c) = st.clients.iter_mut().find(|c| c.id == id) else {
         return false;
     };
-    if c.stream.write_all(bytes).is_ok() {
+    if c.queued.load(Ordering::Relaxed) + bytes.len() <= CLIENT_QUEUE
+        && c.out.send(bytes.to_vec()).is_ok()
+    {
+        c.queued.fetch_add(bytes.len(), Ordering::Relaxed);
         return true;
     }
     detach(st, id);
     false
+}
+
+/// Writes a client's frames as they are queued, until it is detached (its
+/// queue's sender dropped) or does not read for [`CLIENT_WRITE_TIMEOUT`]
+/// (then its connection is shut down, and its reader detaches it).
+fn client_writer(mut stream: UnixStream, frames: Receiver<Vec<u8>>, queued: &AtomicUsize) {
+    for f in frames {
+        if stream.write_all(&f).is_err() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        queued.fetch_sub(f.len(), Ordering::Relaxed);
+    }
 }
 
 /// A whole frame from the console (terminator included), decoded as the
@@ -597,6 +625,16 @@ fn attach(
     let (Ok(write_half), Ok(read_half)) = (stream.try_clone(), stream.try_clone()) else {
         return None;
     };
+    let (out, frames) = std::sync::mpsc::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let written = queued.clone();
+    if std::thread::Builder::new()
+        .name("ctl-client-out".into())
+        .spawn(move || client_writer(write_half, frames, &written))
+        .is_err()
+    {
+        return None;
+    }
     st.next_id += 1;
     let id = st.next_id;
     // Asked before the client's first byte where a console is known to be
@@ -604,7 +642,9 @@ fn attach(
     let ask = st.debug_port && st.console_speaks;
     st.clients.push(Attached {
         id,
-        stream: write_half,
+        stream,
+        out,
+        queued,
         asked: ask,
     });
     st.router.attach(id);
