@@ -84,10 +84,10 @@
 //! - [`logdirty`]: dirty-page logs of a domain's RAM (start, read and clear,
 //!   peek, status, stop), kept by the logdirty service.
 //!
-//! One client at a time: a [`Client`] waits for each answer before sending
-//! the next request, and the proxy of `cargo hv run` serves one connection at
-//! a time (it turns others away with a message saying so, which the error
-//! quotes).
+//! A [`Client`] waits for each answer before sending the next request. The
+//! proxy of `cargo hv run` serves several connections at once (each gets
+//! its own answers and every event; docs/control.md), and turns away, with
+//! a message the error quotes, one more than it serves.
 
 pub mod altp2m;
 pub mod console;
