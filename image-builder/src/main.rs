@@ -1853,9 +1853,21 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
     eprintln!("sending {} bytes (the loadable parts of {full})", elf.len());
     let mut console = conn.connect()?;
     let tty = std::io::stderr().is_terminal();
+    let (start, mut told) = (Instant::now(), 0);
     let generation = console.swap_with_progress(name, &elf, |sent, total| {
         if tty {
             eprint!("\rsending {}: {sent} of {total} bytes", path.display());
+        } else if let Some(tenth) = progress_tenth(sent, total)
+            && tenth > told
+        {
+            // Without a terminal (a log, a CI job): a line each tenth.
+            told = tenth;
+            eprintln!(
+                "sending {}: {sent} of {total} bytes ({}0 %, {:.0} s)",
+                path.display(),
+                tenth,
+                start.elapsed().as_secs_f64()
+            );
         }
     })?;
     if tty {
@@ -1866,6 +1878,11 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
         path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How many whole tenths of `total` `sent` is (`None` for nothing to send).
+fn progress_tenth(sent: usize, total: usize) -> Option<usize> {
+    (total > 0).then(|| sent.min(total) * 10 / total)
 }
 
 /// The crates (directory names) directly under `dir`.

@@ -243,7 +243,23 @@ fn swap_sends_the_file_and_prints_the_generation() {
         })
         .flatten()
         .collect();
-    assert_eq!(sent, image_builder::elf::strip_service(&elf).unwrap());
+    let stripped = image_builder::elf::strip_service(&elf).unwrap();
+    assert_eq!(sent, stripped);
+    // Without a terminal, the progress is a line each tenth.
+    let n = stripped.len();
+    let said = stderr(&o);
+    let progress: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with(&format!("sending {path}: ")))
+        .collect();
+    assert!(progress.len() >= 2, "{said}");
+    assert!(
+        progress
+            .last()
+            .unwrap()
+            .starts_with(&format!("sending {path}: {n} of {n} bytes (100 %")),
+        "{progress:?}"
+    );
 }
 
 /// Runs `cargo hv swap` expecting a refusal before anything is sent.
