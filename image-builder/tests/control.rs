@@ -35,6 +35,37 @@ fn proxy_with_mock(name: &str) -> (PathBuf, Proxy, JoinHandle<Received>) {
     (path, proxy, mock)
 }
 
+/// A proxy with a mock console that sends `before` (whole frames) ahead of
+/// its answer to `Domain { index: 0 }`.
+fn proxy_with_events(name: &str, before: Vec<u8>) -> (PathBuf, Proxy, JoinHandle<Received>) {
+    let path = scratch(name).join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    let mock = common::serve(console, move |req| {
+        let mut frames = con.respond(req);
+        if matches!(req.request, ControlRequest::Domain { index: 0 }) {
+            frames.insert(0, before.clone());
+        }
+        frames
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    (path, proxy, mock)
+}
+
+/// A `Hello` with sequence number `seq`, on the wire.
+fn hello_frame(seq: u32) -> Vec<u8> {
+    image_builder::control::frames::encode(&image_builder::control::FromHost {
+        seq,
+        request: ControlRequest::Hello {
+            key: CONTROL.key.to_bytes(),
+        },
+    })
+    .unwrap()
+}
+
 /// A client of the proxy at `path`, once the proxy takes it (a client that
 /// just left may not be detached yet).
 fn attach(path: &Path) -> Client<UnixStream> {
@@ -74,21 +105,7 @@ fn a_client_talks_to_the_console_through_the_proxy() {
 /// answers under its own numbers, and both get every event.
 #[test]
 fn clients_at_once_each_get_their_own_answers_and_every_event() {
-    let path = scratch("several").join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let mut con = Console::default();
-    // The console sends an event before its answer to `Domain { index: 0 }`.
-    let mock = common::serve(console, move |req| {
-        let mut frames = con.respond(req);
-        if matches!(req.request, ControlRequest::Domain { index: 0 }) {
-            frames.insert(0, event(99));
-        }
-        frames
-    });
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
+    let (path, proxy, mock) = proxy_with_events("several", event(99));
     let connect = || Client::connect(&path).unwrap().with_first_seq(40);
     let (mut a, mut b) = (connect(), connect());
     a.hello().unwrap();
@@ -145,33 +162,12 @@ fn clients_at_once_each_get_their_own_answers_and_every_event() {
 fn clients_that_do_not_read_hold_up_nobody() {
     use image_builder::control::proxy::CLIENT_WRITE_TIMEOUT;
     const EVENTS: u32 = 60_000;
-    let path = scratch("stuck").join("ctl.sock");
-    let (proxy_end, console) = pair();
-    let mut con = Console::default();
-    // A flood of events before the answer to `Domain { index: 0 }`.
-    let mock = common::serve(console, move |req| {
-        let mut frames = con.respond(req);
-        if matches!(req.request, ControlRequest::Domain { index: 0 }) {
-            let flood: Vec<u8> = (0..EVENTS).flat_map(event).collect();
-            frames.insert(0, flood);
-        }
-        frames
-    });
-    let proxy = ProxySocket::bind(&path)
-        .unwrap()
-        .serve(Some(proxy_end))
-        .unwrap();
-    let hello = image_builder::control::frames::encode(&image_builder::control::FromHost {
-        seq: 1,
-        request: ControlRequest::Hello {
-            key: CONTROL.key.to_bytes(),
-        },
-    })
-    .unwrap();
+    let flood: Vec<u8> = (0..EVENTS).flat_map(event).collect();
+    let (path, proxy, mock) = proxy_with_events("stuck", flood);
     let stuck: Vec<UnixStream> = (0..5)
         .map(|_| {
             let mut s = UnixStream::connect(&path).unwrap();
-            s.write_all(&hello).unwrap();
+            s.write_all(&hello_frame(1)).unwrap();
             s
         })
         .collect();
@@ -239,13 +235,7 @@ fn a_flooding_client_waits_its_turn_and_others_are_served() {
         .serve(Some(proxy_end))
         .unwrap();
     let mut flood = UnixStream::connect(&path).unwrap();
-    let mut flooder = image_builder::control::frames::encode(&image_builder::control::FromHost {
-        seq: 1,
-        request: ControlRequest::Hello {
-            key: CONTROL.key.to_bytes(),
-        },
-    })
-    .unwrap();
+    let mut flooder = hello_frame(1);
     for seq in 2..1000 {
         flooder.extend(
             image_builder::control::frames::encode(&image_builder::control::FromHost {
@@ -290,13 +280,7 @@ fn a_flooding_client_waits_its_turn_and_others_are_served() {
 #[test]
 fn a_client_that_leaves_mid_frame_costs_only_that_frame() {
     let (path, proxy, mock) = proxy_with_mock("midframe");
-    let whole = image_builder::control::frames::encode(&image_builder::control::FromHost {
-        seq: 1,
-        request: ControlRequest::Hello {
-            key: CONTROL.key.to_bytes(),
-        },
-    })
-    .unwrap();
+    let whole = hello_frame(1);
     {
         let mut raw = UnixStream::connect(&path).unwrap();
         raw.write_all(&whole[..whole.len() / 2]).unwrap();
@@ -587,17 +571,8 @@ fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
             )
         }
     );
-    let hello = |seq| {
-        image_builder::control::frames::encode(&image_builder::control::FromHost {
-            seq,
-            request: ControlRequest::Hello {
-                key: CONTROL.key.to_bytes(),
-            },
-        })
-        .unwrap()
-    };
-    raw.write_all(&hello(77)).unwrap();
-    let want = hello(1);
+    raw.write_all(&hello_frame(77)).unwrap();
+    let want = hello_frame(1);
     let mut got = vec![0u8; want.len()];
     machine.read_exact(&mut got).unwrap();
     assert_eq!(got, want);
