@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the proxy waits on a client that does not read before it
 /// detaches it.
@@ -826,7 +826,7 @@ fn client_to_console(mut client: UnixStream, id: u64, shared: &Shared, writer: &
             let mut bytes = frame.to_vec();
             let request = ipc_schema::frame::decode::<FromHost>(&mut bytes);
             let routed = match request {
-                Ok(m) => shared.lock().router.from_client(id, m),
+                Ok(m) => shared.lock().router.from_client(id, m, Instant::now()),
                 // Intact but not a request: what the console would say.
                 Err(_) => FromClient::Answer(ToHost::Reply {
                     seq: 0,

@@ -17,7 +17,9 @@
 //!   began no swap is refused as the console refuses one without a
 //!   `SwapBegin` (`SwapOutOfOrder { expected: 0 }`), so that no client
 //!   adds to another's upload, not even one left unfinished by a client
-//!   that went away.
+//!   that went away. A swap that has sent nothing for [`SWAP_IDLE`] is
+//!   abandoned: another client may begin its own, and the idle client's
+//!   next chunk is refused.
 //! - **Quotas**: a client has at most [`MAX_IN_FLIGHT`] requests waiting
 //!   for the console (the proxy reads no more of it until one is
 //!   answered), so that one flooding client delays the others by at most
@@ -28,9 +30,14 @@
 
 use ipc_schema::control::{ControlError, ControlReply, ControlRequest, FromHost, ToHost};
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 /// The most requests one client may have waiting for the console.
 pub const MAX_IN_FLIGHT: usize = 32;
+
+/// How long a swap may send nothing before another client may begin its
+/// own (a swap's chunks follow each other within a round trip).
+pub const SWAP_IDLE: Duration = Duration::from_secs(30);
 
 /// The most requests waiting for the console, all clients together; beyond
 /// it the oldest is forgotten (its answer, if it ever comes, is stray).
@@ -79,6 +86,7 @@ enum Greeting {
 enum Kind {
     Hello,
     SwapBegin,
+    SwapChunk,
     SwapCommit,
     Other,
 }
@@ -98,8 +106,9 @@ pub struct Router {
     next: u32,
     waiting: BTreeMap<u32, Waiting>,
     clients: HashMap<ClientId, Greeting>,
-    /// The client whose swap the console is receiving.
-    swapper: Option<ClientId>,
+    /// The client whose swap the console is receiving, and when it last
+    /// sent a part of it.
+    swapper: Option<(ClientId, Instant)>,
     /// Answers for nobody (their client left, or they were forgotten).
     pub stray: u64,
 }
@@ -132,7 +141,7 @@ impl Router {
     pub fn leave(&mut self, client: ClientId) {
         self.clients.remove(&client);
         self.waiting.retain(|_, w| w.client != client);
-        if self.swapper == Some(client) {
+        if self.swapping() == Some(client) {
             self.swapper = None;
         }
     }
@@ -142,11 +151,23 @@ impl Router {
         self.waiting.values().filter(|w| w.client == client).count()
     }
 
-    /// A request from `client`.
-    pub fn from_client(&mut self, client: ClientId, m: FromHost) -> FromClient {
+    /// The client whose swap the console is receiving.
+    fn swapping(&self) -> Option<ClientId> {
+        self.swapper.map(|(c, _)| c)
+    }
+
+    /// A request from `client`, which came at `now`.
+    pub fn from_client(&mut self, client: ClientId, m: FromHost, now: Instant) -> FromClient {
         let Some(&greeting) = self.clients.get(&client) else {
             return FromClient::Dropped;
         };
+        if self
+            .swapper
+            .is_some_and(|(c, last)| c != client && now.duration_since(last) >= SWAP_IDLE)
+        {
+            // Abandoned: its client is still there, its swap is not.
+            self.swapper = None;
+        }
         let refuse = |e| {
             FromClient::Answer(ToHost::Reply {
                 seq: m.seq,
@@ -158,11 +179,11 @@ impl Router {
             ControlRequest::Hello { .. } => Kind::Hello,
             _ if greeting == Greeting::Fresh => return refuse(ControlError::NotHello),
             ControlRequest::SwapBegin { .. } | ControlRequest::SwapChunk { .. }
-                if self.swapper.is_some_and(|c| c != client) =>
+                if self.swapping().is_some_and(|c| c != client) =>
             {
                 return refuse(ControlError::SwapByAnotherClient);
             }
-            ControlRequest::SwapCommit if self.swapper.is_some_and(|c| c != client) => {
+            ControlRequest::SwapCommit if self.swapping().is_some_and(|c| c != client) => {
                 return refuse(ControlError::SwapByAnotherClient);
             }
             ControlRequest::SwapChunk { .. } | ControlRequest::SwapCommit
@@ -172,13 +193,16 @@ impl Router {
             }
             ControlRequest::SwapBegin { .. } => Kind::SwapBegin,
             ControlRequest::SwapCommit => Kind::SwapCommit,
+            ControlRequest::SwapChunk { .. } => Kind::SwapChunk,
             _ => Kind::Other,
         };
         match kind {
             Kind::Hello if greeting == Greeting::Fresh => {
                 self.clients.insert(client, Greeting::Said);
             }
-            Kind::SwapBegin => self.swapper = Some(client),
+            Kind::SwapBegin | Kind::SwapChunk | Kind::SwapCommit => {
+                self.swapper = Some((client, now));
+            }
             _ => {}
         }
         let seq = self.next;
@@ -233,7 +257,7 @@ impl Router {
 
     /// What an answer changes for its client.
     fn answered(&mut self, w: Waiting, reply: &ControlReply) {
-        let mine = self.swapper == Some(w.client);
+        let mine = self.swapping() == Some(w.client);
         match w.kind {
             Kind::Hello => {
                 if let Some(g) = self.clients.get_mut(&w.client) {
@@ -286,7 +310,7 @@ mod tests {
     /// Passes `m` from `client` and answers it as the console would with
     /// `reply`: what the client gets.
     fn round(r: &mut Router, client: ClientId, m: FromHost, reply: ControlReply) -> ToHost {
-        match r.from_client(client, m) {
+        match r.from_client(client, m, Instant::now()) {
             FromClient::Console(to) => {
                 let (dest, back) = r
                     .from_console(ToHost::Reply { seq: to.seq, reply })
@@ -316,10 +340,13 @@ mod tests {
         // Client 1's hello does not count for client 2.
         let m = ask(7, ControlRequest::Service { index: 0 });
         assert_eq!(
-            r.from_client(2, m.clone()),
+            r.from_client(2, m.clone(), Instant::now()),
             FromClient::Answer(error(7, ControlError::NotHello))
         );
-        assert!(matches!(r.from_client(1, m), FromClient::Console(_)));
+        assert!(matches!(
+            r.from_client(1, m, Instant::now()),
+            FromClient::Console(_)
+        ));
         // A refused hello leaves a client as it was.
         let refused = ControlReply::Error(ControlError::WrongKey {
             console: [0; 8],
@@ -327,21 +354,33 @@ mod tests {
         });
         round(&mut r, 2, hello(8), refused.clone());
         assert!(matches!(
-            r.from_client(2, ask(9, ControlRequest::Service { index: 0 })),
+            r.from_client(
+                2,
+                ask(9, ControlRequest::Service { index: 0 }),
+                Instant::now()
+            ),
             FromClient::Answer(_)
         ));
         round(&mut r, 1, hello(10), refused);
         assert!(matches!(
-            r.from_client(1, ask(11, ControlRequest::Service { index: 0 })),
+            r.from_client(
+                1,
+                ask(11, ControlRequest::Service { index: 0 }),
+                Instant::now()
+            ),
             FromClient::Console(_)
         ));
         // Requests right behind a hello go on behind it.
         assert!(matches!(
-            r.from_client(2, hello(12)),
+            r.from_client(2, hello(12), Instant::now()),
             FromClient::Console(_)
         ));
         assert!(matches!(
-            r.from_client(2, ask(13, ControlRequest::Domain { index: 0 })),
+            r.from_client(
+                2,
+                ask(13, ControlRequest::Domain { index: 0 }),
+                Instant::now()
+            ),
             FromClient::Console(_)
         ));
     }
@@ -369,7 +408,7 @@ mod tests {
         round(&mut r, 1, ask(2, begin()), ControlReply::Done);
         for (seq, req) in [(3, begin()), (4, chunk()), (5, ControlRequest::SwapCommit)] {
             assert_eq!(
-                r.from_client(2, ask(seq, req)),
+                r.from_client(2, ask(seq, req), Instant::now()),
                 FromClient::Answer(error(seq, ControlError::SwapByAnotherClient))
             );
         }
@@ -383,7 +422,7 @@ mod tests {
             ControlReply::Error(ControlError::SwapOutOfOrder { expected: 4 }),
         );
         assert!(matches!(
-            r.from_client(2, ask(6, begin())),
+            r.from_client(2, ask(6, begin()), Instant::now()),
             FromClient::Answer(_)
         ));
         round(
@@ -418,6 +457,58 @@ mod tests {
         );
     }
 
+    /// A swap that sends nothing for `SWAP_IDLE` (its client hung, not
+    /// gone) is abandoned to the next client's; each part sent keeps it.
+    #[test]
+    fn an_idle_swap_gives_way_and_its_late_chunks_are_refused() {
+        let mut r = Router::new();
+        for c in [1, 2] {
+            r.attach(c);
+            round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
+        }
+        let begin = || {
+            ask(
+                2,
+                ControlRequest::SwapBegin {
+                    name: name("vmm"),
+                    len: 512,
+                },
+            )
+        };
+        let chunk = || {
+            ask(
+                3,
+                ControlRequest::SwapChunk {
+                    offset: 0,
+                    bytes: ipc_schema::ipc::BoundedVec(heapless::Vec::new()),
+                },
+            )
+        };
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let at = |r: &mut Router, c, m, t| match r.from_client(c, m, t) {
+            FromClient::Console(to) => {
+                r.from_console(ToHost::Reply {
+                    seq: to.seq,
+                    reply: ControlReply::Done,
+                });
+                None
+            }
+            FromClient::Answer(ToHost::Reply {
+                reply: ControlReply::Error(e),
+                ..
+            }) => Some(e),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at(&mut r, 1, begin(), t0), None);
+        assert_eq!(at(&mut r, 1, chunk(), t0 + 20 * s), None);
+        // 20 s after its last part, not abandoned; 30 s after, it is.
+        let busy = Some(ControlError::SwapByAnotherClient);
+        assert_eq!(at(&mut r, 2, begin(), t0 + 40 * s), busy);
+        assert_eq!(at(&mut r, 2, begin(), t0 + 20 * s + SWAP_IDLE), None);
+        assert_eq!(at(&mut r, 1, chunk(), t0 + 51 * s), busy);
+    }
+
     #[test]
     fn events_go_to_all_answers_to_nobody_else_and_a_debug_port_request_nowhere() {
         let mut r = Router::new();
@@ -431,12 +522,15 @@ mod tests {
             Some((Dest::All, unreadable))
         );
         assert_eq!(
-            r.from_client(1, ask(2, ControlRequest::UseDebugPort)),
+            r.from_client(1, ask(2, ControlRequest::UseDebugPort), Instant::now()),
             FromClient::Dropped
         );
         // An answer to a client that left is nobody's.
-        let FromClient::Console(to) = r.from_client(1, ask(3, ControlRequest::Domain { index: 0 }))
-        else {
+        let FromClient::Console(to) = r.from_client(
+            1,
+            ask(3, ControlRequest::Domain { index: 0 }),
+            Instant::now(),
+        ) else {
             panic!()
         };
         r.leave(1);
@@ -493,7 +587,7 @@ mod tests {
             };
             for c in 0..3u64 {
                 r.attach(c);
-                let FromClient::Console(h) = r.from_client(c, hello(0)) else { panic!() };
+                let FromClient::Console(h) = r.from_client(c, hello(0), Instant::now()) else { panic!() };
                 deliver(&mut r, &mut got, ToHost::Reply { seq: h.seq, reply: ControlReply::Welcome { version: 1 } });
                 got[c as usize].clear();
             }
@@ -501,7 +595,7 @@ mod tests {
                 match s {
                     Step::Send { c, seq } => {
                         let m = ask(seq, ControlRequest::Domain { index: c.into() });
-                        match r.from_client(c.into(), m) {
+                        match r.from_client(c.into(), m, Instant::now()) {
                             FromClient::Console(to) => {
                                 console.push_back(to.seq);
                                 asked[usize::from(c)].push(seq);
