@@ -185,8 +185,9 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
         .expect_status(HaltStatus::Success);
 }
 
-/// `cargo hv ctl altp2m watch` ended by Ctrl-C (SIGINT) after an event or
-/// two undoes what it set up, as at any other end: the domain back in view
+/// `cargo hv ctl altp2m watch` ended by Ctrl-C (SIGINT), SIGTERM or its
+/// terminal closing (SIGHUP: sent here) after an event or two undoes what
+/// it set up, as at any other end: the domain back in view
 /// 0, nobody listening, the view destroyed. The guest's later writes then
 /// go through; killed outright, the watch would leave the console
 /// listening, and the guest's next write waiting for an answer nobody
@@ -226,10 +227,11 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
                 .map_while(Result::ok)
                 .find(|l| l.contains("violation #"));
             assert!(first.is_some(), "the watch saw no event");
-            // As a user's Ctrl-C (`cargo run` runs the binary in its own
-            // process: the signal reaches cargo-hv).
+            // As the user's terminal closing under it (SIGHUP; its
+            // standard output is gone too): the same stop as Ctrl-C's
+            // (`cli::ctrl_c_ends_a_run...` sends SIGINT to a run).
             let killed = std::process::Command::new("kill")
-                .args(["-INT", &watch.id().to_string()])
+                .args(["-HUP", &watch.id().to_string()])
                 .status()
                 .expect("kill runs");
             assert!(killed.success());

@@ -1145,7 +1145,7 @@ fn own_copy(image: &Path, dir: &Path) -> Result<PathBuf> {
 /// The exit status of a command ended by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
 
-/// Set by the first SIGINT or SIGTERM once [`stop_on_signals`] ran: the
+/// Set by the first SIGINT, SIGTERM or SIGHUP once [`stop_on_signals`] ran: the
 /// command stops waiting and undoes what it set up. A second signal ends
 /// the process at once.
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1157,13 +1157,16 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     }
 }
 
-/// Makes Ctrl-C (and SIGTERM) raise [`STOP`] instead of ending the
-/// process, for a command that must end in order: a watch undoes its view
-/// and listener, a run stops its emulator and says where its capture is.
+/// Makes Ctrl-C (and SIGTERM, and SIGHUP: its terminal closed) raise
+/// [`STOP`] instead of ending the process, for a command that must end in
+/// order: a watch undoes its view and listener (a watch whose terminal
+/// closed, ended by SIGHUP, left the domain's next violation waiting for
+/// an answer nobody gave), a run stops its emulator and says where its
+/// capture is.
 /// Reads interrupted by the signal go on (`SA_RESTART`), and the command
 /// looks at the flag between them.
 fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // Safety: a zeroed `sigaction` is a valid one to fill in; the
         // handler only swaps an atomic and may call `_exit`, both
         // async-signal-safe.
