@@ -386,8 +386,9 @@ pub const STOP_POLL: Duration = Duration::from_millis(200);
 impl<S: Transport> Client<S> {
     /// Watches a page as an external agent (ALT-2, ALT-4): creates a view,
     /// gives the page `access` there, listens to the domain's violations,
-    /// puts the domain in the view, and answers each event with `answer`,
-    /// calling `seen` with each (and the view) first. Then puts the domain
+    /// puts the domain in the view, and answers each event in the view
+    /// with `answer`, calling `seen` with each (and the view) first (events
+    /// of other views, another agent's, are left to it). Then puts the domain
     /// back in view 0 and destroys the view. Returns how many events it
     /// answered (an event another client answered first is seen, not
     /// counted).
@@ -429,7 +430,9 @@ impl<S: Transport> Client<S> {
                 break Ok(count);
             }
             match self.next_violation_or_stop(w) {
-                Ok(Some(e)) if e.domain == d => {
+                // Its view's events only: another client's watch of the
+                // domain (every client gets every event) has its own view.
+                Ok(Some(e)) if e.domain == d && e.view == view => {
                     seen(&e, view);
                     let answer = AltRequest::Answer {
                         event: e.id,

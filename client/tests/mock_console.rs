@@ -753,7 +753,8 @@ fn watch_page_run(
     let (host, console) = pair();
     let mut con = Console::default();
     // View 3 is created; two writes come once the domain is in it (one of
-    // another domain in between, which is not this watch's).
+    // another domain and one in another view in between, which are not this
+    // watch's).
     let mock = serve(console, move |req| {
         let (answer, then) = match &req.request {
             ControlRequest::Altp2m(AltRequest::External { request, .. }) => (
@@ -764,7 +765,10 @@ fn watch_page_run(
                 if matches!(request, Request::ViewSwitchAll { view: 3 }) {
                     let mut other = write(8);
                     other.domain = 5;
-                    vec![write(5), write(6), other, write(7)]
+                    // Another client's watch of the domain, in its view.
+                    let mut elsewhere = write(9);
+                    elsewhere.view = 4;
+                    vec![write(5), write(6), other, elsewhere, write(7)]
                 } else {
                     vec![]
                 },
