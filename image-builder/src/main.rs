@@ -528,10 +528,10 @@ enum AltCmd {
         answer: control::altp2m::Action,
         /// Stop after this many events (default: until no event comes for
         /// --wait seconds).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         count: Option<u32>,
         /// Seconds to wait for the next event.
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, default_value_t = 60.0, value_parser = watch_wait)]
         wait: f64,
     },
 }
@@ -1370,7 +1370,7 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
                 access,
                 answer,
                 count,
-                patience: Duration::from_secs_f64(wait.clamp(0.001, 1e6)),
+                patience: Duration::from_secs_f64(wait),
                 stop: Some(stop_on_signals()),
             };
             let mut out = std::io::stdout();
@@ -1881,6 +1881,18 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
         path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `watch --wait`: a number of seconds above 0 and at most 1,000,000 (NaN,
+/// infinities and negatives refused: they would end the watch at once or
+/// make no duration at all).
+fn watch_wait(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && w > 0.0 && w <= 1e6 => Ok(w),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 and at most 1000000"
+        )),
+    }
 }
 
 /// How many whole tenths of `total` `sent` is (`None` for nothing to send).

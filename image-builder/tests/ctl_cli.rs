@@ -573,3 +573,40 @@ fn ctl_logdirty_without_the_service_says_so() {
         "{e}"
     );
 }
+
+/// `altp2m watch` arguments that could not make a watch are refused by the
+/// parser, before anything connects: `--wait nan` made no duration at all
+/// (a panic), `--wait 0` or `--count 0` a watch that ends before its first
+/// event.
+#[test]
+fn watch_arguments_that_make_no_watch_are_refused() {
+    for (arg, value, says) in [
+        ("--wait", "nan", "is not a number of seconds above 0"),
+        ("--wait", "inf", "is not a number of seconds above 0"),
+        ("--wait", "0", "is not a number of seconds above 0"),
+        ("--wait=-1", "", "is not a number of seconds above 0"),
+        ("--count", "0", "0 is not in 1..="),
+    ] {
+        let mut args = vec![
+            "ctl",
+            "--socket",
+            "/nonexistent/ctl.sock",
+            "altp2m",
+            "watch",
+            "1",
+            "0x10",
+            arg,
+        ];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let o = hv(&args);
+        assert_eq!(
+            o.status.code(),
+            Some(image_builder::TOOL_ERROR.into()),
+            "{arg} {value}"
+        );
+        assert!(stderr(&o).contains(says), "{arg} {value}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+}
