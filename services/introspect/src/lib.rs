@@ -71,6 +71,28 @@ fn memory_error(e: SysError, gpa: u64) -> IntroError {
     }
 }
 
+/// A kernel refusal of the `len` bytes at `gpa`: as [`memory_error`], a
+/// span that is not all RAM named by where it stops being RAM (the first of
+/// its pages, at most two, refused alone; its start if none is): a read
+/// across the end of RAM names the end, not where the read began.
+fn span_error(g: &mut impl Guest, domain: u16, e: SysError, gpa: u64, len: usize) -> IntroError {
+    if e != SysError::BadAddress {
+        return memory_error(e, gpa);
+    }
+    let end = gpa.saturating_add(len as u64);
+    let mut at = gpa;
+    while at < end {
+        if g.read(domain, at, &mut [0u8]) == Err(SysError::BadAddress) {
+            return IntroError::OutsideRam { gpa: at };
+        }
+        let Some(next) = (at | 0xfff).checked_add(1) else {
+            break;
+        };
+        at = next;
+    }
+    IntroError::OutsideRam { gpa }
+}
+
 /// A register read or set refused by the kernel.
 fn regs_error(e: SysError) -> IntroError {
     match e {
@@ -125,8 +147,9 @@ fn run(g: &mut impl Guest, request: &IntroRequest) -> Result<IntroReply, IntroEr
             let mut out = heapless::Vec::<u8, CHUNK>::new();
             out.resize(len, 0).map_err(|_| IntroError::BadLength)?;
             for_pieces(g, domain, at, len, |g, gpa, range| {
+                let n = range.len();
                 g.read(domain, gpa, &mut out[range])
-                    .map_err(|e| memory_error(e, gpa))
+                    .map_err(|e| span_error(g, domain, e, gpa, n))
             })?;
             Ok(IntroReply::Bytes(BoundedVec(out)))
         }
@@ -137,8 +160,9 @@ fn run(g: &mut impl Guest, request: &IntroRequest) -> Result<IntroReply, IntroEr
         } => {
             let bytes = &bytes.0;
             for_pieces(g, domain, at, bytes.len(), |g, gpa, range| {
+                let n = range.len();
                 g.write(domain, gpa, &bytes[range])
-                    .map_err(|e| memory_error(e, gpa))
+                    .map_err(|e| span_error(g, domain, e, gpa, n))
             })?;
             Ok(IntroReply::Done)
         }

@@ -126,10 +126,27 @@ fn physical_memory_is_read_and_written_and_bad_spans_are_named() {
         panic!()
     };
     assert_eq!(&b.0[..], b"parallax");
-    let outside = RAM as u64 - 4;
+    // A read across the end of RAM names the end, where RAM stops (not
+    // where the read began); one wholly outside names its start.
+    let across = RAM as u64 - 4;
     assert_eq!(
-        read(&mut m, Address::Physical(outside), 8),
-        IntroReply::Refused(IntroError::OutsideRam { gpa: outside })
+        read(&mut m, Address::Physical(across), 8),
+        IntroReply::Refused(IntroError::OutsideRam { gpa: RAM as u64 })
+    );
+    assert_eq!(
+        read(&mut m, Address::Physical(RAM as u64 + 0x10), 8),
+        IntroReply::Refused(IntroError::OutsideRam {
+            gpa: RAM as u64 + 0x10
+        })
+    );
+    let w = IntroRequest::Write {
+        domain: D,
+        at: Address::Physical(across),
+        bytes: BoundedVec(heapless::Vec::from_slice(&[1; 8]).unwrap()),
+    };
+    assert_eq!(
+        answer(&mut m, &w),
+        IntroReply::Refused(IntroError::OutsideRam { gpa: RAM as u64 })
     );
     assert_eq!(
         read(&mut m, Address::Physical(0), CHUNK as u16 + 1),
