@@ -42,23 +42,54 @@ impl<T: Transport> Client<T> {
         at: Address,
         len: usize,
     ) -> Result<Vec<u8>, ClientError> {
+        let (bytes, end) = self.mem_read_prefix(domain, at, len);
+        end.map(|()| bytes)
+    }
+
+    /// [`Client::mem_read`], and where it stopped short (a refusal: a span
+    /// that is not RAM, a page not mapped...), the bytes read before: a
+    /// read across the end of RAM or into a hole gives what lies before it.
+    /// (A read of up to [`CHUNK`] bytes is one request: all or nothing.)
+    pub fn mem_read_prefix(
+        &mut self,
+        domain: u16,
+        at: Address,
+        len: usize,
+    ) -> (Vec<u8>, Result<(), ClientError>) {
         if len <= CHUNK {
-            return match self.introspect(IntroRequest::Read {
+            let r = self.introspect(IntroRequest::Read {
                 domain,
                 at,
                 len: len as u16,
-            })? {
-                IntroReply::Bytes(b) if b.0.len() == len => Ok(b.0.to_vec()),
-                other => Err(ClientError::Invalid(format!(
-                    "introspect answered a read of {len} bytes with {}",
-                    describe_reply(&other)
-                ))),
+            });
+            return match r {
+                Ok(IntroReply::Bytes(b)) if b.0.len() == len => (b.0.to_vec(), Ok(())),
+                Ok(other) => (
+                    Vec::new(),
+                    Err(ClientError::Invalid(format!(
+                        "introspect answered a read of {len} bytes with {}",
+                        describe_reply(&other)
+                    ))),
+                ),
+                Err(e) => (Vec::new(), Err(e)),
             };
         }
-        self.ensure_hello()?;
         // (Room for one request's part at first: a length the domain cannot
         // have is refused by the console, not by the host's allocator.)
         let mut out = Vec::with_capacity(len.min(MAX_READ as usize));
+        let end = self.stream_into(&mut out, domain, at, len);
+        (out, end)
+    }
+
+    /// The streamed reads of [`Client::mem_read_prefix`], into `out`.
+    fn stream_into(
+        &mut self,
+        out: &mut Vec<u8>,
+        domain: u16,
+        at: Address,
+        len: usize,
+    ) -> Result<(), ClientError> {
+        self.ensure_hello()?;
         while out.len() < len {
             let part = (len - out.len()).min(MAX_READ as usize);
             let base = out.len();
@@ -76,6 +107,11 @@ impl<T: Transport> Client<T> {
                 }
             };
             let (label, reply) = self.call_streamed(request, self.timeout, Some(&mut sink))?;
+            if let Some(offset) = gap {
+                return Err(ClientError::Invalid(format!(
+                    "{label}: bytes at offset {offset} came out of order"
+                )));
+            }
             match reply {
                 ControlReply::Introspect(IntroReply::Done) => {}
                 ControlReply::Introspect(IntroReply::Refused(error)) => {
@@ -86,11 +122,6 @@ impl<T: Transport> Client<T> {
                 }
                 other => return Err(unwanted(label, other)),
             }
-            if let Some(offset) = gap {
-                return Err(ClientError::Invalid(format!(
-                    "{label}: bytes at offset {offset} came out of order"
-                )));
-            }
             if out.len() != base + part {
                 return Err(ClientError::Invalid(format!(
                     "{label}: {} of {part} bytes came before the answer",
@@ -98,7 +129,7 @@ impl<T: Transport> Client<T> {
                 )));
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes `bytes` to domain `domain`'s memory at `at`.

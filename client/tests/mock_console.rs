@@ -1184,8 +1184,21 @@ fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
     let want: Vec<u8> = (0x10..0x10 + 1000u32).map(|i| (i % 251) as u8).collect();
     const { assert!(1000 > 5 * CHUNK) };
     assert_eq!(c.mem_read(1, Address::Physical(0x10), 1000).unwrap(), want);
-    // A read that stops part way: the bytes before it are dropped, the
-    // refusal says where.
+    // A read that stops part way: `mem_read_prefix` gives the bytes before
+    // the refusal, `mem_read` drops them; the refusal says where.
+    let (before, end) = c.mem_read_prefix(1, Address::Physical(0xff00), 0x200);
+    let want_before: Vec<u8> = (0xff00..0xffc0u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(before, want_before);
+    assert!(
+        matches!(
+            end,
+            Err(ClientError::Introspect {
+                error: IntroError::OutsideRam { gpa: 0xffc0 },
+                ..
+            })
+        ),
+        "{end:?}"
+    );
     let e = c.mem_read(1, Address::Physical(0xff00), 0x200).unwrap_err();
     assert!(
         matches!(
@@ -1233,7 +1246,7 @@ fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
             _ => None,
         })
         .collect();
-    assert_eq!(reads, [1000, 0x200, 300, 300]);
+    assert_eq!(reads, [1000, 0x200, 0x200, 300, 300]);
 }
 
 #[test]

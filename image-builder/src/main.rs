@@ -1402,7 +1402,13 @@ fn mem_cmd(c: &mut Client<UnixStream>, cmd: MemCmd) -> Result<()> {
             let domain = c.domain_id(&at.domain)?;
             let len = usize::try_from(len).context("length")?;
             let started = std::time::Instant::now();
-            let bytes = c.mem_read(domain, at.address(), len)?;
+            // What lies before a refusal (the end of RAM, a hole) is shown
+            // too, then the refusal.
+            let (bytes, end) = c.mem_read_prefix(domain, at.address(), len);
+            let end = match end {
+                Err(e) if bytes.is_empty() => return Err(e.into()),
+                end => end,
+            };
             if let Some(path) = out {
                 std::fs::write(&path, &bytes)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -1417,6 +1423,13 @@ fn mem_cmd(c: &mut Client<UnixStream>, cmd: MemCmd) -> Result<()> {
             } else {
                 print!("{}", intro::hex_dump(at.address, &bytes));
             }
+            end.with_context(|| {
+                format!(
+                    "{} of the {len} bytes were read, up to {:#x}; then",
+                    bytes.len(),
+                    at.address.wrapping_add(bytes.len() as u64)
+                )
+            })?;
         }
         MemCmd::Write { at, bytes } => {
             let bytes = intro::parse_hex(&bytes).map_err(anyhow::Error::msg)?;

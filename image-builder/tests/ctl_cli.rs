@@ -610,3 +610,58 @@ fn watch_arguments_that_make_no_watch_are_refused() {
         assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     }
 }
+
+/// `mem read` across the end of RAM shows (or writes) the bytes before it,
+/// then says how many and what stopped it.
+#[test]
+fn a_read_past_the_end_of_ram_gives_what_lies_before_it() {
+    let s = Served::start("cli-mem-end", Console::default());
+    let file = s.dir.join("part.bin");
+    let o = hv(&[
+        "ctl",
+        "mem",
+        "read",
+        "1",
+        "0xff00",
+        "0x200",
+        "--out",
+        file.to_str().unwrap(),
+        "--socket",
+        s.socket(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(image_builder::TOOL_ERROR.into()),
+        "{}",
+        stderr(&o)
+    );
+    let want: Vec<u8> = (0xff00..0xffc0u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    assert!(
+        stderr(&o).contains("192 of the 512 bytes were read, up to 0xffc0; then")
+            && stderr(&o).contains("is not guest RAM"),
+        "{}",
+        stderr(&o)
+    );
+    // The hex dump too: its last line is the last byte before the refusal.
+    let o = hv(&[
+        "ctl",
+        "mem",
+        "read",
+        "1",
+        "0xff00",
+        "0x200",
+        "--socket",
+        s.socket(),
+    ]);
+    assert_eq!(o.status.code(), Some(image_builder::TOOL_ERROR.into()));
+    assert!(
+        stdout(&o)
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("000000000000ffb0"),
+        "{}",
+        stdout(&o)
+    );
+}

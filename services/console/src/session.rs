@@ -106,7 +106,23 @@ fn read_memory(
             Some(IntroReply::Bytes(bytes)) if bytes.0.len() == usize::from(n) => {
                 send(&ToHost::Data { seq, offset, bytes })
             }
-            Some(IntroReply::Refused(e)) => return refused(e),
+            Some(IntroReply::Refused(e)) => {
+                // A piece that runs past the end of RAM (or into a hole):
+                // the bytes before where RAM stops go too, then the refusal.
+                if let (Address::Physical(from), IntroError::OutsideRam { gpa }) = (at, e)
+                    && gpa > from
+                    && gpa - from < u64::from(n)
+                    && let Some(IntroReply::Bytes(bytes)) = sup.introspect(&IntroRequest::Read {
+                        domain,
+                        at,
+                        len: (gpa - from) as u16,
+                    })
+                    && bytes.0.len() as u64 == gpa - from
+                {
+                    send(&ToHost::Data { seq, offset, bytes });
+                }
+                return refused(e);
+            }
             // Not an answer to a read: say what came, as a plain request would.
             Some(other) => return ControlReply::Introspect(other),
             None => return ControlReply::Error(ControlError::IntrospectUnavailable),
