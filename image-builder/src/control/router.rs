@@ -323,6 +323,16 @@ mod tests {
         }
     }
 
+    /// A router with `clients` attached, each welcomed.
+    fn welcomed(clients: &[ClientId]) -> Router {
+        let mut r = Router::new();
+        for &c in clients {
+            r.attach(c);
+            round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
+        }
+        r
+    }
+
     fn error(seq: u32, e: ControlError) -> ToHost {
         ToHost::Reply {
             seq,
@@ -387,11 +397,7 @@ mod tests {
 
     #[test]
     fn one_swap_at_a_time_and_nobody_adds_to_anothers() {
-        let mut r = Router::new();
-        for c in [1, 2] {
-            r.attach(c);
-            round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
-        }
+        let mut r = welcomed(&[1, 2]);
         let begin = || ControlRequest::SwapBegin {
             name: name("vmm"),
             len: 4,
@@ -461,11 +467,7 @@ mod tests {
     /// gone) is abandoned to the next client's; each part sent keeps it.
     #[test]
     fn an_idle_swap_gives_way_and_its_late_chunks_are_refused() {
-        let mut r = Router::new();
-        for c in [1, 2] {
-            r.attach(c);
-            round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
-        }
+        let mut r = welcomed(&[1, 2]);
         let begin = || {
             ask(
                 2,
@@ -511,9 +513,7 @@ mod tests {
 
     #[test]
     fn events_go_to_all_answers_to_nobody_else_and_a_debug_port_request_nowhere() {
-        let mut r = Router::new();
-        r.attach(1);
-        round(&mut r, 1, hello(1), ControlReply::Welcome { version: 1 });
+        let mut r = welcomed(&[1]);
         let event = ToHost::Event(ControlEvent::Missed { count: 1 });
         assert_eq!(r.from_console(event.clone()), Some((Dest::All, event)));
         let unreadable = error(0, ControlError::Malformed);
