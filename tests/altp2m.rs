@@ -66,79 +66,89 @@ fn ctl_altp2m(socket: &std::path::Path, args: &[&str]) -> String {
     parallax_tests::ctl::ok(socket, &all)
 }
 
-/// The page the agent guest (`watch=N`) asks to have watched, once it
-/// waits to be put in a view, and the control socket to watch it through.
-fn watched_page(live: &mut parallax_tests::Live) -> (String, std::path::PathBuf) {
-    let line = live.wait_for("dom1", "waiting to be put in a view", 120);
-    let gfn = line
-        .text
-        .split("watch me: gfn ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .expect("the guest names its page")
-        .to_owned();
-    (gfn, live.socket().to_owned())
+/// Boots the agent guest with `cmdline` (`watch=N`...) on Bochs and runs
+/// `script` once the guest waits to be put in a view, with the page it asks
+/// to have watched and the control socket to watch it through.
+fn watched_agent(
+    name: &str,
+    cmdline: &str,
+    script: impl FnOnce(&mut parallax_tests::Live, &str, &std::path::Path),
+) -> parallax_tests::Run {
+    boot_live(
+        &agent(name, cmdline),
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live.wait_for("dom1", "waiting to be put in a view", 120);
+            let gfn = line
+                .text
+                .split("watch me: gfn ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .expect("the guest names its page")
+                .to_owned();
+            let socket = live.socket().to_owned();
+            script(live, &gfn, &socket)
+        },
+    )
+}
+
+/// `cargo hv ctl altp2m watch 1 GFN --answer allow-once --wait 240` and
+/// `more`, its standard output piped, to spawn.
+fn watch_command(socket: &std::path::Path, gfn: &str, more: &[&str]) -> std::process::Command {
+    let mut args = vec![
+        "altp2m",
+        "watch",
+        "1",
+        gfn,
+        "--answer",
+        "allow-once",
+        "--wait",
+        "240",
+    ];
+    args.extend(more);
+    let mut c = parallax_tests::ctl::command(socket, &args);
+    c.stdout(std::process::Stdio::piped());
+    c
 }
 
 #[test]
 fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
     use std::io::BufRead;
-    let img = agent("agent-watch", "watch=3 limited");
     let mut watched = String::new();
-    let run = boot_live(
-        &img,
-        Machine::Bochs,
-        |_| {},
-        |live| {
-            let (gfn, socket) = watched_page(live);
-            // Refusals first: no such domain, a bad answer.
-            let err = parallax_tests::ctl::refused(&socket, &["altp2m", "view-create", "9"]);
-            assert!(err.contains("there is no domain 9"), "{err}");
-            let err = parallax_tests::ctl::refused(&socket, &["altp2m", "answer", "999", "retry"]);
-            assert!(err.contains("no event waits for an answer"), "{err}");
-            ctl_altp2m(&socket, &["listen", "1", "on"]);
-            ctl_altp2m(&socket, &["listen", "1", "off"]);
-            let mut watch = parallax_tests::ctl::command(
-                &socket,
-                &[
-                    "altp2m",
-                    "watch",
-                    "1",
-                    &gfn,
-                    "--answer",
-                    "allow-once",
-                    "--count",
-                    "3",
-                    "--wait",
-                    "240",
-                ],
-            )
-            .stdout(std::process::Stdio::piped())
+    let run = watched_agent("agent-watch", "watch=3 limited", |live, gfn, socket| {
+        // Refusals first: no such domain, a bad answer.
+        let err = parallax_tests::ctl::refused(socket, &["altp2m", "view-create", "9"]);
+        assert!(err.contains("there is no domain 9"), "{err}");
+        let err = parallax_tests::ctl::refused(socket, &["altp2m", "answer", "999", "retry"]);
+        assert!(err.contains("no event waits for an answer"), "{err}");
+        ctl_altp2m(socket, &["listen", "1", "on"]);
+        ctl_altp2m(socket, &["listen", "1", "off"]);
+        let mut watch = watch_command(socket, gfn, &["--count", "3"])
             .spawn()
             .expect("cargo runs");
-            let mut lines = std::io::BufReader::new(watch.stdout.take().expect("piped")).lines();
-            for line in lines.by_ref().map_while(Result::ok) {
-                let first = line.contains("violation #");
-                watched += &line;
-                watched.push('\n');
-                if first {
-                    break;
-                }
+        let mut lines = std::io::BufReader::new(watch.stdout.take().expect("piped")).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            let first = line.contains("violation #");
+            watched += &line;
+            watched.push('\n');
+            if first {
+                break;
             }
-            // While the watch holds its connection, another client is
-            // served beside it (a second terminal's `cargo hv ctl`).
-            let listed = parallax_tests::ctl::ok(&socket, &["domains"]);
-            assert!(listed.contains("agent"), "{listed}");
-            for line in lines.map_while(Result::ok) {
-                watched += &line;
-                watched.push('\n');
-            }
-            assert!(watch.wait().expect("the watch ends").success(), "{watched}");
-            live.wait_for("dom1", "agent: write 3 done", 120);
-            ctl_altp2m(&socket, &["mode", "1", "limited"]);
-            live.wait_for("dom1", "agent: done", 120);
-        },
-    );
+        }
+        // While the watch holds its connection, another client is
+        // served beside it (a second terminal's `cargo hv ctl`).
+        let listed = parallax_tests::ctl::ok(socket, &["domains"]);
+        assert!(listed.contains("agent"), "{listed}");
+        for line in lines.map_while(Result::ok) {
+            watched += &line;
+            watched.push('\n');
+        }
+        assert!(watch.wait().expect("the watch ends").success(), "{watched}");
+        live.wait_for("dom1", "agent: write 3 done", 120);
+        ctl_altp2m(socket, &["mode", "1", "limited"]);
+        live.wait_for("dom1", "agent: done", 120);
+    });
     let events: Vec<&str> = watched
         .lines()
         .filter(|l| l.contains("violation #"))
@@ -196,31 +206,15 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
 fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
     use std::io::BufRead;
     const WRITES: usize = 20;
-    let img = agent("agent-interrupted", &format!("watch={WRITES}"));
     let mut said = String::new();
-    let run = boot_live(
-        &img,
-        Machine::Bochs,
-        |_| {},
-        |live| {
-            let (gfn, socket) = watched_page(live);
-            let mut watch = parallax_tests::ctl::command(
-                &socket,
-                &[
-                    "altp2m",
-                    "watch",
-                    "1",
-                    &gfn,
-                    "--answer",
-                    "allow-once",
-                    "--wait",
-                    "240",
-                ],
-            )
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("cargo runs");
+    let run = watched_agent(
+        "agent-interrupted",
+        &format!("watch={WRITES}"),
+        |live, gfn, socket| {
+            let mut watch = watch_command(socket, gfn, &[])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("cargo runs");
             let stdout = watch.stdout.take().expect("piped");
             let first = std::io::BufReader::new(stdout)
                 .lines()

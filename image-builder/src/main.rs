@@ -154,7 +154,7 @@ struct ConnArgs {
 
 impl ConnArgs {
     fn connect(&self) -> Result<Client<UnixStream>> {
-        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 3600.0) {
+        if !seconds_in(self.timeout, 3600.0) {
             bail!(
                 "--timeout {} is not a number of seconds above 0 and at most 3600",
                 self.timeout
@@ -1873,15 +1873,14 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
     let generation = console.swap_with_progress(name, &elf, |sent, total| {
         if tty {
             eprint!("\rsending {}: {sent} of {total} bytes", path.display());
-        } else if let Some(tenth) = progress_tenth(sent, total)
+        } else if let tenth = sent * 10 / total.max(1)
             && tenth > told
         {
             // Without a terminal (a log, a CI job): a line each tenth.
             told = tenth;
             eprintln!(
-                "sending {}: {sent} of {total} bytes ({}0 %, {:.0} s)",
+                "sending {}: {sent} of {total} bytes ({told}0 %, {:.0} s)",
                 path.display(),
-                tenth,
                 start.elapsed().as_secs_f64()
             );
         }
@@ -1896,21 +1895,21 @@ fn swap(name: &str, path: &Path, conn: &ConnArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `watch --wait`: a number of seconds above 0 and at most 1,000,000 (NaN,
-/// infinities and negatives refused: they would end the watch at once or
-/// make no duration at all).
+/// Whether `v` is a number of seconds above 0 and at most `max` (NaN,
+/// infinities and negatives are not: they make no `Duration`, or one that
+/// ends a wait at once).
+fn seconds_in(v: f64, max: f64) -> bool {
+    v.is_finite() && v > 0.0 && v <= max
+}
+
+/// `watch --wait`: seconds, at most 1,000,000 ([`seconds_in`]).
 fn watch_wait(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(w) if w.is_finite() && w > 0.0 && w <= 1e6 => Ok(w),
+        Ok(w) if seconds_in(w, 1e6) => Ok(w),
         _ => Err(format!(
             "{s:?} is not a number of seconds above 0 and at most 1000000"
         )),
     }
-}
-
-/// How many whole tenths of `total` `sent` is (`None` for nothing to send).
-fn progress_tenth(sent: usize, total: usize) -> Option<usize> {
-    (total > 0).then(|| sent.min(total) * 10 / total)
 }
 
 /// The crates (directory names) directly under `dir`.

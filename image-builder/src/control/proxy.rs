@@ -517,9 +517,13 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
             if pending.is_empty() {
                 continue;
             }
-            let m = console_message(&pending);
-            if com2.is_some() && st.debug_port && st.clients.iter().any(|c| !c.asked) && m.is_some()
-            {
+            // Decoded where it is routed, or where it may show a console to
+            // ask for the debug port; otherwise it goes on as it came.
+            let ask = com2.is_some() && st.debug_port && st.clients.iter().any(|c| !c.asked);
+            let m = (shared.check || ask)
+                .then(|| console_message(&pending))
+                .flatten();
+            if ask && m.is_some() {
                 st.console_speaks = true;
                 // Asked before a client has this frame (the answer it
                 // waits for), so that its next request cannot come first.
