@@ -199,9 +199,8 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
 /// terminal closing (SIGHUP: sent here) after an event or two undoes what
 /// it set up, as at any other end: the domain back in view
 /// 0, nobody listening, the view destroyed. The guest's later writes then
-/// go through; killed outright, the watch would leave the console
-/// listening, and the guest's next write waiting for an answer nobody
-/// gives.
+/// go through. (Killed outright, it undoes nothing itself: the proxy does,
+/// `a_killed_watch_is_undone_by_the_proxy...` below.)
 #[test]
 fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
     use std::io::BufRead;
@@ -245,6 +244,42 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
     assert!(
         said.contains("violation(s) seen and answered; the view is gone, domain 1 is back in view 0 and nobody listens to it"),
         "{said}"
+    );
+    run.expect_from("altp2m", "domain 1: listener attached")
+        .expect_from("altp2m", "domain 1: listener detached")
+        .expect_console(1, "agent: done")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
+
+/// `cargo hv ctl altp2m watch` killed outright (SIGKILL) after its first
+/// event, with the guest's writes coming: it undoes nothing itself, but
+/// it had left its watch to the control proxy (`AtDetach`), which sees its
+/// connection end and undoes it (docs/control.md, Attaching: what a client leaves
+/// behind): the domain back in view 0, the events it held answered, the
+/// listen off, the view destroyed. The guest's writes all go through.
+/// (Before, the guest's next write waited for ever for an answer nobody
+/// would give, and the domain stayed in the dead watch's view.)
+#[test]
+fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
+    use std::io::BufRead;
+    const WRITES: usize = 20;
+    let run = watched_agent(
+        "agent-killed",
+        &format!("watch={WRITES}"),
+        |live, gfn, socket| {
+            let mut watch = watch_command(socket, gfn, &[]).spawn().expect("cargo runs");
+            let stdout = watch.stdout.take().expect("piped");
+            let first = std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.contains("violation #"));
+            assert!(first.is_some(), "the watch saw no event");
+            watch.kill().expect("the watch is killed");
+            let status = watch.wait().expect("the watch ends");
+            assert_eq!(status.code(), None, "ended by its signal: {status}");
+            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
+        },
     );
     run.expect_from("altp2m", "domain 1: listener attached")
         .expect_from("altp2m", "domain 1: listener detached")

@@ -4,6 +4,7 @@
 //! them the same way.
 
 use super::{Client, ClientError, ControlReply, ControlRequest, Transport, unwanted};
+use super::{ControlError, Watch};
 pub use ipc_schema::altp2m::{
     Action, AltError, AltReply, AltRequest, Filter, MAX_LISTENERS, NoListener, VmEvent,
 };
@@ -411,19 +412,41 @@ impl<S: Transport> Client<S> {
                 )));
             }
         };
-        self.view_request(
-            d,
-            Request::SetAccess {
-                view,
-                gfn: w.gfn,
-                access: w.access,
-            },
-        )?;
-        self.altp2m_done(AltRequest::Listen {
-            domain: d,
-            on: true,
-        })?;
-        self.view_request(d, Request::ViewSwitchAll { view })?;
+        // Left to the control proxy to undo should this client end before
+        // it does (killed, its connection lost): the proxy refuses a
+        // second client's watch of the domain. A console reached without
+        // a proxy has nobody to see the connection end.
+        let held = Watch { domain: d, view };
+        match self.call_labelled(ControlRequest::AtDetach {
+            watch: held,
+            set: true,
+        })? {
+            (_, ControlReply::Done | ControlReply::Error(ControlError::ProxyOnly)) => {}
+            (label, refused) => {
+                let _ = self.view_request(d, Request::ViewDestroy { view });
+                return Err(unwanted(label, refused));
+            }
+        }
+        let set_up = self
+            .view_request(
+                d,
+                Request::SetAccess {
+                    view,
+                    gfn: w.gfn,
+                    access: w.access,
+                },
+            )
+            .and_then(|_| {
+                self.altp2m_done(AltRequest::Listen {
+                    domain: d,
+                    on: true,
+                })
+            })
+            .and_then(|()| self.view_request(d, Request::ViewSwitchAll { view }));
+        if let Err(e) = set_up {
+            self.undo_watch(held);
+            return Err(e);
+        }
         let mut count = 0;
         let result = loop {
             if w.count.is_some_and(|n| count >= n) {
@@ -452,14 +475,24 @@ impl<S: Transport> Client<S> {
                 Err(e) => break Err(e),
             }
         };
-        // Undo what was set up, as far as the domain still exists.
+        self.undo_watch(held);
+        result
+    }
+
+    /// Undoes what [`Client::watch_page`] set up, as far as the domain
+    /// still exists, and takes it back from the proxy.
+    fn undo_watch(&mut self, w: Watch) {
+        let d = w.domain;
         let _ = self.view_request(d, Request::ViewSwitchAll { view: 0 });
         let _ = self.altp2m_done(AltRequest::Listen {
             domain: d,
             on: false,
         });
-        let _ = self.view_request(d, Request::ViewDestroy { view });
-        result
+        let _ = self.view_request(d, Request::ViewDestroy { view: w.view });
+        let _ = self.call(ControlRequest::AtDetach {
+            watch: w,
+            set: false,
+        });
     }
 
     /// The next violation within `w.patience`, waiting in slices of

@@ -110,7 +110,7 @@ use std::time::{Duration, Instant};
 pub use ipc_schema;
 pub use ipc_schema::control::{
     CONTROL, ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, MAX_SWAP,
-    SWAP_CHUNK, ToHost,
+    SWAP_CHUNK, ToHost, Watch,
 };
 pub use ipc_schema::supervisor::{DomainInfo, Refusal, ServiceInfo};
 pub use ipc_schema::syscall::DomainOp;
@@ -1043,6 +1043,12 @@ pub fn describe_request(r: &ControlRequest) -> String {
         ControlRequest::ConsoleInput { domain, bytes } => {
             format!("ConsoleInput {domain} ({} bytes)", bytes.0.len())
         }
+        ControlRequest::AtDetach { watch, set } => format!(
+            "AtDetach {} the watch of domain {} (view {})",
+            if *set { "set" } else { "clear" },
+            watch.domain,
+            watch.view
+        ),
     }
 }
 
@@ -1105,6 +1111,15 @@ pub fn describe_error(e: &ControlError) -> String {
         }
         ControlError::SwapByAnotherClient => {
             "another client of this run is sending a swap; the console takes one at a time: try again when it is done".into()
+        }
+        ControlError::ProxyOnly => {
+            "the console does not see connections end: only a control proxy (`cargo hv run`'s socket) can undo a client's watch for it".into()
+        }
+        ControlError::WatchedByAnotherClient { domain } => format!(
+            "another client of this run watches domain {domain}; one watch of a domain at a time: try again when it ends"
+        ),
+        ControlError::TooManyWatches { max } => {
+            format!("this client already has {max} watches, the most the proxy undoes for one client")
         }
     }
 }

@@ -717,12 +717,22 @@ fn events_yield_a_closed_stream_once_then_end() {
     assert!(it.next().is_none());
 }
 
+/// What [`watch_page_run`] saw.
+struct WatchRun {
+    /// The count `watch_page` returned.
+    n: u32,
+    /// The events seen, and their views.
+    seen: Vec<(u32, u16)>,
+    /// The altp2m requests made.
+    asked: Vec<ipc_schema::altp2m::AltRequest>,
+    /// The `AtDetach` requests made.
+    held: Vec<ControlRequest>,
+}
+
 /// `watch_page` against a console where view 3 is created and two writes
 /// come once the domain is in it; with `stop`, the flag is raised as the
-/// first is seen. The events seen and the altp2m requests made.
-fn watch_page_run(
-    stop: Option<&'static std::sync::atomic::AtomicBool>,
-) -> (u32, Vec<(u32, u16)>, Vec<ipc_schema::altp2m::AltRequest>) {
+/// first is seen.
+fn watch_page_run(stop: Option<&'static std::sync::atomic::AtomicBool>) -> WatchRun {
     use ipc_schema::vmexit::AccessBits;
     use parallax_client::altp2m::{
         Access, Action, AltReply, AltRequest, PageWatch, Reply, Request, VmEvent,
@@ -808,17 +818,25 @@ fn watch_page_run(
         })
         .unwrap();
     drop(c);
-    let asked: Vec<AltRequest> = mock
-        .join()
-        .unwrap()
-        .requests
+    let requests = mock.join().unwrap().requests;
+    let held = requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::AtDetach { .. }))
+        .map(|r| r.request.clone())
+        .collect();
+    let asked: Vec<AltRequest> = requests
         .into_iter()
         .filter_map(|r| match r.request {
             ControlRequest::Altp2m(q) => Some(q),
             _ => None,
         })
         .collect();
-    (n, seen, asked)
+    WatchRun {
+        n,
+        seen,
+        asked,
+        held,
+    }
 }
 
 #[test]
@@ -847,23 +865,30 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
         listen(false),
         ext(Request::ViewDestroy { view: 3 }),
     ];
+    // The watch is left to a proxy to undo should the client die, and
+    // taken back at its end (this console, no proxy, refuses both:
+    // `ProxyOnly`, and the watch goes on).
+    let watch = parallax_client::Watch { domain: 2, view: 3 };
+    let held = [true, false].map(|set| ControlRequest::AtDetach { watch, set });
     // Event 5, answered by another client first, is seen and not counted;
     // the watch goes on to its two.
-    let (n, seen, asked) = watch_page_run(None);
-    assert_eq!((n, seen), (2, vec![(5, 3), (6, 3), (7, 3)]));
+    let run = watch_page_run(None);
+    assert_eq!((run.n, run.seen), (2, vec![(5, 3), (6, 3), (7, 3)]));
     let mut want = set_up.to_vec();
     want.extend([answer(5), answer(6), answer(7)]);
     want.extend(undone.clone());
-    assert_eq!(asked, want);
+    assert_eq!(run.asked, want);
+    assert_eq!(run.held, held);
     // Stopped (a Ctrl-C) after the first event: it is answered, nothing
     // more is waited for, and everything is undone as at any other end.
     static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let (n, seen, asked) = watch_page_run(Some(&STOP));
-    assert_eq!((n, seen), (0, vec![(5, 3)]));
+    let run = watch_page_run(Some(&STOP));
+    assert_eq!((run.n, run.seen), (0, vec![(5, 3)]));
     let mut want = set_up.to_vec();
     want.push(answer(5));
     want.extend(undone);
-    assert_eq!(asked, want);
+    assert_eq!(run.asked, want);
+    assert_eq!(run.held, held);
 }
 
 #[test]

@@ -494,7 +494,7 @@ enum AltCmd {
         raw: bool,
     },
     /// Attach (on) or detach (off) the console as DOMAIN's violation
-    /// listener; a `watch` that was interrupted leaves it attached.
+    /// listener (it stays attached after this command ends).
     /// With --gfns or --kinds, only for the violations they take (the
     /// domain's other listeners, services, take the rest).
     Listen {

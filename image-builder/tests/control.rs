@@ -585,3 +585,174 @@ fn a_machine_that_is_not_parallax_is_never_asked_for_the_debug_port() {
         "nothing else reached the machine"
     );
 }
+
+/// A console whose altp2m makes view 2 of domain 1 and, once the domain
+/// is in it, reports violation 7 there; as the domain is put back in view
+/// 0, violation 8 comes, before that answer (an access made meanwhile).
+fn watched_console(name: &str) -> (PathBuf, Proxy, JoinHandle<Received>) {
+    use image_builder::control::ToHost;
+    use image_builder::control::altp2m::{AltReply, AltRequest, Reply, Request, VmEvent};
+    let violation = |id| {
+        let bits = |write| ipc_schema::vmexit::AccessBits {
+            read: true,
+            write,
+            execute: false,
+        };
+        common::frame(&ToHost::Event(ControlEvent::Violation(VmEvent {
+            id,
+            domain: 1,
+            vcpu: 0,
+            view: 2,
+            gpa: 0x10_000,
+            gla: None,
+            access: bits(true),
+            allowed: bits(false),
+            rip: 0x1000,
+            internal: false,
+            paused: true,
+            qualification: 0x182,
+        })))
+    };
+    let path = scratch(name).join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    let mock = common::serve(console, move |req| {
+        let ControlRequest::Altp2m(q) = &req.request else {
+            return con.respond(req);
+        };
+        let reply = |r| common::reply(req.seq, ControlReply::Altp2m(r));
+        match q {
+            AltRequest::External { request, .. } => match request {
+                Request::ViewCreate { .. } => vec![reply(AltReply::Reply(Reply::View(2)))],
+                Request::ViewSwitchAll { view: 2 } => {
+                    vec![reply(AltReply::Reply(Reply::Done)), violation(7)]
+                }
+                Request::ViewSwitchAll { view: 0 } => {
+                    vec![violation(8), reply(AltReply::Reply(Reply::Done))]
+                }
+                _ => vec![reply(AltReply::Reply(Reply::Done))],
+            },
+            _ => vec![reply(AltReply::Done)],
+        }
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    (path, proxy, mock)
+}
+
+/// A page watch whose client dies holding an event (killed: its
+/// connection ends, nothing of its own undoing is sent) is undone by the
+/// proxy: the domain back in view 0, the event it held and the one that
+/// came meanwhile answered in view 0, the listen off, the view destroyed,
+/// nothing of it reaching another client. While it lived, a second
+/// client's watch of the domain was refused before it set anything up;
+/// once undone, the domain is free to watch.
+#[test]
+fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
+    use image_builder::control::Watch;
+    use image_builder::control::altp2m::{Access, Action, AltRequest, PageWatch, Request};
+    let (path, proxy, mock) = watched_console("undo");
+    let stream = UnixStream::connect(&path).unwrap();
+    let killer = stream.try_clone().unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let (_hold, held) = std::sync::mpsc::channel::<()>();
+    let w = PageWatch {
+        domain: 1,
+        gfn: 0x10,
+        access: Access::RX,
+        answer: Action::AllowOnce,
+        count: None,
+        patience: Duration::from_secs(30),
+        stop: None,
+    };
+    let watcher = std::thread::spawn(move || {
+        let mut a = Client::new(stream).with_timeout(Duration::from_secs(5));
+        // It sees event 7 and dies before it answers.
+        a.watch_page(&w, |e, _| {
+            seen_tx.send(e.id).unwrap();
+            let _ = held.recv();
+        })
+    });
+    assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(7));
+    let mut b = attach(&path);
+    match b.watch_page(&w, |_, _| panic!("no event")) {
+        Err(ClientError::Console { error, .. }) => {
+            assert_eq!(error, ControlError::WatchedByAnotherClient { domain: 1 })
+        }
+        other => panic!("{other:?}"),
+    }
+    let _ = killer.shutdown(std::net::Shutdown::Both);
+    drop(_hold);
+    assert!(watcher.join().unwrap().is_err(), "its connection ended");
+    // Free once the proxy's undoing is answered.
+    let mine = ControlRequest::AtDetach {
+        watch: Watch { domain: 1, view: 5 },
+        set: true,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.call(mine.clone()).unwrap() != ControlReply::Done {
+        assert!(Instant::now() < deadline, "the domain was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Taken back, it leaves nothing for the proxy to undo.
+    let taken_back = ControlRequest::AtDetach {
+        watch: Watch { domain: 1, view: 5 },
+        set: false,
+    };
+    assert_eq!(b.call(taken_back).unwrap(), ControlReply::Done);
+    assert_eq!(b.stats().stray_replies, 0);
+    drop(b);
+    let stats = proxy.stop();
+    assert_eq!((stats.undone, stats.stray), (1, 0));
+    let asked: Vec<AltRequest> = mock
+        .join()
+        .unwrap()
+        .requests
+        .into_iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::Altp2m(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    let ext = |request| AltRequest::External { domain: 1, request };
+    let switched = |event| AltRequest::Answer {
+        event,
+        action: Action::SwitchView(0),
+    };
+    let set_up = [
+        ext(Request::ViewCreate {
+            default_access: None,
+        }),
+        ext(Request::SetAccess {
+            view: 2,
+            gfn: 0x10,
+            access: Access::RX,
+        }),
+        AltRequest::Listen {
+            domain: 1,
+            on: true,
+        },
+        ext(Request::ViewSwitchAll { view: 2 }),
+    ];
+    // B's watch: its view made, refused, its view destroyed.
+    let refused = [
+        ext(Request::ViewCreate {
+            default_access: None,
+        }),
+        ext(Request::ViewDestroy { view: 2 }),
+    ];
+    let undone = [
+        ext(Request::ViewSwitchAll { view: 0 }),
+        switched(7),
+        AltRequest::Listen {
+            domain: 1,
+            on: false,
+        },
+        ext(Request::ViewDestroy { view: 2 }),
+        switched(8),
+    ];
+    let want: Vec<AltRequest> = [&set_up[..], &refused, &undone].concat();
+    assert_eq!(asked, want);
+}

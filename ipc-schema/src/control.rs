@@ -112,6 +112,29 @@ pub enum ControlRequest {
         domain: u16,
         bytes: BoundedVec<u8, INPUT_CHUNK>,
     },
+    /// For the control proxy (`cargo hv run`'s socket), not the console,
+    /// which answers `Error(ProxyOnly)`: `watch` is a page watch this
+    /// client set up (a view of the domain it listens through), which the
+    /// proxy undoes for it if its connection ends before it says the same
+    /// with `set: false` (docs/control.md, Attaching: what a client leaves behind):
+    /// the domain put back in view 0, the view's events still waiting
+    /// answered `SwitchView(0)`, the listen ended, the view destroyed. One
+    /// client's watch of a domain at a time: another client's is refused
+    /// `WatchedByAnotherClient`.
+    AtDetach {
+        watch: Watch,
+        set: bool,
+    },
+}
+
+/// A page watch (`ControlRequest::AtDetach`): the domain and the view it
+/// watches through.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
+)]
+pub struct Watch {
+    pub domain: u16,
+    pub view: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]
@@ -211,6 +234,15 @@ pub enum ControlError {
     /// sending its swap (said by the proxy, not the console: the console
     /// receives one swap at a time).
     SwapByAnotherClient,
+    /// `AtDetach` sent to the console itself, not through a control proxy
+    /// (nobody would see the client's connection end).
+    ProxyOnly,
+    /// `AtDetach` for a domain another client of the same control proxy
+    /// watches (said by the proxy).
+    WatchedByAnotherClient { domain: u16 },
+    /// `AtDetach` beyond the most watches one client may leave to the
+    /// proxy (said by the proxy).
+    TooManyWatches { max: u16 },
 }
 
 /// Something that happened, told to the host unasked.

@@ -470,6 +470,8 @@ impl Console {
             ControlRequest::ConsoleInput { .. } => {
                 R::Uart(parallax_client::console::UartReply::NoSuchDomain)
             }
+            // As the console: only a proxy sees a connection end.
+            ControlRequest::AtDetach { .. } => R::Error(ControlError::ProxyOnly),
             ControlRequest::ReadMemory { .. } | ControlRequest::UseDebugPort => {
                 unreachable!("answered by respond")
             }

@@ -202,6 +202,7 @@ impl ProxySocket {
                 let mut st = shared.lock();
                 st.console = ConsoleLink::Connected;
                 st.debug_port = debug.is_some();
+                st.writer = Some(console_writer.clone());
             }
             let s = shared.clone();
             let w = console_writer.clone();
@@ -255,6 +256,9 @@ pub struct ProxyStats {
     pub garbage: u64,
     /// Answers of the console's for clients that had left.
     pub stray: u64,
+    /// Watches undone for clients that left without undoing them
+    /// (`ControlRequest::AtDetach`).
+    pub undone: u64,
 }
 
 /// A running proxy; stops (and removes its socket) when stopped or dropped.
@@ -336,9 +340,13 @@ impl Shared {
     }
 
     fn stats(&self) -> ProxyStats {
-        let stray = self.lock().router.stray;
+        let (stray, undone) = {
+            let st = self.lock();
+            (st.router.stray, st.router.undone)
+        };
         ProxyStats {
             stray,
+            undone,
             to_console: self.to_console.load(Ordering::Relaxed),
             to_clients: self.to_clients.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
@@ -372,6 +380,9 @@ struct State {
     /// console is there (only it is asked to use the debug port, never
     /// whatever else the machine runs).
     console_speaks: bool,
+    /// For the router's own requests ([`Router::outbox`]), written under
+    /// this state's lock (always taken before the writer's).
+    writer: Option<ConsoleWriter>,
 }
 
 struct Attached {
@@ -394,7 +405,26 @@ fn detach(st: &mut State, id: u64) {
         let c = st.clients.remove(i);
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
     }
-    st.router.leave(id);
+    st.router.leave(id, Instant::now());
+    send_own(st);
+}
+
+/// Sends the router's own requests (a watch undone for a client that left)
+/// to the console, whole frames under the writer's lock.
+fn send_own(st: &mut State) {
+    let own = st.router.outbox();
+    let Some(writer) = st.writer.as_ref().filter(|_| !own.is_empty()) else {
+        return;
+    };
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(console) = w.as_mut() else {
+        return;
+    };
+    for m in own {
+        if let Ok(bytes) = parallax_client::frames::encode(&m) {
+            let _ = console.write_all(&bytes).and_then(|()| console.flush());
+        }
+    }
 }
 
 fn detach_all(st: &mut State) {
@@ -444,14 +474,19 @@ fn client_writer(mut stream: UnixStream, frames: Receiver<Vec<u8>>, queued: &Ato
 fn deliver(st: &mut State, check: bool, frame: &[u8], m: Option<ToHost>) -> (u64, u64) {
     let len = frame.len() as u64;
     let (to, bytes) = match m {
-        Some(m) if check => match st.router.from_console(m) {
-            None => return (0, len),
-            Some((Dest::All, _)) => (None, frame.to_vec()),
-            Some((Dest::Client(id), m)) => match parallax_client::frames::encode(&m) {
-                Ok(bytes) => (Some(id), bytes),
-                Err(_) => return (0, len),
-            },
-        },
+        Some(m) if check => {
+            let routed = st.router.from_console(m);
+            // (What the router answers itself: a watch being undone.)
+            send_own(st);
+            match routed {
+                None => return (0, len),
+                Some((Dest::All, _)) => (None, frame.to_vec()),
+                Some((Dest::Client(id), m)) => match parallax_client::frames::encode(&m) {
+                    Ok(bytes) => (Some(id), bytes),
+                    Err(_) => return (0, len),
+                },
+            }
+        }
         // Not a frame of the console's: everyone sees it (and reports it).
         _ => (None, frame.to_vec()),
     };

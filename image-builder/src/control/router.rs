@@ -27,9 +27,26 @@
 //! - `UseDebugPort` is the runner's, never a client's: it is not passed
 //!   on (a client sending it would send every client's answers where the
 //!   runner may not read).
+//! - **What a client leaves behind** (`AtDetach`, answered here): a page
+//!   watch a client declares (a view of a domain it listens through) is
+//!   undone for it if it leaves without clearing it: the proxy sends the
+//!   console, under numbers of its own ([`Router::outbox`]), the domain
+//!   back to view 0, an answer `SwitchView(0)` to each of the view's
+//!   events it passed on (an answered one is refused, harmlessly), the
+//!   listen off and the view destroyed, and answers so each of the view's
+//!   events that comes meanwhile, until the view's destruction is
+//!   answered. A vCPU held by a killed agent's event would otherwise wait
+//!   for ever, and the domain stay in a view nobody watches. One client's
+//!   watch of a domain at a time ([`ControlError::WatchedByAnotherClient`]):
+//!   two would each move the domain into their own view, and the first to
+//!   end would end the other's listen.
 
-use ipc_schema::control::{ControlError, ControlReply, ControlRequest, FromHost, ToHost};
-use std::collections::{BTreeMap, HashMap};
+use ipc_schema::altp2m::{Action, AltRequest};
+use ipc_schema::control::{
+    ControlError, ControlEvent, ControlReply, ControlRequest, FromHost, ToHost, Watch,
+};
+use ipc_schema::hypercall::Request;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// The most requests one client may have waiting for the console.
@@ -46,6 +63,33 @@ const MAX_WAITING: usize = 4096;
 
 /// A client of the proxy (its number in the proxy).
 pub type ClientId = u64;
+
+/// The proxy itself, for the requests it sends of its own (a watch
+/// undone): their answers are nobody's.
+const PROXY: ClientId = ClientId::MAX;
+
+/// The most watches one client may leave to the proxy (`AtDetach`).
+pub const MAX_WATCHES: usize = 16;
+
+/// The most events of a watched view the proxy keeps the numbers of, to
+/// answer them if the watch's client leaves: far more than the domain has
+/// vCPUs to wait on them (each waits on one at most).
+const WATCH_EVENTS: usize = 64;
+
+/// How long a watch being undone keeps its domain from another client's
+/// watch if the console answers nothing of the undoing.
+const UNDO_IDLE: Duration = SWAP_IDLE;
+
+/// A page watch a client left to the proxy (`AtDetach`).
+#[derive(Debug)]
+struct Held {
+    /// Its client; `Err(when)` once it left without clearing it: being
+    /// undone since then.
+    client: Result<ClientId, Instant>,
+    view: u16,
+    /// The numbers of its view's latest events (answered or not).
+    events: VecDeque<u32>,
+}
 
 /// What becomes of a client's request. (One at a time, moved on at once:
 /// its size does not matter.)
@@ -89,6 +133,12 @@ enum Kind {
     SwapChunk,
     SwapCommit,
     Other,
+    /// The proxy's own, undoing a watch of the domain; `last`: the view's
+    /// destruction, the end of the undoing.
+    Undo {
+        domain: u16,
+        last: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,8 +159,14 @@ pub struct Router {
     /// The client whose swap the console is receiving, and when it last
     /// sent a part of it.
     swapper: Option<(ClientId, Instant)>,
+    /// The watches clients left to the proxy, by domain.
+    watches: BTreeMap<u16, Held>,
+    /// The proxy's own requests for the console, not yet sent.
+    outbox: Vec<FromHost>,
     /// Answers for nobody (their client left, or they were forgotten).
     pub stray: u64,
+    /// Watches undone for clients that left without.
+    pub undone: u64,
 }
 
 impl Default for Router {
@@ -126,7 +182,10 @@ impl Router {
             waiting: BTreeMap::new(),
             clients: HashMap::new(),
             swapper: None,
+            watches: BTreeMap::new(),
+            outbox: Vec::new(),
             stray: 0,
+            undone: 0,
         }
     }
 
@@ -135,15 +194,113 @@ impl Router {
         self.clients.insert(client, Greeting::Fresh);
     }
 
-    /// A client left: its waiting requests are forgotten (their answers
-    /// will be stray), its swap, if any, is over for the proxy (the
-    /// console's half-received one is replaced by the next `SwapBegin`).
-    pub fn leave(&mut self, client: ClientId) {
+    /// A client left at `now`: its waiting requests are forgotten (their
+    /// answers will be stray), its swap, if any, is over for the proxy (the
+    /// console's half-received one is replaced by the next `SwapBegin`),
+    /// and the watches it left to the proxy are undone (requests in
+    /// [`Router::outbox`]).
+    pub fn leave(&mut self, client: ClientId, now: Instant) {
         self.clients.remove(&client);
         self.waiting.retain(|_, w| w.client != client);
         if self.swapping() == Some(client) {
             self.swapper = None;
         }
+        let mut undo = Vec::new();
+        for (&domain, h) in &mut self.watches {
+            if h.client == Ok(client) {
+                h.client = Err(now);
+                undo.push((domain, h.view, std::mem::take(&mut h.events)));
+            }
+        }
+        for (domain, view, events) in undo {
+            self.undone += 1;
+            let external = |request| AltRequest::External { domain, request };
+            let other = Kind::Undo {
+                domain,
+                last: false,
+            };
+            self.own(external(Request::ViewSwitchAll { view: 0 }), other);
+            for event in events {
+                self.answer_switched(event, domain);
+            }
+            self.own(AltRequest::Listen { domain, on: false }, other);
+            let last = Kind::Undo { domain, last: true };
+            self.own(external(Request::ViewDestroy { view }), last);
+        }
+    }
+
+    /// The proxy's own requests for the console (a watch undone), to send
+    /// in this order; their answers are nobody's.
+    pub fn outbox(&mut self) -> Vec<FromHost> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Sends `request` of the proxy's own.
+    fn own(&mut self, request: AltRequest, kind: Kind) {
+        let seq = self.wait(PROXY, 0, kind);
+        self.outbox.push(FromHost {
+            seq,
+            request: ControlRequest::Altp2m(request),
+        });
+    }
+
+    /// Answers event `event` of `domain` in view 0.
+    fn answer_switched(&mut self, event: u32, domain: u16) {
+        let answer = AltRequest::Answer {
+            event,
+            action: Action::SwitchView(0),
+        };
+        let last = false;
+        self.own(answer, Kind::Undo { domain, last });
+    }
+
+    /// A request of `client`'s (its number `seq`) for the console: the
+    /// proxy's number for it.
+    fn wait(&mut self, client: ClientId, seq: u32, kind: Kind) -> u32 {
+        let ours = self.next;
+        // (0 is the console's "unknown" and never one of ours.)
+        self.next = self.next.wrapping_add(1).max(1);
+        self.waiting.insert(ours, Waiting { client, seq, kind });
+        if self.waiting.len() > MAX_WAITING {
+            self.waiting.pop_first();
+        }
+        ours
+    }
+
+    /// `AtDetach` from `client`: the watch left to the proxy, or taken
+    /// back.
+    fn at_detach(&mut self, client: ClientId, w: Watch, set: bool, now: Instant) -> ControlReply {
+        let refuse = |e| ControlReply::Error(e);
+        let domain = w.domain;
+        if let Some(h) = self.watches.get(&domain) {
+            match h.client {
+                Ok(c) if c == client => {
+                    if set {
+                        if h.view != w.view {
+                            self.watches.insert(domain, Held::new(client, w.view));
+                        }
+                    } else {
+                        self.watches.remove(&domain);
+                    }
+                    return ControlReply::Done;
+                }
+                // Its undoing went unanswered: the domain is free again.
+                Err(since) if now.duration_since(since) >= UNDO_IDLE => {
+                    self.watches.remove(&domain);
+                }
+                _ => return refuse(ControlError::WatchedByAnotherClient { domain }),
+            }
+        }
+        if !set {
+            return ControlReply::Done;
+        }
+        let mine = self.watches.values().filter(|h| h.client == Ok(client));
+        if mine.count() >= MAX_WATCHES {
+            let max = MAX_WATCHES as u16;
+            return refuse(ControlError::TooManyWatches { max });
+        }
+        self.watches.insert(domain, Held::new(client, w.view));
+        ControlReply::Done
     }
 
     /// How many of `client`'s requests wait for the console.
@@ -178,6 +335,10 @@ impl Router {
             ControlRequest::UseDebugPort => return FromClient::Dropped,
             ControlRequest::Hello { .. } => Kind::Hello,
             _ if greeting == Greeting::Fresh => return refuse(ControlError::NotHello),
+            ControlRequest::AtDetach { watch, set } => {
+                let reply = self.at_detach(client, watch, set, now);
+                return FromClient::Answer(ToHost::Reply { seq: m.seq, reply });
+            }
             ControlRequest::SwapBegin { .. } | ControlRequest::SwapChunk { .. }
                 if self.swapping().is_some_and(|c| c != client) =>
             {
@@ -205,20 +366,7 @@ impl Router {
             }
             _ => {}
         }
-        let seq = self.next;
-        // (0 is the console's "unknown" and never one of ours.)
-        self.next = self.next.wrapping_add(1).max(1);
-        self.waiting.insert(
-            seq,
-            Waiting {
-                client,
-                seq: m.seq,
-                kind,
-            },
-        );
-        if self.waiting.len() > MAX_WAITING {
-            self.waiting.pop_first();
-        }
+        let seq = self.wait(client, m.seq, kind);
         FromClient::Console(FromHost {
             seq,
             request: m.request,
@@ -228,6 +376,9 @@ impl Router {
     /// A frame from the console: who gets it, as they get it; `None` for
     /// an answer whose client has gone (counted in [`Router::stray`]).
     pub fn from_console(&mut self, m: ToHost) -> Option<(Dest, ToHost)> {
+        if let ToHost::Event(ControlEvent::Violation(e)) = &m {
+            self.watched_event(e.id, e.domain, e.view);
+        }
         match m {
             ToHost::Event(_) | ToHost::Reply { seq: 0, .. } => Some((Dest::All, m)),
             ToHost::Data { seq, offset, bytes } => match self.waiting.get(&seq) {
@@ -250,9 +401,26 @@ impl Router {
                     return None;
                 };
                 self.answered(w, &reply);
-                Some((Dest::Client(w.client), ToHost::Reply { seq: w.seq, reply }))
+                (w.client != PROXY)
+                    .then_some((Dest::Client(w.client), ToHost::Reply { seq: w.seq, reply }))
             }
         }
+    }
+
+    /// Event `id`, of `domain` in `view`: kept by the watch of the view,
+    /// answered at once if its watch is being undone.
+    fn watched_event(&mut self, id: u32, domain: u16, view: u16) {
+        let Some(h) = self.watches.get_mut(&domain).filter(|h| h.view == view) else {
+            return;
+        };
+        if h.client.is_err() {
+            self.answer_switched(id, domain);
+            return;
+        }
+        if h.events.len() == WATCH_EVENTS {
+            h.events.pop_front();
+        }
+        h.events.push_back(id);
     }
 
     /// What an answer changes for its client.
@@ -282,7 +450,22 @@ impl Router {
             {
                 self.swapper = None
             }
+            Kind::Undo { domain, last: true }
+                if self.watches.get(&domain).is_some_and(|h| h.client.is_err()) =>
+            {
+                self.watches.remove(&domain);
+            }
             _ => {}
+        }
+    }
+}
+
+impl Held {
+    fn new(client: ClientId, view: u16) -> Self {
+        Self {
+            client: Ok(client),
+            view,
+            events: VecDeque::new(),
         }
     }
 }
@@ -440,7 +623,7 @@ mod tests {
         round(&mut r, 2, ask(7, begin()), ControlReply::Done);
         // The swapper leaves mid-upload: the next client begins its own,
         // and nobody may add to the one left behind.
-        r.leave(2);
+        r.leave(2, Instant::now());
         assert_eq!(
             round(&mut r, 1, ask(8, chunk()), ControlReply::Done),
             error(8, ControlError::SwapOutOfOrder { expected: 0 })
@@ -533,10 +716,168 @@ mod tests {
         ) else {
             panic!()
         };
-        r.leave(1);
+        r.leave(1, Instant::now());
         assert_eq!(r.from_console(error(to.seq, ControlError::Malformed)), None);
         assert_eq!(r.stray, 1);
         assert_eq!(r.in_flight(1), 0);
+    }
+
+    fn at_detach(seq: u32, domain: u16, view: u16, set: bool) -> FromHost {
+        let watch = Watch { domain, view };
+        ask(seq, ControlRequest::AtDetach { watch, set })
+    }
+
+    fn violation(id: u32, domain: u16, view: u16) -> ToHost {
+        use ipc_schema::vmexit::AccessBits;
+        let bits = |write| AccessBits {
+            read: true,
+            write,
+            execute: false,
+        };
+        ToHost::Event(ControlEvent::Violation(ipc_schema::altp2m::VmEvent {
+            id,
+            domain,
+            vcpu: 0,
+            view,
+            gpa: 0x1000,
+            gla: None,
+            access: bits(true),
+            allowed: bits(false),
+            rip: 0,
+            internal: false,
+            paused: true,
+            qualification: 0,
+        }))
+    }
+
+    /// The router's answer to `m` from `client` (refused or done here).
+    fn local(r: &mut Router, client: ClientId, m: FromHost, now: Instant) -> ControlReply {
+        match r.from_client(client, m, now) {
+            FromClient::Answer(ToHost::Reply { reply, .. }) => reply,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What a watch left to the proxy becomes when its client leaves: the
+    /// domain back in view 0, the view's events answered in view 0 (those
+    /// that come meanwhile too, until the view's destruction is answered),
+    /// the listen off, the view destroyed; the answers go to nobody, and
+    /// are not stray.
+    #[test]
+    fn a_watch_left_behind_is_undone_for_its_client() {
+        let mut r = welcomed(&[1, 2, 3]);
+        let now = Instant::now();
+        assert_eq!(
+            local(&mut r, 1, at_detach(2, 1, 3, true), now),
+            ControlReply::Done
+        );
+        // Events of its view are kept; others' are not its.
+        for e in [violation(5, 1, 3), violation(6, 1, 4), violation(7, 2, 3)] {
+            assert_eq!(r.from_console(e.clone()).map(|(d, _)| d), Some(Dest::All));
+        }
+        assert!(r.outbox().is_empty(), "nothing of its own while it stays");
+        r.leave(2, now);
+        assert!(r.outbox().is_empty(), "client 2 left nothing");
+        r.leave(1, now);
+        let switched = |event| {
+            ControlRequest::Altp2m(AltRequest::Answer {
+                event,
+                action: Action::SwitchView(0),
+            })
+        };
+        let ext = |request| ControlRequest::Altp2m(AltRequest::External { domain: 1, request });
+        let out = r.outbox();
+        let requests: Vec<_> = out.iter().map(|m| m.request.clone()).collect();
+        assert_eq!(
+            requests,
+            [
+                ext(Request::ViewSwitchAll { view: 0 }),
+                switched(5),
+                ControlRequest::Altp2m(AltRequest::Listen {
+                    domain: 1,
+                    on: false
+                }),
+                ext(Request::ViewDestroy { view: 3 }),
+            ]
+        );
+        assert_eq!(r.undone, 1);
+        // An event of the view that comes meanwhile is answered too.
+        r.from_console(violation(8, 1, 3));
+        let late = r.outbox();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].request, switched(8));
+        // Meanwhile the domain is not another's to watch.
+        assert_eq!(
+            local(&mut r, 3, at_detach(3, 1, 5, true), now),
+            ControlReply::Error(ControlError::WatchedByAnotherClient { domain: 1 })
+        );
+        // The answers are nobody's (not stray); the destruction's ends it.
+        for m in out.iter().chain(&late) {
+            let answer = ToHost::Reply {
+                seq: m.seq,
+                reply: ControlReply::Done,
+            };
+            assert_eq!(r.from_console(answer), None);
+        }
+        assert_eq!(r.stray, 0);
+        r.from_console(violation(9, 1, 3));
+        assert!(r.outbox().is_empty(), "the undoing is over");
+        assert_eq!(
+            local(&mut r, 3, at_detach(4, 1, 5, true), now),
+            ControlReply::Done
+        );
+    }
+
+    /// One client's watch of a domain at a time; a client takes its own
+    /// back, changes its view, and leaves nothing behind once taken back;
+    /// an undoing the console never answers frees the domain after
+    /// `UNDO_IDLE`; each client leaves at most `MAX_WATCHES`.
+    #[test]
+    fn one_watch_of_a_domain_at_a_time_and_a_bounded_number_per_client() {
+        let mut r = welcomed(&[1, 2]);
+        let t0 = Instant::now();
+        let busy = ControlReply::Error(ControlError::WatchedByAnotherClient { domain: 1 });
+        let done = ControlReply::Done;
+        // Before its Hello, refused as everything else.
+        r.attach(3);
+        assert_eq!(
+            local(&mut r, 3, at_detach(1, 1, 3, true), t0),
+            ControlReply::Error(ControlError::NotHello)
+        );
+        assert_eq!(local(&mut r, 1, at_detach(2, 1, 3, true), t0), done);
+        assert_eq!(local(&mut r, 2, at_detach(2, 1, 4, true), t0), busy);
+        assert_eq!(local(&mut r, 2, at_detach(3, 1, 3, false), t0), busy);
+        assert_eq!(local(&mut r, 2, at_detach(4, 2, 4, true), t0), done);
+        // Its own again, another view: the new one is the watch's.
+        assert_eq!(local(&mut r, 1, at_detach(3, 1, 6, true), t0), done);
+        r.from_console(violation(5, 1, 3));
+        r.from_console(violation(6, 1, 6));
+        assert_eq!(local(&mut r, 1, at_detach(4, 1, 6, false), t0), done);
+        assert_eq!(local(&mut r, 1, at_detach(5, 1, 6, false), t0), done);
+        r.leave(1, t0);
+        assert!(r.outbox().is_empty(), "taken back: nothing to undo");
+        // Client 2 leaves its watch of domain 2; the console answers none
+        // of the undoing.
+        r.leave(2, t0);
+        assert_eq!(r.outbox().len(), 3);
+        r.attach(4);
+        round(&mut r, 4, hello(1), ControlReply::Welcome { version: 1 });
+        let busy2 = ControlReply::Error(ControlError::WatchedByAnotherClient { domain: 2 });
+        assert_eq!(local(&mut r, 4, at_detach(2, 2, 9, true), t0), busy2);
+        assert_eq!(
+            local(&mut r, 4, at_detach(3, 2, 9, true), t0 + UNDO_IDLE),
+            done
+        );
+        // At most MAX_WATCHES of one client.
+        for d in 3..2 + MAX_WATCHES as u16 {
+            assert_eq!(local(&mut r, 4, at_detach(4, d, 1, true), t0), done);
+        }
+        assert_eq!(
+            local(&mut r, 4, at_detach(5, 100, 1, true), t0),
+            ControlReply::Error(ControlError::TooManyWatches {
+                max: MAX_WATCHES as u16
+            })
+        );
     }
 
     #[derive(Clone, Debug)]

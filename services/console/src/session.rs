@@ -308,6 +308,11 @@ impl Session {
                 None => R::Error(ControlError::SharingUnavailable),
             };
         }
+        // The proxy's to take (it sees a client's connection end); the
+        // console never does.
+        if let ControlRequest::AtDetach { .. } = r {
+            return R::Error(ControlError::ProxyOnly);
+        }
         if let ControlRequest::ConsoleInput { domain, bytes } = r {
             let q = UartInput {
                 domain: *domain,
@@ -358,6 +363,7 @@ impl Session {
             | ControlRequest::Introspect(_)
             | ControlRequest::Share(_)
             | ControlRequest::ConsoleInput { .. }
+            | ControlRequest::AtDetach { .. }
             | ControlRequest::ReadMemory { .. }
             | ControlRequest::UseDebugPort => {
                 unreachable!("answered above")

@@ -236,6 +236,22 @@ fn requests_before_hello_are_refused_and_a_wrong_key_is_named() {
     );
 }
 
+/// `AtDetach` is the control proxy's: the console sees no connection end
+/// and refuses it, asking nobody.
+#[test]
+fn a_watch_left_to_the_console_is_refused_as_the_proxys() {
+    let mut r = Rig::new();
+    r.hello();
+    let watch = ipc_schema::control::Watch { domain: 1, view: 2 };
+    for set in [true, false] {
+        assert_eq!(
+            r.send(8, ControlRequest::AtDetach { watch, set }),
+            ControlReply::Error(ControlError::ProxyOnly)
+        );
+    }
+    assert!(r.sup.asked.is_empty());
+}
+
 #[test]
 fn garbage_malformed_and_oversized_frames_are_reported_and_the_session_goes_on() {
     let mut r = Rig::new();
