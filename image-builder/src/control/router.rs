@@ -988,5 +988,131 @@ mod tests {
                 prop_assert_eq!(r.in_flight(c as u64), asked[c].len() - answered.len());
             }
         }
+
+        /// Clients declaring, taking back and leaving watches of three
+        /// domains while violations come and the console answers the
+        /// proxy's own requests, against a model: one live watch of a
+        /// domain at a time (and none while one is undone); a client that
+        /// leaves has exactly its watches undone, each in order (view 0,
+        /// its view's events answered in view 0, listen off, view
+        /// destroyed), and each event of a view being undone answered as it
+        /// comes; the proxy's answers reach no client and none is stray.
+        #[test]
+        fn watches_are_held_one_per_domain_and_undone_exactly_for_who_left(
+            steps in proptest::collection::vec(watch_step(), 0..150)
+        ) {
+            use std::collections::BTreeMap as Map;
+            let mut r = Router::new();
+            let now = Instant::now();
+            // The id each of the three client slots has now.
+            let mut ids = [1u64, 2, 3];
+            let mut next_id = 4;
+            for &c in &ids {
+                r.attach(c);
+                round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
+            }
+            // The model: live watches (client, view, events seen), and
+            // the views being undone.
+            let mut live: Map<u16, (ClientId, u16, Vec<u32>)> = Map::new();
+            let mut closing: Map<u16, u16> = Map::new();
+            // The proxy's requests the console has not answered yet.
+            let mut console: VecDeque<FromHost> = VecDeque::new();
+            let mut next_event = 1u32;
+            let ext = |domain, request| ControlRequest::Altp2m(AltRequest::External { domain, request });
+            let switched = |event| ControlRequest::Altp2m(AltRequest::Answer {
+                event,
+                action: Action::SwitchView(0),
+            });
+            for s in steps {
+                let mut want: Vec<ControlRequest> = Vec::new();
+                match s {
+                    WatchStep::Set { c, d, view, set } => {
+                        let id = ids[usize::from(c)];
+                        let free = !closing.contains_key(&d)
+                            && live.get(&d).is_none_or(|w| w.0 == id);
+                        let reply = local(&mut r, id, at_detach(9, d, view, set), now);
+                        if free {
+                            prop_assert_eq!(reply, ControlReply::Done);
+                            match (set, live.get(&d)) {
+                                (false, _) => { live.remove(&d); }
+                                (true, Some(w)) if w.1 == view => {}
+                                (true, _) => { live.insert(d, (id, view, Vec::new())); }
+                            }
+                        } else {
+                            prop_assert_eq!(
+                                reply,
+                                ControlReply::Error(ControlError::WatchedByAnotherClient { domain: d })
+                            );
+                        }
+                    }
+                    WatchStep::Leave { c } => {
+                        let id = ids[usize::from(c)];
+                        r.leave(id, now);
+                        let left: Vec<u16> = live.iter().filter(|(_, w)| w.0 == id).map(|(&d, _)| d).collect();
+                        for d in left {
+                            let (_, view, events) = live.remove(&d).unwrap();
+                            want.push(ext(d, Request::ViewSwitchAll { view: 0 }));
+                            let kept = events.len().saturating_sub(WATCH_EVENTS);
+                            want.extend(events[kept..].iter().map(|&e| switched(e)));
+                            want.push(ControlRequest::Altp2m(AltRequest::Listen { domain: d, on: false }));
+                            want.push(ext(d, Request::ViewDestroy { view }));
+                            closing.insert(d, view);
+                        }
+                        ids[usize::from(c)] = next_id;
+                        r.attach(next_id);
+                        round(&mut r, next_id, hello(1), ControlReply::Welcome { version: 1 });
+                        next_id += 1;
+                    }
+                    WatchStep::Event { d, view } => {
+                        let e = next_event;
+                        next_event += 1;
+                        let routed = r.from_console(violation(e, d, view));
+                        prop_assert_eq!(routed.map(|(d, _)| d), Some(Dest::All));
+                        if closing.get(&d) == Some(&view) {
+                            want.push(switched(e));
+                        } else if let Some(w) = live.get_mut(&d).filter(|w| w.1 == view) {
+                            w.2.push(e);
+                        }
+                    }
+                    WatchStep::Answer { n } => {
+                        for _ in 0..n {
+                            let Some(m) = console.pop_front() else { break };
+                            let answer = ToHost::Reply { seq: m.seq, reply: ControlReply::Done };
+                            prop_assert_eq!(r.from_console(answer), None);
+                            if let ControlRequest::Altp2m(AltRequest::External {
+                                domain,
+                                request: Request::ViewDestroy { .. },
+                            }) = m.request
+                            {
+                                closing.remove(&domain);
+                            }
+                        }
+                    }
+                }
+                let out = r.outbox();
+                let got: Vec<ControlRequest> = out.iter().map(|m| m.request.clone()).collect();
+                prop_assert_eq!(got, want);
+                console.extend(out);
+                prop_assert_eq!(r.stray, 0);
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum WatchStep {
+        Set { c: u8, d: u16, view: u16, set: bool },
+        Leave { c: u8 },
+        Event { d: u16, view: u16 },
+        Answer { n: u8 },
+    }
+
+    fn watch_step() -> impl Strategy<Value = WatchStep> {
+        prop_oneof![
+            3 => (0u8..3, 0u16..3, 1u16..3, any::<bool>())
+                .prop_map(|(c, d, view, set)| WatchStep::Set { c, d, view, set }),
+            1 => (0u8..3).prop_map(|c| WatchStep::Leave { c }),
+            4 => (0u16..3, 0u16..3).prop_map(|(d, view)| WatchStep::Event { d, view }),
+            2 => (0u8..8).prop_map(|n| WatchStep::Answer { n }),
+        ]
     }
 }
