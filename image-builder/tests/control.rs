@@ -756,3 +756,45 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
     let want: Vec<AltRequest> = [&set_up[..], &refused, &undone].concat();
     assert_eq!(asked, want);
 }
+
+/// A console that restarts (here: forgets the host's `Hello` after its
+/// fourth request) under clients that stay attached: their next requests
+/// are refused `NotHello` by it, and the proxy says `Hello` again and
+/// sends each again, so the clients see their answers only, as if nothing
+/// happened. (Before, every attached client got "the first request of a
+/// session must be Hello" until it reconnected: a watch or `ctl events`
+/// across a console restart failed.)
+#[test]
+fn clients_outlive_a_console_restart() {
+    let path = scratch("restart").join("ctl.sock");
+    let (proxy_end, console) = pair();
+    let mut con = Console::default();
+    let mut n = 0;
+    let mock = common::serve(console, move |req| {
+        n += 1;
+        if n == 5 {
+            con.said_hello = false;
+        }
+        con.respond(req)
+    });
+    let proxy = ProxySocket::bind(&path)
+        .unwrap()
+        .serve(Some(proxy_end))
+        .unwrap();
+    let (mut a, mut b) = (attach(&path), attach(&path));
+    for _ in 0..3 {
+        assert_eq!(a.services().unwrap().len(), 3);
+        assert_eq!(b.domain(0).unwrap().map(|d| d.id), Some(1));
+    }
+    drop((a, b));
+    let stats = proxy.stop();
+    assert_eq!((stats.resent, stats.stray), (1, 0));
+    let hellos = mock
+        .join()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| matches!(r.request, ControlRequest::Hello { .. }))
+        .count();
+    assert_eq!(hellos, 3, "each client's, and the proxy's once");
+}

@@ -259,6 +259,9 @@ pub struct ProxyStats {
     /// Watches undone for clients that left without undoing them
     /// (`ControlRequest::AtDetach`).
     pub undone: u64,
+    /// Requests sent again behind a `Hello` of the proxy's: the console
+    /// had forgotten the host's (it restarted).
+    pub resent: u64,
 }
 
 /// A running proxy; stops (and removes its socket) when stopped or dropped.
@@ -340,13 +343,14 @@ impl Shared {
     }
 
     fn stats(&self) -> ProxyStats {
-        let (stray, undone) = {
+        let (stray, undone, resent) = {
             let st = self.lock();
-            (st.router.stray, st.router.undone)
+            (st.router.stray, st.router.undone, st.router.resent)
         };
         ProxyStats {
             stray,
             undone,
+            resent,
             to_console: self.to_console.load(Ordering::Relaxed),
             to_clients: self.to_clients.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),

@@ -10,7 +10,10 @@
 //!
 //! - **`Hello`**: a client's requests before its own `Hello` are refused
 //!   here (`NotHello`), as the console refuses a host's, even when another
-//!   client has said it.
+//!   client has said it. A console that restarted has forgotten the
+//!   host's: a welcomed client's request it refuses `NotHello` is sent
+//!   again, once, behind a `Hello` of the proxy's with the key the console
+//!   welcomed ([`Router::resent`]), and the client sees only its answer.
 //! - **Swaps**: one client's swap at a time. Another client's `SwapBegin`,
 //!   `SwapChunk` or `SwapCommit` meanwhile is refused here
 //!   (`SwapByAnotherClient`), and a chunk or commit from a client that
@@ -141,12 +144,15 @@ enum Kind {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Waiting {
     client: ClientId,
     /// The client's own sequence number.
     seq: u32,
     kind: Kind,
+    /// The request, kept to send again once if the console has forgotten
+    /// the host's `Hello` ([`Router::hello_again`]); `None` once sent again.
+    request: Option<ControlRequest>,
 }
 
 /// The proxy's bookkeeping for several clients on one console. See the
@@ -163,10 +169,15 @@ pub struct Router {
     watches: BTreeMap<u16, Held>,
     /// The proxy's own requests for the console, not yet sent.
     outbox: Vec<FromHost>,
+    /// The key of the last `Hello` the console welcomed.
+    key: Option<[u8; 8]>,
     /// Answers for nobody (their client left, or they were forgotten).
     pub stray: u64,
     /// Watches undone for clients that left without.
     pub undone: u64,
+    /// Requests sent again behind a `Hello` of the proxy's, the console
+    /// having forgotten the host's (it restarted).
+    pub resent: u64,
 }
 
 impl Default for Router {
@@ -184,8 +195,10 @@ impl Router {
             swapper: None,
             watches: BTreeMap::new(),
             outbox: Vec::new(),
+            key: None,
             stray: 0,
             undone: 0,
+            resent: 0,
         }
     }
 
@@ -237,11 +250,9 @@ impl Router {
 
     /// Sends `request` of the proxy's own.
     fn own(&mut self, request: AltRequest, kind: Kind) {
-        let seq = self.wait(PROXY, 0, kind);
-        self.outbox.push(FromHost {
-            seq,
-            request: ControlRequest::Altp2m(request),
-        });
+        let request = ControlRequest::Altp2m(request);
+        let seq = self.wait(PROXY, 0, kind, Some(request.clone()));
+        self.outbox.push(FromHost { seq, request });
     }
 
     /// Answers event `event` of `domain` in view 0.
@@ -254,13 +265,25 @@ impl Router {
         self.own(answer, Kind::Undo { domain, last });
     }
 
-    /// A request of `client`'s (its number `seq`) for the console: the
-    /// proxy's number for it.
-    fn wait(&mut self, client: ClientId, seq: u32, kind: Kind) -> u32 {
+    /// A request of `client`'s (its number `seq`; `request` kept to send
+    /// again) for the console: the proxy's number for it.
+    fn wait(
+        &mut self,
+        client: ClientId,
+        seq: u32,
+        kind: Kind,
+        request: Option<ControlRequest>,
+    ) -> u32 {
         let ours = self.next;
         // (0 is the console's "unknown" and never one of ours.)
         self.next = self.next.wrapping_add(1).max(1);
-        self.waiting.insert(ours, Waiting { client, seq, kind });
+        let w = Waiting {
+            client,
+            seq,
+            kind,
+            request,
+        };
+        self.waiting.insert(ours, w);
         if self.waiting.len() > MAX_WAITING {
             self.waiting.pop_first();
         }
@@ -366,7 +389,7 @@ impl Router {
             }
             _ => {}
         }
-        let seq = self.wait(client, m.seq, kind);
+        let seq = self.wait(client, m.seq, kind, Some(m.request.clone()));
         FromClient::Console(FromHost {
             seq,
             request: m.request,
@@ -396,11 +419,15 @@ impl Router {
                 }
             },
             ToHost::Reply { seq, reply } => {
-                let Some(w) = self.waiting.remove(&seq) else {
+                let Some(mut w) = self.waiting.remove(&seq) else {
                     self.stray += 1;
                     return None;
                 };
-                self.answered(w, &reply);
+                if reply == ControlReply::Error(ControlError::NotHello) && self.hello_again(&mut w)
+                {
+                    return None;
+                }
+                self.answered(&w, &reply);
                 (w.client != PROXY)
                     .then_some((Dest::Client(w.client), ToHost::Reply { seq: w.seq, reply }))
             }
@@ -423,11 +450,43 @@ impl Router {
         h.events.push_back(id);
     }
 
+    /// `w`, a request refused `NotHello`: if its client had been welcomed
+    /// (or it is the proxy's), the console has forgotten the host's `Hello`
+    /// (a restarted console starts afresh, having done nothing with the
+    /// request): the proxy says it again, with the key the console
+    /// welcomed, and sends the request again behind it, once. False
+    /// otherwise: the refusal is the client's.
+    fn hello_again(&mut self, w: &mut Waiting) -> bool {
+        let welcomed =
+            w.client == PROXY || self.clients.get(&w.client) == Some(&Greeting::Welcomed);
+        let Some(key) = self.key.filter(|_| welcomed && w.kind != Kind::Hello) else {
+            return false;
+        };
+        let Some(request) = w.request.take() else {
+            return false;
+        };
+        self.resent += 1;
+        let hello = ControlRequest::Hello { key };
+        let seq = self.wait(PROXY, 0, Kind::Hello, Some(hello.clone()));
+        self.outbox.push(FromHost {
+            seq,
+            request: hello,
+        });
+        let seq = self.wait(w.client, w.seq, w.kind, None);
+        self.outbox.push(FromHost { seq, request });
+        true
+    }
+
     /// What an answer changes for its client.
-    fn answered(&mut self, w: Waiting, reply: &ControlReply) {
+    fn answered(&mut self, w: &Waiting, reply: &ControlReply) {
         let mine = self.swapping() == Some(w.client);
         match w.kind {
             Kind::Hello => {
+                if let (ControlReply::Welcome { .. }, Some(ControlRequest::Hello { key })) =
+                    (reply, &w.request)
+                {
+                    self.key = Some(*key);
+                }
                 if let Some(g) = self.clients.get_mut(&w.client) {
                     match reply {
                         ControlReply::Welcome { .. } => *g = Greeting::Welcomed,
@@ -576,6 +635,56 @@ mod tests {
             ),
             FromClient::Console(_)
         ));
+    }
+
+    /// A restarted console has forgotten the host's `Hello`: a welcomed
+    /// client's request it refuses `NotHello` goes again behind the
+    /// proxy's own `Hello`, once, and the client sees only the answer; a
+    /// client whose `Hello` is still on its way gets the refusal.
+    #[test]
+    fn a_restarted_consoles_forgotten_hello_is_said_again_for_the_clients() {
+        let mut r = welcomed(&[1, 2]);
+        let now = Instant::now();
+        let domain = ControlRequest::Domain { index: 0 };
+        let FromClient::Console(to) = r.from_client(1, ask(5, domain.clone()), now) else {
+            panic!()
+        };
+        assert_eq!(r.from_console(error(to.seq, ControlError::NotHello)), None);
+        let out = r.outbox();
+        let sent: Vec<_> = out.iter().map(|m| m.request.clone()).collect();
+        assert_eq!(sent, [hello(0).request, domain.clone()]);
+        let answer = |seq, reply| ToHost::Reply { seq, reply };
+        let welcome = ControlReply::Welcome { version: 1 };
+        assert_eq!(r.from_console(answer(out[0].seq, welcome)), None);
+        assert_eq!(
+            r.from_console(answer(out[1].seq, ControlReply::Domain(None))),
+            Some((Dest::Client(1), answer(5, ControlReply::Domain(None))))
+        );
+        // Refused again after it was sent again: the client's.
+        let FromClient::Console(to) = r.from_client(2, ask(6, domain.clone()), now) else {
+            panic!()
+        };
+        r.from_console(error(to.seq, ControlError::NotHello));
+        let again = r.outbox();
+        assert_eq!(
+            r.from_console(error(again[1].seq, ControlError::NotHello)),
+            Some((Dest::Client(2), error(6, ControlError::NotHello)))
+        );
+        assert_eq!((r.resent, r.stray), (2, 0));
+        // A client whose Hello has not been answered: the refusal is its.
+        r.attach(3);
+        assert!(matches!(
+            r.from_client(3, hello(1), now),
+            FromClient::Console(_)
+        ));
+        let FromClient::Console(to) = r.from_client(3, ask(2, domain), now) else {
+            panic!()
+        };
+        assert_eq!(
+            r.from_console(error(to.seq, ControlError::NotHello)),
+            Some((Dest::Client(3), error(2, ControlError::NotHello)))
+        );
+        assert!(r.outbox().is_empty());
     }
 
     #[test]
