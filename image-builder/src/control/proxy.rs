@@ -202,7 +202,13 @@ impl ProxySocket {
                 let mut st = shared.lock();
                 st.console = ConsoleLink::Connected;
                 st.debug_port = debug.is_some();
-                st.writer = Some(console_writer.clone());
+                let (out, frames) = std::sync::mpsc::channel();
+                st.own = Some(out);
+                let w = console_writer.clone();
+                // Not joined: it ends with the proxy's state (its sender).
+                std::thread::Builder::new()
+                    .name("ctl-own".into())
+                    .spawn(move || own_writer(frames, &w))?;
             }
             let s = shared.clone();
             let w = console_writer.clone();
@@ -384,9 +390,10 @@ struct State {
     /// console is there (only it is asked to use the debug port, never
     /// whatever else the machine runs).
     console_speaks: bool,
-    /// For the router's own requests ([`Router::outbox`]), written under
-    /// this state's lock (always taken before the writer's).
-    writer: Option<ConsoleWriter>,
+    /// The router's own requests ([`Router::outbox`]) for the console,
+    /// written by a thread of their own ([`own_writer`]): never by the
+    /// thread that drains COM2, which must not wait on the console's input.
+    own: Option<Sender<Vec<u8>>>,
 }
 
 struct Attached {
@@ -413,20 +420,34 @@ fn detach(st: &mut State, id: u64) {
     send_own(st);
 }
 
-/// Sends the router's own requests (a watch undone for a client that left)
-/// to the console, whole frames under the writer's lock.
+/// Queues the router's own requests (a watch undone for a client that
+/// left, a request sent again) for the console ([`own_writer`]).
 fn send_own(st: &mut State) {
     let own = st.router.outbox();
-    let Some(writer) = st.writer.as_ref().filter(|_| !own.is_empty()) else {
-        return;
-    };
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(console) = w.as_mut() else {
+    let Some(out) = st.own.as_ref() else {
         return;
     };
     for m in own {
         if let Ok(bytes) = parallax_client::frames::encode(&m) {
-            let _ = console.write_all(&bytes).and_then(|()| console.flush());
+            let _ = out.send(bytes);
+        }
+    }
+}
+
+/// Writes the router's own requests to the console, whole frames under the
+/// writer's lock, until the proxy ends or the console is gone.
+fn own_writer(frames: Receiver<Vec<u8>>, writer: &ConsoleWriter) {
+    for f in frames {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(console) = w.as_mut() else {
+            return;
+        };
+        if console
+            .write_all(&f)
+            .and_then(|()| console.flush())
+            .is_err()
+        {
+            return;
         }
     }
 }
