@@ -112,6 +112,18 @@ fn watch_command(socket: &std::path::Path, gfn: &str, more: &[&str]) -> std::pro
     c
 }
 
+/// Reads a spawned watch's standard output until its first event (then
+/// closes it: the watch's later lines go nowhere).
+fn until_first_violation(watch: &mut std::process::Child) {
+    use std::io::BufRead;
+    let stdout = watch.stdout.take().expect("piped");
+    let first = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("violation #"));
+    assert!(first.is_some(), "the watch saw no event");
+}
+
 #[test]
 fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
     use std::io::BufRead;
@@ -203,7 +215,6 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
 /// `a_killed_watch_is_undone_by_the_proxy...` below.)
 #[test]
 fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
-    use std::io::BufRead;
     const WRITES: usize = 20;
     let mut said = String::new();
     let run = watched_agent(
@@ -214,12 +225,7 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("cargo runs");
-            let stdout = watch.stdout.take().expect("piped");
-            let first = std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find(|l| l.contains("violation #"));
-            assert!(first.is_some(), "the watch saw no event");
+            until_first_violation(&mut watch);
             // As the user's terminal closing under it (SIGHUP; its
             // standard output is gone too): the same stop as Ctrl-C's
             // (`cli::ctrl_c_ends_a_run...` sends SIGINT to a run).
@@ -262,19 +268,13 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
 /// would give, and the domain stayed in the dead watch's view.)
 #[test]
 fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
-    use std::io::BufRead;
     const WRITES: usize = 20;
     let run = watched_agent(
         "agent-killed",
         &format!("watch={WRITES}"),
         |live, gfn, socket| {
             let mut watch = watch_command(socket, gfn, &[]).spawn().expect("cargo runs");
-            let stdout = watch.stdout.take().expect("piped");
-            let first = std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find(|l| l.contains("violation #"));
-            assert!(first.is_some(), "the watch saw no event");
+            until_first_violation(&mut watch);
             watch.kill().expect("the watch is killed");
             let status = watch.wait().expect("the watch ends");
             assert_eq!(status.code(), None, "ended by its signal: {status}");

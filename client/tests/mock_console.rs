@@ -818,19 +818,14 @@ fn watch_page_run(stop: Option<&'static std::sync::atomic::AtomicBool>) -> Watch
         })
         .unwrap();
     drop(c);
-    let requests = mock.join().unwrap().requests;
-    let held = requests
+    let got = mock.join().unwrap();
+    let held = got
+        .requests
         .iter()
         .filter(|r| matches!(r.request, ControlRequest::AtDetach { .. }))
         .map(|r| r.request.clone())
         .collect();
-    let asked: Vec<AltRequest> = requests
-        .into_iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::Altp2m(q) => Some(q),
-            _ => None,
-        })
-        .collect();
+    let asked = got.altp2m();
     WatchRun {
         n,
         seen,

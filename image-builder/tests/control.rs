@@ -706,16 +706,7 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
     drop(b);
     let stats = proxy.stop();
     assert_eq!((stats.undone, stats.stray), (1, 0));
-    let asked: Vec<AltRequest> = mock
-        .join()
-        .unwrap()
-        .requests
-        .into_iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::Altp2m(q) => Some(q),
-            _ => None,
-        })
-        .collect();
+    let asked = mock.join().unwrap().altp2m();
     let ext = |request| AltRequest::External { domain: 1, request };
     let switched = |event| AltRequest::Answer {
         event,

@@ -39,6 +39,19 @@ pub struct Received {
     pub dropped: u64,
 }
 
+impl Received {
+    /// The altp2m requests that came, in order.
+    pub fn altp2m(&self) -> Vec<parallax_client::altp2m::AltRequest> {
+        self.requests
+            .iter()
+            .filter_map(|r| match &r.request {
+                ControlRequest::Altp2m(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Serves `stream` until the host closes it: each request goes to
 /// `handler`, whose byte blobs are written back in order. Returns what came.
 pub fn serve(
