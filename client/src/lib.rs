@@ -1044,10 +1044,14 @@ pub fn describe_request(r: &ControlRequest) -> String {
             format!("ConsoleInput {domain} ({} bytes)", bytes.0.len())
         }
         ControlRequest::AtDetach { watch, set } => format!(
-            "AtDetach {} the watch of domain {} (view {})",
-            if *set { "set" } else { "clear" },
+            "AtDetach (the watch of domain {} through view {}, {})",
             watch.domain,
-            watch.view
+            watch.view,
+            if *set {
+                "left to the proxy"
+            } else {
+                "taken back"
+            }
         ),
     }
 }

@@ -678,8 +678,12 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
     assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(7));
     let mut b = attach(&path);
     match b.watch_page(&w, |_, _| panic!("no event")) {
-        Err(ClientError::Console { error, .. }) => {
-            assert_eq!(error, ControlError::WatchedByAnotherClient { domain: 1 })
+        Err(e @ ClientError::Console { error, .. }) => {
+            assert_eq!(error, ControlError::WatchedByAnotherClient { domain: 1 });
+            assert_eq!(
+                e.to_string(),
+                "the console rejected AtDetach (the watch of domain 1 through view 2, left to the proxy): another client of this run watches domain 1; one watch of a domain at a time: try again when it ends"
+            );
         }
         other => panic!("{other:?}"),
     }
