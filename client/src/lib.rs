@@ -1044,7 +1044,7 @@ pub fn describe_request(r: &ControlRequest) -> String {
             format!("ConsoleInput {domain} ({} bytes)", bytes.0.len())
         }
         ControlRequest::AtDetach { watch, set } => format!(
-            "AtDetach (the watch of domain {} through view {}, {})",
+            "AtDetach: the watch of domain {} through view {}, {}",
             watch.domain,
             watch.view,
             if *set {
