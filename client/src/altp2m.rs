@@ -480,19 +480,34 @@ impl<S: Transport> Client<S> {
     }
 
     /// Undoes what [`Client::watch_page`] set up, as far as the domain
-    /// still exists, and takes it back from the proxy.
+    /// still exists (a step refused, e.g. for a domain that ended, is
+    /// passed over), and takes it back from the proxy, unless a step went
+    /// unanswered (a timeout, the connection lost): then the watch stays
+    /// the proxy's to undo when this client's connection ends.
     fn undo_watch(&mut self, w: Watch) {
         let d = w.domain;
-        let _ = self.view_request(d, Request::ViewSwitchAll { view: 0 });
-        let _ = self.altp2m_done(AltRequest::Listen {
-            domain: d,
-            on: false,
-        });
-        let _ = self.view_request(d, Request::ViewDestroy { view: w.view });
-        let _ = self.call(ControlRequest::AtDetach {
-            watch: w,
-            set: false,
-        });
+        let steps = [
+            self.view_request(d, Request::ViewSwitchAll { view: 0 })
+                .map(drop),
+            self.altp2m_done(AltRequest::Listen {
+                domain: d,
+                on: false,
+            }),
+            self.view_request(d, Request::ViewDestroy { view: w.view })
+                .map(drop),
+        ];
+        let unanswered = |e: &ClientError| {
+            matches!(
+                e,
+                ClientError::Io { .. } | ClientError::Timeout { .. } | ClientError::Closed { .. }
+            )
+        };
+        if !steps.iter().any(|s| s.as_ref().is_err_and(unanswered)) {
+            let _ = self.call(ControlRequest::AtDetach {
+                watch: w,
+                set: false,
+            });
+        }
     }
 
     /// The next violation within `w.patience`, waiting in slices of

@@ -886,6 +886,63 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
     assert_eq!(run.held, held);
 }
 
+/// A watch whose undoing goes unanswered (here: the listen's end, never
+/// answered) does not take the watch back from the proxy: it stays the
+/// proxy's to undo when the connection ends. Its other steps are still
+/// made.
+#[test]
+fn a_watch_whose_undoing_goes_unanswered_is_left_to_the_proxy() {
+    use parallax_client::altp2m::{
+        Access, Action, AltReply, AltRequest, PageWatch, Reply, Request,
+    };
+    let (host, console) = pair();
+    let mut con = Console::default();
+    let mock = serve(console, move |req| {
+        let answer = match &req.request {
+            ControlRequest::Altp2m(AltRequest::Listen { on: false, .. }) => return vec![],
+            ControlRequest::Altp2m(AltRequest::External { request, .. }) => {
+                ControlReply::Altp2m(AltReply::Reply(match request {
+                    Request::ViewCreate { .. } => Reply::View(3),
+                    _ => Reply::Done,
+                }))
+            }
+            ControlRequest::Altp2m(_) => ControlReply::Altp2m(AltReply::Done),
+            _ => con.answer(req),
+        };
+        vec![reply(req.seq, answer)]
+    });
+    let mut c = Client::new(host).with_timeout(Duration::from_millis(300));
+    let w = PageWatch {
+        domain: 2,
+        gfn: 0x10f,
+        access: Access::RX,
+        answer: Action::Retry,
+        count: None,
+        patience: Duration::from_millis(100),
+        stop: None,
+    };
+    assert_eq!(c.watch_page(&w, |_, _| {}).unwrap(), 0);
+    drop(c);
+    let got = mock.join().unwrap();
+    let held: Vec<bool> = got
+        .requests
+        .iter()
+        .filter_map(|r| match r.request {
+            ControlRequest::AtDetach { set, .. } => Some(set),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held, [true], "left to the proxy, never taken back");
+    let asked = got.altp2m();
+    assert_eq!(
+        asked.last(),
+        Some(&AltRequest::External {
+            domain: 2,
+            request: Request::ViewDestroy { view: 3 }
+        })
+    );
+}
+
 #[test]
 fn logdirty_start_peek_read_status_and_stop_against_the_fake_log() {
     use parallax_client::logdirty::{
