@@ -75,7 +75,7 @@ fn run() -> Result<(), String> {
         .with_timeout(timeout);
     let a = parallax_client::altp2m::access_letters(access.read, access.write, access.execute);
     eprintln!(
-        "watching gfn {:#x} of domain {} ({a} there); answering each violation with {answer:?}",
+        "setting up a watch of gfn {:#x} of domain {} ({a} there; each violation to be answered with {answer:?})",
         w.gfn, w.domain
     );
     let mut out = std::io::stdout();

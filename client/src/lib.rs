@@ -305,11 +305,16 @@ impl fmt::Display for ClientError {
                 }
                 Ok(())
             }
-            ClientError::Console { request, error } => write!(
-                f,
-                "the console rejected {request}: {}",
-                describe_error(error)
-            ),
+            ClientError::Console { request, error } => {
+                // (What only the proxy of `cargo hv run` says.)
+                let who = match error {
+                    ControlError::SwapByAnotherClient
+                    | ControlError::WatchedByAnotherClient { .. }
+                    | ControlError::TooManyWatches { .. } => "the control proxy",
+                    _ => "the console",
+                };
+                write!(f, "{who} rejected {request}: {}", describe_error(error))
+            }
             ClientError::Refused { request, refusal } => write!(
                 f,
                 "the supervisor refused {request}: {}",

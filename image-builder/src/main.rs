@@ -1375,7 +1375,7 @@ fn altp2m_cmd(c: &mut Client<UnixStream>, cmd: AltCmd) -> Result<ExitCode> {
             };
             let mut out = std::io::stdout();
             eprintln!(
-                "watching gfn {gfn:#x} of domain {domain} ({} there); answering each violation with {answer:?}",
+                "setting up a watch of gfn {gfn:#x} of domain {domain} ({} there; each violation to be answered with {answer:?})",
                 letters(access)
             );
             let n = c.watch_page(&w, |e, view| {

@@ -336,7 +336,7 @@ fn garbage_from_a_client_is_dropped_before_the_console_and_reported() {
 }
 
 #[test]
-fn a_new_client_gets_console_output_from_the_next_frame_on() {
+fn a_new_client_gets_whole_console_frames_from_the_one_that_ends_next() {
     let dir = scratch("align");
     let path = dir.join("ctl.sock");
     let (proxy_end, mut console) = pair();
@@ -345,25 +345,33 @@ fn a_new_client_gets_console_output_from_the_next_frame_on() {
         .serve(Some(proxy_end))
         .unwrap();
     let ev = event(77);
-    // Half a frame while nobody listens...
-    console.write_all(&ev[..ev.len() / 2]).unwrap();
+    // A whole frame while nobody listens (read, and discarded)...
+    console.write_all(&event(76)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.stats().discarded < (ev.len() / 2) as u64 {
+    while proxy.stats().discarded < event(76).len() as u64 {
         assert!(Instant::now() < deadline, "the proxy did not drain COM2");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // ...and half a frame...
+    console.write_all(&ev[..ev.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
     let mut c = Client::connect(&path).unwrap();
     while proxy.stats().clients < 1 {
         assert!(Instant::now() < deadline, "the client was not attached");
         std::thread::sleep(Duration::from_millis(5));
     }
-    // ...then its tail and a whole frame once a client is attached.
+    // ...then its tail and a whole frame once a client is attached: the
+    // frame that ends after it attached reaches it whole (frames are read
+    // whole whoever is attached: the proxy routes the answers to its own
+    // requests), the one before it not at all.
     console.write_all(&ev[ev.len() / 2..]).unwrap();
     console.write_all(&event(78)).unwrap();
-    assert_eq!(
-        c.next_event(Duration::from_secs(5)).unwrap(),
-        Some(ControlEvent::Garbage { bytes: 78 })
-    );
+    for bytes in [77, 78] {
+        assert_eq!(
+            c.next_event(Duration::from_secs(5)).unwrap(),
+            Some(ControlEvent::Garbage { bytes })
+        );
+    }
     assert_eq!(c.stats().dropped.frames(), 0, "no torn frame reached it");
 }
 
@@ -688,10 +696,15 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
         }
         other => panic!("{other:?}"),
     }
+    // Nobody else is attached while the proxy undoes the watch: the
+    // console's answers reach the proxy all the same.
+    drop(b);
     let _ = killer.shutdown(std::net::Shutdown::Both);
     drop(_hold);
     assert!(watcher.join().unwrap().is_err(), "its connection ended");
-    // Free once the proxy's undoing is answered.
+    std::thread::sleep(Duration::from_millis(200));
+    // Free once the proxy's undoing is answered (not after `UNDO_IDLE`).
+    let mut b = attach(&path);
     let mine = ControlRequest::AtDetach {
         watch: Watch { domain: 1, view: 5 },
         set: true,

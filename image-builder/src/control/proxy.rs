@@ -14,8 +14,10 @@
 //!   garbage is dropped here, at the host's speed, rather than sent down
 //!   the serial line to be dropped there, and the client is told as the
 //!   console would tell it. A client that leaves in the middle of a frame
-//!   has sent the console nothing of it. A newly attached client receives
-//!   console output from the next frame boundary on.
+//!   has sent the console nothing of it. The console's frames are read
+//!   whole whether or not a client is attached (the router waits for
+//!   answers to requests of its own), and a client receives each that ends
+//!   after it attached.
 //! - **One client at a time** where COM2 is something else (a test
 //!   guest's own protocol): its bytes are forwarded as they come, not
 //!   decoded, so there is nothing to tell two clients' answers apart by.
@@ -249,8 +251,9 @@ pub struct ProxyStats {
     pub to_console: u64,
     /// Bytes from the console to clients.
     pub to_clients: u64,
-    /// Console bytes that arrived with no client attached (or before the
-    /// next frame boundary after one attached), discarded.
+    /// Console bytes that arrived with no client attached (or, where frames
+    /// are not checked, before the next frame boundary after one attached),
+    /// discarded.
     pub discarded: u64,
     /// Clients attached.
     pub clients: u64,
@@ -557,7 +560,10 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
         let (mut forwarded, mut discarded) = (0u64, 0u64);
         let mut st = shared.lock();
         let current = match st.clients.first() {
-            Some(_) if shared.check => Some(0),
+            // Checked frames are read whole whoever is attached: the router
+            // waits for answers of its own too (a watch undone for a client
+            // that left, perhaps the last).
+            _ if shared.check => Some(0),
             c => c.map(|c| c.id),
         };
         for part in buf[..n].split_inclusive(|&b| b == 0) {
