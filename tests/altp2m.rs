@@ -288,6 +288,36 @@ fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
         .expect_status(HaltStatus::Success);
 }
 
+/// `cargo hv ctl altp2m watch --count 3` over a guest that writes its page
+/// 20 times: the watch stops after its third event while the guest's
+/// fourth write already waits for an answer (`burst`: the guest writes
+/// again at once, long before the watch's next request can arrive). The
+/// watch puts the domain back in view 0 and stops listening;
+/// the listen's end answers the event it held `Retry`, and the write goes
+/// through in view 0, then the 16 after it. (Before, the fourth write
+/// waited for ever, and so did the guest.)
+#[test]
+fn a_watch_that_stops_at_its_count_leaves_no_vcpu_waiting() {
+    const WRITES: usize = 20;
+    let run = watched_agent(
+        "agent-count",
+        &format!("watch={WRITES} burst"),
+        |live, gfn, socket| {
+            let out = watch_command(socket, gfn, &["--count", "3"])
+                .output()
+                .expect("cargo runs");
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{said}");
+            assert_eq!(said.matches("violation #").count(), 3, "{said}");
+            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
+        },
+    );
+    run.expect_from("altp2m", "domain 1: listener detached")
+        .expect_console(1, "agent: done")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
+
 /// The default image's agent booted with no host agent to watch it (as on
 /// hardware, without `cargo hv run`): it gives up after its wait, says so,
 /// and the system halts on its own.

@@ -778,6 +778,41 @@ impl Events {
         }
     }
 
+    /// The numbers of the events of `domain` waiting for `badge`'s answer
+    /// (to [`Events::release`] once it has detached).
+    pub fn held_by(&self, domain: u16, badge: u64) -> Vec<u32> {
+        self.waiting
+            .iter()
+            .filter(|w| w.event.domain == domain && w.owner == badge)
+            .map(|w| w.event.id)
+            .collect()
+    }
+
+    /// Events `held` (of [`Events::held_by`]), their listener detached:
+    /// each that no other listener took is answered `Retry`, the answers to
+    /// send returned. The vCPU tries the access again: it goes through if
+    /// the listener undid its restriction first (a watch puts the domain
+    /// back in view 0 before it stops listening), or meets the domain's
+    /// no-listener policy as a new violation (`Pause` keeps it waiting for
+    /// the next listener, `Crash` stops the domain, saying why). A vCPU is
+    /// never left waiting for an answer nobody is there to give (as Xen
+    /// resumes the vCPUs paused on a monitor ring it tears down).
+    pub fn release(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        held: &[u32],
+    ) -> Vec<(u64, ExitReply)> {
+        let mut out = Vec::new();
+        for &id in held {
+            let i = self.find(id).filter(|&i| self.waiting[i].owner == 0);
+            if let Ok(Some(answer)) = self.answer_at(alt, k, 0, i, Action::Retry) {
+                out.push(answer);
+            }
+        }
+        out
+    }
+
     /// Attaches `badge` as a listener of the domain for the violations
     /// `filter` takes, or changes its filter (`ListenFor`). Events waiting
     /// for a listener, or for one that left, go to the first that takes

@@ -542,7 +542,19 @@ impl Server {
                 AltReply::Done
             }
             AltRequest::Listen { domain, on } => {
+                let held = if on {
+                    alloc::vec::Vec::new()
+                } else {
+                    self.events.held_by(domain, badge)
+                };
                 let r = self.events.listen(domain, badge, on);
+                if r.is_ok() {
+                    // What it held and nobody else takes is retried.
+                    let released = self.events.release(&mut self.alt, &mut self.system, &held);
+                    for (token, reply) in released {
+                        resume(token, &reply);
+                    }
+                }
                 self.listened(domain, badge, on, r)
             }
             AltRequest::ListenFor { domain, filter } => {

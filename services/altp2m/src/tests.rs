@@ -1282,6 +1282,61 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
     assert_eq!(r.touch(v, 8, W), retry());
 }
 
+/// A listener that detaches with events waiting for its answer (a watch
+/// stopped as the guest faulted again, an agent that gives up): each that
+/// no other listener takes is answered `Retry`, its vCPU resumed, so that
+/// none waits for an answer nobody is there to give; one another listener
+/// takes waits for that one. The retried access then goes through where
+/// the restriction is gone, or meets the no-listener policy.
+#[test]
+fn a_listener_that_detaches_releases_the_vcpus_it_held() {
+    use ipc_schema::altp2m::Filter;
+    let mut r = Rig::new();
+    let v = r.view();
+    for gfn in [8, 9] {
+        r.host(Request::SetAccess {
+            view: v,
+            gfn,
+            access: R,
+        });
+    }
+    // B takes writes to gfn 9 only; A everything else.
+    let nine = Filter {
+        first: 9,
+        end: 10,
+        kinds: 0b010,
+    };
+    r.ev.listen_for(D, 0xb, nine).unwrap();
+    r.ev.listen(D, 0xa, true).unwrap();
+    assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
+    // A second event of A's, for gfn 9 while B was away.
+    r.ev.listen(D, 0xb, false).unwrap();
+    assert_eq!(r.touch(v, 9, W), Outcome::Defer { new_event: true });
+    r.ev.listen_for(D, 0xb, nine).unwrap();
+    let held = r.ev.held_by(D, 0xa);
+    assert_eq!(held.len(), 2);
+    assert!(r.ev.held_by(D, 0xb).is_empty(), "taken by A before B came");
+    r.ev.listen(D, 0xa, false).unwrap();
+    let released = r.ev.release(&mut r.alt, &mut r.k, &held);
+    // Gfn 8's is retried; gfn 9's went to B, under a new number.
+    assert_eq!(released.len(), 1);
+    let (token, reply) = released[0];
+    assert_eq!((token, reply.response), (0xabc0 + 8, Response::RETRY));
+    assert_eq!(r.ev.waiting.len(), 1);
+    assert_eq!(r.ev.waiting[0].owner, 0xb);
+    assert!(r.ev.release(&mut r.alt, &mut r.k, &held).is_empty());
+    // The retried write, the page still restricted, nobody taking it:
+    // the domain's no-listener policy (crash, the default).
+    assert_eq!(r.touch(v, 8, W), crash());
+    // With the restriction gone first (a watch's view 0), it goes through.
+    r.host(Request::SetAccess {
+        view: v,
+        gfn: 8,
+        access: Access::RW,
+    });
+    assert_eq!(r.touch(v, 8, W), retry());
+}
+
 #[test]
 fn with_no_listener_the_policy_pauses_or_stops_and_not_ram_stops() {
     let mut r = Rig::new();

@@ -26,7 +26,9 @@
 //! writes the page N times (each write that the view forbids waits for the
 //! host's answer). With `limited` too, it then waits until the host sets the
 //! domain's mode to limited and checks that a change is refused while a
-//! query is not. With nobody to watch it (the image booted without `cargo
+//! query is not. With `burst`, the writes follow each other with nothing
+//! between (no line after each: the next write comes microseconds after
+//! the host's answer), and one line says the last is done. With nobody to watch it (the image booted without `cargo
 //! hv run`, e.g. on hardware), it gives up after `wait=S` seconds (default
 //! 60; the TSC frequency from CPUID leaf 0x40000010), says so and exits 3.
 //!
@@ -134,8 +136,9 @@ fn switch(vmfunc: bool, view: u16) -> bool {
 fn main(info: &MultibootInfo) -> u32 {
     let cmdline = info.cmdline().unwrap_or("");
     if let Some(n) = arg(cmdline, "watch") {
-        let limited = cmdline.split(' ').any(|w| w == "limited");
-        return watch(n, limited, arg(cmdline, "wait").unwrap_or(60));
+        let word = |w: &str| cmdline.split(' ').any(|x| x == w);
+        let wait = arg(cmdline, "wait").unwrap_or(60);
+        return watch(n, word("limited"), word("burst"), wait);
     }
     let has = |word: &str| cmdline.split(' ').any(|w| w == word);
     if has("flood") {
@@ -704,7 +707,7 @@ fn deadline(secs: u64) -> u64 {
     guest_runtime::rdtsc().saturating_add(secs.saturating_mul(khz * 1000))
 }
 
-fn watch(n: u64, limited: bool, wait: u64) -> u32 {
+fn watch(n: u64, limited: bool, burst: bool, wait: u64) -> u32 {
     println!(
         "agent: watch me: gfn {:#x} (gpa {:#x}); waiting to be put in a view",
         W.gfn(0),
@@ -727,7 +730,9 @@ fn watch(n: u64, limited: bool, wait: u64) -> u32 {
     println!("agent: now in view {view}; writing the page {n} times");
     for i in 1..=n {
         W.write_u64(0, 8 * (i as usize % 16), i);
-        println!("agent: write {i} done");
+        if !burst || i == n {
+            println!("agent: write {i} done");
+        }
     }
     if !limited {
         println!("agent: done");
