@@ -112,6 +112,16 @@ fn watch_command(socket: &std::path::Path, gfn: &str, more: &[&str]) -> std::pro
     c
 }
 
+/// A watch attached to domain 1 and detached again, and the agent ran to
+/// its end: no failure, success.
+fn ran_to_its_end_unwatched(run: &parallax_tests::Run) {
+    run.expect_from("altp2m", "domain 1: listener attached")
+        .expect_from("altp2m", "domain 1: listener detached")
+        .expect_console(1, "agent: done")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}
+
 /// Reads a spawned watch's standard output until its first event (then
 /// closes it: the watch's later lines go nowhere).
 fn until_first_violation(watch: &mut std::process::Child) {
@@ -251,11 +261,7 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
         said.contains("violation(s) seen and answered; the view is gone, domain 1 is back in view 0 and nobody listens to it"),
         "{said}"
     );
-    run.expect_from("altp2m", "domain 1: listener attached")
-        .expect_from("altp2m", "domain 1: listener detached")
-        .expect_console(1, "agent: done")
-        .expect_no("FAIL")
-        .expect_status(HaltStatus::Success);
+    ran_to_its_end_unwatched(&run);
 }
 
 /// `cargo hv ctl altp2m watch` killed outright (SIGKILL) after its first
@@ -281,11 +287,7 @@ fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
             live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
         },
     );
-    run.expect_from("altp2m", "domain 1: listener attached")
-        .expect_from("altp2m", "domain 1: listener detached")
-        .expect_console(1, "agent: done")
-        .expect_no("FAIL")
-        .expect_status(HaltStatus::Success);
+    ran_to_its_end_unwatched(&run);
 }
 
 /// `cargo hv ctl altp2m watch --count 3` over a guest that writes its page
@@ -312,10 +314,7 @@ fn a_watch_that_stops_at_its_count_leaves_no_vcpu_waiting() {
             live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
         },
     );
-    run.expect_from("altp2m", "domain 1: listener detached")
-        .expect_console(1, "agent: done")
-        .expect_no("FAIL")
-        .expect_status(HaltStatus::Success);
+    ran_to_its_end_unwatched(&run);
 }
 
 /// The default image's agent booted with no host agent to watch it (as on
