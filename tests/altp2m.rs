@@ -112,6 +112,29 @@ fn watch_command(socket: &std::path::Path, gfn: &str, more: &[&str]) -> std::pro
     c
 }
 
+/// The writes the agent makes in the tests of a watch that ends early.
+const WRITES: usize = 20;
+
+/// Boots the agent writing its page [`WRITES`] times (`watch=20`, and
+/// `options`), runs `script` on the watched page once it waits (as
+/// [`watched_agent`]), waits for its last write, and checks that it ran to
+/// its end ([`ran_to_its_end_unwatched`]).
+fn all_writes_go_through(
+    name: &str,
+    options: &str,
+    script: impl FnOnce(&mut parallax_tests::Live, &str, &std::path::Path),
+) {
+    let run = watched_agent(
+        name,
+        format!("watch={WRITES} {options}").trim_end(),
+        |live, gfn, socket| {
+            script(live, gfn, socket);
+            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
+        },
+    );
+    ran_to_its_end_unwatched(&run);
+}
+
 /// A watch attached to domain 1 and detached again, and the agent ran to
 /// its end: no failure, success.
 fn ran_to_its_end_unwatched(run: &parallax_tests::Run) {
@@ -225,31 +248,25 @@ fn an_external_agent_watches_a_page_and_resumes_the_guest_after_each_write() {
 /// `a_killed_watch_is_undone_by_the_proxy...` below.)
 #[test]
 fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
-    const WRITES: usize = 20;
     let mut said = String::new();
-    let run = watched_agent(
-        "agent-interrupted",
-        &format!("watch={WRITES}"),
-        |live, gfn, socket| {
-            let mut watch = watch_command(socket, gfn, &[])
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("cargo runs");
-            until_first_violation(&mut watch);
-            // As the user's terminal closing under it (SIGHUP; its
-            // standard output is gone too): the same stop as Ctrl-C's
-            // (`cli::ctrl_c_ends_a_run...` sends SIGINT to a run).
-            let killed = std::process::Command::new("kill")
-                .args(["-HUP", &watch.id().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(killed.success());
-            let out = watch.wait_with_output().expect("the watch ends");
-            said = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert_eq!(out.status.code(), Some(130), "{said}");
-            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
-        },
-    );
+    all_writes_go_through("agent-interrupted", "", |_, gfn, socket| {
+        let mut watch = watch_command(socket, gfn, &[])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cargo runs");
+        until_first_violation(&mut watch);
+        // As the user's terminal closing under it (SIGHUP; its
+        // standard output is gone too): the same stop as Ctrl-C's
+        // (`cli::ctrl_c_ends_a_run...` sends SIGINT to a run).
+        let killed = std::process::Command::new("kill")
+            .args(["-HUP", &watch.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let out = watch.wait_with_output().expect("the watch ends");
+        said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(130), "{said}");
+    });
     let n: usize = said
         .split("interrupted: ")
         .nth(1)
@@ -261,7 +278,6 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
         said.contains("violation(s) seen and answered; the view is gone, domain 1 is back in view 0 and nobody listens to it"),
         "{said}"
     );
-    ran_to_its_end_unwatched(&run);
 }
 
 /// `cargo hv ctl altp2m watch` killed outright (SIGKILL) after its first
@@ -274,20 +290,13 @@ fn an_interrupted_watch_undoes_its_view_and_listener_and_the_guest_runs_on() {
 /// would give, and the domain stayed in the dead watch's view.)
 #[test]
 fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
-    const WRITES: usize = 20;
-    let run = watched_agent(
-        "agent-killed",
-        &format!("watch={WRITES}"),
-        |live, gfn, socket| {
-            let mut watch = watch_command(socket, gfn, &[]).spawn().expect("cargo runs");
-            until_first_violation(&mut watch);
-            watch.kill().expect("the watch is killed");
-            let status = watch.wait().expect("the watch ends");
-            assert_eq!(status.code(), None, "ended by its signal: {status}");
-            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
-        },
-    );
-    ran_to_its_end_unwatched(&run);
+    all_writes_go_through("agent-killed", "", |_, gfn, socket| {
+        let mut watch = watch_command(socket, gfn, &[]).spawn().expect("cargo runs");
+        until_first_violation(&mut watch);
+        watch.kill().expect("the watch is killed");
+        let status = watch.wait().expect("the watch ends");
+        assert_eq!(status.code(), None, "ended by its signal: {status}");
+    });
 }
 
 /// `cargo hv ctl altp2m watch --count 3` over a guest that writes its page
@@ -300,21 +309,14 @@ fn a_killed_watch_is_undone_by_the_proxy_and_the_guest_runs_on() {
 /// waited for ever, and so did the guest.)
 #[test]
 fn a_watch_that_stops_at_its_count_leaves_no_vcpu_waiting() {
-    const WRITES: usize = 20;
-    let run = watched_agent(
-        "agent-count",
-        &format!("watch={WRITES} burst"),
-        |live, gfn, socket| {
-            let out = watch_command(socket, gfn, &["--count", "3"])
-                .output()
-                .expect("cargo runs");
-            let said = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "{said}");
-            assert_eq!(said.matches("violation #").count(), 3, "{said}");
-            live.wait_for("dom1", &format!("agent: write {WRITES} done"), 120);
-        },
-    );
-    ran_to_its_end_unwatched(&run);
+    all_writes_go_through("agent-count", "burst", |_, gfn, socket| {
+        let out = watch_command(socket, gfn, &["--count", "3"])
+            .output()
+            .expect("cargo runs");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}");
+        assert_eq!(said.matches("violation #").count(), 3, "{said}");
+    });
 }
 
 /// The default image's agent booted with no host agent to watch it (as on

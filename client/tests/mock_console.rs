@@ -99,14 +99,10 @@ fn services_are_paged_until_none() {
     assert_eq!(services, Console::default().services);
     drop(c);
     let got = mock.join().unwrap();
-    let asked: Vec<u16> = got
-        .requests
-        .iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::Service { index } => Some(index),
-            _ => None,
-        })
-        .collect();
+    let asked = got.pick(|r| match *r {
+        ControlRequest::Service { index } => Some(index),
+        _ => None,
+    });
     assert_eq!(asked, [0, 1, 2, 3], "asked until the console said None");
     // Sequence numbers increase by one.
     for w in got.requests.windows(2) {
@@ -183,18 +179,12 @@ fn console_input_is_sent_again_until_a_full_fifo_takes_it_all() {
         "{e}"
     );
     drop(c);
-    let sent: Vec<Vec<u8>> = mock
-        .join()
-        .unwrap()
-        .requests
-        .iter()
-        .filter_map(|r| match &r.request {
-            ControlRequest::ConsoleInput { domain: 1, bytes } if !bytes.0.is_empty() => {
-                Some(bytes.0.to_vec())
-            }
-            _ => None,
-        })
-        .collect();
+    let sent = mock.join().unwrap().pick(|r| match r {
+        ControlRequest::ConsoleInput { domain: 1, bytes } if !bytes.0.is_empty() => {
+            Some(bytes.0.to_vec())
+        }
+        _ => None,
+    });
     assert!(
         sent.len() > 3,
         "what the FIFO did not take was sent again: {sent:?}"
@@ -819,12 +809,7 @@ fn watch_page_run(stop: Option<&'static std::sync::atomic::AtomicBool>) -> Watch
         .unwrap();
     drop(c);
     let got = mock.join().unwrap();
-    let held = got
-        .requests
-        .iter()
-        .filter(|r| matches!(r.request, ControlRequest::AtDetach { .. }))
-        .map(|r| r.request.clone())
-        .collect();
+    let held = got.pick(|r| matches!(r, ControlRequest::AtDetach { .. }).then(|| r.clone()));
     let asked = got.altp2m();
     WatchRun {
         n,
@@ -924,14 +909,10 @@ fn a_watch_whose_undoing_goes_unanswered_is_left_to_the_proxy() {
     assert_eq!(c.watch_page(&w, |_, _| {}).unwrap(), 0);
     drop(c);
     let got = mock.join().unwrap();
-    let held: Vec<bool> = got
-        .requests
-        .iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::AtDetach { set, .. } => Some(set),
-            _ => None,
-        })
-        .collect();
+    let held = got.pick(|r| match *r {
+        ControlRequest::AtDetach { set, .. } => Some(set),
+        _ => None,
+    });
     assert_eq!(held, [true], "left to the proxy, never taken back");
     let asked = got.altp2m();
     assert_eq!(
@@ -998,16 +979,10 @@ fn logdirty_start_peek_read_status_and_stop_against_the_fake_log() {
         "logdirty: log 3 of domain 1 is not running (never started, or stopped)"
     );
     drop(c);
-    let asked: Vec<LdRequest> = mock
-        .join()
-        .unwrap()
-        .requests
-        .into_iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::Logdirty(q) => Some(q),
-            _ => None,
-        })
-        .collect();
+    let asked = mock.join().unwrap().pick(|r| match r {
+        ControlRequest::Logdirty(q) => Some(q.clone()),
+        _ => None,
+    });
     // Every request names log 3; each read goes on from the answer's `next`.
     let reads: Vec<(u64, bool)> = asked
         .iter()
@@ -1315,14 +1290,10 @@ fn guest_memory_is_read_and_written_in_chunks_and_refusals_say_why() {
     assert_eq!(c.stats().stray_replies, 0);
     drop(c);
     let got = mock.join().unwrap();
-    let reads: Vec<_> = got
-        .requests
-        .iter()
-        .filter_map(|r| match r.request {
-            ControlRequest::ReadMemory { len, .. } => Some(len),
-            _ => None,
-        })
-        .collect();
+    let reads = got.pick(|r| match *r {
+        ControlRequest::ReadMemory { len, .. } => Some(len),
+        _ => None,
+    });
     assert_eq!(reads, [1000, 0x200, 0x200, 300, 300]);
 }
 

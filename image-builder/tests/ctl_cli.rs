@@ -235,14 +235,11 @@ fn swap_sends_the_file_and_prints_the_generation() {
     );
     let got = s.finish();
     let sent: Vec<u8> = got
-        .requests
-        .iter()
-        .filter_map(|r| match &r.request {
+        .pick(|r| match r {
             ControlRequest::SwapChunk { bytes, .. } => Some(bytes.0.to_vec()),
             _ => None,
         })
-        .flatten()
-        .collect();
+        .concat();
     let stripped = image_builder::elf::strip_service(&elf).unwrap();
     assert_eq!(sent, stripped);
     // Without a terminal, the progress is a line each tenth.
@@ -477,14 +474,10 @@ fn ctl_logdirty_starts_peeks_reads_tells_and_stops_a_log() {
         r#"{"domain":2,"log":0,"stopped":true}"#
     );
     let got = s.finish();
-    let starts: Vec<&LdRequest> = got
-        .requests
-        .iter()
-        .filter_map(|r| match &r.request {
-            ControlRequest::Logdirty(q @ LdRequest::Start { .. }) => Some(q),
-            _ => None,
-        })
-        .collect();
+    let starts = got.pick(|r| match r {
+        ControlRequest::Logdirty(q @ LdRequest::Start { .. }) => Some(q.clone()),
+        _ => None,
+    });
     assert_eq!(starts.len(), 2);
     assert!(
         matches!(

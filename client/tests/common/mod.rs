@@ -40,15 +40,21 @@ pub struct Received {
 }
 
 impl Received {
-    /// The altp2m requests that came, in order.
-    pub fn altp2m(&self) -> Vec<parallax_client::altp2m::AltRequest> {
+    /// What `f` takes of each request that came, in order.
+    pub fn pick<T>(&self, f: impl FnMut(&ControlRequest) -> Option<T>) -> Vec<T> {
         self.requests
             .iter()
-            .filter_map(|r| match &r.request {
-                ControlRequest::Altp2m(q) => Some(q.clone()),
-                _ => None,
-            })
+            .map(|r| &r.request)
+            .filter_map(f)
             .collect()
+    }
+
+    /// The altp2m requests that came, in order.
+    pub fn altp2m(&self) -> Vec<parallax_client::altp2m::AltRequest> {
+        self.pick(|r| match r {
+            ControlRequest::Altp2m(q) => Some(q.clone()),
+            _ => None,
+        })
     }
 }
 

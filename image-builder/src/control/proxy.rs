@@ -559,12 +559,13 @@ fn source_to_client(mut source: impl Read, shared: &Shared, com2: Option<&Consol
         };
         let (mut forwarded, mut discarded) = (0u64, 0u64);
         let mut st = shared.lock();
-        let current = match st.clients.first() {
-            // Checked frames are read whole whoever is attached: the router
-            // waits for answers of its own too (a watch undone for a client
-            // that left, perhaps the last).
-            _ if shared.check => Some(0),
-            c => c.map(|c| c.id),
+        // Checked frames are read whole whoever is attached: the router
+        // waits for answers of its own too (a watch undone for a client
+        // that left, perhaps the last).
+        let current = if shared.check {
+            Some(0)
+        } else {
+            st.clients.first().map(|c| c.id)
         };
         for part in buf[..n].split_inclusive(|&b| b == 0) {
             let whose = *owner.get_or_insert(current);

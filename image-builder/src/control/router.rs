@@ -248,11 +248,24 @@ impl Router {
         std::mem::take(&mut self.outbox)
     }
 
-    /// Sends `request` of the proxy's own.
+    /// Sends altp2m `request` of the proxy's own.
     fn own(&mut self, request: AltRequest, kind: Kind) {
         let request = ControlRequest::Altp2m(request);
-        let seq = self.wait(PROXY, 0, kind, Some(request.clone()));
-        self.outbox.push(FromHost { seq, request });
+        self.queue(PROXY, 0, kind, request, true);
+    }
+
+    /// Puts `request` (of `client`, its number `seq`) in the outbox under a
+    /// number of the proxy's, kept to send again if `keep`.
+    fn queue(
+        &mut self,
+        client: ClientId,
+        seq: u32,
+        kind: Kind,
+        request: ControlRequest,
+        keep: bool,
+    ) {
+        let ours = self.wait(client, seq, kind, keep.then(|| request.clone()));
+        self.outbox.push(FromHost { seq: ours, request });
     }
 
     /// Answers event `event` of `domain` in view 0.
@@ -466,14 +479,9 @@ impl Router {
             return false;
         };
         self.resent += 1;
-        let hello = ControlRequest::Hello { key };
-        let seq = self.wait(PROXY, 0, Kind::Hello, Some(hello.clone()));
-        self.outbox.push(FromHost {
-            seq,
-            request: hello,
-        });
-        let seq = self.wait(w.client, w.seq, w.kind, None);
-        self.outbox.push(FromHost { seq, request });
+        // (The Hello kept: its answer names the key welcomed.)
+        self.queue(PROXY, 0, Kind::Hello, ControlRequest::Hello { key }, true);
+        self.queue(w.client, w.seq, w.kind, request, false);
         true
     }
 

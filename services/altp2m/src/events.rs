@@ -778,6 +778,22 @@ impl Events {
         }
     }
 
+    /// Detaches `badge` as a listener of the domain (`Listen { on: false
+    /// }`): the events waiting for its answer go to another listener that
+    /// takes them, and the rest are released ([`Events::release`]); the
+    /// answers to send are returned.
+    pub fn detach(
+        &mut self,
+        alt: &mut Altp2m,
+        k: &mut impl Kernel,
+        domain: u16,
+        badge: u64,
+    ) -> Result<Vec<(u64, ExitReply)>, AltError> {
+        let held = self.held_by(domain, badge);
+        self.listen(domain, badge, false)?;
+        Ok(self.release(alt, k, &held))
+    }
+
     /// The numbers of the events of `domain` waiting for `badge`'s answer
     /// (to [`Events::release`] once it has detached).
     pub fn held_by(&self, domain: u16, badge: u64) -> Vec<u32> {

@@ -541,21 +541,21 @@ impl Server {
                 self.events.policy.insert(domain, policy);
                 AltReply::Done
             }
-            AltRequest::Listen { domain, on } => {
-                let held = if on {
-                    alloc::vec::Vec::new()
-                } else {
-                    self.events.held_by(domain, badge)
-                };
-                let r = self.events.listen(domain, badge, on);
-                if r.is_ok() {
-                    // What it held and nobody else takes is retried.
-                    let released = self.events.release(&mut self.alt, &mut self.system, &held);
-                    for (token, reply) in released {
-                        resume(token, &reply);
-                    }
-                }
-                self.listened(domain, badge, on, r)
+            AltRequest::Listen { domain, on: true } => {
+                let r = self.events.listen(domain, badge, true);
+                self.listened(domain, badge, true, r)
+            }
+            AltRequest::Listen { domain, on: false } => {
+                // What it held and nobody else takes is retried.
+                let r = self
+                    .events
+                    .detach(&mut self.alt, &mut self.system, domain, badge)
+                    .map(|released| {
+                        for (token, reply) in released {
+                            resume(token, &reply);
+                        }
+                    });
+                self.listened(domain, badge, false, r)
             }
             AltRequest::ListenFor { domain, filter } => {
                 let r = self.events.listen_for(domain, badge, filter);

@@ -507,6 +507,12 @@ impl Rig {
     fn host(&mut self, r: Request) -> Reply {
         self.alt.request(&mut self.k, D, Agent::External, &r)
     }
+    /// `access` for each of `gfns` in `view`, set by the external agent.
+    fn host_access(&mut self, view: u16, gfns: &[u64], access: Access) {
+        for &gfn in gfns {
+            self.host(Request::SetAccess { view, gfn, access });
+        }
+    }
     /// Tracking of `count` gfns from `gfn` (LD-2), which must be accepted.
     fn track(&mut self, gfn: u64, count: u64, how: Option<Mechanism>) {
         self.alt
@@ -1061,13 +1067,7 @@ fn several_listeners_share_a_domain_by_range_and_kind() {
     use ipc_schema::altp2m::{Filter, MAX_LISTENERS};
     let mut r = Rig::new();
     let v = r.view();
-    for gfn in [8, 9, 40] {
-        r.host(Request::SetAccess {
-            view: v,
-            gfn,
-            access: Access::NONE,
-        });
-    }
+    r.host_access(v, &[8, 9, 40], Access::NONE);
     let writes_low = Filter {
         first: 0,
         end: 16,
@@ -1293,13 +1293,7 @@ fn a_listener_that_detaches_releases_the_vcpus_it_held() {
     use ipc_schema::altp2m::Filter;
     let mut r = Rig::new();
     let v = r.view();
-    for gfn in [8, 9] {
-        r.host(Request::SetAccess {
-            view: v,
-            gfn,
-            access: R,
-        });
-    }
+    r.host_access(v, &[8, 9], R);
     // B takes writes to gfn 9 only; A everything else.
     let nine = Filter {
         first: 9,
@@ -1316,8 +1310,7 @@ fn a_listener_that_detaches_releases_the_vcpus_it_held() {
     let held = r.ev.held_by(D, 0xa);
     assert_eq!(held.len(), 2);
     assert!(r.ev.held_by(D, 0xb).is_empty(), "taken by A before B came");
-    r.ev.listen(D, 0xa, false).unwrap();
-    let released = r.ev.release(&mut r.alt, &mut r.k, &held);
+    let released = r.ev.detach(&mut r.alt, &mut r.k, D, 0xa).unwrap();
     // Gfn 8's is retried; gfn 9's went to B, under a new number.
     assert_eq!(released.len(), 1);
     let (token, reply) = released[0];
@@ -2267,13 +2260,7 @@ fn a_restarted_service_resets_the_views_it_cannot_account_for() {
         gfn: 9,
         access: R,
     });
-    for g in [8, 10] {
-        r.host(Request::SetAccess {
-            view: 0,
-            gfn: g,
-            access: R,
-        });
-    }
+    r.host_access(0, &[8, 10], R);
     r.touch(v, 3, R);
     r.touch(w, 9, R);
     r.guest(Request::ViewSwitch { view: v });
@@ -2580,13 +2567,7 @@ fn next_event_gives_each_event_once_to_its_domains_listener() {
     use crate::events::Poll;
     let mut r = Rig::new();
     let v = r.view();
-    for g in [8, 9] {
-        r.host(Request::SetAccess {
-            view: v,
-            gfn: g,
-            access: R,
-        });
-    }
+    r.host_access(v, &[8, 9], R);
     // Pause policy: the event waits for a listener that is not there yet.
     r.ev.policy.insert(D, NoListener::Pause);
     r.ev.polls.push(Poll {
