@@ -414,18 +414,14 @@ impl<S: Transport> Client<S> {
         };
         // Left to the control proxy to undo should this client end before
         // it does (killed, its connection lost): the proxy refuses a
-        // second client's watch of the domain. A console reached without
-        // a proxy has nobody to see the connection end.
-        let held = Watch { domain: d, view };
-        match self.call_labelled(ControlRequest::AtDetach {
-            watch: held,
-            set: true,
-        })? {
-            (_, ControlReply::Done | ControlReply::Error(ControlError::ProxyOnly)) => {}
-            (label, refused) => {
-                let _ = self.view_request(d, Request::ViewDestroy { view });
-                return Err(unwanted(label, refused));
-            }
+        // second client's watch of the domain.
+        let held = Watch {
+            domain: d,
+            view: Some(view),
+        };
+        if let Err(e) = self.leave_to_proxy(held) {
+            let _ = self.view_request(d, Request::ViewDestroy { view });
+            return Err(e);
         }
         let set_up = self
             .view_request(
@@ -485,7 +481,7 @@ impl<S: Transport> Client<S> {
     /// unanswered (a timeout, the connection lost): then the watch stays
     /// the proxy's to undo when this client's connection ends.
     fn undo_watch(&mut self, w: Watch) {
-        let d = w.domain;
+        let (d, view) = (w.domain, w.view.unwrap_or(0));
         let steps = [
             self.view_request(d, Request::ViewSwitchAll { view: 0 })
                 .map(drop),
@@ -493,21 +489,42 @@ impl<S: Transport> Client<S> {
                 domain: d,
                 on: false,
             }),
-            self.view_request(d, Request::ViewDestroy { view: w.view })
+            self.view_request(d, Request::ViewDestroy { view })
                 .map(drop),
         ];
-        let unanswered = |e: &ClientError| {
-            matches!(
-                e,
-                ClientError::Io { .. } | ClientError::Timeout { .. } | ClientError::Closed { .. }
-            )
-        };
-        if !steps.iter().any(|s| s.as_ref().is_err_and(unanswered)) {
-            let _ = self.call(ControlRequest::AtDetach {
-                watch: w,
-                set: false,
-            });
+        if !steps
+            .iter()
+            .any(|s| s.as_ref().is_err_and(ClientError::unanswered))
+        {
+            self.take_back(w);
         }
+    }
+
+    /// Leaves `w` to the control proxy, to undo should this client's
+    /// connection end before it takes it back ([`Client::take_back`]):
+    /// killed, crashed, its connection lost (docs/control.md, Attaching:
+    /// what a client leaves behind). A console reached without a proxy
+    /// has nobody to see the connection end (`ProxyOnly`): then nothing is
+    /// left to anyone, and that is no error. A refusal (another client
+    /// watches the domain, this one holds too many) is.
+    pub fn leave_to_proxy(&mut self, w: Watch) -> Result<(), ClientError> {
+        match self.call_labelled(ControlRequest::AtDetach {
+            watch: w,
+            set: true,
+        })? {
+            (_, ControlReply::Done | ControlReply::Error(ControlError::ProxyOnly)) => Ok(()),
+            (label, refused) => Err(unwanted(label, refused)),
+        }
+    }
+
+    /// Takes `w` back from the proxy ([`Client::leave_to_proxy`]), this
+    /// client having undone it itself (an error is ignored: at worst the
+    /// proxy undoes again, when the connection ends, what is undone).
+    pub fn take_back(&mut self, w: Watch) {
+        let _ = self.call(ControlRequest::AtDetach {
+            watch: w,
+            set: false,
+        });
     }
 
     /// The next violation within `w.patience`, waiting in slices of

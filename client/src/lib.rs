@@ -348,6 +348,17 @@ impl fmt::Display for ClientError {
 /// `source()` is given (error chains would repeat it).
 impl std::error::Error for ClientError {}
 
+impl ClientError {
+    /// Whether the request went unanswered (the stream failed or ended, or
+    /// no answer came in time): it may or may not have been done.
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io { .. } | ClientError::Timeout { .. } | ClientError::Closed { .. }
+        )
+    }
+}
+
 /// `5 s`, `0.25 s`.
 fn seconds(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
@@ -1049,9 +1060,11 @@ pub fn describe_request(r: &ControlRequest) -> String {
             format!("ConsoleInput {domain} ({} bytes)", bytes.0.len())
         }
         ControlRequest::AtDetach { watch, set } => format!(
-            "AtDetach: the watch of domain {} through view {}, {}",
-            watch.domain,
-            watch.view,
+            "AtDetach: {}, {}",
+            match watch.view {
+                Some(view) => format!("the watch of domain {} through view {view}", watch.domain),
+                None => format!("the listen to domain {}", watch.domain),
+            },
             if *set {
                 "left to the proxy"
             } else {

@@ -848,7 +848,10 @@ fn watch_page_sets_up_answers_each_violation_and_undoes_it_all() {
     // The watch is left to a proxy to undo should the client die, and
     // taken back at its end (this console, no proxy, refuses both:
     // `ProxyOnly`, and the watch goes on).
-    let watch = parallax_client::Watch { domain: 2, view: 3 };
+    let watch = parallax_client::Watch {
+        domain: 2,
+        view: Some(3),
+    };
     let held = [true, false].map(|set| ControlRequest::AtDetach { watch, set });
     // Event 5, answered by another client first, is seen and not counted;
     // the watch goes on to its two.

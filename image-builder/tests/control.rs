@@ -706,7 +706,10 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
     // Free once the proxy's undoing is answered (not after `UNDO_IDLE`).
     let mut b = attach(&path);
     let mine = ControlRequest::AtDetach {
-        watch: Watch { domain: 1, view: 5 },
+        watch: Watch {
+            domain: 1,
+            view: Some(5),
+        },
         set: true,
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -716,7 +719,10 @@ fn a_killed_watchs_domain_is_put_back_and_its_events_answered() {
     }
     // Taken back, it leaves nothing for the proxy to undo.
     let taken_back = ControlRequest::AtDetach {
-        watch: Watch { domain: 1, view: 5 },
+        watch: Watch {
+            domain: 1,
+            view: Some(5),
+        },
         set: false,
     };
     assert_eq!(b.call(taken_back).unwrap(), ControlReply::Done);

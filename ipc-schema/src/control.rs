@@ -113,28 +113,32 @@ pub enum ControlRequest {
         bytes: BoundedVec<u8, INPUT_CHUNK>,
     },
     /// For the control proxy (`cargo hv run`'s socket), not the console,
-    /// which answers `Error(ProxyOnly)`: `watch` is a page watch this
-    /// client set up (a view of the domain it listens through), which the
+    /// which answers `Error(ProxyOnly)`: `watch` is what this client set up
+    /// on a domain (a listen, perhaps through a view of its own), which the
     /// proxy undoes for it if its connection ends before it says the same
-    /// with `set: false` (docs/control.md, Attaching: what a client leaves behind):
-    /// the domain put back in view 0, the view's events still waiting
-    /// answered `SwitchView(0)`, the listen ended, the view destroyed. One
-    /// client's watch of a domain at a time: another client's is refused
-    /// `WatchedByAnotherClient`.
+    /// with `set: false` (docs/control.md, Attaching: what a client leaves
+    /// behind). With a view: the domain put back in view 0, the view's
+    /// events still waiting answered `SwitchView(0)`, the listen ended, the
+    /// view destroyed. Without: the listen ended (the events waiting for it
+    /// retried: the domain's no-listener policy applies, as when the client
+    /// ends the listen itself). One client's watch of a domain at a time:
+    /// another client's is refused `WatchedByAnotherClient`.
     AtDetach {
         watch: Watch,
         set: bool,
     },
 }
 
-/// A page watch (`ControlRequest::AtDetach`): the domain and the view it
-/// watches through.
+/// What a client watches (`ControlRequest::AtDetach`): the domain it
+/// listens to and, for a page watch, the view of its own it put the domain
+/// in (`None` for a listener alone: a VMI agent's, whose views are meant
+/// to outlast it).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema,
 )]
 pub struct Watch {
     pub domain: u16,
-    pub view: u16,
+    pub view: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, MaxSize, postcard_schema::Schema)]

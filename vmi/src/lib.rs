@@ -45,7 +45,7 @@ use parallax_client::altp2m::{
     describe_hc_error,
 };
 use parallax_client::introspect::{Address, MAX_SET};
-use parallax_client::{Client, ClientError, ControlEvent, DomainOp, Transport};
+use parallax_client::{Client, ClientError, ControlEvent, DomainOp, Transport, Watch};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
@@ -213,19 +213,55 @@ impl<S: Transport> ParallaxDriver<S> {
     /// itself before the first restriction, view with a restricted default,
     /// or wait for events): from then on a violation waits for this
     /// driver's answer instead of meeting the domain's no-listener policy.
+    ///
+    /// The listen is left to the control proxy too (`AtDetach`, without a
+    /// view): should this process end without detaching (killed, crashed),
+    /// the proxy ends the listen for it, as dropping the driver does, so
+    /// that no vCPU waits for ever for an answer from a driver that is
+    /// gone; its events are retried and meet the domain's no-listener
+    /// policy (`pause`: wait for the next listener, which is told of them;
+    /// `crash`). Refused while another client of the proxy watches the
+    /// domain (`ctl altp2m watch`, another driver).
     pub fn listen(&self) -> Result<(), VmiError> {
         if self.state.borrow().listening {
             return Ok(());
         }
-        self.client
-            .borrow_mut()
-            .altp2m_done(AltRequest::Listen {
-                domain: self.domain,
-                on: true,
-            })
-            .map_err(client_error)?;
+        let mut client = self.client.borrow_mut();
+        client.leave_to_proxy(self.held()).map_err(client_error)?;
+        let on = client.altp2m_done(AltRequest::Listen {
+            domain: self.domain,
+            on: true,
+        });
+        if let Err(e) = on {
+            if !e.unanswered() {
+                client.take_back(self.held());
+            }
+            return Err(client_error(e));
+        }
+        drop(client);
         self.state.borrow_mut().listening = true;
         Ok(())
+    }
+
+    /// The listen as left to the proxy.
+    fn held(&self) -> Watch {
+        Watch {
+            domain: self.domain,
+            view: None,
+        }
+    }
+
+    /// Ends the listen, and takes it back from the proxy unless that went
+    /// unanswered (then the proxy ends it when the connection ends).
+    fn detach(client: &mut Client<S>, held: Watch) -> Result<(), ClientError> {
+        let off = client.altp2m_done(AltRequest::Listen {
+            domain: held.domain,
+            on: false,
+        });
+        if !off.as_ref().is_err_and(ClientError::unanswered) {
+            client.take_back(held);
+        }
+        off
     }
 
     /// A view request as an external agent.
@@ -371,10 +407,8 @@ impl<S: Transport> Drop for ParallaxDriver<S> {
     /// again); views and shadow pages stay (`reset_state` undoes views).
     fn drop(&mut self) {
         if self.state.get_mut().listening {
-            let _ = self.client.get_mut().altp2m_done(AltRequest::Listen {
-                domain: self.domain,
-                on: false,
-            });
+            let held = self.held();
+            let _ = Self::detach(self.client.get_mut(), held);
         }
     }
 }
@@ -702,6 +736,9 @@ impl<S: Transport + 'static> VmiVmControl for ParallaxDriver<S> {
         match self.reset_running() {
             Err(_) if self.ended() => {
                 let mut state = self.state.borrow_mut();
+                if state.listening {
+                    self.client.borrow_mut().take_back(self.held());
+                }
                 state.listening = false;
                 state.pending.clear();
                 state.views.clear();
@@ -723,13 +760,7 @@ impl<S: Transport + 'static> ParallaxDriver<S> {
             for e in pending {
                 self.answer(e.id, Action::Retry)?;
             }
-            self.client
-                .borrow_mut()
-                .altp2m_done(AltRequest::Listen {
-                    domain: self.domain,
-                    on: false,
-                })
-                .map_err(client_error)?;
+            Self::detach(&mut self.client.borrow_mut(), self.held()).map_err(client_error)?;
             self.state.borrow_mut().listening = false;
         }
         let views: Vec<u16> = self.state.borrow().views.iter().copied().collect();
@@ -757,15 +788,22 @@ mod tests {
     use parallax_client::altp2m::{AltError, AltReply, HcError, Reply};
     use parallax_client::frames::{self, FrameReader};
     use parallax_client::ipc_schema::supervisor::name;
-    use parallax_client::{ControlReply, ControlRequest, DomainInfo, FromHost, ToHost};
+    use parallax_client::{
+        ControlError, ControlReply, ControlRequest, DomainInfo, FromHost, ToHost,
+    };
     use std::io::{Read, Write};
     use vmi_core::VmiCore;
 
     /// A console with one domain, 1 ("intro", running), whose altp2m makes
     /// views; it ends the domain as soon as it is put back in view 0 if
     /// `ends` (as the vmi boot test's guest does, at once), and refuses to
-    /// destroy views (in use) if not. Returns the requests it answered.
-    fn console(mut stream: UnixStream, ends: bool) -> std::thread::JoinHandle<Vec<String>> {
+    /// destroy views (in use) if not. It answers `AtDetach` as a control
+    /// proxy would, with `at_detach`. Returns the requests it answered.
+    fn console(
+        mut stream: UnixStream,
+        ends: bool,
+        at_detach: ControlReply,
+    ) -> std::thread::JoinHandle<Vec<String>> {
         std::thread::spawn(move || {
             let (mut ended, mut seen) = (false, Vec::new());
             let mut reader = FrameReader::<FromHost>::new();
@@ -787,6 +825,7 @@ mod tests {
                             }))
                         }
                         ControlRequest::Domain { .. } => ControlReply::Domain(None),
+                        ControlRequest::AtDetach { .. } => at_detach.clone(),
                         ControlRequest::Altp2m(_) if ended => {
                             ControlReply::Altp2m(AltReply::Refused(AltError::DomainEnded))
                         }
@@ -823,14 +862,68 @@ mod tests {
         VmiCore<ParallaxDriver<UnixStream>>,
         std::thread::JoinHandle<Vec<String>>,
     ) {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let served = console(theirs, ends);
-        let client = Client::new(ours).with_timeout(Duration::from_secs(10));
-        let driver = ParallaxDriver::new(client, "intro").unwrap();
+        let (driver, served) = driver(ends, ControlReply::Done);
         driver.listen().unwrap();
         let vmi = VmiCore::new(driver).unwrap();
         vmi.create_view(MemoryAccess::RWX).unwrap();
         (vmi, served)
+    }
+
+    fn driver(
+        ends: bool,
+        at_detach: ControlReply,
+    ) -> (
+        ParallaxDriver<UnixStream>,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let served = console(theirs, ends, at_detach);
+        let client = Client::new(ours).with_timeout(Duration::from_secs(10));
+        (ParallaxDriver::new(client, "intro").unwrap(), served)
+    }
+
+    /// The listen is left to the control proxy before it begins, and taken
+    /// back once it ended, by a reset and by dropping the driver alike: a
+    /// driver killed in between leaves the proxy to end it (the proxy's
+    /// side: image-builder's router tests, and `tests/vmi.rs`).
+    #[test]
+    fn the_listen_is_left_to_the_proxy_while_it_lasts() {
+        for reset in [false, true] {
+            let (vmi, served) = attached(false);
+            if reset {
+                // (Its views stay in use here: the reset fails after the
+                // listen ended.)
+                vmi.reset_state().unwrap_err();
+            }
+            drop(vmi);
+            let seen = served.join().unwrap();
+            let at = |what: &str| {
+                seen.iter()
+                    .position(|r| r.contains(what))
+                    .unwrap_or_else(|| panic!("no {what} in {seen:#?}"))
+            };
+            let (left, on) = (at("set: true"), at("on: true"));
+            let (off, back) = (at("on: false"), at("set: false"));
+            assert!(left < on && on < off && off < back, "{seen:#?}");
+            assert!(seen[left].contains("view: None"), "{seen:#?}");
+            assert_eq!(seen.iter().filter(|r| r.contains("on: false")).count(), 1);
+        }
+    }
+
+    /// A listen the proxy refuses (another client watches the domain) is
+    /// the driver's error, named, and nothing was set up.
+    #[test]
+    fn a_listen_the_proxy_refuses_sets_nothing_up() {
+        let refused = ControlReply::Error(ControlError::WatchedByAnotherClient { domain: 1 });
+        let (driver, served) = driver(false, refused);
+        let e = driver.listen().unwrap_err().to_string();
+        assert!(
+            e.contains("another client of this run watches domain 1"),
+            "{e}"
+        );
+        drop(driver);
+        let seen = served.join().unwrap();
+        assert!(!seen.iter().any(|r| r.contains("Listen")), "{seen:#?}");
     }
 
     /// The domain ends between `reset_state`'s first step (back to view 0)

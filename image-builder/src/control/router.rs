@@ -39,9 +39,13 @@
 //!   listen off and the view destroyed, and answers so each of the view's
 //!   events that comes meanwhile, until the view's destruction is
 //!   answered. A vCPU held by a killed agent's event would otherwise wait
-//!   for ever, and the domain stay in a view nobody watches. One client's
-//!   watch of a domain at a time ([`ControlError::WatchedByAnotherClient`]):
-//!   two would each move the domain into their own view, and the first to
+//!   for ever, and the domain stay in a view nobody watches. A listener
+//!   declared without a view (a VMI agent's, whose views are meant to
+//!   outlast it) is undone by the listen off alone, which retries each
+//!   event it held (the domain's no-listener policy then applies). One
+//!   client's watch of a domain at a time
+//!   ([`ControlError::WatchedByAnotherClient`]): two would each move the
+//!   domain into their own view, or listen to its events, and the first to
 //!   end would end the other's listen.
 
 use ipc_schema::altp2m::{Action, AltRequest};
@@ -89,7 +93,8 @@ struct Held {
     /// Its client; `Err(when)` once it left without clearing it: being
     /// undone since then.
     client: Result<ClientId, Instant>,
-    view: u16,
+    /// The view of its own, if any (`None`: a listener alone).
+    view: Option<u16>,
     /// The numbers of its view's latest events (answered or not).
     events: VecDeque<u32>,
 }
@@ -228,16 +233,17 @@ impl Router {
         for (domain, view, events) in undo {
             self.undone += 1;
             let external = |request| AltRequest::External { domain, request };
-            let other = Kind::Undo {
-                domain,
-                last: false,
+            let [other, last] = [false, true].map(|last| Kind::Undo { domain, last });
+            let Some(view) = view else {
+                // A listener alone: its events are retried as it detaches.
+                self.own(AltRequest::Listen { domain, on: false }, last);
+                continue;
             };
             self.own(external(Request::ViewSwitchAll { view: 0 }), other);
             for event in events {
                 self.answer_switched(event, domain);
             }
             self.own(AltRequest::Listen { domain, on: false }, other);
-            let last = Kind::Undo { domain, last: true };
             self.own(external(Request::ViewDestroy { view }), last);
         }
     }
@@ -450,7 +456,11 @@ impl Router {
     /// Event `id`, of `domain` in `view`: kept by the watch of the view,
     /// answered at once if its watch is being undone.
     fn watched_event(&mut self, id: u32, domain: u16, view: u16) {
-        let Some(h) = self.watches.get_mut(&domain).filter(|h| h.view == view) else {
+        let Some(h) = self
+            .watches
+            .get_mut(&domain)
+            .filter(|h| h.view == Some(view))
+        else {
             return;
         };
         if h.client.is_err() {
@@ -528,7 +538,7 @@ impl Router {
 }
 
 impl Held {
-    fn new(client: ClientId, view: u16) -> Self {
+    fn new(client: ClientId, view: Option<u16>) -> Self {
         Self {
             client: Ok(client),
             view,
@@ -839,8 +849,11 @@ mod tests {
         assert_eq!(r.in_flight(1), 0);
     }
 
-    fn at_detach(seq: u32, domain: u16, view: u16, set: bool) -> FromHost {
-        let watch = Watch { domain, view };
+    fn at_detach(seq: u32, domain: u16, view: impl Into<Option<u16>>, set: bool) -> FromHost {
+        let watch = Watch {
+            domain,
+            view: view.into(),
+        };
         ask(seq, ControlRequest::AtDetach { watch, set })
     }
 
@@ -941,6 +954,48 @@ mod tests {
         assert!(r.outbox().is_empty(), "the undoing is over");
         assert_eq!(
             local(&mut r, 3, at_detach(4, 1, 5, true), now),
+            ControlReply::Done
+        );
+    }
+
+    /// A listener left to the proxy without a view (a VMI agent's): when
+    /// its client leaves, the listen off and nothing more (its views stay;
+    /// the events it held are retried by altp2m as the listen ends, so the
+    /// proxy answers none); the domain is another's to watch once the
+    /// listen off is answered. It excludes a page watch as one does.
+    #[test]
+    fn a_listener_left_behind_has_its_listen_ended_and_nothing_else() {
+        let mut r = welcomed(&[1, 2]);
+        let now = Instant::now();
+        assert_eq!(
+            local(&mut r, 1, at_detach(2, 4, None, true), now),
+            ControlReply::Done
+        );
+        let busy = ControlReply::Error(ControlError::WatchedByAnotherClient { domain: 4 });
+        assert_eq!(local(&mut r, 2, at_detach(2, 4, 3, true), now), busy);
+        for e in [violation(5, 4, 0), violation(6, 4, 3)] {
+            assert_eq!(r.from_console(e).map(|(d, _)| d), Some(Dest::All));
+        }
+        r.leave(1, now);
+        let out = r.outbox();
+        let requests: Vec<_> = out.iter().map(|m| m.request.clone()).collect();
+        let off = AltRequest::Listen {
+            domain: 4,
+            on: false,
+        };
+        assert_eq!(requests, [ControlRequest::Altp2m(off)]);
+        assert_eq!(r.undone, 1);
+        r.from_console(violation(7, 4, 0));
+        assert!(r.outbox().is_empty(), "its events are altp2m's to retry");
+        assert_eq!(local(&mut r, 2, at_detach(3, 4, None, true), now), busy);
+        let answer = ToHost::Reply {
+            seq: out[0].seq,
+            reply: ControlReply::Done,
+        };
+        assert_eq!(r.from_console(answer), None);
+        assert_eq!(r.stray, 0);
+        assert_eq!(
+            local(&mut r, 2, at_detach(4, 4, None, true), now),
             ControlReply::Done
         );
     }
@@ -1112,8 +1167,9 @@ mod tests {
         /// domain at a time (and none while one is undone); a client that
         /// leaves has exactly its watches undone, each in order (view 0,
         /// its view's events answered in view 0, listen off, view
-        /// destroyed), and each event of a view being undone answered as it
-        /// comes; the proxy's answers reach no client and none is stray.
+        /// destroyed; a listener alone's the listen off alone), and each
+        /// event of a view being undone answered as it comes; the proxy's
+        /// answers reach no client and none is stray.
         #[test]
         fn watches_are_held_one_per_domain_and_undone_exactly_for_who_left(
             steps in proptest::collection::vec(watch_step(), 0..150)
@@ -1128,10 +1184,10 @@ mod tests {
                 r.attach(c);
                 round(&mut r, c, hello(1), ControlReply::Welcome { version: 1 });
             }
-            // The model: live watches (client, view, events seen), and
-            // the views being undone.
-            let mut live: Map<u16, (ClientId, u16, Vec<u32>)> = Map::new();
-            let mut closing: Map<u16, u16> = Map::new();
+            // The model: live watches (client, view if any, events seen),
+            // and those being undone (their views).
+            let mut live: Map<u16, (ClientId, Option<u16>, Vec<u32>)> = Map::new();
+            let mut closing: Map<u16, Option<u16>> = Map::new();
             // The proxy's requests the console has not answered yet.
             let mut console: VecDeque<FromHost> = VecDeque::new();
             let mut next_event = 1u32;
@@ -1168,12 +1224,18 @@ mod tests {
                         let left: Vec<u16> = live.iter().filter(|(_, w)| w.0 == id).map(|(&d, _)| d).collect();
                         for d in left {
                             let (_, view, events) = live.remove(&d).unwrap();
+                            let off = ControlRequest::Altp2m(AltRequest::Listen { domain: d, on: false });
+                            closing.insert(d, view);
+                            // A listener alone: the listen off, no more.
+                            let Some(view) = view else {
+                                want.push(off);
+                                continue;
+                            };
                             want.push(ext(d, Request::ViewSwitchAll { view: 0 }));
                             let kept = events.len().saturating_sub(WATCH_EVENTS);
                             want.extend(events[kept..].iter().map(|&e| switched(e)));
-                            want.push(ControlRequest::Altp2m(AltRequest::Listen { domain: d, on: false }));
+                            want.push(off);
                             want.push(ext(d, Request::ViewDestroy { view }));
-                            closing.insert(d, view);
                         }
                         ids[usize::from(c)] = next_id;
                         r.attach(next_id);
@@ -1185,9 +1247,9 @@ mod tests {
                         next_event += 1;
                         let routed = r.from_console(violation(e, d, view));
                         prop_assert_eq!(routed.map(|(d, _)| d), Some(Dest::All));
-                        if closing.get(&d) == Some(&view) {
+                        if closing.get(&d) == Some(&Some(view)) {
                             want.push(switched(e));
-                        } else if let Some(w) = live.get_mut(&d).filter(|w| w.1 == view) {
+                        } else if let Some(w) = live.get_mut(&d).filter(|w| w.1 == Some(view)) {
                             w.2.push(e);
                         }
                     }
@@ -1196,12 +1258,21 @@ mod tests {
                             let Some(m) = console.pop_front() else { break };
                             let answer = ToHost::Reply { seq: m.seq, reply: ControlReply::Done };
                             prop_assert_eq!(r.from_console(answer), None);
-                            if let ControlRequest::Altp2m(AltRequest::External {
-                                domain,
-                                request: Request::ViewDestroy { .. },
-                            }) = m.request
-                            {
-                                closing.remove(&domain);
+                            // The undoing's last step: a view's
+                            // destruction, or a listener's listen off.
+                            match m.request {
+                                ControlRequest::Altp2m(AltRequest::External {
+                                    domain,
+                                    request: Request::ViewDestroy { .. },
+                                }) => {
+                                    closing.remove(&domain);
+                                }
+                                ControlRequest::Altp2m(AltRequest::Listen { domain, on: false })
+                                    if closing.get(&domain) == Some(&None) =>
+                                {
+                                    closing.remove(&domain);
+                                }
+                                _ => {}
                             }
                         }
                     }
@@ -1217,16 +1288,29 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum WatchStep {
-        Set { c: u8, d: u16, view: u16, set: bool },
-        Leave { c: u8 },
-        Event { d: u16, view: u16 },
-        Answer { n: u8 },
+        Set {
+            c: u8,
+            d: u16,
+            view: Option<u16>,
+            set: bool,
+        },
+        Leave {
+            c: u8,
+        },
+        Event {
+            d: u16,
+            view: u16,
+        },
+        Answer {
+            n: u8,
+        },
     }
 
     fn watch_step() -> impl Strategy<Value = WatchStep> {
         prop_oneof![
-            3 => (0u8..3, 0u16..3, 1u16..3, any::<bool>())
-                .prop_map(|(c, d, view, set)| WatchStep::Set { c, d, view, set }),
+            // (View 0: a listener alone, without a view of its own.)
+            3 => (0u8..3, 0u16..3, 0u16..3, any::<bool>())
+                .prop_map(|(c, d, view, set)| WatchStep::Set { c, d, view: (view > 0).then_some(view), set }),
             1 => (0u8..3).prop_map(|c| WatchStep::Leave { c }),
             4 => (0u16..3, 0u16..3).prop_map(|(d, view)| WatchStep::Event { d, view }),
             2 => (0u8..8).prop_map(|n| WatchStep::Answer { n }),

@@ -242,7 +242,10 @@ fn requests_before_hello_are_refused_and_a_wrong_key_is_named() {
 fn a_watch_left_to_the_console_is_refused_as_the_proxys() {
     let mut r = Rig::new();
     r.hello();
-    let watch = ipc_schema::control::Watch { domain: 1, view: 2 };
+    let watch = ipc_schema::control::Watch {
+        domain: 1,
+        view: Some(2),
+    };
     for set in [true, false] {
         assert_eq!(
             r.send(8, ControlRequest::AtDetach { watch, set }),
