@@ -4,14 +4,20 @@
 //! own page tables, has its mailbox written, its registers read and set
 //! (with the refusals), and is put in a view that maps a hidden shadow page
 //! at its marker, then answers a violation with a register set and has
-//! its state reset while it runs; the second (`watch=4`) is the example's: its registers
-//! and code read, a breakpoint hidden in a shadow page, and its four
-//! writes to a read-execute page handled as vmi-rs memory-access events.
+//! its state reset while it runs; the second (`watch=5`) is the example's: its registers
+//! and code read, a breakpoint hidden in a shadow page, and its writes to
+//! a read-execute page handled as vmi-rs memory-access events: the first
+//! by a run of the example killed after it (the control proxy ends its
+//! listen; with the domain's policy `pause`, the next write waits for the
+//! next listener), the four others by the run that follows.
 
 use image_builder::emulator::Machine;
+use ipc_schema::altp2m::{AltRequest, NoListener};
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot_live, hex_after, introspect_marker, system};
-use std::process::Command;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmi_driver_parallax::ParallaxDriver;
 use vmi_driver_parallax::vmi_arch_amd64::{Cr2, EventMonitor, Interrupt, Selector};
@@ -27,6 +33,66 @@ fn refused(result: Result<impl std::fmt::Debug, VmiError>, says: &str) {
     }
 }
 
+/// The example agent, built (as `cargo run` would) where cargo says.
+fn example_agent() -> PathBuf {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(image_builder::paths::repo())
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "vmi-driver-parallax",
+            "--example",
+            "agent",
+        ])
+        .arg("--message-format=json")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    let line = json
+        .lines()
+        .find(|l| l.contains(r#""kind":["example"]"#) && l.contains(r#""executable":""#))
+        .unwrap_or_else(|| panic!("cargo named no example binary:\n{json}"));
+    let at = line.find(r#""executable":""#).unwrap() + r#""executable":""#.len();
+    PathBuf::from(&line[at..at + line[at..].find('"').unwrap()])
+}
+
+/// A run of the example on domain 2, watching `gfn`, SIGKILLed as it
+/// handles the guest's first write (the answer sent or not): no `Drop`,
+/// nothing undone by itself. Returns what it printed.
+fn killed_agent(live: &mut parallax_tests::Live, gfn: u64) -> String {
+    let mut child = Command::new(example_agent())
+        .arg("--socket")
+        .arg(live.socket())
+        .args([
+            "--gfn",
+            &format!("{gfn:#x}"),
+            "--events",
+            "5",
+            "--wait",
+            "240",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the example starts");
+    let mut said = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !said.contains("event 1:") {
+        let before = said.len();
+        out.read_line(&mut said).unwrap();
+        assert!(said.len() > before, "the example ended early:\n{said}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    said
+}
+
 #[test]
 fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
     let img = system(
@@ -34,11 +100,13 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
         concat!(
             "name = \"vmi\"\n",
             "[[domain]]\nname = \"intro\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"introspect vmi\"\n",
-            "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"watch=4 wait=3000\"\n",
+            "[[domain]]\nname = \"agent\"\nguest = \"agent\"\nmemory_mib = 32\ncmdline = \"watch=5 wait=3000\"\n",
         ),
     );
     let mut example = String::new();
     let mut watched = 0;
+    // The writes left to the example's second run.
+    let mut left = 0;
     let run = boot_live(
         &img,
         Machine::Bochs,
@@ -196,7 +264,25 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 started.elapsed().as_secs_f64()
             );
 
-            // The example, on the watched guest.
+            // The example, on the watched guest: a first run killed after
+            // the first write, its listen ended by the proxy (without, the
+            // second write's vCPU would wait for ever for its answer)...
+            let pause = AltRequest::SetNoListener {
+                domain: 2,
+                policy: NoListener::Pause,
+            };
+            live.control().altp2m_done(pause).unwrap();
+            let killed = killed_agent(live, watched);
+            eprintln!("vmi: the killed example said:\n{killed}");
+            live.wait_for("altp2m", "domain 2: listener detached", 120);
+            let waits = live.wait_for("altp2m", "no listener, so vCPU 0 waits for one", 120);
+            assert!(waits.text.contains("domain 2:"), "{waits}");
+            // The write that waits (the guest writes word i of the page):
+            // the first, its answer lost with the agent, or the second.
+            let waiting = (hex_after(&waits.text, "write of") & 0xfff) / 8;
+            assert!((1..=2).contains(&waiting), "{waits}");
+            left = 5 - waiting + 1;
+            // ... then a second that takes over the waiting write.
             let started = Instant::now();
             let out = Command::new(env!("CARGO"))
                 .current_dir(image_builder::paths::repo())
@@ -212,6 +298,7 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 ])
                 .arg(live.socket())
                 .args(["--gfn", &format!("{watched:#x}"), "--wait", "240"])
+                .args(["--events", &left.to_string()])
                 .output()
                 .expect("cargo runs");
             example = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -232,27 +319,31 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
         "{example}"
     );
     assert!(example.contains("64-bit code"), "{example}");
+    // (Its second shadow page: the killed run made the first.)
     assert!(
-        example.contains("breakpoint: shadow gfn 0x2000 holds 0xcc"),
+        example.contains("breakpoint: shadow gfn 0x2001 holds 0xcc"),
         "{example}"
     );
     let events: Vec<&str> = example
         .lines()
         .filter(|l| l.starts_with("event "))
         .collect();
-    assert_eq!(events.len(), 4, "{example}");
+    assert_eq!(events.len() as u64, left, "{example}");
     for e in &events {
         // The write's address in the page (the guest writes word i), its
         // linear address valid.
         assert!(e.contains(&format!(": -w- at gpa {watched:#x}")), "{e}");
         assert!(e.contains("GLA_VALID"), "{e}");
     }
-    assert!(events[3].contains("back to the default view"), "{example}");
+    assert!(
+        events[events.len() - 1].contains("back to the default view"),
+        "{example}"
+    );
     run.expect_console(1, "introspect: r12 0x77")
         .expect_console(1, "introspect: marker now vmi-shadow-page!")
         .expect_console(1, "introspect: r13 0x99")
         .expect_console(1, "introspect: marker back parallax-marker!")
-        .expect_console(2, "agent: write 4 done")
+        .expect_console(2, "agent: write 5 done")
         .expect_console(2, "agent: done")
         .expect_from("altp2m", "domain 2: listener attached")
         .expect_no("FAIL")

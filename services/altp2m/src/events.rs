@@ -113,9 +113,11 @@ pub struct Events {
     /// Recent events, answered or not, for `Events { after }`.
     pub log: VecDeque<VmEvent>,
     pub next: u32,
-    /// vCPUs running one instruction with a page opened by `AllowOnce`:
-    /// (domain, vCPU) -> (view, gfn).
-    pub stepping: BTreeMap<(u16, u16), (u16, u64)>,
+    /// vCPUs running one instruction with pages opened by `AllowOnce`:
+    /// (domain, vCPU) -> the (view, gfn) of each, oldest first (an
+    /// instruction may fault on several before it completes: each stays
+    /// open until the step ends; at most [`STEP_PAGES`]).
+    pub stepping: BTreeMap<(u16, u16), Vec<(u16, u64)>>,
     /// `NextEvent` calls waiting for an event, oldest first.
     pub polls: Vec<Poll>,
     /// The badge of the listener events are forwarded to (`Forwarded`; 0:
@@ -198,17 +200,9 @@ impl Events {
         let id = m.exit.domain;
         match m.exit.kind {
             ExitKind::MonitorTrap => {
-                // The step of an `AllowOnce` is done: close the page again.
-                if let Some((view, gfn)) = self.stepping.remove(&(id, m.exit.vcpu)) {
-                    let d = alt.domain(id);
-                    let e = d.effective(view, gfn);
-                    let ops = [EptOp::Protect {
-                        view,
-                        gfn,
-                        perms: perms(e.access),
-                    }];
-                    let mut out = [EptResult::Done];
-                    let _ = k.ept(id, &ops, &mut out);
+                // The step of an `AllowOnce` is done: close its pages again.
+                if let Some(open) = self.stepping.remove(&(id, m.exit.vcpu)) {
+                    close(alt, k, id, &open);
                 }
                 reply(Response::RETRY)
             }
@@ -994,7 +988,15 @@ impl Events {
                 }];
                 let mut r = [EptResult::Done];
                 let _ = k.ept(e.domain, &ops, &mut r);
-                self.stepping.insert((e.domain, e.vcpu), (e.view, gfn));
+                // With the pages opened before in the same step (the
+                // instruction faulted again before it completed).
+                let open = self.stepping.entry((e.domain, e.vcpu)).or_default();
+                if !open.contains(&(e.view, gfn)) {
+                    if open.len() == STEP_PAGES {
+                        close(alt, k, e.domain, &[open.remove(0)]);
+                    }
+                    open.push((e.view, gfn));
+                }
                 out.step = true;
             }
         }
@@ -1024,6 +1026,27 @@ fn take<T>(v: &mut Vec<T>, i: usize) -> T {
         return x;
     }
     v.remove(i)
+}
+
+/// The most pages one vCPU's step keeps open at once (`AllowOnce` answers
+/// before its instruction completes): more than one x86 instruction
+/// touches (its code, a source and a destination, each of which may
+/// straddle two pages); past it the oldest is closed again.
+pub const STEP_PAGES: usize = 8;
+
+/// Closes pages `open` of `domain` that a step opened: each back to what
+/// the view's settings give it.
+fn close(alt: &mut Altp2m, k: &mut impl Kernel, domain: u16, open: &[(u16, u64)]) {
+    let d = alt.domain(domain);
+    for &(view, gfn) in open {
+        let ops = [EptOp::Protect {
+            view,
+            gfn,
+            perms: perms(d.effective(view, gfn).access),
+        }];
+        let mut out = [EptResult::Done];
+        let _ = k.ept(domain, &ops, &mut out);
+    }
 }
 
 fn perms(a: Access) -> Perms {

@@ -4,7 +4,7 @@
 
 extern crate std;
 
-use crate::events::{Events, Outcome};
+use crate::events::{Events, Outcome, STEP_PAGES};
 use crate::policy::{Agent, Altp2m, Kernel, Quotas, Reset};
 use ipc_schema::altp2m::{Action, AltError, NoListener};
 use ipc_schema::hypercall::{
@@ -1193,6 +1193,72 @@ fn allow_once_grants_no_more_than_the_host_and_logs_the_write_it_lets_through() 
     assert!(tracked(&r), "the write is logged");
     assert!(r.k.views[&v].map[&9].1.write);
     assert!(r.k.views[&0].map[&9].1.write, "view 0 lifted with it");
+}
+
+/// One instruction may need several restricted pages (a write that
+/// straddles two, a copy from one to another): each `AllowOnce` of its
+/// step opens one more, and they stay open together until the step ends,
+/// when every one is closed again. (Before, the second answer's page took
+/// the first's place, and the first stayed open for good: a restriction
+/// lost without a word, and a straddling write let through unseen ever
+/// after.) The same when the vCPU moved to another view while its event
+/// waited, so that the page the answer opens is not the one it faults on
+/// next.
+#[test]
+fn every_page_an_instructions_step_opens_is_closed_when_it_ends() {
+    let mut r = Rig::new();
+    let (v, w) = (r.view(), r.view());
+    r.host_access(v, &[8, 9], R);
+    r.host_access(w, &[9], R);
+    r.ev.listen(D, 0x77, true).unwrap();
+    let allow = |r: &mut Rig| {
+        let id = r.ev.waiting[0].event.id;
+        let (_, reply) =
+            r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
+                .unwrap()
+                .unwrap();
+        assert!(reply.step);
+    };
+    // The write's first page, then its second (the step has not ended:
+    // the instruction faulted again), then the second in view `w`.
+    for (view, gfn) in [(v, 8), (v, 9), (v, 8), (w, 9)] {
+        assert_eq!(r.touch(view, gfn, W), Outcome::Defer { new_event: true });
+        allow(&mut r);
+    }
+    for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
+        assert!(r.k.views[&view].map[&gfn].1.write, "{view} {gfn}");
+    }
+    let step = ExitMessage {
+        exit: Exit {
+            domain: D,
+            vcpu: 0,
+            kind: ExitKind::MonitorTrap,
+            rip: 0x1236,
+            instruction_len: 0,
+            view: w,
+        },
+        regs: ExitRegs::default(),
+    };
+    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
+    for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
+        assert_eq!(r.k.views[&view].map[&gfn].1, perms_of(R), "{view} {gfn}");
+    }
+    assert!(r.ev.stepping.is_empty());
+    // Past the most one step keeps open, the oldest is closed first.
+    for gfn in 0..STEP_PAGES as u64 + 2 {
+        r.host_access(v, &[24 + gfn], R);
+        assert_eq!(r.touch(v, 24 + gfn, W), Outcome::Defer { new_event: true });
+        allow(&mut r);
+    }
+    let open = |r: &Rig| {
+        (24..24 + STEP_PAGES as u64 + 2)
+            .filter(|g| r.k.views[&v].map[g].1.write)
+            .count()
+    };
+    assert_eq!(open(&r), STEP_PAGES);
+    assert!(!r.k.views[&v].map[&24].1.write && !r.k.views[&v].map[&25].1.write);
+    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
+    assert_eq!(open(&r), 0);
 }
 
 #[test]
