@@ -498,3 +498,91 @@ fn host_p2m_changes_reach_every_view_and_a_views_own_settings_stay() {
         .expect_no("crashed")
         .expect_status(HaltStatus::Success);
 }
+
+/// One guest write across two pages an external agent makes read-only in
+/// its view, each fault answered `AllowOnce`: the write goes through (both
+/// pages open together for its one instruction), and both are closed
+/// again after it, so the guest's next write to the first page is an
+/// event again. (Before, the second page's answer took the first's place
+/// in the step's record, and the first stayed writable for good: the next
+/// write went through unseen.)
+#[test]
+fn a_write_across_two_restricted_pages_goes_through_once_and_both_stay_restricted() {
+    use ipc_schema::altp2m::{Action, AltReply, AltRequest};
+    use ipc_schema::hypercall::{Access, Reply, Request};
+    let mut faults = Vec::new();
+    let (mut a, mut b) = (0, 0);
+    let run = boot_live(
+        &agent("agent-straddle", "straddle wait=300"),
+        Machine::Bochs,
+        |_| {},
+        |live| {
+            let line = live.wait_for("dom1", "straddle me: gfns", 120);
+            (a, b) = (
+                parallax_tests::hex_after(&line.text, "gfns"),
+                parallax_tests::hex_after(&line.text, "and"),
+            );
+            let mut c = live.control();
+            let created = c.view_request(
+                1,
+                Request::ViewCreate {
+                    default_access: None,
+                },
+            );
+            let Ok(Reply::View(view)) = created else {
+                panic!("{created:?}")
+            };
+            for gfn in [a, b] {
+                let access = Access::R;
+                c.view_request(1, Request::SetAccess { view, gfn, access })
+                    .unwrap();
+            }
+            c.altp2m_done(AltRequest::Listen {
+                domain: 1,
+                on: true,
+            })
+            .unwrap();
+            c.view_request(1, Request::ViewSwitchAll { view }).unwrap();
+            // The straddling write's faults, each let through once, until
+            // the write to the first page alone (its offset 0), which goes
+            // back to view 0.
+            loop {
+                let wait = std::time::Duration::from_secs(120);
+                let e = match c.next_violation(wait) {
+                    Ok(Some(e)) => e,
+                    // (Closed: the guest ended, its last write unseen.)
+                    other => panic!(
+                        "no event for the write to the first page alone ({other:?}); the faults before: {faults:x?}"
+                    ),
+                };
+                let last = e.gpa == a << 12;
+                let action = if last {
+                    Action::SwitchView(0)
+                } else {
+                    faults.push(e.gpa);
+                    Action::AllowOnce
+                };
+                assert!(
+                    faults.len() <= 8,
+                    "the write makes no progress: {faults:x?}"
+                );
+                let answered = c.altp2m(AltRequest::Answer {
+                    event: e.id,
+                    action,
+                });
+                assert_eq!(answered.unwrap(), AltReply::Done);
+                if last {
+                    break;
+                }
+            }
+            live.wait_for("dom1", "agent: first page written again", 120);
+        },
+    );
+    eprintln!("straddle: the faults of the write across gfns {a:#x} and {b:#x}: {faults:x?}");
+    // Its first half faulted on the first page, its second on the other.
+    assert!(faults.contains(&((a << 12) + 0xffc)), "{faults:x?}");
+    assert!(faults.contains(&(b << 12)), "{faults:x?}");
+    run.expect_console(1, "agent: straddling write done")
+        .expect_no("FAIL")
+        .expect_status(HaltStatus::Success);
+}

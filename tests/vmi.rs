@@ -9,7 +9,8 @@
 //! a read-execute page handled as vmi-rs memory-access events: the first
 //! by a run of the example killed after it (the control proxy ends its
 //! listen; with the domain's policy `pause`, the next write waits for the
-//! next listener), the four others by the run that follows.
+//! next listener), the others by the run that follows (as many events as
+//! writes are left, the last answered back in view 0).
 
 use image_builder::emulator::Machine;
 use ipc_schema::altp2m::{AltRequest, NoListener};

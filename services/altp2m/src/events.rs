@@ -114,10 +114,8 @@ pub struct Events {
     pub log: VecDeque<VmEvent>,
     pub next: u32,
     /// vCPUs running one instruction with pages opened by `AllowOnce`:
-    /// (domain, vCPU) -> the (view, gfn) of each, oldest first (an
-    /// instruction may fault on several before it completes: each stays
-    /// open until the step ends; at most [`STEP_PAGES`]).
-    pub stepping: BTreeMap<(u16, u16), Vec<(u16, u64)>>,
+    /// (domain, vCPU) -> its step.
+    pub stepping: BTreeMap<(u16, u16), Step>,
     /// `NextEvent` calls waiting for an event, oldest first.
     pub polls: Vec<Poll>,
     /// The badge of the listener events are forwarded to (`Forwarded`; 0:
@@ -200,9 +198,19 @@ impl Events {
         let id = m.exit.domain;
         match m.exit.kind {
             ExitKind::MonitorTrap => {
+                let key = (id, m.exit.vcpu);
+                // Still at the instruction: it has not run (a trap-flag
+                // step's #DB that the fault interrupting it left pending,
+                // delivered before it runs again: Bochs). Step again, its
+                // pages open.
+                if self.stepping.get(&key).is_some_and(|s| s.rip == m.exit.rip) {
+                    let mut again = ExitReply::resume(Response::RETRY, None);
+                    again.step = true;
+                    return Outcome::Reply(again);
+                }
                 // The step of an `AllowOnce` is done: close its pages again.
-                if let Some(open) = self.stepping.remove(&(id, m.exit.vcpu)) {
-                    close(alt, k, id, &open);
+                if let Some(step) = self.stepping.remove(&key) {
+                    close(alt, k, id, &step.open);
                 }
                 reply(Response::RETRY)
             }
@@ -990,12 +998,19 @@ impl Events {
                 let _ = k.ept(e.domain, &ops, &mut r);
                 // With the pages opened before in the same step (the
                 // instruction faulted again before it completed).
-                let open = self.stepping.entry((e.domain, e.vcpu)).or_default();
-                if !open.contains(&(e.view, gfn)) {
-                    if open.len() == STEP_PAGES {
-                        close(alt, k, e.domain, &[open.remove(0)]);
+                let step = self.stepping.entry((e.domain, e.vcpu)).or_default();
+                if step.rip != e.rip {
+                    close(alt, k, e.domain, &step.open);
+                    *step = Step {
+                        rip: e.rip,
+                        open: Vec::new(),
+                    };
+                }
+                if !step.open.contains(&(e.view, gfn)) {
+                    if step.open.len() == STEP_PAGES {
+                        close(alt, k, e.domain, &[step.open.remove(0)]);
                     }
-                    open.push((e.view, gfn));
+                    step.open.push((e.view, gfn));
                 }
                 out.step = true;
             }
@@ -1026,6 +1041,18 @@ fn take<T>(v: &mut Vec<T>, i: usize) -> T {
         return x;
     }
     v.remove(i)
+}
+
+/// A vCPU's step through one instruction with pages `AllowOnce` opened:
+/// the instruction's address, and the (view, gfn) of each page, oldest
+/// first. An instruction may fault on several pages before it completes
+/// (a write that straddles two, a copy from one to another): each answer
+/// opens one more, all stay open until the step ends (the vCPU past the
+/// instruction), and all are closed then; at most [`STEP_PAGES`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub rip: u64,
+    pub open: Vec<(u16, u64)>,
 }
 
 /// The most pages one vCPU's step keeps open at once (`AllowOnce` answers

@@ -63,6 +63,13 @@
 //! Command line `introspect` (issue 13, points 1 and 6): the guest the
 //! host reads, writes and translates through (`introspect.rs`).
 //!
+//! Command line `straddle`: one write that straddles two pages, for an
+//! external agent that restricts both. Prints `straddle me: gfns 0x...
+//! and 0x...`, waits (as `watch=N`) to be put in a view, writes 8 bytes
+//! across the two pages in one instruction (`agent: straddling write
+//! done`), then the first page alone (`agent: first page written
+//! again`), and exits 0.
+//!
 //! Command line `propagate` (issue 13, point 8; ALT-9): host p2m changes
 //! reach every view's real entries, a view's own settings kept
 //! (`propagate.rs`). Prints `agent: propagate: all checks passed`.
@@ -85,6 +92,7 @@ static W2: Pages<1> = Pages::new();
 static NEVER: Pages<1> = Pages::new();
 static RX2RW: Pages<1> = Pages::new();
 static N2RWX: Pages<1> = Pages::new();
+static STRADDLED: Pages<2> = Pages::new();
 const MARK_A: u64 = 0xaaaa_0000_0000_000a;
 const MARK_B: u64 = 0xbbbb_0000_0000_000b;
 
@@ -152,6 +160,9 @@ fn main(info: &MultibootInfo) -> u32 {
     }
     if has("viewpage") {
         return viewpage();
+    }
+    if has("straddle") {
+        return straddle(arg(cmdline, "wait").unwrap_or(60));
     }
     if has("propagate") {
         return propagate::propagate();
@@ -707,25 +718,53 @@ fn deadline(secs: u64) -> u64 {
     guest_runtime::rdtsc().saturating_add(secs.saturating_mul(khz * 1000))
 }
 
+/// Waits (at most `wait` seconds) until the host puts the vCPU in a view
+/// other than 0: that view, or the status to exit with.
+fn put_in_a_view(wait: u64) -> Result<u16, u32> {
+    let give_up = deadline(wait);
+    loop {
+        match hypercall::view_current() {
+            Ok(0) if guest_runtime::rdtsc() > give_up => {
+                println!(
+                    "agent: nobody put me in a view within {wait} s (no host agent: the image was booted without `cargo hv run`?); giving up"
+                );
+                return Err(STATUS_UNWATCHED);
+            }
+            Ok(0) => pause(),
+            Ok(v) => return Ok(v),
+            Err(e) => return Err(fatal("ViewCurrent", e)),
+        }
+    }
+}
+
+/// `straddle`: see the module documentation.
+fn straddle(wait: u64) -> u32 {
+    println!(
+        "agent: straddle me: gfns {:#x} and {:#x}; waiting to be put in a view",
+        STRADDLED.gfn(0),
+        STRADDLED.gfn(1)
+    );
+    let view = match put_in_a_view(wait) {
+        Ok(v) => v,
+        Err(status) => return status,
+    };
+    println!("agent: now in view {view}; one write across both pages");
+    STRADDLED.write_straddling_u64(0, 0x5354_5241_4444_4c45);
+    println!("agent: straddling write done");
+    STRADDLED.write_u64(0, 0, 1);
+    println!("agent: first page written again");
+    0
+}
+
 fn watch(n: u64, limited: bool, burst: bool, wait: u64) -> u32 {
     println!(
         "agent: watch me: gfn {:#x} (gpa {:#x}); waiting to be put in a view",
         W.gfn(0),
         W.addr()
     );
-    let give_up = deadline(wait);
-    let view = loop {
-        match hypercall::view_current() {
-            Ok(0) if guest_runtime::rdtsc() > give_up => {
-                println!(
-                    "agent: nobody put me in a view within {wait} s (no host agent: the image was booted without `cargo hv run`?); giving up"
-                );
-                return STATUS_UNWATCHED;
-            }
-            Ok(0) => pause(),
-            Ok(v) => break v,
-            Err(e) => return fatal("ViewCurrent", e),
-        }
+    let view = match put_in_a_view(wait) {
+        Ok(v) => v,
+        Err(status) => return status,
     };
     println!("agent: now in view {view}; writing the page {n} times");
     for i in 1..=n {

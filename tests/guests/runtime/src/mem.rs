@@ -77,6 +77,17 @@ macro_rules! page_buffer_methods {
             unsafe { p.write_volatile(value) }
         }
 
+        /// Writes `value` in one instruction to the 8 bytes from 4 before
+        /// the end of page `page`: half in it, half in the next page.
+        pub fn write_straddling_u64(&self, page: usize, value: u64) {
+            assert!(page + 1 < Self::PAGES, "page {page} has no next page");
+            let at = (page + 1) * PAGE_SIZE - 4;
+            let p = self.base().wrapping_add(at).cast::<u64>();
+            // Safety: the 8 bytes from `at` lie inside this static buffer
+            // (pages `page` and `page + 1`); an unaligned write is allowed.
+            unsafe { p.write_unaligned(value) }
+        }
+
         /// Reads the u32 at byte `offset` (4-aligned) of page `page`.
         pub fn read_u32(&self, page: usize, offset: usize) -> u32 {
             let p = self.ptr(page, offset, 4).cast::<u32>();
