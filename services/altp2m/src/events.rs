@@ -202,8 +202,12 @@ impl Events {
                 // Still at the instruction: it has not run (a trap-flag
                 // step's #DB that the fault interrupting it left pending,
                 // delivered before it runs again: Bochs). Step again, its
-                // pages open.
-                if self.stepping.get(&key).is_some_and(|s| s.rip == m.exit.rip) {
+                // pages open, once an answer (an instruction that jumps to
+                // itself keeps them no longer than that).
+                if let Some(s) = self.stepping.get_mut(&key)
+                    && s.rip == m.exit.rip
+                    && core::mem::take(&mut s.again)
+                {
                     let mut again = ExitReply::resume(Response::RETRY, None);
                     again.step = true;
                     return Outcome::Reply(again);
@@ -1003,9 +1007,10 @@ impl Events {
                     close(alt, k, e.domain, &step.open);
                     *step = Step {
                         rip: e.rip,
-                        open: Vec::new(),
+                        ..Step::default()
                     };
                 }
+                step.again = true;
                 if !step.open.contains(&(e.view, gfn)) {
                     if step.open.len() == STEP_PAGES {
                         close(alt, k, e.domain, &[step.open.remove(0)]);
@@ -1049,10 +1054,13 @@ fn take<T>(v: &mut Vec<T>, i: usize) -> T {
 /// (a write that straddles two, a copy from one to another): each answer
 /// opens one more, all stay open until the step ends (the vCPU past the
 /// instruction), and all are closed then; at most [`STEP_PAGES`].
+/// `again`: whether a step's end with the vCPU still at the instruction is
+/// taken as "not run yet" (once an answer).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Step {
     pub rip: u64,
     pub open: Vec<(u16, u64)>,
+    pub again: bool,
 }
 
 /// The most pages one vCPU's step keeps open at once (`AllowOnce` answers

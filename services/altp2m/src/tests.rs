@@ -1249,6 +1249,14 @@ fn every_page_an_instructions_step_opens_is_closed_when_it_ends() {
     };
     assert!(again.step && again.response == Response::RETRY);
     assert!(r.k.views[&v].map[&8].1.write);
+    // Once an answer: an instruction that jumps to itself (still there
+    // after it ran) keeps the pages no longer.
+    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step(0x1234), 1), retry());
+    assert!(!r.k.views[&v].map[&8].1.write);
+    for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
+        assert_eq!(r.touch(view, gfn, W), Outcome::Defer { new_event: true });
+        allow(&mut r);
+    }
     // Past it: the step's end.
     let step = step(0x1236);
     assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
