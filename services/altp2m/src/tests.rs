@@ -558,6 +558,34 @@ impl Rig {
         self.exit(view, gfn, access)
     }
 
+    /// The listener 0x77's answer `AllowOnce` to the first waiting event,
+    /// which must resume its vCPU with a single step.
+    fn allow_once(&mut self) {
+        let id = self.ev.waiting[0].event.id;
+        let (_, reply) = self
+            .ev
+            .answer(&mut self.alt, &mut self.k, 0x77, id, Action::AllowOnce)
+            .unwrap()
+            .unwrap();
+        assert!(reply.step);
+    }
+
+    /// The end of vCPU 0's single step, at `rip` in `view`.
+    fn step_done(&mut self, rip: u64, view: u16) -> Outcome {
+        let m = ExitMessage {
+            exit: Exit {
+                domain: D,
+                vcpu: 0,
+                kind: ExitKind::MonitorTrap,
+                rip,
+                instruction_len: 0,
+                view,
+            },
+            regs: ExitRegs::default(),
+        };
+        self.ev.exit(&mut self.alt, &mut self.k, &m, 1)
+    }
+
     /// A violation exit of `view` at `gfn`.
     fn exit(&mut self, view: u16, gfn: u64, access: Access) -> Outcome {
         let allowed = self
@@ -1215,51 +1243,31 @@ fn every_page_an_instructions_step_opens_is_closed_when_it_ends() {
     r.host_access(v, &[8, 9], R);
     r.host_access(w, &[9], R);
     r.ev.listen(D, 0x77, true).unwrap();
-    let allow = |r: &mut Rig| {
-        let id = r.ev.waiting[0].event.id;
-        let (_, reply) =
-            r.ev.answer(&mut r.alt, &mut r.k, 0x77, id, Action::AllowOnce)
-                .unwrap()
-                .unwrap();
-        assert!(reply.step);
-    };
     // The write's first page, then its second (the step has not ended:
     // the instruction faulted again), then the second in view `w`.
     for (view, gfn) in [(v, 8), (v, 9), (v, 8), (w, 9)] {
         assert_eq!(r.touch(view, gfn, W), Outcome::Defer { new_event: true });
-        allow(&mut r);
+        r.allow_once();
     }
     for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
         assert!(r.k.views[&view].map[&gfn].1.write, "{view} {gfn}");
     }
-    let step = |rip| ExitMessage {
-        exit: Exit {
-            domain: D,
-            vcpu: 0,
-            kind: ExitKind::MonitorTrap,
-            rip,
-            instruction_len: 0,
-            view: w,
-        },
-        regs: ExitRegs::default(),
-    };
     // Still at the instruction (0x1234): step again, nothing closed.
-    let Outcome::Reply(again) = r.ev.exit(&mut r.alt, &mut r.k, &step(0x1234), 1) else {
+    let Outcome::Reply(again) = r.step_done(0x1234, w) else {
         panic!("not answered")
     };
     assert!(again.step && again.response == Response::RETRY);
     assert!(r.k.views[&v].map[&8].1.write);
     // Once an answer: an instruction that jumps to itself (still there
     // after it ran) keeps the pages no longer.
-    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step(0x1234), 1), retry());
+    assert_eq!(r.step_done(0x1234, w), retry());
     assert!(!r.k.views[&v].map[&8].1.write);
     for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
         assert_eq!(r.touch(view, gfn, W), Outcome::Defer { new_event: true });
-        allow(&mut r);
+        r.allow_once();
     }
     // Past it: the step's end.
-    let step = step(0x1236);
-    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
+    assert_eq!(r.step_done(0x1236, w), retry());
     for (view, gfn) in [(v, 8), (v, 9), (w, 9)] {
         assert_eq!(r.k.views[&view].map[&gfn].1, perms_of(R), "{view} {gfn}");
     }
@@ -1268,7 +1276,7 @@ fn every_page_an_instructions_step_opens_is_closed_when_it_ends() {
     for gfn in 0..STEP_PAGES as u64 + 2 {
         r.host_access(v, &[24 + gfn], R);
         assert_eq!(r.touch(v, 24 + gfn, W), Outcome::Defer { new_event: true });
-        allow(&mut r);
+        r.allow_once();
     }
     let open = |r: &Rig| {
         (24..24 + STEP_PAGES as u64 + 2)
@@ -1277,7 +1285,7 @@ fn every_page_an_instructions_step_opens_is_closed_when_it_ends() {
     };
     assert_eq!(open(&r), STEP_PAGES);
     assert!(!r.k.views[&v].map[&24].1.write && !r.k.views[&v].map[&25].1.write);
-    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
+    assert_eq!(r.step_done(0x1236, w), retry());
     assert_eq!(open(&r), 0);
 }
 
@@ -1321,18 +1329,7 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
         Err(AltError::NoSuchEvent)
     );
     // The step is done: the page is closed again.
-    let step = ExitMessage {
-        exit: Exit {
-            domain: D,
-            vcpu: 0,
-            kind: ExitKind::MonitorTrap,
-            rip: 0x1236,
-            instruction_len: 0,
-            view: v,
-        },
-        regs: ExitRegs::default(),
-    };
-    assert_eq!(r.ev.exit(&mut r.alt, &mut r.k, &step, 1), retry());
+    assert_eq!(r.step_done(0x1236, v), retry());
     assert_eq!(r.k.views[&v].map[&8].1, perms_of(R));
     // SwitchView and Skip.
     assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
