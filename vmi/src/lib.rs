@@ -921,6 +921,10 @@ mod tests {
             e.contains("another client of this run watches domain 1"),
             "{e}"
         );
+        assert!(
+            e.contains("AtDetach: the listen to domain 1, left to the proxy"),
+            "{e}"
+        );
         drop(driver);
         let seen = served.join().unwrap();
         assert!(!seen.iter().any(|r| r.contains("Listen")), "{seen:#?}");
