@@ -279,9 +279,10 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
             let waits = live.wait_for("altp2m", "no listener, so vCPU 0 waits for one", 120);
             assert!(waits.text.contains("domain 2:"), "{waits}");
             // The write that waits (the guest writes word i of the page):
-            // the first, its answer lost with the agent, or the second.
+            // the first, its answer lost with the agent, or (a later one,
+            // where the test was slow to kill it) the next.
             let waiting = (hex_after(&waits.text, "write of") & 0xfff) / 8;
-            assert!((1..=2).contains(&waiting), "{waits}");
+            assert!((1..=5).contains(&waiting), "{waits}");
             left = 5 - waiting + 1;
             // ... then a second that takes over the waiting write.
             let started = Instant::now();
