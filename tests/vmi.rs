@@ -17,7 +17,7 @@ use ipc_schema::altp2m::{AltRequest, NoListener};
 use ipc_schema::halt::HaltStatus;
 use parallax_tests::{boot_live, hex_after, introspect_marker, system};
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmi_driver_parallax::ParallaxDriver;
@@ -63,21 +63,26 @@ fn example_agent() -> PathBuf {
     PathBuf::from(&line[at..at + line[at..].find('"').unwrap()])
 }
 
+/// The example `agent` (its binary) on the domain named `agent` through
+/// `live`'s socket, watching `gfn` for `events` events.
+fn example_run(agent: &Path, live: &parallax_tests::Live, gfn: u64, events: u64) -> Command {
+    let mut c = Command::new(agent);
+    c.arg("--socket").arg(live.socket()).args([
+        "--gfn",
+        &format!("{gfn:#x}"),
+        "--events",
+        &events.to_string(),
+        "--wait",
+        "240",
+    ]);
+    c
+}
+
 /// A run of the example on domain 2, watching `gfn`, SIGKILLed as it
 /// handles the guest's first write (the answer sent or not): no `Drop`,
 /// nothing undone by itself. Returns what it printed.
-fn killed_agent(live: &mut parallax_tests::Live, gfn: u64) -> String {
-    let mut child = Command::new(example_agent())
-        .arg("--socket")
-        .arg(live.socket())
-        .args([
-            "--gfn",
-            &format!("{gfn:#x}"),
-            "--events",
-            "5",
-            "--wait",
-            "240",
-        ])
+fn killed_agent(agent: &Path, live: &mut parallax_tests::Live, gfn: u64) -> String {
+    let mut child = example_run(agent, live, gfn, 5)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -273,7 +278,8 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
                 policy: NoListener::Pause,
             };
             live.control().altp2m_done(pause).unwrap();
-            let killed = killed_agent(live, watched);
+            let agent = example_agent();
+            let killed = killed_agent(&agent, live, watched);
             eprintln!("vmi: the killed example said:\n{killed}");
             live.wait_for("altp2m", "domain 2: listener detached", 120);
             let waits = live.wait_for("altp2m", "no listener, so vCPU 0 waits for one", 120);
@@ -286,23 +292,9 @@ fn vmi_rs_reads_sets_hides_and_watches_running_guests() {
             left = 5 - waiting + 1;
             // ... then a second that takes over the waiting write.
             let started = Instant::now();
-            let out = Command::new(env!("CARGO"))
-                .current_dir(image_builder::paths::repo())
-                .args([
-                    "run",
-                    "-q",
-                    "-p",
-                    "vmi-driver-parallax",
-                    "--example",
-                    "agent",
-                    "--",
-                    "--socket",
-                ])
-                .arg(live.socket())
-                .args(["--gfn", &format!("{watched:#x}"), "--wait", "240"])
-                .args(["--events", &left.to_string()])
+            let out = example_run(&agent, live, watched, left)
                 .output()
-                .expect("cargo runs");
+                .expect("the example runs");
             example = String::from_utf8_lossy(&out.stdout).into_owned();
             eprintln!(
                 "vmi: the example took {:.1} s:\n{example}",

@@ -517,6 +517,31 @@ impl<S: Transport> Client<S> {
         }
     }
 
+    /// Attaches this client as `domain`'s violation listener, the listen
+    /// left to the control proxy first (a listener alone, `view: None`:
+    /// the proxy ends it should this client's connection end first) and
+    /// taken back if the listen is refused (not if it went unanswered).
+    pub fn listen_left_to_proxy(&mut self, domain: u16) -> Result<(), ClientError> {
+        let held = Watch { domain, view: None };
+        self.leave_to_proxy(held)?;
+        let on = self.altp2m_done(AltRequest::Listen { domain, on: true });
+        if on.as_ref().is_err_and(|e| !e.unanswered()) {
+            self.take_back(held);
+        }
+        on
+    }
+
+    /// Ends a listen of [`Client::listen_left_to_proxy`], and takes it back
+    /// from the proxy unless the end went unanswered (then the proxy ends
+    /// it when the connection ends).
+    pub fn unlisten_left_to_proxy(&mut self, domain: u16) -> Result<(), ClientError> {
+        let off = self.altp2m_done(AltRequest::Listen { domain, on: false });
+        if !off.as_ref().is_err_and(ClientError::unanswered) {
+            self.take_back(Watch { domain, view: None });
+        }
+        off
+    }
+
     /// Takes `w` back from the proxy ([`Client::leave_to_proxy`]), this
     /// client having undone it itself (an error is ignored: at worst the
     /// proxy undoes again, when the connection ends, what is undone).

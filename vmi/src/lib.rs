@@ -226,42 +226,12 @@ impl<S: Transport> ParallaxDriver<S> {
         if self.state.borrow().listening {
             return Ok(());
         }
-        let mut client = self.client.borrow_mut();
-        client.leave_to_proxy(self.held()).map_err(client_error)?;
-        let on = client.altp2m_done(AltRequest::Listen {
-            domain: self.domain,
-            on: true,
-        });
-        if let Err(e) = on {
-            if !e.unanswered() {
-                client.take_back(self.held());
-            }
-            return Err(client_error(e));
-        }
-        drop(client);
+        self.client
+            .borrow_mut()
+            .listen_left_to_proxy(self.domain)
+            .map_err(client_error)?;
         self.state.borrow_mut().listening = true;
         Ok(())
-    }
-
-    /// The listen as left to the proxy.
-    fn held(&self) -> Watch {
-        Watch {
-            domain: self.domain,
-            view: None,
-        }
-    }
-
-    /// Ends the listen, and takes it back from the proxy unless that went
-    /// unanswered (then the proxy ends it when the connection ends).
-    fn detach(client: &mut Client<S>, held: Watch) -> Result<(), ClientError> {
-        let off = client.altp2m_done(AltRequest::Listen {
-            domain: held.domain,
-            on: false,
-        });
-        if !off.as_ref().is_err_and(ClientError::unanswered) {
-            client.take_back(held);
-        }
-        off
     }
 
     /// A view request as an external agent.
@@ -407,8 +377,7 @@ impl<S: Transport> Drop for ParallaxDriver<S> {
     /// again); views and shadow pages stay (`reset_state` undoes views).
     fn drop(&mut self) {
         if self.state.get_mut().listening {
-            let held = self.held();
-            let _ = Self::detach(self.client.get_mut(), held);
+            let _ = self.client.get_mut().unlisten_left_to_proxy(self.domain);
         }
     }
 }
@@ -737,7 +706,11 @@ impl<S: Transport + 'static> VmiVmControl for ParallaxDriver<S> {
             Err(_) if self.ended() => {
                 let mut state = self.state.borrow_mut();
                 if state.listening {
-                    self.client.borrow_mut().take_back(self.held());
+                    let held = Watch {
+                        domain: self.domain,
+                        view: None,
+                    };
+                    self.client.borrow_mut().take_back(held);
                 }
                 state.listening = false;
                 state.pending.clear();
@@ -760,7 +733,10 @@ impl<S: Transport + 'static> ParallaxDriver<S> {
             for e in pending {
                 self.answer(e.id, Action::Retry)?;
             }
-            Self::detach(&mut self.client.borrow_mut(), self.held()).map_err(client_error)?;
+            self.client
+                .borrow_mut()
+                .unlisten_left_to_proxy(self.domain)
+                .map_err(client_error)?;
             self.state.borrow_mut().listening = false;
         }
         let views: Vec<u16> = self.state.borrow().views.iter().copied().collect();

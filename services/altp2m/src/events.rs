@@ -1071,17 +1071,20 @@ pub const STEP_PAGES: usize = 8;
 
 /// Closes pages `open` of `domain` that a step opened: each back to what
 /// the view's settings give it.
+/// (One kernel call for them all.)
 fn close(alt: &mut Altp2m, k: &mut impl Kernel, domain: u16, open: &[(u16, u64)]) {
     let d = alt.domain(domain);
-    for &(view, gfn) in open {
-        let ops = [EptOp::Protect {
+    let ops: heapless::Vec<EptOp, STEP_PAGES> = open
+        .iter()
+        .take(STEP_PAGES)
+        .map(|&(view, gfn)| EptOp::Protect {
             view,
             gfn,
             perms: perms(d.effective(view, gfn).access),
-        }];
-        let mut out = [EptResult::Done];
-        let _ = k.ept(domain, &ops, &mut out);
-    }
+        })
+        .collect();
+    let mut out = [EptResult::Done; STEP_PAGES];
+    let _ = k.ept(domain, &ops, &mut out[..ops.len()]);
 }
 
 fn perms(a: Access) -> Perms {

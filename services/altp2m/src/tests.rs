@@ -623,6 +623,11 @@ impl Rig {
     }
 }
 
+/// A listener's filter: gfns `[first, end)`, access kinds `kinds`.
+fn filter(first: u64, end: u64, kinds: u8) -> ipc_schema::altp2m::Filter {
+    ipc_schema::altp2m::Filter { first, end, kinds }
+}
+
 fn retry() -> Outcome {
     Outcome::Reply(ipc_schema::vmexit::ExitReply {
         response: Response::RETRY,
@@ -1092,20 +1097,11 @@ fn rx2rw_and_n2rwx_relax_at_the_first_violation() {
 /// leaves hands its waiting events on.
 #[test]
 fn several_listeners_share_a_domain_by_range_and_kind() {
-    use ipc_schema::altp2m::{Filter, MAX_LISTENERS};
+    use ipc_schema::altp2m::MAX_LISTENERS;
     let mut r = Rig::new();
     let v = r.view();
     r.host_access(v, &[8, 9, 40], Access::NONE);
-    let writes_low = Filter {
-        first: 0,
-        end: 16,
-        kinds: 0b010,
-    };
-    let anything_low = Filter {
-        first: 0,
-        end: 32,
-        kinds: 0b111,
-    };
+    let (writes_low, anything_low) = (filter(0, 16, 0b010), filter(0, 32, 0b111));
     r.ev.listen_for(D, 0xa, writes_low).unwrap();
     r.ev.listen_for(D, 0xb, anything_low).unwrap();
     // A write to gfn 8 is A's (attached first, its filter takes it); a
@@ -1373,16 +1369,11 @@ fn a_listener_gets_the_event_and_its_answer_resumes_the_vcpu() {
 /// the restriction is gone, or meets the no-listener policy.
 #[test]
 fn a_listener_that_detaches_releases_the_vcpus_it_held() {
-    use ipc_schema::altp2m::Filter;
     let mut r = Rig::new();
     let v = r.view();
     r.host_access(v, &[8, 9], R);
     // B takes writes to gfn 9 only; A everything else.
-    let nine = Filter {
-        first: 9,
-        end: 10,
-        kinds: 0b010,
-    };
+    let nine = filter(9, 10, 0b010);
     r.ev.listen_for(D, 0xb, nine).unwrap();
     r.ev.listen(D, 0xa, true).unwrap();
     assert_eq!(r.touch(v, 8, W), Outcome::Defer { new_event: true });
@@ -3307,18 +3298,7 @@ fn rig_after(ops: &[Op], h: Hearing) -> Result<Rig, TestCaseError> {
             r.ev.policy.insert(D, NoListener::Pause);
         }
         Hearing::All => r.ev.listen(D, 0x51, true).unwrap(),
-        Hearing::Some => {
-            r.ev.listen_for(
-                D,
-                0x52,
-                ipc_schema::altp2m::Filter {
-                    first: 8,
-                    end: 24,
-                    kinds: 0b010,
-                },
-            )
-            .unwrap()
-        }
+        Hearing::Some => r.ev.listen_for(D, 0x52, filter(8, 24, 0b010)).unwrap(),
     }
     Ok(r)
 }
